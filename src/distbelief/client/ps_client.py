@@ -1,0 +1,190 @@
+"""ParameterServerClient: push gradients to and pull parameters from every shard, concurrently.
+
+Each shard has its own connection and its own single I/O thread, so requests to one shard run in
+the order they were issued (a pull issued after a push sees that push) while different shards
+are served in parallel. Every call returns futures; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from collections.abc import Sequence
+
+import torch
+
+from distbelief.errors import ModelMismatchError, ShardTimeoutError
+from distbelief.sharding import (
+    ShardSlice,
+    TensorSpec,
+    layout_fingerprint,
+    partition,
+    specs_to_json,
+)
+from distbelief.wire import Message, Op, connect
+
+_INIT_POLL_S = 0.05
+
+
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """``"tcp://a:1,tcp://b:2"`` or a list -> list of addresses; ValueError if empty."""
+    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    items = [item.strip() for item in items if item.strip()]
+    if not items:
+        raise ValueError("no parameter-server address given (e.g. tcp://127.0.0.1:7000)")
+    return items
+
+
+class ParameterServerClient:
+    """A worker's (or evaluator's) connections to all shards of one model.
+
+    Args:
+        addresses: One address per shard, in shard-id order.
+        specs: The model's parameter layout (every process computes the same one).
+        timeout_s: Limit for each request to a shard.
+        connect_timeout_s: Limit for opening a TCP connection.
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        specs: Sequence[TensorSpec],
+        *,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.addresses = list(addresses)
+        self.specs = list(specs)
+        self.fingerprint = layout_fingerprint(self.specs)
+        self.timeout_s = timeout_s
+        self.slices: list[list[ShardSlice]] = partition(self.specs, len(self.addresses))
+        self._transports = [
+            connect(address, name=f"shard {i} ({address})", connect_timeout_s=connect_timeout_s)
+            for i, address in enumerate(self.addresses)
+        ]
+        self._executors = [
+            cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ps-shard{i}")
+            for i in range(len(self.addresses))
+        ]
+        self.versions = [0] * len(self.addresses)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.addresses)
+
+    def _request(self, shard_id: int, message: Message, sink=None) -> Message:
+        return self._transports[shard_id].request(message, timeout_s=self.timeout_s, sink=sink)
+
+    def _submit(self, shard_id: int, fn, *args) -> cf.Future:
+        return self._executors[shard_id].submit(fn, shard_id, *args)
+
+    def handshake(self, initial: dict[torch.dtype, torch.Tensor] | None) -> bool:
+        """Check every shard holds this model; initialise the empty ones from ``initial``.
+
+        With ``initial`` None (an evaluator), waits until a worker has initialised every shard.
+
+        Returns:
+            True if this call initialised at least one shard.
+
+        Raises:
+            ModelMismatchError: a shard holds a different model, or is listed out of order.
+            ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
+        """
+        futures = [self._submit(i, self._handshake_one, initial) for i in range(self.num_shards)]
+        return any(self.wait(futures))
+
+    def _handshake_one(self, shard_id: int, initial) -> bool:
+        meta = {"shard_id": shard_id, "specs": specs_to_json(self.specs)}
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            reply = self._request(shard_id, Message(Op.HELLO, meta))
+            if reply.meta.get("num_shards") != self.num_shards:
+                raise ModelMismatchError(
+                    f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
+                    f"{reply.meta.get('num_shards')} shards, but {self.num_shards} were given"
+                )
+            if reply.meta.get("initialized"):
+                self.versions[shard_id] = int(reply.meta.get("version", 0))
+                return False
+            if initial is not None:
+                tensors = self._slice_tensors(shard_id, initial)
+                reply = self._request(shard_id, Message(Op.INIT, meta, tensors))
+                return bool(reply.meta.get("adopted"))
+            if time.monotonic() > deadline:
+                raise ShardTimeoutError(
+                    f"shard {shard_id} ({self.addresses[shard_id]}): no worker initialised it "
+                    f"within {self.timeout_s:g}s"
+                )
+            time.sleep(_INIT_POLL_S)
+
+    def _slice_tensors(self, shard_id: int, flats: dict[torch.dtype, torch.Tensor]):
+        return [
+            (piece.name, flats[piece.dtype][piece.start : piece.stop])
+            for piece in self.slices[shard_id]
+        ]
+
+    def push(self, flat_grads: dict[torch.dtype, torch.Tensor]) -> list[cf.Future]:
+        """Send each shard its slices of ``flat_grads``; futures resolve to the new versions.
+
+        ``flat_grads`` must not change until the futures are done (it is sent without a copy).
+        """
+        return [
+            self._submit(i, self._push_one, self._slice_tensors(i, flat_grads))
+            for i in range(self.num_shards)
+        ]
+
+    def _push_one(self, shard_id: int, tensors) -> int:
+        reply = self._request(shard_id, Message(Op.PUSH, {}, tensors))
+        self.versions[shard_id] = int(reply.meta["version"])
+        return self.versions[shard_id]
+
+    def pull(self, flat_out: dict[torch.dtype, torch.Tensor]) -> list[cf.Future]:
+        """Read every shard's slices straight into ``flat_out``; futures resolve to versions."""
+        return [
+            self._submit(i, self._pull_one, dict(self._slice_tensors(i, flat_out)))
+            for i in range(self.num_shards)
+        ]
+
+    def _pull_one(self, shard_id: int, targets: dict[str, torch.Tensor]) -> int:
+        def sink(name, dtype, shape):
+            return targets.get(name)
+
+        reply = self._request(shard_id, Message(Op.PULL), sink=sink)
+        if [name for name, _ in reply.tensors] != list(targets):
+            raise ModelMismatchError(f"shard {shard_id} sent {[n for n, _ in reply.tensors]}")
+        self.versions[shard_id] = int(reply.meta["version"])
+        return self.versions[shard_id]
+
+    def stats(self) -> list[dict]:
+        """Each shard's counters (version, pushes, pulls, bytes)."""
+        futures = [
+            self._submit(i, lambda i: self._request(i, Message(Op.STATS)).meta)
+            for i in range(self.num_shards)
+        ]
+        return self.wait(futures)
+
+    def wait(self, futures: Sequence[cf.Future], timeout_s: float | None = None) -> list:
+        """Results of ``futures``; re-raises the first failure.
+
+        Raises:
+            ShardTimeoutError: not all done within ``timeout_s`` (default: the request timeout
+                plus a margin, since each future already carries its own request timeout).
+        """
+        limit_s = timeout_s if timeout_s is not None else self.timeout_s + 5.0
+        done, pending = cf.wait(futures, timeout=limit_s)
+        for future in futures:
+            error = future.exception() if future in done else None
+            if error is not None:
+                raise error
+        if pending:
+            raise ShardTimeoutError(f"{len(pending)} shard request(s) pending after {limit_s:g}s")
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        """Finish queued requests (each bounded by its timeout) and close every connection."""
+        for executor in self._executors:
+            executor.shutdown(wait=True, cancel_futures=True)
+        for transport in self._transports:
+            transport.close()

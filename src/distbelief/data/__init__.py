@@ -1,0 +1,86 @@
+"""Data sets for training: the public API and the name -> loader dispatch.
+
+`load_dataset` is the one entry point; each data set lives in its own module. Imports nothing
+from the parameter-server packages.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from distbelief.data.base import ArrayDataset, iterate_batches, worker_indices
+from distbelief.data.cifar10 import load_cifar10
+from distbelief.data.digits import load_digits
+from distbelief.data.mnist import load_mnist
+from distbelief.data.synthetic import make_synthetic
+
+__all__ = [
+    "DATASET_NAMES",
+    "DEFAULT_DATA_DIR",
+    "SPLITS",
+    "ArrayDataset",
+    "iterate_batches",
+    "load_dataset",
+    "worker_indices",
+]
+
+logger = logging.getLogger(__name__)
+
+DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic")
+SPLITS = ("train", "test")
+DEFAULT_DATA_DIR = Path("data")
+
+
+def load_dataset(
+    name: str,
+    *,
+    split: str,
+    data_dir: str | Path | None = None,
+    download: bool = True,
+    num_samples: int | None = None,
+) -> ArrayDataset:
+    """Loads one split of a data set into memory.
+
+    Args:
+        name: One of DATASET_NAMES.
+        split: "train" or "test".
+        data_dir: Folder for files of cifar10 and mnist; defaults to ./data. Ignored by digits
+            (bundled with scikit-learn) and synthetic (generated).
+        download: Let cifar10 and mnist fetch missing files.
+        num_samples: Size of a synthetic split (default 4096 train / 1024 test); only valid
+            for "synthetic".
+
+    Returns:
+        The split, normalised per channel with train-split statistics.
+
+    Raises:
+        ValueError: If name or split is unknown, or num_samples is given for a data set other
+            than "synthetic".
+        DatasetUnavailableError: If the files of cifar10 or mnist are missing and cannot be
+            downloaded.
+    """
+    _check_args(name, split, num_samples)
+    root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    if name == "digits":
+        dataset = load_digits(split)
+    elif name == "cifar10":
+        dataset = load_cifar10(split, root, download=download)
+    elif name == "mnist":
+        dataset = load_mnist(split, root, download=download)
+    else:
+        dataset = make_synthetic(split, num_samples)
+    logger.info(
+        "loaded %s/%s: %d samples of shape %s", name, split, len(dataset), dataset.input_shape
+    )
+    return dataset
+
+
+def _check_args(name: str, split: str, num_samples: int | None) -> None:
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown data set name {name!r}; choose one of {DATASET_NAMES}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if num_samples is not None and name != "synthetic":
+        # Ignoring it silently would make a run look smaller or larger than it is.
+        raise ValueError(f"num_samples={num_samples} applies only to 'synthetic', not {name!r}")

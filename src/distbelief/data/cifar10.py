@@ -1,0 +1,113 @@
+"""CIFAR-10 in the official python (pickle) format, with optional download.
+
+Owns locating, fetching and decoding `cifar-10-batches-py/`; normalises with the published
+CIFAR-10 train-split channel statistics, so loading the test split never needs the train files.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distbelief.data.base import ArrayDataset, normalize_channels
+from distbelief.data.download import download_file, extract_tar
+from distbelief.errors import DatasetUnavailableError
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+ARCHIVE_NAME = "cifar-10-python.tar.gz"
+BATCHES_DIR = "cifar-10-batches-py"
+SPLIT_FILES = {
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test": ("test_batch",),
+}
+NUM_CLASSES = 10
+IMAGE_SHAPE = (3, 32, 32)
+# Per-channel mean and std of the 50000 train images scaled to [0, 1].
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def load_cifar10(split: str, data_dir: Path, download: bool = True) -> ArrayDataset:
+    """Loads one split of CIFAR-10 from `<data_dir>/cifar-10-batches-py/`.
+
+    Args:
+        split: "train" (data_batch_1..5) or "test" (test_batch).
+        data_dir: Folder that holds (or will hold) cifar-10-batches-py/.
+        download: Fetch and extract the official archive into data_dir if files are missing.
+
+    Returns:
+        The split as an ArrayDataset named "cifar10", images of shape (N, 3, 32, 32).
+
+    Raises:
+        ValueError: If split is unknown, or a batch file is not a valid CIFAR-10 batch.
+        DatasetUnavailableError: If files are missing and download is False or fails; the
+            message names the folder, the expected files and the URL for a manual download.
+    """
+    if split not in SPLIT_FILES:
+        raise ValueError(f"split must be one of {tuple(SPLIT_FILES)}, got {split!r}")
+    data_dir = Path(data_dir)
+    batches_dir = data_dir / BATCHES_DIR
+    if _missing_files(batches_dir, split):
+        if not download:
+            raise DatasetUnavailableError(_unavailable_message(data_dir, split, "download=False"))
+        try:
+            archive = download_file(CIFAR10_URL, data_dir / ARCHIVE_NAME, CIFAR10_MD5)
+            extract_tar(archive, data_dir)
+        except DatasetUnavailableError as e:
+            raise DatasetUnavailableError(_unavailable_message(data_dir, split, str(e))) from e
+        if _missing_files(batches_dir, split):
+            reason = f"{ARCHIVE_NAME} did not contain them"
+            raise DatasetUnavailableError(_unavailable_message(data_dir, split, reason))
+    images, labels = zip(*(_read_batch(batches_dir / n) for n in SPLIT_FILES[split]), strict=True)
+    pixels = torch.from_numpy(np.concatenate(images)).to(torch.float32) / 255.0
+    return ArrayDataset(
+        images=normalize_channels(pixels, CIFAR10_MEAN, CIFAR10_STD),
+        labels=torch.from_numpy(np.concatenate(labels)),
+        num_classes=NUM_CLASSES,
+        name="cifar10",
+    )
+
+
+def _missing_files(batches_dir: Path, split: str) -> list[str]:
+    return [name for name in SPLIT_FILES[split] if not (batches_dir / name).is_file()]
+
+
+def _unavailable_message(data_dir: Path, split: str, reason: str) -> str:
+    batches_dir = data_dir / BATCHES_DIR
+    expected = [*SPLIT_FILES["train"], *SPLIT_FILES["test"]]
+    return (
+        f"CIFAR-10 {split} split unavailable: {batches_dir} lacks "
+        f"{', '.join(_missing_files(batches_dir, split))} ({reason}). Expected files in "
+        f"{batches_dir}: {', '.join(expected)}. Download {CIFAR10_URL} (md5 {CIFAR10_MD5}) "
+        f"and extract it into {data_dir}, or pass download=True."
+    )
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Decodes one pickled batch into uint8 (N, 3, 32, 32) images and int64 (N,) labels.
+
+    The files are Python 2 pickles from the official archive; unpickling executes code, so only
+    files from that archive (md5-checked on download) should be placed here.
+    """
+    with open(path, "rb") as f:
+        try:
+            batch = pickle.load(f, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise ValueError(f"{path}: not a valid CIFAR-10 batch file: {e}") from e
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ValueError(f"{path}: expected a dict with keys b'data' and b'labels'")
+    data = np.asarray(batch[b"data"], dtype=np.uint8)
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    num_pixels = int(np.prod(IMAGE_SHAPE))
+    if data.ndim != 2 or data.shape[1] != num_pixels or len(labels) != len(data):
+        raise ValueError(
+            f"{path}: expected data of shape (N, {num_pixels}) and N labels, got data "
+            f"{data.shape} and {len(labels)} labels"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{path}: labels outside [0, {NUM_CLASSES})")
+    return data.reshape(-1, *IMAGE_SHAPE), labels

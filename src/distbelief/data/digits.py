@@ -1,0 +1,57 @@
+"""The scikit-learn bundled digits: the real data set that needs no download.
+
+Owns the fixed 80/20 train/test split and the 8x8 -> 1x32x32 resize; reads nothing from disk
+outside scikit-learn and never touches the network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from sklearn import datasets as sk_datasets
+
+from distbelief.data.base import ArrayDataset, channel_stats, normalize_channels
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 32
+TRAIN_FRACTION = 0.8
+# A constant, not the run seed: the test split must be the same in every run.
+_SPLIT_SEED = 20121203
+_MAX_PIXEL_VALUE = 16.0
+
+
+def load_digits(split: str) -> ArrayDataset:
+    """Loads one split of the 1797 scikit-learn digits as 1x32x32 images.
+
+    Pixels (0..16) are scaled to [0, 1], upsampled bilinearly to 32x32 and normalised with the
+    train split's mean and std. The split is a fixed seeded permutation: the first 80% is train.
+
+    Args:
+        split: "train" or "test".
+
+    Returns:
+        The split as an ArrayDataset named "digits".
+
+    Raises:
+        ValueError: If split is not "train" or "test".
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be one of ('train', 'test'), got {split!r}")
+    bunch = sk_datasets.load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / _MAX_PIXEL_VALUE
+    images = F.interpolate(
+        images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+    )
+    labels = torch.tensor(bunch.target, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(_SPLIT_SEED)
+    permutation = torch.randperm(len(labels), generator=generator)
+    num_train = int(TRAIN_FRACTION * len(labels))
+    train_idx, test_idx = permutation[:num_train], permutation[num_train:]
+    mean, std = channel_stats(images[train_idx])
+    chosen = train_idx if split == "train" else test_idx
+    return ArrayDataset(
+        images=normalize_channels(images[chosen], mean, std),
+        labels=labels[chosen],
+        num_classes=NUM_CLASSES,
+        name="digits",
+    )

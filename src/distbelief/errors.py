@@ -1,0 +1,50 @@
+"""The one exception hierarchy of distbelief.
+
+Every error raised at a process boundary (wire, shard, launcher) is a ``DistBeliefError``.
+Bad user input stays ``ValueError``; internal invariants stay ``assert``.
+"""
+
+from __future__ import annotations
+
+
+class DistBeliefError(Exception):
+    """Base of every error this library raises on purpose."""
+
+
+class PSError(DistBeliefError):
+    """A parameter-server request failed."""
+
+
+class ShardTimeoutError(PSError, TimeoutError):
+    """A shard did not answer a request within its timeout."""
+
+
+class ShardUnavailableError(PSError, ConnectionError):
+    """A shard could not be reached, or closed or reset the connection."""
+
+
+class ProtocolError(PSError):
+    """A peer sent bytes that are not a valid message of this protocol."""
+
+
+class RemoteError(PSError):
+    """A shard received a valid request but refused it; the message says why."""
+
+
+class ModelMismatchError(RemoteError):
+    """The worker's model does not match the parameters the shards hold."""
+
+
+class DatasetUnavailableError(DistBeliefError, FileNotFoundError):
+    """A data set's files are missing and could not be downloaded."""
+
+
+class ChildFailedError(DistBeliefError):
+    """A process started by the launcher exited with an error."""
+
+    def __init__(self, name: str, exitcode: int | None, detail: str = "") -> None:
+        self.name = name
+        self.exitcode = exitcode
+        self.detail = detail
+        message = f"{name} failed (exit code {exitcode})"
+        super().__init__(f"{message}:\n{detail}" if detail else message)

@@ -1,0 +1,1 @@
+"""Starting jobs: the CLI, the local cluster and the roles its processes play."""

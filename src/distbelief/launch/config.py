@@ -1,0 +1,115 @@
+"""TrainConfig: every setting of a training job, validated once, shared by all its processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from distbelief.data import DATASET_NAMES
+from distbelief.models import MODEL_NAMES
+from distbelief.server import SERVER_OPTIMIZER_NAMES
+
+
+def _require(condition: bool, field: str, value: object, rule: str) -> None:
+    if not condition:
+        raise ValueError(f"{field} must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """A Downpour SGD training job."""
+
+    model: str = "lenet"
+    """Model to train: one of MODEL_NAMES."""
+    dataset: str = "digits"
+    """Data set: one of DATASET_NAMES."""
+    data_dir: str = "data"
+    """Where CIFAR-10 / MNIST files live (downloaded there when missing and online)."""
+    num_workers: int = 2
+    """Worker processes (replicas), each on its own disjoint slice of the training set."""
+    num_shards: int = 2
+    """Parameter-server shard processes."""
+    n_push: int = 1
+    """Push the accrued gradient every this many steps (n_push in Dean et al. 2012)."""
+    n_pull: int = 1
+    """Fetch fresh parameters every this many steps (n_fetch in Dean et al. 2012)."""
+    lr: float = 0.05
+    """Worker (local) learning rate."""
+    server_optimizer: str = "sgd"
+    """Update rule the shards apply to pushed gradients."""
+    server_lr: float = 0.05
+    """Shards' learning rate."""
+    batch_size: int = 32
+    """Mini-batch size per worker step."""
+    steps: int | None = None
+    """Steps per worker; exclusive with epochs."""
+    epochs: int | None = None
+    """Passes over each worker's slice; used when steps is None (default 15)."""
+    seed: int = 0
+    """Seeds model initialisation and data order."""
+    out_dir: str = ""
+    """Run folder; empty means runs/<timestamp>."""
+    eval_every_s: float = 1.0
+    """Seconds between evaluations of the shards' parameters on the test set."""
+    timeout_s: float = 30.0
+    """Limit for each request to a shard."""
+    synchronous: bool = False
+    """Workers wait for each push and pull (reproducible; slower)."""
+    threads_per_worker: int = 1
+    """torch intra-op threads per worker process."""
+    log_every_steps: int = 10
+    """Steps between a worker's metric records."""
+    host: str = "127.0.0.1"
+    """Address the local cluster's shards bind to."""
+
+    def __post_init__(self) -> None:
+        _require(self.model in MODEL_NAMES, "model", self.model, f"one of {MODEL_NAMES}")
+        _require(self.dataset in DATASET_NAMES, "dataset", self.dataset, f"one of {DATASET_NAMES}")
+        _require(
+            self.server_optimizer in SERVER_OPTIMIZER_NAMES,
+            "server_optimizer",
+            self.server_optimizer,
+            f"one of {SERVER_OPTIMIZER_NAMES}",
+        )
+        for name in (
+            "num_workers",
+            "num_shards",
+            "n_push",
+            "n_pull",
+            "batch_size",
+            "threads_per_worker",
+            "log_every_steps",
+        ):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        for name in ("lr", "server_lr"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        for name in ("eval_every_s", "timeout_s"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "> 0")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give steps or epochs, not both")
+        for name in ("steps", "epochs"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, value, "an integer >= 1")
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs to run when ``steps`` is None."""
+        return self.epochs if self.epochs is not None else 15
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainConfig:
+        """Read a config.json written by a run; ValueError names the file on bad content."""
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls(**raw)
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path}: not a valid run config: {e}") from e

@@ -1,0 +1,338 @@
+"""Live progress of a run in the terminal, fed with metrics records.
+
+On a terminal it draws a rich dashboard; elsewhere (CI, files) it writes plain ``key=value``
+lines. It only displays: it never writes run files and never talks to processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from distbelief.metrics import ROLES
+
+RATE_WINDOW_S = 5.0
+"""Steps/s is measured over the records of (about) this many recent seconds."""
+
+REFRESH_PER_S = 4.0
+"""Redraws of the interactive display per second; more only costs CPU in the launcher."""
+
+
+@dataclass
+class _WorkerState:
+    step: int = 0
+    loss: float | None = None
+    accuracy: float | None = None
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=1024))
+    """(time_s, step) of recent records, for steps/s."""
+
+    def observe(self, record: dict[str, Any]) -> None:
+        if record.get("loss") is not None:
+            self.loss = record["loss"]
+        if record.get("accuracy") is not None:
+            self.accuracy = record["accuracy"]
+        step = record.get("step")
+        if step is None:
+            return
+        time_s = float(record["time_s"])
+        self.step = step
+        self.samples.append((time_s, step))
+        # Keep one sample at or before the window start so the rate spans the whole window.
+        while len(self.samples) > 2 and self.samples[1][0] <= time_s - RATE_WINDOW_S:
+            self.samples.popleft()
+
+    def steps_per_s(self) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        (first_time_s, first_step), (last_time_s, last_step) = self.samples[0], self.samples[-1]
+        if last_time_s <= first_time_s:
+            return None
+        return (last_step - first_step) / (last_time_s - first_time_s)
+
+
+@dataclass
+class _RunState:
+    num_workers: int
+    total_steps: int
+    time_s: float = 0.0
+    """Latest ``time_s`` seen in any record: the run's elapsed time."""
+    workers: dict[int, _WorkerState] = field(default_factory=dict)
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    version: int | None = None
+
+    def __post_init__(self) -> None:
+        # Workers that have not reported yet still show up, at step 0.
+        for rank in range(self.num_workers):
+            self.workers[rank] = _WorkerState()
+
+    def observe(self, record: dict[str, Any]) -> None:
+        self.time_s = max(self.time_s, float(record["time_s"]))
+        if record["role"] == "worker":
+            rank = record["rank"]
+            if rank not in self.workers:
+                # A rank beyond num_workers (a replacement worker): keep rows in rank order.
+                self.workers = dict(sorted({**self.workers, rank: _WorkerState()}.items()))
+            self.workers[rank].observe(record)
+        elif record["role"] == "evaluator":
+            self.test_accuracy = record.get("test_accuracy")
+            self.test_loss = record.get("test_loss")
+            self.version = record.get("version")
+
+    def steps_done(self) -> int:
+        return sum(worker.step for worker in self.workers.values())
+
+    def eta_s(self) -> float | None:
+        done = self.steps_done()
+        if done <= 0 or self.time_s <= 0.0:
+            return None
+        return max(0, self.total_steps - done) * self.time_s / done
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _progress_line(state: _RunState) -> str:
+    """One ``progress`` line; fields with no value yet are left out rather than faked."""
+    parts = [f"progress t={state.time_s:.1f}s", f"steps={state.steps_done()}/{state.total_steps}"]
+    eta_s = state.eta_s()
+    if eta_s is not None:
+        parts.append(f"eta={eta_s:.1f}s")
+    for rank, worker in state.workers.items():
+        parts.append(f"worker{rank}.step={worker.step}")
+        rate = worker.steps_per_s()
+        if rate is not None:
+            parts.append(f"worker{rank}.steps_per_s={rate:.2f}")
+        if worker.loss is not None:
+            parts.append(f"worker{rank}.loss={worker.loss:.4g}")
+        if worker.accuracy is not None:
+            parts.append(f"worker{rank}.acc={worker.accuracy:.4f}")
+    if state.test_accuracy is not None:
+        parts.append(f"ps.test_acc={state.test_accuracy:.4f}")
+    return " ".join(parts)
+
+
+def _eval_line(record: dict[str, Any]) -> str:
+    parts = [f"eval t={float(record['time_s']):.1f}s"]
+    if record.get("version") is not None:
+        parts.append(f"version={record['version']}")
+    if record.get("test_loss") is not None:
+        parts.append(f"test_loss={record['test_loss']:.4g}")
+    if record.get("test_accuracy") is not None:
+        parts.append(f"test_acc={record['test_accuracy']:.4f}")
+    return " ".join(parts)
+
+
+class _Dashboard:
+    """The interactive renderable; rebuilt from the shared state at every refresh of ``Live``."""
+
+    def __init__(self, state: _RunState, lock: threading.Lock, progress: Progress) -> None:
+        self._state = state
+        self._lock = lock
+        self._progress = progress
+
+    def __rich__(self) -> Group:
+        # Live refreshes on its own thread while update() mutates the state on the caller's.
+        with self._lock:
+            table = self._table()
+            ps_line = self._ps_line()
+        return Group(self._progress, table, Text(ps_line))
+
+    def _table(self) -> Table:
+        table = Table(box=None, pad_edge=False)
+        for header in ("worker", "step", "steps/s", "loss", "accuracy"):
+            table.add_column(header, justify="left" if header == "worker" else "right")
+        for rank, worker in self._state.workers.items():
+            table.add_row(
+                str(rank),
+                str(worker.step),
+                _fmt(worker.steps_per_s(), ".1f"),
+                _fmt(worker.loss, ".4g"),
+                _fmt(worker.accuracy, ".4f"),
+            )
+        return table
+
+    def _ps_line(self) -> str:
+        state = self._state
+        if state.test_accuracy is None:
+            return "PS test accuracy: waiting for the evaluator"
+        return (
+            f"PS test accuracy {state.test_accuracy:.4f} "
+            f"(test loss {_fmt(state.test_loss, '.4g')}, version {state.version})"
+        )
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class ProgressDisplay:
+    """Shows a run's progress from its metrics records; use as a context manager.
+
+    Interactive mode draws a rich progress bar (steps summed over workers, elapsed, ETA) and a
+    table (per worker step, steps/s, loss, accuracy; the evaluator's last test accuracy).
+    Non-interactive mode writes ``progress ...`` lines at most every ``log_every_s`` seconds of
+    run time, one ``eval ...`` line per evaluator record, and ``message ...`` lines, all of the
+    form ``<kind> key=value ...`` with no escape codes.
+    """
+
+    def __init__(
+        self,
+        *,
+        total_steps: int,
+        num_workers: int,
+        interactive: bool | None = None,
+        stream: TextIO | None = None,
+        log_every_s: float = 2.0,
+    ) -> None:
+        """Sets up the display; nothing is drawn before ``__enter__``.
+
+        Args:
+            total_steps: steps of all workers together at which the run is done.
+            num_workers: workers expected; each shows from the start, at step 0.
+            interactive: rich dashboard if True, log lines if False; None asks
+                ``stream.isatty()``.
+            stream: where to write; ``sys.stderr`` by default.
+            log_every_s: least run time between two ``progress`` lines (non-interactive).
+
+        Raises:
+            ValueError: ``total_steps`` < 1, ``num_workers`` < 1 or ``log_every_s`` < 0.
+        """
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if log_every_s < 0:
+            raise ValueError(f"log_every_s must be >= 0, got {log_every_s}")
+        self._stream = sys.stderr if stream is None else stream
+        self.interactive = _is_terminal(self._stream) if interactive is None else interactive
+        self._log_every_s = log_every_s
+        self._state = _RunState(num_workers=num_workers, total_steps=total_steps)
+        self._lock = threading.Lock()
+        self._last_log_time_s: float | None = None
+        self._unlogged = False
+        self._live: Live | None = None
+        if self.interactive:
+            self._setup_live()
+
+    def _setup_live(self) -> None:
+        self._console = Console(file=self._stream, force_terminal=True)
+        self._progress = Progress(
+            TextColumn("steps"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("elapsed"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self._console,
+        )
+        self._task_id = self._progress.add_task("steps", total=self._state.total_steps)
+        # Redirecting sys.stdout/sys.stderr through the console keeps stray prints from tearing
+        # the display, but only makes sense when the display owns one of them.
+        redirect = self._stream in (sys.stdout, sys.stderr)
+        self._live = Live(
+            _Dashboard(self._state, self._lock, self._progress),
+            console=self._console,
+            refresh_per_second=REFRESH_PER_S,
+            redirect_stdout=redirect,
+            redirect_stderr=redirect,
+        )
+
+    def __enter__(self) -> ProgressDisplay:
+        if self._live is not None:
+            self._live.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops the display, leaving the last state on screen (or in one last log line)."""
+        if self._live is not None:
+            self._live.stop()
+            return
+        with self._lock:
+            if self._unlogged:
+                self._write_line(_progress_line(self._state))
+                self._unlogged = False
+
+    def update(self, record: dict) -> None:
+        """Takes in one metrics record, as made by ``distbelief.metrics.make_record``.
+
+        Args:
+            record: a metrics record; ``shard`` records only advance the elapsed time.
+
+        Raises:
+            ValueError: the record's role is not one of ``distbelief.metrics.ROLES``.
+        """
+        role = record.get("role")
+        if role not in ROLES:
+            raise ValueError(f"progress record has unknown role {role!r}; expected {ROLES}")
+        with self._lock:
+            self._state.observe(record)
+            steps_done = self._state.steps_done()
+            if self._live is None:
+                self._log_record(record)
+        if self._live is not None:
+            self._progress.update(self._task_id, completed=min(steps_done, self._state.total_steps))
+
+    def _log_record(self, record: dict[str, Any]) -> None:
+        if record["role"] == "evaluator":
+            self._write_line(_eval_line(record))
+        elif record["role"] == "worker":
+            self._unlogged = True
+            self._log_progress_if_due()
+
+    def _log_progress_if_due(self) -> None:
+        time_s = self._state.time_s
+        last_s = self._last_log_time_s
+        if last_s is not None and time_s - last_s < self._log_every_s:
+            return
+        self._last_log_time_s = time_s
+        self._unlogged = False
+        self._write_line(_progress_line(self._state))
+
+    def message(self, text: str) -> None:
+        """Shows a one-off line, such as ``"worker 1 exited"``.
+
+        Args:
+            text: the message; in non-interactive mode it is written JSON-quoted as ``text=``.
+        """
+        if self._live is not None:
+            # markup/highlight off: the text is data (paths, brackets), not rich markup.
+            self._console.print(text, markup=False, highlight=False)
+            return
+        # json.dumps quotes and escapes control characters, so a line stays one parseable line.
+        with self._lock:
+            self._write_line(f"message t={self._state.time_s:.1f}s text={json.dumps(text)}")
+
+    def _write_line(self, line: str) -> None:
+        # The stream, not logging: this output is the product, and its format is pinned.
+        self._stream.write(line + "\n")
+        self._stream.flush()

@@ -1,0 +1,208 @@
+"""The three roles of a job, each a plain function run in its own process: shard, worker,
+evaluator. Each reports through ``emit(kind, payload)``; the launcher or the CLI decides where
+reports go."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from distbelief.client import ParameterServerClient
+from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
+from distbelief.launch.config import TrainConfig
+from distbelief.metrics import make_record
+from distbelief.models import build_model
+from distbelief.optim import DownpourSGD
+from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.wire import serve
+
+logger = logging.getLogger(__name__)
+
+Emit = Callable[[str, object], None]
+"""Reports ``(kind, payload)``: "ready", "metric"; the caller routes it."""
+
+
+class StopFlag(Protocol):
+    """A threading.Event or a multiprocessing Event."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+_EVAL_BATCH_SIZE = 512
+
+
+def serve_shard(
+    shard_id: int,
+    num_shards: int,
+    bind: str,
+    *,
+    server_optimizer: str,
+    server_lr: float,
+    emit: Emit,
+    stop: StopFlag | None = None,
+) -> dict:
+    """Serve one shard at ``bind`` until ``stop`` is set (or forever); returns its counters."""
+    stop = stop if stop is not None else threading.Event()
+    factory = server_optimizer_factory(server_optimizer, lr=server_lr)
+    shard = ParameterShard(shard_id, num_shards, factory)
+    server = serve(bind, ShardService(shard))
+    emit("ready", {"shard_id": shard_id, "address": server.address})
+    logger.info("shard %d of %d serving at %s", shard_id, num_shards, server.address)
+    try:
+        # Short waits, not one long one, so SIGTERM's SystemExit is raised promptly.
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.stop()
+    counters = shard.counters()
+    return {"shard_id": shard_id, "version": counters.version, "num_pushes": counters.num_pushes}
+
+
+def build_replica(config: TrainConfig, input_shape, num_classes: int) -> nn.Module:
+    """The model every process of the job builds identically (same seed, same layout)."""
+    torch.manual_seed(config.seed)
+    return build_model(config.model, input_shape, num_classes)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: ArrayDataset) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on all of ``dataset``."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(dataset), _EVAL_BATCH_SIZE):
+        images = dataset.images[start : start + _EVAL_BATCH_SIZE]
+        labels = dataset.labels[start : start + _EVAL_BATCH_SIZE]
+        logits = model(images)
+        total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == labels).sum())
+    model.train(was_training)
+    return total_loss / len(dataset), correct / len(dataset)
+
+
+def _batches(config: TrainConfig, dataset: ArrayDataset, indices: torch.Tensor):
+    epoch = 0
+    steps = 0
+    while config.steps is not None or epoch < config.num_epochs:
+        for batch in iterate_batches(
+            dataset, indices, config.batch_size, seed=config.seed, epoch=epoch
+        ):
+            yield epoch, batch
+            steps += 1
+            if config.steps is not None and steps >= config.steps:
+                return
+        epoch += 1
+
+
+def run_worker(
+    config: TrainConfig, rank: int, addresses: Sequence[str], *, emit: Emit, start_time: float
+) -> dict:
+    """Train one replica with DownpourSGD on its slice of the training set."""
+    torch.set_num_threads(config.threads_per_worker)
+    train_set = load_dataset(config.dataset, split="train", data_dir=config.data_dir)
+    indices = worker_indices(len(train_set), rank, config.num_workers, seed=config.seed)
+    model = build_replica(config, train_set.input_shape, train_set.num_classes)
+    optimizer = DownpourSGD(
+        model.parameters(),
+        lr=config.lr,
+        n_push=config.n_push,
+        n_pull=config.n_pull,
+        model=model,
+        ps=list(addresses),
+        timeout_s=config.timeout_s,
+        synchronous=config.synchronous,
+    )
+    emit("started", {"rank": rank, "time": time.time()})
+    window_loss, window_correct, window_seen = 0.0, 0, 0
+    try:
+        for _epoch, (images, labels) in _batches(config, train_set, indices):
+            optimizer.zero_grad()
+            logits = model(images)
+            loss = nn.functional.cross_entropy(logits, labels)
+            loss.backward()
+            optimizer.step()
+            window_loss += loss.item() * len(labels)
+            window_correct += int((logits.argmax(dim=1) == labels).sum())
+            window_seen += len(labels)
+            if optimizer.num_steps % config.log_every_steps == 0:
+                emit(
+                    "metric",
+                    make_record(
+                        "worker",
+                        rank,
+                        time_s=time.time() - start_time,
+                        step=optimizer.num_steps,
+                        loss=window_loss / window_seen,
+                        accuracy=window_correct / window_seen,
+                        version=optimizer.version,
+                    ),
+                )
+                window_loss, window_correct, window_seen = 0.0, 0, 0
+    finally:
+        optimizer.close()
+    return {"rank": rank, "steps": optimizer.num_steps}
+
+
+class PSEvaluator:
+    """Pulls the shards' parameters into a local model and measures it on the test set."""
+
+    def __init__(self, config: TrainConfig, addresses: Sequence[str]) -> None:
+        self.test_set = load_dataset(config.dataset, split="test", data_dir=config.data_dir)
+        self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
+        params = list(self.model.parameters())
+        self.layout = FlatLayout(tensor_specs(self.model.named_parameters()))
+        self._flats = self.layout.allocate()
+        self._views = self.layout.views(self._flats)
+        self._params = params
+        self.client = ParameterServerClient(
+            addresses, self.layout.specs, timeout_s=config.timeout_s
+        )
+        self.client.handshake(None)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Test loss, accuracy and the shards' summed version of one fresh pull."""
+        versions = self.client.wait(self.client.pull(self._flats))
+        torch._foreach_copy_(self._params, self._views)
+        test_loss, test_accuracy = evaluate(self.model, self.test_set)
+        return {"test_loss": test_loss, "test_accuracy": test_accuracy, "version": max(versions)}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def run_evaluator(
+    config: TrainConfig,
+    addresses: Sequence[str],
+    *,
+    emit: Emit,
+    start_time: float,
+    stop: StopFlag,
+) -> dict:
+    """Evaluate the shards' parameters now, every ``eval_every_s`` until ``stop``, then once
+    more; a parameter version already evaluated is not reported twice."""
+    torch.set_num_threads(1)
+    evaluator = PSEvaluator(config, addresses)
+    last_version = -1
+    try:
+        while True:
+            result = evaluator.evaluate()
+            if result["version"] != last_version:
+                emit(
+                    "metric", make_record("evaluator", 0, time_s=time.time() - start_time, **result)
+                )
+                last_version = result["version"]
+            if stop.is_set():
+                return result
+            stop.wait(config.eval_every_s)
+    finally:
+        evaluator.close()

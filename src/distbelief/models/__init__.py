@@ -1,0 +1,37 @@
+"""Models for training: the public API and the name -> class dispatch.
+
+Each model takes (input_shape, num_classes) and sizes itself; imports nothing from the
+parameter-server packages.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distbelief.models.alexnet import AlexNet
+from distbelief.models.lenet import LeNet
+from distbelief.models.mlp import MLP
+
+__all__ = ["MLP", "MODEL_NAMES", "AlexNet", "LeNet", "build_model"]
+
+MODEL_NAMES = ("lenet", "alexnet", "mlp")
+_MODEL_CLASSES: dict[str, type[nn.Module]] = {"lenet": LeNet, "alexnet": AlexNet, "mlp": MLP}
+
+
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Builds a freshly initialised model by name.
+
+    Args:
+        name: One of MODEL_NAMES.
+        input_shape: (C, H, W) of one input, e.g. ArrayDataset.input_shape.
+        num_classes: Number of output logits.
+
+    Returns:
+        The model, in training mode, on the CPU.
+
+    Raises:
+        ValueError: If name is unknown, or input_shape or num_classes is invalid for the model.
+    """
+    if name not in _MODEL_CLASSES:
+        raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
+    return _MODEL_CLASSES[name](input_shape, num_classes)

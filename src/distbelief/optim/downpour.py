@@ -1,0 +1,182 @@
+"""DownpourSGD: the replica side of Downpour SGD (Dean et al. 2012) as a torch.optim.Optimizer.
+
+Each step applies the gradient locally (``w -= lr * g``) and accrues it; every ``n_push`` steps
+the accrued gradient goes to the shards, every ``n_pull`` steps fresh parameters are fetched.
+Pushes and pulls run on background I/O threads, overlapped with compute; fetched parameters are
+copied into the model inside ``step()``, never while a forward or backward pass is running.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from distbelief.client import ParameterServerClient, parse_addresses
+from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
+
+PS_ADDRESS_ENV = "DISTBELIEF_PS"
+"""Comma-separated shard addresses, used when ``ps`` is not given."""
+TIMEOUT_ENV = "DISTBELIEF_TIMEOUT_S"
+"""Per-request timeout in seconds, used when ``timeout_s`` is not given."""
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def _named_params(params: list[torch.Tensor], model: nn.Module | None) -> list[tuple[str, object]]:
+    names = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
+    return [(names.get(id(p), f"param.{i}"), p) for i, p in enumerate(params)]
+
+
+class DownpourSGD(torch.optim.Optimizer):
+    """Asynchronous SGD against a sharded parameter server.
+
+    Args:
+        params: Parameters or param groups, as for ``torch.optim.SGD``.
+        lr: Local learning rate (a group may override it).
+        n_push: Push the accrued gradient every this many steps (n_push in Dean et al. 2012).
+        n_pull: Fetch fresh parameters every this many steps (n_fetch in Dean et al. 2012).
+        model: The module owning ``params``; its parameter names label the shards' tensors.
+        ps: Shard addresses (list or comma-separated), in shard-id order. Default: the
+            ``DISTBELIEF_PS`` environment variable.
+        timeout_s: Limit for each request to a shard. Default: ``DISTBELIEF_TIMEOUT_S`` or 30.
+        synchronous: Wait for each push and pull to finish inside ``step()`` (for exact
+            reproducibility and parity tests); default overlaps them with compute.
+
+    Raises:
+        ValueError: bad hyperparameters or no shard address.
+        ModelMismatchError: the shards hold a different model.
+        ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 0.01,
+        n_push: int = 1,
+        n_pull: int = 1,
+        model: nn.Module | None = None,
+        *,
+        ps: str | Sequence[str] | None = None,
+        timeout_s: float | None = None,
+        synchronous: bool = False,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        for name, value in (("n_push", n_push), ("n_pull", n_pull)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        super().__init__(params, {"lr": lr})
+        self.n_push, self.n_pull, self.synchronous = n_push, n_pull, synchronous
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        self.specs: list[TensorSpec] = tensor_specs(_named_params(self._params, model))
+        self.layout = FlatLayout(self.specs)
+        self._accrued = self.layout.allocate()
+        self._accrued_views = self.layout.views(self._accrued)
+        self._outbox = self.layout.allocate()
+        self._inbox = self.layout.allocate()
+        self._inbox_views = self.layout.views(self._inbox)
+        self._push_futures: list[cf.Future] = []
+        self._pull_futures: list[cf.Future] = []
+        self.num_steps = 0
+        self.client = ParameterServerClient(
+            parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, "")),
+            self.specs,
+            timeout_s=timeout_s or float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
+        )
+        self.client.handshake(self.layout.flatten(self._params))
+        self.pull_now()
+
+    @property
+    def version(self) -> int:
+        """Updates applied by the most advanced shard, as of the last completed push or pull."""
+        return max(self.client.versions)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Apply the gradients locally, then push and pull on schedule.
+
+        Raises:
+            ShardTimeoutError / ShardUnavailableError / RemoteError: a past push or pull failed.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._finish_pull_if_done()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        for group in self.param_groups:
+            group_grads = [p.grad for p in group["params"] if p.grad is not None]
+            group_params = [p for p in group["params"] if p.grad is not None]
+            if group_params:
+                torch._foreach_add_(group_params, group_grads, alpha=-group["lr"])
+        torch._foreach_add_(self._accrued_views, [g.detach().cpu() for g in grads])
+        self.num_steps += 1
+        if self.num_steps % self.n_push == 0:
+            self._push_accrued()
+        if self.num_steps % self.n_pull == 0:
+            self._start_pull()
+        if self.synchronous:
+            self.client.wait(self._push_futures)
+            self._finish_pull_if_done(block=True)
+        return loss
+
+    def _push_accrued(self) -> None:
+        # The outbox is sent without a copy, so the previous push must be done before reuse.
+        self.client.wait(self._push_futures)
+        for dtype, accrued in self._accrued.items():
+            self._outbox[dtype].copy_(accrued)
+            accrued.zero_()
+        self._push_futures = self.client.push(self._outbox)
+
+    def _start_pull(self) -> None:
+        if self._pull_futures:
+            self._finish_pull_if_done(block=True)
+        self._pull_futures = self.client.pull(self._inbox)
+
+    def _finish_pull_if_done(self, block: bool = False) -> None:
+        if not self._pull_futures:
+            return
+        if not block and not all(future.done() for future in self._pull_futures):
+            return
+        self.client.wait(self._pull_futures)
+        self._pull_futures = []
+        torch._foreach_copy_(self._params, self._inbox_views)
+
+    @torch.no_grad()
+    def pull_now(self) -> None:
+        """Fetch the shards' parameters and load them into the model, waiting for the answer."""
+        self._finish_pull_if_done(block=True)
+        self._pull_futures = self.client.pull(self._inbox)
+        self._finish_pull_if_done(block=True)
+
+    def flush(self) -> None:
+        """Push any accrued gradient not yet sent and wait until every push is applied."""
+        if any(bool(accrued.any()) for accrued in self._accrued.values()):
+            self._push_accrued()
+        self.client.wait(self._push_futures)
+        self._push_futures = []
+
+    def close(self) -> None:
+        """Flush, then close the connections to the shards."""
+        try:
+            self.flush()
+        finally:
+            self.client.close()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["downpour"] = {
+            "num_steps": self.num_steps,
+            "n_push": self.n_push,
+            "n_pull": self.n_pull,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        downpour = state_dict.pop("downpour", {})
+        super().load_state_dict(state_dict)
+        self.num_steps = int(downpour.get("num_steps", 0))

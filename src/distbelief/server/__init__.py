@@ -1,0 +1,7 @@
+"""The parameter server: shards that own slices of the model and the service that serves them."""
+
+from distbelief.server.optimizers import SERVER_OPTIMIZER_NAMES, server_optimizer_factory
+from distbelief.server.service import ShardService
+from distbelief.server.shard import ParameterShard
+
+__all__ = ["SERVER_OPTIMIZER_NAMES", "ParameterShard", "ShardService", "server_optimizer_factory"]

@@ -1,0 +1,141 @@
+"""The shard's request loop logic: decode a request, call the ParameterShard, encode the reply.
+
+Each connection gets reusable receive buffers for pushes and send buffers for pulls, so a shard
+allocates nothing per request once a connection is warm.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from distbelief.errors import ProtocolError
+from distbelief.server.shard import ParameterShard
+from distbelief.sharding import specs_from_json
+from distbelief.wire.framing import Sink
+from distbelief.wire.message import Message, Op
+
+logger = logging.getLogger(__name__)
+
+
+class ShardService:
+    """Serves one ParameterShard to many connections (a ``RequestHandler``)."""
+
+    def __init__(self, shard: ParameterShard) -> None:
+        self.shard = shard
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._stats_lock = threading.Lock()
+
+    def open_connection(self, peer: str) -> ShardConnection:
+        logger.debug("shard %d: connection from %s", self.shard.shard_id, peer)
+        return ShardConnection(self, peer)
+
+    def count_bytes(self, received: int, sent: int) -> None:
+        with self._stats_lock:
+            self.bytes_received += received
+            self.bytes_sent += sent
+
+
+class ShardConnection:
+    """Per-connection state: the buffers a push is received into and a pull is sent from."""
+
+    def __init__(self, service: ShardService, peer: str) -> None:
+        self.service = service
+        self.shard = service.shard
+        self.peer = peer
+        self._push_buffers: dict[str, torch.Tensor] = {}
+        self._pull_buffers: list[torch.Tensor] = []
+
+    def sink_for(self, request: Message) -> Sink | None:
+        if request.op != Op.PUSH:
+            return None  # INIT allocates fresh tensors the shard keeps; others carry none
+        if not self._push_buffers:
+            self.shard.require_initialized()
+            self._push_buffers = {
+                piece.name: torch.empty(piece.numel, dtype=piece.dtype)
+                for piece in self.shard.slices
+            }
+        return self._push_sink
+
+    def _push_sink(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        buffer = self._push_buffers.get(name)
+        if buffer is None:
+            owned = ", ".join(self._push_buffers)
+            raise ProtocolError(f"shard {self.shard.shard_id} does not own {name!r} (owns {owned})")
+        if buffer.dtype != dtype or tuple(buffer.shape) != shape:
+            raise ProtocolError(f"tensor {name!r}: expected {buffer.dtype} {list(buffer.shape)}")
+        return buffer
+
+    def handle(self, request: Message) -> Message:
+        handler = {
+            Op.HELLO: self._hello,
+            Op.INIT: self._init,
+            Op.PUSH: self._push,
+            Op.PULL: self._pull,
+            Op.STATS: self._stats,
+        }[request.op]
+        return handler(request)
+
+    def _hello(self, request: Message) -> Message:
+        expected_id = request.meta.get("shard_id")
+        if expected_id is not None and expected_id != self.shard.shard_id:
+            raise ValueError(
+                f"this address serves shard {self.shard.shard_id} of {self.shard.num_shards}, "
+                f"but the client lists it as shard {expected_id}: check the order of --ps"
+            )
+        if "specs" in request.meta:
+            self.shard.check_layout(specs_from_json(request.meta["specs"]))
+        return request.reply(self._describe())
+
+    def _describe(self) -> dict:
+        counters = self.shard.counters()
+        return {
+            "shard_id": self.shard.shard_id,
+            "num_shards": self.shard.num_shards,
+            "initialized": self.shard.initialized,
+            "fingerprint": self.shard.fingerprint,
+            "version": counters.version,
+        }
+
+    def _init(self, request: Message) -> Message:
+        specs = specs_from_json(request.meta.get("specs"))
+        adopted = self.shard.initialize(specs, [tensor for _, tensor in request.tensors])
+        if adopted:
+            logger.info("shard %d initialised by %s", self.shard.shard_id, self.peer)
+        return request.reply({"adopted": adopted, **self._describe()})
+
+    def _push(self, request: Message) -> Message:
+        names = [name for name, _ in request.tensors]
+        expected = [piece.name for piece in self.shard.slices]
+        if names != expected:
+            raise ProtocolError(f"push must carry {expected}, got {names}")
+        version = self.shard.apply_gradient([tensor for _, tensor in request.tensors])
+        self.service.count_bytes(sum(t.nbytes for _, t in request.tensors), 0)
+        return request.reply({"version": version})
+
+    def _pull(self, request: Message) -> Message:
+        if not self._pull_buffers:
+            self.shard.require_initialized()
+            self._pull_buffers = [torch.empty(p.numel, dtype=p.dtype) for p in self.shard.slices]
+        version = self.shard.read_into(self._pull_buffers)
+        tensors = [
+            (piece.name, buf)
+            for piece, buf in zip(self.shard.slices, self._pull_buffers, strict=True)
+        ]
+        self.service.count_bytes(0, sum(buf.nbytes for buf in self._pull_buffers))
+        return request.reply({"version": version}, tensors)
+
+    def _stats(self, request: Message) -> Message:
+        counters = self.shard.counters()
+        return request.reply(
+            {
+                **self._describe(),
+                "num_pushes": counters.num_pushes,
+                "num_pulls": counters.num_pulls,
+                "bytes_received": self.service.bytes_received,
+                "bytes_sent": self.service.bytes_sent,
+            }
+        )

@@ -1,0 +1,247 @@
+"""The TCP backend: a blocking client connection and a thread-per-connection server.
+
+Threads, not selectors or asyncio: a shard serves a handful of long-lived connections (workers
+and an evaluator), and both socket I/O and torch kernels release the GIL, so each connection's
+receive, apply and send run in parallel without an event loop copying through Python buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import socket
+import threading
+import time
+
+from distbelief.errors import (
+    ModelMismatchError,
+    ProtocolError,
+    PSError,
+    RemoteError,
+    ShardTimeoutError,
+    ShardUnavailableError,
+)
+from distbelief.wire.framing import RejectedFrame, Sink, recv_message, send_message
+from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES, Message
+from distbelief.wire.transport import RequestHandler, Server, Transport, register_backend
+
+logger = logging.getLogger(__name__)
+
+_ERRORS_BY_KIND: dict[str, type[RemoteError]] = {"model_mismatch": ModelMismatchError}
+_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+_IDLE_POLL_S = 0.2
+
+
+def parse_tcp_address(address: str) -> tuple[str, int]:
+    """``"tcp://host:port"`` or ``"host:port"`` -> ``(host, port)``; ValueError if malformed."""
+    rest = address.removeprefix("tcp://")
+    host, sep, port_text = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"address {address!r} is not of the form tcp://HOST:PORT")
+    return host, int(port_text)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER_BYTES)
+
+
+class TcpTransport(Transport):
+    """A client connection to one server; reconnects on the next request after any failure.
+
+    Args:
+        address: ``tcp://HOST:PORT``.
+        name: How errors name the server (e.g. ``"shard 1 (tcp://...)"``).
+        connect_timeout_s: Limit for establishing the TCP connection.
+    """
+
+    def __init__(self, address: str, *, name: str, connect_timeout_s: float = 5.0) -> None:
+        self.address = address
+        self.name = name
+        self._endpoint = parse_tcp_address(address)
+        self._connect_timeout_s = connect_timeout_s
+        self._sock: socket.socket | None = None
+        self._request_ids = itertools.count(1)
+
+    def _connection(self, deadline: float) -> socket.socket:
+        if self._sock is None:
+            timeout_s = max(0.001, min(self._connect_timeout_s, deadline - time.monotonic()))
+            sock = socket.create_connection(self._endpoint, timeout=timeout_s)
+            _tune(sock)
+            self._sock = sock
+        return self._sock
+
+    def request(self, message: Message, *, timeout_s: float, sink: Sink | None = None) -> Message:
+        op = message.op.name.lower()
+        deadline = time.monotonic() + timeout_s
+        message.request_id = next(self._request_ids)
+        try:
+            sock = self._connection(deadline)
+            send_message(sock, message, deadline)
+            reply = recv_message(sock, sink_for=lambda _reply: sink, deadline=deadline)
+        except TimeoutError as e:
+            self.close()
+            raise ShardTimeoutError(f"{self.name}: {op} timed out after {timeout_s:g}s") from e
+        except RejectedFrame as e:
+            raise ProtocolError(f"{self.name}: {op} reply refused: {e}") from e
+        except ProtocolError as e:
+            self.close()
+            raise ProtocolError(f"{self.name}: {op}: {e}") from e
+        except OSError as e:
+            self.close()
+            raise ShardUnavailableError(f"{self.name}: {op} failed: {e}") from e
+        if reply.request_id != message.request_id:
+            self.close()
+            raise ProtocolError(f"{self.name}: {op}: reply to request {reply.request_id}")
+        if reply.is_error:
+            kind = reply.meta.get("error", "remote")
+            error_type = _ERRORS_BY_KIND.get(kind, RemoteError)
+            raise error_type(f"{self.name}: {op} refused: {reply.meta.get('message', kind)}")
+        return reply
+
+    def close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+
+
+def _error_kind(error: Exception) -> str:
+    if isinstance(error, ModelMismatchError):
+        return "model_mismatch"
+    return "bad_request" if isinstance(error, (ValueError, PSError)) else "internal"
+
+
+class TcpServer(Server):
+    """Accepts connections and runs one thread per connection until :meth:`stop`.
+
+    Args:
+        address: ``tcp://HOST:PORT`` to bind (port 0 picks a free one).
+        handler: Makes the per-connection request handlers.
+        max_payload_bytes: Frames with larger tensor parts are refused and the connection closed.
+        frame_timeout_s: Once a frame has started, the rest of it must arrive within this time.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        handler: RequestHandler,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        frame_timeout_s: float = 60.0,
+    ) -> None:
+        host, port = parse_tcp_address(address)
+        self._handler = handler
+        self._max_payload_bytes = max_payload_bytes
+        self._frame_timeout_s = frame_timeout_s
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._listener.bind((host, port))
+        except OSError as e:
+            self._listener.close()
+            raise ShardUnavailableError(f"cannot bind {address}: {e}") from e
+        self._listener.listen(128)
+        self._listener.settimeout(_IDLE_POLL_S)
+        bound_host, bound_port = self._listener.getsockname()[:2]
+        self._address = f"tcp://{bound_host}:{bound_port}"
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"accept {self._address}", daemon=True
+        )
+        self._accept_thread.start()
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            _tune(sock)
+            thread = threading.Thread(
+                target=self._serve_connection, args=(sock, f"{peer[0]}:{peer[1]}"), daemon=True
+            )
+            with self._lock:
+                self._connections.add(sock)
+                self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            thread.start()
+
+    def _wait_for_frame(self, sock: socket.socket) -> bool:
+        """Block until a frame starts arriving or the server stops; False on stop/close."""
+        sock.settimeout(_IDLE_POLL_S)
+        while not self._stopping.is_set():
+            try:
+                return bool(sock.recv(1, socket.MSG_PEEK))
+            except TimeoutError:
+                continue
+        return False
+
+    def _serve_connection(self, sock: socket.socket, peer: str) -> None:
+        try:
+            connection = self._handler.open_connection(peer)
+            while self._wait_for_frame(sock):
+                self._serve_one(sock, connection)
+        except ProtocolError as e:
+            logger.warning("closing connection from %s: %s", peer, e)
+        except OSError as e:
+            logger.debug("connection from %s ended: %s", peer, e)
+        finally:
+            with self._lock:
+                self._connections.discard(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _serve_one(self, sock: socket.socket, connection) -> None:
+        deadline = time.monotonic() + self._frame_timeout_s
+        try:
+            request = recv_message(
+                sock,
+                sink_for=connection.sink_for,
+                deadline=deadline,
+                max_payload_bytes=self._max_payload_bytes,
+            )
+        except RejectedFrame as e:
+            logger.warning("refused a %s request: %s", e.message.op.name, e.reason)
+            reply = e.message.error_reply("bad_request", str(e.reason))
+        else:
+            try:
+                reply = connection.handle(request)
+            except Exception as e:
+                if _error_kind(e) == "internal":
+                    logger.exception("request %s failed", request.op.name)
+                reply = request.error_reply(_error_kind(e), str(e))
+        send_message(sock, reply, time.monotonic() + self._frame_timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            for sock in self._connections:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout_s
+        self._accept_thread.join(max(0.0, deadline - time.monotonic()))
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _connect(address: str, *, name: str, **options) -> TcpTransport:
+    return TcpTransport(address, name=name, **options)
+
+
+register_backend("tcp", _connect, TcpServer)

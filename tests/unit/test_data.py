@@ -1,0 +1,354 @@
+"""Unit tests for distbelief.data, on tiny files written in the real CIFAR-10 and IDX formats."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from distbelief.data import (
+    DATASET_NAMES,
+    ArrayDataset,
+    cifar10,
+    iterate_batches,
+    load_dataset,
+    mnist,
+    worker_indices,
+)
+from distbelief.data.download import download_file, extract_tar
+from distbelief.errors import DatasetUnavailableError
+
+NUM_PER_CIFAR_BATCH = 3
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _unnormalize(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return images * std_t + mean_t
+
+
+# ---- CIFAR-10 --------------------------------------------------------------------------------
+
+
+def _cifar_batches() -> dict[str, tuple[np.ndarray, list[int]]]:
+    """Distinct random uint8 pixels and labels for each of the six official batch files."""
+    rng = np.random.default_rng(0)
+    names = [*cifar10.SPLIT_FILES["train"], *cifar10.SPLIT_FILES["test"]]
+    return {
+        name: (
+            rng.integers(0, 256, size=(NUM_PER_CIFAR_BATCH, 3072), dtype=np.uint8),
+            rng.integers(0, 10, size=NUM_PER_CIFAR_BATCH).tolist(),
+        )
+        for name in names
+    }
+
+
+def _write_cifar(root: Path, batches: dict) -> None:
+    batches_dir = root / cifar10.BATCHES_DIR
+    batches_dir.mkdir(parents=True)
+    for name, (data, labels) in batches.items():
+        payload = {b"batch_label": name.encode(), b"labels": labels, b"data": data}
+        with open(batches_dir / name, "wb") as f:
+            pickle.dump(payload, f, protocol=2)
+
+
+def _check_cifar(dataset: ArrayDataset, batches: dict, split: str) -> None:
+    names = cifar10.SPLIT_FILES[split]
+    assert len(dataset) == NUM_PER_CIFAR_BATCH * len(names)
+    assert dataset.images.dtype == torch.float32 and dataset.labels.dtype == torch.int64
+    assert dataset.input_shape == (3, 32, 32) and dataset.num_classes == 10
+    raw = np.concatenate([batches[n][0] for n in names]).reshape(-1, 3, 32, 32)
+    pixels = _unnormalize(dataset.images, cifar10.CIFAR10_MEAN, cifar10.CIFAR10_STD)
+    torch.testing.assert_close(pixels * 255, torch.from_numpy(raw).float(), atol=1e-3, rtol=0)
+    assert dataset.labels.tolist() == [label for n in names for label in batches[n][1]]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cifar10_loads_official_pickles(tmp_path, split):
+    batches = _cifar_batches()
+    _write_cifar(tmp_path, batches)
+    dataset = load_dataset("cifar10", split=split, data_dir=tmp_path, download=False)
+    _check_cifar(dataset, batches, split)
+
+
+def test_cifar10_download_verifies_and_extracts(tmp_path, monkeypatch):
+    batches = _cifar_batches()
+    _write_cifar(tmp_path / "src", batches)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / cifar10.BATCHES_DIR, arcname=cifar10.BATCHES_DIR)
+    monkeypatch.setattr(cifar10, "CIFAR10_URL", archive.as_uri())
+    monkeypatch.setattr(cifar10, "CIFAR10_MD5", _md5(archive))
+    data_dir = tmp_path / "data"
+    dataset = load_dataset("cifar10", split="train", data_dir=data_dir, download=True)
+    _check_cifar(dataset, batches, "train")
+    assert (data_dir / cifar10.ARCHIVE_NAME).is_file()
+
+
+def test_cifar10_missing_without_download_names_files_and_url(tmp_path):
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset("cifar10", split="test", data_dir=tmp_path, download=False)
+    message = str(info.value)
+    assert str(tmp_path / cifar10.BATCHES_DIR) in message
+    for name in [*cifar10.SPLIT_FILES["train"], "test_batch"]:
+        assert name in message
+    assert cifar10.CIFAR10_URL in message
+
+
+def test_cifar10_offline_download_raises_unavailable(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar10, "CIFAR10_URL", (tmp_path / "nowhere.tar.gz").as_uri())
+    with pytest.raises(DatasetUnavailableError, match=r"nowhere\.tar\.gz") as info:
+        load_dataset("cifar10", split="train", data_dir=tmp_path, download=True)
+    assert isinstance(info.value.__cause__, DatasetUnavailableError)
+
+
+# ---- download helper -------------------------------------------------------------------------
+
+
+def test_download_file_copies_verified_bytes(tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"payload" * 1000)
+    dest = download_file(source.as_uri(), tmp_path / "out" / "file.bin", _md5(source))
+    assert dest.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin"]
+
+
+def test_download_file_checksum_mismatch_leaves_nothing(tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"payload")
+    out_dir = tmp_path / "out"
+    wrong_md5 = "0" * 32
+    with pytest.raises(DatasetUnavailableError) as info:
+        download_file(source.as_uri(), out_dir / "file.bin", wrong_md5)
+    message = str(info.value)
+    assert source.as_uri() in message and wrong_md5 in message and _md5(source) in message
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("member_name", ["../escape.txt", "/abs/escape.txt", "a/../../b.txt"])
+def test_extract_tar_rejects_escaping_members(tmp_path, member_name):
+    archive = tmp_path / "bad.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo(member_name)
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(ValueError, match="unsafe member"):
+        extract_tar(archive, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists()
+
+
+# ---- MNIST -----------------------------------------------------------------------------------
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    magic = 0x0800 | array.ndim
+    return struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+
+
+def _mnist_arrays(num_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(num_images, 28, 28), dtype=np.uint8)
+    return images, rng.integers(0, 10, size=num_images, dtype=np.uint8)
+
+
+def _write_idx(path: Path, array: np.ndarray, gzipped: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gzipped:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(_idx_bytes(array)))
+    else:
+        path.write_bytes(_idx_bytes(array))
+    return path
+
+
+def _write_mnist_split(root: Path, split: str, gzipped: bool, num_images: int = 5) -> tuple:
+    images, labels = _mnist_arrays(num_images, seed=len(split))
+    images_name, labels_name = mnist.SPLIT_FILES[split]
+    _write_idx(root / mnist.SUBDIR / images_name, images, gzipped)
+    _write_idx(root / mnist.SUBDIR / labels_name, labels, gzipped)
+    return images, labels
+
+
+def _check_mnist(dataset: ArrayDataset, images: np.ndarray, labels: np.ndarray) -> None:
+    assert dataset.images.shape == (len(images), 1, 28, 28)
+    assert dataset.images.dtype == torch.float32 and dataset.labels.dtype == torch.int64
+    pixels = _unnormalize(dataset.images, mnist.MNIST_MEAN, mnist.MNIST_STD) * 255
+    expected = torch.from_numpy(images).float().unsqueeze(1)
+    torch.testing.assert_close(pixels, expected, atol=1e-3, rtol=0)
+    assert dataset.labels.tolist() == labels.tolist()
+
+
+def test_mnist_loads_raw_and_gzipped_idx(tmp_path):
+    train = _write_mnist_split(tmp_path, "train", gzipped=False)
+    test = _write_mnist_split(tmp_path, "test", gzipped=True, num_images=4)
+    _check_mnist(load_dataset("mnist", split="train", data_dir=tmp_path, download=False), *train)
+    _check_mnist(load_dataset("mnist", split="test", data_dir=tmp_path, download=False), *test)
+
+
+def test_mnist_download_fetches_gz_files(tmp_path, monkeypatch):
+    server = tmp_path / "server"
+    images, labels = _write_mnist_split(server, "test", gzipped=True)
+    served = server / mnist.SUBDIR
+    md5s = {p.name: _md5(p) for p in served.iterdir()}
+    monkeypatch.setattr(mnist, "MNIST_URL_BASE", served.as_uri() + "/")
+    monkeypatch.setattr(mnist, "MNIST_MD5S", md5s)
+    data_dir = tmp_path / "data"
+    _check_mnist(load_dataset("mnist", split="test", data_dir=data_dir), images, labels)
+    assert sorted(p.name for p in (data_dir / mnist.SUBDIR).iterdir()) == sorted(md5s)
+
+
+def test_mnist_missing_without_download_names_files(tmp_path):
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset("mnist", split="train", data_dir=tmp_path, download=False)
+    message = str(info.value)
+    assert str(tmp_path / mnist.SUBDIR) in message
+    for pair in mnist.SPLIT_FILES.values():
+        assert all(name in message for name in pair)
+    assert mnist.MNIST_URL_BASE in message
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_mnist_truncated_idx_names_file(tmp_path, gzipped):
+    _write_mnist_split(tmp_path, "train", gzipped=gzipped)
+    path = tmp_path / mnist.SUBDIR / "train-images-idx3-ubyte"
+    payload = _idx_bytes(_mnist_arrays(5, seed=0)[0])[:-10]
+    if gzipped:
+        path = path.with_name(path.name + ".gz")
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match="truncated") as info:
+        load_dataset("mnist", split="train", data_dir=tmp_path, download=False)
+    assert str(path) in str(info.value)
+
+
+def test_mnist_bad_magic_names_file(tmp_path):
+    _write_mnist_split(tmp_path, "test", gzipped=False)
+    labels_path = tmp_path / mnist.SUBDIR / "t10k-labels-idx1-ubyte"
+    # A labels file where an images file belongs: magic 0x801 instead of 0x803.
+    (tmp_path / mnist.SUBDIR / "t10k-images-idx3-ubyte").write_bytes(labels_path.read_bytes())
+    with pytest.raises(ValueError, match="magic 0x00000801") as info:
+        load_dataset("mnist", split="test", data_dir=tmp_path, download=False)
+    assert "t10k-images-idx3-ubyte" in str(info.value)
+
+
+# ---- digits and synthetic --------------------------------------------------------------------
+
+
+def test_digits_split_is_fixed_and_complete():
+    train = load_dataset("digits", split="train")
+    test = load_dataset("digits", split="test")
+    assert train.input_shape == (1, 32, 32) and train.num_classes == 10
+    assert len(train) + len(test) == 1797
+    assert len(test) == 360
+    again = load_dataset("digits", split="test")
+    assert torch.equal(test.images, again.images) and torch.equal(test.labels, again.labels)
+    assert set(train.labels.tolist()) == set(range(10))
+    # Normalised with train statistics: the train split is ~zero-mean, unit-std.
+    assert abs(train.images.mean().item()) < 1e-4
+    assert abs(train.images.std().item() - 1.0) < 1e-3
+
+
+def test_digits_train_and_test_partition_the_data():
+    train = load_dataset("digits", split="train")
+    test = load_dataset("digits", split="test")
+    bunch = load_digits()
+    # A partition keeps every distinct image and every label; overlap or loss would not.
+    num_distinct_raw = len(torch.from_numpy(bunch.images).flatten(1).unique(dim=0))
+    both = torch.cat([train.images, test.images]).flatten(1)
+    assert len(both.unique(dim=0)) == num_distinct_raw
+    labels = torch.cat([train.labels, test.labels])
+    assert torch.equal(labels.bincount(), torch.from_numpy(bunch.target).bincount())
+
+
+def test_synthetic_is_deterministic_and_learnable():
+    train = load_dataset("synthetic", split="train")
+    test = load_dataset("synthetic", split="test", num_samples=256)
+    assert len(train) == 4096 and len(test) == 256
+    assert train.input_shape == (3, 32, 32) and train.num_classes == 10
+    assert torch.equal(test.images, load_dataset("synthetic", split="test", num_samples=256).images)
+    assert not torch.equal(train.images[:256], test.images)
+    # A nearest-class-mean rule fitted on train must classify test well above chance.
+    means = torch.stack([train.images[train.labels == c].mean(0) for c in range(10)]).flatten(1)
+    predicted = torch.cdist(test.images.flatten(1), means).argmin(1)
+    assert (predicted == test.labels).float().mean().item() > 0.9
+
+
+def test_load_dataset_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"imagenet.*digits.*cifar10.*mnist.*synthetic"):
+        load_dataset("imagenet", split="train")
+    with pytest.raises(ValueError, match=r"valid.*train.*test"):
+        load_dataset("digits", split="valid")
+    with pytest.raises(ValueError, match="num_samples"):
+        load_dataset("digits", split="train", num_samples=10)
+    assert DATASET_NAMES == ("digits", "cifar10", "mnist", "synthetic")
+
+
+# ---- worker slicing and batching -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num_samples", "num_workers"), [(10, 3), (1797, 4), (2, 5), (0, 2)])
+def test_worker_indices_partition_the_data(num_samples, num_workers):
+    slices = [worker_indices(num_samples, rank, num_workers, seed=3) for rank in range(num_workers)]
+    everything = torch.cat(slices)
+    assert sorted(everything.tolist()) == list(range(num_samples))
+    sizes = [len(s) for s in slices]
+    assert max(sizes) - min(sizes) <= 1
+    assert torch.equal(slices[0], worker_indices(num_samples, 0, num_workers, seed=3))
+
+
+@pytest.mark.parametrize(("rank", "num_workers"), [(-1, 2), (2, 2), (0, 0)])
+def test_worker_indices_rejects_bad_rank(rank, num_workers):
+    with pytest.raises(ValueError, match=r"rank|num_workers"):
+        worker_indices(10, rank, num_workers)
+
+
+def _tiny_dataset(num_samples: int = 10) -> ArrayDataset:
+    images = torch.arange(num_samples, dtype=torch.float32).view(-1, 1, 1, 1)
+    return ArrayDataset(images, torch.arange(num_samples), num_classes=num_samples, name="tiny")
+
+
+def _visit_order(dataset, indices, batch_size, **kwargs) -> list[int]:
+    return [
+        label
+        for _, labels in iterate_batches(dataset, indices, batch_size, **kwargs)
+        for label in labels.tolist()
+    ]
+
+
+def test_iterate_batches_is_seeded_by_seed_and_epoch():
+    dataset = _tiny_dataset(50)
+    indices = torch.arange(50)
+    first = _visit_order(dataset, indices, 8, seed=1, epoch=0)
+    assert first == _visit_order(dataset, indices, 8, seed=1, epoch=0)
+    assert first != _visit_order(dataset, indices, 8, seed=1, epoch=1)
+    assert first != _visit_order(dataset, indices, 8, seed=2, epoch=0)
+    assert len(first) == 48  # drop_last drops the final 2
+
+
+def test_iterate_batches_visits_each_index_once():
+    dataset = _tiny_dataset(10)
+    indices = torch.tensor([7, 2, 9, 4, 0])
+    batches = list(iterate_batches(dataset, indices, 2, seed=0, epoch=3, drop_last=False))
+    assert [len(labels) for _, labels in batches] == [2, 2, 1]
+    visited = [label for _, labels in batches for label in labels.tolist()]
+    assert sorted(visited) == sorted(indices.tolist())
+    for images, labels in batches:
+        assert torch.equal(images.flatten(), labels.float())
+
+
+def test_iterate_batches_rejects_bad_batch_size():
+    with pytest.raises(ValueError, match="batch_size"):
+        iterate_batches(_tiny_dataset(), torch.arange(10), 0, seed=0, epoch=0)

@@ -1,0 +1,94 @@
+"""Unit tests of distbelief.metrics: records, CSV round trip, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from distbelief.metrics import METRIC_FIELDS, MetricsWriter, make_record, read_metrics
+
+
+def _records() -> list[dict[str, object]]:
+    return [
+        make_record("worker", 0, time_s=0.25, step=1, loss=2.302585, accuracy=0.125),
+        make_record("worker", 1, time_s=0.5, step=1, loss=2.25, accuracy=0.1),
+        make_record("evaluator", 0, time_s=1.0, version=7, test_loss=1.5, test_accuracy=0.625),
+        make_record("shard", 1, time_s=1.25, version=8),
+    ]
+
+
+def test_make_record_has_every_field_in_order() -> None:
+    record = make_record("worker", 2, time_s=3, step=10, loss=0.5)
+    assert tuple(record) == METRIC_FIELDS
+    assert record["time_s"] == 3.0 and isinstance(record["time_s"], float)
+    assert record["step"] == 10 and isinstance(record["step"], int)
+    assert record["accuracy"] is None and record["version"] is None
+
+
+def test_round_trip_parses_numbers(tmp_path) -> None:
+    path = tmp_path / "run" / "metrics.csv"
+    records = _records()
+    with MetricsWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    assert read_metrics(path) == records
+    back = read_metrics(path)
+    assert isinstance(back[0]["rank"], int) and isinstance(back[0]["loss"], float)
+    assert back[2]["loss"] is None and back[2]["version"] == 7
+
+
+def test_each_write_reaches_the_file_before_close(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    writer = MetricsWriter(path)
+    writer.write(make_record("worker", 0, time_s=0.1, step=1, loss=float("nan")))
+    # Read while the writer is still open: what a crash right now would leave behind.
+    rows = read_metrics(path)
+    writer.close()
+    assert len(rows) == 1 and math.isnan(rows[0]["loss"])
+
+
+def test_unknown_field_is_named() -> None:
+    with pytest.raises(ValueError, match="learning_rate"):
+        make_record("worker", 0, time_s=0.0, learning_rate=0.1)
+
+
+def test_unknown_role_is_named() -> None:
+    with pytest.raises(ValueError, match="coordinator"):
+        make_record("coordinator", 0, time_s=0.0)
+
+
+@pytest.mark.parametrize("bad", [{"step": 1.5}, {"loss": "low"}, {"accuracy": True}])
+def test_bad_value_names_the_field(bad: dict[str, object]) -> None:
+    (name,) = bad
+    with pytest.raises(ValueError, match=name):
+        make_record("worker", 0, time_s=0.0, **bad)
+
+
+def test_negative_rank_is_rejected() -> None:
+    with pytest.raises(ValueError, match="rank"):
+        make_record("worker", -1, time_s=0.0)
+
+
+def test_writer_rejects_unknown_field(tmp_path) -> None:
+    with MetricsWriter(tmp_path / "metrics.csv") as writer, pytest.raises(ValueError, match="lr"):
+        writer.write({"time_s": 0.0, "role": "worker", "rank": 0, "lr": 0.1})
+
+
+def test_wrong_header_names_the_file(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("time,role,rank\n1.0,worker,0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"metrics\.csv"):
+        read_metrics(path)
+
+
+def test_missing_file_names_the_file(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"nowhere\.csv"):
+        read_metrics(tmp_path / "nowhere.csv")
+
+
+def test_bad_cell_names_file_line_and_column(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text(",".join(METRIC_FIELDS) + "\n0.5,worker,0,x,,,,,\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"metrics\.csv, line 2: column 'step'.*'x'"):
+        read_metrics(path)

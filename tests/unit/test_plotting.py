@@ -1,0 +1,92 @@
+"""Unit tests of distbelief.plotting: a synthetic run folder becomes valid PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from distbelief.metrics import MetricsWriter, make_record
+from distbelief.plotting import plot_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _make_run_dir(run_dir: Path, *, with_config: bool = True) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with MetricsWriter(run_dir / "metrics.csv") as writer:
+        for step in range(1, 41):
+            for rank in range(2):
+                progress = 1.0 - math.exp(-step / (10.0 + 3 * rank))
+                writer.write(
+                    make_record(
+                        "worker",
+                        rank,
+                        time_s=0.1 * step + 0.03 * rank,
+                        step=step,
+                        loss=2.3 * (1.0 - progress),
+                        accuracy=0.1 + 0.85 * progress,
+                    )
+                )
+            if step % 10 == 0:
+                writer.write(
+                    make_record(
+                        "evaluator",
+                        0,
+                        time_s=0.1 * step,
+                        version=2 * step,
+                        test_loss=2.0 * math.exp(-step / 10),
+                        test_accuracy=0.9 - 0.8 * math.exp(-step / 10),
+                    )
+                )
+    if with_config:
+        config = {"model": "mlp", "dataset": "mnist", "num_workers": 2, "num_shards": 2}
+        (run_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return run_dir
+
+
+@pytest.mark.parametrize("with_config", [True, False])
+def test_plot_run_writes_valid_pngs(tmp_path: Path, with_config: bool) -> None:
+    run_dir = _make_run_dir(tmp_path / "run", with_config=with_config)
+    paths = plot_run(run_dir)
+    assert [p.name for p in paths] == ["accuracy_vs_time.png", "loss_vs_time.png"]
+    for path in paths:
+        assert path.parent == run_dir
+        data = path.read_bytes()
+        assert data[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        height, width, channels = image.shape
+        assert 300 < height < width < 2000 and channels in (3, 4)
+    # The atomic save leaves no temp files behind.
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_plot_run_overwrites_existing_plots(tmp_path: Path) -> None:
+    run_dir = _make_run_dir(tmp_path / "run")
+    (run_dir / "accuracy_vs_time.png").write_bytes(b"stale")
+    plot_run(run_dir)
+    assert (run_dir / "accuracy_vs_time.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_plot_run_with_header_only_metrics(tmp_path: Path) -> None:
+    run_dir = tmp_path / "empty_run"
+    MetricsWriter(run_dir / "metrics.csv").close()
+    for path in plot_run(run_dir):
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_folder_without_metrics_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "not_a_run"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"not a run folder: .*not_a_run"):
+        plot_run(folder)
+
+
+def test_bad_config_json_is_named(tmp_path: Path) -> None:
+    run_dir = _make_run_dir(tmp_path / "run")
+    (run_dir / "config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"config\.json"):
+        plot_run(run_dir)

@@ -1,0 +1,124 @@
+"""Unit tests of distbelief.launch.progress in both modes, writing into a StringIO."""
+
+from __future__ import annotations
+
+import io
+import shlex
+
+import pytest
+
+from distbelief.launch.progress import ProgressDisplay
+from distbelief.metrics import make_record
+
+TOTAL_STEPS = 100
+
+
+def _feed(display: ProgressDisplay) -> None:
+    for step in range(1, 51):
+        for rank in range(2):
+            display.update(
+                make_record(
+                    "worker",
+                    rank,
+                    time_s=0.1 * step,
+                    step=step,
+                    loss=1.0 / step,
+                    accuracy=min(1.0, 0.02 * step),
+                )
+            )
+        if step % 20 == 0:
+            display.update(
+                make_record(
+                    "evaluator",
+                    0,
+                    time_s=0.1 * step,
+                    version=step,
+                    test_loss=0.5,
+                    test_accuracy=0.8,
+                )
+            )
+    display.update(make_record("shard", 0, time_s=5.0, version=60))
+    display.message("worker 1 exited")
+
+
+def _parse(line: str) -> tuple[str, dict[str, str]]:
+    kind, *pairs = shlex.split(line)
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        assert sep == "=" and key and value, f"not key=value: {pair!r} in {line!r}"
+        fields[key] = value
+    return kind, fields
+
+
+def test_non_interactive_lines_are_key_value() -> None:
+    stream = io.StringIO()
+    with ProgressDisplay(
+        total_steps=TOTAL_STEPS, num_workers=2, interactive=False, stream=stream, log_every_s=1.0
+    ) as display:
+        _feed(display)
+    text = stream.getvalue()
+    assert "\x1b" not in text and text.isascii()
+    parsed = [_parse(line) for line in text.splitlines()]
+    kinds = [kind for kind, _ in parsed]
+    assert set(kinds) == {"progress", "eval", "message"}
+    # Rate limited: 5 s of run time at 1 s apart, plus the final line written on close.
+    assert 4 <= kinds.count("progress") <= 7
+    assert kinds.count("eval") == 2
+    last_progress = [fields for kind, fields in parsed if kind == "progress"][-1]
+    assert last_progress["steps"] == f"100/{TOTAL_STEPS}"
+    assert last_progress["t"] == "5.0s"
+    assert float(last_progress["worker1.loss"]) == pytest.approx(0.02)
+    assert float(last_progress["worker0.steps_per_s"]) == pytest.approx(10.0)
+    assert float(last_progress["ps.test_acc"]) == pytest.approx(0.8)
+    eval_fields = next(fields for kind, fields in parsed if kind == "eval")
+    assert eval_fields == {"t": "2.0s", "version": "20", "test_loss": "0.5", "test_acc": "0.8000"}
+    message = next(fields for kind, fields in parsed if kind == "message")
+    assert message["text"] == "worker 1 exited"
+
+
+def test_non_interactive_is_the_default_for_a_non_terminal_stream() -> None:
+    display = ProgressDisplay(total_steps=10, num_workers=1, stream=io.StringIO())
+    assert display.interactive is False
+
+
+def test_message_with_control_characters_stays_one_clean_line() -> None:
+    stream = io.StringIO()
+    display = ProgressDisplay(total_steps=10, num_workers=1, interactive=False, stream=stream)
+    with display:
+        display.message("bad\x1b[31m\nname")
+    (line,) = stream.getvalue().splitlines()
+    assert "\x1b" not in line
+
+
+def test_interactive_mode_renders_without_crashing() -> None:
+    stream = io.StringIO()
+    display = ProgressDisplay(
+        total_steps=TOTAL_STEPS, num_workers=2, interactive=True, stream=stream
+    )
+    with display:
+        _feed(display)
+        display.update(make_record("worker", 3, time_s=5.1, step=1, loss=0.3))  # a rank beyond 2
+    text = stream.getvalue()
+    assert "worker 1 exited" in text
+    assert "PS test accuracy 0.8000" in text
+    assert "\x1b[" in text  # forced terminal: it really drew with escape codes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"total_steps": 0, "num_workers": 1}, "total_steps"),
+        ({"total_steps": 1, "num_workers": 0}, "num_workers"),
+        ({"total_steps": 1, "num_workers": 1, "log_every_s": -1.0}, "log_every_s"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict[str, float], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        ProgressDisplay(stream=io.StringIO(), **kwargs)
+
+
+def test_unknown_role_is_rejected() -> None:
+    display = ProgressDisplay(total_steps=1, num_workers=1, interactive=False, stream=io.StringIO())
+    with pytest.raises(ValueError, match="coordinator"):
+        display.update({"role": "coordinator", "rank": 0, "time_s": 0.0})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from sklearn import datasets as sk_datasets
 
 from distbelief.data.base import ArrayDataset, channel_stats, normalize_channels
 
@@ -37,6 +36,9 @@ def load_digits(split: str) -> ArrayDataset:
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be one of ('train', 'test'), got {split!r}")
+    # Imported here: scikit-learn costs most of a second to import, and only digits needs it.
+    from sklearn import datasets as sk_datasets
+
     bunch = sk_datasets.load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / _MAX_PIXEL_VALUE
     images = F.interpolate(

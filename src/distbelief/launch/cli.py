@@ -46,6 +46,12 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         help=f"passes over each worker's slice (default {defaults.num_epochs})",
     )
+    parser.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="fail instead of downloading missing data set files",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--timeout",
@@ -144,6 +150,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _log_emit(kind: str, payload: object) -> None:
+    if kind == "ready":
+        # One parseable stdout line, so scripts and tests learn the port when binding to :0.
+        print(f"serving shard {payload['shard_id']} at {payload['address']}", flush=True)
     logger.info("%s %s", kind, payload)
 
 

@@ -27,6 +27,8 @@ class TrainConfig:
     """Data set: one of DATASET_NAMES."""
     data_dir: str = "data"
     """Where CIFAR-10 / MNIST files live (downloaded there when missing and online)."""
+    download: bool = True
+    """Download missing CIFAR-10 / MNIST files (False: fail with the list of files)."""
     num_workers: int = 2
     """Worker processes (replicas), each on its own disjoint slice of the training set."""
     num_shards: int = 2

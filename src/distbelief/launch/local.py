@@ -180,7 +180,10 @@ class LocalCluster:
 def _planned_steps(config: TrainConfig) -> int:
     if config.steps is not None:
         return config.steps * config.num_workers
-    num_train = len(load_dataset(config.dataset, split="train", data_dir=config.data_dir))
+    train_set = load_dataset(
+        config.dataset, split="train", data_dir=config.data_dir, download=config.download
+    )
+    num_train = len(train_set)
     return (
         sum(
             len(worker_indices(num_train, rank, config.num_workers)) // config.batch_size

@@ -108,7 +108,9 @@ def run_worker(
 ) -> dict:
     """Train one replica with DownpourSGD on its slice of the training set."""
     torch.set_num_threads(config.threads_per_worker)
-    train_set = load_dataset(config.dataset, split="train", data_dir=config.data_dir)
+    train_set = load_dataset(
+        config.dataset, split="train", data_dir=config.data_dir, download=config.download
+    )
     indices = worker_indices(len(train_set), rank, config.num_workers, seed=config.seed)
     model = build_replica(config, train_set.input_shape, train_set.num_classes)
     optimizer = DownpourSGD(
@@ -156,7 +158,9 @@ class PSEvaluator:
     """Pulls the shards' parameters into a local model and measures it on the test set."""
 
     def __init__(self, config: TrainConfig, addresses: Sequence[str]) -> None:
-        self.test_set = load_dataset(config.dataset, split="test", data_dir=config.data_dir)
+        self.test_set = load_dataset(
+            config.dataset, split="test", data_dir=config.data_dir, download=config.download
+        )
         self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
         params = list(self.model.parameters())
         self.layout = FlatLayout(tensor_specs(self.model.named_parameters()))

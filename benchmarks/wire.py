@@ -1,0 +1,458 @@
+"""Wire benchmark: the project's push+apply and pull against a raw-socket baseline, same run.
+
+Both servers run in spawned processes on 127.0.0.1 and do the same work (recv_into a
+preallocated buffer, ``w -= lr * g``, reply; or send ``w``), so ratio = raw time / project time.
+What limits the ratio (measured on 2 shared cores, see benchmarks/README.md and the "splits"
+this script prints): the pull ratio is set by the shard's snapshot copy of ``w`` under its lock
+(a full memcpy before the send); push and tiny requests by fixed per-request Python overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from distbelief.client import ParameterServerClient
+from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.wire import serve
+
+SERVER_LR = 1e-3
+TINY_NUMEL = 1
+DEFAULT_SIZES = "1M,25M"
+RAW_HEADER = struct.Struct("!BQ")  # op, numel
+RAW_REPLY = struct.Struct("!Q")  # version
+OP_PUSH, OP_PULL = 1, 2
+SMALL_PAYLOAD_BYTES = 64 * 1024
+SOCKET_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 5.0
+HOST_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 5.0
+IDLE_POLL_S = 0.2
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------- server processes
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.view(torch.uint8).numpy()).cast("B")
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    received = 0
+    while received < view.nbytes:
+        count = sock.recv_into(view[received:])
+        if count == 0:
+            raise ConnectionResetError("peer closed mid-message")
+        received += count
+
+
+def _recv_header(sock: socket.socket, view: memoryview) -> bool:
+    """Read one header; False if the peer closed the connection cleanly between messages."""
+    count = sock.recv_into(view)
+    if count == 0:
+        return False
+    _recv_exact(sock, view[count:])
+    return True
+
+
+class RawServer:
+    """The baseline: a fixed header, recv_into preallocated tensors, ``add_``, a tiny reply."""
+
+    def __init__(self, lr: float) -> None:
+        self._lr = lr
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(IDLE_POLL_S)
+        self.address = "{}:{}".format(*self._listener.getsockname()[:2])
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(SOCKET_TIMEOUT_S)
+            self._connections.add(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        header = bytearray(RAW_HEADER.size)
+        buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        version = 0
+        with contextlib.suppress(OSError), sock:
+            while _recv_header(sock, memoryview(header)):
+                op, numel = RAW_HEADER.unpack(header)
+                if numel not in buffers:
+                    buffers[numel] = (torch.zeros(numel), torch.empty(numel))
+                weights, grads = buffers[numel]
+                if op == OP_PUSH:
+                    _recv_exact(sock, _byte_view(grads))
+                    weights.add_(grads, alpha=-self._lr)
+                    version += 1
+                    sock.sendall(RAW_REPLY.pack(version))
+                else:
+                    sock.sendall(_byte_view(weights))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._listener.close()
+        for sock in list(self._connections):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(STOP_TIMEOUT_S)
+
+
+def _start_server(kind: str, lr: float):
+    if kind == "raw":
+        return RawServer(lr)
+    shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=lr))
+    return serve("tcp://127.0.0.1:0", ShardService(shard))
+
+
+def _next_command(control) -> str:
+    parent = mp.parent_process()
+    while not control.poll(IDLE_POLL_S):
+        if parent is not None and not parent.is_alive():
+            return "stop"
+    return control.recv()
+
+
+def _host_main(control, kind: str, lr: float) -> None:
+    """Entry point of a server process: starts one server per "serve" until "stop"."""
+    torch.set_num_threads(1)
+    servers = []
+    try:
+        while _next_command(control) == "serve":
+            servers.append(_start_server(kind, lr))
+            control.send(servers[-1].address)
+    except (KeyboardInterrupt, EOFError):
+        pass
+    finally:
+        for server in servers:
+            server.stop()
+
+
+class ServerHost:
+    """A spawned process that starts servers of one kind ("project" or "raw") on request."""
+
+    def __init__(self, kind: str, lr: float) -> None:
+        context = mp.get_context("spawn")
+        self._control, child_end = context.Pipe()
+        self._process = context.Process(
+            target=_host_main, args=(child_end, kind, lr), name=f"{kind}-host", daemon=True
+        )
+        self._process.start()
+        child_end.close()
+
+    def start_server(self) -> str:
+        """A new server's address; raises TimeoutError/EOFError if the process does not answer."""
+        self._control.send("serve")
+        if not self._control.poll(HOST_TIMEOUT_S):
+            raise TimeoutError(f"{self._process.name} did not answer in {HOST_TIMEOUT_S:g}s")
+        return self._control.recv()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._control.send("stop")
+        self._process.join(STOP_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(STOP_TIMEOUT_S)
+        self._control.close()
+
+    def __enter__(self) -> ServerHost:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- clients
+
+
+class ProjectClient:
+    """The project's ParameterServerClient on a one-tensor model of ``numel`` float32."""
+
+    def __init__(self, address: str, numel: int) -> None:
+        specs = tensor_specs([("weights", torch.empty(numel))])
+        layout = FlatLayout(specs)
+        self._client = ParameterServerClient([address], specs, timeout_s=SOCKET_TIMEOUT_S)
+        self._client.handshake(layout.allocate())
+        self._grads = layout.allocate()
+        self._grads[torch.float32].fill_(1.0)
+        self._out = layout.allocate()
+        self.pulled = self._out[torch.float32]
+
+    def push(self) -> None:
+        self._client.wait(self._client.push(self._grads))
+
+    def pull(self) -> None:
+        self._client.wait(self._client.pull(self._out))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class RawClient:
+    """The baseline client: sendall/recv_into on preallocated buffers, TCP_NODELAY."""
+
+    def __init__(self, address: str, numel: int) -> None:
+        host, port = address.rsplit(":", 1)
+        self._sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock.settimeout(SOCKET_TIMEOUT_S)
+        self._grads = torch.ones(numel)
+        self.pulled = torch.empty(numel)
+        self._reply = bytearray(RAW_REPLY.size)
+        self._push_header = RAW_HEADER.pack(OP_PUSH, numel)
+        self._pull_header = RAW_HEADER.pack(OP_PULL, numel)
+
+    def push(self) -> None:
+        payload = _byte_view(self._grads)
+        if payload.nbytes <= SMALL_PAYLOAD_BYTES:
+            self._sock.sendall(self._push_header + payload.tobytes())
+        else:
+            self._sock.sendall(self._push_header)
+            self._sock.sendall(payload)
+        _recv_exact(self._sock, memoryview(self._reply))
+
+    def pull(self) -> None:
+        self._sock.sendall(self._pull_header)
+        _recv_exact(self._sock, _byte_view(self.pulled))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _check_roundtrip(client, lr: float) -> None:
+    """One push of ones then a pull must give ``-lr`` everywhere (servers start at zero)."""
+    client.push()
+    client.pull()
+    expected = torch.full_like(client.pulled, -lr)
+    if not torch.allclose(client.pulled, expected):
+        raise AssertionError(f"{type(client).__name__}: pull after push is not -lr")
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def _seconds_per_call(fn: Callable[[], object], iterations: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iterations):
+        fn()
+    return (time.perf_counter() - start) / iterations
+
+
+def _median_seconds(fn: Callable[[], object], iterations: int, repeats: int) -> float:
+    return statistics.median(_seconds_per_call(fn, iterations) for _ in range(repeats))
+
+
+def _target_ratio(numel: int) -> float | None:
+    """The issue's targets: >= 0.85 up to 1M elements, >= 0.7 above; none for tiny requests."""
+    if numel == TINY_NUMEL:
+        return None
+    return 0.85 if numel <= 1_000_000 else 0.70
+
+
+def _iterations(numel: int, args: argparse.Namespace) -> int:
+    if numel == TINY_NUMEL:
+        return args.tiny_iterations
+    return max(3, args.budget_mb * 1_000_000 // (4 * numel))
+
+
+def _measure_op(clients: dict, op: str, numel: int, args: argparse.Namespace) -> dict:
+    """Median seconds per request of each client, repeats interleaved so noise hits both."""
+    iterations = _iterations(numel, args)
+    for client in clients.values():
+        _seconds_per_call(getattr(client, op), max(2, iterations // 10))
+    samples_s: dict[str, list[float]] = {name: [] for name in clients}
+    for repeat in range(args.repeats):
+        names = list(clients) if repeat % 2 == 0 else list(reversed(clients))
+        for name in names:
+            samples_s[name].append(_seconds_per_call(getattr(clients[name], op), iterations))
+    return _make_row(numel, op, iterations, samples_s)
+
+
+def _make_row(numel: int, op: str, iterations: int, samples_s: dict[str, list[float]]) -> dict:
+    payload_bytes = 4 * numel
+    project_s = statistics.median(samples_s["project"])
+    raw_s = statistics.median(samples_s["raw"])
+    ratio = raw_s / project_s
+    target = _target_ratio(numel)
+    return {
+        "numel": numel,
+        "op": op,
+        "payload_bytes": payload_bytes,
+        "iterations": iterations,
+        "project_us": project_s * 1e6,
+        "raw_us": raw_s * 1e6,
+        "project_mb_per_s": payload_bytes / project_s / 1e6,
+        "raw_mb_per_s": payload_bytes / raw_s / 1e6,
+        "ratio": ratio,
+        "target_ratio": target,
+        "verdict": None if target is None else ("PASS" if ratio >= target else "BELOW"),
+        "samples_us": {name: [s * 1e6 for s in values] for name, values in samples_s.items()},
+    }
+
+
+def measure_size(hosts: dict[str, ServerHost], numel: int, args: argparse.Namespace) -> list:
+    """Push and pull rows for one tensor size, each against a fresh server per kind."""
+    client_types = {"project": ProjectClient, "raw": RawClient}
+    clients = {}
+    try:
+        for name, host in hosts.items():
+            clients[name] = client_types[name](host.start_server(), numel)
+            _check_roundtrip(clients[name], SERVER_LR)
+        return [_measure_op(clients, op, numel, args) for op in ("push", "pull")]
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def measure_splits(numel: int, repeats: int) -> dict:
+    """In-process timings of the shard-side work a request adds on top of the raw baseline."""
+    shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=SERVER_LR))
+    shard.initialize(tensor_specs([("weights", torch.empty(numel))]), [torch.zeros(numel)])
+    weights, grads, out = torch.zeros(numel), torch.ones(numel), torch.empty(numel)
+    iterations = max(3, 200_000_000 // (4 * numel)) if numel > TINY_NUMEL else 2000
+    with cf.ThreadPoolExecutor(max_workers=1) as executor:
+        handoff_s = _median_seconds(lambda: executor.submit(int).result(), 2000, repeats)
+    timings_s = {
+        "shard_snapshot_copy": lambda: shard.read_into([out]),
+        "shard_apply_gradient": lambda: shard.apply_gradient([grads]),
+        "raw_add": lambda: weights.add_(grads, alpha=-SERVER_LR),
+    }
+    splits = {
+        f"{name}_us": _median_seconds(fn, iterations, repeats) * 1e6
+        for name, fn in timings_s.items()
+    }
+    splits["executor_handoff_us"] = handoff_s * 1e6
+    return {"numel": numel, **splits}
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def print_table(rows: list[dict], splits: list[dict]) -> None:
+    print(
+        f"{'numel':>10} {'op':>5} {'project MB/s':>13} {'raw MB/s':>10} {'ratio':>6} "
+        f"{'target':>7} {'':>6} {'project us':>11} {'raw us':>9}"
+    )
+    for row in rows:
+        target = "" if row["target_ratio"] is None else f">={row['target_ratio']:.2f}"
+        print(
+            f"{row['numel']:>10} {row['op']:>5} {row['project_mb_per_s']:>13.1f} "
+            f"{row['raw_mb_per_s']:>10.1f} {row['ratio']:>6.2f} {target:>7} "
+            f"{row['verdict'] or '':>6} {row['project_us']:>11.1f} {row['raw_us']:>9.1f}"
+        )
+    for split in splits:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k.endswith("_us"))
+        print(f"splits at numel {split['numel']}: {parts}")
+
+
+def save_results(path: Path, args: argparse.Namespace, rows: list, splits: list) -> None:
+    record = {
+        "benchmark": "wire",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads_per_process": 1,
+        "repeats": args.repeats,
+        "server_lr": SERVER_LR,
+        "rows": rows,
+        "splits": splits,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def _parse_sizes(text: str) -> list[int]:
+    """``"1M,25M,4096"`` -> element counts (K = 1e3, M = 1e6)."""
+    scale = {"K": 1_000, "M": 1_000_000}
+    sizes = []
+    for item in text.split(","):
+        item = item.strip().upper()
+        factor = scale.get(item[-1:], 1)
+        number = item[:-1] if factor > 1 else item
+        if not number.isdigit() or int(number) < 1:
+            raise argparse.ArgumentTypeError(f"bad size {item!r} (e.g. 1M,25M)")
+        sizes.append(int(number) * factor)
+    return sizes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=_parse_sizes, default=None, help="float32 counts")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per op")
+    parser.add_argument("--budget-mb", type=int, default=None, help="payload MB per repeat")
+    parser.add_argument("--tiny-iterations", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="a few seconds (smoke test)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path ('-': do not write)")
+    args = parser.parse_args(argv)
+    quick_defaults = {"sizes": [100_000], "repeats": 2, "budget_mb": 20, "tiny_iterations": 100}
+    full_defaults = {
+        "sizes": _parse_sizes(DEFAULT_SIZES),
+        "repeats": 5,
+        "budget_mb": 400,
+        "tiny_iterations": 1000,
+    }
+    for key, value in (quick_defaults if args.quick else full_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    return args
+
+
+def _default_out() -> Path:
+    day = datetime.date.today().strftime("%Y%m%d")
+    return RESULTS_DIR / f"wire_cpu{os.cpu_count()}_{day}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        hosts = {
+            kind: stack.enter_context(ServerHost(kind, SERVER_LR)) for kind in ("project", "raw")
+        }
+        for numel in [TINY_NUMEL, *args.sizes]:
+            rows += measure_size(hosts, numel, args)
+    splits = [measure_splits(numel, args.repeats) for numel in [TINY_NUMEL, *args.sizes]]
+    print_table(rows, splits)
+    out = args.out if args.out is not None else (None if args.quick else _default_out())
+    if out is not None and str(out) != "-":
+        save_results(out, args, rows, splits)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Shared fixtures: real shard processes on 127.0.0.1, always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+_ADDRESS_LINE = re.compile(r"serving shard (\d+) at (tcp://\S+)")
+_START_TIMEOUT_S = 60.0
+
+
+def _spawn_shard(shard_id: int, num_shards: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distbelief",
+            "ps",
+            "--shard-id",
+            str(shard_id),
+            "--num-shards",
+            str(num_shards),
+            "--bind",
+            "tcp://127.0.0.1:0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _read_address(process: subprocess.Popen) -> str:
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        match = _ADDRESS_LINE.search(line)
+        if match:
+            return match.group(2)
+        if not line and process.poll() is not None:
+            break
+    stop_processes([process])
+    raise RuntimeError(f"shard process {process.pid} did not start")
+
+
+def start_shard(shard_id: int, num_shards: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """Start ``distbelief ps`` on a free port; returns the process and its address."""
+    process = _spawn_shard(shard_id, num_shards, *extra)
+    return process, _read_address(process)
+
+
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    """Terminate, wait, kill what is left: no process outlives a test."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture
+def shard_cluster() -> Iterator:
+    """A factory: ``shard_cluster(num_shards, *flags)`` -> list of addresses."""
+    started: list[subprocess.Popen] = []
+
+    def make(num_shards: int, *extra: str) -> list[str]:
+        processes = [_spawn_shard(i, num_shards, *extra) for i in range(num_shards)]
+        started.extend(processes)  # all start at once; then read each one's address
+        return [_read_address(process) for process in processes]
+
+    yield make
+    stop_processes(started)

@@ -1,0 +1,115 @@
+"""DownpourSGD against real shard processes on 127.0.0.1."""
+
+import pytest
+import torch
+from torch import nn
+
+from distbelief.errors import ModelMismatchError, RemoteError
+from distbelief.optim import DownpourSGD
+
+
+def _model(seed: int = 0, hidden: int = 24) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+
+def _batches(num_batches: int):
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(16, 10, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+        for _ in range(num_batches)
+    ]
+
+
+def _train(model, optimizer, batches):
+    for images, labels in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_synchronous_downpour_equals_torch_sgd(shard_cluster, num_shards):
+    addresses = shard_cluster(num_shards, "--server-lr", "0.1")
+    model, reference = _model(), _model()
+    optimizer = DownpourSGD(
+        model.parameters(),
+        lr=0.1,
+        n_push=1,
+        n_pull=1,
+        model=model,
+        ps=addresses,
+        synchronous=True,
+        timeout_s=5,
+    )
+    batches = _batches(12)
+    _train(model, optimizer, batches)
+    _train(reference, torch.optim.SGD(reference.parameters(), lr=0.1), batches)
+    optimizer.pull_now()  # the model now holds exactly the shards' parameters
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert optimizer.version == 12
+    optimizer.close()
+
+
+def test_second_worker_starts_from_the_shards_parameters(shard_cluster):
+    addresses = shard_cluster(2, "--server-lr", "0.1")
+    first = _model(seed=0)
+    optimizer = DownpourSGD(first.parameters(), lr=0.1, model=first, ps=addresses, timeout_s=5)
+    _train(first, optimizer, _batches(5))
+    optimizer.flush()
+    optimizer.pull_now()
+    late = _model(seed=123)  # a different init: the shards' values must win
+    late_optimizer = DownpourSGD(late.parameters(), lr=0.1, model=late, ps=addresses, timeout_s=5)
+    for a, b in zip(first.parameters(), late.parameters(), strict=True):
+        assert torch.equal(a, b)
+    late_optimizer.close()
+    optimizer.close()
+
+
+def test_async_downpour_loses_no_gradient(shard_cluster):
+    """With SGD on the shards, final = initial - server_lr * (sum of every gradient computed),
+    whatever the timing of the background pushes and pulls."""
+    addresses = shard_cluster(2, "--server-lr", "0.1")
+    model = _model()
+    initial = [p.detach().clone() for p in model.parameters()]
+    optimizer = DownpourSGD(
+        model.parameters(), lr=0.1, n_push=3, n_pull=2, model=model, ps=addresses, timeout_s=5
+    )
+    total_grads = [torch.zeros_like(p) for p in model.parameters()]
+    for images, labels in _batches(10):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        for total, param in zip(total_grads, model.parameters(), strict=True):
+            total += param.grad
+        optimizer.step()
+    optimizer.flush()  # pushes the last partial accumulation (step 10)
+    stats = optimizer.client.stats()
+    assert [s["num_pushes"] for s in stats] == [4, 4]  # steps 3, 6, 9 and the flush
+    optimizer.pull_now()
+    for param, start, total in zip(model.parameters(), initial, total_grads, strict=True):
+        torch.testing.assert_close(param, start - 0.1 * total, atol=1e-5, rtol=0)
+    optimizer.close()
+
+
+def test_model_mismatch_is_a_clear_error(shard_cluster):
+    addresses = shard_cluster(2)
+    model = _model()
+    DownpourSGD(model.parameters(), model=model, ps=addresses, timeout_s=5).close()
+    other = _model(hidden=25)
+    with pytest.raises(ModelMismatchError, match=r"'0.weight' \[25, 10\]"):
+        DownpourSGD(other.parameters(), model=other, ps=addresses, timeout_s=5)
+
+
+def test_shards_listed_out_of_order_are_refused(shard_cluster):
+    addresses = shard_cluster(2)
+    model = _model()
+    with pytest.raises(RemoteError, match=r"serves shard 1 of 2.*order of --ps"):
+        DownpourSGD(model.parameters(), model=model, ps=addresses[::-1], timeout_s=5)
+
+
+def test_missing_address_is_a_value_error(monkeypatch):
+    monkeypatch.delenv("DISTBELIEF_PS", raising=False)
+    model = _model()
+    with pytest.raises(ValueError, match="no parameter-server address"):
+        DownpourSGD(model.parameters(), model=model)

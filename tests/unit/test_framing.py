@@ -1,0 +1,113 @@
+"""Frame encoding and decoding over a socketpair (no network)."""
+
+import socket
+import struct
+import threading
+
+import pytest
+import torch
+
+from distbelief.errors import ProtocolError
+from distbelief.wire import WIRE_DTYPES, Message, Op
+from distbelief.wire.framing import RejectedFrame, recv_message, send_message
+from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def send_in_background(sock, *messages) -> threading.Thread:
+    """Send while the test reads: a socketpair's buffer cannot hold a large frame."""
+
+    def send() -> None:
+        for message in messages:
+            send_message(sock, message)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def _sample(dtype: torch.dtype, shape=(3, 4)) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape).to(dtype)
+    return torch.randint(0, 100, shape).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", WIRE_DTYPES, ids=str)
+def test_round_trip_every_dtype(pair, dtype):
+    tensors = [
+        ("a", _sample(dtype)),
+        ("empty", _sample(dtype, (0, 2))),
+        ("big", _sample(dtype, (300, 300))),
+    ]
+    sender = send_in_background(pair[0], Message(Op.PUSH, {"k": 1}, tensors, request_id=7))
+    got = recv_message(pair[1])
+    sender.join(5)
+    assert (got.op, got.request_id, got.meta) == (Op.PUSH, 7, {"k": 1})
+    for (name, want), (got_name, tensor) in zip(tensors, got.tensors, strict=True):
+        assert name == got_name and tensor.dtype == dtype and torch.equal(tensor, want)
+
+
+def test_receives_into_the_sink_buffer(pair):
+    target = torch.zeros(1000)
+    send_in_background(pair[0], Message(Op.PULL, {}, [("w", torch.arange(1000.0))]))
+    got = recv_message(pair[1], sink_for=lambda _m: lambda name, dtype, shape: target)
+    assert got.tensors[0][1] is target and torch.equal(target, torch.arange(1000.0))
+
+
+def test_refused_tensor_leaves_stream_in_sync(pair):
+    def refuse(name, dtype, shape):
+        raise ProtocolError(f"no room for {name}")
+
+    send_in_background(
+        pair[0],
+        Message(Op.PUSH, {}, [("w", torch.ones(50_000))], request_id=1),
+        Message(Op.HELLO, {}, [], request_id=2),
+    )
+    with pytest.raises(RejectedFrame, match="no room for w"):
+        recv_message(pair[1], sink_for=lambda _m: refuse)
+    assert recv_message(pair[1]).request_id == 2
+
+
+@pytest.mark.parametrize(
+    ("header", "match"),
+    [
+        (HEADER.pack(b"HTTP", PROTOCOL_VERSION, 1, 0, 1, 0, 0), "magic"),
+        (HEADER.pack(MAGIC, 99, 1, 0, 1, 0, 0), "version"),
+        (HEADER.pack(MAGIC, PROTOCOL_VERSION, 200, 0, 1, 0, 0), "op"),
+        (HEADER.pack(MAGIC, PROTOCOL_VERSION, 1, 0, 1, 1 << 30, 0), "metadata"),
+        (HEADER.pack(MAGIC, PROTOCOL_VERSION, 1, 0, 1, 0, 1 << 40), "payload"),
+    ],
+)
+def test_bad_headers_raise_protocol_error(pair, header, match):
+    pair[0].sendall(header)
+    with pytest.raises(ProtocolError, match=match):
+        recv_message(pair[1], max_payload_bytes=1 << 32)
+
+
+def test_descriptors_must_match_payload(pair):
+    meta = b'{"tensors":[["w","float32",[4]]]}'
+    pair[0].sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, 3, 0, 1, len(meta), 8) + meta + bytes(8))
+    with pytest.raises(RejectedFrame, match="16 bytes"):
+        recv_message(pair[1])
+
+
+def test_truncated_frame_is_a_connection_error(pair):
+    pair[0].sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, 1, 0, 1, 10, 0)[:5])
+    pair[0].close()
+    with pytest.raises(ConnectionError):
+        recv_message(pair[1])
+
+
+def test_header_is_fixed_size():
+    assert HEADER.size == struct.calcsize("!4sBBHQIQ") == 28

@@ -1,0 +1,99 @@
+"""ParameterShard math against torch.optim on the unsharded tensors."""
+
+import threading
+
+import pytest
+import torch
+
+from distbelief.errors import ModelMismatchError
+from distbelief.server import ParameterShard, server_optimizer_factory
+from distbelief.sharding import FlatLayout, TensorSpec, partition
+
+SPECS = [
+    TensorSpec("w", (37, 11), torch.float32),
+    TensorSpec("b", (11,), torch.float32),
+    TensorSpec("v", (5,), torch.float64),
+]
+
+
+def _shards(num_shards: int, values: list[torch.Tensor], lr: float) -> list[ParameterShard]:
+    flats = FlatLayout(SPECS).flatten(values)
+    shards = []
+    for shard_id, pieces in enumerate(partition(SPECS, num_shards)):
+        shard = ParameterShard(shard_id, num_shards, server_optimizer_factory("sgd", lr=lr))
+        assert shard.initialize(SPECS, [flats[p.dtype][p.start : p.stop] for p in pieces])
+        shards.append(shard)
+    return shards
+
+
+def _gather(shards: list[ParameterShard]) -> list[torch.Tensor]:
+    layout = FlatLayout(SPECS)
+    flats = layout.allocate()
+    for shard in shards:
+        for piece, value in zip(shard.slices, shard.parameters(), strict=True):
+            flats[piece.dtype][piece.start : piece.stop] = value
+    return layout.views(flats)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_sgd_shards_match_torch_sgd(num_shards):
+    torch.manual_seed(0)
+    values = [torch.randn(s.shape, dtype=s.dtype) for s in SPECS]
+    reference = [v.clone().requires_grad_() for v in values]
+    torch_sgd = torch.optim.SGD(reference, lr=0.1)
+    shards = _shards(num_shards, values, lr=0.1)
+    layout = FlatLayout(SPECS)
+    for _ in range(5):
+        grads = [torch.randn(s.shape, dtype=s.dtype) for s in SPECS]
+        for param, grad in zip(reference, grads, strict=True):
+            param.grad = grad.clone()
+        torch_sgd.step()
+        flat_grads = layout.flatten(grads)
+        for shard in shards:
+            shard.apply_gradient([flat_grads[p.dtype][p.start : p.stop] for p in shard.slices])
+    for got, want in zip(_gather(shards), reference, strict=True):
+        torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=0)
+    assert all(shard.counters().version == 5 for shard in shards)
+
+
+def test_initialize_is_first_writer_wins_and_checks_layout():
+    shard = _shards(1, [torch.zeros(s.shape, dtype=s.dtype) for s in SPECS], lr=0.1)[0]
+    ones = FlatLayout(SPECS).flatten([torch.ones(s.shape, dtype=s.dtype) for s in SPECS])
+    assert not shard.initialize(SPECS, [ones[p.dtype] for p in shard.slices])
+    assert float(shard.parameters()[0].abs().sum()) == 0.0
+    other = [TensorSpec("w", (37, 12), torch.float32), *SPECS[1:]]
+    with pytest.raises(ModelMismatchError, match="'w'"):
+        shard.check_layout(other)
+
+
+def test_uninitialised_shard_refuses_updates():
+    shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
+    with pytest.raises(ValueError, match="no parameters yet"):
+        shard.apply_gradient([torch.zeros(3)])
+
+
+def test_concurrent_pushes_lose_no_update():
+    values = [torch.zeros(s.shape, dtype=s.dtype) for s in SPECS]
+    shard = _shards(1, values, lr=1.0)[0]
+    grads = [-torch.ones(p.numel, dtype=p.dtype) for p in shard.slices]
+    num_threads, pushes_each = 4, 50
+
+    def push_many() -> None:
+        for _ in range(pushes_each):
+            shard.apply_gradient(grads)
+
+    threads = [threading.Thread(target=push_many) for _ in range(num_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    expected = float(num_threads * pushes_each)
+    assert all(bool((value == expected).all()) for value in shard.parameters())
+    assert shard.counters().version == num_threads * pushes_each
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="shard_id 3"):
+        ParameterShard(3, 2, server_optimizer_factory("sgd", lr=0.1))
+    with pytest.raises(ValueError, match="unknown server optimizer 'lbfgs'"):
+        server_optimizer_factory("lbfgs", lr=0.1)

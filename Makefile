@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test lint format bench plots clean
+.PHONY: setup train test lint format bench clean server first second
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -34,3 +34,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# The seed's three-terminal example: `make server`, then `make first` and `make second`.
+EXAMPLE_ARGS ?=
+server: $(STAMP)
+	$(PY) examples/main.py --rank 0 --world-size 3 --server $(EXAMPLE_ARGS)
+
+first: $(STAMP)
+	$(PY) examples/main.py --rank 1 --world-size 3 $(EXAMPLE_ARGS)
+
+second: $(STAMP)
+	$(PY) examples/main.py --rank 2 --world-size 3 $(EXAMPLE_ARGS)

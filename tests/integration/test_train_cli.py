@@ -1,0 +1,156 @@
+"""``distbelief train`` end to end: accuracy, run folder, exit codes, no orphaned processes."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "distbelief"]
+
+
+def _run(args: list[str], timeout_s: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``, from /proc (children of children included)."""
+    found, frontier = set(), [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                children = {int(c) for c in task.read_text().split()}
+            except OSError:
+                continue
+            frontier.extend(children - found)
+            found |= children
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _alive(pids)
+
+
+@pytest.mark.slow
+def test_two_shards_two_workers_reach_90_percent_on_digits(tmp_path):
+    out = tmp_path / "run"
+    result = _run(["train", "--workers", "2", "--shards", "2", "--epochs", "8", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["test_accuracy"] >= 0.9
+    assert "test accuracy" in result.stdout
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert {row["rank"] for row in rows if row["role"] == "worker"} == {"0", "1"}
+    assert any(row["role"] == "evaluator" for row in rows)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_workers"], config["num_shards"]) == (2, 2)
+    png = (out / "accuracy_vs_time.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    # Non-interactive output is line-based: progress lines are parseable key=value records.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("progress ")]
+    assert progress and all("=" in field for field in progress[-1].split()[1:])
+
+
+@pytest.mark.parametrize(
+    "how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
+)
+def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
+    launcher = subprocess.Popen(
+        [*CLI, "train", "--steps", "100000", "--out", str(tmp_path / "run")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        metrics = tmp_path / "run" / "metrics.csv"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (
+            metrics.exists() and metrics.read_text().count("\n") > 2
+        ):
+            time.sleep(0.2)
+        children = _descendants(launcher.pid)
+        assert len(children) >= 5  # 2 shards, 2 workers, 1 evaluator
+        launcher.send_signal(how)
+        code = launcher.wait(timeout=30)
+        assert _wait_gone(children, timeout_s=15) == set()
+        if how != signal.SIGKILL:
+            assert code == 130, launcher.stderr.read()[-2000:] if launcher.stderr else ""
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=10)
+        for pid in _alive(_descendants(launcher.pid)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_failing_worker_stops_the_job_and_names_itself(tmp_path):
+    result = _run(
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(tmp_path / "empty"),
+            "--no-download",
+            "--steps",
+            "5",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        timeout_s=120,
+    )
+    assert result.returncode == 1
+    assert "worker" in result.stderr and "DatasetUnavailableError" in result.stderr
+    assert "train-images-idx3-ubyte" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--workers", "0"], "num_workers must be an integer >= 1, got 0"),
+        (["train", "--n-push", "-1"], "n_push must be an integer >= 1"),
+        (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
+        (["train", "--steps", "5", "--epochs", "2"], "not allowed with argument"),
+        (["ps", "--shard-id", "2", "--num-shards", "2"], "--shard-id 2 is not in"),
+        (
+            ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://nohost"],
+            "'tcp://nohost' is not of the form",
+        ),
+        (
+            ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "3", "--num-workers", "2"],
+            "--rank 3 is not in",
+        ),
+    ],
+)
+def test_bad_flags_are_clear_errors(args, message):
+    result = _run(args, timeout_s=60)
+    assert result.returncode == 2
+    assert message in result.stderr

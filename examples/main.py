@@ -27,6 +27,7 @@ from distbelief.metrics import MetricsWriter, make_record
 from distbelief.models import MODEL_NAMES, build_model
 from distbelief.optim import DownpourSGD
 from distbelief.plotting import plot_run
+from distbelief.server import server_optimizer_factory
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,8 +57,7 @@ def run_server(args: argparse.Namespace) -> None:
         0,
         1,
         f"tcp://{args.master}:{args.port}",
-        server_optimizer="sgd",
-        server_lr=args.lr,
+        optimizer_factory=server_optimizer_factory("sgd", lr=args.lr),
         emit=lambda kind, payload: print(f"{kind}: {payload}", flush=True),
     )
 

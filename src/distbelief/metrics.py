@@ -21,8 +21,10 @@ METRIC_FIELDS = (
     "test_loss",
     "test_accuracy",
     "version",
+    "staleness",
 )
-"""The CSV columns, in order. ``time_s`` is seconds since the run started."""
+"""The CSV columns, in order. ``time_s`` is seconds since the run started; ``staleness`` is
+the mean staleness of a worker's pushes since its previous record."""
 
 ROLES = ("worker", "evaluator", "shard")
 """Who wrote a record. ``rank`` is the worker rank or shard id; the evaluator uses rank 0."""

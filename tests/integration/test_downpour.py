@@ -39,7 +39,7 @@ def test_synchronous_downpour_equals_torch_sgd(shard_cluster, num_shards):
         n_pull=1,
         model=model,
         ps=addresses,
-        synchronous=True,
+        blocking=True,
         timeout_s=5,
     )
     batches = _batches(12)

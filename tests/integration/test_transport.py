@@ -26,6 +26,9 @@ class EchoConnection:
             raise ValueError("asked to fail")
         return request.reply({"seen": len(request.tensors)}, request.tensors)
 
+    def close(self):
+        pass
+
 
 class EchoHandler:
     def open_connection(self, peer):

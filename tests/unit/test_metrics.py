@@ -89,6 +89,7 @@ def test_missing_file_names_the_file(tmp_path) -> None:
 
 def test_bad_cell_names_file_line_and_column(tmp_path) -> None:
     path = tmp_path / "metrics.csv"
-    path.write_text(",".join(METRIC_FIELDS) + "\n0.5,worker,0,x,,,,,\n", encoding="utf-8")
+    row = ["0.5", "worker", "0", "x"] + [""] * (len(METRIC_FIELDS) - 4)
+    path.write_text(",".join(METRIC_FIELDS) + "\n" + ",".join(row) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"metrics\.csv, line 2: column 'step'.*'x'"):
         read_metrics(path)

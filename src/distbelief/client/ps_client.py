@@ -52,9 +52,15 @@ class ParameterServerClient:
         *,
         timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
+        worker_id: str | None = None,
+        hold_timeout_s: float = 300.0,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.worker_id = worker_id
+        self.hold_timeout_s = hold_timeout_s
+        self.consistency: dict = {"sync": False, "max_staleness": None}
+        self._staleness: list[int] = []
         self.addresses = list(addresses)
         self.specs = list(specs)
         self.fingerprint = layout_fingerprint(self.specs)
@@ -95,8 +101,11 @@ class ParameterServerClient:
         futures = [self._submit(i, self._handshake_one, initial) for i in range(self.num_shards)]
         return any(self.wait(futures))
 
+    def _identity(self, clock: int) -> dict:
+        return {} if self.worker_id is None else {"worker": self.worker_id, "clock": clock}
+
     def _handshake_one(self, shard_id: int, initial) -> bool:
-        meta = {"shard_id": shard_id, "specs": specs_to_json(self.specs)}
+        meta = {"shard_id": shard_id, "specs": specs_to_json(self.specs), **self._identity(0)}
         deadline = time.monotonic() + self.timeout_s
         while True:
             reply = self._request(shard_id, Message(Op.HELLO, meta))
@@ -105,6 +114,7 @@ class ParameterServerClient:
                     f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
                     f"{reply.meta.get('num_shards')} shards, but {self.num_shards} were given"
                 )
+            self.consistency = reply.meta.get("consistency", self.consistency)
             if reply.meta.get("initialized"):
                 self.versions[shard_id] = int(reply.meta.get("version", 0))
                 return False
@@ -125,37 +135,99 @@ class ParameterServerClient:
             for piece in self.slices[shard_id]
         ]
 
-    def push(self, flat_grads: dict[torch.dtype, torch.Tensor]) -> list[cf.Future]:
+    def push(
+        self,
+        flat_grads: dict[torch.dtype, torch.Tensor],
+        *,
+        clock: int = 0,
+        base_versions: Sequence[int] | None = None,
+    ) -> list[cf.Future]:
         """Send each shard its slices of ``flat_grads``; futures resolve to the new versions.
 
         ``flat_grads`` must not change until the futures are done (it is sent without a copy).
+        ``base_versions[i]`` is shard i's version the gradient was computed from.
         """
-        return [
-            self._submit(i, self._push_one, self._slice_tensors(i, flat_grads))
-            for i in range(self.num_shards)
-        ]
+        futures = []
+        for i in range(self.num_shards):
+            meta = self._identity(clock)
+            if base_versions is not None:
+                meta["base_version"] = int(base_versions[i])
+            message = Message(Op.PUSH, meta, self._slice_tensors(i, flat_grads))
+            futures.append(self._submit(i, self._push_one, message))
+        return futures
 
-    def _push_one(self, shard_id: int, tensors) -> int:
-        reply = self._request(shard_id, Message(Op.PUSH, {}, tensors))
+    def _push_one(self, shard_id: int, message: Message) -> int:
+        reply = self._request(shard_id, message)
         self.versions[shard_id] = int(reply.meta["version"])
+        self._staleness.append(int(reply.meta.get("staleness", 0)))
         return self.versions[shard_id]
 
-    def pull(self, flat_out: dict[torch.dtype, torch.Tensor]) -> list[cf.Future]:
-        """Read every shard's slices straight into ``flat_out``; futures resolve to versions."""
+    def take_staleness(self) -> list[int]:
+        """Staleness of the pushes answered since the last call (one value per shard reply)."""
+        taken, self._staleness = self._staleness, []
+        return taken
+
+    def pull(
+        self,
+        flat_out: dict[torch.dtype, torch.Tensor],
+        *,
+        clock: int = 0,
+        after_versions: Sequence[int] | None = None,
+    ) -> list[cf.Future]:
+        """Read every shard's slices straight into ``flat_out``; futures resolve to versions.
+
+        With ``after_versions`` (sync rounds), shard i answers once its version exceeds
+        ``after_versions[i]``; under SSP a shard answers once this worker may go on.
+        """
         return [
-            self._submit(i, self._pull_one, dict(self._slice_tensors(i, flat_out)))
+            self._submit(
+                i,
+                self._pull_one,
+                dict(self._slice_tensors(i, flat_out)),
+                clock,
+                None if after_versions is None else int(after_versions[i]),
+            )
             for i in range(self.num_shards)
         ]
 
-    def _pull_one(self, shard_id: int, targets: dict[str, torch.Tensor]) -> int:
+    def _pull_one(self, shard_id: int, targets: dict, clock: int, after_version) -> int:
         def sink(name, dtype, shape):
             return targets.get(name)
 
-        reply = self._request(shard_id, Message(Op.PULL), sink=sink)
+        meta = self._identity(clock)
+        if after_version is not None:
+            meta["after_version"] = after_version
+        meta["max_wait_s"] = self.timeout_s / 2  # answered well inside this request's timeout
+        deadline = time.monotonic() + self.hold_timeout_s
+        reply = self._request(shard_id, Message(Op.PULL, meta), sink=sink)
+        while reply.meta.get("held"):
+            if time.monotonic() > deadline:
+                raise ShardTimeoutError(
+                    f"shard {shard_id} ({self.addresses[shard_id]}): pull held for "
+                    f"{self.hold_timeout_s:g}s waiting for slower workers"
+                )
+            reply = self._request(shard_id, Message(Op.PULL, meta), sink=sink)
         if [name for name, _ in reply.tensors] != list(targets):
             raise ModelMismatchError(f"shard {shard_id} sent {[n for n, _ in reply.tensors]}")
         self.versions[shard_id] = int(reply.meta["version"])
         return self.versions[shard_id]
+
+    def wait_for_version(self, min_version: int, timeout_s: float) -> list[int]:
+        """Block until every shard has applied at least ``min_version`` updates.
+
+        Raises:
+            ShardTimeoutError: not reached within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            versions = [int(s["version"]) for s in self.stats()]
+            if min(versions) >= min_version:
+                return versions
+            if time.monotonic() > deadline:
+                raise ShardTimeoutError(
+                    f"shards reached versions {versions}, not {min_version}, in {timeout_s:g}s"
+                )
+            time.sleep(_INIT_POLL_S)
 
     def stats(self) -> list[dict]:
         """Each shard's counters (version, pushes, pulls, bytes)."""

@@ -13,7 +13,7 @@ from distbelief.data import DATASET_NAMES
 from distbelief.errors import ChildFailedError, DistBeliefError
 from distbelief.launch.config import TrainConfig
 from distbelief.models import MODEL_NAMES
-from distbelief.server import SERVER_OPTIMIZER_NAMES
+from distbelief.server import SERVER_OPTIMIZER_NAMES, STALENESS_POLICIES
 
 logger = logging.getLogger("distbelief")
 
@@ -61,10 +61,9 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
         help="seconds before a request to a shard fails",
     )
     parser.add_argument(
-        "--sync",
-        dest="synchronous",
+        "--blocking",
         action="store_true",
-        help="wait for every push and pull (reproducible, slower)",
+        help="workers wait for every push and pull (reproducible, slower)",
     )
     parser.add_argument(
         "--threads",
@@ -75,13 +74,59 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _betas(text: str) -> tuple[float, float]:
+    try:
+        beta1, beta2 = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two numbers like 0.9,0.999, got {text!r}"
+        ) from None
+    return beta1, beta2
+
+
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    parser.add_argument(
+    group = parser.add_argument_group("server optimizer")
+    group.add_argument(
         "--server-optimizer", choices=SERVER_OPTIMIZER_NAMES, default=defaults.server_optimizer
     )
-    parser.add_argument(
-        "--server-lr", type=float, default=defaults.server_lr, help="the shards' learning rate"
+    group.add_argument(
+        "--server-lr",
+        type=float,
+        default=defaults.server_lr,
+        help="the shards' learning rate (gamma for adagrad)",
+    )
+    group.add_argument("--server-momentum", type=float, default=defaults.server_momentum)
+    group.add_argument(
+        "--server-betas", type=_betas, default=defaults.server_betas, help="adam's beta1,beta2"
+    )
+    group.add_argument("--server-eps", type=float, default=None, help="adagrad/adam epsilon")
+    consistency = parser.add_argument_group("consistency")
+    consistency.add_argument(
+        "--sync", action="store_true", help="synchronous rounds: one averaged update per step"
+    )
+    consistency.add_argument(
+        "--backup-workers",
+        type=int,
+        default=0,
+        help="with --sync: apply each round after N - b gradients",
+    )
+    consistency.add_argument(
+        "--max-staleness",
+        type=int,
+        default=None,
+        help="stale synchronous parallel: max steps ahead of the slowest",
+    )
+    consistency.add_argument(
+        "--staleness-policy", choices=STALENESS_POLICIES, default=defaults.staleness_policy
+    )
+    consistency.add_argument("--dc-lambda", type=float, default=defaults.dc_lambda)
+    consistency.add_argument(
+        "--liveness-timeout",
+        dest="liveness_timeout_s",
+        type=float,
+        default=defaults.liveness_timeout_s,
+        help="seconds of silence after which a worker counts as dead",
     )
 
 
@@ -103,12 +148,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=2.0,
         help="seconds between evaluations of the shards' parameters",
     )
+    train.add_argument(
+        "--warmstart-steps",
+        type=int,
+        default=0,
+        help="worker 0 trains alone for its first N pushes",
+    )
     _add_training_flags(train)
     _add_server_flags(train)
 
     ps = commands.add_parser("ps", help="serve one parameter-server shard")
     ps.add_argument("--shard-id", type=int, required=True)
     ps.add_argument("--num-shards", type=int, required=True)
+    ps.add_argument("--num-workers", type=int, default=1, help="workers expected in a --sync round")
     ps.add_argument(
         "--bind",
         default="tcp://127.0.0.1:7000",
@@ -120,6 +172,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     worker.add_argument("--ps", required=True, help="shard addresses, comma-separated, in order")
     worker.add_argument("--rank", type=int, required=True)
     worker.add_argument("--num-workers", type=int, required=True)
+    worker.add_argument(
+        "--warmstart-steps",
+        type=int,
+        default=0,
+        help="ranks > 0 wait until the shards have applied N updates",
+    )
     _add_training_flags(worker)
     return parser
 
@@ -163,12 +221,13 @@ def _run_ps(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--shard-id {args.shard_id} is not in [0, --num-shards {args.num_shards})"
         )
+    config = config_from_args(args)
     serve_shard(
         args.shard_id,
         args.num_shards,
         args.bind,
-        server_optimizer=args.server_optimizer,
-        server_lr=args.server_lr,
+        optimizer_factory=config.server_optimizer_factory(),
+        consistency=config.consistency(),
         emit=_log_emit,
     )
     return 0

@@ -9,7 +9,12 @@ from pathlib import Path
 
 from distbelief.data import DATASET_NAMES
 from distbelief.models import MODEL_NAMES
-from distbelief.server import SERVER_OPTIMIZER_NAMES
+from distbelief.server import (
+    SERVER_OPTIMIZER_NAMES,
+    ConsistencyConfig,
+    server_optimizer_factory,
+)
+from distbelief.server.optimizers import ServerOptimizerFactory
 
 
 def _require(condition: bool, field: str, value: object, rule: str) -> None:
@@ -42,7 +47,28 @@ class TrainConfig:
     server_optimizer: str = "sgd"
     """Update rule the shards apply to pushed gradients."""
     server_lr: float = 0.05
-    """Shards' learning rate."""
+    """Shards' learning rate (gamma for adagrad)."""
+    server_momentum: float = 0.9
+    """Momentum of the "momentum" server optimizer."""
+    server_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's betas on the shards."""
+    server_eps: float | None = None
+    """Adagrad's / Adam's epsilon on the shards (None: torch's default)."""
+    warmstart_steps: int = 0
+    """Only worker 0 trains until the shards have applied this many pushes; then the others
+    start from the shards' parameters (Dean et al. 2012's warmstart)."""
+    sync: bool = False
+    """Synchronous rounds: the shards apply one averaged update per step."""
+    backup_workers: int = 0
+    """Sync: each round uses the first num_workers - backup_workers gradients."""
+    max_staleness: int | None = None
+    """Stale synchronous parallel bound in steps (None: unbounded)."""
+    staleness_policy: str = "none"
+    """none, scale or dc-asgd: how shards adjust stale gradients."""
+    dc_lambda: float = 0.04
+    """DC-ASGD's lambda."""
+    liveness_timeout_s: float = 10.0
+    """A worker silent this long no longer holds others back (SSP, sync)."""
     batch_size: int = 32
     """Mini-batch size per worker step."""
     steps: int | None = None
@@ -57,7 +83,7 @@ class TrainConfig:
     """Seconds between evaluations of the shards' parameters on the test set."""
     timeout_s: float = 30.0
     """Limit for each request to a shard."""
-    synchronous: bool = False
+    blocking: bool = False
     """Workers wait for each push and pull (reproducible; slower)."""
     threads_per_worker: int = 1
     """torch intra-op threads per worker process."""
@@ -95,6 +121,32 @@ class TrainConfig:
         for name in ("steps", "epochs"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name, value, "an integer >= 1")
+        _require(self.warmstart_steps >= 0, "warmstart_steps", self.warmstart_steps, ">= 0")
+        if self.warmstart_steps and self.sync:
+            raise ValueError("warmstart_steps needs asynchronous training: drop sync")
+        self.consistency()
+        self.server_optimizer_factory()
+
+    def consistency(self) -> ConsistencyConfig:
+        """The shards' consistency model; ValueError names a bad combination."""
+        return ConsistencyConfig(
+            sync=self.sync,
+            num_workers=self.num_workers,
+            backup_workers=self.backup_workers,
+            max_staleness=self.max_staleness,
+            staleness_policy=self.staleness_policy,
+            dc_lambda=self.dc_lambda,
+            liveness_timeout_s=self.liveness_timeout_s,
+        )
+
+    def server_optimizer_factory(self) -> ServerOptimizerFactory:
+        return server_optimizer_factory(
+            self.server_optimizer,
+            lr=self.server_lr,
+            momentum=self.server_momentum,
+            betas=tuple(self.server_betas),
+            eps=self.server_eps,
+        )
 
     @property
     def num_epochs(self) -> int:
@@ -112,6 +164,8 @@ class TrainConfig:
         """Read a config.json written by a run; ValueError names the file on bad content."""
         try:
             raw = json.loads(Path(path).read_text())
+            if "server_betas" in raw:
+                raw["server_betas"] = tuple(raw["server_betas"])
             return cls(**raw)
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{path}: not a valid run config: {e}") from e

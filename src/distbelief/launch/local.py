@@ -3,6 +3,7 @@ them, write the run folder, and stop every process on success, failure or Ctrl-C
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -43,8 +44,8 @@ def _shard_main(name, events, shard_id, config: TrainConfig, stop) -> Any:
         shard_id,
         config.num_shards,
         f"tcp://{config.host}:0",
-        server_optimizer=config.server_optimizer,
-        server_lr=config.server_lr,
+        optimizer_factory=config.server_optimizer_factory(),
+        consistency=config.consistency(),
         emit=_emitter(events, name),
         stop=stop,
     )
@@ -74,6 +75,8 @@ class RunResult:
     final: dict = field(default_factory=dict)
     worker_steps: dict[int, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    staleness: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per shard: how many pushes arrived with each staleness."""
 
 
 class LocalCluster:
@@ -218,11 +221,17 @@ class _Router:
 
 
 def _supervise(cluster: LocalCluster, route: _Router) -> None:
-    while not cluster.finished("worker"):
-        route(cluster.next_event())
-    cluster.eval_stop.set()
-    while not cluster.finished("evaluator"):
-        route(cluster.next_event())
+    """Route events until the workers finish, then stop the evaluator (after its final
+    evaluation) and the shards (which report their counters), in that order."""
+    for role, stop in (
+        ("worker", None),
+        ("evaluator", cluster.eval_stop),
+        ("shard", cluster.shard_stop),
+    ):
+        if stop is not None:
+            stop.set()
+        while not cluster.finished(role):
+            route(cluster.next_event())
     while (event := cluster.next_event(0.05)) is not None:
         route(event)
 
@@ -257,20 +266,22 @@ def train(config: TrainConfig) -> RunResult:
                     if k.startswith("worker")
                 },
                 elapsed_s=time.time() - cluster.start_time,
+                staleness={
+                    k: v["staleness"] for k, v in cluster.results.items() if k.startswith("shard")
+                },
             )
     except KeyboardInterrupt as e:
         raise LauncherInterrupted("stopped by Ctrl-C") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
     write_json_atomic(run_dir / "summary.json", _summary_json(result))
+    write_json_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
     plot_run(run_dir)
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result
 
 
 def _summary_json(result: RunResult) -> str:
-    import json
-
     return json.dumps(
         {
             "final": result.final,

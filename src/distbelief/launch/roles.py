@@ -19,7 +19,8 @@ from distbelief.launch.config import TrainConfig
 from distbelief.metrics import make_record
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
-from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+from distbelief.server import ConsistencyConfig, ParameterShard, ShardService
+from distbelief.server.optimizers import ServerOptimizerFactory
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import serve
 
@@ -45,15 +46,15 @@ def serve_shard(
     num_shards: int,
     bind: str,
     *,
-    server_optimizer: str,
-    server_lr: float,
+    optimizer_factory: ServerOptimizerFactory,
+    consistency: ConsistencyConfig | None = None,
     emit: Emit,
     stop: StopFlag | None = None,
 ) -> dict:
-    """Serve one shard at ``bind`` until ``stop`` is set (or forever); returns its counters."""
+    """Serve one shard at ``bind`` until ``stop`` is set (or forever); returns its counters
+    and staleness histogram."""
     stop = stop if stop is not None else threading.Event()
-    factory = server_optimizer_factory(server_optimizer, lr=server_lr)
-    shard = ParameterShard(shard_id, num_shards, factory)
+    shard = ParameterShard(shard_id, num_shards, optimizer_factory, consistency)
     server = serve(bind, ShardService(shard))
     emit("ready", {"shard_id": shard_id, "address": server.address})
     logger.info("shard %d of %d serving at %s", shard_id, num_shards, server.address)
@@ -64,7 +65,13 @@ def serve_shard(
     finally:
         server.stop()
     counters = shard.counters()
-    return {"shard_id": shard_id, "version": counters.version, "num_pushes": counters.num_pushes}
+    return {
+        "shard_id": shard_id,
+        "version": counters.version,
+        "num_pushes": counters.num_pushes,
+        "num_dropped": counters.num_dropped,
+        "staleness": shard.staleness.as_dict(),
+    }
 
 
 def build_replica(config: TrainConfig, input_shape, num_classes: int) -> nn.Module:
@@ -121,7 +128,10 @@ def run_worker(
         model=model,
         ps=list(addresses),
         timeout_s=config.timeout_s,
-        synchronous=config.synchronous,
+        blocking=config.blocking,
+        worker_id=f"worker{rank}",
+        # Warmstart: replica 0 trains alone until the shards have applied its first K pushes.
+        start_after_version=config.warmstart_steps if rank > 0 else 0,
     )
     emit("started", {"rank": rank, "time": time.time()})
     window_loss, window_correct, window_seen = 0.0, 0, 0
@@ -136,6 +146,7 @@ def run_worker(
             window_correct += int((logits.argmax(dim=1) == labels).sum())
             window_seen += len(labels)
             if optimizer.num_steps % config.log_every_steps == 0:
+                staleness = optimizer.client.take_staleness()
                 emit(
                     "metric",
                     make_record(
@@ -146,6 +157,7 @@ def run_worker(
                         loss=window_loss / window_seen,
                         accuracy=window_correct / window_seen,
                         version=optimizer.version,
+                        staleness=sum(staleness) / len(staleness) if staleness else None,
                     ),
                 )
                 window_loss, window_correct, window_seen = 0.0, 0, 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import socket
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -42,8 +43,16 @@ class DownpourSGD(torch.optim.Optimizer):
         ps: Shard addresses (list or comma-separated), in shard-id order. Default: the
             ``DISTBELIEF_PS`` environment variable.
         timeout_s: Limit for each request to a shard. Default: ``DISTBELIEF_TIMEOUT_S`` or 30.
-        synchronous: Wait for each push and pull to finish inside ``step()`` (for exact
+        blocking: Wait for each push and pull to finish inside ``step()`` (for exact
             reproducibility and parity tests); default overlaps them with compute.
+        worker_id: This replica's name at the shards (liveness, SSP clocks); default unique.
+        start_after_version: Warmstart: wait until the shards have applied this many updates
+            (from another replica) before starting from their parameters.
+        hold_timeout_s: Longest a pull may be held by the shards (SSP, sync rounds) or a
+            warmstart may wait before ShardTimeoutError.
+
+    The shards' consistency model is learned at the handshake: with synchronous rounds every
+    step pushes and then waits for the round's aggregated update (n_push = n_pull = 1).
 
     Raises:
         ValueError: bad hyperparameters or no shard address.
@@ -61,7 +70,10 @@ class DownpourSGD(torch.optim.Optimizer):
         *,
         ps: str | Sequence[str] | None = None,
         timeout_s: float | None = None,
-        synchronous: bool = False,
+        blocking: bool = False,
+        worker_id: str | None = None,
+        start_after_version: int = 0,
+        hold_timeout_s: float = 300.0,
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -69,7 +81,7 @@ class DownpourSGD(torch.optim.Optimizer):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         super().__init__(params, {"lr": lr})
-        self.n_push, self.n_pull, self.synchronous = n_push, n_pull, synchronous
+        self.n_push, self.n_pull, self.blocking = n_push, n_pull, blocking
         self._params = [p for group in self.param_groups for p in group["params"]]
         self.specs: list[TensorSpec] = tensor_specs(_named_params(self._params, model))
         self.layout = FlatLayout(self.specs)
@@ -85,8 +97,15 @@ class DownpourSGD(torch.optim.Optimizer):
             parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, "")),
             self.specs,
             timeout_s=timeout_s or float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
+            worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
+            hold_timeout_s=hold_timeout_s,
         )
+        self._model_versions = [0] * self.client.num_shards
+        self._window_base: list[int] | None = None
         self.client.handshake(self.layout.flatten(self._params))
+        self.sync_rounds = bool(self.client.consistency.get("sync"))
+        if start_after_version > 0:
+            self.client.wait_for_version(start_after_version, hold_timeout_s)
         self.pull_now()
 
     @property
@@ -107,21 +126,31 @@ class DownpourSGD(torch.optim.Optimizer):
                 loss = closure()
         self._finish_pull_if_done()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        for group in self.param_groups:
-            group_grads = [p.grad for p in group["params"] if p.grad is not None]
-            group_params = [p for p in group["params"] if p.grad is not None]
-            if group_params:
-                torch._foreach_add_(group_params, group_grads, alpha=-group["lr"])
+        if self._window_base is None:
+            self._window_base = list(self._model_versions)
         torch._foreach_add_(self._accrued_views, [g.detach().cpu() for g in grads])
         self.num_steps += 1
+        if self.sync_rounds:
+            # The round's aggregated update replaces the parameters: no local step needed.
+            self._push_accrued()
+            self._start_pull(after_versions=self._model_versions)
+            self._finish_pull_if_done(block=True)
+            return loss
+        self._local_update()
         if self.num_steps % self.n_push == 0:
             self._push_accrued()
         if self.num_steps % self.n_pull == 0:
             self._start_pull()
-        if self.synchronous:
+        if self.blocking:
             self.client.wait(self._push_futures)
             self._finish_pull_if_done(block=True)
         return loss
+
+    def _local_update(self) -> None:
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                torch._foreach_add_(params, [p.grad for p in params], alpha=-group["lr"])
 
     def _push_accrued(self) -> None:
         # The outbox is sent without a copy, so the previous push must be done before reuse.
@@ -129,19 +158,28 @@ class DownpourSGD(torch.optim.Optimizer):
         for dtype, accrued in self._accrued.items():
             self._outbox[dtype].copy_(accrued)
             accrued.zero_()
-        self._push_futures = self.client.push(self._outbox)
+        base = self._window_base if self._window_base is not None else self._model_versions
+        self._push_futures = self.client.push(
+            self._outbox, clock=self.num_steps, base_versions=base
+        )
+        self._window_base = None
 
-    def _start_pull(self) -> None:
+    def _start_pull(self, after_versions: list[int] | None = None) -> None:
         if self._pull_futures:
             self._finish_pull_if_done(block=True)
-        self._pull_futures = self.client.pull(self._inbox)
+        self._pull_futures = self.client.pull(
+            self._inbox, clock=self.num_steps, after_versions=after_versions
+        )
 
     def _finish_pull_if_done(self, block: bool = False) -> None:
         if not self._pull_futures:
             return
         if not block and not all(future.done() for future in self._pull_futures):
             return
-        self.client.wait(self._pull_futures)
+        # A held pull (SSP, sync) may legitimately take up to hold_timeout_s.
+        self._model_versions = self.client.wait(
+            self._pull_futures, timeout_s=self.client.hold_timeout_s + self.client.timeout_s
+        )
         self._pull_futures = []
         torch._foreach_copy_(self._params, self._inbox_views)
 

@@ -19,6 +19,9 @@ from distbelief.wire.message import Message, Op
 
 logger = logging.getLogger(__name__)
 
+_MAX_HOLD_S = 600.0
+"""The longest a client may ask a shard to hold a pull in one request."""
+
 
 class ShardService:
     """Serves one ParameterShard to many connections (a ``RequestHandler``)."""
@@ -47,7 +50,15 @@ class ShardConnection:
         self.shard = service.shard
         self.peer = peer
         self._push_buffers: dict[str, torch.Tensor] = {}
+        # The last snapshot sent to this peer: the send buffer of its pulls, and for dc-asgd
+        # the parameters its next gradient was computed from (no extra copy is kept).
         self._pull_buffers: list[torch.Tensor] = []
+        self._has_snapshot = False
+        self.worker: str | None = None
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.shard.depart(self.worker)
 
     def sink_for(self, request: Message) -> Sink | None:
         if request.op != Op.PUSH:
@@ -88,7 +99,20 @@ class ShardConnection:
             )
         if "specs" in request.meta:
             self.shard.check_layout(specs_from_json(request.meta["specs"]))
+        self._identify(request.meta)
         return request.reply(self._describe())
+
+    def _identify(self, meta: dict) -> tuple[str | None, int]:
+        """The worker id and clock a request carries; registers the worker with the shard."""
+        worker, clock = meta.get("worker"), meta.get("clock", 0)
+        if worker is not None and not isinstance(worker, str):
+            raise ValueError(f"worker id must be a string, got {worker!r}")
+        if type(clock) is not int or clock < 0:
+            raise ValueError(f"clock must be an integer >= 0, got {clock!r}")
+        if worker is not None:
+            self.worker = worker
+            self.shard.touch(worker, clock)
+        return worker, clock
 
     def _describe(self) -> dict:
         counters = self.shard.counters()
@@ -98,6 +122,7 @@ class ShardConnection:
             "initialized": self.shard.initialized,
             "fingerprint": self.shard.fingerprint,
             "version": counters.version,
+            "consistency": self.shard.consistency.describe(),
         }
 
     def _init(self, request: Message) -> Message:
@@ -112,21 +137,49 @@ class ShardConnection:
         expected = [piece.name for piece in self.shard.slices]
         if names != expected:
             raise ProtocolError(f"push must carry {expected}, got {names}")
-        version = self.shard.apply_gradient([tensor for _, tensor in request.tensors])
+        worker, clock = self._identify(request.meta)
+        base_version = request.meta.get("base_version")
+        if base_version is not None and (type(base_version) is not int or base_version < 0):
+            raise ValueError(f"base_version must be an integer >= 0, got {base_version!r}")
+        result = self.shard.push(
+            [tensor for _, tensor in request.tensors],
+            worker=worker,
+            clock=clock,
+            base_version=base_version,
+            fetched=self._pull_buffers if self._has_snapshot else None,
+        )
         self.service.count_bytes(sum(t.nbytes for _, t in request.tensors), 0)
-        return request.reply({"version": version})
+        return request.reply(
+            {"version": result.version, "staleness": result.staleness, "applied": result.applied}
+        )
 
     def _pull(self, request: Message) -> Message:
         if not self._pull_buffers:
             self.shard.require_initialized()
             self._pull_buffers = [torch.empty(p.numel, dtype=p.dtype) for p in self.shard.slices]
-        version = self.shard.read_into(self._pull_buffers)
+        worker, clock = self._identify(request.meta)
+        after_version = request.meta.get("after_version")
+        if after_version is not None and type(after_version) is not int:
+            raise ValueError(f"after_version must be an integer, got {after_version!r}")
+        max_wait_s = request.meta.get("max_wait_s", 0.0)
+        if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= _MAX_HOLD_S:
+            raise ValueError(f"max_wait_s must be in [0, {_MAX_HOLD_S}], got {max_wait_s!r}")
+        result = self.shard.pull_into(
+            self._pull_buffers,
+            worker=worker,
+            clock=clock,
+            after_version=after_version,
+            max_wait_s=float(max_wait_s),
+        )
+        if result.held:
+            return request.reply({"version": result.version, "held": True})
+        self._has_snapshot = True
         tensors = [
             (piece.name, buf)
             for piece, buf in zip(self.shard.slices, self._pull_buffers, strict=True)
         ]
         self.service.count_bytes(0, sum(buf.nbytes for buf in self._pull_buffers))
-        return request.reply({"version": version}, tensors)
+        return request.reply({"version": result.version, "held": False}, tensors)
 
     def _stats(self, request: Message) -> Message:
         counters = self.shard.counters()
@@ -135,6 +188,8 @@ class ShardConnection:
                 **self._describe(),
                 "num_pushes": counters.num_pushes,
                 "num_pulls": counters.num_pulls,
+                "num_dropped": counters.num_dropped,
+                "staleness": self.shard.staleness.as_dict(),
                 "bytes_received": self.service.bytes_received,
                 "bytes_sent": self.service.bytes_sent,
             }

@@ -190,6 +190,7 @@ class TcpServer(Server):
         return False
 
     def _serve_connection(self, sock: socket.socket, peer: str) -> None:
+        connection = None
         try:
             connection = self._handler.open_connection(peer)
             while self._wait_for_frame(sock):
@@ -199,6 +200,8 @@ class TcpServer(Server):
         except OSError as e:
             logger.debug("connection from %s ended: %s", peer, e)
         finally:
+            if connection is not None:
+                connection.close()
             with self._lock:
                 self._connections.discard(sock)
             with contextlib.suppress(OSError):

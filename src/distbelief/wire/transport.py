@@ -42,6 +42,9 @@ class ConnectionHandler(Protocol):
     def handle(self, request: Message) -> Message:
         """Answer one request; raise ValueError/PSError to send an error reply."""
 
+    def close(self) -> None:
+        """The connection has ended (the peer left, or the server is stopping)."""
+
 
 class RequestHandler(Protocol):
     """Server-side logic: makes one ConnectionHandler per accepted connection."""

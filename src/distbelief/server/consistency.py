@@ -1,0 +1,118 @@
+"""How a shard orders updates from many workers: async, bounded staleness (SSP) or synchronous
+rounds with backup workers, plus the worker liveness all three rely on.
+
+Pure bookkeeping under the caller's lock: the shard decides when to wait and what to apply.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+STALENESS_POLICIES = ("none", "scale", "dc-asgd")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConsistencyConfig:
+    """A shard's consistency model. Workers learn it from the shard at their handshake."""
+
+    sync: bool = False
+    """Synchronous rounds: one aggregated update per step (Chen et al. 2016)."""
+    num_workers: int = 1
+    """Workers expected in a synchronous round."""
+    backup_workers: int = 0
+    """A round is applied after the first num_workers - backup_workers gradients."""
+    max_staleness: int | None = None
+    """Stale synchronous parallel: hold a worker's pull while it is more than this many steps
+    ahead of the slowest live worker (Ho et al. 2013). None: no bound."""
+    staleness_policy: str = "none"
+    """How a stale gradient is adjusted: none, scale (Zhang et al. 2016), dc-asgd (Zheng et al.
+    2017)."""
+    dc_lambda: float = 0.04
+    """Variance-control factor lambda of DC-ASGD (constant variant)."""
+    liveness_timeout_s: float = 10.0
+    """A worker not heard from for this long no longer holds others back."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+        if not 0 <= self.backup_workers < self.num_workers:
+            raise ValueError(
+                f"backup_workers must be in [0, num_workers={self.num_workers}), "
+                f"got {self.backup_workers}"
+            )
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+        if self.staleness_policy not in STALENESS_POLICIES:
+            raise ValueError(
+                f"staleness_policy must be one of {STALENESS_POLICIES}, "
+                f"got {self.staleness_policy!r}"
+            )
+        if self.sync and (self.max_staleness is not None or self.staleness_policy != "none"):
+            raise ValueError("sync rounds have no staleness: drop max_staleness/staleness_policy")
+        if self.liveness_timeout_s <= 0:
+            raise ValueError(f"liveness_timeout_s must be > 0, got {self.liveness_timeout_s}")
+
+    def describe(self) -> dict:
+        """The part of the config workers need (sent in the handshake reply)."""
+        return {"sync": self.sync, "max_staleness": self.max_staleness}
+
+
+@dataclass(slots=True)
+class _Worker:
+    clock: int
+    offset: int
+    last_seen_s: float
+    departed: bool = False
+
+
+@dataclass(slots=True)
+class WorkerClocks:
+    """Each worker's step count ("clock") and when it was last heard from.
+
+    A worker that joins late starts level with the slowest live worker (its clock is offset),
+    so a newcomer never holds the others back while it catches up from step 0.
+    """
+
+    liveness_timeout_s: float
+    workers: dict[str, _Worker] = field(default_factory=dict)
+
+    def touch(self, worker: str, clock: int, now_s: float | None = None) -> None:
+        now_s = time.monotonic() if now_s is None else now_s
+        entry = self.workers.get(worker)
+        if entry is None or entry.departed:
+            slowest = self.slowest_clock(now_s)
+            offset = max(0, slowest - clock) if slowest is not None else 0
+            self.workers[worker] = _Worker(clock, offset, now_s)
+            return
+        entry.clock = max(entry.clock, clock)
+        entry.last_seen_s = now_s
+
+    def depart(self, worker: str) -> None:
+        if worker in self.workers:
+            self.workers[worker].departed = True
+
+    def is_live(self, entry: _Worker, now_s: float) -> bool:
+        return not entry.departed and now_s - entry.last_seen_s < self.liveness_timeout_s
+
+    def live_count(self, now_s: float | None = None) -> int:
+        now_s = time.monotonic() if now_s is None else now_s
+        return sum(self.is_live(entry, now_s) for entry in self.workers.values())
+
+    def dead_count(self, now_s: float | None = None) -> int:
+        now_s = time.monotonic() if now_s is None else now_s
+        return sum(not self.is_live(entry, now_s) for entry in self.workers.values())
+
+    def effective_clock(self, worker: str) -> int | None:
+        entry = self.workers.get(worker)
+        return None if entry is None else entry.clock + entry.offset
+
+    def slowest_clock(self, now_s: float | None = None) -> int | None:
+        now_s = time.monotonic() if now_s is None else now_s
+        clocks = [e.clock + e.offset for e in self.workers.values() if self.is_live(e, now_s)]
+        return min(clocks) if clocks else None
+
+    def too_far_ahead(self, worker: str, max_staleness: int) -> bool:
+        """Whether ``worker`` must wait for the slowest live worker (SSP)."""
+        clock, slowest = self.effective_clock(worker), self.slowest_clock()
+        return clock is not None and slowest is not None and clock - slowest > max_staleness

@@ -51,6 +51,40 @@ _PLOTS = (
 )
 
 Series = tuple[list[float], list[float]]
+STALENESS_PNG = "staleness.png"
+
+
+def _read_staleness(run_dir: Path) -> dict[int, int]:
+    """Pushes per staleness, summed over shards, from ``staleness.json`` ({} if absent)."""
+    path = run_dir / "staleness.json"
+    if not path.is_file():
+        return {}
+    try:
+        per_shard = json.loads(path.read_text(encoding="utf-8"))
+        total: dict[int, int] = {}
+        for histogram in per_shard.values():
+            for staleness, count in histogram.items():
+                total[int(staleness)] = total.get(int(staleness), 0) + int(count)
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path}: not a staleness histogram: {e}") from e
+    return dict(sorted(total.items()))
+
+
+def _make_staleness_figure(histogram: dict[int, int], title: str) -> Figure:
+    figure = Figure(figsize=FIGURE_SIZE_IN, dpi=DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.bar(list(histogram), list(histogram.values()), width=0.8, color="tab:blue")
+    total = sum(histogram.values())
+    mean = sum(s * c for s, c in histogram.items()) / total
+    axes.set_title(
+        f"{title}\nstaleness of {total} pushes (all shards): mean {mean:.2f}", fontsize=11
+    )
+    axes.set_xlabel("staleness (updates applied between fetch and push)")
+    axes.set_ylabel("pushes")
+    axes.grid(True, axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure
 
 
 def plot_run(run_dir: Path) -> list[Path]:
@@ -81,6 +115,11 @@ def plot_run(run_dir: Path) -> list[Path]:
         figure = _make_figure(records, spec, title)
         path = run_dir / spec.file_name
         _save_png_atomic(figure, path)
+        written.append(path)
+    histogram = _read_staleness(run_dir)
+    if histogram:
+        path = run_dir / STALENESS_PNG
+        _save_png_atomic(_make_staleness_figure(histogram, title), path)
         written.append(path)
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return written

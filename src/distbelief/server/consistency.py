@@ -112,7 +112,7 @@ class WorkerClocks:
         clocks = [e.clock + e.offset for e in self.workers.values() if self.is_live(e, now_s)]
         return min(clocks) if clocks else None
 
-    def too_far_ahead(self, worker: str, max_staleness: int) -> bool:
+    def too_far_ahead(self, worker: str, max_staleness: int, now_s: float | None = None) -> bool:
         """Whether ``worker`` must wait for the slowest live worker (SSP)."""
-        clock, slowest = self.effective_clock(worker), self.slowest_clock()
+        clock, slowest = self.effective_clock(worker), self.slowest_clock(now_s)
         return clock is not None and slowest is not None and clock - slowest > max_staleness

@@ -99,7 +99,8 @@ class ShardConnection:
             )
         if "specs" in request.meta:
             self.shard.check_layout(specs_from_json(request.meta["specs"]))
-        self._identify(request.meta)
+        # No registration here: a worker joins the clocks at its first pull or push, so one
+        # waiting for a warmstart does not hold the others back meanwhile.
         return request.reply(self._describe())
 
     def _identify(self, meta: dict) -> tuple[str | None, int]:

@@ -1,0 +1,199 @@
+"""Sync rounds, warmstart and SSP against real shard processes on 127.0.0.1."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+from torch import nn
+
+from distbelief.metrics import read_metrics
+from distbelief.optim import DownpourSGD
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _batch(seed: int, size: int = 8):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(size, 6, generator=generator), torch.randint(
+        0, 3, (size,), generator=generator
+    )
+
+
+def _step(model, optimizer, batch) -> None:
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    optimizer.step()
+
+
+def _run_in_thread(fn) -> tuple[threading.Thread, list]:
+    errors: list = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as e:  # reported to the test thread
+            errors.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_sync_round_equals_average_gradient_sgd(shard_cluster):
+    addresses = shard_cluster(2, "--sync", "--num-workers", "2", "--server-lr", "0.1")
+    reference = _model()
+    reference_sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+    workers = {}
+    for name in ("a", "b"):
+        model = _model()
+        workers[name] = (
+            model,
+            DownpourSGD(
+                model.parameters(), lr=0.1, model=model, ps=addresses, worker_id=name, timeout_s=10
+            ),
+        )
+    assert all(opt.sync_rounds for _, opt in workers.values())
+    for step in range(3):
+        batches = {"a": _batch(10 * step), "b": _batch(10 * step + 1)}
+        threads = [
+            _run_in_thread(lambda n=n, b=batches: _step(*workers[n], b[n])) for n in workers
+        ]
+        for thread, errors in threads:
+            thread.join(30)
+            assert not errors and not thread.is_alive()
+        both = (
+            torch.cat([batches["a"][0], batches["b"][0]]),
+            torch.cat([batches["a"][1], batches["b"][1]]),
+        )
+        _step(reference, reference_sgd, both)  # mean over 16 = mean of the two means
+        for model, _ in workers.values():
+            for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for _, optimizer in workers.values():
+        optimizer.close()
+
+
+def test_warmstart_workers_first_pull_sees_the_warm_parameters(shard_cluster):
+    addresses = shard_cluster(1, "--server-lr", "0.1")
+    warm = _model()
+    warm_optimizer = DownpourSGD(
+        warm.parameters(),
+        lr=0.1,
+        model=warm,
+        ps=addresses,
+        blocking=True,
+        worker_id="w0",
+        timeout_s=10,
+    )
+    late = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    holder: dict = {}
+
+    def join_after_warmstart() -> None:
+        holder["optimizer"] = DownpourSGD(
+            late.parameters(),
+            lr=0.1,
+            model=late,
+            ps=addresses,
+            worker_id="w1",
+            start_after_version=5,
+            timeout_s=10,
+        )
+
+    thread, errors = _run_in_thread(join_after_warmstart)
+    time.sleep(0.5)
+    assert thread.is_alive()  # still waiting: no update applied yet
+    for step in range(5):
+        _step(warm, warm_optimizer, _batch(step))
+    thread.join(30)
+    assert not errors and not thread.is_alive()
+    assert holder["optimizer"].version == 5
+    for got, want in zip(late.parameters(), warm.parameters(), strict=True):
+        assert torch.equal(got, want)
+    holder["optimizer"].close()
+    warm_optimizer.close()
+
+
+def test_ssp_holds_the_fast_worker_until_the_slow_one_moves_or_leaves(shard_cluster):
+    addresses = shard_cluster(2, "--max-staleness", "1", "--server-lr", "0.05")
+    slow_model, fast_model = _model(), _model()
+    slow = DownpourSGD(
+        slow_model.parameters(),
+        lr=0.05,
+        model=slow_model,
+        ps=addresses,
+        blocking=True,
+        worker_id="slow",
+        timeout_s=10,
+    )
+    fast = DownpourSGD(
+        fast_model.parameters(),
+        lr=0.05,
+        model=fast_model,
+        ps=addresses,
+        blocking=True,
+        worker_id="fast",
+        timeout_s=10,
+    )
+
+    def run_fast() -> None:
+        for step in range(8):
+            _step(fast_model, fast, _batch(step))
+
+    thread, errors = _run_in_thread(run_fast)
+    time.sleep(1.5)
+    assert thread.is_alive() and fast.num_steps == 2  # held at its pull at clock 2
+    for step in range(2):
+        _step(slow_model, slow, _batch(100 + step))
+    time.sleep(1.0)
+    assert thread.is_alive() and fast.num_steps == 4  # moved on exactly as far as allowed
+    slow.close()  # a worker that leaves (or dies: its sockets close) releases the others
+    thread.join(30)
+    assert not errors and not thread.is_alive() and fast.num_steps == 8
+    fast.close()
+
+
+def _train(tmp_path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distbelief", "train", "--out", str(tmp_path), *flags],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_cli_sync_with_a_backup_worker(tmp_path):
+    result = _train(tmp_path, "--sync", "--backup-workers", "1", "--workers", "3", "--steps", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final"]["version"] >= 8  # one update per round, each worker in >= 8 rounds
+
+
+def test_cli_async_adagrad_dc_asgd_ssp_warmstart(tmp_path):
+    result = _train(
+        tmp_path,
+        "--server-optimizer",
+        "adagrad",
+        "--staleness-policy",
+        "dc-asgd",
+        "--max-staleness",
+        "3",
+        "--warmstart-steps",
+        "5",
+        "--steps",
+        "40",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    histograms = json.loads((tmp_path / "staleness.json").read_text())
+    assert set(histograms) == {"shard0", "shard1"}
+    assert sum(histograms["shard0"].values()) == 2 * 40  # every push of both workers
+    rows = [r for r in read_metrics(tmp_path / "metrics.csv") if r["role"] == "worker"]
+    assert any(r["staleness"] is not None for r in rows)
+    assert (tmp_path / "staleness.png").stat().st_size > 0

@@ -1,0 +1,201 @@
+"""Shard-side consistency: server optimizers, staleness policies, SSP clocks, sync rounds."""
+
+import pytest
+import torch
+
+from distbelief.server import ConsistencyConfig, ParameterShard, server_optimizer_factory
+from distbelief.server.consistency import WorkerClocks
+from distbelief.server.staleness import adjust_gradient
+from distbelief.sharding import FlatLayout, TensorSpec, partition
+
+SPECS = [TensorSpec("w", (13, 7), torch.float32), TensorSpec("b", (7,), torch.float32)]
+TORCH_OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05),
+    "momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=0.05, eps=1e-10),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05, betas=(0.9, 0.999), eps=1e-8),
+}
+
+
+def _make_shards(num_shards, values, factory, consistency=None):
+    flats = FlatLayout(SPECS).flatten(values)
+    shards = []
+    for shard_id, pieces in enumerate(partition(SPECS, num_shards)):
+        shard = ParameterShard(shard_id, num_shards, factory, consistency)
+        shard.initialize(SPECS, [flats[p.dtype][p.start : p.stop] for p in pieces])
+        shards.append(shard)
+    return shards
+
+
+def _slices(shard, flat):
+    return [flat[p.dtype][p.start : p.stop].clone() for p in shard.slices]
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+@pytest.mark.parametrize("name", list(TORCH_OPTIMIZERS))
+def test_server_optimizer_matches_torch_on_unsharded_tensors(name, num_shards):
+    torch.manual_seed(0)
+    values = [torch.randn(spec.shape) for spec in SPECS]
+    reference = [v.clone().requires_grad_() for v in values]
+    torch_optimizer = TORCH_OPTIMIZERS[name](reference)
+    shards = _make_shards(num_shards, values, server_optimizer_factory(name, lr=0.05))
+    layout = FlatLayout(SPECS)
+    for _ in range(8):
+        grads = [torch.randn(spec.shape) for spec in SPECS]
+        for param, grad in zip(reference, grads, strict=True):
+            param.grad = grad.clone()
+        torch_optimizer.step()
+        flat = layout.flatten(grads)
+        for shard in shards:
+            shard.apply_gradient(_slices(shard, flat))
+    got = layout.allocate()
+    for shard in shards:
+        for piece, value in zip(shard.slices, shard.parameters(), strict=True):
+            got[piece.dtype][piece.start : piece.stop] = value
+    for mine, want in zip(layout.views(got), reference, strict=True):
+        torch.testing.assert_close(mine, want.detach(), atol=1e-6, rtol=0)
+
+
+def test_scale_divides_by_staleness_and_dc_asgd_compensates():
+    grad = torch.tensor([1.0, -2.0, 0.5])
+    scaled = adjust_gradient(
+        "scale", [grad.clone()], staleness=4, params_now=[grad], params_fetched=None, dc_lambda=0.1
+    )
+    torch.testing.assert_close(scaled[0], grad / 4)
+    now, fetched = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.5, 2.0, 1.0])
+    compensated = adjust_gradient(
+        "dc-asgd",
+        [grad.clone()],
+        staleness=3,
+        params_now=[now],
+        params_fetched=[fetched],
+        dc_lambda=0.1,
+    )
+    torch.testing.assert_close(compensated[0], grad + 0.1 * grad * grad * (now - fetched))
+    untouched = adjust_gradient(
+        "none",
+        [grad.clone()],
+        staleness=9,
+        params_now=[now],
+        params_fetched=[fetched],
+        dc_lambda=0.1,
+    )
+    torch.testing.assert_close(untouched[0], grad)
+
+
+def test_shard_measures_staleness_and_applies_scale_policy():
+    config = ConsistencyConfig(staleness_policy="scale")
+    zeros = [torch.zeros(spec.shape) for spec in SPECS]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
+    ones = [torch.ones(p.numel) for p in shard.slices]
+    for _ in range(3):
+        shard.push([g.clone() for g in ones], worker="a", base_version=shard.version)
+    result = shard.push([g.clone() for g in ones], worker="b", base_version=0)
+    assert (result.staleness, result.version) == (3, 4)
+    assert shard.staleness.as_dict() == {"0": 3, "3": 1}
+    assert torch.allclose(shard.parameters()[0], torch.full((98,), -(3 + 1 / 3)))
+
+
+def test_clocks_hold_the_fastest_until_the_slowest_catches_up():
+    clocks = WorkerClocks(liveness_timeout_s=10)
+    clocks.touch("fast", 0, now_s=0)
+    clocks.touch("slow", 0, now_s=0)
+    clocks.touch("fast", 6, now_s=0)
+    clocks.touch("slow", 3, now_s=0)
+    assert clocks.too_far_ahead("fast", max_staleness=2, now_s=0)
+    clocks.touch("slow", 4, now_s=1)
+    assert not clocks.too_far_ahead("fast", max_staleness=2, now_s=1)
+
+
+def test_dead_or_departed_workers_stop_holding_others():
+    clocks = WorkerClocks(liveness_timeout_s=5)
+    clocks.touch("fast", 0, now_s=0)
+    clocks.touch("slow", 0, now_s=0)
+    clocks.touch("fast", 10, now_s=0)
+    assert clocks.slowest_clock(now_s=1) == 0
+    clocks.touch("fast", 11, now_s=6)  # slow silent for 6 s > 5 s: no longer counted
+    assert clocks.slowest_clock(now_s=6) == 11
+    clocks.touch("other", 0, now_s=6)
+    clocks.depart("other")
+    assert clocks.slowest_clock(now_s=6) == 11
+
+
+def test_late_joiner_starts_level_with_the_slowest():
+    clocks = WorkerClocks(liveness_timeout_s=10)
+    for worker, clock in (("a", 0), ("b", 0), ("a", 50), ("b", 40)):
+        clocks.touch(worker, clock, now_s=0)
+    clocks.touch("late", 0, now_s=1)
+    assert clocks.effective_clock("late") == 40
+    assert not clocks.too_far_ahead("a", max_staleness=10, now_s=1)
+
+
+def test_ssp_pull_is_held_then_released():
+    config = ConsistencyConfig(max_staleness=1)
+    zeros = [torch.zeros(spec.shape) for spec in SPECS]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
+    outs = [torch.empty(p.numel) for p in shard.slices]
+    shard.touch("slow", 0)
+    shard.touch("fast", 0)
+    assert shard.pull_into(outs, worker="fast", clock=3, max_wait_s=0.05).held
+    shard.touch("slow", 2)
+    assert not shard.pull_into(outs, worker="fast", clock=3, max_wait_s=0.05).held
+    shard.touch("slow", 2)
+    assert shard.pull_into(outs, worker="fast", clock=9, max_wait_s=0.05).held
+    shard.depart("slow")
+    assert not shard.pull_into(outs, worker="fast", clock=9, max_wait_s=0.05).held
+
+
+def test_sync_round_applies_mean_of_first_n_minus_b_and_drops_late():
+    config = ConsistencyConfig(sync=True, num_workers=3, backup_workers=1)
+    zeros = [torch.zeros(spec.shape) for spec in SPECS]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
+    outs = [torch.empty(p.numel) for p in shard.slices]
+    first = shard.push(
+        [torch.full((p.numel,), 1.0) for p in shard.slices], worker="a", base_version=0
+    )
+    assert (first.applied, first.version) == (True, 0)
+    assert shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
+    second = shard.push(
+        [torch.full((p.numel,), 3.0) for p in shard.slices], worker="b", base_version=0
+    )
+    assert second.version == 1
+    assert torch.allclose(shard.parameters()[0], torch.full((98,), -2.0))  # mean of 1 and 3
+    late = shard.push(
+        [torch.full((p.numel,), 100.0) for p in shard.slices], worker="c", base_version=0
+    )
+    assert not late.applied and shard.counters().num_dropped == 1
+    assert not shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
+
+
+def test_sync_round_quorum_shrinks_when_a_worker_departs():
+    config = ConsistencyConfig(sync=True, num_workers=2)
+    zeros = [torch.zeros(spec.shape) for spec in SPECS]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
+    outs = [torch.empty(p.numel) for p in shard.slices]
+    shard.touch("b", 0)
+    shard.push([torch.ones(p.numel) for p in shard.slices], worker="a", base_version=0)
+    assert shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
+    shard.depart("b")
+    assert not shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
+    assert shard.version == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_workers": 2, "backup_workers": 2}, "backup_workers"),
+        ({"max_staleness": -1}, "max_staleness"),
+        ({"staleness_policy": "magic"}, "staleness_policy"),
+        ({"sync": True, "max_staleness": 2}, "sync rounds have no staleness"),
+    ],
+)
+def test_bad_consistency_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConsistencyConfig(**kwargs)
+
+
+def test_bad_server_hyperparameters_name_the_field():
+    with pytest.raises(ValueError, match="momentum"):
+        server_optimizer_factory("momentum", lr=0.1, momentum=1.5)
+    with pytest.raises(ValueError, match="betas"):
+        server_optimizer_factory("adam", lr=0.1, betas=(0.9, 1.0))

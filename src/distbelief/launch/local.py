@@ -16,7 +16,7 @@ from typing import Any
 
 from distbelief.data import load_dataset, worker_indices
 from distbelief.errors import ChildFailedError, DistBeliefError
-from distbelief.launch import roles
+from distbelief.launch import evaluator, roles
 from distbelief.launch.child import run_child
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.progress import ProgressDisplay
@@ -58,7 +58,7 @@ def _worker_main(name, events, rank, config, addresses, start_time) -> Any:
 
 
 def _evaluator_main(name, events, config, addresses, start_time, stop) -> Any:
-    return roles.run_evaluator(
+    return evaluator.run_evaluator(
         config, addresses, emit=_emitter(events, name), start_time=start_time, stop=stop
     )
 

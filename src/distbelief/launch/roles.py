@@ -13,7 +13,6 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from distbelief.client import ParameterServerClient
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.launch.config import TrainConfig
 from distbelief.metrics import make_record
@@ -21,7 +20,6 @@ from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.server import ConsistencyConfig, ParameterShard, ShardService
 from distbelief.server.optimizers import ServerOptimizerFactory
-from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import serve
 
 logger = logging.getLogger(__name__)
@@ -164,61 +162,3 @@ def run_worker(
     finally:
         optimizer.close()
     return {"rank": rank, "steps": optimizer.num_steps}
-
-
-class PSEvaluator:
-    """Pulls the shards' parameters into a local model and measures it on the test set."""
-
-    def __init__(self, config: TrainConfig, addresses: Sequence[str]) -> None:
-        self.test_set = load_dataset(
-            config.dataset, split="test", data_dir=config.data_dir, download=config.download
-        )
-        self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
-        params = list(self.model.parameters())
-        self.layout = FlatLayout(tensor_specs(self.model.named_parameters()))
-        self._flats = self.layout.allocate()
-        self._views = self.layout.views(self._flats)
-        self._params = params
-        self.client = ParameterServerClient(
-            addresses, self.layout.specs, timeout_s=config.timeout_s
-        )
-        self.client.handshake(None)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Test loss, accuracy and the shards' summed version of one fresh pull."""
-        versions = self.client.wait(self.client.pull(self._flats))
-        torch._foreach_copy_(self._params, self._views)
-        test_loss, test_accuracy = evaluate(self.model, self.test_set)
-        return {"test_loss": test_loss, "test_accuracy": test_accuracy, "version": max(versions)}
-
-    def close(self) -> None:
-        self.client.close()
-
-
-def run_evaluator(
-    config: TrainConfig,
-    addresses: Sequence[str],
-    *,
-    emit: Emit,
-    start_time: float,
-    stop: StopFlag,
-) -> dict:
-    """Evaluate the shards' parameters now, every ``eval_every_s`` until ``stop``, then once
-    more; a parameter version already evaluated is not reported twice."""
-    torch.set_num_threads(1)
-    evaluator = PSEvaluator(config, addresses)
-    last_version = -1
-    try:
-        while True:
-            result = evaluator.evaluate()
-            if result["version"] != last_version:
-                emit(
-                    "metric", make_record("evaluator", 0, time_s=time.time() - start_time, **result)
-                )
-                last_version = result["version"]
-            if stop.is_set():
-                return result
-            stop.wait(config.eval_every_s)
-    finally:
-        evaluator.close()

@@ -28,7 +28,7 @@ def _spawn_shard(shard_id: int, num_shards: int, *extra: str) -> subprocess.Pope
             str(num_shards),
             "--bind",
             "tcp://127.0.0.1:0",
-            *extra,
+            *(extra if "--auth-key-file" in extra else ("--no-auth", *extra)),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

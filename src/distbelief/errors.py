@@ -48,3 +48,7 @@ class ChildFailedError(DistBeliefError):
         self.detail = detail
         message = f"{name} failed (exit code {exitcode})"
         super().__init__(f"{message}:\n{detail}" if detail else message)
+
+
+class CheckpointError(DistBeliefError, ValueError):
+    """A checkpoint file is missing a part, corrupt, or belongs to another job or shard."""

@@ -22,9 +22,17 @@ METRIC_FIELDS = (
     "test_accuracy",
     "version",
     "staleness",
+    "pushes_per_s",
+    "bytes_per_s",
 )
 """The CSV columns, in order. ``time_s`` is seconds since the run started; ``staleness`` is
-the mean staleness of a worker's pushes since its previous record."""
+the mean staleness of a worker's pushes (or of a shard's received pushes) since its previous
+record; ``pushes_per_s`` and ``bytes_per_s`` (received plus sent) are a shard's rates since its
+previous record."""
+
+_OLDER_HEADERS = (METRIC_FIELDS[:10],)
+"""Headers of earlier versions of ``metrics.csv``, still readable; their missing columns read
+as ``None``."""
 
 ROLES = ("worker", "evaluator", "shard")
 """Who wrote a record. ``rank`` is the worker rank or shard id; the evaluator uses rank 0."""
@@ -62,7 +70,8 @@ def make_record(role: str, rank: int, *, time_s: float, **fields: object) -> dic
         rank: worker rank or shard id; 0 for the evaluator.
         time_s: seconds since the run started.
         **fields: any other fields of ``METRIC_FIELDS`` (``step``, ``loss``, ``accuracy``,
-            ``test_loss``, ``test_accuracy``, ``version``). Fields not given are ``None``.
+            ``test_loss``, ``test_accuracy``, ``version``, ``staleness``, ``pushes_per_s``,
+            ``bytes_per_s``). Fields not given are ``None``.
 
     Returns:
         A dict keyed by ``METRIC_FIELDS`` in order; ints for rank/step/version, floats for the
@@ -98,18 +107,29 @@ class MetricsWriter:
     the writing process loses nothing already written.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, append: bool = False) -> None:
         """Creates (or truncates) ``path`` and writes the header line.
 
         Args:
             path: the CSV file to write; its parent folder is created if missing.
+            append: keep the rows of an existing ``path`` and add after them (a header is
+                written only if the file is new or empty).
+
+        Raises:
+            ValueError: ``append`` is set and ``path`` has a header other than
+                ``METRIC_FIELDS`` (rows of two layouts must not mix in one file).
         """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        has_rows = append and self.path.is_file() and self.path.stat().st_size > 0
+        if has_rows:
+            _check_header_for_append(self.path)
         # buffering=1 is line buffering: each row is handed to the OS at its newline.
-        self._file = self.path.open("w", newline="", encoding="utf-8", buffering=1)
+        mode = "a" if append else "w"
+        self._file = self.path.open(mode, newline="", encoding="utf-8", buffering=1)
         self._csv = csv.writer(self._file, lineterminator="\n")
-        self._csv.writerow(METRIC_FIELDS)
+        if not has_rows:
+            self._csv.writerow(METRIC_FIELDS)
         self._file.flush()
 
     def write(self, record: dict) -> None:
@@ -147,6 +167,13 @@ class MetricsWriter:
         self.close()
 
 
+def _check_header_for_append(path: Path) -> None:
+    with path.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if tuple(header) != METRIC_FIELDS:
+        raise ValueError(f"{path}: cannot append, its header {header} is not {list(METRIC_FIELDS)}")
+
+
 def _parse_cell(path: Path, line_no: int, name: str, text: str) -> object:
     if name == "role":
         if text not in ROLES:
@@ -170,30 +197,34 @@ def read_metrics(path: Path) -> list[dict[str, object]]:
         path: the CSV file written by ``MetricsWriter``.
 
     Returns:
-        One dict per row, keyed by ``METRIC_FIELDS``; int, float or None for numeric fields.
+        One dict per row, keyed by ``METRIC_FIELDS``; int, float or None for numeric fields
+        (None also for the columns an older file lacks).
 
     Raises:
-        ValueError: the file is missing, its header is not ``METRIC_FIELDS``, or a row is
-            malformed (the message names the file, line and column).
+        ValueError: the file is missing, its header is neither ``METRIC_FIELDS`` nor an
+            earlier version of it, or a row is malformed (the message names the file, line
+            and column).
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"metrics file not found: {path}")
     with path.open(newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    if not rows or tuple(rows[0]) != METRIC_FIELDS:
-        header = rows[0] if rows else "(empty file)"
-        raise ValueError(f"{path}: wrong metrics header {header}; expected {list(METRIC_FIELDS)}")
+    header = tuple(rows[0]) if rows else ()
+    if header != METRIC_FIELDS and header not in _OLDER_HEADERS:
+        shown = list(header) if rows else "(empty file)"
+        raise ValueError(f"{path}: wrong metrics header {shown}; expected {list(METRIC_FIELDS)}")
     records = []
     for line_no, row in enumerate(rows[1:], start=2):
-        if len(row) != len(METRIC_FIELDS):
+        if len(row) != len(header):
             raise ValueError(
-                f"{path}, line {line_no}: expected {len(METRIC_FIELDS)} cells, got {len(row)}"
+                f"{path}, line {line_no}: expected {len(header)} cells, got {len(row)}"
             )
+        cells = dict(zip(header, row, strict=True))
         records.append(
             {
-                name: _parse_cell(path, line_no, name, text)
-                for name, text in zip(METRIC_FIELDS, row, strict=True)
+                name: _parse_cell(path, line_no, name, cells[name]) if name in cells else None
+                for name in METRIC_FIELDS
             }
         )
     return records

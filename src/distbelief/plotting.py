@@ -1,8 +1,10 @@
-"""PNG plots of a run folder: accuracy and loss vs time, per worker and for the parameter server.
+"""PNG plots of one run folder: accuracy, loss and throughput vs time, per worker and for the
+parameter server, and the staleness histogram.
 
-Reads only ``metrics.csv`` and ``config.json`` of the folder and writes PNGs next to them. It uses
-matplotlib's object API with an explicit Agg canvas rather than pyplot, so it never touches the
-process-wide backend or figure registry of whoever imports it.
+Reads only ``metrics.csv``, ``config.json`` and ``staleness.json`` of the folder and writes PNGs.
+It uses matplotlib's object API with an explicit Agg canvas rather than pyplot, so it never
+touches the process-wide backend or figure registry of whoever imports it. Comparing several
+runs lives in ``distbelief.plot_compare``, on the helpers here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -26,6 +29,14 @@ logger = logging.getLogger(__name__)
 DPI = 110
 FIGURE_SIZE_IN = (9.0, 5.0)
 PS_LABEL = "PS (test)"
+STALENESS_PNG = "staleness.png"
+THROUGHPUT_PNG = "throughput_vs_time.png"
+
+RATE_WINDOW_RECORDS = 3
+"""A worker's throughput at a record is measured over this many of its previous records."""
+
+Series = tuple[list[float], list[float]]
+Records = list[dict[str, Any]]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -46,12 +57,215 @@ _PLOTS = (
         y_label="accuracy",
     ),
     _PlotSpec(
-        file_name="loss_vs_time.png", worker_field="loss", ps_field="test_loss", y_label="loss"
+        file_name="loss_vs_time.png",
+        worker_field="loss",
+        ps_field="test_loss",
+        y_label="loss (cross-entropy)",
     ),
 )
 
-Series = tuple[list[float], list[float]]
-STALENESS_PNG = "staleness.png"
+
+@dataclass(frozen=True, slots=True)
+class RunData:
+    """What the plots of one run folder read."""
+
+    run_dir: Path
+    records: Records
+    config: dict[str, Any]
+    """config.json's content ({} when the folder has none)."""
+
+
+def load_run(run_dir: Path | str) -> RunData:
+    """Reads a run folder's ``metrics.csv`` and ``config.json``.
+
+    Raises:
+        ValueError: ``run_dir`` is not a folder or has no ``metrics.csv``, or ``metrics.csv``
+            or ``config.json`` is malformed (the message names the folder or file).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"not a run folder: {run_dir} (no such folder)")
+    metrics_path = run_dir / "metrics.csv"
+    if not metrics_path.is_file():
+        raise ValueError(f"not a run folder: {run_dir} (no metrics.csv)")
+    return RunData(run_dir, read_metrics(metrics_path), _read_config(run_dir))
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[Path]:
+    """Plots a run folder's metrics: accuracy, loss and throughput vs time, and staleness.
+
+    The accuracy and loss plots have one line per worker (its training metric vs ``time_s``)
+    and a thicker line with markers, ``"PS (test)"``, for the evaluator's test metric of the
+    parameter server's parameters. The throughput plot shows each worker's samples/s (steps/s
+    when the batch size is unknown) and their sum. The staleness histogram is drawn when the
+    folder has a ``staleness.json``. Titles come from ``config.json`` when the folder has one.
+
+    Args:
+        run_dir: a run folder holding ``metrics.csv`` (and optionally ``config.json``).
+        out_dir: where the PNGs go (created if missing); the run folder by default.
+
+    Returns:
+        The paths of the PNG files written: accuracy, loss, throughput, then staleness.
+
+    Raises:
+        ValueError: ``run_dir`` has no ``metrics.csv``, or ``metrics.csv``, ``config.json`` or
+            ``staleness.json`` is malformed (the message names the file).
+    """
+    run = load_run(run_dir)
+    out_path = Path(out_dir) if out_dir is not None else run.run_dir
+    out_path.mkdir(parents=True, exist_ok=True)
+    title = run_title(run.config, run.run_dir.name)
+    figures = {spec.file_name: _make_figure(run.records, spec, title) for spec in _PLOTS}
+    figures[THROUGHPUT_PNG] = _make_throughput_figure(run, title)
+    histogram = _read_staleness(run.run_dir)
+    if histogram:
+        figures[STALENESS_PNG] = _make_staleness_figure(histogram, title)
+    written = []
+    for file_name, figure in figures.items():
+        save_png_atomic(figure, out_path / file_name)
+        written.append(out_path / file_name)
+    logger.info("wrote %s", ", ".join(str(p) for p in written))
+    return written
+
+
+def new_figure(*, height_in: float = FIGURE_SIZE_IN[1]) -> tuple[Figure, Axes]:
+    """A figure of the standard width bound to an Agg canvas, and its one axes."""
+    figure = Figure(figsize=(FIGURE_SIZE_IN[0], height_in), dpi=DPI)
+    FigureCanvasAgg(figure)  # binds the Agg canvas to the figure; savefig renders with it.
+    return figure, figure.add_subplot()
+
+
+def series_by_rank(records: Records, role: str, field: str) -> dict[int, Series]:
+    """Returns ``{rank: (times_s, values)}`` for one role's non-empty ``field``, time-ordered."""
+    series: dict[int, Series] = {}
+    for record in sorted(records, key=lambda r: r["time_s"]):
+        if record["role"] == role and record[field] is not None:
+            times_s, values = series.setdefault(record["rank"], ([], []))
+            times_s.append(record["time_s"])
+            values.append(record[field])
+    return dict(sorted(series.items()))
+
+
+def _make_figure(records: Records, spec: _PlotSpec, title: str) -> Figure:
+    figure, axes = new_figure()
+    workers = series_by_rank(records, "worker", spec.worker_field)
+    for rank, (times_s, values) in workers.items():
+        axes.plot(times_s, values, linewidth=1.0, alpha=0.75, label=f"worker {rank} (train)")
+    evaluator = series_by_rank(records, "evaluator", spec.ps_field)
+    for times_s, values in evaluator.values():
+        # Drawn last and on top: it is the model the run produces, the workers are context.
+        axes.plot(
+            times_s,
+            values,
+            color="black",
+            linewidth=2.5,
+            marker="o",
+            markersize=4,
+            zorder=3,
+            label=PS_LABEL,
+        )
+    style_axes(axes, spec.y_label, title, has_data=bool(workers or evaluator))
+    figure.tight_layout()
+    return figure
+
+
+def style_axes(axes: Axes, y_label: str, title: str, *, has_data: bool) -> None:
+    """Labels, grid, a 0-based time axis, a 0..1 scale for accuracy, and a legend outside."""
+    axes.set_xlabel("time (seconds)")
+    axes.set_ylabel(y_label)
+    axes.set_title(title, fontsize="medium")
+    axes.grid(True, alpha=0.3)
+    axes.set_xlim(left=0.0)
+    if "accuracy" in y_label:
+        low, high = axes.get_ylim()
+        if has_data and low >= -0.05 and high <= 1.05:
+            axes.set_ylim(0.0, 1.02)  # a fixed 0..1 scale makes runs comparable at a glance.
+    if not has_data:
+        axes.text(0.5, 0.5, "no data yet", transform=axes.transAxes, ha="center", va="center")
+        return
+    # Outside the axes so the legend never hides a curve, however many lines there are.
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+
+
+def batch_size_of(config: dict[str, Any]) -> int | None:
+    """The run's batch size from its config, if it has a positive integer one."""
+    value = config.get("batch_size")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def worker_rates(times_s: list[float], steps: list[float]) -> Series:
+    """A worker's steps/s at each of its records, over its ``RATE_WINDOW_RECORDS`` previous
+    records; intervals where the step went back (a restarted worker) are skipped."""
+    rate_times_s, rates = [], []
+    for i in range(1, len(times_s)):
+        first = max(0, i - RATE_WINDOW_RECORDS)
+        elapsed_s = times_s[i] - times_s[first]
+        done = steps[i] - steps[first]
+        if elapsed_s > 0 and done >= 0:
+            rate_times_s.append(times_s[i])
+            rates.append(done / elapsed_s)
+    return rate_times_s, rates
+
+
+def total_rate(records: Records) -> Series:
+    """Steps/s of all workers together: each worker's ``worker_rates`` interpolated onto the
+    union of their times and summed (a worker counts 0 outside its first..last rate)."""
+    per_worker = [
+        worker_rates(times_s, steps)
+        for times_s, steps in series_by_rank(records, "worker", "step").values()
+    ]
+    per_worker = [(times_s, rates) for times_s, rates in per_worker if times_s]
+    if not per_worker:
+        return [], []
+    grid_s = np.unique(np.concatenate([np.asarray(times_s) for times_s, _ in per_worker]))
+    total = np.zeros_like(grid_s)
+    for times_s, rates in per_worker:
+        total += np.interp(grid_s, times_s, rates, left=0.0, right=0.0)
+    return grid_s.tolist(), total.tolist()
+
+
+def time_bin_s(records: Records) -> float:
+    """A time bin for averaging over workers: about 25 bins over the run, at least 0.5 s."""
+    times_s = [r["time_s"] for r in records if r["role"] == "worker"]
+    return max(0.5, (max(times_s) / 25.0) if times_s else 0.5)
+
+
+def _make_throughput_figure(run: RunData, title: str) -> Figure:
+    figure, axes = new_figure()
+    batch_size = batch_size_of(run.config)
+    scale = batch_size or 1
+    unit = "samples/s" if batch_size else "steps/s"
+    workers = series_by_rank(run.records, "worker", "step")
+    for rank, (times_s, steps) in workers.items():
+        rate_times_s, rates = worker_rates(times_s, steps)
+        scaled = [rate * scale for rate in rates]
+        axes.plot(rate_times_s, scaled, linewidth=1.0, alpha=0.75, label=f"worker {rank}")
+    if len(workers) > 1:
+        grid_s, totals = total_rate(run.records)
+        axes.plot(
+            grid_s,
+            [rate * scale for rate in totals],
+            color="black",
+            linewidth=2.0,
+            label="all workers",
+        )
+    style_axes(axes, f"throughput ({unit})", title, has_data=bool(workers))
+    axes.set_ylim(bottom=0.0)
+    figure.tight_layout()
+    return figure
 
 
 def _read_staleness(run_dir: Path) -> dict[int, int]:
@@ -71,9 +285,7 @@ def _read_staleness(run_dir: Path) -> dict[int, int]:
 
 
 def _make_staleness_figure(histogram: dict[int, int], title: str) -> Figure:
-    figure = Figure(figsize=FIGURE_SIZE_IN, dpi=DPI)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    figure, axes = new_figure()
     axes.bar(list(histogram), list(histogram.values()), width=0.8, color="tab:blue")
     total = sum(histogram.values())
     mean = sum(s * c for s, c in histogram.items()) / total
@@ -85,97 +297,6 @@ def _make_staleness_figure(histogram: dict[int, int], title: str) -> Figure:
     axes.grid(True, axis="y", alpha=0.3)
     figure.tight_layout()
     return figure
-
-
-def plot_run(run_dir: Path) -> list[Path]:
-    """Plots a run folder's metrics to ``accuracy_vs_time.png`` and ``loss_vs_time.png``.
-
-    Each plot has one line per worker (its training metric vs ``time_s``) and a thicker line
-    with markers, ``"PS (test)"``, for the evaluator's test metric of the parameter server's
-    parameters. The title comes from ``config.json`` when the folder has one.
-
-    Args:
-        run_dir: a run folder holding ``metrics.csv`` (and optionally ``config.json``).
-
-    Returns:
-        The paths of the PNG files written, accuracy first.
-
-    Raises:
-        ValueError: ``run_dir`` has no ``metrics.csv``, or ``metrics.csv`` or ``config.json``
-            is malformed (the message names the file).
-    """
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.csv"
-    if not metrics_path.is_file():
-        raise ValueError(f"not a run folder: {run_dir} (no metrics.csv)")
-    records: list[dict[str, Any]] = read_metrics(metrics_path)
-    title = _run_title(run_dir)
-    written = []
-    for spec in _PLOTS:
-        figure = _make_figure(records, spec, title)
-        path = run_dir / spec.file_name
-        _save_png_atomic(figure, path)
-        written.append(path)
-    histogram = _read_staleness(run_dir)
-    if histogram:
-        path = run_dir / STALENESS_PNG
-        _save_png_atomic(_make_staleness_figure(histogram, title), path)
-        written.append(path)
-    logger.info("wrote %s", ", ".join(str(p) for p in written))
-    return written
-
-
-def _series_by_rank(records: list[dict[str, Any]], role: str, field: str) -> dict[int, Series]:
-    """Returns ``{rank: (times_s, values)}`` for one role's non-empty ``field``, time-ordered."""
-    series: dict[int, Series] = {}
-    for record in sorted(records, key=lambda r: r["time_s"]):
-        if record["role"] == role and record[field] is not None:
-            times_s, values = series.setdefault(record["rank"], ([], []))
-            times_s.append(record["time_s"])
-            values.append(record[field])
-    return dict(sorted(series.items()))
-
-
-def _make_figure(records: list[dict[str, Any]], spec: _PlotSpec, title: str) -> Figure:
-    figure = Figure(figsize=FIGURE_SIZE_IN, dpi=DPI)
-    FigureCanvasAgg(figure)  # binds the Agg canvas to the figure; savefig renders with it.
-    axes = figure.add_subplot()
-    workers = _series_by_rank(records, "worker", spec.worker_field)
-    for rank, (times_s, values) in workers.items():
-        axes.plot(times_s, values, linewidth=1.0, alpha=0.75, label=f"worker {rank} (train)")
-    evaluator = _series_by_rank(records, "evaluator", spec.ps_field)
-    for times_s, values in evaluator.values():
-        # Drawn last and on top: it is the model the run produces, the workers are context.
-        axes.plot(
-            times_s,
-            values,
-            color="black",
-            linewidth=2.5,
-            marker="o",
-            markersize=4,
-            zorder=3,
-            label=PS_LABEL,
-        )
-    _style_axes(axes, spec, title, has_data=bool(workers or evaluator))
-    figure.tight_layout()
-    return figure
-
-
-def _style_axes(axes: Axes, spec: _PlotSpec, title: str, *, has_data: bool) -> None:
-    axes.set_xlabel("time (seconds)")
-    axes.set_ylabel(spec.y_label)
-    axes.set_title(title, fontsize="medium")
-    axes.grid(True, alpha=0.3)
-    axes.set_xlim(left=0.0)
-    if spec.y_label == "accuracy":
-        low, high = axes.get_ylim()
-        if has_data and low >= -0.05 and high <= 1.05:
-            axes.set_ylim(0.0, 1.02)  # a fixed 0..1 scale makes runs comparable at a glance.
-    if not has_data:
-        axes.text(0.5, 0.5, "no data yet", transform=axes.transAxes, ha="center", va="center")
-        return
-    # Outside the axes so the legend never hides a curve, however many workers there are.
-    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
 def _config_value(config: dict[str, Any], names: tuple[str, ...]) -> object:
@@ -191,22 +312,13 @@ def _config_value(config: dict[str, Any], names: tuple[str, ...]) -> object:
     return None
 
 
-def _run_title(run_dir: Path) -> str:
-    """Builds "<model> on <dataset>, <W> workers, <S> shards" from config.json if present."""
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        return run_dir.name
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+def run_title(config: dict[str, Any], fallback: str) -> str:
+    """ "<model> on <dataset>, <W> workers, <S> shards" from a run's config, else ``fallback``."""
     model = _config_value(config, ("model", "model_name"))
     dataset = _config_value(config, ("dataset", "dataset_name"))
     num_workers = _config_value(config, ("num_workers", "workers"))
     num_shards = _config_value(config, ("num_shards", "shards"))
-    what = " on ".join(str(v) for v in (model, dataset) if v is not None) or run_dir.name
+    what = " on ".join(str(v) for v in (model, dataset) if v is not None) or fallback
     counts = [
         f"{count} {noun}{'' if count == 1 else 's'}"
         for count, noun in ((num_workers, "worker"), (num_shards, "shard"))
@@ -215,7 +327,7 @@ def _run_title(run_dir: Path) -> str:
     return ", ".join([what, *counts])
 
 
-def _save_png_atomic(figure: Figure, path: Path) -> None:
+def save_png_atomic(figure: Figure, path: Path) -> None:
     """Saves to a temp file in the same folder, then renames, so readers never see half a PNG."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -15,6 +15,9 @@ def _records() -> list[dict[str, object]]:
         make_record("worker", 1, time_s=0.5, step=1, loss=2.25, accuracy=0.1),
         make_record("evaluator", 0, time_s=1.0, version=7, test_loss=1.5, test_accuracy=0.625),
         make_record("shard", 1, time_s=1.25, version=8),
+        make_record(
+            "shard", 0, time_s=1.5, version=9, pushes_per_s=12.5, bytes_per_s=4096.0, staleness=1.0
+        ),
     ]
 
 
@@ -93,3 +96,34 @@ def test_bad_cell_names_file_line_and_column(tmp_path) -> None:
     path.write_text(",".join(METRIC_FIELDS) + "\n" + ",".join(row) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"metrics\.csv, line 2: column 'step'.*'x'"):
         read_metrics(path)
+
+
+def test_append_keeps_earlier_rows_and_writes_one_header(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    first, second, *_ = _records()
+    with MetricsWriter(path) as writer:
+        writer.write(first)
+    with MetricsWriter(path, append=True) as writer:
+        writer.write(second)
+    assert read_metrics(path) == [first, second]
+    with MetricsWriter(tmp_path / "new.csv", append=True) as writer:  # a new file: header too
+        writer.write(first)
+    assert read_metrics(tmp_path / "new.csv") == [first]
+
+
+def test_append_to_a_file_of_another_layout_is_refused(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("time,role,rank\n1.0,worker,0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"metrics\.csv: cannot append"):
+        MetricsWriter(path, append=True)
+    assert path.read_text(encoding="utf-8").count("\n") == 2
+
+
+def test_a_file_from_before_the_shard_columns_still_reads(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    old_header = METRIC_FIELDS[: METRIC_FIELDS.index("pushes_per_s")]
+    row = ["0.5", "worker", "0", "10", "2.0"] + [""] * (len(old_header) - 5)
+    path.write_text(",".join(old_header) + "\n" + ",".join(row) + "\n", encoding="utf-8")
+    (record,) = read_metrics(path)
+    assert tuple(record) == METRIC_FIELDS
+    assert record["step"] == 10 and record["loss"] == 2.0 and record["pushes_per_s"] is None

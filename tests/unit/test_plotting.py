@@ -52,7 +52,11 @@ def _make_run_dir(run_dir: Path, *, with_config: bool = True) -> Path:
 def test_plot_run_writes_valid_pngs(tmp_path: Path, with_config: bool) -> None:
     run_dir = _make_run_dir(tmp_path / "run", with_config=with_config)
     paths = plot_run(run_dir)
-    assert [p.name for p in paths] == ["accuracy_vs_time.png", "loss_vs_time.png"]
+    assert [p.name for p in paths] == [
+        "accuracy_vs_time.png",
+        "loss_vs_time.png",
+        "throughput_vs_time.png",
+    ]
     for path in paths:
         assert path.parent == run_dir
         data = path.read_bytes()

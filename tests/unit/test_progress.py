@@ -122,3 +122,44 @@ def test_unknown_role_is_rejected() -> None:
     display = ProgressDisplay(total_steps=1, num_workers=1, interactive=False, stream=io.StringIO())
     with pytest.raises(ValueError, match="coordinator"):
         display.update({"role": "coordinator", "rank": 0, "time_s": 0.0})
+
+
+def _shard_record(shard_id: int, time_s: float) -> dict:
+    return make_record(
+        "shard",
+        shard_id,
+        time_s=time_s,
+        version=120 + shard_id,
+        pushes_per_s=40.0,
+        bytes_per_s=2.5e6,
+        staleness=1.25,
+    )
+
+
+def test_progress_lines_carry_shard_fields() -> None:
+    stream = io.StringIO()
+    with ProgressDisplay(
+        total_steps=TOTAL_STEPS, num_workers=1, interactive=False, stream=stream, log_every_s=1.0
+    ) as display:
+        display.update(make_record("worker", 0, time_s=0.5, step=10, loss=1.0))
+        display.update(_shard_record(1, 0.6))
+        display.update(_shard_record(0, 0.7))
+    *_, (kind, fields) = [_parse(line) for line in stream.getvalue().splitlines()]
+    assert kind == "progress"
+    assert fields["shard0.version"] == "120" and fields["shard1.version"] == "121"
+    assert fields["shard0.pushes_per_s"] == "40.0"
+    assert fields["shard1.bytes_per_s"] == "2500000"
+    assert fields["shard0.staleness"] == "1.25"
+    # Shard fields come after the worker fields, in shard order.
+    keys = list(fields)
+    assert keys.index("worker0.loss") < keys.index("shard0.version") < keys.index("shard1.version")
+
+
+def test_interactive_mode_shows_a_shard_table() -> None:
+    stream = io.StringIO()
+    with ProgressDisplay(
+        total_steps=TOTAL_STEPS, num_workers=1, interactive=True, stream=stream
+    ) as display:
+        display.update(_shard_record(0, 0.5))
+    text = stream.getvalue()
+    assert "pushes/s" in text and "MB/s" in text and "2.50" in text

@@ -8,12 +8,15 @@ are served in parallel. Every call returns futures; every wait has a timeout.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
+import logging
+import secrets
 import time
 from collections.abc import Sequence
 
 import torch
 
-from distbelief.errors import ModelMismatchError, ShardTimeoutError
+from distbelief.errors import ModelMismatchError, ShardTimeoutError, ShardUnavailableError
 from distbelief.sharding import (
     ShardSlice,
     TensorSpec,
@@ -22,8 +25,12 @@ from distbelief.sharding import (
     specs_to_json,
 )
 from distbelief.wire import Message, Op, connect
+from distbelief.wire.security import WireSecurity
 
 _INIT_POLL_S = 0.05
+_FIRST_RETRY_DELAY_S = 0.05
+_MAX_RETRY_DELAY_S = 2.0
+logger = logging.getLogger(__name__)
 
 
 def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
@@ -43,6 +50,12 @@ class ParameterServerClient:
         specs: The model's parameter layout (every process computes the same one).
         timeout_s: Limit for each request to a shard.
         connect_timeout_s: Limit for opening a TCP connection.
+        worker_id: This replica's name at the shards (None: an anonymous reader).
+        hold_timeout_s: Longest a pull may be held by the shards (SSP, sync rounds).
+        retry_timeout_s: How long a shard may stay unreachable (restarting, say) before its
+            requests fail; requests are retried with backoff meanwhile. Pushes carry a
+            sequence number, so a retried push is applied once.
+        security: Authentication key and TLS settings of the job.
     """
 
     def __init__(
@@ -54,11 +67,19 @@ class ParameterServerClient:
         connect_timeout_s: float = 5.0,
         worker_id: str | None = None,
         hold_timeout_s: float = 300.0,
+        retry_timeout_s: float = 60.0,
+        security: WireSecurity | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if retry_timeout_s < 0:
+            raise ValueError(f"retry_timeout_s must be >= 0, got {retry_timeout_s}")
         self.worker_id = worker_id
         self.hold_timeout_s = hold_timeout_s
+        self.retry_timeout_s = retry_timeout_s
+        self._push_seq = itertools.count(1)
+        # One session per client life: a restarted worker's numbering starts afresh.
+        self._session = secrets.token_hex(8)
         self.consistency: dict = {"sync": False, "max_staleness": None}
         self._staleness: list[int] = []
         self.addresses = list(addresses)
@@ -67,7 +88,12 @@ class ParameterServerClient:
         self.timeout_s = timeout_s
         self.slices: list[list[ShardSlice]] = partition(self.specs, len(self.addresses))
         self._transports = [
-            connect(address, name=f"shard {i} ({address})", connect_timeout_s=connect_timeout_s)
+            connect(
+                address,
+                name=f"shard {i} ({address})",
+                connect_timeout_s=connect_timeout_s,
+                security=security,
+            )
             for i, address in enumerate(self.addresses)
         ]
         self._executors = [
@@ -81,7 +107,25 @@ class ParameterServerClient:
         return len(self.addresses)
 
     def _request(self, shard_id: int, message: Message, sink=None) -> Message:
-        return self._transports[shard_id].request(message, timeout_s=self.timeout_s, sink=sink)
+        """One request, retried with backoff while the shard is unreachable or silent.
+
+        Raises:
+            ShardUnavailableError: still failing after ``retry_timeout_s``.
+        """
+        transport = self._transports[shard_id]
+        deadline = time.monotonic() + self.retry_timeout_s
+        delay_s = _FIRST_RETRY_DELAY_S
+        while True:
+            try:
+                return transport.request(message, timeout_s=self.timeout_s, sink=sink)
+            except (ShardUnavailableError, ShardTimeoutError) as e:
+                if time.monotonic() + delay_s > deadline:
+                    raise ShardUnavailableError(
+                        f"{e} (gave up after retrying for {self.retry_timeout_s:g}s)"
+                    ) from e
+                logger.warning("%s; retrying in %.2fs", e, delay_s)
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, _MAX_RETRY_DELAY_S)
 
     def _submit(self, shard_id: int, fn, *args) -> cf.Future:
         return self._executors[shard_id].submit(fn, shard_id, *args)
@@ -148,8 +192,9 @@ class ParameterServerClient:
         ``base_versions[i]`` is shard i's version the gradient was computed from.
         """
         futures = []
+        seq = next(self._push_seq)
         for i in range(self.num_shards):
-            meta = self._identity(clock)
+            meta = {**self._identity(clock), "seq": seq, "session": self._session}
             if base_versions is not None:
                 meta["base_version"] = int(base_versions[i])
             message = Message(Op.PUSH, meta, self._slice_tensors(i, flat_grads))
@@ -244,7 +289,9 @@ class ParameterServerClient:
             ShardTimeoutError: not all done within ``timeout_s`` (default: the request timeout
                 plus a margin, since each future already carries its own request timeout).
         """
-        limit_s = timeout_s if timeout_s is not None else self.timeout_s + 5.0
+        limit_s = (
+            timeout_s if timeout_s is not None else self.timeout_s + self.retry_timeout_s + 5.0
+        )
         done, pending = cf.wait(futures, timeout=limit_s)
         for future in futures:
             error = future.exception() if future in done else None

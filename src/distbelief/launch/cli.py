@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from distbelief.client import parse_addresses
 from distbelief.data import DATASET_NAMES
@@ -14,6 +15,7 @@ from distbelief.errors import ChildFailedError, DistBeliefError
 from distbelief.launch.config import TrainConfig
 from distbelief.models import MODEL_NAMES
 from distbelief.server import SERVER_OPTIMIZER_NAMES, STALENESS_POLICIES
+from distbelief.wire.security import WireSecurity, read_key_file, write_key_file
 
 logger = logging.getLogger("distbelief")
 
@@ -130,6 +132,97 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_eval_parser(commands) -> None:
+    defaults = TrainConfig()
+    evaluate = commands.add_parser(
+        "eval", help="evaluate running shards' parameters on the test set"
+    )
+    evaluate.add_argument("--ps", required=True, help="shard addresses, comma-separated, in order")
+    evaluate.add_argument("--model", choices=MODEL_NAMES, default=defaults.model)
+    evaluate.add_argument("--dataset", choices=DATASET_NAMES, default=defaults.dataset)
+    evaluate.add_argument("--data-dir", default=defaults.data_dir)
+    evaluate.add_argument(
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="fail instead of downloading missing data set files",
+    )
+    evaluate.add_argument("--seed", type=int, default=defaults.seed)
+    evaluate.add_argument("--timeout", dest="timeout_s", type=float, default=defaults.timeout_s)
+    evaluate.add_argument(
+        "--eval-every",
+        dest="eval_every_s",
+        type=float,
+        default=2.0,
+        help="seconds between evaluations",
+    )
+    evaluate.add_argument(
+        "--out", dest="out_dir", default="", help="append each evaluation to OUT/metrics.csv"
+    )
+    evaluate.add_argument(
+        "--once", action="store_true", help="evaluate once, print the result and exit"
+    )
+    _add_security_flags(evaluate, server=False)
+
+
+def _add_plot_parser(commands) -> None:
+    plot = commands.add_parser("plot", help="plot one run folder, or compare several")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s)")
+    plot.add_argument(
+        "--out", dest="out_dir", default="", help="where the PNGs go (default: the first run)"
+    )
+
+
+def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint-every",
+        dest="checkpoint_every_s",
+        type=float,
+        default=TrainConfig().checkpoint_every_s,
+        help="seconds between shard checkpoints (also saved at shutdown)",
+    )
+
+
+def _add_security_flags(parser: argparse.ArgumentParser, *, server: bool) -> None:
+    group = parser.add_argument_group("security")
+    group.add_argument("--auth-key-file", help="the job's key (make one: distbelief keygen FILE)")
+    if server:
+        group.add_argument(
+            "--no-auth", action="store_true", help="accept any peer (only on a network you trust)"
+        )
+        group.add_argument("--tls-cert", help="PEM certificate: speak TLS")
+        group.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    else:
+        group.add_argument("--tls-ca", help="PEM CA bundle: speak TLS, verify shards with it")
+
+
+def security_from_args(args: argparse.Namespace) -> WireSecurity:
+    """The wire security of a manual role; a shard needs a key file or an explicit --no-auth."""
+    key_file = getattr(args, "auth_key_file", None)
+    if getattr(args, "no_auth", False) and key_file:
+        raise ValueError("give --auth-key-file or --no-auth, not both")
+    if args.command == "ps" and not key_file and not args.no_auth:
+        raise ValueError(
+            "give --auth-key-file FILE (create it with: distbelief keygen FILE) or --no-auth"
+        )
+    tls_cert, tls_key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for flag, path in (
+        ("--tls-cert", tls_cert),
+        ("--tls-key", tls_key),
+        ("--tls-ca", getattr(args, "tls_ca", None)),
+    ):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    return WireSecurity(
+        auth_key=read_key_file(key_file) if key_file else None,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=getattr(args, "tls_ca", None),
+    )
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distbelief", description="Downpour SGD against a sharded parameter server."
@@ -145,8 +238,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--eval-every",
         dest="eval_every_s",
         type=float,
-        default=2.0,
+        default=TrainConfig().eval_every_s,
         help="seconds between evaluations of the shards' parameters",
+    )
+    train.add_argument(
+        "--no-eval",
+        dest="eval_during_training",
+        action="store_false",
+        help="no evaluations while training; the test accuracy is measured once at the end",
     )
     train.add_argument(
         "--warmstart-steps",
@@ -154,8 +253,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0,
         help="worker 0 trains alone for its first N pushes",
     )
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its shard checkpoints, with its config",
+    )
+    train.add_argument(
+        "--max-restarts",
+        type=int,
+        default=TrainConfig().max_restarts,
+        help="restarts allowed per process that dies",
+    )
     _add_training_flags(train)
     _add_server_flags(train)
+    _add_checkpoint_flags(train)
 
     ps = commands.add_parser("ps", help="serve one parameter-server shard")
     ps.add_argument("--shard-id", type=int, required=True)
@@ -166,7 +277,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="tcp://127.0.0.1:7000",
         help="address to listen on; another host than 127.0.0.1 exposes the shard",
     )
+    ps.add_argument("--checkpoint-dir", help="restore from and save checkpoints to this folder")
     _add_server_flags(ps)
+    _add_checkpoint_flags(ps)
+    _add_security_flags(ps, server=True)
 
     worker = commands.add_parser("worker", help="train one replica against running shards")
     worker.add_argument("--ps", required=True, help="shard addresses, comma-separated, in order")
@@ -179,6 +293,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="ranks > 0 wait until the shards have applied N updates",
     )
     _add_training_flags(worker)
+    _add_security_flags(worker, server=False)
+    _add_eval_parser(commands)
+    _add_plot_parser(commands)
+    keygen = commands.add_parser("keygen", help="write a new job key file (owner-only)")
+    keygen.add_argument("path")
     return parser
 
 
@@ -186,7 +305,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return get_args_parser().parse_args(argv)
 
 
-_NOT_CONFIG = {"command", "verbose", "ps", "rank", "shard_id", "bind"}
+_NOT_CONFIG = {
+    "command",
+    "verbose",
+    "ps",
+    "rank",
+    "shard_id",
+    "bind",
+    "resume",
+    "checkpoint_dir",
+    "auth_key_file",
+    "no_auth",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -198,7 +331,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _run_train(args: argparse.Namespace) -> int:
     from distbelief.launch.local import train
 
-    result = train(config_from_args(args))
+    if args.resume:
+        config = TrainConfig.from_file(Path(args.resume) / "config.json")
+        result = train(config.replace(out_dir=args.resume), resume=True)
+    else:
+        result = train(config_from_args(args))
     final = result.final
     print(
         f"done in {result.elapsed_s:.1f}s: test accuracy {final.get('test_accuracy', 0):.4f} "
@@ -211,7 +348,7 @@ def _log_emit(kind: str, payload: object) -> None:
     if kind == "ready":
         # One parseable stdout line, so scripts and tests learn the port when binding to :0.
         print(f"serving shard {payload['shard_id']} at {payload['address']}", flush=True)
-    logger.info("%s %s", kind, payload)
+    logger.log(logging.DEBUG if kind == "heartbeat" else logging.INFO, "%s %s", kind, payload)
 
 
 def _run_ps(args: argparse.Namespace) -> int:
@@ -228,6 +365,9 @@ def _run_ps(args: argparse.Namespace) -> int:
         args.bind,
         optimizer_factory=config.server_optimizer_factory(),
         consistency=config.consistency(),
+        security=security_from_args(args),
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every_s=config.checkpoint_every_s,
         emit=_log_emit,
     )
     return 0
@@ -240,9 +380,57 @@ def _run_worker(args: argparse.Namespace) -> int:
         raise ValueError(f"--rank {args.rank} is not in [0, --num-workers {args.num_workers})")
     config = config_from_args(args)
     result = run_worker(
-        config, args.rank, parse_addresses(args.ps), emit=_log_emit, start_time=time.time()
+        config,
+        args.rank,
+        parse_addresses(args.ps),
+        emit=_log_emit,
+        start_time=time.time(),
+        security=security_from_args(args),
     )
     print(f"worker {args.rank} done after {result['steps']} steps")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from distbelief.launch.evaluator import format_result, watch_shards
+
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+        seed=args.seed,
+        timeout_s=args.timeout_s,
+        eval_every_s=args.eval_every_s,
+    )
+    addresses = parse_addresses(args.ps)
+    result = watch_shards(
+        config,
+        addresses,
+        out_dir=args.out_dir,
+        once=args.once,
+        security=security_from_args(args),
+    )
+    print(format_result(result))
+    return 0
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from distbelief.plot_compare import plot_runs
+    from distbelief.plotting import plot_run
+
+    out_dir = args.out_dir or args.run_dirs[0]
+    if len(args.run_dirs) == 1:
+        written = plot_run(args.run_dirs[0], out_dir=out_dir)
+    else:
+        written = plot_runs(args.run_dirs, out_dir=out_dir)
+    print("\n".join(str(path) for path in written))
+    return 0
+
+
+def _run_keygen(args: argparse.Namespace) -> int:
+    path = write_key_file(args.path)
+    print(f"wrote {path} (readable by you only); pass it with --auth-key-file {path}")
     return 0
 
 
@@ -252,7 +440,14 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    commands = {"train": _run_train, "ps": _run_ps, "worker": _run_worker}
+    commands = {
+        "train": _run_train,
+        "ps": _run_ps,
+        "worker": _run_worker,
+        "eval": _run_eval,
+        "plot": _run_plot,
+        "keygen": _run_keygen,
+    }
     try:
         return commands[args.command](args)
     except ValueError as e:

@@ -81,8 +81,17 @@ class TrainConfig:
     """Run folder; empty means runs/<timestamp>."""
     eval_every_s: float = 1.0
     """Seconds between evaluations of the shards' parameters on the test set."""
+    eval_during_training: bool = True
+    """Evaluate the shards' parameters every eval_every_s while the workers train; False: only
+    once, after the workers finish (the evaluator costs the workers nothing meanwhile)."""
     timeout_s: float = 30.0
     """Limit for each request to a shard."""
+    retry_timeout_s: float = 60.0
+    """How long workers retry a shard that is unreachable (restarting) before failing."""
+    checkpoint_every_s: float = 30.0
+    """Seconds between shard checkpoints (they also save at shutdown)."""
+    max_restarts: int = 3
+    """Restarts allowed per process (worker, shard, evaluator) before giving up on it."""
     blocking: bool = False
     """Workers wait for each push and pull (reproducible; slower)."""
     threads_per_worker: int = 1
@@ -114,7 +123,9 @@ class TrainConfig:
             _require(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
         for name in ("lr", "server_lr"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
-        for name in ("eval_every_s", "timeout_s"):
+        _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, ">= 0")
+        _require(self.retry_timeout_s >= 0, "retry_timeout_s", self.retry_timeout_s, ">= 0")
+        for name in ("eval_every_s", "timeout_s", "checkpoint_every_s"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "> 0")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give steps or epochs, not both")

@@ -1,42 +1,85 @@
 """The evaluator role: pulls the parameter server's parameters into a local model and measures
-test loss and accuracy, periodically and once more at the end of a job."""
+test loss and accuracy, periodically and once more at the end of a job, inside ``train`` or as
+the standalone ``distbelief eval`` command. It only reads from the shards, never pushes.
+
+Cost to the workers: EVALUATOR_COST_SENTENCE
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from distbelief.client import ParameterServerClient
 from distbelief.data import load_dataset
+from distbelief.errors import ShardUnavailableError
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.roles import Emit, StopFlag, build_replica, evaluate
-from distbelief.metrics import make_record
+from distbelief.metrics import MetricsWriter, make_record
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.wire.security import WireSecurity
+
+logger = logging.getLogger(__name__)
+
+_STOP_POLL_S = 0.2
+"""Longest wait on the stop flag in one call, so SIGTERM's SystemExit is raised promptly."""
+
+METRICS_FILE = "metrics.csv"
 
 
 class PSEvaluator:
-    """Pulls the shards' parameters into a local model and measures it on the test set."""
+    """Pulls the shards' parameters into a local model and measures it on the test set.
 
-    def __init__(self, config: TrainConfig, addresses: Sequence[str]) -> None:
+    Args:
+        config: the job's config; only model, dataset, data_dir, download, seed and timeout_s
+            matter (they fix the parameter layout, which must match the shards').
+        addresses: one address per shard, in shard-id order.
+        security: the job's authentication key and TLS settings (None: none).
+
+    Raises:
+        ShardTimeoutError: no worker initialised the shards within ``config.timeout_s``.
+        ShardUnavailableError: a shard cannot be reached.
+        ModelMismatchError: the shards hold another model's parameters.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        addresses: Sequence[str],
+        *,
+        security: WireSecurity | None = None,
+    ) -> None:
         self.test_set = load_dataset(
             config.dataset, split="test", data_dir=config.data_dir, download=config.download
         )
         self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
-        params = list(self.model.parameters())
         self.layout = FlatLayout(tensor_specs(self.model.named_parameters()))
         self._flats = self.layout.allocate()
         self._views = self.layout.views(self._flats)
-        self._params = params
+        self._params = list(self.model.parameters())
         self.client = ParameterServerClient(
-            addresses, self.layout.specs, timeout_s=config.timeout_s
+            addresses, self.layout.specs, timeout_s=config.timeout_s, security=security
         )
-        self.client.handshake(None)
+        try:
+            self.client.handshake(None)
+        except BaseException:
+            self.client.close()
+            raise
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Test loss, accuracy and the shards' summed version of one fresh pull."""
+        """Test loss, accuracy and the shards' highest version of one fresh pull.
+
+        Raises:
+            ShardTimeoutError: a shard did not answer the pull within the request timeout.
+            ShardUnavailableError: a shard cannot be reached.
+        """
         versions = self.client.wait(self.client.pull(self._flats))
         torch._foreach_copy_(self._params, self._views)
         test_loss, test_accuracy = evaluate(self.model, self.test_set)
@@ -46,6 +89,36 @@ class PSEvaluator:
         self.client.close()
 
 
+def _wait_for(stop: StopFlag) -> None:
+    while not stop.wait(_STOP_POLL_S):
+        pass
+
+
+def _sleep_unless_stopped(stop: StopFlag, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and (left_s := deadline - time.monotonic()) > 0:
+        stop.wait(min(left_s, _STOP_POLL_S))
+
+
+def _evaluate_until_stopped(
+    evaluator: PSEvaluator, every_s: float, emit: Emit, start_time: float, stop: StopFlag
+) -> dict:
+    """Evaluate now and every ``every_s`` until ``stop``, then once more; a parameter version
+    already evaluated is not reported twice. Returns the last result."""
+    last_version = -1
+    while True:
+        # Read the flag before evaluating: an evaluation that starts after the stop is the last.
+        stopping = stop.is_set()
+        result = evaluator.evaluate()
+        if result["version"] != last_version:
+            record = make_record("evaluator", 0, time_s=time.time() - start_time, **result)
+            emit("metric", record)
+            last_version = result["version"]
+        if stopping:
+            return result
+        _sleep_unless_stopped(stop, every_s)
+
+
 def run_evaluator(
     config: TrainConfig,
     addresses: Sequence[str],
@@ -53,22 +126,99 @@ def run_evaluator(
     emit: Emit,
     start_time: float,
     stop: StopFlag,
+    security: WireSecurity | None = None,
 ) -> dict:
-    """Evaluate the shards' parameters now, every ``eval_every_s`` until ``stop``, then once
-    more; a parameter version already evaluated is not reported twice."""
+    """The launcher's evaluator process: evaluates the shards' parameters every
+    ``config.eval_every_s`` until ``stop`` and once more after it; with
+    ``config.eval_during_training`` False, only once, after ``stop``.
+
+    Returns:
+        The last evaluation: ``test_loss``, ``test_accuracy`` and ``version``.
+
+    Raises:
+        ShardTimeoutError, ShardUnavailableError, ModelMismatchError: see ``PSEvaluator``.
+    """
     torch.set_num_threads(1)
-    evaluator = PSEvaluator(config, addresses)
-    last_version = -1
+    evaluator = PSEvaluator(config, addresses, security=security)
     try:
-        while True:
-            result = evaluator.evaluate()
-            if result["version"] != last_version:
-                emit(
-                    "metric", make_record("evaluator", 0, time_s=time.time() - start_time, **result)
-                )
-                last_version = result["version"]
-            if stop.is_set():
-                return result
-            stop.wait(config.eval_every_s)
+        if config.eval_during_training:
+            return _evaluate_until_stopped(evaluator, config.eval_every_s, emit, start_time, stop)
+        # The one-shot evaluator idles (no requests, no compute) until the workers are done.
+        _wait_for(stop)
+        result = evaluator.evaluate()
+        emit("metric", make_record("evaluator", 0, time_s=time.time() - start_time, **result))
+        return result
     finally:
         evaluator.close()
+
+
+def format_result(result: dict) -> str:
+    """``test_loss=... test_accuracy=... version=...``: one parseable line."""
+    return (
+        f"test_loss={result['test_loss']:.4f} test_accuracy={result['test_accuracy']:.4f} "
+        f"version={result['version']}"
+    )
+
+
+def watch_shards(
+    config: TrainConfig,
+    addresses: Sequence[str],
+    *,
+    out_dir: str = "",
+    once: bool = False,
+    stop: StopFlag | None = None,
+    security: WireSecurity | None = None,
+) -> dict:
+    """The ``distbelief eval`` command: evaluate running shards once, or every
+    ``config.eval_every_s`` until ``stop`` (or Ctrl-C, or the shards go away), logging each
+    evaluation and appending it to ``<out_dir>/metrics.csv`` when ``out_dir`` is given.
+
+    Returns:
+        The last evaluation: ``test_loss``, ``test_accuracy`` and ``version``.
+
+    Raises:
+        ShardTimeoutError, ShardUnavailableError, ModelMismatchError: before or at the first
+            evaluation (see ``PSEvaluator``); later, shards that went away end the watch.
+        ValueError: ``<out_dir>/metrics.csv`` exists with another header.
+    """
+    torch.set_num_threads(1)
+    start_time = time.time()
+    evaluator = PSEvaluator(config, addresses, security=security)
+    try:
+        if once:
+            return evaluator.evaluate()
+        with contextlib.ExitStack() as files:
+            writer = None
+            if out_dir:
+                path = Path(out_dir) / METRICS_FILE
+                writer = files.enter_context(MetricsWriter(path, append=True))
+            return _watch(evaluator, config.eval_every_s, writer, start_time, stop)
+    finally:
+        evaluator.close()
+
+
+def _watch(
+    evaluator: PSEvaluator,
+    every_s: float,
+    writer: MetricsWriter | None,
+    start_time: float,
+    stop: StopFlag | None,
+) -> dict:
+    last: dict = {}
+
+    def emit(_kind: str, record: dict) -> None:
+        last.update(record)
+        logger.info("eval t=%.1fs %s", record["time_s"], format_result(record))
+        if writer is not None:
+            writer.write(record)
+
+    try:
+        return _evaluate_until_stopped(
+            evaluator, every_s, emit, start_time, stop if stop is not None else threading.Event()
+        )
+    except ShardUnavailableError as e:
+        if not last:
+            raise
+        # The normal end of a watched job: its shards stopped.
+        logger.warning("shards stopped answering (%s); last evaluation: %s", e, format_result(last))
+        return {key: last[key] for key in ("test_loss", "test_accuracy", "version")}

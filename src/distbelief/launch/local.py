@@ -3,11 +3,11 @@ them, write the run folder, and stop every process on success, failure or Ctrl-C
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
 import os
-import queue
 import signal
 import time
 from dataclasses import dataclass, field
@@ -17,15 +17,19 @@ from typing import Any
 from distbelief.data import load_dataset, worker_indices
 from distbelief.errors import ChildFailedError, DistBeliefError
 from distbelief.launch import evaluator, roles
-from distbelief.launch.child import run_child
+from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.progress import ProgressDisplay
 from distbelief.launch.rundir import prepare_run_dir, write_json_atomic
+from distbelief.launch.shard_stats import ShardStatsPoller
 from distbelief.metrics import MetricsWriter
 from distbelief.plotting import plot_run
+from distbelief.tensorboard_log import TensorBoardLog
+from distbelief.wire.security import WireSecurity, generate_key
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINT_DIR = "checkpoints"
 _READY_TIMEOUT_S = 60.0
 _STOP_GRACE_S = 5.0
 _POLL_S = 0.2
@@ -39,32 +43,42 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
     raise LauncherInterrupted(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def _shard_main(name, events, shard_id, config: TrainConfig, stop) -> Any:
+def _shard_main(emit, shard_id, config: TrainConfig, stop, bind, security) -> Any:
     return roles.serve_shard(
         shard_id,
         config.num_shards,
-        f"tcp://{config.host}:0",
+        bind,
         optimizer_factory=config.server_optimizer_factory(),
         consistency=config.consistency(),
-        emit=_emitter(events, name),
+        security=security,
+        checkpoint_dir=str(Path(config.out_dir) / CHECKPOINT_DIR),
+        checkpoint_every_s=config.checkpoint_every_s,
+        emit=emit,
         stop=stop,
     )
 
 
-def _worker_main(name, events, rank, config, addresses, start_time) -> Any:
+def _worker_main(emit, rank, config, addresses, security, resume_step) -> Any:
     return roles.run_worker(
-        config, rank, addresses, emit=_emitter(events, name), start_time=start_time
+        config,
+        rank,
+        addresses,
+        emit=emit,
+        start_time=0.0,
+        security=security,
+        resume_step=resume_step,
     )
 
 
-def _evaluator_main(name, events, config, addresses, start_time, stop) -> Any:
+def _evaluator_main(emit, config, addresses, stop, security) -> Any:
     return evaluator.run_evaluator(
-        config, addresses, emit=_emitter(events, name), start_time=start_time, stop=stop
+        config,
+        addresses,
+        emit=emit,
+        start_time=0.0,
+        stop=stop,
+        security=security,
     )
-
-
-def _emitter(events, name: str):
-    return lambda kind, payload: events.put((kind, name, payload))
 
 
 @dataclass
@@ -77,22 +91,64 @@ class RunResult:
     elapsed_s: float = 0.0
     staleness: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per shard: how many pushes arrived with each staleness."""
+    faults: list[Fault] = field(default_factory=list)
+    """Processes that died during the run and what became of them."""
+
+
+@dataclass
+class Fault:
+    """A process that died without reporting an error, and what the launcher did about it."""
+
+    process: str
+    time_s: float
+    """Seconds since training started (the time axis of metrics.csv)."""
+    exitcode: int | None
+    action: str
+    """"restarted" or "given up"."""
+    version_before: int | None = None
+    """Shards: the last version the shard reported before it died."""
+    version_restored: int | None = None
+    """Shards: the version its checkpoint restored."""
+
+    @property
+    def lost_updates(self) -> int | None:
+        if self.version_before is None or self.version_restored is None:
+            return None
+        return max(0, self.version_before - self.version_restored)
 
 
 class LocalCluster:
-    """One job's processes. Use as a context manager: leaving it stops every process."""
+    """One job's processes. Use as a context manager: leaving it stops every process.
+
+    A process that dies without reporting a Python error (killed, crashed) is restarted up to
+    ``max_restarts`` times: a shard on its old address from its last checkpoint, a worker from
+    the shards' parameters at the step it had reached. A worker that stays dead is left out;
+    a process that reports an error stops the job.
+    """
 
     def __init__(self, config: TrainConfig, run_dir: Path) -> None:
         self.config = config
         self.run_dir = run_dir
         self.ctx = mp.get_context("spawn")
-        self.events = self.ctx.Queue()
-        self.shard_stop = self.ctx.Event()
-        self.eval_stop = self.ctx.Event()
+        self.events = EventInbox()
+        self.shard_stop = SharedStopFlag(self.ctx)
+        self.eval_stop = SharedStopFlag(self.ctx)
+        # The job's secret travels to children through spawn's private pipe, never argv/env.
+        self.security = WireSecurity(auth_key=generate_key())
         self.processes: dict[str, mp.process.BaseProcess] = {}
         self.errors: dict[str, str] = {}
         self.results: dict[str, Any] = {}
         self.start_time = time.time()
+        self.addresses: list[str] = []
+        self.restarts: dict[str, int] = {}
+        self.given_up: set[str] = set()
+        self.faults: list[Fault] = []
+        self.last_step: dict[int, int] = {}
+        self.shard_versions: dict[int, int] = {}
+        self.train_start: float | None = None
+        """Wall time the first worker started training (metrics count time from there)."""
+        self.on_fault: Any = None
+        """Called with each Fault (the launcher shows it)."""
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -101,19 +157,37 @@ class LocalCluster:
         self.stop_all()
 
     def _start(self, name: str, target, *args) -> None:
+        reader, writer = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(
             target=run_child,
-            args=(name, self.events, target, name, self.events, *args),
+            args=(name, writer, target, *args),
             name=name,
             daemon=True,
         )
         process.start()
+        writer.close()  # the child holds its end now; EOF here means the child is gone
+        self.events.add(reader)
         self.processes[name] = process
+        write_json_atomic(
+            self.run_dir / "pids.json",
+            json.dumps({n: p.pid for n, p in self.processes.items()}, indent=1),
+        )
+
+    def _start_shard(self, shard_id: int, bind: str) -> None:
+        self._start(
+            f"shard{shard_id}",
+            _shard_main,
+            shard_id,
+            self.config,
+            self.shard_stop,
+            bind,
+            self.security,
+        )
 
     def start_shards(self) -> list[str]:
         """Start every shard and return their addresses (bound to free ports)."""
         for shard_id in range(self.config.num_shards):
-            self._start(f"shard{shard_id}", _shard_main, shard_id, self.config, self.shard_stop)
+            self._start_shard(shard_id, f"tcp://{self.config.host}:0")
         addresses: dict[int, str] = {}
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while len(addresses) < self.config.num_shards:
@@ -122,48 +196,109 @@ class LocalCluster:
                 addresses[event[2]["shard_id"]] = event[2]["address"]
             elif time.monotonic() > deadline:
                 raise ChildFailedError("shards", None, f"not ready in {_READY_TIMEOUT_S:g}s")
-        return [addresses[i] for i in range(self.config.num_shards)]
+        self.addresses = [addresses[i] for i in range(self.config.num_shards)]
+        return self.addresses
 
-    def start_workers(self, addresses: list[str]) -> None:
+    def _start_worker(self, rank: int) -> None:
+        self._start(
+            f"worker{rank}",
+            _worker_main,
+            rank,
+            self.config,
+            self.addresses,
+            self.security,
+            self.last_step.get(rank, 0),
+        )
+
+    def start_workers(self) -> None:
         for rank in range(self.config.num_workers):
-            self._start(f"worker{rank}", _worker_main, rank, self.config, addresses, 0.0)
+            self._start_worker(rank)
 
-    def start_evaluator(self, addresses: list[str]) -> None:
-        self._start("evaluator", _evaluator_main, self.config, addresses, 0.0, self.eval_stop)
+    def start_evaluator(self) -> None:
+        self._start(
+            "evaluator", _evaluator_main, self.config, self.addresses, self.eval_stop, self.security
+        )
 
     def next_event(self, timeout_s: float = _POLL_S) -> tuple | None:
-        """The next child event (metrics are returned too); raises if a child has failed."""
-        try:
-            event = self.events.get(timeout=max(0.0, min(timeout_s, _POLL_S)))
-        except queue.Empty:
-            event = None
-        if event is not None and event[0] == "error":
-            self.errors[event[1]] = event[2]
-        elif event is not None and event[0] == "done":
-            self.results[event[1]] = event[2]
+        """The next child event (metrics are returned too); restarts processes that died;
+        raises if a child reported an error or a shard cannot be brought back."""
+        event = self.events.get(max(0.0, min(timeout_s, _POLL_S)))
+        if event is not None:
+            self._note(event)
         self._check_children()
         return event
 
+    def _note(self, event: tuple) -> None:
+        kind, name, payload = event
+        if kind == "error":
+            self.errors[name] = payload
+        elif kind == "done":
+            self.results[name] = payload
+        elif kind == "started" and self.train_start is None:
+            self.train_start = payload["time"]
+        elif kind == "heartbeat":
+            self.shard_versions[payload["shard_id"]] = payload["version"]
+        elif kind == "metric" and payload.get("role") == "worker":
+            self.last_step[payload["rank"]] = payload["step"]
+        elif kind == "ready" and payload.get("restored_version") is not None:
+            for fault in reversed(self.faults):
+                if fault.process == name and fault.version_restored is None:
+                    fault.version_restored = payload["restored_version"]
+                    self.shard_versions[payload["shard_id"]] = payload["restored_version"]
+                    break
+
     def _check_children(self) -> None:
-        for name, process in self.processes.items():
-            if process.exitcode not in (None, 0):
-                self._drain_errors()
-                raise ChildFailedError(name, process.exitcode, self.errors.get(name, ""))
+        for name, process in list(self.processes.items()):
+            if process.exitcode in (None, 0) or name in self.given_up:
+                continue
+            self._drain_errors()
+            if name in self.errors:
+                raise ChildFailedError(name, process.exitcode, self.errors[name])
+            self._handle_death(name, process.exitcode)
+
+    def _handle_death(self, name: str, exitcode: int | None) -> None:
+        restarts = self.restarts.get(name, 0)
+        can_restart = restarts < self.config.max_restarts and not self.shard_stop.is_set()
+        fault = Fault(name, time.time(), exitcode, "restarted" if can_restart else "given up")
+        fault.time_s = time.time() - (self.train_start or self.start_time)
+        if name.startswith("shard"):
+            fault.version_before = self.shard_versions.get(int(name[5:]))
+        self.faults.append(fault)
+        if self.on_fault is not None:
+            self.on_fault(fault)
+        if not can_restart:
+            if not name.startswith("worker"):
+                raise ChildFailedError(name, exitcode, "died and was not restarted")
+            self.given_up.add(name)
+            if all(f"worker{r}" in self.given_up for r in range(self.config.num_workers)):
+                raise ChildFailedError("every worker", exitcode, "all workers died")
+            return
+        self.restarts[name] = restarts + 1
+        if name.startswith("shard"):
+            shard_id = int(name[5:])
+            self._start_shard(shard_id, self.addresses[shard_id])
+        elif name.startswith("worker"):
+            self._start_worker(int(name[6:]))
+        else:
+            self.start_evaluator()
 
     def _drain_errors(self) -> None:
         # The child reports its traceback just before exiting; give the queue a moment.
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
-            try:
-                kind, name, payload = self.events.get(timeout=0.1)
-            except queue.Empty:
+            event = self.events.get(0.1)
+            if event is None:
                 break
-            if kind == "error":
-                self.errors[name] = payload
+            self._note(event)
 
     def finished(self, prefix: str) -> bool:
-        """Whether every process whose name starts with ``prefix`` has exited cleanly."""
-        return all(p.exitcode == 0 for name, p in self.processes.items() if name.startswith(prefix))
+        """Whether every process whose name starts with ``prefix`` has exited cleanly (or
+        been given up on)."""
+        return all(
+            p.exitcode == 0 or name in self.given_up
+            for name, p in self.processes.items()
+            if name.startswith(prefix)
+        )
 
     def stop_all(self) -> None:
         """Ask every child to stop, then terminate and finally kill the ones that do not."""
@@ -198,12 +333,27 @@ def _planned_steps(config: TrainConfig) -> int:
 
 class _Router:
     """Routes child events to the CSV and the display; times count from the first worker's
-    start (children report wall-clock times; process start-up is not training time)."""
+    start (children report wall-clock times; process start-up is not training time). Records
+    also go to TensorBoard, and ``poll_shards`` adds the shards' counters as ``shard`` records."""
 
-    def __init__(self, writer: MetricsWriter, progress: ProgressDisplay) -> None:
+    def __init__(
+        self,
+        writer: MetricsWriter,
+        progress: ProgressDisplay,
+        tensorboard: TensorBoardLog | None = None,
+        shard_poller: ShardStatsPoller | None = None,
+    ) -> None:
         self.writer = writer
         self.progress = progress
+        self.tensorboard = tensorboard
+        self.shard_poller = shard_poller
         self.train_start: float | None = None
+
+    def poll_shards(self) -> None:
+        """Routes the shards' counters if a poll is due (cheap to call in any loop)."""
+        if self.shard_poller is not None:
+            for record in self.shard_poller.poll_if_due():
+                self(("metric", "launcher", record))
 
     def __call__(self, event: tuple | None) -> None:
         if event is None:
@@ -216,6 +366,8 @@ class _Router:
             record = {**payload, "time_s": max(0.0, payload["time_s"] - start)}
             self.writer.write(record)
             self.progress.update(record)
+            if self.tensorboard is not None:
+                self.tensorboard.write(record)
         elif kind == "done" and name.startswith("worker"):
             self.progress.message(f"{name} finished after {payload['steps']} steps")
 
@@ -236,27 +388,48 @@ def _supervise(cluster: LocalCluster, route: _Router) -> None:
         route(event)
 
 
-def train(config: TrainConfig) -> RunResult:
+def _prepare(config: TrainConfig, resume: bool) -> tuple[TrainConfig, Path]:
+    """The run folder and the config with its path filled in; refuses to mix runs."""
+    run_dir = prepare_run_dir(config.out_dir)
+    has_checkpoints = any((run_dir / CHECKPOINT_DIR).glob("shard*.json"))
+    if resume and not has_checkpoints:
+        raise ValueError(f"--resume {run_dir}: no shard checkpoints in {run_dir / CHECKPOINT_DIR}")
+    if has_checkpoints and not resume:
+        raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
+    config = config.replace(out_dir=str(run_dir))
+    write_json_atomic(run_dir / "config.json", config.to_json())
+    return config, run_dir
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
     """Run a whole job on this host; returns when every process has stopped.
 
+    Args:
+        config: The job.
+        resume: Continue the run in ``config.out_dir`` from its shard checkpoints.
+
     Raises:
-        ChildFailedError: a shard, worker or the evaluator failed; every process is stopped.
+        ChildFailedError: a process reported an error, or could not be brought back; every
+            process is stopped.
         LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
+        CheckpointError: a checkpoint to resume from is corrupt (names the file).
     """
-    run_dir = prepare_run_dir(config.out_dir)
-    write_json_atomic(run_dir / "config.json", config.to_json())
+    config, run_dir = _prepare(config, resume)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     total_steps = _planned_steps(config)
     try:
         with (
             LocalCluster(config, run_dir) as cluster,
-            MetricsWriter(run_dir / "metrics.csv") as writer,
+            MetricsWriter(run_dir / "metrics.csv", append=resume) as writer,
             ProgressDisplay(total_steps=total_steps, num_workers=config.num_workers) as progress,
+            TensorBoardLog(run_dir) as tensorboard,
         ):
-            addresses = cluster.start_shards()
-            cluster.start_evaluator(addresses)
-            cluster.start_workers(addresses)
-            _supervise(cluster, _Router(writer, progress))
+            cluster.on_fault = lambda fault: progress.message(_describe_fault(fault))
+            cluster.start_shards()
+            cluster.start_evaluator()
+            cluster.start_workers()
+            poller = ShardStatsPoller(cluster.addresses, security=cluster.security)
+            _supervise(cluster, _Router(writer, progress, tensorboard, poller))
             result = RunResult(
                 run_dir,
                 final=cluster.results.get("evaluator", {}),
@@ -269,6 +442,7 @@ def train(config: TrainConfig) -> RunResult:
                 staleness={
                     k: v["staleness"] for k, v in cluster.results.items() if k.startswith("shard")
                 },
+                faults=cluster.faults,
             )
     except KeyboardInterrupt as e:
         raise LauncherInterrupted("stopped by Ctrl-C") from e
@@ -281,12 +455,23 @@ def train(config: TrainConfig) -> RunResult:
     return result
 
 
+def _describe_fault(fault: Fault) -> str:
+    text = f"{fault.process} died (exit code {fault.exitcode}); {fault.action}"
+    if fault.version_before is not None:
+        text += f"; it had applied {fault.version_before} updates"
+    return text
+
+
 def _summary_json(result: RunResult) -> str:
     return json.dumps(
         {
             "final": result.final,
             "worker_steps": result.worker_steps,
             "elapsed_s": round(result.elapsed_s, 3),
+            "faults": [
+                {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
+                for fault in result.faults
+            ],
         },
         indent=2,
     )

@@ -69,12 +69,30 @@ class _WorkerState:
 
 
 @dataclass
+class _ShardState:
+    """A shard's latest counters, from the launcher's polls of its STATS."""
+
+    version: int | None = None
+    pushes_per_s: float | None = None
+    bytes_per_s: float | None = None
+    staleness: float | None = None
+    """Mean staleness of the pushes since the previous poll."""
+
+    def observe(self, record: dict[str, Any]) -> None:
+        for name in ("version", "pushes_per_s", "bytes_per_s", "staleness"):
+            if record.get(name) is not None:
+                setattr(self, name, record[name])
+
+
+@dataclass
 class _RunState:
     num_workers: int
     total_steps: int
     time_s: float = 0.0
     """Latest ``time_s`` seen in any record: the run's elapsed time."""
     workers: dict[int, _WorkerState] = field(default_factory=dict)
+    shards: dict[int, _ShardState] = field(default_factory=dict)
+    """Shards in id order; one appears with its first record."""
     test_accuracy: float | None = None
     test_loss: float | None = None
     version: int | None = None
@@ -92,6 +110,11 @@ class _RunState:
                 # A rank beyond num_workers (a replacement worker): keep rows in rank order.
                 self.workers = dict(sorted({**self.workers, rank: _WorkerState()}.items()))
             self.workers[rank].observe(record)
+        elif record["role"] == "shard":
+            shard_id = record["rank"]
+            if shard_id not in self.shards:
+                self.shards = dict(sorted({**self.shards, shard_id: _ShardState()}.items()))
+            self.shards[shard_id].observe(record)
         elif record["role"] == "evaluator":
             self.test_accuracy = record.get("test_accuracy")
             self.test_loss = record.get("test_loss")
@@ -128,6 +151,15 @@ def _progress_line(state: _RunState) -> str:
             parts.append(f"worker{rank}.acc={worker.accuracy:.4f}")
     if state.test_accuracy is not None:
         parts.append(f"ps.test_acc={state.test_accuracy:.4f}")
+    for shard_id, shard in state.shards.items():
+        for key, value, spec in (
+            ("version", shard.version, "d"),
+            ("pushes_per_s", shard.pushes_per_s, ".1f"),
+            ("bytes_per_s", shard.bytes_per_s, ".0f"),
+            ("staleness", shard.staleness, ".2f"),
+        ):
+            if value is not None:
+                parts.append(f"shard{shard_id}.{key}={value:{spec}}")
     return " ".join(parts)
 
 
@@ -153,9 +185,11 @@ class _Dashboard:
     def __rich__(self) -> Group:
         # Live refreshes on its own thread while update() mutates the state on the caller's.
         with self._lock:
-            table = self._table()
+            tables = [self._table()]
+            if self._state.shards:
+                tables.append(self._shard_table())
             ps_line = self._ps_line()
-        return Group(self._progress, table, Text(ps_line))
+        return Group(self._progress, *tables, Text(ps_line))
 
     def _table(self) -> Table:
         table = Table(box=None, pad_edge=False)
@@ -168,6 +202,21 @@ class _Dashboard:
                 _fmt(worker.steps_per_s(), ".1f"),
                 _fmt(worker.loss, ".4g"),
                 _fmt(worker.accuracy, ".4f"),
+            )
+        return table
+
+    def _shard_table(self) -> Table:
+        table = Table(box=None, pad_edge=False)
+        for header in ("shard", "version", "pushes/s", "MB/s", "staleness"):
+            table.add_column(header, justify="left" if header == "shard" else "right")
+        for shard_id, shard in self._state.shards.items():
+            mb_per_s = None if shard.bytes_per_s is None else shard.bytes_per_s / 1e6
+            table.add_row(
+                str(shard_id),
+                _fmt(shard.version, "d"),
+                _fmt(shard.pushes_per_s, ".1f"),
+                _fmt(mb_per_s, ".2f"),
+                _fmt(shard.staleness, ".2f"),
             )
         return table
 
@@ -189,11 +238,13 @@ def _is_terminal(stream: TextIO) -> bool:
 class ProgressDisplay:
     """Shows a run's progress from its metrics records; use as a context manager.
 
-    Interactive mode draws a rich progress bar (steps summed over workers, elapsed, ETA) and a
-    table (per worker step, steps/s, loss, accuracy; the evaluator's last test accuracy).
+    Interactive mode draws a rich progress bar (steps summed over workers, elapsed, ETA), a
+    table (per worker step, steps/s, loss, accuracy), one of the shards (version, pushes/s,
+    MB/s, mean staleness) once ``shard`` records arrive, and the evaluator's last test accuracy.
     Non-interactive mode writes ``progress ...`` lines at most every ``log_every_s`` seconds of
-    run time, one ``eval ...`` line per evaluator record, and ``message ...`` lines, all of the
-    form ``<kind> key=value ...`` with no escape codes.
+    run time (with ``shard<id>.version``, ``.pushes_per_s``, ``.bytes_per_s`` and
+    ``.staleness`` fields once shards report), one ``eval ...`` line per evaluator record, and
+    ``message ...`` lines, all of the form ``<kind> key=value ...`` with no escape codes.
     """
 
     def __init__(
@@ -286,7 +337,7 @@ class ProgressDisplay:
         """Takes in one metrics record, as made by ``distbelief.metrics.make_record``.
 
         Args:
-            record: a metrics record; ``shard`` records only advance the elapsed time.
+            record: a metrics record: a worker's, the evaluator's or a shard's.
 
         Raises:
             ValueError: the record's role is not one of ``distbelief.metrics.ROLES``.
@@ -305,7 +356,7 @@ class ProgressDisplay:
     def _log_record(self, record: dict[str, Any]) -> None:
         if record["role"] == "evaluator":
             self._write_line(_eval_line(record))
-        elif record["role"] == "worker":
+        else:
             self._unlogged = True
             self._log_progress_if_due()
 

@@ -14,13 +14,16 @@ import torch
 from torch import nn
 
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
+from distbelief.errors import CheckpointError
 from distbelief.launch.config import TrainConfig
 from distbelief.metrics import make_record
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.server import ConsistencyConfig, ParameterShard, ShardService
+from distbelief.server.checkpoint import Checkpointer, load_checkpoint
 from distbelief.server.optimizers import ServerOptimizerFactory
 from distbelief.wire import serve
+from distbelief.wire.security import WireSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class StopFlag(Protocol):
 
 
 _EVAL_BATCH_SIZE = 512
+_HEARTBEAT_S = 1.0
 
 
 def serve_shard(
@@ -46,22 +50,43 @@ def serve_shard(
     *,
     optimizer_factory: ServerOptimizerFactory,
     consistency: ConsistencyConfig | None = None,
+    security: WireSecurity | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every_s: float = 30.0,
     emit: Emit,
     stop: StopFlag | None = None,
 ) -> dict:
-    """Serve one shard at ``bind`` until ``stop`` is set (or forever); returns its counters
-    and staleness histogram."""
+    """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
+
+    With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
+    saves every ``checkpoint_every_s`` seconds and once more on the way out. Emits "ready"
+    once listening and a "heartbeat" with its version every second.
+
+    Returns:
+        Its counters and staleness histogram.
+
+    Raises:
+        CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.
+    """
     stop = stop if stop is not None else threading.Event()
     shard = ParameterShard(shard_id, num_shards, optimizer_factory, consistency)
-    server = serve(bind, ShardService(shard))
-    emit("ready", {"shard_id": shard_id, "address": server.address})
+    restored = _restore(shard, checkpoint_dir)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = Checkpointer(shard, checkpoint_dir, checkpoint_every_s)
+        checkpointer.saved_version = restored
+        checkpointer.start()
+    server = serve(bind, ShardService(shard), security=security)
+    emit("ready", {"shard_id": shard_id, "address": server.address, "restored_version": restored})
     logger.info("shard %d of %d serving at %s", shard_id, num_shards, server.address)
     try:
         # Short waits, not one long one, so SIGTERM's SystemExit is raised promptly.
-        while not stop.wait(0.2):
-            pass
+        while not stop.wait(_HEARTBEAT_S):
+            emit("heartbeat", {"shard_id": shard_id, "version": shard.version})
     finally:
         server.stop()
+        if checkpointer is not None:
+            checkpointer.stop()
     counters = shard.counters()
     return {
         "shard_id": shard_id,
@@ -70,6 +95,23 @@ def serve_shard(
         "num_dropped": counters.num_dropped,
         "staleness": shard.staleness.as_dict(),
     }
+
+
+def _restore(shard: ParameterShard, checkpoint_dir: str | None) -> int | None:
+    """Load the shard's last checkpoint; returns its version (None: nothing to restore)."""
+    if checkpoint_dir is None:
+        return None
+    state = load_checkpoint(checkpoint_dir, shard.shard_id)
+    if state is None:
+        return None
+    try:
+        shard.restore(state)
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint_dir}: shard {shard.shard_id}: {e}") from e
+    logger.info(
+        "shard %d restored version %d from %s", shard.shard_id, state.version, checkpoint_dir
+    )
+    return state.version
 
 
 def build_replica(config: TrainConfig, input_shape, num_classes: int) -> nn.Module:
@@ -94,24 +136,37 @@ def evaluate(model: nn.Module, dataset: ArrayDataset) -> tuple[float, float]:
     return total_loss / len(dataset), correct / len(dataset)
 
 
-def _batches(config: TrainConfig, dataset: ArrayDataset, indices: torch.Tensor):
+def _batches(config: TrainConfig, dataset: ArrayDataset, indices: torch.Tensor, skip: int = 0):
+    """The worker's batches in their fixed order, without the first ``skip``."""
     epoch = 0
     steps = 0
     while config.steps is not None or epoch < config.num_epochs:
         for batch in iterate_batches(
             dataset, indices, config.batch_size, seed=config.seed, epoch=epoch
         ):
-            yield epoch, batch
             steps += 1
+            if steps > skip:
+                yield epoch, batch
             if config.steps is not None and steps >= config.steps:
                 return
         epoch += 1
 
 
 def run_worker(
-    config: TrainConfig, rank: int, addresses: Sequence[str], *, emit: Emit, start_time: float
+    config: TrainConfig,
+    rank: int,
+    addresses: Sequence[str],
+    *,
+    emit: Emit,
+    start_time: float,
+    security: WireSecurity | None = None,
+    resume_step: int = 0,
 ) -> dict:
-    """Train one replica with DownpourSGD on its slice of the training set."""
+    """Train one replica with DownpourSGD on its slice of the training set.
+
+    A restarted worker passes ``resume_step``: it starts from the shards' current parameters
+    and skips the batches its previous life already trained on.
+    """
     torch.set_num_threads(config.threads_per_worker)
     train_set = load_dataset(
         config.dataset, split="train", data_dir=config.data_dir, download=config.download
@@ -129,12 +184,15 @@ def run_worker(
         blocking=config.blocking,
         worker_id=f"worker{rank}",
         # Warmstart: replica 0 trains alone until the shards have applied its first K pushes.
-        start_after_version=config.warmstart_steps if rank > 0 else 0,
+        start_after_version=config.warmstart_steps if rank > 0 and not resume_step else 0,
+        retry_timeout_s=config.retry_timeout_s,
+        security=security,
     )
+    optimizer.num_steps = resume_step
     emit("started", {"rank": rank, "time": time.time()})
     window_loss, window_correct, window_seen = 0.0, 0, 0
     try:
-        for _epoch, (images, labels) in _batches(config, train_set, indices):
+        for _epoch, (images, labels) in _batches(config, train_set, indices, resume_step):
             optimizer.zero_grad()
             logits = model(images)
             loss = nn.functional.cross_entropy(logits, labels)

@@ -18,12 +18,20 @@ from torch import nn
 
 from distbelief.client import ParameterServerClient, parse_addresses
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
+from distbelief.wire.security import WireSecurity, read_key_file
 
 PS_ADDRESS_ENV = "DISTBELIEF_PS"
 """Comma-separated shard addresses, used when ``ps`` is not given."""
 TIMEOUT_ENV = "DISTBELIEF_TIMEOUT_S"
 """Per-request timeout in seconds, used when ``timeout_s`` is not given."""
 DEFAULT_TIMEOUT_S = 30.0
+AUTH_KEY_FILE_ENV = "DISTBELIEF_AUTH_KEY_FILE"
+"""Path of the job's key file, used when ``auth_key`` is not given."""
+
+
+def _key_from_environment() -> bytes | None:
+    path = os.environ.get(AUTH_KEY_FILE_ENV)
+    return read_key_file(path) if path else None
 
 
 def _named_params(params: list[torch.Tensor], model: nn.Module | None) -> list[tuple[str, object]]:
@@ -50,6 +58,11 @@ class DownpourSGD(torch.optim.Optimizer):
             (from another replica) before starting from their parameters.
         hold_timeout_s: Longest a pull may be held by the shards (SSP, sync rounds) or a
             warmstart may wait before ShardTimeoutError.
+        retry_timeout_s: How long a shard may stay unreachable (e.g. restarting from its
+            checkpoint) before requests fail; they are retried with backoff meanwhile.
+        auth_key: The job's secret. Default: read from the file named by
+            ``DISTBELIEF_AUTH_KEY_FILE``, else no authentication.
+        security: Full wire security (key and TLS); overrides ``auth_key``.
 
     The shards' consistency model is learned at the handshake: with synchronous rounds every
     step pushes and then waits for the round's aggregated update (n_push = n_pull = 1).
@@ -74,6 +87,9 @@ class DownpourSGD(torch.optim.Optimizer):
         worker_id: str | None = None,
         start_after_version: int = 0,
         hold_timeout_s: float = 300.0,
+        retry_timeout_s: float = 60.0,
+        auth_key: bytes | None = None,
+        security: WireSecurity | None = None,
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -99,6 +115,8 @@ class DownpourSGD(torch.optim.Optimizer):
             timeout_s=timeout_s or float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
             worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
             hold_timeout_s=hold_timeout_s,
+            retry_timeout_s=retry_timeout_s,
+            security=security or WireSecurity(auth_key=auth_key or _key_from_environment()),
         )
         self._model_versions = [0] * self.client.num_shards
         self._window_base: list[int] | None = None

@@ -23,6 +23,22 @@ _MAX_HOLD_S = 600.0
 """The longest a client may ask a shard to hold a pull in one request."""
 
 
+def _optional_int(meta: dict, key: str) -> int | None:
+    value = meta.get(key)
+    if value is not None and (type(value) is not int or value < 0):
+        raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _push_sequence(meta: dict) -> tuple[str, int] | None:
+    number, session = _optional_int(meta, "seq"), meta.get("session")
+    if number is None:
+        return None
+    if not isinstance(session, str) or not 0 < len(session) <= 64:
+        raise ValueError(f"a push with seq needs a session string, got {session!r}")
+    return session, number
+
+
 class ShardService:
     """Serves one ParameterShard to many connections (a ``RequestHandler``)."""
 
@@ -139,15 +155,14 @@ class ShardConnection:
         if names != expected:
             raise ProtocolError(f"push must carry {expected}, got {names}")
         worker, clock = self._identify(request.meta)
-        base_version = request.meta.get("base_version")
-        if base_version is not None and (type(base_version) is not int or base_version < 0):
-            raise ValueError(f"base_version must be an integer >= 0, got {base_version!r}")
+        base_version = _optional_int(request.meta, "base_version")
         result = self.shard.push(
             [tensor for _, tensor in request.tensors],
             worker=worker,
             clock=clock,
             base_version=base_version,
             fetched=self._pull_buffers if self._has_snapshot else None,
+            seq=_push_sequence(request.meta),
         )
         self.service.count_bytes(sum(t.nbytes for _, t in request.tensors), 0)
         return request.reply(
@@ -159,9 +174,7 @@ class ShardConnection:
             self.shard.require_initialized()
             self._pull_buffers = [torch.empty(p.numel, dtype=p.dtype) for p in self.shard.slices]
         worker, clock = self._identify(request.meta)
-        after_version = request.meta.get("after_version")
-        if after_version is not None and type(after_version) is not int:
-            raise ValueError(f"after_version must be an integer, got {after_version!r}")
+        after_version = _optional_int(request.meta, "after_version")
         max_wait_s = request.meta.get("max_wait_s", 0.0)
         if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= _MAX_HOLD_S:
             raise ValueError(f"max_wait_s must be in [0, {_MAX_HOLD_S}], got {max_wait_s!r}")

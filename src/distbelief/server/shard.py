@@ -54,6 +54,22 @@ class PullResult:
     """True when the pull had to wait longer than allowed and carries no parameters."""
 
 
+@dataclass(kw_only=True, slots=True)
+class ShardState:
+    """Everything that survives a shard restart: what a checkpoint holds."""
+
+    shard_id: int
+    num_shards: int
+    specs: list[TensorSpec]
+    params: list[torch.Tensor]
+    optimizer_name: str
+    optimizer_state: dict[int, dict[str, object]]
+    """torch.optim state per parameter index (tensors and plain values)."""
+    version: int
+    num_pushes: int
+    last_push: dict[str, tuple[int, int]]
+
+
 class ParameterShard:
     """One shard's slice of the model and its server-side optimizer.
 
@@ -95,6 +111,8 @@ class ParameterShard:
         self._round_sum: list[torch.Tensor] = []
         self._round_count = 0
         self._started_s = time.monotonic()
+        self.last_push: dict[str, tuple[int, int]] = {}
+        """Per client session: (sequence number, version after) of its last push."""
 
     @property
     def initialized(self) -> bool:
@@ -166,6 +184,7 @@ class ParameterShard:
         clock: int = 0,
         base_version: int | None = None,
         fetched: Sequence[torch.Tensor] | None = None,
+        seq: tuple[str, int] | None = None,
     ) -> PushResult:
         """Apply (async) or collect (sync) one pushed gradient.
 
@@ -175,11 +194,18 @@ class ParameterShard:
             clock: The worker's step count.
             base_version: The shard version the gradient was computed from (sync: the round).
             fetched: The parameters this shard last sent to ``worker`` (for dc-asgd).
+            seq: (session, number) of the push: the session names one life of one client, the
+                number counts its pushes. A push seen before (a retry after a lost reply) is
+                answered again without being applied twice.
         """
         self.require_initialized()
         with self._changed:
             if worker is not None:
                 self.clocks.touch(worker, clock)
+            dedupe_key = f"{worker}#{seq[0]}" if worker is not None and seq else None
+            last = self.last_push.get(dedupe_key) if dedupe_key else None
+            if seq is not None and last is not None and seq[1] <= last[0]:
+                return PushResult(last[1], 0, True)
             base = self._version if base_version is None else base_version
             staleness = max(0, self._version - base)
             self.staleness.record(staleness)
@@ -189,6 +215,8 @@ class ParameterShard:
             else:
                 self._apply(grads, staleness, fetched)
                 applied = True
+            if dedupe_key is not None and seq is not None:
+                self.last_push[dedupe_key] = (seq[1], self._version)
             self._changed.notify_all()
             return PushResult(self._version, staleness, applied)
 
@@ -287,6 +315,63 @@ class ParameterShard:
         outs = [torch.empty_like(p) for p in self._params]
         self.read_into(outs)
         return outs
+
+    def snapshot(self) -> ShardState:
+        """A consistent copy of everything a checkpoint needs (taken under the lock)."""
+        self.require_initialized()
+        with self._changed:
+            assert self._optimizer is not None
+            optimizer_state = self._optimizer.state_dict()
+            return ShardState(
+                shard_id=self.shard_id,
+                num_shards=self.num_shards,
+                specs=list(self.specs),
+                params=[p.clone() for p in self._params],
+                optimizer_name=type(self._optimizer).__name__,
+                optimizer_state={
+                    index: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+                    for index, state in optimizer_state["state"].items()
+                },
+                version=self._version,
+                num_pushes=self._num_pushes,
+                last_push=dict(self.last_push),
+            )
+
+    def restore(self, state: ShardState) -> None:
+        """Become the shard ``state`` describes (before serving anyone).
+
+        Raises:
+            ValueError: the state belongs to another shard, or to another optimizer.
+        """
+        if (state.shard_id, state.num_shards) != (self.shard_id, self.num_shards):
+            raise ValueError(
+                f"checkpoint is of shard {state.shard_id} of {state.num_shards}, "
+                f"not shard {self.shard_id} of {self.num_shards}"
+            )
+        slices = partition(state.specs, self.num_shards)[self.shard_id]
+        for piece, value in zip(slices, state.params, strict=True):
+            if value.dtype != piece.dtype or value.shape != (piece.numel,):
+                raise ValueError(f"checkpoint slice {piece.name} has {value.dtype} {value.shape}")
+        optimizer = self._optimizer_factory([p.clone() for p in state.params])
+        if type(optimizer).__name__ != state.optimizer_name:
+            raise ValueError(
+                f"checkpoint holds {state.optimizer_name} state, this shard runs "
+                f"{type(optimizer).__name__}"
+            )
+        params = optimizer.param_groups[0]["params"]
+        optimizer.load_state_dict(
+            {"state": state.optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]}
+        )
+        with self._changed:
+            self.specs = list(state.specs)
+            self.fingerprint = layout_fingerprint(state.specs)
+            self.slices = slices
+            self._params = list(params)
+            self._optimizer = optimizer
+            self._round_sum = [torch.zeros_like(p) for p in self._params]
+            self._version = state.version
+            self._num_pushes = state.num_pushes
+            self.last_push = dict(state.last_push)
 
     def require_initialized(self) -> None:
         if not self.initialized:

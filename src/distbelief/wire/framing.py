@@ -24,6 +24,7 @@ from distbelief.wire.message import (
     Message,
     Op,
 )
+from distbelief.wire.security import AUTH_MAGIC
 
 Sink = Callable[[str, torch.dtype, tuple[int, ...]], "torch.Tensor | None"]
 """Picks the buffer a received tensor is read into; None means allocate a new one."""
@@ -117,6 +118,8 @@ def _skip(sock: socket.socket, num_bytes: int, deadline: float | None) -> None:
 def parse_header(raw: bytes | bytearray, max_payload_bytes: int) -> tuple[Op, int, int, int, int]:
     """Validate a header; returns (op, flags, request_id, meta_bytes, payload_bytes)."""
     magic, version, op, flags, request_id, meta_len, payload_len = HEADER.unpack(raw)
+    if magic == AUTH_MAGIC:
+        raise ProtocolError("the shard requires authentication: give the job's key")
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}: not a distbelief peer")
     if version != PROTOCOL_VERSION:

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import ssl
 import threading
 import time
 
@@ -24,6 +25,7 @@ from distbelief.errors import (
 )
 from distbelief.wire.framing import RejectedFrame, Sink, recv_message, send_message
 from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES, Message
+from distbelief.wire.security import WireSecurity, accept_peer, authenticate_to_server
 from distbelief.wire.transport import RequestHandler, Server, Transport, register_backend
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 _ERRORS_BY_KIND: dict[str, type[RemoteError]] = {"model_mismatch": ModelMismatchError}
 _SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 _IDLE_POLL_S = 0.2
+_HANDSHAKE_TIMEOUT_S = 5.0
 
 
 def parse_tcp_address(address: str) -> tuple[str, int]:
@@ -58,11 +61,20 @@ class TcpTransport(Transport):
         connect_timeout_s: Limit for establishing the TCP connection.
     """
 
-    def __init__(self, address: str, *, name: str, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        name: str,
+        connect_timeout_s: float = 5.0,
+        security: WireSecurity | None = None,
+    ) -> None:
         self.address = address
         self.name = name
         self._endpoint = parse_tcp_address(address)
         self._connect_timeout_s = connect_timeout_s
+        self._security = security or WireSecurity()
+        self._tls = self._security.client_tls()
         self._sock: socket.socket | None = None
         self._request_ids = itertools.count(1)
 
@@ -70,7 +82,15 @@ class TcpTransport(Transport):
         if self._sock is None:
             timeout_s = max(0.001, min(self._connect_timeout_s, deadline - time.monotonic()))
             sock = socket.create_connection(self._endpoint, timeout=timeout_s)
-            _tune(sock)
+            try:
+                _tune(sock)
+                if self._tls is not None:
+                    sock = self._tls.wrap_socket(sock, server_hostname=self._endpoint[0])
+                if self._security.auth_key is not None:
+                    authenticate_to_server(sock, self._security.auth_key, timeout_s)
+            except BaseException:
+                sock.close()
+                raise
             self._sock = sock
         return self._sock
 
@@ -132,8 +152,11 @@ class TcpServer(Server):
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         frame_timeout_s: float = 60.0,
+        security: WireSecurity | None = None,
     ) -> None:
         host, port = parse_tcp_address(address)
+        self._security = security or WireSecurity()
+        self._tls = self._security.server_tls()
         self._handler = handler
         self._max_payload_bytes = max_payload_bytes
         self._frame_timeout_s = frame_timeout_s
@@ -189,15 +212,35 @@ class TcpServer(Server):
                 continue
         return False
 
+    def _secure(self, sock: socket.socket, peer: str) -> socket.socket:
+        """TLS and authentication, before a single frame is read from ``peer``."""
+        if self._tls is not None:
+            sock.settimeout(_HANDSHAKE_TIMEOUT_S)
+            secured = self._tls.wrap_socket(sock, server_side=True)
+            with self._lock:
+                self._connections.discard(sock)
+                self._connections.add(secured)
+            sock = secured
+        if self._security.auth_key is not None:
+            try:
+                accept_peer(sock, self._security.auth_key, _HANDSHAKE_TIMEOUT_S)
+            except (ProtocolError, OSError) as e:
+                with self._lock:
+                    self._connections.discard(sock)
+                sock.close()
+                raise ProtocolError(f"refused unauthenticated peer {peer}: {e}") from e
+        return sock
+
     def _serve_connection(self, sock: socket.socket, peer: str) -> None:
         connection = None
         try:
+            sock = self._secure(sock, peer)
             connection = self._handler.open_connection(peer)
             while self._wait_for_frame(sock):
                 self._serve_one(sock, connection)
         except ProtocolError as e:
             logger.warning("closing connection from %s: %s", peer, e)
-        except OSError as e:
+        except (OSError, ssl.SSLError) as e:
             logger.debug("connection from %s ended: %s", peer, e)
         finally:
             if connection is not None:

@@ -1,0 +1,215 @@
+"""PNG plots that compare several run folders: one figure per metric, one line per run, each
+labelled from its ``config.json`` (e.g. "4w x 2s, adagrad, n_push=1").
+
+Reads run folders through ``distbelief.plotting`` and writes PNGs only into the folder it is
+given; it never changes a run folder it reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from distbelief.plotting import (
+    FIGURE_SIZE_IN,
+    RunData,
+    Series,
+    batch_size_of,
+    load_run,
+    new_figure,
+    save_png_atomic,
+    series_by_rank,
+    style_axes,
+    time_bin_s,
+    total_rate,
+)
+
+logger = logging.getLogger(__name__)
+
+LEGEND_ROW_IN = 0.25
+"""Extra figure height per run, for the legend below the axes."""
+
+_LABEL_KEYS = (
+    "model",
+    "dataset",
+    "n_pull",
+    "lr",
+    "server_lr",
+    "batch_size",
+    "sync",
+    "backup_workers",
+    "max_staleness",
+    "staleness_policy",
+    "warmstart_steps",
+    "eval_every_s",
+    "eval_during_training",
+    "seed",
+)
+"""Config fields added to a run's label when they differ between the compared runs."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _CompareSpec:
+    file_name: str
+    y_label: str
+    series: Callable[[RunData], Series]
+    markers: bool = False
+    """Mark each point (evaluations are few; a run without live evaluation has one)."""
+
+
+def _evaluator_series(field: str) -> Callable[[RunData], Series]:
+    def series(run: RunData) -> Series:
+        by_rank = series_by_rank(run.records, "evaluator", field)
+        return by_rank.get(0, ([], []))
+
+    return series
+
+
+def _mean_train_loss(run: RunData) -> Series:
+    """The workers' training loss, averaged per time bin (workers report at different times)."""
+    bin_s = time_bin_s(run.records)
+    sums: dict[int, list[float]] = {}
+    for record in run.records:
+        if record["role"] == "worker" and record["loss"] is not None:
+            total_count = sums.setdefault(int(record["time_s"] // bin_s), [0.0, 0.0])
+            total_count[0] += record["loss"]
+            total_count[1] += 1
+    bins = sorted(sums)
+    return [(b + 0.5) * bin_s for b in bins], [sums[b][0] / sums[b][1] for b in bins]
+
+
+def _throughput(run: RunData) -> Series:
+    times_s, rates = total_rate(run.records)
+    scale = batch_size_of(run.config) or 1
+    return times_s, [rate * scale for rate in rates]
+
+
+_COMPARISONS = (
+    _CompareSpec(
+        file_name="compare_test_accuracy_vs_time.png",
+        y_label="PS test accuracy",
+        series=_evaluator_series("test_accuracy"),
+        markers=True,
+    ),
+    _CompareSpec(
+        file_name="compare_test_loss_vs_time.png",
+        y_label="PS test loss (cross-entropy)",
+        series=_evaluator_series("test_loss"),
+        markers=True,
+    ),
+    _CompareSpec(
+        file_name="compare_train_loss_vs_time.png",
+        y_label="training loss, mean of workers",
+        series=_mean_train_loss,
+    ),
+    _CompareSpec(
+        file_name="compare_throughput_vs_time.png",
+        y_label="throughput, all workers (samples/s)",
+        series=_throughput,
+    ),
+)
+
+
+def plot_runs(run_dirs: Sequence[Path | str], *, out_dir: Path | str) -> list[Path]:
+    """Compares runs: PS test accuracy, PS test loss, workers' training loss and throughput
+    vs time, one PNG per metric with one line per run.
+
+    Args:
+        run_dirs: two or more run folders, each holding ``metrics.csv``.
+        out_dir: where the PNGs go (created if missing).
+
+    Returns:
+        The paths of the PNG files written.
+
+    Raises:
+        ValueError: fewer than two folders, a folder that is not a run, or a malformed
+            ``metrics.csv`` or ``config.json`` (the message names it).
+    """
+    if len(run_dirs) < 2:
+        raise ValueError(f"plot_runs compares two or more run folders, got {len(run_dirs)}")
+    runs = [load_run(run_dir) for run_dir in run_dirs]
+    labels = run_labels(runs)
+    out_path = Path(out_dir)
+    out_path.mkdir(parents=True, exist_ok=True)
+    written = []
+    for spec in _COMPARISONS:
+        path = out_path / spec.file_name
+        save_png_atomic(_make_comparison(runs, labels, spec), path)
+        written.append(path)
+    logger.info("wrote %s", ", ".join(str(p) for p in written))
+    return written
+
+
+def _make_comparison(runs: list[RunData], labels: list[str], spec: _CompareSpec) -> Figure:
+    # Labels can be long: the legend goes below the axes, and the figure grows to hold it.
+    figure, axes = new_figure(height_in=FIGURE_SIZE_IN[1] + LEGEND_ROW_IN * len(runs))
+    has_data = False
+    for run, label in zip(runs, labels, strict=True):
+        times_s, values = spec.series(run)
+        if not times_s:
+            label += " (no data)"
+        axes.plot(
+            times_s,
+            values,
+            linewidth=1.8,
+            marker="o" if spec.markers else None,
+            markersize=3.5,
+            label=label,
+        )
+        has_data = has_data or bool(times_s)
+    style_axes(axes, spec.y_label, _title(runs), has_data=has_data)
+    if has_data:
+        axes.legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), fontsize="small", frameon=False)
+    if "throughput" in spec.y_label:
+        axes.set_ylim(bottom=0.0)
+    figure.tight_layout()
+    return figure
+
+
+def _title(runs: Sequence[RunData]) -> str:
+    """ "<model> on <dataset>: N runs" when every run trained the same, else "N runs"."""
+    what = {(run.config.get("model"), run.config.get("dataset")) for run in runs}
+    (model, dataset), *others = what
+    if others or model is None or dataset is None:
+        return f"{len(runs)} runs"
+    return f"{model} on {dataset}: {len(runs)} runs"
+
+
+def _label_part(key: str, value: object) -> str:
+    if key == "eval_during_training":
+        return "live eval" if value else "no live eval"
+    if key == "sync":
+        return "sync" if value else "async"
+    return f"{key}={value}"
+
+
+def _base_label(config: dict[str, Any]) -> str:
+    workers, shards = config.get("num_workers", "?"), config.get("num_shards", "?")
+    parts = [f"{workers}w x {shards}s"]
+    if "server_optimizer" in config:
+        parts.append(str(config["server_optimizer"]))
+    if "n_push" in config:
+        parts.append(f"n_push={config['n_push']}")
+    return ", ".join(parts)
+
+
+def run_labels(runs: Sequence[RunData]) -> list[str]:
+    """One legend label per run: "<W>w x <S>s, <server optimizer>, n_push=<n>", plus the
+    config fields that differ between the runs, plus the folder name where labels still
+    collide."""
+    labels = [_base_label(run.config) for run in runs]
+    for key in _LABEL_KEYS:
+        values = [run.config.get(key) for run in runs]
+        if len({repr(value) for value in values}) > 1:
+            labels = [
+                f"{label}, {_label_part(key, value)}" if value is not None else label
+                for label, value in zip(labels, values, strict=True)
+            ]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} ({run.run_dir.name})" for label, run in zip(labels, runs, strict=True)]
+    return labels

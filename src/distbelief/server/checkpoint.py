@@ -1,0 +1,203 @@
+"""Shard checkpoints on disk: tensors in safetensors, everything else in JSON, written atomically.
+
+A checkpoint of shard ``i`` is ``shard{i}-v{version}.safetensors`` (the slices and the
+optimizer's tensor state) plus ``shard{i}.json`` (layout, counters, optimizer's plain state and
+the tensor file's name and SHA-256). Each file is written to a temporary name and renamed; the
+JSON is renamed last, so it always names a complete tensor file, and older tensor files are
+removed only after that. A reader checks the digest before trusting anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from distbelief.errors import CheckpointError
+from distbelief.server.shard import ShardState
+from distbelief.sharding import specs_from_json, specs_to_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_POLL_S = 0.1
+
+
+def _meta_path(directory: Path, shard_id: int) -> Path:
+    return directory / f"shard{shard_id}.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_atomically(directory: Path, name: str, write) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / name)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return directory / name
+
+
+def _split_optimizer_state(state: ShardState) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
+    for index, entries in state.optimizer_state.items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{index}.{key}"] = value.contiguous()
+            else:
+                plain.setdefault(str(index), {})[key] = value
+    return tensors, plain
+
+
+def save_checkpoint(state: ShardState, directory: str | Path) -> Path:
+    """Write ``state`` into ``directory``; returns the JSON file's path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    optimizer_tensors, optimizer_plain = _split_optimizer_state(state)
+    tensors = {f"param.{i}": p.contiguous() for i, p in enumerate(state.params)}
+    tensors.update(optimizer_tensors)
+    tensor_name = f"shard{state.shard_id}-v{state.version:012d}.safetensors"
+    tensor_path = _replace_atomically(
+        directory, tensor_name, lambda tmp: save_file(tensors, str(tmp))
+    )
+    meta = {
+        "format": FORMAT_VERSION,
+        "shard_id": state.shard_id,
+        "num_shards": state.num_shards,
+        "specs": specs_to_json(state.specs),
+        "num_params": len(state.params),
+        "optimizer": state.optimizer_name,
+        "optimizer_plain_state": optimizer_plain,
+        "version": state.version,
+        "num_pushes": state.num_pushes,
+        "last_push": {worker: list(pair) for worker, pair in state.last_push.items()},
+        "tensor_file": tensor_name,
+        "tensor_sha256": _sha256(tensor_path),
+    }
+    meta_path = _replace_atomically(
+        directory,
+        _meta_path(directory, state.shard_id).name,
+        lambda tmp: tmp.write_text(json.dumps(meta, indent=1)),
+    )
+    for old in directory.glob(f"shard{state.shard_id}-v*.safetensors"):
+        if old.name != tensor_name:
+            old.unlink(missing_ok=True)
+    return meta_path
+
+
+def load_checkpoint(directory: str | Path, shard_id: int) -> ShardState | None:
+    """The last checkpoint of ``shard_id`` in ``directory``, or None if there is none.
+
+    Raises:
+        CheckpointError: a part is missing or corrupt; the message names the file.
+    """
+    meta_path = _meta_path(Path(directory), shard_id)
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        tensor_path = Path(directory) / meta["tensor_file"]
+        if meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{meta_path}: unknown format {meta.get('format')!r}")
+        if not tensor_path.exists():
+            raise CheckpointError(f"{meta_path}: names {tensor_path.name}, which is missing")
+        if _sha256(tensor_path) != meta["tensor_sha256"]:
+            raise CheckpointError(f"{tensor_path}: corrupt (SHA-256 does not match {meta_path})")
+        tensors = load_file(str(tensor_path))
+        return _state_from(meta, tensors)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint: {e}") from e
+
+
+def _state_from(meta: dict, tensors: dict[str, torch.Tensor]) -> ShardState:
+    optimizer_state: dict[int, dict[str, object]] = {
+        int(index): dict(values) for index, values in meta["optimizer_plain_state"].items()
+    }
+    for name, tensor in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            optimizer_state.setdefault(int(index), {})[key] = tensor
+    return ShardState(
+        shard_id=int(meta["shard_id"]),
+        num_shards=int(meta["num_shards"]),
+        specs=specs_from_json(meta["specs"]),
+        params=[tensors[f"param.{i}"] for i in range(int(meta["num_params"]))],
+        optimizer_name=str(meta["optimizer"]),
+        optimizer_state=optimizer_state,
+        version=int(meta["version"]),
+        num_pushes=int(meta["num_pushes"]),
+        last_push={w: (int(p[0]), int(p[1])) for w, p in meta["last_push"].items()},
+    )
+
+
+class Checkpointer:
+    """Saves a shard every ``every_s`` seconds when it changed, at once after its first
+    initialisation (so a restart always finds the layout), and once more at :meth:`stop`.
+
+    Args:
+        shard: The shard to save (a ParameterShard).
+        directory: Where the checkpoint files go.
+        every_s: Seconds between periodic saves; bounds the updates a crash can lose.
+    """
+
+    def __init__(self, shard, directory: str | Path, every_s: float) -> None:
+        if every_s <= 0:
+            raise ValueError(f"checkpoint interval must be > 0 s, got {every_s}")
+        self.shard = shard
+        self.directory = Path(directory)
+        self.every_s = every_s
+        self.saved_version: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
+
+    def start(self) -> Checkpointer:
+        self._thread.start()
+        return self
+
+    def save_if_changed(self) -> bool:
+        if not self.shard.initialized or self.shard.version == self.saved_version:
+            return False
+        state = self.shard.snapshot()
+        save_checkpoint(state, self.directory)
+        self.saved_version = state.version
+        logger.info("shard %d: checkpoint at version %d", state.shard_id, state.version)
+        return True
+
+    def _run(self) -> None:
+        next_save_s = time.monotonic() + self.every_s
+        while not self._stop.wait(_POLL_S):
+            first_save = self.shard.initialized and self.saved_version is None
+            if first_save or time.monotonic() >= next_save_s:
+                try:
+                    self.save_if_changed()
+                except OSError as e:
+                    logger.error("checkpoint of shard %d failed: %s", self.shard.shard_id, e)
+                next_save_s = time.monotonic() + self.every_s
+
+    def stop(self) -> None:
+        """Stop the periodic saves and write a last checkpoint."""
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self.save_if_changed()

@@ -1,0 +1,148 @@
+"""Who may talk to a shard: a per-job secret proven by mutual HMAC challenge-response on every new
+connection (as multiprocessing does with its authkey), and optional TLS for encryption.
+
+The handshake runs before any frame is read, so an unauthenticated peer never gets to send a
+tensor. Key files must be readable by their owner only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import socket
+import ssl
+import stat
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from distbelief.errors import ProtocolError
+
+AUTH_MAGIC = b"DBLA"
+NONCE_BYTES = 32
+KEY_BYTES = 32
+_DIGEST = "sha256"
+_DIGEST_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class WireSecurity:
+    """How connections of one job are secured. The default secures nothing."""
+
+    auth_key: bytes | None = None
+    """The job's shared secret; None: no authentication."""
+    tls_cert: str | None = None
+    """Server certificate (PEM); with tls_key, shards speak TLS."""
+    tls_key: str | None = None
+    """Server private key (PEM)."""
+    tls_ca: str | None = None
+    """CA bundle (PEM) clients verify shards against; set to make clients speak TLS."""
+
+    def server_tls(self) -> ssl.SSLContext | None:
+        if not (self.tls_cert and self.tls_key):
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
+    def client_tls(self) -> ssl.SSLContext | None:
+        if not self.tls_ca:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.tls_ca)
+        return context
+
+
+def generate_key() -> bytes:
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def write_key_file(path: str | Path) -> Path:
+    """Create a new key file readable by its owner only (atomically; never overwrites)."""
+    path = Path(path)
+    if path.exists():
+        raise ValueError(f"key file {path} already exists: not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, generate_key().hex().encode() + b"\n")
+        os.close(fd)
+        os.link(tmp, path)  # fails if path appeared meanwhile, unlike rename
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def read_key_file(path: str | Path) -> bytes:
+    """The key in ``path``; ValueError naming the file if it is missing, open to others or bad."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"key file {path}: {e.strerror}") from e
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"key file {path} is readable by others: chmod 600 {path}")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(
+            f"key file {path}: not a hex key (make one with distbelief keygen)"
+        ) from None
+    if len(key) < 16:
+        raise ValueError(f"key file {path}: key of {len(key)} bytes is too short (need >= 16)")
+    return key
+
+
+def _recv_exact(sock: socket.socket, num_bytes: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < num_bytes:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        chunk = sock.recv(num_bytes - len(data))
+        if not chunk:
+            raise ConnectionResetError("peer closed the connection during authentication")
+        data += chunk
+    return data
+
+
+def _mac(key: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(key, role + nonce, _DIGEST).digest()
+
+
+def accept_peer(sock: socket.socket, key: bytes, timeout_s: float) -> None:
+    """Server side: challenge the peer, check its answer, prove we hold the key too.
+
+    Raises:
+        ProtocolError: the peer does not hold the key.
+        OSError / TimeoutError: the connection failed or the peer was too slow.
+    """
+    deadline = time.monotonic() + timeout_s
+    challenge = secrets.token_bytes(NONCE_BYTES)
+    sock.settimeout(timeout_s)
+    sock.sendall(AUTH_MAGIC + challenge)
+    answer = _recv_exact(sock, _DIGEST_BYTES + NONCE_BYTES, deadline)
+    if not hmac.compare_digest(answer[:_DIGEST_BYTES], _mac(key, b"client", challenge)):
+        raise ProtocolError("peer failed authentication (wrong or missing job key)")
+    sock.sendall(_mac(key, b"server", answer[_DIGEST_BYTES:]))
+
+
+def authenticate_to_server(sock: socket.socket, key: bytes, timeout_s: float) -> None:
+    """Client side: answer the shard's challenge and check the shard's own proof.
+
+    Raises:
+        ProtocolError: the server is not a distbelief shard of this job.
+    """
+    deadline = time.monotonic() + timeout_s
+    hello = _recv_exact(sock, len(AUTH_MAGIC) + NONCE_BYTES, deadline)
+    if hello[: len(AUTH_MAGIC)] != AUTH_MAGIC:
+        raise ProtocolError("server does not ask for authentication: not a secured shard")
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    sock.sendall(_mac(key, b"client", hello[len(AUTH_MAGIC) :]) + nonce)
+    try:
+        proof = _recv_exact(sock, _DIGEST_BYTES, deadline)
+    except ConnectionResetError as e:
+        raise ProtocolError("the shard refused this job key") from e
+    if not hmac.compare_digest(proof, _mac(key, b"server", nonce)):
+        raise ProtocolError("server failed authentication: it does not hold the job key")

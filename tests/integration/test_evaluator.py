@@ -1,0 +1,124 @@
+"""The evaluator against real shard processes: same numbers as a direct evaluation, the
+``distbelief eval`` command (once, and watching with --out), and its end when shards stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distbelief.client import ParameterServerClient
+from distbelief.data import load_dataset
+from distbelief.launch.config import TrainConfig
+from distbelief.launch.evaluator import PSEvaluator, watch_shards
+from distbelief.launch.roles import build_replica, evaluate
+from distbelief.metrics import MetricsWriter, make_record, read_metrics
+from distbelief.sharding import FlatLayout, tensor_specs
+from tests.conftest import start_shard, stop_processes
+
+CONFIG = TrainConfig(model="lenet", dataset="digits", timeout_s=10.0, eval_every_s=0.2)
+CLI = [sys.executable, "-m", "distbelief"]
+
+
+def _initialise(addresses: list[str], seed: int) -> torch.nn.Module:
+    """Puts the parameters of a model built with ``seed`` on the shards; returns that model."""
+    test_set = load_dataset("digits", split="test")
+    model = build_replica(CONFIG.replace(seed=seed), test_set.input_shape, test_set.num_classes)
+    layout = FlatLayout(tensor_specs(model.named_parameters()))
+    flats = layout.flatten([p.detach() for p in model.parameters()])
+    client = ParameterServerClient(addresses, layout.specs, timeout_s=CONFIG.timeout_s)
+    try:
+        assert client.handshake(flats)
+    finally:
+        client.close()
+    return model
+
+
+def test_evaluator_equals_direct_evaluation(shard_cluster) -> None:
+    addresses = shard_cluster(2)
+    # Seed 1 on the shards, seed 0 in the evaluator: only a real pull makes the numbers agree.
+    model = _initialise(addresses, seed=1)
+    evaluator = PSEvaluator(CONFIG, addresses)
+    try:
+        result = evaluator.evaluate()
+    finally:
+        evaluator.close()
+    test_loss, test_accuracy = evaluate(model, evaluator.test_set)
+    assert result["test_accuracy"] == test_accuracy
+    assert result["test_loss"] == pytest.approx(test_loss, rel=1e-6)
+    assert result["version"] == 0
+
+
+def test_eval_once_prints_the_result(shard_cluster) -> None:
+    addresses = shard_cluster(1)
+    model = _initialise(addresses, seed=2)
+    _, test_accuracy = evaluate(model, load_dataset("digits", split="test"))
+    result = subprocess.run(
+        [*CLI, "eval", "--ps", ",".join(addresses), "--model", "lenet", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    fields = dict(part.split("=") for part in result.stdout.split())
+    assert float(fields["test_accuracy"]) == pytest.approx(test_accuracy, abs=1e-4)
+    assert fields["version"] == "0"
+
+
+def _wait_for_rows(path: Path, num_rows: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count("\n") > num_rows:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not get {num_rows} rows in {timeout_s}s")
+
+
+def test_eval_watch_appends_to_metrics_csv(shard_cluster, tmp_path) -> None:
+    addresses = shard_cluster(1)
+    _initialise(addresses, seed=0)
+    metrics = tmp_path / "metrics.csv"
+    with MetricsWriter(metrics) as writer:  # an earlier row, which must survive
+        writer.write(make_record("worker", 0, time_s=0.0, step=1, loss=2.0))
+    watcher = subprocess.Popen(
+        [*CLI, "eval", "--ps", addresses[0], "--eval-every", "0.1", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        _wait_for_rows(metrics, 2, timeout_s=60)
+        watcher.send_signal(signal.SIGINT)
+        _, stderr = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait(timeout=10)
+    assert watcher.returncode == 130, stderr[-2000:]
+    assert "eval t=" in stderr and "test_accuracy=" in stderr
+    records = read_metrics(metrics)
+    assert records[0]["role"] == "worker"
+    # The version does not change, so the watcher records it once.
+    assert [r["role"] for r in records[1:]] == ["evaluator"]
+
+
+def test_watch_ends_cleanly_when_the_shards_stop(tmp_path) -> None:
+    process, address = start_shard(0, 1)
+    stop_later = threading.Timer(2.0, stop_processes, args=([process],))
+    try:
+        _initialise([address], seed=0)
+        stop_later.start()
+        result = watch_shards(CONFIG.replace(timeout_s=2.0), [address], out_dir=str(tmp_path))
+    finally:
+        stop_later.cancel()
+        stop_processes([process])
+    assert set(result) == {"test_loss", "test_accuracy", "version"}
+    assert [r["role"] for r in read_metrics(tmp_path / "metrics.csv")] == ["evaluator"]

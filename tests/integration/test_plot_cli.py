@@ -1,0 +1,102 @@
+"""``distbelief plot`` and the run folder's TensorBoard events, on run folders made by real
+short ``distbelief train`` jobs (one with the live evaluator, one with ``--no-eval``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distbelief.metrics import read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+CLI = [sys.executable, "-m", "distbelief"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(args: list[str], timeout_s: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    """Two short runs: 2 workers with live evaluation, and 1 adagrad worker with --no-eval."""
+    root = tmp_path_factory.mktemp("runs")
+    live, once = root / "live", root / "once"
+    for out, extra in (
+        (live, []),
+        (once, ["--workers", "1", "--server-optimizer", "adagrad", "--no-eval"]),
+    ):
+        result = _run(["train", "--steps", "20", "--out", str(out), *extra])
+        assert result.returncode == 0, result.stderr[-3000:]
+    return live, once
+
+
+def _assert_pngs(paths: list[Path]) -> None:
+    for path in paths:
+        data = path.read_bytes()
+        assert data[:8] == PNG_SIGNATURE and len(data) > 10_000, path
+
+
+def test_plot_one_run(runs, tmp_path) -> None:
+    live, _ = runs
+    result = _run(["plot", str(live), "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = [Path(line).name for line in result.stdout.split()]
+    assert names == [
+        "accuracy_vs_time.png",
+        "loss_vs_time.png",
+        "throughput_vs_time.png",
+        "staleness.png",
+    ]
+    _assert_pngs([tmp_path / name for name in names])
+
+
+def test_plot_compares_two_runs(runs, tmp_path) -> None:
+    live, once = runs
+    out = tmp_path / "compare"
+    result = _run(["plot", str(live), str(once), "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [Path(line) for line in result.stdout.split()]
+    assert len(written) == 4 and all(path.parent == out for path in written)
+    _assert_pngs(written)
+
+
+def test_plot_of_a_folder_that_is_not_a_run_exits_2(runs, tmp_path) -> None:
+    live, _ = runs
+    folder = tmp_path / "holiday_photos"
+    folder.mkdir()
+    for args in (["plot", str(folder)], ["plot", str(live), str(folder)]):
+        result = _run(args, timeout_s=60)
+        assert result.returncode == 2
+        assert f"not a run folder: {folder}" in result.stderr
+
+
+def test_no_eval_run_still_reports_the_final_accuracy(runs) -> None:
+    _, once = runs
+    summary = json.loads((once / "summary.json").read_text())
+    assert 0.0 <= summary["final"]["test_accuracy"] <= 1.0
+    assert summary["final"]["version"] == 20
+    evaluations = [r for r in read_metrics(once / "metrics.csv") if r["role"] == "evaluator"]
+    assert len(evaluations) == 1
+
+
+def test_run_folder_has_tensorboard_scalars(runs) -> None:
+    live, _ = runs
+    accumulator = EventAccumulator(str(live / "tensorboard"))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"worker/0/loss", "worker/1/accuracy", "ps/test_accuracy", "ps/test_loss"} <= tags
+    assert [event.step for event in accumulator.Scalars("worker/0/loss")] == [10, 20]

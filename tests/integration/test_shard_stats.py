@@ -1,0 +1,50 @@
+"""The launcher's shard-stats poll against a real shard: counters, rates, and a dead shard."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from distbelief.client import ParameterServerClient
+from distbelief.errors import ShardUnavailableError
+from distbelief.launch.shard_stats import ShardStatsPoller, poll_shard_stats
+from distbelief.sharding import TensorSpec
+
+SPECS = [TensorSpec("weight", (64, 32), torch.float32), TensorSpec("bias", (32,), torch.float32)]
+NUM_BYTES = (64 * 32 + 32) * 4
+
+
+def test_poll_reports_pushes_bytes_and_version(shard_cluster) -> None:
+    addresses = shard_cluster(2)
+    client = ParameterServerClient(addresses, SPECS, timeout_s=5.0)
+    poller = ShardStatsPoller(addresses, every_s=0.05, timeout_s=2.0)
+    try:
+        client.handshake({torch.float32: torch.zeros(64 * 32 + 32)})
+        assert [r["version"] for r in poller.poll_if_due()] == [0, 0]
+        assert poller.poll_if_due() == []  # not due yet
+        for _ in range(3):
+            client.wait(client.push({torch.float32: torch.ones(64 * 32 + 32)}))
+        time.sleep(0.1)
+        records = poller.poll_if_due()
+    finally:
+        client.close()
+    assert [(r["role"], r["rank"], r["version"]) for r in records] == [
+        ("shard", 0, 3),
+        ("shard", 1, 3),
+    ]
+    assert all(r["pushes_per_s"] > 0 and r["staleness"] == 0.0 for r in records)
+    # Each shard received its half of three pushes' bytes in the interval.
+    interval_s = 0.1 + 3 * 5.0  # an upper bound on the time between the two polls
+    assert sum(r["bytes_per_s"] for r in records) >= 3 * NUM_BYTES / interval_s
+    stats = poll_shard_stats(addresses, timeout_s=2.0)
+    assert [s["num_pushes"] for s in stats] == [3, 3]
+    assert sum(s["bytes_received"] for s in stats) == 3 * NUM_BYTES
+
+
+def test_unreachable_shard_raises_but_the_poller_does_not() -> None:
+    dead = ["tcp://127.0.0.1:1"]
+    with pytest.raises(ShardUnavailableError):
+        poll_shard_stats(dead, timeout_s=1.0)
+    assert ShardStatsPoller(dead, timeout_s=1.0).poll_if_due() == []

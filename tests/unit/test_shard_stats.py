@@ -1,0 +1,51 @@
+"""Unit tests of distbelief.launch.shard_stats: STATS replies become shard records with rates."""
+
+from __future__ import annotations
+
+import pytest
+
+from distbelief.launch.shard_stats import ShardStatsPoller, shard_records
+from distbelief.metrics import METRIC_FIELDS
+
+
+def _stats(time_s: float, version: int, pushes: int, nbytes: int, staleness: dict) -> dict:
+    return {
+        "shard_id": 1,
+        "time": time_s,
+        "version": version,
+        "num_pushes": pushes,
+        "bytes_received": nbytes // 2,
+        "bytes_sent": nbytes - nbytes // 2,
+        "staleness": staleness,
+    }
+
+
+def test_first_poll_has_a_version_and_no_rates() -> None:
+    (record,) = shard_records([_stats(100.0, 5, 5, 1000, {"0": 5})])
+    assert tuple(record) == METRIC_FIELDS
+    assert (record["role"], record["rank"], record["version"]) == ("shard", 1, 5)
+    assert record["time_s"] == 100.0
+    assert record["pushes_per_s"] is None and record["bytes_per_s"] is None
+
+
+def test_rates_and_mean_staleness_are_since_the_previous_poll() -> None:
+    before = _stats(100.0, 5, 5, 1000, {"0": 5})
+    now = _stats(102.0, 13, 13, 5000, {"0": 5, "1": 4, "3": 4})
+    (record,) = shard_records([now], [before])
+    assert record["pushes_per_s"] == pytest.approx(4.0)
+    assert record["bytes_per_s"] == pytest.approx(2000.0)
+    # 8 new pushes: four with staleness 1, four with staleness 3.
+    assert record["staleness"] == pytest.approx(2.0)
+
+
+def test_no_pushes_in_between_gives_no_staleness() -> None:
+    before = _stats(100.0, 5, 5, 1000, {"0": 5})
+    (record,) = shard_records([_stats(101.0, 5, 5, 1200, {"0": 5})], [before])
+    assert record["pushes_per_s"] == 0.0 and record["staleness"] is None
+
+
+@pytest.mark.parametrize("kwargs", [{"every_s": 0.0}, {"timeout_s": -1.0}])
+def test_bad_arguments_are_named(kwargs: dict) -> None:
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=name):
+        ShardStatsPoller(["tcp://127.0.0.1:1"], **kwargs)

@@ -1,0 +1,110 @@
+"""Unit tests of distbelief.tensorboard_log, and of the launcher's router feeding it: records go
+in, event files come out, and TensorBoard's own reader finds the right scalars."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distbelief.launch.local import _Router
+from distbelief.launch.progress import ProgressDisplay
+from distbelief.metrics import MetricsWriter, make_record, read_metrics
+from distbelief.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, scalar_tags
+
+
+def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def test_scalar_tags_per_role() -> None:
+    worker = make_record("worker", 1, time_s=1.0, step=20, loss=0.5, accuracy=0.75)
+    assert scalar_tags(worker) == [("worker/1/loss", 0.5, 20), ("worker/1/accuracy", 0.75, 20)]
+    evaluator = make_record("evaluator", 0, time_s=1.0, version=7, test_loss=1.0)
+    assert scalar_tags(evaluator) == [("ps/test_loss", 1.0, 7)]
+    shard = make_record("shard", 2, time_s=1.0, version=9, pushes_per_s=3.0, staleness=0.5)
+    assert scalar_tags(shard) == [("shard/2/pushes_per_s", 3.0, 9), ("shard/2/staleness", 0.5, 9)]
+    assert scalar_tags(make_record("shard", 0, time_s=1.0, pushes_per_s=1.0)) == []
+
+
+def test_unknown_role_is_rejected() -> None:
+    with pytest.raises(ValueError, match="coordinator"):
+        scalar_tags({"role": "coordinator", "rank": 0, "time_s": 0.0})
+
+
+def test_records_read_back_from_event_files(tmp_path: Path) -> None:
+    with TensorBoardLog(tmp_path) as log:
+        for step in (10, 20, 30):
+            log.write(make_record("worker", 0, time_s=step / 10, step=step, loss=1.0 / step))
+        log.write(make_record("evaluator", 0, time_s=3.0, version=60, test_accuracy=0.9))
+    assert list((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    scalars = _scalars(tmp_path / TENSORBOARD_DIR)
+    assert scalars["worker/0/loss"] == [
+        (10, pytest.approx(0.1)),
+        (20, pytest.approx(0.05)),
+        (30, pytest.approx(1 / 30)),
+    ]
+    assert scalars["ps/test_accuracy"] == [(60, pytest.approx(0.9))]
+
+
+def test_router_sends_every_record_to_csv_display_and_tensorboard(tmp_path: Path) -> None:
+    with (
+        MetricsWriter(tmp_path / "metrics.csv") as writer,
+        ProgressDisplay(
+            total_steps=20, num_workers=1, interactive=False, stream=io.StringIO()
+        ) as progress,
+        TensorBoardLog(tmp_path) as log,
+    ):
+        route = _Router(writer, progress, log)
+        route(("started", "worker0", {"rank": 0, "time": 1000.0}))
+        route(("metric", "worker0", make_record("worker", 0, time_s=1001.0, step=10, loss=2.0)))
+        route(("metric", "worker0", make_record("worker", 0, time_s=1002.0, step=20, loss=1.0)))
+        route(
+            (
+                "metric",
+                "evaluator",
+                make_record(
+                    "evaluator", 0, time_s=1002.5, version=40, test_loss=0.8, test_accuracy=0.7
+                ),
+            )
+        )
+        route.poll_shards()  # no poller: nothing happens
+    assert [r["time_s"] for r in read_metrics(tmp_path / "metrics.csv")] == [1.0, 2.0, 2.5]
+    scalars = _scalars(tmp_path / TENSORBOARD_DIR)
+    assert scalars["worker/0/loss"] == [(10, 2.0), (20, 1.0)]
+    assert scalars["ps/test_loss"] == [(40, pytest.approx(0.8))]
+    assert scalars["ps/test_accuracy"] == [(40, pytest.approx(0.7))]
+
+
+class _StubPoller:
+    def __init__(self, records: list[dict]) -> None:
+        self.records = records
+
+    def poll_if_due(self) -> list[dict]:
+        taken, self.records = self.records, []
+        return taken
+
+
+def test_router_routes_polled_shard_records(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    shard = make_record("shard", 0, time_s=1003.0, version=50, pushes_per_s=25.0, staleness=1.5)
+    with (
+        MetricsWriter(tmp_path / "metrics.csv") as writer,
+        ProgressDisplay(total_steps=20, num_workers=1, interactive=False, stream=stream) as display,
+        TensorBoardLog(tmp_path) as log,
+    ):
+        route = _Router(writer, display, log, _StubPoller([shard]))
+        route(("started", "worker0", {"rank": 0, "time": 1000.0}))
+        route.poll_shards()
+        route.poll_shards()  # nothing new
+    (record,) = read_metrics(tmp_path / "metrics.csv")
+    assert (record["role"], record["time_s"], record["pushes_per_s"]) == ("shard", 3.0, 25.0)
+    assert _scalars(tmp_path / TENSORBOARD_DIR)["shard/0/pushes_per_s"] == [(50, 25.0)]
+    assert "shard0.pushes_per_s=25.0" in stream.getvalue()

@@ -201,8 +201,8 @@ def _base_label(config: dict[str, Any]) -> str:
 def run_labels(runs: Sequence[RunData]) -> list[str]:
     """One legend label per run: "<W>w x <S>s, <server optimizer>, n_push=<n>", plus the
     config fields that differ between the runs, plus the folder name where labels still
-    collide."""
-    labels = [_base_label(run.config) for run in runs]
+    collide. A run without ``config.json`` is labelled with its folder name."""
+    labels = [_base_label(run.config) if run.config else run.run_dir.name for run in runs]
     for key in _LABEL_KEYS:
         values = [run.config.get(key) for run in runs]
         if len({repr(value) for value in values}) > 1:

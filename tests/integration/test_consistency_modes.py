@@ -62,9 +62,7 @@ def test_sync_round_equals_average_gradient_sgd(shard_cluster):
     assert all(opt.sync_rounds for _, opt in workers.values())
     for step in range(3):
         batches = {"a": _batch(10 * step), "b": _batch(10 * step + 1)}
-        threads = [
-            _run_in_thread(lambda n=n, b=batches: _step(*workers[n], b[n])) for n in workers
-        ]
+        threads = [_run_in_thread(lambda n=n, b=batches: _step(*workers[n], b[n])) for n in workers]
         for thread, errors in threads:
             thread.join(30)
             assert not errors and not thread.is_alive()

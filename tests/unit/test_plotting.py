@@ -10,7 +10,8 @@ import matplotlib.image
 import pytest
 
 from distbelief.metrics import MetricsWriter, make_record
-from distbelief.plotting import plot_run
+from distbelief.plot_compare import plot_runs, run_labels
+from distbelief.plotting import RunData, plot_run, total_rate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -94,3 +95,52 @@ def test_bad_config_json_is_named(tmp_path: Path) -> None:
     (run_dir / "config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match=r"config\.json"):
         plot_run(run_dir)
+
+
+def _run_data(name: str, **config: object) -> RunData:
+    return RunData(Path(name), [], config)
+
+
+def test_run_labels_show_the_config_and_what_differs() -> None:
+    base = {"num_workers": 4, "num_shards": 2, "server_optimizer": "adagrad", "n_push": 1}
+    labels = run_labels(
+        [
+            _run_data("a", **base, lr=0.05, sync=False),
+            _run_data("b", **base, lr=0.1, sync=False),
+            _run_data("c", **{**base, "num_workers": 2}, lr=0.05, sync=True),
+        ]
+    )
+    assert labels == [
+        "4w x 2s, adagrad, n_push=1, lr=0.05, async",
+        "4w x 2s, adagrad, n_push=1, lr=0.1, async",
+        "2w x 2s, adagrad, n_push=1, lr=0.05, sync",
+    ]
+    # Identical configs are told apart by their folder names.
+    assert run_labels([_run_data("x", **base), _run_data("y", **base)]) == [
+        "4w x 2s, adagrad, n_push=1 (x)",
+        "4w x 2s, adagrad, n_push=1 (y)",
+    ]
+
+
+def test_total_rate_sums_the_workers() -> None:
+    records = [
+        make_record("worker", rank, time_s=float(t), step=10 * t * (rank + 1))
+        for t in range(1, 6)
+        for rank in range(2)
+    ]
+    times_s, rates = total_rate(records)
+    assert times_s == [2.0, 3.0, 4.0, 5.0]
+    assert rates == pytest.approx([30.0, 30.0, 30.0, 30.0])
+
+
+def test_plot_runs_compares_two_folders(tmp_path: Path) -> None:
+    first = _make_run_dir(tmp_path / "first")
+    second = _make_run_dir(tmp_path / "second", with_config=False)
+    paths = plot_runs([first, second], out_dir=tmp_path / "out")
+    assert len(paths) == 4
+    for path in paths:
+        assert path.parent == tmp_path / "out" and path.read_bytes()[:8] == PNG_SIGNATURE
+    with pytest.raises(ValueError, match="two or more"):
+        plot_runs([first], out_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match=r"not a run folder: .*nowhere"):
+        plot_runs([first, tmp_path / "nowhere"], out_dir=tmp_path / "out")

@@ -153,7 +153,7 @@ def _add_eval_parser(commands) -> None:
         "--eval-every",
         dest="eval_every_s",
         type=float,
-        default=2.0,
+        default=defaults.eval_every_s,
         help="seconds between evaluations",
     )
     evaluate.add_argument(

@@ -179,8 +179,10 @@ def watch_shards(
     Raises:
         ShardTimeoutError, ShardUnavailableError, ModelMismatchError: before or at the first
             evaluation (see ``PSEvaluator``); later, shards that went away end the watch.
-        ValueError: ``<out_dir>/metrics.csv`` exists with another header.
+        ValueError: ``out_dir`` is a file, or ``<out_dir>/metrics.csv`` has another header.
     """
+    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a folder")
     torch.set_num_threads(1)
     start_time = time.time()
     evaluator = PSEvaluator(config, addresses, security=security)

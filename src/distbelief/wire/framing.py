@@ -174,8 +174,9 @@ def recv_message(
     sink_for: SinkFactory | None = None,
     deadline: float | None = None,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    prefix: bytes = b"",
 ) -> Message:
-    """Read one frame.
+    """Read one frame (``prefix``: its first bytes, already read by the caller).
 
     Raises:
         ProtocolError: the header is invalid (the stream is unusable afterwards).
@@ -184,7 +185,7 @@ def recv_message(
         TimeoutError: ``deadline`` passed.
     """
     op, flags, request_id, meta_len, payload_len = parse_header(
-        _recv_exact(sock, HEADER.size, deadline), max_payload_bytes
+        prefix + _recv_exact(sock, HEADER.size - len(prefix), deadline), max_payload_bytes
     )
     message = Message(op, {}, [], request_id, flags)
     try:

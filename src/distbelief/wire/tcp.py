@@ -202,15 +202,18 @@ class TcpServer(Server):
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
             thread.start()
 
-    def _wait_for_frame(self, sock: socket.socket) -> bool:
-        """Block until a frame starts arriving or the server stops; False on stop/close."""
+    def _wait_for_frame(self, sock: socket.socket) -> bytes:
+        """The first byte of the next frame; b"" once the peer closes or the server stops.
+
+        A plain one-byte read with a short timeout, not a peek: TLS sockets cannot peek.
+        """
         sock.settimeout(_IDLE_POLL_S)
         while not self._stopping.is_set():
             try:
-                return bool(sock.recv(1, socket.MSG_PEEK))
+                return sock.recv(1)
             except TimeoutError:
                 continue
-        return False
+        return b""
 
     def _secure(self, sock: socket.socket, peer: str) -> socket.socket:
         """TLS and authentication, before a single frame is read from ``peer``."""
@@ -236,8 +239,8 @@ class TcpServer(Server):
         try:
             sock = self._secure(sock, peer)
             connection = self._handler.open_connection(peer)
-            while self._wait_for_frame(sock):
-                self._serve_one(sock, connection)
+            while first_byte := self._wait_for_frame(sock):
+                self._serve_one(sock, connection, first_byte)
         except ProtocolError as e:
             logger.warning("closing connection from %s: %s", peer, e)
         except (OSError, ssl.SSLError) as e:
@@ -250,13 +253,14 @@ class TcpServer(Server):
             with contextlib.suppress(OSError):
                 sock.close()
 
-    def _serve_one(self, sock: socket.socket, connection) -> None:
+    def _serve_one(self, sock: socket.socket, connection, first_byte: bytes) -> None:
         deadline = time.monotonic() + self._frame_timeout_s
         try:
             request = recv_message(
                 sock,
                 sink_for=connection.sink_for,
                 deadline=deadline,
+                prefix=first_byte,
                 max_payload_bytes=self._max_payload_bytes,
             )
         except RejectedFrame as e:

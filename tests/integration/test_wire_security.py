@@ -1,0 +1,206 @@
+"""Authentication, TLS, and a live shard under 10,000 random, malformed and truncated frames."""
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from distbelief.client import ParameterServerClient
+from distbelief.errors import ProtocolError, PSError
+from distbelief.optim import DownpourSGD
+from distbelief.wire import Message, Op, connect, serve
+from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
+from distbelief.wire.security import WireSecurity, read_key_file, write_key_file
+from tests.integration.test_transport import EchoHandler
+
+NUM_FUZZ_FRAMES = 10_000
+FUZZ_TIME_LIMIT_S = 90.0
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
+
+
+def test_only_key_holders_get_in():
+    key = b"k" * 32
+    server = serve("tcp://127.0.0.1:0", EchoHandler(), security=WireSecurity(auth_key=key))
+    try:
+        good = connect(server.address, name="shard", security=WireSecurity(auth_key=key))
+        assert good.request(Message(Op.HELLO), timeout_s=5).meta == {"seen": 0}
+        good.close()
+        anonymous = connect(server.address, name="shard")
+        with pytest.raises(ProtocolError, match="requires authentication"):
+            anonymous.request(Message(Op.HELLO), timeout_s=5)
+        stranger = connect(server.address, name="shard", security=WireSecurity(auth_key=b"x" * 32))
+        with pytest.raises(ProtocolError, match="refused this job key"):
+            stranger.request(Message(Op.HELLO), timeout_s=5)
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_with_authentication(tmp_path):
+    cert, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key_pem),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    secret = b"s" * 32
+    server = serve(
+        "tcp://127.0.0.1:0",
+        EchoHandler(),
+        security=WireSecurity(auth_key=secret, tls_cert=str(cert), tls_key=str(key_pem)),
+    )
+    try:
+        client = connect(
+            server.address, name="shard", security=WireSecurity(auth_key=secret, tls_ca=str(cert))
+        )
+        payload = torch.randn(100_000)
+        reply = client.request(Message(Op.PUSH, {}, [("w", payload)]), timeout_s=10)
+        assert torch.equal(reply.tensors[0][1], payload)
+        client.close()
+        plain = connect(server.address, name="shard", security=WireSecurity(auth_key=secret))
+        with pytest.raises(PSError):  # no TLS: the shard never gets a ClientHello, hangs up
+            plain.request(Message(Op.HELLO), timeout_s=2)
+    finally:
+        server.stop()
+
+
+def _garbage_frame(rng: random.Random) -> tuple[bytes, bool]:
+    """One hostile frame and whether the server keeps the connection open after it."""
+    kind = rng.random()
+    if kind < 0.6:  # well framed, hostile content: answered with an error, stream stays in sync
+        metas = [
+            bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40))),
+            json.dumps({"tensors": [["float32[0:3]", "float32", [3]]]}).encode(),
+            json.dumps({"tensors": [["x", "complex64", [2]]]}).encode(),
+            json.dumps({"tensors": [["x", "float32", [-1]]], "seq": "no"}).encode(),
+            json.dumps({"specs": [["w", [2], "float32"]], "worker": 5}).encode(),
+            json.dumps({"max_wait_s": 1e9, "after_version": -3}).encode(),
+        ]
+        meta = rng.choice(metas)
+        payload = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 4, 12, 64])))
+        op = rng.choice([1, 2, 3, 4, 5])
+        return HEADER.pack(
+            MAGIC, PROTOCOL_VERSION, op, 0, rng.getrandbits(32), len(meta), len(payload)
+        ) + meta + payload, True
+    if kind < 0.8:  # not our protocol at all
+        return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 100))), False
+    # truncated: a header promising more than ever comes
+    header = HEADER.pack(MAGIC, PROTOCOL_VERSION, 3, 0, 1, 10, 1000)
+    return header[: rng.randint(1, len(header))] if rng.random() < 0.5 else header + b"{", False
+
+
+def _fuzz(address: str, num_frames: int, deadline: float) -> int:
+    rng = random.Random(1234)
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    sent, sock = 0, None
+    while sent < num_frames and time.monotonic() < deadline:
+        if sock is None:
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.setblocking(False)
+        frame, stays_open = _garbage_frame(rng)
+        try:
+            sock.sendall(frame)
+            sock.recv(1 << 16)  # drain error replies so the shard never blocks on us
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            stays_open = False
+        sent += 1
+        if not stays_open:
+            sock.close()
+            sock = None
+    if sock is not None:
+        sock.close()
+    return sent
+
+
+def _train_and_check(model, optimizer, num_steps, fuzz) -> None:
+    """Train while ``fuzz`` runs; the shards must equal initial - lr * (sum of our gradients)."""
+    initial = [p.detach().clone() for p in model.parameters()]
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    fuzz()
+    for _ in range(num_steps):
+        images, labels = torch.randn(16, 8, generator=generator), torch.randint(0, 4, (16,))
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        for acc, param in zip(total, model.parameters(), strict=True):
+            acc += param.grad
+        optimizer.step()
+    optimizer.flush()
+    optimizer.pull_now()
+    for param, start, acc in zip(model.parameters(), initial, total, strict=True):
+        torch.testing.assert_close(param, start - 0.1 * acc, atol=1e-5, rtol=0)
+    assert [s["num_pushes"] for s in optimizer.client.stats()] == [num_steps] * 2
+
+
+def test_shard_survives_10000_hostile_frames(shard_cluster):
+    addresses = shard_cluster(2, "--server-lr", "0.1")
+    model = _model()
+    optimizer = DownpourSGD(
+        model.parameters(), lr=0.1, model=model, ps=addresses, blocking=True, timeout_s=10
+    )
+    counts = []
+
+    def fuzz() -> None:
+        deadline = time.monotonic() + FUZZ_TIME_LIMIT_S
+        counts.extend(_fuzz(address, NUM_FUZZ_FRAMES // 2, deadline) for address in addresses)
+
+    _train_and_check(model, optimizer, 10, fuzz)
+    assert sum(counts) == NUM_FUZZ_FRAMES
+    optimizer.close()
+
+
+def test_unauthenticated_clients_are_refused_and_change_nothing(shard_cluster, tmp_path):
+    key_file = write_key_file(tmp_path / "job.key")
+    addresses = shard_cluster(2, "--server-lr", "0.1", "--auth-key-file", str(key_file))
+    model = _model()
+    optimizer = DownpourSGD(
+        model.parameters(),
+        lr=0.1,
+        model=model,
+        ps=addresses,
+        blocking=True,
+        timeout_s=10,
+        auth_key=read_key_file(key_file),
+    )
+
+    def fuzz() -> None:
+        deadline = time.monotonic() + FUZZ_TIME_LIMIT_S
+        for address in addresses:
+            assert _fuzz(address, 200, deadline) == 200
+        intruder = ParameterServerClient(addresses, optimizer.specs, timeout_s=2, retry_timeout_s=0)
+        with pytest.raises(ProtocolError, match="requires authentication"):
+            intruder.stats()
+        intruder.close()
+
+    _train_and_check(model, optimizer, 10, fuzz)
+    optimizer.close()

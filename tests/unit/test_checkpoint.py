@@ -1,0 +1,127 @@
+"""Shard checkpoints: round trip, restore continues exactly, corruption is named, writes are
+atomic."""
+
+import json
+import re
+import time
+
+import pytest
+import torch
+
+from distbelief.errors import CheckpointError
+from distbelief.server import ParameterShard, server_optimizer_factory
+from distbelief.server import checkpoint as checkpoint_module
+from distbelief.server.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
+from distbelief.sharding import FlatLayout, TensorSpec, partition
+
+SPECS = [TensorSpec("w", (9, 5), torch.float32), TensorSpec("b", (5,), torch.float32)]
+
+
+def _shard(name: str, shard_id: int = 1, num_shards: int = 2) -> ParameterShard:
+    torch.manual_seed(0)
+    flats = FlatLayout(SPECS).flatten([torch.randn(spec.shape) for spec in SPECS])
+    shard = ParameterShard(shard_id, num_shards, server_optimizer_factory(name, lr=0.05))
+    pieces = partition(SPECS, num_shards)[shard_id]
+    shard.initialize(SPECS, [flats[p.dtype][p.start : p.stop] for p in pieces])
+    return shard
+
+
+def _push(shard: ParameterShard, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(p.numel, generator=generator) for p in shard.slices]
+    shard.push(grads, worker="w", seq=("s", seed))
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adagrad", "adam"])
+def test_restored_shard_continues_exactly_like_the_original(tmp_path, name):
+    original = _shard(name)
+    for seed in range(3):
+        _push(original, seed)
+    save_checkpoint(original.snapshot(), tmp_path)
+    restored = ParameterShard(1, 2, server_optimizer_factory(name, lr=0.05))
+    restored.restore(load_checkpoint(tmp_path, 1))
+    assert restored.version == original.version == 3
+    for seed in range(3, 6):
+        _push(original, seed)
+        _push(restored, seed)
+    for a, b in zip(original.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_restored_shard_still_deduplicates_retried_pushes(tmp_path):
+    shard = _shard("sgd")
+    _push(shard, 7)
+    save_checkpoint(shard.snapshot(), tmp_path)
+    restored = ParameterShard(1, 2, server_optimizer_factory("sgd", lr=0.05))
+    restored.restore(load_checkpoint(tmp_path, 1))
+    _push(restored, 7)  # the same (session, number): a retry, not a new gradient
+    assert restored.version == 1
+
+
+def test_no_checkpoint_is_none(tmp_path):
+    assert load_checkpoint(tmp_path, 0) is None
+
+
+def test_corrupt_tensor_file_is_named(tmp_path):
+    save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    tensor_file = next(tmp_path.glob("shard1-v*.safetensors"))
+    data = bytearray(tensor_file.read_bytes())
+    data[-1] ^= 0xFF
+    tensor_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(tensor_file.name)):
+        load_checkpoint(tmp_path, 1)
+
+
+def test_garbled_metadata_and_missing_tensor_file_are_named(tmp_path):
+    save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    meta = tmp_path / "shard1.json"
+    next(tmp_path.glob("shard1-v*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path, 1)
+    meta.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"shard1\.json"):
+        load_checkpoint(tmp_path, 1)
+
+
+def test_checkpoint_of_another_shard_or_optimizer_is_refused(tmp_path):
+    save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    state = load_checkpoint(tmp_path, 1)
+    with pytest.raises(ValueError, match="shard 1 of 2, not shard 1 of 3"):
+        ParameterShard(1, 3, server_optimizer_factory("sgd", lr=0.1)).restore(state)
+    with pytest.raises(ValueError, match="SGD state, this shard runs Adam"):
+        ParameterShard(1, 2, server_optimizer_factory("adam", lr=0.1)).restore(state)
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    shard = _shard("sgd")
+    save_checkpoint(shard.snapshot(), tmp_path)
+    before = json.loads((tmp_path / "shard1.json").read_text())
+    _push(shard, 1)
+
+    def broken_save(tensors, path):
+        with open(path, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(shard.snapshot(), tmp_path)
+    assert json.loads((tmp_path / "shard1.json").read_text()) == before
+    assert load_checkpoint(tmp_path, 1).version == 0
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_checkpointer_saves_at_once_then_on_change_and_at_stop(tmp_path):
+    shard = _shard("sgd")
+    checkpointer = Checkpointer(shard, tmp_path, every_s=0.2).start()
+    try:
+        for _ in range(50):
+            if (tmp_path / "shard1.json").exists():
+                break
+            time.sleep(0.05)
+        assert load_checkpoint(tmp_path, 1).version == 0
+        _push(shard, 1)
+    finally:
+        checkpointer.stop()
+    assert load_checkpoint(tmp_path, 1).version == 1
+    assert len(list(tmp_path.glob("shard1-v*.safetensors"))) == 1

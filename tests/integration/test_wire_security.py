@@ -97,7 +97,7 @@ def _garbage_frame(rng: random.Random) -> tuple[bytes, bool]:
     kind = rng.random()
     if kind < 0.6:  # well framed, hostile content: answered with an error, stream stays in sync
         metas = [
-            bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 40))),
+            rng.randbytes(rng.randint(0, 40)),
             json.dumps({"tensors": [["float32[0:3]", "float32", [3]]]}).encode(),
             json.dumps({"tensors": [["x", "complex64", [2]]]}).encode(),
             json.dumps({"tensors": [["x", "float32", [-1]]], "seq": "no"}).encode(),
@@ -105,13 +105,13 @@ def _garbage_frame(rng: random.Random) -> tuple[bytes, bool]:
             json.dumps({"max_wait_s": 1e9, "after_version": -3}).encode(),
         ]
         meta = rng.choice(metas)
-        payload = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 4, 12, 64])))
+        payload = rng.randbytes(rng.choice([0, 4, 12, 64]))
         op = rng.choice([1, 2, 3, 4, 5])
         return HEADER.pack(
             MAGIC, PROTOCOL_VERSION, op, 0, rng.getrandbits(32), len(meta), len(payload)
         ) + meta + payload, True
     if kind < 0.8:  # not our protocol at all
-        return bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 100))), False
+        return rng.randbytes(rng.randint(1, 100)), False
     # truncated: a header promising more than ever comes
     header = HEADER.pack(MAGIC, PROTOCOL_VERSION, 3, 0, 1, 10, 1000)
     return header[: rng.randint(1, len(header))] if rng.random() < 0.5 else header + b"{", False

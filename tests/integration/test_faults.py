@@ -1,0 +1,213 @@
+"""Failures the project claims to survive, caused for real: SIGKILL of a worker and of a shard
+during training, a shard that stays dead, resuming from checkpoints, corrupt checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from distbelief.client import ParameterServerClient
+from distbelief.errors import ShardUnavailableError
+from distbelief.launch.config import TrainConfig
+from distbelief.launch.roles import build_replica
+from distbelief.metrics import read_metrics
+from distbelief.optim import DownpourSGD
+from distbelief.sharding import FlatLayout, tensor_specs
+from tests.conftest import start_shard, stop_processes
+
+CLI = [sys.executable, "-m", "distbelief"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _worker_steps(run_dir: Path) -> dict[int, int]:
+    steps: dict[int, int] = {}
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return steps
+    for row in read_metrics(path):
+        if row["role"] == "worker":
+            steps[row["rank"]] = max(steps.get(row["rank"], 0), row["step"])
+    return steps
+
+
+def _kill(run_dir: Path, name: str) -> None:
+    os.kill(json.loads((run_dir / "pids.json").read_text())[name], signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            *CLI,
+            "train",
+            "--steps",
+            "1500",
+            "--checkpoint-every",
+            "1",
+            "--eval-every",
+            "0.5",
+            "--out",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        _wait_for(
+            lambda: min(_worker_steps(run_dir).values(), default=0) >= 100,
+            120,
+            "both workers to train",
+        )
+        _kill(run_dir, "worker1")
+        before = _worker_steps(run_dir)[0]
+        _wait_for(
+            lambda: _worker_steps(run_dir)[0] >= before + 100,
+            60,
+            "worker 0 to keep training while worker 1 is down",
+        )
+        _kill(run_dir, "shard0")
+        _out, err = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+    assert launcher.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    faults = {fault["process"]: fault for fault in summary["faults"]}
+    assert faults["worker1"]["action"] == faults["shard0"]["action"] == "restarted"
+    assert summary["worker_steps"] == {"0": 1500, "1": 1500}
+    assert summary["final"]["test_accuracy"] >= 0.85
+    # Lost updates are bounded by the checkpoint interval: the restored version is at least
+    # the version the PS had a checkpoint interval (plus a heartbeat) before the kill.
+    shard = faults["shard0"]
+    assert shard["version_restored"] is not None and shard["lost_updates"] is not None
+    evals = [r for r in read_metrics(run_dir / "metrics.csv") if r["role"] == "evaluator"]
+    older = [r["version"] for r in evals if r["time_s"] <= shard["time_s"] - 2.5]
+    assert shard["version_restored"] >= max(older, default=0)
+    assert "shard0 died" in err and "restarted" in err
+
+
+def test_worker_fails_clearly_when_a_shard_stays_dead():
+    process, address = start_shard(0, 1, "--server-lr", "0.1")
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        optimizer = DownpourSGD(
+            model.parameters(),
+            lr=0.1,
+            model=model,
+            ps=[address],
+            blocking=True,
+            timeout_s=1,
+            retry_timeout_s=2,
+        )
+        stop_processes([process])
+        model(torch.randn(3, 4)).sum().backward()
+        started = time.monotonic()
+        with pytest.raises(ShardUnavailableError, match=r"shard 0 .*gave up after retrying"):
+            optimizer.step()
+        assert time.monotonic() - started < 10
+    finally:
+        stop_processes([process])
+
+
+def test_resume_restores_exactly_the_saved_parameters(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.run(
+        [*CLI, "train", "--steps", "30", "--out", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    saved = {
+        i: load_file(str(next(checkpoints.glob(f"shard{i}-v*.safetensors")))) for i in range(2)
+    }
+    shards = [start_shard(i, 2, "--checkpoint-dir", str(checkpoints)) for i in range(2)]
+    try:
+        config = TrainConfig.from_file(run_dir / "config.json")
+        model = build_replica(config, (1, 32, 32), 10)
+        layout = FlatLayout(tensor_specs(model.named_parameters()))
+        client = ParameterServerClient([a for _, a in shards], layout.specs, timeout_s=5)
+        client.handshake(None)
+        flats = layout.allocate()
+        versions = client.wait(client.pull(flats))
+        client.close()
+    finally:
+        stop_processes([p for p, _ in shards])
+    assert versions == [60, 60]
+    for shard_id, pieces in enumerate(client.slices):
+        for piece in pieces:
+            assert torch.equal(
+                flats[piece.dtype][piece.start : piece.stop], saved[shard_id]["param.0"]
+            )
+    again = subprocess.run(
+        [*CLI, "train", "--resume", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["final"]["version"] == 120
+
+
+def test_corrupt_checkpoint_and_misuse_are_clear_errors(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.run(
+        [*CLI, "train", "--steps", "5", "--out", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    reuse = subprocess.run(
+        [*CLI, "train", "--steps", "5", "--out", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert reuse.returncode == 2 and "use --resume" in reuse.stderr
+    tensor_file = next((run_dir / "checkpoints").glob("shard1-v*.safetensors"))
+    tensor_file.write_bytes(tensor_file.read_bytes()[:-7])
+    resumed = subprocess.run(
+        [*CLI, "train", "--resume", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+    )
+    assert resumed.returncode != 0
+    assert tensor_file.name in resumed.stderr and "corrupt" in resumed.stderr
+    missing = subprocess.run(
+        [*CLI, "train", "--resume", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
+    assert missing.returncode == 2 and "nothing" in missing.stderr

@@ -8,6 +8,8 @@ DownpourSGD, one parameter server and two training nodes, each started by hand.
 
 Rank 0 is the parameter server; ranks 1..world_size-1 train on disjoint slices of the data.
 Each node writes <out>/node<rank>/metrics.csv and accuracy-vs-time plots, like the seed's.
+Only holders of the job key may push or pull: the server creates <out>/job.key (owner-only) if
+it is missing, and the nodes read it (on several machines, copy it there privately).
 Offline, add ``--dataset digits --model lenet`` (scikit-learn's bundled digits).
 """
 
@@ -28,6 +30,7 @@ from distbelief.models import MODEL_NAMES, build_model
 from distbelief.optim import DownpourSGD
 from distbelief.plotting import plot_run
 from distbelief.server import server_optimizer_factory
+from distbelief.wire.security import WireSecurity, read_key_file, write_key_file
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -49,15 +52,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
     parser.add_argument("--out", default="runs/example")
+    parser.add_argument("--auth-key-file", default=None, help="default: <out>/job.key")
     return parser
 
 
+def _key_file(args: argparse.Namespace) -> Path:
+    return Path(args.auth_key_file or Path(args.out) / "job.key")
+
+
 def run_server(args: argparse.Namespace) -> None:
+    key_file = _key_file(args)
+    if not key_file.exists():
+        write_key_file(key_file)
     serve_shard(
         0,
         1,
         f"tcp://{args.master}:{args.port}",
         optimizer_factory=server_optimizer_factory("sgd", lr=args.lr),
+        security=WireSecurity(auth_key=read_key_file(key_file)),
         emit=lambda kind, payload: print(f"{kind}: {payload}", flush=True),
     )
 
@@ -79,6 +91,7 @@ def run_node(args: argparse.Namespace) -> None:
             n_pull=args.num_pull,
             model=net,
             ps=f"tcp://{args.master}:{args.port}",
+            auth_key=read_key_file(_key_file(args)),
         )
     indices = worker_indices(len(train_set), worker_rank, num_workers)
     run_dir = Path(args.out) / f"node{args.rank}"

@@ -152,6 +152,37 @@ def _batches(config: TrainConfig, dataset: ArrayDataset, indices: torch.Tensor, 
         epoch += 1
 
 
+def _train_loop(
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: DownpourSGD,
+    batches,
+    report: Callable[..., None],
+) -> None:
+    """Forward, backward, step; every ``log_every_steps`` a record of the window's loss,
+    accuracy, staleness and wire figures."""
+    window_loss, window_correct, window_seen = 0.0, 0, 0
+    for _epoch, (images, labels) in batches:
+        optimizer.zero_grad()
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+        window_loss += loss.item() * len(labels)
+        window_correct += int((logits.argmax(dim=1) == labels).sum())
+        window_seen += len(labels)
+        if optimizer.num_steps % config.log_every_steps == 0:
+            staleness = optimizer.client.take_staleness()
+            report(
+                step=optimizer.num_steps,
+                loss=window_loss / window_seen,
+                accuracy=window_correct / window_seen,
+                version=optimizer.version,
+                staleness=sum(staleness) / len(staleness) if staleness else None,
+            )
+            window_loss, window_correct, window_seen = 0.0, 0, 0
+
+
 def run_worker(
     config: TrainConfig,
     rank: int,
@@ -190,33 +221,18 @@ def run_worker(
     )
     optimizer.num_steps = resume_step
     emit("started", {"rank": rank, "time": time.time()})
-    window_loss, window_correct, window_seen = 0.0, 0, 0
     try:
-        for _epoch, (images, labels) in _batches(config, train_set, indices, resume_step):
-            optimizer.zero_grad()
-            logits = model(images)
-            loss = nn.functional.cross_entropy(logits, labels)
-            loss.backward()
-            optimizer.step()
-            window_loss += loss.item() * len(labels)
-            window_correct += int((logits.argmax(dim=1) == labels).sum())
-            window_seen += len(labels)
-            if optimizer.num_steps % config.log_every_steps == 0:
-                staleness = optimizer.client.take_staleness()
-                emit(
-                    "metric",
-                    make_record(
-                        "worker",
-                        rank,
-                        time_s=time.time() - start_time,
-                        step=optimizer.num_steps,
-                        loss=window_loss / window_seen,
-                        accuracy=window_correct / window_seen,
-                        version=optimizer.version,
-                        staleness=sum(staleness) / len(staleness) if staleness else None,
-                    ),
-                )
-                window_loss, window_correct, window_seen = 0.0, 0, 0
-    finally:
-        optimizer.close()
+        _train_loop(
+            config,
+            model,
+            optimizer,
+            _batches(config, train_set, indices, resume_step),
+            lambda **fields: emit(
+                "metric", make_record("worker", rank, time_s=time.time() - start_time, **fields)
+            ),
+        )
+        optimizer.close()  # pushes what is left
+    except BaseException:
+        optimizer.client.close()  # no flush: the shards may be what failed
+        raise
     return {"rank": rank, "steps": optimizer.num_steps}

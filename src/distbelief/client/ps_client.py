@@ -11,6 +11,7 @@ import concurrent.futures as cf
 import itertools
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 
@@ -31,6 +32,40 @@ _INIT_POLL_S = 0.05
 _FIRST_RETRY_DELAY_S = 0.05
 _MAX_RETRY_DELAY_S = 2.0
 logger = logging.getLogger(__name__)
+
+
+class WireFigures:
+    """Bytes and latencies of answered requests, per reporting window (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes_pushed = 0
+        self._bytes_pulled = 0
+        self._latencies_s: list[float] = []
+
+    def record(self, request: Message, reply: Message, latency_s: float) -> None:
+        with self._lock:
+            self._bytes_pushed += sum(t.nbytes for _, t in request.tensors)
+            self._bytes_pulled += sum(t.nbytes for _, t in reply.tensors)
+            self._latencies_s.append(latency_s)
+
+    def take(self) -> dict[str, float | None]:
+        with self._lock:
+            pushed, pulled, latencies = self._bytes_pushed, self._bytes_pulled, self._latencies_s
+            self._bytes_pushed, self._bytes_pulled, self._latencies_s = 0, 0, []
+        latencies.sort()
+
+        def percentile_ms(fraction: float) -> float | None:
+            if not latencies:
+                return None
+            return 1000 * latencies[min(len(latencies) - 1, int(fraction * len(latencies)))]
+
+        return {
+            "bytes_pushed": pushed,
+            "bytes_pulled": pulled,
+            "latency_p50_ms": percentile_ms(0.5),
+            "latency_p99_ms": percentile_ms(0.99),
+        }
 
 
 def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
@@ -82,6 +117,8 @@ class ParameterServerClient:
         self._session = secrets.token_hex(8)
         self.consistency: dict = {"sync": False, "max_staleness": None}
         self._staleness: list[int] = []
+        self._wire = WireFigures()
+        self._closing = threading.Event()
         self.addresses = list(addresses)
         self.specs = list(specs)
         self.fingerprint = layout_fingerprint(self.specs)
@@ -116,15 +153,18 @@ class ParameterServerClient:
         deadline = time.monotonic() + self.retry_timeout_s
         delay_s = _FIRST_RETRY_DELAY_S
         while True:
+            started_s = time.perf_counter()
             try:
-                return transport.request(message, timeout_s=self.timeout_s, sink=sink)
+                reply = transport.request(message, timeout_s=self.timeout_s, sink=sink)
+                self._wire.record(message, reply, time.perf_counter() - started_s)
+                return reply
             except (ShardUnavailableError, ShardTimeoutError) as e:
-                if time.monotonic() + delay_s > deadline:
+                if self._closing.is_set() or time.monotonic() + delay_s > deadline:
                     raise ShardUnavailableError(
                         f"{e} (gave up after retrying for {self.retry_timeout_s:g}s)"
                     ) from e
                 logger.warning("%s; retrying in %.2fs", e, delay_s)
-                time.sleep(delay_s)
+                self._closing.wait(delay_s)
                 delay_s = min(delay_s * 2, _MAX_RETRY_DELAY_S)
 
     def _submit(self, shard_id: int, fn, *args) -> cf.Future:
@@ -206,6 +246,10 @@ class ParameterServerClient:
         self.versions[shard_id] = int(reply.meta["version"])
         self._staleness.append(int(reply.meta.get("staleness", 0)))
         return self.versions[shard_id]
+
+    def take_wire_figures(self) -> dict[str, float | None]:
+        """Bytes pushed and pulled and request latency percentiles since the last call."""
+        return self._wire.take()
 
     def take_staleness(self) -> list[int]:
         """Staleness of the pushes answered since the last call (one value per shard reply)."""
@@ -301,9 +345,17 @@ class ParameterServerClient:
             raise ShardTimeoutError(f"{len(pending)} shard request(s) pending after {limit_s:g}s")
         return [future.result() for future in futures]
 
-    def close(self) -> None:
-        """Finish queued requests (each bounded by its timeout) and close every connection."""
+    def close(self, wait: bool = True) -> None:
+        """Close every connection.
+
+        Args:
+            wait: Finish queued requests first (each bounded by its timeout and retries).
+                False: cancel them and stop retrying at once (a worker that is shutting down
+                because something failed).
+        """
+        if not wait:
+            self._closing.set()
         for executor in self._executors:
-            executor.shutdown(wait=True, cancel_futures=True)
+            executor.shutdown(wait=wait, cancel_futures=True)
         for transport in self._transports:
             transport.close()

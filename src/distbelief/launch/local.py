@@ -3,6 +3,7 @@ them, write the run folder, and stop every process on success, failure or Ctrl-C
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -147,6 +148,7 @@ class LocalCluster:
         self.shard_versions: dict[int, int] = {}
         self.train_start: float | None = None
         """Wall time the first worker started training (metrics count time from there)."""
+        self._backlog: collections.deque[tuple] = collections.deque()
         self.on_fault: Any = None
         """Called with each Fault (the launcher shows it)."""
 
@@ -222,6 +224,8 @@ class LocalCluster:
     def next_event(self, timeout_s: float = _POLL_S) -> tuple | None:
         """The next child event (metrics are returned too); restarts processes that died;
         raises if a child reported an error or a shard cannot be brought back."""
+        if self._backlog:
+            return self._backlog.popleft()
         event = self.events.get(max(0.0, min(timeout_s, _POLL_S)))
         if event is not None:
             self._note(event)
@@ -240,6 +244,10 @@ class LocalCluster:
             self.shard_versions[payload["shard_id"]] = payload["version"]
         elif kind == "metric" and payload.get("role") == "worker":
             self.last_step[payload["rank"]] = payload["step"]
+            # Every shard applies every push, so a worker's view bounds each shard's version.
+            for shard_id in range(self.config.num_shards):
+                seen = max(self.shard_versions.get(shard_id, 0), payload.get("version") or 0)
+                self.shard_versions[shard_id] = seen
         elif kind == "ready" and payload.get("restored_version") is not None:
             for fault in reversed(self.faults):
                 if fault.process == name and fault.version_restored is None:
@@ -283,13 +291,10 @@ class LocalCluster:
             self.start_evaluator()
 
     def _drain_errors(self) -> None:
-        # The child reports its traceback just before exiting; give the queue a moment.
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            event = self.events.get(0.1)
-            if event is None:
-                break
+        """Read what dead children sent before exiting (their pipes hold it all already)."""
+        while (event := self.events.get(0.0)) is not None:
             self._note(event)
+            self._backlog.append(event)
 
     def finished(self, prefix: str) -> bool:
         """Whether every process whose name starts with ``prefix`` has exited cleanly (or
@@ -301,18 +306,27 @@ class LocalCluster:
         )
 
     def stop_all(self) -> None:
-        """Ask every child to stop, then terminate and finally kill the ones that do not."""
+        """Stop every child: workers and the evaluator first (SIGTERM), then the shards (their
+        stop flag, so they write a last checkpoint), then whatever is left (SIGKILL)."""
         self.eval_stop.set()
-        self.shard_stop.set()
-        for process in self.processes.values():
-            process.join(timeout=_STOP_GRACE_S if process.exitcode is None else 0)
-        for process in self.processes.values():
+        clients = [p for n, p in self.processes.items() if not n.startswith("shard")]
+        shards = [p for n, p in self.processes.items() if n.startswith("shard")]
+        for process in clients:
             if process.is_alive():
                 process.terminate()
-                process.join(timeout=_STOP_GRACE_S)
+        _join_all(clients, _STOP_GRACE_S)
+        self.shard_stop.set()
+        _join_all(shards, _STOP_GRACE_S)
+        for process in self.processes.values():
             if process.is_alive():
                 process.kill()
-                process.join(timeout=_STOP_GRACE_S)
+        _join_all(list(self.processes.values()), _STOP_GRACE_S)
+
+
+def _join_all(processes: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _planned_steps(config: TrainConfig) -> int:

@@ -123,10 +123,14 @@ class TcpTransport(Transport):
         return reply
 
     def close(self) -> None:
-        if self._sock is not None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
             with contextlib.suppress(OSError):
-                self._sock.close()
-            self._sock = None
+                # shutdown first: it wakes a thread blocked in recv on this socket; close
+                # alone does not.
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
 
 
 def _error_kind(error: Exception) -> str:

@@ -24,20 +24,25 @@ METRIC_FIELDS = (
     "staleness",
     "pushes_per_s",
     "bytes_per_s",
+    "bytes_pushed",
+    "bytes_pulled",
+    "latency_p50_ms",
+    "latency_p99_ms",
 )
 """The CSV columns, in order. ``time_s`` is seconds since the run started; ``staleness`` is
 the mean staleness of a worker's pushes (or of a shard's received pushes) since its previous
 record; ``pushes_per_s`` and ``bytes_per_s`` (received plus sent) are a shard's rates since its
-previous record."""
+previous record; ``bytes_pushed``, ``bytes_pulled`` and the request latency percentiles
+``latency_p50_ms`` / ``latency_p99_ms`` are a worker's wire figures since its previous record."""
 
-_OLDER_HEADERS = (METRIC_FIELDS[:10],)
+_OLDER_HEADERS = (METRIC_FIELDS[:10], METRIC_FIELDS[:12])
 """Headers of earlier versions of ``metrics.csv``, still readable; their missing columns read
 as ``None``."""
 
 ROLES = ("worker", "evaluator", "shard")
 """Who wrote a record. ``rank`` is the worker rank or shard id; the evaluator uses rank 0."""
 
-_INT_FIELDS = frozenset({"rank", "step", "version"})
+_INT_FIELDS = frozenset({"rank", "step", "version", "bytes_pushed", "bytes_pulled"})
 
 
 def _check_role(role: object) -> str:

@@ -116,7 +116,8 @@ def test_watch_ends_cleanly_when_the_shards_stop(tmp_path) -> None:
     try:
         _initialise([address], seed=0)
         stop_later.start()
-        result = watch_shards(CONFIG.replace(timeout_s=2.0), [address], out_dir=str(tmp_path))
+        config = CONFIG.replace(timeout_s=2.0, retry_timeout_s=1.0)
+        result = watch_shards(config, [address], out_dir=str(tmp_path))
     finally:
         stop_later.cancel()
         stop_processes([process])

@@ -141,7 +141,7 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path):
         (["train", "--steps", "5", "--epochs", "2"], "not allowed with argument"),
         (["ps", "--shard-id", "2", "--num-shards", "2"], "--shard-id 2 is not in"),
         (
-            ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://nohost"],
+            ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://nohost", "--no-auth"],
             "'tcp://nohost' is not of the form",
         ),
         (

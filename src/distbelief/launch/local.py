@@ -398,6 +398,8 @@ def _supervise(cluster: LocalCluster, route: _Router) -> None:
             stop.set()
         while not cluster.finished(role):
             route(cluster.next_event())
+            if role == "worker":
+                route.poll_shards()
     while (event := cluster.next_event(0.05)) is not None:
         route(event)
 

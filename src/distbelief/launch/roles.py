@@ -179,6 +179,7 @@ def _train_loop(
                 accuracy=window_correct / window_seen,
                 version=optimizer.version,
                 staleness=sum(staleness) / len(staleness) if staleness else None,
+                **optimizer.client.take_wire_figures(),
             )
             window_loss, window_correct, window_seen = 0.0, 0, 0
 

@@ -52,3 +52,7 @@ class ChildFailedError(DistBeliefError):
 
 class CheckpointError(DistBeliefError, ValueError):
     """A checkpoint file is missing a part, corrupt, or belongs to another job or shard."""
+
+
+class LauncherInterrupted(DistBeliefError):
+    """Ctrl-C or SIGTERM reached the launcher; every process it started has been stopped."""

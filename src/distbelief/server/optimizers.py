@@ -55,10 +55,22 @@ def server_optimizer_factory(
     return lambda params: torch.optim.Adam(params, lr=lr, betas=betas, eps=eps or 1e-8)
 
 
+def _is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+        return False
+    group = optimizer.param_groups[0]
+    return not (group["momentum"] or group["weight_decay"] or group["maximize"])
+
+
 def apply_update(
     optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
 ) -> None:
     """One optimizer step of ``params`` with ``grads`` (the grads are used, not copied)."""
+    if _is_plain_sgd(optimizer):
+        # The same update as SGD.step() without its per-call bookkeeping (~20x less overhead
+        # for small slices); plain SGD keeps no state, so its state_dict is unchanged.
+        torch._foreach_add_(list(params), list(grads), alpha=-optimizer.param_groups[0]["lr"])
+        return
     for param, grad in zip(params, grads, strict=True):
         param.grad = grad
     optimizer.step()

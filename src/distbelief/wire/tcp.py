@@ -31,7 +31,6 @@ from distbelief.wire.transport import RequestHandler, Server, Transport, registe
 logger = logging.getLogger(__name__)
 
 _ERRORS_BY_KIND: dict[str, type[RemoteError]] = {"model_mismatch": ModelMismatchError}
-_SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 _IDLE_POLL_S = 0.2
 _HANDSHAKE_TIMEOUT_S = 5.0
 
@@ -47,9 +46,9 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
 
 
 def _tune(sock: socket.socket) -> None:
+    # Only TCP_NODELAY: fixing SO_SNDBUF/SO_RCVBUF would switch off the kernel's buffer
+    # autotuning, which measured 6-20% faster for 25M-element tensors.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER_BYTES)
 
 
 class TcpTransport(Transport):

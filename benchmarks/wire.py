@@ -1,10 +1,12 @@
 """Wire benchmark: the project's push+apply and pull against a raw-socket baseline, same run.
 
 Both servers run in spawned processes on 127.0.0.1 and do the same work (recv_into a
-preallocated buffer, ``w -= lr * g``, reply; or send ``w``), so ratio = raw time / project time.
-What limits the ratio (measured on 2 shared cores, see benchmarks/README.md and the "splits"
-this script prints): the pull ratio is set by the shard's snapshot copy of ``w`` under its lock
-(a full memcpy before the send); push and tiny requests by fixed per-request Python overhead.
+preallocated buffer, ``w -= lr * g``, reply; or send ``w``); ratio = raw time / project time,
+the median of back-to-back pairs. What limits the ratio (measured, see benchmarks/README.md):
+tiny requests and the 1M push pay a fixed ~0.3 ms of Python per request (the client's
+thread-pool hop, JSON metadata and framing, torch.optim.SGD.step's overhead); pulls pay the
+shard's snapshot copy of ``w`` before the send (the "vs raw+cp" column compares against a raw
+server that makes the same copy), and at 25M also the fixed 4 MiB socket buffers of tcp.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import concurrent.futures as cf
 import contextlib
 import datetime
+import inspect
 import json
 import multiprocessing as mp
 import os
@@ -38,13 +41,15 @@ TINY_NUMEL = 1
 DEFAULT_SIZES = "1M,25M"
 RAW_HEADER = struct.Struct("!BQ")  # op, numel
 RAW_REPLY = struct.Struct("!Q")  # version
-OP_PUSH, OP_PULL = 1, 2
+OP_PUSH, OP_PULL, OP_PULL_SNAPSHOT = 1, 2, 3
 SMALL_PAYLOAD_BYTES = 64 * 1024
 SOCKET_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
 HOST_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 IDLE_POLL_S = 0.2
+NO_RETRY_S = 0.0
+"""A benchmark fails fast: retrying a dead server would hang Ctrl-C and distort timings."""
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -73,13 +78,23 @@ def _recv_header(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
+class _RawState:
+    """One raw connection's tensors for one size (allocated once, reused by every request)."""
+
+    def __init__(self, numel: int) -> None:
+        self.weights = torch.zeros(numel)
+        self.grads = torch.empty(numel)
+        self.snapshot = torch.empty(numel)
+        self.version = 0
+
+
 class RawServer:
     """The baseline: a fixed header, recv_into preallocated tensors, ``add_``, a tiny reply."""
 
     def __init__(self, lr: float) -> None:
         self._lr = lr
         self._stopping = threading.Event()
-        self._connections: set[socket.socket] = set()
+        self._connections: list[tuple[socket.socket, threading.Thread]] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(IDLE_POLL_S)
         self.address = "{}:{}".format(*self._listener.getsockname()[:2])
@@ -96,34 +111,41 @@ class RawServer:
                 break
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(SOCKET_TIMEOUT_S)
-            self._connections.add(sock)
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+            thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+            self._connections.append((sock, thread))
+            thread.start()
 
     def _serve(self, sock: socket.socket) -> None:
         header = bytearray(RAW_HEADER.size)
-        buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        version = 0
+        states: dict[int, _RawState] = {}
         with contextlib.suppress(OSError), sock:
             while _recv_header(sock, memoryview(header)):
                 op, numel = RAW_HEADER.unpack(header)
-                if numel not in buffers:
-                    buffers[numel] = (torch.zeros(numel), torch.empty(numel))
-                weights, grads = buffers[numel]
-                if op == OP_PUSH:
-                    _recv_exact(sock, _byte_view(grads))
-                    weights.add_(grads, alpha=-self._lr)
-                    version += 1
-                    sock.sendall(RAW_REPLY.pack(version))
-                else:
-                    sock.sendall(_byte_view(weights))
+                if numel not in states:
+                    states[numel] = _RawState(numel)
+                self._answer(sock, op, states[numel])
+
+    def _answer(self, sock: socket.socket, op: int, state: _RawState) -> None:
+        if op == OP_PUSH:
+            _recv_exact(sock, _byte_view(state.grads))
+            state.weights.add_(state.grads, alpha=-self._lr)
+            state.version += 1
+            sock.sendall(RAW_REPLY.pack(state.version))
+        elif op == OP_PULL_SNAPSHOT:
+            # What the shard does on a pull: copy a consistent snapshot, then send the copy.
+            state.snapshot.copy_(state.weights)
+            sock.sendall(_byte_view(state.snapshot))
+        else:
+            sock.sendall(_byte_view(state.weights))
 
     def stop(self) -> None:
         self._stopping.set()
         self._listener.close()
-        for sock in list(self._connections):
+        self._thread.join(STOP_TIMEOUT_S)
+        for sock, thread in self._connections:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(STOP_TIMEOUT_S)
+            thread.join(STOP_TIMEOUT_S)
 
 
 def _start_server(kind: str, lr: float):
@@ -194,14 +216,29 @@ class ServerHost:
 # ---------------------------------------------------------------- clients
 
 
+def _accepted(function: Callable, **options) -> dict:
+    """The ``options`` that ``function`` takes (keywords this checkout's client may lack)."""
+    parameters = inspect.signature(function).parameters
+    return {name: value for name, value in options.items() if name in parameters}
+
+
 class ProjectClient:
     """The project's ParameterServerClient on a one-tensor model of ``numel`` float32."""
 
     def __init__(self, address: str, numel: int) -> None:
         specs = tensor_specs([("weights", torch.empty(numel))])
         layout = FlatLayout(specs)
-        self._client = ParameterServerClient([address], specs, timeout_s=SOCKET_TIMEOUT_S)
-        self._client.handshake(layout.allocate())
+        self._client = ParameterServerClient(
+            [address],
+            specs,
+            timeout_s=SOCKET_TIMEOUT_S,
+            **_accepted(ParameterServerClient, retry_timeout_s=NO_RETRY_S),
+        )
+        try:
+            self._client.handshake(layout.allocate())
+        except BaseException:
+            self._client.close()
+            raise
         self._grads = layout.allocate()
         self._grads[torch.float32].fill_(1.0)
         self._out = layout.allocate()
@@ -230,6 +267,7 @@ class RawClient:
         self._reply = bytearray(RAW_REPLY.size)
         self._push_header = RAW_HEADER.pack(OP_PUSH, numel)
         self._pull_header = RAW_HEADER.pack(OP_PULL, numel)
+        self._pull_snapshot_header = RAW_HEADER.pack(OP_PULL_SNAPSHOT, numel)
 
     def push(self) -> None:
         payload = _byte_view(self._grads)
@@ -242,6 +280,11 @@ class RawClient:
 
     def pull(self) -> None:
         self._sock.sendall(self._pull_header)
+        _recv_exact(self._sock, _byte_view(self.pulled))
+
+    def pull_snapshot(self) -> None:
+        """A pull whose server first copies ``w`` to a snapshot buffer, as the shard does."""
+        self._sock.sendall(self._pull_snapshot_header)
         _recv_exact(self._sock, _byte_view(self.pulled))
 
     def close(self) -> None:
@@ -281,56 +324,74 @@ def _target_ratio(numel: int) -> float | None:
 def _iterations(numel: int, args: argparse.Namespace) -> int:
     if numel == TINY_NUMEL:
         return args.tiny_iterations
-    return max(3, args.budget_mb * 1_000_000 // (4 * numel))
+    return max(2, args.budget_mb * 1_000_000 // (4 * numel))
 
 
-def _measure_op(clients: dict, op: str, numel: int, args: argparse.Namespace) -> dict:
-    """Median seconds per request of each client, repeats interleaved so noise hits both."""
-    iterations = _iterations(numel, args)
-    for client in clients.values():
-        _seconds_per_call(getattr(client, op), max(2, iterations // 10))
-    samples_s: dict[str, list[float]] = {name: [] for name in clients}
-    for repeat in range(args.repeats):
-        names = list(clients) if repeat % 2 == 0 else list(reversed(clients))
+def _measure_op(calls: dict[str, Callable[[], object]], iterations: int, repeats: int) -> dict:
+    """Median seconds per request of each call; repeats interleave so noise hits all alike."""
+    for call in calls.values():
+        _seconds_per_call(call, max(3, iterations))
+    samples_s: dict[str, list[float]] = {name: [] for name in calls}
+    for repeat in range(repeats):
+        names = list(calls) if repeat % 2 == 0 else list(reversed(calls))
         for name in names:
-            samples_s[name].append(_seconds_per_call(getattr(clients[name], op), iterations))
-    return _make_row(numel, op, iterations, samples_s)
+            samples_s[name].append(_seconds_per_call(calls[name], iterations))
+    return samples_s
+
+
+def _paired_ratio(baseline_s: list[float], measured_s: list[float]) -> float:
+    """Median over repeats of baseline/measured timed back to back: load drift cancels out."""
+    return statistics.median(b / m for b, m in zip(baseline_s, measured_s, strict=True))
 
 
 def _make_row(numel: int, op: str, iterations: int, samples_s: dict[str, list[float]]) -> dict:
     payload_bytes = 4 * numel
-    project_s = statistics.median(samples_s["project"])
-    raw_s = statistics.median(samples_s["raw"])
-    ratio = raw_s / project_s
+    median_s = {name: statistics.median(values) for name, values in samples_s.items()}
+    ratio = _paired_ratio(samples_s["raw"], samples_s["project"])
     target = _target_ratio(numel)
-    return {
+    row = {
         "numel": numel,
         "op": op,
         "payload_bytes": payload_bytes,
         "iterations": iterations,
-        "project_us": project_s * 1e6,
-        "raw_us": raw_s * 1e6,
-        "project_mb_per_s": payload_bytes / project_s / 1e6,
-        "raw_mb_per_s": payload_bytes / raw_s / 1e6,
+        "project_us": median_s["project"] * 1e6,
+        "raw_us": median_s["raw"] * 1e6,
+        "project_mb_per_s": payload_bytes / median_s["project"] / 1e6,
+        "raw_mb_per_s": payload_bytes / median_s["raw"] / 1e6,
         "ratio": ratio,
         "target_ratio": target,
         "verdict": None if target is None else ("PASS" if ratio >= target else "BELOW"),
         "samples_us": {name: [s * 1e6 for s in values] for name, values in samples_s.items()},
     }
+    if "raw_snapshot" in median_s:
+        row["raw_snapshot_us"] = median_s["raw_snapshot"] * 1e6
+        row["ratio_vs_raw_snapshot"] = _paired_ratio(
+            samples_s["raw_snapshot"], samples_s["project"]
+        )
+    return row
 
 
 def measure_size(hosts: dict[str, ServerHost], numel: int, args: argparse.Namespace) -> list:
     """Push and pull rows for one tensor size, each against a fresh server per kind."""
-    client_types = {"project": ProjectClient, "raw": RawClient}
-    clients = {}
+    project = raw = None
     try:
-        for name, host in hosts.items():
-            clients[name] = client_types[name](host.start_server(), numel)
-            _check_roundtrip(clients[name], SERVER_LR)
-        return [_measure_op(clients, op, numel, args) for op in ("push", "pull")]
+        project = ProjectClient(hosts["project"].start_server(), numel)
+        raw = RawClient(hosts["raw"].start_server(), numel)
+        for client in (project, raw):
+            _check_roundtrip(client, SERVER_LR)
+        iterations = _iterations(numel, args)
+        calls = {
+            "push": {"project": project.push, "raw": raw.push},
+            "pull": {"project": project.pull, "raw": raw.pull, "raw_snapshot": raw.pull_snapshot},
+        }
+        return [
+            _make_row(numel, op, iterations, _measure_op(op_calls, iterations, args.repeats))
+            for op, op_calls in calls.items()
+        ]
     finally:
-        for client in clients.values():
-            client.close()
+        for client in (project, raw):
+            if client is not None:
+                client.close()
 
 
 def measure_splits(numel: int, repeats: int) -> dict:
@@ -357,18 +418,25 @@ def measure_splits(numel: int, repeats: int) -> dict:
 # ---------------------------------------------------------------- reporting
 
 
+def _format_row(row: dict) -> str:
+    target = "" if row["target_ratio"] is None else f">={row['target_ratio']:.2f}"
+    snapshot = row.get("ratio_vs_raw_snapshot")
+    return (
+        f"{row['numel']:>10} {row['op']:>5} {row['project_mb_per_s']:>13.1f} "
+        f"{row['raw_mb_per_s']:>10.1f} {row['ratio']:>6.2f} {target:>7} "
+        f"{row['verdict'] or '':>6} {row['project_us']:>11.1f} {row['raw_us']:>10.1f} "
+        f"{'' if snapshot is None else f'{snapshot:.2f}':>9}"
+    )
+
+
 def print_table(rows: list[dict], splits: list[dict]) -> None:
     print(
         f"{'numel':>10} {'op':>5} {'project MB/s':>13} {'raw MB/s':>10} {'ratio':>6} "
-        f"{'target':>7} {'':>6} {'project us':>11} {'raw us':>9}"
+        f"{'target':>7} {'':>6} {'project us':>11} {'raw us':>10} {'vs raw+cp':>9}"
     )
     for row in rows:
-        target = "" if row["target_ratio"] is None else f">={row['target_ratio']:.2f}"
-        print(
-            f"{row['numel']:>10} {row['op']:>5} {row['project_mb_per_s']:>13.1f} "
-            f"{row['raw_mb_per_s']:>10.1f} {row['ratio']:>6.2f} {target:>7} "
-            f"{row['verdict'] or '':>6} {row['project_us']:>11.1f} {row['raw_us']:>9.1f}"
-        )
+        print(_format_row(row))
+    print("vs raw+cp: project against a raw server that also copies w to a snapshot per pull")
     for split in splits:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if k.endswith("_us"))
         print(f"splits at numel {split['numel']}: {parts}")
@@ -382,6 +450,7 @@ def save_results(path: Path, args: argparse.Namespace, rows: list, splits: list)
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "load_average_1min_at_end": os.getloadavg()[0],
         "torch_threads_per_process": 1,
         "repeats": args.repeats,
         "server_lr": SERVER_LR,
@@ -390,7 +459,7 @@ def save_results(path: Path, args: argparse.Namespace, rows: list, splits: list)
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {path} (1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -416,12 +485,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few seconds (smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path ('-': do not write)")
     args = parser.parse_args(argv)
-    quick_defaults = {"sizes": [100_000], "repeats": 2, "budget_mb": 20, "tiny_iterations": 100}
+    quick_defaults = {"sizes": [100_000], "repeats": 3, "budget_mb": 5, "tiny_iterations": 30}
     full_defaults = {
         "sizes": _parse_sizes(DEFAULT_SIZES),
-        "repeats": 5,
-        "budget_mb": 400,
-        "tiny_iterations": 1000,
+        "repeats": 25,
+        "budget_mb": 20,
+        "tiny_iterations": 50,
     }
     for key, value in (quick_defaults if args.quick else full_defaults).items():
         if getattr(args, key) is None:

@@ -89,15 +89,16 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    children: set[int] = set()
     try:
-        metrics = tmp_path / "run" / "metrics.csv"
+        pids = tmp_path / "run" / "pids.json"
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not (
-            metrics.exists() and metrics.read_text().count("\n") > 2
+            pids.exists() and len(json.loads(pids.read_text() or "{}")) == 5
         ):
             time.sleep(0.2)
         children = _descendants(launcher.pid)
-        assert len(children) >= 5  # 2 shards, 2 workers, 1 evaluator
+        assert len(children) >= 5  # 2 shards, 2 workers, 1 evaluator (some still starting)
         launcher.send_signal(how)
         code = launcher.wait(timeout=30)
         assert _wait_gone(children, timeout_s=15) == set()
@@ -107,7 +108,7 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait(timeout=10)
-        for pid in _alive(_descendants(launcher.pid)):
+        for pid in _alive(children | _descendants(launcher.pid)):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -139,6 +140,7 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path):
         (["train", "--n-push", "-1"], "n_push must be an integer >= 1"),
         (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
         (["train", "--steps", "5", "--epochs", "2"], "not allowed with argument"),
+        (["train", "--steps", "10", "--warmstart-steps", "20"], "exceeds the 10 pushes"),
         (["ps", "--shard-id", "2", "--num-shards", "2"], "--shard-id 2 is not in"),
         (
             ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://nohost", "--no-auth"],

@@ -25,10 +25,11 @@ _PARENT_POLL_S = 0.5
 
 def _watch_parent(parent_pid: int) -> None:
     # A launcher killed with SIGKILL cannot clean up; its children notice and leave by themselves.
-    while True:
+    # The launcher's pid comes from the launcher: a child that starts after the launcher died
+    # would otherwise take its new parent (init) for the launcher.
+    while os.getppid() == parent_pid:
         time.sleep(_PARENT_POLL_S)
-        if os.getppid() != parent_pid:
-            os._exit(3)
+    os._exit(3)
 
 
 def _raise_system_exit(signum: int, _frame: object) -> None:
@@ -77,7 +78,9 @@ class EventInbox:
             reader.close()
 
 
-def run_child(name: str, connection: Connection, target: Callable[..., Any], *args: Any) -> None:
+def run_child(
+    name: str, connection: Connection, launcher_pid: int, target: Callable[..., Any], *args: Any
+) -> None:
     """Entry point of a launcher child: runs ``target(emit, *args)`` and reports how it ended.
 
     Ctrl-C is left to the launcher (which stops every child in order); SIGTERM ends the child
@@ -86,7 +89,7 @@ def run_child(name: str, connection: Connection, target: Callable[..., Any], *ar
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)
     logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(message)s")
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(launcher_pid,), daemon=True).start()
     emit = ChannelEmitter(connection, name)
     try:
         result = target(emit, *args)

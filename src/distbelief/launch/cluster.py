@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import multiprocessing as mp
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ class LocalCluster:
         reader, writer = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(
             target=run_child,
-            args=(name, writer, target, *args),
+            args=(name, writer, os.getpid(), target, *args),
             name=name,
             daemon=True,
         )

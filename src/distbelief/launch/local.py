@@ -44,20 +44,27 @@ class RunResult:
     """Processes that died during the run and what became of them."""
 
 
-def _planned_steps(config: TrainConfig) -> int:
+def _planned_steps(config: TrainConfig) -> list[int]:
+    """Steps each worker will run; ValueError if the warmstart outlasts worker 0's pushes."""
     if config.steps is not None:
-        return config.steps * config.num_workers
-    train_set = load_dataset(
-        config.dataset, split="train", data_dir=config.data_dir, download=config.download
-    )
-    num_train = len(train_set)
-    return (
-        sum(
-            len(worker_indices(num_train, rank, config.num_workers)) // config.batch_size
-            for rank in range(config.num_workers)
+        steps = [config.steps] * config.num_workers
+    else:
+        train_set = load_dataset(
+            config.dataset, split="train", data_dir=config.data_dir, download=config.download
         )
-        * config.num_epochs
-    )
+        steps = [
+            len(worker_indices(len(train_set), rank, config.num_workers))
+            // config.batch_size
+            * config.num_epochs
+            for rank in range(config.num_workers)
+        ]
+    pushes_of_worker0 = -(-steps[0] // config.n_push)  # a last partial window is flushed
+    if config.warmstart_steps > pushes_of_worker0:
+        raise ValueError(
+            f"warmstart_steps {config.warmstart_steps} exceeds the {pushes_of_worker0} pushes "
+            "worker 0 will make: the other workers would never start"
+        )
+    return steps
 
 
 class _Router:
@@ -145,9 +152,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
         LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
         CheckpointError: a checkpoint to resume from is corrupt (names the file).
     """
+    total_steps = sum(_planned_steps(config))  # validates before anything is written
     config, run_dir = _prepare(config, resume)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    total_steps = _planned_steps(config)
     try:
         with (
             LocalCluster(config, run_dir) as cluster,

@@ -27,7 +27,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import queue as queue_module
 import signal
 import socket
@@ -50,6 +49,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+import machine
 from distbelief.client import ParameterServerClient
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.errors import LauncherInterrupted
@@ -707,18 +707,6 @@ def table(lines: list[dict], target: float) -> tuple[list[str], list[list[str]]]
     return header, cells
 
 
-def environment() -> dict:
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
-        "cpu_count": os.cpu_count(),
-        # Other jobs on a shared machine slow every timing here: the ratios are what compare.
-        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-    }
-
-
 def write_report(stem: Path, record: dict, header: list[str], cells: list[list[str]]) -> str:
     """``<stem>.json`` and ``<stem>.md``; returns the markdown."""
     settings = record["settings"]
@@ -867,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         "snapshot_every_s": SNAPSHOT_EVERY_S,
         "launcher_eval_every_s": LAUNCHER_EVAL_EVERY_S,
     }
-    record = {"benchmark": "compare_ddp", **environment(), "settings": settings}
+    record = {"benchmark": "compare_ddp", **machine.environment(), "settings": settings}
     record |= {"summary": lines, "runs": rows}
     print(write_report(args.out, record, *table(lines, args.target)))
     if str(args.out) != "-":

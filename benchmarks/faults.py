@@ -16,7 +16,6 @@ import itertools
 import json
 import logging
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -25,11 +24,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
+import machine
 from distbelief.metrics import read_metrics
 
 logger = logging.getLogger("faults")
@@ -477,18 +476,6 @@ def _md_table(header: list[str], lines: list[list[str]]) -> list[str]:
     return text + ["| " + " | ".join(cells) + " |" for cells in lines]
 
 
-def environment() -> dict:
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
-        "cpu_count": os.cpu_count(),
-        # At the end of the runs: other jobs on a shared machine slow every timing here.
-        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-    }
-
-
 def settings(args: argparse.Namespace) -> dict:
     """The knobs of this invocation that shape the runs (kept in the JSON for --replot)."""
     names = ("schedule", "steps", "workers", "shards", "checkpoint_every_s", "eval_every_s")
@@ -497,7 +484,7 @@ def settings(args: argparse.Namespace) -> dict:
 
 def write_results(stem: Path, runs: dict[str, dict], args: argparse.Namespace) -> None:
     """``<stem>.json`` (every number and curve) and ``<stem>.md`` (the tables)."""
-    record = {**environment(), "settings": settings(args), "runs": runs}
+    record = {**machine.environment(), "settings": settings(args), "runs": runs}
     header, lines = fault_lines(runs["faults"])
     text = [f"# Fault tolerance: LeNet on digits, {args.shards} shards x {args.workers} workers"]
     text += ["", f"Command: `{record['command']}`", ""]

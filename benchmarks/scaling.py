@@ -14,7 +14,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -22,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+import machine
 from distbelief.errors import LauncherInterrupted
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.local import train
@@ -213,18 +212,6 @@ def _scaled(value: float | None, factor: float) -> float | None:
     return None if value is None else value * factor
 
 
-def environment() -> dict:
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": "python " + " ".join(sys.argv),
-        "cpu_count": os.cpu_count(),
-        # Other jobs on a shared machine slow every timing here: compare within one run.
-        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-    }
-
-
 def write_report(stem: Path, record: dict, header: list[str], cells: list[list[str]]) -> str:
     """``<stem>.json`` and ``<stem>.md`` (unless stem is "-"); returns the markdown."""
     settings = record["settings"]
@@ -380,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = summarize(rows)
     settings = {**BASE, "steps": args.steps, "seed": args.seed, "repeats": args.repeats}
     settings |= {"workers": args.workers, "shards": args.shards}
-    record = {"benchmark": "scaling", **environment(), "settings": settings}
+    record = {"benchmark": "scaling", **machine.environment(), "settings": settings}
     record |= {"summary": lines, "runs": rows}
     print(write_report(args.out, record, *table(lines)))
     if str(args.out) != "-":

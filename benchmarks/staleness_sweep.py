@@ -14,18 +14,17 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+import machine
 from distbelief.data import load_dataset
 from distbelief.errors import DistBeliefError
 from distbelief.launch.config import TrainConfig
@@ -280,17 +279,9 @@ def command_line() -> str:
 
 
 def environment() -> dict:
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": command_line(),
-        "cpu_count": os.cpu_count(),
-        # At the end of the runs: other jobs on a shared machine slow every timing here.
-        "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        # Which distbelief ran (PYTHONPATH may point at a snapshot of src/).
-        "distbelief_source": str(Path(train.__code__.co_filename).parents[1]),
-    }
+    # Which distbelief ran (PYTHONPATH may point at a snapshot of src/).
+    source = str(Path(train.__code__.co_filename).parents[1])
+    return {**machine.environment(command_line()), "distbelief_source": source}
 
 
 def write_table(path_stem: Path, title: str, record: dict, header: list[str], lines: list) -> None:

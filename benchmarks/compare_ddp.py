@@ -708,30 +708,21 @@ def table(lines: list[dict], target: float) -> tuple[list[str], list[list[str]]]
 
 
 def write_report(stem: Path, record: dict, header: list[str], cells: list[list[str]]) -> str:
-    """``<stem>.json`` and ``<stem>.md``; returns the markdown."""
+    """``<stem>.json`` and ``<stem>.md`` (unless stem is "-"); returns the markdown."""
     settings = record["settings"]
-    text = [
-        "# Downpour vs DDP vs one-process SGD: LeNet on digits, 2 workers",
-        "",
-        f"Command: `{record['command']}`",
-        "",
-        f"Date: {record['date']}; {record['cpu_count']} CPUs; torch {record['torch_version']}; "
-        f"load average at the end {record['load_average_1_5_15_min']}",
-        "",
+    description = (
         f"{settings['epochs']} epochs of each worker's slice (SGD: of the whole set), batch "
         f"{settings['batch_size']} per worker, lr {settings['lr']:g} (DDP {settings['ddp_lr']:g}),"
-        f" seed {settings['seed']}; {settings['repeats']} repeat(s), medians (min-max).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in cells),
-    ]
-    markdown = "\n".join(text) + "\n"
-    if str(stem) != "-":
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown)
-    return markdown
+        f" seed {settings['seed']}; {settings['repeats']} repeat(s), medians (min-max)."
+    )
+    return machine.write_report(
+        stem,
+        record,
+        "Downpour vs DDP vs one-process SGD: LeNet on digits, 2 workers",
+        description,
+        header,
+        cells,
+    )
 
 
 def plot_curves(rows: list[dict], target: float, path: Path, title: str) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -24,3 +26,30 @@ def environment(command: str | None = None) -> dict:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
+
+
+def write_report(
+    stem: Path, record: dict, title: str, description: str, header: list[str], cells: list
+) -> str:
+    """``<stem>.json`` (the record) and ``<stem>.md`` (title, command, machine, description,
+    table), unless stem is "-"; returns the markdown."""
+    text = [
+        f"# {title}",
+        "",
+        f"Command: `{record['command']}`",
+        "",
+        f"Date: {record['date']}; {record['cpu_count']} CPUs; torch {record['torch_version']}; "
+        f"load average at the end {record['load_average_1_5_15_min']}",
+        "",
+        description,
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in cells),
+    ]
+    markdown = "\n".join(text) + "\n"
+    if str(stem) != "-":
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown)
+    return markdown

@@ -215,30 +215,16 @@ def _scaled(value: float | None, factor: float) -> float | None:
 def write_report(stem: Path, record: dict, header: list[str], cells: list[list[str]]) -> str:
     """``<stem>.json`` and ``<stem>.md`` (unless stem is "-"); returns the markdown."""
     settings = record["settings"]
-    text = [
-        "# Downpour throughput scaling: LeNet on digits",
-        "",
-        f"Command: `{record['command']}`",
-        "",
-        f"Date: {record['date']}; {record['cpu_count']} CPUs; torch {record['torch_version']}; "
-        f"load average at the end {record['load_average_1_5_15_min']}",
-        "",
+    description = (
         f"{settings['steps']} steps per worker, batch {settings['batch_size']}, n_push = n_pull = "
         f"1, 1 thread per worker, evaluation only after training; {settings['repeats']} "
         "repeat(s), medians. Busy processes = workers + shards (the launcher and the idle "
         f"evaluator add a little); with {record['cpu_count']} cores, more busy processes than "
-        "cores take turns on them, so they can add no compute.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in cells),
-    ]
-    markdown = "\n".join(text) + "\n"
-    if str(stem) != "-":
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown)
-    return markdown
+        "cores take turns on them, so they can add no compute."
+    )
+    return machine.write_report(
+        stem, record, "Downpour throughput scaling: LeNet on digits", description, header, cells
+    )
 
 
 def plot(lines: list[dict], path: Path, title: str) -> None:

@@ -245,10 +245,10 @@ class ProjectClient:
         self.pulled = self._out[torch.float32]
 
     def push(self) -> None:
-        self._client.wait(self._client.push(self._grads))
+        self._client.push_now(self._grads)
 
     def pull(self) -> None:
-        self._client.wait(self._client.pull(self._out))
+        self._client.pull_now(self._out)
 
     def close(self) -> None:
         self._client.close()

@@ -3,22 +3,37 @@
 import socket
 import struct
 import threading
+import time
 
 import pytest
 import torch
 
 from distbelief.errors import ProtocolError
 from distbelief.wire import WIRE_DTYPES, Message, Op
-from distbelief.wire.framing import RejectedFrame, recv_message, send_message
+from distbelief.wire.framing import RejectedFrame, send_message
 from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
+from distbelief.wire.reader import BUFFER_BYTES, FrameReader, recv_message
+from distbelief.wire.socket_timeouts import limit_each_call
 
 
 @pytest.fixture
 def pair():
+    """(sending socket, reader of the other end), both with Python's own timeouts."""
     a, b = socket.socketpair()
     a.settimeout(5)
     b.settimeout(5)
-    yield a, b
+    yield a, FrameReader(b)
+    a.close()
+    b.close()
+
+
+@pytest.fixture
+def blocking_pair():
+    """Like ``pair``, but both ends blocking with kernel timeouts (how tcp.py runs them)."""
+    a, b = socket.socketpair()
+    limit_each_call(a, 5)
+    limit_each_call(b, 0.3)
+    yield a, FrameReader(b)
     a.close()
     b.close()
 
@@ -107,6 +122,81 @@ def test_truncated_frame_is_a_connection_error(pair):
     pair[0].close()
     with pytest.raises(ConnectionError):
         recv_message(pair[1])
+
+
+def _encoded(message: Message) -> bytes:
+    """The exact bytes send_message writes for ``message``."""
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(5)
+        b.settimeout(5)
+        size = send_message(a, message)
+        data = b""
+        while len(data) < size:
+            data += b.recv(size - len(data))
+    return data
+
+
+def test_frames_written_together_are_read_one_by_one(pair):
+    frames = [Message(Op.PUSH, {"n": i}, [("w", torch.full((3,), float(i)))]) for i in range(5)]
+    pair[0].sendall(b"".join(_encoded(frame) for frame in frames))
+    for i in range(5):
+        got = recv_message(pair[1])
+        assert got.meta == {"n": i} and torch.equal(got.tensors[0][1], torch.full((3,), float(i)))
+    assert pair[1].buffered == 0
+
+
+def test_frame_arriving_byte_by_byte_is_read_whole(pair):
+    data = _encoded(Message(Op.PULL, {"k": "v"}, [("w", torch.arange(10.0))], request_id=3))
+
+    def trickle() -> None:
+        for i in range(len(data)):
+            pair[0].sendall(data[i : i + 1])
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    got = recv_message(pair[1])
+    sender.join(5)
+    assert (got.request_id, got.meta) == (3, {"k": "v"})
+    assert torch.equal(got.tensors[0][1], torch.arange(10.0))
+
+
+def test_metadata_larger_than_the_buffer(pair):
+    meta = {"blob": "x" * (2 * BUFFER_BYTES)}
+    sender = send_in_background(pair[0], Message(Op.HELLO, meta), Message(Op.STATS, {}))
+    assert recv_message(pair[1]).meta == meta
+    assert recv_message(pair[1]).op == Op.STATS
+    sender.join(5)
+
+
+def test_blocking_sockets_round_trip_and_time_out(blocking_pair):
+    big = torch.randn(600_000)  # larger than a socketpair's buffer: sent in several calls
+    sender = send_in_background(blocking_pair[0], Message(Op.PULL, {}, [("w", big)]))
+    got = recv_message(blocking_pair[1])
+    sender.join(5)
+    assert torch.equal(got.tensors[0][1], big)
+    with pytest.raises(TimeoutError):  # nothing more is sent: the kernel timeout ends the wait
+        recv_message(blocking_pair[1])
+
+
+def test_deadline_ends_a_frame_that_keeps_trickling(blocking_pair):
+    data = _encoded(Message(Op.PULL, {}, [("w", torch.zeros(1000))]))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for i in range(len(data)):
+            if stop.wait(0.05):
+                return
+            blocking_pair[0].sendall(data[i : i + 1])
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        with pytest.raises(TimeoutError):
+            recv_message(blocking_pair[1], deadline=time.monotonic() + 0.5)
+    finally:
+        stop.set()
+        sender.join(5)
 
 
 def test_header_is_fixed_size():

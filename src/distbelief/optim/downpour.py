@@ -156,12 +156,12 @@ class DownpourSGD(torch.optim.Optimizer):
             return loss
         self._local_update()
         if self.num_steps % self.n_push == 0:
-            self._push_accrued()
+            self._push_accrued(now=self.blocking)
         if self.num_steps % self.n_pull == 0:
-            self._start_pull()
-        if self.blocking:
-            self.client.wait(self._push_futures)
-            self._finish_pull_if_done(block=True)
+            if self.blocking:
+                self.pull_now()
+            else:
+                self._start_pull()
         return loss
 
     def _local_update(self) -> None:
@@ -170,17 +170,22 @@ class DownpourSGD(torch.optim.Optimizer):
             if params:
                 torch._foreach_add_(params, [p.grad for p in params], alpha=-group["lr"])
 
-    def _push_accrued(self) -> None:
+    def _push_accrued(self, now: bool = False) -> None:
+        """Push the accrued gradient; ``now``: wait for the shards to apply it."""
         # The outbox is sent without a copy, so the previous push must be done before reuse.
         self.client.wait(self._push_futures)
+        self._push_futures = []
         for dtype, accrued in self._accrued.items():
             self._outbox[dtype].copy_(accrued)
             accrued.zero_()
         base = self._window_base if self._window_base is not None else self._model_versions
-        self._push_futures = self.client.push(
-            self._outbox, clock=self.num_steps, base_versions=base
-        )
         self._window_base = None
+        if now:
+            self.client.push_now(self._outbox, clock=self.num_steps, base_versions=base)
+        else:
+            self._push_futures = self.client.push(
+                self._outbox, clock=self.num_steps, base_versions=base
+            )
 
     def _start_pull(self, after_versions: list[int] | None = None) -> None:
         if self._pull_futures:
@@ -205,8 +210,12 @@ class DownpourSGD(torch.optim.Optimizer):
     def pull_now(self) -> None:
         """Fetch the shards' parameters and load them into the model, waiting for the answer."""
         self._finish_pull_if_done(block=True)
-        self._pull_futures = self.client.pull(self._inbox)
-        self._finish_pull_if_done(block=True)
+        self._model_versions = self.client.pull_now(
+            self._inbox,
+            clock=self.num_steps,
+            timeout_s=self.client.hold_timeout_s + self.client.timeout_s,
+        )
+        torch._foreach_copy_(self._params, self._inbox_views)
 
     def flush(self) -> None:
         """Push any accrued gradient not yet sent and wait until every push is applied."""

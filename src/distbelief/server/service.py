@@ -69,7 +69,7 @@ class ShardConnection:
         # The last snapshot sent to this peer: the send buffer of its pulls, and for dc-asgd
         # the parameters its next gradient was computed from (no extra copy is kept).
         self._pull_buffers: list[torch.Tensor] = []
-        self._has_snapshot = False
+        self._snapshot_generation: int | None = None
         self.worker: str | None = None
 
     def close(self) -> None:
@@ -120,7 +120,8 @@ class ShardConnection:
         return request.reply(self._describe())
 
     def _identify(self, meta: dict) -> tuple[str | None, int]:
-        """The worker id and clock a request carries; registers the worker with the shard."""
+        """The worker id and clock a request carries (the shard's push and pull register the
+        worker's clock themselves, under the lock they take anyway)."""
         worker, clock = meta.get("worker"), meta.get("clock", 0)
         if worker is not None and not isinstance(worker, str):
             raise ValueError(f"worker id must be a string, got {worker!r}")
@@ -128,7 +129,6 @@ class ShardConnection:
             raise ValueError(f"clock must be an integer >= 0, got {clock!r}")
         if worker is not None:
             self.worker = worker
-            self.shard.touch(worker, clock)
         return worker, clock
 
     def _describe(self) -> dict:
@@ -161,7 +161,7 @@ class ShardConnection:
             worker=worker,
             clock=clock,
             base_version=base_version,
-            fetched=self._pull_buffers if self._has_snapshot else None,
+            fetched=self._pull_buffers if self._snapshot_generation is not None else None,
             seq=_push_sequence(request.meta),
         )
         self.service.count_bytes(sum(t.nbytes for _, t in request.tensors), 0)
@@ -184,10 +184,11 @@ class ShardConnection:
             clock=clock,
             after_version=after_version,
             max_wait_s=float(max_wait_s),
+            outs_generation=self._snapshot_generation,
         )
         if result.held:
             return request.reply({"version": result.version, "held": True})
-        self._has_snapshot = True
+        self._snapshot_generation = result.generation
         tensors = [
             (piece.name, buf)
             for piece, buf in zip(self.shard.slices, self._pull_buffers, strict=True)

@@ -52,6 +52,8 @@ class PullResult:
     version: int
     held: bool
     """True when the pull had to wait longer than allowed and carries no parameters."""
+    generation: int = 0
+    """Names the parameter values copied out (see ``pull_into``'s ``outs_generation``)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -103,6 +105,9 @@ class ParameterShard:
         self._params: list[torch.Tensor] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._version = 0
+        # Bumped on every change of the parameters (updates, init, restore): a pull whose
+        # buffers already hold the current generation needs no copy.
+        self._generation = 0
         self._num_pushes = 0
         self._num_pulls = 0
         self._num_dropped = 0
@@ -156,6 +161,7 @@ class ParameterShard:
             self._params = [value.detach().clone() for value in values]
             self._optimizer = self._optimizer_factory(self._params)
             self._round_sum = [torch.zeros_like(p) for p in self._params]
+            self._generation += 1
             return True
 
     def touch(self, worker: str | None, clock: int) -> None:
@@ -233,6 +239,7 @@ class ParameterShard:
         assert self._optimizer is not None
         apply_update(self._optimizer, self._params, adjusted)
         self._version += 1
+        self._generation += 1
 
     def _round_quorum(self) -> int:
         config = self.consistency
@@ -284,12 +291,15 @@ class ParameterShard:
         clock: int = 0,
         after_version: int | None = None,
         max_wait_s: float = 0.0,
+        outs_generation: int | None = None,
     ) -> PullResult:
         """Copy a consistent snapshot into ``outs`` once the consistency model allows it.
 
         A pull is held while its worker is too far ahead (SSP) or, with ``after_version``,
         until the shard's version passes it (sync rounds). After ``max_wait_s`` it returns
-        ``held=True`` with ``outs`` untouched, and the caller asks again.
+        ``held=True`` with ``outs`` untouched, and the caller asks again. ``outs_generation``:
+        the ``generation`` of an earlier result whose copy ``outs`` still hold; if the
+        parameters have not changed since, the copy is skipped.
         """
         self.require_initialized()
         deadline = time.monotonic() + max_wait_s
@@ -302,9 +312,10 @@ class ParameterShard:
                     return PullResult(self._version, held=True)
                 # Short waits: liveness changes by the clock, not only by notifications.
                 self._changed.wait(min(remaining, 0.1))
-            torch._foreach_copy_(list(outs), self._params)
+            if outs_generation != self._generation:
+                torch._foreach_copy_(list(outs), self._params)
             self._num_pulls += 1
-            return PullResult(self._version, held=False)
+            return PullResult(self._version, held=False, generation=self._generation)
 
     def read_into(self, outs: Sequence[torch.Tensor]) -> int:
         """Copy a consistent snapshot of the slices into ``outs`` now; returns its version."""
@@ -370,6 +381,7 @@ class ParameterShard:
             self._optimizer = optimizer
             self._round_sum = [torch.zeros_like(p) for p in self._params]
             self._version = state.version
+            self._generation += 1
             self._num_pushes = state.num_pushes
             self.last_push = dict(state.last_push)
 

@@ -1,22 +1,22 @@
-"""Reading and writing frames on a connected socket: the only code that parses wire bytes.
+"""Writing frames, and checking the ones read: with reader.py, the only code that touches wire
+bytes.
 
-Tensor bytes are received straight into caller-provided buffers (``recv_into``), so a shard or a
-worker reuses the same memory for every push and pull instead of allocating per message.
+A frame leaves in one gathered write (header, metadata and every tensor's bytes, no joined
+copy); tensor bytes are sent straight from the tensors' memory.
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections.abc import Callable
 
+import orjson
 import torch
 
 from distbelief.errors import ProtocolError
 from distbelief.wire.dtypes import dtype_from_name, dtype_name
 from distbelief.wire.message import (
-    DEFAULT_MAX_PAYLOAD_BYTES,
     HEADER,
     MAGIC,
     MAX_META_BYTES,
@@ -25,6 +25,7 @@ from distbelief.wire.message import (
     Op,
 )
 from distbelief.wire.security import AUTH_MAGIC
+from distbelief.wire.socket_timeouts import uses_kernel_timeouts
 
 Sink = Callable[[str, torch.dtype, tuple[int, ...]], "torch.Tensor | None"]
 """Picks the buffer a received tensor is read into; None means allocate a new one."""
@@ -33,7 +34,13 @@ SinkFactory = Callable[[Message], "Sink | None"]
 """Picks the sink for a frame, given its op and metadata (its tensors are not read yet)."""
 
 _SMALL_FRAME_BYTES = 64 * 1024
-_SKIP_CHUNK_BYTES = 1024 * 1024
+_MAX_PARTS_PER_CALL = 512
+"""Buffers per sendmsg call, well under every kernel's IOV_MAX."""
+_NUMPY_DTYPES = frozenset(
+    {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16}
+    | {torch.int8, torch.uint8, torch.bool}
+)
+"""Dtypes whose tensors convert to numpy arrays directly (bfloat16, for one, does not)."""
 
 
 class RejectedFrame(ProtocolError):
@@ -47,20 +54,30 @@ class RejectedFrame(ProtocolError):
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a CPU tensor (copies only if it is not contiguous)."""
+    if (
+        tensor.dtype in _NUMPY_DTYPES
+        and tensor.is_contiguous()
+        and tensor.device.type == "cpu"
+        and tensor.numel()  # memoryview cannot cast a shape with a zero in it
+    ):
+        # The common case, in one numpy call instead of five tensor calls (per frame).
+        return memoryview(tensor.detach().numpy()).cast("B")
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def _set_deadline(sock: socket.socket, deadline: float | None) -> None:
-    if deadline is not None:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("deadline passed")
-        sock.settimeout(remaining)
+def check_deadline(deadline: float | None) -> None:
+    # Each call is bounded by the socket's own timeout (socket_timeouts.py); the frame's
+    # deadline is checked between calls, so no timeout syscall is made per call.
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeoutError("deadline passed")
 
 
 def send_message(sock: socket.socket, message: Message, deadline: float | None = None) -> int:
-    """Write one frame; returns the bytes written. Raises OSError/TimeoutError from the socket."""
+    """Write one frame; returns the bytes written. Raises OSError/TimeoutError from the socket.
+
+    Every call on ``sock`` must already be bounded (``limit_each_call`` or ``settimeout``).
+    """
     descriptors, buffers = [], []
     for name, tensor in message.tensors:
         descriptors.append([name, dtype_name(tensor.dtype), list(tensor.shape)])
@@ -68,7 +85,8 @@ def send_message(sock: socket.socket, message: Message, deadline: float | None =
     meta = dict(message.meta)
     if descriptors:
         meta["tensors"] = descriptors
-    meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+    # orjson: ~15x faster than the standard library's json, which was a tenth of a request.
+    meta_bytes = orjson.dumps(meta)
     payload_bytes = sum(buf.nbytes for buf in buffers)
     header = HEADER.pack(
         MAGIC,
@@ -79,40 +97,33 @@ def send_message(sock: socket.socket, message: Message, deadline: float | None =
         len(meta_bytes),
         payload_bytes,
     )
-    _set_deadline(sock, deadline)
-    if payload_bytes <= _SMALL_FRAME_BYTES:
-        # One write for small frames: with TCP_NODELAY every write is its own segment.
-        sock.sendall(b"".join([header, meta_bytes, *buffers]))
-    else:
-        sock.sendall(header + meta_bytes)
-        for buf in buffers:
-            _set_deadline(sock, deadline)
-            sock.sendall(buf)
+    check_deadline(deadline)
+    parts = [header + meta_bytes, *(buf for buf in buffers if buf.nbytes)]
+    try:
+        if uses_kernel_timeouts(sock):
+            _send_gathered(sock, parts, deadline)
+        elif payload_bytes <= _SMALL_FRAME_BYTES:
+            # One write for small frames: with TCP_NODELAY every write is its own segment.
+            sock.sendall(b"".join(parts))
+        else:
+            for part in parts:
+                sock.sendall(part)
+    except BlockingIOError as e:  # the kernel's send timeout expired
+        raise TimeoutError("the peer stopped reading") from e
     return HEADER.size + len(meta_bytes) + payload_bytes
 
 
-def _recv_into(sock: socket.socket, view: memoryview, deadline: float | None) -> None:
-    received, total = 0, view.nbytes
-    while received < total:
-        _set_deadline(sock, deadline)
-        count = sock.recv_into(view[received:], total - received)
-        if count == 0:
-            raise ConnectionResetError("peer closed the connection mid-frame")
-        received += count
-
-
-def _recv_exact(sock: socket.socket, num_bytes: int, deadline: float | None) -> bytearray:
-    buf = bytearray(num_bytes)
-    _recv_into(sock, memoryview(buf), deadline)
-    return buf
-
-
-def _skip(sock: socket.socket, num_bytes: int, deadline: float | None) -> None:
-    scratch = memoryview(bytearray(min(num_bytes, _SKIP_CHUNK_BYTES)))
-    while num_bytes > 0:
-        chunk = min(num_bytes, scratch.nbytes)
-        _recv_into(sock, scratch[:chunk], deadline)
-        num_bytes -= chunk
+def _send_gathered(sock: socket.socket, parts: list, deadline: float | None) -> None:
+    """All of ``parts`` with as few sendmsg calls as the kernel allows (one, on a blocking
+    socket): no joined copy, and the header does not leave as a segment of its own."""
+    views = [memoryview(part) for part in parts]
+    while views:
+        sent = sock.sendmsg(views[:_MAX_PARTS_PER_CALL])
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if views:
+            views[0] = views[0][sent:]
+            check_deadline(deadline)
 
 
 def parse_header(raw: bytes | bytearray, max_payload_bytes: int) -> tuple[Op, int, int, int, int]:
@@ -135,7 +146,7 @@ def parse_header(raw: bytes | bytearray, max_payload_bytes: int) -> tuple[Op, in
     return op, flags, request_id, meta_len, payload_len
 
 
-def _parse_descriptors(meta: dict, payload_len: int) -> list[tuple[str, torch.dtype, tuple]]:
+def parse_descriptors(meta: dict, payload_len: int) -> list[tuple[str, torch.dtype, tuple]]:
     raw = meta.pop("tensors", [])
     if not isinstance(raw, list):
         raise ProtocolError("'tensors' must be a list")
@@ -155,56 +166,3 @@ def _parse_descriptors(meta: dict, payload_len: int) -> list[tuple[str, torch.dt
     if total != payload_len:
         raise ProtocolError(f"tensors describe {total} bytes but the payload has {payload_len}")
     return descriptors
-
-
-def _receive_tensor(sock, name, dtype, shape, sink, deadline) -> torch.Tensor:
-    target = sink(name, dtype, shape) if sink is not None else None
-    if target is None:
-        target = torch.empty(shape, dtype=dtype)
-    elif target.dtype != dtype or tuple(target.shape) != shape or not target.is_contiguous():
-        raise ProtocolError(f"tensor {name!r}: buffer does not fit {dtype} {list(shape)}")
-    if target.numel():
-        _recv_into(sock, tensor_bytes(target), deadline)
-    return target
-
-
-def recv_message(
-    sock: socket.socket,
-    *,
-    sink_for: SinkFactory | None = None,
-    deadline: float | None = None,
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-    prefix: bytes = b"",
-) -> Message:
-    """Read one frame (``prefix``: its first bytes, already read by the caller).
-
-    Raises:
-        ProtocolError: the header is invalid (the stream is unusable afterwards).
-        RejectedFrame: the frame was read in full but its metadata or tensors were refused.
-        ConnectionResetError: the peer closed the connection mid-frame.
-        TimeoutError: ``deadline`` passed.
-    """
-    op, flags, request_id, meta_len, payload_len = parse_header(
-        prefix + _recv_exact(sock, HEADER.size - len(prefix), deadline), max_payload_bytes
-    )
-    message = Message(op, {}, [], request_id, flags)
-    try:
-        meta = json.loads(bytes(_recv_exact(sock, meta_len, deadline)) or b"{}")
-        if not isinstance(meta, dict):
-            raise ProtocolError("metadata must be a JSON object")
-        message.meta = meta
-        descriptors = _parse_descriptors(meta, payload_len)
-        sink = sink_for(message) if sink_for is not None else None
-    except (ValueError, ProtocolError) as e:
-        _skip(sock, payload_len, deadline)
-        raise RejectedFrame(message, e) from e
-    received = 0
-    for name, dtype, shape in descriptors:
-        try:
-            tensor = _receive_tensor(sock, name, dtype, shape, sink, deadline)
-        except (ValueError, ProtocolError) as e:
-            _skip(sock, payload_len - received, deadline)
-            raise RejectedFrame(message, e) from e
-        received += tensor.numel() * dtype.itemsize
-        message.tensors.append((name, tensor))
-    return message

@@ -23,9 +23,11 @@ from distbelief.errors import (
     ShardTimeoutError,
     ShardUnavailableError,
 )
-from distbelief.wire.framing import RejectedFrame, Sink, recv_message, send_message
+from distbelief.wire.framing import RejectedFrame, Sink, send_message
 from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES, Message
+from distbelief.wire.reader import FrameReader, recv_message
 from distbelief.wire.security import WireSecurity, accept_peer, authenticate_to_server
+from distbelief.wire.socket_timeouts import limit_each_call
 from distbelief.wire.transport import RequestHandler, Server, Transport, register_backend
 
 logger = logging.getLogger(__name__)
@@ -75,9 +77,15 @@ class TcpTransport(Transport):
         self._security = security or WireSecurity()
         self._tls = self._security.client_tls()
         self._sock: socket.socket | None = None
+        self._reader: FrameReader | None = None
+        self._call_timeout_s = 0.0
+        """The per-call bound currently set on ``_sock`` (a syscall to change)."""
         self._request_ids = itertools.count(1)
 
-    def _connection(self, deadline: float) -> socket.socket:
+    def _connection(self, deadline: float, timeout_s: float) -> tuple[socket.socket, FrameReader]:
+        if self._sock is not None and self._call_timeout_s != timeout_s:
+            limit_each_call(self._sock, timeout_s)
+            self._call_timeout_s = timeout_s
         if self._sock is None:
             timeout_s = max(0.001, min(self._connect_timeout_s, deadline - time.monotonic()))
             sock = socket.create_connection(self._endpoint, timeout=timeout_s)
@@ -87,20 +95,23 @@ class TcpTransport(Transport):
                     sock = self._tls.wrap_socket(sock, server_hostname=self._endpoint[0])
                 if self._security.auth_key is not None:
                     authenticate_to_server(sock, self._security.auth_key, timeout_s)
+                limit_each_call(sock, timeout_s)
             except BaseException:
                 sock.close()
                 raise
-            self._sock = sock
-        return self._sock
+            self._sock, self._reader = sock, FrameReader(sock)
+            self._call_timeout_s = timeout_s
+        assert self._reader is not None
+        return self._sock, self._reader
 
     def request(self, message: Message, *, timeout_s: float, sink: Sink | None = None) -> Message:
         op = message.op.name.lower()
         deadline = time.monotonic() + timeout_s
         message.request_id = next(self._request_ids)
         try:
-            sock = self._connection(deadline)
+            sock, reader = self._connection(deadline, timeout_s)
             send_message(sock, message, deadline)
-            reply = recv_message(sock, sink_for=lambda _reply: sink, deadline=deadline)
+            reply = recv_message(reader, sink_for=lambda _reply: sink, deadline=deadline)
         except TimeoutError as e:
             self.close()
             raise ShardTimeoutError(f"{self.name}: {op} timed out after {timeout_s:g}s") from e
@@ -122,7 +133,7 @@ class TcpTransport(Transport):
         return reply
 
     def close(self) -> None:
-        sock, self._sock = self._sock, None
+        sock, self._sock, self._reader = self._sock, None, None
         if sock is not None:
             with contextlib.suppress(OSError):
                 # shutdown first: it wakes a thread blocked in recv on this socket; close
@@ -205,18 +216,17 @@ class TcpServer(Server):
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
             thread.start()
 
-    def _wait_for_frame(self, sock: socket.socket) -> bytes:
-        """The first byte of the next frame; b"" once the peer closes or the server stops.
-
-        A plain one-byte read with a short timeout, not a peek: TLS sockets cannot peek.
+    def _wait_for_frame(self, reader: FrameReader) -> bool:
+        """Whether another frame has started to arrive (False once the peer closes or the
+        server stops). Idle waits are bounded by the frame timeout, and :meth:`stop` ends them
+        at once by shutting the socket down.
         """
-        sock.settimeout(_IDLE_POLL_S)
         while not self._stopping.is_set():
             try:
-                return sock.recv(1)
+                return reader.wait_for_frame()
             except TimeoutError:
-                continue
-        return b""
+                continue  # an idle connection: keep waiting
+        return False
 
     def _secure(self, sock: socket.socket, peer: str) -> socket.socket:
         """TLS and authentication, before a single frame is read from ``peer``."""
@@ -241,9 +251,11 @@ class TcpServer(Server):
         connection = None
         try:
             sock = self._secure(sock, peer)
+            limit_each_call(sock, self._frame_timeout_s)
+            reader = FrameReader(sock)
             connection = self._handler.open_connection(peer)
-            while first_byte := self._wait_for_frame(sock):
-                self._serve_one(sock, connection, first_byte)
+            while self._wait_for_frame(reader):
+                self._serve_one(reader, connection)
         except ProtocolError as e:
             logger.warning("closing connection from %s: %s", peer, e)
         except (OSError, ssl.SSLError) as e:
@@ -256,14 +268,13 @@ class TcpServer(Server):
             with contextlib.suppress(OSError):
                 sock.close()
 
-    def _serve_one(self, sock: socket.socket, connection, first_byte: bytes) -> None:
+    def _serve_one(self, reader: FrameReader, connection) -> None:
         deadline = time.monotonic() + self._frame_timeout_s
         try:
             request = recv_message(
-                sock,
+                reader,
                 sink_for=connection.sink_for,
                 deadline=deadline,
-                prefix=first_byte,
                 max_payload_bytes=self._max_payload_bytes,
             )
         except RejectedFrame as e:
@@ -276,7 +287,7 @@ class TcpServer(Server):
                 if _error_kind(e) == "internal":
                     logger.exception("request %s failed", request.op.name)
                 reply = request.error_reply(_error_kind(e), str(e))
-        send_message(sock, reply, time.monotonic() + self._frame_timeout_s)
+        send_message(reader.sock, reply, time.monotonic() + self._frame_timeout_s)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stopping.set()

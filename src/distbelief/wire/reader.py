@@ -1,0 +1,176 @@
+"""Receiving frames: one connection's read side, through a small buffer.
+
+A frame's header and metadata are small and arrive together, usually with the whole frame: one
+receive into a per-connection buffer fetches all of them (reading them separately cost a
+syscall each). Tensor bytes go straight into caller-provided buffers: what the first receive
+already fetched is copied over, the rest is received in place (one call on a blocking socket).
+Bytes of a following frame (a peer that pipelines requests) stay buffered for the next read.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import orjson
+import torch
+
+from distbelief.errors import ProtocolError
+from distbelief.wire.framing import (
+    RejectedFrame,
+    SinkFactory,
+    check_deadline,
+    parse_descriptors,
+    parse_header,
+    tensor_bytes,
+)
+from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES, HEADER, Message
+from distbelief.wire.socket_timeouts import uses_kernel_timeouts
+
+BUFFER_BYTES = 64 * 1024
+_WAIT_ALL = getattr(socket, "MSG_WAITALL", 0)
+_SKIP_CHUNK_BYTES = 1024 * 1024
+
+
+class FrameReader:
+    """Reads frames from one connected socket (not thread-safe: one reader per connection).
+
+    Every call on the socket must already be bounded (``limit_each_call`` or ``settimeout``).
+    """
+
+    def __init__(self, sock: socket.socket, buffer_bytes: int = BUFFER_BYTES) -> None:
+        self.sock = sock
+        self._buffer = bytearray(buffer_bytes)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        # MSG_WAITALL: on a blocking socket a whole tensor arrives in one call.
+        self._wait_all = _WAIT_ALL if uses_kernel_timeouts(sock) else 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not read yet."""
+        return self._end - self._start
+
+    def _receive_some(self) -> int:
+        """One receive into the buffer's free end; the bytes read (0: the peer closed)."""
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buffer):
+            self._compact()
+        try:
+            count = self.sock.recv_into(self._view[self._end :])
+        except BlockingIOError as e:  # the kernel's receive timeout expired
+            raise TimeoutError("no data within the socket timeout") from e
+        self._end += count
+        return count
+
+    def _compact(self) -> None:
+        kept = self.buffered
+        self._buffer[:kept] = self._buffer[self._start : self._end]
+        self._start, self._end = 0, kept
+
+    def wait_for_frame(self) -> bool:
+        """Block until a frame has started to arrive; False if the peer closed in between.
+
+        Raises:
+            TimeoutError: nothing arrived within the socket's timeout (an idle peer).
+        """
+        return self.buffered > 0 or self._receive_some() > 0
+
+    def _take(self, num_bytes: int, deadline: float | None) -> bytes:
+        """The next ``num_bytes`` (at most the buffer's size) as bytes."""
+        if self._start + num_bytes > len(self._buffer):
+            self._compact()
+        while self.buffered < num_bytes:
+            if self._receive_some() == 0:
+                raise ConnectionResetError("peer closed the connection mid-frame")
+            if self.buffered < num_bytes:
+                check_deadline(deadline)
+        start = self._start
+        self._start += num_bytes
+        return bytes(self._view[start : self._start])
+
+    def read_into(self, view: memoryview, deadline: float | None) -> None:
+        """Fill ``view``: buffered bytes first, the rest received in place."""
+        copied = min(self.buffered, view.nbytes)
+        if copied:
+            view[:copied] = self._view[self._start : self._start + copied]
+            self._start += copied
+        received, total = copied, view.nbytes
+        while received < total:
+            try:
+                count = self.sock.recv_into(view[received:], total - received, self._wait_all)
+            except BlockingIOError as e:
+                raise TimeoutError("no data within the socket timeout") from e
+            if count == 0:
+                raise ConnectionResetError("peer closed the connection mid-frame")
+            received += count
+            if received < total:
+                check_deadline(deadline)
+
+    def read_bytes(self, num_bytes: int, deadline: float | None) -> bytes | bytearray:
+        if num_bytes <= len(self._buffer):
+            return self._take(num_bytes, deadline)
+        data = bytearray(num_bytes)
+        self.read_into(memoryview(data), deadline)
+        return data
+
+    def skip(self, num_bytes: int, deadline: float | None) -> None:
+        """Read and drop ``num_bytes`` (a refused frame's payload), keeping the stream in sync."""
+        scratch = memoryview(bytearray(min(num_bytes, _SKIP_CHUNK_BYTES)))
+        while num_bytes > 0:
+            chunk = min(num_bytes, scratch.nbytes)
+            self.read_into(scratch[:chunk], deadline)
+            num_bytes -= chunk
+
+
+def _receive_tensor(reader, name, dtype, shape, sink, deadline) -> torch.Tensor:
+    target = sink(name, dtype, shape) if sink is not None else None
+    if target is None:
+        target = torch.empty(shape, dtype=dtype)
+    elif target.dtype != dtype or tuple(target.shape) != shape or not target.is_contiguous():
+        raise ProtocolError(f"tensor {name!r}: buffer does not fit {dtype} {list(shape)}")
+    if target.numel():
+        reader.read_into(tensor_bytes(target), deadline)
+    return target
+
+
+def recv_message(
+    reader: FrameReader,
+    *,
+    sink_for: SinkFactory | None = None,
+    deadline: float | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> Message:
+    """Read one frame.
+
+    Raises:
+        ProtocolError: the header is invalid (the stream is unusable afterwards).
+        RejectedFrame: the frame was read in full but its metadata or tensors were refused.
+        ConnectionResetError: the peer closed the connection mid-frame.
+        TimeoutError: ``deadline`` passed, or the socket's timeout.
+    """
+    op, flags, request_id, meta_len, payload_len = parse_header(
+        reader.read_bytes(HEADER.size, deadline), max_payload_bytes
+    )
+    message = Message(op, {}, [], request_id, flags)
+    try:
+        meta = orjson.loads(reader.read_bytes(meta_len, deadline) or b"{}")
+        if not isinstance(meta, dict):
+            raise ProtocolError("metadata must be a JSON object")
+        message.meta = meta
+        descriptors = parse_descriptors(meta, payload_len)
+        sink = sink_for(message) if sink_for is not None else None
+    except (ValueError, ProtocolError) as e:
+        reader.skip(payload_len, deadline)
+        raise RejectedFrame(message, e) from e
+    received = 0
+    for name, dtype, shape in descriptors:
+        try:
+            tensor = _receive_tensor(reader, name, dtype, shape, sink, deadline)
+        except (ValueError, ProtocolError) as e:
+            reader.skip(payload_len - received, deadline)
+            raise RejectedFrame(message, e) from e
+        received += tensor.numel() * dtype.itemsize
+        message.tensors.append((name, tensor))
+    return message

@@ -33,6 +33,8 @@ from distbelief.wire.security import WireSecurity
 _INIT_POLL_S = 0.05
 _FIRST_RETRY_DELAY_S = 0.05
 _MAX_RETRY_DELAY_S = 2.0
+_SLICE_CACHE_ENTRIES = 8
+"""Sets of buffers whose slices are kept (an optimizer uses two: gradients out, params in)."""
 logger = logging.getLogger(__name__)
 
 
@@ -199,6 +201,7 @@ class ParameterServerClient:
         self.fingerprint = layout_fingerprint(self.specs)
         self.timeout_s = timeout_s
         self.slices: list[list[ShardSlice]] = partition(self.specs, len(self.addresses))
+        self._slice_cache: dict[int, tuple] = {}
         self._transports = [
             connect(
                 address,
@@ -296,11 +299,24 @@ class ParameterServerClient:
                 )
             time.sleep(_INIT_POLL_S)
 
-    def _slice_tensors(self, shard_id: int, flats: dict[torch.dtype, torch.Tensor]):
-        return [
-            (piece.name, flats[piece.dtype][piece.start : piece.stop])
-            for piece in self.slices[shard_id]
-        ]
+    def _slice_tensors(self, shard_id: int, flats: dict[torch.dtype, torch.Tensor]) -> list:
+        """(name, view) of each of shard ``shard_id``'s pieces of ``flats``.
+
+        The views are made once per set of buffers: an optimizer sends the same buffers every
+        step, and slicing them anew cost more than the rest of a small request's bookkeeping.
+        """
+        # ids are safe: the cached views keep the tensors alive, so no id is reused meanwhile.
+        identity = tuple((dtype, id(t), t.data_ptr(), t.numel()) for dtype, t in flats.items())
+        cached = self._slice_cache.get(id(flats))
+        if cached is None or cached[0] is not flats or cached[1] != identity:
+            views = [
+                [(piece.name, flats[piece.dtype][piece.start : piece.stop]) for piece in pieces]
+                for pieces in self.slices
+            ]
+            if len(self._slice_cache) >= _SLICE_CACHE_ENTRIES:
+                self._slice_cache.clear()
+            cached = self._slice_cache[id(flats)] = (flats, identity, views)
+        return list(cached[2][shard_id])
 
     def push(
         self,

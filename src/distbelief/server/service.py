@@ -6,6 +6,7 @@ allocates nothing per request once a connection is warm.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -69,8 +70,18 @@ class ShardConnection:
         # The last snapshot sent to this peer: the send buffer of its pulls, and for dc-asgd
         # the parameters its next gradient was computed from (no extra copy is kept).
         self._pull_buffers: list[torch.Tensor] = []
+        self._pull_tensors: list[tuple[str, torch.Tensor]] = []
         self._snapshot_generation: int | None = None
         self.worker: str | None = None
+
+    @functools.cached_property
+    def _slice_names(self) -> list[str]:
+        # Only read once the shard is initialised; its slices never change after that.
+        return [piece.name for piece in self.shard.slices]
+
+    @functools.cached_property
+    def _slice_bytes(self) -> int:
+        return sum(piece.numel * piece.dtype.itemsize for piece in self.shard.slices)
 
     def close(self) -> None:
         if self.worker is not None:
@@ -151,9 +162,8 @@ class ShardConnection:
 
     def _push(self, request: Message) -> Message:
         names = [name for name, _ in request.tensors]
-        expected = [piece.name for piece in self.shard.slices]
-        if names != expected:
-            raise ProtocolError(f"push must carry {expected}, got {names}")
+        if names != self._slice_names:
+            raise ProtocolError(f"push must carry {self._slice_names}, got {names}")
         worker, clock = self._identify(request.meta)
         base_version = _optional_int(request.meta, "base_version")
         result = self.shard.push(
@@ -164,7 +174,7 @@ class ShardConnection:
             fetched=self._pull_buffers if self._snapshot_generation is not None else None,
             seq=_push_sequence(request.meta),
         )
-        self.service.count_bytes(sum(t.nbytes for _, t in request.tensors), 0)
+        self.service.count_bytes(self._slice_bytes, 0)
         return request.reply(
             {"version": result.version, "staleness": result.staleness, "applied": result.applied}
         )
@@ -173,6 +183,7 @@ class ShardConnection:
         if not self._pull_buffers:
             self.shard.require_initialized()
             self._pull_buffers = [torch.empty(p.numel, dtype=p.dtype) for p in self.shard.slices]
+            self._pull_tensors = list(zip(self._slice_names, self._pull_buffers, strict=True))
         worker, clock = self._identify(request.meta)
         after_version = _optional_int(request.meta, "after_version")
         max_wait_s = request.meta.get("max_wait_s", 0.0)
@@ -189,12 +200,8 @@ class ShardConnection:
         if result.held:
             return request.reply({"version": result.version, "held": True})
         self._snapshot_generation = result.generation
-        tensors = [
-            (piece.name, buf)
-            for piece, buf in zip(self.shard.slices, self._pull_buffers, strict=True)
-        ]
-        self.service.count_bytes(0, sum(buf.nbytes for buf in self._pull_buffers))
-        return request.reply({"version": result.version, "held": False}, tensors)
+        self.service.count_bytes(0, self._slice_bytes)
+        return request.reply({"version": result.version, "held": False}, self._pull_tensors)
 
     def _stats(self, request: Message) -> Message:
         counters = self.shard.counters()

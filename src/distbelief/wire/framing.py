@@ -41,6 +41,7 @@ _NUMPY_DTYPES = frozenset(
     | {torch.int8, torch.uint8, torch.bool}
 )
 """Dtypes whose tensors convert to numpy arrays directly (bfloat16, for one, does not)."""
+_OPS = {int(op): op for op in Op}
 
 
 class RejectedFrame(ProtocolError):
@@ -55,9 +56,9 @@ class RejectedFrame(ProtocolError):
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a CPU tensor (copies only if it is not contiguous)."""
     if (
-        tensor.dtype in _NUMPY_DTYPES
+        tensor.is_cpu
+        and tensor.dtype in _NUMPY_DTYPES
         and tensor.is_contiguous()
-        and tensor.device.type == "cpu"
         and tensor.numel()  # memoryview cannot cast a shape with a zero in it
     ):
         # The common case, in one numpy call instead of five tensor calls (per frame).
@@ -135,10 +136,9 @@ def parse_header(raw: bytes | bytearray, max_payload_bytes: int) -> tuple[Op, in
         raise ProtocolError(f"bad magic {bytes(magic)!r}: not a distbelief peer")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} (this side speaks {PROTOCOL_VERSION})")
-    try:
-        op = Op(op)
-    except ValueError:
-        raise ProtocolError(f"unknown op {op}") from None
+    if op not in _OPS:
+        raise ProtocolError(f"unknown op {op}")
+    op = _OPS[op]
     if meta_len > MAX_META_BYTES:
         raise ProtocolError(f"metadata of {meta_len} bytes exceeds {MAX_META_BYTES}")
     if payload_len > max_payload_bytes:

@@ -77,22 +77,24 @@ class FrameReader:
         """
         return self.buffered > 0 or self._receive_some() > 0
 
-    def _take(self, num_bytes: int, deadline: float | None) -> bytes:
+    def _take(self, num_bytes: int, deadline: float | None) -> bytearray:
         """The next ``num_bytes`` (at most the buffer's size) as bytes."""
-        if self._start + num_bytes > len(self._buffer):
-            self._compact()
-        while self.buffered < num_bytes:
-            if self._receive_some() == 0:
-                raise ConnectionResetError("peer closed the connection mid-frame")
-            if self.buffered < num_bytes:
-                check_deadline(deadline)
         start = self._start
-        self._start += num_bytes
-        return bytes(self._view[start : self._start])
+        if self._end - start < num_bytes:
+            if start + num_bytes > len(self._buffer):
+                self._compact()
+            while self._end - self._start < num_bytes:
+                if self._receive_some() == 0:
+                    raise ConnectionResetError("peer closed the connection mid-frame")
+                if self._end - self._start < num_bytes:
+                    check_deadline(deadline)
+            start = self._start
+        self._start = start + num_bytes
+        return self._buffer[start : start + num_bytes]
 
     def read_into(self, view: memoryview, deadline: float | None) -> None:
         """Fill ``view``: buffered bytes first, the rest received in place."""
-        copied = min(self.buffered, view.nbytes)
+        copied = min(self._end - self._start, view.nbytes)
         if copied:
             view[:copied] = self._view[self._start : self._start + copied]
             self._start += copied
@@ -108,7 +110,7 @@ class FrameReader:
             if received < total:
                 check_deadline(deadline)
 
-    def read_bytes(self, num_bytes: int, deadline: float | None) -> bytes | bytearray:
+    def read_bytes(self, num_bytes: int, deadline: float | None) -> bytearray:
         if num_bytes <= len(self._buffer):
             return self._take(num_bytes, deadline)
         data = bytearray(num_bytes)

@@ -47,6 +47,10 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def _op_name(message: Message) -> str:
+    return message.op.name.lower()
+
+
 def _tune(sock: socket.socket) -> None:
     # Only TCP_NODELAY: fixing SO_SNDBUF/SO_RCVBUF would switch off the kernel's buffer
     # autotuning, which measured 6-20% faster for 25M-element tensors.
@@ -105,7 +109,6 @@ class TcpTransport(Transport):
         return self._sock, self._reader
 
     def request(self, message: Message, *, timeout_s: float, sink: Sink | None = None) -> Message:
-        op = message.op.name.lower()
         deadline = time.monotonic() + timeout_s
         message.request_id = next(self._request_ids)
         try:
@@ -114,22 +117,28 @@ class TcpTransport(Transport):
             reply = recv_message(reader, sink_for=lambda _reply: sink, deadline=deadline)
         except TimeoutError as e:
             self.close()
-            raise ShardTimeoutError(f"{self.name}: {op} timed out after {timeout_s:g}s") from e
+            raise ShardTimeoutError(
+                f"{self.name}: {_op_name(message)} timed out after {timeout_s:g}s"
+            ) from e
         except RejectedFrame as e:
-            raise ProtocolError(f"{self.name}: {op} reply refused: {e}") from e
+            raise ProtocolError(f"{self.name}: {_op_name(message)} reply refused: {e}") from e
         except ProtocolError as e:
             self.close()
-            raise ProtocolError(f"{self.name}: {op}: {e}") from e
+            raise ProtocolError(f"{self.name}: {_op_name(message)}: {e}") from e
         except OSError as e:
             self.close()
-            raise ShardUnavailableError(f"{self.name}: {op} failed: {e}") from e
+            raise ShardUnavailableError(f"{self.name}: {_op_name(message)} failed: {e}") from e
         if reply.request_id != message.request_id:
             self.close()
-            raise ProtocolError(f"{self.name}: {op}: reply to request {reply.request_id}")
+            raise ProtocolError(
+                f"{self.name}: {_op_name(message)}: reply to request {reply.request_id}"
+            )
         if reply.is_error:
             kind = reply.meta.get("error", "remote")
             error_type = _ERRORS_BY_KIND.get(kind, RemoteError)
-            raise error_type(f"{self.name}: {op} refused: {reply.meta.get('message', kind)}")
+            raise error_type(
+                f"{self.name}: {_op_name(message)} refused: {reply.meta.get('message', kind)}"
+            )
         return reply
 
     def close(self) -> None:

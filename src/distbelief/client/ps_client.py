@@ -48,9 +48,11 @@ class WireFigures:
         self._latencies_s: list[float] = []
 
     def record(self, request: Message, reply: Message, latency_s: float) -> None:
+        pushed = sum([t.nbytes for _, t in request.tensors]) if request.tensors else 0
+        pulled = sum([t.nbytes for _, t in reply.tensors]) if reply.tensors else 0
         with self._lock:
-            self._bytes_pushed += sum(t.nbytes for _, t in request.tensors)
-            self._bytes_pulled += sum(t.nbytes for _, t in reply.tensors)
+            self._bytes_pushed += pushed
+            self._bytes_pulled += pulled
             self._latencies_s.append(latency_s)
 
     def take(self) -> dict[str, float | None]:

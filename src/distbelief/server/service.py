@@ -108,14 +108,7 @@ class ShardConnection:
         return buffer
 
     def handle(self, request: Message) -> Message:
-        handler = {
-            Op.HELLO: self._hello,
-            Op.INIT: self._init,
-            Op.PUSH: self._push,
-            Op.PULL: self._pull,
-            Op.STATS: self._stats,
-        }[request.op]
-        return handler(request)
+        return self._handlers[request.op](self, request)
 
     def _hello(self, request: Message) -> Message:
         expected_id = request.meta.get("shard_id")
@@ -216,3 +209,11 @@ class ShardConnection:
                 "bytes_sent": self.service.bytes_sent,
             }
         )
+
+    _handlers = {
+        Op.HELLO: _hello,
+        Op.INIT: _init,
+        Op.PUSH: _push,
+        Op.PULL: _pull,
+        Op.STATS: _stats,
+    }

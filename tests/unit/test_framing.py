@@ -13,7 +13,6 @@ from distbelief.wire import WIRE_DTYPES, Message, Op
 from distbelief.wire.framing import RejectedFrame, send_message
 from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
 from distbelief.wire.reader import BUFFER_BYTES, FrameReader, recv_message
-from distbelief.wire.socket_timeouts import limit_each_call
 
 
 @pytest.fixture
@@ -28,11 +27,11 @@ def pair():
 
 
 @pytest.fixture
-def blocking_pair():
-    """Like ``pair``, but both ends blocking with kernel timeouts (how tcp.py runs them)."""
+def short_timeout_pair():
+    """Like ``pair``, but the reading end gives up on any call after 0.3 s."""
     a, b = socket.socketpair()
-    limit_each_call(a, 5)
-    limit_each_call(b, 0.3)
+    a.settimeout(5)
+    b.settimeout(0.3)
     yield a, FrameReader(b)
     a.close()
     b.close()
@@ -169,17 +168,17 @@ def test_metadata_larger_than_the_buffer(pair):
     sender.join(5)
 
 
-def test_blocking_sockets_round_trip_and_time_out(blocking_pair):
+def test_large_frame_round_trip_then_socket_timeout(short_timeout_pair):
     big = torch.randn(600_000)  # larger than a socketpair's buffer: sent in several calls
-    sender = send_in_background(blocking_pair[0], Message(Op.PULL, {}, [("w", big)]))
-    got = recv_message(blocking_pair[1])
+    sender = send_in_background(short_timeout_pair[0], Message(Op.PULL, {}, [("w", big)]))
+    got = recv_message(short_timeout_pair[1])
     sender.join(5)
     assert torch.equal(got.tensors[0][1], big)
-    with pytest.raises(TimeoutError):  # nothing more is sent: the kernel timeout ends the wait
-        recv_message(blocking_pair[1])
+    with pytest.raises(TimeoutError):  # nothing more is sent: the socket's timeout ends the wait
+        recv_message(short_timeout_pair[1])
 
 
-def test_deadline_ends_a_frame_that_keeps_trickling(blocking_pair):
+def test_deadline_ends_a_frame_that_keeps_trickling(short_timeout_pair):
     data = _encoded(Message(Op.PULL, {}, [("w", torch.zeros(1000))]))
     stop = threading.Event()
 
@@ -187,13 +186,13 @@ def test_deadline_ends_a_frame_that_keeps_trickling(blocking_pair):
         for i in range(len(data)):
             if stop.wait(0.05):
                 return
-            blocking_pair[0].sendall(data[i : i + 1])
+            short_timeout_pair[0].sendall(data[i : i + 1])
 
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     try:
         with pytest.raises(TimeoutError):
-            recv_message(blocking_pair[1], deadline=time.monotonic() + 0.5)
+            recv_message(short_timeout_pair[1], deadline=time.monotonic() + 0.5)
     finally:
         stop.set()
         sender.join(5)

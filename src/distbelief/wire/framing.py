@@ -1,8 +1,8 @@
 """Writing frames, and checking the ones read: with reader.py, the only code that touches wire
 bytes.
 
-A frame leaves in one gathered write (header, metadata and every tensor's bytes, no joined
-copy); tensor bytes are sent straight from the tensors' memory.
+A small frame leaves in one write; a large one as its header and metadata, then each tensor's
+bytes straight from the tensor's memory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from distbelief.wire.message import (
     Op,
 )
 from distbelief.wire.security import AUTH_MAGIC
-from distbelief.wire.socket_timeouts import uses_kernel_timeouts
 
 Sink = Callable[[str, torch.dtype, tuple[int, ...]], "torch.Tensor | None"]
 """Picks the buffer a received tensor is read into; None means allocate a new one."""
@@ -34,8 +33,6 @@ SinkFactory = Callable[[Message], "Sink | None"]
 """Picks the sink for a frame, given its op and metadata (its tensors are not read yet)."""
 
 _SMALL_FRAME_BYTES = 64 * 1024
-_MAX_PARTS_PER_CALL = 512
-"""Buffers per sendmsg call, well under every kernel's IOV_MAX."""
 _NUMPY_DTYPES = frozenset(
     {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16}
     | {torch.int8, torch.uint8, torch.bool}
@@ -68,7 +65,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def check_deadline(deadline: float | None) -> None:
-    # Each call is bounded by the socket's own timeout (socket_timeouts.py); the frame's
+    # Each call is bounded by the socket's own timeout, set once per connection; the frame's
     # deadline is checked between calls, so no timeout syscall is made per call.
     if deadline is not None and time.monotonic() > deadline:
         raise TimeoutError("deadline passed")
@@ -77,7 +74,7 @@ def check_deadline(deadline: float | None) -> None:
 def send_message(sock: socket.socket, message: Message, deadline: float | None = None) -> int:
     """Write one frame; returns the bytes written. Raises OSError/TimeoutError from the socket.
 
-    Every call on ``sock`` must already be bounded (``limit_each_call`` or ``settimeout``).
+    Every call on ``sock`` must already be bounded (``settimeout``).
     """
     descriptors, buffers = [], []
     for name, tensor in message.tensors:
@@ -99,32 +96,15 @@ def send_message(sock: socket.socket, message: Message, deadline: float | None =
         payload_bytes,
     )
     check_deadline(deadline)
-    parts = [header + meta_bytes, *(buf for buf in buffers if buf.nbytes)]
-    try:
-        if uses_kernel_timeouts(sock):
-            _send_gathered(sock, parts, deadline)
-        elif payload_bytes <= _SMALL_FRAME_BYTES:
-            # One write for small frames: with TCP_NODELAY every write is its own segment.
-            sock.sendall(b"".join(parts))
-        else:
-            for part in parts:
-                sock.sendall(part)
-    except BlockingIOError as e:  # the kernel's send timeout expired
-        raise TimeoutError("the peer stopped reading") from e
-    return HEADER.size + len(meta_bytes) + payload_bytes
-
-
-def _send_gathered(sock: socket.socket, parts: list, deadline: float | None) -> None:
-    """All of ``parts`` with as few sendmsg calls as the kernel allows (one, on a blocking
-    socket): no joined copy, and the header does not leave as a segment of its own."""
-    views = [memoryview(part) for part in parts]
-    while views:
-        sent = sock.sendmsg(views[:_MAX_PARTS_PER_CALL])
-        while views and sent >= views[0].nbytes:
-            sent -= views.pop(0).nbytes
-        if views:
-            views[0] = views[0][sent:]
+    if payload_bytes <= _SMALL_FRAME_BYTES:
+        # One write for small frames: with TCP_NODELAY every write is its own segment.
+        sock.sendall(b"".join([header, meta_bytes, *buffers]))
+    else:
+        sock.sendall(header + meta_bytes)
+        for buf in buffers:
             check_deadline(deadline)
+            sock.sendall(buf)
+    return HEADER.size + len(meta_bytes) + payload_bytes
 
 
 def parse_header(raw: bytes | bytearray, max_payload_bytes: int) -> tuple[Op, int, int, int, int]:

@@ -27,7 +27,6 @@ from distbelief.wire.framing import RejectedFrame, Sink, send_message
 from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES, Message
 from distbelief.wire.reader import FrameReader, recv_message
 from distbelief.wire.security import WireSecurity, accept_peer, authenticate_to_server
-from distbelief.wire.socket_timeouts import limit_each_call
 from distbelief.wire.transport import RequestHandler, Server, Transport, register_backend
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ class TcpTransport(Transport):
 
     def _connection(self, deadline: float, timeout_s: float) -> tuple[socket.socket, FrameReader]:
         if self._sock is not None and self._call_timeout_s != timeout_s:
-            limit_each_call(self._sock, timeout_s)
+            self._sock.settimeout(timeout_s)
             self._call_timeout_s = timeout_s
         if self._sock is None:
             timeout_s = max(0.001, min(self._connect_timeout_s, deadline - time.monotonic()))
@@ -99,7 +98,7 @@ class TcpTransport(Transport):
                     sock = self._tls.wrap_socket(sock, server_hostname=self._endpoint[0])
                 if self._security.auth_key is not None:
                     authenticate_to_server(sock, self._security.auth_key, timeout_s)
-                limit_each_call(sock, timeout_s)
+                sock.settimeout(timeout_s)
             except BaseException:
                 sock.close()
                 raise
@@ -260,7 +259,7 @@ class TcpServer(Server):
         connection = None
         try:
             sock = self._secure(sock, peer)
-            limit_each_call(sock, self._frame_timeout_s)
+            sock.settimeout(self._frame_timeout_s)
             reader = FrameReader(sock)
             connection = self._handler.open_connection(peer)
             while self._wait_for_frame(reader):

@@ -2,11 +2,11 @@
 
 Both servers run in spawned processes on 127.0.0.1 and do the same work (recv_into a
 preallocated buffer, ``w -= lr * g``, reply; or send ``w``); ratio = raw time / project time,
-the median of back-to-back pairs. What limits the ratio (measured, see benchmarks/README.md):
-tiny requests and the 1M push pay a fixed ~0.3 ms of Python per request (the client's
-thread-pool hop, JSON metadata and framing, torch.optim.SGD.step's overhead); pulls pay the
-shard's snapshot copy of ``w`` before the send (the "vs raw+cp" column compares against a raw
-server that makes the same copy), and at 25M also the fixed 4 MiB socket buffers of tcp.py.
+the median of back-to-back pairs. The project's side is ``ParameterServerClient.push_now`` /
+``pull_now``. What limits the ratio (measured, see benchmarks/README.md): a fixed cost of
+Python per request (~130-200 us: metadata, framing, the shard's bookkeeping), which decides
+tiny requests and part of 1M; a pull after a push also pays the shard's snapshot copy of
+``w`` (the "vs raw+cp" column compares against a raw server that always makes that copy).
 """
 
 from __future__ import annotations

@@ -97,3 +97,25 @@ def test_bad_arguments_name_the_problem():
         ParameterShard(3, 2, server_optimizer_factory("sgd", lr=0.1))
     with pytest.raises(ValueError, match="unknown server optimizer 'lbfgs'"):
         server_optimizer_factory("lbfgs", lr=0.1)
+
+
+def test_pull_copies_only_when_the_parameters_changed():
+    shard = _shards(1, [torch.zeros(s.shape, dtype=s.dtype) for s in SPECS], lr=1.0)[0]
+    outs = [torch.empty_like(p) for p in shard.parameters()]
+    first = shard.pull_into(outs)
+    for out in outs:
+        out.fill_(7)  # a stale marker: a skipped copy leaves it in place
+    same = shard.pull_into(outs, outs_generation=first.generation)
+    assert same.generation == first.generation
+    assert all(bool((out == 7).all()) for out in outs)
+    grads = [torch.ones_like(p) for p in shard.parameters()]
+    shard.apply_gradient(grads)
+    changed = shard.pull_into(outs, outs_generation=first.generation)
+    assert changed.generation != first.generation
+    assert all(bool((out == -1).all()) for out in outs)
+    state = shard.snapshot()
+    shard.apply_gradient(grads)
+    shard.restore(state)  # a restore changes the values without a push
+    restored = shard.pull_into(outs, outs_generation=changed.generation)
+    assert restored.generation != changed.generation
+    assert all(bool((out == -1).all()) for out in outs)

@@ -1,0 +1,88 @@
+"""ParameterServerClient's request lanes and slice views, over a scripted in-process transport."""
+
+import threading
+
+import torch
+
+from distbelief.client import ParameterServerClient
+from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.wire import Op
+
+SPECS = tensor_specs([("w", torch.zeros(6)), ("b", torch.zeros(2))])
+
+
+class ScriptedTransport:
+    """Answers pushes and pulls at once, recording the order and thread of every request."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Op, int, str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def request(self, message, *, timeout_s, sink=None):
+        assert self.gate.wait(5), "test gate never opened"
+        self.calls.append(
+            (message.op, message.meta.get("clock", 0), threading.current_thread().name)
+        )
+        if message.op == Op.PUSH:
+            return message.reply({"version": len(self.calls), "staleness": 0})
+        tensors = []
+        for name, dtype, shape in [("float32[0:8]", torch.float32, (8,))]:
+            target = sink(name, dtype, shape)
+            target.fill_(float(len(self.calls)))
+            tensors.append((name, target))
+        return message.reply({"version": len(self.calls), "held": False}, tensors)
+
+    def close(self) -> None:
+        pass
+
+
+def _client() -> tuple[ParameterServerClient, ScriptedTransport]:
+    client = ParameterServerClient(
+        ["tcp://127.0.0.1:9"], SPECS, timeout_s=5, retry_timeout_s=0, worker_id="w"
+    )
+    transport = ScriptedTransport()
+    client._transports = [transport]
+    return client, transport
+
+
+def test_push_now_runs_on_the_calling_thread_when_idle():
+    client, transport = _client()
+    try:
+        flats = FlatLayout(SPECS).allocate()
+        assert client.push_now(flats, clock=1) == [1]
+        assert client.pull_now(flats, clock=2) == [2]
+        assert [name for _, _, name in transport.calls] == [threading.current_thread().name] * 2
+        assert bool((flats[torch.float32] == 2.0).all())
+    finally:
+        client.close()
+
+
+def test_push_now_behind_queued_requests_keeps_their_order():
+    client, transport = _client()
+    try:
+        flats = FlatLayout(SPECS).allocate()
+        transport.gate.clear()  # the queued push waits in the I/O thread
+        queued = client.push(flats, clock=1)
+        opener = threading.Timer(0.2, transport.gate.set)
+        opener.start()
+        assert client.push_now(flats, clock=2) == [2]
+        assert client.wait(queued) == [1]
+        assert [clock for _, clock, _ in transport.calls] == [1, 2]
+        opener.join()
+    finally:
+        client.close()
+
+
+def test_slice_views_follow_replaced_buffers():
+    client, _ = _client()
+    try:
+        flats = FlatLayout(SPECS).allocate()
+        client.pull_now(flats)
+        old = flats[torch.float32]
+        flats[torch.float32] = torch.zeros(8)  # a new buffer under the same dict
+        client.pull_now(flats)
+        assert bool((flats[torch.float32] == 2.0).all())
+        assert bool((old == 1.0).all())
+    finally:
+        client.close()

@@ -211,3 +211,41 @@ def test_corrupt_checkpoint_and_misuse_are_clear_errors(tmp_path):
         env=ENV,
     )
     assert missing.returncode == 2 and "nothing" in missing.stderr
+
+
+_USER_LOOP = """
+import sys, torch
+from torch import nn
+from distbelief.optim import DownpourSGD
+model = nn.Linear(4, 2)
+optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=[sys.argv[1]],
+                        n_push=1, n_pull=1, timeout_s=1, retry_timeout_s=60)
+print("training", flush=True)
+for step in range(10**9):
+    optimizer.zero_grad()
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+"""
+
+
+def test_ctrl_c_in_a_user_loop_exits_promptly_while_a_shard_is_down():
+    process, address = start_shard(0, 1, "--server-lr", "0.1")
+    user = subprocess.Popen(
+        [sys.executable, "-c", _USER_LOOP, address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        assert user.stdout is not None
+        assert user.stdout.readline().strip() == "training"
+        stop_processes([process])  # the shard is gone; the loop's requests now retry for 60 s
+        time.sleep(1.0)
+        started = time.monotonic()
+        user.send_signal(signal.SIGINT)
+        _, stderr = user.communicate(timeout=30)
+        assert "KeyboardInterrupt" in stderr
+        assert time.monotonic() - started < 10, "Ctrl-C waited for the retrying I/O threads"
+    finally:
+        stop_processes([process, user])

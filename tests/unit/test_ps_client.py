@@ -1,7 +1,9 @@
 """ParameterServerClient's request lanes and slice views, over a scripted in-process transport."""
 
 import threading
+import time
 
+import pytest
 import torch
 
 from distbelief.client import ParameterServerClient
@@ -86,3 +88,20 @@ def test_slice_views_follow_replaced_buffers():
         assert bool((old == 1.0).all())
     finally:
         client.close()
+
+
+def test_close_without_waiting_cancels_queued_requests():
+    client, transport = _client()
+    flats = FlatLayout(SPECS).allocate()
+    transport.gate.clear()
+    running = client.push(flats, clock=1)
+    queued = client.push(flats, clock=2)
+    deadline = time.monotonic() + 5
+    while not running[0].running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.close(wait=False)
+    assert queued[0].cancelled()
+    transport.gate.set()
+    assert client.wait(running) == [1]
+    with pytest.raises(RuntimeError, match="closed"):
+        client.push(flats, clock=3)

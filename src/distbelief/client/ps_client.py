@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import itertools
 import logging
+import queue
 import secrets
 import threading
 import time
@@ -103,10 +104,17 @@ class _Lane:
     Running a request on the thread that is about to wait for it saves two thread wake-ups
     (~60-250 us on a busy 2-core machine, more than a whole 1M-element push's Python cost).
     It is only allowed while nothing is queued, so requests still reach the shard in order.
+
+    The I/O thread is a daemon: a program that ends (Ctrl-C, say) while a shard is down must
+    not wait for requests that retry for ``retry_timeout_s`` (a thread pool's workers are
+    joined at exit). ``DownpourSGD.close`` is what flushes pushes on a normal exit.
     """
 
     def __init__(self, name: str) -> None:
-        self._executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
         self._lock = threading.Lock()
         self._pending = 0
         # Held while a request uses the connection: a queued request waits for an inline one.
@@ -120,31 +128,62 @@ class _Lane:
             with self._lock:
                 self._pending -= 1
 
+    def _serve(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                with self._lock:
+                    self._pending -= 1
+                continue
+            try:
+                future.set_result(self._run(fn, args))
+            except BaseException as error:  # handed to the waiter
+                future.set_exception(error)
+
     def submit(self, fn, *args) -> cf.Future:
+        future: cf.Future = cf.Future()
         with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._name}: the client is closed")
             self._pending += 1
-        try:
-            return self._executor.submit(self._run, fn, args)
-        except BaseException:
-            with self._lock:
-                self._pending -= 1
-            raise
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+                self._thread.start()
+            self._queue.put((future, fn, args))
+        return future
 
     def run_now(self, fn, *args) -> cf.Future | _Finished:
         """Run on this thread if the lane is idle (a finished call), else queue (a future)."""
         with self._lock:
-            idle = self._pending == 0
+            idle = self._pending == 0 and not self._closed
             if idle:
                 self._pending += 1
         if not idle:
             return self.submit(fn, *args)
         try:
             return _Finished(self._run(fn, args), None)
-        except Exception as error:  # handed to the waiter, as an executor would
+        except Exception as error:  # handed to the waiter, as an I/O thread would
             return _Finished(None, error)
 
-    def shutdown(self, wait: bool) -> None:
-        self._executor.shutdown(wait=wait, cancel_futures=True)
+    def shutdown(self, wait: bool, timeout_s: float) -> None:
+        """Stop taking requests; ``wait``: let queued ones finish (up to ``timeout_s``),
+        else cancel them (one already running ends within its own timeout and retries)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if not wait:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+                    with self._lock:
+                        self._pending -= 1
+        self._queue.put(None)
+        if wait and thread is not None:
+            thread.join(timeout_s)
 
 
 def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
@@ -489,6 +528,6 @@ class ParameterServerClient:
         if not wait:
             self._closing.set()
         for lane in self._lanes:
-            lane.shutdown(wait)
+            lane.shutdown(wait, self.timeout_s + self.retry_timeout_s + 5.0)
         for transport in self._transports:
             transport.close()

@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import inspect
 import json
-import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import machine
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
-from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
-from distbelief.wire import serve
+from server_host import ServerHost, start_sgd_shard
 
 INPUT_SHAPE = (1, 32, 32)
 NUM_CLASSES = 10
@@ -38,17 +35,10 @@ LR = 0.01
 SEED = 0
 TARGET_RATIO_N1 = 0.85
 REQUEST_TIMEOUT_S = 30.0
-HOST_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 5.0
-IDLE_POLL_S = 0.2
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# The keyword for "wait for every push and pull inside step()" was renamed from
-# ``synchronous`` to ``blocking``; use whichever this checkout has. A benchmark fails fast:
-# retrying a dead shard (``retry_timeout_s``, where it exists) would hang Ctrl-C.
-_DOWNPOUR_KEYWORDS = inspect.signature(DownpourSGD.__init__).parameters
-WAIT_KEYWORD = "blocking" if "blocking" in _DOWNPOUR_KEYWORDS else "synchronous"
-NO_RETRY = {"retry_timeout_s": 0.0} if "retry_timeout_s" in _DOWNPOUR_KEYWORDS else {}
+NO_RETRY_S = 0.0
+"""A benchmark fails fast: retrying a dead shard would hang Ctrl-C and distort timings."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,64 +59,6 @@ CONFIGS = (
     RunConfig(name="downpour n=1 sync", every_steps=1, wait_in_step=True),
     RunConfig(name="downpour n=5 sync", every_steps=5, wait_in_step=True),
 )
-
-
-# ---------------------------------------------------------------- the shard process
-
-
-def _wait_for_stop(control) -> None:
-    parent = mp.parent_process()
-    while not control.poll(IDLE_POLL_S):
-        if parent is not None and not parent.is_alive():
-            return
-    control.recv()
-
-
-def _shard_main(control, lr: float) -> None:
-    """Entry point of the shard process: serve one SGD shard until told to stop."""
-    torch.set_num_threads(1)
-    shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=lr))
-    server = serve("tcp://127.0.0.1:0", ShardService(shard))
-    try:
-        control.send(server.address)
-        _wait_for_stop(control)
-    except (KeyboardInterrupt, EOFError, OSError):
-        pass
-    finally:
-        server.stop()
-
-
-class ShardProcess:
-    """One shard in a spawned process; a context manager that always ends the process."""
-
-    def __init__(self, lr: float) -> None:
-        context = mp.get_context("spawn")
-        self._control, child_end = context.Pipe()
-        self._process = context.Process(target=_shard_main, args=(child_end, lr), daemon=True)
-        self._process.start()
-        child_end.close()
-        if not self._control.poll(HOST_TIMEOUT_S):
-            self.close()
-            raise TimeoutError(f"the shard process did not start in {HOST_TIMEOUT_S:g}s")
-        self.address: str = self._control.recv()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._control.send("stop")
-        self._process.join(STOP_TIMEOUT_S)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(STOP_TIMEOUT_S)
-        self._control.close()
-
-    def __enter__(self) -> ShardProcess:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-# ---------------------------------------------------------------- training
 
 
 def make_batches(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -160,8 +92,8 @@ class Trainer:
             model=self.model,
             ps=[address],
             timeout_s=REQUEST_TIMEOUT_S,
-            **{WAIT_KEYWORD: config.wait_in_step},
-            **NO_RETRY,
+            blocking=config.wait_in_step,
+            retry_timeout_s=NO_RETRY_S,
         )
 
     def run(self, batches: list, num_steps: int) -> float:
@@ -224,10 +156,14 @@ def _make_rows(model_name: str, samples: dict[str, list[float]]) -> list[dict]:
 
 def measure_model(model_name: str, batches, args: argparse.Namespace) -> list[dict]:
     """Rows for every configuration of one model, all against one fresh shard."""
-    with ShardProcess(LR) as shard, contextlib.ExitStack() as trainers_open:
+    with (
+        ServerHost(start_sgd_shard, LR, name="shard-host") as host,
+        contextlib.ExitStack() as trainers_open,
+    ):
+        address = host.start_server()
         trainers = {}
         for config in CONFIGS:
-            trainers[config.name] = Trainer(model_name, config, shard.address)
+            trainers[config.name] = Trainer(model_name, config, address)
             trainers_open.callback(trainers[config.name].close)
         samples = _interleaved_steps_per_s(trainers, batches, args)
     return _make_rows(model_name, samples)
@@ -249,12 +185,7 @@ def print_table(rows: list[dict]) -> None:
 def save_results(path: Path, args: argparse.Namespace, rows: list[dict]) -> None:
     record = {
         "benchmark": "overhead",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min_at_end": os.getloadavg()[0],
+        **machine.environment(),
         "torch_threads_per_process": 1,
         "batch_size": BATCH_SIZE,
         "input_shape": list(INPUT_SHAPE),
@@ -265,7 +196,7 @@ def save_results(path: Path, args: argparse.Namespace, rows: list[dict]) -> None
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path} (1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print(f"wrote {path} (load average {record['load_average_1_5_15_min']})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

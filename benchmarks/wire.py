@@ -15,11 +15,8 @@ import argparse
 import concurrent.futures as cf
 import contextlib
 import datetime
-import inspect
 import json
-import multiprocessing as mp
 import os
-import platform
 import socket
 import statistics
 import struct
@@ -31,10 +28,11 @@ from pathlib import Path
 
 import torch
 
+import machine
 from distbelief.client import ParameterServerClient
-from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.sharding import FlatLayout, tensor_specs
-from distbelief.wire import serve
+from server_host import ServerHost, start_sgd_shard
 
 SERVER_LR = 1e-3
 TINY_NUMEL = 1
@@ -45,7 +43,6 @@ OP_PUSH, OP_PULL, OP_PULL_SNAPSHOT = 1, 2, 3
 SMALL_PAYLOAD_BYTES = 64 * 1024
 SOCKET_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 5.0
-HOST_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 IDLE_POLL_S = 0.2
 NO_RETRY_S = 0.0
@@ -148,78 +145,7 @@ class RawServer:
             thread.join(STOP_TIMEOUT_S)
 
 
-def _start_server(kind: str, lr: float):
-    if kind == "raw":
-        return RawServer(lr)
-    shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=lr))
-    return serve("tcp://127.0.0.1:0", ShardService(shard))
-
-
-def _next_command(control) -> str:
-    parent = mp.parent_process()
-    while not control.poll(IDLE_POLL_S):
-        if parent is not None and not parent.is_alive():
-            return "stop"
-    return control.recv()
-
-
-def _host_main(control, kind: str, lr: float) -> None:
-    """Entry point of a server process: starts one server per "serve" until "stop"."""
-    torch.set_num_threads(1)
-    servers = []
-    try:
-        while _next_command(control) == "serve":
-            servers.append(_start_server(kind, lr))
-            control.send(servers[-1].address)
-    except (KeyboardInterrupt, EOFError):
-        pass
-    finally:
-        for server in servers:
-            server.stop()
-
-
-class ServerHost:
-    """A spawned process that starts servers of one kind ("project" or "raw") on request."""
-
-    def __init__(self, kind: str, lr: float) -> None:
-        context = mp.get_context("spawn")
-        self._control, child_end = context.Pipe()
-        self._process = context.Process(
-            target=_host_main, args=(child_end, kind, lr), name=f"{kind}-host", daemon=True
-        )
-        self._process.start()
-        child_end.close()
-
-    def start_server(self) -> str:
-        """A new server's address; raises TimeoutError/EOFError if the process does not answer."""
-        self._control.send("serve")
-        if not self._control.poll(HOST_TIMEOUT_S):
-            raise TimeoutError(f"{self._process.name} did not answer in {HOST_TIMEOUT_S:g}s")
-        return self._control.recv()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._control.send("stop")
-        self._process.join(STOP_TIMEOUT_S)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(STOP_TIMEOUT_S)
-        self._control.close()
-
-    def __enter__(self) -> ServerHost:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
 # ---------------------------------------------------------------- clients
-
-
-def _accepted(function: Callable, **options) -> dict:
-    """The ``options`` that ``function`` takes (keywords this checkout's client may lack)."""
-    parameters = inspect.signature(function).parameters
-    return {name: value for name, value in options.items() if name in parameters}
 
 
 class ProjectClient:
@@ -232,7 +158,7 @@ class ProjectClient:
             [address],
             specs,
             timeout_s=SOCKET_TIMEOUT_S,
-            **_accepted(ParameterServerClient, retry_timeout_s=NO_RETRY_S),
+            retry_timeout_s=NO_RETRY_S,
         )
         try:
             self._client.handshake(layout.allocate())
@@ -445,12 +371,7 @@ def print_table(rows: list[dict], splits: list[dict]) -> None:
 def save_results(path: Path, args: argparse.Namespace, rows: list, splits: list) -> None:
     record = {
         "benchmark": "wire",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min_at_end": os.getloadavg()[0],
+        **machine.environment(),
         "torch_threads_per_process": 1,
         "repeats": args.repeats,
         "server_lr": SERVER_LR,
@@ -459,7 +380,7 @@ def save_results(path: Path, args: argparse.Namespace, rows: list, splits: list)
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path} (1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    print(f"wrote {path} (load average {record['load_average_1_5_15_min']})")
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -511,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with contextlib.ExitStack() as stack:
         hosts = {
-            kind: stack.enter_context(ServerHost(kind, SERVER_LR)) for kind in ("project", "raw")
+            "project": stack.enter_context(
+                ServerHost(start_sgd_shard, SERVER_LR, name="project-host")
+            ),
+            "raw": stack.enter_context(ServerHost(RawServer, SERVER_LR, name="raw-host")),
         }
         for numel in [TINY_NUMEL, *args.sizes]:
             rows += measure_size(hosts, numel, args)

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+CLI = [sys.executable, "-m", "distbelief"]
+CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 _ADDRESS_LINE = re.compile(r"serving shard (\d+) at (tcp://\S+)")
 _START_TIMEOUT_S = 60.0
 
@@ -33,7 +35,14 @@ def _spawn_shard(shard_id: int, num_shards: int, *extra: str) -> subprocess.Pope
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=CHILD_ENV,
+    )
+
+
+def run_cli(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """``distbelief ARGS`` run to the end (at most ``timeout_s``), its output captured."""
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=CHILD_ENV
     )
 
 

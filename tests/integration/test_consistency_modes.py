@@ -1,9 +1,7 @@
 """Sync rounds, warmstart and SSP against real shard processes on 127.0.0.1."""
 
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -12,6 +10,7 @@ from torch import nn
 
 from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
+from tests.conftest import run_cli
 
 
 def _model() -> nn.Module:
@@ -158,13 +157,7 @@ def test_ssp_holds_the_fast_worker_until_the_slow_one_moves_or_leaves(shard_clus
 
 
 def _train(tmp_path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "distbelief", "train", "--out", str(tmp_path), *flags],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return run_cli("train", "--out", str(tmp_path), *flags)
 
 
 def test_cli_sync_with_a_backup_worker(tmp_path):

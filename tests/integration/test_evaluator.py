@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,10 +19,9 @@ from distbelief.launch.evaluator import PSEvaluator, watch_shards
 from distbelief.launch.roles import build_replica, evaluate
 from distbelief.metrics import MetricsWriter, make_record, read_metrics
 from distbelief.sharding import FlatLayout, tensor_specs
-from tests.conftest import start_shard, stop_processes
+from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 CONFIG = TrainConfig(model="lenet", dataset="digits", timeout_s=10.0, eval_every_s=0.2)
-CLI = [sys.executable, "-m", "distbelief"]
 
 
 def _initialise(addresses: list[str], seed: int) -> torch.nn.Module:
@@ -60,11 +57,8 @@ def test_eval_once_prints_the_result(shard_cluster) -> None:
     addresses = shard_cluster(1)
     model = _initialise(addresses, seed=2)
     _, test_accuracy = evaluate(model, load_dataset("digits", split="test"))
-    result = subprocess.run(
-        [*CLI, "eval", "--ps", ",".join(addresses), "--model", "lenet", "--once"],
-        capture_output=True,
-        text=True,
-        timeout=90,
+    result = run_cli(
+        "eval", "--ps", ",".join(addresses), "--model", "lenet", "--once", timeout_s=90
     )
     assert result.returncode == 0, result.stderr[-2000:]
     fields = dict(part.split("=") for part in result.stdout.split())
@@ -92,7 +86,7 @@ def test_eval_watch_appends_to_metrics_csv(shard_cluster, tmp_path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=CHILD_ENV,
     )
     try:
         _wait_for_rows(metrics, 2, timeout_s=60)

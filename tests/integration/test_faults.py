@@ -21,10 +21,7 @@ from distbelief.launch.roles import build_replica
 from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
-from tests.conftest import start_shard, stop_processes
-
-CLI = [sys.executable, "-m", "distbelief"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -70,7 +67,7 @@ def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=CHILD_ENV,
     )
     try:
         _wait_for(
@@ -133,13 +130,7 @@ def test_worker_fails_clearly_when_a_shard_stays_dead():
 
 def test_resume_restores_exactly_the_saved_parameters(tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.run(
-        [*CLI, "train", "--steps", "30", "--out", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=ENV,
-    )
+    first = run_cli("train", "--steps", "30", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
     saved = {
@@ -163,53 +154,23 @@ def test_resume_restores_exactly_the_saved_parameters(tmp_path):
             assert torch.equal(
                 flats[piece.dtype][piece.start : piece.stop], saved[shard_id]["param.0"]
             )
-    again = subprocess.run(
-        [*CLI, "train", "--resume", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=ENV,
-    )
+    again = run_cli("train", "--resume", str(run_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["final"]["version"] == 120
 
 
 def test_corrupt_checkpoint_and_misuse_are_clear_errors(tmp_path):
     run_dir = tmp_path / "run"
-    first = subprocess.run(
-        [*CLI, "train", "--steps", "5", "--out", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=ENV,
-    )
+    first = run_cli("train", "--steps", "5", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
-    reuse = subprocess.run(
-        [*CLI, "train", "--steps", "5", "--out", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=ENV,
-    )
+    reuse = run_cli("train", "--steps", "5", "--out", str(run_dir), timeout_s=120)
     assert reuse.returncode == 2 and "use --resume" in reuse.stderr
     tensor_file = next((run_dir / "checkpoints").glob("shard1-v*.safetensors"))
     tensor_file.write_bytes(tensor_file.read_bytes()[:-7])
-    resumed = subprocess.run(
-        [*CLI, "train", "--resume", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=ENV,
-    )
+    resumed = run_cli("train", "--resume", str(run_dir))
     assert resumed.returncode != 0
     assert tensor_file.name in resumed.stderr and "corrupt" in resumed.stderr
-    missing = subprocess.run(
-        [*CLI, "train", "--resume", str(tmp_path / "nothing")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=ENV,
-    )
+    missing = run_cli("train", "--resume", str(tmp_path / "nothing"), timeout_s=120)
     assert missing.returncode == 2 and "nothing" in missing.stderr
 
 
@@ -235,7 +196,7 @@ def test_ctrl_c_in_a_user_loop_exits_promptly_while_a_shard_is_down():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=CHILD_ENV,
     )
     try:
         assert user.stdout is not None

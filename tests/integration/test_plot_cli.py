@@ -4,30 +4,17 @@ short ``distbelief train`` jobs (one with the live evaluator, one with ``--no-ev
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distbelief.metrics import read_metrics
+from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
-CLI = [sys.executable, "-m", "distbelief"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _run(args: list[str], timeout_s: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +26,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
         (live, []),
         (once, ["--workers", "1", "--server-optimizer", "adagrad", "--no-eval"]),
     ):
-        result = _run(["train", "--steps", "20", "--out", str(out), *extra])
+        result = run_cli("train", "--steps", "20", "--out", str(out), *extra)
         assert result.returncode == 0, result.stderr[-3000:]
     return live, once
 
@@ -52,7 +39,7 @@ def _assert_pngs(paths: list[Path]) -> None:
 
 def test_plot_one_run(runs, tmp_path) -> None:
     live, _ = runs
-    result = _run(["plot", str(live), "--out", str(tmp_path)])
+    result = run_cli("plot", str(live), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     names = [Path(line).name for line in result.stdout.split()]
     assert names == [
@@ -67,7 +54,7 @@ def test_plot_one_run(runs, tmp_path) -> None:
 def test_plot_compares_two_runs(runs, tmp_path) -> None:
     live, once = runs
     out = tmp_path / "compare"
-    result = _run(["plot", str(live), str(once), "--out", str(out)])
+    result = run_cli("plot", str(live), str(once), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     written = [Path(line) for line in result.stdout.split()]
     assert len(written) == 4 and all(path.parent == out for path in written)
@@ -79,7 +66,7 @@ def test_plot_of_a_folder_that_is_not_a_run_exits_2(runs, tmp_path) -> None:
     folder = tmp_path / "holiday_photos"
     folder.mkdir()
     for args in (["plot", str(folder)], ["plot", str(live), str(folder)]):
-        result = _run(args, timeout_s=60)
+        result = run_cli(*args, timeout_s=60)
         assert result.returncode == 2
         assert f"not a run folder: {folder}" in result.stderr
 

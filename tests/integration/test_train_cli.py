@@ -5,23 +5,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "distbelief"]
-
-
-def _run(args: list[str], timeout_s: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*CLI, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+from tests.conftest import CHILD_ENV, CLI, run_cli
 
 
 def _descendants(pid: int) -> set[int]:
@@ -61,7 +50,7 @@ def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
 @pytest.mark.slow
 def test_two_shards_two_workers_reach_90_percent_on_digits(tmp_path):
     out = tmp_path / "run"
-    result = _run(["train", "--workers", "2", "--shards", "2", "--epochs", "8", "--out", str(out)])
+    result = run_cli("train", "--workers", "2", "--shards", "2", "--epochs", "8", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["test_accuracy"] >= 0.9
@@ -87,7 +76,7 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=CHILD_ENV,
     )
     children: set[int] = set()
     try:
@@ -113,19 +102,17 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
 
 
 def test_failing_worker_stops_the_job_and_names_itself(tmp_path):
-    result = _run(
-        [
-            "train",
-            "--dataset",
-            "mnist",
-            "--data-dir",
-            str(tmp_path / "empty"),
-            "--no-download",
-            "--steps",
-            "5",
-            "--out",
-            str(tmp_path / "run"),
-        ],
+    result = run_cli(
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path / "empty"),
+        "--no-download",
+        "--steps",
+        "5",
+        "--out",
+        str(tmp_path / "run"),
         timeout_s=120,
     )
     assert result.returncode == 1
@@ -153,6 +140,6 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path):
     ],
 )
 def test_bad_flags_are_clear_errors(args, message):
-    result = _run(args, timeout_s=60)
+    result = run_cli(*args, timeout_s=60)
     assert result.returncode == 2
     assert message in result.stderr

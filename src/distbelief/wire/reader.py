@@ -3,8 +3,8 @@
 A frame's header and metadata are small and arrive together, usually with the whole frame: one
 receive into a per-connection buffer fetches all of them (reading them separately cost a
 syscall each). Tensor bytes go straight into caller-provided buffers: what the first receive
-already fetched is copied over, the rest is received in place.
-Bytes of a following frame (a peer that pipelines requests) stay buffered for the next read.
+already fetched is copied over, the rest is received in place. Bytes of a following frame (a
+peer that pipelines requests) stay buffered for the next read.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class FrameReader:
         return self.buffered > 0 or self._receive_some() > 0
 
     def _take(self, num_bytes: int, deadline: float | None) -> bytearray:
-        """The next ``num_bytes`` (at most the buffer's size) as bytes."""
+        """A copy of the next ``num_bytes`` (at most the buffer's size)."""
         start = self._start
         if self._end - start < num_bytes:
             if start + num_bytes > len(self._buffer):

@@ -2,7 +2,7 @@
 time to a target test accuracy, each with and without a straggler, in one invocation.
 
 Owns the three training loops, the straggler, the timing and the md/json/png report. Downpour
-runs twice: through the library launcher (``train``), and as shards (``roles.serve_shard``) plus
+runs twice: through the library launcher (``train``), and as shards (``serve_shard``) plus
 a worker loop of this script's own, the only way to slow one worker down (the launcher has no
 hook for it). Binds 127.0.0.1 only; every process it starts is stopped on the way out.
 
@@ -55,9 +55,10 @@ from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_
 from distbelief.errors import LauncherInterrupted
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.local import train
-from distbelief.launch.roles import build_replica, evaluate, serve_shard
+from distbelief.launch.roles import build_replica, evaluate
 from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
+from distbelief.server.process import serve_shard
 from distbelief.sharding import FlatLayout, tensor_specs
 
 logger = logging.getLogger("compare_ddp")

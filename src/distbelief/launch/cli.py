@@ -76,7 +76,7 @@ def _log_emit(kind: str, payload: object) -> None:
 
 
 def _run_ps(args: argparse.Namespace) -> int:
-    from distbelief.launch.roles import serve_shard
+    from distbelief.server.process import serve_shard
 
     if not 0 <= args.shard_id < args.num_shards:
         raise ValueError(

@@ -17,6 +17,7 @@ from distbelief.launch import evaluator, roles
 from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.rundir import write_json_atomic
+from distbelief.server.process import serve_shard
 from distbelief.wire.security import WireSecurity, generate_key
 
 CHECKPOINT_DIR = "checkpoints"
@@ -26,7 +27,7 @@ _POLL_S = 0.2
 
 
 def _shard_main(emit, shard_id, config: TrainConfig, stop, bind, security) -> Any:
-    return roles.serve_shard(
+    return serve_shard(
         shard_id,
         config.num_shards,
         bind,

@@ -22,8 +22,9 @@ from distbelief.client import ParameterServerClient
 from distbelief.data import load_dataset
 from distbelief.errors import ShardUnavailableError
 from distbelief.launch.config import TrainConfig
-from distbelief.launch.roles import Emit, StopFlag, build_replica, evaluate
+from distbelief.launch.roles import build_replica, evaluate
 from distbelief.metrics import MetricsWriter, make_record
+from distbelief.process import Emit, StopFlag
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire.security import WireSecurity
 

@@ -1,117 +1,27 @@
-"""The three roles of a job, each a plain function run in its own process: shard, worker,
-evaluator. Each reports through ``emit(kind, payload)``; the launcher or the CLI decides where
-reports go."""
+"""The worker role of a job, a plain function run in its own process, and the model and
+evaluation every role shares. It reports through ``emit(kind, payload)``; the launcher or the CLI
+decides where reports go."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import torch
 from torch import nn
 
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
-from distbelief.errors import CheckpointError
 from distbelief.launch.config import TrainConfig
 from distbelief.metrics import make_record
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
-from distbelief.server import ConsistencyConfig, ParameterShard, ShardService
-from distbelief.server.checkpoint import Checkpointer, load_checkpoint
-from distbelief.server.optimizers import ServerOptimizerFactory
-from distbelief.wire import serve
+from distbelief.process import Emit
 from distbelief.wire.security import WireSecurity
 
 logger = logging.getLogger(__name__)
 
-Emit = Callable[[str, object], None]
-"""Reports ``(kind, payload)``: "ready", "metric"; the caller routes it."""
-
-
-class StopFlag(Protocol):
-    """A threading.Event or a multiprocessing Event."""
-
-    def is_set(self) -> bool: ...
-
-    def wait(self, timeout: float | None = None) -> bool: ...
-
-
 _EVAL_BATCH_SIZE = 512
-_HEARTBEAT_S = 0.25
-
-
-def serve_shard(
-    shard_id: int,
-    num_shards: int,
-    bind: str,
-    *,
-    optimizer_factory: ServerOptimizerFactory,
-    consistency: ConsistencyConfig | None = None,
-    security: WireSecurity | None = None,
-    checkpoint_dir: str | None = None,
-    checkpoint_every_s: float = 30.0,
-    emit: Emit,
-    stop: StopFlag | None = None,
-) -> dict:
-    """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
-
-    With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
-    saves every ``checkpoint_every_s`` seconds and once more on the way out. Emits "ready"
-    once listening and a "heartbeat" with its version every quarter second.
-
-    Returns:
-        Its counters and staleness histogram.
-
-    Raises:
-        CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.
-    """
-    stop = stop if stop is not None else threading.Event()
-    shard = ParameterShard(shard_id, num_shards, optimizer_factory, consistency)
-    restored = _restore(shard, checkpoint_dir)
-    checkpointer = None
-    if checkpoint_dir is not None:
-        checkpointer = Checkpointer(shard, checkpoint_dir, checkpoint_every_s)
-        checkpointer.saved_version = restored
-        checkpointer.start()
-    server = serve(bind, ShardService(shard), security=security)
-    emit("ready", {"shard_id": shard_id, "address": server.address, "restored_version": restored})
-    logger.info("shard %d of %d serving at %s", shard_id, num_shards, server.address)
-    try:
-        # Short waits, not one long one, so SIGTERM's SystemExit is raised promptly.
-        while not stop.wait(_HEARTBEAT_S):
-            emit("heartbeat", {"shard_id": shard_id, "version": shard.version})
-    finally:
-        server.stop()
-        if checkpointer is not None:
-            checkpointer.stop()
-    counters = shard.counters()
-    return {
-        "shard_id": shard_id,
-        "version": counters.version,
-        "num_pushes": counters.num_pushes,
-        "num_dropped": counters.num_dropped,
-        "staleness": shard.staleness.as_dict(),
-    }
-
-
-def _restore(shard: ParameterShard, checkpoint_dir: str | None) -> int | None:
-    """Load the shard's last checkpoint; returns its version (None: nothing to restore)."""
-    if checkpoint_dir is None:
-        return None
-    state = load_checkpoint(checkpoint_dir, shard.shard_id)
-    if state is None:
-        return None
-    try:
-        shard.restore(state)
-    except ValueError as e:
-        raise CheckpointError(f"{checkpoint_dir}: shard {shard.shard_id}: {e}") from e
-    logger.info(
-        "shard %d restored version %d from %s", shard.shard_id, state.version, checkpoint_dir
-    )
-    return state.version
 
 
 def build_replica(config: TrainConfig, input_shape, num_classes: int) -> nn.Module:

@@ -1,6 +1,6 @@
 """The parameter server: shards that own slices of the model and the service that serves them."""
 
-from distbelief.server.consistency import STALENESS_POLICIES, ConsistencyConfig
+from distbelief.config import STALENESS_POLICIES, ConsistencyConfig
 from distbelief.server.optimizers import SERVER_OPTIMIZER_NAMES, server_optimizer_factory
 from distbelief.server.service import ShardService
 from distbelief.server.shard import ParameterShard

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from distbelief.config import ConsistencyConfig
 from distbelief.errors import ModelMismatchError
-from distbelief.server.consistency import ConsistencyConfig, WorkerClocks
+from distbelief.server.consistency import WorkerClocks
 from distbelief.server.optimizers import ServerOptimizerFactory, apply_update
 from distbelief.server.staleness import StalenessHistogram, adjust_gradient
 from distbelief.sharding import (

@@ -1,0 +1,95 @@
+"""A shard's process function: restore, serve, checkpoint, heartbeat, until told to stop.
+
+Run by the launcher's children, by ``distbelief ps`` and by ``ParameterServer``; it reports
+through ``emit`` and knows nothing of who started it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from distbelief.config import ConsistencyConfig
+from distbelief.errors import CheckpointError
+from distbelief.process import Emit, StopFlag
+from distbelief.server.checkpoint import Checkpointer, load_checkpoint
+from distbelief.server.optimizers import ServerOptimizerFactory
+from distbelief.server.service import ShardService
+from distbelief.server.shard import ParameterShard
+from distbelief.wire import serve
+from distbelief.wire.security import WireSecurity
+
+logger = logging.getLogger(__name__)
+
+_HEARTBEAT_S = 0.25
+
+
+def serve_shard(
+    shard_id: int,
+    num_shards: int,
+    bind: str,
+    *,
+    optimizer_factory: ServerOptimizerFactory,
+    consistency: ConsistencyConfig | None = None,
+    security: WireSecurity | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every_s: float = 30.0,
+    emit: Emit,
+    stop: StopFlag | None = None,
+) -> dict:
+    """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
+
+    With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
+    saves every ``checkpoint_every_s`` seconds and once more on the way out. Emits "ready"
+    once listening and a "heartbeat" with its version every quarter second.
+
+    Returns:
+        Its counters and staleness histogram.
+
+    Raises:
+        CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.
+    """
+    stop = stop if stop is not None else threading.Event()
+    shard = ParameterShard(shard_id, num_shards, optimizer_factory, consistency)
+    restored = _restore(shard, checkpoint_dir)
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = Checkpointer(shard, checkpoint_dir, checkpoint_every_s)
+        checkpointer.saved_version = restored
+        checkpointer.start()
+    server = serve(bind, ShardService(shard), security=security)
+    emit("ready", {"shard_id": shard_id, "address": server.address, "restored_version": restored})
+    logger.info("shard %d of %d serving at %s", shard_id, num_shards, server.address)
+    try:
+        # Short waits, not one long one, so SIGTERM's SystemExit is raised promptly.
+        while not stop.wait(_HEARTBEAT_S):
+            emit("heartbeat", {"shard_id": shard_id, "version": shard.version})
+    finally:
+        server.stop()
+        if checkpointer is not None:
+            checkpointer.stop()
+    counters = shard.counters()
+    return {
+        "shard_id": shard_id,
+        "version": counters.version,
+        "num_pushes": counters.num_pushes,
+        "num_dropped": counters.num_dropped,
+        "staleness": shard.staleness.as_dict(),
+    }
+
+
+def _restore(shard: ParameterShard, checkpoint_dir: str | None) -> int | None:
+    """Load the shard's last checkpoint; returns its version (None: nothing to restore)."""
+    if checkpoint_dir is None:
+        return None
+    state = load_checkpoint(checkpoint_dir, shard.shard_id)
+    if state is None:
+        return None
+    try:
+        shard.restore(state)
+    except ValueError as e:
+        raise CheckpointError(f"{checkpoint_dir}: shard {shard.shard_id}: {e}") from e
+    logger.info(
+        "shard %d restored version %d from %s", shard.shard_id, state.version, checkpoint_dir
+    )
+    return state.version

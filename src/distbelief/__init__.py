@@ -1,0 +1,44 @@
+"""distbelief: DistBelief (Dean et al. 2012) for PyTorch.
+
+The public API is re-exported here and loaded on first use, so ``import distbelief`` (and the
+``distbelief`` command's ``--help``) stays fast: torch is imported only when a name needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.3.0"
+
+_EXPORTS: dict[str, str] = {
+    "DownpourSGD": "distbelief.optim",
+    "ParameterServerClient": "distbelief.client",
+    "ConsistencyConfig": "distbelief.config",
+    "DistBeliefError": "distbelief.errors",
+    "PSError": "distbelief.errors",
+    "ShardTimeoutError": "distbelief.errors",
+    "ShardUnavailableError": "distbelief.errors",
+    "ProtocolError": "distbelief.errors",
+    "RemoteError": "distbelief.errors",
+    "ModelMismatchError": "distbelief.errors",
+    "CheckpointError": "distbelief.errors",
+    "DatasetUnavailableError": "distbelief.errors",
+    "ChildFailedError": "distbelief.errors",
+    "LauncherInterrupted": "distbelief.errors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distbelief' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

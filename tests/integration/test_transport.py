@@ -1,43 +1,106 @@
-"""The TCP backend on 127.0.0.1: round trips, typed errors within their timeouts, reconnects."""
+"""The request/reply layer on every registered channel (127.0.0.1 for TCP): round trips, typed
+errors within their timeouts, reconnects, and ops a test service defines and serves itself."""
 
-import socket
+import json
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from distbelief.errors import (
+    ModelMismatchError,
     ProtocolError,
     PSError,
     RemoteError,
     ShardTimeoutError,
     ShardUnavailableError,
 )
-from distbelief.wire import WIRE_DTYPES, Message, Op, connect, serve
+from distbelief.wire import WIRE_DTYPES, Message, OpRegistry, connect, define_op, ops, serve
+from distbelief.wire.channels import Channel, Listener, channel_schemes, dial, listen, local_address
+from distbelief.wire.framing import send_message
+from distbelief.wire.message import FLAG_ERROR, FLAG_REPLY, HEADER, MAGIC, PROTOCOL_VERSION
+from distbelief.wire.ops import MAX_OP_CODE, op_for_code
+from distbelief.wire.reader import FrameReader, recv_message
+
+ADD_ONE = define_op("TEST_TRANSPORT_ADD_ONE", 250)
+"""An op only this file defines: wire/ and the shard service know nothing of it."""
 
 
 class EchoConnection:
-    def sink_for(self, request):
-        return None
-
-    def handle(self, request):
-        if request.meta.get("fail"):
-            raise ValueError("asked to fail")
-        return request.reply({"seen": len(request.tensors)}, request.tensors)
-
-    def close(self):
+    def close(self) -> None:
         pass
 
 
-class EchoHandler:
-    def open_connection(self, peer):
+def _echo(connection: EchoConnection, request: Message) -> Message:
+    if request.meta.get("fail"):
+        raise ValueError("asked to fail")
+    if request.meta.get("mismatch"):
+        raise ModelMismatchError("asked for a mismatch")
+    if request.meta.get("bug"):
+        raise RuntimeError("a handler bug")
+    return request.reply({"seen": len(request.tensors)}, request.tensors)
+
+
+class EchoService:
+    """Echoes HELLO, PUSH and PULL requests, tensors included; answers no other op."""
+
+    def __init__(self) -> None:
+        self.handlers = OpRegistry()
+        for op in (ops.HELLO, ops.PUSH, ops.PULL):
+            self.handlers.register(op, _echo)
+        self.num_connections = 0
+
+    def open_connection(self, peer: str) -> EchoConnection:
+        self.num_connections += 1
         return EchoConnection()
 
 
+class CounterConnection:
+    """Per-connection state of the ADD_ONE service: a buffer requests are received into."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.zeros(4)
+        self.num_requests = 0
+
+    def close(self) -> None:
+        pass
+
+
+def _add_one_sink(connection: CounterConnection, request: Message):
+    return lambda name, dtype, shape: connection.buffer
+
+
+def _add_one(connection: CounterConnection, request: Message) -> Message:
+    assert request.tensors[0][1] is connection.buffer  # received in place, not allocated
+    connection.num_requests += 1
+    connection.buffer += 1
+    return request.reply({"num_requests": connection.num_requests}, request.tensors)
+
+
+class CounterService:
+    def __init__(self) -> None:
+        self.handlers = OpRegistry()
+        self.handlers.register(ADD_ONE, _add_one, sink_for=_add_one_sink)
+
+    def open_connection(self, peer: str) -> CounterConnection:
+        return CounterConnection()
+
+
+@pytest.fixture(params=channel_schemes())
+def scheme(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def echo_server():
-    server = serve("tcp://127.0.0.1:0", EchoHandler())
+def echo_service() -> EchoService:
+    return EchoService()
+
+
+@pytest.fixture
+def echo_server(scheme, echo_service):
+    server = serve(local_address(scheme), echo_service)
     yield server
     server.stop()
 
@@ -45,7 +108,7 @@ def echo_server():
 def test_round_trip_every_dtype(echo_server):
     client = connect(echo_server.address, name="echo")
     tensors = [(str(dtype), torch.ones(1000, dtype=dtype)) for dtype in WIRE_DTYPES]
-    reply = client.request(Message(Op.PUSH, {}, tensors), timeout_s=5)
+    reply = client.request(Message(ops.PUSH, {}, tensors), timeout_s=5)
     assert reply.meta == {"seen": len(WIRE_DTYPES)}
     for (name, sent), (got_name, got) in zip(tensors, reply.tensors, strict=True):
         assert name == got_name and got.dtype == sent.dtype and torch.equal(got, sent)
@@ -58,81 +121,182 @@ def test_large_tensor_into_reused_buffer(echo_server):
     payload = torch.randn(3_000_000)
     for _ in range(2):
         reply = client.request(
-            Message(Op.PULL, {}, [("w", payload)]), timeout_s=10, sink=lambda *a: target
+            Message(ops.PULL, {}, [("w", payload)]), timeout_s=10, sink=lambda *a: target
         )
         assert reply.tensors[0][1] is target
     assert torch.equal(target, payload)
     client.close()
 
 
-def test_remote_error_keeps_connection_usable(echo_server):
+def test_remote_error_keeps_connection_usable(echo_server, echo_service):
     client = connect(echo_server.address, name="echo")
     with pytest.raises(RemoteError, match="asked to fail"):
-        client.request(Message(Op.HELLO, {"fail": True}), timeout_s=5)
-    assert client.request(Message(Op.HELLO), timeout_s=5).meta == {"seen": 0}
+        client.request(Message(ops.HELLO, {"fail": True}), timeout_s=5)
+    assert client.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
+    assert echo_service.num_connections == 1
     client.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_error_kinds_arrive_as_their_exception_types(echo_server):
+    client = connect(echo_server.address, name="echo")
+    with pytest.raises(ModelMismatchError, match="asked for a mismatch"):
+        client.request(Message(ops.HELLO, {"mismatch": True}), timeout_s=5)
+    with pytest.raises(RemoteError, match="a handler bug") as raised:
+        client.request(Message(ops.HELLO, {"bug": True}), timeout_s=5)
+    assert type(raised.value) is RemoteError
+    client.close()
 
 
-def test_missing_shard_is_unavailable_quickly():
-    client = connect(f"tcp://127.0.0.1:{_free_port()}", name="shard 0")
+def test_unknown_op_is_answered_and_connection_stays_usable(echo_server, echo_service):
+    client = connect(echo_server.address, name="echo")
+    with pytest.raises(RemoteError, match=r"stats refused: unknown op STATS \(this server"):
+        client.request(Message(ops.STATS, {}, [("w", torch.ones(50_000))]), timeout_s=5)
+    assert client.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
+    assert echo_service.num_connections == 1
+    client.close()
+
+
+def test_op_code_undefined_at_the_server_is_answered(echo_server, echo_service):
+    # Raw frames: this process defines the same ops as the server, so a client here could not
+    # send (or read the reply to) an op only it knows, as a peer with an extra capability can.
+    code = next(c for c in range(MAX_OP_CODE, 0, -1) if op_for_code(c) is None)
+    channel = dial(echo_server.address, timeout_s=5)
+    channel.settimeout(5)
+    reader = FrameReader(channel)
+    try:
+        meta = b'{"tensors":[["w","float32",[50000]]]}'
+        header = HEADER.pack(MAGIC, PROTOCOL_VERSION, code, 0, 7, len(meta), 200_000)
+        channel.sendall(header + meta + bytes(200_000))
+        _, _, reply_code, flags, request_id, meta_len, payload_len = HEADER.unpack(
+            reader.read_bytes(HEADER.size, None)
+        )
+        assert (reply_code, flags, request_id, payload_len) == (code, FLAG_REPLY | FLAG_ERROR, 7, 0)
+        assert json.loads(reader.read_bytes(meta_len, None)) == {
+            "error": "bad_request",
+            "message": f"unknown op code {code}",
+        }
+        send_message(channel, Message(ops.HELLO, request_id=8))
+        reply = recv_message(reader)
+        assert (reply.request_id, reply.meta, reply.is_error) == (8, {"seen": 0}, False)
+    finally:
+        channel.close()
+    assert echo_service.num_connections == 1
+
+
+def test_op_defined_outside_wire_is_served_with_per_connection_state(scheme):
+    server = serve(local_address(scheme), CounterService())
+    clients = [connect(server.address, name=f"counter {i}") for i in range(2)]
+    try:
+        for expected in (1, 2):
+            reply = clients[0].request(Message(ADD_ONE, {}, [("x", torch.ones(4))]), timeout_s=5)
+            assert reply.meta == {"num_requests": expected}
+            assert torch.equal(reply.tensors[0][1], torch.full((4,), 2.0))
+        reply = clients[1].request(Message(ADD_ONE, {}, [("x", torch.zeros(4))]), timeout_s=5)
+        assert reply.meta == {"num_requests": 1}
+        with pytest.raises(RemoteError, match="unknown op HELLO"):
+            clients[1].request(Message(ops.HELLO), timeout_s=5)
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+
+
+def test_missing_shard_is_unavailable_quickly(scheme):
+    listener = listen(local_address(scheme))
+    address = listener.address
+    listener.close()  # nothing listens there any more
+    client = connect(address, name="shard 0")
     started = time.monotonic()
     with pytest.raises(ShardUnavailableError, match="shard 0: hello"):
-        client.request(Message(Op.HELLO), timeout_s=2)
+        client.request(Message(ops.HELLO), timeout_s=2)
     assert time.monotonic() - started < 2
 
 
-def test_silent_shard_times_out_within_the_timeout():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)  # accepts the TCP handshake via the backlog, never answers
-        client = connect(f"tcp://127.0.0.1:{listener.getsockname()[1]}", name="shard 1")
-        started = time.monotonic()
-        with pytest.raises(ShardTimeoutError, match=r"shard 1: pull timed out after 0.5s"):
-            client.request(Message(Op.PULL), timeout_s=0.5)
-        assert time.monotonic() - started < 1.5
-        assert issubclass(ShardTimeoutError, PSError)
+class _RawPeer:
+    """A server-side peer that speaks the channel but not the protocol: it accepts one
+    connection and then does whatever the test tells it to."""
+
+    def __init__(self, listener: Listener, act) -> None:
+        self.channels: list[Channel] = []
+        self.done = threading.Event()
+
+        def accept() -> None:
+            channel = listener.accept(5).open(5)
+            self.channels.append(channel)
+            act(channel)
+            self.done.wait(10)
+            channel.close()
+
+        self._thread = threading.Thread(target=accept, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self._thread.join(15)
 
 
-def test_garbage_reply_is_a_protocol_error():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = connect(f"tcp://127.0.0.1:{listener.getsockname()[1]}", name="shard 2")
-        client_sock = None
+@pytest.fixture
+def raw_peer(scheme) -> Iterator:
+    peers, listeners = [], []
 
-        def answer_garbage():
-            nonlocal client_sock
-            client_sock, _ = listener.accept()
-            client_sock.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(40))
+    def start(act) -> str:
+        listener = listen(local_address(scheme))
+        listeners.append(listener)
+        peers.append(_RawPeer(listener, act))
+        return listener.address
 
-        thread = threading.Thread(target=answer_garbage)
-        thread.start()
-        with pytest.raises(ProtocolError, match="magic"):
-            client.request(Message(Op.HELLO), timeout_s=2)
-        thread.join(5)
-        client_sock.close()
+    yield start
+    for peer in peers:
+        peer.stop()
+    for listener in listeners:
+        listener.close()
 
 
-def test_client_reconnects_after_server_restart():
-    server = serve("tcp://127.0.0.1:0", EchoHandler())
+def test_silent_shard_times_out_within_the_timeout(raw_peer):
+    address = raw_peer(lambda channel: None)  # accepts, never answers
+    client = connect(address, name="shard 1")
+    started = time.monotonic()
+    with pytest.raises(ShardTimeoutError, match=r"shard 1: pull timed out after 0.5s"):
+        client.request(Message(ops.PULL), timeout_s=0.5)
+    assert time.monotonic() - started < 1.5
+    assert issubclass(ShardTimeoutError, PSError)
+    client.close()
+
+
+def test_garbage_reply_is_a_protocol_error(raw_peer):
+    address = raw_peer(lambda channel: channel.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(40)))
+    client = connect(address, name="shard 2")
+    with pytest.raises(ProtocolError, match="magic"):
+        client.request(Message(ops.HELLO), timeout_s=2)
+    client.close()
+
+
+def test_client_reconnects_after_server_restart(scheme):
+    server = serve(local_address(scheme), EchoService())
     address = server.address
     client = connect(address, name="echo")
-    assert client.request(Message(Op.HELLO), timeout_s=5).meta == {"seen": 0}
+    assert client.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
     server.stop()
     with pytest.raises(ShardUnavailableError):
-        client.request(Message(Op.HELLO), timeout_s=2)
-    server = serve(address, EchoHandler())
+        client.request(Message(ops.HELLO), timeout_s=2)
+    server = serve(address, EchoService())
     try:
-        assert client.request(Message(Op.HELLO), timeout_s=5).meta == {"seen": 0}
+        assert client.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
     finally:
         client.close()
         server.stop()
+
+
+def test_stop_ends_idle_connections_promptly(scheme):
+    server = serve(local_address(scheme), EchoService(), frame_timeout_s=60)
+    client = connect(server.address, name="echo")
+    assert client.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
+    started = time.monotonic()
+    server.stop(timeout_s=10)
+    assert time.monotonic() - started < 5  # not the 60 s an idle connection may wait
+    with pytest.raises(ShardUnavailableError):
+        client.request(Message(ops.HELLO), timeout_s=2)
+    client.close()
 
 
 def test_bad_address_names_it():

@@ -14,10 +14,10 @@ from torch import nn
 from distbelief.client import ParameterServerClient
 from distbelief.errors import ProtocolError, PSError
 from distbelief.optim import DownpourSGD
-from distbelief.wire import Message, Op, connect, serve
+from distbelief.wire import Message, connect, ops, serve
 from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
 from distbelief.wire.security import WireSecurity, read_key_file, write_key_file
-from tests.integration.test_transport import EchoHandler
+from tests.integration.test_transport import EchoService
 
 NUM_FUZZ_FRAMES = 10_000
 FUZZ_TIME_LIMIT_S = 90.0
@@ -30,17 +30,17 @@ def _model() -> nn.Module:
 
 def test_only_key_holders_get_in():
     key = b"k" * 32
-    server = serve("tcp://127.0.0.1:0", EchoHandler(), security=WireSecurity(auth_key=key))
+    server = serve("tcp://127.0.0.1:0", EchoService(), security=WireSecurity(auth_key=key))
     try:
         good = connect(server.address, name="shard", security=WireSecurity(auth_key=key))
-        assert good.request(Message(Op.HELLO), timeout_s=5).meta == {"seen": 0}
+        assert good.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
         good.close()
         anonymous = connect(server.address, name="shard")
         with pytest.raises(ProtocolError, match="requires authentication"):
-            anonymous.request(Message(Op.HELLO), timeout_s=5)
+            anonymous.request(Message(ops.HELLO), timeout_s=5)
         stranger = connect(server.address, name="shard", security=WireSecurity(auth_key=b"x" * 32))
         with pytest.raises(ProtocolError, match="refused this job key"):
-            stranger.request(Message(Op.HELLO), timeout_s=5)
+            stranger.request(Message(ops.HELLO), timeout_s=5)
     finally:
         server.stop()
 
@@ -74,7 +74,7 @@ def test_tls_with_authentication(tmp_path):
     secret = b"s" * 32
     server = serve(
         "tcp://127.0.0.1:0",
-        EchoHandler(),
+        EchoService(),
         security=WireSecurity(auth_key=secret, tls_cert=str(cert), tls_key=str(key_pem)),
     )
     try:
@@ -82,12 +82,12 @@ def test_tls_with_authentication(tmp_path):
             server.address, name="shard", security=WireSecurity(auth_key=secret, tls_ca=str(cert))
         )
         payload = torch.randn(100_000)
-        reply = client.request(Message(Op.PUSH, {}, [("w", payload)]), timeout_s=10)
+        reply = client.request(Message(ops.PUSH, {}, [("w", payload)]), timeout_s=10)
         assert torch.equal(reply.tensors[0][1], payload)
         client.close()
         plain = connect(server.address, name="shard", security=WireSecurity(auth_key=secret))
         with pytest.raises(PSError):  # no TLS: the shard never gets a ClientHello, hangs up
-            plain.request(Message(Op.HELLO), timeout_s=2)
+            plain.request(Message(ops.HELLO), timeout_s=2)
     finally:
         server.stop()
 

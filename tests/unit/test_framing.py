@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from distbelief.errors import ProtocolError
-from distbelief.wire import WIRE_DTYPES, Message, Op
+from distbelief.wire import WIRE_DTYPES, Message, ops
 from distbelief.wire.framing import RejectedFrame, send_message
 from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
+from distbelief.wire.ops import MAX_OP_CODE, op_for_code
 from distbelief.wire.reader import BUFFER_BYTES, FrameReader, recv_message
 
 
@@ -64,17 +65,17 @@ def test_round_trip_every_dtype(pair, dtype):
         ("empty", _sample(dtype, (0, 2))),
         ("big", _sample(dtype, (300, 300))),
     ]
-    sender = send_in_background(pair[0], Message(Op.PUSH, {"k": 1}, tensors, request_id=7))
+    sender = send_in_background(pair[0], Message(ops.PUSH, {"k": 1}, tensors, request_id=7))
     got = recv_message(pair[1])
     sender.join(5)
-    assert (got.op, got.request_id, got.meta) == (Op.PUSH, 7, {"k": 1})
+    assert (got.op, got.request_id, got.meta) == (ops.PUSH, 7, {"k": 1})
     for (name, want), (got_name, tensor) in zip(tensors, got.tensors, strict=True):
         assert name == got_name and tensor.dtype == dtype and torch.equal(tensor, want)
 
 
 def test_receives_into_the_sink_buffer(pair):
     target = torch.zeros(1000)
-    send_in_background(pair[0], Message(Op.PULL, {}, [("w", torch.arange(1000.0))]))
+    send_in_background(pair[0], Message(ops.PULL, {}, [("w", torch.arange(1000.0))]))
     got = recv_message(pair[1], sink_for=lambda _m: lambda name, dtype, shape: target)
     assert got.tensors[0][1] is target and torch.equal(target, torch.arange(1000.0))
 
@@ -85,8 +86,8 @@ def test_refused_tensor_leaves_stream_in_sync(pair):
 
     send_in_background(
         pair[0],
-        Message(Op.PUSH, {}, [("w", torch.ones(50_000))], request_id=1),
-        Message(Op.HELLO, {}, [], request_id=2),
+        Message(ops.PUSH, {}, [("w", torch.ones(50_000))], request_id=1),
+        Message(ops.HELLO, {}, [], request_id=2),
     )
     with pytest.raises(RejectedFrame, match="no room for w"):
         recv_message(pair[1], sink_for=lambda _m: refuse)
@@ -98,7 +99,6 @@ def test_refused_tensor_leaves_stream_in_sync(pair):
     [
         (HEADER.pack(b"HTTP", PROTOCOL_VERSION, 1, 0, 1, 0, 0), "magic"),
         (HEADER.pack(MAGIC, 99, 1, 0, 1, 0, 0), "version"),
-        (HEADER.pack(MAGIC, PROTOCOL_VERSION, 200, 0, 1, 0, 0), "op"),
         (HEADER.pack(MAGIC, PROTOCOL_VERSION, 1, 0, 1, 1 << 30, 0), "metadata"),
         (HEADER.pack(MAGIC, PROTOCOL_VERSION, 1, 0, 1, 0, 1 << 40), "payload"),
     ],
@@ -107,6 +107,21 @@ def test_bad_headers_raise_protocol_error(pair, header, match):
     pair[0].sendall(header)
     with pytest.raises(ProtocolError, match=match):
         recv_message(pair[1], max_payload_bytes=1 << 32)
+
+
+def _undefined_op_code() -> int:
+    return next(code for code in range(MAX_OP_CODE, 0, -1) if op_for_code(code) is None)
+
+
+def test_undefined_op_code_is_refused_and_stream_stays_in_sync(pair):
+    code = _undefined_op_code()
+    meta = b'{"tensors":[["w","float32",[4]]]}'
+    frame = HEADER.pack(MAGIC, PROTOCOL_VERSION, code, 0, 9, len(meta), 16) + meta + bytes(16)
+    pair[0].sendall(frame + _encoded(Message(ops.STATS, {"next": True}, request_id=10)))
+    with pytest.raises(RejectedFrame, match=f"unknown op code {code}") as refused:
+        recv_message(pair[1])
+    assert (int(refused.value.message.op), refused.value.message.request_id) == (code, 9)
+    assert recv_message(pair[1]).meta == {"next": True}
 
 
 def test_descriptors_must_match_payload(pair):
@@ -137,7 +152,7 @@ def _encoded(message: Message) -> bytes:
 
 
 def test_frames_written_together_are_read_one_by_one(pair):
-    frames = [Message(Op.PUSH, {"n": i}, [("w", torch.full((3,), float(i)))]) for i in range(5)]
+    frames = [Message(ops.PUSH, {"n": i}, [("w", torch.full((3,), float(i)))]) for i in range(5)]
     pair[0].sendall(b"".join(_encoded(frame) for frame in frames))
     for i in range(5):
         got = recv_message(pair[1])
@@ -146,7 +161,7 @@ def test_frames_written_together_are_read_one_by_one(pair):
 
 
 def test_frame_arriving_byte_by_byte_is_read_whole(pair):
-    data = _encoded(Message(Op.PULL, {"k": "v"}, [("w", torch.arange(10.0))], request_id=3))
+    data = _encoded(Message(ops.PULL, {"k": "v"}, [("w", torch.arange(10.0))], request_id=3))
 
     def trickle() -> None:
         for i in range(len(data)):
@@ -162,15 +177,15 @@ def test_frame_arriving_byte_by_byte_is_read_whole(pair):
 
 def test_metadata_larger_than_the_buffer(pair):
     meta = {"blob": "x" * (2 * BUFFER_BYTES)}
-    sender = send_in_background(pair[0], Message(Op.HELLO, meta), Message(Op.STATS, {}))
+    sender = send_in_background(pair[0], Message(ops.HELLO, meta), Message(ops.STATS, {}))
     assert recv_message(pair[1]).meta == meta
-    assert recv_message(pair[1]).op == Op.STATS
+    assert recv_message(pair[1]).op == ops.STATS
     sender.join(5)
 
 
 def test_large_frame_round_trip_then_socket_timeout(short_timeout_pair):
     big = torch.randn(600_000)  # larger than a socketpair's buffer: sent in several calls
-    sender = send_in_background(short_timeout_pair[0], Message(Op.PULL, {}, [("w", big)]))
+    sender = send_in_background(short_timeout_pair[0], Message(ops.PULL, {}, [("w", big)]))
     got = recv_message(short_timeout_pair[1])
     sender.join(5)
     assert torch.equal(got.tensors[0][1], big)
@@ -179,7 +194,7 @@ def test_large_frame_round_trip_then_socket_timeout(short_timeout_pair):
 
 
 def test_deadline_ends_a_frame_that_keeps_trickling(short_timeout_pair):
-    data = _encoded(Message(Op.PULL, {}, [("w", torch.zeros(1000))]))
+    data = _encoded(Message(ops.PULL, {}, [("w", torch.zeros(1000))]))
     stop = threading.Event()
 
     def trickle() -> None:

@@ -8,7 +8,7 @@ import torch
 
 from distbelief.client import ParameterServerClient
 from distbelief.sharding import FlatLayout, tensor_specs
-from distbelief.wire import Op
+from distbelief.wire import Op, ops
 
 SPECS = tensor_specs([("w", torch.zeros(6)), ("b", torch.zeros(2))])
 
@@ -26,7 +26,7 @@ class ScriptedTransport:
         self.calls.append(
             (message.op, message.meta.get("clock", 0), threading.current_thread().name)
         )
-        if message.op == Op.PUSH:
+        if message.op == ops.PUSH:
             return message.reply({"version": len(self.calls), "staleness": 0})
         tensors = []
         for name, dtype, shape in [("float32[0:8]", torch.float32, (8,))]:

@@ -28,7 +28,7 @@ from distbelief.sharding import (
     partition,
     specs_to_json,
 )
-from distbelief.wire import Message, Op, connect
+from distbelief.wire import Message, connect, ops
 from distbelief.wire.security import WireSecurity
 
 _INIT_POLL_S = 0.05
@@ -319,7 +319,7 @@ class ParameterServerClient:
         meta = {"shard_id": shard_id, "specs": specs_to_json(self.specs), **self._identity(0)}
         deadline = time.monotonic() + self.timeout_s
         while True:
-            reply = self._request(shard_id, Message(Op.HELLO, meta))
+            reply = self._request(shard_id, Message(ops.HELLO, meta))
             if reply.meta.get("num_shards") != self.num_shards:
                 raise ModelMismatchError(
                     f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
@@ -331,7 +331,7 @@ class ParameterServerClient:
                 return False
             if initial is not None:
                 tensors = self._slice_tensors(shard_id, initial)
-                reply = self._request(shard_id, Message(Op.INIT, meta, tensors))
+                reply = self._request(shard_id, Message(ops.INIT, meta, tensors))
                 return bool(reply.meta.get("adopted"))
             if time.monotonic() > deadline:
                 raise ShardTimeoutError(
@@ -393,7 +393,7 @@ class ParameterServerClient:
             meta = {**self._identity(clock), "seq": seq, "session": self._session}
             if base_versions is not None:
                 meta["base_version"] = int(base_versions[i])
-            messages.append((Message(Op.PUSH, meta, self._slice_tensors(i, flat_grads)),))
+            messages.append((Message(ops.PUSH, meta, self._slice_tensors(i, flat_grads)),))
         return messages
 
     def _push_one(self, shard_id: int, message: Message) -> int:
@@ -458,14 +458,14 @@ class ParameterServerClient:
             meta["after_version"] = after_version
         meta["max_wait_s"] = self.timeout_s / 2  # answered well inside this request's timeout
         deadline = time.monotonic() + self.hold_timeout_s
-        reply = self._request(shard_id, Message(Op.PULL, meta), sink=sink)
+        reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
         while reply.meta.get("held"):
             if time.monotonic() > deadline:
                 raise ShardTimeoutError(
                     f"shard {shard_id} ({self.addresses[shard_id]}): pull held for "
                     f"{self.hold_timeout_s:g}s waiting for slower workers"
                 )
-            reply = self._request(shard_id, Message(Op.PULL, meta), sink=sink)
+            reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
         if [name for name, _ in reply.tensors] != list(targets):
             raise ModelMismatchError(f"shard {shard_id} sent {[n for n, _ in reply.tensors]}")
         self.versions[shard_id] = int(reply.meta["version"])
@@ -491,7 +491,7 @@ class ParameterServerClient:
     def stats(self) -> list[dict]:
         """Each shard's counters (version, pushes, pulls, bytes)."""
         futures = [
-            self._submit(i, lambda i: self._request(i, Message(Op.STATS)).meta)
+            self._submit(i, lambda i: self._request(i, Message(ops.STATS)).meta)
             for i in range(self.num_shards)
         ]
         return self.wait(futures)

@@ -13,7 +13,7 @@ from typing import Any
 
 from distbelief.errors import PSError
 from distbelief.metrics import make_record
-from distbelief.wire import Message, Op, connect
+from distbelief.wire import Message, connect, ops
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def poll_shard_stats(
             **connect_options,
         )
         try:
-            reply = transport.request(Message(Op.STATS), timeout_s=timeout_s)
+            reply = transport.request(Message(ops.STATS), timeout_s=timeout_s)
         finally:
             transport.close()
         stats.append({**reply.meta, "address": address, "time": time.time()})

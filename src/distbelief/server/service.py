@@ -16,7 +16,8 @@ from distbelief.errors import ProtocolError
 from distbelief.server.shard import ParameterShard
 from distbelief.sharding import specs_from_json
 from distbelief.wire.framing import Sink
-from distbelief.wire.message import Message, Op
+from distbelief.wire.message import Message
+from distbelief.wire.ops import HELLO, INIT, PULL, PUSH, STATS, OpRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,23 @@ def _push_sequence(meta: dict) -> tuple[str, int] | None:
 
 
 class ShardService:
-    """Serves one ParameterShard to many connections (a ``RequestHandler``)."""
+    """Serves one ParameterShard to many connections (a ``wire.Service``).
+
+    ``handlers`` holds the parameter-server ops; a capability adds its own ops' handlers there
+    (each gets the connection's ShardConnection) before the service is served.
+    """
 
     def __init__(self, shard: ParameterShard) -> None:
         self.shard = shard
         self.bytes_received = 0
         self.bytes_sent = 0
         self._stats_lock = threading.Lock()
+        self.handlers = OpRegistry()
+        self.handlers.register(HELLO, ShardConnection._hello)
+        self.handlers.register(INIT, ShardConnection._init)
+        self.handlers.register(PUSH, ShardConnection._push, sink_for=ShardConnection._push_sink_for)
+        self.handlers.register(PULL, ShardConnection._pull)
+        self.handlers.register(STATS, ShardConnection._stats)
 
     def open_connection(self, peer: str) -> ShardConnection:
         logger.debug("shard %d: connection from %s", self.shard.shard_id, peer)
@@ -87,9 +98,8 @@ class ShardConnection:
         if self.worker is not None:
             self.shard.depart(self.worker)
 
-    def sink_for(self, request: Message) -> Sink | None:
-        if request.op != Op.PUSH:
-            return None  # INIT allocates fresh tensors the shard keeps; others carry none
+    def _push_sink_for(self, request: Message) -> Sink:
+        # Only pushes reuse buffers: INIT allocates fresh tensors the shard keeps.
         if not self._push_buffers:
             self.shard.require_initialized()
             self._push_buffers = {
@@ -106,9 +116,6 @@ class ShardConnection:
         if buffer.dtype != dtype or tuple(buffer.shape) != shape:
             raise ProtocolError(f"tensor {name!r}: expected {buffer.dtype} {list(buffer.shape)}")
         return buffer
-
-    def handle(self, request: Message) -> Message:
-        return self._handlers[request.op](self, request)
 
     def _hello(self, request: Message) -> Message:
         expected_id = request.meta.get("shard_id")
@@ -209,11 +216,3 @@ class ShardConnection:
                 "bytes_sent": self.service.bytes_sent,
             }
         )
-
-    _handlers = {
-        Op.HELLO: _hello,
-        Op.INIT: _init,
-        Op.PUSH: _push,
-        Op.PULL: _pull,
-        Op.STATS: _stats,
-    }

@@ -1,19 +1,23 @@
-"""Bytes in, bytes out: frames, transports and backends. Knows nothing about optimizers."""
+"""Bytes in, bytes out: frames, ops, the request/reply layer and channels. Knows nothing about
+optimizers."""
 
-from distbelief.wire import tcp as _tcp  # noqa: F401  (registers the tcp:// backend)
 from distbelief.wire.dtypes import WIRE_DTYPES, dtype_from_name, dtype_name
-from distbelief.wire.message import Message, Op
-from distbelief.wire.transport import Server, Transport, connect, serve, split_scheme
+from distbelief.wire.message import Message
+from distbelief.wire.ops import Op, OpRegistry, define_op
+from distbelief.wire.rpc import RpcClient, connect
+from distbelief.wire.rpc_server import RpcServer, Service, serve
 
 __all__ = [
     "WIRE_DTYPES",
     "Message",
     "Op",
-    "Server",
-    "Transport",
+    "OpRegistry",
+    "RpcClient",
+    "RpcServer",
+    "Service",
     "connect",
+    "define_op",
     "dtype_from_name",
     "dtype_name",
     "serve",
-    "split_scheme",
 ]

@@ -7,24 +7,21 @@ bytes straight from the tensor's memory.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import orjson
 import torch
 
 from distbelief.errors import ProtocolError
 from distbelief.wire.dtypes import dtype_from_name, dtype_name
-from distbelief.wire.message import (
-    HEADER,
-    MAGIC,
-    MAX_META_BYTES,
-    PROTOCOL_VERSION,
-    Message,
-    Op,
-)
+from distbelief.wire.message import HEADER, MAGIC, MAX_META_BYTES, PROTOCOL_VERSION, Message
+from distbelief.wire.ops import Op, op_for_code
 from distbelief.wire.security import AUTH_MAGIC
+
+if TYPE_CHECKING:
+    from distbelief.wire.channels import Channel
 
 Sink = Callable[[str, torch.dtype, tuple[int, ...]], "torch.Tensor | None"]
 """Picks the buffer a received tensor is read into; None means allocate a new one."""
@@ -38,7 +35,6 @@ _NUMPY_DTYPES = frozenset(
     | {torch.int8, torch.uint8, torch.bool}
 )
 """Dtypes whose tensors convert to numpy arrays directly (bfloat16, for one, does not)."""
-_OPS = {int(op): op for op in Op}
 
 
 class RejectedFrame(ProtocolError):
@@ -65,16 +61,16 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def check_deadline(deadline: float | None) -> None:
-    # Each call is bounded by the socket's own timeout, set once per connection; the frame's
+    # Each call is bounded by the channel's own timeout, set once per connection; the frame's
     # deadline is checked between calls, so no timeout syscall is made per call.
     if deadline is not None and time.monotonic() > deadline:
         raise TimeoutError("deadline passed")
 
 
-def send_message(sock: socket.socket, message: Message, deadline: float | None = None) -> int:
-    """Write one frame; returns the bytes written. Raises OSError/TimeoutError from the socket.
+def send_message(channel: Channel, message: Message, deadline: float | None = None) -> int:
+    """Write one frame; returns the bytes written. Raises OSError/TimeoutError from the channel.
 
-    Every call on ``sock`` must already be bounded (``settimeout``).
+    Every call on ``channel`` must already be bounded (``settimeout``).
     """
     descriptors, buffers = [], []
     for name, tensor in message.tensors:
@@ -98,32 +94,39 @@ def send_message(sock: socket.socket, message: Message, deadline: float | None =
     check_deadline(deadline)
     if payload_bytes <= _SMALL_FRAME_BYTES:
         # One write for small frames: with TCP_NODELAY every write is its own segment.
-        sock.sendall(b"".join([header, meta_bytes, *buffers]))
+        channel.sendall(b"".join([header, meta_bytes, *buffers]))
     else:
-        sock.sendall(header + meta_bytes)
+        channel.sendall(header + meta_bytes)
         for buf in buffers:
             check_deadline(deadline)
-            sock.sendall(buf)
+            channel.sendall(buf)
     return HEADER.size + len(meta_bytes) + payload_bytes
 
 
-def parse_header(raw: bytes | bytearray, max_payload_bytes: int) -> tuple[Op, int, int, int, int]:
-    """Validate a header; returns (op, flags, request_id, meta_bytes, payload_bytes)."""
-    magic, version, op, flags, request_id, meta_len, payload_len = HEADER.unpack(raw)
+def parse_header(
+    raw: bytes | bytearray, max_payload_bytes: int
+) -> tuple[Op | int, int, int, int, int]:
+    """Validate a header; returns (op, flags, request_id, meta_bytes, payload_bytes).
+
+    ``op`` is the defined op, or the bare code when no op is defined with it here: such a frame
+    is still well framed, so the reader skips and refuses it and the stream stays usable.
+
+    Raises:
+        ProtocolError: not a frame of this protocol, or too large (the stream is unusable).
+    """
+    magic, version, code, flags, request_id, meta_len, payload_len = HEADER.unpack(raw)
     if magic == AUTH_MAGIC:
         raise ProtocolError("the shard requires authentication: give the job's key")
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}: not a distbelief peer")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} (this side speaks {PROTOCOL_VERSION})")
-    if op not in _OPS:
-        raise ProtocolError(f"unknown op {op}")
-    op = _OPS[op]
     if meta_len > MAX_META_BYTES:
         raise ProtocolError(f"metadata of {meta_len} bytes exceeds {MAX_META_BYTES}")
     if payload_len > max_payload_bytes:
         raise ProtocolError(f"payload of {payload_len} bytes exceeds {max_payload_bytes}")
-    return op, flags, request_id, meta_len, payload_len
+    op = op_for_code(code)
+    return code if op is None else op, flags, request_id, meta_len, payload_len
 
 
 def parse_descriptors(meta: dict, payload_len: int) -> list[tuple[str, torch.dtype, tuple]]:

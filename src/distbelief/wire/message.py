@@ -10,12 +10,13 @@ Frame layout (network byte order)::
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from distbelief.wire.ops import Op
 
 MAGIC = b"DBLF"
 PROTOCOL_VERSION = 1
@@ -29,16 +30,6 @@ DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024**3
 
 FLAG_REPLY = 0x1
 FLAG_ERROR = 0x2
-
-
-class Op(enum.IntEnum):
-    """What a request asks of a shard."""
-
-    HELLO = 1
-    INIT = 2
-    PUSH = 3
-    PULL = 4
-    STATS = 5
 
 
 @dataclass(slots=True)

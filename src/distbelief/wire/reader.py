@@ -9,7 +9,7 @@ peer that pipelines requests) stay buffered for the next read.
 
 from __future__ import annotations
 
-import socket
+from typing import TYPE_CHECKING
 
 import orjson
 import torch
@@ -24,6 +24,10 @@ from distbelief.wire.framing import (
     tensor_bytes,
 )
 from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES, HEADER, Message
+from distbelief.wire.ops import Op
+
+if TYPE_CHECKING:
+    from distbelief.wire.channels import Channel
 
 BUFFER_BYTES = 4096
 """Room for a header and typical metadata. Larger measured slower for 4 MB pulls: whatever the
@@ -32,13 +36,13 @@ _SKIP_CHUNK_BYTES = 1024 * 1024
 
 
 class FrameReader:
-    """Reads frames from one connected socket (not thread-safe: one reader per connection).
+    """Reads frames from one connected channel (not thread-safe: one reader per connection).
 
-    Every call on the socket must already be bounded (``settimeout``).
+    Every call on the channel must already be bounded (``settimeout``).
     """
 
-    def __init__(self, sock: socket.socket, buffer_bytes: int = BUFFER_BYTES) -> None:
-        self.sock = sock
+    def __init__(self, channel: Channel, buffer_bytes: int = BUFFER_BYTES) -> None:
+        self.channel = channel
         self._buffer = bytearray(buffer_bytes)
         self._view = memoryview(self._buffer)
         self._start = 0
@@ -55,7 +59,7 @@ class FrameReader:
             self._start = self._end = 0
         elif self._end == len(self._buffer):
             self._compact()
-        count = self.sock.recv_into(self._view[self._end :])
+        count = self.channel.recv_into(self._view[self._end :])
         self._end += count
         return count
 
@@ -68,7 +72,7 @@ class FrameReader:
         """Block until a frame has started to arrive; False if the peer closed in between.
 
         Raises:
-            TimeoutError: nothing arrived within the socket's timeout (an idle peer).
+            TimeoutError: nothing arrived within the channel's timeout (an idle peer).
         """
         return self.buffered > 0 or self._receive_some() > 0
 
@@ -95,7 +99,7 @@ class FrameReader:
             self._start += copied
         received, total = copied, view.nbytes
         while received < total:
-            count = self.sock.recv_into(view[received:], total - received)
+            count = self.channel.recv_into(view[received:], total - received)
             if count == 0:
                 raise ConnectionResetError("peer closed the connection mid-frame")
             received += count
@@ -140,13 +144,18 @@ def recv_message(
 
     Raises:
         ProtocolError: the header is invalid (the stream is unusable afterwards).
-        RejectedFrame: the frame was read in full but its metadata or tensors were refused.
+        RejectedFrame: the frame was read in full but its op, metadata or tensors were refused.
         ConnectionResetError: the peer closed the connection mid-frame.
-        TimeoutError: ``deadline`` passed, or the socket's timeout.
+        TimeoutError: ``deadline`` passed, or the channel's timeout.
     """
     op, flags, request_id, meta_len, payload_len = parse_header(
         reader.read_bytes(HEADER.size, deadline), max_payload_bytes
     )
+    if not isinstance(op, Op):
+        # A peer that defines more ops than this process (a capability not loaded here).
+        reader.skip(meta_len + payload_len, deadline)
+        refused = Message(Op(f"op code {op}", op), {}, [], request_id, flags)
+        raise RejectedFrame(refused, ProtocolError(f"unknown op code {op}"))
     message = Message(op, {}, [], request_id, flags)
     try:
         meta = orjson.loads(reader.read_bytes(meta_len, deadline) or b"{}")

@@ -10,15 +10,18 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import socket
 import ssl
 import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distbelief.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from distbelief.wire.channels import Channel
 
 AUTH_MAGIC = b"DBLA"
 NONCE_BYTES = 32
@@ -96,22 +99,24 @@ def read_key_file(path: str | Path) -> bytes:
     return key
 
 
-def _recv_exact(sock: socket.socket, num_bytes: int, deadline: float) -> bytes:
-    data = b""
-    while len(data) < num_bytes:
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
-        chunk = sock.recv(num_bytes - len(data))
-        if not chunk:
+def _recv_exact(channel: Channel, num_bytes: int, deadline: float) -> bytes:
+    data = bytearray(num_bytes)
+    view = memoryview(data)
+    received = 0
+    while received < num_bytes:
+        channel.settimeout(max(0.001, deadline - time.monotonic()))
+        count = channel.recv_into(view[received:], num_bytes - received)
+        if count == 0:
             raise ConnectionResetError("peer closed the connection during authentication")
-        data += chunk
-    return data
+        received += count
+    return bytes(data)
 
 
 def _mac(key: bytes, role: bytes, nonce: bytes) -> bytes:
     return hmac.new(key, role + nonce, _DIGEST).digest()
 
 
-def accept_peer(sock: socket.socket, key: bytes, timeout_s: float) -> None:
+def accept_peer(channel: Channel, key: bytes, timeout_s: float) -> None:
     """Server side: challenge the peer, check its answer, prove we hold the key too.
 
     Raises:
@@ -120,28 +125,29 @@ def accept_peer(sock: socket.socket, key: bytes, timeout_s: float) -> None:
     """
     deadline = time.monotonic() + timeout_s
     challenge = secrets.token_bytes(NONCE_BYTES)
-    sock.settimeout(timeout_s)
-    sock.sendall(AUTH_MAGIC + challenge)
-    answer = _recv_exact(sock, _DIGEST_BYTES + NONCE_BYTES, deadline)
+    channel.settimeout(timeout_s)
+    channel.sendall(AUTH_MAGIC + challenge)
+    answer = _recv_exact(channel, _DIGEST_BYTES + NONCE_BYTES, deadline)
     if not hmac.compare_digest(answer[:_DIGEST_BYTES], _mac(key, b"client", challenge)):
         raise ProtocolError("peer failed authentication (wrong or missing job key)")
-    sock.sendall(_mac(key, b"server", answer[_DIGEST_BYTES:]))
+    channel.sendall(_mac(key, b"server", answer[_DIGEST_BYTES:]))
 
 
-def authenticate_to_server(sock: socket.socket, key: bytes, timeout_s: float) -> None:
+def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> None:
     """Client side: answer the shard's challenge and check the shard's own proof.
 
     Raises:
         ProtocolError: the server is not a distbelief shard of this job.
+        OSError / TimeoutError: the connection failed or the server was too slow.
     """
     deadline = time.monotonic() + timeout_s
-    hello = _recv_exact(sock, len(AUTH_MAGIC) + NONCE_BYTES, deadline)
+    hello = _recv_exact(channel, len(AUTH_MAGIC) + NONCE_BYTES, deadline)
     if hello[: len(AUTH_MAGIC)] != AUTH_MAGIC:
         raise ProtocolError("server does not ask for authentication: not a secured shard")
     nonce = secrets.token_bytes(NONCE_BYTES)
-    sock.sendall(_mac(key, b"client", hello[len(AUTH_MAGIC) :]) + nonce)
+    channel.sendall(_mac(key, b"client", hello[len(AUTH_MAGIC) :]) + nonce)
     try:
-        proof = _recv_exact(sock, _DIGEST_BYTES, deadline)
+        proof = _recv_exact(channel, _DIGEST_BYTES, deadline)
     except ConnectionResetError as e:
         raise ProtocolError("the shard refused this job key") from e
     if not hmac.compare_digest(proof, _mac(key, b"server", nonce)):

@@ -1,0 +1,177 @@
+"""Channels: connected, bounded byte streams, found by the scheme of an address.
+
+A channel only moves bytes: request ids, deadlines and error kinds live above it (rpc.py). Each
+module in this package is one kind of channel and registers its scheme when imported; every
+module here is imported with the package, so a new kind (same-host shared memory) is one file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+
+class Channel(Protocol):
+    """One connected byte stream (what frames are read from and written to).
+
+    Every blocking call is bounded by the timeout last set with ``settimeout`` and raises
+    ``TimeoutError`` past it; a failed or reset connection raises ``OSError``.
+    """
+
+    def sendall(self, data: bytes | bytearray | memoryview, /) -> None:
+        """Write all of ``data``."""
+
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
+        """Receive at most ``nbytes`` (0: the buffer's size); 0 means the peer closed."""
+
+    def settimeout(self, timeout_s: float, /) -> None:
+        """Bound every later blocking call by ``timeout_s``."""
+
+    def shutdown(self) -> None:
+        """Wake any thread blocked on this channel (it sees end of stream or an error); safe from
+        another thread, unlike ``close``, which only the thread using the channel may call."""
+
+    def close(self) -> None:
+        """Shut the stream down and release it."""
+
+
+class Incoming(Protocol):
+    """A connection a listener accepted, not yet opened: its handshake runs on the thread that
+    will serve it, so a slow or hostile peer never holds up the accepting thread."""
+
+    peer: str
+    """Who connected, for logs."""
+
+    def open(self, timeout_s: float) -> Channel:
+        """Finish the channel's own handshake (TLS, job key) within ``timeout_s``.
+
+        Raises:
+            ProtocolError: the peer failed authentication.
+            OSError / TimeoutError: the connection failed or the peer was too slow.
+        """
+
+    def shutdown(self) -> None:
+        """Wake a thread blocked in :meth:`open` (safe from another thread)."""
+
+    def close(self) -> None:
+        """Drop the connection."""
+
+
+class Listener(Protocol):
+    """A bound endpoint that accepts connections."""
+
+    @property
+    def address(self) -> str:
+        """The address clients dial (with the real port when bound to port 0)."""
+
+    def accept(self, timeout_s: float) -> Incoming:
+        """The next connection.
+
+        Raises:
+            TimeoutError: none arrived within ``timeout_s``.
+            OSError: the listener is closed.
+        """
+
+    def close(self) -> None:
+        """Stop accepting; a thread blocked in :meth:`accept` gets an OSError."""
+
+
+Dialer = Callable[[float], Channel]
+"""Opens a new channel to one address within the given seconds; raises ProtocolError (the peer
+failed authentication), TimeoutError or OSError."""
+
+
+class ChannelKind(NamedTuple):
+    """How to reach and offer one scheme's addresses."""
+
+    dialer: Callable[..., Dialer]
+    """``dialer(address, **options)``: checks the address and options, returns a Dialer."""
+    listen: Callable[..., Listener]
+    """``listen(address, **options)``: binds and returns a Listener."""
+    local_address: str
+    """An address on this host at which ``listen`` binds a free endpoint."""
+
+
+_kinds: dict[str, ChannelKind] = {}
+
+
+def register_channel(
+    scheme: str,
+    dialer: Callable[..., Dialer],
+    listen: Callable[..., Listener],
+    *,
+    local_address: str,
+) -> None:
+    """Make ``scheme://...`` addresses use this kind of channel.
+
+    Raises:
+        ValueError: ``scheme`` is already registered.
+    """
+    if scheme in _kinds:
+        raise ValueError(f"channel scheme {scheme!r} is already registered")
+    _kinds[scheme] = ChannelKind(dialer, listen, local_address)
+
+
+def split_scheme(address: str) -> tuple[str, str]:
+    """``"tcp://h:p"`` -> ``("tcp", "h:p")``; an address without a scheme is TCP."""
+    scheme, sep, rest = address.partition("://")
+    return (scheme, rest) if sep else ("tcp", address)
+
+
+def _kind(address: str) -> ChannelKind:
+    scheme, _ = split_scheme(address)
+    if scheme not in _kinds:
+        known = ", ".join(sorted(_kinds))
+        raise ValueError(f"address {address!r}: unknown scheme {scheme!r} (known: {known})")
+    return _kinds[scheme]
+
+
+def channel_schemes() -> list[str]:
+    """The registered schemes, sorted."""
+    return sorted(_kinds)
+
+
+def local_address(scheme: str) -> str:
+    """An address of ``scheme`` on this host that :func:`listen` binds to a free endpoint.
+
+    Raises:
+        ValueError: ``scheme`` is not registered.
+    """
+    return _kind(f"{scheme}://").local_address
+
+
+def dialer(address: str, **options) -> Dialer:
+    """A dialer for ``address`` (checked now; each call opens a new channel).
+
+    Raises:
+        ValueError: the address is malformed or its scheme unknown (naming the address).
+    """
+    return _kind(address).dialer(address, **options)
+
+
+def dial(address: str, *, timeout_s: float, **options) -> Channel:
+    """A new channel to ``address``, opened within ``timeout_s``.
+
+    Raises:
+        ValueError: the address is malformed or its scheme unknown.
+        ProtocolError: the peer failed authentication.
+        TimeoutError / OSError: the peer could not be reached in time.
+    """
+    return dialer(address, **options)(timeout_s)
+
+
+def listen(address: str, **options) -> Listener:
+    """Bind ``address`` and accept connections there.
+
+    Raises:
+        ValueError: the address is malformed or its scheme unknown.
+        ShardUnavailableError: the address cannot be bound.
+    """
+    return _kind(address).listen(address, **options)
+
+
+# Last, once the registry above exists: each channel module registers itself on import.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

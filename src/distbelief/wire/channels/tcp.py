@@ -1,0 +1,191 @@
+"""The TCP channel: sockets only. Parses ``tcp://HOST:PORT``, sets TCP_NODELAY, wraps TLS and runs
+the job-key handshake on connect and on accept. Knows nothing of frames or requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+
+from distbelief.errors import ProtocolError, ShardUnavailableError
+from distbelief.wire.channels import register_channel
+from distbelief.wire.security import WireSecurity, accept_peer, authenticate_to_server
+
+_BACKLOG = 128
+
+
+def parse_tcp_address(address: str) -> tuple[str, int]:
+    """``"tcp://host:port"`` or ``"host:port"`` -> ``(host, port)``; ValueError if malformed."""
+    rest = address.removeprefix("tcp://")
+    host, sep, port_text = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"address {address!r} is not of the form tcp://HOST:PORT")
+    return host, int(port_text)
+
+
+def _tune(sock: socket.socket) -> None:
+    # Only TCP_NODELAY: fixing SO_SNDBUF/SO_RCVBUF would switch off the kernel's buffer
+    # autotuning, which measured 6-20% faster for 25M-element tensors.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    # Wakes a thread blocked in recv on this socket; close alone does not, and closing from
+    # another thread could let a new connection reuse the descriptor under that thread.
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _close(sock: socket.socket) -> None:
+    _shutdown(sock)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class TcpChannel:
+    """A connected (perhaps TLS) socket as a Channel.
+
+    The socket's own methods are bound once here, so sending and receiving through the channel
+    cost no Python call more than through the socket.
+    """
+
+    __slots__ = ("recv_into", "sendall", "settimeout", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sendall = sock.sendall
+        self.recv_into = sock.recv_into
+        self.settimeout = sock.settimeout
+
+    def shutdown(self) -> None:
+        _shutdown(self.sock)
+
+    def close(self) -> None:
+        _close(self.sock)
+
+
+class TcpDialer:
+    """Opens TCP channels to one address: TLS if the security settings ask for it, then the
+    job-key handshake.
+
+    Args:
+        address: ``tcp://HOST:PORT``.
+        security: Job key and TLS settings (default: neither).
+    """
+
+    def __init__(self, address: str, *, security: WireSecurity | None = None) -> None:
+        self._endpoint = parse_tcp_address(address)
+        self._security = security or WireSecurity()
+        self._tls = self._security.client_tls()
+
+    def __call__(self, timeout_s: float) -> TcpChannel:
+        """A new channel, connected and authenticated within about ``timeout_s``.
+
+        Raises:
+            ProtocolError: the server is not a shard of this job.
+            TimeoutError / OSError: the server could not be reached in time.
+        """
+        sock = socket.create_connection(self._endpoint, timeout=timeout_s)
+        try:
+            _tune(sock)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._endpoint[0])
+            if self._security.auth_key is not None:
+                authenticate_to_server(sock, self._security.auth_key, timeout_s)
+        except BaseException:
+            sock.close()
+            raise
+        return TcpChannel(sock)
+
+
+class TcpIncoming:
+    """An accepted TCP connection whose TLS and job-key handshakes are still to run."""
+
+    def __init__(
+        self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None, auth_key: bytes | None
+    ) -> None:
+        self.peer = peer
+        self._sock = sock
+        self._tls = tls
+        self._auth_key = auth_key
+
+    def open(self, timeout_s: float) -> TcpChannel:
+        """TLS and authentication, before a single frame is read from the peer.
+
+        Raises:
+            ProtocolError: the peer does not hold the job key.
+            OSError / TimeoutError: the connection or TLS failed, or the peer was too slow.
+        """
+        try:
+            if self._tls is not None:
+                self._sock.settimeout(timeout_s)
+                self._sock = self._tls.wrap_socket(self._sock, server_side=True)
+            if self._auth_key is not None:
+                try:
+                    accept_peer(self._sock, self._auth_key, timeout_s)
+                except (ProtocolError, OSError) as e:
+                    raise ProtocolError(f"refused unauthenticated peer {self.peer}: {e}") from e
+        except BaseException:
+            _close(self._sock)
+            raise
+        return TcpChannel(self._sock)
+
+    def shutdown(self) -> None:
+        _shutdown(self._sock)
+
+    def close(self) -> None:
+        _close(self._sock)
+
+
+class TcpListener:
+    """A bound, listening TCP socket.
+
+    Args:
+        address: ``tcp://HOST:PORT`` to bind (port 0 picks a free one).
+        security: Job key and TLS settings every accepted connection must meet.
+    """
+
+    def __init__(self, address: str, *, security: WireSecurity | None = None) -> None:
+        host, port = parse_tcp_address(address)
+        security = security or WireSecurity()
+        self._tls = security.server_tls()
+        self._auth_key = security.auth_key
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:
+            self._sock.close()
+            raise ShardUnavailableError(f"cannot bind {address}: {e}") from e
+        self._sock.listen(_BACKLOG)
+        self._accept_timeout_s: float | None = None
+        bound_host, bound_port = self._sock.getsockname()[:2]
+        self._address = f"tcp://{bound_host}:{bound_port}"
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def accept(self, timeout_s: float) -> TcpIncoming:
+        """The next connection (its handshakes not run yet).
+
+        Raises:
+            TimeoutError: none arrived within ``timeout_s``.
+            OSError: the listener is closed.
+        """
+        if self._accept_timeout_s != timeout_s:
+            self._sock.settimeout(timeout_s)
+            self._accept_timeout_s = timeout_s
+        sock, peer = self._sock.accept()
+        _tune(sock)
+        return TcpIncoming(sock, f"{peer[0]}:{peer[1]}", self._tls, self._auth_key)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+register_channel("tcp", TcpDialer, TcpListener, local_address="tcp://127.0.0.1:0")

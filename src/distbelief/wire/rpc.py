@@ -1,0 +1,130 @@
+"""The client side of the request/reply layer, over any channel: request ids, a deadline per
+request, reconnecting on the next request after a failure, and typed errors.
+
+The server side is rpc_server.py; channels (channels/) only move bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+
+from distbelief.errors import ProtocolError, ShardTimeoutError, ShardUnavailableError
+from distbelief.wire import channels
+from distbelief.wire.channels import Channel
+from distbelief.wire.error_kinds import error_for_kind
+from distbelief.wire.framing import RejectedFrame, Sink, send_message
+from distbelief.wire.message import Message
+from distbelief.wire.reader import FrameReader, recv_message
+
+
+def _op_name(message: Message) -> str:
+    return message.op.name.lower()
+
+
+class RpcClient:
+    """A client's connection to one server: one request at a time, each with a timeout.
+
+    Connects on the first request, and again on the next request after any failure.
+
+    Args:
+        address: Where the server listens (``tcp://HOST:PORT``).
+        name: How errors name the server (e.g. ``"shard 1 (tcp://...)"``).
+        connect_timeout_s: Limit for opening the channel.
+        **channel_options: Passed to the channel's dialer (``security`` for TCP).
+
+    Raises:
+        ValueError: ``address`` is malformed or its scheme unknown.
+    """
+
+    def __init__(
+        self, address: str, *, name: str, connect_timeout_s: float = 5.0, **channel_options
+    ) -> None:
+        self.address = address
+        self.name = name
+        self._dialer = channels.dialer(address, **channel_options)
+        self._connect_timeout_s = connect_timeout_s
+        self._channel: Channel | None = None
+        self._reader: FrameReader | None = None
+        self._call_timeout_s = 0.0
+        """The per-call bound currently set on ``_channel`` (a syscall to change)."""
+        self._request_ids = itertools.count(1)
+
+    def _open(self, deadline: float, timeout_s: float) -> tuple[Channel, FrameReader]:
+        if self._channel is None:
+            connect_s = max(0.001, min(self._connect_timeout_s, deadline - time.monotonic()))
+            channel = self._dialer(connect_s)
+            try:
+                channel.settimeout(timeout_s)
+            except BaseException:
+                channel.close()
+                raise
+            self._channel, self._reader = channel, FrameReader(channel)
+            self._call_timeout_s = timeout_s
+        elif self._call_timeout_s != timeout_s:
+            self._channel.settimeout(timeout_s)
+            self._call_timeout_s = timeout_s
+        assert self._reader is not None
+        return self._channel, self._reader
+
+    def request(self, message: Message, *, timeout_s: float, sink: Sink | None = None) -> Message:
+        """Send ``message`` and return the reply; tensors of the reply are read via ``sink``.
+
+        Raises:
+            ShardTimeoutError: no complete reply within ``timeout_s``.
+            ShardUnavailableError: the server cannot be reached or dropped the connection.
+            ProtocolError: the reply is not a valid frame, or the server failed authentication.
+            RemoteError: the server answered with an error (a subclass per error kind).
+        """
+        deadline = time.monotonic() + timeout_s
+        message.request_id = next(self._request_ids)
+        try:
+            channel, reader = self._open(deadline, timeout_s)
+            send_message(channel, message, deadline)
+            reply = recv_message(reader, sink_for=lambda _reply: sink, deadline=deadline)
+        except TimeoutError as e:
+            self.close()
+            raise ShardTimeoutError(
+                f"{self.name}: {_op_name(message)} timed out after {timeout_s:g}s"
+            ) from e
+        except RejectedFrame as e:
+            raise ProtocolError(f"{self.name}: {_op_name(message)} reply refused: {e}") from e
+        except ProtocolError as e:
+            self.close()
+            raise ProtocolError(f"{self.name}: {_op_name(message)}: {e}") from e
+        except OSError as e:
+            self.close()
+            raise ShardUnavailableError(f"{self.name}: {_op_name(message)} failed: {e}") from e
+        if reply.request_id != message.request_id:
+            self.close()
+            raise ProtocolError(
+                f"{self.name}: {_op_name(message)}: reply to request {reply.request_id}"
+            )
+        if reply.is_error:
+            kind = reply.meta.get("error", "remote")
+            raise error_for_kind(kind)(
+                f"{self.name}: {_op_name(message)} refused: {reply.meta.get('message', kind)}"
+            )
+        return reply
+
+    def close(self) -> None:
+        """Drop the connection; a later request reconnects."""
+        channel, self._channel, self._reader = self._channel, None, None
+        if channel is not None:
+            with contextlib.suppress(OSError):
+                channel.close()
+
+
+def connect(address: str, *, name: str | None = None, **options) -> RpcClient:
+    """A client of the server at ``address`` (connects lazily, on the first request).
+
+    Args:
+        address: The server's address; its scheme picks the channel.
+        name: How errors name the server (default: the address).
+        **options: ``connect_timeout_s`` and the channel's own options (``security``).
+
+    Raises:
+        ValueError: ``address`` is malformed or its scheme unknown.
+    """
+    return RpcClient(address, name=name or address, **options)

@@ -1,0 +1,44 @@
+"""The channel registry by address scheme (nothing is dialled or bound here)."""
+
+import pytest
+
+from distbelief.wire import channels, connect, serve
+from distbelief.wire.channels.tcp import TcpDialer, TcpListener, parse_tcp_address
+
+
+def test_tcp_is_registered():
+    assert "tcp" in channels.channel_schemes()
+    assert channels.local_address("tcp") == "tcp://127.0.0.1:0"
+    assert isinstance(channels.dialer("tcp://127.0.0.1:9"), TcpDialer)
+
+
+def test_a_scheme_registers_once():
+    with pytest.raises(ValueError, match="channel scheme 'tcp' is already registered"):
+        channels.register_channel("tcp", TcpDialer, TcpListener, local_address="tcp://127.0.0.1:0")
+
+
+@pytest.mark.parametrize("entry", [channels.dialer, channels.listen, connect])
+def test_unknown_scheme_names_the_address(entry):
+    with pytest.raises(ValueError, match=r"address 'shm://x': unknown scheme 'shm' \(known: tcp"):
+        entry("shm://x")
+
+
+def test_unknown_scheme_in_serve_names_the_address():
+    with pytest.raises(ValueError, match="address 'udp://h:1': unknown scheme 'udp'"):
+        serve("udp://h:1", None)
+    with pytest.raises(ValueError, match="unknown scheme 'udp'"):
+        channels.local_address("udp")
+
+
+@pytest.mark.parametrize(
+    ("address", "endpoint"),
+    [("tcp://10.0.0.1:7000", ("10.0.0.1", 7000)), ("h:1", ("h", 1)), ("tcp://[::1]:5", ("::1", 5))],
+)
+def test_tcp_addresses(address, endpoint):
+    assert parse_tcp_address(address) == endpoint
+
+
+@pytest.mark.parametrize("address", ["tcp://nohost", "tcp://:1", "tcp://h:99999", "tcp://h:x"])
+def test_malformed_tcp_address_is_named(address):
+    with pytest.raises(ValueError, match=f"address '{address}' is not of the form"):
+        channels.dialer(address)

@@ -12,7 +12,7 @@ from distbelief.errors import CheckpointError
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.server import checkpoint as checkpoint_module
 from distbelief.server.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
-from distbelief.sharding import FlatLayout, TensorSpec, partition
+from distbelief.sharding import FlatLayout, FlatPartitioner, TensorSpec
 
 SPECS = [TensorSpec("w", (9, 5), torch.float32), TensorSpec("b", (5,), torch.float32)]
 
@@ -21,7 +21,7 @@ def _shard(name: str, shard_id: int = 1, num_shards: int = 2) -> ParameterShard:
     torch.manual_seed(0)
     flats = FlatLayout(SPECS).flatten([torch.randn(spec.shape) for spec in SPECS])
     shard = ParameterShard(shard_id, num_shards, server_optimizer_factory(name, lr=0.05))
-    pieces = partition(SPECS, num_shards)[shard_id]
+    pieces = FlatPartitioner().partition(SPECS, num_shards)[shard_id]
     shard.initialize(SPECS, [flats[p.dtype][p.start : p.stop] for p in pieces])
     return shard
 

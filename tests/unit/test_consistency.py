@@ -6,7 +6,7 @@ import torch
 from distbelief.server import ConsistencyConfig, ParameterShard, server_optimizer_factory
 from distbelief.server.consistency import WorkerClocks
 from distbelief.server.staleness import adjust_gradient
-from distbelief.sharding import FlatLayout, TensorSpec, partition
+from distbelief.sharding import FlatLayout, FlatPartitioner, TensorSpec
 
 SPECS = [TensorSpec("w", (13, 7), torch.float32), TensorSpec("b", (7,), torch.float32)]
 TORCH_OPTIMIZERS = {
@@ -20,7 +20,7 @@ TORCH_OPTIMIZERS = {
 def _make_shards(num_shards, values, factory, consistency=None):
     flats = FlatLayout(SPECS).flatten(values)
     shards = []
-    for shard_id, pieces in enumerate(partition(SPECS, num_shards)):
+    for shard_id, pieces in enumerate(FlatPartitioner().partition(SPECS, num_shards)):
         shard = ParameterShard(shard_id, num_shards, factory, consistency)
         shard.initialize(SPECS, [flats[p.dtype][p.start : p.stop] for p in pieces])
         shards.append(shard)

@@ -16,6 +16,7 @@ import threading
 import time
 
 from distbelief.errors import (
+    LayoutMismatchError,
     ModelMismatchError,
     ProtocolError,
     PSError,
@@ -31,7 +32,10 @@ from distbelief.wire.transport import RequestHandler, Server, Transport, registe
 
 logger = logging.getLogger(__name__)
 
-_ERRORS_BY_KIND: dict[str, type[RemoteError]] = {"model_mismatch": ModelMismatchError}
+_ERRORS_BY_KIND: dict[str, type[RemoteError]] = {
+    "model_mismatch": ModelMismatchError,
+    "layout_mismatch": LayoutMismatchError,
+}
 _IDLE_POLL_S = 0.2
 _HANDSHAKE_TIMEOUT_S = 5.0
 
@@ -152,6 +156,8 @@ class TcpTransport(Transport):
 
 
 def _error_kind(error: Exception) -> str:
+    if isinstance(error, LayoutMismatchError):
+        return "layout_mismatch"
     if isinstance(error, ModelMismatchError):
         return "model_mismatch"
     return "bad_request" if isinstance(error, (ValueError, PSError)) else "internal"

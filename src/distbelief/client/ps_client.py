@@ -324,10 +324,14 @@ class ParameterServerClient:
             ConsistencyMismatchError: the shards run different consistency settings.
             ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
         """
-        futures = [self._submit(i, self._handshake_one, initial) for i in range(self.num_shards)]
-        results = self.wait(futures)
-        self.consistency = self._agreed_consistency([described for _, described in results])
-        return any(adopted for adopted, _ in results)
+        # Every shard's settings are compared before any is initialised, so a mismatched
+        # cluster is refused untouched.
+        replies = self.wait([self._submit(i, self._hello) for i in range(self.num_shards)])
+        self.consistency = self._agreed_consistency(
+            [dict(reply.get("consistency", self.consistency)) for reply in replies]
+        )
+        futures = [self._submit(i, self._join, replies[i], initial) for i in range(self.num_shards)]
+        return any(self.wait(futures))
 
     def _agreed_consistency(self, described: list[dict]) -> dict:
         """The consistency settings every shard described, which must all be equal."""
@@ -346,37 +350,47 @@ class ParameterServerClient:
     def _identity(self, clock: int) -> dict:
         return {} if self.worker_id is None else {"worker": self.worker_id, "clock": clock}
 
-    def _handshake_one(self, shard_id: int, initial) -> tuple[bool, dict]:
-        """HELLO (and INIT if needed) with one shard: (whether it adopted ``initial``, its
-        consistency settings)."""
-        meta = {
+    def _hello_meta(self, shard_id: int) -> dict:
+        return {
             "shard_id": shard_id,
             "specs": specs_to_json(self.specs),
             "partitioner": self.partitioner.to_json(),
             **self._identity(0),
         }
+
+    def _hello(self, shard_id: int) -> dict:
+        """One HELLO: the shard's description (the shard refuses another model or layout).
+
+        Raises:
+            ModelMismatchError: the shard is one of another number of shards.
+        """
+        reply = self._request(shard_id, Message(Op.HELLO, self._hello_meta(shard_id)))
+        if reply.meta.get("num_shards") != self.num_shards:
+            raise ModelMismatchError(
+                f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
+                f"{reply.meta.get('num_shards')} shards, but {self.num_shards} were given"
+            )
+        return reply.meta
+
+    def _join(self, shard_id: int, described: dict, initial) -> bool:
+        """Initialise one shard from ``initial`` if it is empty (or, with ``initial`` None,
+        wait until a worker has); True if it adopted ``initial``."""
         deadline = time.monotonic() + self.timeout_s
-        while True:
-            reply = self._request(shard_id, Message(Op.HELLO, meta))
-            if reply.meta.get("num_shards") != self.num_shards:
-                raise ModelMismatchError(
-                    f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
-                    f"{reply.meta.get('num_shards')} shards, but {self.num_shards} were given"
-                )
-            consistency = dict(reply.meta.get("consistency", self.consistency))
-            if reply.meta.get("initialized"):
-                self.versions[shard_id] = int(reply.meta.get("version", 0))
-                return False, consistency
+        while not described.get("initialized"):
             if initial is not None:
                 tensors = self._slice_tensors(shard_id, initial)
+                meta = self._hello_meta(shard_id)
                 reply = self._request(shard_id, Message(Op.INIT, meta, tensors))
-                return bool(reply.meta.get("adopted")), consistency
+                return bool(reply.meta.get("adopted"))
             if time.monotonic() > deadline:
                 raise ShardTimeoutError(
                     f"shard {shard_id} ({self.addresses[shard_id]}): no worker initialised it "
                     f"within {self.timeout_s:g}s"
                 )
             time.sleep(_INIT_POLL_S)
+            described = self._hello(shard_id)
+        self.versions[shard_id] = int(described.get("version", 0))
+        return False
 
     def _slice_tensors(self, shard_id: int, flats: dict[torch.dtype, torch.Tensor]) -> list:
         """(name, view) of each of shard ``shard_id``'s pieces of ``flats``.

@@ -35,6 +35,16 @@ class ModelMismatchError(RemoteError):
     """The worker's model does not match the parameters the shards hold."""
 
 
+class LayoutMismatchError(ModelMismatchError):
+    """The worker divides the model among the shards differently than a shard does (another
+    partitioner); the message names both descriptions."""
+
+
+class ConsistencyMismatchError(PSError):
+    """The shards of one model run different consistency settings (sync rounds, SSP bound,
+    staleness policy, ...); the message names the shards and the setting."""
+
+
 class DatasetUnavailableError(DistBeliefError, FileNotFoundError):
     """A data set's files are missing and could not be downloaded."""
 

@@ -1,4 +1,4 @@
-"""Sync rounds, warmstart and SSP against real shard processes on 127.0.0.1."""
+"""Sync rounds, warmstart, SSP and DC-ASGD against real shard processes on 127.0.0.1."""
 
 import json
 import subprocess
@@ -8,8 +8,10 @@ import time
 import torch
 from torch import nn
 
+from distbelief.client import ParameterServerClient
 from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
+from distbelief.sharding import TensorSpec
 from tests.conftest import run_cli
 
 
@@ -188,3 +190,41 @@ def test_cli_async_adagrad_dc_asgd_ssp_warmstart(tmp_path):
     rows = [r for r in read_metrics(tmp_path / "metrics.csv") if r["role"] == "worker"]
     assert any(r["staleness"] is not None for r in rows)
     assert (tmp_path / "staleness.png").stat().st_size > 0
+
+
+def test_dc_asgd_compensates_a_push_after_a_reconnect(shard_cluster):
+    lr, dc_lambda = 0.5, 0.25
+    addresses = shard_cluster(
+        1, "--staleness-policy", "dc-asgd", "--dc-lambda", str(dc_lambda), "--server-lr", str(lr)
+    )
+    specs = [TensorSpec("w", (64,), torch.float32)]
+    generator = torch.Generator().manual_seed(0)
+    w_initial, g_other, g = (torch.randn(64, generator=generator) for _ in range(3))
+
+    def connect(worker_id):
+        client = ParameterServerClient(addresses, specs, timeout_s=60, worker_id=worker_id)
+        client.handshake({torch.float32: w_initial.clone()})
+        return client
+
+    first = connect("w")
+    fetched = {torch.float32: torch.empty(64)}
+    first.pull_now(fetched)  # the parameters w's next gradient is computed from
+    first.close()
+    other = connect("other")  # never pulled: its push is applied uncompensated
+    other.push_now({torch.float32: g_other.clone()})
+    other.close()
+    again = connect("w")  # a new connection, a new session, the same worker id
+    again.push_now({torch.float32: g.clone()})
+    again.close()
+    reader = connect(None)
+    pulled = {torch.float32: torch.empty(64)}
+    reader.pull_now(pulled)
+    reader.close()
+
+    w_fetched = fetched[torch.float32]
+    assert torch.equal(w_fetched, w_initial)
+    w_now = w_initial - lr * g_other
+    compensated = g + dc_lambda * g * g * (w_now - w_fetched)
+    torch.testing.assert_close(pulled[torch.float32], w_now - lr * compensated, rtol=0, atol=1e-6)
+    uncompensated = w_now - lr * g
+    assert float((pulled[torch.float32] - uncompensated).abs().max()) > 1e-3

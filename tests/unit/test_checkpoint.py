@@ -7,12 +7,19 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from distbelief.errors import CheckpointError
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.server import checkpoint as checkpoint_module
 from distbelief.server.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
-from distbelief.sharding import FlatLayout, TensorSpec, partition
+from distbelief.sharding import (
+    FlatLayout,
+    FlatPartitioner,
+    RowAlignedPartitioner,
+    TensorSpec,
+    specs_to_json,
+)
 
 SPECS = [TensorSpec("w", (9, 5), torch.float32), TensorSpec("b", (5,), torch.float32)]
 
@@ -21,7 +28,7 @@ def _shard(name: str, shard_id: int = 1, num_shards: int = 2) -> ParameterShard:
     torch.manual_seed(0)
     flats = FlatLayout(SPECS).flatten([torch.randn(spec.shape) for spec in SPECS])
     shard = ParameterShard(shard_id, num_shards, server_optimizer_factory(name, lr=0.05))
-    pieces = partition(SPECS, num_shards)[shard_id]
+    pieces = FlatPartitioner().partition(SPECS, num_shards)[shard_id]
     shard.initialize(SPECS, [flats[p.dtype][p.start : p.stop] for p in pieces])
     return shard
 
@@ -125,3 +132,89 @@ def test_checkpointer_saves_at_once_then_on_change_and_at_stop(tmp_path):
         checkpointer.stop()
     assert load_checkpoint(tmp_path, 1).version == 1
     assert len(list(tmp_path.glob("shard1-v*.safetensors"))) == 1
+
+
+def test_store_round_trip_keeps_extra_named_vectors_and_values(tmp_path):
+    shard = _shard("momentum")
+    _push(shard, 0)
+    direction = shard.store.add("sandblaster.direction")
+    torch.manual_seed(1)
+    for tensor in direction:
+        tensor.copy_(torch.randn_like(tensor))
+    shard.store.add("scratch", persistent=False)
+    shard.store.values["sandblaster.rho"] = [0.5, 0.125]
+    save_checkpoint(shard.snapshot(), tmp_path)
+    restored = ParameterShard(1, 2, server_optimizer_factory("momentum", lr=0.05))
+    restored.restore(load_checkpoint(tmp_path, 1))
+    assert restored.store.names() == ["param", "sandblaster.direction"]
+    for saved, again in zip(direction, restored.store.get("sandblaster.direction"), strict=True):
+        assert torch.equal(saved, again)
+    assert restored.store.values == {"sandblaster.rho": [0.5, 0.125]}
+    _push(shard, 1)
+    _push(restored, 1)
+    for a, b in zip(shard.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _write_format1_checkpoint(directory, shard: ParameterShard) -> None:
+    """A checkpoint as format 1 wrote it: param.I and optim.I.KEY tensors, flat metadata."""
+    tensor_name = f"shard1-v{shard.version:012d}.safetensors"
+    optimizer_state = shard.store.optimizer.state_dict()["state"]
+    tensors = {f"param.{i}": p.clone() for i, p in enumerate(shard.store.params)}
+    tensors.update(
+        {
+            f"optim.{i}.{key}": value.clone()
+            for i, entries in optimizer_state.items()
+            for key, value in entries.items()
+        }
+    )
+    save_file(tensors, str(directory / tensor_name))
+    meta = {
+        "format": 1,
+        "shard_id": 1,
+        "num_shards": 2,
+        "specs": specs_to_json(SPECS),
+        "num_params": len(shard.store.params),
+        "optimizer": "Adagrad",
+        "optimizer_plain_state": {},
+        "version": shard.version,
+        "num_pushes": shard.counters().num_pushes,
+        "last_push": {k: list(v) for k, v in shard.last_push.items()},
+        "tensor_file": tensor_name,
+        "tensor_sha256": checkpoint_module._sha256(directory / tensor_name),
+    }
+    (directory / "shard1.json").write_text(json.dumps(meta))
+
+
+def test_format1_checkpoint_is_still_restored(tmp_path):
+    original = _shard("adagrad")
+    for seed in range(2):
+        _push(original, seed)
+    _write_format1_checkpoint(tmp_path, original)
+    restored = ParameterShard(1, 2, server_optimizer_factory("adagrad", lr=0.05))
+    restored.restore(load_checkpoint(tmp_path, 1))
+    assert restored.version == 2
+    _push(restored, 1)  # a retry of an applied push: deduplicated after the restore too
+    assert restored.version == 2
+    _push(original, 5)
+    _push(restored, 5)
+    for a, b in zip(original.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_of_another_partitioner_is_refused(tmp_path):
+    save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    shard = ParameterShard(
+        1, 2, server_optimizer_factory("sgd", lr=0.05), partitioner=RowAlignedPartitioner()
+    )
+    with pytest.raises(ValueError, match=r"partitioned with .*flat.* this shard partitions"):
+        shard.restore(load_checkpoint(tmp_path, 1))
+
+
+def test_unknown_format_is_named(tmp_path):
+    save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    meta_path = tmp_path / "shard1.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format": 99}))
+    with pytest.raises(CheckpointError, match="unknown format 99"):
+        load_checkpoint(tmp_path, 1)

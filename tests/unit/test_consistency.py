@@ -4,9 +4,15 @@ import pytest
 import torch
 
 from distbelief.server import ConsistencyConfig, ParameterShard, server_optimizer_factory
-from distbelief.server.consistency import WorkerClocks
+from distbelief.server.consistency import (
+    AsyncPolicy,
+    BoundedStalenessPolicy,
+    SyncRoundsPolicy,
+    WorkerClocks,
+    consistency_policy,
+)
 from distbelief.server.staleness import adjust_gradient
-from distbelief.sharding import FlatLayout, TensorSpec, partition
+from distbelief.sharding import FlatLayout, FlatPartitioner, TensorSpec
 
 SPECS = [TensorSpec("w", (13, 7), torch.float32), TensorSpec("b", (7,), torch.float32)]
 TORCH_OPTIMIZERS = {
@@ -20,7 +26,7 @@ TORCH_OPTIMIZERS = {
 def _make_shards(num_shards, values, factory, consistency=None):
     flats = FlatLayout(SPECS).flatten(values)
     shards = []
-    for shard_id, pieces in enumerate(partition(SPECS, num_shards)):
+    for shard_id, pieces in enumerate(FlatPartitioner().partition(SPECS, num_shards)):
         shard = ParameterShard(shard_id, num_shards, factory, consistency)
         shard.initialize(SPECS, [flats[p.dtype][p.start : p.stop] for p in pieces])
         shards.append(shard)
@@ -178,6 +184,61 @@ def test_sync_round_quorum_shrinks_when_a_worker_departs():
     shard.depart("b")
     assert not shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
     assert shard.version == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "policy_type"),
+    [
+        ({}, AsyncPolicy),
+        ({"staleness_policy": "dc-asgd"}, AsyncPolicy),
+        ({"max_staleness": 2, "staleness_policy": "scale"}, BoundedStalenessPolicy),
+        ({"sync": True, "num_workers": 3, "backup_workers": 1}, SyncRoundsPolicy),
+    ],
+)
+def test_policy_is_built_from_the_config_and_describes_all_of_it(kwargs, policy_type):
+    config = ConsistencyConfig(**kwargs)
+    policy = consistency_policy(config, WorkerClocks(config.liveness_timeout_s))
+    assert type(policy) is policy_type
+    assert policy.describe() == {
+        "sync": config.sync,
+        "num_workers": config.num_workers,
+        "backup_workers": config.backup_workers,
+        "max_staleness": config.max_staleness,
+        "staleness_policy": config.staleness_policy,
+        "dc_lambda": config.dc_lambda,
+        "liveness_timeout_s": config.liveness_timeout_s,
+    }
+
+
+def test_dc_asgd_compensates_with_the_parameters_each_worker_fetched():
+    config = ConsistencyConfig(staleness_policy="dc-asgd", dc_lambda=0.5)
+    torch.manual_seed(0)
+    values = [torch.randn(spec.shape) for spec in SPECS]
+    shard = _make_shards(1, values, server_optimizer_factory("sgd", lr=1.0), config)[0]
+    outs = [torch.empty(p.numel) for p in shard.slices]
+    shard.pull_into(outs, worker="a")
+    fetched_a = shard.parameters()
+    shard.apply_gradient([torch.full((p.numel,), 0.1) for p in shard.slices])
+    shard.pull_into(outs, worker="b")
+    shard.pull_into([torch.empty(p.numel) for p in shard.slices])  # anonymous: nothing kept
+    assert sorted(shard.store.names()) == ["dc-asgd.fetched.a", "dc-asgd.fetched.b", "param"]
+    now = shard.parameters()
+    grads = [torch.randn(p.numel) for p in shard.slices]
+    expected = [
+        w - (g + 0.5 * g * g * (w - f)) for w, g, f in zip(now, grads, fetched_a, strict=True)
+    ]
+    shard.push([g.clone() for g in grads], worker="a")
+    for got, want in zip(shard.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("staleness_policy", ["none", "scale"])
+def test_other_policies_keep_no_copy_per_worker(staleness_policy):
+    config = ConsistencyConfig(staleness_policy=staleness_policy)
+    zeros = [torch.zeros(spec.shape) for spec in SPECS]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
+    shard.pull_into([torch.empty(p.numel) for p in shard.slices], worker="a")
+    assert shard.store.names() == ["param"]
 
 
 @pytest.mark.parametrize(

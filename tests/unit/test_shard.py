@@ -7,7 +7,7 @@ import torch
 
 from distbelief.errors import ModelMismatchError
 from distbelief.server import ParameterShard, server_optimizer_factory
-from distbelief.sharding import FlatLayout, TensorSpec, partition
+from distbelief.sharding import FlatLayout, FlatPartitioner, TensorSpec
 
 SPECS = [
     TensorSpec("w", (37, 11), torch.float32),
@@ -19,7 +19,7 @@ SPECS = [
 def _shards(num_shards: int, values: list[torch.Tensor], lr: float) -> list[ParameterShard]:
     flats = FlatLayout(SPECS).flatten(values)
     shards = []
-    for shard_id, pieces in enumerate(partition(SPECS, num_shards)):
+    for shard_id, pieces in enumerate(FlatPartitioner().partition(SPECS, num_shards)):
         shard = ParameterShard(shard_id, num_shards, server_optimizer_factory("sgd", lr=lr))
         assert shard.initialize(SPECS, [flats[p.dtype][p.start : p.stop] for p in pieces])
         shards.append(shard)

@@ -20,12 +20,18 @@ from collections.abc import Sequence
 
 import torch
 
-from distbelief.errors import ModelMismatchError, ShardTimeoutError, ShardUnavailableError
+from distbelief.errors import (
+    ConsistencyMismatchError,
+    ModelMismatchError,
+    ShardTimeoutError,
+    ShardUnavailableError,
+)
 from distbelief.sharding import (
+    FlatPartitioner,
+    Partitioner,
     ShardSlice,
     TensorSpec,
     layout_fingerprint,
-    partition,
     specs_to_json,
 )
 from distbelief.wire import Message, connect, ops
@@ -209,6 +215,8 @@ class ParameterServerClient:
             requests fail; requests are retried with backoff meanwhile. Pushes carry a
             sequence number, so a retried push is applied once.
         security: Authentication key and TLS settings of the job.
+        partitioner: Which slices each shard owns (default: byte-balanced flat); every shard
+            must hold an equal one, which the handshake checks.
     """
 
     def __init__(
@@ -222,6 +230,7 @@ class ParameterServerClient:
         hold_timeout_s: float = 300.0,
         retry_timeout_s: float = 60.0,
         security: WireSecurity | None = None,
+        partitioner: Partitioner | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -234,6 +243,7 @@ class ParameterServerClient:
         # One session per client life: a restarted worker's numbering starts afresh.
         self._session = secrets.token_hex(8)
         self.consistency: dict = {"sync": False, "max_staleness": None}
+        """The shards' consistency settings, as every shard described them at the handshake."""
         self._staleness: list[int] = []
         self._wire = WireFigures()
         self._closing = threading.Event()
@@ -241,7 +251,10 @@ class ParameterServerClient:
         self.specs = list(specs)
         self.fingerprint = layout_fingerprint(self.specs)
         self.timeout_s = timeout_s
-        self.slices: list[list[ShardSlice]] = partition(self.specs, len(self.addresses))
+        self.partitioner: Partitioner = partitioner or FlatPartitioner()
+        self.slices: list[list[ShardSlice]] = self.partitioner.partition(
+            self.specs, len(self.addresses)
+        )
         self._slice_cache: dict[int, tuple] = {}
         self._transports = [
             connect(
@@ -307,30 +320,66 @@ class ParameterServerClient:
 
         Raises:
             ModelMismatchError: a shard holds a different model, or is listed out of order.
+            LayoutMismatchError: a shard holds a different partitioner.
+            ConsistencyMismatchError: the shards run different consistency settings.
             ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
         """
-        futures = [self._submit(i, self._handshake_one, initial) for i in range(self.num_shards)]
+        # Every shard's settings are compared before any is initialised, so a mismatched
+        # cluster is refused untouched.
+        replies = self.wait([self._submit(i, self._hello) for i in range(self.num_shards)])
+        self.consistency = self._agreed_consistency(
+            [dict(reply.get("consistency", self.consistency)) for reply in replies]
+        )
+        futures = [self._submit(i, self._join, replies[i], initial) for i in range(self.num_shards)]
         return any(self.wait(futures))
+
+    def _agreed_consistency(self, described: list[dict]) -> dict:
+        """The consistency settings every shard described, which must all be equal."""
+        first = described[0]
+        for shard_id, settings in enumerate(described[1:], start=1):
+            for key in sorted(set(first) | set(settings)):
+                if first.get(key, "(absent)") != settings.get(key, "(absent)"):
+                    raise ConsistencyMismatchError(
+                        f"shard 0 ({self.addresses[0]}) runs {key}={first.get(key, '(absent)')!r}"
+                        f" but shard {shard_id} ({self.addresses[shard_id]}) runs "
+                        f"{key}={settings.get(key, '(absent)')!r}: start every shard with the "
+                        "same consistency flags"
+                    )
+        return first
 
     def _identity(self, clock: int) -> dict:
         return {} if self.worker_id is None else {"worker": self.worker_id, "clock": clock}
 
-    def _handshake_one(self, shard_id: int, initial) -> bool:
-        meta = {"shard_id": shard_id, "specs": specs_to_json(self.specs), **self._identity(0)}
+    def _hello_meta(self, shard_id: int) -> dict:
+        return {
+            "shard_id": shard_id,
+            "specs": specs_to_json(self.specs),
+            "partitioner": self.partitioner.to_json(),
+            **self._identity(0),
+        }
+
+    def _hello(self, shard_id: int) -> dict:
+        """One HELLO: the shard's description (the shard refuses another model or layout).
+
+        Raises:
+            ModelMismatchError: the shard is one of another number of shards.
+        """
+        reply = self._request(shard_id, Message(ops.HELLO, self._hello_meta(shard_id)))
+        if reply.meta.get("num_shards") != self.num_shards:
+            raise ModelMismatchError(
+                f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
+                f"{reply.meta.get('num_shards')} shards, but {self.num_shards} were given"
+            )
+        return reply.meta
+
+    def _join(self, shard_id: int, described: dict, initial) -> bool:
+        """Initialise one shard from ``initial`` if it is empty (or, with ``initial`` None,
+        wait until a worker has); True if it adopted ``initial``."""
         deadline = time.monotonic() + self.timeout_s
-        while True:
-            reply = self._request(shard_id, Message(ops.HELLO, meta))
-            if reply.meta.get("num_shards") != self.num_shards:
-                raise ModelMismatchError(
-                    f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
-                    f"{reply.meta.get('num_shards')} shards, but {self.num_shards} were given"
-                )
-            self.consistency = reply.meta.get("consistency", self.consistency)
-            if reply.meta.get("initialized"):
-                self.versions[shard_id] = int(reply.meta.get("version", 0))
-                return False
+        while not described.get("initialized"):
             if initial is not None:
                 tensors = self._slice_tensors(shard_id, initial)
+                meta = self._hello_meta(shard_id)
                 reply = self._request(shard_id, Message(ops.INIT, meta, tensors))
                 return bool(reply.meta.get("adopted"))
             if time.monotonic() > deadline:
@@ -339,6 +388,9 @@ class ParameterServerClient:
                     f"within {self.timeout_s:g}s"
                 )
             time.sleep(_INIT_POLL_S)
+            described = self._hello(shard_id)
+        self.versions[shard_id] = int(described.get("version", 0))
+        return False
 
     def _slice_tensors(self, shard_id: int, flats: dict[torch.dtype, torch.Tensor]) -> list:
         """(name, view) of each of shard ``shard_id``'s pieces of ``flats``.

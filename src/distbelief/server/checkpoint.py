@@ -1,10 +1,10 @@
 """Shard checkpoints on disk: tensors in safetensors, everything else in JSON, written atomically.
 
-A checkpoint of shard ``i`` is ``shard{i}-v{version}.safetensors`` (the slices and the
-optimizer's tensor state) plus ``shard{i}.json`` (layout, counters, optimizer's plain state and
-the tensor file's name and SHA-256). Each file is written to a temporary name and renamed; the
-JSON is renamed last, so it always names a complete tensor file, and older tensor files are
-removed only after that. A reader checks the digest before trusting anything.
+A checkpoint of shard ``i`` is ``shard{i}-v{version}.safetensors`` (the shard's named tensors)
+plus ``shard{i}.json`` (its JSON-able values and the tensor file's name and SHA-256); what each
+tensor or value means is the shard's business. Each file is written to a temporary name and
+renamed; the JSON is renamed last, so it always names a complete tensor file, and older tensor
+files are removed only after that. A reader checks the digest before trusting anything.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ from safetensors.torch import load_file, save_file
 
 from distbelief.errors import CheckpointError
 from distbelief.server.shard import ShardState
-from distbelief.sharding import specs_from_json, specs_to_json
+from distbelief.sharding import FlatPartitioner
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the shard's tensors and values as the shard store exports them. 1 (written before the
+shard store) is still read."""
 _POLL_S = 0.1
 
 
@@ -57,25 +59,11 @@ def _replace_atomically(directory: Path, name: str, write) -> Path:
     return directory / name
 
 
-def _split_optimizer_state(state: ShardState) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, dict] = {}
-    for index, entries in state.optimizer_state.items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{index}.{key}"] = value.contiguous()
-            else:
-                plain.setdefault(str(index), {})[key] = value
-    return tensors, plain
-
-
 def save_checkpoint(state: ShardState, directory: str | Path) -> Path:
     """Write ``state`` into ``directory``; returns the JSON file's path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    optimizer_tensors, optimizer_plain = _split_optimizer_state(state)
-    tensors = {f"param.{i}": p.contiguous() for i, p in enumerate(state.params)}
-    tensors.update(optimizer_tensors)
+    tensors = {name: tensor.contiguous() for name, tensor in state.tensors.items()}
     tensor_name = f"shard{state.shard_id}-v{state.version:012d}.safetensors"
     tensor_path = _replace_atomically(
         directory, tensor_name, lambda tmp: save_file(tensors, str(tmp))
@@ -84,13 +72,8 @@ def save_checkpoint(state: ShardState, directory: str | Path) -> Path:
         "format": FORMAT_VERSION,
         "shard_id": state.shard_id,
         "num_shards": state.num_shards,
-        "specs": specs_to_json(state.specs),
-        "num_params": len(state.params),
-        "optimizer": state.optimizer_name,
-        "optimizer_plain_state": optimizer_plain,
         "version": state.version,
-        "num_pushes": state.num_pushes,
-        "last_push": {worker: list(pair) for worker, pair in state.last_push.items()},
+        "values": state.values,
         "tensor_file": tensor_name,
         "tensor_sha256": _sha256(tensor_path),
     }
@@ -117,7 +100,7 @@ def load_checkpoint(directory: str | Path, shard_id: int) -> ShardState | None:
     try:
         meta = json.loads(meta_path.read_text())
         tensor_path = Path(directory) / meta["tensor_file"]
-        if meta.get("format") != FORMAT_VERSION:
+        if meta.get("format") not in (1, FORMAT_VERSION):
             raise CheckpointError(f"{meta_path}: unknown format {meta.get('format')!r}")
         if not tensor_path.exists():
             raise CheckpointError(f"{meta_path}: names {tensor_path.name}, which is missing")
@@ -132,24 +115,31 @@ def load_checkpoint(directory: str | Path, shard_id: int) -> ShardState | None:
 
 
 def _state_from(meta: dict, tensors: dict[str, torch.Tensor]) -> ShardState:
-    optimizer_state: dict[int, dict[str, object]] = {
-        int(index): dict(values) for index, values in meta["optimizer_plain_state"].items()
-    }
-    for name, tensor in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            optimizer_state.setdefault(int(index), {})[key] = tensor
+    values = meta["values"] if meta["format"] == FORMAT_VERSION else _format1_values(meta)
     return ShardState(
         shard_id=int(meta["shard_id"]),
         num_shards=int(meta["num_shards"]),
-        specs=specs_from_json(meta["specs"]),
-        params=[tensors[f"param.{i}"] for i in range(int(meta["num_params"]))],
-        optimizer_name=str(meta["optimizer"]),
-        optimizer_state=optimizer_state,
         version=int(meta["version"]),
-        num_pushes=int(meta["num_pushes"]),
-        last_push={w: (int(p[0]), int(p[1])) for w, p in meta["last_push"].items()},
+        tensors=tensors,
+        values=values,
     )
+
+
+def _format1_values(meta: dict) -> dict:
+    """The values of a format-1 checkpoint, which held exactly a flat-partitioned shard's
+    parameters (``param.I``) and optimizer state (``optim.I.KEY``) under today's names."""
+    return {
+        "specs": meta["specs"],
+        "partitioner": FlatPartitioner().to_json(),
+        "num_pushes": meta["num_pushes"],
+        "last_push": meta["last_push"],
+        "store": {
+            "buffers": {"param": int(meta["num_params"])},
+            "optimizer": meta["optimizer"],
+            "optimizer_plain_state": meta["optimizer_plain_state"],
+            "values": {},
+        },
+    }
 
 
 class Checkpointer:

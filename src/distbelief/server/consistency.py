@@ -1,13 +1,23 @@
 """How a shard orders updates from many workers: async, bounded staleness (SSP) or synchronous
-rounds with backup workers, plus the worker liveness all three rely on.
+rounds with backup workers, each a policy object, plus the worker liveness all three rely on.
 
-Pure bookkeeping under the caller's lock: the shard decides when to wait and what to apply.
+Pure bookkeeping under the shard's lock: a policy says whether a push is applied now and whether
+a pull must wait; the shard does the locking, the waiting and the versioning.
 """
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import torch
+
+from distbelief.config import ConsistencyConfig
+from distbelief.server.staleness import adjust_gradient
+from distbelief.server.store import ShardStore
 
 
 @dataclass(slots=True)
@@ -68,3 +78,192 @@ class WorkerClocks:
         """Whether ``worker`` must wait for the slowest live worker (SSP)."""
         clock, slowest = self.effective_clock(worker), self.slowest_clock(now_s)
         return clock is not None and slowest is not None and clock - slowest > max_staleness
+
+
+ApplyUpdate = Callable[[Sequence[torch.Tensor]], None]
+"""The shard's update: one optimizer step with these gradients, and a new version."""
+
+
+class ConsistencyPolicy(abc.ABC):
+    """What the shard asks of its consistency model; subclasses are the three models.
+
+    Args:
+        config: The consistency settings.
+        clocks: The shard's worker clocks (the shard touches them, the policy reads them).
+    """
+
+    def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks) -> None:
+        self.config = config
+        self.clocks = clocks
+        self._store: ShardStore | None = None
+        self._apply: ApplyUpdate | None = None
+
+    def bind(self, store: ShardStore, apply: ApplyUpdate) -> None:
+        """The shard holds new parameters (initialised or restored): keep state over them."""
+        self._store, self._apply = store, apply
+
+    @abc.abstractmethod
+    def push(
+        self,
+        grads: Sequence[torch.Tensor],
+        *,
+        worker: str | None,
+        staleness: int,
+        base_version: int,
+        version: int,
+    ) -> bool:
+        """Apply or collect one gradient (may be modified in place); False: dropped.
+
+        Args:
+            grads: One tensor per parameter slice.
+            worker: Who pushed; None for anonymous callers.
+            staleness: Updates applied since the worker's fetch.
+            base_version: The shard version the gradient was computed from.
+            version: The shard's version now.
+        """
+
+    def must_hold(self, worker: str | None, after_version: int | None, version: int) -> bool:
+        """Whether a pull of ``worker`` must wait. ``after_version``: answer only once the
+        shard's version exceeds it."""
+        return after_version is not None and version <= after_version
+
+    def pulled(self, worker: str | None, generation: int) -> None:
+        """``worker`` was just sent the parameters of ``generation`` (under the shard's lock)."""
+        return  # by default nothing is kept per worker
+
+    def describe(self) -> dict:
+        """Every setting, for the handshake: shards of one model must agree on all of them."""
+        return {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
+
+
+def _fetched_name(worker: str) -> str:
+    return f"dc-asgd.fetched.{worker}"
+
+
+class AsyncPolicy(ConsistencyPolicy):
+    """Downpour: every push is applied at once, adjusted for its staleness (none, scale,
+    dc-asgd).
+
+    Under dc-asgd the parameters last sent to each worker are kept in the store, per worker id,
+    so a push is compensated even when it arrives on a new connection (a reconnect). Only
+    dc-asgd pays for that copy per pull.
+    """
+
+    def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks) -> None:
+        super().__init__(config, clocks)
+        self._keeps_fetched = config.staleness_policy == "dc-asgd"
+        self._fetched_generation: dict[str, int] = {}
+
+    def bind(self, store: ShardStore, apply: ApplyUpdate) -> None:
+        super().bind(store, apply)
+        self._fetched_generation.clear()
+
+    def push(self, grads, *, worker, staleness, base_version, version) -> bool:
+        store, apply = self._store, self._apply
+        assert store is not None and apply is not None
+        fetched = None
+        if self._keeps_fetched and worker is not None:
+            fetched = store.find(_fetched_name(worker))
+        config = self.config
+        apply(
+            adjust_gradient(
+                config.staleness_policy,
+                grads,
+                staleness=staleness,
+                params_now=store.params,
+                params_fetched=fetched,
+                dc_lambda=config.dc_lambda,
+            )
+        )
+        return True
+
+    def pulled(self, worker: str | None, generation: int) -> None:
+        if not self._keeps_fetched or worker is None:
+            return
+        if self._fetched_generation.get(worker) == generation:
+            return  # this worker already holds a copy of these values
+        store = self._store
+        assert store is not None
+        name = _fetched_name(worker)
+        buffer = store.find(name)
+        if buffer is None:
+            # Not persistent: after a shard restart the first push of each worker goes
+            # uncompensated, rather than every checkpoint holding a copy per worker.
+            empty = [torch.empty_like(p) for p in store.params]
+            buffer = store.add(name, empty, persistent=False)
+        torch._foreach_copy_(buffer, store.params)
+        self._fetched_generation[worker] = generation
+
+
+class BoundedStalenessPolicy(AsyncPolicy):
+    """Stale synchronous parallel (Ho et al. 2013): async updates, but a worker's pull is held
+    while it is more than ``max_staleness`` steps ahead of the slowest live worker."""
+
+    def must_hold(self, worker: str | None, after_version: int | None, version: int) -> bool:
+        max_staleness = self.config.max_staleness
+        assert max_staleness is not None
+        if worker is not None and self.clocks.too_far_ahead(worker, max_staleness):
+            return True
+        return super().must_hold(worker, after_version, version)
+
+
+class SyncRoundsPolicy(ConsistencyPolicy):
+    """Synchronous rounds with backup workers (Chen et al. 2016): the mean of the first
+    ``num_workers - backup_workers`` gradients of a round is applied once; later ones for a
+    closed round are dropped. Dead workers shrink the quorum."""
+
+    def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks) -> None:
+        super().__init__(config, clocks)
+        self._started_s = time.monotonic()
+        self._round_sum: list[torch.Tensor] = []
+        self._round_count = 0
+
+    def bind(self, store: ShardStore, apply: ApplyUpdate) -> None:
+        super().bind(store, apply)
+        # Not persistent: a restored shard starts a fresh round, as its workers re-push.
+        self._round_sum = store.add("sync.round_sum", persistent=False)
+        self._round_count = 0
+
+    def push(self, grads, *, worker, staleness, base_version, version) -> bool:
+        if base_version != version:
+            return False  # a backup worker's late gradient: its round is closed
+        torch._foreach_add_(self._round_sum, list(grads))
+        self._round_count += 1
+        self._close_round_if_complete()
+        return True
+
+    def must_hold(self, worker: str | None, after_version: int | None, version: int) -> bool:
+        if after_version is not None and version <= after_version:
+            # The round this worker pushed into is not applied yet. Re-check the quorum,
+            # which shrinks when a worker dies.
+            return not self._close_round_if_complete()
+        return False
+
+    def _round_quorum(self) -> int:
+        config = self.config
+        now_s = time.monotonic()
+        dead = self.clocks.dead_count(now_s)
+        if now_s - self._started_s > config.liveness_timeout_s:
+            # Workers that never showed up within a liveness period count as dead too.
+            dead += max(0, config.num_workers - len(self.clocks.workers))
+        return max(1, config.num_workers - config.backup_workers - dead)
+
+    def _close_round_if_complete(self) -> bool:
+        """Apply the mean of the round's gradients once enough workers have pushed."""
+        if not self._round_count or self._round_count < self._round_quorum():
+            return False
+        assert self._apply is not None
+        torch._foreach_div_(self._round_sum, float(self._round_count))
+        self._apply(self._round_sum)
+        torch._foreach_zero_(self._round_sum)
+        self._round_count = 0
+        return True
+
+
+def consistency_policy(config: ConsistencyConfig, clocks: WorkerClocks) -> ConsistencyPolicy:
+    """The policy ``config`` describes: sync rounds, SSP (a staleness bound) or async."""
+    if config.sync:
+        return SyncRoundsPolicy(config, clocks)
+    if config.max_staleness is not None:
+        return BoundedStalenessPolicy(config, clocks)
+    return AsyncPolicy(config, clocks)

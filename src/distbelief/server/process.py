@@ -16,6 +16,7 @@ from distbelief.server.checkpoint import Checkpointer, load_checkpoint
 from distbelief.server.optimizers import ServerOptimizerFactory
 from distbelief.server.service import ShardService
 from distbelief.server.shard import ParameterShard
+from distbelief.sharding import Partitioner
 from distbelief.wire import serve
 from distbelief.wire.security import WireSecurity
 
@@ -34,6 +35,7 @@ def serve_shard(
     security: WireSecurity | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every_s: float = 30.0,
+    partitioner: Partitioner | None = None,
     emit: Emit,
     stop: StopFlag | None = None,
 ) -> dict:
@@ -41,7 +43,8 @@ def serve_shard(
 
     With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
     saves every ``checkpoint_every_s`` seconds and once more on the way out. Emits "ready"
-    once listening and a "heartbeat" with its version every quarter second.
+    once listening and a "heartbeat" with its version every quarter second. ``partitioner``:
+    which slices the shard owns (default: flat); its clients must use an equal one.
 
     Returns:
         Its counters and staleness histogram.
@@ -50,7 +53,9 @@ def serve_shard(
         CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.
     """
     stop = stop if stop is not None else threading.Event()
-    shard = ParameterShard(shard_id, num_shards, optimizer_factory, consistency)
+    shard = ParameterShard(
+        shard_id, num_shards, optimizer_factory, consistency, partitioner=partitioner
+    )
     restored = _restore(shard, checkpoint_dir)
     checkpointer = None
     if checkpoint_dir is not None:

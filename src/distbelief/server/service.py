@@ -14,7 +14,7 @@ import torch
 
 from distbelief.errors import ProtocolError
 from distbelief.server.shard import ParameterShard
-from distbelief.sharding import specs_from_json
+from distbelief.sharding import partitioner_from_json, specs_from_json
 from distbelief.wire.framing import Sink
 from distbelief.wire.message import Message
 from distbelief.wire.ops import HELLO, INIT, PULL, PUSH, STATS, OpRegistry
@@ -78,8 +78,8 @@ class ShardConnection:
         self.shard = service.shard
         self.peer = peer
         self._push_buffers: dict[str, torch.Tensor] = {}
-        # The last snapshot sent to this peer: the send buffer of its pulls, and for dc-asgd
-        # the parameters its next gradient was computed from (no extra copy is kept).
+        # The last snapshot sent to this peer: the send buffer of its pulls. (What dc-asgd
+        # needs of it, the shard's policy keeps per worker id, so it survives a reconnect.)
         self._pull_buffers: list[torch.Tensor] = []
         self._pull_tensors: list[tuple[str, torch.Tensor]] = []
         self._snapshot_generation: int | None = None
@@ -124,11 +124,17 @@ class ShardConnection:
                 f"this address serves shard {self.shard.shard_id} of {self.shard.num_shards}, "
                 f"but the client lists it as shard {expected_id}: check the order of --ps"
             )
-        if "specs" in request.meta:
-            self.shard.check_layout(specs_from_json(request.meta["specs"]))
+        self._check_model(request.meta)
         # No registration here: a worker joins the clocks at its first pull or push, so one
         # waiting for a warmstart does not hold the others back meanwhile.
         return request.reply(self._describe())
+
+    def _check_model(self, meta: dict) -> None:
+        """Refuse a client whose partitioner or (once initialised) layout differs."""
+        if "partitioner" in meta:
+            self.shard.check_partitioner(partitioner_from_json(meta["partitioner"]))
+        if "specs" in meta:
+            self.shard.check_layout(specs_from_json(meta["specs"]))
 
     def _identify(self, meta: dict) -> tuple[str | None, int]:
         """The worker id and clock a request carries (the shard's push and pull register the
@@ -150,11 +156,14 @@ class ShardConnection:
             "initialized": self.shard.initialized,
             "fingerprint": self.shard.fingerprint,
             "version": counters.version,
-            "consistency": self.shard.consistency.describe(),
+            "consistency": self.shard.policy.describe(),
+            "partitioner": self.shard.partitioner.to_json(),
         }
 
     def _init(self, request: Message) -> Message:
         specs = specs_from_json(request.meta.get("specs"))
+        if "partitioner" in request.meta:
+            self.shard.check_partitioner(partitioner_from_json(request.meta["partitioner"]))
         adopted = self.shard.initialize(specs, [tensor for _, tensor in request.tensors])
         if adopted:
             logger.info("shard %d initialised by %s", self.shard.shard_id, self.peer)
@@ -171,7 +180,6 @@ class ShardConnection:
             worker=worker,
             clock=clock,
             base_version=base_version,
-            fetched=self._pull_buffers if self._snapshot_generation is not None else None,
             seq=_push_sequence(request.meta),
         )
         self.service.count_bytes(self._slice_bytes, 0)

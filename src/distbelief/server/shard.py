@@ -1,8 +1,9 @@
 """ParameterShard: the authoritative values of one shard's slice of every parameter.
 
-Pure state and math: no sockets. Updates are applied one at a time under a lock (no lost
-updates); a pull copies a consistent snapshot under the same lock. The consistency model
-(async, SSP, sync rounds) decides when a push is applied and when a pull may be answered.
+Pure state and math: no sockets. The buffers live in a ShardStore; the shard adds the lock, the
+versions and the layout. Updates are applied one at a time under the lock (no lost updates); a
+pull copies a consistent snapshot under the same lock. The consistency policy (async, SSP, sync
+rounds) decides when a push is applied and when a pull may be answered.
 """
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ from dataclasses import dataclass
 import torch
 
 from distbelief.config import ConsistencyConfig
-from distbelief.errors import ModelMismatchError
-from distbelief.server.consistency import WorkerClocks
-from distbelief.server.optimizers import ServerOptimizerFactory, apply_update
-from distbelief.server.staleness import StalenessHistogram, adjust_gradient
+from distbelief.errors import LayoutMismatchError, ModelMismatchError
+from distbelief.server.consistency import WorkerClocks, consistency_policy
+from distbelief.server.optimizers import ServerOptimizerFactory
+from distbelief.server.staleness import StalenessHistogram
+from distbelief.server.store import ShardStore
 from distbelief.sharding import (
+    FlatPartitioner,
+    Partitioner,
     ShardSlice,
     TensorSpec,
     describe_mismatch,
+    describe_partitioner,
     layout_fingerprint,
-    partition,
+    partitioner_from_json,
+    specs_from_json,
+    specs_to_json,
 )
 
 
@@ -63,14 +70,19 @@ class ShardState:
 
     shard_id: int
     num_shards: int
-    specs: list[TensorSpec]
-    params: list[torch.Tensor]
-    optimizer_name: str
-    optimizer_state: dict[int, dict[str, object]]
-    """torch.optim state per parameter index (tensors and plain values)."""
     version: int
-    num_pushes: int
-    last_push: dict[str, tuple[int, int]]
+    tensors: dict[str, torch.Tensor]
+    """The store's persistent buffers and optimizer state, by name."""
+    values: dict[str, object]
+    """JSON-able: layout, partitioner, counters and the store's plain values."""
+
+
+def _check_slices(slices: Sequence[ShardSlice], values: Sequence[torch.Tensor], what: str) -> None:
+    if len(values) != len(slices):
+        raise ValueError(f"expected {len(slices)} {what} slices, got {len(values)}")
+    for piece, value in zip(slices, values, strict=True):
+        if value.dtype != piece.dtype or value.shape != (piece.numel,):
+            raise ValueError(f"{what} slice {piece.name} has {value.dtype} {value.shape}")
 
 
 class ParameterShard:
@@ -84,6 +96,8 @@ class ParameterShard:
         num_shards: How many shards hold the model.
         optimizer_factory: Builds the update rule over this shard's slice tensors.
         consistency: Async (default), SSP, or synchronous rounds.
+        partitioner: Which slices this shard owns (default: byte-balanced flat); clients
+            must use an equal one.
     """
 
     def __init__(
@@ -92,19 +106,21 @@ class ParameterShard:
         num_shards: int,
         optimizer_factory: ServerOptimizerFactory,
         consistency: ConsistencyConfig | None = None,
+        *,
+        partitioner: Partitioner | None = None,
     ) -> None:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} is not in [0, {num_shards})")
         self.shard_id = shard_id
         self.num_shards = num_shards
         self.consistency = consistency or ConsistencyConfig()
+        self.partitioner: Partitioner = partitioner or FlatPartitioner()
         self._optimizer_factory = optimizer_factory
         self._changed = threading.Condition(threading.Lock())
         self.specs: list[TensorSpec] = []
         self.fingerprint = ""
         self.slices: list[ShardSlice] = []
-        self._params: list[torch.Tensor] = []
-        self._optimizer: torch.optim.Optimizer | None = None
+        self.store: ShardStore | None = None
         self._version = 0
         # Bumped on every change of the parameters (updates, init, restore): a pull whose
         # buffers already hold the current generation needs no copy.
@@ -113,16 +129,14 @@ class ParameterShard:
         self._num_pulls = 0
         self._num_dropped = 0
         self.clocks = WorkerClocks(self.consistency.liveness_timeout_s)
+        self.policy = consistency_policy(self.consistency, self.clocks)
         self.staleness = StalenessHistogram()
-        self._round_sum: list[torch.Tensor] = []
-        self._round_count = 0
-        self._started_s = time.monotonic()
         self.last_push: dict[str, tuple[int, int]] = {}
         """Per client session: (sequence number, version after) of its last push."""
 
     @property
     def initialized(self) -> bool:
-        return self._optimizer is not None
+        return self.store is not None
 
     @property
     def version(self) -> int:
@@ -136,6 +150,15 @@ class ParameterShard:
         if self.initialized and layout_fingerprint(specs) != self.fingerprint:
             raise ModelMismatchError(describe_mismatch(self.specs, specs))
 
+    def check_partitioner(self, partitioner: Partitioner) -> None:
+        """Raise LayoutMismatchError unless ``partitioner`` equals this shard's."""
+        mine, theirs = describe_partitioner(self.partitioner), describe_partitioner(partitioner)
+        if mine != theirs:
+            raise LayoutMismatchError(
+                f"shard {self.shard_id} divides the model with partitioner {mine}, the client "
+                f"with {theirs}: every shard and client must use the same partitioner"
+            )
+
     def initialize(self, specs: Sequence[TensorSpec], values: Sequence[torch.Tensor]) -> bool:
         """Adopt ``specs`` and this shard's slices ``values`` unless already initialised.
 
@@ -146,24 +169,24 @@ class ParameterShard:
             ModelMismatchError: the shard holds a different layout.
             ValueError: ``values`` do not fit this shard's slices.
         """
-        slices = partition(specs, self.num_shards)[self.shard_id]
-        if len(values) != len(slices):
-            raise ValueError(f"expected {len(slices)} initial slices, got {len(values)}")
-        for piece, value in zip(slices, values, strict=True):
-            if value.dtype != piece.dtype or value.shape != (piece.numel,):
-                raise ValueError(f"initial value for {piece.name} has {value.dtype} {value.shape}")
+        slices = self.partitioner.partition(specs, self.num_shards)[self.shard_id]
+        _check_slices(slices, values, "initial")
         with self._changed:
             if self.initialized:
                 self.check_layout(specs)
                 return False
-            self.specs = list(specs)
-            self.fingerprint = layout_fingerprint(specs)
-            self.slices = slices
-            self._params = [value.detach().clone() for value in values]
-            self._optimizer = self._optimizer_factory(self._params)
-            self._round_sum = [torch.zeros_like(p) for p in self._params]
-            self._generation += 1
+            store = ShardStore(self._optimizer_factory, [v.detach().clone() for v in values])
+            self._adopt(specs, slices, store)
             return True
+
+    def _adopt(self, specs: Sequence[TensorSpec], slices: list[ShardSlice], store: ShardStore):
+        """Hold ``store`` as this shard's buffers (under the lock)."""
+        self.specs = list(specs)
+        self.fingerprint = layout_fingerprint(specs)
+        self.slices = slices
+        self.store = store
+        self.policy.bind(store, self._apply_update)
+        self._generation += 1
 
     def touch(self, worker: str | None, clock: int) -> None:
         """Note that ``worker`` is alive at step ``clock``."""
@@ -190,17 +213,15 @@ class ParameterShard:
         worker: str | None = None,
         clock: int = 0,
         base_version: int | None = None,
-        fetched: Sequence[torch.Tensor] | None = None,
         seq: tuple[str, int] | None = None,
     ) -> PushResult:
-        """Apply (async) or collect (sync) one pushed gradient.
+        """Apply (async) or collect (sync) one pushed gradient, as the policy decides.
 
         Args:
             grads: One tensor per slice; may be modified in place.
-            worker: Who pushed (for liveness and clocks); None for anonymous callers.
+            worker: Who pushed (for liveness, clocks, dc-asgd); None for anonymous callers.
             clock: The worker's step count.
             base_version: The shard version the gradient was computed from (sync: the round).
-            fetched: The parameters this shard last sent to ``worker`` (for dc-asgd).
             seq: (session, number) of the push: the session names one life of one client, the
                 number counts its pushes. A push seen before (a retry after a lost reply) is
                 answered again without being applied twice.
@@ -217,72 +238,22 @@ class ParameterShard:
             staleness = max(0, self._version - base)
             self.staleness.record(staleness)
             self._num_pushes += 1
-            if self.consistency.sync:
-                applied = self._collect_for_round(grads, base)
-            else:
-                self._apply(grads, staleness, fetched)
-                applied = True
+            applied = self.policy.push(
+                grads, worker=worker, staleness=staleness, base_version=base, version=self._version
+            )
+            if not applied:
+                self._num_dropped += 1
             if dedupe_key is not None and seq is not None:
                 self.last_push[dedupe_key] = (seq[1], self._version)
             self._changed.notify_all()
             return PushResult(self._version, staleness, applied)
 
-    def _apply(self, grads, staleness: int, fetched) -> None:
-        config = self.consistency
-        adjusted = adjust_gradient(
-            config.staleness_policy,
-            grads,
-            staleness=staleness,
-            params_now=self._params,
-            params_fetched=fetched,
-            dc_lambda=config.dc_lambda,
-        )
-        assert self._optimizer is not None
-        apply_update(self._optimizer, self._params, adjusted)
+    def _apply_update(self, grads: Sequence[torch.Tensor]) -> None:
+        """The policy's way to update the parameters (called under the lock)."""
+        assert self.store is not None
+        self.store.step(grads)
         self._version += 1
         self._generation += 1
-
-    def _round_quorum(self) -> int:
-        config = self.consistency
-        now_s = time.monotonic()
-        dead = self.clocks.dead_count(now_s)
-        if now_s - self._started_s > config.liveness_timeout_s:
-            # Workers that never showed up within a liveness period count as dead too.
-            dead += max(0, config.num_workers - len(self.clocks.workers))
-        return max(1, config.num_workers - config.backup_workers - dead)
-
-    def _collect_for_round(self, grads, round_id: int) -> bool:
-        if round_id != self._version:
-            self._num_dropped += 1  # a backup worker's late gradient: its round is closed
-            return False
-        torch._foreach_add_(self._round_sum, list(grads))
-        self._round_count += 1
-        self._close_round_if_complete()
-        return True
-
-    def _close_round_if_complete(self) -> bool:
-        """Apply the mean of the round's gradients once enough workers have pushed."""
-        if not self._round_count or self._round_count < self._round_quorum():
-            return False
-        torch._foreach_div_(self._round_sum, float(self._round_count))
-        self._apply(self._round_sum, 0, None)
-        torch._foreach_zero_(self._round_sum)
-        self._round_count = 0
-        return True
-
-    def _must_hold(self, worker: str | None, after_version: int | None) -> bool:
-        config = self.consistency
-        if (
-            worker is not None
-            and config.max_staleness is not None
-            and self.clocks.too_far_ahead(worker, config.max_staleness)
-        ):
-            return True
-        if after_version is not None and self._version <= after_version:
-            # Sync: the round this worker pushed into is not applied yet. Re-check the quorum,
-            # which shrinks when a worker dies.
-            return not self._close_round_if_complete()
-        return False
 
     def pull_into(
         self,
@@ -294,7 +265,7 @@ class ParameterShard:
         max_wait_s: float = 0.0,
         outs_generation: int | None = None,
     ) -> PullResult:
-        """Copy a consistent snapshot into ``outs`` once the consistency model allows it.
+        """Copy a consistent snapshot into ``outs`` once the consistency policy allows it.
 
         A pull is held while its worker is too far ahead (SSP) or, with ``after_version``,
         until the shard's version passes it (sync rounds). After ``max_wait_s`` it returns
@@ -307,14 +278,16 @@ class ParameterShard:
         with self._changed:
             if worker is not None:
                 self.clocks.touch(worker, clock)
-            while self._must_hold(worker, after_version):
+            while self.policy.must_hold(worker, after_version, self._version):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return PullResult(self._version, held=True)
                 # Short waits: liveness changes by the clock, not only by notifications.
                 self._changed.wait(min(remaining, 0.1))
             if outs_generation != self._generation:
-                torch._foreach_copy_(list(outs), self._params)
+                assert self.store is not None
+                torch._foreach_copy_(list(outs), self.store.params)
+            self.policy.pulled(worker, self._generation)
             self._num_pulls += 1
             return PullResult(self._version, held=False, generation=self._generation)
 
@@ -324,7 +297,9 @@ class ParameterShard:
 
     def parameters(self) -> list[torch.Tensor]:
         """Copies of the current slice values."""
-        outs = [torch.empty_like(p) for p in self._params]
+        self.require_initialized()
+        assert self.store is not None
+        outs = [torch.empty_like(p) for p in self.store.params]
         self.read_into(outs)
         return outs
 
@@ -332,59 +307,56 @@ class ParameterShard:
         """A consistent copy of everything a checkpoint needs (taken under the lock)."""
         self.require_initialized()
         with self._changed:
-            assert self._optimizer is not None
-            optimizer_state = self._optimizer.state_dict()
+            assert self.store is not None
+            tensors, store_values = self.store.export()
+            values = {
+                "specs": specs_to_json(self.specs),
+                "partitioner": self.partitioner.to_json(),
+                "num_pushes": self._num_pushes,
+                "last_push": {session: list(pair) for session, pair in self.last_push.items()},
+                "store": store_values,
+            }
             return ShardState(
                 shard_id=self.shard_id,
                 num_shards=self.num_shards,
-                specs=list(self.specs),
-                params=[p.clone() for p in self._params],
-                optimizer_name=type(self._optimizer).__name__,
-                optimizer_state={
-                    index: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
-                    for index, state in optimizer_state["state"].items()
-                },
                 version=self._version,
-                num_pushes=self._num_pushes,
-                last_push=dict(self.last_push),
+                tensors=tensors,
+                values=values,
             )
 
     def restore(self, state: ShardState) -> None:
         """Become the shard ``state`` describes (before serving anyone).
 
         Raises:
-            ValueError: the state belongs to another shard, or to another optimizer.
+            ValueError: the state belongs to another shard, another partitioner or another
+                optimizer, or is incomplete.
         """
         if (state.shard_id, state.num_shards) != (self.shard_id, self.num_shards):
             raise ValueError(
                 f"checkpoint is of shard {state.shard_id} of {state.num_shards}, "
                 f"not shard {self.shard_id} of {self.num_shards}"
             )
-        slices = partition(state.specs, self.num_shards)[self.shard_id]
-        for piece, value in zip(slices, state.params, strict=True):
-            if value.dtype != piece.dtype or value.shape != (piece.numel,):
-                raise ValueError(f"checkpoint slice {piece.name} has {value.dtype} {value.shape}")
-        optimizer = self._optimizer_factory([p.clone() for p in state.params])
-        if type(optimizer).__name__ != state.optimizer_name:
-            raise ValueError(
-                f"checkpoint holds {state.optimizer_name} state, this shard runs "
-                f"{type(optimizer).__name__}"
-            )
-        params = optimizer.param_groups[0]["params"]
-        optimizer.load_state_dict(
-            {"state": state.optimizer_state, "param_groups": optimizer.state_dict()["param_groups"]}
-        )
+        values = state.values
+        try:
+            specs = specs_from_json(values["specs"])
+            saved = describe_partitioner(partitioner_from_json(values["partitioner"]))
+            if saved != describe_partitioner(self.partitioner):
+                raise ValueError(
+                    f"checkpoint was partitioned with {saved}, this shard partitions with "
+                    f"{describe_partitioner(self.partitioner)}"
+                )
+            slices = self.partitioner.partition(specs, self.num_shards)[self.shard_id]
+            store = ShardStore.load(self._optimizer_factory, state.tensors, values["store"])
+            last_push = {s: (int(p[0]), int(p[1])) for s, p in values["last_push"].items()}
+            num_pushes = int(values["num_pushes"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint state is incomplete: {e!r}") from e
+        _check_slices(slices, store.params, "checkpoint")
         with self._changed:
-            self.specs = list(state.specs)
-            self.fingerprint = layout_fingerprint(state.specs)
-            self.slices = slices
-            self._params = list(params)
-            self._optimizer = optimizer
-            self._round_sum = [torch.zeros_like(p) for p in self._params]
+            self._adopt(specs, slices, store)
             self._version = state.version
-            self._generation += 1
-            self._num_pushes = state.num_pushes
-            self.last_push = dict(state.last_push)
+            self._num_pushes = num_pushes
+            self.last_push = last_push
 
     def require_initialized(self) -> None:
         if not self.initialized:

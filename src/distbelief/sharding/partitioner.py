@@ -1,162 +1,225 @@
-"""The map from a model's parameters to shards, computed the same way by every process.
+"""Partitioners: which slices of the flat parameter vectors each shard owns.
 
-Parameters are grouped by dtype and each group is viewed as one flat vector (tensors concatenated
-in model order). Shard ``s`` of ``S`` owns the contiguous element range ``[N*s//S, N*(s+1)//S)``
-of every group, so every shard holds 1/S of the bytes (to one element) and a large tensor is split
-across shards. A shard's part of a flat buffer is one contiguous slice: no gather on push or pull.
+A partitioner is a value both sides hold: the client slices its pushes and pulls with it, the
+shard sizes its buffers with it, and the handshake compares their JSON descriptions so that two
+different layouts are a clear error, not a silent mix. Pure functions of the specs, no I/O.
 """
 
 from __future__ import annotations
 
-import hashlib
+import bisect
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from distbelief.wire.dtypes import dtype_from_name, dtype_name
+from distbelief.sharding.layout import ShardSlice, TensorSpec, group_sizes
 
 
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """Name, shape and dtype of one parameter tensor."""
+class Partitioner(Protocol):
+    """Maps a model's specs to each shard's slices of the flat per-dtype vectors."""
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+    def partition(self, specs: Sequence[TensorSpec], num_shards: int) -> list[list[ShardSlice]]:
+        """``result[shard_id]``: the slices that shard owns, in a fixed order.
 
-    @property
-    def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        Raises:
+            ValueError: ``num_shards`` < 1, or nothing to shard.
+        """
+        ...
 
-
-@dataclass(frozen=True, slots=True)
-class ShardSlice:
-    """Elements ``[start, stop)`` of the flat vector of all parameters of one dtype."""
-
-    dtype: torch.dtype
-    start: int
-    stop: int
-
-    @property
-    def numel(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def name(self) -> str:
-        """The tensor name this slice travels under on the wire."""
-        return f"{dtype_name(self.dtype)}[{self.start}:{self.stop}]"
+    def to_json(self) -> dict:
+        """A JSON-able description; equal descriptions mean equal layouts for equal specs."""
+        ...
 
 
-def tensor_specs(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
-    """Specs of ``(name, tensor)`` pairs, in order; names must be unique."""
-    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in named_tensors]
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        duplicate = next(name for name in names if names.count(name) > 1)
-        raise ValueError(f"parameter name {duplicate!r} appears twice")
-    return specs
+def describe_partitioner(partitioner: Partitioner) -> str:
+    """The canonical text of a partitioner's description (for comparisons and messages)."""
+    return json.dumps(partitioner.to_json(), sort_keys=True, separators=(",", ":"))
 
 
-def _group_sizes(specs: Sequence[TensorSpec]) -> dict[torch.dtype, int]:
-    sizes: dict[torch.dtype, int] = {}
-    for spec in specs:
-        sizes[spec.dtype] = sizes.get(spec.dtype, 0) + spec.numel
-    return sizes
-
-
-def partition(specs: Sequence[TensorSpec], num_shards: int) -> list[list[ShardSlice]]:
-    """The slices each shard owns: ``result[shard_id]`` lists one slice per dtype group.
-
-    Raises:
-        ValueError: ``num_shards`` < 1, or no parameters.
-    """
+def _check_arguments(sizes: dict[torch.dtype, int], num_shards: int) -> None:
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    sizes = _group_sizes(specs)
     if not sizes:
         raise ValueError("the model has no parameters to shard")
-    return [
-        [
-            ShardSlice(dtype, total * shard_id // num_shards, total * (shard_id + 1) // num_shards)
-            for dtype, total in sizes.items()
+
+
+class FlatPartitioner:
+    """Byte-balanced: shard ``s`` of ``S`` owns elements ``[N*s//S, N*(s+1)//S)`` of every
+    dtype group, so every shard holds 1/S of the bytes (to one element) and a large tensor is
+    split across shards. One contiguous slice per dtype: no gather on push or pull."""
+
+    def partition(self, specs: Sequence[TensorSpec], num_shards: int) -> list[list[ShardSlice]]:
+        sizes = group_sizes(specs)
+        _check_arguments(sizes, num_shards)
+        return [
+            [
+                ShardSlice(
+                    dtype, total * shard_id // num_shards, total * (shard_id + 1) // num_shards
+                )
+                for dtype, total in sizes.items()
+            ]
+            for shard_id in range(num_shards)
         ]
-        for shard_id in range(num_shards)
-    ]
+
+    def to_json(self) -> dict:
+        return {"kind": "flat"}
 
 
-class FlatLayout:
-    """One flat buffer per dtype and per-parameter views into it.
+def _row_numel(spec: TensorSpec) -> int:
+    """Elements in one row (first-dimension index) of ``spec``; 1 for scalars and vectors."""
+    if len(spec.shape) < 2 or spec.shape[0] == 0:
+        return 1
+    return spec.numel // spec.shape[0]
 
-    Args:
-        specs: The parameters, in model order.
+
+class RowAlignedPartitioner:
+    """Like :class:`FlatPartitioner`, but every cut falls on a row boundary of the tensor it
+    lands in, so no row (an embedding's row, say) is ever split between shards.
+
+    Each cut is the row boundary nearest to the flat layout's cut, so every shard's size is
+    within one row (of the widest tensor it cuts) of 1/S of its dtype group.
     """
 
-    def __init__(self, specs: Sequence[TensorSpec]) -> None:
-        self.specs = list(specs)
-        self.sizes = _group_sizes(self.specs)
-        self._offsets: list[int] = []
-        running: dict[torch.dtype, int] = dict.fromkeys(self.sizes, 0)
-        for spec in self.specs:
-            self._offsets.append(running[spec.dtype])
-            running[spec.dtype] += spec.numel
+    def partition(self, specs: Sequence[TensorSpec], num_shards: int) -> list[list[ShardSlice]]:
+        sizes = group_sizes(specs)
+        _check_arguments(sizes, num_shards)
+        per_shard: list[list[ShardSlice]] = [[] for _ in range(num_shards)]
+        for dtype, total in sizes.items():
+            tensors = [spec for spec in specs if spec.dtype == dtype]
+            cuts = [
+                _row_cut(tensors, total * shard_id // num_shards)
+                for shard_id in range(1, num_shards)
+            ]
+            bounds = [0, *cuts, total]
+            for shard_id in range(num_shards):
+                per_shard[shard_id].append(
+                    ShardSlice(dtype, bounds[shard_id], bounds[shard_id + 1])
+                )
+        return per_shard
 
-    def allocate(self) -> dict[torch.dtype, torch.Tensor]:
-        """Zeroed flat buffers, one per dtype."""
-        return {dtype: torch.zeros(total, dtype=dtype) for dtype, total in self.sizes.items()}
+    def to_json(self) -> dict:
+        return {"kind": "row-aligned"}
 
-    def views(self, flats: dict[torch.dtype, torch.Tensor]) -> list[torch.Tensor]:
-        """Views of ``flats`` shaped like each parameter, in spec order (no copy)."""
+
+def _row_cut(tensors: Sequence[TensorSpec], ideal: int) -> int:
+    """The row boundary nearest to flat position ``ideal`` (the tensors of one dtype group)."""
+    offsets, running = [], 0
+    for spec in tensors:
+        offsets.append(running)
+        running += spec.numel
+    # The last tensor starting at or before ``ideal`` that has elements holds it.
+    index = bisect.bisect_right(offsets, ideal) - 1
+    while index > 0 and tensors[index].numel == 0:
+        index -= 1
+    offset, spec = offsets[index], tensors[index]
+    row = _row_numel(spec)
+    rows_before = (ideal - offset + row // 2) // row
+    # Monotone in ``ideal`` (rounding to the nearest point of one sorted set), so the
+    # slices never overlap.
+    return offset + min(rows_before * row, spec.numel)
+
+
+class ParameterGroupPartitioner:
+    """Shards only the named parameters (a model-parallel stage's, say), with ``inner``.
+
+    ``inner`` partitions the named tensors as if they were the whole model; its slices are then
+    mapped back onto the full flat vectors, split where the named tensors are not adjacent.
+    The other parameters are owned by no shard.
+
+    Args:
+        inner: How the group is divided among the shards.
+        names: The parameters in the group.
+
+    Raises:
+        ValueError: ``names`` is empty.
+    """
+
+    def __init__(self, inner: Partitioner, names: Iterable[str]) -> None:
+        self.inner = inner
+        self.names = tuple(sorted(set(names)))
+        if not self.names:
+            raise ValueError("a parameter group needs at least one parameter name")
+
+    def partition(self, specs: Sequence[TensorSpec], num_shards: int) -> list[list[ShardSlice]]:
+        """Raises ValueError also when a name is not one of the model's parameters."""
+        known = {spec.name for spec in specs}
+        unknown = [name for name in self.names if name not in known]
+        if unknown:
+            raise ValueError(f"parameter group names {unknown} are not parameters of the model")
+        maps = _group_maps(specs, set(self.names))
         return [
-            flats[spec.dtype][offset : offset + spec.numel].view(spec.shape)
-            for spec, offset in zip(self.specs, self._offsets, strict=True)
+            [piece for inner in pieces for piece in _map_back(inner, maps[inner.dtype])]
+            for pieces in self.inner.partition(
+                [s for s in specs if s.name in self.names], num_shards
+            )
         ]
 
-    def flatten(self, tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, torch.Tensor]:
-        """New flat buffers holding copies of ``tensors`` (one per spec)."""
-        flats = self.allocate()
-        torch._foreach_copy_(self.views(flats), [t.detach().cpu() for t in tensors])
-        return flats
+    def to_json(self) -> dict:
+        return {"kind": "parameter-group", "names": list(self.names), "inner": self.inner.to_json()}
 
 
-def specs_to_json(specs: Sequence[TensorSpec]) -> list[list[object]]:
-    """A JSON-able form of ``specs`` for the wire."""
-    return [[spec.name, list(spec.shape), dtype_name(spec.dtype)] for spec in specs]
+def _group_maps(
+    specs: Sequence[TensorSpec], names: set[str]
+) -> dict[torch.dtype, list[tuple[int, int, int]]]:
+    """Per dtype, ``(group offset, full offset, numel)`` of each named tensor with elements."""
+    maps: dict[torch.dtype, list[tuple[int, int, int]]] = {}
+    group_offsets: dict[torch.dtype, int] = {}
+    full_offsets: dict[torch.dtype, int] = {}
+    for spec in specs:
+        full = full_offsets.get(spec.dtype, 0)
+        full_offsets[spec.dtype] = full + spec.numel
+        if spec.name not in names:
+            continue
+        group = group_offsets.get(spec.dtype, 0)
+        group_offsets[spec.dtype] = group + spec.numel
+        maps.setdefault(spec.dtype, [])
+        if spec.numel:
+            maps[spec.dtype].append((group, full, spec.numel))
+    return maps
 
 
-def specs_from_json(raw: object) -> list[TensorSpec]:
-    """Inverse of :func:`specs_to_json`; raises ValueError on anything malformed."""
-    if not isinstance(raw, list):
-        raise ValueError("tensor specs must be a list")
-    specs = []
-    for item in raw:
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)):
-            raise ValueError(f"malformed tensor spec {item!r}")
-        name, shape, dtype = item
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ValueError(f"tensor {name!r}: malformed shape {shape!r}")
-        specs.append(TensorSpec(name, tuple(shape), dtype_from_name(dtype)))
-    return specs
+def _map_back(piece: ShardSlice, spans: list[tuple[int, int, int]]) -> list[ShardSlice]:
+    """``piece`` (of the group's flat vector) as slices of the full flat vector."""
+    mapped: list[ShardSlice] = []
+    for group, full, numel in spans:
+        start, stop = max(piece.start, group), min(piece.stop, group + numel)
+        if start >= stop:
+            continue
+        begin, end = full + start - group, full + stop - group
+        if mapped and mapped[-1].stop == begin:
+            mapped[-1] = ShardSlice(piece.dtype, mapped[-1].start, end)  # adjacent tensors
+        else:
+            mapped.append(ShardSlice(piece.dtype, begin, end))
+    if mapped:
+        return mapped
+    # An empty piece stays as one empty slice, as the flat layout keeps it: every shard has
+    # at least one buffer, so its optimizer is never built over no parameters.
+    anchor = 0
+    for group, full, numel in reversed(spans):
+        if piece.start >= group:
+            anchor = full + min(piece.start - group, numel)
+            break
+    return [ShardSlice(piece.dtype, anchor, anchor)]
 
 
-def layout_fingerprint(specs: Sequence[TensorSpec]) -> str:
-    """A short digest of names, shapes and dtypes: equal for equal models."""
-    text = json.dumps(specs_to_json(specs), separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def partitioner_from_json(raw: object) -> Partitioner:
+    """The partitioner :meth:`Partitioner.to_json` described.
 
-
-def describe_mismatch(expected: Sequence[TensorSpec], actual: Sequence[TensorSpec]) -> str:
-    """A sentence naming the first tensor that differs between two layouts."""
-    for want, got in zip(expected, actual, strict=False):
-        if want != got:
-            return (
-                f"tensor {got.name!r} {list(got.shape)} {dtype_name(got.dtype)} does not match "
-                f"the shards' {want.name!r} {list(want.shape)} {dtype_name(want.dtype)}"
-            )
-    if len(expected) != len(actual):
-        return f"the model has {len(actual)} parameter tensors, the shards hold {len(expected)}"
-    return "layouts are equal"
+    Raises:
+        ValueError: ``raw`` is not a description of a known partitioner.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("kind"), str):
+        raise ValueError(f"malformed partitioner description {raw!r}")
+    kind = raw["kind"]
+    if kind == "flat" and len(raw) == 1:
+        return FlatPartitioner()
+    if kind == "row-aligned" and len(raw) == 1:
+        return RowAlignedPartitioner()
+    if kind == "parameter-group" and set(raw) == {"kind", "names", "inner"}:
+        names = raw["names"]
+        if not (isinstance(names, list) and all(isinstance(name, str) for name in names)):
+            raise ValueError(f"parameter group names must be a list of strings, got {names!r}")
+        return ParameterGroupPartitioner(partitioner_from_json(raw["inner"]), names)
+    raise ValueError(f"unknown partitioner description {raw!r}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from distbelief.errors import ModelMismatchError, PSError, RemoteError
+from distbelief.errors import LayoutMismatchError, ModelMismatchError, PSError, RemoteError
 
 
 class ErrorKind(NamedTuple):
@@ -22,6 +22,7 @@ class ErrorKind(NamedTuple):
 
 
 ERROR_KINDS: tuple[ErrorKind, ...] = (
+    ErrorKind("layout_mismatch", (LayoutMismatchError,), LayoutMismatchError),
     ErrorKind("model_mismatch", (ModelMismatchError,), ModelMismatchError),
     ErrorKind("bad_request", (ValueError, PSError), RemoteError),
 )

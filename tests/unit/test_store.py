@@ -1,0 +1,70 @@
+"""ShardStore: named buffers, what export saves, and a load that continues exactly."""
+
+import pytest
+import torch
+
+from distbelief.server import server_optimizer_factory
+from distbelief.server.store import PARAM, ShardStore
+
+
+def _store(name: str = "adagrad") -> ShardStore:
+    params = [torch.arange(6, dtype=torch.float32), torch.ones(3, dtype=torch.float64)]
+    return ShardStore(server_optimizer_factory(name, lr=0.1), params)
+
+
+def test_buffers_are_added_listed_and_shaped_like_the_slices():
+    store = _store()
+    history = store.add("sandblaster.w")
+    assert store.names() == [PARAM, "sandblaster.w"]
+    assert [(t.dtype, t.shape) for t in history] == [(p.dtype, p.shape) for p in store.params]
+    assert all(bool((t == 0).all()) for t in history)
+    assert store.get("sandblaster.w") is history and store.find("nothing") is None
+    with pytest.raises(KeyError):
+        store.get("nothing")
+
+
+@pytest.mark.parametrize("name", [PARAM, "sandblaster.w", "optim.0", ""])
+def test_taken_or_reserved_names_are_refused(name):
+    store = _store()
+    store.add("sandblaster.w")
+    with pytest.raises(ValueError, match="taken or reserved"):
+        store.add(name)
+
+
+def test_export_holds_persistent_buffers_optimizer_state_and_values():
+    store = _store()
+    store.step([torch.ones(6), torch.ones(3, dtype=torch.float64)])
+    store.add("direction", [torch.full((2,), 3.0)])
+    store.add("cache", persistent=False)
+    store.values["rho"] = [0.5, 0.25]
+    tensors, plain = store.export()
+    optimizer_state = {f"optim.{i}.{key}" for i in range(2) for key in ("sum", "step")}
+    assert set(tensors) == {"param.0", "param.1", "direction.0", *optimizer_state}
+    assert plain["buffers"] == {PARAM: 2, "direction": 1}
+    assert plain["values"] == {"rho": [0.5, 0.25]}
+    assert tensors["param.0"] is not store.params[0]  # copies: later steps do not change them
+    assert torch.equal(tensors["param.0"], store.params[0])
+
+
+def test_loaded_store_continues_exactly_like_the_original():
+    original = _store("adam")
+    grads = [torch.linspace(-1, 1, 6), torch.full((3,), 0.5, dtype=torch.float64)]
+    original.step([g.clone() for g in grads])
+    original.add("direction", [torch.full((2,), 3.0)])
+    tensors, plain = original.export()
+    loaded = ShardStore.load(server_optimizer_factory("adam", lr=0.1), tensors, plain)
+    assert loaded.names() == [PARAM, "direction"]
+    assert torch.equal(loaded.get("direction")[0], torch.full((2,), 3.0))
+    for store in (original, loaded):
+        store.step([g.clone() for g in grads])
+    for a, b in zip(original.params, loaded.params, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_load_refuses_another_optimizer_or_a_missing_tensor():
+    tensors, plain = _store("adagrad").export()
+    with pytest.raises(ValueError, match="Adagrad state, this shard runs SGD"):
+        ShardStore.load(server_optimizer_factory("sgd", lr=0.1), tensors, plain)
+    del tensors["param.1"]
+    with pytest.raises(ValueError, match=r"'param\.1' is missing"):
+        ShardStore.load(server_optimizer_factory("adagrad", lr=0.1), tensors, plain)

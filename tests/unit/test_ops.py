@@ -31,8 +31,9 @@ def test_an_op_is_its_code_with_a_name():
     assert (str(PING), repr(PING)) == ("TEST_OPS_PING", "Op('TEST_OPS_PING', 240)")
     assert ops.op_for_code(240) is PING and PING in ops.defined_ops()
     assert HEADER.unpack(HEADER.pack(MAGIC, PROTOCOL_VERSION, PING, 0, 1, 0, 0))[2] == 240
-    copy = pickle.loads(pickle.dumps(PING))
-    assert (copy, copy.name) == (PING, PING.name)
+    assert pickle.loads(pickle.dumps(PING)) is PING  # the receiving process's defined op
+    stranger = pickle.loads(pickle.dumps(Op("ELSEWHERE", 244)))
+    assert (stranger.name, int(stranger), ops.op_for_code(244)) == ("ELSEWHERE", 244, None)
 
 
 def test_define_op_refuses_a_taken_name_or_code():

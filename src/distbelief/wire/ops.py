@@ -38,8 +38,8 @@ class Op(int):
     def __str__(self) -> str:
         return self.name
 
-    def __reduce__(self) -> tuple[type[Op], tuple[str, int]]:
-        return Op, (self.name, int(self))
+    def __reduce__(self) -> tuple[Callable[[str, int], Op], tuple[str, int]]:
+        return _unpickle_op, (self.name, int(self))
 
 
 _define_lock = threading.Lock()
@@ -70,9 +70,15 @@ def define_op(name: str, code: int) -> Op:
     return op
 
 
-def op_for_code(code: int) -> Op | None:
-    """The op defined with ``code`` in this process (None: no op has it)."""
-    return _ops_by_code.get(code)
+def _unpickle_op(name: str, code: int) -> Op:
+    """The op this process defines with ``name`` and ``code``, else an undefined value."""
+    op = _ops_by_code.get(code)
+    return op if op is not None and op.name == name else Op(name, code)
+
+
+op_for_code: Callable[[int], Op | None] = _ops_by_code.get
+"""The op defined with a code in this process (None: no op has it). The dict's own ``get``, as
+the reader calls it once per frame."""
 
 
 def defined_ops() -> list[Op]:

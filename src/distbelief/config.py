@@ -50,7 +50,3 @@ class ConsistencyConfig:
             raise ValueError("sync rounds have no staleness: drop max_staleness/staleness_policy")
         if self.liveness_timeout_s <= 0:
             raise ValueError(f"liveness_timeout_s must be > 0, got {self.liveness_timeout_s}")
-
-    def describe(self) -> dict:
-        """The part of the config workers need (sent in the handshake reply)."""
-        return {"sync": self.sync, "max_staleness": self.max_staleness}

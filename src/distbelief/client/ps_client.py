@@ -338,12 +338,12 @@ class ParameterServerClient:
         first = described[0]
         for shard_id, settings in enumerate(described[1:], start=1):
             for key in sorted(set(first) | set(settings)):
-                if first.get(key, "(absent)") != settings.get(key, "(absent)"):
+                at_first, at_other = first.get(key, "(absent)"), settings.get(key, "(absent)")
+                if at_first != at_other:
                     raise ConsistencyMismatchError(
-                        f"shard 0 ({self.addresses[0]}) runs {key}={first.get(key, '(absent)')!r}"
-                        f" but shard {shard_id} ({self.addresses[shard_id]}) runs "
-                        f"{key}={settings.get(key, '(absent)')!r}: start every shard with the "
-                        "same consistency flags"
+                        f"shard 0 ({self.addresses[0]}) runs {key}={at_first!r} but shard "
+                        f"{shard_id} ({self.addresses[shard_id]}) runs {key}={at_other!r}: start "
+                        "every shard with the same consistency flags"
                     )
         return first
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import threading
 
+import torch
+
 from distbelief.config import ConsistencyConfig
 from distbelief.errors import CheckpointError
 from distbelief.process import Emit, StopFlag
@@ -53,6 +55,9 @@ def serve_shard(
         CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.
     """
     stop = stop if stop is not None else threading.Event()
+    # torch.optim's first optimizer imports torch._dynamo: seconds on a busy machine. Paid here,
+    # before "ready", it cannot push the first worker's INIT past its request timeout.
+    optimizer_factory([torch.zeros(1)])
     shard = ParameterShard(
         shard_id, num_shards, optimizer_factory, consistency, partitioner=partitioner
     )

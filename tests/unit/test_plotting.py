@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from distbelief.config import dotted_fields
 from distbelief.metrics import MetricsWriter, make_record
 from distbelief.plot_compare import plot_runs, run_labels
 from distbelief.plotting import RunData, plot_run, total_rate
@@ -98,7 +99,7 @@ def test_bad_config_json_is_named(tmp_path: Path) -> None:
 
 
 def _run_data(name: str, **config: object) -> RunData:
-    return RunData(Path(name), [], config)
+    return RunData(Path(name), [], dotted_fields(config))
 
 
 def test_run_labels_show_the_config_and_what_differs() -> None:

@@ -31,6 +31,7 @@ def serve_shard(
     *,
     optimizer_factory: ServerOptimizerFactory,
     consistency: ConsistencyConfig | None = None,
+    num_workers: int = 1,
     security: WireSecurity | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every_s: float = 30.0,
@@ -40,7 +41,8 @@ def serve_shard(
     """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
 
     With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
-    saves every ``checkpoint_every_s`` seconds and once more on the way out. Emits "ready"
+    saves every ``checkpoint_every_s`` seconds and once more on the way out. A synchronous
+    round expects ``num_workers`` gradients. Emits "ready"
     once listening and a "heartbeat" with its version every quarter second.
 
     Returns:
@@ -50,7 +52,9 @@ def serve_shard(
         CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.
     """
     stop = stop if stop is not None else threading.Event()
-    shard = ParameterShard(shard_id, num_shards, optimizer_factory, consistency)
+    shard = ParameterShard(
+        shard_id, num_shards, optimizer_factory, consistency, num_workers=num_workers
+    )
     restored = _restore(shard, checkpoint_dir)
     checkpointer = None
     if checkpoint_dir is not None:

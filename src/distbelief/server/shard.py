@@ -84,6 +84,7 @@ class ParameterShard:
         num_shards: How many shards hold the model.
         optimizer_factory: Builds the update rule over this shard's slice tensors.
         consistency: Async (default), SSP, or synchronous rounds.
+        num_workers: The job's workers: how many gradients a synchronous round expects.
     """
 
     def __init__(
@@ -92,12 +93,21 @@ class ParameterShard:
         num_shards: int,
         optimizer_factory: ServerOptimizerFactory,
         consistency: ConsistencyConfig | None = None,
+        *,
+        num_workers: int = 1,
     ) -> None:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} is not in [0, {num_shards})")
+        consistency = consistency or ConsistencyConfig()
+        if not 0 <= consistency.backup_workers < num_workers:
+            raise ValueError(
+                f"backup_workers must be < num_workers ({num_workers}), "
+                f"got {consistency.backup_workers}"
+            )
         self.shard_id = shard_id
         self.num_shards = num_shards
-        self.consistency = consistency or ConsistencyConfig()
+        self.consistency = consistency
+        self.num_workers = num_workers
         self._optimizer_factory = optimizer_factory
         self._changed = threading.Condition(threading.Lock())
         self.specs: list[TensorSpec] = []
@@ -248,8 +258,8 @@ class ParameterShard:
         dead = self.clocks.dead_count(now_s)
         if now_s - self._started_s > config.liveness_timeout_s:
             # Workers that never showed up within a liveness period count as dead too.
-            dead += max(0, config.num_workers - len(self.clocks.workers))
-        return max(1, config.num_workers - config.backup_workers - dead)
+            dead += max(0, self.num_workers - len(self.clocks.workers))
+        return max(1, self.num_workers - config.backup_workers - dead)
 
     def _collect_for_round(self, grads, round_id: int) -> bool:
         if round_id != self._version:

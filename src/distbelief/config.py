@@ -69,7 +69,7 @@ class DataConfig:
     data_dir: str = "data"
     """Folder of the CIFAR-10 / MNIST files (downloaded there when missing)."""
     download: bool = True
-    """Download missing CIFAR-10 / MNIST files; off: fail naming the missing files."""
+    """Download missing CIFAR-10 / MNIST files (when off, fail and name them)."""
 
     def __post_init__(self) -> None:
         _require_choice(self, "name")
@@ -87,7 +87,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _require_choice(self, "name")
-        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, ">= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -160,7 +159,7 @@ class ServerConfig:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ConsistencyConfig:
     """A shard's consistency model. Workers learn it from the shard at their handshake; the
-    number of workers a synchronous round expects is the job's (``ClusterConfig``)."""
+    number of workers a synchronous round expects is the cluster section's."""
 
     sync: bool = False
     """Synchronous rounds: the shards apply one averaged update per step (Chen et al. 2016)."""
@@ -231,8 +230,8 @@ class ReportingConfig:
     eval_every_s: float = 1.0
     """Seconds between evaluations of the shards' parameters on the test set."""
     eval_during_training: bool = True
-    """Evaluate while the workers train; off: the test accuracy is measured once, at the end
-    (the evaluator then costs the workers nothing)."""
+    """Evaluate while the workers train (when off, the test accuracy is measured once, at the
+    end, and the evaluator costs the workers nothing)."""
     log_every_steps: int = 10
     """Steps between a worker's metric records."""
 

@@ -173,7 +173,7 @@ def _argument(command: str, path: str, item: dataclasses.Field) -> tuple[str, di
         # A flag switches the default off (--no-eval) or on (--sync); it takes no value.
         options["action"] = "store_false" if item.default else "store_true"
         if item.default:
-            text += " (on by default; this flag turns it off)"
+            text += " This flag turns it off."
     else:
         options["type"] = _VALUE_TYPES[annotation]
         name = _flag(command, path)[2:].upper().replace("-", "_")

@@ -42,8 +42,8 @@ def serve_shard(
 
     With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
     saves every ``checkpoint_every_s`` seconds and once more on the way out. A synchronous
-    round expects ``num_workers`` gradients. Emits "ready"
-    once listening and a "heartbeat" with its version every quarter second.
+    round expects ``num_workers`` gradients. Emits "ready" once listening and a "heartbeat"
+    with its version every quarter second.
 
     Returns:
         Its counters and staleness histogram.

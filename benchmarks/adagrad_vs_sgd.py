@@ -16,10 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-from distbelief.launch.config import TrainConfig
+from distbelief.config import FLAT_FIELDS
 from staleness_sweep import (
     BASE,
     environment,
+    job_config,
     new_figure,
     output_dirs,
     plot_accuracy,
@@ -47,10 +48,11 @@ def best_row(rows: list[dict]) -> dict:
 def run_config(args, runs_dir: Path, name: str, **changes) -> dict:
     steps = steps_per_worker(args.epochs, NUM_WORKERS, BASE["batch_size"], BASE["dataset"])
     settings = {**BASE, "num_workers": NUM_WORKERS, "steps": steps, "seed": args.seed, **changes}
-    config = TrainConfig(**settings, out_dir=str(runs_dir / name.replace(" ", "_")))
+    config = job_config(**settings, out_dir=str(runs_dir / name.replace(" ", "_")))
     row = run_job(config, name)
     keys = ("server_optimizer", "server_lr", "lr", "warmstart_steps", "steps")
-    return {**{k: getattr(config, k) for k in keys}, **row, "label_short": name}
+    fields = config.to_fields()
+    return {**{k: fields[FLAT_FIELDS[k]] for k in keys}, **row, "label_short": name}
 
 
 def run_grid(args: argparse.Namespace, runs_dir: Path) -> list[dict]:
@@ -62,7 +64,7 @@ def run_grid(args: argparse.Namespace, runs_dir: Path) -> list[dict]:
     logger.info("best SGD rate %g: the Adagrad runs use it as the workers' local rate", local_lr)
     steps = steps_per_worker(args.epochs, NUM_WORKERS, BASE["batch_size"], BASE["dataset"])
     # Replica 0 alone must be able to make the warmstart's pushes, or the others wait for the
-    # shards' version until their hold timeout (TrainConfig does not check this).
+    # shards' version until their hold timeout (the config alone cannot check this).
     warmstart_steps = min(args.warmstart_steps, steps // 2)
     if warmstart_steps < args.warmstart_steps:
         logger.warning("warmstart cut to %d steps: %d steps per worker", warmstart_steps, steps)

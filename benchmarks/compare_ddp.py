@@ -51,13 +51,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 import machine
 from distbelief.client import ParameterServerClient
+from distbelief.config import JobConfig
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.errors import LauncherInterrupted
-from distbelief.launch.config import TrainConfig
 from distbelief.launch.local import train
 from distbelief.launch.roles import build_replica, evaluate
 from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
+from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.server.process import serve_shard
 from distbelief.sharding import FlatLayout, tensor_specs
 
@@ -178,20 +179,22 @@ def replica(setup: Setup) -> nn.Module:
     return build_replica(downpour_config(setup), train_set.input_shape, train_set.num_classes)
 
 
-def downpour_config(setup: Setup, out_dir: str = "") -> TrainConfig:
-    return TrainConfig(
-        model="lenet",
-        dataset="digits",
-        num_workers=setup.num_workers,
-        num_shards=setup.num_shards,
-        lr=setup.lr,
-        server_lr=setup.lr,
-        batch_size=setup.batch_size,
-        epochs=setup.epochs,
-        seed=setup.seed,
-        out_dir=out_dir,
-        eval_every_s=LAUNCHER_EVAL_EVERY_S,
-        timeout_s=setup.timeout_s,
+def downpour_config(setup: Setup, out_dir: str = "") -> JobConfig:
+    return JobConfig.from_fields(
+        {
+            "model.name": "lenet",
+            "data.name": "digits",
+            "cluster.num_workers": setup.num_workers,
+            "cluster.num_shards": setup.num_shards,
+            "optimizer.lr": setup.lr,
+            "server.lr": setup.lr,
+            "optimizer.batch_size": setup.batch_size,
+            "optimizer.epochs": setup.epochs,
+            "model.seed": setup.seed,
+            "reporting.out_dir": out_dir,
+            "reporting.eval_every_s": LAUNCHER_EVAL_EVERY_S,
+            "faults.timeout_s": setup.timeout_s,
+        }
     )
 
 
@@ -440,7 +443,7 @@ def run_downpour_launcher(setup: Setup, runs_dir: Path, name: str) -> dict:
             round(r["time_s"], 3),
             r["test_accuracy"],
             r["test_loss"],
-            r["version"] * config.batch_size,
+            r["version"] * config.optimizer.batch_size,
         ]
         for r in records
         if r["role"] == "evaluator" and r["test_accuracy"] is not None
@@ -455,17 +458,18 @@ def run_downpour_launcher(setup: Setup, runs_dir: Path, name: str) -> dict:
     }
 
 
-def _shard_task(slot: Slot, shard_id: int, config: TrainConfig) -> None:
+def _shard_task(slot: Slot, shard_id: int, config: JobConfig) -> None:
     def emit(kind: str, payload: object) -> None:
         if kind == "ready":  # heartbeats are not needed here
             slot.report("ready", payload["address"])
 
     result = serve_shard(
         shard_id,
-        config.num_shards,
-        f"tcp://{config.host}:0",
-        optimizer_factory=config.server_optimizer_factory(),
-        consistency=config.consistency(),
+        config.cluster.num_shards,
+        f"tcp://{config.cluster.host}:0",
+        optimizer_factory=server_optimizer_from_config(config.server),
+        consistency=config.consistency,
+        num_workers=config.cluster.num_workers,
         security=None,
         emit=emit,
         stop=slot.stop,
@@ -477,18 +481,20 @@ def _downpour_worker(slot: Slot, rank: int, setup: Setup, addresses: list[str]) 
     """roles.run_worker's data slice and order, model and optimizer, plus the straggler."""
     config = downpour_config(setup)
     train_set = load_data()[0]
-    indices = worker_indices(len(train_set), rank, config.num_workers, seed=config.seed)
+    indices = worker_indices(
+        len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
+    )
     model = replica(setup)
     optimizer = DownpourSGD(
         model.parameters(),
-        lr=config.lr,
-        n_push=config.n_push,
-        n_pull=config.n_pull,
+        lr=config.optimizer.lr,
+        n_push=config.optimizer.n_push,
+        n_pull=config.optimizer.n_pull,
         model=model,
         ps=addresses,
-        timeout_s=config.timeout_s,
+        timeout_s=config.faults.timeout_s,
         worker_id=f"worker{rank}",
-        retry_timeout_s=config.retry_timeout_s,
+        retry_timeout_s=config.faults.retry_timeout_s,
     )
     slot.barrier.wait(setup.timeout_s)
     start = time.time()
@@ -529,21 +535,21 @@ def run_downpour_own(pool: Pool, setup: Setup, name: str) -> dict:
     return combine(done, f"{name}/worker0")
 
 
-def watch_shards(pool: Pool, model: nn.Module, config: TrainConfig, addresses, name) -> Snapshots:
+def watch_shards(pool: Pool, model: nn.Module, config: JobConfig, addresses, name) -> Snapshots:
     """Connect as a reader (that waits until a worker has initialised the shards), then pull
     the shards' parameters every SNAPSHOT_EVERY_S from the workers' start until they are done."""
     layout = FlatLayout(tensor_specs(model.named_parameters()))
     flats = layout.allocate()
-    client = ParameterServerClient(addresses, layout.specs, timeout_s=config.timeout_s)
+    client = ParameterServerClient(addresses, layout.specs, timeout_s=config.faults.timeout_s)
     try:
         client.handshake(None)
-        started = pool.wait_for("started", config.num_workers, f"{name}/worker")
+        started = pool.wait_for("started", config.cluster.num_workers, f"{name}/worker")
         snapshots = Snapshots(min(started.values()))
         while True:
-            finished = len(pool.reports("done", f"{name}/worker")) == config.num_workers
+            finished = len(pool.reports("done", f"{name}/worker")) == config.cluster.num_workers
             # n_push = 1: every update a shard applied is one worker step of batch_size samples.
             versions = client.wait(client.pull(flats))
-            snapshots.take(layout.views(flats), max(versions) * config.batch_size)
+            snapshots.take(layout.views(flats), max(versions) * config.optimizer.batch_size)
             if finished:
                 return snapshots
             pool.pump(SNAPSHOT_EVERY_S)

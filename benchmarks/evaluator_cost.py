@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from distbelief.client import ParameterServerClient
+from distbelief.config import JobConfig
 from distbelief.data import load_dataset
-from distbelief.launch.config import TrainConfig
 from distbelief.launch.evaluator import PSEvaluator
 from distbelief.launch.roles import build_replica
 from distbelief.metrics import read_metrics
 from distbelief.server import ParameterShard, ShardService
+from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import serve
 
@@ -140,11 +141,15 @@ def measure_evaluation_s(args: argparse.Namespace, num_evaluations: int = 20) ->
     """Wall time of one evaluation (pull from in-process shards + test-set forward pass) on
     one torch thread, as the evaluator runs it: its CPU cost, free of the job's noise."""
     torch.set_num_threads(1)
-    config = TrainConfig(model=args.model, dataset=args.dataset, num_shards=args.shards)
+    config = JobConfig.from_fields(
+        {"model.name": args.model, "data.name": args.dataset, "cluster.num_shards": args.shards}
+    )
     servers = [
         serve(
             "tcp://127.0.0.1:0",
-            ShardService(ParameterShard(i, args.shards, config.server_optimizer_factory())),
+            ShardService(
+                ParameterShard(i, args.shards, server_optimizer_from_config(config.server))
+            ),
         )
         for i in range(args.shards)
     ]

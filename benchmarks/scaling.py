@@ -25,8 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import machine
+from distbelief.config import FLAT_FIELDS, JobConfig
 from distbelief.errors import LauncherInterrupted
-from distbelief.launch.config import TrainConfig
 from distbelief.launch.local import train
 from distbelief.metrics import read_metrics
 
@@ -90,14 +90,17 @@ def throughput(records: list[dict], batch_size: int) -> dict:
 def run_cell(num_workers: int, num_shards: int, args, runs_dir: Path, repeat: int) -> dict:
     """One training job of the grid, summarised; a failed job becomes a row with its error."""
     name = f"w{num_workers}_s{num_shards}_r{repeat}"
-    config = TrainConfig(
-        **BASE,
-        num_workers=num_workers,
-        num_shards=num_shards,
-        steps=args.steps,
-        seed=args.seed,
-        eval_during_training=False,
-        out_dir=str(runs_dir / name),
+    # BASE keeps the config's flat names (FLAT_FIELDS): the result files record it so.
+    config = JobConfig.from_fields(
+        {FLAT_FIELDS[key]: value for key, value in BASE.items()}
+        | {
+            "cluster.num_workers": num_workers,
+            "cluster.num_shards": num_shards,
+            "optimizer.steps": args.steps,
+            "model.seed": args.seed,
+            "reporting.eval_during_training": False,
+            "reporting.out_dir": str(runs_dir / name),
+        }
     )
     row: dict = {"workers": num_workers, "shards": num_shards, "repeat": repeat}
     logger.info("run %s", name)
@@ -110,7 +113,7 @@ def run_cell(num_workers: int, num_shards: int, args, runs_dir: Path, repeat: in
         logger.error("run %s failed: %s", name, e)
         return {**row, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1:]}"}
     records = read_metrics(result.run_dir / "metrics.csv")
-    row |= throughput(records, config.batch_size)
+    row |= throughput(records, config.optimizer.batch_size)
     row |= {"wall_s": time.monotonic() - started, "final_acc": result.final.get("test_accuracy")}
     logger.info(
         "run %s: %.0f samples/s (sum of workers), %.0f (job), %.1f MB/s wire",

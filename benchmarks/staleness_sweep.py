@@ -25,9 +25,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 import machine
+from distbelief.config import FLAT_FIELDS, JobConfig
 from distbelief.data import load_dataset
 from distbelief.errors import DistBeliefError
-from distbelief.launch.config import TrainConfig
 from distbelief.launch.local import train
 from distbelief.metrics import read_metrics
 
@@ -125,10 +125,16 @@ def summarize_run(run_dir: Path, elapsed_s: float) -> dict:
     }
 
 
-def run_job(config: TrainConfig, label: str) -> dict:
+def job_config(**settings: object) -> JobConfig:
+    """The job of benchmark settings; they keep the flat names of the config (``FLAT_FIELDS``)
+    because the result files record them so and the reports read them back."""
+    return JobConfig.from_fields({FLAT_FIELDS[name]: value for name, value in settings.items()})
+
+
+def run_job(config: JobConfig, label: str) -> dict:
     """Train one job and summarise it; a failed job becomes a row with its error."""
-    logger.info("run %s -> %s", label, config.out_dir)
-    row: dict = {"label": label, "run_dir": config.out_dir}
+    logger.info("run %s -> %s", label, config.reporting.out_dir)
+    row: dict = {"label": label, "run_dir": config.reporting.out_dir}
     try:
         result = train(config)
     except DistBeliefError as e:
@@ -154,7 +160,7 @@ def sweep(args: argparse.Namespace, runs_dir: Path) -> list[dict]:
     for num_workers in args.workers:
         steps = steps_per_worker(args.epochs, num_workers, BASE["batch_size"], BASE["dataset"])
         for policy in args.policies:
-            config = TrainConfig(
+            config = job_config(
                 **BASE,
                 **POLICIES[policy],
                 num_workers=num_workers,

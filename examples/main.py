@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distbelief.data import DATASET_NAMES, iterate_batches, load_dataset, worker_indices
+from distbelief.config import DATASET_NAMES, MODEL_NAMES
+from distbelief.data import iterate_batches, load_dataset, worker_indices
 from distbelief.launch.roles import evaluate
 from distbelief.metrics import MetricsWriter, make_record
-from distbelief.models import MODEL_NAMES, build_model
+from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.plotting import plot_run
 from distbelief.server import server_optimizer_factory

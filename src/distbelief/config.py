@@ -1,52 +1,391 @@
-"""Config sections that more than one process reads (low in the import graph: every process
-imports it, it imports nothing of distbelief's). One dataclass per concern, one docstring and one
-default per field; ``__post_init__`` names the field and the bad value.
+"""The job's config: one frozen dataclass per concern, composed into ``JobConfig``; the names of
+models, data sets, server optimizers and staleness policies. Low in the import graph: it imports
+no torch and nothing of distbelief's but ``errors``, so the command line builds its flags from
+these fields without loading the training code. One docstring and one default per field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
+from distbelief.errors import ConfigFieldError
+
+MODEL_NAMES = ("lenet", "alexnet", "mlp")
+DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic")
+SERVER_OPTIMIZER_NAMES = ("sgd", "momentum", "adagrad", "adam")
 STALENESS_POLICIES = ("none", "scale", "dc-asgd")
+DEFAULT_EPOCHS = 15
+"""Passes over each worker's slice when neither steps nor epochs is given."""
+
+
+def _require(ok: bool, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ConfigFieldError(name, f"must be {rule}, got {value!r}")
+
+
+def _require_counts(config: object, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        _require(is_int and value >= 1, name, value, "an integer >= 1")
+
+
+def _require_choice(config: Any, name: str) -> None:
+    choices = next(item.metadata["choices"] for item in fields(config) if item.name == name)
+    value = getattr(config, name)
+    _require(value in choices, name, value, f"one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClusterConfig:
+    """The job's processes: how many of each role, and where they run."""
+
+    num_workers: int = 2
+    """Worker processes (replicas), each on its own disjoint slice of the training set; a
+    synchronous round expects this many gradients."""
+    num_shards: int = 2
+    """Parameter-server shard processes."""
+    host: str = "127.0.0.1"
+    """Address the local cluster's shards bind to."""
+    threads_per_worker: int = 1
+    """torch intra-op threads per worker process."""
+
+    def __post_init__(self) -> None:
+        _require_counts(self, "num_workers", "num_shards", "threads_per_worker")
+        _require(bool(self.host), "host", self.host, "a host name or address")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    """The data set the workers train on and the evaluator tests on."""
+
+    name: str = field(default="digits", metadata={"choices": DATASET_NAMES})
+    """Data set to train on."""
+    data_dir: str = "data"
+    """Folder of the CIFAR-10 / MNIST files (downloaded there when missing)."""
+    download: bool = True
+    """Download missing CIFAR-10 / MNIST files (when off, fail and name them)."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self, "name")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    """The model every process builds identically."""
+
+    name: str = field(default="lenet", metadata={"choices": MODEL_NAMES})
+    """Model to train."""
+    seed: int = 0
+    """Seeds the model's initial parameters (every process builds the same replica) and the
+    workers' data order."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self, "name")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimizerConfig:
+    """The workers' side of Downpour SGD: local steps, and how often they push and pull."""
+
+    lr: float = 0.05
+    """Worker (local) learning rate."""
+    n_push: int = 1
+    """Push the accrued gradient every N steps (n_push in Dean et al. 2012)."""
+    n_pull: int = 1
+    """Fetch fresh parameters every N steps (n_fetch in Dean et al. 2012)."""
+    batch_size: int = 32
+    """Mini-batch size of one worker step."""
+    steps: int | None = None
+    """Steps per worker; exclusive with epochs."""
+    epochs: int | None = None
+    """Passes over each worker's slice of the training set (default 15 when steps is not
+    given either)."""
+    blocking: bool = False
+    """Workers wait for every push and pull (reproducible, slower)."""
+    warmstart_steps: int = 0
+    """Warmstart (Dean et al. 2012): worker 0 trains alone until the shards have applied its
+    first N pushes; the others then start from the shards' parameters."""
+
+    def __post_init__(self) -> None:
+        _require_counts(self, "n_push", "n_pull", "batch_size")
+        _require(self.lr >= 0, "lr", self.lr, ">= 0")
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigFieldError("epochs", f"cannot be given with steps, got {self.epochs!r}")
+        for name in ("steps", "epochs"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, value, "an integer >= 1")
+        _require(self.warmstart_steps >= 0, "warmstart_steps", self.warmstart_steps, ">= 0")
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs to run when ``steps`` is None."""
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """The shards' side: the update rule they apply to pushed gradients, and their
+    checkpoints."""
+
+    optimizer: str = field(default="sgd", metadata={"choices": SERVER_OPTIMIZER_NAMES})
+    """Update rule the shards apply to pushed gradients."""
+    lr: float = 0.05
+    """The shards' learning rate (gamma of adagrad)."""
+    momentum: float = 0.9
+    """Momentum factor of the momentum server optimizer."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's beta1,beta2 on the shards."""
+    eps: float | None = None
+    """Adagrad's / adam's epsilon on the shards (default: torch's)."""
+    checkpoint_every_s: float = 30.0
+    """Seconds between shard checkpoints (the shards also save at shutdown)."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self, "optimizer")
+        _require(self.lr >= 0, "lr", self.lr, ">= 0")
+        _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)
+        _require(betas_ok, "betas", self.betas, "two numbers in [0, 1)")
+        _require(self.eps is None or self.eps > 0, "eps", self.eps, "> 0")
+        _require(self.checkpoint_every_s > 0, "checkpoint_every_s", self.checkpoint_every_s, "> 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ConsistencyConfig:
-    """A shard's consistency model. Workers learn it from the shard at their handshake."""
+    """A shard's consistency model. Workers learn it from the shard at their handshake; the
+    number of workers a synchronous round expects is the cluster section's."""
 
     sync: bool = False
-    """Synchronous rounds: one aggregated update per step (Chen et al. 2016)."""
-    num_workers: int = 1
-    """Workers expected in a synchronous round."""
+    """Synchronous rounds: the shards apply one averaged update per step (Chen et al. 2016)."""
     backup_workers: int = 0
-    """A round is applied after the first num_workers - backup_workers gradients."""
+    """Sync: a round is applied after the first num_workers - N gradients."""
     max_staleness: int | None = None
-    """Stale synchronous parallel: hold a worker's pull while it is more than this many steps
-    ahead of the slowest live worker (Ho et al. 2013). None: no bound."""
-    staleness_policy: str = "none"
-    """How a stale gradient is adjusted: none, scale (Zhang et al. 2016), dc-asgd (Zheng et al.
-    2017)."""
+    """Stale synchronous parallel (Ho et al. 2013): hold a worker's pull while it is more than
+    N steps ahead of the slowest live worker (default: no bound)."""
+    staleness_policy: str = field(default="none", metadata={"choices": STALENESS_POLICIES})
+    """How the shards adjust a stale gradient: none, scale (Zhang et al. 2016), dc-asgd (Zheng
+    et al. 2017)."""
     dc_lambda: float = 0.04
     """Variance-control factor lambda of DC-ASGD (constant variant)."""
     liveness_timeout_s: float = 10.0
-    """A worker not heard from for this long no longer holds others back."""
+    """Seconds of silence after which a worker counts as dead and no longer holds the others
+    back (SSP, sync)."""
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-        if not 0 <= self.backup_workers < self.num_workers:
-            raise ValueError(
-                f"backup_workers must be in [0, num_workers={self.num_workers}), "
-                f"got {self.backup_workers}"
+        _require(self.backup_workers >= 0, "backup_workers", self.backup_workers, ">= 0")
+        _require(
+            self.max_staleness is None or self.max_staleness >= 0,
+            "max_staleness",
+            self.max_staleness,
+            ">= 0",
+        )
+        _require_choice(self, "staleness_policy")
+        if self.sync and self.max_staleness is not None:
+            raise ConfigFieldError(
+                "max_staleness",
+                f"cannot bound sync rounds (they have no staleness), got {self.max_staleness}",
             )
-        if self.max_staleness is not None and self.max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
-        if self.staleness_policy not in STALENESS_POLICIES:
-            raise ValueError(
-                f"staleness_policy must be one of {STALENESS_POLICIES}, "
-                f"got {self.staleness_policy!r}"
+        if self.sync and self.staleness_policy != "none":
+            raise ConfigFieldError(
+                "staleness_policy",
+                "cannot apply to sync rounds (they have no staleness), "
+                f"got {self.staleness_policy!r}",
             )
-        if self.sync and (self.max_staleness is not None or self.staleness_policy != "none"):
-            raise ValueError("sync rounds have no staleness: drop max_staleness/staleness_policy")
-        if self.liveness_timeout_s <= 0:
-            raise ValueError(f"liveness_timeout_s must be > 0, got {self.liveness_timeout_s}")
+        _require(self.liveness_timeout_s > 0, "liveness_timeout_s", self.liveness_timeout_s, "> 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FaultsConfig:
+    """How long to wait for a peer, and how often to bring a dead process back."""
+
+    timeout_s: float = 30.0
+    """Seconds before a request to a shard fails."""
+    retry_timeout_s: float = 60.0
+    """Seconds to keep retrying an unreachable shard (e.g. restarting) before failing."""
+    max_restarts: int = 3
+    """Restarts allowed per process (worker, shard, evaluator) that dies."""
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "> 0")
+        _require(self.retry_timeout_s >= 0, "retry_timeout_s", self.retry_timeout_s, ">= 0")
+        _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, ">= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReportingConfig:
+    """Where a run's records go and how often it measures itself."""
+
+    out_dir: str = ""
+    """Run folder (default runs/<time>); eval appends its evaluations to OUT/metrics.csv."""
+    eval_every_s: float = 1.0
+    """Seconds between evaluations of the shards' parameters on the test set."""
+    eval_during_training: bool = True
+    """Evaluate while the workers train (when off, the test accuracy is measured once, at the
+    end, and the evaluator costs the workers nothing)."""
+    log_every_steps: int = 10
+    """Steps between a worker's metric records."""
+
+    def __post_init__(self) -> None:
+        _require(self.eval_every_s > 0, "eval_every_s", self.eval_every_s, "> 0")
+        _require_counts(self, "log_every_steps")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobConfig:
+    """Every setting of a training job, validated once and shared by all its processes; the
+    run folder's config.json holds it, one JSON object per section."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Processes of each role, and where."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data set."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The workers' side of Downpour SGD."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """The shards' update rule and checkpoints."""
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    """The shards' consistency model."""
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    """Timeouts, retries and restarts."""
+    reporting: ReportingConfig = field(default_factory=ReportingConfig)
+    """Run folder, evaluations, metric records."""
+
+    def __post_init__(self) -> None:
+        num_workers = self.cluster.num_workers
+        backup_workers = self.consistency.backup_workers
+        if backup_workers >= num_workers:
+            raise ConfigFieldError(
+                "consistency.backup_workers",
+                f"must be < the number of workers ({num_workers}), got {backup_workers}",
+            )
+        if self.optimizer.warmstart_steps and self.consistency.sync:
+            raise ConfigFieldError(
+                "optimizer.warmstart_steps",
+                "needs asynchronous training, not sync rounds, "
+                f"got {self.optimizer.warmstart_steps}",
+            )
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, object]) -> JobConfig:
+        """The job of ``{"section.field": value}``; fields not given keep their defaults.
+
+        Raises:
+            ConfigFieldError: a value is out of range; ``field`` is its ``section.field``.
+            ValueError: a name is not a config field.
+        """
+        section_types = _section_types()
+        kwargs: dict[str, dict[str, object]] = {name: {} for name in section_types}
+        for path, value in values.items():
+            section, _, name = path.partition(".")
+            types = _field_types(section_types[section]) if section in section_types else {}
+            if name not in types:
+                raise ValueError(f"unknown config field {path!r}")
+            is_tuple = types[name].startswith("tuple") and isinstance(value, list)
+            kwargs[section][name] = tuple(value) if is_tuple else value  # JSON has no tuples
+        sections: dict[str, Any] = {}
+        for section, section_type in section_types.items():
+            try:
+                sections[section] = section_type(**kwargs[section])
+            except ConfigFieldError as e:
+                raise ConfigFieldError(f"{section}.{e.field}", e.problem) from e
+        return cls(**sections)
+
+    def to_fields(self) -> dict[str, object]:
+        """``{"section.field": value}`` of every field."""
+        return {
+            f"{section.name}.{item.name}": getattr(getattr(self, section.name), item.name)
+            for section in fields(self)
+            for item in fields(getattr(self, section.name))
+        }
+
+    def with_fields(self, changes: Mapping[str, object]) -> JobConfig:
+        """A copy with ``{"section.field": value}`` changed, validated again."""
+        return JobConfig.from_fields({**self.to_fields(), **changes})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> JobConfig:
+        """Read a run folder's config.json, sectioned or flat (as runs wrote it before the
+        sections); ValueError names the file on bad content."""
+        try:
+            raw = json.loads(Path(path).read_text())
+            if not isinstance(raw, dict):
+                raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+            return cls.from_fields(dotted_fields(raw))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a valid run config: {e}") from e
+
+
+FLAT_FIELDS: dict[str, str] = {
+    "num_workers": "cluster.num_workers",
+    "num_shards": "cluster.num_shards",
+    "host": "cluster.host",
+    "threads_per_worker": "cluster.threads_per_worker",
+    "dataset": "data.name",
+    "data_dir": "data.data_dir",
+    "download": "data.download",
+    "model": "model.name",
+    "seed": "model.seed",
+    "lr": "optimizer.lr",
+    "n_push": "optimizer.n_push",
+    "n_pull": "optimizer.n_pull",
+    "batch_size": "optimizer.batch_size",
+    "steps": "optimizer.steps",
+    "epochs": "optimizer.epochs",
+    "blocking": "optimizer.blocking",
+    "warmstart_steps": "optimizer.warmstart_steps",
+    "server_optimizer": "server.optimizer",
+    "server_lr": "server.lr",
+    "server_momentum": "server.momentum",
+    "server_betas": "server.betas",
+    "server_eps": "server.eps",
+    "checkpoint_every_s": "server.checkpoint_every_s",
+    "sync": "consistency.sync",
+    "backup_workers": "consistency.backup_workers",
+    "max_staleness": "consistency.max_staleness",
+    "staleness_policy": "consistency.staleness_policy",
+    "dc_lambda": "consistency.dc_lambda",
+    "liveness_timeout_s": "consistency.liveness_timeout_s",
+    "timeout_s": "faults.timeout_s",
+    "retry_timeout_s": "faults.retry_timeout_s",
+    "max_restarts": "faults.max_restarts",
+    "out_dir": "reporting.out_dir",
+    "eval_every_s": "reporting.eval_every_s",
+    "eval_during_training": "reporting.eval_during_training",
+    "log_every_steps": "reporting.log_every_steps",
+}
+"""The field names of the flat config.json that runs wrote before the sections -> their
+``section.field`` now (a run folder written then can still be resumed and plotted)."""
+
+
+def dotted_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config.json's object as ``{"section.field": value}``, whether it is sectioned or flat
+    (``FLAT_FIELDS``); keys that are neither are kept as they are."""
+    section_names = set(_section_types())
+    dotted: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in section_names and isinstance(value, dict):
+            dotted.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            dotted[FLAT_FIELDS.get(key, key)] = value
+    return dotted
+
+
+def _section_types() -> dict[str, Any]:
+    # Each section's default factory is its class: the sections are listed once, in JobConfig.
+    return {item.name: item.default_factory for item in fields(JobConfig)}
+
+
+def _field_types(section_type: Any) -> dict[str, str]:
+    # Annotations are strings here (postponed evaluation); "tuple[...]" is all that matters.
+    return {item.name: str(item.type) for item in fields(section_type)}

@@ -66,3 +66,17 @@ class CheckpointError(DistBeliefError, ValueError):
 
 class LauncherInterrupted(DistBeliefError):
     """Ctrl-C or SIGTERM reached the launcher; every process it started has been stopped."""
+
+
+class ConfigFieldError(ValueError):
+    """A config field holds a bad value. ``field`` names it (``section.field`` once it is part
+    of a job), so the command line can name the flag the user typed instead."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        """What is wrong with the value, e.g. ``must be >= 0, got -1.0``."""
+        super().__init__(f"{field} {problem}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.field, self.problem)

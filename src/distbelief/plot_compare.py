@@ -34,23 +34,24 @@ logger = logging.getLogger(__name__)
 LEGEND_ROW_IN = 0.25
 """Extra figure height per run, for the legend below the axes."""
 
-_LABEL_KEYS = (
-    "model",
-    "dataset",
-    "n_pull",
-    "lr",
-    "server_lr",
-    "batch_size",
-    "sync",
-    "backup_workers",
-    "max_staleness",
-    "staleness_policy",
-    "warmstart_steps",
-    "eval_every_s",
-    "eval_during_training",
-    "seed",
-)
-"""Config fields added to a run's label when they differ between the compared runs."""
+_LABEL_KEYS = {
+    "model.name": "model",
+    "data.name": "dataset",
+    "optimizer.n_pull": "n_pull",
+    "optimizer.lr": "lr",
+    "server.lr": "server_lr",
+    "optimizer.batch_size": "batch_size",
+    "consistency.sync": "sync",
+    "consistency.backup_workers": "backup_workers",
+    "consistency.max_staleness": "max_staleness",
+    "consistency.staleness_policy": "staleness_policy",
+    "optimizer.warmstart_steps": "warmstart_steps",
+    "reporting.eval_every_s": "eval_every_s",
+    "reporting.eval_during_training": "eval_during_training",
+    "model.seed": "seed",
+}
+"""Config fields added to a run's label when they differ between the compared runs -> the
+name the label shows."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -173,7 +174,7 @@ def _make_comparison(runs: list[RunData], labels: list[str], spec: _CompareSpec)
 
 def _title(runs: Sequence[RunData]) -> str:
     """ "<model> on <dataset>: N runs" when every run trained the same, else "N runs"."""
-    what = {(run.config.get("model"), run.config.get("dataset")) for run in runs}
+    what = {(run.config.get("model.name"), run.config.get("data.name")) for run in runs}
     (model, dataset), *others = what
     if others or model is None or dataset is None:
         return f"{len(runs)} runs"
@@ -189,12 +190,13 @@ def _label_part(key: str, value: object) -> str:
 
 
 def _base_label(config: dict[str, Any]) -> str:
-    workers, shards = config.get("num_workers", "?"), config.get("num_shards", "?")
+    workers = config.get("cluster.num_workers", "?")
+    shards = config.get("cluster.num_shards", "?")
     parts = [f"{workers}w x {shards}s"]
-    if "server_optimizer" in config:
-        parts.append(str(config["server_optimizer"]))
-    if "n_push" in config:
-        parts.append(f"n_push={config['n_push']}")
+    if "server.optimizer" in config:
+        parts.append(str(config["server.optimizer"]))
+    if "optimizer.n_push" in config:
+        parts.append(f"n_push={config['optimizer.n_push']}")
     return ", ".join(parts)
 
 
@@ -203,11 +205,11 @@ def run_labels(runs: Sequence[RunData]) -> list[str]:
     config fields that differ between the runs, plus the folder name where labels still
     collide. A run without ``config.json`` is labelled with its folder name."""
     labels = [_base_label(run.config) if run.config else run.run_dir.name for run in runs]
-    for key in _LABEL_KEYS:
+    for key, shown in _LABEL_KEYS.items():
         values = [run.config.get(key) for run in runs]
         if len({repr(value) for value in values}) > 1:
             labels = [
-                f"{label}, {_label_part(key, value)}" if value is not None else label
+                f"{label}, {_label_part(shown, value)}" if value is not None else label
                 for label, value in zip(labels, values, strict=True)
             ]
     if len(set(labels)) < len(labels):

@@ -22,6 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from distbelief.config import dotted_fields
 from distbelief.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class RunData:
     run_dir: Path
     records: Records
     config: dict[str, Any]
-    """config.json's content ({} when the folder has none)."""
+    """config.json's content as ``{"section.field": value}``, whether the file is sectioned
+    or flat (as older runs wrote it); {} when the folder has none."""
 
 
 def load_run(run_dir: Path | str) -> RunData:
@@ -101,7 +103,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from e
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return dotted_fields(config)
 
 
 def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[Path]:
@@ -202,7 +204,7 @@ def style_axes(axes: Axes, y_label: str, title: str, *, has_data: bool) -> None:
 
 def batch_size_of(config: dict[str, Any]) -> int | None:
     """The run's batch size from its config, if it has a positive integer one."""
-    value = config.get("batch_size")
+    value = config.get("optimizer.batch_size")
     return value if isinstance(value, int) and value > 0 else None
 
 
@@ -314,10 +316,10 @@ def _config_value(config: dict[str, Any], names: tuple[str, ...]) -> object:
 
 def run_title(config: dict[str, Any], fallback: str) -> str:
     """ "<model> on <dataset>, <W> workers, <S> shards" from a run's config, else ``fallback``."""
-    model = _config_value(config, ("model", "model_name"))
-    dataset = _config_value(config, ("dataset", "dataset_name"))
-    num_workers = _config_value(config, ("num_workers", "workers"))
-    num_shards = _config_value(config, ("num_shards", "shards"))
+    model = _config_value(config, ("model.name", "model_name"))
+    dataset = _config_value(config, ("data.name", "dataset_name"))
+    num_workers = _config_value(config, ("cluster.num_workers", "workers"))
+    num_shards = _config_value(config, ("cluster.num_shards", "shards"))
     what = " on ".join(str(v) for v in (model, dataset) if v is not None) or fallback
     counts = [
         f"{count} {noun}{'' if count == 1 else 's'}"

@@ -13,24 +13,33 @@ import pytest
 import torch
 
 from distbelief.client import ParameterServerClient
+from distbelief.config import JobConfig
 from distbelief.data import load_dataset
-from distbelief.launch.config import TrainConfig
 from distbelief.launch.evaluator import PSEvaluator, watch_shards
 from distbelief.launch.roles import build_replica, evaluate
 from distbelief.metrics import MetricsWriter, make_record, read_metrics
 from distbelief.sharding import FlatLayout, tensor_specs
 from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
-CONFIG = TrainConfig(model="lenet", dataset="digits", timeout_s=10.0, eval_every_s=0.2)
+CONFIG = JobConfig.from_fields(
+    {
+        "model.name": "lenet",
+        "data.name": "digits",
+        "faults.timeout_s": 10.0,
+        "reporting.eval_every_s": 0.2,
+    }
+)
 
 
 def _initialise(addresses: list[str], seed: int) -> torch.nn.Module:
     """Puts the parameters of a model built with ``seed`` on the shards; returns that model."""
     test_set = load_dataset("digits", split="test")
-    model = build_replica(CONFIG.replace(seed=seed), test_set.input_shape, test_set.num_classes)
+    model = build_replica(
+        CONFIG.with_fields({"model.seed": seed}), test_set.input_shape, test_set.num_classes
+    )
     layout = FlatLayout(tensor_specs(model.named_parameters()))
     flats = layout.flatten([p.detach() for p in model.parameters()])
-    client = ParameterServerClient(addresses, layout.specs, timeout_s=CONFIG.timeout_s)
+    client = ParameterServerClient(addresses, layout.specs, timeout_s=CONFIG.faults.timeout_s)
     try:
         assert client.handshake(flats)
     finally:
@@ -110,7 +119,7 @@ def test_watch_ends_cleanly_when_the_shards_stop(tmp_path) -> None:
     try:
         _initialise([address], seed=0)
         stop_later.start()
-        config = CONFIG.replace(timeout_s=2.0, retry_timeout_s=1.0)
+        config = CONFIG.with_fields({"faults.timeout_s": 2.0, "faults.retry_timeout_s": 1.0})
         result = watch_shards(config, [address], out_dir=str(tmp_path))
     finally:
         stop_later.cancel()

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distbelief.client import ParameterServerClient
+from distbelief.config import JobConfig
 from distbelief.errors import ShardUnavailableError
-from distbelief.launch.config import TrainConfig
 from distbelief.launch.roles import build_replica
 from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
@@ -138,7 +138,7 @@ def test_resume_restores_exactly_the_saved_parameters(tmp_path):
     }
     shards = [start_shard(i, 2, "--checkpoint-dir", str(checkpoints)) for i in range(2)]
     try:
-        config = TrainConfig.from_file(run_dir / "config.json")
+        config = JobConfig.from_file(run_dir / "config.json")
         model = build_replica(config, (1, 32, 32), 10)
         layout = FlatLayout(tensor_specs(model.named_parameters()))
         client = ParameterServerClient([a for _, a in shards], layout.specs, timeout_s=5)

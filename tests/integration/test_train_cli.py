@@ -59,7 +59,7 @@ def test_two_shards_two_workers_reach_90_percent_on_digits(tmp_path):
     assert {row["rank"] for row in rows if row["role"] == "worker"} == {"0", "1"}
     assert any(row["role"] == "evaluator" for row in rows)
     config = json.loads((out / "config.json").read_text())
-    assert (config["num_workers"], config["num_shards"]) == (2, 2)
+    assert (config["cluster"]["num_workers"], config["cluster"]["num_shards"]) == (2, 2)
     png = (out / "accuracy_vs_time.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     # Non-interactive output is line-based: progress lines are parseable key=value records.
@@ -101,33 +101,53 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_failing_worker_stops_the_job_and_names_itself(tmp_path):
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
     result = run_cli(
+        *(["--verbose"] if verbose else []),
         "train",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(tmp_path / "empty"),
-        "--no-download",
-        "--steps",
-        "5",
-        "--out",
-        str(tmp_path / "run"),
+        *("--dataset", "mnist", "--data-dir", str(tmp_path / "empty"), "--no-download"),
+        *("--steps", "5", "--out", str(tmp_path / "run")),
         timeout_s=120,
     )
     assert result.returncode == 1
     assert "worker" in result.stderr and "DatasetUnavailableError" in result.stderr
     assert "train-images-idx3-ubyte" in result.stderr
+    # By default the child's error line and where its traceback is; -v: the traceback itself.
+    assert ("Traceback (most recent call last)" in result.stderr) == verbose
+    if not verbose:
+        saved = list((tmp_path / "run").glob("worker*-traceback.txt"))
+        assert saved and str(saved[0]) in result.stderr
+        assert "Traceback (most recent call last)" in saved[0].read_text()
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["train", "--workers", "0"], "num_workers must be an integer >= 1, got 0"),
-        (["train", "--n-push", "-1"], "n_push must be an integer >= 1"),
-        (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
+        (
+            ["train", "--workers", "0"],
+            "distbelief train: error: argument --workers: must be an integer >= 1, got 0",
+        ),
+        (["train", "--lr", "-1"], "distbelief train: error: argument --lr: must be >= 0, got -1.0"),
+        (["train", "--n-push", "-1"], "argument --n-push: must be an integer >= 1"),
+        (["train", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
         (["train", "--steps", "5", "--epochs", "2"], "not allowed with argument"),
-        (["train", "--steps", "10", "--warmstart-steps", "20"], "exceeds the 10 pushes"),
+        (
+            ["train", "--steps", "10", "--warmstart-steps", "20"],
+            "argument --warmstart-steps: must be <= the 10 pushes worker 0 will make",
+        ),
+        (
+            ["train", "--sync", "--backup-workers", "2"],
+            "argument --backup-workers: must be < the number of workers (2), got 2",
+        ),
+        (
+            ["ps", "--shard-id", "0", "--num-shards", "1", "--sync", "--max-staleness", "1"],
+            "distbelief ps: error: argument --max-staleness: cannot bound sync rounds",
+        ),
+        (
+            ["worker", "--ps", "tcp://nohost:99999", "--rank", "0", "--num-workers", "1"],
+            "argument --ps: address 'tcp://nohost:99999': port 99999 is out of range",
+        ),
         (["ps", "--shard-id", "2", "--num-shards", "2"], "--shard-id 2 is not in"),
         (
             ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://nohost", "--no-auth"],
@@ -143,3 +163,4 @@ def test_bad_flags_are_clear_errors(args, message):
     result = run_cli(*args, timeout_s=60)
     assert result.returncode == 2
     assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -23,11 +23,11 @@ TORCH_OPTIMIZERS = {
 }
 
 
-def _make_shards(num_shards, values, factory, consistency=None):
+def _make_shards(num_shards, values, factory, consistency=None, num_workers=1):
     flats = FlatLayout(SPECS).flatten(values)
     shards = []
     for shard_id, pieces in enumerate(FlatPartitioner().partition(SPECS, num_shards)):
-        shard = ParameterShard(shard_id, num_shards, factory, consistency)
+        shard = ParameterShard(shard_id, num_shards, factory, consistency, num_workers=num_workers)
         shard.initialize(SPECS, [flats[p.dtype][p.start : p.stop] for p in pieces])
         shards.append(shard)
     return shards
@@ -152,9 +152,9 @@ def test_ssp_pull_is_held_then_released():
 
 
 def test_sync_round_applies_mean_of_first_n_minus_b_and_drops_late():
-    config = ConsistencyConfig(sync=True, num_workers=3, backup_workers=1)
+    config = ConsistencyConfig(sync=True, backup_workers=1)
     zeros = [torch.zeros(spec.shape) for spec in SPECS]
-    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config, 3)[0]
     outs = [torch.empty(p.numel) for p in shard.slices]
     first = shard.push(
         [torch.full((p.numel,), 1.0) for p in shard.slices], worker="a", base_version=0
@@ -174,9 +174,9 @@ def test_sync_round_applies_mean_of_first_n_minus_b_and_drops_late():
 
 
 def test_sync_round_quorum_shrinks_when_a_worker_departs():
-    config = ConsistencyConfig(sync=True, num_workers=2)
+    config = ConsistencyConfig(sync=True)
     zeros = [torch.zeros(spec.shape) for spec in SPECS]
-    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config, 2)[0]
     outs = [torch.empty(p.numel) for p in shard.slices]
     shard.touch("b", 0)
     shard.push([torch.ones(p.numel) for p in shard.slices], worker="a", base_version=0)
@@ -192,16 +192,16 @@ def test_sync_round_quorum_shrinks_when_a_worker_departs():
         ({}, AsyncPolicy),
         ({"staleness_policy": "dc-asgd"}, AsyncPolicy),
         ({"max_staleness": 2, "staleness_policy": "scale"}, BoundedStalenessPolicy),
-        ({"sync": True, "num_workers": 3, "backup_workers": 1}, SyncRoundsPolicy),
+        ({"sync": True, "backup_workers": 1}, SyncRoundsPolicy),
     ],
 )
 def test_policy_is_built_from_the_config_and_describes_all_of_it(kwargs, policy_type):
     config = ConsistencyConfig(**kwargs)
-    policy = consistency_policy(config, WorkerClocks(config.liveness_timeout_s))
+    policy = consistency_policy(config, WorkerClocks(config.liveness_timeout_s), num_workers=3)
     assert type(policy) is policy_type
     assert policy.describe() == {
         "sync": config.sync,
-        "num_workers": config.num_workers,
+        "num_workers": 3,
         "backup_workers": config.backup_workers,
         "max_staleness": config.max_staleness,
         "staleness_policy": config.staleness_policy,
@@ -244,15 +244,21 @@ def test_other_policies_keep_no_copy_per_worker(staleness_policy):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_workers": 2, "backup_workers": 2}, "backup_workers"),
+        ({"backup_workers": -1}, "backup_workers"),
         ({"max_staleness": -1}, "max_staleness"),
         ({"staleness_policy": "magic"}, "staleness_policy"),
-        ({"sync": True, "max_staleness": 2}, "sync rounds have no staleness"),
+        ({"sync": True, "max_staleness": 2}, "sync rounds"),
     ],
 )
 def test_bad_consistency_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ConsistencyConfig(**kwargs)
+
+
+def test_shard_refuses_as_many_backup_workers_as_workers():
+    factory = server_optimizer_factory("sgd", lr=0.1)
+    with pytest.raises(ValueError, match=r"backup_workers must be < num_workers \(2\), got 2"):
+        ParameterShard(0, 1, factory, ConsistencyConfig(sync=True, backup_workers=2), num_workers=2)
 
 
 def test_bad_server_hyperparameters_name_the_field():

@@ -15,8 +15,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from distbelief.config import DATASET_NAMES
 from distbelief.data import (
-    DATASET_NAMES,
     ArrayDataset,
     cifar10,
     iterate_batches,

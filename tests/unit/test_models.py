@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distbelief.models import MLP, MODEL_NAMES, AlexNet, LeNet, build_model
+from distbelief.config import MODEL_NAMES
+from distbelief.models import MLP, AlexNet, LeNet, build_model
 
 INPUT_SHAPES = [(1, 32, 32), (3, 32, 32), (1, 28, 28)]
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from distbelief.config import JobConfig, dotted_fields
 from distbelief.metrics import MetricsWriter, make_record
 from distbelief.plot_compare import plot_runs, run_labels
-from distbelief.plotting import RunData, plot_run, total_rate
+from distbelief.plotting import RunData, load_run, plot_run, run_title, total_rate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -97,8 +98,18 @@ def test_bad_config_json_is_named(tmp_path: Path) -> None:
         plot_run(run_dir)
 
 
+def test_sectioned_and_flat_config_json_read_the_same(tmp_path: Path) -> None:
+    flat = load_run(_make_run_dir(tmp_path / "flat")).config
+    sectioned_dir = _make_run_dir(tmp_path / "sectioned", with_config=False)
+    job = JobConfig.from_fields({"model.name": "mlp", "data.name": "mnist"})
+    (sectioned_dir / "config.json").write_text(job.to_json(), encoding="utf-8")
+    sectioned = load_run(sectioned_dir).config
+    assert run_title(flat, "x") == run_title(sectioned, "x") == "mlp on mnist, 2 workers, 2 shards"
+    assert sectioned["optimizer.batch_size"] == 32
+
+
 def _run_data(name: str, **config: object) -> RunData:
-    return RunData(Path(name), [], config)
+    return RunData(Path(name), [], dotted_fields(config))
 
 
 def test_run_labels_show_the_config_and_what_differs() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from distbelief.config import DATASET_NAMES
 from distbelief.data.base import ArrayDataset, iterate_batches, worker_indices
 from distbelief.data.cifar10 import load_cifar10
 from distbelief.data.digits import load_digits
@@ -16,7 +17,6 @@ from distbelief.data.mnist import load_mnist
 from distbelief.data.synthetic import make_synthetic
 
 __all__ = [
-    "DATASET_NAMES",
     "DEFAULT_DATA_DIR",
     "SPLITS",
     "ArrayDataset",
@@ -27,7 +27,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic")
 SPLITS = ("train", "test")
 DEFAULT_DATA_DIR = Path("data")
 
@@ -43,7 +42,7 @@ def load_dataset(
     """Loads one split of a data set into memory.
 
     Args:
-        name: One of DATASET_NAMES.
+        name: One of ``distbelief.config.DATASET_NAMES``.
         split: "train" or "test".
         data_dir: Folder for files of cifar10 and mnist; defaults to ./data. Ignored by digits
             (bundled with scikit-learn) and synthetic (generated).

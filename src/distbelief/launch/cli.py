@@ -1,6 +1,8 @@
-"""The ``distbelief`` command: parsed flags -> config -> run. Nothing else lives here.
+"""The ``distbelief`` command: parsed flags -> config -> run. Nothing else lives here, and what
+it imports to build the parser imports no torch: ``--help`` stays fast.
 
-Exit codes: 0 done, 1 a process failed, 2 bad flags or input, 130 interrupted.
+Exit codes: 0 done, 1 a process failed, 2 bad flags or input, 130 interrupted. Errors are one
+line; ``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -9,14 +11,19 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from distbelief.client import parse_addresses
-from distbelief.errors import ChildFailedError, DistBeliefError, LauncherInterrupted
-from distbelief.launch.config import TrainConfig
-from distbelief.launch.flags import get_args_parser, security_from_args
-from distbelief.wire.security import write_key_file
+from distbelief.config import JobConfig
+from distbelief.errors import (
+    ChildFailedError,
+    ConfigFieldError,
+    DistBeliefError,
+    LauncherInterrupted,
+)
+from distbelief.launch.flags import flag_of, get_args_parser, security_from_args, subcommand_parser
+from distbelief.launch.rundir import run_dir_path
 
 logger = logging.getLogger("distbelief")
 
@@ -29,43 +36,68 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return get_args_parser().parse_args(argv)
 
 
-_NOT_CONFIG = {
-    "command",
-    "verbose",
-    "ps",
-    "rank",
-    "shard_id",
-    "bind",
-    "resume",
-    "checkpoint_dir",
-    "auth_key_file",
-    "no_auth",
-    "tls_cert",
-    "tls_key",
-    "tls_ca",
-}
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    """The JobConfig that the flags of ``train``, ``ps``, ``worker`` or ``eval`` describe.
+
+    Raises:
+        ConfigFieldError: a flag's value is out of range (``field`` names its config field).
+        argparse.ArgumentError: an address given with --ps is malformed.
+    """
+    values = {name: value for name, value in vars(args).items() if "." in name}
+    if args.command in ("worker", "eval"):
+        values["cluster.num_shards"] = len(_addresses("--ps", args.ps))
+    return JobConfig.from_fields(values)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of ``train`` and ``worker``; ValueError names a bad flag value."""
-    fields = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
-    return TrainConfig(**fields)
+def _addresses(flag: str, text: str) -> list[str]:
+    """The addresses of ``flag``; a malformed one is an error naming the flag."""
+    from distbelief.client import parse_addresses
+    from distbelief.wire import channels
+
+    try:
+        addresses = parse_addresses(text)
+        for address in addresses:
+            channels.dialer(address)  # checks the scheme and the address; connects nothing
+    except ValueError as e:
+        raise argparse.ArgumentError(None, f"argument {flag}: {e}") from e
+    return addresses
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from distbelief.launch.local import train
+    from distbelief.launch.resume import read_run_for_resume
 
     if args.resume:
-        config = TrainConfig.from_file(Path(args.resume) / "config.json")
-        result = train(config.replace(out_dir=args.resume), resume=True)
+        config = read_run_for_resume(Path(args.resume))
     else:
-        result = train(config_from_args(args))
+        config = config_from_args(args)
+        # Fixed here, not in train(), so a failure can name its traceback file in the folder.
+        out_dir = str(run_dir_path(config.reporting.out_dir))
+        config = config.with_fields({"reporting.out_dir": out_dir})
+    try:
+        result = train(config, resume=bool(args.resume))
+    except ChildFailedError as e:
+        return _child_failed(args, e, _save_traceback(e, Path(config.reporting.out_dir)))
     final = result.final
     print(
         f"done in {result.elapsed_s:.1f}s: test accuracy {final.get('test_accuracy', 0):.4f} "
         f"(parameter server, version {final.get('version')}); run folder {result.run_dir}"
     )
     return 0
+
+
+def _save_traceback(error: ChildFailedError, run_dir: Path) -> Path | None:
+    """Write a failed child's traceback into the run folder; returns the file (None when the
+    detail is one line, or the folder cannot be written)."""
+    if "\n" not in error.detail.strip() or not run_dir.is_dir():
+        return None
+    path = run_dir / f"{error.name.replace(' ', '_')}-traceback.txt"
+    try:
+        path.write_text(error.detail)
+    except OSError as e:
+        logger.warning("could not write %s: %s", path, e)
+        return None
+    return path
 
 
 def _log_emit(kind: str, payload: object) -> None:
@@ -76,22 +108,25 @@ def _log_emit(kind: str, payload: object) -> None:
 
 
 def _run_ps(args: argparse.Namespace) -> int:
+    from distbelief.server.optimizers import server_optimizer_from_config
     from distbelief.server.process import serve_shard
 
-    if not 0 <= args.shard_id < args.num_shards:
-        raise ValueError(
-            f"--shard-id {args.shard_id} is not in [0, --num-shards {args.num_shards})"
-        )
     config = config_from_args(args)
+    if not 0 <= args.shard_id < config.cluster.num_shards:
+        raise ValueError(
+            f"--shard-id {args.shard_id} is not in [0, --num-shards {config.cluster.num_shards})"
+        )
+    _addresses("--bind", args.bind)
     serve_shard(
         args.shard_id,
-        args.num_shards,
+        config.cluster.num_shards,
         args.bind,
-        optimizer_factory=config.server_optimizer_factory(),
-        consistency=config.consistency(),
+        optimizer_factory=server_optimizer_from_config(config.server),
+        consistency=config.consistency,
+        num_workers=config.cluster.num_workers,
         security=security_from_args(args),
         checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every_s=config.checkpoint_every_s,
+        checkpoint_every_s=config.server.checkpoint_every_s,
         emit=_log_emit,
     )
     return 0
@@ -100,13 +135,15 @@ def _run_ps(args: argparse.Namespace) -> int:
 def _run_worker(args: argparse.Namespace) -> int:
     from distbelief.launch.roles import run_worker
 
-    if not 0 <= args.rank < args.num_workers:
-        raise ValueError(f"--rank {args.rank} is not in [0, --num-workers {args.num_workers})")
     config = config_from_args(args)
+    if not 0 <= args.rank < config.cluster.num_workers:
+        raise ValueError(
+            f"--rank {args.rank} is not in [0, --num-workers {config.cluster.num_workers})"
+        )
     result = run_worker(
         config,
         args.rank,
-        parse_addresses(args.ps),
+        _addresses("--ps", args.ps),
         emit=_log_emit,
         start_time=time.time(),
         security=security_from_args(args),
@@ -118,21 +155,11 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     from distbelief.launch.evaluator import format_result, watch_shards
 
-    config = TrainConfig(
-        model=args.model,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        download=args.download,
-        seed=args.seed,
-        timeout_s=args.timeout_s,
-        retry_timeout_s=args.retry_timeout_s,
-        eval_every_s=args.eval_every_s,
-    )
-    addresses = parse_addresses(args.ps)
+    config = config_from_args(args)
     result = watch_shards(
         config,
-        addresses,
-        out_dir=args.out_dir,
+        _addresses("--ps", args.ps),
+        out_dir=config.reporting.out_dir,
         once=args.once,
         security=security_from_args(args),
     )
@@ -154,9 +181,69 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 
 def _run_keygen(args: argparse.Namespace) -> int:
+    from distbelief.wire.security import write_key_file
+
     path = write_key_file(args.path)
     print(f"wrote {path} (readable by you only); pass it with --auth-key-file {path}")
     return 0
+
+
+_COMMANDS = {
+    "train": _run_train,
+    "ps": _run_ps,
+    "worker": _run_worker,
+    "eval": _run_eval,
+    "plot": _run_plot,
+    "keygen": _run_keygen,
+}
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    """Report a bad flag found after parsing the way argparse reports one it finds."""
+    parser = subcommand_parser(args.command)
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
+    flag = None if getattr(args, "resume", None) else flag_of(args.command, error.field)
+    if flag is None:  # a value the user did not type (e.g. read from a run folder)
+        print(f"distbelief {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return _usage_error(args, f"argument {flag}: {error.problem}")
+
+
+def _last_error(detail: str) -> str:
+    """The exception line(s) at the end of a traceback (all of ``detail`` if it is none)."""
+    lines = detail.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if not frames:
+        return detail.strip()
+    rest = lines[frames[-1] + 1 :]
+    while rest and rest[0].startswith(" "):  # the frame's source line and its ^^^ markers
+        rest = rest[1:]
+    return "\n".join(rest) or lines[-1]
+
+
+def _child_failed(
+    args: argparse.Namespace, error: ChildFailedError, traceback_file: Path | None = None
+) -> int:
+    """One line naming the child and its error (its whole traceback with --verbose)."""
+    prefix = f"distbelief {args.command}"
+    if args.verbose:
+        print(f"{prefix}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    head = f"{error.name} failed (exit code {error.exitcode})"
+    print(f"{prefix}: {head}: {_last_error(error.detail)}", file=sys.stderr)
+    if traceback_file is not None:
+        print(f"{prefix}: full traceback in {traceback_file} (or rerun with -v)", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _traceback_if_verbose(args: argparse.Namespace) -> None:
+    if args.verbose:
+        traceback.print_exc()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,30 +252,30 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    commands = {
-        "train": _run_train,
-        "ps": _run_ps,
-        "worker": _run_worker,
-        "eval": _run_eval,
-        "plot": _run_plot,
-        "keygen": _run_keygen,
-    }
+    prefix = f"distbelief {args.command}"
     try:
-        return commands[args.command](args)
+        return _COMMANDS[args.command](args)
+    except ConfigFieldError as e:
+        _traceback_if_verbose(args)
+        return _config_error(args, e)
+    except argparse.ArgumentError as e:
+        _traceback_if_verbose(args)
+        return _usage_error(args, str(e))
     except ValueError as e:
-        print(f"distbelief {args.command}: error: {e}", file=sys.stderr)
+        _traceback_if_verbose(args)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ChildFailedError as e:
-        print(f"distbelief {args.command}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return _child_failed(args, e)
     except KeyboardInterrupt:
-        print(f"distbelief {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except LauncherInterrupted as e:
-        print(f"distbelief {args.command}: {e}", file=sys.stderr)
+        print(f"{prefix}: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except DistBeliefError as e:
-        print(f"distbelief {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        _traceback_if_verbose(args)
+        print(f"{prefix}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distbelief.config import JobConfig
 from distbelief.errors import ChildFailedError
 from distbelief.launch import evaluator, roles
 from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
-from distbelief.launch.config import TrainConfig
 from distbelief.launch.rundir import write_json_atomic
+from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.server.process import serve_shard
 from distbelief.wire.security import WireSecurity, generate_key
 
@@ -26,16 +27,17 @@ _STOP_GRACE_S = 5.0
 _POLL_S = 0.2
 
 
-def _shard_main(emit, shard_id, config: TrainConfig, stop, bind, security) -> Any:
+def _shard_main(emit, shard_id, config: JobConfig, stop, bind, security) -> Any:
     return serve_shard(
         shard_id,
-        config.num_shards,
+        config.cluster.num_shards,
         bind,
-        optimizer_factory=config.server_optimizer_factory(),
-        consistency=config.consistency(),
+        optimizer_factory=server_optimizer_from_config(config.server),
+        consistency=config.consistency,
+        num_workers=config.cluster.num_workers,
         security=security,
-        checkpoint_dir=str(Path(config.out_dir) / CHECKPOINT_DIR),
-        checkpoint_every_s=config.checkpoint_every_s,
+        checkpoint_dir=str(Path(config.reporting.out_dir) / CHECKPOINT_DIR),
+        checkpoint_every_s=config.server.checkpoint_every_s,
         emit=emit,
         stop=stop,
     )
@@ -95,7 +97,7 @@ class LocalCluster:
     a process that reports an error stops the job.
     """
 
-    def __init__(self, config: TrainConfig, run_dir: Path) -> None:
+    def __init__(self, config: JobConfig, run_dir: Path) -> None:
         self.config = config
         self.run_dir = run_dir
         self.ctx = mp.get_context("spawn")
@@ -156,17 +158,17 @@ class LocalCluster:
 
     def start_shards(self) -> list[str]:
         """Start every shard and return their addresses (bound to free ports)."""
-        for shard_id in range(self.config.num_shards):
-            self._start_shard(shard_id, f"tcp://{self.config.host}:0")
+        for shard_id in range(self.config.cluster.num_shards):
+            self._start_shard(shard_id, f"tcp://{self.config.cluster.host}:0")
         addresses: dict[int, str] = {}
         deadline = time.monotonic() + _READY_TIMEOUT_S
-        while len(addresses) < self.config.num_shards:
+        while len(addresses) < self.config.cluster.num_shards:
             event = self.next_event(deadline - time.monotonic())
             if event is not None and event[0] == "ready":
                 addresses[event[2]["shard_id"]] = event[2]["address"]
             elif time.monotonic() > deadline:
                 raise ChildFailedError("shards", None, f"not ready in {_READY_TIMEOUT_S:g}s")
-        self.addresses = [addresses[i] for i in range(self.config.num_shards)]
+        self.addresses = [addresses[i] for i in range(self.config.cluster.num_shards)]
         return self.addresses
 
     def _start_worker(self, rank: int) -> None:
@@ -181,7 +183,7 @@ class LocalCluster:
         )
 
     def start_workers(self) -> None:
-        for rank in range(self.config.num_workers):
+        for rank in range(self.config.cluster.num_workers):
             self._start_worker(rank)
 
     def start_evaluator(self) -> None:
@@ -213,7 +215,7 @@ class LocalCluster:
         elif kind == "metric" and payload.get("role") == "worker":
             self.last_step[payload["rank"]] = payload["step"]
             # Every shard applies every push, so a worker's view bounds each shard's version.
-            for shard_id in range(self.config.num_shards):
+            for shard_id in range(self.config.cluster.num_shards):
                 seen = max(self.shard_versions.get(shard_id, 0), payload.get("version") or 0)
                 self.shard_versions[shard_id] = seen
         elif kind == "ready" and payload.get("restored_version") is not None:
@@ -234,7 +236,7 @@ class LocalCluster:
 
     def _handle_death(self, name: str, exitcode: int | None) -> None:
         restarts = self.restarts.get(name, 0)
-        can_restart = restarts < self.config.max_restarts and not self.shard_stop.is_set()
+        can_restart = restarts < self.config.faults.max_restarts and not self.shard_stop.is_set()
         fault = Fault(name, time.time(), exitcode, "restarted" if can_restart else "given up")
         fault.time_s = time.time() - (self.train_start or self.start_time)
         if name.startswith("shard"):
@@ -246,7 +248,7 @@ class LocalCluster:
             if not name.startswith("worker"):
                 raise ChildFailedError(name, exitcode, "died and was not restarted")
             self.given_up.add(name)
-            if all(f"worker{r}" in self.given_up for r in range(self.config.num_workers)):
+            if all(f"worker{r}" in self.given_up for r in range(self.config.cluster.num_workers)):
                 raise ChildFailedError("every worker", exitcode, "all workers died")
             return
         self.restarts[name] = restarts + 1

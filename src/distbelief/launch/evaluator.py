@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from distbelief.client import ParameterServerClient
+from distbelief.config import JobConfig
 from distbelief.data import load_dataset
 from distbelief.errors import ShardUnavailableError
-from distbelief.launch.config import TrainConfig
 from distbelief.launch.roles import build_replica, evaluate
 from distbelief.metrics import MetricsWriter, make_record
 from distbelief.process import Emit, StopFlag
@@ -40,27 +40,29 @@ class PSEvaluator:
     """Pulls the shards' parameters into a local model and measures it on the test set.
 
     Args:
-        config: the job's config; only model, dataset, data_dir, download and seed (they fix
-            the parameter layout, which must match the shards'), timeout_s and retry_timeout_s
-            matter.
+        config: the job's config; only its model and data sections (they fix the parameter
+            layout, which must match the shards') and its faults' timeouts matter.
         addresses: one address per shard, in shard-id order.
         security: the job's authentication key and TLS settings (None: none).
 
     Raises:
-        ShardTimeoutError: no worker initialised the shards within ``config.timeout_s``.
+        ShardTimeoutError: no worker initialised the shards within ``config.faults.timeout_s``.
         ShardUnavailableError: a shard cannot be reached.
         ModelMismatchError: the shards hold another model's parameters.
     """
 
     def __init__(
         self,
-        config: TrainConfig,
+        config: JobConfig,
         addresses: Sequence[str],
         *,
         security: WireSecurity | None = None,
     ) -> None:
         self.test_set = load_dataset(
-            config.dataset, split="test", data_dir=config.data_dir, download=config.download
+            config.data.name,
+            split="test",
+            data_dir=config.data.data_dir,
+            download=config.data.download,
         )
         self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
         self.layout = FlatLayout(tensor_specs(self.model.named_parameters()))
@@ -70,8 +72,8 @@ class PSEvaluator:
         self.client = ParameterServerClient(
             addresses,
             self.layout.specs,
-            timeout_s=config.timeout_s,
-            retry_timeout_s=config.retry_timeout_s,
+            timeout_s=config.faults.timeout_s,
+            retry_timeout_s=config.faults.retry_timeout_s,
             security=security,
         )
         try:
@@ -128,7 +130,7 @@ def _evaluate_until_stopped(
 
 
 def run_evaluator(
-    config: TrainConfig,
+    config: JobConfig,
     addresses: Sequence[str],
     *,
     emit: Emit,
@@ -137,8 +139,8 @@ def run_evaluator(
     security: WireSecurity | None = None,
 ) -> dict:
     """The launcher's evaluator process: evaluates the shards' parameters every
-    ``config.eval_every_s`` until ``stop`` and once more after it; with
-    ``config.eval_during_training`` False, only once, after ``stop``.
+    ``config.reporting.eval_every_s`` until ``stop`` and once more after it; with
+    ``config.reporting.eval_during_training`` False, only once, after ``stop``.
 
     Returns:
         The last evaluation: ``test_loss``, ``test_accuracy`` and ``version``.
@@ -149,8 +151,10 @@ def run_evaluator(
     torch.set_num_threads(1)
     evaluator = PSEvaluator(config, addresses, security=security)
     try:
-        if config.eval_during_training:
-            return _evaluate_until_stopped(evaluator, config.eval_every_s, emit, start_time, stop)
+        if config.reporting.eval_during_training:
+            return _evaluate_until_stopped(
+                evaluator, config.reporting.eval_every_s, emit, start_time, stop
+            )
         # The one-shot evaluator idles (no requests, no compute) until the workers are done.
         _wait_for(stop)
         result = evaluator.evaluate()
@@ -169,7 +173,7 @@ def format_result(result: dict) -> str:
 
 
 def watch_shards(
-    config: TrainConfig,
+    config: JobConfig,
     addresses: Sequence[str],
     *,
     out_dir: str = "",
@@ -178,8 +182,9 @@ def watch_shards(
     security: WireSecurity | None = None,
 ) -> dict:
     """The ``distbelief eval`` command: evaluate running shards once, or every
-    ``config.eval_every_s`` until ``stop`` (or Ctrl-C, or the shards go away), logging each
-    evaluation and appending it to ``<out_dir>/metrics.csv`` when ``out_dir`` is given.
+    ``config.reporting.eval_every_s`` until ``stop`` (or Ctrl-C, or the shards go away),
+    logging each evaluation and appending it to ``<out_dir>/metrics.csv`` when ``out_dir`` is
+    given.
 
     Returns:
         The last evaluation: ``test_loss``, ``test_accuracy`` and ``version``.
@@ -202,7 +207,7 @@ def watch_shards(
             if out_dir:
                 path = Path(out_dir) / METRICS_FILE
                 writer = files.enter_context(MetricsWriter(path, append=True))
-            return _watch(evaluator, config.eval_every_s, writer, start_time, stop)
+            return _watch(evaluator, config.reporting.eval_every_s, writer, start_time, stop)
     finally:
         evaluator.close()
 

@@ -1,185 +1,222 @@
-"""The ``distbelief`` command's flags: one argparse parser per subcommand, and the wire
-security a manual role's flags describe. Parsing only: nothing here runs anything."""
+"""The ``distbelief`` command's flags: the config's fields become flags (type, choices and help
+from the field and its docstring), plus each subcommand's own flags; and the wire security a
+manual role's flags describe. Parsing only: nothing here runs anything or imports torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from distbelief.data import DATASET_NAMES
-from distbelief.launch.config import TrainConfig
-from distbelief.models import MODEL_NAMES
-from distbelief.server import SERVER_OPTIMIZER_NAMES, STALENESS_POLICIES
-from distbelief.wire.security import WireSecurity, read_key_file
+from distbelief import config as config_module
+from distbelief.config import JobConfig
+
+if TYPE_CHECKING:
+    from distbelief.wire.security import WireSecurity
+
+FLAGS: dict[str, str] = {
+    "cluster.num_workers": "--workers",
+    "cluster.num_shards": "--shards",
+    "cluster.threads_per_worker": "--threads",
+    "data.name": "--dataset",
+    "data.data_dir": "--data-dir",
+    "data.download": "--no-download",
+    "model.name": "--model",
+    "model.seed": "--seed",
+    "optimizer.lr": "--lr",
+    "optimizer.n_push": "--n-push",
+    "optimizer.n_pull": "--n-pull",
+    "optimizer.batch_size": "--batch-size",
+    "optimizer.steps": "--steps",
+    "optimizer.epochs": "--epochs",
+    "optimizer.blocking": "--blocking",
+    "optimizer.warmstart_steps": "--warmstart-steps",
+    "server.optimizer": "--server-optimizer",
+    "server.lr": "--server-lr",
+    "server.momentum": "--server-momentum",
+    "server.betas": "--server-betas",
+    "server.eps": "--server-eps",
+    "server.checkpoint_every_s": "--checkpoint-every",
+    "consistency.sync": "--sync",
+    "consistency.backup_workers": "--backup-workers",
+    "consistency.max_staleness": "--max-staleness",
+    "consistency.staleness_policy": "--staleness-policy",
+    "consistency.dc_lambda": "--dc-lambda",
+    "consistency.liveness_timeout_s": "--liveness-timeout",
+    "faults.timeout_s": "--timeout",
+    "faults.retry_timeout_s": "--retry-timeout",
+    "faults.max_restarts": "--max-restarts",
+    "reporting.out_dir": "--out",
+    "reporting.eval_every_s": "--eval-every",
+    "reporting.eval_during_training": "--no-eval",
+}
+"""Config field -> the flag users type for it (a field not here has no flag)."""
+
+COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
+    "train": (
+        "cluster",
+        "data",
+        "model",
+        "optimizer",
+        "server",
+        "consistency",
+        "faults",
+        "reporting",
+    ),
+    "ps": ("cluster.num_shards", "cluster.num_workers", "server", "consistency"),
+    "worker": (
+        "cluster.num_workers",
+        "cluster.threads_per_worker",
+        "data",
+        "model",
+        "optimizer",
+        "faults.timeout_s",
+        "faults.retry_timeout_s",
+    ),
+    "eval": (
+        "data",
+        "model",
+        "faults.timeout_s",
+        "faults.retry_timeout_s",
+        "reporting.eval_every_s",
+        "reporting.out_dir",
+    ),
+}
+"""The config fields each subcommand takes as flags (a section: each of its fields in FLAGS)."""
+
+_MANUAL_ROLE_FLAGS: dict[str, dict[str, dict[str, Any]]] = {
+    "ps": {
+        "cluster.num_shards": {"flag": "--num-shards", "required": True},
+        # A manual shard serves one worker unless told otherwise (a sync round's size).
+        "cluster.num_workers": {"flag": "--num-workers", "default": 1},
+    },
+    "worker": {"cluster.num_workers": {"flag": "--num-workers", "required": True}},
+}
+"""How a manual role's flags differ from ``train``'s: its flag names, required or default."""
+
+_EXCLUSIVE = (("optimizer.steps", "optimizer.epochs"),)
 
 
-def _add_training_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
-    parser.add_argument("--model", choices=MODEL_NAMES, default=defaults.model)
-    parser.add_argument("--dataset", choices=DATASET_NAMES, default=defaults.dataset)
-    parser.add_argument(
-        "--data-dir",
-        default=defaults.data_dir,
-        help="folder of CIFAR-10 / MNIST files (downloaded when missing)",
-    )
-    parser.add_argument(
-        "--n-push", type=int, default=defaults.n_push, help="push accrued gradients every N steps"
-    )
-    parser.add_argument(
-        "--n-pull", type=int, default=defaults.n_pull, help="fetch fresh parameters every N steps"
-    )
-    parser.add_argument("--lr", type=float, default=defaults.lr, help="worker learning rate")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="steps per worker")
-    length.add_argument(
-        "--epochs",
-        type=int,
-        help=f"passes over each worker's slice (default {defaults.num_epochs})",
-    )
-    parser.add_argument(
-        "--no-download",
-        dest="download",
-        action="store_false",
-        help="fail instead of downloading missing data set files",
-    )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument(
-        "--timeout",
-        dest="timeout_s",
-        type=float,
-        default=defaults.timeout_s,
-        help="seconds before a request to a shard fails",
-    )
-    parser.add_argument(
-        "--retry-timeout",
-        dest="retry_timeout_s",
-        type=float,
-        default=defaults.retry_timeout_s,
-        help="seconds to keep retrying an unreachable shard (e.g. restarting) before failing",
-    )
-    parser.add_argument(
-        "--blocking",
-        action="store_true",
-        help="workers wait for every push and pull (reproducible, slower)",
-    )
-    parser.add_argument(
-        "--threads",
-        dest="threads_per_worker",
-        type=int,
-        default=defaults.threads_per_worker,
-        help="torch threads per worker",
-    )
+def command_flags(command: str) -> dict[str, str]:
+    """Flag -> config field of every config flag of ``command``."""
+    return {_flag(command, path): path for path in _command_paths(command)}
 
 
-def _betas(text: str) -> tuple[float, float]:
+def flag_of(command: str, path: str) -> str | None:
+    """The flag that sets config field ``path`` in ``command``, if it has one."""
+    return _flag(command, path) if path in _command_paths(command) else None
+
+
+def _flag(command: str, path: str) -> str:
+    return _MANUAL_ROLE_FLAGS.get(command, {}).get(path, {}).get("flag", FLAGS[path])
+
+
+def _command_paths(command: str) -> list[str]:
+    wanted = COMMAND_FIELDS.get(command, ())
+    return [
+        path
+        for path in JobConfig().to_fields()
+        if path in FLAGS and (path in wanted or path.partition(".")[0] in wanted)
+    ]
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """``section.field`` -> the docstring below the field in ``distbelief/config.py``, and
+    ``section`` -> the section class's docstring, whitespace collapsed."""
+    tree = ast.parse(Path(str(config_module.__file__)).read_text())
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    docs: dict[str, str] = {}
+    for section in dataclasses.fields(JobConfig):
+        node = classes[section.type if isinstance(section.type, str) else section.type.__name__]
+        docs[section.name] = " ".join((ast.get_docstring(node) or "").split())
+        for statement, following in zip(node.body, node.body[1:], strict=False):
+            if (
+                isinstance(statement, ast.AnnAssign)
+                and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                text = " ".join(following.value.value.split())
+                docs[f"{section.name}.{statement.target.id}"] = text
+    return docs
+
+
+def _pair_of_floats(text: str) -> tuple[float, float]:
     try:
-        beta1, beta2 = (float(part) for part in text.split(","))
+        first, second = (float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected two numbers like 0.9,0.999, got {text!r}"
         ) from None
-    return beta1, beta2
+    return first, second
 
 
-def _add_server_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
-    group = parser.add_argument_group("server optimizer")
-    group.add_argument(
-        "--server-optimizer", choices=SERVER_OPTIMIZER_NAMES, default=defaults.server_optimizer
-    )
-    group.add_argument(
-        "--server-lr",
-        type=float,
-        default=defaults.server_lr,
-        help="the shards' learning rate (gamma for adagrad)",
-    )
-    group.add_argument("--server-momentum", type=float, default=defaults.server_momentum)
-    group.add_argument(
-        "--server-betas", type=_betas, default=defaults.server_betas, help="adam's beta1,beta2"
-    )
-    group.add_argument("--server-eps", type=float, default=None, help="adagrad/adam epsilon")
-    consistency = parser.add_argument_group("consistency")
-    consistency.add_argument(
-        "--sync", action="store_true", help="synchronous rounds: one averaged update per step"
-    )
-    consistency.add_argument(
-        "--backup-workers",
-        type=int,
-        default=0,
-        help="with --sync: apply each round after N - b gradients",
-    )
-    consistency.add_argument(
-        "--max-staleness",
-        type=int,
-        default=None,
-        help="stale synchronous parallel: max steps ahead of the slowest",
-    )
-    consistency.add_argument(
-        "--staleness-policy", choices=STALENESS_POLICIES, default=defaults.staleness_policy
-    )
-    consistency.add_argument("--dc-lambda", type=float, default=defaults.dc_lambda)
-    consistency.add_argument(
-        "--liveness-timeout",
-        dest="liveness_timeout_s",
-        type=float,
-        default=defaults.liveness_timeout_s,
-        help="seconds of silence after which a worker counts as dead",
-    )
+_VALUE_TYPES = {"int": int, "float": float, "str": str, "tuple[float, float]": _pair_of_floats}
+"""A field's annotation (without ``| None``) -> how its flag's text becomes a value."""
 
 
-def _add_eval_parser(commands) -> None:
-    defaults = TrainConfig()
-    evaluate = commands.add_parser(
-        "eval", help="evaluate running shards' parameters on the test set"
-    )
-    evaluate.add_argument("--ps", required=True, help="shard addresses, comma-separated, in order")
-    evaluate.add_argument("--model", choices=MODEL_NAMES, default=defaults.model)
-    evaluate.add_argument("--dataset", choices=DATASET_NAMES, default=defaults.dataset)
-    evaluate.add_argument("--data-dir", default=defaults.data_dir)
-    evaluate.add_argument(
-        "--no-download",
-        dest="download",
-        action="store_false",
-        help="fail instead of downloading missing data set files",
-    )
-    evaluate.add_argument("--seed", type=int, default=defaults.seed)
-    evaluate.add_argument("--timeout", dest="timeout_s", type=float, default=defaults.timeout_s)
-    evaluate.add_argument(
-        "--retry-timeout", dest="retry_timeout_s", type=float, default=defaults.retry_timeout_s
-    )
-    evaluate.add_argument(
-        "--eval-every",
-        dest="eval_every_s",
-        type=float,
-        default=defaults.eval_every_s,
-        help="seconds between evaluations",
-    )
-    evaluate.add_argument(
-        "--out", dest="out_dir", default="", help="append each evaluation to OUT/metrics.csv"
-    )
-    evaluate.add_argument(
-        "--once", action="store_true", help="evaluate once, print the result and exit"
-    )
-    _add_security_flags(evaluate, server=False)
+def _argument(command: str, path: str, item: dataclasses.Field) -> tuple[str, dict[str, Any]]:
+    """The flag and ``add_argument`` options of config field ``path``."""
+    override = _MANUAL_ROLE_FLAGS.get(command, {}).get(path, {})
+    default = override.get("default", item.default)
+    text = field_docs()[path].replace("%", "%%")
+    options: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS}
+    annotation = str(item.type).removesuffix(" | None")
+    if annotation == "bool":
+        # A flag switches the default off (--no-eval) or on (--sync); it takes no value.
+        options["action"] = "store_false" if item.default else "store_true"
+        if item.default:
+            text += " This flag turns it off."
+    else:
+        options["type"] = _VALUE_TYPES[annotation]
+        name = _flag(command, path)[2:].upper().replace("-", "_")
+        options["metavar"] = "N" if annotation == "int" else "S" if path.endswith("_s") else name
+        if "choices" in item.metadata:
+            options["choices"] = item.metadata["choices"]
+            del options["metavar"]
+        if "default" in override:
+            options["default"] = default
+        if override.get("required"):
+            options["required"] = True
+        elif default not in (None, "") and default is not dataclasses.MISSING:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            text += f" (default: {shown})"
+    options["help"] = text
+    return _flag(command, path), options
 
 
-def _add_plot_parser(commands) -> None:
-    plot = commands.add_parser("plot", help="plot one run folder, or compare several")
-    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s)")
-    plot.add_argument(
-        "--out", dest="out_dir", default="", help="where the PNGs go (default: the first run)"
-    )
+def _grouped_fields(command: str) -> Iterator[tuple[str, list[tuple[str, dataclasses.Field]]]]:
+    paths = set(_command_paths(command))
+    job = JobConfig()
+    for section in dataclasses.fields(job):
+        items = [
+            (f"{section.name}.{item.name}", item)
+            for item in dataclasses.fields(getattr(job, section.name))
+            if f"{section.name}.{item.name}" in paths
+        ]
+        if items:
+            yield section.name, items
 
 
-def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint-every",
-        dest="checkpoint_every_s",
-        type=float,
-        default=TrainConfig().checkpoint_every_s,
-        help="seconds between shard checkpoints (also saved at shutdown)",
-    )
+def add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """One argument group per config section, one flag per field ``command`` takes."""
+    for section, items in _grouped_fields(command):
+        group = parser.add_argument_group(section, field_docs()[section])
+        exclusive: dict[str, Any] = {}
+        for path, item in items:
+            pair = next((pair for pair in _EXCLUSIVE if path in pair), None)
+            if pair is not None and pair not in exclusive:
+                exclusive[pair] = group.add_mutually_exclusive_group()
+            container = exclusive[pair] if pair is not None else group
+            flag, options = _argument(command, path, item)
+            container.add_argument(flag, **options)
 
 
 def _add_security_flags(parser: argparse.ArgumentParser, *, server: bool) -> None:
@@ -197,6 +234,9 @@ def _add_security_flags(parser: argparse.ArgumentParser, *, server: bool) -> Non
 
 def security_from_args(args: argparse.Namespace) -> WireSecurity:
     """The wire security of a manual role; a shard needs a key file or an explicit --no-auth."""
+    # Imported here: the wire package loads torch, which the parser must not wait for.
+    from distbelief.wire.security import WireSecurity, read_key_file
+
     key_file = getattr(args, "auth_key_file", None)
     if getattr(args, "no_auth", False) and key_file:
         raise ValueError("give --auth-key-file or --no-auth, not both")
@@ -222,79 +262,82 @@ def security_from_args(args: argparse.Namespace) -> WireSecurity:
     )
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="distbelief", description="Downpour SGD against a sharded parameter server."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+_ADDRESSES_HELP = "shard addresses tcp://HOST:PORT, comma-separated, in shard-id order"
 
+
+def _add_train_parser(commands) -> None:
     train = commands.add_parser("train", help="run shards, workers and an evaluator locally")
-    train.add_argument("--workers", dest="num_workers", type=int, default=2)
-    train.add_argument("--shards", dest="num_shards", type=int, default=2)
-    train.add_argument("--out", dest="out_dir", default="", help="run folder (default runs/TIME)")
-    train.add_argument(
-        "--eval-every",
-        dest="eval_every_s",
-        type=float,
-        default=TrainConfig().eval_every_s,
-        help="seconds between evaluations of the shards' parameters",
-    )
-    train.add_argument(
-        "--no-eval",
-        dest="eval_during_training",
-        action="store_false",
-        help="no evaluations while training; the test accuracy is measured once at the end",
-    )
-    train.add_argument(
-        "--warmstart-steps",
-        type=int,
-        default=0,
-        help="worker 0 trains alone for its first N pushes",
-    )
     train.add_argument(
         "--resume",
         metavar="RUN_DIR",
         help="continue RUN_DIR from its shard checkpoints, with its config",
     )
-    train.add_argument(
-        "--max-restarts",
-        type=int,
-        default=TrainConfig().max_restarts,
-        help="restarts allowed per process that dies",
-    )
-    _add_training_flags(train)
-    _add_server_flags(train)
-    _add_checkpoint_flags(train)
+    add_config_flags(train, "train")
 
+
+def _add_ps_parser(commands) -> None:
     ps = commands.add_parser("ps", help="serve one parameter-server shard")
     ps.add_argument("--shard-id", type=int, required=True)
-    ps.add_argument("--num-shards", type=int, required=True)
-    ps.add_argument("--num-workers", type=int, default=1, help="workers expected in a --sync round")
     ps.add_argument(
         "--bind",
         default="tcp://127.0.0.1:7000",
         help="address to listen on; another host than 127.0.0.1 exposes the shard",
     )
     ps.add_argument("--checkpoint-dir", help="restore from and save checkpoints to this folder")
-    _add_server_flags(ps)
-    _add_checkpoint_flags(ps)
+    add_config_flags(ps, "ps")
     _add_security_flags(ps, server=True)
 
+
+def _add_worker_parser(commands) -> None:
     worker = commands.add_parser("worker", help="train one replica against running shards")
-    worker.add_argument("--ps", required=True, help="shard addresses, comma-separated, in order")
+    worker.add_argument("--ps", required=True, help=_ADDRESSES_HELP)
     worker.add_argument("--rank", type=int, required=True)
-    worker.add_argument("--num-workers", type=int, required=True)
-    worker.add_argument(
-        "--warmstart-steps",
-        type=int,
-        default=0,
-        help="ranks > 0 wait until the shards have applied N updates",
-    )
-    _add_training_flags(worker)
+    add_config_flags(worker, "worker")
     _add_security_flags(worker, server=False)
+
+
+def _add_eval_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="evaluate running shards' parameters on the test set"
+    )
+    evaluate.add_argument("--ps", required=True, help=_ADDRESSES_HELP)
+    evaluate.add_argument(
+        "--once", action="store_true", help="evaluate once, print the result and exit"
+    )
+    add_config_flags(evaluate, "eval")
+    _add_security_flags(evaluate, server=False)
+
+
+def _add_plot_parser(commands) -> None:
+    plot = commands.add_parser("plot", help="plot one run folder, or compare several")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s)")
+    plot.add_argument(
+        "--out", dest="out_dir", default="", help="where the PNGs go (default: the first run)"
+    )
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distbelief", description="Downpour SGD against a sharded parameter server."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging and full tracebacks"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(commands)
+    _add_ps_parser(commands)
+    _add_worker_parser(commands)
     _add_eval_parser(commands)
     _add_plot_parser(commands)
     keygen = commands.add_parser("keygen", help="write a new job key file (owner-only)")
     keygen.add_argument("path")
     return parser
+
+
+def subcommand_parser(command: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand (for its usage line in errors found after parsing)."""
+    parser = get_args_parser()
+    subparsers = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    return subparsers.choices[command]

@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distbelief.config import JobConfig
 from distbelief.data import load_dataset, worker_indices
-from distbelief.errors import LauncherInterrupted
+from distbelief.errors import ConfigFieldError, LauncherInterrupted
 from distbelief.launch.cluster import CHECKPOINT_DIR, Fault, LocalCluster
-from distbelief.launch.config import TrainConfig
 from distbelief.launch.progress import ProgressDisplay
 from distbelief.launch.rundir import prepare_run_dir, write_json_atomic
 from distbelief.launch.shard_stats import ShardStatsPoller
@@ -44,25 +44,31 @@ class RunResult:
     """Processes that died during the run and what became of them."""
 
 
-def _planned_steps(config: TrainConfig) -> list[int]:
-    """Steps each worker will run; ValueError if the warmstart outlasts worker 0's pushes."""
-    if config.steps is not None:
-        steps = [config.steps] * config.num_workers
+def _planned_steps(config: JobConfig) -> list[int]:
+    """Steps each worker will run; ConfigFieldError if the warmstart outlasts worker 0's
+    pushes."""
+    if config.optimizer.steps is not None:
+        steps = [config.optimizer.steps] * config.cluster.num_workers
     else:
         train_set = load_dataset(
-            config.dataset, split="train", data_dir=config.data_dir, download=config.download
+            config.data.name,
+            split="train",
+            data_dir=config.data.data_dir,
+            download=config.data.download,
         )
         steps = [
-            len(worker_indices(len(train_set), rank, config.num_workers))
-            // config.batch_size
-            * config.num_epochs
-            for rank in range(config.num_workers)
+            len(worker_indices(len(train_set), rank, config.cluster.num_workers))
+            // config.optimizer.batch_size
+            * config.optimizer.num_epochs
+            for rank in range(config.cluster.num_workers)
         ]
-    pushes_of_worker0 = -(-steps[0] // config.n_push)  # a last partial window is flushed
-    if config.warmstart_steps > pushes_of_worker0:
-        raise ValueError(
-            f"warmstart_steps {config.warmstart_steps} exceeds the {pushes_of_worker0} pushes "
-            "worker 0 will make: the other workers would never start"
+    pushes_of_worker0 = -(-steps[0] // config.optimizer.n_push)  # a last partial window is flushed
+    warmstart_steps = config.optimizer.warmstart_steps
+    if warmstart_steps > pushes_of_worker0:
+        raise ConfigFieldError(
+            "optimizer.warmstart_steps",
+            f"must be <= the {pushes_of_worker0} pushes worker 0 will make (else the other "
+            f"workers never start), got {warmstart_steps}",
         )
     return steps
 
@@ -126,25 +132,25 @@ def _supervise(cluster: LocalCluster, route: _Router) -> None:
         route(event)
 
 
-def _prepare(config: TrainConfig, resume: bool) -> tuple[TrainConfig, Path]:
+def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
     """The run folder and the config with its path filled in; refuses to mix runs."""
-    run_dir = prepare_run_dir(config.out_dir)
+    run_dir = prepare_run_dir(config.reporting.out_dir)
     has_checkpoints = any((run_dir / CHECKPOINT_DIR).glob("shard*.json"))
     if resume and not has_checkpoints:
         raise ValueError(f"--resume {run_dir}: no shard checkpoints in {run_dir / CHECKPOINT_DIR}")
     if has_checkpoints and not resume:
         raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
-    config = config.replace(out_dir=str(run_dir))
+    config = config.with_fields({"reporting.out_dir": str(run_dir)})
     write_json_atomic(run_dir / "config.json", config.to_json())
     return config, run_dir
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
+def train(config: JobConfig, *, resume: bool = False) -> RunResult:
     """Run a whole job on this host; returns when every process has stopped.
 
     Args:
         config: The job.
-        resume: Continue the run in ``config.out_dir`` from its shard checkpoints.
+        resume: Continue the run in ``config.reporting.out_dir`` from its shard checkpoints.
 
     Raises:
         ChildFailedError: a process reported an error, or could not be brought back; every
@@ -159,7 +165,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> RunResult:
         with (
             LocalCluster(config, run_dir) as cluster,
             MetricsWriter(run_dir / "metrics.csv", append=resume) as writer,
-            ProgressDisplay(total_steps=total_steps, num_workers=config.num_workers) as progress,
+            ProgressDisplay(
+                total_steps=total_steps, num_workers=config.cluster.num_workers
+            ) as progress,
             TensorBoardLog(run_dir) as tensorboard,
         ):
             cluster.on_fault = lambda fault: progress.message(_describe_fault(fault))

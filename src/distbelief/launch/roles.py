@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from distbelief.config import JobConfig
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
-from distbelief.launch.config import TrainConfig
 from distbelief.metrics import make_record
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
@@ -24,10 +24,10 @@ logger = logging.getLogger(__name__)
 _EVAL_BATCH_SIZE = 512
 
 
-def build_replica(config: TrainConfig, input_shape, num_classes: int) -> nn.Module:
+def build_replica(config: JobConfig, input_shape, num_classes: int) -> nn.Module:
     """The model every process of the job builds identically (same seed, same layout)."""
-    torch.manual_seed(config.seed)
-    return build_model(config.model, input_shape, num_classes)
+    torch.manual_seed(config.model.seed)
+    return build_model(config.model.name, input_shape, num_classes)
 
 
 @torch.no_grad()
@@ -46,24 +46,24 @@ def evaluate(model: nn.Module, dataset: ArrayDataset) -> tuple[float, float]:
     return total_loss / len(dataset), correct / len(dataset)
 
 
-def _batches(config: TrainConfig, dataset: ArrayDataset, indices: torch.Tensor, skip: int = 0):
+def _batches(config: JobConfig, dataset: ArrayDataset, indices: torch.Tensor, skip: int = 0):
     """The worker's batches in their fixed order, without the first ``skip``."""
     epoch = 0
     steps = 0
-    while config.steps is not None or epoch < config.num_epochs:
+    while config.optimizer.steps is not None or epoch < config.optimizer.num_epochs:
         for batch in iterate_batches(
-            dataset, indices, config.batch_size, seed=config.seed, epoch=epoch
+            dataset, indices, config.optimizer.batch_size, seed=config.model.seed, epoch=epoch
         ):
             steps += 1
             if steps > skip:
                 yield epoch, batch
-            if config.steps is not None and steps >= config.steps:
+            if config.optimizer.steps is not None and steps >= config.optimizer.steps:
                 return
         epoch += 1
 
 
 def _train_loop(
-    config: TrainConfig,
+    config: JobConfig,
     model: nn.Module,
     optimizer: DownpourSGD,
     batches,
@@ -81,7 +81,7 @@ def _train_loop(
         window_loss += loss.item() * len(labels)
         window_correct += int((logits.argmax(dim=1) == labels).sum())
         window_seen += len(labels)
-        if optimizer.num_steps % config.log_every_steps == 0:
+        if optimizer.num_steps % config.reporting.log_every_steps == 0:
             staleness = optimizer.client.take_staleness()
             report(
                 step=optimizer.num_steps,
@@ -95,7 +95,7 @@ def _train_loop(
 
 
 def run_worker(
-    config: TrainConfig,
+    config: JobConfig,
     rank: int,
     addresses: Sequence[str],
     *,
@@ -109,25 +109,30 @@ def run_worker(
     A restarted worker passes ``resume_step``: it starts from the shards' current parameters
     and skips the batches its previous life already trained on.
     """
-    torch.set_num_threads(config.threads_per_worker)
+    torch.set_num_threads(config.cluster.threads_per_worker)
     train_set = load_dataset(
-        config.dataset, split="train", data_dir=config.data_dir, download=config.download
+        config.data.name,
+        split="train",
+        data_dir=config.data.data_dir,
+        download=config.data.download,
     )
-    indices = worker_indices(len(train_set), rank, config.num_workers, seed=config.seed)
+    indices = worker_indices(
+        len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
+    )
     model = build_replica(config, train_set.input_shape, train_set.num_classes)
     optimizer = DownpourSGD(
         model.parameters(),
-        lr=config.lr,
-        n_push=config.n_push,
-        n_pull=config.n_pull,
+        lr=config.optimizer.lr,
+        n_push=config.optimizer.n_push,
+        n_pull=config.optimizer.n_pull,
         model=model,
         ps=list(addresses),
-        timeout_s=config.timeout_s,
-        blocking=config.blocking,
+        timeout_s=config.faults.timeout_s,
+        blocking=config.optimizer.blocking,
         worker_id=f"worker{rank}",
         # Warmstart: replica 0 trains alone until the shards have applied its first K pushes.
-        start_after_version=config.warmstart_steps if rank > 0 and not resume_step else 0,
-        retry_timeout_s=config.retry_timeout_s,
+        start_after_version=config.optimizer.warmstart_steps if rank > 0 and not resume_step else 0,
+        retry_timeout_s=config.faults.retry_timeout_s,
         security=security,
     )
     optimizer.num_steps = resume_step

@@ -8,9 +8,14 @@ import time
 from pathlib import Path
 
 
+def run_dir_path(out_dir: str) -> Path:
+    """Where the run folder goes: ``out_dir``, or ``runs/<timestamp>`` when it is empty."""
+    return Path(out_dir) if out_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
 def prepare_run_dir(out_dir: str) -> Path:
     """Create the run folder (``runs/<timestamp>`` when ``out_dir`` is empty)."""
-    path = Path(out_dir) if out_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    path = run_dir_path(out_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {path}: exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)

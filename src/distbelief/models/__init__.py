@@ -8,21 +8,23 @@ from __future__ import annotations
 
 from torch import nn
 
+from distbelief.config import MODEL_NAMES
 from distbelief.models.alexnet import AlexNet
 from distbelief.models.lenet import LeNet
 from distbelief.models.mlp import MLP
 
-__all__ = ["MLP", "MODEL_NAMES", "AlexNet", "LeNet", "build_model"]
+__all__ = ["MLP", "AlexNet", "LeNet", "build_model"]
 
-MODEL_NAMES = ("lenet", "alexnet", "mlp")
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {"lenet": LeNet, "alexnet": AlexNet, "mlp": MLP}
+# The config offers exactly the models built here (the names live there, free of torch).
+assert tuple(_MODEL_CLASSES) == MODEL_NAMES
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """Builds a freshly initialised model by name.
 
     Args:
-        name: One of MODEL_NAMES.
+        name: One of ``distbelief.config.MODEL_NAMES``.
         input_shape: (C, H, W) of one input, e.g. ArrayDataset.input_shape.
         num_classes: Number of output logits.
 

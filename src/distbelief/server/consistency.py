@@ -92,9 +92,11 @@ class ConsistencyPolicy(abc.ABC):
         clocks: The shard's worker clocks (the shard touches them, the policy reads them).
     """
 
-    def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks) -> None:
+    def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks, num_workers: int) -> None:
         self.config = config
         self.clocks = clocks
+        self.num_workers = num_workers
+        """The job's workers: how many gradients a synchronous round expects."""
         self._store: ShardStore | None = None
         self._apply: ApplyUpdate | None = None
 
@@ -133,7 +135,8 @@ class ConsistencyPolicy(abc.ABC):
 
     def describe(self) -> dict:
         """Every setting, for the handshake: shards of one model must agree on all of them."""
-        return {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
+        settings = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
+        return {**settings, "num_workers": self.num_workers}
 
 
 def _fetched_name(worker: str) -> str:
@@ -149,8 +152,8 @@ class AsyncPolicy(ConsistencyPolicy):
     dc-asgd pays for that copy per pull.
     """
 
-    def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks) -> None:
-        super().__init__(config, clocks)
+    def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks, num_workers: int) -> None:
+        super().__init__(config, clocks, num_workers)
         self._keeps_fetched = config.staleness_policy == "dc-asgd"
         self._fetched_generation: dict[str, int] = {}
 
@@ -212,8 +215,8 @@ class SyncRoundsPolicy(ConsistencyPolicy):
     ``num_workers - backup_workers`` gradients of a round is applied once; later ones for a
     closed round are dropped. Dead workers shrink the quorum."""
 
-    def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks) -> None:
-        super().__init__(config, clocks)
+    def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks, num_workers: int) -> None:
+        super().__init__(config, clocks, num_workers)
         self._started_s = time.monotonic()
         self._round_sum: list[torch.Tensor] = []
         self._round_count = 0
@@ -245,8 +248,8 @@ class SyncRoundsPolicy(ConsistencyPolicy):
         dead = self.clocks.dead_count(now_s)
         if now_s - self._started_s > config.liveness_timeout_s:
             # Workers that never showed up within a liveness period count as dead too.
-            dead += max(0, config.num_workers - len(self.clocks.workers))
-        return max(1, config.num_workers - config.backup_workers - dead)
+            dead += max(0, self.num_workers - len(self.clocks.workers))
+        return max(1, self.num_workers - config.backup_workers - dead)
 
     def _close_round_if_complete(self) -> bool:
         """Apply the mean of the round's gradients once enough workers have pushed."""
@@ -260,10 +263,13 @@ class SyncRoundsPolicy(ConsistencyPolicy):
         return True
 
 
-def consistency_policy(config: ConsistencyConfig, clocks: WorkerClocks) -> ConsistencyPolicy:
-    """The policy ``config`` describes: sync rounds, SSP (a staleness bound) or async."""
+def consistency_policy(
+    config: ConsistencyConfig, clocks: WorkerClocks, num_workers: int = 1
+) -> ConsistencyPolicy:
+    """The policy ``config`` describes: sync rounds, SSP (a staleness bound) or async.
+    ``num_workers``: the job's workers (how many gradients a synchronous round expects)."""
     if config.sync:
-        return SyncRoundsPolicy(config, clocks)
+        return SyncRoundsPolicy(config, clocks, num_workers)
     if config.max_staleness is not None:
-        return BoundedStalenessPolicy(config, clocks)
-    return AsyncPolicy(config, clocks)
+        return BoundedStalenessPolicy(config, clocks, num_workers)
+    return AsyncPolicy(config, clocks, num_workers)

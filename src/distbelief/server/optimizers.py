@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-ServerOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+from distbelief.config import SERVER_OPTIMIZER_NAMES, ServerConfig
 
-SERVER_OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "momentum", "adagrad", "adam")
+ServerOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
 def server_optimizer_factory(
@@ -53,6 +53,17 @@ def server_optimizer_factory(
     if name == "adagrad":
         return lambda params: torch.optim.Adagrad(params, lr=lr, eps=eps or 1e-10)
     return lambda params: torch.optim.Adam(params, lr=lr, betas=betas, eps=eps or 1e-8)
+
+
+def server_optimizer_from_config(config: ServerConfig) -> ServerOptimizerFactory:
+    """The factory of a job's server section (its optimizer and hyperparameters)."""
+    return server_optimizer_factory(
+        config.optimizer,
+        lr=config.lr,
+        momentum=config.momentum,
+        betas=config.betas,
+        eps=config.eps,
+    )
 
 
 def _is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:

@@ -34,6 +34,7 @@ def serve_shard(
     *,
     optimizer_factory: ServerOptimizerFactory,
     consistency: ConsistencyConfig | None = None,
+    num_workers: int = 1,
     security: WireSecurity | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every_s: float = 30.0,
@@ -44,9 +45,10 @@ def serve_shard(
     """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
 
     With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
-    saves every ``checkpoint_every_s`` seconds and once more on the way out. Emits "ready"
-    once listening and a "heartbeat" with its version every quarter second. ``partitioner``:
-    which slices the shard owns (default: flat); its clients must use an equal one.
+    saves every ``checkpoint_every_s`` seconds and once more on the way out. A synchronous
+    round expects ``num_workers`` gradients. ``partitioner``: which slices the shard owns
+    (default: flat); its clients must use an equal one. Emits "ready" once listening and a
+    "heartbeat" with its version every quarter second.
 
     Returns:
         Its counters and staleness histogram.
@@ -59,7 +61,12 @@ def serve_shard(
     # before "ready", it cannot push the first worker's INIT past its request timeout.
     optimizer_factory([torch.zeros(1)])
     shard = ParameterShard(
-        shard_id, num_shards, optimizer_factory, consistency, partitioner=partitioner
+        shard_id,
+        num_shards,
+        optimizer_factory,
+        consistency,
+        partitioner=partitioner,
+        num_workers=num_workers,
     )
     restored = _restore(shard, checkpoint_dir)
     checkpointer = None

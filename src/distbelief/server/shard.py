@@ -98,6 +98,7 @@ class ParameterShard:
         consistency: Async (default), SSP, or synchronous rounds.
         partitioner: Which slices this shard owns (default: byte-balanced flat); clients
             must use an equal one.
+        num_workers: The job's workers: how many gradients a synchronous round expects.
     """
 
     def __init__(
@@ -108,12 +109,20 @@ class ParameterShard:
         consistency: ConsistencyConfig | None = None,
         *,
         partitioner: Partitioner | None = None,
+        num_workers: int = 1,
     ) -> None:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} is not in [0, {num_shards})")
+        consistency = consistency or ConsistencyConfig()
+        if not 0 <= consistency.backup_workers < num_workers:
+            raise ValueError(
+                f"backup_workers must be < num_workers ({num_workers}), "
+                f"got {consistency.backup_workers}"
+            )
         self.shard_id = shard_id
         self.num_shards = num_shards
-        self.consistency = consistency or ConsistencyConfig()
+        self.consistency = consistency
+        self.num_workers = num_workers
         self.partitioner: Partitioner = partitioner or FlatPartitioner()
         self._optimizer_factory = optimizer_factory
         self._changed = threading.Condition(threading.Lock())
@@ -129,7 +138,7 @@ class ParameterShard:
         self._num_pulls = 0
         self._num_dropped = 0
         self.clocks = WorkerClocks(self.consistency.liveness_timeout_s)
-        self.policy = consistency_policy(self.consistency, self.clocks)
+        self.policy = consistency_policy(self.consistency, self.clocks, num_workers)
         self.staleness = StalenessHistogram()
         self.last_push: dict[str, tuple[int, int]] = {}
         """Per client session: (sequence number, version after) of its last push."""

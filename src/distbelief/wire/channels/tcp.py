@@ -20,8 +20,10 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
     rest = address.removeprefix("tcp://")
     host, sep, port_text = rest.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+    if not sep or not host or not port_text.isdigit():
         raise ValueError(f"address {address!r} is not of the form tcp://HOST:PORT")
+    if int(port_text) > 65535:
+        raise ValueError(f"address {address!r}: port {port_text} is out of range (0-65535)")
     return host, int(port_text)
 
 

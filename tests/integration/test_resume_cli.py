@@ -1,0 +1,40 @@
+"""``distbelief train --resume``: a run folder with the flat config.json of older runs still
+resumes, and a corrupt checkpoint is refused in one line before any process starts."""
+
+import json
+
+import pytest
+
+from distbelief.config import FLAT_FIELDS
+from tests.conftest import run_cli
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)  # two short training runs, on a machine others may be loading
+def test_resume_reads_a_flat_config_and_refuses_a_corrupt_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli("train", "--steps", "5", "--out", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    sectioned = json.loads((run_dir / "config.json").read_text())
+    flat = {
+        old: sectioned[new.split(".")[0]][new.split(".")[1]] for old, new in FLAT_FIELDS.items()
+    }
+    (run_dir / "config.json").write_text(json.dumps(flat))
+
+    again = run_cli("train", "--resume", str(run_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "config.json").read_text()) == sectioned
+    assert json.loads((run_dir / "summary.json").read_text())["final"]["version"] == 20
+
+    tensor_file = next((run_dir / "checkpoints").glob("shard1-v*.safetensors"))
+    tensor_file.write_bytes(tensor_file.read_bytes()[:-7])
+    refused = run_cli("train", "--resume", str(run_dir), timeout_s=120)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert lines[0].startswith(f"distbelief train: error: --resume {run_dir}: cannot resume: ")
+    assert tensor_file.name in lines[0] and "corrupt" in lines[0]
+    verbose = run_cli("--verbose", "train", "--resume", str(run_dir), timeout_s=120)
+    assert verbose.returncode == 2
+    assert "Traceback (most recent call last)" in verbose.stderr
+    assert verbose.stderr.strip().splitlines()[-1] == lines[0]

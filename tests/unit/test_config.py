@@ -1,0 +1,107 @@
+"""The job config: sections validate their fields, errors name ``section.field``, config.json
+round-trips, and a flat config.json of an older run still reads as the same job."""
+
+import dataclasses
+import json
+
+import pytest
+
+from distbelief.config import (
+    FLAT_FIELDS,
+    ConsistencyConfig,
+    JobConfig,
+    OptimizerConfig,
+    dotted_fields,
+)
+from distbelief.errors import ConfigFieldError
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "problem"),
+    [
+        ({"cluster.num_workers": 0}, "cluster.num_workers", "must be an integer >= 1, got 0"),
+        ({"optimizer.lr": -1.0}, "optimizer.lr", "must be >= 0, got -1.0"),
+        ({"model.name": "resnet"}, "model.name", "must be one of lenet, alexnet, mlp"),
+        ({"server.momentum": 1.0}, "server.momentum", "must be in [0, 1), got 1.0"),
+        ({"server.betas": (0.9, 1.5)}, "server.betas", "two numbers in [0, 1)"),
+        ({"faults.timeout_s": 0.0}, "faults.timeout_s", "must be > 0, got 0.0"),
+        ({"optimizer.steps": 3, "optimizer.epochs": 2}, "optimizer.epochs", "with steps"),
+        (
+            {"consistency.sync": True, "consistency.max_staleness": 2},
+            "consistency.max_staleness",
+            "sync rounds",
+        ),
+        (
+            {"consistency.sync": True, "consistency.backup_workers": 2},
+            "consistency.backup_workers",
+            "must be < the number of workers (2), got 2",
+        ),
+        (
+            {"consistency.sync": True, "optimizer.warmstart_steps": 5},
+            "optimizer.warmstart_steps",
+            "needs asynchronous training",
+        ),
+    ],
+)
+def test_a_bad_value_names_its_section_and_field(values, field, problem):
+    with pytest.raises(ConfigFieldError) as caught:
+        JobConfig.from_fields(values)
+    assert caught.value.field == field
+    assert problem in caught.value.problem
+    assert str(caught.value).startswith(f"{field} ")
+
+
+def test_a_section_alone_names_its_field():
+    with pytest.raises(ConfigFieldError, match=r"^n_push must be an integer >= 1, got 0$"):
+        OptimizerConfig(n_push=0)
+    with pytest.raises(ConfigFieldError, match="staleness_policy"):
+        ConsistencyConfig(staleness_policy="magic")
+
+
+def test_unknown_field_is_refused():
+    with pytest.raises(ValueError, match=r"'optimizer\.momentum'"):
+        JobConfig.from_fields({"optimizer.momentum": 0.9})
+    with pytest.raises(ValueError, match="'lr'"):
+        JobConfig.from_fields({"lr": 0.1})
+
+
+def test_json_round_trip_is_sectioned(tmp_path):
+    config = JobConfig.from_fields({"server.betas": (0.8, 0.9), "cluster.num_workers": 3})
+    raw = json.loads(config.to_json())
+    assert raw["cluster"]["num_workers"] == 3
+    assert raw["server"]["betas"] == [0.8, 0.9]
+    (tmp_path / "config.json").write_text(config.to_json())
+    assert JobConfig.from_file(tmp_path / "config.json") == config
+
+
+def test_flat_config_of_an_older_run_reads_as_the_same_job(tmp_path):
+    config = JobConfig.from_fields(
+        {"model.name": "mlp", "data.name": "mnist", "server.lr": 0.2, "server.betas": (0.8, 0.9)}
+    )
+    flat = {old: config.to_fields()[new] for old, new in FLAT_FIELDS.items()}
+    assert set(FLAT_FIELDS.values()) == set(config.to_fields())  # every field has its old name
+    (tmp_path / "config.json").write_text(json.dumps(flat))
+    assert JobConfig.from_file(tmp_path / "config.json") == config
+
+
+def test_bad_config_file_is_named(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"cluster": {"num_workers": 0}}))
+    with pytest.raises(ValueError, match=r"config\.json: .*cluster\.num_workers"):
+        JobConfig.from_file(path)
+
+
+def test_dotted_fields_reads_both_shapes_and_keeps_unknown_keys():
+    assert dotted_fields({"model": {"name": "mlp"}, "lr": 0.1, "other": 1}) == {
+        "model.name": "mlp",
+        "optimizer.lr": 0.1,
+        "other": 1,
+    }
+
+
+def test_with_fields_validates_again():
+    config = JobConfig().with_fields({"reporting.out_dir": "runs/x"})
+    assert config.reporting.out_dir == "runs/x"
+    assert dataclasses.replace(config, reporting=JobConfig().reporting) == JobConfig()
+    with pytest.raises(ConfigFieldError, match=r"cluster\.num_shards"):
+        config.with_fields({"cluster.num_shards": 0})

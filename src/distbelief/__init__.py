@@ -14,6 +14,7 @@ __version__ = "0.3.0"
 _EXPORTS: dict[str, str] = {
     "DownpourSGD": "distbelief.optim",
     "ParameterServerClient": "distbelief.client",
+    "JobConfig": "distbelief.config",
     "ConsistencyConfig": "distbelief.config",
     "DistBeliefError": "distbelief.errors",
     "PSError": "distbelief.errors",
@@ -22,6 +23,9 @@ _EXPORTS: dict[str, str] = {
     "ProtocolError": "distbelief.errors",
     "RemoteError": "distbelief.errors",
     "ModelMismatchError": "distbelief.errors",
+    "LayoutMismatchError": "distbelief.errors",
+    "ConsistencyMismatchError": "distbelief.errors",
+    "ConfigFieldError": "distbelief.errors",
     "CheckpointError": "distbelief.errors",
     "DatasetUnavailableError": "distbelief.errors",
     "ChildFailedError": "distbelief.errors",

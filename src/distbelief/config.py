@@ -30,6 +30,10 @@ class ConsistencyConfig:
     """Variance-control factor lambda of DC-ASGD (constant variant)."""
     liveness_timeout_s: float = 10.0
     """A worker not heard from for this long no longer holds others back."""
+    apply_worker_lr: bool = False
+    """Workers push updates already scaled by the learning rate of each step (the seed's
+    ParameterServer), which the shard adds (its optimizer is SGD with rate 1), so each worker's
+    own rate and LR scheduler decide the step size."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -48,9 +52,16 @@ class ConsistencyConfig:
             )
         if self.sync and (self.max_staleness is not None or self.staleness_policy != "none"):
             raise ValueError("sync rounds have no staleness: drop max_staleness/staleness_policy")
+        if self.apply_worker_lr and self.staleness_policy == "dc-asgd":
+            # DC-ASGD's correction g*g*(w_now - w_fetched) assumes a raw gradient.
+            raise ValueError("staleness_policy 'dc-asgd' needs raw gradients: not apply_worker_lr")
         if self.liveness_timeout_s <= 0:
             raise ValueError(f"liveness_timeout_s must be > 0, got {self.liveness_timeout_s}")
 
     def describe(self) -> dict:
         """The part of the config workers need (sent in the handshake reply)."""
-        return {"sync": self.sync, "max_staleness": self.max_staleness}
+        return {
+            "sync": self.sync,
+            "max_staleness": self.max_staleness,
+            "apply_worker_lr": self.apply_worker_lr,
+        }

@@ -35,6 +35,11 @@ class ModelMismatchError(RemoteError):
     """The worker's model does not match the parameters the shards hold."""
 
 
+class RendezvousError(DistBeliefError):
+    """The torch.distributed process group's store could not be reached, or no
+    ``ParameterServer`` published its address there in time."""
+
+
 class DatasetUnavailableError(DistBeliefError, FileNotFoundError):
     """A data set's files are missing and could not be downloaded."""
 

@@ -36,12 +36,15 @@ def serve_shard(
     checkpoint_every_s: float = 30.0,
     emit: Emit,
     stop: StopFlag | None = None,
+    shard: ParameterShard | None = None,
 ) -> dict:
     """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
 
     With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
     saves every ``checkpoint_every_s`` seconds and once more on the way out. Emits "ready"
-    once listening and a "heartbeat" with its version every quarter second.
+    once listening and a "heartbeat" with its version every quarter second. ``shard``: an
+    empty shard the caller built from the same ``optimizer_factory`` and ``consistency`` and
+    keeps a handle on (to read its parameters after the stop); default: a new one.
 
     Returns:
         Its counters and staleness histogram.
@@ -50,7 +53,8 @@ def serve_shard(
         CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.
     """
     stop = stop if stop is not None else threading.Event()
-    shard = ParameterShard(shard_id, num_shards, optimizer_factory, consistency)
+    if shard is None:
+        shard = ParameterShard(shard_id, num_shards, optimizer_factory, consistency)
     restored = _restore(shard, checkpoint_dir)
     checkpointer = None
     if checkpoint_dir is not None:

@@ -34,6 +34,8 @@ print("server done", summary["version"], summary["finished"], flush=True)
 dist.destroy_process_group()
 """
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)
+SCRIPTS_TIMEOUT_S = 240
+"""Three fresh Python processes importing torch: minutes on a busy 2-core machine."""
 STEPS_PER_EPOCH = 3
 NUM_EPOCHS = 4
 
@@ -121,6 +123,33 @@ def test_no_rate_server_follows_the_workers_lr_scheduler(server_and_group, kind)
         torch.testing.assert_close(served[name], param, atol=0, rtol=0)
 
 
+def test_no_rate_server_applies_each_param_groups_rate(server_and_group):
+    server, _ = server_and_group
+    model, reference = _model(), _model()
+
+    def groups(net: nn.Module) -> list[dict]:
+        return [
+            {"params": net[0].parameters(), "lr": 0.3},
+            {"params": net[2].parameters(), "lr": 0.05},
+        ]
+
+    optimizer = DownpourSGD(
+        groups(model), lr=0.1, n_push=2, n_pull=2, model=model, blocking=True, timeout_s=10
+    )
+    reference_optimizer = torch.optim.SGD(groups(reference), lr=0.1)
+    for images, labels in _batches(8):
+        for net, opt in ((model, optimizer), (reference, reference_optimizer)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(images), labels).backward()
+            opt.step()
+    optimizer.pull_now()
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    optimizer.close()
+    _, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err[-2000:]
+
+
 WORKER_SCRIPT = """
 import sys
 import torch
@@ -143,6 +172,8 @@ print("worker done", flush=True)
 """
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(SCRIPTS_TIMEOUT_S + 60)
 def test_seed_scripts_that_never_call_close_end_by_themselves(tmp_path):
     """Three processes, the seed's way: no address, no close(); every one exits 0 by itself."""
     (tmp_path / "server.py").write_text(SERVER_SCRIPT)
@@ -161,7 +192,7 @@ def test_seed_scripts_that_never_call_close_end_by_themselves(tmp_path):
         for command in commands
     ]
     try:
-        outputs = [process.communicate(timeout=120) for process in processes]
+        outputs = [process.communicate(timeout=SCRIPTS_TIMEOUT_S) for process in processes]
     finally:
         stop_processes(processes)
     for process, (_, err) in zip(processes, outputs, strict=True):

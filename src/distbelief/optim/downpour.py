@@ -277,7 +277,17 @@ class DownpourSGD(torch.optim.Optimizer):
             self._pull_futures, timeout_s=self.client.hold_timeout_s + self.client.timeout_s
         )
         self._pull_futures = []
-        torch._foreach_copy_(self._params, self._inbox_views)
+        self._load_inbox()
+
+    def _load_inbox(self) -> None:
+        """Copy the pulled parameters into the model, on its device."""
+        if self.device.type != "cuda":
+            torch._foreach_copy_(self._params, self._inbox_views)
+            return
+        torch._foreach_copy_(self._params, self._inbox_views, non_blocking=True)
+        # One wait for all the copies from pinned memory; the next pull refills the inbox
+        # from an I/O thread, so they must be done before step() returns.
+        torch.cuda.current_stream(self.device).synchronize()
 
     @torch.no_grad()
     def pull_now(self) -> None:
@@ -288,7 +298,7 @@ class DownpourSGD(torch.optim.Optimizer):
             clock=self.num_steps,
             timeout_s=self.client.hold_timeout_s + self.client.timeout_s,
         )
-        torch._foreach_copy_(self._params, self._inbox_views)
+        self._load_inbox()
 
     def flush(self) -> None:
         """Push any accrued gradient not yet sent and wait until every push is applied."""

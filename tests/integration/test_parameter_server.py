@@ -4,6 +4,7 @@ in a subprocess, this test process as the training rank, finding the server thro
 from __future__ import annotations
 
 import datetime
+import signal
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from torch import nn
 from distbelief.errors import RendezvousError
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterServer
+from distbelief.wire.process_group import GroupStore
 from tests.conftest import CHILD_ENV, free_port, stop_processes
 
 SERVER_SCRIPT = """
@@ -33,9 +35,10 @@ torch.save(model.state_dict(), out)
 print("server done", summary["version"], summary["finished"], flush=True)
 dist.destroy_process_group()
 """
-GROUP_TIMEOUT = datetime.timedelta(seconds=60)
-SCRIPTS_TIMEOUT_S = 240
-"""Three fresh Python processes importing torch: minutes on a busy 2-core machine."""
+pytestmark = pytest.mark.timeout(400)
+"""Each test starts a fresh Python process importing torch: minutes on a busy 2-core machine."""
+GROUP_TIMEOUT = datetime.timedelta(seconds=120)
+SCRIPTS_TIMEOUT_S = 300
 STEPS_PER_EPOCH = 3
 NUM_EPOCHS = 4
 
@@ -53,6 +56,10 @@ def _batches(num_batches: int):
     ]
 
 
+def _take_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def server_and_group(tmp_path):
     """Rank 0 runs the seed-style server script; this process joins as rank 1 of 2."""
@@ -66,6 +73,9 @@ def server_and_group(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=CHILD_ENV,
+        # A shell ignores SIGINT in background jobs and children inherit that: let the server
+        # get Ctrl-C as it would in a terminal, wherever the tests run.
+        preexec_fn=_take_ctrl_c,
     )
     try:
         dist.init_process_group(
@@ -115,7 +125,7 @@ def test_no_rate_server_follows_the_workers_lr_scheduler(server_and_group, kind)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     optimizer.close()  # this rank is finished: the server stops by itself
 
-    out, err = server.communicate(timeout=60)
+    out, err = server.communicate(timeout=120)
     assert server.returncode == 0, err[-2000:]
     assert f"server done {STEPS_PER_EPOCH * NUM_EPOCHS} True" in out
     served = torch.load(server_out)
@@ -146,8 +156,18 @@ def test_no_rate_server_applies_each_param_groups_rate(server_and_group):
     for got, want in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     optimizer.close()
-    _, err = server.communicate(timeout=60)
+    _, err = server.communicate(timeout=120)
     assert server.returncode == 0, err[-2000:]
+
+
+def test_ctrl_c_stops_the_server_before_every_rank_finished(server_and_group):
+    server, _ = server_and_group
+    GroupStore().find_server(timeout_s=120)  # serving: published its address
+    server.send_signal(signal.SIGINT)
+    out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert "server done 0 False" in out  # run() returned; no worker had pushed anything
+    assert "interrupted before every rank finished" in err
 
 
 WORKER_SCRIPT = """
@@ -173,7 +193,6 @@ print("worker done", flush=True)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(SCRIPTS_TIMEOUT_S + 60)
 def test_seed_scripts_that_never_call_close_end_by_themselves(tmp_path):
     """Three processes, the seed's way: no address, no close(); every one exits 0 by itself."""
     (tmp_path / "server.py").write_text(SERVER_SCRIPT)
@@ -220,7 +239,7 @@ def group_of_one():
 def test_downpour_finds_no_server_is_a_rendezvous_error(group_of_one):
     model = _model()
     with pytest.raises(RendezvousError, match=r"no ParameterServer published .* within 2s"):
-        DownpourSGD(model.parameters(), model=model, retry_timeout_s=2)
+        DownpourSGD(model.parameters(), model=model, hold_timeout_s=2)
 
 
 def test_parameter_server_needs_another_rank(group_of_one):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import itertools
 import logging
 import os
 import socket
@@ -78,12 +79,12 @@ class DownpourSGD(torch.optim.Optimizer):
         start_after_version: Warmstart: wait until the shards have applied this many updates
             (from another replica) before starting from their parameters.
         hold_timeout_s: Longest a pull may be held by the shards (SSP, sync rounds) or a
-            warmstart may wait before ShardTimeoutError.
+            warmstart may wait before ShardTimeoutError, and the longest to wait for a
+            ParameterServer to publish its address (it may still be loading its data).
         retry_timeout_s: How long a shard may stay unreachable (e.g. restarting from its
-            checkpoint) before requests fail; they are retried with backoff meanwhile. Also
-            how long to wait for a ParameterServer to publish its address in the store.
-        auth_key: The job's secret. Default: read from the file named by
-            ``DISTBELIEF_AUTH_KEY_FILE``, else no authentication.
+            checkpoint) before requests fail; they are retried with backoff meanwhile.
+        auth_key: The job's secret. Default: the key published with the ParameterServer,
+            else read from the file named by ``DISTBELIEF_AUTH_KEY_FILE``, else none.
         security: Full wire security (key and TLS); overrides ``auth_key``.
 
     The shards' consistency model is learned at the handshake: with synchronous rounds every
@@ -100,7 +101,7 @@ class DownpourSGD(torch.optim.Optimizer):
 
     Raises:
         ValueError: bad hyperparameters or no shard address.
-        RendezvousError: no ParameterServer published its address within retry_timeout_s.
+        RendezvousError: no ParameterServer published its address within hold_timeout_s.
         ModelMismatchError: the shards hold a different model.
         ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
     """
@@ -134,13 +135,18 @@ class DownpourSGD(torch.optim.Optimizer):
         self.specs: list[TensorSpec] = tensor_specs(_named_params(self._params, model))
         self.layout = FlatLayout(self.specs)
         self._allocate_buffers(_common_device(self._params))
+        # Param groups are contiguous runs of self._params (and of the accrued views).
+        bounds = list(
+            itertools.accumulate([len(g["params"]) for g in self.param_groups], initial=0)
+        )
+        self._group_ranges = list(itertools.pairwise(bounds))
         self._push_futures: list[cf.Future] = []
         self._pull_futures: list[cf.Future] = []
         self.num_steps = 0
         self._closed = False
         self._server: ServerRecord | None = None
         if ps is None and not os.environ.get(PS_ADDRESS_ENV) and process_group_active():
-            self._server = GroupStore().find_server(retry_timeout_s)
+            self._server = GroupStore().find_server(hold_timeout_s)
             ps, auth_key = self._server.address, auth_key or self._server.auth_key
         self.client = ParameterServerClient(
             parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, "")),
@@ -173,12 +179,6 @@ class DownpourSGD(torch.optim.Optimizer):
         self._outbox = _zeros(self.layout, torch.device("cpu"), pin_memory=pin)
         self._inbox = _zeros(self.layout, torch.device("cpu"), pin_memory=pin)
         self._inbox_views = self.layout.views(self._inbox)
-        # Param groups are contiguous runs of self._params: the accrued views of each group.
-        self._group_ranges: list[tuple[int, int]] = []
-        start = 0
-        for group in self.param_groups:
-            self._group_ranges.append((start, start + len(group["params"])))
-            start += len(group["params"])
 
     @property
     def version(self) -> int:
@@ -220,15 +220,10 @@ class DownpourSGD(torch.optim.Optimizer):
     def _accrue(self) -> None:
         """Add this step's gradients (scaled by their group's rate if the server asks for
         updates) to the accrued buffer, on its device."""
-        device = self.device
-        grads = [
-            torch.zeros_like(p, device=device)
-            if p.grad is None
-            else p.grad
-            if p.grad.device == device
-            else p.grad.to(device)
-            for p in self._params
-        ]
+        grads = []
+        for param in self._params:
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            grads.append(grad if grad.device == self.device else grad.to(self.device))
         if not self.apply_worker_lr:
             torch._foreach_add_(self._accrued_views, grads)
             return

@@ -91,7 +91,8 @@ class ParameterServer:
 
         Returns:
             The shard's counters and staleness histogram, as ``serve_shard`` reports them, and
-            ``"finished"``: False if stopped by Ctrl-C before every rank finished.
+            ``"finished": True``; after Ctrl-C only ``"version"`` and ``"finished": False``
+            (and ``model`` is left as it was).
 
         Raises:
             RendezvousError: the process group's store could not be written or read.
@@ -112,7 +113,7 @@ class ParameterServer:
             )
         except KeyboardInterrupt:
             logger.warning("parameter server interrupted before every rank finished")
-            return {"finished": False}
+            return {"version": shard.version, "finished": False}
         self._load_final_parameters(shard)
         return {**summary, "finished": True}
 

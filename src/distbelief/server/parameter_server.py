@@ -50,7 +50,7 @@ class ParameterServer:
             Default: the store's host when this rank serves the store (rank 0), else this
             machine's host name.
         port: Port to listen on; 0 picks a free one.
-        timeout_s: Limit of each store operation and of loading the final parameters.
+        timeout_s: Limit of each operation on the process group's store.
 
     Raises:
         ValueError: no process group is initialised, or it has no rank besides this one.
@@ -80,7 +80,6 @@ class ParameterServer:
         self._optimizer_factory = server_optimizer_factory("sgd", lr=1.0 if lr is None else lr)
         host = host or self._store.store_host() or socket.gethostname()
         self.bind = f"tcp://{host}:{port}"
-        self.timeout_s = timeout_s
         self.security = WireSecurity(auth_key=generate_key())
         self.worker_ranks = [r for r in range(self._store.world_size) if r != self._store.rank]
         self._record: ServerRecord | None = None

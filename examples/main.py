@@ -1,15 +1,17 @@
-"""The 2018 pytorch-distbelief example, on the current library: AlexNet on CIFAR-10 with
-DownpourSGD, one parameter server and two training nodes, each started by hand.
+"""The 2018 pytorch-distbelief example on the seed's API: AlexNet on CIFAR-10 with DownpourSGD,
+one parameter server and two training nodes in a torch.distributed (gloo) job, each started by
+hand. Every process finishes by itself once both nodes have trained.
 
     python examples/main.py --rank 0 --world-size 3 --server   # make server
     python examples/main.py --rank 1 --world-size 3            # make first
     python examples/main.py --rank 2 --world-size 3            # make second
     python examples/main.py --no-distributed                   # plain torch.optim.SGD
 
-Rank 0 is the parameter server; ranks 1..world_size-1 train on disjoint slices of the data.
+Every process joins the process group at --master:--port (rank 0's host). Rank 0 runs
+``ParameterServer(model).run()``, which publishes its address and a fresh job key in the group's
+store; ranks 1..world_size-1 train on disjoint slices of the data with
+``DownpourSGD(net.parameters(), lr=..., n_push=..., n_pull=..., model=net)``, no address given.
 Each node writes <out>/node<rank>/metrics.csv and accuracy-vs-time plots, like the seed's.
-Only holders of the job key may push or pull: the server creates <out>/job.key (owner-only) if
-it is missing, and the nodes read it (on several machines, copy it there privately).
 Offline, add ``--dataset digits --model lenet`` (scikit-learn's bundled digits).
 """
 
@@ -21,25 +23,25 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from distbelief.config import DATASET_NAMES, MODEL_NAMES
-from distbelief.data import iterate_batches, load_dataset, worker_indices
-from distbelief.launch.roles import evaluate
+from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.metrics import MetricsWriter, make_record
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.plotting import plot_run
-from distbelief.server import server_optimizer_factory
-from distbelief.server.process import serve_shard
-from distbelief.wire.security import WireSecurity, read_key_file, write_key_file
+from distbelief.server import ParameterServer
+
+EVAL_BATCH_SIZE = 1000
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Downpour SGD, the seed's example")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=0.03, help="worker and server rate")
+    parser.add_argument("--lr", type=float, default=0.03, help="the nodes' rate (the server's too)")
     parser.add_argument("--num-pull", type=int, default=5, help="n_pull of DownpourSGD")
     parser.add_argument("--num-push", type=int, default=5, help="n_push of DownpourSGD")
     parser.add_argument("--log-interval", type=int, default=20, help="steps between log lines")
@@ -47,33 +49,46 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=0, help="0 is the parameter server")
     parser.add_argument("--world-size", type=int, default=3, help="server + training nodes")
     parser.add_argument("--server", action="store_true", help="run the parameter server")
-    parser.add_argument("--master", default="127.0.0.1", help="the parameter server's host")
-    parser.add_argument("--port", type=int, default=29500, help="the parameter server's port")
+    parser.add_argument("--master", default="127.0.0.1", help="rank 0's host (process group)")
+    parser.add_argument("--port", type=int, default=29500, help="the process group's port")
     parser.add_argument("--model", choices=MODEL_NAMES, default="alexnet")
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="cifar10")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
     parser.add_argument("--out", default="runs/example")
-    parser.add_argument("--auth-key-file", default=None, help="default: <out>/job.key")
     return parser
 
 
-def _key_file(args: argparse.Namespace) -> Path:
-    return Path(args.auth_key_file or Path(args.out) / "job.key")
+def evaluate(net: nn.Module, dataset: ArrayDataset) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``net`` on all of ``dataset``."""
+    net.eval()
+    total_loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), EVAL_BATCH_SIZE):
+            images = dataset.images[start : start + EVAL_BATCH_SIZE]
+            labels = dataset.labels[start : start + EVAL_BATCH_SIZE]
+            logits = net(images)
+            total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(dim=1) == labels).sum())
+    net.train()
+    return total_loss / len(dataset), correct / len(dataset)
+
+
+def build_net(args: argparse.Namespace, dataset: ArrayDataset) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(args.model, dataset.input_shape, dataset.num_classes)
 
 
 def run_server(args: argparse.Namespace) -> None:
-    key_file = _key_file(args)
-    if not key_file.exists():
-        write_key_file(key_file)
-    serve_shard(
-        0,
-        1,
-        f"tcp://{args.master}:{args.port}",
-        optimizer_factory=server_optimizer_factory("sgd", lr=args.lr),
-        security=WireSecurity(auth_key=read_key_file(key_file)),
-        emit=lambda kind, payload: print(f"{kind}: {payload}", flush=True),
-    )
+    test_set = load_dataset(args.dataset, split="test", data_dir=args.data_dir)
+    net = build_net(args, test_set)
+    summary = ParameterServer(net).run()  # returns once every node has finished
+    if summary["finished"]:
+        _, test_accuracy = evaluate(net, test_set)
+        print(
+            f"server: {summary['version']} updates applied, test accuracy {test_accuracy:.4f}",
+            flush=True,
+        )
 
 
 def run_node(args: argparse.Namespace) -> None:
@@ -81,19 +96,12 @@ def run_node(args: argparse.Namespace) -> None:
     worker_rank = 0 if args.no_distributed else args.rank - 1
     train_set = load_dataset(args.dataset, split="train", data_dir=args.data_dir)
     test_set = load_dataset(args.dataset, split="test", data_dir=args.data_dir)
-    torch.manual_seed(0)
-    net = build_model(args.model, train_set.input_shape, train_set.num_classes)
+    net = build_net(args, train_set)
     if args.no_distributed:
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
     else:
         optimizer = DownpourSGD(
-            net.parameters(),
-            lr=args.lr,
-            n_push=args.num_push,
-            n_pull=args.num_pull,
-            model=net,
-            ps=f"tcp://{args.master}:{args.port}",
-            auth_key=read_key_file(_key_file(args)),
+            net.parameters(), lr=args.lr, n_push=args.num_push, n_pull=args.num_pull, model=net
         )
     indices = worker_indices(len(train_set), worker_rank, num_workers)
     run_dir = Path(args.out) / f"node{args.rank}"
@@ -138,19 +146,40 @@ def run_node(args: argparse.Namespace) -> None:
             if args.max_steps is not None and step >= args.max_steps:
                 break
     if isinstance(optimizer, DownpourSGD):
-        optimizer.close()
+        optimizer.close()  # pushes what is left and tells the server this node is done
     plot_run(run_dir)
+
+
+def check_roles(args: argparse.Namespace) -> None:
+    """Rank 0 is the parameter server (``--server``), ranks 1.. are training nodes."""
+    if args.world_size < 2:
+        raise SystemExit(f"--world-size {args.world_size}: need the server and >= 1 node")
+    if not 0 <= args.rank < args.world_size:
+        raise SystemExit(f"--rank {args.rank} is not in [0, --world-size {args.world_size})")
+    if args.server != (args.rank == 0):
+        raise SystemExit("rank 0 is the parameter server: run it, and only it, with --server")
 
 
 def main() -> None:
     args = get_args_parser().parse_args()
     logging.basicConfig(level=logging.INFO)
-    if args.server:
-        run_server(args)
-    elif not args.no_distributed and not 1 <= args.rank < args.world_size:
-        raise SystemExit(f"--rank {args.rank}: training nodes are 1..{args.world_size - 1}")
-    else:
+    if args.no_distributed:
         run_node(args)
+        return
+    check_roles(args)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{args.master}:{args.port}",
+        rank=args.rank,
+        world_size=args.world_size,
+    )
+    try:
+        if args.server:
+            run_server(args)
+        else:
+            run_node(args)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +59,13 @@ def _read_address(process: subprocess.Popen) -> str:
             break
     stop_processes([process])
     raise RuntimeError(f"shard process {process.pid} did not start")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def start_shard(shard_id: int, num_shards: int, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -176,6 +176,10 @@ class ConsistencyConfig:
     liveness_timeout_s: float = 10.0
     """Seconds of silence after which a worker counts as dead and no longer holds the others
     back (SSP, sync)."""
+    apply_worker_lr: bool = False
+    """Workers push updates already scaled by the learning rate of each step (the seed's
+    ParameterServer), which the shard adds (its optimizer is SGD with rate 1), so each worker's
+    own rate and LR scheduler decide the step size."""
 
     def __post_init__(self) -> None:
         _require(self.backup_workers >= 0, "backup_workers", self.backup_workers, ">= 0")
@@ -196,6 +200,11 @@ class ConsistencyConfig:
                 "staleness_policy",
                 "cannot apply to sync rounds (they have no staleness), "
                 f"got {self.staleness_policy!r}",
+            )
+        if self.apply_worker_lr and self.staleness_policy == "dc-asgd":
+            # DC-ASGD's correction g*g*(w_now - w_fetched) assumes a raw gradient.
+            raise ConfigFieldError(
+                "staleness_policy", "'dc-asgd' needs raw gradients, not apply_worker_lr"
             )
         _require(self.liveness_timeout_s > 0, "liveness_timeout_s", self.liveness_timeout_s, "> 0")
 

@@ -45,6 +45,11 @@ class ConsistencyMismatchError(PSError):
     staleness policy, ...); the message names the shards and the setting."""
 
 
+class RendezvousError(DistBeliefError):
+    """The torch.distributed process group's store could not be reached, or no
+    ``ParameterServer`` published its address there in time."""
+
+
 class DatasetUnavailableError(DistBeliefError, FileNotFoundError):
     """A data set's files are missing and could not be downloaded."""
 

@@ -207,6 +207,7 @@ def test_policy_is_built_from_the_config_and_describes_all_of_it(kwargs, policy_
         "staleness_policy": config.staleness_policy,
         "dc_lambda": config.dc_lambda,
         "liveness_timeout_s": config.liveness_timeout_s,
+        "apply_worker_lr": config.apply_worker_lr,
     }
 
 

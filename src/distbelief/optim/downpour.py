@@ -1,14 +1,18 @@
 """DownpourSGD: the replica side of Downpour SGD (Dean et al. 2012) as a torch.optim.Optimizer.
 
-Each step applies the gradient locally (``w -= lr * g``) and accrues it; every ``n_push`` steps
-the accrued gradient goes to the shards, every ``n_pull`` steps fresh parameters are fetched.
-Pushes and pulls run on background I/O threads, overlapped with compute; fetched parameters are
-copied into the model inside ``step()``, never while a forward or backward pass is running.
+Each step applies the gradient locally (``w -= lr * g``) and accrues it on the parameters'
+device; every ``n_push`` steps the accrued gradient is copied to host memory and goes to the
+shards, every ``n_pull`` steps fresh parameters are fetched. Pushes and pulls run on background
+I/O threads, overlapped with compute; fetched parameters are copied into the model inside
+``step()``, never while a forward or backward pass is running.
 """
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
+import itertools
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -17,8 +21,12 @@ import torch
 from torch import nn
 
 from distbelief.client import ParameterServerClient, parse_addresses
+from distbelief.errors import PSError, RendezvousError
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
+from distbelief.wire.process_group import GroupStore, ServerRecord, process_group_active
 from distbelief.wire.security import WireSecurity, read_key_file
+
+logger = logging.getLogger(__name__)
 
 PS_ADDRESS_ENV = "DISTBELIEF_PS"
 """Comma-separated shard addresses, used when ``ps`` is not given."""
@@ -39,6 +47,19 @@ def _named_params(params: list[torch.Tensor], model: nn.Module | None) -> list[t
     return [(names.get(id(p), f"param.{i}"), p) for i, p in enumerate(params)]
 
 
+def _common_device(params: list[torch.Tensor]) -> torch.device:
+    """The parameters' device; the host when they span several (each then goes through it)."""
+    devices = {p.device for p in params}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+
+def _zeros(layout: FlatLayout, device: torch.device, pin_memory: bool = False) -> dict:
+    return {
+        dtype: torch.zeros(total, dtype=dtype, device=device, pin_memory=pin_memory)
+        for dtype, total in layout.sizes.items()
+    }
+
+
 class DownpourSGD(torch.optim.Optimizer):
     """Asynchronous SGD against a sharded parameter server.
 
@@ -49,7 +70,8 @@ class DownpourSGD(torch.optim.Optimizer):
         n_pull: Fetch fresh parameters every this many steps (n_fetch in Dean et al. 2012).
         model: The module owning ``params``; its parameter names label the shards' tensors.
         ps: Shard addresses (list or comma-separated), in shard-id order. Default: the
-            ``DISTBELIEF_PS`` environment variable.
+            ``DISTBELIEF_PS`` environment variable, else (in a torch.distributed process
+            group) the ``ParameterServer`` published in the group's store, with its job key.
         timeout_s: Limit for each request to a shard. Default: ``DISTBELIEF_TIMEOUT_S`` or 30.
         blocking: Wait for each push and pull to finish inside ``step()`` (for exact
             reproducibility and parity tests); default overlaps them with compute.
@@ -57,18 +79,29 @@ class DownpourSGD(torch.optim.Optimizer):
         start_after_version: Warmstart: wait until the shards have applied this many updates
             (from another replica) before starting from their parameters.
         hold_timeout_s: Longest a pull may be held by the shards (SSP, sync rounds) or a
-            warmstart may wait before ShardTimeoutError.
+            warmstart may wait before ShardTimeoutError, and the longest to wait for a
+            ParameterServer to publish its address (it may still be loading its data).
         retry_timeout_s: How long a shard may stay unreachable (e.g. restarting from its
             checkpoint) before requests fail; they are retried with backoff meanwhile.
-        auth_key: The job's secret. Default: read from the file named by
-            ``DISTBELIEF_AUTH_KEY_FILE``, else no authentication.
+        auth_key: The job's secret. Default: the key published with the ParameterServer,
+            else read from the file named by ``DISTBELIEF_AUTH_KEY_FILE``, else none.
         security: Full wire security (key and TLS); overrides ``auth_key``.
 
     The shards' consistency model is learned at the handshake: with synchronous rounds every
-    step pushes and then waits for the round's aggregated update (n_push = n_pull = 1).
+    step pushes and then waits for the round's aggregated update (n_push = n_pull = 1). A
+    ParameterServer given no rate of its own asks for updates instead of gradients: each
+    step's gradient is accrued scaled by that step's rate (of its param group), so an LR
+    scheduler on this optimizer steers the server's steps too.
+
+    Parameters may live on any one device: the accrued gradient stays there and only a push
+    copies it to (pinned) host memory; pulled parameters are copied back inside ``step()``.
+
+    Found through a process group, ``close()`` (run at exit if the script does not call it)
+    tells the ParameterServer this rank has finished; it stops once every rank has.
 
     Raises:
         ValueError: bad hyperparameters or no shard address.
+        RendezvousError: no ParameterServer published its address within hold_timeout_s.
         ModelMismatchError: the shards hold a different model.
         ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
     """
@@ -101,14 +134,20 @@ class DownpourSGD(torch.optim.Optimizer):
         self._params = [p for group in self.param_groups for p in group["params"]]
         self.specs: list[TensorSpec] = tensor_specs(_named_params(self._params, model))
         self.layout = FlatLayout(self.specs)
-        self._accrued = self.layout.allocate()
-        self._accrued_views = self.layout.views(self._accrued)
-        self._outbox = self.layout.allocate()
-        self._inbox = self.layout.allocate()
-        self._inbox_views = self.layout.views(self._inbox)
+        self._allocate_buffers(_common_device(self._params))
+        # Param groups are contiguous runs of self._params (and of the accrued views).
+        bounds = list(
+            itertools.accumulate([len(g["params"]) for g in self.param_groups], initial=0)
+        )
+        self._group_ranges = list(itertools.pairwise(bounds))
         self._push_futures: list[cf.Future] = []
         self._pull_futures: list[cf.Future] = []
         self.num_steps = 0
+        self._closed = False
+        self._server: ServerRecord | None = None
+        if ps is None and not os.environ.get(PS_ADDRESS_ENV) and process_group_active():
+            self._server = GroupStore().find_server(hold_timeout_s)
+            ps, auth_key = self._server.address, auth_key or self._server.auth_key
         self.client = ParameterServerClient(
             parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, "")),
             self.specs,
@@ -122,9 +161,24 @@ class DownpourSGD(torch.optim.Optimizer):
         self._window_base: list[int] | None = None
         self.client.handshake(self.layout.flatten(self._params))
         self.sync_rounds = bool(self.client.consistency.get("sync"))
+        self.apply_worker_lr = bool(self.client.consistency.get("apply_worker_lr"))
         if start_after_version > 0:
             self.client.wait_for_version(start_after_version, hold_timeout_s)
         self.pull_now()
+        if self._server is not None:
+            # Seed scripts never call close(); the server waits for it to stop by itself.
+            atexit.register(self._close_at_exit)
+
+    def _allocate_buffers(self, device: torch.device) -> None:
+        """The accrued gradient on ``device``; the wire's outbox and inbox in host memory,
+        pinned for a CUDA device so the copies to and from it run at full speed."""
+        self.device = device
+        pin = device.type == "cuda"
+        self._accrued = _zeros(self.layout, device)
+        self._accrued_views = self.layout.views(self._accrued)
+        self._outbox = _zeros(self.layout, torch.device("cpu"), pin_memory=pin)
+        self._inbox = _zeros(self.layout, torch.device("cpu"), pin_memory=pin)
+        self._inbox_views = self.layout.views(self._inbox)
 
     @property
     def version(self) -> int:
@@ -143,10 +197,9 @@ class DownpourSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._finish_pull_if_done()
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         if self._window_base is None:
             self._window_base = list(self._model_versions)
-        torch._foreach_add_(self._accrued_views, [g.detach().cpu() for g in grads])
+        self._accrue()
         self.num_steps += 1
         if self.sync_rounds:
             # The round's aggregated update replaces the parameters: no local step needed.
@@ -163,6 +216,21 @@ class DownpourSGD(torch.optim.Optimizer):
             else:
                 self._start_pull()
         return loss
+
+    def _accrue(self) -> None:
+        """Add this step's gradients (scaled by their group's rate if the server asks for
+        updates) to the accrued buffer, on its device."""
+        grads = []
+        for param in self._params:
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            grads.append(grad if grad.device == self.device else grad.to(self.device))
+        if not self.apply_worker_lr:
+            torch._foreach_add_(self._accrued_views, grads)
+            return
+        for group, (start, stop) in zip(self.param_groups, self._group_ranges, strict=True):
+            torch._foreach_add_(
+                self._accrued_views[start:stop], grads[start:stop], alpha=float(group["lr"])
+            )
 
     def _local_update(self) -> None:
         for group in self.param_groups:
@@ -204,7 +272,17 @@ class DownpourSGD(torch.optim.Optimizer):
             self._pull_futures, timeout_s=self.client.hold_timeout_s + self.client.timeout_s
         )
         self._pull_futures = []
-        torch._foreach_copy_(self._params, self._inbox_views)
+        self._load_inbox()
+
+    def _load_inbox(self) -> None:
+        """Copy the pulled parameters into the model, on its device."""
+        if self.device.type != "cuda":
+            torch._foreach_copy_(self._params, self._inbox_views)
+            return
+        torch._foreach_copy_(self._params, self._inbox_views, non_blocking=True)
+        # One wait for all the copies from pinned memory; the next pull refills the inbox
+        # from an I/O thread, so they must be done before step() returns.
+        torch.cuda.current_stream(self.device).synchronize()
 
     @torch.no_grad()
     def pull_now(self) -> None:
@@ -215,7 +293,7 @@ class DownpourSGD(torch.optim.Optimizer):
             clock=self.num_steps,
             timeout_s=self.client.hold_timeout_s + self.client.timeout_s,
         )
-        torch._foreach_copy_(self._params, self._inbox_views)
+        self._load_inbox()
 
     def flush(self) -> None:
         """Push any accrued gradient not yet sent and wait until every push is applied."""
@@ -225,11 +303,32 @@ class DownpourSGD(torch.optim.Optimizer):
         self._push_futures = []
 
     def close(self) -> None:
-        """Flush, then close the connections to the shards."""
+        """Flush, then close the connections to the shards (and, found through a process
+        group, tell the ParameterServer this rank has finished). Closing twice does nothing.
+
+        Raises:
+            ShardTimeoutError / ShardUnavailableError / RemoteError: the last push failed.
+            RendezvousError: the process group's store could not be written.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._server is not None:
+            atexit.unregister(self._close_at_exit)
         try:
             self.flush()
         finally:
-            self.client.close()
+            try:
+                if self._server is not None:
+                    GroupStore().mark_finished(self._server.session)
+            finally:
+                self.client.close()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except (PSError, RendezvousError) as e:
+            logger.warning("DownpourSGD could not finish cleanly at exit: %s", e)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -41,6 +41,7 @@ def serve_shard(
     partitioner: Partitioner | None = None,
     emit: Emit,
     stop: StopFlag | None = None,
+    shard: ParameterShard | None = None,
 ) -> dict:
     """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
 
@@ -49,6 +50,8 @@ def serve_shard(
     round expects ``num_workers`` gradients. ``partitioner``: which slices the shard owns
     (default: flat); its clients must use an equal one. Emits "ready" once listening and a
     "heartbeat" with its version every quarter second.
+    ``shard``: an empty shard the caller built from the same arguments and keeps a handle on
+    (to read its parameters after the stop); default: a new one.
 
     Returns:
         Its counters and staleness histogram.
@@ -60,14 +63,15 @@ def serve_shard(
     # torch.optim's first optimizer imports torch._dynamo: seconds on a busy machine. Paid here,
     # before "ready", it cannot push the first worker's INIT past its request timeout.
     optimizer_factory([torch.zeros(1)])
-    shard = ParameterShard(
-        shard_id,
-        num_shards,
-        optimizer_factory,
-        consistency,
-        partitioner=partitioner,
-        num_workers=num_workers,
-    )
+    if shard is None:
+        shard = ParameterShard(
+            shard_id,
+            num_shards,
+            optimizer_factory,
+            consistency,
+            partitioner=partitioner,
+            num_workers=num_workers,
+        )
     restored = _restore(shard, checkpoint_dir)
     checkpointer = None
     if checkpoint_dir is not None:

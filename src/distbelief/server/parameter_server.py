@@ -1,0 +1,155 @@
+"""ParameterServer: the seed's API, one shard served by one rank of a torch.distributed job.
+
+Serves with ``serve_shard``, publishes its address and a fresh job key in the process group's
+store, and stops once every other rank has closed its ``DownpourSGD``. It owns no shard logic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+
+import torch
+from torch import nn
+
+from distbelief.config import ConsistencyConfig
+from distbelief.server.optimizers import server_optimizer_factory
+from distbelief.server.process import serve_shard
+from distbelief.server.shard import ParameterShard
+from distbelief.sharding import FlatLayout, describe_mismatch, layout_fingerprint, tensor_specs
+from distbelief.wire.process_group import DEFAULT_STORE_TIMEOUT_S, GroupStore, ServerRecord
+from distbelief.wire.security import WireSecurity, generate_key
+
+logger = logging.getLogger(__name__)
+
+
+class ParameterServer:
+    """Serve a model's parameters to the other ranks of the default process group.
+
+    Every process calls ``torch.distributed.init_process_group(...)`` first; this rank then
+    runs ``ParameterServer(model).run()`` and every other rank trains with
+    ``DownpourSGD(net.parameters(), lr=..., n_push=..., n_pull=..., model=net)``, given no
+    address: it reads the server's address and job key from the process group's store.
+
+    The process group's store is the trust boundary: the job key that authenticates every
+    push and pull is published there in the clear, so whoever can reach the store (the
+    ``init_method`` address) can join the job. Keep that address on a trusted network.
+
+    Args:
+        model: The model the workers train. The first worker to connect sets the initial
+            parameters (as in ``distbelief train``); once ``run()`` returns, ``model`` holds
+            the server's final parameters (its tensor names are those the workers' models
+            give, so workers pass ``model=`` to DownpourSGD).
+        lr: The server's own learning rate for plain SGD on the pushed gradients. None (the
+            seed's behaviour): each push is applied at the pushing worker's current rate, so
+            a worker's LR scheduler steers the server too.
+        consistency: Async (default), SSP or synchronous rounds, as for ``distbelief ps``.
+        host: The address the other ranks reach this server at (bound with a free port).
+            Default: the store's host when this rank serves the store (rank 0), else this
+            machine's host name.
+        port: Port to listen on; 0 picks a free one.
+        timeout_s: Limit of each operation on the process group's store.
+
+    Raises:
+        ValueError: no process group is initialised, or it has no rank besides this one.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float | None = None,
+        *,
+        consistency: ConsistencyConfig | None = None,
+        host: str | None = None,
+        port: int = 0,
+        timeout_s: float = DEFAULT_STORE_TIMEOUT_S,
+    ) -> None:
+        self._store = GroupStore(timeout_s)
+        if self._store.world_size < 2:
+            raise ValueError(
+                "ParameterServer needs a process group with world_size >= 2 (this rank serves, "
+                f"the others train), got world_size={self._store.world_size}"
+            )
+        consistency = consistency or ConsistencyConfig()
+        if lr is None:
+            consistency = dataclasses.replace(consistency, apply_worker_lr=True)
+        self.model = model
+        self.consistency = consistency
+        self._optimizer_factory = server_optimizer_factory("sgd", lr=1.0 if lr is None else lr)
+        host = host or self._store.store_host() or socket.gethostname()
+        self.bind = f"tcp://{host}:{port}"
+        self.security = WireSecurity(auth_key=generate_key())
+        self.worker_ranks = [r for r in range(self._store.world_size) if r != self._store.rank]
+        self._record: ServerRecord | None = None
+        self._stop = threading.Event()
+
+    def run(self) -> dict:
+        """Serve until every other rank has finished (closed its DownpourSGD) or Ctrl-C.
+
+        Returns:
+            The shard's counters and staleness histogram, as ``serve_shard`` reports them, and
+            ``"finished": True``; after Ctrl-C only ``"version"`` and ``"finished": False``
+            (and ``model`` is left as it was).
+
+        Raises:
+            RendezvousError: the process group's store could not be written or read.
+            ShardUnavailableError: the address could not be bound.
+        """
+        shard = ParameterShard(0, 1, self._optimizer_factory, self.consistency)
+        try:
+            summary = serve_shard(
+                0,
+                1,
+                self.bind,
+                optimizer_factory=self._optimizer_factory,
+                consistency=self.consistency,
+                security=self.security,
+                emit=self._on_event,
+                stop=self._stop,
+                shard=shard,
+            )
+        except KeyboardInterrupt:
+            logger.warning("parameter server interrupted before every rank finished")
+            return {"version": shard.version, "finished": False}
+        self._load_final_parameters(shard)
+        return {**summary, "finished": True}
+
+    def _on_event(self, kind: str, payload: object) -> None:
+        # Runs on serve_shard's loop: "ready" once listening, then a heartbeat 4x a second.
+        if kind == "ready":
+            assert isinstance(payload, dict)
+            self._record = self._store.publish_server(payload["address"], self.security.auth_key)
+            logger.info(
+                "parameter server (rank %d) at %s; waiting for ranks %s",
+                self._store.rank,
+                payload["address"],
+                self.worker_ranks,
+            )
+        elif kind == "heartbeat" and self._record is not None and not self._stop.is_set():
+            self._stop_if_every_rank_finished(self._record.session)
+
+    def _stop_if_every_rank_finished(self, session: str) -> None:
+        if not self._store.unfinished_ranks(session, self.worker_ranks):
+            logger.info("every rank finished: stopping the parameter server")
+            self._stop.set()
+
+    def _load_final_parameters(self, shard: ParameterShard) -> None:
+        """Copy the shard's parameters into ``model`` (if a worker initialised it)."""
+        if not shard.initialized:
+            logger.warning("no worker initialised the parameter server: the model is unchanged")
+            return
+        specs = tensor_specs(self.model.named_parameters())
+        if layout_fingerprint(specs) != shard.fingerprint:
+            # Workers that gave DownpourSGD no model= name their tensors param.<i>: the same
+            # values under other names. Training was not affected, only this copy.
+            logger.warning(
+                "final parameters not loaded into the model: %s",
+                describe_mismatch(shard.specs, specs),
+            )
+            return
+        layout = FlatLayout(specs)
+        flats = dict(zip([piece.dtype for piece in shard.slices], shard.parameters(), strict=True))
+        with torch.no_grad():
+            torch._foreach_copy_(list(self.model.parameters()), layout.views(flats))

@@ -1,0 +1,136 @@
+"""The parameter server's rendezvous in a torch.distributed process group: its address and job
+key published in the default group's store, and which ranks have finished training.
+
+The one module that touches torch.distributed; it reads and writes only keys under
+``distbelief/`` and never runs a collective, so it cannot deadlock the user's own collectives.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from distbelief.errors import RendezvousError
+
+_SERVER_KEY = "distbelief/server"
+_FINISHED_PREFIX = "distbelief/finished"
+_POLL_S = 0.1
+DEFAULT_STORE_TIMEOUT_S = 30.0
+"""Limit of each store operation on distbelief's own connection to the store."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRecord:
+    """What a ``ParameterServer`` publishes for the other ranks."""
+
+    address: str
+    auth_key: bytes
+    rank: int
+    session: str
+    """Names this server's life: ranks mark themselves finished for this session only."""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "address": self.address,
+                "auth_key": self.auth_key.hex(),
+                "rank": self.rank,
+                "session": self.session,
+            }
+        )
+
+    @staticmethod
+    def from_json(text: str) -> ServerRecord:
+        raw = json.loads(text)
+        return ServerRecord(
+            raw["address"], bytes.fromhex(raw["auth_key"]), raw["rank"], raw["session"]
+        )
+
+
+def process_group_active() -> bool:
+    """True when this process has called ``torch.distributed.init_process_group``."""
+    return dist.is_available() and dist.is_initialized()
+
+
+class GroupStore:
+    """distbelief's keys in the default process group's store, on a connection of its own.
+
+    Args:
+        timeout_s: Limit of each store operation (the group's own timeout is left alone).
+
+    Raises:
+        ValueError: no default process group has been initialised.
+    """
+
+    def __init__(self, timeout_s: float = DEFAULT_STORE_TIMEOUT_S) -> None:
+        if not process_group_active():
+            raise ValueError(
+                "no torch.distributed process group: call torch.distributed.init_process_group("
+                "'gloo', init_method=..., rank=..., world_size=...) in every process first"
+            )
+        # torch has no public accessor for the default group's store; a clone is a separate
+        # connection, so the timeout set here does not change the group's.
+        self._store = dist.distributed_c10d._get_default_store().clone()
+        self._store.set_timeout(datetime.timedelta(seconds=timeout_s))
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except RuntimeError as e:  # DistStoreError and the store's connection errors
+            raise RendezvousError(f"process group store: {what} failed: {e}") from e
+
+    def store_host(self) -> str | None:
+        """The host of the group's TCP store if this rank serves it (rank 0 under tcp:// and
+        env:// initialisation): the address every other rank already reaches it at."""
+        store = self._store
+        while isinstance(store, dist.PrefixStore):
+            store = store.underlying_store
+        return store.host if isinstance(store, dist.TCPStore) and self.rank == 0 else None
+
+    def publish_server(self, address: str, auth_key: bytes) -> ServerRecord:
+        """Publish this rank's parameter server; returns what was published."""
+        record = ServerRecord(address, auth_key, self.rank, secrets.token_hex(8))
+        self._call("publishing the server address", self._store.set, _SERVER_KEY, record.to_json())
+        return record
+
+    def find_server(self, timeout_s: float) -> ServerRecord:
+        """The published parameter server, waiting up to ``timeout_s`` for it.
+
+        Raises:
+            RendezvousError: nothing published within ``timeout_s``, or the store failed.
+        """
+        deadline = time.monotonic() + timeout_s
+        # Short checks rather than one long store wait, so Ctrl-C is not held up.
+        while not self._call("looking up the server", self._store.check, [_SERVER_KEY]):
+            if time.monotonic() > deadline:
+                raise RendezvousError(
+                    f"no ParameterServer published its address in the process group's store "
+                    f"within {timeout_s:g}s: run ParameterServer(model).run() on one rank"
+                )
+            time.sleep(_POLL_S)
+        raw = self._call("reading the server address", self._store.get, _SERVER_KEY)
+        return ServerRecord.from_json(raw.decode())
+
+    def mark_finished(self, session: str) -> None:
+        """Record that this rank is done with the server of ``session``."""
+        key = f"{_FINISHED_PREFIX}/{session}/{self.rank}"
+        self._call("marking this rank finished", self._store.set, key, "1")
+
+    def unfinished_ranks(self, session: str, ranks: list[int]) -> list[int]:
+        """Those of ``ranks`` not yet marked finished for ``session``."""
+        return [
+            rank
+            for rank in ranks
+            if not self._call(
+                "reading finished ranks",
+                self._store.check,
+                [f"{_FINISHED_PREFIX}/{session}/{rank}"],
+            )
+        ]

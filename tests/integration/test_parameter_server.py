@@ -1,0 +1,247 @@
+"""ParameterServer in a real torch.distributed (gloo) job: a seed-style server script as rank 0
+in a subprocess, this test process as the training rank, finding the server through the store."""
+
+from __future__ import annotations
+
+import datetime
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distbelief.errors import RendezvousError
+from distbelief.optim import DownpourSGD
+from distbelief.server import ParameterServer
+from distbelief.wire.process_group import GroupStore
+from tests.conftest import CHILD_ENV, free_port, stop_processes
+
+SERVER_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from distbelief.server import ParameterServer
+
+init_method, world_size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world_size)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
+summary = ParameterServer(model).run()
+torch.save(model.state_dict(), out)
+print("server done", summary["version"], summary["finished"], flush=True)
+dist.destroy_process_group()
+"""
+pytestmark = pytest.mark.timeout(400)
+"""Each test starts a fresh Python process importing torch: minutes on a busy 2-core machine."""
+GROUP_TIMEOUT = datetime.timedelta(seconds=120)
+SCRIPTS_TIMEOUT_S = 300
+STEPS_PER_EPOCH = 3
+NUM_EPOCHS = 4
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
+
+
+def _batches(num_batches: int):
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(16, 10, generator=generator), torch.randint(0, 3, (16,), generator=generator))
+        for _ in range(num_batches)
+    ]
+
+
+def _take_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def server_and_group(tmp_path):
+    """Rank 0 runs the seed-style server script; this process joins as rank 1 of 2."""
+    script = tmp_path / "server.py"
+    script.write_text(SERVER_SCRIPT)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    out = tmp_path / "server_model.pt"
+    server = subprocess.Popen(
+        [sys.executable, str(script), init_method, "2", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+        # A shell ignores SIGINT in background jobs and children inherit that: let the server
+        # get Ctrl-C as it would in a terminal, wherever the tests run.
+        preexec_fn=_take_ctrl_c,
+    )
+    try:
+        dist.init_process_group(
+            "gloo", init_method=init_method, rank=1, world_size=2, timeout=GROUP_TIMEOUT
+        )
+        yield server, out
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        stop_processes([server])
+
+
+def _make_scheduler(kind: str, optimizer: torch.optim.Optimizer):
+    if kind == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+
+
+def _train_with_scheduler(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    scheduler = _make_scheduler(kind, optimizer)
+    batches = _batches(STEPS_PER_EPOCH * NUM_EPOCHS)
+    for epoch in range(NUM_EPOCHS):
+        for images, labels in batches[epoch * STEPS_PER_EPOCH : (epoch + 1) * STEPS_PER_EPOCH]:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        if kind == "step":
+            scheduler.step()
+        else:
+            scheduler.step(float(epoch))  # a worsening metric: the rate halves every epoch
+
+
+@pytest.mark.parametrize("kind", ["step", "plateau"])
+def test_no_rate_server_follows_the_workers_lr_scheduler(server_and_group, kind):
+    server, server_out = server_and_group
+    model, reference = _model(), _model()
+    optimizer = DownpourSGD(
+        model.parameters(), lr=0.4, n_push=1, n_pull=1, model=model, blocking=True, timeout_s=10
+    )
+    assert optimizer.apply_worker_lr
+    _train_with_scheduler(kind, model, optimizer)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.4)
+    _train_with_scheduler(kind, reference, reference_optimizer)
+    assert optimizer.param_groups[0]["lr"] == reference_optimizer.param_groups[0]["lr"] < 0.1
+    optimizer.pull_now()  # the model now holds exactly the server's parameters
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    optimizer.close()  # this rank is finished: the server stops by itself
+
+    out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert f"server done {STEPS_PER_EPOCH * NUM_EPOCHS} True" in out
+    served = torch.load(server_out)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(served[name], param, atol=0, rtol=0)
+
+
+def test_no_rate_server_applies_each_param_groups_rate(server_and_group):
+    server, _ = server_and_group
+    model, reference = _model(), _model()
+
+    def groups(net: nn.Module) -> list[dict]:
+        return [
+            {"params": net[0].parameters(), "lr": 0.3},
+            {"params": net[2].parameters(), "lr": 0.05},
+        ]
+
+    optimizer = DownpourSGD(
+        groups(model), lr=0.1, n_push=2, n_pull=2, model=model, blocking=True, timeout_s=10
+    )
+    reference_optimizer = torch.optim.SGD(groups(reference), lr=0.1)
+    for images, labels in _batches(8):
+        for net, opt in ((model, optimizer), (reference, reference_optimizer)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(images), labels).backward()
+            opt.step()
+    optimizer.pull_now()
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    optimizer.close()
+    _, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+
+
+def test_ctrl_c_stops_the_server_before_every_rank_finished(server_and_group):
+    server, _ = server_and_group
+    GroupStore().find_server(timeout_s=120)  # serving: published its address
+    server.send_signal(signal.SIGINT)
+    out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert "server done 0 False" in out  # run() returned; no worker had pushed anything
+    assert "interrupted before every rank finished" in err
+
+
+WORKER_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from distbelief.optim import DownpourSGD
+
+init_method, rank, world_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
+optimizer = DownpourSGD(net.parameters(), lr=0.1, n_push=2, n_pull=2, model=net)
+generator = torch.Generator().manual_seed(rank)
+for _ in range(5):
+    optimizer.zero_grad()
+    images, labels = torch.randn(16, 10, generator=generator), torch.randint(0, 3, (16,))
+    nn.functional.cross_entropy(net(images), labels).backward()
+    optimizer.step()
+print("worker done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_seed_scripts_that_never_call_close_end_by_themselves(tmp_path):
+    """Three processes, the seed's way: no address, no close(); every one exits 0 by itself."""
+    (tmp_path / "server.py").write_text(SERVER_SCRIPT)
+    (tmp_path / "worker.py").write_text(WORKER_SCRIPT)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    commands = [[str(tmp_path / "server.py"), init_method, "3", str(tmp_path / "server.pt")]]
+    commands += [[str(tmp_path / "worker.py"), init_method, str(rank), "3"] for rank in (1, 2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CHILD_ENV,
+        )
+        for command in commands
+    ]
+    try:
+        outputs = [process.communicate(timeout=SCRIPTS_TIMEOUT_S) for process in processes]
+    finally:
+        stop_processes(processes)
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-2000:]
+    # Pushes at steps 2 and 4, and step 5's gradient flushed at exit: 3 per worker.
+    assert "server done 6 True" in outputs[0][0]
+    assert all("worker done" in out for out, _ in outputs[1:])
+
+
+@pytest.fixture
+def group_of_one():
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=GROUP_TIMEOUT,
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_downpour_finds_no_server_is_a_rendezvous_error(group_of_one):
+    model = _model()
+    with pytest.raises(RendezvousError, match=r"no ParameterServer published .* within 2s"):
+        DownpourSGD(model.parameters(), model=model, hold_timeout_s=2)
+
+
+def test_parameter_server_needs_another_rank(group_of_one):
+    with pytest.raises(ValueError, match="world_size >= 2"):
+        ParameterServer(_model())

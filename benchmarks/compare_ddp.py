@@ -56,10 +56,10 @@ from distbelief.errors import LauncherInterrupted
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.local import train
 from distbelief.launch.roles import build_replica, evaluate
-from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
 from distbelief.server.process import serve_shard
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("compare_ddp")
 

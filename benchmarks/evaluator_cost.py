@@ -29,9 +29,9 @@ from distbelief.data import load_dataset
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.evaluator import PSEvaluator
 from distbelief.launch.roles import build_replica
-from distbelief.metrics import read_metrics
 from distbelief.server import ParameterShard, ShardService
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.telemetry import read_metrics
 from distbelief.wire import serve
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

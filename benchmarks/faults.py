@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
 import machine
-from distbelief.metrics import read_metrics
+from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("faults")
 

@@ -28,7 +28,7 @@ import machine
 from distbelief.errors import LauncherInterrupted
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.local import train
-from distbelief.metrics import read_metrics
+from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("scaling")
 

@@ -29,7 +29,7 @@ from distbelief.data import load_dataset
 from distbelief.errors import DistBeliefError
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.local import train
-from distbelief.metrics import read_metrics
+from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("staleness_sweep")
 

@@ -25,12 +25,12 @@ from torch import nn
 
 from distbelief.data import DATASET_NAMES, iterate_batches, load_dataset, worker_indices
 from distbelief.launch.roles import evaluate
-from distbelief.metrics import MetricsWriter, make_record
 from distbelief.models import MODEL_NAMES, build_model
 from distbelief.optim import DownpourSGD
-from distbelief.plotting import plot_run
+from distbelief.plots import plot_run
 from distbelief.server import server_optimizer_factory
 from distbelief.server.process import serve_shard
+from distbelief.telemetry import MetricsWriter, make_record
 from distbelief.wire.security import WireSecurity, read_key_file, write_key_file
 
 

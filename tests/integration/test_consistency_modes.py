@@ -8,8 +8,8 @@ import time
 import torch
 from torch import nn
 
-from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
+from distbelief.telemetry import read_metrics
 from tests.conftest import run_cli
 
 

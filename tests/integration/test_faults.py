@@ -18,9 +18,9 @@ from distbelief.client import ParameterServerClient
 from distbelief.errors import ShardUnavailableError
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.roles import build_replica
-from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.telemetry import read_metrics
 from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 

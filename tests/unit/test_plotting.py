@@ -1,4 +1,4 @@
-"""Unit tests of distbelief.plotting: a synthetic run folder becomes valid PNG plots."""
+"""Unit tests of distbelief.plots: a synthetic run folder becomes valid PNG plots."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from distbelief.metrics import MetricsWriter, make_record
-from distbelief.plot_compare import plot_runs, run_labels
-from distbelief.plotting import RunData, plot_run, total_rate
+from distbelief.plots import RunData, plot_run, plot_runs, run_labels, total_rate
+from distbelief.telemetry import MetricsWriter, make_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,5 +1,5 @@
-"""Unit tests of distbelief.tensorboard_log, and of the launcher's router feeding it: records go
-in, event files come out, and TensorBoard's own reader finds the right scalars."""
+"""Unit tests of distbelief.telemetry.tensorboard, and of the launcher's router feeding it:
+records go in, event files come out, and TensorBoard's own reader finds the right scalars."""
 
 from __future__ import annotations
 
@@ -10,9 +10,15 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distbelief.launch.local import _Router
-from distbelief.launch.progress import ProgressDisplay
-from distbelief.metrics import MetricsWriter, make_record, read_metrics
-from distbelief.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, scalar_tags
+from distbelief.telemetry import (
+    TENSORBOARD_DIR,
+    MetricsWriter,
+    ProgressDisplay,
+    TensorBoardLog,
+    make_record,
+    read_metrics,
+    scalar_tags,
+)
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

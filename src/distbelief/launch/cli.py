@@ -141,8 +141,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from distbelief.plot_compare import plot_runs
-    from distbelief.plotting import plot_run
+    from distbelief.plots import plot_run, plot_runs
 
     out_dir = args.out_dir or args.run_dirs[0]
     if len(args.run_dirs) == 1:

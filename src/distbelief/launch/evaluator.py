@@ -23,9 +23,9 @@ from distbelief.data import load_dataset
 from distbelief.errors import ShardUnavailableError
 from distbelief.launch.config import TrainConfig
 from distbelief.launch.roles import build_replica, evaluate
-from distbelief.metrics import MetricsWriter, make_record
 from distbelief.process import Emit, StopFlag
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.telemetry.metrics import MetricsWriter, make_record
 from distbelief.wire.security import WireSecurity
 
 logger = logging.getLogger(__name__)

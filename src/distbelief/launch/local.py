@@ -16,12 +16,9 @@ from distbelief.data import load_dataset, worker_indices
 from distbelief.errors import LauncherInterrupted
 from distbelief.launch.cluster import CHECKPOINT_DIR, Fault, LocalCluster
 from distbelief.launch.config import TrainConfig
-from distbelief.launch.progress import ProgressDisplay
 from distbelief.launch.rundir import prepare_run_dir, write_json_atomic
-from distbelief.launch.shard_stats import ShardStatsPoller
-from distbelief.metrics import MetricsWriter
-from distbelief.plotting import plot_run
-from distbelief.tensorboard_log import TensorBoardLog
+from distbelief.plots import plot_run
+from distbelief.telemetry import MetricsWriter, ProgressDisplay, ShardStatsPoller, TensorBoardLog
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +98,7 @@ class _Router:
             start = self.train_start if self.train_start is not None else payload["time_s"]
             record = {**payload, "time_s": max(0.0, payload["time_s"] - start)}
             self.writer.write(record)
-            self.progress.update(record)
+            self.progress.write(record)
             if self.tensorboard is not None:
                 self.tensorboard.write(record)
         elif kind == "done" and name.startswith("worker"):

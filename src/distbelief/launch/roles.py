@@ -13,10 +13,10 @@ from torch import nn
 
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.launch.config import TrainConfig
-from distbelief.metrics import make_record
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.process import Emit
+from distbelief.telemetry.metrics import make_record
 from distbelief.wire.security import WireSecurity
 
 logger = logging.getLogger(__name__)

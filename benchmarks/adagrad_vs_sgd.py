@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from distbelief.launch.config import TrainConfig
+from distbelief.launch import TrainConfig
 from staleness_sweep import (
     BASE,
     environment,

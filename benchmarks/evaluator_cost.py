@@ -26,13 +26,13 @@ import torch
 
 from distbelief.client import ParameterServerClient
 from distbelief.data import load_dataset
-from distbelief.launch.config import TrainConfig
-from distbelief.launch.evaluator import PSEvaluator
-from distbelief.launch.roles import build_replica
+from distbelief.evaluator import PSEvaluator
+from distbelief.launch import TrainConfig
 from distbelief.server import ParameterShard, ShardService
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import read_metrics
 from distbelief.wire import serve
+from distbelief.worker import build_replica
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RUN_TIMEOUT_S = 600.0

@@ -26,8 +26,7 @@ from matplotlib.figure import Figure
 
 import machine
 from distbelief.errors import LauncherInterrupted
-from distbelief.launch.config import TrainConfig
-from distbelief.launch.local import train
+from distbelief.launch import TrainConfig, train
 from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("scaling")

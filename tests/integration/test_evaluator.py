@@ -14,11 +14,11 @@ import torch
 
 from distbelief.client import ParameterServerClient
 from distbelief.data import load_dataset
+from distbelief.evaluator import PSEvaluator, evaluate, watch_shards
 from distbelief.launch.config import TrainConfig
-from distbelief.launch.evaluator import PSEvaluator, watch_shards
-from distbelief.launch.roles import build_replica, evaluate
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import MetricsWriter, make_record, read_metrics
+from distbelief.worker import build_replica
 from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 CONFIG = TrainConfig(model="lenet", dataset="digits", timeout_s=10.0, eval_every_s=0.2)

@@ -17,10 +17,10 @@ from torch import nn
 from distbelief.client import ParameterServerClient
 from distbelief.errors import ShardUnavailableError
 from distbelief.launch.config import TrainConfig
-from distbelief.launch.roles import build_replica
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import read_metrics
+from distbelief.worker import build_replica
 from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 

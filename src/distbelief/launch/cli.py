@@ -53,7 +53,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from distbelief.launch.local import train
+    from distbelief.launch.train import train
 
     if args.resume:
         config = TrainConfig.from_file(Path(args.resume) / "config.json")
@@ -98,7 +98,7 @@ def _run_ps(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from distbelief.launch.roles import run_worker
+    from distbelief.worker import run_worker
 
     if not 0 <= args.rank < args.num_workers:
         raise ValueError(f"--rank {args.rank} is not in [0, --num-workers {args.num_workers})")
@@ -116,7 +116,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from distbelief.launch.evaluator import format_result, watch_shards
+    from distbelief.evaluator import format_result, watch_shards
 
     config = TrainConfig(
         model=args.model,

@@ -1,0 +1,246 @@
+"""Run a training job on a Cluster: validate, prepare the run folder, start the processes, route
+their events to one sink (metrics.csv, TensorBoard, the progress display), show faults, stop in
+order, write the summary. It never touches processes itself: that is the Cluster's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from distbelief.errors import LauncherInterrupted
+from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
+from distbelief.launch.local import LocalCluster, warm_up
+from distbelief.launch.rundir import prepare_run_dir, write_json_atomic
+from distbelief.telemetry import FanOut, MetricsWriter, ProgressDisplay, TensorBoardLog
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from distbelief.launch.config import TrainConfig
+    from distbelief.telemetry import ShardStatsPoller, Sink
+
+logger = logging.getLogger(__name__)
+
+SHARDS_READY_TIMEOUT_S = 60.0
+"""Longest wait for every shard to listen."""
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise LauncherInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+
+@dataclass
+class RunResult:
+    """How a training job ended."""
+
+    run_dir: Path
+    final: dict = field(default_factory=dict)
+    worker_steps: dict[int, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    staleness: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per shard: how many pushes arrived with each staleness."""
+    faults: list[Fault] = field(default_factory=list)
+    """Processes that died during the run and what became of them."""
+
+
+def _planned_steps(config: TrainConfig) -> list[int]:
+    """Steps each worker will run; ValueError if the warmstart outlasts worker 0's pushes."""
+    if config.steps is not None:
+        steps = [config.steps] * config.num_workers
+    else:
+        from distbelief.data import load_dataset, worker_indices  # torch: only when counting
+
+        train_set = load_dataset(
+            config.dataset, split="train", data_dir=config.data_dir, download=config.download
+        )
+        steps = [
+            len(worker_indices(len(train_set), rank, config.num_workers))
+            // config.batch_size
+            * config.num_epochs
+            for rank in range(config.num_workers)
+        ]
+    pushes_of_worker0 = -(-steps[0] // config.n_push)  # a last partial window is flushed
+    if config.warmstart_steps > pushes_of_worker0:
+        raise ValueError(
+            f"warmstart_steps {config.warmstart_steps} exceeds the {pushes_of_worker0} pushes "
+            "worker 0 will make: the other workers would never start"
+        )
+    return steps
+
+
+class EventRouter:
+    """Turns process events into records and messages for one sink; times count from the first
+    worker's start (children report wall-clock times; process start-up is not training time).
+    ``poll_shards`` adds the shards' counters as ``shard`` records."""
+
+    def __init__(self, sink: Sink, shard_poller: ShardStatsPoller | None = None) -> None:
+        self.sink = sink
+        self.shard_poller = shard_poller
+        self.train_start: float | None = None
+
+    def poll_shards(self) -> None:
+        """Routes the shards' counters if a poll is due (cheap to call in any loop)."""
+        if self.shard_poller is not None:
+            for record in self.shard_poller.poll_if_due():
+                self._write(record)
+
+    def __call__(self, event: Event | None) -> None:
+        if event is None:
+            return
+        kind, source, payload = event
+        if kind == "started" and self.train_start is None:
+            self.train_start = payload["time"]
+        elif kind == "metric":
+            self._write(payload)
+        elif kind == "done" and source.kind is ProcessKind.WORKER:
+            self.sink.message(f"{source.name} finished after {payload['steps']} steps")
+
+    def _write(self, record: dict) -> None:
+        start = self.train_start if self.train_start is not None else record["time_s"]
+        self.sink.write({**record, "time_s": max(0.0, record["time_s"] - start)})
+
+
+def _supervise(cluster: Cluster, route: EventRouter) -> None:
+    """Route events until the workers finish, then stop the evaluator (after its final
+    evaluation) and the shards (which report their counters), in that order."""
+    for kind in (ProcessKind.WORKER, ProcessKind.EVALUATOR, ProcessKind.SHARD):
+        if kind is not ProcessKind.WORKER:
+            cluster.stop(kind)
+        while not cluster.finished(kind):
+            route(cluster.next_event(0.2))
+            if kind is ProcessKind.WORKER:
+                route.poll_shards()
+    while (event := cluster.next_event(0.05)) is not None:
+        route(event)
+
+
+def _prepare(config: TrainConfig, resume: bool) -> tuple[TrainConfig, Path]:
+    """The run folder and the config with its path filled in; refuses to mix runs."""
+    run_dir = prepare_run_dir(config.out_dir)
+    has_checkpoints = any((run_dir / CHECKPOINT_DIR).glob("shard*.json"))
+    if resume and not has_checkpoints:
+        raise ValueError(f"--resume {run_dir}: no shard checkpoints in {run_dir / CHECKPOINT_DIR}")
+    if has_checkpoints and not resume:
+        raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
+    config = config.replace(out_dir=str(run_dir))
+    write_json_atomic(run_dir / "config.json", config.to_json())
+    return config, run_dir
+
+
+def _start(cluster: Cluster, config: TrainConfig) -> list[str]:
+    """Every process: the shards at once, then (they need the shards' addresses) the evaluator
+    and the workers at once; nothing waits for a process but the shards' readiness. Returns
+    the shards' addresses."""
+    for shard_id in range(config.num_shards):
+        cluster.start(ProcessKind.SHARD, shard_id)
+    addresses = cluster.wait_for_shards(SHARDS_READY_TIMEOUT_S)
+    cluster.start(ProcessKind.EVALUATOR, 0)
+    for rank in range(config.num_workers):
+        cluster.start(ProcessKind.WORKER, rank)
+    return addresses
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    cluster_type: Callable[[TrainConfig, Path], Cluster] = LocalCluster,
+) -> RunResult:
+    """Run a whole job; returns when every process has stopped.
+
+    Args:
+        config: The job.
+        resume: Continue the run in ``config.out_dir`` from its shard checkpoints.
+        cluster_type: What runs the processes, given the config and the run folder.
+
+    Raises:
+        ChildFailedError: a process reported an error, or could not be brought back; every
+            process is stopped.
+        LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
+        CheckpointError: a checkpoint to resume from is corrupt (names the file).
+    """
+    if cluster_type is LocalCluster:
+        warm_up(config)  # its imports overlap the validation below
+    total_steps = sum(_planned_steps(config))  # validates before anything is written
+    config, run_dir = _prepare(config, resume)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    display = ProgressDisplay(total_steps=total_steps, num_workers=config.num_workers)
+    started = time.time()
+    try:
+        # Closing the FanOut closes the display too (twice is harmless); the cluster stops last.
+        with (
+            cluster_type(config, run_dir) as cluster,
+            display,
+            FanOut(
+                [
+                    MetricsWriter(run_dir / "metrics.csv", append=resume),
+                    TensorBoardLog(run_dir),
+                    display,
+                ]
+            ) as sink,
+        ):
+            cluster.on_fault = lambda fault: sink.message(_describe_fault(fault))
+            addresses = _start(cluster, config)
+            _supervise(cluster, EventRouter(sink, _shard_poller(addresses, cluster)))
+            result = _result(cluster, run_dir, time.time() - started)
+    except KeyboardInterrupt as e:
+        raise LauncherInterrupted("stopped by Ctrl-C") from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    write_json_atomic(run_dir / "summary.json", _summary_json(result))
+    write_json_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
+    from distbelief.plots import plot_run  # matplotlib: only now, after training
+
+    plot_run(run_dir)
+    logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
+    return result
+
+
+def _shard_poller(addresses: list[str], cluster: Cluster) -> ShardStatsPoller:
+    from distbelief.telemetry import ShardStatsPoller
+
+    return ShardStatsPoller(addresses, security=cluster.security)
+
+
+def _result(cluster: Cluster, run_dir: Path, elapsed_s: float) -> RunResult:
+    return RunResult(
+        run_dir,
+        final=cluster.results(ProcessKind.EVALUATOR).get(0, {}),
+        worker_steps={rank: r["steps"] for rank, r in cluster.results(ProcessKind.WORKER).items()},
+        elapsed_s=elapsed_s,
+        staleness={
+            f"shard{shard_id}": r["staleness"]
+            for shard_id, r in cluster.results(ProcessKind.SHARD).items()
+        },
+        faults=cluster.faults,
+    )
+
+
+def _describe_fault(fault: Fault) -> str:
+    text = f"{fault.process} died (exit code {fault.exitcode}); {fault.action}"
+    if fault.version_before is not None:
+        text += f"; it had applied {fault.version_before} updates"
+    return text
+
+
+def _summary_json(result: RunResult) -> str:
+    return json.dumps(
+        {
+            "final": result.final,
+            "worker_steps": result.worker_steps,
+            "elapsed_s": round(result.elapsed_s, 3),
+            "faults": [
+                {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
+                for fault in result.faults
+            ],
+        },
+        indent=2,
+    )

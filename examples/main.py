@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from distbelief.data import DATASET_NAMES, iterate_batches, load_dataset, worker_indices
-from distbelief.launch.roles import evaluate
+from distbelief.evaluator import evaluate
 from distbelief.models import MODEL_NAMES, build_model
 from distbelief.optim import DownpourSGD
 from distbelief.plots import plot_run

@@ -16,6 +16,7 @@ from distbelief.errors import ChildFailedError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from distbelief.launch.config import TrainConfig
     from distbelief.wire.security import WireSecurity
@@ -120,6 +121,14 @@ class Cluster(Protocol):
     faults: list[Fault]
     on_fault: Callable[[Fault], None] | None
     """Called with each Fault as it happens (the launcher shows it)."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path) -> None:
+        """Gets ready to run ``config``'s job; its files (pids, logs) go into ``run_dir``."""
+
+    @classmethod
+    def warm_up(cls, config: TrainConfig) -> None:
+        """Starts, in the background, what starting processes will need (called first, before
+        the run folder exists, so that it overlaps the launcher's own work)."""
 
     def start(self, kind: ProcessKind, index: int) -> None:
         """Starts one process; shards must be ready (see ``wait_for_shards``) before workers

@@ -59,6 +59,10 @@ class LocalCluster:
     start, so tools and tests can find a process.
     """
 
+    @classmethod
+    def warm_up(cls, config: TrainConfig) -> None:
+        warm_up(config)
+
     def __init__(self, config: TrainConfig, run_dir: Path) -> None:
         warm_up(config)
         # Imported after the forkserver started: the wire package imports torch.

@@ -17,13 +17,11 @@ from typing import TYPE_CHECKING
 
 from distbelief.errors import LauncherInterrupted
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
-from distbelief.launch.local import LocalCluster, warm_up
+from distbelief.launch.local import LocalCluster
 from distbelief.launch.rundir import prepare_run_dir, write_json_atomic
 from distbelief.telemetry import FanOut, MetricsWriter, ProgressDisplay, TensorBoardLog
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from distbelief.launch.config import TrainConfig
     from distbelief.telemetry import ShardStatsPoller, Sink
 
@@ -152,14 +150,14 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
-    cluster_type: Callable[[TrainConfig, Path], Cluster] = LocalCluster,
+    cluster_type: type[Cluster] = LocalCluster,
 ) -> RunResult:
     """Run a whole job; returns when every process has stopped.
 
     Args:
         config: The job.
         resume: Continue the run in ``config.out_dir`` from its shard checkpoints.
-        cluster_type: What runs the processes, given the config and the run folder.
+        cluster_type: What runs the processes; made with the config and the run folder.
 
     Raises:
         ChildFailedError: a process reported an error, or could not be brought back; every
@@ -167,8 +165,7 @@ def train(
         LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
         CheckpointError: a checkpoint to resume from is corrupt (names the file).
     """
-    if cluster_type is LocalCluster:
-        warm_up(config)  # its imports overlap the validation below
+    cluster_type.warm_up(config)  # e.g. a forkserver's imports, overlapping what follows
     total_steps = sum(_planned_steps(config))  # validates before anything is written
     config, run_dir = _prepare(config, resume)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)

@@ -49,6 +49,7 @@ def _kill(run_dir: Path, name: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # a 1500-step job with two restarts: over 120 s on a busy machine
 def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(

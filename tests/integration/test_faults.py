@@ -116,7 +116,9 @@ def test_worker_fails_clearly_when_a_shard_stays_dead():
             model=model,
             ps=[address],
             blocking=True,
-            timeout_s=1,
+            # Not 1 s: a busy machine's fresh shard can take longer to answer the handshake. The
+            # failure below does not wait for it: a stopped shard refuses connections at once.
+            timeout_s=10,
             retry_timeout_s=2,
         )
         stop_processes([process])

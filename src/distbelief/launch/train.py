@@ -1,6 +1,8 @@
 """Run a training job on a Cluster: validate, prepare the run folder, start the processes, route
 their events to one sink (metrics.csv, TensorBoard, the progress display), show faults, stop in
-order, write the summary. It never touches processes itself: that is the Cluster's job.
+order, write the summary. It never touches processes itself: that is the Cluster's job. The
+telemetry and plots packages load each name on first use, so torch, rich and matplotlib are
+imported only when (and if) the job gets to them.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distbelief import plots, telemetry
 from distbelief.errors import LauncherInterrupted
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
 from distbelief.launch.local import LocalCluster
 from distbelief.launch.rundir import prepare_run_dir, write_json_atomic
-from distbelief.telemetry import FanOut, MetricsWriter, ProgressDisplay, TensorBoardLog
 
 if TYPE_CHECKING:
     from distbelief.launch.config import TrainConfig
@@ -169,24 +171,25 @@ def train(
     total_steps = sum(_planned_steps(config))  # validates before anything is written
     config, run_dir = _prepare(config, resume)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    display = ProgressDisplay(total_steps=total_steps, num_workers=config.num_workers)
+    display = telemetry.ProgressDisplay(total_steps=total_steps, num_workers=config.num_workers)
     started = time.time()
     try:
         # Closing the FanOut closes the display too (twice is harmless); the cluster stops last.
         with (
             cluster_type(config, run_dir) as cluster,
             display,
-            FanOut(
+            telemetry.FanOut(
                 [
-                    MetricsWriter(run_dir / "metrics.csv", append=resume),
-                    TensorBoardLog(run_dir),
+                    telemetry.MetricsWriter(run_dir / "metrics.csv", append=resume),
+                    telemetry.TensorBoardLog(run_dir),
                     display,
                 ]
             ) as sink,
         ):
             cluster.on_fault = lambda fault: sink.message(_describe_fault(fault))
             addresses = _start(cluster, config)
-            _supervise(cluster, EventRouter(sink, _shard_poller(addresses, cluster)))
+            poller = telemetry.ShardStatsPoller(addresses, security=cluster.security)
+            _supervise(cluster, EventRouter(sink, poller))
             result = _result(cluster, run_dir, time.time() - started)
     except KeyboardInterrupt as e:
         raise LauncherInterrupted("stopped by Ctrl-C") from e
@@ -194,17 +197,9 @@ def train(
         signal.signal(signal.SIGTERM, previous)
     write_json_atomic(run_dir / "summary.json", _summary_json(result))
     write_json_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
-    from distbelief.plots import plot_run  # matplotlib: only now, after training
-
-    plot_run(run_dir)
+    plots.plot_run(run_dir)  # the first use of matplotlib: after training
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result
-
-
-def _shard_poller(addresses: list[str], cluster: Cluster) -> ShardStatsPoller:
-    from distbelief.telemetry import ShardStatsPoller
-
-    return ShardStatsPoller(addresses, security=cluster.security)
 
 
 def _result(cluster: Cluster, run_dir: Path, elapsed_s: float) -> RunResult:

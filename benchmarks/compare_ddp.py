@@ -1,10 +1,10 @@
 """Downpour SGD vs DistributedDataParallel (gloo) vs one-process SGD: LeNet on digits, 2 workers,
 time to a target test accuracy, each with and without a straggler, in one invocation.
 
-Owns the three training loops, the straggler, the timing and the md/json/png report. Downpour
-runs twice: through the library launcher (``train``), and as shards (``serve_shard``) plus
-a worker loop of this script's own, the only way to slow one worker down (the launcher has no
-hook for it). Binds 127.0.0.1 only; every process it starts is stopped on the way out.
+Owns the DDP and SGD training loops, the straggler, the timing and the md/json/png report.
+Downpour runs twice: through the library launcher (``train``), and as shards (``serve_shard``)
+plus the library's worker loop (``run_worker``) with the straggler as its step hook, in a pool
+of warm processes. Binds 127.0.0.1 only; every process it starts is stopped on the way out.
 
 Straggler: worker (rank) 1 sleeps twice the compute time it measured for each step, right after
 that step, so each of its steps takes 3x; one-process SGD sleeps the same way (the whole job is
@@ -12,7 +12,7 @@ the straggler). Time runs from the moment all workers start training (processes 
 parameters are snapshotted every 50 ms and evaluated after training, so evaluation costs no
 training time (the launcher's run keeps its live evaluator).
 
-At ~880 lines this is over the 600-line mark: the comparison has to live in this one file,
+At ~850 lines this is over the 600-line mark: the comparison has to live in this one file,
 in marked sections (shared loop, process pool, DDP, SGD, Downpour, summary, report, CLI).
 """
 
@@ -52,15 +52,15 @@ from torch.nn.parallel import DistributedDataParallel
 import machine
 from distbelief.client import ParameterServerClient
 from distbelief.config import JobConfig
-from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
+from distbelief.data import ArrayDataset, load_dataset, worker_indices
 from distbelief.errors import LauncherInterrupted
-from distbelief.launch.local import train
-from distbelief.launch.roles import build_replica, evaluate
-from distbelief.metrics import read_metrics
-from distbelief.optim import DownpourSGD
+from distbelief.evaluator import evaluate
+from distbelief.launch import train
 from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.server.process import serve_shard
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.telemetry import read_metrics
+from distbelief.worker import StepInfo, build_replica, run_worker, worker_batches
 
 logger = logging.getLogger("compare_ddp")
 
@@ -82,7 +82,7 @@ METHODS = ("ddp", "downpour_launcher", "downpour_own", "sgd")
 LABELS = {
     "ddp": "DDP (gloo, 2 ranks)",
     "downpour_launcher": "Downpour, library launcher",
-    "downpour_own": "Downpour, own worker loop",
+    "downpour_own": "Downpour, worker loop in the pool",
     "sgd": "SGD, 1 process",
 }
 COLORS = {"ddp": "tab:blue", "downpour_launcher": "tab:orange", "downpour_own": "tab:red"}
@@ -114,9 +114,8 @@ class Setup:
 
 
 def epoch_batches(data: ArrayDataset, indices: torch.Tensor, setup: Setup) -> Iterator:
-    """The batches of ``indices`` in the order a Downpour worker visits them (roles._batches)."""
-    for epoch in range(setup.epochs):
-        yield from iterate_batches(data, indices, setup.batch_size, seed=setup.seed, epoch=epoch)
+    """The batches of ``indices`` in the order a Downpour worker visits them."""
+    return worker_batches(downpour_config(setup), data, indices)
 
 
 class Snapshots:
@@ -149,22 +148,48 @@ class Snapshots:
         return rows
 
 
+class Straggler:
+    """A worker-loop step hook: after each step it sleeps (slowdown - 1) x the compute time that
+    step measured, so each step takes slowdown x (slowdown 1: no sleep); it counts steps,
+    compute and sleep either way."""
+
+    def __init__(self, slowdown: float) -> None:
+        self.slowdown = slowdown
+        self.num_steps, self.compute_s, self.slept_s = 0, 0.0, 0.0
+
+    def after_step(self, step: StepInfo) -> None:
+        if self.slowdown > 1.0:
+            pause_s = (self.slowdown - 1.0) * step.compute_s
+            time.sleep(pause_s)
+            self.slept_s += pause_s
+        self.num_steps, self.compute_s = self.num_steps + 1, self.compute_s + step.compute_s
+
+    def stats(self) -> dict:
+        return {"steps": self.num_steps, "compute_s": self.compute_s, "slept_s": self.slept_s}
+
+
 def train_steps(model, optimizer, batches, slowdown: float, on_step: Callable[[int], None]) -> dict:
-    """Forward, backward, step for each batch. A straggler (slowdown > 1) then sleeps
-    (slowdown - 1) x the compute time it just measured, so each of its steps takes slowdown x."""
-    num_steps, compute_s, slept_s = 0, 0.0, 0.0
+    """DDP's and SGD's loop: forward, backward, step for each batch, then the same Straggler
+    as the Downpour workers' hook, then ``on_step``."""
+    straggler = Straggler(slowdown)
     for images, labels in batches:
         started = time.perf_counter()
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(images), labels).backward()
+        loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
         optimizer.step()
-        step_s = time.perf_counter() - started
-        if slowdown > 1.0:
-            time.sleep((slowdown - 1.0) * step_s)
-            slept_s += (slowdown - 1.0) * step_s
-        num_steps, compute_s = num_steps + 1, compute_s + step_s
-        on_step(num_steps)
-    return {"steps": num_steps, "compute_s": compute_s, "slept_s": slept_s}
+        compute_s = time.perf_counter() - started
+        straggler.after_step(
+            StepInfo(
+                step=straggler.num_steps + 1,
+                loss=loss.item(),
+                batch_size=len(labels),
+                compute_s=compute_s,
+                time=time.time(),
+            )
+        )
+        on_step(straggler.num_steps)
+    return straggler.stats()
 
 
 @functools.cache
@@ -478,36 +503,17 @@ def _shard_task(slot: Slot, shard_id: int, config: JobConfig) -> None:
 
 
 def _downpour_worker(slot: Slot, rank: int, setup: Setup, addresses: list[str]) -> None:
-    """roles.run_worker's data slice and order, model and optimizer, plus the straggler."""
-    config = downpour_config(setup)
-    train_set = load_data()[0]
-    indices = worker_indices(
-        len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
-    )
-    model = replica(setup)
-    optimizer = DownpourSGD(
-        model.parameters(),
-        lr=config.optimizer.lr,
-        n_push=config.optimizer.n_push,
-        n_pull=config.optimizer.n_pull,
-        model=model,
-        ps=addresses,
-        timeout_s=config.faults.timeout_s,
-        worker_id=f"worker{rank}",
-        retry_timeout_s=config.faults.retry_timeout_s,
-    )
-    slot.barrier.wait(setup.timeout_s)
-    start = time.time()
-    slot.report("started", start)
-    slowdown = setup.slowdown if rank == STRAGGLER_RANK else 1.0
-    try:
-        batches = epoch_batches(train_set, indices, setup)
-        stats = train_steps(model, optimizer, batches, slowdown, _nothing)
-        optimizer.close()  # pushes what is left
-    except BaseException:
-        optimizer.client.close(wait=False)
-        raise
-    slot.report("done", {**stats, "end": time.time()})
+    """The library's worker (``run_worker``) with the straggler as its step hook. Both workers
+    take their first step together: the "started" report waits at the pool's barrier."""
+    straggler = Straggler(setup.slowdown if rank == STRAGGLER_RANK else 1.0)
+
+    def emit(kind: str, _payload: object) -> None:
+        if kind == "started":  # sent right before the first step; metrics are not needed
+            slot.barrier.wait(setup.timeout_s)
+            slot.report("started", time.time())
+
+    run_worker(downpour_config(setup), rank, addresses, emit=emit, hooks=[straggler])
+    slot.report("done", {**straggler.stats(), "end": time.time()})
 
 
 def run_downpour_own(pool: Pool, setup: Setup, name: str) -> dict:

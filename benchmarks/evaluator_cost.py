@@ -27,13 +27,13 @@ import torch
 from distbelief.client import ParameterServerClient
 from distbelief.config import JobConfig
 from distbelief.data import load_dataset
-from distbelief.launch.evaluator import PSEvaluator
-from distbelief.launch.roles import build_replica
-from distbelief.metrics import read_metrics
+from distbelief.evaluator import PSEvaluator
 from distbelief.server import ParameterShard, ShardService
 from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.telemetry import read_metrics
 from distbelief.wire import serve
+from distbelief.worker import build_replica
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RUN_TIMEOUT_S = 600.0

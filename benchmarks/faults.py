@@ -4,7 +4,7 @@ to training progress, next to the same job left alone, in one invocation.
 Owns the kill schedule, the comparison of the two runs, their plot and their md/json table.
 Training, checkpoints and restarts are the launcher's: this script only starts the CLI as a
 subprocess, reads its run folder (pids.json, metrics.csv, summary.json) and sends signals. It
-binds nothing and kills only the launcher's own children (their parent PID is checked).
+binds nothing and kills only the launcher's own processes (their PID's ancestry is checked).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
 import machine
-from distbelief.metrics import read_metrics
+from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("faults")
 
@@ -73,6 +73,13 @@ def _parent_pid(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``ancestor`` is the parent of ``pid``, or its parent's parent (the launcher starts
+    its processes through a forkserver of its own)."""
+    parent = _parent_pid(pid)
+    return parent == ancestor or (parent is not None and _parent_pid(parent) == ancestor)
+
+
 def read_pids(run_dir: Path) -> dict[str, int]:
     """pids.json of a running job ({} until the launcher has written it)."""
     try:
@@ -108,8 +115,8 @@ class LauncherJob:
         return self.process.pid
 
     def own_children(self) -> dict[str, int]:
-        """pids.json entries that are still children of this launcher."""
-        return {n: p for n, p in read_pids(self.run_dir).items() if _parent_pid(p) == self.pid}
+        """pids.json entries that are still processes of this launcher."""
+        return {n: p for n, p in read_pids(self.run_dir).items() if _descends_from(p, self.pid)}
 
     def stop(self) -> None:
         """SIGTERM (the launcher then stops its children), wait, then SIGKILL everything."""
@@ -125,7 +132,7 @@ class LauncherJob:
         except subprocess.TimeoutExpired:
             logger.warning("launcher %d ignored SIGTERM for %gs", self.pid, STOP_GRACE_S)
         for name, pid in children.items():
-            if _parent_pid(pid) == self.pid:
+            if _descends_from(pid, self.pid):
                 logger.warning("killing %s (pid %d)", name, pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -187,7 +194,7 @@ def try_kill(job: LauncherJob, name: str, killed: dict[str, int]) -> int | None:
     A process killed before must have been restarted (a new PID in pids.json) first.
     """
     pid = read_pids(job.run_dir).get(name)
-    if pid is None or pid == killed.get(name) or _parent_pid(pid) != job.pid:
+    if pid is None or pid == killed.get(name) or not _descends_from(pid, job.pid):
         return None
     try:
         os.kill(pid, signal.SIGKILL)

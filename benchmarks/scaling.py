@@ -27,8 +27,8 @@ from matplotlib.figure import Figure
 import machine
 from distbelief.config import FLAT_FIELDS, JobConfig
 from distbelief.errors import LauncherInterrupted
-from distbelief.launch.local import train
-from distbelief.metrics import read_metrics
+from distbelief.launch import train
+from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("scaling")
 

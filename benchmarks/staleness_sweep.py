@@ -2,7 +2,7 @@
 scale, dc-asgd, SSP}, every run at the same total number of samples and the same seed.
 
 Owns the sweep, the summary of each run (time and updates to 90% test accuracy, staleness
-percentiles), its plots and its md/json table; training itself is ``distbelief.launch.local``'s.
+percentiles), its plots and its md/json table; training itself is ``distbelief.launch.train``'s.
 adagrad_vs_sgd.py imports the run/summary/plot/table helpers from here.
 """
 
@@ -28,8 +28,8 @@ import machine
 from distbelief.config import FLAT_FIELDS, JobConfig
 from distbelief.data import load_dataset
 from distbelief.errors import DistBeliefError
-from distbelief.launch.local import train
-from distbelief.metrics import read_metrics
+from distbelief.launch import train
+from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("staleness_sweep")
 

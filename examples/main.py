@@ -28,11 +28,11 @@ from torch import nn
 
 from distbelief.config import DATASET_NAMES, MODEL_NAMES
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
-from distbelief.metrics import MetricsWriter, make_record
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
-from distbelief.plotting import plot_run
+from distbelief.plots import plot_run
 from distbelief.server import ParameterServer
+from distbelief.telemetry import MetricsWriter, make_record
 
 EVAL_BATCH_SIZE = 1000
 

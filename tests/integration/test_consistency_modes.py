@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from distbelief.client import ParameterServerClient
-from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import TensorSpec
+from distbelief.telemetry import read_metrics
 from tests.conftest import run_cli
 
 

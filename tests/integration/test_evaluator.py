@@ -15,10 +15,10 @@ import torch
 from distbelief.client import ParameterServerClient
 from distbelief.config import JobConfig
 from distbelief.data import load_dataset
-from distbelief.launch.evaluator import PSEvaluator, watch_shards
-from distbelief.launch.roles import build_replica, evaluate
-from distbelief.metrics import MetricsWriter, make_record, read_metrics
+from distbelief.evaluator import PSEvaluator, evaluate, watch_shards
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.telemetry import MetricsWriter, make_record, read_metrics
+from distbelief.worker import build_replica
 from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 CONFIG = JobConfig.from_fields(

@@ -17,10 +17,10 @@ from torch import nn
 from distbelief.client import ParameterServerClient
 from distbelief.config import JobConfig
 from distbelief.errors import ShardUnavailableError
-from distbelief.launch.roles import build_replica
-from distbelief.metrics import read_metrics
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.telemetry import read_metrics
+from distbelief.worker import build_replica
 from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 
@@ -49,6 +49,7 @@ def _kill(run_dir: Path, name: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # a 1500-step job with two restarts: over 120 s on a busy machine
 def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
@@ -115,7 +116,9 @@ def test_worker_fails_clearly_when_a_shard_stays_dead():
             model=model,
             ps=[address],
             blocking=True,
-            timeout_s=1,
+            # Not 1 s: a busy machine's fresh shard can take longer to answer the handshake. The
+            # failure below does not wait for it: a stopped shard refuses connections at once.
+            timeout_s=10,
             retry_timeout_s=2,
         )
         stop_processes([process])

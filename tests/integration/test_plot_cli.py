@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distbelief.metrics import read_metrics
+from distbelief.telemetry import read_metrics
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

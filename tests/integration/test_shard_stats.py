@@ -9,8 +9,8 @@ import torch
 
 from distbelief.client import ParameterServerClient
 from distbelief.errors import ShardUnavailableError
-from distbelief.launch.shard_stats import ShardStatsPoller, poll_shard_stats
 from distbelief.sharding import TensorSpec
+from distbelief.telemetry import ShardStatsPoller, poll_shard_stats
 
 SPECS = [TensorSpec("weight", (64, 32), torch.float32), TensorSpec("bias", (32,), torch.float32)]
 NUM_BYTES = (64 * 32 + 32) * 4

@@ -1,4 +1,4 @@
-"""Unit tests of distbelief.metrics: records, CSV round trip, and bad input."""
+"""Unit tests of distbelief.telemetry.metrics: records, CSV round trip, and bad input."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from distbelief.metrics import METRIC_FIELDS, MetricsWriter, make_record, read_metrics
+from distbelief.telemetry import METRIC_FIELDS, MetricsWriter, make_record, read_metrics
 
 
 def _records() -> list[dict[str, object]]:

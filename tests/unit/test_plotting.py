@@ -1,4 +1,4 @@
-"""Unit tests of distbelief.plotting: a synthetic run folder becomes valid PNG plots."""
+"""Unit tests of distbelief.plots: a synthetic run folder becomes valid PNG plots."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ import matplotlib.image
 import pytest
 
 from distbelief.config import JobConfig, dotted_fields
-from distbelief.metrics import MetricsWriter, make_record
-from distbelief.plot_compare import plot_runs, run_labels
-from distbelief.plotting import RunData, load_run, plot_run, run_title, total_rate
+from distbelief.plots import (
+    RunData,
+    load_run,
+    plot_run,
+    plot_runs,
+    run_labels,
+    run_title,
+    total_rate,
+)
+from distbelief.telemetry import MetricsWriter, make_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""Unit tests of distbelief.launch.progress in both modes, writing into a StringIO."""
+"""Unit tests of distbelief.telemetry.progress in both modes, writing into a StringIO."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import shlex
 
 import pytest
 
-from distbelief.launch.progress import ProgressDisplay
-from distbelief.metrics import make_record
+from distbelief.telemetry import ProgressDisplay, make_record
 
 TOTAL_STEPS = 100
 
@@ -16,7 +15,7 @@ TOTAL_STEPS = 100
 def _feed(display: ProgressDisplay) -> None:
     for step in range(1, 51):
         for rank in range(2):
-            display.update(
+            display.write(
                 make_record(
                     "worker",
                     rank,
@@ -27,7 +26,7 @@ def _feed(display: ProgressDisplay) -> None:
                 )
             )
         if step % 20 == 0:
-            display.update(
+            display.write(
                 make_record(
                     "evaluator",
                     0,
@@ -37,7 +36,7 @@ def _feed(display: ProgressDisplay) -> None:
                     test_accuracy=0.8,
                 )
             )
-    display.update(make_record("shard", 0, time_s=5.0, version=60))
+    display.write(make_record("shard", 0, time_s=5.0, version=60))
     display.message("worker 1 exited")
 
 
@@ -98,7 +97,7 @@ def test_interactive_mode_renders_without_crashing() -> None:
     )
     with display:
         _feed(display)
-        display.update(make_record("worker", 3, time_s=5.1, step=1, loss=0.3))  # a rank beyond 2
+        display.write(make_record("worker", 3, time_s=5.1, step=1, loss=0.3))  # a rank beyond 2
     text = stream.getvalue()
     assert "worker 1 exited" in text
     assert "PS test accuracy 0.8000" in text
@@ -121,7 +120,7 @@ def test_bad_arguments_are_named(kwargs: dict[str, float], name: str) -> None:
 def test_unknown_role_is_rejected() -> None:
     display = ProgressDisplay(total_steps=1, num_workers=1, interactive=False, stream=io.StringIO())
     with pytest.raises(ValueError, match="coordinator"):
-        display.update({"role": "coordinator", "rank": 0, "time_s": 0.0})
+        display.write({"role": "coordinator", "rank": 0, "time_s": 0.0})
 
 
 def _shard_record(shard_id: int, time_s: float) -> dict:
@@ -141,9 +140,9 @@ def test_progress_lines_carry_shard_fields() -> None:
     with ProgressDisplay(
         total_steps=TOTAL_STEPS, num_workers=1, interactive=False, stream=stream, log_every_s=1.0
     ) as display:
-        display.update(make_record("worker", 0, time_s=0.5, step=10, loss=1.0))
-        display.update(_shard_record(1, 0.6))
-        display.update(_shard_record(0, 0.7))
+        display.write(make_record("worker", 0, time_s=0.5, step=10, loss=1.0))
+        display.write(_shard_record(1, 0.6))
+        display.write(_shard_record(0, 0.7))
     *_, (kind, fields) = [_parse(line) for line in stream.getvalue().splitlines()]
     assert kind == "progress"
     assert fields["shard0.version"] == "120" and fields["shard1.version"] == "121"
@@ -160,6 +159,6 @@ def test_interactive_mode_shows_a_shard_table() -> None:
     with ProgressDisplay(
         total_steps=TOTAL_STEPS, num_workers=1, interactive=True, stream=stream
     ) as display:
-        display.update(_shard_record(0, 0.5))
+        display.write(_shard_record(0, 0.5))
     text = stream.getvalue()
     assert "pushes/s" in text and "MB/s" in text and "2.50" in text

@@ -1,11 +1,10 @@
-"""Unit tests of distbelief.launch.shard_stats: STATS replies become shard records with rates."""
+"""Unit tests of distbelief.telemetry.shard_stats: STATS replies become shard records with rates."""
 
 from __future__ import annotations
 
 import pytest
 
-from distbelief.launch.shard_stats import ShardStatsPoller, shard_records
-from distbelief.metrics import METRIC_FIELDS
+from distbelief.telemetry import METRIC_FIELDS, ShardStatsPoller, shard_records
 
 
 def _stats(time_s: float, version: int, pushes: int, nbytes: int, staleness: dict) -> dict:

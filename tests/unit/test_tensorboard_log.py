@@ -1,5 +1,5 @@
-"""Unit tests of distbelief.tensorboard_log, and of the launcher's router feeding it: records go
-in, event files come out, and TensorBoard's own reader finds the right scalars."""
+"""Unit tests of distbelief.telemetry.tensorboard, and of the launcher's router feeding it:
+records go in, event files come out, and TensorBoard's own reader finds the right scalars."""
 
 from __future__ import annotations
 
@@ -9,10 +9,21 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distbelief.launch.local import _Router
-from distbelief.launch.progress import ProgressDisplay
-from distbelief.metrics import MetricsWriter, make_record, read_metrics
-from distbelief.tensorboard_log import TENSORBOARD_DIR, TensorBoardLog, scalar_tags
+from distbelief.launch.cluster import Event, ProcessKind, ProcessSpec
+from distbelief.launch.train import EventRouter
+from distbelief.telemetry import (
+    TENSORBOARD_DIR,
+    FanOut,
+    MetricsWriter,
+    ProgressDisplay,
+    TensorBoardLog,
+    make_record,
+    read_metrics,
+    scalar_tags,
+)
+
+WORKER0 = ProcessSpec(ProcessKind.WORKER, 0)
+EVALUATOR = ProcessSpec(ProcessKind.EVALUATOR, 0)
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -55,32 +66,34 @@ def test_records_read_back_from_event_files(tmp_path: Path) -> None:
 
 
 def test_router_sends_every_record_to_csv_display_and_tensorboard(tmp_path: Path) -> None:
+    stream = io.StringIO()
     with (
         MetricsWriter(tmp_path / "metrics.csv") as writer,
-        ProgressDisplay(
-            total_steps=20, num_workers=1, interactive=False, stream=io.StringIO()
-        ) as progress,
+        ProgressDisplay(total_steps=20, num_workers=1, interactive=False, stream=stream) as shown,
         TensorBoardLog(tmp_path) as log,
     ):
-        route = _Router(writer, progress, log)
-        route(("started", "worker0", {"rank": 0, "time": 1000.0}))
-        route(("metric", "worker0", make_record("worker", 0, time_s=1001.0, step=10, loss=2.0)))
-        route(("metric", "worker0", make_record("worker", 0, time_s=1002.0, step=20, loss=1.0)))
+        route = EventRouter(FanOut([writer, shown, log]))
+        route(Event("started", WORKER0, {"rank": 0, "time": 1000.0}))
+        route(Event("metric", WORKER0, make_record("worker", 0, time_s=1001.0, step=10, loss=2.0)))
+        route(Event("metric", WORKER0, make_record("worker", 0, time_s=1002.0, step=20, loss=1.0)))
         route(
-            (
+            Event(
                 "metric",
-                "evaluator",
+                EVALUATOR,
                 make_record(
                     "evaluator", 0, time_s=1002.5, version=40, test_loss=0.8, test_accuracy=0.7
                 ),
             )
         )
+        route(Event("done", WORKER0, {"rank": 0, "steps": 20}))
         route.poll_shards()  # no poller: nothing happens
     assert [r["time_s"] for r in read_metrics(tmp_path / "metrics.csv")] == [1.0, 2.0, 2.5]
     scalars = _scalars(tmp_path / TENSORBOARD_DIR)
     assert scalars["worker/0/loss"] == [(10, 2.0), (20, 1.0)]
     assert scalars["ps/test_loss"] == [(40, pytest.approx(0.8))]
     assert scalars["ps/test_accuracy"] == [(40, pytest.approx(0.7))]
+    lines = stream.getvalue().splitlines()
+    assert lines[-2] == 'message t=2.5s text="worker0 finished after 20 steps"'
 
 
 class _StubPoller:
@@ -100,8 +113,8 @@ def test_router_routes_polled_shard_records(tmp_path: Path) -> None:
         ProgressDisplay(total_steps=20, num_workers=1, interactive=False, stream=stream) as display,
         TensorBoardLog(tmp_path) as log,
     ):
-        route = _Router(writer, display, log, _StubPoller([shard]))
-        route(("started", "worker0", {"rank": 0, "time": 1000.0}))
+        route = EventRouter(FanOut([writer, display, log]), _StubPoller([shard]))
+        route(Event("started", WORKER0, {"rank": 0, "time": 1000.0}))
         route.poll_shards()
         route.poll_shards()  # nothing new
     (record,) = read_metrics(tmp_path / "metrics.csv")

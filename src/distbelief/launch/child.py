@@ -1,5 +1,5 @@
-"""What every process started by the launcher does around its role: signals, parent watch,
-reporting events, its result or its traceback to the launcher; and the launcher's inbox.
+"""What every process started by the local cluster does around its role: signals, launcher
+watch, reporting events, its result or its traceback to the launcher; and the launcher's inbox.
 
 Each child writes to a pipe of its own. A shared ``multiprocessing.Queue`` is not used: its
 write lock, held by a child killed with SIGKILL mid-write, would block every other child.
@@ -8,6 +8,7 @@ write lock, held by a child killed with SIGKILL mid-write, would block every oth
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import pickle
@@ -20,15 +21,13 @@ from multiprocessing import connection as mp_connection
 from multiprocessing.connection import Connection
 from typing import Any
 
-_PARENT_POLL_S = 0.5
 
-
-def _watch_parent(parent_pid: int) -> None:
+def _watch_launcher(lifeline: Connection) -> None:
     # A launcher killed with SIGKILL cannot clean up; its children notice and leave by themselves.
-    # The launcher's pid comes from the launcher: a child that starts after the launcher died
-    # would otherwise take its new parent (init) for the launcher.
-    while os.getppid() == parent_pid:
-        time.sleep(_PARENT_POLL_S)
+    # Only the launcher holds the other end of the lifeline, so EOF means the launcher is gone,
+    # whoever the child's parent is (a forkserver) and however late the child started.
+    with contextlib.suppress(EOFError, OSError):
+        lifeline.recv()
     os._exit(3)
 
 
@@ -79,9 +78,10 @@ class EventInbox:
 
 
 def run_child(
-    name: str, connection: Connection, launcher_pid: int, target: Callable[..., Any], *args: Any
+    name: str, connection: Connection, lifeline: Connection, target: Callable[..., Any], *args: Any
 ) -> None:
-    """Entry point of a launcher child: runs ``target(emit, *args)`` and reports how it ended.
+    """Entry point of a launcher child: runs ``target(emit, *args)`` and reports how it ended;
+    exits at once when ``lifeline`` (whose other end only the launcher holds) reads EOF.
 
     Ctrl-C is left to the launcher (which stops every child in order); SIGTERM ends the child
     through SystemExit so its ``finally`` blocks run.
@@ -89,7 +89,7 @@ def run_child(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_system_exit)
     logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(message)s")
-    threading.Thread(target=_watch_parent, args=(launcher_pid,), daemon=True).start()
+    threading.Thread(target=_watch_launcher, args=(lifeline,), daemon=True).start()
     emit = ChannelEmitter(connection, name)
     try:
         result = target(emit, *args)

@@ -64,8 +64,8 @@ def _addresses(flag: str, text: str) -> list[str]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from distbelief.launch.local import train
     from distbelief.launch.resume import read_run_for_resume
+    from distbelief.launch.train import train
 
     if args.resume:
         config = read_run_for_resume(Path(args.resume))
@@ -133,7 +133,7 @@ def _run_ps(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from distbelief.launch.roles import run_worker
+    from distbelief.worker import run_worker
 
     config = config_from_args(args)
     if not 0 <= args.rank < config.cluster.num_workers:
@@ -153,7 +153,7 @@ def _run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from distbelief.launch.evaluator import format_result, watch_shards
+    from distbelief.evaluator import format_result, watch_shards
 
     config = config_from_args(args)
     result = watch_shards(
@@ -168,8 +168,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from distbelief.plot_compare import plot_runs
-    from distbelief.plotting import plot_run
+    from distbelief.plots import plot_run, plot_runs
 
     out_dir = args.out_dir or args.run_dirs[0]
     if len(args.run_dirs) == 1:

@@ -1,74 +1,95 @@
-"""LocalCluster: the processes of one job on this host (shards, workers, evaluator), their
-events, and their restarts when they die; it knows nothing of CSVs or displays."""
+"""The ``Cluster`` interface a job runs on, the kinds of process a job has, and what happens
+when one dies: decided by its kind, never by its name. Implementations (local processes in
+``local.py``; another engine is a new file) start, watch and restart processes; ``train``
+only talks to this interface. Nothing here starts a process.
+"""
 
 from __future__ import annotations
 
-import collections
-import json
-import multiprocessing as mp
-import os
+import enum
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from distbelief.config import JobConfig
 from distbelief.errors import ChildFailedError
-from distbelief.launch import evaluator, roles
-from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
-from distbelief.launch.rundir import write_json_atomic
-from distbelief.server.optimizers import server_optimizer_from_config
-from distbelief.server.process import serve_shard
-from distbelief.wire.security import WireSecurity, generate_key
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from distbelief.config import JobConfig
+    from distbelief.wire.security import WireSecurity
 
 CHECKPOINT_DIR = "checkpoints"
-_READY_TIMEOUT_S = 60.0
-_STOP_GRACE_S = 5.0
-_POLL_S = 0.2
+"""The shards' checkpoint folder inside the run folder."""
 
 
-def _shard_main(emit, shard_id, config: JobConfig, stop, bind, security) -> Any:
-    return serve_shard(
-        shard_id,
-        config.cluster.num_shards,
-        bind,
-        optimizer_factory=server_optimizer_from_config(config.server),
-        consistency=config.consistency,
-        num_workers=config.cluster.num_workers,
-        security=security,
-        checkpoint_dir=str(Path(config.reporting.out_dir) / CHECKPOINT_DIR),
-        checkpoint_every_s=config.server.checkpoint_every_s,
-        emit=emit,
-        stop=stop,
-    )
+class ProcessKind(enum.Enum):
+    """What a process of a job does."""
+
+    SHARD = "shard"
+    WORKER = "worker"
+    EVALUATOR = "evaluator"
 
 
-def _worker_main(emit, rank, config, addresses, security, resume_step) -> Any:
-    return roles.run_worker(
-        config,
-        rank,
-        addresses,
-        emit=emit,
-        start_time=0.0,
-        security=security,
-        resume_step=resume_step,
-    )
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RestartPolicy:
+    """What becomes of a process of one kind that dies without reporting an error."""
+
+    resumes_from: str
+    """What a restarted process starts from (every Cluster restarts it so)."""
+    fatal_when_exhausted: bool
+    """Out of restarts: True fails the job; False gives the process up and the job goes on
+    (it fails only when every process of the kind is given up)."""
 
 
-def _evaluator_main(emit, config, addresses, stop, security) -> Any:
-    return evaluator.run_evaluator(
-        config,
-        addresses,
-        emit=emit,
-        start_time=0.0,
-        stop=stop,
-        security=security,
-    )
+RESTART_POLICIES: dict[ProcessKind, RestartPolicy] = {
+    ProcessKind.SHARD: RestartPolicy(
+        resumes_from="its last checkpoint, on its old address", fatal_when_exhausted=True
+    ),
+    ProcessKind.WORKER: RestartPolicy(
+        resumes_from="the shards' parameters, at the step it had reached",
+        fatal_when_exhausted=False,
+    ),
+    ProcessKind.EVALUATOR: RestartPolicy(
+        resumes_from="the shards' current parameters", fatal_when_exhausted=True
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    """One process of a job and where it starts: what ``entry.run_role`` needs besides the job."""
+
+    kind: ProcessKind
+    index: int
+    """Shard id, worker rank; 0 for the evaluator."""
+    bind: str = ""
+    """Shards: the address to listen on (port 0 at first; its old address on a restart)."""
+    resume_step: int = 0
+    """Workers: the step a restarted worker resumes at."""
+
+    @property
+    def name(self) -> str:
+        """``shard0``, ``worker1``, ``evaluator``: the name in events, pids.json and faults."""
+        return (
+            "evaluator" if self.kind is ProcessKind.EVALUATOR else f"{self.kind.value}{self.index}"
+        )
+
+
+class Event(NamedTuple):
+    """What a process reported: "ready", "heartbeat", "started", "metric", "done", "error"."""
+
+    kind: str
+    source: ProcessSpec
+    """The process that reported it."""
+    payload: Any
 
 
 @dataclass
 class Fault:
-    """A process that died without reporting an error, and what the launcher did about it."""
+    """A process that died without reporting an error, and what the cluster did about it."""
 
     process: str
     time_s: float
@@ -88,127 +109,105 @@ class Fault:
         return max(0, self.version_before - self.version_restored)
 
 
-class LocalCluster:
-    """One job's processes. Use as a context manager: leaving it stops every process.
+class Cluster(Protocol):
+    """Runs one job's processes. Use as a context manager: leaving it stops every process.
 
-    A process that dies without reporting a Python error (killed, crashed) is restarted up to
-    ``max_restarts`` times: a shard on its old address from its last checkpoint, a worker from
-    the shards' parameters at the step it had reached. A worker that stays dead is left out;
-    a process that reports an error stops the job.
+    A process that dies without reporting an error is restarted by ``RESTART_POLICIES`` of its
+    kind, up to ``config.faults.max_restarts`` times; a process that reports an error fails the job.
     """
 
+    security: WireSecurity
+    """The job's wire security: every process, and whoever polls the shards, uses it."""
+    faults: list[Fault]
+    on_fault: Callable[[Fault], None] | None
+    """Called with each Fault as it happens (the launcher shows it)."""
+
     def __init__(self, config: JobConfig, run_dir: Path) -> None:
+        """Gets ready to run ``config``'s job; its files (pids, logs) go into ``run_dir``."""
+
+    @classmethod
+    def warm_up(cls, config: JobConfig) -> None:
+        """Starts, in the background, what starting processes will need (called first, before
+        the run folder exists, so that it overlaps the launcher's own work)."""
+
+    def start(self, kind: ProcessKind, index: int) -> None:
+        """Starts one process; shards must be ready (see ``wait_for_shards``) before workers
+        and the evaluator start."""
+
+    def wait_for_shards(self, timeout_s: float) -> list[str]:
+        """Waits until every started shard listens; returns their addresses in shard-id order.
+
+        Raises:
+            ChildFailedError: a shard failed, or they were not all ready within ``timeout_s``.
+        """
+
+    def next_event(self, timeout_s: float) -> Event | None:
+        """The next event of any process, waiting up to ``timeout_s``; restarts processes that
+        died (see the class).
+
+        Raises:
+            ChildFailedError: a process reported an error or cannot be brought back.
+        """
+
+    def finished(self, kind: ProcessKind) -> bool:
+        """Whether every process of ``kind`` has exited cleanly (or been given up on)."""
+
+    def stop(self, kind: ProcessKind) -> None:
+        """Asks every process of ``kind`` to finish, at once: the evaluator evaluates one last
+        time, shards write a last checkpoint and report their counters."""
+
+    def results(self, kind: ProcessKind) -> dict[int, Any]:
+        """What each finished process of ``kind`` returned, by index."""
+
+    def stop_all(self) -> None:
+        """Stops every process (workers and evaluator first, then shards), within seconds."""
+
+    def __enter__(self) -> Cluster: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class ProcessBook:
+    """What any Cluster knows about its job's processes, whatever runs them: the shards'
+    addresses, the step each worker reached and each shard's version (from their events),
+    restarts, give-ups and faults, and the restart decision by kind.
+
+    Args:
+        config: the job (``num_workers``, ``num_shards``, ``max_restarts``, ``host``).
+    """
+
+    def __init__(self, config: JobConfig) -> None:
         self.config = config
-        self.run_dir = run_dir
-        self.ctx = mp.get_context("spawn")
-        self.events = EventInbox()
-        self.shard_stop = SharedStopFlag(self.ctx)
-        self.eval_stop = SharedStopFlag(self.ctx)
-        # The job's secret travels to children through spawn's private pipe, never argv/env.
-        self.security = WireSecurity(auth_key=generate_key())
-        self.processes: dict[str, mp.process.BaseProcess] = {}
-        self.errors: dict[str, str] = {}
-        self.results: dict[str, Any] = {}
         self.start_time = time.time()
-        self.addresses: list[str] = []
+        self.addresses: dict[int, str] = {}
+        self.last_step: dict[int, int] = {}
+        self.shard_versions: dict[int, int] = {}
         self.restarts: dict[str, int] = {}
         self.given_up: set[str] = set()
         self.faults: list[Fault] = []
-        self.last_step: dict[int, int] = {}
-        self.shard_versions: dict[int, int] = {}
         self.train_start: float | None = None
         """Wall time the first worker started training (metrics count time from there)."""
-        self._backlog: collections.deque[tuple] = collections.deque()
-        self.on_fault: Any = None
-        """Called with each Fault (the launcher shows it)."""
 
-    def __enter__(self) -> LocalCluster:
-        return self
+    def spec(self, kind: ProcessKind, index: int) -> ProcessSpec:
+        """Where process ``kind``/``index`` starts: a shard on its old address once it has one,
+        a worker at the last step it reported."""
+        if kind is ProcessKind.SHARD:
+            return ProcessSpec(
+                kind, index, bind=self.addresses.get(index, f"tcp://{self.config.cluster.host}:0")
+            )
+        if kind is ProcessKind.WORKER:
+            return ProcessSpec(kind, index, resume_step=self.last_step.get(index, 0))
+        return ProcessSpec(kind, index)
 
-    def __exit__(self, *exc_info) -> None:
-        self.stop_all()
-
-    def _start(self, name: str, target, *args) -> None:
-        reader, writer = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(
-            target=run_child,
-            args=(name, writer, os.getpid(), target, *args),
-            name=name,
-            daemon=True,
-        )
-        process.start()
-        writer.close()  # the child holds its end now; EOF here means the child is gone
-        self.events.add(reader)
-        self.processes[name] = process
-        write_json_atomic(
-            self.run_dir / "pids.json",
-            json.dumps({n: p.pid for n, p in self.processes.items()}, indent=1),
-        )
-
-    def _start_shard(self, shard_id: int, bind: str) -> None:
-        self._start(
-            f"shard{shard_id}",
-            _shard_main,
-            shard_id,
-            self.config,
-            self.shard_stop,
-            bind,
-            self.security,
-        )
-
-    def start_shards(self) -> list[str]:
-        """Start every shard and return their addresses (bound to free ports)."""
-        for shard_id in range(self.config.cluster.num_shards):
-            self._start_shard(shard_id, f"tcp://{self.config.cluster.host}:0")
-        addresses: dict[int, str] = {}
-        deadline = time.monotonic() + _READY_TIMEOUT_S
-        while len(addresses) < self.config.cluster.num_shards:
-            event = self.next_event(deadline - time.monotonic())
-            if event is not None and event[0] == "ready":
-                addresses[event[2]["shard_id"]] = event[2]["address"]
-            elif time.monotonic() > deadline:
-                raise ChildFailedError("shards", None, f"not ready in {_READY_TIMEOUT_S:g}s")
-        self.addresses = [addresses[i] for i in range(self.config.cluster.num_shards)]
-        return self.addresses
-
-    def _start_worker(self, rank: int) -> None:
-        self._start(
-            f"worker{rank}",
-            _worker_main,
-            rank,
-            self.config,
-            self.addresses,
-            self.security,
-            self.last_step.get(rank, 0),
-        )
-
-    def start_workers(self) -> None:
-        for rank in range(self.config.cluster.num_workers):
-            self._start_worker(rank)
-
-    def start_evaluator(self) -> None:
-        self._start(
-            "evaluator", _evaluator_main, self.config, self.addresses, self.eval_stop, self.security
-        )
-
-    def next_event(self, timeout_s: float = _POLL_S) -> tuple | None:
-        """The next child event (metrics are returned too); restarts processes that died;
-        raises if a child reported an error or a shard cannot be brought back."""
-        if self._backlog:
-            return self._backlog.popleft()
-        event = self.events.get(max(0.0, min(timeout_s, _POLL_S)))
-        if event is not None:
-            self._note(event)
-        self._check_children()
-        return event
-
-    def _note(self, event: tuple) -> None:
-        kind, name, payload = event
-        if kind == "error":
-            self.errors[name] = payload
-        elif kind == "done":
-            self.results[name] = payload
-        elif kind == "started" and self.train_start is None:
+    def note(self, event: Event) -> None:
+        """Takes in one event of a process: readiness, training start, steps and versions."""
+        kind, source, payload = event
+        if kind == "started" and self.train_start is None:
             self.train_start = payload["time"]
         elif kind == "heartbeat":
             self.shard_versions[payload["shard_id"]] = payload["version"]
@@ -218,82 +217,59 @@ class LocalCluster:
             for shard_id in range(self.config.cluster.num_shards):
                 seen = max(self.shard_versions.get(shard_id, 0), payload.get("version") or 0)
                 self.shard_versions[shard_id] = seen
-        elif kind == "ready" and payload.get("restored_version") is not None:
-            for fault in reversed(self.faults):
-                if fault.process == name and fault.version_restored is None:
-                    fault.version_restored = payload["restored_version"]
-                    self.shard_versions[payload["shard_id"]] = payload["restored_version"]
-                    break
+        elif kind == "ready":
+            self.addresses[source.index] = payload["address"]
+            if payload.get("restored_version") is not None:
+                self._note_restored(source.name, source.index, payload["restored_version"])
 
-    def _check_children(self) -> None:
-        for name, process in list(self.processes.items()):
-            if process.exitcode in (None, 0) or name in self.given_up:
-                continue
-            self._drain_errors()
-            if name in self.errors:
-                raise ChildFailedError(name, process.exitcode, self.errors[name])
-            self._handle_death(name, process.exitcode)
+    def _note_restored(self, name: str, shard_id: int, version: int) -> None:
+        for fault in reversed(self.faults):
+            if fault.process == name and fault.version_restored is None:
+                fault.version_restored = version
+                self.shard_versions[shard_id] = version
+                return
 
-    def _handle_death(self, name: str, exitcode: int | None) -> None:
-        restarts = self.restarts.get(name, 0)
-        can_restart = restarts < self.config.faults.max_restarts and not self.shard_stop.is_set()
-        fault = Fault(name, time.time(), exitcode, "restarted" if can_restart else "given up")
-        fault.time_s = time.time() - (self.train_start or self.start_time)
-        if name.startswith("shard"):
-            fault.version_before = self.shard_versions.get(int(name[5:]))
-        self.faults.append(fault)
-        if self.on_fault is not None:
-            self.on_fault(fault)
-        if not can_restart:
-            if not name.startswith("worker"):
-                raise ChildFailedError(name, exitcode, "died and was not restarted")
-            self.given_up.add(name)
-            if all(f"worker{r}" in self.given_up for r in range(self.config.cluster.num_workers)):
-                raise ChildFailedError("every worker", exitcode, "all workers died")
-            return
-        self.restarts[name] = restarts + 1
-        if name.startswith("shard"):
-            shard_id = int(name[5:])
-            self._start_shard(shard_id, self.addresses[shard_id])
-        elif name.startswith("worker"):
-            self._start_worker(int(name[6:]))
-        else:
-            self.start_evaluator()
-
-    def _drain_errors(self) -> None:
-        """Read what dead children sent before exiting (their pipes hold it all already)."""
-        while (event := self.events.get(0.0)) is not None:
-            self._note(event)
-            self._backlog.append(event)
-
-    def finished(self, prefix: str) -> bool:
-        """Whether every process whose name starts with ``prefix`` has exited cleanly (or
-        been given up on)."""
-        return all(
-            p.exitcode == 0 or name in self.given_up
-            for name, p in self.processes.items()
-            if name.startswith(prefix)
+    def record_death(self, spec: ProcessSpec, exitcode: int | None, *, stopping: bool) -> Fault:
+        """Records that ``spec``'s process died without an error and decides, by its kind,
+        whether it is restarted (``action`` "restarted": the caller starts ``self.spec(...)``)
+        or given up. No restarts once the job is ``stopping``."""
+        restarts = self.restarts.get(spec.name, 0)
+        can_restart = restarts < self.config.faults.max_restarts and not stopping
+        fault = Fault(
+            spec.name,
+            time.time() - (self.train_start or self.start_time),
+            exitcode,
+            "restarted" if can_restart else "given up",
         )
+        if spec.kind is ProcessKind.SHARD:
+            fault.version_before = self.shard_versions.get(spec.index)
+        self.faults.append(fault)
+        if can_restart:
+            self.restarts[spec.name] = restarts + 1
+        else:
+            self.given_up.add(spec.name)
+        return fault
 
-    def stop_all(self) -> None:
-        """Stop every child: workers and the evaluator first (SIGTERM), then the shards (their
-        stop flag, so they write a last checkpoint), then whatever is left (SIGKILL)."""
-        self.eval_stop.set()
-        clients = [p for n, p in self.processes.items() if not n.startswith("shard")]
-        shards = [p for n, p in self.processes.items() if n.startswith("shard")]
-        for process in clients:
-            if process.is_alive():
-                process.terminate()
-        _join_all(clients, _STOP_GRACE_S)
-        self.shard_stop.set()
-        _join_all(shards, _STOP_GRACE_S)
-        for process in self.processes.values():
-            if process.is_alive():
-                process.kill()
-        _join_all(list(self.processes.values()), _STOP_GRACE_S)
+    def raise_if_fatal(self, spec: ProcessSpec, fault: Fault) -> None:
+        """Fails the job when ``fault`` gave up a process whose kind cannot do without it.
 
+        Raises:
+            ChildFailedError: a shard or the evaluator was given up, or every worker was.
+        """
+        if fault.action != "given up":
+            return
+        if RESTART_POLICIES[spec.kind].fatal_when_exhausted:
+            raise ChildFailedError(spec.name, fault.exitcode, "died and was not restarted")
+        indices = range(self.num_processes(spec.kind))
+        if all(ProcessSpec(spec.kind, i).name in self.given_up for i in indices):
+            raise ChildFailedError(
+                f"every {spec.kind.value}", fault.exitcode, f"all {spec.kind.value}s died"
+            )
 
-def _join_all(processes: list, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    for process in processes:
-        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    def num_processes(self, kind: ProcessKind) -> int:
+        """How many processes of ``kind`` the job has."""
+        if kind is ProcessKind.SHARD:
+            return self.config.cluster.num_shards
+        if kind is ProcessKind.WORKER:
+            return self.config.cluster.num_workers
+        return 1

@@ -1,223 +1,238 @@
-"""The local cluster: start shards, workers and an evaluator as processes on one host, supervise
-them, write the run folder, and stop every process on success, failure or Ctrl-C."""
+"""LocalCluster: a job's processes on this host, as children of a forkserver that has torch and
+the roles loaded already, so each starts in milliseconds. Pipes, stop flags, pids and exit codes
+live only here; what a process runs is ``entry.run_role``, what a death means is ``cluster``'s.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import json
-import logging
-import os
-import signal
+import multiprocessing as mp
+import multiprocessing.forkserver
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-from distbelief.config import JobConfig
-from distbelief.data import load_dataset, worker_indices
-from distbelief.errors import ConfigFieldError, LauncherInterrupted
-from distbelief.launch.cluster import CHECKPOINT_DIR, Fault, LocalCluster
-from distbelief.launch.progress import ProgressDisplay
-from distbelief.launch.rundir import prepare_run_dir, write_json_atomic
-from distbelief.launch.shard_stats import ShardStatsPoller
-from distbelief.metrics import MetricsWriter
-from distbelief.plotting import plot_run
-from distbelief.tensorboard_log import TensorBoardLog
+from distbelief.errors import ChildFailedError
+from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
+from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
+from distbelief.launch.entry import ROLE_MODULES, run_role
+from distbelief.launch.rundir import write_json_atomic
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
+    from distbelief.config import JobConfig
 
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise LauncherInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+_STOP_GRACE_S = 5.0
+_POLL_S = 0.2
 
-
-@dataclass
-class RunResult:
-    """How a training job ended."""
-
-    run_dir: Path
-    final: dict = field(default_factory=dict)
-    worker_steps: dict[int, int] = field(default_factory=dict)
-    elapsed_s: float = 0.0
-    staleness: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Per shard: how many pushes arrived with each staleness."""
-    faults: list[Fault] = field(default_factory=list)
-    """Processes that died during the run and what became of them."""
-
-
-def _planned_steps(config: JobConfig) -> list[int]:
-    """Steps each worker will run; ConfigFieldError if the warmstart outlasts worker 0's
-    pushes."""
-    if config.optimizer.steps is not None:
-        steps = [config.optimizer.steps] * config.cluster.num_workers
-    else:
-        train_set = load_dataset(
-            config.data.name,
-            split="train",
-            data_dir=config.data.data_dir,
-            download=config.data.download,
-        )
-        steps = [
-            len(worker_indices(len(train_set), rank, config.cluster.num_workers))
-            // config.optimizer.batch_size
-            * config.optimizer.num_epochs
-            for rank in range(config.cluster.num_workers)
-        ]
-    pushes_of_worker0 = -(-steps[0] // config.optimizer.n_push)  # a last partial window is flushed
-    warmstart_steps = config.optimizer.warmstart_steps
-    if warmstart_steps > pushes_of_worker0:
-        raise ConfigFieldError(
-            "optimizer.warmstart_steps",
-            f"must be <= the {pushes_of_worker0} pushes worker 0 will make (else the other "
-            f"workers never start), got {warmstart_steps}",
-        )
-    return steps
+_PRELOAD = (
+    "__main__",
+    "torch",
+    "torch._dynamo",
+    "distbelief.launch.child",
+    "distbelief.launch.entry",
+    *ROLE_MODULES,
+)
+"""What the forkserver imports once, before it forks any child. ``torch._dynamo``: building any
+torch.optim optimizer imports it (``add_param_group`` is wrapped in ``torch._disable_dynamo``),
+which costs each worker half again the time of ``import torch``. ``__main__`` (a script that
+calls ``train``): its children find it loaded instead of each re-running the script."""
+_DATASET_PRELOAD = {"digits": ("sklearn.datasets",)}
+"""Per data set, what its loader imports (scikit-learn takes a second on every child else)."""
 
 
-class _Router:
-    """Routes child events to the CSV and the display; times count from the first worker's
-    start (children report wall-clock times; process start-up is not training time). Records
-    also go to TensorBoard, and ``poll_shards`` adds the shards' counters as ``shard`` records."""
-
-    def __init__(
-        self,
-        writer: MetricsWriter,
-        progress: ProgressDisplay,
-        tensorboard: TensorBoardLog | None = None,
-        shard_poller: ShardStatsPoller | None = None,
-    ) -> None:
-        self.writer = writer
-        self.progress = progress
-        self.tensorboard = tensorboard
-        self.shard_poller = shard_poller
-        self.train_start: float | None = None
-
-    def poll_shards(self) -> None:
-        """Routes the shards' counters if a poll is due (cheap to call in any loop)."""
-        if self.shard_poller is not None:
-            for record in self.shard_poller.poll_if_due():
-                self(("metric", "launcher", record))
-
-    def __call__(self, event: tuple | None) -> None:
-        if event is None:
-            return
-        kind, name, payload = event
-        if kind == "started" and self.train_start is None:
-            self.train_start = payload["time"]
-        elif kind == "metric":
-            start = self.train_start if self.train_start is not None else payload["time_s"]
-            record = {**payload, "time_s": max(0.0, payload["time_s"] - start)}
-            self.writer.write(record)
-            self.progress.update(record)
-            if self.tensorboard is not None:
-                self.tensorboard.write(record)
-        elif kind == "done" and name.startswith("worker"):
-            self.progress.message(f"{name} finished after {payload['steps']} steps")
+def warm_up(config: JobConfig) -> None:
+    """Starts the forkserver (in the background) with torch and the roles to import: call it
+    first, so that its imports overlap whatever the launcher does before starting processes.
+    A forkserver already running (an earlier job of this process) is kept."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([*_PRELOAD, *_DATASET_PRELOAD.get(config.data.name, ())])
+    multiprocessing.forkserver.ensure_running()
 
 
-def _supervise(cluster: LocalCluster, route: _Router) -> None:
-    """Route events until the workers finish, then stop the evaluator (after its final
-    evaluation) and the shards (which report their counters), in that order."""
-    for role, stop in (
-        ("worker", None),
-        ("evaluator", cluster.eval_stop),
-        ("shard", cluster.shard_stop),
-    ):
-        if stop is not None:
-            stop.set()
-        while not cluster.finished(role):
-            route(cluster.next_event())
-            if role == "worker":
-                route.poll_shards()
-    while (event := cluster.next_event(0.05)) is not None:
-        route(event)
-
-
-def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
-    """The run folder and the config with its path filled in; refuses to mix runs."""
-    run_dir = prepare_run_dir(config.reporting.out_dir)
-    has_checkpoints = any((run_dir / CHECKPOINT_DIR).glob("shard*.json"))
-    if resume and not has_checkpoints:
-        raise ValueError(f"--resume {run_dir}: no shard checkpoints in {run_dir / CHECKPOINT_DIR}")
-    if has_checkpoints and not resume:
-        raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
-    config = config.with_fields({"reporting.out_dir": str(run_dir)})
-    write_json_atomic(run_dir / "config.json", config.to_json())
-    return config, run_dir
-
-
-def train(config: JobConfig, *, resume: bool = False) -> RunResult:
-    """Run a whole job on this host; returns when every process has stopped.
-
-    Args:
-        config: The job.
-        resume: Continue the run in ``config.reporting.out_dir`` from its shard checkpoints.
-
-    Raises:
-        ChildFailedError: a process reported an error, or could not be brought back; every
-            process is stopped.
-        LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
-        CheckpointError: a checkpoint to resume from is corrupt (names the file).
+class LocalCluster:
+    """One job's processes on this host; a ``Cluster``. Use as a context manager: leaving it
+    stops every process. Writes ``pids.json`` (process name -> pid) into ``run_dir`` at every
+    start, so tools and tests can find a process.
     """
-    total_steps = sum(_planned_steps(config))  # validates before anything is written
-    config, run_dir = _prepare(config, resume)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        with (
-            LocalCluster(config, run_dir) as cluster,
-            MetricsWriter(run_dir / "metrics.csv", append=resume) as writer,
-            ProgressDisplay(
-                total_steps=total_steps, num_workers=config.cluster.num_workers
-            ) as progress,
-            TensorBoardLog(run_dir) as tensorboard,
-        ):
-            cluster.on_fault = lambda fault: progress.message(_describe_fault(fault))
-            cluster.start_shards()
-            cluster.start_evaluator()
-            cluster.start_workers()
-            poller = ShardStatsPoller(cluster.addresses, security=cluster.security)
-            _supervise(cluster, _Router(writer, progress, tensorboard, poller))
-            result = RunResult(
-                run_dir,
-                final=cluster.results.get("evaluator", {}),
-                worker_steps={
-                    int(k[6:]): v["steps"]
-                    for k, v in cluster.results.items()
-                    if k.startswith("worker")
-                },
-                elapsed_s=time.time() - cluster.start_time,
-                staleness={
-                    k: v["staleness"] for k, v in cluster.results.items() if k.startswith("shard")
-                },
-                faults=cluster.faults,
+
+    @classmethod
+    def warm_up(cls, config: JobConfig) -> None:
+        warm_up(config)
+
+    def __init__(self, config: JobConfig, run_dir: Path) -> None:
+        warm_up(config)
+        # Imported after the forkserver started: the wire package imports torch.
+        from distbelief.wire.security import WireSecurity, generate_key
+
+        self.config = config
+        self.run_dir = run_dir
+        self.ctx = mp.get_context("forkserver")
+        self.book = ProcessBook(config)
+        self.events = EventInbox()
+        self._stop_flags = {kind: SharedStopFlag(self.ctx) for kind in ProcessKind}
+        # Children hold the reading end; EOF there tells them the launcher is gone.
+        self._lifeline, self._lifeline_writer = self.ctx.Pipe(duplex=False)
+        # The job's secret travels to children only inside the pickled process object, over
+        # the forkserver's private socket and pipe: never argv or the environment.
+        self.security = WireSecurity(auth_key=generate_key())
+        self.processes: dict[str, tuple[ProcessSpec, Any]] = {}
+        self.errors: dict[str, str] = {}
+        self._results: dict[str, Any] = {}
+        self._backlog: collections.deque[Event] = collections.deque()
+        self.on_fault: Callable[[Fault], None] | None = None
+
+    @property
+    def faults(self) -> list[Fault]:
+        return self.book.faults
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()
+
+    def _addresses(self) -> list[str]:
+        return [self.book.addresses[i] for i in range(self.config.cluster.num_shards)]
+
+    def start(self, kind: ProcessKind, index: int) -> None:
+        """Starts one process (see ``Cluster.start``); a restart reuses this."""
+        spec = self.book.spec(kind, index)
+        addresses = [] if kind is ProcessKind.SHARD else self._addresses()
+        reader, writer = self.ctx.Pipe(duplex=False)
+        process = self.ctx.Process(
+            target=run_child,
+            args=(
+                spec.name,
+                writer,
+                self._lifeline,
+                run_role,
+                spec,
+                self.config,
+                addresses,
+                self.security,
+                self._stop_flags[kind],
+            ),
+            name=spec.name,
+            daemon=True,
+        )
+        process.start()
+        writer.close()  # the child holds its end now; EOF here means the child is gone
+        self.events.add(reader)
+        self.processes[spec.name] = (spec, process)
+        write_json_atomic(
+            self.run_dir / "pids.json",
+            json.dumps({n: p.pid for n, (_, p) in self.processes.items()}, indent=1),
+        )
+
+    def wait_for_shards(self, timeout_s: float) -> list[str]:
+        """Waits until every shard listens; returns their addresses in shard-id order.
+
+        Raises:
+            ChildFailedError: a shard failed, or they were not all ready within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while len(self.book.addresses) < self.config.cluster.num_shards:
+            if time.monotonic() > deadline:
+                raise ChildFailedError("shards", None, f"not ready in {timeout_s:g}s")
+            self.next_event(deadline - time.monotonic())
+        return self._addresses()
+
+    def next_event(self, timeout_s: float = _POLL_S) -> Event | None:
+        """The next child event; restarts processes that died; raises if a child reported an
+        error or cannot be brought back (see ``Cluster.next_event``)."""
+        if self._backlog:
+            return self._backlog.popleft()
+        raw = self.events.get(max(0.0, min(timeout_s, _POLL_S)))
+        event = None if raw is None else self._event(raw)
+        if event is not None:
+            self._note(event)
+        self._check_children()
+        return event
+
+    def _event(self, raw: tuple) -> Event:
+        kind, name, payload = raw  # what run_child sends up its pipe
+        return Event(kind, self.processes[name][0], payload)
+
+    def _note(self, event: Event) -> None:
+        if event.kind == "error":
+            self.errors[event.source.name] = event.payload
+        elif event.kind == "done":
+            self._results[event.source.name] = event.payload
+        self.book.note(event)
+
+    def _check_children(self) -> None:
+        for name, (spec, process) in list(self.processes.items()):
+            if process.exitcode in (None, 0) or name in self.book.given_up:
+                continue
+            self._drain_errors()
+            if name in self.errors:
+                raise ChildFailedError(name, process.exitcode, self.errors[name])
+            fault = self.book.record_death(
+                spec, process.exitcode, stopping=self._stop_flags[ProcessKind.SHARD].is_set()
             )
-    except KeyboardInterrupt as e:
-        raise LauncherInterrupted("stopped by Ctrl-C") from e
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    write_json_atomic(run_dir / "summary.json", _summary_json(result))
-    write_json_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
-    plot_run(run_dir)
-    logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
-    return result
+            if self.on_fault is not None:
+                self.on_fault(fault)
+            self.book.raise_if_fatal(spec, fault)
+            if fault.action == "restarted":
+                self.start(spec.kind, spec.index)
+
+    def _drain_errors(self) -> None:
+        """Read what dead children sent before exiting (their pipes hold it all already)."""
+        while (raw := self.events.get(0.0)) is not None:
+            event = self._event(raw)
+            self._note(event)
+            self._backlog.append(event)
+
+    def finished(self, kind: ProcessKind) -> bool:
+        return all(
+            process.exitcode == 0 or name in self.book.given_up
+            for name, (spec, process) in self.processes.items()
+            if spec.kind is kind
+        )
+
+    def stop(self, kind: ProcessKind) -> None:
+        self._stop_flags[kind].set()
+        if kind is ProcessKind.WORKER:  # workers stop on SIGTERM, their flag is not polled
+            for spec, process in self.processes.values():
+                if spec.kind is kind and process.is_alive():
+                    process.terminate()
+
+    def results(self, kind: ProcessKind) -> dict[int, Any]:
+        return {
+            spec.index: self._results[name]
+            for name, (spec, _) in self.processes.items()
+            if spec.kind is kind and name in self._results
+        }
+
+    def stop_all(self) -> None:
+        """Stop every child: workers and the evaluator first (SIGTERM), then the shards (their
+        stop flag, so they write a last checkpoint), then whatever is left (SIGKILL)."""
+        self._stop_flags[ProcessKind.EVALUATOR].set()
+        clients = [p for s, p in self.processes.values() if s.kind is not ProcessKind.SHARD]
+        shards = [p for s, p in self.processes.values() if s.kind is ProcessKind.SHARD]
+        for process in clients:
+            if process.is_alive():
+                process.terminate()
+        _join_all(clients, _STOP_GRACE_S)
+        self._stop_flags[ProcessKind.SHARD].set()
+        _join_all(shards, _STOP_GRACE_S)
+        for _, process in self.processes.values():
+            if process.is_alive():
+                process.kill()
+        _join_all([p for _, p in self.processes.values()], _STOP_GRACE_S)
+        self._lifeline_writer.close()
 
 
-def _describe_fault(fault: Fault) -> str:
-    text = f"{fault.process} died (exit code {fault.exitcode}); {fault.action}"
-    if fault.version_before is not None:
-        text += f"; it had applied {fault.version_before} updates"
-    return text
-
-
-def _summary_json(result: RunResult) -> str:
-    return json.dumps(
-        {
-            "final": result.final,
-            "worker_steps": result.worker_steps,
-            "elapsed_s": round(result.elapsed_s, 3),
-            "faults": [
-                {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
-                for fault in result.faults
-            ],
-        },
-        indent=2,
-    )
+def _join_all(processes: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -1,6 +1,6 @@
-"""The evaluator role: pulls the parameter server's parameters into a local model and measures
-test loss and accuracy, periodically and once more at the end of a job, inside ``train`` or as
-the standalone ``distbelief eval`` command. It only reads from the shards, never pushes.
+"""The evaluator's process functions: evaluate the shards' parameters periodically and once
+more at the end of a job (``run_evaluator``, inside ``train``), or watch running shards (the
+``distbelief eval`` command). It only reads from the shards, never pushes.
 
 Cost to the workers: evaluating every 0.5 s left 2 workers x 2 shards (LeNet, digits, 2 CPUs)
 at 1.00x the steps/s of ``--no-eval`` (median of 5 interleaved pairs, 0.93-1.13 each); one
@@ -15,18 +15,18 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from distbelief.client import ParameterServerClient
-from distbelief.config import JobConfig
-from distbelief.data import load_dataset
 from distbelief.errors import ShardUnavailableError
-from distbelief.launch.roles import build_replica, evaluate
-from distbelief.metrics import MetricsWriter, make_record
+from distbelief.evaluator.ps import PSEvaluator
 from distbelief.process import Emit, StopFlag
-from distbelief.sharding import FlatLayout, tensor_specs
-from distbelief.wire.security import WireSecurity
+from distbelief.telemetry.metrics import MetricsWriter, make_record
+
+if TYPE_CHECKING:
+    from distbelief.config import JobConfig
+    from distbelief.wire.security import WireSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -34,69 +34,6 @@ _STOP_POLL_S = 0.2
 """Longest wait on the stop flag in one call, so SIGTERM's SystemExit is raised promptly."""
 
 METRICS_FILE = "metrics.csv"
-
-
-class PSEvaluator:
-    """Pulls the shards' parameters into a local model and measures it on the test set.
-
-    Args:
-        config: the job's config; only its model and data sections (they fix the parameter
-            layout, which must match the shards') and its faults' timeouts matter.
-        addresses: one address per shard, in shard-id order.
-        security: the job's authentication key and TLS settings (None: none).
-
-    Raises:
-        ShardTimeoutError: no worker initialised the shards within ``config.faults.timeout_s``.
-        ShardUnavailableError: a shard cannot be reached.
-        ModelMismatchError: the shards hold another model's parameters.
-    """
-
-    def __init__(
-        self,
-        config: JobConfig,
-        addresses: Sequence[str],
-        *,
-        security: WireSecurity | None = None,
-    ) -> None:
-        self.test_set = load_dataset(
-            config.data.name,
-            split="test",
-            data_dir=config.data.data_dir,
-            download=config.data.download,
-        )
-        self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
-        self.layout = FlatLayout(tensor_specs(self.model.named_parameters()))
-        self._flats = self.layout.allocate()
-        self._views = self.layout.views(self._flats)
-        self._params = list(self.model.parameters())
-        self.client = ParameterServerClient(
-            addresses,
-            self.layout.specs,
-            timeout_s=config.faults.timeout_s,
-            retry_timeout_s=config.faults.retry_timeout_s,
-            security=security,
-        )
-        try:
-            self.client.handshake(None)
-        except BaseException:
-            self.client.close()
-            raise
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Test loss, accuracy and the shards' highest version of one fresh pull.
-
-        Raises:
-            ShardTimeoutError: a shard did not answer the pull within the request timeout.
-            ShardUnavailableError: a shard cannot be reached.
-        """
-        versions = self.client.pull_now(self._flats)
-        torch._foreach_copy_(self._params, self._views)
-        test_loss, test_accuracy = evaluate(self.model, self.test_set)
-        return {"test_loss": test_loss, "test_accuracy": test_accuracy, "version": max(versions)}
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def _wait_for(stop: StopFlag) -> None:
@@ -182,9 +119,8 @@ def watch_shards(
     security: WireSecurity | None = None,
 ) -> dict:
     """The ``distbelief eval`` command: evaluate running shards once, or every
-    ``config.reporting.eval_every_s`` until ``stop`` (or Ctrl-C, or the shards go away),
-    logging each evaluation and appending it to ``<out_dir>/metrics.csv`` when ``out_dir`` is
-    given.
+    ``config.reporting.eval_every_s`` until ``stop`` (or Ctrl-C, or the shards go away), logging
+    each evaluation and appending it to ``<out_dir>/metrics.csv`` when ``out_dir`` is given.
 
     Returns:
         The last evaluation: ``test_loss``, ``test_accuracy`` and ``version``.

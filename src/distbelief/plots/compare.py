@@ -1,7 +1,7 @@
 """PNG plots that compare several run folders: one figure per metric, one line per run, each
 labelled from its ``config.json`` (e.g. "4w x 2s, adagrad, n_push=1").
 
-Reads run folders through ``distbelief.plotting`` and writes PNGs only into the folder it is
+Reads run folders through ``distbelief.plots.run`` and writes PNGs only into the folder it is
 given; it never changes a run folder it reads.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from distbelief.plotting import (
+from distbelief.plots.run import (
     FIGURE_SIZE_IN,
     RunData,
     Series,

@@ -1,7 +1,8 @@
 """Live progress of a run in the terminal, fed with metrics records.
 
 On a terminal it draws a rich dashboard; elsewhere (CI, files) it writes plain ``key=value``
-lines. It only displays: it never writes run files and never talks to processes.
+lines (and never imports rich). It is a ``Sink``; it only displays: it never writes run files
+and never talks to processes.
 """
 
 from __future__ import annotations
@@ -14,20 +15,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TextIO
 
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-from rich.text import Text
-
-from distbelief.metrics import ROLES
+from distbelief.telemetry.metrics import ROLES
 
 RATE_WINDOW_S = 5.0
 """Steps/s is measured over the records of (about) this many recent seconds."""
@@ -177,12 +165,15 @@ def _eval_line(record: dict[str, Any]) -> str:
 class _Dashboard:
     """The interactive renderable; rebuilt from the shared state at every refresh of ``Live``."""
 
-    def __init__(self, state: _RunState, lock: threading.Lock, progress: Progress) -> None:
+    def __init__(self, state: _RunState, lock: threading.Lock, progress: Any) -> None:
         self._state = state
         self._lock = lock
         self._progress = progress
 
-    def __rich__(self) -> Group:
+    def __rich__(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
         # Live refreshes on its own thread while update() mutates the state on the caller's.
         with self._lock:
             tables = [self._table()]
@@ -191,7 +182,9 @@ class _Dashboard:
             ps_line = self._ps_line()
         return Group(self._progress, *tables, Text(ps_line))
 
-    def _table(self) -> Table:
+    def _table(self) -> Any:
+        from rich.table import Table
+
         table = Table(box=None, pad_edge=False)
         for header in ("worker", "step", "steps/s", "loss", "accuracy"):
             table.add_column(header, justify="left" if header == "worker" else "right")
@@ -205,7 +198,9 @@ class _Dashboard:
             )
         return table
 
-    def _shard_table(self) -> Table:
+    def _shard_table(self) -> Any:
+        from rich.table import Table
+
         table = Table(box=None, pad_edge=False)
         for header in ("shard", "version", "pushes/s", "MB/s", "staleness"):
             table.add_column(header, justify="left" if header == "shard" else "right")
@@ -282,11 +277,22 @@ class ProgressDisplay:
         self._lock = threading.Lock()
         self._last_log_time_s: float | None = None
         self._unlogged = False
-        self._live: Live | None = None
+        self._live: Any = None
         if self.interactive:
             self._setup_live()
 
     def _setup_live(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         self._console = Console(file=self._stream, force_terminal=True)
         self._progress = Progress(
             TextColumn("steps"),
@@ -333,14 +339,14 @@ class ProgressDisplay:
                 self._write_line(_progress_line(self._state))
                 self._unlogged = False
 
-    def update(self, record: dict) -> None:
-        """Takes in one metrics record, as made by ``distbelief.metrics.make_record``.
+    def write(self, record: dict) -> None:
+        """Takes in one metrics record, as made by ``distbelief.telemetry.make_record``.
 
         Args:
             record: a metrics record: a worker's, the evaluator's or a shard's.
 
         Raises:
-            ValueError: the record's role is not one of ``distbelief.metrics.ROLES``.
+            ValueError: the record's role is not one of ``distbelief.telemetry.ROLES``.
         """
         role = record.get("role")
         if role not in ROLES:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from distbelief.errors import PSError
-from distbelief.metrics import make_record
+from distbelief.telemetry.metrics import make_record
 from distbelief.wire import Message, connect, ops
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ parameter server, and the staleness histogram.
 Reads only ``metrics.csv``, ``config.json`` and ``staleness.json`` of the folder and writes PNGs.
 It uses matplotlib's object API with an explicit Agg canvas rather than pyplot, so it never
 touches the process-wide backend or figure registry of whoever imports it. Comparing several
-runs lives in ``distbelief.plot_compare``, on the helpers here.
+runs lives in ``distbelief.plots.compare``, on the helpers here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from distbelief.config import dotted_fields
-from distbelief.metrics import read_metrics
+from distbelief.telemetry.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from torch.utils.tensorboard import SummaryWriter
-
-from distbelief.metrics import ROLES
+from distbelief.telemetry.metrics import ROLES
 
 TENSORBOARD_DIR = "tensorboard"
 """The folder, inside a run folder, that holds the event files."""
@@ -35,7 +34,7 @@ def scalar_tags(record: dict) -> list[tuple[str, float, int]]:
     that shard's version). Fields with no value, and records with no step or version, give none.
 
     Raises:
-        ValueError: the record's role is not one of ``distbelief.metrics.ROLES``.
+        ValueError: the record's role is not one of ``distbelief.telemetry.ROLES``.
     """
     role = record.get("role")
     if role not in ROLES:
@@ -56,7 +55,9 @@ class TensorBoardLog:
     """Writes metrics records as TensorBoard scalars; use as a context manager.
 
     Scalars carry the time they are written as their wall time: records are routed as they
-    arrive, so TensorBoard's "relative" axis shows run time.
+    arrive, so TensorBoard's "relative" axis shows run time. The event file is opened with the
+    first record (or at ``close``): importing TensorBoard takes seconds the launcher would
+    otherwise spend before its processes start.
 
     Args:
         run_dir: the run folder; event files go to ``<run_dir>/tensorboard/``.
@@ -64,20 +65,39 @@ class TensorBoardLog:
 
     def __init__(self, run_dir: Path) -> None:
         self.log_dir = Path(run_dir) / TENSORBOARD_DIR
-        self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=FLUSH_EVERY_S)
+        self._writer: Any = None
+        self._closed = False
+
+    def _summary_writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=FLUSH_EVERY_S)
+        return self._writer
 
     def write(self, record: dict) -> None:
         """Adds the scalars of one metrics record (see ``scalar_tags``).
 
         Raises:
-            ValueError: the record's role is unknown.
+            ValueError: the record's role is unknown, or the log is closed.
         """
+        if self._closed:
+            raise ValueError(f"tensorboard log in {self.log_dir} is closed")
         for tag, value, step in scalar_tags(record):
-            self._writer.add_scalar(tag, value, global_step=step)
+            self._summary_writer().add_scalar(tag, value, global_step=step)
+
+    def message(self, text: str) -> None:
+        """Messages are for people: TensorBoard gets the scalars only."""
 
     def close(self) -> None:
         """Flushes and closes the event file; closing twice is harmless."""
-        self._writer.close()
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._writer.close()
+        else:  # nothing was written: an empty folder, and no TensorBoard import on the way out
+            self.log_dir.mkdir(parents=True, exist_ok=True)
 
     def __enter__(self) -> TensorBoardLog:
         return self

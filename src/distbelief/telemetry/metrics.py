@@ -1,7 +1,7 @@
 """The metrics record of a run and its CSV file (``metrics.csv`` in the run folder).
 
-Owns the field names, the record shape, and writing/reading the CSV. It knows nothing about
-training, plotting or the terminal.
+Owns the field names, the record shape, and writing/reading the CSV (``MetricsWriter`` is the
+run's CSV ``Sink``). It knows nothing about training, plotting or the terminal.
 """
 
 from __future__ import annotations
@@ -154,6 +154,9 @@ class MetricsWriter:
             raise ValueError(f"unknown metrics field(s) {unknown} in record for {self.path}")
         self._csv.writerow([_format_cell(record.get(name)) for name in METRIC_FIELDS])
         self._file.flush()
+
+    def message(self, text: str) -> None:
+        """Messages are for people: the CSV holds records only."""
 
     def close(self) -> None:
         """Flushes and closes the file; closing twice is harmless."""

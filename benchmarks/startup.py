@@ -1,0 +1,176 @@
+"""Start-up time of the ``distbelief`` command against ``python -c "import torch"`` on the same
+machine, in one invocation: ``--help``, ``train --help``, and launching ``distbelief train`` to
+its first worker step.
+
+Owns the timings and the md/json report. The first step's time is read from the run itself:
+the launch-to-first-row wall time of metrics.csv minus that row's ``time_s`` (seconds since the
+first worker started training), polled every 10 ms. Repeats interleave the commands, so a busy
+phase of a shared machine hits each alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import machine
+from distbelief.telemetry import read_metrics
+
+logger = logging.getLogger("startup")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CLI = [sys.executable, "-m", "distbelief"]
+RUN_TIMEOUT_S = 300.0
+"""Longest one command may take before it is stopped as hung."""
+POLL_S = 0.01
+FIRST_STEP_TARGET = 2.0
+"""Launch to first worker step, as a multiple of ``import torch``: at most this."""
+HELP_TARGET_S = 0.5
+TRAIN_ARGS = ("train", "--steps", "30", "--eval-every", "1")
+
+
+def time_command(args: list[str]) -> float:
+    """Wall seconds of one command run to its end (its output discarded).
+
+    Raises:
+        subprocess.TimeoutExpired: it ran past RUN_TIMEOUT_S.
+        subprocess.CalledProcessError: it failed.
+    """
+    started = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True, timeout=RUN_TIMEOUT_S)
+    return time.perf_counter() - started
+
+
+def _first_worker_row(metrics: Path) -> dict | None:
+    if not metrics.is_file():
+        return None
+    try:
+        rows = read_metrics(metrics)
+    except ValueError:  # the header or a row is being written right now
+        return None
+    return next((row for row in rows if row["role"] == "worker"), None)
+
+
+def time_first_step(run_dir: Path) -> dict:
+    """Launches ``distbelief train``; returns seconds from launch to its first worker step and
+    to the end of the job.
+
+    Raises:
+        TimeoutError: no worker row within RUN_TIMEOUT_S, or the job did not end in it.
+        RuntimeError: the job failed.
+    """
+    started = time.time()
+    process = subprocess.Popen(
+        [*CLI, *TRAIN_ARGS, "--out", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while (row := _first_worker_row(run_dir / "metrics.csv")) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise TimeoutError(f"no worker row in {run_dir / 'metrics.csv'}")
+            time.sleep(POLL_S)
+        first_step_s = time.time() - row["time_s"] - started
+        _, err = process.communicate(timeout=RUN_TIMEOUT_S)
+        if process.returncode != 0:
+            raise RuntimeError(f"distbelief train failed: {err[-2000:]}")
+        return {"first_step_s": first_step_s, "job_s": time.time() - started}
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def measure(repeats: int, runs_dir: Path) -> dict[str, list[float]]:
+    """Every measurement ``repeats`` times, interleaved."""
+    times: dict[str, list[float]] = {
+        key: [] for key in ("import_torch", "help", "train_help", "first_step", "job")
+    }
+    for repeat in range(repeats):
+        times["import_torch"].append(time_command([sys.executable, "-c", "import torch"]))
+        times["help"].append(time_command([*CLI, "--help"]))
+        times["train_help"].append(time_command([*CLI, "train", "--help"]))
+        run = time_first_step(runs_dir / f"run{repeat}")
+        times["first_step"].append(run["first_step_s"])
+        times["job"].append(run["job_s"])
+        logger.info("repeat %d: %s", repeat, {k: round(v[-1], 2) for k, v in times.items()})
+    return times
+
+
+def summarize(times: dict[str, list[float]]) -> dict:
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    return {
+        "median_s": {key: round(value, 3) for key, value in medians.items()},
+        "first_step_vs_import_torch": round(medians["first_step"] / medians["import_torch"], 2),
+        "first_step_target": FIRST_STEP_TARGET,
+        "help_target_s": HELP_TARGET_S,
+    }
+
+
+def table(summary: dict, times: dict[str, list[float]]) -> tuple[list[str], list[list[str]]]:
+    header = ["what", "median (s)", "min-max (s)", "x import torch", "target"]
+    import_s = summary["median_s"]["import_torch"]
+    what = {
+        "import_torch": ('python -c "import torch"', "-"),
+        "help": ("distbelief --help", f"< {HELP_TARGET_S:g} s"),
+        "train_help": ("distbelief train --help", f"< {HELP_TARGET_S:g} s"),
+        "first_step": ("distbelief train: launch to first step", f"<= {FIRST_STEP_TARGET:g}x"),
+        "job": (f"distbelief {' '.join(TRAIN_ARGS)}: launch to exit", "-"),
+    }
+    cells = []
+    for key, (label, target) in what.items():
+        median_s = summary["median_s"][key]
+        cells.append(
+            [
+                label,
+                f"{median_s:.2f}",
+                f"{min(times[key]):.2f}-{max(times[key]):.2f}",
+                f"{median_s / import_s:.2f}",
+                target,
+            ]
+        )
+    return header, cells
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+    if args.out is None:
+        date = datetime.date.today().strftime("%Y%m%d")
+        args.out = RESULTS_DIR / f"startup_cpu{os.cpu_count()}_{date}"
+    with tempfile.TemporaryDirectory() as runs_dir:
+        times = measure(args.repeats, Path(runs_dir))
+    summary = summarize(times)
+    record = {"benchmark": "startup", **machine.environment()}
+    record |= {"settings": {"repeats": args.repeats, "train_args": list(TRAIN_ARGS)}}
+    record |= {"summary": summary, "times_s": times}
+    description = (
+        f"Medians of {args.repeats} interleaved repeats. First step: launch of "
+        f"`distbelief {' '.join(TRAIN_ARGS)}` to the first worker's first step, from metrics.csv."
+    )
+    title = "Start-up of the distbelief command"
+    print(machine.write_report(args.out, record, title, description, *table(summary, times)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Run a training job on a Cluster: validate, prepare the run folder, start the processes, route
+their events to one sink (metrics.csv, TensorBoard, the progress display), show faults, stop in
+order, write the summary. It never touches processes itself: that is the Cluster's job. The
+telemetry and plots packages load each name on first use, so torch, rich and matplotlib are
+imported only when (and if) the job gets to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from distbelief import plots, telemetry
+from distbelief.errors import ConfigFieldError, LauncherInterrupted
+from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
+from distbelief.launch.local import LocalCluster
+from distbelief.launch.rundir import prepare_run_dir, write_json_atomic
+
+if TYPE_CHECKING:
+    from distbelief.config import JobConfig
+    from distbelief.telemetry import ShardStatsPoller, Sink
+
+logger = logging.getLogger(__name__)
+
+SHARDS_READY_TIMEOUT_S = 60.0
+"""Longest wait for every shard to listen."""
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise LauncherInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+
+@dataclass
+class RunResult:
+    """How a training job ended."""
+
+    run_dir: Path
+    final: dict = field(default_factory=dict)
+    worker_steps: dict[int, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    staleness: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per shard: how many pushes arrived with each staleness."""
+    faults: list[Fault] = field(default_factory=list)
+    """Processes that died during the run and what became of them."""
+
+
+def _planned_steps(config: JobConfig) -> list[int]:
+    """Steps each worker will run; ConfigFieldError if the warmstart outlasts worker 0's
+    pushes."""
+    if config.optimizer.steps is not None:
+        steps = [config.optimizer.steps] * config.cluster.num_workers
+    else:
+        from distbelief.data import load_dataset, worker_indices  # torch: only when counting
+
+        train_set = load_dataset(
+            config.data.name,
+            split="train",
+            data_dir=config.data.data_dir,
+            download=config.data.download,
+        )
+        steps = [
+            len(worker_indices(len(train_set), rank, config.cluster.num_workers))
+            // config.optimizer.batch_size
+            * config.optimizer.num_epochs
+            for rank in range(config.cluster.num_workers)
+        ]
+    pushes_of_worker0 = -(-steps[0] // config.optimizer.n_push)  # a last partial window is flushed
+    warmstart_steps = config.optimizer.warmstart_steps
+    if warmstart_steps > pushes_of_worker0:
+        raise ConfigFieldError(
+            "optimizer.warmstart_steps",
+            f"must be <= the {pushes_of_worker0} pushes worker 0 will make (else the other "
+            f"workers never start), got {warmstart_steps}",
+        )
+    return steps
+
+
+class EventRouter:
+    """Turns process events into records and messages for one sink; times count from the first
+    worker's start (children report wall-clock times; process start-up is not training time).
+    ``poll_shards`` adds the shards' counters as ``shard`` records."""
+
+    def __init__(self, sink: Sink, shard_poller: ShardStatsPoller | None = None) -> None:
+        self.sink = sink
+        self.shard_poller = shard_poller
+        self.train_start: float | None = None
+
+    def poll_shards(self) -> None:
+        """Routes the shards' counters if a poll is due (cheap to call in any loop)."""
+        if self.shard_poller is not None:
+            for record in self.shard_poller.poll_if_due():
+                self._write(record)
+
+    def __call__(self, event: Event | None) -> None:
+        if event is None:
+            return
+        kind, source, payload = event
+        if kind == "started" and self.train_start is None:
+            self.train_start = payload["time"]
+        elif kind == "metric":
+            self._write(payload)
+        elif kind == "done" and source.kind is ProcessKind.WORKER:
+            self.sink.message(f"{source.name} finished after {payload['steps']} steps")
+
+    def _write(self, record: dict) -> None:
+        start = self.train_start if self.train_start is not None else record["time_s"]
+        self.sink.write({**record, "time_s": max(0.0, record["time_s"] - start)})
+
+
+def _supervise(cluster: Cluster, route: EventRouter) -> None:
+    """Route events until the workers finish, then stop the evaluator (after its final
+    evaluation) and the shards (which report their counters), in that order."""
+    for kind in (ProcessKind.WORKER, ProcessKind.EVALUATOR, ProcessKind.SHARD):
+        if kind is not ProcessKind.WORKER:
+            cluster.stop(kind)
+        while not cluster.finished(kind):
+            route(cluster.next_event(0.2))
+            if kind is ProcessKind.WORKER:
+                route.poll_shards()
+    while (event := cluster.next_event(0.05)) is not None:
+        route(event)
+
+
+def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
+    """The run folder and the config with its path filled in; refuses to mix runs."""
+    run_dir = prepare_run_dir(config.reporting.out_dir)
+    has_checkpoints = any((run_dir / CHECKPOINT_DIR).glob("shard*.json"))
+    if resume and not has_checkpoints:
+        raise ValueError(f"--resume {run_dir}: no shard checkpoints in {run_dir / CHECKPOINT_DIR}")
+    if has_checkpoints and not resume:
+        raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
+    config = config.with_fields({"reporting.out_dir": str(run_dir)})
+    write_json_atomic(run_dir / "config.json", config.to_json())
+    return config, run_dir
+
+
+def _start(cluster: Cluster, config: JobConfig) -> list[str]:
+    """Every process: the shards at once, then (they need the shards' addresses) the evaluator
+    and the workers at once; nothing waits for a process but the shards' readiness. Returns
+    the shards' addresses."""
+    for shard_id in range(config.cluster.num_shards):
+        cluster.start(ProcessKind.SHARD, shard_id)
+    addresses = cluster.wait_for_shards(SHARDS_READY_TIMEOUT_S)
+    cluster.start(ProcessKind.EVALUATOR, 0)
+    for rank in range(config.cluster.num_workers):
+        cluster.start(ProcessKind.WORKER, rank)
+    return addresses
+
+
+def train(
+    config: JobConfig,
+    *,
+    resume: bool = False,
+    cluster_type: type[Cluster] = LocalCluster,
+) -> RunResult:
+    """Run a whole job; returns when every process has stopped.
+
+    Args:
+        config: The job.
+        resume: Continue the run in ``config.reporting.out_dir`` from its shard checkpoints.
+        cluster_type: What runs the processes; made with the config and the run folder.
+
+    Raises:
+        ChildFailedError: a process reported an error, or could not be brought back; every
+            process is stopped.
+        LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
+        CheckpointError: a checkpoint to resume from is corrupt (names the file).
+    """
+    cluster_type.warm_up(config)  # e.g. a forkserver's imports, overlapping what follows
+    total_steps = sum(_planned_steps(config))  # validates before anything is written
+    config, run_dir = _prepare(config, resume)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    display = telemetry.ProgressDisplay(
+        total_steps=total_steps, num_workers=config.cluster.num_workers
+    )
+    started = time.time()
+    try:
+        # Closing the FanOut closes the display too (twice is harmless); the cluster stops last.
+        with (
+            cluster_type(config, run_dir) as cluster,
+            display,
+            telemetry.FanOut(
+                [
+                    telemetry.MetricsWriter(run_dir / "metrics.csv", append=resume),
+                    telemetry.TensorBoardLog(run_dir),
+                    display,
+                ]
+            ) as sink,
+        ):
+            cluster.on_fault = lambda fault: sink.message(_describe_fault(fault))
+            addresses = _start(cluster, config)
+            poller = telemetry.ShardStatsPoller(addresses, security=cluster.security)
+            _supervise(cluster, EventRouter(sink, poller))
+            result = _result(cluster, run_dir, time.time() - started)
+    except KeyboardInterrupt as e:
+        raise LauncherInterrupted("stopped by Ctrl-C") from e
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    write_json_atomic(run_dir / "summary.json", _summary_json(result))
+    write_json_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
+    plots.plot_run(run_dir)  # the first use of matplotlib: after training
+    logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
+    return result
+
+
+def _result(cluster: Cluster, run_dir: Path, elapsed_s: float) -> RunResult:
+    return RunResult(
+        run_dir,
+        final=cluster.results(ProcessKind.EVALUATOR).get(0, {}),
+        worker_steps={rank: r["steps"] for rank, r in cluster.results(ProcessKind.WORKER).items()},
+        elapsed_s=elapsed_s,
+        staleness={
+            f"shard{shard_id}": r["staleness"]
+            for shard_id, r in cluster.results(ProcessKind.SHARD).items()
+        },
+        faults=cluster.faults,
+    )
+
+
+def _describe_fault(fault: Fault) -> str:
+    text = f"{fault.process} died (exit code {fault.exitcode}); {fault.action}"
+    if fault.version_before is not None:
+        text += f"; it had applied {fault.version_before} updates"
+    return text
+
+
+def _summary_json(result: RunResult) -> str:
+    return json.dumps(
+        {
+            "final": result.final,
+            "worker_steps": result.worker_steps,
+            "elapsed_s": round(result.elapsed_s, 3),
+            "faults": [
+                {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
+                for fault in result.faults
+            ],
+        },
+        indent=2,
+    )

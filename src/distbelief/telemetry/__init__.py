@@ -1,0 +1,43 @@
+"""Observability of a run: the metrics record and its CSV, TensorBoard scalars, the progress
+display and the shards' counters, each a ``Sink`` (or a source of records for one).
+
+Names load on first use, so importing this package pulls in neither torch (TensorBoard) nor
+rich (the dashboard): the launcher pays for them only when it uses them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "Sink": "distbelief.telemetry.sink",
+    "FanOut": "distbelief.telemetry.sink",
+    "METRIC_FIELDS": "distbelief.telemetry.metrics",
+    "ROLES": "distbelief.telemetry.metrics",
+    "MetricsWriter": "distbelief.telemetry.metrics",
+    "make_record": "distbelief.telemetry.metrics",
+    "read_metrics": "distbelief.telemetry.metrics",
+    "TENSORBOARD_DIR": "distbelief.telemetry.tensorboard",
+    "TensorBoardLog": "distbelief.telemetry.tensorboard",
+    "scalar_tags": "distbelief.telemetry.tensorboard",
+    "ProgressDisplay": "distbelief.telemetry.progress",
+    "ShardStatsPoller": "distbelief.telemetry.shard_stats",
+    "poll_shard_stats": "distbelief.telemetry.shard_stats",
+    "shard_records": "distbelief.telemetry.shard_stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distbelief.telemetry' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,60 @@
+"""The one interface every report of a run goes through: a ``Sink`` takes metrics records and
+one-off messages. ``FanOut`` hands each to several sinks, so the launcher routes to one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where a run's reports go: the CSV, TensorBoard, the terminal, a test's list."""
+
+    def write(self, record: dict) -> None:
+        """Takes one metrics record (as made by ``make_record``)."""
+
+    def message(self, text: str) -> None:
+        """Takes a one-off line such as "worker1 died"; sinks of records only may ignore it."""
+
+    def close(self) -> None:
+        """Flushes and releases what the sink holds; closing twice is harmless."""
+
+
+class FanOut:
+    """A ``Sink`` that hands every record and message to each of ``sinks``, in order, and closes
+    them all (in reverse order) when closed; use as a context manager."""
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks = list(sinks)
+
+    def write(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def message(self, text: str) -> None:
+        for sink in self.sinks:
+            sink.message(text)
+
+    def close(self) -> None:
+        """Closes every sink, even when one of them raises (the first error is re-raised)."""
+        error: BaseException | None = None
+        for sink in reversed(self.sinks):
+            try:
+                sink.close()
+            except BaseException as e:  # the other sinks still hold files to flush
+                error = error or e
+        if error is not None:
+            raise error
+
+    def __enter__(self) -> FanOut:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""A worker's process function: one replica trained with DownpourSGD on its slice of the
+training set, on a device. Run by the launcher's children, by ``distbelief worker`` and by
+scripts; it reports through ``emit(kind, payload)`` and knows nothing of who started it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from distbelief.data import load_dataset, worker_indices
+from distbelief.optim import DownpourSGD
+from distbelief.process import Emit
+from distbelief.telemetry.metrics import make_record
+from distbelief.worker.hooks import StepHook
+from distbelief.worker.loop import train_loop, worker_batches
+from distbelief.worker.replica import build_replica
+
+if TYPE_CHECKING:
+    from distbelief.config import JobConfig
+    from distbelief.wire.security import WireSecurity
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device; ValueError when it names CUDA on a machine without it."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return resolved
+
+
+def run_worker(
+    config: JobConfig,
+    rank: int,
+    addresses: Sequence[str],
+    *,
+    emit: Emit,
+    hooks: Sequence[StepHook] = (),
+    device: torch.device | str = "cpu",
+    start_time: float = 0.0,
+    security: WireSecurity | None = None,
+    resume_step: int = 0,
+) -> dict:
+    """Train one replica with DownpourSGD on worker ``rank``'s slice of the training set.
+
+    Emits "started" (``rank``, ``time``) just before the first step and a "metric" record every
+    ``config.reporting.log_every_steps`` steps (``time_s`` counted from ``start_time``; 0.0 gives
+    wall clock times). A restarted worker passes ``resume_step``: it starts from the shards' current
+    parameters and skips the batches its previous life already trained on.
+
+    Args:
+        hooks: called after every step (see ``StepHook``); one may stop the worker early.
+        device: where the model and each batch live ("cpu", "cuda", "cuda:1"); the gradients
+            pushed and parameters pulled pass through it.
+
+    Returns:
+        ``rank`` and ``steps``, the optimizer's step count at the end.
+
+    Raises:
+        ValueError: ``device`` is CUDA and this machine has none.
+        ShardTimeoutError, ShardUnavailableError: a shard did not answer (see ``DownpourSGD``).
+        ModelMismatchError: the shards hold another model's parameters.
+    """
+    device = resolve_device(device)
+    torch.set_num_threads(config.cluster.threads_per_worker)
+    train_set = load_dataset(
+        config.data.name,
+        split="train",
+        data_dir=config.data.data_dir,
+        download=config.data.download,
+    )
+    indices = worker_indices(
+        len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
+    )
+    # On the device before the optimizer is built: it reads and writes the parameters there.
+    model = build_replica(config, train_set.input_shape, train_set.num_classes).to(device)
+    optimizer = DownpourSGD(
+        model.parameters(),
+        lr=config.optimizer.lr,
+        n_push=config.optimizer.n_push,
+        n_pull=config.optimizer.n_pull,
+        model=model,
+        ps=list(addresses),
+        timeout_s=config.faults.timeout_s,
+        blocking=config.optimizer.blocking,
+        worker_id=f"worker{rank}",
+        # Warmstart: replica 0 trains alone until the shards have applied its first K pushes.
+        start_after_version=config.optimizer.warmstart_steps if rank > 0 and not resume_step else 0,
+        retry_timeout_s=config.faults.retry_timeout_s,
+        security=security,
+    )
+    optimizer.num_steps = resume_step
+    emit("started", {"rank": rank, "time": time.time()})
+    try:
+        train_loop(
+            model,
+            optimizer,
+            worker_batches(config, train_set, indices, resume_step),
+            log_every_steps=config.reporting.log_every_steps,
+            report=lambda **fields: emit(
+                "metric", make_record("worker", rank, time_s=time.time() - start_time, **fields)
+            ),
+            hooks=hooks,
+            device=device,
+        )
+        optimizer.close()  # pushes what is left
+    except BaseException:
+        optimizer.client.close(wait=False)  # no flush: the shards may be what failed
+        raise
+    return {"rank": rank, "steps": optimizer.num_steps}

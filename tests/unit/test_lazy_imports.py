@@ -1,0 +1,34 @@
+"""The launcher's packages load their heavy dependencies only when used: importing them (what
+``distbelief --help`` and the launcher's start do) pulls in none of torch, matplotlib,
+TensorBoard or rich; and every name they export resolves."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+PACKAGES = ("distbelief.launch", "distbelief.telemetry", "distbelief.plots")
+HEAVY = ("torch", "matplotlib", "tensorboard", "rich")
+
+
+def test_importing_the_launcher_packages_imports_nothing_heavy() -> None:
+    code = (
+        f"import sys; import {', '.join(PACKAGES)}, distbelief.launch.train; "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+@pytest.mark.parametrize(
+    ("package", "name"),
+    [(p, n) for p in PACKAGES for n in importlib.import_module(p).__all__],
+)
+def test_every_exported_name_resolves(package: str, name: str) -> None:
+    module = importlib.import_module(package)
+    assert getattr(module, name) is not None
+    assert name in dir(module)

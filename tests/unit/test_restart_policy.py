@@ -1,0 +1,101 @@
+"""Unit tests of the restart policy by process kind (distbelief.launch.cluster.ProcessBook): a
+shard or the evaluator out of restarts fails the job, a worker is given up, and the job fails
+only when every worker is; shards restart on their old address, workers at their last step."""
+
+from __future__ import annotations
+
+import pytest
+
+from distbelief.config import JobConfig
+from distbelief.errors import ChildFailedError
+from distbelief.launch.cluster import (
+    RESTART_POLICIES,
+    Event,
+    ProcessBook,
+    ProcessKind,
+    ProcessSpec,
+)
+
+SHARD0 = ProcessSpec(ProcessKind.SHARD, 0)
+WORKER0 = ProcessSpec(ProcessKind.WORKER, 0)
+WORKER1 = ProcessSpec(ProcessKind.WORKER, 1)
+EVALUATOR = ProcessSpec(ProcessKind.EVALUATOR, 0)
+
+
+def _book(max_restarts: int = 1) -> ProcessBook:
+    return ProcessBook(
+        JobConfig.from_fields(
+            {
+                "cluster.num_workers": 2,
+                "cluster.num_shards": 2,
+                "faults.max_restarts": max_restarts,
+            }
+        )
+    )
+
+
+def _die(book: ProcessBook, spec: ProcessSpec, *, stopping: bool = False) -> str:
+    fault = book.record_death(spec, -9, stopping=stopping)
+    book.raise_if_fatal(spec, fault)
+    return fault.action
+
+
+def test_every_kind_has_a_policy() -> None:
+    assert set(RESTART_POLICIES) == set(ProcessKind)
+    assert [kind for kind, p in RESTART_POLICIES.items() if not p.fatal_when_exhausted] == [
+        ProcessKind.WORKER
+    ]
+
+
+@pytest.mark.parametrize("spec", [SHARD0, EVALUATOR], ids=lambda s: s.name)
+def test_shard_and_evaluator_out_of_restarts_fail_the_job(spec: ProcessSpec) -> None:
+    book = _book(max_restarts=1)
+    assert _die(book, spec) == "restarted"
+    with pytest.raises(
+        ChildFailedError, match=rf"{spec.name} failed \(exit code -9\):\ndied and was not restarted"
+    ):
+        _die(book, spec)
+    assert [fault.action for fault in book.faults] == ["restarted", "given up"]
+
+
+def test_a_worker_out_of_restarts_is_given_up_and_the_job_fails_when_all_are() -> None:
+    book = _book(max_restarts=1)
+    assert _die(book, WORKER1) == "restarted"
+    assert _die(book, WORKER1) == "given up"
+    assert book.given_up == {"worker1"}
+    assert _die(book, WORKER0) == "restarted"
+    with pytest.raises(
+        ChildFailedError, match=r"every worker failed \(exit code -9\):\nall workers died"
+    ):
+        _die(book, WORKER0)
+
+
+def test_no_restart_while_the_job_stops() -> None:
+    book = _book(max_restarts=3)
+    assert _die(book, WORKER0, stopping=True) == "given up"
+    with pytest.raises(ChildFailedError):
+        _die(book, SHARD0, stopping=True)
+
+
+def test_restarts_resume_where_the_process_was() -> None:
+    book = _book()
+    assert book.spec(ProcessKind.SHARD, 0).bind == "tcp://127.0.0.1:0"
+    book.note(Event("ready", SHARD0, {"shard_id": 0, "address": "tcp://127.0.0.1:4321"}))
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 7}))
+    book.note(Event("metric", WORKER1, {"role": "worker", "rank": 1, "step": 40, "version": 9}))
+    assert book.spec(ProcessKind.SHARD, 0).bind == "tcp://127.0.0.1:4321"
+    assert book.spec(ProcessKind.WORKER, 1).resume_step == 40
+    assert book.spec(ProcessKind.WORKER, 0).resume_step == 0
+    fault = book.record_death(SHARD0, -9, stopping=False)
+    assert fault.version_before == 9  # the worker's view bounds the shard's version
+    restored = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": 5}
+    book.note(Event("ready", SHARD0, restored))
+    assert (fault.version_restored, fault.lost_updates) == (5, 4)
+
+
+def test_the_decision_follows_the_kind_not_the_name() -> None:
+    # A worker's process is given up, a shard's is fatal, whatever their names look like.
+    book = ProcessBook(JobConfig.from_fields({"cluster.num_workers": 2, "faults.max_restarts": 0}))
+    assert _die(book, WORKER1) == "given up"
+    with pytest.raises(ChildFailedError):
+        _die(book, ProcessSpec(ProcessKind.SHARD, 1))

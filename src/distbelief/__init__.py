@@ -6,8 +6,7 @@ The public API is re-exported here and loaded on first use, so ``import distbeli
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from distbelief.lazy import lazy_exports
 
 __version__ = "0.3.0"
 
@@ -35,14 +34,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'distbelief' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

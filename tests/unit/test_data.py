@@ -352,3 +352,12 @@ def test_iterate_batches_visits_each_index_once():
 def test_iterate_batches_rejects_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         iterate_batches(_tiny_dataset(), torch.arange(10), 0, seed=0, epoch=0)
+
+
+def test_digits_are_read_as_scikit_learn_loads_them():
+    # The loader reads scikit-learn's bundled file itself (importing scikit-learn costs seconds).
+    from distbelief.data.digits import _bundled_digits
+
+    pixels, targets = _bundled_digits()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.images) and np.array_equal(targets, bunch.target)

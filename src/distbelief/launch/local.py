@@ -40,8 +40,6 @@ _PRELOAD = (
 torch.optim optimizer imports it (``add_param_group`` is wrapped in ``torch._disable_dynamo``),
 which costs each worker half again the time of ``import torch``. ``__main__`` (a script that
 calls ``train``): its children find it loaded instead of each re-running the script."""
-_DATASET_PRELOAD = {"digits": ("sklearn.datasets",)}
-"""Per data set, what its loader imports (scikit-learn takes a second on every child else)."""
 
 
 def warm_up(config: JobConfig) -> None:
@@ -49,7 +47,7 @@ def warm_up(config: JobConfig) -> None:
     first, so that its imports overlap whatever the launcher does before starting processes.
     A forkserver already running (an earlier job of this process) is kept."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload([*_PRELOAD, *_DATASET_PRELOAD.get(config.data.name, ())])
+    ctx.set_forkserver_preload(list(_PRELOAD))
     multiprocessing.forkserver.ensure_running()
 
 

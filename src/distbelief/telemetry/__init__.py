@@ -7,8 +7,7 @@ rich (the dashboard): the launcher pays for them only when it uses them.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from distbelief.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "Sink": "distbelief.telemetry.sink",
@@ -30,14 +29,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'distbelief.telemetry' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

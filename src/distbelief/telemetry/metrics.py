@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import numbers
 from pathlib import Path
-from types import TracebackType
+
+from distbelief.telemetry.sink import ClosedOnExit
 
 METRIC_FIELDS = (
     "time_s",
@@ -105,7 +106,7 @@ def _format_cell(value: object) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-class MetricsWriter:
+class MetricsWriter(ClosedOnExit):
     """Appends metrics records to a CSV file, one flushed line per record.
 
     Use as a context manager. Every ``write`` reaches the OS before it returns, so a crash of
@@ -162,17 +163,6 @@ class MetricsWriter:
         """Flushes and closes the file; closing twice is harmless."""
         if not self._file.closed:
             self._file.close()
-
-    def __enter__(self) -> MetricsWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _check_header_for_append(path: Path) -> None:

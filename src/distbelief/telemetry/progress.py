@@ -12,10 +12,10 @@ import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, TextIO
 
 from distbelief.telemetry.metrics import ROLES
+from distbelief.telemetry.sink import ClosedOnExit
 
 RATE_WINDOW_S = 5.0
 """Steps/s is measured over the records of (about) this many recent seconds."""
@@ -230,7 +230,7 @@ def _is_terminal(stream: TextIO) -> bool:
     return bool(isatty and isatty())
 
 
-class ProgressDisplay:
+class ProgressDisplay(ClosedOnExit):
     """Shows a run's progress from its metrics records; use as a context manager.
 
     Interactive mode draws a rich progress bar (steps summed over workers, elapsed, ETA), a
@@ -320,14 +320,6 @@ class ProgressDisplay:
         if self._live is not None:
             self._live.start()
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Stops the display, leaving the last state on screen (or in one last log line)."""

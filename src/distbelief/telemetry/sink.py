@@ -3,9 +3,12 @@ one-off messages. ``FanOut`` hands each to several sinks, so the launcher routes
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
+
+_Closing = TypeVar("_Closing", bound="ClosedOnExit")
 
 
 @runtime_checkable
@@ -22,7 +25,26 @@ class Sink(Protocol):
         """Flushes and releases what the sink holds; closing twice is harmless."""
 
 
-class FanOut:
+class ClosedOnExit(abc.ABC):
+    """Base of the sinks: ``with sink:`` closes it on the way out, whatever happened."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flushes and releases what the sink holds."""
+
+    def __enter__(self: _Closing) -> _Closing:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class FanOut(ClosedOnExit):
     """A ``Sink`` that hands every record and message to each of ``sinks``, in order, and closes
     them all (in reverse order) when closed; use as a context manager."""
 
@@ -47,14 +69,3 @@ class FanOut:
                 error = error or e
         if error is not None:
             raise error
-
-    def __enter__(self) -> FanOut:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -7,10 +7,10 @@ knows nothing about processes or the terminal; ``tensorboard --logdir runs/`` sh
 from __future__ import annotations
 
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from distbelief.telemetry.metrics import ROLES
+from distbelief.telemetry.sink import ClosedOnExit
 
 TENSORBOARD_DIR = "tensorboard"
 """The folder, inside a run folder, that holds the event files."""
@@ -51,7 +51,7 @@ def scalar_tags(record: dict) -> list[tuple[str, float, int]]:
     ]
 
 
-class TensorBoardLog:
+class TensorBoardLog(ClosedOnExit):
     """Writes metrics records as TensorBoard scalars; use as a context manager.
 
     Scalars carry the time they are written as their wall time: records are routed as they
@@ -98,14 +98,3 @@ class TensorBoardLog:
             self._writer.close()
         else:  # nothing was written: an empty folder, and no TensorBoard import on the way out
             self.log_dir.mkdir(parents=True, exist_ok=True)
-
-    def __enter__(self) -> TensorBoardLog:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

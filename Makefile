@@ -17,8 +17,9 @@ setup: $(STAMP)
 train: $(STAMP)
 	$(VENV)/bin/distbelief train $(ARGS)
 
+# Three test processes: most integration tests wait on processes they started, not on the CPU.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n 3 --durations=20 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "LayoutMismatchError": "distbelief.errors",
     "ConsistencyMismatchError": "distbelief.errors",
     "ConfigFieldError": "distbelief.errors",
+    "RendezvousError": "distbelief.errors",
+    "ParameterServer": "distbelief.server",
     "CheckpointError": "distbelief.errors",
     "DatasetUnavailableError": "distbelief.errors",
     "ChildFailedError": "distbelief.errors",

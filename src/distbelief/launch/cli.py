@@ -108,8 +108,7 @@ def _log_emit(kind: str, payload: object) -> None:
 
 
 def _run_ps(args: argparse.Namespace) -> int:
-    from distbelief.server.optimizers import server_optimizer_from_config
-    from distbelief.server.process import serve_shard
+    from distbelief.server.process import serve_job_shard
 
     config = config_from_args(args)
     if not 0 <= args.shard_id < config.cluster.num_shards:
@@ -117,16 +116,12 @@ def _run_ps(args: argparse.Namespace) -> int:
             f"--shard-id {args.shard_id} is not in [0, --num-shards {config.cluster.num_shards})"
         )
     _addresses("--bind", args.bind)
-    serve_shard(
+    serve_job_shard(
+        config,
         args.shard_id,
-        config.cluster.num_shards,
         args.bind,
-        optimizer_factory=server_optimizer_from_config(config.server),
-        consistency=config.consistency,
-        num_workers=config.cluster.num_workers,
         security=security_from_args(args),
         checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every_s=config.server.checkpoint_every_s,
         emit=_log_emit,
     )
     return 0

@@ -42,19 +42,14 @@ def run_role(
         What the role returned (counters, steps, the last evaluation).
     """
     if spec.kind is ProcessKind.SHARD:
-        from distbelief.server.optimizers import server_optimizer_from_config
-        from distbelief.server.process import serve_shard
+        from distbelief.server.process import serve_job_shard
 
-        return serve_shard(
+        return serve_job_shard(
+            config,
             spec.index,
-            config.cluster.num_shards,
             spec.bind,
-            optimizer_factory=server_optimizer_from_config(config.server),
-            consistency=config.consistency,
-            num_workers=config.cluster.num_workers,
             security=security,
             checkpoint_dir=str(Path(config.reporting.out_dir) / CHECKPOINT_DIR),
-            checkpoint_every_s=config.server.checkpoint_every_s,
             emit=emit,
             stop=stop,
         )

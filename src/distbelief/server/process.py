@@ -11,11 +11,11 @@ import threading
 
 import torch
 
-from distbelief.config import ConsistencyConfig
+from distbelief.config import ConsistencyConfig, JobConfig
 from distbelief.errors import CheckpointError
 from distbelief.process import Emit, StopFlag
 from distbelief.server.checkpoint import Checkpointer, load_checkpoint
-from distbelief.server.optimizers import ServerOptimizerFactory
+from distbelief.server.optimizers import ServerOptimizerFactory, server_optimizer_from_config
 from distbelief.server.service import ShardService
 from distbelief.server.shard import ParameterShard
 from distbelief.sharding import Partitioner
@@ -97,6 +97,33 @@ def serve_shard(
         "num_dropped": counters.num_dropped,
         "staleness": shard.staleness.as_dict(),
     }
+
+
+def serve_job_shard(
+    config: JobConfig,
+    shard_id: int,
+    bind: str,
+    *,
+    security: WireSecurity | None,
+    checkpoint_dir: str | None,
+    emit: Emit,
+    stop: StopFlag | None = None,
+) -> dict:
+    """``serve_shard`` for shard ``shard_id`` of the job ``config`` describes (its server,
+    consistency and cluster sections): what the launcher's shards and ``distbelief ps`` run."""
+    return serve_shard(
+        shard_id,
+        config.cluster.num_shards,
+        bind,
+        optimizer_factory=server_optimizer_from_config(config.server),
+        consistency=config.consistency,
+        num_workers=config.cluster.num_workers,
+        security=security,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every_s=config.server.checkpoint_every_s,
+        emit=emit,
+        stop=stop,
+    )
 
 
 def _restore(shard: ParameterShard, checkpoint_dir: str | None) -> int | None:

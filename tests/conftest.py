@@ -47,6 +47,31 @@ def run_cli(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
     )
 
 
+def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[str]:
+    """Run ``python COMMAND`` for each command at once; each must exit 0 within ``timeout_s``.
+
+    Returns:
+        Each process's stdout, in order.
+    """
+    processes = [
+        subprocess.Popen(
+            [sys.executable, *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CHILD_ENV,
+        )
+        for command in commands
+    ]
+    try:
+        outputs = [process.communicate(timeout=timeout_s) for process in processes]
+    finally:
+        stop_processes(processes)
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-2000:]
+    return [out for out, _ in outputs]
+
+
 def _read_address(process: subprocess.Popen) -> str:
     deadline = time.monotonic() + _START_TIMEOUT_S
     assert process.stdout is not None

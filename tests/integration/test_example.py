@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_ENV, free_port, stop_processes
+from tests.conftest import free_port, run_scripts_together
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "main.py"
 OFFLINE = ["--dataset", "digits", "--model", "lenet", "--lr", "0.1", "--batch-size", "32"]
@@ -28,27 +28,12 @@ def test_server_and_two_nodes_end_by_themselves(tmp_path):
     commands = [["--rank", "0", "--server", *common]]
     node_flags = ["--epochs", str(NUM_EPOCHS), *EVERY_STEP, *common]
     commands += [["--rank", str(rank), *node_flags] for rank in (1, 2)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(EXAMPLE), *command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=CHILD_ENV,
-        )
-        for command in commands
-    ]
-    try:
-        outputs = [process.communicate(timeout=RUN_TIMEOUT_S) for process in processes]
-    finally:
-        stop_processes(processes)
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-2000:]
-    server_out = outputs[0][0]
+    outputs = run_scripts_together([[str(EXAMPLE), *c] for c in commands], RUN_TIMEOUT_S)
+    server_out = outputs[0]
     server_accuracy = re.search(r"server: \d+ updates applied, test accuracy ([\d.]+)", server_out)
     assert server_accuracy is not None, server_out
     assert float(server_accuracy.group(1)) >= MIN_TEST_ACCURACY
-    for rank, (out, _) in zip((1, 2), outputs[1:], strict=True):
+    for rank, out in zip((1, 2), outputs[1:], strict=True):
         node_accuracy = re.search(rf"epoch {NUM_EPOCHS - 1}: test accuracy ([\d.]+)", out)
         assert node_accuracy is not None, out
         assert float(node_accuracy.group(1)) >= MIN_TEST_ACCURACY

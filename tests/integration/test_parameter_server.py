@@ -17,7 +17,7 @@ from distbelief.errors import RendezvousError
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterServer
 from distbelief.wire.process_group import GroupStore
-from tests.conftest import CHILD_ENV, free_port, stop_processes
+from tests.conftest import CHILD_ENV, free_port, run_scripts_together, stop_processes
 
 SERVER_SCRIPT = """
 import sys
@@ -200,25 +200,10 @@ def test_seed_scripts_that_never_call_close_end_by_themselves(tmp_path):
     init_method = f"tcp://127.0.0.1:{free_port()}"
     commands = [[str(tmp_path / "server.py"), init_method, "3", str(tmp_path / "server.pt")]]
     commands += [[str(tmp_path / "worker.py"), init_method, str(rank), "3"] for rank in (1, 2)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, *command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=CHILD_ENV,
-        )
-        for command in commands
-    ]
-    try:
-        outputs = [process.communicate(timeout=SCRIPTS_TIMEOUT_S) for process in processes]
-    finally:
-        stop_processes(processes)
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-2000:]
+    outputs = run_scripts_together(commands, SCRIPTS_TIMEOUT_S)
     # Pushes at steps 2 and 4, and step 5's gradient flushed at exit: 3 per worker.
-    assert "server done 6 True" in outputs[0][0]
-    assert all("worker done" in out for out, _ in outputs[1:])
+    assert "server done 6 True" in outputs[0]
+    assert all("worker done" in out for out in outputs[1:])
 
 
 @pytest.fixture

@@ -80,6 +80,17 @@ class ShardStore:
         """
         return self._buffers[name]
 
+    def remove(self, name: str) -> None:
+        """Forget the buffer ``name`` (nothing happens if there is none).
+
+        Raises:
+            ValueError: ``name`` is ``param``.
+        """
+        if name == PARAM:
+            raise ValueError("the parameter buffer cannot be removed")
+        self._buffers.pop(name, None)
+        self._persistent.discard(name)
+
     def find(self, name: str) -> list[torch.Tensor] | None:
         """The buffer ``name``, or None if there is none."""
         return self._buffers.get(name)

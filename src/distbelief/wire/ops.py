@@ -96,6 +96,13 @@ PULL = define_op("PULL", 4)
 """The shard's current slices, sent into the client's buffers."""
 STATS = define_op("STATS", 5)
 """The shard's counters."""
+VECTORS = define_op("VECTORS", 6)
+"""A vector program (``vector_program.py``) run on the shard's named vectors; the reply
+carries the shard's partial results."""
+ACCUMULATE = define_op("ACCUMULATE", 7)
+"""A worker's gradient bundle for an open Sandblaster evaluation, staged until committed."""
+READ = define_op("READ", 8)
+"""The shard's slices of one named vector (the point a Sandblaster evaluation is at)."""
 
 
 Handler = Callable[[Any, "Message"], "Message"]

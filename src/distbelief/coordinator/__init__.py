@@ -1,0 +1,1 @@
+"""The coordinator of Sandblaster L-BFGS."""

@@ -67,7 +67,7 @@ def _planned_steps(config: JobConfig) -> list[int]:
         )
         steps = [
             len(worker_indices(len(train_set), rank, config.cluster.num_workers))
-            // config.optimizer.batch_size
+            // config.optimizer.minibatch_size
             * config.optimizer.num_epochs
             for rank in range(config.cluster.num_workers)
         ]

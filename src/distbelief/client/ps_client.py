@@ -35,6 +35,7 @@ from distbelief.sharding import (
     specs_to_json,
 )
 from distbelief.wire import Message, connect, ops
+from distbelief.wire.framing import Sink
 from distbelief.wire.security import WireSecurity
 
 _INIT_POLL_S = 0.05
@@ -410,6 +411,38 @@ class ParameterServerClient:
                 self._slice_cache.clear()
             cached = self._slice_cache[id(flats)] = (flats, identity, views)
         return list(cached[2][shard_id])
+
+    def slice_views(
+        self, shard_id: int, flats: dict[torch.dtype, torch.Tensor]
+    ) -> list[tuple[str, torch.Tensor]]:
+        """(name, view) of each of shard ``shard_id``'s slices of ``flats``: what a PUSH
+        carries to that shard, and where its PULL's tensors go."""
+        return self._slice_tensors(shard_id, flats)
+
+    def request_each(
+        self, messages: Sequence[Message], sinks: Sequence[Sink | None] | None = None
+    ) -> list[Message]:
+        """Send ``messages[i]`` to shard i, every shard at once, and wait for every reply.
+
+        Each request goes through its shard's lane (after this client's earlier requests to
+        that shard) with the client's retries; ``sinks[i]`` picks the buffers shard i's reply
+        tensors are read into.
+
+        Raises:
+            ValueError: not one message per shard.
+            RemoteError: a shard refused its request (the first refusal).
+            ShardUnavailableError: a shard stayed unreachable for ``retry_timeout_s``.
+            ShardTimeoutError: not every reply came within ``timeout_s + retry_timeout_s + 5``.
+        """
+        if len(messages) != self.num_shards or (sinks is not None and len(sinks) != len(messages)):
+            raise ValueError(
+                f"request_each: expected one message (and sink) per shard ({self.num_shards}), "
+                f"got {len(messages)}"
+            )
+        arguments = [
+            (message, None if sinks is None else sinks[i]) for i, message in enumerate(messages)
+        ]
+        return self.wait(self._submit_all(self._request, arguments, now=True))
 
     def push(
         self,

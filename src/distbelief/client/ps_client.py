@@ -35,7 +35,6 @@ from distbelief.sharding import (
     specs_to_json,
 )
 from distbelief.wire import Message, connect, ops
-from distbelief.wire.framing import Sink
 from distbelief.wire.security import WireSecurity
 
 _INIT_POLL_S = 0.05
@@ -412,36 +411,19 @@ class ParameterServerClient:
             cached = self._slice_cache[id(flats)] = (flats, identity, views)
         return list(cached[2][shard_id])
 
-    def slice_views(
-        self, shard_id: int, flats: dict[torch.dtype, torch.Tensor]
-    ) -> list[tuple[str, torch.Tensor]]:
-        """(name, view) of each of shard ``shard_id``'s slices of ``flats``: what a PUSH
-        carries to that shard, and where its PULL's tensors go."""
-        return self._slice_tensors(shard_id, flats)
-
-    def request_each(
-        self, messages: Sequence[Message], sinks: Sequence[Sink | None] | None = None
-    ) -> list[Message]:
-        """Send ``messages[i]`` to shard i, every shard at once, and wait for every reply.
-
-        Each request goes through its shard's lane (after this client's earlier requests to
-        that shard) with the client's retries; ``sinks[i]`` picks the buffers shard i's reply
-        tensors are read into.
+    def request_each(self, messages: Sequence[Message], sinks: Sequence | None = None) -> list:
+        """Send ``messages[i]`` (distinct: each is numbered as sent) to shard i, reply tensors into
+        ``sinks[i]``, every shard at once through the lanes with retries; returns the replies.
 
         Raises:
-            ValueError: not one message per shard.
+            ValueError: not one distinct message (and sink) per shard.
             RemoteError: a shard refused its request (the first refusal).
-            ShardUnavailableError: a shard stayed unreachable for ``retry_timeout_s``.
-            ShardTimeoutError: not every reply came within ``timeout_s + retry_timeout_s + 5``.
+            ShardUnavailableError / ShardTimeoutError: as :meth:`wait`.
         """
-        if len(messages) != self.num_shards or (sinks is not None and len(sinks) != len(messages)):
-            raise ValueError(
-                f"request_each: expected one message (and sink) per shard ({self.num_shards}), "
-                f"got {len(messages)}"
-            )
-        arguments = [
-            (message, None if sinks is None else sinks[i]) for i, message in enumerate(messages)
-        ]
+        distinct = len({id(m) for m in messages}) == len(messages) == self.num_shards
+        if not distinct or (sinks and len(sinks) != len(messages)):
+            raise ValueError(f"{self.num_shards} shards need one distinct message (and sink) each")
+        arguments = [(message, sinks[i] if sinks else None) for i, message in enumerate(messages)]
         return self.wait(self._submit_all(self._request, arguments, now=True))
 
     def push(

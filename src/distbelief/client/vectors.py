@@ -90,8 +90,9 @@ class ShardVectors:
             meta["checkpoint"] = check_checkpoint_tag(checkpoint)
         with self._lock:
             meta["seq"] = next(self._seq)
-            message = Message(ops.VECTORS, meta)
-            replies = self.client.request_each([message] * self.client.num_shards)
+            # One message per shard: a transport numbers the message it sends.
+            messages = [Message(ops.VECTORS, meta) for _ in range(self.client.num_shards)]
+            replies = self.client.request_each(messages)
         per_shard = []
         for shard_id, reply in enumerate(replies):
             results = reply.meta.get("results")
@@ -121,7 +122,7 @@ class ShardVectors:
         meta = {"evaluation": evaluation, "bundle": check_bundle_id(bundle)}
         client = self.client
         messages = [
-            Message(ops.ACCUMULATE, meta, client.slice_views(i, flat_grads))
+            Message(ops.ACCUMULATE, meta, _views(client, i, flat_grads))
             for i in range(client.num_shards)
         ]
         client.request_each(messages)
@@ -136,17 +137,23 @@ class ShardVectors:
             ProtocolError: a shard sent other slices than it owns.
             ShardUnavailableError / ShardTimeoutError: a shard did not answer in time.
         """
-        message = Message(ops.READ, {"vector": check_vector_name(vector)})
+        meta = {"vector": check_vector_name(vector)}
         client = self.client
-        targets = [dict(client.slice_views(i, flat_out)) for i in range(client.num_shards)]
+        targets = [dict(_views(client, i, flat_out)) for i in range(client.num_shards)]
         sinks = [_sink_into(views) for views in targets]
-        replies = client.request_each([message] * client.num_shards, sinks)
+        messages = [Message(ops.READ, meta) for _ in range(client.num_shards)]
+        replies = client.request_each(messages, sinks)
         for shard_id, (reply, views) in enumerate(zip(replies, targets, strict=True)):
             names = [name for name, _ in reply.tensors]
             if names != list(views):
                 raise ProtocolError(
                     f"shard {shard_id} sent {names} for {vector!r}, not {list(views)}"
                 )
+
+
+def _views(client: ParameterServerClient, shard_id: int, flats: dict) -> list:
+    """(name, view) of shard ``shard_id``'s slices of ``flats``: the names a PUSH carries."""
+    return [(p.name, flats[p.dtype][p.start : p.stop]) for p in client.slices[shard_id]]
 
 
 def _sink_into(views: dict[str, torch.Tensor]):

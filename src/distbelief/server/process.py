@@ -46,7 +46,8 @@ def serve_shard(
     """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
 
     With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
-    saves every ``checkpoint_every_s`` seconds and once more on the way out. A synchronous
+    saves every ``checkpoint_every_s`` seconds and once more on the way out, and saves into
+    ``checkpoint_dir/TAG/`` when a vector program asks for checkpoint TAG. A synchronous
     round expects ``num_workers`` gradients. ``partitioner``: which slices the shard owns
     (default: flat); its clients must use an equal one. Emits "ready" once listening and a
     "heartbeat" with its version every quarter second.
@@ -78,7 +79,7 @@ def serve_shard(
         checkpointer = Checkpointer(shard, checkpoint_dir, checkpoint_every_s)
         checkpointer.saved_version = restored
         checkpointer.start()
-    server = serve(bind, ShardService(shard), security=security)
+    server = serve(bind, ShardService(shard, checkpoint_dir=checkpoint_dir), security=security)
     emit("ready", {"shard_id": shard_id, "address": server.address, "restored_version": restored})
     logger.info("shard %d of %d serving at %s", shard_id, num_shards, server.address)
     try:

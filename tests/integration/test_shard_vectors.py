@@ -124,6 +124,22 @@ def test_a_checkpoint_tag_saves_every_shard_under_it(shard_cluster, tmp_path):
         program.scale("d", 2.0)
         program.set_value("lbfgs", {"iteration": 12})
         vectors.run(program, checkpoint="lbfgs-000012")
+        # Moved on past the checkpoint, then back to it (a restarted coordinator's way).
+        later = Program()
+        later.axpy("param", 1.0, "d")
+        later.drop("d")
+        later.set_value("lbfgs", {"iteration": 13})
+        vectors.run(later)
+        back = Program()
+        value = back.get_value("lbfgs")
+        assert vectors.run(back, restore="lbfgs-000012")[value] == [{"iteration": 12}] * NUM_SHARDS
+        restored = layout.allocate()
+        vectors.read("param", restored)
+        assert torch.equal(restored[torch.float64], initial)
+        vectors.read("d", restored)
+        assert torch.equal(restored[torch.float64], 2.0 * initial)
+        with pytest.raises(RemoteError, match="no checkpoint"):
+            vectors.run(Program(), restore="lbfgs-000099")
     finally:
         vectors.client.close()
     flat = layout.allocate()[torch.float64]

@@ -66,13 +66,21 @@ class ShardVectors:
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
 
-    def run(self, program: Program | Sequence[Instruction], checkpoint: str | None = None) -> list:
+    def run(
+        self,
+        program: Program | Sequence[Instruction],
+        checkpoint: str | None = None,
+        *,
+        restore: str | None = None,
+    ) -> list:
         """Run ``program`` on every shard; returns its results for the whole vectors.
 
         Args:
             program: A Program (or its instructions).
             checkpoint: A tag (a plain folder name): after the program ran, every shard saves
                 its checkpoint into ``<its checkpoint dir>/TAG/`` before it answers.
+            restore: A tag: before the program runs, every shard becomes the shard it saved
+                in ``<its checkpoint dir>/TAG/`` (a restarted coordinator's way back).
 
         Raises:
             ValueError: the program holds a NaN or infinity, or the tag is not a folder name.
@@ -88,6 +96,8 @@ class ShardVectors:
         meta: dict[str, Any] = {"program": instructions, "session": self._session}
         if checkpoint is not None:
             meta["checkpoint"] = check_checkpoint_tag(checkpoint)
+        if restore is not None:
+            meta["restore"] = check_checkpoint_tag(restore)
         with self._lock:
             meta["seq"] = next(self._seq)
             # One message per shard: a transport numbers the message it sends.

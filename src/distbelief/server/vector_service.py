@@ -1,7 +1,7 @@
-"""Sandblaster's ops on a shard: VECTORS (a vector program, then optionally a checkpoint into
-``<checkpoint_dir>/TAG/``), ACCUMULATE (a worker's gradient bundle) and READ (one named vector's
-slices). Checks every field of a request, calls the ParameterShard, encodes the reply; the math
-is the shard's (``server/vectors.py``).
+"""Sandblaster's ops on a shard: VECTORS (a vector program; before it optionally a restore from
+``<checkpoint_dir>/TAG/``, after it a save into such a folder), ACCUMULATE (a worker's gradient
+bundle) and READ (one named vector's slices). Checks every field of a request, calls the
+ParameterShard, encodes the reply; the math is the shard's (``server/vectors.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distbelief.errors import CheckpointError, ProtocolError
-from distbelief.server.checkpoint import save_checkpoint
+from distbelief.server.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.sharding import ShardSlice
 from distbelief.wire.framing import Sink
 from distbelief.wire.message import Message
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from distbelief.server.service import ShardService
     from distbelief.server.shard import ParameterShard
 
-_VECTORS_FIELDS = frozenset({"program", "checkpoint", "session", "seq"})
+_VECTORS_FIELDS = frozenset({"program", "checkpoint", "restore", "session", "seq"})
 _ACCUMULATE_FIELDS = frozenset({"evaluation", "bundle"})
 _READ_FIELDS = frozenset({"vector"})
 
@@ -82,6 +82,8 @@ class VectorHandlers:
         tag = meta.get("checkpoint")
         # Checked before the program runs, so a refused checkpoint changes nothing.
         directory = None if tag is None else self._checkpoint_directory(tag)
+        if meta.get("restore") is not None:
+            self._restore_checkpoint(self._checkpoint_directory(meta["restore"]))
         results = self.shard.run_program(program, seq=seq)
         if directory is not None:
             self._save_checkpoint(directory)
@@ -95,6 +97,17 @@ class VectorHandlers:
                 f"--checkpoint-dir): it cannot save checkpoint {tag!r}"
             )
         return self.service.checkpoint_dir / tag
+
+    def _restore_checkpoint(self, directory: Path) -> None:
+        """Become the shard saved in ``directory`` (a restarted coordinator goes back to its
+        last checkpoint, which the shards passed long ago)."""
+        state = load_checkpoint(directory, self.shard.shard_id)
+        if state is None:
+            raise CheckpointError(f"shard {self.shard.shard_id}: no checkpoint in {directory}")
+        try:
+            self.shard.restore(state)
+        except ValueError as e:
+            raise CheckpointError(f"{directory}: shard {self.shard.shard_id}: {e}") from e
 
     def _save_checkpoint(self, directory: Path) -> None:
         """Save the shard into ``directory`` (a program's side effects are in it: the

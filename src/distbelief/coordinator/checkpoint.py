@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distbelief.errors import CheckpointError
-from distbelief.files import write_json_atomic
+from distbelief.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def commit(checkpoint_dir: str | Path, tag: str, iteration: int, state: dict[str
     """Record that every shard has saved ``tag`` (the commit point), then remove older tags."""
     directory = Path(checkpoint_dir)
     record = {"format": FORMAT_VERSION, "tag": tag, "iteration": iteration, "state": state}
-    write_json_atomic(directory / RECORD_FILE, json.dumps(record, indent=1))
+    write_text_atomic(directory / RECORD_FILE, json.dumps(record, indent=1))
     for old in directory.glob(f"{TAG_PREFIX}*"):
         if old.is_dir() and old.name != tag:
             shutil.rmtree(old, ignore_errors=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from distbelief.files import write_json_atomic
+from distbelief.files import write_text_atomic
 
-__all__ = ["prepare_run_dir", "run_dir_path", "write_json_atomic"]
+__all__ = ["prepare_run_dir", "run_dir_path", "write_text_atomic"]
 
 
 def run_dir_path(out_dir: str) -> Path:

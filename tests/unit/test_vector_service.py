@@ -158,3 +158,14 @@ def test_read_sends_the_named_vector_as_a_pull_sends_param():
         connection.ask(ops.READ, {})
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['name'\]"):
         connection.ask(ops.READ, {"vector": "d", "name": "d"})
+
+
+def test_a_program_that_steps_the_parameters_is_a_new_version():
+    connection = Connection()
+    connection.ask(ops.VECTORS, {"program": [["copy", "d", "param"], ["dot", "d", "d"]]})
+    assert connection.shard.version == 0  # no write to param
+    connection.ask(ops.VECTORS, {"program": [["axpy", "param", 0.5, "d"]]})
+    assert connection.shard.version == 1
+    outs = [torch.empty(p.numel, dtype=p.dtype) for p in connection.shard.slices]
+    assert connection.shard.pull_into(outs).version == 1
+    assert torch.equal(outs[0], 1.5 * (torch.arange(outs[0].numel(), dtype=torch.float64) + 1))

@@ -21,7 +21,7 @@ from distbelief.errors import LayoutMismatchError, ModelMismatchError
 from distbelief.server.consistency import WorkerClocks, consistency_policy
 from distbelief.server.optimizers import ServerOptimizerFactory
 from distbelief.server.staleness import StalenessHistogram
-from distbelief.server.store import ShardStore
+from distbelief.server.store import PARAM, ShardStore
 from distbelief.server.vectors import EvaluationAccumulator, VectorExecutor
 from distbelief.sharding import (
     FlatPartitioner,
@@ -35,7 +35,12 @@ from distbelief.sharding import (
     specs_from_json,
     specs_to_json,
 )
-from distbelief.wire.vector_program import Instruction, check_bundle_id, check_vector_name
+from distbelief.wire.vector_program import (
+    Instruction,
+    check_bundle_id,
+    check_vector_name,
+    writes_vector,
+)
 
 _MAX_PROGRAM_SESSIONS = 64
 """Sessions whose last vector program a shard remembers (to answer a retry)."""
@@ -343,6 +348,10 @@ class ParameterShard:
             finally:
                 # A program may have written the parameters: no pull may skip its copy.
                 self._generation += 1
+            if writes_vector(instructions, PARAM):
+                # A step of the parameters is an update (readers such as the evaluator see a
+                # new version; each Sandblaster iteration is one).
+                self._version += 1
             if seq is not None:
                 self._last_program.pop(seq[0], None)
                 if len(self._last_program) >= _MAX_PROGRAM_SESSIONS:

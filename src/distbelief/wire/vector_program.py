@@ -37,6 +37,19 @@ ARITY: dict[str, int] = {
 }
 """Every instruction and its number of arguments."""
 
+WRITING = frozenset({"zero", "copy", "scale", "axpy", "add", "combine"})
+"""Instructions that write the vector named by their first argument."""
+
+
+def writes_vector(instructions: Sequence[Instruction], name: str) -> bool:
+    """Whether any of ``instructions`` writes the vector ``name``."""
+    return any(
+        len(item) > 1 and item[0] in WRITING and item[1] == name
+        for item in instructions
+        if isinstance(item, list)
+    )
+
+
 REDUCTIONS: dict[str, str] = {
     "dot": "sum",
     "abs_sum": "sum",

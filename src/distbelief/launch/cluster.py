@@ -31,6 +31,8 @@ class ProcessKind(enum.Enum):
     SHARD = "shard"
     WORKER = "worker"
     EVALUATOR = "evaluator"
+    COORDINATOR = "coordinator"
+    """Sandblaster's: runs L-BFGS on the shards' vectors and hands portions to the workers."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,6 +57,10 @@ RESTART_POLICIES: dict[ProcessKind, RestartPolicy] = {
     ProcessKind.EVALUATOR: RestartPolicy(
         resumes_from="the shards' current parameters", fatal_when_exhausted=True
     ),
+    ProcessKind.COORDINATOR: RestartPolicy(
+        resumes_from="its last checkpoint (the shards go back to it too), on its old address",
+        fatal_when_exhausted=True,
+    ),
 }
 
 
@@ -66,16 +72,20 @@ class ProcessSpec:
     index: int
     """Shard id, worker rank; 0 for the evaluator."""
     bind: str = ""
-    """Shards: the address to listen on (port 0 at first; its old address on a restart)."""
+    """Shards and the coordinator: the address to listen on (port 0 at first; its old
+    address on a restart)."""
     resume_step: int = 0
     """Workers: the step a restarted worker resumes at."""
+    coordinator: str = ""
+    """Sandblaster's workers: the coordinator's address."""
 
     @property
     def name(self) -> str:
-        """``shard0``, ``worker1``, ``evaluator``: the name in events, pids.json and faults."""
-        return (
-            "evaluator" if self.kind is ProcessKind.EVALUATOR else f"{self.kind.value}{self.index}"
-        )
+        """``shard0``, ``worker1``, ``evaluator``, ``coordinator``: the name in events,
+        pids.json and faults."""
+        if self.kind in (ProcessKind.EVALUATOR, ProcessKind.COORDINATOR):
+            return self.kind.value
+        return f"{self.kind.value}{self.index}"
 
 
 class Event(NamedTuple):
@@ -131,14 +141,22 @@ class Cluster(Protocol):
         the run folder exists, so that it overlaps the launcher's own work)."""
 
     def start(self, kind: ProcessKind, index: int) -> None:
-        """Starts one process; shards must be ready (see ``wait_for_shards``) before workers
-        and the evaluator start."""
+        """Starts one process; shards must be ready (see ``wait_for_shards``) before workers,
+        the evaluator and the coordinator start, and in a Sandblaster job the coordinator (see
+        ``wait_for_coordinator``) before the workers."""
 
     def wait_for_shards(self, timeout_s: float) -> list[str]:
         """Waits until every started shard listens; returns their addresses in shard-id order.
 
         Raises:
             ChildFailedError: a shard failed, or they were not all ready within ``timeout_s``.
+        """
+
+    def wait_for_coordinator(self, timeout_s: float) -> str:
+        """Waits until the started coordinator listens; returns its address.
+
+        Raises:
+            ChildFailedError: it failed, or was not ready within ``timeout_s``.
         """
 
     def next_event(self, timeout_s: float) -> Event | None:
@@ -185,6 +203,8 @@ class ProcessBook:
         self.config = config
         self.start_time = time.time()
         self.addresses: dict[int, str] = {}
+        """Shard id -> address, from their "ready" events."""
+        self.coordinator_address: str | None = None
         self.last_step: dict[int, int] = {}
         self.shard_versions: dict[int, int] = {}
         self.restarts: dict[str, int] = {}
@@ -201,7 +221,15 @@ class ProcessBook:
                 kind, index, bind=self.addresses.get(index, f"tcp://{self.config.cluster.host}:0")
             )
         if kind is ProcessKind.WORKER:
-            return ProcessSpec(kind, index, resume_step=self.last_step.get(index, 0))
+            return ProcessSpec(
+                kind,
+                index,
+                resume_step=self.last_step.get(index, 0),
+                coordinator=self.coordinator_address or "",
+            )
+        if kind is ProcessKind.COORDINATOR:
+            host = f"tcp://{self.config.cluster.host}:0"
+            return ProcessSpec(kind, index, bind=self.coordinator_address or host)
         return ProcessSpec(kind, index)
 
     def note(self, event: Event) -> None:
@@ -217,6 +245,8 @@ class ProcessBook:
             for shard_id in range(self.config.cluster.num_shards):
                 seen = max(self.shard_versions.get(shard_id, 0), payload.get("version") or 0)
                 self.shard_versions[shard_id] = seen
+        elif kind == "ready" and source.kind is ProcessKind.COORDINATOR:
+            self.coordinator_address = payload["address"]
         elif kind == "ready":
             self.addresses[source.index] = payload["address"]
             if payload.get("restored_version") is not None:

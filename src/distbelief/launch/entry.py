@@ -19,6 +19,8 @@ ROLE_MODULES = (
     "distbelief.server.process",
     "distbelief.worker",
     "distbelief.evaluator",
+    "distbelief.coordinator.run",
+    "distbelief.worker.sandblaster",
 )
 """What ``run_role`` imports: a cluster that can load them ahead of time should."""
 
@@ -32,26 +34,56 @@ def run_role(
     stop: StopFlag,
 ) -> Any:
     """Runs the role of ``spec``: serves a shard until ``stop``, trains a worker until its
-    batches run out, or evaluates until ``stop`` and once more after it.
+    batches run out (Sandblaster's: until its coordinator says stop), evaluates until ``stop``
+    and once more after it, or coordinates Sandblaster L-BFGS to its end.
 
     Args:
         addresses: the shards' addresses in shard-id order (unused by shards).
         stop: the stop flag of the process's kind (unused by workers: they stop on SIGTERM).
+            Sandblaster's workers find the coordinator at ``spec.coordinator``.
 
     Returns:
         What the role returned (counters, steps, the last evaluation).
     """
+    checkpoint_dir = str(Path(config.reporting.out_dir) / CHECKPOINT_DIR)
+    sandblaster = config.optimizer.algorithm == "sandblaster"
     if spec.kind is ProcessKind.SHARD:
         from distbelief.server.process import serve_job_shard
 
+        restore_from = None
+        if sandblaster:
+            from distbelief.coordinator.checkpoint import restore_folder
+
+            # The coordinator's last committed checkpoint; None: a first run (its shards save
+            # only under tags, so the folder itself holds nothing to restore).
+            restore_from = restore_folder(checkpoint_dir)
         return serve_job_shard(
             config,
             spec.index,
             spec.bind,
             security=security,
-            checkpoint_dir=str(Path(config.reporting.out_dir) / CHECKPOINT_DIR),
+            checkpoint_dir=checkpoint_dir,
+            restore_from=restore_from,
             emit=emit,
             stop=stop,
+        )
+    if spec.kind is ProcessKind.COORDINATOR:
+        from distbelief.coordinator.run import run_coordinator
+
+        return run_coordinator(
+            config,
+            addresses,
+            bind=spec.bind,
+            emit=emit,
+            stop=stop,
+            checkpoint_dir=checkpoint_dir,
+            security=security,
+        )
+    if spec.kind is ProcessKind.WORKER and sandblaster:
+        from distbelief.worker.sandblaster import run_sandblaster_job_worker
+
+        return run_sandblaster_job_worker(
+            config, spec.index, addresses, spec.coordinator, emit=emit, security=security
         )
     if spec.kind is ProcessKind.WORKER:
         from distbelief.worker import run_worker

@@ -144,6 +144,19 @@ class LocalCluster:
             self.next_event(deadline - time.monotonic())
         return self._addresses()
 
+    def wait_for_coordinator(self, timeout_s: float) -> str:
+        """Waits until the coordinator listens; returns its address.
+
+        Raises:
+            ChildFailedError: it failed, or was not ready within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.book.coordinator_address is None:
+            if time.monotonic() > deadline:
+                raise ChildFailedError("coordinator", None, f"not ready in {timeout_s:g}s")
+            self.next_event(deadline - time.monotonic())
+        return self.book.coordinator_address
+
     def next_event(self, timeout_s: float = _POLL_S) -> Event | None:
         """The next child event; restarts processes that died; raises if a child reported an
         error or cannot be brought back (see ``Cluster.next_event``)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distbelief import plots, telemetry
+from distbelief.coordinator.checkpoint import RECORD_FILE
 from distbelief.errors import ConfigFieldError, LauncherInterrupted
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
 from distbelief.launch.local import LocalCluster
@@ -49,11 +50,16 @@ class RunResult:
     """Per shard: how many pushes arrived with each staleness."""
     faults: list[Fault] = field(default_factory=list)
     """Processes that died during the run and what became of them."""
+    coordinator: dict = field(default_factory=dict)
+    """Sandblaster: the coordinator's result (iterations, loss, why it stopped)."""
 
 
 def _planned_steps(config: JobConfig) -> list[int]:
-    """Steps each worker will run; ConfigFieldError if the warmstart outlasts worker 0's
-    pushes."""
+    """Steps each worker will run (Sandblaster: the coordinator's iterations); ConfigFieldError
+    if the warmstart outlasts worker 0's pushes, or Sandblaster's portions do not fit its
+    batch."""
+    if config.optimizer.algorithm == "sandblaster":
+        return [_sandblaster_iterations(config)]
     if config.optimizer.steps is not None:
         steps = [config.optimizer.steps] * config.cluster.num_workers
     else:
@@ -80,6 +86,30 @@ def _planned_steps(config: JobConfig) -> list[int]:
             f"workers never start), got {warmstart_steps}",
         )
     return steps
+
+
+def _sandblaster_iterations(config: JobConfig) -> int:
+    from distbelief.data import load_dataset  # torch: only when counting
+
+    train_set = load_dataset(
+        config.data.name,
+        split="train",
+        data_dir=config.data.data_dir,
+        download=config.data.download,
+    )
+    batch_size = config.optimizer.batch_size
+    if batch_size is not None and batch_size > len(train_set):
+        raise ConfigFieldError(
+            "optimizer.batch_size",
+            f"must be <= the {len(train_set)} training examples, got {batch_size}",
+        )
+    batch = batch_size if batch_size is not None else len(train_set)
+    portions = config.sandblaster.num_portions(config.cluster.num_workers)
+    if portions > batch:
+        raise ConfigFieldError(
+            "sandblaster.portions", f"must be <= the batch of {batch} examples, got {portions}"
+        )
+    return config.sandblaster.max_iterations
 
 
 class EventRouter:
@@ -114,15 +144,19 @@ class EventRouter:
         self.sink.write({**record, "time_s": max(0.0, record["time_s"] - start)})
 
 
-def _supervise(cluster: Cluster, route: EventRouter) -> None:
-    """Route events until the workers finish, then stop the evaluator (after its final
+def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
+    """Route events until the workers finish (Sandblaster: the coordinator, which then tells
+    the workers to stop, and the workers), then stop the evaluator (after its final
     evaluation) and the shards (which report their counters), in that order."""
-    for kind in (ProcessKind.WORKER, ProcessKind.EVALUATOR, ProcessKind.SHARD):
-        if kind is not ProcessKind.WORKER:
+    training = [ProcessKind.WORKER]
+    if config.optimizer.algorithm == "sandblaster":
+        training.insert(0, ProcessKind.COORDINATOR)
+    for kind in (*training, ProcessKind.EVALUATOR, ProcessKind.SHARD):
+        if kind not in training:
             cluster.stop(kind)
         while not cluster.finished(kind):
             route(cluster.next_event(0.2))
-            if kind is ProcessKind.WORKER:
+            if kind in training:
                 route.poll_shards()
     while (event := cluster.next_event(0.05)) is not None:
         route(event)
@@ -131,7 +165,8 @@ def _supervise(cluster: Cluster, route: EventRouter) -> None:
 def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
     """The run folder and the config with its path filled in; refuses to mix runs."""
     run_dir = prepare_run_dir(config.reporting.out_dir)
-    has_checkpoints = any((run_dir / CHECKPOINT_DIR).glob("shard*.json"))
+    checkpoints = run_dir / CHECKPOINT_DIR
+    has_checkpoints = any(checkpoints.glob("shard*.json")) or (checkpoints / RECORD_FILE).exists()
     if resume and not has_checkpoints:
         raise ValueError(f"--resume {run_dir}: no shard checkpoints in {run_dir / CHECKPOINT_DIR}")
     if has_checkpoints and not resume:
@@ -143,11 +178,14 @@ def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
 
 def _start(cluster: Cluster, config: JobConfig) -> list[str]:
     """Every process: the shards at once, then (they need the shards' addresses) the evaluator
-    and the workers at once; nothing waits for a process but the shards' readiness. Returns
-    the shards' addresses."""
+    and the workers at once; nothing waits for a process but the shards' readiness (and, for
+    Sandblaster's workers, the coordinator's). Returns the shards' addresses."""
     for shard_id in range(config.cluster.num_shards):
         cluster.start(ProcessKind.SHARD, shard_id)
     addresses = cluster.wait_for_shards(SHARDS_READY_TIMEOUT_S)
+    if config.optimizer.algorithm == "sandblaster":
+        cluster.start(ProcessKind.COORDINATOR, 0)
+        cluster.wait_for_coordinator(SHARDS_READY_TIMEOUT_S)
     cluster.start(ProcessKind.EVALUATOR, 0)
     for rank in range(config.cluster.num_workers):
         cluster.start(ProcessKind.WORKER, rank)
@@ -197,7 +235,7 @@ def train(
             cluster.on_fault = lambda fault: sink.message(_describe_fault(fault))
             addresses = _start(cluster, config)
             poller = telemetry.ShardStatsPoller(addresses, security=cluster.security)
-            _supervise(cluster, EventRouter(sink, poller))
+            _supervise(cluster, EventRouter(sink, poller), config)
             result = _result(cluster, run_dir, time.time() - started)
     except KeyboardInterrupt as e:
         raise LauncherInterrupted("stopped by Ctrl-C") from e
@@ -221,6 +259,7 @@ def _result(cluster: Cluster, run_dir: Path, elapsed_s: float) -> RunResult:
             for shard_id, r in cluster.results(ProcessKind.SHARD).items()
         },
         faults=cluster.faults,
+        coordinator=cluster.results(ProcessKind.COORDINATOR).get(0, {}),
     )
 
 
@@ -237,6 +276,7 @@ def _summary_json(result: RunResult) -> str:
             "final": result.final,
             "worker_steps": result.worker_steps,
             "elapsed_s": round(result.elapsed_s, 3),
+            **({"coordinator": result.coordinator} if result.coordinator else {}),
             "faults": [
                 {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
                 for fault in result.faults

@@ -323,6 +323,17 @@ class PortionScheduler:
             self._changed.wait_for(lambda: self.changes != seen, timeout_s)
             return self.changes
 
+    def describe(self) -> str:
+        """Where the open evaluation stands, for messages: portions committed, done, held."""
+        with self._changed:
+            committed = sum(p.committed for p in self._portions)
+            done = sum(p.done_by is not None and not p.committed for p in self._portions)
+            held = sum(p.done_by is None and bool(p.holders) for p in self._portions)
+            return (
+                f"{committed} of {len(self._portions)} portions committed, {done} finished "
+                f"but not committed, {held} being computed"
+            )
+
     def outcome(self) -> EvaluationOutcome | None:
         """The open evaluation's outcome once every portion is committed (else None).
 

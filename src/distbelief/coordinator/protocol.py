@@ -7,7 +7,7 @@ strings, exact and able to carry inf and nan (JSON numbers cannot).
 
 ``WORK`` request::
 
-    {"worker": str, "session": str,
+    {"worker": str, "session": str, "max_wait_s": float,                     # optional
      "finished": {"evaluation": int, "portion": int, "loss_sum": hex str}}   # optional
 
 ``WORK`` reply::
@@ -20,11 +20,15 @@ strings, exact and able to carry inf and nan (JSON numbers cannot).
 ``accepted``: the worker adds the portion's gradient to its bundle; ``duplicate``: another
 worker finished it first, drop it; ``stale``: its evaluation is over; ``lost``: this life was
 declared lost (its uncommitted portions were handed out again): drop the bundle and start a new
-session. ``wait``: ask again (the coordinator held the request a few seconds already).
+session. ``wait``: ask again (the coordinator held the request up to ``max_wait_s`` already,
+or answered at once because the worker holds accepted portions: it pushes them first).
 
 ``BUNDLE`` request (after pushing the bundle to every shard with ACCUMULATE)::
 
     {"worker": str, "session": str, "evaluation": int, "bundle": str, "portions": [int, ...]}
+
+A bundle's id is ``<worker>-<session>-<n>``, unique per life; the coordinator refuses one that
+does not start with the sender's ``<worker>-<session>-``.
 
 ``BUNDLE`` reply: ``{"status": "accepted" | "refused" | "stale" | "lost"}``; ``accepted`` means
 the bundle is committed on every shard; on any other status its portions are handed out again.
@@ -50,8 +54,10 @@ WAIT_ACTION = "wait"
 STOP_ACTION = "stop"
 LOST_ACTION = "lost"
 
-WORKER_ID_MAX_CHARS = 64
-"""Longest worker id or session a request may carry."""
+WORKER_ID_MAX_CHARS = 32
+"""Longest worker id a request may carry."""
+SESSION_MAX_CHARS = 16
+"""Longest session a request may carry (so ``<worker>-<session>-<n>`` fits a vector name)."""
 
 
 def worker_key(meta: dict) -> str:
@@ -61,12 +67,10 @@ def worker_key(meta: dict) -> str:
         ValueError: either is missing, not a string or too long.
     """
     parts = []
-    for field in ("worker", "session"):
+    for field, max_chars in (("worker", WORKER_ID_MAX_CHARS), ("session", SESSION_MAX_CHARS)):
         value = meta.get(field)
-        if not isinstance(value, str) or not 0 < len(value) <= WORKER_ID_MAX_CHARS:
-            raise ValueError(
-                f"{field} must be a string of 1-{WORKER_ID_MAX_CHARS} chars, got {value!r}"
-            )
+        if not isinstance(value, str) or not 0 < len(value) <= max_chars:
+            raise ValueError(f"{field} must be a string of 1-{max_chars} chars, got {value!r}")
         parts.append(value)
     return "-".join(parts)
 

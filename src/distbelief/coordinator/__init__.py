@@ -13,6 +13,8 @@ _EXPORTS: dict[str, str] = {
     "EvaluationOutcome": "distbelief.coordinator.portions",
     "PortionScheduler": "distbelief.coordinator.portions",
     "CoordinatorService": "distbelief.coordinator.service",
+    "LBFGSSettings": "distbelief.coordinator.lbfgs",
+    "SandblasterLBFGS": "distbelief.coordinator.lbfgs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,185 @@
+"""The coordinator's L-BFGS against torch.optim.LBFGS: the same parameter sequence in float64 on
+full-batch problems, with the vectors on one shard or split over three, its state saved and
+restored mid-run, and its round trips per iteration constant in the history size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from distbelief.coordinator.lbfgs import LBFGSSettings, SandblasterLBFGS
+from distbelief.data import load_dataset
+from tests.unit.local_vectors import LocalShards, batch_evaluator
+
+ITERATIONS = 20
+
+
+def _digits(num_examples: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_dataset("digits", split="train")
+    inputs = data.images[:num_examples].reshape(num_examples, -1).double()
+    return inputs, data.labels[:num_examples]
+
+
+def _logistic_regression() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(1024, 10).double()
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1024, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+
+
+def _torch_sequence(model, inputs, labels, history, line_search, lr) -> list[torch.Tensor]:
+    """torch's LBFGS one iteration per step() (max_iter=1), the parameters after each."""
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        lr=lr,
+        max_iter=1,
+        max_eval=26,  # 1 evaluation at the start of step() + at most 25 in the line search
+        history_size=history,
+        line_search_fn=line_search,
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    sequence = []
+    for _ in range(ITERATIONS):
+        optimizer.step(closure)
+        sequence.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return sequence
+
+
+def _coordinator_sequence(
+    model, inputs, labels, history, line_search, lr, num_shards, num_portions=1
+) -> list[torch.Tensor]:
+    shards = LocalShards(model, num_shards)
+    evaluate = batch_evaluator(shards, model, inputs, labels, num_portions=num_portions)
+    settings = LBFGSSettings(history_size=history, line_search=line_search, lr=lr)
+    lbfgs = SandblasterLBFGS(shards, evaluate, settings)
+    lbfgs.start()
+    sequence = []
+    for _ in range(ITERATIONS):
+        record = lbfgs.step()
+        assert record.stop_reason is None, record
+        sequence.append(shards.gather("param")[torch.float64].clone())
+    return sequence
+
+
+CASES = [
+    ("logistic", _logistic_regression, "strong_wolfe", 1.0),
+    ("logistic", _logistic_regression, None, 0.5),
+    ("mlp", _mlp, "strong_wolfe", 1.0),
+    ("mlp", _mlp, None, 0.5),
+]
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+@pytest.mark.parametrize(("name", "make_model", "line_search", "lr"), CASES)
+def test_parameter_sequence_equals_torch_lbfgs(name, make_model, line_search, lr, num_shards):
+    inputs, labels = _digits()
+    expected = _torch_sequence(make_model(), inputs, labels, 5, line_search, lr)
+    ours = _coordinator_sequence(
+        make_model(),
+        inputs,
+        labels,
+        5,
+        "strong-wolfe" if line_search else "fixed",
+        lr,
+        num_shards,
+    )
+    for iteration, (mine, theirs) in enumerate(zip(ours, expected, strict=True), start=1):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-8, msg=f"iteration {iteration}")
+
+
+def test_forty_portions_over_three_shards_sum_to_the_same_sequence():
+    inputs, labels = _digits()
+    expected = _torch_sequence(_mlp(), inputs, labels, 5, "strong_wolfe", 1.0)
+    ours = _coordinator_sequence(_mlp(), inputs, labels, 5, "strong-wolfe", 1.0, 3, 40)
+    for mine, theirs in zip(ours, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-7)
+
+
+def _run(lbfgs, shards, iterations) -> list[torch.Tensor]:
+    sequence = []
+    for _ in range(iterations):
+        lbfgs.step()
+        sequence.append(shards.gather("param")[torch.float64].clone())
+    return sequence
+
+
+def test_restart_from_saved_state_continues_the_same_sequence():
+    inputs, labels = _digits()
+    model = _mlp()
+    shards = LocalShards(model, 2)
+    settings = LBFGSSettings(history_size=3)
+    lbfgs = SandblasterLBFGS(shards, batch_evaluator(shards, model, inputs, labels), settings)
+    lbfgs.start()
+    _run(lbfgs, shards, 6)
+    saved_state, saved_shards = json.loads(json.dumps(lbfgs.state_dict())), shards.snapshot()
+    uninterrupted = _run(lbfgs, shards, 6)
+
+    shards.restore(saved_shards)
+    restarted = SandblasterLBFGS(shards, batch_evaluator(shards, model, inputs, labels), settings)
+    restarted.load_state_dict(saved_state)
+    resumed = _run(restarted, shards, 6)
+    for mine, theirs in zip(resumed, uninterrupted, strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_restart_with_other_settings_is_refused():
+    shards = LocalShards(_logistic_regression(), 1)
+    lbfgs = SandblasterLBFGS(shards, lambda e, p: None, LBFGSSettings(history_size=3))
+    with pytest.raises(ValueError, match="history_size"):
+        SandblasterLBFGS(shards, lambda e, p: None, LBFGSSettings()).load_state_dict(
+            lbfgs.state_dict()
+        )
+
+
+@pytest.mark.parametrize("line_search", ["strong-wolfe", "fixed"])
+def test_round_trips_per_iteration_do_not_grow_with_the_history(line_search):
+    inputs, labels = _digits(200)
+    programs = {}
+    for history in (2, 12):
+        model = _mlp()
+        shards = LocalShards(model, 2)
+        settings = LBFGSSettings(history_size=history, line_search=line_search)
+        lbfgs = SandblasterLBFGS(shards, batch_evaluator(shards, model, inputs, labels), settings)
+        lbfgs.start()
+        records = [lbfgs.step() for _ in range(15)]
+        # Per evaluation: open and finish; per iteration: history, direction, accept.
+        programs[history] = {r.num_programs - 2 * r.num_evaluations for r in records[1:]}
+    assert programs[2] == programs[12] == {3}
+
+
+def test_vectors_no_longer_needed_are_dropped():
+    inputs, labels = _digits(200)
+    model = _mlp()
+    shards = LocalShards(model, 1)
+    lbfgs = SandblasterLBFGS(
+        shards, batch_evaluator(shards, model, inputs, labels), LBFGSSettings(history_size=3)
+    )
+    lbfgs.start()
+    for _ in range(10):
+        lbfgs.step()
+    names = set(shards.executors[0].store.names())
+    # param, d, trial, the gradient and the previous one, 3 pairs.
+    assert len(names) == 5 + 2 * 3, names
+
+
+def test_stops_when_the_gradient_vanishes():
+    inputs, labels = _digits(50)
+    model = _logistic_regression()
+    shards = LocalShards(model, 1)
+    settings = LBFGSSettings(tolerance_grad=1e3)  # any gradient is small enough
+    lbfgs = SandblasterLBFGS(shards, batch_evaluator(shards, model, inputs, labels), settings)
+    assert lbfgs.start().stop_reason == "gradient below tolerance_grad"
+    with pytest.raises(RuntimeError, match="stopped"):
+        lbfgs.step()

@@ -70,6 +70,11 @@ class CoordinatorError(DistBeliefError):
     failed, or the coordinator was stopped); the message says which evaluation and why."""
 
 
+class CoordinatorUnavailableError(CoordinatorError, ConnectionError):
+    """A worker could not reach the Sandblaster coordinator, or it did not answer, for longer
+    than the worker's retry timeout."""
+
+
 class EvaluationStalledError(CoordinatorError, TimeoutError):
     """No portion of an evaluation finished within the coordinator's timeout (no worker is
     computing, or every one is stuck)."""

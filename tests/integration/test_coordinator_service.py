@@ -16,7 +16,7 @@ from distbelief.coordinator.batch import BatchPlan
 from distbelief.coordinator.client import CoordinatorClient, Finished
 from distbelief.coordinator.service import CoordinatorService
 from distbelief.data import load_dataset
-from distbelief.errors import EvaluationStalledError, RemoteError
+from distbelief.errors import CoordinatorUnavailableError, EvaluationStalledError, RemoteError
 from distbelief.models import MLP
 from distbelief.optim.sandblaster import PortionInfo, SandblasterWorker
 from distbelief.wire import Message, serve
@@ -229,3 +229,14 @@ def test_malformed_requests_are_refused_naming_what_is_wrong(digits, job_factory
         )
     rpc.close()
     job.stop()
+
+
+def test_a_coordinator_that_cannot_be_reached_is_a_typed_error_after_the_retries():
+    from tests.conftest import free_port
+
+    client = CoordinatorClient(
+        f"tcp://127.0.0.1:{free_port()}", "worker0", timeout_s=5, retry_timeout_s=0.3
+    )
+    with pytest.raises(CoordinatorUnavailableError, match=r"gave up after retrying for 0\.3s"):
+        client.ask()
+    client.close()

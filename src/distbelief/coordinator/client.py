@@ -5,7 +5,10 @@ and report pushed bundles, one request at a time, each with a timeout. Knows not
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 
 from distbelief.coordinator.batch import BatchPlan
@@ -18,11 +21,19 @@ from distbelief.coordinator.protocol import (
     WORKER_ID_MAX_CHARS,
     loss_to_wire,
 )
-from distbelief.errors import ProtocolError
+from distbelief.errors import (
+    CoordinatorUnavailableError,
+    ProtocolError,
+    ShardTimeoutError,
+    ShardUnavailableError,
+)
 from distbelief.wire import Message, connect
 from distbelief.wire.security import WireSecurity
 
 _ACTIONS = ("work", "wait", "stop", "lost")
+_FIRST_RETRY_DELAY_S = 0.05
+_MAX_RETRY_DELAY_S = 2.0
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,9 @@ class CoordinatorClient:
         address: The coordinator's address (``tcp://HOST:PORT``).
         worker_id: This worker's name (at most 32 chars), e.g. ``worker2``.
         timeout_s: Limit for each request (a request for work is held at most half of it).
+        retry_timeout_s: How long the coordinator may stay unreachable (not started yet, say)
+            before a request fails; requests are retried with backoff meanwhile. (A retry goes
+            over a new connection, so one that follows a lost reply is told ``lost``.)
         security: The job's wire security.
 
     Raises:
@@ -68,6 +82,7 @@ class CoordinatorClient:
         worker_id: str,
         *,
         timeout_s: float = 30.0,
+        retry_timeout_s: float = 60.0,
         security: WireSecurity | None = None,
     ) -> None:
         if not isinstance(worker_id, str) or not 0 < len(worker_id) <= WORKER_ID_MAX_CHARS:
@@ -78,6 +93,8 @@ class CoordinatorClient:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.worker_id = worker_id
         self.timeout_s = float(timeout_s)
+        self.retry_timeout_s = float(retry_timeout_s)
+        self._closing = threading.Event()
         self._rpc = connect(address, name=f"coordinator ({address})", security=security)
         self.renew()
 
@@ -98,7 +115,8 @@ class CoordinatorClient:
         the request timeout) when there is none.
 
         Raises:
-            ShardTimeoutError, ShardUnavailableError: the coordinator did not answer in time.
+            CoordinatorUnavailableError: the coordinator did not answer within the retry
+                timeout.
             ProtocolError: the reply is malformed.
             RemoteError: the coordinator refused the request (the message says why).
         """
@@ -109,7 +127,7 @@ class CoordinatorClient:
                 "portion": finished.portion,
                 "loss_sum": loss_to_wire(finished.loss_sum),
             }
-        reply = self._rpc.request(Message(WORK, meta), timeout_s=self.timeout_s).meta
+        reply = self._request(Message(WORK, meta)).meta
         try:
             return _work_reply(reply)
         except (KeyError, TypeError, ValueError) as e:
@@ -120,7 +138,8 @@ class CoordinatorClient:
         ``accepted`` (committed), ``refused``, ``stale`` or ``lost``.
 
         Raises:
-            ShardTimeoutError, ShardUnavailableError: the coordinator did not answer in time.
+            CoordinatorUnavailableError: the coordinator did not answer within the retry
+                timeout.
             RemoteError: the coordinator refused the request (the message says why).
         """
         meta = {
@@ -129,10 +148,26 @@ class CoordinatorClient:
             "bundle": bundle,
             "portions": list(portions),
         }
-        reply = self._rpc.request(Message(BUNDLE, meta), timeout_s=self.timeout_s)
-        return str(reply.meta.get("status"))
+        return str(self._request(Message(BUNDLE, meta)).meta.get("status"))
+
+    def _request(self, message: Message) -> Message:
+        deadline = time.monotonic() + self.retry_timeout_s
+        delay_s = _FIRST_RETRY_DELAY_S
+        while True:
+            try:
+                return self._rpc.request(message, timeout_s=self.timeout_s)
+            except (ShardUnavailableError, ShardTimeoutError) as e:
+                if self._closing.is_set() or time.monotonic() + delay_s > deadline:
+                    raise CoordinatorUnavailableError(
+                        f"{e} (gave up after retrying for {self.retry_timeout_s:g}s)"
+                    ) from e
+                logger.warning("%s; retrying in %.2fs", e, delay_s)
+                self._closing.wait(delay_s)
+                delay_s = min(delay_s * 2, _MAX_RETRY_DELAY_S)
 
     def close(self) -> None:
+        """Drop the connection (the coordinator takes this life as lost); no more retries."""
+        self._closing.set()
         self._rpc.close()
 
 

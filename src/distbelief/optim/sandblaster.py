@@ -155,7 +155,8 @@ class SandblasterWorker:
         """Work until told to stop; returns :attr:`figures`.
 
         Raises:
-            ShardTimeoutError, ShardUnavailableError: the coordinator or a shard did not answer.
+            CoordinatorUnavailableError: the coordinator did not answer.
+            ShardTimeoutError, ShardUnavailableError: a shard did not answer.
             RemoteError: a request was refused (the message says why).
             ValueError: the coordinator's batch plan does not fit the data set.
         """
@@ -304,7 +305,8 @@ def run_sandblaster_worker(
         The worker's figures (see ``SandblasterWorker.figures``) and ``rank``.
 
     Raises:
-        ShardTimeoutError, ShardUnavailableError: a shard or the coordinator did not answer.
+        CoordinatorUnavailableError: the coordinator did not answer.
+        ShardTimeoutError, ShardUnavailableError: a shard did not answer.
         ModelMismatchError: the shards hold another model.
         ValueError: bad arguments, or the coordinator's batch does not fit ``dataset``.
     """
@@ -326,7 +328,11 @@ def run_sandblaster_worker(
         security=security,
     )
     coordinator = CoordinatorClient(
-        coordinator_address, f"worker{rank}", timeout_s=timeout_s, security=security
+        coordinator_address,
+        f"worker{rank}",
+        timeout_s=timeout_s,
+        retry_timeout_s=retry_timeout_s,
+        security=security,
     )
     try:
         client.handshake(None)

@@ -97,7 +97,7 @@ class CoordinatorService:
         with self._connections_changed:
             self._connections_changed.notify_all()
 
-    def commit(self, worker: str, evaluation: int, bundle: str) -> bool:
+    def commit_bundle(self, worker: str, evaluation: int, bundle: str) -> bool:
         """Commit a claimed bundle on the shards; False (the evaluation fails) if that fails."""
         try:
             with self._commit_lock:
@@ -267,6 +267,6 @@ class WorkerConnection:
                 f"got {bundle!r}"
             )
         status = self.scheduler.claim_bundle(worker, evaluation, bundle, portions)
-        if status == ACCEPTED and not self.service.commit(worker, evaluation, bundle):
+        if status == ACCEPTED and not self.service.commit_bundle(worker, evaluation, bundle):
             status = REFUSED
         return request.reply({"status": status})

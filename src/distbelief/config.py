@@ -19,7 +19,13 @@ MODEL_NAMES = ("lenet", "alexnet", "mlp")
 DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic")
 SERVER_OPTIMIZER_NAMES = ("sgd", "momentum", "adagrad", "adam")
 STALENESS_POLICIES = ("none", "scale", "dc-asgd")
+ALGORITHMS = ("downpour", "sandblaster")
+LINE_SEARCHES = ("strong-wolfe", "fixed")
 DEFAULT_EPOCHS = 15
+DEFAULT_MINIBATCH_SIZE = 32
+"""Downpour's mini-batch when no batch size is given."""
+PORTIONS_PER_WORKER = 10
+"""Sandblaster's portions per worker when no number of portions is given."""
 """Passes over each worker's slice when neither steps nor epochs is given."""
 
 
@@ -91,16 +97,21 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OptimizerConfig:
-    """The workers' side of Downpour SGD: local steps, and how often they push and pull."""
+    """The training algorithm, and the workers' side of Downpour SGD: local steps, and how often
+    they push and pull."""
 
+    algorithm: str = field(default="downpour", metadata={"choices": ALGORITHMS})
+    """downpour (asynchronous SGD, Dean et al. 2012 section 4.1) or sandblaster (batch L-BFGS
+    driven by a coordinator, section 4.2; see the sandblaster section)."""
     lr: float = 0.05
     """Worker (local) learning rate."""
     n_push: int = 1
     """Push the accrued gradient every N steps (n_push in Dean et al. 2012)."""
     n_pull: int = 1
     """Fetch fresh parameters every N steps (n_fetch in Dean et al. 2012)."""
-    batch_size: int = 32
-    """Mini-batch size of one worker step."""
+    batch_size: int | None = None
+    """Examples per step: Downpour's mini-batch (default 32); Sandblaster's batch of every
+    evaluation, a fixed seeded sample of the training set (default: all of it)."""
     steps: int | None = None
     """Steps per worker; exclusive with epochs."""
     epochs: int | None = None
@@ -113,7 +124,10 @@ class OptimizerConfig:
     first N pushes; the others then start from the shards' parameters."""
 
     def __post_init__(self) -> None:
-        _require_counts(self, "n_push", "n_pull", "batch_size")
+        _require_choice(self, "algorithm")
+        _require_counts(self, "n_push", "n_pull")
+        batch_size = self.batch_size
+        _require(batch_size is None or batch_size >= 1, "batch_size", batch_size, ">= 1")
         _require(self.lr >= 0, "lr", self.lr, ">= 0")
         if self.steps is not None and self.epochs is not None:
             raise ConfigFieldError("epochs", f"cannot be given with steps, got {self.epochs!r}")
@@ -121,6 +135,11 @@ class OptimizerConfig:
             value = getattr(self, name)
             _require(value is None or value >= 1, name, value, "an integer >= 1")
         _require(self.warmstart_steps >= 0, "warmstart_steps", self.warmstart_steps, ">= 0")
+
+    @property
+    def minibatch_size(self) -> int:
+        """Downpour's mini-batch size."""
+        return self.batch_size if self.batch_size is not None else DEFAULT_MINIBATCH_SIZE
 
     @property
     def num_epochs(self) -> int:
@@ -210,6 +229,41 @@ class ConsistencyConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class SandblasterConfig:
+    """Sandblaster L-BFGS (Dean et al. 2012, section 4.2): a coordinator runs L-BFGS on the
+    shards' vectors; workers compute each evaluation's batch gradient in portions."""
+
+    history: int = 10
+    """Pairs (s, y) L-BFGS keeps on the shards (m, its history size)."""
+    portions: int | None = None
+    """Pieces each evaluation's batch is cut into, handed to whichever worker is free
+    (default: 10 per worker)."""
+    line_search: str = field(default="strong-wolfe", metadata={"choices": LINE_SEARCHES})
+    """strong-wolfe (torch's line search), or fixed (every step is step_size)."""
+    max_iterations: int = 20
+    """L-BFGS iterations (fewer when it converges first)."""
+    step_size: float = 1.0
+    """The fixed step, or the line search's first trial step (torch's lr of LBFGS)."""
+    portions_per_push: int = 2
+    """A worker pushes the gradient sum of its finished portions every N portions (and when
+    it runs out of work)."""
+    backup_tasks: bool = True
+    """Near the end of an evaluation, idle workers also get the unfinished portions; the
+    first answer counts."""
+
+    def __post_init__(self) -> None:
+        _require_counts(self, "history", "max_iterations", "portions_per_push")
+        portions = self.portions
+        _require(portions is None or portions >= 1, "portions", portions, "an integer >= 1")
+        _require_choice(self, "line_search")
+        _require(self.step_size > 0, "step_size", self.step_size, "> 0")
+
+    def num_portions(self, num_workers: int) -> int:
+        """Portions per evaluation for ``num_workers`` workers."""
+        return self.portions if self.portions is not None else PORTIONS_PER_WORKER * num_workers
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class FaultsConfig:
     """How long to wait for a peer, and how often to bring a dead process back."""
 
@@ -262,6 +316,8 @@ class JobConfig:
     """The shards' update rule and checkpoints."""
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     """The shards' consistency model."""
+    sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
+    """Sandblaster L-BFGS."""
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     """Timeouts, retries and restarts."""
     reporting: ReportingConfig = field(default_factory=ReportingConfig)
@@ -274,6 +330,12 @@ class JobConfig:
             raise ConfigFieldError(
                 "consistency.backup_workers",
                 f"must be < the number of workers ({num_workers}), got {backup_workers}",
+            )
+        portions, batch_size = self.sandblaster.portions, self.optimizer.batch_size
+        if portions is not None and batch_size is not None and portions > batch_size:
+            raise ConfigFieldError(
+                "sandblaster.portions",
+                f"must be <= the batch size ({batch_size}), got {portions}",
             )
         if self.optimizer.warmstart_steps and self.consistency.sync:
             raise ConfigFieldError(

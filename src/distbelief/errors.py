@@ -40,6 +40,11 @@ class LayoutMismatchError(ModelMismatchError):
     partitioner); the message names both descriptions."""
 
 
+class EvaluationNotOpenError(RemoteError):
+    """A gradient bundle was pushed for a Sandblaster evaluation that the shard does not have
+    open (closed already, or not opened yet): the pusher's work is not needed for it."""
+
+
 class ConsistencyMismatchError(PSError):
     """The shards of one model run different consistency settings (sync rounds, SSP bound,
     staleness policy, ...); the message names the shards and the setting."""

@@ -56,6 +56,14 @@ EXPECTED = {
         "--eval-every": "reporting.eval_every_s",
         "--no-eval": "reporting.eval_during_training",
         "--resume": "resume",
+        "--algorithm": "optimizer.algorithm",
+        "--history": "sandblaster.history",
+        "--portions": "sandblaster.portions",
+        "--line-search": "sandblaster.line_search",
+        "--max-iterations": "sandblaster.max_iterations",
+        "--step-size": "sandblaster.step_size",
+        "--portions-per-push": "sandblaster.portions_per_push",
+        "--no-backup-tasks": "sandblaster.backup_tasks",
     },
     "ps": SERVER
     | {
@@ -150,6 +158,9 @@ def test_every_train_flag_reaches_its_field():
         *("--dc-lambda", "0.1", "--liveness-timeout", "6", "--timeout", "11"),
         *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
         *("--eval-every", "0.5", "--no-eval"),
+        *("--algorithm", "sandblaster", "--history", "4", "--portions", "7"),
+        *("--line-search", "fixed", "--max-iterations", "3", "--step-size", "0.5"),
+        *("--portions-per-push", "3", "--no-backup-tasks"),
     ]
     fields = config_from_args(parse_args(argv)).to_fields()
     defaults = JobConfig().to_fields()

@@ -57,8 +57,8 @@ def test_unknown_field_is_named() -> None:
 
 
 def test_unknown_role_is_named() -> None:
-    with pytest.raises(ValueError, match="coordinator"):
-        make_record("coordinator", 0, time_s=0.0)
+    with pytest.raises(ValueError, match="supervisor"):
+        make_record("supervisor", 0, time_s=0.0)
 
 
 @pytest.mark.parametrize("bad", [{"step": 1.5}, {"loss": "low"}, {"accuracy": True}])
@@ -127,3 +127,35 @@ def test_a_file_from_before_the_shard_columns_still_reads(tmp_path) -> None:
     (record,) = read_metrics(path)
     assert tuple(record) == METRIC_FIELDS
     assert record["step"] == 10 and record["loss"] == 2.0 and record["pushes_per_s"] is None
+
+
+def test_append_to_a_file_of_an_earlier_layout_rewrites_it_in_this_one(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    earlier = METRIC_FIELDS[:16]
+    row = ["1.5", "worker", "0", "3"] + [""] * (len(earlier) - 4)
+    path.write_text(",".join(earlier) + "\n" + ",".join(row) + "\n", encoding="utf-8")
+    first, *_ = _records()
+    with MetricsWriter(path, append=True) as writer:
+        writer.write(first)
+    header = path.read_text(encoding="utf-8").splitlines()[0]
+    assert header == ",".join(METRIC_FIELDS)
+    rows = read_metrics(path)
+    assert (rows[0]["time_s"], rows[0]["step"], rows[0]["portions"]) == (1.5, 3, None)
+    assert rows[1] == first
+
+
+def test_coordinator_records_carry_the_iteration_figures() -> None:
+    record = make_record(
+        "coordinator",
+        0,
+        time_s=2.0,
+        step=4,
+        loss=0.5,
+        grad_norm=0.1,
+        step_size=1.0,
+        evaluations=2,
+        portions=40,
+        backups=3,
+        backups_won=1,
+    )
+    assert (record["role"], record["evaluations"], record["backups_won"]) == ("coordinator", 2, 1)

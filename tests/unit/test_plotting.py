@@ -19,6 +19,7 @@ from distbelief.plots import (
     run_title,
     total_rate,
 )
+from distbelief.plots.run import batch_size_of
 from distbelief.telemetry import MetricsWriter, make_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -112,7 +113,7 @@ def test_sectioned_and_flat_config_json_read_the_same(tmp_path: Path) -> None:
     (sectioned_dir / "config.json").write_text(job.to_json(), encoding="utf-8")
     sectioned = load_run(sectioned_dir).config
     assert run_title(flat, "x") == run_title(sectioned, "x") == "mlp on mnist, 2 workers, 2 shards"
-    assert sectioned["optimizer.batch_size"] == 32
+    assert batch_size_of(sectioned) == 32  # the default mini-batch
 
 
 def _run_data(name: str, **config: object) -> RunData:

@@ -119,8 +119,8 @@ def test_bad_arguments_are_named(kwargs: dict[str, float], name: str) -> None:
 
 def test_unknown_role_is_rejected() -> None:
     display = ProgressDisplay(total_steps=1, num_workers=1, interactive=False, stream=io.StringIO())
-    with pytest.raises(ValueError, match="coordinator"):
-        display.write({"role": "coordinator", "rank": 0, "time_s": 0.0})
+    with pytest.raises(ValueError, match="supervisor"):
+        display.write({"role": "supervisor", "rank": 0, "time_s": 0.0})
 
 
 def _shard_record(shard_id: int, time_s: float) -> dict:
@@ -162,3 +162,16 @@ def test_interactive_mode_shows_a_shard_table() -> None:
         display.write(_shard_record(0, 0.5))
     text = stream.getvalue()
     assert "pushes/s" in text and "MB/s" in text and "2.50" in text
+
+
+def test_a_sandblaster_run_counts_iterations_and_shows_the_lbfgs_figures() -> None:
+    stream = io.StringIO()
+    display = ProgressDisplay(
+        total_steps=10, num_workers=2, interactive=False, stream=stream, log_every_s=0.0
+    )
+    with display:
+        display.write(make_record("worker", 0, time_s=1.0, step=3, portions=7))
+        display.write(make_record("coordinator", 0, time_s=1.0, step=3, loss=0.25, grad_norm=0.5))
+    line = stream.getvalue().strip().splitlines()[-1]
+    assert "steps=3/10" in line
+    assert "lbfgs.iteration=3 lbfgs.loss=0.25 lbfgs.grad_norm=0.5" in line

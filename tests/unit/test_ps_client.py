@@ -8,7 +8,7 @@ import torch
 
 from distbelief.client import ParameterServerClient
 from distbelief.sharding import FlatLayout, tensor_specs
-from distbelief.wire import Op, ops
+from distbelief.wire import Message, Op, ops
 
 SPECS = tensor_specs([("w", torch.zeros(6)), ("b", torch.zeros(2))])
 
@@ -105,3 +105,17 @@ def test_close_without_waiting_cancels_queued_requests():
     assert client.wait(running) == [1]
     with pytest.raises(RuntimeError, match="closed"):
         client.push(flats, clock=3)
+
+
+def test_request_each_needs_one_distinct_message_per_shard():
+    client = ParameterServerClient(
+        ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], SPECS, timeout_s=5, retry_timeout_s=0
+    )
+    try:
+        message = Message(ops.STATS)
+        with pytest.raises(ValueError, match="2 shards need one distinct message"):
+            client.request_each([message, message])  # a transport numbers what it sends
+        with pytest.raises(ValueError, match="2 shards need one distinct message"):
+            client.request_each([message])
+    finally:
+        client.close()

@@ -46,8 +46,8 @@ def test_scalar_tags_per_role() -> None:
 
 
 def test_unknown_role_is_rejected() -> None:
-    with pytest.raises(ValueError, match="coordinator"):
-        scalar_tags({"role": "coordinator", "rank": 0, "time_s": 0.0})
+    with pytest.raises(ValueError, match="supervisor"):
+        scalar_tags({"role": "supervisor", "rank": 0, "time_s": 0.0})
 
 
 def test_records_read_back_from_event_files(tmp_path: Path) -> None:

@@ -411,6 +411,21 @@ class ParameterServerClient:
             cached = self._slice_cache[id(flats)] = (flats, identity, views)
         return list(cached[2][shard_id])
 
+    def request_each(self, messages: Sequence[Message], sinks: Sequence | None = None) -> list:
+        """Send ``messages[i]`` (distinct: each is numbered as sent) to shard i, reply tensors into
+        ``sinks[i]``, every shard at once through the lanes with retries; returns the replies.
+
+        Raises:
+            ValueError: not one distinct message (and sink) per shard.
+            RemoteError: a shard refused its request (the first refusal).
+            ShardUnavailableError / ShardTimeoutError: as :meth:`wait`.
+        """
+        distinct = len({id(m) for m in messages}) == len(messages) == self.num_shards
+        if not distinct or (sinks and len(sinks) != len(messages)):
+            raise ValueError(f"{self.num_shards} shards need one distinct message (and sink) each")
+        arguments = [(message, sinks[i] if sinks else None) for i, message in enumerate(messages)]
+        return self.wait(self._submit_all(self._request, arguments, now=True))
+
     def push(
         self,
         flat_grads: dict[torch.dtype, torch.Tensor],

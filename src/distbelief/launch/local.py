@@ -18,7 +18,7 @@ from distbelief.errors import ChildFailedError
 from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
 from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
 from distbelief.launch.entry import ROLE_MODULES, run_role
-from distbelief.launch.rundir import write_json_atomic
+from distbelief.launch.rundir import write_text_atomic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -126,7 +126,7 @@ class LocalCluster:
         writer.close()  # the child holds its end now; EOF here means the child is gone
         self.events.add(reader)
         self.processes[spec.name] = (spec, process)
-        write_json_atomic(
+        write_text_atomic(
             self.run_dir / "pids.json",
             json.dumps({n: p.pid for n, (_, p) in self.processes.items()}, indent=1),
         )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
+
+from distbelief.files import write_text_atomic
+
+__all__ = ["prepare_run_dir", "run_dir_path", "write_text_atomic"]
 
 
 def run_dir_path(out_dir: str) -> Path:
@@ -20,17 +22,3 @@ def prepare_run_dir(out_dir: str) -> Path:
         raise ValueError(f"--out {path}: exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def write_json_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -21,7 +21,7 @@ from distbelief import plots, telemetry
 from distbelief.errors import ConfigFieldError, LauncherInterrupted
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
 from distbelief.launch.local import LocalCluster
-from distbelief.launch.rundir import prepare_run_dir, write_json_atomic
+from distbelief.launch.rundir import prepare_run_dir, write_text_atomic
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -67,7 +67,7 @@ def _planned_steps(config: JobConfig) -> list[int]:
         )
         steps = [
             len(worker_indices(len(train_set), rank, config.cluster.num_workers))
-            // config.optimizer.batch_size
+            // config.optimizer.minibatch_size
             * config.optimizer.num_epochs
             for rank in range(config.cluster.num_workers)
         ]
@@ -137,7 +137,7 @@ def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
     if has_checkpoints and not resume:
         raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
     config = config.with_fields({"reporting.out_dir": str(run_dir)})
-    write_json_atomic(run_dir / "config.json", config.to_json())
+    write_text_atomic(run_dir / "config.json", config.to_json())
     return config, run_dir
 
 
@@ -203,8 +203,8 @@ def train(
         raise LauncherInterrupted("stopped by Ctrl-C") from e
     finally:
         signal.signal(signal.SIGTERM, previous)
-    write_json_atomic(run_dir / "summary.json", _summary_json(result))
-    write_json_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
+    write_text_atomic(run_dir / "summary.json", _summary_json(result))
+    write_text_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
     plots.plot_run(run_dir)  # the first use of matplotlib: after training
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result

@@ -22,7 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from distbelief.config import dotted_fields
+from distbelief.config import DEFAULT_MINIBATCH_SIZE, dotted_fields
 from distbelief.telemetry.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -203,8 +203,11 @@ def style_axes(axes: Axes, y_label: str, title: str, *, has_data: bool) -> None:
 
 
 def batch_size_of(config: dict[str, Any]) -> int | None:
-    """The run's batch size from its config, if it has a positive integer one."""
-    value = config.get("optimizer.batch_size")
+    """A Downpour run's mini-batch size from its config (its default when none was given)."""
+    if config.get("optimizer.algorithm", "downpour") != "downpour":
+        return None
+    value = config.get("optimizer.batch_size", DEFAULT_MINIBATCH_SIZE)
+    value = DEFAULT_MINIBATCH_SIZE if value is None else value
     return value if isinstance(value, int) and value > 0 else None
 
 

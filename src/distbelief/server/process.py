@@ -37,7 +37,8 @@ def serve_shard(
     num_workers: int = 1,
     security: WireSecurity | None = None,
     checkpoint_dir: str | None = None,
-    checkpoint_every_s: float = 30.0,
+    checkpoint_every_s: float | None = 30.0,
+    restore_from: str | None = None,
     partitioner: Partitioner | None = None,
     emit: Emit,
     stop: StopFlag | None = None,
@@ -46,7 +47,11 @@ def serve_shard(
     """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
 
     With ``checkpoint_dir`` the shard first restores its last checkpoint from there (if any),
-    saves every ``checkpoint_every_s`` seconds and once more on the way out. A synchronous
+    saves every ``checkpoint_every_s`` seconds and once more on the way out, and saves into
+    ``checkpoint_dir/TAG/`` when a vector program asks for checkpoint TAG.
+    ``checkpoint_every_s`` None: no saves but those (Sandblaster's coordinator decides when
+    every shard is at the same point), and ``restore_from`` names the folder to restore from
+    (default: ``checkpoint_dir``). A synchronous
     round expects ``num_workers`` gradients. ``partitioner``: which slices the shard owns
     (default: flat); its clients must use an equal one. Emits "ready" once listening and a
     "heartbeat" with its version every quarter second.
@@ -72,13 +77,13 @@ def serve_shard(
             partitioner=partitioner,
             num_workers=num_workers,
         )
-    restored = _restore(shard, checkpoint_dir)
+    restored = _restore(shard, restore_from if restore_from is not None else checkpoint_dir)
     checkpointer = None
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and checkpoint_every_s is not None:
         checkpointer = Checkpointer(shard, checkpoint_dir, checkpoint_every_s)
         checkpointer.saved_version = restored
         checkpointer.start()
-    server = serve(bind, ShardService(shard), security=security)
+    server = serve(bind, ShardService(shard, checkpoint_dir=checkpoint_dir), security=security)
     emit("ready", {"shard_id": shard_id, "address": server.address, "restored_version": restored})
     logger.info("shard %d of %d serving at %s", shard_id, num_shards, server.address)
     try:
@@ -106,11 +111,13 @@ def serve_job_shard(
     *,
     security: WireSecurity | None,
     checkpoint_dir: str | None,
+    restore_from: str | None = None,
     emit: Emit,
     stop: StopFlag | None = None,
 ) -> dict:
     """``serve_shard`` for shard ``shard_id`` of the job ``config`` describes (its server,
-    consistency and cluster sections): what the launcher's shards and ``distbelief ps`` run."""
+    consistency and cluster sections): what the launcher's shards and ``distbelief ps`` run.
+    ``restore_from``: the folder to restore from, if not ``checkpoint_dir``."""
     return serve_shard(
         shard_id,
         config.cluster.num_shards,
@@ -120,7 +127,11 @@ def serve_job_shard(
         num_workers=config.cluster.num_workers,
         security=security,
         checkpoint_dir=checkpoint_dir,
-        checkpoint_every_s=config.server.checkpoint_every_s,
+        # Sandblaster's shards save when the coordinator says (all at the same iteration).
+        checkpoint_every_s=None
+        if config.optimizer.algorithm == "sandblaster"
+        else config.server.checkpoint_every_s,
+        restore_from=restore_from,
         emit=emit,
         stop=stop,
     )

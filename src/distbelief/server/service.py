@@ -1,7 +1,8 @@
 """The shard's request loop logic: decode a request, call the ParameterShard, encode the reply.
 
 Each connection gets reusable receive buffers for pushes and send buffers for pulls, so a shard
-allocates nothing per request once a connection is warm.
+allocates nothing per request once a connection is warm. Sandblaster's ops (vector programs,
+gradient bundles, reads of a named vector) are answered in ``server/vector_service.py``.
 """
 
 from __future__ import annotations
@@ -9,15 +10,27 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+from pathlib import Path
 
 import torch
 
 from distbelief.errors import ProtocolError
 from distbelief.server.shard import ParameterShard
+from distbelief.server.vector_service import VectorHandlers
 from distbelief.sharding import partitioner_from_json, specs_from_json
 from distbelief.wire.framing import Sink
 from distbelief.wire.message import Message
-from distbelief.wire.ops import HELLO, INIT, PULL, PUSH, STATS, OpRegistry
+from distbelief.wire.ops import (
+    ACCUMULATE,
+    HELLO,
+    INIT,
+    PULL,
+    PUSH,
+    READ,
+    STATS,
+    VECTORS,
+    OpRegistry,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +59,16 @@ class ShardService:
 
     ``handlers`` holds the parameter-server ops; a capability adds its own ops' handlers there
     (each gets the connection's ShardConnection) before the service is served.
+
+    Args:
+        shard: The shard to serve.
+        checkpoint_dir: Where a vector program that asks for a checkpoint (``"checkpoint":
+            TAG``) saves the shard: ``<checkpoint_dir>/TAG/``. None: such requests are refused.
     """
 
-    def __init__(self, shard: ParameterShard) -> None:
+    def __init__(self, shard: ParameterShard, checkpoint_dir: str | Path | None = None) -> None:
         self.shard = shard
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.bytes_received = 0
         self.bytes_sent = 0
         self._stats_lock = threading.Lock()
@@ -59,6 +78,11 @@ class ShardService:
         self.handlers.register(PUSH, ShardConnection._push, sink_for=ShardConnection._push_sink_for)
         self.handlers.register(PULL, ShardConnection._pull)
         self.handlers.register(STATS, ShardConnection._stats)
+        self.handlers.register(VECTORS, ShardConnection._vectors)
+        self.handlers.register(
+            ACCUMULATE, ShardConnection._accumulate, sink_for=ShardConnection._accumulate_sink_for
+        )
+        self.handlers.register(READ, ShardConnection._read)
 
     def open_connection(self, peer: str) -> ShardConnection:
         logger.debug("shard %d: connection from %s", self.shard.shard_id, peer)
@@ -70,7 +94,7 @@ class ShardService:
             self.bytes_sent += sent
 
 
-class ShardConnection:
+class ShardConnection(VectorHandlers):
     """Per-connection state: the buffers a push is received into and a pull is sent from."""
 
     def __init__(self, service: ShardService, peer: str) -> None:

@@ -8,13 +8,21 @@ caller combines the shards'. No locking here: the shard runs a program under its
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from distbelief.errors import EvaluationNotOpenError
 from distbelief.server.store import PARAM, ShardStore
-from distbelief.wire.vector_program import ARITY, NAME_MAX_CHARS, Instruction
+from distbelief.wire.vector_program import (
+    ARITY,
+    NAME_MAX_CHARS,
+    Instruction,
+    check_bundle_id,
+    check_vector_name,
+)
 
 MAX_STAGED_BUNDLES = 256
 """Bundles one evaluation may hold uncommitted on a shard (each is a copy of the slices)."""
@@ -32,6 +40,8 @@ class EvaluationAccumulator:
         self.committed: set[str] = set()
 
     def open(self, evaluation: int, target: str) -> None:
+        """Accept pushes for ``evaluation``, summed into vector ``target`` (which the caller
+        has zeroed); an evaluation still open is dropped with what it staged."""
         self.evaluation, self.target = evaluation, target
         self.staged, self.committed = {}, set()
 
@@ -43,13 +53,18 @@ class EvaluationAccumulator:
             )
 
     def stage(self, evaluation: int, bundle: str, grads: Sequence[torch.Tensor]) -> None:
-        """Keep ``grads`` (used, not copied) as bundle ``bundle``; a repeat replaces it.
+        """Keep ``grads`` (used, not copied) as bundle ``bundle``; a repeat replaces it, and a
+        repeat of a bundle already committed changes nothing.
 
         Raises:
-            ValueError: another evaluation is open, the bundle is committed already, or too
-                many bundles are waiting.
+            EvaluationNotOpenError: ``evaluation`` is not the open one.
+            ValueError: too many bundles are waiting.
         """
-        self._require_open(evaluation, f"bundle {bundle!r}")
+        if evaluation != self.evaluation:
+            raise EvaluationNotOpenError(
+                f"bundle {bundle!r} is for evaluation {evaluation}, which is not open on this "
+                f"shard (open: {self.evaluation})"
+            )
         if bundle in self.committed:
             return  # a retried push of a bundle already counted: counted once
         if bundle not in self.staged and len(self.staged) >= MAX_STAGED_BUNDLES:
@@ -57,7 +72,11 @@ class EvaluationAccumulator:
         self.staged[bundle] = list(grads)
 
     def commit(self, evaluation: int, bundle: str, store: ShardStore) -> None:
-        """Add bundle ``bundle`` to the evaluation's vector (once; a repeat is a no-op)."""
+        """Add bundle ``bundle`` to the evaluation's vector (once; a repeat is a no-op).
+
+        Raises:
+            ValueError: ``evaluation`` is not open, or the bundle was not pushed here.
+        """
         self._require_open(evaluation, f"commit of {bundle!r}")
         if bundle in self.committed:
             return
@@ -69,21 +88,26 @@ class EvaluationAccumulator:
         self.committed.add(bundle)
 
     def close(self, evaluation: int) -> None:
+        """Stop accepting pushes for ``evaluation`` and drop its uncommitted bundles.
+
+        Raises:
+            ValueError: ``evaluation`` is not open.
+        """
         self._require_open(evaluation, "close")
         self.evaluation, self.target = None, None
         self.staged = {}
-
-
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= NAME_MAX_CHARS:
-        raise ValueError(f"a vector name must be a string of 1-{NAME_MAX_CHARS} chars: {value!r}")
-    return value
 
 
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {value!r}")
     return float(value)
+
+
+def _value_key(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= NAME_MAX_CHARS:
+        raise ValueError(f"a value key is a string of 1-{NAME_MAX_CHARS} chars, got {value!r}")
+    return value
 
 
 def _integer(value: Any) -> int:
@@ -117,14 +141,14 @@ class VectorExecutor:
         return results
 
     def _vector(self, name: Any) -> list[torch.Tensor]:
-        vector = self.store.find(_name(name))
+        vector = self.store.find(check_vector_name(name))
         if vector is None:
             raise ValueError(f"no vector {name!r} on this shard")
         return vector
 
     def _target(self, name: Any) -> list[torch.Tensor]:
         """The vector ``name``, created (zeros shaped like the slices) if missing."""
-        vector = self.store.find(_name(name))
+        vector = self.store.find(check_vector_name(name))
         return vector if vector is not None else self.store.add(name)
 
     def _run_one(self, instruction: Any, results: list[Any]) -> None:
@@ -173,31 +197,38 @@ class VectorExecutor:
     def _drop(self, name, *, results) -> None:
         if name == PARAM:
             raise ValueError("the parameters cannot be dropped")
-        self.store.remove(_name(name))
+        if name == self.accumulator.target:
+            raise ValueError(f"{name!r} sums the open evaluation {self.accumulator.evaluation}")
+        self.store.remove(check_vector_name(name))
 
     def _dot(self, a, b, *, results) -> None:
         first, second = self._vector(a), self._vector(b)
         results.append(sum(float(torch.dot(x, y)) for x, y in zip(first, second, strict=True)))
 
     def _max_abs(self, a, *, results) -> None:
-        vector = self._vector(a)
-        results.append(max((float(t.abs().max()) for t in vector if t.numel()), default=0.0))
+        maxima = [float(t.abs().max()) for t in self._vector(a) if t.numel()]
+        if any(math.isnan(value) for value in maxima):
+            results.append(math.nan)  # as torch's max: a NaN anywhere is the answer
+        else:
+            results.append(max(maxima, default=0.0))
 
     def _abs_sum(self, a, *, results) -> None:
         results.append(sum(float(t.abs().sum()) for t in self._vector(a)))
 
     def _set_value(self, key, value, *, results) -> None:
-        self.store.values[_name(key)] = value
+        self.store.values[_value_key(key)] = value
 
     def _get_value(self, key, *, results) -> None:
-        results.append(self.store.values.get(_name(key)))
+        results.append(self.store.values.get(_value_key(key)))
 
     def _open_evaluation(self, evaluation, dst, *, results) -> None:
+        if dst == PARAM:
+            raise ValueError("an evaluation cannot sum into the parameters")
         torch._foreach_zero_(self._target(dst))
         self.accumulator.open(_integer(evaluation), dst)
 
     def _commit(self, evaluation, bundle, *, results) -> None:
-        self.accumulator.commit(_integer(evaluation), _name(bundle), self.store)
+        self.accumulator.commit(_integer(evaluation), check_bundle_id(bundle), self.store)
 
     def _close_evaluation(self, evaluation, *, results) -> None:
         self.accumulator.close(_integer(evaluation))

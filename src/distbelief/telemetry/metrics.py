@@ -7,9 +7,11 @@ run's CSV ``Sink``). It knows nothing about training, plotting or the terminal.
 from __future__ import annotations
 
 import csv
+import io
 import numbers
 from pathlib import Path
 
+from distbelief.files import write_text_atomic
 from distbelief.telemetry.sink import ClosedOnExit
 
 METRIC_FIELDS = (
@@ -29,21 +31,44 @@ METRIC_FIELDS = (
     "bytes_pulled",
     "latency_p50_ms",
     "latency_p99_ms",
+    "grad_norm",
+    "step_size",
+    "evaluations",
+    "portions",
+    "backups",
+    "backups_won",
 )
 """The CSV columns, in order. ``time_s`` is seconds since the run started; ``staleness`` is
 the mean staleness of a worker's pushes (or of a shard's received pushes) since its previous
 record; ``pushes_per_s`` and ``bytes_per_s`` (received plus sent) are a shard's rates since its
 previous record; ``bytes_pushed``, ``bytes_pulled`` and the request latency percentiles
-``latency_p50_ms`` / ``latency_p99_ms`` are a worker's wire figures since its previous record."""
+``latency_p50_ms`` / ``latency_p99_ms`` are a worker's wire figures since its previous record.
+Sandblaster's coordinator writes one record per L-BFGS iteration (``step``: the iteration;
+``loss``, ``grad_norm`` and ``step_size``; ``evaluations`` of the objective; ``portions``
+committed; ``backups`` handed out and ``backups_won``), and one per worker with its committed
+``portions`` of the iteration."""
 
-_OLDER_HEADERS = (METRIC_FIELDS[:10], METRIC_FIELDS[:12])
+_OLDER_HEADERS = (METRIC_FIELDS[:10], METRIC_FIELDS[:12], METRIC_FIELDS[:16])
 """Headers of earlier versions of ``metrics.csv``, still readable; their missing columns read
 as ``None``."""
 
-ROLES = ("worker", "evaluator", "shard")
-"""Who wrote a record. ``rank`` is the worker rank or shard id; the evaluator uses rank 0."""
+ROLES = ("worker", "evaluator", "shard", "coordinator")
+"""Who wrote a record. ``rank`` is the worker rank or shard id; the evaluator and the
+coordinator use rank 0."""
 
-_INT_FIELDS = frozenset({"rank", "step", "version", "bytes_pushed", "bytes_pulled"})
+_INT_FIELDS = frozenset(
+    {
+        "rank",
+        "step",
+        "version",
+        "bytes_pushed",
+        "bytes_pulled",
+        "evaluations",
+        "portions",
+        "backups",
+        "backups_won",
+    }
+)
 
 
 def _check_role(role: object) -> str:
@@ -166,10 +191,21 @@ class MetricsWriter(ClosedOnExit):
 
 
 def _check_header_for_append(path: Path) -> None:
+    """Refuses a file of another layout; a file of an earlier layout is rewritten in this one
+    first (its rows keep their cells, the newer columns are empty), atomically."""
     with path.open(newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
-    if tuple(header) != METRIC_FIELDS:
+        rows = list(csv.reader(f))
+    header = tuple(rows[0]) if rows else ()
+    if header == METRIC_FIELDS:
+        return
+    if header not in _OLDER_HEADERS:
         raise ValueError(f"{path}: cannot append, its header {header} is not {list(METRIC_FIELDS)}")
+    padding = [""] * (len(METRIC_FIELDS) - len(header))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(METRIC_FIELDS)
+    writer.writerows(row + padding for row in rows[1:])
+    write_text_atomic(path, buffer.getvalue())
 
 
 def _parse_cell(path: Path, line_no: int, name: str, text: str) -> object:

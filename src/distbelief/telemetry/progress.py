@@ -84,6 +84,10 @@ class _RunState:
     test_accuracy: float | None = None
     test_loss: float | None = None
     version: int | None = None
+    iteration: int | None = None
+    """Sandblaster: the coordinator's last L-BFGS iteration (None in a Downpour run)."""
+    iteration_loss: float | None = None
+    grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         # Workers that have not reported yet still show up, at step 0.
@@ -107,8 +111,15 @@ class _RunState:
             self.test_accuracy = record.get("test_accuracy")
             self.test_loss = record.get("test_loss")
             self.version = record.get("version")
+        elif record["role"] == "coordinator":
+            self.iteration = record.get("step")
+            self.iteration_loss = record.get("loss")
+            self.grad_norm = record.get("grad_norm")
 
     def steps_done(self) -> int:
+        """Workers' steps summed; in a Sandblaster run, the coordinator's iterations."""
+        if self.iteration is not None:
+            return self.iteration
         return sum(worker.step for worker in self.workers.values())
 
     def eta_s(self) -> float | None:
@@ -137,6 +148,11 @@ def _progress_line(state: _RunState) -> str:
             parts.append(f"worker{rank}.loss={worker.loss:.4g}")
         if worker.accuracy is not None:
             parts.append(f"worker{rank}.acc={worker.accuracy:.4f}")
+    if state.iteration is not None:
+        parts.append(f"lbfgs.iteration={state.iteration}")
+        for key, value in (("loss", state.iteration_loss), ("grad_norm", state.grad_norm)):
+            if value is not None:
+                parts.append(f"lbfgs.{key}={value:.4g}")
     if state.test_accuracy is not None:
         parts.append(f"ps.test_acc={state.test_accuracy:.4f}")
     for shard_id, shard in state.shards.items():
@@ -217,9 +233,15 @@ class _Dashboard:
 
     def _ps_line(self) -> str:
         state = self._state
+        lbfgs = ""
+        if state.iteration is not None:
+            lbfgs = (
+                f"L-BFGS iteration {state.iteration}: loss {_fmt(state.iteration_loss, '.4g')}, "
+                f"gradient norm {_fmt(state.grad_norm, '.3g')}\n"
+            )
         if state.test_accuracy is None:
-            return "PS test accuracy: waiting for the evaluator"
-        return (
+            return lbfgs + "PS test accuracy: waiting for the evaluator"
+        return lbfgs + (
             f"PS test accuracy {state.test_accuracy:.4f} "
             f"(test loss {_fmt(state.test_loss, '.4g')}, version {state.version})"
         )

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from distbelief.errors import LayoutMismatchError, ModelMismatchError, PSError, RemoteError
+from distbelief.errors import (
+    EvaluationNotOpenError,
+    LayoutMismatchError,
+    ModelMismatchError,
+    PSError,
+    RemoteError,
+)
 
 
 class ErrorKind(NamedTuple):
@@ -24,6 +30,7 @@ class ErrorKind(NamedTuple):
 ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("layout_mismatch", (LayoutMismatchError,), LayoutMismatchError),
     ErrorKind("model_mismatch", (ModelMismatchError,), ModelMismatchError),
+    ErrorKind("evaluation_not_open", (EvaluationNotOpenError,), EvaluationNotOpenError),
     ErrorKind("bad_request", (ValueError, PSError), RemoteError),
 )
 """The first kind whose ``sent_for`` matches wins: list a subclass before its base."""

@@ -11,6 +11,7 @@ on; it runs nothing (``server/vectors.py`` does).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +48,46 @@ REDUCTIONS: dict[str, str] = {
 
 NAME_MAX_CHARS = 64
 """Longest vector name a program may use."""
+
+VECTOR_NAME = re.compile(r"[A-Za-z0-9_-]+")
+"""What a program's vector and value names are made of: dotted names are the shard's own
+buffers (optimizer state, a consistency policy's copies), which no program may touch."""
+
+BUNDLE_MAX_CHARS = 128
+"""Longest gradient bundle id (``"<worker id>-<session>-<n>"``)."""
+
+CHECKPOINT_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A checkpoint tag: one plain folder name (``lbfgs-000012``), never a path."""
+
+
+def check_vector_name(value: object) -> str:
+    """``value`` if it is a valid vector (or value) name, else a ValueError naming it."""
+    if (
+        not isinstance(value, str)
+        or len(value) > NAME_MAX_CHARS
+        or not VECTOR_NAME.fullmatch(value)
+    ):
+        raise ValueError(
+            f"a vector name is 1-{NAME_MAX_CHARS} letters, digits, '_' or '-', got {value!r}"
+        )
+    return value
+
+
+def check_bundle_id(value: object) -> str:
+    """``value`` if it is a valid gradient bundle id, else a ValueError naming it."""
+    if not isinstance(value, str) or not 0 < len(value) <= BUNDLE_MAX_CHARS:
+        raise ValueError(f"a bundle id is a string of 1-{BUNDLE_MAX_CHARS} chars, got {value!r}")
+    return value
+
+
+def check_checkpoint_tag(value: object) -> str:
+    """``value`` if it is a valid checkpoint tag (a plain folder name), else a ValueError."""
+    if not isinstance(value, str) or not CHECKPOINT_TAG.fullmatch(value):
+        raise ValueError(
+            "a checkpoint tag is a plain folder name (letters, digits, '_', '-', '.', not "
+            f"starting with '.'; at most 64 chars), got {value!r}"
+        )
+    return value
 
 
 class Program:
@@ -153,9 +194,21 @@ def combine_partials(
     for index, kind in enumerate(kinds):
         values = [partials[index] for partials in per_shard]
         if kind == "sum":
-            combined.append(math.fsum(float(value) for value in values))
+            combined.append(_sum([float(value) for value in values]))
         elif kind == "max":
-            combined.append(max(float(value) for value in values))
+            combined.append(_max([float(value) for value in values]))
         else:
             combined.append(values)
     return combined
+
+
+def _sum(values: list[float]) -> float:
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):  # huge finite partials, or inf + -inf: as floats add
+        return sum(values)
+
+
+def _max(values: list[float]) -> float:
+    # A NaN anywhere is the answer whatever the shard order (Python's max keeps it only first).
+    return math.nan if any(math.isnan(value) for value in values) else max(values)

@@ -31,7 +31,7 @@ def worker_batches(
     steps = 0
     while config.optimizer.steps is not None or epoch < config.optimizer.num_epochs:
         for batch in iterate_batches(
-            dataset, indices, config.optimizer.batch_size, seed=config.model.seed, epoch=epoch
+            dataset, indices, config.optimizer.minibatch_size, seed=config.model.seed, epoch=epoch
         ):
             steps += 1
             if steps > skip:

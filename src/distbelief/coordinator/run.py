@@ -1,0 +1,219 @@
+"""The coordinator's process function: serve the workers, run L-BFGS on the shards' vectors,
+checkpoint every few seconds at an iteration's end, report each iteration, tell the workers to
+stop. Run by the launcher's children; reports through ``emit`` and knows nothing of who started
+it. It holds the model's layout (built on the meta device), never its values.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from distbelief.client import ParameterServerClient
+from distbelief.client.vectors import ShardVectors
+from distbelief.coordinator import checkpoint
+from distbelief.coordinator.batch import BatchPlan
+from distbelief.coordinator.lbfgs import IterationRecord, LBFGSSettings, SandblasterLBFGS
+from distbelief.coordinator.portions import EvaluationOutcome
+from distbelief.coordinator.service import CoordinatorService
+from distbelief.data import load_dataset
+from distbelief.models import build_model
+from distbelief.process import Emit, StopFlag
+from distbelief.sharding import tensor_specs
+from distbelief.telemetry.metrics import make_record
+from distbelief.wire import serve
+from distbelief.wire.vector_program import Program
+
+if TYPE_CHECKING:
+    from distbelief.config import JobConfig
+    from distbelief.wire.security import WireSecurity
+
+logger = logging.getLogger(__name__)
+
+_FINISH_TIMEOUT_S = 10.0
+_WORKER_RANK = re.compile(r"^worker(\d+)-")
+
+
+def batch_plan(config: JobConfig, num_examples: int) -> BatchPlan:
+    """The batch every evaluation of the job uses, over a training set of ``num_examples``."""
+    return BatchPlan(
+        num_examples=num_examples,
+        num_portions=config.sandblaster.num_portions(config.cluster.num_workers),
+        batch_size=config.optimizer.batch_size,
+        seed=config.model.seed,
+    )
+
+
+def lbfgs_settings(config: JobConfig) -> LBFGSSettings:
+    return LBFGSSettings(
+        history_size=config.sandblaster.history,
+        lr=config.sandblaster.step_size,
+        line_search=config.sandblaster.line_search,
+    )
+
+
+class _Reporter:
+    """Turns iterations into metrics records: the coordinator's, and each worker's portions."""
+
+    def __init__(self, emit: Emit, num_workers: int, start_time: float) -> None:
+        self.emit = emit
+        self.num_workers = num_workers
+        self.start_time = start_time
+        self.outcomes: list[EvaluationOutcome] = []
+
+    def iteration(self, record: IterationRecord) -> dict[str, Any]:
+        time_s = time.time() - self.start_time
+        portions = dict.fromkeys(range(self.num_workers), 0)
+        figures = [outcome.figures for outcome in self.outcomes]
+        for item in figures:
+            for life, count in item.portions_by_worker.items():
+                match = _WORKER_RANK.match(life)
+                if match is not None:
+                    rank = int(match.group(1))
+                    portions[rank] = portions.get(rank, 0) + count
+        fields = {
+            "step": record.iteration,
+            "loss": record.loss,
+            "grad_norm": record.grad_norm,
+            "step_size": record.step_size,
+            "evaluations": record.num_evaluations,
+            "portions": sum(portions.values()),
+            "backups": sum(item.backups_issued for item in figures),
+            "backups_won": sum(item.backups_won for item in figures),
+        }
+        self.emit("metric", make_record("coordinator", 0, time_s=time_s, **fields))
+        for rank, count in portions.items():
+            worker = {"step": record.iteration, "portions": count}
+            self.emit("metric", make_record("worker", rank, time_s=time_s, **worker))
+        self.outcomes = []
+        return {**fields, "portions_by_worker": portions}
+
+
+def run_coordinator(
+    config: JobConfig,
+    addresses: Sequence[str],
+    *,
+    bind: str,
+    emit: Emit,
+    stop: StopFlag,
+    checkpoint_dir: str,
+    security: WireSecurity | None = None,
+    start_time: float = 0.0,
+) -> dict[str, Any]:
+    """Serve the workers at ``bind`` and run Sandblaster L-BFGS to its end (the iterations, or
+    convergence), or until ``stop``; resumes from the last checkpoint in ``checkpoint_dir``.
+
+    Emits "ready" (``address``) once the workers can connect, and per iteration a
+    ``coordinator`` metric record and one ``worker`` record per worker (its portions).
+
+    Returns:
+        The iterations run, the last loss, why it stopped, the evaluations.
+
+    Raises:
+        EvaluationStalledError: no portion was finished for the request timeout plus the retry
+            timeout (no live worker).
+        ShardTimeoutError, ShardUnavailableError: a shard did not answer.
+        CheckpointError: the checkpoint to resume from is unreadable.
+    """
+    train_set = load_dataset(
+        config.data.name, split="train", data_dir=config.data.data_dir, download=False
+    )
+    plan = batch_plan(config, len(train_set))
+    with torch.device("meta"):  # the layout only: the values live on the shards
+        model = build_model(config.model.name, train_set.input_shape, train_set.num_classes)
+    client = ParameterServerClient(
+        list(addresses),
+        tensor_specs(model.named_parameters()),
+        timeout_s=config.faults.timeout_s,
+        retry_timeout_s=config.faults.retry_timeout_s,
+        security=security,
+    )
+    vectors = ShardVectors(client)
+
+    def commit(evaluation: int, bundle: str) -> None:
+        program = Program()
+        program.commit(evaluation, bundle)
+        vectors.run(program)
+
+    service = CoordinatorService(
+        plan,
+        commit,
+        max_holders=2 if config.sandblaster.backup_tasks else 1,
+        worker_silence_s=config.faults.timeout_s,
+    )
+    server = serve(bind, service, security=security)
+    emit("ready", {"address": server.address})
+    try:
+        client.handshake(None)  # a worker initialises the shards with the model's values
+        return _optimize(config, vectors, service, emit, stop, checkpoint_dir, start_time)
+    finally:
+        server.stop()
+        client.close(wait=False)
+
+
+def _optimize(
+    config: JobConfig,
+    vectors: ShardVectors,
+    service: CoordinatorService,
+    emit: Emit,
+    stop: StopFlag,
+    checkpoint_dir: str,
+    start_time: float,
+) -> dict[str, Any]:
+    reporter = _Reporter(emit, config.cluster.num_workers, start_time)
+    stall_timeout_s = config.faults.timeout_s + config.faults.retry_timeout_s
+
+    def evaluate(evaluation: int, point: str) -> EvaluationOutcome:
+        outcome = service.evaluate(evaluation, point, timeout_s=stall_timeout_s)
+        reporter.outcomes.append(outcome)
+        return outcome
+
+    lbfgs = SandblasterLBFGS(vectors, evaluate, lbfgs_settings(config))
+    saved = checkpoint.read_record(checkpoint_dir)
+    if saved is not None:
+        lbfgs.load_state_dict(saved["state"])
+        vectors.run(Program(), restore=saved["tag"])  # the shards go back there too
+        logger.info("resumed at iteration %d from %s", lbfgs.state.iteration, saved["tag"])
+        saved_iteration = lbfgs.state.iteration
+    else:
+        reporter.iteration(lbfgs.start())
+        saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
+    emit("started", {"rank": 0, "time": time.time()})
+    last_save_s = time.monotonic()
+    last: dict[str, Any] = {}
+    while (
+        lbfgs.stop_reason is None
+        and lbfgs.state.iteration < config.sandblaster.max_iterations
+        and not stop.is_set()
+    ):
+        last = reporter.iteration(lbfgs.step())
+        if time.monotonic() - last_save_s >= config.server.checkpoint_every_s:
+            saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
+            last_save_s = time.monotonic()
+    if lbfgs.state.iteration != saved_iteration:
+        _save(lbfgs, vectors, checkpoint_dir)
+    untold = service.finish(_FINISH_TIMEOUT_S)
+    if untold:
+        logger.warning("%d worker(s) were not told to stop", untold)
+    state = lbfgs.state
+    return {
+        "iterations": state.iteration,
+        "loss": state.loss,
+        "stop_reason": state.stop_reason or ("stopped" if stop.is_set() else "max_iterations"),
+        "evaluations": state.num_evaluations,
+        "last_iteration": last,
+    }
+
+
+def _save(lbfgs: SandblasterLBFGS, vectors: ShardVectors, checkpoint_dir: str) -> int:
+    """Every shard saves, then the coordinator commits its state; returns the iteration."""
+    iteration = lbfgs.state.iteration
+    tag = checkpoint.checkpoint_tag(iteration)
+    vectors.run(Program(), checkpoint=tag)
+    checkpoint.commit(checkpoint_dir, tag, iteration, lbfgs.state_dict())
+    return iteration

@@ -25,7 +25,7 @@ from distbelief.coordinator.protocol import (
 from distbelief.errors import EvaluationStalledError
 from distbelief.wire.message import Message
 from distbelief.wire.ops import OpRegistry
-from distbelief.wire.vector_program import NAME_MAX_CHARS
+from distbelief.wire.vector_program import BUNDLE_MAX_CHARS, check_vector_name
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ class CoordinatorService:
             EvaluationStalledError: no portion was finished or committed for ``timeout_s``.
             CoordinatorError: committing a bundle on the shards failed.
         """
-        if not isinstance(point, str) or not 0 < len(point) <= NAME_MAX_CHARS:
-            raise ValueError(f"point must be a vector name of 1-{NAME_MAX_CHARS} chars: {point!r}")
+        check_vector_name(point)
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.scheduler.open(evaluation, point)
@@ -260,10 +259,10 @@ class WorkerConnection:
         if (
             not isinstance(bundle, str)
             or not bundle.startswith(f"{worker}-")
-            or len(bundle) > NAME_MAX_CHARS
+            or len(bundle) > BUNDLE_MAX_CHARS
         ):
             raise ValueError(
-                f"bundle must be named {worker}-<n> (at most {NAME_MAX_CHARS} chars), "
+                f"bundle must be named {worker}-<n> (at most {BUNDLE_MAX_CHARS} chars), "
                 f"got {bundle!r}"
             )
         status = self.scheduler.claim_bundle(worker, evaluation, bundle, portions)

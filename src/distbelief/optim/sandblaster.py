@@ -16,16 +16,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from distbelief.client import ParameterServerClient
+from distbelief.client.vectors import ShardVectors
 from distbelief.coordinator.batch import BatchPlan
 from distbelief.coordinator.client import CoordinatorClient, Finished, WorkReply
 from distbelief.coordinator.portions import Task
 from distbelief.coordinator.protocol import ACCEPTED, LOST, WORK_ACTION
 from distbelief.data import ArrayDataset
-from distbelief.errors import ModelMismatchError, RemoteError
+from distbelief.errors import EvaluationNotOpenError
 from distbelief.sharding import FlatLayout, tensor_specs
 
 if TYPE_CHECKING:
-    from distbelief.client.vectors import ShardVectors
     from distbelief.process import Emit
     from distbelief.wire.security import WireSecurity
 
@@ -81,15 +82,6 @@ class PortionInfo:
     num_examples: int
     loss_sum: float
     compute_s: float
-
-
-def _is_closed_evaluation(error: RemoteError) -> bool:
-    """Whether a shard refused a bundle because its evaluation is no longer open (the
-    coordinator gave up on it): the bundle is dropped, the worker goes on."""
-    text = str(error)
-    return not isinstance(error, ModelMismatchError) and (
-        "not open" in text or "open evaluation" in text
-    )
 
 
 class SandblasterWorker:
@@ -216,9 +208,7 @@ class SandblasterWorker:
         self._clear_bundle()
         try:
             self.vectors.push_bundle(evaluation, bundle, self._outbox)
-        except RemoteError as e:
-            if not _is_closed_evaluation(e):
-                raise
+        except EvaluationNotOpenError as e:  # the coordinator gave up on it: not needed
             logger.info("bundle %s dropped: %s", bundle, e)
             return
         status = self.coordinator.bundle_pushed(evaluation, bundle, portions)
@@ -293,13 +283,14 @@ def run_sandblaster_worker(
     portions_per_push: int = 2,
     micro_batch_size: int = 256,
     after_portion: Callable[[PortionInfo], None] | None = None,
-    start_time: float = 0.0,
 ) -> dict[str, int]:
-    """Worker ``rank`` of a Sandblaster job: connect to the shards (waiting until they hold the
-    model) and the coordinator, and compute portions until told to stop.
+    """Worker ``rank`` of a Sandblaster job: connect to the shards (initialising empty ones with
+    ``model``'s values, as the first Downpour worker does) and the coordinator, and compute
+    portions until told to stop.
 
-    Emits "started" (``rank``, ``time``) once connected and a "metric" record (``step``: portions
-    computed, ``loss``, wire figures) after each bundle; ``time_s`` counts from ``start_time``.
+    Emits "started" (``rank``, ``time``) once connected. No "metric" records: the coordinator
+    writes each worker's (its committed portions per iteration), so a worker's row has one
+    meaning of ``step``.
 
     Returns:
         The worker's figures (see ``SandblasterWorker.figures``) and ``rank``.
@@ -310,19 +301,10 @@ def run_sandblaster_worker(
         ModelMismatchError: the shards hold another model.
         ValueError: bad arguments, or the coordinator's batch does not fit ``dataset``.
     """
-    from distbelief.client import ParameterServerClient
-    from distbelief.client.vectors import ShardVectors
-    from distbelief.telemetry.metrics import make_record
-
-    def report(**fields) -> None:
-        if emit is not None:
-            wire = client.take_wire_figures()
-            record = make_record("worker", rank, time_s=time.time() - start_time, **fields, **wire)
-            emit("metric", record)
-
+    specs = tensor_specs(model.named_parameters())
     client = ParameterServerClient(
         list(shard_addresses),
-        tensor_specs(model.named_parameters()),
+        specs,
         timeout_s=timeout_s,
         retry_timeout_s=retry_timeout_s,
         security=security,
@@ -335,7 +317,7 @@ def run_sandblaster_worker(
         security=security,
     )
     try:
-        client.handshake(None)
+        client.handshake(FlatLayout(specs).flatten(list(model.parameters())))
         if emit is not None:
             emit("started", {"rank": rank, "time": time.time()})
         worker = SandblasterWorker(
@@ -346,7 +328,6 @@ def run_sandblaster_worker(
             portions_per_push=portions_per_push,
             micro_batch_size=micro_batch_size,
             max_wait_s=min(2.0, timeout_s / 4),
-            report=report,
             after_portion=after_portion,
         )
         return {"rank": rank, **worker.run()}

@@ -15,7 +15,10 @@ from distbelief.coordinator.batch import BatchPlan
 from distbelief.coordinator.portions import Task
 from distbelief.coordinator.protocol import (
     BUNDLE,
+    LOST_ACTION,
     SESSION_MAX_CHARS,
+    STOP_ACTION,
+    WAIT_ACTION,
     WORK,
     WORK_ACTION,
     WORKER_ID_MAX_CHARS,
@@ -30,7 +33,7 @@ from distbelief.errors import (
 from distbelief.wire import Message, connect
 from distbelief.wire.security import WireSecurity
 
-_ACTIONS = ("work", "wait", "stop", "lost")
+_ACTIONS = (WORK_ACTION, WAIT_ACTION, STOP_ACTION, LOST_ACTION)
 _FIRST_RETRY_DELAY_S = 0.05
 _MAX_RETRY_DELAY_S = 2.0
 logger = logging.getLogger(__name__)

@@ -11,7 +11,17 @@ import time
 from dataclasses import dataclass, field
 
 from distbelief.coordinator.batch import BatchPlan
-from distbelief.coordinator.protocol import ACCEPTED, DUPLICATE, LOST, REFUSED, STALE
+from distbelief.coordinator.protocol import (
+    ACCEPTED,
+    DUPLICATE,
+    LOST,
+    LOST_ACTION,
+    REFUSED,
+    STALE,
+    STOP_ACTION,
+    WAIT_ACTION,
+    WORK_ACTION,
+)
 from distbelief.errors import CoordinatorError
 
 
@@ -163,27 +173,27 @@ class PortionScheduler:
             while True:
                 action, task = self._next_task_locked(worker)
                 remaining_s = deadline - time.monotonic()
-                if action != "wait" or remaining_s <= 0 or self._holds_uncommitted(worker):
+                if action != WAIT_ACTION or remaining_s <= 0 or self._holds_uncommitted(worker):
                     return action, task
                 self._changed.wait(remaining_s)
 
     def _next_task_locked(self, worker: str) -> tuple[str, Task | None]:
         self._last_seen_s[worker] = time.monotonic()
         if worker in self._lost:
-            return "lost", None
+            return LOST_ACTION, None
         if self._stopped:
-            return "stop", None
+            return STOP_ACTION, None
         if self._evaluation is None or self._failure is not None:
-            return "wait", None
+            return WAIT_ACTION, None
         chosen = next((i for i, p in enumerate(self._portions) if p.pending), None)
         backup = chosen is None
         if backup:
             chosen = self._backup_for(worker)
             if chosen is None:
-                return "wait", None
+                return WAIT_ACTION, None
             self._counts["backups_issued"] += 1
         self._portions[chosen].holders[worker] = backup
-        return "work", Task(self._evaluation, self._point, chosen, backup)
+        return WORK_ACTION, Task(self._evaluation, self._point, chosen, backup)
 
     def _backup_for(self, worker: str) -> int | None:
         candidates = [

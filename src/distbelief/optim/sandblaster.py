@@ -21,7 +21,14 @@ from distbelief.client.vectors import ShardVectors
 from distbelief.coordinator.batch import BatchPlan
 from distbelief.coordinator.client import CoordinatorClient, Finished, WorkReply
 from distbelief.coordinator.portions import Task
-from distbelief.coordinator.protocol import ACCEPTED, LOST, WORK_ACTION
+from distbelief.coordinator.protocol import (
+    ACCEPTED,
+    DUPLICATE,
+    LOST,
+    LOST_ACTION,
+    STOP_ACTION,
+    WORK_ACTION,
+)
 from distbelief.data import ArrayDataset
 from distbelief.errors import EvaluationNotOpenError
 from distbelief.sharding import FlatLayout, tensor_specs
@@ -155,12 +162,12 @@ class SandblasterWorker:
         while True:
             reply = self.coordinator.ask(self._computed, self.max_wait_s)
             self._settle(reply)
-            if reply.action == LOST:
+            if reply.action == LOST_ACTION:
                 self._start_new_life()
                 continue
             if self._bundle_portions and self._push_due(reply):
                 self._push_bundle()
-            if reply.action == "stop":
+            if reply.action == STOP_ACTION:
                 return dict(self.figures)
             if reply.action == WORK_ACTION:
                 assert reply.task is not None and reply.plan is not None
@@ -176,7 +183,7 @@ class SandblasterWorker:
             torch._foreach_add_(list(self._bundle.values()), list(self._scratch.values()))
             self._bundle_evaluation = computed.evaluation
             self._bundle_portions.append(computed.portion)
-        elif reply.finished == "duplicate":
+        elif reply.finished == DUPLICATE:
             self.figures["duplicates"] += 1
 
     def _push_due(self, reply: WorkReply) -> bool:

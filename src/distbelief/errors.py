@@ -70,6 +70,21 @@ class ChildFailedError(DistBeliefError):
         super().__init__(f"{message}:\n{detail}" if detail else message)
 
 
+class CoordinatorError(DistBeliefError):
+    """The Sandblaster coordinator could not carry out an evaluation (a commit on the shards
+    failed, or the coordinator was stopped); the message says which evaluation and why."""
+
+
+class CoordinatorUnavailableError(CoordinatorError, ConnectionError):
+    """A worker could not reach the Sandblaster coordinator, or it did not answer, for longer
+    than the worker's retry timeout."""
+
+
+class EvaluationStalledError(CoordinatorError, TimeoutError):
+    """No portion of an evaluation finished within the coordinator's timeout (no worker is
+    computing, or every one is stuck)."""
+
+
 class CheckpointError(DistBeliefError, ValueError):
     """A checkpoint file is missing a part, corrupt, or belongs to another job or shard."""
 

@@ -1,0 +1,242 @@
+"""The coordinator's service over real sockets on 127.0.0.1: SandblasterWorkers in threads ask
+it for portions and push bundles to in-process shards (real ShardStores run by the real
+VectorExecutor), and every portion's gradient is committed exactly once, whatever the workers
+do: finish in any order, lose their connection, race backups."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from distbelief.coordinator.batch import BatchPlan
+from distbelief.coordinator.client import CoordinatorClient, Finished
+from distbelief.coordinator.service import CoordinatorService
+from distbelief.data import load_dataset
+from distbelief.errors import CoordinatorUnavailableError, EvaluationStalledError, RemoteError
+from distbelief.models import MLP
+from distbelief.optim.sandblaster import PortionInfo, SandblasterWorker
+from distbelief.wire import Message, serve
+from distbelief.wire.vector_program import Program
+from tests.unit.local_vectors import LocalShards
+
+NUM_PORTIONS = 12
+TIMEOUT_S = 60.0
+
+
+class LockedVectors:
+    """The in-process shards as workers and the coordinator use them, one call at a time (a
+    real shard serialises them under its lock)."""
+
+    def __init__(self, shards: LocalShards) -> None:
+        self.shards = shards
+        self.lock = threading.Lock()
+
+    def run(self, program: Program) -> list:
+        with self.lock:
+            return self.shards.run(program)
+
+    def commit(self, evaluation: int, bundle: str) -> None:
+        program = Program()
+        program.commit(evaluation, bundle)
+        self.run(program)
+
+    def read(self, vector: str, flat_out: dict) -> None:
+        with self.lock:
+            for dtype, tensor in self.shards.gather(vector).items():
+                flat_out[dtype].copy_(tensor)
+
+    def push_bundle(self, evaluation: int, bundle: str, flat_grads: dict) -> None:
+        with self.lock:
+            self.shards.scatter_bundle(evaluation, bundle, flat_grads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", split="train")
+
+
+def _model(dataset) -> nn.Module:
+    torch.manual_seed(0)
+    return MLP(dataset.input_shape, dataset.num_classes, hidden_sizes=(16,)).double()
+
+
+def _full_batch_sums(model: nn.Module, dataset, plan: BatchPlan) -> tuple[float, torch.Tensor]:
+    indices = plan.indices()
+    images = dataset.images[indices].double()
+    loss = nn.functional.cross_entropy(model(images), dataset.labels[indices], reduction="sum")
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return loss.item(), torch.cat([g.flatten() for g in grads])
+
+
+class Job:
+    """A service on a real socket, in-process shards and worker threads."""
+
+    def __init__(self, dataset, plan: BatchPlan, **service_options) -> None:
+        self.dataset, self.plan = dataset, plan
+        self.model = _model(dataset)
+        self.vectors = LockedVectors(LocalShards(self.model, 2))
+        self.service = CoordinatorService(plan, self.vectors.commit, **service_options)
+        self.server = serve("tcp://127.0.0.1:0", self.service)
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+        self.results: list[dict] = []
+
+    def start_worker(self, rank: int, after_portion=None) -> None:
+        def work() -> None:
+            coordinator = CoordinatorClient(self.server.address, f"worker{rank}", timeout_s=30)
+            worker = SandblasterWorker(
+                _model(self.dataset),
+                self.dataset,
+                coordinator,
+                self.vectors,  # type: ignore[arg-type]
+                portions_per_push=2,
+                micro_batch_size=64,
+                max_wait_s=0.5,
+                after_portion=after_portion,
+            )
+            try:
+                self.results.append(worker.run())
+            except BaseException as e:
+                self.errors.append(e)
+            finally:
+                coordinator.close()
+
+        thread = threading.Thread(target=work, name=f"worker{rank}", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def evaluate(self, evaluation: int, timeout_s: float = TIMEOUT_S):
+        program = Program()
+        program.open_evaluation(evaluation, f"g{evaluation}")
+        self.vectors.run(program)
+        outcome = self.service.evaluate(evaluation, "param", timeout_s)
+        program = Program()
+        program.close_evaluation(evaluation)
+        self.vectors.run(program)
+        return outcome, self.vectors.shards.gather(f"g{evaluation}")[torch.float64]
+
+    def stop(self) -> None:
+        assert self.service.finish(timeout_s=TIMEOUT_S) == 0
+        for thread in self.threads:
+            thread.join(TIMEOUT_S)
+        self.server.stop()
+        assert not self.errors, self.errors
+        assert not any(thread.is_alive() for thread in self.threads)
+
+
+@pytest.fixture
+def job_factory():
+    jobs: list[Job] = []
+
+    def make(dataset, plan: BatchPlan, **options) -> Job:
+        jobs.append(Job(dataset, plan, **options))
+        return jobs[-1]
+
+    yield make
+    for job in jobs:
+        job.service.scheduler.stop()
+        job.server.stop()
+
+
+def _assert_exact(job: Job, outcome, grad: torch.Tensor) -> None:
+    loss_sum, expected = _full_batch_sums(job.model, job.dataset, job.plan)
+    assert outcome.num_examples == job.plan.size
+    assert outcome.loss_sum == pytest.approx(loss_sum, rel=1e-9)
+    assert torch.allclose(grad, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+    assert sum(outcome.figures.portions_by_worker.values()) == job.plan.num_portions
+
+
+def test_three_workers_sum_every_portion_once_over_two_evaluations(digits, job_factory):
+    plan = BatchPlan(num_examples=len(digits), num_portions=NUM_PORTIONS, batch_size=600)
+    job = job_factory(digits, plan)
+    for rank in range(3):
+        job.start_worker(rank)
+    for evaluation in (1, 2):
+        outcome, grad = job.evaluate(evaluation)
+        _assert_exact(job, outcome, grad)
+    job.stop()
+    assert sum(result["portions"] for result in job.results) >= 2 * NUM_PORTIONS
+    assert all(result["lost"] == 0 for result in job.results)
+
+
+def test_a_lost_workers_staged_bundle_is_never_committed(digits, job_factory):
+    plan = BatchPlan(num_examples=len(digits), num_portions=NUM_PORTIONS, batch_size=600)
+    job = job_factory(digits, plan)
+    outcomes: list = []
+    evaluating = threading.Thread(target=lambda: outcomes.append(job.evaluate(1)))
+    evaluating.start()
+    # A worker that finishes a portion, stages a bogus bundle for it on the shards, and dies.
+    doomed = CoordinatorClient(job.server.address, "doomed", timeout_s=30)
+    reply = doomed.ask()
+    while reply.task is None:
+        reply = doomed.ask()
+    assert doomed.ask(Finished(1, reply.task.portion, 123.0)).finished == "accepted"
+    flats = job.vectors.shards.layout.allocate()
+    flats[torch.float64].fill_(1e6)
+    job.vectors.push_bundle(1, doomed.next_bundle_id(), flats)
+    doomed.close()
+    for rank in range(3):
+        job.start_worker(rank)
+    evaluating.join(TIMEOUT_S)
+    outcome, grad = outcomes.pop()
+    _assert_exact(job, outcome, grad)
+    assert outcome.figures.reassigned >= 1
+    assert not any(worker.startswith("doomed") for worker in outcome.figures.portions_by_worker)
+    job.stop()
+
+
+def test_a_slow_worker_is_backed_up_and_its_late_answers_count_once(digits, job_factory):
+    plan = BatchPlan(num_examples=len(digits), num_portions=6, batch_size=300)
+    job = job_factory(digits, plan, max_holders=2)
+
+    def slow(info: PortionInfo) -> None:
+        time.sleep(1.0)
+
+    job.start_worker(0, after_portion=slow)
+    job.start_worker(1)
+    outcome, grad = job.evaluate(1)
+    _assert_exact(job, outcome, grad)
+    assert outcome.figures.backups_issued >= 1
+    job.stop()
+
+
+def test_an_evaluation_nobody_works_on_stalls_with_a_typed_error(digits, job_factory):
+    job = job_factory(digits, BatchPlan(num_examples=len(digits), num_portions=3))
+    with pytest.raises(EvaluationStalledError, match=r"evaluation 1: no portion finished for 0.5s"):
+        job.service.evaluate(1, "param", timeout_s=0.5)
+    job.stop()
+
+
+def test_malformed_requests_are_refused_naming_what_is_wrong(digits, job_factory):
+    from distbelief.coordinator.protocol import BUNDLE, WORK
+    from distbelief.wire import connect
+
+    job = job_factory(digits, BatchPlan(num_examples=len(digits), num_portions=3))
+    rpc = connect(job.server.address, name="coordinator")
+    with pytest.raises(RemoteError, match="worker must be a string of 1-32 chars, got None"):
+        rpc.request(Message(WORK, {"session": "s"}), timeout_s=30)
+    meta = {"worker": "w", "session": "s", "evaluation": 0, "bundle": "x-1", "portions": [0]}
+    with pytest.raises(RemoteError, match="bundle must be named w-s-<n>"):
+        rpc.request(Message(BUNDLE, meta), timeout_s=30)
+    finished = {"evaluation": 0, "portion": 0, "loss_sum": 1.5}
+    with pytest.raises(RemoteError, match=r"loss_sum must be a float\.hex string, got 1\.5"):
+        rpc.request(
+            Message(WORK, {"worker": "w", "session": "s", "finished": finished}), timeout_s=30
+        )
+    rpc.close()
+    job.stop()
+
+
+def test_a_coordinator_that_cannot_be_reached_is_a_typed_error_after_the_retries():
+    from tests.conftest import free_port
+
+    client = CoordinatorClient(
+        f"tcp://127.0.0.1:{free_port()}", "worker0", timeout_s=5, retry_timeout_s=0.3
+    )
+    with pytest.raises(CoordinatorUnavailableError, match=r"gave up after retrying for 0\.3s"):
+        client.ask()
+    client.close()

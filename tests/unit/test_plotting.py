@@ -19,6 +19,7 @@ from distbelief.plots import (
     run_title,
     total_rate,
 )
+from distbelief.plots import run as run_plots
 from distbelief.plots.run import batch_size_of
 from distbelief.telemetry import MetricsWriter, make_record
 
@@ -163,3 +164,28 @@ def test_plot_runs_compares_two_folders(tmp_path: Path) -> None:
         plot_runs([first], out_dir=tmp_path / "out")
     with pytest.raises(ValueError, match=r"not a run folder: .*nowhere"):
         plot_runs([first, tmp_path / "nowhere"], out_dir=tmp_path / "out")
+
+
+def test_a_sandblaster_run_plots_the_coordinators_batch_loss(tmp_path: Path) -> None:
+    run_dir = tmp_path / "sandblaster"
+    run_dir.mkdir()
+    with MetricsWriter(run_dir / "metrics.csv") as writer:
+        for iteration in range(6):
+            writer.write(
+                make_record(
+                    "coordinator",
+                    0,
+                    time_s=0.2 * iteration,
+                    step=iteration,
+                    loss=2.0 / (1 + iteration),
+                )
+            )
+            for rank in range(2):
+                writer.write(
+                    make_record("worker", rank, time_s=0.2 * iteration, step=iteration, portions=4)
+                )
+    written = plot_run(run_dir)
+    assert all(path.read_bytes().startswith(PNG_SIGNATURE) for path in written)
+    figure = run_plots._make_figure(load_run(run_dir).records, run_plots._PLOTS[1], "sandblaster")
+    labels = [line.get_label() for line in figure.axes[0].lines]
+    assert labels == [run_plots.COORDINATOR_LABEL]

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 DPI = 110
 FIGURE_SIZE_IN = (9.0, 5.0)
 PS_LABEL = "PS (test)"
+COORDINATOR_LABEL = "L-BFGS (batch)"
 STALENESS_PNG = "staleness.png"
 THROUGHPUT_PNG = "throughput_vs_time.png"
 
@@ -48,6 +49,8 @@ class _PlotSpec:
     ps_field: str
     """Evaluator field plotted for the parameter server's parameters."""
     y_label: str
+    coordinator_field: str | None = None
+    """Sandblaster's coordinator field plotted too (the batch loss of each iteration)."""
 
 
 _PLOTS = (
@@ -62,6 +65,7 @@ _PLOTS = (
         worker_field="loss",
         ps_field="test_loss",
         y_label="loss (cross-entropy)",
+        coordinator_field="loss",
     ),
 )
 
@@ -109,7 +113,8 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[Path]:
     """Plots a run folder's metrics: accuracy, loss and throughput vs time, and staleness.
 
-    The accuracy and loss plots have one line per worker (its training metric vs ``time_s``)
+    The accuracy and loss plots have one line per worker (its training metric vs ``time_s``),
+    in a Sandblaster run the coordinator's batch loss per iteration (``"L-BFGS (batch)"``),
     and a thicker line with markers, ``"PS (test)"``, for the evaluator's test metric of the
     parameter server's parameters. The throughput plot shows each worker's samples/s (steps/s
     when the batch size is unknown) and their sum. The staleness histogram is drawn when the
@@ -166,6 +171,11 @@ def _make_figure(records: Records, spec: _PlotSpec, title: str) -> Figure:
     workers = series_by_rank(records, "worker", spec.worker_field)
     for rank, (times_s, values) in workers.items():
         axes.plot(times_s, values, linewidth=1.0, alpha=0.75, label=f"worker {rank} (train)")
+    coordinator = {}
+    if spec.coordinator_field is not None:
+        coordinator = series_by_rank(records, "coordinator", spec.coordinator_field)
+    for times_s, values in coordinator.values():
+        axes.plot(times_s, values, linewidth=1.5, marker=".", label=COORDINATOR_LABEL)
     evaluator = series_by_rank(records, "evaluator", spec.ps_field)
     for times_s, values in evaluator.values():
         # Drawn last and on top: it is the model the run produces, the workers are context.
@@ -179,7 +189,7 @@ def _make_figure(records: Records, spec: _PlotSpec, title: str) -> Figure:
             zorder=3,
             label=PS_LABEL,
         )
-    style_axes(axes, spec.y_label, title, has_data=bool(workers or evaluator))
+    style_axes(axes, spec.y_label, title, has_data=bool(workers or evaluator or coordinator))
     figure.tight_layout()
     return figure
 

@@ -31,6 +31,11 @@ _EXPORTS: dict[str, str] = {
     "DatasetUnavailableError": "distbelief.errors",
     "ChildFailedError": "distbelief.errors",
     "LauncherInterrupted": "distbelief.errors",
+    "EvaluationNotOpenError": "distbelief.errors",
+    "CoordinatorError": "distbelief.errors",
+    "CoordinatorUnavailableError": "distbelief.errors",
+    "EvaluationStalledError": "distbelief.errors",
+    "SandblasterConfig": "distbelief.config",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

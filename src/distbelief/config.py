@@ -331,6 +331,7 @@ class JobConfig:
                 "consistency.backup_workers",
                 f"must be < the number of workers ({num_workers}), got {backup_workers}",
             )
+        self._check_algorithm_fields()
         portions, batch_size = self.sandblaster.portions, self.optimizer.batch_size
         if portions is not None and batch_size is not None and portions > batch_size:
             raise ConfigFieldError(
@@ -343,6 +344,22 @@ class JobConfig:
                 "needs asynchronous training, not sync rounds, "
                 f"got {self.optimizer.warmstart_steps}",
             )
+
+    def _check_algorithm_fields(self) -> None:
+        """Refuses a setting the chosen algorithm does not use (a flag that would do nothing)."""
+        sandblaster = self.optimizer.algorithm == "sandblaster"
+        unused = DOWNPOUR_ONLY_FIELDS if sandblaster else {"sandblaster": ()}
+        other = "downpour" if sandblaster else "sandblaster"
+        for section, names in unused.items():
+            value, default = getattr(self, section), _section_types()[section]()
+            for item in fields(value):
+                if names and item.name not in names:
+                    continue
+                if getattr(value, item.name) != getattr(default, item.name):
+                    raise ConfigFieldError(
+                        f"{section}.{item.name}",
+                        f"only applies to algorithm {other}, not {self.optimizer.algorithm}",
+                    )
 
     @classmethod
     def from_fields(cls, values: Mapping[str, object]) -> JobConfig:
@@ -396,6 +413,13 @@ class JobConfig:
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a valid run config: {e}") from e
 
+
+DOWNPOUR_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
+    "optimizer": ("lr", "n_push", "n_pull", "steps", "epochs", "blocking", "warmstart_steps"),
+    "server": ("optimizer", "lr", "momentum", "betas", "eps"),
+    "consistency": (),
+}
+"""Fields Sandblaster does not use, by section (an empty tuple: the whole section)."""
 
 FLAT_FIELDS: dict[str, str] = {
     "num_workers": "cluster.num_workers",

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from distbelief.config import JobConfig
-from distbelief.launch.cli import config_from_args, parse_args
+from distbelief.launch.cli import config_from_args, main, parse_args
 from distbelief.launch.flags import command_flags, field_docs, flag_of, get_args_parser
 
 TRAINING = {
@@ -145,34 +145,62 @@ def test_no_flags_give_the_default_config():
     assert config_from_args(parse_args(["train"])) == JobConfig()
 
 
-def test_every_train_flag_reaches_its_field():
-    argv = [
-        "train",
-        *("--workers", "3", "--shards", "4", "--threads", "2", "--dataset", "mnist"),
-        *("--data-dir", "/d", "--no-download", "--model", "mlp", "--seed", "7"),
-        *("--lr", "0.5", "--n-push", "2", "--n-pull", "3", "--batch-size", "8"),
-        *("--steps", "9", "--blocking", "--warmstart-steps", "1"),
-        *("--server-optimizer", "adam", "--server-lr", "0.2", "--server-momentum", "0.5"),
-        *("--server-betas", "0.8,0.9", "--server-eps", "1e-6", "--checkpoint-every", "5"),
-        *("--backup-workers", "1", "--max-staleness", "4", "--staleness-policy", "scale"),
-        *("--dc-lambda", "0.1", "--liveness-timeout", "6", "--timeout", "11"),
-        *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
-        *("--eval-every", "0.5", "--no-eval"),
-        *("--algorithm", "sandblaster", "--history", "4", "--portions", "7"),
-        *("--line-search", "fixed", "--max-iterations", "3", "--step-size", "0.5"),
-        *("--portions-per-push", "3", "--no-backup-tasks"),
-    ]
-    fields = config_from_args(parse_args(argv)).to_fields()
+SHARED_ARGV = [
+    *("--workers", "3", "--shards", "4", "--threads", "2", "--dataset", "mnist"),
+    *("--data-dir", "/d", "--no-download", "--model", "mlp", "--seed", "7"),
+    *("--batch-size", "8", "--checkpoint-every", "5", "--timeout", "11"),
+    *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
+    *("--eval-every", "0.5", "--no-eval"),
+]
+DOWNPOUR_ARGV = [
+    *("--lr", "0.5", "--n-push", "2", "--n-pull", "3"),
+    *("--steps", "9", "--blocking", "--warmstart-steps", "1"),
+    *("--server-optimizer", "adam", "--server-lr", "0.2", "--server-momentum", "0.5"),
+    *("--server-betas", "0.8,0.9", "--server-eps", "1e-6"),
+    *("--backup-workers", "1", "--max-staleness", "4", "--staleness-policy", "scale"),
+    *("--dc-lambda", "0.1", "--liveness-timeout", "6"),
+]
+SANDBLASTER_ARGV = [
+    *("--algorithm", "sandblaster", "--history", "4", "--portions", "7"),
+    *("--line-search", "fixed", "--max-iterations", "3", "--step-size", "0.5"),
+    *("--portions-per-push", "3", "--no-backup-tasks"),
+]
+
+
+def _changed_fields(argv: list[str]) -> set[str]:
+    fields = config_from_args(parse_args(["train", *argv])).to_fields()
     defaults = JobConfig().to_fields()
-    changed = {path for path, value in fields.items() if value != defaults[path]}
+    return {path for path, value in fields.items() if value != defaults[path]}
+
+
+def test_every_train_flag_reaches_its_field():
+    downpour = config_from_args(parse_args(["train", *SHARED_ARGV, *DOWNPOUR_ARGV]))
+    changed = _changed_fields([*SHARED_ARGV, *DOWNPOUR_ARGV])
+    changed |= _changed_fields([*SHARED_ARGV, *SANDBLASTER_ARGV])
     # Every field with a train flag was changed by it, but for two that exclude others and are
     # checked on their own (--epochs: --steps; --sync: --max-staleness); the rest kept defaults.
     alone = {"optimizer.epochs", "consistency.sync"}
     assert changed == set(command_flags("train").values()) - alone
     assert config_from_args(parse_args(["train", "--epochs", "2"])).optimizer.epochs == 2
     assert config_from_args(parse_args(["train", "--sync"])).consistency.sync
-    assert fields["server.betas"] == (0.8, 0.9)
-    assert (fields["data.download"], fields["reporting.eval_during_training"]) == (False, False)
+    assert downpour.server.betas == (0.8, 0.9)
+    assert (downpour.data.download, downpour.reporting.eval_during_training) == (False, False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--history", "3"], "argument --history: only applies to algorithm sandblaster"),
+        (
+            ["--algorithm", "sandblaster", "--n-push", "2"],
+            "argument --n-push: only applies to algorithm downpour",
+        ),
+    ],
+)
+def test_a_flag_of_the_other_algorithm_is_refused(argv, message, capsys, tmp_path):
+    assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_manual_roles_take_their_own_counts():

@@ -35,11 +35,10 @@ from distbelief.sharding import (
     specs_to_json,
 )
 from distbelief.wire import Message, connect, ops
+from distbelief.wire.retry import retry_while_unreachable
 from distbelief.wire.security import WireSecurity
 
 _INIT_POLL_S = 0.05
-_FIRST_RETRY_DELAY_S = 0.05
-_MAX_RETRY_DELAY_S = 2.0
 _SLICE_CACHE_ENTRIES = 8
 """Sets of buffers whose slices are kept (an optimizer uses two: gradients out, params in)."""
 logger = logging.getLogger(__name__)
@@ -279,22 +278,19 @@ class ParameterServerClient:
             ShardUnavailableError: still failing after ``retry_timeout_s``.
         """
         transport = self._transports[shard_id]
-        deadline = time.monotonic() + self.retry_timeout_s
-        delay_s = _FIRST_RETRY_DELAY_S
-        while True:
+
+        def attempt() -> Message:
             started_s = time.perf_counter()
-            try:
-                reply = transport.request(message, timeout_s=self.timeout_s, sink=sink)
-                self._wire.record(message, reply, time.perf_counter() - started_s)
-                return reply
-            except (ShardUnavailableError, ShardTimeoutError) as e:
-                if self._closing.is_set() or time.monotonic() + delay_s > deadline:
-                    raise ShardUnavailableError(
-                        f"{e} (gave up after retrying for {self.retry_timeout_s:g}s)"
-                    ) from e
-                logger.warning("%s; retrying in %.2fs", e, delay_s)
-                self._closing.wait(delay_s)
-                delay_s = min(delay_s * 2, _MAX_RETRY_DELAY_S)
+            reply = transport.request(message, timeout_s=self.timeout_s, sink=sink)
+            self._wire.record(message, reply, time.perf_counter() - started_s)
+            return reply
+
+        return retry_while_unreachable(
+            attempt,
+            retry_timeout_s=self.retry_timeout_s,
+            closing=self._closing,
+            give_up=ShardUnavailableError,
+        )
 
     def _submit(self, shard_id: int, fn, *args) -> cf.Future:
         return self._lanes[shard_id].submit(fn, shard_id, *args)

@@ -5,10 +5,8 @@ and report pushed bundles, one request at a time, each with a timeout. Knows not
 from __future__ import annotations
 
 import itertools
-import logging
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 
 from distbelief.coordinator.batch import BatchPlan
@@ -27,16 +25,12 @@ from distbelief.coordinator.protocol import (
 from distbelief.errors import (
     CoordinatorUnavailableError,
     ProtocolError,
-    ShardTimeoutError,
-    ShardUnavailableError,
 )
 from distbelief.wire import Message, connect
+from distbelief.wire.retry import retry_while_unreachable
 from distbelief.wire.security import WireSecurity
 
 _ACTIONS = (WORK_ACTION, WAIT_ACTION, STOP_ACTION, LOST_ACTION)
-_FIRST_RETRY_DELAY_S = 0.05
-_MAX_RETRY_DELAY_S = 2.0
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,19 +148,12 @@ class CoordinatorClient:
         return str(self._request(Message(BUNDLE, meta)).meta.get("status"))
 
     def _request(self, message: Message) -> Message:
-        deadline = time.monotonic() + self.retry_timeout_s
-        delay_s = _FIRST_RETRY_DELAY_S
-        while True:
-            try:
-                return self._rpc.request(message, timeout_s=self.timeout_s)
-            except (ShardUnavailableError, ShardTimeoutError) as e:
-                if self._closing.is_set() or time.monotonic() + delay_s > deadline:
-                    raise CoordinatorUnavailableError(
-                        f"{e} (gave up after retrying for {self.retry_timeout_s:g}s)"
-                    ) from e
-                logger.warning("%s; retrying in %.2fs", e, delay_s)
-                self._closing.wait(delay_s)
-                delay_s = min(delay_s * 2, _MAX_RETRY_DELAY_S)
+        return retry_while_unreachable(
+            lambda: self._rpc.request(message, timeout_s=self.timeout_s),
+            retry_timeout_s=self.retry_timeout_s,
+            closing=self._closing,
+            give_up=CoordinatorUnavailableError,
+        )
 
     def close(self) -> None:
         """Drop the connection (the coordinator takes this life as lost); no more retries."""

@@ -1,0 +1,47 @@
+"""Retrying a request while its peer is unreachable or silent: backoff from 50 ms doubling to
+2 s, for at most a given time, stopped at once when the caller is closing. One policy for every
+client of the request layer (shards' and the coordinator's)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from distbelief.errors import ShardTimeoutError, ShardUnavailableError
+
+logger = logging.getLogger(__name__)
+
+FIRST_DELAY_S = 0.05
+MAX_DELAY_S = 2.0
+
+T = TypeVar("T")
+
+
+def retry_while_unreachable(
+    call: Callable[[], T],
+    *,
+    retry_timeout_s: float,
+    closing: threading.Event,
+    give_up: Callable[[str], Exception],
+) -> T:
+    """``call()``, again with backoff while it raises ShardUnavailableError or
+    ShardTimeoutError, for at most ``retry_timeout_s``.
+
+    Raises:
+        The exception ``give_up(message)`` makes (chained to the last failure): still failing
+        after ``retry_timeout_s``, or ``closing`` was set.
+    """
+    deadline = time.monotonic() + retry_timeout_s
+    delay_s = FIRST_DELAY_S
+    while True:
+        try:
+            return call()
+        except (ShardUnavailableError, ShardTimeoutError) as e:
+            if closing.is_set() or time.monotonic() + delay_s > deadline:
+                raise give_up(f"{e} (gave up after retrying for {retry_timeout_s:g}s)") from e
+            logger.warning("%s; retrying in %.2fs", e, delay_s)
+            closing.wait(delay_s)
+            delay_s = min(delay_s * 2, MAX_DELAY_S)

@@ -21,7 +21,7 @@ from distbelief.coordinator.batch import BatchPlan
 from distbelief.coordinator.lbfgs import IterationRecord, LBFGSSettings, SandblasterLBFGS
 from distbelief.coordinator.portions import EvaluationOutcome
 from distbelief.coordinator.service import CoordinatorService
-from distbelief.data import load_dataset
+from distbelief.data import load_job_dataset
 from distbelief.models import build_model
 from distbelief.process import Emit, StopFlag
 from distbelief.sharding import tensor_specs
@@ -120,9 +120,7 @@ def run_coordinator(
         ShardTimeoutError, ShardUnavailableError: a shard did not answer.
         CheckpointError: the checkpoint to resume from is unreadable.
     """
-    train_set = load_dataset(
-        config.data.name, split="train", data_dir=config.data.data_dir, download=False
-    )
+    train_set = load_job_dataset(config.data, "train", download=False)
     plan = batch_plan(config, len(train_set))
     with torch.device("meta"):  # the layout only: the values live on the shards
         model = build_model(config.model.name, train_set.input_shape, train_set.num_classes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from distbelief.config import DATASET_NAMES
+from distbelief.config import DATASET_NAMES, DataConfig
 from distbelief.data.base import ArrayDataset, iterate_batches, worker_indices
 from distbelief.data.cifar10 import load_cifar10
 from distbelief.data.digits import load_digits
@@ -22,6 +22,7 @@ __all__ = [
     "ArrayDataset",
     "iterate_batches",
     "load_dataset",
+    "load_job_dataset",
     "worker_indices",
 ]
 
@@ -73,6 +74,18 @@ def load_dataset(
         "loaded %s/%s: %d samples of shape %s", name, split, len(dataset), dataset.input_shape
     )
     return dataset
+
+
+def load_job_dataset(
+    config: DataConfig, split: str, *, download: bool | None = None
+) -> ArrayDataset:
+    """``load_dataset`` of a job's data section (``download``: override its setting)."""
+    return load_dataset(
+        config.name,
+        split=split,
+        data_dir=config.data_dir,
+        download=config.download if download is None else download,
+    )
 
 
 def _check_args(name: str, split: str, num_samples: int | None) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from distbelief.client import ParameterServerClient
-from distbelief.data import load_dataset
+from distbelief.data import load_job_dataset
 from distbelief.evaluator.accuracy import evaluate
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.worker.replica import build_replica
@@ -42,12 +42,7 @@ class PSEvaluator:
         *,
         security: WireSecurity | None = None,
     ) -> None:
-        self.test_set = load_dataset(
-            config.data.name,
-            split="test",
-            data_dir=config.data.data_dir,
-            download=config.data.download,
-        )
+        self.test_set = load_job_dataset(config.data, "test")
         self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
         self.layout = FlatLayout(tensor_specs(self.model.named_parameters()))
         self._flats = self.layout.allocate()

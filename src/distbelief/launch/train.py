@@ -63,14 +63,9 @@ def _planned_steps(config: JobConfig) -> list[int]:
     if config.optimizer.steps is not None:
         steps = [config.optimizer.steps] * config.cluster.num_workers
     else:
-        from distbelief.data import load_dataset, worker_indices  # torch: only when counting
+        from distbelief.data import load_job_dataset, worker_indices  # torch: only when counting
 
-        train_set = load_dataset(
-            config.data.name,
-            split="train",
-            data_dir=config.data.data_dir,
-            download=config.data.download,
-        )
+        train_set = load_job_dataset(config.data, "train")
         steps = [
             len(worker_indices(len(train_set), rank, config.cluster.num_workers))
             // config.optimizer.minibatch_size
@@ -89,14 +84,9 @@ def _planned_steps(config: JobConfig) -> list[int]:
 
 
 def _sandblaster_iterations(config: JobConfig) -> int:
-    from distbelief.data import load_dataset  # torch: only when counting
+    from distbelief.data import load_job_dataset  # torch: only when counting
 
-    train_set = load_dataset(
-        config.data.name,
-        split="train",
-        data_dir=config.data.data_dir,
-        download=config.data.download,
-    )
+    train_set = load_job_dataset(config.data, "train")
     batch_size = config.optimizer.batch_size
     if batch_size is not None and batch_size > len(train_set):
         raise ConfigFieldError(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from distbelief.data import load_dataset, worker_indices
+from distbelief.data import load_job_dataset, worker_indices
 from distbelief.optim import DownpourSGD
 from distbelief.process import Emit
 from distbelief.telemetry.metrics import make_record
@@ -65,12 +65,7 @@ def run_worker(
     """
     device = resolve_device(device)
     torch.set_num_threads(config.cluster.threads_per_worker)
-    train_set = load_dataset(
-        config.data.name,
-        split="train",
-        data_dir=config.data.data_dir,
-        download=config.data.download,
-    )
+    train_set = load_job_dataset(config.data, "train")
     indices = worker_indices(
         len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
     )

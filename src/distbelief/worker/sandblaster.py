@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from distbelief.data import load_dataset
+from distbelief.data import load_job_dataset
 from distbelief.optim.sandblaster import PortionInfo, run_sandblaster_worker
 from distbelief.process import Emit
 from distbelief.worker.replica import build_replica
@@ -40,12 +40,7 @@ def run_sandblaster_job_worker(
         ShardTimeoutError, ShardUnavailableError: a shard did not answer.
     """
     torch.set_num_threads(config.cluster.threads_per_worker)
-    train_set = load_dataset(
-        config.data.name,
-        split="train",
-        data_dir=config.data.data_dir,
-        download=config.data.download,
-    )
+    train_set = load_job_dataset(config.data, "train")
     model = build_replica(config, train_set.input_shape, train_set.num_classes)
     result = run_sandblaster_worker(
         model,

@@ -240,3 +240,25 @@ def test_a_coordinator_that_cannot_be_reached_is_a_typed_error_after_the_retries
     with pytest.raises(CoordinatorUnavailableError, match=r"gave up after retrying for 0\.3s"):
         client.ask()
     client.close()
+
+
+def test_finish_waits_for_a_worker_that_connects_only_after_the_last_evaluation(
+    digits, job_factory
+):
+    plan = BatchPlan(num_examples=len(digits), num_portions=4, batch_size=200)
+    job = job_factory(digits, plan)
+    job.start_worker(0)
+    job.evaluate(1)
+    told: list[int] = []
+    finishing = threading.Thread(
+        target=lambda: told.append(
+            job.service.finish(timeout_s=TIMEOUT_S, expected=["worker0", "worker1"])
+        )
+    )
+    finishing.start()
+    time.sleep(0.5)  # worker1 is still starting up when the job ends
+    assert finishing.is_alive()
+    job.start_worker(1)  # it is told to stop, not left to retry a closed coordinator
+    finishing.join(TIMEOUT_S)
+    assert told == [0]
+    job.stop()

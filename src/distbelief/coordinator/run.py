@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_FINISH_TIMEOUT_S = 10.0
 _WORKER_RANK = re.compile(r"^worker(\d+)-")
 
 
@@ -195,7 +194,9 @@ def _optimize(
             last_save_s = time.monotonic()
     if lbfgs.state.iteration != saved_iteration:
         _save(lbfgs, vectors, checkpoint_dir)
-    untold = service.finish(_FINISH_TIMEOUT_S)
+    # Every worker of the job is waited for: one still starting up must find us to be told.
+    workers = [f"worker{rank}" for rank in range(config.cluster.num_workers)]
+    untold = service.finish(config.faults.timeout_s, expected=workers)
     if untold:
         logger.warning("%d worker(s) were not told to stop", untold)
     state = lbfgs.state

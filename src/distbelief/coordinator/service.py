@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from distbelief.coordinator.batch import BatchPlan
 from distbelief.coordinator.portions import EvaluationOutcome, PortionScheduler
@@ -78,6 +78,8 @@ class CoordinatorService:
         self._commit_lock = threading.Lock()
         self._connections_changed = threading.Condition()
         self._connections: set[WorkerConnection] = set()
+        self._told: set[str] = set()
+        """Worker ids (``worker0``) told to stop."""
         self.handlers = OpRegistry()
         self.handlers.register(WORK, WorkerConnection._work)
         self.handlers.register(BUNDLE, WorkerConnection._bundle)
@@ -93,8 +95,9 @@ class CoordinatorService:
             self._connections.discard(connection)
             self._connections_changed.notify_all()
 
-    def _told_stop(self) -> None:
+    def _told_stop(self, worker_id: str) -> None:
         with self._connections_changed:
+            self._told.add(worker_id)
             self._connections_changed.notify_all()
 
     def commit_bundle(self, worker: str, evaluation: int, bundle: str) -> bool:
@@ -179,17 +182,20 @@ class CoordinatorService:
         with self._connections_changed:
             return len(self._connections)
 
-    def finish(self, timeout_s: float = 10.0) -> int:
+    def finish(self, timeout_s: float = 10.0, expected: Collection[str] = ()) -> int:
         """Tell every worker to stop, and wait (up to ``timeout_s``) until each connected one
-        has been told or has gone.
+        has been told or has gone, and each worker id in ``expected`` (``worker0``, ...) has
+        been told: a worker still starting up finds the coordinator there to tell it.
 
         Returns:
-            The number of connections still open that were not told (yet).
+            The number of connections still open, or expected workers, not told (yet).
         """
         self.scheduler.stop()
+        missing = set(expected)
 
         def untold() -> int:
-            return sum(not c.told_stop for c in self._connections)
+            connections = sum(not c.told_stop for c in self._connections)
+            return connections + len(missing - self._told)
 
         with self._connections_changed:
             self._connections_changed.wait_for(lambda: untold() == 0, timeout_s)
@@ -249,7 +255,7 @@ class WorkerConnection:
             }
         if action == STOP_ACTION:
             self.told_stop = True
-            self.service._told_stop()
+            self.service._told_stop(request.meta["worker"])
         return request.reply(reply)
 
     def _bundle(self, request: Message) -> Message:

@@ -337,7 +337,13 @@ def run_sandblaster_worker(
             max_wait_s=min(2.0, timeout_s / 4),
             after_portion=after_portion,
         )
-        return {"rank": rank, **worker.run()}
+        figures = worker.run()
+    except BaseException:
+        client.close(wait=False)  # no waiting: the shards may be what failed
+        raise
     finally:
         coordinator.close()
-        client.close(wait=False)
+    # Joins the client's I/O threads: a daemon thread still running while the interpreter
+    # exits can abort the process.
+    client.close()
+    return {"rank": rank, **figures}

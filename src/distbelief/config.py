@@ -22,11 +22,11 @@ STALENESS_POLICIES = ("none", "scale", "dc-asgd")
 ALGORITHMS = ("downpour", "sandblaster")
 LINE_SEARCHES = ("strong-wolfe", "fixed")
 DEFAULT_EPOCHS = 15
+"""Passes over each worker's slice when neither steps nor epochs is given."""
 DEFAULT_MINIBATCH_SIZE = 32
 """Downpour's mini-batch when no batch size is given."""
 PORTIONS_PER_WORKER = 10
 """Sandblaster's portions per worker when no number of portions is given."""
-"""Passes over each worker's slice when neither steps nor epochs is given."""
 
 
 def _require(ok: bool, name: str, value: object, rule: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from distbelief.config import LINE_SEARCHES
 from distbelief.coordinator.line_search import strong_wolfe
 from distbelief.wire.vector_program import Program
 
@@ -25,7 +26,6 @@ PARAM = "param"
 DIRECTION = "d"
 TRIAL = "trial"
 """Where a line search's trial point ``param + t d`` is built for the workers to evaluate."""
-LINE_SEARCHES = ("strong-wolfe", "fixed")
 CURVATURE_EPS = 1e-10
 """A pair (s, y) enters the history only when ``y . s`` exceeds this (torch's rule)."""
 

@@ -1,6 +1,8 @@
 """Resuming a run folder: its config (sectioned, or flat as runs wrote it before the sections)
 and its shard checkpoints, checked before any process starts, so a corrupt or missing file is
-one clear error naming the file instead of a shard's traceback."""
+one clear error naming the file instead of a shard's traceback. The checkpoint reader (torch)
+is imported only when a run is resumed: ``distbelief train`` imports this module before it
+starts the processes, and torch here would delay them by its whole import."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ from pathlib import Path
 from distbelief.config import JobConfig
 from distbelief.errors import CheckpointError
 from distbelief.launch.cluster import CHECKPOINT_DIR
-from distbelief.server.checkpoint import load_checkpoint
 
 
 def check_checkpoints(directory: Path, num_shards: int) -> None:
@@ -19,6 +20,8 @@ def check_checkpoints(directory: Path, num_shards: int) -> None:
         CheckpointError: a checkpoint is missing a part, is corrupt, or was written by another
             shard or a job of another shard count; the message names the file.
     """
+    from distbelief.server.checkpoint import load_checkpoint
+
     for shard_id in range(num_shards):
         state = load_checkpoint(directory, shard_id)
         if state is not None and (state.shard_id, state.num_shards) != (shard_id, num_shards):

@@ -167,8 +167,8 @@ def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
 
 
 def _start(cluster: Cluster, config: JobConfig) -> list[str]:
-    """Every process: the shards at once, then (they need the shards' addresses) the evaluator
-    and the workers at once; nothing waits for a process but the shards' readiness (and, for
+    """Every process: the shards at once, then (they need the shards' addresses) the workers
+    and the evaluator at once; nothing waits for a process but the shards' readiness (and, for
     Sandblaster's workers, the coordinator's). Returns the shards' addresses."""
     for shard_id in range(config.cluster.num_shards):
         cluster.start(ProcessKind.SHARD, shard_id)
@@ -176,9 +176,11 @@ def _start(cluster: Cluster, config: JobConfig) -> list[str]:
     if config.optimizer.algorithm == "sandblaster":
         cluster.start(ProcessKind.COORDINATOR, 0)
         cluster.wait_for_coordinator(SHARDS_READY_TIMEOUT_S)
-    cluster.start(ProcessKind.EVALUATOR, 0)
+    # Workers first: the first step waits on them, while the evaluator has nothing to read
+    # before their first push (each start is a fork of a large process: tens of ms).
     for rank in range(config.cluster.num_workers):
         cluster.start(ProcessKind.WORKER, rank)
+    cluster.start(ProcessKind.EVALUATOR, 0)
     return addresses
 
 

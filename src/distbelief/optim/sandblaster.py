@@ -146,6 +146,8 @@ class SandblasterWorker:
         self._bundle_evaluation: int | None = None
         self._bundle_portions: list[int] = []
         self._computed: Finished | None = None
+        self._life: str | None = None
+        """The coordinator life whose tasks this worker computes (and whose bundle it holds)."""
         self._window: list[float] = []
         self.figures = {"portions": 0, "accepted": 0, "duplicates": 0, "bundles": 0, "lost": 0}
         """Portions computed, accepted and refused as duplicates; bundles committed; lives lost."""
@@ -161,6 +163,7 @@ class SandblasterWorker:
         """
         while True:
             reply = self.coordinator.ask(self._computed, self.max_wait_s)
+            self._follow_life(reply.coordinator)
             self._settle(reply)
             if reply.action == LOST_ACTION:
                 self._start_new_life()
@@ -172,6 +175,21 @@ class SandblasterWorker:
             if reply.action == WORK_ACTION:
                 assert reply.task is not None and reply.plan is not None
                 self._computed = self._compute(reply.task, reply.plan)
+
+    def _follow_life(self, life: str | None) -> None:
+        """A restarted coordinator went back to its last checkpoint: the accepted portions in
+        the bundle were never its, and its evaluation numbers may name other points now."""
+        if life == self._life:
+            return
+        if self._life is not None:
+            logger.warning(
+                "%s: the coordinator was restarted; dropping %d accepted portions",
+                self.coordinator.worker_id,
+                len(self._bundle_portions),
+            )
+            self._clear_bundle()
+            self._loaded = None
+        self._life = life
 
     def _settle(self, reply: WorkReply) -> None:
         """Keep the portion just computed if it was accepted, else drop it."""
@@ -218,7 +236,7 @@ class SandblasterWorker:
         except EvaluationNotOpenError as e:  # the coordinator gave up on it: not needed
             logger.info("bundle %s dropped: %s", bundle, e)
             return
-        status = self.coordinator.bundle_pushed(evaluation, bundle, portions)
+        status = self.coordinator.bundle_pushed(evaluation, bundle, portions, self._life)
         if status == ACCEPTED:
             self.figures["bundles"] += 1
         elif status == LOST:
@@ -268,7 +286,7 @@ class SandblasterWorker:
                     compute_s=time.perf_counter() - started,
                 )
             )
-        return Finished(task.evaluation, task.portion, loss_sum)
+        return Finished(task.evaluation, task.portion, loss_sum, self._life)
 
     @torch.no_grad()
     def _load_point(self, point: str) -> None:

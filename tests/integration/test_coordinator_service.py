@@ -18,7 +18,7 @@ from distbelief.coordinator.service import CoordinatorService
 from distbelief.data import load_dataset
 from distbelief.errors import CoordinatorUnavailableError, EvaluationStalledError, RemoteError
 from distbelief.models import MLP
-from distbelief.optim.sandblaster import PortionInfo, SandblasterWorker
+from distbelief.optim.sandblaster import PortionInfo, SandblasterWorker, run_sandblaster_worker
 from distbelief.wire import Message, serve
 from distbelief.wire.vector_program import Program
 from tests.unit.local_vectors import LocalShards
@@ -266,6 +266,67 @@ def test_a_restarted_coordinator_gets_no_answer_computed_for_its_former_life(dig
         restarted.set()
         new.scheduler.stop()
         server.stop()
+
+
+def test_a_worker_that_missed_the_coordinator_stops_when_its_flag_says_so(digits):
+    """The coordinator finished (or never answered) before this worker reached it: once the
+    launcher sets the workers' stop flag the worker returns, instead of retrying until its
+    retry timeout runs out and failing the job."""
+    from distbelief.config import ServerConfig
+    from distbelief.server.optimizers import server_optimizer_from_config
+    from distbelief.server.process import serve_shard
+    from tests.conftest import free_port
+
+    ready, stop_shard, stop = threading.Event(), threading.Event(), threading.Event()
+    addresses: list[str] = []
+
+    def emit(kind: str, payload) -> None:
+        if kind == "ready":
+            addresses.append(payload["address"])
+            ready.set()
+
+    shard = threading.Thread(
+        target=serve_shard,
+        args=(0, 1, "tcp://127.0.0.1:0"),
+        kwargs={
+            "optimizer_factory": server_optimizer_from_config(ServerConfig()),
+            "emit": emit,
+            "stop": stop_shard,
+        },
+        daemon=True,
+    )
+    shard.start()
+    results: list = []
+
+    def work() -> None:
+        results.append(
+            run_sandblaster_worker(
+                _model(digits),
+                digits,
+                0,
+                f"tcp://127.0.0.1:{free_port()}",  # nobody listens there
+                addresses,
+                timeout_s=5,
+                retry_timeout_s=600,
+                stop=stop,
+            )
+        )
+
+    worker = threading.Thread(target=work, name="worker0", daemon=True)
+    try:
+        assert ready.wait(TIMEOUT_S), "the shard did not start"
+        worker.start()
+        stop.set()
+        worker.join(TIMEOUT_S)
+        assert not worker.is_alive(), "the worker kept waiting for the coordinator"
+        assert results == [
+            {"rank": 0, "portions": 0, "accepted": 0, "duplicates": 0, "bundles": 0, "lost": 0}
+        ]
+    finally:
+        stop.set()
+        worker.join(TIMEOUT_S)
+        stop_shard.set()
+        shard.join(TIMEOUT_S)
 
 
 def test_an_evaluation_nobody_works_on_stalls_with_a_typed_error(digits, job_factory):

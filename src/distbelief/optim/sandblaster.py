@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +31,11 @@ from distbelief.coordinator.protocol import (
     WORK_ACTION,
 )
 from distbelief.data import ArrayDataset
-from distbelief.errors import EvaluationNotOpenError
+from distbelief.errors import CoordinatorUnavailableError, EvaluationNotOpenError
 from distbelief.sharding import FlatLayout, tensor_specs
 
 if TYPE_CHECKING:
-    from distbelief.process import Emit
+    from distbelief.process import Emit, StopFlag
     from distbelief.wire.security import WireSecurity
 
 logger = logging.getLogger(__name__)
@@ -308,10 +309,12 @@ def run_sandblaster_worker(
     portions_per_push: int = 2,
     micro_batch_size: int = 256,
     after_portion: Callable[[PortionInfo], None] | None = None,
+    stop: StopFlag | None = None,
 ) -> dict[str, int]:
     """Worker ``rank`` of a Sandblaster job: connect to the shards (initialising empty ones with
     ``model``'s values, as the first Downpour worker does) and the coordinator, and compute
-    portions until told to stop.
+    portions until told to stop: by the coordinator, or by ``stop`` (set once the coordinator
+    has finished: a worker that missed it, starting late, say, stops waiting for it).
 
     Emits "started" (``rank``, ``time``) once connected. No "metric" records: the coordinator
     writes each worker's (its committed portions per iteration), so a worker's row has one
@@ -341,6 +344,14 @@ def run_sandblaster_worker(
         retry_timeout_s=retry_timeout_s,
         security=security,
     )
+    finished = threading.Event()
+    if stop is not None:
+        threading.Thread(
+            target=_close_when_stopped,
+            args=(stop, finished, coordinator),
+            name="stop-watch",
+            daemon=True,
+        ).start()
     try:
         client.handshake(FlatLayout(specs).flatten(list(model.parameters())))
         if emit is not None:
@@ -355,7 +366,24 @@ def run_sandblaster_worker(
             max_wait_s=min(2.0, timeout_s / 4),
             after_portion=after_portion,
         )
-        return {"rank": rank, **worker.run()}
+        try:
+            return {"rank": rank, **worker.run()}
+        except CoordinatorUnavailableError:
+            if stop is None or not stop.is_set():
+                raise
+            logger.info("worker%d: the coordinator has finished; stopping", rank)
+            return {"rank": rank, **worker.figures}
     finally:
+        finished.set()
         coordinator.close()
         client.close(wait=False)
+
+
+def _close_when_stopped(
+    stop: StopFlag, finished: threading.Event, coordinator: CoordinatorClient
+) -> None:
+    """Ends the coordinator client's retries once ``stop`` is set (until ``finished``)."""
+    while not finished.is_set():
+        if stop.wait(0.2):
+            coordinator.close()
+            return

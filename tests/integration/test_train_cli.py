@@ -159,6 +159,10 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
             ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "3", "--num-workers", "2"],
             "--rank 3 is not in",
         ),
+        (
+            ["train", "--resume", "nowhere", "--workers", "3"],
+            "argument --workers: a resumed run keeps the value in nowhere/config.json",
+        ),
     ],
 )
 def test_bad_flags_are_clear_errors(args, message):
@@ -166,3 +170,4 @@ def test_bad_flags_are_clear_errors(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+

@@ -18,7 +18,7 @@ from distbelief.coordinator.service import CoordinatorService
 from distbelief.data import load_dataset
 from distbelief.errors import CoordinatorUnavailableError, EvaluationStalledError, RemoteError
 from distbelief.models import MLP
-from distbelief.optim.sandblaster import PortionInfo, SandblasterWorker
+from distbelief.optim.sandblaster import PortionInfo, SandblasterWorker, run_sandblaster_worker
 from distbelief.wire import Message, serve
 from distbelief.wire.vector_program import Program
 from tests.unit.local_vectors import LocalShards
@@ -202,6 +202,131 @@ def test_a_slow_worker_is_backed_up_and_its_late_answers_count_once(digits, job_
     _assert_exact(job, outcome, grad)
     assert outcome.figures.backups_issued >= 1
     job.stop()
+
+
+def test_a_restarted_coordinator_gets_no_answer_computed_for_its_former_life(digits):
+    """A coordinator restarted from its checkpoint numbers its evaluations again from there:
+    a portion computed for the old life (at another point) must not count in the new one, and
+    the worker must read the point again."""
+    plan = BatchPlan(num_examples=len(digits), num_portions=4, batch_size=200)
+    model = _model(digits)
+    vectors = LockedVectors(LocalShards(model, 2))
+    old = CoordinatorService(plan, vectors.commit)
+    server = serve("tcp://127.0.0.1:0", old)
+    computed, restarted = threading.Event(), threading.Event()
+
+    def pause_after_the_first(info: PortionInfo) -> None:
+        if not computed.is_set():
+            computed.set()
+            assert restarted.wait(TIMEOUT_S)
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        coordinator = CoordinatorClient(server.address, "worker0", timeout_s=30)
+        worker = SandblasterWorker(
+            _model(digits), digits, coordinator, vectors, after_portion=pause_after_the_first
+        )
+        try:
+            worker.run()
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            coordinator.close()
+
+    thread = threading.Thread(target=work, name="worker0", daemon=True)
+    new = CoordinatorService(plan, vectors.commit)
+    try:
+        old.scheduler.open(1, "param")
+        thread.start()
+        assert computed.wait(TIMEOUT_S), "the worker computed nothing"
+        server.stop()  # the old life dies with a portion of evaluation 1 computed for it
+        moved = Program()
+        moved.scale("param", 0.5)  # the new life's evaluation 1 is at another point
+        vectors.run(moved)
+        server = serve(server.address, new)
+        restarted.set()
+        program = Program()
+        program.open_evaluation(1, "g1")
+        vectors.run(program)
+        outcome = new.evaluate(1, "param", TIMEOUT_S)
+        program = Program()
+        program.close_evaluation(1)
+        vectors.run(program)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(0.5)
+        job = Job.__new__(Job)  # only what _assert_exact reads
+        job.model, job.dataset, job.plan = model, digits, plan
+        _assert_exact(job, outcome, vectors.shards.gather("g1")[torch.float64])
+        assert new.finish(timeout_s=TIMEOUT_S) == 0
+        thread.join(TIMEOUT_S)
+        assert not errors, errors
+    finally:
+        restarted.set()
+        new.scheduler.stop()
+        server.stop()
+
+
+def test_a_worker_that_missed_the_coordinator_stops_when_its_flag_says_so(digits):
+    """The coordinator finished (or never answered) before this worker reached it: once the
+    launcher sets the workers' stop flag the worker returns, instead of retrying until its
+    retry timeout runs out and failing the job."""
+    from distbelief.config import ServerConfig
+    from distbelief.server.optimizers import server_optimizer_from_config
+    from distbelief.server.process import serve_shard
+    from tests.conftest import free_port
+
+    ready, stop_shard, stop = threading.Event(), threading.Event(), threading.Event()
+    addresses: list[str] = []
+
+    def emit(kind: str, payload) -> None:
+        if kind == "ready":
+            addresses.append(payload["address"])
+            ready.set()
+
+    shard = threading.Thread(
+        target=serve_shard,
+        args=(0, 1, "tcp://127.0.0.1:0"),
+        kwargs={
+            "optimizer_factory": server_optimizer_from_config(ServerConfig()),
+            "emit": emit,
+            "stop": stop_shard,
+        },
+        daemon=True,
+    )
+    shard.start()
+    results: list = []
+
+    def work() -> None:
+        results.append(
+            run_sandblaster_worker(
+                _model(digits),
+                digits,
+                0,
+                f"tcp://127.0.0.1:{free_port()}",  # nobody listens there
+                addresses,
+                timeout_s=5,
+                retry_timeout_s=600,
+                stop=stop,
+            )
+        )
+
+    worker = threading.Thread(target=work, name="worker0", daemon=True)
+    try:
+        assert ready.wait(TIMEOUT_S), "the shard did not start"
+        worker.start()
+        stop.set()
+        worker.join(TIMEOUT_S)
+        assert not worker.is_alive(), "the worker kept waiting for the coordinator"
+        assert results == [
+            {"rank": 0, "portions": 0, "accepted": 0, "duplicates": 0, "bundles": 0, "lost": 0}
+        ]
+    finally:
+        stop.set()
+        worker.join(TIMEOUT_S)
+        stop_shard.set()
+        shard.join(TIMEOUT_S)
 
 
 def test_an_evaluation_nobody_works_on_stalls_with_a_typed_error(digits, job_factory):

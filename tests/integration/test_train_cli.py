@@ -159,6 +159,10 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
             ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "3", "--num-workers", "2"],
             "--rank 3 is not in",
         ),
+        (
+            ["train", "--resume", "nowhere", "--workers", "3"],
+            "argument --workers: a resumed run keeps the value in nowhere/config.json",
+        ),
     ],
 )
 def test_bad_flags_are_clear_errors(args, message):
@@ -166,3 +170,29 @@ def test_bad_flags_are_clear_errors(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--portions", "0"], "argument --portions: must be an integer >= 1, got 0"),
+        (["--history", "0"], "argument --history: must be an integer >= 1, got 0"),
+        (
+            ["--line-search", "nope"],
+            "argument --line-search: invalid choice: 'nope' (choose from 'strong-wolfe', 'fixed')",
+        ),
+        (
+            ["--portions", "5000"],
+            "argument --portions: must be <= the batch of 1437 examples, got 5000",
+        ),
+    ],
+)
+def test_bad_sandblaster_flags_are_one_line_errors_and_write_nothing(tmp_path, flags, message):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "train", "--algorithm", "sandblaster", *flags, "--out", str(run_dir), timeout_s=120
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [f"distbelief train: error: {message}"], result.stderr
+    assert not run_dir.exists()

@@ -40,6 +40,8 @@ class Finished:
     evaluation: int
     portion: int
     loss_sum: float
+    coordinator: str | None = None
+    """The coordinator life that handed out the task (None: whichever answers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,8 @@ class WorkReply:
     task: Task | None = None
     plan: BatchPlan | None = None
     """The batch the task's portion belongs to (with every task)."""
+    coordinator: str | None = None
+    """The coordinator's life (it changes when the coordinator is restarted)."""
 
 
 class CoordinatorClient:
@@ -124,15 +128,20 @@ class CoordinatorClient:
                 "portion": finished.portion,
                 "loss_sum": loss_to_wire(finished.loss_sum),
             }
+            if finished.coordinator is not None:
+                meta["finished"]["coordinator"] = finished.coordinator
         reply = self._request(Message(WORK, meta)).meta
         try:
             return _work_reply(reply)
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"coordinator: malformed reply to work: {reply!r}") from e
 
-    def bundle_pushed(self, evaluation: int, bundle: str, portions: list[int]) -> str:
+    def bundle_pushed(
+        self, evaluation: int, bundle: str, portions: list[int], coordinator: str | None = None
+    ) -> str:
         """Report that ``bundle`` (``portions``' gradients summed) is on every shard; returns
-        ``accepted`` (committed), ``refused``, ``stale`` or ``lost``.
+        ``accepted`` (committed), ``refused``, ``stale`` (also when the coordinator life that
+        accepted the portions, ``coordinator``, is over) or ``lost``.
 
         Raises:
             CoordinatorUnavailableError: the coordinator did not answer within the retry
@@ -145,6 +154,8 @@ class CoordinatorClient:
             "bundle": bundle,
             "portions": list(portions),
         }
+        if coordinator is not None:
+            meta["coordinator"] = coordinator
         return str(self._request(Message(BUNDLE, meta)).meta.get("status"))
 
     def _request(self, message: Message) -> Message:
@@ -165,8 +176,11 @@ def _work_reply(meta: dict) -> WorkReply:
     action = meta["action"]
     if action not in _ACTIONS:
         raise ValueError(f"unknown action {action!r}")
+    life = meta.get("coordinator")
+    if life is not None and not isinstance(life, str):
+        raise ValueError(f"coordinator must be a string, got {life!r}")
     if action != WORK_ACTION:
-        return WorkReply(meta.get("finished"), action)
+        return WorkReply(meta.get("finished"), action, coordinator=life)
     raw = meta["task"]
     task = Task(int(raw["evaluation"]), str(raw["point"]), int(raw["portion"]), bool(raw["backup"]))
-    return WorkReply(meta.get("finished"), action, task, BatchPlan.from_json(raw["batch"]))
+    return WorkReply(meta.get("finished"), action, task, BatchPlan.from_json(raw["batch"]), life)

@@ -5,15 +5,23 @@ the worker's life: ``worker`` (its id, e.g. ``worker2``) and ``session`` (random
 coordinator keys everything by ``<worker>-<session>``. Loss sums travel as ``float.hex``
 strings, exact and able to carry inf and nan (JSON numbers cannot).
 
+Every reply names the coordinator's life, ``coordinator`` (random per process start). A
+restarted coordinator goes back to its last checkpoint and numbers its evaluations again from
+there, so a report carries the life its task came from: one from an earlier life is ``stale``
+(its evaluation number may now be another point), and a worker that sees a new life drops its
+bundle and the point it had read.
+
 ``WORK`` request::
 
     {"worker": str, "session": str, "max_wait_s": float,                     # optional
-     "finished": {"evaluation": int, "portion": int, "loss_sum": hex str}}   # optional
+     "finished": {"evaluation": int, "portion": int, "loss_sum": hex str,    # optional
+                  "coordinator": str}}                          # the task's life, optional
 
 ``WORK`` reply::
 
     {"finished": "accepted" | "duplicate" | "stale" | "lost",   # present iff one was reported
      "action": "work" | "wait" | "stop" | "lost",
+     "coordinator": str,                                          # its life
      "task": {"evaluation": int, "point": str, "portion": int, "backup": bool,
               "batch": BatchPlan.to_json()}}                        # present iff action is work
 
@@ -25,13 +33,15 @@ or answered at once because the worker holds accepted portions: it pushes them f
 
 ``BUNDLE`` request (after pushing the bundle to every shard with ACCUMULATE)::
 
-    {"worker": str, "session": str, "evaluation": int, "bundle": str, "portions": [int, ...]}
+    {"worker": str, "session": str, "evaluation": int, "bundle": str, "portions": [int, ...],
+     "coordinator": str}                            # the life that accepted them, optional
 
 A bundle's id is ``<worker>-<session>-<n>``, unique per life; the coordinator refuses one that
 does not start with the sender's ``<worker>-<session>-``.
 
-``BUNDLE`` reply: ``{"status": "accepted" | "refused" | "stale" | "lost"}``; ``accepted`` means
-the bundle is committed on every shard; on any other status its portions are handed out again.
+``BUNDLE`` reply: ``{"status": "accepted" | "refused" | "stale" | "lost", "coordinator": str}``;
+``accepted`` means the bundle is committed on every shard; on any other status its portions are
+handed out again.
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ WORKER_ID_MAX_CHARS = 32
 """Longest worker id a request may carry."""
 SESSION_MAX_CHARS = 16
 """Longest session a request may carry (so ``<worker>-<session>-<n>`` fits a vector name)."""
+LIFE_MAX_CHARS = 32
+"""Longest coordinator life a request may carry."""
 
 
 def worker_key(meta: dict) -> str:
@@ -73,6 +85,18 @@ def worker_key(meta: dict) -> str:
             raise ValueError(f"{field} must be a string of 1-{max_chars} chars, got {value!r}")
         parts.append(value)
     return "-".join(parts)
+
+
+def life_of(meta: dict) -> str | None:
+    """The coordinator life a report names (None: it names none).
+
+    Raises:
+        ValueError: it is not a string of 1-``LIFE_MAX_CHARS`` chars.
+    """
+    value = meta.get("coordinator")
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= LIFE_MAX_CHARS):
+        raise ValueError(f"coordinator must be a string of 1-{LIFE_MAX_CHARS} chars, got {value!r}")
+    return value
 
 
 def loss_to_wire(loss_sum: float) -> str:

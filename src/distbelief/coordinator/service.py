@@ -7,6 +7,7 @@ thread. It holds no vector: the gradients go from workers to the shards directly
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -17,8 +18,10 @@ from distbelief.coordinator.protocol import (
     ACCEPTED,
     BUNDLE,
     REFUSED,
+    STALE,
     STOP_ACTION,
     WORK,
+    life_of,
     loss_from_wire,
     worker_key,
 )
@@ -71,6 +74,8 @@ class CoordinatorService:
         if worker_silence_s <= 0:
             raise ValueError(f"worker_silence_s must be > 0, got {worker_silence_s!r}")
         self.plan = plan
+        self.life = secrets.token_hex(8)
+        """This coordinator's life: reports of tasks another life handed out are stale."""
         self.scheduler = PortionScheduler(plan, max_holders=max_holders)
         self.max_wait_s = float(max_wait_s)
         self.worker_silence_s = float(worker_silence_s)
@@ -228,17 +233,17 @@ class WorkerConnection:
 
     def _work(self, request: Message) -> Message:
         worker = self._worker(request.meta)
-        reply: dict = {}
+        reply: dict = {"coordinator": self.service.life}
         finished = request.meta.get("finished")
         if finished is not None:
             if not isinstance(finished, dict):
                 raise ValueError(f"finished must be an object, got {finished!r}")
-            reply["finished"] = self.scheduler.finish(
-                worker,
-                _integer(finished, "evaluation"),
-                _integer(finished, "portion"),
-                loss_from_wire(finished.get("loss_sum")),
-            )
+            evaluation, portion = _integer(finished, "evaluation"), _integer(finished, "portion")
+            loss_sum = loss_from_wire(finished.get("loss_sum"))
+            if life_of(finished) not in (None, self.service.life):
+                reply["finished"] = STALE  # computed for a coordinator that has died since
+            else:
+                reply["finished"] = self.scheduler.finish(worker, evaluation, portion, loss_sum)
         max_wait_s = request.meta.get("max_wait_s", self.service.max_wait_s)
         if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)):
             raise ValueError(f"max_wait_s must be a number, got {max_wait_s!r}")
@@ -271,7 +276,9 @@ class WorkerConnection:
                 f"bundle must be named {worker}-<n> (at most {BUNDLE_MAX_CHARS} chars), "
                 f"got {bundle!r}"
             )
+        if life_of(request.meta) not in (None, self.service.life):
+            return request.reply({"status": STALE, "coordinator": self.service.life})
         status = self.scheduler.claim_bundle(worker, evaluation, bundle, portions)
         if status == ACCEPTED and not self.service.commit_bundle(worker, evaluation, bundle):
             status = REFUSED
-        return request.reply({"status": status})
+        return request.reply({"status": status, "coordinator": self.service.life})

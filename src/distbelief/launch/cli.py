@@ -64,11 +64,19 @@ def _addresses(flag: str, text: str) -> list[str]:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from distbelief.launch.resume import read_run_for_resume
+    from distbelief.launch.resume import RESUMABLE_FIELDS, read_run_for_resume
     from distbelief.launch.train import train
 
     if args.resume:
-        config = read_run_for_resume(Path(args.resume))
+        changes = {name: value for name, value in vars(args).items() if "." in name}
+        fixed = [name for name in changes if name not in RESUMABLE_FIELDS]
+        if fixed:
+            raise argparse.ArgumentError(
+                None,
+                f"argument {flag_of('train', fixed[0])}: a resumed run keeps the value in "
+                f"{Path(args.resume) / 'config.json'}",
+            )
+        config = read_run_for_resume(Path(args.resume), changes)
     else:
         config = config_from_args(args)
         # Fixed here, not in train(), so a failure can name its traceback file in the folder.
@@ -201,7 +209,8 @@ def _usage_error(args: argparse.Namespace, message: str) -> int:
 
 
 def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
-    flag = None if getattr(args, "resume", None) else flag_of(args.command, error.field)
+    typed = error.field in vars(args) or not getattr(args, "resume", None)
+    flag = flag_of(args.command, error.field) if typed else None
     if flag is None:  # a value the user did not type (e.g. read from a run folder)
         print(f"distbelief {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -172,7 +172,8 @@ class Cluster(Protocol):
 
     def stop(self, kind: ProcessKind) -> None:
         """Asks every process of ``kind`` to finish, at once: the evaluator evaluates one last
-        time, shards write a last checkpoint and report their counters."""
+        time, shards write a last checkpoint and report their counters, Sandblaster's workers
+        stop waiting for a coordinator that has finished."""
 
     def results(self, kind: ProcessKind) -> dict[int, Any]:
         """What each finished process of ``kind`` returned, by index."""

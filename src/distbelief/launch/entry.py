@@ -39,8 +39,8 @@ def run_role(
 
     Args:
         addresses: the shards' addresses in shard-id order (unused by shards).
-        stop: the stop flag of the process's kind (unused by workers: they stop on SIGTERM).
-            Sandblaster's workers find the coordinator at ``spec.coordinator``.
+        stop: the stop flag of the process's kind (unused by Downpour's workers: they stop on
+            SIGTERM). Sandblaster's workers find the coordinator at ``spec.coordinator``.
 
     Returns:
         What the role returned (counters, steps, the last evaluation).
@@ -83,7 +83,13 @@ def run_role(
         from distbelief.worker.sandblaster import run_sandblaster_job_worker
 
         return run_sandblaster_job_worker(
-            config, spec.index, addresses, spec.coordinator, emit=emit, security=security
+            config,
+            spec.index,
+            addresses,
+            spec.coordinator,
+            emit=emit,
+            security=security,
+            stop=stop,
         )
     if spec.kind is ProcessKind.WORKER:
         from distbelief.worker import run_worker

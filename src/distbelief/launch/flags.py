@@ -286,7 +286,8 @@ def _add_train_parser(commands) -> None:
     train.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue RUN_DIR from its shard checkpoints, with its config",
+        help="continue RUN_DIR from its checkpoints, with its config (of the other flags, "
+        "only those that change no result: --max-iterations, --timeout, --eval-every, ...)",
     )
     add_config_flags(train, "train")
 

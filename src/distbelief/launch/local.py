@@ -212,7 +212,8 @@ class LocalCluster:
 
     def stop(self, kind: ProcessKind) -> None:
         self._stop_flags[kind].set()
-        if kind is ProcessKind.WORKER:  # workers stop on SIGTERM, their flag is not polled
+        sandblaster = self.config.optimizer.algorithm == "sandblaster"
+        if kind is ProcessKind.WORKER and not sandblaster:  # Downpour's: SIGTERM, no flag
             for spec, process in self.processes.values():
                 if spec.kind is kind and process.is_alive():
                     process.terminate()

@@ -1,16 +1,32 @@
 """Resuming a run folder: its config (sectioned, or flat as runs wrote it before the sections)
 and its shard checkpoints, checked before any process starts, so a corrupt or missing file is
-one clear error naming the file instead of a shard's traceback. The checkpoint reader (torch)
-is imported only when a run is resumed: ``distbelief train`` imports this module before it
-starts the processes, and torch here would delay them by its whole import."""
+one clear error naming the file instead of a shard's traceback. A resumed run keeps its config,
+but for the few fields that say how long it goes on and how it runs (``RESUMABLE_FIELDS``). The
+checkpoint reader (torch) is imported only when a run is resumed: ``distbelief train`` imports
+this module before it starts the processes, and torch here would delay them by its whole
+import."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from distbelief.config import JobConfig
+from distbelief.coordinator.checkpoint import restore_folder
 from distbelief.errors import CheckpointError
 from distbelief.launch.cluster import CHECKPOINT_DIR
+
+RESUMABLE_FIELDS = (
+    "sandblaster.max_iterations",
+    "cluster.threads_per_worker",
+    "server.checkpoint_every_s",
+    "faults.timeout_s",
+    "faults.retry_timeout_s",
+    "faults.max_restarts",
+    "reporting.eval_every_s",
+    "reporting.eval_during_training",
+)
+"""Config fields a resumed run may change: none changes what is computed or by how many."""
 
 
 def check_checkpoints(directory: Path, num_shards: int) -> None:
@@ -31,20 +47,30 @@ def check_checkpoints(directory: Path, num_shards: int) -> None:
             )
 
 
-def read_run_for_resume(run_dir: Path) -> JobConfig:
-    """The config of the run in ``run_dir`` (its out_dir pointing there), after checking its
-    checkpoints.
+def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = None) -> JobConfig:
+    """The config of the run in ``run_dir`` (its out_dir pointing there, ``changes`` applied),
+    after checking its checkpoints: the shards' own, or for Sandblaster those of the folder the
+    coordinator's last committed checkpoint names.
 
     Raises:
-        ValueError: ``run_dir`` has no valid config.json, or no shard checkpoints.
+        ValueError: ``run_dir`` has no valid config.json, or no shard checkpoints, or
+            ``changes`` names a field not in ``RESUMABLE_FIELDS``.
+        ConfigFieldError: a value in ``changes`` is out of range.
         CheckpointError: a checkpoint is missing a part or corrupt (names the file).
     """
+    changes = dict(changes or {})
+    fixed = sorted(set(changes) - set(RESUMABLE_FIELDS))
+    if fixed:
+        raise ValueError(f"a resumed run keeps its {', '.join(fixed)}")
     config = JobConfig.from_file(run_dir / "config.json")
     directory = run_dir / CHECKPOINT_DIR
-    if not any(directory.glob("shard*.json")):
-        raise ValueError(f"--resume {run_dir}: no shard checkpoints in {directory}")
     try:
+        if config.optimizer.algorithm == "sandblaster":
+            folder = restore_folder(directory)
+            directory = directory if folder is None else Path(folder)
+        if not any(directory.glob("shard*.json")):
+            raise ValueError(f"--resume {run_dir}: no shard checkpoints in {directory}")
         check_checkpoints(directory, config.cluster.num_shards)
     except CheckpointError as e:
         raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
-    return config.with_fields({"reporting.out_dir": str(run_dir)})
+    return config.with_fields({**changes, "reporting.out_dir": str(run_dir)})

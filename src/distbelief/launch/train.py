@@ -135,14 +135,18 @@ class EventRouter:
 
 
 def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
-    """Route events until the workers finish (Sandblaster: the coordinator, which then tells
-    the workers to stop, and the workers), then stop the evaluator (after its final
-    evaluation) and the shards (which report their counters), in that order."""
+    """Route events until the workers finish (Sandblaster: the coordinator, which tells the
+    workers it reaches to stop, then the workers, told to stop by their flag too: one that
+    reached the coordinator too late, still starting, say, must not wait for it), then stop
+    the evaluator (after its final evaluation) and the shards (which report their counters),
+    in that order."""
     training = [ProcessKind.WORKER]
+    stopped = [ProcessKind.EVALUATOR, ProcessKind.SHARD]
     if config.optimizer.algorithm == "sandblaster":
         training.insert(0, ProcessKind.COORDINATOR)
+        stopped.append(ProcessKind.WORKER)
     for kind in (*training, ProcessKind.EVALUATOR, ProcessKind.SHARD):
-        if kind not in training:
+        if kind in stopped:
             cluster.stop(kind)
         while not cluster.finished(kind):
             route(cluster.next_event(0.2))

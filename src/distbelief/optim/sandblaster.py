@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,11 +31,11 @@ from distbelief.coordinator.protocol import (
     WORK_ACTION,
 )
 from distbelief.data import ArrayDataset
-from distbelief.errors import EvaluationNotOpenError
+from distbelief.errors import CoordinatorUnavailableError, EvaluationNotOpenError
 from distbelief.sharding import FlatLayout, tensor_specs
 
 if TYPE_CHECKING:
-    from distbelief.process import Emit
+    from distbelief.process import Emit, StopFlag
     from distbelief.wire.security import WireSecurity
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class SandblasterWorker:
         self._bundle_evaluation: int | None = None
         self._bundle_portions: list[int] = []
         self._computed: Finished | None = None
+        self._life: str | None = None
+        """The coordinator life whose tasks this worker computes (and whose bundle it holds)."""
         self._window: list[float] = []
         self.figures = {"portions": 0, "accepted": 0, "duplicates": 0, "bundles": 0, "lost": 0}
         """Portions computed, accepted and refused as duplicates; bundles committed; lives lost."""
@@ -161,6 +164,7 @@ class SandblasterWorker:
         """
         while True:
             reply = self.coordinator.ask(self._computed, self.max_wait_s)
+            self._follow_life(reply.coordinator)
             self._settle(reply)
             if reply.action == LOST_ACTION:
                 self._start_new_life()
@@ -172,6 +176,21 @@ class SandblasterWorker:
             if reply.action == WORK_ACTION:
                 assert reply.task is not None and reply.plan is not None
                 self._computed = self._compute(reply.task, reply.plan)
+
+    def _follow_life(self, life: str | None) -> None:
+        """A restarted coordinator went back to its last checkpoint: the accepted portions in
+        the bundle were never its, and its evaluation numbers may name other points now."""
+        if life == self._life:
+            return
+        if self._life is not None:
+            logger.warning(
+                "%s: the coordinator was restarted; dropping %d accepted portions",
+                self.coordinator.worker_id,
+                len(self._bundle_portions),
+            )
+            self._clear_bundle()
+            self._loaded = None
+        self._life = life
 
     def _settle(self, reply: WorkReply) -> None:
         """Keep the portion just computed if it was accepted, else drop it."""
@@ -218,7 +237,7 @@ class SandblasterWorker:
         except EvaluationNotOpenError as e:  # the coordinator gave up on it: not needed
             logger.info("bundle %s dropped: %s", bundle, e)
             return
-        status = self.coordinator.bundle_pushed(evaluation, bundle, portions)
+        status = self.coordinator.bundle_pushed(evaluation, bundle, portions, self._life)
         if status == ACCEPTED:
             self.figures["bundles"] += 1
         elif status == LOST:
@@ -268,7 +287,7 @@ class SandblasterWorker:
                     compute_s=time.perf_counter() - started,
                 )
             )
-        return Finished(task.evaluation, task.portion, loss_sum)
+        return Finished(task.evaluation, task.portion, loss_sum, self._life)
 
     @torch.no_grad()
     def _load_point(self, point: str) -> None:
@@ -290,10 +309,12 @@ def run_sandblaster_worker(
     portions_per_push: int = 2,
     micro_batch_size: int = 256,
     after_portion: Callable[[PortionInfo], None] | None = None,
+    stop: StopFlag | None = None,
 ) -> dict[str, int]:
     """Worker ``rank`` of a Sandblaster job: connect to the shards (initialising empty ones with
     ``model``'s values, as the first Downpour worker does) and the coordinator, and compute
-    portions until told to stop.
+    portions until told to stop: by the coordinator, or by ``stop`` (set once the coordinator
+    has finished: a worker that missed it, starting late, say, stops waiting for it).
 
     Emits "started" (``rank``, ``time``) once connected. No "metric" records: the coordinator
     writes each worker's (its committed portions per iteration), so a worker's row has one
@@ -323,6 +344,14 @@ def run_sandblaster_worker(
         retry_timeout_s=retry_timeout_s,
         security=security,
     )
+    finished = threading.Event()
+    if stop is not None:
+        threading.Thread(
+            target=_close_when_stopped,
+            args=(stop, finished, coordinator),
+            name="stop-watch",
+            daemon=True,
+        ).start()
     try:
         client.handshake(FlatLayout(specs).flatten(list(model.parameters())))
         if emit is not None:
@@ -337,13 +366,30 @@ def run_sandblaster_worker(
             max_wait_s=min(2.0, timeout_s / 4),
             after_portion=after_portion,
         )
-        figures = worker.run()
+        try:
+            figures = worker.run()
+        except CoordinatorUnavailableError:
+            if stop is None or not stop.is_set():
+                raise
+            logger.info("worker%d: the coordinator has finished; stopping", rank)
+            figures = dict(worker.figures)
     except BaseException:
         client.close(wait=False)  # no waiting: the shards may be what failed
         raise
     finally:
+        finished.set()
         coordinator.close()
     # Joins the client's I/O threads: a daemon thread still running while the interpreter
     # exits can abort the process.
     client.close()
     return {"rank": rank, **figures}
+
+
+def _close_when_stopped(
+    stop: StopFlag, finished: threading.Event, coordinator: CoordinatorClient
+) -> None:
+    """Ends the coordinator client's retries once ``stop`` is set (until ``finished``)."""
+    while not finished.is_set():
+        if stop.wait(0.2):
+            coordinator.close()
+            return

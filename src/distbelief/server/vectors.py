@@ -116,6 +116,22 @@ def _integer(value: Any) -> int:
     return value
 
 
+_DOT_CHUNK = 1 << 20
+"""Elements per float64 copy a dot product makes (8 MiB each)."""
+
+
+def _dot64(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``x . y`` summed in float64, over float64 copies. A float32 ``torch.dot`` rounds in an
+    order that depends on where the tensors start in memory (its vector loop aligns first), so
+    a vector restored from a checkpoint would give other dot products than the same vector
+    before: a restarted coordinator would leave the sequence it was on."""
+    total = []
+    for start in range(0, x.numel(), _DOT_CHUNK):
+        pieces = [t[start : start + _DOT_CHUNK].to(torch.float64, copy=True) for t in (x, y)]
+        total.append(float(torch.dot(*pieces)))
+    return math.fsum(total)
+
+
 class VectorExecutor:
     """Runs programs against one shard's store and evaluation accumulator."""
 
@@ -203,7 +219,7 @@ class VectorExecutor:
 
     def _dot(self, a, b, *, results) -> None:
         first, second = self._vector(a), self._vector(b)
-        results.append(sum(float(torch.dot(x, y)) for x, y in zip(first, second, strict=True)))
+        results.append(math.fsum(_dot64(x, y) for x, y in zip(first, second, strict=True)))
 
     def _max_abs(self, a, *, results) -> None:
         maxima = [float(t.abs().max()) for t in self._vector(a) if t.numel()]
@@ -213,7 +229,7 @@ class VectorExecutor:
             results.append(max(maxima, default=0.0))
 
     def _abs_sum(self, a, *, results) -> None:
-        results.append(sum(float(t.abs().sum()) for t in self._vector(a)))
+        results.append(math.fsum(float(t.abs().sum(dtype=torch.float64)) for t in self._vector(a)))
 
     def _set_value(self, key, value, *, results) -> None:
         self.store.values[_value_key(key)] = value

@@ -11,7 +11,7 @@ import torch
 
 from distbelief.data import load_job_dataset
 from distbelief.optim.sandblaster import PortionInfo, run_sandblaster_worker
-from distbelief.process import Emit
+from distbelief.process import Emit, StopFlag
 from distbelief.worker.replica import build_replica
 
 if TYPE_CHECKING:
@@ -28,9 +28,11 @@ def run_sandblaster_job_worker(
     emit: Emit,
     security: WireSecurity | None = None,
     after_portion: Callable[[PortionInfo], None] | None = None,
+    stop: StopFlag | None = None,
 ) -> dict:
     """Worker ``rank`` of the Sandblaster job ``config``: computes the portions the
-    coordinator at ``coordinator`` hands it until told to stop.
+    coordinator at ``coordinator`` hands it until told to stop (by it, or by ``stop``: the
+    coordinator has finished).
 
     Returns:
         ``rank``, ``steps`` (portions computed) and the worker's figures.
@@ -54,5 +56,6 @@ def run_sandblaster_job_worker(
         security=security,
         portions_per_push=config.sandblaster.portions_per_push,
         after_portion=after_portion,
+        stop=stop,
     )
     return {"steps": result.get("portions", 0), **result}

@@ -1,0 +1,184 @@
+"""``distbelief train --algorithm sandblaster`` for real: a small run's records, checkpoints and
+plots; ``--resume`` with more iterations; a coordinator and a worker SIGKILLed mid-run.
+
+The restart tests cut each evaluation into two portions pushed one per bundle: the shards then
+add two gradients, and float addition commutes, so the batch gradient is the same to the last
+bit whichever bundle arrives first. An undisturbed run, a resumed one and one whose coordinator
+or worker was killed then follow one sequence: their final losses agree to 1e-9. (With more
+portions the float32 sum depends on the order the bundles arrive in, and L-BFGS's line search
+can amplify that difference in the last digit to the third after a dozen iterations.)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from distbelief.telemetry import read_metrics
+from tests.conftest import CHILD_ENV, CLI, run_cli
+
+SANDBLASTER = (
+    "train",
+    *("--algorithm", "sandblaster", "--dataset", "digits", "--model", "mlp"),
+    *("--shards", "2", "--workers", "2", "--history", "5", "--eval-every", "5"),
+)
+ITERATIONS = 15
+RUN_TIMEOUT_S = 240
+
+
+def _same_sequence(iterations: int = ITERATIONS) -> tuple[str, ...]:
+    """Flags under which every run follows the same sequence (see the module docstring)."""
+    return (
+        *SANDBLASTER,
+        *("--portions", "2", "--portions-per-push", "1", "--max-iterations", str(iterations)),
+        # Any time at all since the last checkpoint is enough: one at every iteration's end.
+        *("--checkpoint-every", "0.001"),
+    )
+
+
+def _records(run_dir: Path, role: str) -> list[dict]:
+    return [row for row in read_metrics(run_dir / "metrics.csv") if row["role"] == role]
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    result = run_cli(*args, timeout_s=RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory) -> dict:
+    """The summary of a run with ``_same_sequence()``'s flags that nothing disturbed."""
+    run_dir = tmp_path_factory.mktemp("undisturbed") / "run"
+    _train(*_same_sequence(), "--out", str(run_dir))
+    summary = _summary(run_dir)
+    assert summary["coordinator"]["iterations"] == ITERATIONS
+    assert summary["faults"] == []
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_small_run_records_every_iteration_checkpoints_and_plots(tmp_path):
+    run_dir = tmp_path / "run"
+    iterations, portions = 6, 8
+    _train(
+        *SANDBLASTER,
+        *("--portions", str(portions), "--max-iterations", str(iterations)),
+        *("--out", str(run_dir)),
+    )
+    rows = _records(run_dir, "coordinator")
+    assert [row["step"] for row in rows] == list(range(iterations + 1))
+    losses = [row["loss"] for row in rows]
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses))
+    for row in rows:
+        assert row["grad_norm"] > 0
+        assert row["evaluations"] >= 1
+        assert row["portions"] == row["evaluations"] * portions
+        assert row["backups"] is not None and row["backups_won"] is not None
+        assert (row["step_size"] > 0) == (row["step"] > 0)
+    for row in rows:
+        workers = [r for r in _records(run_dir, "worker") if r["step"] == row["step"]]
+        assert sorted(r["rank"] for r in workers) == [0, 1]
+        assert sum(r["portions"] for r in workers) == row["portions"]
+
+    summary = _summary(run_dir)
+    assert summary["coordinator"]["iterations"] == iterations
+    assert summary["coordinator"]["stop_reason"] == "max_iterations"
+    assert summary["coordinator"]["loss"] == pytest.approx(losses[-1])
+    assert summary["faults"] == []
+    assert summary["final"]["test_accuracy"] > 0.3  # chance: 0.1
+    checkpoints = run_dir / "checkpoints"
+    record = json.loads((checkpoints / "coordinator.json").read_text())
+    assert record["iteration"] == iterations
+    assert [path.name for path in checkpoints.glob("lbfgs-*")] == [record["tag"]]
+    for plot in ("loss_vs_time.png", "accuracy_vs_time.png", "throughput_vs_time.png"):
+        assert (run_dir / plot).stat().st_size > 0, plot
+
+
+def _kill_mid_run(run_dir: Path, victim: str) -> subprocess.CompletedProcess:
+    """Run ``_same_sequence()``, SIGKILL ``victim`` once the coordinator has reported iteration 2,
+    and let the run finish."""
+    launcher = subprocess.Popen(
+        [*CLI, *_same_sequence(), "--out", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not _reported(run_dir, iteration=2):
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the coordinator reported no iteration 2"
+            time.sleep(0.05)
+        os.kill(json.loads((run_dir / "pids.json").read_text())[victim], signal.SIGKILL)
+        out, err = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate(timeout=30)
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
+
+
+def _reported(run_dir: Path, iteration: int) -> bool:
+    try:
+        return any(row["step"] >= iteration for row in _records(run_dir, "coordinator"))
+    except (OSError, ValueError):  # not written yet, or a row being written
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)  # with the undisturbed run when this test is the first to need it
+@pytest.mark.parametrize("victim", ["coordinator", "worker1"])
+def test_a_process_killed_mid_run_changes_nothing(tmp_path, undisturbed, victim):
+    run_dir = tmp_path / "run"
+    result = _kill_mid_run(run_dir, victim)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = _summary(run_dir)
+    faults = [(f["process"], f["exitcode"], f["action"]) for f in summary["faults"]]
+    assert faults == [(victim, -signal.SIGKILL, "restarted")]
+    assert f"{victim} died (exit code -9); restarted" in result.stderr
+    assert summary["coordinator"]["iterations"] == ITERATIONS
+    assert summary["coordinator"]["loss"] == pytest.approx(
+        undisturbed["coordinator"]["loss"], rel=1e-9
+    )
+    # A restarted coordinator repeats the iterations after its last checkpoint: every
+    # iteration is reported, some twice, each time alike.
+    rows = _records(run_dir, "coordinator")
+    assert {row["step"] for row in rows} == set(range(ITERATIONS + 1))
+    for step in range(ITERATIONS + 1):
+        assert len({row["loss"] for row in rows if row["step"] == step}) == 1, step
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resume_with_more_iterations_continues_from_the_committed_one(tmp_path, undisturbed):
+    run_dir = tmp_path / "run"
+    first = 5
+    _train(*_same_sequence(first), "--out", str(run_dir))
+    assert json.loads((run_dir / "checkpoints" / "coordinator.json").read_text())["iteration"] == (
+        first
+    )
+    _train("train", "--resume", str(run_dir), "--max-iterations", str(ITERATIONS))
+
+    steps = [row["step"] for row in _records(run_dir, "coordinator")]
+    assert steps == list(range(ITERATIONS + 1))  # 0-5, then 6-15: not from 0 again
+    summary = _summary(run_dir)
+    assert summary["coordinator"]["iterations"] == ITERATIONS
+    assert summary["coordinator"]["loss"] == pytest.approx(
+        undisturbed["coordinator"]["loss"], rel=1e-9
+    )
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["sandblaster"]["max_iterations"] == ITERATIONS

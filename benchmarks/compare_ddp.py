@@ -468,7 +468,7 @@ def run_downpour_launcher(setup: Setup, runs_dir: Path, name: str) -> dict:
             round(r["time_s"], 3),
             r["test_accuracy"],
             r["test_loss"],
-            r["version"] * config.optimizer.batch_size,
+            r["version"] * config.optimizer.minibatch_size,
         ]
         for r in records
         if r["role"] == "evaluator" and r["test_accuracy"] is not None
@@ -555,7 +555,7 @@ def watch_shards(pool: Pool, model: nn.Module, config: JobConfig, addresses, nam
             finished = len(pool.reports("done", f"{name}/worker")) == config.cluster.num_workers
             # n_push = 1: every update a shard applied is one worker step of batch_size samples.
             versions = client.wait(client.pull(flats))
-            snapshots.take(layout.views(flats), max(versions) * config.optimizer.batch_size)
+            snapshots.take(layout.views(flats), max(versions) * config.optimizer.minibatch_size)
             if finished:
                 return snapshots
             pool.pump(SNAPSHOT_EVERY_S)

@@ -113,7 +113,7 @@ def run_cell(num_workers: int, num_shards: int, args, runs_dir: Path, repeat: in
         logger.error("run %s failed: %s", name, e)
         return {**row, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1:]}"}
     records = read_metrics(result.run_dir / "metrics.csv")
-    row |= throughput(records, config.optimizer.batch_size)
+    row |= throughput(records, config.optimizer.minibatch_size)
     row |= {"wall_s": time.monotonic() - started, "final_acc": result.final.get("test_accuracy")}
     logger.info(
         "run %s: %.0f samples/s (sum of workers), %.0f (job), %.1f MB/s wire",

@@ -88,7 +88,7 @@ def test_a_hook_sees_every_step(address: str) -> None:
     result, events = _train(address, recorder)
     assert result == {"rank": 0, "steps": 12}
     assert [s.step for s in recorder.steps] == list(range(1, 13))
-    assert all(s.batch_size == CONFIG.optimizer.batch_size for s in recorder.steps)
+    assert all(s.batch_size == CONFIG.optimizer.minibatch_size for s in recorder.steps)
     assert all(s.compute_s > 0 and s.loss > 0 for s in recorder.steps)
     assert [p["step"] for kind, p in events if kind == "metric"] == [5, 10]
 

@@ -45,6 +45,11 @@ class EvaluationNotOpenError(RemoteError):
     open (closed already, or not opened yet): the pusher's work is not needed for it."""
 
 
+class ShardRestartedError(RemoteError):
+    """A shard answered a vector program from another process life than before: it was
+    restarted, and its vectors are those of its last checkpoint, not of the program before."""
+
+
 class ConsistencyMismatchError(PSError):
     """The shards of one model run different consistency settings (sync rounds, SSP bound,
     staleness policy, ...); the message names the shards and the setting."""

@@ -141,7 +141,7 @@ def _reported(run_dir: Path, iteration: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # with the undisturbed run when this test is the first to need it
-@pytest.mark.parametrize("victim", ["coordinator", "worker1"])
+@pytest.mark.parametrize("victim", ["coordinator", "worker1", "shard0"])
 def test_a_process_killed_mid_run_changes_nothing(tmp_path, undisturbed, victim):
     run_dir = tmp_path / "run"
     result = _kill_mid_run(run_dir, victim)

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from distbelief.errors import EvaluationNotOpenError, ProtocolError
+from distbelief.errors import EvaluationNotOpenError, ProtocolError, ShardRestartedError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.checkpoint import load_checkpoint
 from distbelief.sharding import FlatPartitioner, TensorSpec
@@ -169,3 +169,16 @@ def test_a_program_that_steps_the_parameters_is_a_new_version():
     outs = [torch.empty(p.numel, dtype=p.dtype) for p in connection.shard.slices]
     assert connection.shard.pull_into(outs).version == 1
     assert torch.equal(outs[0], 1.5 * (torch.arange(outs[0].numel(), dtype=torch.float64) + 1))
+
+
+def test_a_program_for_another_life_of_the_shard_is_refused_before_it_runs():
+    connection = Connection()
+    reply = connection.ask(ops.VECTORS, {"program": [["copy", "d", "param"]]})
+    assert reply.meta["life"] == connection.shard.life
+    with pytest.raises(ShardRestartedError, match="was restarted"):
+        connection.ask(ops.VECTORS, {"program": [["zero", "d"]], "life": "0123456789abcdef"})
+    assert kind_of(ShardRestartedError("x")) == "shard_restarted"
+    assert error_for_kind("shard_restarted") is ShardRestartedError
+    outs = [torch.empty(p.numel, dtype=p.dtype) for p in connection.shard.slices]
+    connection.shard.read_vector_into("d", outs)
+    assert torch.equal(outs[0], connection.shard.store.params[0])  # the zero did not run

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from distbelief.client.ps_client import ParameterServerClient
-from distbelief.errors import ProtocolError
+from distbelief.errors import ProtocolError, ShardRestartedError
 from distbelief.wire import Message, ops
 from distbelief.wire.vector_program import (
     Instruction,
@@ -65,6 +65,10 @@ class ShardVectors:
         self._session = secrets.token_hex(8)
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
+        self._lives: list | None = None
+        """Each shard's process life, as its last answer named it."""
+        self._restarted: str | None = None
+        """Why programs are refused until a restore (a shard was restarted)."""
 
     def run(
         self,
@@ -88,6 +92,8 @@ class ShardVectors:
                 vector, no checkpoint folder); the instructions before the bad one have run.
             ProtocolError: a shard's answer holds no (or the wrong number of) results.
             ShardUnavailableError / ShardTimeoutError: a shard did not answer in time.
+            ShardRestartedError: a shard was restarted since the last program (its vectors
+                went back to its last checkpoint); raised again until a ``restore``.
         """
         instructions = (
             program.to_json() if isinstance(program, Program) else [list(i) for i in program]
@@ -100,9 +106,20 @@ class ShardVectors:
             meta["restore"] = check_checkpoint_tag(restore)
         with self._lock:
             meta["seq"] = next(self._seq)
-            # One message per shard: a transport numbers the message it sends.
-            messages = [Message(ops.VECTORS, meta) for _ in range(self.client.num_shards)]
-            replies = self.client.request_each(messages)
+            # One message per shard (a transport numbers the message it sends), each naming
+            # the shard's life as last seen, so a restarted shard refuses before running it.
+            messages = [
+                Message(ops.VECTORS, {**meta, **self._expected_life(shard_id, restore)})
+                for shard_id in range(self.client.num_shards)
+            ]
+            try:
+                replies = self.client.request_each(messages)
+            except ShardRestartedError as e:
+                self._restarted = str(e)
+                raise
+            if restore is not None:
+                self._restarted = None
+            self._lives = [reply.meta.get("life") for reply in replies]
         per_shard = []
         for shard_id, reply in enumerate(replies):
             results = reply.meta.get("results")
@@ -113,6 +130,24 @@ class ShardVectors:
             return combine_partials(instructions, per_shard)
         except (ValueError, TypeError) as e:
             raise ProtocolError(f"the shards' partial results do not combine: {e}") from e
+
+    @property
+    def shard_restarted(self) -> bool:
+        """Whether a shard was restarted since the last restore (programs are refused)."""
+        return self._restarted is not None
+
+    def _expected_life(self, shard_id: int, restore: str | None) -> dict[str, str]:
+        """The ``life`` field of a program for ``shard_id``.
+
+        Raises:
+            ShardRestartedError: a shard was restarted and no restore has followed.
+        """
+        if restore is not None or self._lives is None:
+            return {}
+        if self._restarted is not None:
+            raise ShardRestartedError(self._restarted)
+        life = self._lives[shard_id]
+        return {} if life is None else {"life": life}
 
     def push_bundle(
         self, evaluation: int, bundle: str, flat_grads: dict[torch.dtype, torch.Tensor]

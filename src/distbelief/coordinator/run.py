@@ -22,6 +22,7 @@ from distbelief.coordinator.lbfgs import IterationRecord, LBFGSSettings, Sandbla
 from distbelief.coordinator.portions import EvaluationOutcome
 from distbelief.coordinator.service import CoordinatorService
 from distbelief.data import load_job_dataset
+from distbelief.errors import CoordinatorError, ShardRestartedError
 from distbelief.models import build_model
 from distbelief.process import Emit, StopFlag
 from distbelief.sharding import tensor_specs
@@ -171,27 +172,33 @@ def _optimize(
         return outcome
 
     lbfgs = SandblasterLBFGS(vectors, evaluate, lbfgs_settings(config))
-    saved = checkpoint.read_record(checkpoint_dir)
-    if saved is not None:
-        lbfgs.load_state_dict(saved["state"])
-        vectors.run(Program(), restore=saved["tag"])  # the shards go back there too
-        logger.info("resumed at iteration %d from %s", lbfgs.state.iteration, saved["tag"])
-        saved_iteration = lbfgs.state.iteration
+    if checkpoint.read_record(checkpoint_dir) is not None:
+        saved_iteration = _go_back(lbfgs, vectors, checkpoint_dir)
     else:
         reporter.iteration(lbfgs.start())
         saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
     emit("started", {"rank": 0, "time": time.time()})
     last_save_s = time.monotonic()
     last: dict[str, Any] = {}
+    rollbacks = 0
     while (
         lbfgs.stop_reason is None
         and lbfgs.state.iteration < config.sandblaster.max_iterations
         and not stop.is_set()
     ):
-        last = reporter.iteration(lbfgs.step())
-        if time.monotonic() - last_save_s >= config.server.checkpoint_every_s:
-            saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
-            last_save_s = time.monotonic()
+        try:
+            last = reporter.iteration(lbfgs.step())
+            if time.monotonic() - last_save_s >= config.server.checkpoint_every_s:
+                saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
+                last_save_s = time.monotonic()
+        except (ShardRestartedError, CoordinatorError):
+            # A restarted shard holds its last checkpoint's vectors: every shard and this
+            # coordinator go back to the last committed checkpoint, and go on from there.
+            if not vectors.shard_restarted or rollbacks >= config.faults.max_restarts:
+                raise
+            rollbacks += 1
+            reporter.outcomes = []
+            saved_iteration = _go_back(lbfgs, vectors, checkpoint_dir)
     if lbfgs.state.iteration != saved_iteration:
         _save(lbfgs, vectors, checkpoint_dir)
     # Every worker of the job is waited for: one still starting up must find us to be told.
@@ -207,6 +214,19 @@ def _optimize(
         "evaluations": state.num_evaluations,
         "last_iteration": last,
     }
+
+
+def _go_back(lbfgs: SandblasterLBFGS, vectors: ShardVectors, checkpoint_dir: str) -> int:
+    """Every shard and the coordinator's state back to the last committed checkpoint;
+    returns its iteration. Evaluation numbers keep growing (workers may hold older ones)."""
+    saved = checkpoint.read_record(checkpoint_dir)
+    assert saved is not None
+    evaluations_so_far = lbfgs.state.evaluation
+    lbfgs.load_state_dict(saved["state"])
+    lbfgs.state.evaluation = max(lbfgs.state.evaluation, evaluations_so_far)
+    vectors.run(Program(), restore=saved["tag"])
+    logger.warning("back at iteration %d (%s)", lbfgs.state.iteration, saved["tag"])
+    return lbfgs.state.iteration
 
 
 def _save(lbfgs: SandblasterLBFGS, vectors: ShardVectors, checkpoint_dir: str) -> int:

@@ -9,6 +9,7 @@ programs and gradient bundles (``server/vectors.py``) run under the same lock.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -151,6 +152,9 @@ class ParameterShard:
         self.clocks = WorkerClocks(self.consistency.liveness_timeout_s)
         self.policy = consistency_policy(self.consistency, self.clocks, num_workers)
         self.staleness = StalenessHistogram()
+        self.life = secrets.token_hex(8)
+        """Names this shard's process life: a restarted shard (its vectors those of a
+        checkpoint) answers vector programs with another one."""
         self.last_push: dict[str, tuple[int, int]] = {}
         """Per client session: (sequence number, version after) of its last push."""
         self.accumulator = EvaluationAccumulator()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distbelief.errors import CheckpointError, ProtocolError
+from distbelief.errors import CheckpointError, ProtocolError, ShardRestartedError
 from distbelief.server.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.sharding import ShardSlice
 from distbelief.wire.framing import Sink
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from distbelief.server.service import ShardService
     from distbelief.server.shard import ParameterShard
 
-_VECTORS_FIELDS = frozenset({"program", "checkpoint", "restore", "session", "seq"})
+_VECTORS_FIELDS = frozenset({"program", "checkpoint", "restore", "session", "seq", "life"})
 _ACCUMULATE_FIELDS = frozenset({"evaluation", "bundle"})
 _READ_FIELDS = frozenset({"vector"})
 
@@ -82,12 +82,21 @@ class VectorHandlers:
         tag = meta.get("checkpoint")
         # Checked before the program runs, so a refused checkpoint changes nothing.
         directory = None if tag is None else self._checkpoint_directory(tag)
+        expected_life = meta.get("life")
+        if expected_life is not None and expected_life != self.shard.life:
+            # Checked before anything runs: the program was written for vectors this process
+            # no longer holds (it restarted from its last checkpoint).
+            raise ShardRestartedError(
+                f"shard {self.shard.shard_id} was restarted: its vectors are those of its "
+                "last checkpoint"
+            )
         if meta.get("restore") is not None:
             self._restore_checkpoint(self._checkpoint_directory(meta["restore"]))
         results = self.shard.run_program(program, seq=seq)
         if directory is not None:
             self._save_checkpoint(directory)
-        return request.reply({"results": [_json_result(value) for value in results]})
+        results = [_json_result(value) for value in results]
+        return request.reply({"results": results, "life": self.shard.life})
 
     def _checkpoint_directory(self, tag: Any) -> Path:
         check_checkpoint_tag(tag)

@@ -13,6 +13,7 @@ from distbelief.errors import (
     ModelMismatchError,
     PSError,
     RemoteError,
+    ShardRestartedError,
 )
 
 
@@ -31,6 +32,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("layout_mismatch", (LayoutMismatchError,), LayoutMismatchError),
     ErrorKind("model_mismatch", (ModelMismatchError,), ModelMismatchError),
     ErrorKind("evaluation_not_open", (EvaluationNotOpenError,), EvaluationNotOpenError),
+    ErrorKind("shard_restarted", (ShardRestartedError,), ShardRestartedError),
     ErrorKind("bad_request", (ValueError, PSError), RemoteError),
 )
 """The first kind whose ``sent_for`` matches wins: list a subclass before its base."""

@@ -32,6 +32,7 @@ from distbelief.server.process import serve_shard
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import serve
 from distbelief.wire.vector_program import Program
+from tests.unit.local_vectors import torch_lbfgs_sequence
 
 NUM_SHARDS = 3
 NUM_WORKERS = 4
@@ -146,27 +147,15 @@ def _torch_sequence(plan: BatchPlan, line_search: str | None, lr: float) -> list
     dataset = load_dataset("digits", split="train")
     indices = plan.indices()
     inputs, labels = dataset.images[indices].double(), dataset.labels[indices]
-    model = _model()
-    optimizer = torch.optim.LBFGS(
-        model.parameters(),
+    return torch_lbfgs_sequence(
+        _model(),
+        inputs,
+        labels,
+        history=HISTORY,
+        line_search=line_search,
         lr=lr,
-        max_iter=1,
-        max_eval=26,  # 1 evaluation at the start of step() + at most 25 in the line search
-        history_size=HISTORY,
-        line_search_fn=line_search,
+        iterations=ITERATIONS,
     )
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), labels)
-        loss.backward()
-        return loss
-
-    sequence = []
-    for _ in range(ITERATIONS):
-        optimizer.step(closure)
-        sequence.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    return sequence
 
 
 class Coordinator:

@@ -105,3 +105,37 @@ def batch_evaluator(
         return Sums(total, len(labels))
 
     return evaluate
+
+
+def torch_lbfgs_sequence(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    history: int,
+    line_search: str | None,
+    lr: float,
+    iterations: int,
+) -> list[torch.Tensor]:
+    """torch.optim.LBFGS on the whole batch, one iteration per step() (max_iter=1), the
+    parameters after each: the sequence the coordinator must follow."""
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        lr=lr,
+        max_iter=1,
+        max_eval=26,  # 1 evaluation at the start of step() + at most 25 in the line search
+        history_size=history,
+        line_search_fn=line_search,
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    sequence = []
+    for _ in range(iterations):
+        optimizer.step(closure)
+        sequence.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return sequence

@@ -12,7 +12,7 @@ from torch import nn
 
 from distbelief.coordinator.lbfgs import LBFGSSettings, SandblasterLBFGS
 from distbelief.data import load_dataset
-from tests.unit.local_vectors import LocalShards, batch_evaluator
+from tests.unit.local_vectors import LocalShards, batch_evaluator, torch_lbfgs_sequence
 
 ITERATIONS = 20
 
@@ -34,27 +34,15 @@ def _mlp() -> nn.Module:
 
 
 def _torch_sequence(model, inputs, labels, history, line_search, lr) -> list[torch.Tensor]:
-    """torch's LBFGS one iteration per step() (max_iter=1), the parameters after each."""
-    optimizer = torch.optim.LBFGS(
-        model.parameters(),
+    return torch_lbfgs_sequence(
+        model,
+        inputs,
+        labels,
+        history=history,
+        line_search=line_search,
         lr=lr,
-        max_iter=1,
-        max_eval=26,  # 1 evaluation at the start of step() + at most 25 in the line search
-        history_size=history,
-        line_search_fn=line_search,
+        iterations=ITERATIONS,
     )
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), labels)
-        loss.backward()
-        return loss
-
-    sequence = []
-    for _ in range(ITERATIONS):
-        optimizer.step(closure)
-        sequence.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    return sequence
 
 
 def _coordinator_sequence(

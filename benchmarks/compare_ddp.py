@@ -276,18 +276,7 @@ class Pool:
         self.close()
 
     def close(self) -> None:
-        for inbox, process in zip(self.inboxes, self.processes, strict=True):
-            if process.is_alive():
-                inbox.put(None)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.terminate()
-                process.join(STOP_GRACE_S)
-            if process.is_alive():
-                process.kill()
-                process.join(STOP_GRACE_S)
+        machine.close_process_pool(self.inboxes, self.processes, STOP_GRACE_S)
 
     def submit(self, slot: int, name: str, task: Callable, *args) -> None:
         """Run ``task(Slot, *args)`` in pool process ``slot``; its reports carry ``name``."""

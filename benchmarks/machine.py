@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,3 +54,20 @@ def write_report(
         stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
         stem.with_suffix(".md").write_text(markdown)
     return markdown
+
+
+def close_process_pool(inboxes: list, processes: list, grace_s: float) -> None:
+    """Stop a pool of benchmark worker processes: a ``None`` in each live one's inbox asks it
+    to end, then whatever is left after ``grace_s`` is terminated, then killed."""
+    for inbox, process in zip(inboxes, processes, strict=True):
+        if process.is_alive():
+            inbox.put(None)
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.terminate()
+            process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join(grace_s)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import machine
 from distbelief.client import ParameterServerClient
 from distbelief.client.vectors import ShardVectors
 from distbelief.coordinator import BatchPlan, CoordinatorService, EvaluationOutcome
@@ -217,18 +218,7 @@ class WorkerPool:
         return reports
 
     def close(self) -> None:
-        for inbox, process in zip(self.inboxes, self.processes, strict=True):
-            if process.is_alive():
-                inbox.put(None)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.is_alive():
-                process.terminate()
-                process.join(STOP_GRACE_S)
-            if process.is_alive():
-                process.kill()
-                process.join(STOP_GRACE_S)
+        machine.close_process_pool(self.inboxes, self.processes, STOP_GRACE_S)
 
 
 class ShardHosts:

@@ -90,6 +90,19 @@ class EvaluationStalledError(CoordinatorError, TimeoutError):
     computing, or every one is stuck)."""
 
 
+class PipelineError(DistBeliefError):
+    """A stage of a partitioned replica could not exchange activations or gradients with a
+    neighbouring stage; the message names the stage, the peer and the step."""
+
+
+class StageTimeoutError(PipelineError, TimeoutError):
+    """A neighbouring stage did not send (or take) an activation or gradient in time."""
+
+
+class StageUnavailableError(PipelineError, ConnectionError):
+    """A neighbouring stage could not be reached, or closed the connection."""
+
+
 class CheckpointError(DistBeliefError, ValueError):
     """A checkpoint file is missing a part, corrupt, or belongs to another job or shard."""
 

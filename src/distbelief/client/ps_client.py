@@ -216,6 +216,9 @@ class ParameterServerClient:
         security: Authentication key and TLS settings of the job.
         partitioner: Which slices each shard owns (default: byte-balanced flat); every shard
             must hold an equal one, which the handshake checks.
+        group: The parameter group on the shards these parameters are (a model-parallel
+            partition's, say: each group has its own layout, version and optimizer state);
+            "" is the default group.
     """
 
     def __init__(
@@ -230,12 +233,15 @@ class ParameterServerClient:
         retry_timeout_s: float = 60.0,
         security: WireSecurity | None = None,
         partitioner: Partitioner | None = None,
+        group: str = "",
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if retry_timeout_s < 0:
             raise ValueError(f"retry_timeout_s must be >= 0, got {retry_timeout_s}")
         self.worker_id = worker_id
+        self.group = group
+        self._group_meta = {"group": group} if group else {}
         self.hold_timeout_s = hold_timeout_s
         self.retry_timeout_s = retry_timeout_s
         self._push_seq = itertools.count(1)
@@ -344,7 +350,9 @@ class ParameterServerClient:
         return first
 
     def _identity(self, clock: int) -> dict:
-        return {} if self.worker_id is None else {"worker": self.worker_id, "clock": clock}
+        if self.worker_id is None:
+            return dict(self._group_meta)
+        return {**self._group_meta, "worker": self.worker_id, "clock": clock}
 
     def _hello_meta(self, shard_id: int) -> dict:
         return {
@@ -554,7 +562,9 @@ class ParameterServerClient:
     def stats(self) -> list[dict]:
         """Each shard's counters (version, pushes, pulls, bytes)."""
         futures = [
-            self._submit(i, lambda i: self._request(i, Message(ops.STATS)).meta)
+            self._submit(
+                i, lambda i: self._request(i, Message(ops.STATS, dict(self._group_meta))).meta
+            )
             for i in range(self.num_shards)
         ]
         return self.wait(futures)

@@ -86,6 +86,9 @@ class DownpourSGD(torch.optim.Optimizer):
         auth_key: The job's secret. Default: the key published with the ParameterServer,
             else read from the file named by ``DISTBELIEF_AUTH_KEY_FILE``, else none.
         security: Full wire security (key and TLS); overrides ``auth_key``.
+        group: The parameter group on the shards that ``params`` are (one per partition of a
+            model-parallel replica: each with its own layout, version and server optimizer);
+            default: the shards' default group.
 
     The shards' consistency model is learned at the handshake: with synchronous rounds every
     step pushes and then waits for the round's aggregated update (n_push = n_pull = 1). A
@@ -123,6 +126,7 @@ class DownpourSGD(torch.optim.Optimizer):
         retry_timeout_s: float = 60.0,
         auth_key: bytes | None = None,
         security: WireSecurity | None = None,
+        group: str = "",
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -156,6 +160,7 @@ class DownpourSGD(torch.optim.Optimizer):
             hold_timeout_s=hold_timeout_s,
             retry_timeout_s=retry_timeout_s,
             security=security or WireSecurity(auth_key=auth_key or _key_from_environment()),
+            group=group,
         )
         self._model_versions = [0] * self.client.num_shards
         self._window_base: list[int] | None = None

@@ -12,9 +12,8 @@ import threading
 import torch
 
 from distbelief.config import ConsistencyConfig, JobConfig
-from distbelief.errors import CheckpointError
 from distbelief.process import Emit, StopFlag
-from distbelief.server.checkpoint import Checkpointer, load_checkpoint
+from distbelief.server.groups import ShardGroups
 from distbelief.server.optimizers import ServerOptimizerFactory, server_optimizer_from_config
 from distbelief.server.service import ShardService
 from distbelief.server.shard import ParameterShard
@@ -53,8 +52,11 @@ def serve_shard(
     every shard is at the same point), and ``restore_from`` names the folder to restore from
     (default: ``checkpoint_dir``). A synchronous
     round expects ``num_workers`` gradients. ``partitioner``: which slices the shard owns
-    (default: flat); its clients must use an equal one. Emits "ready" once listening and a
-    "heartbeat" with its version every quarter second.
+    (default: flat); its clients must use an equal one. Clients that name a parameter group
+    (a model-parallel partition's) get a shard of their own for it, built from the same
+    arguments and checkpointed into ``checkpoint_dir/group-NAME/`` (``server/groups.py``).
+    Emits "ready" once listening and a "heartbeat" with its version (summed over the groups)
+    every quarter second.
     ``shard``: an empty shard the caller built from the same arguments and keeps a handle on
     (to read its parameters after the stop); default: a new one.
 
@@ -77,30 +79,47 @@ def serve_shard(
             partitioner=partitioner,
             num_workers=num_workers,
         )
-    restored = _restore(shard, restore_from if restore_from is not None else checkpoint_dir)
-    checkpointer = None
-    if checkpoint_dir is not None and checkpoint_every_s is not None:
-        checkpointer = Checkpointer(shard, checkpoint_dir, checkpoint_every_s)
-        checkpointer.saved_version = restored
-        checkpointer.start()
-    server = serve(bind, ShardService(shard, checkpoint_dir=checkpoint_dir), security=security)
-    emit("ready", {"shard_id": shard_id, "address": server.address, "restored_version": restored})
+    groups = ShardGroups(
+        shard,
+        lambda: ParameterShard(
+            shard_id,
+            num_shards,
+            optimizer_factory,
+            consistency,
+            partitioner=partitioner,
+            num_workers=num_workers,
+        ),
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every_s=checkpoint_every_s,
+    )
+    restored = groups.restore(restore_from if restore_from is not None else checkpoint_dir)
+    groups.start_checkpoints(restored)
+    service = ShardService(shard, checkpoint_dir=checkpoint_dir, groups=groups)
+    try:
+        server = serve(bind, service, security=security)
+    except BaseException:
+        groups.stop_checkpoints()
+        raise
+    restored_version = sum(restored.values()) if restored else None
+    emit(
+        "ready",
+        {"shard_id": shard_id, "address": server.address, "restored_version": restored_version},
+    )
     logger.info("shard %d of %d serving at %s", shard_id, num_shards, server.address)
     try:
         # Short waits, not one long one, so SIGTERM's SystemExit is raised promptly.
         while not stop.wait(_HEARTBEAT_S):
-            emit("heartbeat", {"shard_id": shard_id, "version": shard.version})
+            emit("heartbeat", {"shard_id": shard_id, "version": groups.total_version})
     finally:
         server.stop()
-        if checkpointer is not None:
-            checkpointer.stop()
-    counters = shard.counters()
+        groups.stop_checkpoints()
+    totals = groups.totals()
     return {
         "shard_id": shard_id,
-        "version": counters.version,
-        "num_pushes": counters.num_pushes,
-        "num_dropped": counters.num_dropped,
-        "staleness": shard.staleness.as_dict(),
+        "version": totals["version"],
+        "num_pushes": totals["num_pushes"],
+        "num_dropped": totals["num_dropped"],
+        "staleness": totals["staleness"],
     }
 
 
@@ -135,20 +154,3 @@ def serve_job_shard(
         emit=emit,
         stop=stop,
     )
-
-
-def _restore(shard: ParameterShard, checkpoint_dir: str | None) -> int | None:
-    """Load the shard's last checkpoint; returns its version (None: nothing to restore)."""
-    if checkpoint_dir is None:
-        return None
-    state = load_checkpoint(checkpoint_dir, shard.shard_id)
-    if state is None:
-        return None
-    try:
-        shard.restore(state)
-    except ValueError as e:
-        raise CheckpointError(f"{checkpoint_dir}: shard {shard.shard_id}: {e}") from e
-    logger.info(
-        "shard %d restored version %d from %s", shard.shard_id, state.version, checkpoint_dir
-    )
-    return state.version

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from distbelief.errors import ProtocolError
+from distbelief.server.groups import DEFAULT_GROUP, ShardGroups, check_group_name
 from distbelief.server.shard import ParameterShard
 from distbelief.server.vector_service import VectorHandlers
 from distbelief.sharding import partitioner_from_json, specs_from_json
@@ -61,13 +62,22 @@ class ShardService:
     (each gets the connection's ShardConnection) before the service is served.
 
     Args:
-        shard: The shard to serve.
+        shard: The shard to serve (the default parameter group's).
         checkpoint_dir: Where a vector program that asks for a checkpoint (``"checkpoint":
             TAG``) saves the shard: ``<checkpoint_dir>/TAG/``. None: such requests are refused.
+        groups: The process's parameter groups (``server/groups.py``); a connection serves the
+            group its first request names (meta ``group``). None: the default group only.
     """
 
-    def __init__(self, shard: ParameterShard, checkpoint_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        shard: ParameterShard,
+        checkpoint_dir: str | Path | None = None,
+        *,
+        groups: ShardGroups | None = None,
+    ) -> None:
         self.shard = shard
+        self.groups = groups if groups is not None else ShardGroups(shard)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -108,6 +118,21 @@ class ShardConnection(VectorHandlers):
         self._pull_tensors: list[tuple[str, torch.Tensor]] = []
         self._snapshot_generation: int | None = None
         self.worker: str | None = None
+        self.group: str | None = None
+        """The parameter group this connection serves, set by the first request naming one."""
+
+    def _bind_group(self, meta: dict) -> None:
+        """Serve the group ``meta`` names (default: the default group) on this connection; a
+        connection serves one group for its whole life (its buffers are that group's)."""
+        name = check_group_name(meta.get("group", DEFAULT_GROUP))
+        if self.group is None:
+            self.shard = self.service.groups.get(name)
+            self.group = name
+        elif name != self.group:
+            raise ValueError(
+                f"this connection serves parameter group {self.group!r}, not {name!r}: "
+                "use one connection per group"
+            )
 
     @functools.cached_property
     def _slice_names(self) -> list[str]:
@@ -124,6 +149,8 @@ class ShardConnection(VectorHandlers):
 
     def _push_sink_for(self, request: Message) -> Sink:
         # Only pushes reuse buffers: INIT allocates fresh tensors the shard keeps.
+        if self.group is None:
+            self._bind_group(request.meta)
         if not self._push_buffers:
             self.shard.require_initialized()
             self._push_buffers = {
@@ -142,6 +169,7 @@ class ShardConnection(VectorHandlers):
         return buffer
 
     def _hello(self, request: Message) -> Message:
+        self._bind_group(request.meta)
         expected_id = request.meta.get("shard_id")
         if expected_id is not None and expected_id != self.shard.shard_id:
             raise ValueError(
@@ -185,6 +213,7 @@ class ShardConnection(VectorHandlers):
         }
 
     def _init(self, request: Message) -> Message:
+        self._bind_group(request.meta)
         specs = specs_from_json(request.meta.get("specs"))
         if "partitioner" in request.meta:
             self.shard.check_partitioner(partitioner_from_json(request.meta["partitioner"]))
@@ -194,6 +223,7 @@ class ShardConnection(VectorHandlers):
         return request.reply({"adopted": adopted, **self._describe()})
 
     def _push(self, request: Message) -> Message:
+        self._bind_group(request.meta)
         names = [name for name, _ in request.tensors]
         if names != self._slice_names:
             raise ProtocolError(f"push must carry {self._slice_names}, got {names}")
@@ -212,6 +242,7 @@ class ShardConnection(VectorHandlers):
         )
 
     def _pull(self, request: Message) -> Message:
+        self._bind_group(request.meta)
         if not self._pull_buffers:
             self.shard.require_initialized()
             self._pull_buffers = [torch.empty(p.numel, dtype=p.dtype) for p in self.shard.slices]
@@ -236,14 +267,25 @@ class ShardConnection(VectorHandlers):
         return request.reply({"version": result.version, "held": False}, self._pull_tensors)
 
     def _stats(self, request: Message) -> Message:
-        counters = self.shard.counters()
-        return request.reply(
-            {
-                **self._describe(),
+        """One group's counters when the request names it, else the sum over every group
+        (the same as the default group's when the process serves no other)."""
+        if "group" in request.meta:
+            shard = self.service.groups.get(request.meta["group"])
+            counters = shard.counters()
+            figures = {
+                "version": counters.version,
                 "num_pushes": counters.num_pushes,
                 "num_pulls": counters.num_pulls,
                 "num_dropped": counters.num_dropped,
-                "staleness": self.shard.staleness.as_dict(),
+                "staleness": shard.staleness.as_dict(),
+            }
+        else:
+            figures = self.service.groups.totals()
+        return request.reply(
+            {
+                **self._describe(),
+                **figures,
+                "groups": sorted(self.service.groups.shards()),
                 "bytes_received": self.service.bytes_received,
                 "bytes_sent": self.service.bytes_sent,
             }

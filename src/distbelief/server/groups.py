@@ -1,0 +1,176 @@
+"""Parameter groups on one shard process: independent sets of parameters (each partition of a
+model-parallel replica, say), each a ParameterShard of its own with its own layout, version,
+server optimizer, consistency clocks and checkpoint folder. A client names its group in every
+request; a group is created when a client first names it. The default group ``""`` is the shard
+the process was started with, and checkpoints of group ``G`` go to ``<checkpoint_dir>/group-G/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from distbelief.errors import CheckpointError
+from distbelief.server.checkpoint import Checkpointer, load_checkpoint
+from distbelief.server.shard import ParameterShard
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GROUP = ""
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_GROUP_DIR_PREFIX = "group-"
+
+
+def group_dir(checkpoint_dir: str | Path, name: str) -> Path:
+    """Where group ``name``'s checkpoints go (the default group's: ``checkpoint_dir``)."""
+    directory = Path(checkpoint_dir)
+    return directory if name == DEFAULT_GROUP else directory / f"{_GROUP_DIR_PREFIX}{name}"
+
+
+def check_group_name(name: object) -> str:
+    """``name`` if it can name a group; ValueError naming it otherwise."""
+    if name == DEFAULT_GROUP:
+        return DEFAULT_GROUP
+    if not isinstance(name, str) or not _GROUP_NAME.fullmatch(name):
+        raise ValueError(
+            f"parameter group name {name!r} must be 1-64 letters, digits, '_', '.' or '-'"
+        )
+    return name
+
+
+class ShardGroups:
+    """One shard process's parameter groups, their creation and their checkpoints.
+
+    Args:
+        default: The default group's shard.
+        make_shard: Builds an empty shard for a new group (same shard id, optimizer and
+            consistency as the default); None: the process serves the default group only.
+        checkpoint_dir: Where every group's checkpoints go (None: no checkpoints).
+        checkpoint_every_s: Seconds between periodic saves (None: no periodic saves).
+    """
+
+    def __init__(
+        self,
+        default: ParameterShard,
+        make_shard: Callable[[], ParameterShard] | None = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every_s: float | None = None,
+    ) -> None:
+        self.default = default
+        self._make_shard = make_shard
+        self._checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self._checkpoint_every_s = checkpoint_every_s
+        self._lock = threading.Lock()
+        self._shards: dict[str, ParameterShard] = {DEFAULT_GROUP: default}
+        self._checkpointers: dict[str, Checkpointer] = {}
+        self._started = False
+
+    def get(self, name: object) -> ParameterShard:
+        """Group ``name``'s shard, created empty when first named.
+
+        Raises:
+            ValueError: ``name`` is not a valid group name, or this process serves no groups.
+        """
+        name = check_group_name(name)
+        with self._lock:
+            shard = self._shards.get(name)
+            if shard is not None:
+                return shard
+            if self._make_shard is None:
+                raise ValueError(f"this shard serves no parameter groups (asked for {name!r})")
+            shard = self._shards[name] = self._make_shard()
+            if self._started:
+                self._start_checkpointer(name, shard, saved_version=None)
+        logger.info("shard %d: new parameter group %r", shard.shard_id, name)
+        return shard
+
+    def shards(self) -> dict[str, ParameterShard]:
+        """Every group's shard, by name."""
+        with self._lock:
+            return dict(self._shards)
+
+    @property
+    def total_version(self) -> int:
+        """Updates applied over all groups."""
+        return sum(shard.version for shard in self.shards().values())
+
+    def totals(self) -> dict:
+        """Counters summed over every group: ``version``, ``num_pushes``, ``num_pulls``,
+        ``num_dropped`` and the ``staleness`` histogram (staleness -> pushes)."""
+        totals = {"version": 0, "num_pushes": 0, "num_pulls": 0, "num_dropped": 0}
+        staleness: Counter[int] = Counter()
+        for shard in self.shards().values():
+            counters = shard.counters()
+            totals["version"] += counters.version
+            totals["num_pushes"] += counters.num_pushes
+            totals["num_pulls"] += counters.num_pulls
+            totals["num_dropped"] += counters.num_dropped
+            staleness.update(shard.staleness.counts)
+        return {**totals, "staleness": {str(s): n for s, n in sorted(staleness.items())}}
+
+    def restore(self, directory: str | Path | None) -> dict[str, int]:
+        """Loads the last checkpoint of the default group and of every group found in
+        ``directory``; returns the restored versions by group (empty: nothing restored).
+
+        Raises:
+            CheckpointError: a checkpoint is corrupt or belongs to another shard.
+        """
+        if directory is None:
+            return {}
+        directory = Path(directory)
+        names = [DEFAULT_GROUP]
+        if self._make_shard is not None and directory.is_dir():
+            names += sorted(
+                path.name[len(_GROUP_DIR_PREFIX) :]
+                for path in directory.glob(f"{_GROUP_DIR_PREFIX}*")
+                if path.is_dir()
+            )
+        restored = {}
+        for name in names:
+            version = _restore_one(self.get(name), group_dir(directory, name))
+            if version is not None:
+                restored[name] = version
+        return restored
+
+    def start_checkpoints(self, restored: dict[str, int]) -> None:
+        """Periodic saves of every group from now on (and of groups created later)."""
+        if self._checkpoint_dir is None or self._checkpoint_every_s is None:
+            return
+        with self._lock:
+            self._started = True
+            for name, shard in self._shards.items():
+                self._start_checkpointer(name, shard, restored.get(name))
+
+    def _start_checkpointer(self, name: str, shard: ParameterShard, saved_version) -> None:
+        assert self._checkpoint_dir is not None and self._checkpoint_every_s is not None
+        checkpointer = Checkpointer(
+            shard, group_dir(self._checkpoint_dir, name), self._checkpoint_every_s
+        )
+        checkpointer.saved_version = saved_version
+        self._checkpointers[name] = checkpointer.start()
+
+    def stop_checkpoints(self) -> None:
+        """Stop the periodic saves; every group writes a last checkpoint."""
+        with self._lock:
+            self._started = False
+            checkpointers = list(self._checkpointers.values())
+            self._checkpointers.clear()
+        for checkpointer in checkpointers:
+            checkpointer.stop()
+
+
+def _restore_one(shard: ParameterShard, directory: Path) -> int | None:
+    state = load_checkpoint(directory, shard.shard_id)
+    if state is None:
+        return None
+    try:
+        shard.restore(state)
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: shard {shard.shard_id}: {e}") from e
+    logger.info("shard %d restored version %d from %s", shard.shard_id, state.version, directory)
+    return state.version

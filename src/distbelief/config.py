@@ -21,6 +21,7 @@ SERVER_OPTIMIZER_NAMES = ("sgd", "momentum", "adagrad", "adam")
 STALENESS_POLICIES = ("none", "scale", "dc-asgd")
 ALGORITHMS = ("downpour", "sandblaster")
 LINE_SEARCHES = ("strong-wolfe", "fixed")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 DEFAULT_EPOCHS = 15
 """Passes over each worker's slice when neither steps nor epochs is given."""
 DEFAULT_MINIBATCH_SIZE = 32
@@ -263,6 +264,52 @@ class SandblasterConfig:
         return self.portions if self.portions is not None else PORTIONS_PER_WORKER * num_workers
 
 
+def _split_points(text: object) -> tuple[int, ...] | None:
+    """``"3,7"`` (a flag's text) or a list (JSON) as a tuple of ints; None stays None."""
+    if text is None or isinstance(text, tuple):
+        return text
+    parts = text.split(",") if isinstance(text, str) else list(text)  # type: ignore[arg-type]
+    try:
+        return tuple(int(part) for part in parts)
+    except (TypeError, ValueError):
+        raise ConfigFieldError("split_points", f"must be integers like 3,7, got {text!r}") from None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineConfig:
+    """Model parallelism (Dean et al. 2012, section 3): each replica's model cut into
+    partitions, each trained by its own stage process that pushes and pulls only its own
+    parameters; activations cross the cuts on a pipeline schedule of micro-batches."""
+
+    num_partitions: int = 1
+    """Partitions (stage processes) per replica; 1: the whole model in one worker process."""
+    num_micro_batches: int = 1
+    """Micro-batches each batch is cut into, so that the stages work at the same time."""
+    schedule: str = field(default="1f1b", metadata={"choices": PIPELINE_SCHEDULES})
+    """Pipeline schedule: 1f1b (one forward, one backward) or gpipe (all forwards, then all
+    backwards); both give the same gradients."""
+    split_points: tuple[int, ...] | None = None
+    """Layers at which to cut the model, comma-separated (default: balance the measured compute
+    time of the partitions)."""
+    max_stage_bytes: int | None = None
+    """Memory budget of one stage for its parameters and optimizer state: refuse to start a
+    stage that needs more (default: no budget)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "split_points", _split_points(self.split_points))
+        _require_counts(self, "num_partitions", "num_micro_batches")
+        _require_choice(self, "schedule")
+        points = self.split_points
+        if points is not None and len(points) != self.num_partitions - 1:
+            raise ConfigFieldError(
+                "split_points",
+                f"must be {self.num_partitions - 1} layer indices for {self.num_partitions} "
+                f"partitions, got {','.join(map(str, points))}",
+            )
+        budget = self.max_stage_bytes
+        _require(budget is None or budget >= 1, "max_stage_bytes", budget, "an integer >= 1")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FaultsConfig:
     """How long to wait for a peer, and how often to bring a dead process back."""
@@ -318,6 +365,8 @@ class JobConfig:
     """The shards' consistency model."""
     sandblaster: SandblasterConfig = field(default_factory=SandblasterConfig)
     """Sandblaster L-BFGS."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """Model parallelism: partitions per replica and their pipeline."""
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     """Timeouts, retries and restarts."""
     reporting: ReportingConfig = field(default_factory=ReportingConfig)
@@ -337,6 +386,12 @@ class JobConfig:
             raise ConfigFieldError(
                 "sandblaster.portions",
                 f"must be <= the batch size ({batch_size}), got {portions}",
+            )
+        micro_batches = self.pipeline.num_micro_batches
+        if micro_batches > self.optimizer.minibatch_size:
+            raise ConfigFieldError(
+                "pipeline.num_micro_batches",
+                f"must be <= the batch size ({self.optimizer.minibatch_size}), got {micro_batches}",
             )
         if self.optimizer.warmstart_steps and self.consistency.sync:
             raise ConfigFieldError(
@@ -418,6 +473,7 @@ DOWNPOUR_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
     "optimizer": ("lr", "n_push", "n_pull", "steps", "epochs", "blocking", "warmstart_steps"),
     "server": ("optimizer", "lr", "momentum", "betas", "eps"),
     "consistency": (),
+    "pipeline": (),
 }
 """Fields Sandblaster does not use, by section (an empty tuple: the whole section)."""
 

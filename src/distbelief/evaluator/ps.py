@@ -44,16 +44,63 @@ class PSEvaluator:
     ) -> None:
         self.test_set = load_job_dataset(config.data, "test")
         self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
-        self.layout = FlatLayout(tensor_specs(self.model.named_parameters()))
+        self._readers: list[_GroupReader] = []
+        try:
+            for group, named in _parameter_groups(config, self.model, self.test_set):
+                self._readers.append(_GroupReader(config, addresses, named, group, security))
+        except BaseException:
+            self.close()
+            raise
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Test loss, accuracy and the shards' version of one fresh pull (the highest shard
+        version; summed over the partitions of a model-parallel model).
+
+        Raises:
+            ShardTimeoutError: a shard did not answer the pull within the request timeout.
+            ShardUnavailableError: a shard cannot be reached.
+        """
+        version = sum(reader.pull() for reader in self._readers)
+        test_loss, test_accuracy = evaluate(self.model, self.test_set)
+        return {"test_loss": test_loss, "test_accuracy": test_accuracy, "version": version}
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.client.close()
+
+
+def _parameter_groups(config: JobConfig, model, test_set) -> list[tuple[str, list]]:
+    """(group on the shards, its named parameters of ``model``): the whole model in the
+    default group, or each partition of a model-parallel job in its own."""
+    named = list(model.named_parameters())
+    if config.pipeline.num_partitions == 1:
+        return [("", named)]
+    from distbelief.pipeline.job import job_split, partition_names, stage_group
+
+    split = job_split(config, test_set.input_shape, test_set.num_classes)
+    by_name = dict(named)
+    return [
+        (stage_group(stage), [(n, by_name[n]) for n in partition_names(model, split.bounds, stage)])
+        for stage in range(split.num_stages)
+    ]
+
+
+class _GroupReader:
+    """One parameter group's pull into the model's parameters."""
+
+    def __init__(self, config, addresses, named, group: str, security) -> None:
+        self.layout = FlatLayout(tensor_specs(named))
         self._flats = self.layout.allocate()
         self._views = self.layout.views(self._flats)
-        self._params = list(self.model.parameters())
+        self._params = [p for _, p in named]
         self.client = ParameterServerClient(
             addresses,
             self.layout.specs,
             timeout_s=config.faults.timeout_s,
             retry_timeout_s=config.faults.retry_timeout_s,
             security=security,
+            group=group,
         )
         try:
             self.client.handshake(None)
@@ -61,18 +108,8 @@ class PSEvaluator:
             self.client.close()
             raise
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Test loss, accuracy and the shards' highest version of one fresh pull.
-
-        Raises:
-            ShardTimeoutError: a shard did not answer the pull within the request timeout.
-            ShardUnavailableError: a shard cannot be reached.
-        """
+    def pull(self) -> int:
+        """Pull into the parameters; returns the highest shard version."""
         versions = self.client.pull_now(self._flats)
         torch._foreach_copy_(self._params, self._views)
-        test_loss, test_accuracy = evaluate(self.model, self.test_set)
-        return {"test_loss": test_loss, "test_accuracy": test_accuracy, "version": max(versions)}
-
-    def close(self) -> None:
-        self.client.close()
+        return max(versions)

@@ -109,9 +109,11 @@ def _save_traceback(error: ChildFailedError, run_dir: Path) -> Path | None:
 
 
 def _log_emit(kind: str, payload: object) -> None:
-    if kind == "ready":
+    if kind == "ready" and "shard_id" in payload:
         # One parseable stdout line, so scripts and tests learn the port when binding to :0.
         print(f"serving shard {payload['shard_id']} at {payload['address']}", flush=True)
+    elif kind == "ready" and payload.get("address"):
+        print(f"stage {payload['stage']} listening at {payload['address']}", flush=True)
     logger.log(logging.DEBUG if kind == "heartbeat" else logging.INFO, "%s %s", kind, payload)
 
 
@@ -136,13 +138,15 @@ def _run_ps(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    from distbelief.worker import run_worker
-
     config = config_from_args(args)
     if not 0 <= args.rank < config.cluster.num_workers:
         raise ValueError(
             f"--rank {args.rank} is not in [0, --num-workers {config.cluster.num_workers})"
         )
+    if config.pipeline.num_partitions > 1 or args.stage is not None:
+        return _run_stage(args, config)
+    from distbelief.worker import run_worker
+
     result = run_worker(
         config,
         args.rank,
@@ -152,6 +156,40 @@ def _run_worker(args: argparse.Namespace) -> int:
         security=security_from_args(args),
     )
     print(f"worker {args.rank} done after {result['steps']} steps")
+    return 0
+
+
+def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:
+    """``distbelief worker --stage I --partitions P``: one stage of a model-parallel replica."""
+    num_stages = config.pipeline.num_partitions
+    if args.stage is None or not 0 <= args.stage < num_stages:
+        raise ValueError(f"--stage {args.stage} is not in [0, --partitions {num_stages})")
+    if args.stage < num_stages - 1 and not args.next:
+        raise ValueError(
+            f"--stage {args.stage} needs --next (the address of stage {args.stage + 1})"
+        )
+    if args.stage == num_stages - 1 and args.next:
+        raise ValueError(f"--next {args.next}: the last stage has no next stage")
+    if args.stage > 0 and not args.bind:
+        raise ValueError(
+            f"--stage {args.stage} needs --bind (where stage {args.stage - 1} connects)"
+        )
+    if args.next:
+        _addresses("--next", args.next)
+    from distbelief.worker.stage import run_stage_worker
+
+    result = run_stage_worker(
+        config,
+        args.rank,
+        args.stage,
+        _addresses("--ps", args.ps),
+        emit=_log_emit,
+        bind=args.bind or "",
+        next_stage=args.next or "",
+        start_time=time.time(),
+        security=security_from_args(args),
+    )
+    print(f"worker {args.rank} stage {args.stage} done after {result['steps']} steps")
     return 0
 
 

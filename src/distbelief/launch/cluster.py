@@ -33,6 +33,8 @@ class ProcessKind(enum.Enum):
     EVALUATOR = "evaluator"
     COORDINATOR = "coordinator"
     """Sandblaster's: runs L-BFGS on the shards' vectors and hands portions to the workers."""
+    STAGE = "stage"
+    """One partition of a model-parallel replica (its ``index`` is the replica's rank)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -44,6 +46,9 @@ class RestartPolicy:
     fatal_when_exhausted: bool
     """Out of restarts: True fails the job; False gives the process up and the job goes on
     (it fails only when every process of the kind is given up)."""
+    restarts_replica: bool = False
+    """The process is one stage of a replica: the replica's other stages are stopped and the
+    whole replica is restarted (and given up) together; restarts count per replica."""
 
 
 RESTART_POLICIES: dict[ProcessKind, RestartPolicy] = {
@@ -60,6 +65,12 @@ RESTART_POLICIES: dict[ProcessKind, RestartPolicy] = {
     ProcessKind.COORDINATOR: RestartPolicy(
         resumes_from="its last checkpoint (the shards go back to it too), on its old address",
         fatal_when_exhausted=True,
+    ),
+    ProcessKind.STAGE: RestartPolicy(
+        resumes_from="the shards' parameters, at the step its replica had reached, with the "
+        "replica's other stages, each on its old address",
+        fatal_when_exhausted=False,
+        restarts_replica=True,
     ),
 }
 
@@ -78,14 +89,25 @@ class ProcessSpec:
     """Workers: the step a restarted worker resumes at."""
     coordinator: str = ""
     """Sandblaster's workers: the coordinator's address."""
+    stage: int = 0
+    """Stages: the partition this process runs."""
+    next_stage: str = ""
+    """Stages but the last: the address of the replica's next stage."""
 
     @property
     def name(self) -> str:
-        """``shard0``, ``worker1``, ``evaluator``, ``coordinator``: the name in events,
-        pids.json and faults."""
+        """``shard0``, ``worker1``, ``worker1.stage0``, ``evaluator``, ``coordinator``: the
+        name in events, pids.json and faults."""
         if self.kind in (ProcessKind.EVALUATOR, ProcessKind.COORDINATOR):
             return self.kind.value
+        if self.kind is ProcessKind.STAGE:
+            return f"{replica_name(self.index)}.stage{self.stage}"
         return f"{self.kind.value}{self.index}"
+
+
+def replica_name(rank: int) -> str:
+    """How a replica is named in faults (its stages are ``worker{rank}.stage{s}``)."""
+    return f"worker{rank}"
 
 
 class Event(NamedTuple):
@@ -140,10 +162,18 @@ class Cluster(Protocol):
         """Starts, in the background, what starting processes will need (called first, before
         the run folder exists, so that it overlaps the launcher's own work)."""
 
-    def start(self, kind: ProcessKind, index: int) -> None:
+    def start(self, kind: ProcessKind, index: int, stage: int = 0) -> None:
         """Starts one process; shards must be ready (see ``wait_for_shards``) before workers,
         the evaluator and the coordinator start, and in a Sandblaster job the coordinator (see
-        ``wait_for_coordinator``) before the workers."""
+        ``wait_for_coordinator``) before the workers. A replica's stages start last to first,
+        each once the next one listens (see ``wait_for_stage``)."""
+
+    def wait_for_stage(self, rank: int, stage: int, timeout_s: float) -> str:
+        """Waits until stage ``stage`` of replica ``rank`` listens; returns its address.
+
+        Raises:
+            ChildFailedError: it failed, or was not ready within ``timeout_s``.
+        """
 
     def wait_for_shards(self, timeout_s: float) -> list[str]:
         """Waits until every started shard listens; returns their addresses in shard-id order.
@@ -206,6 +236,8 @@ class ProcessBook:
         self.addresses: dict[int, str] = {}
         """Shard id -> address, from their "ready" events."""
         self.coordinator_address: str | None = None
+        self.stage_addresses: dict[tuple[int, int], str] = {}
+        """(replica rank, stage) -> address, from the stages' "ready" events."""
         self.last_step: dict[int, int] = {}
         self.shard_versions: dict[int, int] = {}
         self.restarts: dict[str, int] = {}
@@ -214,9 +246,20 @@ class ProcessBook:
         self.train_start: float | None = None
         """Wall time the first worker started training (metrics count time from there)."""
 
-    def spec(self, kind: ProcessKind, index: int) -> ProcessSpec:
+    def spec(self, kind: ProcessKind, index: int, stage: int = 0) -> ProcessSpec:
         """Where process ``kind``/``index`` starts: a shard on its old address once it has one,
-        a worker at the last step it reported."""
+        a worker at the last step it reported, a stage on its old address (and its replica's
+        next stage's) at the step its replica reported."""
+        host = f"tcp://{self.config.cluster.host}:0"
+        if kind is ProcessKind.STAGE:
+            return ProcessSpec(
+                kind,
+                index,
+                bind=self.stage_addresses.get((index, stage), host),
+                resume_step=self.last_step.get(index, 0),
+                stage=stage,
+                next_stage=self.stage_addresses.get((index, stage + 1), ""),
+            )
         if kind is ProcessKind.SHARD:
             return ProcessSpec(
                 kind, index, bind=self.addresses.get(index, f"tcp://{self.config.cluster.host}:0")
@@ -241,6 +284,7 @@ class ProcessBook:
         elif kind == "heartbeat":
             self.shard_versions[payload["shard_id"]] = payload["version"]
         elif kind == "metric" and payload.get("role") == "worker":
+            # A replica's stages step together: any of them tells where the replica is.
             self.last_step[payload["rank"]] = payload["step"]
             # Every shard applies every push, so a worker's view bounds each shard's version.
             for shard_id in range(self.config.cluster.num_shards):
@@ -248,6 +292,9 @@ class ProcessBook:
                 self.shard_versions[shard_id] = seen
         elif kind == "ready" and source.kind is ProcessKind.COORDINATOR:
             self.coordinator_address = payload["address"]
+        elif kind == "ready" and source.kind is ProcessKind.STAGE:
+            if payload.get("address"):
+                self.stage_addresses[(source.index, source.stage)] = payload["address"]
         elif kind == "ready":
             self.addresses[source.index] = payload["address"]
             if payload.get("restored_version") is not None:
@@ -262,9 +309,11 @@ class ProcessBook:
 
     def record_death(self, spec: ProcessSpec, exitcode: int | None, *, stopping: bool) -> Fault:
         """Records that ``spec``'s process died without an error and decides, by its kind,
-        whether it is restarted (``action`` "restarted": the caller starts ``self.spec(...)``)
-        or given up. No restarts once the job is ``stopping``."""
-        restarts = self.restarts.get(spec.name, 0)
+        whether it is restarted (``action`` "restarted": the caller starts ``self.spec(...)``;
+        for a stage, every stage of its replica) or given up. No restarts once the job is
+        ``stopping``. A stage's restarts count for its whole replica."""
+        unit = self.restart_unit(spec)
+        restarts = self.restarts.get(unit, 0)
         can_restart = restarts < self.config.faults.max_restarts and not stopping
         fault = Fault(
             spec.name,
@@ -276,10 +325,17 @@ class ProcessBook:
             fault.version_before = self.shard_versions.get(spec.index)
         self.faults.append(fault)
         if can_restart:
-            self.restarts[spec.name] = restarts + 1
+            self.restarts[unit] = restarts + 1
         else:
-            self.given_up.add(spec.name)
+            self.given_up.add(unit)
         return fault
+
+    @staticmethod
+    def restart_unit(spec: ProcessSpec) -> str:
+        """What restarts together with ``spec``'s process: itself, or (a stage) its replica."""
+        if RESTART_POLICIES[spec.kind].restarts_replica:
+            return replica_name(spec.index)
+        return spec.name
 
     def raise_if_fatal(self, spec: ProcessSpec, fault: Fault) -> None:
         """Fails the job when ``fault`` gave up a process whose kind cannot do without it.
@@ -292,7 +348,9 @@ class ProcessBook:
         if RESTART_POLICIES[spec.kind].fatal_when_exhausted:
             raise ChildFailedError(spec.name, fault.exitcode, "died and was not restarted")
         indices = range(self.num_processes(spec.kind))
-        if all(ProcessSpec(spec.kind, i).name in self.given_up for i in indices):
+        if spec.kind is ProcessKind.STAGE:
+            indices = range(self.config.cluster.num_workers)
+        if all(self.restart_unit(ProcessSpec(spec.kind, i)) in self.given_up for i in indices):
             raise ChildFailedError(
                 f"every {spec.kind.value}", fault.exitcode, f"all {spec.kind.value}s died"
             )
@@ -303,4 +361,6 @@ class ProcessBook:
             return self.config.cluster.num_shards
         if kind is ProcessKind.WORKER:
             return self.config.cluster.num_workers
+        if kind is ProcessKind.STAGE:
+            return self.config.cluster.num_workers * self.config.pipeline.num_partitions
         return 1

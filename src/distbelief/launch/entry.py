@@ -4,6 +4,7 @@ one (a forkserver has them loaded already), so the launcher itself never imports
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,12 @@ ROLE_MODULES = (
     "distbelief.evaluator",
     "distbelief.coordinator.run",
     "distbelief.worker.sandblaster",
+    "distbelief.worker.stage",
 )
+
+EXIT_PEER_LOST = 75
+"""A stage's exit code when a neighbouring stage of its replica went away: a death of the
+replica (restarted as a whole), not an error of this stage."""
 """What ``run_role`` imports: a cluster that can load them ahead of time should."""
 
 
@@ -91,6 +97,8 @@ def run_role(
             security=security,
             stop=stop,
         )
+    if spec.kind is ProcessKind.STAGE:
+        return _run_stage(emit, spec, config, addresses, security)
     if spec.kind is ProcessKind.WORKER:
         from distbelief.worker import run_worker
 
@@ -105,3 +113,31 @@ def run_role(
     from distbelief.evaluator import run_evaluator
 
     return run_evaluator(config, addresses, emit=emit, start_time=0.0, stop=stop, security=security)
+
+
+def _run_stage(
+    emit: Emit,
+    spec: ProcessSpec,
+    config: JobConfig,
+    addresses: Sequence[str],
+    security: WireSecurity,
+) -> Any:
+    from distbelief.errors import PipelineError
+    from distbelief.worker.stage import run_stage_worker
+
+    try:
+        return run_stage_worker(
+            config,
+            spec.index,
+            spec.stage,
+            addresses,
+            emit=emit,
+            bind=spec.bind,
+            next_stage=spec.next_stage,
+            security=security,
+            resume_step=spec.resume_step,
+        )
+    except PipelineError as e:
+        # A neighbour died (the cluster restarts the replica): this stage did nothing wrong.
+        logging.getLogger(__name__).warning("%s: %s", spec.name, e)
+        raise SystemExit(EXIT_PEER_LOST) from None

@@ -56,6 +56,11 @@ FLAGS: dict[str, str] = {
     "sandblaster.step_size": "--step-size",
     "sandblaster.portions_per_push": "--portions-per-push",
     "sandblaster.backup_tasks": "--no-backup-tasks",
+    "pipeline.num_partitions": "--partitions",
+    "pipeline.num_micro_batches": "--micro-batches",
+    "pipeline.schedule": "--schedule",
+    "pipeline.split_points": "--split-points",
+    "pipeline.max_stage_bytes": "--max-stage-bytes",
     "faults.timeout_s": "--timeout",
     "faults.retry_timeout_s": "--retry-timeout",
     "faults.max_restarts": "--max-restarts",
@@ -74,6 +79,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "server",
         "consistency",
         "sandblaster",
+        "pipeline",
         "faults",
         "reporting",
     ),
@@ -91,12 +97,15 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "optimizer.epochs",
         "optimizer.blocking",
         "optimizer.warmstart_steps",
+        "pipeline",
         "faults.timeout_s",
         "faults.retry_timeout_s",
     ),
     "eval": (
         "data",
         "model",
+        "pipeline.num_partitions",
+        "pipeline.split_points",
         "faults.timeout_s",
         "faults.retry_timeout_s",
         "reporting.eval_every_s",
@@ -174,7 +183,20 @@ def _pair_of_floats(text: str) -> tuple[float, float]:
     return first, second
 
 
-_VALUE_TYPES = {"int": int, "float": float, "str": str, "tuple[float, float]": _pair_of_floats}
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 3,7, got {text!r}") from None
+
+
+_VALUE_TYPES = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "tuple[float, float]": _pair_of_floats,
+    "tuple[int, ...]": _ints,
+}
 """A field's annotation (without ``| None``) -> how its flag's text becomes a value."""
 
 
@@ -309,6 +331,14 @@ def _add_worker_parser(commands) -> None:
     worker = commands.add_parser("worker", help="train one replica against running shards")
     worker.add_argument("--ps", required=True, help=_ADDRESSES_HELP)
     worker.add_argument("--rank", type=int, required=True)
+    stages = worker.add_argument_group("model parallelism (one stage of a replica)")
+    stages.add_argument(
+        "--stage", type=int, help="the partition this process runs, in [0, --partitions)"
+    )
+    stages.add_argument(
+        "--bind", help="stages after the first: address to listen on for the previous stage"
+    )
+    stages.add_argument("--next", help="stages before the last: the next stage's address")
     add_config_flags(worker, "worker")
     _add_security_flags(worker, server=False)
 

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 from distbelief.errors import ChildFailedError
 from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
-from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
+from distbelief.launch.cluster import (
+    RESTART_POLICIES,
+    Event,
+    Fault,
+    ProcessBook,
+    ProcessKind,
+    ProcessSpec,
+)
 from distbelief.launch.entry import ROLE_MODULES, run_role
 from distbelief.launch.rundir import write_text_atomic
 
@@ -101,9 +108,9 @@ class LocalCluster:
     def _addresses(self) -> list[str]:
         return [self.book.addresses[i] for i in range(self.config.cluster.num_shards)]
 
-    def start(self, kind: ProcessKind, index: int) -> None:
+    def start(self, kind: ProcessKind, index: int, stage: int = 0) -> None:
         """Starts one process (see ``Cluster.start``); a restart reuses this."""
-        spec = self.book.spec(kind, index)
+        spec = self.book.spec(kind, index, stage)
         addresses = [] if kind is ProcessKind.SHARD else self._addresses()
         reader, writer = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(
@@ -157,6 +164,20 @@ class LocalCluster:
             self.next_event(deadline - time.monotonic())
         return self.book.coordinator_address
 
+    def wait_for_stage(self, rank: int, stage: int, timeout_s: float) -> str:
+        """Waits until stage ``stage`` of replica ``rank`` listens; returns its address.
+
+        Raises:
+            ChildFailedError: it failed, or was not ready within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while (rank, stage) not in self.book.stage_addresses:
+            if time.monotonic() > deadline:
+                name = ProcessSpec(ProcessKind.STAGE, rank, stage=stage).name
+                raise ChildFailedError(name, None, f"not ready in {timeout_s:g}s")
+            self.next_event(deadline - time.monotonic())
+        return self.book.stage_addresses[(rank, stage)]
+
     def next_event(self, timeout_s: float = _POLL_S) -> Event | None:
         """The next child event; restarts processes that died; raises if a child reported an
         error or cannot be brought back (see ``Cluster.next_event``)."""
@@ -182,7 +203,9 @@ class LocalCluster:
 
     def _check_children(self) -> None:
         for name, (spec, process) in list(self.processes.items()):
-            if process.exitcode in (None, 0) or name in self.book.given_up:
+            if self.processes[name][1] is not process:
+                continue  # replaced meanwhile (its replica was restarted)
+            if process.exitcode in (None, 0) or self.book.restart_unit(spec) in self.book.given_up:
                 continue
             self._drain_errors()
             if name in self.errors:
@@ -192,9 +215,30 @@ class LocalCluster:
             )
             if self.on_fault is not None:
                 self.on_fault(fault)
+            if RESTART_POLICIES[spec.kind].restarts_replica:
+                self._stop_replica(spec.index)
             self.book.raise_if_fatal(spec, fault)
-            if fault.action == "restarted":
+            if fault.action != "restarted":
+                continue
+            if RESTART_POLICIES[spec.kind].restarts_replica:
+                # Each stage binds its old address and finds its next stage at its old one, so
+                # the replica's stages start at once.
+                for stage in range(self.config.pipeline.num_partitions):
+                    self.start(spec.kind, spec.index, stage)
+            else:
                 self.start(spec.kind, spec.index)
+
+    def _stop_replica(self, rank: int) -> None:
+        """Kill every stage of replica ``rank`` still running (its peers are gone or going)."""
+        stages = [
+            process
+            for spec, process in self.processes.values()
+            if spec.kind is ProcessKind.STAGE and spec.index == rank
+        ]
+        for process in stages:
+            if process.is_alive():
+                process.kill()
+        _join_all(stages, _STOP_GRACE_S)
 
     def _drain_errors(self) -> None:
         """Read what dead children sent before exiting (their pipes hold it all already)."""
@@ -205,15 +249,16 @@ class LocalCluster:
 
     def finished(self, kind: ProcessKind) -> bool:
         return all(
-            process.exitcode == 0 or name in self.book.given_up
-            for name, (spec, process) in self.processes.items()
+            process.exitcode == 0 or self.book.restart_unit(spec) in self.book.given_up
+            for spec, process in self.processes.values()
             if spec.kind is kind
         )
 
     def stop(self, kind: ProcessKind) -> None:
         self._stop_flags[kind].set()
         sandblaster = self.config.optimizer.algorithm == "sandblaster"
-        if kind is ProcessKind.WORKER and not sandblaster:  # Downpour's: SIGTERM, no flag
+        downpour = kind in (ProcessKind.WORKER, ProcessKind.STAGE) and not sandblaster
+        if downpour:  # Downpour's workers and stages: SIGTERM, no flag
             for spec, process in self.processes.values():
                 if spec.kind is kind and process.is_alive():
                     process.terminate()

@@ -52,6 +52,8 @@ class RunResult:
     """Processes that died during the run and what became of them."""
     coordinator: dict = field(default_factory=dict)
     """Sandblaster: the coordinator's result (iterations, loss, why it stopped)."""
+    partitions: dict = field(default_factory=dict)
+    """Model parallelism: the split (points, basis, per-stage cost and state bytes)."""
 
 
 def _planned_steps(config: JobConfig) -> list[int]:
@@ -126,7 +128,7 @@ class EventRouter:
             self.train_start = payload["time"]
         elif kind == "metric":
             self._write(payload)
-        elif kind == "done" and source.kind is ProcessKind.WORKER:
+        elif kind == "done" and source.kind in (ProcessKind.WORKER, ProcessKind.STAGE):
             self.sink.message(f"{source.name} finished after {payload['steps']} steps")
 
     def _write(self, record: dict) -> None:
@@ -140,7 +142,7 @@ def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
     reached the coordinator too late, still starting, say, must not wait for it), then stop
     the evaluator (after its final evaluation) and the shards (which report their counters),
     in that order."""
-    training = [ProcessKind.WORKER]
+    training = [_training_kind(config)]
     stopped = [ProcessKind.EVALUATOR, ProcessKind.SHARD]
     if config.optimizer.algorithm == "sandblaster":
         training.insert(0, ProcessKind.COORDINATOR)
@@ -156,11 +158,63 @@ def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
         route(event)
 
 
+def _training_kind(config: JobConfig) -> ProcessKind:
+    """Whole-model workers, or the stages of partitioned replicas."""
+    return ProcessKind.STAGE if config.pipeline.num_partitions > 1 else ProcessKind.WORKER
+
+
+def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
+    """A model-parallel job's split, decided once for every process (measured compute time
+    unless the config gives split points) and checked against the stage memory budget; the
+    config with the split points filled in, and the split's description for the summary."""
+    if config.pipeline.num_partitions == 1:
+        return config, {}
+    import torch  # only for a model-parallel job
+
+    from distbelief.data import load_job_dataset
+    from distbelief.pipeline.job import check_stage_budget, job_split, model_builder
+    from distbelief.pipeline.layers import pipeline_layers
+
+    train_set = load_job_dataset(config.data, "train")
+    split = job_split(config, train_set.input_shape, train_set.num_classes, measure=True)
+    with torch.device("meta"):
+        model = model_builder(config, train_set.input_shape, train_set.num_classes)()
+    layers = pipeline_layers(model)
+    stage_bytes = [
+        check_stage_budget(
+            config,
+            stage,
+            [
+                p
+                for _, layer in layers[split.bounds[stage] : split.bounds[stage + 1]]
+                for p in layer.parameters()
+            ],
+        )
+        for stage in range(split.num_stages)
+    ]
+    description = split.describe([name for name, _ in layers])
+    logger.info("%s", description)
+    points = list(split.bounds[1:-1])
+    plan = {
+        "split_points": points,
+        "basis": split.basis,
+        "stage_costs": list(split.stage_costs),
+        "imbalance": split.imbalance,
+        "stage_state_bytes": stage_bytes,
+        "description": description,
+    }
+    return config.with_fields({"pipeline.split_points": points}), plan
+
+
 def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
     """The run folder and the config with its path filled in; refuses to mix runs."""
     run_dir = prepare_run_dir(config.reporting.out_dir)
     checkpoints = run_dir / CHECKPOINT_DIR
-    has_checkpoints = any(checkpoints.glob("shard*.json")) or (checkpoints / RECORD_FILE).exists()
+    has_checkpoints = (
+        any(checkpoints.glob("shard*.json"))
+        or any(checkpoints.glob("group-*/shard*.json"))  # a model-parallel job's
+        or (checkpoints / RECORD_FILE).exists()
+    )
     if resume and not has_checkpoints:
         raise ValueError(f"--resume {run_dir}: no shard checkpoints in {run_dir / CHECKPOINT_DIR}")
     if has_checkpoints and not resume:
@@ -182,10 +236,24 @@ def _start(cluster: Cluster, config: JobConfig) -> list[str]:
         cluster.wait_for_coordinator(SHARDS_READY_TIMEOUT_S)
     # Workers first: the first step waits on them, while the evaluator has nothing to read
     # before their first push (each start is a fork of a large process: tens of ms).
-    for rank in range(config.cluster.num_workers):
-        cluster.start(ProcessKind.WORKER, rank)
+    if config.pipeline.num_partitions > 1:
+        _start_stages(cluster, config)
+    else:
+        for rank in range(config.cluster.num_workers):
+            cluster.start(ProcessKind.WORKER, rank)
     cluster.start(ProcessKind.EVALUATOR, 0)
     return addresses
+
+
+def _start_stages(cluster: Cluster, config: JobConfig) -> None:
+    """Every replica's stages, last to first: a stage is told where its next stage listens."""
+    ranks = range(config.cluster.num_workers)
+    for stage in reversed(range(config.pipeline.num_partitions)):
+        for rank in ranks:
+            cluster.start(ProcessKind.STAGE, rank, stage)
+        if stage > 0:
+            for rank in ranks:
+                cluster.wait_for_stage(rank, stage, SHARDS_READY_TIMEOUT_S)
 
 
 def train(
@@ -209,6 +277,10 @@ def train(
     """
     cluster_type.warm_up(config)  # e.g. a forkserver's imports, overlapping what follows
     total_steps = sum(_planned_steps(config))  # validates before anything is written
+    if not resume or config.pipeline.split_points is None:
+        config, partitions = _plan_partitions(config)
+    else:
+        partitions = {"split_points": list(config.pipeline.split_points), "basis": "given"}
     config, run_dir = _prepare(config, resume)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     display = telemetry.ProgressDisplay(
@@ -232,7 +304,8 @@ def train(
             addresses = _start(cluster, config)
             poller = telemetry.ShardStatsPoller(addresses, security=cluster.security)
             _supervise(cluster, EventRouter(sink, poller), config)
-            result = _result(cluster, run_dir, time.time() - started)
+            result = _result(cluster, config, run_dir, time.time() - started)
+            result.partitions = partitions
     except KeyboardInterrupt as e:
         raise LauncherInterrupted("stopped by Ctrl-C") from e
     finally:
@@ -244,11 +317,12 @@ def train(
     return result
 
 
-def _result(cluster: Cluster, run_dir: Path, elapsed_s: float) -> RunResult:
+def _result(cluster: Cluster, config: JobConfig, run_dir: Path, elapsed_s: float) -> RunResult:
+    workers = cluster.results(_training_kind(config))
     return RunResult(
         run_dir,
         final=cluster.results(ProcessKind.EVALUATOR).get(0, {}),
-        worker_steps={rank: r["steps"] for rank, r in cluster.results(ProcessKind.WORKER).items()},
+        worker_steps={rank: r["steps"] for rank, r in workers.items()},
         elapsed_s=elapsed_s,
         staleness={
             f"shard{shard_id}": r["staleness"]
@@ -273,6 +347,7 @@ def _summary_json(result: RunResult) -> str:
             "worker_steps": result.worker_steps,
             "elapsed_s": round(result.elapsed_s, 3),
             **({"coordinator": result.coordinator} if result.coordinator else {}),
+            **({"partitions": result.partitions} if result.partitions else {}),
             "faults": [
                 {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
                 for fault in result.faults

@@ -37,6 +37,10 @@ METRIC_FIELDS = (
     "portions",
     "backups",
     "backups_won",
+    "stage",
+    "compute_s",
+    "idle_s",
+    "activation_bytes",
 )
 """The CSV columns, in order. ``time_s`` is seconds since the run started; ``staleness`` is
 the mean staleness of a worker's pushes (or of a shard's received pushes) since its previous
@@ -46,9 +50,17 @@ previous record; ``bytes_pushed``, ``bytes_pulled`` and the request latency perc
 Sandblaster's coordinator writes one record per L-BFGS iteration (``step``: the iteration;
 ``loss``, ``grad_norm`` and ``step_size``; ``evaluations`` of the objective; ``portions``
 committed; ``backups`` handed out and ``backups_won``), and one per worker with its committed
-``portions`` of the iteration."""
+``portions`` of the iteration. A stage of a model-parallel replica writes worker records with
+its ``stage``, its seconds of ``compute_s`` and of ``idle_s`` (waiting for its neighbours) and the
+``activation_bytes`` it sent and received since its previous record (only the last stage has the
+loss and accuracy)."""
 
-_OLDER_HEADERS = (METRIC_FIELDS[:10], METRIC_FIELDS[:12], METRIC_FIELDS[:16])
+_OLDER_HEADERS = (
+    METRIC_FIELDS[:10],
+    METRIC_FIELDS[:12],
+    METRIC_FIELDS[:16],
+    METRIC_FIELDS[:22],
+)
 """Headers of earlier versions of ``metrics.csv``, still readable; their missing columns read
 as ``None``."""
 
@@ -67,6 +79,8 @@ _INT_FIELDS = frozenset(
         "portions",
         "backups",
         "backups_won",
+        "stage",
+        "activation_bytes",
     }
 )
 

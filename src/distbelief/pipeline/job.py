@@ -1,0 +1,87 @@
+"""A job's partitioning: the split every process of a model-parallel job agrees on (the
+config's split points, else measured or balanced by bytes), each partition's parameters by
+their names in the whole model, its parameter group on the shards, and the memory budget."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from distbelief.pipeline.layers import StageModule, pipeline_layers
+from distbelief.pipeline.memory import stage_state_bytes
+from distbelief.pipeline.split import StageSplit, split_model
+from torch import nn
+
+from distbelief.errors import ConfigFieldError
+from distbelief.models import build_model
+
+if TYPE_CHECKING:
+    from distbelief.config import JobConfig
+
+
+def model_builder(config: JobConfig, input_shape, num_classes: int) -> Callable[[], nn.Module]:
+    """Builds the job's whole model (unseeded: the caller seeds)."""
+    return lambda: build_model(config.model.name, tuple(input_shape), num_classes)
+
+
+def stage_group(stage: int) -> str:
+    """The parameter group on the shards that holds partition ``stage``'s parameters."""
+    return f"stage{stage}"
+
+
+def job_split(
+    config: JobConfig, input_shape, num_classes: int, *, measure: bool = False
+) -> StageSplit:
+    """The job's split: its ``split_points``; else, with ``measure``, the partitions balanced
+    by measured compute time on a batch of the job's size (what ``train`` does, once, before
+    any stage starts); else balanced by parameter bytes (every process computes the same).
+
+    Raises:
+        ConfigFieldError: the split points do not fit the model, or it cannot be split.
+    """
+    build = model_builder(config, input_shape, num_classes)
+    sample = None
+    if measure and config.pipeline.split_points is None:
+        generator = torch.Generator().manual_seed(config.model.seed)
+        batch = config.optimizer.minibatch_size
+        sample = torch.randn(batch, *input_shape, generator=generator)
+    try:
+        return split_model(
+            build,
+            config.pipeline.num_partitions,
+            seed=config.model.seed,
+            points=config.pipeline.split_points,
+            sample_input=sample,
+        )
+    except ValueError as e:
+        field = "split_points" if config.pipeline.split_points else "num_partitions"
+        raise ConfigFieldError(f"pipeline.{field}", str(e)) from e
+
+
+def partition_parameters(
+    full_model: nn.Module, stage_module: StageModule
+) -> list[tuple[str, nn.Parameter]]:
+    """Partition ``stage_module``'s parameters with their names in the whole model, in order."""
+    names = {id(p): name for name, p in full_model.named_parameters()}
+    return [(names[id(p)], p) for p in stage_module.parameters()]
+
+
+def partition_names(model: nn.Module, bounds, stage: int) -> list[str]:
+    """Names (in the whole model) of partition ``stage``'s parameters, in order."""
+    layers = pipeline_layers(model)[bounds[stage] : bounds[stage + 1]]
+    return [f"{prefix}.{name}" for prefix, layer in layers for name, _ in layer.named_parameters()]
+
+
+def check_stage_budget(config: JobConfig, stage: int, parameters) -> int:
+    """A stage's bytes of parameters and optimizer state; ValueError naming
+    ``--max-stage-bytes`` when they exceed the job's budget."""
+    needed = stage_state_bytes(list(parameters))
+    budget = config.pipeline.max_stage_bytes
+    if budget is not None and needed > budget:
+        raise ConfigFieldError(
+            "pipeline.max_stage_bytes",
+            f"is {budget}, but partition {stage} of {config.pipeline.num_partitions} needs "
+            f"{needed} bytes for its parameters and optimizer state: use more partitions",
+        )
+    return needed

@@ -1,0 +1,213 @@
+"""A stage's process function: one partition of a model-parallel replica, trained with
+DownpourSGD against its own parameter group on the shards, exchanging activations and their
+gradients with the replica's neighbouring stages on the pipeline schedule. Run by the
+launcher's children and by ``distbelief worker --stage``; reports through ``emit``.
+
+What a partitioned replica guarantees: all its stages take step k on batch k together (each
+stage's backward needs the next stage's gradients of that batch), and each stage pushes and
+pulls its own parameters every ``n_push`` / ``n_pull`` steps, as a whole-model worker does. The
+stages' pulls are not one snapshot: partition 1 may load the shards' values of a moment later
+than partition 0, as a whole-model worker's pull may already mix updates of other replicas
+applied to shard 0 but not yet to shard 1. Downpour allows no more than that.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from distbelief.data import load_job_dataset, worker_indices
+from distbelief.optim import DownpourSGD
+from distbelief.pipeline.engine import PipelineStage
+from distbelief.pipeline.job import (
+    check_stage_budget,
+    job_split,
+    model_builder,
+    partition_parameters,
+    stage_group,
+)
+from distbelief.pipeline.layers import build_stage
+from distbelief.pipeline.wire_links import wire_links
+from distbelief.process import Emit
+from distbelief.telemetry.metrics import make_record
+from distbelief.worker.loop import worker_batches
+
+if TYPE_CHECKING:
+    from distbelief.config import JobConfig
+    from distbelief.wire.security import WireSecurity
+
+
+class _Window:
+    """A stage's figures between two metric records."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.samples = 0.0, 0, 0
+        self.compute_s, self.idle_s, self.activation_bytes = 0.0, 0.0, 0
+
+    def add(self, figures) -> None:
+        self.compute_s += figures.compute_s
+        self.idle_s += figures.wait_s
+        self.activation_bytes += figures.bytes_sent + figures.bytes_received
+        self.samples += figures.num_samples
+        if figures.loss_sum is not None:
+            self.loss_sum += figures.loss_sum
+            self.correct += figures.num_correct
+
+    def fields(self, last_stage: bool) -> dict:
+        fields = {
+            "compute_s": self.compute_s,
+            "idle_s": self.idle_s,
+            "activation_bytes": self.activation_bytes,
+        }
+        if last_stage and self.samples:
+            fields.update(loss=self.loss_sum / self.samples, accuracy=self.correct / self.samples)
+        return fields
+
+
+def run_stage_worker(
+    config: JobConfig,
+    rank: int,
+    stage: int,
+    addresses: Sequence[str],
+    *,
+    emit: Emit,
+    bind: str = "",
+    next_stage: str = "",
+    start_time: float = 0.0,
+    security: WireSecurity | None = None,
+    resume_step: int = 0,
+) -> dict:
+    """Train partition ``stage`` of replica ``rank`` until the replica's batches run out.
+
+    Emits "ready" (``address``: where the previous stage reaches this one; stage 0 has none)
+    once listening, "started" before the first step, and a "metric" record (role worker,
+    with ``stage``, ``compute_s``, ``idle_s``, ``activation_bytes``; the last stage adds the
+    loss and accuracy) every ``config.reporting.log_every_steps`` steps.
+
+    Args:
+        bind: Where stages after the first listen for the previous stage.
+        next_stage: The next stage's address (every stage but the last).
+        resume_step: A restarted replica's step: it starts from the shards' parameters and
+            skips the batches already trained on.
+
+    Returns:
+        ``rank``, ``stage`` and ``steps``.
+
+    Raises:
+        PipelineError: a neighbouring stage did not answer in time (StageTimeoutError) or
+            went away (StageUnavailableError).
+        ConfigFieldError: the partition needs more than ``--max-stage-bytes``.
+        ShardTimeoutError, ShardUnavailableError: a shard did not answer.
+    """
+    num_stages = config.pipeline.num_partitions
+    torch.set_num_threads(config.cluster.threads_per_worker)
+    train_set = load_job_dataset(config.data, "train")
+    split = job_split(config, train_set.input_shape, train_set.num_classes)
+    build = model_builder(config, train_set.input_shape, train_set.num_classes)
+    full_model, stage_module = build_stage(build, split.bounds, stage, seed=config.model.seed)
+    named = partition_parameters(full_model, stage_module)
+    check_stage_budget(config, stage, [p for _, p in named])
+    links = wire_links(
+        stage,
+        num_stages,
+        bind=bind or None,
+        next_address=next_stage or None,
+        security=security,
+        timeout_s=config.faults.timeout_s,
+    )
+    optimizer = None
+    try:
+        emit("ready", {"rank": rank, "stage": stage, "address": links.address})
+        if stage < num_stages - 1:
+            links.wait_for_peer(config.faults.timeout_s + config.faults.retry_timeout_s)
+        optimizer = _stage_optimizer(config, rank, stage, addresses, named, full_model, security)
+        optimizer.num_steps = resume_step
+        steps = _train(
+            config,
+            rank,
+            stage,
+            train_set,
+            stage_module,
+            optimizer,
+            links,
+            emit,
+            start_time,
+            resume_step,
+        )
+        optimizer.close()  # pushes what is left
+    except BaseException:
+        if optimizer is not None:
+            optimizer.client.close(wait=False)  # no flush: the shards may be what failed
+        raise
+    finally:
+        links.close()
+    return {"rank": rank, "stage": stage, "steps": steps}
+
+
+def _stage_optimizer(config, rank, stage, addresses, named, full_model, security) -> DownpourSGD:
+    return DownpourSGD(
+        [p for _, p in named],
+        lr=config.optimizer.lr,
+        n_push=config.optimizer.n_push,
+        n_pull=config.optimizer.n_pull,
+        model=full_model,
+        ps=list(addresses),
+        timeout_s=config.faults.timeout_s,
+        blocking=config.optimizer.blocking,
+        worker_id=f"worker{rank}",
+        # Warmstart: replica 0 trains alone until each group has applied its first K pushes.
+        start_after_version=config.optimizer.warmstart_steps if rank > 0 else 0,
+        retry_timeout_s=config.faults.retry_timeout_s,
+        security=security,
+        group=stage_group(stage),
+    )
+
+
+def _train(
+    config, rank, stage, train_set, stage_module, optimizer, links, emit, start_time, resume_step
+) -> int:
+    num_stages = config.pipeline.num_partitions
+    last_stage = stage == num_stages - 1
+    engine = PipelineStage(
+        stage_module,
+        stage,
+        num_stages,
+        links,
+        num_micro_batches=config.pipeline.num_micro_batches,
+        schedule=config.pipeline.schedule,
+        timeout_s=config.faults.timeout_s,
+    )
+    indices = worker_indices(
+        len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
+    )
+    emit("started", {"rank": rank, "stage": stage, "time": time.time()})
+    window = _Window()
+    for images, labels in worker_batches(config, train_set, indices, resume_step):
+        optimizer.zero_grad()
+        figures = engine.run_batch(
+            optimizer.num_steps + 1,
+            images if stage == 0 else None,
+            labels if last_stage else None,
+            len(labels),
+        )
+        optimizer.step()
+        window.add(figures)
+        if optimizer.num_steps % config.reporting.log_every_steps == 0:
+            staleness = optimizer.client.take_staleness()
+            record = make_record(
+                "worker",
+                rank,
+                time_s=time.time() - start_time,
+                step=optimizer.num_steps,
+                stage=stage,
+                version=optimizer.version,
+                staleness=sum(staleness) / len(staleness) if staleness else None,
+                **window.fields(last_stage),
+                **optimizer.client.take_wire_figures(),
+            )
+            emit("metric", record)
+            window = _Window()
+    return optimizer.num_steps

@@ -44,10 +44,18 @@ SERVER = {
     "--dc-lambda": "consistency.dc_lambda",
     "--liveness-timeout": "consistency.liveness_timeout_s",
 }
+PIPELINE = {
+    "--partitions": "pipeline.num_partitions",
+    "--micro-batches": "pipeline.num_micro_batches",
+    "--schedule": "pipeline.schedule",
+    "--split-points": "pipeline.split_points",
+    "--max-stage-bytes": "pipeline.max_stage_bytes",
+}
 CLIENT_SECURITY = {"--auth-key-file": "auth_key_file", "--tls-ca": "tls_ca"}
 EXPECTED = {
     "train": TRAINING
     | SERVER
+    | PIPELINE
     | {
         "--workers": "cluster.num_workers",
         "--shards": "cluster.num_shards",
@@ -78,8 +86,16 @@ EXPECTED = {
         "--tls-key": "tls_key",
     },
     "worker": TRAINING
+    | PIPELINE
     | CLIENT_SECURITY
-    | {"--num-workers": "cluster.num_workers", "--ps": "ps", "--rank": "rank"},
+    | {
+        "--num-workers": "cluster.num_workers",
+        "--ps": "ps",
+        "--rank": "rank",
+        "--stage": "stage",
+        "--bind": "bind",
+        "--next": "next",
+    },
     "eval": {
         flag: TRAINING[flag]
         for flag in (
@@ -94,6 +110,8 @@ EXPECTED = {
     }
     | CLIENT_SECURITY
     | {
+        "--partitions": "pipeline.num_partitions",
+        "--split-points": "pipeline.split_points",
         "--eval-every": "reporting.eval_every_s",
         "--out": "reporting.out_dir",
         "--ps": "ps",
@@ -159,6 +177,8 @@ DOWNPOUR_ARGV = [
     *("--server-betas", "0.8,0.9", "--server-eps", "1e-6"),
     *("--backup-workers", "1", "--max-staleness", "4", "--staleness-policy", "scale"),
     *("--dc-lambda", "0.1", "--liveness-timeout", "6"),
+    *("--partitions", "2", "--micro-batches", "4", "--schedule", "gpipe"),
+    *("--split-points", "3", "--max-stage-bytes", "1000000"),
 ]
 SANDBLASTER_ARGV = [
     *("--algorithm", "sandblaster", "--history", "4", "--portions", "7"),
@@ -184,6 +204,7 @@ def test_every_train_flag_reaches_its_field():
     assert config_from_args(parse_args(["train", "--epochs", "2"])).optimizer.epochs == 2
     assert config_from_args(parse_args(["train", "--sync"])).consistency.sync
     assert downpour.server.betas == (0.8, 0.9)
+    assert downpour.pipeline.split_points == (3,)
     assert (downpour.data.download, downpour.reporting.eval_during_training) == (False, False)
 
 

@@ -43,7 +43,11 @@ def _die(book: ProcessBook, spec: ProcessSpec, *, stopping: bool = False) -> str
 def test_every_kind_has_a_policy() -> None:
     assert set(RESTART_POLICIES) == set(ProcessKind)
     assert [kind for kind, p in RESTART_POLICIES.items() if not p.fatal_when_exhausted] == [
-        ProcessKind.WORKER
+        ProcessKind.WORKER,
+        ProcessKind.STAGE,
+    ]
+    assert [kind for kind, p in RESTART_POLICIES.items() if p.restarts_replica] == [
+        ProcessKind.STAGE
     ]
 
 
@@ -99,3 +103,45 @@ def test_the_decision_follows_the_kind_not_the_name() -> None:
     assert _die(book, WORKER1) == "given up"
     with pytest.raises(ChildFailedError):
         _die(book, ProcessSpec(ProcessKind.SHARD, 1))
+
+
+def _stage_book(max_restarts: int) -> ProcessBook:
+    return ProcessBook(
+        JobConfig.from_fields(
+            {
+                "cluster.num_workers": 2,
+                "pipeline.num_partitions": 3,
+                "faults.max_restarts": max_restarts,
+            }
+        )
+    )
+
+
+def test_a_stage_restarts_its_whole_replica_counted_once_per_replica() -> None:
+    book = _stage_book(max_restarts=1)
+    stage = ProcessSpec(ProcessKind.STAGE, 1, stage=2)
+    assert stage.name == "worker1.stage2"
+    assert _die(book, stage) == "restarted"
+    assert book.restarts == {"worker1": 1}
+    # Another stage of the same replica draws on the same budget.
+    assert _die(book, ProcessSpec(ProcessKind.STAGE, 1, stage=0)) == "given up"
+    assert book.given_up == {"worker1"}
+    assert _die(book, ProcessSpec(ProcessKind.STAGE, 0, stage=1)) == "restarted"
+    with pytest.raises(ChildFailedError, match="all stages died"):
+        _die(book, ProcessSpec(ProcessKind.STAGE, 0, stage=1))
+
+
+def test_a_restarted_stage_binds_its_old_address_and_finds_its_next_stage_there() -> None:
+    book = _stage_book(max_restarts=1)
+    assert book.num_processes(ProcessKind.STAGE) == 6
+    for stage, port in ((1, 5001), (2, 5002)):
+        source = ProcessSpec(ProcessKind.STAGE, 1, stage=stage)
+        book.note(Event("ready", source, {"address": f"tcp://127.0.0.1:{port}"}))
+    book.note(Event("ready", ProcessSpec(ProcessKind.STAGE, 1), {"address": None}))
+    stage0 = ProcessSpec(ProcessKind.STAGE, 1, stage=0)
+    book.note(Event("metric", stage0, {"role": "worker", "rank": 1, "step": 30}))
+    first, second, last = (book.spec(ProcessKind.STAGE, 1, stage) for stage in range(3))
+    assert (first.bind, first.next_stage) == ("tcp://127.0.0.1:0", "tcp://127.0.0.1:5001")
+    assert (second.bind, second.next_stage) == ("tcp://127.0.0.1:5001", "tcp://127.0.0.1:5002")
+    assert (last.bind, last.next_stage) == ("tcp://127.0.0.1:5002", "")
+    assert {first.resume_step, second.resume_step, last.resume_step} == {30}

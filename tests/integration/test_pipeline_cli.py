@@ -1,0 +1,196 @@
+"""Model parallelism as users run it: two stage processes of one replica (the manual roles)
+against real shards train exactly as torch.optim.SGD on the whole model; the launcher runs
+replicas x stages and restarts a replica whose stage was killed, while the other goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from distbelief.config import JobConfig
+from distbelief.data import load_job_dataset, worker_indices
+from distbelief.evaluator.ps import PSEvaluator
+from distbelief.telemetry import read_metrics
+from distbelief.worker import build_replica, worker_batches
+from tests.conftest import CHILD_ENV, CLI, stop_processes
+
+_LISTENING = re.compile(r"stage (\d+) listening at (tcp://\S+)")
+STEPS = 6
+JOB = {
+    "model.name": "mlp",
+    "data.name": "digits",
+    "optimizer.lr": 0.1,
+    "optimizer.batch_size": 16,
+    "optimizer.steps": STEPS,
+    "optimizer.blocking": True,
+    "pipeline.num_partitions": 2,
+    "pipeline.split_points": (3,),
+    "pipeline.num_micro_batches": 4,
+}
+
+
+def _stage(stage: int, addresses: list[str], *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            *CLI,
+            "worker",
+            "--ps",
+            ",".join(addresses),
+            "--rank",
+            "0",
+            "--num-workers",
+            "1",
+            "--model",
+            "mlp",
+            "--dataset",
+            "digits",
+            "--lr",
+            "0.1",
+            "--batch-size",
+            "16",
+            "--steps",
+            str(STEPS),
+            "--blocking",
+            "--partitions",
+            "2",
+            "--split-points",
+            "3",
+            "--micro-batches",
+            "4",
+            "--stage",
+            str(stage),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+
+
+def _listening_address(process: subprocess.Popen, timeout_s: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout_s
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if match := _LISTENING.search(line):
+            return match.group(2)
+        if not line and process.poll() is not None:
+            break
+    raise AssertionError(f"stage did not listen: {process.stderr.read()[-2000:]}")
+
+
+def _sgd_on_the_whole_model(config: JobConfig) -> nn.Module:
+    train_set = load_job_dataset(config.data, "train")
+    model = build_replica(config, train_set.input_shape, train_set.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.optimizer.lr)
+    indices = worker_indices(len(train_set), 0, 1, seed=config.model.seed)
+    for images, labels in worker_batches(config, train_set, indices):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    return model
+
+
+@pytest.mark.slow
+def test_two_stages_of_one_replica_train_as_sgd_on_the_whole_model(shard_cluster):
+    addresses = shard_cluster(2, "--server-lr", "0.1")
+    last = _stage(1, addresses, "--bind", "tcp://127.0.0.1:0")
+    first = None
+    try:
+        first = _stage(0, addresses, "--next", _listening_address(last))
+        for process in (first, last):
+            _, err = process.communicate(timeout=120)
+            assert process.returncode == 0, err[-2000:]
+    finally:
+        stop_processes([p for p in (first, last) if p is not None])
+    config = JobConfig.from_fields({**JOB, "cluster.num_shards": 2, "cluster.num_workers": 1})
+    evaluator = PSEvaluator(config, addresses)
+    try:
+        evaluator.evaluate()  # pulls every partition's group into the whole model
+        pulled = dict(evaluator.model.named_parameters())
+    finally:
+        evaluator.close()
+    reference = _sgd_on_the_whole_model(config)
+    for name, want in reference.named_parameters():
+        torch.testing.assert_close(pulled[name], want, atol=1e-6, rtol=0, msg=name)
+
+
+def _replica_steps(run_dir: Path) -> dict[int, int]:
+    path = run_dir / "metrics.csv"
+    steps: dict[int, int] = {}
+    if path.exists():
+        for row in read_metrics(path):
+            if row["role"] == "worker":
+                steps[row["rank"]] = max(steps.get(row["rank"], 0), row["step"])
+    return steps
+
+
+def _pids(run_dir: Path) -> dict[str, int]:
+    path = run_dir / "pids.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_stage_restarts_its_replica_and_the_other_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            *CLI,
+            "train",
+            "--model",
+            "mlp",
+            "--workers",
+            "2",
+            "--shards",
+            "1",
+            "--partitions",
+            "2",
+            "--micro-batches",
+            "2",
+            "--steps",
+            "400",
+            "--checkpoint-every",
+            "1",
+            "--out",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while _replica_steps(run_dir).get(1, 0) < 20:
+            assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "replica 1 never reached step 20"
+            time.sleep(0.2)
+        before = _pids(run_dir)
+        os.kill(before["worker1.stage1"], signal.SIGKILL)
+        _, err = launcher.communicate(timeout=240)
+    finally:
+        stop_processes([launcher])
+    assert launcher.returncode == 0, err[-3000:]
+    after = _pids(run_dir)
+    # The other replica's stages were never restarted; both of replica 1's were.
+    assert after["worker0.stage0"] == before["worker0.stage0"]
+    assert after["worker0.stage1"] == before["worker0.stage1"]
+    assert after["worker1.stage0"] != before["worker1.stage0"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    faults = [(f["process"], f["action"]) for f in summary["faults"]]
+    assert ("worker1.stage1", "restarted") in faults
+    assert all(process.startswith("worker1") for process, _ in faults)
+    assert summary["worker_steps"] == {"0": 400, "1": 400}
+    assert summary["partitions"]["split_points"]
+    assert summary["final"]["test_accuracy"] > 0.5

@@ -41,6 +41,28 @@ from distbelief.errors import ConfigFieldError
             "optimizer.warmstart_steps",
             "needs asynchronous training",
         ),
+        ({"pipeline.num_partitions": 0}, "pipeline.num_partitions", "an integer >= 1, got 0"),
+        (
+            {"pipeline.num_partitions": 3, "pipeline.split_points": (4,)},
+            "pipeline.split_points",
+            "must be 2 layer indices for 3 partitions, got 4",
+        ),
+        (
+            {"pipeline.split_points": "3,x"},
+            "pipeline.split_points",
+            "must be integers like 3,7, got '3,x'",
+        ),
+        (
+            {"optimizer.batch_size": 8, "pipeline.num_micro_batches": 9},
+            "pipeline.num_micro_batches",
+            "must be <= the batch size (8), got 9",
+        ),
+        (
+            {"optimizer.algorithm": "sandblaster", "pipeline.num_partitions": 2},
+            "pipeline.num_partitions",
+            "only applies to algorithm downpour",
+        ),
+        ({"pipeline.max_stage_bytes": 0}, "pipeline.max_stage_bytes", "an integer >= 1, got 0"),
     ],
 )
 def test_a_bad_value_names_its_section_and_field(values, field, problem):

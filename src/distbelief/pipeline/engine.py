@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -45,6 +45,23 @@ class StageStepFigures:
     loss_sum: float | None = None
     num_correct: int | None = None
     num_samples: int = 0
+
+
+@dataclass
+class _Batch:
+    """One batch's state on one stage while its schedule runs."""
+
+    step: int
+    batch_size: int
+    figures: StageStepFigures
+    image_pieces: tuple[torch.Tensor, ...] = ()
+    label_pieces: tuple[torch.Tensor, ...] = ()
+    # Per micro-batch until its backward: the input leaf (whose gradient goes upstream) and
+    # the tensor to differentiate (the output, or on the last stage the loss).
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    held: dict[int, torch.Tensor] = field(default_factory=dict)
+    loss_sum: torch.Tensor | None = None
+    num_correct: torch.Tensor | None = None
 
 
 class PipelineStage:
@@ -133,73 +150,74 @@ class PipelineStage:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        image_pieces = label_pieces = None
         num_micro = min(self.num_micro_batches, batch_size)
+        batch = _Batch(step, batch_size, StageStepFigures(num_samples=batch_size))
         if self.is_first:
             _check_batch("images", images, batch_size, self.stage)
-            image_pieces = torch.tensor_split(images.to(self._device), num_micro)
+            batch.image_pieces = torch.tensor_split(images.to(self._device), num_micro)
         if self.is_last:
             _check_batch("labels", labels, batch_size, self.stage)
-            label_pieces = torch.tensor_split(labels.to(self._device), num_micro)
+            batch.label_pieces = torch.tensor_split(labels.to(self._device), num_micro)
+            batch.loss_sum = torch.zeros((), device=self._device)
+            batch.num_correct = torch.zeros((), dtype=torch.long, device=self._device)
 
-        figures = StageStepFigures(num_samples=batch_size)
         sent_before = self.links.counters.bytes_sent
         received_before = self.links.counters.bytes_received
-        # Per micro-batch until its backward: the input leaf (whose gradient goes upstream)
-        # and the tensor to differentiate (the output, or on the last stage the loss).
-        inputs: dict[int, torch.Tensor] = {}
-        held: dict[int, torch.Tensor] = {}
-        loss_sum = torch.zeros((), device=self._device)
-        num_correct = torch.zeros((), dtype=torch.long, device=self._device)
-
         for kind, micro in SCHEDULES[self.schedule](self.num_stages, self.stage, num_micro):
             if kind == "F":
-                if self.is_first:
-                    x = image_pieces[micro]
-                else:
-                    received = self._wait(
-                        figures, self.links.recv_forward, step, micro, self.timeout_s
-                    )
-                    # A leaf of this stage's graph: backward leaves the gradient to send
-                    # upstream in its .grad.
-                    x = received.to(self._device).detach().requires_grad_()
-                    inputs[micro] = x
-                start = time.perf_counter()
-                out = self.module(x)
-                if self.is_last:
-                    y = label_pieces[micro]
-                    loss = F.cross_entropy(out, y, reduction="sum")
-                    loss_sum += loss.detach()
-                    num_correct += (out.detach().argmax(dim=1) == y).sum()
-                    # Dividing by the whole batch's size makes the micro-batches' gradients
-                    # add up to those of the batch's mean loss.
-                    held[micro] = loss / batch_size
-                else:
-                    held[micro] = out
-                figures.compute_s += time.perf_counter() - start
-                if not self.is_last:
-                    self._wait(figures, self.links.send_forward, step, micro, out.detach())
+                self._forward(batch, micro)
             else:
-                grad = None
-                if not self.is_last:
-                    grad = self._wait(
-                        figures, self.links.recv_backward, step, micro, self.timeout_s
-                    ).to(self._device)
-                start = time.perf_counter()
-                held.pop(micro).backward(grad)
-                figures.compute_s += time.perf_counter() - start
-                if not self.is_first:
-                    x = inputs.pop(micro)
-                    # An input the output does not depend on gets no gradient: send zeros.
-                    x_grad = x.grad if x.grad is not None else torch.zeros_like(x)
-                    self._wait(figures, self.links.send_backward, step, micro, x_grad)
+                self._backward(batch, micro)
 
+        figures = batch.figures
         figures.bytes_sent = self.links.counters.bytes_sent - sent_before
         figures.bytes_received = self.links.counters.bytes_received - received_before
         if self.is_last:
-            figures.loss_sum = float(loss_sum)
-            figures.num_correct = int(num_correct)
+            figures.loss_sum = float(batch.loss_sum)
+            figures.num_correct = int(batch.num_correct)
         return figures
+
+    def _forward(self, batch: _Batch, micro: int) -> None:
+        if self.is_first:
+            x = batch.image_pieces[micro]
+        else:
+            received = self._wait(
+                batch.figures, self.links.recv_forward, batch.step, micro, self.timeout_s
+            )
+            # A leaf of this stage's graph: backward leaves the gradient to send upstream in
+            # its .grad.
+            x = received.to(self._device).detach().requires_grad_()
+            batch.inputs[micro] = x
+        start = time.perf_counter()
+        out = self.module(x)
+        if self.is_last:
+            y = batch.label_pieces[micro]
+            loss = F.cross_entropy(out, y, reduction="sum")
+            batch.loss_sum += loss.detach()
+            batch.num_correct += (out.detach().argmax(dim=1) == y).sum()
+            # Dividing by the whole batch's size makes the micro-batches' gradients add up to
+            # those of the batch's mean loss.
+            batch.held[micro] = loss / batch.batch_size
+        else:
+            batch.held[micro] = out
+        batch.figures.compute_s += time.perf_counter() - start
+        if not self.is_last:
+            self._wait(batch.figures, self.links.send_forward, batch.step, micro, out.detach())
+
+    def _backward(self, batch: _Batch, micro: int) -> None:
+        grad = None
+        if not self.is_last:
+            grad = self._wait(
+                batch.figures, self.links.recv_backward, batch.step, micro, self.timeout_s
+            ).to(self._device)
+        start = time.perf_counter()
+        batch.held.pop(micro).backward(grad)
+        batch.figures.compute_s += time.perf_counter() - start
+        if not self.is_first:
+            x = batch.inputs.pop(micro)
+            # An input the output does not depend on gets no gradient: send zeros.
+            x_grad = x.grad if x.grad is not None else torch.zeros_like(x)
+            self._wait(batch.figures, self.links.send_backward, batch.step, micro, x_grad)
 
     def _wait(self, figures: StageStepFigures, call: Callable[..., _T], *args) -> _T:
         """Calls a link method, counting its time as waiting."""

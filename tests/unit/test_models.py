@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distbelief.config import MODEL_NAMES
-from distbelief.models import MLP, AlexNet, LeNet, build_model
+from distbelief.models import MLP, AlexNet, LeNet, WideMLP, build_model
 
 INPUT_SHAPES = [(1, 32, 32), (3, 32, 32), (1, 28, 28)]
 
@@ -25,6 +25,7 @@ def test_build_model_returns_named_classes():
     assert isinstance(build_model("lenet", (3, 32, 32), 10), LeNet)
     assert isinstance(build_model("alexnet", (3, 32, 32), 10), AlexNet)
     assert isinstance(build_model("mlp", (3, 32, 32), 10), MLP)
+    assert isinstance(build_model("wide-mlp", (1, 8, 8), 10), WideMLP)
 
 
 def _num_params(model: torch.nn.Module) -> int:
@@ -42,6 +43,12 @@ def test_mlp_layer_sizes():
     assert _num_params(MLP((1, 8, 8), 3, hidden_sizes=(5,))) == (64 * 5 + 5) + (5 * 3 + 3)
 
 
+def test_wide_mlp_has_four_hidden_layers_of_width_2048():
+    model = WideMLP((1, 28, 28), 10)
+    expected = (784 * 2048 + 2048) + 3 * (2048 * 2048 + 2048) + (2048 * 10 + 10)
+    assert _num_params(model) == expected
+
+
 def test_alexnet_feature_size_follows_input():
     # 32x32 -> 16 (stride 2) -> 8 -> 4 -> 2 after the pools: 256 * 2 * 2 features.
     assert AlexNet((3, 32, 32), 10).classifier[1].in_features == 1024
@@ -49,7 +56,7 @@ def test_alexnet_feature_size_follows_input():
 
 
 def test_unknown_model_name_lists_choices():
-    with pytest.raises(ValueError, match=r"resnet.*lenet.*alexnet.*mlp"):
+    with pytest.raises(ValueError, match=r"resnet.*lenet.*alexnet.*mlp.*wide-mlp"):
         build_model("resnet", (3, 32, 32), 10)
 
 

@@ -25,6 +25,10 @@ class AlexNet(nn.Module):
         ValueError: If input_shape or num_classes is invalid, or the input is too small.
     """
 
+    # The children whose composition is forward(), in order: model parallelism splits the
+    # model into partitions along them (distbelief.pipeline.layers).
+    pipeline_order = ("features", "classifier")
+
     def __init__(
         self, input_shape: tuple[int, int, int], num_classes: int, dropout: float = 0.5
     ) -> None:

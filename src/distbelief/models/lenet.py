@@ -45,6 +45,10 @@ class LeNet(nn.Module):
         ValueError: If input_shape or num_classes is invalid, or the input is too small.
     """
 
+    # The children whose composition is forward(), in order: model parallelism splits the
+    # model into partitions along them (distbelief.pipeline.layers).
+    pipeline_order = ("features", "classifier")
+
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
         check_model_args(input_shape, num_classes)

@@ -22,6 +22,10 @@ class MLP(nn.Module):
         ValueError: If input_shape, num_classes or a hidden size is invalid.
     """
 
+    # The children whose composition is forward(), in order: model parallelism splits the
+    # model into partitions along them (distbelief.pipeline.layers).
+    pipeline_order = ("layers",)
+
     def __init__(
         self,
         input_shape: tuple[int, int, int],

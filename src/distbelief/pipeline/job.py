@@ -8,13 +8,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from distbelief.pipeline.layers import StageModule, pipeline_layers
-from distbelief.pipeline.memory import stage_state_bytes
-from distbelief.pipeline.split import StageSplit, split_model
 from torch import nn
 
 from distbelief.errors import ConfigFieldError
 from distbelief.models import build_model
+from distbelief.pipeline.layers import StageModule, pipeline_layers
+from distbelief.pipeline.memory import stage_state_bytes
+from distbelief.pipeline.split import StageSplit, split_model
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig

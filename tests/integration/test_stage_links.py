@@ -203,6 +203,8 @@ def test_a_peer_that_never_sends_is_a_timeout_naming_both_stages(make_links):
         r"within 0.3s$",
     ):
         last.recv_forward(2, 1, SHORT_S)
+    with pytest.raises(StageTimeoutError, match=r"within 0.3s \(stage 0 never connected\)$"):
+        make_links(1, 2).recv_forward(0, 0, SHORT_S)
     with pytest.raises(
         StageTimeoutError,
         match=r"^stage 0: stage 1 \(tcp://127\.0\.0\.1:\d+\) did not return the gradient of "
@@ -316,6 +318,20 @@ def test_a_next_stage_that_dies_mid_run_fails_the_waiting_fetch_promptly(make_li
     assert "stage 0: " in str(failures[0]) and "the gradient of step 0, micro-batch 0" in str(
         failures[0]
     )
+
+
+def test_a_previous_stage_that_dies_leaves_a_timeout_that_says_so(make_links):
+    first, last = _chain(make_links, 2)
+    first.send_forward(0, 0, torch.ones(3))
+    last.recv_forward(0, 0, TIMEOUT_S)
+    first.close()
+    # The server notices the closed connections at once; the loop only rides out a busy machine.
+    deadline, message = time.monotonic() + TIMEOUT_S, ""
+    while "closed its connections" not in message and time.monotonic() < deadline:
+        with pytest.raises(StageTimeoutError) as timed_out:
+            last.recv_forward(1, 0, SHORT_S)
+        message = str(timed_out.value)
+    assert message.endswith("within 0.3s (stage 0 closed its connections)"), message
 
 
 def _last_stage_process(addresses, done, num_steps: int) -> None:

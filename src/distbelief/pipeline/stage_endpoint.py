@@ -117,6 +117,14 @@ class StageEndpoint:
         with self._changed:
             self._num_connections -= 1
 
+    def _connection_hint(self) -> str:
+        """Why the stage before may be silent, as far as this side can tell (lock held)."""
+        if not self._ever_connected:
+            return f" (stage {self.stage - 1} never connected)"
+        if self._num_connections == 0:
+            return f" (stage {self.stage - 1} closed its connections)"
+        return ""
+
     # The stage's main thread.
 
     def take_activation(self, step: int, micro: int, timeout_s: float) -> torch.Tensor:
@@ -148,12 +156,10 @@ class StageEndpoint:
                     return slot.buffer
                 remaining_s = deadline - time.monotonic()
                 if remaining_s <= 0:
-                    hint = (
-                        "" if self._ever_connected else f" (stage {self.stage - 1} never connected)"
-                    )
                     raise StageTimeoutError(
                         f"stage {self.stage}: stage {self.stage - 1} did not send the activation "
-                        f"of step {step}, micro-batch {micro} within {timeout_s:g}s{hint}"
+                        f"of step {step}, micro-batch {micro} within {timeout_s:g}s"
+                        f"{self._connection_hint()}"
                     )
                 self._changed.wait(remaining_s)
 

@@ -1,0 +1,341 @@
+"""The server side of a stage's link to the stage before it: the activations that stage sends
+here, and the gradients this stage leaves for it to fetch.
+
+Every stage but the first serves a ``StageEndpoint`` (a ``wire`` Service). Each micro-batch
+index has a slot in the inbox (activations, received straight into a reused buffer) and one in
+the outbox (gradients, copied into a reused buffer until fetched). A slot remembers the step it
+holds and whether its tensor was taken, which is how out-of-order traffic is caught:
+
+- an activation may only arrive for a slot whose previous activation was taken, and for a
+  later step than it held;
+- the stage's main thread waits for the slot to hold exactly the step it asks for (an older
+  step means not yet, a newer one is a protocol violation);
+- a gradient fetch for an older step than the outbox holds is refused (it is gone), one for a
+  newer step waits.
+
+Buffers are reused without a copy because the schedule keeps them apart: the stage before
+sends the activation of (step + 1, micro) only after it has fetched the gradient of (step,
+micro), which this stage deposits once it is done with that micro-batch's activation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from distbelief.errors import PipelineError, StageTimeoutError
+from distbelief.pipeline.micro_buffers import MicroBuffers
+from distbelief.pipeline.stage_protocol import (
+    ACTIVATION,
+    ACTIVATION_NAME,
+    GRADIENT,
+    GRADIENT_NAME,
+    STAGE_HELLO,
+    hold_of,
+    micro_batch_key,
+)
+from distbelief.wire.dtypes import dtype_name
+from distbelief.wire.framing import Sink
+from distbelief.wire.message import Message
+from distbelief.wire.ops import OpRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """What one micro-batch index of the inbox or outbox holds."""
+
+    step: int = -1
+    """The step of the tensor held (-1: none yet)."""
+    buffer: torch.Tensor | None = None
+    taken: bool = True
+    """Inbox: the main thread took the activation. Outbox: a fetch carried the gradient away."""
+    receiving: bool = False
+    """Inbox only: an activation is being received into ``buffer`` right now."""
+
+
+class StageEndpoint:
+    """Serves one stage's side of the link to the stage before it (a ``wire.Service``).
+
+    The main thread of the stage calls :meth:`take_activation` and :meth:`deposit_gradient`;
+    the server's connection threads run the handlers.
+
+    Args:
+        stage: This stage's index (> 0: the first stage has no stage before it).
+        num_stages: Stages in the replica.
+        count_bytes: Called with (bytes sent, bytes received) each time a tensor's payload
+            crosses this endpoint (from the server's threads).
+
+    Raises:
+        ValueError: ``stage`` is not in 1..num_stages - 1.
+    """
+
+    def __init__(
+        self,
+        stage: int,
+        num_stages: int,
+        count_bytes: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if type(num_stages) is not int or type(stage) is not int or not 0 < stage < num_stages:
+            raise ValueError(
+                f"a stage endpoint needs a stage in 1..num_stages - 1, got stage {stage!r} "
+                f"of {num_stages!r}"
+            )
+        self.stage = stage
+        self.num_stages = num_stages
+        self._count_bytes = count_bytes or (lambda sent, received: None)
+        self.handlers = OpRegistry()
+        self.handlers.register(
+            ACTIVATION, _Connection.activation, sink_for=_Connection.activation_sink_for
+        )
+        self.handlers.register(GRADIENT, _Connection.gradient)
+        self.handlers.register(STAGE_HELLO, _Connection.hello)
+        self._changed = threading.Condition()
+        """Guards everything below; notified whenever a slot changes or the endpoint closes."""
+        self._inbox: dict[int, _Slot] = {}
+        self._inbox_buffers = MicroBuffers()
+        self._outbox: dict[int, _Slot] = {}
+        self._outbox_buffers = MicroBuffers()
+        self._num_connections = 0
+        self._ever_connected = False
+        self._closed = False
+
+    def open_connection(self, peer: str) -> _Connection:
+        logger.debug("stage %d: connection from %s", self.stage, peer)
+        with self._changed:
+            self._num_connections += 1
+            self._ever_connected = True
+        return _Connection(self, peer)
+
+    def _forget_connection(self) -> None:
+        with self._changed:
+            self._num_connections -= 1
+
+    def _connection_hint(self) -> str:
+        """Why the stage before may be silent, as far as this side can tell (lock held)."""
+        if not self._ever_connected:
+            return f" (stage {self.stage - 1} never connected)"
+        if self._num_connections == 0:
+            return f" (stage {self.stage - 1} closed its connections)"
+        return ""
+
+    # The stage's main thread.
+
+    def take_activation(self, step: int, micro: int, timeout_s: float) -> torch.Tensor:
+        """Wait until the inbox holds the activation of (``step``, ``micro``) and take it:
+        the receive buffer holding it (a repeated take of the same step returns it again).
+
+        Raises:
+            StageTimeoutError: it did not arrive within ``timeout_s``.
+            PipelineError: the slot already holds a later step, or the endpoint closed.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                if self._closed:
+                    raise PipelineError(
+                        f"stage {self.stage}: links closed while waiting for the activation of "
+                        f"step {step}, micro-batch {micro}"
+                    )
+                slot = self._inbox.get(micro)
+                if slot is not None and slot.step > step:
+                    raise PipelineError(
+                        f"stage {self.stage}: asked for the activation of step {step}, "
+                        f"micro-batch {micro}, but stage {self.stage - 1} already sent step "
+                        f"{slot.step}: steps must be taken in order"
+                    )
+                if slot is not None and slot.step == step and not slot.receiving:
+                    assert slot.buffer is not None
+                    slot.taken = True
+                    return slot.buffer
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    raise StageTimeoutError(
+                        f"stage {self.stage}: stage {self.stage - 1} did not send the activation "
+                        f"of step {step}, micro-batch {micro} within {timeout_s:g}s"
+                        f"{self._connection_hint()}"
+                    )
+                self._changed.wait(remaining_s)
+
+    def deposit_gradient(self, step: int, micro: int, grad: torch.Tensor) -> None:
+        """Copy the gradient of (``step``, ``micro``) into its outbox for the stage before to
+        fetch; returns at once.
+
+        Raises:
+            ValueError: ``grad``'s dtype cannot travel.
+            PipelineError: the outbox still holds an unfetched gradient for ``micro``, or one of
+                the same or a later step, or the endpoint closed.
+        """
+        dtype_name(grad.dtype)
+        with self._changed:
+            if self._closed:
+                raise PipelineError(f"stage {self.stage}: links are closed")
+            slot = self._outbox.setdefault(micro, _Slot())
+            if not slot.taken:
+                raise PipelineError(
+                    f"stage {self.stage}: stage {self.stage - 1} has not fetched the gradient of "
+                    f"step {slot.step}, micro-batch {micro} yet; cannot hold step {step} too"
+                )
+            if step <= slot.step:
+                raise PipelineError(
+                    f"stage {self.stage}: the gradient of step {step}, micro-batch {micro} comes "
+                    f"after step {slot.step}: steps must increase"
+                )
+            buffer = self._outbox_buffers.get(micro, grad.dtype, tuple(grad.shape))
+            buffer.copy_(grad.detach())
+            slot.step, slot.buffer, slot.taken = step, buffer, False
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiter: held fetches answer ``closed``, the main thread's waits raise."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    # The server's connection threads.
+
+    def check_sender(self, meta: dict) -> None:
+        """Refuse a request that does not come from the stage before this one."""
+        sender = meta.get("stage")
+        if sender != self.stage - 1:
+            raise ValueError(
+                f"stage {self.stage} of {self.num_stages} answers stage {self.stage - 1} only, "
+                f"not stage {sender!r}"
+            )
+
+    def start_receiving(self, step: int, micro: int) -> None:
+        """Claim the inbox slot of ``micro`` for the activation of ``step``.
+
+        Raises:
+            ValueError: the slot still holds an activation not taken, is being received into,
+                or held the same or a later step.
+        """
+        with self._changed:
+            if self._closed:
+                raise ValueError(f"stage {self.stage} is closing")
+            slot = self._inbox.setdefault(micro, _Slot())
+            if slot.receiving:
+                raise ValueError(
+                    f"stage {self.stage} is already receiving an activation for micro-batch {micro}"
+                )
+            if not slot.taken:
+                raise ValueError(
+                    f"stage {self.stage} has not taken the activation of step {slot.step}, "
+                    f"micro-batch {micro} yet; refusing step {step}"
+                )
+            if step <= slot.step:
+                raise ValueError(
+                    f"the activation of step {step}, micro-batch {micro} comes after step "
+                    f"{slot.step}: steps must increase"
+                )
+            slot.receiving = True
+
+    def receive_buffer(
+        self, micro: int, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """The buffer an activation for ``micro`` is received into (its slot is claimed)."""
+        return self._inbox_buffers.get(micro, dtype, shape)
+
+    def finish_receiving(self, micro: int, step: int, tensor: torch.Tensor | None) -> None:
+        """Release the slot claimed for ``micro``: holding ``tensor`` as the activation of
+        ``step``, or (None) as it was, when the request failed."""
+        with self._changed:
+            slot = self._inbox[micro]
+            slot.receiving = False
+            if tensor is not None:
+                slot.step, slot.buffer, slot.taken = step, tensor, False
+            self._changed.notify_all()
+        if tensor is not None:
+            self._count_bytes(0, tensor.numel() * tensor.element_size())
+
+    def fetch_gradient(self, step: int, micro: int, max_wait_s: float) -> torch.Tensor | str:
+        """The gradient of (``step``, ``micro``) once deposited, waiting up to ``max_wait_s``;
+        else ``"held"`` (not yet) or ``"closed"`` (the endpoint is closing).
+
+        Raises:
+            ValueError: the outbox holds a later step: that gradient is gone.
+        """
+        deadline = time.monotonic() + max_wait_s
+        with self._changed:
+            while not self._closed:
+                slot = self._outbox.get(micro)
+                if slot is not None and slot.step > step:
+                    raise ValueError(
+                        f"the gradient of step {step}, micro-batch {micro} is gone: stage "
+                        f"{self.stage} holds step {slot.step}"
+                    )
+                if slot is not None and slot.step == step:
+                    buffer = slot.buffer
+                    assert buffer is not None
+                    slot.taken = True
+                    self._count_bytes(buffer.numel() * buffer.element_size(), 0)
+                    return buffer
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    return "held"
+                self._changed.wait(remaining_s)
+        return "closed"
+
+
+class _Connection:
+    """One connection from the stage before: which inbox slot it is receiving into."""
+
+    def __init__(self, endpoint: StageEndpoint, peer: str) -> None:
+        self.endpoint = endpoint
+        self.peer = peer
+        self._receiving: tuple[int, int] | None = None
+        """(step, micro) of the activation this connection is receiving, until answered."""
+
+    def _release(self) -> None:
+        # A request whose tensors could not be read is never handed to its handler: free its
+        # slot on the connection's next request, or when the connection ends.
+        if self._receiving is not None:
+            self.endpoint.finish_receiving(self._receiving[1], self._receiving[0], None)
+            self._receiving = None
+
+    def close(self) -> None:
+        self._release()
+        self.endpoint._forget_connection()
+
+    def activation_sink_for(self, request: Message) -> Sink:
+        self._release()
+        self.endpoint.check_sender(request.meta)
+        step, micro = micro_batch_key(request.meta)
+        self.endpoint.start_receiving(step, micro)
+        self._receiving = (step, micro)
+
+        def sink(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+            if name != ACTIVATION_NAME:
+                raise ValueError(f"an activation request carries {ACTIVATION_NAME!r}, not {name!r}")
+            return self.endpoint.receive_buffer(micro, dtype, shape)
+
+        return sink
+
+    def activation(self, request: Message) -> Message:
+        assert self._receiving is not None
+        step, micro = self._receiving
+        if len(request.tensors) != 1:
+            self._release()
+            raise ValueError(
+                f"an activation request carries one tensor, not {len(request.tensors)}"
+            )
+        self.endpoint.finish_receiving(micro, step, request.tensors[0][1])
+        self._receiving = None
+        return request.reply()
+
+    def gradient(self, request: Message) -> Message:
+        self.endpoint.check_sender(request.meta)
+        step, micro = micro_batch_key(request.meta)
+        found = self.endpoint.fetch_gradient(step, micro, hold_of(request.meta))
+        if isinstance(found, str):
+            return request.reply({found: True})
+        return request.reply({}, [(GRADIENT_NAME, found)])
+
+    def hello(self, request: Message) -> Message:
+        return request.reply({"stage": self.endpoint.stage, "num_stages": self.endpoint.num_stages})

@@ -166,10 +166,13 @@ def _training_kind(config: JobConfig) -> ProcessKind:
 def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
     """A model-parallel job's split, decided once for every process (measured compute time
     unless the config gives split points) and checked against the stage memory budget; the
-    config with the split points filled in, and the split's description for the summary."""
+    config with the split points filled in, and the split's description for the summary.
+    A whole-model job with a memory budget is checked against it too (as one partition)."""
     if config.pipeline.num_partitions == 1:
+        if config.pipeline.max_stage_bytes is not None:
+            _check_whole_model_budget(config)
         return config, {}
-    import torch  # only for a model-parallel job
+    import torch  # only for a model-parallel job or a memory budget
 
     from distbelief.data import load_job_dataset
     from distbelief.pipeline.job import check_stage_budget, job_split, model_builder
@@ -204,6 +207,18 @@ def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
         "description": description,
     }
     return config.with_fields({"pipeline.split_points": points}), plan
+
+
+def _check_whole_model_budget(config: JobConfig) -> None:
+    import torch
+
+    from distbelief.data import load_job_dataset
+    from distbelief.pipeline.job import check_stage_budget, model_builder
+
+    train_set = load_job_dataset(config.data, "train")
+    with torch.device("meta"):
+        model = model_builder(config, train_set.input_shape, train_set.num_classes)()
+    check_stage_budget(config, 0, model.parameters())
 
 
 def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:

@@ -70,7 +70,12 @@ def run_worker(
         len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
     )
     # On the device before the optimizer is built: it reads and writes the parameters there.
-    model = build_replica(config, train_set.input_shape, train_set.num_classes).to(device)
+    model = build_replica(config, train_set.input_shape, train_set.num_classes)
+    if config.pipeline.max_stage_bytes is not None:
+        from distbelief.pipeline.job import check_stage_budget
+
+        check_stage_budget(config, 0, model.parameters())  # the whole model is one partition
+    model = model.to(device)
     optimizer = DownpourSGD(
         model.parameters(),
         lr=config.optimizer.lr,

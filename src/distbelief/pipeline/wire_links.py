@@ -342,22 +342,7 @@ class WireLinks:
                 client.close()
 
 
-def wire_links(
-    stage: int,
-    num_stages: int,
-    *,
-    bind: str | None,
-    next_address: str | None,
-    security: WireSecurity | None,
-    timeout_s: float,
-) -> WireLinks:
-    """Stage ``stage``'s links over the wire, serving at ``bind`` (stages > 0) and talking to
-    the next stage at ``next_address`` (all but the last); see :class:`WireLinks`."""
-    return WireLinks(
-        stage,
-        num_stages,
-        bind=bind,
-        next_address=next_address,
-        security=security,
-        timeout_s=timeout_s,
-    )
+wire_links = WireLinks
+"""Stage ``stage``'s links over the wire, serving at ``bind`` (stages > 0) and talking to the
+next stage at ``next_address`` (all but the last): the class itself, by the name the other
+link makers (``local_links``) follow."""

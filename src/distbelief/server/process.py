@@ -70,8 +70,9 @@ def serve_shard(
     # torch.optim's first optimizer imports torch._dynamo: seconds on a busy machine. Paid here,
     # before "ready", it cannot push the first worker's INIT past its request timeout.
     optimizer_factory([torch.zeros(1)])
-    if shard is None:
-        shard = ParameterShard(
+
+    def make_shard() -> ParameterShard:
+        return ParameterShard(
             shard_id,
             num_shards,
             optimizer_factory,
@@ -79,16 +80,12 @@ def serve_shard(
             partitioner=partitioner,
             num_workers=num_workers,
         )
+
+    shard = shard if shard is not None else make_shard()
+    # Parameter groups (a model-parallel partition's) get shards of their own, made alike.
     groups = ShardGroups(
         shard,
-        lambda: ParameterShard(
-            shard_id,
-            num_shards,
-            optimizer_factory,
-            consistency,
-            partitioner=partitioner,
-            num_workers=num_workers,
-        ),
+        make_shard,
         checkpoint_dir=checkpoint_dir,
         checkpoint_every_s=checkpoint_every_s,
     )

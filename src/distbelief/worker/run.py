@@ -31,6 +31,37 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return resolved
 
 
+def job_optimizer(
+    config: JobConfig,
+    rank: int,
+    params,
+    model,
+    addresses: Sequence[str],
+    security: WireSecurity | None,
+    *,
+    resume_step: int = 0,
+    group: str = "",
+) -> DownpourSGD:
+    """Replica ``rank``'s DownpourSGD over ``params`` (all of ``model``'s, or one partition's
+    in parameter group ``group``), with the job's rates, periods, timeouts and warmstart."""
+    return DownpourSGD(
+        params,
+        lr=config.optimizer.lr,
+        n_push=config.optimizer.n_push,
+        n_pull=config.optimizer.n_pull,
+        model=model,
+        ps=list(addresses),
+        timeout_s=config.faults.timeout_s,
+        blocking=config.optimizer.blocking,
+        worker_id=f"worker{rank}",
+        # Warmstart: replica 0 trains alone until the shards have applied its first K pushes.
+        start_after_version=config.optimizer.warmstart_steps if rank > 0 and not resume_step else 0,
+        retry_timeout_s=config.faults.retry_timeout_s,
+        security=security,
+        group=group,
+    )
+
+
 def run_worker(
     config: JobConfig,
     rank: int,
@@ -76,20 +107,8 @@ def run_worker(
 
         check_stage_budget(config, 0, model.parameters())  # the whole model is one partition
     model = model.to(device)
-    optimizer = DownpourSGD(
-        model.parameters(),
-        lr=config.optimizer.lr,
-        n_push=config.optimizer.n_push,
-        n_pull=config.optimizer.n_pull,
-        model=model,
-        ps=list(addresses),
-        timeout_s=config.faults.timeout_s,
-        blocking=config.optimizer.blocking,
-        worker_id=f"worker{rank}",
-        # Warmstart: replica 0 trains alone until the shards have applied its first K pushes.
-        start_after_version=config.optimizer.warmstart_steps if rank > 0 and not resume_step else 0,
-        retry_timeout_s=config.faults.retry_timeout_s,
-        security=security,
+    optimizer = job_optimizer(
+        config, rank, model.parameters(), model, addresses, security, resume_step=resume_step
     )
     optimizer.num_steps = resume_step
     emit("started", {"rank": rank, "time": time.time()})

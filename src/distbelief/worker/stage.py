@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from distbelief.data import load_job_dataset, worker_indices
-from distbelief.optim import DownpourSGD
 from distbelief.pipeline.engine import PipelineStage
 from distbelief.pipeline.job import (
     check_stage_budget,
@@ -30,10 +29,11 @@ from distbelief.pipeline.job import (
     stage_group,
 )
 from distbelief.pipeline.layers import build_stage
-from distbelief.pipeline.wire_links import wire_links
+from distbelief.pipeline.wire_links import WireLinks
 from distbelief.process import Emit
 from distbelief.telemetry.metrics import make_record
 from distbelief.worker.loop import worker_batches
+from distbelief.worker.run import job_optimizer
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -110,7 +110,7 @@ def run_stage_worker(
     full_model, stage_module = build_stage(build, split.bounds, stage, seed=config.model.seed)
     named = partition_parameters(full_model, stage_module)
     check_stage_budget(config, stage, [p for _, p in named])
-    links = wire_links(
+    links = WireLinks(
         stage,
         num_stages,
         bind=bind or None,
@@ -123,7 +123,16 @@ def run_stage_worker(
         emit("ready", {"rank": rank, "stage": stage, "address": links.address})
         if stage < num_stages - 1:
             links.wait_for_peer(config.faults.timeout_s + config.faults.retry_timeout_s)
-        optimizer = _stage_optimizer(config, rank, stage, addresses, named, full_model, security)
+        optimizer = job_optimizer(
+            config,
+            rank,
+            [p for _, p in named],
+            full_model,
+            addresses,
+            security,
+            resume_step=resume_step,
+            group=stage_group(stage),
+        )
         optimizer.num_steps = resume_step
         steps = _train(
             config,
@@ -145,25 +154,6 @@ def run_stage_worker(
     finally:
         links.close()
     return {"rank": rank, "stage": stage, "steps": steps}
-
-
-def _stage_optimizer(config, rank, stage, addresses, named, full_model, security) -> DownpourSGD:
-    return DownpourSGD(
-        [p for _, p in named],
-        lr=config.optimizer.lr,
-        n_push=config.optimizer.n_push,
-        n_pull=config.optimizer.n_pull,
-        model=full_model,
-        ps=list(addresses),
-        timeout_s=config.faults.timeout_s,
-        blocking=config.optimizer.blocking,
-        worker_id=f"worker{rank}",
-        # Warmstart: replica 0 trains alone until each group has applied its first K pushes.
-        start_after_version=config.optimizer.warmstart_steps if rank > 0 else 0,
-        retry_timeout_s=config.faults.retry_timeout_s,
-        security=security,
-        group=stage_group(stage),
-    )
 
 
 def _train(

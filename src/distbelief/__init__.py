@@ -36,6 +36,14 @@ _EXPORTS: dict[str, str] = {
     "CoordinatorUnavailableError": "distbelief.errors",
     "EvaluationStalledError": "distbelief.errors",
     "SandblasterConfig": "distbelief.config",
+    "PipelineConfig": "distbelief.config",
+    "PipelineError": "distbelief.errors",
+    "StageTimeoutError": "distbelief.errors",
+    "StageUnavailableError": "distbelief.errors",
+    "PipelineStage": "distbelief.pipeline",
+    "StageModule": "distbelief.pipeline",
+    "build_stage": "distbelief.pipeline",
+    "split_model": "distbelief.pipeline",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -184,8 +184,8 @@ def test_a_killed_stage_restarts_its_replica_and_the_other_goes_on(tmp_path):
     assert launcher.returncode == 0, err[-3000:]
     after = _pids(run_dir)
     # The other replica's stages were never restarted; both of replica 1's were.
-    assert after["worker0.stage0"] == before["worker0.stage0"]
-    assert after["worker0.stage1"] == before["worker0.stage1"]
+    assert after["worker0.stage0"] == before["worker0.stage0"], err[-3000:]
+    assert after["worker0.stage1"] == before["worker0.stage1"], err[-3000:]
     assert after["worker1.stage0"] != before["worker1.stage0"]
     summary = json.loads((run_dir / "summary.json").read_text())
     faults = [(f["process"], f["action"]) for f in summary["faults"]]

@@ -1,14 +1,14 @@
 """Model parallelism: one replica split into contiguous partitions, each run by its own stage,
 which exchange each micro-batch's activations forward and their gradients backward on a
-pipeline schedule.
+pipeline schedule. (The link makers ``local_links`` and ``wire_links`` are imported from
+their modules, whose names they share.)
 """
 
 from distbelief.pipeline.engine import PipelineStage, StageStepFigures
 from distbelief.pipeline.layers import StageModule, build_stage, pipeline_layers
 from distbelief.pipeline.links import LinkCounters, StageLinks
-from distbelief.pipeline.local_links import local_links
 from distbelief.pipeline.split import StageSplit, split_model
-from distbelief.pipeline.wire_links import WireLinks, wire_links
+from distbelief.pipeline.wire_links import WireLinks
 
 __all__ = [
     "LinkCounters",
@@ -19,8 +19,6 @@ __all__ = [
     "StageStepFigures",
     "WireLinks",
     "build_stage",
-    "local_links",
     "pipeline_layers",
     "split_model",
-    "wire_links",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import itertools
 import json
 import multiprocessing as mp
@@ -48,7 +49,9 @@ from distbelief.pipeline.split import StageSplit, measure_layer_costs, split_mod
 from distbelief.pipeline.wire_links import wire_links
 from distbelief.wire.security import WireSecurity, generate_key
 
-MODEL = "wide-mlp"
+MODELS = ("wide-mlp", "wide-cnn")
+"""wide-mlp: memory-bound at small micro-batches on a CPU (its big matrix products shrink to 16
+rows); wide-cnn: compute-bound, its convolutions as fast per sample at any batch size."""
 INPUT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 NUM_STAGES = 2
@@ -70,9 +73,9 @@ IDLE_POLL_S = 0.2
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def build_whole():
-    """The whole model (unseeded: callers seed); top level, so spawn can pickle it."""
-    return build_model(MODEL, INPUT_SHAPE, NUM_CLASSES)
+def whole_builder(model_name: str):
+    """Builds the whole model (unseeded: callers seed); a partial, so spawn can pickle it."""
+    return functools.partial(build_model, model_name, INPUT_SHAPE, NUM_CLASSES)
 
 
 def make_batches(batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -220,12 +223,12 @@ def _run_unlinked(module, optimizer, batches, stage: int, x, first_step: int, nu
 
 
 def _stage_main(
-    control, stage: int, bounds: tuple[int, ...], batch_size: int, input_shape, key
+    control, model_name: str, stage: int, bounds: tuple[int, ...], batch_size: int, input_shape, key
 ) -> None:
     torch.set_num_threads(1)
     links = None
     try:
-        _, module = build_stage(build_whole, bounds, stage, seed=SEED)
+        _, module = build_stage(whole_builder(model_name), bounds, stage, seed=SEED)
         optimizer = torch.optim.SGD(module.parameters(), lr=LR)
         batches = make_batches(batch_size)
         generator = torch.Generator().manual_seed(SEED + 2 + stage)
@@ -266,7 +269,9 @@ def _stage_main(
 class StagePool:
     """The two stage processes, connected and ready; a context manager that stops them."""
 
-    def __init__(self, bounds: tuple[int, ...], batch_size: int, boundary_shape) -> None:
+    def __init__(
+        self, model_name: str, bounds: tuple[int, ...], batch_size: int, boundary_shape
+    ) -> None:
         context = mp.get_context("spawn")
         key = generate_key()
         input_shapes = [INPUT_SHAPE] + [tuple(boundary_shape)] * (NUM_STAGES - 1)
@@ -276,7 +281,7 @@ class StagePool:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=_stage_main,
-                args=(child_end, stage, bounds, batch_size, input_shapes[stage], key),
+                args=(child_end, model_name, stage, bounds, batch_size, input_shapes[stage], key),
                 name=f"stage{stage}",
                 daemon=True,
             )
@@ -347,9 +352,9 @@ class StagePool:
 class WholeModel:
     """The unsplit model and its SGD in this process, run with M micro-batches per batch."""
 
-    def __init__(self, batches) -> None:
+    def __init__(self, model_name: str, batches) -> None:
         torch.manual_seed(SEED)
-        self.model = build_whole()
+        self.model = whole_builder(model_name)()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR)
         self.batches = batches
 
@@ -376,25 +381,33 @@ class WholeModel:
 # ---------------------------------------------------------------- static figures
 
 
-def choose_split() -> StageSplit:
-    """The 2-stage split balancing parameter bytes: the same in every run. For this MLP it
-    also balances compute (the first layer computes no input gradient, so it costs 2/3 of a
-    layer of its size), which ``time_shares`` checks by measurement."""
-    return split_model(build_whole, NUM_STAGES, seed=SEED)
+def choose_split(model_name: str, batch_size: int) -> StageSplit:
+    """The 2-stage split: wide-mlp's balances parameter bytes, the same in every run (for this
+    MLP that also balances compute: the first layer computes no input gradient, so it costs 2/3
+    of a layer of its size; ``time_shares`` checks it by measurement); wide-cnn's balances
+    measured time, as ``train`` splits (a convolution's cost is not in its bytes)."""
+    build = whole_builder(model_name)
+    if model_name == "wide-mlp":
+        return split_model(build, NUM_STAGES, seed=SEED)
+    generator = torch.Generator().manual_seed(SEED + 1)
+    sample = torch.randn(batch_size, *INPUT_SHAPE, generator=generator)
+    return split_model(build, NUM_STAGES, seed=SEED, sample_input=sample)
 
 
-def time_shares(split: StageSplit, micro_batches: int, batch_size: int) -> list[float]:
+def time_shares(
+    model_name: str, split: StageSplit, micro_batches: int, batch_size: int
+) -> list[float]:
     """Each partition's share of the measured forward+backward time of one micro-batch."""
     generator = torch.Generator().manual_seed(SEED + 1)
     sample = torch.randn(max(1, batch_size // micro_batches), *INPUT_SHAPE, generator=generator)
-    costs = measure_layer_costs(build_whole, sample, seed=SEED, repeats=5)
+    costs = measure_layer_costs(whole_builder(model_name), sample, seed=SEED, repeats=5)
     stage_costs = [sum(costs[start:stop]) for start, stop in itertools.pairwise(split.bounds)]
     return [cost / sum(stage_costs) for cost in stage_costs]
 
 
-def static_figures(split: StageSplit) -> dict:
+def static_figures(model_name: str, split: StageSplit) -> dict:
     """Names, memory and boundary size, all from a meta-device build (no storage)."""
-    model = build_on_meta(build_whole, seed=SEED)
+    model = build_on_meta(whole_builder(model_name), seed=SEED)
     layers = pipeline_layers(model)
     stage_bytes = [
         stage_state_bytes(p for _, layer in layers[start:stop] for p in layer.parameters())
@@ -419,10 +432,10 @@ def static_figures(split: StageSplit) -> dict:
 
 def measure(configs: list[Config], args: argparse.Namespace, bounds, static: dict) -> list[dict]:
     """One row per configuration with every repeat's figures."""
-    whole = WholeModel(make_batches(args.batch_size))
+    whole = WholeModel(args.model, make_batches(args.batch_size))
     repeats: dict[str, list[dict]] = {c.name: [] for c in configs}
     step = 1
-    with StagePool(bounds, args.batch_size, static["boundary_shape"]) as pool:
+    with StagePool(args.model, bounds, args.batch_size, static["boundary_shape"]) as pool:
 
         def run(config: Config, num_steps: int) -> dict:
             nonlocal step
@@ -588,7 +601,7 @@ def save_results(path: Path, args, split: StageSplit, static: dict, summary: dic
     record = {
         "benchmark": "pipeline",
         **machine.environment(),
-        "model": MODEL,
+        "model": args.model,
         "input_shape": list(INPUT_SHAPE),
         "num_stages": NUM_STAGES,
         "torch_threads_per_process": 1,
@@ -618,6 +631,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per config")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per config")
+    parser.add_argument("--model", choices=MODELS, default=MODELS[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--micro-batches", type=int, default=8, help="M compared with M = 1")
     parser.add_argument("--schedules", default="1f1b,gpipe", help="comma-separated, 1f1b first")
@@ -639,28 +653,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _default_out() -> Path:
+def _default_out(model_name: str) -> Path:
     day = datetime.date.today().strftime("%Y%m%d")
-    return RESULTS_DIR / f"pipeline_cpu{os.cpu_count()}_{day}.json"
+    return RESULTS_DIR / f"pipeline_{model_name}_cpu{os.cpu_count()}_{day}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    split = choose_split()
-    static = static_figures(split)
-    static["measured_time_shares"] = time_shares(split, args.micro_batches, args.batch_size)
+    split = choose_split(args.model, args.batch_size)
+    static = static_figures(args.model, split)
+    static["measured_time_shares"] = time_shares(
+        args.model, split, args.micro_batches, args.batch_size
+    )
     described = split.describe(static["layer_names"])
     shares = " | ".join(f"{share:.0%}" for share in static["measured_time_shares"])
     print(
-        f"{MODEL} on {INPUT_SHAPE}, batch {args.batch_size}: {described}; measured time of "
+        f"{args.model} on {INPUT_SHAPE}, batch {args.batch_size}: {described}; measured time of "
         f"one micro-batch of {args.batch_size // args.micro_batches}: {shares}"
     )
     configs = make_configs(args.micro_batches, args.schedules)
     measured = measure(configs, args, split.bounds, static)
     summary = summarize(measured, args, static)
     print_report(summary, static, args)
-    out = args.out if args.out is not None else _default_out()
+    out = args.out if args.out is not None else _default_out(args.model)
     if str(out) != "-":
         save_results(out, args, split, static, summary)
     return 0

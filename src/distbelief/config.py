@@ -15,7 +15,7 @@ from typing import Any
 
 from distbelief.errors import ConfigFieldError
 
-MODEL_NAMES = ("lenet", "alexnet", "mlp", "wide-mlp")
+MODEL_NAMES = ("lenet", "alexnet", "mlp", "wide-mlp", "wide-cnn")
 DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic")
 SERVER_OPTIMIZER_NAMES = ("sgd", "momentum", "adagrad", "adam")
 STALENESS_POLICIES = ("none", "scale", "dc-asgd")

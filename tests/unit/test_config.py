@@ -21,7 +21,11 @@ from distbelief.errors import ConfigFieldError
     [
         ({"cluster.num_workers": 0}, "cluster.num_workers", "must be an integer >= 1, got 0"),
         ({"optimizer.lr": -1.0}, "optimizer.lr", "must be >= 0, got -1.0"),
-        ({"model.name": "resnet"}, "model.name", "must be one of lenet, alexnet, mlp, wide-mlp"),
+        (
+            {"model.name": "resnet"},
+            "model.name",
+            "must be one of lenet, alexnet, mlp, wide-mlp, wide-cnn",
+        ),
         ({"server.momentum": 1.0}, "server.momentum", "must be in [0, 1), got 1.0"),
         ({"server.betas": (0.9, 1.5)}, "server.betas", "two numbers in [0, 1)"),
         ({"faults.timeout_s": 0.0}, "faults.timeout_s", "must be > 0, got 0.0"),

@@ -12,7 +12,7 @@ from distbelief.pipeline.layers import StageModule, build_stage, check_bounds, p
 from distbelief.pipeline.split import split_model
 
 # Small inputs keep these fast; AlexNet needs at least 15x15, LeNet 16x16.
-MODELS = {"lenet": (1, 16, 16), "mlp": (1, 8, 8), "alexnet": (3, 32, 32)}
+MODELS = {"lenet": (1, 16, 16), "mlp": (1, 8, 8), "alexnet": (3, 32, 32), "wide-cnn": (3, 8, 8)}
 
 
 def _builder(name: str):

@@ -12,15 +12,17 @@ from distbelief.config import MODEL_NAMES
 from distbelief.models.alexnet import AlexNet
 from distbelief.models.lenet import LeNet
 from distbelief.models.mlp import MLP
+from distbelief.models.wide_cnn import WideCNN
 from distbelief.models.wide_mlp import WideMLP
 
-__all__ = ["MLP", "AlexNet", "LeNet", "WideMLP", "build_model"]
+__all__ = ["MLP", "AlexNet", "LeNet", "WideCNN", "WideMLP", "build_model"]
 
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "lenet": LeNet,
     "alexnet": AlexNet,
     "mlp": MLP,
     "wide-mlp": WideMLP,
+    "wide-cnn": WideCNN,
 }
 # The config offers exactly the models built here (the names live there, free of torch).
 assert tuple(_MODEL_CLASSES) == MODEL_NAMES

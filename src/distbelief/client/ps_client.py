@@ -10,6 +10,7 @@ wait has a timeout.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import itertools
 import logging
 import queue
@@ -283,20 +284,28 @@ class ParameterServerClient:
         Raises:
             ShardUnavailableError: still failing after ``retry_timeout_s``.
         """
-        transport = self._transports[shard_id]
-
-        def attempt() -> Message:
-            started_s = time.perf_counter()
-            reply = transport.request(message, timeout_s=self.timeout_s, sink=sink)
+        # The first attempt inline, not through _attempt: it is every push's and pull's path.
+        started_s = time.perf_counter()
+        try:
+            reply = self._transports[shard_id].request(message, timeout_s=self.timeout_s, sink=sink)
+        except (ShardUnavailableError, ShardTimeoutError) as e:
+            first_failure = e
+        else:
             self._wire.record(message, reply, time.perf_counter() - started_s)
             return reply
-
         return retry_while_unreachable(
-            attempt,
+            functools.partial(self._attempt, shard_id, message, sink),
             retry_timeout_s=self.retry_timeout_s,
             closing=self._closing,
             give_up=ShardUnavailableError,
+            first_failure=first_failure,
         )
+
+    def _attempt(self, shard_id: int, message: Message, sink) -> Message:
+        started_s = time.perf_counter()
+        reply = self._transports[shard_id].request(message, timeout_s=self.timeout_s, sink=sink)
+        self._wire.record(message, reply, time.perf_counter() - started_s)
+        return reply
 
     def _submit(self, shard_id: int, fn, *args) -> cf.Future:
         return self._lanes[shard_id].submit(fn, shard_id, *args)

@@ -129,6 +129,9 @@ class ConsistencyPolicy(abc.ABC):
         shard's version exceeds it."""
         return after_version is not None and version <= after_version
 
+    tracks_pulls = False
+    """Whether ``pulled`` does anything (the shard skips the call when not: a pull's hot path)."""
+
     def pulled(self, worker: str | None, generation: int) -> None:
         """``worker`` was just sent the parameters of ``generation`` (under the shard's lock)."""
         return  # by default nothing is kept per worker
@@ -155,6 +158,7 @@ class AsyncPolicy(ConsistencyPolicy):
     def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks, num_workers: int) -> None:
         super().__init__(config, clocks, num_workers)
         self._keeps_fetched = config.staleness_policy == "dc-asgd"
+        self.tracks_pulls = self._keeps_fetched
         self._fetched_generation: dict[str, int] = {}
 
     def bind(self, store: ShardStore, apply: ApplyUpdate) -> None:

@@ -223,7 +223,8 @@ class ShardConnection(VectorHandlers):
         return request.reply({"adopted": adopted, **self._describe()})
 
     def _push(self, request: Message) -> Message:
-        self._bind_group(request.meta)
+        if request.meta.get("group", DEFAULT_GROUP) != self.group:  # inline: a push's hot path
+            self._bind_group(request.meta)
         names = [name for name, _ in request.tensors]
         if names != self._slice_names:
             raise ProtocolError(f"push must carry {self._slice_names}, got {names}")
@@ -242,7 +243,8 @@ class ShardConnection(VectorHandlers):
         )
 
     def _pull(self, request: Message) -> Message:
-        self._bind_group(request.meta)
+        if request.meta.get("group", DEFAULT_GROUP) != self.group:  # inline: a pull's hot path
+            self._bind_group(request.meta)
         if not self._pull_buffers:
             self.shard.require_initialized()
             self._pull_buffers = [torch.empty(p.numel, dtype=p.dtype) for p in self.shard.slices]

@@ -315,7 +315,8 @@ class ParameterShard:
             if outs_generation != self._generation:
                 assert self.store is not None
                 torch._foreach_copy_(list(outs), self.store.params)
-            self.policy.pulled(worker, self._generation)
+            if self.policy.tracks_pulls:
+                self.policy.pulled(worker, self._generation)
             self._num_pulls += 1
             return PullResult(self._version, held=False, generation=self._generation)
 

@@ -26,9 +26,12 @@ def retry_while_unreachable(
     retry_timeout_s: float,
     closing: threading.Event,
     give_up: Callable[[str], Exception],
+    first_failure: ShardUnavailableError | ShardTimeoutError | None = None,
 ) -> T:
     """``call()``, again with backoff while it raises ShardUnavailableError or
-    ShardTimeoutError, for at most ``retry_timeout_s``.
+    ShardTimeoutError, for at most ``retry_timeout_s``. ``first_failure``: the caller's own
+    first attempt already failed so (the common, successful path then costs the caller no
+    closure and no call of this function); the first retry waits the first delay.
 
     Raises:
         The exception ``give_up(message)`` makes (chained to the last failure): still failing
@@ -36,12 +39,17 @@ def retry_while_unreachable(
     """
     deadline = time.monotonic() + retry_timeout_s
     delay_s = FIRST_DELAY_S
+    failure = first_failure
     while True:
-        try:
-            return call()
-        except (ShardUnavailableError, ShardTimeoutError) as e:
-            if closing.is_set() or time.monotonic() + delay_s > deadline:
-                raise give_up(f"{e} (gave up after retrying for {retry_timeout_s:g}s)") from e
-            logger.warning("%s; retrying in %.2fs", e, delay_s)
-            closing.wait(delay_s)
-            delay_s = min(delay_s * 2, MAX_DELAY_S)
+        if failure is None:
+            try:
+                return call()
+            except (ShardUnavailableError, ShardTimeoutError) as e:
+                failure = e
+        if closing.is_set() or time.monotonic() + delay_s > deadline:
+            message = f"{failure} (gave up after retrying for {retry_timeout_s:g}s)"
+            raise give_up(message) from failure
+        logger.warning("%s; retrying in %.2fs", failure, delay_s)
+        closing.wait(delay_s)
+        delay_s = min(delay_s * 2, MAX_DELAY_S)
+        failure = None

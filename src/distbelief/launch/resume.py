@@ -68,9 +68,12 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
         if config.optimizer.algorithm == "sandblaster":
             folder = restore_folder(directory)
             directory = directory if folder is None else Path(folder)
-        if not any(directory.glob("shard*.json")):
+        # A model-parallel job's shards save each partition's group in a folder of its own.
+        folders = [directory, *sorted(p for p in directory.glob("group-*") if p.is_dir())]
+        if not any(any(folder.glob("shard*.json")) for folder in folders):
             raise ValueError(f"--resume {run_dir}: no shard checkpoints in {directory}")
-        check_checkpoints(directory, config.cluster.num_shards)
+        for folder in folders:
+            check_checkpoints(folder, config.cluster.num_shards)
     except CheckpointError as e:
         raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
     return config.with_fields({**changes, "reporting.out_dir": str(run_dir)})

@@ -1,0 +1,351 @@
+"""The row table: the embedding rows a shard owns, their optimizer state, admission and eviction.
+
+Rows live in slots of preallocated tensors (values [capacity, D], each optimizer state
+[capacity, *shape], and per slot its id and the table step that last touched it). A Python dict
+maps id -> slot: about 100-150 bytes of dict entry and int objects per row, on top of the
+tensors' ``(D + state floats) * 4 + 16`` bytes per slot. Capacity grows by doubling, rounded up
+to whole chunks of ``chunk_rows`` slots, so n rows cost O(log n) reallocations, never one per
+row; evicted slots go on a free list and are reused before the table grows.
+
+Admission counts pushes only: a pull is read-only (evaluation pulls too, and a training step
+pulls and then pushes the same ids, so counting both would count each step twice). An id's
+``admit_after``-th push creates its row and applies that push's gradient to it; until then it
+reads as zeros. Recency, for LRU eviction and the time to live, is also the last push that
+touched a row. Table steps count pushes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from distbelief.server.row_optimizers import RowOptimizer
+from distbelief.sharding.rows import mix64
+
+RowInit = Callable[[torch.Tensor], torch.Tensor]
+
+_FREE = -1  # last_step of a slot holding no row
+
+
+def _check_ids(ids: torch.Tensor) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+        raise ValueError("row ids must be a 1-D int64 tensor")
+
+
+def seeded_normal_rows(ids: torch.Tensor, dim: int, std: float, seed: int) -> torch.Tensor:
+    """Normal(0, std) rows that depend only on (id, column, seed), not on arrival order or
+    machine: a splitmix64 stream per id feeds a Box-Muller transform (float64, then float32)."""
+    base = mix64(mix64(ids) ^ seed)[:, None] + 2 * torch.arange(dim, dtype=torch.int64)
+    # The top 53 bits of each mix are a uniform double; u1 in (0, 1] keeps log finite.
+    scale = 2.0**-53
+    u1 = ((mix64(base) >> 11) & ((1 << 53) - 1)).double().add_(1).mul_(scale)
+    u2 = ((mix64(base + 1) >> 11) & ((1 << 53) - 1)).double().mul_(scale)
+    normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return (normal * std).float()
+
+
+class RowTable:
+    """The rows of the ids one shard owns, updated by a row optimizer.
+
+    Args:
+        dim: Values per row (D).
+        optimizer: Applies pushed gradients; its per-row state is kept here.
+        admit_after: Pushes of an id before it gets a row (1: on its first push).
+        max_rows: Most rows held; when a push needs room, least-recently-pushed rows go
+            first (ties: lower id first). None: unbounded.
+        ttl_steps: Rows not pushed in the last ``ttl_steps`` table steps are dropped at the end
+            of a push. None: rows never expire.
+        init: "zeros", "normal" (seeded by id: reproducible whatever the order ids arrive
+            in), or a function from new ids [n] to their rows [n, D].
+        init_std: The standard deviation of "normal".
+        seed: The seed of "normal".
+        chunk_rows: Slots are allocated in whole chunks of this many.
+
+    Attributes:
+        num_admitted: Rows ever created (an evicted id that comes back counts again).
+        num_evicted: Rows dropped by LRU or the time to live.
+        num_steps: Pushes so far (the step the row optimizers see).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        optimizer: RowOptimizer,
+        *,
+        admit_after: int = 1,
+        max_rows: int | None = None,
+        ttl_steps: int | None = None,
+        init: str | RowInit = "zeros",
+        init_std: float = 0.01,
+        seed: int = 0,
+        chunk_rows: int = 1024,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"row table dim must be >= 1, got {dim}")
+        if admit_after < 1:
+            raise ValueError(f"admit_after must be >= 1, got {admit_after}")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+        if ttl_steps is not None and ttl_steps < 1:
+            raise ValueError(f"ttl_steps must be >= 1 or None, got {ttl_steps}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        if init_std < 0:
+            raise ValueError(f"init_std must be >= 0, got {init_std}")
+        if not callable(init) and init not in ("zeros", "normal"):
+            raise ValueError(f"row init must be 'zeros', 'normal' or a function, got {init!r}")
+        self.dim = dim
+        self.optimizer = optimizer
+        self.admit_after = admit_after
+        self.max_rows = max_rows
+        self.ttl_steps = ttl_steps
+        self.init = init
+        self.init_std = init_std
+        self.seed = seed
+        self.chunk_rows = chunk_rows
+        self._state_shapes = optimizer.state_shapes(dim)
+        self._reset(capacity=0)
+
+    def _reset(self, capacity: int) -> None:
+        self._slot_of: dict[int, int] = {}
+        self._pending: dict[int, int] = {}
+        self._free: list[int] = []
+        self._num_used_slots = 0  # slots [0, this) have held a row; the rest never have
+        self._capacity = 0
+        self._values = torch.zeros(0, self.dim)
+        self._state = {name: torch.zeros(0, *shape) for name, shape in self._state_shapes.items()}
+        self._slot_ids = torch.zeros(0, dtype=torch.int64)
+        self._last_step = torch.zeros(0, dtype=torch.int64)
+        self.num_admitted = 0
+        self.num_evicted = 0
+        self.num_steps = 0
+        self._grow(capacity)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows held now."""
+        return len(self._slot_of)
+
+    @property
+    def num_pending(self) -> int:
+        """Ids pushed but not yet admitted."""
+        return len(self._pending)
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated (rows held plus free slots plus the not yet used rest)."""
+        return self._capacity
+
+    def __contains__(self, row_id: int) -> bool:
+        return row_id in self._slot_of
+
+    def pull(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows of ``ids`` [n, D]; ids without a row (unknown, not yet admitted, evicted)
+        read as zeros. Read-only: changes no count, recency or state."""
+        _check_ids(ids)
+        slots = torch.tensor([self._slot_of.get(i, _FREE) for i in ids.tolist()], dtype=torch.int64)
+        rows = torch.zeros(ids.numel(), self.dim)
+        held = slots >= 0
+        rows[held] = self._values[slots[held]]
+        return rows
+
+    def push(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
+        """One table step: counts ``ids`` toward admission, creates the rows of ids that reach
+        ``admit_after``, applies ``grads`` to every id with a row, then expires stale rows.
+
+        Args:
+            ids: Unique ids [n] (a worker sums the gradients of repeated ids first).
+            grads: Their gradient rows [n, D].
+
+        Raises:
+            ValueError: ids not a 1-D int64 tensor or not unique, or grads not [n, D].
+        """
+        _check_ids(ids)
+        if grads.shape != (ids.numel(), self.dim):
+            raise ValueError(
+                f"row grads must be [{ids.numel()}, {self.dim}], got {list(grads.shape)}"
+            )
+        id_list = ids.tolist()
+        if len(set(id_list)) != len(id_list):
+            raise ValueError("pushed row ids must be unique (sum the rows of repeated ids)")
+        self.num_steps += 1
+        step = self.num_steps
+
+        hit_positions, hit_slots, new_positions = [], [], []
+        for position, row_id in enumerate(id_list):
+            slot = self._slot_of.get(row_id)
+            if slot is not None:
+                hit_positions.append(position)
+                hit_slots.append(slot)
+                continue
+            count = self._pending.get(row_id, 0) + 1
+            if count >= self.admit_after:
+                self._pending.pop(row_id, None)
+                new_positions.append(position)
+            else:
+                self._pending[row_id] = count
+        # Touch the hits first so that making room never evicts a row this push updates.
+        hit_slot_tensor = torch.tensor(hit_slots, dtype=torch.int64)
+        self._last_step[hit_slot_tensor] = step
+        new_slots = self._admit([id_list[p] for p in new_positions], step)
+        if len(new_slots) < len(new_positions):
+            # No room left: these stay one push short of admission and retry next time.
+            for position in new_positions[len(new_slots) :]:
+                self._pending[id_list[position]] = self.admit_after - 1
+            new_positions = new_positions[: len(new_slots)]
+
+        positions = torch.tensor(hit_positions + new_positions, dtype=torch.int64)
+        slots = torch.cat([hit_slot_tensor, torch.tensor(new_slots, dtype=torch.int64)])
+        if slots.numel():
+            values = self._values.index_select(0, slots)
+            state = {name: t.index_select(0, slots) for name, t in self._state.items()}
+            self.optimizer.apply(values, state, grads.index_select(0, positions).float(), step)
+            self._values.index_copy_(0, slots, values)
+            for name, tensor in state.items():
+                self._state[name].index_copy_(0, slots, tensor)
+        if self.ttl_steps is not None:
+            used = self._last_step[: self._num_used_slots]
+            stale = (used != _FREE) & (used <= step - self.ttl_steps)
+            self._evict(stale.nonzero().flatten())
+
+    def _admit(self, new_ids: list[int], step: int) -> list[int]:
+        """Slots for ``new_ids`` with fresh rows; fewer than asked if max_rows leaves no room."""
+        if not new_ids:
+            return []
+        if self.max_rows is not None:
+            over = self.num_rows + len(new_ids) - self.max_rows
+            if over > 0:
+                self._evict(self._least_recent(over, step))
+            new_ids = new_ids[: max(0, self.max_rows - self.num_rows)]
+        num_fresh = max(0, len(new_ids) - len(self._free))
+        self._grow(self._num_used_slots + num_fresh)
+        reused = [self._free.pop() for _ in range(len(new_ids) - num_fresh)]
+        fresh = list(range(self._num_used_slots, self._num_used_slots + num_fresh))
+        self._num_used_slots += num_fresh
+        slot_list = reused + fresh
+        slots = torch.tensor(slot_list, dtype=torch.int64)
+        ids = torch.tensor(new_ids, dtype=torch.int64)
+        self._values[slots] = self._initial_rows(ids)
+        for name, tensor in self._state.items():
+            tensor[slots] = self.optimizer.initial_state(name)
+        self._slot_ids[slots] = ids
+        self._last_step[slots] = step
+        self._slot_of.update(zip(new_ids, slot_list, strict=True))
+        self.num_admitted += len(new_ids)
+        return slot_list
+
+    def _initial_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if callable(self.init):
+            rows = self.init(ids)
+            if rows.shape != (ids.numel(), self.dim):
+                raise ValueError(
+                    f"row init must return [{ids.numel()}, {self.dim}], got {list(rows.shape)}"
+                )
+            return rows
+        if self.init == "normal":
+            return seeded_normal_rows(ids, self.dim, self.init_std, self.seed)
+        return torch.zeros(ids.numel(), self.dim)
+
+    def _least_recent(self, count: int, step: int) -> torch.Tensor:
+        """Up to ``count`` held slots not touched this step, least recently pushed first."""
+        used = self._last_step[: self._num_used_slots]
+        candidates = ((used != _FREE) & (used < step)).nonzero().flatten()
+        return self._by_recency(candidates)[:count]
+
+    def _by_recency(self, slots: torch.Tensor) -> torch.Tensor:
+        """``slots`` least recently pushed first, ties by id: an order that does not depend on
+        where rows happen to sit, so a reloaded table evicts exactly as the saved one would."""
+        slots = slots[torch.sort(self._slot_ids[slots], stable=True).indices]
+        return slots[torch.sort(self._last_step[slots], stable=True).indices]
+
+    def _evict(self, slots: torch.Tensor) -> None:
+        if not slots.numel():
+            return
+        for row_id in self._slot_ids[slots].tolist():
+            del self._slot_of[row_id]
+        self._last_step[slots] = _FREE
+        self._free.extend(slots.tolist())
+        self.num_evicted += slots.numel()
+
+    def _grow(self, num_slots: int) -> None:
+        """Makes room for ``num_slots`` slots: doubling, in whole chunks, capped at max_rows."""
+        if num_slots <= self._capacity:
+            return
+        capacity = max(num_slots, 2 * self._capacity)
+        capacity = -(-capacity // self.chunk_rows) * self.chunk_rows
+        if self.max_rows is not None:
+            # Slots in use never outnumber max_rows: evicted slots are reused first.
+            capacity = max(num_slots, min(capacity, self.max_rows))
+        extra = capacity - self._capacity
+
+        def extend(tensor: torch.Tensor, fill: float) -> torch.Tensor:
+            tail = torch.full((extra, *tensor.shape[1:]), fill, dtype=tensor.dtype)
+            return torch.cat([tensor, tail])
+
+        self._values = extend(self._values, 0.0)
+        self._state = {name: extend(t, 0.0) for name, t in self._state.items()}
+        self._slot_ids = extend(self._slot_ids, 0)
+        self._last_step = extend(self._last_step, _FREE)
+        self._capacity = capacity
+
+    def state_dict(self) -> dict:
+        """The held rows (least recently pushed first, ties by id), their optimizer state, the
+        pending admission counts and the counters: tensors and plain values, copies."""
+        used = self._last_step[: self._num_used_slots]
+        slots = self._by_recency((used != _FREE).nonzero().flatten())
+        pending_ids = sorted(self._pending)
+        return {
+            "dim": self.dim,
+            "optimizer": self.optimizer.name,
+            "ids": self._slot_ids[slots].clone(),
+            "values": self._values[slots].clone(),
+            "state": {name: t[slots].clone() for name, t in self._state.items()},
+            "last_step": self._last_step[slots].clone(),
+            "pending_ids": torch.tensor(pending_ids, dtype=torch.int64),
+            "pending_counts": torch.tensor(
+                [self._pending[i] for i in pending_ids], dtype=torch.int64
+            ),
+            "num_steps": self.num_steps,
+            "num_admitted": self.num_admitted,
+            "num_evicted": self.num_evicted,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Replaces the table's rows, state and counters with a ``state_dict()``'s.
+
+        Raises:
+            ValueError: another dim or row optimizer, or state tensors not matching the ids.
+        """
+        if state_dict["dim"] != self.dim:
+            raise ValueError(f"row table checkpoint has dim {state_dict['dim']}, not {self.dim}")
+        if state_dict["optimizer"] != self.optimizer.name:
+            raise ValueError(
+                f"row table checkpoint is for row optimizer {state_dict['optimizer']!r}, "
+                f"not {self.optimizer.name!r}"
+            )
+        ids = state_dict["ids"]
+        num_rows = ids.numel()
+        if state_dict["state"].keys() != self._state_shapes.keys():
+            raise ValueError(f"row table checkpoint state has {sorted(state_dict['state'])}")
+        if state_dict["values"].shape != (num_rows, self.dim):
+            raise ValueError("row table checkpoint values do not match its ids")
+        self._reset(capacity=num_rows)
+        self._num_used_slots = num_rows
+        self._values[:num_rows] = state_dict["values"]
+        for name, tensor in state_dict["state"].items():
+            self._state[name][:num_rows] = tensor
+        self._slot_ids[:num_rows] = ids
+        self._last_step[:num_rows] = state_dict["last_step"]
+        self._slot_of = {row_id: slot for slot, row_id in enumerate(ids.tolist())}
+        self._pending = dict(
+            zip(
+                state_dict["pending_ids"].tolist(),
+                state_dict["pending_counts"].tolist(),
+                strict=True,
+            )
+        )
+        self.num_steps = int(state_dict["num_steps"])
+        self.num_admitted = int(state_dict["num_admitted"])
+        self.num_evicted = int(state_dict["num_evicted"])

@@ -10,6 +10,7 @@ untouched rows keep their values and their state.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -25,7 +26,7 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"row optimizer eps must be > 0, got {eps}")
 
 
-class RowOptimizer:
+class RowOptimizer(abc.ABC):
     """The interface: per-row state it needs, and one update of gathered rows.
 
     Attributes:
@@ -42,6 +43,7 @@ class RowOptimizer:
         """The value a new row's state tensor ``name`` starts at."""
         return 0.0
 
+    @abc.abstractmethod
     def apply(
         self,
         values: torch.Tensor,
@@ -57,7 +59,6 @@ class RowOptimizer:
             grads: The summed gradient rows, [n, D], same order as ``values``.
             step: The table's update count, this update included (1 for the first).
         """
-        raise NotImplementedError
 
 
 class RowSGD(RowOptimizer):

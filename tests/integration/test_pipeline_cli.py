@@ -1,4 +1,4 @@
-"""Model parallelism as users run it: two stage processes of one replica (the manual roles)
+"""Model parallelism as users run it: the stage processes of one replica (the manual roles,
 against real shards train exactly as torch.optim.SGD on the whole model; the launcher runs
 replicas x stages and restarts a replica whose stage was killed, while the other goes on."""
 
@@ -38,7 +38,9 @@ JOB = {
 }
 
 
-def _stage(stage: int, addresses: list[str], *extra: str) -> subprocess.Popen:
+def _stage(
+    stage: int, addresses: list[str], num_stages: int, points: str, *extra: str
+) -> subprocess.Popen:
     return subprocess.Popen(
         [
             *CLI,
@@ -61,9 +63,9 @@ def _stage(stage: int, addresses: list[str], *extra: str) -> subprocess.Popen:
             str(STEPS),
             "--blocking",
             "--partitions",
-            "2",
+            str(num_stages),
             "--split-points",
-            "3",
+            points,
             "--micro-batches",
             "4",
             "--stage",
@@ -102,18 +104,36 @@ def _sgd_on_the_whole_model(config: JobConfig) -> nn.Module:
 
 
 @pytest.mark.slow
-def test_two_stages_of_one_replica_train_as_sgd_on_the_whole_model(shard_cluster):
+@pytest.mark.parametrize(("num_stages", "points"), [(2, "3"), (3, "2,4")])
+def test_the_stages_of_one_replica_train_as_sgd_on_the_whole_model(
+    shard_cluster, num_stages, points
+):
     addresses = shard_cluster(2, "--server-lr", "0.1")
-    last = _stage(1, addresses, "--bind", "tcp://127.0.0.1:0")
-    first = None
+    stages: list[subprocess.Popen] = []
     try:
-        first = _stage(0, addresses, "--next", _listening_address(last))
-        for process in (first, last):
+        # Last to first, as a launcher does: each stage is told where the next one listens.
+        next_address = None
+        for stage in reversed(range(num_stages)):
+            extra = ["--next", next_address] if next_address else []
+            if stage > 0:
+                extra += ["--bind", "tcp://127.0.0.1:0"]
+            stages.insert(0, _stage(stage, addresses, num_stages, points, *extra))
+            next_address = _listening_address(stages[0]) if stage > 0 else None
+        for process in stages:
             _, err = process.communicate(timeout=120)
             assert process.returncode == 0, err[-2000:]
     finally:
-        stop_processes([p for p in (first, last) if p is not None])
-    config = JobConfig.from_fields({**JOB, "cluster.num_shards": 2, "cluster.num_workers": 1})
+        stop_processes(stages)
+    split = tuple(int(point) for point in points.split(","))
+    config = JobConfig.from_fields(
+        {
+            **JOB,
+            "pipeline.num_partitions": num_stages,
+            "pipeline.split_points": split,
+            "cluster.num_shards": 2,
+            "cluster.num_workers": 1,
+        }
+    )
     evaluator = PSEvaluator(config, addresses)
     try:
         evaluator.evaluate()  # pulls every partition's group into the whole model

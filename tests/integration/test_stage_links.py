@@ -368,3 +368,29 @@ def test_two_stage_processes_exchange_tensors():
             child.kill()
             child.join(10)
         addresses.close()
+
+
+def test_a_finished_stage_serves_its_last_gradients_until_they_are_fetched(make_links):
+    first, middle, last = _chain(make_links, 3)
+    activation = torch.ones(2, 3)
+
+    def run_first() -> None:
+        first.send_forward(1, 0, activation)
+        time.sleep(1.0)  # slow to come for the gradient: the middle stage has finished by then
+        assert torch.equal(first.recv_backward(1, 0, TIMEOUT_S), torch.full((2, 3), 2.0))
+        assert first.drain(TIMEOUT_S)
+        first.close()
+
+    def run_middle() -> None:
+        middle.send_forward(1, 0, middle.recv_forward(1, 0, TIMEOUT_S) * 2)
+        middle.send_backward(1, 0, middle.recv_backward(1, 0, TIMEOUT_S) * 2)
+        assert middle.drain(TIMEOUT_S)  # returns once the first stage took it and left
+        middle.close()
+
+    def run_last() -> None:
+        last.recv_forward(1, 0, TIMEOUT_S)
+        last.send_backward(1, 0, torch.ones(2, 3))
+        assert last.drain(TIMEOUT_S)
+        last.close()
+
+    _run_together(run_first, run_middle, run_last)

@@ -116,6 +116,7 @@ class StageEndpoint:
     def _forget_connection(self) -> None:
         with self._changed:
             self._num_connections -= 1
+            self._changed.notify_all()
 
     def _connection_hint(self) -> str:
         """Why the stage before may be silent, as far as this side can tell (lock held)."""
@@ -191,6 +192,20 @@ class StageEndpoint:
             buffer.copy_(grad.detach())
             slot.step, slot.buffer, slot.taken = step, buffer, False
             self._changed.notify_all()
+
+    def wait_until_released(self, timeout_s: float) -> bool:
+        """Wait until the stage before has fetched every gradient deposited and closed its
+        connections (it is done with this stage), up to ``timeout_s``; whether it did. A stage
+        that finished must not stop serving while its last gradients are still to be fetched
+        or on their way."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while self._num_connections > 0 or not all(s.taken for s in self._outbox.values()):
+                remaining_s = deadline - time.monotonic()
+                if self._closed or remaining_s <= 0:
+                    return False
+                self._changed.wait(remaining_s)
+        return True
 
     def close(self) -> None:
         """Wake every waiter: held fetches answer ``closed``, the main thread's waits raise."""

@@ -327,6 +327,20 @@ class WireLinks:
         self._count_bytes(0, _payload_bytes(tensor))
         return tensor
 
+    def drain(self, timeout_s: float) -> bool:
+        """After this stage's last step: close the connections to the next stage (this stage is
+        done with it), then wait until the previous stage has fetched every gradient and closed
+        its connections, up to ``timeout_s``; whether it did. Call before :meth:`close` on the
+        way out of a finished run (not after a failure: then close at once)."""
+        if self._closed:
+            raise RuntimeError(f"{self._name}: drain after the links were closed")
+        for client in (self._activations, self._gradients):
+            if client is not None:
+                client.close()
+        if self._endpoint is None:
+            return True
+        return self._endpoint.wait_until_released(_check_timeout(timeout_s))
+
     def close(self) -> None:
         """Stop serving the previous stage and drop the connections to the next (idempotent);
         a later call of any other method raises RuntimeError."""

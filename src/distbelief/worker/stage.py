@@ -147,6 +147,8 @@ def run_stage_worker(
             resume_step,
         )
         optimizer.close()  # pushes what is left
+        # The previous stage may still be fetching this stage's last gradients.
+        links.drain(config.faults.timeout_s)
     except BaseException:
         if optimizer is not None:
             optimizer.client.close(wait=False)  # no flush: the shards may be what failed

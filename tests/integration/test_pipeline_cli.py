@@ -1,5 +1,5 @@
-"""Model parallelism as users run it: the stage processes of one replica (the manual roles,
-against real shards train exactly as torch.optim.SGD on the whole model; the launcher runs
+"""Model parallelism as users run it: the 2 or 3 stage processes of one replica (the manual
+roles) against real shards train exactly as torch.optim.SGD on the whole model; the launcher runs
 replicas x stages and restarts a replica whose stage was killed, while the other goes on."""
 
 from __future__ import annotations

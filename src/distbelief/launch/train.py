@@ -168,34 +168,46 @@ def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
     unless the config gives split points) and checked against the stage memory budget; the
     config with the split points filled in, and the split's description for the summary.
     A whole-model job with a memory budget is checked against it too (as one partition)."""
-    if config.pipeline.num_partitions == 1:
-        if config.pipeline.max_stage_bytes is not None:
-            _check_whole_model_budget(config)
+    num_partitions = config.pipeline.num_partitions
+    if num_partitions == 1 and config.pipeline.max_stage_bytes is None:
         return config, {}
     import torch  # only for a model-parallel job or a memory budget
 
     from distbelief.data import load_job_dataset
-    from distbelief.pipeline.job import check_stage_budget, job_split, model_builder
+    from distbelief.pipeline.job import (
+        check_stage_budget,
+        job_split,
+        model_builder,
+        partition_names,
+    )
     from distbelief.pipeline.layers import pipeline_layers
+    from distbelief.pipeline.memory import stage_state_bytes
 
     train_set = load_job_dataset(config.data, "train")
-    split = job_split(config, train_set.input_shape, train_set.num_classes, measure=True)
-    with torch.device("meta"):
+    with torch.device("meta"):  # sizes only: no parameter is allocated
         model = model_builder(config, train_set.input_shape, train_set.num_classes)()
-    layers = pipeline_layers(model)
+    if num_partitions == 1:
+        check_stage_budget(config, 0, model.parameters())
+        return config, {}
+    parameters = dict(model.named_parameters())
+
+    def partitions(split) -> list[list]:
+        return [
+            [parameters[name] for name in partition_names(model, split.bounds, stage)]
+            for stage in range(split.num_stages)
+        ]
+
+    split = job_split(config, train_set.input_shape, train_set.num_classes, measure=True)
+    budget = config.pipeline.max_stage_bytes
+    if budget is not None and any(stage_state_bytes(p) > budget for p in partitions(split)):
+        # Balanced time may cost a stage more bytes than the budget; balanced bytes may fit.
+        by_bytes = job_split(config, train_set.input_shape, train_set.num_classes)
+        if all(stage_state_bytes(p) <= budget for p in partitions(by_bytes)):
+            split = by_bytes
     stage_bytes = [
-        check_stage_budget(
-            config,
-            stage,
-            [
-                p
-                for _, layer in layers[split.bounds[stage] : split.bounds[stage + 1]]
-                for p in layer.parameters()
-            ],
-        )
-        for stage in range(split.num_stages)
+        check_stage_budget(config, stage, params) for stage, params in enumerate(partitions(split))
     ]
-    description = split.describe([name for name, _ in layers])
+    description = split.describe([name for name, _ in pipeline_layers(model)])
     logger.info("%s", description)
     points = list(split.bounds[1:-1])
     plan = {
@@ -207,18 +219,6 @@ def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
         "description": description,
     }
     return config.with_fields({"pipeline.split_points": points}), plan
-
-
-def _check_whole_model_budget(config: JobConfig) -> None:
-    import torch
-
-    from distbelief.data import load_job_dataset
-    from distbelief.pipeline.job import check_stage_budget, model_builder
-
-    train_set = load_job_dataset(config.data, "train")
-    with torch.device("meta"):
-        model = model_builder(config, train_set.input_shape, train_set.num_classes)()
-    check_stage_budget(config, 0, model.parameters())
 
 
 def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:

@@ -1,0 +1,60 @@
+"""The launcher's split of a model-parallel job: planned once, written into the config, and
+within ``--max-stage-bytes``: when the split balancing measured time would put more bytes on a
+stage than the budget allows, the split balancing bytes is taken if it fits."""
+
+from __future__ import annotations
+
+import pytest
+
+from distbelief.config import JobConfig
+from distbelief.errors import ConfigFieldError
+from distbelief.launch.train import _plan_partitions
+from distbelief.pipeline import job
+from distbelief.pipeline.split import StageSplit
+
+WIDE_MLP_LAYERS = 10
+"""Flatten, then 4 x (Linear, ReLU), then the last Linear."""
+
+
+def _lopsided_when_measured(monkeypatch) -> None:
+    """Measured time (noisy on a busy machine) picking the cut after the third big layer."""
+    original = job.job_split
+
+    def job_split(config, input_shape, num_classes, *, measure=False):
+        if not measure:
+            return original(config, input_shape, num_classes)
+        costs = (1.0,) * WIDE_MLP_LAYERS
+        return StageSplit(bounds=(0, 6, WIDE_MLP_LAYERS), layer_costs=costs, basis="time")
+
+    monkeypatch.setattr(job, "job_split", job_split)
+
+
+def _config(budget: int | None) -> JobConfig:
+    return JobConfig.from_fields(
+        {
+            "model.name": "wide-mlp",
+            "pipeline.num_partitions": 2,
+            "pipeline.max_stage_bytes": budget,
+        }
+    )
+
+
+def test_a_measured_split_over_the_budget_gives_way_to_one_by_bytes(monkeypatch):
+    _lopsided_when_measured(monkeypatch)
+    config, plan = _plan_partitions(_config(200_000_000))
+    assert (plan["basis"], plan["split_points"]) == ("bytes", [4])
+    assert config.pipeline.split_points == (4,)
+    assert max(plan["stage_state_bytes"]) <= 200_000_000
+
+
+def test_without_a_budget_the_measured_split_stands(monkeypatch):
+    _lopsided_when_measured(monkeypatch)
+    _, plan = _plan_partitions(_config(None))
+    assert (plan["basis"], plan["split_points"]) == ("time", [6])
+
+
+def test_a_budget_no_split_fits_is_refused_naming_the_flag(monkeypatch):
+    _lopsided_when_measured(monkeypatch)
+    with pytest.raises(ConfigFieldError, match="partition 0 of 2 needs 209838080 bytes") as e:
+        _plan_partitions(_config(150_000_000))
+    assert e.value.field == "pipeline.max_stage_bytes"

@@ -22,6 +22,7 @@ STALENESS_POLICIES = ("none", "scale", "dc-asgd")
 ALGORITHMS = ("downpour", "sandblaster")
 LINE_SEARCHES = ("strong-wolfe", "fixed")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+ROW_OPTIMIZER_NAMES = ("sgd", "adagrad", "rowwise-adagrad", "adam")
 DEFAULT_EPOCHS = 15
 """Passes over each worker's slice when neither steps nor epochs is given."""
 DEFAULT_MINIBATCH_SIZE = 32
@@ -310,6 +311,56 @@ class PipelineConfig:
         _require(budget is None or budget >= 1, "max_stage_bytes", budget, "an integer >= 1")
 
 
+def _table_names(text: object) -> tuple[str, ...] | None:
+    """``--tables a,b`` (or a list) as a tuple of names; None stays None."""
+    if text is None or isinstance(text, tuple):
+        return text  # type: ignore[return-value]
+    parts = text.split(",") if isinstance(text, str) else list(text)  # type: ignore[arg-type]
+    names = tuple(str(part).strip() for part in parts if str(part).strip())
+    if not names:
+        raise ConfigFieldError("tables", f"must name at least one module, got {text!r}")
+    return names
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EmbeddingConfig:
+    """Embedding tables stored by row on the shards: which of the model's tables, the row
+    optimizer the shards run, admission and eviction of ids, and the workers' row cache."""
+
+    tables: tuple[str, ...] | None = None
+    """Module paths of the embedding tables to store by row, comma-separated (default: every
+    nn.Embedding and nn.EmbeddingBag of the model)."""
+    row_optimizer: str = field(default="sgd", metadata={"choices": ROW_OPTIMIZER_NAMES})
+    """Update rule the shards apply to pushed rows: sgd, adagrad, rowwise-adagrad (one
+    accumulator per row) or adam (lazy: only pushed rows advance)."""
+    row_lr: float = 0.05
+    """The shards' learning rate for table rows."""
+    admit_after: int = 1
+    """Pushes of an id before it gets a row (until then it reads as zeros)."""
+    max_rows_per_shard: int | None = None
+    """Rows one shard holds per table; beyond it the least recently pushed rows are evicted
+    (default: no limit)."""
+    row_ttl_steps: int | None = None
+    """Evict rows not pushed in this many of their table's steps (default: rows never
+    expire)."""
+    row_init_std: float = 0.01
+    """New rows start as Normal(0, this), seeded by id (0: zeros)."""
+    row_cache_mb: float = 0.0
+    """A worker's cache of pulled rows, in MiB over all tables; a cached row serves for n_pull
+    steps (0: no cache, rows are pulled every step)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tables", _table_names(self.tables))
+        _require_choice(self, "row_optimizer")
+        _require(self.row_lr >= 0, "row_lr", self.row_lr, ">= 0")
+        _require_counts(self, "admit_after")
+        for name in ("max_rows_per_shard", "row_ttl_steps"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, value, "an integer >= 1")
+        _require(self.row_init_std >= 0, "row_init_std", self.row_init_std, ">= 0")
+        _require(self.row_cache_mb >= 0, "row_cache_mb", self.row_cache_mb, ">= 0")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FaultsConfig:
     """How long to wait for a peer, and how often to bring a dead process back."""
@@ -367,6 +418,8 @@ class JobConfig:
     """Sandblaster L-BFGS."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     """Model parallelism: partitions per replica and their pipeline."""
+    embeddings: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    """Embedding tables stored by row on the shards."""
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     """Timeouts, retries and restarts."""
     reporting: ReportingConfig = field(default_factory=ReportingConfig)
@@ -474,6 +527,7 @@ DOWNPOUR_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
     "server": ("optimizer", "lr", "momentum", "betas", "eps"),
     "consistency": (),
     "pipeline": (),
+    "embeddings": (),
 }
 """Fields Sandblaster does not use, by section (an empty tuple: the whole section)."""
 

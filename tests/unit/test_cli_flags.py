@@ -51,11 +51,22 @@ PIPELINE = {
     "--split-points": "pipeline.split_points",
     "--max-stage-bytes": "pipeline.max_stage_bytes",
 }
+ROW_SERVER = {
+    "--row-optimizer": "embeddings.row_optimizer",
+    "--row-lr": "embeddings.row_lr",
+    "--admit-after": "embeddings.admit_after",
+    "--max-rows-per-shard": "embeddings.max_rows_per_shard",
+    "--row-ttl-steps": "embeddings.row_ttl_steps",
+    "--row-init-std": "embeddings.row_init_std",
+}
+ROW_WORKER = {"--tables": "embeddings.tables", "--row-cache-mb": "embeddings.row_cache_mb"}
 CLIENT_SECURITY = {"--auth-key-file": "auth_key_file", "--tls-ca": "tls_ca"}
 EXPECTED = {
     "train": TRAINING
     | SERVER
     | PIPELINE
+    | ROW_SERVER
+    | ROW_WORKER
     | {
         "--workers": "cluster.num_workers",
         "--shards": "cluster.num_shards",
@@ -74,6 +85,7 @@ EXPECTED = {
         "--no-backup-tasks": "sandblaster.backup_tasks",
     },
     "ps": SERVER
+    | ROW_SERVER
     | {
         "--num-shards": "cluster.num_shards",
         "--num-workers": "cluster.num_workers",
@@ -87,6 +99,7 @@ EXPECTED = {
     },
     "worker": TRAINING
     | PIPELINE
+    | ROW_WORKER
     | CLIENT_SECURITY
     | {
         "--num-workers": "cluster.num_workers",
@@ -179,6 +192,9 @@ DOWNPOUR_ARGV = [
     *("--dc-lambda", "0.1", "--liveness-timeout", "6"),
     *("--partitions", "2", "--micro-batches", "4", "--schedule", "gpipe"),
     *("--split-points", "3", "--max-stage-bytes", "1000000"),
+    *("--tables", "tables.0,tables.1", "--row-optimizer", "adam", "--row-lr", "0.1"),
+    *("--admit-after", "2", "--max-rows-per-shard", "1000", "--row-ttl-steps", "50"),
+    *("--row-init-std", "0.1", "--row-cache-mb", "8"),
 ]
 SANDBLASTER_ARGV = [
     *("--algorithm", "sandblaster", "--history", "4", "--portions", "7"),
@@ -205,6 +221,7 @@ def test_every_train_flag_reaches_its_field():
     assert config_from_args(parse_args(["train", "--sync"])).consistency.sync
     assert downpour.server.betas == (0.8, 0.9)
     assert downpour.pipeline.split_points == (3,)
+    assert downpour.embeddings.tables == ("tables.0", "tables.1")
     assert (downpour.data.download, downpour.reporting.eval_during_training) == (False, False)
 
 

@@ -108,7 +108,11 @@ def test_flat_config_of_an_older_run_reads_as_the_same_job(tmp_path):
     # Every field that runs wrote before the sections has its old name; later fields keep
     # their defaults when an old config.json is read.
     newer = {"consistency.apply_worker_lr", "optimizer.algorithm"}
-    newer |= {path for path in config.to_fields() if path.startswith(("sandblaster.", "pipeline."))}
+    newer |= {
+        path
+        for path in config.to_fields()
+        if path.startswith(("sandblaster.", "pipeline.", "embeddings."))
+    }
     assert set(FLAT_FIELDS.values()) == set(config.to_fields()) - newer
     (tmp_path / "config.json").write_text(json.dumps(flat))
     assert JobConfig.from_file(tmp_path / "config.json") == config

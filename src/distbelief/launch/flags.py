@@ -61,6 +61,14 @@ FLAGS: dict[str, str] = {
     "pipeline.schedule": "--schedule",
     "pipeline.split_points": "--split-points",
     "pipeline.max_stage_bytes": "--max-stage-bytes",
+    "embeddings.tables": "--tables",
+    "embeddings.row_optimizer": "--row-optimizer",
+    "embeddings.row_lr": "--row-lr",
+    "embeddings.admit_after": "--admit-after",
+    "embeddings.max_rows_per_shard": "--max-rows-per-shard",
+    "embeddings.row_ttl_steps": "--row-ttl-steps",
+    "embeddings.row_init_std": "--row-init-std",
+    "embeddings.row_cache_mb": "--row-cache-mb",
     "faults.timeout_s": "--timeout",
     "faults.retry_timeout_s": "--retry-timeout",
     "faults.max_restarts": "--max-restarts",
@@ -80,10 +88,22 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "consistency",
         "sandblaster",
         "pipeline",
+        "embeddings",
         "faults",
         "reporting",
     ),
-    "ps": ("cluster.num_shards", "cluster.num_workers", "server", "consistency"),
+    "ps": (
+        "cluster.num_shards",
+        "cluster.num_workers",
+        "server",
+        "consistency",
+        "embeddings.row_optimizer",
+        "embeddings.row_lr",
+        "embeddings.admit_after",
+        "embeddings.max_rows_per_shard",
+        "embeddings.row_ttl_steps",
+        "embeddings.row_init_std",
+    ),
     "worker": (
         "cluster.num_workers",
         "cluster.threads_per_worker",
@@ -98,6 +118,8 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "optimizer.blocking",
         "optimizer.warmstart_steps",
         "pipeline",
+        "embeddings.tables",
+        "embeddings.row_cache_mb",
         "faults.timeout_s",
         "faults.retry_timeout_s",
     ),
@@ -190,12 +212,20 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected integers like 3,7, got {text!r}") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names like tables.0,tables.1, got {text!r}")
+    return names
+
+
 _VALUE_TYPES = {
     "int": int,
     "float": float,
     "str": str,
     "tuple[float, float]": _pair_of_floats,
     "tuple[int, ...]": _ints,
+    "tuple[str, ...]": _names,
 }
 """A field's annotation (without ``| None``) -> how its flag's text becomes a value."""
 

@@ -15,6 +15,7 @@ from distbelief.config import ConsistencyConfig, JobConfig
 from distbelief.process import Emit, StopFlag
 from distbelief.server.groups import ShardGroups
 from distbelief.server.optimizers import ServerOptimizerFactory, server_optimizer_from_config
+from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.server.service import ShardService
 from distbelief.server.shard import ParameterShard
 from distbelief.sharding import Partitioner
@@ -42,6 +43,7 @@ def serve_shard(
     emit: Emit,
     stop: StopFlag | None = None,
     shard: ParameterShard | None = None,
+    row_settings: RowTableSettings | None = None,
 ) -> dict:
     """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
 
@@ -57,6 +59,8 @@ def serve_shard(
     arguments and checkpointed into ``checkpoint_dir/group-NAME/`` (``server/groups.py``).
     Emits "ready" once listening and a "heartbeat" with its version (summed over the groups)
     every quarter second.
+    ``row_settings``: how the shard makes the embedding tables its clients declare (row
+    optimizer, admission, eviction; ``server/row_tables.py``); default: plain SGD rows.
     ``shard``: an empty shard the caller built from the same arguments and keeps a handle on
     (to read its parameters after the stop); default: a new one.
 
@@ -91,7 +95,8 @@ def serve_shard(
     )
     restored = groups.restore(restore_from if restore_from is not None else checkpoint_dir)
     groups.start_checkpoints(restored)
-    service = ShardService(shard, checkpoint_dir=checkpoint_dir, groups=groups)
+    tables = ShardTables(shard_id, num_shards, row_settings or RowTableSettings())
+    service = ShardService(shard, checkpoint_dir=checkpoint_dir, groups=groups, tables=tables)
     try:
         server = serve(bind, service, security=security)
     except BaseException:
@@ -150,4 +155,20 @@ def serve_job_shard(
         restore_from=restore_from,
         emit=emit,
         stop=stop,
+        row_settings=row_settings_from_config(config),
+    )
+
+
+def row_settings_from_config(config: JobConfig) -> RowTableSettings:
+    """The embedding tables' settings of the job ``config`` describes (its embeddings
+    section; the row seed is the model's)."""
+    embeddings = config.embeddings
+    return RowTableSettings(
+        optimizer=embeddings.row_optimizer,
+        lr=embeddings.row_lr,
+        admit_after=embeddings.admit_after,
+        max_rows=embeddings.max_rows_per_shard,
+        ttl_steps=embeddings.row_ttl_steps,
+        init_std=embeddings.row_init_std,
+        seed=config.model.seed,
     )

@@ -10,7 +10,8 @@ row; evicted slots go on a free list and are reused before the table grows.
 Admission counts pushes only: a pull is read-only (evaluation pulls too, and a training step
 pulls and then pushes the same ids, so counting both would count each step twice). An id's
 ``admit_after``-th push creates its row and applies that push's gradient to it; until then it
-reads as zeros. Recency, for LRU eviction and the time to live, is also the last push that
+reads as zeros. With ``admit_after`` 1 an id without a row reads as its initial row, which
+depends on the id alone, so the table behaves as one that holds every id's row. Recency, for LRU eviction and the time to live, is also the last push that
 touched a row. Table steps count pushes.
 """
 
@@ -142,12 +143,19 @@ class RowTable:
         return row_id in self._slot_of
 
     def pull(self, ids: torch.Tensor) -> torch.Tensor:
-        """The rows of ``ids`` [n, D]; ids without a row (unknown, not yet admitted, evicted)
-        read as zeros. Read-only: changes no count, recency or state."""
+        """The rows of ``ids`` [n, D]. An id without a row (unknown or evicted) reads as the
+        row its next push would create when ``admit_after`` is 1 (so a forward pass sees the
+        values its gradient is then applied to, as with a table that holds every row), and as
+        zeros while it awaits admission. Read-only: changes no count, recency or state."""
         _check_ids(ids)
-        slots = torch.tensor([self._slot_of.get(i, _FREE) for i in ids.tolist()], dtype=torch.int64)
-        rows = torch.zeros(ids.numel(), self.dim)
+        get = self._slot_of.get
+        slots = torch.tensor([get(i, _FREE) for i in ids.tolist()], dtype=torch.int64)
         held = slots >= 0
+        if self.admit_after == 1 and self.init != "zeros" and not bool(held.all()):
+            rows = torch.empty(ids.numel(), self.dim)
+            rows[~held] = self._initial_rows(ids[~held])
+        else:
+            rows = torch.zeros(ids.numel(), self.dim)
         rows[held] = self._values[slots[held]]
         return rows
 

@@ -16,6 +16,8 @@ import torch
 
 from distbelief.errors import ProtocolError
 from distbelief.server.groups import DEFAULT_GROUP, ShardGroups, check_group_name
+from distbelief.server.row_service import describe_tables, register_row_ops
+from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.server.shard import ParameterShard
 from distbelief.server.vector_service import VectorHandlers
 from distbelief.sharding import partitioner_from_json, specs_from_json
@@ -67,6 +69,8 @@ class ShardService:
             TAG``) saves the shard: ``<checkpoint_dir>/TAG/``. None: such requests are refused.
         groups: The process's parameter groups (``server/groups.py``); a connection serves the
             group its first request names (meta ``group``). None: the default group only.
+        tables: The process's embedding tables (``server/row_tables.py``), served by the row
+            ops. None: tables made with the default row settings.
     """
 
     def __init__(
@@ -75,8 +79,14 @@ class ShardService:
         checkpoint_dir: str | Path | None = None,
         *,
         groups: ShardGroups | None = None,
+        tables: ShardTables | None = None,
     ) -> None:
         self.shard = shard
+        self.tables = (
+            tables
+            if tables is not None
+            else ShardTables(shard.shard_id, shard.num_shards, RowTableSettings())
+        )
         self.groups = groups if groups is not None else ShardGroups(shard)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.bytes_received = 0
@@ -93,6 +103,7 @@ class ShardService:
             ACCUMULATE, ShardConnection._accumulate, sink_for=ShardConnection._accumulate_sink_for
         )
         self.handlers.register(READ, ShardConnection._read)
+        register_row_ops(self.handlers)
 
     def open_connection(self, peer: str) -> ShardConnection:
         logger.debug("shard %d: connection from %s", self.shard.shard_id, peer)
@@ -288,6 +299,7 @@ class ShardConnection(VectorHandlers):
                 **self._describe(),
                 **figures,
                 "groups": sorted(self.service.groups.shards()),
+                "rows": describe_tables(self.service.tables),
                 "bytes_received": self.service.bytes_received,
                 "bytes_sent": self.service.bytes_sent,
             }

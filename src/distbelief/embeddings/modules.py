@@ -1,0 +1,155 @@
+"""Embedding modules whose rows live on the shards: ``ShardedEmbedding`` and
+``ShardedEmbeddingBag`` stand in for ``nn.Embedding`` and ``nn.EmbeddingBag`` and hold no weight.
+
+A forward pass looks up the unique ids of its input, asks its row source for their rows (one
+``[u, D]`` leaf tensor) and computes the lookup on those rows with the inverse indices, so the
+backward pass leaves in the leaf's ``grad`` each unique id's gradient with its repeats already
+summed: exactly what a push sends. ``swap_embeddings`` puts them in place of a model's tables.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RowSource(Protocol):
+    """Where a sharded module gets its rows (``ShardedEmbeddings``)."""
+
+    def rows(self, table: str, unique_ids: torch.Tensor) -> torch.Tensor:
+        """The rows ``[u, D]`` of sorted unique ids, as a tensor the backward pass fills."""
+        ...
+
+
+class _ShardedTable(nn.Module):
+    def __init__(self, table: str, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.table = table
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.source: RowSource | None = None
+
+    def _rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of the unique ids, each id's index among them)."""
+        if self.source is None:
+            raise RuntimeError(f"table {self.table} is not attached to a ShardedEmbeddings")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"table {self.table}: ids must be integers, got {ids.dtype}")
+        unique, inverse = torch.unique(ids.long(), sorted=True, return_inverse=True)
+        return self.source.rows(self.table, unique), inverse
+
+    def extra_repr(self) -> str:
+        return f"{self.table!r}, {self.num_embeddings}, {self.embedding_dim}"
+
+
+class ShardedEmbedding(_ShardedTable):
+    """``nn.Embedding`` with its rows on the shards: ``forward(ids)`` -> ``[*ids.shape, D]``.
+    Ids may be any int64 (hashed ids included): the shards hold only rows that exist."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rows, inverse = self._rows(input)
+        return F.embedding(inverse, rows)
+
+
+class ShardedEmbeddingBag(_ShardedTable):
+    """``nn.EmbeddingBag`` with its rows on the shards: the same ``forward(input, offsets,
+    per_sample_weights)`` and modes (sum, mean, max)."""
+
+    def __init__(
+        self,
+        table: str,
+        num_embeddings: int,
+        embedding_dim: int,
+        mode: str = "mean",
+        include_last_offset: bool = False,
+    ) -> None:
+        super().__init__(table, num_embeddings, embedding_dim)
+        if mode not in ("sum", "mean", "max"):
+            raise ValueError(f"table {table}: mode must be sum, mean or max, got {mode!r}")
+        self.mode = mode
+        self.include_last_offset = include_last_offset
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        per_sample_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        rows, inverse = self._rows(input)
+        return F.embedding_bag(
+            inverse,
+            rows,
+            offsets,
+            mode=self.mode,
+            per_sample_weights=per_sample_weights,
+            include_last_offset=self.include_last_offset,
+        )
+
+
+def _unsupported(module: nn.Module) -> str | None:
+    if getattr(module, "padding_idx", None) is not None:
+        return "padding_idx"
+    if getattr(module, "max_norm", None) is not None:
+        return "max_norm"
+    if getattr(module, "scale_grad_by_freq", False):
+        return "scale_grad_by_freq"
+    return None
+
+
+def _sharded_like(name: str, module: nn.Module) -> _ShardedTable:
+    unsupported = _unsupported(module)
+    if unsupported is not None:
+        raise ValueError(f"table {name}: {unsupported} is not supported on sharded tables")
+    if isinstance(module, nn.EmbeddingBag):
+        return ShardedEmbeddingBag(
+            name,
+            module.num_embeddings,
+            module.embedding_dim,
+            mode=module.mode,
+            include_last_offset=module.include_last_offset,
+        )
+    return ShardedEmbedding(name, module.num_embeddings, module.embedding_dim)
+
+
+def swap_embeddings(model: nn.Module, names: list[str] | None = None) -> dict[str, _ShardedTable]:
+    """Replaces ``model``'s ``nn.Embedding`` and ``nn.EmbeddingBag`` modules (all of them, or
+    those at the module paths ``names``) with sharded ones, in place; a module already sharded
+    is kept. Their weights are dropped: the rows are the shards' (build huge tables on the meta
+    device so they are never allocated).
+
+    Returns:
+        The sharded modules by table name (the module's path in ``model``).
+
+    Raises:
+        ValueError: a name is not an embedding module of ``model``, or a table uses a feature
+            sharded tables do not have (padding_idx, max_norm, scale_grad_by_freq).
+    """
+    modules = dict(model.named_modules())
+    if names is None:
+        chosen = [
+            name
+            for name, module in modules.items()
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag, _ShardedTable))
+        ]
+    else:
+        for name in names:
+            module = modules.get(name)
+            if not isinstance(module, (nn.Embedding, nn.EmbeddingBag, _ShardedTable)):
+                found = type(module).__name__ if module is not None else "nothing"
+                raise ValueError(
+                    f"table {name!r}: the model has {found} there, not an nn.Embedding or "
+                    "nn.EmbeddingBag"
+                )
+        chosen = list(names)
+    swapped: dict[str, _ShardedTable] = {}
+    for name in chosen:
+        module = modules[name]
+        if not isinstance(module, _ShardedTable):
+            module = _sharded_like(name, module)
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else model, attribute, module)
+        swapped[name] = module
+    return swapped

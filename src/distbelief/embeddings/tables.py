@@ -1,0 +1,249 @@
+"""ShardedEmbeddings: the worker's side of a model's embedding tables on the shards.
+
+It swaps the model's ``nn.Embedding``/``nn.EmbeddingBag`` modules for sharded ones and serves
+their rows: a forward pass gets the rows of the batch's unique ids (prefetched for every table
+in one request per shard, or pulled when a module asks), and ``step()`` pushes each table's
+unique ids with their summed gradient rows. The worker holds only the current batch's rows and
+a bounded cache (``row_cache_mb``), never a whole table. Dense parameters are left to
+``DownpourSGD``; call both optimizers' ``step()`` each step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import socket
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from distbelief.client import parse_addresses
+from distbelief.client.rows import RowClient
+from distbelief.embeddings.cache import RowCache, cache_rows_for
+from distbelief.embeddings.modules import swap_embeddings
+from distbelief.optim.downpour import (
+    AUTH_KEY_FILE_ENV,
+    DEFAULT_TIMEOUT_S,
+    PS_ADDRESS_ENV,
+    TIMEOUT_ENV,
+)
+from distbelief.wire.security import WireSecurity, read_key_file
+
+_MB = 1 << 20
+
+
+def _unique_sum(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
+    """(unique ids, their summed rows) of several (ids, rows) parts."""
+    if len(parts) == 1:
+        return parts[0]
+    ids = torch.cat([ids for ids, _ in parts])
+    rows = torch.cat([rows for _, rows in parts])
+    unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    return unique, torch.zeros(unique.numel(), rows.shape[1]).index_add_(0, inverse, rows)
+
+
+class ShardedEmbeddings:
+    """A model's embedding tables, stored by row on the shards.
+
+    Args:
+        model: Its ``nn.Embedding``/``nn.EmbeddingBag`` modules (all, or those ``tables``
+            names) are replaced in place by sharded ones; build the model's big tables on the
+            meta device so they are never allocated. Build ``DownpourSGD`` on
+            ``model.parameters()`` after this, so it takes only the dense parameters.
+        ps: Shard addresses, as for ``DownpourSGD`` (default: ``DISTBELIEF_PS``).
+        tables: Module paths of the tables to shard (default: every embedding module).
+        lr: The rate the worker applies its own gradients to cached rows with, between pulls.
+        n_push: Push the tables' accrued gradients every this many steps.
+        n_pull: A pulled row serves this many steps from the cache (1: every step pulls).
+        row_cache_mb: The cache's budget over all tables, in MiB (0: no cache).
+        blocking: Wait for each push to be applied inside ``step()``.
+        timeout_s, retry_timeout_s, worker_id, auth_key, security: as ``DownpourSGD``.
+
+    Raises:
+        ValueError: no embedding module to shard, a bad name or setting, no shard address.
+        ModelMismatchError: a shard holds a table of that name with another row width.
+        ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        ps: str | Sequence[str] | None = None,
+        tables: Sequence[str] | None = None,
+        lr: float = 0.01,
+        n_push: int = 1,
+        n_pull: int = 1,
+        row_cache_mb: float = 0.0,
+        blocking: bool = False,
+        timeout_s: float | None = None,
+        retry_timeout_s: float = 60.0,
+        worker_id: str | None = None,
+        auth_key: bytes | None = None,
+        security: WireSecurity | None = None,
+    ) -> None:
+        for name, value in (("n_push", n_push), ("n_pull", n_pull)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if row_cache_mb < 0:
+            raise ValueError(f"row_cache_mb must be >= 0, got {row_cache_mb}")
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        self.modules = swap_embeddings(model, list(tables) if tables is not None else None)
+        if not self.modules:
+            raise ValueError("the model has no nn.Embedding or nn.EmbeddingBag to shard")
+        self.lr, self.n_push, self.n_pull, self.blocking = lr, n_push, n_pull, blocking
+        self.dims = {name: module.embedding_dim for name, module in self.modules.items()}
+        if auth_key is None and security is None and os.environ.get(AUTH_KEY_FILE_ENV):
+            auth_key = read_key_file(os.environ[AUTH_KEY_FILE_ENV])
+        self.client = RowClient(
+            parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, "")),
+            self.dims,
+            timeout_s=timeout_s or float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
+            retry_timeout_s=retry_timeout_s,
+            security=security or WireSecurity(auth_key=auth_key),
+            worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
+        )
+        try:
+            self.client.handshake()
+        except BaseException:
+            self.client.close(wait=False)
+            raise
+        budget = int(row_cache_mb * _MB) // len(self.dims)
+        self.caches = {
+            name: RowCache(dim, cache_rows_for(budget, dim), n_pull)
+            for name, dim in self.dims.items()
+            if cache_rows_for(budget, dim) > 0
+        }
+        for module in self.modules.values():
+            module.source = self
+        self.num_steps = 0
+        self._batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._touched: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._accrued: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._push_futures: list[cf.Future] = []
+        self._closed = False
+        self.rows_pulled = 0
+        self.rows_pushed = 0
+
+    # -- rows for the forward pass -------------------------------------------------------
+
+    def prefetch(self, ids_by_table: Mapping[str, torch.Tensor]) -> None:
+        """Fetch the rows of each table's ids (any shape, repeats allowed) for this step, every
+        table in one request per shard; a forward pass then finds them here."""
+        unique = {name: torch.unique(ids.long().reshape(-1)) for name, ids in ids_by_table.items()}
+        self._batch.update(self._fetch(unique))
+
+    def rows(self, table: str, unique_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of sorted unique ids for a sharded module's forward pass: from this step's
+        prefetched rows, the cache, or the shards; a fresh leaf the backward pass fills."""
+        held = self._batch.get(table)
+        rows = None
+        if held is not None and held[0].numel():
+            positions = torch.searchsorted(held[0], unique_ids).clamp_(max=held[0].numel() - 1)
+            if bool((held[0][positions] == unique_ids).all()):
+                rows = held[1].index_select(0, positions)
+        if rows is None:
+            rows = self._fetch({table: unique_ids})[table][1]
+        if torch.is_grad_enabled():
+            rows.requires_grad_(True)
+            self._touched.setdefault(table, []).append((unique_ids, rows))
+        return rows
+
+    def _fetch(self, unique_by_table: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
+        """``(ids, rows)`` of unique ids per table: fresh cached rows, the rest pulled in one
+        request per shard."""
+        found, missing = {}, {}
+        for name, ids in unique_by_table.items():
+            cache = self.caches.get(name)
+            if cache is None:
+                missing[name] = ids
+                continue
+            cached_rows, hit = cache.lookup(ids, self.num_steps)
+            rows = torch.empty(ids.numel(), self.dims[name])
+            rows[hit] = cached_rows
+            found[name] = (ids, rows, hit)
+            if not bool(hit.all()):
+                missing[name] = ids[~hit]
+        pulled = self.client.pull(missing) if missing else {}
+        self.rows_pulled += sum(ids.numel() for ids in missing.values())
+        out = {}
+        for name, ids in unique_by_table.items():
+            cache = self.caches.get(name)
+            if name in found:
+                _, rows, hit = found[name]
+                if name in pulled:
+                    rows[~hit] = pulled[name]
+                    cache.insert(missing[name], pulled[name], self.num_steps)
+                out[name] = (ids, rows)
+            else:
+                out[name] = (ids, pulled[name])
+        return out
+
+    # -- pushing gradients ---------------------------------------------------------------
+
+    def step(self) -> None:
+        """End of a step: accrue the tables' gradients from the backward pass, push them every
+        ``n_push`` steps, apply them locally to cached rows, and forget this step's rows.
+
+        Raises:
+            ShardTimeoutError / ShardUnavailableError / RemoteError: a past push failed.
+        """
+        for table, parts in self._touched.items():
+            grads = [(ids, rows.grad) for ids, rows in parts if rows.grad is not None]
+            if not grads:
+                continue
+            ids, summed = _unique_sum(grads)
+            self._accrued.setdefault(table, []).append((ids, summed))
+            cache = self.caches.get(table)
+            if cache is not None and self.lr:
+                cache.apply(ids, summed * -self.lr)
+        self._touched.clear()
+        self._batch.clear()
+        self.num_steps += 1
+        if self.num_steps % self.n_push == 0:
+            self._push_accrued()
+
+    def _push_accrued(self) -> None:
+        # Tensors are sent without a copy, so the previous push must be done first.
+        self.client.wait(self._push_futures)
+        self._push_futures = []
+        updates = {table: _unique_sum(parts) for table, parts in self._accrued.items() if parts}
+        self._accrued.clear()
+        if not updates:
+            return
+        self.rows_pushed += sum(ids.numel() for ids, _ in updates.values())
+        if self.blocking:
+            self.client.push_now(updates)
+        else:
+            self._push_futures = self.client.push(updates)
+
+    def flush(self) -> None:
+        """Push what is accrued and wait until every push is applied."""
+        self._push_accrued()
+        self.client.wait(self._push_futures)
+        self._push_futures = []
+
+    def close(self) -> None:
+        """Flush, then close the connections. Closing twice does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+        finally:
+            self.client.close()
+
+    def take_figures(self) -> dict[str, int]:
+        """Rows pulled and pushed, and cache hits and misses, since the last call."""
+        figures = {
+            "rows_pulled": self.rows_pulled,
+            "rows_pushed": self.rows_pushed,
+            "cache_hits": sum(cache.hits for cache in self.caches.values()),
+            "cache_misses": sum(cache.misses for cache in self.caches.values()),
+        }
+        self.rows_pulled = self.rows_pushed = 0
+        for cache in self.caches.values():
+            cache.hits = cache.misses = 0
+        return figures

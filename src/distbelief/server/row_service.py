@@ -1,0 +1,94 @@
+"""The row ops' handlers: a shard's answers to ROWS_HELLO, PULL_ROWS and PUSH_ROWS, on the
+process's ``ShardTables``. Registered on the shard service beside the dense ops; each handler
+gets the request's connection and reads the tables from its service."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from distbelief.errors import ProtocolError
+from distbelief.wire.message import Message
+from distbelief.wire.row_ops import PULL_ROWS, PUSH_ROWS, ROWS_HELLO
+
+if TYPE_CHECKING:
+    from distbelief.server.row_tables import ShardTables
+    from distbelief.wire.ops import OpRegistry
+
+
+def register_row_ops(handlers: OpRegistry) -> None:
+    """Answer the row ops with the handlers below (the connection's ``service.tables``)."""
+    handlers.register(ROWS_HELLO, rows_hello)
+    handlers.register(PULL_ROWS, pull_rows)
+    handlers.register(PUSH_ROWS, push_rows)
+
+
+def _tables_of(connection) -> ShardTables:
+    return connection.service.tables
+
+
+def _listed_tables(request: Message, per_table: int) -> list[str]:
+    names = request.meta.get("tables")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError("a row request must list its tables (meta 'tables': [names])")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a row request names a table twice: {names}")
+    sent = [name for name, _ in request.tensors]
+    expected = [name for name in names for _ in range(per_table)]
+    if sent != expected:
+        raise ProtocolError(f"{request.op} must carry tensors {expected}, got {sent}")
+    return names
+
+
+def describe_tables(tables: ShardTables) -> dict:
+    """The shard's row settings and each table's counters (JSON-able)."""
+    return {
+        "shard_id": tables.shard_id,
+        "num_shards": tables.num_shards,
+        "settings": tables.settings.to_json(),
+        "tables": {name: asdict(c) for name, c in tables.counters().items()},
+        "pulled_rows": tables.num_pulled_rows,
+        "pushed_rows": tables.num_pushed_rows,
+    }
+
+
+def rows_hello(connection, request: Message) -> Message:
+    tables = _tables_of(connection)
+    expected_id = request.meta.get("shard_id")
+    if expected_id is not None and expected_id != tables.shard_id:
+        raise ValueError(
+            f"this address serves shard {tables.shard_id} of {tables.num_shards}, but the "
+            f"client lists it as shard {expected_id}: check the order of --ps"
+        )
+    declared = request.meta.get("tables", {})
+    if not isinstance(declared, dict):
+        raise ValueError("ROWS_HELLO's 'tables' must map table names to row widths")
+    for name, dim in declared.items():
+        tables.declare(name, dim)
+    return request.reply(describe_tables(tables))
+
+
+def pull_rows(connection, request: Message) -> Message:
+    tables = _tables_of(connection)
+    names = _listed_tables(request, 1)
+    rows = tables.pull([(name, ids) for name, ids in request.tensors])
+    connection.service.count_bytes(0, sum(r.nbytes for r in rows))
+    return request.reply({}, list(zip(names, rows, strict=True)))
+
+
+def push_rows(connection, request: Message) -> Message:
+    tables = _tables_of(connection)
+    names = _listed_tables(request, 2)
+    seq = None
+    if "seq" in request.meta:
+        session, number = request.meta.get("session"), request.meta["seq"]
+        if not isinstance(session, str) or not 0 < len(session) <= 64:
+            raise ValueError(f"a push with seq needs a session string, got {session!r}")
+        if type(number) is not int or number < 1:
+            raise ValueError(f"seq must be an integer >= 1, got {number!r}")
+        seq = (session, number)
+    pairs = request.tensors
+    updates = [(name, pairs[2 * i][1], pairs[2 * i + 1][1]) for i, name in enumerate(names)]
+    applied = tables.push(updates, seq=seq)
+    connection.service.count_bytes(sum(t.nbytes for _, t in pairs), 0)
+    return request.reply({"applied": applied})

@@ -1,0 +1,275 @@
+"""A shard process's embedding tables: named row tables, their settings, and the rules every
+row request obeys (ids this shard owns, a pushed sequence applied once).
+
+Tables are declared by their clients (name and row width) and made with the process's
+settings (row optimizer, admission, eviction, initialisation), which every table of the job
+shares. One lock covers every table: a request touching several tables is applied whole, and a
+checkpoint snapshot sees no half-applied push.
+
+Memory per row on a shard: ``(D + S) * 4 + 16`` bytes of tensors (values, S floats of optimizer
+state: 0 for SGD, D for Adagrad, 1 for row-wise Adagrad, 2D for Adam; the id and last step as
+int64) plus about 100-150 bytes of Python dict entry and int objects for the id -> slot index.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import asdict, dataclass
+
+import torch
+
+from distbelief.server.row_optimizers import (
+    LazyAdam,
+    RowAdagrad,
+    RowOptimizer,
+    RowSGD,
+    RowWiseAdagrad,
+)
+from distbelief.server.row_table import RowTable
+from distbelief.sharding.rows import row_shard
+
+ROW_OPTIMIZERS = ("sgd", "adagrad", "rowwise-adagrad", "adam")
+"""The row optimizers a shard can run (``--row-optimizer``)."""
+
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_MAX_DIM = 1 << 16
+_MAX_SESSIONS = 1024
+
+
+def check_table_name(name: object) -> str:
+    """``name`` if it can name a table; ValueError naming it otherwise."""
+    if not isinstance(name, str) or not _TABLE_NAME.fullmatch(name):
+        raise ValueError(f"table name {name!r} must be 1-128 letters, digits, '_', '.' or '-'")
+    return name
+
+
+@dataclass(frozen=True)
+class RowTableSettings:
+    """How a shard makes its tables: the row optimizer and its rates, admission, eviction and
+    the initial rows. Every shard of a job holds the same settings."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    eps: float | None = None
+    """None: the optimizer's default (1e-10 for the Adagrads, 1e-8 for Adam)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    admit_after: int = 1
+    max_rows: int | None = None
+    """Rows one shard holds per table at most (least recently pushed evicted first)."""
+    ttl_steps: int | None = None
+    init_std: float = 0.01
+    """New rows are Normal(0, init_std), seeded by id (0: zeros)."""
+    seed: int = 0
+
+    def make_optimizer(self) -> RowOptimizer:
+        """The row optimizer these settings name.
+
+        Raises:
+            ValueError: an unknown optimizer or a rate out of range.
+        """
+        if self.optimizer == "sgd":
+            return RowSGD(self.lr)
+        if self.optimizer == "adagrad":
+            return RowAdagrad(self.lr, eps=1e-10 if self.eps is None else self.eps)
+        if self.optimizer == "rowwise-adagrad":
+            return RowWiseAdagrad(self.lr, eps=1e-10 if self.eps is None else self.eps)
+        if self.optimizer == "adam":
+            return LazyAdam(self.lr, betas=self.betas, eps=1e-8 if self.eps is None else self.eps)
+        raise ValueError(
+            f"unknown row optimizer {self.optimizer!r}; choose one of {ROW_OPTIMIZERS}"
+        )
+
+    def make_table(self, dim: int) -> RowTable:
+        return RowTable(
+            dim,
+            self.make_optimizer(),
+            admit_after=self.admit_after,
+            max_rows=self.max_rows,
+            ttl_steps=self.ttl_steps,
+            init="normal" if self.init_std > 0 else "zeros",
+            init_std=self.init_std,
+            seed=self.seed,
+        )
+
+    def to_json(self) -> dict:
+        values = asdict(self)
+        values["betas"] = list(self.betas)
+        return values
+
+
+@dataclass(frozen=True)
+class TableCounters:
+    """One table's figures on one shard."""
+
+    rows: int
+    admitted: int
+    evicted: int
+    pending: int
+    steps: int
+    capacity: int
+    dim: int
+
+
+class ShardTables:
+    """The tables of shard ``shard_id`` of ``num_shards``.
+
+    Args:
+        shard_id: This shard's id: it holds the rows whose ids ``row_shard`` maps here.
+        num_shards: The job's shard count.
+        settings: How tables are made.
+    """
+
+    def __init__(self, shard_id: int, num_shards: int, settings: RowTableSettings) -> None:
+        settings.make_optimizer()  # refuses bad settings before anything is served
+        self.shard_id = shard_id
+        self.num_shards = num_shards
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._tables: dict[str, RowTable] = {}
+        self._last_seq: dict[str, int] = {}
+        self.num_pulled_rows = 0
+        self.num_pushed_rows = 0
+
+    def declare(self, name: object, dim: object) -> RowTable:
+        """Table ``name`` with rows of ``dim`` values, made empty when first declared.
+
+        Raises:
+            ValueError: a bad name or width, or a table of that name with another width.
+        """
+        name = check_table_name(name)
+        if type(dim) is not int or not 1 <= dim <= _MAX_DIM:
+            raise ValueError(f"table {name}: row width must be an integer in 1..{_MAX_DIM}")
+        with self._lock:
+            table = self._tables.get(name)
+            if table is None:
+                table = self._tables[name] = self.settings.make_table(dim)
+            elif table.dim != dim:
+                raise ValueError(
+                    f"table {name} holds rows of {table.dim} values on shard {self.shard_id}, "
+                    f"not {dim}: every worker must build the same table"
+                )
+            return table
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._tables)
+
+    def _table(self, name: object) -> RowTable:
+        table = self._tables.get(name)  # type: ignore[arg-type]
+        if table is None:
+            raise ValueError(f"shard {self.shard_id} has no table {name!r} (declare it first)")
+        return table
+
+    def _check_owned(self, name: str, ids: torch.Tensor) -> None:
+        if ids.dtype != torch.int64 or ids.dim() != 1:
+            raise ValueError(f"table {name}: row ids must be a 1-D int64 tensor")
+        if self.num_shards > 1 and ids.numel():
+            owners = row_shard(ids, self.num_shards)
+            if not bool((owners == self.shard_id).all()):
+                raise ValueError(
+                    f"table {name}: ids sent to shard {self.shard_id} that shard "
+                    f"{int(owners[owners != self.shard_id][0])} of {self.num_shards} owns"
+                )
+
+    def pull(self, requests: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """The rows of each ``(table, ids)``, in order (ids without a row read as zeros).
+
+        Raises:
+            ValueError: an undeclared table, or ids this shard does not own.
+        """
+        for name, ids in requests:
+            self._check_owned(name, ids)
+        with self._lock:
+            rows = [self._table(name).pull(ids) for name, ids in requests]
+            self.num_pulled_rows += sum(ids.numel() for _, ids in requests)
+        return rows
+
+    def push(
+        self,
+        updates: list[tuple[str, torch.Tensor, torch.Tensor]],
+        *,
+        seq: tuple[str, int] | None = None,
+    ) -> bool:
+        """Applies each ``(table, unique ids, gradient rows)``: one step of every table named.
+
+        ``seq`` (session, number): a push whose number this session already reached is a
+        retry of one applied before and is acknowledged without applying it again.
+
+        Returns:
+            False if it was such a retry.
+
+        Raises:
+            ValueError: an undeclared table, ids this shard does not own, or bad shapes.
+        """
+        for name, ids, grads in updates:
+            self._check_owned(name, ids)
+            if grads.dtype != torch.float32:
+                raise ValueError(f"table {name}: gradient rows must be float32")
+        with self._lock:
+            if seq is not None:
+                session, number = seq
+                if number <= self._last_seq.get(session, 0):
+                    return False
+            tables = [self._table(name) for name, _, _ in updates]
+            # Every part is checked before any is applied: a refused push changes nothing.
+            for table, (name, ids, grads) in zip(tables, updates, strict=True):
+                if grads.shape != (ids.numel(), table.dim):
+                    raise ValueError(
+                        f"table {name}: gradient rows must be [{ids.numel()}, {table.dim}], "
+                        f"got {list(grads.shape)}"
+                    )
+                if torch.unique(ids).numel() != ids.numel():
+                    raise ValueError(f"table {name}: pushed ids must be unique (sum repeats)")
+            for table, (_, ids, grads) in zip(tables, updates, strict=True):
+                table.push(ids, grads)
+            self.num_pushed_rows += sum(ids.numel() for _, ids, _ in updates)
+            if seq is not None:
+                if len(self._last_seq) >= _MAX_SESSIONS and seq[0] not in self._last_seq:
+                    self._last_seq.pop(next(iter(self._last_seq)))
+                self._last_seq[seq[0]] = seq[1]
+        return True
+
+    def counters(self) -> dict[str, TableCounters]:
+        """Each table's figures, by name."""
+        with self._lock:
+            return {
+                name: TableCounters(
+                    rows=table.num_rows,
+                    admitted=table.num_admitted,
+                    evicted=table.num_evicted,
+                    pending=table.num_pending,
+                    steps=table.num_steps,
+                    capacity=table.capacity,
+                    dim=table.dim,
+                )
+                for name, table in sorted(self._tables.items())
+            }
+
+    @property
+    def total_steps(self) -> int:
+        """Pushes applied, over every table (what a checkpoint compares to skip a save)."""
+        with self._lock:
+            return sum(table.num_steps for table in self._tables.values())
+
+    def snapshot(self) -> dict[str, dict]:
+        """Every table's ``state_dict()`` (copies, taken under the lock) with its settings."""
+        with self._lock:
+            return {
+                name: {**table.state_dict(), "settings": self.settings.to_json()}
+                for name, table in self._tables.items()
+            }
+
+    def restore(self, tables: dict[str, dict]) -> None:
+        """Replaces the tables with the ``snapshot()`` ``tables`` (before serving anyone).
+
+        Raises:
+            ValueError: a table's dim or row optimizer differs from these settings'.
+        """
+        with self._lock:
+            restored = {}
+            for name, state in tables.items():
+                table = self.settings.make_table(int(state["dim"]))
+                table.load_state_dict(state)
+                restored[check_table_name(name)] = table
+            self._tables = restored

@@ -1,0 +1,177 @@
+"""Embedding tables on real shard processes: one worker's rows, pushed blocking, equal a single
+process ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag`` trained by torch.optim on the same
+batches; only the touched rows travel; a shard refuses what it does not own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distbelief.client.rows import RowClient
+from distbelief.embeddings import ShardedEmbeddings
+from distbelief.errors import ModelMismatchError
+from distbelief.server.row_table import seeded_normal_rows
+
+DIM = 4
+NUM_ROWS = {"words": 40, "bags": 25}
+INIT_STD = 0.5
+STEPS = 6
+
+
+class _Model(nn.Module):
+    """An embedding and an embedding bag read through a fixed projection (no dense
+    parameters: the rows are what is compared)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.words = nn.Embedding(NUM_ROWS["words"], DIM, sparse=True)
+        self.bags = nn.EmbeddingBag(NUM_ROWS["bags"], DIM, mode="sum", sparse=True)
+        self.register_buffer("projection", torch.linspace(-1.0, 1.0, 2 * DIM))
+
+    def forward(self, words: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+        features = torch.cat([self.words(words).sum(dim=1), self.bags(bags)], dim=1)
+        return features @ self.projection
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(STEPS):
+        # Few distinct ids per batch, so repeats (summed on the worker) are common.
+        words = torch.randint(0, 12, (8, 3), generator=generator)
+        bags = torch.randint(0, NUM_ROWS["bags"], (8, 2), generator=generator)
+        batches.append((words, bags, torch.randn(8, generator=generator)))
+    return batches
+
+
+def _loss(model: nn.Module, batch) -> torch.Tensor:
+    words, bags, target = batch
+    return ((model(words, bags) - target) ** 2).mean()
+
+
+def _reference(optimizer_name: str, lr: float) -> dict[str, torch.Tensor]:
+    model = _Model()
+    with torch.no_grad():
+        for name, size in NUM_ROWS.items():
+            ids = torch.arange(size, dtype=torch.int64)
+            getattr(model, name).weight.copy_(seeded_normal_rows(ids, DIM, INIT_STD, 0))
+    params = [model.words.weight, model.bags.weight]
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr)
+    elif optimizer_name == "adagrad":
+        optimizer = torch.optim.Adagrad(params, lr=lr)
+    else:
+        optimizer = torch.optim.SparseAdam(params, lr=lr)
+    for batch in _batches():
+        optimizer.zero_grad()
+        _loss(model, batch).backward()
+        optimizer.step()
+    return {name: getattr(model, name).weight.detach() for name in NUM_ROWS}
+
+
+def _train_on_shards(addresses: list[str]) -> RowClient:
+    model = _Model()
+    tables = ShardedEmbeddings(model, ps=addresses, blocking=True, timeout_s=60)
+    try:
+        for batch in _batches():
+            _loss(model, batch).backward()
+            tables.step()
+        tables.flush()
+    finally:
+        tables.close()
+    return RowClient(addresses, {name: DIM for name in NUM_ROWS}, timeout_s=60)
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+@pytest.mark.parametrize(
+    ("optimizer_name", "flag", "lr"),
+    [("sgd", "sgd", 0.1), ("adagrad", "adagrad", 0.1), ("sparse_adam", "adam", 0.05)],
+)
+def test_rows_on_the_shards_equal_torch_optim_on_one_process(
+    shard_cluster, num_shards, optimizer_name, flag, lr
+):
+    addresses = shard_cluster(
+        num_shards,
+        *("--row-optimizer", flag, "--row-lr", str(lr), "--row-init-std", str(INIT_STD)),
+    )
+    expected = _reference(optimizer_name, lr)
+    reader = _train_on_shards(addresses)
+    try:
+        reader.handshake()
+        pulled = reader.pull({name: torch.arange(n) for name, n in NUM_ROWS.items()})
+        stats = reader.stats()
+    finally:
+        reader.close()
+    for name in NUM_ROWS:
+        torch.testing.assert_close(pulled[name], expected[name], rtol=0, atol=1e-6)
+    # Rows exist only for ids that were pushed: words only ever used ids below 12.
+    rows_held = sum(s["tables"]["words"]["rows"] for s in stats)
+    assert rows_held == len(torch.unique(torch.cat([b[0].flatten() for b in _batches()])))
+    assert all(s["tables"]["words"]["steps"] == STEPS for s in stats)
+
+
+def test_rowwise_adagrad_matches_a_reference_written_here(shard_cluster):
+    lr, eps = 0.2, 1e-10
+    addresses = shard_cluster(
+        2, *("--row-optimizer", "rowwise-adagrad", "--row-lr", str(lr)), "--row-init-std", "0.5"
+    )
+    # One accumulator per row: acc += mean(g^2); w -= lr * g / (sqrt(acc) + eps).
+    model = _Model()
+    weights = {
+        name: seeded_normal_rows(torch.arange(n), DIM, INIT_STD, 0) for name, n in NUM_ROWS.items()
+    }
+    accumulators = {name: torch.zeros(n, 1) for name, n in NUM_ROWS.items()}
+    for batch in _batches():
+        for name in NUM_ROWS:
+            getattr(model, name).weight = nn.Parameter(weights[name].clone())
+        _loss(model, batch).backward()
+        for name, ids in zip(NUM_ROWS, batch[:2], strict=True):
+            grad = getattr(model, name).weight.grad.to_dense()
+            touched = torch.zeros(NUM_ROWS[name], dtype=torch.bool)
+            touched[ids.flatten()] = True
+            accumulators[name][touched] += grad[touched].square().mean(dim=1, keepdim=True)
+            update = grad / (accumulators[name].sqrt() + eps)
+            weights[name][touched] -= lr * update[touched]
+    reader = _train_on_shards(addresses)
+    try:
+        reader.handshake()
+        pulled = reader.pull({name: torch.arange(n) for name, n in NUM_ROWS.items()})
+    finally:
+        reader.close()
+    for name in NUM_ROWS:
+        torch.testing.assert_close(pulled[name], weights[name], rtol=0, atol=1e-6)
+
+
+def test_only_touched_rows_travel(shard_cluster):
+    addresses = shard_cluster(2)
+    framing = {}
+    for rows_in_table in (1_000, 1_000_000):
+        client = RowClient(addresses, {f"t{rows_in_table}": 32}, timeout_s=60)
+        try:
+            client.handshake()
+            ids = torch.tensor([5, 17, 99_999, 123_456_789_012], dtype=torch.int64)
+            client.take_wire_figures()
+            client.pull({f"t{rows_in_table}": ids})
+            client.push_now({f"t{rows_in_table}": (ids, torch.ones(4, 32))})
+            figures = client.take_wire_figures()
+        finally:
+            client.close()
+        # The pull sends 4 ids and gets 4 rows; the push sends 4 ids and 4 gradient rows.
+        assert figures["bytes_pulled"] == 4 * 32 * 4
+        assert figures["bytes_pushed"] == 2 * 4 * 8 + 4 * 32 * 4
+        framing[rows_in_table] = (figures["bytes_pulled"], figures["bytes_pushed"])
+    assert framing[1_000] == framing[1_000_000]
+
+
+def test_a_table_of_another_width_is_refused(shard_cluster):
+    addresses = shard_cluster(1)
+    first = RowClient(addresses, {"items": 8}, timeout_s=60)
+    second = RowClient(addresses, {"items": 16}, timeout_s=60)
+    try:
+        first.handshake()
+        with pytest.raises(ModelMismatchError, match="table items holds rows of 8 values"):
+            second.handshake()
+    finally:
+        first.close()
+        second.close()

@@ -11,7 +11,9 @@ Admission counts pushes only: a pull is read-only (evaluation pulls too, and a t
 pulls and then pushes the same ids, so counting both would count each step twice). An id's
 ``admit_after``-th push creates its row and applies that push's gradient to it; until then it
 reads as zeros. With ``admit_after`` 1 an id without a row reads as its initial row, which
-depends on the id alone, so the table behaves as one that holds every id's row. Recency, for LRU eviction and the time to live, is also the last push that
+depends on the id alone, so the table behaves as one that holds every id's row.
+
+Recency, for LRU eviction and the time to live, is also the last push that
 touched a row. Table steps count pushes.
 """
 

@@ -41,6 +41,13 @@ METRIC_FIELDS = (
     "compute_s",
     "idle_s",
     "activation_bytes",
+    "auc",
+    "test_auc",
+    "rows",
+    "rows_admitted",
+    "rows_evicted",
+    "rows_pulled",
+    "rows_pushed",
 )
 """The CSV columns, in order. ``time_s`` is seconds since the run started; ``staleness`` is
 the mean staleness of a worker's pushes (or of a shard's received pushes) since its previous
@@ -53,13 +60,17 @@ committed; ``backups`` handed out and ``backups_won``), and one per worker with 
 ``portions`` of the iteration. A stage of a model-parallel replica writes worker records with
 its ``stage``, its seconds of ``compute_s`` and of ``idle_s`` (waiting for its neighbours) and the
 ``activation_bytes`` it sent and received since its previous record (only the last stage has the
-loss and accuracy)."""
+loss and accuracy). With embedding tables, a worker's records add the window's click ``auc`` and
+the ``rows_pulled`` and ``rows_pushed`` since its previous record, the evaluator's add
+``test_auc``, and a shard's add its live ``rows`` and the rows ever ``rows_admitted`` and
+``rows_evicted``, over its tables."""
 
 _OLDER_HEADERS = (
     METRIC_FIELDS[:10],
     METRIC_FIELDS[:12],
     METRIC_FIELDS[:16],
     METRIC_FIELDS[:22],
+    METRIC_FIELDS[:26],
 )
 """Headers of earlier versions of ``metrics.csv``, still readable; their missing columns read
 as ``None``."""
@@ -81,6 +92,11 @@ _INT_FIELDS = frozenset(
         "backups_won",
         "stage",
         "activation_bytes",
+        "rows",
+        "rows_admitted",
+        "rows_evicted",
+        "rows_pulled",
+        "rows_pushed",
     }
 )
 

@@ -65,9 +65,21 @@ class _ShardState:
     bytes_per_s: float | None = None
     staleness: float | None = None
     """Mean staleness of the pushes since the previous poll."""
+    rows: int | None = None
+    """Embedding rows held now, over the shard's tables (None: no tables)."""
+    rows_admitted: int | None = None
+    rows_evicted: int | None = None
 
     def observe(self, record: dict[str, Any]) -> None:
-        for name in ("version", "pushes_per_s", "bytes_per_s", "staleness"):
+        for name in (
+            "version",
+            "pushes_per_s",
+            "bytes_per_s",
+            "staleness",
+            "rows",
+            "rows_admitted",
+            "rows_evicted",
+        ):
             if record.get(name) is not None:
                 setattr(self, name, record[name])
 
@@ -83,6 +95,7 @@ class _RunState:
     """Shards in id order; one appears with its first record."""
     test_accuracy: float | None = None
     test_loss: float | None = None
+    test_auc: float | None = None
     version: int | None = None
     iteration: int | None = None
     """Sandblaster: the coordinator's last L-BFGS iteration (None in a Downpour run)."""
@@ -110,6 +123,7 @@ class _RunState:
         elif record["role"] == "evaluator":
             self.test_accuracy = record.get("test_accuracy")
             self.test_loss = record.get("test_loss")
+            self.test_auc = record.get("test_auc")
             self.version = record.get("version")
         elif record["role"] == "coordinator":
             self.iteration = record.get("step")
@@ -155,12 +169,17 @@ def _progress_line(state: _RunState) -> str:
                 parts.append(f"lbfgs.{key}={value:.4g}")
     if state.test_accuracy is not None:
         parts.append(f"ps.test_acc={state.test_accuracy:.4f}")
+    if state.test_auc is not None:
+        parts.append(f"ps.test_auc={state.test_auc:.4f}")
     for shard_id, shard in state.shards.items():
         for key, value, spec in (
             ("version", shard.version, "d"),
             ("pushes_per_s", shard.pushes_per_s, ".1f"),
             ("bytes_per_s", shard.bytes_per_s, ".0f"),
             ("staleness", shard.staleness, ".2f"),
+            ("rows", shard.rows, "d"),
+            ("rows_admitted", shard.rows_admitted, "d"),
+            ("rows_evicted", shard.rows_evicted, "d"),
         ):
             if value is not None:
                 parts.append(f"shard{shard_id}.{key}={value:{spec}}")
@@ -175,6 +194,8 @@ def _eval_line(record: dict[str, Any]) -> str:
         parts.append(f"test_loss={record['test_loss']:.4g}")
     if record.get("test_accuracy") is not None:
         parts.append(f"test_acc={record['test_accuracy']:.4f}")
+    if record.get("test_auc") is not None:
+        parts.append(f"test_auc={record['test_auc']:.4f}")
     return " ".join(parts)
 
 
@@ -218,17 +239,27 @@ class _Dashboard:
         from rich.table import Table
 
         table = Table(box=None, pad_edge=False)
-        for header in ("shard", "version", "pushes/s", "MB/s", "staleness"):
+        with_rows = any(shard.rows is not None for shard in self._state.shards.values())
+        headers = ["shard", "version", "pushes/s", "MB/s", "staleness"]
+        headers += ["rows", "admitted", "evicted"] if with_rows else []
+        for header in headers:
             table.add_column(header, justify="left" if header == "shard" else "right")
         for shard_id, shard in self._state.shards.items():
             mb_per_s = None if shard.bytes_per_s is None else shard.bytes_per_s / 1e6
-            table.add_row(
+            cells = [
                 str(shard_id),
                 _fmt(shard.version, "d"),
                 _fmt(shard.pushes_per_s, ".1f"),
                 _fmt(mb_per_s, ".2f"),
                 _fmt(shard.staleness, ".2f"),
-            )
+            ]
+            if with_rows:
+                cells += [
+                    _fmt(shard.rows, "d"),
+                    _fmt(shard.rows_admitted, "d"),
+                    _fmt(shard.rows_evicted, "d"),
+                ]
+            table.add_row(*cells)
         return table
 
     def _ps_line(self) -> str:
@@ -241,9 +272,10 @@ class _Dashboard:
             )
         if state.test_accuracy is None:
             return lbfgs + "PS test accuracy: waiting for the evaluator"
+        auc = "" if state.test_auc is None else f", test AUC {state.test_auc:.4f}"
         return lbfgs + (
             f"PS test accuracy {state.test_accuracy:.4f} "
-            f"(test loss {_fmt(state.test_loss, '.4g')}, version {state.version})"
+            f"(test loss {_fmt(state.test_loss, '.4g')}{auc}, version {state.version})"
         )
 
 

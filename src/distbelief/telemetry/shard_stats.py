@@ -76,6 +76,18 @@ def _mean_staleness(now: dict[int, int], before: dict[int, int]) -> float | None
     return sum(s * count for s, count in delta.items()) / num_pushes
 
 
+def _row_counts(stats: dict) -> dict[str, int]:
+    """A shard's live, admitted and evicted rows over its tables (none: no fields)."""
+    tables = stats.get("rows", {}).get("tables", {})
+    if not tables:
+        return {}
+    return {
+        "rows": sum(t["rows"] for t in tables.values()),
+        "rows_admitted": sum(t["admitted"] for t in tables.values()),
+        "rows_evicted": sum(t["evicted"] for t in tables.values()),
+    }
+
+
 def shard_records(stats: Sequence[dict], previous: Sequence[dict] | None = None) -> list[dict]:
     """``shard`` metrics records from one poll, with rates since the ``previous`` poll.
 
@@ -87,7 +99,8 @@ def shard_records(stats: Sequence[dict], previous: Sequence[dict] | None = None)
     Returns:
         One record per shard: ``time_s`` (wall clock, as children report it), ``version``,
         and, given a previous poll, ``pushes_per_s``, ``bytes_per_s`` (received plus sent)
-        and ``staleness`` (mean over the pushes in between; None if there were none).
+        and ``staleness`` (mean over the pushes in between; None if there were none); a
+        shard with embedding tables adds ``rows``, ``rows_admitted`` and ``rows_evicted``.
     """
     before_by_id = {s["shard_id"]: s for s in previous or ()}
     records = []
@@ -107,7 +120,12 @@ def shard_records(stats: Sequence[dict], previous: Sequence[dict] | None = None)
             }
         records.append(
             make_record(
-                "shard", now["shard_id"], time_s=now["time"], version=now["version"], **rates
+                "shard",
+                now["shard_id"],
+                time_s=now["time"],
+                version=now["version"],
+                **rates,
+                **_row_counts(now),
             )
         )
     return records

@@ -19,9 +19,12 @@ FLUSH_EVERY_S = 2
 """Event files reach the disk at least this often, so a live TensorBoard keeps up."""
 
 _SCALARS = {
-    "worker": ("step", ("loss", "accuracy", "staleness", "portions")),
-    "evaluator": ("version", ("test_loss", "test_accuracy")),
-    "shard": ("version", ("pushes_per_s", "bytes_per_s", "staleness")),
+    "worker": ("step", ("loss", "accuracy", "staleness", "portions", "auc")),
+    "evaluator": ("version", ("test_loss", "test_accuracy", "test_auc")),
+    "shard": (
+        "version",
+        ("pushes_per_s", "bytes_per_s", "staleness", "rows", "rows_admitted", "rows_evicted"),
+    ),
     "coordinator": ("step", ("loss", "grad_norm", "step_size", "evaluations", "backups")),
 }
 """Per role: the field used as TensorBoard's step, and the fields written as scalars."""

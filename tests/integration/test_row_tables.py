@@ -175,3 +175,53 @@ def test_a_table_of_another_width_is_refused(shard_cluster):
     finally:
         first.close()
         second.close()
+
+
+def _rows_held(client: RowClient, table: str) -> tuple[int, int, int]:
+    counters = [s["tables"][table] for s in client.stats()]
+    return tuple(sum(c[key] for c in counters) for key in ("rows", "admitted", "evicted"))
+
+
+def test_admission_and_lru_eviction_through_the_shard_flags(shard_cluster):
+    # One shard so that the budget of 2 rows is the table's whole budget.
+    addresses = shard_cluster(
+        1, *("--admit-after", "2", "--max-rows-per-shard", "2", "--row-init-std", "0")
+    )
+    client = RowClient(addresses, {"ids": 2}, timeout_s=60)
+    try:
+        client.handshake()
+
+        def push(*ids: int) -> None:
+            ids_tensor = torch.tensor(ids, dtype=torch.int64)
+            client.push_now({"ids": (ids_tensor, torch.ones(len(ids), 2))})
+
+        push(10, 20)
+        assert _rows_held(client, "ids") == (0, 0, 0)  # seen once: no rows yet
+        assert torch.equal(client.pull({"ids": torch.tensor([10])})["ids"], torch.zeros(1, 2))
+        push(10, 20)  # the second sighting admits both, and their gradient is applied
+        assert _rows_held(client, "ids") == (2, 2, 0)
+        push(20)
+        push(30)
+        push(30)  # 30 admitted: 10, the least recently pushed, is evicted
+        assert _rows_held(client, "ids") == (2, 3, 1)
+        rows = client.pull({"ids": torch.tensor([10, 20, 30])})["ids"]
+        assert torch.equal(rows[0], torch.zeros(2))  # evicted: reads as a fresh id
+        assert torch.allclose(rows[1], torch.full((2,), -0.1))  # 2 pushes applied at lr 0.05
+        push(10)
+        push(10)  # back as a new row
+        assert _rows_held(client, "ids") == (2, 4, 2)
+        assert torch.allclose(
+            client.pull({"ids": torch.tensor([10])})["ids"], torch.full((1, 2), -0.05)
+        )
+    finally:
+        client.close()
+
+
+def test_a_shard_refuses_ids_it_does_not_own(shard_cluster):
+    addresses = shard_cluster(2)
+    client = RowClient(addresses[:1], {"ids": 2}, timeout_s=60)
+    try:
+        with pytest.raises(ModelMismatchError, match="one of 2 shards, but 1 were given"):
+            client.handshake()
+    finally:
+        client.close()

@@ -1,0 +1,137 @@
+"""A DLRM-style click-through-rate model (Naumov et al. 2019, arXiv:1906.00091).
+
+Owns the architecture only: bottom MLP, one embedding bag per table, pairwise dot-product
+interaction, top MLP. The embedding bags may be built on the meta device, so that a table too
+large for this process is never allocated and can be swapped for a module that fetches rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class DLRM(nn.Module):
+    """Dense features and one categorical id per table in, one click logit out.
+
+    forward: the bottom MLP maps the dense features to an embedding_dim vector (ReLU after
+    every layer, as in DLRM); each table's id selects an embedding_dim vector from
+    ``tables[t]``; the dot products of all pairs among these vectors (the strict upper
+    triangle of their Gram matrix), concatenated after the bottom output, feed the top MLP,
+    whose last Linear gives the logit. Without dense features there is no bottom MLP and the
+    top MLP sees the dot products only.
+
+    Each ``tables[t]`` is an ``nn.EmbeddingBag(table_sizes[t], embedding_dim, mode="sum")``
+    called with the (B, 1) int64 ids of table t: a replacement module must accept that call
+    and return (B, embedding_dim). Ids index the tables as given; the data must keep them
+    below the table sizes.
+
+    Init: the embeddings are U(-sqrt(1/n), sqrt(1/n)) for a table of n rows, as DLRM's
+    reference code does; the Linear layers keep PyTorch's default. Seed with
+    ``torch.manual_seed`` before building.
+
+    Args:
+        num_dense: Dense features per sample, >= 0.
+        table_sizes: Rows of each embedding table, each >= 1.
+        embedding_dim: Width of every embedding and of the bottom MLP's output, >= 1.
+        bottom_hidden: Hidden widths of the bottom MLP; its output layer (to embedding_dim) is
+            added after them.
+        top_hidden: Hidden widths of the top MLP; its output layer (to 1) is added after them.
+        embedding_device: Device of the embedding bags only, e.g. "meta" to build them without
+            memory; None keeps the default device. The dense layers are always built for real.
+
+    Raises:
+        ValueError: If a size is out of range, or there are fewer than two vectors to
+            interact (one table and no dense features).
+    """
+
+    def __init__(
+        self,
+        num_dense: int,
+        table_sizes: Sequence[int],
+        *,
+        embedding_dim: int = 16,
+        bottom_hidden: Sequence[int] = (64,),
+        top_hidden: Sequence[int] = (64, 32),
+        embedding_device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        table_sizes = tuple(table_sizes)
+        _check_args(num_dense, table_sizes, embedding_dim, bottom_hidden, top_hidden)
+        self.num_dense = num_dense
+        self.embedding_dim = embedding_dim
+        self.bottom = (
+            _mlp(num_dense, (*bottom_hidden, embedding_dim), relu_last=True) if num_dense else None
+        )
+        self.tables = nn.ModuleList(
+            _embedding_bag(size, embedding_dim, embedding_device) for size in table_sizes
+        )
+        num_vectors = len(table_sizes) + (1 if num_dense else 0)
+        upper_rows, upper_cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
+        # Buffers, not attributes, so they follow the model's .to(device).
+        self.register_buffer("_pair_rows", upper_rows, persistent=False)
+        self.register_buffer("_pair_cols", upper_cols, persistent=False)
+        top_in = len(upper_rows) + (embedding_dim if num_dense else 0)
+        self.top = _mlp(top_in, (*top_hidden, 1), relu_last=False)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """Maps (B, num_dense) float features and (B, num_tables) int64 ids to (B,) logits."""
+        vectors = [table(sparse[:, t : t + 1]) for t, table in enumerate(self.tables)]
+        features = []
+        if self.bottom is not None:
+            dense_vector = self.bottom(dense)
+            vectors.insert(0, dense_vector)
+            features.append(dense_vector)
+        stacked = torch.stack(vectors, dim=1)
+        gram = torch.bmm(stacked, stacked.transpose(1, 2))
+        features.append(gram[:, self._pair_rows, self._pair_cols])
+        return self.top(torch.cat(features, dim=1)).squeeze(1)
+
+
+def _check_args(
+    num_dense: int,
+    table_sizes: tuple[int, ...],
+    embedding_dim: int,
+    bottom_hidden: Sequence[int],
+    top_hidden: Sequence[int],
+) -> None:
+    if num_dense < 0:
+        raise ValueError(f"num_dense must be >= 0, got {num_dense}")
+    if any(size < 1 for size in table_sizes):
+        raise ValueError(f"table_sizes must all be >= 1, got {table_sizes}")
+    if len(table_sizes) + (1 if num_dense else 0) < 2:
+        raise ValueError(
+            f"DLRM needs two vectors to interact: got {len(table_sizes)} tables and "
+            f"num_dense={num_dense}"
+        )
+    if embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    if any(width < 1 for width in (*bottom_hidden, *top_hidden)):
+        raise ValueError(
+            f"bottom_hidden and top_hidden must all be >= 1, got {tuple(bottom_hidden)} and "
+            f"{tuple(top_hidden)}"
+        )
+
+
+def _mlp(in_features: int, widths: Sequence[int], *, relu_last: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, width in enumerate(widths):
+        layers.append(nn.Linear(in_features, width))
+        if relu_last or i < len(widths) - 1:
+            layers.append(nn.ReLU())
+        in_features = width
+    return nn.Sequential(*layers)
+
+
+def _embedding_bag(
+    num_rows: int, embedding_dim: int, device: torch.device | str | None
+) -> nn.EmbeddingBag:
+    bag = nn.EmbeddingBag(num_rows, embedding_dim, mode="sum", device=device)
+    bound = math.sqrt(1.0 / num_rows)
+    # On the meta device this only records the shape: nothing is allocated or drawn.
+    with torch.no_grad():
+        bag.weight.uniform_(-bound, bound)
+    return bag

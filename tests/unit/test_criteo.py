@@ -1,0 +1,143 @@
+"""Unit tests for distbelief.data.criteo, on tiny files written in the Criteo TSV format."""
+
+from __future__ import annotations
+
+import gzip
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from distbelief.data.criteo import (
+    MISSING_RAW_ID,
+    criteo_table_sizes,
+    load_criteo,
+    read_criteo,
+)
+from distbelief.errors import DatasetUnavailableError
+
+
+def _line(label: str = "1", dense: list[str] | None = None, cats: list[str] | None = None) -> str:
+    dense = dense if dense is not None else [str(i) for i in range(13)]
+    cats = cats if cats is not None else [f"{i:08x}" for i in range(26)]
+    return "\t".join([label, *dense, *cats]) + "\n"
+
+
+def _rows(num_rows: int) -> list[str]:
+    """Row r has label r % 2, I1 = r, C1 = r in hex."""
+    return [
+        _line(str(r % 2), [str(r)] + [""] * 12, [f"{r:08x}"] + ["a1b2c3d4"] * 25)
+        for r in range(num_rows)
+    ]
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(lines).encode()
+    path.write_bytes(gzip.compress(text) if path.suffix == ".gz" else text)
+    return path
+
+
+def test_reads_fields_with_the_dense_transform_and_hex_ids(tmp_path: Path) -> None:
+    dense = ["", "-3", "0", "1", "7", "123456", *([""] * 7)]
+    cats = ["", "FFFFFFFF", "0000000a", *(["68fd1e64"] * 23)]
+    path = _write(tmp_path / "day.txt", [_line("0", dense, cats), _line()])
+    dataset = read_criteo(path)
+    assert len(dataset) == 2 and dataset.name == "criteo"
+    assert dataset.labels.tolist() == [0.0, 1.0]
+    assert dataset.dense.dtype == torch.float32 and dataset.dense.shape == (2, 13)
+    expected = [0.0, 0.0, 0.0, math.log(2), math.log(8), math.log(123457)] + [0.0] * 7
+    assert dataset.dense[0].tolist() == pytest.approx(expected)
+    assert dataset.sparse[0, :4].tolist() == [MISSING_RAW_ID, 2**32 - 1, 10, 0x68FD1E64]
+    assert dataset.sparse[1].tolist() == list(range(26))
+    assert dataset.table_sizes == (2**32 + 1,) * 26
+
+
+def test_num_embeddings_folds_ids_and_keeps_the_last_row_for_missing(tmp_path: Path) -> None:
+    cats = ["", "0000000b", "0000000a", *(["00000003"] * 23)]
+    path = _write(tmp_path / "day.tsv", [_line("1", None, cats)])
+    dataset = read_criteo(path, num_embeddings=11)
+    assert dataset.sparse[0, :4].tolist() == [10, 1, 0, 3]
+    assert dataset.table_sizes == (11,) * 26
+    per_table = [5] * 25 + [100]
+    assert read_criteo(path, num_embeddings=per_table).table_sizes == tuple(per_table)
+
+
+@pytest.mark.parametrize("num_embeddings", [1, [10] * 25, [10] * 25 + [0]])
+def test_bad_num_embeddings(num_embeddings: object) -> None:
+    with pytest.raises(ValueError, match="num_embeddings"):
+        criteo_table_sizes(num_embeddings)  # type: ignore[arg-type]
+
+
+def test_gzip_reads_like_plain_text_and_max_rows_stops_early(tmp_path: Path) -> None:
+    rows = _rows(7)
+    plain = read_criteo(_write(tmp_path / "a.txt", rows))
+    packed = read_criteo(_write(tmp_path / "a.txt.gz", rows))
+    assert torch.equal(plain.sparse, packed.sparse) and torch.equal(plain.dense, packed.dense)
+    # A malformed line after max_rows is never read.
+    first = read_criteo(_write(tmp_path / "b.txt", [*rows, "junk\n"]), max_rows=3)
+    assert first.sparse[:, 0].tolist() == [0, 1, 2]
+    skipped = read_criteo(tmp_path / "a.txt", first_row=5)
+    assert skipped.sparse[:, 0].tolist() == [5, 6]
+
+
+def test_crlf_line_endings_and_a_missing_final_newline(tmp_path: Path) -> None:
+    lines = [_line().replace("\n", "\r\n"), _line("0").rstrip("\n")]
+    assert read_criteo(_write(tmp_path / "a.txt", lines)).labels.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "match"),
+    [
+        (
+            "\t".join(["0"] * 13 + ["00000000"] * 26) + "\n",
+            r"expected 40 tab-separated fields, got 39 \(no label column",
+        ),
+        ("\n", "expected 40 tab-separated fields, got 1"),
+        (_line("2"), "label must be 0 or 1"),
+        (_line("1", ["1.5"] + ["0"] * 12), "I1 must be an integer"),
+        (_line("1", None, ["xyz"] + ["00000000"] * 25), "C1 must be 8 hex digits"),
+        (_line("1", None, ["00000000"] * 25 + ["0x123456"]), "C26 must be 8 hex digits"),
+    ],
+)
+def test_malformed_lines_name_the_file_and_line(tmp_path: Path, bad_line: str, match: str) -> None:
+    path = _write(tmp_path / "day.txt", [_line(), _line(), bad_line, _line()])
+    with pytest.raises(ValueError, match=f"day.txt:3: {match}") as info:
+        read_criteo(path)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupt_gzip_is_a_value_error(tmp_path: Path) -> None:
+    path = tmp_path / "day.txt.gz"
+    path.write_bytes(gzip.compress(_line().encode() * 50)[:-20])
+    with pytest.raises(ValueError, match=r"day\.txt\.gz: not a valid gzip file"):
+        read_criteo(path)
+
+
+def test_one_train_file_splits_its_last_tenth_off_as_test(tmp_path: Path) -> None:
+    _write(tmp_path / "criteo" / "train.txt", _rows(25))
+    train = load_criteo("train", tmp_path)
+    test = load_criteo("test", tmp_path)
+    assert train.sparse[:, 0].tolist() == list(range(23))
+    assert test.sparse[:, 0].tolist() == [23, 24]
+    assert load_criteo("train", tmp_path, max_rows=20).sparse[:, 0].tolist() == list(range(18))
+    assert load_criteo("test", tmp_path, max_rows=20).sparse[:, 0].tolist() == [18, 19]
+
+
+def test_a_test_file_is_used_as_it_is(tmp_path: Path) -> None:
+    _write(tmp_path / "criteo" / "train.txt.gz", _rows(5))
+    _write(tmp_path / "criteo" / "test.tsv", _rows(3))
+    assert len(load_criteo("train", tmp_path)) == 5
+    assert len(load_criteo("test", tmp_path, num_embeddings=100)) == 3
+
+
+def test_missing_files_and_bad_split(tmp_path: Path) -> None:
+    with pytest.raises(DatasetUnavailableError, match=r"train\.txt"):
+        load_criteo("train", tmp_path)
+    with pytest.raises(DatasetUnavailableError, match="or train"):
+        load_criteo("test", tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        load_criteo("valid", tmp_path)
+    with pytest.raises(ValueError, match="max_rows"):
+        load_criteo("train", tmp_path, max_rows=-1)

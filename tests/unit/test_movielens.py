@@ -1,0 +1,112 @@
+"""Unit tests for distbelief.data.movielens, on tiny files in the three ratings formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distbelief.data.movielens import load_movielens, read_ratings
+from distbelief.errors import DatasetUnavailableError
+
+# (user, movie, rating, timestamp), deliberately not in time order.
+RATINGS = [
+    (1, 10, 5.0, 1000),
+    (2, 10, 3.0, 1003),
+    (1, 31, 4.0, 1001),
+    (3, 7, 1.0, 1009),
+    (2, 31, 4.0, 1002),
+    (4, 10, 2.0, 1004),
+    (4, 7, 5.0, 1005),
+    (1, 7, 3.0, 1006),
+    (3, 10, 4.0, 1007),
+    (2, 7, 2.0, 1008),
+    (5, 12, 5.0, 1010),
+]
+
+
+def _format(name: str, rows: list[tuple]) -> str:
+    if name == "ratings.dat":
+        return "".join(f"{u}::{m}::{r:g}::{t}\n" for u, m, r, t in rows)
+    if name == "ratings.csv":
+        body = "".join(f"{u},{m},{r:.1f},{t}\n" for u, m, r, t in rows)
+        return "userId,movieId,rating,timestamp\n" + body
+    return "".join(f"{u}\t{m}\t{r:g}\t{t}\n" for u, m, r, t in rows)
+
+
+def _write(data_dir: Path, name: str, text: str) -> Path:
+    path = data_dir / "movielens" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["ratings.dat", "ratings.csv", "u.data"])
+def test_each_format_reads_the_same_columns(tmp_path: Path, name: str) -> None:
+    ratings = read_ratings(_write(tmp_path, name, _format(name, RATINGS)))
+    assert ratings.users.tolist() == [r[0] for r in RATINGS]
+    assert ratings.movies.tolist() == [r[1] for r in RATINGS]
+    assert ratings.ratings.tolist() == [r[2] for r in RATINGS]
+    assert ratings.timestamps.tolist() == [r[3] for r in RATINGS]
+
+
+@pytest.mark.parametrize("name", ["ratings.dat", "ratings.csv", "u.data"])
+def test_the_latest_tenth_is_test_and_labels_mark_ratings_of_four_or_more(
+    tmp_path: Path, name: str
+) -> None:
+    _write(tmp_path, name, _format(name, RATINGS))
+    train = load_movielens("train", tmp_path)
+    test = load_movielens("test", tmp_path)
+    by_time = sorted(RATINGS, key=lambda r: r[3])
+    assert test.sparse.tolist() == [[5, 12]]
+    assert train.sparse.tolist() == [[u, m] for u, m, _, _ in by_time[:10]]
+    assert train.labels.tolist() == [1.0 if r >= 4 else 0.0 for _, _, r, _ in by_time[:10]]
+    assert train.dense.shape == (10, 0) and train.dense.dtype == torch.float32
+    assert train.table_sizes == test.table_sizes == (6, 32)
+    assert train.name == "movielens"
+
+
+def test_positive_at_and_half_star_ratings(tmp_path: Path) -> None:
+    rows = [(1, 1, 3.5, 1), (1, 2, 4.5, 2), (2, 1, 3.0, 3)]
+    _write(tmp_path, "ratings.csv", _format("ratings.csv", rows))
+    assert load_movielens("train", tmp_path).labels.tolist() == [0.0, 1.0, 0.0]
+    assert load_movielens("train", tmp_path, positive_at=3.5).labels.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_timestamp_ties_keep_file_order(tmp_path: Path) -> None:
+    rows = [(u, 1, 5.0, 100) for u in range(20)]
+    _write(tmp_path, "u.data", _format("u.data", rows))
+    assert load_movielens("test", tmp_path).sparse[:, 0].tolist() == [18, 19]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        ("ratings.dat", "1::2::3::4\n1::2::3\n", r"ratings.dat:2: expected 4 fields"),
+        ("ratings.dat", "1::2::3::4\n1::x::3::4\n", "ratings.dat:2: invalid literal"),
+        ("u.data", "1\t2\t3\t4\n\n", r"u.data:2: expected 4 fields"),
+        ("u.data", "-1\t2\t3\t4\n", "u.data:1: ids must be >= 0"),
+        ("u.data", "1\t2\tnan\t4\n", "u.data:1: rating must be a finite number"),
+        ("ratings.csv", "user,movie,rating,time\n1,2,3,4\n", "ratings.csv:1: expected header"),
+        ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.0,4\n1;2;3;4\n", "csv:3:"),
+    ],
+)
+def test_malformed_files_name_the_file_and_line(
+    tmp_path: Path, name: str, text: str, match: str
+) -> None:
+    _write(tmp_path, name, text)
+    with pytest.raises(ValueError, match=match) as info:
+        load_movielens("train", tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_or_several_files_and_bad_split(tmp_path: Path) -> None:
+    with pytest.raises(DatasetUnavailableError, match=r"ratings\.dat, ratings\.csv, u\.data"):
+        load_movielens("train", tmp_path)
+    _write(tmp_path, "u.data", _format("u.data", RATINGS))
+    _write(tmp_path, "ratings.dat", _format("ratings.dat", RATINGS))
+    with pytest.raises(ValueError, match="several MovieLens ratings files"):
+        load_movielens("train", tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        load_movielens("valid", tmp_path)

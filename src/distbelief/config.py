@@ -15,8 +15,11 @@ from typing import Any
 
 from distbelief.errors import ConfigFieldError
 
-MODEL_NAMES = ("lenet", "alexnet", "mlp", "wide-mlp", "wide-cnn")
-DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic")
+MODEL_NAMES = ("lenet", "alexnet", "mlp", "wide-mlp", "wide-cnn", "dlrm")
+CLICK_LOG_DATASETS = ("synthetic-ctr", "criteo", "movielens")
+DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic", *CLICK_LOG_DATASETS)
+CLICK_MODELS = ("dlrm",)
+"""Models of click logs: they read the click-log data sets, and only those."""
 SERVER_OPTIMIZER_NAMES = ("sgd", "momentum", "adagrad", "adam")
 STALENESS_POLICIES = ("none", "scale", "dc-asgd")
 ALGORITHMS = ("downpour", "sandblaster")
@@ -78,9 +81,18 @@ class DataConfig:
     """Folder of the CIFAR-10 / MNIST files (downloaded there when missing)."""
     download: bool = True
     """Download missing CIFAR-10 / MNIST files (when off, fail and name them)."""
+    table_size: int | None = None
+    """Ids per table: of synthetic-ctr (default 10000), or the rows criteo's hashed ids are
+    folded into (default: the raw 32-bit ids)."""
 
     def __post_init__(self) -> None:
         _require_choice(self, "name")
+        size = self.table_size
+        _require(size is None or size >= 2, "table_size", size, "an integer >= 2")
+        if size is not None and self.name not in ("synthetic-ctr", "criteo"):
+            raise ConfigFieldError(
+                "table_size", f"applies to synthetic-ctr and criteo, not {self.name!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,9 +104,12 @@ class ModelConfig:
     seed: int = 0
     """Seeds the model's initial parameters (every process builds the same replica) and the
     workers' data order."""
+    embedding_dim: int = 16
+    """Width of the dlrm model's embedding rows (and of its bottom MLP's output)."""
 
     def __post_init__(self) -> None:
         _require_choice(self, "name")
+        _require_counts(self, "embedding_dim")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -446,11 +461,34 @@ class JobConfig:
                 "pipeline.num_micro_batches",
                 f"must be <= the batch size ({self.optimizer.minibatch_size}), got {micro_batches}",
             )
+        self._check_click_model()
         if self.optimizer.warmstart_steps and self.consistency.sync:
             raise ConfigFieldError(
                 "optimizer.warmstart_steps",
                 "needs asynchronous training, not sync rounds, "
                 f"got {self.optimizer.warmstart_steps}",
+            )
+
+    def _check_click_model(self) -> None:
+        """A click model reads click logs only, and a click log needs one; tables are trained
+        by Downpour on whole replicas (not partitioned)."""
+        click_model = self.model.name in CLICK_MODELS
+        if click_model != (self.data.name in CLICK_LOG_DATASETS):
+            wanted = ", ".join(CLICK_LOG_DATASETS if click_model else CLICK_MODELS)
+            raise ConfigFieldError(
+                "data.name" if click_model else "model.name",
+                f"{self.data.name!r} does not go with model {self.model.name!r}: "
+                + (f"use a click log ({wanted})" if click_model else f"use model {wanted}"),
+            )
+        if click_model and self.pipeline.num_partitions > 1:
+            raise ConfigFieldError(
+                "pipeline.num_partitions",
+                f"must be 1 for model {self.model.name}, got {self.pipeline.num_partitions}",
+            )
+        if click_model and self.optimizer.algorithm != "downpour":
+            raise ConfigFieldError(
+                "optimizer.algorithm",
+                f"must be downpour for model {self.model.name}, got {self.optimizer.algorithm}",
             )
 
     def _check_algorithm_fields(self) -> None:

@@ -19,6 +19,8 @@ TRAINING = {
     "--no-download": "data.download",
     "--model": "model.name",
     "--seed": "model.seed",
+    "--embedding-dim": "model.embedding_dim",
+    "--table-size": "data.table_size",
     "--lr": "optimizer.lr",
     "--n-push": "optimizer.n_push",
     "--n-pull": "optimizer.n_pull",
@@ -117,6 +119,8 @@ EXPECTED = {
             "--no-download",
             "--model",
             "--seed",
+            "--embedding-dim",
+            "--table-size",
             "--timeout",
             "--retry-timeout",
         )
@@ -194,7 +198,7 @@ DOWNPOUR_ARGV = [
     *("--split-points", "3", "--max-stage-bytes", "1000000"),
     *("--tables", "tables.0,tables.1", "--row-optimizer", "adam", "--row-lr", "0.1"),
     *("--admit-after", "2", "--max-rows-per-shard", "1000", "--row-ttl-steps", "50"),
-    *("--row-init-std", "0.1", "--row-cache-mb", "8"),
+    *("--row-init-std", "0.1", "--row-cache-mb", "8", "--embedding-dim", "8"),
 ]
 SANDBLASTER_ARGV = [
     *("--algorithm", "sandblaster", "--history", "4", "--portions", "7"),

@@ -9,18 +9,24 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from distbelief.config import DATASET_NAMES, DataConfig
+from distbelief.config import CLICK_LOG_DATASETS, DATASET_NAMES, DataConfig
 from distbelief.data.base import ArrayDataset, iterate_batches, worker_indices
 from distbelief.data.cifar10 import load_cifar10
+from distbelief.data.criteo import load_criteo
+from distbelief.data.ctr import CtrDataset, iterate_ctr_batches
 from distbelief.data.digits import load_digits
 from distbelief.data.mnist import load_mnist
+from distbelief.data.movielens import load_movielens
 from distbelief.data.synthetic import make_synthetic
+from distbelief.data.synthetic_ctr import make_synthetic_ctr
 
 __all__ = [
     "DEFAULT_DATA_DIR",
     "SPLITS",
     "ArrayDataset",
+    "CtrDataset",
     "iterate_batches",
+    "iterate_ctr_batches",
     "load_dataset",
     "load_job_dataset",
     "worker_indices",
@@ -39,7 +45,8 @@ def load_dataset(
     data_dir: str | Path | None = None,
     download: bool = True,
     num_samples: int | None = None,
-) -> ArrayDataset:
+    table_size: int | None = None,
+) -> ArrayDataset | CtrDataset:
     """Loads one split of a data set into memory.
 
     Args:
@@ -50,9 +57,12 @@ def load_dataset(
         download: Let cifar10 and mnist fetch missing files.
         num_samples: Size of a synthetic split (default 4096 train / 1024 test); only valid
             for "synthetic".
+        table_size: Ids per table of "synthetic-ctr", or the rows "criteo"'s ids are folded
+            into (see ``DataConfig.table_size``).
 
     Returns:
-        The split, normalised per channel with train-split statistics.
+        The split: images normalised per channel with train-split statistics, or a click log
+        (``CtrDataset``) for the names in ``CLICK_LOG_DATASETS``.
 
     Raises:
         ValueError: If name or split is unknown, or num_samples is given for a data set other
@@ -62,6 +72,8 @@ def load_dataset(
     """
     _check_args(name, split, num_samples)
     root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    if name in CLICK_LOG_DATASETS:
+        return _load_click_log(name, split, root, table_size)
     if name == "digits":
         dataset = load_digits(split)
     elif name == "cifar10":
@@ -76,15 +88,34 @@ def load_dataset(
     return dataset
 
 
+def _load_click_log(name: str, split: str, root: Path, table_size: int | None) -> CtrDataset:
+    if name == "synthetic-ctr":
+        dataset = make_synthetic_ctr(split, **({"table_size": table_size} if table_size else {}))
+    elif name == "criteo":
+        dataset = load_criteo(split, root, num_embeddings=table_size)
+    else:
+        dataset = load_movielens(split, root)
+    logger.info(
+        "loaded %s/%s: %d clicks of %d samples, %d tables",
+        name,
+        split,
+        int(dataset.labels.sum()),
+        len(dataset),
+        dataset.num_tables,
+    )
+    return dataset
+
+
 def load_job_dataset(
     config: DataConfig, split: str, *, download: bool | None = None
-) -> ArrayDataset:
+) -> ArrayDataset | CtrDataset:
     """``load_dataset`` of a job's data section (``download``: override its setting)."""
     return load_dataset(
         config.name,
         split=split,
         data_dir=config.data_dir,
         download=config.download if download is None else download,
+        table_size=config.table_size,
     )
 
 

@@ -181,6 +181,11 @@ class ShardedEmbeddings:
                 out[name] = (ids, pulled[name])
         return out
 
+    def forget_batch(self) -> None:
+        """Drop the prefetched rows without a step (an evaluator, between test batches)."""
+        self._batch.clear()
+        self._touched.clear()
+
     # -- pushing gradients ---------------------------------------------------------------
 
     def step(self) -> None:

@@ -44,10 +44,10 @@ class PSEvaluator:
     ) -> None:
         self.test_set = load_job_dataset(config.data, "test")
         self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
-        self._readers: list[_GroupReader] = []
+        self._readers: list[GroupReader] = []
         try:
             for group, named in _parameter_groups(config, self.model, self.test_set):
-                self._readers.append(_GroupReader(config, addresses, named, group, security))
+                self._readers.append(GroupReader(config, addresses, named, group, security))
         except BaseException:
             self.close()
             raise
@@ -86,7 +86,7 @@ def _parameter_groups(config: JobConfig, model, test_set) -> list[tuple[str, lis
     ]
 
 
-class _GroupReader:
+class GroupReader:
     """One parameter group's pull into the model's parameters."""
 
     def __init__(self, config, addresses, named, group: str, security) -> None:

@@ -36,6 +36,18 @@ _STOP_POLL_S = 0.2
 METRICS_FILE = "metrics.csv"
 
 
+def make_evaluator(
+    config: JobConfig, addresses: Sequence[str], *, security: WireSecurity | None = None
+):
+    """The job's evaluator: a click model's (``CtrEvaluator``: loss, accuracy and AUC) or a
+    classifier's (``PSEvaluator``)."""
+    if config.model.name == "dlrm":
+        from distbelief.evaluator.ctr import CtrEvaluator
+
+        return CtrEvaluator(config, addresses, security=security)
+    return PSEvaluator(config, addresses, security=security)
+
+
 def _wait_for(stop: StopFlag) -> None:
     while not stop.wait(_STOP_POLL_S):
         pass
@@ -86,7 +98,7 @@ def run_evaluator(
         ShardTimeoutError, ShardUnavailableError, ModelMismatchError: see ``PSEvaluator``.
     """
     torch.set_num_threads(1)
-    evaluator = PSEvaluator(config, addresses, security=security)
+    evaluator = make_evaluator(config, addresses, security=security)
     try:
         if config.reporting.eval_during_training:
             return _evaluate_until_stopped(
@@ -102,10 +114,12 @@ def run_evaluator(
 
 
 def format_result(result: dict) -> str:
-    """``test_loss=... test_accuracy=... version=...``: one parseable line."""
+    """``test_loss=... test_accuracy=... [test_auc=...] version=...``: one parseable line."""
+    auc = result.get("test_auc")
     return (
         f"test_loss={result['test_loss']:.4f} test_accuracy={result['test_accuracy']:.4f} "
-        f"version={result['version']}"
+        + ("" if auc is None else f"test_auc={auc:.4f} ")
+        + f"version={result['version']}"
     )
 
 
@@ -134,7 +148,7 @@ def watch_shards(
         raise ValueError(f"--out {out_dir}: exists and is not a folder")
     torch.set_num_threads(1)
     start_time = time.time()
-    evaluator = PSEvaluator(config, addresses, security=security)
+    evaluator = make_evaluator(config, addresses, security=security)
     try:
         if once:
             return evaluator.evaluate()
@@ -172,4 +186,5 @@ def _watch(
             raise
         # The normal end of a watched job: its shards stopped.
         logger.warning("shards stopped answering (%s); last evaluation: %s", e, format_result(last))
-        return {key: last[key] for key in ("test_loss", "test_accuracy", "version")}
+        keys = ("test_loss", "test_accuracy", "test_auc", "version")
+        return {key: last[key] for key in keys if last.get(key) is not None}

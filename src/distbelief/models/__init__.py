@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from distbelief.config import MODEL_NAMES
+from distbelief.config import CLICK_MODELS, MODEL_NAMES
 from distbelief.models.alexnet import AlexNet
+from distbelief.models.dlrm import DLRM
 from distbelief.models.lenet import LeNet
 from distbelief.models.mlp import MLP
 from distbelief.models.wide_cnn import WideCNN
 from distbelief.models.wide_mlp import WideMLP
 
-__all__ = ["MLP", "AlexNet", "LeNet", "WideCNN", "WideMLP", "build_model"]
+__all__ = ["DLRM", "MLP", "AlexNet", "LeNet", "WideCNN", "WideMLP", "build_model"]
 
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "lenet": LeNet,
@@ -24,8 +25,9 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "wide-mlp": WideMLP,
     "wide-cnn": WideCNN,
 }
-# The config offers exactly the models built here (the names live there, free of torch).
-assert tuple(_MODEL_CLASSES) == MODEL_NAMES
+# The config offers exactly the models built here and the click models (the names live there,
+# free of torch); a click model is sized by its click log (``worker/ctr.py``).
+assert (*_MODEL_CLASSES, *CLICK_MODELS) == MODEL_NAMES
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -42,6 +44,8 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
     Raises:
         ValueError: If name is unknown, or input_shape or num_classes is invalid for the model.
     """
+    if name in CLICK_MODELS:
+        raise ValueError(f"model {name!r} is sized by a click log, not by input_shape")
     if name not in _MODEL_CLASSES:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
     return _MODEL_CLASSES[name](input_shape, num_classes)

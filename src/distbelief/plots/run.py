@@ -70,6 +70,12 @@ _PLOTS = (
 )
 
 
+AUC_PLOT = _PlotSpec(
+    file_name="auc_vs_time.png", worker_field="auc", ps_field="test_auc", y_label="AUC"
+)
+"""Drawn for runs that record a click AUC (embedding-table models)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RunData:
     """What the plots of one run folder read."""
@@ -125,7 +131,8 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
         out_dir: where the PNGs go (created if missing); the run folder by default.
 
     Returns:
-        The paths of the PNG files written: accuracy, loss, throughput, then staleness.
+        The paths of the PNG files written: accuracy, loss, (AUC,) throughput, then
+        staleness.
 
     Raises:
         ValueError: ``run_dir`` has no ``metrics.csv``, or ``metrics.csv``, ``config.json`` or
@@ -136,6 +143,11 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
     out_path.mkdir(parents=True, exist_ok=True)
     title = run_title(run.config, run.run_dir.name)
     figures = {spec.file_name: _make_figure(run.records, spec, title) for spec in _PLOTS}
+    if any(
+        record.get("test_auc") is not None or record.get("auc") is not None
+        for record in run.records
+    ):
+        figures[AUC_PLOT.file_name] = _make_figure(run.records, AUC_PLOT, title)
     figures[THROUGHPUT_PNG] = _make_throughput_figure(run, title)
     histogram = _read_staleness(run.run_dir)
     if histogram:

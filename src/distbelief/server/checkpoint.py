@@ -147,15 +147,18 @@ class Checkpointer:
     initialisation (so a restart always finds the layout), and once more at :meth:`stop`.
 
     Args:
-        shard: The shard to save (a ParameterShard).
+        shard: The shard to save (a ParameterShard, or anything with its ``initialized``,
+            ``version``, ``shard_id`` and ``snapshot()``: the shard's row tables, say).
         directory: Where the checkpoint files go.
         every_s: Seconds between periodic saves; bounds the updates a crash can lose.
+        save: Writes a snapshot into ``directory`` (default: ``save_checkpoint``).
     """
 
-    def __init__(self, shard, directory: str | Path, every_s: float) -> None:
+    def __init__(self, shard, directory: str | Path, every_s: float, *, save=None) -> None:
         if every_s <= 0:
             raise ValueError(f"checkpoint interval must be > 0 s, got {every_s}")
         self.shard = shard
+        self._save = save if save is not None else save_checkpoint
         self.directory = Path(directory)
         self.every_s = every_s
         self.saved_version: int | None = None
@@ -170,7 +173,7 @@ class Checkpointer:
         if not self.shard.initialized or self.shard.version == self.saved_version:
             return False
         state = self.shard.snapshot()
-        save_checkpoint(state, self.directory)
+        self._save(state, self.directory)
         self.saved_version = state.version
         logger.info("shard %d: checkpoint at version %d", state.shard_id, state.version)
         return True

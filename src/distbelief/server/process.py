@@ -15,6 +15,7 @@ from distbelief.config import ConsistencyConfig, JobConfig
 from distbelief.process import Emit, StopFlag
 from distbelief.server.groups import ShardGroups
 from distbelief.server.optimizers import ServerOptimizerFactory, server_optimizer_from_config
+from distbelief.server.row_persistence import restore_row_tables, row_checkpointer
 from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.server.service import ShardService
 from distbelief.server.shard import ParameterShard
@@ -57,6 +58,8 @@ def serve_shard(
     (default: flat); its clients must use an equal one. Clients that name a parameter group
     (a model-parallel partition's) get a shard of their own for it, built from the same
     arguments and checkpointed into ``checkpoint_dir/group-NAME/`` (``server/groups.py``).
+    Embedding tables are restored and saved with the dense parameters, in their own files
+    (``server/row_persistence.py``).
     Emits "ready" once listening and a "heartbeat" with its version (summed over the groups)
     every quarter second.
     ``row_settings``: how the shard makes the embedding tables its clients declare (row
@@ -96,11 +99,21 @@ def serve_shard(
     restored = groups.restore(restore_from if restore_from is not None else checkpoint_dir)
     groups.start_checkpoints(restored)
     tables = ShardTables(shard_id, num_shards, row_settings or RowTableSettings())
+    restore_row_tables(tables, restore_from if restore_from is not None else checkpoint_dir)
+    row_saver = None
+    if checkpoint_dir is not None and checkpoint_every_s is not None:
+        row_saver = row_checkpointer(tables, checkpoint_dir, checkpoint_every_s).start()
     service = ShardService(shard, checkpoint_dir=checkpoint_dir, groups=groups, tables=tables)
+
+    def stop_saving() -> None:
+        groups.stop_checkpoints()
+        if row_saver is not None:
+            row_saver.stop()
+
     try:
         server = serve(bind, service, security=security)
     except BaseException:
-        groups.stop_checkpoints()
+        stop_saving()
         raise
     restored_version = sum(restored.values()) if restored else None
     emit(
@@ -114,7 +127,7 @@ def serve_shard(
             emit("heartbeat", {"shard_id": shard_id, "version": groups.total_version})
     finally:
         server.stop()
-        groups.stop_checkpoints()
+        stop_saving()
     totals = groups.totals()
     return {
         "shard_id": shard_id,

@@ -254,8 +254,17 @@ class ShardTables:
 
     def snapshot(self) -> dict[str, dict]:
         """Every table's ``state_dict()`` (copies, taken under the lock) with its settings."""
+        return self.snapshot_with_steps()[1]
+
+    def snapshot_with_steps(self) -> tuple[int, dict[str, dict]]:
+        """(``total_steps``, ``snapshot()``), both of the same moment.
+
+        The copy is taken under the lock, which holds pushes back for a memory copy of the
+        tables (about a second per GB); writing the files happens after, while serving goes
+        on, and needs as much memory again as the tables hold."""
         with self._lock:
-            return {
+            steps = sum(table.num_steps for table in self._tables.values())
+            return steps, {
                 name: {**table.state_dict(), "settings": self.settings.to_json()}
                 for name, table in self._tables.items()
             }

@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "ShardStatsPoller": "distbelief.telemetry.shard_stats",
     "poll_shard_stats": "distbelief.telemetry.shard_stats",
     "shard_records": "distbelief.telemetry.shard_stats",
+    "roc_auc": "distbelief.telemetry.auc",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -95,6 +95,21 @@ def run_worker(
         ModelMismatchError: the shards hold another model's parameters.
     """
     device = resolve_device(device)
+    if config.model.name == "dlrm":
+        if device.type != "cpu":
+            raise ValueError(f"device {str(device)!r}: the dlrm model trains on the CPU")
+        from distbelief.worker.ctr import run_ctr_worker
+
+        return run_ctr_worker(
+            config,
+            rank,
+            addresses,
+            emit=emit,
+            hooks=hooks,
+            start_time=start_time,
+            security=security,
+            resume_step=resume_step,
+        )
     torch.set_num_threads(config.cluster.threads_per_worker)
     train_set = load_job_dataset(config.data, "train")
     indices = worker_indices(

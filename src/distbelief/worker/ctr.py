@@ -1,0 +1,231 @@
+"""A worker for click logs: a DLRM replica whose embedding tables live by row on the shards.
+
+The dense layers train with DownpourSGD as any model's do; the tables' rows are fetched for
+each batch's ids (every table in one request per shard) and their gradients pushed by
+``ShardedEmbeddings``. The worker never holds a whole table: only the batch's rows and its row
+cache. Records add the window's click AUC and the rows pulled and pushed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distbelief.data import load_job_dataset, worker_indices
+from distbelief.data.ctr import CtrDataset, iterate_ctr_batches
+from distbelief.embeddings import ShardedEmbeddings
+from distbelief.models.dlrm import DLRM
+from distbelief.optim import DownpourSGD
+from distbelief.process import Emit
+from distbelief.telemetry.auc import roc_auc
+from distbelief.telemetry.metrics import make_record
+from distbelief.worker.hooks import StepHook, StepInfo
+
+if TYPE_CHECKING:
+    from distbelief.config import JobConfig
+    from distbelief.wire.security import WireSecurity
+
+CtrBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def build_ctr_replica(config: JobConfig, dataset: CtrDataset) -> nn.Module:
+    """The job's DLRM for ``dataset``'s features, its tables on the meta device (their rows are
+    the shards'), its dense layers initialised from ``config.model.seed``."""
+    torch.manual_seed(config.model.seed)
+    return DLRM(
+        dataset.num_dense,
+        dataset.table_sizes,
+        embedding_dim=config.model.embedding_dim,
+        embedding_device="meta",
+    )
+
+
+def job_tables(
+    config: JobConfig,
+    model: nn.Module,
+    addresses: Sequence[str],
+    security: WireSecurity | None,
+    *,
+    worker_id: str | None = None,
+) -> ShardedEmbeddings:
+    """The job's tables of ``model`` on the shards (swapped in place), with its pull period,
+    push period, row cache and timeouts."""
+    return ShardedEmbeddings(
+        model,
+        ps=list(addresses),
+        tables=config.embeddings.tables,
+        lr=config.optimizer.lr,
+        n_push=config.optimizer.n_push,
+        n_pull=config.optimizer.n_pull,
+        row_cache_mb=config.embeddings.row_cache_mb,
+        blocking=config.optimizer.blocking,
+        timeout_s=config.faults.timeout_s,
+        retry_timeout_s=config.faults.retry_timeout_s,
+        worker_id=worker_id,
+        security=security,
+    )
+
+
+def table_columns(tables: ShardedEmbeddings) -> dict[str, int]:
+    """Sharded table name -> the sparse column it reads (DLRM's ``tables.T`` reads column T)."""
+    return {name: int(name.rpartition(".")[2]) for name in tables.modules}
+
+
+def ctr_batches(
+    config: JobConfig, dataset: CtrDataset, indices: torch.Tensor, skip: int = 0
+) -> Iterator[CtrBatch]:
+    """A worker's ``(dense, sparse, labels)`` batches in their fixed order, without the first
+    ``skip``: ``config.optimizer.steps`` of them, or ``num_epochs`` passes over ``indices``."""
+    epoch = steps = 0
+    while config.optimizer.steps is not None or epoch < config.optimizer.num_epochs:
+        for batch in iterate_ctr_batches(
+            dataset, indices, config.optimizer.minibatch_size, seed=config.model.seed, epoch=epoch
+        ):
+            steps += 1
+            if steps > skip:
+                yield batch
+            if config.optimizer.steps is not None and steps >= config.optimizer.steps:
+                return
+        epoch += 1
+
+
+def window_auc(scores: list[torch.Tensor], labels: list[torch.Tensor]) -> float | None:
+    """The AUC of a window's scores (None when the window holds one class only)."""
+    try:
+        return roc_auc(torch.cat(scores), torch.cat(labels))
+    except ValueError:
+        return None
+
+
+def ctr_train_loop(
+    model: nn.Module,
+    optimizer: DownpourSGD,
+    tables: ShardedEmbeddings,
+    batches: Iterable[CtrBatch],
+    *,
+    log_every_steps: int,
+    report: Callable[..., None],
+    hooks: Sequence[StepHook] = (),
+) -> int:
+    """Prefetch rows, forward, backward, step (dense and tables) for each batch; every
+    ``log_every_steps`` steps ``report(**fields)`` with the window's loss, accuracy (at 0.5),
+    AUC, staleness, wire figures and rows moved; after each step every hook's ``after_step``.
+
+    Returns:
+        The optimizer's step count when the batches ran out or a hook stopped the loop.
+    """
+    columns = table_columns(tables)
+    window_loss, window_correct, window_seen = 0.0, 0, 0
+    window_scores: list[torch.Tensor] = []
+    window_labels: list[torch.Tensor] = []
+    for dense, sparse, labels in batches:
+        started = time.perf_counter()
+        tables.prefetch({name: sparse[:, column] for name, column in columns.items()})
+        optimizer.zero_grad()
+        logits = model(dense, sparse)
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        loss.backward()
+        optimizer.step()
+        tables.step()
+        loss_value = loss.item()
+        compute_s = time.perf_counter() - started
+        scores = logits.detach()
+        window_loss += loss_value * len(labels)
+        window_correct += int(((scores > 0).float() == labels).sum())
+        window_seen += len(labels)
+        window_scores.append(scores)
+        window_labels.append(labels)
+        if optimizer.num_steps % log_every_steps == 0:
+            staleness = optimizer.client.take_staleness()
+            wire = optimizer.client.take_wire_figures()
+            rows_wire = tables.client.take_wire_figures()
+            figures = tables.take_figures()
+            report(
+                step=optimizer.num_steps,
+                loss=window_loss / window_seen,
+                accuracy=window_correct / window_seen,
+                auc=window_auc(window_scores, window_labels),
+                version=optimizer.version,
+                staleness=sum(staleness) / len(staleness) if staleness else None,
+                bytes_pushed=wire["bytes_pushed"] + rows_wire["bytes_pushed"],
+                bytes_pulled=wire["bytes_pulled"] + rows_wire["bytes_pulled"],
+                latency_p50_ms=wire["latency_p50_ms"],
+                latency_p99_ms=wire["latency_p99_ms"],
+                rows_pulled=figures["rows_pulled"],
+                rows_pushed=figures["rows_pushed"],
+            )
+            window_loss, window_correct, window_seen = 0.0, 0, 0
+            window_scores, window_labels = [], []
+        info = StepInfo(
+            step=optimizer.num_steps,
+            loss=loss_value,
+            batch_size=len(labels),
+            compute_s=compute_s,
+            time=time.time(),
+        )
+        stops = [bool(hook.after_step(info)) for hook in hooks]
+        if any(stops):
+            break
+    return optimizer.num_steps
+
+
+def run_ctr_worker(
+    config: JobConfig,
+    rank: int,
+    addresses: Sequence[str],
+    *,
+    emit: Emit,
+    hooks: Sequence[StepHook] = (),
+    start_time: float = 0.0,
+    security: WireSecurity | None = None,
+    resume_step: int = 0,
+) -> dict:
+    """``run_worker`` for a click-log job: replica ``rank`` trained on its slice of the log.
+
+    Raises:
+        ShardTimeoutError, ShardUnavailableError: a shard did not answer.
+        ModelMismatchError: the shards hold another model's parameters or tables.
+    """
+    from distbelief.worker.run import job_optimizer  # run.py dispatches here
+
+    torch.set_num_threads(config.cluster.threads_per_worker)
+    train_set = load_job_dataset(config.data, "train")
+    indices = worker_indices(
+        len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
+    )
+    model = build_ctr_replica(config, train_set)
+    tables = job_tables(config, model, addresses, security, worker_id=f"worker{rank}")
+    try:
+        optimizer = job_optimizer(
+            config, rank, model.parameters(), model, addresses, security, resume_step=resume_step
+        )
+    except BaseException:
+        tables.client.close(wait=False)
+        raise
+    optimizer.num_steps = resume_step
+    tables.num_steps = resume_step
+    emit("started", {"rank": rank, "time": time.time()})
+    try:
+        ctr_train_loop(
+            model,
+            optimizer,
+            tables,
+            ctr_batches(config, train_set, indices, resume_step),
+            log_every_steps=config.reporting.log_every_steps,
+            report=lambda **fields: emit(
+                "metric", make_record("worker", rank, time_s=time.time() - start_time, **fields)
+            ),
+            hooks=hooks,
+        )
+        optimizer.close()
+        tables.close()
+    except BaseException:
+        optimizer.client.close(wait=False)
+        tables.client.close(wait=False)
+        raise
+    return {"rank": rank, "steps": optimizer.num_steps}

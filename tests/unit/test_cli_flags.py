@@ -119,6 +119,7 @@ EXPECTED = {
     },
     "plot": {"--out": "out_dir"},
     "keygen": {},
+    "reshard": {"--shards": "cluster.num_shards"},
 }
 
 

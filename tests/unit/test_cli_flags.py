@@ -136,6 +136,7 @@ EXPECTED = {
     },
     "plot": {"--out": "out_dir"},
     "keygen": {},
+    "reshard": {"--shards": "cluster.num_shards"},
 }
 
 

@@ -16,6 +16,8 @@ _EXPORTS: dict[str, str] = {
     "ProcessSpec": "distbelief.launch.cluster",
     "RESTART_POLICIES": "distbelief.launch.cluster",
     "LocalCluster": "distbelief.launch.local",
+    "reshard_run": "distbelief.launch.reshard",
+    "ReshardSummary": "distbelief.launch.reshard",
 }
 
 __all__ = sorted(_EXPORTS)

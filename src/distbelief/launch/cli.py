@@ -228,6 +228,13 @@ def _run_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_reshard(args: argparse.Namespace) -> int:
+    from distbelief.launch.reshard import reshard_run
+
+    print(reshard_run(Path(args.run_dir), vars(args)["cluster.num_shards"]).line())
+    return 0
+
+
 _COMMANDS = {
     "train": _run_train,
     "ps": _run_ps,
@@ -235,6 +242,7 @@ _COMMANDS = {
     "eval": _run_eval,
     "plot": _run_plot,
     "keygen": _run_keygen,
+    "reshard": _run_reshard,
 }
 
 

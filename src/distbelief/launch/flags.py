@@ -135,6 +135,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "reporting.eval_every_s",
         "reporting.out_dir",
     ),
+    "reshard": ("cluster.num_shards",),
 }
 """The config fields each subcommand takes as flags (a section: each of its fields in FLAGS)."""
 
@@ -145,8 +146,15 @@ _MANUAL_ROLE_FLAGS: dict[str, dict[str, dict[str, Any]]] = {
         "cluster.num_workers": {"flag": "--num-workers", "default": 1},
     },
     "worker": {"cluster.num_workers": {"flag": "--num-workers", "required": True}},
+    "reshard": {
+        "cluster.num_shards": {
+            "flag": "--shards",
+            "required": True,
+            "help": "The number of shards to rewrite the run's checkpoints for.",
+        }
+    },
 }
-"""How a manual role's flags differ from ``train``'s: its flag names, required or default."""
+"""How a command's flags differ from ``train``'s: flag names, required or default, help."""
 
 _EXCLUSIVE = (("optimizer.steps", "optimizer.epochs"),)
 
@@ -236,7 +244,7 @@ def _argument(command: str, path: str, item: dataclasses.Field) -> tuple[str, di
     """The flag and ``add_argument`` options of config field ``path``."""
     override = _MANUAL_ROLE_FLAGS.get(command, {}).get(path, {})
     default = override.get("default", item.default)
-    text = field_docs()[path].replace("%", "%%")
+    text = override.get("help", field_docs()[path]).replace("%", "%%")
     options: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS}
     annotation = str(item.type).removesuffix(" | None")
     if annotation == "bool":
@@ -395,6 +403,18 @@ def _add_plot_parser(commands) -> None:
     )
 
 
+def _add_reshard_parser(commands) -> None:
+    reshard = commands.add_parser(
+        "reshard",
+        help="rewrite a stopped run's checkpoints for another number of shards",
+        description="Rewrite RUN_DIR's checkpoints (dense parameters, optimizer state, row "
+        "tables) for --shards N shards and record N in its config.json; resume it with "
+        "distbelief train --resume RUN_DIR.",
+    )
+    reshard.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (its run stopped)")
+    add_config_flags(reshard, "reshard")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distbelief", description="Downpour SGD against a sharded parameter server."
@@ -408,6 +428,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_worker_parser(commands)
     _add_eval_parser(commands)
     _add_plot_parser(commands)
+    _add_reshard_parser(commands)
     keygen = commands.add_parser("keygen", help="write a new job key file (owner-only)")
     keygen.add_argument("path")
     return parser

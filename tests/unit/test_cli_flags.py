@@ -220,10 +220,12 @@ def test_every_train_flag_reaches_its_field():
     changed |= _changed_fields([*SHARED_ARGV, *SANDBLASTER_ARGV])
     # Every field with a train flag was changed by it, but for two that exclude others and are
     # checked on their own (--epochs: --steps; --sync: --max-staleness); the rest kept defaults.
-    alone = {"optimizer.epochs", "consistency.sync"}
+    alone = {"optimizer.epochs", "consistency.sync", "data.table_size"}
     assert changed == set(command_flags("train").values()) - alone
     assert config_from_args(parse_args(["train", "--epochs", "2"])).optimizer.epochs == 2
     assert config_from_args(parse_args(["train", "--sync"])).consistency.sync
+    click_log = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "100"]
+    assert config_from_args(parse_args(["train", *click_log])).data.table_size == 100
     assert downpour.server.betas == (0.8, 0.9)
     assert downpour.pipeline.split_points == (3,)
     assert downpour.embeddings.tables == ("tables.0", "tables.1")

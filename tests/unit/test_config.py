@@ -107,7 +107,8 @@ def test_flat_config_of_an_older_run_reads_as_the_same_job(tmp_path):
     flat = {old: config.to_fields()[new] for old, new in FLAT_FIELDS.items()}
     # Every field that runs wrote before the sections has its old name; later fields keep
     # their defaults when an old config.json is read.
-    newer = {"consistency.apply_worker_lr", "optimizer.algorithm"}
+    newer = {"consistency.apply_worker_lr", "optimizer.algorithm", "data.table_size"}
+    newer |= {"model.embedding_dim"}
     newer |= {
         path
         for path in config.to_fields()

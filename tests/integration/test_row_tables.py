@@ -4,6 +4,11 @@ batches; only the touched rows travel; a shard refuses what it does not own."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +16,9 @@ from torch import nn
 from distbelief.client.rows import RowClient
 from distbelief.embeddings import ShardedEmbeddings
 from distbelief.errors import ModelMismatchError
-from distbelief.server.row_table import seeded_normal_rows
+from distbelief.server.row_optimizers import LazyAdam
+from distbelief.server.row_table import RowTable, seeded_normal_rows
+from tests.conftest import free_port, start_shard, stop_processes
 
 DIM = 4
 NUM_ROWS = {"words": 40, "bags": 25}
@@ -225,3 +232,69 @@ def test_a_shard_refuses_ids_it_does_not_own(shard_cluster):
             client.handshake()
     finally:
         client.close()
+
+
+def _wait_for_saved_rows(checkpoint_dir, version: int, timeout_s: float = 60) -> None:
+    path = checkpoint_dir / "rows-shard0.json"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and json.loads(path.read_text())["version"] >= version:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no row checkpoint at version {version} within {timeout_s}s")
+
+
+def test_a_killed_shard_restores_its_rows_from_its_checkpoint(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    port = free_port()
+    flags = (
+        *("--bind", f"tcp://127.0.0.1:{port}", "--checkpoint-dir", str(checkpoints)),
+        *("--checkpoint-every", "0.2", "--row-optimizer", "adam", "--row-lr", "0.1"),
+    )
+    first, address = start_shard(0, 1, *flags)
+    second = None
+    client = RowClient([address], {"users": 8, "items": 4}, timeout_s=60, retry_timeout_s=60)
+    try:
+        client.handshake()
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.unique(torch.randint(-(2**40), 2**40, (300,), generator=generator))
+        for _ in range(5):
+            client.push_now(
+                {
+                    "users": (ids, torch.randn(ids.numel(), 8, generator=generator)),
+                    "items": (ids[:50], torch.randn(50, 4, generator=generator)),
+                }
+            )
+        before = client.pull({"users": ids, "items": ids[:50]})
+        _wait_for_saved_rows(checkpoints, version=10)  # 5 steps of each of the two tables
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(30)
+        second, _ = start_shard(0, 1, *flags)
+        # The client's connection was cut: its next requests reconnect to the restarted shard.
+        after = client.pull({"users": ids, "items": ids[:50]})
+        counters = client.stats()[0]["tables"]
+        # Adam's state came back too: one more step matches on a table that kept it.
+        client.push_now({"users": (ids[:3], torch.ones(3, 8))})
+        stepped = client.pull({"users": ids[:3]})["users"]
+    finally:
+        client.close()
+        stop_processes([p for p in (first, second) if p is not None])
+    assert torch.equal(after["users"], before["users"])
+    assert torch.equal(after["items"], before["items"])
+    assert (counters["users"]["rows"], counters["users"]["steps"]) == (ids.numel(), 5)
+    reference = RowTable(8, LazyAdam(0.1), init="normal", init_std=0.01)
+    for step_grads in _replayed_user_pushes(ids):
+        reference.push(ids, step_grads)
+    reference.push(ids[:3], torch.ones(3, 8))
+    torch.testing.assert_close(stepped, reference.pull(ids[:3]), rtol=0, atol=1e-6)
+
+
+def _replayed_user_pushes(ids: torch.Tensor) -> list[torch.Tensor]:
+    """The users table's gradients of the test above, drawn in the same order."""
+    generator = torch.Generator().manual_seed(0)
+    torch.randint(-(2**40), 2**40, (300,), generator=generator)
+    grads = []
+    for _ in range(5):
+        grads.append(torch.randn(ids.numel(), 8, generator=generator))
+        torch.randn(50, 4, generator=generator)
+    return grads

@@ -63,12 +63,30 @@ def _addresses(flag: str, text: str) -> list[str]:
     return addresses
 
 
+def _reshard_before_resume(run_dir: Path, num_shards: int) -> None:
+    """``--resume RUN_DIR --shards N``: the run's checkpoints redistributed over N shards
+    first (as ``distbelief reshard`` does), unless it already has N."""
+    from distbelief.config import JobConfig
+    from distbelief.launch.reshard import reshard_run
+
+    try:
+        current = JobConfig.from_file(run_dir / "config.json").cluster.num_shards
+    except ValueError as e:
+        raise argparse.ArgumentError(None, f"argument --resume: {e}") from None
+    if current != num_shards:
+        summary = reshard_run(run_dir, num_shards)
+        print(summary.line())
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from distbelief.launch.resume import RESUMABLE_FIELDS, read_run_for_resume
     from distbelief.launch.train import train
 
     if args.resume:
         changes = {name: value for name, value in vars(args).items() if "." in name}
+        new_shards = changes.pop("cluster.num_shards", None)
+        if new_shards is not None:
+            _reshard_before_resume(Path(args.resume), new_shards)
         fixed = [name for name in changes if name not in RESUMABLE_FIELDS]
         if fixed:
             raise argparse.ArgumentError(
@@ -87,9 +105,10 @@ def _run_train(args: argparse.Namespace) -> int:
     except ChildFailedError as e:
         return _child_failed(args, e, _save_traceback(e, Path(config.reporting.out_dir)))
     final = result.final
+    auc = "" if final.get("test_auc") is None else f", test AUC {final['test_auc']:.4f}"
     print(
-        f"done in {result.elapsed_s:.1f}s: test accuracy {final.get('test_accuracy', 0):.4f} "
-        f"(parameter server, version {final.get('version')}); run folder {result.run_dir}"
+        f"done in {result.elapsed_s:.1f}s: test accuracy {final.get('test_accuracy', 0):.4f}"
+        f"{auc} (parameter server, version {final.get('version')}); run folder {result.run_dir}"
     )
     return 0
 

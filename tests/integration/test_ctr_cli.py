@@ -1,0 +1,121 @@
+"""``distbelief train --model dlrm`` on a click log, as users run it: AUC in the records and the
+plots, row counts per shard, a shard SIGKILLed mid-run, and a run resumed on another number of
+shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from distbelief.server.row_checkpoint import load_row_tables
+from distbelief.telemetry import read_metrics
+from tests.conftest import CHILD_ENV, CLI, run_cli
+
+CLICK_JOB = [
+    *("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "2000"),
+    *("--workers", "2", "--batch-size", "128", "--row-optimizer", "adagrad"),
+    *("--row-lr", "0.05", "--lr", "0.05", "--eval-every", "1"),
+]
+
+
+CHECKPOINTS = ("--checkpoint-every", "1", "--out")
+
+
+def _worker_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return 0
+    steps: dict[int, int] = {}
+    for record in read_metrics(path):
+        if record["role"] == "worker":
+            steps[record["rank"]] = max(steps.get(record["rank"], 0), record["step"])
+    return min(steps.values()) if len(steps) == 2 else 0
+
+
+def _rows_on_shards(checkpoints: Path, num_shards: int) -> dict[str, int]:
+    rows: dict[str, int] = {}
+    for shard_id in range(num_shards):
+        saved = load_row_tables(checkpoints, shard_id)
+        assert saved is not None and saved.num_shards == num_shards
+        for name, table in saved.tables.items():
+            rows[name] = rows.get(name, 0) + table["ids"].numel()
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_click_model_trains_and_survives_a_killed_shard(tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [*CLI, "train", *CLICK_JOB, "--shards", "2", "--steps", "300", *CHECKPOINTS, str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while _worker_steps(run_dir) < 60 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _worker_steps(run_dir) >= 60, "the workers did not train"
+        time.sleep(1.5)  # a row checkpoint of shard 0 since
+        os.kill(json.loads((run_dir / "pids.json").read_text())["shard0"], signal.SIGKILL)
+        out, err = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+    assert launcher.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [f["action"] for f in summary["faults"]] == ["restarted"]
+    assert summary["worker_steps"] == {"0": 300, "1": 300}
+    assert summary["final"]["test_auc"] > 0.55
+    assert "test AUC" in out
+    records = read_metrics(run_dir / "metrics.csv")
+    assert any(r["role"] == "worker" and r["auc"] is not None for r in records)
+    assert any(r["role"] == "worker" and r["rows_pulled"] for r in records)
+    shard_rows = [r["rows"] for r in records if r["role"] == "shard" and r["rows"] is not None]
+    assert shard_rows and max(shard_rows) > 0
+    assert (run_dir / "auc_vs_time.png").stat().st_size > 0
+    # Every table's rows were saved (26 tables, each with rows on both shards).
+    assert len(_rows_on_shards(run_dir / "checkpoints", 2)) == 26
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_on_another_number_of_shards_keeps_every_row(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli("train", *CLICK_JOB, "--shards", "2", "--steps", "20", "--out", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows_before = _rows_on_shards(run_dir / "checkpoints", 2)
+    again = run_cli("train", "--resume", str(run_dir), "--shards", "3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 -> 3 shards" in again.stdout
+    rows_after = _rows_on_shards(run_dir / "checkpoints", 3)
+    # Rows are only ever added here (no eviction), so every row survived the move.
+    assert rows_after.keys() == rows_before.keys()
+    assert all(rows_after[name] >= rows_before[name] for name in rows_before)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final"]["version"] == 80  # 2 x 20 dense pushes before, 2 x 20 after
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["cluster"]["num_shards"] == 3
+
+
+def test_click_flags_are_checked_before_anything_starts(tmp_path):
+    wrong_data = run_cli("train", "--model", "dlrm", "--out", str(tmp_path / "a"), timeout_s=120)
+    assert wrong_data.returncode == 2
+    assert "argument --dataset: 'digits' does not go with model 'dlrm'" in wrong_data.stderr
+    wrong_model = run_cli(
+        "train", "--dataset", "criteo", "--out", str(tmp_path / "b"), timeout_s=120
+    )
+    assert wrong_model.returncode == 2 and "use model dlrm" in wrong_model.stderr
+    table_size = run_cli("train", "--table-size", "10", "--out", str(tmp_path / "c"))
+    assert table_size.returncode == 2
+    assert "argument --table-size: applies to synthetic-ctr and criteo" in table_size.stderr
+    assert not any((tmp_path / name).exists() for name in "abc")

@@ -293,7 +293,7 @@ def test_load_dataset_rejects_bad_arguments():
         load_dataset("digits", split="valid")
     with pytest.raises(ValueError, match="num_samples"):
         load_dataset("digits", split="train", num_samples=10)
-    assert DATASET_NAMES == ("digits", "cifar10", "mnist", "synthetic", *CLICK_LOG_DATASETS)
+    assert ("digits", "cifar10", "mnist", "synthetic", *CLICK_LOG_DATASETS) == DATASET_NAMES
 
 
 # ---- worker slicing and batching -------------------------------------------------------------

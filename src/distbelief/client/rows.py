@@ -14,15 +14,71 @@ import concurrent.futures as cf
 import itertools
 import secrets
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
 from distbelief.client.lanes import ShardLanes
 from distbelief.errors import ConsistencyMismatchError, ModelMismatchError, RemoteError
-from distbelief.sharding.rows import split_by_shard
+from distbelief.sharding.rows import row_shard
 from distbelief.wire import Message
 from distbelief.wire.row_ops import PULL_ROWS, PUSH_ROWS, ROWS_HELLO
 from distbelief.wire.security import WireSecurity
+
+
+class _ShardPart(NamedTuple):
+    """One shard's share of a request: its tables (in request order), how many ids each has
+    there, those ids concatenated, and each table's positions of them in the caller's ids
+    (None: the shard has them all, in order)."""
+
+    names: list[str]
+    counts: list[int]
+    ids: torch.Tensor
+    positions: list[torch.Tensor] | None
+
+
+class PendingRows:
+    """A pull under way: ``result()`` waits for every shard's answer and puts the rows in the
+    order the ids were given."""
+
+    def __init__(self, client: RowClient, ids_by_table: dict, plans: list, sent: list) -> None:
+        self._client, self._ids_by_table, self._plans, self._sent = (
+            client,
+            ids_by_table,
+            plans,
+            sent,
+        )
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Each table's rows ``[n, D]``.
+
+        Raises:
+            ShardTimeoutError / ShardUnavailableError / RemoteError: a shard did not answer.
+        """
+        client, plans = self._client, self._plans
+        replies = client.wait([future for _, future in self._sent])
+        out: dict[str, torch.Tensor] = {}
+        if client.num_shards > 1:
+            out = {
+                name: torch.empty(ids.numel(), client.tables[name])
+                for name, ids in self._ids_by_table.items()
+            }
+        for (shard_id, _), reply in zip(self._sent, replies, strict=True):
+            part = plans[shard_id]
+            flat = reply.tensors[0][1] if reply.tensors else torch.zeros(0)
+            dims = [client.tables[name] for name in part.names]
+            sizes = [n * d for n, d in zip(part.counts, dims, strict=True)]
+            if flat.numel() != sum(sizes):
+                raise ModelMismatchError(f"shard {shard_id} answered {flat.numel()} values")
+            for t, (name, chunk) in enumerate(zip(part.names, flat.split(sizes), strict=True)):
+                rows = chunk.view(-1, dims[t])
+                if part.positions is None:
+                    out[name] = rows
+                else:
+                    out[name].index_copy_(0, part.positions[t], rows)
+        for name, ids in self._ids_by_table.items():  # tables with no ids at all
+            out.setdefault(name, torch.zeros(ids.numel(), client.tables[name]))
+        return out
 
 
 class RowClient(ShardLanes):
@@ -93,58 +149,84 @@ class RowClient(ShardLanes):
         self.settings = dict(replies[0].get("settings", {}))
         return replies
 
-    def _by_shard(
+    def _plan(
         self, ids_by_table: Mapping[str, torch.Tensor], *, every_shard: bool = False
-    ) -> list[list[tuple]]:
-        """``[shard] -> [(table, positions, ids)]`` for the tables with ids on that shard
-        (``every_shard``: every table on every shard, empty where it has no ids)."""
-        per_shard: list[list[tuple]] = [[] for _ in range(self.num_shards)]
-        for name, ids in ids_by_table.items():
+    ) -> list[_ShardPart | None]:
+        """What each shard gets of ``ids_by_table`` (None: nothing; ``every_shard``: every
+        table on every shard, with no ids where it owns none). One hash of all the ids at once,
+        not one per table: a step's 26 tables cost the same few tensor ops as one."""
+        names = list(ids_by_table)
+        for name in names:
             if name not in self.tables:
                 raise ValueError(f"table {name!r} was not declared (tables: {sorted(self.tables)})")
-            for shard_id, (positions, owned) in enumerate(split_by_shard(ids, self.num_shards)):
-                if owned.numel() or every_shard:
-                    per_shard[shard_id].append((name, positions, owned))
-        return per_shard
+        ids_list = [ids_by_table[name].reshape(-1) for name in names]
+        sizes = [ids.numel() for ids in ids_list]
+        all_ids = torch.cat(ids_list) if ids_list else torch.zeros(0, dtype=torch.int64)
+        if self.num_shards == 1:
+            return [_ShardPart(names, sizes, all_ids, None)] if names else [None]
+        owners = row_shard(all_ids, self.num_shards)
+        order = torch.sort(owners, stable=True).indices
+        by_owner = torch.bincount(owners, minlength=self.num_shards).tolist()
+        table_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))
+        offsets = torch.tensor([0, *itertools.accumulate(sizes)][:-1], dtype=torch.int64)
+        plans: list[_ShardPart | None] = []
+        for positions in torch.split(order, by_owner):
+            # Positions ascend within a shard, so its ids come grouped by table, in order.
+            tables_here = table_of[positions]
+            counts = torch.bincount(tables_here, minlength=len(names)).tolist()
+            pieces = torch.split(positions - offsets[tables_here], counts)
+            keep = [t for t, count in enumerate(counts) if count or every_shard]
+            plans.append(
+                _ShardPart(
+                    [names[t] for t in keep],
+                    [counts[t] for t in keep],
+                    all_ids[positions],
+                    [pieces[t] for t in keep],
+                )
+                if keep
+                else None
+            )
+        return plans
+
+    def _send_each(self, plans: list, make_message, *, now: bool) -> list[tuple[int, object]]:
+        """(shard id, future) of one request per shard with a part; with ``now`` the last
+        runs on this thread, after the others are queued."""
+        asked = [shard_id for shard_id, part in enumerate(plans) if part is not None]
+        futures = []
+        for position, shard_id in enumerate(asked):
+            lane = self._lanes[shard_id]
+            run = lane.run_now if now and position == len(asked) - 1 else lane.submit
+            futures.append((shard_id, run(self._request, shard_id, make_message(plans[shard_id]))))
+        return futures
 
     def pull(self, ids_by_table: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The rows ``[n, D]`` of each table's ids ``[n]`` (ids without a row read as zeros),
-        every shard asked at once; waits for the answers.
+        """The rows ``[n, D]`` of each table's ids ``[n]`` (ids without a row read as the
+        shards' settings say), every shard asked at once; waits for the answers.
 
         Raises:
             ShardTimeoutError / ShardUnavailableError / RemoteError: a shard did not answer.
         """
-        out = {
-            name: torch.empty(ids.numel(), self.tables[name]) for name, ids in ids_by_table.items()
-        }
-        per_shard = self._by_shard(ids_by_table)
-        asked = [shard_id for shard_id, parts in enumerate(per_shard) if parts]
-        futures = []
-        for position, shard_id in enumerate(asked):
-            message = Message(
-                PULL_ROWS,
-                {"tables": [name for name, _, _ in per_shard[shard_id]]},
-                [(name, ids) for name, _, ids in per_shard[shard_id]],
-            )
-            lane = self._lanes[shard_id]
-            # The last shard's request runs on this thread, after the others are queued.
-            run = lane.run_now if position == len(asked) - 1 else lane.submit
-            futures.append(run(self._request, shard_id, message))
-        for shard_id, reply in zip(asked, self.wait(futures), strict=True):
-            parts = per_shard[shard_id]
-            if [name for name, _ in reply.tensors] != [name for name, _, _ in parts]:
-                raise ModelMismatchError(
-                    f"shard {shard_id} answered tables {[n for n, _ in reply.tensors]}"
-                )
-            for (name, positions, _), (_, rows) in zip(parts, reply.tensors, strict=True):
-                out[name].index_copy_(0, positions, rows)
-        return out
+        return self._start_pull(ids_by_table, now=True).result()
+
+    def start_pull(self, ids_by_table: Mapping[str, torch.Tensor]) -> PendingRows:
+        """:meth:`pull` without waiting: the requests go out now (after whatever this client
+        sent before, shard by shard); ``result()`` waits for the rows."""
+        return self._start_pull(ids_by_table, now=False)
+
+    def _start_pull(self, ids_by_table, now: bool) -> PendingRows:
+        plans = self._plan(ids_by_table)
+
+        def message(part: _ShardPart) -> Message:
+            meta = {"tables": part.names, "counts": part.counts}
+            return Message(PULL_ROWS, meta, [("ids", part.ids)])
+
+        sent = self._send_each(plans, message, now=now)
+        return PendingRows(self, dict(ids_by_table), plans, sent)
 
     def push(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[cf.Future]:
         """Sends each table's unique ids ``[n]`` and summed gradient rows ``[n, D]`` to their
         shards (one step of each table on every shard, rows there or not); the futures
-        resolve when each shard has applied its part. The tensors are sent
-        as they are: do not change them until the futures are done."""
+        resolve when each shard has applied its part."""
         return self._push(updates, now=False)
 
     def push_now(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -154,29 +236,29 @@ class RowClient(ShardLanes):
     def _push(self, updates, now: bool) -> list:
         # Every shard steps every table pushed, rows there or not, so that a table's step
         # count (Adam's bias correction, the time to live) is the same on every shard.
-        per_shard = self._by_shard(
-            {name: ids for name, (ids, _) in updates.items()}, every_shard=True
-        )
+        plans = self._plan({name: ids for name, (ids, _) in updates.items()}, every_shard=True)
         seq = next(self._push_seq)
-        asked = [shard_id for shard_id, parts in enumerate(per_shard) if parts]
-        futures = []
-        for position, shard_id in enumerate(asked):
-            tensors = []
-            for name, positions, ids in per_shard[shard_id]:
-                grads = updates[name][1]
-                tensors += [(name, ids), (name, grads.index_select(0, positions))]
+
+        def message(part: _ShardPart) -> Message:
+            if part.positions is None:
+                grads = [updates[name][1].reshape(-1) for name in part.names]
+            else:
+                grads = [
+                    updates[name][1].index_select(0, positions).reshape(-1)
+                    for name, positions in zip(part.names, part.positions, strict=True)
+                ]
             meta = {
-                "tables": [name for name, _, _ in per_shard[shard_id]],
+                "tables": part.names,
+                "counts": part.counts,
                 "seq": seq,
                 "session": self._session,
             }
             if self.worker_id is not None:
                 meta["worker"] = self.worker_id
-            lane = self._lanes[shard_id]
-            message = Message(PUSH_ROWS, meta, tensors)
-            run = lane.run_now if now and position == len(asked) - 1 else lane.submit
-            futures.append(run(self._request, shard_id, message))
-        return futures
+            flat = torch.cat(grads).float() if grads else torch.zeros(0)
+            return Message(PUSH_ROWS, meta, [("ids", part.ids), ("grads", flat)])
+
+        return [future for _, future in self._send_each(plans, message, now=now)]
 
     def stats(self) -> list[dict]:
         """Each shard's tables: settings and per-table counters (rows, admitted, evicted,

@@ -1,10 +1,10 @@
 """Embedding modules whose rows live on the shards: ``ShardedEmbedding`` and
 ``ShardedEmbeddingBag`` stand in for ``nn.Embedding`` and ``nn.EmbeddingBag`` and hold no weight.
 
-A forward pass looks up the unique ids of its input, asks its row source for their rows (one
-``[u, D]`` leaf tensor) and computes the lookup on those rows with the inverse indices, so the
-backward pass leaves in the leaf's ``grad`` each unique id's gradient with its repeats already
-summed: exactly what a push sends. ``swap_embeddings`` puts them in place of a model's tables.
+A forward pass asks its row source for the rows of its input's distinct ids (one ``[u, D]`` leaf
+tensor) and each id's index among them, and computes the lookup on those rows, so the backward
+pass leaves in the leaf's ``grad`` each distinct id's gradient with its repeats already summed:
+exactly what a push sends. ``swap_embeddings`` puts them in place of a model's tables.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from torch import nn
 class RowSource(Protocol):
     """Where a sharded module gets its rows (``ShardedEmbeddings``)."""
 
-    def rows(self, table: str, unique_ids: torch.Tensor) -> torch.Tensor:
-        """The rows ``[u, D]`` of sorted unique ids, as a tensor the backward pass fills."""
+    def lookup(self, table: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows ``[u, D]`` of distinct ids, a tensor the backward pass fills; each of ``ids``'
+        index among them, shaped as ``ids``)."""
         ...
 
 
@@ -38,8 +39,7 @@ class _ShardedTable(nn.Module):
             raise RuntimeError(f"table {self.table} is not attached to a ShardedEmbeddings")
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"table {self.table}: ids must be integers, got {ids.dtype}")
-        unique, inverse = torch.unique(ids.long(), sorted=True, return_inverse=True)
-        return self.source.rows(self.table, unique), inverse
+        return self.source.lookup(self.table, ids.long())
 
     def extra_repr(self) -> str:
         return f"{self.table!r}, {self.num_embeddings}, {self.embedding_dim}"

@@ -43,6 +43,42 @@ def _unique_sum(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
     return unique, torch.zeros(unique.numel(), rows.shape[1]).index_add_(0, inverse, rows)
 
 
+def _used_rows(ids: torch.Tensor, grads: torch.Tensor, used: torch.Tensor | None) -> tuple:
+    if used is None or bool(used.all()):
+        return ids, grads
+    return ids[used], grads[used]
+
+
+def _unique_ids(ids_by_table: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: torch.unique(ids.long().reshape(-1)) for name, ids in ids_by_table.items()}
+
+
+class _Fetch:
+    """Rows on their way: cached ones found, the rest pulled; ``result()`` joins them (and
+    caches what was pulled)."""
+
+    def __init__(self, owner, unique_by_table: dict, found: dict, missing: dict, pulling) -> None:
+        self._owner, self._unique = owner, unique_by_table
+        self._found, self._missing, self._pulling = found, missing, pulling
+
+    def result(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``(ids, rows)`` per table."""
+        pulled = self._pulling.result() if self._pulling is not None else {}
+        out = {}
+        for name, ids in self._unique.items():
+            if name not in self._found:
+                out[name] = (ids, pulled[name])
+                continue
+            rows, hit = self._found[name]
+            if name in pulled:
+                rows[~hit] = pulled[name]
+                self._owner.caches[name].insert(
+                    self._missing[name], pulled[name], self._owner.num_steps
+                )
+            out[name] = (ids, rows)
+        return out
+
+
 class ShardedEmbeddings:
     """A model's embedding tables, stored by row on the shards.
 
@@ -120,7 +156,9 @@ class ShardedEmbeddings:
             module.source = self
         self.num_steps = 0
         self._batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._touched: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._next: _Fetch | dict | None = None  # prefetch_next's, for the step after this
+        self._pending: _Fetch | dict | None = None  # this step's, fetched by the last one
+        self._touched: dict[str, list[tuple]] = {}  # table -> [(ids, rows leaf, used mask)]
         self._accrued: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._push_futures: list[cf.Future] = []
         self._closed = False
@@ -132,28 +170,60 @@ class ShardedEmbeddings:
     def prefetch(self, ids_by_table: Mapping[str, torch.Tensor]) -> None:
         """Fetch the rows of each table's ids (any shape, repeats allowed) for this step, every
         table in one request per shard; a forward pass then finds them here."""
-        unique = {name: torch.unique(ids.long().reshape(-1)) for name, ids in ids_by_table.items()}
-        self._batch.update(self._fetch(unique))
+        self._take_next()
+        self._batch.update(self._start_fetch(_unique_ids(ids_by_table)).result())
 
-    def rows(self, table: str, unique_ids: torch.Tensor) -> torch.Tensor:
-        """The rows of sorted unique ids for a sharded module's forward pass: from this step's
-        prefetched rows, the cache, or the shards; a fresh leaf the backward pass fills."""
+    def prefetch_next(self, ids_by_table: Mapping[str, torch.Tensor]) -> None:
+        """Start fetching the next step's rows now, so that they travel while this step
+        computes; the next step's forward pass waits for them. They are pulled before this
+        step's push is applied, so rows the two steps share are one step stale, as Downpour's
+        asynchronous pulls are; with ``blocking`` they are pulled after the push instead."""
+        unique = _unique_ids(ids_by_table)
+        self._next = unique if self.blocking else self._start_fetch(unique)
+
+    def has_rows_for_step(self) -> bool:
+        """Whether this step's rows are here or on their way (a ``prefetch_next`` of the last
+        step, or a ``prefetch`` of this one)."""
+        return self._pending is not None or bool(self._batch)
+
+    def _take_next(self) -> None:
+        """The rows fetched by ``prefetch_next`` for this step, into this step's rows."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if isinstance(pending, dict):  # blocking: fetched now, after the last push
+            pending = self._start_fetch(pending)
+        self._batch.update(pending.result())
+
+    def lookup(self, table: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sharded module's rows: (rows of the distinct ids, each id's index among them).
+
+        When this step's rows of ``table`` were prefetched and hold every id, they are the rows
+        (each id found by a binary search: no second sort of the batch); otherwise the module's
+        distinct ids are fetched from the cache or the shards. With gradients on, the rows are
+        a fresh leaf the backward pass fills and ``step()`` pushes."""
+        self._take_next()
         held = self._batch.get(table)
-        rows = None
+        rows = inverse = used = None
         if held is not None and held[0].numel():
-            positions = torch.searchsorted(held[0], unique_ids).clamp_(max=held[0].numel() - 1)
-            if bool((held[0][positions] == unique_ids).all()):
-                rows = held[1].index_select(0, positions)
+            positions = torch.searchsorted(held[0], ids).clamp_(max=held[0].numel() - 1)
+            if bool((held[0][positions] == ids).all()):
+                unique_ids, rows, inverse = held[0], held[1], positions
+                # Only the ids this lookup used are pushed: a prefetched row it did not use
+                # gets no (zero) gradient, which would still move Adam's moments.
+                used = torch.zeros(unique_ids.numel(), dtype=torch.bool)
+                used[positions.reshape(-1)] = True
         if rows is None:
-            rows = self._fetch({table: unique_ids})[table][1]
+            unique_ids, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            rows = self._start_fetch({table: unique_ids}).result()[table][1]
         if torch.is_grad_enabled():
-            rows.requires_grad_(True)
-            self._touched.setdefault(table, []).append((unique_ids, rows))
-        return rows
+            rows = rows.detach().requires_grad_(True)
+            self._touched.setdefault(table, []).append((unique_ids, rows, used))
+        return rows, inverse
 
-    def _fetch(self, unique_by_table: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
-        """``(ids, rows)`` of unique ids per table: fresh cached rows, the rest pulled in one
-        request per shard."""
+    def _start_fetch(self, unique_by_table: Mapping[str, torch.Tensor]) -> _Fetch:
+        """Rows of unique ids per table: fresh cached rows now, the rest pulled in one request
+        per shard, under way when this returns."""
         found, missing = {}, {}
         for name, ids in unique_by_table.items():
             cache = self.caches.get(name)
@@ -163,28 +233,18 @@ class ShardedEmbeddings:
             cached_rows, hit = cache.lookup(ids, self.num_steps)
             rows = torch.empty(ids.numel(), self.dims[name])
             rows[hit] = cached_rows
-            found[name] = (ids, rows, hit)
+            found[name] = (rows, hit)
             if not bool(hit.all()):
                 missing[name] = ids[~hit]
-        pulled = self.client.pull(missing) if missing else {}
         self.rows_pulled += sum(ids.numel() for ids in missing.values())
-        out = {}
-        for name, ids in unique_by_table.items():
-            cache = self.caches.get(name)
-            if name in found:
-                _, rows, hit = found[name]
-                if name in pulled:
-                    rows[~hit] = pulled[name]
-                    cache.insert(missing[name], pulled[name], self.num_steps)
-                out[name] = (ids, rows)
-            else:
-                out[name] = (ids, pulled[name])
-        return out
+        pulling = self.client.start_pull(missing) if missing else None
+        return _Fetch(self, dict(unique_by_table), found, missing, pulling)
 
     def forget_batch(self) -> None:
         """Drop the prefetched rows without a step (an evaluator, between test batches)."""
         self._batch.clear()
         self._touched.clear()
+        self._next = self._pending = None
 
     # -- pushing gradients ---------------------------------------------------------------
 
@@ -196,7 +256,11 @@ class ShardedEmbeddings:
             ShardTimeoutError / ShardUnavailableError / RemoteError: a past push failed.
         """
         for table, parts in self._touched.items():
-            grads = [(ids, rows.grad) for ids, rows in parts if rows.grad is not None]
+            grads = [
+                _used_rows(ids, rows.grad, used)
+                for ids, rows, used in parts
+                if rows.grad is not None
+            ]
             if not grads:
                 continue
             ids, summed = _unique_sum(grads)
@@ -206,6 +270,7 @@ class ShardedEmbeddings:
                 cache.apply(ids, summed * -self.lr)
         self._touched.clear()
         self._batch.clear()
+        self._pending, self._next = self._next, None
         self.num_steps += 1
         if self.num_steps % self.n_push == 0:
             self._push_accrued()

@@ -27,17 +27,23 @@ def _tables_of(connection) -> ShardTables:
     return connection.service.tables
 
 
-def _listed_tables(request: Message, per_table: int) -> list[str]:
-    names = request.meta.get("tables")
+def _listed_tables(request: Message, tensor_names: list[str]) -> tuple[list[str], list[int]]:
+    """The request's tables and their id counts, checked against the tensors it carries."""
+    names, counts = request.meta.get("tables"), request.meta.get("counts")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError("a row request must list its tables (meta 'tables': [names])")
     if len(set(names)) != len(names):
         raise ValueError(f"a row request names a table twice: {names}")
+    if (
+        not isinstance(counts, list)
+        or len(counts) != len(names)
+        or not all(type(c) is int and c >= 0 for c in counts)
+    ):
+        raise ValueError("a row request must give one id count >= 0 per table (meta 'counts')")
     sent = [name for name, _ in request.tensors]
-    expected = [name for name in names for _ in range(per_table)]
-    if sent != expected:
-        raise ProtocolError(f"{request.op} must carry tensors {expected}, got {sent}")
-    return names
+    if sent != tensor_names:
+        raise ProtocolError(f"{request.op} must carry tensors {tensor_names}, got {sent}")
+    return names, counts
 
 
 def describe_tables(tables: ShardTables) -> dict:
@@ -70,15 +76,15 @@ def rows_hello(connection, request: Message) -> Message:
 
 def pull_rows(connection, request: Message) -> Message:
     tables = _tables_of(connection)
-    names = _listed_tables(request, 1)
-    rows = tables.pull([(name, ids) for name, ids in request.tensors])
-    connection.service.count_bytes(0, sum(r.nbytes for r in rows))
-    return request.reply({}, list(zip(names, rows, strict=True)))
+    names, counts = _listed_tables(request, ["ids"])
+    rows = tables.pull(names, counts, request.tensors[0][1])
+    connection.service.count_bytes(0, rows.nbytes)
+    return request.reply({}, [("rows", rows)])
 
 
 def push_rows(connection, request: Message) -> Message:
     tables = _tables_of(connection)
-    names = _listed_tables(request, 2)
+    names, counts = _listed_tables(request, ["ids", "grads"])
     seq = None
     if "seq" in request.meta:
         session, number = request.meta.get("session"), request.meta["seq"]
@@ -87,8 +93,7 @@ def push_rows(connection, request: Message) -> Message:
         if type(number) is not int or number < 1:
             raise ValueError(f"seq must be an integer >= 1, got {number!r}")
         seq = (session, number)
-    pairs = request.tensors
-    updates = [(name, pairs[2 * i][1], pairs[2 * i + 1][1]) for i, name in enumerate(names)]
-    applied = tables.push(updates, seq=seq)
-    connection.service.count_bytes(sum(t.nbytes for _, t in pairs), 0)
+    ids, grads = request.tensors[0][1], request.tensors[1][1]
+    applied = tables.push(names, counts, ids, grads, seq=seq)
+    connection.service.count_bytes(ids.nbytes + grads.nbytes, 0)
     return request.reply({"applied": applied})

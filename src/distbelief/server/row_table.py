@@ -1,11 +1,11 @@
 """The row table: the embedding rows a shard owns, their optimizer state, admission and eviction.
 
 Rows live in slots of preallocated tensors (values [capacity, D], each optimizer state
-[capacity, *shape], and per slot its id and the table step that last touched it). A Python dict
-maps id -> slot: about 100-150 bytes of dict entry and int objects per row, on top of the
-tensors' ``(D + state floats) * 4 + 16`` bytes per slot. Capacity grows by doubling, rounded up
-to whole chunks of ``chunk_rows`` slots, so n rows cost O(log n) reallocations, never one per
-row; evicted slots go on a free list and are reused before the table grows.
+[capacity, *shape], and per slot its id and the table step that last touched it). A sorted
+index maps id -> slot (``row_index.py``: 16 bytes per row, looked up a batch at a time), on top
+of the tensors' ``(D + state floats) * 4 + 16`` bytes per slot. Capacity grows by doubling,
+rounded up to whole chunks of ``chunk_rows`` slots, so n rows cost O(log n) reallocations, never
+one per row; evicted slots go on a free stack and are reused before the table grows.
 
 Admission counts pushes only: a pull is read-only (evaluation pulls too, and a training step
 pulls and then pushes the same ids, so counting both would count each step twice). An id's
@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from distbelief.server.row_index import RowIndex
 from distbelief.server.row_optimizers import RowOptimizer
 from distbelief.sharding.rows import mix64
 
@@ -112,9 +113,10 @@ class RowTable:
         self._reset(capacity=0)
 
     def _reset(self, capacity: int) -> None:
-        self._slot_of: dict[int, int] = {}
+        self._index = RowIndex()
+        self._num_rows = 0
         self._pending: dict[int, int] = {}
-        self._free: list[int] = []
+        self._free = torch.zeros(0, dtype=torch.int64)  # a stack of evicted slots
         self._num_used_slots = 0  # slots [0, this) have held a row; the rest never have
         self._capacity = 0
         self._values = torch.zeros(0, self.dim)
@@ -129,7 +131,7 @@ class RowTable:
     @property
     def num_rows(self) -> int:
         """Rows held now."""
-        return len(self._slot_of)
+        return self._num_rows
 
     @property
     def num_pending(self) -> int:
@@ -142,7 +144,18 @@ class RowTable:
         return self._capacity
 
     def __contains__(self, row_id: int) -> bool:
-        return row_id in self._slot_of
+        return bool(self._slots(torch.tensor([row_id], dtype=torch.int64))[0] >= 0)
+
+    def _slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """The slot of each id's row, -1 where it has none (the index's answer, checked: the
+        slot still holds that id and is in use)."""
+        if not len(self._index):
+            return torch.full((ids.numel(),), -1, dtype=torch.int64)
+        slots, _ = self._index.find(ids)
+        candidates = slots.clamp(min=0)
+        live = (slots >= 0) & (self._slot_ids[candidates] == ids)
+        live &= self._last_step[candidates] != _FREE
+        return torch.where(live, slots, -1)
 
     def pull(self, ids: torch.Tensor) -> torch.Tensor:
         """The rows of ``ids`` [n, D]. An id without a row (unknown or evicted) reads as the
@@ -150,8 +163,7 @@ class RowTable:
         values its gradient is then applied to, as with a table that holds every row), and as
         zeros while it awaits admission. Read-only: changes no count, recency or state."""
         _check_ids(ids)
-        get = self._slot_of.get
-        slots = torch.tensor([get(i, _FREE) for i in ids.tolist()], dtype=torch.int64)
+        slots = self._slots(ids)
         held = slots >= 0
         if self.admit_after == 1 and self.init != "zeros" and not bool(held.all()):
             rows = torch.empty(ids.numel(), self.dim)
@@ -177,37 +189,27 @@ class RowTable:
             raise ValueError(
                 f"row grads must be [{ids.numel()}, {self.dim}], got {list(grads.shape)}"
             )
-        id_list = ids.tolist()
-        if len(set(id_list)) != len(id_list):
+        if torch.unique(ids).numel() != ids.numel():
             raise ValueError("pushed row ids must be unique (sum the rows of repeated ids)")
         self.num_steps += 1
         step = self.num_steps
 
-        hit_positions, hit_slots, new_positions = [], [], []
-        for position, row_id in enumerate(id_list):
-            slot = self._slot_of.get(row_id)
-            if slot is not None:
-                hit_positions.append(position)
-                hit_slots.append(slot)
-                continue
-            count = self._pending.get(row_id, 0) + 1
-            if count >= self.admit_after:
-                self._pending.pop(row_id, None)
-                new_positions.append(position)
-            else:
-                self._pending[row_id] = count
+        slots = self._slots(ids)
+        held = slots >= 0
+        hit_positions = held.nonzero().flatten()
+        hit_slots = slots[hit_positions]
         # Touch the hits first so that making room never evicts a row this push updates.
-        hit_slot_tensor = torch.tensor(hit_slots, dtype=torch.int64)
-        self._last_step[hit_slot_tensor] = step
-        new_slots = self._admit([id_list[p] for p in new_positions], step)
-        if len(new_slots) < len(new_positions):
+        self._last_step[hit_slots] = step
+        new_positions = self._due_for_admission(ids, (~held).nonzero().flatten())
+        new_slots = self._admit(ids[new_positions], step)
+        if new_slots.numel() < new_positions.numel():
             # No room left: these stay one push short of admission and retry next time.
-            for position in new_positions[len(new_slots) :]:
-                self._pending[id_list[position]] = self.admit_after - 1
-            new_positions = new_positions[: len(new_slots)]
+            for row_id in ids[new_positions[new_slots.numel() :]].tolist():
+                self._pending[row_id] = self.admit_after - 1
+            new_positions = new_positions[: new_slots.numel()]
 
-        positions = torch.tensor(hit_positions + new_positions, dtype=torch.int64)
-        slots = torch.cat([hit_slot_tensor, torch.tensor(new_slots, dtype=torch.int64)])
+        positions = torch.cat([hit_positions, new_positions])
+        slots = torch.cat([hit_slots, new_slots])
         if slots.numel():
             values = self._values.index_select(0, slots)
             state = {name: t.index_select(0, slots) for name, t in self._state.items()}
@@ -220,31 +222,50 @@ class RowTable:
             stale = (used != _FREE) & (used <= step - self.ttl_steps)
             self._evict(stale.nonzero().flatten())
 
-    def _admit(self, new_ids: list[int], step: int) -> list[int]:
+    def _due_for_admission(self, ids: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        """The positions among ``missing`` (positions of ids without a row) whose push this is
+        the ``admit_after``-th; the others' counts go up."""
+        if self.admit_after == 1 or not missing.numel():
+            return missing
+        due = []
+        for position, row_id in zip(missing.tolist(), ids[missing].tolist(), strict=True):
+            count = self._pending.get(row_id, 0) + 1
+            if count >= self.admit_after:
+                self._pending.pop(row_id, None)
+                due.append(position)
+            else:
+                self._pending[row_id] = count
+        return torch.tensor(due, dtype=torch.int64)
+
+    def _admit(self, new_ids: torch.Tensor, step: int) -> torch.Tensor:
         """Slots for ``new_ids`` with fresh rows; fewer than asked if max_rows leaves no room."""
-        if not new_ids:
-            return []
+        if not new_ids.numel():
+            return torch.zeros(0, dtype=torch.int64)
         if self.max_rows is not None:
-            over = self.num_rows + len(new_ids) - self.max_rows
+            over = self.num_rows + new_ids.numel() - self.max_rows
             if over > 0:
                 self._evict(self._least_recent(over, step))
             new_ids = new_ids[: max(0, self.max_rows - self.num_rows)]
-        num_fresh = max(0, len(new_ids) - len(self._free))
+        num_reused = min(new_ids.numel(), self._free.numel())
+        num_fresh = new_ids.numel() - num_reused
         self._grow(self._num_used_slots + num_fresh)
-        reused = [self._free.pop() for _ in range(len(new_ids) - num_fresh)]
-        fresh = list(range(self._num_used_slots, self._num_used_slots + num_fresh))
+        reused = self._free[self._free.numel() - num_reused :].flip(0)
+        self._free = self._free[: self._free.numel() - num_reused]
+        fresh = torch.arange(self._num_used_slots, self._num_used_slots + num_fresh)
         self._num_used_slots += num_fresh
-        slot_list = reused + fresh
-        slots = torch.tensor(slot_list, dtype=torch.int64)
-        ids = torch.tensor(new_ids, dtype=torch.int64)
-        self._values[slots] = self._initial_rows(ids)
+        slots = torch.cat([reused, fresh])
+        self._values[slots] = self._initial_rows(new_ids)
         for name, tensor in self._state.items():
             tensor[slots] = self.optimizer.initial_state(name)
-        self._slot_ids[slots] = ids
+        self._slot_ids[slots] = new_ids
         self._last_step[slots] = step
-        self._slot_of.update(zip(new_ids, slot_list, strict=True))
-        self.num_admitted += len(new_ids)
-        return slot_list
+        self._index.set(new_ids, slots)
+        self._num_rows += new_ids.numel()
+        self.num_admitted += new_ids.numel()
+        if self._index.needs_rebuild():
+            live = (self._last_step[: self._num_used_slots] != _FREE).nonzero().flatten()
+            self._index.rebuild(self._slot_ids[live], live)
+        return slots
 
     def _initial_rows(self, ids: torch.Tensor) -> torch.Tensor:
         if callable(self.init):
@@ -271,12 +292,12 @@ class RowTable:
         return slots[torch.sort(self._last_step[slots], stable=True).indices]
 
     def _evict(self, slots: torch.Tensor) -> None:
+        # The index keeps the evicted ids' entries; _slots sees they no longer hold a row.
         if not slots.numel():
             return
-        for row_id in self._slot_ids[slots].tolist():
-            del self._slot_of[row_id]
         self._last_step[slots] = _FREE
-        self._free.extend(slots.tolist())
+        self._free = torch.cat([self._free, slots])
+        self._num_rows -= slots.numel()
         self.num_evicted += slots.numel()
 
     def _grow(self, num_slots: int) -> None:
@@ -348,7 +369,8 @@ class RowTable:
             self._state[name][:num_rows] = tensor
         self._slot_ids[:num_rows] = ids
         self._last_step[:num_rows] = state_dict["last_step"]
-        self._slot_of = {row_id: slot for slot, row_id in enumerate(ids.tolist())}
+        self._index.rebuild(ids.clone(), torch.arange(num_rows))
+        self._num_rows = num_rows
         self._pending = dict(
             zip(
                 state_dict["pending_ids"].tolist(),

@@ -6,9 +6,10 @@ settings (row optimizer, admission, eviction, initialisation), which every table
 shares. One lock covers every table: a request touching several tables is applied whole, and a
 checkpoint snapshot sees no half-applied push.
 
-Memory per row on a shard: ``(D + S) * 4 + 16`` bytes of tensors (values, S floats of optimizer
-state: 0 for SGD, D for Adagrad, 1 for row-wise Adagrad, 2D for Adam; the id and last step as
-int64) plus about 100-150 bytes of Python dict entry and int objects for the id -> slot index.
+Memory per row on a shard: ``(D + S) * 4 + 32`` bytes (values, S floats of optimizer state: 0
+for SGD, D for Adagrad, 1 for row-wise Adagrad, 2D for Adam; the id and last step as int64; 16
+bytes of id -> slot index), plus the slack of capacity grown by doubling (at most 2x, in
+chunks) and, while a checkpoint is written, a copy of the tables.
 """
 
 from __future__ import annotations
@@ -161,37 +162,49 @@ class ShardTables:
             raise ValueError(f"shard {self.shard_id} has no table {name!r} (declare it first)")
         return table
 
-    def _check_owned(self, name: str, ids: torch.Tensor) -> None:
+    def _check_owned(self, ids: torch.Tensor) -> None:
         if ids.dtype != torch.int64 or ids.dim() != 1:
-            raise ValueError(f"table {name}: row ids must be a 1-D int64 tensor")
+            raise ValueError("row ids must be a 1-D int64 tensor")
         if self.num_shards > 1 and ids.numel():
             owners = row_shard(ids, self.num_shards)
             if not bool((owners == self.shard_id).all()):
                 raise ValueError(
-                    f"table {name}: ids sent to shard {self.shard_id} that shard "
+                    f"ids sent to shard {self.shard_id} that shard "
                     f"{int(owners[owners != self.shard_id][0])} of {self.num_shards} owns"
                 )
 
-    def pull(self, requests: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """The rows of each ``(table, ids)``, in order (ids without a row read as zeros).
+    def _split_ids(self, counts: list[int], ids: torch.Tensor) -> list[torch.Tensor]:
+        self._check_owned(ids)
+        if sum(counts) != ids.numel():
+            raise ValueError(f"id counts {counts} do not add up to the {ids.numel()} ids sent")
+        return list(ids.split(counts))
+
+    def pull(self, names: list[str], counts: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """The rows of each table's ids (``counts[t]`` of ``ids`` for ``names[t]``, one table
+        after the other), flattened in that order.
 
         Raises:
-            ValueError: an undeclared table, or ids this shard does not own.
+            ValueError: an undeclared table, counts that do not match, or ids this shard does
+                not own.
         """
-        for name, ids in requests:
-            self._check_owned(name, ids)
+        parts = self._split_ids(counts, ids)
         with self._lock:
-            rows = [self._table(name).pull(ids) for name, ids in requests]
-            self.num_pulled_rows += sum(ids.numel() for _, ids in requests)
-        return rows
+            tables = [self._table(name) for name in names]
+            rows = [table.pull(part).reshape(-1) for table, part in zip(tables, parts, strict=True)]
+            self.num_pulled_rows += ids.numel()
+        return torch.cat(rows) if rows else torch.zeros(0)
 
     def push(
         self,
-        updates: list[tuple[str, torch.Tensor, torch.Tensor]],
+        names: list[str],
+        counts: list[int],
+        ids: torch.Tensor,
+        grads: torch.Tensor,
         *,
         seq: tuple[str, int] | None = None,
     ) -> bool:
-        """Applies each ``(table, unique ids, gradient rows)``: one step of every table named.
+        """One step of every table named: each table's unique ids (as in :meth:`pull`) and
+        their summed gradient rows, flattened alike in ``grads``.
 
         ``seq`` (session, number): a push whose number this session already reached is a
         retry of one applied before and is acknowledged without applying it again.
@@ -200,30 +213,29 @@ class ShardTables:
             False if it was such a retry.
 
         Raises:
-            ValueError: an undeclared table, ids this shard does not own, or bad shapes.
+            ValueError: an undeclared table, ids this shard does not own, repeated ids, or
+                sizes that do not match; a refused push changes nothing.
         """
-        for name, ids, grads in updates:
-            self._check_owned(name, ids)
-            if grads.dtype != torch.float32:
-                raise ValueError(f"table {name}: gradient rows must be float32")
+        parts = self._split_ids(counts, ids)
+        if grads.dtype != torch.float32 or grads.dim() != 1:
+            raise ValueError("gradient rows must be a flat float32 tensor")
         with self._lock:
             if seq is not None:
                 session, number = seq
                 if number <= self._last_seq.get(session, 0):
                     return False
-            tables = [self._table(name) for name, _, _ in updates]
-            # Every part is checked before any is applied: a refused push changes nothing.
-            for table, (name, ids, grads) in zip(tables, updates, strict=True):
-                if grads.shape != (ids.numel(), table.dim):
-                    raise ValueError(
-                        f"table {name}: gradient rows must be [{ids.numel()}, {table.dim}], "
-                        f"got {list(grads.shape)}"
-                    )
-                if torch.unique(ids).numel() != ids.numel():
+            tables = [self._table(name) for name in names]
+            sizes = [part.numel() * table.dim for part, table in zip(parts, tables, strict=True)]
+            if sum(sizes) != grads.numel():
+                raise ValueError(
+                    f"{grads.numel()} gradient values sent for rows that need {sum(sizes)}"
+                )
+            for name, part in zip(names, parts, strict=True):
+                if torch.unique(part).numel() != part.numel():
                     raise ValueError(f"table {name}: pushed ids must be unique (sum repeats)")
-            for table, (_, ids, grads) in zip(tables, updates, strict=True):
-                table.push(ids, grads)
-            self.num_pushed_rows += sum(ids.numel() for _, ids, _ in updates)
+            for table, part, flat in zip(tables, parts, grads.split(sizes), strict=True):
+                table.push(part, flat.view(-1, table.dim))
+            self.num_pushed_rows += ids.numel()
             if seq is not None:
                 if len(self._last_seq) >= _MAX_SESSIONS and seq[0] not in self._last_seq:
                     self._last_seq.pop(next(iter(self._last_seq)))

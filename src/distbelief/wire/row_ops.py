@@ -1,11 +1,13 @@
 """The embedding row ops: what a row client asks of a shard's tables.
 
 ``ROWS_HELLO`` declares tables (name -> row width) and returns the shard's row settings and
-counters; ``PULL_ROWS`` carries one int64 id tensor per table, named by the table, and is
-answered with one float32 ``[n, D]`` rows tensor per table, in the same order; ``PUSH_ROWS``
-carries an ids tensor then a gradient-rows tensor per table (both named by the table), with a
-session and sequence number so a retried push is applied once. The tables a request touches are
-listed in its meta ``tables``. What the ops do lives in ``server/row_service.py``.
+counters. ``PULL_ROWS`` lists its tables and each one's id count in its meta (``tables``,
+``counts``) and carries one int64 ``ids`` tensor, the tables' ids one after the other; it is
+answered with one float32 ``rows`` tensor, the tables' rows flattened in the same order.
+``PUSH_ROWS`` carries ``ids`` the same way and ``grads``, the gradient rows flattened alike,
+with a session and sequence number so a retried push is applied once. One tensor per request,
+not one per table: a step of 26 tables costs one frame of each kind per shard. What the ops do
+lives in ``server/row_service.py``.
 """
 
 from __future__ import annotations

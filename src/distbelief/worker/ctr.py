@@ -112,7 +112,8 @@ def ctr_train_loop(
     report: Callable[..., None],
     hooks: Sequence[StepHook] = (),
 ) -> int:
-    """Prefetch rows, forward, backward, step (dense and tables) for each batch; every
+    """Forward, backward, step (dense and tables) for each batch, the next batch's rows
+    fetched meanwhile (``ShardedEmbeddings.prefetch_next``); every
     ``log_every_steps`` steps ``report(**fields)`` with the window's loss, accuracy (at 0.5),
     AUC, staleness, wire figures and rows moved; after each step every hook's ``after_step``.
 
@@ -123,9 +124,21 @@ def ctr_train_loop(
     window_loss, window_correct, window_seen = 0.0, 0, 0
     window_scores: list[torch.Tensor] = []
     window_labels: list[torch.Tensor] = []
-    for dense, sparse, labels in batches:
+
+    def table_ids(sparse: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: sparse[:, column] for name, column in columns.items()}
+
+    upcoming = iter(batches)
+    batch = next(upcoming, None)
+    if batch is not None:
+        tables.prefetch(table_ids(batch[1]))
+    while batch is not None:
+        dense, sparse, labels = batch
         started = time.perf_counter()
-        tables.prefetch({name: sparse[:, column] for name, column in columns.items()})
+        batch = next(upcoming, None)
+        if batch is not None:
+            # The next batch's rows travel while this one computes.
+            tables.prefetch_next(table_ids(batch[1]))
         optimizer.zero_grad()
         logits = model(dense, sparse)
         loss = F.binary_cross_entropy_with_logits(logits, labels)

@@ -206,6 +206,7 @@ class ShardedEmbeddings:
         held = self._batch.get(table)
         rows = inverse = used = None
         if held is not None and held[0].numel():
+            ids = ids.contiguous()
             positions = torch.searchsorted(held[0], ids).clamp_(max=held[0].numel() - 1)
             if bool((held[0][positions] == ids).all()):
                 unique_ids, rows, inverse = held[0], held[1], positions

@@ -34,20 +34,24 @@ class RowIndex:
         """Entries held, stale ones included."""
         return self._main[0].numel() + self._recent[0].numel()
 
-    def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, ...]]]:
-        """(the slot of each id, -1 where it has no entry; each level's (hit mask, positions)).
+    def find(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple]]:
+        """(the slot of each id, -1 where it has no entry; each level's (hit mask, positions),
+        None for an empty level).
 
         A slot may be stale (its row evicted or the slot reused): the caller checks it."""
-        slots = torch.full((ids.numel(),), -1, dtype=torch.int64)
-        places = []
+        slots = None
+        places: list[tuple] = []
         for keys, values in (self._main, self._recent):
             if not keys.numel():
-                places.append((torch.zeros(ids.numel(), dtype=torch.bool), None))
+                places.append((None, None))
                 continue
             positions = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
             hit = keys[positions] == ids
-            slots[hit] = values[positions[hit]]
+            found = torch.where(hit, values[positions], -1)
+            slots = found if slots is None else torch.where(hit, found, slots)
             places.append((hit, positions))
+        if slots is None:
+            slots = torch.full((ids.numel(),), -1, dtype=torch.int64)
         return slots, places
 
     def set(self, ids: torch.Tensor, slots: torch.Tensor) -> None:
@@ -58,7 +62,7 @@ class RowIndex:
         _, places = self.find(ids)
         new = torch.ones(ids.numel(), dtype=torch.bool)
         for level, (hit, positions) in zip((self._main, self._recent), places, strict=True):
-            if positions is not None and bool(hit.any()):
+            if hit is not None and bool(hit.any()):
                 level[1][positions[hit]] = slots[hit]
                 new &= ~hit
         if bool(new.any()):

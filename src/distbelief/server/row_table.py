@@ -165,7 +165,9 @@ class RowTable:
         _check_ids(ids)
         slots = self._slots(ids)
         held = slots >= 0
-        if self.admit_after == 1 and self.init != "zeros" and not bool(held.all()):
+        if bool(held.all()):  # the common case, in one gather
+            return self._values.index_select(0, slots)
+        if self.admit_after == 1 and self.init != "zeros":
             rows = torch.empty(ids.numel(), self.dim)
             rows[~held] = self._initial_rows(ids[~held])
         else:
@@ -191,11 +193,37 @@ class RowTable:
             )
         if torch.unique(ids).numel() != ids.numel():
             raise ValueError("pushed row ids must be unique (sum the rows of repeated ids)")
+        self.apply_checked(ids, grads)
+
+    def apply_checked(self, ids: torch.Tensor, grads: torch.Tensor) -> None:
+        """:meth:`push` of ids and grads already checked (unique int64 ids, [n, D] float32)."""
         self.num_steps += 1
         step = self.num_steps
-
         slots = self._slots(ids)
         held = slots >= 0
+        if bool(held.all()):  # the common case: every id has its row
+            self._last_step[slots] = step
+            self._update(slots, grads, step)
+        else:
+            self._update(*self._hits_and_admitted(ids, grads, slots, held, step), step)
+        if self.ttl_steps is not None:
+            used = self._last_step[: self._num_used_slots]
+            stale = (used != _FREE) & (used <= step - self.ttl_steps)
+            self._evict(stale.nonzero().flatten())
+
+    def _update(self, slots: torch.Tensor, grads: torch.Tensor, step: int) -> None:
+        """The row optimizer's step on the rows in ``slots`` with their gradient rows."""
+        if not slots.numel():
+            return
+        values = self._values.index_select(0, slots)
+        state = {name: t.index_select(0, slots) for name, t in self._state.items()}
+        self.optimizer.apply(values, state, grads.float(), step)
+        self._values.index_copy_(0, slots, values)
+        for name, tensor in state.items():
+            self._state[name].index_copy_(0, slots, tensor)
+
+    def _hits_and_admitted(self, ids, grads, slots, held, step: int) -> tuple:
+        """(slots, gradient rows) of the ids with a row and of those admitted now."""
         hit_positions = held.nonzero().flatten()
         hit_slots = slots[hit_positions]
         # Touch the hits first so that making room never evicts a row this push updates.
@@ -209,18 +237,7 @@ class RowTable:
             new_positions = new_positions[: new_slots.numel()]
 
         positions = torch.cat([hit_positions, new_positions])
-        slots = torch.cat([hit_slots, new_slots])
-        if slots.numel():
-            values = self._values.index_select(0, slots)
-            state = {name: t.index_select(0, slots) for name, t in self._state.items()}
-            self.optimizer.apply(values, state, grads.index_select(0, positions).float(), step)
-            self._values.index_copy_(0, slots, values)
-            for name, tensor in state.items():
-                self._state[name].index_copy_(0, slots, tensor)
-        if self.ttl_steps is not None:
-            used = self._last_step[: self._num_used_slots]
-            stale = (used != _FREE) & (used <= step - self.ttl_steps)
-            self._evict(stale.nonzero().flatten())
+        return torch.cat([hit_slots, new_slots]), grads.index_select(0, positions)
 
     def _due_for_admission(self, ids: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
         """The positions among ``missing`` (positions of ids without a row) whose push this is

@@ -234,7 +234,7 @@ class ShardTables:
                 if torch.unique(part).numel() != part.numel():
                     raise ValueError(f"table {name}: pushed ids must be unique (sum repeats)")
             for table, part, flat in zip(tables, parts, grads.split(sizes), strict=True):
-                table.push(part, flat.view(-1, table.dim))
+                table.apply_checked(part, flat.view(-1, table.dim))
             self.num_pushed_rows += ids.numel()
             if seq is not None:
                 if len(self._last_seq) >= _MAX_SESSIONS and seq[0] not in self._last_seq:

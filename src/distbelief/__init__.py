@@ -44,6 +44,12 @@ _EXPORTS: dict[str, str] = {
     "StageModule": "distbelief.pipeline",
     "build_stage": "distbelief.pipeline",
     "split_model": "distbelief.pipeline",
+    "EmbeddingConfig": "distbelief.config",
+    "ShardedEmbeddings": "distbelief.embeddings",
+    "ShardedEmbedding": "distbelief.embeddings",
+    "ShardedEmbeddingBag": "distbelief.embeddings",
+    "RowClient": "distbelief.client.rows",
+    "reshard_run": "distbelief.launch.reshard",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

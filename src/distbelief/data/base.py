@@ -165,6 +165,16 @@ def iterate_batches(
     Raises:
         ValueError: If batch_size < 1, seed or epoch < 0, or indices is not a 1-D integer tensor.
     """
+    # Validated here, not inside the generator, so bad arguments fail at the call site.
+    return _batches(dataset, epoch_order(indices, batch_size, seed, epoch), batch_size, drop_last)
+
+
+def epoch_order(indices: torch.Tensor, batch_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """``indices`` in epoch ``epoch``'s seeded order (every data set's batches follow it).
+
+    Raises:
+        ValueError: batch_size < 1, seed or epoch < 0, or indices not a 1-D integer tensor.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
@@ -172,9 +182,7 @@ def iterate_batches(
             f"indices must be a 1-D integer tensor, got dtype={indices.dtype} "
             f"shape={tuple(indices.shape)}"
         )
-    # Validated here, not inside the generator, so bad arguments fail at the call site.
-    order = indices[torch.randperm(len(indices), generator=_epoch_generator(seed, epoch))]
-    return _batches(dataset, order, batch_size, drop_last)
+    return indices[torch.randperm(len(indices), generator=_epoch_generator(seed, epoch))]
 
 
 def _batches(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distbelief.data.base import _epoch_generator
+from distbelief.data.base import epoch_order
 
 
 @dataclass(frozen=True)
@@ -121,15 +121,8 @@ def iterate_ctr_batches(
     Raises:
         ValueError: If batch_size < 1, seed or epoch < 0, or indices is not a 1-D integer tensor.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise ValueError(
-            f"indices must be a 1-D integer tensor, got dtype={indices.dtype} "
-            f"shape={tuple(indices.shape)}"
-        )
     # Validated here, not inside the generator, so bad arguments fail at the call site.
-    order = indices[torch.randperm(len(indices), generator=_epoch_generator(seed, epoch))]
+    order = epoch_order(indices, batch_size, seed, epoch)
     return _ctr_batches(dataset, order, batch_size, drop_last)
 
 

@@ -9,7 +9,7 @@ cache. Records add the window's click AUC and the rows pulled and pushed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from distbelief.data import load_job_dataset, worker_indices
-from distbelief.data.ctr import CtrDataset, iterate_ctr_batches
+from distbelief.data.ctr import CtrDataset
 from distbelief.embeddings import ShardedEmbeddings
 from distbelief.models.dlrm import DLRM
 from distbelief.optim import DownpourSGD
 from distbelief.process import Emit
 from distbelief.telemetry.auc import roc_auc
 from distbelief.telemetry.metrics import make_record
-from distbelief.worker.hooks import StepHook, StepInfo
+from distbelief.worker.hooks import StepHook, after_step
+from distbelief.worker.loop import worker_batches
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -74,24 +75,6 @@ def job_tables(
 def table_columns(tables: ShardedEmbeddings) -> dict[str, int]:
     """Sharded table name -> the sparse column it reads (DLRM's ``tables.T`` reads column T)."""
     return {name: int(name.rpartition(".")[2]) for name in tables.modules}
-
-
-def ctr_batches(
-    config: JobConfig, dataset: CtrDataset, indices: torch.Tensor, skip: int = 0
-) -> Iterator[CtrBatch]:
-    """A worker's ``(dense, sparse, labels)`` batches in their fixed order, without the first
-    ``skip``: ``config.optimizer.steps`` of them, or ``num_epochs`` passes over ``indices``."""
-    epoch = steps = 0
-    while config.optimizer.steps is not None or epoch < config.optimizer.num_epochs:
-        for batch in iterate_ctr_batches(
-            dataset, indices, config.optimizer.minibatch_size, seed=config.model.seed, epoch=epoch
-        ):
-            steps += 1
-            if steps > skip:
-                yield batch
-            if config.optimizer.steps is not None and steps >= config.optimizer.steps:
-                return
-        epoch += 1
 
 
 def window_auc(scores: list[torch.Tensor], labels: list[torch.Tensor]) -> float | None:
@@ -174,15 +157,13 @@ def ctr_train_loop(
             )
             window_loss, window_correct, window_seen = 0.0, 0, 0
             window_scores, window_labels = [], []
-        info = StepInfo(
+        if after_step(
+            hooks,
             step=optimizer.num_steps,
             loss=loss_value,
             batch_size=len(labels),
             compute_s=compute_s,
-            time=time.time(),
-        )
-        stops = [bool(hook.after_step(info)) for hook in hooks]
-        if any(stops):
+        ):
             break
     return optimizer.num_steps
 
@@ -228,7 +209,7 @@ def run_ctr_worker(
             model,
             optimizer,
             tables,
-            ctr_batches(config, train_set, indices, resume_step),
+            worker_batches(config, train_set, indices, resume_step),
             log_every_steps=config.reporting.log_every_steps,
             report=lambda **fields: emit(
                 "metric", make_record("worker", rank, time_s=time.time() - start_time, **fields)

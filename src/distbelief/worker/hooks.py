@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -15,7 +17,7 @@ class StepInfo:
     """The optimizer's step count after this step (a restarted worker counts on from where its
     previous life stopped)."""
     loss: float
-    """Mean cross-entropy of this step's batch."""
+    """Mean loss of this step's batch (cross-entropy; binary cross-entropy for clicks)."""
     batch_size: int
     """Samples in this step's batch."""
     compute_s: float
@@ -36,3 +38,15 @@ class StepHook(Protocol):
             True to stop the loop after this step (the worker then flushes and returns as if
             its batches had run out); None or False to go on.
         """
+
+
+def after_step(
+    hooks: Sequence[StepHook], *, step: int, loss: float, batch_size: int, compute_s: float
+) -> bool:
+    """Tells every hook about a finished step; True if one asks the loop to stop. Every hook
+    sees the step, even when an earlier one asks to stop."""
+    info = StepInfo(
+        step=step, loss=loss, batch_size=batch_size, compute_s=compute_s, time=time.time()
+    )
+    stops = [bool(hook.after_step(info)) for hook in hooks]
+    return any(stops)

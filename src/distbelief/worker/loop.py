@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distbelief.data import ArrayDataset, iterate_batches
+from distbelief.data import ArrayDataset, CtrDataset, iterate_batches, iterate_ctr_batches
 from distbelief.optim import DownpourSGD
-from distbelief.worker.hooks import StepHook, StepInfo
+from distbelief.worker.hooks import StepHook, after_step
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -22,15 +22,16 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def worker_batches(
-    config: JobConfig, dataset: ArrayDataset, indices: torch.Tensor, skip: int = 0
-) -> Iterator[Batch]:
-    """A worker's ``(images, labels)`` batches in their fixed order, without the first ``skip``:
-    ``config.optimizer.steps`` of them, or ``config.optimizer.num_epochs`` passes over
-    ``indices``."""
+    config: JobConfig, dataset: ArrayDataset | CtrDataset, indices: torch.Tensor, skip: int = 0
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """A worker's batches in their fixed order (``(images, labels)``; a click log's ``(dense,
+    sparse, labels)``), without the first ``skip``: ``config.optimizer.steps`` of them, or
+    ``config.optimizer.num_epochs`` passes over ``indices``."""
+    iterate = iterate_ctr_batches if isinstance(dataset, CtrDataset) else iterate_batches
     epoch = 0
     steps = 0
     while config.optimizer.steps is not None or epoch < config.optimizer.num_epochs:
-        for batch in iterate_batches(
+        for batch in iterate(
             dataset, indices, config.optimizer.minibatch_size, seed=config.model.seed, epoch=epoch
         ):
             steps += 1
@@ -88,15 +89,12 @@ def train_loop(
                 **optimizer.client.take_wire_figures(),
             )
             window_loss, window_correct, window_seen = 0.0, 0, 0
-        info = StepInfo(
+        if after_step(
+            hooks,
             step=optimizer.num_steps,
             loss=loss_value,
             batch_size=len(labels),
             compute_s=compute_s,
-            time=time.time(),
-        )
-        # Every hook sees the step, even when an earlier one asks to stop.
-        stops = [bool(hook.after_step(info)) for hook in hooks]
-        if any(stops):
+        ):
             break
     return optimizer.num_steps

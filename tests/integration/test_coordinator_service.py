@@ -16,9 +16,16 @@ from distbelief.coordinator.batch import BatchPlan
 from distbelief.coordinator.client import CoordinatorClient, Finished
 from distbelief.coordinator.service import CoordinatorService
 from distbelief.data import load_dataset
-from distbelief.errors import CoordinatorUnavailableError, EvaluationStalledError, RemoteError
+from distbelief.errors import (
+    CoordinatorError,
+    CoordinatorUnavailableError,
+    EvaluationStalledError,
+    RemoteError,
+    ShardRestartedError,
+)
 from distbelief.models import MLP
 from distbelief.optim.sandblaster import PortionInfo, SandblasterWorker, run_sandblaster_worker
+from distbelief.server.vectors import EvaluationAccumulator
 from distbelief.wire import Message, serve
 from distbelief.wire.vector_program import Program
 from tests.unit.local_vectors import LocalShards
@@ -186,6 +193,31 @@ def test_a_lost_workers_staged_bundle_is_never_committed(digits, job_factory):
     _assert_exact(job, outcome, grad)
     assert outcome.figures.reassigned >= 1
     assert not any(worker.startswith("doomed") for worker in outcome.figures.portions_by_worker)
+    job.stop()
+
+
+def test_a_shard_restarted_mid_evaluation_fails_it_instead_of_stalling(
+    digits, job_factory, monkeypatch
+):
+    """A shard restarted from its checkpoint has no evaluation open, so it refuses the workers'
+    bundles: they must still be reported, so that their commit, which the restarted shard
+    refuses, fails the evaluation (the coordinator then goes back to its last checkpoint)
+    instead of leaving it waiting for commits that never come."""
+    plan = BatchPlan(num_examples=len(digits), num_portions=NUM_PORTIONS, batch_size=600)
+    job = job_factory(digits, plan)
+    program = Program()
+    program.open_evaluation(1, "g1")
+    job.vectors.run(program)
+    job.vectors.shards.executors[1].accumulator = EvaluationAccumulator()  # shard 1 restarts
+
+    def refused(program: Program) -> list:  # as ShardVectors answers for a restarted shard
+        raise ShardRestartedError("shard 1 was restarted: its vectors are its last checkpoint's")
+
+    monkeypatch.setattr(job.vectors, "run", refused)
+    for rank in range(2):
+        job.start_worker(rank)
+    with pytest.raises(CoordinatorError, match=r"evaluation 1: committing bundle .* restarted"):
+        job.service.evaluate(1, "param", TIMEOUT_S)
     job.stop()
 
 

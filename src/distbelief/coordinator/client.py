@@ -139,7 +139,8 @@ class CoordinatorClient:
     def bundle_pushed(
         self, evaluation: int, bundle: str, portions: list[int], coordinator: str | None = None
     ) -> str:
-        """Report that ``bundle`` (``portions``' gradients summed) is on every shard; returns
+        """Report that ``bundle`` (``portions``' gradients summed) was pushed to every shard
+        (also when a shard did not have the evaluation open: see ``protocol``); returns
         ``accepted`` (committed), ``refused``, ``stale`` (also when the coordinator life that
         accepted the portions, ``coordinator``, is over) or ``lost``.
 

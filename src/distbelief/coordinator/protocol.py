@@ -31,7 +31,9 @@ declared lost (its uncommitted portions were handed out again): drop the bundle 
 session. ``wait``: ask again (the coordinator held the request up to ``max_wait_s`` already,
 or answered at once because the worker holds accepted portions: it pushes them first).
 
-``BUNDLE`` request (after pushing the bundle to every shard with ACCUMULATE)::
+``BUNDLE`` request (after pushing the bundle to every shard with ACCUMULATE, also when a shard
+answered that it does not have the evaluation open: a restarted shard lost it, and only the
+coordinator's commit, which that shard refuses, tells the coordinator to go back)::
 
     {"worker": str, "session": str, "evaluation": int, "bundle": str, "portions": [int, ...],
      "coordinator": str}                            # the life that accepted them, optional

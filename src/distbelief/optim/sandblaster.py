@@ -234,9 +234,13 @@ class SandblasterWorker:
         self._clear_bundle()
         try:
             self.vectors.push_bundle(evaluation, bundle, self._outbox)
-        except EvaluationNotOpenError as e:  # the coordinator gave up on it: not needed
-            logger.info("bundle %s dropped: %s", bundle, e)
-            return
+        except EvaluationNotOpenError as e:
+            # Either the coordinator closed the evaluation (it answers stale), or a shard was
+            # restarted and lost it while the coordinator waits for these portions: reported
+            # all the same, committing the bundle fails on that shard and sends the
+            # coordinator back to its last checkpoint. Dropped unreported, the portions would
+            # stay finished but uncommitted and the evaluation would stall.
+            logger.info("bundle %s not staged on every shard: %s", bundle, e)
         status = self.coordinator.bundle_pushed(evaluation, bundle, portions, self._life)
         if status == ACCEPTED:
             self.figures["bundles"] += 1

@@ -11,8 +11,8 @@ Four measurements, each a ratio against a baseline timed or counted in the same 
 - ``bytes``: the wire bytes of one step (rows pulled and gradient rows pushed, ids included)
   against the dense alternative (every table pulled and pushed whole).
 - ``rows``: rows per second one shard serves, pulling and pushing 4096 unique ids per request
-  from a table holding 200k rows, row dim 32 and 128, against the bytes the loopback carries
-  for the same payloads (a raw request of the same size answered by an empty shard op).
+  from a table holding 200k rows, row dim 32 and 128, against a dense pull of a [4096, D]
+  tensor from a shard (the same payload on the wire, without the row lookup).
 - ``memory``: a worker process's peak RSS while training against a table 10x its
   ``--row-cache-mb`` (rows on the shard), against the same process before its first step.
 
@@ -29,11 +29,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 import torch.nn.functional as F
 
 import machine
+from distbelief.client import ParameterServerClient
 from distbelief.client.rows import RowClient
 from distbelief.data.synthetic_ctr import make_synthetic_ctr
 from distbelief.embeddings import ShardedEmbeddings
@@ -41,6 +43,7 @@ from distbelief.models.dlrm import DLRM
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.row_tables import RowTableSettings, ShardTables
+from distbelief.sharding import TensorSpec
 from distbelief.wire import serve
 from server_host import ServerHost
 
@@ -219,11 +222,31 @@ def measure_rows_per_s(args) -> dict:
             finally:
                 client.close()
             rows = 4096 * min(args.requests, len(requests))
+            dense_s = _dense_pull_s(host.start_server(), dim, min(args.requests, len(requests)))
             results[f"dim{dim}"] = {
                 "pull_rows_per_s": rows / pull_s,
                 "push_rows_per_s": rows / push_s,
+                "dense_rows_per_s": rows / dense_s,
+                "pull_over_dense": dense_s / pull_s,
+                "push_over_dense": dense_s / push_s,
             }
     return results
+
+
+def _dense_pull_s(address: str, dim: int, num_requests: int) -> float:
+    """Seconds to pull a dense [4096, dim] tensor ``num_requests`` times: the wire's cost of a
+    row pull's payload without the row lookup."""
+    spec = [TensorSpec("rows", (4096, dim), torch.float32)]
+    client = ParameterServerClient([address], spec, timeout_s=120)
+    try:
+        flats = {torch.float32: torch.zeros(4096 * dim)}
+        client.handshake(flats)
+        started = time.perf_counter()
+        for _ in range(num_requests):
+            client.pull_now(flats)
+        return time.perf_counter() - started
+    finally:
+        client.close()
 
 
 def _memory_worker(address: str, table_rows: int, cache_mb: float, steps: int, queue) -> None:
@@ -262,7 +285,16 @@ def measure_memory(args) -> dict:
             args=(address, args.table_rows, cache_mb, args.memory_steps, queue),
         )
         worker.start()
-        figures = queue.get(timeout=600)
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                figures = queue.get(timeout=1)
+                break
+            except Empty:
+                if not worker.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "the memory worker failed (its traceback is above)"
+                    ) from None
         worker.join(60)
     growth = figures["rss_peak"] - figures["rss_before"]
     return {
@@ -353,6 +385,13 @@ def _cells(record: dict) -> list[list[str]]:
             cells.append(
                 [f"rows/s one shard serves, {dim}, push", f"{figures['push_rows_per_s']:.0f}"]
             )
+            for kind in ("pull", "push"):
+                cells.append(
+                    [
+                        f"row {kind} / dense pull of the same bytes, {dim}",
+                        f"{figures[f'{kind}_over_dense']:.2f}",
+                    ]
+                )
     if "memory" in record:
         m = record["memory"]
         cells.append(

@@ -39,6 +39,17 @@ def test_least_recently_used_rows_go_first_and_this_steps_rows_stay():
     assert len(cache) == 3
 
 
+def test_refreshing_stale_rows_never_evicts_them_to_make_room():
+    cache = RowCache(1, capacity=2, max_age_steps=1)
+    cache.insert(_ids(1, 2), torch.zeros(2, 1), step=0)
+    # At step 1 both rows are stale; 1 is pulled again together with a new id 3.
+    cache.insert(_ids(1, 3), torch.ones(2, 1), step=1)
+    rows, hit = cache.lookup(_ids(1, 2, 3), step=1)
+    assert hit.tolist() == [True, False, True] and torch.equal(rows, torch.ones(2, 1))
+    cache.insert(_ids(4, 5), torch.full((2, 1), 2.0), step=2)  # evicts 1 and 3 cleanly
+    assert len(cache) == 2
+
+
 def test_local_updates_touch_held_rows_only():
     cache = RowCache(2, capacity=2, max_age_steps=5)
     cache.insert(_ids(1), torch.zeros(1, 2), step=0)

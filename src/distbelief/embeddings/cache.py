@@ -80,6 +80,9 @@ class RowCache:
         get = self._slot_of.get
         slots = [get(i, -1) for i in id_list]
         new = [p for p, slot in enumerate(slots) if slot < 0]
+        # Held rows refreshed by this insert are in use now: making room must not evict them
+        # (a stale row is held but was not used by this step's lookup).
+        self._used_at[torch.tensor([slot for slot in slots if slot >= 0], dtype=torch.int64)] = step
         if new:
             free = self._free_slots(len(new), step)
             for position, slot in zip(new, free, strict=False):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -249,19 +248,29 @@ def _dense_pull_s(address: str, dim: int, num_requests: int) -> float:
         client.close()
 
 
+def _status_bytes(field: str) -> int:
+    """A field of /proc/self/status in bytes: VmRSS (resident now) or VmHWM (the peak). Not
+    getrusage's maxrss: Linux keeps that across exec, so a spawned child starts with its
+    parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _memory_worker(address: str, table_rows: int, cache_mb: float, steps: int, queue) -> None:
     torch.set_num_threads(1)
     model = torch.nn.Sequential(torch.nn.EmbeddingBag(table_rows, 32, mode="sum", device="meta"))
     tables = ShardedEmbeddings(model, ps=[address], n_pull=4, row_cache_mb=cache_mb, lr=LR)
     generator = torch.Generator().manual_seed(1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _status_bytes("VmRSS")
     for _ in range(steps):
         ids = (torch.rand(512, 8, generator=generator) ** 3 * table_rows).long()
         tables.prefetch({"0": ids})
         model(ids).sum().backward()
         tables.step()
     tables.close()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = _status_bytes("VmHWM")
     cache_bytes = sum(cache.nbytes for cache in tables.caches.values())
     queue.put({"rss_before": before, "rss_peak": after, "cache_bytes": cache_bytes})
 

@@ -298,3 +298,39 @@ def _replayed_user_pushes(ids: torch.Tensor) -> list[torch.Tensor]:
         grads.append(torch.randn(ids.numel(), 8, generator=generator))
         torch.randn(50, 4, generator=generator)
     return grads
+
+
+def _train_prefetching(addresses: list[str]) -> None:
+    """The test batches with every step's rows prefetched (the first) or fetched while the
+    step before computed, blocking: so the same updates as fetching them in the forward pass."""
+    model = _Model()
+    tables = ShardedEmbeddings(model, ps=addresses, blocking=True, timeout_s=60)
+    batches = _batches()
+    try:
+        tables.prefetch({"words": batches[0][0], "bags": batches[0][1]})
+        for step, batch in enumerate(batches):
+            if step + 1 < len(batches):
+                following = batches[step + 1]
+                tables.prefetch_next({"words": following[0], "bags": following[1]})
+            _loss(model, batch).backward()
+            tables.step()
+    finally:
+        tables.close()
+
+
+def test_prefetched_rows_train_exactly_as_rows_fetched_in_the_forward_pass(shard_cluster):
+    flags = ("--row-optimizer", "adam", "--row-lr", "0.05", "--row-init-std", str(INIT_STD))
+    plain, prefetched = shard_cluster(2, *flags), shard_cluster(2, *flags)
+    _train_on_shards(plain).close()
+    _train_prefetching(prefetched)
+    everything = {name: torch.arange(n) for name, n in NUM_ROWS.items()}
+    pulled = []
+    for addresses in (plain, prefetched):
+        reader = RowClient(addresses, {name: DIM for name in NUM_ROWS}, timeout_s=60)
+        try:
+            reader.handshake()
+            pulled.append(reader.pull(everything))
+        finally:
+            reader.close()
+    for name in NUM_ROWS:
+        assert torch.equal(pulled[0][name], pulled[1][name])

@@ -49,8 +49,27 @@ def _used_rows(ids: torch.Tensor, grads: torch.Tensor, used: torch.Tensor | None
     return ids[used], grads[used]
 
 
-def _unique_ids(ids_by_table: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: torch.unique(ids.long().reshape(-1)) for name, ids in ids_by_table.items()}
+def _identity(ids: torch.Tensor) -> tuple:
+    """Where a tensor's elements are, in their order: the same for the ``[B]`` column a loop
+    prefetches and the ``[B, 1]`` view of it a module looks up."""
+    strides = tuple(
+        stride for size, stride in zip(ids.shape, ids.stride(), strict=True) if size > 1
+    )
+    return ids.data_ptr(), ids.numel(), ids.dtype, strides
+
+
+def _unique_ids(ids_by_table: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(each table's distinct ids; each table's (identity of the ids given, their inverse, the
+    ids))."""
+    unique, inverse = {}, {}
+    for name, ids in ids_by_table.items():
+        unique[name], positions = torch.unique(
+            ids.long().reshape(-1), sorted=True, return_inverse=True
+        )
+        # The ids are kept with their identity: while they live, no other tensor can be at
+        # their address (ids changed in place after a prefetch are not supported).
+        inverse[name] = (_identity(ids), positions, ids)
+    return unique, inverse
 
 
 class _Fetch:
@@ -158,6 +177,10 @@ class ShardedEmbeddings:
         self._batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._next: _Fetch | dict | None = None  # prefetch_next's, for the step after this
         self._pending: _Fetch | dict | None = None  # this step's, fetched by the last one
+        # Per table, the identity and inverse indices of the ids prefetched for this step
+        # (and the next): a module looking up those very ids needs no search of its own.
+        self._inverse: dict[str, tuple] = {}
+        self._next_inverse: dict[str, tuple] = {}
         self._touched: dict[str, list[tuple]] = {}  # table -> [(ids, rows leaf, used mask)]
         self._accrued: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._push_futures: list[cf.Future] = []
@@ -171,14 +194,16 @@ class ShardedEmbeddings:
         """Fetch the rows of each table's ids (any shape, repeats allowed) for this step, every
         table in one request per shard; a forward pass then finds them here."""
         self._take_next()
-        self._batch.update(self._start_fetch(_unique_ids(ids_by_table)).result())
+        unique, inverse = _unique_ids(ids_by_table)
+        self._inverse.update(inverse)
+        self._batch.update(self._start_fetch(unique).result())
 
     def prefetch_next(self, ids_by_table: Mapping[str, torch.Tensor]) -> None:
         """Start fetching the next step's rows now, so that they travel while this step
         computes; the next step's forward pass waits for them. They are pulled before this
         step's push is applied, so rows the two steps share are one step stale, as Downpour's
         asynchronous pulls are; with ``blocking`` they are pulled after the push instead."""
-        unique = _unique_ids(ids_by_table)
+        unique, self._next_inverse = _unique_ids(ids_by_table)
         self._next = unique if self.blocking else self._start_fetch(unique)
 
     def has_rows_for_step(self) -> bool:
@@ -205,7 +230,11 @@ class ShardedEmbeddings:
         self._take_next()
         held = self._batch.get(table)
         rows = inverse = used = None
-        if held is not None and held[0].numel():
+        known = self._inverse.get(table)
+        if held is not None and known is not None and known[0] == _identity(ids):
+            # The very ids prefetched: their inverse is known, and every row is used.
+            unique_ids, rows, inverse = held[0], held[1], known[1].view(ids.shape)
+        elif held is not None and held[0].numel():
             ids = ids.contiguous()
             positions = torch.searchsorted(held[0], ids).clamp_(max=held[0].numel() - 1)
             if bool((held[0][positions] == ids).all()):
@@ -246,6 +275,7 @@ class ShardedEmbeddings:
         self._batch.clear()
         self._touched.clear()
         self._next = self._pending = None
+        self._inverse, self._next_inverse = {}, {}
 
     # -- pushing gradients ---------------------------------------------------------------
 
@@ -272,6 +302,7 @@ class ShardedEmbeddings:
         self._touched.clear()
         self._batch.clear()
         self._pending, self._next = self._next, None
+        self._inverse, self._next_inverse = self._next_inverse, {}
         self.num_steps += 1
         if self.num_steps % self.n_push == 0:
             self._push_accrued()

@@ -42,7 +42,7 @@ class CtrEvaluator:
     ) -> None:
         self.test_set = load_job_dataset(config.data, "test")
         self.model = build_ctr_replica(config, self.test_set)
-        self.tables = job_tables(config, self.model, addresses, security)
+        self.tables = job_tables(config, self.model, addresses, security, cache=False)
         self._columns = table_columns(self.tables)
         try:
             named = list(self.model.named_parameters())

@@ -53,9 +53,11 @@ def job_tables(
     security: WireSecurity | None,
     *,
     worker_id: str | None = None,
+    cache: bool = True,
 ) -> ShardedEmbeddings:
     """The job's tables of ``model`` on the shards (swapped in place), with its pull period,
-    push period, row cache and timeouts."""
+    push period, row cache (``cache``: a reader that never steps must not cache, or its rows
+    would never age) and timeouts."""
     return ShardedEmbeddings(
         model,
         ps=list(addresses),
@@ -63,7 +65,7 @@ def job_tables(
         lr=config.optimizer.lr,
         n_push=config.optimizer.n_push,
         n_pull=config.optimizer.n_pull,
-        row_cache_mb=config.embeddings.row_cache_mb,
+        row_cache_mb=config.embeddings.row_cache_mb if cache else 0.0,
         blocking=config.optimizer.blocking,
         timeout_s=config.faults.timeout_s,
         retry_timeout_s=config.faults.retry_timeout_s,

@@ -42,6 +42,8 @@ class DLRM(nn.Module):
         top_hidden: Hidden widths of the top MLP; its output layer (to 1) is added after them.
         embedding_device: Device of the embedding bags only, e.g. "meta" to build them without
             memory; None keeps the default device. The dense layers are always built for real.
+        real_tables: Tables (by index) built on the default device whatever
+            ``embedding_device`` says (tables left dense while the others live elsewhere).
 
     Raises:
         ValueError: If a size is out of range, or there are fewer than two vectors to
@@ -57,6 +59,7 @@ class DLRM(nn.Module):
         bottom_hidden: Sequence[int] = (64,),
         top_hidden: Sequence[int] = (64, 32),
         embedding_device: torch.device | str | None = None,
+        real_tables: Sequence[int] = (),
     ) -> None:
         super().__init__()
         table_sizes = tuple(table_sizes)
@@ -67,7 +70,8 @@ class DLRM(nn.Module):
             _mlp(num_dense, (*bottom_hidden, embedding_dim), relu_last=True) if num_dense else None
         )
         self.tables = nn.ModuleList(
-            _embedding_bag(size, embedding_dim, embedding_device) for size in table_sizes
+            _embedding_bag(size, embedding_dim, None if t in real_tables else embedding_device)
+            for t, size in enumerate(table_sizes)
         )
         num_vectors = len(table_sizes) + (1 if num_dense else 0)
         upper_rows, upper_cols = torch.triu_indices(num_vectors, num_vectors, offset=1)

@@ -36,13 +36,29 @@ CtrBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def build_ctr_replica(config: JobConfig, dataset: CtrDataset) -> nn.Module:
     """The job's DLRM for ``dataset``'s features, its tables on the meta device (their rows are
-    the shards'), its dense layers initialised from ``config.model.seed``."""
+    the shards'; with ``--tables``, the tables not named are dense parameters, built for real),
+    its dense layers initialised from ``config.model.seed``.
+
+    Raises:
+        ValueError: ``--tables`` names a module the model does not have.
+    """
+    names = config.embeddings.tables
+    sharded = [f"tables.{t}" for t in range(dataset.num_tables)]
+    unknown = sorted(set(names or ()) - set(sharded))
+    if unknown:
+        raise ValueError(
+            f"--tables: the dlrm model of {config.data.name} has no table {unknown[0]!r} "
+            f"(it has tables.0 .. tables.{dataset.num_tables - 1})"
+        )
     torch.manual_seed(config.model.seed)
     return DLRM(
         dataset.num_dense,
         dataset.table_sizes,
         embedding_dim=config.model.embedding_dim,
         embedding_device="meta",
+        real_tables=[
+            t for t, name in enumerate(sharded) if names is not None and name not in names
+        ],
     )
 
 

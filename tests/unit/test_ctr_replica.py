@@ -1,0 +1,51 @@
+"""The click worker's replica: tables on the meta device (their rows are the shards'), those
+``--tables`` leaves out built for real as dense parameters, unknown names refused by name."""
+
+import pytest
+import torch
+
+from distbelief.config import JobConfig
+from distbelief.data.ctr import CtrDataset
+from distbelief.embeddings import swap_embeddings
+from distbelief.worker.ctr import build_ctr_replica, table_columns
+
+
+def _clicks(num_tables: int = 3, table_size: int = 20_000_000) -> CtrDataset:
+    return CtrDataset(
+        dense=torch.zeros(4, 2),
+        sparse=torch.zeros(4, num_tables, dtype=torch.int64),
+        labels=torch.tensor([0.0, 1.0, 0.0, 1.0]),
+        name="synthetic-ctr",
+        table_sizes=(table_size,) * num_tables,
+    )
+
+
+def _config(**fields) -> JobConfig:
+    return JobConfig.from_fields(
+        {"model.name": "dlrm", "data.name": "synthetic-ctr", "model.embedding_dim": 4, **fields}
+    )
+
+
+def test_every_table_is_on_the_meta_device_by_default():
+    model = build_ctr_replica(_config(), _clicks())
+    assert all(table.weight.is_meta for table in model.tables)
+
+
+def test_tables_left_out_of_the_list_are_dense_parameters():
+    config = _config(**{"embeddings.tables": "tables.0,tables.2"})
+    model = build_ctr_replica(config, _clicks(3, table_size=1000))
+    assert [table.weight.is_meta for table in model.tables] == [True, False, True]
+    swapped = swap_embeddings(model, ["tables.0", "tables.2"])
+    assert sorted(swapped) == ["tables.0", "tables.2"]
+
+
+def test_table_columns_follow_the_module_names():
+    class Holder:
+        modules = {"tables.0": None, "tables.11": None}
+
+    assert table_columns(Holder()) == {"tables.0": 0, "tables.11": 11}
+
+
+def test_an_unknown_table_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"--tables: .* no table 'tables.7' \(it has tables.0"):
+        build_ctr_replica(_config(**{"embeddings.tables": "tables.7"}), _clicks(3))

@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> float:
     tables = ShardedEmbeddings(model, ps=args.ps, row_cache_mb=args.row_cache_mb)
     optimizer = DownpourSGD(model.parameters(), lr=args.lr, model=model, ps=args.ps)
     columns = {name: int(name.rpartition(".")[2]) for name in tables.modules}
-    batches = iterate_ctr_batches(
-        train, torch.arange(len(train)), args.batch_size, seed=0, epoch=0
-    )
+    batches = iterate_ctr_batches(train, torch.arange(len(train)), args.batch_size, seed=0, epoch=0)
     for step, (dense, sparse, labels) in enumerate(batches, start=1):
         tables.prefetch({name: sparse[:, column] for name, column in columns.items()})
         optimizer.zero_grad()

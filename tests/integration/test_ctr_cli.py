@@ -53,7 +53,7 @@ def _rows_on_shards(checkpoints: Path, num_shards: int) -> dict[str, int]:
 def test_click_model_trains_and_survives_a_killed_shard(tmp_path):
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
-        [*CLI, "train", *CLICK_JOB, "--shards", "2", "--steps", "160", *CHECKPOINTS, str(run_dir)],
+        [*CLI, "train", *CLICK_JOB, "--shards", "2", "--steps", "120", *CHECKPOINTS, str(run_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -61,9 +61,9 @@ def test_click_model_trains_and_survives_a_killed_shard(tmp_path):
     )
     try:
         deadline = time.monotonic() + 180
-        while _worker_steps(run_dir) < 40 and time.monotonic() < deadline:
+        while _worker_steps(run_dir) < 30 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _worker_steps(run_dir) >= 40, "the workers did not train"
+        assert _worker_steps(run_dir) >= 30, "the workers did not train"
         time.sleep(1.5)  # a row checkpoint of shard 0 since
         os.kill(json.loads((run_dir / "pids.json").read_text())["shard0"], signal.SIGKILL)
         out, err = launcher.communicate(timeout=240)
@@ -74,7 +74,7 @@ def test_click_model_trains_and_survives_a_killed_shard(tmp_path):
     assert launcher.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [f["action"] for f in summary["faults"]] == ["restarted"]
-    assert summary["worker_steps"] == {"0": 160, "1": 160}
+    assert summary["worker_steps"] == {"0": 120, "1": 120}
     assert summary["final"]["test_auc"] > 0.55
     assert "test AUC" in out
     records = read_metrics(run_dir / "metrics.csv")
@@ -91,7 +91,7 @@ def test_click_model_trains_and_survives_a_killed_shard(tmp_path):
 @pytest.mark.timeout(300)
 def test_resume_on_another_number_of_shards_keeps_every_row(tmp_path):
     run_dir = tmp_path / "run"
-    first = run_cli("train", *CLICK_JOB, "--shards", "2", "--steps", "20", "--out", str(run_dir))
+    first = run_cli("train", *CLICK_JOB, "--shards", "2", "--steps", "10", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
     rows_before = _rows_on_shards(run_dir / "checkpoints", 2)
     again = run_cli("train", "--resume", str(run_dir), "--shards", "3")
@@ -102,7 +102,7 @@ def test_resume_on_another_number_of_shards_keeps_every_row(tmp_path):
     assert rows_after.keys() == rows_before.keys()
     assert all(rows_after[name] >= rows_before[name] for name in rows_before)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["final"]["version"] == 80  # 2 x 20 dense pushes before, 2 x 20 after
+    assert summary["final"]["version"] == 40  # 2 x 10 dense pushes before, 2 x 10 after
     config = json.loads((run_dir / "config.json").read_text())
     assert config["cluster"]["num_shards"] == 3
 

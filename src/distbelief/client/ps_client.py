@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from distbelief.client.lanes import ShardLanes
+from distbelief.client.replay import Replay, ShardReplay
 from distbelief.errors import (
     ConsistencyMismatchError,
     ModelMismatchError,
@@ -97,6 +98,9 @@ class ParameterServerClient(ShardLanes):
         self._push_seq = itertools.count(1)
         # One session per client life: a restarted worker's numbering starts afresh.
         self._session = secrets.token_hex(8)
+        # Replays have a numbering of their own: one can be sent while later pushes wait.
+        self._replay_session = f"{self._session}.replay"
+        self._replay_seq = itertools.count(1)
         self.consistency: dict = {"sync": False, "max_staleness": None}
         """The shards' consistency settings, as every shard described them at the handshake."""
         self._staleness: list[int] = []
@@ -108,6 +112,9 @@ class ParameterServerClient(ShardLanes):
         )
         self._slice_cache: dict[int, tuple] = {}
         self.versions = [0] * len(self.addresses)
+        self.replays = [ShardReplay() for _ in self.addresses]
+        """Per shard, this worker's pushes its last checkpoint may lack (``client/replay.py``),
+        re-sent once if it restarts from that checkpoint. Pushers with a worker id only."""
 
     def handshake(self, initial: dict[torch.dtype, torch.Tensor] | None) -> bool:
         """Check every shard holds this model; initialise the empty ones from ``initial``.
@@ -166,6 +173,7 @@ class ParameterServerClient(ShardLanes):
             ModelMismatchError: the shard is one of another number of shards.
         """
         reply = self._request(shard_id, Message(ops.HELLO, self._hello_meta(shard_id)))
+        self._settle(shard_id, reply.meta)
         if reply.meta.get("num_shards") != self.num_shards:
             raise ModelMismatchError(
                 f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
@@ -251,9 +259,63 @@ class ParameterServerClient(ShardLanes):
 
     def _push_one(self, shard_id: int, message: Message) -> int:
         reply = self._request(shard_id, message)
-        self.versions[shard_id] = int(reply.meta["version"])
-        self._staleness.append(int(reply.meta.get("staleness", 0)))
+        meta = reply.meta
+        self.versions[shard_id] = int(meta["version"])
+        self._staleness.append(int(meta.get("staleness", 0)))
+        if self.worker_id is not None:
+            replay = self.replays[shard_id].observe(meta, in_flight=0 if meta.get("dup") else 1)
+            if meta.get("applied", True):
+                self.replays[shard_id].record(meta, [tensor for _, tensor in message.tensors])
+            if replay is not None:
+                self._resend(shard_id, replay)
         return self.versions[shard_id]
+
+    def _settle(self, shard_id: int, meta: dict) -> bool:
+        """Take in a reply's checkpoint description; if the shard restarted, re-send it what
+        its checkpoint lacks. True if anything was re-sent (a pull must then be repeated)."""
+        if self.worker_id is None:
+            return False
+        replay = self.replays[shard_id].observe(meta)
+        if replay is None:
+            return False
+        self._resend(shard_id, replay)
+        return replay.count > 0
+
+    def _resend(self, shard_id: int, replay: Replay | None) -> None:
+        """Send ``replay`` (numbered, so a retry is applied once); if the shard restarted yet
+        again meanwhile, the next replay too, until a life has everything."""
+        while replay is not None:
+            logger.warning(
+                "shard %d (%s) restarted from a checkpoint: re-sending the sum of %d pushes it "
+                "lacks",
+                shard_id,
+                self.addresses[shard_id],
+                replay.count,
+            )
+            meta = {
+                **self._group_meta,
+                "worker": self.worker_id,
+                "session": self._replay_session,
+                "seq": next(self._replay_seq),
+                "replay": replay.count,
+                "resent": replay.resent,
+                "seen": replay.seen_version,
+            }
+            tensors = []
+            if replay.tensors is not None:
+                pieces = self.slices[shard_id]
+                tensors = [
+                    (piece.name, total.to(piece.dtype))
+                    for piece, total in zip(pieces, replay.tensors, strict=True)
+                ]
+            reply = self._request(shard_id, Message(ops.PUSH, meta, tensors))
+            self.versions[shard_id] = int(reply.meta["version"])
+            in_flight = 0 if reply.meta.get("dup") else replay.count
+            buffer = self.replays[shard_id]
+            replay_next = buffer.observe(reply.meta, in_flight=in_flight)
+            if replay.tensors is not None:
+                buffer.record(reply.meta, replay.tensors, count=replay.count)
+            replay = replay_next
 
     def take_staleness(self) -> list[int]:
         """Staleness of the pushes answered since the last call (one value per shard reply)."""
@@ -308,7 +370,9 @@ class ParameterServerClient(ShardLanes):
         meta["max_wait_s"] = self.timeout_s / 2  # answered well inside this request's timeout
         deadline = time.monotonic() + self.hold_timeout_s
         reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
-        while reply.meta.get("held"):
+        # Held (SSP, sync rounds): ask again. From a restarted shard that was just sent what
+        # its checkpoint lacked: ask again for the parameters with it.
+        while reply.meta.get("held") or self._settle(shard_id, reply.meta):
             if time.monotonic() > deadline:
                 raise ShardTimeoutError(
                     f"shard {shard_id} ({self.addresses[shard_id]}): pull held for "

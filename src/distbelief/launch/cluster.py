@@ -133,12 +133,20 @@ class Fault:
     """Shards: the last version the shard reported before it died."""
     version_restored: int | None = None
     """Shards: the version its checkpoint restored."""
+    updates_replayed: int | None = None
+    """Shards: updates the workers re-sent to the restarted shard from their replay buffers
+    (what its checkpoint lacked), as the shard counted them."""
+    pushes_resent: int | None = None
+    """Shards: pushes in flight at the death, re-applied by the workers' retries."""
 
     @property
     def lost_updates(self) -> int | None:
+        """Updates the dead shard had applied that neither its checkpoint nor the workers'
+        replays and retries brought back (``version_before`` is the most any process saw)."""
         if self.version_before is None or self.version_restored is None:
             return None
-        return max(0, self.version_before - self.version_restored)
+        recovered = (self.updates_replayed or 0) + (self.pushes_resent or 0)
+        return max(0, self.version_before - self.version_restored - recovered)
 
 
 class Cluster(Protocol):
@@ -283,6 +291,9 @@ class ProcessBook:
             self.train_start = payload["time"]
         elif kind == "heartbeat":
             self.shard_versions[payload["shard_id"]] = payload["version"]
+            self._note_recovery(source.name, payload)
+        elif kind == "done" and source.kind is ProcessKind.SHARD:
+            self._note_recovery(source.name, payload)
         elif kind == "metric" and payload.get("role") == "worker":
             # A replica's stages step together: any of them tells where the replica is.
             self.last_step[payload["rank"]] = payload["step"]
@@ -305,6 +316,23 @@ class ProcessBook:
             if fault.process == name and fault.version_restored is None:
                 fault.version_restored = version
                 self.shard_versions[shard_id] = version
+                return
+
+    def _note_recovery(self, name: str, figures: dict) -> None:
+        """A restarted shard's count of what its workers re-sent (``ShardGroups.recovery``)
+        goes to its latest fault, and what they saw of its previous life to the version
+        before."""
+        if "updates_replayed" not in figures:
+            return
+        for fault in reversed(self.faults):
+            if fault.process == name:
+                if fault.version_restored is None:
+                    return  # this life restored nothing: it has nothing to report
+                fault.updates_replayed = figures["updates_replayed"]
+                fault.pushes_resent = figures["pushes_resent"]
+                seen = figures["version_seen_before"]
+                before = fault.version_before
+                fault.version_before = seen if before is None else max(before, seen)
                 return
 
     def record_death(self, spec: ProcessSpec, exitcode: int | None, *, stopping: bool) -> Fault:

@@ -152,13 +152,18 @@ class Checkpointer:
         directory: Where the checkpoint files go.
         every_s: Seconds between periodic saves; bounds the updates a crash can lose.
         save: Writes a snapshot into ``directory`` (default: ``save_checkpoint``).
+        on_finished: Called with each snapshot and whether its save succeeded (a shard tells
+            its clients which of their pushes are on disk).
     """
 
-    def __init__(self, shard, directory: str | Path, every_s: float, *, save=None) -> None:
+    def __init__(
+        self, shard, directory: str | Path, every_s: float, *, save=None, on_finished=None
+    ) -> None:
         if every_s <= 0:
             raise ValueError(f"checkpoint interval must be > 0 s, got {every_s}")
         self.shard = shard
         self._save = save if save is not None else save_checkpoint
+        self._on_finished = on_finished
         self.directory = Path(directory)
         self.every_s = every_s
         self.saved_version: int | None = None
@@ -173,8 +178,15 @@ class Checkpointer:
         if not self.shard.initialized or self.shard.version == self.saved_version:
             return False
         state = self.shard.snapshot()
-        self._save(state, self.directory)
+        try:
+            self._save(state, self.directory)
+        except BaseException:
+            if self._on_finished is not None:
+                self._on_finished(state, False)
+            raise
         self.saved_version = state.version
+        if self._on_finished is not None:
+            self._on_finished(state, True)
         logger.info("shard %d: checkpoint at version %d", state.shard_id, state.version)
         return True
 

@@ -113,6 +113,18 @@ class ShardGroups:
             staleness.update(shard.staleness.counts)
         return {**totals, "staleness": {str(s): n for s, n in sorted(staleness.items())}}
 
+    def recovery(self) -> dict:
+        """The recovery figures of this life (``ShardDurability.recovery``) summed over every
+        group; ``version_seen_before`` counts a group no client reported on at its restored
+        version (its clients had nothing to replay)."""
+        totals = {"updates_replayed": 0, "pushes_resent": 0, "version_seen_before": 0}
+        for shard in self.shards().values():
+            figures = shard.recovery()
+            totals["updates_replayed"] += figures["updates_replayed"]
+            totals["pushes_resent"] += figures["pushes_resent"]
+            totals["version_seen_before"] += figures["version_seen_before"]
+        return totals
+
     def restore(self, directory: str | Path | None) -> dict[str, int]:
         """Loads the last checkpoint of the default group and of every group found in
         ``directory``; returns the restored versions by group (empty: nothing restored).
@@ -149,9 +161,14 @@ class ShardGroups:
     def _start_checkpointer(self, name: str, shard: ParameterShard, saved_version) -> None:
         assert self._checkpoint_dir is not None and self._checkpoint_every_s is not None
         checkpointer = Checkpointer(
-            shard, group_dir(self._checkpoint_dir, name), self._checkpoint_every_s
+            shard,
+            group_dir(self._checkpoint_dir, name),
+            self._checkpoint_every_s,
+            on_finished=shard.checkpoint_finished,
         )
         checkpointer.saved_version = saved_version
+        # Periodic saves: the shard's replies now say which pushes are on disk.
+        shard.track_checkpoints()
         self._checkpointers[name] = checkpointer.start()
 
     def stop_checkpoints(self) -> None:

@@ -61,7 +61,8 @@ def serve_shard(
     Embedding tables are restored and saved with the dense parameters, in their own files
     (``server/row_persistence.py``).
     Emits "ready" once listening and a "heartbeat" with its version (summed over the groups)
-    every quarter second.
+    and what its clients replayed into it since it started (``ShardGroups.recovery``) every
+    quarter second.
     ``row_settings``: how the shard makes the embedding tables its clients declare (row
     optimizer, admission, eviction; ``server/row_tables.py``); default: plain SGD rows.
     ``shard``: an empty shard the caller built from the same arguments and keeps a handle on
@@ -124,7 +125,10 @@ def serve_shard(
     try:
         # Short waits, not one long one, so SIGTERM's SystemExit is raised promptly.
         while not stop.wait(_HEARTBEAT_S):
-            emit("heartbeat", {"shard_id": shard_id, "version": groups.total_version})
+            emit(
+                "heartbeat",
+                {"shard_id": shard_id, "version": groups.total_version, **groups.recovery()},
+            )
     finally:
         server.stop()
         stop_saving()
@@ -135,6 +139,7 @@ def serve_shard(
         "num_pushes": totals["num_pushes"],
         "num_dropped": totals["num_dropped"],
         "staleness": totals["staleness"],
+        **groups.recovery(),
     }
 
 

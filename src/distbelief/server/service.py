@@ -213,7 +213,7 @@ class ShardConnection(VectorHandlers):
 
     def _describe(self) -> dict:
         counters = self.shard.counters()
-        return {
+        described = {
             "shard_id": self.shard.shard_id,
             "num_shards": self.shard.num_shards,
             "initialized": self.shard.initialized,
@@ -222,6 +222,10 @@ class ShardConnection(VectorHandlers):
             "consistency": self.shard.policy.describe(),
             "partitioner": self.shard.partitioner.to_json(),
         }
+        durable = self.shard.describe_durability()
+        if durable is not None:
+            described["durable"] = durable
+        return described
 
     def _init(self, request: Message) -> Message:
         self._bind_group(request.meta)
@@ -236,6 +240,8 @@ class ShardConnection(VectorHandlers):
     def _push(self, request: Message) -> Message:
         if request.meta.get("group", DEFAULT_GROUP) != self.group:  # inline: a push's hot path
             self._bind_group(request.meta)
+        if "replay" in request.meta:
+            return self._replay(request)
         names = [name for name, _ in request.tensors]
         if names != self._slice_names:
             raise ProtocolError(f"push must carry {self._slice_names}, got {names}")
@@ -249,9 +255,38 @@ class ShardConnection(VectorHandlers):
             seq=_push_sequence(request.meta),
         )
         self.service.count_bytes(self._slice_bytes, 0)
-        return request.reply(
-            {"version": result.version, "staleness": result.staleness, "applied": result.applied}
+        meta = {"version": result.version, "staleness": result.staleness, "applied": result.applied}
+        if result.durable is not None:
+            meta |= {"epoch": result.epoch, "durable": result.durable}
+            if result.divisor != 1:
+                meta["divisor"] = result.divisor
+            if result.duplicate:
+                meta["dup"] = True
+        return request.reply(meta)
+
+    def _replay(self, request: Message) -> Message:
+        """A client's replay of its pushes that this life's checkpoint does not hold
+        (``client/replay.py``): their sum as one update worth ``replay`` updates."""
+        count = _optional_int(request.meta, "replay")
+        worker, _clock = self._identify(request.meta)
+        seq = _push_sequence(request.meta)
+        if worker is None or seq is None or count is None:
+            raise ValueError("a replay needs a worker id, a session and seq, and its count")
+        names = [name for name, _ in request.tensors]
+        if names != (self._slice_names if count else []):
+            raise ProtocolError(f"a replay of {count} updates carries tensors {names}")
+        result = self.shard.replay(
+            [tensor for _, tensor in request.tensors],
+            worker=worker,
+            seq=seq,
+            count=count,
+            resent=_optional_int(request.meta, "resent") or 0,
+            seen_version=_optional_int(request.meta, "seen") or 0,
         )
+        meta = {"version": result.version, "epoch": result.epoch, "durable": result.durable}
+        if result.duplicate:
+            meta["dup"] = True
+        return request.reply(meta)
 
     def _pull(self, request: Message) -> Message:
         if request.meta.get("group", DEFAULT_GROUP) != self.group:  # inline: a pull's hot path
@@ -277,7 +312,10 @@ class ShardConnection(VectorHandlers):
             return request.reply({"version": result.version, "held": True})
         self._snapshot_generation = result.generation
         self.service.count_bytes(0, self._slice_bytes)
-        return request.reply({"version": result.version, "held": False}, self._pull_tensors)
+        meta = {"version": result.version, "held": False}
+        if result.durable is not None:
+            meta["durable"] = result.durable
+        return request.reply(meta, self._pull_tensors)
 
     def _stats(self, request: Message) -> Message:
         """One group's counters when the request names it, else the sum over every group

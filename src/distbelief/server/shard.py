@@ -20,6 +20,7 @@ import torch
 from distbelief.config import ConsistencyConfig
 from distbelief.errors import LayoutMismatchError, ModelMismatchError
 from distbelief.server.consistency import WorkerClocks, consistency_policy
+from distbelief.server.durability import ShardDurability
 from distbelief.server.optimizers import ServerOptimizerFactory
 from distbelief.server.staleness import StalenessHistogram
 from distbelief.server.store import PARAM, ShardStore
@@ -65,6 +66,14 @@ class PushResult:
     staleness: int
     applied: bool
     """False when a synchronous round closed before this gradient arrived (a late backup)."""
+    epoch: int = 0
+    """Checkpoints begun before it was applied (``server/durability.py``)."""
+    divisor: int = 1
+    """What the gradient was divided by before it was applied (the ``scale`` policy)."""
+    durable: dict | None = None
+    """``ShardDurability.describe()`` as of this push."""
+    duplicate: bool = False
+    """A retry of a push seen before, answered again (not applied twice)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +83,8 @@ class PullResult:
     """True when the pull had to wait longer than allowed and carries no parameters."""
     generation: int = 0
     """Names the parameter values copied out (see ``pull_into``'s ``outs_generation``)."""
+    durable: dict | None = None
+    """``ShardDurability.describe()`` as of this pull."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -87,6 +98,14 @@ class ShardState:
     """The store's persistent buffers and optimizer state, by name."""
     values: dict[str, object]
     """JSON-able: layout, partitioner, counters and the store's plain values."""
+
+
+def _last_push_entry(saved: Sequence[int]) -> tuple[int, int, int, int]:
+    """A checkpoint's last push of a session: (seq, version) before checkpoints were numbered,
+    (seq, version, epoch, divisor) since."""
+    entry = [int(value) for value in saved]
+    seq, version, epoch, divisor = entry if len(entry) == 4 else [*entry, 0, 1]
+    return seq, version, epoch, divisor
 
 
 def _check_slices(slices: Sequence[ShardSlice], values: Sequence[torch.Tensor], what: str) -> None:
@@ -149,14 +168,19 @@ class ParameterShard:
         self._num_pushes = 0
         self._num_pulls = 0
         self._num_dropped = 0
+        self._restored_version = 0
         self.clocks = WorkerClocks(self.consistency.liveness_timeout_s)
         self.policy = consistency_policy(self.consistency, self.clocks, num_workers)
+        self._scales = not consistency.sync and consistency.staleness_policy == "scale"
         self.staleness = StalenessHistogram()
         self.life = secrets.token_hex(8)
         """Names this shard's process life: a restarted shard (its vectors those of a
         checkpoint) answers vector programs with another one."""
-        self.last_push: dict[str, tuple[int, int]] = {}
-        """Per client session: (sequence number, version after) of its last push."""
+        self.durability = ShardDurability(self.life)
+        """Checkpoint numbers for the clients' replay of what a restart loses."""
+        self.last_push: dict[str, tuple[int, int, int, int]] = {}
+        """Per client session: (sequence number, version after, epoch, divisor) of its last
+        push, to answer a retry of it again."""
         self.accumulator = EvaluationAccumulator()
         """The open Sandblaster evaluation's staged and committed gradient bundles."""
         self._last_program: dict[str, tuple[int, list]] = {}
@@ -261,7 +285,15 @@ class ParameterShard:
             dedupe_key = f"{worker}#{seq[0]}" if worker is not None and seq else None
             last = self.last_push.get(dedupe_key) if dedupe_key else None
             if seq is not None and last is not None and seq[1] <= last[0]:
-                return PushResult(last[1], 0, True)
+                return PushResult(
+                    last[1],
+                    0,
+                    True,
+                    last[2],
+                    last[3],
+                    durable=self.durability.describe(),
+                    duplicate=True,
+                )
             base = self._version if base_version is None else base_version
             staleness = max(0, self._version - base)
             self.staleness.record(staleness)
@@ -271,10 +303,64 @@ class ParameterShard:
             )
             if not applied:
                 self._num_dropped += 1
+            divisor = staleness if self._scales and staleness > 1 else 1
+            result = PushResult(
+                self._version,
+                staleness,
+                applied,
+                self.durability.taken,
+                divisor,
+                durable=self.durability.describe(),
+            )
             if dedupe_key is not None and seq is not None:
-                self.last_push[dedupe_key] = (seq[1], self._version)
+                self.last_push[dedupe_key] = (seq[1], result.version, result.epoch, divisor)
             self._changed.notify_all()
-            return PushResult(self._version, staleness, applied)
+            return result
+
+    def replay(
+        self,
+        grads: Sequence[torch.Tensor],
+        *,
+        worker: str,
+        seq: tuple[str, int],
+        count: int,
+        resent: int = 0,
+        seen_version: int = 0,
+    ) -> PushResult:
+        """Apply a client's replay: the sum of its ``count`` pushes that this life's checkpoint
+        does not hold, as one optimizer step worth ``count`` updates (no staleness adjustment:
+        the sum is of what was applied). ``count`` 0 (no ``grads``) only reports ``resent``
+        and ``seen_version`` for the lost-update count. Numbered as a push is: applied once.
+
+        Raises:
+            ValueError: this shard keeps no checkpoint numbers, or runs synchronous rounds
+                (whose averaged updates a client cannot replay).
+        """
+        self.require_initialized()
+        if not self.durability.tracking or self.consistency.sync:
+            raise ValueError(
+                f"shard {self.shard_id} takes no replays (it saves no periodic checkpoints or "
+                "runs synchronous rounds)"
+            )
+        if count < 0 or bool(grads) != (count > 0):
+            raise ValueError(f"a replay of {count} updates must carry {count > 0} gradients")
+        with self._changed:
+            dedupe_key = f"{worker}#{seq[0]}"
+            last = self.last_push.get(dedupe_key)
+            if last is not None and seq[1] <= last[0]:
+                durable = self.durability.describe()
+                return PushResult(last[1], 0, True, last[2], durable=durable, duplicate=True)
+            if count:
+                assert self.store is not None
+                self.store.step(grads)
+                self._version += count
+                self._generation += 1
+            self.durability.note_replay(count, resent, seen_version)
+            self.last_push[dedupe_key] = (seq[1], self._version, self.durability.taken, 1)
+            self._changed.notify_all()
+            return PushResult(
+                self._version, 0, True, self.durability.taken, durable=self.durability.describe()
+            )
 
     def _apply_update(self, grads: Sequence[torch.Tensor]) -> None:
         """The policy's way to update the parameters (called under the lock)."""
@@ -318,7 +404,12 @@ class ParameterShard:
             if self.policy.tracks_pulls:
                 self.policy.pulled(worker, self._generation)
             self._num_pulls += 1
-            return PullResult(self._version, held=False, generation=self._generation)
+            return PullResult(
+                self._version,
+                held=False,
+                generation=self._generation,
+                durable=self.durability.describe(),
+            )
 
     def read_into(self, outs: Sequence[torch.Tensor]) -> int:
         """Copy a consistent snapshot of the slices into ``outs`` now; returns its version."""
@@ -401,7 +492,8 @@ class ParameterShard:
         return outs
 
     def snapshot(self) -> ShardState:
-        """A consistent copy of everything a checkpoint needs (taken under the lock)."""
+        """A consistent copy of everything a checkpoint needs (taken under the lock); it begins
+        checkpoint number ``values["checkpoint"]`` (see ``server/durability.py``)."""
         self.require_initialized()
         with self._changed:
             assert self.store is not None
@@ -410,8 +502,9 @@ class ParameterShard:
                 "specs": specs_to_json(self.specs),
                 "partitioner": self.partitioner.to_json(),
                 "num_pushes": self._num_pushes,
-                "last_push": {session: list(pair) for session, pair in self.last_push.items()},
+                "last_push": {session: list(entry) for session, entry in self.last_push.items()},
                 "store": store_values,
+                "checkpoint": self.durability.begin(),
             }
             return ShardState(
                 shard_id=self.shard_id,
@@ -444,18 +537,47 @@ class ParameterShard:
                 )
             slices = self.partitioner.partition(specs, self.num_shards)[self.shard_id]
             store = ShardStore.load(self._optimizer_factory, state.tensors, values["store"])
-            last_push = {s: (int(p[0]), int(p[1])) for s, p in values["last_push"].items()}
+            last_push = {s: _last_push_entry(p) for s, p in values["last_push"].items()}
             num_pushes = int(values["num_pushes"])
+            checkpoint = int(values.get("checkpoint", 0))
         except (KeyError, TypeError) as e:
             raise ValueError(f"checkpoint state is incomplete: {e!r}") from e
         _check_slices(slices, store.params, "checkpoint")
         with self._changed:
             self._adopt(specs, slices, store)
-            self._version = state.version
+            self._version = self._restored_version = state.version
             self._num_pushes = num_pushes
             self.last_push = last_push
+            self.durability.start_from(checkpoint)
             self.accumulator = EvaluationAccumulator()
             self._last_program = {}
+
+    def describe_durability(self) -> dict | None:
+        """``ShardDurability.describe()`` now (None: no periodic checkpoints)."""
+        with self._changed:
+            return self.durability.describe()
+
+    def track_checkpoints(self) -> None:
+        """Periodic checkpoints run: from now on replies say which pushes are on disk, so that
+        clients can replay the rest after a restart. Not under synchronous rounds (a round's
+        averaged update is no client's to replay)."""
+        with self._changed:
+            self.durability.tracking = not self.consistency.sync
+
+    def recovery(self) -> dict:
+        """What clients replayed into this life (``ShardDurability.recovery``);
+        ``version_seen_before`` is at least the restored version."""
+        with self._changed:
+            figures = self.durability.recovery()
+            figures["version_seen_before"] = max(
+                figures["version_seen_before"], self._restored_version
+            )
+            return figures
+
+    def checkpoint_finished(self, state: ShardState, saved: bool) -> None:
+        """The checkpoint ``state`` began is on disk (``saved``), or its save failed."""
+        with self._changed:
+            self.durability.finish(int(state.values["checkpoint"]), saved)
 
     def require_initialized(self) -> None:
         if not self.initialized:

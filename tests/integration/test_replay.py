@@ -1,16 +1,33 @@
-"""Workers re-send what a restarted shard's checkpoint lacks: shards served in this process on
-loopback, stopped without a last save (as a SIGKILL leaves them) and restarted from their
-checkpoint files on the same address; two workers' pushes all end up applied exactly once."""
+"""Workers re-send what a restarted shard's checkpoint lacks. In this process: shards on loopback,
+stopped without a last save (as a SIGKILL leaves them) and restarted from their checkpoint files
+on the same address, where two workers' pushes all end up applied exactly once. In a real job: a
+shard SIGKILLed mid-run ends with the parameters of the same job left alone (run by the same role
+functions in this process's threads)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
 import torch
 
 from distbelief.client import ParameterServerClient
+from distbelief.config import JobConfig
+from distbelief.launch.cluster import ProcessKind, ProcessSpec
+from distbelief.launch.entry import run_role
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
 from distbelief.sharding import TensorSpec
+from distbelief.telemetry import read_metrics
 from distbelief.wire import serve
+from distbelief.wire.security import WireSecurity
+from tests.conftest import CHILD_ENV, CLI, stop_processes
 
 SPECS = [TensorSpec("w", (6, 4), torch.float32), TensorSpec("b", (6,), torch.float32)]
 NUM_ELEMENTS = 30
@@ -97,3 +114,114 @@ def test_a_restarted_shard_gets_every_push_of_two_workers_back_exactly_once(tmp_
         "pushes_resent": 1,  # push 6 was in flight when the first worker found the restart
         "version_seen_before": 6,
     }
+
+
+# ------------------------------------------------------------------ a SIGKILL in a real job
+
+
+def _train(run_dir: Path) -> subprocess.Popen:
+    """One worker, blocking, plain SGD on the shards: the pushes are the same in every run.
+
+    The MLP, not LeNet: the replayed sum differs from the pushes applied one by one by float
+    rounding (~1e-7), which LeNet's training amplifies to ~1e-3 within 300 steps and the MLP's
+    does not.
+    """
+    flags = ["--workers", "1", "--shards", "2", "--steps", "300", "--blocking", "--model", "mlp"]
+    flags += ["--server-optimizer", "sgd", "--checkpoint-every", "0.5", "--no-eval"]
+    return subprocess.Popen(
+        [*CLI, "train", *flags, "--out", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+
+
+def _run_undisturbed(config: JobConfig) -> None:
+    """The same job's shards and worker (the launcher's role functions) in this process's
+    threads, left alone to the end; the shards' last checkpoints hold its parameters."""
+    addresses: dict[int, str] = {}
+    stop = threading.Event()
+
+    def emit(kind: str, payload: dict) -> None:
+        if kind == "ready":
+            addresses[payload["shard_id"]] = payload["address"]
+
+    def shard(shard_id: int) -> None:
+        spec = ProcessSpec(ProcessKind.SHARD, shard_id, bind="tcp://127.0.0.1:0")
+        run_role(emit, spec, config, [], WireSecurity(), stop)
+
+    shards = [threading.Thread(target=shard, args=(i,), daemon=True) for i in range(2)]
+    for thread in shards:
+        thread.start()
+    threads = torch.get_num_threads()  # the worker sets this process's threads to the job's
+    try:
+        deadline = time.monotonic() + 60
+        while len(addresses) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        worker = ProcessSpec(ProcessKind.WORKER, 0)
+        run_role(emit, worker, config, [addresses[0], addresses[1]], WireSecurity(), stop)
+    finally:
+        torch.set_num_threads(threads)
+        stop.set()
+        for thread in shards:
+            thread.join(30)
+
+
+def _worker_step(run_dir: Path) -> int:
+    try:
+        rows = read_metrics(run_dir / "metrics.csv")
+    except (OSError, ValueError):  # not written yet, or a row caught half-written
+        return 0
+    return max((row["step"] for row in rows if row["role"] == "worker"), default=0)
+
+
+def _wait_for(predicate, job: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not predicate():
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _final_parameters(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard_id in range(2):
+        state = load_checkpoint(run_dir / "checkpoints", shard_id)
+        assert state is not None
+        tensors |= {f"{shard_id}.{k}": v for k, v in state.tensors.items() if "param" in k}
+    return tensors
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_sigkill_of_a_shard_loses_no_update(tmp_path):
+    killed, left_alone = tmp_path / "killed", tmp_path / "left-alone"
+    job = _train(killed)
+    try:
+        _wait_for((killed / "config.json").exists, job, "the job's config")
+        config = JobConfig.from_file(killed / "config.json")
+        reference = threading.Thread(
+            target=_run_undisturbed,
+            args=(config.with_fields({"reporting.out_dir": str(left_alone)}),),
+            daemon=True,
+        )
+        reference.start()
+        _wait_for(lambda: _worker_step(killed) >= 100, job, "step 100")
+        os.kill(json.loads((killed / "pids.json").read_text())["shard1"], signal.SIGKILL)
+        _, err = job.communicate(timeout=180)
+        reference.join(120)
+    finally:
+        stop_processes([job])
+    assert job.returncode == 0, err[-3000:]
+    assert not reference.is_alive()
+    summary = json.loads((killed / "summary.json").read_text())
+    [fault] = summary["faults"]
+    assert (fault["process"], fault["action"], fault["lost_updates"]) == ("shard1", "restarted", 0)
+    recovered = fault["version_restored"] + fault["updates_replayed"] + fault["pushes_resent"]
+    assert recovered >= fault["version_before"] >= fault["version_restored"]
+    assert summary["final"]["version"] == 300
+    after_kill, undisturbed = _final_parameters(killed), _final_parameters(left_alone)
+    assert after_kill.keys() == undisturbed.keys()
+    for name, tensor in after_kill.items():
+        torch.testing.assert_close(tensor, undisturbed[name], rtol=0, atol=1e-6, msg=name)

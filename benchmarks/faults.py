@@ -302,8 +302,9 @@ def pair_kills(faults: list[dict], kills: list[dict]) -> list[dict]:
 def workers_version_at(rows: list[dict], fault: dict) -> int | None:
     """Shards: the highest version any worker had seen when the shard died.
 
-    The launcher's ``version_before`` comes from a heartbeat up to 1 s old; workers report
-    every 10 steps, so this is the fresher count (of the most advanced shard).
+    The launcher's ``version_before`` comes from a heartbeat up to 0.25 s old (or what the
+    workers re-sending to the restarted shard saw of it); workers report every 10 steps, so
+    this is another lower bound (of the most advanced shard's version).
     """
     if not fault["process"].startswith("shard"):
         return None
@@ -326,8 +327,9 @@ def summarize_run(
         fault["resume_delay_s"] = resume_delay_s(rows, fault)
         fault["workers_version_at_death"] = seen = workers_version_at(rows, fault)
         restored = fault["version_restored"]
+        recovered = (fault.get("updates_replayed") or 0) + (fault.get("pushes_resent") or 0)
         fault["estimated_lost_updates"] = (
-            None if seen is None or restored is None else max(0, seen - restored)
+            None if seen is None or restored is None else max(0, seen - restored - recovered)
         )
     return {
         "label": label,
@@ -438,7 +440,8 @@ def _pair(first: object, second: object) -> str:
 def fault_lines(run: dict) -> tuple[list[str], list[list[str]]]:
     """One table row per death in the disturbed run, with the kill that caused it."""
     header = ["#", "process", "killed at: % of steps, s", "launcher saw it at (s)", "action"]
-    header += ["exit code", "version before / restored", "lost updates (launcher)"]
+    header += ["exit code", "version before / restored", "replayed / resent"]
+    header += ["lost updates (launcher)"]
     header += ["workers' version at kill", "lost updates (est.)", "work resumed after (s)"]
     lines = []
     for i, fault in enumerate(run["faults"]):
@@ -449,6 +452,7 @@ def fault_lines(run: dict) -> tuple[list[str], list[list[str]]]:
         cells = [str(i + 1), fault["process"], killed_at, f"{fault['time_s']:.2f}"]
         cells += [fault["action"], _fmt(fault["exitcode"], "{}")]
         cells += [_pair(fault["version_before"], fault["version_restored"])]
+        cells += [_pair(fault.get("updates_replayed"), fault.get("pushes_resent"))]
         cells += [_fmt(fault[key], "{}") for key in ("lost_updates", "workers_version_at_death")]
         cells += [_fmt(fault["estimated_lost_updates"], "{}")]
         lines.append([*cells, _fmt(fault["resume_delay_s"], "{:.2f}")])

@@ -97,6 +97,21 @@ def test_restarts_resume_where_the_process_was() -> None:
     assert (fault.version_restored, fault.lost_updates) == (5, 4)
 
 
+def test_lost_updates_subtract_what_the_workers_replayed() -> None:
+    book = _book()
+    book.note(Event("ready", SHARD0, {"shard_id": 0, "address": "tcp://127.0.0.1:4321"}))
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 7}))
+    fault = book.record_death(SHARD0, -9, stopping=False)
+    restored = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": 5}
+    book.note(Event("ready", SHARD0, restored))
+    recovery = {"updates_replayed": 3, "pushes_resent": 1, "version_seen_before": 9}
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 10, **recovery}))
+    # A worker saw version 9 before the death: more than the last heartbeat's 7.
+    assert (fault.version_before, fault.updates_replayed, fault.lost_updates) == (9, 3, 0)
+    book.note(Event("done", SHARD0, {"shard_id": 0, **recovery, "version_seen_before": 10}))
+    assert (fault.version_before, fault.lost_updates) == (10, 1)
+
+
 def test_the_decision_follows_the_kind_not_the_name() -> None:
     # A worker's process is given up, a shard's is fatal, whatever their names look like.
     book = ProcessBook(JobConfig.from_fields({"cluster.num_workers": 2, "faults.max_restarts": 0}))

@@ -22,6 +22,7 @@ from distbelief.errors import (
     DistBeliefError,
     LauncherInterrupted,
 )
+from distbelief.launch.cluster import Fault
 from distbelief.launch.flags import flag_of, get_args_parser, security_from_args, subcommand_parser
 from distbelief.launch.rundir import run_dir_path
 
@@ -105,12 +106,28 @@ def _run_train(args: argparse.Namespace) -> int:
     except ChildFailedError as e:
         return _child_failed(args, e, _save_traceback(e, Path(config.reporting.out_dir)))
     final = result.final
+    for fault in result.faults:
+        if fault.version_restored is not None:
+            print(_describe_restore(fault))
     auc = "" if final.get("test_auc") is None else f", test AUC {final['test_auc']:.4f}"
     print(
         f"done in {result.elapsed_s:.1f}s: test accuracy {final.get('test_accuracy', 0):.4f}"
         f"{auc} (parameter server, version {final.get('version')}); run folder {result.run_dir}"
     )
     return 0
+
+
+def _describe_restore(fault: Fault) -> str:
+    """What a shard's restart cost: ``shard1: restored version 81; the workers re-sent 44
+    updates it lacked and 1 push in flight; 0 updates lost``."""
+    text = f"{fault.process}: restored version {fault.version_restored}"
+    if fault.updates_replayed is not None:
+        text += (
+            f"; the workers re-sent {fault.updates_replayed} updates it lacked and "
+            f"{fault.pushes_resent} pushes in flight"
+        )
+    lost = fault.lost_updates
+    return text + ("" if lost is None else f"; {lost} updates lost")
 
 
 def _save_traceback(error: ChildFailedError, run_dir: Path) -> Path | None:

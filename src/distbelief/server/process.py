@@ -69,7 +69,7 @@ def serve_shard(
     (to read its parameters after the stop); default: a new one.
 
     Returns:
-        Its counters and staleness histogram.
+        Its counters, staleness histogram and what its clients replayed into it.
 
     Raises:
         CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.

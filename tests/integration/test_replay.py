@@ -37,8 +37,10 @@ LR = 0.5
 class _ServedShard:
     """One shard with periodic-checkpoint bookkeeping (saves are made by the test), served."""
 
-    def __init__(self, shard_id: int, directory, address: str = "tcp://127.0.0.1:0") -> None:
-        self.shard = ParameterShard(shard_id, 2, server_optimizer_factory("sgd", lr=LR))
+    def __init__(
+        self, shard_id: int, directory, address: str = "tcp://127.0.0.1:0", num_shards: int = 2
+    ) -> None:
+        self.shard = ParameterShard(shard_id, num_shards, server_optimizer_factory("sgd", lr=LR))
         state = load_checkpoint(directory, shard_id)
         if state is not None:
             self.shard.restore(state)
@@ -114,6 +116,58 @@ def test_a_restarted_shard_gets_every_push_of_two_workers_back_exactly_once(tmp_
         "pushes_resent": 1,  # push 6 was in flight when the first worker found the restart
         "version_seen_before": 6,
     }
+
+
+def _hold_next_push(shard: ParameterShard, applied: threading.Event, release: threading.Event):
+    """The shard's next push is applied, then its reply waits for ``release``."""
+    push = shard.push
+
+    def applied_then_held(*args, **kwargs):
+        shard.push = push
+        result = push(*args, **kwargs)
+        applied.set()
+        release.wait(30)
+        return result
+
+    shard.push = applied_then_held
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["after-checkpoint", "in-checkpoint"])
+def test_a_push_applied_whose_reply_died_with_the_shard_counts_once(tmp_path, checkpointed):
+    served = _ServedShard(0, tmp_path, num_shards=1)
+    client = ParameterServerClient(
+        [served.address], SPECS, timeout_s=30, retry_timeout_s=30, worker_id="w"
+    )
+    initial = {torch.float32: torch.linspace(0.0, 3.0, NUM_ELEMENTS)}
+    applied, release = threading.Event(), threading.Event()
+    try:
+        client.handshake(initial)
+        client.push_now(_gradient(0))
+        served.checkpointer.save_if_changed()
+        client.push_now(_gradient(1))
+        _hold_next_push(served.shard, applied, release)
+        futures = client.push(_gradient(2))
+        assert applied.wait(30)
+        if checkpointed:  # the held push is in the checkpoint the shard restarts from
+            served.checkpointer.save_if_changed()
+        # Connections are closed at once; the held reply can only go to a closed socket.
+        served.server.stop(timeout_s=0.5)
+        release.set()
+        served = _ServedShard(0, tmp_path, address=served.address, num_shards=1)
+        assert client.wait(futures) == [3]
+        pulled = {torch.float32: torch.zeros(NUM_ELEMENTS)}
+        assert client.pull_now(pulled) == [3]
+    finally:
+        release.set()
+        client.close()
+        served.kill()
+    expected = initial[torch.float32] - LR * sum(_gradient(k)[torch.float32] for k in range(3))
+    torch.testing.assert_close(pulled[torch.float32], expected, rtol=0, atol=1e-6)
+    recovery = served.shard.recovery()
+    if checkpointed:  # the retry was answered as a duplicate; nothing to re-send
+        assert (recovery["updates_replayed"], recovery["pushes_resent"]) == (0, 0)
+    else:  # the retry applied push 2 again (the first time died with the shard); 1 re-sent
+        assert (recovery["updates_replayed"], recovery["pushes_resent"]) == (1, 1)
 
 
 # ------------------------------------------------------------------ a SIGKILL in a real job

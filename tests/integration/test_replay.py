@@ -111,7 +111,7 @@ def test_a_restarted_shard_gets_every_push_of_two_workers_back_exactly_once(tmp_
     expected = initial[torch.float32] - LR * sum(_gradient(k)[torch.float32] for k in pushed)
     torch.testing.assert_close(pulled[torch.float32], expected, rtol=0, atol=1e-6)
     assert shards[1].shard.recovery() == {
-        "restored_checkpoint": state.values["checkpoint"],
+        "restored_checkpoint": state.values["checkpoint_number"],
         "updates_replayed": 2,
         "pushes_resent": 1,  # push 6 was in flight when the first worker found the restart
         "version_seen_before": 6,

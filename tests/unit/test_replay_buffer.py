@@ -122,7 +122,7 @@ def test_pushes_carry_the_epoch_of_the_checkpoints_begun_before_them():
     shard = _shard()
     assert _push_to(shard, 1.0, 1).epoch == 0
     state = shard.snapshot()
-    assert state.values["checkpoint"] == 1
+    assert state.values["checkpoint_number"] == 1
     second = _push_to(shard, 1.0, 2)
     assert (second.epoch, second.durable["saved"]) == (1, 0)
     shard.checkpoint_finished(state, saved=True)
@@ -181,7 +181,7 @@ def test_checkpoints_written_before_epochs_still_restore():
     _push_to(shard, 1.0, 1)
     state = shard.snapshot()
     state.values["last_push"] = {"w#s": [1, 1]}
-    del state.values["checkpoint"]
+    del state.values["checkpoint_number"]
     restarted = _shard()
     restarted.restore(state)
     assert restarted.last_push["w#s"] == (1, 1, 0, 1)

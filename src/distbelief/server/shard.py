@@ -343,7 +343,9 @@ class ParameterShard:
                 "runs synchronous rounds)"
             )
         if count < 0 or bool(grads) != (count > 0):
-            raise ValueError(f"a replay of {count} updates must carry {count > 0} gradients")
+            raise ValueError(
+                f"a replay of {count} updates must carry gradients exactly when it is worth any"
+            )
         with self._changed:
             dedupe_key = f"{worker}#{seq[0]}"
             last = self.last_push.get(dedupe_key)
@@ -493,7 +495,7 @@ class ParameterShard:
 
     def snapshot(self) -> ShardState:
         """A consistent copy of everything a checkpoint needs (taken under the lock); it begins
-        checkpoint number ``values["checkpoint"]`` (see ``server/durability.py``)."""
+        checkpoint number ``values["checkpoint_number"]`` (see ``server/durability.py``)."""
         self.require_initialized()
         with self._changed:
             assert self.store is not None
@@ -504,7 +506,7 @@ class ParameterShard:
                 "num_pushes": self._num_pushes,
                 "last_push": {session: list(entry) for session, entry in self.last_push.items()},
                 "store": store_values,
-                "checkpoint": self.durability.begin(),
+                "checkpoint_number": self.durability.begin(),
             }
             return ShardState(
                 shard_id=self.shard_id,
@@ -539,7 +541,7 @@ class ParameterShard:
             store = ShardStore.load(self._optimizer_factory, state.tensors, values["store"])
             last_push = {s: _last_push_entry(p) for s, p in values["last_push"].items()}
             num_pushes = int(values["num_pushes"])
-            checkpoint = int(values.get("checkpoint", 0))
+            checkpoint = int(values.get("checkpoint_number", 0))
         except (KeyError, TypeError) as e:
             raise ValueError(f"checkpoint state is incomplete: {e!r}") from e
         _check_slices(slices, store.params, "checkpoint")
@@ -577,7 +579,7 @@ class ParameterShard:
     def checkpoint_finished(self, state: ShardState, saved: bool) -> None:
         """The checkpoint ``state`` began is on disk (``saved``), or its save failed."""
         with self._changed:
-            self.durability.finish(int(state.values["checkpoint"]), saved)
+            self.durability.finish(int(state.values["checkpoint_number"]), saved)
 
     def require_initialized(self) -> None:
         if not self.initialized:

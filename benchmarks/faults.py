@@ -285,17 +285,20 @@ def resume_delay_s(rows: list[dict], fault: dict) -> float | None:
 
 def pair_kills(faults: list[dict], kills: list[dict]) -> list[dict]:
     """The launcher's faults, each with the kill that caused it (None: a death we did not
-    cause) and ``died_s``: the kill's time if we sent one, else the launcher's detection."""
+    cause) and ``died_s``: the kill's time if we sent one, unless the launcher saw the death
+    earlier on the metrics axis (then its time), else the launcher's detection."""
     unmatched = list(kills)
     paired = []
     for fault in faults:
         kill = next((k for k in unmatched if k["process"] == fault["process"]), None)
         if kill is not None:
             unmatched.remove(kill)  # in order: a process may die twice
-        died_s = kill["time_s"] if kill is not None and kill["time_s"] is not None else None
-        paired.append(
-            {**fault, "kill": kill, "died_s": fault["time_s"] if died_s is None else died_s}
-        )
+        died_s = fault["time_s"]
+        if kill is not None and kill["time_s"] is not None:
+            # The kill's time is mapped onto the axis with an error; the launcher cannot see
+            # a death before it happens, so its time bounds the death from above.
+            died_s = min(died_s, kill["time_s"])
+        paired.append({**fault, "kill": kill, "died_s": died_s})
     return paired
 
 

@@ -61,7 +61,9 @@ class ParameterServerClient(ShardLanes):
         hold_timeout_s: Longest a pull may be held by the shards (SSP, sync rounds).
         retry_timeout_s: How long a shard may stay unreachable (restarting, say) before its
             requests fail; requests are retried with backoff meanwhile. Pushes carry a
-            sequence number, so a retried push is applied once.
+            sequence number, so a retried push is applied once. A shard that comes back from a
+            checkpoint is first re-sent this client's pushes the checkpoint lacks (kept in
+            ``replays``, for shards that save periodic checkpoints).
         security: Authentication key and TLS settings of the job.
         partitioner: Which slices each shard owns (default: byte-balanced flat); every shard
             must hold an equal one, which the handshake checks.
@@ -285,7 +287,8 @@ class ParameterServerClient(ShardLanes):
         """Send ``replay`` (numbered, so a retry is applied once); if the shard restarted yet
         again meanwhile, the next replay too, until a life has everything."""
         while replay is not None:
-            logger.warning(
+            logger.log(
+                logging.WARNING if replay.count else logging.INFO,
                 "shard %d (%s) restarted from a checkpoint: re-sending the sum of %d pushes it "
                 "lacks",
                 shard_id,

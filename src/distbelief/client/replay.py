@@ -52,7 +52,6 @@ class ShardReplay:
         self.seen_version = 0
         self.sums: dict[int, _Sum] = {}
         """Epoch -> the sum of this client's pushes applied in it (epochs >= ``saved``)."""
-        self._spare: list[torch.Tensor] | None = None
 
     @property
     def held(self) -> int:
@@ -102,20 +101,17 @@ class ShardReplay:
         torch._foreach_add_(entry.tensors, tensors, alpha=1.0 / divisor)
         entry.count += count
 
-    def _zeros_like(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        spare, self._spare = self._spare, None
-        if spare is not None:
-            torch._foreach_zero_(spare)
-            return spare
+    @staticmethod
+    def _zeros_like(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         # Half-precision pushes are summed in float32: one rounding when re-sent, not one
-        # per push.
+        # per push. A new sum per checkpoint (not a reused one): between saves only one lives.
         return [torch.zeros_like(t, dtype=_sum_dtype(t.dtype)) for t in tensors]
 
     def _release(self, saved: int) -> None:
         """Forget the sums the shard's checkpoint ``saved`` holds (epochs below it)."""
         self.saved = max(self.saved, saved)
         for epoch in [e for e in self.sums if e < self.saved]:
-            self._spare = self.sums.pop(epoch).tensors
+            del self.sums[epoch]
 
     def _merge_void(self, void) -> None:
         """A failed checkpoint ``v`` is no restore point: epochs ``v - 1`` and ``v`` are one,
@@ -130,7 +126,6 @@ class ShardReplay:
                 continue
             torch._foreach_add_(entry.tensors, below.tensors)
             entry.count += below.count
-            self._spare = below.tensors
 
     def _take_from(self, restored: int, in_flight: int) -> Replay:
         """Empty the buffer: the sum of the epochs checkpoint ``restored`` lacks."""

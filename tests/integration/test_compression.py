@@ -19,7 +19,7 @@ from distbelief.evaluator.accuracy import evaluate
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
-from distbelief.sharding import FlatLayout, FlatPartitioner, tensor_specs
+from distbelief.sharding import FlatLayout, FlatPartitioner, TensorSpec, tensor_specs
 from distbelief.wire import serve
 from distbelief.worker import run_worker
 
@@ -176,3 +176,23 @@ def test_the_bytes_counted_are_the_compressed_ones():
     # the first pull and one per step, in bf16.
     assert received == 10 * sent_per_push + numel * 4
     assert sent == 11 * numel * 2
+
+
+def test_a_push_waits_for_ready_before_sending_and_a_pull_before_refilling():
+    """``ready`` runs on each shard's lane before its request: a push sends what the buffer
+    holds after it (a device copy landing late), a pull refills the buffer only after it."""
+    specs = [TensorSpec("w", (100,), torch.float32)]
+    with _shards(2, lr=1.0) as (addresses, _):
+        client = ParameterServerClient(addresses, specs, timeout_s=30, retry_timeout_s=0)
+        try:
+            client.handshake({torch.float32: torch.zeros(100)})
+            outbox = {torch.float32: torch.zeros(100)}
+            client.wait(client.push(outbox, ready=lambda: outbox[torch.float32].fill_(2.0)))
+            inbox = {torch.float32: torch.full((100,), 9.0)}
+            seen: list[torch.Tensor] = []
+            client.wait(client.pull(inbox, ready=lambda: seen.append(inbox[torch.float32].clone())))
+        finally:
+            client.close()
+    # Once per shard, each before its own request: the first before any was answered.
+    assert len(seen) == 2 and torch.equal(seen[0], torch.full((100,), 9.0))
+    assert torch.equal(inbox[torch.float32], torch.full((100,), -2.0))

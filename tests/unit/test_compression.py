@@ -219,3 +219,15 @@ def test_wire_flags_are_validated_naming_the_setting():
         assert refused.value.field == "optimizer.push_compression"
     assert WireCompression.parse("fp32", "topk:1").topk_count(7) == 7
     assert WireCompression.parse("fp32", "topk:0.001").topk_count(7) == 1
+
+
+def test_an_fp16_pull_saturates_and_a_pull_of_another_dtype_is_refused():
+    shard_side = CompressedSlices(
+        FlatPartitioner().partition([TensorSpec("w", (3,), torch.float32)], 1)[0]
+    )
+    values = [("float32[0:3]", torch.tensor([1e6, -1e6, 0.5]))]
+    sent = shard_side.pull_tensors({"wire_dtype": "float16"}, values, 1)
+    assert sent[0][1].dtype == torch.float16
+    assert sent[0][1].tolist() == [65504.0, -65504.0, 0.5]
+    with pytest.raises(ValueError, match="bfloat16 or float16, not 'int8'"):
+        shard_side.pull_tensors({"wire_dtype": "int8"}, values, 2)

@@ -17,7 +17,7 @@ from distbelief.wire.compression import (
     SPARSE_KEY,
     VALUES_SUFFIX,
     decode_push_into,
-    narrow,
+    narrow_into,
     requested_dtype,
     travel_dtype,
 )
@@ -96,7 +96,7 @@ class CompressedSlices:
         if generation is None or generation != self._pull_generation:
             for (_, sent), (_, values) in zip(self._pull_tensors, full, strict=True):
                 if sent is not values:
-                    sent.copy_(narrow(values, dtype))
+                    narrow_into(sent, values)
             self._pull_generation = generation
         return self._pull_tensors
 

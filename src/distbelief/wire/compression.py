@@ -119,6 +119,13 @@ def narrow(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return values.to(dtype)
 
 
+def narrow_into(out: torch.Tensor, values: torch.Tensor) -> None:
+    """``out`` (a narrow buffer) becomes ``values`` rounded as :func:`narrow` rounds them."""
+    if out.dtype == torch.float16:
+        values = values.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
+    out.copy_(values)
+
+
 def index_dtype(numel: int) -> torch.dtype:
     """The smallest index dtype that addresses a slice of ``numel`` elements."""
     return torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64

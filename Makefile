@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test lint format bench clean server first second
+.PHONY: setup train test lint format bench gpu-check clean server first second
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -33,6 +33,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/wire.py
 	$(PY) benchmarks/overhead.py
+
+# The GPU check: the tests marked gpu, then a short benchmark of Downpour on CUDA against local
+# SGD on CUDA. Where there is no CUDA device the tests skip and the benchmark says so.
+gpu-check: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+	$(PY) benchmarks/gpu.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

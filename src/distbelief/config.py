@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,12 +27,35 @@ ALGORITHMS = ("downpour", "sandblaster")
 LINE_SEARCHES = ("strong-wolfe", "fixed")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 ROW_OPTIMIZER_NAMES = ("sgd", "adagrad", "rowwise-adagrad", "adam")
+WIRE_DTYPES = ("fp32", "bf16", "fp16")
+"""Dtypes pushes and pulls may travel in (fp32: each slice as it is)."""
+NO_PUSH_COMPRESSION = "none"
+_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
 DEFAULT_EPOCHS = 15
 """Passes over each worker's slice when neither steps nor epochs is given."""
 DEFAULT_MINIBATCH_SIZE = 32
 """Downpour's mini-batch when no batch size is given."""
 PORTIONS_PER_WORKER = 10
 """Sandblaster's portions per worker when no number of portions is given."""
+
+
+def push_compression_fraction(text: str) -> float | None:
+    """The top-k fraction of a push compression setting (``"topk:0.01"`` -> 0.01; ``"none"``
+    -> None).
+
+    Raises:
+        ValueError: ``text`` is neither ``none`` nor ``topk:F`` with F in (0, 1].
+    """
+    kind, _, value = str(text).partition(":")
+    if kind == NO_PUSH_COMPRESSION and not value:
+        return None
+    try:
+        fraction = float(value) if kind == "topk" else None
+    except ValueError:
+        fraction = None
+    if fraction is None or not 0 < fraction <= 1:
+        raise ValueError(f"must be none or topk:F with F in (0, 1] (e.g. topk:0.01), got {text!r}")
+    return fraction
 
 
 def _require(ok: bool, name: str, value: object, rule: str) -> None:
@@ -65,10 +89,15 @@ class ClusterConfig:
     """Address the local cluster's shards bind to."""
     threads_per_worker: int = 1
     """torch intra-op threads per worker process."""
+    device: str = "cpu"
+    """Where each Downpour worker's replica trains: cpu, cuda or cuda:N (gradients are accrued
+    there; pushes and pulls pass through pinned host memory)."""
 
     def __post_init__(self) -> None:
         _require_counts(self, "num_workers", "num_shards", "threads_per_worker")
         _require(bool(self.host), "host", self.host, "a host name or address")
+        device_ok = isinstance(self.device, str) and _DEVICE_PATTERN.fullmatch(self.device)
+        _require(bool(device_ok), "device", self.device, "cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -139,9 +168,21 @@ class OptimizerConfig:
     warmstart_steps: int = 0
     """Warmstart (Dean et al. 2012): worker 0 trains alone until the shards have applied its
     first N pushes; the others then start from the shards' parameters."""
+    wire_dtype: str = field(default="fp32", metadata={"choices": WIRE_DTYPES})
+    """Pushes and pulls of the dense parameters travel in this dtype: fp32 (as they are), bf16
+    or fp16; the shards keep float32 parameters and convert on arrival."""
+    push_compression: str = NO_PUSH_COMPRESSION
+    """none, or topk:F: each push carries only the fraction F of each slice's accrued gradient
+    of largest magnitude (indices and values); the rest stays on the worker and is added to
+    its next push (error feedback)."""
 
     def __post_init__(self) -> None:
         _require_choice(self, "algorithm")
+        _require_choice(self, "wire_dtype")
+        try:
+            push_compression_fraction(self.push_compression)
+        except ValueError as e:
+            raise ConfigFieldError("push_compression", str(e)) from None
         _require_counts(self, "n_push", "n_pull")
         batch_size = self.batch_size
         _require(batch_size is None or batch_size >= 1, "batch_size", batch_size, ">= 1")
@@ -462,6 +503,7 @@ class JobConfig:
                 f"must be <= the batch size ({self.optimizer.minibatch_size}), got {micro_batches}",
             )
         self._check_click_model()
+        self._check_device()
         if self.optimizer.warmstart_steps and self.consistency.sync:
             raise ConfigFieldError(
                 "optimizer.warmstart_steps",
@@ -489,6 +531,23 @@ class JobConfig:
             raise ConfigFieldError(
                 "optimizer.algorithm",
                 f"must be downpour for model {self.model.name}, got {self.optimizer.algorithm}",
+            )
+
+    def _check_device(self) -> None:
+        """A GPU trains whole Downpour replicas of the image models (the click model's tables
+        and the pipeline's stages train on the CPU)."""
+        if self.cluster.device == "cpu":
+            return
+        if self.model.name in CLICK_MODELS:
+            raise ConfigFieldError(
+                "cluster.device",
+                f"must be cpu for model {self.model.name}, got {self.cluster.device!r}",
+            )
+        if self.pipeline.num_partitions > 1:
+            raise ConfigFieldError(
+                "cluster.device",
+                f"must be cpu with {self.pipeline.num_partitions} partitions per replica, "
+                f"got {self.cluster.device!r}",
             )
 
     def _check_algorithm_fields(self) -> None:
@@ -561,7 +620,18 @@ class JobConfig:
 
 
 DOWNPOUR_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
-    "optimizer": ("lr", "n_push", "n_pull", "steps", "epochs", "blocking", "warmstart_steps"),
+    "cluster": ("device",),
+    "optimizer": (
+        "lr",
+        "n_push",
+        "n_pull",
+        "steps",
+        "epochs",
+        "blocking",
+        "warmstart_steps",
+        "wire_dtype",
+        "push_compression",
+    ),
     "server": ("optimizer", "lr", "momentum", "betas", "eps"),
     "consistency": (),
     "pipeline": (),

@@ -79,3 +79,74 @@ def test_cuda_async_downpour_loses_no_gradient(shard_cluster):
     for param, start, total in zip(model.parameters(), initial, totals, strict=True):
         torch.testing.assert_close(param, start - 0.1 * total, atol=1e-5, rtol=0)
     optimizer.close()
+
+
+def _downpour_run(shard_cluster, device: str, every_steps: int, **options) -> list[torch.Tensor]:
+    """One blocking worker on ``device`` against a fresh shard; its final parameters."""
+    addresses = shard_cluster(1, "--server-lr", "0.1")
+    model = _model(device)
+    optimizer = DownpourSGD(
+        model.parameters(),
+        lr=0.1,
+        n_push=every_steps,
+        n_pull=every_steps,
+        model=model,
+        ps=addresses,
+        blocking=True,
+        timeout_s=10,
+        **options,
+    )
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        images = torch.randn(16, 10, generator=generator).to(device)
+        labels = torch.randint(0, 3, (16,), generator=generator).to(device)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    optimizer.close()
+    return [p.detach().cpu() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("every_steps", [1, 3])
+def test_cuda_downpour_equals_the_cpu_run(shard_cluster, every_steps):
+    on_cpu = _downpour_run(shard_cluster, "cpu", every_steps)
+    on_cuda = _downpour_run(shard_cluster, "cuda", every_steps)
+    for got, want in zip(on_cuda, on_cpu, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_cuda_compressed_pushes_lose_no_gradient(shard_cluster):
+    """Top-k bf16 pushes made on the device and sent from pinned buffers: after close (which
+    pushes the residual whole), the shard holds initial - lr * (sum of every gradient)."""
+    addresses = shard_cluster(1, "--server-lr", "0.1")
+    model = _model("cuda")
+    initial = [p.detach().clone() for p in model.parameters()]
+    optimizer = DownpourSGD(
+        model.parameters(),
+        lr=0.1,
+        n_push=3,
+        n_pull=2,
+        model=model,
+        ps=addresses,
+        timeout_s=10,
+        wire_dtype="bf16",
+        push_compression="topk:0.05",
+    )
+    totals = [torch.zeros_like(p) for p in model.parameters()]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        images = torch.randn(16, 10, generator=generator).to("cuda")
+        labels = torch.randint(0, 3, (16,), generator=generator).to("cuda")
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        for total, param in zip(totals, model.parameters(), strict=True):
+            total += param.grad
+        optimizer.step()
+    optimizer.close()
+    reader = _model("cuda")
+    reader_optimizer = DownpourSGD(
+        reader.parameters(), lr=0.1, model=reader, ps=addresses, timeout_s=10
+    )  # pulls the shard's parameters at full width
+    reader_optimizer.close()
+    for got, start, total in zip(reader.parameters(), initial, totals, strict=True):
+        torch.testing.assert_close(got, start - 0.1 * total, atol=1e-5, rtol=0)

@@ -14,6 +14,7 @@ from distbelief.launch.flags import command_flags, field_docs, flag_of, get_args
 
 TRAINING = {
     "--threads": "cluster.threads_per_worker",
+    "--device": "cluster.device",
     "--dataset": "data.name",
     "--data-dir": "data.data_dir",
     "--no-download": "data.download",
@@ -29,6 +30,8 @@ TRAINING = {
     "--epochs": "optimizer.epochs",
     "--blocking": "optimizer.blocking",
     "--warmstart-steps": "optimizer.warmstart_steps",
+    "--wire-dtype": "optimizer.wire_dtype",
+    "--push-compression": "optimizer.push_compression",
     "--timeout": "faults.timeout_s",
     "--retry-timeout": "faults.retry_timeout_s",
 }
@@ -191,6 +194,7 @@ SHARED_ARGV = [
 DOWNPOUR_ARGV = [
     *("--lr", "0.5", "--n-push", "2", "--n-pull", "3"),
     *("--steps", "9", "--blocking", "--warmstart-steps", "1"),
+    *("--wire-dtype", "bf16", "--push-compression", "topk:0.01"),
     *("--server-optimizer", "adam", "--server-lr", "0.2", "--server-momentum", "0.5"),
     *("--server-betas", "0.8,0.9", "--server-eps", "1e-6"),
     *("--backup-workers", "1", "--max-staleness", "4", "--staleness-policy", "scale"),
@@ -220,9 +224,11 @@ def test_every_train_flag_reaches_its_field():
     changed |= _changed_fields([*SHARED_ARGV, *SANDBLASTER_ARGV])
     # Every field with a train flag was changed by it, but for two that exclude others and are
     # checked on their own (--epochs: --steps; --sync: --max-staleness); the rest kept defaults.
-    alone = {"optimizer.epochs", "consistency.sync", "data.table_size"}
+    # --device: a GPU trains whole replicas, not the partitions of DOWNPOUR_ARGV.
+    alone = {"optimizer.epochs", "consistency.sync", "data.table_size", "cluster.device"}
     assert changed == set(command_flags("train").values()) - alone
     assert config_from_args(parse_args(["train", "--epochs", "2"])).optimizer.epochs == 2
+    assert config_from_args(parse_args(["train", "--device", "cuda:1"])).cluster.device == "cuda:1"
     assert config_from_args(parse_args(["train", "--sync"])).consistency.sync
     click_log = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "100"]
     assert config_from_args(parse_args(["train", *click_log])).data.table_size == 100
@@ -239,6 +245,24 @@ def test_every_train_flag_reaches_its_field():
         (
             ["--algorithm", "sandblaster", "--n-push", "2"],
             "argument --n-push: only applies to algorithm downpour",
+        ),
+        (
+            ["--algorithm", "sandblaster", "--push-compression", "topk:0.1"],
+            "argument --push-compression: only applies to algorithm downpour",
+        ),
+        (
+            ["--algorithm", "sandblaster", "--device", "cuda"],
+            "argument --device: only applies to algorithm downpour",
+        ),
+        (["--push-compression", "top:1"], "argument --push-compression: must be none or topk:F"),
+        (["--device", "gpu0"], "argument --device: must be cpu, cuda or cuda:N, got 'gpu0'"),
+        (
+            ["--device", "cuda", "--partitions", "2"],
+            "argument --device: must be cpu with 2 partitions per replica",
+        ),
+        (
+            ["--device", "cuda", "--model", "dlrm", "--dataset", "synthetic-ctr"],
+            "argument --device: must be cpu for model dlrm",
         ),
     ],
 )

@@ -12,10 +12,11 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from distbelief.client.compression import EncodedPush, NarrowPullStaging
 from distbelief.client.lanes import ShardLanes
 from distbelief.client.replay import Replay, ShardReplay
 from distbelief.errors import (
@@ -32,6 +33,12 @@ from distbelief.sharding import (
     specs_to_json,
 )
 from distbelief.wire import Message, ops
+from distbelief.wire.compression import (
+    SPARSE_KEY,
+    WireCompression,
+    decode_push_into,
+    is_encoded,
+)
 from distbelief.wire.security import WireSecurity
 
 _INIT_POLL_S = 0.05
@@ -70,6 +77,9 @@ class ParameterServerClient(ShardLanes):
         group: The parameter group on the shards these parameters are (a model-parallel
             partition's, say: each group has its own layout, version and optimizer state);
             "" is the default group.
+        pull_dtype: Pulls ask the shards for floating slices narrowed to this dtype
+            (bfloat16 or float16) and widen them into the caller's buffers; None: as they are.
+            (A push travels as given: ``EncodedPush`` for a compressed one.)
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class ParameterServerClient(ShardLanes):
         security: WireSecurity | None = None,
         partitioner: Partitioner | None = None,
         group: str = "",
+        pull_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             addresses,
@@ -117,6 +128,8 @@ class ParameterServerClient(ShardLanes):
         self.replays = [ShardReplay() for _ in self.addresses]
         """Per shard, this worker's pushes its last checkpoint may lack (``client/replay.py``),
         re-sent once if it restarts from that checkpoint. Pushers with a worker id only."""
+        self._pull_meta = WireCompression(dtype=pull_dtype).pull_meta()
+        self._pull_staging = None if pull_dtype is None else NarrowPullStaging(pull_dtype)
 
     def handshake(self, initial: dict[torch.dtype, torch.Tensor] | None) -> bool:
         """Check every shard holds this model; initialise the empty ones from ``initial``.
@@ -224,42 +237,55 @@ class ParameterServerClient(ShardLanes):
 
     def push(
         self,
-        flat_grads: dict[torch.dtype, torch.Tensor],
+        flat_grads: dict[torch.dtype, torch.Tensor] | EncodedPush,
         *,
         clock: int = 0,
         base_versions: Sequence[int] | None = None,
+        ready: Callable[[], object] | None = None,
     ) -> list[cf.Future]:
-        """Send each shard its slices of ``flat_grads``; futures resolve to the new versions.
+        """Send each shard its slices of ``flat_grads`` (or its tensors of an encoded push);
+        futures resolve to the new versions.
 
         ``flat_grads`` must not change until the futures are done (it is sent without a copy).
-        ``base_versions[i]`` is shard i's version the gradient was computed from.
+        ``base_versions[i]`` is shard i's version the gradient was computed from. ``ready``
+        is called before each shard's request is sent: it waits until ``flat_grads`` holds
+        the gradient (a copy from a GPU still running, say).
         """
         return self._submit_all(
-            self._push_one, self._push_messages(flat_grads, clock, base_versions), now=False
+            self._push_one, self._push_messages(flat_grads, clock, base_versions, ready), now=False
         )
 
     def push_now(
         self,
-        flat_grads: dict[torch.dtype, torch.Tensor],
+        flat_grads: dict[torch.dtype, torch.Tensor] | EncodedPush,
         *,
         clock: int = 0,
         base_versions: Sequence[int] | None = None,
+        ready: Callable[[], object] | None = None,
     ) -> list[int]:
         """:meth:`push` and wait: the shards' versions after it (the lowest latency path)."""
-        messages = self._push_messages(flat_grads, clock, base_versions)
+        messages = self._push_messages(flat_grads, clock, base_versions, ready)
         return self.wait(self._submit_all(self._push_one, messages, now=True))
 
-    def _push_messages(self, flat_grads, clock: int, base_versions) -> list[tuple[Message]]:
+    def _push_messages(self, flat_grads, clock: int, base_versions, ready) -> list[tuple]:
         messages = []
         seq = next(self._push_seq)
+        encoded = isinstance(flat_grads, EncodedPush)
         for i in range(self.num_shards):
             meta = {**self._identity(clock), "seq": seq, "session": self._session}
             if base_versions is not None:
                 meta["base_version"] = int(base_versions[i])
-            messages.append((Message(ops.PUSH, meta, self._slice_tensors(i, flat_grads)),))
+            if encoded:
+                meta.update(flat_grads.meta)
+                tensors = list(flat_grads.shard_tensors[i])
+            else:
+                tensors = self._slice_tensors(i, flat_grads)
+            messages.append((Message(ops.PUSH, meta, tensors), ready))
         return messages
 
-    def _push_one(self, shard_id: int, message: Message) -> int:
+    def _push_one(self, shard_id: int, message: Message, ready=None) -> int:
+        if ready is not None:
+            ready()
         reply = self._request(shard_id, message)
         meta = reply.meta
         self.versions[shard_id] = int(meta["version"])
@@ -267,10 +293,24 @@ class ParameterServerClient(ShardLanes):
         if self.worker_id is not None:
             replay = self.replays[shard_id].observe(meta, in_flight=0 if meta.get("dup") else 1)
             if meta.get("applied", True):
-                self.replays[shard_id].record(meta, [tensor for _, tensor in message.tensors])
+                self.replays[shard_id].record(meta, self._pushed(shard_id, message))
             if replay is not None:
                 self._resend(shard_id, replay)
         return self.versions[shard_id]
+
+    def _pushed(self, shard_id: int, message: Message) -> list[torch.Tensor]:
+        """What a push adds to the shard's slices, whatever its encoding (what a replay sums)."""
+        if not is_encoded(message.meta):
+            return [tensor for _, tensor in message.tensors]
+        pieces = self.slices[shard_id]
+        outs = [torch.zeros(piece.numel, dtype=piece.dtype) for piece in pieces]
+        decode_push_into(
+            outs,
+            [piece.name for piece in pieces],
+            message.tensors,
+            sparse=SPARSE_KEY in message.meta,
+        )
+        return outs
 
     def _settle(self, shard_id: int, meta: dict) -> bool:
         """Take in a reply's checkpoint description; if the shard restarted, re-send it what
@@ -331,14 +371,17 @@ class ParameterServerClient(ShardLanes):
         *,
         clock: int = 0,
         after_versions: Sequence[int] | None = None,
+        ready: Callable[[], object] | None = None,
     ) -> list[cf.Future]:
         """Read every shard's slices straight into ``flat_out``; futures resolve to versions.
 
         With ``after_versions`` (sync rounds), shard i answers once its version exceeds
         ``after_versions[i]``; under SSP a shard answers once this worker may go on.
+        ``ready`` is called before each shard's request: it waits until ``flat_out`` may be
+        overwritten (a copy of its last contents to a GPU still running, say).
         """
         return self._submit_all(
-            self._pull_one, self._pull_arguments(flat_out, clock, after_versions), now=False
+            self._pull_one, self._pull_arguments(flat_out, clock, after_versions, ready), now=False
         )
 
     def pull_now(
@@ -348,26 +391,35 @@ class ParameterServerClient(ShardLanes):
         clock: int = 0,
         after_versions: Sequence[int] | None = None,
         timeout_s: float | None = None,
+        ready: Callable[[], object] | None = None,
     ) -> list[int]:
         """:meth:`pull` and wait (``timeout_s`` as in :meth:`wait`): the shards' versions."""
-        arguments = self._pull_arguments(flat_out, clock, after_versions)
+        arguments = self._pull_arguments(flat_out, clock, after_versions, ready)
         return self.wait(self._submit_all(self._pull_one, arguments, now=True), timeout_s)
 
-    def _pull_arguments(self, flat_out, clock: int, after_versions) -> list[tuple]:
+    def _pull_arguments(self, flat_out, clock: int, after_versions, ready) -> list[tuple]:
         return [
             (
                 dict(self._slice_tensors(i, flat_out)),
                 clock,
                 None if after_versions is None else int(after_versions[i]),
+                ready,
             )
             for i in range(self.num_shards)
         ]
 
-    def _pull_one(self, shard_id: int, targets: dict, clock: int, after_version) -> int:
-        def sink(name, dtype, shape):
-            return targets.get(name)
+    def _pull_one(self, shard_id: int, targets: dict, clock: int, after_version, ready) -> int:
+        widen = None
+        if self._pull_staging is not None:
+            sink, widen = self._pull_staging.sink_for(targets)
+        else:
 
-        meta = self._identity(clock)
+            def sink(name, dtype, shape):
+                return targets.get(name)
+
+        if ready is not None:
+            ready()
+        meta = {**self._identity(clock), **self._pull_meta}
         if after_version is not None:
             meta["after_version"] = after_version
         meta["max_wait_s"] = self.timeout_s / 2  # answered well inside this request's timeout
@@ -384,6 +436,8 @@ class ParameterServerClient(ShardLanes):
             reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
         if [name for name, _ in reply.tensors] != list(targets):
             raise ModelMismatchError(f"shard {shard_id} sent {[n for n, _ in reply.tensors]}")
+        if widen is not None:
+            widen()
         self.versions[shard_id] = int(reply.meta["version"])
         return self.versions[shard_id]
 

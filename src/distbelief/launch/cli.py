@@ -50,6 +50,18 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return JobConfig.from_fields(values)
 
 
+def _check_device(config: JobConfig) -> None:
+    """Refuse a GPU this machine does not have before any process starts."""
+    if config.cluster.device == "cpu":
+        return
+    from distbelief.worker.run import resolve_device  # torch: only when a GPU is asked for
+
+    try:
+        resolve_device(config.cluster.device)
+    except ValueError as e:
+        raise ConfigFieldError("cluster.device", str(e).partition(": ")[2]) from None
+
+
 def _addresses(flag: str, text: str) -> list[str]:
     """The addresses of ``flag``; a malformed one is an error naming the flag."""
     from distbelief.client import parse_addresses
@@ -101,6 +113,7 @@ def _run_train(args: argparse.Namespace) -> int:
         # Fixed here, not in train(), so a failure can name its traceback file in the folder.
         out_dir = str(run_dir_path(config.reporting.out_dir))
         config = config.with_fields({"reporting.out_dir": out_dir})
+    _check_device(config)
     try:
         result = train(config, resume=bool(args.resume))
     except ChildFailedError as e:
@@ -181,6 +194,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         )
     if config.pipeline.num_partitions > 1 or args.stage is not None:
         return _run_stage(args, config)
+    _check_device(config)
     from distbelief.worker import run_worker
 
     result = run_worker(

@@ -2,9 +2,10 @@
 
 Each step applies the gradient locally (``w -= lr * g``) and accrues it on the parameters'
 device; every ``n_push`` steps the accrued gradient is copied to host memory and goes to the
-shards, every ``n_pull`` steps fresh parameters are fetched. Pushes and pulls run on background
-I/O threads, overlapped with compute; fetched parameters are copied into the model inside
-``step()``, never while a forward or backward pass is running.
+shards (compressed, if asked: what a push leaves out stays accrued), every ``n_pull`` steps fresh
+parameters are fetched. Pushes and pulls run on background I/O threads, overlapped with compute;
+fetched parameters are copied into the model inside ``step()``, never while a forward or backward
+pass is running.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import torch
 from torch import nn
 
 from distbelief.client import ParameterServerClient, parse_addresses
+from distbelief.client.compression import EncodedPush, PushCompressor
 from distbelief.errors import PSError, RendezvousError
+from distbelief.optim.device_copies import DeviceCopies
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
+from distbelief.wire.compression import WireCompression
 from distbelief.wire.process_group import GroupStore, ServerRecord, process_group_active
 from distbelief.wire.security import WireSecurity, read_key_file
 
@@ -53,9 +57,9 @@ def _common_device(params: list[torch.Tensor]) -> torch.device:
     return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
 
-def _zeros(layout: FlatLayout, device: torch.device, pin_memory: bool = False) -> dict:
+def _zeros(layout: FlatLayout, device: torch.device) -> dict:
     return {
-        dtype: torch.zeros(total, dtype=dtype, device=device, pin_memory=pin_memory)
+        dtype: torch.zeros(total, dtype=dtype, device=device)
         for dtype, total in layout.sizes.items()
     }
 
@@ -89,6 +93,14 @@ class DownpourSGD(torch.optim.Optimizer):
         group: The parameter group on the shards that ``params`` are (one per partition of a
             model-parallel replica: each with its own layout, version and server optimizer);
             default: the shards' default group.
+        wire_dtype: "fp32" (default: slices travel as they are), "bf16" or "fp16": pushes and
+            pulls of floating slices travel narrowed to it; the shards keep their own dtype.
+        push_compression: "none" (default) or "topk:F": each push carries only the fraction F
+            of each slice's accrued gradient of largest magnitude, as indices and values.
+
+    A lossy push (narrowed or top-k) keeps what it leaves out in the accrued gradient, which
+    the next push carries (error feedback: nothing is lost, some is delayed); ``flush()`` and
+    ``close()`` send what is left at full width, uncut.
 
     The shards' consistency model is learned at the handshake: with synchronous rounds every
     step pushes and then waits for the round's aggregated update (n_push = n_pull = 1). A
@@ -127,12 +139,15 @@ class DownpourSGD(torch.optim.Optimizer):
         auth_key: bytes | None = None,
         security: WireSecurity | None = None,
         group: str = "",
+        wire_dtype: str = "fp32",
+        push_compression: str = "none",
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         for name, value in (("n_push", n_push), ("n_pull", n_pull)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.compression = WireCompression.parse(wire_dtype, push_compression)
         super().__init__(params, {"lr": lr})
         self.n_push, self.n_pull, self.blocking = n_push, n_pull, blocking
         self._params = [p for group in self.param_groups for p in group["params"]]
@@ -161,6 +176,12 @@ class DownpourSGD(torch.optim.Optimizer):
             retry_timeout_s=retry_timeout_s,
             security=security or WireSecurity(auth_key=auth_key or _key_from_environment()),
             group=group,
+            pull_dtype=self.compression.dtype,
+        )
+        self._compressor = (
+            PushCompressor(self.compression, self.client.slices)
+            if self.compression.lossy_push
+            else None
         )
         self._model_versions = [0] * self.client.num_shards
         self._window_base: list[int] | None = None
@@ -178,11 +199,11 @@ class DownpourSGD(torch.optim.Optimizer):
         """The accrued gradient on ``device``; the wire's outbox and inbox in host memory,
         pinned for a CUDA device so the copies to and from it run at full speed."""
         self.device = device
-        pin = device.type == "cuda"
+        self._copies = DeviceCopies(device)
         self._accrued = _zeros(self.layout, device)
         self._accrued_views = self.layout.views(self._accrued)
-        self._outbox = _zeros(self.layout, torch.device("cpu"), pin_memory=pin)
-        self._inbox = _zeros(self.layout, torch.device("cpu"), pin_memory=pin)
+        self._outbox = self._copies.host_zeros(self.layout.sizes)
+        self._inbox = self._copies.host_zeros(self.layout.sizes)
         self._inbox_views = self.layout.views(self._inbox)
 
     @property
@@ -229,6 +250,7 @@ class DownpourSGD(torch.optim.Optimizer):
         for param in self._params:
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
             grads.append(grad if grad.device == self.device else grad.to(self.device))
+        self._copies.claim_accrued()
         if not self.apply_worker_lr:
             torch._foreach_add_(self._accrued_views, grads)
             return
@@ -243,28 +265,34 @@ class DownpourSGD(torch.optim.Optimizer):
             if params:
                 torch._foreach_add_(params, [p.grad for p in params], alpha=-group["lr"])
 
-    def _push_accrued(self, now: bool = False) -> None:
-        """Push the accrued gradient; ``now``: wait for the shards to apply it."""
+    def _push_accrued(self, now: bool = False, whole: bool = False) -> None:
+        """Push the accrued gradient; ``now``: wait for the shards to apply it; ``whole``: all
+        of it at full width, even when pushes are compressed."""
         # The outbox is sent without a copy, so the previous push must be done before reuse.
         self.client.wait(self._push_futures)
         self._push_futures = []
-        for dtype, accrued in self._accrued.items():
-            self._outbox[dtype].copy_(accrued)
-            accrued.zero_()
+        self._copies.claim_accrued()
+        if self._compressor is None or whole:
+            payload, ready = self._outbox, self._copies.move_out(self._outbox, self._accrued)
+        else:
+            encoded = self._compressor.encode(self._accrued)  # leaves the rest accrued
+            shard_tensors, ready = self._copies.to_host(encoded.shard_tensors)
+            payload = EncodedPush(shard_tensors, encoded.meta)
         base = self._window_base if self._window_base is not None else self._model_versions
         self._window_base = None
-        if now:
-            self.client.push_now(self._outbox, clock=self.num_steps, base_versions=base)
-        else:
-            self._push_futures = self.client.push(
-                self._outbox, clock=self.num_steps, base_versions=base
-            )
+        push = self.client.push_now if now else self.client.push
+        futures = push(payload, clock=self.num_steps, base_versions=base, ready=ready)
+        if not now:
+            self._push_futures = futures
 
     def _start_pull(self, after_versions: list[int] | None = None) -> None:
         if self._pull_futures:
             self._finish_pull_if_done(block=True)
         self._pull_futures = self.client.pull(
-            self._inbox, clock=self.num_steps, after_versions=after_versions
+            self._inbox,
+            clock=self.num_steps,
+            after_versions=after_versions,
+            ready=self._copies.inbox_free(),
         )
 
     def _finish_pull_if_done(self, block: bool = False) -> None:
@@ -280,14 +308,9 @@ class DownpourSGD(torch.optim.Optimizer):
         self._load_inbox()
 
     def _load_inbox(self) -> None:
-        """Copy the pulled parameters into the model, on its device."""
-        if self.device.type != "cuda":
-            torch._foreach_copy_(self._params, self._inbox_views)
-            return
-        torch._foreach_copy_(self._params, self._inbox_views, non_blocking=True)
-        # One wait for all the copies from pinned memory; the next pull refills the inbox
-        # from an I/O thread, so they must be done before step() returns.
-        torch.cuda.current_stream(self.device).synchronize()
+        """Copy the pulled parameters into the model, on its device (on a GPU: queued; the
+        next pull waits for the copy before it refills the inbox)."""
+        self._copies.load(self._params, self._inbox_views)
 
     @torch.no_grad()
     def pull_now(self) -> None:
@@ -297,13 +320,16 @@ class DownpourSGD(torch.optim.Optimizer):
             self._inbox,
             clock=self.num_steps,
             timeout_s=self.client.hold_timeout_s + self.client.timeout_s,
+            ready=self._copies.inbox_free(),
         )
         self._load_inbox()
 
     def flush(self) -> None:
-        """Push any accrued gradient not yet sent and wait until every push is applied."""
+        """Push any accrued gradient not yet sent (all of it, at full width) and wait until
+        every push is applied."""
+        self._copies.claim_accrued()
         if any(bool(accrued.any()) for accrued in self._accrued.values()):
-            self._push_accrued()
+            self._push_accrued(whole=True)
         self.client.wait(self._push_futures)
         self._push_futures = []
 

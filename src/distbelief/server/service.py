@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 
 from distbelief.errors import ProtocolError
+from distbelief.server.compressed import CompressedSlices
 from distbelief.server.groups import DEFAULT_GROUP, ShardGroups, check_group_name
 from distbelief.server.row_service import describe_tables, register_row_ops
 from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.server.shard import ParameterShard
 from distbelief.server.vector_service import VectorHandlers
 from distbelief.sharding import partitioner_from_json, specs_from_json
+from distbelief.wire.compression import DTYPE_KEY, is_encoded, requested_dtype
 from distbelief.wire.framing import Sink
 from distbelief.wire.message import Message
 from distbelief.wire.ops import (
@@ -128,6 +130,7 @@ class ShardConnection(VectorHandlers):
         self._pull_buffers: list[torch.Tensor] = []
         self._pull_tensors: list[tuple[str, torch.Tensor]] = []
         self._snapshot_generation: int | None = None
+        self._compressed: CompressedSlices | None = None
         self.worker: str | None = None
         self.group: str | None = None
         """The parameter group this connection serves, set by the first request naming one."""
@@ -158,6 +161,12 @@ class ShardConnection(VectorHandlers):
         if self.worker is not None:
             self.shard.depart(self.worker)
 
+    def _compressed_slices(self) -> CompressedSlices:
+        """Buffers of this connection's narrowed and top-k traffic (made on first use)."""
+        if self._compressed is None:
+            self._compressed = CompressedSlices(self.shard.slices)
+        return self._compressed
+
     def _push_sink_for(self, request: Message) -> Sink:
         # Only pushes reuse buffers: INIT allocates fresh tensors the shard keeps.
         if self.group is None:
@@ -168,6 +177,8 @@ class ShardConnection(VectorHandlers):
                 piece.name: torch.empty(piece.numel, dtype=piece.dtype)
                 for piece in self.shard.slices
             }
+        if is_encoded(request.meta):
+            return functools.partial(self._compressed_slices().push_sink, self._push_buffers)
         return self._push_sink
 
     def _push_sink(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -242,19 +253,26 @@ class ShardConnection(VectorHandlers):
             self._bind_group(request.meta)
         if "replay" in request.meta:
             return self._replay(request)
-        names = [name for name, _ in request.tensors]
-        if names != self._slice_names:
-            raise ProtocolError(f"push must carry {self._slice_names}, got {names}")
+        if is_encoded(request.meta):
+            compressed = self._compressed_slices()
+            grads = compressed.decode_push(request.meta, request.tensors, self._push_buffers)
+            received_bytes = sum(tensor.nbytes for _, tensor in request.tensors)
+        else:
+            names = [name for name, _ in request.tensors]
+            if names != self._slice_names:
+                raise ProtocolError(f"push must carry {self._slice_names}, got {names}")
+            grads = [tensor for _, tensor in request.tensors]
+            received_bytes = self._slice_bytes
         worker, clock = self._identify(request.meta)
         base_version = _optional_int(request.meta, "base_version")
         result = self.shard.push(
-            [tensor for _, tensor in request.tensors],
+            grads,
             worker=worker,
             clock=clock,
             base_version=base_version,
             seq=_push_sequence(request.meta),
         )
-        self.service.count_bytes(self._slice_bytes, 0)
+        self.service.count_bytes(received_bytes, 0)
         meta = {"version": result.version, "staleness": result.staleness, "applied": result.applied}
         if result.durable is not None:
             meta |= {"epoch": result.epoch, "durable": result.durable}
@@ -296,6 +314,8 @@ class ShardConnection(VectorHandlers):
             self._pull_buffers = [torch.empty(p.numel, dtype=p.dtype) for p in self.shard.slices]
             self._pull_tensors = list(zip(self._slice_names, self._pull_buffers, strict=True))
         worker, clock = self._identify(request.meta)
+        if DTYPE_KEY in request.meta:
+            requested_dtype(request.meta)  # refused before the pull counts or is held
         after_version = _optional_int(request.meta, "after_version")
         max_wait_s = request.meta.get("max_wait_s", 0.0)
         if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= _MAX_HOLD_S:
@@ -311,11 +331,17 @@ class ShardConnection(VectorHandlers):
         if result.held:
             return request.reply({"version": result.version, "held": True})
         self._snapshot_generation = result.generation
-        self.service.count_bytes(0, self._slice_bytes)
         meta = {"version": result.version, "held": False}
         if result.durable is not None:
             meta["durable"] = result.durable
-        return request.reply(meta, self._pull_tensors)
+        if DTYPE_KEY not in request.meta:
+            self.service.count_bytes(0, self._slice_bytes)
+            return request.reply(meta, self._pull_tensors)
+        narrowed = self._compressed_slices().pull_tensors(
+            request.meta, self._pull_tensors, result.generation
+        )
+        self.service.count_bytes(0, sum(tensor.nbytes for _, tensor in narrowed))
+        return request.reply(meta, narrowed)
 
     def _stats(self, request: Message) -> Message:
         """One group's counters when the request names it, else the sum over every group

@@ -24,10 +24,15 @@ if TYPE_CHECKING:
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
-    """``device`` as a torch.device; ValueError when it names CUDA on a machine without it."""
+    """``device`` as a torch.device; ValueError when it names a CUDA device this machine does
+    not have."""
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return resolved
 
 
@@ -43,7 +48,8 @@ def job_optimizer(
     group: str = "",
 ) -> DownpourSGD:
     """Replica ``rank``'s DownpourSGD over ``params`` (all of ``model``'s, or one partition's
-    in parameter group ``group``), with the job's rates, periods, timeouts and warmstart."""
+    in parameter group ``group``), with the job's rates, periods, timeouts, warmstart and wire
+    compression."""
     return DownpourSGD(
         params,
         lr=config.optimizer.lr,
@@ -59,6 +65,8 @@ def job_optimizer(
         retry_timeout_s=config.faults.retry_timeout_s,
         security=security,
         group=group,
+        wire_dtype=config.optimizer.wire_dtype,
+        push_compression=config.optimizer.push_compression,
     )
 
 
@@ -69,7 +77,7 @@ def run_worker(
     *,
     emit: Emit,
     hooks: Sequence[StepHook] = (),
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     start_time: float = 0.0,
     security: WireSecurity | None = None,
     resume_step: int = 0,
@@ -84,7 +92,8 @@ def run_worker(
     Args:
         hooks: called after every step (see ``StepHook``); one may stop the worker early.
         device: where the model and each batch live ("cpu", "cuda", "cuda:1"); the gradients
-            pushed and parameters pulled pass through it.
+            pushed and parameters pulled pass through it. Default: the job's
+            ``cluster.device``.
 
     Returns:
         ``rank`` and ``steps``, the optimizer's step count at the end.
@@ -94,7 +103,7 @@ def run_worker(
         ShardTimeoutError, ShardUnavailableError: a shard did not answer (see ``DownpourSGD``).
         ModelMismatchError: the shards hold another model's parameters.
     """
-    device = resolve_device(device)
+    device = resolve_device(config.cluster.device if device is None else device)
     if config.model.name == "dlrm":
         if device.type != "cpu":
             raise ValueError(f"device {str(device)!r}: the dlrm model trains on the CPU")

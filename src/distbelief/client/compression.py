@@ -1,0 +1,128 @@
+"""A worker's side of compressed pushes and pulls (``wire/compression.py``).
+
+Pushes: the accrued gradient is narrowed and/or cut to its top-k elements per slice, with error
+feedback: whatever a push does not carry (the unsent elements, the rounding of the sent ones)
+stays in the accrued buffer and goes out with a later push, so nothing is lost, only delayed.
+Works on the buffer's own device; copying the result to the host is the caller's. Pulls: the
+buffers narrowed slices are read into before they are widened into the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from distbelief.sharding import ShardSlice
+from distbelief.wire.compression import (
+    INDICES_SUFFIX,
+    VALUES_SUFFIX,
+    WireCompression,
+    index_dtype,
+    narrow,
+    travel_dtype,
+)
+
+ShardTensors = list[tuple[str, torch.Tensor]]
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedPush:
+    """One push made ready for the wire: each shard's tensors, and the meta that says how
+    they are encoded (``ParameterServerClient.push`` sends it as it is)."""
+
+    shard_tensors: list[ShardTensors]
+    """Per shard id, the (name, tensor) pairs of its message, on the host."""
+    meta: dict = field(default_factory=dict)
+    """Added to each shard's push meta."""
+
+
+def encode_slice(accrued: torch.Tensor, name: str, compression: WireCompression) -> ShardTensors:
+    """The tensors one push carries of the 1-D slice ``accrued``, which keeps what they do not
+    carry: ``decoded(result) + accrued_after == accrued_before`` element by element, exactly
+    (a number minus its own rounding to a narrower float is exact).
+
+    Top-k sends the elements of largest magnitude (``NAME#indices``, ``NAME#values``); the
+    values, or without top-k the whole slice, travel in the compression's dtype.
+    """
+    dtype = travel_dtype(accrued.dtype, compression.dtype)
+    if compression.topk_fraction is None:
+        if dtype == accrued.dtype:
+            sent = accrued.clone()
+            accrued.zero_()
+        else:
+            sent = narrow(accrued, dtype)
+            accrued.sub_(sent)
+        return [(name, sent)]
+    chosen = accrued.abs().topk(compression.topk_count(accrued.numel()), sorted=False).indices
+    values = narrow(accrued[chosen], dtype)
+    if dtype == accrued.dtype:
+        accrued.index_fill_(0, chosen, 0)
+    else:
+        # The chosen elements keep the rounding of their narrowed values.
+        accrued.index_add_(0, chosen, values.to(accrued.dtype), alpha=-1)
+    indices = chosen.to(index_dtype(accrued.numel()))
+    return [(name + INDICES_SUFFIX, indices), (name + VALUES_SUFFIX, values)]
+
+
+class PushCompressor:
+    """Encodes a worker's accrued gradient for pushes to every shard, with error feedback.
+
+    Args:
+        compression: The encoding (a lossy one: narrowed and/or top-k).
+        slices: Per shard id, the slices it owns (the client's partition of the layout).
+    """
+
+    def __init__(self, compression: WireCompression, slices: Sequence[Sequence[ShardSlice]]):
+        if not compression.lossy_push:
+            raise ValueError("a PushCompressor needs a narrow dtype or top-k")
+        self.compression = compression
+        self.slices = [list(pieces) for pieces in slices]
+
+    def encode(self, accrued: dict[torch.dtype, torch.Tensor]) -> EncodedPush:
+        """One push of ``accrued`` (flat buffers by dtype, on any device); what it does not
+        carry is left in ``accrued``. The tensors are on ``accrued``'s device."""
+        shard_tensors = []
+        for pieces in self.slices:
+            tensors: ShardTensors = []
+            for piece in pieces:
+                view = accrued[piece.dtype][piece.start : piece.stop]
+                tensors.extend(encode_slice(view, piece.name, self.compression))
+            shard_tensors.append(tensors)
+        return EncodedPush(shard_tensors, self.compression.push_meta())
+
+
+class NarrowPullStaging:
+    """Buffers the slices of a narrowed pull are read into, then widened into the caller's
+    (one per slice name, reused: a shard's pulls run one at a time)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def sink_for(
+        self, targets: dict[str, torch.Tensor]
+    ) -> tuple[Callable[[str, torch.dtype, tuple[int, ...]], torch.Tensor | None], Callable]:
+        """A sink that reads each target's slice into a narrow buffer (wide: into the target
+        itself), and a function that widens them into the targets once the reply is read."""
+        staging = {name: self._buffer(name, target) for name, target in targets.items()}
+
+        def sink(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+            return staging.get(name)
+
+        def widen() -> None:
+            for name, target in targets.items():
+                if staging[name] is not target:
+                    target.copy_(staging[name])
+
+        return sink, widen
+
+    def _buffer(self, name: str, target: torch.Tensor) -> torch.Tensor:
+        dtype = travel_dtype(target.dtype, self.dtype)
+        if dtype == target.dtype:
+            return target
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != target.shape:
+            buffer = self._buffers[name] = torch.empty(target.shape, dtype=dtype)
+        return buffer

@@ -67,6 +67,8 @@ class ParameterServerClient(ShardLanes):
         group: The parameter group on the shards these parameters are (a model-parallel
             partition's, say: each group has its own layout, version and optimizer state);
             "" is the default group.
+        source_host: The address of this machine the connections leave from (default: the
+            one the operating system picks).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class ParameterServerClient(ShardLanes):
         security: WireSecurity | None = None,
         partitioner: Partitioner | None = None,
         group: str = "",
+        source_host: str | None = None,
     ) -> None:
         super().__init__(
             addresses,
@@ -89,6 +92,7 @@ class ParameterServerClient(ShardLanes):
             connect_timeout_s=connect_timeout_s,
             retry_timeout_s=retry_timeout_s,
             security=security,
+            source_host=source_host,
         )
         self.worker_id = worker_id
         self.group = group

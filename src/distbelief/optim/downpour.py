@@ -89,6 +89,8 @@ class DownpourSGD(torch.optim.Optimizer):
         group: The parameter group on the shards that ``params`` are (one per partition of a
             model-parallel replica: each with its own layout, version and server optimizer);
             default: the shards' default group.
+        source_host: The address of this machine the connections to the shards leave from
+            (default: the one the operating system picks).
 
     The shards' consistency model is learned at the handshake: with synchronous rounds every
     step pushes and then waits for the round's aggregated update (n_push = n_pull = 1). A
@@ -127,6 +129,7 @@ class DownpourSGD(torch.optim.Optimizer):
         auth_key: bytes | None = None,
         security: WireSecurity | None = None,
         group: str = "",
+        source_host: str | None = None,
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -161,6 +164,7 @@ class DownpourSGD(torch.optim.Optimizer):
             retry_timeout_s=retry_timeout_s,
             security=security or WireSecurity(auth_key=auth_key or _key_from_environment()),
             group=group,
+            source_host=source_host,
         )
         self._model_versions = [0] * self.client.num_shards
         self._window_base: list[int] | None = None

@@ -59,6 +59,7 @@ def job_optimizer(
         retry_timeout_s=config.faults.retry_timeout_s,
         security=security,
         group=group,
+        source_host=config.cluster.worker_host or None,
     )
 
 

@@ -68,6 +68,8 @@ class _Connection:
         self.proxy = proxy
         self.cut = False
         """Set by another thread: reset both sides and stop."""
+        self.seen_epoch = -1
+        """The proxy's command epoch this thread has acted on (see ``FaultProxy._settle``)."""
         self._sockets = (client, server)
         for sock in self._sockets:
             sock.setblocking(False)
@@ -92,7 +94,10 @@ class _Connection:
     def _move_bytes(self) -> bool:
         """Forward until both sides have closed (True) or the connection is cut (False)."""
         while not (self.cut or self.proxy._closing.is_set()):
+            # The epoch first: a command changes the flags, then the epoch.
+            epoch = self.proxy._epoch
             flowing = self.proxy.flowing
+            self.seen_epoch = epoch
             now = time.monotonic()
             wait_s = _POLL_S
             for direction in self._directions:
@@ -172,6 +177,7 @@ class FaultProxy:
         self._stalled = False
         self._partition_until = 0.0
         self._refusing = False
+        self._epoch = 0
         self._drop_bytes = {UP: 0, DOWN: 0}
         self.bytes_forwarded = {UP: 0, DOWN: 0}
         self.bytes_dropped = {UP: 0, DOWN: 0}
@@ -196,8 +202,10 @@ class FaultProxy:
         self.delay_s = delay_s
 
     def stall(self) -> None:
-        """Stop reading and forwarding; connections stay open until :meth:`resume`."""
+        """Stop reading and forwarding; connections stay open until :meth:`resume`. Once this
+        returns, no open connection forwards another byte."""
         self._stalled = True
+        self._settle()
 
     def resume(self) -> None:
         """Forward again, the held bytes first."""
@@ -233,6 +241,8 @@ class FaultProxy:
             self._partition_until = time.monotonic() + duration_s
         if refuse:
             self.cut()
+        else:
+            self._settle()
 
     def heal(self) -> None:
         """End a partition now."""
@@ -291,6 +301,20 @@ class FaultProxy:
             self._connections.add(connection)
             self.connections_accepted += 1
         connection.thread.start()
+
+    def _settle(self) -> None:
+        """Wait until every open connection has acted on the flags as they are now (a
+        connection thread may be in the middle of forwarding when a command arrives)."""
+        with self._lock:
+            self._epoch += 1
+            epoch = self._epoch
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            with self._lock:
+                behind = [c for c in self._connections if c.seen_epoch < epoch]
+            if not behind:
+                return
+            time.sleep(_POLL_S / 4)
 
     def _forget(self, connection: _Connection) -> None:
         with self._lock:

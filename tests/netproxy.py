@@ -298,9 +298,10 @@ class FaultProxy:
                 _reset(client)
                 _reset(server)
                 return
+            # Started under the lock: whoever finds it in the set may join it.
+            connection.thread.start()
             self._connections.add(connection)
             self.connections_accepted += 1
-        connection.thread.start()
 
     def _settle(self) -> None:
         """Wait until every open connection has acted on the flags as they are now (a

@@ -168,7 +168,9 @@ def run_through(
         for thread in threads:
             thread.wait_for_steps(3, timeout_s=20)
         fault(proxies)
+        healed_by = time.monotonic() + 30
         while any(not proxy.flowing for proxy in proxies):
+            assert time.monotonic() < healed_by, "the proxies did not heal"
             time.sleep(0.01)
         after = [thread.replica.steps for thread in threads]
         for thread, steps in zip(threads, after, strict=True):

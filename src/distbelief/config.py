@@ -1,7 +1,8 @@
 """The job's config: one frozen dataclass per concern, composed into ``JobConfig``; the names of
 models, data sets, server optimizers and staleness policies. Low in the import graph: it imports
-no torch and nothing of distbelief's but ``errors``, so the command line builds its flags from
-these fields without loading the training code. One docstring and one default per field.
+no torch and nothing of distbelief's but ``errors`` and ``hosts``, so the command line builds its
+flags from these fields without loading the training code. One docstring and one default per
+field.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from distbelief.errors import ConfigFieldError
+from distbelief.hosts import is_host
 
 MODEL_NAMES = ("lenet", "alexnet", "mlp", "wide-mlp", "wide-cnn", "dlrm")
 CLICK_LOG_DATASETS = ("synthetic-ctr", "criteo", "movielens")
@@ -58,6 +60,9 @@ def push_compression_fraction(text: str) -> float | None:
     return fraction
 
 
+_NO_PORT = " (without a port or scheme)"
+
+
 def _require(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
         raise ConfigFieldError(name, f"must be {rule}, got {value!r}")
@@ -87,6 +92,12 @@ class ClusterConfig:
     """Parameter-server shard processes."""
     host: str = "127.0.0.1"
     """Address the local cluster's shards bind to."""
+    shard_hosts: tuple[str, ...] = ()
+    """Addresses the shards bind to, shard i to the (i mod N)-th of the N given, e.g.
+    127.0.0.2,127.0.0.3 (default: 127.0.0.1)."""
+    worker_host: str = ""
+    """Address of this machine the workers' connections to the shards leave from (default: the
+    one the operating system picks)."""
     threads_per_worker: int = 1
     """torch intra-op threads per worker process."""
     device: str = "cpu"
@@ -98,6 +109,16 @@ class ClusterConfig:
         _require(bool(self.host), "host", self.host, "a host name or address")
         device_ok = isinstance(self.device, str) and _DEVICE_PATTERN.fullmatch(self.device)
         _require(bool(device_ok), "device", self.device, "cpu, cuda or cuda:N")
+        object.__setattr__(self, "shard_hosts", tuple(self.shard_hosts))
+        for host in self.shard_hosts:
+            _require(is_host(host), "shard_hosts", host, f"IP addresses or host names{_NO_PORT}")
+        if self.worker_host:
+            rule = f"an IP address or host name{_NO_PORT}"
+            _require(is_host(self.worker_host), "worker_host", self.worker_host, rule)
+
+    def shard_host(self, shard_id: int) -> str:
+        """The address shard ``shard_id`` binds to."""
+        return self.shard_hosts[shard_id % len(self.shard_hosts)] if self.shard_hosts else self.host
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -15,6 +15,7 @@ from distbelief.launch.flags import command_flags, field_docs, flag_of, get_args
 TRAINING = {
     "--threads": "cluster.threads_per_worker",
     "--device": "cluster.device",
+    "--worker-host": "cluster.worker_host",
     "--dataset": "data.name",
     "--data-dir": "data.data_dir",
     "--no-download": "data.download",
@@ -75,6 +76,7 @@ EXPECTED = {
     | {
         "--workers": "cluster.num_workers",
         "--shards": "cluster.num_shards",
+        "--shard-hosts": "cluster.shard_hosts",
         "--max-restarts": "faults.max_restarts",
         "--out": "reporting.out_dir",
         "--eval-every": "reporting.eval_every_s",
@@ -190,6 +192,7 @@ SHARED_ARGV = [
     *("--batch-size", "8", "--checkpoint-every", "5", "--timeout", "11"),
     *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
     *("--eval-every", "0.5", "--no-eval"),
+    *("--shard-hosts", "127.0.0.2,127.0.0.3", "--worker-host", "127.0.0.4"),
 ]
 DOWNPOUR_ARGV = [
     *("--lr", "0.5", "--n-push", "2", "--n-pull", "3"),
@@ -235,6 +238,9 @@ def test_every_train_flag_reaches_its_field():
     assert downpour.server.betas == (0.8, 0.9)
     assert downpour.pipeline.split_points == (3,)
     assert downpour.embeddings.tables == ("tables.0", "tables.1")
+    assert downpour.cluster.shard_hosts == ("127.0.0.2", "127.0.0.3")
+    shard_hosts = [downpour.cluster.shard_host(i) for i in range(3)]
+    assert shard_hosts == ["127.0.0.2", "127.0.0.3", "127.0.0.2"]
     assert (downpour.data.download, downpour.reporting.eval_during_training) == (False, False)
 
 

@@ -20,6 +20,16 @@ from distbelief.errors import ConfigFieldError
     ("values", "field", "problem"),
     [
         ({"cluster.num_workers": 0}, "cluster.num_workers", "must be an integer >= 1, got 0"),
+        (
+            {"cluster.shard_hosts": ("127.0.0.2", "127.0.0.3:7000")},
+            "cluster.shard_hosts",
+            "must be IP addresses or host names (without a port or scheme), got '127.0.0.3:7000'",
+        ),
+        (
+            {"cluster.worker_host": "127.0.0.300"},
+            "cluster.worker_host",
+            "must be an IP address or host name (without a port or scheme), got '127.0.0.300'",
+        ),
         ({"optimizer.lr": -1.0}, "optimizer.lr", "must be >= 0, got -1.0"),
         (
             {"model.name": "resnet"},
@@ -110,6 +120,7 @@ def test_flat_config_of_an_older_run_reads_as_the_same_job(tmp_path):
     newer = {"consistency.apply_worker_lr", "optimizer.algorithm", "data.table_size"}
     newer |= {"model.embedding_dim", "cluster.device", "optimizer.wire_dtype"}
     newer |= {"optimizer.push_compression"}
+    newer |= {"cluster.shard_hosts", "cluster.worker_host"}
     newer |= {
         path
         for path in config.to_fields()

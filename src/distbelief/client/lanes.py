@@ -181,6 +181,12 @@ class ShardLanes:
             requests fail; requests are retried with backoff meanwhile.
         security: Authentication key and TLS settings of the job.
         lane_name: The lanes' thread names are ``{lane_name}{shard_id}``.
+        source_host: The address of this machine the connections leave from (default: the
+            one the operating system picks).
+
+    Raises:
+        ValueError: a bad timeout, a malformed address, or ``source_host`` is no address of
+            this machine.
     """
 
     def __init__(
@@ -192,6 +198,7 @@ class ShardLanes:
         retry_timeout_s: float = 60.0,
         security: WireSecurity | None = None,
         lane_name: str = "ps-shard",
+        source_host: str | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -202,12 +209,15 @@ class ShardLanes:
         self.retry_timeout_s = retry_timeout_s
         self._wire = WireFigures()
         self._closing = threading.Event()
+        # Only when given: a channel kind without the option (same-host memory) never sees it.
+        source = {"source_host": source_host} if source_host else {}
         self._transports = [
             connect(
                 address,
                 name=f"shard {i} ({address})",
                 connect_timeout_s=connect_timeout_s,
                 security=security,
+                **source,
             )
             for i, address in enumerate(self.addresses)
         ]

@@ -80,6 +80,8 @@ class ParameterServerClient(ShardLanes):
         pull_dtype: Pulls ask the shards for floating slices narrowed to this dtype
             (bfloat16 or float16) and widen them into the caller's buffers; None: as they are.
             (A push travels as given: ``EncodedPush`` for a compressed one.)
+        source_host: The address of this machine the connections leave from (default: the
+            one the operating system picks).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class ParameterServerClient(ShardLanes):
         partitioner: Partitioner | None = None,
         group: str = "",
         pull_dtype: torch.dtype | None = None,
+        source_host: str | None = None,
     ) -> None:
         super().__init__(
             addresses,
@@ -103,6 +106,7 @@ class ParameterServerClient(ShardLanes):
             connect_timeout_s=connect_timeout_s,
             retry_timeout_s=retry_timeout_s,
             security=security,
+            source_host=source_host,
         )
         self.worker_id = worker_id
         self.group = group

@@ -88,7 +88,8 @@ class RowClient(ShardLanes):
         addresses: One address per shard, in shard-id order (the dense shards' addresses: a
             shard process serves both).
         tables: Table name -> row width, declared on every shard at :meth:`handshake`.
-        timeout_s, connect_timeout_s, retry_timeout_s, security: as ``ShardLanes``.
+        timeout_s, connect_timeout_s, retry_timeout_s, security, source_host: as
+            ``ShardLanes``.
         worker_id: This replica's name at the shards (logs only).
     """
 
@@ -102,6 +103,7 @@ class RowClient(ShardLanes):
         retry_timeout_s: float = 60.0,
         security: WireSecurity | None = None,
         worker_id: str | None = None,
+        source_host: str | None = None,
     ) -> None:
         super().__init__(
             addresses,
@@ -110,6 +112,7 @@ class RowClient(ShardLanes):
             retry_timeout_s=retry_timeout_s,
             security=security,
             lane_name="rows-shard",
+            source_host=source_host,
         )
         self.tables = dict(tables)
         self.worker_id = worker_id

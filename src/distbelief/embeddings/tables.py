@@ -113,7 +113,8 @@ class ShardedEmbeddings:
         n_pull: A pulled row serves this many steps from the cache (1: every step pulls).
         row_cache_mb: The cache's budget over all tables, in MiB (0: no cache).
         blocking: Wait for each push to be applied inside ``step()``.
-        timeout_s, retry_timeout_s, worker_id, auth_key, security: as ``DownpourSGD``.
+        timeout_s, retry_timeout_s, worker_id, auth_key, security, source_host: as
+            ``DownpourSGD``.
 
     Raises:
         ValueError: no embedding module to shard, a bad name or setting, no shard address.
@@ -137,6 +138,7 @@ class ShardedEmbeddings:
         worker_id: str | None = None,
         auth_key: bytes | None = None,
         security: WireSecurity | None = None,
+        source_host: str | None = None,
     ) -> None:
         for name, value in (("n_push", n_push), ("n_pull", n_pull)):
             if not isinstance(value, int) or value < 1:
@@ -159,6 +161,7 @@ class ShardedEmbeddings:
             retry_timeout_s=retry_timeout_s,
             security=security or WireSecurity(auth_key=auth_key),
             worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
+            source_host=source_host,
         )
         try:
             self.client.handshake()

@@ -187,7 +187,10 @@ def _run_ps(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    from distbelief.launch.hosts import check_hosts_are_here
+
     config = config_from_args(args)
+    check_hosts_are_here(config.cluster, shards=False)
     if not 0 <= args.rank < config.cluster.num_workers:
         raise ValueError(
             f"--rank {args.rank} is not in [0, --num-workers {config.cluster.num_workers})"

@@ -269,9 +269,8 @@ class ProcessBook:
                 next_stage=self.stage_addresses.get((index, stage + 1), ""),
             )
         if kind is ProcessKind.SHARD:
-            return ProcessSpec(
-                kind, index, bind=self.addresses.get(index, f"tcp://{self.config.cluster.host}:0")
-            )
+            bind = f"tcp://{self.config.cluster.shard_host(index)}:0"
+            return ProcessSpec(kind, index, bind=self.addresses.get(index, bind))
         if kind is ProcessKind.WORKER:
             return ProcessSpec(
                 kind,

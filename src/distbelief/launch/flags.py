@@ -24,6 +24,8 @@ FLAGS: dict[str, str] = {
     "cluster.num_shards": "--shards",
     "cluster.threads_per_worker": "--threads",
     "cluster.device": "--device",
+    "cluster.shard_hosts": "--shard-hosts",
+    "cluster.worker_host": "--worker-host",
     "data.name": "--dataset",
     "data.data_dir": "--data-dir",
     "data.download": "--no-download",
@@ -113,6 +115,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "cluster.num_workers",
         "cluster.threads_per_worker",
         "cluster.device",
+        "cluster.worker_host",
         "data",
         "model",
         "optimizer.lr",
@@ -231,7 +234,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in text.split(",") if part.strip())
     if not names:
-        raise argparse.ArgumentTypeError(f"expected names like tables.0,tables.1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
     return names
 
 

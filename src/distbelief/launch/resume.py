@@ -20,6 +20,8 @@ RESUMABLE_FIELDS = (
     "sandblaster.max_iterations",
     "cluster.threads_per_worker",
     "cluster.device",
+    "cluster.shard_hosts",
+    "cluster.worker_host",
     "server.checkpoint_every_s",
     "faults.timeout_s",
     "faults.retry_timeout_s",

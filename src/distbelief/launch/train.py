@@ -21,6 +21,7 @@ from distbelief import plots, telemetry
 from distbelief.coordinator.checkpoint import RECORD_FILE
 from distbelief.errors import ConfigFieldError, LauncherInterrupted
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
+from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
 from distbelief.launch.rundir import prepare_run_dir, write_text_atomic
 
@@ -54,6 +55,8 @@ class RunResult:
     """Sandblaster: the coordinator's result (iterations, loss, why it stopped)."""
     partitions: dict = field(default_factory=dict)
     """Model parallelism: the split (points, basis, per-stage cost and state bytes)."""
+    shards: dict[str, dict] = field(default_factory=dict)
+    """Per shard: the address it served at and the host each worker connected from."""
 
 
 def _planned_steps(config: JobConfig) -> list[int]:
@@ -289,7 +292,11 @@ def train(
             process is stopped.
         LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
         CheckpointError: a checkpoint to resume from is corrupt (names the file).
+        ConfigFieldError: a bad setting, a shard or worker host that is not this machine's
+            among them.
     """
+    if issubclass(cluster_type, LocalCluster):
+        check_hosts_are_here(config.cluster)  # every process runs on this machine
     cluster_type.warm_up(config)  # e.g. a forkserver's imports, overlapping what follows
     total_steps = sum(_planned_steps(config))  # validates before anything is written
     if not resume or config.pipeline.split_points is None:
@@ -345,6 +352,13 @@ def _result(cluster: Cluster, config: JobConfig, run_dir: Path, elapsed_s: float
         },
         faults=cluster.faults,
         coordinator=cluster.results(ProcessKind.COORDINATOR).get(0, {}),
+        shards={
+            f"shard{shard_id}": {
+                "address": r.get("address"),
+                "worker_hosts": r.get("worker_hosts", {}),
+            }
+            for shard_id, r in sorted(cluster.results(ProcessKind.SHARD).items())
+        },
     )
 
 
@@ -363,6 +377,7 @@ def _summary_json(result: RunResult) -> str:
             "elapsed_s": round(result.elapsed_s, 3),
             **({"coordinator": result.coordinator} if result.coordinator else {}),
             **({"partitions": result.partitions} if result.partitions else {}),
+            "shards": result.shards,
             "faults": [
                 {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
                 for fault in result.faults

@@ -97,6 +97,8 @@ class DownpourSGD(torch.optim.Optimizer):
             pulls of floating slices travel narrowed to it; the shards keep their own dtype.
         push_compression: "none" (default) or "topk:F": each push carries only the fraction F
             of each slice's accrued gradient of largest magnitude, as indices and values.
+        source_host: The address of this machine the connections to the shards leave from
+            (default: the one the operating system picks).
 
     A lossy push (narrowed or top-k) keeps what it leaves out in the accrued gradient, which
     the next push carries (error feedback: nothing is lost, some is delayed); ``flush()`` and
@@ -141,6 +143,7 @@ class DownpourSGD(torch.optim.Optimizer):
         group: str = "",
         wire_dtype: str = "fp32",
         push_compression: str = "none",
+        source_host: str | None = None,
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -177,6 +180,7 @@ class DownpourSGD(torch.optim.Optimizer):
             security=security or WireSecurity(auth_key=auth_key or _key_from_environment()),
             group=group,
             pull_dtype=self.compression.dtype,
+            source_host=source_host,
         )
         self._compressor = (
             PushCompressor(self.compression, self.client.slices)

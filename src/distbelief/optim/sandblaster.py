@@ -314,11 +314,13 @@ def run_sandblaster_worker(
     micro_batch_size: int = 256,
     after_portion: Callable[[PortionInfo], None] | None = None,
     stop: StopFlag | None = None,
+    source_host: str | None = None,
 ) -> dict[str, int]:
     """Worker ``rank`` of a Sandblaster job: connect to the shards (initialising empty ones with
     ``model``'s values, as the first Downpour worker does) and the coordinator, and compute
     portions until told to stop: by the coordinator, or by ``stop`` (set once the coordinator
     has finished: a worker that missed it, starting late, say, stops waiting for it).
+    ``source_host``: the address of this machine its connections to the shards leave from.
 
     Emits "started" (``rank``, ``time``) once connected. No "metric" records: the coordinator
     writes each worker's (its committed portions per iteration), so a worker's row has one
@@ -340,6 +342,7 @@ def run_sandblaster_worker(
         timeout_s=timeout_s,
         retry_timeout_s=retry_timeout_s,
         security=security,
+        source_host=source_host,
     )
     coordinator = CoordinatorClient(
         coordinator_address,

@@ -69,7 +69,8 @@ def serve_shard(
     (to read its parameters after the stop); default: a new one.
 
     Returns:
-        Its counters, staleness histogram and what its clients replayed into it.
+        Its address, counters and staleness histogram, what its clients replayed into it, and
+        the host each worker connected from.
 
     Raises:
         CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.
@@ -135,6 +136,8 @@ def serve_shard(
     totals = groups.totals()
     return {
         "shard_id": shard_id,
+        "address": server.address,
+        "worker_hosts": dict(service.worker_hosts),
         "version": totals["version"],
         "num_pushes": totals["num_pushes"],
         "num_dropped": totals["num_dropped"],

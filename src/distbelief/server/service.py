@@ -93,6 +93,8 @@ class ShardService:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.bytes_received = 0
         self.bytes_sent = 0
+        self.worker_hosts: dict[str, str] = {}
+        """Worker id -> the host its latest connection came from (where each replica runs)."""
         self._stats_lock = threading.Lock()
         self.handlers = OpRegistry()
         self.handlers.register(HELLO, ShardConnection._hello)
@@ -218,8 +220,9 @@ class ShardConnection(VectorHandlers):
             raise ValueError(f"worker id must be a string, got {worker!r}")
         if type(clock) is not int or clock < 0:
             raise ValueError(f"clock must be an integer >= 0, got {clock!r}")
-        if worker is not None:
+        if worker is not None and worker != self.worker:
             self.worker = worker
+            self.service.worker_hosts[worker] = self.peer.rpartition(":")[0]
         return worker, clock
 
     def _describe(self) -> dict:

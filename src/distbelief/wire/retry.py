@@ -1,6 +1,7 @@
 """Retrying a request while its peer is unreachable or silent: backoff from 50 ms doubling to
-2 s, for at most a given time, stopped at once when the caller is closing. One policy for every
-client of the request layer (shards' and the coordinator's)."""
+2 s, until a given time has passed (the last wait is cut short so one more attempt is made right
+at that time), stopped at once when the caller is closing. One policy for every client of the
+request layer (shards' and the coordinator's)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def retry_while_unreachable(
     first_failure: ShardUnavailableError | ShardTimeoutError | None = None,
 ) -> T:
     """``call()``, again with backoff while it raises ShardUnavailableError or
-    ShardTimeoutError, for at most ``retry_timeout_s``. ``first_failure``: the caller's own
+    ShardTimeoutError, until ``retry_timeout_s`` has passed: a peer that is reachable again
+    before then is reached (an attempt then starts no later than at that time, and takes up to
+    the request's own timeout). ``first_failure``: the caller's own
     first attempt already failed so (the common, successful path then costs the caller no
     closure and no call of this function); the first retry waits the first delay.
 
@@ -46,10 +49,14 @@ def retry_while_unreachable(
                 return call()
             except (ShardUnavailableError, ShardTimeoutError) as e:
                 failure = e
-        if closing.is_set() or time.monotonic() + delay_s > deadline:
+        remaining_s = deadline - time.monotonic()
+        if closing.is_set() or remaining_s <= 0:
             message = f"{failure} (gave up after retrying for {retry_timeout_s:g}s)"
             raise give_up(message) from failure
-        logger.warning("%s; retrying in %.2fs", failure, delay_s)
-        closing.wait(delay_s)
+        # Not the whole backoff when it would pass the deadline: giving up then would end the
+        # retries up to MAX_DELAY_S early, and a peer back just before the deadline be missed.
+        wait_s = min(delay_s, remaining_s)
+        logger.warning("%s; retrying in %.2fs", failure, wait_s)
+        closing.wait(wait_s)
         delay_s = min(delay_s * 2, MAX_DELAY_S)
         failure = None

@@ -10,7 +10,12 @@ import contextlib
 import itertools
 import time
 
-from distbelief.errors import ProtocolError, ShardTimeoutError, ShardUnavailableError
+from distbelief.errors import (
+    ProtocolError,
+    PSError,
+    ShardTimeoutError,
+    ShardUnavailableError,
+)
 from distbelief.wire import channels
 from distbelief.wire.channels import Channel
 from distbelief.wire.error_kinds import error_for_kind
@@ -26,7 +31,10 @@ def _op_name(message: Message) -> str:
 class RpcClient:
     """A client's connection to one server: one request at a time, each with a timeout.
 
-    Connects on the first request, and again on the next request after any failure.
+    Connects on the first request, and again on the next request after any failure. A frame
+    that does not parse, once this server has answered well, is taken for bytes lost or mangled
+    on the way (a misbehaving middlebox), not for a peer of another kind: it fails like a lost
+    connection, which callers retry.
 
     Args:
         address: Where the server listens (``tcp://HOST:PORT``).
@@ -50,6 +58,8 @@ class RpcClient:
         self._call_timeout_s = 0.0
         """The per-call bound currently set on ``_channel`` (a syscall to change)."""
         self._request_ids = itertools.count(1)
+        self._answered = False
+        """Whether the server has answered a request well (it is a peer of this protocol)."""
 
     def _open(self, deadline: float, timeout_s: float) -> tuple[Channel, FrameReader]:
         if self._channel is None:
@@ -73,8 +83,10 @@ class RpcClient:
 
         Raises:
             ShardTimeoutError: no complete reply within ``timeout_s``.
-            ShardUnavailableError: the server cannot be reached or dropped the connection.
-            ProtocolError: the reply is not a valid frame, or the server failed authentication.
+            ShardUnavailableError: the server cannot be reached or dropped the connection, or
+                the stream broke the protocol after the server had answered well before.
+            ProtocolError: the reply is not a valid frame, or the server failed authentication
+                (before it ever answered well).
             RemoteError: the server answered with an error (a subclass per error kind).
         """
         deadline = time.monotonic() + timeout_s
@@ -92,21 +104,31 @@ class RpcClient:
             raise ProtocolError(f"{self.name}: {_op_name(message)} reply refused: {e}") from e
         except ProtocolError as e:
             self.close()
-            raise ProtocolError(f"{self.name}: {_op_name(message)}: {e}") from e
+            raise self._broken_stream(message, str(e)) from e
         except OSError as e:
             self.close()
             raise ShardUnavailableError(f"{self.name}: {_op_name(message)} failed: {e}") from e
         if reply.request_id != message.request_id:
             self.close()
-            raise ProtocolError(
-                f"{self.name}: {_op_name(message)}: reply to request {reply.request_id}"
-            )
+            raise self._broken_stream(message, f"reply to request {reply.request_id}")
+        self._answered = True
         if reply.is_error:
             kind = reply.meta.get("error", "remote")
             raise error_for_kind(kind)(
                 f"{self.name}: {_op_name(message)} refused: {reply.meta.get('message', kind)}"
             )
         return reply
+
+    def _broken_stream(self, message: Message, problem: str) -> PSError:
+        """The error for a frame (or handshake) that broke the protocol: a ProtocolError the
+        first time (another kind of peer, another version, another job's key), a lost
+        connection once this server has answered well (bytes lost on the way)."""
+        if self._answered:
+            return ShardUnavailableError(
+                f"{self.name}: {_op_name(message)}: the connection broke the protocol "
+                f"({problem}); reconnecting"
+            )
+        return ProtocolError(f"{self.name}: {_op_name(message)}: {problem}")
 
     def close(self) -> None:
         """Drop the connection; a later request reconnects."""

@@ -70,10 +70,12 @@ def job_tables(
     *,
     worker_id: str | None = None,
     cache: bool = True,
+    source_host: str | None = None,
 ) -> ShardedEmbeddings:
     """The job's tables of ``model`` on the shards (swapped in place), with its pull period,
     push period, row cache (``cache``: a reader that never steps must not cache, or its rows
-    would never age) and timeouts."""
+    would never age) and timeouts; ``source_host``: the local address the connections leave
+    from."""
     return ShardedEmbeddings(
         model,
         ps=list(addresses),
@@ -87,6 +89,7 @@ def job_tables(
         retry_timeout_s=config.faults.retry_timeout_s,
         worker_id=worker_id,
         security=security,
+        source_host=source_host,
     )
 
 
@@ -211,7 +214,14 @@ def run_ctr_worker(
         len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
     )
     model = build_ctr_replica(config, train_set)
-    tables = job_tables(config, model, addresses, security, worker_id=f"worker{rank}")
+    tables = job_tables(
+        config,
+        model,
+        addresses,
+        security,
+        worker_id=f"worker{rank}",
+        source_host=config.cluster.worker_host or None,
+    )
     try:
         optimizer = job_optimizer(
             config, rank, model.parameters(), model, addresses, security, resume_step=resume_step

@@ -67,6 +67,7 @@ def job_optimizer(
         group=group,
         wire_dtype=config.optimizer.wire_dtype,
         push_compression=config.optimizer.push_compression,
+        source_host=config.cluster.worker_host or None,
     )
 
 

@@ -57,5 +57,6 @@ def run_sandblaster_job_worker(
         portions_per_push=config.sandblaster.portions_per_push,
         after_portion=after_portion,
         stop=stop,
+        source_host=config.cluster.worker_host or None,
     )
     return {"steps": result.get("portions", 0), **result}

@@ -9,6 +9,7 @@ import socket
 import ssl
 
 from distbelief.errors import ProtocolError, ShardUnavailableError
+from distbelief.hosts import check_local_host
 from distbelief.wire.channels import register_channel
 from distbelief.wire.security import WireSecurity, accept_peer, authenticate_to_server
 
@@ -75,12 +76,27 @@ class TcpDialer:
     Args:
         address: ``tcp://HOST:PORT``.
         security: Job key and TLS settings (default: neither).
+        source_host: The address of this machine the connections leave from (default: the
+            one the operating system picks).
+
+    Raises:
+        ValueError: ``address`` is malformed, or ``source_host`` is no address of this machine.
     """
 
-    def __init__(self, address: str, *, security: WireSecurity | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        security: WireSecurity | None = None,
+        source_host: str | None = None,
+    ) -> None:
         self._endpoint = parse_tcp_address(address)
         self._security = security or WireSecurity()
         self._tls = self._security.client_tls()
+        self._source = None
+        if source_host:
+            check_local_host(source_host)
+            self._source = (source_host, 0)
 
     def __call__(self, timeout_s: float) -> TcpChannel:
         """A new channel, connected and authenticated within about ``timeout_s``.
@@ -89,7 +105,9 @@ class TcpDialer:
             ProtocolError: the server is not a shard of this job.
             TimeoutError / OSError: the server could not be reached in time.
         """
-        sock = socket.create_connection(self._endpoint, timeout=timeout_s)
+        sock = socket.create_connection(
+            self._endpoint, timeout=timeout_s, source_address=self._source
+        )
         try:
             _tune(sock)
             if self._tls is not None:

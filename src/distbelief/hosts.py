@@ -1,0 +1,40 @@
+"""Host addresses as users type them: whether a text is an IP address or a host name, and
+whether it is an address of this machine. Standard library only (the launcher and the config
+use it without loading torch)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def is_host(text: str) -> bool:
+    """Whether ``text`` is an IP address (v4 or v6) or a host name: no port, no scheme, and
+    not dotted numbers that are no IPv4 address (127.0.0.300)."""
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        pass
+    labels = text.removesuffix(".").split(".")
+    if labels[-1].isdigit():
+        return False
+    return len(text) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
+def check_local_host(host: str) -> None:
+    """Raise ValueError unless ``host`` is an address of this machine (one a socket can bind).
+
+    Raises:
+        ValueError: naming ``host`` and why (unknown name, not this machine's address).
+    """
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind(address)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ValueError(f"{host} is not an address of this machine ({reason})") from e

@@ -1,0 +1,27 @@
+"""The addresses a job's config gives for processes that run on this machine, checked before
+any process starts: a shard that cannot bind its host, or a worker that cannot leave from its
+own, would otherwise fail later and less clearly (a worker only after its retry timeout)."""
+
+from __future__ import annotations
+
+from distbelief.config import ClusterConfig
+from distbelief.errors import ConfigFieldError
+from distbelief.hosts import check_local_host
+
+
+def check_hosts_are_here(cluster: ClusterConfig, *, shards: bool = True) -> None:
+    """Check that the worker host and (``shards``) every shard host are this machine's.
+
+    Raises:
+        ConfigFieldError: one is not (``field`` names the config field that holds it).
+    """
+    named = [("cluster.worker_host", cluster.worker_host)]
+    if shards:
+        named += [("cluster.shard_hosts", host) for host in cluster.shard_hosts]
+    for field, host in named:
+        if not host:
+            continue
+        try:
+            check_local_host(host)
+        except ValueError as e:
+            raise ConfigFieldError(field, str(e)) from None

@@ -1,0 +1,55 @@
+"""Host addresses as users type them: IP addresses and host names pass, ports, schemes and bad
+dotted numbers do not; an address not of this machine is refused by name, naming its flag's
+field."""
+
+import pytest
+
+from distbelief.config import ClusterConfig
+from distbelief.errors import ConfigFieldError
+from distbelief.hosts import check_local_host, is_host
+from distbelief.launch.hosts import check_hosts_are_here
+
+NOT_HERE = "192.0.2.1"
+"""TEST-NET-1 (RFC 5737): never an address of a real machine."""
+
+
+@pytest.mark.parametrize("text", ["127.0.0.2", "10.0.0.1", "::1", "localhost", "node-1.lan"])
+def test_addresses_and_names_are_hosts(text):
+    assert is_host(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "127.0.0.1:7000", "tcp://127.0.0.1", "127.0.0.300", "1.2.3.4.5", "-a", "a b"]
+)
+def test_other_texts_are_not(text):
+    assert not is_host(text)
+
+
+def test_loopback_addresses_are_this_machines_and_test_net_is_not():
+    check_local_host("127.0.0.4")
+    with pytest.raises(ValueError, match=rf"^{NOT_HERE} is not an address of this machine \("):
+        check_local_host(NOT_HERE)
+
+
+def test_shard_hosts_go_round_the_shards():
+    cluster = ClusterConfig(num_shards=3, shard_hosts=("127.0.0.2", "127.0.0.3"))
+    assert [cluster.shard_host(i) for i in range(3)] == ["127.0.0.2", "127.0.0.3", "127.0.0.2"]
+    assert ClusterConfig().shard_host(1) == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("cluster", "field"),
+    [
+        (ClusterConfig(shard_hosts=("127.0.0.2", NOT_HERE)), "cluster.shard_hosts"),
+        (ClusterConfig(worker_host=NOT_HERE), "cluster.worker_host"),
+    ],
+)
+def test_a_host_not_here_is_refused_naming_its_field(cluster, field):
+    with pytest.raises(ConfigFieldError) as refused:
+        check_hosts_are_here(cluster)
+    assert refused.value.field == field
+    assert refused.value.problem.startswith(f"{NOT_HERE} is not an address of this machine")
+
+
+def test_a_manual_worker_checks_only_its_own_host():
+    check_hosts_are_here(ClusterConfig(shard_hosts=(NOT_HERE,)), shards=False)

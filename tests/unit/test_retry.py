@@ -1,0 +1,66 @@
+"""The retry policy of the request layer: it keeps trying until the retry timeout has passed,
+the last wait cut short, and then gives up with the caller's error."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from distbelief.errors import ShardUnavailableError
+from distbelief.wire.retry import retry_while_unreachable
+
+RETRY_TIMEOUT_S = 0.5
+
+
+class FlakyPeer:
+    """Unreachable until ``down_s`` after it was made."""
+
+    def __init__(self, down_s: float) -> None:
+        self.back_at = time.monotonic() + down_s
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if time.monotonic() < self.back_at:
+            raise ShardUnavailableError("peer unreachable")
+        return "answered"
+
+
+def test_a_peer_back_just_before_the_retry_timeout_is_reached():
+    # Back after 0.45 s: the doubling backoff (0.05, 0.1, 0.2, then 0.4) would overshoot the
+    # 0.5 s timeout; the last wait is cut to end at the timeout, where one more attempt is made.
+    peer = FlakyPeer(0.9 * RETRY_TIMEOUT_S)
+    answer = retry_while_unreachable(
+        peer,
+        retry_timeout_s=RETRY_TIMEOUT_S,
+        closing=threading.Event(),
+        give_up=ShardUnavailableError,
+    )
+    assert answer == "answered"
+
+
+def test_a_peer_that_stays_away_is_given_up_after_the_retry_timeout():
+    peer = FlakyPeer(60.0)
+    started = time.monotonic()
+    with pytest.raises(ShardUnavailableError, match=r"gave up after retrying for 0.5s"):
+        retry_while_unreachable(
+            peer,
+            retry_timeout_s=RETRY_TIMEOUT_S,
+            closing=threading.Event(),
+            give_up=ShardUnavailableError,
+        )
+    assert time.monotonic() - started >= RETRY_TIMEOUT_S
+    assert peer.calls >= 4
+
+
+def test_a_closing_caller_gives_up_at_once():
+    closing = threading.Event()
+    closing.set()
+    peer = FlakyPeer(60.0)
+    with pytest.raises(ShardUnavailableError):
+        retry_while_unreachable(
+            peer, retry_timeout_s=60.0, closing=closing, give_up=ShardUnavailableError
+        )
+    assert peer.calls == 1

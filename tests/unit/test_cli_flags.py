@@ -39,6 +39,8 @@ SERVER = {
     "--server-betas": "server.betas",
     "--server-eps": "server.eps",
     "--checkpoint-every": "server.checkpoint_every_s",
+    "--server-design": "server.design",
+    "--max-connections": "server.max_connections",
     "--sync": "consistency.sync",
     "--backup-workers": "consistency.backup_workers",
     "--max-staleness": "consistency.max_staleness",
@@ -186,7 +188,8 @@ SHARED_ARGV = [
     *("--data-dir", "/d", "--no-download", "--model", "mlp", "--seed", "7"),
     *("--batch-size", "8", "--checkpoint-every", "5", "--timeout", "11"),
     *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
-    *("--eval-every", "0.5", "--no-eval"),
+    *("--eval-every", "0.5", "--no-eval", "--server-design", "threads"),
+    *("--max-connections", "100"),
 ]
 DOWNPOUR_ARGV = [
     *("--lr", "0.5", "--n-push", "2", "--n-pull", "3"),

@@ -20,6 +20,8 @@ RESUMABLE_FIELDS = (
     "sandblaster.max_iterations",
     "cluster.threads_per_worker",
     "server.checkpoint_every_s",
+    "server.design",
+    "server.max_connections",
     "faults.timeout_s",
     "faults.retry_timeout_s",
     "faults.max_restarts",

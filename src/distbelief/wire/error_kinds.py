@@ -14,6 +14,7 @@ from distbelief.errors import (
     PSError,
     RemoteError,
     ShardRestartedError,
+    TooManyConnectionsError,
 )
 
 
@@ -33,6 +34,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("model_mismatch", (ModelMismatchError,), ModelMismatchError),
     ErrorKind("evaluation_not_open", (EvaluationNotOpenError,), EvaluationNotOpenError),
     ErrorKind("shard_restarted", (ShardRestartedError,), ShardRestartedError),
+    ErrorKind("too_many_connections", (TooManyConnectionsError,), TooManyConnectionsError),
     ErrorKind("bad_request", (ValueError, PSError), RemoteError),
 )
 """The first kind whose ``sent_for`` matches wins: list a subclass before its base."""

@@ -11,16 +11,13 @@ import time
 from typing import Any, Protocol, cast
 
 from distbelief.wire.channels import Channel, Incoming, PollableChannel
-from distbelief.wire.error_kinds import BAD_REQUEST, INTERNAL, kind_of
+from distbelief.wire.error_kinds import BAD_REQUEST, INTERNAL, TOO_MANY_CONNECTIONS, kind_of
 from distbelief.wire.framing import RejectedFrame, Sink, send_message
 from distbelief.wire.message import Message
 from distbelief.wire.ops import OpRegistry, Route
 from distbelief.wire.reader import FrameReader, recv_message
 
 logger = logging.getLogger(__name__)
-
-TOO_MANY_CONNECTIONS = "too_many_connections"
-"""The error kind a refused connection's first request is answered with."""
 
 
 class ConnectionState(Protocol):

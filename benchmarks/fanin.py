@@ -7,7 +7,8 @@ each design's shards for a fixed time, the designs one after the other per N. Re
 (design, N): pushes/s per shard, max/min pushes per replica, p50/p99 latency of pushes and
 pulls, errors, and each shard's CPU (cores), RSS, threads and descriptors at the end of the
 window. Ratios: pushes/s at the largest N over the smallest (target >= 0.8), fairness max/min
-(target <= 1.5 at 64, <= 2 at 2000), and pool over threads at each N.
+(target <= 1.5 at 64, <= 2 at 2000), and pool over threads at each N: medians over
+``--repeats`` sweeps, which interleave the designs so that other load hits both alike.
 
     python benchmarks/fanin.py                                  # N = 8,64,512,2000, 10 s each
     python benchmarks/fanin.py --replicas 8,64 --seconds 3 --out -   # a short smoke run
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +40,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per point")
     parser.add_argument("--shards", type=int, default=1, help="shards per design (S)")
     parser.add_argument("--designs", default=",".join(SERVER_DESIGNS), help="server designs")
-    parser.add_argument("--load-processes", type=int, default=2, help="processes of replicas")
+    parser.add_argument(
+        "--load-processes",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="processes the replicas are spread over (default: half the cores)",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="sweeps, interleaved")
     parser.add_argument("--model", choices=sorted(fanin_load.MODEL_SHAPES), default="mlp")
     parser.add_argument("--max-connections", type=int, default=4096)
     parser.add_argument("--out", help="results stem (default: results/fanin_cpuN_DATE); - skips")
@@ -58,8 +66,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.design_names) - set(SERVER_DESIGNS))
     if unknown or not args.design_names:
         parser.error(f"argument --designs: choose from {', '.join(SERVER_DESIGNS)}")
-    if args.seconds <= 0 or args.shards < 1 or args.load_processes < 1:
-        parser.error("--seconds, --shards and --load-processes must be positive")
+    if min(args.seconds, args.shards, args.load_processes, args.repeats) <= 0:
+        parser.error("--seconds, --shards, --load-processes and --repeats must be positive")
     return args
 
 
@@ -134,31 +142,38 @@ def _number(value, digits: int = 1) -> str:
 
 
 def ratio_lines(points: list[dict], designs: list[str], counts: list[int]) -> list[str]:
-    """The ratios the targets are about, per design, and pool over threads per N."""
+    """The ratios the targets are about, per design, and pool over threads per N; each figure
+    is the median over the repeats."""
+
+    def median(design: str, count: int, key: str) -> float | None:
+        values = [
+            p[key] for p in points if (p["design"], p["replicas"]) == (design, count) and p[key]
+        ]
+        return statistics.median(values) if values else None
+
+    def rate(design: str, count: int) -> float:
+        return median(design, count, "pushes_per_s_per_shard") or 0.0
+
     lines = []
-    at = {(p["design"], p["replicas"]): p for p in points}
     low, high = min(counts), max(counts)
     for design in designs:
-        ratio = at[design, high]["pushes_per_s_per_shard"] / max(
-            1e-9, at[design, low]["pushes_per_s_per_shard"]
-        )
+        ratio = rate(design, high) / max(1e-9, rate(design, low))
         verdict = "PASS" if ratio >= _THROUGHPUT_TARGET else "BELOW"
         lines.append(
             f"- {design}: pushes/s per shard at N={high} / at N={low} = {ratio:.2f} "
             f"(target >= {_THROUGHPUT_TARGET}: {verdict})"
         )
         for count, target in _FAIRNESS_TARGETS.items():
-            if (design, count) in at:
-                fairness = at[design, count]["max_min_pushes"]
+            if count in counts:
+                fairness = median(design, count, "max_min_pushes")
                 verdict = "PASS" if fairness is not None and fairness <= target else "BELOW"
                 lines.append(
                     f"- {design}: max/min pushes per replica at N={count} = "
                     f"{_number(fairness, 2)} (target <= {target}: {verdict})"
                 )
     if {"pool", "threads"} <= set(designs):
-        for count in counts:
-            pool, threads = at["pool", count], at["threads", count]
-            ratio = pool["pushes_per_s_per_shard"] / max(1e-9, threads["pushes_per_s_per_shard"])
+        for count in sorted(set(counts)):
+            ratio = rate("pool", count) / max(1e-9, rate("threads", count))
             lines.append(f"- N={count}: pushes/s pool / threads = {ratio:.2f}")
     return lines
 
@@ -207,12 +222,14 @@ def run(args: argparse.Namespace) -> str:
                 started[design] = fanin_load.start_shards(args.shards, key_file, *flags)
                 fanin_load.initialise_shards(started[design][1], args.model, key)
             points = []
-            for count in args.replica_counts:
-                for design in args.design_names:
-                    shards, addresses = started[design]
-                    points.append(measure_point(design, shards, addresses, count, args, key))
-                    print(" | ".join(_row(points[-1])), flush=True)
-                    time.sleep(1.0)  # the shard drops the last point's connections
+            for repeat in range(args.repeats):
+                for count in args.replica_counts:
+                    for design in args.design_names:  # interleaved: load changes hit both
+                        shards, addresses = started[design]
+                        point = measure_point(design, shards, addresses, count, args, key)
+                        points.append({**point, "repeat": repeat})
+                        print(" | ".join(_row(point)), flush=True)
+                        time.sleep(1.0)  # the shard drops the last point's connections
         finally:
             for shards, _ in started.values():
                 fanin_load.stop_shards(shards)
@@ -221,8 +238,9 @@ def run(args: argparse.Namespace) -> str:
     description = "\n".join(
         [
             f"{args.shards} shard(s) per design, model {args.model}, {args.seconds:g} s per "
-            f"point, {args.load_processes} load processes; shard figures per shard at the end "
-            "of the window (cores: CPU seconds per second of the window).",
+            f"point, {args.load_processes} load process(es), all on this machine. Per shard: "
+            "cores = its CPU seconds per second of the window; RSS, threads and open "
+            "descriptors at the end of the window, the replicas still connected.",
             "",
             *lines,
         ]

@@ -17,6 +17,7 @@ window. Ratios: pushes/s at the largest N over the smallest (target >= 0.8), fai
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -146,10 +147,14 @@ def ratio_lines(points: list[dict], designs: list[str], counts: list[int]) -> li
     is the median over the repeats."""
 
     def median(design: str, count: int, key: str) -> float | None:
+        # None: max/min of a point where some replica pushed nothing, which is unbounded.
         values = [
-            p[key] for p in points if (p["design"], p["replicas"]) == (design, count) and p[key]
+            math.inf if p[key] is None else p[key]
+            for p in points
+            if (p["design"], p["replicas"]) == (design, count)
         ]
-        return statistics.median(values) if values else None
+        value = statistics.median(values) if values else math.inf
+        return None if math.isinf(value) else value
 
     def rate(design: str, count: int) -> float:
         return median(design, count, "pushes_per_s_per_shard") or 0.0
@@ -173,7 +178,10 @@ def ratio_lines(points: list[dict], designs: list[str], counts: list[int]) -> li
                 )
     if {"pool", "threads"} <= set(designs):
         for count in sorted(set(counts)):
-            ratio = rate("pool", count) / max(1e-9, rate("threads", count))
+            if rate("threads", count) == 0:
+                lines.append(f"- N={count}: pushes/s pool / threads = - (threads: none)")
+                continue
+            ratio = rate("pool", count) / rate("threads", count)
             lines.append(f"- N={count}: pushes/s pool / threads = {ratio:.2f}")
     return lines
 

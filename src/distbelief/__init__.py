@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "RemoteError": "distbelief.errors",
     "ModelMismatchError": "distbelief.errors",
     "LayoutMismatchError": "distbelief.errors",
+    "TooManyConnectionsError": "distbelief.errors",
     "ConsistencyMismatchError": "distbelief.errors",
     "ConfigFieldError": "distbelief.errors",
     "RendezvousError": "distbelief.errors",

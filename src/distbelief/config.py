@@ -24,6 +24,8 @@ DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic", *CLICK_LOG_DATASETS)
 CLICK_MODELS = ("dlrm",)
 """Models of click logs: they read the click-log data sets, and only those."""
 SERVER_OPTIMIZER_NAMES = ("sgd", "momentum", "adagrad", "adam")
+SERVER_DESIGNS = ("pool", "threads")
+"""How a server schedules its connections (``distbelief/wire/rpc_server.py``)."""
 STALENESS_POLICIES = ("none", "scale", "dc-asgd")
 ALGORITHMS = ("downpour", "sandblaster")
 LINE_SEARCHES = ("strong-wolfe", "fixed")
@@ -243,9 +245,18 @@ class ServerConfig:
     """Adagrad's / adam's epsilon on the shards (default: torch's)."""
     checkpoint_every_s: float = 30.0
     """Seconds between shard checkpoints (the shards also save at shutdown)."""
+    design: str = field(default="pool", metadata={"choices": SERVER_DESIGNS})
+    """How a shard serves its connections: pool (idle connections wait in epoll and a few
+    threads answer whichever has a request, in arrival order: thousands of replicas per shard)
+    or threads (a thread per connection)."""
+    max_connections: int = 4096
+    """Connections a shard serves at once; a connection past it is refused with
+    TooManyConnectionsError (the shard raises its open-file limit to fit)."""
 
     def __post_init__(self) -> None:
         _require_choice(self, "optimizer")
+        _require_choice(self, "design")
+        _require_counts(self, "max_connections")
         _require(self.lr >= 0, "lr", self.lr, ">= 0")
         _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)

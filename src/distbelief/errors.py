@@ -45,6 +45,11 @@ class EvaluationNotOpenError(RemoteError):
     open (closed already, or not opened yet): the pusher's work is not needed for it."""
 
 
+class TooManyConnectionsError(RemoteError):
+    """A server (a shard) already held its maximum number of connections and refused this one;
+    the message names the limit (a shard's ``--max-connections``)."""
+
+
 class ShardRestartedError(RemoteError):
     """A shard answered a vector program from another process life than before: it was
     restarted, and its vectors are those of its last checkpoint, not of the program before."""

@@ -43,6 +43,8 @@ SERVER = {
     "--server-betas": "server.betas",
     "--server-eps": "server.eps",
     "--checkpoint-every": "server.checkpoint_every_s",
+    "--server-design": "server.design",
+    "--max-connections": "server.max_connections",
     "--sync": "consistency.sync",
     "--backup-workers": "consistency.backup_workers",
     "--max-staleness": "consistency.max_staleness",
@@ -193,6 +195,8 @@ SHARED_ARGV = [
     *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
     *("--eval-every", "0.5", "--no-eval"),
     *("--shard-hosts", "127.0.0.2,127.0.0.3", "--worker-host", "127.0.0.4"),
+    *("--eval-every", "0.5", "--no-eval", "--server-design", "threads"),
+    *("--max-connections", "100"),
 ]
 DOWNPOUR_ARGV = [
     *("--lr", "0.5", "--n-push", "2", "--n-pull", "3"),

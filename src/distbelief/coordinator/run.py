@@ -144,7 +144,8 @@ def run_coordinator(
         max_holders=2 if config.sandblaster.backup_tasks else 1,
         worker_silence_s=config.faults.timeout_s,
     )
-    server = serve(bind, service, security=security)
+    # A thread per connection: the coordinator's handlers wait for each other (long polls).
+    server = serve(bind, service, security=security, design="threads")
     emit("ready", {"address": server.address})
     try:
         client.handshake(None)  # a worker initialises the shards with the model's values

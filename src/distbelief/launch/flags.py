@@ -50,6 +50,8 @@ FLAGS: dict[str, str] = {
     "server.betas": "--server-betas",
     "server.eps": "--server-eps",
     "server.checkpoint_every_s": "--checkpoint-every",
+    "server.design": "--server-design",
+    "server.max_connections": "--max-connections",
     "consistency.sync": "--sync",
     "consistency.backup_workers": "--backup-workers",
     "consistency.max_staleness": "--max-staleness",

@@ -23,6 +23,8 @@ RESUMABLE_FIELDS = (
     "cluster.shard_hosts",
     "cluster.worker_host",
     "server.checkpoint_every_s",
+    "server.design",
+    "server.max_connections",
     "faults.timeout_s",
     "faults.retry_timeout_s",
     "faults.max_restarts",

@@ -134,7 +134,8 @@ class WireLinks:
         if stage > 0:
             self._endpoint = StageEndpoint(stage, num_stages, self._count_bytes)
             try:
-                self._server = serve(bind, self._endpoint, security=security)
+                # A thread per connection: a handler waits for the stage's own work.
+                self._server = serve(bind, self._endpoint, security=security, design="threads")
             except PSError as e:
                 raise StageUnavailableError(f"{self._name}: cannot serve at {bind}: {e}") from e
 

@@ -45,6 +45,8 @@ def serve_shard(
     stop: StopFlag | None = None,
     shard: ParameterShard | None = None,
     row_settings: RowTableSettings | None = None,
+    design: str = "pool",
+    max_connections: int | None = 4096,
 ) -> dict:
     """Serve one shard at ``bind`` until ``stop`` is set (or forever, or SIGTERM).
 
@@ -67,6 +69,9 @@ def serve_shard(
     optimizer, admission, eviction; ``server/row_tables.py``); default: plain SGD rows.
     ``shard``: an empty shard the caller built from the same arguments and keeps a handle on
     (to read its parameters after the stop); default: a new one.
+    ``design``: how connections are served (``"pool"`` or ``"threads"``,
+    ``wire/rpc_server.py``); ``max_connections``: connections served at once, past which new
+    ones are refused (None: no cap).
 
     Returns:
         Its address, counters and staleness histogram, what its clients replayed into it, and
@@ -113,7 +118,9 @@ def serve_shard(
             row_saver.stop()
 
     try:
-        server = serve(bind, service, security=security)
+        server = serve(
+            bind, service, security=security, design=design, max_connections=max_connections
+        )
     except BaseException:
         stop_saving()
         raise
@@ -177,6 +184,8 @@ def serve_job_shard(
         emit=emit,
         stop=stop,
         row_settings=row_settings_from_config(config),
+        design=config.server.design,
+        max_connections=config.server.max_connections,
     )
 
 

@@ -1,8 +1,11 @@
 """The shard's request loop logic: decode a request, call the ParameterShard, encode the reply.
 
-Each connection gets reusable receive buffers for pushes and send buffers for pulls, so a shard
-allocates nothing per request once a connection is warm. Sandblaster's ops (vector programs,
-gradient bundles, reads of a named vector) are answered in ``server/vector_service.py``.
+Pushes are received into, and pulls sent from, reusable slice buffers, so a shard allocates
+nothing per request once warm. A connection borrows a set of them for as long as it is being
+answered and, on a serving pool, gives it back when it goes idle: the sets in use are bounded by
+the serving threads, not by the connections (2,000 replicas of a 1 MB slice would otherwise hold
+4 GB). Sandblaster's ops (vector programs, gradient bundles, reads of a named vector) are
+answered in ``server/vector_service.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.server.shard import ParameterShard
 from distbelief.server.vector_service import VectorHandlers
 from distbelief.sharding import partitioner_from_json, specs_from_json
+from distbelief.wire import long_wait
 from distbelief.wire.compression import DTYPE_KEY, is_encoded, requested_dtype
 from distbelief.wire.framing import Sink
 from distbelief.wire.message import Message
@@ -57,6 +61,21 @@ def _push_sequence(meta: dict) -> tuple[str, int] | None:
     if not isinstance(session, str) or not 0 < len(session) <= 64:
         raise ValueError(f"a push with seq needs a session string, got {session!r}")
     return session, number
+
+
+class SliceBuffers:
+    """Buffers for one shard's slices: a push is received into ``push``, a pull is sent from
+    ``pull``, which holds the parameters of the shard's ``generation`` (None: nothing yet)."""
+
+    __slots__ = ("generation", "pull", "pull_tensors", "push")
+
+    def __init__(self, shard: ParameterShard) -> None:
+        shard.require_initialized()
+        pieces = shard.slices
+        self.push = {piece.name: torch.empty(piece.numel, dtype=piece.dtype) for piece in pieces}
+        self.pull = [torch.empty(piece.numel, dtype=piece.dtype) for piece in pieces]
+        self.pull_tensors = list(zip([piece.name for piece in pieces], self.pull, strict=True))
+        self.generation: int | None = None
 
 
 class ShardService:
@@ -96,6 +115,8 @@ class ShardService:
         self.worker_hosts: dict[str, str] = {}
         """Worker id -> the host its latest connection came from (where each replica runs)."""
         self._stats_lock = threading.Lock()
+        self._free_buffers: dict[ParameterShard, list[SliceBuffers]] = {}
+        self._buffers_lock = threading.Lock()
         self.handlers = OpRegistry()
         self.handlers.register(HELLO, ShardConnection._hello)
         self.handlers.register(INIT, ShardConnection._init)
@@ -113,6 +134,22 @@ class ShardService:
         logger.debug("shard %d: connection from %s", self.shard.shard_id, peer)
         return ShardConnection(self, peer)
 
+    def borrow_buffers(self, shard: ParameterShard) -> SliceBuffers:
+        """A set of slice buffers of ``shard`` (a parameter group's), free until given back.
+
+        Raises:
+            ValueError: the shard is not initialised yet.
+        """
+        with self._buffers_lock:
+            free = self._free_buffers.get(shard)
+            if free:
+                return free.pop()  # the last given back: warm in cache
+        return SliceBuffers(shard)
+
+    def give_back_buffers(self, shard: ParameterShard, buffers: SliceBuffers) -> None:
+        with self._buffers_lock:
+            self._free_buffers.setdefault(shard, []).append(buffers)
+
     def count_bytes(self, received: int, sent: int) -> None:
         with self._stats_lock:
             self.bytes_received += received
@@ -120,19 +157,18 @@ class ShardService:
 
 
 class ShardConnection(VectorHandlers):
-    """Per-connection state: the buffers a push is received into and a pull is sent from."""
+    """Per-connection state: the peer's worker id and group, and the slice buffers it borrows
+    while it is answered (kept until ``idle``; a thread per connection never calls it)."""
 
     def __init__(self, service: ShardService, peer: str) -> None:
         self.service = service
         self.shard = service.shard
         self.peer = peer
-        self._push_buffers: dict[str, torch.Tensor] = {}
-        # The last snapshot sent to this peer: the send buffer of its pulls. (What dc-asgd
-        # needs of it, the shard's policy keeps per worker id, so it survives a reconnect.)
-        self._pull_buffers: list[torch.Tensor] = []
-        self._pull_tensors: list[tuple[str, torch.Tensor]] = []
-        self._snapshot_generation: int | None = None
         self._compressed: CompressedSlices | None = None
+        # A pull's send buffer holds the last snapshot sent from it, so a pull with no update
+        # since skips the copy. (What dc-asgd needs of it, the shard's policy keeps per worker
+        # id, so it survives a reconnect.)
+        self._buffers: SliceBuffers | None = None
         self.worker: str | None = None
         self.group: str | None = None
         """The parameter group this connection serves, set by the first request naming one."""
@@ -159,7 +195,14 @@ class ShardConnection(VectorHandlers):
     def _slice_bytes(self) -> int:
         return sum(piece.numel * piece.dtype.itemsize for piece in self.shard.slices)
 
+    def idle(self) -> None:
+        """Answered, waiting for the next request: the buffers go back to the service."""
+        buffers, self._buffers = self._buffers, None
+        if buffers is not None:
+            self.service.give_back_buffers(self.shard, buffers)
+
     def close(self) -> None:
+        self.idle()
         if self.worker is not None:
             self.shard.depart(self.worker)
 
@@ -169,24 +212,25 @@ class ShardConnection(VectorHandlers):
             self._compressed = CompressedSlices(self.shard.slices)
         return self._compressed
 
+    def _borrowed(self) -> SliceBuffers:
+        if self._buffers is None:
+            self._buffers = self.service.borrow_buffers(self.shard)
+        return self._buffers
+
     def _push_sink_for(self, request: Message) -> Sink:
         # Only pushes reuse buffers: INIT allocates fresh tensors the shard keeps.
         if self.group is None:
             self._bind_group(request.meta)
-        if not self._push_buffers:
-            self.shard.require_initialized()
-            self._push_buffers = {
-                piece.name: torch.empty(piece.numel, dtype=piece.dtype)
-                for piece in self.shard.slices
-            }
+        buffers = self._borrowed()
         if is_encoded(request.meta):
-            return functools.partial(self._compressed_slices().push_sink, self._push_buffers)
+            return functools.partial(self._compressed_slices().push_sink, buffers.push)
         return self._push_sink
 
     def _push_sink(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        buffer = self._push_buffers.get(name)
+        assert self._buffers is not None
+        buffer = self._buffers.push.get(name)
         if buffer is None:
-            owned = ", ".join(self._push_buffers)
+            owned = ", ".join(self._buffers.push)
             raise ProtocolError(f"shard {self.shard.shard_id} does not own {name!r} (owns {owned})")
         if buffer.dtype != dtype or tuple(buffer.shape) != shape:
             raise ProtocolError(f"tensor {name!r}: expected {buffer.dtype} {list(buffer.shape)}")
@@ -258,7 +302,7 @@ class ShardConnection(VectorHandlers):
             return self._replay(request)
         if is_encoded(request.meta):
             compressed = self._compressed_slices()
-            grads = compressed.decode_push(request.meta, request.tensors, self._push_buffers)
+            grads = compressed.decode_push(request.meta, request.tensors, self._borrowed().push)
             received_bytes = sum(tensor.nbytes for _, tensor in request.tensors)
         else:
             names = [name for name, _ in request.tensors]
@@ -312,10 +356,7 @@ class ShardConnection(VectorHandlers):
     def _pull(self, request: Message) -> Message:
         if request.meta.get("group", DEFAULT_GROUP) != self.group:  # inline: a pull's hot path
             self._bind_group(request.meta)
-        if not self._pull_buffers:
-            self.shard.require_initialized()
-            self._pull_buffers = [torch.empty(p.numel, dtype=p.dtype) for p in self.shard.slices]
-            self._pull_tensors = list(zip(self._slice_names, self._pull_buffers, strict=True))
+        buffers = self._borrowed()
         worker, clock = self._identify(request.meta)
         if DTYPE_KEY in request.meta:
             requested_dtype(request.meta)  # refused before the pull counts or is held
@@ -323,25 +364,31 @@ class ShardConnection(VectorHandlers):
         max_wait_s = request.meta.get("max_wait_s", 0.0)
         if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= _MAX_HOLD_S:
             raise ValueError(f"max_wait_s must be in [0, {_MAX_HOLD_S}], got {max_wait_s!r}")
-        result = self.shard.pull_into(
-            self._pull_buffers,
+        pull = functools.partial(
+            self.shard.pull_into,
+            buffers.pull,
             worker=worker,
             clock=clock,
             after_version=after_version,
-            max_wait_s=float(max_wait_s),
-            outs_generation=self._snapshot_generation,
+            outs_generation=buffers.generation,
         )
+        result = pull(max_wait_s=0.0)
+        if result.held and max_wait_s > 0:
+            # Held for slower workers (SSP, sync rounds): a serving pool lends the wait's
+            # thread's place to another thread meanwhile.
+            with long_wait():
+                result = pull(max_wait_s=float(max_wait_s))
         if result.held:
             return request.reply({"version": result.version, "held": True})
-        self._snapshot_generation = result.generation
+        buffers.generation = result.generation
         meta = {"version": result.version, "held": False}
         if result.durable is not None:
             meta["durable"] = result.durable
         if DTYPE_KEY not in request.meta:
             self.service.count_bytes(0, self._slice_bytes)
-            return request.reply(meta, self._pull_tensors)
+            return request.reply(meta, buffers.pull_tensors)
         narrowed = self._compressed_slices().pull_tensors(
-            request.meta, self._pull_tensors, result.generation
+            request.meta, buffers.pull_tensors, result.generation
         )
         self.service.count_bytes(0, sum(tensor.nbytes for _, tensor in narrowed))
         return request.reply(meta, narrowed)

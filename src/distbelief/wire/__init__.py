@@ -6,6 +6,7 @@ from distbelief.wire.message import Message
 from distbelief.wire.ops import Op, OpRegistry, define_op
 from distbelief.wire.rpc import RpcClient, connect
 from distbelief.wire.rpc_server import RpcServer, Service, serve
+from distbelief.wire.serving_pool import long_wait
 
 __all__ = [
     "WIRE_DTYPES",
@@ -19,5 +20,6 @@ __all__ = [
     "define_op",
     "dtype_from_name",
     "dtype_name",
+    "long_wait",
     "serve",
 ]

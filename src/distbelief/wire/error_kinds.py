@@ -14,6 +14,7 @@ from distbelief.errors import (
     PSError,
     RemoteError,
     ShardRestartedError,
+    TooManyConnectionsError,
 )
 
 
@@ -28,11 +29,15 @@ class ErrorKind(NamedTuple):
     """What the client raises for this kind."""
 
 
+TOO_MANY_CONNECTIONS = "too_many_connections"
+"""The kind a server answers a connection over its cap with (then closes it)."""
+
 ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("layout_mismatch", (LayoutMismatchError,), LayoutMismatchError),
     ErrorKind("model_mismatch", (ModelMismatchError,), ModelMismatchError),
     ErrorKind("evaluation_not_open", (EvaluationNotOpenError,), EvaluationNotOpenError),
     ErrorKind("shard_restarted", (ShardRestartedError,), ShardRestartedError),
+    ErrorKind(TOO_MANY_CONNECTIONS, (TooManyConnectionsError,), TooManyConnectionsError),
     ErrorKind("bad_request", (ValueError, PSError), RemoteError),
 )
 """The first kind whose ``sent_for`` matches wins: list a subclass before its base."""

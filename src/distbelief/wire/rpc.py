@@ -18,7 +18,7 @@ from distbelief.errors import (
 )
 from distbelief.wire import channels
 from distbelief.wire.channels import Channel
-from distbelief.wire.error_kinds import error_for_kind
+from distbelief.wire.error_kinds import TOO_MANY_CONNECTIONS, error_for_kind
 from distbelief.wire.framing import RejectedFrame, Sink, send_message
 from distbelief.wire.message import Message
 from distbelief.wire.reader import FrameReader, recv_message
@@ -114,6 +114,8 @@ class RpcClient:
         self._answered = True
         if reply.is_error:
             kind = reply.meta.get("error", "remote")
+            if kind == TOO_MANY_CONNECTIONS:
+                self.close()  # the server closes a refused connection: the next request redials
             raise error_for_kind(kind)(
                 f"{self.name}: {_op_name(message)} refused: {reply.meta.get('message', kind)}"
             )

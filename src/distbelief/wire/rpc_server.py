@@ -1,94 +1,71 @@
-"""The server side of the request/reply layer, over any channel: an accept loop, one thread per
-connection, frames read into the handler's buffers, dispatch through the service's OpRegistry,
-and exceptions turned into error replies.
+"""The server side of the request/reply layer, over any channel: the accept loop, the cap on
+connections (with a refusal the client sees), the file-descriptor limit, and one of two ways to
+schedule connections, each serving frames with the same code (``server_connection.py``):
 
-Threads, not selectors or asyncio: a shard serves a handful of long-lived connections (workers
-and an evaluator), and both socket I/O and torch kernels release the GIL, so each connection's
-receive, apply and send run in parallel without an event loop copying through Python buffers.
+- ``"pool"``: idle connections wait in epoll; a few serving threads answer whichever
+  connection's frame arrives, in arrival order (``serving_pool.py``). Holds thousands of
+  replicas per shard with a fixed number of threads and no per-connection stack.
+- ``"threads"``: a thread per connection, blocked on its socket. Simplest; every thread's
+  receive, apply and send run in parallel (socket I/O and torch kernels release the GIL). For
+  services whose handlers wait for each other without ``long_wait`` (long polls), and for a
+  platform without epoll.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import threading
 import time
-from typing import Any, Protocol
 
+from distbelief.config import SERVER_DESIGNS
 from distbelief.errors import ProtocolError
 from distbelief.wire import channels
-from distbelief.wire.channels import Channel, Incoming
-from distbelief.wire.error_kinds import BAD_REQUEST, INTERNAL, kind_of
-from distbelief.wire.framing import RejectedFrame, Sink, send_message
-from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES, Message
-from distbelief.wire.ops import OpRegistry, Route
-from distbelief.wire.reader import FrameReader, recv_message
+from distbelief.wire.fd_limit import FD_HEADROOM, raise_fd_limit
+from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES
+from distbelief.wire.server_connection import ConnectionState, ServerConnection, Service
+from distbelief.wire.serving_pool import POOL_AVAILABLE, HandshakeQueue, ServingPool
+
+__all__ = ["SERVER_DESIGNS", "ConnectionState", "RpcServer", "Service", "serve"]
 
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.2
 _HANDSHAKE_TIMEOUT_S = 5.0
+_HANDSHAKE_THREADS = 8
+_REFUSALS_IN_FLIGHT = 64
+"""Refused connections still being answered; past these (and the cap) the accept loop waits,
+so the descriptors a server holds stay bounded."""
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-class ConnectionState(Protocol):
-    """What a service keeps per connection (buffers, the peer's worker id)."""
-
-    def close(self) -> None:
-        """The connection has ended (the peer left, or the server is stopping)."""
-
-
-class Service(Protocol):
-    """What :func:`serve` runs: the ops it answers, and per-connection state for the handlers."""
-
-    handlers: OpRegistry
-    """Op -> handler; each handler gets the state ``open_connection`` made for its connection."""
-
-    def open_connection(self, peer: str) -> ConnectionState:
-        """State for a new connection from ``peer``."""
-
-
-class _Dispatch:
-    """One connection's dispatch: the route is looked up once per request, when its metadata
-    has arrived (to pick the buffers its tensors go into), and used again to answer it."""
-
-    __slots__ = ("_route", "_routes", "_state")
-
-    def __init__(self, handlers: OpRegistry, state: Any) -> None:
-        self._routes = handlers.routes
-        self._state = state
-        self._route: Route | None = None
-
-    def sink_for(self, request: Message) -> Sink | None:
-        route = self._routes.get(request.op)
-        if route is None:
-            served = ", ".join(op.name for op in sorted(self._routes))
-            # A ValueError here refuses the frame: its tensors are skipped, the stream stays usable.
-            raise ValueError(f"unknown op {request.op.name} (this server answers {served})")
-        self._route = route
-        return None if route.sink_for is None else route.sink_for(self._state, request)
-
-    def answer(self, request: Message) -> Message:
-        assert self._route is not None
-        try:
-            return self._route.handler(self._state, request)
-        except Exception as e:
-            kind = kind_of(e)
-            if kind == INTERNAL:
-                logger.exception("request %s failed", request.op.name)
-            return request.error_reply(kind, str(e))
+def default_serving_threads() -> int:
+    """Serving threads of a pool: a few per core (socket I/O and torch kernels release the GIL,
+    so a thread waiting on either leaves the core to another)."""
+    return min(32, 4 * (os.cpu_count() or 1))
 
 
 class RpcServer:
-    """Accepts connections and runs one thread per connection until :meth:`stop`.
+    """Accepts connections and serves them until :meth:`stop`.
 
     Args:
         address: Where to listen (``tcp://HOST:PORT``; port 0 picks a free one).
         service: The ops to answer and per-connection state.
+        design: ``"pool"`` or ``"threads"`` (module docstring). A pool needs epoll and
+            channels with descriptors (TCP); elsewhere a thread per connection serves.
+        max_connections: At most this many connections are served at once; past it a new
+            connection's first request is answered with ``TooManyConnectionsError`` and the
+            connection closed. The process's open-file limit is raised to fit it (or the cap
+            lowered to fit the limit, with a warning). None: no cap.
+        serving_threads: A pool's active serving threads (default: a few per core).
         max_payload_bytes: Frames with larger tensor parts are refused and the connection closed.
         frame_timeout_s: Once a frame has started, the rest of it must arrive within this time.
         **channel_options: Passed to the channel's listener (``security`` for TCP).
 
     Raises:
-        ValueError: ``address`` is malformed or its scheme unknown.
+        ValueError: ``address`` is malformed or its scheme unknown, or an option is out of
+            range.
         ShardUnavailableError: ``address`` cannot be bound.
     """
 
@@ -97,19 +74,44 @@ class RpcServer:
         address: str,
         service: Service,
         *,
+        design: str = "pool",
+        max_connections: int | None = None,
+        serving_threads: int | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         frame_timeout_s: float = 60.0,
         **channel_options,
     ) -> None:
+        if design not in SERVER_DESIGNS:
+            raise ValueError(f"server design {design!r}: choose one of {', '.join(SERVER_DESIGNS)}")
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if serving_threads is not None and serving_threads < 1:
+            raise ValueError(f"serving_threads must be >= 1, got {serving_threads}")
         self._service = service
         self._max_payload_bytes = max_payload_bytes
         self._frame_timeout_s = frame_timeout_s
+        self._max_connections = _fit_to_fd_limit(max_connections)
         self._stopping = threading.Event()
-        self._open: set[Incoming | Channel] = set()
-        """What stop() wakes: each connection's channel, or its Incoming until opened."""
-        self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._connections: set[ServerConnection] = set()
+        """Every connection not closed yet: what stop() wakes, and what the cap counts."""
+        self._num_served = 0
+        """Connections in ``_connections`` that are not refused."""
+        self._threads: list[threading.Thread] = []
         self._listener = channels.listen(address, **channel_options)
+        self._pool: ServingPool | None = None
+        self._handshakes: HandshakeQueue | None = None
+        if design == "pool" and not POOL_AVAILABLE:
+            logger.warning("no epoll on this platform: serving a thread per connection")
+        elif design == "pool":
+            self._pool = ServingPool(
+                self._serve_ready,
+                self._close,
+                num_threads=serving_threads or default_serving_threads(),
+                max_threads=(self._max_connections or 1 << 16) + 64,
+                name=f"serve {self.address}",
+            )
+            self._handshakes = HandshakeQueue(self._open_for_pool, max_threads=_HANDSHAKE_THREADS)
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"accept {self.address}", daemon=True
         )
@@ -120,96 +122,193 @@ class RpcServer:
         """The address clients connect to (with the real port when bound to port 0)."""
         return self._listener.address
 
+    @property
+    def design(self) -> str:
+        """How this server schedules its connections (``"pool"`` or ``"threads"``)."""
+        return "threads" if self._pool is None else "pool"
+
+    @property
+    def max_connections(self) -> int | None:
+        """The cap in force (perhaps lowered to fit the open-file limit)."""
+        return self._max_connections
+
+    @property
+    def num_connections(self) -> int:
+        """Connections served now (refused ones not counted)."""
+        return self._num_served
+
+    def _full(self) -> bool:
+        cap = self._max_connections
+        return cap is not None and len(self._connections) >= cap + _REFUSALS_IN_FLIGHT
+
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
+            if self._full():
+                self._stopping.wait(0.05)  # new peers wait in the listen backlog meanwhile
+                continue
             try:
                 incoming = self._listener.accept(_IDLE_POLL_S)
             except TimeoutError:
                 continue
-            except OSError:
-                break
-            thread = threading.Thread(target=self._serve_connection, args=(incoming,), daemon=True)
-            with self._lock:
-                self._open.add(incoming)
-                self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-            thread.start()
+            except OSError as e:
+                if e.errno not in _OUT_OF_DESCRIPTORS:
+                    break  # the listener is closed
+                logger.warning("cannot accept a connection: %s; waiting for one to close", e)
+                self._stopping.wait(0.1)
+                continue
+            self._admit(incoming)
 
-    def _opened(self, incoming: Incoming) -> Channel | None:
-        """The connection's channel once its handshake is done (None: the server stopped)."""
-        channel = incoming.open(_HANDSHAKE_TIMEOUT_S)
+    def _admit(self, incoming: channels.Incoming) -> None:
         with self._lock:
-            self._open.discard(incoming)
-            if self._stopping.is_set():
-                channel.close()
-                return None
-            self._open.add(channel)
-        channel.settimeout(self._frame_timeout_s)
-        return channel
+            cap = self._max_connections
+            refusal = None
+            if cap is not None and self._num_served >= cap:
+                refusal = (
+                    f"the server already serves {self._num_served} connections, its "
+                    f"limit (--max-connections {cap})"
+                )
+            else:
+                self._num_served += 1
+            connection = ServerConnection(
+                incoming,
+                frame_timeout_s=self._frame_timeout_s,
+                max_payload_bytes=self._max_payload_bytes,
+                refusal=refusal,
+            )
+            self._connections.add(connection)
+        if refusal is not None:
+            logger.warning("refusing a connection from %s: %s", incoming.peer, refusal)
+        if self._handshakes is not None:
+            self._handshakes.submit(connection)
+        else:
+            self._start_thread(connection)
 
-    def _wait_for_frame(self, reader: FrameReader) -> bool:
+    def _start_thread(self, connection: ServerConnection, opened: bool = False) -> None:
+        thread = threading.Thread(
+            target=self._serve_in_thread, args=(connection, opened), daemon=True
+        )
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _opened(self, connection: ServerConnection) -> bool:
+        """Run the handshake; False: the server is stopping (the caller closes)."""
+        if self._stopping.is_set():
+            return False
+        connection.open(self._service, _HANDSHAKE_TIMEOUT_S)
+        if connection.refusal is not None:
+            connection.refuse(_HANDSHAKE_TIMEOUT_S)
+            return False
+        return not self._stopping.is_set()
+
+    def _open_for_pool(self, connection: ServerConnection) -> None:
+        assert self._pool is not None
+        try:
+            if not self._opened(connection):
+                self._close(connection)
+            elif not hasattr(connection.channel, "fileno"):
+                self._start_thread(connection, opened=True)  # no descriptor to poll
+            elif not self._pool.add(connection):
+                self._close(connection)
+            return
+        except ProtocolError as e:
+            logger.warning("closing connection from %s: %s", connection.peer, e)
+        except OSError as e:  # ssl.SSLError and TimeoutError included
+            logger.debug("connection from %s ended: %s", connection.peer, e)
+        except Exception:
+            logger.exception("opening the connection from %s failed", connection.peer)
+        self._close(connection)
+
+    def _serve_ready(self, connection: ServerConnection) -> bool:
+        """A pool's turn on a connection whose frame has started; False: close it."""
+        assert connection.reader is not None
+        try:
+            if not connection.reader.wait_for_frame():
+                return False  # the peer closed
+            connection.serve_frame()
+            while connection.has_buffered():  # frames a peer pipelined: no poller reports them
+                connection.serve_frame()
+            connection.went_idle()
+            return True
+        except ProtocolError as e:
+            logger.warning("closing connection from %s: %s", connection.peer, e)
+        except OSError as e:
+            logger.debug("connection from %s ended: %s", connection.peer, e)
+        except Exception:  # a bug below: it must not end a serving thread
+            logger.exception("serving the connection from %s failed", connection.peer)
+        return False
+
+    def _wait_for_frame(self, connection: ServerConnection) -> bool:
         """Whether another frame has started to arrive (False once the peer closes or the
         server stops). Idle waits are bounded by the frame timeout, and :meth:`stop` ends them
         at once by shutting the channel down.
         """
+        assert connection.reader is not None
         while not self._stopping.is_set():
             try:
-                return reader.wait_for_frame()
+                return connection.reader.wait_for_frame()
             except TimeoutError:
                 continue  # an idle connection: keep waiting
         return False
 
-    def _serve_connection(self, incoming: Incoming) -> None:
-        channel, state = None, None
+    def _serve_in_thread(self, connection: ServerConnection, opened: bool = False) -> None:
+        """A thread's whole life with one connection (``opened``: its handshake is done)."""
         try:
-            channel = self._opened(incoming)
-            if channel is None:
-                return
-            reader = FrameReader(channel)
-            state = self._service.open_connection(incoming.peer)
-            dispatch = _Dispatch(self._service.handlers, state)
-            while self._wait_for_frame(reader):
-                self._serve_one(reader, dispatch)
+            if opened or self._opened(connection):
+                while self._wait_for_frame(connection):
+                    connection.serve_frame()
         except ProtocolError as e:
-            logger.warning("closing connection from %s: %s", incoming.peer, e)
+            logger.warning("closing connection from %s: %s", connection.peer, e)
         except OSError as e:  # ssl.SSLError included
-            logger.debug("connection from %s ended: %s", incoming.peer, e)
+            logger.debug("connection from %s ended: %s", connection.peer, e)
         finally:
-            if state is not None:
-                state.close()
-            with self._lock:
-                self._open.discard(incoming)
-                self._open.discard(channel)
-            (incoming if channel is None else channel).close()
+            self._close(connection)
 
-    def _serve_one(self, reader: FrameReader, dispatch: _Dispatch) -> None:
-        deadline = time.monotonic() + self._frame_timeout_s
-        try:
-            request = recv_message(
-                reader,
-                sink_for=dispatch.sink_for,
-                deadline=deadline,
-                max_payload_bytes=self._max_payload_bytes,
-            )
-        except RejectedFrame as e:
-            logger.warning("refused a %s request: %s", e.message.op.name, e.reason)
-            reply = e.message.error_reply(BAD_REQUEST, str(e.reason))
-        else:
-            reply = dispatch.answer(request)
-        send_message(reader.channel, reply, time.monotonic() + self._frame_timeout_s)
+    def _close(self, connection: ServerConnection) -> None:
+        with self._lock:
+            if connection not in self._connections:
+                return
+            self._connections.discard(connection)
+            if connection.refusal is None:
+                self._num_served -= 1
+        connection.close()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop accepting, close every connection, join the server's threads (up to
         ``timeout_s`` in all)."""
+        deadline = time.monotonic() + timeout_s
         self._stopping.set()
         self._listener.close()
-        with self._lock:
-            for connection in self._open:
-                connection.shutdown()  # each connection's own thread closes it
-            threads = list(self._threads)
-        deadline = time.monotonic() + timeout_s
         self._accept_thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            for connection in self._connections:
+                connection.shutdown()  # the thread serving it, if any, closes it
+            threads = list(self._threads)
+        if self._handshakes is not None:
+            self._handshakes.stop(deadline)
+        if self._pool is not None:
+            self._pool.stop(deadline)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _fit_to_fd_limit(max_connections: int | None) -> int | None:
+    """The cap, lowered to what the open-file limit allows once raised as far as it goes."""
+    if max_connections is None:
+        return None
+    limit = raise_fd_limit(max_connections + _REFUSALS_IN_FLIGHT + FD_HEADROOM)
+    if limit is None:
+        return max_connections
+    fits = max(1, limit - _REFUSALS_IN_FLIGHT - FD_HEADROOM)
+    if fits < max_connections:
+        logger.warning(
+            "serving at most %d connections, not %d: the open-file limit is %d",
+            fits,
+            max_connections,
+            limit,
+        )
+        return fits
+    return max_connections
 
 
 def serve(address: str, service: Service, **options) -> RpcServer:
@@ -218,11 +317,12 @@ def serve(address: str, service: Service, **options) -> RpcServer:
     Args:
         address: Where to listen; its scheme picks the channel.
         service: The ops to answer and per-connection state.
-        **options: ``max_payload_bytes``, ``frame_timeout_s`` and the channel's own options
+        **options: ``design``, ``max_connections``, ``serving_threads``,
+            ``max_payload_bytes``, ``frame_timeout_s`` and the channel's own options
             (``security``).
 
     Raises:
-        ValueError: ``address`` is malformed or its scheme unknown.
+        ValueError: ``address`` is malformed or its scheme unknown, or an option out of range.
         ShardUnavailableError: ``address`` cannot be bound.
     """
     return RpcServer(address, service, **options)

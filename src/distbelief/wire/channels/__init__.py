@@ -37,6 +37,18 @@ class Channel(Protocol):
         """Shut the stream down and release it."""
 
 
+class PollableChannel(Channel, Protocol):
+    """A channel the OS can watch for arriving bytes (a socket): a server then keeps it idle in
+    a poller, with no thread waiting on it."""
+
+    def fileno(self) -> int:
+        """The descriptor to watch for readable bytes."""
+
+    def pending(self) -> int:
+        """Bytes received and decoded below the channel (by TLS) that the OS no longer reports
+        as readable."""
+
+
 class Incoming(Protocol):
     """A connection a listener accepted, not yet opened: its handshake runs on the thread that
     will serve it, so a slow or hostile peer never holds up the accepting thread."""

@@ -47,20 +47,27 @@ def _close(sock: socket.socket) -> None:
         sock.close()
 
 
+def _nothing_pending() -> int:
+    return 0
+
+
 class TcpChannel:
-    """A connected (perhaps TLS) socket as a Channel.
+    """A connected (perhaps TLS) socket as a PollableChannel.
 
     The socket's own methods are bound once here, so sending and receiving through the channel
     cost no Python call more than through the socket.
     """
 
-    __slots__ = ("recv_into", "sendall", "settimeout", "sock")
+    __slots__ = ("fileno", "pending", "recv_into", "sendall", "settimeout", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.sendall = sock.sendall
         self.recv_into = sock.recv_into
         self.settimeout = sock.settimeout
+        self.fileno = sock.fileno
+        # TLS decodes whole records: bytes of one may wait in the SSL object, unseen by poll.
+        self.pending = sock.pending if isinstance(sock, ssl.SSLSocket) else _nothing_pending
 
     def shutdown(self) -> None:
         _shutdown(self.sock)

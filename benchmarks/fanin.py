@@ -105,6 +105,11 @@ def measure_point(design: str, shards, addresses, num_replicas, args, key) -> di
     )
     pushes = result.pushes
     slowest = min(pushes)
+    shard_cores = [
+        (end["cpu_s"] - start["cpu_s"]) / args.seconds
+        for start, end in zip(samples["start"], samples["end"], strict=True)
+    ]
+    answered = sum(pushes) * len(shards)  # every replica's push goes to every shard
     return {
         "design": design,
         "replicas": num_replicas,
@@ -120,10 +125,10 @@ def measure_point(design: str, shards, addresses, num_replicas, args, key) -> di
         "first_errors": result.errors[:5],
         "connect_s": result.connect_s,
         "load_cores": result.load_cpu_s / args.seconds,
-        "shard_cores": [
-            (end["cpu_s"] - start["cpu_s"]) / args.seconds
-            for start, end in zip(samples["start"], samples["end"], strict=True)
-        ],
+        "shard_cores": shard_cores,
+        "shard_cpu_us_per_push": (
+            1e6 * sum(shard_cores) * args.seconds / answered if answered else None
+        ),
         "shard_rss_mb": [sample["rss_mb"] for sample in samples["open"]],
         "shard_threads": [sample["threads"] for sample in samples["open"]],
         "shard_fds": [sample["fds"] for sample in samples["open"]],
@@ -195,6 +200,7 @@ _HEADER = [
     "pull p50/p99 ms",
     "errors",
     "shard cores",
+    "shard CPU us/push",
     "shard RSS MB",
     "shard threads",
     "shard fds",
@@ -212,6 +218,7 @@ def _row(point: dict) -> list[str]:
         f"{_number(point['pull_p50_ms'])}/{_number(point['pull_p99_ms'])}",
         str(point["errors"]),
         _number(point["shard_cores"], 2),
+        _number(point["shard_cpu_us_per_push"], 0),
         _number(point["shard_rss_mb"], 0),
         _number(point["shard_threads"]),
         _number(point["shard_fds"]),
@@ -247,7 +254,8 @@ def run(args: argparse.Namespace) -> str:
         [
             f"{args.shards} shard(s) per design, model {args.model}, {args.seconds:g} s per "
             f"point, {args.load_processes} load process(es), all on this machine. Per shard: "
-            "cores = its CPU seconds per second of the window; RSS, threads and open "
+            "cores = its CPU seconds per second of the window (CPU us/push: all shards' CPU "
+            "over the pushes each of them answered, its pull included); RSS, threads and open "
             "descriptors at the end of the window, the replicas still connected.",
             "",
             *lines,

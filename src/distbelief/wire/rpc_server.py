@@ -25,7 +25,7 @@ from distbelief.wire import channels
 from distbelief.wire.fd_limit import FD_HEADROOM, raise_fd_limit
 from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES
 from distbelief.wire.server_connection import ConnectionState, ServerConnection, Service
-from distbelief.wire.serving_pool import POOL_AVAILABLE, HandshakeQueue, ServingPool
+from distbelief.wire.serving_pool import POOL_AVAILABLE, STALL_S, HandshakeQueue, ServingPool
 
 __all__ = ["SERVER_DESIGNS", "ConnectionState", "RpcServer", "Service", "serve"]
 
@@ -59,6 +59,8 @@ class RpcServer:
             connection closed. The process's open-file limit is raised to fit it (or the cap
             lowered to fit the limit, with a warning). None: no cap.
         serving_threads: A pool's active serving threads (default: a few per core).
+        stall_s: On a pool, a request still being served after this long (a peer stalled
+            mid-frame) has its thread replaced while it lasts.
         max_payload_bytes: Frames with larger tensor parts are refused and the connection closed.
         frame_timeout_s: Once a frame has started, the rest of it must arrive within this time.
         **channel_options: Passed to the channel's listener (``security`` for TCP).
@@ -77,6 +79,7 @@ class RpcServer:
         design: str = "pool",
         max_connections: int | None = None,
         serving_threads: int | None = None,
+        stall_s: float = STALL_S,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         frame_timeout_s: float = 60.0,
         **channel_options,
@@ -110,6 +113,7 @@ class RpcServer:
                 num_threads=serving_threads or default_serving_threads(),
                 max_threads=(self._max_connections or 1 << 16) + 64,
                 name=f"serve {self.address}",
+                stall_s=stall_s,
             )
             self._handshakes = HandshakeQueue(self._open_for_pool, max_threads=_HANDSHAKE_THREADS)
         self._accept_thread = threading.Thread(
@@ -317,7 +321,7 @@ def serve(address: str, service: Service, **options) -> RpcServer:
     Args:
         address: Where to listen; its scheme picks the channel.
         service: The ops to answer and per-connection state.
-        **options: ``design``, ``max_connections``, ``serving_threads``,
+        **options: ``design``, ``max_connections``, ``serving_threads``, ``stall_s``,
             ``max_payload_bytes``, ``frame_timeout_s`` and the channel's own options
             (``security``).
 

@@ -7,7 +7,7 @@ Every serving thread waits in epoll itself and each connection is registered one
 kernel wakes one thread per ready connection, in the order connections became ready (FIFO:
 fair), and no thread hands a connection to another (a selector thread feeding a queue costs a
 wake-up more per request). A serving thread that waits long (a handler inside ``long_wait``, a
-held pull; or a request still unfinished after ``STALL_S``, a peer stalling mid-frame) is
+held pull; or a request still unfinished after a stall time, a peer stalling mid-frame) is
 replaced meanwhile, so the other connections go on being served. Linux only (one-shot epoll).
 """
 
@@ -29,7 +29,8 @@ POOL_AVAILABLE = hasattr(select, "epoll")
 """Whether this platform has the one-shot poller the pool needs."""
 
 STALL_S = 0.5
-"""A request still being served after this long gets its thread replaced while it lasts."""
+"""By default, a request still being served after this long gets its thread replaced while it
+lasts."""
 _MONITOR_S = 0.1
 _POLL_S = 0.2
 """How often an idle serving thread looks at the stop flag."""
@@ -78,6 +79,7 @@ class ServingPool:
         num_threads: Serving threads that are not parked.
         max_threads: Serving threads in all, parked ones included.
         name: For the threads' names.
+        stall_s: A request still being served after this long counts as parked.
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class ServingPool:
         num_threads: int,
         max_threads: int,
         name: str,
+        stall_s: float = STALL_S,
     ) -> None:
         if not POOL_AVAILABLE:
             raise RuntimeError("a serving pool needs epoll (Linux)")
@@ -96,6 +99,7 @@ class ServingPool:
         self._num_threads = num_threads
         self._max_threads = max(max_threads, num_threads)
         self._name = name
+        self._stall_s = stall_s
         self._epoll = select.epoll()
         self._armed = select.EPOLLIN | select.EPOLLONESHOT
         self._lock = threading.Lock()
@@ -199,7 +203,7 @@ class ServingPool:
                 self._num_parked -= 1
 
     def _watch(self) -> None:
-        """Parks threads whose request has lasted longer than ``STALL_S``."""
+        """Parks threads whose request has lasted longer than the stall time."""
         while not self._stopping.wait(_MONITOR_S):
             now = time.monotonic()
             with self._lock:
@@ -208,7 +212,7 @@ class ServingPool:
                     for worker in self._workers
                     if not worker.parked
                     and worker.busy_since is not None
-                    and now - worker.busy_since > STALL_S
+                    and now - worker.busy_since > self._stall_s
                 ]
                 for worker in stalled:
                     worker.parked = True

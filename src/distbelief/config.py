@@ -26,6 +26,11 @@ ALGORITHMS = ("downpour", "sandblaster")
 LINE_SEARCHES = ("strong-wolfe", "fixed")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 ROW_OPTIMIZER_NAMES = ("sgd", "adagrad", "rowwise-adagrad", "adam")
+TRANSPORTS = ("auto", "tcp", "shm")
+"""How connections move bytes: auto (shared memory between processes of one host, TCP
+otherwise), tcp (TCP only; shards refuse shared memory), shm (every connection asks for it)."""
+TRANSPORT_ENV = "DISTBELIEF_TRANSPORT"
+"""The environment variable that carries the transport to every process of a job."""
 DEFAULT_EPOCHS = 15
 """Passes over each worker's slice when neither steps nor epochs is given."""
 DEFAULT_MINIBATCH_SIZE = 32
@@ -65,10 +70,15 @@ class ClusterConfig:
     """Address the local cluster's shards bind to."""
     threads_per_worker: int = 1
     """torch intra-op threads per worker process."""
+    transport: str = field(default="auto", metadata={"choices": TRANSPORTS})
+    """How processes move bytes: auto uses shared memory between processes of one host and
+    TCP otherwise; tcp never uses shared memory; shm asks for it on every connection (falling
+    back to TCP, with a warning, where it cannot be used)."""
 
     def __post_init__(self) -> None:
         _require_counts(self, "num_workers", "num_shards", "threads_per_worker")
         _require(bool(self.host), "host", self.host, "a host name or address")
+        _require_choice(self, "transport")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -23,6 +23,7 @@ FLAGS: dict[str, str] = {
     "cluster.num_workers": "--workers",
     "cluster.num_shards": "--shards",
     "cluster.threads_per_worker": "--threads",
+    "cluster.transport": "--transport",
     "data.name": "--dataset",
     "data.data_dir": "--data-dir",
     "data.download": "--no-download",
@@ -97,6 +98,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     "ps": (
         "cluster.num_shards",
         "cluster.num_workers",
+        "cluster.transport",
         "server",
         "consistency",
         "embeddings.row_optimizer",
@@ -109,6 +111,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     "worker": (
         "cluster.num_workers",
         "cluster.threads_per_worker",
+        "cluster.transport",
         "data",
         "model",
         "optimizer.lr",
@@ -126,6 +129,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "faults.retry_timeout_s",
     ),
     "eval": (
+        "cluster.transport",
         "data",
         "model",
         "pipeline.num_partitions",

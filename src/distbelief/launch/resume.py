@@ -19,6 +19,7 @@ from distbelief.launch.cluster import CHECKPOINT_DIR
 RESUMABLE_FIELDS = (
     "sandblaster.max_iterations",
     "cluster.threads_per_worker",
+    "cluster.transport",
     "server.checkpoint_every_s",
     "faults.timeout_s",
     "faults.retry_timeout_s",

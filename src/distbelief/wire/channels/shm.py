@@ -21,6 +21,7 @@ import socket
 import stat
 import struct
 
+from distbelief.config import TRANSPORT_ENV, TRANSPORTS
 from distbelief.errors import ProtocolError
 from distbelief.wire.channels import Channel, register_channel, split_scheme, upgrade_channel
 from distbelief.wire.channels.tcp import (
@@ -34,10 +35,6 @@ from distbelief.wire.security import AUTH_MAGIC, WireSecurity
 
 logger = logging.getLogger(__name__)
 
-TRANSPORT_ENV = "DISTBELIEF_TRANSPORT"
-TRANSPORTS = ("auto", "tcp", "shm")
-"""auto: shared memory between processes of one host, TCP otherwise; tcp: never shared memory
-(shards refuse it too); shm: every connection asks for shared memory."""
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "distbelief-"
 """Segment files are ``distbelief-<pid of the accepting process>-<token>-<0|1>``."""

@@ -264,6 +264,18 @@ def test_without_dev_shm_the_client_stays_on_tcp(caplog, monkeypatch, tmp_path):
     assert f"this host has no {tmp_path / 'no-such-dir'}; using TCP" in caplog.text
 
 
+def test_rings_the_client_cannot_make_fall_back_to_tcp(caplog, monkeypatch):
+    def full(path: str, size: int):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm_channel, "_create_segment", full)
+    with _served("shm://127.0.0.1:0", transport="auto") as server:
+        _check_round_trip(server.address, TcpChannel, transport="auto")
+    assert "cannot create shared memory ([Errno 28] No space left on device); using TCP" in (
+        caplog.text
+    )
+
+
 def test_rings_the_server_cannot_map_fall_back_to_tcp(caplog, monkeypatch):
     # What a server on another host sees: the segment files the client names do not exist.
     def missing(path: str, size: int):

@@ -41,9 +41,9 @@ SEGMENT_PREFIX = "distbelief-"
 DEFAULT_RING_BYTES = 4 * 1024 * 1024
 MIN_RING_BYTES = 64 * 1024
 MAX_RING_BYTES = 1024 * 1024 * 1024
-CHUNK_BYTES = 256 * 1024
-"""The most a writer copies before ringing the doorbell: the reader starts copying out while
-the rest is still being copied in."""
+CHUNKS_PER_RING = 4
+"""A writer rings the doorbell after each quarter of its ring (and a reader reports each
+quarter it read): the reader copies out while the writer still copies in."""
 HANDSHAKE_TIMEOUT_S = 5.0
 """The server's bound on a peer's shared-memory handshake (the client's is its dial timeout)."""
 
@@ -161,8 +161,8 @@ class ShmChannel:
         self._out, self._in = outgoing, incoming
         self._write_at, self._room = 0, outgoing.capacity
         self._read_at, self._readable, self._unreported = 0, 0, 0
-        self._report_every = max(1, incoming.capacity // 4)
-        self._chunk_bytes = min(CHUNK_BYTES, outgoing.capacity)
+        self._report_every = incoming.capacity // CHUNKS_PER_RING
+        self._chunk_bytes = outgoing.capacity // CHUNKS_PER_RING
         self._doorbells = bytearray(_CONTROL_BUFFER_BYTES)
         self._doorbells_view = memoryview(self._doorbells)
         self._partial = 0
@@ -291,7 +291,8 @@ def _request_upgrade(tcp: TcpChannel, ring_bytes: int, timeout_s: float, name: s
     rings: list[_Ring] = []
     try:
         try:
-            rings = [_Ring(_create_segment(path, ring_bytes)) for path in paths]
+            for path in paths:
+                rings.append(_Ring(_create_segment(path, ring_bytes)))
         except OSError as e:
             sock.sendall(_NO)
             logger.warning("%s: cannot create shared memory (%s); using TCP", name, e)
@@ -335,8 +336,11 @@ def _accept_upgrade(tcp: TcpChannel, request: bytes, transport: str, peer: str) 
             if _recv_exact(sock, 1) != _YES:
                 return tcp  # the client could not make them, and logs why
             try:
-                rings = [_Ring(_open_segment(path, ring_bytes)) for path in paths]
+                for path in paths:
+                    rings.append(_Ring(_open_segment(path, ring_bytes)))
             except OSError as e:
+                for ring in rings:
+                    ring.close()
                 logger.info("%s: cannot map its shared memory (%s); using TCP", peer, e)
                 sock.sendall(_NO)
                 return tcp

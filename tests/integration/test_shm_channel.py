@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import multiprocessing as mp
 import os
+import random
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -286,3 +290,51 @@ def test_rings_the_server_cannot_map_fall_back_to_tcp(caplog, monkeypatch):
         _check_round_trip(server.address, TcpChannel, transport="auto")
     assert "the server could not map shared memory; using TCP" in caplog.text
     assert _files_of(os.getpid()) == []
+
+
+# ---------------------------------------------------------------- the rings themselves
+
+
+def _channel_pair(ring_bytes: int) -> tuple[ShmChannel, ShmChannel]:
+    """Two ends of one shared-memory channel in this process (anonymous maps, a socketpair)."""
+    left, right = socket.socketpair()
+    for sock in (left, right):
+        sock.settimeout(10)
+    forward, backward = mmap.mmap(-1, ring_bytes), mmap.mmap(-1, ring_bytes)
+    return (
+        ShmChannel(left, shm_channel._Ring(forward), shm_channel._Ring(backward)),
+        ShmChannel(right, shm_channel._Ring(backward), shm_channel._Ring(forward)),
+    )
+
+
+def test_bytes_arrive_in_order_across_wraps_and_full_rings():
+    writer, reader = _channel_pair(64 * 1024)
+    rng = random.Random(7)
+    messages = [rng.randbytes(rng.choice([1, 100, 5000, 64 * 1024, 300_000])) for _ in range(60)]
+    sender = threading.Thread(target=lambda: [writer.sendall(m) for m in messages])
+    sender.start()
+    expected = b"".join(messages)
+    received = bytearray(len(expected))
+    view, at = memoryview(received), 0
+    while at < len(expected):
+        count = reader.recv_into(view[at:], rng.choice([7, 4096, 100_000]))
+        assert count > 0
+        at += count
+    sender.join(10)
+    assert received == expected
+    writer.close()
+    assert reader.recv_into(bytearray(10)) == 0  # the writer's end closed: end of stream
+    reader.close()
+
+
+def test_a_doorbell_split_across_receives_is_kept():
+    writer, reader = _channel_pair(64 * 1024)
+    doorbell = shm_channel._CONTROL.pack(5)
+    writer._out.view[:5] = b"hello"
+    writer._sock.sendall(doorbell[:3])
+    assert reader._wait() and reader._readable == 0
+    writer._sock.sendall(doorbell[3:])
+    buffer = bytearray(5)
+    assert reader.recv_into(buffer) == 5 and buffer == b"hello"
+    writer.close()
+    reader.close()

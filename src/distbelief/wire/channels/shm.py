@@ -42,8 +42,11 @@ DEFAULT_RING_BYTES = 4 * 1024 * 1024
 MIN_RING_BYTES = 64 * 1024
 MAX_RING_BYTES = 1024 * 1024 * 1024
 CHUNKS_PER_RING = 4
-"""A writer rings the doorbell after each quarter of its ring (and a reader reports each
-quarter it read): the reader copies out while the writer still copies in."""
+"""A reader reports each quarter of the ring it read, and a writer copies at most a quarter
+before ringing the doorbell."""
+FIRST_CHUNK_BYTES = 64 * 1024
+"""A large write rings after its first 64 KiB, then after twice as much each time (up to a
+quarter ring): the reader starts copying out early, and few doorbells are rung."""
 HANDSHAKE_TIMEOUT_S = 5.0
 """The server's bound on a peer's shared-memory handshake (the client's is its dial timeout)."""
 
@@ -191,13 +194,23 @@ class ShmChannel:
 
     def sendall(self, data: bytes | bytearray | memoryview, /) -> None:
         view = _bytes_view(data)
-        total, sent = view.nbytes, 0
+        total, at = view.nbytes, self._write_at
         ring, capacity = self._out.view, self._out.capacity
+        if not total:
+            return
+        if total <= FIRST_CHUNK_BYTES and total <= self._room and at + total < capacity:
+            # A frame's header, or a small frame: one copy, one doorbell.
+            ring[at : at + total] = view
+            self._write_at = at + total
+            self._room -= total
+            self._ring_doorbell(_CONTROL.pack(total))
+            return
+        sent, chunk = 0, min(FIRST_CHUNK_BYTES, self._chunk_bytes)
         while sent < total:
             while self._room == 0:
                 if not self._wait():
                     raise BrokenPipeError("the peer closed the shared-memory channel")
-            count = min(total - sent, self._room, self._chunk_bytes)
+            count = min(total - sent, self._room, chunk)
             at = self._write_at
             first = min(count, capacity - at)
             ring[at : at + first] = view[sent : sent + first]
@@ -207,6 +220,7 @@ class ShmChannel:
             self._room -= count
             sent += count
             self._ring_doorbell(_CONTROL.pack(count))
+            chunk = min(2 * chunk, self._chunk_bytes)
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
         while self._readable == 0:

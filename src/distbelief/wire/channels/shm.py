@@ -57,6 +57,7 @@ _ACCEPT = struct.Struct("<16sIQ")  # token, the server's pid, ring bytes (after 
 _YES, _NO = b"\x01", b"\x00"
 _CONTROL = struct.Struct("<q")
 """A doorbell: > 0 bytes were written to the ring; < 0 bytes of the peer's ring were read."""
+_pack_doorbell, _unpack_doorbell = _CONTROL.pack, _CONTROL.unpack_from
 _CONTROL_BUFFER_BYTES = 4096
 _TOKEN = re.compile(rb"[0-9a-f]{16}")
 
@@ -126,12 +127,13 @@ def _open_segment(path: str, size: int) -> mmap.mmap:
 class _Ring:
     """One direction's bytes: a mapped segment used as a circular buffer."""
 
-    __slots__ = ("_map", "capacity", "view")
+    __slots__ = ("_map", "capacity", "chunk_bytes", "view")
 
     def __init__(self, mapping: mmap.mmap) -> None:
         self._map = mapping
         self.view = memoryview(mapping)
         self.capacity = len(mapping)
+        self.chunk_bytes = self.capacity // CHUNKS_PER_RING
 
     def close(self) -> None:
         self.view.release()
@@ -156,6 +158,10 @@ class ShmChannel:
     or receives (as a request/reply connection does); any thread may call ``shutdown``.
     """
 
+    __slots__ = ("_doorbells", "_ended", "_in", "_out", "_partial", "_read_at", "_readable")
+    __slots__ += ("_receive_doorbells", "_ring_doorbell", "_room", "_sock", "_unreported")
+    __slots__ += ("_write_at", "settimeout")
+
     def __init__(self, control: socket.socket, outgoing: _Ring, incoming: _Ring) -> None:
         self._sock = control
         self._ring_doorbell = control.sendall
@@ -164,10 +170,7 @@ class ShmChannel:
         self._out, self._in = outgoing, incoming
         self._write_at, self._room = 0, outgoing.capacity
         self._read_at, self._readable, self._unreported = 0, 0, 0
-        self._report_every = incoming.capacity // CHUNKS_PER_RING
-        self._chunk_bytes = outgoing.capacity // CHUNKS_PER_RING
-        self._doorbells = bytearray(_CONTROL_BUFFER_BYTES)
-        self._doorbells_view = memoryview(self._doorbells)
+        self._doorbells = memoryview(bytearray(_CONTROL_BUFFER_BYTES))
         self._partial = 0
         """Bytes of a doorbell whose rest has not arrived yet, at the buffer's start."""
         self._ended = False
@@ -176,36 +179,46 @@ class ShmChannel:
         """Take in the next doorbells (blocking); False once the peer has closed."""
         if self._ended:
             return False
-        count = self._receive_doorbells(self._doorbells_view[self._partial :])
+        partial, doorbells = self._partial, self._doorbells
+        count = self._receive_doorbells(doorbells[partial:] if partial else doorbells)
         if count == 0:
             self._ended = True
             return False
-        end = self._partial + count
+        if count == _CONTROL.size and not partial:  # the usual case: one doorbell
+            value = _unpack_doorbell(doorbells)[0]
+            if value > 0:
+                self._readable += value
+            else:
+                self._room -= value
+            return True
+        end = partial + count
         whole = end - end % _CONTROL.size
-        for (value,) in _CONTROL.iter_unpack(self._doorbells_view[:whole]):
+        for (value,) in _CONTROL.iter_unpack(doorbells[:whole]):
             if value > 0:
                 self._readable += value
             else:
                 self._room -= value
         self._partial = end - whole
         if self._partial:
-            self._doorbells[: self._partial] = self._doorbells[whole:end]
+            doorbells[: self._partial] = doorbells[whole:end]
         return True
 
     def sendall(self, data: bytes | bytearray | memoryview, /) -> None:
         view = _bytes_view(data)
-        total, at = view.nbytes, self._write_at
-        ring, capacity = self._out.view, self._out.capacity
-        if not total:
-            return
-        if total <= FIRST_CHUNK_BYTES and total <= self._room and at + total < capacity:
+        total, at, out = view.nbytes, self._write_at, self._out
+        if total <= FIRST_CHUNK_BYTES and total <= self._room and at + total < out.capacity:
             # A frame's header, or a small frame: one copy, one doorbell.
-            ring[at : at + total] = view
-            self._write_at = at + total
-            self._room -= total
-            self._ring_doorbell(_CONTROL.pack(total))
+            if total:
+                out.view[at : at + total] = view
+                self._write_at = at + total
+                self._room -= total
+                self._ring_doorbell(_pack_doorbell(total))
             return
-        sent, chunk = 0, min(FIRST_CHUNK_BYTES, self._chunk_bytes)
+        self._send_chunks(view)
+
+    def _send_chunks(self, view: memoryview) -> None:
+        ring, capacity, chunk_bytes = self._out.view, self._out.capacity, self._out.chunk_bytes
+        total, sent, chunk = view.nbytes, 0, min(FIRST_CHUNK_BYTES, chunk_bytes)
         while sent < total:
             while self._room == 0:
                 if not self._wait():
@@ -219,26 +232,31 @@ class ShmChannel:
             self._write_at = (at + count) % capacity
             self._room -= count
             sent += count
-            self._ring_doorbell(_CONTROL.pack(count))
-            chunk = min(2 * chunk, self._chunk_bytes)
+            self._ring_doorbell(_pack_doorbell(count))
+            chunk = min(2 * chunk, chunk_bytes)
 
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
-        while self._readable == 0:
+        while not self._readable:
             if not self._wait():
                 return 0
         view = _bytes_view(buffer)
         count = min(nbytes or view.nbytes, view.nbytes, self._readable)
-        ring, capacity, at = self._in.view, self._in.capacity, self._read_at
-        first = min(count, capacity - at)
-        view[:first] = ring[at : at + first]
-        if first < count:
-            view[first:count] = ring[: count - first]
+        ring, at = self._in, self._read_at
+        capacity = ring.capacity
+        if at + count <= capacity:
+            view[:count] = ring.view[at : at + count]
+        else:
+            first = capacity - at
+            view[:first] = ring.view[at:]
+            view[first:count] = ring.view[: count - first]
         self._read_at = (at + count) % capacity
         self._readable -= count
         self._unreported += count
-        if self._unreported >= self._report_every:
+        if self._unreported >= ring.chunk_bytes:
             # Reported in batches: the writer only waits for room once its ring is full.
-            self._ring_doorbell(_CONTROL.pack(-self._unreported))
+            # A writer that is gone needs no room: the bytes read are good all the same.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._ring_doorbell(_pack_doorbell(-self._unreported))
             self._unreported = 0
         return count
 
@@ -247,6 +265,12 @@ class ShmChannel:
             self._sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        # Doorbells not taken in yet are read first: a socket closed with unread bytes resets
+        # the connection, and the peer could lose the end of what it was reading.
+        with contextlib.suppress(OSError):
+            self._sock.setblocking(False)
+            while self._sock.recv_into(self._doorbells):
+                pass
         self.shutdown()
         with contextlib.suppress(OSError):
             self._sock.close()

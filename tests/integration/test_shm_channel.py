@@ -268,6 +268,27 @@ def test_without_dev_shm_the_client_stays_on_tcp(caplog, monkeypatch, tmp_path):
     assert f"this host has no {tmp_path / 'no-such-dir'}; using TCP" in caplog.text
 
 
+def test_a_listener_holds_a_bounded_number_of_shared_memory_connections(caplog, monkeypatch):
+    monkeypatch.setattr(shm_channel, "MAX_CHANNELS_PER_LISTENER", 1)
+    caplog.set_level(logging.INFO, logger=shm_channel.__name__)
+    with _served("shm://127.0.0.1:0", transport="auto") as server:
+        first = connect(server.address, name="echo")
+        assert first.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
+        assert type(first._channel) is ShmChannel
+        _check_round_trip(server.address, TcpChannel)
+        assert "1 shared-memory connections are open already; using TCP" in caplog.text
+        first.close()  # its grant comes back once the server has seen it go
+
+        def shared_again() -> bool:
+            client = connect(server.address, name="echo")
+            client.request(Message(ops.HELLO), timeout_s=5)
+            kind = type(client._channel)
+            client.close()
+            return kind is ShmChannel
+
+        assert _wait_until(shared_again)
+
+
 def test_rings_the_client_cannot_make_fall_back_to_tcp(caplog, monkeypatch):
     def full(path: str, size: int):
         raise OSError(28, "No space left on device")

@@ -20,6 +20,7 @@ import secrets
 import socket
 import stat
 import struct
+import threading
 
 from distbelief.config import TRANSPORT_ENV, TRANSPORTS
 from distbelief.errors import ProtocolError
@@ -47,6 +48,9 @@ before ringing the doorbell."""
 FIRST_CHUNK_BYTES = 64 * 1024
 """A large write rings after its first 64 KiB, then after twice as much each time (up to a
 quarter ring): the reader starts copying out early, and few doorbells are rung."""
+MAX_CHANNELS_PER_LISTENER = 64
+"""Shared-memory connections one listener holds at once (each maps two rings): peers beyond it
+stay on TCP, so thousands of same-host connections do not fill /dev/shm."""
 HANDSHAKE_TIMEOUT_S = 5.0
 """The server's bound on a peer's shared-memory handshake (the client's is its dial timeout)."""
 
@@ -348,10 +352,40 @@ def _request_upgrade(tcp: TcpChannel, ring_bytes: int, timeout_s: float, name: s
             ring.close()
 
 
-def _accept_upgrade(tcp: TcpChannel, request: bytes, transport: str, peer: str) -> Channel:
+class _Grants:
+    """What a listener grants: shared memory unless its transport is tcp, to at most
+    ``MAX_CHANNELS_PER_LISTENER`` connections at once."""
+
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
+        self._lock = threading.Lock()
+        self._held = 0
+
+    def take(self, version: int, ring_bytes: int) -> str | None:
+        """Holds one grant; or says why none is given."""
+        if self.transport == "tcp":
+            return "this process uses TCP only"
+        if version != _VERSION:
+            return f"handshake version {version} (this side speaks {_VERSION})"
+        if not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:
+            return f"ring of {ring_bytes} bytes is outside [{MIN_RING_BYTES}, {MAX_RING_BYTES}]"
+        if not os.path.isdir(SHM_DIR):
+            return f"this host has no {SHM_DIR}"
+        with self._lock:
+            if self._held >= MAX_CHANNELS_PER_LISTENER:
+                return f"{self._held} shared-memory connections are open already"
+            self._held += 1
+        return None
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._held -= 1
+
+
+def _accept_upgrade(tcp: TcpChannel, request: bytes, grants: _Grants, peer: str) -> Channel:
     """The server's side of :func:`_request_upgrade`: offer segment names, map the segments
     the client made, unlink them (also when the client dies halfway). Returns the channel the
-    connection goes on with.
+    connection goes on with; a shared-memory one holds a grant until it is closed.
 
     Raises:
         ConnectionError: the peer closed or stalled the handshake.
@@ -360,8 +394,9 @@ def _accept_upgrade(tcp: TcpChannel, request: bytes, transport: str, peer: str) 
     sock = tcp.sock
     previous_timeout_s = sock.gettimeout()
     sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    refusal = grants.take(version, ring_bytes)
+    granted = refusal is None
     try:
-        refusal = _refusal(version, ring_bytes, transport)
         if refusal is not None:
             logger.info("%s asked for shared memory: %s; using TCP", peer, refusal)
             sock.sendall(_NO)
@@ -390,25 +425,16 @@ def _accept_upgrade(tcp: TcpChannel, request: bytes, transport: str, peer: str) 
             for ring in rings:
                 ring.close()
             raise
+        granted = False  # held by the channel now, until it is closed
         return ShmChannel(sock, outgoing=rings[1], incoming=rings[0])
     except TimeoutError as e:
         # Not a TimeoutError: the server would take it for an idle connection and wait on.
         raise ConnectionError(f"{peer} stalled the shared-memory handshake") from e
     finally:
+        if granted:
+            grants.give_back()
         with contextlib.suppress(OSError):
             sock.settimeout(previous_timeout_s)
-
-
-def _refusal(version: int, ring_bytes: int, transport: str) -> str | None:
-    if transport == "tcp":
-        return "this process uses TCP only"
-    if version != _VERSION:
-        return f"handshake version {version} (this side speaks {_VERSION})"
-    if not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:
-        return f"ring of {ring_bytes} bytes is outside [{MIN_RING_BYTES}, {MAX_RING_BYTES}]"
-    if not os.path.isdir(SHM_DIR):
-        return f"this host has no {SHM_DIR}"
-    return None
 
 
 class _UpgradeOnRequest:
@@ -417,12 +443,12 @@ class _UpgradeOnRequest:
     this object's after that, so no layer is left on the data path.
     """
 
-    __slots__ = ("_channel", "_peer", "_probe", "_probed", "_replay", "_transport")
+    __slots__ = ("_channel", "_grants", "_peer", "_probe", "_probed", "_replay")
     __slots__ += ("recv_into", "sendall", "settimeout")
 
-    def __init__(self, tcp: TcpChannel, transport: str, peer: str) -> None:
+    def __init__(self, tcp: TcpChannel, grants: _Grants, peer: str) -> None:
         self._channel: Channel = tcp
-        self._transport = transport
+        self._grants: _Grants | None = grants
         self._peer = peer
         self._probe = bytearray(_REQUEST.size)
         self._probed = 0
@@ -446,7 +472,8 @@ class _UpgradeOnRequest:
             if self._probe[:seen] != UPGRADE_MAGIC[:seen]:
                 break
         if self._probed == _REQUEST.size and self._probe.startswith(UPGRADE_MAGIC):
-            self._channel = _accept_upgrade(tcp, bytes(self._probe), self._transport, self._peer)
+            assert self._grants is not None
+            self._channel = _accept_upgrade(tcp, bytes(self._probe), self._grants, self._peer)
             self.recv_into = self._channel.recv_into
         else:
             self._replay = bytes(self._probe[: self._probed])
@@ -477,6 +504,9 @@ class _UpgradeOnRequest:
 
     def close(self) -> None:
         self._channel.close()
+        if isinstance(self._channel, ShmChannel) and self._grants is not None:
+            self._grants.give_back()
+            self._grants = None  # given back once, however often this is closed
 
 
 # ---------------------------------------------------------------- dialer and listener
@@ -567,10 +597,10 @@ class ShmDialer:
 class _ShmIncoming:
     """An accepted connection: TCP's own handshakes, then the peer may ask for shared memory."""
 
-    def __init__(self, incoming: TcpIncoming, transport: str) -> None:
+    def __init__(self, incoming: TcpIncoming, grants: _Grants) -> None:
         self.peer = incoming.peer
         self._incoming = incoming
-        self._transport = transport
+        self._grants = grants
 
     def open(self, timeout_s: float) -> _UpgradeOnRequest:
         """TLS and the job key (see :meth:`TcpIncoming.open`); shared memory comes later, if
@@ -580,7 +610,7 @@ class _ShmIncoming:
             ProtocolError: the peer does not hold the job key.
             OSError / TimeoutError: the connection or TLS failed, or the peer was too slow.
         """
-        return _UpgradeOnRequest(self._incoming.open(timeout_s), self._transport, self.peer)
+        return _UpgradeOnRequest(self._incoming.open(timeout_s), self._grants, self.peer)
 
     def shutdown(self) -> None:
         self._incoming.shutdown()
@@ -595,7 +625,8 @@ class ShmListener:
     Args:
         address: ``shm://HOST:PORT`` or ``tcp://HOST:PORT`` to bind (port 0: a free one).
         security: Job key and TLS settings every accepted connection must meet.
-        transport: tcp refuses shared memory; auto and shm grant it (default:
+        transport: tcp refuses shared memory; auto and shm grant it, to at most
+            ``MAX_CHANNELS_PER_LISTENER`` connections at once (default:
             ``DISTBELIEF_TRANSPORT``, else auto).
 
     Raises:
@@ -607,7 +638,7 @@ class ShmListener:
         self, address: str, *, security: WireSecurity | None = None, transport: str | None = None
     ) -> None:
         self._scheme = split_scheme(address)[0]
-        self._transport = transport_setting(transport)
+        self._grants = _Grants(transport_setting(transport))
         self._tcp = TcpListener(_tcp_address(address), security=security)
 
     @property
@@ -621,7 +652,7 @@ class ShmListener:
             TimeoutError: none arrived within ``timeout_s``.
             OSError: the listener is closed.
         """
-        return _ShmIncoming(self._tcp.accept(timeout_s), self._transport)
+        return _ShmIncoming(self._tcp.accept(timeout_s), self._grants)
 
     def close(self) -> None:
         self._tcp.close()

@@ -1,9 +1,9 @@
 """Peers killed with SIGKILL on every channel kind (mid-frame; during the shared-memory
-handshake), with no segment left in /dev/shm or mapped by the survivor; and the fallbacks to
-TCP, each with its log line.
+handshake), with no segment left in /dev/shm or mapped by the survivor; the fallbacks to TCP,
+each with its log line; and the rings themselves.
 
-The killed peers are real processes, forked from a forkserver that has this module loaded
-(a spawned process would pay torch's import on every start).
+The killed peers are real processes forked from the test process (they use sockets and
+/dev/shm only, no torch): a spawned process would pay torch's import on every start.
 """
 
 from __future__ import annotations
@@ -37,8 +37,7 @@ SENT_BYTES = 1_000_000
 CHILD_TIMEOUT_S = 60.0
 RELEASE_TIMEOUT_S = 10.0
 TRANSPORT = {"tcp": "tcp", "shm": "auto"}
-"""The transport a forked peer passes explicitly: it inherits the forkserver's environment,
-not the test's."""
+"""The transport each forked peer passes explicitly (not through the environment)."""
 
 
 def _kill_self() -> None:
@@ -72,12 +71,11 @@ def _wait_until(condition, timeout_s: float = RELEASE_TIMEOUT_S) -> bool:
     return condition()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def forked():
-    """``forked(target, *args)``: a started process from a forkserver with this module loaded,
-    and the parent's end of a pipe it was given as its first argument."""
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    """``forked(target, *args)``: a started forked process, and the parent's end of a pipe it
+    was given as its first argument."""
+    context = mp.get_context("fork")
     started = []
 
     def start(target, *args):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from distbelief.errors import ShardUnavailableError
+from distbelief.errors import ProtocolError, ShardUnavailableError
 from distbelief.wire import Message, connect, ops, serve
 from distbelief.wire.channels import dial, listen, local_address
 from distbelief.wire.channels import shm as shm_channel
@@ -355,5 +355,18 @@ def test_a_doorbell_split_across_receives_is_kept():
     writer._sock.sendall(doorbell[3:])
     buffer = bytearray(5)
     assert reader.recv_into(buffer) == 5 and buffer == b"hello"
+    writer.close()
+    reader.close()
+
+
+def test_a_doorbell_beyond_the_ring_is_a_protocol_error():
+    # What a middlebox that mangles the connection's bytes would ring.
+    writer, reader = _channel_pair(64 * 1024)
+    writer._sock.sendall(shm_channel._CONTROL.pack(10**9))
+    with pytest.raises(ProtocolError, match="doorbells announce 1000000000 bytes"):
+        reader.recv_into(bytearray(10))
+    writer._sock.sendall(shm_channel._CONTROL.pack(-(10**9)))
+    with pytest.raises(ProtocolError, match="the peer read more than was written"):
+        reader.sendall(bytes(200_000))  # waits for room, and gets a report of too much
     writer.close()
     reader.close()

@@ -32,7 +32,7 @@ from distbelief.wire.channels.tcp import (
     TcpListener,
     parse_tcp_address,
 )
-from distbelief.wire.security import AUTH_MAGIC, WireSecurity
+from distbelief.wire.security import AUTH_MAGIC
 
 logger = logging.getLogger(__name__)
 
@@ -189,23 +189,26 @@ class ShmChannel:
             self._ended = True
             return False
         if count == _CONTROL.size and not partial:  # the usual case: one doorbell
-            value = _unpack_doorbell(doorbells)[0]
-            if value > 0:
-                self._readable += value
-            else:
-                self._room -= value
+            self._ring(_unpack_doorbell(doorbells)[0])
             return True
         end = partial + count
         whole = end - end % _CONTROL.size
         for (value,) in _CONTROL.iter_unpack(doorbells[:whole]):
-            if value > 0:
-                self._readable += value
-            else:
-                self._room -= value
+            self._ring(value)
         self._partial = end - whole
         if self._partial:
             doorbells[: self._partial] = doorbells[whole:end]
         return True
+
+    def _ring(self, value: int) -> None:
+        if value > 0:
+            self._readable += value
+            if self._readable > self._in.capacity:
+                raise ProtocolError(f"doorbells announce {self._readable} bytes in a smaller ring")
+        else:
+            self._room -= value
+            if self._room > self._out.capacity:
+                raise ProtocolError(f"the peer read more than was written ({self._room} bytes)")
 
     def sendall(self, data: bytes | bytearray | memoryview, /) -> None:
         view = _bytes_view(data)
@@ -531,9 +534,9 @@ class ShmDialer:
     Args:
         address: ``shm://HOST:PORT`` (asks for shared memory) or ``tcp://HOST:PORT`` (uses it
             when the server is on this host, with the transport ``auto``).
-        security: Job key and TLS settings (default: neither).
         transport: auto, tcp or shm (default: ``DISTBELIEF_TRANSPORT``, else auto).
         ring_bytes: Size of each direction's ring.
+        **tcp_options: The TCP dialer's (``security``: job key and TLS settings).
 
     Raises:
         ValueError: the address, transport or ring size is malformed.
@@ -543,12 +546,12 @@ class ShmDialer:
         self,
         address: str,
         *,
-        security: WireSecurity | None = None,
         transport: str | None = None,
         ring_bytes: int = DEFAULT_RING_BYTES,
+        **tcp_options,
     ) -> None:
         self._address = address
-        self._tcp = TcpDialer(_tcp_address(address), security=security)
+        self._tcp = TcpDialer(_tcp_address(address), **tcp_options)
         self._transport = transport_setting(transport)
         if not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:
             raise ValueError(
@@ -624,22 +627,21 @@ class ShmListener:
 
     Args:
         address: ``shm://HOST:PORT`` or ``tcp://HOST:PORT`` to bind (port 0: a free one).
-        security: Job key and TLS settings every accepted connection must meet.
         transport: tcp refuses shared memory; auto and shm grant it, to at most
             ``MAX_CHANNELS_PER_LISTENER`` connections at once (default:
             ``DISTBELIEF_TRANSPORT``, else auto).
+        **tcp_options: The TCP listener's (``security``: job key and TLS settings every
+            accepted connection must meet).
 
     Raises:
         ValueError: the address or transport is malformed.
         ShardUnavailableError: the address cannot be bound.
     """
 
-    def __init__(
-        self, address: str, *, security: WireSecurity | None = None, transport: str | None = None
-    ) -> None:
+    def __init__(self, address: str, *, transport: str | None = None, **tcp_options) -> None:
         self._scheme = split_scheme(address)[0]
         self._grants = _Grants(transport_setting(transport))
-        self._tcp = TcpListener(_tcp_address(address), security=security)
+        self._tcp = TcpListener(_tcp_address(address), **tcp_options)
 
     @property
     def address(self) -> str:

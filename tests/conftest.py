@@ -114,6 +114,14 @@ def stop_processes(processes: list[subprocess.Popen]) -> None:
             process.stdout.close()
 
 
+@pytest.fixture(params=["tcp", "shm"])
+def scheme(request, monkeypatch) -> str:
+    """Each channel kind in turn: ``tcp`` runs with DISTBELIEF_TRANSPORT=tcp (same-host
+    connections would switch to shared memory otherwise), ``shm`` with ``shm://`` addresses."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp" if request.param == "tcp" else "auto")
+    return request.param
+
+
 @pytest.fixture
 def shard_cluster() -> Iterator:
     """A factory: ``shard_cluster(num_shards, *flags)`` -> list of addresses."""

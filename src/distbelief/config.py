@@ -35,6 +35,11 @@ WIRE_DTYPES = ("fp32", "bf16", "fp16")
 """Dtypes pushes and pulls may travel in (fp32: each slice as it is)."""
 NO_PUSH_COMPRESSION = "none"
 _DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
+TRANSPORTS = ("auto", "tcp", "shm")
+"""How connections move bytes: auto (shared memory between processes of one host, TCP
+otherwise), tcp (TCP only; shards refuse shared memory), shm (every connection asks for it)."""
+TRANSPORT_ENV = "DISTBELIEF_TRANSPORT"
+"""The environment variable that carries the transport to every process of a job."""
 DEFAULT_EPOCHS = 15
 """Passes over each worker's slice when neither steps nor epochs is given."""
 DEFAULT_MINIBATCH_SIZE = 32
@@ -105,6 +110,10 @@ class ClusterConfig:
     device: str = "cpu"
     """Where each Downpour worker's replica trains: cpu, cuda or cuda:N (gradients are accrued
     there; pushes and pulls pass through pinned host memory)."""
+    transport: str = field(default="auto", metadata={"choices": TRANSPORTS})
+    """How processes move bytes: auto uses shared memory between processes of one host and
+    TCP otherwise; tcp never uses shared memory; shm asks for it on every connection (falling
+    back to TCP, with a warning, where it cannot be used)."""
 
     def __post_init__(self) -> None:
         _require_counts(self, "num_workers", "num_shards", "threads_per_worker")
@@ -117,6 +126,7 @@ class ClusterConfig:
         if self.worker_host:
             rule = f"an IP address or host name{_NO_PORT}"
             _require(is_host(self.worker_host), "worker_host", self.worker_host, rule)
+        _require_choice(self, "transport")
 
     def shard_host(self, shard_id: int) -> str:
         """The address shard ``shard_id`` binds to."""

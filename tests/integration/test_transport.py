@@ -1,5 +1,6 @@
-"""The request/reply layer on every registered channel (127.0.0.1 for TCP): round trips, typed
-errors within their timeouts, reconnects, and ops a test service defines and serves itself."""
+"""The request/reply layer on every registered channel (TCP on 127.0.0.1, shared memory): round
+trips, typed errors within their timeouts, reconnects, and ops a test service defines and serves
+itself (the ``scheme`` fixture: tests/conftest.py)."""
 
 import json
 import threading
@@ -19,6 +20,8 @@ from distbelief.errors import (
 )
 from distbelief.wire import WIRE_DTYPES, Message, OpRegistry, connect, define_op, ops, serve
 from distbelief.wire.channels import Channel, Listener, channel_schemes, dial, listen, local_address
+from distbelief.wire.channels.shm import ShmChannel
+from distbelief.wire.channels.tcp import TcpChannel
 from distbelief.wire.framing import send_message
 from distbelief.wire.message import FLAG_ERROR, FLAG_REPLY, HEADER, MAGIC, PROTOCOL_VERSION
 from distbelief.wire.ops import MAX_OP_CODE, op_for_code
@@ -88,11 +91,6 @@ class CounterService:
         return CounterConnection()
 
 
-@pytest.fixture(params=channel_schemes())
-def scheme(request) -> str:
-    return request.param
-
-
 @pytest.fixture
 def echo_service() -> EchoService:
     return EchoService()
@@ -103,6 +101,18 @@ def echo_server(scheme, echo_service):
     server = serve(local_address(scheme), echo_service)
     yield server
     server.stop()
+
+
+def test_every_channel_kind_is_tested():
+    assert channel_schemes() == ["shm", "tcp"]
+
+
+def test_the_channel_is_the_kind_asked_for(echo_server, scheme):
+    channel = dial(echo_server.address, timeout_s=5)
+    try:
+        assert type(channel) is {"tcp": TcpChannel, "shm": ShmChannel}[scheme]
+    finally:
+        channel.close()
 
 
 def test_round_trip_every_dtype(echo_server):
@@ -261,6 +271,21 @@ def test_silent_shard_times_out_within_the_timeout(raw_peer):
     assert time.monotonic() - started < 1.5
     assert issubclass(ShardTimeoutError, PSError)
     client.close()
+
+
+def test_a_send_to_a_peer_that_stopped_reading_times_out(raw_peer):
+    # The peer reads one byte (which lets a shared-memory channel finish its handshake), then
+    # nothing: the socket buffers, or the ring, fill up and the writer must give up in time.
+    address = raw_peer(lambda channel: channel.recv_into(bytearray(1)))
+    channel = dial(address, timeout_s=5)
+    try:
+        channel.settimeout(0.5)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            channel.sendall(bytes(64 * 1024 * 1024))
+        assert time.monotonic() - started < 3
+    finally:
+        channel.close()
 
 
 def test_garbage_reply_is_a_protocol_error(raw_peer):

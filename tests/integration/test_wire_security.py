@@ -1,4 +1,5 @@
-"""Authentication, TLS, and a live shard under 10,000 random, malformed and truncated frames."""
+"""Authentication, TLS and hostile frames on every channel kind, and a live shard under 10,000
+random, malformed and truncated frames."""
 
 import json
 import random
@@ -15,7 +16,11 @@ from distbelief.client import ParameterServerClient
 from distbelief.errors import ProtocolError, PSError
 from distbelief.optim import DownpourSGD
 from distbelief.wire import Message, connect, ops, serve
+from distbelief.wire.channels import dial, local_address
+from distbelief.wire.channels.shm import ShmChannel
+from distbelief.wire.channels.tcp import TcpChannel
 from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
+from distbelief.wire.reader import FrameReader, recv_message
 from distbelief.wire.security import WireSecurity, read_key_file, write_key_file
 from tests.integration.test_transport import EchoService
 
@@ -28,12 +33,13 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
 
 
-def test_only_key_holders_get_in():
+def test_only_key_holders_get_in(scheme):
     key = b"k" * 32
-    server = serve("tcp://127.0.0.1:0", EchoService(), security=WireSecurity(auth_key=key))
+    server = serve(local_address(scheme), EchoService(), security=WireSecurity(auth_key=key))
     try:
         good = connect(server.address, name="shard", security=WireSecurity(auth_key=key))
         assert good.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
+        assert type(good._channel) is {"tcp": TcpChannel, "shm": ShmChannel}[scheme]
         good.close()
         anonymous = connect(server.address, name="shard")
         with pytest.raises(ProtocolError, match="requires authentication"):
@@ -46,7 +52,7 @@ def test_only_key_holders_get_in():
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls_with_authentication(tmp_path):
+def test_tls_with_authentication(tmp_path, scheme):
     cert, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
@@ -73,7 +79,7 @@ def test_tls_with_authentication(tmp_path):
     )
     secret = b"s" * 32
     server = serve(
-        "tcp://127.0.0.1:0",
+        local_address(scheme),
         EchoService(),
         security=WireSecurity(auth_key=secret, tls_cert=str(cert), tls_key=str(key_pem)),
     )
@@ -84,10 +90,12 @@ def test_tls_with_authentication(tmp_path):
         payload = torch.randn(100_000)
         reply = client.request(Message(ops.PUSH, {}, [("w", payload)]), timeout_s=10)
         assert torch.equal(reply.tensors[0][1], payload)
+        assert type(client._channel) is {"tcp": TcpChannel, "shm": ShmChannel}[scheme]
         client.close()
-        plain = connect(server.address, name="shard", security=WireSecurity(auth_key=secret))
-        with pytest.raises(PSError):  # no TLS: the shard never gets a ClientHello, hangs up
-            plain.request(Message(ops.HELLO), timeout_s=2)
+        if scheme == "tcp":  # both kinds start on the same TCP handshakes: checked once
+            plain = connect(server.address, name="shard", security=WireSecurity(auth_key=secret))
+            with pytest.raises(PSError):  # no TLS: the shard never gets a ClientHello, hangs up
+                plain.request(Message(ops.HELLO), timeout_s=2)
     finally:
         server.stop()
 
@@ -140,6 +148,46 @@ def _fuzz(address: str, num_frames: int, deadline: float) -> int:
     if sock is not None:
         sock.close()
     return sent
+
+
+def _fuzz_channel(address: str, num_frames: int) -> int:
+    """Hostile frames through the project's own channels; returns how many were answered."""
+    rng = random.Random(4321)
+    channel, reader, answered = None, None, 0
+    try:
+        for _ in range(num_frames):
+            if channel is None:
+                channel = dial(address, timeout_s=5)
+                channel.settimeout(5)
+                reader = FrameReader(channel)
+            frame, stays_open = _garbage_frame(rng)
+            try:
+                channel.sendall(frame)
+                if stays_open:
+                    recv_message(reader)  # answered (an echo or an error): still in sync
+                    answered += 1
+            except OSError:
+                stays_open = False
+            if not stays_open:
+                channel.close()
+                channel = None
+    finally:
+        if channel is not None:
+            channel.close()
+    return answered
+
+
+def test_hostile_frames_on_every_channel(scheme):
+    service = EchoService()
+    server = serve(local_address(scheme), service)
+    try:
+        answered = _fuzz_channel(server.address, 300)
+        assert answered > 100
+        client = connect(server.address, name="echo")
+        assert client.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
+        client.close()
+    finally:
+        server.stop()
 
 
 def _train_and_check(model, optimizer, num_steps, fuzz) -> None:

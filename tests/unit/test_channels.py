@@ -3,13 +3,22 @@
 import pytest
 
 from distbelief.wire import channels, connect, serve
+from distbelief.wire.channels.shm import TRANSPORT_ENV, ShmDialer, set_transport
 from distbelief.wire.channels.tcp import TcpDialer, TcpListener, parse_tcp_address
 
 
-def test_tcp_is_registered():
-    assert "tcp" in channels.channel_schemes()
+def test_tcp_and_shm_are_registered():
+    assert channels.channel_schemes() == ["shm", "tcp"]
     assert channels.local_address("tcp") == "tcp://127.0.0.1:0"
-    assert isinstance(channels.dialer("tcp://127.0.0.1:9"), TcpDialer)
+    assert channels.local_address("shm") == "shm://127.0.0.1:0"
+    # tcp:// addresses are served by the shared-memory kind, which switches same-host peers.
+    assert isinstance(channels.dialer("tcp://127.0.0.1:9"), ShmDialer)
+    assert isinstance(channels.dialer("shm://127.0.0.1:9"), ShmDialer)
+
+
+def test_only_a_registered_scheme_can_be_upgraded():
+    with pytest.raises(ValueError, match="channel scheme 'udp' is not registered"):
+        channels.upgrade_channel("udp", TcpDialer, TcpListener)
 
 
 def test_a_scheme_registers_once():
@@ -19,8 +28,8 @@ def test_a_scheme_registers_once():
 
 @pytest.mark.parametrize("entry", [channels.dialer, channels.listen, connect])
 def test_unknown_scheme_names_the_address(entry):
-    with pytest.raises(ValueError, match=r"address 'shm://x': unknown scheme 'shm' \(known: tcp"):
-        entry("shm://x")
+    with pytest.raises(ValueError, match=r"address 'udp://x': unknown scheme 'udp' \(known: shm"):
+        entry("udp://x")
 
 
 def test_unknown_scheme_in_serve_names_the_address():
@@ -47,3 +56,22 @@ def test_malformed_tcp_address_is_named(address):
 def test_a_port_out_of_range_is_named():
     with pytest.raises(ValueError, match="port 99999 is out of range"):
         channels.dialer("tcp://nohost:99999")
+
+
+@pytest.mark.parametrize("address", ["shm://nohost", "shm://:1", "shm://h:x"])
+def test_malformed_shm_address_is_named(address):
+    with pytest.raises(ValueError, match=f"address '{address}' is not of the form shm://HOST:PORT"):
+        channels.dialer(address)
+    with pytest.raises(ValueError, match=f"address '{address}' is not of the form shm://HOST:PORT"):
+        channels.listen(address)
+
+
+def test_a_bad_transport_is_named(monkeypatch):
+    monkeypatch.setenv(TRANSPORT_ENV, "udp")
+    with pytest.raises(ValueError, match="DISTBELIEF_TRANSPORT 'udp': must be one of auto, tcp"):
+        channels.dialer("tcp://127.0.0.1:9")
+    with pytest.raises(ValueError, match="transport 'fast': must be one of auto, tcp, shm"):
+        set_transport("fast")
+    monkeypatch.delenv(TRANSPORT_ENV)
+    with pytest.raises(ValueError, match="ring_bytes 10: must be in"):
+        channels.dialer("shm://127.0.0.1:9", ring_bytes=10)

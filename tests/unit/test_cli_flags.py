@@ -69,12 +69,14 @@ ROW_SERVER = {
 }
 ROW_WORKER = {"--tables": "embeddings.tables", "--row-cache-mb": "embeddings.row_cache_mb"}
 CLIENT_SECURITY = {"--auth-key-file": "auth_key_file", "--tls-ca": "tls_ca"}
+TRANSPORT = {"--transport": "cluster.transport"}
 EXPECTED = {
     "train": TRAINING
     | SERVER
     | PIPELINE
     | ROW_SERVER
     | ROW_WORKER
+    | TRANSPORT
     | {
         "--workers": "cluster.num_workers",
         "--shards": "cluster.num_shards",
@@ -95,6 +97,7 @@ EXPECTED = {
     },
     "ps": SERVER
     | ROW_SERVER
+    | TRANSPORT
     | {
         "--num-shards": "cluster.num_shards",
         "--num-workers": "cluster.num_workers",
@@ -110,6 +113,7 @@ EXPECTED = {
     | PIPELINE
     | ROW_WORKER
     | CLIENT_SECURITY
+    | TRANSPORT
     | {
         "--num-workers": "cluster.num_workers",
         "--ps": "ps",
@@ -133,6 +137,7 @@ EXPECTED = {
         )
     }
     | CLIENT_SECURITY
+    | TRANSPORT
     | {
         "--partitions": "pipeline.num_partitions",
         "--split-points": "pipeline.split_points",
@@ -189,7 +194,18 @@ def test_no_flags_give_the_default_config():
 
 
 SHARED_ARGV = [
-    *("--workers", "3", "--shards", "4", "--threads", "2", "--dataset", "mnist"),
+    *(
+        "--workers",
+        "3",
+        "--shards",
+        "4",
+        "--threads",
+        "2",
+        "--transport",
+        "tcp",
+        "--dataset",
+        "mnist",
+    ),
     *("--data-dir", "/d", "--no-download", "--model", "mlp", "--seed", "7"),
     *("--batch-size", "8", "--checkpoint-every", "5", "--timeout", "11"),
     *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),

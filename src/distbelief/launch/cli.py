@@ -76,6 +76,13 @@ def _addresses(flag: str, text: str) -> list[str]:
     return addresses
 
 
+def _use_transport(config: JobConfig) -> None:
+    """--transport, for this process's channels and those of the processes it starts."""
+    from distbelief.wire.channels.shm import set_transport
+
+    set_transport(config.cluster.transport)
+
+
 def _reshard_before_resume(run_dir: Path, num_shards: int) -> None:
     """``--resume RUN_DIR --shards N``: the run's checkpoints redistributed over N shards
     first (as ``distbelief reshard`` does), unless it already has N."""
@@ -175,6 +182,7 @@ def _run_ps(args: argparse.Namespace) -> int:
             f"--shard-id {args.shard_id} is not in [0, --num-shards {config.cluster.num_shards})"
         )
     _addresses("--bind", args.bind)
+    _use_transport(config)
     serve_job_shard(
         config,
         args.shard_id,
@@ -195,6 +203,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--rank {args.rank} is not in [0, --num-workers {config.cluster.num_workers})"
         )
+    _use_transport(config)
     if config.pipeline.num_partitions > 1 or args.stage is not None:
         return _run_stage(args, config)
     _check_device(config)
@@ -250,6 +259,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from distbelief.evaluator import format_result, watch_shards
 
     config = config_from_args(args)
+    _use_transport(config)
     result = watch_shards(
         config,
         _addresses("--ps", args.ps),

@@ -26,6 +26,7 @@ FLAGS: dict[str, str] = {
     "cluster.device": "--device",
     "cluster.shard_hosts": "--shard-hosts",
     "cluster.worker_host": "--worker-host",
+    "cluster.transport": "--transport",
     "data.name": "--dataset",
     "data.data_dir": "--data-dir",
     "data.download": "--no-download",
@@ -104,6 +105,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
     "ps": (
         "cluster.num_shards",
         "cluster.num_workers",
+        "cluster.transport",
         "server",
         "consistency",
         "embeddings.row_optimizer",
@@ -118,6 +120,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "cluster.threads_per_worker",
         "cluster.device",
         "cluster.worker_host",
+        "cluster.transport",
         "data",
         "model",
         "optimizer.lr",
@@ -137,6 +140,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "faults.retry_timeout_s",
     ),
     "eval": (
+        "cluster.transport",
         "data",
         "model",
         "pipeline.num_partitions",

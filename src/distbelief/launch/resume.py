@@ -22,6 +22,7 @@ RESUMABLE_FIELDS = (
     "cluster.device",
     "cluster.shard_hosts",
     "cluster.worker_host",
+    "cluster.transport",
     "server.checkpoint_every_s",
     "server.design",
     "server.max_connections",

@@ -3,6 +3,8 @@
 A channel only moves bytes: request ids, deadlines and error kinds live above it (rpc.py). Each
 module in this package is one kind of channel and registers its scheme when imported; every
 module here is imported with the package, so a new kind (same-host shared memory) is one file.
+A kind may also take over another scheme's addresses (``upgrade_channel``): shared memory serves
+``tcp://`` ones, switching a connection over where both ends are on one host.
 """
 
 from __future__ import annotations
@@ -124,6 +126,20 @@ def register_channel(
     if scheme in _kinds:
         raise ValueError(f"channel scheme {scheme!r} is already registered")
     _kinds[scheme] = ChannelKind(dialer, listen, local_address)
+
+
+def upgrade_channel(
+    scheme: str, dialer: Callable[..., Dialer], listen: Callable[..., Listener]
+) -> None:
+    """Serve ``scheme``'s addresses with another kind's dialer and listener: ones that open
+    ``scheme``'s own channels and switch them to a faster kind where both ends can.
+
+    Raises:
+        ValueError: ``scheme`` is not registered yet.
+    """
+    if scheme not in _kinds:
+        raise ValueError(f"channel scheme {scheme!r} is not registered")
+    _kinds[scheme] = _kinds[scheme]._replace(dialer=dialer, listen=listen)
 
 
 def split_scheme(address: str) -> tuple[str, str]:

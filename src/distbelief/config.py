@@ -26,6 +26,7 @@ ALGORITHMS = ("downpour", "sandblaster")
 LINE_SEARCHES = ("strong-wolfe", "fixed")
 PIPELINE_SCHEDULES = ("1f1b", "gpipe")
 ROW_OPTIMIZER_NAMES = ("sgd", "adagrad", "rowwise-adagrad", "adam")
+CLUSTER_ENGINES = ("local", "ray")
 DEFAULT_EPOCHS = 15
 """Passes over each worker's slice when neither steps nor epochs is given."""
 DEFAULT_MINIBATCH_SIZE = 32
@@ -65,10 +66,21 @@ class ClusterConfig:
     """Address the local cluster's shards bind to."""
     threads_per_worker: int = 1
     """torch intra-op threads per worker process."""
+    engine: str = field(default="local", metadata={"choices": CLUSTER_ENGINES})
+    """What starts, watches and restarts the processes: local (child processes of the launcher
+    on this machine) or ray (Ray actors, shards spread over the nodes; needs the ray extra)."""
+    ray_address: str = ""
+    """With the ray engine: an existing Ray cluster's address (HOST:PORT of its head, or auto);
+    empty: a Ray instance started on this machine for the job."""
 
     def __post_init__(self) -> None:
         _require_counts(self, "num_workers", "num_shards", "threads_per_worker")
         _require(bool(self.host), "host", self.host, "a host name or address")
+        _require_choice(self, "engine")
+        if self.ray_address and self.engine != "ray":
+            raise ConfigFieldError(
+                "ray_address", f"only applies when the engine is ray, got {self.ray_address!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -462,6 +474,15 @@ class JobConfig:
                 f"must be <= the batch size ({self.optimizer.minibatch_size}), got {micro_batches}",
             )
         self._check_click_model()
+        partitions = self.pipeline.num_partitions
+        if self.cluster.engine == "ray" and partitions > 1:
+            # A partitioned replica restarts as a whole, each stage on its old address: the
+            # local launcher does that; Ray restarts one actor at a time, wherever it fits.
+            raise ConfigFieldError(
+                "pipeline.num_partitions",
+                f"must be 1 with the ray engine (model-parallel replicas run with the local "
+                f"one), got {partitions}",
+            )
         if self.optimizer.warmstart_steps and self.consistency.sync:
             raise ConfigFieldError(
                 "optimizer.warmstart_steps",

@@ -108,7 +108,7 @@ def test_flat_config_of_an_older_run_reads_as_the_same_job(tmp_path):
     # Every field that runs wrote before the sections has its old name; later fields keep
     # their defaults when an old config.json is read.
     newer = {"consistency.apply_worker_lr", "optimizer.algorithm", "data.table_size"}
-    newer |= {"model.embedding_dim"}
+    newer |= {"model.embedding_dim", "cluster.engine", "cluster.ray_address"}
     newer |= {
         path
         for path in config.to_fields()

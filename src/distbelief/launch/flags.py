@@ -23,6 +23,8 @@ FLAGS: dict[str, str] = {
     "cluster.num_workers": "--workers",
     "cluster.num_shards": "--shards",
     "cluster.threads_per_worker": "--threads",
+    "cluster.engine": "--cluster",
+    "cluster.ray_address": "--ray-address",
     "data.name": "--dataset",
     "data.data_dir": "--data-dir",
     "data.download": "--no-download",

@@ -19,6 +19,8 @@ from distbelief.launch.cluster import CHECKPOINT_DIR
 RESUMABLE_FIELDS = (
     "sandblaster.max_iterations",
     "cluster.threads_per_worker",
+    "cluster.engine",
+    "cluster.ray_address",
     "server.checkpoint_every_s",
     "faults.timeout_s",
     "faults.retry_timeout_s",

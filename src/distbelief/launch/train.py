@@ -239,6 +239,15 @@ def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
     return config, run_dir
 
 
+def engine_cluster(engine: str) -> type[Cluster]:
+    """The Cluster of a ``cluster.engine`` name (Ray's is imported only when named)."""
+    if engine == "ray":
+        from distbelief.launch.ray_cluster import RayCluster
+
+        return RayCluster
+    return LocalCluster
+
+
 def _start(cluster: Cluster, config: JobConfig) -> list[str]:
     """Every process: the shards at once, then (they need the shards' addresses) the workers
     and the evaluator at once; nothing waits for a process but the shards' readiness (and, for
@@ -275,7 +284,7 @@ def train(
     config: JobConfig,
     *,
     resume: bool = False,
-    cluster_type: type[Cluster] = LocalCluster,
+    cluster_type: type[Cluster] | None = None,
 ) -> RunResult:
     """Run a whole job; returns when every process has stopped.
 
@@ -283,13 +292,17 @@ def train(
         config: The job.
         resume: Continue the run in ``config.reporting.out_dir`` from its shard checkpoints.
         cluster_type: What runs the processes; made with the config and the run folder.
+            Default: the one ``config.cluster.engine`` names.
 
     Raises:
         ChildFailedError: a process reported an error, or could not be brought back; every
             process is stopped.
         LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
         CheckpointError: a checkpoint to resume from is corrupt (names the file).
+        ClusterError: the ray engine cannot join or start Ray, or place the job on it.
+        ConfigFieldError: the ray engine is named but Ray is not installed.
     """
+    cluster_type = cluster_type or engine_cluster(config.cluster.engine)
     cluster_type.warm_up(config)  # e.g. a forkserver's imports, overlapping what follows
     total_steps = sum(_planned_steps(config))  # validates before anything is written
     if not resume or config.pipeline.split_points is None:
@@ -349,7 +362,8 @@ def _result(cluster: Cluster, config: JobConfig, run_dir: Path, elapsed_s: float
 
 
 def _describe_fault(fault: Fault) -> str:
-    text = f"{fault.process} died (exit code {fault.exitcode}); {fault.action}"
+    code = "" if fault.exitcode is None else f" (exit code {fault.exitcode})"
+    text = f"{fault.process} died{code}; {fault.action}"
     if fault.version_before is not None:
         text += f"; it had applied {fault.version_before} updates"
     return text

@@ -1,13 +1,14 @@
 """``distbelief train --cluster ray`` for real: a job of 2 shards x 4 workers on a two-node Ray
 cluster started on this machine (nodes on 127.0.0.2 and 127.0.0.3) survives ``ray.kill`` of a
-worker actor and of a shard actor and reaches the usual accuracy; a job on the embedded Ray
-instance; and the one-line refusals, which need no Ray running."""
+worker actor and of a shard actor and reaches the usual accuracy; Ctrl-C stops every actor; a
+job on the embedded Ray instance; and the one-line refusals, which need no Ray running."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -88,85 +89,12 @@ def _kill(killer: subprocess.Popen, name: str) -> None:
     assert killer.stdout.readline().startswith(f"killed {name}")
 
 
-@needs_ray
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, tmp_path):
-    run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        [
-            *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
-            *("--workers", "4", "--shards", "2", "--steps", "800", "--checkpoint-every", "1"),
-            *("--eval-every", "0.5", "--out", str(run_dir)),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ray_nodes.env,
-    )
-    killer = subprocess.Popen(
-        [sys.executable, "-c", _KILLER, ray_nodes.address, str(run_dir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=ray_nodes.env,
-    )
+def _alive(pid: int) -> bool:
     try:
-        assert killer.stdout is not None and killer.stdout.readline() == "connected\n"
-        _wait_for(
-            lambda: min(_worker_steps(run_dir).get(str(r), 0) for r in range(4)) >= 100,
-            180,
-            "the four workers to train",
-        )
-        _kill(killer, "worker1")
-        before = _worker_steps(run_dir)
-        _wait_for(
-            lambda: all(_worker_steps(run_dir)[r] >= before[r] + 100 for r in ("0", "2", "3")),
-            60,
-            "the other workers to keep training",
-        )
-        _kill(killer, "shard0")
-        _out, err = launcher.communicate(timeout=200)
-    finally:
-        for process in (launcher, killer):
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
-    assert launcher.returncode == 0, err[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    faults = {fault["process"]: fault for fault in summary["faults"]}
-    assert set(faults) == {"worker1", "shard0"}, summary["faults"]
-    assert faults["worker1"]["action"] == faults["shard0"]["action"] == "restarted"
-    assert faults["shard0"]["version_restored"] is not None
-    assert summary["worker_steps"] == {str(rank): 800 for rank in range(4)}
-    assert summary["final"]["test_accuracy"] >= 0.9
-    assert "shard0 died; restarted" in err
-    # The placement group spread the shards over the two nodes; each bound its node's address.
-    processes = json.loads((run_dir / "ray.json").read_text())["processes"]
-    assert {processes[f"shard{i}"]["node_ip"] for i in range(2)} == {"127.0.0.2", "127.0.0.3"}
-    assert {p["node_ip"] for p in processes.values()} <= set(ray_nodes.node_ips)
-
-
-@needs_ray
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_job_on_the_embedded_ray_instance(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_cli(
-        "train", "--cluster", "ray", "--steps", "100", "--out", str(run_dir), timeout_s=200
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["worker_steps"] == {"0": 100, "1": 100}
-    assert summary["final"]["test_accuracy"] >= 0.8
-    record = json.loads((run_dir / "ray.json").read_text())
-    # On loopback only, and gone at the end: its processes and its folder.
-    assert {p["node_ip"] for p in record["processes"].values()} == {"127.0.0.1"}
-    assert not Path(record["temp_dir"]).exists()
-    pids = json.loads((run_dir / "pids.json").read_text()).values()
-    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
-    assert (run_dir / "accuracy_vs_time.png").exists()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @pytest.mark.parametrize(
@@ -223,3 +151,117 @@ def test_missing_ray_is_a_one_line_error_naming_the_extra(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == expected, result.stderr
     assert "Traceback" not in result.stderr
     assert not run_dir.exists()
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_job_on_the_embedded_ray_instance(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        *("train", "--cluster", "ray", "--workers", "1", "--shards", "1", "--steps", "100"),
+        *("--out", str(run_dir)),
+        timeout_s=200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["worker_steps"] == {"0": 100}
+    assert summary["final"]["test_accuracy"] >= 0.5
+    record = json.loads((run_dir / "ray.json").read_text())
+    # On loopback only, and gone at the end: its processes and its folder.
+    assert {p["node_ip"] for p in record["processes"].values()} == {"127.0.0.1"}
+    assert not Path(record["temp_dir"]).exists()
+    pids = json.loads((run_dir / "pids.json").read_text()).values()
+    assert not [pid for pid in pids if _alive(pid)]
+    assert (run_dir / "accuracy_vs_time.png").exists()
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray_nodes")  # one cluster for both tests, in one process
+@pytest.mark.timeout(300)
+def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
+            *("--workers", "4", "--shards", "2", "--steps", "400", "--checkpoint-every", "1"),
+            *("--out", str(run_dir)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ray_nodes.env,
+    )
+    killer = subprocess.Popen(
+        [sys.executable, "-c", _KILLER, ray_nodes.address, str(run_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ray_nodes.env,
+    )
+    try:
+        assert killer.stdout is not None and killer.stdout.readline() == "connected\n"
+        _wait_for(
+            lambda: min(_worker_steps(run_dir).get(str(r), 0) for r in range(4)) >= 60,
+            180,
+            "the four workers to train",
+        )
+        _kill(killer, "worker1")
+        before = _worker_steps(run_dir)
+        _wait_for(
+            lambda: all(_worker_steps(run_dir)[r] >= before[r] + 60 for r in ("0", "2", "3")),
+            60,
+            "the other workers to keep training",
+        )
+        _kill(killer, "shard0")
+        _out, err = launcher.communicate(timeout=200)
+    finally:
+        for process in (launcher, killer):
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+    assert launcher.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    faults = {fault["process"]: fault for fault in summary["faults"]}
+    assert set(faults) == {"worker1", "shard0"}, summary["faults"]
+    assert faults["worker1"]["action"] == faults["shard0"]["action"] == "restarted"
+    assert faults["shard0"]["version_restored"] is not None
+    assert summary["worker_steps"] == {str(rank): 400 for rank in range(4)}
+    assert summary["final"]["test_accuracy"] >= 0.9
+    assert "shard0 died; restarted" in err
+    # The placement group spread the shards over the two nodes; each bound its node's address.
+    processes = json.loads((run_dir / "ray.json").read_text())["processes"]
+    assert {processes[f"shard{i}"]["node_ip"] for i in range(2)} == {"127.0.0.2", "127.0.0.3"}
+    assert {p["node_ip"] for p in processes.values()} <= set(ray_nodes.node_ips)
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray_nodes")
+@pytest.mark.timeout(180)
+def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
+            *("--steps", "100000", "--out", str(run_dir)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ray_nodes.env,
+    )
+    try:
+        _wait_for(lambda: _worker_steps(run_dir), 120, "the workers to train")
+        pids = json.loads((run_dir / "pids.json").read_text()).values()
+        launcher.send_signal(signal.SIGINT)
+        _out, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+    assert launcher.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "distbelief train: stopped by Ctrl-C"
+    _wait_for(lambda: not [p for p in pids if _alive(p)], 10, "every actor's process to end")

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from distbelief.errors import ChildFailedError, ClusterError
+from distbelief.errors import ChildFailedError, ClusterError, LauncherInterrupted
 from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
 from distbelief.launch.ray_session import (
     RaySession,
@@ -150,7 +150,11 @@ class RayCluster:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._failed = exc_type is not None
+        # Ray's logs are kept for a failed job, not for one stopped by Ctrl-C or SIGTERM.
+        stopped = exc_type is not None and issubclass(
+            exc_type, (KeyboardInterrupt, LauncherInterrupted)
+        )
+        self._failed = exc_type is not None and not stopped
         self.stop_all()
 
     def _check_resources(self) -> None:
@@ -412,9 +416,15 @@ class RayCluster:
         period; then leaves Ray (the embedded instance shuts down)."""
         if self._session is None:
             return
-        for name, life in self._lives.items():
-            if life.spec.kind is not ProcessKind.SHARD:
-                self._kill(name)
+        clients = [n for n, life in self._lives.items() if life.spec.kind is not ProcessKind.SHARD]
+        for name in clients:
+            self._kill(name)
+        # Their ends closing says they are gone: stopped after them, the shards leave no one
+        # behind retrying (and warning about it).
+        deadline = time.monotonic() + _STOP_GRACE_S
+        while any(map(self.events.linked, clients)) and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                self.events.get(_POLL_S)
         shards = [life for life in self._lives.values() if life.spec.kind is ProcessKind.SHARD]
         for life in shards:
             self.events.send_stop(life.spec.name)

@@ -11,9 +11,11 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from types import ModuleType
 
 from distbelief.config import JobConfig
@@ -127,51 +129,58 @@ class RaySession:
     """Ray, joined or started for one job; ``close`` leaves it as found.
 
     Args:
-        config: the job (``cluster.ray_address``: join it; empty: start the embedded instance,
-            or use the Ray this process joined already).
+        config: the job (``cluster.ray_address``: join it; empty: start the embedded instance).
+            A process connected to Ray already (a script that called ``ray.init``) keeps its
+            connection: the job runs there.
         num_cpus: logical CPUs the job's processes ask for (the embedded instance has at least
             these, so it runs every process on this machine, as the local launcher does).
 
     Raises:
-        ClusterError: the cluster at the address cannot be joined.
+        ClusterError: the cluster at the address cannot be joined, or Ray cannot start.
     """
 
     def __init__(self, config: JobConfig, num_cpus: int) -> None:
         self.temp_dir: str | None = None
         address = config.cluster.ray_address
         ray = import_ray() if address else prepare_embedded()
-        self.owned = not address and not ray.is_initialized()
-        options = {"logging_level": logging.ERROR, "configure_logging": False}
+        self.connected_here = not ray.is_initialized()
+        if not self.connected_here:
+            self.address: str = ray.get_runtime_context().gcs_address
+            return
+        options: dict = {"logging_level": logging.ERROR, "configure_logging": False}
+        if not address:
+            self.temp_dir = tempfile.mkdtemp(prefix="distbelief-ray-")
+            options |= {
+                "num_cpus": max(os.cpu_count() or 1, num_cpus),
+                "object_store_memory": OBJECT_STORE_BYTES,
+                "include_dashboard": False,
+                "_temp_dir": self.temp_dir,
+            }
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
-            if address:
-                context = ray.init(address=address, **options)
-            elif self.owned:
-                self.temp_dir = tempfile.mkdtemp(prefix="distbelief-ray-")
-                context = ray.init(
-                    num_cpus=max(os.cpu_count() or 1, num_cpus),
-                    object_store_memory=OBJECT_STORE_BYTES,
-                    include_dashboard=False,
-                    _temp_dir=self.temp_dir,
-                    **options,
-                )
+            # "local": a new instance, whatever RAY_ADDRESS says.
+            context = ray.init(address=address or "local", **options)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+            self.connected_here = False
             self.close(keep_logs=False)
             where = f"at {address}" if address else "on this machine"
             raise ClusterError(f"cannot start or join Ray {where}: {e}") from e
-        if address or self.owned:
-            self.address = context.address_info["gcs_address"]
-        else:
-            self.address = ray.get_runtime_context().gcs_address
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                # Ray's handler exits the process at once; the launcher's stops the job in order.
+                signal.signal(signal.SIGTERM, sigterm)
+        self.address = context.address_info["gcs_address"]
 
     def close(self, *, keep_logs: bool) -> None:
-        """Leaves Ray: shuts the embedded instance down and removes its folder (kept, and
-        named in the log, when ``keep_logs``: the job failed)."""
-        if self.owned:
+        """Leaves Ray (what it still prints of the actors' output ends here): the embedded
+        instance shuts down, and its folder is removed (kept, and named in the log, when
+        ``keep_logs``: the job failed)."""
+        if self.connected_here:
             import ray
 
             with contextlib.suppress(Exception):  # already half gone after Ctrl-C, say
                 ray.shutdown()
-            self.owned = False
+            self.connected_here = False
         restore_environment()
         if self.temp_dir is not None:
             if keep_logs:

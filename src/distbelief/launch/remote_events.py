@@ -89,6 +89,10 @@ class EventListener:
             del self._links[name]
         return ("closed", name, serial)
 
+    def linked(self, name: str) -> bool:
+        """Whether process ``name`` has a link open (its end closes when the process ends)."""
+        return name in self._links
+
     def send_stop(self, name: str) -> None:
         """Asks process ``name`` to finish (nothing if its link is gone)."""
         link = self._links.get(name)

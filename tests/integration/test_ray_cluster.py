@@ -61,15 +61,18 @@ def ray_nodes() -> Iterator:
         nodes.stop()
 
 
-def _worker_steps(run_dir: Path) -> dict[str, int]:
-    steps: dict[str, int] = {}
+def _rows(run_dir: Path, role: str) -> list[dict]:
     path = run_dir / "metrics.csv"
     if not path.exists():
-        return steps
+        return []
     with path.open() as file:
-        for row in csv.DictReader(file):
-            if row["role"] == "worker":
-                steps[row["rank"]] = max(steps.get(row["rank"], 0), int(row["step"]))
+        return [row for row in csv.DictReader(file) if row["role"] == role]
+
+
+def _worker_steps(run_dir: Path) -> dict[str, int]:
+    steps: dict[str, int] = {}
+    for row in _rows(run_dir, "worker"):
+        steps[row["rank"]] = max(steps.get(row["rank"], 0), int(row["step"]))
     return steps
 
 
@@ -242,11 +245,12 @@ def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, t
 @pytest.mark.xdist_group("ray_nodes")
 @pytest.mark.timeout(180)
 def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
+    # A Sandblaster job: its coordinator is an actor too.
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         [
             *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
-            *("--steps", "100000", "--out", str(run_dir)),
+            *("--algorithm", "sandblaster", "--max-iterations", "100000", "--out", str(run_dir)),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -254,8 +258,8 @@ def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
         env=ray_nodes.env,
     )
     try:
-        _wait_for(lambda: _worker_steps(run_dir), 120, "the workers to train")
-        pids = json.loads((run_dir / "pids.json").read_text()).values()
+        _wait_for(lambda: _rows(run_dir, "coordinator"), 120, "the coordinator to iterate")
+        pids = json.loads((run_dir / "pids.json").read_text())
         launcher.send_signal(signal.SIGINT)
         _out, err = launcher.communicate(timeout=60)
     finally:
@@ -264,4 +268,5 @@ def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
             launcher.wait(10)
     assert launcher.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "distbelief train: stopped by Ctrl-C"
-    _wait_for(lambda: not [p for p in pids if _alive(p)], 10, "every actor's process to end")
+    assert {"coordinator", "shard0", "shard1", "worker0", "worker1"} <= set(pids)
+    _wait_for(lambda: not any(map(_alive, pids.values())), 10, "every actor's process to end")

@@ -18,8 +18,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from distbelief.errors import ChildFailedError, ClusterError, LauncherInterrupted
+from distbelief.errors import ChildFailedError, LauncherInterrupted
 from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
+from distbelief.launch.ray_placement import (
+    actor_options,
+    check_resources,
+    early_processes,
+    num_cpus,
+    reserve_places,
+)
 from distbelief.launch.ray_session import (
     RaySession,
     check_address,
@@ -35,16 +42,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PLACEMENT_TIMEOUT_S = 60.0
-"""Longest wait for Ray to reserve the shards' places."""
 RESTART_TIMEOUT_S = 120.0
 """Longest wait for Ray to re-create a dead process's actor."""
 RESULT_TIMEOUT_S = 10.0
 """Longest a process's result may trail the end of its run (it travels on its event link)."""
 _STOP_GRACE_S = 5.0
 _POLL_S = 0.2
-_PLACED_KINDS = (ProcessKind.SHARD, ProcessKind.COORDINATOR)
-"""Kinds that listen, so stay on one node: a restart binds its old address."""
 
 
 @dataclass
@@ -63,24 +66,6 @@ class _Life:
     returned_at: float | None = None
 
 
-def num_cpus(config: JobConfig) -> int:
-    """Logical CPUs the job's processes ask Ray for: one per shard, evaluator and coordinator,
-    ``threads_per_worker`` per worker."""
-    cluster = config.cluster
-    coordinator = 1 if config.optimizer.algorithm == "sandblaster" else 0
-    return cluster.num_shards + cluster.num_workers * cluster.threads_per_worker + 1 + coordinator
-
-
-def job_processes(config: JobConfig) -> list[ProcessSpec]:
-    """Every process of the job (shards first), as far as naming and placing them goes."""
-    kinds = [ProcessKind.SHARD, ProcessKind.WORKER, ProcessKind.EVALUATOR]
-    if config.optimizer.algorithm == "sandblaster":
-        kinds.insert(1, ProcessKind.COORDINATOR)
-    counts = {ProcessKind.SHARD: config.cluster.num_shards}
-    counts[ProcessKind.WORKER] = config.cluster.num_workers
-    return [ProcessSpec(kind, index) for kind in kinds for index in range(counts.get(kind, 1))]
-
-
 class RayCluster:
     """One job's processes as Ray actors; a ``Cluster``. Use as a context manager: leaving it
     stops every actor (and the embedded Ray instance, if the job started one). Writes
@@ -89,7 +74,7 @@ class RayCluster:
 
     Raises:
         ClusterError: Ray cannot be joined, has too few CPUs for the job, or cannot place the
-            shards within ``PLACEMENT_TIMEOUT_S``.
+            shards within ``ray_placement.PLACEMENT_TIMEOUT_S``.
     """
 
     @classmethod
@@ -122,15 +107,15 @@ class RayCluster:
         self._session: RaySession | None = RaySession(config, num_cpus(config))
         try:
             self._ray = import_ray()
-            self._check_resources()
-            self._placement = self._reserve_places()
+            check_resources(config, self._session.address)
+            self._placement = reserve_places(config, self._session.address)
             from distbelief.launch.ray_actor import RoleActor
             from distbelief.launch.remote_events import EventListener
 
             self._actor_class = self._ray.remote(RoleActor)
             host = self._ray.util.get_node_ip_address()
             self.events = EventListener(host, self.security.auth_key)
-            for spec in job_processes(config):
+            for spec in early_processes(config):
                 self._actor(spec)
         except BaseException:
             self._session.close(keep_logs=False)
@@ -157,56 +142,13 @@ class RayCluster:
         self._failed = exc_type is not None and not stopped
         self.stop_all()
 
-    def _check_resources(self) -> None:
-        needed = num_cpus(self.config)
-        available = self._ray.cluster_resources().get("CPU", 0)
-        if available < needed:
-            raise ClusterError(
-                f"the Ray cluster at {self._session.address} has {available:g} CPUs; this job "
-                f"needs {needed} (one per shard, evaluator and coordinator, --threads per worker)"
-            )
-
-    def _reserve_places(self) -> Any:
-        """A placement group spreading the shards (and the coordinator) over the nodes."""
-        from ray.util.placement_group import placement_group
-
-        count = self.config.cluster.num_shards
-        if self.config.optimizer.algorithm == "sandblaster":
-            count += 1  # the coordinator's
-        group = placement_group([{"CPU": 1}] * count, strategy="SPREAD")
-        if not group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
-            self._ray.util.remove_placement_group(group)
-            raise ClusterError(
-                f"Ray could not place the {count} shards within {PLACEMENT_TIMEOUT_S:g}s "
-                f"(the cluster at {self._session.address} is busy or too small)"
-            )
-        return group
-
     def _actor(self, spec: ProcessSpec) -> Any:
         """The actor of ``spec``'s process, created at its first start; Ray re-creates it (up
         to ``max_restarts`` times) after a death, on the same node when it is placed."""
-        if spec.name in self._actors:
-            return self._actors[spec.name]
-        options: dict[str, Any] = {
-            "name": spec.name,
-            "namespace": self.namespace,
-            "num_cpus": 1,
-            "max_restarts": self.config.faults.max_restarts,
-            "max_task_retries": 0,
-        }
-        if spec.kind is ProcessKind.WORKER:
-            options["num_cpus"] = self.config.cluster.threads_per_worker
-        if spec.kind in _PLACED_KINDS:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            num_shards = self.config.cluster.num_shards
-            bundle = spec.index if spec.kind is ProcessKind.SHARD else num_shards
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                placement_group=self._placement, placement_group_bundle_index=bundle
-            )
-        actor = self._actor_class.options(**options).remote(spec.name)
-        self._actors[spec.name] = actor
-        return actor
+        if spec.name not in self._actors:
+            options = actor_options(self.config, spec, self.namespace, self._placement)
+            self._actors[spec.name] = self._actor_class.options(**options).remote(spec.name)
+        return self._actors[spec.name]
 
     def _addresses(self) -> list[str]:
         return [self.book.addresses[i] for i in range(self.config.cluster.num_shards)]
@@ -339,7 +281,8 @@ class RayCluster:
             else:
                 self._died(life)
             return
-        except RayActorError:
+        except RayActorError as e:
+            logger.debug("%s: %s", life.spec.name, e)  # Ray's word on how it died
             self._died(life)
             return
         except RayError as e:  # the actor's run itself failed (e.g. its event link)

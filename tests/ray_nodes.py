@@ -58,6 +58,8 @@ class RayNodes:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": secrets.token_hex(32),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray's default (15) starves the actors on a machine busy with other work.
+            "RAY_worker_niceness": "0",
         }
         self.address = ""
         self.sessions: list[int] = []

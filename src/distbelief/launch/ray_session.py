@@ -86,6 +86,9 @@ def _embedded_environment() -> dict[str, str]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray starts its workers at niceness 15, below everything else on the machine; the
+        # embedded instance's actors run as the local launcher's processes do (at 0).
+        "RAY_worker_niceness": "0",
     }
     if "ray" not in sys.modules:
         # Ray turns 127.0.0.1 into the machine's network address unless it runs as a

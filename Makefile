@@ -9,7 +9,7 @@ ARGS ?=
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -18,9 +18,10 @@ train: $(STAMP)
 	$(VENV)/bin/distbelief train $(ARGS)
 
 # Four test processes on 2 cores: most integration tests wait on processes they started, not
-# on the CPU (with three the suite left half the CPU time idle).
+# on the CPU (with three the suite left half the CPU time idle). Tests of one xdist_group run
+# in one process (the Ray tests share one Ray cluster).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 4 --durations=20 tests
+	$(PY) -m pytest -q -n 4 --dist loadgroup --durations=20 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -40,6 +40,7 @@ TRANSPORTS = ("auto", "tcp", "shm")
 otherwise), tcp (TCP only; shards refuse shared memory), shm (every connection asks for it)."""
 TRANSPORT_ENV = "DISTBELIEF_TRANSPORT"
 """The environment variable that carries the transport to every process of a job."""
+CLUSTER_ENGINES = ("local", "ray")
 DEFAULT_EPOCHS = 15
 """Passes over each worker's slice when neither steps nor epochs is given."""
 DEFAULT_MINIBATCH_SIZE = 32
@@ -114,6 +115,12 @@ class ClusterConfig:
     """How processes move bytes: auto uses shared memory between processes of one host and
     TCP otherwise; tcp never uses shared memory; shm asks for it on every connection (falling
     back to TCP, with a warning, where it cannot be used)."""
+    engine: str = field(default="local", metadata={"choices": CLUSTER_ENGINES})
+    """What starts, watches and restarts the processes: local (child processes of the launcher
+    on this machine) or ray (Ray actors, shards spread over the nodes; needs the ray extra)."""
+    ray_address: str = ""
+    """With the ray engine: an existing Ray cluster's address (HOST:PORT of its head, or auto);
+    empty: a Ray instance started on this machine for the job."""
 
     def __post_init__(self) -> None:
         _require_counts(self, "num_workers", "num_shards", "threads_per_worker")
@@ -131,6 +138,17 @@ class ClusterConfig:
     def shard_host(self, shard_id: int) -> str:
         """The address shard ``shard_id`` binds to."""
         return self.shard_hosts[shard_id % len(self.shard_hosts)] if self.shard_hosts else self.host
+        _require_choice(self, "engine")
+        if self.ray_address and self.engine != "ray":
+            raise ConfigFieldError(
+                "ray_address", f"only applies when the engine is ray, got {self.ray_address!r}"
+            )
+        if self.engine == "ray" and (self.shard_hosts or self.worker_host):
+            field_name = "shard_hosts" if self.shard_hosts else "worker_host"
+            raise ConfigFieldError(
+                field_name,
+                "does not apply with the ray engine (shards bind to their node's address)",
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -546,6 +564,15 @@ class JobConfig:
             )
         self._check_click_model()
         self._check_device()
+        partitions = self.pipeline.num_partitions
+        if self.cluster.engine == "ray" and partitions > 1:
+            # A partitioned replica restarts as a whole, each stage on its old address: the
+            # local launcher does that; Ray restarts one actor at a time, wherever it fits.
+            raise ConfigFieldError(
+                "pipeline.num_partitions",
+                f"must be 1 with the ray engine (model-parallel replicas run with the local "
+                f"one), got {partitions}",
+            )
         if self.optimizer.warmstart_steps and self.consistency.sync:
             raise ConfigFieldError(
                 "optimizer.warmstart_steps",

@@ -76,8 +76,13 @@ class ChildFailedError(DistBeliefError):
         self.name = name
         self.exitcode = exitcode
         self.detail = detail
-        message = f"{name} failed (exit code {exitcode})"
+        message = f"{name} failed" + ("" if exitcode is None else f" (exit code {exitcode})")
         super().__init__(f"{message}:\n{detail}" if detail else message)
+
+
+class ClusterError(DistBeliefError):
+    """The cluster engine cannot run the job: Ray cannot be reached, or has too few resources
+    to place the job's processes; the message says which and what the job needs."""
 
 
 class CoordinatorError(DistBeliefError):

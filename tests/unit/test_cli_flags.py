@@ -81,6 +81,8 @@ EXPECTED = {
         "--workers": "cluster.num_workers",
         "--shards": "cluster.num_shards",
         "--shard-hosts": "cluster.shard_hosts",
+        "--cluster": "cluster.engine",
+        "--ray-address": "cluster.ray_address",
         "--max-restarts": "faults.max_restarts",
         "--out": "reporting.out_dir",
         "--eval-every": "reporting.eval_every_s",
@@ -232,6 +234,7 @@ SANDBLASTER_ARGV = [
     *("--algorithm", "sandblaster", "--history", "4", "--portions", "7"),
     *("--line-search", "fixed", "--max-iterations", "3", "--step-size", "0.5"),
     *("--portions-per-push", "3", "--no-backup-tasks"),
+    *("--cluster", "ray", "--ray-address", "head:6379"),
 ]
 
 

@@ -123,6 +123,7 @@ def test_flat_config_of_an_older_run_reads_as_the_same_job(tmp_path):
     newer |= {"cluster.shard_hosts", "cluster.worker_host"}
     newer |= {"server.design", "server.max_connections"}
     newer |= {"cluster.transport"}
+    newer |= {"cluster.engine", "cluster.ray_address"}
     newer |= {
         path
         for path in config.to_fields()

@@ -1,6 +1,7 @@
 """The launcher's packages load their heavy dependencies only when used: importing them (what
 ``distbelief --help`` and the launcher's start do, before the processes start) pulls in none of
-torch, matplotlib, TensorBoard or rich; and every name they export resolves."""
+torch, matplotlib, TensorBoard, rich or Ray (an optional extra); and every name they export
+resolves."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 PACKAGES = ("distbelief.launch", "distbelief.telemetry", "distbelief.plots")
-HEAVY = ("torch", "matplotlib", "tensorboard", "rich")
+HEAVY = ("torch", "matplotlib", "tensorboard", "rich", "ray")
 LAUNCHER_MODULES = ("distbelief.launch.cli", "distbelief.launch.resume", "distbelief.launch.train")
 """What ``distbelief train`` imports before it starts the processes."""
 

@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "ProcessSpec": "distbelief.launch.cluster",
     "RESTART_POLICIES": "distbelief.launch.cluster",
     "LocalCluster": "distbelief.launch.local",
+    "RayCluster": "distbelief.launch.ray_cluster",
     "reshard_run": "distbelief.launch.reshard",
     "ReshardSummary": "distbelief.launch.reshard",
 }

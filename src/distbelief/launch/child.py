@@ -49,11 +49,17 @@ class ChannelEmitter:
 
 
 class EventInbox:
-    """The launcher's end of every child's pipe."""
+    """The launcher's end of every child's pipe.
 
-    def __init__(self) -> None:
+    Args:
+        on_closed: called with a pipe that closed (its child is gone); what it returns, if not
+            None, is the pipe's last event (after every event the pipe held).
+    """
+
+    def __init__(self, on_closed: Callable[[Connection], tuple | None] | None = None) -> None:
         self._readers: list[Connection] = []
         self._pending: collections.deque[tuple] = collections.deque()
+        self._on_closed = on_closed
 
     def add(self, reader: Connection) -> None:
         self._readers.append(reader)
@@ -75,6 +81,9 @@ class EventInbox:
             # The child is gone (a message cut short by SIGKILL reads as garbage or EOF).
             self._readers.remove(reader)
             reader.close()
+            last = None if self._on_closed is None else self._on_closed(reader)
+            if last is not None:
+                self._pending.append(last)
 
 
 def run_child(

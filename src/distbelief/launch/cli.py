@@ -104,6 +104,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         changes = {name: value for name, value in vars(args).items() if "." in name}
+        if changes.get("cluster.engine", "ray") != "ray":
+            # A run resumed on another engine leaves the Ray address it was given behind.
+            changes.setdefault("cluster.ray_address", "")
         new_shards = changes.pop("cluster.num_shards", None)
         if new_shards is not None:
             _reshard_before_resume(Path(args.resume), new_shards)
@@ -346,7 +349,9 @@ def _child_failed(
     if args.verbose:
         print(f"{prefix}: {error}", file=sys.stderr)
         return EXIT_FAILED
-    head = f"{error.name} failed (exit code {error.exitcode})"
+    head = f"{error.name} failed" + (
+        "" if error.exitcode is None else f" (exit code {error.exitcode})"
+    )
     print(f"{prefix}: {head}: {_last_error(error.detail)}", file=sys.stderr)
     if traceback_file is not None:
         print(f"{prefix}: full traceback in {traceback_file} (or rerun with -v)", file=sys.stderr)

@@ -27,6 +27,8 @@ FLAGS: dict[str, str] = {
     "cluster.shard_hosts": "--shard-hosts",
     "cluster.worker_host": "--worker-host",
     "cluster.transport": "--transport",
+    "cluster.engine": "--cluster",
+    "cluster.ray_address": "--ray-address",
     "data.name": "--dataset",
     "data.data_dir": "--data-dir",
     "data.download": "--no-download",

@@ -23,6 +23,8 @@ RESUMABLE_FIELDS = (
     "cluster.shard_hosts",
     "cluster.worker_host",
     "cluster.transport",
+    "cluster.engine",
+    "cluster.ray_address",
     "server.checkpoint_every_s",
     "server.design",
     "server.max_connections",

@@ -242,6 +242,15 @@ def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
     return config, run_dir
 
 
+def engine_cluster(engine: str) -> type[Cluster]:
+    """The Cluster of a ``cluster.engine`` name (Ray's is imported only when named)."""
+    if engine == "ray":
+        from distbelief.launch.ray_cluster import RayCluster
+
+        return RayCluster
+    return LocalCluster
+
+
 def _start(cluster: Cluster, config: JobConfig) -> list[str]:
     """Every process: the shards at once, then (they need the shards' addresses) the workers
     and the evaluator at once; nothing waits for a process but the shards' readiness (and, for
@@ -278,7 +287,7 @@ def train(
     config: JobConfig,
     *,
     resume: bool = False,
-    cluster_type: type[Cluster] = LocalCluster,
+    cluster_type: type[Cluster] | None = None,
 ) -> RunResult:
     """Run a whole job; returns when every process has stopped.
 
@@ -286,15 +295,18 @@ def train(
         config: The job.
         resume: Continue the run in ``config.reporting.out_dir`` from its shard checkpoints.
         cluster_type: What runs the processes; made with the config and the run folder.
+            Default: the one ``config.cluster.engine`` names.
 
     Raises:
         ChildFailedError: a process reported an error, or could not be brought back; every
             process is stopped.
         LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
         CheckpointError: a checkpoint to resume from is corrupt (names the file).
-        ConfigFieldError: a bad setting, a shard or worker host that is not this machine's
-            among them.
+        ConfigFieldError: a bad setting (a shard or worker host that is not this machine's among
+            them), or the ray engine named where Ray is not installed.
+        ClusterError: the ray engine cannot join or start Ray, or place the job on it.
     """
+    cluster_type = cluster_type or engine_cluster(config.cluster.engine)
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
     cluster_type.warm_up(config)  # e.g. a forkserver's imports, overlapping what follows
@@ -367,7 +379,8 @@ def _result(cluster: Cluster, config: JobConfig, run_dir: Path, elapsed_s: float
 
 
 def _describe_fault(fault: Fault) -> str:
-    text = f"{fault.process} died (exit code {fault.exitcode}); {fault.action}"
+    code = "" if fault.exitcode is None else f" (exit code {fault.exitcode})"
+    text = f"{fault.process} died{code}; {fault.action}"
     if fault.version_before is not None:
         text += f"; it had applied {fault.version_before} updates"
     return text

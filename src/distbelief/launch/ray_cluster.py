@@ -1,0 +1,383 @@
+"""RayCluster: a job's processes as Ray actors, one process each. Ray places them (the shards and
+the coordinator spread over the nodes by a placement group), starts, watches and restarts them;
+parameters and gradients travel on the project's own wire between the actors' processes, never
+through Ray; events come back over event links (``remote_events``). What a death means is
+``cluster``'s, as for the local launcher.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from distbelief.errors import ChildFailedError, LauncherInterrupted
+from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
+from distbelief.launch.ray_placement import (
+    actor_options,
+    check_resources,
+    early_processes,
+    num_cpus,
+    reserve_places,
+)
+from distbelief.launch.ray_session import (
+    RaySession,
+    check_address,
+    import_ray,
+    prepare_embedded,
+)
+from distbelief.launch.rundir import write_text_atomic
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from distbelief.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+RESTART_TIMEOUT_S = 120.0
+"""Longest wait for Ray to re-create a dead process's actor."""
+RESULT_TIMEOUT_S = 10.0
+"""Longest a process's result may trail the end of its run (it travels on its event link)."""
+_STOP_GRACE_S = 5.0
+_POLL_S = 0.2
+
+
+@dataclass
+class _Life:
+    """One run of one process: the call of its actor's ``run``."""
+
+    spec: ProcessSpec
+    ref: Any
+    """The ObjectRef of the call: ready when the role ended or the process died."""
+    after_death: bool
+    """Run on an actor that Ray is re-creating: a call that finds it not back yet is made
+    again (it is no new death)."""
+    started_at: float = field(default_factory=time.monotonic)
+    link: int | None = None
+    """The serial number of its event link, once its process linked back (it runs)."""
+    returned_at: float | None = None
+
+
+class RayCluster:
+    """One job's processes as Ray actors; a ``Cluster``. Use as a context manager: leaving it
+    stops every actor (and the embedded Ray instance, if the job started one). Writes
+    ``pids.json`` (process name -> pid) and ``ray.json`` (the Ray address, the actors'
+    namespace, each process's node) into ``run_dir`` as processes start.
+
+    Raises:
+        ClusterError: Ray cannot be joined, has too few CPUs for the job, or cannot place the
+            shards within ``ray_placement.PLACEMENT_TIMEOUT_S``.
+    """
+
+    @classmethod
+    def warm_up(cls, config: JobConfig) -> None:
+        """Checks the address and imports Ray (ConfigFieldError if it is missing)."""
+        if config.cluster.ray_address:
+            check_address(config.cluster.ray_address)
+            import_ray()
+        else:
+            prepare_embedded()  # before Ray is imported: it reads some settings then
+
+    def __init__(self, config: JobConfig, run_dir: Path) -> None:
+        from distbelief.wire.security import WireSecurity, generate_key
+
+        self.config = config
+        self.run_dir = run_dir
+        self.book = ProcessBook(config)
+        self.security = WireSecurity(auth_key=generate_key())
+        self.namespace = f"distbelief-{uuid.uuid4().hex[:12]}"
+        self.on_fault: Callable[[Fault], None] | None = None
+        self._lives: dict[str, _Life] = {}
+        self._actors: dict[str, Any] = {}
+        self._results: dict[str, Any] = {}
+        self._stopped: set[str] = set()
+        """Downpour workers stopped on request (they have no result)."""
+        self._stop_requested: set[ProcessKind] = set()
+        self._placed: dict[str, dict] = {}
+        self._backlog: collections.deque[Event] = collections.deque()
+        self._failed = False
+        self._session: RaySession | None = RaySession(config, num_cpus(config))
+        try:
+            self._ray = import_ray()
+            check_resources(config, self._session.address)
+            self._placement = reserve_places(config, self._session.address)
+            from distbelief.launch.ray_actor import RoleActor
+            from distbelief.launch.remote_events import EventListener
+
+            self._actor_class = self._ray.remote(RoleActor)
+            host = self._ray.util.get_node_ip_address()
+            self.events = EventListener(host, self.security.auth_key)
+            for spec in early_processes(config):
+                self._actor(spec)
+        except BaseException:
+            self._session.close(keep_logs=False)
+            self._session = None
+            raise
+
+    @property
+    def faults(self) -> list[Fault]:
+        return self.book.faults
+
+    def __enter__(self) -> RayCluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Ray's logs are kept for a failed job, not for one stopped by Ctrl-C or SIGTERM.
+        stopped = exc_type is not None and issubclass(
+            exc_type, (KeyboardInterrupt, LauncherInterrupted)
+        )
+        self._failed = exc_type is not None and not stopped
+        self.stop_all()
+
+    def _actor(self, spec: ProcessSpec) -> Any:
+        """The actor of ``spec``'s process, created at its first start; Ray re-creates it (up
+        to ``max_restarts`` times) after a death, on the same node when it is placed."""
+        if spec.name not in self._actors:
+            options = actor_options(self.config, spec, self.namespace, self._placement)
+            self._actors[spec.name] = self._actor_class.options(**options).remote(spec.name)
+        return self._actors[spec.name]
+
+    def _addresses(self) -> list[str]:
+        return [self.book.addresses[i] for i in range(self.config.cluster.num_shards)]
+
+    def start(self, kind: ProcessKind, index: int, stage: int = 0) -> None:
+        """Starts one process (see ``Cluster.start``); a restart reuses this."""
+        assert kind is not ProcessKind.STAGE, "the config refuses partitions with Ray"
+        spec = self.book.spec(kind, index, stage)
+        self._lives[spec.name] = _Life(spec, self._run(spec), after_death=spec.name in self._lives)
+
+    def _run(self, spec: ProcessSpec) -> Any:
+        addresses = [] if spec.kind is ProcessKind.SHARD else self._addresses()
+        return self._actor(spec).run.remote(
+            self.events.address, spec, self.config, addresses, self.security
+        )
+
+    def _wait_until(self, ready: Callable[[], bool], what: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if time.monotonic() > deadline:
+                raise ChildFailedError(what, None, f"not ready in {timeout_s:g}s")
+            self.next_event(deadline - time.monotonic())
+
+    def wait_for_shards(self, timeout_s: float) -> list[str]:
+        """Waits until every shard listens; returns their addresses in shard-id order.
+
+        Raises:
+            ChildFailedError: a shard failed, or they were not all ready within ``timeout_s``.
+        """
+        num_shards = self.config.cluster.num_shards
+        self._wait_until(lambda: len(self.book.addresses) >= num_shards, "shards", timeout_s)
+        return self._addresses()
+
+    def wait_for_coordinator(self, timeout_s: float) -> str:
+        """Waits until the coordinator listens; returns its address.
+
+        Raises:
+            ChildFailedError: it failed, or was not ready within ``timeout_s``.
+        """
+        self._wait_until(
+            lambda: self.book.coordinator_address is not None, "coordinator", timeout_s
+        )
+        assert self.book.coordinator_address is not None
+        return self.book.coordinator_address
+
+    def wait_for_stage(self, rank: int, stage: int, timeout_s: float) -> str:
+        raise AssertionError("the config refuses partitions with Ray")
+
+    def next_event(self, timeout_s: float = _POLL_S) -> Event | None:
+        """The next event of any actor; restarts processes that died; raises if one reported
+        an error or cannot be brought back (see ``Cluster.next_event``)."""
+        if self._backlog:
+            return self._backlog.popleft()
+        raw = self.events.get(max(0.0, min(timeout_s, _POLL_S)))
+        event = None if raw is None else self._take(raw)
+        self._check_actors()
+        return event
+
+    def _take(self, raw: tuple) -> Event | None:
+        """Notes one event of a link; a link's hello is the cluster's own (returns None)."""
+        kind, name, payload = raw
+        life = self._lives[name]
+        if kind == "hello":
+            life.link = payload.pop("link")
+            self._note_placed(name, payload)
+            return None
+        if kind == "closed":
+            # Its process is gone: sooner news of a death than the run's call (which Ray
+            # fails only once it has re-created the actor); that call is ignored then.
+            if payload == life.link and life.returned_at is None and self._running(name):
+                self._died(life)
+            return None
+        event = Event(kind, life.spec, payload)
+        if kind == "error":
+            raise ChildFailedError(name, None, payload)
+        if kind == "done":
+            self._results[name] = payload
+        self.book.note(event)
+        return event
+
+    def _note_placed(self, name: str, info: dict) -> None:
+        """A process started (its pid and node); a late starter of a kind told to stop
+        already is told again."""
+        self._placed[name] = info
+        if self._lives[name].spec.kind in self._stop_requested:
+            self.events.send_stop(name)
+        pids = {n: placed["pid"] for n, placed in self._placed.items()}
+        write_text_atomic(self.run_dir / "pids.json", json.dumps(pids, indent=1))
+        assert self._session is not None
+        record: dict[str, Any] = {"address": self._session.address, "namespace": self.namespace}
+        if self._session.temp_dir is not None:
+            record["temp_dir"] = self._session.temp_dir  # the embedded instance's files
+        record["processes"] = self._placed
+        write_text_atomic(self.run_dir / "ray.json", json.dumps(record, indent=1))
+
+    def _running(self, name: str) -> bool:
+        """Process ``name`` has neither finished nor been given up or stopped."""
+        return not (name in self._results or name in self.book.given_up or name in self._stopped)
+
+    def _check_actors(self) -> None:
+        """Finds runs that ended: a died process is restarted or given up by its kind's
+        policy; a finished one must deliver its result in time."""
+        pending = {
+            life.ref: life
+            for name, life in self._lives.items()
+            if life.returned_at is None and self._running(name)
+        }
+        if pending:
+            ready, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=0)
+            for ref in ready:
+                self._ended(pending[ref])
+        for name, life in self._lives.items():
+            late = life.returned_at is not None and name not in self._results
+            if late and time.monotonic() - life.returned_at > RESULT_TIMEOUT_S:
+                raise ChildFailedError(name, None, "its result never reached the launcher")
+
+    def _ended(self, life: _Life) -> None:
+        """One run's call returned: the role ended, the process died, or (a run after a
+        death) Ray had not re-created the actor yet."""
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+
+        self._drain()  # what it sent before: its link's hello, its result
+        if self._lives[life.spec.name] is not life:
+            return  # its link's end told of its death already
+        try:
+            self._ray.get(life.ref, timeout=RESULT_TIMEOUT_S)
+        except ActorUnavailableError:
+            if life.after_death and life.link is None:
+                self._run_again(life)
+            else:
+                self._died(life)
+            return
+        except RayActorError as e:
+            logger.debug("%s: %s", life.spec.name, e)  # Ray's word on how it died
+            self._died(life)
+            return
+        except RayError as e:  # the actor's run itself failed (e.g. its event link)
+            raise ChildFailedError(life.spec.name, None, str(e)) from e
+        life.returned_at = time.monotonic()
+
+    def _run_again(self, life: _Life) -> None:
+        """The call of a restarted process found its actor still being re-created: again."""
+        waited_s = time.monotonic() - life.started_at
+        if waited_s > RESTART_TIMEOUT_S:
+            raise ChildFailedError(
+                life.spec.name, None, f"Ray did not bring it back within {RESTART_TIMEOUT_S:g}s"
+            )
+        life.ref = self._run(life.spec)
+
+    def _died(self, life: _Life) -> None:
+        spec = life.spec
+        if not self._running(spec.name):  # it died after it finished, say
+            life.returned_at = time.monotonic()
+            return
+        stopping = ProcessKind.SHARD in self._stop_requested
+        fault = self.book.record_death(spec, None, stopping=stopping)
+        if self.on_fault is not None:
+            self.on_fault(fault)
+        if fault.action == "restarted":
+            # Ray re-creates the actor (on the same node when placed): run it again there.
+            self.start(spec.kind, spec.index)
+            return
+        self._kill(spec.name)
+        self.book.raise_if_fatal(spec, fault)
+
+    def _drain(self) -> None:
+        while (raw := self.events.get(0.0)) is not None:
+            event = self._take(raw)
+            if event is not None:
+                self._backlog.append(event)
+
+    def finished(self, kind: ProcessKind) -> bool:
+        return not any(
+            self._running(name) for name, life in self._lives.items() if life.spec.kind is kind
+        )
+
+    def stop(self, kind: ProcessKind) -> None:
+        """Asks every process of ``kind`` to finish: the stop flag of its role (one that starts
+        later is told when it connects); Downpour's workers, which stop on no flag, are
+        stopped outright."""
+        self._stop_requested.add(kind)
+        downpour = self.config.optimizer.algorithm == "downpour"
+        for name, life in self._lives.items():
+            if life.spec.kind is not kind:
+                continue
+            if downpour and kind is ProcessKind.WORKER:
+                self._kill(name)
+                self._stopped.add(name)
+            else:
+                self.events.send_stop(name)
+
+    def results(self, kind: ProcessKind) -> dict[int, Any]:
+        return {
+            life.spec.index: self._results[name]
+            for name, life in self._lives.items()
+            if life.spec.kind is kind and name in self._results
+        }
+
+    def _kill(self, name: str) -> None:
+        actor = self._actors.get(name)
+        if actor is not None:
+            with contextlib.suppress(Exception):  # gone already
+                self._ray.kill(actor, no_restart=True)
+
+    def stop_all(self) -> None:
+        """Stops every actor: workers, the evaluator and the coordinator at once; then the
+        shards by their stop flag (they write a last checkpoint), killed after a grace
+        period; then leaves Ray (the embedded instance shuts down)."""
+        if self._session is None:
+            return
+        clients = [n for n, life in self._lives.items() if life.spec.kind is not ProcessKind.SHARD]
+        for name in clients:
+            self._kill(name)
+        # Their ends closing says they are gone: stopped after them, the shards leave no one
+        # behind retrying (and warning about it).
+        deadline = time.monotonic() + _STOP_GRACE_S
+        while any(map(self.events.linked, clients)) and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                self.events.get(_POLL_S)
+        shards = [life for life in self._lives.values() if life.spec.kind is ProcessKind.SHARD]
+        for life in shards:
+            self.events.send_stop(life.spec.name)
+        with contextlib.suppress(Exception):
+            refs = [life.ref for life in shards]
+            self._ray.wait(refs, num_returns=len(refs), timeout=_STOP_GRACE_S)
+        for name in self._actors:
+            self._kill(name)
+        with contextlib.suppress(Exception):
+            self._ray.util.remove_placement_group(self._placement)
+        self.events.close()
+        self._session.close(keep_logs=self._failed)
+        self._session = None

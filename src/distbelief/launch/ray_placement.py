@@ -1,0 +1,105 @@
+"""Where a job's actors go on a Ray cluster: the CPUs each asks for (and the job in all, checked
+against the cluster), the placement group that spreads the processes that listen (shards, the
+coordinator) over the nodes, and each actor's options. Ray is imported only when called.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from distbelief.errors import ClusterError
+from distbelief.launch.cluster import ProcessKind, ProcessSpec
+
+if TYPE_CHECKING:
+    from distbelief.config import JobConfig
+
+PLACEMENT_TIMEOUT_S = 60.0
+"""Longest wait for Ray to reserve the shards' places."""
+PLACED_KINDS = (ProcessKind.SHARD, ProcessKind.COORDINATOR)
+"""Kinds that listen, so stay in their bundle of the placement group, on one node: a restart
+binds its old address."""
+
+
+def num_cpus(config: JobConfig) -> int:
+    """Logical CPUs the job's processes ask Ray for: one per shard, evaluator and coordinator,
+    ``threads_per_worker`` per worker."""
+    cluster = config.cluster
+    coordinator = 1 if config.optimizer.algorithm == "sandblaster" else 0
+    return cluster.num_shards + cluster.num_workers * cluster.threads_per_worker + 1 + coordinator
+
+
+def early_processes(config: JobConfig) -> list[ProcessSpec]:
+    """The processes whose actors are made at once, before any starts, so that their fresh
+    interpreters and imports are paid while the shards start: shards, the coordinator, the
+    workers. The evaluator, with nothing to read before the first push, is made when it starts
+    (on 2 cores, one process fewer competes with the first step)."""
+    kinds = [ProcessKind.SHARD, ProcessKind.WORKER]
+    if config.optimizer.algorithm == "sandblaster":
+        kinds.insert(1, ProcessKind.COORDINATOR)
+    counts = {ProcessKind.SHARD: config.cluster.num_shards}
+    counts[ProcessKind.WORKER] = config.cluster.num_workers
+    return [ProcessSpec(kind, index) for kind in kinds for index in range(counts.get(kind, 1))]
+
+
+def check_resources(config: JobConfig, address: str) -> None:
+    """Refuses a cluster with fewer CPUs than the job asks for (its actors would wait forever).
+
+    Raises:
+        ClusterError: too few CPUs; says how many the job needs and why.
+    """
+    import ray
+
+    needed = num_cpus(config)
+    available = ray.cluster_resources().get("CPU", 0)
+    if available < needed:
+        raise ClusterError(
+            f"the Ray cluster at {address} has {available:g} CPUs; this job needs {needed} "
+            "(one per shard, evaluator and coordinator, --threads per worker)"
+        )
+
+
+def reserve_places(config: JobConfig, address: str) -> Any:
+    """A placement group (strategy SPREAD) with one bundle of one CPU per shard (and one for
+    the coordinator), ready.
+
+    Raises:
+        ClusterError: Ray did not reserve it within ``PLACEMENT_TIMEOUT_S``.
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+
+    count = config.cluster.num_shards
+    if config.optimizer.algorithm == "sandblaster":
+        count += 1  # the coordinator's
+    group = placement_group([{"CPU": 1}] * count, strategy="SPREAD")
+    if not group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
+        ray.util.remove_placement_group(group)
+        raise ClusterError(
+            f"Ray could not place the {count} shards within {PLACEMENT_TIMEOUT_S:g}s "
+            f"(the cluster at {address} is busy or too small)"
+        )
+    return group
+
+
+def actor_options(config: JobConfig, spec: ProcessSpec, namespace: str, group: Any) -> dict:
+    """Ray options of the actor of ``spec``'s process: its name in ``namespace`` (so tools can
+    find it), its CPUs, its restarts (``--max-restarts``; a call is never retried: the launcher
+    decides what a restarted process runs), and, if it listens, its bundle of ``group``."""
+    options: dict[str, Any] = {
+        "name": spec.name,
+        "namespace": namespace,
+        "num_cpus": 1,
+        "max_restarts": config.faults.max_restarts,
+        "max_task_retries": 0,
+    }
+    if spec.kind is ProcessKind.WORKER:
+        options["num_cpus"] = config.cluster.threads_per_worker
+    if spec.kind in PLACED_KINDS:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        num_shards = config.cluster.num_shards
+        bundle = spec.index if spec.kind is ProcessKind.SHARD else num_shards
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=bundle
+        )
+    return options

@@ -1,0 +1,193 @@
+"""Ray for one job: importing it (a clear error when the extra is missing), checking the address
+the user gave, and joining that cluster or starting the embedded instance: on this machine, on
+loopback only, with a fresh token, its files in a temporary folder, shut down at the end. Only
+this module and the Ray cluster import Ray, and only when a job uses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from types import ModuleType
+
+from distbelief.config import JobConfig
+from distbelief.errors import ClusterError, ConfigFieldError
+
+logger = logging.getLogger(__name__)
+
+RAY_EXTRA = "pip install 'distbelief[ray]'"
+ADDRESS_CHECK_TIMEOUT_S = 5.0
+"""Longest wait for a TCP connection to the Ray head's address before a job starts."""
+OBJECT_STORE_BYTES = 128 * 1024**2
+"""The embedded instance's object store: nothing big goes through Ray (parameters and
+gradients travel on the project's wire), so the smallest store Ray accepts, roughly."""
+
+
+def import_ray() -> ModuleType:
+    """Ray, imported.
+
+    Raises:
+        ConfigFieldError: Ray is not installed (names the extra to install).
+    """
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigFieldError(
+            "cluster.engine", f"ray needs Ray, which is not installed: {RAY_EXTRA}"
+        ) from e
+    return ray
+
+
+def check_address(address: str) -> None:
+    """Refuses an address Ray cannot be joined at for a job.
+
+    Raises:
+        ConfigFieldError: not HOST:PORT or auto, or nothing answers there within
+            ``ADDRESS_CHECK_TIMEOUT_S``; or a Ray Client address (ray://), whose driver runs off
+            the cluster, where the processes' event links and the shards' stats could not reach
+            it.
+    """
+    if address.startswith("ray://"):
+        raise ConfigFieldError(
+            "cluster.ray_address",
+            "cannot be a Ray Client address: run distbelief on a node of the cluster and give "
+            f"its head's HOST:PORT (or auto), got {address!r}",
+        )
+    if address == "auto":
+        return
+    host, colon, port = address.rpartition(":")
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigFieldError(
+            "cluster.ray_address", f"must be HOST:PORT of a Ray head, or auto, got {address!r}"
+        )
+    try:  # before anything is written: Ray itself would retry for a minute
+        socket.create_connection((host, int(port)), timeout=ADDRESS_CHECK_TIMEOUT_S).close()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigFieldError(
+            "cluster.ray_address", f"no Ray head answers at {address}: {reason}"
+        ) from e
+
+
+def _embedded_environment() -> dict[str, str]:
+    """Variables the embedded instance needs set before Ray is imported and started; variables
+    the user set already are kept."""
+    wanted = {
+        # A fresh token per job: another user of this machine cannot join the instance; and
+        # Ray leaves no token file in the home folder.
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray starts its workers at niceness 15, below everything else on the machine; the
+        # embedded instance's actors run as the local launcher's processes do (at 0).
+        "RAY_worker_niceness": "0",
+    }
+    if "ray" not in sys.modules:
+        # Ray turns 127.0.0.1 into the machine's network address unless it runs as a
+        # single-machine instance (its mode on macOS and Windows, read when Ray is imported);
+        # the embedded instance is one, so nothing of the job listens beyond loopback.
+        wanted["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if "RAY_AUTH_MODE" in os.environ:
+        del wanted["RAY_AUTH_MODE"], wanted["RAY_AUTH_TOKEN"]
+    return {name: value for name, value in wanted.items() if name not in os.environ}
+
+
+_variables_set: list[str] = []
+"""The variables ``prepare_embedded`` set in this process's environment (``close`` unsets them:
+a ``ray start`` run later from this process must not inherit the single-machine mode)."""
+
+
+def prepare_embedded() -> ModuleType:
+    """Sets what the embedded instance needs in the environment, then imports Ray.
+
+    Raises:
+        ConfigFieldError: Ray is not installed.
+    """
+    for name, value in _embedded_environment().items():
+        os.environ[name] = value
+        _variables_set.append(name)
+    try:
+        return import_ray()
+    except ConfigFieldError:
+        restore_environment()
+        raise
+
+
+def restore_environment() -> None:
+    """Unsets what ``prepare_embedded`` set."""
+    for name in _variables_set:
+        os.environ.pop(name, None)
+    _variables_set.clear()
+
+
+class RaySession:
+    """Ray, joined or started for one job; ``close`` leaves it as found.
+
+    Args:
+        config: the job (``cluster.ray_address``: join it; empty: start the embedded instance).
+            A process connected to Ray already (a script that called ``ray.init``) keeps its
+            connection: the job runs there.
+        num_cpus: logical CPUs the job's processes ask for (the embedded instance has at least
+            these, so it runs every process on this machine, as the local launcher does).
+
+    Raises:
+        ClusterError: the cluster at the address cannot be joined, or Ray cannot start.
+    """
+
+    def __init__(self, config: JobConfig, num_cpus: int) -> None:
+        self.temp_dir: str | None = None
+        address = config.cluster.ray_address
+        ray = import_ray() if address else prepare_embedded()
+        self.connected_here = not ray.is_initialized()
+        if not self.connected_here:
+            self.address: str = ray.get_runtime_context().gcs_address
+            return
+        options: dict = {"logging_level": logging.ERROR, "configure_logging": False}
+        if not address:
+            self.temp_dir = tempfile.mkdtemp(prefix="distbelief-ray-")
+            options |= {
+                "num_cpus": max(os.cpu_count() or 1, num_cpus),
+                "object_store_memory": OBJECT_STORE_BYTES,
+                "include_dashboard": False,
+                "_temp_dir": self.temp_dir,
+            }
+        sigterm = signal.getsignal(signal.SIGTERM)
+        try:
+            # "local": a new instance, whatever RAY_ADDRESS says.
+            context = ray.init(address=address or "local", **options)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
+            self.connected_here = False
+            self.close(keep_logs=False)
+            where = f"at {address}" if address else "on this machine"
+            raise ClusterError(f"cannot start or join Ray {where}: {e}") from e
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                # Ray's handler exits the process at once; the launcher's stops the job in order.
+                signal.signal(signal.SIGTERM, sigterm)
+        self.address = context.address_info["gcs_address"]
+
+    def close(self, *, keep_logs: bool) -> None:
+        """Leaves Ray (what it still prints of the actors' output ends here): the embedded
+        instance shuts down, and its folder is removed (kept, and named in the log, when
+        ``keep_logs``: the job failed)."""
+        if self.connected_here:
+            import ray
+
+            with contextlib.suppress(Exception):  # already half gone after Ctrl-C, say
+                ray.shutdown()
+            self.connected_here = False
+        restore_environment()
+        if self.temp_dir is not None:
+            if keep_logs:
+                logger.warning("Ray's logs of this job: %s", self.temp_dir)
+            else:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None

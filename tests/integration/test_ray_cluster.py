@@ -1,0 +1,272 @@
+"""``distbelief train --cluster ray`` for real: a job of 2 shards x 4 workers on a two-node Ray
+cluster started on this machine (nodes on 127.0.0.2 and 127.0.0.3) survives ``ray.kill`` of a
+worker actor and of a shard actor and reaches the usual accuracy; Ctrl-C stops every actor; a
+job on the embedded Ray instance; and the one-line refusals, which need no Ray running."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CHILD_ENV, CLI, run_cli
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="Ray is not installed (the ray extra)"
+)
+
+# Connects to the cluster once, then kills the actor named on each stdin line (Ray re-creates
+# it) and answers once its process is gone. Run beside the job, as a user's script would.
+_KILLER = """
+import json, os, sys, time, ray
+address, run_dir = sys.argv[1:3]
+ray.init(address=address, logging_level="ERROR")
+print("connected", flush=True)
+for line in sys.stdin:
+    name = line.strip()
+    record = json.load(open(os.path.join(run_dir, "ray.json")))
+    pid = record["processes"][name]["pid"]
+    ray.kill(ray.get_actor(name, namespace=record["namespace"]), no_restart=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    print("killed", name, pid, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_nodes() -> Iterator:
+    """Two Ray nodes on this machine, each with its own CPUs and resource, shared by the
+    module's tests (a node takes seconds to start on 2 cores)."""
+    from tests.ray_nodes import RayNodes
+
+    nodes = RayNodes()
+    try:
+        nodes.add_node(num_cpus=4, resource="head_node")
+        nodes.add_node(num_cpus=4, resource="second_node")
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def _rows(run_dir: Path, role: str) -> list[dict]:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with path.open() as file:
+        return [row for row in csv.DictReader(file) if row["role"] == role]
+
+
+def _worker_steps(run_dir: Path) -> dict[str, int]:
+    steps: dict[str, int] = {}
+    for row in _rows(run_dir, "worker"):
+        steps[row["rank"]] = max(steps.get(row["rank"], 0), int(row["step"]))
+    return steps
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill(killer: subprocess.Popen, name: str) -> None:
+    assert killer.stdin is not None and killer.stdout is not None
+    killer.stdin.write(f"{name}\n")
+    killer.stdin.flush()
+    assert killer.stdout.readline().startswith(f"killed {name}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--ray-address", "127.0.0.1:6379"],
+            "argument --ray-address: only applies when the engine is ray, got '127.0.0.1:6379'",
+        ),
+        (
+            ["--cluster", "ray", "--ray-address", "ray://head:10001"],
+            "argument --ray-address: cannot be a Ray Client address",
+        ),
+        (
+            ["--cluster", "ray", "--ray-address", "head"],
+            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got 'head'",
+        ),
+        (
+            ["--cluster", "ray", "--partitions", "2"],
+            "argument --partitions: must be 1 with the ray engine",
+        ),
+        (
+            ["--cluster", "ray", "--ray-address", "127.0.0.1:1"],
+            "argument --ray-address: no Ray head answers at 127.0.0.1:1",
+        ),
+    ],
+)
+def test_bad_ray_flags_are_one_line_errors_and_write_nothing(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", *args, "--out", str(run_dir), timeout_s=60)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert not run_dir.exists()
+
+
+def test_missing_ray_is_a_one_line_error_naming_the_extra(tmp_path):
+    run_dir = tmp_path / "run"
+    # As if Ray were not installed: importing it fails.
+    code = "import sys; sys.modules['ray'] = None; from distbelief.launch.cli import main; "
+    code += "sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "train", "--cluster", "ray", "--out", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=CHILD_ENV,
+    )
+    assert result.returncode == 2
+    expected = (
+        "distbelief train: error: argument --cluster: ray needs Ray, which is not installed: "
+        "pip install 'distbelief[ray]'"
+    )
+    assert result.stderr.strip().splitlines()[-1] == expected, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_job_on_the_embedded_ray_instance(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        *("train", "--cluster", "ray", "--workers", "1", "--shards", "1", "--steps", "100"),
+        *("--out", str(run_dir)),
+        timeout_s=200,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["worker_steps"] == {"0": 100}
+    assert summary["final"]["test_accuracy"] >= 0.5
+    record = json.loads((run_dir / "ray.json").read_text())
+    # On loopback only, and gone at the end: its processes and its folder.
+    assert {p["node_ip"] for p in record["processes"].values()} == {"127.0.0.1"}
+    assert not Path(record["temp_dir"]).exists()
+    pids = json.loads((run_dir / "pids.json").read_text()).values()
+    assert not [pid for pid in pids if _alive(pid)]
+    assert (run_dir / "accuracy_vs_time.png").exists()
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray_nodes")  # one cluster for both tests, in one process
+@pytest.mark.timeout(300)
+def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
+            *("--workers", "4", "--shards", "2", "--steps", "400", "--checkpoint-every", "1"),
+            *("--out", str(run_dir)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ray_nodes.env,
+    )
+    killer = subprocess.Popen(
+        [sys.executable, "-c", _KILLER, ray_nodes.address, str(run_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ray_nodes.env,
+    )
+    try:
+        assert killer.stdout is not None and killer.stdout.readline() == "connected\n"
+        _wait_for(
+            lambda: min(_worker_steps(run_dir).get(str(r), 0) for r in range(4)) >= 60,
+            180,
+            "the four workers to train",
+        )
+        _kill(killer, "worker1")
+        before = _worker_steps(run_dir)
+        _wait_for(
+            lambda: all(_worker_steps(run_dir)[r] >= before[r] + 60 for r in ("0", "2", "3")),
+            60,
+            "the other workers to keep training",
+        )
+        _kill(killer, "shard0")
+        _out, err = launcher.communicate(timeout=200)
+    finally:
+        for process in (launcher, killer):
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+    assert launcher.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    faults = {fault["process"]: fault for fault in summary["faults"]}
+    assert set(faults) == {"worker1", "shard0"}, summary["faults"]
+    assert faults["worker1"]["action"] == faults["shard0"]["action"] == "restarted"
+    assert faults["shard0"]["version_restored"] is not None
+    assert summary["worker_steps"] == {str(rank): 400 for rank in range(4)}
+    assert summary["final"]["test_accuracy"] >= 0.9
+    assert "shard0 died; restarted" in err
+    # The placement group spread the shards over the two nodes; each bound its node's address.
+    processes = json.loads((run_dir / "ray.json").read_text())["processes"]
+    assert {processes[f"shard{i}"]["node_ip"] for i in range(2)} == {"127.0.0.2", "127.0.0.3"}
+    assert {p["node_ip"] for p in processes.values()} <= set(ray_nodes.node_ips)
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray_nodes")
+@pytest.mark.timeout(180)
+def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
+    # A Sandblaster job: its coordinator is an actor too.
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
+            *("--algorithm", "sandblaster", "--max-iterations", "100000", "--out", str(run_dir)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ray_nodes.env,
+    )
+    try:
+        _wait_for(lambda: _rows(run_dir, "coordinator"), 120, "the coordinator to iterate")
+        pids = json.loads((run_dir / "pids.json").read_text())
+        launcher.send_signal(signal.SIGINT)
+        _out, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+    assert launcher.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "distbelief train: stopped by Ctrl-C"
+    assert {"coordinator", "shard0", "shard1", "worker0", "worker1"} <= set(pids)
+    _wait_for(lambda: not any(map(_alive, pids.values())), 10, "every actor's process to end")

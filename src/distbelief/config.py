@@ -134,10 +134,6 @@ class ClusterConfig:
             rule = f"an IP address or host name{_NO_PORT}"
             _require(is_host(self.worker_host), "worker_host", self.worker_host, rule)
         _require_choice(self, "transport")
-
-    def shard_host(self, shard_id: int) -> str:
-        """The address shard ``shard_id`` binds to."""
-        return self.shard_hosts[shard_id % len(self.shard_hosts)] if self.shard_hosts else self.host
         _require_choice(self, "engine")
         if self.ray_address and self.engine != "ray":
             raise ConfigFieldError(
@@ -149,6 +145,10 @@ class ClusterConfig:
                 field_name,
                 "does not apply with the ray engine (shards bind to their node's address)",
             )
+
+    def shard_host(self, shard_id: int) -> str:
+        """The address shard ``shard_id`` binds to."""
+        return self.shard_hosts[shard_id % len(self.shard_hosts)] if self.shard_hosts else self.host
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -25,8 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import fanin_load
-import machine
+# The repository root: the load generator is imported as ``benchmarks.fanin_load``, the name
+# its spawned processes and the fan-in test know it by.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import fanin_load, machine
+
 from distbelief.config import SERVER_DESIGNS
 from distbelief.wire.security import read_key_file, write_key_file
 

@@ -52,8 +52,9 @@ class PollableChannel(Channel, Protocol):
 
 
 class Incoming(Protocol):
-    """A connection a listener accepted, not yet opened: its handshake runs on the thread that
-    will serve it, so a slow or hostile peer never holds up the accepting thread."""
+    """A connection a listener accepted, not yet opened: its handshake runs on another thread
+    than the accepting one (the connection's own, or one of a few handshake threads), so a slow
+    or hostile peer never holds up the accepting thread."""
 
     peer: str
     """Who connected, for logs."""

@@ -212,11 +212,11 @@ SHARED_ARGV = [
     *("--batch-size", "8", "--checkpoint-every", "5", "--timeout", "11"),
     *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
     *("--eval-every", "0.5", "--no-eval"),
-    *("--shard-hosts", "127.0.0.2,127.0.0.3", "--worker-host", "127.0.0.4"),
     *("--eval-every", "0.5", "--no-eval", "--server-design", "threads"),
     *("--max-connections", "100"),
 ]
 DOWNPOUR_ARGV = [
+    *("--shard-hosts", "127.0.0.2,127.0.0.3", "--worker-host", "127.0.0.4"),
     *("--lr", "0.5", "--n-push", "2", "--n-pull", "3"),
     *("--steps", "9", "--blocking", "--warmstart-steps", "1"),
     *("--wire-dtype", "bf16", "--push-compression", "topk:0.01"),
@@ -271,6 +271,10 @@ def test_every_train_flag_reaches_its_field():
     ("argv", "message"),
     [
         (["--history", "3"], "argument --history: only applies to algorithm sandblaster"),
+        (
+            ["--cluster", "ray", "--shard-hosts", "127.0.0.2"],
+            "argument --shard-hosts: does not apply with the ray engine",
+        ),
         (
             ["--algorithm", "sandblaster", "--n-push", "2"],
             "argument --n-push: only applies to algorithm downpour",

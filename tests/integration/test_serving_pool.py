@@ -190,3 +190,24 @@ def test_a_peer_stalled_mid_frame_does_not_stall_the_others():
         stalled.close()
         client.close()
         server.stop()
+
+
+def test_connections_switched_to_shared_memory_are_served_beside_pooled_ones():
+    """A same-host peer that asks for shared memory leaves the pool's poller (no poller sees
+    a ring fill) for a thread of its own; TCP peers stay on the pool's one thread."""
+    server = serve(
+        "tcp://127.0.0.1:0", EchoService(), design="pool", serving_threads=1, stall_s=600
+    )
+    ring = connect(server.address, name="echo", transport="shm")
+    plain = [connect(server.address, name="echo", transport="tcp") for _ in range(2)]
+    payload = [("x", torch.arange(100_000, dtype=torch.float32))]
+    try:
+        for _ in range(5):
+            for client in [ring, *plain]:
+                reply = client.request(Message(ops.PUSH, {}, payload), timeout_s=10)
+                torch.testing.assert_close(reply.tensors[0][1], payload[0][1])
+        assert server.num_connections == 3
+    finally:
+        for client in [ring, *plain]:
+            client.close()
+        server.stop()

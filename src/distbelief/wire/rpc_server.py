@@ -110,6 +110,7 @@ class RpcServer:
             self._pool = ServingPool(
                 self._serve_ready,
                 self._close,
+                self._release_from_pool,
                 num_threads=serving_threads or default_serving_threads(),
                 max_threads=(self._max_connections or 1 << 16) + 64,
                 name=f"serve {self.address}",
@@ -210,7 +211,7 @@ class RpcServer:
         try:
             if not self._opened(connection):
                 self._close(connection)
-            elif not hasattr(connection.channel, "fileno"):
+            elif not connection.pollable():
                 self._start_thread(connection, opened=True)  # no descriptor to poll
             elif not self._pool.add(connection):
                 self._close(connection)
@@ -223,13 +224,17 @@ class RpcServer:
             logger.exception("opening the connection from %s failed", connection.peer)
         self._close(connection)
 
-    def _serve_ready(self, connection: ServerConnection) -> bool:
-        """A pool's turn on a connection whose frame has started; False: close it."""
+    def _serve_ready(self, connection: ServerConnection) -> bool | None:
+        """A pool's turn on a connection whose frame has started. True: watch it again;
+        False: close it; None: it is no longer pollable (its channel switched to shared
+        memory), so a thread of its own serves it from now on and the pool lets it go."""
         assert connection.reader is not None
         try:
             if not connection.reader.wait_for_frame():
                 return False  # the peer closed
             connection.serve_frame()
+            if not connection.pollable():
+                return None  # the pool lets it go to _release_from_pool
             while connection.has_buffered():  # frames a peer pipelined: no poller reports them
                 connection.serve_frame()
             connection.went_idle()
@@ -241,6 +246,10 @@ class RpcServer:
         except Exception:  # a bug below: it must not end a serving thread
             logger.exception("serving the connection from %s failed", connection.peer)
         return False
+
+    def _release_from_pool(self, connection: ServerConnection) -> None:
+        """A connection the pool can no longer watch gets a thread of its own."""
+        self._start_thread(connection, opened=True)
 
     def _wait_for_frame(self, connection: ServerConnection) -> bool:
         """Whether another frame has started to arrive (False once the peer closes or the

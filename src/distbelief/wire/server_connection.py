@@ -177,6 +177,10 @@ class ServerConnection:
         if self.reader.wait_for_frame():
             self.serve_frame()
 
+    def pollable(self) -> bool:
+        """Whether the OS can report this connection's arriving bytes (a PollableChannel)."""
+        return callable(getattr(self.channel, "fileno", None))
+
     def has_buffered(self) -> bool:
         """Whether bytes of another frame were already received (a pipelining peer), so a
         poller would not report them."""

@@ -74,8 +74,10 @@ class ServingPool:
     are parked, up to ``max_threads``).
 
     Args:
-        serve_ready: Serves a connection whose next frame has started; False: close it.
+        serve_ready: Serves a connection whose next frame has started. True: watch it again;
+            False: close it; None: let it go to ``release``.
         close: Closes a connection the pool drops (its peer left, it failed, or the pool stops).
+        release: Takes over a connection the pool no longer watches (still open).
         num_threads: Serving threads that are not parked.
         max_threads: Serving threads in all, parked ones included.
         name: For the threads' names.
@@ -84,8 +86,9 @@ class ServingPool:
 
     def __init__(
         self,
-        serve_ready: Callable[[ServerConnection], bool],
+        serve_ready: Callable[[ServerConnection], bool | None],
         close: Callable[[ServerConnection], None],
+        release: Callable[[ServerConnection], None],
         *,
         num_threads: int,
         max_threads: int,
@@ -96,6 +99,7 @@ class ServingPool:
             raise RuntimeError("a serving pool needs epoll (Linux)")
         self._serve_ready = serve_ready
         self._close = close
+        self._release = release
         self._num_threads = num_threads
         self._max_threads = max(max_threads, num_threads)
         self._name = name
@@ -169,13 +173,13 @@ class ServingPool:
             if connection is None or self._stopping.is_set():
                 return  # stop() closes it
             worker.serving, worker.busy_since = connection, time.monotonic()
-        keep = self._serve_ready(connection)
+        outcome = self._serve_ready(connection)
         with self._lock:
             worker.serving = worker.busy_since = None
             if worker.parked:
                 worker.parked = False
                 self._num_parked -= 1
-            keep = keep and not self._stopping.is_set()
+            keep = bool(outcome) and not self._stopping.is_set()
             try:
                 if keep:
                     self._epoll.modify(fd, self._armed)
@@ -185,7 +189,13 @@ class ServingPool:
                 del self._by_fd[fd]
                 with contextlib.suppress(OSError):
                     self._epoll.unregister(fd)
-        if not keep:
+        # Only now, with its descriptor out of the poller: closed by another thread, the
+        # descriptor could be reused by a new connection that the pool is watching.
+        if keep:
+            return
+        if outcome is None:
+            self._release(connection)
+        else:
             self._close(connection)
 
     def park(self, worker: _Worker) -> None:

@@ -444,10 +444,14 @@ class _UpgradeOnRequest:
     """A channel the server accepted over TCP: its first bytes decide whether it stays TCP or
     the peer asked for shared memory. Either way, the chosen channel's own methods replace
     this object's after that, so no layer is left on the data path.
+
+    While it is TCP (or undecided) it is a PollableChannel: a serving pool watches its socket.
+    Switched to shared memory it no longer is (``fileno`` and ``pending`` are gone: no poller
+    sees bytes arrive in a ring), and the server gives it a thread of its own.
     """
 
     __slots__ = ("_channel", "_grants", "_peer", "_probe", "_probed", "_replay")
-    __slots__ += ("recv_into", "sendall", "settimeout")
+    __slots__ += ("fileno", "pending", "recv_into", "sendall", "settimeout")
 
     def __init__(self, tcp: TcpChannel, grants: _Grants, peer: str) -> None:
         self._channel: Channel = tcp
@@ -459,6 +463,8 @@ class _UpgradeOnRequest:
         self.recv_into = self._first_recv_into
         self.sendall = self._first_sendall
         self.settimeout = tcp.settimeout
+        self.fileno = tcp.fileno
+        self.pending = self._pending
 
     def _decide(self) -> None:
         """Read the peer's first bytes (bounded by the channel's timeout; resumed if that
@@ -478,10 +484,17 @@ class _UpgradeOnRequest:
             assert self._grants is not None
             self._channel = _accept_upgrade(tcp, bytes(self._probe), self._grants, self._peer)
             self.recv_into = self._channel.recv_into
+            if isinstance(self._channel, ShmChannel):
+                del self.fileno, self.pending
         else:
             self._replay = bytes(self._probe[: self._probed])
             self.recv_into = self._replay_into if self._replay else tcp.recv_into
         self.sendall = self._channel.sendall
+
+    def _pending(self) -> int:
+        """Bytes received but not read yet: those read to decide, and TLS's."""
+        tcp = self._channel
+        return len(self._replay) + (tcp.pending() if isinstance(tcp, TcpChannel) else 0)
 
     def _first_recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
         self._decide()

@@ -297,7 +297,9 @@ def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
             env=ray_nodes.env,
         )
     try:
-        _wait_for(lambda: _rows(run_dir, "coordinator"), 120, "the coordinator to iterate")
+        names = {"coordinator", "evaluator", "shard0", "shard1", "worker0", "worker1"}
+        _wait_for(lambda: names <= _placed(run_dir), 120, "every process to start")
+        _wait_for(lambda: _rows(run_dir, "coordinator"), 60, "the coordinator to iterate")
         pids = json.loads((run_dir / "pids.json").read_text())
         launcher.send_signal(signal.SIGINT)
         launcher.wait(timeout=60)
@@ -308,5 +310,5 @@ def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
     err = log.read_text()
     assert launcher.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "distbelief train: stopped by Ctrl-C"
-    assert {"coordinator", "shard0", "shard1", "worker0", "worker1"} <= set(pids)
+    assert set(pids) == names
     _wait_for(lambda: not any(map(_alive, pids.values())), 10, "every actor's process to end")

@@ -1,9 +1,16 @@
 """The channel registry by address scheme (nothing is dialled or bound here)."""
 
+import os
+
 import pytest
 
 from distbelief.wire import channels, connect, serve
-from distbelief.wire.channels.shm import TRANSPORT_ENV, ShmDialer, set_transport
+from distbelief.wire.channels.shm import (
+    TRANSPORT_ENV,
+    ShmDialer,
+    apply_job_transport,
+    set_transport,
+)
 from distbelief.wire.channels.tcp import TcpDialer, TcpListener, parse_tcp_address
 
 
@@ -75,3 +82,14 @@ def test_a_bad_transport_is_named(monkeypatch):
     monkeypatch.delenv(TRANSPORT_ENV)
     with pytest.raises(ValueError, match="ring_bytes 10: must be in"):
         channels.dialer("shm://127.0.0.1:9", ring_bytes=10)
+
+
+def test_the_job_transport_default_leaves_the_environment_in_place(monkeypatch):
+    monkeypatch.setenv(TRANSPORT_ENV, "tcp")
+    apply_job_transport("auto")
+    assert os.environ[TRANSPORT_ENV] == "tcp"
+    apply_job_transport("shm")
+    assert os.environ[TRANSPORT_ENV] == "shm"
+    monkeypatch.delenv(TRANSPORT_ENV)
+    apply_job_transport("auto")
+    assert os.environ[TRANSPORT_ENV] == "auto"

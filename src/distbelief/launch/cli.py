@@ -78,9 +78,9 @@ def _addresses(flag: str, text: str) -> list[str]:
 
 def _use_transport(config: JobConfig) -> None:
     """--transport, for this process's channels and those of the processes it starts."""
-    from distbelief.wire.channels.shm import set_transport
+    from distbelief.wire.channels.shm import apply_job_transport
 
-    set_transport(config.cluster.transport)
+    apply_job_transport(config.cluster.transport)
 
 
 def _reshard_before_resume(run_dir: Path, num_shards: int) -> None:

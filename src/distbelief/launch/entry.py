@@ -51,10 +51,10 @@ def run_role(
     Returns:
         What the role returned (counters, steps, the last evaluation).
     """
-    from distbelief.wire.channels.shm import set_transport
+    from distbelief.wire.channels.shm import apply_job_transport
 
     # Set here, not inherited: a forkserver started before the launcher knew the job's.
-    set_transport(config.cluster.transport)
+    apply_job_transport(config.cluster.transport)
     checkpoint_dir = str(Path(config.reporting.out_dir) / CHECKPOINT_DIR)
     sandblaster = config.optimizer.algorithm == "sandblaster"
     if spec.kind is ProcessKind.SHARD:

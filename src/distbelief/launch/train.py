@@ -336,9 +336,9 @@ def train(
         ):
             cluster.on_fault = lambda fault: sink.message(_describe_fault(fault))
             # The launcher polls the shards too (the wire is loaded by now: the cluster's key).
-            from distbelief.wire.channels.shm import set_transport
+            from distbelief.wire.channels.shm import apply_job_transport
 
-            set_transport(config.cluster.transport)
+            apply_job_transport(config.cluster.transport)
             addresses = _start(cluster, config)
             poller = telemetry.ShardStatsPoller(addresses, security=cluster.security)
             _supervise(cluster, EventRouter(sink, poller), config)

@@ -85,6 +85,13 @@ def set_transport(transport: str) -> None:
     os.environ[TRANSPORT_ENV] = transport_setting(transport)
 
 
+def apply_job_transport(transport: str) -> None:
+    """A job's ``--transport`` for this process and those it starts; its default (auto)
+    leaves a ``DISTBELIEF_TRANSPORT`` the user set in place."""
+    if transport != "auto" or TRANSPORT_ENV not in os.environ:
+        set_transport(transport)
+
+
 # ---------------------------------------------------------------- segments
 
 

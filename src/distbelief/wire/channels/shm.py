@@ -45,8 +45,8 @@ MAX_RING_BYTES = 1024 * 1024 * 1024
 CHUNKS_PER_RING = 4
 """A reader reports each quarter of the ring it read, and a writer copies at most a quarter
 before ringing the doorbell."""
-FIRST_CHUNK_BYTES = 64 * 1024
-"""A large write rings after its first 64 KiB, then after twice as much each time (up to a
+FIRST_CHUNK_BYTES = 256 * 1024
+"""A large write rings after its first 256 KiB, then after twice as much each time (up to a
 quarter ring): the reader starts copying out early, and few doorbells are rung."""
 MAX_CHANNELS_PER_LISTENER = 64
 """Shared-memory connections one listener holds at once (each maps two rings): peers beyond it

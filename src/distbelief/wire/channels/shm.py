@@ -317,9 +317,12 @@ def _same_host(sock: socket.socket) -> bool:
         return False
 
 
-def _request_upgrade(tcp: TcpChannel, ring_bytes: int, timeout_s: float, name: str) -> Channel:
+def _request_upgrade(
+    tcp: TcpChannel, ring_bytes: int, timeout_s: float, name: str, asked: bool
+) -> Channel:
     """The client's side: ask for shared memory, create the rings, wait until the server has
-    mapped them, unlink them. Returns the shared-memory channel, or ``tcp`` if refused.
+    mapped them, unlink them. Returns the shared-memory channel, or ``tcp`` if refused (a
+    warning if shared memory was ``asked`` for, else an info line).
 
     Raises:
         ProtocolError: the server does not speak this handshake.
@@ -330,7 +333,11 @@ def _request_upgrade(tcp: TcpChannel, ring_bytes: int, timeout_s: float, name: s
     sock.sendall(_REQUEST.pack(UPGRADE_MAGIC, _VERSION, ring_bytes))
     status = _recv_exact(sock, 1)
     if status == _NO:
-        logger.info("%s: the server refused shared memory; using TCP", name)
+        logger.log(
+            logging.WARNING if asked else logging.INFO,
+            "%s: the server refused shared memory; using TCP",
+            name,
+        )
         return tcp
     if status != _YES:
         if status + _recv_exact(sock, len(AUTH_MAGIC) - 1) == AUTH_MAGIC:
@@ -608,7 +615,7 @@ class ShmDialer:
         try:
             if not self._wants_shm(tcp):
                 return tcp
-            channel = _request_upgrade(tcp, self._ring_bytes, timeout_s, self._address)
+            channel = _request_upgrade(tcp, self._ring_bytes, timeout_s, self._address, self._asks)
             if channel is tcp:
                 tcp.settimeout(timeout_s)
             return channel

@@ -29,11 +29,10 @@ def num_cpus(config: JobConfig) -> int:
 
 
 def early_processes(config: JobConfig) -> list[ProcessSpec]:
-    """The processes whose actors are made at once, before any starts, so that their fresh
-    interpreters and imports are paid while the shards start: shards, the coordinator, the
-    workers. The evaluator, with nothing to read before the first push, is made when it starts
-    (on 2 cores, one process fewer competes with the first step)."""
-    kinds = [ProcessKind.SHARD, ProcessKind.WORKER]
+    """Every process of the job, in the order their actors are made, at once, before any
+    starts: their fresh interpreters and imports are paid while the shards start (and not
+    while the workers train)."""
+    kinds = [ProcessKind.SHARD, ProcessKind.WORKER, ProcessKind.EVALUATOR]
     if config.optimizer.algorithm == "sandblaster":
         kinds.insert(1, ProcessKind.COORDINATOR)
     counts = {ProcessKind.SHARD: config.cluster.num_shards}

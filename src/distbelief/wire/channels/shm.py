@@ -6,6 +6,10 @@ doorbells (every wait is a bounded receive on it), and shows a dead peer as end 
 ``shm://HOST:PORT`` asks for it; ``tcp://`` connections switch to it by themselves when both
 ends are on one host. ``DISTBELIEF_TRANSPORT`` (auto, tcp, shm) sets this per process. Where
 shared memory cannot be used, the connection stays TCP and the log says why.
+
+One file, longer than most: a channel kind is one module of this package, and its parts (the
+segments, the ring channel, both ends of the switch-over, the dialer and listener) are used by
+nothing else.
 """
 
 from __future__ import annotations

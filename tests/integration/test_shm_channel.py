@@ -14,6 +14,7 @@ import mmap
 import multiprocessing as mp
 import os
 import random
+import secrets
 import signal
 import socket
 import threading
@@ -220,6 +221,27 @@ def test_a_server_killed_before_mapping_the_rings_leaves_no_file(forked):
     assert process.exitcode == -signal.SIGKILL
     assert _files_of(process.pid) == []
     assert _our_segments() == before
+
+
+def test_a_new_listener_removes_segments_whose_server_died_long_ago():
+    # Left by a handshake whose two ends were killed at once (nothing else leaves one).
+    dead_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    old_s = time.time() - 2 * shm_channel.STALE_SEGMENT_S
+    stale, live, recent = (
+        shm_channel.segment_paths(pid, secrets.token_hex(8))
+        for pid in (dead_pid, os.getpid(), dead_pid + 1)
+    )
+    try:
+        for path in (*stale, *live, *recent):
+            Path(path).write_bytes(b"")
+            if path not in recent:
+                os.utime(path, (old_s, old_s))
+        listen("shm://127.0.0.1:0", transport="auto").close()
+        assert [os.path.exists(path) for path in (*stale, *live, *recent)] == [False, False] + [
+            True
+        ] * 4
+    finally:
+        shm_channel._unlink((*stale, *live, *recent))
 
 
 # ---------------------------------------------------------------- fallbacks

@@ -6,6 +6,10 @@ doorbells (every wait is a bounded receive on it), and shows a dead peer as end 
 ``shm://HOST:PORT`` asks for it; ``tcp://`` connections switch to it by themselves when both
 ends are on one host. ``DISTBELIEF_TRANSPORT`` (auto, tcp, shm) sets this per process. Where
 shared memory cannot be used, the connection stays TCP and the log says why.
+
+One file, longer than most: a channel kind is one module of this package, and its parts (the
+segments, the ring channel, both ends of the switch-over, the dialer and listener) are used by
+nothing else.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 
 from distbelief.config import TRANSPORT_ENV, TRANSPORTS
 from distbelief.errors import ProtocolError
@@ -51,6 +56,9 @@ quarter ring): the reader starts copying out early, and few doorbells are rung."
 MAX_CHANNELS_PER_LISTENER = 64
 """Shared-memory connections one listener holds at once (each maps two rings): peers beyond it
 stay on TCP, so thousands of same-host connections do not fill /dev/shm."""
+STALE_SEGMENT_S = 60.0
+"""A segment file this old whose accepting process is gone is left over (both ends of a
+handshake killed at once): a new listener removes it."""
 HANDSHAKE_TIMEOUT_S = 5.0
 """The server's bound on a peer's shared-memory handshake (the client's is its dial timeout)."""
 
@@ -105,6 +113,36 @@ def _unlink(paths: tuple[str, ...]) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def remove_stale_segments() -> int:
+    """Remove this user's segment files whose accepting process has died (named in the file)
+    and that are older than ``STALE_SEGMENT_S``; returns how many. A live handshake's server
+    is alive by definition, so nothing in use is removed."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    removed, now = 0, time.time()
+    for name in names:
+        pid_text = name.removeprefix(SEGMENT_PREFIX).split("-", 1)[0]
+        if not name.startswith(SEGMENT_PREFIX) or not pid_text.isdigit():
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            info = os.lstat(path)
+            if info.st_uid != os.geteuid() or now - info.st_mtime < STALE_SEGMENT_S:
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed += 1
+        except (OSError, OverflowError):
+            continue  # gone already, or a process of another user: alive
+    if removed:
+        logger.info("removed %d shared-memory segments left by dead processes", removed)
+    return removed
 
 
 def _map(fd: int, size: int) -> mmap.mmap:
@@ -669,6 +707,8 @@ class ShmListener:
         self._scheme = split_scheme(address)[0]
         self._grants = _Grants(transport_setting(transport))
         self._tcp = TcpListener(_tcp_address(address), **tcp_options)
+        if self._grants.transport != "tcp":
+            remove_stale_segments()
 
     @property
     def address(self) -> str:

@@ -1,7 +1,8 @@
 """``distbelief train --cluster ray`` for real: a job of 2 shards x 4 workers on a two-node Ray
 cluster started on this machine (nodes on 127.0.0.2 and 127.0.0.3) survives ``ray.kill`` of a
 worker actor and of a shard actor and reaches the usual accuracy; Ctrl-C stops every actor; a
-job on the embedded Ray instance; and the one-line refusals, which need no Ray running."""
+cluster too small for a job is refused; a job on the embedded Ray instance; and the one-line
+refusals that need no Ray running."""
 
 from __future__ import annotations
 
@@ -312,3 +313,24 @@ def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
     assert err.strip().splitlines()[-1] == "distbelief train: stopped by Ctrl-C"
     assert set(pids) == names
     _wait_for(lambda: not any(map(_alive, pids.values())), 10, "every actor's process to end")
+
+
+@needs_ray
+@pytest.mark.xdist_group("ray_nodes")
+@pytest.mark.timeout(120)
+def test_a_cluster_too_small_for_the_job_is_one_clear_error(ray_nodes, tmp_path):
+    result = subprocess.run(
+        [
+            *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
+            *("--workers", "8", "--out", str(tmp_path / "run")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=ray_nodes.env,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"distbelief train: ClusterError: the Ray cluster at {ray_nodes.address} has 8 CPUs; "
+        "this job needs 11 (one per shard, evaluator and coordinator, --threads per worker)"
+    )

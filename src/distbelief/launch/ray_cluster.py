@@ -89,6 +89,14 @@ class RayCluster:
     def __init__(self, config: JobConfig, run_dir: Path) -> None:
         from distbelief.wire.security import WireSecurity, generate_key
 
+        # The actors run in other working folders (a node's, Ray's): paths as the launcher
+        # sees them.
+        config = config.with_fields(
+            {
+                "reporting.out_dir": str(Path(config.reporting.out_dir).resolve()),
+                "data.data_dir": str(Path(config.data.data_dir).resolve()),
+            }
+        )
         self.config = config
         self.run_dir = run_dir
         self.book = ProcessBook(config)

@@ -69,8 +69,10 @@ def model_bytes(model_name: str) -> int:
 
 
 def expected_model_sizes_per_step(encoding: Encoding, args: argparse.Namespace) -> float:
-    """Tensor bytes per step of one worker that the encoding gives by construction: one push
-    and one pull every ``args.every`` steps, each shard's slices encoded as the client does."""
+    """Tensor bytes per step of one worker that the encoding gives by construction with whole
+    pulls: one push and one pull every ``args.every`` steps, each shard's slices encoded as the
+    client does. After top-k pushes, pulls carry only the changed elements when fewer: this is
+    then an upper bound, and the measured bytes are the figure."""
     from distbelief.models import build_model
     from distbelief.sharding import FlatPartitioner, tensor_specs
     from distbelief.wire.compression import WireCompression
@@ -175,9 +177,12 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 "model_sizes_per_step": per_step,
                 "expected_model_sizes_per_step": expected,
                 "target_model_sizes_per_step": target,
-                # By the exact bytes: the measured ones cover the steps between two records,
-                # give or take a push or pull still in flight at either end.
-                "verdict": None if target is None else ("PASS" if expected <= target else "ABOVE"),
+                # By the exact bytes of whole pulls (the measured ones cover the steps between
+                # two records, give or take a push or pull still in flight at either end), or
+                # by the measured ones where pulls of changes only make them smaller.
+                "verdict": None
+                if target is None
+                else ("PASS" if min(expected, per_step) <= target else "ABOVE"),
                 "time_to_90_vs_fp32": statistics.median(ratios) if ratios else None,
                 "pushes_to_90_vs_fp32": statistics.median(push_ratios) if push_ratios else None,
                 "reached_90_in": sum(run["time_to_90_s"] is not None for run in mine),
@@ -233,8 +238,8 @@ HEADER = [
     "pushed / step",
     "pulled / step",
     "total / step",
-    "exact total / step",
-    "target (exact)",
+    "exact total / step, whole pulls",
+    "target",
     "time to 90% vs fp32",
     "pushes to 90% vs fp32",
     "runs reaching 90%",

@@ -25,12 +25,16 @@ from distbelief.worker import run_worker
 
 
 @contextlib.contextmanager
-def _shards(num_shards: int, lr: float) -> Iterator[tuple[list[str], list[ShardService]]]:
-    """Plain-SGD shards served from this process: their addresses and services."""
+def _shards(
+    num_shards: int, lr: float, optimizer: str = "sgd"
+) -> Iterator[tuple[list[str], list[ShardService]]]:
+    """Shards (plain SGD by default) served from this process: their addresses and
+    services."""
     servers, services = [], []
     try:
         for shard_id in range(num_shards):
-            shard = ParameterShard(shard_id, num_shards, server_optimizer_factory("sgd", lr=lr))
+            factory = server_optimizer_factory(optimizer, lr=lr)
+            shard = ParameterShard(shard_id, num_shards, factory)
             services.append(ShardService(shard))
             servers.append(serve("tcp://127.0.0.1:0", services[-1]))
         yield [server.address for server in servers], services
@@ -139,7 +143,8 @@ def test_async_top_k_pushes_lose_no_gradient():
 
 def test_the_bytes_counted_are_the_compressed_ones():
     """A worker run by the job's config: its metric records and the shards' counters count
-    bf16 pulls and top-k pushes (int32 index + bf16 value per element sent)."""
+    bf16 pulls and top-k pushes (int32 index + bf16 value per element sent); after top-k
+    pushes to plain-SGD shards, each pull brings only what the last push changed."""
     config = JobConfig.from_fields(
         {
             "cluster.num_workers": 1,
@@ -171,11 +176,58 @@ def test_the_bytes_counted_are_the_compressed_ones():
     assert sent_per_push < numel * 4 * 0.02
     second = records[1]  # steps 6..10: five blocking pushes and pulls, nothing else
     assert second["bytes_pushed"] == 5 * sent_per_push
-    assert second["bytes_pulled"] == 5 * numel * 2
+    # Each pull: the elements the one push before it changed, index and bf16 value each.
+    assert second["bytes_pulled"] == 5 * sent_per_push
     # The shards count the same: ten top-k pushes and close's full-width one of the residual;
-    # the first pull and one per step, in bf16.
+    # the first pull whole, then one of changes per step.
     assert received == 10 * sent_per_push + numel * 4
-    assert sent == 11 * numel * 2
+    assert sent == numel * 2 + 10 * sent_per_push
+
+
+def test_pulls_of_changes_only_leave_the_worker_exactly_where_whole_pulls_would():
+    """Blocking top-k bf16 pushes to plain-SGD and Adagrad shards: after every step, the
+    worker's pulled values (changes applied onto what it held) equal a whole bf16 pull of the
+    shards' parameters, bit for bit, and its pulls carried a fraction of the model."""
+    for optimizer_name in ("sgd", "adagrad"):
+        model = _small_model()
+        numel = sum(p.numel() for p in model.parameters())
+        generator = torch.Generator().manual_seed(2)
+        with _shards(2, lr=0.1, optimizer=optimizer_name) as (addresses, _):
+            optimizer = DownpourSGD(
+                model.parameters(),
+                lr=0.1,
+                n_push=2,
+                n_pull=3,
+                model=model,
+                ps=addresses,
+                blocking=True,
+                timeout_s=30,
+                wire_dtype="bf16",
+                push_compression="topk:0.02",
+            )
+            reader = _small_model()
+            layout = FlatLayout(tensor_specs(list(reader.named_parameters())))
+            whole = ParameterServerClient(
+                addresses, layout.specs, timeout_s=30, pull_dtype=torch.bfloat16
+            )
+            whole.handshake(None)
+            flat = layout.allocate()
+            optimizer.client.take_wire_figures()
+            for step in range(1, 25):
+                optimizer.zero_grad()
+                images = torch.randn(16, 10, generator=generator)
+                labels = torch.randint(0, 3, (16,), generator=generator)
+                nn.functional.cross_entropy(model(images), labels).backward()
+                optimizer.step()
+                if step % 3 == 0:  # just pulled: nothing of the worker's own on top yet
+                    whole.pull_now(flat)
+                    assert all(
+                        torch.equal(optimizer._inbox[dtype], flat[dtype]) for dtype in flat
+                    ), f"{optimizer_name}, step {step}"
+            pulled = optimizer.client.take_wire_figures()["bytes_pulled"]
+            whole.close()
+            optimizer.close()
+        assert pulled < 8 * numel * 2 * 0.2  # 8 pulls, each under a fifth of a whole one
 
 
 def test_a_push_waits_for_ready_before_sending_and_a_pull_before_refilling():

@@ -78,10 +78,10 @@ def test_a_narrowed_pull_widens_within_the_bf16_bound():
     sent = shard_side.pull_tensors({"wire_dtype": "bfloat16"}, [("float32[0:300]", values)], 1)
     assert [(name, t.dtype) for name, t in sent] == [("float32[0:300]", torch.bfloat16)]
     target = torch.full((300,), float("nan"))
-    sink, widen = NarrowPullStaging(torch.bfloat16).sink_for({"float32[0:300]": target})
-    received = sink("float32[0:300]", torch.bfloat16, (300,))
+    staging, targets = NarrowPullStaging(torch.bfloat16), {"float32[0:300]": target}
+    received = staging.sink("float32[0:300]", targets)
     received.copy_(sent[0][1])
-    widen()
+    staging.widen(targets)
     assert torch.all((target - values).abs() <= 2.0**-8 * values.abs())
     values.mul_(2)  # a new generation is narrowed again; the same one is not
     assert (

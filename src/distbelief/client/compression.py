@@ -4,19 +4,23 @@ Pushes: the accrued gradient is narrowed and/or cut to its top-k elements per sl
 feedback: whatever a push does not carry (the unsent elements, the rounding of the sent ones)
 stays in the accrued buffer and goes out with a later push, so nothing is lost, only delayed.
 Works on the buffer's own device; copying the result to the host is the caller's. Pulls: the
-buffers narrowed slices are read into before they are widened into the caller's.
+buffers narrowed slices are read into before they are widened into the caller's, and
+``HeldValues``, which lets a pull into the same buffers as the last one ask only for what
+changed since.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from distbelief.sharding import ShardSlice
 from distbelief.wire.compression import (
+    GENERATION_KEY,
     INDICES_SUFFIX,
+    SINCE_KEY,
     VALUES_SUFFIX,
     WireCompression,
     index_dtype,
@@ -101,22 +105,18 @@ class NarrowPullStaging:
         self.dtype = dtype
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def sink_for(
-        self, targets: dict[str, torch.Tensor]
-    ) -> tuple[Callable[[str, torch.dtype, tuple[int, ...]], torch.Tensor | None], Callable]:
-        """A sink that reads each target's slice into a narrow buffer (wide: into the target
-        itself), and a function that widens them into the targets once the reply is read."""
-        staging = {name: self._buffer(name, target) for name, target in targets.items()}
+    def sink(self, name: str, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Where the reply's tensor ``name`` is read into: the narrow buffer of the target of
+        that name (a wide target itself); None for a name that is no target's."""
+        target = targets.get(name)
+        return None if target is None else self._buffer(name, target)
 
-        def sink(name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
-            return staging.get(name)
-
-        def widen() -> None:
-            for name, target in targets.items():
-                if staging[name] is not target:
-                    target.copy_(staging[name])
-
-        return sink, widen
+    def widen(self, targets: dict[str, torch.Tensor]) -> None:
+        """Widen the narrow buffers, once a reply is read, into the ``targets``."""
+        for name, target in targets.items():
+            buffer = self._buffer(name, target)
+            if buffer is not target:
+                target.copy_(buffer)
 
     def _buffer(self, name: str, target: torch.Tensor) -> torch.Tensor:
         dtype = travel_dtype(target.dtype, self.dtype)
@@ -126,3 +126,35 @@ class NarrowPullStaging:
         if buffer is None or buffer.shape != target.shape:
             buffer = self._buffers[name] = torch.empty(target.shape, dtype=dtype)
         return buffer
+
+
+class HeldValues:
+    """Per shard, which of its values a worker's pull buffers hold (the shard's life and
+    generation of the last pull that completed into them), so that the next pull into the
+    same buffers asks the shard for the changed elements only. The buffers must not be
+    written by anything but pulls (DownpourSGD's inbox is not).
+
+    Args:
+        num_shards: The shards pulled from.
+    """
+
+    def __init__(self, num_shards: int) -> None:
+        self._held: list[tuple[list, tuple] | None] = [None] * num_shards
+
+    def since(self, shard_id: int, targets: dict[str, torch.Tensor]) -> dict:
+        """The pull meta asking shard ``shard_id`` for the changes since what ``targets`` hold
+        (null: they hold nothing of its, or are other buffers); until :meth:`pulled`, they
+        count as holding nothing (a pull may stop half-way through them)."""
+        held, self._held[shard_id] = self._held[shard_id], None
+        key = _buffers_key(targets)
+        return {SINCE_KEY: held[0] if held is not None and held[1] == key else None}
+
+    def pulled(self, shard_id: int, targets: dict[str, torch.Tensor], reply_meta: dict) -> None:
+        """``targets`` now hold the values of the reply (full, or changes applied)."""
+        generation = reply_meta.get(GENERATION_KEY)
+        if isinstance(generation, list):
+            self._held[shard_id] = (generation, _buffers_key(targets))
+
+
+def _buffers_key(targets: dict[str, torch.Tensor]) -> tuple:
+    return tuple((name, t.data_ptr(), t.numel(), t.dtype) for name, t in targets.items())

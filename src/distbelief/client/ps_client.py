@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from distbelief.client.compression import EncodedPush, NarrowPullStaging
+from distbelief.client.compression import EncodedPush, HeldValues, NarrowPullStaging
 from distbelief.client.lanes import ShardLanes
 from distbelief.client.replay import Replay, ShardReplay
 from distbelief.errors import (
@@ -36,6 +36,7 @@ from distbelief.wire import Message, ops
 from distbelief.wire.compression import (
     SPARSE_KEY,
     WireCompression,
+    apply_changes_into,
     decode_push_into,
     is_encoded,
 )
@@ -82,6 +83,10 @@ class ParameterServerClient(ShardLanes):
             (A push travels as given: ``EncodedPush`` for a compressed one.)
         source_host: The address of this machine the connections leave from (default: the
             one the operating system picks).
+        pull_changes: A pull into the same buffers as the last asks each shard for the
+            elements changed since (sent sparse when few did: after top-k pushes to a shard
+            whose optimizer moves only pushed elements). The buffers must then be written by
+            pulls only.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class ParameterServerClient(ShardLanes):
         group: str = "",
         pull_dtype: torch.dtype | None = None,
         source_host: str | None = None,
+        pull_changes: bool = False,
     ) -> None:
         super().__init__(
             addresses,
@@ -134,6 +140,7 @@ class ParameterServerClient(ShardLanes):
         re-sent once if it restarts from that checkpoint. Pushers with a worker id only."""
         self._pull_meta = WireCompression(dtype=pull_dtype).pull_meta()
         self._pull_staging = None if pull_dtype is None else NarrowPullStaging(pull_dtype)
+        self._held = HeldValues(len(self.addresses)) if pull_changes else None
 
     def handshake(self, initial: dict[torch.dtype, torch.Tensor] | None) -> bool:
         """Check every shard holds this model; initialise the empty ones from ``initial``.
@@ -413,20 +420,45 @@ class ParameterServerClient(ShardLanes):
         ]
 
     def _pull_one(self, shard_id: int, targets: dict, clock: int, after_version, ready) -> int:
-        widen = None
-        if self._pull_staging is not None:
-            sink, widen = self._pull_staging.sink_for(targets)
-        else:
-
-            def sink(name, dtype, shape):
-                return targets.get(name)
-
         if ready is not None:
             ready()
         meta = {**self._identity(clock), **self._pull_meta}
         if after_version is not None:
             meta["after_version"] = after_version
         meta["max_wait_s"] = self.timeout_s / 2  # answered well inside this request's timeout
+        if self._held is not None:
+            meta |= self._held.since(shard_id, targets)
+        reply, written = self._pull_reply(shard_id, targets, meta)
+        if reply.meta.get(SPARSE_KEY) and written:
+            # An attempt that failed half-way wrote into the buffers: the changes are not
+            # against what they hold now. Once more, for everything.
+            reply, written = self._pull_reply(shard_id, targets, meta | {"since": None})
+        if reply.meta.get(SPARSE_KEY):
+            try:
+                apply_changes_into(list(targets.values()), list(targets), reply.tensors)
+            except ValueError as e:
+                raise ModelMismatchError(f"shard {shard_id}: {e}") from None
+        elif [name for name, _ in reply.tensors] != list(targets):
+            raise ModelMismatchError(f"shard {shard_id} sent {[n for n, _ in reply.tensors]}")
+        elif self._pull_staging is not None:
+            self._pull_staging.widen(targets)
+        if self._held is not None:
+            self._held.pulled(shard_id, targets, reply.meta)
+        self.versions[shard_id] = int(reply.meta["version"])
+        return self.versions[shard_id]
+
+    def _pull_reply(self, shard_id: int, targets: dict, meta: dict) -> tuple[Message, bool]:
+        """A pull's reply, asked again while held (SSP, sync rounds) or settling a restarted
+        shard; and whether any attempt read into ``targets`` themselves."""
+        staging = self._pull_staging
+        written = []
+
+        def sink(name, dtype, shape):
+            buffer = staging.sink(name, targets) if staging is not None else targets.get(name)
+            if buffer is not None and buffer is targets.get(name):
+                written.append(name)
+            return buffer
+
         deadline = time.monotonic() + self.hold_timeout_s
         reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
         # Held (SSP, sync rounds): ask again. From a restarted shard that was just sent what
@@ -438,12 +470,7 @@ class ParameterServerClient(ShardLanes):
                     f"{self.hold_timeout_s:g}s waiting for slower workers"
                 )
             reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
-        if [name for name, _ in reply.tensors] != list(targets):
-            raise ModelMismatchError(f"shard {shard_id} sent {[n for n, _ in reply.tensors]}")
-        if widen is not None:
-            widen()
-        self.versions[shard_id] = int(reply.meta["version"])
-        return self.versions[shard_id]
+        return reply, bool(written)
 
     def wait_for_version(self, min_version: int, timeout_s: float) -> list[int]:
         """Block until every shard has applied at least ``min_version`` updates.

@@ -181,6 +181,9 @@ class DownpourSGD(torch.optim.Optimizer):
             group=group,
             pull_dtype=self.compression.dtype,
             source_host=source_host,
+            # After top-k pushes, few elements change between pulls (with a shard optimizer
+            # that moves only pushed elements): pulls then bring only those.
+            pull_changes=self.compression.topk_fraction is not None,
         )
         self._compressor = (
             PushCompressor(self.compression, self.client.slices)

@@ -1,7 +1,8 @@
 """A connection's compressed pushes and pulls (``wire/compression.py``): the buffers narrowed or
 sparse tensors are received into and narrowed pulls are sent from, and their conversion from and
 to the full-width slices. The shard and its optimizer only ever see full slices: a top-k push
-reaches them as a dense gradient that is zero where nothing was sent.
+reaches them as a dense gradient that is zero where nothing was sent. A pull of changes only
+goes out as the indices and values the shard found changed (``changes_tensors``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from distbelief.wire.compression import (
     SPARSE_KEY,
     VALUES_SUFFIX,
     decode_push_into,
+    index_dtype,
+    narrow,
     narrow_into,
     requested_dtype,
     travel_dtype,
@@ -108,3 +111,28 @@ def _narrow_buffer(full: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if travel_dtype(full.dtype, dtype) == full.dtype
         else full.new_empty(full.shape, dtype=dtype)
     )
+
+
+def max_changed_elements(slices: Sequence[ShardSlice], dtype: torch.dtype | None) -> int:
+    """The most changed elements a pull of changes carries sparse: beyond, half the bytes of
+    the whole slices (in ``dtype``, if narrowed) would not be saved."""
+    numel = sum(piece.numel for piece in slices)
+    value_bytes = max(travel_dtype(piece.dtype, dtype).itemsize for piece in slices)
+    index_bytes = index_dtype(max(piece.numel for piece in slices)).itemsize
+    return numel * value_bytes // (2 * (index_bytes + value_bytes))
+
+
+def changes_tensors(
+    changes: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    slices: Sequence[ShardSlice],
+    dtype: torch.dtype | None,
+) -> list[tuple[str, torch.Tensor]]:
+    """A pull reply's tensors for the changed elements ``changes`` ((indices, values) per
+    slice): ``NAME#indices`` and ``NAME#values``, the values narrowed to ``dtype`` if given."""
+    tensors = []
+    for (indices, values), piece in zip(changes, slices, strict=True):
+        tensors.append((piece.name + INDICES_SUFFIX, indices.to(index_dtype(piece.numel))))
+        tensors.append(
+            (piece.name + VALUES_SUFFIX, narrow(values, travel_dtype(values.dtype, dtype)))
+        )
+    return tensors

@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 
 from distbelief.errors import ProtocolError
-from distbelief.server.compressed import CompressedSlices
+from distbelief.server.compressed import (
+    CompressedSlices,
+    changes_tensors,
+    max_changed_elements,
+)
 from distbelief.server.groups import DEFAULT_GROUP, ShardGroups, check_group_name
 from distbelief.server.row_service import describe_tables, register_row_ops
 from distbelief.server.row_tables import RowTableSettings, ShardTables
@@ -26,7 +30,14 @@ from distbelief.server.shard import ParameterShard
 from distbelief.server.vector_service import VectorHandlers
 from distbelief.sharding import partitioner_from_json, specs_from_json
 from distbelief.wire import long_wait
-from distbelief.wire.compression import DTYPE_KEY, is_encoded, requested_dtype
+from distbelief.wire.compression import (
+    DTYPE_KEY,
+    GENERATION_KEY,
+    SINCE_KEY,
+    SPARSE_KEY,
+    is_encoded,
+    requested_dtype,
+)
 from distbelief.wire.framing import Sink
 from distbelief.wire.message import Message
 from distbelief.wire.ops import (
@@ -318,6 +329,7 @@ class ShardConnection(VectorHandlers):
             clock=clock,
             base_version=base_version,
             seq=_push_sequence(request.meta),
+            sparse=bool(request.meta.get(SPARSE_KEY)),
         )
         self.service.count_bytes(received_bytes, 0)
         meta = {"version": result.version, "staleness": result.staleness, "applied": result.applied}
@@ -364,6 +376,11 @@ class ShardConnection(VectorHandlers):
         max_wait_s = request.meta.get("max_wait_s", 0.0)
         if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= _MAX_HOLD_S:
             raise ValueError(f"max_wait_s must be in [0, {_MAX_HOLD_S}], got {max_wait_s!r}")
+        wants_changes = SINCE_KEY in request.meta
+        since, max_changed = None, 0
+        if wants_changes:
+            since = self._held_generation(request.meta)
+            max_changed = max_changed_elements(self.shard.slices, requested_dtype(request.meta))
         pull = functools.partial(
             self.shard.pull_into,
             buffers.pull,
@@ -371,6 +388,8 @@ class ShardConnection(VectorHandlers):
             clock=clock,
             after_version=after_version,
             outs_generation=buffers.generation,
+            changes_since=since,
+            max_changed=max_changed,
         )
         result = pull(max_wait_s=0.0)
         if result.held and max_wait_s > 0:
@@ -380,10 +399,18 @@ class ShardConnection(VectorHandlers):
                 result = pull(max_wait_s=float(max_wait_s))
         if result.held:
             return request.reply({"version": result.version, "held": True})
-        buffers.generation = result.generation
         meta = {"version": result.version, "held": False}
         if result.durable is not None:
             meta["durable"] = result.durable
+        if wants_changes:
+            meta[GENERATION_KEY] = [self.shard.life, result.generation]
+        if result.changes is not None:
+            tensors = changes_tensors(
+                result.changes, self.shard.slices, requested_dtype(request.meta)
+            )
+            self.service.count_bytes(0, sum(tensor.nbytes for _, tensor in tensors))
+            return request.reply(meta | {SPARSE_KEY: True}, tensors)
+        buffers.generation = result.generation
         if DTYPE_KEY not in request.meta:
             self.service.count_bytes(0, self._slice_bytes)
             return request.reply(meta, buffers.pull_tensors)
@@ -392,6 +419,16 @@ class ShardConnection(VectorHandlers):
         )
         self.service.count_bytes(0, sum(tensor.nbytes for _, tensor in narrowed))
         return request.reply(meta, narrowed)
+
+    def _held_generation(self, meta: dict) -> int:
+        """The generation of this shard's values a pull's ``SINCE_KEY`` says the puller holds
+        (-1: none, or another life's, whose generations mean nothing here)."""
+        since = meta[SINCE_KEY]
+        if since is None:
+            return -1
+        if not isinstance(since, list) or len(since) != 2 or type(since[1]) is not int:
+            raise ValueError(f"{SINCE_KEY} must be [life, generation] or null, got {since!r}")
+        return since[1] if since[0] == self.shard.life and since[1] >= 0 else -1
 
     def _stats(self, request: Message) -> Message:
         """One group's counters when the request names it, else the sum over every group

@@ -19,6 +19,7 @@ import torch
 
 from distbelief.config import ConsistencyConfig
 from distbelief.errors import LayoutMismatchError, ModelMismatchError
+from distbelief.server.changes import ChangeLog, keeps_support
 from distbelief.server.consistency import WorkerClocks, consistency_policy
 from distbelief.server.durability import ShardDurability
 from distbelief.server.optimizers import ServerOptimizerFactory
@@ -85,6 +86,9 @@ class PullResult:
     """Names the parameter values copied out (see ``pull_into``'s ``outs_generation``)."""
     durable: dict | None = None
     """``ShardDurability.describe()`` as of this pull."""
+    changes: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per slice, (indices, values) of the elements changed since the pull's
+    ``changes_since``, instead of a copy into its ``outs`` (None: ``outs`` were filled)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -165,6 +169,10 @@ class ParameterShard:
         # Bumped on every change of the parameters (updates, init, restore): a pull whose
         # buffers already hold the current generation needs no copy.
         self._generation = 0
+        self.changes = ChangeLog()
+        """Which elements changed since a generation (pulls of changes only)."""
+        self._keeps_support = False  # whether an update moves only its gradient's nonzeros
+        self._sparse_push = False  # whether the push being applied travelled top-k
         self._num_pushes = 0
         self._num_pulls = 0
         self._num_dropped = 0
@@ -239,6 +247,8 @@ class ParameterShard:
         self.store = store
         self.policy.bind(store, self._apply_update)
         self._generation += 1
+        self.changes = ChangeLog()
+        self._keeps_support = keeps_support(store.optimizer)
 
     def touch(self, worker: str | None, clock: int) -> None:
         """Note that ``worker`` is alive at step ``clock``."""
@@ -266,6 +276,7 @@ class ParameterShard:
         clock: int = 0,
         base_version: int | None = None,
         seq: tuple[str, int] | None = None,
+        sparse: bool = False,
     ) -> PushResult:
         """Apply (async) or collect (sync) one pushed gradient, as the policy decides.
 
@@ -277,6 +288,8 @@ class ParameterShard:
             seq: (session, number) of the push: the session names one life of one client, the
                 number counts its pushes. A push seen before (a retry after a lost reply) is
                 answered again without being applied twice.
+            sparse: The gradient travelled top-k (mostly zeros): worth recording which
+                elements it changes, for pulls of changes only.
         """
         self.require_initialized()
         with self._changed:
@@ -298,9 +311,17 @@ class ParameterShard:
             staleness = max(0, self._version - base)
             self.staleness.record(staleness)
             self._num_pushes += 1
-            applied = self.policy.push(
-                grads, worker=worker, staleness=staleness, base_version=base, version=self._version
-            )
+            self._sparse_push = sparse
+            try:
+                applied = self.policy.push(
+                    grads,
+                    worker=worker,
+                    staleness=staleness,
+                    base_version=base,
+                    version=self._version,
+                )
+            finally:
+                self._sparse_push = False
             if not applied:
                 self._num_dropped += 1
             divisor = staleness if self._scales and staleness > 1 else 1
@@ -367,9 +388,13 @@ class ParameterShard:
     def _apply_update(self, grads: Sequence[torch.Tensor]) -> None:
         """The policy's way to update the parameters (called under the lock)."""
         assert self.store is not None
+        support = None
+        if self._keeps_support and self._sparse_push:
+            support = self.changes.support(grads)
         self.store.step(grads)
         self._version += 1
         self._generation += 1
+        self.changes.record(self._generation, support)
 
     def pull_into(
         self,
@@ -380,6 +405,8 @@ class ParameterShard:
         after_version: int | None = None,
         max_wait_s: float = 0.0,
         outs_generation: int | None = None,
+        changes_since: int | None = None,
+        max_changed: int = 0,
     ) -> PullResult:
         """Copy a consistent snapshot into ``outs`` once the consistency policy allows it.
 
@@ -387,7 +414,10 @@ class ParameterShard:
         until the shard's version passes it (sync rounds). After ``max_wait_s`` it returns
         ``held=True`` with ``outs`` untouched, and the caller asks again. ``outs_generation``:
         the ``generation`` of an earlier result whose copy ``outs`` still hold; if the
-        parameters have not changed since, the copy is skipped.
+        parameters have not changed since, the copy is skipped. ``changes_since``: the
+        generation of an earlier result the caller holds; when at most ``max_changed``
+        elements changed since, the result carries them (``changes``) and ``outs`` are left
+        (-1: the caller holds nothing yet, but will ask for changes later).
         """
         self.require_initialized()
         deadline = time.monotonic() + max_wait_s
@@ -400,8 +430,11 @@ class ParameterShard:
                     return PullResult(self._version, held=True)
                 # Short waits: liveness changes by the clock, not only by notifications.
                 self._changed.wait(min(remaining, 0.1))
-            if outs_generation != self._generation:
-                assert self.store is not None
+            assert self.store is not None
+            changes = None
+            if changes_since is not None:
+                changes = self._changes_since(changes_since, max_changed)
+            if changes is None and outs_generation != self._generation:
                 torch._foreach_copy_(list(outs), self.store.params)
             if self.policy.tracks_pulls:
                 self.policy.pulled(worker, self._generation)
@@ -411,7 +444,21 @@ class ParameterShard:
                 held=False,
                 generation=self._generation,
                 durable=self.durability.describe(),
+                changes=changes,
             )
+
+    def _changes_since(self, since: int, max_changed: int) -> list | None:
+        """(indices, values) per slice of what changed after generation ``since``, if known
+        and at most ``max_changed`` elements (under the lock)."""
+        assert self.store is not None
+        sizes = [piece.numel for piece in self.slices]
+        changed = self.changes.changed_since(since, self._generation, sizes)
+        if changed is None or sum(indices.numel() for indices in changed) > max_changed:
+            return None
+        return [
+            (indices, param.index_select(0, indices))
+            for indices, param in zip(changed, self.store.params, strict=True)
+        ]
 
     def read_into(self, outs: Sequence[torch.Tensor]) -> int:
         """Copy a consistent snapshot of the slices into ``outs`` now; returns its version."""

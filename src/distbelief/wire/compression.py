@@ -9,6 +9,11 @@ asks for its reply to travel so). Sparse (top-k): a
 push whose meta holds ``SPARSE_KEY`` carries each slice as two tensors, ``NAME#indices`` (int32,
 int64 past 2**31 elements) and ``NAME#values``; the receiver zero-fills the slice and adds the
 values at the indices (a repeated index adds up).
+
+Changes only (pulls): a pull whose meta holds ``SINCE_KEY`` (the shard life and generation of
+the values the worker holds, from an earlier reply's ``GENERATION_KEY``) may be answered with
+only the elements changed since, as ``NAME#indices`` and ``NAME#values`` under ``SPARSE_KEY``;
+the receiver writes the values at the indices and keeps the rest.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ SPARSE_KEY = "sparse"
 DTYPE_KEY = "wire_dtype"
 """Push and pull meta: the wire name of the dtype floating slices travel in (push: do; pull:
 are to, in the reply)."""
+SINCE_KEY = "since"
+"""Pull meta: [shard life, generation] of the values the puller holds (null: none yet); asks
+for a reply of the changed elements only, and for the reply's ``GENERATION_KEY``."""
+GENERATION_KEY = "gen"
+"""Pull reply meta: [shard life, generation] of the values the reply brings the puller to."""
 INDICES_SUFFIX = "#indices"
 VALUES_SUFFIX = "#values"
 
@@ -169,7 +179,12 @@ def decode_sparse_into(
         ValueError: the indices are not integers, are out of range, or do not pair with the
             values.
     """
-    numel = out.numel()
+    _check_sparse(out.numel(), name, indices, values)
+    out.zero_()
+    out.index_add_(0, indices, values.to(out.dtype))
+
+
+def _check_sparse(numel: int, name: str, indices: torch.Tensor, values: torch.Tensor) -> None:
     if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
         raise ValueError(f"{name}{INDICES_SUFFIX} must be a 1-D int32/int64 tensor")
     if not values.dtype.is_floating_point or values.shape != indices.shape:
@@ -180,8 +195,6 @@ def decode_sparse_into(
         low, high = torch.aminmax(indices)
         if int(low) < 0 or int(high) >= numel:
             raise ValueError(f"{name}: indices {int(low)}..{int(high)} are not all in [0, {numel})")
-    out.zero_()
-    out.index_add_(0, indices, values.to(out.dtype))
 
 
 def decode_push_into(
@@ -209,3 +222,24 @@ def decode_push_into(
             decode_sparse_into(out, name, tensors[2 * i][1], tensors[2 * i + 1][1])
         elif tensors[i][1] is not out:
             decode_dense_into(out, name, tensors[i][1])
+
+
+def apply_changes_into(
+    outs: Sequence[torch.Tensor],
+    names: Sequence[str],
+    tensors: Sequence[tuple[str, torch.Tensor]],
+) -> None:
+    """Write a changes-only pull's values at their indices into ``outs``, the full slices
+    named ``names`` (in order); the other elements keep their values.
+
+    Raises:
+        ValueError: the reply does not carry exactly those slices' indices and values, or
+            they do not fit.
+    """
+    expected = [f"{name}{suffix}" for name in names for suffix in (INDICES_SUFFIX, VALUES_SUFFIX)]
+    if [name for name, _ in tensors] != expected:
+        raise ValueError(f"a pull of changes must carry {expected}, got {[n for n, _ in tensors]}")
+    for i, (out, name) in enumerate(zip(outs, names, strict=True)):
+        indices, values = tensors[2 * i][1], tensors[2 * i + 1][1]
+        _check_sparse(out.numel(), name, indices, values)
+        out.index_copy_(0, indices.long(), values.to(out.dtype))

@@ -54,7 +54,9 @@ NUM_BATCHES = 8
 
 
 def start_table_shard(lr: float):
-    """A shard of a one-shard job with plain-SGD dense parameters and SGD tables."""
+    """A shard of a one-shard job with plain-SGD dense parameters and SGD tables, computing
+    on one thread as a job's shard does by default (``--server-threads``)."""
+    torch.set_num_threads(1)
     shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=lr))
     tables = ShardTables(0, 1, RowTableSettings(optimizer="sgd", lr=lr))
     return serve("tcp://127.0.0.1:0", ShardService(shard, tables=tables))

@@ -280,11 +280,14 @@ class ServerConfig:
     max_connections: int = 4096
     """Connections a shard serves at once; a connection past it is refused with
     TooManyConnectionsError (the shard raises its open-file limit to fit)."""
+    threads: int = 1
+    """torch intra-op threads per shard process (its updates are elementwise passes; more
+    threads pay off only for large slices on cores that no worker of the job uses)."""
 
     def __post_init__(self) -> None:
         _require_choice(self, "optimizer")
         _require_choice(self, "design")
-        _require_counts(self, "max_connections")
+        _require_counts(self, "max_connections", "threads")
         _require(self.lr >= 0, "lr", self.lr, ">= 0")
         _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)

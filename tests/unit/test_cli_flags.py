@@ -45,6 +45,7 @@ SERVER = {
     "--checkpoint-every": "server.checkpoint_every_s",
     "--server-design": "server.design",
     "--max-connections": "server.max_connections",
+    "--server-threads": "server.threads",
     "--sync": "consistency.sync",
     "--backup-workers": "consistency.backup_workers",
     "--max-staleness": "consistency.max_staleness",
@@ -213,7 +214,7 @@ SHARED_ARGV = [
     *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
     *("--eval-every", "0.5", "--no-eval"),
     *("--eval-every", "0.5", "--no-eval", "--server-design", "threads"),
-    *("--max-connections", "100"),
+    *("--max-connections", "100", "--server-threads", "2"),
 ]
 DOWNPOUR_ARGV = [
     *("--shard-hosts", "127.0.0.2,127.0.0.3", "--worker-host", "127.0.0.4"),

@@ -121,7 +121,7 @@ def test_flat_config_of_an_older_run_reads_as_the_same_job(tmp_path):
     newer |= {"model.embedding_dim", "cluster.device", "optimizer.wire_dtype"}
     newer |= {"optimizer.push_compression"}
     newer |= {"cluster.shard_hosts", "cluster.worker_host"}
-    newer |= {"server.design", "server.max_connections"}
+    newer |= {"server.design", "server.max_connections", "server.threads"}
     newer |= {"cluster.transport"}
     newer |= {"cluster.engine", "cluster.ray_address"}
     newer |= {

@@ -79,6 +79,15 @@ class ShardedEmbeddingBag(_ShardedTable):
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         rows, inverse = self._rows(input)
+        fixed_bags = input.dim() == 2 and input.shape[1] > 0 and offsets is None
+        if fixed_bags and per_sample_weights is None and self.mode != "max":
+            # Bags of equal size: a gather and a sum, whose backward is one index_add into the
+            # rows' gradient (embedding_bag's dense backward sorts the ids first: measured
+            # 20-35% slower for bags of one id).
+            gathered = rows.index_select(0, inverse.reshape(-1)).view(*inverse.shape, -1)
+            if inverse.shape[1] == 1:
+                return gathered.squeeze(1)
+            return gathered.sum(1) if self.mode == "sum" else gathered.mean(1)
         return F.embedding_bag(
             inverse,
             rows,

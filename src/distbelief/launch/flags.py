@@ -55,6 +55,7 @@ FLAGS: dict[str, str] = {
     "server.checkpoint_every_s": "--checkpoint-every",
     "server.design": "--server-design",
     "server.max_connections": "--max-connections",
+    "server.threads": "--server-threads",
     "consistency.sync": "--sync",
     "consistency.backup_workers": "--backup-workers",
     "consistency.max_staleness": "--max-staleness",

@@ -28,6 +28,7 @@ RESUMABLE_FIELDS = (
     "server.checkpoint_every_s",
     "server.design",
     "server.max_connections",
+    "server.threads",
     "faults.timeout_s",
     "faults.retry_timeout_s",
     "faults.max_restarts",

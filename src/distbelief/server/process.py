@@ -166,7 +166,9 @@ def serve_job_shard(
 ) -> dict:
     """``serve_shard`` for shard ``shard_id`` of the job ``config`` describes (its server,
     consistency and cluster sections): what the launcher's shards and ``distbelief ps`` run.
-    ``restore_from``: the folder to restore from, if not ``checkpoint_dir``."""
+    ``restore_from``: the folder to restore from, if not ``checkpoint_dir``. Sets this
+    process's torch threads to the server section's."""
+    torch.set_num_threads(config.server.threads)
     return serve_shard(
         shard_id,
         config.cluster.num_shards,

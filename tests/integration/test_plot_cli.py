@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from distbelief.telemetry import read_metrics
 from tests.conftest import run_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+# One test process for the module: its runs are made once, not once per process.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400), pytest.mark.xdist_group("plot_cli")]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -141,6 +141,7 @@ def _reported(run_dir: Path, iteration: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # with the undisturbed run when this test is the first to need it
+@pytest.mark.xdist_group("undisturbed")  # one test process: the undisturbed run is made once
 @pytest.mark.parametrize("victim", ["coordinator", "worker1", "shard0"])
 def test_a_process_killed_mid_run_changes_nothing(tmp_path, undisturbed, victim):
     run_dir = tmp_path / "run"
@@ -164,6 +165,7 @@ def test_a_process_killed_mid_run_changes_nothing(tmp_path, undisturbed, victim)
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.xdist_group("undisturbed")
 def test_resume_with_more_iterations_continues_from_the_committed_one(tmp_path, undisturbed):
     run_dir = tmp_path / "run"
     first = 4

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         for scheme in ("tcp", "shm"):
             samples = _client(scheme, apply, args.repeats)
             # The first three calls of each size warm the buffers and the pages up.
-            medians[scheme] = {size: statistics.median(times[3:]) for size, times in samples.items()}
+            medians[scheme] = {
+                size: statistics.median(times[3:]) for size, times in samples.items()
+            }
         for size in SIZES_BYTES:
             tcp_s, shm_s = medians["tcp"][size], medians["shm"][size]
             print(

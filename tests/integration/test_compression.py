@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from distbelief.client import ParameterServerClient
+from distbelief.client.compression import PushCompressor
 from distbelief.config import DataConfig, JobConfig
 from distbelief.data import load_job_dataset
 from distbelief.evaluator.accuracy import evaluate
@@ -21,6 +22,7 @@ from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.sharding import FlatLayout, FlatPartitioner, TensorSpec, tensor_specs
 from distbelief.wire import serve
+from distbelief.wire.compression import WireCompression
 from distbelief.worker import run_worker
 
 
@@ -228,6 +230,45 @@ def test_pulls_of_changes_only_leave_the_worker_exactly_where_whole_pulls_would(
             whole.close()
             optimizer.close()
         assert pulled < 8 * numel * 2 * 0.2  # 8 pulls, each under a fifth of a whole one
+
+
+def test_a_pull_is_whole_after_a_restart_or_into_other_buffers():
+    """What a worker holds is named by the shard's life: a shard that is another life now (a
+    restart) answers with everything, as it does a pull into buffers the last pull did not
+    fill; the values are right either way."""
+    specs = [TensorSpec("w", (1000,), torch.float32)]
+    with _shards(1, lr=1.0) as (addresses, services):
+        client = ParameterServerClient(addresses, specs, timeout_s=30, pull_changes=True)
+        reader = ParameterServerClient(addresses, specs, timeout_s=30)
+        try:
+            client.handshake({torch.float32: torch.zeros(1000)})
+            inbox = {torch.float32: torch.zeros(1000)}
+            top_2 = PushCompressor(WireCompression(topk_fraction=0.002), client.slices)
+
+            def pushed_then_pulled(into) -> int:
+                grad = torch.zeros(1000)
+                grad[[3, 500]] = 1.0
+                client.wait(client.push(top_2.encode({torch.float32: grad})))
+                client.take_wire_figures()
+                client.pull_now(into)
+                return int(client.take_wire_figures()["bytes_pulled"])
+
+            client.pull_now(inbox)
+            client.pull_now(inbox)  # the shard now keeps track of changes
+            assert pushed_then_pulled(inbox) < 100  # two changed elements
+            services[0].shard.life = "another life"
+            assert pushed_then_pulled(inbox) == 4000
+            assert pushed_then_pulled(inbox) < 100
+            other = {torch.float32: torch.zeros(1000)}
+            assert pushed_then_pulled(other) == 4000
+            whole = {torch.float32: torch.empty(1000)}
+            reader.pull_now(whole)
+            assert torch.equal(other[torch.float32], whole[torch.float32])
+            client.pull_now(inbox)  # the last pull filled other buffers: whole again
+            assert torch.equal(inbox[torch.float32], whole[torch.float32])
+        finally:
+            client.close()
+            reader.close()
 
 
 def test_a_push_waits_for_ready_before_sending_and_a_pull_before_refilling():

@@ -34,6 +34,7 @@ from distbelief.sharding import (
 )
 from distbelief.wire import Message, ops
 from distbelief.wire.compression import (
+    SINCE_KEY,
     SPARSE_KEY,
     WireCompression,
     apply_changes_into,
@@ -432,7 +433,7 @@ class ParameterServerClient(ShardLanes):
         if reply.meta.get(SPARSE_KEY) and written:
             # An attempt that failed half-way wrote into the buffers: the changes are not
             # against what they hold now. Once more, for everything.
-            reply, written = self._pull_reply(shard_id, targets, meta | {"since": None})
+            reply, written = self._pull_reply(shard_id, targets, meta | {SINCE_KEY: None})
         if reply.meta.get(SPARSE_KEY):
             try:
                 apply_changes_into(list(targets.values()), list(targets), reply.tensors)

@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400), pytest.mark.xdist_grou
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
+# Session scope: a test process may run other modules' tests between these, which would end
+# a module-scoped fixture and make the runs again.
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> tuple[Path, Path]:
     """Two short runs: 2 workers with live evaluation, and 1 adagrad worker with --no-eval."""
     root = tmp_path_factory.mktemp("runs")

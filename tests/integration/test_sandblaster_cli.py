@@ -57,7 +57,9 @@ def _train(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.fixture(scope="module")
+# Session scope: other modules' tests in between would end a module-scoped fixture and make the
+# run again (its tests share one test process: xdist_group "undisturbed").
+@pytest.fixture(scope="session")
 def undisturbed(tmp_path_factory) -> dict:
     """The summary of a run with ``_same_sequence()``'s flags that nothing disturbed."""
     run_dir = tmp_path_factory.mktemp("undisturbed") / "run"

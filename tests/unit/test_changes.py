@@ -110,11 +110,14 @@ def test_whole_snapshots_when_changes_are_many_or_unknown():
     outs = [torch.full((numel,), float("nan"))]
     many = shard.pull_into(outs, changes_since=generation, max_changed=20)
     assert many.changes is None and not outs[0].isnan().any()  # over the bound: whole
-    dense = _shard("momentum")
-    dense.pull_into([torch.empty(numel)], changes_since=0)
-    generation = dense.version
-    dense.push([_sparse_grad(numel, [1])], sparse=True)
-    assert dense.pull_into([torch.empty(numel)], changes_since=1, max_changed=20).changes is None
+    # Momentum moves elements whose gradient is zero: one sparse push changes them all.
+    momentum = _shard("momentum")
+    generation = momentum.pull_into([torch.empty(numel)], changes_since=-1).generation
+    unchanged = momentum.pull_into([torch.empty(numel)], changes_since=generation)
+    assert [indices.numel() for indices, _ in unchanged.changes] == [0]  # nothing yet
+    momentum.push([_sparse_grad(numel, [1])], sparse=True)
+    changes = momentum.pull_into([torch.empty(numel)], changes_since=generation, max_changed=20)
+    assert changes.changes is None
 
 
 def test_a_worker_asks_for_changes_only_into_the_buffers_it_pulled_into():

@@ -143,6 +143,8 @@ def run_job(engine: str, job_args: list[str], run_dir: Path) -> dict:
         while not (rows := _rows(run_dir / "metrics.csv", "worker")):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise TimeoutError(f"no worker row in {run_dir / 'metrics.csv'}")
+            # From the processes' start: the steady window may begin before the first row.
+            _sample_cpu(run_dir, samples)
             time.sleep(POLL_S)
         train_start = time.time() - rows[0]["time_s"]
         first_step_s = train_start - started

@@ -32,7 +32,7 @@ needs_ray = pytest.mark.skipif(
 # beside the job, as a user's script would.
 _KILLER = """
 import json, os, sys, time, ray
-# A lookup loads the actor's class here: its imports (torch) are paid before any kill.
+# A lookup loads the actor's class here: its import is paid before any kill.
 import distbelief.launch.ray_actor
 address, run_dir = sys.argv[1:3]
 ray.init(address=address, logging_level="ERROR")

@@ -1,38 +1,59 @@
-"""What one Ray actor of a job runs: a plain class that the Ray cluster makes remote. Each call of
-``run`` is one life of one process: link back to the launcher, run the role of its spec (a shard
-on this node's address), report its events, its result or its traceback over the link. Ray
-re-creates the actor after a death; the launcher then calls ``run`` again.
+"""The Ray actors of a job. A ``RoleActor`` keeps one process of the job (a shard, a worker,
+the evaluator, the coordinator): each call of ``run`` starts one life of that process on the
+actor's node and waits for it to end. The process is forked by the node's zygote, which a
+``NodeHost`` actor keeps for the job's lifetime (one per node); where a node has none, it is
+started as a fresh interpreter. Ray places, watches and re-creates the actors; the roles never
+run inside Ray's worker processes. Killing an actor ends its process (its lifeline closes).
+Imports nothing heavy: an actor is light.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import logging
 import os
-import threading
-import traceback
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 
-from distbelief.launch.child import ChannelEmitter
-from distbelief.launch.entry import ROLE_MODULES, run_role
-from distbelief.launch.remote_events import connect_events, watch_stop
+from distbelief.launch.zygote import LENGTH, ZygoteUnavailable, abstract_address, fork_child
 
-if TYPE_CHECKING:
-    from distbelief.config import JobConfig
-    from distbelief.launch.cluster import ProcessSpec
-    from distbelief.wire.security import WireSecurity
+logger = logging.getLogger(__name__)
 
-PRELOAD = ("torch", "torch._dynamo", *ROLE_MODULES)
-"""What an actor imports when it is made, before it runs a role (see the local cluster's)."""
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+"""The folder holding the ``distbelief`` package this actor was loaded from."""
+DONE, ERROR, DIED = "done", "error", "died"
+"""What ``run`` returns: the role finished, it failed (its traceback went over its link), or
+its process died (killed, or its node's memory ran out)."""
+_EXIT_DONE, _EXIT_FAILED = 0, 1
+ACTOR_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+"""Variables Ray sets per actor, passed on to the actor's process."""
 
-ORPHAN_GRACE_S = 30.0
-"""Seconds an actor outlives its launcher's link before it leaves by itself."""
+
+def _start_module(module: str, *args: str) -> subprocess.Popen:
+    """``python -m module args`` with a pipe on stdin, able to import this package."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.PIPE, env=env)
+
+
+def _run_started(job: bytes) -> int:
+    """Runs ``job`` in a fresh interpreter; its exit code."""
+    child = _start_module("distbelief.launch.ray_child")
+    assert child.stdin is not None
+    try:
+        child.stdin.write(LENGTH.pack(len(job)) + job)
+        child.stdin.flush()  # kept open: its end tells the process this actor is gone
+    except OSError:  # the process died before it took its role
+        pass
+    try:
+        return child.wait()
+    finally:
+        child.stdin.close()
 
 
 class RoleActor:
-    """One process of a job (shard, worker, evaluator, coordinator) as a Ray actor.
+    """One process of a job as a Ray actor.
 
     Args:
         name: the process's name (``shard0``, ``worker3``, ...).
@@ -41,50 +62,63 @@ class RoleActor:
     def __init__(self, name: str) -> None:
         self.name = name
         logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(message)s")
-        # Made before its first run (while the shards start, say): the imports are paid then.
-        for module in PRELOAD:
-            importlib.import_module(module)
 
-    def run(
-        self,
-        events: tuple[str, int],
-        spec: ProcessSpec,
-        config: JobConfig,
-        addresses: Sequence[str],
-        security: WireSecurity,
-    ) -> str:
-        """Runs ``spec``'s role to its end, reporting to the launcher at ``events``.
+    def run(self, events: tuple[str, int], payload: bytes, zygotes: dict[str, str]) -> str:
+        """Runs one life of the process: its role (``payload``: the launcher's pickled spec,
+        config, shard addresses and wire security) to its end, reporting to the launcher at
+        ``events``. ``zygotes``: node id -> name of that node's zygote.
 
         Returns:
-            "done" or "error"; the result, or the traceback, went over the link before.
+            DONE, ERROR or DIED (see there); the result, or the traceback, went over the link.
         """
         import ray  # in the actor's process, where Ray is running already
 
-        context = ray.get_runtime_context()
-        node_ip = ray.util.get_node_ip_address()
-        info = {"pid": os.getpid(), "node_ip": node_ip, "node_id": context.get_node_id()}
-        assert security.auth_key is not None, "the launcher always makes a job key"
-        link = connect_events(events, security.auth_key, self.name, info)
-        stop = threading.Event()
-        # Ray ends the actors of a launcher that is gone; the link's end is only a fallback.
-        watch = threading.Thread(target=watch_stop, args=(link, stop, ORPHAN_GRACE_S))
-        watch.daemon = True
-        watch.start()
-        emit = ChannelEmitter(link, self.name)
+        node_id = ray.get_runtime_context().get_node_id()
+        info = {"node_ip": ray.util.get_node_ip_address(), "node_id": node_id}
+        info["actor_pid"] = os.getpid()
+        # What Ray set for this actor (its devices, its threads) and the zygote's fork lacks.
+        info["env"] = {name: os.environ[name] for name in ACTOR_ENVIRONMENT if name in os.environ}
+        return run_life(pickle.dumps((events, info, payload)), zygotes.get(node_id), self.name)
+
+
+def run_life(job: bytes, zygote: str | None, name: str) -> str:
+    """Runs ``job`` (see ``ray_child``) in a process forked by the zygote called ``zygote``, or
+    in a fresh interpreter if there is none or it fails; DONE, ERROR or DIED."""
+    code = None
+    if zygote is not None:
         try:
-            result = run_role(
-                emit, on_node(spec, config, node_ip), config, addresses, security, stop
-            )
-        except BaseException:
-            emit("error", traceback.format_exc())
-            return "error"
-        emit("done", result)
-        return "done"
+            code = fork_child(abstract_address(zygote), job).wait()
+        except ZygoteUnavailable as e:
+            logger.warning("%s: starting a fresh interpreter (%s)", name, e)
+    if code is None:
+        code = _run_started(job)
+    return {_EXIT_DONE: DONE, _EXIT_FAILED: ERROR}.get(code, DIED)
 
 
-def on_node(spec: ProcessSpec, config: JobConfig, node_ip: str) -> ProcessSpec:
-    """``spec`` with a first start's listening address (any port of the configured host) moved
-    to this node's address; a restart keeps its old address (it runs on the same node)."""
-    if spec.bind == f"tcp://{config.cluster.host}:0":
-        return dataclasses.replace(spec, bind=f"tcp://{node_ip}:0")
-    return spec
+class NodeHost:
+    """Keeps the job's zygote of one node: started when the actor is made, it ends when the
+    actor does (its stdin closes).
+
+    Args:
+        name: the zygote's name (its abstract socket's).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._zygote = _start_module("distbelief.launch.zygote", name)
+
+    @property
+    def pid(self) -> int:
+        return self._zygote.pid
+
+    def alive(self) -> bool:
+        return self._zygote.poll() is None
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Ends the zygote (its children live on, each until its own end)."""
+        assert self._zygote.stdin is not None
+        self._zygote.stdin.close()
+        try:
+            self._zygote.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._zygote.kill()
+            self._zygote.wait(timeout_s)

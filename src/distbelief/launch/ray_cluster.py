@@ -11,6 +11,7 @@ import collections
 import contextlib
 import json
 import logging
+import pickle
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from distbelief.errors import ChildFailedError, LauncherInterrupted
 from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
+from distbelief.launch.ray_actor import DIED, NodeHost, RoleActor
 from distbelief.launch.ray_placement import (
     actor_options,
     check_resources,
@@ -112,15 +114,16 @@ class RayCluster:
         self._placed: dict[str, dict] = {}
         self._backlog: collections.deque[Event] = collections.deque()
         self._failed = False
+        self._hosts: list[Any] = []
         self._session: RaySession | None = RaySession(config, num_cpus(config))
         try:
             self._ray = import_ray()
             check_resources(config, self._session.address)
             self._placement = reserve_places(config, self._session.address)
-            from distbelief.launch.ray_actor import RoleActor
             from distbelief.launch.remote_events import EventListener
 
             self._actor_class = self._ray.remote(RoleActor)
+            self._zygotes = self._start_node_hosts()
             host = self._ray.util.get_node_ip_address()
             self.events = EventListener(host, self.security.auth_key)
             for spec in early_processes(config):
@@ -169,9 +172,35 @@ class RayCluster:
 
     def _run(self, spec: ProcessSpec) -> Any:
         addresses = [] if spec.kind is ProcessKind.SHARD else self._addresses()
-        return self._actor(spec).run.remote(
-            self.events.address, spec, self.config, addresses, self.security
-        )
+        # Pickled here: the actor passes it on to its process unread (it never loads torch).
+        payload = pickle.dumps((spec, self.config, addresses, self.security))
+        return self._actor(spec).run.remote(self.events.address, payload, self._zygotes)
+
+    def _start_node_hosts(self) -> dict[str, str]:
+        """One NodeHost (and so one zygote) on every node that has CPUs, before any process
+        starts: node id -> zygote name. A node that joins later has none (its processes start
+        as fresh interpreters). They take no CPU of the job's: they only fork."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        host_class = self._ray.remote(NodeHost)
+        zygotes: dict[str, str] = {}
+        for node in self._ray.nodes():
+            if not node.get("Alive") or node.get("Resources", {}).get("CPU", 0) <= 0:
+                continue
+            node_id = node["NodeID"]
+            name = f"{self.namespace}-{node_id[:16]}"
+            strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+            self._hosts.append(
+                host_class.options(
+                    name=f"zygote-{node_id[:16]}",
+                    namespace=self.namespace,
+                    num_cpus=0,
+                    max_restarts=self.config.faults.max_restarts,
+                    scheduling_strategy=strategy,
+                ).remote(name)
+            )
+            zygotes[node_id] = name
+        return zygotes
 
     def _wait_until(self, ready: Callable[[], bool], what: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -282,7 +311,7 @@ class RayCluster:
         if self._lives[life.spec.name] is not life:
             return  # its link's end told of its death already
         try:
-            self._ray.get(life.ref, timeout=RESULT_TIMEOUT_S)
+            outcome = self._ray.get(life.ref, timeout=RESULT_TIMEOUT_S)
         except ActorUnavailableError:
             if life.after_death and life.link is None:
                 self._run_again(life)
@@ -293,8 +322,11 @@ class RayCluster:
             logger.debug("%s: %s", life.spec.name, e)  # Ray's word on how it died
             self._died(life)
             return
-        except RayError as e:  # the actor's run itself failed (e.g. its event link)
+        except RayError as e:  # the actor's run itself failed
             raise ChildFailedError(life.spec.name, None, str(e)) from e
+        if outcome == DIED:  # its process died, its actor lives on (it runs the next life)
+            self._died(life)
+            return
         life.returned_at = time.monotonic()
 
     def _run_again(self, life: _Life) -> None:
@@ -384,6 +416,9 @@ class RayCluster:
             self._ray.wait(refs, num_returns=len(refs), timeout=_STOP_GRACE_S)
         for name in self._actors:
             self._kill(name)
+        for host in self._hosts:  # after the processes: the zygotes fork no more
+            with contextlib.suppress(Exception):
+                self._ray.kill(host, no_restart=True)
         with contextlib.suppress(Exception):
             self._ray.util.remove_placement_group(self._placement)
         self.events.close()

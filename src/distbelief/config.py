@@ -104,8 +104,9 @@ class ClusterConfig:
     """Addresses the shards bind to, shard i to the (i mod N)-th of the N given, e.g.
     127.0.0.2,127.0.0.3 (default: 127.0.0.1)."""
     worker_host: str = ""
-    """Address of this machine the workers' connections to the shards leave from (default: the
-    one the operating system picks)."""
+    """Address of this machine the workers' connections (to the shards, the coordinator, the
+    next stage) leave from and a partitioned replica's stages listen on (default: the one the
+    operating system picks; stages listen on the host)."""
     threads_per_worker: int = 1
     """torch intra-op threads per worker process."""
     device: str = "cpu"

@@ -13,16 +13,30 @@ NOT_HERE = "192.0.2.1"
 """TEST-NET-1 (RFC 5737): never an address of a real machine."""
 
 
+HOSTS = ("--shard-hosts", "127.0.0.2,127.0.0.3", "--worker-host", "127.0.0.4")
+"""Shards on two loopback addresses, workers on a third."""
+
+
+def _train_on_hosts(run_dir, *args: str) -> dict:
+    result = run_cli("train", *args, "--no-eval", "--out", str(run_dir), *HOSTS, timeout_s=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _shards_saw_only_the_workers_host(summary: dict, *, named: bool = True) -> None:
+    """The shards on their hosts; each named worker's connections came from the workers' host
+    (Sandblaster's workers do not name themselves to the shards)."""
+    shards = summary["shards"]
+    assert shards["shard0"]["address"].startswith("tcp://127.0.0.2:")
+    assert shards["shard1"]["address"].startswith("tcp://127.0.0.3:")
+    for shard in shards.values():
+        hosts = set(shard["worker_hosts"].values())
+        assert hosts == ({"127.0.0.4"} if named else set())
+
+
 def test_shards_on_two_addresses_serve_workers_from_a_third(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli(
-        "train",
-        *("--steps", "5", "--no-eval", "--out", str(run_dir)),
-        *("--shard-hosts", "127.0.0.2,127.0.0.3", "--worker-host", "127.0.0.4"),
-        timeout_s=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = _train_on_hosts(run_dir, "--steps", "5")
     assert summary["worker_steps"] == {"0": 5, "1": 5}
     shards = summary["shards"]
     assert shards["shard0"]["address"].startswith("tcp://127.0.0.2:")
@@ -30,6 +44,26 @@ def test_shards_on_two_addresses_serve_workers_from_a_third(tmp_path):
     # What each shard saw: every worker's connections came from 127.0.0.4.
     for shard in shards.values():
         assert shard["worker_hosts"] == {"worker0": "127.0.0.4", "worker1": "127.0.0.4"}
+
+
+def test_sandblaster_workers_reach_the_coordinator_from_their_host(tmp_path):
+    summary = _train_on_hosts(
+        tmp_path / "run",
+        *("--algorithm", "sandblaster", "--model", "mlp", "--max-iterations", "2"),
+    )
+    assert summary["coordinator"]["iterations"] == 2
+    workers = {"worker0": "127.0.0.4", "worker1": "127.0.0.4"}
+    assert summary["coordinator"]["worker_hosts"] == workers
+    _shards_saw_only_the_workers_host(summary, named=False)
+
+
+def test_a_partitioned_job_runs_its_stages_on_the_workers_host(tmp_path):
+    summary = _train_on_hosts(
+        tmp_path / "run",
+        *("--model", "mlp", "--partitions", "2", "--micro-batches", "2", "--steps", "5"),
+    )
+    assert summary["worker_steps"] == {"0": 5, "1": 5}
+    _shards_saw_only_the_workers_host(summary)  # every stage's connections to its shards
 
 
 @pytest.mark.parametrize(

@@ -394,3 +394,26 @@ def test_a_finished_stage_serves_its_last_gradients_until_they_are_fetched(make_
         last.close()
 
     _run_together(run_first, run_middle, run_last)
+
+
+def test_stages_on_other_addresses_link_from_the_workers_host():
+    later = WireLinks(
+        1, 2, bind="tcp://127.0.0.5:0", next_address=None, security=SECURITY, timeout_s=TIMEOUT_S
+    )
+    first = WireLinks(
+        0,
+        2,
+        bind=None,
+        next_address=later.address,
+        security=SECURITY,
+        timeout_s=TIMEOUT_S,
+        source_host="127.0.0.4",
+    )
+    try:
+        first.wait_for_peer(TIMEOUT_S)
+        assert later.address.startswith("tcp://127.0.0.5:")
+        assert later.peer_hosts == {"127.0.0.4"}
+        assert first.peer_hosts == set()
+    finally:
+        first.close()
+        later.close()

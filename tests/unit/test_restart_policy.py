@@ -160,3 +160,19 @@ def test_a_restarted_stage_binds_its_old_address_and_finds_its_next_stage_there(
     assert (second.bind, second.next_stage) == ("tcp://127.0.0.1:5001", "tcp://127.0.0.1:5002")
     assert (last.bind, last.next_stage) == ("tcp://127.0.0.1:5002", "")
     assert {first.resume_step, second.resume_step, last.resume_step} == {30}
+
+
+def test_processes_listen_where_their_kind_runs() -> None:
+    # Shards on their hosts, stages (workers) on the workers' host, the coordinator on the host.
+    config = JobConfig.from_fields(
+        {
+            "cluster.num_workers": 2,
+            "cluster.shard_hosts": ["127.0.0.2", "127.0.0.3"],
+            "cluster.worker_host": "127.0.0.4",
+            "pipeline.num_partitions": 2,
+        }
+    )
+    book = ProcessBook(config)
+    assert book.spec(ProcessKind.SHARD, 1).bind == "tcp://127.0.0.3:0"
+    assert book.spec(ProcessKind.STAGE, 0, 1).bind == "tcp://127.0.0.4:0"
+    assert book.spec(ProcessKind.COORDINATOR, 0).bind == "tcp://127.0.0.1:0"

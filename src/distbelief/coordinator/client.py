@@ -71,6 +71,8 @@ class CoordinatorClient:
             before a request fails; requests are retried with backoff meanwhile. (A retry goes
             over a new connection, so one that follows a lost reply is told ``lost``.)
         security: The job's wire security.
+        source_host: The address of this machine the connection leaves from (default: the
+            one the operating system picks).
 
     Raises:
         ValueError: ``worker_id`` is empty or too long, ``timeout_s`` is not > 0, or the
@@ -85,6 +87,7 @@ class CoordinatorClient:
         timeout_s: float = 30.0,
         retry_timeout_s: float = 60.0,
         security: WireSecurity | None = None,
+        source_host: str | None = None,
     ) -> None:
         if not isinstance(worker_id, str) or not 0 < len(worker_id) <= WORKER_ID_MAX_CHARS:
             raise ValueError(
@@ -96,7 +99,8 @@ class CoordinatorClient:
         self.timeout_s = float(timeout_s)
         self.retry_timeout_s = float(retry_timeout_s)
         self._closing = threading.Event()
-        self._rpc = connect(address, name=f"coordinator ({address})", security=security)
+        source = {"source_host": source_host} if source_host else {}
+        self._rpc = connect(address, name=f"coordinator ({address})", security=security, **source)
         self.renew()
 
     def renew(self) -> None:

@@ -214,6 +214,7 @@ def _optimize(
         "stop_reason": state.stop_reason or ("stopped" if stop.is_set() else "max_iterations"),
         "evaluations": state.num_evaluations,
         "last_iteration": last,
+        "worker_hosts": dict(service.worker_hosts),
     }
 
 

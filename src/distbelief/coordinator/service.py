@@ -85,6 +85,8 @@ class CoordinatorService:
         self._connections: set[WorkerConnection] = set()
         self._told: set[str] = set()
         """Worker ids (``worker0``) told to stop."""
+        self.worker_hosts: dict[str, str] = {}
+        """Worker id -> the host its connection came from (the last one)."""
         self.handlers = OpRegistry()
         self.handlers.register(WORK, WorkerConnection._work)
         self.handlers.register(BUNDLE, WorkerConnection._bundle)
@@ -228,7 +230,9 @@ class WorkerConnection:
 
     def _worker(self, meta: dict) -> str:
         worker = worker_key(meta)
-        self.workers.add(worker)
+        if worker not in self.workers:
+            self.workers.add(worker)
+            self.service.worker_hosts[meta["worker"]] = self.peer.rpartition(":")[0]
         return worker
 
     def _work(self, request: Message) -> Message:

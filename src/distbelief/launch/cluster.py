@@ -260,6 +260,8 @@ class ProcessBook:
         next stage's) at the step its replica reported."""
         host = f"tcp://{self.config.cluster.host}:0"
         if kind is ProcessKind.STAGE:
+            # A stage is a worker: it listens (for the stage before) on the workers' host.
+            host = f"tcp://{self.config.cluster.worker_host or self.config.cluster.host}:0"
             return ProcessSpec(
                 kind,
                 index,

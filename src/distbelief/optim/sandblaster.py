@@ -320,7 +320,8 @@ def run_sandblaster_worker(
     ``model``'s values, as the first Downpour worker does) and the coordinator, and compute
     portions until told to stop: by the coordinator, or by ``stop`` (set once the coordinator
     has finished: a worker that missed it, starting late, say, stops waiting for it).
-    ``source_host``: the address of this machine its connections to the shards leave from.
+    ``source_host``: the address of this machine its connections to the shards and the
+    coordinator leave from.
 
     Emits "started" (``rank``, ``time``) once connected. No "metric" records: the coordinator
     writes each worker's (its committed portions per iteration), so a worker's row has one
@@ -350,6 +351,7 @@ def run_sandblaster_worker(
         timeout_s=timeout_s,
         retry_timeout_s=retry_timeout_s,
         security=security,
+        source_host=source_host,
     )
     finished = threading.Event()
     if stop is not None:

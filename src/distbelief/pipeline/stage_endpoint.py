@@ -104,6 +104,8 @@ class StageEndpoint:
         self._outbox_buffers = MicroBuffers()
         self._num_connections = 0
         self._ever_connected = False
+        self.peer_hosts: set[str] = set()
+        """The hosts the stage before connected from."""
         self._closed = False
 
     def open_connection(self, peer: str) -> _Connection:
@@ -111,6 +113,7 @@ class StageEndpoint:
         with self._changed:
             self._num_connections += 1
             self._ever_connected = True
+            self.peer_hosts.add(peer.rpartition(":")[0])
         return _Connection(self, peer)
 
     def _forget_connection(self) -> None:

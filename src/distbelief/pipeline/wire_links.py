@@ -86,6 +86,8 @@ class WireLinks:
             which it is not used.
         security: The job's key and TLS settings (None: neither), for both sides.
         timeout_s: Limit for sending an activation (the next stage holding it).
+        source_host: The address of this machine the connections to the next stage leave
+            from (default: the one the operating system picks).
 
     ``counters`` count payload bytes as they cross: an activation when the next stage
     acknowledges it (sender) or lands in the receive buffer (receiver), a gradient when a fetch
@@ -105,6 +107,7 @@ class WireLinks:
         next_address: str | None,
         security: WireSecurity | None,
         timeout_s: float,
+        source_host: str | None = None,
     ) -> None:
         if type(num_stages) is not int or num_stages < 1:
             raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
@@ -127,6 +130,8 @@ class WireLinks:
         self._activations = self._gradients = None
         if self.next_address is not None:
             options = {"name": self._peer, "connect_timeout_s": _CONNECT_TIMEOUT_S}
+            if source_host:
+                options["source_host"] = source_host
             self._activations = connect(self.next_address, security=security, **options)
             self._gradients = connect(self.next_address, security=security, **options)
         self._endpoint: StageEndpoint | None = None
@@ -143,6 +148,11 @@ class WireLinks:
     def address(self) -> str | None:
         """Where this stage serves the stage before it (None for stage 0)."""
         return None if self._server is None else self._server.address
+
+    @property
+    def peer_hosts(self) -> set[str]:
+        """The hosts the stage before connected from (empty for stage 0)."""
+        return set() if self._endpoint is None else set(self._endpoint.peer_hosts)
 
     def __enter__(self) -> WireLinks:
         return self

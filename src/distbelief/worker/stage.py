@@ -117,6 +117,7 @@ def run_stage_worker(
         next_address=next_stage or None,
         security=security,
         timeout_s=config.faults.timeout_s,
+        source_host=config.cluster.worker_host or None,
     )
     optimizer = None
     try:

@@ -27,8 +27,8 @@ needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray is not installed (the ray extra)"
 )
 
-# Connects to the cluster once; "find NAME..." looks the actors up ahead, so that a kill lands
-# at once; "kill NAME" kills one (Ray re-creates it) and answers once its process is gone. Run
+# Connects to the cluster once; "find NAME..." looks the actors up ahead (waiting for the job to
+# make them), so that a kill lands at once; "kill NAME" kills one (Ray re-creates it) and answers once its process is gone. Run
 # beside the job, as a user's script would.
 _KILLER = """
 import json, os, sys, time, ray
@@ -38,16 +38,28 @@ address, run_dir = sys.argv[1:3]
 ray.init(address=address, logging_level="ERROR")
 print("connected", flush=True)
 actors = {}
+def find(names, timeout_s=120):
+    # Waits for the job to make them: an actor exists before its process starts.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            namespace = json.load(open(os.path.join(run_dir, "ray.json")))["namespace"]
+            for name in names:
+                if name not in actors:
+                    actors[name] = ray.get_actor(name, namespace=namespace)
+            return
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 for line in sys.stdin:
     command, *names = line.split()
     try:
-        record = json.load(open(os.path.join(run_dir, "ray.json")))
-        for name in names:
-            if name not in actors:
-                actors[name] = ray.get_actor(name, namespace=record["namespace"])
+        find(names)
         if command == "find":
             print("found", *names, flush=True)
             continue
+        record = json.load(open(os.path.join(run_dir, "ray.json")))
         name = names[0]
         pid = record["processes"][name]["pid"]
         ray.kill(actors[name], no_restart=False)
@@ -236,8 +248,9 @@ def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, t
         assert killer.stdout is not None and killer.stdout.readline() == "connected\n"
         ranks = [str(rank) for rank in range(4)]
         names = ["shard0", *(f"worker{r}" for r in ranks)]
-        _wait_for(lambda: set(names) <= _placed(run_dir), 180, "the processes to start")
+        # Found as their actors are made, before their processes train (they start at once).
         _ask(killer, "find " + " ".join(names), log)
+        _wait_for(lambda: set(names) <= _placed(run_dir), 180, "the processes to start")
         _wait_for(
             lambda: min(_worker_steps(run_dir).get(r, 0) for r in ranks) >= 1,
             120,

@@ -28,8 +28,8 @@ needs_ray = pytest.mark.skipif(
 )
 
 # Connects to the cluster once; "find NAME..." looks the actors up ahead (waiting for the job to
-# make them), so that a kill lands at once; "kill NAME" kills one (Ray re-creates it) and answers once its process is gone. Run
-# beside the job, as a user's script would.
+# make them), so that a kill lands at once; "kill NAME" kills one (Ray re-creates it) and
+# answers once its process is gone. Run beside the job, as a user's script would.
 _KILLER = """
 import json, os, sys, time, ray
 # A lookup loads the actor's class here: its import is paid before any kill.

@@ -115,6 +115,7 @@ class RayCluster:
         self._backlog: collections.deque[Event] = collections.deque()
         self._failed = False
         self._hosts: list[Any] = []
+        self._checked_at = 0.0
         self._session: RaySession | None = RaySession(config, num_cpus(config))
         try:
             self._ray = import_ray()
@@ -241,7 +242,11 @@ class RayCluster:
             return self._backlog.popleft()
         raw = self.events.get(max(0.0, min(timeout_s, _POLL_S)))
         event = None if raw is None else self._take(raw)
-        self._check_actors()
+        # At most every _POLL_S: a busy job's events come many times a second, and each check
+        # is a call into Ray (a death is told sooner anyway, by its event link's end).
+        if time.monotonic() - self._checked_at >= _POLL_S:
+            self._checked_at = time.monotonic()
+            self._check_actors()
         return event
 
     def _take(self, raw: tuple) -> Event | None:

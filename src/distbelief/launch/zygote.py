@@ -16,6 +16,7 @@ children running then live on, each until its own end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import selectors
@@ -33,6 +34,8 @@ PID = struct.Struct("!q")
 EXIT_CODE = struct.Struct("!q")
 CONNECT_TIMEOUT_S = 60.0
 """Longest an actor waits for its node's zygote to answer (it may still be loading torch)."""
+BIND_TIMEOUT_S = 10.0
+"""Longest a zygote waits for its name to be free (an earlier one of the node may be ending)."""
 REQUEST_TIMEOUT_S = 10.0
 """Longest the zygote waits for one actor's request once it is connected."""
 POLL_S = 1.0
@@ -274,7 +277,16 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING, format="[zygote] %(levelname)s %(message)s")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(abstract_address(sys.argv[1]))
+    deadline = time.monotonic() + BIND_TIMEOUT_S
+    while True:
+        try:
+            listener.bind(abstract_address(sys.argv[1]))
+            break
+        except OSError as e:
+            # A zygote of the same name still leaving (its node host was re-created).
+            if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
     listener.listen(128)
     Zygote(listener).serve(("torch", "torch._dynamo", *ROLE_MODULES))
     return 0

@@ -54,9 +54,7 @@ def warm_up(config: JobConfig) -> None:
     first, so that its imports overlap whatever the launcher does before starting processes.
     A forkserver already running (an earlier job of this process) is kept."""
     ctx = mp.get_context("forkserver")
-    import os
-
-    ctx.set_forkserver_preload([] if os.environ.get("NOPRELOAD") else list(_PRELOAD))
+    ctx.set_forkserver_preload(list(_PRELOAD))
     multiprocessing.forkserver.ensure_running()
 
 

@@ -103,7 +103,7 @@ def _read_exact(fd: int, count: int) -> bytes:
 
 
 def main() -> int:
-    # Loaded before the job is read: an actor starts this process ahead of its first run.
+    # The roles' imports first, as a zygote's children find them loaded.
     for module in ROLE_MODULES:
         __import__(module)
     stdin = sys.stdin.fileno()

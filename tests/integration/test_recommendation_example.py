@@ -17,7 +17,11 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "recommendation.py"
 def test_the_example_learns_clicks_against_two_shards(shard_cluster):
     addresses = shard_cluster(2, "--row-optimizer", "adagrad", "--row-lr", "0.05")
     done = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--ps", ",".join(addresses), "--steps", "200"],
+        # Small tables: each id comes back often enough to learn in 100 steps (AUC ~0.61).
+        [
+            *(sys.executable, str(EXAMPLE), "--ps", ",".join(addresses)),
+            *("--steps", "100", "--table-size", "200"),
+        ],
         capture_output=True,
         text=True,
         timeout=240,
@@ -26,4 +30,4 @@ def test_the_example_learns_clicks_against_two_shards(shard_cluster):
     assert done.returncode == 0, done.stderr[-3000:]
     found = re.search(r"test AUC ([\d.]+) \(the hidden model's: ([\d.]+)\)", done.stdout)
     assert found is not None, done.stdout
-    assert 0.55 < float(found.group(1)) < float(found.group(2)), done.stdout
+    assert 0.58 < float(found.group(1)) < float(found.group(2)), done.stdout

@@ -1,7 +1,8 @@
 """A node's zygote, without Ray: it forks a real shard for a job and reports its exit code; a
 shard whose actor is killed (SIGKILL of the process holding its lifeline) ends at once; a
 malformed request is refused and the zygote serves the next; a zygote that ends leaves its
-children running until their own end; with no zygote a life runs in a fresh interpreter."""
+children running until their own end; a killed zygote is started again; with no zygote a life
+runs in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -167,6 +168,22 @@ def test_children_outlive_their_zygote(own_zygote, listener, tmp_path):
     listener.send_stop("shard0")
     _event(listener, "done")
     assert child.wait() == EXIT_LOST  # its exit code went with the zygote
+
+
+def test_a_killed_zygote_is_started_again_and_forks_the_next(own_zygote, listener, tmp_path):
+    name, host = own_zygote
+    first = host.pid
+    _connected(name).close()  # it listens
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    while host.pid == first:  # its keeper starts another a moment after it is gone
+        assert time.monotonic() < deadline, "the zygote was not started again"
+        time.sleep(0.05)
+    child = fork_child(abstract_address(name), _shard_job(listener, tmp_path))
+    assert _parent_of(child.pid) == host.pid
+    _event(listener, "ready")
+    listener.send_stop("shard0")
+    assert child.wait() == EXIT_DONE
 
 
 def test_without_a_zygote_a_life_runs_in_a_fresh_interpreter(listener, tmp_path):

@@ -14,6 +14,8 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from distbelief.launch.zygote import LENGTH, ZygoteUnavailable, abstract_address, fork_child
@@ -26,6 +28,8 @@ DONE, ERROR, DIED = "done", "error", "died"
 """What ``run`` returns: the role finished, it failed (its traceback went over its link), or
 its process died (killed, or its node's memory ran out)."""
 _EXIT_DONE, _EXIT_FAILED = 0, 1
+MAX_ZYGOTE_STARTS = 10
+ZYGOTE_RESTART_PAUSE_S = 1.0
 ACTOR_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 """Variables Ray sets per actor, passed on to the actor's process."""
 
@@ -96,15 +100,32 @@ def run_life(job: bytes, zygote: str | None, name: str) -> str:
 
 
 class NodeHost:
-    """Keeps the job's zygote of one node: started when the actor is made, it ends when the
-    actor does (its stdin closes).
+    """Keeps the job's zygote of one node: started when the actor is made, started again if it
+    dies (up to MAX_ZYGOTE_STARTS times in all: a node's later restarts must not each wait for
+    a zygote that is gone), ended when the actor is (its stdin closes) or by ``close``.
 
     Args:
         name: the zygote's name (its abstract socket's).
     """
 
     def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._closing = False
         self._zygote = _start_module("distbelief.launch.zygote", name)
+        threading.Thread(target=self._keep, name="zygote keeper", daemon=True).start()
+
+    def _keep(self) -> None:
+        for _ in range(MAX_ZYGOTE_STARTS - 1):
+            code = self._zygote.wait()
+            time.sleep(ZYGOTE_RESTART_PAUSE_S)  # its name is free again by then
+            with self._lock:
+                if self._closing:
+                    return
+                logger.warning(
+                    "zygote %s ended (exit code %s): starting it again", self._name, code
+                )
+                self._zygote = _start_module("distbelief.launch.zygote", self._name)
 
     @property
     def pid(self) -> int:
@@ -115,10 +136,13 @@ class NodeHost:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ends the zygote (its children live on, each until its own end)."""
-        assert self._zygote.stdin is not None
-        self._zygote.stdin.close()
+        with self._lock:
+            self._closing = True
+            zygote = self._zygote
+        assert zygote.stdin is not None
+        zygote.stdin.close()
         try:
-            self._zygote.wait(timeout_s)
+            zygote.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self._zygote.kill()
-            self._zygote.wait(timeout_s)
+            zygote.kill()
+            zygote.wait(timeout_s)

@@ -28,6 +28,8 @@ from distbelief.launch.remote_events import EventListener
 from distbelief.launch.zygote import EXIT_LOST, abstract_address, fork_child
 from distbelief.wire.security import WireSecurity, generate_key
 
+KEY = generate_key()
+"""The job key of every job here (the listener's)."""
 EVENT_TIMEOUT_S = 60.0
 """Generous: the zygote loads torch before it forks (seconds on a busy machine)."""
 
@@ -49,7 +51,7 @@ own_zygote = pytest.fixture(_zygote)
 
 @pytest.fixture
 def listener() -> Iterator[EventListener]:
-    events = EventListener("127.0.0.1", generate_key())
+    events = EventListener("127.0.0.1", KEY)
     try:
         yield events
     finally:
@@ -60,7 +62,7 @@ def _shard_job(listener: EventListener, out_dir: Path) -> bytes:
     """A real job: shard 0 of a default config, reporting to ``listener``."""
     config = JobConfig().with_fields({"reporting.out_dir": str(out_dir)})
     spec = ProcessBook(config).spec(ProcessKind.SHARD, 0)
-    security = WireSecurity(auth_key=listener._key)
+    security = WireSecurity(auth_key=KEY)
     payload = pickle.dumps((spec, config, [], security))
     return pickle.dumps((listener.address, {"node_ip": "127.0.0.1", "node_id": "n"}, payload))
 

@@ -1,7 +1,11 @@
-"""The launcher's shard-stats poll against a real shard: counters, rates, and a dead shard."""
+"""The launcher's shard-stats poll against a real shard: counters, rates, a dead shard, and a
+launcher that polls and writes TensorBoard events without importing torch."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -48,3 +52,31 @@ def test_unreachable_shard_raises_but_the_poller_does_not() -> None:
     with pytest.raises(ShardUnavailableError):
         poll_shard_stats(dead, timeout_s=1.0)
     assert ShardStatsPoller(dead, timeout_s=1.0).poll_if_due() == []
+
+
+LAUNCHER_AT_WORK = """
+import json, sys, tempfile
+from pathlib import Path
+from distbelief.telemetry import ShardStatsPoller, TensorBoardLog
+poller = ShardStatsPoller(sys.argv[1:], timeout_s=30.0)
+records = poller.poll_if_due()
+with tempfile.TemporaryDirectory() as folder, TensorBoardLog(Path(folder)) as log:
+    for record in records:
+        log.write(record)
+    log.write({"role": "worker", "rank": 0, "step": 1, "loss": 0.5})
+    written = sorted(path.name[:20] for path in (Path(folder) / "tensorboard").iterdir())
+print(json.dumps({"records": records, "written": written, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_the_launchers_poll_and_tensorboard_log_run_without_torch(shard_cluster) -> None:
+    """What the launcher does while a job runs: its processes' forkserver has torch loaded,
+    the launcher itself never loads it (seconds of CPU and ~250 MB per job)."""
+    addresses = shard_cluster(2)
+    command = [sys.executable, "-c", LAUNCHER_AT_WORK, *addresses]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert [(r["rank"], r["version"]) for r in seen["records"]] == [(0, 0), (1, 0)]
+    assert seen["written"] == ["events.out.tfevents."]
+    assert seen["torch"] is False

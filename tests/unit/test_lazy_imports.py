@@ -1,7 +1,8 @@
 """The launcher's packages load their heavy dependencies only when used: importing them (what
 ``distbelief --help`` and the launcher's start do, before the processes start) pulls in none of
 torch, matplotlib, TensorBoard, rich or Ray (an optional extra); and every name they export
-resolves."""
+resolves. (While a job runs, the launcher polls its shards and writes TensorBoard events
+without torch either: tests/integration/test_shard_stats.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 import pytest
 
-PACKAGES = ("distbelief.launch", "distbelief.telemetry", "distbelief.plots")
+PACKAGES = ("distbelief.launch", "distbelief.telemetry", "distbelief.plots", "distbelief.wire")
 HEAVY = ("torch", "matplotlib", "tensorboard", "rich", "ray")
 LAUNCHER_MODULES = ("distbelief.launch.cli", "distbelief.launch.resume", "distbelief.launch.train")
 """What ``distbelief train`` imports before it starts the processes."""

@@ -1,13 +1,15 @@
 """Run a training job on a Cluster: validate, prepare the run folder, start the processes, route
 their events to one sink (metrics.csv, TensorBoard, the progress display), show faults, stop in
 order, write the summary. It never touches processes itself: that is the Cluster's job. The
-telemetry and plots packages load each name on first use, so torch, rich and matplotlib are
-imported only when (and if) the job gets to them.
+telemetry and plots packages load each name on first use: a bad flag is refused before anything
+heavy is imported, and the launcher loads what it needs while the processes' forkserver loads
+torch (which the launcher itself loads only to count a data set's examples for ``--epochs``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -35,8 +37,33 @@ SHARDS_READY_TIMEOUT_S = 60.0
 """Longest wait for every shard to listen."""
 
 
+LOADED_BEFORE_THE_JOB = (
+    "distbelief.telemetry.shard_stats",
+    "tensorboard.summary.writer.event_file_writer",
+    "tensorboard.compat.proto.event_pb2",
+    "tensorboard.compat.proto.summary_pb2",
+    "distbelief.plots.run",
+)
+"""What the launcher uses while its job runs and after (the wire's client side and orjson,
+TensorBoard's event writer, matplotlib): loaded while its processes' forkserver loads torch."""
+
+
 def _raise_interrupted(signum: int, _frame: object) -> None:
     raise LauncherInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _load_with_signals_held(modules: tuple[str, ...]) -> None:
+    """Imports ``modules`` with SIGINT and SIGTERM held until all are loaded (then a pending
+    one is acted on). An exception raised by a signal handler inside a C extension's
+    initialisation can crash the interpreter: SIGTERM during orjson's made the launcher die of
+    SIGSEGV instead of stopping its job. Held by this thread only: the launcher has started
+    no other by now, so a signal waits for it."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @dataclass
@@ -310,6 +337,7 @@ def train(
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
     cluster_type.warm_up(config)  # e.g. a forkserver's imports, overlapping what follows
+    _load_with_signals_held(LOADED_BEFORE_THE_JOB)
     total_steps = sum(_planned_steps(config))  # validates before anything is written
     if not resume or config.pipeline.split_points is None:
         config, partitions = _plan_partitions(config)
@@ -350,7 +378,7 @@ def train(
         signal.signal(signal.SIGTERM, previous)
     write_text_atomic(run_dir / "summary.json", _summary_json(result))
     write_text_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
-    plots.plot_run(run_dir)  # the first use of matplotlib: after training
+    plots.plot_run(run_dir)
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result
 

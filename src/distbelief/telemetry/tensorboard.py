@@ -2,10 +2,13 @@
 
 Owns the tag names only: which record field becomes which scalar, keyed by which counter. It
 knows nothing about processes or the terminal; ``tensorboard --logdir runs/`` shows every run.
+Events are written with TensorBoard's own event-file writer, not torch's: the launcher that
+writes them never has to import torch.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +75,11 @@ class TensorBoardLog(ClosedOnExit):
         self._writer: Any = None
         self._closed = False
 
-    def _summary_writer(self) -> Any:
+    def _event_writer(self) -> Any:
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=FLUSH_EVERY_S)
+            self._writer = EventFileWriter(str(self.log_dir), flush_secs=FLUSH_EVERY_S)
         return self._writer
 
     def write(self, record: dict) -> None:
@@ -87,8 +90,16 @@ class TensorBoardLog(ClosedOnExit):
         """
         if self._closed:
             raise ValueError(f"tensorboard log in {self.log_dir} is closed")
-        for tag, value, step in scalar_tags(record):
-            self._summary_writer().add_scalar(tag, value, global_step=step)
+        scalars = scalar_tags(record)
+        if not scalars:
+            return
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        writer, now = self._event_writer(), time.time()
+        for tag, value, step in scalars:
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+            writer.add_event(Event(wall_time=now, step=step, summary=summary))
 
     def message(self, text: str) -> None:
         """Messages are for people: TensorBoard gets the scalars only."""

@@ -1,12 +1,25 @@
 """Bytes in, bytes out: frames, ops, the request/reply layer and channels. Knows nothing about
 optimizers."""
 
-from distbelief.wire.dtypes import WIRE_DTYPES, dtype_from_name, dtype_name
-from distbelief.wire.message import Message
-from distbelief.wire.ops import Op, OpRegistry, define_op
-from distbelief.wire.rpc import RpcClient, connect
-from distbelief.wire.rpc_server import RpcServer, Service, serve
-from distbelief.wire.serving_pool import long_wait
+from distbelief.lazy import lazy_exports
+
+_EXPORTS = {
+    "WIRE_DTYPES": "distbelief.wire.dtypes",
+    "dtype_from_name": "distbelief.wire.dtypes",
+    "dtype_name": "distbelief.wire.dtypes",
+    "Message": "distbelief.wire.message",
+    "Op": "distbelief.wire.ops",
+    "OpRegistry": "distbelief.wire.ops",
+    "define_op": "distbelief.wire.ops",
+    "RpcClient": "distbelief.wire.rpc",
+    "connect": "distbelief.wire.rpc",
+    "RpcServer": "distbelief.wire.rpc_server",
+    "Service": "distbelief.wire.rpc_server",
+    "serve": "distbelief.wire.rpc_server",
+    "long_wait": "distbelief.wire.serving_pool",
+}
+"""Loaded on first use: a launcher that only needs the wire's key handling (security.py) does
+not import torch, which its processes' forkserver imports already."""
 
 __all__ = [
     "WIRE_DTYPES",
@@ -23,3 +36,5 @@ __all__ = [
     "long_wait",
     "serve",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

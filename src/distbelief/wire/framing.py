@@ -7,12 +7,12 @@ bytes straight from the tensor's memory.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import orjson
-import torch
 
 from distbelief.errors import ProtocolError
 from distbelief.wire.dtypes import dtype_from_name, dtype_name
@@ -21,20 +21,29 @@ from distbelief.wire.ops import Op, op_for_code
 from distbelief.wire.security import AUTH_MAGIC
 
 if TYPE_CHECKING:
+    import torch
+
     from distbelief.wire.channels import Channel
 
-Sink = Callable[[str, torch.dtype, tuple[int, ...]], "torch.Tensor | None"]
+Sink = Callable[[str, "torch.dtype", tuple[int, ...]], "torch.Tensor | None"]
 """Picks the buffer a received tensor is read into; None means allocate a new one."""
 
 SinkFactory = Callable[[Message], "Sink | None"]
 """Picks the sink for a frame, given its op and metadata (its tensors are not read yet)."""
 
 _SMALL_FRAME_BYTES = 64 * 1024
-_NUMPY_DTYPES = frozenset(
-    {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16}
-    | {torch.int8, torch.uint8, torch.bool}
-)
-"""Dtypes whose tensors convert to numpy arrays directly (bfloat16, for one, does not)."""
+
+
+@functools.cache
+def _numpy_dtypes() -> frozenset[torch.dtype]:
+    """Dtypes whose tensors convert to numpy arrays directly (bfloat16, for one, does not).
+    Made at the first tensor sent: torch is loaded by then (frames without tensors need none)."""
+    import torch
+
+    return frozenset(
+        {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16}
+        | {torch.int8, torch.uint8, torch.bool}
+    )
 
 
 class RejectedFrame(ProtocolError):
@@ -50,12 +59,14 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A zero-copy byte view of a CPU tensor (copies only if it is not contiguous)."""
     if (
         tensor.is_cpu
-        and tensor.dtype in _NUMPY_DTYPES
+        and tensor.dtype in _numpy_dtypes()
         and tensor.is_contiguous()
         and tensor.numel()  # memoryview cannot cast a shape with a zero in it
     ):
         # The common case, in one numpy call instead of five tensor calls (per frame).
         return memoryview(tensor.detach().numpy()).cast("B")
+    import torch  # loaded already: ``tensor`` is one of its tensors
+
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 

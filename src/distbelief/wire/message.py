@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from distbelief.wire.ops import Op
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"DBLF"
 PROTOCOL_VERSION = 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import orjson
-import torch
 
 from distbelief.errors import ProtocolError
 from distbelief.wire.framing import (
@@ -27,6 +26,8 @@ from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES, HEADER, Message
 from distbelief.wire.ops import Op
 
 if TYPE_CHECKING:
+    import torch
+
     from distbelief.wire.channels import Channel
 
 BUFFER_BYTES = 4096
@@ -125,6 +126,8 @@ class FrameReader:
 def _receive_tensor(reader, name, dtype, shape, sink, deadline) -> torch.Tensor:
     target = sink(name, dtype, shape) if sink is not None else None
     if target is None:
+        import torch  # the frame describes a tensor: loaded at its dtype's lookup
+
         target = torch.empty(shape, dtype=dtype)
     elif target.dtype != dtype or tuple(target.shape) != shape or not target.is_contiguous():
         raise ProtocolError(f"tensor {name!r}: buffer does not fit {dtype} {list(shape)}")

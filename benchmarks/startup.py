@@ -4,8 +4,11 @@ its first worker step.
 
 Owns the timings and the md/json report. The first step's time is read from the run itself:
 the launch-to-first-row wall time of metrics.csv minus that row's ``time_s`` (seconds since the
-first worker started training), polled every 10 ms. Repeats interleave the commands, so a busy
-phase of a shared machine hits each alike; medians are reported.
+first worker started training), polled every 10 ms. CPU seconds are the whole machine's (from
+/proc/stat) while ``import torch`` and the job run: every process of the job counts, and so does
+anything else running, so they mean something on an otherwise idle machine only. Repeats
+interleave the commands, so a busy phase of a shared machine hits each alike; medians are
+reported.
 """
 
 from __future__ import annotations
@@ -35,6 +38,17 @@ FIRST_STEP_TARGET = 2.0
 """Launch to first worker step, as a multiple of ``import torch``: at most this."""
 HELP_TARGET_S = 0.5
 TRAIN_ARGS = ("train", "--steps", "30", "--eval-every", "1")
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds every core of this machine has spent busy since boot (0.0 without /proc)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle_and_iowait = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle_and_iowait) / os.sysconf("SC_CLK_TCK")
 
 
 def time_command(args: list[str]) -> float:
@@ -94,13 +108,26 @@ def time_first_step(run_dir: Path) -> dict:
 def measure(repeats: int, runs_dir: Path) -> dict[str, list[float]]:
     """Every measurement ``repeats`` times, interleaved."""
     times: dict[str, list[float]] = {
-        key: [] for key in ("import_torch", "help", "train_help", "first_step", "job")
+        key: []
+        for key in (
+            "import_torch",
+            "help",
+            "train_help",
+            "first_step",
+            "job",
+            "import_torch_cpu",
+            "job_cpu",
+        )
     }
     for repeat in range(repeats):
+        cpu_before = machine_cpu_s()
         times["import_torch"].append(time_command([sys.executable, "-c", "import torch"]))
+        times["import_torch_cpu"].append(machine_cpu_s() - cpu_before)
         times["help"].append(time_command([*CLI, "--help"]))
         times["train_help"].append(time_command([*CLI, "train", "--help"]))
+        cpu_before = machine_cpu_s()
         run = time_first_step(runs_dir / f"run{repeat}")
+        times["job_cpu"].append(machine_cpu_s() - cpu_before)
         times["first_step"].append(run["first_step_s"])
         times["job"].append(run["job_s"])
         logger.info("repeat %d: %s", repeat, {k: round(v[-1], 2) for k, v in times.items()})
@@ -120,22 +147,26 @@ def summarize(times: dict[str, list[float]]) -> dict:
 def table(summary: dict, times: dict[str, list[float]]) -> tuple[list[str], list[list[str]]]:
     header = ["what", "median (s)", "min-max (s)", "x import torch", "target"]
     import_s = summary["median_s"]["import_torch"]
+    import_cpu_s = summary["median_s"]["import_torch_cpu"] or 1.0
     what = {
         "import_torch": ('python -c "import torch"', "-"),
         "help": ("distbelief --help", f"< {HELP_TARGET_S:g} s"),
         "train_help": ("distbelief train --help", f"< {HELP_TARGET_S:g} s"),
         "first_step": ("distbelief train: launch to first step", f"<= {FIRST_STEP_TARGET:g}x"),
         "job": (f"distbelief {' '.join(TRAIN_ARGS)}: launch to exit", "-"),
+        "import_torch_cpu": ('CPU seconds (machine): python -c "import torch"', "-"),
+        "job_cpu": (f"CPU seconds (machine): distbelief {' '.join(TRAIN_ARGS)}", "-"),
     }
     cells = []
     for key, (label, target) in what.items():
         median_s = summary["median_s"][key]
+        baseline_s = import_cpu_s if key.endswith("_cpu") else import_s
         cells.append(
             [
                 label,
                 f"{median_s:.2f}",
                 f"{min(times[key]):.2f}-{max(times[key]):.2f}",
-                f"{median_s / import_s:.2f}",
+                f"{median_s / baseline_s:.2f}",
                 target,
             ]
         )

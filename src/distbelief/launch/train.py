@@ -56,8 +56,9 @@ def _load_with_signals_held(modules: tuple[str, ...]) -> None:
     """Imports ``modules`` with SIGINT and SIGTERM held until all are loaded (then a pending
     one is acted on). An exception raised by a signal handler inside a C extension's
     initialisation can crash the interpreter: SIGTERM during orjson's made the launcher die of
-    SIGSEGV instead of stopping its job. Held by this thread only: the launcher has started
-    no other by now, so a signal waits for it."""
+    SIGSEGV instead of stopping its job. Held by this thread only: the ``distbelief`` command
+    has no other thread yet, so a signal waits for it (a program of the user's that calls
+    ``train`` from a thread-rich process keeps the old window)."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         for module in modules:

@@ -52,19 +52,24 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
     raise LauncherInterrupted(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def _load_with_signals_held(modules: tuple[str, ...]) -> None:
-    """Imports ``modules`` with SIGINT and SIGTERM held until all are loaded (then a pending
-    one is acted on). An exception raised by a signal handler inside a C extension's
+def _load_with_signals_deferred(modules: tuple[str, ...]) -> None:
+    """Imports ``modules`` with SIGINT and SIGTERM only noted meanwhile, then acted on: raised
+    again once all are loaded. An exception raised by a signal handler inside a C extension's
     initialisation can crash the interpreter: SIGTERM during orjson's made the launcher die of
-    SIGSEGV instead of stopping its job. Held by this thread only: the ``distbelief`` command
-    has no other thread yet, so a signal waits for it (a program of the user's that calls
-    ``train`` from a thread-rich process keeps the old window)."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    SIGSEGV instead of stopping its job. A handler that only notes the signal raises nothing
+    there, whichever thread the signal reached."""
+    noted: list[int] = []
+    # A handler installed outside Python (getsignal: None) could not be put back: left alone.
+    wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    previous = {signum: signal.signal(signum, lambda n, _f: noted.append(n)) for signum in wanted}
     try:
         for module in modules:
             importlib.import_module(module)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if noted:
+        signal.raise_signal(noted[0])
 
 
 @dataclass
@@ -338,13 +343,14 @@ def train(
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
     cluster_type.warm_up(config)  # e.g. a forkserver's imports, overlapping what follows
-    _load_with_signals_held(LOADED_BEFORE_THE_JOB)
     total_steps = sum(_planned_steps(config))  # validates before anything is written
     if not resume or config.pipeline.split_points is None:
         config, partitions = _plan_partitions(config)
     else:
         partitions = {"split_points": list(config.pipeline.split_points), "basis": "given"}
     config, run_dir = _prepare(config, resume)
+    # After the checks above, so a refused setting is reported without waiting for these.
+    _load_with_signals_deferred(LOADED_BEFORE_THE_JOB)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     display = telemetry.ProgressDisplay(
         total_steps=total_steps, num_workers=config.cluster.num_workers

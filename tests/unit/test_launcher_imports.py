@@ -1,0 +1,67 @@
+"""The launcher's imports before a job: a signal that arrives while they run is acted on only
+once they are all loaded (a handler's exception inside a C extension's initialisation can crash
+the interpreter), and the handlers in place before are put back."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import textwrap
+
+import pytest
+
+from distbelief.launch.train import _load_with_signals_deferred
+
+
+def _module_that_signals(tmp_path, name: str, signum: int) -> str:
+    """A module that sends ``signum`` to this process while it is being imported, then goes
+    on with its own initialisation."""
+    source = f"""
+        import os
+        os.kill(os.getpid(), {int(signum)})
+        for _ in range(100_000):  # bytecode boundaries: where a handler's exception lands
+            pass
+        LOADED = True
+    """
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    return name
+
+
+@pytest.fixture
+def importable(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in [n for n in sys.modules if n.startswith("signals_during_import_")]:
+        del sys.modules[name]
+
+
+def test_ctrl_c_during_the_imports_is_raised_after_all_are_loaded(importable) -> None:
+    first = _module_that_signals(importable, "signals_during_import_a", signal.SIGINT)
+    (importable / "signals_during_import_b.py").write_text("LOADED = True\n")
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        _load_with_signals_deferred((first, "signals_during_import_b"))
+    assert sys.modules[first].LOADED and sys.modules["signals_during_import_b"].LOADED
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_during_the_imports_reaches_the_handler_in_place_afterwards(importable) -> None:
+    module = _module_that_signals(importable, "signals_during_import_c", signal.SIGTERM)
+    seen: list[bool] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        seen.append(bool(getattr(sys.modules.get(module), "LOADED", False)))
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        _load_with_signals_deferred((module,))
+        assert seen == [True]  # once, after the module had finished loading
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_without_a_signal_nothing_is_raised(importable) -> None:
+    (importable / "signals_during_import_d.py").write_text("LOADED = True\n")
+    _load_with_signals_deferred(("signals_during_import_d",))
+    assert sys.modules["signals_during_import_d"].LOADED

@@ -65,7 +65,9 @@ def server_and_group(tmp_path):
     """Rank 0 runs the seed-style server script; this process joins as rank 1 of 2."""
     script = tmp_path / "server.py"
     script.write_text(SERVER_SCRIPT)
-    init_method = f"tcp://127.0.0.1:{free_port()}"
+    # A file store: a port picked free beforehand could be taken by another test's server in
+    # between, and this rank would then wait its whole group timeout on a stranger.
+    init_method = f"file://{tmp_path / 'store'}"
     out = tmp_path / "server_model.pt"
     server = subprocess.Popen(
         [sys.executable, str(script), init_method, "2", str(out)],

@@ -70,7 +70,6 @@ class LocalCluster:
 
     def __init__(self, config: JobConfig, run_dir: Path) -> None:
         warm_up(config)
-        # Imported after the forkserver started: the wire package imports torch.
         from distbelief.wire.security import WireSecurity, generate_key
 
         self.config = config

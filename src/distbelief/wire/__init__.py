@@ -18,8 +18,8 @@ _EXPORTS = {
     "serve": "distbelief.wire.rpc_server",
     "long_wait": "distbelief.wire.serving_pool",
 }
-"""Loaded on first use: a launcher that only needs the wire's key handling (security.py) does
-not import torch, which its processes' forkserver imports already."""
+"""Loaded on first use, and torch only at the first tensor sent or received: a process whose
+frames carry none (the launcher: its job key, its shards' counters) never imports it."""
 
 __all__ = [
     "WIRE_DTYPES",

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from distbelief.errors import CheckpointError
+from distbelief.files import sha256_file
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.server import checkpoint as checkpoint_module
 from distbelief.server.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
@@ -181,7 +182,7 @@ def _write_format1_checkpoint(directory, shard: ParameterShard) -> None:
         "num_pushes": shard.counters().num_pushes,
         "last_push": {k: list(v) for k, v in shard.last_push.items()},
         "tensor_file": tensor_name,
-        "tensor_sha256": checkpoint_module._sha256(directory / tensor_name),
+        "tensor_sha256": sha256_file(directory / tensor_name),
     }
     (directory / "shard1.json").write_text(json.dumps(meta))
 

@@ -12,7 +12,13 @@ import sys
 
 import pytest
 
-PACKAGES = ("distbelief.launch", "distbelief.telemetry", "distbelief.plots", "distbelief.wire")
+PACKAGES = (
+    "distbelief.launch",
+    "distbelief.telemetry",
+    "distbelief.plots",
+    "distbelief.wire",
+    "distbelief.server",
+)
 HEAVY = ("torch", "matplotlib", "tensorboard", "rich", "ray")
 LAUNCHER_MODULES = ("distbelief.launch.cli", "distbelief.launch.resume", "distbelief.launch.train")
 """What ``distbelief train`` imports before it starts the processes."""

@@ -1,8 +1,12 @@
 """Resuming a model-parallel run: its shards' checkpoints live in one folder per parameter
 group (``checkpoints/group-stageI/``); they are found and checked before anything starts, and
-a corrupt one is refused naming its file."""
+a corrupt one is refused naming its file, without loading torch."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -44,3 +48,43 @@ def test_a_corrupt_group_checkpoint_is_refused_by_name(tmp_path):
     tensors.write_bytes(tensors.read_bytes()[:-4] + b"oops")
     with pytest.raises(CheckpointError, match=f"{tensors}: corrupt"):
         read_run_for_resume(run_dir)
+
+
+def test_a_checkpoint_of_another_shard_is_refused_by_name(tmp_path):
+    run_dir = tmp_path / "run"
+    _run_with_group_checkpoints(run_dir)
+    folder = run_dir / "checkpoints" / "group-stage0"
+    meta = json.loads((folder / "shard0.json").read_text())
+    (folder / "shard0.json").write_text(json.dumps(meta | {"shard_id": 1, "num_shards": 2}))
+    expected = r"shard0\.json: holds shard 1 of 2, expected shard 0 of 1"
+    with pytest.raises(CheckpointError, match=expected):
+        read_run_for_resume(run_dir)
+
+
+_CHECK_WITHOUT_TORCH = """
+import sys
+from pathlib import Path
+from distbelief.errors import CheckpointError
+from distbelief.launch.resume import read_run_for_resume
+try:
+    read_run_for_resume(Path(sys.argv[1]))
+except CheckpointError as e:
+    print("refused:", e)
+print("torch loaded:", "torch" in sys.modules)
+"""
+
+
+def test_the_check_before_a_resume_reads_the_files_without_torch(tmp_path):
+    run_dir = tmp_path / "run"
+    _run_with_group_checkpoints(run_dir)
+    command = [sys.executable, "-c", _CHECK_WITHOUT_TORCH, str(run_dir)]
+    checked = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert checked.stdout.splitlines() == ["torch loaded: False"], checked.stderr
+    [tensors] = (run_dir / "checkpoints" / "group-stage0").glob("*.safetensors")
+    tensors.write_bytes(tensors.read_bytes()[:-7])
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert refused.stdout.splitlines() == [
+        f"refused: --resume {run_dir}: cannot resume: {tensors}: corrupt "
+        f"(SHA-256 does not match {tensors.parent / 'shard0.json'})",
+        "torch loaded: False",
+    ], refused.stderr

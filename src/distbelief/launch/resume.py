@@ -2,9 +2,8 @@
 and its shard checkpoints, checked before any process starts, so a corrupt or missing file is
 one clear error naming the file instead of a shard's traceback. A resumed run keeps its config,
 but for the few fields that say how long it goes on and how it runs (``RESUMABLE_FIELDS``). The
-checkpoint reader (torch) is imported only when a run is resumed: ``distbelief train`` imports
-this module before it starts the processes, and torch here would delay them by its whole
-import."""
+check reads the files without torch: ``distbelief train`` runs it before it starts the
+processes, and a refused resume costs no torch import."""
 
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from distbelief.config import JobConfig
 from distbelief.coordinator.checkpoint import restore_folder
 from distbelief.errors import CheckpointError
 from distbelief.launch.cluster import CHECKPOINT_DIR
+from distbelief.server.checkpoint_meta import meta_path, read_checked_meta
 
 RESUMABLE_FIELDS = (
     "sandblaster.max_iterations",
@@ -39,20 +39,21 @@ RESUMABLE_FIELDS = (
 
 
 def check_checkpoints(directory: Path, num_shards: int) -> None:
-    """Read every shard's last checkpoint in ``directory`` as the shards will.
+    """Check every shard's last checkpoint in ``directory``: present, whole (its digest) and
+    this shard's of a job of ``num_shards``. Torch-free: the files are read, not loaded.
 
     Raises:
         CheckpointError: a checkpoint is missing a part, is corrupt, or was written by another
             shard or a job of another shard count; the message names the file.
     """
-    from distbelief.server.checkpoint import load_checkpoint
-
     for shard_id in range(num_shards):
-        state = load_checkpoint(directory, shard_id)
-        if state is not None and (state.shard_id, state.num_shards) != (shard_id, num_shards):
+        checked = read_checked_meta(directory, shard_id)
+        if checked is None:
+            continue
+        if (checked.shard_id, checked.num_shards) != (shard_id, num_shards):
             raise CheckpointError(
-                f"{directory / f'shard{shard_id}.json'}: holds shard {state.shard_id} of "
-                f"{state.num_shards}, expected shard {shard_id} of {num_shards}"
+                f"{meta_path(directory, shard_id)}: holds shard {checked.shard_id} of "
+                f"{checked.num_shards}, expected shard {shard_id} of {num_shards}"
             )
 
 

@@ -9,11 +9,8 @@ files are removed only after that. A reader checks the digest before trusting an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,40 +20,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distbelief.errors import CheckpointError
+from distbelief.files import sha256_file, write_file_atomic, write_text_atomic
+from distbelief.server.checkpoint_meta import FORMAT_VERSION, meta_path, read_checked_meta
 from distbelief.server.shard import ShardState
 from distbelief.sharding import FlatPartitioner
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-"""2: the shard's tensors and values as the shard store exports them. 1 (written before the
-shard store) is still read."""
 _POLL_S = 0.1
-
-
-def _meta_path(directory: Path, shard_id: int) -> Path:
-    return directory / f"shard{shard_id}.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _replace_atomically(directory: Path, name: str, write) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, directory / name)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return directory / name
 
 
 def save_checkpoint(state: ShardState, directory: str | Path) -> Path:
@@ -65,9 +36,8 @@ def save_checkpoint(state: ShardState, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.contiguous() for name, tensor in state.tensors.items()}
     tensor_name = f"shard{state.shard_id}-v{state.version:012d}.safetensors"
-    tensor_path = _replace_atomically(
-        directory, tensor_name, lambda tmp: save_file(tensors, str(tmp))
-    )
+    tensor_path = directory / tensor_name
+    write_file_atomic(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
     meta = {
         "format": FORMAT_VERSION,
         "shard_id": state.shard_id,
@@ -75,17 +45,14 @@ def save_checkpoint(state: ShardState, directory: str | Path) -> Path:
         "version": state.version,
         "values": state.values,
         "tensor_file": tensor_name,
-        "tensor_sha256": _sha256(tensor_path),
+        "tensor_sha256": sha256_file(tensor_path),
     }
-    meta_path = _replace_atomically(
-        directory,
-        _meta_path(directory, state.shard_id).name,
-        lambda tmp: tmp.write_text(json.dumps(meta, indent=1)),
-    )
+    path = meta_path(directory, state.shard_id)
+    write_text_atomic(path, json.dumps(meta, indent=1))
     for old in directory.glob(f"shard{state.shard_id}-v*.safetensors"):
         if old.name != tensor_name:
             old.unlink(missing_ok=True)
-    return meta_path
+    return path
 
 
 def load_checkpoint(directory: str | Path, shard_id: int) -> ShardState | None:
@@ -94,24 +61,14 @@ def load_checkpoint(directory: str | Path, shard_id: int) -> ShardState | None:
     Raises:
         CheckpointError: a part is missing or corrupt; the message names the file.
     """
-    meta_path = _meta_path(Path(directory), shard_id)
-    if not meta_path.exists():
+    checked = read_checked_meta(directory, shard_id)
+    if checked is None:
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-        tensor_path = Path(directory) / meta["tensor_file"]
-        if meta.get("format") not in (1, FORMAT_VERSION):
-            raise CheckpointError(f"{meta_path}: unknown format {meta.get('format')!r}")
-        if not tensor_path.exists():
-            raise CheckpointError(f"{meta_path}: names {tensor_path.name}, which is missing")
-        if _sha256(tensor_path) != meta["tensor_sha256"]:
-            raise CheckpointError(f"{tensor_path}: corrupt (SHA-256 does not match {meta_path})")
-        tensors = load_file(str(tensor_path))
-        return _state_from(meta, tensors)
-    except CheckpointError:
-        raise
+        return _state_from(checked.meta, load_file(str(checked.tensor_path)))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise CheckpointError(f"{meta_path}: unreadable checkpoint: {e}") from e
+        path = meta_path(Path(directory), shard_id)
+        raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
 
 
 def _state_from(meta: dict, tensors: dict[str, torch.Tensor]) -> ShardState:

@@ -1,0 +1,72 @@
+"""The JSON half of a shard checkpoint: where it lives, what it says (shard, shard count,
+version, format) and the check that the tensor file it names is there and whole (its SHA-256).
+
+Torch-free on purpose: the launcher checks a run's checkpoints before it resumes it, and a
+corrupt or foreign file is refused in the time it takes to read the files, without loading torch
+first. Reading the tensors themselves is ``server/checkpoint.py``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from distbelief.errors import CheckpointError
+from distbelief.files import sha256_file
+
+FORMAT_VERSION = 2
+"""2: the shard's tensors and values as the shard store exports them. 1 (written before the
+shard store) is still read."""
+READABLE_FORMATS = (1, FORMAT_VERSION)
+
+
+def meta_path(directory: Path, shard_id: int) -> Path:
+    """The JSON file of shard ``shard_id``'s checkpoint in ``directory``."""
+    return directory / f"shard{shard_id}.json"
+
+
+@dataclass(frozen=True)
+class CheckedMeta:
+    """A checkpoint's JSON whose tensor file is present and matches its digest."""
+
+    meta: dict
+    tensor_path: Path
+    shard_id: int
+    num_shards: int
+    version: int
+
+
+def read_checked_meta(directory: str | Path, shard_id: int) -> CheckedMeta | None:
+    """The last checkpoint of ``shard_id`` in ``directory`` with its tensor file checked, or
+    None if there is none.
+
+    Raises:
+        CheckpointError: the JSON is unreadable or of an unknown format, or its tensor file is
+            missing or corrupt; the message names the file.
+    """
+    path = meta_path(Path(directory), shard_id)
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{path}: unreadable checkpoint: not a JSON object")
+        if meta.get("format") not in READABLE_FORMATS:
+            raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
+        tensor_path = Path(directory) / meta["tensor_file"]
+        if not tensor_path.exists():
+            raise CheckpointError(f"{path}: names {tensor_path.name}, which is missing")
+        if sha256_file(tensor_path) != meta["tensor_sha256"]:
+            raise CheckpointError(f"{tensor_path}: corrupt (SHA-256 does not match {path})")
+        return CheckedMeta(
+            meta=meta,
+            tensor_path=tensor_path,
+            shard_id=int(meta["shard_id"]),
+            num_shards=int(meta["num_shards"]),
+            version=int(meta["version"]),
+        )
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e

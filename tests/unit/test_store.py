@@ -1,4 +1,8 @@
-"""ShardStore: named buffers, what export saves, and a load that continues exactly."""
+"""ShardStore: named buffers, what export saves, and a load that continues exactly; plain SGD
+without torch.optim."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,3 +72,55 @@ def test_load_refuses_another_optimizer_or_a_missing_tensor():
     del tensors["param.1"]
     with pytest.raises(ValueError, match=r"'param\.1' is missing"):
         ShardStore.load(server_optimizer_factory("adagrad", lr=0.1), tensors, plain)
+
+
+def test_plain_sgd_makes_torch_sgds_update_and_writes_its_state_layout():
+    grads = [torch.linspace(-1, 1, 6), torch.full((3,), 0.5, dtype=torch.float64)]
+    plain = _store("sgd")
+    params = [p.clone() for p in plain.params]
+    reference = torch.optim.SGD(params, lr=0.1)
+    for step in range(3):
+        plain.step([g * (step + 1) for g in grads])
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad * (step + 1)
+        reference.step()
+    for a, b in zip(plain.params, params, strict=True):
+        assert torch.equal(a, b)
+    ours, torchs = plain.optimizer.state_dict(), reference.state_dict()
+    assert ours["state"] == torchs["state"] == {}
+    [group], [torch_group] = ours["param_groups"], torchs["param_groups"]
+    assert group == {key: torch_group[key] for key in group}
+    for param, grad in zip(plain.params, grads, strict=True):
+        param.grad = grad.clone()
+    before = [p.clone() for p in plain.params]
+    plain.optimizer.step()  # step() on grads, as torch's: the same update
+    for after, old, grad in zip(plain.params, before, grads, strict=True):
+        assert torch.equal(after, old.add(grad, alpha=-0.1))
+
+
+def test_plain_sgd_loads_torch_sgds_checkpoint_but_not_momentum_buffers():
+    tensors, plain = _store("sgd").export()
+    assert plain["optimizer"] == "SGD"
+    torch_sgd = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    ShardStore.load(torch_sgd, tensors, plain)  # and torch's SGD reads plain SGD's
+    momentum = _store("momentum")
+    momentum.step([torch.ones(6), torch.ones(3, dtype=torch.float64)])
+    tensors, plain = momentum.export()
+    with pytest.raises(ValueError, match="momentum buffers: this shard runs plain SGD"):
+        ShardStore.load(server_optimizer_factory("sgd", lr=0.1), tensors, plain)
+
+
+def test_a_plain_sgd_shard_never_imports_torch_dynamo():
+    code = (
+        "import sys, torch\n"
+        "from distbelief.server.store import ShardStore\n"
+        "from distbelief.server import server_optimizer_factory\n"
+        "store = ShardStore(server_optimizer_factory('sgd', lr=0.1), [torch.zeros(3)])\n"
+        "store.step([torch.ones(3)])\n"
+        "store.export()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip() == "False", result.stderr

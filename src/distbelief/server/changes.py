@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from distbelief.server.optimizers import ServerOptimizer, is_plain_sgd
+
 _MAX_OFFSET = torch.iinfo(torch.int32).max - 1
 
 SPARSE_RECORD_FRACTION = 0.25
@@ -24,14 +26,14 @@ SPARSE_RECORD_FRACTION = 0.25
 such a pull would not be sent sparse anyway, and one mark costs nothing."""
 
 
-def keeps_support(optimizer: torch.optim.Optimizer) -> bool:
+def keeps_support(optimizer: ServerOptimizer) -> bool:
     """Whether ``optimizer``'s step leaves every element whose gradient is zero (and its state)
     exactly as it was: plain SGD and Adagrad without weight decay or momentum."""
+    if is_plain_sgd(optimizer):
+        return True
     if len(optimizer.param_groups) != 1:
         return False
     group = optimizer.param_groups[0]
-    if type(optimizer) is torch.optim.SGD:
-        return not (group["momentum"] or group["weight_decay"])
     if type(optimizer) is torch.optim.Adagrad:
         return not group["weight_decay"]
     return False

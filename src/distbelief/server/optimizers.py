@@ -2,7 +2,9 @@
 
 Each shard keeps the optimizer state of its own slice only. SGD, momentum, Adagrad (the paper's
 choice: per-parameter rate gamma / sqrt(sum of squared gradients)) and Adam are all elementwise,
-so ``torch.optim`` applied to a slice gives exactly the unsharded result on that slice.
+so ``torch.optim`` applied to a slice gives exactly the unsharded result on that slice. Plain SGD,
+the default, is ``PlainSGD``: the same update without building a ``torch.optim`` optimizer (see
+there why).
 """
 
 from __future__ import annotations
@@ -13,7 +15,69 @@ import torch
 
 from distbelief.config import SERVER_OPTIMIZER_NAMES, ServerConfig
 
-ServerOptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+
+class PlainSGD:
+    """``w -= lr * g`` over a shard's slices: the update ``torch.optim.SGD`` makes without
+    momentum, weight decay or maximize, which keeps no state.
+
+    Not ``torch.optim.SGD`` itself because building any ``torch.optim`` optimizer imports
+    ``torch._dynamo`` (its methods are wrapped to disable it): about 2 s of CPU, as much again as
+    ``import torch``, before a shard can answer its first INIT. A shard of plain SGD needs none
+    of it. Has what a shard uses of an optimizer, in torch's layout: ``param_groups``,
+    ``state_dict``/``load_state_dict`` and ``step``.
+    """
+
+    checkpoint_name = "SGD"
+    """The optimizer a checkpoint names: torch's SGD writes the same (empty) state."""
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float) -> None:
+        self.param_groups = [
+            {
+                "params": list(params),
+                "lr": lr,
+                "momentum": 0,
+                "dampening": 0,
+                "weight_decay": 0,
+                "nesterov": False,
+                "maximize": False,
+            }
+        ]
+        self.state: dict = {}
+
+    def step(self) -> None:
+        """Update every parameter that has a ``grad``."""
+        group = self.param_groups[0]
+        params = [param for param in group["params"] if param.grad is not None]
+        if params:
+            torch._foreach_add_(params, [param.grad for param in params], alpha=-group["lr"])
+
+    def state_dict(self) -> dict:
+        group = dict(self.param_groups[0])
+        group["params"] = list(range(len(group["params"])))
+        return {"state": {}, "param_groups": [group]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Take the learning rate of ``state_dict`` (torch's layout, one group).
+
+        Raises:
+            ValueError: it holds per-parameter state (momentum buffers) or another number of
+                groups or parameters.
+        """
+        if state_dict["state"]:
+            raise ValueError("the saved SGD state has momentum buffers: this shard runs plain SGD")
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.param_groups[0]["params"]):
+            raise ValueError("the saved SGD state is of another set of parameters")
+        self.param_groups[0]["lr"] = groups[0]["lr"]
+
+
+ServerOptimizer = torch.optim.Optimizer | PlainSGD
+ServerOptimizerFactory = Callable[[list[torch.Tensor]], ServerOptimizer]
+
+
+def optimizer_name(optimizer: ServerOptimizer) -> str:
+    """What a checkpoint calls ``optimizer``'s state (its class name; ``PlainSGD``: SGD)."""
+    return getattr(optimizer, "checkpoint_name", type(optimizer).__name__)
 
 
 def server_optimizer_factory(
@@ -47,7 +111,7 @@ def server_optimizer_factory(
     if eps is not None and eps <= 0:
         raise ValueError(f"server eps must be > 0, got {eps}")
     if name == "sgd":
-        return lambda params: torch.optim.SGD(params, lr=lr)
+        return lambda params: PlainSGD(params, lr=lr)
     if name == "momentum":
         return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
     if name == "adagrad":
@@ -66,7 +130,11 @@ def server_optimizer_from_config(config: ServerConfig) -> ServerOptimizerFactory
     )
 
 
-def _is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
+def is_plain_sgd(optimizer: ServerOptimizer) -> bool:
+    """Whether ``optimizer``'s step is ``w -= lr * g`` (``PlainSGD``, or torch's SGD without
+    momentum, weight decay or maximize)."""
+    if isinstance(optimizer, PlainSGD):
+        return True
     if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
         return False
     group = optimizer.param_groups[0]
@@ -74,10 +142,10 @@ def _is_plain_sgd(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def apply_update(
-    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
+    optimizer: ServerOptimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
 ) -> None:
     """One optimizer step of ``params`` with ``grads`` (the grads are used, not copied)."""
-    if _is_plain_sgd(optimizer):
+    if is_plain_sgd(optimizer):
         # The same update as SGD.step() without its per-call bookkeeping (~20x less overhead
         # for small slices); plain SGD keeps no state, so its state_dict is unchanged.
         torch._foreach_add_(list(params), list(grads), alpha=-optimizer.param_groups[0]["lr"])

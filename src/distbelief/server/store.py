@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from distbelief.server.optimizers import ServerOptimizerFactory, apply_update
+from distbelief.server.optimizers import ServerOptimizerFactory, apply_update, optimizer_name
 
 PARAM = "param"
 """The buffer holding the shard's parameter slices."""
@@ -123,7 +123,7 @@ class ShardStore:
                     optimizer_plain.setdefault(str(index), {})[key] = value
         plain = {
             "buffers": counts,
-            "optimizer": type(self.optimizer).__name__,
+            "optimizer": optimizer_name(self.optimizer),
             "optimizer_plain_state": optimizer_plain,
             "values": dict(self.values),
         }
@@ -148,10 +148,10 @@ class ShardStore:
             for name, count in counts.items()
         }
         store = cls(optimizer_factory, buffers.pop(PARAM))
-        if type(store.optimizer).__name__ != plain["optimizer"]:
+        if optimizer_name(store.optimizer) != plain["optimizer"]:
             raise ValueError(
                 f"checkpoint holds {plain['optimizer']} state, this shard runs "
-                f"{type(store.optimizer).__name__}"
+                f"{optimizer_name(store.optimizer)}"
             )
         state: dict[int, dict[str, object]] = {
             int(index): dict(entries) for index, entries in plain["optimizer_plain_state"].items()

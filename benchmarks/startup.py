@@ -1,6 +1,7 @@
 """Start-up time of the ``distbelief`` command against ``python -c "import torch"`` on the same
-machine, in one invocation: ``--help``, ``train --help``, and launching ``distbelief train`` to
-its first worker step.
+machine, in one invocation: ``--help``, ``train --help``, launching ``distbelief train`` to
+its first worker step, and a standalone ``distbelief ps`` (as started on each host of a
+multi-host job) to its answer to a worker's first INIT.
 
 Owns the timings and the md/json report. The first step's time is read from the run itself:
 the launch-to-first-row wall time of metrics.csv minus that row's ``time_s`` (seconds since the
@@ -24,7 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 import machine
+from distbelief.client import ParameterServerClient
+from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("startup")
@@ -38,6 +43,10 @@ FIRST_STEP_TARGET = 2.0
 """Launch to first worker step, as a multiple of ``import torch``: at most this."""
 HELP_TARGET_S = 0.5
 TRAIN_ARGS = ("train", "--steps", "30", "--eval-every", "1")
+SHARD_ARGS = ("ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://127.0.0.1:0")
+SHARD_ADDRESS_PREFIX = "serving shard 0 at "
+SHARD_MODEL_NUMEL = 1000
+CLIENT_TIMEOUT_S = 60.0
 
 
 def machine_cpu_s() -> float:
@@ -105,6 +114,53 @@ def time_first_step(run_dir: Path) -> dict:
             process.wait(10)
 
 
+def _shard_address(process: subprocess.Popen) -> str:
+    assert process.stdout is not None
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        if SHARD_ADDRESS_PREFIX in line:
+            return line.split(SHARD_ADDRESS_PREFIX, 1)[1].split()[0]
+    raise TimeoutError("distbelief ps did not say where it serves")
+
+
+def time_shard_first_init() -> dict:
+    """Starts ``distbelief ps``; returns seconds from launch to its address line and to its
+    answer to a worker's first INIT (a 1000-element model), and the machine's CPU seconds
+    until then (this process's client side included: a handshake, torch already loaded).
+
+    Raises:
+        TimeoutError: the shard did not print its address within RUN_TIMEOUT_S.
+    """
+    specs = tensor_specs([("weights", torch.zeros(SHARD_MODEL_NUMEL))])
+    layout = FlatLayout(specs)
+    cpu_before, started = machine_cpu_s(), time.time()
+    process = subprocess.Popen(
+        [*CLI, *SHARD_ARGS, "--no-auth"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        address = _shard_address(process)
+        serving_s = time.time() - started
+        client = ParameterServerClient([address], specs, timeout_s=CLIENT_TIMEOUT_S)
+        try:
+            client.handshake(layout.allocate())
+        finally:
+            client.close()
+        first_init_s = time.time() - started
+        cpu_s = machine_cpu_s() - cpu_before
+    finally:
+        process.terminate()
+        process.wait(RUN_TIMEOUT_S)
+        if process.stdout is not None:
+            process.stdout.close()
+    return {"serving_s": serving_s, "first_init_s": first_init_s, "cpu_s": cpu_s}
+
+
 def measure(repeats: int, runs_dir: Path) -> dict[str, list[float]]:
     """Every measurement ``repeats`` times, interleaved."""
     times: dict[str, list[float]] = {
@@ -115,8 +171,11 @@ def measure(repeats: int, runs_dir: Path) -> dict[str, list[float]]:
             "train_help",
             "first_step",
             "job",
+            "shard_serving",
+            "shard_first_init",
             "import_torch_cpu",
             "job_cpu",
+            "shard_first_init_cpu",
         )
     }
     for repeat in range(repeats):
@@ -130,6 +189,10 @@ def measure(repeats: int, runs_dir: Path) -> dict[str, list[float]]:
         times["job_cpu"].append(machine_cpu_s() - cpu_before)
         times["first_step"].append(run["first_step_s"])
         times["job"].append(run["job_s"])
+        shard = time_shard_first_init()
+        times["shard_serving"].append(shard["serving_s"])
+        times["shard_first_init"].append(shard["first_init_s"])
+        times["shard_first_init_cpu"].append(shard["cpu_s"])
         logger.info("repeat %d: %s", repeat, {k: round(v[-1], 2) for k, v in times.items()})
     return times
 
@@ -154,8 +217,11 @@ def table(summary: dict, times: dict[str, list[float]]) -> tuple[list[str], list
         "train_help": ("distbelief train --help", f"< {HELP_TARGET_S:g} s"),
         "first_step": ("distbelief train: launch to first step", f"<= {FIRST_STEP_TARGET:g}x"),
         "job": (f"distbelief {' '.join(TRAIN_ARGS)}: launch to exit", "-"),
+        "shard_serving": ("distbelief ps: launch to serving (address printed)", "-"),
+        "shard_first_init": ("distbelief ps: launch to its answer to the first INIT", "-"),
         "import_torch_cpu": ('CPU seconds (machine): python -c "import torch"', "-"),
         "job_cpu": (f"CPU seconds (machine): distbelief {' '.join(TRAIN_ARGS)}", "-"),
+        "shard_first_init_cpu": ("CPU seconds (machine): distbelief ps to its first INIT", "-"),
     }
     cells = []
     for key, (label, target) in what.items():
@@ -196,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     record |= {"summary": summary, "times_s": times}
     description = (
         f"Medians of {args.repeats} interleaved repeats. First step: launch of "
-        f"`distbelief {' '.join(TRAIN_ARGS)}` to the first worker's first step, from metrics.csv."
+        f"`distbelief {' '.join(TRAIN_ARGS)}` to the first worker's first step, from metrics.csv. "
+        f"Shard: `distbelief {' '.join(SHARD_ARGS)} --no-auth` to its answer to a client's "
+        f"handshake (INIT of a {SHARD_MODEL_NUMEL}-element model)."
     )
     title = "Start-up of the distbelief command"
     print(machine.write_report(args.out, record, title, description, *table(summary, times)))

@@ -331,3 +331,30 @@ def test_help_imports_no_torch(argv):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1].replace("'", '"')) == []
+
+
+_REFUSED_BEFORE_ANY_PROCESS = """
+import os, sys
+from distbelief.launch import cli
+try:
+    code = cli.main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+print("exit", code)
+me = str(os.getpid())
+children = [
+    pid for pid in os.listdir("/proc") if pid.isdigit()
+    and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] == me
+]
+print("children", len(children), "torch", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_warmstart_longer_than_the_steps_is_refused_before_any_process_starts(tmp_path):
+    argv = ["train", "--steps", "10", "--warmstart-steps", "20", "--out", str(tmp_path / "run")]
+    command = [sys.executable, "-c", _REFUSED_BEFORE_ANY_PROCESS, *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == ["exit 2", "children 0 torch False"], result.stderr
+    assert "argument --warmstart-steps: must be <= the 10 pushes" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -92,6 +92,11 @@ class RunResult:
     """Per shard: the address it served at and the host each worker connected from."""
 
 
+def _counts_examples(config: JobConfig) -> bool:
+    """Whether planning the job's steps reads its training set (Sandblaster's batch, epochs)."""
+    return config.optimizer.algorithm == "sandblaster" or config.optimizer.steps is None
+
+
 def _planned_steps(config: JobConfig) -> list[int]:
     """Steps each worker will run (Sandblaster: the coordinator's iterations); ConfigFieldError
     if the warmstart outlasts worker 0's pushes, or Sandblaster's portions do not fit its
@@ -342,8 +347,14 @@ def train(
     cluster_type = cluster_type or engine_cluster(config.cluster.engine)
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
-    cluster_type.warm_up(config)  # e.g. a forkserver's imports, overlapping what follows
-    total_steps = sum(_planned_steps(config))  # validates before anything is written
+    if _counts_examples(config):
+        # Counting loads the training set (torch): a forkserver's imports, say, overlap it.
+        cluster_type.warm_up(config)
+        total_steps = sum(_planned_steps(config))  # validates before anything is written
+    else:
+        # Checked first: a refused --warmstart-steps starts no process, as any bad flag.
+        total_steps = sum(_planned_steps(config))
+        cluster_type.warm_up(config)  # overlapping the partition plan and the run folder
     if not resume or config.pipeline.split_points is None:
         config, partitions = _plan_partitions(config)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
+# A shell without job control starts background commands with SIGINT ignored, and an ignored
+# signal stays ignored in every process started after: the tests that stop a process with Ctrl-C
+# (and those of the launcher's own handling of it) need it delivered. A handler, unlike "ignored",
+# is reset to the default in the processes the tests start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 CLI = [sys.executable, "-m", "distbelief"]
 CHILD_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,5 +1,5 @@
 """The JSON half of a shard checkpoint: where it lives, what it says (shard, shard count,
-version, format) and the check that the tensor file it names is there and whole (its SHA-256).
+format) and the check that the tensor file it names is there and whole (its SHA-256).
 
 Torch-free on purpose: the launcher checks a run's checkpoints before it resumes it, and a
 corrupt or foreign file is refused in the time it takes to read the files, without loading torch
@@ -34,7 +34,6 @@ class CheckedMeta:
     tensor_path: Path
     shard_id: int
     num_shards: int
-    version: int
 
 
 def read_checked_meta(directory: str | Path, shard_id: int) -> CheckedMeta | None:
@@ -64,7 +63,6 @@ def read_checked_meta(directory: str | Path, shard_id: int) -> CheckedMeta | Non
             tensor_path=tensor_path,
             shard_id=int(meta["shard_id"]),
             num_shards=int(meta["num_shards"]),
-            version=int(meta["version"]),
         )
     except CheckpointError:
         raise

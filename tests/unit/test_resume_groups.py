@@ -88,3 +88,14 @@ def test_the_check_before_a_resume_reads_the_files_without_torch(tmp_path):
         f"(SHA-256 does not match {tensors.parent / 'shard0.json'})",
         "torch loaded: False",
     ], refused.stderr
+
+
+def test_a_checkpoint_without_what_the_shard_reads_is_refused_before_anything_starts(tmp_path):
+    run_dir = tmp_path / "run"
+    _run_with_group_checkpoints(run_dir)
+    path = run_dir / "checkpoints" / "group-stage1" / "shard0.json"
+    meta = json.loads(path.read_text())
+    del meta["values"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"shard0\.json: unreadable checkpoint: no values"):
+        read_run_for_resume(run_dir)

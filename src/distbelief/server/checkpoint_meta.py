@@ -18,7 +18,12 @@ from distbelief.files import sha256_file
 FORMAT_VERSION = 2
 """2: the shard's tensors and values as the shard store exports them. 1 (written before the
 shard store) is still read."""
-READABLE_FORMATS = (1, FORMAT_VERSION)
+_REQUIRED_KEYS = ("shard_id", "num_shards", "version", "tensor_file", "tensor_sha256")
+_FORMAT_KEYS = {
+    1: ("specs", "num_params", "optimizer", "optimizer_plain_state", "num_pushes", "last_push"),
+    FORMAT_VERSION: ("values",),
+}
+"""What a reader takes from the JSON of each format, besides ``_REQUIRED_KEYS``."""
 
 
 def meta_path(directory: Path, shard_id: int) -> Path:
@@ -51,8 +56,11 @@ def read_checked_meta(directory: str | Path, shard_id: int) -> CheckedMeta | Non
         meta = json.loads(path.read_text())
         if not isinstance(meta, dict):
             raise CheckpointError(f"{path}: unreadable checkpoint: not a JSON object")
-        if meta.get("format") not in READABLE_FORMATS:
+        if meta.get("format") not in _FORMAT_KEYS:
             raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
+        missing = [k for k in (*_REQUIRED_KEYS, *_FORMAT_KEYS[meta["format"]]) if k not in meta]
+        if missing:
+            raise CheckpointError(f"{path}: unreadable checkpoint: no {', '.join(missing)}")
         tensor_path = Path(directory) / meta["tensor_file"]
         if not tensor_path.exists():
             raise CheckpointError(f"{path}: names {tensor_path.name}, which is missing")

@@ -18,6 +18,7 @@ import argparse
 import datetime
 import logging
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -115,12 +116,16 @@ def time_first_step(run_dir: Path) -> dict:
 
 
 def _shard_address(process: subprocess.Popen) -> str:
+    """The address ``distbelief ps`` prints; each wait for output is bounded (``stdout`` is an
+    unbuffered pipe, so select sees every byte not read yet)."""
     assert process.stdout is not None
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not select.select([process.stdout], [], [], remaining)[0]:
             break
+        line = process.stdout.readline().decode(errors="replace")
+        if not line:
+            break  # the shard exited
         if SHARD_ADDRESS_PREFIX in line:
             return line.split(SHARD_ADDRESS_PREFIX, 1)[1].split()[0]
     raise TimeoutError("distbelief ps did not say where it serves")
@@ -141,7 +146,7 @@ def time_shard_first_init() -> dict:
         [*CLI, *SHARD_ARGS, "--no-auth"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        text=True,
+        bufsize=0,
     )
     try:
         address = _shard_address(process)

@@ -347,13 +347,14 @@ def train(
     cluster_type = cluster_type or engine_cluster(config.cluster.engine)
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
-    if _counts_examples(config):
-        # Counting loads the training set (torch): a forkserver's imports, say, overlap it.
+    # Counting examples loads the training set (torch): a forkserver's imports, say, overlap
+    # it. Without counting, the steps are checked first: a refused --warmstart-steps starts no
+    # process, as any bad flag.
+    warm_up_first = _counts_examples(config)
+    if warm_up_first:
         cluster_type.warm_up(config)
-        total_steps = sum(_planned_steps(config))  # validates before anything is written
-    else:
-        # Checked first: a refused --warmstart-steps starts no process, as any bad flag.
-        total_steps = sum(_planned_steps(config))
+    total_steps = sum(_planned_steps(config))  # validates before anything is written
+    if not warm_up_first:
         cluster_type.warm_up(config)  # overlapping the partition plan and the run folder
     if not resume or config.pipeline.split_points is None:
         config, partitions = _plan_partitions(config)

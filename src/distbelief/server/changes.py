@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from distbelief.server.optimizers import ServerOptimizer, is_plain_sgd
+from distbelief.server.optimizers import PlainSGD, ServerOptimizer
 
 _MAX_OFFSET = torch.iinfo(torch.int32).max - 1
 
@@ -29,11 +29,11 @@ such a pull would not be sent sparse anyway, and one mark costs nothing."""
 def keeps_support(optimizer: ServerOptimizer) -> bool:
     """Whether ``optimizer``'s step leaves every element whose gradient is zero (and its state)
     exactly as it was: plain SGD and Adagrad without weight decay or momentum."""
-    if is_plain_sgd(optimizer):
-        return True
     if len(optimizer.param_groups) != 1:
         return False
     group = optimizer.param_groups[0]
+    if type(optimizer) in (torch.optim.SGD, PlainSGD):
+        return not (group["momentum"] or group["weight_decay"])
     if type(optimizer) is torch.optim.Adagrad:
         return not group["weight_decay"]
     return False

@@ -42,7 +42,6 @@ class PlainSGD:
                 "maximize": False,
             }
         ]
-        self.state: dict = {}
 
     def step(self) -> None:
         """Update every parameter that has a ``grad``."""
@@ -130,7 +129,7 @@ def server_optimizer_from_config(config: ServerConfig) -> ServerOptimizerFactory
     )
 
 
-def is_plain_sgd(optimizer: ServerOptimizer) -> bool:
+def _is_plain_sgd(optimizer: ServerOptimizer) -> bool:
     """Whether ``optimizer``'s step is ``w -= lr * g`` (``PlainSGD``, or torch's SGD without
     momentum, weight decay or maximize)."""
     if isinstance(optimizer, PlainSGD):
@@ -145,7 +144,7 @@ def apply_update(
     optimizer: ServerOptimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]
 ) -> None:
     """One optimizer step of ``params`` with ``grads`` (the grads are used, not copied)."""
-    if is_plain_sgd(optimizer):
+    if _is_plain_sgd(optimizer):
         # The same update as SGD.step() without its per-call bookkeeping (~20x less overhead
         # for small slices); plain SGD keeps no state, so its state_dict is unchanged.
         torch._foreach_add_(list(params), list(grads), alpha=-optimizer.param_groups[0]["lr"])

@@ -10,6 +10,36 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def check_folder_can_be_made(path: Path | str, what: str) -> None:
+    """Check, creating nothing, that folder ``path`` exists or can be created: its nearest
+    existing ancestor is a writable folder. ValueError as ``make_folder``'s otherwise."""
+    folder = Path(path)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "exists" if existing == folder else f"cannot be created: {existing} exists"
+        raise ValueError(f"{what} {path}: {where} and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: cannot create the folder: {existing} is not writable")
+
+
+def make_folder(path: Path | str, what: str) -> Path:
+    """Create folder ``path`` (and its parents) if missing; returns it.
+
+    Raises:
+        ValueError: it exists and is not a folder, or cannot be created (naming ``what``, the
+            flag or argument the user gave it with, and the path as given).
+    """
+    check_folder_can_be_made(path, what)
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot create the folder: {e.strerror}") from None
+    return folder
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -219,3 +219,26 @@ def test_unknown_format_is_named(tmp_path):
     meta_path.write_text(json.dumps({**meta, "format": 99}))
     with pytest.raises(CheckpointError, match="unknown format 99"):
         load_checkpoint(tmp_path, 1)
+
+
+def test_a_failing_first_save_is_retried_at_the_interval_not_at_every_poll(tmp_path):
+    """A checkpoint folder that cannot be written costs one error per interval, not a log
+    line every poll (about 10 a second) for the shard's whole life."""
+    attempts = []
+
+    def failing_save(state, directory):
+        attempts.append(time.monotonic())
+        raise OSError("read-only file system")
+
+    checkpointer = Checkpointer(_shard("sgd"), tmp_path, every_s=60.0, save=failing_save)
+    checkpointer.start()
+    try:
+        deadline = time.monotonic() + 30.0
+        while not attempts and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # ten polls
+        periodic_attempts = len(attempts)
+    finally:
+        with pytest.raises(OSError, match="read-only"):
+            checkpointer.stop()  # its last save fails too, and says so
+    assert periodic_attempts == 1

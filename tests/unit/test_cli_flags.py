@@ -3,6 +3,7 @@ must show up here on purpose. Also: flags land in their fields, and --help loads
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -358,3 +359,100 @@ def test_a_warmstart_longer_than_the_steps_is_refused_before_any_process_starts(
     assert result.stdout.splitlines() == ["exit 2", "children 0 torch False"], result.stderr
     assert "argument --warmstart-steps: must be <= the 10 pushes" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _refused(argv: list[str], tmp_path, env_extra: dict | None = None) -> tuple[list[str], str]:
+    """Run the command in a fresh interpreter: (stdout lines, stderr)."""
+    env = {**os.environ, **(env_extra or {})}
+    command = [sys.executable, "-c", _REFUSED_BEFORE_ANY_PROCESS, *argv]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+    )
+    return result.stdout.splitlines(), result.stderr
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--dataset", "cifar10", "--model", "alexnet", "--no-download", "--steps", "2"],
+            "argument --data-dir: empty/cifar-10-batches-py lacks data_batch_1",
+        ),
+        (
+            ["--dataset", "mnist", "--no-download", "--epochs", "1"],
+            "argument --data-dir: empty/mnist lacks train-images-idx3-ubyte",
+        ),
+        (
+            ["--dataset", "criteo", "--model", "dlrm", "--steps", "2"],
+            "argument --data-dir: empty/criteo holds no Criteo training file",
+        ),
+        (
+            ["--dataset", "movielens", "--model", "dlrm", "--steps", "2"],
+            "argument --data-dir: empty/movielens holds no MovieLens ratings file",
+        ),
+    ],
+    ids=["cifar10", "mnist-epochs", "criteo", "movielens"],
+)
+def test_missing_data_files_are_refused_before_any_process_starts(argv, message, tmp_path):
+    (tmp_path / "empty").mkdir()
+    argv = ["train", *argv, "--data-dir", "empty", "--out", "run"]
+    stdout, stderr = _refused(argv, tmp_path)
+    assert stdout == ["exit 2", "children 0 torch False"], stderr
+    assert message in _one_error_line(stderr)
+    assert not (tmp_path / "run").exists()
+
+
+_UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a folder"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["train", "--steps", "2", "--out", "afile/run"], {}, _UNDER_A_FILE),
+        (
+            ["eval", "--ps", "tcp://127.0.0.1:1", "--once", "--out", "afile/run"],
+            {},
+            "--out afile/run: cannot be created: afile exists and is not a folder",
+        ),
+        (["plot", "somerun", "--out", "afile"], {}, "--out afile: exists and is not a folder"),
+        (
+            ["ps", "--shard-id", "0", "--num-shards", "1", "--checkpoint-dir", "afile"],
+            {},
+            "--checkpoint-dir afile: exists and is not a folder",
+        ),
+        (
+            ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://198.51.100.7:7000"],
+            {},
+            "argument --bind: 198.51.100.7 is not an address of this machine",
+        ),
+        (
+            ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"],
+            {"DISTBELIEF_TRANSPORT": "bogus"},
+            "DISTBELIEF_TRANSPORT 'bogus': must be one of auto, tcp, shm",
+        ),
+        (
+            [
+                *["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"],
+                *["--dataset", "mnist", "--no-download", "--data-dir", "."],
+            ],
+            {},
+            "argument --data-dir: mnist lacks train-images-idx3-ubyte",
+        ),
+    ],
+    ids=["train-out", "eval-out", "plot-out", "ps-checkpoint-dir", "ps-bind", "env", "worker"],
+)
+def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "somerun").mkdir()
+    stdout, stderr = _refused(argv, tmp_path, env)
+    assert stdout[:1] == ["exit 2"] and stdout[1].startswith("children 0"), stderr
+    assert message in _one_error_line(stderr)
+    assert (tmp_path / "afile").read_text() == "not a folder"

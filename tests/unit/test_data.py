@@ -361,3 +361,39 @@ def test_digits_are_read_as_scikit_learn_loads_them():
     pixels, targets = _bundled_digits()
     bunch = load_digits()
     assert np.array_equal(pixels, bunch.images) and np.array_equal(targets, bunch.target)
+
+
+def test_missing_data_files_names_what_a_job_lacks_and_nothing_when_complete(tmp_path):
+    from distbelief.config import DataConfig
+    from distbelief.data.files import (
+        CIFAR10_BATCHES_DIR,
+        CIFAR10_SPLIT_FILES,
+        MNIST_SPLIT_FILES,
+        MNIST_SUBDIR,
+        missing_data_files,
+    )
+
+    def data(name, download=False):
+        return DataConfig(name=name, data_dir=str(tmp_path), download=download)
+
+    assert "test_batch" in missing_data_files(data("cifar10"))
+    assert missing_data_files(data("cifar10", download=True)) is None  # it fetches them
+    batches = tmp_path / CIFAR10_BATCHES_DIR
+    batches.mkdir()
+    for name in [*CIFAR10_SPLIT_FILES["train"], *CIFAR10_SPLIT_FILES["test"]][:-1]:
+        (batches / name).write_bytes(b"")
+    assert missing_data_files(data("cifar10")).split(" lacks ")[1].startswith("test_batch:")
+    (batches / "test_batch").write_bytes(b"")
+    assert missing_data_files(data("cifar10")) is None
+
+    (tmp_path / MNIST_SUBDIR).mkdir()
+    images, labels = MNIST_SPLIT_FILES["train"]
+    (tmp_path / MNIST_SUBDIR / f"{images}.gz").write_bytes(b"")  # raw or gzipped
+    (tmp_path / MNIST_SUBDIR / labels).write_bytes(b"")
+    assert missing_data_files(data("mnist")).split(" lacks ")[1].startswith("t10k-images")
+    for name in MNIST_SPLIT_FILES["test"]:
+        (tmp_path / MNIST_SUBDIR / name).write_bytes(b"")
+    assert missing_data_files(data("mnist")) is None
+    assert (
+        missing_data_files(data("digits")) is None and missing_data_files(data("synthetic")) is None
+    )

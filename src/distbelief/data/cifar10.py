@@ -14,16 +14,13 @@ import torch
 
 from distbelief.data.base import ArrayDataset, normalize_channels
 from distbelief.data.download import download_file, extract_tar
+from distbelief.data.files import CIFAR10_BATCHES_DIR as BATCHES_DIR
+from distbelief.data.files import CIFAR10_SPLIT_FILES as SPLIT_FILES
+from distbelief.data.files import CIFAR10_URL
 from distbelief.errors import DatasetUnavailableError
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
-BATCHES_DIR = "cifar-10-batches-py"
-SPLIT_FILES = {
-    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
-    "test": ("test_batch",),
-}
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
 # Per-channel mean and std of the 50000 train images scaled to [0, 1].

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from distbelief.data.ctr import CtrDataset
+from distbelief.data.files import CRITEO_SUBDIR as SUBDIR
+from distbelief.data.files import CRITEO_SUFFIXES as FILE_SUFFIXES
 from distbelief.errors import DatasetUnavailableError
 
 NUM_DENSE = 13
@@ -28,8 +30,6 @@ RAW_ID_SPACE = 2**32
 """Distinct values of an 8-hex-digit categorical field."""
 MISSING_RAW_ID = RAW_ID_SPACE
 """Id of an empty categorical field when ids are raw: one past the largest hex value."""
-SUBDIR = "criteo"
-FILE_SUFFIXES = (".txt", ".tsv", ".txt.gz", ".tsv.gz")
 TEST_FRACTION = 0.1
 """Share of rows, taken from the end of train's file, that form test when it has no file."""
 

@@ -17,20 +17,16 @@ import torch
 
 from distbelief.data.base import ArrayDataset, normalize_channels
 from distbelief.data.download import download_file
+from distbelief.data.files import MNIST_SPLIT_FILES as SPLIT_FILES
+from distbelief.data.files import MNIST_SUBDIR as SUBDIR
+from distbelief.data.files import MNIST_URL_BASE
 from distbelief.errors import DatasetUnavailableError
 
-MNIST_URL_BASE = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 MNIST_MD5S = {
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
     "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-}
-SUBDIR = "mnist"
-# (images file, labels file) per split, without the optional .gz suffix.
-SPLIT_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 NUM_CLASSES = 10
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dims

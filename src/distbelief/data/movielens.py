@@ -13,12 +13,10 @@ import numpy as np
 import torch
 
 from distbelief.data.ctr import CtrDataset
+from distbelief.data.files import MOVIELENS_RATINGS_FILES as RATINGS_FILES
+from distbelief.data.files import MOVIELENS_SUBDIR as SUBDIR
 from distbelief.errors import DatasetUnavailableError
 
-SUBDIR = "movielens"
-RATINGS_FILES = ("ratings.dat", "ratings.csv", "u.data")
-"""ML-1M/10M (`UserID::MovieID::Rating::Timestamp`), ML-20M/25M/latest (CSV with the header
-`userId,movieId,rating,timestamp`) and ML-100K (tab-separated `user item rating timestamp`)."""
 CSV_HEADER = b"userId,movieId,rating,timestamp"
 TEST_FRACTION = 0.1
 """Share of ratings, the latest by timestamp, that form the test split."""

@@ -21,6 +21,7 @@ import torch
 
 from distbelief.errors import ShardUnavailableError
 from distbelief.evaluator.ps import PSEvaluator
+from distbelief.files import make_folder
 from distbelief.process import Emit, StopFlag
 from distbelief.telemetry.metrics import MetricsWriter, make_record
 
@@ -142,10 +143,11 @@ def watch_shards(
     Raises:
         ShardTimeoutError, ShardUnavailableError, ModelMismatchError: before or at the first
             evaluation (see ``PSEvaluator``); later, shards that went away end the watch.
-        ValueError: ``out_dir`` is a file, or ``<out_dir>/metrics.csv`` has another header.
+        ValueError: ``out_dir`` is a file or cannot be created, or ``<out_dir>/metrics.csv``
+            has another header.
     """
-    if out_dir and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"--out {out_dir}: exists and is not a folder")
+    if out_dir:
+        make_folder(out_dir, "--out")
     torch.set_num_threads(1)
     start_time = time.time()
     evaluator = make_evaluator(config, addresses, security=security)

@@ -66,7 +66,9 @@ def _addresses(flag: str, text: str) -> list[str]:
     """The addresses of ``flag``; a malformed one is an error naming the flag."""
     from distbelief.client import parse_addresses
     from distbelief.wire import channels
+    from distbelief.wire.channels.shm import transport_setting
 
+    transport_setting()  # a bad DISTBELIEF_TRANSPORT is named as itself, not as the flag's
     try:
         addresses = parse_addresses(text)
         for address in addresses:
@@ -74,6 +76,21 @@ def _addresses(flag: str, text: str) -> list[str]:
     except ValueError as e:
         raise argparse.ArgumentError(None, f"argument {flag}: {e}") from e
     return addresses
+
+
+def _check_bind_is_here(address: str) -> None:
+    """--bind: a well-formed address of this machine (a foreign one is bad input, not a
+    failure of the shard)."""
+    from distbelief.hosts import check_local_host
+    from distbelief.wire.channels import split_scheme
+    from distbelief.wire.channels.tcp import parse_tcp_address
+
+    _addresses("--bind", address)
+    host, _ = parse_tcp_address(split_scheme(address)[1])
+    try:
+        check_local_host(host)
+    except ValueError as e:
+        raise argparse.ArgumentError(None, f"argument --bind: {e}") from None
 
 
 def _use_transport(config: JobConfig) -> None:
@@ -184,7 +201,11 @@ def _run_ps(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--shard-id {args.shard_id} is not in [0, --num-shards {config.cluster.num_shards})"
         )
-    _addresses("--bind", args.bind)
+    _check_bind_is_here(args.bind)
+    if args.checkpoint_dir:
+        from distbelief.files import make_folder
+
+        make_folder(args.checkpoint_dir, "--checkpoint-dir")
     _use_transport(config)
     serve_job_shard(
         config,
@@ -198,10 +219,12 @@ def _run_ps(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
+    from distbelief.data.files import require_data_files
     from distbelief.launch.hosts import check_hosts_are_here
 
     config = config_from_args(args)
     check_hosts_are_here(config.cluster, shards=False)
+    require_data_files(config.data)
     if not 0 <= args.rank < config.cluster.num_workers:
         raise ValueError(
             f"--rank {args.rank} is not in [0, --num-workers {config.cluster.num_workers})"
@@ -259,9 +282,11 @@ def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from distbelief.data.files import require_data_files
     from distbelief.evaluator import format_result, watch_shards
 
     config = config_from_args(args)
+    require_data_files(config.data)
     _use_transport(config)
     result = watch_shards(
         config,
@@ -275,8 +300,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
+    from distbelief.files import make_folder
     from distbelief.plots import plot_run, plot_runs
 
+    if args.out_dir:
+        make_folder(args.out_dir, "--out")
     out_dir = args.out_dir or args.run_dirs[0]
     if len(args.run_dirs) == 1:
         written = plot_run(args.run_dirs[0], out_dir=out_dir)

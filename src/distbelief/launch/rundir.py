@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from distbelief.files import write_text_atomic
+from distbelief.files import make_folder, write_text_atomic
 
 __all__ = ["prepare_run_dir", "run_dir_path", "write_text_atomic"]
 
@@ -17,8 +17,4 @@ def run_dir_path(out_dir: str) -> Path:
 
 def prepare_run_dir(out_dir: str) -> Path:
     """Create the run folder (``runs/<timestamp>`` when ``out_dir`` is empty)."""
-    path = run_dir_path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path}: exists and is not a folder")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_folder(run_dir_path(out_dir), "--out")

@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING
 
 from distbelief import plots, telemetry
 from distbelief.coordinator.checkpoint import RECORD_FILE
+from distbelief.data.files import require_data_files
 from distbelief.errors import ConfigFieldError, LauncherInterrupted
+from distbelief.files import check_folder_can_be_made
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
 from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
-from distbelief.launch.rundir import prepare_run_dir, write_text_atomic
+from distbelief.launch.rundir import prepare_run_dir, run_dir_path, write_text_atomic
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -340,13 +342,16 @@ def train(
             process is stopped.
         LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
         CheckpointError: a checkpoint to resume from is corrupt (names the file).
-        ConfigFieldError: a bad setting (a shard or worker host that is not this machine's among
-            them), or the ray engine named where Ray is not installed.
+        ConfigFieldError: a bad setting (a shard or worker host that is not this machine's, or
+            a data set's files missing, among them), or the ray engine named where Ray is not
+            installed.
         ClusterError: the ray engine cannot join or start Ray, or place the job on it.
     """
     cluster_type = cluster_type or engine_cluster(config.cluster.engine)
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
+    require_data_files(config.data)  # before any process starts, which would fail on it
+    check_folder_can_be_made(run_dir_path(config.reporting.out_dir), "--out")
     # Counting examples loads the training set (torch): a forkserver's imports, say, overlap
     # it. Without counting, the steps are checked first: a refused --warmstart-steps starts no
     # process, as any bad flag.

@@ -1,0 +1,85 @@
+"""Where each file-backed data set's files go, and which of a job's are missing.
+
+Torch-free, so the launcher (and ``worker`` and ``eval``) can refuse a job whose files are
+absent before starting any process; the loaders read the same names from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distbelief.config import DataConfig
+from distbelief.errors import ConfigFieldError
+
+DEFAULT_DATA_DIR = Path("data")
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_BATCHES_DIR = "cifar-10-batches-py"
+CIFAR10_SPLIT_FILES = {
+    "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
+    "test": ("test_batch",),
+}
+
+MNIST_URL_BASE = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_SUBDIR = "mnist"
+MNIST_SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+"""(images file, labels file) per split, each raw or with a .gz suffix."""
+
+CRITEO_SUBDIR = "criteo"
+CRITEO_SUFFIXES = (".txt", ".tsv", ".txt.gz", ".tsv.gz")
+"""A split's file is ``<split>`` with one of these; without test.*, train.* is split."""
+
+MOVIELENS_SUBDIR = "movielens"
+MOVIELENS_RATINGS_FILES = ("ratings.dat", "ratings.csv", "u.data")
+"""ML-1M/10M (`UserID::MovieID::Rating::Timestamp`), ML-20M/25M/latest (CSV with the header
+`userId,movieId,rating,timestamp`) and ML-100K (tab-separated `user item rating timestamp`)."""
+
+
+def missing_data_files(config: DataConfig) -> str | None:
+    """What a job's data set lacks in ``config.data_dir`` that it cannot fetch itself (CIFAR-10
+    and MNIST download what is missing unless ``config.download`` is off); None if nothing."""
+    root = Path(config.data_dir) if config.data_dir else DEFAULT_DATA_DIR
+    if config.name == "cifar10" and not config.download:
+        folder = root / CIFAR10_BATCHES_DIR
+        names = [name for split in CIFAR10_SPLIT_FILES.values() for name in split]
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            return (
+                f"{folder} lacks {', '.join(missing)}: download {CIFAR10_URL} and extract it "
+                f"into {root}, or let the job download it (without --no-download)"
+            )
+    elif config.name == "mnist" and not config.download:
+        folder = root / MNIST_SUBDIR
+        names = [name for split in MNIST_SPLIT_FILES.values() for name in split]
+        missing = [name for name in names if not _present(folder, name, ("", ".gz"))]
+        if missing:
+            return (
+                f"{folder} lacks {', '.join(missing)} (raw or .gz): download them from "
+                f"{MNIST_URL_BASE}<name>.gz, or let the job download them (without --no-download)"
+            )
+    elif config.name == "criteo":
+        folder = root / CRITEO_SUBDIR
+        if not _present(folder, "train", CRITEO_SUFFIXES):
+            names = ", ".join(f"train{suffix}" for suffix in CRITEO_SUFFIXES)
+            return f"{folder} holds no Criteo training file: expected one of {names}"
+    elif config.name == "movielens":
+        folder = root / MOVIELENS_SUBDIR
+        if not any((folder / name).is_file() for name in MOVIELENS_RATINGS_FILES):
+            names = ", ".join(MOVIELENS_RATINGS_FILES)
+            return f"{folder} holds no MovieLens ratings file: expected one of {names}"
+    return None
+
+
+def require_data_files(config: DataConfig) -> None:
+    """Raise ConfigFieldError (``data.data_dir``: the flag --data-dir) naming what a job's
+    data set lacks (see ``missing_data_files``)."""
+    missing = missing_data_files(config)
+    if missing is not None:
+        raise ConfigFieldError("data.data_dir", missing)
+
+
+def _present(folder: Path, stem: str, suffixes: tuple[str, ...]) -> bool:
+    return any((folder / f"{stem}{suffix}").is_file() for suffix in suffixes)

@@ -1,0 +1,113 @@
+"""Loading a data set by name: the name -> loader dispatch behind ``load_dataset``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from distbelief.config import CLICK_LOG_DATASETS, DATASET_NAMES, DataConfig
+from distbelief.data.base import ArrayDataset
+from distbelief.data.cifar10 import load_cifar10
+from distbelief.data.criteo import load_criteo
+from distbelief.data.ctr import CtrDataset
+from distbelief.data.digits import load_digits
+from distbelief.data.files import DEFAULT_DATA_DIR
+from distbelief.data.mnist import load_mnist
+from distbelief.data.movielens import load_movielens
+from distbelief.data.synthetic import make_synthetic
+from distbelief.data.synthetic_ctr import make_synthetic_ctr
+
+SPLITS = ("train", "test")
+
+logger = logging.getLogger(__name__)
+
+
+def load_dataset(
+    name: str,
+    *,
+    split: str,
+    data_dir: str | Path | None = None,
+    download: bool = True,
+    num_samples: int | None = None,
+    table_size: int | None = None,
+) -> ArrayDataset | CtrDataset:
+    """Loads one split of a data set into memory.
+
+    Args:
+        name: One of ``distbelief.config.DATASET_NAMES``.
+        split: "train" or "test".
+        data_dir: Folder for files of cifar10 and mnist; defaults to ./data. Ignored by digits
+            (bundled with scikit-learn) and synthetic (generated).
+        download: Let cifar10 and mnist fetch missing files.
+        num_samples: Size of a synthetic split (default 4096 train / 1024 test); only valid
+            for "synthetic".
+        table_size: Ids per table of "synthetic-ctr", or the rows "criteo"'s ids are folded
+            into (see ``DataConfig.table_size``).
+
+    Returns:
+        The split: images normalised per channel with train-split statistics, or a click log
+        (``CtrDataset``) for the names in ``CLICK_LOG_DATASETS``.
+
+    Raises:
+        ValueError: If name or split is unknown, or num_samples is given for a data set other
+            than "synthetic".
+        DatasetUnavailableError: If the files of cifar10 or mnist are missing and cannot be
+            downloaded.
+    """
+    _check_args(name, split, num_samples)
+    root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
+    if name in CLICK_LOG_DATASETS:
+        return _load_click_log(name, split, root, table_size)
+    if name == "digits":
+        dataset = load_digits(split)
+    elif name == "cifar10":
+        dataset = load_cifar10(split, root, download=download)
+    elif name == "mnist":
+        dataset = load_mnist(split, root, download=download)
+    else:
+        dataset = make_synthetic(split, num_samples)
+    logger.info(
+        "loaded %s/%s: %d samples of shape %s", name, split, len(dataset), dataset.input_shape
+    )
+    return dataset
+
+
+def _load_click_log(name: str, split: str, root: Path, table_size: int | None) -> CtrDataset:
+    if name == "synthetic-ctr":
+        dataset = make_synthetic_ctr(split, **({"table_size": table_size} if table_size else {}))
+    elif name == "criteo":
+        dataset = load_criteo(split, root, num_embeddings=table_size)
+    else:
+        dataset = load_movielens(split, root)
+    logger.info(
+        "loaded %s/%s: %d clicks of %d samples, %d tables",
+        name,
+        split,
+        int(dataset.labels.sum()),
+        len(dataset),
+        dataset.num_tables,
+    )
+    return dataset
+
+
+def load_job_dataset(
+    config: DataConfig, split: str, *, download: bool | None = None
+) -> ArrayDataset | CtrDataset:
+    """``load_dataset`` of a job's data section (``download``: override its setting)."""
+    return load_dataset(
+        config.name,
+        split=split,
+        data_dir=config.data_dir,
+        download=config.download if download is None else download,
+        table_size=config.table_size,
+    )
+
+
+def _check_args(name: str, split: str, num_samples: int | None) -> None:
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown data set name {name!r}; choose one of {DATASET_NAMES}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if num_samples is not None and name != "synthetic":
+        # Ignoring it silently would make a run look smaller or larger than it is.
+        raise ValueError(f"num_samples={num_samples} applies only to 'synthetic', not {name!r}")

@@ -16,6 +16,7 @@ from distbelief.errors import CheckpointError
 from distbelief.launch.resume import read_run_for_resume
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.server.checkpoint import save_checkpoint
+from distbelief.server.row_checkpoint import save_row_tables
 from distbelief.sharding import TensorSpec
 
 SPECS = [TensorSpec("3.weight", (4, 2), torch.float32)]
@@ -98,4 +99,51 @@ def test_a_checkpoint_without_what_the_shard_reads_is_refused_before_anything_st
     del meta["values"]
     path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"shard0\.json: unreadable checkpoint: no values"):
+        read_run_for_resume(run_dir)
+
+
+def _run_with_two_shards(run_dir, *, rows: bool = False) -> None:
+    """A finished 2-shard run's folder: each shard's checkpoint (and row tables, ``rows``)."""
+    from tests.unit.test_row_checkpoint import _trained
+
+    config = JobConfig.from_fields({"cluster.num_shards": 2})
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(config.to_json())
+    for shard_id in range(2):
+        shard = ParameterShard(shard_id, 2, server_optimizer_factory("sgd", lr=0.1))
+        shard.initialize(SPECS, [torch.arange(4, dtype=torch.float32) + 4 * shard_id])
+        save_checkpoint(shard.snapshot(), run_dir / "checkpoints")
+        if rows:
+            tables = {"emb": _trained().state_dict()}
+            save_row_tables(run_dir / "checkpoints", shard_id, 2, 3, tables, chunk_rows=4)
+
+
+@pytest.mark.parametrize("rows", [False, True], ids=["dense", "rows"])
+def test_a_shard_whose_checkpoint_is_missing_is_refused_by_name(tmp_path, rows):
+    """Resumed, that shard would start again from the model's initial values (silently,
+    beside shards that go on from theirs)."""
+    run_dir = tmp_path / "run"
+    _run_with_two_shards(run_dir, rows=rows)
+    assert read_run_for_resume(run_dir).cluster.num_shards == 2
+    missing = run_dir / "checkpoints" / ("rows-shard1.json" if rows else "shard1.json")
+    missing.unlink()
+    with pytest.raises(CheckpointError, match=f"{missing}: missing .* shard 1 would start again"):
+        read_run_for_resume(run_dir)
+
+
+def test_a_corrupt_row_chunk_is_refused_by_name_before_anything_starts(tmp_path):
+    run_dir = tmp_path / "run"
+    _run_with_two_shards(run_dir, rows=True)
+    chunk = sorted((run_dir / "checkpoints").glob("rows-shard1-*.safetensors"))[-1]
+    chunk.write_bytes(chunk.read_bytes()[:-4] + b"oops")
+    with pytest.raises(CheckpointError, match=f"{chunk}: corrupt"):
+        read_run_for_resume(run_dir)
+
+
+def test_a_group_folder_without_checkpoints_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    _run_with_group_checkpoints(run_dir)
+    for path in (run_dir / "checkpoints" / "group-stage1").iterdir():
+        path.unlink()
+    with pytest.raises(CheckpointError, match="group-stage1: holds no shard checkpoints"):
         read_run_for_resume(run_dir)

@@ -7,14 +7,19 @@ processes, and a refused resume costs no torch import."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from distbelief.config import JobConfig
 from distbelief.coordinator.checkpoint import restore_folder
 from distbelief.errors import CheckpointError
 from distbelief.launch.cluster import CHECKPOINT_DIR
-from distbelief.server.checkpoint_meta import meta_path, read_checked_meta
+from distbelief.server.checkpoint_meta import (
+    check_rows_meta,
+    meta_path,
+    read_checked_meta,
+    rows_meta_path,
+)
 
 RESUMABLE_FIELDS = (
     "sandblaster.max_iterations",
@@ -39,22 +44,47 @@ RESUMABLE_FIELDS = (
 
 
 def check_checkpoints(directory: Path, num_shards: int) -> None:
-    """Check every shard's last checkpoint in ``directory``: present, whole (its digest) and
+    """Check every shard's last checkpoint in ``directory``, and its row tables' where there
+    are any: present (for every shard, once any shard has one there), whole (their digests) and
     this shard's of a job of ``num_shards``. Torch-free: the files are read, not loaded.
 
     Raises:
-        CheckpointError: a checkpoint is missing a part, is corrupt, or was written by another
-            shard or a job of another shard count; the message names the file.
+        CheckpointError: a checkpoint is missing, missing a part, is corrupt, or was written by
+            another shard or a job of another shard count; the message names the file.
     """
+    _check_each_shard(directory, num_shards, meta_path, _dense_owner)
+    _check_each_shard(directory, num_shards, rows_meta_path, check_rows_meta)
+
+
+def _dense_owner(directory: Path, shard_id: int) -> tuple[int, int] | None:
+    checked = read_checked_meta(directory, shard_id)
+    return None if checked is None else (checked.shard_id, checked.num_shards)
+
+
+def _check_each_shard(
+    directory: Path,
+    num_shards: int,
+    path_of: Callable[[Path, int], Path],
+    owner_of: Callable[[Path, int], tuple[int, int] | None],
+) -> None:
+    """One kind of checkpoint file, for every shard: ``owner_of`` checks one and says whose it
+    is (None: absent)."""
+    missing = []
     for shard_id in range(num_shards):
-        checked = read_checked_meta(directory, shard_id)
-        if checked is None:
-            continue
-        if (checked.shard_id, checked.num_shards) != (shard_id, num_shards):
+        owner = owner_of(directory, shard_id)
+        if owner is None:
+            missing.append(shard_id)
+        elif owner != (shard_id, num_shards):
             raise CheckpointError(
-                f"{meta_path(directory, shard_id)}: holds shard {checked.shard_id} of "
-                f"{checked.num_shards}, expected shard {shard_id} of {num_shards}"
+                f"{path_of(directory, shard_id)}: holds shard {owner[0]} of {owner[1]}, "
+                f"expected shard {shard_id} of {num_shards}"
             )
+    if missing and len(missing) < num_shards:
+        # Resumed, the shard would start again from the model's initial values.
+        raise CheckpointError(
+            f"{path_of(directory, missing[0])}: missing (the other shards' are in "
+            f"{directory}; shard {missing[0]} would start again from scratch)"
+        )
 
 
 def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = None) -> JobConfig:
@@ -84,6 +114,8 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
             raise ValueError(f"--resume {run_dir}: no shard checkpoints in {directory}")
         for folder in folders:
             check_checkpoints(folder, config.cluster.num_shards)
+            if folder != directory and not any(folder.glob("shard*.json")):
+                raise CheckpointError(f"{folder}: holds no shard checkpoints, as the others do")
     except CheckpointError as e:
         raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
     return config.with_fields({**changes, "reporting.out_dir": str(run_dir)})

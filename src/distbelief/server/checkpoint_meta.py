@@ -1,5 +1,6 @@
-"""The JSON half of a shard checkpoint: where it lives, what it says (shard, shard count,
-format) and the check that the tensor file it names is there and whole (its SHA-256).
+"""The JSON half of a shard checkpoint (and of its row tables' checkpoint): where it lives,
+what it says (shard, shard count, format) and the check that the tensor files it names are
+there and whole (their SHA-256).
 
 Torch-free on purpose: the launcher checks a run's checkpoints before it resumes it, and a
 corrupt or foreign file is refused in the time it takes to read the files, without loading torch
@@ -29,6 +30,42 @@ _FORMAT_KEYS = {
 def meta_path(directory: Path, shard_id: int) -> Path:
     """The JSON file of shard ``shard_id``'s checkpoint in ``directory``."""
     return directory / f"shard{shard_id}.json"
+
+
+def rows_meta_path(directory: str | Path, shard_id: int) -> Path:
+    """Where shard ``shard_id``'s row checkpoint JSON lives in ``directory``."""
+    return Path(directory) / f"rows-shard{shard_id}.json"
+
+
+def check_rows_meta(directory: str | Path, shard_id: int) -> tuple[int, int] | None:
+    """(shard id, shard count) of shard ``shard_id``'s row checkpoint in ``directory`` once its
+    JSON is read and every chunk file it names is present and whole; None if there is none.
+
+    Raises:
+        CheckpointError: the JSON is unreadable, or a chunk file is missing or corrupt; the
+            message names the file.
+    """
+    path = rows_meta_path(directory, shard_id)
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        chunks = [
+            chunk
+            for table in meta["tables"].values()
+            for chunk in (*table["row_chunks"], *table["pending_chunks"])
+        ]
+        for chunk in chunks:
+            chunk_path = Path(directory) / chunk["file"]
+            if not chunk_path.exists():
+                raise CheckpointError(f"{path}: names {chunk_path.name}, which is missing")
+            if sha256_file(chunk_path) != chunk["sha256"]:
+                raise CheckpointError(f"{chunk_path}: corrupt (SHA-256 does not match {path})")
+        return int(meta["shard_id"]), int(meta["num_shards"])
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable row checkpoint: {e!r}") from e
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from distbelief.errors import CheckpointError
 from distbelief.files import sha256_file, sync_folder, write_file_atomic, write_text_atomic
+from distbelief.server.checkpoint_meta import rows_meta_path
 from distbelief.sharding.rows import mix64
 
 FORMAT_VERSION = 1
@@ -61,11 +62,6 @@ class RowTablesCheckpoint:
     chunk_rows: int
     tables: dict[str, dict]
     """Table name -> a ``RowTable.state_dict()`` plus ``"settings"`` (a dict, maybe empty)."""
-
-
-def rows_meta_path(directory: str | Path, shard_id: int) -> Path:
-    """Where shard ``shard_id``'s row checkpoint JSON lives in ``directory``."""
-    return Path(directory) / f"rows-shard{shard_id}.json"
 
 
 def _wrap64(value: int) -> int:

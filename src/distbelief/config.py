@@ -138,7 +138,8 @@ class ClusterConfig:
         _require_choice(self, "engine")
         if self.ray_address and self.engine != "ray":
             raise ConfigFieldError(
-                "ray_address", f"only applies when the engine is ray, got {self.ray_address!r}"
+                "ray_address",
+                f"only applies with engine ray (--cluster ray), got {self.ray_address!r}",
             )
         if self.engine == "ray" and (self.shard_hosts or self.worker_host):
             field_name = "shard_hosts" if self.shard_hosts else "worker_host"
@@ -297,13 +298,17 @@ class ServerConfig:
         _require(self.checkpoint_every_s > 0, "checkpoint_every_s", self.checkpoint_every_s, "> 0")
 
 
+_DEFAULT_DC_LAMBDA = 0.04
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ConsistencyConfig:
     """A shard's consistency model. Workers learn it from the shard at their handshake; the
     number of workers a synchronous round expects is the cluster section's."""
 
     sync: bool = False
-    """Synchronous rounds: the shards apply one averaged update per step (Chen et al. 2016)."""
+    """Synchronous rounds: the shards apply one averaged update per round of the workers'
+    gradients from one version (Chen et al. 2016)."""
     backup_workers: int = 0
     """Sync: a round is applied after the first num_workers - N gradients."""
     max_staleness: int | None = None
@@ -312,7 +317,7 @@ class ConsistencyConfig:
     staleness_policy: str = field(default="none", metadata={"choices": STALENESS_POLICIES})
     """How the shards adjust a stale gradient: none, scale (Zhang et al. 2016), dc-asgd (Zheng
     et al. 2017)."""
-    dc_lambda: float = 0.04
+    dc_lambda: float = _DEFAULT_DC_LAMBDA
     """Variance-control factor lambda of DC-ASGD (constant variant)."""
     liveness_timeout_s: float = 10.0
     """Seconds of silence after which a worker counts as dead and no longer holds the others
@@ -331,6 +336,16 @@ class ConsistencyConfig:
             ">= 0",
         )
         _require_choice(self, "staleness_policy")
+        if self.backup_workers and not self.sync:
+            raise ConfigFieldError(
+                "backup_workers", f"only applies to sync rounds, got {self.backup_workers}"
+            )
+        _require(self.dc_lambda >= 0, "dc_lambda", self.dc_lambda, ">= 0")
+        if self.dc_lambda != _DEFAULT_DC_LAMBDA and self.staleness_policy != "dc-asgd":
+            raise ConfigFieldError(
+                "dc_lambda",
+                f"only applies to staleness policy dc-asgd, not {self.staleness_policy!r}",
+            )
         if self.sync and self.max_staleness is not None:
             raise ConfigFieldError(
                 "max_staleness",
@@ -429,6 +444,10 @@ class PipelineConfig:
             )
         budget = self.max_stage_bytes
         _require(budget is None or budget >= 1, "max_stage_bytes", budget, "an integer >= 1")
+
+
+_TABLE_NAME = re.compile(r"tables\.(0|[1-9][0-9]*)")
+"""How dlrm names its embedding tables (the worker checks the index against the data set's)."""
 
 
 def _table_names(text: object) -> tuple[str, ...] | None:
@@ -561,6 +580,11 @@ class JobConfig:
                 f"must be <= the batch size ({batch_size}), got {portions}",
             )
         micro_batches = self.pipeline.num_micro_batches
+        if micro_batches > 1 and self.pipeline.num_partitions == 1:
+            raise ConfigFieldError(
+                "pipeline.num_micro_batches",
+                f"only applies to partitioned replicas (partitions > 1), got {micro_batches}",
+            )
         if micro_batches > self.optimizer.minibatch_size:
             raise ConfigFieldError(
                 "pipeline.num_micro_batches",
@@ -584,6 +608,23 @@ class JobConfig:
                 f"got {self.optimizer.warmstart_steps}",
             )
 
+    def check_row_settings_apply(self) -> None:
+        """Refuse row settings (the embeddings section) for a model without tables, where they
+        would be ignored without a word. Only where the model is chosen (``train``,
+        ``worker``): a shard (``ps``) takes row settings but not the model.
+
+        Raises:
+            ConfigFieldError: the first such setting that differs from its default.
+        """
+        if self.model.name in CLICK_MODELS:
+            return
+        for item in fields(EmbeddingConfig):
+            if getattr(self.embeddings, item.name) != item.default:
+                raise ConfigFieldError(
+                    f"embeddings.{item.name}",
+                    f"only applies to model dlrm, not {self.model.name!r}",
+                )
+
     def _check_click_model(self) -> None:
         """A click model reads click logs only, and a click log needs one; tables are trained
         by Downpour on whole replicas (not partitioned)."""
@@ -594,6 +635,13 @@ class JobConfig:
                 "data.name" if click_model else "model.name",
                 f"{self.data.name!r} does not go with model {self.model.name!r}: "
                 + (f"use a click log ({wanted})" if click_model else f"use model {wanted}"),
+            )
+        tables = self.embeddings.tables
+        malformed = [name for name in tables or () if not _TABLE_NAME.fullmatch(name)]
+        if malformed:
+            raise ConfigFieldError(
+                "embeddings.tables",
+                f"{malformed[0]!r} is not a table of model dlrm (tables.0, tables.1, ...)",
             )
         if click_model and self.pipeline.num_partitions > 1:
             raise ConfigFieldError(

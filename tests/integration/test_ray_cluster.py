@@ -145,7 +145,7 @@ def _alive(pid: int) -> bool:
     [
         (
             ["--ray-address", "127.0.0.1:6379"],
-            "argument --ray-address: only applies when the engine is ray, got '127.0.0.1:6379'",
+            "argument --ray-address: only applies with engine ray (--cluster ray)",
         ),
         (
             ["--cluster", "ray", "--ray-address", "ray://head:10001"],

@@ -175,7 +175,8 @@ def test_no_unplanned_flags_and_each_sets_its_field():
         }
         for name, parser in _subparsers().items()
     }
-    assert actual == EXPECTED
+    # -v/--verbose also comes after any command (`distbelief train -v`), as before it.
+    assert actual == {name: {**flags, "--verbose": "verbose"} for name, flags in EXPECTED.items()}
 
 
 @pytest.mark.parametrize("command", ["train", "ps", "worker", "eval"])
@@ -224,10 +225,15 @@ DOWNPOUR_ARGV = [
     *("--wire-dtype", "bf16", "--push-compression", "topk:0.01"),
     *("--server-optimizer", "adam", "--server-lr", "0.2", "--server-momentum", "0.5"),
     *("--server-betas", "0.8,0.9", "--server-eps", "1e-6"),
-    *("--backup-workers", "1", "--max-staleness", "4", "--staleness-policy", "scale"),
-    *("--dc-lambda", "0.1", "--liveness-timeout", "6"),
+    *("--max-staleness", "4", "--staleness-policy", "scale", "--liveness-timeout", "6"),
     *("--partitions", "2", "--micro-batches", "4", "--schedule", "gpipe"),
     *("--split-points", "3", "--max-stage-bytes", "1000000"),
+]
+# Flags that only apply beside others (and are refused without them), each set on its own.
+SYNC_ARGV = ["--workers", "3", "--sync", "--backup-workers", "1"]
+DC_ASGD_ARGV = ["--staleness-policy", "dc-asgd", "--dc-lambda", "0.1"]
+CLICK_ARGV = [
+    *("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "100"),
     *("--tables", "tables.0,tables.1", "--row-optimizer", "adam", "--row-lr", "0.1"),
     *("--admit-after", "2", "--max-rows-per-shard", "1000", "--row-ttl-steps", "50"),
     *("--row-init-std", "0.1", "--row-cache-mb", "8", "--embedding-dim", "8"),
@@ -250,19 +256,20 @@ def test_every_train_flag_reaches_its_field():
     downpour = config_from_args(parse_args(["train", *SHARED_ARGV, *DOWNPOUR_ARGV]))
     changed = _changed_fields([*SHARED_ARGV, *DOWNPOUR_ARGV])
     changed |= _changed_fields([*SHARED_ARGV, *SANDBLASTER_ARGV])
-    # Every field with a train flag was changed by it, but for two that exclude others and are
-    # checked on their own (--epochs: --steps; --sync: --max-staleness); the rest kept defaults.
+    for argv in (SYNC_ARGV, DC_ASGD_ARGV, CLICK_ARGV):
+        changed |= _changed_fields(argv)
+    # Every field with a train flag was changed by it, but for one that excludes another and is
+    # checked on its own (--epochs: --steps); the rest kept defaults.
     # --device: a GPU trains whole replicas, not the partitions of DOWNPOUR_ARGV.
-    alone = {"optimizer.epochs", "consistency.sync", "data.table_size", "cluster.device"}
+    alone = {"optimizer.epochs", "cluster.device"}
     assert changed == set(command_flags("train").values()) - alone
     assert config_from_args(parse_args(["train", "--epochs", "2"])).optimizer.epochs == 2
     assert config_from_args(parse_args(["train", "--device", "cuda:1"])).cluster.device == "cuda:1"
-    assert config_from_args(parse_args(["train", "--sync"])).consistency.sync
-    click_log = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "100"]
-    assert config_from_args(parse_args(["train", *click_log])).data.table_size == 100
+    click = config_from_args(parse_args(["train", *CLICK_ARGV]))
+    assert click.data.table_size == 100
+    assert click.embeddings.tables == ("tables.0", "tables.1")
     assert downpour.server.betas == (0.8, 0.9)
     assert downpour.pipeline.split_points == (3,)
-    assert downpour.embeddings.tables == ("tables.0", "tables.1")
     assert downpour.cluster.shard_hosts == ("127.0.0.2", "127.0.0.3")
     shard_hosts = [downpour.cluster.shard_host(i) for i in range(3)]
     assert shard_hosts == ["127.0.0.2", "127.0.0.3", "127.0.0.2"]
@@ -456,3 +463,14 @@ def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_p
     assert stdout[:1] == ["exit 2"] and stdout[1].startswith("children 0"), stderr
     assert message in _one_error_line(stderr)
     assert (tmp_path / "afile").read_text() == "not a folder"
+
+
+def test_a_bad_flag_is_reported_under_a_one_line_usage(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--model", "resnet"])
+    assert exited.value.code == 2
+    usage, error = capsys.readouterr().err.splitlines()
+    assert usage == "usage: distbelief train [options] (all of them: distbelief train --help)"
+    assert error.startswith("distbelief train: error: argument --model: invalid choice: 'resnet'")
+    assert parse_args(["train", "-v"]).verbose and parse_args(["-v", "train"]).verbose
+    assert not parse_args(["train"]).verbose

@@ -67,9 +67,38 @@ from distbelief.errors import ConfigFieldError
             "must be integers like 3,7, got '3,x'",
         ),
         (
-            {"optimizer.batch_size": 8, "pipeline.num_micro_batches": 9},
+            {
+                "optimizer.batch_size": 8,
+                "pipeline.num_partitions": 2,
+                "pipeline.num_micro_batches": 9,
+            },
             "pipeline.num_micro_batches",
             "must be <= the batch size (8), got 9",
+        ),
+        (
+            {"pipeline.num_micro_batches": 4},
+            "pipeline.num_micro_batches",
+            "only applies to partitioned replicas (partitions > 1), got 4",
+        ),
+        (
+            {"consistency.backup_workers": 1},
+            "consistency.backup_workers",
+            "only applies to sync rounds, got 1",
+        ),
+        (
+            {"consistency.dc_lambda": 0.1},
+            "consistency.dc_lambda",
+            "only applies to staleness policy dc-asgd, not 'none'",
+        ),
+        (
+            {"consistency.staleness_policy": "dc-asgd", "consistency.dc_lambda": -1.0},
+            "consistency.dc_lambda",
+            "must be >= 0, got -1.0",
+        ),
+        (
+            {"model.name": "dlrm", "data.name": "synthetic-ctr", "embeddings.tables": "nope"},
+            "embeddings.tables",
+            "'nope' is not a table of model dlrm",
         ),
         (
             {"optimizer.algorithm": "sandblaster", "pipeline.num_partitions": 2},
@@ -155,3 +184,14 @@ def test_with_fields_validates_again():
     assert dataclasses.replace(config, reporting=JobConfig().reporting) == JobConfig()
     with pytest.raises(ConfigFieldError, match=r"cluster\.num_shards"):
         config.with_fields({"cluster.num_shards": 0})
+
+
+def test_row_settings_for_a_model_without_tables_are_refused_where_the_model_is_chosen():
+    config = JobConfig.from_fields({"embeddings.row_optimizer": "adagrad"})  # a shard's
+    with pytest.raises(ConfigFieldError, match="only applies to model dlrm, not 'lenet'"):
+        config.check_row_settings_apply()
+    dlrm = {"model.name": "dlrm", "data.name": "synthetic-ctr"}
+    JobConfig.from_fields(
+        {**dlrm, "embeddings.row_optimizer": "adagrad"}
+    ).check_row_settings_apply()
+    JobConfig.from_fields({}).check_row_settings_apply()

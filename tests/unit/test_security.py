@@ -76,3 +76,47 @@ def test_wrong_key_is_refused_on_both_sides():
     server, client = _handshake(generate_key(), generate_key())
     assert isinstance(server[0], ProtocolError) and "failed authentication" in str(server[0])
     assert isinstance(client[0], ProtocolError) and "refused this job key" in str(client[0])
+
+
+_WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"]
+_SHARD = ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([*_WORKER, "--tls-ca", "job.key"], r"--tls-ca job\.key: not a PEM CA bundle"),
+        (
+            [*_SHARD, "--tls-cert", "job.key", "--tls-key", "job.key"],
+            r"--tls-cert job\.key / --tls-key job\.key: not a PEM certificate and its private key",
+        ),
+    ],
+    ids=["ca", "cert"],
+)
+def test_tls_files_that_are_not_pem_are_named_before_any_connection(
+    tmp_path, monkeypatch, flags, message
+):
+    from distbelief.launch.cli import parse_args
+    from distbelief.launch.flags import security_from_args
+
+    monkeypatch.chdir(tmp_path)
+    write_key_file("job.key")
+    with pytest.raises(ValueError, match=message):
+        security_from_args(parse_args(flags))
+
+
+def test_downpour_takes_a_key_files_text_as_the_key_and_names_bad_settings(tmp_path, monkeypatch):
+    from distbelief.optim.downpour import TIMEOUT_ENV, _key_bytes, _timeout_from_environment
+
+    path = write_key_file(tmp_path / "job.key")
+    key = read_key_file(path)
+    assert _key_bytes(path.read_text()) == key  # the file's text, as str
+    assert _key_bytes(path.read_bytes()) == key  # or as bytes
+    assert _key_bytes(key) == key and _key_bytes(None) is None
+    with pytest.raises(ValueError, match="auth_key: a str must be a hex key"):
+        _key_bytes("not hex")
+    monkeypatch.setenv(TIMEOUT_ENV, "abc")
+    with pytest.raises(ValueError, match="DISTBELIEF_TIMEOUT_S 'abc': must be a number"):
+        _timeout_from_environment()
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    assert _timeout_from_environment() == 2.5

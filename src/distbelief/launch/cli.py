@@ -47,7 +47,10 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     values = {name: value for name, value in vars(args).items() if "." in name}
     if args.command in ("worker", "eval"):
         values["cluster.num_shards"] = len(_addresses("--ps", args.ps))
-    return JobConfig.from_fields(values)
+    config = JobConfig.from_fields(values)
+    if args.command in ("train", "worker"):
+        config.check_row_settings_apply()
+    return config
 
 
 def _check_device(config: JobConfig) -> None:

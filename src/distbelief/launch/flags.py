@@ -281,7 +281,7 @@ def _argument(command: str, path: str, item: dataclasses.Field) -> tuple[str, di
             options["default"] = default
         if override.get("required"):
             options["required"] = True
-        elif default not in (None, "") and default is not dataclasses.MISSING:
+        elif default not in (None, "", ()) and default is not dataclasses.MISSING:
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             text += f" (default: {shown})"
     options["help"] = text
@@ -350,12 +350,34 @@ def security_from_args(args: argparse.Namespace) -> WireSecurity:
     ):
         if path and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
-    return WireSecurity(
+    security = WireSecurity(
         auth_key=read_key_file(key_file) if key_file else None,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_ca=getattr(args, "tls_ca", None),
     )
+    _check_tls_files(security)
+    return security
+
+
+def _check_tls_files(security: WireSecurity) -> None:
+    """Load the TLS files now: one that is not PEM of its kind is bad input, named here, not
+    a traceback from the first connection."""
+    import ssl
+
+    try:
+        security.server_tls()
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(
+            f"--tls-cert {security.tls_cert} / --tls-key {security.tls_key}: not a PEM "
+            f"certificate and its private key ({getattr(e, 'reason', None) or e})"
+        ) from None
+    try:
+        security.client_tls()
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(
+            f"--tls-ca {security.tls_ca}: not a PEM CA bundle ({getattr(e, 'reason', None) or e})"
+        ) from None
 
 
 _ADDRESSES_HELP = "shard addresses tcp://HOST:PORT, comma-separated, in shard-id order"
@@ -433,13 +455,35 @@ def _add_reshard_parser(commands) -> None:
     add_config_flags(reshard, "reshard")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors say what is wrong under a one-line usage: ``train``'s full usage is 40 lines,
+    which buried the one that matters (``--help`` still lists every flag)."""
+
+    def format_usage(self) -> str:
+        usage = super().format_usage()
+        if usage.count("\n") <= _MAX_USAGE_LINES:
+            return usage
+        return f"usage: {self.prog} [options] (all of them: {self.prog} --help)\n"
+
+
+_MAX_USAGE_LINES = 4
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="debug logging and full tracebacks",
+    )
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="distbelief", description="Downpour SGD against a sharded parameter server."
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="debug logging and full tracebacks"
-    )
+    _add_verbose(parser, False)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train_parser(commands)
     _add_ps_parser(commands)
@@ -449,6 +493,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_reshard_parser(commands)
     keygen = commands.add_parser("keygen", help="write a new job key file (owner-only)")
     keygen.add_argument("path")
+    for command in commands.choices.values():
+        # Also after the command (`distbelief train -v`), leaving one given before it be.
+        _add_verbose(command, argparse.SUPPRESS)
     return parser
 
 

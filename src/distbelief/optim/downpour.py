@@ -46,6 +46,33 @@ def _key_from_environment() -> bytes | None:
     return read_key_file(path) if path else None
 
 
+def _key_bytes(auth_key: bytes | str | None) -> bytes | None:
+    """``auth_key`` as the key's bytes: given as bytes, or as the hex text a key file holds
+    (``distbelief keygen`` writes one; its text read as str or bytes is taken as that key)."""
+    if auth_key is None:
+        return None
+    text = auth_key.decode("ascii", "replace") if isinstance(auth_key, bytes) else auth_key
+    try:
+        return bytes.fromhex(text.strip())
+    except ValueError:
+        if isinstance(auth_key, bytes):
+            return auth_key  # the raw key
+        raise ValueError("auth_key: a str must be a hex key (a key file's text)") from None
+
+
+def _timeout_from_environment() -> float:
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        timeout_s = float(text)
+    except ValueError:
+        timeout_s = float("nan")
+    if not timeout_s > 0:  # also NaN
+        raise ValueError(f"{TIMEOUT_ENV} {text!r}: must be a number of seconds > 0")
+    return timeout_s
+
+
 def _named_params(params: list[torch.Tensor], model: nn.Module | None) -> list[tuple[str, object]]:
     names = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
     return [(names.get(id(p), f"param.{i}"), p) for i, p in enumerate(params)]
@@ -87,8 +114,10 @@ class DownpourSGD(torch.optim.Optimizer):
             ParameterServer to publish its address (it may still be loading its data).
         retry_timeout_s: How long a shard may stay unreachable (e.g. restarting from its
             checkpoint) before requests fail; they are retried with backoff meanwhile.
-        auth_key: The job's secret. Default: the key published with the ParameterServer,
-            else read from the file named by ``DISTBELIEF_AUTH_KEY_FILE``, else none.
+        auth_key: The job's secret: its bytes, or the hex text of a key file (what
+            ``distbelief keygen`` writes). Default: the key published with the
+            ParameterServer, else read from the file named by ``DISTBELIEF_AUTH_KEY_FILE``,
+            else none.
         security: Full wire security (key and TLS); overrides ``auth_key``.
         group: The parameter group on the shards that ``params`` are (one per partition of a
             model-parallel replica: each with its own layout, version and server optimizer);
@@ -138,7 +167,7 @@ class DownpourSGD(torch.optim.Optimizer):
         start_after_version: int = 0,
         hold_timeout_s: float = 300.0,
         retry_timeout_s: float = 60.0,
-        auth_key: bytes | None = None,
+        auth_key: bytes | str | None = None,
         security: WireSecurity | None = None,
         group: str = "",
         wire_dtype: str = "fp32",
@@ -147,6 +176,9 @@ class DownpourSGD(torch.optim.Optimizer):
     ) -> None:
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
+        if worker_id is not None and not isinstance(worker_id, str):
+            raise TypeError(f"worker_id must be a str, got {worker_id!r}")
+        auth_key = _key_bytes(auth_key)
         for name, value in (("n_push", n_push), ("n_pull", n_pull)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -173,7 +205,7 @@ class DownpourSGD(torch.optim.Optimizer):
         self.client = ParameterServerClient(
             parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, "")),
             self.specs,
-            timeout_s=timeout_s or float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
+            timeout_s=timeout_s or _timeout_from_environment(),
             worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
             hold_timeout_s=hold_timeout_s,
             retry_timeout_s=retry_timeout_s,

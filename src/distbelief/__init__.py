@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "LayoutMismatchError": "distbelief.errors",
     "TooManyConnectionsError": "distbelief.errors",
     "ConsistencyMismatchError": "distbelief.errors",
+    "ShardRestartedError": "distbelief.errors",
+    "ClusterError": "distbelief.errors",
     "ConfigFieldError": "distbelief.errors",
     "RendezvousError": "distbelief.errors",
     "ParameterServer": "distbelief.server",

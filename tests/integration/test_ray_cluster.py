@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -347,3 +348,41 @@ def test_a_cluster_too_small_for_the_job_is_one_clear_error(ray_nodes, tmp_path)
         f"distbelief train: ClusterError: the Ray cluster at {ray_nodes.address} has 8 CPUs; "
         "this job needs 11 (one per shard, evaluator and coordinator, --threads per worker)"
     )
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_launchers_process_group_stops_the_job_in_order(tmp_path):
+    """What ``timeout`` and ``kill -TERM -PGID`` send: the embedded Ray instance's own
+    processes are not in that group, so they are not gone before the launcher stops the job."""
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    with log.open("w") as log_file:
+        launcher = subprocess.Popen(
+            [
+                *(*CLI, "train", "--cluster", "ray", "--workers", "1", "--shards", "1"),
+                *("--steps", "100000", "--out", str(run_dir)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            env=CHILD_ENV,
+            process_group=0,  # a group of its own, which it leads: as a shell's job
+        )
+    try:
+        names = {"evaluator", "shard0", "worker0"}
+        _wait_for(lambda: names <= _placed(run_dir), 150, "every process to start")
+        _wait_for(lambda: _rows(run_dir, "worker"), 120, "the worker to train")
+        pids = json.loads((run_dir / "pids.json").read_text())
+        temp_dir = json.loads((run_dir / "ray.json").read_text())["temp_dir"]
+        os.killpg(launcher.pid, signal.SIGTERM)
+        launcher.wait(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(10)
+    err = log.read_text()
+    assert launcher.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "distbelief train: stopped by signal SIGTERM"
+    assert (run_dir / "checkpoints" / "shard0.json").exists()
+    assert not Path(temp_dir).exists()
+    _wait_for(lambda: not any(map(_alive, pids.values())), 10, "every actor's process to end")

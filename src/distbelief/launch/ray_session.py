@@ -20,6 +20,7 @@ from types import ModuleType
 
 from distbelief.config import JobConfig
 from distbelief.errors import ClusterError, ConfigFieldError
+from distbelief.launch.process_groups import in_a_process_group_of_their_own
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +161,13 @@ class RaySession:
                 "_temp_dir": self.temp_dir,
             }
         sigterm = signal.getsignal(signal.SIGTERM)
+        # The embedded instance's processes (GCS, raylet, ...) outside the launcher's group: a
+        # SIGTERM to that group reaches the launcher, which stops the job and then Ray.
+        starting = contextlib.nullcontext() if address else in_a_process_group_of_their_own()
         try:
-            # "local": a new instance, whatever RAY_ADDRESS says.
-            context = ray.init(address=address or "local", **options)
+            with starting:
+                # "local": a new instance, whatever RAY_ADDRESS says.
+                context = ray.init(address=address or "local", **options)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
             self.connected_here = False
             self.close(keep_logs=False)

@@ -157,10 +157,11 @@ class EventRouter:
         self.shard_poller = shard_poller
         self.train_start: float | None = None
 
-    def poll_shards(self) -> None:
-        """Routes the shards' counters if a poll is due (cheap to call in any loop)."""
+    def poll_shards(self, *, now: bool = False) -> None:
+        """Routes the shards' counters if a poll is due (cheap to call in any loop), or
+        ``now``: once training is over, so the last progress line has the shards' versions."""
         if self.shard_poller is not None:
-            for record in self.shard_poller.poll_if_due():
+            for record in self.shard_poller.poll_if_due(now=now):
                 self._write(record)
 
     def __call__(self, event: Event | None) -> None:
@@ -197,6 +198,8 @@ def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
             route(cluster.next_event(0.2))
             if kind in training:
                 route.poll_shards()
+        if kind == training[-1]:
+            route.poll_shards(now=True)
     while (event := cluster.next_event(0.05)) is not None:
         route(event)
 

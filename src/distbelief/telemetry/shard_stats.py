@@ -160,16 +160,17 @@ class ShardStatsPoller:
         self._previous: list[dict] = []
         self._next_poll = time.monotonic()
 
-    def poll_if_due(self) -> list[dict]:
-        """The records of a fresh poll if ``every_s`` has passed since the last, else [].
+    def poll_if_due(self, *, now: bool = False) -> list[dict]:
+        """The records of a fresh poll if ``every_s`` has passed since the last (or ``now``),
+        else [].
 
         A shard that does not answer (it may be stopping at the end of the job) makes this
         poll return [] and is logged at debug level; it never raises a PSError.
         """
-        now = time.monotonic()
-        if now < self._next_poll:
+        clock_s = time.monotonic()
+        if clock_s < self._next_poll and not now:
             return []
-        self._next_poll = now + self.every_s
+        self._next_poll = clock_s + self.every_s
         try:
             stats = poll_shard_stats(self.addresses, self.timeout_s, **self._connect_options)
         except PSError as e:

@@ -436,6 +436,12 @@ class PipelineConfig:
         _require_counts(self, "num_partitions", "num_micro_batches")
         _require_choice(self, "schedule")
         points = self.split_points
+        if points and self.num_partitions == 1:
+            raise ConfigFieldError(
+                "split_points",
+                "only applies to partitioned replicas (partitions > 1), "
+                f"got {','.join(map(str, points))}",
+            )
         if points is not None and len(points) != self.num_partitions - 1:
             raise ConfigFieldError(
                 "split_points",

@@ -348,6 +348,7 @@ def test_a_cluster_too_small_for_the_job_is_one_clear_error(ray_nodes, tmp_path)
         f"distbelief train: ClusterError: the Ray cluster at {ray_nodes.address} has 8 CPUs; "
         "this job needs 11 (one per shard, evaluator and coordinator, --threads per worker)"
     )
+    assert not (tmp_path / "run").exists()  # a refused job leaves no run folder behind
 
 
 @needs_ray

@@ -453,8 +453,19 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
             {},
             "argument --data-dir: mnist lacks train-images-idx3-ubyte",
         ),
+        (
+            [
+                *["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"],
+                *["--partitions", "2", "--stage", "1", "--bind", "tcp://198.51.100.7:7000"],
+            ],
+            {},
+            "argument --bind: 198.51.100.7 is not an address of this machine",
+        ),
     ],
-    ids=["train-out", "eval-out", "plot-out", "ps-checkpoint-dir", "ps-bind", "env", "worker"],
+    ids=[
+        *("train-out", "eval-out", "plot-out", "ps-checkpoint-dir", "ps-bind", "env", "worker"),
+        "stage-bind",
+    ],
 )
 def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_path):
     (tmp_path / "afile").write_text("not a folder")

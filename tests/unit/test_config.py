@@ -76,6 +76,11 @@ from distbelief.errors import ConfigFieldError
             "must be <= the batch size (8), got 9",
         ),
         (
+            {"pipeline.split_points": "3"},
+            "pipeline.split_points",
+            "only applies to partitioned replicas (partitions > 1), got 3",
+        ),
+        (
             {"pipeline.num_micro_batches": 4},
             "pipeline.num_micro_batches",
             "only applies to partitioned replicas (partitions > 1), got 4",

@@ -267,6 +267,8 @@ def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:
         )
     if args.next:
         _addresses("--next", args.next)
+    if args.bind:
+        _check_bind_is_here(args.bind)
     from distbelief.worker.stage import run_stage_worker
 
     result = run_stage_worker(

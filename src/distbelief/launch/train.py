@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -204,6 +205,20 @@ def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
         route(event)
 
 
+def _open_cluster(
+    cluster_type: type[Cluster], config: JobConfig, run_dir: Path, *, remove_on_failure: bool
+) -> Cluster:
+    """The job's cluster. One that cannot be opened (Ray refuses the job: too few CPUs, no
+    cluster at the address) has started no process of the job: the run folder this job has
+    just made is removed again (``remove_on_failure``), so a refused job leaves nothing."""
+    try:
+        return cluster_type(config, run_dir)
+    except BaseException:
+        if remove_on_failure:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def _training_kind(config: JobConfig) -> ProcessKind:
     """Whole-model workers, or the stages of partitioned replicas."""
     return ProcessKind.STAGE if config.pipeline.num_partitions > 1 else ProcessKind.WORKER
@@ -368,6 +383,7 @@ def train(
         config, partitions = _plan_partitions(config)
     else:
         partitions = {"split_points": list(config.pipeline.split_points), "basis": "given"}
+    fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
     config, run_dir = _prepare(config, resume)
     # After the checks above, so a refused setting is reported without waiting for these.
     _load_with_signals_deferred(LOADED_BEFORE_THE_JOB)
@@ -379,7 +395,7 @@ def train(
     try:
         # Closing the FanOut closes the display too (twice is harmless); the cluster stops last.
         with (
-            cluster_type(config, run_dir) as cluster,
+            _open_cluster(cluster_type, config, run_dir, remove_on_failure=fresh) as cluster,
             display,
             telemetry.FanOut(
                 [
@@ -437,7 +453,7 @@ def _describe_fault(fault: Fault) -> str:
     code = "" if fault.exitcode is None else f" (exit code {fault.exitcode})"
     text = f"{fault.process} died{code}; {fault.action}"
     if fault.version_before is not None:
-        text += f"; it had applied {fault.version_before} updates"
+        text += f"; it had applied at least {fault.version_before} updates"
     return text
 
 

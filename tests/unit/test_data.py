@@ -84,6 +84,15 @@ def test_cifar10_loads_official_pickles(tmp_path, split):
     _check_cifar(dataset, batches, split)
 
 
+def test_a_cifar10_batch_of_another_structure_is_named(tmp_path):
+    batches = _cifar_batches()
+    data, _ = batches["test_batch"]
+    batches["test_batch"] = (data, ["cat"] * NUM_PER_CIFAR_BATCH)  # labels that are not ints
+    _write_cifar(tmp_path, batches)
+    with pytest.raises(ValueError, match="test_batch: b'data' or b'labels' is not an array"):
+        load_dataset("cifar10", split="test", data_dir=tmp_path, download=False)
+
+
 def test_cifar10_download_verifies_and_extracts(tmp_path, monkeypatch):
     batches = _cifar_batches()
     _write_cifar(tmp_path / "src", batches)

@@ -97,8 +97,11 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{path}: not a valid CIFAR-10 batch file: {e}") from e
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise ValueError(f"{path}: expected a dict with keys b'data' and b'labels'")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    try:
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"{path}: b'data' or b'labels' is not an array of integers: {e}") from e
     num_pixels = int(np.prod(IMAGE_SHAPE))
     if data.ndim != 2 or data.shape[1] != num_pixels or len(labels) != len(data):
         raise ValueError(

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import machine
+from distbelief.config import CLICK_MODELS, MODEL_NAMES
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from server_host import ServerHost, start_sgd_shard
@@ -213,10 +214,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.steps < 5 or args.steps % 5:
-        parser.error(f"--steps must be a multiple of 5 (the n=5 period), got {args.steps}")
+        parser.error(f"--steps must be a positive multiple of 5 (the n=5 period), got {args.steps}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
+    image_models = [name for name in MODEL_NAMES if name not in CLICK_MODELS]
+    unknown = [name for name in args.models if name not in image_models]
+    if unknown or not args.models:
+        named = unknown[0] if unknown else "none"
+        parser.error(f"--models: {named!r}: choose from {', '.join(image_models)}")
     args.warmup_steps = 10 if args.quick else 30
     return args
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from distbelief.config import DATASET_NAMES, MODEL_NAMES
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
+from distbelief.errors import DatasetUnavailableError, DistBeliefError
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.plots import plot_run
@@ -150,36 +151,59 @@ def run_node(args: argparse.Namespace) -> None:
     plot_run(run_dir)
 
 
-def check_roles(args: argparse.Namespace) -> None:
-    """Rank 0 is the parameter server (``--server``), ranks 1.. are training nodes."""
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse does not check itself, refused as it refuses the rest (exit 2)."""
+    least = {
+        "--batch-size": (args.batch_size, 1),
+        "--epochs": (args.epochs, 1),
+        "--num-pull": (args.num_pull, 1),
+        "--num-push": (args.num_push, 1),
+        "--log-interval": (args.log_interval, 1),
+        "--max-steps": (args.max_steps, 1),
+        "--lr": (args.lr, 0),
+    }
+    for flag, (value, minimum) in least.items():
+        if value is not None and not value >= minimum:
+            parser.error(f"argument {flag}: must be >= {minimum}, got {value}")
+    if args.no_distributed:
+        return
+    if not 1 <= args.port <= 65535:
+        parser.error(f"argument --port: must be in [1, 65535], got {args.port}")
+    # Rank 0 is the parameter server (--server), ranks 1.. are training nodes.
     if args.world_size < 2:
-        raise SystemExit(f"--world-size {args.world_size}: need the server and >= 1 node")
+        parser.error(f"argument --world-size: need the server and >= 1 node, got {args.world_size}")
     if not 0 <= args.rank < args.world_size:
-        raise SystemExit(f"--rank {args.rank} is not in [0, --world-size {args.world_size})")
+        parser.error(f"argument --rank: {args.rank} is not in [0, --world-size {args.world_size})")
     if args.server != (args.rank == 0):
-        raise SystemExit("rank 0 is the parameter server: run it, and only it, with --server")
+        parser.error("rank 0 is the parameter server: run it, and only it, with --server")
 
 
 def main() -> None:
-    args = get_args_parser().parse_args()
+    parser = get_args_parser()
+    args = parser.parse_args()
+    check_args(parser, args)
     logging.basicConfig(level=logging.INFO)
-    if args.no_distributed:
-        run_node(args)
-        return
-    check_roles(args)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://{args.master}:{args.port}",
-        rank=args.rank,
-        world_size=args.world_size,
-    )
     try:
-        if args.server:
-            run_server(args)
-        else:
+        if args.no_distributed:
             run_node(args)
-    finally:
-        dist.destroy_process_group()
+            return
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{args.master}:{args.port}",
+            rank=args.rank,
+            world_size=args.world_size,
+        )
+        try:
+            if args.server:
+                run_server(args)
+            else:
+                run_node(args)
+        finally:
+            dist.destroy_process_group()
+    except DatasetUnavailableError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # files to fetch: bad input
+    except DistBeliefError as e:
+        parser.exit(1, f"{parser.prog}: {type(e).__name__}: {e}\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from distbelief import DownpourSGD, ShardedEmbeddings
+from distbelief import DistBeliefError, DownpourSGD, ShardedEmbeddings
 from distbelief.data import iterate_ctr_batches
 from distbelief.data.synthetic_ctr import ground_truth_logits, make_synthetic_ctr
 from distbelief.models import DLRM
@@ -41,8 +41,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse does not check itself, refused as it refuses the rest (exit 2)."""
+    for flag, value, minimum in (
+        ("--steps", args.steps, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--table-size", args.table_size, 2),
+        ("--log-interval", args.log_interval, 1),
+        ("--lr", args.lr, 0),
+        ("--row-cache-mb", args.row_cache_mb, 0),
+    ):
+        if not value >= minimum:
+            parser.error(f"argument {flag}: must be >= {minimum}, got {value}")
+
+
 def main(argv: list[str] | None = None) -> float:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    try:
+        return train_and_evaluate(args)
+    except ValueError as e:  # a malformed --ps address, say
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except DistBeliefError as e:  # the shards could not be reached, say
+        parser.exit(1, f"{parser.prog}: {type(e).__name__}: {e}\n")
+
+
+def train_and_evaluate(args: argparse.Namespace) -> float:
+    """Train on the shards at ``args.ps``; the test AUC of their parameters."""
     train = make_synthetic_ctr("train", table_size=args.table_size)
     test = make_synthetic_ctr("test", table_size=args.table_size)
     torch.manual_seed(0)
@@ -75,7 +101,7 @@ def main(argv: list[str] | None = None) -> float:
     auc = roc_auc(scores, test.labels)
     ceiling = roc_auc(ground_truth_logits(test), test.labels)
     reader.close()
-    dense_reader.client.close()
+    dense_reader.close()  # it trained nothing: closes its connections
     print(f"test AUC {auc:.4f} (the hidden model's: {ceiling:.4f})")
     return auc
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, run_scripts_together
+from tests.conftest import CHILD_ENV, free_port, run_scripts_together
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "main.py"
 OFFLINE = ["--dataset", "digits", "--model", "lenet", "--lr", "0.1", "--batch-size", "32"]
@@ -70,3 +70,28 @@ def test_only_rank_0_is_the_server(tmp_path):
     )
     assert result.returncode != 0
     assert "rank 0 is the parameter server" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--no-distributed", "--lr", "-1"], "argument --lr: must be >= 0, got -1.0"),
+        (["--no-distributed", "--log-interval", "0"], "argument --log-interval: must be >= 1"),
+        (["--port", "99999"], "argument --port: must be in [1, 65535], got 99999"),
+        (["--world-size", "1"], "argument --world-size: need the server and >= 1 node"),
+    ],
+    ids=["lr", "log-interval", "port", "world-size"],
+)
+def test_bad_values_are_one_line_and_exit_2(tmp_path, argv, message):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), *argv, "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=CHILD_ENV,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert result.stderr.count("error:") == 1

@@ -31,3 +31,17 @@ def test_the_example_learns_clicks_against_two_shards(shard_cluster):
     found = re.search(r"test AUC ([\d.]+) \(the hidden model's: ([\d.]+)\)", done.stdout)
     assert found is not None, done.stdout
     assert 0.58 < float(found.group(1)) < float(found.group(2)), done.stdout
+
+
+def test_a_bad_value_is_one_line_and_exit_2():
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--ps", "garbage", "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=CHILD_ENV,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == (
+        "recommendation.py: error: address 'garbage' is not of the form tcp://HOST:PORT"
+    )

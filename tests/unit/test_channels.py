@@ -93,3 +93,8 @@ def test_the_job_transport_default_leaves_the_environment_in_place(monkeypatch):
     monkeypatch.delenv(TRANSPORT_ENV)
     apply_job_transport("auto")
     assert os.environ[TRANSPORT_ENV] == "auto"
+
+
+def test_an_address_without_its_scheme_is_named_as_given():
+    with pytest.raises(ValueError, match="address 'garbage' is not of the form tcp://HOST:PORT"):
+        channels.dialer("garbage")

@@ -32,3 +32,46 @@ def test_importing_the_package_does_not_import_torch():
     command = [sys.executable, "-c", code]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def _bad_arguments():
+    """(call, error type, message) for one obviously bad argument of each public class."""
+    from torch import nn
+
+    net = nn.Linear(2, 1)
+    return [
+        (lambda: distbelief.ShardedEmbedding("t", -1, 4), ValueError, "num_embeddings must be"),
+        (lambda: distbelief.ShardedEmbedding("t", 10, 0), ValueError, "embedding_dim must be"),
+        (lambda: distbelief.RowClient([], {"t": 4}), ValueError, "no parameter-server address"),
+        (lambda: distbelief.RowClient("tcp://h:1", {}), ValueError, "at least one table"),
+        (lambda: distbelief.RowClient("tcp://h:1", {"t": -3}), ValueError, "'t' needs a dim"),
+        (lambda: distbelief.ParameterServer("alexnet"), TypeError, "model must be a torch"),
+        (lambda: distbelief.ParameterServer(net, lr=-1), ValueError, "lr must be a number >= 0"),
+        (lambda: distbelief.ParameterServer(net, port=99999), ValueError, "port must be"),
+        (lambda: distbelief.ParameterServer(net, timeout_s=0), ValueError, "timeout_s must be"),
+        (
+            lambda: distbelief.ParameterServer(net, consistency="sync"),
+            TypeError,
+            "consistency must be a ConsistencyConfig",
+        ),
+        (
+            lambda: distbelief.DownpourSGD(net.parameters(), lr="x", ps="tcp://h:1"),
+            ValueError,
+            "lr must be a number >= 0, got 'x'",
+        ),
+        (lambda: distbelief.reshard_run("no/such/run", 2), ValueError, "no such run folder"),
+    ]
+
+
+_NUM_BAD_ARGUMENTS = 12
+
+
+def test_every_bad_argument_case_runs():
+    assert len(_bad_arguments()) == _NUM_BAD_ARGUMENTS
+
+
+@pytest.mark.parametrize("index", range(_NUM_BAD_ARGUMENTS))
+def test_a_bad_argument_is_named_before_anything_is_started(index):
+    call, error, message = _bad_arguments()[index]
+    with pytest.raises(error, match=message):
+        call()

@@ -100,7 +100,7 @@ class _StubPoller:
     def __init__(self, records: list[dict]) -> None:
         self.records = records
 
-    def poll_if_due(self) -> list[dict]:
+    def poll_if_due(self, *, now: bool = False) -> list[dict]:
         taken, self.records = self.records, []
         return taken
 

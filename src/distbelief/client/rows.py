@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from distbelief.client.lanes import ShardLanes
+from distbelief.client.ps_client import parse_addresses
 from distbelief.errors import ConsistencyMismatchError, ModelMismatchError, RemoteError
 from distbelief.sharding.rows import row_shard
 from distbelief.wire import Message
@@ -95,7 +96,7 @@ class RowClient(ShardLanes):
 
     def __init__(
         self,
-        addresses: Sequence[str],
+        addresses: str | Sequence[str],
         tables: Mapping[str, int],
         *,
         timeout_s: float = 30.0,
@@ -105,6 +106,12 @@ class RowClient(ShardLanes):
         worker_id: str | None = None,
         source_host: str | None = None,
     ) -> None:
+        addresses = parse_addresses(addresses)
+        if not tables:
+            raise ValueError("tables: give at least one table (name -> row dimension)")
+        for name, dim in tables.items():
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise ValueError(f"tables: {name!r} needs a dimension >= 1, got {dim!r}")
         super().__init__(
             addresses,
             timeout_s=timeout_s,

@@ -80,7 +80,8 @@ def _unavailable_message(data_dir: Path, split: str, reason: str) -> str:
         f"CIFAR-10 {split} split unavailable: {batches_dir} lacks "
         f"{', '.join(_missing_files(batches_dir, split))} ({reason}). Expected files in "
         f"{batches_dir}: {', '.join(expected)}. Download {CIFAR10_URL} (md5 {CIFAR10_MD5}) "
-        f"and extract it into {data_dir}, or pass download=True."
+        f"and extract it into {data_dir}"
+        + (", or pass download=True." if reason == "download=False" else ".")
     )
 
 

@@ -95,7 +95,8 @@ def _unavailable_message(mnist_dir: Path, name: str, reason: str) -> str:
     return (
         f"MNIST file {name} (or {name}.gz) not found in {mnist_dir} ({reason}). Expected files "
         f"in {mnist_dir}, raw or .gz: {', '.join(expected)}. Download them from "
-        f"{MNIST_URL_BASE}<name>.gz, or pass download=True."
+        f"{MNIST_URL_BASE}<name>.gz"
+        + (", or pass download=True." if reason == "download=False" else ".")
     )
 
 

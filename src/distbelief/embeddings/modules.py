@@ -27,6 +27,9 @@ class RowSource(Protocol):
 
 class _ShardedTable(nn.Module):
     def __init__(self, table: str, num_embeddings: int, embedding_dim: int) -> None:
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"table {table}: {name} must be an integer >= 1, got {value!r}")
         super().__init__()
         self.table = table
         self.num_embeddings = num_embeddings

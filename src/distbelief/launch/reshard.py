@@ -94,6 +94,8 @@ def reshard_run(run_dir: str | Path, num_shards: int) -> ReshardSummary:
         OSError: the folders could not be written or swapped.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run folder")
     config, new_config = _configs(run_dir, num_shards)
     old_num_shards = config.cluster.num_shards
     root = run_dir / CHECKPOINT_DIR

@@ -174,8 +174,8 @@ class DownpourSGD(torch.optim.Optimizer):
         push_compression: str = "none",
         source_host: str | None = None,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0:
+            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
         if worker_id is not None and not isinstance(worker_id, str):
             raise TypeError(f"worker_id must be a str, got {worker_id!r}")
         auth_key = _key_bytes(auth_key)

@@ -25,6 +25,22 @@ from distbelief.wire.security import WireSecurity, generate_key
 logger = logging.getLogger(__name__)
 
 
+def _check_arguments(model, lr, consistency, port, timeout_s) -> None:
+    """The constructor's arguments, named, before anything is joined or started."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if lr is not None and not (isinstance(lr, int | float) and lr >= 0):
+        raise ValueError(f"lr must be a number >= 0 (or None), got {lr!r}")
+    if consistency is not None and not isinstance(consistency, ConsistencyConfig):
+        raise TypeError(
+            f"consistency must be a ConsistencyConfig, got {type(consistency).__name__}"
+        )
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
+    if not (isinstance(timeout_s, int | float) and timeout_s > 0):
+        raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
+
+
 class ParameterServer:
     """Serve a model's parameters to the other ranks of the default process group.
 
@@ -66,6 +82,7 @@ class ParameterServer:
         port: int = 0,
         timeout_s: float = DEFAULT_STORE_TIMEOUT_S,
     ) -> None:
+        _check_arguments(model, lr, consistency, port, timeout_s)
         self._store = GroupStore(timeout_s)
         if self._store.world_size < 2:
             raise ValueError(

@@ -586,8 +586,8 @@ def _tcp_address(address: str) -> str:
     try:
         parse_tcp_address(f"tcp://{rest}")
     except ValueError as e:
-        if scheme == "tcp":
-            raise
+        if scheme == "tcp":  # named as given, with or without its scheme
+            raise ValueError(str(e).replace(repr(f"tcp://{rest}"), repr(address))) from None
         raise ValueError(f"address {address!r} is not of the form {scheme}://HOST:PORT") from e
     return f"tcp://{rest}"
 

@@ -27,6 +27,12 @@ class ProtocolError(PSError):
     """A peer sent bytes that are not a valid message of this protocol."""
 
 
+class AuthenticationError(ProtocolError):
+    """The job keys do not match: the shard refused this process's key, asked for one this
+    process was not given, or could not prove it holds the key (a wrong or missing key file,
+    or another job's shard at the address)."""
+
+
 class RemoteError(PSError):
     """A shard received a valid request but refused it; the message says why."""
 

@@ -22,6 +22,7 @@ from distbelief.wire.channels.tcp import TcpChannel
 from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
 from distbelief.wire.reader import FrameReader, recv_message
 from distbelief.wire.security import WireSecurity, read_key_file, write_key_file
+from tests.conftest import run_cli, start_shard, stop_processes
 from tests.integration.test_transport import EchoService
 
 NUM_FUZZ_FRAMES = 4_000
@@ -252,3 +253,31 @@ def test_unauthenticated_clients_are_refused_and_change_nothing(shard_cluster, t
 
     _train_and_check(model, optimizer, 10, fuzz)
     optimizer.close()
+
+
+def test_a_worker_with_another_jobs_key_file_is_told_which_flag(tmp_path):
+    write_key_file(tmp_path / "job.key")
+    write_key_file(tmp_path / "other.key")
+    shard, address = start_shard(0, 1, "--auth-key-file", str(tmp_path / "job.key"))
+    try:
+        worker = ["worker", "--ps", address, "--rank", "0", "--num-workers", "1", "--steps", "1"]
+        wrong = run_cli(*worker, "--auth-key-file", str(tmp_path / "other.key"), timeout_s=120)
+        none = run_cli(*worker, timeout_s=120)
+    finally:
+        stop_processes([shard])
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    assert (
+        wrong.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"the shard refused this job key (--auth-key-file {tmp_path / 'other.key'} is not this "
+            "job's key)"
+        )
+    )
+    assert none.returncode == 2, none.stderr[-2000:]
+    assert (
+        none.stderr.strip()
+        .splitlines()[-1]
+        .endswith("requires authentication: give the job's key (with --auth-key-file FILE)")
+    )
+    assert "Traceback" not in wrong.stderr + none.stderr

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from distbelief.config import JobConfig
 from distbelief.errors import (
+    AuthenticationError,
     ChildFailedError,
     ConfigFieldError,
     DistBeliefError,
@@ -417,6 +418,16 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except ChildFailedError as e:
         return _child_failed(args, e)
+    except AuthenticationError as e:
+        _traceback_if_verbose(args)
+        key_file = getattr(args, "auth_key_file", None)
+        hint = (
+            f"--auth-key-file {key_file} is not this job's key"
+            if key_file
+            else "with --auth-key-file FILE"
+        )
+        print(f"{prefix}: error: {e} ({hint})", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from distbelief.errors import ProtocolError
+from distbelief.errors import AuthenticationError, ProtocolError
 from distbelief.wire.dtypes import dtype_from_name, dtype_name
 from distbelief.wire.message import HEADER, MAGIC, MAX_META_BYTES, PROTOCOL_VERSION, Message
 from distbelief.wire.ops import Op, op_for_code
@@ -127,7 +127,7 @@ def parse_header(
     """
     magic, version, code, flags, request_id, meta_len, payload_len = HEADER.unpack(raw)
     if magic == AUTH_MAGIC:
-        raise ProtocolError("the shard requires authentication: give the job's key")
+        raise AuthenticationError("the shard requires authentication: give the job's key")
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}: not a distbelief peer")
     if version != PROTOCOL_VERSION:

@@ -11,6 +11,7 @@ import itertools
 import time
 
 from distbelief.errors import (
+    AuthenticationError,
     ProtocolError,
     PSError,
     ShardTimeoutError,
@@ -104,7 +105,7 @@ class RpcClient:
             raise ProtocolError(f"{self.name}: {_op_name(message)} reply refused: {e}") from e
         except ProtocolError as e:
             self.close()
-            raise self._broken_stream(message, str(e)) from e
+            raise self._broken_stream(message, str(e), type(e)) from e
         except OSError as e:
             self.close()
             raise ShardUnavailableError(f"{self.name}: {_op_name(message)} failed: {e}") from e
@@ -121,7 +122,9 @@ class RpcClient:
             )
         return reply
 
-    def _broken_stream(self, message: Message, problem: str) -> PSError:
+    def _broken_stream(
+        self, message: Message, problem: str, kind: type[ProtocolError] = ProtocolError
+    ) -> PSError:
         """The error for a frame (or handshake) that broke the protocol: a ProtocolError the
         first time (another kind of peer, another version, another job's key), a lost
         connection once this server has answered well (bytes lost on the way)."""
@@ -130,7 +133,9 @@ class RpcClient:
                 f"{self.name}: {_op_name(message)}: the connection broke the protocol "
                 f"({problem}); reconnecting"
             )
-        return ProtocolError(f"{self.name}: {_op_name(message)}: {problem}")
+        # An AuthenticationError stays one (the command line names the key file for it).
+        kind = AuthenticationError if issubclass(kind, AuthenticationError) else ProtocolError
+        return kind(f"{self.name}: {_op_name(message)}: {problem}")
 
     def close(self) -> None:
         """Drop the connection; a later request reconnects."""

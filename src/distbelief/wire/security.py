@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distbelief.errors import ProtocolError
+from distbelief.errors import AuthenticationError, ProtocolError
 
 if TYPE_CHECKING:
     from distbelief.wire.channels import Channel
@@ -129,7 +129,7 @@ def accept_peer(channel: Channel, key: bytes, timeout_s: float) -> None:
     channel.sendall(AUTH_MAGIC + challenge)
     answer = _recv_exact(channel, _DIGEST_BYTES + NONCE_BYTES, deadline)
     if not hmac.compare_digest(answer[:_DIGEST_BYTES], _mac(key, b"client", challenge)):
-        raise ProtocolError("peer failed authentication (wrong or missing job key)")
+        raise AuthenticationError("peer failed authentication (wrong or missing job key)")
     channel.sendall(_mac(key, b"server", answer[_DIGEST_BYTES:]))
 
 
@@ -149,6 +149,6 @@ def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> No
     try:
         proof = _recv_exact(channel, _DIGEST_BYTES, deadline)
     except ConnectionResetError as e:
-        raise ProtocolError("the shard refused this job key") from e
+        raise AuthenticationError("the shard refused this job key") from e
     if not hmac.compare_digest(proof, _mac(key, b"server", nonce)):
-        raise ProtocolError("server failed authentication: it does not hold the job key")
+        raise AuthenticationError("server failed authentication: it does not hold the job key")

@@ -28,7 +28,7 @@ import threading
 import time
 
 from distbelief.config import TRANSPORT_ENV, TRANSPORTS
-from distbelief.errors import ProtocolError
+from distbelief.errors import AuthenticationError, ProtocolError
 from distbelief.wire.channels import Channel, register_channel, split_scheme, upgrade_channel
 from distbelief.wire.channels.tcp import (
     TcpChannel,
@@ -379,7 +379,7 @@ def _request_upgrade(
         return tcp
     if status != _YES:
         if status + _recv_exact(sock, len(AUTH_MAGIC) - 1) == AUTH_MAGIC:
-            raise ProtocolError("the shard requires authentication: give the job's key")
+            raise AuthenticationError("the shard requires authentication: give the job's key")
         raise ProtocolError("answered the shared-memory request with bytes of another protocol")
     token, server_pid, ring_bytes = _ACCEPT.unpack(_recv_exact(sock, _ACCEPT.size))
     if not _TOKEN.fullmatch(token) or not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:

@@ -18,6 +18,7 @@ Offline, add ``--dataset digits --model lenet`` (scikit-learn's bundled digits).
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import time
 from pathlib import Path
@@ -52,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", action="store_true", help="run the parameter server")
     parser.add_argument("--master", default="127.0.0.1", help="rank 0's host (process group)")
     parser.add_argument("--port", type=int, default=29500, help="the process group's port")
+    parser.add_argument(
+        "--join-timeout", type=float, default=600.0, help="seconds to wait for the other ranks"
+    )
     parser.add_argument("--model", choices=MODEL_NAMES, default="alexnet")
     parser.add_argument("--dataset", choices=DATASET_NAMES, default="cifar10")
     parser.add_argument("--data-dir", default="data")
@@ -159,6 +163,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         "--num-pull": (args.num_pull, 1),
         "--num-push": (args.num_push, 1),
         "--log-interval": (args.log_interval, 1),
+        "--join-timeout": (args.join_timeout, 1),
         "--max-steps": (args.max_steps, 1),
         "--lr": (args.lr, 0),
     }
@@ -187,12 +192,22 @@ def main() -> None:
         if args.no_distributed:
             run_node(args)
             return
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://{args.master}:{args.port}",
-            rank=args.rank,
-            world_size=args.world_size,
+        print(
+            f"rank {args.rank}: joining the process group at {args.master}:{args.port} "
+            f"(all {args.world_size} ranks; waiting up to {args.join_timeout:g}s)",
+            flush=True,
         )
+        try:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://{args.master}:{args.port}",
+                rank=args.rank,
+                world_size=args.world_size,
+                timeout=datetime.timedelta(seconds=args.join_timeout),
+            )
+        except (RuntimeError, ValueError) as e:  # torch's store timeout, an unknown host
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            parser.exit(1, f"{parser.prog}: cannot join the process group: {first_line}\n")
         try:
             if args.server:
                 run_server(args)

@@ -306,11 +306,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from distbelief.files import make_folder
+    from distbelief.files import check_folder_can_be_made
     from distbelief.plots import plot_run, plot_runs
 
-    if args.out_dir:
-        make_folder(args.out_dir, "--out")
+    if args.out_dir:  # made by the plotting, once the runs are found
+        check_folder_can_be_made(args.out_dir, "--out")
     out_dir = args.out_dir or args.run_dirs[0]
     if len(args.run_dirs) == 1:
         written = plot_run(args.run_dirs[0], out_dir=out_dir)

@@ -1,6 +1,7 @@
 """Authentication, TLS and hostile frames on every channel kind, and a live shard under 10,000
 random, malformed and truncated frames."""
 
+import concurrent.futures as cf
 import json
 import random
 import shutil
@@ -261,8 +262,12 @@ def test_a_worker_with_another_jobs_key_file_is_told_which_flag(tmp_path):
     shard, address = start_shard(0, 1, "--auth-key-file", str(tmp_path / "job.key"))
     try:
         worker = ["worker", "--ps", address, "--rank", "0", "--num-workers", "1", "--steps", "1"]
-        wrong = run_cli(*worker, "--auth-key-file", str(tmp_path / "other.key"), timeout_s=120)
-        none = run_cli(*worker, timeout_s=120)
+        with cf.ThreadPoolExecutor(2) as pool:  # both at once: each loads torch first
+            wrong_run = pool.submit(
+                run_cli, *worker, "--auth-key-file", str(tmp_path / "other.key"), timeout_s=120
+            )
+            none_run = pool.submit(run_cli, *worker, timeout_s=120)
+            wrong, none = wrong_run.result(), none_run.result()
     finally:
         stop_processes([shard])
     assert wrong.returncode == 2, wrong.stderr[-2000:]

@@ -135,6 +135,11 @@ def test_run_labels_show_the_config_and_what_differs() -> None:
         "4w x 2s, adagrad, n_push=1, lr=0.1, async",
         "2w x 2s, adagrad, n_push=1, lr=0.05, sync",
     ]
+    # A batch size given as the default's is no difference.
+    assert run_labels([_run_data("x", **base), _run_data("y", **base, batch_size=32)]) == [
+        "4w x 2s, adagrad, n_push=1 (x)",
+        "4w x 2s, adagrad, n_push=1 (y)",
+    ]
     # Identical configs are told apart by their folder names.
     assert run_labels([_run_data("x", **base), _run_data("y", **base)]) == [
         "4w x 2s, adagrad, n_push=1 (x)",

@@ -200,13 +200,24 @@ def _base_label(config: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _label_value(config: dict, key: str) -> object:
+    """A run's value of ``key`` as a label shows it: a Downpour run given no batch size ran
+    batches of the default size, the same as one given that size."""
+    if (
+        key == "optimizer.batch_size"
+        and config.get("optimizer.algorithm", "downpour") == "downpour"
+    ):
+        return batch_size_of(config) if config else None
+    return config.get(key)
+
+
 def run_labels(runs: Sequence[RunData]) -> list[str]:
     """One legend label per run: "<W>w x <S>s, <server optimizer>, n_push=<n>", plus the
     config fields that differ between the runs, plus the folder name where labels still
     collide. A run without ``config.json`` is labelled with its folder name."""
     labels = [_base_label(run.config) if run.config else run.run_dir.name for run in runs]
     for key, shown in _LABEL_KEYS.items():
-        values = [run.config.get(key) for run in runs]
+        values = [_label_value(run.config, key) for run in runs]
         if len({repr(value) for value in values}) > 1:
             labels = [
                 f"{label}, {_label_part(shown, value)}" if value is not None else label

@@ -39,11 +39,16 @@ def in_a_process_group_of_their_own() -> Iterator[None]:
         yield
         return
     own_group = os.getpgrp()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; sys.stdin.read()"],
-        stdin=subprocess.PIPE,
-        process_group=0,  # the holder leads a new group, which this process then joins
-    )
+    try:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stdin.read()"],
+            stdin=subprocess.PIPE,
+            process_group=0,  # the holder leads a new group, which this process then joins
+        )
+    except OSError as e:
+        logger.debug("cannot start a process group's holder: %s", e)
+        yield
+        return
     try:
         os.setpgid(0, holder.pid)
     except OSError as e:
@@ -54,10 +59,22 @@ def in_a_process_group_of_their_own() -> Iterator[None]:
     try:
         yield
     finally:
-        # Back to its group: with it gone (this process led it, alone), setpgid recreates it
-        # under the same id, this process's.
-        os.setpgid(0, own_group)
+        _return_to(own_group)
         _release(holder)
+
+
+def _return_to(group: int) -> None:
+    """Back to ``group``: when this process led it alone, setpgid recreates it under the same
+    id (this process's). A group that is gone meanwhile (its other members all exited) cannot
+    be rejoined: this process then leads a group of its own, where signals to it still reach
+    it and not the processes started in the block."""
+    try:
+        os.setpgid(0, group)
+    except OSError as e:
+        logger.warning(
+            "cannot return to process group %d (%s): leading a group of its own", group, e
+        )
+        os.setpgid(0, 0)
 
 
 def _release(holder: subprocess.Popen) -> None:

@@ -149,11 +149,11 @@ class Checkpointer:
 
     def _run(self) -> None:
         next_save_s = time.monotonic() + self.every_s
-        first_pending = True  # a first save that fails is retried every every_s, as others
+        first_tried = False  # a first save that fails is retried every every_s, as others
         while not self._stop.wait(_POLL_S):
-            first_save = first_pending and self.shard.initialized and self.saved_version is None
+            first_save = not first_tried and self.shard.initialized and self.saved_version is None
             if first_save or time.monotonic() >= next_save_s:
-                first_pending = first_pending and not first_save
+                first_tried = first_tried or first_save
                 try:
                     self.save_if_changed()
                 except OSError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Sequence
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -38,3 +39,12 @@ def check_local_host(host: str) -> None:
     except OSError as e:
         reason = e.strerror or str(e)
         raise ValueError(f"{host} is not an address of this machine ({reason})") from e
+
+
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """``"tcp://a:1,tcp://b:2"`` or a list -> list of addresses; ValueError if empty."""
+    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    items = [item.strip() for item in items if item.strip()]
+    if not items:
+        raise ValueError("no parameter-server address given (e.g. tcp://127.0.0.1:7000)")
+    return items

@@ -471,7 +471,8 @@ def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_p
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "somerun").mkdir()
     stdout, stderr = _refused(argv, tmp_path, env)
-    assert stdout[:1] == ["exit 2"] and stdout[1].startswith("children 0"), stderr
+    # Refused at once: before any process starts and before torch is loaded.
+    assert stdout == ["exit 2", "children 0 torch False"], stderr
     assert message in _one_error_line(stderr)
     assert (tmp_path / "afile").read_text() == "not a folder"
 

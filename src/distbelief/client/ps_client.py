@@ -49,15 +49,6 @@ _SLICE_CACHE_ENTRIES = 8
 logger = logging.getLogger(__name__)
 
 
-def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
-    """``"tcp://a:1,tcp://b:2"`` or a list -> list of addresses; ValueError if empty."""
-    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
-    items = [item.strip() for item in items if item.strip()]
-    if not items:
-        raise ValueError("no parameter-server address given (e.g. tcp://127.0.0.1:7000)")
-    return items
-
-
 class ParameterServerClient(ShardLanes):
     """A worker's (or evaluator's) connections to all shards of one model.
 

@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 
 from distbelief.client.lanes import ShardLanes
-from distbelief.client.ps_client import parse_addresses
 from distbelief.errors import ConsistencyMismatchError, ModelMismatchError, RemoteError
+from distbelief.hosts import parse_addresses
 from distbelief.sharding.rows import row_shard
 from distbelief.wire import Message
 from distbelief.wire.row_ops import PULL_ROWS, PUSH_ROWS, ROWS_HELLO

@@ -68,7 +68,7 @@ def _check_device(config: JobConfig) -> None:
 
 def _addresses(flag: str, text: str) -> list[str]:
     """The addresses of ``flag``; a malformed one is an error naming the flag."""
-    from distbelief.client import parse_addresses
+    from distbelief.hosts import parse_addresses
     from distbelief.wire import channels
     from distbelief.wire.channels.shm import transport_setting
 
@@ -198,8 +198,6 @@ def _log_emit(kind: str, payload: object) -> None:
 
 
 def _run_ps(args: argparse.Namespace) -> int:
-    from distbelief.server.process import serve_job_shard
-
     config = config_from_args(args)
     if not 0 <= args.shard_id < config.cluster.num_shards:
         raise ValueError(
@@ -211,6 +209,8 @@ def _run_ps(args: argparse.Namespace) -> int:
 
         make_folder(args.checkpoint_dir, "--checkpoint-dir")
     _use_transport(config)
+    from distbelief.server.process import serve_job_shard  # torch: once the flags are checked
+
     serve_job_shard(
         config,
         args.shard_id,
@@ -289,11 +289,15 @@ def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from distbelief.data.files import require_data_files
-    from distbelief.evaluator import format_result, watch_shards
+    from distbelief.files import check_folder_can_be_made
 
     config = config_from_args(args)
     require_data_files(config.data)
+    if config.reporting.out_dir:
+        check_folder_can_be_made(config.reporting.out_dir, "--out")
     _use_transport(config)
+    from distbelief.evaluator import format_result, watch_shards  # torch: once checked
+
     result = watch_shards(
         config,
         _addresses("--ps", args.ps),
@@ -307,10 +311,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _run_plot(args: argparse.Namespace) -> int:
     from distbelief.files import check_folder_can_be_made
-    from distbelief.plots import plot_run, plot_runs
 
     if args.out_dir:  # made by the plotting, once the runs are found
         check_folder_can_be_made(args.out_dir, "--out")
+    from distbelief.plots import plot_run, plot_runs  # matplotlib: once the flags are checked
+
     out_dir = args.out_dir or args.run_dirs[0]
     if len(args.run_dirs) == 1:
         written = plot_run(args.run_dirs[0], out_dir=out_dir)

@@ -19,6 +19,7 @@ from distbelief.coordinator.checkpoint import TAG_PREFIX, read_record
 from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.files import sync_folder, write_text_atomic
 from distbelief.launch.cluster import CHECKPOINT_DIR
+from distbelief.launch.run_lock import run_dir_locked
 from distbelief.server.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.server.reshard_dense import (
     WholeModel,
@@ -87,7 +88,7 @@ def reshard_run(run_dir: str | Path, num_shards: int) -> ReshardSummary:
 
     Raises:
         ValueError: ``run_dir`` has no valid config.json or no checkpoints, or already has
-            ``num_shards`` shards.
+            ``num_shards`` shards, or a job is running in it.
         ConfigFieldError: ``num_shards`` is out of range (field ``cluster.num_shards``).
         CheckpointError: an old checkpoint is missing, corrupt or partial, or the new set
             does not hold what the old one did; the message names the file. Nothing changed.
@@ -96,6 +97,11 @@ def reshard_run(run_dir: str | Path, num_shards: int) -> ReshardSummary:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: no such run folder")
+    with run_dir_locked(run_dir, str(run_dir)):
+        return _reshard_stopped_run(run_dir, num_shards)
+
+
+def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
     config, new_config = _configs(run_dir, num_shards)
     old_num_shards = config.cluster.num_shards
     root = run_dir / CHECKPOINT_DIR

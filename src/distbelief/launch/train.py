@@ -28,6 +28,7 @@ from distbelief.files import check_folder_can_be_made
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
 from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
+from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.rundir import prepare_run_dir, run_dir_path, write_text_atomic
 
 if TYPE_CHECKING:
@@ -282,9 +283,9 @@ def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
     return config.with_fields({"pipeline.split_points": points}), plan
 
 
-def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
-    """The run folder and the config with its path filled in; refuses to mix runs."""
-    run_dir = prepare_run_dir(config.reporting.out_dir)
+def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
+    """The config with the run folder's path filled in (and written there); refuses to mix
+    runs."""
     checkpoints = run_dir / CHECKPOINT_DIR
     has_checkpoints = (
         any(checkpoints.glob("shard*.json"))
@@ -297,7 +298,7 @@ def _prepare(config: JobConfig, resume: bool) -> tuple[JobConfig, Path]:
         raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
     config = config.with_fields({"reporting.out_dir": str(run_dir)})
     write_text_atomic(run_dir / "config.json", config.to_json())
-    return config, run_dir
+    return config
 
 
 def engine_cluster(engine: str) -> type[Cluster]:
@@ -384,7 +385,32 @@ def train(
     else:
         partitions = {"split_points": list(config.pipeline.split_points), "basis": "given"}
     fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
-    config, run_dir = _prepare(config, resume)
+    run_dir = prepare_run_dir(config.reporting.out_dir)
+    named = f"--resume {run_dir}" if resume else f"--out {run_dir}"
+    with run_dir_locked(run_dir, named):
+        config = _prepare(config, run_dir, resume)
+        return _run_job(
+            config,
+            run_dir,
+            cluster_type,
+            resume=resume,
+            fresh=fresh,
+            plan=partitions,
+            total_steps=total_steps,
+        )
+
+
+def _run_job(
+    config: JobConfig,
+    run_dir: Path,
+    cluster_type: type[Cluster],
+    *,
+    resume: bool,
+    fresh: bool,
+    plan: dict,
+    total_steps: int,
+) -> RunResult:
+    """The job itself, in its prepared run folder: start, supervise, record, plot."""
     # After the checks above, so a refused setting is reported without waiting for these.
     _load_with_signals_deferred(LOADED_BEFORE_THE_JOB)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -414,7 +440,7 @@ def train(
             poller = telemetry.ShardStatsPoller(addresses, security=cluster.security)
             _supervise(cluster, EventRouter(sink, poller), config)
             result = _result(cluster, config, run_dir, time.time() - started)
-            result.partitions = partitions
+            result.partitions = plan
     except KeyboardInterrupt as e:
         raise LauncherInterrupted("stopped by Ctrl-C") from e
     finally:

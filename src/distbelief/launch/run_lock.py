@@ -1,0 +1,59 @@
+"""One job at a time in a run folder.
+
+A launcher holds an exclusive lock on its run folder for the job's whole life, and ``reshard``
+for its rewrite; a second launcher (``train --resume`` of a run still going, ``--out`` of one)
+or a reshard meanwhile is refused instead of writing over the live job's checkpoints and
+records. The lock is ``flock`` on the folder itself: no file is added, and the kernel drops it
+when its holder ends, however it ends (SIGKILL too), so a crashed run never blocks the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCKS_TABLE = Path("/proc/locks")
+
+
+def _holder(run_dir: Path) -> str:
+    """`` (pid N)`` of the process holding ``run_dir``'s lock, from the kernel's lock table
+    (empty where it cannot be read: another system, say)."""
+    try:
+        info = run_dir.stat()
+        wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+        for line in LOCKS_TABLE.read_text().splitlines():
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF"
+            if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+                return f" (pid {fields[4]})"
+    except (OSError, ValueError):
+        pass
+    return ""
+
+
+@contextlib.contextmanager
+def run_dir_locked(run_dir: Path, what: str) -> Iterator[None]:
+    """Hold ``run_dir`` (an existing folder) for the block.
+
+    Args:
+        run_dir: The run folder.
+        what: How the user named it, for the refusal (``--resume RUN``, say).
+
+    Raises:
+        ValueError: another process holds it (a job running in it, or a reshard).
+    """
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{what}: another job is using this run folder{_holder(run_dir)}: "
+                "wait for it to end, or stop it first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock

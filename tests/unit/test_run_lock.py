@@ -1,0 +1,83 @@
+"""One job at a time in a run folder: a second holder is refused with the holder's pid, the lock
+goes with its holder (however it ends), and reshard refuses a folder a job holds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from distbelief.launch.reshard import reshard_run
+from distbelief.launch.run_lock import run_dir_locked
+from tests.conftest import run_cli
+
+HOLD = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from distbelief.launch.run_lock import run_dir_locked\n"
+    "with run_dir_locked(Path(sys.argv[1]), 'x'):\n"
+    "    print('held', flush=True)\n"
+    "    time.sleep(300)\n"
+)
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process holding ``tmp_path/run`` (killed with SIGKILL at the end)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout.readline().strip() == "held"
+        yield run_dir, process
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+
+
+def test_a_second_holder_is_refused_naming_the_first(holder):
+    run_dir, process = holder
+    with pytest.raises(ValueError) as refused, run_dir_locked(run_dir, f"--resume {run_dir}"):
+        pass
+    assert str(refused.value) == (
+        f"--resume {run_dir}: another job is using this run folder (pid {process.pid}): "
+        "wait for it to end, or stop it first"
+    )
+
+
+def test_the_lock_goes_with_a_killed_holder(holder):
+    run_dir, process = holder
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    with run_dir_locked(run_dir, "x"):
+        pass
+    assert list(run_dir.iterdir()) == []  # no lock file left behind
+
+
+def test_one_process_takes_it_again_after_the_block(tmp_path):
+    with run_dir_locked(tmp_path, "x"):
+        pass
+    with run_dir_locked(tmp_path, "x"):
+        pass
+
+
+def test_reshard_refuses_a_run_a_job_holds(holder):
+    run_dir, _ = holder
+    with pytest.raises(ValueError, match="another job is using this run folder"):
+        reshard_run(run_dir, 2)
+
+
+def test_train_into_a_held_folder_is_refused_and_writes_nothing(holder):
+    run_dir, process = holder
+    result = run_cli("train", "--steps", "2", "--out", str(run_dir), timeout_s=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"distbelief train: error: --out {run_dir}: another job is using this run folder "
+        f"(pid {process.pid}): wait for it to end, or stop it first"
+    )
+    assert list(run_dir.iterdir()) == []

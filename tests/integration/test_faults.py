@@ -105,6 +105,32 @@ def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
     assert "shard0 died" in err and "restarted" in err
 
 
+def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
+    """``distbelief ps`` stopped by SIGTERM (what ``kill`` and service managers send) saves
+    what it applied since its last periodic checkpoint, as Ctrl-C does."""
+    checkpoints = tmp_path / "checkpoints"
+    # A periodic save far away: only the shutdown's can hold the pushes below.
+    process, address = start_shard(
+        0, 1, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "3600"
+    )
+    try:
+        model = nn.Linear(4, 2)
+        optimizer = DownpourSGD(
+            model.parameters(), lr=0.1, model=model, ps=[address], blocking=True, timeout_s=30
+        )
+        for _ in range(7):
+            optimizer.zero_grad()
+            model(torch.randn(3, 4)).sum().backward()
+            optimizer.step()
+        optimizer.close()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        stop_processes([process])
+    assert process.returncode == 130
+    assert json.loads((checkpoints / "shard0.json").read_text())["version"] == 7
+
+
 def test_worker_fails_clearly_when_a_shard_stays_dead():
     process, address = start_shard(0, 1, "--server-lr", "0.1")
     try:

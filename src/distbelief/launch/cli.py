@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -402,6 +403,16 @@ def _traceback_if_verbose(args: argparse.Namespace) -> None:
         traceback.print_exc()
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: ``ps`` saves its checkpoint on the way out, a worker
+    closes its connections, every ``finally`` runs (the default action would end the process
+    where it stands)."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise _Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the chosen command; returns the process exit code."""
     logging.basicConfig(
@@ -409,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     prefix = f"distbelief {args.command}"
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _COMMANDS[args.command](args)
     except ConfigFieldError as e:
@@ -433,8 +445,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"{prefix}: error: {e} ({hint})", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"{prefix}: {e or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except LauncherInterrupted as e:
         print(f"{prefix}: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "AuthenticationError": "distbelief.errors",
     "RemoteError": "distbelief.errors",
     "ModelMismatchError": "distbelief.errors",
+    "ShardListError": "distbelief.errors",
     "LayoutMismatchError": "distbelief.errors",
     "TooManyConnectionsError": "distbelief.errors",
     "ConsistencyMismatchError": "distbelief.errors",

@@ -41,6 +41,11 @@ class ModelMismatchError(RemoteError):
     """The worker's model does not match the parameters the shards hold."""
 
 
+class ShardListError(ModelMismatchError):
+    """The shard addresses given are not the shards' own list: another number of shards, or
+    another order (a user's ``--ps`` or ``ps=``)."""
+
+
 class LayoutMismatchError(ModelMismatchError):
     """The worker divides the model among the shards differently than a shard does (another
     partitioner); the message names both descriptions."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from distbelief.errors import ModelMismatchError, RemoteError
+from distbelief.errors import ModelMismatchError, ShardListError
 from distbelief.optim import DownpourSGD
 
 
@@ -104,8 +104,10 @@ def test_model_mismatch_is_a_clear_error(shard_cluster):
 def test_shards_listed_out_of_order_are_refused(shard_cluster):
     addresses = shard_cluster(2)
     model = _model()
-    with pytest.raises(RemoteError, match=r"serves shard 1 of 2.*order of --ps"):
+    with pytest.raises(ShardListError, match=r"serves shard 1 of 2.*order of the addresses"):
         DownpourSGD(model.parameters(), model=model, ps=addresses[::-1], timeout_s=5)
+    with pytest.raises(ShardListError, match=r"one of 2 shards, but 1 were given"):
+        DownpourSGD(model.parameters(), model=model, ps=addresses[:1], timeout_s=5)
 
 
 def test_missing_address_is_a_value_error(monkeypatch):

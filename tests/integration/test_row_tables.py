@@ -17,7 +17,7 @@ from torch import nn
 
 from distbelief.client.rows import RowClient
 from distbelief.embeddings import ShardedEmbeddings
-from distbelief.errors import ModelMismatchError
+from distbelief.errors import ModelMismatchError, ShardListError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.row_optimizers import LazyAdam
 from distbelief.server.row_table import RowTable, seeded_normal_rows
@@ -177,7 +177,7 @@ def test_only_touched_rows_travel_to_the_shards_that_own_them(shard_cluster):
     # A client that lists another number of shards (it would send ids to the wrong one).
     partial = RowClient(addresses[:1], {"ids": 2}, timeout_s=60)
     try:
-        with pytest.raises(ModelMismatchError, match="one of 2 shards, but 1 were given"):
+        with pytest.raises(ShardListError, match="one of 2 shards, but 1 were given"):
             partial.handshake()
     finally:
         partial.close()

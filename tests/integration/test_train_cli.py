@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distbelief.data.files import MNIST_SPLIT_FILES
-from tests.conftest import CHILD_ENV, CLI, run_cli
+from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 
 def _descendants(pid: int) -> set[int]:
@@ -202,3 +202,24 @@ def test_bad_sandblaster_flags_are_one_line_errors_and_write_nothing(tmp_path, f
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert errors == [f"distbelief train: error: {message}"], result.stderr
     assert not run_dir.exists()
+
+
+def test_a_worker_given_another_list_of_shards_is_told_which_flag():
+    shards = [start_shard(i, 2) for i in range(2)]
+    try:
+        addresses = [address for _, address in shards]
+        for listed, problem in (
+            (addresses[:1], "is one of 2 shards, but 1 were given"),
+            (addresses[::-1], "serves shard 1 of 2, but it is listed as shard 0"),
+        ):
+            result = run_cli(
+                *("worker", "--ps", ",".join(listed), "--rank", "0", "--num-workers", "1"),
+                *("--model", "mlp", "--steps", "1"),
+                timeout_s=120,
+            )
+            assert result.returncode == 2, result.stderr[-2000:]
+            last = result.stderr.strip().splitlines()[-1]
+            assert last.startswith("distbelief worker: error: argument --ps: shard 0 ("), last
+            assert problem in last and "Traceback" not in result.stderr
+    finally:
+        stop_processes([process for process, _ in shards])

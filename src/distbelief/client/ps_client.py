@@ -22,6 +22,7 @@ from distbelief.client.replay import Replay, ShardReplay
 from distbelief.errors import (
     ConsistencyMismatchError,
     ModelMismatchError,
+    ShardListError,
     ShardTimeoutError,
 )
 from distbelief.sharding import (
@@ -47,6 +48,16 @@ _INIT_POLL_S = 0.05
 _SLICE_CACHE_ENTRIES = 8
 """Sets of buffers whose slices are kept (an optimizer uses two: gradients out, params in)."""
 logger = logging.getLogger(__name__)
+
+
+def check_shard_count(addresses: Sequence[str], shard_id: int, described: dict) -> None:
+    """Raise ShardListError unless the shard at ``addresses[shard_id]``, as its hello reply
+    ``described`` it, is one of ``len(addresses)`` shards."""
+    if described.get("num_shards") != len(addresses):
+        raise ShardListError(
+            f"shard {shard_id} ({addresses[shard_id]}) is one of "
+            f"{described.get('num_shards')} shards, but {len(addresses)} were given"
+        )
 
 
 class ParameterServerClient(ShardLanes):
@@ -143,7 +154,8 @@ class ParameterServerClient(ShardLanes):
             True if this call initialised at least one shard.
 
         Raises:
-            ModelMismatchError: a shard holds a different model, or is listed out of order.
+            ModelMismatchError: a shard holds a different model.
+            ShardListError: a shard is one of another number of shards, or listed out of order.
             LayoutMismatchError: a shard holds a different partitioner.
             ConsistencyMismatchError: the shards run different consistency settings.
             ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
@@ -188,15 +200,11 @@ class ParameterServerClient(ShardLanes):
         """One HELLO: the shard's description (the shard refuses another model or layout).
 
         Raises:
-            ModelMismatchError: the shard is one of another number of shards.
+            ShardListError: the shard is one of another number of shards.
         """
         reply = self._request(shard_id, Message(ops.HELLO, self._hello_meta(shard_id)))
         self._settle(shard_id, reply.meta)
-        if reply.meta.get("num_shards") != self.num_shards:
-            raise ModelMismatchError(
-                f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
-                f"{reply.meta.get('num_shards')} shards, but {self.num_shards} were given"
-            )
+        check_shard_count(self.addresses, shard_id, reply.meta)
         return reply.meta
 
     def _join(self, shard_id: int, described: dict, initial) -> bool:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from distbelief.client.lanes import ShardLanes
+from distbelief.client.ps_client import check_shard_count
 from distbelief.errors import ConsistencyMismatchError, ModelMismatchError, RemoteError
 from distbelief.hosts import parse_addresses
 from distbelief.sharding.rows import row_shard
@@ -132,8 +133,9 @@ class RowClient(ShardLanes):
         """Declares the tables on every shard; returns each shard's description.
 
         Raises:
-            ModelMismatchError: a shard is one of another number of shards, is listed out of
-                order, or holds a table of another width.
+            ShardListError: a shard is one of another number of shards, or listed out of
+                order.
+            ModelMismatchError: a shard holds a table of another width.
             ConsistencyMismatchError: the shards run different row settings.
         """
         messages = [
@@ -142,14 +144,12 @@ class RowClient(ShardLanes):
         ]
         try:
             replies = [reply.meta for reply in self.request_each(messages)]
-        except RemoteError as e:  # a shard refused a table's width or its place in the list
+        except ModelMismatchError:  # ShardListError: out of order
+            raise
+        except RemoteError as e:  # a shard refused a table's width
             raise ModelMismatchError(str(e)) from e
         for shard_id, described in enumerate(replies):
-            if described.get("num_shards") != self.num_shards:
-                raise ModelMismatchError(
-                    f"shard {shard_id} ({self.addresses[shard_id]}) is one of "
-                    f"{described.get('num_shards')} shards, but {self.num_shards} were given"
-                )
+            check_shard_count(self.addresses, shard_id, described)
             if described.get("settings") != replies[0].get("settings"):
                 raise ConsistencyMismatchError(
                     f"shard 0 ({self.addresses[0]}) and shard {shard_id} "

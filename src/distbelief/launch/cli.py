@@ -23,6 +23,7 @@ from distbelief.errors import (
     ConfigFieldError,
     DistBeliefError,
     LauncherInterrupted,
+    ShardListError,
 )
 from distbelief.launch.cluster import Fault
 from distbelief.launch.flags import flag_of, get_args_parser, security_from_args, subcommand_parser
@@ -444,6 +445,10 @@ def run(args: argparse.Namespace) -> int:
             else "with --auth-key-file FILE"
         )
         print(f"{prefix}: error: {e} ({hint})", file=sys.stderr)
+        return EXIT_USAGE
+    except ShardListError as e:  # only --ps names shards by hand
+        _traceback_if_verbose(args)
+        print(f"{prefix}: error: argument --ps: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         print(f"{prefix}: {e or 'interrupted'}", file=sys.stderr)

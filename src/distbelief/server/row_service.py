@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from distbelief.errors import ProtocolError
+from distbelief.server.shard import check_listed_place
 from distbelief.wire.message import Message
 from distbelief.wire.row_ops import PULL_ROWS, PUSH_ROWS, ROWS_HELLO
 
@@ -60,12 +61,7 @@ def describe_tables(tables: ShardTables) -> dict:
 
 def rows_hello(connection, request: Message) -> Message:
     tables = _tables_of(connection)
-    expected_id = request.meta.get("shard_id")
-    if expected_id is not None and expected_id != tables.shard_id:
-        raise ValueError(
-            f"this address serves shard {tables.shard_id} of {tables.num_shards}, but the "
-            f"client lists it as shard {expected_id}: check the order of --ps"
-        )
+    check_listed_place(tables.shard_id, tables.num_shards, request.meta.get("shard_id"))
     declared = request.meta.get("tables", {})
     if not isinstance(declared, dict):
         raise ValueError("ROWS_HELLO's 'tables' must map table names to row widths")

@@ -26,7 +26,7 @@ from distbelief.server.compressed import (
 from distbelief.server.groups import DEFAULT_GROUP, ShardGroups, check_group_name
 from distbelief.server.row_service import describe_tables, register_row_ops
 from distbelief.server.row_tables import RowTableSettings, ShardTables
-from distbelief.server.shard import ParameterShard
+from distbelief.server.shard import ParameterShard, check_listed_place
 from distbelief.server.vector_service import VectorHandlers
 from distbelief.sharding import partitioner_from_json, specs_from_json
 from distbelief.wire import long_wait
@@ -249,12 +249,7 @@ class ShardConnection(VectorHandlers):
 
     def _hello(self, request: Message) -> Message:
         self._bind_group(request.meta)
-        expected_id = request.meta.get("shard_id")
-        if expected_id is not None and expected_id != self.shard.shard_id:
-            raise ValueError(
-                f"this address serves shard {self.shard.shard_id} of {self.shard.num_shards}, "
-                f"but the client lists it as shard {expected_id}: check the order of --ps"
-            )
+        check_listed_place(self.shard.shard_id, self.shard.num_shards, request.meta.get("shard_id"))
         self._check_model(request.meta)
         # No registration here: a worker joins the clocks at its first pull or push, so one
         # waiting for a warmstart does not hold the others back meanwhile.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from distbelief.config import ConsistencyConfig
-from distbelief.errors import LayoutMismatchError, ModelMismatchError
+from distbelief.errors import LayoutMismatchError, ModelMismatchError, ShardListError
 from distbelief.server.changes import ChangeLog, keeps_support
 from distbelief.server.consistency import WorkerClocks, consistency_policy
 from distbelief.server.durability import ShardDurability
@@ -102,6 +102,16 @@ class ShardState:
     """The store's persistent buffers and optimizer state, by name."""
     values: dict[str, object]
     """JSON-able: layout, partitioner, counters and the store's plain values."""
+
+
+def check_listed_place(shard_id: int, num_shards: int, listed_as: object) -> None:
+    """Raise ShardListError unless a client that lists this shard at ``listed_as`` (None: it
+    does not say) lists it in its place, ``shard_id``."""
+    if listed_as is not None and listed_as != shard_id:
+        raise ShardListError(
+            f"this address serves shard {shard_id} of {num_shards}, but it is listed as shard "
+            f"{listed_as}: check the order of the addresses"
+        )
 
 
 def _last_push_entry(saved: Sequence[int]) -> tuple[int, int, int, int]:

@@ -13,6 +13,7 @@ from distbelief.errors import (
     ModelMismatchError,
     PSError,
     RemoteError,
+    ShardListError,
     ShardRestartedError,
     TooManyConnectionsError,
 )
@@ -34,6 +35,7 @@ TOO_MANY_CONNECTIONS = "too_many_connections"
 
 ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("layout_mismatch", (LayoutMismatchError,), LayoutMismatchError),
+    ErrorKind("shard_list", (ShardListError,), ShardListError),
     ErrorKind("model_mismatch", (ModelMismatchError,), ModelMismatchError),
     ErrorKind("evaluation_not_open", (EvaluationNotOpenError,), EvaluationNotOpenError),
     ErrorKind("shard_restarted", (ShardRestartedError,), ShardRestartedError),

@@ -41,6 +41,17 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+def _forkservers(pids: set[int]) -> set[int]:
+    found = set()
+    for pid in pids:
+        try:
+            if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+        except OSError:
+            continue
+    return found
+
+
 def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
     deadline = time.monotonic() + timeout_s
     while _alive(pids) and time.monotonic() < deadline:
@@ -89,8 +100,13 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
             time.sleep(0.2)
         children = _descendants(launcher.pid)
         assert len(children) >= 5  # 2 shards, 2 workers, 1 evaluator (some still starting)
+        forkservers = _forkservers(children)
         launcher.send_signal(how)
         code = launcher.wait(timeout=30)
+        if how != signal.SIGKILL:
+            # Stopped in order: its forkserver, which would take seconds to unload torch once
+            # the launcher is gone, is ended and reaped before the launcher exits.
+            assert forkservers and not _alive(forkservers)
         assert _wait_gone(children, timeout_s=15) == set()
         if how != signal.SIGKILL:
             assert code == 130, launcher.stderr.read()[-2000:] if launcher.stderr else ""

@@ -122,6 +122,7 @@ def _reshard_before_resume(run_dir: Path, num_shards: int) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from distbelief.launch.local import stop_forkserver
     from distbelief.launch.resume import RESUMABLE_FIELDS, read_run_for_resume
     from distbelief.launch.train import train
 
@@ -151,6 +152,8 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train(config, resume=bool(args.resume))
     except ChildFailedError as e:
         return _child_failed(args, e, _save_traceback(e, Path(config.reporting.out_dir)))
+    finally:
+        stop_forkserver()  # nothing of the command outlives it
     final = result.final
     for fault in result.faults:
         if fault.version_restored is not None:

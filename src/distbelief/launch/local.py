@@ -6,9 +6,12 @@ live only here; what a process runs is ``entry.run_role``, what a death means is
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import multiprocessing as mp
 import multiprocessing.forkserver
+import os
+import signal
 import time
 from pathlib import Path
 from types import TracebackType
@@ -56,6 +59,21 @@ def warm_up(config: JobConfig) -> None:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(_PRELOAD))
     multiprocessing.forkserver.ensure_running()
+
+
+def stop_forkserver() -> None:
+    """Ends this process's forkserver once its jobs are over (the command line's last step).
+    Left to itself it ends when this process does, but only after unloading torch: seconds in
+    which it outlives the command. It has no SIGTERM handler of its own, so SIGTERM ends it at
+    once; the standard library's stop then reaps it and forgets it."""
+    server = multiprocessing.forkserver._forkserver
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(OSError, AttributeError):
+        server._stop()
 
 
 class LocalCluster:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -74,6 +75,26 @@ _NO_PORT = " (without a port or scheme)"
 def _require(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
         raise ConfigFieldError(name, f"must be {rule}, got {value!r}")
+
+
+def is_amount(value: object, *, zero_ok: bool = False) -> bool:
+    """Whether ``value`` is a finite int or float > 0 (>= 0 where ``zero_ok``): a rate, size or
+    duration. A bool is no number, and NaN or an infinity is no amount (an infinite rate or
+    size breaks the arithmetic, an infinite wait overflows the clock)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+
+
+def amount_rule(*, zero_ok: bool = False) -> str:
+    """What ``is_amount`` asks for, in words for an error message."""
+    return f"a finite number {'>=' if zero_ok else '>'} 0"
+
+
+def _require_amounts(config: object, *names: str, zero_ok: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _require(is_amount(value, zero_ok=zero_ok), name, value, amount_rule(zero_ok=zero_ok))
 
 
 def _require_counts(config: object, *names: str) -> None:
@@ -239,7 +260,7 @@ class OptimizerConfig:
         _require_counts(self, "n_push", "n_pull")
         batch_size = self.batch_size
         _require(batch_size is None or batch_size >= 1, "batch_size", batch_size, ">= 1")
-        _require(self.lr >= 0, "lr", self.lr, ">= 0")
+        _require_amounts(self, "lr", zero_ok=True)
         if self.steps is not None and self.epochs is not None:
             raise ConfigFieldError("epochs", f"cannot be given with steps, got {self.epochs!r}")
         for name in ("steps", "epochs"):
@@ -290,12 +311,13 @@ class ServerConfig:
         _require_choice(self, "optimizer")
         _require_choice(self, "design")
         _require_counts(self, "max_connections", "threads")
-        _require(self.lr >= 0, "lr", self.lr, ">= 0")
+        _require_amounts(self, "lr", zero_ok=True)
         _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)
         _require(betas_ok, "betas", self.betas, "two numbers in [0, 1)")
-        _require(self.eps is None or self.eps > 0, "eps", self.eps, "> 0")
-        _require(self.checkpoint_every_s > 0, "checkpoint_every_s", self.checkpoint_every_s, "> 0")
+        if self.eps is not None:
+            _require_amounts(self, "eps")
+        _require_amounts(self, "checkpoint_every_s")
 
 
 _DEFAULT_DC_LAMBDA = 0.04
@@ -340,7 +362,7 @@ class ConsistencyConfig:
             raise ConfigFieldError(
                 "backup_workers", f"only applies to sync rounds, got {self.backup_workers}"
             )
-        _require(self.dc_lambda >= 0, "dc_lambda", self.dc_lambda, ">= 0")
+        _require_amounts(self, "dc_lambda", zero_ok=True)
         if self.dc_lambda != _DEFAULT_DC_LAMBDA and self.staleness_policy != "dc-asgd":
             raise ConfigFieldError(
                 "dc_lambda",
@@ -362,7 +384,7 @@ class ConsistencyConfig:
             raise ConfigFieldError(
                 "staleness_policy", "'dc-asgd' needs raw gradients, not apply_worker_lr"
             )
-        _require(self.liveness_timeout_s > 0, "liveness_timeout_s", self.liveness_timeout_s, "> 0")
+        _require_amounts(self, "liveness_timeout_s")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -393,7 +415,7 @@ class SandblasterConfig:
         portions = self.portions
         _require(portions is None or portions >= 1, "portions", portions, "an integer >= 1")
         _require_choice(self, "line_search")
-        _require(self.step_size > 0, "step_size", self.step_size, "> 0")
+        _require_amounts(self, "step_size")
 
     def num_portions(self, num_workers: int) -> int:
         """Portions per evaluation for ``num_workers`` workers."""
@@ -497,13 +519,12 @@ class EmbeddingConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", _table_names(self.tables))
         _require_choice(self, "row_optimizer")
-        _require(self.row_lr >= 0, "row_lr", self.row_lr, ">= 0")
+        _require_amounts(self, "row_lr", zero_ok=True)
         _require_counts(self, "admit_after")
         for name in ("max_rows_per_shard", "row_ttl_steps"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name, value, "an integer >= 1")
-        _require(self.row_init_std >= 0, "row_init_std", self.row_init_std, ">= 0")
-        _require(self.row_cache_mb >= 0, "row_cache_mb", self.row_cache_mb, ">= 0")
+        _require_amounts(self, "row_init_std", "row_cache_mb", zero_ok=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -518,8 +539,8 @@ class FaultsConfig:
     """Restarts allowed per process (worker, shard, evaluator) that dies."""
 
     def __post_init__(self) -> None:
-        _require(self.timeout_s > 0, "timeout_s", self.timeout_s, "> 0")
-        _require(self.retry_timeout_s >= 0, "retry_timeout_s", self.retry_timeout_s, ">= 0")
+        _require_amounts(self, "timeout_s")
+        _require_amounts(self, "retry_timeout_s", zero_ok=True)
         _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, ">= 0")
 
 
@@ -538,7 +559,7 @@ class ReportingConfig:
     """Steps between a worker's metric records."""
 
     def __post_init__(self) -> None:
-        _require(self.eval_every_s > 0, "eval_every_s", self.eval_every_s, "> 0")
+        _require_amounts(self, "eval_every_s")
         _require_counts(self, "log_every_steps")
 
 

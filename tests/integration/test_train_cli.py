@@ -152,7 +152,10 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
             ["train", "--workers", "0"],
             "distbelief train: error: argument --workers: must be an integer >= 1, got 0",
         ),
-        (["train", "--lr", "-1"], "distbelief train: error: argument --lr: must be >= 0, got -1.0"),
+        (
+            ["train", "--lr", "-1"],
+            "distbelief train: error: argument --lr: must be a finite number >= 0, got -1.0",
+        ),
         (["train", "--n-push", "-1"], "argument --n-push: must be an integer >= 1"),
         (["train", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
         (["train", "--steps", "5", "--epochs", "2"], "not allowed with argument"),

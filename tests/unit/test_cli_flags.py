@@ -314,6 +314,36 @@ def test_a_flag_of_the_other_algorithm_is_refused(argv, message, capsys, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+_CLICKS = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--steps", "3"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "--algorithm", "sandblaster", "--model", "mlp", "--step-size", "inf"],
+            "argument --step-size: must be a finite number > 0, got inf",
+        ),
+        (["train", *_CLICKS, "--row-lr", "inf"], "argument --row-lr: must be a finite number"),
+        (["train", *_CLICKS, "--row-init-std", "inf"], "argument --row-init-std: must be"),
+        (["train", *_CLICKS, "--row-cache-mb", "inf"], "argument --row-cache-mb: must be"),
+        (["train", "--liveness-timeout", "inf"], "argument --liveness-timeout: must be"),
+        (
+            ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth", "--row-lr", "inf"],
+            "argument --row-lr: must be a finite number >= 0, got inf",
+        ),
+    ],
+    ids=[
+        *("step-size", "row-lr", "row-init-std", "row-cache-mb", "liveness-timeout", "ps"),
+    ],
+)
+def test_a_bad_row_or_float_setting_is_refused_in_one_line(argv, message, capsys, tmp_path):
+    out = ["--out", str(tmp_path / "run")] if argv[0] == "train" else []
+    assert main([*argv, *out]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_manual_roles_take_their_own_counts():
     ps = config_from_args(parse_args(["ps", "--shard-id", "0", "--num-shards", "3"]))
     assert (ps.cluster.num_shards, ps.cluster.num_workers) == (3, 1)

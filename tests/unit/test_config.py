@@ -12,6 +12,7 @@ from distbelief.config import (
     JobConfig,
     OptimizerConfig,
     dotted_fields,
+    is_amount,
 )
 from distbelief.errors import ConfigFieldError
 
@@ -30,7 +31,7 @@ from distbelief.errors import ConfigFieldError
             "cluster.worker_host",
             "must be an IP address or host name (without a port or scheme), got '127.0.0.300'",
         ),
-        ({"optimizer.lr": -1.0}, "optimizer.lr", "must be >= 0, got -1.0"),
+        ({"optimizer.lr": -1.0}, "optimizer.lr", "must be a finite number >= 0, got -1.0"),
         (
             {"model.name": "resnet"},
             "model.name",
@@ -38,7 +39,7 @@ from distbelief.errors import ConfigFieldError
         ),
         ({"server.momentum": 1.0}, "server.momentum", "must be in [0, 1), got 1.0"),
         ({"server.betas": (0.9, 1.5)}, "server.betas", "two numbers in [0, 1)"),
-        ({"faults.timeout_s": 0.0}, "faults.timeout_s", "must be > 0, got 0.0"),
+        ({"faults.timeout_s": 0.0}, "faults.timeout_s", "must be a finite number > 0, got 0.0"),
         ({"optimizer.steps": 3, "optimizer.epochs": 2}, "optimizer.epochs", "with steps"),
         (
             {"consistency.sync": True, "consistency.max_staleness": 2},
@@ -98,7 +99,7 @@ from distbelief.errors import ConfigFieldError
         (
             {"consistency.staleness_policy": "dc-asgd", "consistency.dc_lambda": -1.0},
             "consistency.dc_lambda",
-            "must be >= 0, got -1.0",
+            "must be a finite number >= 0, got -1.0",
         ),
         (
             {"model.name": "dlrm", "data.name": "synthetic-ctr", "embeddings.tables": "nope"},
@@ -189,6 +190,38 @@ def test_with_fields_validates_again():
     assert dataclasses.replace(config, reporting=JobConfig().reporting) == JobConfig()
     with pytest.raises(ConfigFieldError, match=r"cluster\.num_shards"):
         config.with_fields({"cluster.num_shards": 0})
+
+
+def _float_fields() -> list[tuple[str, str]]:
+    """(section, field) of every float field of the job config."""
+    return [
+        (section.name, item.name)
+        for section in dataclasses.fields(JobConfig)
+        for item in dataclasses.fields(section.default_factory)
+        if str(item.type).removesuffix(" | None") == "float"
+    ]
+
+
+def test_the_float_fields_are_found():
+    found = _float_fields()
+    for known in (("sandblaster", "step_size"), ("embeddings", "row_cache_mb"), ("server", "eps")):
+        assert known in found
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize(("section", "name"), _float_fields())
+def test_no_float_field_takes_an_infinity_or_nan(section, name, value):
+    with pytest.raises(ConfigFieldError) as caught:
+        JobConfig.from_fields({f"{section}.{name}": value})
+    assert caught.value.field == f"{section}.{name}"
+    assert caught.value.problem.endswith(f"got {value!r}")
+
+
+def test_an_amount_is_a_finite_number():
+    assert is_amount(0.5) and is_amount(3) and is_amount(0.0, zero_ok=True)
+    for value in (0.0, -1.0, float("inf"), float("nan"), True, "1", None):
+        assert not is_amount(value), value
+    assert not is_amount(float("inf"), zero_ok=True)
 
 
 def test_row_settings_for_a_model_without_tables_are_refused_where_the_model_is_chosen():

@@ -22,6 +22,9 @@ from distbelief.hosts import is_host
 MODEL_NAMES = ("lenet", "alexnet", "mlp", "wide-mlp", "wide-cnn", "dlrm")
 CLICK_LOG_DATASETS = ("synthetic-ctr", "criteo", "movielens")
 DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic", *CLICK_LOG_DATASETS)
+CLICK_LOG_TABLES = {"synthetic-ctr": 26, "criteo": 26, "movielens": 2}
+"""Categorical features of each click log, one dlrm table each: criteo's C1..C26 (the synthetic
+log has as many), movielens's user and movie ids."""
 CLICK_MODELS = ("dlrm",)
 """Models of click logs: they read the click-log data sets, and only those."""
 SERVER_OPTIMIZER_NAMES = ("sgd", "momentum", "adagrad", "adam")
@@ -475,7 +478,22 @@ class PipelineConfig:
 
 
 _TABLE_NAME = re.compile(r"tables\.(0|[1-9][0-9]*)")
-"""How dlrm names its embedding tables (the worker checks the index against the data set's)."""
+"""How dlrm names its embedding tables (``check_row_settings_apply`` checks the index against
+the data set's table count)."""
+
+
+def unknown_table_problem(
+    names: tuple[str, ...] | None, dataset_name: str, num_tables: int
+) -> str | None:
+    """What is wrong with ``names`` (``--tables``) for the dlrm model of ``dataset_name``, a
+    click log of ``num_tables`` tables: a name it has no table of; None if nothing."""
+    unknown = sorted(set(names or ()) - {f"tables.{t}" for t in range(num_tables)})
+    if not unknown:
+        return None
+    return (
+        f"the dlrm model of {dataset_name} has no table {unknown[0]!r} "
+        f"(it has tables.0 .. tables.{num_tables - 1})"
+    )
 
 
 def _table_names(text: object) -> tuple[str, ...] | None:
@@ -636,21 +654,32 @@ class JobConfig:
             )
 
     def check_row_settings_apply(self) -> None:
-        """Refuse row settings (the embeddings section) for a model without tables, where they
-        would be ignored without a word. Only where the model is chosen (``train``,
-        ``worker``): a shard (``ps``) takes row settings but not the model.
+        """Refuse row settings (the embeddings section, and the model's embedding width) for a
+        model without tables, where they would be ignored without a word, and a table the click
+        log's model does not have. Only where the model is chosen (``train``, ``worker``): a
+        shard (``ps``) takes row settings but not the model.
 
         Raises:
-            ConfigFieldError: the first such setting that differs from its default.
+            ConfigFieldError: the first such setting that differs from its default, or the
+                first table name of ``tables`` the model lacks.
         """
         if self.model.name in CLICK_MODELS:
+            tables = CLICK_LOG_TABLES[self.data.name]
+            problem = unknown_table_problem(self.embeddings.tables, self.data.name, tables)
+            if problem is not None:
+                raise ConfigFieldError("embeddings.tables", problem)
             return
-        for item in fields(EmbeddingConfig):
-            if getattr(self.embeddings, item.name) != item.default:
-                raise ConfigFieldError(
-                    f"embeddings.{item.name}",
-                    f"only applies to model dlrm, not {self.model.name!r}",
-                )
+        changed = [
+            f"embeddings.{item.name}"
+            for item in fields(EmbeddingConfig)
+            if getattr(self.embeddings, item.name) != item.default
+        ]
+        if self.model.embedding_dim != ModelConfig().embedding_dim:
+            changed.append("model.embedding_dim")
+        if changed:
+            raise ConfigFieldError(
+                changed[0], f"only applies to model dlrm, not {self.model.name!r}"
+            )
 
     def _check_click_model(self) -> None:
         """A click model reads click logs only, and a click log needs one; tables are trained

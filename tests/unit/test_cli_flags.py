@@ -315,6 +315,7 @@ def test_a_flag_of_the_other_algorithm_is_refused(argv, message, capsys, tmp_pat
 
 
 _CLICKS = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--steps", "3"]
+_WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"]
 
 
 @pytest.mark.parametrize(
@@ -332,9 +333,23 @@ _CLICKS = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--steps", "3"]
             ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth", "--row-lr", "inf"],
             "argument --row-lr: must be a finite number >= 0, got inf",
         ),
+        (
+            ["train", *_CLICKS, "--workers", "1", "--shards", "1", "--tables", "tables.99"],
+            "argument --tables: the dlrm model of synthetic-ctr has no table 'tables.99' "
+            "(it has tables.0 .. tables.25)",
+        ),
+        (
+            [*_WORKER, "--model", "dlrm", "--dataset", "movielens", "--tables", "tables.2"],
+            "argument --tables: the dlrm model of movielens has no table 'tables.2'",
+        ),
+        (
+            ["train", "--model", "mlp", "--embedding-dim", "8", "--steps", "2"],
+            "argument --embedding-dim: only applies to model dlrm, not 'mlp'",
+        ),
     ],
     ids=[
         *("step-size", "row-lr", "row-init-std", "row-cache-mb", "liveness-timeout", "ps"),
+        *("tables", "worker-tables", "embedding-dim"),
     ],
 )
 def test_a_bad_row_or_float_setting_is_refused_in_one_line(argv, message, capsys, tmp_path):

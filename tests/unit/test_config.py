@@ -233,3 +233,38 @@ def test_row_settings_for_a_model_without_tables_are_refused_where_the_model_is_
         {**dlrm, "embeddings.row_optimizer": "adagrad"}
     ).check_row_settings_apply()
     JobConfig.from_fields({}).check_row_settings_apply()
+    with pytest.raises(ConfigFieldError, match="only applies to model dlrm, not 'mlp'") as caught:
+        JobConfig.from_fields(
+            {"model.name": "mlp", "model.embedding_dim": 8}
+        ).check_row_settings_apply()
+    assert caught.value.field == "model.embedding_dim"
+    JobConfig.from_fields({**dlrm, "model.embedding_dim": 8}).check_row_settings_apply()
+
+
+@pytest.mark.parametrize(
+    ("dataset", "tables", "problem"),
+    [
+        (
+            "synthetic-ctr",
+            "tables.0,tables.99",
+            "the dlrm model of synthetic-ctr has no table 'tables.99' (it has tables.0 .. "
+            "tables.25)",
+        ),
+        ("criteo", "tables.26", "criteo has no table 'tables.26'"),
+        (
+            "movielens",
+            "tables.2",
+            "movielens has no table 'tables.2' (it has tables.0 .. tables.1)",
+        ),
+    ],
+)
+def test_a_table_the_click_log_lacks_is_refused_where_the_model_is_chosen(dataset, tables, problem):
+    config = JobConfig.from_fields(
+        {"model.name": "dlrm", "data.name": dataset, "embeddings.tables": tables}
+    )
+    with pytest.raises(ConfigFieldError) as caught:
+        config.check_row_settings_apply()
+    assert caught.value.field == "embeddings.tables"
+    assert problem in caught.value.problem
+    last = {"synthetic-ctr": "tables.25", "criteo": "tables.25", "movielens": "tables.1"}[dataset]
+    config.with_fields({"embeddings.tables": f"tables.0,{last}"}).check_row_settings_apply()

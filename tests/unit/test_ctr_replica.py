@@ -1,11 +1,15 @@
 """The click worker's replica: tables on the meta device (their rows are the shards'), those
-``--tables`` leaves out built for real as dense parameters, unknown names refused by name."""
+``--tables`` leaves out built for real as dense parameters, unknown names refused by name; the
+command line's table count of each click log is the log's."""
 
 import pytest
 import torch
 
-from distbelief.config import JobConfig
+from distbelief.config import CLICK_LOG_TABLES, JobConfig
+from distbelief.data.criteo import NUM_CATEGORICAL
 from distbelief.data.ctr import CtrDataset
+from distbelief.data.movielens import load_movielens
+from distbelief.data.synthetic_ctr import make_synthetic_ctr
 from distbelief.embeddings import swap_embeddings
 from distbelief.worker.ctr import build_ctr_replica, table_columns
 
@@ -49,3 +53,15 @@ def test_table_columns_follow_the_module_names():
 def test_an_unknown_table_is_refused_by_name():
     with pytest.raises(ValueError, match=r"--tables: .* no table 'tables.7' \(it has tables.0"):
         build_ctr_replica(_config(**{"embeddings.tables": "tables.7"}), _clicks(3))
+
+
+def test_the_command_lines_table_counts_are_the_click_logs(tmp_path):
+    # --tables is checked against CLICK_LOG_TABLES before any process loads a log.
+    (tmp_path / "movielens").mkdir()
+    (tmp_path / "movielens" / "u.data").write_text("1\t2\t4\t10\n3\t4\t2\t11\n")
+    counts = {
+        "synthetic-ctr": make_synthetic_ctr("test", 8).num_tables,
+        "criteo": NUM_CATEGORICAL,
+        "movielens": load_movielens("train", tmp_path).num_tables,
+    }
+    assert counts == CLICK_LOG_TABLES

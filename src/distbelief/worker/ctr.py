@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distbelief.config import unknown_table_problem
 from distbelief.data import load_job_dataset, worker_indices
 from distbelief.data.ctr import CtrDataset
 from distbelief.embeddings import ShardedEmbeddings
@@ -44,12 +45,11 @@ def build_ctr_replica(config: JobConfig, dataset: CtrDataset) -> nn.Module:
     """
     names = config.embeddings.tables
     sharded = [f"tables.{t}" for t in range(dataset.num_tables)]
-    unknown = sorted(set(names or ()) - set(sharded))
-    if unknown:
-        raise ValueError(
-            f"--tables: the dlrm model of {config.data.name} has no table {unknown[0]!r} "
-            f"(it has tables.0 .. tables.{dataset.num_tables - 1})"
-        )
+    # The command line checks the names against the data set's table count before anything
+    # starts; this is for a data set of another shape, given here.
+    problem = unknown_table_problem(names, config.data.name, dataset.num_tables)
+    if problem is not None:
+        raise ValueError(f"--tables: {problem}")
     torch.manual_seed(config.model.seed)
     return DLRM(
         dataset.num_dense,

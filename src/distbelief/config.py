@@ -496,10 +496,14 @@ def unknown_table_problem(
     )
 
 
-def _table_names(text: object) -> tuple[str, ...] | None:
-    """``--tables a,b`` (or a list) as a tuple of names; None stays None."""
-    if text is None or isinstance(text, tuple):
-        return text  # type: ignore[return-value]
+def table_names(text: object) -> tuple[str, ...] | None:
+    """``--tables a,b`` (or a list or tuple) as a tuple of names; None stays None.
+
+    Raises:
+        ConfigFieldError: no name in it.
+    """
+    if text is None:
+        return None
     parts = text.split(",") if isinstance(text, str) else list(text)  # type: ignore[arg-type]
     names = tuple(str(part).strip() for part in parts if str(part).strip())
     if not names:
@@ -535,7 +539,7 @@ class EmbeddingConfig:
     steps (0: no cache, rows are pulled every step)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tables", _table_names(self.tables))
+        object.__setattr__(self, "tables", table_names(self.tables))
         _require_choice(self, "row_optimizer")
         _require_amounts(self, "row_lr", zero_ok=True)
         _require_counts(self, "admit_after")

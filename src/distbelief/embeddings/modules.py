@@ -25,6 +25,17 @@ class RowSource(Protocol):
         ...
 
 
+def check_ids(table: str, ids: torch.Tensor) -> None:
+    """Refuse ids that are not integers (a float id would be truncated to another row).
+
+    Raises:
+        TypeError: ``ids`` is not an int64 or int32 tensor; the message names ``table``.
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"table {table!r}: ids must be integers, got {got}")
+
+
 class _ShardedTable(nn.Module):
     def __init__(self, table: str, num_embeddings: int, embedding_dim: int) -> None:
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
@@ -40,8 +51,7 @@ class _ShardedTable(nn.Module):
         """(rows of the unique ids, each id's index among them)."""
         if self.source is None:
             raise RuntimeError(f"table {self.table} is not attached to a ShardedEmbeddings")
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"table {self.table}: ids must be integers, got {ids.dtype}")
+        check_ids(self.table, ids)
         return self.source.lookup(self.table, ids.long())
 
     def extra_repr(self) -> str:

@@ -20,8 +20,9 @@ from torch import nn
 
 from distbelief.client import parse_addresses
 from distbelief.client.rows import RowClient
+from distbelief.config import amount_rule, is_amount, table_names
 from distbelief.embeddings.cache import RowCache, cache_rows_for
-from distbelief.embeddings.modules import swap_embeddings
+from distbelief.embeddings.modules import check_ids, swap_embeddings
 from distbelief.optim.downpour import (
     AUTH_KEY_FILE_ENV,
     DEFAULT_TIMEOUT_S,
@@ -58,11 +59,40 @@ def _identity(ids: torch.Tensor) -> tuple:
     return ids.data_ptr(), ids.numel(), ids.dtype, strides
 
 
+def _check_names(name: str, value: object) -> None:
+    """``ps`` and ``tables`` are names: one str (comma-separated) or a list or tuple of str."""
+    is_list = isinstance(value, list | tuple) and all(isinstance(item, str) for item in value)
+    if not (isinstance(value, str) or is_list):
+        raise TypeError(f"{name} must be a str (comma-separated) or a list of str, got {value!r}")
+
+
+def _check_amount(name: str, value: object) -> None:
+    rule = amount_rule(zero_ok=True)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be {rule}, got {value!r}")
+    if not is_amount(value, zero_ok=True):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def _id_tensor(table: str, ids: object) -> torch.Tensor:
+    """A table's ids as an integer tensor: given as one, or as a list or tuple of ints (a float
+    id is refused, not truncated)."""
+    if isinstance(ids, list | tuple):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise TypeError(f"table {table!r}: ids must be integers, got {ids!r}")
+        ids = torch.tensor(ids, dtype=torch.int64)
+    check_ids(table, ids)
+    return ids
+
+
 def _unique_ids(ids_by_table: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
     """(each table's distinct ids; each table's (identity of the ids given, their inverse, the
     ids))."""
+    if not isinstance(ids_by_table, Mapping):
+        raise TypeError(f"ids_by_table must map table names to ids, got {ids_by_table!r}")
     unique, inverse = {}, {}
-    for name, ids in ids_by_table.items():
+    for name, given in ids_by_table.items():
+        ids = _id_tensor(name, given)
         unique[name], positions = torch.unique(
             ids.long().reshape(-1), sorted=True, return_inverse=True
         )
@@ -106,9 +136,12 @@ class ShardedEmbeddings:
             names) are replaced in place by sharded ones; build the model's big tables on the
             meta device so they are never allocated. Build ``DownpourSGD`` on
             ``model.parameters()`` after this, so it takes only the dense parameters.
-        ps: Shard addresses, as for ``DownpourSGD`` (default: ``DISTBELIEF_PS``).
-        tables: Module paths of the tables to shard (default: every embedding module).
-        lr: The rate the worker applies its own gradients to cached rows with, between pulls.
+        ps: Shard addresses, a list or comma-separated, as for ``DownpourSGD`` (default:
+            ``DISTBELIEF_PS``).
+        tables: Module paths of the tables to shard, a list or comma-separated (default:
+            every embedding module).
+        lr: The rate the worker applies its own gradients to cached rows with, between pulls
+            (a finite number >= 0).
         n_push: Push the tables' accrued gradients every this many steps.
         n_pull: A pulled row serves this many steps from the cache (1: every step pulls).
         row_cache_mb: The cache's budget over all tables, in MiB (0: no cache).
@@ -117,6 +150,7 @@ class ShardedEmbeddings:
             ``DownpourSGD``.
 
     Raises:
+        TypeError: an argument of the wrong type (``model`` not a module, ``lr`` not a number).
         ValueError: no embedding module to shard, a bad name or setting, no shard address.
         ModelMismatchError: a shard holds a table of that name with another row width.
         ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
@@ -140,14 +174,18 @@ class ShardedEmbeddings:
         security: WireSecurity | None = None,
         source_host: str | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         for name, value in (("n_push", n_push), ("n_pull", n_pull)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if row_cache_mb < 0:
-            raise ValueError(f"row_cache_mb must be >= 0, got {row_cache_mb}")
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        self.modules = swap_embeddings(model, list(tables) if tables is not None else None)
+        _check_amount("row_cache_mb", row_cache_mb)
+        _check_amount("lr", lr)
+        for name, value in (("ps", ps), ("tables", tables)):
+            if value is not None:
+                _check_names(name, value)
+        names = table_names(tables)
+        self.modules = swap_embeddings(model, list(names) if names is not None else None)
         if not self.modules:
             raise ValueError("the model has no nn.Embedding or nn.EmbeddingBag to shard")
         self.lr, self.n_push, self.n_pull, self.blocking = lr, n_push, n_pull, blocking
@@ -193,9 +231,20 @@ class ShardedEmbeddings:
 
     # -- rows for the forward pass -------------------------------------------------------
 
+    def _check_open(self, action: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"ShardedEmbeddings: {action} after close()")
+
     def prefetch(self, ids_by_table: Mapping[str, torch.Tensor]) -> None:
-        """Fetch the rows of each table's ids (any shape, repeats allowed) for this step, every
-        table in one request per shard; a forward pass then finds them here."""
+        """Fetch the rows of each table's ids (an integer tensor of any shape, or a list of
+        ints; repeats allowed) for this step, every table in one request per shard; a forward
+        pass then finds them here.
+
+        Raises:
+            TypeError: a table's ids are not integers.
+            RuntimeError: called after ``close()``.
+        """
+        self._check_open("prefetch")
         self._take_next()
         unique, inverse = _unique_ids(ids_by_table)
         self._inverse.update(inverse)
@@ -205,7 +254,13 @@ class ShardedEmbeddings:
         """Start fetching the next step's rows now, so that they travel while this step
         computes; the next step's forward pass waits for them. They are pulled before this
         step's push is applied, so rows the two steps share are one step stale, as Downpour's
-        asynchronous pulls are; with ``blocking`` they are pulled after the push instead."""
+        asynchronous pulls are; with ``blocking`` they are pulled after the push instead.
+
+        Raises:
+            TypeError: a table's ids are not integers.
+            RuntimeError: called after ``close()``.
+        """
+        self._check_open("prefetch_next")
         unique, self._next_inverse = _unique_ids(ids_by_table)
         self._next = unique if self.blocking else self._start_fetch(unique)
 
@@ -230,6 +285,7 @@ class ShardedEmbeddings:
         (each id found by a binary search: no second sort of the batch); otherwise the module's
         distinct ids are fetched from the cache or the shards. With gradients on, the rows are
         a fresh leaf the backward pass fills and ``step()`` pushes."""
+        self._check_open("a forward pass")
         self._take_next()
         held = self._batch.get(table)
         rows = inverse = used = None
@@ -288,7 +344,9 @@ class ShardedEmbeddings:
 
         Raises:
             ShardTimeoutError / ShardUnavailableError / RemoteError: a past push failed.
+            RuntimeError: called after ``close()``.
         """
+        self._check_open("step")
         for table, parts in self._touched.items():
             grads = [
                 _used_rows(ids, rows.grad, used)

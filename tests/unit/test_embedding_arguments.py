@@ -1,0 +1,119 @@
+"""ShardedEmbeddings names a bad argument before it swaps a module or connects (a typed error
+that names it), takes its tables and addresses as a list or one comma-separated string, takes a
+table's ids as an integer tensor or a list of ints, and refuses to be used after close()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distbelief.embeddings import ShardedEmbeddings
+from distbelief.embeddings import tables as tables_module
+
+ADDRESS = "tcp://127.0.0.1:1"
+
+
+class _NoShards:
+    """Stands in for RowClient, with no sockets: the handshake answers nothing, a pull answers
+    zero rows, a push is dropped."""
+
+    def __init__(self, addresses, tables, **_options) -> None:
+        self.addresses, self.tables = list(addresses), dict(tables)
+
+    def handshake(self) -> list[dict]:
+        return []
+
+    def start_pull(self, ids_by_table):
+        rows = {
+            name: torch.zeros(ids.numel(), self.tables[name]) for name, ids in ids_by_table.items()
+        }
+        return type("_Pulled", (), {"result": lambda self: rows})()
+
+    def push(self, updates) -> list:
+        return []
+
+    def push_now(self, updates) -> None:
+        pass
+
+    def wait(self, futures) -> list:
+        return []
+
+    def close(self, wait: bool = True) -> None:
+        pass
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.bag = nn.EmbeddingBag(10, 4)
+
+
+@pytest.fixture
+def no_shards(monkeypatch):
+    monkeypatch.setattr(tables_module, "RowClient", _NoShards)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"row_cache_mb": float("nan")}, ValueError, "row_cache_mb must be a finite number >= 0"),
+        ({"row_cache_mb": float("inf")}, ValueError, "row_cache_mb must be a finite number >= 0"),
+        ({"row_cache_mb": "64"}, TypeError, "row_cache_mb must be a finite number >= 0"),
+        ({"lr": "0.1"}, TypeError, "lr must be a finite number >= 0, got '0.1'"),
+        ({"lr": float("nan")}, ValueError, "lr must be a finite number >= 0, got nan"),
+        ({"ps": 123}, TypeError, "ps must be a str .* got 123"),
+        ({"ps": [ADDRESS, 7]}, TypeError, "ps must be a str"),
+        ({"tables": 5}, TypeError, "tables must be a str .* got 5"),
+        ({"tables": ","}, ValueError, "tables must name at least one module"),
+        ({"model": None}, TypeError, "model must be a torch.nn.Module, got NoneType"),
+    ],
+    ids=[
+        *("cache-nan", "cache-inf", "cache-str", "lr-str", "lr-nan", "ps-int", "ps-item"),
+        *("tables-int", "tables-empty", "model-none"),
+    ],
+)
+def test_a_bad_argument_is_named_before_anything_is_swapped(options, error, message, no_shards):
+    model = _Model()
+    arguments = {"model": model, "ps": ADDRESS, **options}
+    with pytest.raises(error, match=message):
+        ShardedEmbeddings(arguments.pop("model"), **arguments)
+    assert isinstance(model.emb, nn.Embedding) and isinstance(model.bag, nn.EmbeddingBag)
+
+
+def test_tables_and_addresses_may_be_one_comma_separated_string(no_shards):
+    tables = ShardedEmbeddings(_Model(), ps=f"{ADDRESS},tcp://127.0.0.1:2", tables="emb")
+    assert list(tables.modules) == ["emb"]
+    assert tables.client.addresses == [ADDRESS, "tcp://127.0.0.1:2"]
+    assert list(ShardedEmbeddings(_Model(), ps=ADDRESS, tables="emb, bag").modules) == [
+        "emb",
+        "bag",
+    ]
+
+
+def test_ids_may_be_a_list_of_ints_and_are_refused_by_table_when_not_integers(no_shards):
+    model = _Model()
+    tables = ShardedEmbeddings(model, ps=ADDRESS)
+    tables.prefetch({"emb": [1, 2, 2]})
+    assert tables._batch["emb"][0].tolist() == [1, 2]
+    for ids in ([1.5, 2.0], torch.tensor([1.5, 2.0]), "12"):
+        with pytest.raises(TypeError, match="table 'emb': ids must be"):
+            tables.prefetch({"emb": ids})
+        with pytest.raises(TypeError, match="table 'emb': ids must be"):
+            tables.prefetch_next({"emb": ids})
+    with pytest.raises(TypeError, match=r"table 'emb': ids must be integers, got torch\.float32"):
+        model.emb(torch.tensor([1.0]))
+
+
+def test_prefetch_and_step_after_close_raise_the_same_error(no_shards):
+    tables = ShardedEmbeddings(_Model(), ps=ADDRESS)
+    tables.close()
+    for call in (
+        lambda: tables.step(),
+        lambda: tables.prefetch({"emb": torch.tensor([1])}),
+        lambda: tables.prefetch_next({"emb": torch.tensor([1])}),
+    ):
+        with pytest.raises(RuntimeError, match=r"^ShardedEmbeddings: \w+ after close\(\)$"):
+            call()
+    tables.close()  # closing twice still does nothing

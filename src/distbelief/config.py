@@ -460,6 +460,11 @@ class PipelineConfig:
         object.__setattr__(self, "split_points", _split_points(self.split_points))
         _require_counts(self, "num_partitions", "num_micro_batches")
         _require_choice(self, "schedule")
+        if self.schedule != "1f1b" and self.num_partitions == 1:
+            raise ConfigFieldError(
+                "schedule",
+                f"only applies to partitioned replicas (partitions > 1), got {self.schedule}",
+            )
         points = self.split_points
         if points and self.num_partitions == 1:
             raise ConfigFieldError(

@@ -82,6 +82,11 @@ from distbelief.errors import ConfigFieldError
             "only applies to partitioned replicas (partitions > 1), got 3",
         ),
         (
+            {"pipeline.schedule": "gpipe"},
+            "pipeline.schedule",
+            "only applies to partitioned replicas (partitions > 1), got gpipe",
+        ),
+        (
             {"pipeline.num_micro_batches": 4},
             "pipeline.num_micro_batches",
             "only applies to partitioned replicas (partitions > 1), got 4",

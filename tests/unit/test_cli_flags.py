@@ -359,6 +359,43 @@ def test_a_bad_row_or_float_setting_is_refused_in_one_line(argv, message, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [*_WORKER, "--partitions", "2", "--next", "tcp://127.0.0.1:1"],
+            "--stage is required with --partitions 2 (the partition this process runs, in [0, 2))",
+        ),
+        (
+            [
+                *_WORKER,
+                *("--partitions", "2", "--stage", "0", "--next", "tcp://127.0.0.1:1"),
+                *("--bind", "tcp://127.0.0.1:0"),
+            ],
+            "--bind tcp://127.0.0.1:0: the first stage does not listen (it dials --next)",
+        ),
+        (
+            [*_WORKER, "--bind", "tcp://127.0.0.1:0"],
+            "--bind tcp://127.0.0.1:0: only applies to a stage of a partitioned replica",
+        ),
+        (
+            [*_WORKER, "--schedule", "gpipe"],
+            "argument --schedule: only applies to partitioned replicas (partitions > 1), got gpipe",
+        ),
+        (
+            ["train", "--schedule", "gpipe", "--steps", "1"],
+            "argument --schedule: only applies to partitioned replicas (partitions > 1), got gpipe",
+        ),
+    ],
+    ids=["no-stage", "bind-on-stage-0", "bind-without-partitions", "worker-schedule", "schedule"],
+)
+def test_a_stage_flag_no_stage_uses_is_refused_in_one_line(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "run")] if argv[0] == "train" else argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "run").exists()
+
+
 def test_manual_roles_take_their_own_counts():
     ps = config_from_args(parse_args(["ps", "--shard-id", "0", "--num-shards", "3"]))
     assert (ps.cluster.num_shards, ps.cluster.num_workers) == (3, 1)

@@ -239,7 +239,8 @@ def _run_worker(args: argparse.Namespace) -> int:
             f"--rank {args.rank} is not in [0, --num-workers {config.cluster.num_workers})"
         )
     _use_transport(config)
-    if config.pipeline.num_partitions > 1 or args.stage is not None:
+    stage_flags = (args.stage, args.bind, args.next)
+    if config.pipeline.num_partitions > 1 or any(flag is not None for flag in stage_flags):
         return _run_stage(args, config)
     _check_device(config)
     from distbelief.worker import run_worker
@@ -256,10 +257,22 @@ def _run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:
-    """``distbelief worker --stage I --partitions P``: one stage of a model-parallel replica."""
-    num_stages = config.pipeline.num_partitions
-    if args.stage is None or not 0 <= args.stage < num_stages:
+def _check_stage_flags(args: argparse.Namespace, num_stages: int) -> None:
+    """--stage, --bind and --next: each given where it is used, and only there. Stages after
+    the first listen (--bind) for the one before; stages before the last dial the next
+    (--next)."""
+    if num_stages == 1:
+        given = (("--stage", args.stage), ("--bind", args.bind), ("--next", args.next))
+        flag, value = next((flag, value) for flag, value in given if value is not None)
+        raise ValueError(
+            f"{flag} {value}: only applies to a stage of a partitioned replica (--partitions)"
+        )
+    if args.stage is None:
+        raise ValueError(
+            f"--stage is required with --partitions {num_stages} (the partition this process "
+            f"runs, in [0, {num_stages}))"
+        )
+    if not 0 <= args.stage < num_stages:
         raise ValueError(f"--stage {args.stage} is not in [0, --partitions {num_stages})")
     if args.stage < num_stages - 1 and not args.next:
         raise ValueError(
@@ -267,6 +280,8 @@ def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:
         )
     if args.stage == num_stages - 1 and args.next:
         raise ValueError(f"--next {args.next}: the last stage has no next stage")
+    if args.stage == 0 and args.bind:
+        raise ValueError(f"--bind {args.bind}: the first stage does not listen (it dials --next)")
     if args.stage > 0 and not args.bind:
         raise ValueError(
             f"--stage {args.stage} needs --bind (where stage {args.stage - 1} connects)"
@@ -275,6 +290,11 @@ def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:
         _addresses("--next", args.next)
     if args.bind:
         _check_bind_is_here(args.bind)
+
+
+def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:
+    """``distbelief worker --stage I --partitions P``: one stage of a model-parallel replica."""
+    _check_stage_flags(args, config.pipeline.num_partitions)
     from distbelief.worker.stage import run_stage_worker
 
     result = run_stage_worker(

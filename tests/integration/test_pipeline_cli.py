@@ -1,5 +1,6 @@
 """Model parallelism as users run it: the 2 or 3 stage processes of one replica (the manual
-roles) against real shards train exactly as torch.optim.SGD on the whole model; the launcher runs
+roles) against real shards train exactly as torch.optim.SGD on the whole model; a stage given
+another split (or rank) than its neighbour is refused naming the flag; the launcher runs
 replicas x stages and restarts a replica whose stage was killed, while the other goes on."""
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from torch import nn
 
 from distbelief.config import JobConfig
 from distbelief.data import load_job_dataset, worker_indices
+from distbelief.errors import ConfigFieldError
 from distbelief.evaluator.ps import PSEvaluator
+from distbelief.launch.cli import main
+from distbelief.pipeline.job import job_split, stage_plan
+from distbelief.pipeline.wire_links import WireLinks
 from distbelief.telemetry import read_metrics
 from distbelief.worker import build_replica, worker_batches
 from tests.conftest import CHILD_ENV, CLI, stop_processes
@@ -143,6 +148,55 @@ def test_the_stages_of_one_replica_train_as_sgd_on_the_whole_model(
     reference = _sgd_on_the_whole_model(config)
     for name, want in reference.named_parameters():
         torch.testing.assert_close(pulled[name], want, atol=1e-6, rtol=0, msg=name)
+
+
+def _stage_plan(fields: dict, rank: int) -> dict[str, object]:
+    """The plan a stage of ``fields``'s job holds for replica ``rank``."""
+    config = JobConfig.from_fields(fields)
+    train_set = load_job_dataset(config.data, "train")
+    return stage_plan(config, rank, job_split(config, train_set.input_shape, train_set.num_classes))
+
+
+@pytest.mark.parametrize(
+    ("stage0_flags", "message"),
+    [
+        (
+            ["--split-points", "2"],
+            r"argument --split-points: is 2 for stage 0 but 3 for stage 1 "
+            r"\(tcp://127\.0\.0\.1:\d+\): give every stage of the replica the same",
+        ),
+        (
+            ["--split-points", "3", "--rank", "1"],
+            r"argument --rank: is 1 for stage 0 but 0 for stage 1 \(tcp://127\.0\.0\.1:\d+\)",
+        ),
+    ],
+    ids=["split-points", "rank"],
+)
+def test_a_stage_given_another_plan_than_the_next_exits_2_naming_the_flag(
+    stage0_flags, message, capsys
+):
+    # Stage 1 of replica 0 of 2, listening as its process does, split at 3.
+    fields = {**JOB, "cluster.num_workers": 2}
+    with WireLinks(
+        1,
+        2,
+        bind="tcp://127.0.0.1:0",
+        next_address=None,
+        security=None,
+        timeout_s=30.0,
+        plan=_stage_plan(fields, 0),
+    ) as stage1:
+        argv = [
+            *("worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "2"),
+            *("--model", "mlp", "--dataset", "digits", "--lr", "0.1", "--batch-size", "16"),
+            *("--steps", str(STEPS), "--blocking", "--partitions", "2", "--micro-batches", "4"),
+            *("--stage", "0", "--next", str(stage1.address), *stage0_flags),
+        ]
+        assert main(argv) == 2
+        with pytest.raises(ConfigFieldError):  # refused on stage 1's side as well
+            stage1.recv_forward(1, 0, 30.0)
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), errors
 
 
 def _replica_steps(run_dir: Path) -> dict[int, int]:

@@ -1,10 +1,12 @@
 """Stages of one replica linked over the wire (127.0.0.1, with a job key): activations forward
-and gradients back through a chain, reused receive buffers, exact byte counters, and a typed
-error within its timeout for every way a neighbour can fail."""
+and gradients back through a chain, reused receive buffers, exact byte counters, neighbours
+given another plan refused on both sides, and a typed error within its timeout for every way a
+neighbour can fail."""
 
 from __future__ import annotations
 
 import multiprocessing
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from distbelief.errors import (
+    ConfigFieldError,
     PipelineError,
     StageTimeoutError,
     StageUnavailableError,
@@ -43,6 +46,7 @@ def make_links() -> Iterator[Callable[..., WireLinks]]:
         num_stages: int,
         next_address: str | None = None,
         security: WireSecurity | None = SECURITY,
+        plan: dict[str, object] | None = None,
     ) -> WireLinks:
         links = wire_links(
             stage,
@@ -51,6 +55,7 @@ def make_links() -> Iterator[Callable[..., WireLinks]]:
             next_address=next_address,
             security=security,
             timeout_s=TIMEOUT_S,
+            plan=plan,
         )
         made.append(links)
         return links
@@ -246,6 +251,43 @@ def test_a_stage_that_is_not_the_next_one_is_refused(make_links):
     other_job = make_links(1, 4, last.address)
     with pytest.raises(PipelineError, match=r"is stage 2 of 3, not stage 2 of 4"):
         other_job.wait_for_peer(TIMEOUT_S)
+
+
+_PLAN = {"model.name": "mlp", "pipeline.split_points": (3,), "rank": 0}
+
+
+def test_a_neighbour_given_another_plan_is_refused_on_both_sides(make_links):
+    last = make_links(1, 2, plan={**_PLAN, "pipeline.split_points": (2,)})
+    first = make_links(0, 2, last.address, plan=_PLAN)
+    with pytest.raises(ConfigFieldError) as refused:
+        first.wait_for_peer(TIMEOUT_S)
+    assert refused.value.field == "pipeline.split_points"
+    assert re.fullmatch(
+        r"is 3 for stage 0 but 2 for stage 1 \(tcp://127\.0\.0\.1:\d+\): give every stage "
+        "of the replica the same",
+        refused.value.problem,
+    ), refused.value.problem
+    # The stage after raises it as well, at once (not after its 30s wait).
+    with pytest.raises(ConfigFieldError) as refused_there:
+        last.recv_forward(0, 0, TIMEOUT_S)
+    assert refused_there.value.field == "pipeline.split_points"
+    assert refused_there.value.problem == (
+        "is 2 for stage 1 but 3 for stage 0 (connecting from 127.0.0.1): give every stage of "
+        "the replica the same"
+    )
+    with pytest.raises(PipelineError, match="refused its plan"):
+        first.send_forward(0, 0, torch.ones(2))
+
+
+def test_a_setting_only_one_side_has_is_a_difference_and_equal_plans_link(make_links):
+    last = make_links(1, 2, plan=_PLAN)
+    other = make_links(0, 2, last.address, plan={**_PLAN, "pipeline.schedule": "gpipe"})
+    with pytest.raises(
+        ConfigFieldError, match=r"^pipeline\.schedule is gpipe for stage 0 but none"
+    ):
+        other.wait_for_peer(TIMEOUT_S)
+    agreeing = make_links(1, 2, plan=_PLAN)
+    make_links(0, 2, agreeing.address, plan=dict(_PLAN)).wait_for_peer(TIMEOUT_S)
 
 
 def test_out_of_order_traffic_is_refused(make_links):

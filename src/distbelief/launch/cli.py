@@ -387,6 +387,8 @@ def _usage_error(args: argparse.Namespace, message: str) -> int:
 def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
     typed = error.field in vars(args) or not getattr(args, "resume", None)
     flag = flag_of(args.command, error.field) if typed else None
+    if flag is None and "." not in error.field and error.field in vars(args):
+        flag = f"--{error.field.replace('_', '-')}"  # a command's own flag (worker --rank)
     if flag is None:  # a value the user did not type (e.g. read from a run folder)
         print(f"distbelief {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE

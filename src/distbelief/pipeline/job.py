@@ -1,6 +1,7 @@
 """A job's partitioning: the split every process of a model-parallel job agrees on (the
-config's split points, else measured or balanced by bytes), each partition's parameters by
-their names in the whole model, its parameter group on the shards, and the memory budget."""
+config's split points, else measured or balanced by bytes), what a replica's stages check
+with each other, each partition's parameters by their names in the whole model, its parameter
+group on the shards, and the memory budget."""
 
 from __future__ import annotations
 
@@ -57,6 +58,28 @@ def job_split(
     except ValueError as e:
         field = "split_points" if config.pipeline.split_points else "num_partitions"
         raise ConfigFieldError(f"pipeline.{field}", str(e)) from e
+
+
+def stage_plan(config: JobConfig, rank: int, split: StageSplit) -> dict[str, object]:
+    """What the stages of replica ``rank`` must agree on, by config field (``rank``: the
+    flag), for the stages' hello to compare: the model and where it is cut, the micro-batches
+    and their schedule, and what decides each step's batch (stage 0 reads its inputs, the last
+    stage its labels). A stage given another value would train another model, without a word.
+    """
+    optimizer = config.optimizer
+    return {
+        "model.name": config.model.name,
+        "pipeline.split_points": split.bounds[1:-1],
+        "pipeline.num_micro_batches": config.pipeline.num_micro_batches,
+        "pipeline.schedule": config.pipeline.schedule,
+        "data.name": config.data.name,
+        "model.seed": config.model.seed,
+        "optimizer.batch_size": optimizer.minibatch_size,
+        "optimizer.steps": optimizer.steps,
+        "optimizer.epochs": None if optimizer.steps is not None else optimizer.num_epochs,
+        "cluster.num_workers": config.cluster.num_workers,
+        "rank": rank,
+    }
 
 
 def partition_parameters(

@@ -16,6 +16,9 @@ holds and whether its tensor was taken, which is how out-of-order traffic is cau
 Buffers are reused without a copy because the schedule keeps them apart: the stage before
 sends the activation of (step + 1, micro) only after it has fetched the gradient of (step,
 micro), which this stage deposits once it is done with that micro-batch's activation.
+
+The stage before says hello with its plan; one that differs from this stage's is refused on
+this side too: the main thread's next wait raises the difference.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distbelief.errors import PipelineError, StageTimeoutError
+from distbelief.errors import ConfigFieldError, PipelineError, StageTimeoutError
 from distbelief.pipeline.micro_buffers import MicroBuffers
 from distbelief.pipeline.stage_protocol import (
     ACTIVATION,
@@ -36,8 +39,10 @@ from distbelief.pipeline.stage_protocol import (
     GRADIENT,
     GRADIENT_NAME,
     STAGE_HELLO,
+    check_plans_agree,
     hold_of,
     micro_batch_key,
+    wire_plan,
 )
 from distbelief.wire.dtypes import dtype_name
 from distbelief.wire.framing import Sink
@@ -71,6 +76,7 @@ class StageEndpoint:
         num_stages: Stages in the replica.
         count_bytes: Called with (bytes sent, bytes received) each time a tensor's payload
             crosses this endpoint (from the server's threads).
+        plan: What the stage before must agree on (see ``stage_protocol``); None: nothing.
 
     Raises:
         ValueError: ``stage`` is not in 1..num_stages - 1.
@@ -81,6 +87,7 @@ class StageEndpoint:
         stage: int,
         num_stages: int,
         count_bytes: Callable[[int, int], None] | None = None,
+        plan: dict[str, object] | None = None,
     ) -> None:
         if type(num_stages) is not int or type(stage) is not int or not 0 < stage < num_stages:
             raise ValueError(
@@ -90,6 +97,7 @@ class StageEndpoint:
         self.stage = stage
         self.num_stages = num_stages
         self._count_bytes = count_bytes or (lambda sent, received: None)
+        self.plan = wire_plan(plan)
         self.handlers = OpRegistry()
         self.handlers.register(
             ACTIVATION, _Connection.activation, sink_for=_Connection.activation_sink_for
@@ -107,6 +115,8 @@ class StageEndpoint:
         self.peer_hosts: set[str] = set()
         """The hosts the stage before connected from."""
         self._closed = False
+        self._refusal: ConfigFieldError | None = None
+        """Set when the stage before said hello with another plan."""
 
     def open_connection(self, peer: str) -> _Connection:
         logger.debug("stage %d: connection from %s", self.stage, peer)
@@ -138,10 +148,13 @@ class StageEndpoint:
         Raises:
             StageTimeoutError: it did not arrive within ``timeout_s``.
             PipelineError: the slot already holds a later step, or the endpoint closed.
+            ConfigFieldError: the stage before said hello with another plan (``greet``).
         """
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while True:
+                if self._refusal is not None:
+                    raise self._refusal
                 if self._closed:
                     raise PipelineError(
                         f"stage {self.stage}: links closed while waiting for the activation of "
@@ -227,6 +240,29 @@ class StageEndpoint:
                 f"not stage {sender!r}"
             )
 
+    def greet(self, meta: dict, peer: str) -> dict:
+        """This stage's hello, for the stage before's. When that stage's plan differs from
+        this one's, the main thread's waits raise the ``ConfigFieldError`` naming the setting
+        and both values from now on, and its activations are refused."""
+        if (meta.get("stage"), meta.get("num_stages")) != (self.stage - 1, self.num_stages):
+            # Another place altogether: the caller refuses this stage on its own side.
+            return self._hello()
+        try:
+            check_plans_agree(
+                self.plan,
+                meta.get("plan"),
+                f"stage {self.stage}",
+                f"stage {self.stage - 1} (connecting from {peer.rpartition(':')[0]})",
+            )
+        except ConfigFieldError as e:
+            with self._changed:
+                self._refusal = self._refusal or e
+                self._changed.notify_all()
+        return self._hello()
+
+    def _hello(self) -> dict:
+        return {"stage": self.stage, "num_stages": self.num_stages, "plan": self.plan}
+
     def start_receiving(self, step: int, micro: int) -> None:
         """Claim the inbox slot of ``micro`` for the activation of ``step``.
 
@@ -237,6 +273,8 @@ class StageEndpoint:
         with self._changed:
             if self._closed:
                 raise ValueError(f"stage {self.stage} is closing")
+            if self._refusal is not None:
+                raise ValueError(f"stage {self.stage} refused its plan: {self._refusal}")
             slot = self._inbox.setdefault(micro, _Slot())
             if slot.receiving:
                 raise ValueError(
@@ -356,4 +394,6 @@ class _Connection:
         return request.reply({}, [(GRADIENT_NAME, found)])
 
     def hello(self, request: Message) -> Message:
-        return request.reply({"stage": self.endpoint.stage, "num_stages": self.endpoint.num_stages})
+        # The reply carries this stage's plan even when refusing, so that the stage before
+        # names the difference from its side as well.
+        return request.reply(self.endpoint.greet(request.meta, self.peer))

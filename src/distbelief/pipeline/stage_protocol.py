@@ -19,12 +19,16 @@ reply: the gradient (one tensor, ``gradient``) with ``{}``; ``{"held": true}`` a
 it was not deposited within ``max_wait_s`` (ask again); or ``{"closed": true}`` if the stage is
 shutting down. A request for a step older than the one held is refused (that gradient is gone).
 
-``STAGE_HELLO`` request ``{"stage": int, "num_stages": int}``, reply
-``{"stage": int, "num_stages": int}``: the answering stage's place, which the caller checks.
+``STAGE_HELLO`` request ``{"stage": int, "num_stages": int, "plan": {name: value}}``, reply
+the same of the answering stage: its place, which the caller checks, and its plan (what the
+stages of one replica must agree on, e.g. ``pipeline.split_points``), which both sides compare.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from distbelief.errors import ConfigFieldError
 from distbelief.wire.ops import define_op
 
 ACTIVATION = define_op("ACTIVATION", 20)
@@ -73,3 +77,39 @@ def hold_of(meta: dict) -> float:
     if type(value) not in (int, float) or not 0 <= value <= MAX_HOLD_S:
         raise ValueError(f"max_wait_s must be a number in [0, {MAX_HOLD_S:g}], got {value!r}")
     return float(value)
+
+
+def wire_plan(plan: Mapping[str, object] | None) -> dict[str, object]:
+    """``plan`` as it travels (and comes back): tuples as lists."""
+    return {
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in (plan or {}).items()
+    }
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def check_plans_agree(
+    own: Mapping[str, object], theirs: object, own_side: str, their_side: str
+) -> None:
+    """Refuse a neighbour whose plan differs from this stage's (both as ``wire_plan`` gives
+    them): the stages would train another model than either was given, without a word.
+
+    Raises:
+        ConfigFieldError: naming the first setting that differs (``field``: its name in
+            ``own``) and both values.
+    """
+    found = theirs if isinstance(theirs, dict) else {}
+    for name in [*own, *(name for name in found if name not in own)]:
+        if own.get(name) != found.get(name):
+            raise ConfigFieldError(
+                name,
+                f"is {_shown(own.get(name))} for {own_side} but {_shown(found.get(name))} for "
+                f"{their_side}: give every stage of the replica the same",
+            )

@@ -39,6 +39,8 @@ from distbelief.pipeline.stage_protocol import (
     GRADIENT_NAME,
     STAGE_HELLO,
     check_index,
+    check_plans_agree,
+    wire_plan,
 )
 from distbelief.wire.dtypes import dtype_name
 from distbelief.wire.message import Message
@@ -88,6 +90,8 @@ class WireLinks:
         timeout_s: Limit for sending an activation (the next stage holding it).
         source_host: The address of this machine the connections to the next stage leave
             from (default: the one the operating system picks).
+        plan: What the neighbouring stages must agree on, by setting name (the model, its split
+            points, ...): compared with each neighbour's when they say hello (None: nothing).
 
     ``counters`` count payload bytes as they cross: an activation when the next stage
     acknowledges it (sender) or lands in the receive buffer (receiver), a gradient when a fetch
@@ -108,6 +112,7 @@ class WireLinks:
         security: WireSecurity | None,
         timeout_s: float,
         source_host: str | None = None,
+        plan: dict[str, object] | None = None,
     ) -> None:
         if type(num_stages) is not int or num_stages < 1:
             raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
@@ -122,6 +127,7 @@ class WireLinks:
         self.timeout_s = _check_timeout(timeout_s)
         self.counters = LinkCounters()
         self._counters_lock = threading.Lock()
+        self.plan = wire_plan(plan)
         self.next_address = next_address if stage < num_stages - 1 else None
         self._name = f"stage {stage}"
         self._peer = f"stage {stage + 1} ({next_address})"
@@ -137,7 +143,7 @@ class WireLinks:
         self._endpoint: StageEndpoint | None = None
         self._server = None
         if stage > 0:
-            self._endpoint = StageEndpoint(stage, num_stages, self._count_bytes)
+            self._endpoint = StageEndpoint(stage, num_stages, self._count_bytes, self.plan)
             try:
                 # A thread per connection: a handler waits for the stage's own work.
                 self._server = serve(bind, self._endpoint, security=security, design="threads")
@@ -194,12 +200,13 @@ class WireLinks:
 
     def wait_for_peer(self, timeout_s: float) -> None:
         """Wait until the next stage answers, and check it is stage ``stage + 1`` of the same
-        number of stages (the last stage has nothing to wait for). Unreachable peers are tried
-        again until ``timeout_s``.
+        number of stages with the same plan (the last stage has nothing to wait for; the next
+        stage checks the plan too). Unreachable peers are tried again until ``timeout_s``.
 
         Raises:
             StageUnavailableError: the next stage could not be reached within ``timeout_s``.
             PipelineError: it is another stage, or refused this stage (another job key, say).
+            ConfigFieldError: its plan differs (naming the setting and both values).
         """
         timeout_s = _check_timeout(timeout_s)
         if self._closed:
@@ -208,7 +215,7 @@ class WireLinks:
             return
         deadline = time.monotonic() + timeout_s
         pause_s = _FIRST_RETRY_PAUSE_S
-        request = {"stage": self.stage, "num_stages": self.num_stages}
+        request = {"stage": self.stage, "num_stages": self.num_stages, "plan": self.plan}
         while True:
             remaining_s = max(0.001, deadline - time.monotonic())
             try:
@@ -234,6 +241,7 @@ class WireLinks:
                 f"{found[1]}, not stage {self.stage + 1} of {self.num_stages}: check the stage "
                 "addresses"
             )
+        check_plans_agree(self.plan, reply.meta.get("plan"), self._name, self._peer)
 
     def send_forward(self, step: int, micro: int, activation: torch.Tensor) -> None:
         """Send the activation of (``step``, ``micro``) to the next stage; returns once it

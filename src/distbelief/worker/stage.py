@@ -27,6 +27,7 @@ from distbelief.pipeline.job import (
     model_builder,
     partition_parameters,
     stage_group,
+    stage_plan,
 )
 from distbelief.pipeline.layers import build_stage
 from distbelief.pipeline.wire_links import WireLinks
@@ -99,7 +100,8 @@ def run_stage_worker(
     Raises:
         PipelineError: a neighbouring stage did not answer in time (StageTimeoutError) or
             went away (StageUnavailableError).
-        ConfigFieldError: the partition needs more than ``--max-stage-bytes``.
+        ConfigFieldError: the partition needs more than ``--max-stage-bytes``, or a
+            neighbouring stage was given another model, split, ... (``stage_plan``).
         ShardTimeoutError, ShardUnavailableError: a shard did not answer.
     """
     num_stages = config.pipeline.num_partitions
@@ -118,6 +120,7 @@ def run_stage_worker(
         security=security,
         timeout_s=config.faults.timeout_s,
         source_host=config.cluster.worker_host or None,
+        plan=stage_plan(config, rank, split),
     )
     optimizer = None
     try:

@@ -1,7 +1,7 @@
 """Stages of one replica linked over the wire (127.0.0.1, with a job key): activations forward
-and gradients back through a chain, reused receive buffers, exact byte counters, neighbours
-given another plan refused on both sides, and a typed error within its timeout for every way a
-neighbour can fail."""
+and gradients back through a chain, reused receive buffers, exact byte counters (each step's
+in that step, the same on both sides of a cut), neighbours given another plan refused on both
+sides, and a typed error within its timeout for every way a neighbour can fail."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ from distbelief.errors import (
     StageTimeoutError,
     StageUnavailableError,
 )
+from distbelief.models import build_model
 from distbelief.pipeline import wire_links as wire_links_module
+from distbelief.pipeline.engine import PipelineStage, StageStepFigures
+from distbelief.pipeline.layers import build_stage
+from distbelief.pipeline.split import split_model
 from distbelief.pipeline.wire_links import WireLinks, wire_links
 from distbelief.wire.security import WireSecurity
 from tests.conftest import free_port
@@ -34,6 +38,7 @@ SHORT_S = 0.3
 """For waits that are meant to fail."""
 NUM_STEPS = 3
 NUM_MICRO = 4
+BATCH_SIZE = 16
 
 
 @pytest.fixture
@@ -253,6 +258,82 @@ def test_a_stage_that_is_not_the_next_one_is_refused(make_links):
         other_job.wait_for_peer(TIMEOUT_S)
 
 
+def test_a_stage_counts_an_activation_when_it_takes_it_and_a_gradient_when_it_leaves_it(
+    make_links,
+):
+    first, last = _chain(make_links, 2)
+    size = 4 * 8 * 4  # float32 4x8
+    for step in range(NUM_STEPS):
+        first.send_forward(step, 0, _input(step, 0))
+        # Held by the next stage, but not yet taken by its step.
+        assert (first.counters.bytes_sent, last.counters.bytes_received) == (
+            size * (step + 1),
+            size * step,
+        )
+        activation = last.recv_forward(step, 0, TIMEOUT_S)
+        last.recv_forward(step, 0, TIMEOUT_S)  # taken again: the same bytes
+        last.send_backward(step, 0, activation * 2)
+        # Counted by the step that leaves it, not when the stage before comes to fetch it.
+        assert (last.counters.bytes_sent, last.counters.bytes_received) == (size * (step + 1),) * 2
+        first.recv_backward(step, 0, TIMEOUT_S)
+        assert (first.counters.bytes_sent, first.counters.bytes_received) == (
+            size * (step + 1),
+        ) * 2
+
+
+def _mlp_engines(links: list[WireLinks], num_micro: int) -> tuple[list[PipelineStage], int]:
+    """Two stages of a small mlp over ``links``, and the bytes of one batch's activation at
+    the cut."""
+
+    def build():
+        return build_model("mlp", (1, 8, 8), 10)
+
+    bounds = split_model(build, 2, seed=3).bounds
+    engines, modules = [], []
+    for stage, stage_links in enumerate(links):
+        _, module = build_stage(build, bounds, stage, seed=3)
+        modules.append(module)
+        engines.append(
+            PipelineStage(
+                module,
+                stage,
+                2,
+                stage_links,
+                num_micro_batches=num_micro,
+                timeout_s=TIMEOUT_S,
+            )
+        )
+    with torch.no_grad():
+        cut = modules[0](torch.zeros(BATCH_SIZE, 1, 8, 8))
+    return engines, cut.numel() * cut.element_size()
+
+
+def test_both_sides_of_a_cut_count_the_same_bytes_for_every_step_of_a_short_run(make_links):
+    links = _chain(make_links, 2)
+    engines, cut_bytes = _mlp_engines(links, num_micro=4)
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randn(BATCH_SIZE, 1, 8, 8, generator=generator)
+    labels = torch.randint(0, 10, (BATCH_SIZE,), generator=generator)
+    figures: list[list[StageStepFigures]] = [[], []]
+
+    def run(stage: int) -> None:
+        for step in range(1, 6):
+            figures[stage].append(
+                engines[stage].run_batch(
+                    step, images if stage == 0 else None, labels if stage == 1 else None, BATCH_SIZE
+                )
+            )
+
+    _run_together(lambda: run(0), lambda: run(1))
+    # Each step's figures as its run_batch returned them: its activation one way, its
+    # gradient the other, on both sides (what metrics.csv adds up per stage).
+    for stage_figures in figures:
+        assert [(f.bytes_sent, f.bytes_received) for f in stage_figures] == [
+            (cut_bytes, cut_bytes)
+        ] * 5
+    assert links[0].counters == links[1].counters
+
+
 _PLAN = {"model.name": "mlp", "pipeline.split_points": (3,), "rank": 0}
 
 
@@ -309,8 +390,10 @@ def test_out_of_order_traffic_is_refused(make_links):
     first.recv_backward(2, 0, TIMEOUT_S)
     with pytest.raises(PipelineError, match=r"refused the gradient of step 1.*is gone"):
         first.recv_backward(1, 0, TIMEOUT_S)
-    # What moved counts, taken or not (step 2's activation); what was refused does not.
-    assert first.counters.bytes_sent == last.counters.bytes_received == 2 * 16
+    # The sender counts what the next stage acknowledged (step 2's activation too), the
+    # receiver what its steps took (step 2's never was); what was refused counts nowhere.
+    assert first.counters.bytes_sent == 2 * 16
+    assert last.counters.bytes_received == 16
     assert first.counters.bytes_received == last.counters.bytes_sent == 16
 
 

@@ -20,6 +20,11 @@ class LinkCounters:
     bytes_received: int = 0
 
 
+def payload_bytes(tensor: torch.Tensor) -> int:
+    """The bytes of ``tensor``'s values, as the counters count them."""
+    return tensor.numel() * tensor.element_size()
+
+
 class StageLinks(Protocol):
     """One stage's connections to the stage before it (upstream) and the one after it
     (downstream). Stage 0 has no upstream, the last stage no downstream: calling a method that

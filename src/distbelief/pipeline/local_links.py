@@ -12,7 +12,7 @@ import threading
 import torch
 
 from distbelief.errors import StageTimeoutError, StageUnavailableError
-from distbelief.pipeline.links import LinkCounters, StageLinks
+from distbelief.pipeline.links import LinkCounters, StageLinks, payload_bytes
 
 
 class _Closed(Exception):
@@ -51,10 +51,6 @@ class _Channel:
             self._changed.notify_all()
 
 
-def _payload_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 class _LocalLinks:
     """One stage's ends of the channels to its neighbours (None where it has no neighbour)."""
 
@@ -87,7 +83,7 @@ class _LocalLinks:
                 f"stage {self._stage} cannot send the {what} of step {key[0]} micro-batch "
                 f"{key[1]}: stage {peer} has closed its links"
             ) from None
-        self.counters.bytes_sent += _payload_bytes(copy)
+        self.counters.bytes_sent += payload_bytes(copy)
 
     def _recv(
         self, channel: _Channel, peer: int, what: str, key: tuple[int, int], timeout_s: float
@@ -104,7 +100,7 @@ class _LocalLinks:
                 f"stage {self._stage} received no {what} of step {key[0]} micro-batch "
                 f"{key[1]} from stage {peer} within {timeout_s} s"
             )
-        self.counters.bytes_received += _payload_bytes(tensor)
+        self.counters.bytes_received += payload_bytes(tensor)
         return tensor
 
     def send_forward(self, step: int, micro: int, activation: torch.Tensor) -> None:

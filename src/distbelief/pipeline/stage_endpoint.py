@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from distbelief.errors import ConfigFieldError, PipelineError, StageTimeoutError
+from distbelief.pipeline.links import payload_bytes
 from distbelief.pipeline.micro_buffers import MicroBuffers
 from distbelief.pipeline.stage_protocol import (
     ACTIVATION,
@@ -74,8 +75,9 @@ class StageEndpoint:
     Args:
         stage: This stage's index (> 0: the first stage has no stage before it).
         num_stages: Stages in the replica.
-        count_bytes: Called with (bytes sent, bytes received) each time a tensor's payload
-            crosses this endpoint (from the server's threads).
+        count_bytes: Called with (bytes sent, bytes received) by the stage's main thread when
+            it takes an activation or leaves a gradient, so that a step's bytes are counted in
+            that step (not when the stage before happens to fetch them).
         plan: What the stage before must agree on (see ``stage_protocol``); None: nothing.
 
     Raises:
@@ -169,6 +171,8 @@ class StageEndpoint:
                     )
                 if slot is not None and slot.step == step and not slot.receiving:
                     assert slot.buffer is not None
+                    if not slot.taken:  # a repeated take is the same bytes
+                        self._count_bytes(0, payload_bytes(slot.buffer))
                     slot.taken = True
                     return slot.buffer
                 remaining_s = deadline - time.monotonic()
@@ -208,6 +212,8 @@ class StageEndpoint:
             buffer.copy_(grad.detach())
             slot.step, slot.buffer, slot.taken = step, buffer, False
             self._changed.notify_all()
+        # Sent as far as this step goes: the stage before fetches it before either finishes.
+        self._count_bytes(payload_bytes(buffer), 0)
 
     def wait_until_released(self, timeout_s: float) -> bool:
         """Wait until the stage before has fetched every gradient deposited and closed its
@@ -307,8 +313,6 @@ class StageEndpoint:
             if tensor is not None:
                 slot.step, slot.buffer, slot.taken = step, tensor, False
             self._changed.notify_all()
-        if tensor is not None:
-            self._count_bytes(0, tensor.numel() * tensor.element_size())
 
     def fetch_gradient(self, step: int, micro: int, max_wait_s: float) -> torch.Tensor | str:
         """The gradient of (``step``, ``micro``) once deposited, waiting up to ``max_wait_s``;
@@ -330,7 +334,6 @@ class StageEndpoint:
                     buffer = slot.buffer
                     assert buffer is not None
                     slot.taken = True
-                    self._count_bytes(buffer.numel() * buffer.element_size(), 0)
                     return buffer
                 remaining_s = deadline - time.monotonic()
                 if remaining_s <= 0:

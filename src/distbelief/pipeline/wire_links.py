@@ -29,7 +29,7 @@ from distbelief.errors import (
     StageTimeoutError,
     StageUnavailableError,
 )
-from distbelief.pipeline.links import LinkCounters
+from distbelief.pipeline.links import LinkCounters, payload_bytes
 from distbelief.pipeline.micro_buffers import MicroBuffers
 from distbelief.pipeline.stage_endpoint import StageEndpoint
 from distbelief.pipeline.stage_protocol import (
@@ -72,10 +72,6 @@ def _check_key(step: object, micro: object) -> None:
     check_index("micro", micro)
 
 
-def _payload_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 class WireLinks:
     """Stage ``stage`` of ``num_stages``'s links to its neighbours over TCP (``StageLinks``).
 
@@ -93,9 +89,10 @@ class WireLinks:
         plan: What the neighbouring stages must agree on, by setting name (the model, its split
             points, ...): compared with each neighbour's when they say hello (None: nothing).
 
-    ``counters`` count payload bytes as they cross: an activation when the next stage
-    acknowledges it (sender) or lands in the receive buffer (receiver), a gradient when a fetch
-    carries it away (sender) or arrives (receiver).
+    ``counters`` count payload bytes on the stage's main thread, within the step that moves
+    them: an activation when the next stage acknowledges it (sender) or when this stage takes
+    it (receiver), a gradient when this stage leaves it for the previous stage (sender) or
+    receives it (receiver). So both stages of a cut count the same bytes for each step.
 
     Raises:
         ValueError: bad stage numbers, a missing or malformed address, or a bad timeout.
@@ -167,7 +164,7 @@ class WireLinks:
         self.close()
 
     def _count_bytes(self, sent: int, received: int) -> None:
-        # Called from the endpoint's connection threads as well as the main thread.
+        # The main thread counts; the lock keeps a reader on another thread consistent.
         with self._counters_lock:
             self.counters.bytes_sent += sent
             self.counters.bytes_received += received
@@ -267,7 +264,7 @@ class WireLinks:
         except PSError as e:
             what = f"the activation of step {step}, micro-batch {micro}"
             raise self._translate(e, what, "take", self.timeout_s) from e
-        self._count_bytes(_payload_bytes(tensor), 0)
+        self._count_bytes(payload_bytes(tensor), 0)
 
     def recv_forward(self, step: int, micro: int, timeout_s: float) -> torch.Tensor:
         """The previous stage's activation of (``step``, ``micro``), in this micro-batch's
@@ -343,7 +340,7 @@ class WireLinks:
                 f"{self._name}: {self._peer} answered {what} with {len(reply.tensors)} tensors"
             )
         tensor = reply.tensors[0][1]
-        self._count_bytes(0, _payload_bytes(tensor))
+        self._count_bytes(0, payload_bytes(tensor))
         return tensor
 
     def drain(self, timeout_s: float) -> bool:

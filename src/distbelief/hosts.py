@@ -41,8 +41,15 @@ def check_local_host(host: str) -> None:
         raise ValueError(f"{host} is not an address of this machine ({reason})") from e
 
 
-def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
-    """``"tcp://a:1,tcp://b:2"`` or a list -> list of addresses; ValueError if empty."""
+def parse_addresses(addresses: str | Sequence[str], what: str = "addresses") -> list[str]:
+    """``"tcp://a:1,tcp://b:2"`` or a list -> list of addresses; ValueError if empty,
+    TypeError (naming the argument, ``what``) if neither."""
+    if not isinstance(addresses, str) and not (
+        isinstance(addresses, Sequence) and all(isinstance(item, str) for item in addresses)
+    ):
+        raise TypeError(
+            f"{what} must be 'tcp://HOST:PORT,...' or a list of such strings, got {addresses!r}"
+        )
     items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
     items = [item.strip() for item in items if item.strip()]
     if not items:

@@ -346,10 +346,18 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
             ["train", "--model", "mlp", "--embedding-dim", "8", "--steps", "2"],
             "argument --embedding-dim: only applies to model dlrm, not 'mlp'",
         ),
+        (
+            [
+                *("eval", "--ps", "tcp://127.0.0.1:1", "--once", "--model", "mlp"),
+                "--embedding-dim",
+                "8",
+            ],
+            "argument --embedding-dim: only applies to model dlrm, not 'mlp'",
+        ),
     ],
     ids=[
         *("step-size", "row-lr", "row-init-std", "row-cache-mb", "liveness-timeout", "ps"),
-        *("tables", "worker-tables", "embedding-dim"),
+        *("tables", "worker-tables", "embedding-dim", "eval-embedding-dim"),
     ],
 )
 def test_a_bad_row_or_float_setting_is_refused_in_one_line(argv, message, capsys, tmp_path):
@@ -432,10 +440,13 @@ except SystemExit as e:
     code = e.code
 print("exit", code)
 me = str(os.getpid())
-children = [
-    pid for pid in os.listdir("/proc") if pid.isdigit()
-    and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] == me
-]
+def parent(pid):
+    try:  # a process may end between the listing and the read
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[1]
+    except OSError:
+        return None
+children = [pid for pid in os.listdir("/proc") if pid.isdigit() and parent(pid) == me]
 print("children", len(children), "torch", "torch" in sys.modules)
 """
 

@@ -46,7 +46,12 @@ def _bad_arguments():
         (lambda: distbelief.RowClient("tcp://h:1", {}), ValueError, "at least one table"),
         (lambda: distbelief.RowClient("tcp://h:1", {"t": -3}), ValueError, "'t' needs a dim"),
         (lambda: distbelief.ParameterServer("alexnet"), TypeError, "model must be a torch"),
-        (lambda: distbelief.ParameterServer(net, lr=-1), ValueError, "lr must be a number >= 0"),
+        (lambda: distbelief.ParameterServer(net, lr=-1), ValueError, "lr must be a finite number"),
+        (
+            lambda: distbelief.ParameterServer(net, lr=float("inf")),
+            ValueError,
+            "lr must be a finite number >= 0",
+        ),
         (lambda: distbelief.ParameterServer(net, port=99999), ValueError, "port must be"),
         (lambda: distbelief.ParameterServer(net, timeout_s=0), ValueError, "timeout_s must be"),
         (
@@ -57,13 +62,23 @@ def _bad_arguments():
         (
             lambda: distbelief.DownpourSGD(net.parameters(), lr="x", ps="tcp://h:1"),
             ValueError,
-            "lr must be a number >= 0, got 'x'",
+            "lr must be a finite number >= 0, got 'x'",
+        ),
+        (
+            lambda: distbelief.DownpourSGD(net.parameters(), lr=float("nan"), ps="tcp://h:1"),
+            ValueError,
+            "lr must be a finite number >= 0, got nan",
+        ),
+        (
+            lambda: distbelief.DownpourSGD(net.parameters(), ps=123),
+            TypeError,
+            "ps must be 'tcp://HOST:PORT,...' or a list of such strings, got 123",
         ),
         (lambda: distbelief.reshard_run("no/such/run", 2), ValueError, "no such run folder"),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 12
+_NUM_BAD_ARGUMENTS = 15
 
 
 def test_every_bad_argument_case_runs():

@@ -66,7 +66,7 @@ def load_dataset(
         dataset = load_mnist(split, root, download=download)
     else:
         dataset = make_synthetic(split, num_samples)
-    logger.info(
+    logger.debug(  # -v: a refusal found after loading stays one line
         "loaded %s/%s: %d samples of shape %s", name, split, len(dataset), dataset.input_shape
     )
     return dataset
@@ -79,7 +79,7 @@ def _load_click_log(name: str, split: str, root: Path, table_size: int | None) -
         dataset = load_criteo(split, root, num_embeddings=table_size)
     else:
         dataset = load_movielens(split, root)
-    logger.info(
+    logger.debug(
         "loaded %s/%s: %d clicks of %d samples, %d tables",
         name,
         split,

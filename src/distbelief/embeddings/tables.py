@@ -193,7 +193,7 @@ class ShardedEmbeddings:
         if auth_key is None and security is None and os.environ.get(AUTH_KEY_FILE_ENV):
             auth_key = read_key_file(os.environ[AUTH_KEY_FILE_ENV])
         self.client = RowClient(
-            parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, "")),
+            parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, ""), "ps"),
             self.dims,
             timeout_s=timeout_s or float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
             retry_timeout_s=retry_timeout_s,

@@ -51,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     if args.command in ("worker", "eval"):
         values["cluster.num_shards"] = len(_addresses("--ps", args.ps))
     config = JobConfig.from_fields(values)
-    if args.command in ("train", "worker"):
+    if args.command in ("train", "worker", "eval"):
         config.check_row_settings_apply()
     return config
 

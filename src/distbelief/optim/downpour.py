@@ -14,6 +14,7 @@ import atexit
 import concurrent.futures as cf
 import itertools
 import logging
+import math
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -174,8 +175,8 @@ class DownpourSGD(torch.optim.Optimizer):
         push_compression: str = "none",
         source_host: str | None = None,
     ) -> None:
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0:
-            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 <= lr < math.inf:
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if worker_id is not None and not isinstance(worker_id, str):
             raise TypeError(f"worker_id must be a str, got {worker_id!r}")
         auth_key = _key_bytes(auth_key)
@@ -203,7 +204,7 @@ class DownpourSGD(torch.optim.Optimizer):
             self._server = GroupStore().find_server(hold_timeout_s)
             ps, auth_key = self._server.address, auth_key or self._server.auth_key
         self.client = ParameterServerClient(
-            parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, "")),
+            parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, ""), "ps"),
             self.specs,
             timeout_s=timeout_s or _timeout_from_environment(),
             worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import socket
 import threading
 
@@ -29,8 +30,8 @@ def _check_arguments(model, lr, consistency, port, timeout_s) -> None:
     """The constructor's arguments, named, before anything is joined or started."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if lr is not None and not (isinstance(lr, int | float) and lr >= 0):
-        raise ValueError(f"lr must be a number >= 0 (or None), got {lr!r}")
+    if lr is not None and not (isinstance(lr, int | float) and 0 <= lr < math.inf):
+        raise ValueError(f"lr must be a finite number >= 0 (or None), got {lr!r}")
     if consistency is not None and not isinstance(consistency, ConsistencyConfig):
         raise TypeError(
             f"consistency must be a ConsistencyConfig, got {type(consistency).__name__}"

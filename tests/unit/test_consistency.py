@@ -173,6 +173,22 @@ def test_sync_round_applies_mean_of_first_n_minus_b_and_drops_late():
     assert not shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
 
 
+def test_sync_rounds_go_on_after_a_shard_is_restored_from_an_older_checkpoint():
+    """Workers pulled version 40 before the shard died; it came back at 0 (its checkpoint's):
+    their next gradients make its next round, and their pulls wait for that round only."""
+    config = ConsistencyConfig(sync=True)
+    zeros = [torch.zeros(spec.shape) for spec in SPECS]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config, 2)[0]
+    outs = [torch.empty(p.numel) for p in shard.slices]
+    ones = [torch.ones(p.numel) for p in shard.slices]
+    assert shard.push(ones, worker="a", base_version=40).applied
+    assert shard.pull_into(outs, worker="a", after_version=40, max_wait_s=0.05).held
+    assert shard.push(ones, worker="b", base_version=40).applied
+    assert shard.version == 1
+    for worker in ("a", "b"):
+        assert not shard.pull_into(outs, worker=worker, after_version=40, max_wait_s=0.05).held
+
+
 def test_sync_round_quorum_shrinks_when_a_worker_departs():
     config = ConsistencyConfig(sync=True)
     zeros = [torch.zeros(spec.shape) for spec in SPECS]

@@ -224,6 +224,9 @@ class SyncRoundsPolicy(ConsistencyPolicy):
         self._started_s = time.monotonic()
         self._round_sum: list[torch.Tensor] = []
         self._round_count = 0
+        self._rounds_joined: dict[str, int] = {}
+        """The version at which each worker's last gradient joined a round (its round closes
+        by passing it)."""
 
     def bind(self, store: ShardStore, apply: ApplyUpdate) -> None:
         super().bind(store, apply)
@@ -232,14 +235,22 @@ class SyncRoundsPolicy(ConsistencyPolicy):
         self._round_count = 0
 
     def push(self, grads, *, worker, staleness, base_version, version) -> bool:
-        if base_version != version:
+        if base_version < version:
             return False  # a backup worker's late gradient: its round is closed
+        # A base ahead of the version was pulled from this shard before it was restored from
+        # an older checkpoint: the rounds between are lost, and the gradient joins this one.
         torch._foreach_add_(self._round_sum, list(grads))
         self._round_count += 1
+        if worker is not None:
+            self._rounds_joined[worker] = version
         self._close_round_if_complete()
         return True
 
     def must_hold(self, worker: str | None, after_version: int | None, version: int) -> bool:
+        if after_version is not None and after_version > version:
+            # A round of this shard's earlier life (see push): wait for the one the worker's
+            # gradient joined since.
+            after_version = self._rounds_joined.get(worker, after_version)
         if after_version is not None and version <= after_version:
             # The round this worker pushed into is not applied yet. Re-check the quorum,
             # which shrinks when a worker dies.

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from distbelief.config import JobConfig
+from distbelief.launch import cli
 from distbelief.launch.cli import config_from_args, main, parse_args
 from distbelief.launch.flags import command_flags, field_docs, flag_of, get_args_parser
 
@@ -579,3 +580,23 @@ def test_a_bad_flag_is_reported_under_a_one_line_usage(capsys):
     assert error.startswith("distbelief train: error: argument --model: invalid choice: 'resnet'")
     assert parse_args(["train", "-v"]).verbose and parse_args(["-v", "train"]).verbose
     assert not parse_args(["train"]).verbose
+
+
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        (KeyboardInterrupt(), "distbelief plot: interrupted"),
+        (
+            cli._Terminated("stopped by signal SIGTERM"),
+            "distbelief plot: stopped by signal SIGTERM",
+        ),
+    ],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_an_interrupted_command_says_how(raised, said, monkeypatch, capsys):
+    def interrupted(_args):
+        raise raised
+
+    monkeypatch.setitem(cli._COMMANDS, "plot", interrupted)
+    assert main(["plot", "somerun"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == said

@@ -11,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -445,8 +446,18 @@ def run(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    if threading.current_thread() is not threading.main_thread():
+        return _run_command(args)  # signal handlers belong to the main thread
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run_command(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """The command, its failures turned into the exit code and one line on stderr."""
     prefix = f"distbelief {args.command}"
-    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return _COMMANDS[args.command](args)
     except ConfigFieldError as e:
@@ -476,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prefix}: error: argument --ps: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
-        print(f"{prefix}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"{prefix}: {str(e) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except LauncherInterrupted as e:
         print(f"{prefix}: {e}", file=sys.stderr)

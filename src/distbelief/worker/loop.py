@@ -31,6 +31,7 @@ def worker_batches(
     epoch = 0
     steps = 0
     while config.optimizer.steps is not None or epoch < config.optimizer.num_epochs:
+        steps_before = steps
         for batch in iterate(
             dataset, indices, config.optimizer.minibatch_size, seed=config.model.seed, epoch=epoch
         ):
@@ -39,6 +40,13 @@ def worker_batches(
                 yield batch
             if config.optimizer.steps is not None and steps >= config.optimizer.steps:
                 return
+        if steps == steps_before:
+            # Every epoch would be as empty: --steps would never be reached.
+            raise ValueError(
+                f"--batch-size: a batch of {config.optimizer.minibatch_size} examples is more "
+                f"than this worker's {len(indices)} examples of the training set (a pass drops "
+                "its last, partial batch)"
+            )
         epoch += 1
 
 

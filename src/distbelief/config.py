@@ -80,6 +80,16 @@ def _require(ok: bool, name: str, value: object, rule: str) -> None:
         raise ConfigFieldError(name, f"must be {rule}, got {value!r}")
 
 
+_MAX_COUNT = 2**31 - 1
+"""The largest count a bound may hold (a step count past it means no bound; the wire's JSON
+carries it as a 64-bit integer)."""
+
+
+def _is_count(value: object) -> bool:
+    """Whether ``value`` is an int (not a bool) in [0, _MAX_COUNT]."""
+    return type(value) is int and 0 <= value <= _MAX_COUNT
+
+
 def is_amount(value: object, *, zero_ok: bool = False) -> bool:
     """Whether ``value`` is a finite int or float > 0 (>= 0 where ``zero_ok``): a rate, size or
     duration. A bool is no number, and NaN or an infinity is no amount (an infinite rate or
@@ -353,12 +363,14 @@ class ConsistencyConfig:
     own rate and LR scheduler decide the step size."""
 
     def __post_init__(self) -> None:
-        _require(self.backup_workers >= 0, "backup_workers", self.backup_workers, ">= 0")
+        _require(isinstance(self.sync, bool), "sync", self.sync, "True or False")
+        counts = f"an integer in [0, {_MAX_COUNT}]"
+        _require(_is_count(self.backup_workers), "backup_workers", self.backup_workers, counts)
         _require(
-            self.max_staleness is None or self.max_staleness >= 0,
+            self.max_staleness is None or _is_count(self.max_staleness),
             "max_staleness",
             self.max_staleness,
-            ">= 0",
+            counts,
         )
         _require_choice(self, "staleness_policy")
         if self.backup_workers and not self.sync:

@@ -263,6 +263,11 @@ def test_other_policies_keep_no_copy_per_worker(staleness_policy):
     [
         ({"backup_workers": -1}, "backup_workers"),
         ({"max_staleness": -1}, "max_staleness"),
+        ({"max_staleness": 2**64}, r"max_staleness must be an integer in \[0, 2147483647\]"),
+        ({"max_staleness": 1.5}, "max_staleness"),
+        ({"max_staleness": True}, "max_staleness"),
+        ({"sync": True, "backup_workers": 1.5}, "backup_workers"),
+        ({"sync": "yes"}, "sync must be True or False"),
         ({"staleness_policy": "magic"}, "staleness_policy"),
         ({"sync": True, "max_staleness": 2}, "sync rounds"),
     ],

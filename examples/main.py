@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -88,12 +89,13 @@ def run_server(args: argparse.Namespace) -> None:
     test_set = load_dataset(args.dataset, split="test", data_dir=args.data_dir)
     net = build_net(args, test_set)
     summary = ParameterServer(net).run()  # returns once every node has finished
-    if summary["finished"]:
-        _, test_accuracy = evaluate(net, test_set)
-        print(
-            f"server: {summary['version']} updates applied, test accuracy {test_accuracy:.4f}",
-            flush=True,
-        )
+    if not summary["finished"]:
+        raise KeyboardInterrupt  # stopped before the nodes were done
+    _, test_accuracy = evaluate(net, test_set)
+    print(
+        f"server: {summary['version']} updates applied, test accuracy {test_accuracy:.4f}",
+        flush=True,
+    )
 
 
 def run_node(args: argparse.Namespace) -> None:
@@ -110,6 +112,21 @@ def run_node(args: argparse.Namespace) -> None:
         )
     indices = worker_indices(len(train_set), worker_rank, num_workers)
     run_dir = Path(args.out) / f"node{args.rank}"
+    try:
+        train_node(args, net, optimizer, (train_set, test_set, indices), run_dir)
+    except KeyboardInterrupt:
+        if isinstance(optimizer, DownpourSGD):
+            optimizer.close()  # the server counts this node as done, and ends with the others
+        raise
+    if isinstance(optimizer, DownpourSGD):
+        optimizer.close()  # pushes what is left and tells the server this node is done
+    plot_run(run_dir)
+
+
+def train_node(args, net, optimizer, data, run_dir: Path) -> None:
+    """The node's epochs: train, log every --log-interval steps, test after each epoch."""
+    train_set, test_set, indices = data
+    worker_rank = 0 if args.no_distributed else args.rank - 1
     start, step = time.time(), 0
     with MetricsWriter(run_dir / "metrics.csv") as writer:
         for epoch in range(args.epochs):
@@ -150,9 +167,6 @@ def run_node(args: argparse.Namespace) -> None:
             print(f"node {args.rank} epoch {epoch}: test accuracy {test_accuracy:.4f}", flush=True)
             if args.max_steps is not None and step >= args.max_steps:
                 break
-    if isinstance(optimizer, DownpourSGD):
-        optimizer.close()  # pushes what is left and tells the server this node is done
-    plot_run(run_dir)
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -183,11 +197,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("rank 0 is the parameter server: run it, and only it, with --server")
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = get_args_parser()
     args = parser.parse_args()
     check_args(parser, args)
     logging.basicConfig(level=logging.INFO)
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a rank as Ctrl-C does
     try:
         if args.no_distributed:
             run_node(args)
@@ -215,6 +234,8 @@ def main() -> None:
                 run_node(args)
         finally:
             dist.destroy_process_group()
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted\n")
     except DatasetUnavailableError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")  # files to fetch: bad input
     except DistBeliefError as e:

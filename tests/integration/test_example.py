@@ -2,13 +2,15 @@
 processes of one gloo process group; every one of them ends by itself."""
 
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_ENV, free_port, run_scripts_together
+from tests.conftest import CHILD_ENV, free_port, run_scripts_together, stop_processes
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "main.py"
 OFFLINE = ["--dataset", "digits", "--model", "lenet", "--lr", "0.1", "--batch-size", "32"]
@@ -93,3 +95,39 @@ def test_bad_values_are_one_line_and_exit_2(tmp_path, argv, message):
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert result.stderr.count("error:") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_node_stopped_with_ctrl_c_leaves_and_the_others_end_by_themselves(tmp_path):
+    """Ctrl-C on one node: it tells the server it is done and exits 130 with one line; the
+    other node trains on, and the server ends when it finishes (it waited forever before)."""
+    common = ["--port", str(free_port()), "--world-size", "3", "--out", str(tmp_path)]
+    flags = [*OFFLINE, "--model", "mlp", "--log-interval", "1", *common]
+    commands = [["--rank", "0", "--server", *flags]]
+    commands += [["--rank", str(rank), "--epochs", "3", *flags] for rank in (1, 2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(EXAMPLE), *command],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CHILD_ENV,
+        )
+        for command in commands
+    ]
+    try:
+        started = tmp_path / "node1" / "metrics.csv"
+        deadline = time.monotonic() + 240
+        while not (started.exists() and started.stat().st_size > 0):
+            assert time.monotonic() < deadline and processes[1].poll() is None
+            time.sleep(0.2)
+        processes[1].send_signal(signal.SIGINT)
+        outputs = [process.communicate(timeout=300) for process in processes]
+    finally:
+        stop_processes(processes)
+    assert processes[1].returncode == 130
+    assert outputs[1][1].strip().splitlines()[-1] == "main.py: interrupted"
+    assert "Traceback" not in outputs[1][1]
+    assert [processes[0].returncode, processes[2].returncode] == [0, 0], outputs[0][1][-2000:]
+    assert "server:" in outputs[0][0] and "updates applied" in outputs[0][0]

@@ -55,13 +55,9 @@ def run_cli(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
     )
 
 
-def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[str]:
-    """Run ``python COMMAND`` for each command at once; each must exit 0 within ``timeout_s``.
-
-    Returns:
-        Each process's stdout, in order.
-    """
-    processes = [
+def start_scripts(commands: list[list[str]]) -> list[subprocess.Popen]:
+    """``python COMMAND`` for each command, started at once, output captured as text."""
+    return [
         subprocess.Popen(
             [sys.executable, *command],
             stdout=subprocess.PIPE,
@@ -71,6 +67,15 @@ def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[st
         )
         for command in commands
     ]
+
+
+def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[str]:
+    """Run ``python COMMAND`` for each command at once; each must exit 0 within ``timeout_s``.
+
+    Returns:
+        Each process's stdout, in order.
+    """
+    processes = start_scripts(commands)
     try:
         outputs = [process.communicate(timeout=timeout_s) for process in processes]
     finally:

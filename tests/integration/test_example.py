@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_ENV, free_port, run_scripts_together, stop_processes
+from tests.conftest import (
+    CHILD_ENV,
+    free_port,
+    run_scripts_together,
+    start_scripts,
+    stop_processes,
+)
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "main.py"
 OFFLINE = ["--dataset", "digits", "--model", "lenet", "--lr", "0.1", "--batch-size", "32"]
@@ -106,16 +112,7 @@ def test_a_node_stopped_with_ctrl_c_leaves_and_the_others_end_by_themselves(tmp_
     flags = [*OFFLINE, "--model", "mlp", "--log-interval", "1", *common]
     commands = [["--rank", "0", "--server", *flags]]
     commands += [["--rank", str(rank), "--epochs", "3", *flags] for rank in (1, 2)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(EXAMPLE), *command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=CHILD_ENV,
-        )
-        for command in commands
-    ]
+    processes = start_scripts([[str(EXAMPLE), *command] for command in commands])
     try:
         started = tmp_path / "node1" / "metrics.csv"
         deadline = time.monotonic() + 240

@@ -74,6 +74,18 @@ def test_plot_of_a_folder_that_is_not_a_run_exits_2(runs, tmp_path) -> None:
         assert f"not a run folder: {folder}" in result.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+def test_plot_into_a_folder_that_cannot_be_made_is_one_line(runs) -> None:
+    live, once = runs
+    # /proc looks writable to the checks but takes no new folder.
+    for args in ([str(live)], [str(live), str(once)]):
+        result = run_cli("plot", *args, "--out", "/proc/distbelief-plots", timeout_s=60)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("distbelief plot: error: /proc/distbelief-plots: "), last
+
+
 def test_no_eval_run_still_reports_the_final_accuracy(runs) -> None:
     _, once = runs
     summary = json.loads((once / "summary.json").read_text())

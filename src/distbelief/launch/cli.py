@@ -343,10 +343,13 @@ def _run_plot(args: argparse.Namespace) -> int:
     from distbelief.plots import plot_run, plot_runs  # matplotlib: once the flags are checked
 
     out_dir = args.out_dir or args.run_dirs[0]
-    if len(args.run_dirs) == 1:
-        written = plot_run(args.run_dirs[0], out_dir=out_dir)
-    else:
-        written = plot_runs(args.run_dirs, out_dir=out_dir)
+    try:
+        if len(args.run_dirs) == 1:
+            written = plot_run(args.run_dirs[0], out_dir=out_dir)
+        else:
+            written = plot_runs(args.run_dirs, out_dir=out_dir)
+    except OSError as e:  # a folder the checks above could not see is unwritable (/proc, say)
+        raise ValueError(f"{e.filename or out_dir}: cannot be written: {e.strerror or e}") from None
     print("\n".join(str(path) for path in written))
     return 0
 

@@ -14,7 +14,6 @@ import atexit
 import concurrent.futures as cf
 import itertools
 import logging
-import math
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +23,7 @@ from torch import nn
 
 from distbelief.client import ParameterServerClient, parse_addresses
 from distbelief.client.compression import EncodedPush, PushCompressor
+from distbelief.config import is_amount
 from distbelief.errors import PSError, RendezvousError
 from distbelief.optim.device_copies import DeviceCopies
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
@@ -175,7 +175,7 @@ class DownpourSGD(torch.optim.Optimizer):
         push_compression: str = "none",
         source_host: str | None = None,
     ) -> None:
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 <= lr < math.inf:
+        if not is_amount(lr, zero_ok=True):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if worker_id is not None and not isinstance(worker_id, str):
             raise TypeError(f"worker_id must be a str, got {worker_id!r}")

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import socket
 import threading
 
 import torch
 from torch import nn
 
-from distbelief.config import ConsistencyConfig
+from distbelief.config import ConsistencyConfig, is_amount
 from distbelief.server.optimizers import server_optimizer_factory
 from distbelief.server.process import serve_shard
 from distbelief.server.shard import ParameterShard
@@ -30,7 +29,7 @@ def _check_arguments(model, lr, consistency, port, timeout_s) -> None:
     """The constructor's arguments, named, before anything is joined or started."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if lr is not None and not (isinstance(lr, int | float) and 0 <= lr < math.inf):
+    if lr is not None and not is_amount(lr, zero_ok=True):
         raise ValueError(f"lr must be a finite number >= 0 (or None), got {lr!r}")
     if consistency is not None and not isinstance(consistency, ConsistencyConfig):
         raise TypeError(

@@ -113,6 +113,17 @@ def test_eval_watch_appends_to_metrics_csv(shard_cluster, tmp_path) -> None:
     assert [r["role"] for r in records[1:]] == ["evaluator"]
 
 
+def test_watch_refuses_a_metrics_csv_of_another_layout_before_reaching_the_shards(
+    tmp_path,
+) -> None:
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("time,role,rank\n1.0,worker,0\n", encoding="utf-8")
+    # No shard listens there: reaching for one would retry for a minute, then fail otherwise.
+    with pytest.raises(ValueError, match=r"metrics\.csv: cannot append"):
+        watch_shards(CONFIG, ["tcp://127.0.0.1:1"], out_dir=str(tmp_path))
+    assert metrics.read_text(encoding="utf-8") == "time,role,rank\n1.0,worker,0\n"
+
+
 def test_watch_ends_cleanly_when_the_shards_stop(tmp_path) -> None:
     process, address = start_shard(0, 1)
     stop_later = threading.Timer(2.0, stop_processes, args=([process],))

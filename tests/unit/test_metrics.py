@@ -119,6 +119,49 @@ def test_append_to_a_file_of_another_layout_is_refused(tmp_path) -> None:
     assert path.read_text(encoding="utf-8").count("\n") == 2
 
 
+def test_append_drops_a_last_line_cut_off_mid_write(tmp_path, caplog) -> None:
+    path = tmp_path / "metrics.csv"
+    first, second, third, *_ = _records()
+    with MetricsWriter(path) as writer:
+        writer.write(first)
+        writer.write(second)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-10])  # the writer of the second row was killed mid-row
+    with MetricsWriter(path, append=True) as writer:
+        writer.write(third)
+    assert read_metrics(path) == [first, third]
+    [line] = [r.getMessage() for r in caplog.records if "dropped its last line" in r.getMessage()]
+    assert str(path) in line and "worker,1" in line
+
+
+def test_append_after_a_header_cut_off_mid_write_starts_the_file_again(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text("time_s,role,ra", encoding="utf-8")
+    first, *_ = _records()
+    with MetricsWriter(path, append=True) as writer:
+        writer.write(first)
+    assert read_metrics(path) == [first]
+
+
+def test_append_to_a_cut_off_file_of_another_layout_is_refused_unchanged(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    for text in ("time,role,rank\n1.0,wor", "step,loss"):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=r"metrics\.csv: cannot append"):
+            MetricsWriter(path, append=True)
+        assert path.read_text(encoding="utf-8") == text
+
+
+def test_read_skips_a_last_line_cut_off_mid_write(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    first, second, *_ = _records()
+    with MetricsWriter(path) as writer:
+        writer.write(first)
+        writer.write(second)
+    path.write_bytes(path.read_bytes()[:-1])  # even a row whose cells are all there
+    assert read_metrics(path) == [first]
+
+
 def test_a_file_from_before_the_shard_columns_still_reads(tmp_path) -> None:
     path = tmp_path / "metrics.csv"
     old_header = METRIC_FIELDS[: METRIC_FIELDS.index("pushes_per_s")]

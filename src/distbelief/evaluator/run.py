@@ -150,18 +150,19 @@ def watch_shards(
         make_folder(out_dir, "--out")
     torch.set_num_threads(1)
     start_time = time.time()
-    evaluator = make_evaluator(config, addresses, security=security)
-    try:
-        if once:
-            return evaluator.evaluate()
-        with contextlib.ExitStack() as files:
-            writer = None
-            if out_dir:
-                path = Path(out_dir) / METRICS_FILE
-                writer = files.enter_context(MetricsWriter(path, append=True))
+    with contextlib.ExitStack() as files:
+        writer = None
+        if out_dir and not once:
+            # Before reaching the shards: a metrics.csv it cannot append to is refused first.
+            path = Path(out_dir) / METRICS_FILE
+            writer = files.enter_context(MetricsWriter(path, append=True))
+        evaluator = make_evaluator(config, addresses, security=security)
+        try:
+            if once:
+                return evaluator.evaluate()
             return _watch(evaluator, config.reporting.eval_every_s, writer, start_time, stop)
-    finally:
-        evaluator.close()
+        finally:
+            evaluator.close()
 
 
 def _watch(

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import numbers
+import os
 from pathlib import Path
 
 from distbelief.files import write_text_atomic
 from distbelief.telemetry.sink import ClosedOnExit
+
+logger = logging.getLogger(__name__)
 
 METRIC_FIELDS = (
     "time_s",
@@ -174,17 +178,19 @@ class MetricsWriter(ClosedOnExit):
         Args:
             path: the CSV file to write; its parent folder is created if missing.
             append: keep the rows of an existing ``path`` and add after them (a header is
-                written only if the file is new or empty).
+                written only if the file is new or empty). A last line cut off mid-write (its
+                writer was killed) is dropped first, and logged.
 
         Raises:
             ValueError: ``append`` is set and ``path`` has a header other than
-                ``METRIC_FIELDS`` (rows of two layouts must not mix in one file).
+                ``METRIC_FIELDS`` (rows of two layouts must not mix in one file); the file is
+                left as it was.
         """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         has_rows = append and self.path.is_file() and self.path.stat().st_size > 0
         if has_rows:
-            _check_header_for_append(self.path)
+            has_rows = _prepare_for_append(self.path)
         # buffering=1 is line buffering: each row is handed to the OS at its newline.
         mode = "a" if append else "w"
         self._file = self.path.open(mode, newline="", encoding="utf-8", buffering=1)
@@ -220,21 +226,56 @@ class MetricsWriter(ClosedOnExit):
             self._file.close()
 
 
-def _check_header_for_append(path: Path) -> None:
-    """Refuses a file of another layout; a file of an earlier layout is rewritten in this one
-    first (its rows keep their cells, the newer columns are empty), atomically."""
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    header = tuple(rows[0]) if rows else ()
-    if header == METRIC_FIELDS:
-        return
-    if header not in _OLDER_HEADERS:
+def _prepare_for_append(path: Path) -> bool:
+    """Makes the existing ``path`` ready for rows to follow; returns whether it keeps a header.
+
+    A file of another layout is refused, unchanged. A last line without its newline (cut off
+    mid-write) is dropped, in place rather than by a rename: a process appending to the file
+    meanwhile keeps writing to it. A file of an earlier layout is rewritten in this one (its
+    rows keep their cells, the newer columns are empty), atomically.
+    """
+    end = _end_of_last_line(path)
+    with path.open("rb") as f:
+        first_line = f.readline().decode("utf-8", errors="replace")
+        f.seek(end)
+        torn = f.read()
+    header = tuple(next(csv.reader([first_line]), []))
+    if end == 0 and ",".join(METRIC_FIELDS).startswith(first_line):
+        header = METRIC_FIELDS  # only part of the header was written: it goes below
+    elif header != METRIC_FIELDS and header not in _OLDER_HEADERS:
         raise ValueError(f"{path}: cannot append, its header {header} is not {list(METRIC_FIELDS)}")
+    if torn:
+        os.truncate(path, end)
+        shown = torn.decode("utf-8", errors="replace")
+        logger.warning("%s: dropped its last line, cut off mid-write: %r", path, shown[:200])
+    if header != METRIC_FIELDS:
+        _rewrite_in_this_layout(path, header)
+    return end > 0
+
+
+def _end_of_last_line(path: Path, block_bytes: int = 4096) -> int:
+    """The offset just past the last newline of ``path`` (0 if it has none), read from the end:
+    a run's file can be large, its last line is short."""
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        while end > 0:
+            start = max(0, end - block_bytes)
+            f.seek(start)
+            newline = f.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                return start + newline + 1
+            end = start
+    return 0
+
+
+def _rewrite_in_this_layout(path: Path, header: tuple[str, ...]) -> None:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
     padding = [""] * (len(METRIC_FIELDS) - len(header))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(METRIC_FIELDS)
-    writer.writerows(row + padding for row in rows[1:])
+    writer.writerows(row + padding for row in rows)
     write_text_atomic(path, buffer.getvalue())
 
 
@@ -267,13 +308,18 @@ def read_metrics(path: Path) -> list[dict[str, object]]:
     Raises:
         ValueError: the file is missing, its header is neither ``METRIC_FIELDS`` nor an
             earlier version of it, or a row is malformed (the message names the file, line
-            and column).
+            and column). A last line without its newline (being written, or cut off by a
+            killed writer) is skipped, and logged.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"metrics file not found: {path}")
     with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+        text = f.read()
+    if text and not text.endswith("\n"):
+        text, _, torn = text.rpartition("\n")
+        logger.warning("%s: skipped its last line, cut off mid-write: %r", path, torn[:200])
+    rows = list(csv.reader(io.StringIO(text)))
     header = tuple(rows[0]) if rows else ()
     if header != METRIC_FIELDS and header not in _OLDER_HEADERS:
         shown = list(header) if rows else "(empty file)"

@@ -1,12 +1,14 @@
 """Failures the project claims to survive, caused for real: SIGKILL of a worker and of a shard
 during training, a shard that stays dead, resuming from checkpoints, corrupt checkpoints."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,29 +50,30 @@ def _kill(run_dir: Path, name: str) -> None:
     os.kill(json.loads((run_dir / "pids.json").read_text())[name], signal.SIGKILL)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)  # a 1500-step job with two restarts: over 120 s on a busy machine
-def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
-    run_dir = tmp_path / "run"
+@contextlib.contextmanager
+def _training(run_dir: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """``distbelief train ARGS --out RUN_DIR``, killed if it still runs on the way out."""
     launcher = subprocess.Popen(
-        [
-            *CLI,
-            "train",
-            "--steps",
-            "1500",
-            "--checkpoint-every",
-            "1",
-            "--eval-every",
-            "0.5",
-            "--out",
-            str(run_dir),
-        ],
+        [*CLI, "train", *args, "--out", str(run_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=CHILD_ENV,
     )
     try:
+        yield launcher
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a 1500-step job with two restarts: over 120 s on a busy machine
+def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
+    run_dir = tmp_path / "run"
+    job = ("--steps", "1500", "--checkpoint-every", "1", "--eval-every", "0.5")
+    with _training(run_dir, *job) as launcher:
         _wait_for(
             lambda: min(_worker_steps(run_dir).values(), default=0) >= 100,
             120,
@@ -85,10 +88,6 @@ def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
         )
         _kill(run_dir, "shard0")
         _out, err = launcher.communicate(timeout=240)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait(10)
     assert launcher.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     faults = {fault["process"]: fault for fault in summary["faults"]}
@@ -103,6 +102,36 @@ def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
     older = [r["version"] for r in evals if r["time_s"] <= shard["time_s"] - 2.5]
     assert shard["version_restored"] >= max(older, default=0)
     assert "shard0 died" in err and "restarted" in err
+
+
+@pytest.mark.slow
+def test_a_shard_given_up_ends_the_run_with_a_failed_summary(tmp_path):
+    run_dir = tmp_path / "run"
+    job = ("--model", "mlp", "--steps", "100000", "--max-restarts", "0")
+    with _training(run_dir, *job) as launcher:
+        _wait_for(
+            lambda: (
+                min(_worker_steps(run_dir).values(), default=0) >= 20
+                and len(_worker_steps(run_dir)) == 2
+            ),
+            90,
+            "both workers to train",
+        )
+        _kill(run_dir, "shard0")
+        _out, err = launcher.communicate(timeout=90)
+    assert launcher.returncode == 1, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["outcome"] == "failed"
+    assert summary["reason"] == "shard0 failed (exit code -9): died and was not restarted"
+    assert summary["reason"] in err
+    [fault] = summary["faults"]
+    assert (fault["process"], fault["action"]) == ("shard0", "given up")
+    # What was known when it ended: the workers' steps, the shards' addresses.
+    assert set(summary["worker_steps"]) == {"0", "1"}
+    assert min(summary["worker_steps"].values()) >= 20
+    assert set(summary["shards"]) == {"shard0", "shard1"}
+    assert all(shard["address"].startswith("tcp://") for shard in summary["shards"].values())
+    assert {"final", "elapsed_s"} <= set(summary)
 
 
 def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):

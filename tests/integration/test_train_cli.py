@@ -110,6 +110,11 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
         assert _wait_gone(children, timeout_s=15) == set()
         if how != signal.SIGKILL:
             assert code == 130, launcher.stderr.read()[-2000:] if launcher.stderr else ""
+            summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+            assert summary["outcome"] == "interrupted"
+            assert summary["reason"] == (
+                "stopped by Ctrl-C" if how == signal.SIGINT else "stopped by signal SIGTERM"
+            )
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -143,6 +148,13 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
         saved = list((tmp_path / "run").glob("*-traceback.txt"))
         assert saved and str(saved[0]) in result.stderr
         assert "Traceback (most recent call last)" in saved[0].read_text()
+    # The run folder says how the job ended, in the line the launcher printed.
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["outcome"] == "failed"
+    assert "failed" in summary["reason"] and "ValueError" in summary["reason"]
+    assert "\n" not in summary["reason"]
+    assert (summary["reason"] in result.stderr) != verbose
+    assert summary["final"] == {} and summary["worker_steps"] == {}
 
 
 @pytest.mark.parametrize(

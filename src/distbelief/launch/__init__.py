@@ -9,7 +9,7 @@ from distbelief.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "train": "distbelief.launch.train",
-    "RunResult": "distbelief.launch.train",
+    "RunResult": "distbelief.launch.summary",
     "Cluster": "distbelief.launch.cluster",
     "Fault": "distbelief.launch.cluster",
     "ProcessKind": "distbelief.launch.cluster",

@@ -399,18 +399,6 @@ def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
     return _usage_error(args, f"argument {flag}: {error.problem}")
 
 
-def _last_error(detail: str) -> str:
-    """The exception line(s) at the end of a traceback (all of ``detail`` if it is none)."""
-    lines = detail.rstrip().splitlines()
-    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
-    if not frames:
-        return detail.strip()
-    rest = lines[frames[-1] + 1 :]
-    while rest and rest[0].startswith(" "):  # the frame's source line and its ^^^ markers
-        rest = rest[1:]
-    return "\n".join(rest) or lines[-1]
-
-
 def _child_failed(
     args: argparse.Namespace, error: ChildFailedError, traceback_file: Path | None = None
 ) -> int:
@@ -419,10 +407,7 @@ def _child_failed(
     if args.verbose:
         print(f"{prefix}: {error}", file=sys.stderr)
         return EXIT_FAILED
-    head = f"{error.name} failed" + (
-        "" if error.exitcode is None else f" (exit code {error.exitcode})"
-    )
-    print(f"{prefix}: {head}: {_last_error(error.detail)}", file=sys.stderr)
+    print(f"{prefix}: {error.short()}", file=sys.stderr)
     if traceback_file is not None:
         print(f"{prefix}: full traceback in {traceback_file} (or rerun with -v)", file=sys.stderr)
     return EXIT_FAILED

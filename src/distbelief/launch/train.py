@@ -8,7 +8,6 @@ torch (which the launcher itself loads only to count a data set's examples for `
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import logging
@@ -16,20 +15,25 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distbelief import plots, telemetry
 from distbelief.coordinator.checkpoint import RECORD_FILE
 from distbelief.data.files import require_data_files
-from distbelief.errors import ConfigFieldError, LauncherInterrupted
+from distbelief.errors import (
+    ChildFailedError,
+    ConfigFieldError,
+    DistBeliefError,
+    LauncherInterrupted,
+)
 from distbelief.files import check_folder_can_be_made
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
 from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.rundir import prepare_run_dir, run_dir_path, write_text_atomic
+from distbelief.launch.summary import RunResult, write_summary
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -74,26 +78,6 @@ def _load_with_signals_deferred(modules: tuple[str, ...]) -> None:
             signal.signal(signum, handler)
     if noted:
         signal.raise_signal(noted[0])
-
-
-@dataclass
-class RunResult:
-    """How a training job ended."""
-
-    run_dir: Path
-    final: dict = field(default_factory=dict)
-    worker_steps: dict[int, int] = field(default_factory=dict)
-    elapsed_s: float = 0.0
-    staleness: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Per shard: how many pushes arrived with each staleness."""
-    faults: list[Fault] = field(default_factory=list)
-    """Processes that died during the run and what became of them."""
-    coordinator: dict = field(default_factory=dict)
-    """Sandblaster: the coordinator's result (iterations, loss, why it stopped)."""
-    partitions: dict = field(default_factory=dict)
-    """Model parallelism: the split (points, basis, per-stage cost and state bytes)."""
-    shards: dict[str, dict] = field(default_factory=dict)
-    """Per shard: the address it served at and the host each worker connected from."""
 
 
 def _counts_examples(config: JobConfig) -> bool:
@@ -152,12 +136,15 @@ def _sandblaster_iterations(config: JobConfig) -> int:
 class EventRouter:
     """Turns process events into records and messages for one sink; times count from the first
     worker's start (children report wall-clock times; process start-up is not training time).
-    ``poll_shards`` adds the shards' counters as ``shard`` records."""
+    ``poll_shards`` adds the shards' counters as ``shard`` records. It keeps the last step each
+    worker reported and the last evaluation: what a job that ends early knows of them."""
 
     def __init__(self, sink: Sink, shard_poller: ShardStatsPoller | None = None) -> None:
         self.sink = sink
         self.shard_poller = shard_poller
         self.train_start: float | None = None
+        self.steps_reported: dict[int, int] = {}
+        self.last_evaluation: dict = {}
 
     def poll_shards(self, *, now: bool = False) -> None:
         """Routes the shards' counters if a poll is due (cheap to call in any loop), or
@@ -178,6 +165,11 @@ class EventRouter:
             self.sink.message(f"{source.name} finished after {payload['steps']} steps")
 
     def _write(self, record: dict) -> None:
+        if record["role"] == "worker" and record.get("step") is not None:
+            self.steps_reported[record["rank"]] = record["step"]
+        elif record["role"] == "evaluator":
+            keys = ("test_loss", "test_accuracy", "test_auc", "version")
+            self.last_evaluation = {k: record[k] for k in keys if record.get(k) is not None}
         start = self.train_start if self.train_start is not None else record["time_s"]
         self.sink.write({**record, "time_s": max(0.0, record["time_s"] - start)})
 
@@ -348,7 +340,8 @@ def train(
     resume: bool = False,
     cluster_type: type[Cluster] | None = None,
 ) -> RunResult:
-    """Run a whole job; returns when every process has stopped.
+    """Run a whole job; returns when every process has stopped. Once its processes have
+    started, the run folder's ``summary.json`` records how it ended, even when it raises.
 
     Args:
         config: The job.
@@ -418,6 +411,7 @@ def _run_job(
         total_steps=total_steps, num_workers=config.cluster.num_workers
     )
     started = time.time()
+    result: RunResult | None = None  # set once the cluster is open, however the job ends
     try:
         # Closing the FanOut closes the display too (twice is harmless); the cluster stops last.
         with (
@@ -432,45 +426,72 @@ def _run_job(
             ) as sink,
         ):
             cluster.on_fault = lambda fault: sink.message(_describe_fault(fault))
-            # The launcher polls the shards too (the wire is loaded by now: the cluster's key).
-            from distbelief.wire.channels.shm import apply_job_transport
+            route = EventRouter(sink)
+            addresses: list[str] = []
+            try:
+                # The launcher polls the shards too (the wire is loaded by now: the cluster's key).
+                from distbelief.wire.channels.shm import apply_job_transport
 
-            apply_job_transport(config.cluster.transport)
-            addresses = _start(cluster, config)
-            poller = telemetry.ShardStatsPoller(addresses, security=cluster.security)
-            _supervise(cluster, EventRouter(sink, poller), config)
-            result = _result(cluster, config, run_dir, time.time() - started)
-            result.partitions = plan
+                apply_job_transport(config.cluster.transport)
+                addresses = _start(cluster, config)
+                route.shard_poller = telemetry.ShardStatsPoller(
+                    addresses, security=cluster.security
+                )
+                _supervise(cluster, route, config)
+            finally:
+                # Before the cluster stops: what its processes reported is known now.
+                result = _result(cluster, config, run_dir, time.time() - started, route, addresses)
+                result.partitions = plan
     except KeyboardInterrupt as e:
+        write_summary(result, "interrupted", "stopped by Ctrl-C")
         raise LauncherInterrupted("stopped by Ctrl-C") from e
+    except LauncherInterrupted as e:
+        write_summary(result, "interrupted", str(e))
+        raise
+    except ChildFailedError as e:
+        write_summary(result, "failed", e.short())
+        raise
+    except DistBeliefError as e:  # a cluster engine's failure (Ray lost), say
+        write_summary(result, "failed", f"{type(e).__name__}: {e}")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    write_text_atomic(run_dir / "summary.json", _summary_json(result))
+    assert result is not None  # the job ran to its end
+    write_summary(result)
     write_text_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
     plots.plot_run(run_dir)
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result
 
 
-def _result(cluster: Cluster, config: JobConfig, run_dir: Path, elapsed_s: float) -> RunResult:
+def _result(
+    cluster: Cluster,
+    config: JobConfig,
+    run_dir: Path,
+    elapsed_s: float,
+    route: EventRouter,
+    addresses: list[str],
+) -> RunResult:
+    """What the processes returned; for those that have not (the job ended early), what they
+    reported last: a worker's step, the last evaluation, a shard's address."""
     workers = cluster.results(_training_kind(config))
+    shards = cluster.results(ProcessKind.SHARD)
     return RunResult(
         run_dir,
-        final=cluster.results(ProcessKind.EVALUATOR).get(0, {}),
-        worker_steps={rank: r["steps"] for rank, r in workers.items()},
+        final=cluster.results(ProcessKind.EVALUATOR).get(0, route.last_evaluation),
+        worker_steps=dict(
+            sorted({**route.steps_reported, **{r: w["steps"] for r, w in workers.items()}}.items())
+        ),
         elapsed_s=elapsed_s,
-        staleness={
-            f"shard{shard_id}": r["staleness"]
-            for shard_id, r in cluster.results(ProcessKind.SHARD).items()
-        },
+        staleness={f"shard{shard_id}": r["staleness"] for shard_id, r in shards.items()},
         faults=cluster.faults,
         coordinator=cluster.results(ProcessKind.COORDINATOR).get(0, {}),
         shards={
             f"shard{shard_id}": {
-                "address": r.get("address"),
-                "worker_hosts": r.get("worker_hosts", {}),
+                "address": shards.get(shard_id, {}).get("address", address),
+                "worker_hosts": shards.get(shard_id, {}).get("worker_hosts", {}),
             }
-            for shard_id, r in sorted(cluster.results(ProcessKind.SHARD).items())
+            for shard_id, address in enumerate(addresses)
         },
     )
 
@@ -481,21 +502,3 @@ def _describe_fault(fault: Fault) -> str:
     if fault.version_before is not None:
         text += f"; it had applied at least {fault.version_before} updates"
     return text
-
-
-def _summary_json(result: RunResult) -> str:
-    return json.dumps(
-        {
-            "final": result.final,
-            "worker_steps": result.worker_steps,
-            "elapsed_s": round(result.elapsed_s, 3),
-            **({"coordinator": result.coordinator} if result.coordinator else {}),
-            **({"partitions": result.partitions} if result.partitions else {}),
-            "shards": result.shards,
-            "faults": [
-                {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
-                for fault in result.faults
-            ],
-        },
-        indent=2,
-    )

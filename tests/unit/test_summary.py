@@ -1,0 +1,59 @@
+"""Unit tests of distbelief.launch.summary and of what the launcher's router keeps for it: a
+job's summary.json however the job ends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distbelief.launch.cluster import Event, Fault, ProcessKind, ProcessSpec
+from distbelief.launch.summary import RunResult, write_summary
+from distbelief.launch.train import EventRouter
+from distbelief.telemetry import make_record
+
+
+class _Records:
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+
+    def message(self, text: str) -> None:
+        pass
+
+
+def test_a_failed_job_keeps_every_field_of_a_done_one(tmp_path: Path) -> None:
+    done = RunResult(tmp_path, final={"version": 3}, worker_steps={0: 5}, elapsed_s=1.23456)
+    write_summary(done)
+    fields = json.loads((tmp_path / "summary.json").read_text())
+    assert (fields["outcome"], fields["reason"]) == ("done", None)
+    failed = RunResult(tmp_path, faults=[Fault("shard0", 1.0, -9, "given up")])
+    write_summary(failed, "failed", "shard0 failed (exit code -9): died and was not restarted")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == set(fields)
+    assert summary["outcome"] == "failed" and summary["reason"].startswith("shard0 failed")
+    assert summary["faults"][0]["action"] == "given up"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+
+
+def test_no_summary_when_no_process_started_and_no_unknown_outcome(tmp_path: Path) -> None:
+    write_summary(None, "interrupted", "stopped by Ctrl-C")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="outcome must be one of"):
+        write_summary(RunResult(tmp_path), "crashed", "?")
+    assert not list(tmp_path.iterdir())
+
+
+def test_router_keeps_the_last_step_of_each_worker_and_the_last_evaluation() -> None:
+    route = EventRouter(_Records())
+    worker1 = ProcessSpec(ProcessKind.WORKER, 1)
+    evaluator = ProcessSpec(ProcessKind.EVALUATOR, 0)
+    for step in (10, 20):
+        route(Event("metric", worker1, make_record("worker", 1, time_s=1.0, step=step, loss=0.5)))
+    evaluation = make_record("evaluator", 0, time_s=2.0, version=7, test_accuracy=0.5)
+    route(Event("metric", evaluator, evaluation))
+    assert route.steps_reported == {1: 20}
+    assert route.last_evaluation == {"test_accuracy": 0.5, "version": 7}

@@ -405,6 +405,27 @@ def test_a_stage_flag_no_stage_uses_is_refused_in_one_line(argv, message, capsys
     assert not (tmp_path / "run").exists()
 
 
+_MINIMAL_ARGV = {
+    "train": ["train"],
+    "ps": ["ps", "--shard-id", "0", "--num-shards", "1"],
+    "worker": _WORKER,
+    "eval": ["eval", "--ps", "tcp://127.0.0.1:1"],
+    "plot": ["plot", "somerun"],
+    "reshard": ["reshard", "somerun", "--shards", "2"],
+    "keygen": ["keygen", "somefile"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(_MINIMAL_ARGV))
+def test_an_unknown_flag_is_the_commands_error(command, capsys):
+    assert set(_MINIMAL_ARGV) == set(_subparsers())  # every command is checked
+    with pytest.raises(SystemExit) as exited:
+        parse_args([*_MINIMAL_ARGV[command], "--bogus"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == f"distbelief {command}: error: unrecognized arguments: --bogus"
+
+
 def test_manual_roles_take_their_own_counts():
     ps = config_from_args(parse_args(["ps", "--shard-id", "0", "--num-shards", "3"]))
     assert (ps.cluster.num_shards, ps.cluster.num_workers) == (3, 1)

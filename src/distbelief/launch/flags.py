@@ -9,7 +9,7 @@ import argparse
 import ast
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -457,7 +457,18 @@ def _add_reshard_parser(commands) -> None:
 
 class _Parser(argparse.ArgumentParser):
     """Errors say what is wrong under a one-line usage: ``train``'s full usage is 40 lines,
-    which buried the one that matters (``--help`` still lists every flag)."""
+    which buried the one that matters (``--help`` still lists every flag). An unknown flag
+    after a command is that command's error (``distbelief ps: error: ...``), as its other
+    errors are: argparse leaves those to the top-level parser."""
+
+    def parse_args(  # type: ignore[override]  # one signature for argparse's overloads
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = _subcommands(self).get(getattr(parsed, "command", None) or "", self)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
 
     def format_usage(self) -> str:
         usage = super().format_usage()
@@ -499,10 +510,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The parsers of ``parser``'s subcommands, by name (none for a subcommand's own)."""
+    return next(
+        (
+            action.choices
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+        ),
+        {},
+    )
+
+
 def subcommand_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one subcommand (for its usage line in errors found after parsing)."""
-    parser = get_args_parser()
-    subparsers = next(
-        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
-    )
-    return subparsers.choices[command]
+    return _subcommands(get_args_parser())[command]

@@ -395,14 +395,70 @@ def test_a_bad_row_or_float_setting_is_refused_in_one_line(argv, message, capsys
             ["train", "--schedule", "gpipe", "--steps", "1"],
             "argument --schedule: only applies to partitioned replicas (partitions > 1), got gpipe",
         ),
+        # The default schedule, typed: refused as well (it would be ignored without a word).
+        ([*_WORKER, "--schedule", "1f1b"], "argument --schedule: only used with --partitions > 1"),
+        (
+            ["train", "--schedule", "1f1b", "--partitions", "1"],
+            "argument --schedule: only used with --partitions > 1",
+        ),
     ],
-    ids=["no-stage", "bind-on-stage-0", "bind-without-partitions", "worker-schedule", "schedule"],
+    ids=[
+        *("no-stage", "bind-on-stage-0", "bind-without-partitions", "worker-schedule"),
+        *("schedule", "worker-default-schedule", "default-schedule"),
+    ],
 )
 def test_a_stage_flag_no_stage_uses_is_refused_in_one_line(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "run")] if argv[0] == "train" else argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
     assert not (tmp_path / "run").exists()
+
+
+_PS = ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "--liveness-timeout", "10"],
+            "argument --liveness-timeout: only used with --sync or --max-staleness",
+        ),
+        (
+            [*_PS, "--liveness-timeout", "3"],
+            "argument --liveness-timeout: only used with --sync or --max-staleness",
+        ),
+        (["train", "--backup-workers", "0"], "argument --backup-workers: only used with --sync"),
+        (
+            [*_PS, "--dc-lambda", "0.04"],
+            "argument --dc-lambda: only used with --staleness-policy dc-asgd",
+        ),
+    ],
+    ids=["train-liveness", "ps-liveness", "backup-workers", "dc-lambda"],
+)
+def test_a_consistency_flag_that_does_nothing_is_refused_even_at_its_default(
+    argv, message, capsys, tmp_path
+):
+    assert main([*argv, "--out", str(tmp_path / "run")] if argv[0] == "train" else argv) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [*_PS, "--sync", "--num-workers", "2", "--liveness-timeout", "3"],
+        [*_PS, "--max-staleness", "0", "--liveness-timeout", "3"],
+        [*_PS, "--sync", "--num-workers", "2", "--backup-workers", "0"],
+        ["train", "--staleness-policy", "dc-asgd", "--dc-lambda", "0.04"],
+        ["train", "--partitions", "2", "--schedule", "1f1b"],
+    ],
+    ids=["sync", "ssp", "backup-workers", "dc-lambda", "schedule"],
+)
+def test_a_flag_given_with_the_one_it_needs_is_taken(argv):
+    args = parse_args(argv)
+    config = config_from_args(args).to_fields()
+    assert all(config[path] == value for path, value in vars(args).items() if "." in path)
 
 
 _MINIMAL_ARGV = {
@@ -576,10 +632,15 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
             {},
             "argument --bind: 198.51.100.7 is not an address of this machine",
         ),
+        (
+            ["ps", "--shard-id", "0", "--num-shards", "1", "--liveness-timeout", "3"],
+            {},
+            "argument --liveness-timeout: only used with --sync or --max-staleness",
+        ),
     ],
     ids=[
         *("train-out", "eval-out", "plot-out", "ps-checkpoint-dir", "ps-bind", "env", "worker"),
-        "stage-bind",
+        *("stage-bind", "ps-liveness"),
     ],
 )
 def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_path):

@@ -27,7 +27,13 @@ from distbelief.errors import (
     ShardListError,
 )
 from distbelief.launch.cluster import Fault
-from distbelief.launch.flags import flag_of, get_args_parser, security_from_args, subcommand_parser
+from distbelief.launch.flags import (
+    check_typed_flags_apply,
+    flag_of,
+    get_args_parser,
+    security_from_args,
+    subcommand_parser,
+)
 from distbelief.launch.rundir import run_dir_path
 
 logger = logging.getLogger("distbelief")
@@ -45,13 +51,17 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     """The JobConfig that the flags of ``train``, ``ps``, ``worker`` or ``eval`` describe.
 
     Raises:
-        ConfigFieldError: a flag's value is out of range (``field`` names its config field).
+        ConfigFieldError: a flag's value is out of range, or the flag does nothing with the
+            others given (``field`` names its config field).
         argparse.ArgumentError: an address given with --ps is malformed.
     """
     values = {name: value for name, value in vars(args).items() if "." in name}
+    # Config flags default to absent (but ps's --num-workers): these are the ones typed.
+    typed = set(values)
     if args.command in ("worker", "eval"):
         values["cluster.num_shards"] = len(_addresses("--ps", args.ps))
     config = JobConfig.from_fields(values)
+    check_typed_flags_apply(args.command, typed, config)
     if args.command in ("train", "worker", "eval"):
         config.check_row_settings_apply()
     return config

@@ -9,12 +9,13 @@ import argparse
 import ast
 import dataclasses
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from distbelief import config as config_module
 from distbelief.config import JobConfig
+from distbelief.errors import ConfigFieldError
 
 if TYPE_CHECKING:
     from distbelief.wire.security import WireSecurity
@@ -175,6 +176,50 @@ _MANUAL_ROLE_FLAGS: dict[str, dict[str, dict[str, Any]]] = {
 """How a command's flags differ from ``train``'s: flag names, required or default, help."""
 
 _EXCLUSIVE = (("optimizer.steps", "optimizer.epochs"),)
+
+
+class _UsedOnlyWith(NamedTuple):
+    fields: tuple[str, ...]
+    """The fields whose flags make the flag do something (any one of them)."""
+    condition: str
+    """What those flags must say, after the last one's name (``" > 1"``), if anything."""
+    applies: Callable[[JobConfig], bool]
+
+
+_USED_ONLY_WITH: dict[str, _UsedOnlyWith] = {
+    "consistency.liveness_timeout_s": _UsedOnlyWith(
+        ("consistency.sync", "consistency.max_staleness"),
+        "",
+        lambda job: job.consistency.sync or job.consistency.max_staleness is not None,
+    ),
+    "consistency.backup_workers": _UsedOnlyWith(
+        ("consistency.sync",), "", lambda job: job.consistency.sync
+    ),
+    "consistency.dc_lambda": _UsedOnlyWith(
+        ("consistency.staleness_policy",),
+        " dc-asgd",
+        lambda job: job.consistency.staleness_policy == "dc-asgd",
+    ),
+    "pipeline.schedule": _UsedOnlyWith(
+        ("pipeline.num_partitions",), " > 1", lambda job: job.pipeline.num_partitions > 1
+    ),
+}
+"""Fields whose flag does something only beside another flag. The config refuses a value of
+theirs that differs from the default where it would go unused; a flag typed with the default
+value would still be ignored without a word, so the command line refuses it by itself."""
+
+
+def check_typed_flags_apply(command: str, typed: Collection[str], job: JobConfig) -> None:
+    """Refuse a flag ``command`` was given (``typed``: the fields of the flags typed) that
+    ``job`` does not use.
+
+    Raises:
+        ConfigFieldError: the first such flag's field, with the flags it needs.
+    """
+    for path, rule in _USED_ONLY_WITH.items():
+        if path in typed and not rule.applies(job):
+            needed = " or ".join(flag_of(command, field) or FLAGS[field] for field in rule.fields)
+            raise ConfigFieldError(path, f"only used with {needed}{rule.condition}")
 
 
 def command_flags(command: str) -> dict[str, str]:

@@ -68,7 +68,18 @@ class ShardRestartedError(RemoteError):
 
 class ConsistencyMismatchError(PSError):
     """The shards of one model run different consistency settings (sync rounds, SSP bound,
-    staleness policy, ...); the message names the shards and the setting."""
+    staleness policy, ...), or sync rounds of another number of workers than the worker's;
+    the message names the shards, the setting and both values. ``field`` names the setting's
+    config field (``section.field``; None where no one field holds it), so the command line
+    can name the flag that sets it; ``problem`` says who runs which value."""
+
+    def __init__(self, problem: str, field: str | None = None) -> None:
+        self.problem = problem
+        self.field = field
+        super().__init__(problem if field is None else f"{field} differs: {problem}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.problem, self.field)
 
 
 class RendezvousError(DistBeliefError):

@@ -115,3 +115,12 @@ def test_missing_address_is_a_value_error(monkeypatch):
     model = _model()
     with pytest.raises(ValueError, match="no parameter-server address"):
         DownpourSGD(model.parameters(), model=model)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2.0])
+def test_a_bad_number_of_workers_is_a_value_error_naming_it(num_workers):
+    model = _model()
+    with pytest.raises(
+        ValueError, match=rf"^num_workers must be an integer >= 1, got {num_workers}$"
+    ):
+        DownpourSGD(model.parameters(), ps="tcp://127.0.0.1:1", num_workers=num_workers)

@@ -1,5 +1,6 @@
-"""The handshake against real shards: another partitioner or shards with different consistency
-settings are refused by name; an equal non-default partitioner trains as its layout says."""
+"""The handshake against real shards: another partitioner, shards with different consistency
+settings or sync rounds of another number of workers are refused by name; an equal non-default
+partitioner trains as its layout says."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from distbelief.client import ParameterServerClient
+from distbelief.config import ConsistencyConfig
 from distbelief.errors import ConsistencyMismatchError, LayoutMismatchError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.sharding import (
@@ -29,12 +31,20 @@ NUM_ELEMENTS = 50 * 8 + 8
 
 @contextlib.contextmanager
 def _serve_shards(
-    num_shards: int, partitioner: Partitioner
+    num_shards: int,
+    partitioner: Partitioner,
+    consistency: ConsistencyConfig | None = None,
+    num_workers: int = 1,
 ) -> Iterator[tuple[list[ParameterShard], list[str]]]:
     """Shards of ``partitioner`` served on free ports of 127.0.0.1 in this process."""
     shards = [
         ParameterShard(
-            i, num_shards, server_optimizer_factory("sgd", lr=1.0), partitioner=partitioner
+            i,
+            num_shards,
+            server_optimizer_factory("sgd", lr=1.0),
+            consistency,
+            partitioner=partitioner,
+            num_workers=num_workers,
         )
         for i in range(num_shards)
     ]
@@ -48,16 +58,22 @@ def _serve_shards(
             server.stop()
 
 
+def _refused_handshake(client: ParameterServerClient, error: type[Exception]) -> Exception:
+    """The ``error`` that ``client``'s handshake raises (its connections closed after)."""
+    try:
+        with pytest.raises(error) as refused:
+            client.handshake(FlatLayout(SPECS).allocate())
+    finally:
+        client.close()
+    return refused.value
+
+
 def test_a_shard_with_another_partitioner_refuses_the_client_naming_both():
     with _serve_shards(2, RowAlignedPartitioner()) as (shards, addresses):
         client = ParameterServerClient(addresses, SPECS, timeout_s=60, retry_timeout_s=0)
-        try:
-            with pytest.raises(LayoutMismatchError) as refused:
-                client.handshake(FlatLayout(SPECS).allocate())
-        finally:
-            client.close()
+        refused = _refused_handshake(client, LayoutMismatchError)
         assert not any(shard.initialized for shard in shards)
-    message = str(refused.value)
+    message = str(refused)
     assert '{"kind":"row-aligned"}' in message and '{"kind":"flat"}' in message
 
 
@@ -100,9 +116,44 @@ def test_shards_started_with_different_consistency_flags_are_refused():
             client.close()
     finally:
         stop_processes([process for process, _ in shards])
+    assert refused.value.field == "consistency.max_staleness"
     message = str(refused.value)
-    assert "max_staleness=2" in message and "max_staleness=None" in message
+    assert message.startswith("consistency.max_staleness differs: ")
+    assert "runs 2 but" in message and "runs None" in message
     assert f"shard 0 ({addresses[0]})" in message and f"shard 1 ({addresses[1]})" in message
+
+
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_sync_shards_of_another_number_of_workers_refuse_the_worker(num_workers):
+    with _serve_shards(2, FlatPartitioner(), ConsistencyConfig(sync=True), num_workers=2) as (
+        shards,
+        addresses,
+    ):
+        client = ParameterServerClient(
+            addresses, SPECS, timeout_s=60, retry_timeout_s=0, num_workers=num_workers
+        )
+        refused = _refused_handshake(client, ConsistencyMismatchError)
+        assert not any(shard.initialized for shard in shards)
+    assert isinstance(refused, ConsistencyMismatchError)
+    assert refused.field == "cluster.num_workers"
+    assert refused.problem.startswith(
+        f"shard 0 ({addresses[0]}) runs sync rounds of 2 workers, but this worker is one of "
+        f"{num_workers}: "
+    )
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_worker_of_the_shards_round_size_or_of_async_shards_is_let_in(sync):
+    # Async shards take pushes from any number of workers: their --num-workers is not checked.
+    consistency = ConsistencyConfig(sync=sync)
+    with _serve_shards(1, FlatPartitioner(), consistency, num_workers=2) as (_, addresses):
+        client = ParameterServerClient(
+            addresses, SPECS, timeout_s=60, retry_timeout_s=0, num_workers=2 if sync else 3
+        )
+        try:
+            assert client.handshake(FlatLayout(SPECS).allocate())
+        finally:
+            client.close()
 
 
 def test_default_partitioners_on_both_sides_agree():

@@ -254,3 +254,22 @@ def test_a_worker_given_another_list_of_shards_is_told_which_flag():
             assert problem in last and "Traceback" not in result.stderr
     finally:
         stop_processes([process for process, _ in shards])
+
+
+def test_a_worker_started_for_another_number_of_workers_than_sync_shards_is_refused():
+    process, address = start_shard(0, 1, "--sync", "--num-workers", "2")
+    try:
+        result = run_cli(
+            *("worker", "--ps", address, "--rank", "0", "--num-workers", "3"),
+            *("--model", "mlp", "--dataset", "digits", "--steps", "2"),
+            timeout_s=120,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(
+            f"distbelief worker: error: argument --num-workers: shard 0 ({address}) runs sync "
+            "rounds of 2 workers, but this worker is one of 3"
+        ), last
+        assert "Traceback" not in result.stderr
+    finally:
+        stop_processes([process])

@@ -4,12 +4,14 @@ must show up here on purpose. Also: flags land in their fields, and --help loads
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
 
 import pytest
 
 from distbelief.config import JobConfig
+from distbelief.errors import ConsistencyMismatchError
 from distbelief.launch import cli
 from distbelief.launch.cli import config_from_args, main, parse_args
 from distbelief.launch.flags import command_flags, field_docs, flag_of, get_args_parser
@@ -459,6 +461,48 @@ def test_a_flag_given_with_the_one_it_needs_is_taken(argv):
     args = parse_args(argv)
     config = config_from_args(args).to_fields()
     assert all(config[path] == value for path, value in vars(args).items() if "." in path)
+
+
+_MISMATCHES = [
+    (
+        ConsistencyMismatchError(
+            "shard 0 (tcp://h:1) runs 2 but shard 1 (tcp://h:2) runs None: start every shard "
+            "with the same consistency flags",
+            "consistency.max_staleness",
+        ),
+        "distbelief worker: error: argument --max-staleness: shard 0 (tcp://h:1) runs 2 but "
+        "shard 1 (tcp://h:2) runs None: start every shard with the same consistency flags",
+    ),
+    (
+        ConsistencyMismatchError(
+            "shard 0 (tcp://h:1) runs sync rounds of 2 workers, but this worker is one of 3",
+            "cluster.num_workers",
+        ),
+        "distbelief worker: error: argument --num-workers: shard 0 (tcp://h:1) runs sync rounds "
+        "of 2 workers, but this worker is one of 3",
+    ),
+    (
+        ConsistencyMismatchError("shard 0 and shard 1 run different row settings"),
+        "distbelief worker: error: shard 0 and shard 1 run different row settings",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raised", "said"), _MISMATCHES, ids=["staleness", "workers", "rows"])
+def test_shards_that_disagree_are_a_usage_error_naming_the_flag(raised, said, monkeypatch, capsys):
+    def refused(_args):
+        raise raised
+
+    monkeypatch.setitem(cli._COMMANDS, "worker", refused)
+    assert main(_WORKER) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [said]
+
+
+def test_a_consistency_mismatch_names_its_field_for_api_users_and_pickles():
+    error = ConsistencyMismatchError("shard 0 runs 2 but shard 1 runs None", "consistency.sync")
+    assert str(error) == "consistency.sync differs: shard 0 runs 2 but shard 1 runs None"
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.problem, copy.field, str(copy)) == (error.problem, error.field, str(error))
 
 
 _MINIMAL_ARGV = {

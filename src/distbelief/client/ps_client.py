@@ -60,6 +60,12 @@ def check_shard_count(addresses: Sequence[str], shard_id: int, described: dict) 
         )
 
 
+def _described_field(key: str) -> str:
+    """The config field (``section.field``) of a setting a shard describes at the handshake:
+    its consistency section's, but for the round size, which is the job's number of workers."""
+    return "cluster.num_workers" if key == "num_workers" else f"consistency.{key}"
+
+
 class ParameterServerClient(ShardLanes):
     """A worker's (or evaluator's) connections to all shards of one model.
 
@@ -90,6 +96,10 @@ class ParameterServerClient(ShardLanes):
             elements changed since (sent sparse when few did: after top-k pushes to a shard
             whose optimizer moves only pushed elements). The buffers must then be written by
             pulls only.
+        num_workers: The job's number of workers, as this worker was told it: shards that run
+            sync rounds of another number are refused at the handshake (a round of the wrong
+            size would wait for missing workers, or close before all of them pushed). None:
+            not checked (an evaluator, say).
     """
 
     def __init__(
@@ -108,6 +118,7 @@ class ParameterServerClient(ShardLanes):
         pull_dtype: torch.dtype | None = None,
         source_host: str | None = None,
         pull_changes: bool = False,
+        num_workers: int | None = None,
     ) -> None:
         super().__init__(
             addresses,
@@ -118,6 +129,7 @@ class ParameterServerClient(ShardLanes):
             source_host=source_host,
         )
         self.worker_id = worker_id
+        self.num_workers = num_workers
         self.group = group
         self._group_meta = {"group": group} if group else {}
         self.hold_timeout_s = hold_timeout_s
@@ -157,7 +169,8 @@ class ParameterServerClient(ShardLanes):
             ModelMismatchError: a shard holds a different model.
             ShardListError: a shard is one of another number of shards, or listed out of order.
             LayoutMismatchError: a shard holds a different partitioner.
-            ConsistencyMismatchError: the shards run different consistency settings.
+            ConsistencyMismatchError: the shards run different consistency settings, or sync
+                rounds of another number of workers than ``num_workers``.
             ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
         """
         # Every shard's settings are compared before any is initialised, so a mismatched
@@ -166,6 +179,7 @@ class ParameterServerClient(ShardLanes):
         self.consistency = self._agreed_consistency(
             [dict(reply.get("consistency", self.consistency)) for reply in replies]
         )
+        self._check_round_size(self.consistency)
         futures = [self._submit(i, self._join, replies[i], initial) for i in range(self.num_shards)]
         return any(self.wait(futures))
 
@@ -177,11 +191,24 @@ class ParameterServerClient(ShardLanes):
                 at_first, at_other = first.get(key, "(absent)"), settings.get(key, "(absent)")
                 if at_first != at_other:
                     raise ConsistencyMismatchError(
-                        f"shard 0 ({self.addresses[0]}) runs {key}={at_first!r} but shard "
-                        f"{shard_id} ({self.addresses[shard_id]}) runs {key}={at_other!r}: start "
-                        "every shard with the same consistency flags"
+                        f"shard 0 ({self.addresses[0]}) runs {at_first!r} but shard "
+                        f"{shard_id} ({self.addresses[shard_id]}) runs {at_other!r}: start "
+                        "every shard with the same consistency flags",
+                        _described_field(key),
                     )
         return first
+
+    def _check_round_size(self, agreed: dict) -> None:
+        """Sync rounds expect the number of workers this worker was started for."""
+        expected = agreed.get("num_workers")
+        if not agreed.get("sync") or self.num_workers is None or expected == self.num_workers:
+            return
+        raise ConsistencyMismatchError(
+            f"shard 0 ({self.addresses[0]}) runs sync rounds of {expected} workers, but this "
+            f"worker is one of {self.num_workers}: start the shards and every worker for the "
+            "same number of workers",
+            _described_field("num_workers"),
+        )
 
     def _identity(self, clock: int) -> dict:
         if self.worker_id is None:

@@ -22,6 +22,7 @@ from distbelief.errors import (
     AuthenticationError,
     ChildFailedError,
     ConfigFieldError,
+    ConsistencyMismatchError,
     DistBeliefError,
     LauncherInterrupted,
     ShardListError,
@@ -409,6 +410,13 @@ def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
     return _usage_error(args, f"argument {flag}: {error.problem}")
 
 
+def _mismatch_said(error: ConsistencyMismatchError) -> str:
+    """The mismatch as the flag that sets it: ``ps``'s (the shards' consistency flags, and the
+    round size, ``--num-workers`` on ``ps`` and ``worker`` alike)."""
+    flag = flag_of("ps", error.field) if error.field else None
+    return str(error) if flag is None else f"argument {flag}: {error.problem}"
+
+
 def _child_failed(
     args: argparse.Namespace, error: ChildFailedError, traceback_file: Path | None = None
 ) -> int:
@@ -483,6 +491,10 @@ def _run_command(args: argparse.Namespace) -> int:
     except ShardListError as e:  # only --ps names shards by hand
         _traceback_if_verbose(args)
         print(f"{prefix}: error: argument --ps: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConsistencyMismatchError as e:
+        _traceback_if_verbose(args)
+        print(f"{prefix}: error: {_mismatch_said(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         print(f"{prefix}: {str(e) or 'interrupted'}", file=sys.stderr)

@@ -129,6 +129,8 @@ class DownpourSGD(torch.optim.Optimizer):
             of each slice's accrued gradient of largest magnitude, as indices and values.
         source_host: The address of this machine the connections to the shards leave from
             (default: the one the operating system picks).
+        num_workers: The job's number of workers: shards that run sync rounds of another
+            number refuse this optimizer (ConsistencyMismatchError). Default: not checked.
 
     A lossy push (narrowed or top-k) keeps what it leaves out in the accrued gradient, which
     the next push carries (error feedback: nothing is lost, some is delayed); ``flush()`` and
@@ -150,6 +152,8 @@ class DownpourSGD(torch.optim.Optimizer):
         ValueError: bad hyperparameters or no shard address.
         RendezvousError: no ParameterServer published its address within hold_timeout_s.
         ModelMismatchError: the shards hold a different model.
+        ConsistencyMismatchError: the shards run different consistency settings, or sync
+            rounds of another number of workers than ``num_workers``.
         ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
     """
 
@@ -174,13 +178,17 @@ class DownpourSGD(torch.optim.Optimizer):
         wire_dtype: str = "fp32",
         push_compression: str = "none",
         source_host: str | None = None,
+        num_workers: int | None = None,
     ) -> None:
         if not is_amount(lr, zero_ok=True):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if worker_id is not None and not isinstance(worker_id, str):
             raise TypeError(f"worker_id must be a str, got {worker_id!r}")
         auth_key = _key_bytes(auth_key)
-        for name, value in (("n_push", n_push), ("n_pull", n_pull)):
+        counts = {"n_push": n_push, "n_pull": n_pull}
+        if num_workers is not None:
+            counts["num_workers"] = num_workers
+        for name, value in counts.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.compression = WireCompression.parse(wire_dtype, push_compression)
@@ -217,6 +225,7 @@ class DownpourSGD(torch.optim.Optimizer):
             # After top-k pushes, few elements change between pulls (with a shard optimizer
             # that moves only pushed elements): pulls then bring only those.
             pull_changes=self.compression.topk_fraction is not None,
+            num_workers=num_workers,
         )
         self._compressor = (
             PushCompressor(self.compression, self.client.slices)

@@ -68,6 +68,7 @@ def job_optimizer(
         wire_dtype=config.optimizer.wire_dtype,
         push_compression=config.optimizer.push_compression,
         source_host=config.cluster.worker_host or None,
+        num_workers=config.cluster.num_workers,
     )
 
 

@@ -6,7 +6,6 @@ CIFAR-10 train-split channel statistics, so loading the test split never needs t
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from distbelief.data.download import download_file, extract_tar
 from distbelief.data.files import CIFAR10_BATCHES_DIR as BATCHES_DIR
 from distbelief.data.files import CIFAR10_SPLIT_FILES as SPLIT_FILES
 from distbelief.data.files import CIFAR10_URL
+from distbelief.data.plain_pickle import load_plain_pickle
 from distbelief.errors import DatasetUnavailableError
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -40,7 +40,8 @@ def load_cifar10(split: str, data_dir: Path, download: bool = True) -> ArrayData
         The split as an ArrayDataset named "cifar10", images of shape (N, 3, 32, 32).
 
     Raises:
-        ValueError: If split is unknown, or a batch file is not a valid CIFAR-10 batch.
+        ValueError: If split is unknown, a batch file is not a valid CIFAR-10 batch (the
+            message names it and what is wrong), or the split holds no images.
         DatasetUnavailableError: If files are missing and download is False or fails; the
             message names the folder, the expected files and the URL for a manual download.
     """
@@ -60,6 +61,9 @@ def load_cifar10(split: str, data_dir: Path, download: bool = True) -> ArrayData
             reason = f"{ARCHIVE_NAME} did not contain them"
             raise DatasetUnavailableError(_unavailable_message(data_dir, split, reason))
     images, labels = zip(*(_read_batch(batches_dir / n) for n in SPLIT_FILES[split]), strict=True)
+    if sum(len(batch) for batch in labels) == 0:
+        names = ", ".join(SPLIT_FILES[split])
+        raise ValueError(f"{batches_dir}: the CIFAR-10 {split} split ({names}) holds no images")
     pixels = torch.from_numpy(np.concatenate(images)).to(torch.float32) / 255.0
     return ArrayDataset(
         images=normalize_channels(pixels, CIFAR10_MEAN, CIFAR10_STD),
@@ -88,27 +92,61 @@ def _unavailable_message(data_dir: Path, split: str, reason: str) -> str:
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Decodes one pickled batch into uint8 (N, 3, 32, 32) images and int64 (N,) labels.
 
-    The files are Python 2 pickles from the official archive; unpickling executes code, so only
-    files from that archive (md5-checked on download) should be placed here.
+    A batch is a Python 2 pickle of a dict: b"data" a uint8 numpy array of shape (N, 3072) and
+    b"labels" a list of N ints in [0, 10). It is unpickled as plain data only, so a crafted
+    file cannot run code while it is read.
+
+    Raises:
+        ValueError: The file is not such a batch; the message names it and what is wrong.
     """
     with open(path, "rb") as f:
         try:
-            batch = pickle.load(f, encoding="bytes")
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise ValueError(f"{path}: not a valid CIFAR-10 batch file: {e}") from e
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise ValueError(f"{path}: expected a dict with keys b'data' and b'labels'")
-    try:
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError(f"{path}: b'data' or b'labels' is not an array of integers: {e}") from e
+            batch = load_plain_pickle(f, encoding="bytes")
+        except Exception as e:  # a corrupt pickle fails in many ways: each means "not a batch"
+            reason = str(e) or type(e).__name__
+            raise ValueError(f"{path}: not a valid CIFAR-10 batch file: {reason}") from e
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a dict (a CIFAR-10 batch), got {_describe(batch)}")
+    missing = [repr(key) for key in (b"data", b"labels") if key not in batch]
+    if missing:
+        raise ValueError(f"{path}: the batch dict lacks {' and '.join(missing)}")
+    data = batch[b"data"]
     num_pixels = int(np.prod(IMAGE_SHAPE))
-    if data.ndim != 2 or data.shape[1] != num_pixels or len(labels) != len(data):
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise ValueError(f"{path}: b'data' must be a 2-D uint8 array, got {_describe(data)}")
+    labels = _read_labels(path, batch[b"labels"])
+    if data.shape[1] != num_pixels or len(labels) != len(data):
         raise ValueError(
             f"{path}: expected data of shape (N, {num_pixels}) and N labels, got data "
             f"{data.shape} and {len(labels)} labels"
         )
-    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise ValueError(f"{path}: labels outside [0, {NUM_CLASSES})")
     return data.reshape(-1, *IMAGE_SHAPE), labels
+
+
+def _read_labels(path: Path, labels: object) -> np.ndarray:
+    """A batch's b"labels" as int64, refused unless a list (or 1-D array) of ints in range."""
+    expected = f"a list of integers in [0, {NUM_CLASSES})"
+    if not isinstance(labels, (list, tuple, np.ndarray)):
+        raise ValueError(f"{path}: b'labels' must be {expected}, got {_describe(labels)}")
+    try:
+        array = np.asarray(labels)
+    except ValueError as e:  # ragged nesting
+        raise ValueError(f"{path}: b'labels' must be {expected}: {e}") from e
+    if array.shape == (0,):
+        return np.zeros(0, dtype=np.int64)  # [] reads as float64
+    # An int too large for int64 makes an object array: refused with the other non-integers.
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{path}: b'labels' must be {expected}, got {_describe(array)}")
+    outside = array[(array < 0) | (array >= NUM_CLASSES)]
+    if len(outside):
+        raise ValueError(
+            f"{path}: b'labels' must be {expected}, got {len(outside)} outside it (e.g. "
+            f"{outside[0]})"
+        )
+    return array.astype(np.int64)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of dtype {value.dtype} and shape {value.shape}"
+    return f"type {type(value).__name__}"

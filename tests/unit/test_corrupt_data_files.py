@@ -1,0 +1,159 @@
+"""Corrupt data files and empty splits: the loaders refuse each with a ValueError that names the
+file and what is wrong, and a CIFAR-10 pickle cannot run code."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distbelief.data import cifar10, load_dataset
+
+CIFAR_FILES = [*cifar10.SPLIT_FILES["train"], *cifar10.SPLIT_FILES["test"]]
+
+
+def _batch(num_images: int = 2, **fields: object) -> dict:
+    """A CIFAR-10 batch dict as the official files hold it, with ``fields`` replaced."""
+    batch = {
+        b"batch_label": b"a batch",
+        b"labels": [i % 10 for i in range(num_images)],
+        b"data": np.arange(num_images * 3072, dtype=np.uint8).reshape(num_images, 3072),
+    }
+    return {**batch, **{key.encode(): value for key, value in fields.items()}}
+
+
+def _cifar_dir(root: Path, name: str = "data_batch_1", payload: bytes | None = None) -> Path:
+    """Valid batch files in root/cifar-10-batches-py, ``name``'s bytes replaced by ``payload``;
+    returns that file's path."""
+    folder = root / cifar10.BATCHES_DIR
+    folder.mkdir(parents=True)
+    for file_name in CIFAR_FILES:
+        (folder / file_name).write_bytes(pickle.dumps(_batch(), protocol=2))
+    if payload is not None:
+        (folder / name).write_bytes(payload)
+    return folder / name
+
+
+def _load_cifar(root: Path, split: str = "train"):
+    return load_dataset("cifar10", split=split, data_dir=root, download=False)
+
+
+_GOOD = pickle.dumps(_batch(), protocol=2)
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        (_GOOD[: len(_GOOD) // 2], "not a valid CIFAR-10 batch file: pickle data was truncated"),
+        (b"", "not a valid CIFAR-10 batch file"),
+        (b"label,pixels\n3,0 0 0\n", "not a valid CIFAR-10 batch file"),
+        (pickle.dumps([1, 2, 3]), "expected a dict (a CIFAR-10 batch), got type list"),
+        (pickle.dumps({b"labels": [1]}), "the batch dict lacks b'data'"),
+        (pickle.dumps({"data": 1, "labels": 2}), "lacks b'data' and b'labels'"),
+        (pickle.dumps(_batch(data=np.zeros((2, 100), np.uint8))), "data of shape (N, 3072)"),
+        (pickle.dumps(_batch(data=np.full((2, 3072), 1.5))), "b'data' must be a 2-D uint8"),
+        (pickle.dumps(_batch(data=np.full((2, 3072), 1000))), "b'data' must be a 2-D uint8"),
+        (pickle.dumps(_batch(data=[[0] * 3072] * 2)), "b'data' must be a 2-D uint8"),
+        (pickle.dumps(_batch(labels=[3, 12])), "got 1 outside it (e.g. 12)"),
+        (pickle.dumps(_batch(labels=[3, -1])), "got 1 outside it (e.g. -1)"),
+        (pickle.dumps(_batch(labels=[3, 10**30])), "b'labels' must be a list of integers"),
+        (pickle.dumps(_batch(labels=[0.5, 1.0])), "b'labels' must be a list of integers"),
+        (pickle.dumps(_batch(labels=None)), "b'labels' must be a list of integers"),
+        (pickle.dumps(_batch(labels=[1])), "got data (2, 3072) and 1 labels"),
+    ],
+    ids=[
+        *("truncated", "empty", "text", "a-list", "no-data", "str-keys", "data-shape"),
+        *("data-float", "data-int64", "data-list", "label-12", "label-negative"),
+        *("label-huge", "labels-float", "labels-none", "labels-count"),
+    ],
+)
+def test_a_corrupt_cifar10_batch_is_a_value_error_naming_the_file(tmp_path, payload, problem):
+    path = _cifar_dir(tmp_path, payload=payload)
+    with pytest.raises(ValueError) as info:
+        _load_cifar(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
+
+
+def _mark(path: str) -> None:
+    """What a crafted pickle calls if the loader unpickles more than plain data."""
+    Path(path).write_text("ran")
+
+
+class _Crafted:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return _mark, (str(self.marker),)
+
+
+def test_a_crafted_cifar10_pickle_runs_no_code(tmp_path):
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_batch(data=_Crafted(marker)), protocol=2)
+    path = _cifar_dir(tmp_path / "data", payload=payload)
+    with pytest.raises(ValueError, match=r"_mark, which is not plain data") as info:
+        _load_cifar(tmp_path / "data")
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+
+
+def _python2_batch(labels: list[int], pixels: bytes) -> bytes:
+    """A batch pickled as the official archive's are: Python 2 strings (SHORT_BINSTRING), the
+    array by numpy 1's names (numpy.core.multiarray._reconstruct), protocol 2."""
+
+    def string(value: bytes) -> bytes:
+        return b"U" + bytes([len(value)]) + value
+
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
+        + string(b"b")
+        + b"\x87R(K\x01"
+        + b"K"
+        + bytes([len(labels)])
+        + b"M\x00\x0c\x86cnumpy\ndtype\n"
+        + string(b"u1")
+        + b"K\x00K\x01\x87R(K\x03"
+        + string(b"|")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T"
+        + struct.pack("<I", len(pixels))
+        + pixels
+        + b"tb"
+    )
+    label_list = b"](" + b"".join(b"K" + bytes([label]) for label in labels) + b"e"
+    return (
+        b"\x80\x02}("
+        + string(b"batch_label")
+        + string(b"training batch 1 of 5")
+        + string(b"data")
+        + array
+        + string(b"labels")
+        + label_list
+        + string(b"filenames")
+        + b"]("
+        + string(b"a.png")
+        + string(b"b.png")
+        + b"eu."
+    )
+
+
+def test_the_official_python2_pickles_and_every_protocol_load(tmp_path):
+    pixels = bytes(range(256)) * 24  # two images of 3072 bytes
+    official = _python2_batch([6, 9], pixels)
+    assert pickle.loads(official, encoding="bytes")[b"labels"] == [6, 9]  # the format is right
+    _cifar_dir(tmp_path, payload=official)
+    dataset = _load_cifar(tmp_path)
+    assert dataset.labels[:2].tolist() == [6, 9]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        folder = tmp_path / f"protocol{protocol}"
+        _cifar_dir(folder, "test_batch", pickle.dumps(_batch(), protocol=protocol))
+        assert _load_cifar(folder, "test").labels.tolist() == [0, 1]
+
+
+def test_a_cifar10_split_of_no_images_names_its_files(tmp_path):
+    _cifar_dir(tmp_path, "test_batch", pickle.dumps(_batch(0), protocol=2))
+    with pytest.raises(ValueError, match=r"the CIFAR-10 test split \(test_batch\) holds no"):
+        _load_cifar(tmp_path, "test")

@@ -11,6 +11,7 @@ import torch
 
 from distbelief.data.criteo import (
     MISSING_RAW_ID,
+    check_criteo_split,
     criteo_table_sizes,
     load_criteo,
     read_criteo,
@@ -97,6 +98,8 @@ def test_crlf_line_endings_and_a_missing_final_newline(tmp_path: Path) -> None:
         ("\n", "expected 40 tab-separated fields, got 1"),
         (_line("2"), "label must be 0 or 1"),
         (_line("1", ["1.5"] + ["0"] * 12), "I1 must be an integer"),
+        (_line("1", ["0", "9" * 20] + ["0"] * 11), "I2 must be an integer of at most 19 digits"),
+        (_line("1", ["-" + "9" * 400] + ["0"] * 12), "I1 must be an integer of at most 19"),
         (_line("1", None, ["xyz"] + ["00000000"] * 25), "C1 must be 8 hex digits"),
         (_line("1", None, ["00000000"] * 25 + ["0x123456"]), "C26 must be 8 hex digits"),
     ],
@@ -121,6 +124,8 @@ def test_one_train_file_splits_its_last_tenth_off_as_test(tmp_path: Path) -> Non
     test = load_criteo("test", tmp_path)
     assert train.sparse[:, 0].tolist() == list(range(23))
     assert test.sparse[:, 0].tolist() == [23, 24]
+    check_criteo_split("train", tmp_path)
+    check_criteo_split("test", tmp_path)
     assert load_criteo("train", tmp_path, max_rows=20).sparse[:, 0].tolist() == list(range(18))
     assert load_criteo("test", tmp_path, max_rows=20).sparse[:, 0].tolist() == [18, 19]
 
@@ -130,6 +135,40 @@ def test_a_test_file_is_used_as_it_is(tmp_path: Path) -> None:
     _write(tmp_path / "criteo" / "test.tsv", _rows(3))
     assert len(load_criteo("train", tmp_path)) == 5
     assert len(load_criteo("test", tmp_path, num_embeddings=100)) == 3
+
+
+def test_dense_values_of_up_to_19_digits_read(tmp_path: Path) -> None:
+    path = _write(tmp_path / "day.txt", [_line("1", ["9" * 19, "-" + "9" * 19] + ["0"] * 11)])
+    dense = read_criteo(path).dense[0, :2].tolist()
+    assert dense == pytest.approx([math.log1p(1e19), 0.0])
+
+
+@pytest.mark.parametrize(
+    ("files", "split", "bad_file", "problem"),
+    [
+        (
+            {"train.txt": 9},
+            "test",
+            "train.txt",
+            "the Criteo test split (without a test file, the last 10% of train's 9 rows, "
+            "rounded down) is empty: it needs at least 10 rows, or a test file",
+        ),
+        ({"train.txt": 9, "test.txt.gz": 0}, "test", "test.txt.gz", "holds no rows: the Criteo"),
+        ({"train.tsv": 0, "test.txt": 3}, "train", "train.tsv", "holds no rows: the Criteo train"),
+        ({"train.txt.gz": 0}, "test", "train.txt.gz", "holds no rows: the Criteo test split"),
+    ],
+    ids=["train-too-small", "empty-test-file", "empty-train-file", "empty-shared-file"],
+)
+def test_an_empty_split_names_the_file_with_or_without_parsing_it(
+    tmp_path: Path, files: dict, split: str, bad_file: str, problem: str
+) -> None:
+    for name, num_rows in files.items():
+        _write(tmp_path / "criteo" / name, _rows(num_rows))
+    for check in (load_criteo, check_criteo_split):
+        with pytest.raises(ValueError) as info:
+            check(split, tmp_path)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / 'criteo' / bad_file}: ") and problem in message
 
 
 def test_missing_files_and_bad_split(tmp_path: Path) -> None:

@@ -253,6 +253,28 @@ def test_mnist_bad_magic_names_file(tmp_path):
     assert "t10k-images-idx3-ubyte" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("images", "labels", "bad_file", "problem"),
+    [
+        (np.zeros((5, 10, 10)), np.zeros(5), "images", "expected 28x28 images, got 10x10"),
+        (np.zeros((0, 28, 28)), np.zeros(0), "images", "holds no images (the MNIST test split"),
+        (np.zeros((5, 28, 28)), np.zeros(3), "images", "holds 5 images but"),
+        (np.zeros((2, 28, 28)), np.array([3, 200]), "labels", "labels outside [0, 10)"),
+    ],
+    ids=["image-size", "no-images", "counts", "label-range"],
+)
+def test_mnist_files_of_another_shape_or_count_are_named(
+    tmp_path, images, labels, bad_file, problem
+):
+    images_name, labels_name = mnist.SPLIT_FILES["test"]
+    images_path = _write_idx(tmp_path / mnist.SUBDIR / images_name, images, gzipped=False)
+    labels_path = _write_idx(tmp_path / mnist.SUBDIR / labels_name, labels, gzipped=False)
+    with pytest.raises(ValueError) as info:
+        load_dataset("mnist", split="test", data_dir=tmp_path, download=False)
+    path = images_path if bad_file == "images" else labels_path
+    assert str(info.value).startswith(str(path)) and problem in str(info.value)
+
+
 # ---- digits and synthetic --------------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distbelief.data.movielens import load_movielens, read_ratings
+from distbelief.data.movielens import check_movielens_split, load_movielens, read_ratings
 from distbelief.errors import DatasetUnavailableError
 
 # (user, movie, rating, timestamp), deliberately not in time order.
@@ -84,9 +84,15 @@ def test_timestamp_ties_keep_file_order(tmp_path: Path) -> None:
     ("name", "text", "match"),
     [
         ("ratings.dat", "1::2::3::4\n1::2::3\n", r"ratings.dat:2: expected 4 fields"),
-        ("ratings.dat", "1::2::3::4\n1::x::3::4\n", "ratings.dat:2: invalid literal"),
+        ("ratings.dat", "1::2::3::4\n1::x::3::4\n", "ratings.dat:2: movie id must be an integer"),
+        ("ratings.dat", "1::2::3::4\n1.5::2::3::4\n", "ratings.dat:2: user id must be an integer"),
         ("u.data", "1\t2\t3\t4\n\n", r"u.data:2: expected 4 fields"),
-        ("u.data", "-1\t2\t3\t4\n", "u.data:1: ids must be >= 0"),
+        ("u.data", "-1\t2\t3\t4\n", r"u.data:1: user id must be in \[0, 9223372036854775806\]"),
+        ("u.data", f"{10**23}\t2\t3\t4\n", r"u.data:1: user id must be in \[0, "),
+        ("u.data", f"1\t{2**63 - 1}\t3\t4\n", r"u.data:1: movie id must be in \[0, "),
+        ("u.data", f"1\t2\t3\t{2**63}\n", r"u.data:1: timestamp must be in \[-9223372036854775808"),
+        ("u.data", f"1\t{'9' * 5000}\t3\t4\n", r"u.data:1: movie id must be in \[0, "),
+        ("u.data", "1\t2\tgood\t4\n", "u.data:1: rating must be a number, got b'good'"),
         ("u.data", "1\t2\tnan\t4\n", "u.data:1: rating must be a finite number"),
         ("ratings.csv", "user,movie,rating,time\n1,2,3,4\n", "ratings.csv:1: expected header"),
         ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.0,4\n1;2;3;4\n", "csv:3:"),
@@ -99,6 +105,22 @@ def test_malformed_files_name_the_file_and_line(
     with pytest.raises(ValueError, match=match) as info:
         load_movielens("train", tmp_path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["ratings.dat", "ratings.csv", "u.data"])
+def test_an_empty_split_names_the_file_with_or_without_parsing_it(tmp_path: Path, name) -> None:
+    path = _write(tmp_path, name, _format(name, RATINGS[:9]))
+    assert len(load_movielens("train", tmp_path)) == 9
+    check_movielens_split("train", tmp_path)
+    message = "the MovieLens test split .* is empty: the file holds 9 ratings, it needs at least 10"
+    for check in (load_movielens, check_movielens_split):
+        with pytest.raises(ValueError, match=message) as info:
+            check("test", tmp_path)
+        assert str(info.value).startswith(f"{path}: ")
+    _write(tmp_path, name, _format(name, []))
+    for check in (load_movielens, check_movielens_split):
+        with pytest.raises(ValueError, match="holds no ratings: the MovieLens train split is"):
+            check("train", tmp_path)
 
 
 def test_missing_or_several_files_and_bad_split(tmp_path: Path) -> None:

@@ -8,12 +8,13 @@ or negative) and 26 categorical fields (8 hex digits, or empty). Files are plain
 from __future__ import annotations
 
 import gzip
+import math
 import re
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -33,14 +34,17 @@ MISSING_RAW_ID = RAW_ID_SPACE
 TEST_FRACTION = 0.1
 """Share of rows, taken from the end of train's file, that form test when it has no file."""
 
+MAX_DENSE_DIGITS = 19
+"""Digits of an integer field at most: any such value converts to float64 (int64's fit)."""
+
 _LINE = re.compile(
     rb"[01]"
-    + rb"\t(?:-?[0-9]+)?" * NUM_DENSE
+    + rb"\t(?:-?[0-9]{1,%d})?" % MAX_DENSE_DIGITS * NUM_DENSE
     + rb"\t(?:[0-9a-fA-F]{8})?" * NUM_CATEGORICAL
     + rb"\r?\n?"
 )
 _HEX = re.compile(rb"[0-9a-fA-F]{8}")
-_INTEGER = re.compile(rb"-?[0-9]+")
+_INTEGER = re.compile(rb"-?[0-9]{1,%d}" % MAX_DENSE_DIGITS)
 
 
 def load_criteo(
@@ -69,18 +73,53 @@ def load_criteo(
         The split as a CtrDataset named "criteo".
 
     Raises:
-        ValueError: If split is unknown, an argument is out of range, or a line is malformed
-            (the message names the file and the line number).
+        ValueError: If split is unknown, an argument is out of range, a line is malformed
+            (the message names the file and the line number), or the split is empty (the
+            message names the file).
         DatasetUnavailableError: If the file the split needs is missing.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be >= 0, got {max_rows}")
-    criteo_dir = Path(data_dir) / SUBDIR
+    rows = _split_rows(split, Path(data_dir) / SUBDIR, max_rows)
+    dataset = read_criteo(
+        rows.path, num_embeddings=num_embeddings, max_rows=rows.max_rows, first_row=rows.first_row
+    )
+    if len(dataset) == 0:
+        raise ValueError(_empty_split_message(split, rows))
+    return dataset
+
+
+def check_criteo_split(split: str, data_dir: str | Path) -> None:
+    """Refuses a split that would be empty, counting its file's lines without parsing them
+    (cheap: a job checks this before starting the processes that load the split).
+
+    Raises:
+        ValueError: The split would be empty; the message names the file.
+        DatasetUnavailableError: The file the split needs is missing.
+    """
+    rows = _split_rows(split, Path(data_dir) / SUBDIR, None)
+    num_rows = rows.max_rows if rows.shared_rows is not None else _count_lines(rows.path)
+    if num_rows == 0:
+        raise ValueError(_empty_split_message(split, rows))
+
+
+class _SplitRows(NamedTuple):
+    """Where a split's rows are: ``max_rows`` rows of ``path`` from ``first_row`` on."""
+
+    path: Path
+    first_row: int
+    max_rows: int | None
+    shared_rows: int | None
+    """The rows of train.* that both splits divide (counted, at most max_rows); None: the
+    split has the file to itself."""
+
+
+def _split_rows(split: str, criteo_dir: Path, max_rows: int | None) -> _SplitRows:
     test_path = _find(criteo_dir, "test")
     if split == "test" and test_path is not None:
-        return read_criteo(test_path, num_embeddings=num_embeddings, max_rows=max_rows)
+        return _SplitRows(test_path, 0, max_rows, None)
     train_path = _find(criteo_dir, "train")
     if train_path is None:
         names = ", ".join(f"{split}{suffix}" for suffix in FILE_SUFFIXES)
@@ -89,14 +128,22 @@ def load_criteo(
             + ("" if split == "train" else " (or train.* to split)")
         )
     if test_path is not None:
-        return read_criteo(train_path, num_embeddings=num_embeddings, max_rows=max_rows)
+        return _SplitRows(train_path, 0, max_rows, None)
     num_rows = _count_lines(train_path)
     if max_rows is not None:
         num_rows = min(num_rows, max_rows)
     num_test = int(num_rows * TEST_FRACTION)
     first, stop = (0, num_rows - num_test) if split == "train" else (num_rows - num_test, num_rows)
-    return read_criteo(
-        train_path, num_embeddings=num_embeddings, max_rows=stop - first, first_row=first
+    return _SplitRows(train_path, first, stop - first, num_rows)
+
+
+def _empty_split_message(split: str, rows: _SplitRows) -> str:
+    if not rows.shared_rows:
+        return f"{rows.path}: holds no rows: the Criteo {split} split is empty"
+    return (
+        f"{rows.path}: the Criteo test split (without a test file, the last "
+        f"{TEST_FRACTION:.0%} of train's {rows.shared_rows} rows, rounded down) is empty: it "
+        f"needs at least {math.ceil(1 / TEST_FRACTION)} rows, or a test file"
     )
 
 
@@ -203,7 +250,10 @@ def _describe_malformed(line: bytes) -> str:
         return f"label must be 0 or 1, got {fields[0][:20]!r}"
     for i, field in enumerate(fields[1 : 1 + NUM_DENSE], start=1):
         if field and _INTEGER.fullmatch(field) is None:
-            return f"I{i} must be an integer or empty, got {field[:20]!r}"
+            return (
+                f"I{i} must be an integer of at most {MAX_DENSE_DIGITS} digits or empty, got "
+                f"{field[:20]!r}"
+            )
     for i, field in enumerate(fields[1 + NUM_DENSE :], start=1):
         if field and _HEX.fullmatch(field) is None:
             return f"C{i} must be 8 hex digits or empty, got {field[:20]!r}"

@@ -29,6 +29,7 @@ MNIST_MD5S = {
     "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 NUM_CLASSES = 10
+IMAGE_SIZE = (28, 28)
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dims
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dim
 # Mean and std of the 60000 train images scaled to [0, 1].
@@ -50,8 +51,9 @@ def load_mnist(split: str, data_dir: Path, download: bool = True) -> ArrayDatase
         The split as an ArrayDataset named "mnist", images of shape (N, 1, 28, 28).
 
     Raises:
-        ValueError: If split is unknown, or a file is not valid IDX (bad magic, truncated,
-            corrupt gzip) or the image and label counts differ; the message names the file.
+        ValueError: If split is unknown, a file is not valid IDX (bad magic, truncated,
+            corrupt gzip), the images are not 28x28 or there are none, the image and label
+            counts differ or a label is not in [0, 10); the message names the file.
         DatasetUnavailableError: If files are missing and download is False or fails; the
             message names the folder, the expected files and the URL for a manual download.
     """
@@ -61,6 +63,11 @@ def load_mnist(split: str, data_dir: Path, download: bool = True) -> ArrayDatase
     images_path, labels_path = (_locate(mnist_dir, name, download) for name in SPLIT_FILES[split])
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
     labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    if images.shape[1:] != IMAGE_SIZE:
+        height, width = images.shape[1:]
+        raise ValueError(f"{images_path}: expected 28x28 images, got {height}x{width}")
+    if len(images) == 0:
+        raise ValueError(f"{images_path}: holds no images (the MNIST {split} split is empty)")
     if len(images) != len(labels):
         raise ValueError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"

@@ -6,6 +6,7 @@ lookup in `<data_dir>/movielens/`. Reads ratings only; movie and user metadata a
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,6 +21,8 @@ from distbelief.errors import DatasetUnavailableError
 CSV_HEADER = b"userId,movieId,rating,timestamp"
 TEST_FRACTION = 0.1
 """Share of ratings, the latest by timestamp, that form the test split."""
+MAX_ID = 2**63 - 2
+"""Largest user or movie id: a table holds max id + 1 rows, an int64."""
 
 
 class Ratings(NamedTuple):
@@ -54,25 +57,58 @@ def load_movielens(split: str, data_dir: str | Path, *, positive_at: float = 4.0
         dense (N, 0), rows in time order.
 
     Raises:
-        ValueError: If split is unknown, several ratings files are present, or a line is
-            malformed (the message names the file and the 1-based line number).
+        ValueError: If split is unknown, several ratings files are present, a line is
+            malformed (the message names the file and the 1-based line number), or the split
+            is empty (fewer than 10 ratings leave no test split).
         DatasetUnavailableError: If no ratings file is present.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    ratings = read_ratings(_find(Path(data_dir) / SUBDIR))
+    path = _find(Path(data_dir) / SUBDIR)
+    ratings = read_ratings(path)
+    _require_split(path, split, len(ratings.users))
     order = np.argsort(ratings.timestamps, kind="stable")
-    num_test = int(len(order) * TEST_FRACTION)
+    num_test = _split_size(len(order), "test")
     rows = order[len(order) - num_test :] if split == "test" else order[: len(order) - num_test]
-    table_sizes = tuple(int(ids.max(initial=-1)) + 1 for ids in (ratings.users, ratings.movies))
+    table_sizes = tuple(int(ids.max()) + 1 for ids in (ratings.users, ratings.movies))
     sparse = np.stack([ratings.users[rows], ratings.movies[rows]], axis=1)
     return CtrDataset(
         dense=torch.zeros(len(rows), 0),
         sparse=torch.from_numpy(sparse),
         labels=torch.from_numpy((ratings.ratings[rows] >= positive_at).astype(np.float32)),
         name="movielens",
-        # A file of no ratings still needs tables of at least one row.
-        table_sizes=tuple(max(size, 1) for size in table_sizes),
+        table_sizes=table_sizes,
+    )
+
+
+def check_movielens_split(split: str, data_dir: str | Path) -> None:
+    """Refuses a split that would be empty, counting the ratings file's lines without parsing
+    them (cheap: a job checks this before starting the processes that load the split).
+
+    Raises:
+        ValueError: The split would be empty; the message names the file.
+        DatasetUnavailableError: No ratings file is present.
+    """
+    path = _find(Path(data_dir) / SUBDIR)
+    with path.open("rb") as f:
+        num_lines = sum(1 for _ in f)
+    _require_split(path, split, max(num_lines - (path.suffix == ".csv"), 0))
+
+
+def _split_size(num_ratings: int, split: str) -> int:
+    num_test = int(num_ratings * TEST_FRACTION)
+    return num_test if split == "test" else num_ratings - num_test
+
+
+def _require_split(path: Path, split: str, num_ratings: int) -> None:
+    if _split_size(num_ratings, split) > 0:
+        return
+    if num_ratings == 0:
+        raise ValueError(f"{path}: holds no ratings: the MovieLens {split} split is empty")
+    raise ValueError(
+        f"{path}: the MovieLens test split (the latest {TEST_FRACTION:.0%} of the ratings, "
+        f"rounded down) is empty: the file holds {num_ratings} ratings, it needs at least "
+        f"{math.ceil(1 / TEST_FRACTION)}"
     )
 
 
@@ -89,9 +125,10 @@ def read_ratings(path: str | Path) -> Ratings:
         Its columns, in file order.
 
     Raises:
-        ValueError: If the CSV header differs, or a line does not have 4 fields, has a
-            non-integer id or timestamp, a negative id or a non-numeric rating; the message
-            names the file and the 1-based line number.
+        ValueError: If the CSV header differs, or a line does not have 4 fields, has an id
+            that is not an integer in [0, MAX_ID], a timestamp that is not a 64-bit integer
+            or a rating that is not a finite number; the message names the file, the 1-based
+            line number and the field.
     """
     path = Path(path)
     separator = b"," if path.suffix == ".csv" else b"::" if path.suffix == ".dat" else b"\t"
@@ -123,22 +160,39 @@ def _append_record(
     fields = line.strip().split(separator)
     if len(fields) != 4:
         raise ValueError(f"expected 4 fields separated by {separator!r}, got {len(fields)}")
-    user, movie, rating, timestamp = (
-        int(fields[0]),
-        int(fields[1]),
-        float(fields[2]),
-        int(fields[3]),
-    )
-    if user < 0 or movie < 0:
-        raise ValueError(f"ids must be >= 0, got user {user} movie {movie}")
-    if not np.isfinite(rating):
-        raise ValueError(f"rating must be a finite number, got {fields[2]!r}")
+    user = _integer(fields[0], "user id", 0, MAX_ID)
+    movie = _integer(fields[1], "movie id", 0, MAX_ID)
+    rating = _rating(fields[2])
+    timestamp = _integer(fields[3], "timestamp", -(2**63), 2**63 - 1)
     # Appended only once every field has parsed, so the columns stay the same length.
     users, movies, ratings, timestamps = columns
     users.append(user)
     movies.append(movie)
     ratings.append(rating)
     timestamps.append(timestamp)
+
+
+def _integer(field: bytes, name: str, low: int, high: int) -> int:
+    """``field`` as an int in [low, high]; ValueError naming the field otherwise."""
+    try:
+        value: int | None = int(field)
+    except ValueError:  # not an integer, or more digits than int() reads
+        value = None
+    if value is not None and low <= value <= high:
+        return value
+    text = field.strip()
+    problem = f"be in [{low}, {high}]" if text.lstrip(b"-").isdigit() else "be an integer"
+    raise ValueError(f"{name} must {problem}, got {text[:30]!r}")
+
+
+def _rating(field: bytes) -> float:
+    try:
+        rating = float(field)
+    except ValueError:
+        raise ValueError(f"rating must be a number, got {field[:30]!r}") from None
+    if not np.isfinite(rating):
+        raise ValueError(f"rating must be a finite number, got {field[:30]!r}")
+    return rating
 
 
 def _find(movielens_dir: Path) -> Path:

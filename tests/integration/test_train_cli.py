@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from distbelief.data.files import MNIST_SPLIT_FILES
 from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 
@@ -125,15 +124,15 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
 
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
 def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
-    # Files that are there (the launcher checks that) but are not MNIST: the processes that
-    # read them fail.
-    (tmp_path / "data" / "mnist").mkdir(parents=True)
-    for name in [*MNIST_SPLIT_FILES["train"], *MNIST_SPLIT_FILES["test"]]:
-        (tmp_path / "data" / "mnist" / name).write_bytes(b"not an IDX file")
+    # A ratings file the launcher accepts (it only counts a click log's lines) whose last line
+    # is malformed: the processes that parse it fail.
+    (tmp_path / "data" / "movielens").mkdir(parents=True)
+    ratings = "".join(f"{i}::{i}::4::{i}\n" for i in range(20)) + "1::x::4::20\n"
+    (tmp_path / "data" / "movielens" / "ratings.dat").write_text(ratings)
     result = run_cli(
         *(["--verbose"] if verbose else []),
         "train",
-        *("--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--no-download"),
+        *("--dataset", "movielens", "--model", "dlrm", "--data-dir", str(tmp_path / "data")),
         *("--steps", "5", "--out", str(tmp_path / "run")),
         timeout_s=120,
     )
@@ -141,7 +140,7 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
     # Workers and the evaluator load the data set at once: whichever fails first is named.
     assert "worker" in result.stderr or "evaluator" in result.stderr
     assert "ValueError" in result.stderr
-    assert "-idx" in result.stderr
+    assert "ratings.dat:21: movie id must be an integer" in result.stderr
     # By default the child's error line and where its traceback is; -v: the traceback itself.
     assert ("Traceback (most recent call last)" in result.stderr) == verbose
     if not verbose:

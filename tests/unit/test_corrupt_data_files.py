@@ -1,5 +1,6 @@
 """Corrupt data files and empty splits: the loaders refuse each with a ValueError that names the
-file and what is wrong, and a CIFAR-10 pickle cannot run code."""
+file and what is wrong, a CIFAR-10 pickle cannot run code, and ``distbelief train`` refuses them
+in one line (exit 2) before any process starts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 
 from distbelief.data import cifar10, load_dataset
+from distbelief.launch.cli import main
+from distbelief.launch.local import LocalCluster
 
 CIFAR_FILES = [*cifar10.SPLIT_FILES["train"], *cifar10.SPLIT_FILES["test"]]
 
@@ -157,3 +160,54 @@ def test_a_cifar10_split_of_no_images_names_its_files(tmp_path):
     _cifar_dir(tmp_path, "test_batch", pickle.dumps(_batch(0), protocol=2))
     with pytest.raises(ValueError, match=r"the CIFAR-10 test split \(test_batch\) holds no"):
         _load_cifar(tmp_path, "test")
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_process_starts(monkeypatch):
+    """The launcher's cluster: its warm-up does nothing, and starting it fails the test."""
+
+    def start(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(LocalCluster, "warm_up", classmethod(lambda cls, config: None))
+    monkeypatch.setattr(LocalCluster, "__init__", start)
+
+
+def _movielens(root: Path, num_ratings: int) -> Path:
+    path = root / "movielens" / "ratings.dat"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(f"{i}::{i}::4::{1000 + i}\n" for i in range(num_ratings)))
+    return path
+
+
+def _criteo(root: Path, num_rows: int) -> Path:
+    path = root / "criteo" / "train.txt"
+    path.parent.mkdir(parents=True)
+    path.write_text(("1" + "\t1" * 13 + "\t0000abcd" * 26 + "\n") * num_rows)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("dataset", "write", "problem"),
+    [
+        ("cifar10", lambda root: _cifar_dir(root, payload=b"junk"), "not a valid CIFAR-10"),
+        ("cifar10", lambda root: _cifar_dir(root, "test_batch", b"junk"), "not a valid"),
+        ("movielens", lambda root: _movielens(root, 5), "the MovieLens test split"),
+        ("criteo", lambda root: _criteo(root, 5), "the Criteo test split"),
+    ],
+    ids=["cifar10-train", "cifar10-test", "movielens-empty-test", "criteo-empty-test"],
+)
+def test_train_refuses_in_one_line_before_any_process_starts(
+    tmp_path, capsys, no_process_starts, dataset, write, problem
+):
+    path = write(tmp_path / "data")
+    model = "mlp" if dataset == "cifar10" else "dlrm"
+    argv = ["train", "--dataset", dataset, "--model", model, "--no-download", "--steps", "2"]
+    out = tmp_path / "run"
+    assert main([*argv, "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"distbelief train: error: {path}") and problem in stderr
+    assert stderr.count("\n") == 1 and not out.exists()

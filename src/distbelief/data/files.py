@@ -13,6 +13,9 @@ from distbelief.errors import ConfigFieldError
 
 DEFAULT_DATA_DIR = Path("data")
 
+FILE_DATASETS = ("cifar10", "mnist", "criteo", "movielens")
+"""The data sets read from files in a data folder (the others are generated or bundled)."""
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_BATCHES_DIR = "cifar-10-batches-py"
 CIFAR10_SPLIT_FILES = {

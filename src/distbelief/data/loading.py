@@ -1,4 +1,5 @@
-"""Loading a data set by name: the name -> loader dispatch behind ``load_dataset``."""
+"""Loading a data set by name: the name -> loader dispatch behind ``load_dataset``, and the
+check of a job's files before its processes load them."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from pathlib import Path
 from distbelief.config import CLICK_LOG_DATASETS, DATASET_NAMES, DataConfig
 from distbelief.data.base import ArrayDataset
 from distbelief.data.cifar10 import load_cifar10
-from distbelief.data.criteo import load_criteo
+from distbelief.data.criteo import check_criteo_split, load_criteo
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.digits import load_digits
 from distbelief.data.files import DEFAULT_DATA_DIR
 from distbelief.data.mnist import load_mnist
-from distbelief.data.movielens import load_movielens
+from distbelief.data.movielens import check_movielens_split, load_movielens
 from distbelief.data.synthetic import make_synthetic
 from distbelief.data.synthetic_ctr import make_synthetic_ctr
 
@@ -49,8 +50,9 @@ def load_dataset(
         (``CtrDataset``) for the names in ``CLICK_LOG_DATASETS``.
 
     Raises:
-        ValueError: If name or split is unknown, or num_samples is given for a data set other
-            than "synthetic".
+        ValueError: If name or split is unknown, num_samples is given for a data set other
+            than "synthetic", or a data file is corrupt or the split empty (the message names
+            the file, and the line of a text file).
         DatasetUnavailableError: If the files of cifar10 or mnist are missing and cannot be
             downloaded.
     """
@@ -101,6 +103,27 @@ def load_job_dataset(
         download=config.download if download is None else download,
         table_size=config.table_size,
     )
+
+
+def check_job_data(config: DataConfig, splits: tuple[str, ...] = SPLITS) -> None:
+    """Reads what a job's processes will read of its data set's files, so that a corrupt file
+    or an empty split is refused before any of them starts. CIFAR-10's and MNIST's splits are
+    loaded (their size is fixed: seconds); a click log's are only counted (parsing one may take
+    minutes: the process that parses it names a malformed line by file and line number).
+    Generated and bundled data sets have nothing to check.
+
+    Raises:
+        ValueError: A file is corrupt or a split would be empty; the message names the file.
+        DatasetUnavailableError: Files are missing and cannot be downloaded.
+    """
+    root = Path(config.data_dir) if config.data_dir else DEFAULT_DATA_DIR
+    for split in splits:
+        if config.name in ("cifar10", "mnist"):
+            load_job_dataset(config, split)
+        elif config.name == "criteo":
+            check_criteo_split(split, root)
+        elif config.name == "movielens":
+            check_movielens_split(split, root)
 
 
 def _check_args(name: str, split: str, num_samples: int | None) -> None:

@@ -3,7 +3,8 @@ their events to one sink (metrics.csv, TensorBoard, the progress display), show 
 order, write the summary. It never touches processes itself: that is the Cluster's job. The
 telemetry and plots packages load each name on first use: a bad flag is refused before anything
 heavy is imported, and the launcher loads what it needs while the processes' forkserver loads
-torch (which the launcher itself loads only to count a data set's examples for ``--epochs``).
+torch (which the launcher itself loads only to read a data set's files before the job, and to
+count its examples for ``--epochs``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from distbelief import plots, telemetry
 from distbelief.coordinator.checkpoint import RECORD_FILE
-from distbelief.data.files import require_data_files
+from distbelief.data.files import FILE_DATASETS, require_data_files
 from distbelief.errors import (
     ChildFailedError,
     ConfigFieldError,
@@ -112,6 +113,16 @@ def _planned_steps(config: JobConfig) -> list[int]:
             f"workers never start), got {warmstart_steps}",
         )
     return steps
+
+
+def _check_data(config: JobConfig, *, counted: bool) -> None:
+    """Refuses a corrupt data file or an empty split before any process would load it (the
+    training split is read already if counting its examples planned the steps)."""
+    if config.data.name not in FILE_DATASETS:
+        return  # generated or bundled: nothing to read, and no torch to load for it
+    from distbelief.data.loading import check_job_data
+
+    check_job_data(config.data, ("test",) if counted else ("train", "test"))
 
 
 def _sandblaster_iterations(config: JobConfig) -> int:
@@ -357,6 +368,7 @@ def train(
         ConfigFieldError: a bad setting (a shard or worker host that is not this machine's, or
             a data set's files missing, among them), or the ray engine named where Ray is not
             installed.
+        ValueError: a data file is corrupt or a split would be empty (names the file).
         ClusterError: the ray engine cannot join or start Ray, or place the job on it.
     """
     cluster_type = cluster_type or engine_cluster(config.cluster.engine)
@@ -373,6 +385,7 @@ def train(
     total_steps = sum(_planned_steps(config))  # validates before anything is written
     if not warm_up_first:
         cluster_type.warm_up(config)  # overlapping the partition plan and the run folder
+    _check_data(config, counted=warm_up_first)
     if not resume or config.pipeline.split_points is None:
         config, partitions = _plan_partitions(config)
     else:

@@ -160,28 +160,47 @@ def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
     assert json.loads((checkpoints / "shard0.json").read_text())["version"] == 7
 
 
+def _downpour(model: nn.Module, address: str, **options) -> DownpourSGD:
+    # timeout_s not 1 s: a busy machine's fresh shard can take longer to answer the handshake.
+    # The failures the tests wait for do not wait for it: a stopped shard refuses connections.
+    return DownpourSGD(
+        model.parameters(), lr=0.1, model=model, ps=[address], timeout_s=10, **options
+    )
+
+
 def test_worker_fails_clearly_when_a_shard_stays_dead():
     process, address = start_shard(0, 1, "--server-lr", "0.1")
     try:
         torch.manual_seed(0)
         model = nn.Linear(4, 2)
-        optimizer = DownpourSGD(
-            model.parameters(),
-            lr=0.1,
-            model=model,
-            ps=[address],
-            blocking=True,
-            # Not 1 s: a busy machine's fresh shard can take longer to answer the handshake. The
-            # failure below does not wait for it: a stopped shard refuses connections at once.
-            timeout_s=10,
-            retry_timeout_s=2,
-        )
+        optimizer = _downpour(model, address, blocking=True, retry_timeout_s=2)
         stop_processes([process])
         model(torch.randn(3, 4)).sum().backward()
         started = time.monotonic()
         with pytest.raises(ShardUnavailableError, match=r"shard 0 .*gave up after retrying"):
             optimizer.step()
         assert time.monotonic() - started < 10
+    finally:
+        stop_processes([process])
+
+
+def test_close_after_a_shard_stayed_dead_does_not_retry_again():
+    """step() waited out retry_timeout_s and raised; close() must not wait it out again (for
+    the unsent gradient, or for a queued pull still retrying)."""
+    retry_timeout_s = 4.0
+    process, address = start_shard(0, 1, "--server-lr", "0.1")
+    try:
+        model = nn.Linear(4, 2)
+        optimizer = _downpour(model, address, retry_timeout_s=retry_timeout_s)
+        stop_processes([process])
+        with pytest.raises(ShardUnavailableError, match="gave up after retrying"):
+            for _ in range(100):  # a push and a pull queued each step, until one gives up
+                optimizer.zero_grad()
+                model(torch.randn(3, 4)).sum().backward()
+                optimizer.step()
+        started = time.monotonic()
+        optimizer.close()
+        assert time.monotonic() - started < retry_timeout_s / 2
     finally:
         stop_processes([process])
 

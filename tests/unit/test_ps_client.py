@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from distbelief.client import ParameterServerClient
+from distbelief.errors import RemoteError, ShardUnavailableError
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import Message, Op, ops
 
@@ -119,3 +120,36 @@ def test_request_each_needs_one_distinct_message_per_shard():
             client.request_each([message])
     finally:
         client.close()
+
+
+def test_unreachable_says_whether_the_last_wait_gave_up_on_a_shard():
+    client, transport = _client()  # retry_timeout_s=0: a failed request gives up at once
+    answer = transport.request
+    failure: list[Exception] = []
+
+    def request(message, *, timeout_s, sink=None):
+        if failure:
+            raise failure[0]
+        return answer(message, timeout_s=timeout_s, sink=sink)
+
+    transport.request = request
+    flats = FlatLayout(SPECS).allocate()
+    try:
+        assert not client.unreachable
+        failure.append(ShardUnavailableError("shard 0: connection refused"))
+        with pytest.raises(ShardUnavailableError, match="gave up after retrying"):
+            client.push_now(flats, clock=1)
+        assert client.unreachable
+        failure[0] = RemoteError("shard 0: refused")  # it answered: reachable again
+        with pytest.raises(RemoteError):
+            client.push_now(flats, clock=2)
+        assert not client.unreachable
+        failure[0] = ShardUnavailableError("shard 0: connection refused")
+        with pytest.raises(ShardUnavailableError):
+            client.wait(client.pull(flats, clock=3))
+        assert client.unreachable
+        failure.clear()
+        assert client.push_now(flats, clock=4)
+        assert not client.unreachable
+    finally:
+        client.close(wait=False)

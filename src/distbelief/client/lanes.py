@@ -209,6 +209,7 @@ class ShardLanes:
         self.retry_timeout_s = retry_timeout_s
         self._wire = WireFigures()
         self._closing = threading.Event()
+        self._unreachable = False
         # Only when given: a channel kind without the option (same-host memory) never sees it.
         source = {"source_host": source_host} if source_host else {}
         self._transports = [
@@ -226,6 +227,13 @@ class ShardLanes:
     @property
     def num_shards(self) -> int:
         return len(self.addresses)
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether the last :meth:`wait` raised because a shard stayed unreachable or silent
+        past the retry timeout (a later wait that succeeds clears it): a caller closing after
+        it need not wait as long again for that shard."""
+        return self._unreachable
 
     def _request(self, shard_id: int, message: Message, sink=None) -> Message:
         """One request, retried with backoff while the shard is unreachable or silent.
@@ -305,7 +313,9 @@ class ShardLanes:
         for future in futures:
             error = None if future in pending else future.exception()
             if error is not None:
+                self._unreachable = isinstance(error, ShardUnavailableError | ShardTimeoutError)
                 raise error
+        self._unreachable = bool(pending)
         if pending:
             raise ShardTimeoutError(f"{len(pending)} shard request(s) pending after {limit_s:g}s")
         return [future.result() for future in futures]

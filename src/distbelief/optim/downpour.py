@@ -386,6 +386,10 @@ class DownpourSGD(torch.optim.Optimizer):
         """Flush, then close the connections to the shards (and, found through a process
         group, tell the ParameterServer this rank has finished). Closing twice does nothing.
 
+        After a push or pull raised because a shard stayed unreachable past
+        ``retry_timeout_s``, close sends nothing more: it closes the connections at once
+        rather than wait that long again.
+
         Raises:
             ShardTimeoutError / ShardUnavailableError / RemoteError: the last push failed.
             RendezvousError: the process group's store could not be written.
@@ -396,13 +400,18 @@ class DownpourSGD(torch.optim.Optimizer):
         if self._server is not None:
             atexit.unregister(self._close_at_exit)
         try:
-            self.flush()
+            if not self.client.unreachable:
+                self.flush()
         finally:
+            # A flush that found the shards gone already waited out the retries; so did the
+            # step that found it before. Queued requests then stop retrying, and a server that
+            # is gone needs no word that this rank finished (its store may be gone with it).
+            gone = self.client.unreachable
             try:
-                if self._server is not None:
+                if self._server is not None and not gone:
                     GroupStore().mark_finished(self._server.session)
             finally:
-                self.client.close()
+                self.client.close(wait=not gone)
 
     def _close_at_exit(self) -> None:
         try:

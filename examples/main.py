@@ -28,9 +28,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distbelief.config import DATASET_NAMES, MODEL_NAMES
+from distbelief.config import (
+    CLICK_LOG_DATASETS,
+    CLICK_MODELS,
+    DATASET_NAMES,
+    MODEL_NAMES,
+    amount_rule,
+    is_amount,
+)
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.errors import DatasetUnavailableError, DistBeliefError
+from distbelief.files import make_folder
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.plots import plot_run
@@ -38,6 +46,14 @@ from distbelief.server import ParameterServer
 from distbelief.telemetry import MetricsWriter, make_record
 
 EVAL_BATCH_SIZE = 1000
+IMAGE_MODELS = tuple(name for name in MODEL_NAMES if name not in CLICK_MODELS)
+IMAGE_DATASETS = tuple(name for name in DATASET_NAMES if name not in CLICK_LOG_DATASETS)
+"""What this example trains: image classifiers (a click model needs the embedding tables of
+``examples/recommendation.py``)."""
+MAX_JOIN_TIMEOUT_S = 7 * 24 * 3600.0
+"""A week: torch's store overflows its clock on waits of some centuries."""
+MAX_WORLD_SIZE = 2**31 - 1
+"""torch.distributed holds ranks in 32-bit ints."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,8 +73,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--join-timeout", type=float, default=600.0, help="seconds to wait for the other ranks"
     )
-    parser.add_argument("--model", choices=MODEL_NAMES, default="alexnet")
-    parser.add_argument("--dataset", choices=DATASET_NAMES, default="cifar10")
+    parser.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a node retries an unreachable server before it gives up",
+    )
+    parser.add_argument("--model", choices=IMAGE_MODELS, default="alexnet")
+    parser.add_argument("--dataset", choices=IMAGE_DATASETS, default="cifar10")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke runs)")
     parser.add_argument("--out", default="runs/example")
@@ -108,7 +130,12 @@ def run_node(args: argparse.Namespace) -> None:
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
     else:
         optimizer = DownpourSGD(
-            net.parameters(), lr=args.lr, n_push=args.num_push, n_pull=args.num_pull, model=net
+            net.parameters(),
+            lr=args.lr,
+            n_push=args.num_push,
+            n_pull=args.num_pull,
+            model=net,
+            retry_timeout_s=args.retry_timeout,
         )
     indices = worker_indices(len(train_set), worker_rank, num_workers)
     run_dir = Path(args.out) / f"node{args.rank}"
@@ -171,19 +198,30 @@ def train_node(args, net, optimizer, data, run_dir: Path) -> None:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What argparse does not check itself, refused as it refuses the rest (exit 2)."""
-    least = {
-        "--batch-size": (args.batch_size, 1),
-        "--epochs": (args.epochs, 1),
-        "--num-pull": (args.num_pull, 1),
-        "--num-push": (args.num_push, 1),
-        "--log-interval": (args.log_interval, 1),
-        "--join-timeout": (args.join_timeout, 1),
-        "--max-steps": (args.max_steps, 1),
-        "--lr": (args.lr, 0),
+    counts = {
+        "--batch-size": args.batch_size,
+        "--epochs": args.epochs,
+        "--num-pull": args.num_pull,
+        "--num-push": args.num_push,
+        "--log-interval": args.log_interval,
+        "--max-steps": args.max_steps,
     }
-    for flag, (value, minimum) in least.items():
-        if value is not None and not value >= minimum:
-            parser.error(f"argument {flag}: must be >= {minimum}, got {value}")
+    for flag, value in counts.items():
+        if value is not None and value < 1:
+            parser.error(f"argument {flag}: must be >= 1, got {value}")
+    amounts = {
+        "--lr": (args.lr, True),
+        "--join-timeout": (args.join_timeout, False),
+        "--retry-timeout": (args.retry_timeout, True),
+    }
+    for flag, (value, zero_ok) in amounts.items():
+        if not is_amount(value, zero_ok=zero_ok):
+            parser.error(f"argument {flag}: must be {amount_rule(zero_ok=zero_ok)}, got {value}")
+    if args.join_timeout > MAX_JOIN_TIMEOUT_S:
+        parser.error(
+            f"argument --join-timeout: must be <= {MAX_JOIN_TIMEOUT_S:g} (a week), "
+            f"got {args.join_timeout:g}"
+        )
     if args.no_distributed:
         return
     if not 1 <= args.port <= 65535:
@@ -191,6 +229,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     # Rank 0 is the parameter server (--server), ranks 1.. are training nodes.
     if args.world_size < 2:
         parser.error(f"argument --world-size: need the server and >= 1 node, got {args.world_size}")
+    if args.world_size > MAX_WORLD_SIZE:
+        parser.error(f"argument --world-size: must be <= {MAX_WORLD_SIZE}, got {args.world_size}")
     if not 0 <= args.rank < args.world_size:
         parser.error(f"argument --rank: {args.rank} is not in [0, --world-size {args.world_size})")
     if args.server != (args.rank == 0):
@@ -201,10 +241,22 @@ def _interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> None:
+def make_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A node's <out>/node<rank>, made before it joins the others: a folder that cannot be made
+    (a file in the way, a read-only place) is refused as a bad flag (exit 2)."""
+    if args.server and not args.no_distributed:
+        return  # the server writes nothing
+    try:
+        make_folder(Path(args.out) / f"node{args.rank}", "--out")
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = get_args_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     check_args(parser, args)
+    make_run_dir(parser, args)
     logging.basicConfig(level=logging.INFO)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a rank as Ctrl-C does
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
@@ -9,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -67,6 +70,25 @@ def start_scripts(commands: list[list[str]]) -> list[subprocess.Popen]:
         )
         for command in commands
     ]
+
+
+def load_script(path: Path) -> ModuleType:
+    """The script at ``path`` imported as a module (its ``main(argv)`` then runs in-process)."""
+    spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refusal(main: Callable[[list[str]], object], argv: list[str], capsys) -> str:
+    """The last stderr line of ``main(argv)``, which must exit 2 (a refused argument)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
 
 
 def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[str]:

@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import (
     CHILD_ENV,
     free_port,
+    load_script,
+    refusal,
     run_scripts_together,
     start_scripts,
     stop_processes,
@@ -27,6 +29,15 @@ MIN_TEST_ACCURACY = 0.75
 """After six epochs on digits (chance is 0.1) runs reach ~0.9; three are too few to be sure."""
 EVERY_STEP = ["--num-push", "1", "--num-pull", "1"]
 """Push and pull every step: little staleness, so the accuracy reached varies little."""
+
+
+def _wait_until_training(node: subprocess.Popen, run_dir: Path) -> None:
+    """Until ``node`` has written its first metrics (it joined, found the server, stepped)."""
+    metrics = run_dir / "metrics.csv"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.stat().st_size > 0):
+        assert time.monotonic() < deadline and node.poll() is None
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -114,11 +125,7 @@ def test_a_node_stopped_with_ctrl_c_leaves_and_the_others_end_by_themselves(tmp_
     commands += [["--rank", str(rank), "--epochs", "3", *flags] for rank in (1, 2)]
     processes = start_scripts([[str(EXAMPLE), *command] for command in commands])
     try:
-        started = tmp_path / "node1" / "metrics.csv"
-        deadline = time.monotonic() + 240
-        while not (started.exists() and started.stat().st_size > 0):
-            assert time.monotonic() < deadline and processes[1].poll() is None
-            time.sleep(0.2)
+        _wait_until_training(processes[1], tmp_path / "node1")
         processes[1].send_signal(signal.SIGINT)
         outputs = [process.communicate(timeout=300) for process in processes]
     finally:
@@ -128,3 +135,73 @@ def test_a_node_stopped_with_ctrl_c_leaves_and_the_others_end_by_themselves(tmp_
     assert "Traceback" not in outputs[1][1]
     assert [processes[0].returncode, processes[2].returncode] == [0, 0], outputs[0][1][-2000:]
     assert "server:" in outputs[0][0] and "updates applied" in outputs[0][0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--join-timeout", "inf"],
+            "argument --join-timeout: must be a finite number > 0, got inf",
+        ),
+        (
+            ["--join-timeout", "nan"],
+            "argument --join-timeout: must be a finite number > 0, got nan",
+        ),
+        (["--join-timeout", "-1"], "argument --join-timeout: must be a finite number > 0, got -1"),
+        (["--join-timeout", "1e300"], "argument --join-timeout: must be <= 604800 (a week)"),
+        (["--retry-timeout", "inf"], "argument --retry-timeout: must be a finite number >= 0"),
+        (["--lr", "inf"], "argument --lr: must be a finite number >= 0, got inf"),
+        (["--lr", "nan"], "argument --lr: must be a finite number >= 0, got nan"),
+        (["--model", "dlrm"], "argument --model: invalid choice: 'dlrm' (choose from 'lenet'"),
+        (["--dataset", "criteo"], "argument --dataset: invalid choice: 'criteo'"),
+        (["--world-size", str(2**31)], "argument --world-size: must be <= 2147483647"),
+    ],
+)
+def test_bad_numbers_and_choices_are_refused_before_joining(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    main = load_script(EXAMPLE).main
+    assert message in refusal(main, ["--rank", "1", *OFFLINE, *argv, "--out", str(out)], capsys)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_joining(tmp_path, capsys):
+    example = load_script(EXAMPLE)
+    file = tmp_path / "file"
+    file.write_text("")
+    unmakeable = [(file, f"{file} exists and is not a folder")]
+    if Path("/proc/self").exists():  # takes no new folder, though the checks see it writable
+        unmakeable.append((Path("/proc/distbelief-example"), "cannot create the folder"))
+    for out, problem in unmakeable:
+        for argv in (["--rank", "1"], ["--no-distributed"]):
+            last = refusal(example.main, [*argv, *OFFLINE, "--out", str(out)], capsys)
+            assert f": error: --out {out}/node" in last and problem in last, last
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_node_whose_server_is_killed_gives_up_once(tmp_path):
+    """SIGKILL of the server: the node retries for --retry-timeout, then exits 1 with one line
+    (its exit did not retry the last push for as long again). 8 s, not less: the exit itself
+    (torch's teardown) can take seconds on a busy machine."""
+    retry_timeout_s = 8
+    common = [*OFFLINE, "--model", "mlp", "--log-interval", "1", "--world-size", "2"]
+    common += ["--port", str(free_port()), "--out", str(tmp_path)]
+    server = ["--rank", "0", "--server", *common]
+    node = ["--rank", "1", "--epochs", "1000", "--retry-timeout", str(retry_timeout_s), *common]
+    processes = start_scripts([[str(EXAMPLE), *command] for command in (server, node)])
+    try:
+        _wait_until_training(processes[1], tmp_path / "node1")
+        processes[0].kill()
+        killed = time.monotonic()
+        _, err = processes[1].communicate(timeout=120)
+        took_s = time.monotonic() - killed
+    finally:
+        stop_processes(processes)
+    assert processes[1].returncode == 1, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("main.py: ShardUnavailableError: shard 0 "), last
+    assert f"gave up after retrying for {retry_timeout_s}s" in last
+    assert err.count("gave up") == 1, err[-2000:]
+    assert took_s < 2 * retry_timeout_s, f"the node took {took_s:.1f}s to give up"

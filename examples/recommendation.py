@@ -23,10 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from distbelief import DistBeliefError, DownpourSGD, ShardedEmbeddings
+from distbelief.config import amount_rule, is_amount
 from distbelief.data import iterate_ctr_batches
-from distbelief.data.synthetic_ctr import ground_truth_logits, make_synthetic_ctr
+from distbelief.data.synthetic_ctr import MAX_TABLE_SIZE, ground_truth_logits, make_synthetic_ctr
+from distbelief.hosts import parse_addresses
 from distbelief.models import DLRM
 from distbelief.telemetry import roc_auc
+from distbelief.wire import channels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -43,16 +46,25 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What argparse does not check itself, refused as it refuses the rest (exit 2)."""
-    for flag, value, minimum in (
-        ("--steps", args.steps, 1),
-        ("--batch-size", args.batch_size, 1),
-        ("--table-size", args.table_size, 2),
-        ("--log-interval", args.log_interval, 1),
-        ("--lr", args.lr, 0),
-        ("--row-cache-mb", args.row_cache_mb, 0),
+    for flag, value in (
+        ("--steps", args.steps),
+        ("--batch-size", args.batch_size),
+        ("--log-interval", args.log_interval),
     ):
-        if not value >= minimum:
-            parser.error(f"argument {flag}: must be >= {minimum}, got {value}")
+        if value < 1:
+            parser.error(f"argument {flag}: must be >= 1, got {value}")
+    if not 2 <= args.table_size <= MAX_TABLE_SIZE:
+        parser.error(
+            f"argument --table-size: must be in [2, {MAX_TABLE_SIZE}], got {args.table_size}"
+        )
+    for flag, value in (("--lr", args.lr), ("--row-cache-mb", args.row_cache_mb)):
+        if not is_amount(value, zero_ok=True):
+            parser.error(f"argument {flag}: must be {amount_rule(zero_ok=True)}, got {value}")
+    try:
+        for address in parse_addresses(args.ps):
+            channels.dialer(address)  # checks the address; connects nothing
+    except ValueError as e:
+        parser.error(f"argument --ps: {e}")
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -61,8 +73,6 @@ def main(argv: list[str] | None = None) -> float:
     check_args(parser, args)
     try:
         return train_and_evaluate(args)
-    except ValueError as e:  # a malformed --ps address, say
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
     except DistBeliefError as e:  # the shards could not be reached, say
         parser.exit(1, f"{parser.prog}: {type(e).__name__}: {e}\n")
 

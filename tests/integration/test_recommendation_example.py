@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_ENV
+from tests.conftest import CHILD_ENV, load_script, refusal
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "recommendation.py"
 
@@ -42,6 +42,31 @@ def test_a_bad_value_is_one_line_and_exit_2():
         env=CHILD_ENV,
     )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip() == (
-        "recommendation.py: error: address 'garbage' is not of the form tcp://HOST:PORT"
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "recommendation.py: error: argument --ps: address 'garbage' is not of the form "
+        "tcp://HOST:PORT"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ps", ""], "argument --ps: no parameter-server address given"),
+        (["--ps", "tcp://127.0.0.1:99999"], "argument --ps: address 'tcp://127.0.0.1:99999'"),
+        (["--ps", "udp://127.0.0.1:7000"], "argument --ps: address 'udp://127.0.0.1:7000'"),
+        (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
+        (["--log-interval", "0"], "argument --log-interval: must be >= 1, got 0"),
+        (["--table-size", "1"], "argument --table-size: must be in [2, 2147483648], got 1"),
+        (["--table-size", str(2**40)], "argument --table-size: must be in [2, 2147483648]"),
+        (["--lr", "inf"], "argument --lr: must be a finite number >= 0, got inf"),
+        (["--lr", "nan"], "argument --lr: must be a finite number >= 0, got nan"),
+        (["--lr", "-0.1"], "argument --lr: must be a finite number >= 0, got -0.1"),
+        (["--row-cache-mb", "inf"], "argument --row-cache-mb: must be a finite number >= 0"),
+        (["--row-cache-mb", "nan"], "argument --row-cache-mb: must be a finite number >= 0"),
+    ],
+)
+def test_bad_values_name_their_flag_before_anything_starts(capsys, argv, message):
+    main = load_script(EXAMPLE).main
+    assert message in refusal(main, ["--ps", "tcp://127.0.0.1:7000", *argv], capsys)

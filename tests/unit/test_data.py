@@ -147,6 +147,14 @@ def test_download_file_checksum_mismatch_leaves_nothing(tmp_path):
     assert list(out_dir.iterdir()) == []
 
 
+def test_download_into_a_file_is_unavailable_naming_the_folder(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.write_text("")  # a file where the folder should be
+    with pytest.raises(DatasetUnavailableError, match=f"data folder {data_dir}: exists and is not"):
+        load_dataset("cifar10", split="train", data_dir=data_dir, download=True)
+    assert data_dir.read_text() == ""
+
+
 @pytest.mark.parametrize("member_name", ["../escape.txt", "/abs/escape.txt", "a/../../b.txt"])
 def test_extract_tar_rejects_escaping_members(tmp_path, member_name):
     archive = tmp_path / "bad.tar.gz"

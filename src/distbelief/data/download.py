@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path, PurePosixPath
 
 from distbelief.errors import DatasetUnavailableError
+from distbelief.files import make_folder
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +48,18 @@ def download_file(url: str, dest: Path, md5: str, timeout_s: float = 60.0) -> Pa
         dest.
 
     Raises:
-        DatasetUnavailableError: On a network error or timeout (naming the URL), or when the
-            downloaded bytes do not match `md5` (naming the URL and both digests).
+        DatasetUnavailableError: On a network error or timeout (naming the URL), when the
+            downloaded bytes do not match `md5` (naming the URL and both digests), or when
+            dest's folder cannot be written (a file in its way, say).
     """
     dest = Path(dest)
     if dest.is_file() and file_md5(dest) == md5:
         logger.info("%s already present with the expected md5", dest)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        make_folder(dest.parent, "data folder")
+    except ValueError as e:
+        raise DatasetUnavailableError(str(e)) from None
     logger.info("downloading %s -> %s", url, dest)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp_path = Path(tmp_name)

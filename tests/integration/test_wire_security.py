@@ -2,6 +2,7 @@
 random, malformed and truncated frames."""
 
 import concurrent.futures as cf
+import contextlib
 import json
 import random
 import shutil
@@ -19,10 +20,10 @@ from distbelief.optim import DownpourSGD
 from distbelief.wire import Message, connect, ops, serve
 from distbelief.wire.channels import dial, local_address
 from distbelief.wire.channels.shm import ShmChannel
-from distbelief.wire.channels.tcp import TcpChannel
+from distbelief.wire.channels.tcp import TcpChannel, parse_tcp_address
 from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
 from distbelief.wire.reader import FrameReader, recv_message
-from distbelief.wire.security import WireSecurity, read_key_file, write_key_file
+from distbelief.wire.security import AUTH_MAGIC, WireSecurity, read_key_file, write_key_file
 from tests.conftest import run_cli, start_shard, stop_processes
 from tests.integration.test_transport import EchoService
 
@@ -50,6 +51,45 @@ def test_only_key_holders_get_in(scheme):
         with pytest.raises(ProtocolError, match="refused this job key"):
             stranger.request(Message(ops.HELLO), timeout_s=5)
     finally:
+        server.stop()
+
+
+HANDSHAKE_HOGS = 48
+"""Six times a server's handshake threads: when each hog held one for the 5 s handshake
+timeout, in arrival order, a worker arriving after them waited 30 s."""
+
+
+def _read_to_end(sock: socket.socket) -> bytes:
+    """What ``sock`` receives until the peer closes it (or resets it: bytes it never read)."""
+    sock.settimeout(30)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(4096):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("answer", [b"", b"x" * 10], ids=["silent", "half-answer"])
+def test_peers_that_never_answer_the_challenge_keep_no_one_out(scheme, answer):
+    key = b"k" * 32
+    server = serve(local_address(scheme), EchoService(), security=WireSecurity(auth_key=key))
+    host, port = parse_tcp_address(server.address.split("://", 1)[1])
+    hogs = []
+    try:
+        for _ in range(HANDSHAKE_HOGS):
+            hog = socket.create_connection((host, port), timeout=10)
+            hog.sendall(answer)
+            hogs.append(hog)
+        started = time.monotonic()
+        good = connect(server.address, name="shard", security=WireSecurity(auth_key=key))
+        assert good.request(Message(ops.HELLO), timeout_s=60).meta == {"seen": 0}
+        assert time.monotonic() - started < 15
+        good.close()
+        # Each hog was challenged, then closed once its handshake time was up.
+        assert all(_read_to_end(hog).startswith(AUTH_MAGIC) for hog in hogs)
+    finally:
+        for hog in hogs:
+            hog.close()
         server.stop()
 
 

@@ -23,9 +23,10 @@ from distbelief.config import SERVER_DESIGNS
 from distbelief.errors import ProtocolError
 from distbelief.wire import channels
 from distbelief.wire.fd_limit import FD_HEADROOM, raise_fd_limit
+from distbelief.wire.handshakes import HandshakeQueue
 from distbelief.wire.message import DEFAULT_MAX_PAYLOAD_BYTES
 from distbelief.wire.server_connection import ConnectionState, ServerConnection, Service
-from distbelief.wire.serving_pool import POOL_AVAILABLE, STALL_S, HandshakeQueue, ServingPool
+from distbelief.wire.serving_pool import POOL_AVAILABLE, STALL_S, ServingPool
 
 __all__ = ["SERVER_DESIGNS", "ConnectionState", "RpcServer", "Service", "serve"]
 
@@ -116,7 +117,12 @@ class RpcServer:
                 name=f"serve {self.address}",
                 stall_s=stall_s,
             )
-            self._handshakes = HandshakeQueue(self._open_for_pool, max_threads=_HANDSHAKE_THREADS)
+            self._handshakes = HandshakeQueue(
+                self._open_for_pool,
+                self._close,
+                max_threads=_HANDSHAKE_THREADS,
+                wait_s=_HANDSHAKE_TIMEOUT_S,
+            )
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"accept {self.address}", daemon=True
         )

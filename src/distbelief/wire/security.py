@@ -123,11 +123,31 @@ def accept_peer(channel: Channel, key: bytes, timeout_s: float) -> None:
         ProtocolError: the peer does not hold the key.
         OSError / TimeoutError: the connection failed or the peer was too slow.
     """
-    deadline = time.monotonic() + timeout_s
-    challenge = secrets.token_bytes(NONCE_BYTES)
     channel.settimeout(timeout_s)
+    check_answer(channel, key, send_challenge(channel), timeout_s)
+
+
+ANSWER_BYTES = _DIGEST_BYTES + NONCE_BYTES
+"""What a peer answers the challenge with: its proof and its own challenge."""
+
+
+def send_challenge(channel: Channel) -> bytes:
+    """Server side, first half: the challenge (a few bytes: a new connection's empty send
+    buffer takes them at once). Returns it, for :func:`check_answer`."""
+    challenge = secrets.token_bytes(NONCE_BYTES)
     channel.sendall(AUTH_MAGIC + challenge)
-    answer = _recv_exact(channel, _DIGEST_BYTES + NONCE_BYTES, deadline)
+    return challenge
+
+
+def check_answer(channel: Channel, key: bytes, challenge: bytes, timeout_s: float) -> None:
+    """Server side, second half: the peer's answer to ``challenge`` (within ``timeout_s``)
+    checked, then our proof sent.
+
+    Raises:
+        ProtocolError: the peer does not hold the key.
+        OSError / TimeoutError: the connection failed or the peer was too slow.
+    """
+    answer = _recv_exact(channel, ANSWER_BYTES, time.monotonic() + timeout_s)
     if not hmac.compare_digest(answer[:_DIGEST_BYTES], _mac(key, b"client", challenge)):
         raise AuthenticationError("peer failed authentication (wrong or missing job key)")
     channel.sendall(_mac(key, b"server", answer[_DIGEST_BYTES:]))

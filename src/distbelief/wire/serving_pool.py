@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import select
 import threading
 import time
@@ -34,8 +33,6 @@ lasts."""
 _MONITOR_S = 0.1
 _POLL_S = 0.2
 """How often an idle serving thread looks at the stop flag."""
-_HANDSHAKE_IDLE_S = 2.0
-"""A handshake thread with nothing to do for this long ends."""
 
 _local = threading.local()
 
@@ -247,56 +244,3 @@ class ServingPool:
         for thread in [*threads, self._monitor]:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._epoll.close()
-
-
-class HandshakeQueue:
-    """Runs accepted connections' handshakes on at most ``max_threads`` threads, started when
-    needed and ended when idle: a peer slow to authenticate holds one of them for at most the
-    handshake timeout, never the accepting thread or a serving thread.
-    """
-
-    def __init__(self, handshake: Callable[[ServerConnection], None], *, max_threads: int) -> None:
-        self._handshake = handshake
-        self._max_threads = max_threads
-        self._queue: queue.SimpleQueue[ServerConnection | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads: set[threading.Thread] = set()
-        self._idle = 0
-
-    def submit(self, connection: ServerConnection) -> None:
-        with self._lock:
-            if self._idle == 0 and len(self._threads) < self._max_threads:
-                thread = threading.Thread(target=self._run, name="handshake", daemon=True)
-                self._threads.add(thread)
-                self._idle += 1
-                thread.start()
-            self._queue.put(connection)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                connection = self._queue.get(timeout=_HANDSHAKE_IDLE_S)
-            except queue.Empty:
-                connection = None
-            with self._lock:
-                if connection is None and not self._queue.empty():
-                    continue  # submitted as this thread timed out: counted on it as idle
-                self._idle -= 1
-                if connection is None:
-                    self._threads.discard(threading.current_thread())
-                    return
-            try:
-                self._handshake(connection)
-            finally:
-                with self._lock:
-                    self._idle += 1
-
-    def stop(self, deadline: float) -> None:
-        """End every thread once the connections queued before have been handed to the
-        handshake (which, with the server stopping, closes them)."""
-        with self._lock:
-            threads = list(self._threads)
-        for _ in threads:
-            self._queue.put(None)
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))

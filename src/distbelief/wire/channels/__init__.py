@@ -57,7 +57,13 @@ class Incoming(Protocol):
     or hostile peer never holds up the accepting thread."""
 
     peer: str
-    """Who connected, for logs."""
+    """Who connected, for logs.
+
+    An incoming connection may also define ``greet() -> int``: the server's first words (if it
+    speaks first), then a descriptor that polls readable once the peer's reply has arrived. A
+    server then waits for many connections' first bytes in one poller, without a thread each,
+    and a peer that connects and stays silent holds up no other's handshake.
+    """
 
     def open(self, timeout_s: float) -> Channel:
         """Finish the channel's own handshake (TLS, job key) within ``timeout_s``.

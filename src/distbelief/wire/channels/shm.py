@@ -680,6 +680,10 @@ class _ShmIncoming:
         """
         return _UpgradeOnRequest(self._incoming.open(timeout_s), self._grants, self.peer)
 
+    def greet(self) -> int:
+        """See :meth:`TcpIncoming.greet` (the request for shared memory comes after)."""
+        return self._incoming.greet()
+
     def shutdown(self) -> None:
         self._incoming.shutdown()
 

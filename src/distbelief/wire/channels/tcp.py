@@ -11,9 +11,18 @@ import ssl
 from distbelief.errors import ProtocolError, ShardUnavailableError
 from distbelief.hosts import check_local_host
 from distbelief.wire.channels import register_channel
-from distbelief.wire.security import WireSecurity, accept_peer, authenticate_to_server
+from distbelief.wire.security import (
+    ANSWER_BYTES,
+    WireSecurity,
+    accept_peer,
+    authenticate_to_server,
+    check_answer,
+    send_challenge,
+)
 
 _BACKLOG = 128
+_GREETING_TIMEOUT_S = 5.0
+"""Bounds the challenge's send (a new connection's empty send buffer takes it at once)."""
 
 
 def parse_tcp_address(address: str) -> tuple[str, int]:
@@ -137,6 +146,27 @@ class TcpIncoming:
         self._sock = sock
         self._tls = tls
         self._auth_key = auth_key
+        self._challenge: bytes | None = None
+        """Sent by :meth:`greet`, still to be answered."""
+
+    def greet(self) -> int:
+        """Say what the server says first (the job-key challenge, unless TLS comes before it),
+        and return a descriptor that polls readable once the peer's reply has arrived whole, or
+        the peer has closed: until then the connection needs no thread, and :meth:`open` does
+        not wait on the peer for it.
+
+        Raises:
+            OSError: the peer is gone already.
+        """
+        reply_bytes = 1  # without a challenge, the peer speaks first (a frame, or TLS)
+        if self._tls is None and self._auth_key is not None:
+            self._sock.settimeout(_GREETING_TIMEOUT_S)
+            self._challenge = send_challenge(self._sock)
+            reply_bytes = ANSWER_BYTES
+        # Poll reports the socket readable only once this many bytes wait in it: a peer that
+        # sends part of its answer and stalls costs no thread either.
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, reply_bytes)
+        return self._sock.fileno()
 
     def open(self, timeout_s: float) -> TcpChannel:
         """TLS and authentication, before a single frame is read from the peer.
@@ -146,18 +176,27 @@ class TcpIncoming:
             OSError / TimeoutError: the connection or TLS failed, or the peer was too slow.
         """
         try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
             if self._tls is not None:
                 self._sock.settimeout(timeout_s)
                 self._sock = self._tls.wrap_socket(self._sock, server_side=True)
             if self._auth_key is not None:
                 try:
-                    accept_peer(self._sock, self._auth_key, timeout_s)
+                    self._authenticate(timeout_s)
                 except (ProtocolError, OSError) as e:
                     raise ProtocolError(f"refused unauthenticated peer {self.peer}: {e}") from e
         except BaseException:
             _close(self._sock)
             raise
         return TcpChannel(self._sock)
+
+    def _authenticate(self, timeout_s: float) -> None:
+        assert self._auth_key is not None
+        if self._challenge is None:
+            accept_peer(self._sock, self._auth_key, timeout_s)
+        else:
+            self._sock.settimeout(timeout_s)
+            check_answer(self._sock, self._auth_key, self._challenge, timeout_s)
 
     def shutdown(self) -> None:
         _shutdown(self._sock)

@@ -90,13 +90,24 @@ def _is_count(value: object) -> bool:
     return type(value) is int and 0 <= value <= _MAX_COUNT
 
 
-def is_amount(value: object, *, zero_ok: bool = False) -> bool:
-    """Whether ``value`` is a finite int or float > 0 (>= 0 where ``zero_ok``): a rate, size or
-    duration. A bool is no number, and NaN or an infinity is no amount (an infinite rate or
-    size breaks the arithmetic, an infinite wait overflows the clock)."""
+MAX_WAIT_S = 7 * 24 * 3600.0
+"""The longest time a setting may give (a week): waits of centuries overflow the clocks that
+bound them (a socket's, a lock's, a deadline's time_t)."""
+MAX_CACHE_MB = float(2**30)
+"""The largest row cache (a pebibyte): its size in bytes must stay a finite number."""
+MAX_RATE = 3.4028234663852886e38
+"""The largest rate (float32's largest number): a rate multiplies float32 tensors, and a larger
+one cannot be converted to their type."""
+
+
+def is_amount(value: object, *, zero_ok: bool = False, most: float = math.inf) -> bool:
+    """Whether ``value`` is a finite int or float > 0 (>= 0 where ``zero_ok``), at most
+    ``most``: a rate, size or duration. A bool is no number, and NaN or an infinity is no
+    amount (an infinite rate or size breaks the arithmetic, an infinite wait overflows the
+    clock)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    return math.isfinite(value) and (value >= 0 if zero_ok else value > 0)
+    return math.isfinite(value) and value <= most and (value >= 0 if zero_ok else value > 0)
 
 
 def amount_rule(*, zero_ok: bool = False) -> str:
@@ -104,10 +115,32 @@ def amount_rule(*, zero_ok: bool = False) -> str:
     return f"a finite number {'>=' if zero_ok else '>'} 0"
 
 
-def _require_amounts(config: object, *names: str, zero_ok: bool = False) -> None:
+def amount_problem(value: object, *, zero_ok: bool = False, most: float = math.inf) -> str | None:
+    """What is wrong with ``value`` as an amount of at most ``most`` (``is_amount``), in words
+    for an error message ("must be ..."); None if nothing."""
+    if not is_amount(value, zero_ok=zero_ok):
+        return f"must be {amount_rule(zero_ok=zero_ok)}"
+    if value > most:  # type: ignore[operator]
+        return f"must be <= {most:g}"
+    return None
+
+
+def _require_amounts(
+    config: object, *names: str, zero_ok: bool = False, most: float = math.inf
+) -> None:
     for name in names:
         value = getattr(config, name)
-        _require(is_amount(value, zero_ok=zero_ok), name, value, amount_rule(zero_ok=zero_ok))
+        problem = amount_problem(value, zero_ok=zero_ok, most=most)
+        if problem is not None:
+            raise ConfigFieldError(name, f"{problem}, got {value!r}")
+
+
+def _require_rates(config: object, *names: str, zero_ok: bool = False) -> None:
+    _require_amounts(config, *names, zero_ok=zero_ok, most=MAX_RATE)
+
+
+def _require_waits(config: object, *names: str, zero_ok: bool = False) -> None:
+    _require_amounts(config, *names, zero_ok=zero_ok, most=MAX_WAIT_S)
 
 
 def _require_counts(config: object, *names: str) -> None:
@@ -273,7 +306,7 @@ class OptimizerConfig:
         _require_counts(self, "n_push", "n_pull")
         batch_size = self.batch_size
         _require(batch_size is None or batch_size >= 1, "batch_size", batch_size, ">= 1")
-        _require_amounts(self, "lr", zero_ok=True)
+        _require_rates(self, "lr", zero_ok=True)
         if self.steps is not None and self.epochs is not None:
             raise ConfigFieldError("epochs", f"cannot be given with steps, got {self.epochs!r}")
         for name in ("steps", "epochs"):
@@ -324,13 +357,13 @@ class ServerConfig:
         _require_choice(self, "optimizer")
         _require_choice(self, "design")
         _require_counts(self, "max_connections", "threads")
-        _require_amounts(self, "lr", zero_ok=True)
+        _require_rates(self, "lr", zero_ok=True)
         _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)
         _require(betas_ok, "betas", self.betas, "two numbers in [0, 1)")
         if self.eps is not None:
-            _require_amounts(self, "eps")
-        _require_amounts(self, "checkpoint_every_s")
+            _require_rates(self, "eps")
+        _require_waits(self, "checkpoint_every_s")
 
 
 _DEFAULT_DC_LAMBDA = 0.04
@@ -377,7 +410,7 @@ class ConsistencyConfig:
             raise ConfigFieldError(
                 "backup_workers", f"only applies to sync rounds, got {self.backup_workers}"
             )
-        _require_amounts(self, "dc_lambda", zero_ok=True)
+        _require_rates(self, "dc_lambda", zero_ok=True)
         if self.dc_lambda != _DEFAULT_DC_LAMBDA and self.staleness_policy != "dc-asgd":
             raise ConfigFieldError(
                 "dc_lambda",
@@ -399,7 +432,7 @@ class ConsistencyConfig:
             raise ConfigFieldError(
                 "staleness_policy", "'dc-asgd' needs raw gradients, not apply_worker_lr"
             )
-        _require_amounts(self, "liveness_timeout_s")
+        _require_waits(self, "liveness_timeout_s")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -430,7 +463,7 @@ class SandblasterConfig:
         portions = self.portions
         _require(portions is None or portions >= 1, "portions", portions, "an integer >= 1")
         _require_choice(self, "line_search")
-        _require_amounts(self, "step_size")
+        _require_rates(self, "step_size")
 
     def num_portions(self, num_workers: int) -> int:
         """Portions per evaluation for ``num_workers`` workers."""
@@ -558,12 +591,13 @@ class EmbeddingConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "tables", table_names(self.tables))
         _require_choice(self, "row_optimizer")
-        _require_amounts(self, "row_lr", zero_ok=True)
+        _require_rates(self, "row_lr", zero_ok=True)
         _require_counts(self, "admit_after")
         for name in ("max_rows_per_shard", "row_ttl_steps"):
             value = getattr(self, name)
             _require(value is None or value >= 1, name, value, "an integer >= 1")
-        _require_amounts(self, "row_init_std", "row_cache_mb", zero_ok=True)
+        _require_rates(self, "row_init_std", zero_ok=True)
+        _require_amounts(self, "row_cache_mb", zero_ok=True, most=MAX_CACHE_MB)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -578,8 +612,8 @@ class FaultsConfig:
     """Restarts allowed per process (worker, shard, evaluator) that dies."""
 
     def __post_init__(self) -> None:
-        _require_amounts(self, "timeout_s")
-        _require_amounts(self, "retry_timeout_s", zero_ok=True)
+        _require_waits(self, "timeout_s")
+        _require_waits(self, "retry_timeout_s", zero_ok=True)
         _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, ">= 0")
 
 
@@ -598,7 +632,7 @@ class ReportingConfig:
     """Steps between a worker's metric records."""
 
     def __post_init__(self) -> None:
-        _require_amounts(self, "eval_every_s")
+        _require_waits(self, "eval_every_s")
         _require_counts(self, "log_every_steps")
 
 

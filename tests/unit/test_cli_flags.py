@@ -332,6 +332,10 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
         (["train", *_CLICKS, "--row-init-std", "inf"], "argument --row-init-std: must be"),
         (["train", *_CLICKS, "--row-cache-mb", "inf"], "argument --row-cache-mb: must be"),
         (["train", "--liveness-timeout", "inf"], "argument --liveness-timeout: must be"),
+        (["train", "--lr", "1e308"], "argument --lr: must be <= 3.40282e+38, got 1e+308"),
+        (["train", "--server-lr", "1e308"], "argument --server-lr: must be <= 3.40282e+38"),
+        (["train", "--timeout", "1e308"], "argument --timeout: must be <= 604800, got 1e+308"),
+        (["train", "--retry-timeout", "1e308"], "argument --retry-timeout: must be <= 604800"),
         (
             ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth", "--row-lr", "inf"],
             "argument --row-lr: must be a finite number >= 0, got inf",
@@ -359,7 +363,8 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
         ),
     ],
     ids=[
-        *("step-size", "row-lr", "row-init-std", "row-cache-mb", "liveness-timeout", "ps"),
+        *("step-size", "row-lr", "row-init-std", "row-cache-mb", "liveness-timeout"),
+        *("lr-1e308", "server-lr-1e308", "timeout-1e308", "retry-timeout-1e308", "ps"),
         *("tables", "worker-tables", "embedding-dim", "eval-embedding-dim"),
     ],
 )

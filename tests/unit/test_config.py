@@ -8,9 +8,12 @@ import pytest
 
 from distbelief.config import (
     FLAT_FIELDS,
+    MAX_RATE,
+    MAX_WAIT_S,
     ConsistencyConfig,
     JobConfig,
     OptimizerConfig,
+    amount_problem,
     dotted_fields,
     is_amount,
 )
@@ -273,3 +276,19 @@ def test_a_table_the_click_log_lacks_is_refused_where_the_model_is_chosen(datase
     assert problem in caught.value.problem
     last = {"synthetic-ctr": "tables.25", "criteo": "tables.25", "movielens": "tables.1"}[dataset]
     config.with_fields({"embeddings.tables": f"tables.0,{last}"}).check_row_settings_apply()
+
+
+@pytest.mark.parametrize(("section", "name"), _float_fields())
+def test_no_float_field_takes_a_number_too_large_for_its_use(section, name):
+    # 1e308 is finite, but overflows a float32 rate, a clock's deadline or a size in bytes.
+    with pytest.raises(ConfigFieldError) as caught:
+        JobConfig.from_fields({f"{section}.{name}": 1e308})
+    assert caught.value.field == f"{section}.{name}"
+
+
+def test_an_amount_may_have_a_ceiling():
+    assert is_amount(MAX_WAIT_S, most=MAX_WAIT_S) and not is_amount(MAX_WAIT_S + 1, most=MAX_WAIT_S)
+    assert amount_problem(MAX_WAIT_S + 1, most=MAX_WAIT_S) == "must be <= 604800"
+    assert amount_problem(-1.0, most=MAX_WAIT_S) == "must be a finite number > 0"
+    assert amount_problem(0.5, most=MAX_WAIT_S) is None
+    assert not is_amount(1e39, zero_ok=True, most=MAX_RATE)

@@ -20,7 +20,7 @@ from torch import nn
 
 from distbelief.client import parse_addresses
 from distbelief.client.rows import RowClient
-from distbelief.config import amount_rule, is_amount, table_names
+from distbelief.config import MAX_CACHE_MB, MAX_RATE, amount_problem, amount_rule, table_names
 from distbelief.embeddings.cache import RowCache, cache_rows_for
 from distbelief.embeddings.modules import check_ids, swap_embeddings
 from distbelief.optim.downpour import (
@@ -66,12 +66,12 @@ def _check_names(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a str (comma-separated) or a list of str, got {value!r}")
 
 
-def _check_amount(name: str, value: object) -> None:
-    rule = amount_rule(zero_ok=True)
+def _check_amount(name: str, value: object, most: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be {rule}, got {value!r}")
-    if not is_amount(value, zero_ok=True):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+        raise TypeError(f"{name} must be {amount_rule(zero_ok=True)}, got {value!r}")
+    problem = amount_problem(value, zero_ok=True, most=most)
+    if problem is not None:
+        raise ValueError(f"{name} {problem}, got {value!r}")
 
 
 def _id_tensor(table: str, ids: object) -> torch.Tensor:
@@ -179,8 +179,8 @@ class ShardedEmbeddings:
         for name, value in (("n_push", n_push), ("n_pull", n_pull)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        _check_amount("row_cache_mb", row_cache_mb)
-        _check_amount("lr", lr)
+        _check_amount("row_cache_mb", row_cache_mb, MAX_CACHE_MB)
+        _check_amount("lr", lr, MAX_RATE)
         for name, value in (("ps", ps), ("tables", tables)):
             if value is not None:
                 _check_names(name, value)

@@ -23,7 +23,7 @@ from torch import nn
 
 from distbelief.client import ParameterServerClient, parse_addresses
 from distbelief.client.compression import EncodedPush, PushCompressor
-from distbelief.config import is_amount
+from distbelief.config import MAX_RATE, amount_problem
 from distbelief.errors import PSError, RendezvousError
 from distbelief.optim.device_copies import DeviceCopies
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
@@ -180,8 +180,9 @@ class DownpourSGD(torch.optim.Optimizer):
         source_host: str | None = None,
         num_workers: int | None = None,
     ) -> None:
-        if not is_amount(lr, zero_ok=True):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        problem = amount_problem(lr, zero_ok=True, most=MAX_RATE)
+        if problem is not None:
+            raise ValueError(f"lr {problem}, got {lr!r}")
         if worker_id is not None and not isinstance(worker_id, str):
             raise TypeError(f"worker_id must be a str, got {worker_id!r}")
         auth_key = _key_bytes(auth_key)

@@ -14,7 +14,12 @@ import threading
 import torch
 from torch import nn
 
-from distbelief.config import ConsistencyConfig, is_amount
+from distbelief.config import (
+    MAX_RATE,
+    MAX_WAIT_S,
+    ConsistencyConfig,
+    amount_problem,
+)
 from distbelief.server.optimizers import server_optimizer_factory
 from distbelief.server.process import serve_shard
 from distbelief.server.shard import ParameterShard
@@ -29,16 +34,18 @@ def _check_arguments(model, lr, consistency, port, timeout_s) -> None:
     """The constructor's arguments, named, before anything is joined or started."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if lr is not None and not is_amount(lr, zero_ok=True):
-        raise ValueError(f"lr must be a finite number >= 0 (or None), got {lr!r}")
+    problem = None if lr is None else amount_problem(lr, zero_ok=True, most=MAX_RATE)
+    if problem is not None:
+        raise ValueError(f"lr {problem} (or None), got {lr!r}")
     if consistency is not None and not isinstance(consistency, ConsistencyConfig):
         raise TypeError(
             f"consistency must be a ConsistencyConfig, got {type(consistency).__name__}"
         )
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
-    if not (isinstance(timeout_s, int | float) and timeout_s > 0):
-        raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
+    problem = amount_problem(timeout_s, most=MAX_WAIT_S)
+    if problem is not None:
+        raise ValueError(f"timeout_s {problem}, got {timeout_s!r}")
 
 
 class ParameterServer:

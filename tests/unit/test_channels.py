@@ -93,6 +93,9 @@ def test_the_job_transport_default_leaves_the_environment_in_place(monkeypatch):
     monkeypatch.delenv(TRANSPORT_ENV)
     apply_job_transport("auto")
     assert os.environ[TRANSPORT_ENV] == "auto"
+    monkeypatch.setenv(TRANSPORT_ENV, "bogus")  # left in place, so checked there
+    with pytest.raises(ValueError, match="DISTBELIEF_TRANSPORT 'bogus': must be one of auto"):
+        apply_job_transport("auto")
 
 
 def test_an_address_without_its_scheme_is_named_as_given():

@@ -686,10 +686,20 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
             {},
             "argument --liveness-timeout: only used with --sync or --max-staleness",
         ),
+        (
+            ["train", "--steps", "2", "--out", "run"],
+            {"DISTBELIEF_TRANSPORT": "bogus"},
+            "DISTBELIEF_TRANSPORT 'bogus': must be one of auto, tcp, shm",
+        ),
+        (
+            ["train", "--resume", "somerun"],
+            {"DISTBELIEF_TRANSPORT": "bogus"},
+            "DISTBELIEF_TRANSPORT 'bogus': must be one of auto, tcp, shm",
+        ),
     ],
     ids=[
         *("train-out", "eval-out", "plot-out", "ps-checkpoint-dir", "ps-bind", "env", "worker"),
-        *("stage-bind", "ps-liveness"),
+        *("stage-bind", "ps-liveness", "train-env", "resume-env"),
     ],
 )
 def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_path):
@@ -700,6 +710,7 @@ def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_p
     assert stdout == ["exit 2", "children 0 torch False"], stderr
     assert message in _one_error_line(stderr)
     assert (tmp_path / "afile").read_text() == "not a folder"
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_bad_flag_is_reported_under_a_one_line_usage(capsys):

@@ -80,13 +80,27 @@ def _check_device(config: JobConfig) -> None:
         raise ConfigFieldError("cluster.device", str(e).partition(": ")[2]) from None
 
 
+_CONNECTING = frozenset({"train", "ps", "worker", "eval"})
+"""The commands that make connections, and so read the environment's connection settings."""
+
+
+def _check_environment() -> None:
+    """The connection settings read from the environment (``DISTBELIEF_TRANSPORT``), checked
+    before anything is written or started.
+
+    Raises:
+        ValueError: a bad value, named as the variable (no flag set it).
+    """
+    from distbelief.wire.channels.shm import transport_setting
+
+    transport_setting()
+
+
 def _addresses(flag: str, text: str) -> list[str]:
     """The addresses of ``flag``; a malformed one is an error naming the flag."""
     from distbelief.hosts import parse_addresses
     from distbelief.wire import channels
-    from distbelief.wire.channels.shm import transport_setting
 
-    transport_setting()  # a bad DISTBELIEF_TRANSPORT is named as itself, not as the flag's
     try:
         addresses = parse_addresses(text)
         for address in addresses:
@@ -465,6 +479,8 @@ def _run_command(args: argparse.Namespace) -> int:
     """The command, its failures turned into the exit code and one line on stderr."""
     prefix = f"distbelief {args.command}"
     try:
+        if args.command in _CONNECTING:
+            _check_environment()
         return _COMMANDS[args.command](args)
     except ConfigFieldError as e:
         _traceback_if_verbose(args)

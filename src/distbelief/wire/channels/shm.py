@@ -95,9 +95,16 @@ def set_transport(transport: str) -> None:
 
 def apply_job_transport(transport: str) -> None:
     """A job's ``--transport`` for this process and those it starts; its default (auto)
-    leaves a ``DISTBELIEF_TRANSPORT`` the user set in place."""
+    leaves a ``DISTBELIEF_TRANSPORT`` the user set in place.
+
+    Raises:
+        ValueError: ``transport``, or the ``DISTBELIEF_TRANSPORT`` left in place, is not one
+            of auto, tcp, shm.
+    """
     if transport != "auto" or TRANSPORT_ENV not in os.environ:
         set_transport(transport)
+    else:
+        transport_setting()  # refused here, not by each process at its first connection
 
 
 # ---------------------------------------------------------------- segments

@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "PSError": "distbelief.errors",
     "ShardTimeoutError": "distbelief.errors",
     "ShardUnavailableError": "distbelief.errors",
+    "BindError": "distbelief.errors",
     "ProtocolError": "distbelief.errors",
     "AuthenticationError": "distbelief.errors",
     "RemoteError": "distbelief.errors",

@@ -33,6 +33,20 @@ class AuthenticationError(ProtocolError):
     or another job's shard at the address)."""
 
 
+class BindError(ShardUnavailableError):
+    """A server (a shard, a stage of a partitioned replica) could not listen at its address:
+    another process holds the port, say. ``address`` is the address as given, ``problem`` says
+    why (``address already in use``)."""
+
+    def __init__(self, address: str, problem: str) -> None:
+        self.address = address
+        self.problem = problem
+        super().__init__(f"cannot bind {address}: {problem}")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.address, self.problem)
+
+
 class RemoteError(PSError):
     """A shard received a valid request but refused it; the message says why."""
 

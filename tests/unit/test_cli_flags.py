@@ -5,13 +5,14 @@ import argparse
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from distbelief.config import JobConfig
-from distbelief.errors import ConsistencyMismatchError
+from distbelief.errors import BindError, ConsistencyMismatchError
 from distbelief.launch import cli
 from distbelief.launch.cli import config_from_args, main, parse_args
 from distbelief.launch.flags import command_flags, field_docs, flag_of, get_args_parser
@@ -711,6 +712,58 @@ def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_p
     assert message in _one_error_line(stderr)
     assert (tmp_path / "afile").read_text() == "not a folder"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"],
+        [
+            *["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"],
+            *["--partitions", "2", "--stage", "1"],
+        ],
+    ],
+    ids=["ps", "stage"],
+)
+def test_a_bind_address_in_use_is_refused_before_any_process_starts(argv, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        stdout, stderr = _refused([*argv, "--bind", address], tmp_path)
+    assert stdout == ["exit 2", "children 0 torch False"], stderr
+    assert _one_error_line(stderr).endswith(
+        f"error: argument --bind: cannot bind {address}: address already in use"
+    )
+
+
+_TAKEN = "cannot bind tcp://127.0.0.1:7000: address already in use"
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "said"),
+    [
+        (["ps", "--shard-id", "0", "--num-shards", "1"], 2, f"error: argument --bind: {_TAKEN}"),
+        (
+            [
+                *["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"],
+                *["--partitions", "2", "--stage", "1", "--bind", "tcp://127.0.0.1:7000"],
+            ],
+            2,
+            f"error: argument --bind: {_TAKEN}",
+        ),
+        (["train"], 1, f"BindError: {_TAKEN}"),  # a port of the launcher's own: no flag
+    ],
+    ids=["ps", "stage", "train"],
+)
+def test_a_port_taken_after_the_check_is_named_as_bind(argv, code, said, monkeypatch, capsys):
+    def bound_too_late(_args):
+        raise BindError("tcp://127.0.0.1:7000", "address already in use")
+
+    monkeypatch.setitem(cli._COMMANDS, argv[0], bound_too_late)
+    assert main(argv) == code
+    assert capsys.readouterr().err.splitlines()[-1] == f"distbelief {argv[0]}: {said}"
 
 
 def test_a_bad_flag_is_reported_under_a_one_line_usage(capsys):

@@ -20,6 +20,7 @@ from pathlib import Path
 from distbelief.config import JobConfig
 from distbelief.errors import (
     AuthenticationError,
+    BindError,
     ChildFailedError,
     ConfigFieldError,
     ConsistencyMismatchError,
@@ -111,17 +112,20 @@ def _addresses(flag: str, text: str) -> list[str]:
 
 
 def _check_bind_is_here(address: str) -> None:
-    """--bind: a well-formed address of this machine (a foreign one is bad input, not a
-    failure of the shard)."""
+    """--bind: a well-formed address of this machine whose port is free (a foreign address or
+    a port another process holds is bad input, not a failure of the server)."""
     from distbelief.hosts import check_local_host
     from distbelief.wire.channels import split_scheme
-    from distbelief.wire.channels.tcp import parse_tcp_address
+    from distbelief.wire.channels.tcp import TcpListener, parse_tcp_address
 
     _addresses("--bind", address)
-    host, _ = parse_tcp_address(split_scheme(address)[1])
+    tcp_address = f"tcp://{split_scheme(address)[1]}"  # what the server binds, whatever scheme
+    host, _ = parse_tcp_address(tcp_address)
     try:
         check_local_host(host)
-    except ValueError as e:
+        # Before torch loads; a port taken meanwhile is refused the same way (BindError).
+        TcpListener(tcp_address).close()
+    except (ValueError, BindError) as e:
         raise argparse.ArgumentError(None, f"argument --bind: {e}") from None
 
 
@@ -520,6 +524,9 @@ def _run_command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except DistBeliefError as e:
         _traceback_if_verbose(args)
+        if isinstance(e, BindError) and getattr(args, "bind", None):
+            # ps, or a worker's stage: its port was taken after _check_bind_is_here
+            return _usage_error(args, f"argument --bind: {e}")
         print(f"{prefix}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -21,6 +21,7 @@ import time
 import torch
 
 from distbelief.errors import (
+    BindError,
     PipelineError,
     PSError,
     RemoteError,
@@ -96,7 +97,7 @@ class WireLinks:
 
     Raises:
         ValueError: bad stage numbers, a missing or malformed address, or a bad timeout.
-        StageUnavailableError: ``bind`` cannot be bound.
+        BindError: ``bind`` cannot be bound (another process holds the port, say).
     """
 
     def __init__(
@@ -144,6 +145,8 @@ class WireLinks:
             try:
                 # A thread per connection: a handler waits for the stage's own work.
                 self._server = serve(bind, self._endpoint, security=security, design="threads")
+            except BindError:
+                raise  # this stage's own address is what is wrong, not a neighbour
             except PSError as e:
                 raise StageUnavailableError(f"{self._name}: cannot serve at {bind}: {e}") from e
 

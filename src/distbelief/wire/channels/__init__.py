@@ -202,7 +202,7 @@ def listen(address: str, **options) -> Listener:
 
     Raises:
         ValueError: the address is malformed or its scheme unknown.
-        ShardUnavailableError: the address cannot be bound.
+        BindError: the address cannot be bound (a ShardUnavailableError).
     """
     return _kind(address).listen(address, **options)
 

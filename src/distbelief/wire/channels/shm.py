@@ -711,7 +711,7 @@ class ShmListener:
 
     Raises:
         ValueError: the address or transport is malformed.
-        ShardUnavailableError: the address cannot be bound.
+        BindError: the address cannot be bound (a ShardUnavailableError).
     """
 
     def __init__(self, address: str, *, transport: str | None = None, **tcp_options) -> None:

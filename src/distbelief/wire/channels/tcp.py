@@ -8,7 +8,7 @@ import contextlib
 import socket
 import ssl
 
-from distbelief.errors import ProtocolError, ShardUnavailableError
+from distbelief.errors import BindError, ProtocolError
 from distbelief.hosts import check_local_host
 from distbelief.wire.channels import register_channel
 from distbelief.wire.security import (
@@ -211,6 +211,9 @@ class TcpListener:
     Args:
         address: ``tcp://HOST:PORT`` to bind (port 0 picks a free one).
         security: Job key and TLS settings every accepted connection must meet.
+
+    Raises:
+        BindError: the address cannot be bound (another process holds the port, say).
     """
 
     def __init__(self, address: str, *, security: WireSecurity | None = None) -> None:
@@ -225,7 +228,8 @@ class TcpListener:
             self._sock.bind((host, port))
         except OSError as e:
             self._sock.close()
-            raise ShardUnavailableError(f"cannot bind {address}: {e}") from e
+            reason = e.strerror or str(e)
+            raise BindError(address, reason[:1].lower() + reason[1:]) from e
         self._sock.listen(_BACKLOG)
         self._accept_timeout_s: float | None = None
         bound_host, bound_port = self._sock.getsockname()[:2]

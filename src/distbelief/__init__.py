@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "ShardTimeoutError": "distbelief.errors",
     "ShardUnavailableError": "distbelief.errors",
     "BindError": "distbelief.errors",
+    "ClosedError": "distbelief.errors",
     "ProtocolError": "distbelief.errors",
     "AuthenticationError": "distbelief.errors",
     "RemoteError": "distbelief.errors",

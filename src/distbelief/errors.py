@@ -96,6 +96,19 @@ class ConsistencyMismatchError(PSError):
         return type(self), (self.problem, self.field)
 
 
+class ClosedError(DistBeliefError, RuntimeError):
+    """An optimizer, embedding tables or client was used after its ``close()``: its
+    connections are gone, so make a new one. The message names the object and the call."""
+
+    def __init__(self, owner: str, action: str) -> None:
+        self.owner = owner
+        self.action = action
+        super().__init__(f"{owner}: {action} after close()")
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.owner, self.action)
+
+
 class RendezvousError(DistBeliefError):
     """The torch.distributed process group's store could not be reached, or no
     ``ParameterServer`` published its address there in time."""

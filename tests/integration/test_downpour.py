@@ -1,11 +1,13 @@
-"""DownpourSGD against real shard processes on 127.0.0.1."""
+"""DownpourSGD against real shards on 127.0.0.1 (processes, or served by the test itself)."""
 
 import pytest
 import torch
 from torch import nn
 
-from distbelief.errors import ModelMismatchError, ShardListError
+from distbelief.errors import ClosedError, ModelMismatchError, ShardListError
 from distbelief.optim import DownpourSGD
+from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+from distbelief.wire import serve
 
 
 def _model(seed: int = 0, hidden: int = 24) -> nn.Module:
@@ -124,3 +126,32 @@ def test_a_bad_number_of_workers_is_a_value_error_naming_it(num_workers):
         ValueError, match=rf"^num_workers must be an integer >= 1, got {num_workers}$"
     ):
         DownpourSGD(model.parameters(), ps="tcp://127.0.0.1:1", num_workers=num_workers)
+
+
+def test_every_use_after_close_raises_closed_error_and_changes_nothing():
+    server = serve(
+        "tcp://127.0.0.1:0",
+        ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
+    )
+    try:
+        model = _model()
+        optimizer = DownpourSGD(
+            model.parameters(), lr=0.1, n_push=5, n_pull=5, model=model, ps=[server.address]
+        )
+        _train(model, optimizer, _batches(2))
+        optimizer.close()
+        before = [p.detach().clone() for p in model.parameters()]
+        for images, labels in _batches(6):  # past the push and pull due at step 5
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            with pytest.raises(ClosedError, match=r"^DownpourSGD: step after close\(\)$"):
+                optimizer.step()
+        for call in ("pull_now", "flush"):
+            with pytest.raises(ClosedError, match=rf"^DownpourSGD: {call} after close\(\)$"):
+                getattr(optimizer, call)()
+        assert optimizer.num_steps == 2
+        for got, want in zip(model.parameters(), before, strict=True):
+            assert torch.equal(got, want)
+        optimizer.close()  # closing twice does nothing
+    finally:
+        server.stop()

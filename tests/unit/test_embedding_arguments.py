@@ -10,6 +10,7 @@ from torch import nn
 
 from distbelief.embeddings import ShardedEmbeddings
 from distbelief.embeddings import tables as tables_module
+from distbelief.errors import ClosedError
 
 ADDRESS = "tcp://127.0.0.1:1"
 
@@ -106,14 +107,15 @@ def test_ids_may_be_a_list_of_ints_and_are_refused_by_table_when_not_integers(no
         model.emb(torch.tensor([1.0]))
 
 
-def test_prefetch_and_step_after_close_raise_the_same_error(no_shards):
+def test_every_call_after_close_raises_the_same_typed_error(no_shards):
     tables = ShardedEmbeddings(_Model(), ps=ADDRESS)
     tables.close()
     for call in (
         lambda: tables.step(),
         lambda: tables.prefetch({"emb": torch.tensor([1])}),
         lambda: tables.prefetch_next({"emb": torch.tensor([1])}),
+        lambda: tables.flush(),
     ):
-        with pytest.raises(RuntimeError, match=r"^ShardedEmbeddings: \w+ after close\(\)$"):
+        with pytest.raises(ClosedError, match=r"^ShardedEmbeddings: \w+ after close\(\)$"):
             call()
     tables.close()  # closing twice still does nothing

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from distbelief.client import ParameterServerClient
-from distbelief.errors import RemoteError, ShardUnavailableError
+from distbelief.client.rows import RowClient
+from distbelief.client.vectors import ShardVectors
+from distbelief.errors import ClosedError, RemoteError, ShardUnavailableError
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import Message, Op, ops
 
@@ -104,8 +106,30 @@ def test_close_without_waiting_cancels_queued_requests():
     assert queued[0].cancelled()
     transport.gate.set()
     assert client.wait(running) == [1]
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(ClosedError, match="after close"):
         client.push(flats, clock=3)
+
+
+def test_every_request_after_close_names_the_closed_client():
+    client, transport = _client()
+    flats = FlatLayout(SPECS).allocate()
+    client.close()
+    vectors = ShardVectors(client)  # Sandblaster's worker side, over the same lanes
+    rows = RowClient(["tcp://127.0.0.1:9"], {"t": 4}, timeout_s=5, retry_timeout_s=0)
+    rows.close()
+    for call, owner in [
+        (lambda: client.push(flats, clock=1), "ParameterServerClient"),
+        (lambda: client.push_now(flats, clock=1), "ParameterServerClient"),
+        (lambda: client.pull(flats), "ParameterServerClient"),
+        (lambda: client.pull_now(flats), "ParameterServerClient"),
+        (client.stats, "ParameterServerClient"),
+        (lambda: vectors.read("x", flats), "ParameterServerClient"),
+        (lambda: rows.pull({"t": torch.tensor([1])}), "RowClient"),
+    ]:
+        with pytest.raises(ClosedError, match=rf"^{owner}: a request after close\(\)$"):
+            call()
+    assert transport.calls == []
+    client.close()  # closing twice does nothing
 
 
 def test_request_each_needs_one_distinct_message_per_shard():

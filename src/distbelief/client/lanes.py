@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from distbelief.errors import ShardTimeoutError, ShardUnavailableError
+from distbelief.errors import ClosedError, ShardTimeoutError, ShardUnavailableError
 from distbelief.wire import Message, connect
 from distbelief.wire.retry import retry_while_unreachable
 from distbelief.wire.security import WireSecurity
@@ -94,8 +94,10 @@ class _Lane:
     joined at exit). ``DownpourSGD.close`` is what flushes pushes on a normal exit.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, owner: str) -> None:
         self._name = name
+        self._owner = owner
+        """The client's class, named when it is used after close()."""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -128,7 +130,7 @@ class _Lane:
         future: cf.Future = cf.Future()
         with self._lock:
             if self._closed:
-                raise RuntimeError(f"{self._name}: the client is closed")
+                raise ClosedError(self._owner, "a request")
             self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
@@ -222,7 +224,8 @@ class ShardLanes:
             )
             for i, address in enumerate(self.addresses)
         ]
-        self._lanes = [_Lane(f"{lane_name}{i}") for i in range(len(self.addresses))]
+        owner = type(self).__name__
+        self._lanes = [_Lane(f"{lane_name}{i}", owner) for i in range(len(self.addresses))]
 
     @property
     def num_shards(self) -> int:
@@ -321,7 +324,7 @@ class ShardLanes:
         return [future.result() for future in futures]
 
     def close(self, wait: bool = True) -> None:
-        """Close every connection.
+        """Close every connection; a request made after it raises ``ClosedError``.
 
         Args:
             wait: Finish queued requests first (each bounded by its timeout and retries).

@@ -23,6 +23,7 @@ from distbelief.client.rows import RowClient
 from distbelief.config import MAX_CACHE_MB, MAX_RATE, amount_problem, amount_rule, table_names
 from distbelief.embeddings.cache import RowCache, cache_rows_for
 from distbelief.embeddings.modules import check_ids, swap_embeddings
+from distbelief.errors import ClosedError
 from distbelief.optim.downpour import (
     AUTH_KEY_FILE_ENV,
     DEFAULT_TIMEOUT_S,
@@ -233,7 +234,7 @@ class ShardedEmbeddings:
 
     def _check_open(self, action: str) -> None:
         if self._closed:
-            raise RuntimeError(f"ShardedEmbeddings: {action} after close()")
+            raise ClosedError("ShardedEmbeddings", action)
 
     def prefetch(self, ids_by_table: Mapping[str, torch.Tensor]) -> None:
         """Fetch the rows of each table's ids (an integer tensor of any shape, or a list of
@@ -242,7 +243,7 @@ class ShardedEmbeddings:
 
         Raises:
             TypeError: a table's ids are not integers.
-            RuntimeError: called after ``close()``.
+            ClosedError: called after ``close()`` (a RuntimeError).
         """
         self._check_open("prefetch")
         self._take_next()
@@ -258,7 +259,7 @@ class ShardedEmbeddings:
 
         Raises:
             TypeError: a table's ids are not integers.
-            RuntimeError: called after ``close()``.
+            ClosedError: called after ``close()`` (a RuntimeError).
         """
         self._check_open("prefetch_next")
         unique, self._next_inverse = _unique_ids(ids_by_table)
@@ -344,7 +345,7 @@ class ShardedEmbeddings:
 
         Raises:
             ShardTimeoutError / ShardUnavailableError / RemoteError: a past push failed.
-            RuntimeError: called after ``close()``.
+            ClosedError: called after ``close()`` (a RuntimeError).
         """
         self._check_open("step")
         for table, parts in self._touched.items():
@@ -383,7 +384,12 @@ class ShardedEmbeddings:
             self._push_futures = self.client.push(updates)
 
     def flush(self) -> None:
-        """Push what is accrued and wait until every push is applied."""
+        """Push what is accrued and wait until every push is applied.
+
+        Raises:
+            ClosedError: called after ``close()`` (which flushed already).
+        """
+        self._check_open("flush")
         self._push_accrued()
         self.client.wait(self._push_futures)
         self._push_futures = []
@@ -392,10 +398,10 @@ class ShardedEmbeddings:
         """Flush, then close the connections. Closing twice does nothing."""
         if self._closed:
             return
-        self._closed = True
         try:
             self.flush()
         finally:
+            self._closed = True
             self.client.close()
 
     def take_figures(self) -> dict[str, int]:

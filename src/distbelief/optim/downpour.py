@@ -24,7 +24,7 @@ from torch import nn
 from distbelief.client import ParameterServerClient, parse_addresses
 from distbelief.client.compression import EncodedPush, PushCompressor
 from distbelief.config import MAX_RATE, amount_problem
-from distbelief.errors import PSError, RendezvousError
+from distbelief.errors import ClosedError, PSError, RendezvousError
 from distbelief.optim.device_copies import DeviceCopies
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
 from distbelief.wire.compression import WireCompression
@@ -148,6 +148,9 @@ class DownpourSGD(torch.optim.Optimizer):
     Found through a process group, ``close()`` (run at exit if the script does not call it)
     tells the ParameterServer this rank has finished; it stops once every rank has.
 
+    Every call that reaches the shards (``step``, ``pull_now``, ``flush``) raises
+    ``ClosedError`` after ``close()``, before it changes anything: make a new optimizer.
+
     Raises:
         ValueError: bad hyperparameters or no shard address.
         RendezvousError: no ParameterServer published its address within hold_timeout_s.
@@ -267,7 +270,9 @@ class DownpourSGD(torch.optim.Optimizer):
 
         Raises:
             ShardTimeoutError / ShardUnavailableError / RemoteError: a past push or pull failed.
+            ClosedError: called after ``close()`` (nothing is applied or counted).
         """
+        self._check_open("step")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -364,7 +369,12 @@ class DownpourSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def pull_now(self) -> None:
-        """Fetch the shards' parameters and load them into the model, waiting for the answer."""
+        """Fetch the shards' parameters and load them into the model, waiting for the answer.
+
+        Raises:
+            ClosedError: called after ``close()``.
+        """
+        self._check_open("pull_now")
         self._finish_pull_if_done(block=True)
         self._model_versions = self.client.pull_now(
             self._inbox,
@@ -376,7 +386,12 @@ class DownpourSGD(torch.optim.Optimizer):
 
     def flush(self) -> None:
         """Push any accrued gradient not yet sent (all of it, at full width) and wait until
-        every push is applied."""
+        every push is applied.
+
+        Raises:
+            ClosedError: called after ``close()`` (which flushed already).
+        """
+        self._check_open("flush")
         self._copies.claim_accrued()
         if any(bool(accrued.any()) for accrued in self._accrued.values()):
             self._push_accrued(whole=True)
@@ -397,7 +412,6 @@ class DownpourSGD(torch.optim.Optimizer):
         """
         if self._closed:
             return
-        self._closed = True
         if self._server is not None:
             atexit.unregister(self._close_at_exit)
         try:
@@ -408,11 +422,16 @@ class DownpourSGD(torch.optim.Optimizer):
             # step that found it before. Queued requests then stop retrying, and a server that
             # is gone needs no word that this rank finished (its store may be gone with it).
             gone = self.client.unreachable
+            self._closed = True
             try:
                 if self._server is not None and not gone:
                     GroupStore().mark_finished(self._server.session)
             finally:
                 self.client.close(wait=not gone)
+
+    def _check_open(self, action: str) -> None:
+        if self._closed:
+            raise ClosedError("DownpourSGD", action)
 
     def _close_at_exit(self) -> None:
         try:

@@ -1,5 +1,7 @@
 """DownpourSGD against real shards on 127.0.0.1 (processes, or served by the test itself)."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -126,6 +128,14 @@ def test_a_bad_number_of_workers_is_a_value_error_naming_it(num_workers):
         ValueError, match=rf"^num_workers must be an integer >= 1, got {num_workers}$"
     ):
         DownpourSGD(model.parameters(), ps="tcp://127.0.0.1:1", num_workers=num_workers)
+
+
+@pytest.mark.parametrize("timeout_s", [0, 0.0, -1, math.nan])
+def test_a_timeout_of_zero_is_refused_like_a_negative_one(timeout_s, monkeypatch):
+    monkeypatch.delenv("DISTBELIEF_TIMEOUT_S", raising=False)
+    model = _model()
+    with pytest.raises(ValueError, match=r"^timeout_s must be > 0, got "):
+        DownpourSGD(model.parameters(), ps="tcp://127.0.0.1:1", timeout_s=timeout_s)
 
 
 def test_every_use_after_close_raises_closed_error_and_changes_nothing():

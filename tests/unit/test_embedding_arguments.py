@@ -69,10 +69,11 @@ def no_shards(monkeypatch):
         ({"tables": 5}, TypeError, "tables must be a str .* got 5"),
         ({"tables": ","}, ValueError, "tables must name at least one module"),
         ({"model": None}, TypeError, "model must be a torch.nn.Module, got NoneType"),
+        ({"timeout_s": 0}, ValueError, "timeout_s must be > 0, got 0"),
     ],
     ids=[
         *("cache-nan", "cache-inf", "cache-str", "lr-str", "lr-nan", "ps-int", "ps-item"),
-        *("tables-int", "tables-empty", "model-none"),
+        *("tables-int", "tables-empty", "model-none", "timeout-zero"),
     ],
 )
 def test_a_bad_argument_is_named_before_anything_is_swapped(options, error, message, no_shards):

@@ -106,7 +106,7 @@ def test_tls_files_that_are_not_pem_are_named_before_any_connection(
 
 
 def test_downpour_takes_a_key_files_text_as_the_key_and_names_bad_settings(tmp_path, monkeypatch):
-    from distbelief.optim.downpour import TIMEOUT_ENV, _key_bytes, _timeout_from_environment
+    from distbelief.optim.downpour import TIMEOUT_ENV, _key_bytes, request_timeout_s
 
     path = write_key_file(tmp_path / "job.key")
     key = read_key_file(path)
@@ -117,6 +117,6 @@ def test_downpour_takes_a_key_files_text_as_the_key_and_names_bad_settings(tmp_p
         _key_bytes("not hex")
     monkeypatch.setenv(TIMEOUT_ENV, "abc")
     with pytest.raises(ValueError, match="DISTBELIEF_TIMEOUT_S 'abc': must be a number"):
-        _timeout_from_environment()
+        request_timeout_s(None)
     monkeypatch.setenv(TIMEOUT_ENV, "2.5")
-    assert _timeout_from_environment() == 2.5
+    assert request_timeout_s(None) == 2.5

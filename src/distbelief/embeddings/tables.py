@@ -24,12 +24,7 @@ from distbelief.config import MAX_CACHE_MB, MAX_RATE, amount_problem, amount_rul
 from distbelief.embeddings.cache import RowCache, cache_rows_for
 from distbelief.embeddings.modules import check_ids, swap_embeddings
 from distbelief.errors import ClosedError
-from distbelief.optim.downpour import (
-    AUTH_KEY_FILE_ENV,
-    DEFAULT_TIMEOUT_S,
-    PS_ADDRESS_ENV,
-    TIMEOUT_ENV,
-)
+from distbelief.optim.downpour import AUTH_KEY_FILE_ENV, PS_ADDRESS_ENV, request_timeout_s
 from distbelief.wire.security import WireSecurity, read_key_file
 
 _MB = 1 << 20
@@ -182,6 +177,7 @@ class ShardedEmbeddings:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         _check_amount("row_cache_mb", row_cache_mb, MAX_CACHE_MB)
         _check_amount("lr", lr, MAX_RATE)
+        timeout_s = request_timeout_s(timeout_s)
         for name, value in (("ps", ps), ("tables", tables)):
             if value is not None:
                 _check_names(name, value)
@@ -196,7 +192,7 @@ class ShardedEmbeddings:
         self.client = RowClient(
             parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, ""), "ps"),
             self.dims,
-            timeout_s=timeout_s or float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
+            timeout_s=timeout_s,
             retry_timeout_s=retry_timeout_s,
             security=security or WireSecurity(auth_key=auth_key),
             worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",

@@ -61,7 +61,17 @@ def _key_bytes(auth_key: bytes | str | None) -> bytes | None:
         raise ValueError("auth_key: a str must be a hex key (a key file's text)") from None
 
 
-def _timeout_from_environment() -> float:
+def request_timeout_s(timeout_s: float | None) -> float:
+    """``timeout_s`` as given, or when not given (None) ``DISTBELIEF_TIMEOUT_S``, else 30.
+
+    Raises:
+        ValueError: ``timeout_s`` is not > 0 (0 is no default), or ``DISTBELIEF_TIMEOUT_S``
+            is no number of seconds > 0.
+    """
+    if timeout_s is not None:
+        if not timeout_s > 0:  # also NaN
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        return timeout_s
     text = os.environ.get(TIMEOUT_ENV)
     if text is None:
         return DEFAULT_TIMEOUT_S
@@ -218,7 +228,7 @@ class DownpourSGD(torch.optim.Optimizer):
         self.client = ParameterServerClient(
             parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, ""), "ps"),
             self.specs,
-            timeout_s=timeout_s or _timeout_from_environment(),
+            timeout_s=request_timeout_s(timeout_s),
             worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
             hold_timeout_s=hold_timeout_s,
             retry_timeout_s=retry_timeout_s,

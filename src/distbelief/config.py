@@ -125,6 +125,18 @@ def amount_problem(value: object, *, zero_ok: bool = False, most: float = math.i
     return None
 
 
+def check_wait(name: str, value: object, *, zero_ok: bool = False) -> None:
+    """Refuses ``value`` as a number of seconds to wait (``is_amount``, at most
+    ``MAX_WAIT_S``).
+
+    Raises:
+        ValueError: it is not, naming ``name``.
+    """
+    problem = amount_problem(value, zero_ok=zero_ok, most=MAX_WAIT_S)
+    if problem is not None:
+        raise ValueError(f"{name} {problem}, got {value!r}")
+
+
 def _require_amounts(
     config: object, *names: str, zero_ok: bool = False, most: float = math.inf
 ) -> None:

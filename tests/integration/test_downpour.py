@@ -134,7 +134,7 @@ def test_a_bad_number_of_workers_is_a_value_error_naming_it(num_workers):
 def test_a_timeout_of_zero_is_refused_like_a_negative_one(timeout_s, monkeypatch):
     monkeypatch.delenv("DISTBELIEF_TIMEOUT_S", raising=False)
     model = _model()
-    with pytest.raises(ValueError, match=r"^timeout_s must be > 0, got "):
+    with pytest.raises(ValueError, match=r"^timeout_s must be a finite number > 0, got "):
         DownpourSGD(model.parameters(), ps="tcp://127.0.0.1:1", timeout_s=timeout_s)
 
 

@@ -69,7 +69,7 @@ def no_shards(monkeypatch):
         ({"tables": 5}, TypeError, "tables must be a str .* got 5"),
         ({"tables": ","}, ValueError, "tables must name at least one module"),
         ({"model": None}, TypeError, "model must be a torch.nn.Module, got NoneType"),
-        ({"timeout_s": 0}, ValueError, "timeout_s must be > 0, got 0"),
+        ({"timeout_s": 0}, ValueError, "timeout_s must be a finite number > 0, got 0"),
     ],
     ids=[
         *("cache-nan", "cache-inf", "cache-str", "lr-str", "lr-nan", "ps-int", "ps-item"),

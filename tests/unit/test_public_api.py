@@ -75,10 +75,39 @@ def _bad_arguments():
             "ps must be 'tcp://HOST:PORT,...' or a list of such strings, got 123",
         ),
         (lambda: distbelief.reshard_run("no/such/run", 2), ValueError, "no such run folder"),
+        (
+            lambda: distbelief.DownpourSGD(net.parameters(), lr=1e308, ps="tcp://h:1"),
+            ValueError,
+            "lr must be <= 3.40282e.38, got 1e.308",
+        ),
+        (
+            lambda: distbelief.DownpourSGD(net.parameters(), ps="tcp://h:1", timeout_s=1e308),
+            ValueError,
+            "timeout_s must be <= 604800, got 1e.308",
+        ),
+        (
+            lambda: distbelief.DownpourSGD(
+                net.parameters(), ps="tcp://h:1", retry_timeout_s=float("nan")
+            ),
+            ValueError,
+            "retry_timeout_s must be a finite number >= 0, got nan",
+        ),
+        (
+            lambda: distbelief.DownpourSGD(
+                net.parameters(), ps="tcp://h:1", hold_timeout_s=float("inf")
+            ),
+            ValueError,
+            "hold_timeout_s must be a finite number > 0, got inf",
+        ),
+        (
+            lambda: distbelief.ParameterServer(net, timeout_s=1e9),
+            ValueError,
+            "timeout_s must be <= 604800, got 1000000000.0",
+        ),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 15
+_NUM_BAD_ARGUMENTS = 20
 
 
 def test_every_bad_argument_case_runs():

@@ -116,7 +116,7 @@ def test_downpour_takes_a_key_files_text_as_the_key_and_names_bad_settings(tmp_p
     with pytest.raises(ValueError, match="auth_key: a str must be a hex key"):
         _key_bytes("not hex")
     monkeypatch.setenv(TIMEOUT_ENV, "abc")
-    with pytest.raises(ValueError, match="DISTBELIEF_TIMEOUT_S 'abc': must be a number"):
+    with pytest.raises(ValueError, match="DISTBELIEF_TIMEOUT_S 'abc': must be a finite number > 0"):
         request_timeout_s(None)
     monkeypatch.setenv(TIMEOUT_ENV, "2.5")
     assert request_timeout_s(None) == 2.5

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from distbelief.config import check_wait
 from distbelief.errors import ClosedError, ShardTimeoutError, ShardUnavailableError
 from distbelief.wire import Message, connect
 from distbelief.wire.retry import retry_while_unreachable
@@ -202,10 +203,9 @@ class ShardLanes:
         lane_name: str = "ps-shard",
         source_host: str | None = None,
     ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if retry_timeout_s < 0:
-            raise ValueError(f"retry_timeout_s must be >= 0, got {retry_timeout_s}")
+        check_wait("timeout_s", timeout_s)
+        check_wait("connect_timeout_s", connect_timeout_s)
+        check_wait("retry_timeout_s", retry_timeout_s, zero_ok=True)
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
         self.retry_timeout_s = retry_timeout_s

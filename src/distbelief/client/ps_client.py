@@ -19,6 +19,7 @@ import torch
 from distbelief.client.compression import EncodedPush, HeldValues, NarrowPullStaging
 from distbelief.client.lanes import ShardLanes
 from distbelief.client.replay import Replay, ShardReplay
+from distbelief.config import check_wait
 from distbelief.errors import (
     ConsistencyMismatchError,
     ModelMismatchError,
@@ -120,6 +121,7 @@ class ParameterServerClient(ShardLanes):
         pull_changes: bool = False,
         num_workers: int | None = None,
     ) -> None:
+        check_wait("hold_timeout_s", hold_timeout_s)
         super().__init__(
             addresses,
             timeout_s=timeout_s,

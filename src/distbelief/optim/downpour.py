@@ -23,7 +23,7 @@ from torch import nn
 
 from distbelief.client import ParameterServerClient, parse_addresses
 from distbelief.client.compression import EncodedPush, PushCompressor
-from distbelief.config import MAX_RATE, amount_problem
+from distbelief.config import MAX_RATE, MAX_WAIT_S, amount_problem, check_wait
 from distbelief.errors import ClosedError, PSError, RendezvousError
 from distbelief.optim.device_copies import DeviceCopies
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
@@ -69,8 +69,7 @@ def request_timeout_s(timeout_s: float | None) -> float:
             is no number of seconds > 0.
     """
     if timeout_s is not None:
-        if not timeout_s > 0:  # also NaN
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        check_wait("timeout_s", timeout_s)
         return timeout_s
     text = os.environ.get(TIMEOUT_ENV)
     if text is None:
@@ -79,8 +78,9 @@ def request_timeout_s(timeout_s: float | None) -> float:
         timeout_s = float(text)
     except ValueError:
         timeout_s = float("nan")
-    if not timeout_s > 0:  # also NaN
-        raise ValueError(f"{TIMEOUT_ENV} {text!r}: must be a number of seconds > 0")
+    problem = amount_problem(timeout_s, most=MAX_WAIT_S)
+    if problem is not None:
+        raise ValueError(f"{TIMEOUT_ENV} {text!r}: {problem} (seconds)")
     return timeout_s
 
 

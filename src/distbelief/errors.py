@@ -145,7 +145,18 @@ class ChildFailedError(DistBeliefError):
 
 class ClusterError(DistBeliefError):
     """The cluster engine cannot run the job: Ray cannot be reached, or has too few resources
-    to place the job's processes; the message says which and what the job needs."""
+    to place the job's processes; the message says which and what the job needs. ``field``
+    names the config field whose value the cluster refuses (``cluster.ray_address``: no Ray
+    to join there; ``cluster.num_workers``: too few CPUs for the job), so the command line can
+    name its flag; None where no setting is to blame (a busy cluster)."""
+
+    def __init__(self, problem: str, field: str | None = None) -> None:
+        self.problem = problem
+        self.field = field
+        super().__init__(problem)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.problem, self.field)
 
 
 class CoordinatorError(DistBeliefError):

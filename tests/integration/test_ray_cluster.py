@@ -343,10 +343,11 @@ def test_a_cluster_too_small_for_the_job_is_one_clear_error(ray_nodes, tmp_path)
         timeout=100,
         env=ray_nodes.env,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"distbelief train: ClusterError: the Ray cluster at {ray_nodes.address} has 8 CPUs; "
-        "this job needs 11 (one per shard, evaluator and coordinator, --threads per worker)"
+        f"distbelief train: error: argument --workers: the Ray cluster at {ray_nodes.address} "
+        "has 8 CPUs; this job needs 11 (one per shard, evaluator and coordinator, --threads per "
+        "worker)"
     )
     assert not (tmp_path / "run").exists()  # a refused job leaves no run folder behind
 

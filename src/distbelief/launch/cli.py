@@ -22,6 +22,7 @@ from distbelief.errors import (
     AuthenticationError,
     BindError,
     ChildFailedError,
+    ClusterError,
     ConfigFieldError,
     ConsistencyMismatchError,
     DistBeliefError,
@@ -428,6 +429,21 @@ def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
     return _usage_error(args, f"argument {flag}: {error.problem}")
 
 
+def _cluster_refused(args: argparse.Namespace, error: ClusterError) -> int:
+    """A cluster that refuses a setting of the job (no Ray head at --ray-address, too few CPUs
+    for --workers) as that setting's flag, the way a bad flag is reported; other failures of
+    the cluster engine as they are."""
+    prefix = f"distbelief {args.command}"
+    if error.field is None:
+        print(f"{prefix}: ClusterError: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    typed = error.field in vars(args) or not getattr(args, "resume", None)
+    flag = flag_of(args.command, error.field) if typed else None
+    said = error.problem if flag is None else f"argument {flag}: {error.problem}"
+    print(f"{prefix}: error: {said}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def _mismatch_said(error: ConsistencyMismatchError) -> str:
     """The mismatch as the flag that sets it: ``ps``'s (the shards' consistency flags, and the
     round size, ``--num-workers`` on ``ps`` and ``worker`` alike)."""
@@ -522,6 +538,9 @@ def _run_command(args: argparse.Namespace) -> int:
     except LauncherInterrupted as e:
         print(f"{prefix}: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ClusterError as e:
+        _traceback_if_verbose(args)
+        return _cluster_refused(args, e)
     except DistBeliefError as e:
         _traceback_if_verbose(args)
         if isinstance(e, BindError) and getattr(args, "bind", None):

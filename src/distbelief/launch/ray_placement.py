@@ -44,7 +44,8 @@ def check_resources(config: JobConfig, address: str) -> None:
     """Refuses a cluster with fewer CPUs than the job asks for (its actors would wait forever).
 
     Raises:
-        ClusterError: too few CPUs; says how many the job needs and why.
+        ClusterError: too few CPUs (``field``: ``cluster.num_workers``); says how many the
+            job needs and why.
     """
     import ray
 
@@ -53,7 +54,8 @@ def check_resources(config: JobConfig, address: str) -> None:
     if available < needed:
         raise ClusterError(
             f"the Ray cluster at {address} has {available:g} CPUs; this job needs {needed} "
-            "(one per shard, evaluator and coordinator, --threads per worker)"
+            "(one per shard, evaluator and coordinator, --threads per worker)",
+            field="cluster.num_workers",
         )
 
 

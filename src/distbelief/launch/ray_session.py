@@ -140,7 +140,8 @@ class RaySession:
             these, so it runs every process on this machine, as the local launcher does).
 
     Raises:
-        ClusterError: the cluster at the address cannot be joined, or Ray cannot start.
+        ClusterError: the cluster at the address cannot be joined (``field``:
+            ``cluster.ray_address``), or Ray cannot start.
     """
 
     def __init__(self, config: JobConfig, num_cpus: int) -> None:
@@ -171,8 +172,11 @@ class RaySession:
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
             self.connected_here = False
             self.close(keep_logs=False)
-            where = f"at {address}" if address else "on this machine"
-            raise ClusterError(f"cannot start or join Ray {where}: {e}") from e
+            if address:
+                raise ClusterError(
+                    f"cannot join Ray at {address}: {e}", field="cluster.ray_address"
+                ) from e
+            raise ClusterError(f"cannot start Ray on this machine: {e}") from e
         finally:
             if threading.current_thread() is threading.main_thread():
                 # Ray's handler exits the process at once; the launcher's stops the job in order.

@@ -62,6 +62,8 @@ class RayNodes:
             "RAY_worker_niceness": "0",
         }
         self.address = ""
+        self.client_port = 0
+        """The head's Ray Client server's port (a gRPC server, but no GCS)."""
         self.sessions: list[int] = []
         self.node_ips: list[str] = []
 
@@ -76,7 +78,8 @@ class RayNodes:
         ports = {"--dashboard-agent-listen-port": free_port()}
         if not self.address:
             role = ["--head", "--port=0", "--include-dashboard=false"]
-            ports |= {"--ray-client-server-port": free_port(), "--dashboard-port": free_port()}
+            self.client_port = free_port()
+            ports |= {"--ray-client-server-port": self.client_port, "--dashboard-port": free_port()}
         else:
             role = ["--address", self.address]
         command = [

@@ -353,6 +353,64 @@ def test_a_cluster_too_small_for_the_job_is_one_clear_error(ray_nodes, tmp_path)
 
 
 @needs_ray
+@pytest.mark.xdist_group("ray_nodes")
+@pytest.mark.timeout(60)
+def test_the_probe_tells_a_ray_head_from_its_ray_client_server(ray_nodes):
+    from distbelief.launch.ray_probe import GRPC_UNAUTHENTICATED, GRPC_UNIMPLEMENTED, ask_gcs
+
+    host, port = ray_nodes.address.rsplit(":", 1)
+    token = {"authorization": f"Bearer {ray_nodes.env['RAY_AUTH_TOKEN']}"}
+    assert ask_gcs(host, int(port), headers=token, timeout_s=5).status == 0
+    assert ask_gcs(host, int(port), headers={}, timeout_s=5).status == GRPC_UNAUTHENTICATED
+    client = ask_gcs(host, ray_nodes.client_port, headers=token, timeout_s=5)
+    assert client.status == GRPC_UNIMPLEMENTED
+
+
+@needs_ray
+@pytest.mark.xdist_group("ray_nodes")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["ray-client-port", "no-token"])
+def test_joining_what_is_no_ray_head_for_this_job_is_refused_at_once(ray_nodes, tmp_path, case):
+    run_dir, host = tmp_path / "run", ray_nodes.address.rsplit(":", 1)[0]
+    if case == "ray-client-port":
+        address, env = f"{host}:{ray_nodes.client_port}", ray_nodes.env
+        expected = f"no Ray head answers at {address} (a gRPC server without Ray's GCS"
+    else:
+        address, env = ray_nodes.address, {**ray_nodes.env, "RAY_AUTH_MODE": "disabled"}
+        expected = f"the Ray head at {address} refuses this process's token (InvalidAuthToken"
+    started = time.monotonic()
+    result = subprocess.run(
+        [*CLI, "train", "--cluster", "ray", "--ray-address", address, "--out", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"distbelief train: error: argument --ray-address: {expected}"), last
+    assert "Traceback" not in result.stderr and "gcs_client" not in result.stderr
+    assert time.monotonic() - started < 60  # Ray's own client took 20 s and more
+    assert not run_dir.exists()
+
+
+@needs_ray
+def test_auto_with_no_ray_running_names_the_flag(monkeypatch):
+    import ray._private.services
+
+    from distbelief.errors import ConfigFieldError
+    from distbelief.launch.ray_session import check_address
+
+    def none_running(address: str, temp_dir: str | None = None) -> str:
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray._private.services, "canonicalize_bootstrap_address", none_running)
+    with pytest.raises(ConfigFieldError, match="auto finds no Ray running on this machine") as e:
+        check_address("auto")
+    assert e.value.field == "cluster.ray_address"
+
+
+@needs_ray
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_to_the_launchers_process_group_stops_the_job_in_order(tmp_path):

@@ -81,10 +81,10 @@ class RayCluster:
 
     @classmethod
     def warm_up(cls, config: JobConfig) -> None:
-        """Checks the address and imports Ray (ConfigFieldError if it is missing)."""
+        """Imports Ray (ConfigFieldError if it is missing) and checks that a Ray head answers
+        at the address (see ``check_address``)."""
         if config.cluster.ray_address:
             check_address(config.cluster.ray_address)
-            import_ray()
         else:
             prepare_embedded()  # before Ray is imported: it reads some settings then
 

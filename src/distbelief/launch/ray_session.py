@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -21,12 +20,13 @@ from types import ModuleType
 from distbelief.config import JobConfig
 from distbelief.errors import ClusterError, ConfigFieldError
 from distbelief.launch.process_groups import in_a_process_group_of_their_own
+from distbelief.launch.ray_probe import GRPC_UNAUTHENTICATED, GRPC_UNIMPLEMENTED, ask_gcs
 
 logger = logging.getLogger(__name__)
 
 RAY_EXTRA = "pip install 'distbelief[ray]'"
 ADDRESS_CHECK_TIMEOUT_S = 5.0
-"""Longest wait for a TCP connection to the Ray head's address before a job starts."""
+"""Longest wait for the Ray head at the address to answer before a job starts."""
 OBJECT_STORE_BYTES = 128 * 1024**2
 """The embedded instance's object store: nothing big goes through Ray (parameters and
 gradients travel on the project's wire), so the smallest store Ray accepts, roughly."""
@@ -48,13 +48,17 @@ def import_ray() -> ModuleType:
 
 
 def check_address(address: str) -> None:
-    """Refuses an address Ray cannot be joined at for a job.
+    """Refuses an address Ray cannot be joined at for a job, within about
+    ``ADDRESS_CHECK_TIMEOUT_S``: Ray's own client would retry it for minutes.
 
     Raises:
-        ConfigFieldError: not HOST:PORT or auto, or nothing answers there within
-            ``ADDRESS_CHECK_TIMEOUT_S``; or a Ray Client address (ray://), whose driver runs off
-            the cluster, where the processes' event links and the shards' stats could not reach
-            it.
+        ConfigFieldError: not HOST:PORT or auto (auto: no Ray runs on this machine, nor at
+            RAY_ADDRESS); a Ray Client address (ray://), whose driver runs off the cluster,
+            where the processes' event links and the shards' stats could not reach it; no Ray
+            head answers there (nothing listens, or what answers is no gRPC server, or one
+            without Ray's GCS: Ray Client's port, say); or the head refuses this process's
+            token. Or Ray is not installed (``cluster.engine``).
+        ValueError: RAY_AUTH_MODE=token, but Ray finds no token.
     """
     if address.startswith("ray://"):
         raise ConfigFieldError(
@@ -62,20 +66,90 @@ def check_address(address: str) -> None:
             "cannot be a Ray Client address: run distbelief on a node of the cluster and give "
             f"its head's HOST:PORT (or auto), got {address!r}",
         )
-    if address == "auto":
-        return
-    host, colon, port = address.rpartition(":")
-    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
-        raise ConfigFieldError(
-            "cluster.ray_address", f"must be HOST:PORT of a Ray head, or auto, got {address!r}"
+    if address != "auto":
+        host, colon, port = address.rpartition(":")
+        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigFieldError(
+                "cluster.ray_address", f"must be HOST:PORT of a Ray head, or auto, got {address!r}"
+            )
+    import_ray()
+    found = _address_of_auto() if address == "auto" else address
+    if found is not None:  # None: this Ray cannot say where auto leads (ray.init finds out)
+        _check_head_answers(found)
+
+
+def _check_head_answers(address: str) -> None:
+    """Refuses HOST:PORT unless a Ray head's GCS answers there and accepts this process's token.
+
+    Raises:
+        ConfigFieldError: it does not (``check_address``'s cases).
+        ValueError: RAY_AUTH_MODE=token, but Ray finds no token.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        answer = ask_gcs(
+            host, int(port), headers=_auth_headers(), timeout_s=ADDRESS_CHECK_TIMEOUT_S
         )
-    try:  # before anything is written: Ray itself would retry for a minute
-        socket.create_connection((host, int(port)), timeout=ADDRESS_CHECK_TIMEOUT_S).close()
     except OSError as e:
-        reason = e.strerror or type(e).__name__
+        reason = e.strerror or str(e) or type(e).__name__
         raise ConfigFieldError(
-            "cluster.ray_address", f"no Ray head answers at {address}: {reason}"
+            "cluster.ray_address", f"no Ray head answers at {address} ({reason})"
         ) from e
+    if answer.status == GRPC_UNAUTHENTICATED:
+        raise ConfigFieldError(
+            "cluster.ray_address",
+            f"the Ray head at {address} refuses this process's token ({answer.message}): set "
+            "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token",
+        )
+    if answer.status == GRPC_UNIMPLEMENTED:
+        raise ConfigFieldError(
+            "cluster.ray_address",
+            f"no Ray head answers at {address} (a gRPC server without Ray's GCS answers there: "
+            "Ray Client's port? give the head's GCS port, 6379 by default)",
+        )
+
+
+def _address_of_auto() -> str | None:
+    """HOST:PORT of the cluster ``ray.init(address="auto")`` joins (RAY_ADDRESS, or the one
+    this machine runs); None where this Ray's version cannot say.
+
+    Raises:
+        ConfigFieldError: there is none.
+    """
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return None
+    try:
+        return canonicalize_bootstrap_address("auto")
+    except ConnectionError as e:
+        raise ConfigFieldError(
+            "cluster.ray_address",
+            "auto finds no Ray running on this machine, nor RAY_ADDRESS: start one (ray start "
+            "--head) or give its head's HOST:PORT",
+        ) from e
+
+
+def _auth_headers() -> dict[str, str]:
+    """The header Ray's client sends with each call (its token, where RAY_AUTH_MODE=token);
+    none where this Ray's version has no token authentication.
+
+    Raises:
+        ValueError: RAY_AUTH_MODE=token, but Ray finds no token.
+    """
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return {}
+    try:
+        return dict(AuthenticationTokenLoader.instance().get_token_for_http_header())
+    except AuthenticationError as e:
+        said = str(e).split(". ", 1)[0]  # Ray's first sentence; the rest is a how-to
+        raise ValueError(
+            f"RAY_AUTH_MODE=token: {said}: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or write "
+            "the cluster's token to ~/.ray/auth_token"
+        ) from None
 
 
 def _embedded_environment() -> dict[str, str]:

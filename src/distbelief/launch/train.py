@@ -368,8 +368,10 @@ def train(
         ConfigFieldError: a bad setting (a shard or worker host that is not this machine's, or
             a data set's files missing, among them), or the ray engine named where Ray is not
             installed.
-        ValueError: a data file is corrupt or a split would be empty (names the file).
-        ClusterError: the ray engine cannot join or start Ray, or place the job on it.
+        ValueError: a data file is corrupt or a split would be empty (names the file); or
+            RAY_AUTH_MODE=token where Ray finds no token.
+        ClusterError: the ray engine cannot join or start Ray, or place the job on it
+            (``field`` names the setting the cluster refuses, if one is to blame).
     """
     cluster_type = cluster_type or engine_cluster(config.cluster.engine)
     if issubclass(cluster_type, LocalCluster):

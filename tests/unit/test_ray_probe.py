@@ -1,0 +1,201 @@
+"""The probe of a Ray head's address against servers on 127.0.0.1 that are not one (an HTTP/1
+server, a listener that never answers, one that hangs up, an HTTP/2 server that never answers
+the call) and against servers that answer as Ray's do (replies recorded from Ray 2.60's GCS and
+Ray Client server): each is told apart within the probe's time, with no Ray running."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from distbelief.launch.ray_probe import (
+    GCS_METHOD,
+    GRPC_UNAUTHENTICATED,
+    GRPC_UNIMPLEMENTED,
+    GcsAnswer,
+    ask_gcs,
+)
+
+TIMEOUT_S = 2.0
+
+# A gRPC server's first frames: SETTINGS, WINDOW_UPDATE, the ACK of the client's SETTINGS.
+_GREETING = bytes.fromhex(
+    "000018040000000000000400400000000500400000000600004000fe0300000001"
+    "000004080000000000003f0001"
+    "000000040100000000"
+)
+
+
+def _frame(kind: int, flags: int, payload: bytes, stream: int = 1) -> bytes:
+    header = len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big")
+    return header + payload
+
+
+_HEADERS, _DATA, _CONTINUATION = 0x1, 0x0, 0x9
+_END_STREAM, _END_HEADERS, _PADDED = 0x1, 0x4, 0x8
+_CONTENT_TYPE = b"\x88@\x0ccontent-type\x10application/grpc"  # :status 200, then a literal
+_GCS_ANSWERS = (
+    _frame(_HEADERS, _END_HEADERS, _CONTENT_TYPE)
+    + _frame(_DATA, 0, b"\x00\x00\x00\x00\x02\x0a\x00")
+    + _frame(_HEADERS, _END_HEADERS | _END_STREAM, b"@\x0bgrpc-status\x010")
+)
+_GCS_REFUSES_THE_TOKEN = _frame(
+    _HEADERS,
+    _END_HEADERS | _END_STREAM,
+    _CONTENT_TYPE + b"\x00\x0bgrpc-status\x0216\x00\x0cgrpc-message>"
+    b"InvalidAuthToken: Authentication token is missing or incorrect",
+)
+_RAY_CLIENT_SERVER = _frame(
+    _HEADERS,
+    _END_HEADERS | _END_STREAM,
+    _CONTENT_TYPE + b"@\x0bgrpc-status\x0212\x00\x0cgrpc-message\x11Method not found!",
+)
+
+
+@pytest.fixture
+def server() -> Iterator[Callable[[Callable[[socket.socket], None]], tuple[int, list[bytes]]]]:
+    """Starts a listener on 127.0.0.1 whose one connection ``talk`` handles; returns its port
+    and what the probe sent (once ``talk`` has read it)."""
+    listeners: list[socket.socket] = []
+    threads: list[threading.Thread] = []
+
+    def start(talk: Callable[[socket.socket], None]) -> tuple[int, list[bytes]]:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+        received: list[bytes] = []
+
+        def serve() -> None:
+            with listener.accept()[0] as connection:
+                connection.settimeout(10)
+                received.append(_read_request(connection))
+                talk(connection)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return listener.getsockname()[1], received
+
+    yield start
+    for listener in listeners:
+        listener.close()
+    for thread in threads:
+        thread.join(10)
+
+
+def _read_request(connection: socket.socket) -> bytes:
+    """The probe's bytes: the preface, its SETTINGS, its HEADERS and DATA (which ends it)."""
+    data = b""
+    while not data.endswith(b"\x00\x00\x00\x00\x00"):
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _answer(reply: bytes) -> Callable[[socket.socket], None]:
+    def talk(connection: socket.socket) -> None:
+        connection.sendall(_GREETING + reply)
+        connection.recv(4096)  # the probe's SETTINGS ACK, or its end
+
+    return talk
+
+
+def test_a_ray_head_answers_and_gets_the_token(server):
+    port, received = server(_answer(_GCS_ANSWERS))
+    token = "t" * 300  # longer than one byte's length prefix holds
+    answer = ask_gcs(
+        "127.0.0.1", port, headers={"Authorization": f"Bearer {token}"}, timeout_s=TIMEOUT_S
+    )
+    assert answer == GcsAnswer(0, "")
+    assert received[0].startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert GCS_METHOD.encode() in received[0]
+    # HPACK's length of 307: 127 in the prefix, then 180 in 7-bit groups.
+    assert b"\x0dauthorization\x7f\xb4\x01Bearer " + token.encode() in received[0]
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (
+            _GCS_REFUSES_THE_TOKEN,
+            GcsAnswer(
+                GRPC_UNAUTHENTICATED,
+                "InvalidAuthToken: Authentication token is missing or incorrect",
+            ),
+        ),
+        (_RAY_CLIENT_SERVER, GcsAnswer(GRPC_UNIMPLEMENTED, "Method not found!")),
+    ],
+    ids=["gcs-without-the-token", "ray-client-server"],
+)
+def test_refusals_of_the_call_are_read(server, reply, expected):
+    port, _ = server(_answer(reply))
+    assert ask_gcs("127.0.0.1", port, headers={}, timeout_s=TIMEOUT_S) == expected
+
+
+def test_headers_split_padded_and_indexed_are_read(server):
+    # A padded HEADERS frame, its block's end in a CONTINUATION frame; the status given as a
+    # reference to the dynamic table entry an earlier literal made.
+    first = b"@\x0bgrpc-status\x0212"
+    reply = _frame(_HEADERS, _PADDED | _END_STREAM, b"\x03" + first[:5] + b"\x00\x00\x00")
+    reply += _frame(_CONTINUATION, _END_HEADERS, first[5:] + b"\xbe")
+    port, _ = server(_answer(reply))
+    assert ask_gcs("127.0.0.1", port, headers={}, timeout_s=TIMEOUT_S).status == 12
+
+
+def test_an_http1_server_is_no_ray_head():
+    http_server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=http_server.handle_request, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="it answered, but not as a gRPC server: '"):
+            ask_gcs("127.0.0.1", http_server.server_port, headers={}, timeout_s=TIMEOUT_S)
+        assert time.monotonic() - started < TIMEOUT_S
+    finally:
+        thread.join(10)
+        http_server.server_close()
+
+
+def test_a_listener_that_never_answers_is_given_up_on_in_time():
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # never accepts
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="accepted the connection but sent nothing"):
+            ask_gcs("127.0.0.1", listener.getsockname()[1], headers={}, timeout_s=TIMEOUT_S)
+        assert time.monotonic() - started < TIMEOUT_S + 5
+
+
+def test_a_server_that_hangs_up_is_no_ray_head(server):
+    port, _ = server(lambda connection: None)
+    with pytest.raises(ConnectionError, match="sent nothing before it closed the connection"):
+        ask_gcs("127.0.0.1", port, headers={}, timeout_s=TIMEOUT_S)
+
+
+def test_garbage_is_shown_as_seen(server):
+    port, _ = server(lambda connection: connection.sendall(b"hello\r\nworld"))
+    with pytest.raises(ConnectionError, match="not as a gRPC server: 'hello'"):
+        ask_gcs("127.0.0.1", port, headers={}, timeout_s=TIMEOUT_S)
+
+
+def test_an_http2_server_that_never_answers_the_call_is_given_up_on_in_time(server):
+    done = threading.Event()
+    port, _ = server(lambda connection: (connection.sendall(_GREETING), done.wait(30)))
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectionError, match="speaks HTTP/2 but did not answer"):
+            ask_gcs("127.0.0.1", port, headers={}, timeout_s=TIMEOUT_S)
+    finally:
+        done.set()
+    assert time.monotonic() - started < TIMEOUT_S + 5
+
+
+def test_nothing_listening_is_the_sockets_error():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        ask_gcs("127.0.0.1", port, headers={}, timeout_s=TIMEOUT_S)

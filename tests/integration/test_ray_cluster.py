@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -408,6 +409,59 @@ def test_auto_with_no_ray_running_names_the_flag(monkeypatch):
     with pytest.raises(ConfigFieldError, match="auto finds no Ray running on this machine") as e:
         check_address("auto")
     assert e.value.field == "cluster.ray_address"
+
+
+def _processes_naming(folder: Path) -> list[str]:
+    """Command lines of the live processes that name ``folder`` (every process of a Ray
+    instance names its temporary folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(folder) in text and _alive(int(cmdline.parent.name)):
+            found.append(text)
+    return found
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_while_the_embedded_instance_starts_leaves_nothing_behind(tmp_path):
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            *(*CLI, "train", "--cluster", "ray", "--workers", "1", "--shards", "1"),
+            *("--steps", "5", "--out", str(run_dir)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    # Ray names its session's folder after the process that starts it: this launcher's.
+    pattern = f"distbelief-ray-*/session_*_{launcher.pid}"
+    try:
+        _wait_for(
+            lambda: any(Path(tempfile.gettempdir()).glob(pattern)) or launcher.poll() is not None,
+            200,
+            "Ray's session folder",
+        )
+        sessions = list(Path(tempfile.gettempdir()).glob(pattern))
+        assert sessions, "the launcher ended before Ray started"
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=200)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+    assert launcher.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "distbelief train: stopped by signal SIGTERM"
+    temp_dir = sessions[0].parent
+    assert not temp_dir.exists()
+    assert not run_dir.exists()
+    _wait_for(lambda: not _processes_naming(temp_dir), 10, "the instance's processes to end")
 
 
 @needs_ray

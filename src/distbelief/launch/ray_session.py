@@ -15,10 +15,13 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 from distbelief.config import JobConfig
 from distbelief.errors import ClusterError, ConfigFieldError
+from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.process_groups import in_a_process_group_of_their_own
 from distbelief.launch.ray_probe import GRPC_UNAUTHENTICATED, GRPC_UNIMPLEMENTED, ask_gcs
 
@@ -203,6 +206,28 @@ def restore_environment() -> None:
     _variables_set.clear()
 
 
+_INIT_OPTIONS: dict[str, Any] = {"logging_level": logging.ERROR, "configure_logging": False}
+
+
+@contextlib.contextmanager
+def _launchers_sigterm_handler_kept(ray: ModuleType) -> Iterator[None]:
+    """``ray.init`` with the SIGTERM handler in place before it in force throughout, and after:
+    Ray's own exits the process where it stands (``sys.exit``), half-way through starting the
+    embedded instance, say, whose processes then run on with no one to stop them."""
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    setter = getattr(utils, "set_sigterm_handler", None)
+    handler = signal.getsignal(signal.SIGTERM)
+    if setter is not None:
+        utils.set_sigterm_handler = lambda _handler: None
+    try:
+        yield
+    finally:
+        if setter is not None:
+            utils.set_sigterm_handler = setter
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+
+
 class RaySession:
     """Ray, joined or started for one job; ``close`` leaves it as found.
 
@@ -212,6 +237,11 @@ class RaySession:
             connection: the job runs there.
         num_cpus: logical CPUs the job's processes ask for (the embedded instance has at least
             these, so it runs every process on this machine, as the local launcher does).
+
+    Joining waits as long as Ray's client retries the head (20 tries, from a second each to
+    about 40 s for a head that stops answering): ``check_address`` found it answering just
+    before. Ctrl-C or SIGTERM while the embedded instance starts is acted on once it has
+    started: then it is shut down and its folder removed (as after any failure to start).
 
     Raises:
         ClusterError: the cluster at the address cannot be joined (``field``:
@@ -226,36 +256,40 @@ class RaySession:
         if not self.connected_here:
             self.address: str = ray.get_runtime_context().gcs_address
             return
-        options: dict = {"logging_level": logging.ERROR, "configure_logging": False}
-        if not address:
-            self.temp_dir = tempfile.mkdtemp(prefix="distbelief-ray-")
-            options |= {
-                "num_cpus": max(os.cpu_count() or 1, num_cpus),
-                "object_store_memory": OBJECT_STORE_BYTES,
-                "include_dashboard": False,
-                "_temp_dir": self.temp_dir,
-            }
-        sigterm = signal.getsignal(signal.SIGTERM)
-        # The embedded instance's processes (GCS, raylet, ...) outside the launcher's group: a
-        # SIGTERM to that group reaches the launcher, which stops the job and then Ray.
-        starting = contextlib.nullcontext() if address else in_a_process_group_of_their_own()
         try:
-            with starting:
-                # "local": a new instance, whatever RAY_ADDRESS says.
-                context = ray.init(address=address or "local", **options)
-        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-            self.connected_here = False
+            context = self._join(ray, address) if address else self._start(ray, num_cpus)
+        except BaseException as e:
             self.close(keep_logs=False)
+            if not isinstance(e, (ConnectionError, RuntimeError, ValueError, TimeoutError)):
+                raise  # Ctrl-C, SIGTERM
             if address:
                 raise ClusterError(
                     f"cannot join Ray at {address}: {e}", field="cluster.ray_address"
                 ) from e
             raise ClusterError(f"cannot start Ray on this machine: {e}") from e
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                # Ray's handler exits the process at once; the launcher's stops the job in order.
-                signal.signal(signal.SIGTERM, sigterm)
         self.address = context.address_info["gcs_address"]
+
+    def _join(self, ray: ModuleType, address: str) -> Any:
+        with _launchers_sigterm_handler_kept(ray):
+            return ray.init(address=address, **_INIT_OPTIONS)
+
+    def _start(self, ray: ModuleType, num_cpus: int) -> Any:
+        self.temp_dir = tempfile.mkdtemp(prefix="distbelief-ray-")
+        options = _INIT_OPTIONS | {
+            "num_cpus": max(os.cpu_count() or 1, num_cpus),
+            "object_store_memory": OBJECT_STORE_BYTES,
+            "include_dashboard": False,
+            "_temp_dir": self.temp_dir,
+        }
+        # The instance's processes (GCS, raylet, ...) outside the launcher's group: a SIGTERM
+        # to that group reaches the launcher, which stops the job and then Ray.
+        with (
+            signals_deferred(),
+            _launchers_sigterm_handler_kept(ray),
+            in_a_process_group_of_their_own(),
+        ):
+            # "local": a new instance, whatever RAY_ADDRESS says.
+            return ray.init(address="local", **options)
 
     def close(self, *, keep_logs: bool) -> None:
         """Leaves Ray (what it still prints of the actors' output ends here): the embedded

@@ -30,6 +30,7 @@ from distbelief.errors import (
 )
 from distbelief.files import check_folder_can_be_made
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
+from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
 from distbelief.launch.run_lock import run_dir_locked
@@ -63,22 +64,11 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
 
 def _load_with_signals_deferred(modules: tuple[str, ...]) -> None:
     """Imports ``modules`` with SIGINT and SIGTERM only noted meanwhile, then acted on: raised
-    again once all are loaded. An exception raised by a signal handler inside a C extension's
-    initialisation can crash the interpreter: SIGTERM during orjson's made the launcher die of
-    SIGSEGV instead of stopping its job. A handler that only notes the signal raises nothing
-    there, whichever thread the signal reached."""
-    noted: list[int] = []
-    # A handler installed outside Python (getsignal: None) could not be put back: left alone.
-    wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
-    previous = {signum: signal.signal(signum, lambda n, _f: noted.append(n)) for signum in wanted}
-    try:
+    again once all are loaded. SIGTERM during orjson's initialisation made the launcher die of
+    SIGSEGV instead of stopping its job."""
+    with signals_deferred():
         for module in modules:
             importlib.import_module(module)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if noted:
-        signal.raise_signal(noted[0])
 
 
 def _counts_examples(config: JobConfig) -> bool:

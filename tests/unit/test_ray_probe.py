@@ -199,3 +199,15 @@ def test_nothing_listening_is_the_sockets_error():
         port = listener.getsockname()[1]
     with pytest.raises(ConnectionRefusedError):
         ask_gcs("127.0.0.1", port, headers={}, timeout_s=TIMEOUT_S)
+
+
+def test_a_head_that_speaks_tls_is_only_checked_to_accept_connections(monkeypatch):
+    from distbelief.errors import ConfigFieldError
+    from distbelief.launch.ray_session import _check_head_answers
+
+    monkeypatch.setenv("RAY_USE_TLS", "1")
+    with socket.create_server(("127.0.0.1", 0)) as listener:  # the probe's HTTP/2 is no TLS
+        _check_head_answers(f"127.0.0.1:{listener.getsockname()[1]}")
+        port = listener.getsockname()[1]
+    with pytest.raises(ConfigFieldError, match=f"no Ray head answers at 127.0.0.1:{port}"):
+        _check_head_answers(f"127.0.0.1:{port}")

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -90,6 +91,9 @@ def _check_head_answers(address: str) -> None:
     """
     host, _, port = address.rpartition(":")
     try:
+        if _ray_uses_tls():  # the probe speaks plain HTTP/2: a TLS head can only be reached
+            socket.create_connection((host, int(port)), timeout=ADDRESS_CHECK_TIMEOUT_S).close()
+            return
         answer = ask_gcs(
             host, int(port), headers=_auth_headers(), timeout_s=ADDRESS_CHECK_TIMEOUT_S
         )
@@ -110,6 +114,12 @@ def _check_head_answers(address: str) -> None:
             f"no Ray head answers at {address} (a gRPC server without Ray's GCS answers there: "
             "Ray Client's port? give the head's GCS port, 6379 by default)",
         )
+
+
+def _ray_uses_tls() -> bool:
+    """Whether this process's Ray speaks TLS to the cluster (``RAY_USE_TLS``, read as Ray reads
+    it)."""
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def _address_of_auto() -> str | None:

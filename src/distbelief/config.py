@@ -848,6 +848,7 @@ class JobConfig:
         return JobConfig.from_fields({**self.to_fields(), **changes})
 
     def to_json(self) -> str:
+        """The job as config.json holds it: one JSON object per section."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod

@@ -1,11 +1,17 @@
 """The package's public API: every name in ``distbelief.__all__`` resolves, the version is the
-installed one, and importing the package alone does not import torch (fast ``--help``)."""
+installed one, importing the package alone does not import torch (fast ``--help``), a bad
+argument is a typed error naming it, and every public method of a public class has a docstring
+(what ``help()`` shows)."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import inspect
+import pkgutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -119,3 +125,48 @@ def test_a_bad_argument_is_named_before_anything_is_started(index):
     call, error, message = _bad_arguments()[index]
     with pytest.raises(error, match=message):
         call()
+
+
+def _public_classes() -> dict[str, type]:
+    """Every class in ``__all__`` of the package and of each of its subpackages, by the name a
+    user imports it under."""
+    modules = ["distbelief"] + [
+        f"distbelief.{info.name}"
+        for info in pkgutil.iter_modules(distbelief.__path__)
+        if info.ispkg
+    ]
+    classes: dict[str, type] = {}
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for name in getattr(module, "__all__", ()):
+            value = getattr(module, name)
+            if inspect.isclass(value) and value.__module__.startswith("distbelief"):
+                classes.setdefault(f"{module_name}.{name}", value)
+    return classes
+
+
+def _public_methods(cls: type) -> list[str]:
+    """The public methods and properties ``cls`` or a distbelief class it derives from defines
+    (not those of torch's or the standard library's classes)."""
+    names = set()
+    for owner in cls.__mro__:
+        if owner.__module__.startswith("distbelief"):
+            names.update(
+                name
+                for name, value in vars(owner).items()
+                if not name.startswith("_")
+                and isinstance(value, property | staticmethod | classmethod | types.FunctionType)
+            )
+    return sorted(names)
+
+
+def test_every_public_method_of_a_public_class_has_a_docstring():
+    classes = _public_classes()
+    assert "distbelief.launch.LocalCluster" in classes and "distbelief.DownpourSGD" in classes
+    undocumented = [
+        f"{name}.{method}"
+        for name, cls in classes.items()
+        for method in _public_methods(cls)
+        if not inspect.getdoc(getattr(cls, method))
+    ]
+    assert undocumented == []

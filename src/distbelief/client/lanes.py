@@ -229,6 +229,7 @@ class ShardLanes:
 
     @property
     def num_shards(self) -> int:
+        """The number of shards (one address each)."""
         return len(self.addresses)
 
     @property

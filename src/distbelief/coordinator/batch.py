@@ -70,6 +70,7 @@ class BatchPlan:
         return torch.randperm(self.num_examples, generator=generator)[: self.batch_size]
 
     def to_json(self) -> dict:
+        """The plan as JSON-able settings (a checkpoint holds them)."""
         return {
             "num_examples": self.num_examples,
             "num_portions": self.num_portions,

@@ -142,6 +142,7 @@ class SandblasterLBFGS:
 
     @property
     def stop_reason(self) -> str | None:
+        """Why L-BFGS stopped (e.g. "gradient below tolerance_grad"); None while it goes on."""
         return self.state.stop_reason
 
     def state_dict(self) -> dict[str, Any]:

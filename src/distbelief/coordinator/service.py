@@ -92,6 +92,7 @@ class CoordinatorService:
         self.handlers.register(BUNDLE, WorkerConnection._bundle)
 
     def open_connection(self, peer: str) -> WorkerConnection:
+        """State for a new worker connection from ``peer`` (counted until it closes)."""
         connection = WorkerConnection(self, peer)
         with self._connections_changed:
             self._connections.add(connection)
@@ -186,6 +187,7 @@ class CoordinatorService:
 
     @property
     def num_connections(self) -> int:
+        """Workers connected now."""
         with self._connections_changed:
             return len(self._connections)
 

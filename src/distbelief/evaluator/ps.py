@@ -66,6 +66,7 @@ class PSEvaluator:
         return {"test_loss": test_loss, "test_accuracy": test_accuracy, "version": version}
 
     def close(self) -> None:
+        """Closes the connections to the shards."""
         for reader in self._readers:
             reader.client.close()
 

@@ -84,6 +84,8 @@ class LocalCluster:
 
     @classmethod
     def warm_up(cls, config: JobConfig) -> None:
+        """Starts, in the background, what starting processes will need (see
+        ``Cluster.warm_up``)."""
         warm_up(config)
 
     def __init__(self, config: JobConfig, run_dir: Path) -> None:
@@ -109,6 +111,8 @@ class LocalCluster:
 
     @property
     def faults(self) -> list[Fault]:
+        """The processes that died without reporting an error so far, and what was done
+        about each, oldest first."""
         return self.book.faults
 
     def __enter__(self) -> LocalCluster:
@@ -265,6 +269,7 @@ class LocalCluster:
             self._backlog.append(event)
 
     def finished(self, kind: ProcessKind) -> bool:
+        """Whether every process of ``kind`` has exited cleanly (or been given up on)."""
         return all(
             process.exitcode == 0 or self.book.restart_unit(spec) in self.book.given_up
             for spec, process in self.processes.values()
@@ -272,6 +277,8 @@ class LocalCluster:
         )
 
     def stop(self, kind: ProcessKind) -> None:
+        """Asks every process of ``kind`` to finish: the stop flag of its role; Downpour's workers
+        and stages, which stop on no flag, get SIGTERM."""
         self._stop_flags[kind].set()
         sandblaster = self.config.optimizer.algorithm == "sandblaster"
         downpour = kind in (ProcessKind.WORKER, ProcessKind.STAGE) and not sandblaster
@@ -281,6 +288,7 @@ class LocalCluster:
                     process.terminate()
 
     def results(self, kind: ProcessKind) -> dict[int, Any]:
+        """What each finished process of ``kind`` returned, by index."""
         return {
             spec.index: self._results[name]
             for name, (spec, _) in self.processes.items()

@@ -136,6 +136,8 @@ class RayCluster:
 
     @property
     def faults(self) -> list[Fault]:
+        """The processes that died without reporting an error so far, and what was done
+        about each, oldest first."""
         return self.book.faults
 
     def __enter__(self) -> RayCluster:
@@ -233,6 +235,7 @@ class RayCluster:
         return self.book.coordinator_address
 
     def wait_for_stage(self, rank: int, stage: int, timeout_s: float) -> str:
+        """Never called: the config refuses partitioned replicas with the ray engine."""
         raise AssertionError("the config refuses partitions with Ray")
 
     def next_event(self, timeout_s: float = _POLL_S) -> Event | None:
@@ -366,6 +369,7 @@ class RayCluster:
                 self._backlog.append(event)
 
     def finished(self, kind: ProcessKind) -> bool:
+        """Whether no process of ``kind`` is still running."""
         return not any(
             self._running(name) for name, life in self._lives.items() if life.spec.kind is kind
         )
@@ -386,6 +390,7 @@ class RayCluster:
                 self.events.send_stop(name)
 
     def results(self, kind: ProcessKind) -> dict[int, Any]:
+        """What each finished process of ``kind`` returned, by index."""
         return {
             life.spec.index: self._results[name]
             for name, life in self._lives.items()

@@ -60,6 +60,7 @@ class ReshardSummary:
     num_rows: int
 
     def line(self) -> str:
+        """The summary as one line for the terminal."""
         return (
             f"resharded {self.run_dir}: {self.old_num_shards} -> {self.num_shards} shards; "
             f"{self.num_dense_tensors} dense tensors in {self.num_folders} checkpoint folder(s), "

@@ -142,6 +142,7 @@ class ShardService:
         register_row_ops(self.handlers)
 
     def open_connection(self, peer: str) -> ShardConnection:
+        """State for a new connection from ``peer``."""
         logger.debug("shard %d: connection from %s", self.shard.shard_id, peer)
         return ShardConnection(self, peer)
 
@@ -158,10 +159,12 @@ class ShardService:
         return SliceBuffers(shard)
 
     def give_back_buffers(self, shard: ParameterShard, buffers: SliceBuffers) -> None:
+        """Returns buffers ``borrow_buffers`` lent, for the next request to reuse."""
         with self._buffers_lock:
             self._free_buffers.setdefault(shard, []).append(buffers)
 
     def count_bytes(self, received: int, sent: int) -> None:
+        """Adds one request's bytes to the totals the shard reports."""
         with self._stats_lock:
             self.bytes_received += received
             self.bytes_sent += sent

@@ -206,13 +206,17 @@ class ParameterShard:
 
     @property
     def initialized(self) -> bool:
+        """Whether the shard holds parameters (from a worker's first handshake or a
+        checkpoint)."""
         return self.store is not None
 
     @property
     def version(self) -> int:
+        """Updates applied so far (a checkpoint's count included)."""
         return self._version
 
     def counters(self) -> ShardCounters:
+        """The version, and the pushes, pulls and pushes dropped (not applied) so far."""
         return ShardCounters(self._version, self._num_pushes, self._num_pulls, self._num_dropped)
 
     def check_layout(self, specs: Sequence[TensorSpec]) -> None:
@@ -639,5 +643,6 @@ class ParameterShard:
             self.durability.finish(int(state.values["checkpoint_number"]), saved)
 
     def require_initialized(self) -> None:
+        """Raises ValueError unless the shard holds parameters."""
         if not self.initialized:
             raise ValueError(f"shard {self.shard_id} has no parameters yet: a worker must init it")

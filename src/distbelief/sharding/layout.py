@@ -27,6 +27,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
+        """Elements in the tensor."""
         count = 1
         for size in self.shape:
             count *= size
@@ -43,6 +44,7 @@ class ShardSlice:
 
     @property
     def numel(self) -> int:
+        """Elements in the slice."""
         return self.stop - self.start
 
     @property

@@ -51,6 +51,8 @@ class FlatPartitioner:
     split across shards. One contiguous slice per dtype: no gather on push or pull."""
 
     def partition(self, specs: Sequence[TensorSpec], num_shards: int) -> list[list[ShardSlice]]:
+        """Each shard's slices: an equal cut of each dtype's flat vector (see
+        ``Partitioner.partition``)."""
         sizes = group_sizes(specs)
         _check_arguments(sizes, num_shards)
         return [
@@ -64,6 +66,7 @@ class FlatPartitioner:
         ]
 
     def to_json(self) -> dict:
+        """A JSON-able description (see ``Partitioner.to_json``)."""
         return {"kind": "flat"}
 
 
@@ -83,6 +86,7 @@ class RowAlignedPartitioner:
     """
 
     def partition(self, specs: Sequence[TensorSpec], num_shards: int) -> list[list[ShardSlice]]:
+        """Each shard's slices, cut at row boundaries (see ``Partitioner.partition``)."""
         sizes = group_sizes(specs)
         _check_arguments(sizes, num_shards)
         per_shard: list[list[ShardSlice]] = [[] for _ in range(num_shards)]
@@ -100,6 +104,7 @@ class RowAlignedPartitioner:
         return per_shard
 
     def to_json(self) -> dict:
+        """A JSON-able description (see ``Partitioner.to_json``)."""
         return {"kind": "row-aligned"}
 
 
@@ -157,6 +162,7 @@ class ParameterGroupPartitioner:
         ]
 
     def to_json(self) -> dict:
+        """A JSON-able description (see ``Partitioner.to_json``)."""
         return {"kind": "parameter-group", "names": list(self.names), "inner": self.inner.to_json()}
 
 

@@ -52,10 +52,12 @@ class FanOut(ClosedOnExit):
         self.sinks = list(sinks)
 
     def write(self, record: dict) -> None:
+        """Passes ``record`` to every sink."""
         for sink in self.sinks:
             sink.write(record)
 
     def message(self, text: str) -> None:
+        """Passes ``text`` to every sink."""
         for sink in self.sinks:
             sink.message(text)
 

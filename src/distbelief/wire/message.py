@@ -45,6 +45,7 @@ class Message:
 
     @property
     def is_error(self) -> bool:
+        """Whether this is an error reply."""
         return bool(self.flags & FLAG_ERROR)
 
     def reply(self, meta: dict[str, Any] | None = None, tensors=None) -> Message:

@@ -138,6 +138,39 @@ def test_a_timeout_of_zero_is_refused_like_a_negative_one(timeout_s, monkeypatch
         DownpourSGD(model.parameters(), ps="tcp://127.0.0.1:1", timeout_s=timeout_s)
 
 
+@pytest.fixture
+def served_shard():
+    """The address of one shard (SGD, rate 0.1) served by this process, as a list."""
+    server = serve(
+        "tcp://127.0.0.1:0",
+        ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
+    )
+    try:
+        yield [server.address]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("lr", [math.nan, math.inf, 1e308])
+def test_a_rate_set_after_construction_is_refused_by_step_before_anything_changes(lr, served_shard):
+    model = _model()
+    optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard, blocking=True)
+    _train(model, optimizer, _batches(1))
+    version = optimizer.version
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.param_groups[0]["lr"] = lr  # as an LR scheduler sets it
+    images, labels = _batches(1)[0]
+    nn.functional.cross_entropy(model(images), labels).backward()
+    with pytest.raises(ValueError, match=r"^param group 0: lr must be "):
+        optimizer.step()
+    assert optimizer.num_steps == 1
+    optimizer.pull_now()
+    assert optimizer.version == version  # nothing was pushed
+    for got, want in zip(model.parameters(), before, strict=True):
+        assert torch.equal(got, want)
+    optimizer.close()
+
+
 def test_every_use_after_close_raises_closed_error_and_changes_nothing():
     server = serve(
         "tcp://127.0.0.1:0",

@@ -42,9 +42,17 @@ def test_importing_the_package_does_not_import_torch():
 
 def _bad_arguments():
     """(call, error type, message) for one obviously bad argument of each public class."""
+    import torch
     from torch import nn
 
     net = nn.Linear(2, 1)
+
+    def downpour(params=None, **options):
+        # retry_timeout_s=0: an argument let through fails fast at the unreachable shard.
+        params = net.parameters() if params is None else params
+        return distbelief.DownpourSGD(params, ps="tcp://h:1", retry_timeout_s=0, **options)
+
+    weight, bias = net.parameters()
     return [
         (lambda: distbelief.ShardedEmbedding("t", -1, 4), ValueError, "num_embeddings must be"),
         (lambda: distbelief.ShardedEmbedding("t", 10, 0), ValueError, "embedding_dim must be"),
@@ -110,10 +118,25 @@ def _bad_arguments():
             ValueError,
             "timeout_s must be <= 604800, got 1000000000.0",
         ),
+        (
+            lambda: downpour([{"params": net.parameters(), "lr": float("nan")}], lr=0.1),
+            ValueError,
+            "^param group 0: lr must be a finite number >= 0, got nan$",
+        ),
+        (
+            lambda: downpour([{"params": [weight]}, {"params": [bias], "lr": 1e308}]),
+            ValueError,
+            "^param group 1: lr must be <= 3.40282e.38, got 1e.308$",
+        ),
+        (
+            lambda: downpour([{"params": [weight], "lr": torch.tensor(0.1)}]),
+            ValueError,
+            "^param group 0: lr must be a finite number >= 0, got tensor",
+        ),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 20
+_NUM_BAD_ARGUMENTS = 23
 
 
 def test_every_bad_argument_case_runs():

@@ -84,6 +84,20 @@ def request_timeout_s(timeout_s: float | None) -> float:
     return timeout_s
 
 
+def check_rates(param_groups: list[dict]) -> None:
+    """Refuses a param group whose ``lr`` is no rate (``amount_problem``, at most ``MAX_RATE``):
+    NaN would spread to every replica through the shards, a rate past float32's range fails
+    the tensors' arithmetic.
+
+    Raises:
+        ValueError: naming the group (its index) and its ``lr``.
+    """
+    for index, group in enumerate(param_groups):
+        problem = amount_problem(group["lr"], zero_ok=True, most=MAX_RATE)
+        if problem is not None:
+            raise ValueError(f"param group {index}: lr {problem}, got {group['lr']!r}")
+
+
 def _named_params(params: list[torch.Tensor], model: nn.Module | None) -> list[tuple[str, object]]:
     names = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
     return [(names.get(id(p), f"param.{i}"), p) for i, p in enumerate(params)]
@@ -107,7 +121,8 @@ class DownpourSGD(torch.optim.Optimizer):
 
     Args:
         params: Parameters or param groups, as for ``torch.optim.SGD``.
-        lr: Local learning rate (a group may override it).
+        lr: Local learning rate (a group may override it): a finite number >= 0, as is every
+            group's, also when a scheduler changes it (checked at each step).
         n_push: Push the accrued gradient every this many steps (n_push in Dean et al. 2012).
         n_pull: Fetch fresh parameters every this many steps (n_fetch in Dean et al. 2012).
         model: The module owning ``params``; its parameter names label the shards' tensors.
@@ -162,7 +177,8 @@ class DownpourSGD(torch.optim.Optimizer):
     ``ClosedError`` after ``close()``, before it changes anything: make a new optimizer.
 
     Raises:
-        ValueError: bad hyperparameters or no shard address.
+        ValueError: bad hyperparameters (a param group's ``lr`` included, named by its
+            index) or no shard address.
         RendezvousError: no ParameterServer published its address within hold_timeout_s.
         ModelMismatchError: the shards hold a different model.
         ConsistencyMismatchError: the shards run different consistency settings, or sync
@@ -207,6 +223,7 @@ class DownpourSGD(torch.optim.Optimizer):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.compression = WireCompression.parse(wire_dtype, push_compression)
         super().__init__(params, {"lr": lr})
+        check_rates(self.param_groups)
         self.n_push, self.n_pull, self.blocking = n_push, n_pull, blocking
         self._params = [p for group in self.param_groups for p in group["params"]]
         self.specs: list[TensorSpec] = tensor_specs(_named_params(self._params, model))
@@ -279,10 +296,13 @@ class DownpourSGD(torch.optim.Optimizer):
         """Apply the gradients locally, then push and pull on schedule.
 
         Raises:
+            ValueError: a param group's ``lr`` is no rate (set since, by a scheduler say);
+                nothing is applied, pushed or counted.
             ShardTimeoutError / ShardUnavailableError / RemoteError: a past push or pull failed.
             ClosedError: called after ``close()`` (nothing is applied or counted).
         """
         self._check_open("step")
+        check_rates(self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():

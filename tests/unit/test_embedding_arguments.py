@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from distbelief.embeddings import ShardedEmbeddings
+from distbelief.embeddings import ShardedEmbeddings, swap_embeddings
 from distbelief.embeddings import tables as tables_module
-from distbelief.errors import ClosedError
+from distbelief.errors import ClosedError, ShardListError, ShardUnavailableError
 
 ADDRESS = "tcp://127.0.0.1:1"
 
@@ -82,6 +82,71 @@ def test_a_bad_argument_is_named_before_anything_is_swapped(options, error, mess
     with pytest.raises(error, match=message):
         ShardedEmbeddings(arguments.pop("model"), **arguments)
     assert isinstance(model.emb, nn.Embedding) and isinstance(model.bag, nn.EmbeddingBag)
+
+
+def _state(model: nn.Module) -> list:
+    """What a failed constructor must leave as it was: each module's path, type and settings,
+    and each tensor of the state dict."""
+    modules = [(name, type(module), repr(module)) for name, module in model.named_modules()]
+    return [modules, {name: value.clone() for name, value in model.state_dict().items()}]
+
+
+def _assert_same_state(before: list, after: list) -> None:
+    assert after[0] == before[0]
+    assert after[1].keys() == before[1].keys()
+    for name, value in before[1].items():
+        assert torch.equal(after[1][name], value), name
+
+
+class _Refusing(_NoShards):
+    """A client whose shards refuse the handshake with ``error``."""
+
+    error: Exception = ShardListError("shard 0 is shard 1 of 2")
+
+    def handshake(self) -> list[dict]:
+        raise self.error
+
+
+@pytest.mark.parametrize("option", ["padding_idx", "max_norm", "scale_grad_by_freq"])
+def test_a_refused_second_table_leaves_the_model_as_it_was(option, no_shards):
+    model = _Model()
+    model.later = nn.Embedding(10, 4, **{option: 0 if option == "padding_idx" else True})
+    before = _state(model)
+    with pytest.raises(ValueError, match=rf"^table later: {option} is not supported"):
+        ShardedEmbeddings(model, ps=ADDRESS)
+    _assert_same_state(before, _state(model))
+    with pytest.raises(ValueError, match=rf"^table later: {option} is not supported"):
+        swap_embeddings(model)
+    _assert_same_state(before, _state(model))
+
+
+@pytest.mark.parametrize(
+    ("refusal", "options"),
+    [
+        (ShardListError("shard 0 is shard 1 of 2"), {}),
+        (ShardUnavailableError("shard 0: connection refused"), {}),
+        (None, {"retry_timeout_s": float("nan")}),  # the client's own check, before connecting
+    ],
+    ids=["shard-list", "unavailable", "bad-retry-timeout"],
+)
+def test_a_failure_to_connect_leaves_the_model_as_it_was(refusal, options, monkeypatch):
+    if refusal is not None:
+        monkeypatch.setattr(_Refusing, "error", refusal)
+        monkeypatch.setattr(tables_module, "RowClient", _Refusing)
+    model = _Model()
+    before = _state(model)
+    with pytest.raises(type(refusal) if refusal else ValueError, match=str(refusal or "retry")):
+        ShardedEmbeddings(model, ps=ADDRESS, **options)
+    _assert_same_state(before, _state(model))
+    model.emb(torch.tensor([1, 2]))  # still the model's own table
+
+
+def test_a_dead_shard_leaves_the_model_as_it_was():
+    model = _Model()
+    before = _state(model)
+    with pytest.raises(ShardUnavailableError, match="rows_hello failed"):
+        ShardedEmbeddings(model, ps=ADDRESS, retry_timeout_s=0)  # nothing listens on port 1
+    _assert_same_state(before, _state(model))
 
 
 def test_tables_and_addresses_may_be_one_comma_separated_string(no_shards):

@@ -4,11 +4,13 @@
 A forward pass asks its row source for the rows of its input's distinct ids (one ``[u, D]`` leaf
 tensor) and each id's index among them, and computes the lookup on those rows, so the backward
 pass leaves in the leaf's ``grad`` each distinct id's gradient with its repeats already summed:
-exactly what a push sends. ``swap_embeddings`` puts them in place of a model's tables.
+exactly what a push sends. ``swap_embeddings`` puts them in place of a model's tables (all
+checked first, so a refusal changes nothing).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -136,11 +138,11 @@ def _sharded_like(name: str, module: nn.Module) -> _ShardedTable:
     return ShardedEmbedding(name, module.num_embeddings, module.embedding_dim)
 
 
-def swap_embeddings(model: nn.Module, names: list[str] | None = None) -> dict[str, _ShardedTable]:
-    """Replaces ``model``'s ``nn.Embedding`` and ``nn.EmbeddingBag`` modules (all of them, or
-    those at the module paths ``names``) with sharded ones, in place; a module already sharded
-    is kept. Their weights are dropped: the rows are the shards' (build huge tables on the meta
-    device so they are never allocated).
+def sharded_tables(model: nn.Module, names: list[str] | None = None) -> dict[str, _ShardedTable]:
+    """The sharded modules that would stand in for ``model``'s ``nn.Embedding`` and
+    ``nn.EmbeddingBag`` modules (all of them, or those at the module paths ``names``), without
+    changing ``model``: every table is checked before any is swapped. A module already sharded
+    is kept.
 
     Returns:
         The sharded modules by table name (the module's path in ``model``).
@@ -166,12 +168,34 @@ def swap_embeddings(model: nn.Module, names: list[str] | None = None) -> dict[st
                     "nn.EmbeddingBag"
                 )
         chosen = list(names)
-    swapped: dict[str, _ShardedTable] = {}
+    tables: dict[str, _ShardedTable] = {}
     for name in chosen:
         module = modules[name]
-        if not isinstance(module, _ShardedTable):
-            module = _sharded_like(name, module)
-            parent_name, _, attribute = name.rpartition(".")
-            setattr(modules[parent_name] if parent_name else model, attribute, module)
-        swapped[name] = module
-    return swapped
+        tables[name] = module if isinstance(module, _ShardedTable) else _sharded_like(name, module)
+    return tables
+
+
+def put_tables(model: nn.Module, tables: Mapping[str, nn.Module]) -> None:
+    """Puts each of ``tables`` into ``model`` at its module path (``sharded_tables``' names)."""
+    modules = dict(model.named_modules())
+    for name, module in tables.items():
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attribute, module)
+
+
+def swap_embeddings(model: nn.Module, names: list[str] | None = None) -> dict[str, _ShardedTable]:
+    """Replaces ``model``'s ``nn.Embedding`` and ``nn.EmbeddingBag`` modules (all of them, or
+    those at the module paths ``names``) with sharded ones, in place, all or none: a refused
+    table leaves the model as it was. A module already sharded is kept. Their weights are
+    dropped: the rows are the shards' (build huge tables on the meta device so they are never
+    allocated).
+
+    Returns:
+        The sharded modules by table name (the module's path in ``model``).
+
+    Raises:
+        ValueError: as ``sharded_tables``, before any module is replaced.
+    """
+    tables = sharded_tables(model, names)
+    put_tables(model, tables)
+    return tables

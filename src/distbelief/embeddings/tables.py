@@ -22,7 +22,7 @@ from distbelief.client import parse_addresses
 from distbelief.client.rows import RowClient
 from distbelief.config import MAX_CACHE_MB, MAX_RATE, amount_problem, amount_rule, table_names
 from distbelief.embeddings.cache import RowCache, cache_rows_for
-from distbelief.embeddings.modules import check_ids, swap_embeddings
+from distbelief.embeddings.modules import check_ids, put_tables, sharded_tables
 from distbelief.errors import ClosedError
 from distbelief.optim.downpour import AUTH_KEY_FILE_ENV, PS_ADDRESS_ENV, request_timeout_s
 from distbelief.wire.security import WireSecurity, read_key_file
@@ -129,8 +129,9 @@ class ShardedEmbeddings:
 
     Args:
         model: Its ``nn.Embedding``/``nn.EmbeddingBag`` modules (all, or those ``tables``
-            names) are replaced in place by sharded ones; build the model's big tables on the
-            meta device so they are never allocated. Build ``DownpourSGD`` on
+            names) are replaced in place by sharded ones, once every table is checked and
+            the shards are reached (a refusal leaves the model as it was); build the model's
+            big tables on the meta device so they are never allocated. Build ``DownpourSGD`` on
             ``model.parameters()`` after this, so it takes only the dense parameters.
         ps: Shard addresses, a list or comma-separated, as for ``DownpourSGD`` (default:
             ``DISTBELIEF_PS``).
@@ -182,7 +183,9 @@ class ShardedEmbeddings:
             if value is not None:
                 _check_names(name, value)
         names = table_names(tables)
-        self.modules = swap_embeddings(model, list(names) if names is not None else None)
+        # Every table is checked and the shards reached before the model is changed: a refusal
+        # leaves the user's model as it was.
+        self.modules = sharded_tables(model, list(names) if names is not None else None)
         if not self.modules:
             raise ValueError("the model has no nn.Embedding or nn.EmbeddingBag to shard")
         self.lr, self.n_push, self.n_pull, self.blocking = lr, n_push, n_pull, blocking
@@ -209,6 +212,7 @@ class ShardedEmbeddings:
             for name, dim in self.dims.items()
             if cache_rows_for(budget, dim) > 0
         }
+        put_tables(model, self.modules)
         for module in self.modules.values():
             module.source = self
         self.num_steps = 0

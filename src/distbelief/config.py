@@ -90,6 +90,21 @@ def _is_count(value: object) -> bool:
     return type(value) is int and 0 <= value <= _MAX_COUNT
 
 
+def check_count(name: str, value: object, *, least: int = 1) -> None:
+    """Refuses ``value`` as a count of at least ``least`` (``_is_count``: a bool is no count).
+
+    Raises:
+        ValueError: it is not, naming ``name``.
+    """
+    if type(value) is int and value > _MAX_COUNT:
+        rule = f"an integer <= {_MAX_COUNT}"
+    elif not _is_count(value) or value < least:  # type: ignore[operator]
+        rule = f"an integer >= {least}"
+    else:
+        return
+    raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
 MAX_WAIT_S = 7 * 24 * 3600.0
 """The longest time a setting may give (a week): waits of centuries overflow the clocks that
 bound them (a socket's, a lock's, a deadline's time_t)."""
@@ -677,6 +692,10 @@ class JobConfig:
     """Run folder, evaluations, metric records."""
 
     def __post_init__(self) -> None:
+        for section, section_type in _section_types().items():
+            value = getattr(self, section)
+            if not isinstance(value, section_type):
+                raise TypeError(f"{section} must be a {section_type.__name__}, got {value!r}")
         num_workers = self.cluster.num_workers
         backup_workers = self.consistency.backup_workers
         if backup_workers >= num_workers:

@@ -14,6 +14,7 @@ from distbelief.config import (
     JobConfig,
     OptimizerConfig,
     amount_problem,
+    check_count,
     dotted_fields,
     is_amount,
 )
@@ -292,3 +293,28 @@ def test_an_amount_may_have_a_ceiling():
     assert amount_problem(-1.0, most=MAX_WAIT_S) == "must be a finite number > 0"
     assert amount_problem(0.5, most=MAX_WAIT_S) is None
     assert not is_amount(1e39, zero_ok=True, most=MAX_RATE)
+
+
+@pytest.mark.parametrize("section", [item.name for item in dataclasses.fields(JobConfig)])
+def test_a_section_of_the_wrong_type_is_a_type_error_naming_it(section):
+    section_type = type(getattr(JobConfig(), section)).__name__
+    with pytest.raises(TypeError, match=rf"^{section} must be a {section_type}, got 5$"):
+        JobConfig(**{section: 5})
+    with pytest.raises(TypeError, match=rf"^{section} must be a {section_type}, got \{{\}}$"):
+        JobConfig(**{section: {}})  # a section's fields as a dict: from_fields takes those
+
+
+@pytest.mark.parametrize(
+    ("value", "least", "problem"),
+    [
+        (True, 1, "an integer >= 1, got True"),
+        (0, 1, "an integer >= 1, got 0"),
+        (-1, 0, "an integer >= 0, got -1"),
+        (1.5, 0, "an integer >= 0, got 1.5"),
+        (2**31, 0, "an integer <= 2147483647, got 2147483648"),
+    ],
+)
+def test_a_count_is_an_int_in_range_and_never_a_bool(value, least, problem):
+    with pytest.raises(ValueError, match=rf"^n_push must be {problem}$"):
+        check_count("n_push", value, least=least)
+    check_count("n_push", least, least=least)

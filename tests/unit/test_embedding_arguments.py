@@ -70,10 +70,15 @@ def no_shards(monkeypatch):
         ({"tables": ","}, ValueError, "tables must name at least one module"),
         ({"model": None}, TypeError, "model must be a torch.nn.Module, got NoneType"),
         ({"timeout_s": 0}, ValueError, "timeout_s must be a finite number > 0, got 0"),
+        ({"n_push": True}, ValueError, "^n_push must be an integer >= 1, got True$"),
+        ({"n_pull": True}, ValueError, "^n_pull must be an integer >= 1, got True$"),
+        ({"n_pull": 0}, ValueError, "^n_pull must be an integer >= 1, got 0$"),
+        ({"auth_key": 123}, TypeError, "^auth_key must be bytes or a str .* got 123$"),
     ],
     ids=[
         *("cache-nan", "cache-inf", "cache-str", "lr-str", "lr-nan", "ps-int", "ps-item"),
-        *("tables-int", "tables-empty", "model-none", "timeout-zero"),
+        *("tables-int", "tables-empty", "model-none", "timeout-zero", "push-bool", "pull-bool"),
+        *("pull-zero", "key-int"),
     ],
 )
 def test_a_bad_argument_is_named_before_anything_is_swapped(options, error, message, no_shards):
@@ -82,6 +87,15 @@ def test_a_bad_argument_is_named_before_anything_is_swapped(options, error, mess
     with pytest.raises(error, match=message):
         ShardedEmbeddings(arguments.pop("model"), **arguments)
     assert isinstance(model.emb, nn.Embedding) and isinstance(model.bag, nn.EmbeddingBag)
+
+
+def test_settings_from_the_environment_are_named_when_bad_or_missing(no_shards, monkeypatch):
+    monkeypatch.delenv("DISTBELIEF_PS", raising=False)
+    with pytest.raises(ValueError, match=r"^no parameter-server address given: pass ps= or set "):
+        ShardedEmbeddings(_Model())
+    monkeypatch.setenv("DISTBELIEF_TIMEOUT_S", "abc")
+    with pytest.raises(ValueError, match=r"^DISTBELIEF_TIMEOUT_S 'abc': must be a finite number"):
+        ShardedEmbeddings(_Model(), ps=ADDRESS)
 
 
 def _state(model: nn.Module) -> list:

@@ -133,10 +133,25 @@ def _bad_arguments():
             ValueError,
             "^param group 0: lr must be a finite number >= 0, got tensor",
         ),
+        (lambda: downpour(auth_key=123), TypeError, "^auth_key must be bytes or a str .* got 123$"),
+        (lambda: downpour(n_push=True), ValueError, "^n_push must be an integer >= 1, got True$"),
+        (lambda: downpour(n_pull=True), ValueError, "^n_pull must be an integer >= 1, got True$"),
+        (lambda: downpour(n_push=2**40), ValueError, "^n_push must be an integer <= 2147483647"),
+        (
+            lambda: downpour(start_after_version=-1),
+            ValueError,
+            "^start_after_version must be an integer >= 0, got -1$",
+        ),
+        (
+            lambda: downpour(start_after_version=1.5),
+            ValueError,
+            "^start_after_version must be an integer >= 0, got 1.5$",
+        ),
+        (lambda: distbelief.JobConfig(cluster=5), TypeError, "^cluster must be a ClusterConfig"),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 23
+_NUM_BAD_ARGUMENTS = 30
 
 
 def test_every_bad_argument_case_runs():
@@ -148,6 +163,17 @@ def test_a_bad_argument_is_named_before_anything_is_started(index):
     call, error, message = _bad_arguments()[index]
     with pytest.raises(error, match=message):
         call()
+
+
+def test_no_shard_address_names_both_ways_to_give_one(monkeypatch):
+    from torch import nn
+
+    monkeypatch.delenv("DISTBELIEF_PS", raising=False)
+    with pytest.raises(ValueError, match=r"^no parameter-server address given: pass ps= or set "):
+        distbelief.DownpourSGD(nn.Linear(2, 1).parameters())
+    monkeypatch.setenv("DISTBELIEF_PS", " , ")
+    with pytest.raises(ValueError, match=r"set DISTBELIEF_PS \(e\.g\. tcp://127\.0\.0\.1:7000\)"):
+        distbelief.DownpourSGD(nn.Linear(2, 1).parameters())
 
 
 def _public_classes() -> dict[str, type]:

@@ -18,13 +18,19 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from distbelief.client import parse_addresses
 from distbelief.client.rows import RowClient
-from distbelief.config import MAX_CACHE_MB, MAX_RATE, amount_problem, amount_rule, table_names
+from distbelief.config import (
+    MAX_CACHE_MB,
+    MAX_RATE,
+    amount_problem,
+    amount_rule,
+    check_count,
+    table_names,
+)
 from distbelief.embeddings.cache import RowCache, cache_rows_for
 from distbelief.embeddings.modules import check_ids, put_tables, sharded_tables
 from distbelief.errors import ClosedError
-from distbelief.optim.downpour import AUTH_KEY_FILE_ENV, PS_ADDRESS_ENV, request_timeout_s
+from distbelief.optim.downpour import AUTH_KEY_FILE_ENV, _key_bytes, ps_addresses, request_timeout_s
 from distbelief.wire.security import WireSecurity, read_key_file
 
 _MB = 1 << 20
@@ -167,15 +173,15 @@ class ShardedEmbeddings:
         timeout_s: float | None = None,
         retry_timeout_s: float = 60.0,
         worker_id: str | None = None,
-        auth_key: bytes | None = None,
+        auth_key: bytes | str | None = None,
         security: WireSecurity | None = None,
         source_host: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         for name, value in (("n_push", n_push), ("n_pull", n_pull)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(name, value)
+        auth_key = _key_bytes(auth_key)
         _check_amount("row_cache_mb", row_cache_mb, MAX_CACHE_MB)
         _check_amount("lr", lr, MAX_RATE)
         timeout_s = request_timeout_s(timeout_s)
@@ -193,7 +199,7 @@ class ShardedEmbeddings:
         if auth_key is None and security is None and os.environ.get(AUTH_KEY_FILE_ENV):
             auth_key = read_key_file(os.environ[AUTH_KEY_FILE_ENV])
         self.client = RowClient(
-            parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, ""), "ps"),
+            ps_addresses(ps),
             self.dims,
             timeout_s=timeout_s,
             retry_timeout_s=retry_timeout_s,

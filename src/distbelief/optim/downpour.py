@@ -23,7 +23,7 @@ from torch import nn
 
 from distbelief.client import ParameterServerClient, parse_addresses
 from distbelief.client.compression import EncodedPush, PushCompressor
-from distbelief.config import MAX_RATE, MAX_WAIT_S, amount_problem, check_wait
+from distbelief.config import MAX_RATE, MAX_WAIT_S, amount_problem, check_count, check_wait
 from distbelief.errors import ClosedError, PSError, RendezvousError
 from distbelief.optim.device_copies import DeviceCopies
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
@@ -52,6 +52,10 @@ def _key_bytes(auth_key: bytes | str | None) -> bytes | None:
     (``distbelief keygen`` writes one; its text read as str or bytes is taken as that key)."""
     if auth_key is None:
         return None
+    if not isinstance(auth_key, bytes | str):
+        raise TypeError(
+            f"auth_key must be bytes or a str (a key file's hex text), got {auth_key!r}"
+        )
     text = auth_key.decode("ascii", "replace") if isinstance(auth_key, bytes) else auth_key
     try:
         return bytes.fromhex(text.strip())
@@ -82,6 +86,25 @@ def request_timeout_s(timeout_s: float | None) -> float:
     if problem is not None:
         raise ValueError(f"{TIMEOUT_ENV} {text!r}: {problem} (seconds)")
     return timeout_s
+
+
+def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
+    """The shard addresses of ``ps`` (a list or comma-separated), or when not given (None)
+    ``DISTBELIEF_PS``'s.
+
+    Raises:
+        TypeError: ``ps`` is neither a str nor a list of str.
+        ValueError: no address given, by either.
+    """
+    if ps is not None:
+        return parse_addresses(ps, "ps")
+    text = os.environ.get(PS_ADDRESS_ENV, "")
+    if not text.replace(",", "").strip():
+        raise ValueError(
+            f"no parameter-server address given: pass ps= or set {PS_ADDRESS_ENV} "
+            "(e.g. tcp://127.0.0.1:7000)"
+        )
+    return parse_addresses(text, PS_ADDRESS_ENV)
 
 
 def check_rates(param_groups: list[dict]) -> None:
@@ -134,7 +157,8 @@ class DownpourSGD(torch.optim.Optimizer):
             reproducibility and parity tests); default overlaps them with compute.
         worker_id: This replica's name at the shards (liveness, SSP clocks); default unique.
         start_after_version: Warmstart: wait until the shards have applied this many updates
-            (from another replica) before starting from their parameters.
+            (from another replica) before starting from their parameters: an int >= 0
+            (0 or None: start at once).
         hold_timeout_s: Longest a pull may be held by the shards (SSP, sync rounds) or a
             warmstart may wait before ShardTimeoutError, and the longest to wait for a
             ParameterServer to publish its address (it may still be loading its data).
@@ -178,7 +202,8 @@ class DownpourSGD(torch.optim.Optimizer):
 
     Raises:
         ValueError: bad hyperparameters (a param group's ``lr`` included, named by its
-            index) or no shard address.
+            index) or no shard address (neither ``ps`` nor ``DISTBELIEF_PS``).
+        TypeError: ``ps``, ``worker_id`` or ``auth_key`` of the wrong type.
         RendezvousError: no ParameterServer published its address within hold_timeout_s.
         ModelMismatchError: the shards hold a different model.
         ConsistencyMismatchError: the shards run different consistency settings, or sync
@@ -198,7 +223,7 @@ class DownpourSGD(torch.optim.Optimizer):
         timeout_s: float | None = None,
         blocking: bool = False,
         worker_id: str | None = None,
-        start_after_version: int = 0,
+        start_after_version: int | None = 0,
         hold_timeout_s: float = 300.0,
         retry_timeout_s: float = 60.0,
         auth_key: bytes | str | None = None,
@@ -219,8 +244,10 @@ class DownpourSGD(torch.optim.Optimizer):
         if num_workers is not None:
             counts["num_workers"] = num_workers
         for name, value in counts.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            check_count(name, value)
+        if start_after_version is None:
+            start_after_version = 0
+        check_count("start_after_version", start_after_version, least=0)
         self.compression = WireCompression.parse(wire_dtype, push_compression)
         super().__init__(params, {"lr": lr})
         check_rates(self.param_groups)
@@ -243,7 +270,7 @@ class DownpourSGD(torch.optim.Optimizer):
             self._server = GroupStore().find_server(hold_timeout_s)
             ps, auth_key = self._server.address, auth_key or self._server.auth_key
         self.client = ParameterServerClient(
-            parse_addresses(ps if ps is not None else os.environ.get(PS_ADDRESS_ENV, ""), "ps"),
+            ps_addresses(ps),
             self.specs,
             timeout_s=request_timeout_s(timeout_s),
             worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",

@@ -1,12 +1,20 @@
 """DownpourSGD against real shards on 127.0.0.1 (processes, or served by the test itself)."""
 
 import math
+import os
+import threading
+import time
 
 import pytest
 import torch
 from torch import nn
 
-from distbelief.errors import ClosedError, ModelMismatchError, ShardListError
+from distbelief.errors import (
+    ClosedError,
+    ModelMismatchError,
+    ShardListError,
+    ShardTimeoutError,
+)
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.wire import serve
@@ -196,5 +204,53 @@ def test_every_use_after_close_raises_closed_error_and_changes_nothing():
         for got, want in zip(model.parameters(), before, strict=True):
             assert torch.equal(got, want)
         optimizer.close()  # closing twice does nothing
+    finally:
+        server.stop()
+
+
+def _lane_threads() -> int:
+    return sum(thread.name.startswith("ps-shard") for thread in threading.enumerate())
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _settled(count, want: int, within_s: float = 30.0) -> int:
+    """``count()`` once it has come down to ``want`` (closed sockets and ended threads go
+    on their own time), or its value after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while (now := count()) > want and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now
+
+
+@pytest.mark.parametrize(
+    ("hidden", "options", "error"),
+    [
+        (25, {}, ModelMismatchError),
+        (24, {"start_after_version": 5, "hold_timeout_s": 1}, ShardTimeoutError),
+    ],
+    ids=["another-model", "warmstart-timeout"],
+)
+def test_a_failed_constructor_leaves_no_thread_or_socket(hidden, options, error):
+    server = serve(
+        "tcp://127.0.0.1:0",
+        ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
+    )
+    try:
+        model = _model()
+        DownpourSGD(model.parameters(), model=model, ps=[server.address], timeout_s=5).close()
+        assert _settled(lambda: server.num_connections, 0) == 0  # the server's end closed too
+        threads, descriptors = _lane_threads(), _open_descriptors()
+        for _ in range(3):
+            failing = _model(hidden=hidden)
+            with pytest.raises(error):
+                DownpourSGD(
+                    failing.parameters(), model=failing, ps=[server.address], timeout_s=5, **options
+                )
+        assert _settled(_lane_threads, threads) == threads
+        assert _settled(lambda: server.num_connections, 0) == 0
+        assert _settled(_open_descriptors, descriptors) <= descriptors
     finally:
         server.stop()

@@ -285,6 +285,19 @@ class DownpourSGD(torch.optim.Optimizer):
             pull_changes=self.compression.topk_fraction is not None,
             num_workers=num_workers,
         )
+        try:
+            self._join_shards(start_after_version, hold_timeout_s)
+        except BaseException:
+            # No optimizer is returned to close: its I/O threads and sockets would outlive it.
+            self.client.close(wait=False)
+            raise
+        if self._server is not None:
+            # Seed scripts never call close(); the server waits for it to stop by itself.
+            atexit.register(self._close_at_exit)
+
+    def _join_shards(self, start_after_version: int, hold_timeout_s: float) -> None:
+        """Handshake (initialising empty shards from the model), wait for a warmstart's
+        version, pull the shards' parameters."""
         self._compressor = (
             PushCompressor(self.compression, self.client.slices)
             if self.compression.lossy_push
@@ -298,9 +311,6 @@ class DownpourSGD(torch.optim.Optimizer):
         if start_after_version > 0:
             self.client.wait_for_version(start_after_version, hold_timeout_s)
         self.pull_now()
-        if self._server is not None:
-            # Seed scripts never call close(); the server waits for it to stop by itself.
-            atexit.register(self._close_at_exit)
 
     def _allocate_buffers(self, device: torch.device) -> None:
         """The accrued gradient on ``device``; the wire's outbox and inbox in host memory,

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from distbelief.client import ParameterServerClient
-from distbelief.errors import ProtocolError, PSError
+from distbelief.errors import AuthenticationError, ProtocolError, PSError
+from distbelief.launch.cli import main as cli_main
 from distbelief.optim import DownpourSGD
+from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.wire import Message, connect, ops, serve
 from distbelief.wire.channels import dial, local_address
 from distbelief.wire.channels.shm import ShmChannel
@@ -50,6 +52,49 @@ def test_only_key_holders_get_in(scheme):
         stranger = connect(server.address, name="shard", security=WireSecurity(auth_key=b"x" * 32))
         with pytest.raises(ProtocolError, match="refused this job key"):
             stranger.request(Message(ops.HELLO), timeout_s=5)
+    finally:
+        server.stop()
+
+
+def test_a_key_given_to_a_shard_without_one_is_refused_at_once(scheme):
+    server = serve(local_address(scheme), EchoService())
+    try:
+        keyed = connect(server.address, name="shard", security=WireSecurity(auth_key=b"x" * 32))
+        with pytest.raises(AuthenticationError, match="the shard does not use a job key"):
+            keyed.request(Message(ops.HELLO), timeout_s=30)
+        anonymous = connect(server.address, name="shard")  # still served as before
+        assert anonymous.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
+        assert type(anonymous._channel) is {"tcp": TcpChannel, "shm": ShmChannel}[scheme]
+        anonymous.close()
+    finally:
+        server.stop()
+
+
+def test_downpour_with_a_key_against_a_shard_without_one_is_not_retried(tmp_path, capsys):
+    server = serve(
+        "tcp://127.0.0.1:0",
+        ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
+    )
+    try:
+        model = _model()
+        started = time.monotonic()
+        with pytest.raises(AuthenticationError, match="start it with --auth-key-file"):
+            DownpourSGD(
+                model.parameters(),
+                model=model,
+                ps=[server.address],
+                auth_key=b"x" * 32,
+                retry_timeout_s=60,
+            )
+        assert time.monotonic() - started < 30  # refused, not retried for retry_timeout_s
+        key_file = write_key_file(tmp_path / "job.key")
+        worker = ["worker", "--ps", server.address, "--rank", "0", "--num-workers", "1"]
+        assert cli_main([*worker, "--steps", "1", "--auth-key-file", str(key_file)]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.endswith(
+            "the shard does not use a job key: start it with --auth-key-file, or give the "
+            "worker none"
+        )
     finally:
         server.stop()
 

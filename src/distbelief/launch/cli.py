@@ -522,7 +522,8 @@ def _run_command(args: argparse.Namespace) -> int:
             if key_file
             else "with --auth-key-file FILE"
         )
-        print(f"{prefix}: error: {e} ({hint})", file=sys.stderr)
+        said = str(e) if "--auth-key-file" in str(e) else f"{e} ({hint})"  # named already
+        print(f"{prefix}: error: {said}", file=sys.stderr)
         return EXIT_USAGE
     except ShardListError as e:  # only --ps names shards by hand
         _traceback_if_verbose(args)

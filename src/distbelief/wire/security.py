@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from distbelief.wire.channels import Channel
 
 AUTH_MAGIC = b"DBLA"
+"""Opens what each side of the handshake says first: the shard's challenge, and the client's
+announcement that it holds a job key (sent before the challenge arrives)."""
+NO_KEY_MAGIC = b"DBLN"
+"""What a shard that uses no job key answers a client's announcement with, before it hangs up:
+the client fails at once rather than wait for a challenge that never comes."""
 NONCE_BYTES = 32
 KEY_BYTES = 32
 _DIGEST = "sha256"
@@ -127,8 +132,9 @@ def accept_peer(channel: Channel, key: bytes, timeout_s: float) -> None:
     check_answer(channel, key, send_challenge(channel), timeout_s)
 
 
-ANSWER_BYTES = _DIGEST_BYTES + NONCE_BYTES
-"""What a peer answers the challenge with: its proof and its own challenge."""
+ANSWER_BYTES = len(AUTH_MAGIC) + _DIGEST_BYTES + NONCE_BYTES
+"""What a peer sends a keyed shard: its announcement, then its answer to the challenge (its
+proof and its own challenge)."""
 
 
 def send_challenge(channel: Channel) -> bytes:
@@ -148,24 +154,44 @@ def check_answer(channel: Channel, key: bytes, challenge: bytes, timeout_s: floa
         OSError / TimeoutError: the connection failed or the peer was too slow.
     """
     answer = _recv_exact(channel, ANSWER_BYTES, time.monotonic() + timeout_s)
-    if not hmac.compare_digest(answer[:_DIGEST_BYTES], _mac(key, b"client", challenge)):
+    announced, proof = answer[: len(AUTH_MAGIC)], answer[len(AUTH_MAGIC) :]
+    if announced != AUTH_MAGIC or not hmac.compare_digest(
+        proof[:_DIGEST_BYTES], _mac(key, b"client", challenge)
+    ):
         raise AuthenticationError("peer failed authentication (wrong or missing job key)")
-    channel.sendall(_mac(key, b"server", answer[_DIGEST_BYTES:]))
+    channel.sendall(_mac(key, b"server", proof[_DIGEST_BYTES:]))
+
+
+def refuse_announced_key(channel: Channel) -> None:
+    """Server side, for a shard without a job key: tell a peer that announced one (its first
+    bytes, already read) that this shard uses none."""
+    channel.sendall(NO_KEY_MAGIC)
 
 
 def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> None:
-    """Client side: answer the shard's challenge and check the shard's own proof.
+    """Client side: announce a key, answer the shard's challenge and check the shard's own
+    proof.
 
     Raises:
-        ProtocolError: the server is not a distbelief shard of this job.
+        AuthenticationError: the shard uses no job key, refused this one, or does not hold it.
+        ProtocolError: the server is not a distbelief shard.
         OSError / TimeoutError: the connection failed or the server was too slow.
     """
     deadline = time.monotonic() + timeout_s
-    hello = _recv_exact(channel, len(AUTH_MAGIC) + NONCE_BYTES, deadline)
-    if hello[: len(AUTH_MAGIC)] != AUTH_MAGIC:
+    # Said first: a shard without a key, which waits for the client to speak, answers it at
+    # once with NO_KEY_MAGIC; a keyed shard has sent its challenge already.
+    channel.sendall(AUTH_MAGIC)
+    magic = _recv_exact(channel, len(AUTH_MAGIC), deadline)
+    if magic == NO_KEY_MAGIC:
+        raise AuthenticationError(
+            "the shard does not use a job key: start it with --auth-key-file, or give the "
+            "worker none"
+        )
+    if magic != AUTH_MAGIC:
         raise ProtocolError("server does not ask for authentication: not a secured shard")
+    challenge = _recv_exact(channel, NONCE_BYTES, deadline)
     nonce = secrets.token_bytes(NONCE_BYTES)
-    channel.sendall(_mac(key, b"client", hello[len(AUTH_MAGIC) :]) + nonce)
+    channel.sendall(_mac(key, b"client", challenge) + nonce)
     try:
         proof = _recv_exact(channel, _DIGEST_BYTES, deadline)
     except ConnectionResetError as e:

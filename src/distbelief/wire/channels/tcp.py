@@ -8,15 +8,17 @@ import contextlib
 import socket
 import ssl
 
-from distbelief.errors import BindError, ProtocolError
+from distbelief.errors import AuthenticationError, BindError, ProtocolError
 from distbelief.hosts import check_local_host
 from distbelief.wire.channels import register_channel
 from distbelief.wire.security import (
     ANSWER_BYTES,
+    AUTH_MAGIC,
     WireSecurity,
     accept_peer,
     authenticate_to_server,
     check_answer,
+    refuse_announced_key,
     send_challenge,
 )
 
@@ -158,11 +160,15 @@ class TcpIncoming:
         Raises:
             OSError: the peer is gone already.
         """
-        reply_bytes = 1  # without a challenge, the peer speaks first (a frame, or TLS)
+        reply_bytes = 1  # TLS's ClientHello
         if self._tls is None and self._auth_key is not None:
             self._sock.settimeout(_GREETING_TIMEOUT_S)
             self._challenge = send_challenge(self._sock)
             reply_bytes = ANSWER_BYTES
+        elif self._tls is None:
+            # Without a challenge the peer speaks first: a frame, a request for shared memory,
+            # or the announcement of a key (each at least this long), which open() looks at.
+            reply_bytes = len(AUTH_MAGIC)
         # Poll reports the socket readable only once this many bytes wait in it: a peer that
         # sends part of its answer and stalls costs no thread either.
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, reply_bytes)
@@ -185,6 +191,8 @@ class TcpIncoming:
                     self._authenticate(timeout_s)
                 except (ProtocolError, OSError) as e:
                     raise ProtocolError(f"refused unauthenticated peer {self.peer}: {e}") from e
+            elif self._tls is None:
+                self._refuse_an_announced_key(timeout_s)
         except BaseException:
             _close(self._sock)
             raise
@@ -197,6 +205,28 @@ class TcpIncoming:
         else:
             self._sock.settimeout(timeout_s)
             check_answer(self._sock, self._auth_key, self._challenge, timeout_s)
+
+    def _refuse_an_announced_key(self, timeout_s: float) -> None:
+        """No job key here: a peer whose first bytes announce one is told so, not left waiting
+        for a challenge. Other first bytes (a frame, a request for shared memory) are only
+        peeked at, and stay for the layers above. (Inside TLS nothing can be peeked at: a
+        shard with TLS and no key leaves such a peer to its timeout.)
+
+        Raises:
+            AuthenticationError: the peer announced a key.
+            OSError / TimeoutError: the connection failed or the peer was too slow.
+        """
+        self._sock.settimeout(timeout_s)
+        first = self._sock.recv(len(AUTH_MAGIC), socket.MSG_PEEK | socket.MSG_WAITALL)
+        if first != AUTH_MAGIC:
+            return
+        # Read, not only peeked: closing over unread bytes resets the connection, and the
+        # peer could lose the answer.
+        self._sock.recv(len(AUTH_MAGIC))
+        refuse_announced_key(self._sock)
+        raise AuthenticationError(
+            f"refused peer {self.peer}: it gives a job key, and this shard uses none"
+        )
 
     def shutdown(self) -> None:
         _shutdown(self._sock)

@@ -110,14 +110,17 @@ def build_net(args: argparse.Namespace, dataset: ArrayDataset) -> nn.Module:
 def run_server(args: argparse.Namespace) -> None:
     test_set = load_dataset(args.dataset, split="test", data_dir=args.data_dir)
     net = build_net(args, test_set)
-    summary = ParameterServer(net).run()  # returns once every node has finished
-    if not summary["finished"]:
+    # Returns once every node has finished, or is lost (killed, say).
+    summary = ParameterServer(net, join_timeout_s=args.join_timeout).run()
+    if not summary["finished"] and not summary["lost_ranks"]:
         raise KeyboardInterrupt  # stopped before the nodes were done
     _, test_accuracy = evaluate(net, test_set)
     print(
         f"server: {summary['version']} updates applied, test accuracy {test_accuracy:.4f}",
         flush=True,
     )
+    if summary["lost_ranks"]:
+        raise SystemExit(f"server: ranks {summary['lost_ranks']} left before they finished")
 
 
 def run_node(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -114,11 +115,11 @@ def test_bad_values_are_one_line_and_exit_2(tmp_path, argv, message):
     assert result.stderr.count("error:") == 1
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_a_node_stopped_with_ctrl_c_leaves_and_the_others_end_by_themselves(tmp_path):
-    """Ctrl-C on one node: it tells the server it is done and exits 130 with one line; the
-    other node trains on, and the server ends when it finishes (it waited forever before)."""
+def _stop_node_1_while_training(
+    tmp_path: Path, stop: Callable[[subprocess.Popen], None]
+) -> tuple[list[subprocess.Popen], list[tuple[str, str]]]:
+    """The server and two nodes, ``stop`` applied to node 1 once it trains; returns the
+    processes (ended) and what each wrote (stdout, stderr)."""
     common = ["--port", str(free_port()), "--world-size", "3", "--out", str(tmp_path)]
     flags = [*OFFLINE, "--model", "mlp", "--log-interval", "1", *common]
     commands = [["--rank", "0", "--server", *flags]]
@@ -126,15 +127,41 @@ def test_a_node_stopped_with_ctrl_c_leaves_and_the_others_end_by_themselves(tmp_
     processes = start_scripts([[str(EXAMPLE), *command] for command in commands])
     try:
         _wait_until_training(processes[1], tmp_path / "node1")
-        processes[1].send_signal(signal.SIGINT)
+        stop(processes[1])
         outputs = [process.communicate(timeout=300) for process in processes]
     finally:
         stop_processes(processes)
+    return processes, outputs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_node_stopped_with_ctrl_c_leaves_and_the_others_end_by_themselves(tmp_path):
+    """Ctrl-C on one node: it tells the server it is done and exits 130 with one line; the
+    other node trains on, and the server ends when it finishes (it waited forever before)."""
+    processes, outputs = _stop_node_1_while_training(
+        tmp_path, lambda node: node.send_signal(signal.SIGINT)
+    )
     assert processes[1].returncode == 130
     assert outputs[1][1].strip().splitlines()[-1] == "main.py: interrupted"
     assert "Traceback" not in outputs[1][1]
     assert [processes[0].returncode, processes[2].returncode] == [0, 0], outputs[0][1][-2000:]
     assert "server:" in outputs[0][0] and "updates applied" in outputs[0][0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_killed_node_is_lost_and_the_others_end_by_themselves(tmp_path):
+    """SIGKILL of a node: the other node trains on, and the server ends once it finishes and
+    the killed node's connections have been closed for the liveness timeout, naming it."""
+    processes, outputs = _stop_node_1_while_training(tmp_path, subprocess.Popen.kill)
+    assert processes[2].returncode == 0, outputs[2][1][-2000:]
+    assert processes[0].returncode == 1, outputs[0][1][-2000:]
+    assert "updates applied" in outputs[0][0]
+    server_err = outputs[0][1]
+    assert "rank 1 left without finishing" in server_err
+    assert server_err.strip().splitlines()[-1] == "server: ranks [1] left before they finished"
+    assert "Traceback" not in server_err
 
 
 @pytest.mark.parametrize(

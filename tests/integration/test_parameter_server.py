@@ -3,7 +3,9 @@ in a subprocess, this test process as the training rank, finding the server thro
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import re
 import signal
 import subprocess
 import sys
@@ -17,22 +19,32 @@ from distbelief.errors import RendezvousError
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterServer
 from distbelief.wire.process_group import GroupStore
-from tests.conftest import CHILD_ENV, free_port, run_scripts_together, stop_processes
+from tests.conftest import (
+    CHILD_ENV,
+    free_port,
+    run_scripts_together,
+    start_scripts,
+    stop_processes,
+)
 
 SERVER_SCRIPT = """
 import sys
 import torch
 import torch.distributed as dist
 from torch import nn
-from distbelief.server import ParameterServer
+from distbelief.server import ConsistencyConfig, ParameterServer
 
 init_method, world_size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+options = {}
+if len(sys.argv) > 4:  # the liveness and join timeouts, in seconds
+    options["consistency"] = ConsistencyConfig(liveness_timeout_s=float(sys.argv[4]))
+    options["join_timeout_s"] = float(sys.argv[5])
 dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world_size)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
-summary = ParameterServer(model).run()
+summary = ParameterServer(model, **options).run()
 torch.save(model.state_dict(), out)
-print("server done", summary["version"], summary["finished"], flush=True)
+print("server done", summary["version"], summary["finished"], summary["lost_ranks"], flush=True)
 dist.destroy_process_group()
 """
 pytestmark = pytest.mark.timeout(400)
@@ -63,14 +75,25 @@ def _take_ctrl_c() -> None:
 @pytest.fixture
 def server_and_group(tmp_path):
     """Rank 0 runs the seed-style server script; this process joins as rank 1 of 2."""
+    with _serving_group(tmp_path) as (server, out):
+        yield server, out
+
+
+@contextlib.contextmanager
+def _serving_group(tmp_path, *server_args: str, others: tuple[tuple[str, ...], ...] = ()):
+    """Rank 0 runs the seed-style server script (given ``server_args``), ranks 2.. the scripts
+    ``others`` name (each given the init method, its rank, the world size, then the other
+    arguments); this process joins as rank 1. Yields the server's process and its model file,
+    then the others' processes."""
     script = tmp_path / "server.py"
     script.write_text(SERVER_SCRIPT)
     # A file store: a port picked free beforehand could be taken by another test's server in
     # between, and this rank would then wait its whole group timeout on a stranger.
     init_method = f"file://{tmp_path / 'store'}"
     out = tmp_path / "server_model.pt"
+    world_size = 2 + len(others)
     server = subprocess.Popen(
-        [sys.executable, str(script), init_method, "2", str(out)],
+        [sys.executable, str(script), init_method, str(world_size), str(out), *server_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -79,15 +102,22 @@ def server_and_group(tmp_path):
         # get Ctrl-C as it would in a terminal, wherever the tests run.
         preexec_fn=_take_ctrl_c,
     )
+    processes = [server]
     try:
-        dist.init_process_group(
-            "gloo", init_method=init_method, rank=1, world_size=2, timeout=GROUP_TIMEOUT
+        processes += start_scripts(
+            [
+                [script, init_method, str(rank), str(world_size), *args]
+                for rank, (script, *args) in enumerate(others, 2)
+            ]
         )
-        yield server, out
+        dist.init_process_group(
+            "gloo", init_method=init_method, rank=1, world_size=world_size, timeout=GROUP_TIMEOUT
+        )
+        yield server, out, *processes[1:]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        stop_processes([server])
+        stop_processes(processes)
 
 
 def _make_scheduler(kind: str, optimizer: torch.optim.Optimizer):
@@ -180,16 +210,19 @@ from torch import nn
 from distbelief.optim import DownpourSGD
 
 init_method, rank, world_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+num_steps = int(sys.argv[4]) if len(sys.argv) > 4 else 5  # 0: until killed
 dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
 torch.manual_seed(0)
 net = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
 optimizer = DownpourSGD(net.parameters(), lr=0.1, n_push=2, n_pull=2, model=net)
 generator = torch.Generator().manual_seed(rank)
-for _ in range(5):
+while optimizer.num_steps < num_steps or not num_steps:
     optimizer.zero_grad()
     images, labels = torch.randn(16, 10, generator=generator), torch.randint(0, 3, (16,))
     nn.functional.cross_entropy(net(images), labels).backward()
     optimizer.step()
+    if optimizer.num_steps == 3:
+        print("training", flush=True)
 print("worker done", flush=True)
 """
 
@@ -206,6 +239,43 @@ def test_seed_scripts_that_never_call_close_end_by_themselves(tmp_path):
     # Pushes at steps 2 and 4, and step 5's gradient flushed at exit: 3 per worker.
     assert "server done 6 True" in outputs[0]
     assert all("worker done" in out for out in outputs[1:])
+
+
+LIVENESS_TIMEOUT_S = "2"
+"""The server's grace for a rank whose connections all closed (its default is 10 s)."""
+
+
+def test_the_server_ends_by_itself_when_a_rank_is_killed(tmp_path):
+    """Rank 2 is SIGKILLed while it trains: the server ends once rank 1 has finished."""
+    worker_script = tmp_path / "worker.py"
+    worker_script.write_text(WORKER_SCRIPT)
+    until_killed = (str(worker_script), "0")
+    with _serving_group(tmp_path, LIVENESS_TIMEOUT_S, "300", others=(until_killed,)) as (
+        server,
+        _,
+        doomed,
+    ):
+        model = _model()
+        optimizer = DownpourSGD(
+            model.parameters(), lr=0.1, n_push=1, n_pull=1, model=model, blocking=True
+        )
+        assert doomed.stdout.readline() == "training\n"  # it has pushed: it is connected
+        doomed.kill()
+        doomed.wait()
+        _train_with_scheduler("step", model, optimizer)
+        optimizer.close()
+        out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert re.search(r"server done \d+ False \[2\]", out), out
+    assert re.search(r"rank 2 left without finishing \(its connections closed \d+s ago\)", err)
+
+
+def test_the_server_ends_by_itself_when_a_rank_never_connects(tmp_path):
+    with _serving_group(tmp_path, LIVENESS_TIMEOUT_S, "3") as (server, _):
+        out, err = server.communicate(timeout=120)  # this rank never makes its DownpourSGD
+    assert server.returncode == 0, err[-2000:]
+    assert "server done 0 False [1]" in out
+    assert "rank 1 never connected (waited 3s for its DownpourSGD)" in err
 
 
 @pytest.fixture

@@ -195,7 +195,8 @@ class DownpourSGD(torch.optim.Optimizer):
     copies it to (pinned) host memory; pulled parameters are copied back inside ``step()``.
 
     Found through a process group, ``close()`` (run at exit if the script does not call it)
-    tells the ParameterServer this rank has finished; it stops once every rank has.
+    tells the ParameterServer this rank has finished; it stops once every rank has (or is
+    lost: killed, say).
 
     Every call that reaches the shards (``step``, ``pull_now``, ``flush``) raises
     ``ClosedError`` after ``close()``, before it changes anything: make a new optimizer.
@@ -266,14 +267,18 @@ class DownpourSGD(torch.optim.Optimizer):
         self.num_steps = 0
         self._closed = False
         self._server: ServerRecord | None = None
+        worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         if ps is None and not os.environ.get(PS_ADDRESS_ENV) and process_group_active():
-            self._server = GroupStore().find_server(hold_timeout_s)
+            store = GroupStore()
+            self._server = store.find_server(hold_timeout_s)
+            # By it the server tells this rank's connections, and so whether it is still there.
+            store.register_worker(self._server.session, worker_id)
             ps, auth_key = self._server.address, auth_key or self._server.auth_key
         self.client = ParameterServerClient(
             ps_addresses(ps),
             self.specs,
             timeout_s=request_timeout_s(timeout_s),
-            worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
+            worker_id=worker_id,
             hold_timeout_s=hold_timeout_s,
             retry_timeout_s=retry_timeout_s,
             security=security or WireSecurity(auth_key=auth_key or _key_from_environment()),

@@ -1,7 +1,8 @@
 """ParameterServer: the seed's API, one shard served by one rank of a torch.distributed job.
 
 Serves with ``serve_shard``, publishes its address and a fresh job key in the process group's
-store, and stops once every other rank has closed its ``DownpourSGD``. It owns no shard logic.
+store, and stops once every other rank has closed its ``DownpourSGD`` or is gone
+(``server/rank_watch.py``). It owns no shard logic.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from distbelief.config import (
 )
 from distbelief.server.optimizers import server_optimizer_factory
 from distbelief.server.process import serve_shard
+from distbelief.server.rank_watch import RankWatch
 from distbelief.server.shard import ParameterShard
 from distbelief.sharding import FlatLayout, describe_mismatch, layout_fingerprint, tensor_specs
 from distbelief.wire.process_group import DEFAULT_STORE_TIMEOUT_S, GroupStore, ServerRecord
@@ -29,8 +31,12 @@ from distbelief.wire.security import WireSecurity, generate_key
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_JOIN_TIMEOUT_S = 300.0
+"""How long a rank may take to connect: as long as its DownpourSGD waits for the server to
+publish its address (``hold_timeout_s``)."""
 
-def _check_arguments(model, lr, consistency, port, timeout_s) -> None:
+
+def _check_arguments(model, lr, consistency, port, timeout_s, join_timeout_s) -> None:
     """The constructor's arguments, named, before anything is joined or started."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -43,9 +49,10 @@ def _check_arguments(model, lr, consistency, port, timeout_s) -> None:
         )
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
-    problem = amount_problem(timeout_s, most=MAX_WAIT_S)
-    if problem is not None:
-        raise ValueError(f"timeout_s {problem}, got {timeout_s!r}")
+    for name, value in (("timeout_s", timeout_s), ("join_timeout_s", join_timeout_s)):
+        problem = amount_problem(value, most=MAX_WAIT_S)
+        if problem is not None:
+            raise ValueError(f"{name} {problem}, got {value!r}")
 
 
 class ParameterServer:
@@ -74,6 +81,14 @@ class ParameterServer:
             machine's host name.
         port: Port to listen on; 0 picks a free one.
         timeout_s: Limit of each operation on the process group's store.
+        join_timeout_s: How long a rank may take to connect (from the start, or from when it
+            looked this server up) before it counts as lost.
+
+    A rank is lost when it never connected within ``join_timeout_s``, or when every
+    connection of its DownpourSGD has been closed for longer than the liveness timeout of
+    ``consistency`` (10 s by default; a worker whose connection broke reconnects well within
+    it) without it finishing: killed, say. ``run()`` then ends once every other rank has
+    finished or is lost, with a warning naming each lost rank.
 
     Raises:
         ValueError: no process group is initialised, or it has no rank besides this one.
@@ -88,8 +103,9 @@ class ParameterServer:
         host: str | None = None,
         port: int = 0,
         timeout_s: float = DEFAULT_STORE_TIMEOUT_S,
+        join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
     ) -> None:
-        _check_arguments(model, lr, consistency, port, timeout_s)
+        _check_arguments(model, lr, consistency, port, timeout_s, join_timeout_s)
         self._store = GroupStore(timeout_s)
         if self._store.world_size < 2:
             raise ValueError(
@@ -106,22 +122,27 @@ class ParameterServer:
         self.bind = f"tcp://{host}:{port}"
         self.security = WireSecurity(auth_key=generate_key())
         self.worker_ranks = [r for r in range(self._store.world_size) if r != self._store.rank]
+        self.join_timeout_s = join_timeout_s
         self._record: ServerRecord | None = None
+        self._watch: RankWatch | None = None
         self._stop = threading.Event()
 
     def run(self) -> dict:
-        """Serve until every other rank has finished (closed its DownpourSGD) or Ctrl-C.
+        """Serve until every other rank has finished (closed its DownpourSGD) or is lost, or
+        Ctrl-C.
 
         Returns:
-            The shard's counters and staleness histogram, as ``serve_shard`` reports them, and
-            ``"finished": True``; after Ctrl-C only ``"version"`` and ``"finished": False``
-            (and ``model`` is left as it was).
+            The shard's counters and staleness histogram, as ``serve_shard`` reports them,
+            ``"finished"`` (True: every rank finished) and ``"lost_ranks"`` (those lost, in
+            order); after Ctrl-C only ``"version"``, ``"finished": False`` and
+            ``"lost_ranks"`` (and ``model`` is left as it was).
 
         Raises:
             RendezvousError: the process group's store could not be written or read.
             ShardUnavailableError: the address could not be bound.
         """
         shard = ParameterShard(0, 1, self._optimizer_factory, self.consistency)
+        self._shard = shard
         try:
             summary = serve_shard(
                 0,
@@ -136,15 +157,25 @@ class ParameterServer:
             )
         except KeyboardInterrupt:
             logger.warning("parameter server interrupted before every rank finished")
-            return {"version": shard.version, "finished": False}
+            return {"version": shard.version, "finished": False, "lost_ranks": self._lost()}
         self._load_final_parameters(shard)
-        return {**summary, "finished": True}
+        lost = self._lost()
+        return {**summary, "finished": not lost, "lost_ranks": lost}
+
+    def _lost(self) -> list[int]:
+        return [] if self._watch is None else sorted(self._watch.lost)
 
     def _on_event(self, kind: str, payload: object) -> None:
         # Runs on serve_shard's loop: "ready" once listening, then a heartbeat 4x a second.
         if kind == "ready":
             assert isinstance(payload, dict)
             self._record = self._store.publish_server(payload["address"], self.security.auth_key)
+            self._watch = RankWatch(
+                self.worker_ranks,
+                self._shard.presence,
+                grace_s=self.consistency.liveness_timeout_s,
+                join_timeout_s=self.join_timeout_s,
+            )
             logger.info(
                 "parameter server (rank %d) at %s; waiting for ranks %s",
                 self._store.rank,
@@ -152,12 +183,25 @@ class ParameterServer:
                 self.worker_ranks,
             )
         elif kind == "heartbeat" and self._record is not None and not self._stop.is_set():
-            self._stop_if_every_rank_finished(self._record.session)
+            self._stop_once_every_rank_is_done(self._record.session)
 
-    def _stop_if_every_rank_finished(self, session: str) -> None:
-        if not self._store.unfinished_ranks(session, self.worker_ranks):
+    def _stop_once_every_rank_is_done(self, session: str) -> None:
+        """Stop when every rank has finished or is lost (each lost one named once)."""
+        assert self._watch is not None
+        unfinished = self._store.unfinished_ranks(session, self.worker_ranks)
+        workers = self._store.worker_ids(session, unfinished) if unfinished else {}
+        for rank, reason in self._watch.update(unfinished, workers).items():
+            logger.warning("rank %d %s", rank, reason)
+        if not unfinished:
             logger.info("every rank finished: stopping the parameter server")
-            self._stop.set()
+        elif set(unfinished) == set(self._watch.lost):
+            logger.warning(
+                "every other rank finished or is lost (ranks %s): stopping the parameter server",
+                sorted(self._watch.lost),
+            )
+        else:
+            return
+        self._stop.set()
 
     def _load_final_parameters(self, shard: ParameterShard) -> None:
         """Copy the shard's parameters into ``model`` (if a worker initialised it)."""

@@ -218,6 +218,7 @@ class ShardConnection(VectorHandlers):
     def close(self) -> None:
         self.idle()
         if self.worker is not None:
+            self.shard.presence.leave(self.worker)
             self.shard.depart(self.worker)
 
     def _compressed_slices(self) -> CompressedSlices:
@@ -252,10 +253,11 @@ class ShardConnection(VectorHandlers):
 
     def _hello(self, request: Message) -> Message:
         self._bind_group(request.meta)
+        # Only noted as connected (even if refused below): a worker joins the clocks at its
+        # first pull or push, so one waiting for a warmstart does not hold the others back.
+        self._identify(request.meta)
         check_listed_place(self.shard.shard_id, self.shard.num_shards, request.meta.get("shard_id"))
         self._check_model(request.meta)
-        # No registration here: a worker joins the clocks at its first pull or push, so one
-        # waiting for a warmstart does not hold the others back meanwhile.
         return request.reply(self._describe())
 
     def _check_model(self, meta: dict) -> None:
@@ -274,6 +276,9 @@ class ShardConnection(VectorHandlers):
         if type(clock) is not int or clock < 0:
             raise ValueError(f"clock must be an integer >= 0, got {clock!r}")
         if worker is not None and worker != self.worker:
+            if self.worker is not None:
+                self.shard.presence.leave(self.worker)
+            self.shard.presence.arrive(worker)
             self.worker = worker
             self.service.worker_hosts[worker] = self.peer.rpartition(":")[0]
         return worker, clock

@@ -23,6 +23,7 @@ from distbelief.server.changes import ChangeLog, keeps_support
 from distbelief.server.consistency import WorkerClocks, consistency_policy
 from distbelief.server.durability import ShardDurability
 from distbelief.server.optimizers import ServerOptimizerFactory
+from distbelief.server.presence import WorkerPresence
 from distbelief.server.staleness import StalenessHistogram
 from distbelief.server.store import PARAM, ShardStore
 from distbelief.server.vectors import EvaluationAccumulator, VectorExecutor
@@ -188,6 +189,8 @@ class ParameterShard:
         self._num_dropped = 0
         self._restored_version = 0
         self.clocks = WorkerClocks(self.consistency.liveness_timeout_s)
+        self.presence = WorkerPresence()
+        """Which workers have a connection open (the service reports them)."""
         self.policy = consistency_policy(self.consistency, self.clocks, num_workers)
         self._scales = not consistency.sync and consistency.staleness_policy == "scale"
         self.staleness = StalenessHistogram()

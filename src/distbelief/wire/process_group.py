@@ -1,5 +1,6 @@
 """The parameter server's rendezvous in a torch.distributed process group: its address and job
-key published in the default group's store, and which ranks have finished training.
+key published in the default group's store, each rank's worker id, and which ranks have
+finished training.
 
 The one module that touches torch.distributed; it reads and writes only keys under
 ``distbelief/`` and never runs a collective, so it cannot deadlock the user's own collectives.
@@ -19,6 +20,7 @@ from distbelief.errors import RendezvousError
 
 _SERVER_KEY = "distbelief/server"
 _FINISHED_PREFIX = "distbelief/finished"
+_WORKER_PREFIX = "distbelief/worker"
 _POLL_S = 0.1
 DEFAULT_STORE_TIMEOUT_S = 30.0
 """Limit of each store operation on distbelief's own connection to the store."""
@@ -117,6 +119,21 @@ class GroupStore:
             time.sleep(_POLL_S)
         raw = self._call("reading the server address", self._store.get, _SERVER_KEY)
         return ServerRecord.from_json(raw.decode())
+
+    def register_worker(self, session: str, worker_id: str) -> None:
+        """Record the worker id this rank gives the server of ``session`` (which tells by it
+        whether the rank is still connected)."""
+        key = f"{_WORKER_PREFIX}/{session}/{self.rank}"
+        self._call("registering this rank's worker id", self._store.set, key, worker_id)
+
+    def worker_ids(self, session: str, ranks: list[int]) -> dict[int, str]:
+        """The worker id each of ``ranks`` registered for ``session`` (those that did)."""
+        ids = {}
+        for rank in ranks:
+            key = f"{_WORKER_PREFIX}/{session}/{rank}"
+            if self._call("reading worker ids", self._store.check, [key]):
+                ids[rank] = self._call("reading worker ids", self._store.get, key).decode()
+        return ids
 
     def mark_finished(self, session: str) -> None:
         """Record that this rank is done with the server of ``session``."""

@@ -189,6 +189,22 @@ def test_sync_rounds_go_on_after_a_shard_is_restored_from_an_older_checkpoint():
         assert not shard.pull_into(outs, worker=worker, after_version=40, max_wait_s=0.05).held
 
 
+def test_a_pull_from_an_earlier_life_of_the_shard_is_not_held_before_the_worker_pushes():
+    """Worker b's last push was lost with the shard's old life: its pull for a round of that
+    life is answered, so its next push can complete the round worker a waits for."""
+    config = ConsistencyConfig(sync=True)
+    zeros = [torch.zeros(spec.shape) for spec in SPECS]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config, 2)[0]
+    outs = [torch.empty(p.numel) for p in shard.slices]
+    ones = [torch.ones(p.numel) for p in shard.slices]
+    assert shard.push(ones, worker="a", base_version=40).applied
+    assert not shard.pull_into(outs, worker="b", after_version=40, max_wait_s=0.05).held
+    assert shard.pull_into(outs, worker="a", after_version=40, max_wait_s=0.05).held
+    assert shard.push(ones, worker="b", base_version=0).applied
+    assert shard.version == 1
+    assert not shard.pull_into(outs, worker="a", after_version=40, max_wait_s=0.05).held
+
+
 def test_sync_round_quorum_shrinks_when_a_worker_departs():
     config = ConsistencyConfig(sync=True)
     zeros = [torch.zeros(spec.shape) for spec in SPECS]

@@ -247,15 +247,18 @@ class SyncRoundsPolicy(ConsistencyPolicy):
         return True
 
     def must_hold(self, worker: str | None, after_version: int | None, version: int) -> bool:
-        if after_version is not None and after_version > version:
-            # A round of this shard's earlier life (see push): wait for the one the worker's
-            # gradient joined since.
-            after_version = self._rounds_joined.get(worker, after_version)
-        if after_version is not None and version <= after_version:
-            # The round this worker pushed into is not applied yet. Re-check the quorum,
-            # which shrinks when a worker dies.
-            return not self._close_round_if_complete()
-        return False
+        if after_version is None:
+            return False
+        if worker is not None:
+            # Only the open round that holds this worker's gradient is worth waiting for. A
+            # gradient dropped as late, or lost with an earlier life of a restored shard, is in
+            # no round: holding its pull would hold back its next push, which a round may need.
+            if self._rounds_joined.get(worker) != version:
+                return False
+        elif version > after_version:
+            return False
+        # Re-check the quorum, which shrinks when a worker dies.
+        return not self._close_round_if_complete()
 
     def _round_quorum(self) -> int:
         config = self.config

@@ -173,14 +173,29 @@ def test_sync_round_applies_mean_of_first_n_minus_b_and_drops_late():
     assert not shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
 
 
-def test_sync_rounds_go_on_after_a_shard_is_restored_from_an_older_checkpoint():
-    """Workers pulled version 40 before the shard died; it came back at 0 (its checkpoint's):
-    their next gradients make its next round, and their pulls wait for that round only."""
+def _sync_shard_of_two_workers():
+    """A shard running sync rounds of 2 workers, a pull buffer, and a gradient of ones."""
     config = ConsistencyConfig(sync=True)
     zeros = [torch.zeros(spec.shape) for spec in SPECS]
     shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config, 2)[0]
     outs = [torch.empty(p.numel) for p in shard.slices]
-    ones = [torch.ones(p.numel) for p in shard.slices]
+    return shard, outs, [torch.ones(p.numel) for p in shard.slices]
+
+
+def test_a_pull_after_a_push_dropped_as_late_is_not_held():
+    """Its gradient is in no round: holding the pull would hold back the worker's next push."""
+    shard, outs, ones = _sync_shard_of_two_workers()
+    assert shard.push(ones, worker="a", base_version=0).applied
+    assert shard.push(ones, worker="b", base_version=0).applied
+    assert shard.version == 1
+    assert not shard.push(ones, worker="b", base_version=0).applied  # computed from version 0
+    assert not shard.pull_into(outs, worker="b", after_version=1, max_wait_s=0.05).held
+
+
+def test_sync_rounds_go_on_after_a_shard_is_restored_from_an_older_checkpoint():
+    """Workers pulled version 40 before the shard died; it came back at 0 (its checkpoint's):
+    their next gradients make its next round, and their pulls wait for that round only."""
+    shard, outs, ones = _sync_shard_of_two_workers()
     assert shard.push(ones, worker="a", base_version=40).applied
     assert shard.pull_into(outs, worker="a", after_version=40, max_wait_s=0.05).held
     assert shard.push(ones, worker="b", base_version=40).applied
@@ -192,11 +207,7 @@ def test_sync_rounds_go_on_after_a_shard_is_restored_from_an_older_checkpoint():
 def test_a_pull_from_an_earlier_life_of_the_shard_is_not_held_before_the_worker_pushes():
     """Worker b's last push was lost with the shard's old life: its pull for a round of that
     life is answered, so its next push can complete the round worker a waits for."""
-    config = ConsistencyConfig(sync=True)
-    zeros = [torch.zeros(spec.shape) for spec in SPECS]
-    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config, 2)[0]
-    outs = [torch.empty(p.numel) for p in shard.slices]
-    ones = [torch.ones(p.numel) for p in shard.slices]
+    shard, outs, ones = _sync_shard_of_two_workers()
     assert shard.push(ones, worker="a", base_version=40).applied
     assert not shard.pull_into(outs, worker="b", after_version=40, max_wait_s=0.05).held
     assert shard.pull_into(outs, worker="a", after_version=40, max_wait_s=0.05).held

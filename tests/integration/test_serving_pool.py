@@ -104,13 +104,18 @@ def test_a_few_busy_connections_are_served_fairly():
     server = serve("tcp://127.0.0.1:0", EchoService(), design="pool", serving_threads=2)
     payload = [("x", torch.ones(10_000))]
     counts = [0] * 4
+    all_in = threading.Barrier(5, timeout=_WAIT_S)
     stop = threading.Event()
 
     def hammer(index: int) -> None:
         client = connect(server.address, name="echo")
         try:
+            # Counting starts once every client is connected and served: a thread that a busy
+            # machine starts late must not read as one the server starved.
+            client.request(Message(ops.PUSH, {}, payload), timeout_s=_WAIT_S)
+            all_in.wait()
             while not stop.is_set():
-                client.request(Message(ops.PUSH, {}, payload), timeout_s=10)
+                client.request(Message(ops.PUSH, {}, payload), timeout_s=_WAIT_S)
                 counts[index] += 1
         finally:
             client.close()
@@ -118,7 +123,8 @@ def test_a_few_busy_connections_are_served_fairly():
     threads = [threading.Thread(target=hammer, args=(i,), daemon=True) for i in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(2.0)
+    all_in.wait()
+    time.sleep(3.0)
     stop.set()
     for thread in threads:
         thread.join(_WAIT_S)

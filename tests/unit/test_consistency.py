@@ -140,6 +140,7 @@ def test_ssp_pull_is_held_then_released():
     zeros = [torch.zeros(spec.shape) for spec in SPECS]
     shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
     outs = [torch.empty(p.numel) for p in shard.slices]
+    shard.arrive("slow")
     shard.touch("slow", 0)
     shard.touch("fast", 0)
     assert shard.pull_into(outs, worker="fast", clock=3, max_wait_s=0.05).held
@@ -147,7 +148,25 @@ def test_ssp_pull_is_held_then_released():
     assert not shard.pull_into(outs, worker="fast", clock=3, max_wait_s=0.05).held
     shard.touch("slow", 2)
     assert shard.pull_into(outs, worker="fast", clock=9, max_wait_s=0.05).held
-    shard.depart("slow")
+    shard.leave("slow")
+    assert not shard.pull_into(outs, worker="fast", clock=9, max_wait_s=0.05).held
+
+
+def test_a_worker_leaves_only_when_its_last_connection_closes():
+    """A reconnecting worker's old connection, seen closed after the new one opened, does not
+    make it a departed worker (which would free the others to run ahead of it)."""
+    config = ConsistencyConfig(max_staleness=1)
+    zeros = [torch.zeros(spec.shape) for spec in SPECS]
+    shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
+    outs = [torch.empty(p.numel) for p in shard.slices]
+    shard.arrive("slow")
+    shard.arrive("slow")  # its new connection
+    shard.touch("slow", 2)
+    shard.touch("fast", 2)
+    shard.leave("slow")  # the old one
+    assert shard.pull_into(outs, worker="fast", clock=9, max_wait_s=0.05).held
+    assert shard.clocks.effective_clock("slow") == 2
+    shard.leave("slow")
     assert not shard.pull_into(outs, worker="fast", clock=9, max_wait_s=0.05).held
 
 
@@ -221,10 +240,11 @@ def test_sync_round_quorum_shrinks_when_a_worker_departs():
     zeros = [torch.zeros(spec.shape) for spec in SPECS]
     shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config, 2)[0]
     outs = [torch.empty(p.numel) for p in shard.slices]
+    shard.arrive("b")
     shard.touch("b", 0)
     shard.push([torch.ones(p.numel) for p in shard.slices], worker="a", base_version=0)
     assert shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
-    shard.depart("b")
+    shard.leave("b")
     assert not shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
     assert shard.version == 1
 

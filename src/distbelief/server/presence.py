@@ -24,17 +24,18 @@ class WorkerPresence:
             self._open[worker] = self._open.get(worker, 0) + 1
             self._closed_at_s.pop(worker, None)
 
-    def leave(self, worker: str, now_s: float | None = None) -> None:
-        """A connection of ``worker`` closed."""
+    def leave(self, worker: str, now_s: float | None = None) -> bool:
+        """A connection of ``worker`` closed; True if it was the worker's last one."""
         with self._lock:
             count = self._open.get(worker)
             if count is None:
-                return  # never arrived: nothing to close
+                return False  # never arrived: nothing to close
             if count > 1:
                 self._open[worker] = count - 1
-                return
+                return False
             del self._open[worker]
             self._closed_at_s[worker] = time.monotonic() if now_s is None else now_s
+            return True
 
     def absence_s(self, worker: str, now_s: float | None = None) -> float | None:
         """Seconds since the last of ``worker``'s connections closed: 0.0 while one is open,

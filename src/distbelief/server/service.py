@@ -218,8 +218,7 @@ class ShardConnection(VectorHandlers):
     def close(self) -> None:
         self.idle()
         if self.worker is not None:
-            self.shard.presence.leave(self.worker)
-            self.shard.depart(self.worker)
+            self.shard.leave(self.worker)
 
     def _compressed_slices(self) -> CompressedSlices:
         """Buffers of this connection's narrowed and top-k traffic (made on first use)."""
@@ -277,8 +276,8 @@ class ShardConnection(VectorHandlers):
             raise ValueError(f"clock must be an integer >= 0, got {clock!r}")
         if worker is not None and worker != self.worker:
             if self.worker is not None:
-                self.shard.presence.leave(self.worker)
-            self.shard.presence.arrive(worker)
+                self.shard.leave(self.worker)
+            self.shard.arrive(worker)
             self.worker = worker
             self.service.worker_hosts[worker] = self.peer.rpartition(":")[0]
         return worker, clock

@@ -274,11 +274,18 @@ class ParameterShard:
                 self.clocks.touch(worker, clock)
                 self._changed.notify_all()
 
-    def depart(self, worker: str) -> None:
-        """``worker`` has gone (closed its connection); it no longer holds others back."""
-        with self._changed:
-            self.clocks.depart(worker)
-            self._changed.notify_all()
+    def arrive(self, worker: str) -> None:
+        """A connection of ``worker`` opened (the service reports it)."""
+        self.presence.arrive(worker)
+
+    def leave(self, worker: str) -> None:
+        """A connection of ``worker`` closed. Once its last one has, the worker has gone: it no
+        longer holds others back (one connection of several closing, as when a worker
+        reconnects and the old connection's end is seen late, leaves its clock as it was)."""
+        if self.presence.leave(worker):
+            with self._changed:
+                self.clocks.depart(worker)
+                self._changed.notify_all()
 
     def apply_gradient(self, grads: Sequence[torch.Tensor]) -> int:
         """Push one gradient (one tensor per slice) from an anonymous caller; returns the

@@ -200,7 +200,9 @@ def test_close_after_a_shard_stayed_dead_does_not_retry_again():
                 optimizer.step()
         started = time.monotonic()
         optimizer.close()
-        assert time.monotonic() - started < retry_timeout_s / 2
+        # Not a second round of retries (which alone takes retry_timeout_s); the rest of the
+        # bound is room for a busy machine.
+        assert time.monotonic() - started < retry_timeout_s - 0.5
     finally:
         stop_processes([process])
 

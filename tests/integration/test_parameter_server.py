@@ -241,6 +241,54 @@ def test_seed_scripts_that_never_call_close_end_by_themselves(tmp_path):
     assert all("worker done" in out for out in outputs[1:])
 
 
+DESTROYING_WORKER_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from distbelief.optim import DownpourSGD
+
+init_method, rank, world_size, then = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
+optimizer = DownpourSGD(net.parameters(), lr=0.1, n_push=2, n_pull=2, model=net)
+for _ in range(3):
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(net(torch.randn(16, 10)), torch.randint(0, 3, (16,))).backward()
+    optimizer.step()
+dist.destroy_process_group()
+if then == "close":
+    optimizer.close()
+print("worker done", flush=True)
+"""
+
+
+def test_scripts_that_destroy_the_group_before_close_end_cleanly(tmp_path):
+    """Rank 1 destroys its process group, then calls close(); rank 2 destroys it and leaves
+    close() to the exit: both exit 0 without a traceback, and the server hears both finish
+    (rather than waiting out its liveness timeout for ranks it then calls lost)."""
+    (tmp_path / "server.py").write_text(SERVER_SCRIPT)
+    (tmp_path / "worker.py").write_text(DESTROYING_WORKER_SCRIPT)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    commands = [[str(tmp_path / "server.py"), init_method, "3", str(tmp_path / "server.pt")]]
+    commands += [
+        [str(tmp_path / "worker.py"), init_method, str(rank), "3", then]
+        for rank, then in ((1, "close"), (2, "exit"))
+    ]
+    processes = start_scripts(commands)
+    try:
+        outputs = [process.communicate(timeout=SCRIPTS_TIMEOUT_S) for process in processes]
+    finally:
+        stop_processes(processes)
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-2000:]
+        assert "Traceback" not in err, err[-2000:]
+    # A push at step 2 and step 3's gradient flushed by close(): 2 per worker.
+    assert "server done 4 True []" in outputs[0][0]
+    assert all("worker done" in out for out, _ in outputs[1:])
+
+
 LIVENESS_TIMEOUT_S = "2"
 """The server's grace for a rank whose connections all closed (its default is 10 s)."""
 

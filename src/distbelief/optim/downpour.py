@@ -267,12 +267,13 @@ class DownpourSGD(torch.optim.Optimizer):
         self.num_steps = 0
         self._closed = False
         self._server: ServerRecord | None = None
+        self._store: GroupStore | None = None
         worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         if ps is None and not os.environ.get(PS_ADDRESS_ENV) and process_group_active():
-            store = GroupStore()
-            self._server = store.find_server(hold_timeout_s)
+            self._store = GroupStore()
+            self._server = self._store.find_server(hold_timeout_s)
             # By it the server tells this rank's connections, and so whether it is still there.
-            store.register_worker(self._server.session, worker_id)
+            self._store.register_worker(self._server.session, worker_id)
             ps, auth_key = self._server.address, auth_key or self._server.auth_key
         self.client = ParameterServerClient(
             ps_addresses(ps),
@@ -497,9 +498,18 @@ class DownpourSGD(torch.optim.Optimizer):
             self._closed = True
             try:
                 if self._server is not None and not gone:
-                    GroupStore().mark_finished(self._server.session)
+                    self._finished_store().mark_finished(self._server.session)
             finally:
                 self.client.close(wait=not gone)
+
+    def _finished_store(self) -> GroupStore:
+        """A fresh connection to the group's store while the group is up (the constructor's
+        may have sat idle through the whole training); once the script has destroyed the group
+        (before close(), or before an exit that leaves close() to atexit), the constructor's:
+        a connection of its own to the store outlives the group."""
+        if process_group_active() or self._store is None:
+            return GroupStore()
+        return self._store
 
     def _check_open(self, action: str) -> None:
         if self._closed:

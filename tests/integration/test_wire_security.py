@@ -138,8 +138,11 @@ def test_peers_that_never_answer_the_challenge_keep_no_one_out(scheme, answer):
         server.stop()
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls_with_authentication(tmp_path, scheme):
+@pytest.fixture
+def tls_files(tmp_path):
+    """A self-signed certificate for 127.0.0.1 and its key: (cert.pem, key.pem)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
     cert, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
@@ -164,6 +167,11 @@ def test_tls_with_authentication(tmp_path, scheme):
         capture_output=True,
         timeout=60,
     )
+    return cert, key_pem
+
+
+def test_tls_with_authentication(tls_files, scheme):
+    cert, key_pem = tls_files
     secret = b"s" * 32
     server = serve(
         local_address(scheme),
@@ -179,10 +187,45 @@ def test_tls_with_authentication(tmp_path, scheme):
         assert torch.equal(reply.tensors[0][1], payload)
         assert type(client._channel) is {"tcp": TcpChannel, "shm": ShmChannel}[scheme]
         client.close()
+        anonymous = connect(server.address, name="shard", security=WireSecurity(tls_ca=str(cert)))
+        with pytest.raises(AuthenticationError, match="requires authentication"):
+            anonymous.request(Message(ops.HELLO), timeout_s=30)
         if scheme == "tcp":  # both kinds start on the same TCP handshakes: checked once
             plain = connect(server.address, name="shard", security=WireSecurity(auth_key=secret))
             with pytest.raises(PSError):  # no TLS: the shard never gets a ClientHello, hangs up
                 plain.request(Message(ops.HELLO), timeout_s=2)
+    finally:
+        server.stop()
+
+
+def test_a_key_given_to_a_tls_shard_without_one_is_refused_at_once(tls_files, scheme):
+    """Inside TLS the shard cannot peek at the client's announcement: it says first that it
+    uses no key, so the client fails at once, not after its connect timeout."""
+    cert, key_pem = tls_files
+    server = serve(
+        local_address(scheme),
+        EchoService(),
+        security=WireSecurity(tls_cert=str(cert), tls_key=str(key_pem)),
+    )
+    try:
+        keyed = connect(
+            server.address,
+            name=f"shard 0 ({server.address})",
+            connect_timeout_s=60,
+            security=WireSecurity(auth_key=b"x" * 32, tls_ca=str(cert)),
+        )
+        started = time.monotonic()
+        with pytest.raises(AuthenticationError) as info:
+            keyed.request(Message(ops.HELLO), timeout_s=60)
+        assert time.monotonic() - started < 30  # refused, not left to its timeouts
+        assert str(info.value) == (
+            f"shard 0 ({server.address}): hello: the shard does not use a job key: start it "
+            "with --auth-key-file, or give the worker none"
+        )
+        anonymous = connect(server.address, name="shard", security=WireSecurity(tls_ca=str(cert)))
+        assert anonymous.request(Message(ops.HELLO), timeout_s=30).meta == {"seen": 0}
+        assert type(anonymous._channel) is {"tcp": TcpChannel, "shm": ShmChannel}[scheme]
+        anonymous.close()
     finally:
         server.stop()
 

@@ -28,7 +28,8 @@ AUTH_MAGIC = b"DBLA"
 announcement that it holds a job key (sent before the challenge arrives)."""
 NO_KEY_MAGIC = b"DBLN"
 """What a shard that uses no job key answers a client's announcement with, before it hangs up:
-the client fails at once rather than wait for a challenge that never comes."""
+the client fails at once rather than wait for a challenge that never comes. Over TLS, where the
+client's first bytes cannot be peeked at, such a shard says it first to every client."""
 NONCE_BYTES = 32
 KEY_BYTES = 32
 _DIGEST = "sha256"
@@ -164,8 +165,24 @@ def check_answer(channel: Channel, key: bytes, challenge: bytes, timeout_s: floa
 
 def refuse_announced_key(channel: Channel) -> None:
     """Server side, for a shard without a job key: tell a peer that announced one (its first
-    bytes, already read) that this shard uses none."""
+    bytes, already read) that this shard uses none; over TLS, tell every peer first."""
     channel.sendall(NO_KEY_MAGIC)
+
+
+def check_server_uses_no_key(channel: Channel, timeout_s: float) -> None:
+    """Client side without a job key, over TLS: the shard's first bytes say whether it uses
+    one (a keyed shard's challenge) or not (:data:`NO_KEY_MAGIC`).
+
+    Raises:
+        AuthenticationError: the shard asks for a job key.
+        ProtocolError: the server is not a distbelief shard.
+        OSError / TimeoutError: the connection failed or the server was too slow.
+    """
+    magic = _recv_exact(channel, len(AUTH_MAGIC), time.monotonic() + timeout_s)
+    if magic == AUTH_MAGIC:
+        raise AuthenticationError("the shard requires authentication: give the job's key")
+    if magic != NO_KEY_MAGIC:
+        raise ProtocolError("server does not say whether it uses a job key: not a shard")
 
 
 def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> None:

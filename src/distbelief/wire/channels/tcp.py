@@ -18,6 +18,7 @@ from distbelief.wire.security import (
     accept_peer,
     authenticate_to_server,
     check_answer,
+    check_server_uses_no_key,
     refuse_announced_key,
     send_challenge,
 )
@@ -132,6 +133,8 @@ class TcpDialer:
                 sock = self._tls.wrap_socket(sock, server_hostname=self._endpoint[0])
             if self._security.auth_key is not None:
                 authenticate_to_server(sock, self._security.auth_key, timeout_s)
+            elif self._tls is not None:
+                check_server_uses_no_key(sock, timeout_s)  # what a shard over TLS says first
         except BaseException:
             sock.close()
             raise
@@ -193,6 +196,10 @@ class TcpIncoming:
                     raise ProtocolError(f"refused unauthenticated peer {self.peer}: {e}") from e
             elif self._tls is None:
                 self._refuse_an_announced_key(timeout_s)
+            else:
+                # Inside TLS the peer's first bytes cannot be peeked at (they would have to be
+                # read, and put back for the layers above): every peer is told at once instead.
+                refuse_announced_key(self._sock)
         except BaseException:
             _close(self._sock)
             raise
@@ -209,8 +216,7 @@ class TcpIncoming:
     def _refuse_an_announced_key(self, timeout_s: float) -> None:
         """No job key here: a peer whose first bytes announce one is told so, not left waiting
         for a challenge. Other first bytes (a frame, a request for shared memory) are only
-        peeked at, and stay for the layers above. (Inside TLS nothing can be peeked at: a
-        shard with TLS and no key leaves such a peer to its timeout.)
+        peeked at, and stay for the layers above.
 
         Raises:
             AuthenticationError: the peer announced a key.

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,19 +123,39 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
             os.kill(pid, signal.SIGKILL)
 
 
+UNCHECKED_CLI = """
+import sys
+from distbelief.data import loading
+from distbelief.launch.cli import main
+
+if __name__ == "__main__":  # not in the processes it starts, which import this file
+    loading.check_job_data = lambda *args, **kwargs: None
+    sys.exit(main(sys.argv[1:]))
+"""
+"""``distbelief`` without the launcher's check of the data files: a malformed line then first
+meets the processes that parse it, as when a file changes after the check."""
+
+
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
 def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
-    # A ratings file the launcher accepts (it only counts a click log's lines) whose last line
-    # is malformed: the processes that parse it fail.
+    # A ratings file whose last line is malformed: the processes that parse it fail.
     (tmp_path / "data" / "movielens").mkdir(parents=True)
     ratings = "".join(f"{i}::{i}::4::{i}\n" for i in range(20)) + "1::x::4::20\n"
     (tmp_path / "data" / "movielens" / "ratings.dat").write_text(ratings)
-    result = run_cli(
-        *(["--verbose"] if verbose else []),
-        "train",
-        *("--dataset", "movielens", "--model", "dlrm", "--data-dir", str(tmp_path / "data")),
-        *("--steps", "5", "--out", str(tmp_path / "run")),
-        timeout_s=120,
+    (tmp_path / "unchecked.py").write_text(UNCHECKED_CLI)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "unchecked.py"),
+            *(["--verbose"] if verbose else []),
+            "train",
+            *("--dataset", "movielens", "--model", "dlrm", "--data-dir", str(tmp_path / "data")),
+            *("--steps", "5", "--out", str(tmp_path / "run")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=CHILD_ENV,
     )
     assert result.returncode == 1
     # Workers and the evaluator load the data set at once: whichever fails first is named.

@@ -176,17 +176,25 @@ def no_process_starts(monkeypatch):
     monkeypatch.setattr(LocalCluster, "__init__", start)
 
 
-def _movielens(root: Path, num_ratings: int) -> Path:
+def _movielens(root: Path, num_ratings: int, bad_line: int = 0) -> Path:
+    """``num_ratings`` lines, line ``bad_line`` (1-based; 0: none) with a movie id of x."""
     path = root / "movielens" / "ratings.dat"
     path.parent.mkdir(parents=True)
-    path.write_text("".join(f"{i}::{i}::4::{1000 + i}\n" for i in range(num_ratings)))
+    lines = [f"{i}::{i}::4::{1000 + i}\n" for i in range(num_ratings)]
+    if bad_line:
+        lines[bad_line - 1] = f"{bad_line}::x::4::1000\n"
+    path.write_text("".join(lines))
     return path
 
 
-def _criteo(root: Path, num_rows: int) -> Path:
+def _criteo(root: Path, num_rows: int, bad_line: int = 0) -> Path:
+    """``num_rows`` lines, line ``bad_line`` (1-based; 0: none) with a C26 of zz."""
     path = root / "criteo" / "train.txt"
     path.parent.mkdir(parents=True)
-    path.write_text(("1" + "\t1" * 13 + "\t0000abcd" * 26 + "\n") * num_rows)
+    lines = ["1" + "\t1" * 13 + "\t0000abcd" * 26 + "\n"] * num_rows
+    if bad_line:
+        lines[bad_line - 1] = "1" + "\t1" * 13 + "\t0000abcd" * 25 + "\tzz\n"
+    path.write_text("".join(lines))
     return path
 
 
@@ -197,8 +205,15 @@ def _criteo(root: Path, num_rows: int) -> Path:
         ("cifar10", lambda root: _cifar_dir(root, "test_batch", b"junk"), "not a valid"),
         ("movielens", lambda root: _movielens(root, 5), "the MovieLens test split"),
         ("criteo", lambda root: _criteo(root, 5), "the Criteo test split"),
+        # Past the first lines: the whole file is checked, each split's rows.
+        ("movielens", lambda root: _movielens(root, 50, 40), ":40: movie id must be an integer"),
+        ("criteo", lambda root: _criteo(root, 50, 30), ":30: C26 must be 8 hex digits"),
+        ("criteo", lambda root: _criteo(root, 50, 48), ":48: C26 must be 8 hex digits"),
     ],
-    ids=["cifar10-train", "cifar10-test", "movielens-empty-test", "criteo-empty-test"],
+    ids=[
+        *("cifar10-train", "cifar10-test", "movielens-empty-test", "criteo-empty-test"),
+        *("movielens-malformed-line", "criteo-malformed-train-line", "criteo-malformed-test-line"),
+    ],
 )
 def test_train_refuses_in_one_line_before_any_process_starts(
     tmp_path, capsys, no_process_starts, dataset, write, problem

@@ -109,6 +109,24 @@ def test_malformed_lines_name_the_file_and_line(tmp_path: Path, bad_line: str, m
     with pytest.raises(ValueError, match=f"day.txt:3: {match}") as info:
         read_criteo(path)
     assert "\n" not in str(info.value)
+    _write(tmp_path / "criteo" / "train.txt", [*_rows(26), bad_line, *_rows(3)])
+    with pytest.raises(ValueError, match=f"train.txt:27: {match}"):
+        check_criteo_split("train", tmp_path)  # the train split: lines 1 to 27 of 30
+    check_criteo_split("test", tmp_path)  # lines 28 to 30, well formed
+
+
+def test_the_check_reads_each_splits_rows(tmp_path: Path) -> None:
+    """Without a test file, test is train's last tenth: each split's check reads its own rows."""
+    bad = _line("2")
+    _write(tmp_path / "criteo" / "train.txt.gz", [*_rows(28), bad, *_rows(1)])
+    check_criteo_split("train", tmp_path)
+    with pytest.raises(ValueError, match=r"train\.txt\.gz:29: label must be 0 or 1"):
+        check_criteo_split("test", tmp_path)
+    _write(tmp_path / "criteo" / "test.tsv", [*_rows(3), bad])
+    with pytest.raises(ValueError, match=r"train\.txt\.gz:29: label must be 0 or 1"):
+        check_criteo_split("train", tmp_path)  # now the whole of train.txt.gz
+    with pytest.raises(ValueError, match=r"test\.tsv:4: label must be 0 or 1"):
+        check_criteo_split("test", tmp_path)
 
 
 def test_corrupt_gzip_is_a_value_error(tmp_path: Path) -> None:

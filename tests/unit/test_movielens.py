@@ -102,9 +102,27 @@ def test_malformed_files_name_the_file_and_line(
     tmp_path: Path, name: str, text: str, match: str
 ) -> None:
     _write(tmp_path, name, text)
-    with pytest.raises(ValueError, match=match) as info:
-        load_movielens("train", tmp_path)
-    assert "\n" not in str(info.value)
+    for check in (load_movielens, check_movielens_split):
+        with pytest.raises(ValueError, match=match) as info:
+            check("train", tmp_path)
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["ratings.dat", "ratings.csv", "u.data"])
+def test_the_check_passes_every_line_loading_reads(tmp_path: Path, name: str) -> None:
+    """Lines the check's pattern for plain digits does not take are parsed as loading parses
+    them: signs, spaces, exponents, long ids and timestamps, many decimals, CRLF, no newline."""
+    separator = {"ratings.dat": "::", "ratings.csv": ",", "u.data": "\t"}[name]
+    unusual = [
+        ["+3", " 7 ", "4e0", "1_000"],
+        [str(2**63 - 2), "7", "4.0000001", str(-(2**63))],
+        ["3", "7", "0004.5", "1" + "0" * 18],
+    ]
+    text = _format(name, RATINGS) + "".join(separator.join(f) + "\r\n" for f in unusual)
+    _write(tmp_path, name, text + separator.join(["1", "2", "3", "4"]))  # no final newline
+    assert len(load_movielens("train", tmp_path)) + len(load_movielens("test", tmp_path)) == 15
+    check_movielens_split("train", tmp_path)
+    check_movielens_split("test", tmp_path)
 
 
 @pytest.mark.parametrize("name", ["ratings.dat", "ratings.csv", "u.data"])

@@ -14,7 +14,7 @@ from distbelief.data.ctr import CtrDataset
 from distbelief.data.digits import load_digits
 from distbelief.data.files import DEFAULT_DATA_DIR
 from distbelief.data.mnist import load_mnist
-from distbelief.data.movielens import check_movielens_split, load_movielens
+from distbelief.data.movielens import check_movielens_splits, load_movielens
 from distbelief.data.synthetic import make_synthetic
 from distbelief.data.synthetic_ctr import make_synthetic_ctr
 
@@ -108,22 +108,24 @@ def load_job_dataset(
 def check_job_data(config: DataConfig, splits: tuple[str, ...] = SPLITS) -> None:
     """Reads what a job's processes will read of its data set's files, so that a corrupt file
     or an empty split is refused before any of them starts. CIFAR-10's and MNIST's splits are
-    loaded (their size is fixed: seconds); a click log's are only counted (parsing one may take
-    minutes: the process that parses it names a malformed line by file and line number).
-    Generated and bundled data sets have nothing to check.
+    loaded (their size is fixed: seconds); a click log's lines are checked one by one without
+    being kept (a fraction of what loading costs, which a malformed line far into the file
+    would otherwise only stop in a process already started). Generated and bundled data sets
+    have nothing to check.
 
     Raises:
-        ValueError: A file is corrupt or a split would be empty; the message names the file.
+        ValueError: A file is corrupt or a split would be empty; the message names the file
+            (and a text file's line).
         DatasetUnavailableError: Files are missing and cannot be downloaded.
     """
     root = Path(config.data_dir) if config.data_dir else DEFAULT_DATA_DIR
+    if config.name == "movielens":
+        check_movielens_splits(splits, root)  # every split reads the one file: checked once
     for split in splits:
         if config.name in ("cifar10", "mnist"):
             load_job_dataset(config, split)
         elif config.name == "criteo":
             check_criteo_split(split, root)
-        elif config.name == "movielens":
-            check_movielens_split(split, root)
 
 
 def _check_args(name: str, split: str, num_samples: int | None) -> None:

@@ -20,9 +20,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import signal
 import time
 from pathlib import Path
+
+# torch's C++ side logs every failed attempt to reach rank 0's store, stack trace included (40
+# lines and more), before the error this script turns into one line. Read once, when torch loads;
+# a value the user set is kept.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
 import torch
 import torch.distributed as dist

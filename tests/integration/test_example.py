@@ -205,6 +205,26 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_joining(tmp_path, caps
             assert f": error: --out {out}/node" in last and problem in last, last
 
 
+def test_a_rank_that_cannot_join_gives_up_in_one_line(tmp_path):
+    """No rank 0 listens: the node waits its --join-timeout, then says so in one line (torch's
+    C++ side would log each failed attempt with a stack trace first)."""
+    env = {key: value for key, value in CHILD_ENV.items() if key != "TORCH_CPP_LOG_LEVEL"}
+    argv = ["--rank", "1", "--world-size", "3", "--port", str(free_port()), "--join-timeout", "5"]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), *argv, *OFFLINE, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 1
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert lines[0].startswith("rank 1: joining the process group at "), lines
+    assert len(lines) == 2 and lines[1].startswith("main.py: cannot join the process group: "), (
+        lines
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_node_whose_server_is_killed_gives_up_once(tmp_path):

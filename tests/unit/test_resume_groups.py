@@ -1,6 +1,7 @@
 """Resuming a model-parallel run: its shards' checkpoints live in one folder per parameter
 group (``checkpoints/group-stageI/``); they are found and checked before anything starts, and
-a corrupt one is refused naming its file, without loading torch."""
+a corrupt one, or a partition's folder missing beside the others, is refused naming its file
+or folder, without loading torch. So is a Sandblaster run's missing commit record."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import torch
 
 from distbelief.config import JobConfig
 from distbelief.errors import CheckpointError
-from distbelief.launch.resume import read_run_for_resume
+from distbelief.launch.resume import STAGE_GROUP_PREFIX, read_run_for_resume
+from distbelief.pipeline.job import stage_group
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.server.checkpoint import save_checkpoint
+from distbelief.server.groups import group_dir
 from distbelief.server.row_checkpoint import save_row_tables
 from distbelief.sharding import TensorSpec
 
@@ -146,4 +149,39 @@ def test_a_group_folder_without_checkpoints_is_refused(tmp_path):
     for path in (run_dir / "checkpoints" / "group-stage1").iterdir():
         path.unlink()
     with pytest.raises(CheckpointError, match="group-stage1: holds no shard checkpoints"):
+        read_run_for_resume(run_dir)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_partition_whose_group_folder_is_missing_is_refused_by_name(tmp_path, stage):
+    """Resumed, that partition would start again from the model's initial values (silently,
+    beside the other partition's shards, which go on from theirs)."""
+    run_dir = tmp_path / "run"
+    _run_with_group_checkpoints(run_dir)
+    missing = run_dir / "checkpoints" / f"group-stage{stage}"
+    for path in missing.iterdir():
+        path.unlink()
+    missing.rmdir()
+    expected = f"{missing}: missing .* partition {stage} would start again from scratch"
+    with pytest.raises(CheckpointError, match=expected):
+        read_run_for_resume(run_dir)
+
+
+def test_the_resume_check_names_the_folders_the_stages_save_into(tmp_path):
+    for stage in range(3):
+        named = group_dir(tmp_path, stage_group(stage))
+        assert named == tmp_path / f"{STAGE_GROUP_PREFIX}{stage}"
+
+
+def test_a_sandblaster_run_without_its_commit_record_is_refused_by_name(tmp_path):
+    run_dir = tmp_path / "run"
+    config = JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 1})
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(config.to_json())
+    shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
+    shard.initialize(SPECS, [torch.arange(8, dtype=torch.float32)])
+    save_checkpoint(shard.snapshot(), run_dir / "checkpoints" / "lbfgs-000003")
+    record = run_dir / "checkpoints" / "coordinator.json"
+    expected = f"{record}: missing .* shards' checkpoints in {record.parent / 'lbfgs-000003'}"
+    with pytest.raises(CheckpointError, match=expected):
         read_run_for_resume(run_dir)

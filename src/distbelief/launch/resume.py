@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from distbelief.config import JobConfig
-from distbelief.coordinator.checkpoint import restore_folder
+from distbelief.coordinator.checkpoint import RECORD_FILE, TAG_PREFIX, restore_folder
 from distbelief.errors import CheckpointError
 from distbelief.launch.cluster import CHECKPOINT_DIR
 from distbelief.server.checkpoint_meta import (
@@ -41,6 +41,12 @@ RESUMABLE_FIELDS = (
     "reporting.eval_during_training",
 )
 """Config fields a resumed run may change: none changes what is computed or by how many."""
+
+
+STAGE_GROUP_PREFIX = "group-stage"
+"""Partition ``S`` of a model-parallel job keeps its shards' checkpoints in ``group-stageS``:
+its parameter group ``stageS`` (``pipeline/job.py``) saved in the group's folder
+(``server/groups.py``). Named here too, as both modules load torch."""
 
 
 def check_checkpoints(directory: Path, num_shards: int) -> None:
@@ -96,7 +102,9 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
         ValueError: ``run_dir`` has no valid config.json, or no shard checkpoints, or
             ``changes`` names a field not in ``RESUMABLE_FIELDS``.
         ConfigFieldError: a value in ``changes`` is out of range.
-        CheckpointError: a checkpoint is missing a part or corrupt (names the file).
+        CheckpointError: a checkpoint is missing a part or corrupt, a shard's or a partition's
+            is missing beside the others', or Sandblaster's commit record is missing beside
+            its shards' checkpoints (names the file or folder).
     """
     changes = dict(changes or {})
     fixed = sorted(set(changes) - set(RESUMABLE_FIELDS))
@@ -106,16 +114,51 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
     directory = run_dir / CHECKPOINT_DIR
     try:
         if config.optimizer.algorithm == "sandblaster":
-            folder = restore_folder(directory)
-            directory = directory if folder is None else Path(folder)
-        # A model-parallel job's shards save each partition's group in a folder of its own.
-        folders = [directory, *sorted(p for p in directory.glob("group-*") if p.is_dir())]
+            directory = _committed_folder(directory)
+        folders = _checkpoint_folders(directory, config.pipeline.num_partitions)
         if not any(any(folder.glob("shard*.json")) for folder in folders):
             raise ValueError(f"--resume {run_dir}: no shard checkpoints in {directory}")
         for folder in folders:
+            if not folder.is_dir():
+                # Resumed, that partition's shards would start again from the initial values.
+                raise CheckpointError(
+                    f"{folder}: missing (the other partitions' are in {directory}; "
+                    f"partition {folder.name.removeprefix(STAGE_GROUP_PREFIX)} would start "
+                    "again from scratch)"
+                )
             check_checkpoints(folder, config.cluster.num_shards)
             if folder != directory and not any(folder.glob("shard*.json")):
                 raise CheckpointError(f"{folder}: holds no shard checkpoints, as the others do")
     except CheckpointError as e:
         raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
     return config.with_fields({**changes, "reporting.out_dir": str(run_dir)})
+
+
+def _checkpoint_folders(directory: Path, num_partitions: int) -> list[Path]:
+    """Where the shards' checkpoints of a job of ``num_partitions`` are: ``directory`` and its
+    group folders, every partition's among them (present or not) when there are several."""
+    found = {p for p in directory.glob("group-*") if p.is_dir()}
+    if num_partitions > 1:
+        found |= {directory / f"{STAGE_GROUP_PREFIX}{s}" for s in range(num_partitions)}
+    return [directory, *sorted(found)]
+
+
+def _committed_folder(directory: Path) -> Path:
+    """The folder Sandblaster's shards restore from: the one its coordinator's last committed
+    checkpoint names (``directory`` itself when there is none, nor any shard's to restore).
+
+    Raises:
+        CheckpointError: the coordinator's record is unreadable or names a missing folder, or
+            is missing while shards' checkpoints are there (names the file).
+    """
+    folder = restore_folder(directory)
+    if folder is not None:
+        return Path(folder)
+    saved = sorted(p for p in directory.glob(f"{TAG_PREFIX}*") if any(p.glob("shard*.json")))
+    if saved:
+        # Without the commit record no iteration of theirs is known to be whole.
+        raise CheckpointError(
+            f"{directory / RECORD_FILE}: missing (the coordinator's state, and the commit of "
+            f"the shards' checkpoints in {saved[-1]})"
+        )
+    return directory

@@ -482,10 +482,13 @@ def _raise_terminated(signum: int, _frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen command; returns the process exit code."""
+    # The command's own lines only; a library's show from WARNING up. Torch's exit-time INFO
+    # (FakeTensor cache statistics) came out after Ctrl-C had stopped torch's import before it
+    # set its own loggers' levels.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    logging.getLogger("distbelief").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if threading.current_thread() is not threading.main_thread():
         return _run_command(args)  # signal handlers belong to the main thread
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

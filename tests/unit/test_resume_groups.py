@@ -185,3 +185,16 @@ def test_a_sandblaster_run_without_its_commit_record_is_refused_by_name(tmp_path
     expected = f"{record}: missing .* shards' checkpoints in {record.parent / 'lbfgs-000003'}"
     with pytest.raises(CheckpointError, match=expected):
         read_run_for_resume(run_dir)
+
+
+def test_a_new_run_does_not_take_a_folder_of_sandblaster_checkpoints(tmp_path, capsys):
+    """Its commit record lost, a Sandblaster run's checkpoints are still another run's: a new
+    run there would delete them at its first commit."""
+    from distbelief.launch.cli import main
+
+    shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
+    shard.initialize(SPECS, [torch.arange(8, dtype=torch.float32)])
+    save_checkpoint(shard.snapshot(), tmp_path / "run" / "checkpoints" / "lbfgs-000003")
+    assert main(["train", "--no-eval", "--out", str(tmp_path / "run")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds another run's checkpoints: use --resume" in last, last

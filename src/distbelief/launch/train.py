@@ -283,6 +283,7 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
     has_checkpoints = (
         any(checkpoints.glob("shard*.json"))
         or any(checkpoints.glob("group-*/shard*.json"))  # a model-parallel job's
+        or any(checkpoints.glob("lbfgs-*/shard*.json"))  # Sandblaster's, its record lost
         or (checkpoints / RECORD_FILE).exists()
     )
     if resume and not has_checkpoints:

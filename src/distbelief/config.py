@@ -28,6 +28,13 @@ log has as many), movielens's user and movie ids."""
 CLICK_MODELS = ("dlrm",)
 """Models of click logs: they read the click-log data sets, and only those."""
 SERVER_OPTIMIZER_NAMES = ("sgd", "momentum", "adagrad", "adam")
+SERVER_OPTIMIZER_SETTINGS: dict[str, tuple[str, ...]] = {
+    "momentum": ("momentum",),
+    "betas": ("adam",),
+    "eps": ("adagrad", "adam"),
+}
+"""The server section's hyperparameters -> the server optimizers that use them
+(``distbelief/server/optimizers.py``); the others ignore them."""
 SERVER_DESIGNS = ("pool", "threads")
 """How a server schedules its connections (``distbelief/wire/rpc_server.py``)."""
 STALENESS_POLICIES = ("none", "scale", "dc-asgd")
@@ -388,9 +395,20 @@ class ServerConfig:
         _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)
         _require(betas_ok, "betas", self.betas, "two numbers in [0, 1)")
+        object.__setattr__(self, "betas", tuple(self.betas))  # a list equals no default
         if self.eps is not None:
             _require_rates(self, "eps")
         _require_waits(self, "checkpoint_every_s")
+        defaults = {item.name: item.default for item in fields(self)}
+        for name, users in SERVER_OPTIMIZER_SETTINGS.items():
+            value = getattr(self, name)
+            if self.optimizer not in users and value != defaults[name]:
+                # The optimizer chosen would ignore it without a word.
+                raise ConfigFieldError(
+                    name,
+                    f"only applies to server optimizer {' or '.join(users)}, "
+                    f"not {self.optimizer!r}",
+                )
 
 
 _DEFAULT_DC_LAMBDA = 0.04

@@ -227,7 +227,7 @@ DOWNPOUR_ARGV = [
     *("--lr", "0.5", "--n-push", "2", "--n-pull", "3"),
     *("--steps", "9", "--blocking", "--warmstart-steps", "1"),
     *("--wire-dtype", "bf16", "--push-compression", "topk:0.01"),
-    *("--server-optimizer", "adam", "--server-lr", "0.2", "--server-momentum", "0.5"),
+    *("--server-optimizer", "adam", "--server-lr", "0.2"),
     *("--server-betas", "0.8,0.9", "--server-eps", "1e-6"),
     *("--max-staleness", "4", "--staleness-policy", "scale", "--liveness-timeout", "6"),
     *("--partitions", "2", "--micro-batches", "4", "--schedule", "gpipe"),
@@ -236,6 +236,7 @@ DOWNPOUR_ARGV = [
 # Flags that only apply beside others (and are refused without them), each set on its own.
 SYNC_ARGV = ["--workers", "3", "--sync", "--backup-workers", "1"]
 DC_ASGD_ARGV = ["--staleness-policy", "dc-asgd", "--dc-lambda", "0.1"]
+MOMENTUM_ARGV = ["--server-optimizer", "momentum", "--server-momentum", "0.5"]
 CLICK_ARGV = [
     *("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "100"),
     *("--tables", "tables.0,tables.1", "--row-optimizer", "adam", "--row-lr", "0.1"),
@@ -260,7 +261,7 @@ def test_every_train_flag_reaches_its_field():
     downpour = config_from_args(parse_args(["train", *SHARED_ARGV, *DOWNPOUR_ARGV]))
     changed = _changed_fields([*SHARED_ARGV, *DOWNPOUR_ARGV])
     changed |= _changed_fields([*SHARED_ARGV, *SANDBLASTER_ARGV])
-    for argv in (SYNC_ARGV, DC_ASGD_ARGV, CLICK_ARGV):
+    for argv in (SYNC_ARGV, DC_ASGD_ARGV, MOMENTUM_ARGV, CLICK_ARGV):
         changed |= _changed_fields(argv)
     # Every field with a train flag was changed by it, but for one that excludes another and is
     # checked on its own (--epochs: --steps); the rest kept defaults.
@@ -429,6 +430,41 @@ _PS = ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"]
     ("argv", "message"),
     [
         (
+            ["train", "--server-optimizer", "sgd", "--server-momentum", "0.5"],
+            "argument --server-momentum: only applies to server optimizer momentum, not 'sgd'",
+        ),
+        (
+            ["train", "--server-betas", "0.9,0.99"],
+            "argument --server-betas: only applies to server optimizer adam, not 'sgd'",
+        ),
+        (
+            ["train", "--server-optimizer", "sgd", "--server-eps", "1e-6"],
+            "argument --server-eps: only applies to server optimizer adagrad or adam, not 'sgd'",
+        ),
+        (
+            [*_PS, "--server-optimizer", "adagrad", "--server-momentum", "0.5"],
+            "argument --server-momentum: only applies to server optimizer momentum, not 'adagrad'",
+        ),
+        (
+            [*_PS, "--server-optimizer", "momentum", "--server-eps", "1e-6"],
+            "argument --server-eps: only applies to server optimizer adagrad or adam, "
+            "not 'momentum'",
+        ),
+    ],
+    ids=["train-momentum", "train-betas", "train-eps", "ps-momentum", "ps-eps"],
+)
+def test_a_server_optimizer_setting_the_optimizer_ignores_is_refused(
+    argv, message, capsys, tmp_path
+):
+    assert main([*argv, "--out", str(tmp_path / "run")] if argv[0] == "train" else argv) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
             ["train", "--liveness-timeout", "10"],
             "argument --liveness-timeout: only used with --sync or --max-staleness",
         ),
@@ -441,12 +477,18 @@ _PS = ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"]
             [*_PS, "--dc-lambda", "0.04"],
             "argument --dc-lambda: only used with --staleness-policy dc-asgd",
         ),
+        (
+            ["train", "--server-momentum", "0.9"],
+            "argument --server-momentum: only used with --server-optimizer momentum",
+        ),
+        (
+            [*_PS, "--server-optimizer", "momentum", "--server-betas", "0.9,0.999"],
+            "argument --server-betas: only used with --server-optimizer adam",
+        ),
     ],
-    ids=["train-liveness", "ps-liveness", "backup-workers", "dc-lambda"],
+    ids=["train-liveness", "ps-liveness", "backup-workers", "dc-lambda", "momentum", "betas"],
 )
-def test_a_consistency_flag_that_does_nothing_is_refused_even_at_its_default(
-    argv, message, capsys, tmp_path
-):
+def test_a_flag_that_does_nothing_is_refused_even_at_its_default(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "run")] if argv[0] == "train" else argv) == 2
     assert message in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
@@ -460,8 +502,14 @@ def test_a_consistency_flag_that_does_nothing_is_refused_even_at_its_default(
         [*_PS, "--sync", "--num-workers", "2", "--backup-workers", "0"],
         ["train", "--staleness-policy", "dc-asgd", "--dc-lambda", "0.04"],
         ["train", "--partitions", "2", "--schedule", "1f1b"],
+        ["train", "--server-optimizer", "momentum", "--server-momentum", "0.9"],
+        [*_PS, "--server-optimizer", "adam", "--server-betas", "0.8,0.9", "--server-eps", "1e-6"],
+        ["train", "--server-optimizer", "adagrad", "--server-eps", "1e-6"],
     ],
-    ids=["sync", "ssp", "backup-workers", "dc-lambda", "schedule"],
+    ids=[
+        *("sync", "ssp", "backup-workers", "dc-lambda", "schedule"),
+        *("server-momentum", "server-adam", "server-adagrad-eps"),
+    ],
 )
 def test_a_flag_given_with_the_one_it_needs_is_taken(argv):
     args = parse_args(argv)

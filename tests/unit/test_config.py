@@ -43,6 +43,21 @@ from distbelief.errors import ConfigFieldError
         ),
         ({"server.momentum": 1.0}, "server.momentum", "must be in [0, 1), got 1.0"),
         ({"server.betas": (0.9, 1.5)}, "server.betas", "two numbers in [0, 1)"),
+        (
+            {"server.momentum": 0.5},
+            "server.momentum",
+            "only applies to server optimizer momentum, not 'sgd'",
+        ),
+        (
+            {"server.optimizer": "adagrad", "server.betas": (0.8, 0.9)},
+            "server.betas",
+            "only applies to server optimizer adam, not 'adagrad'",
+        ),
+        (
+            {"server.optimizer": "momentum", "server.eps": 1e-6},
+            "server.eps",
+            "only applies to server optimizer adagrad or adam, not 'momentum'",
+        ),
         ({"faults.timeout_s": 0.0}, "faults.timeout_s", "must be a finite number > 0, got 0.0"),
         ({"optimizer.steps": 3, "optimizer.epochs": 2}, "optimizer.epochs", "with steps"),
         (
@@ -146,7 +161,9 @@ def test_unknown_field_is_refused():
 
 
 def test_json_round_trip_is_sectioned(tmp_path):
-    config = JobConfig.from_fields({"server.betas": (0.8, 0.9), "cluster.num_workers": 3})
+    config = JobConfig.from_fields(
+        {"server.optimizer": "adam", "server.betas": (0.8, 0.9), "cluster.num_workers": 3}
+    )
     raw = json.loads(config.to_json())
     assert raw["cluster"]["num_workers"] == 3
     assert raw["server"]["betas"] == [0.8, 0.9]
@@ -156,7 +173,10 @@ def test_json_round_trip_is_sectioned(tmp_path):
 
 def test_flat_config_of_an_older_run_reads_as_the_same_job(tmp_path):
     config = JobConfig.from_fields(
-        {"model.name": "mlp", "data.name": "mnist", "server.lr": 0.2, "server.betas": (0.8, 0.9)}
+        {
+            **{"model.name": "mlp", "data.name": "mnist", "server.optimizer": "adam"},
+            **{"server.lr": 0.2, "server.betas": (0.8, 0.9)},
+        }
     )
     flat = {old: config.to_fields()[new] for old, new in FLAT_FIELDS.items()}
     # Every field that runs wrote before the sections has its old name; later fields keep

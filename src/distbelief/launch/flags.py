@@ -203,6 +203,14 @@ _USED_ONLY_WITH: dict[str, _UsedOnlyWith] = {
     "pipeline.schedule": _UsedOnlyWith(
         ("pipeline.num_partitions",), " > 1", lambda job: job.pipeline.num_partitions > 1
     ),
+    **{
+        f"server.{name}": _UsedOnlyWith(
+            ("server.optimizer",),
+            f" {' or '.join(users)}",
+            lambda job, users=users: job.server.optimizer in users,
+        )
+        for name, users in config_module.SERVER_OPTIMIZER_SETTINGS.items()
+    },
 }
 """Fields whose flag does something only beside another flag. The config refuses a value of
 theirs that differs from the default where it would go unused; a flag typed with the default

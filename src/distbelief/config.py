@@ -120,6 +120,17 @@ MAX_CACHE_MB = float(2**30)
 MAX_RATE = 3.4028234663852886e38
 """The largest rate (float32's largest number): a rate multiplies float32 tensors, and a larger
 one cannot be converted to their type."""
+MAX_TENSOR_BYTES = 2**63 - 1
+"""The most bytes torch sizes one tensor to (an int64): past it, it refuses to build the tensor,
+even on the meta device, where nothing is allocated."""
+TABLE_VALUE_BYTES = 4
+"""Bytes of one value of a dlrm table (float32)."""
+
+
+def max_table_rows(embedding_dim: int) -> int:
+    """The most rows a dlrm table of ``embedding_dim`` columns can have (``MAX_TENSOR_BYTES``):
+    a click log's ids must stay below it, as a table holds its largest id + 1 rows."""
+    return MAX_TENSOR_BYTES // (embedding_dim * TABLE_VALUE_BYTES)
 
 
 def is_amount(value: object, *, zero_ok: bool = False, most: float = math.inf) -> bool:

@@ -176,13 +176,15 @@ def no_process_starts(monkeypatch):
     monkeypatch.setattr(LocalCluster, "__init__", start)
 
 
-def _movielens(root: Path, num_ratings: int, bad_line: int = 0) -> Path:
-    """``num_ratings`` lines, line ``bad_line`` (1-based; 0: none) with a movie id of x."""
+def _movielens(root: Path, num_ratings: int, bad_line: int = 0, bad_user: int = 0) -> Path:
+    """``num_ratings`` lines, line ``bad_line`` (1-based; 0: none) with a movie id of x, or
+    with a user id of ``bad_user`` where that is given."""
     path = root / "movielens" / "ratings.dat"
     path.parent.mkdir(parents=True)
     lines = [f"{i}::{i}::4::{1000 + i}\n" for i in range(num_ratings)]
     if bad_line:
-        lines[bad_line - 1] = f"{bad_line}::x::4::1000\n"
+        movie = bad_line if bad_user else "x"
+        lines[bad_line - 1] = f"{bad_user or bad_line}::{movie}::4::1000\n"
     path.write_text("".join(lines))
     return path
 
@@ -209,10 +211,17 @@ def _criteo(root: Path, num_rows: int, bad_line: int = 0) -> Path:
         ("movielens", lambda root: _movielens(root, 50, 40), ":40: movie id must be an integer"),
         ("criteo", lambda root: _criteo(root, 50, 30), ":30: C26 must be 8 hex digits"),
         ("criteo", lambda root: _criteo(root, 50, 48), ":48: C26 must be 8 hex digits"),
+        # Within the format's int64 but too large for a table of --embedding-dim 16.
+        (
+            "movielens",
+            lambda root: _movielens(root, 200, 10, bad_user=9 * 10**18),
+            ":10: user id 9000000000000000000 is too large for a dlrm table",
+        ),
     ],
     ids=[
         *("cifar10-train", "cifar10-test", "movielens-empty-test", "criteo-empty-test"),
         *("movielens-malformed-line", "criteo-malformed-train-line", "criteo-malformed-test-line"),
+        "movielens-id-too-large-for-a-table",
     ],
 )
 def test_train_refuses_in_one_line_before_any_process_starts(

@@ -105,6 +105,16 @@ def test_argument_errors(args: tuple, kwargs: dict, match: str) -> None:
         DLRM(*args, **kwargs)
 
 
+def test_a_table_torch_cannot_size_is_refused_by_its_index() -> None:
+    # 2**63 // 64 rows of 16 float32 are 2**63 bytes, one past what torch sizes a tensor to.
+    largest = 2**63 // 64 - 1
+    model = DLRM(0, [largest, 10], embedding_device="meta")
+    assert model.tables[0].weight.shape == (largest, 16)
+    with pytest.raises(ValueError, match=f"^table 1 of {largest + 1} rows is too large") as e:
+        DLRM(0, [10, largest + 1], embedding_device="meta")
+    assert f"{largest} rows of that width" in str(e.value)
+
+
 def test_learns_the_synthetic_click_log() -> None:
     """One epoch of Adam on 20k synthetic samples lifts test AUC well above chance (0.68;
     0.71 with 60k samples)."""

@@ -126,6 +126,28 @@ def test_the_check_passes_every_line_loading_reads(tmp_path: Path, name: str) ->
 
 
 @pytest.mark.parametrize("name", ["ratings.dat", "ratings.csv", "u.data"])
+def test_an_id_too_large_for_a_table_of_the_width_names_its_line(tmp_path: Path, name) -> None:
+    # A table holds the largest id + 1 rows; torch sizes a tensor to at most 2**63 - 1 bytes:
+    # with 16 float32 values a row, ids up to 2**63 // 64 - 2.
+    largest = 2**63 // 64 - 2
+    rows = [*RATINGS[:4], (largest, 7, 4.0, 1004), *RATINGS[5:]]
+    path = _write(tmp_path, name, _format(name, rows))
+    check_movielens_split("train", tmp_path, embedding_dim=16)
+    assert load_movielens("train", tmp_path).table_sizes == (largest + 1, 32)
+    line = 6 if name == "ratings.csv" else 5  # after the header
+    for width, movie in ((17, 7), (16, largest + 1), (16, 9 * 10**18)):
+        rows[4] = (largest, movie, 4.0, 1004)
+        _write(tmp_path, name, _format(name, rows))
+        field, value = ("user id", largest) if width == 17 else ("movie id", movie)
+        with pytest.raises(ValueError) as info:
+            check_movielens_split("test", tmp_path, embedding_dim=width)
+        message = str(info.value)
+        assert message.startswith(f"{path}:{line}: {field} {value} is too large for a dlrm")
+        assert f"ids must be <= {(2**63 - 1) // (4 * width) - 1}" in message and "\n" not in message
+        check_movielens_split("test", tmp_path)  # the file's format takes any int64 id
+
+
+@pytest.mark.parametrize("name", ["ratings.dat", "ratings.csv", "u.data"])
 def test_an_empty_split_names_the_file_with_or_without_parsing_it(tmp_path: Path, name) -> None:
     path = _write(tmp_path, name, _format(name, RATINGS[:9]))
     assert len(load_movielens("train", tmp_path)) == 9

@@ -105,13 +105,16 @@ def load_job_dataset(
     )
 
 
-def check_job_data(config: DataConfig, splits: tuple[str, ...] = SPLITS) -> None:
+def check_job_data(
+    config: DataConfig, splits: tuple[str, ...] = SPLITS, *, embedding_dim: int | None = None
+) -> None:
     """Reads what a job's processes will read of its data set's files, so that a corrupt file
     or an empty split is refused before any of them starts. CIFAR-10's and MNIST's splits are
     loaded (their size is fixed: seconds); a click log's lines are checked one by one without
     being kept (a fraction of what loading costs, which a malformed line far into the file
     would otherwise only stop in a process already started). Generated and bundled data sets
-    have nothing to check.
+    have nothing to check. ``embedding_dim``: the width of the model's tables, which MovieLens
+    sizes by its largest ids (an id too large for one is refused by line).
 
     Raises:
         ValueError: A file is corrupt or a split would be empty; the message names the file
@@ -120,7 +123,8 @@ def check_job_data(config: DataConfig, splits: tuple[str, ...] = SPLITS) -> None
     """
     root = Path(config.data_dir) if config.data_dir else DEFAULT_DATA_DIR
     if config.name == "movielens":
-        check_movielens_splits(splits, root)  # every split reads the one file: checked once
+        # Every split reads the one file: checked once.
+        check_movielens_splits(splits, root, embedding_dim=embedding_dim)
     for split in splits:
         if config.name in ("cifar10", "mnist"):
             load_job_dataset(config, split)

@@ -15,6 +15,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 import torch
 
+from distbelief.config import MAX_TENSOR_BYTES, TABLE_VALUE_BYTES, max_table_rows
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.files import MOVIELENS_RATINGS_FILES as RATINGS_FILES
 from distbelief.data.files import MOVIELENS_SUBDIR as SUBDIR
@@ -24,7 +25,11 @@ CSV_HEADER = b"userId,movieId,rating,timestamp"
 TEST_FRACTION = 0.1
 """Share of ratings, the latest by timestamp, that form the test split."""
 MAX_ID = 2**63 - 2
-"""Largest user or movie id: a table holds max id + 1 rows, an int64."""
+"""Largest user or movie id a file may hold: a table holds max id + 1 rows, an int64. A dlrm
+table of that many rows is bounded further by its width (``max_table_rows``): the launcher's
+check refuses an id past that."""
+_PLAIN_DIGITS = 18
+"""Digits of an id or timestamp that ``_plain_record`` takes: any such number is in range."""
 
 
 class Ratings(NamedTuple):
@@ -83,33 +88,62 @@ def load_movielens(split: str, data_dir: str | Path, *, positive_at: float = 4.0
     )
 
 
-def check_movielens_split(split: str, data_dir: str | Path) -> None:
+def check_movielens_split(
+    split: str, data_dir: str | Path, *, embedding_dim: int | None = None
+) -> None:
     """``check_movielens_splits`` of one split."""
-    check_movielens_splits((split,), data_dir)
+    check_movielens_splits((split,), data_dir, embedding_dim=embedding_dim)
 
 
-def check_movielens_splits(splits: Sequence[str], data_dir: str | Path) -> None:
+def check_movielens_splits(
+    splits: Sequence[str], data_dir: str | Path, *, embedding_dim: int | None = None
+) -> None:
     """Refuses a split that would be empty or a malformed line in the ratings file (which every
     split reads), checking each line once without keeping it: a line of plain digits by a
     pattern, any other as loading parses it, so both refuse the same lines (a quarter or so of
     what loading costs: a job checks this before starting the processes that load the file).
 
+    With ``embedding_dim``, also an id too large for a dlrm table of that width: the tables
+    hold max id + 1 rows, and torch builds no tensor past ``MAX_TENSOR_BYTES``, even on the
+    meta device. The pattern then takes only ids of fewer digits than the bound, so the check
+    costs the same; a longer id is parsed and compared.
+
     Raises:
-        ValueError: A split would be empty, or a line is malformed; the message names the file
-            (and the 1-based line number and the field).
+        ValueError: A split would be empty, or a line is malformed or holds an id too large;
+            the message names the file (and the 1-based line number and the field).
         DatasetUnavailableError: No ratings file is present.
     """
     path = _find(Path(data_dir) / SUBDIR)
     separator = _separator(path)
-    plain = _plain_record(separator)
+    max_rows = None if embedding_dim is None else max_table_rows(embedding_dim)
+    # 10**digits <= max_rows: every id of that many digits is below it.
+    id_digits = _PLAIN_DIGITS if max_rows is None else min(_PLAIN_DIGITS, len(str(max_rows)) - 1)
+    plain = _plain_record(separator, id_digits) if id_digits > 0 else None
     num_ratings = 0
     with path.open("rb") as f:
         for line_number, line in _records(path, f):
-            if plain.fullmatch(line) is None:
-                _parse_line(path, line_number, line, separator)
+            if plain is None or plain.fullmatch(line) is None:
+                user, movie, _, _ = _parse_line(path, line_number, line, separator)
+                if embedding_dim is not None:
+                    location = f"{path}:{line_number}"
+                    _require_table_rows(location, "user id", user, embedding_dim)
+                    _require_table_rows(location, "movie id", movie, embedding_dim)
             num_ratings += 1
     for split in splits:
         _require_split(path, split, num_ratings)
+
+
+def _require_table_rows(location: str, name: str, value: int, embedding_dim: int) -> None:
+    """Refuses an id whose table (``value`` + 1 rows of ``embedding_dim``) torch cannot size."""
+    max_rows = max_table_rows(embedding_dim)
+    if value < max_rows:
+        return
+    bound = f"ids must be <= {max_rows - 1}" if max_rows else "no table that wide can be built"
+    raise ValueError(
+        f"{location}: {name} {value} is too large for a dlrm table: its {value + 1} rows of "
+        f"{embedding_dim} values (--embedding-dim) x {TABLE_VALUE_BYTES} bytes are more than "
+        f"the {MAX_TENSOR_BYTES} bytes torch can size a tensor to; {bound}"
+    )
 
 
 def _split_size(num_ratings: int, split: str) -> int:
@@ -184,13 +218,14 @@ def _records(path: Path, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
     return lines
 
 
-def _plain_record(separator: bytes) -> re.Pattern[bytes]:
-    """A line of plain digits that parses without fail: ids and a timestamp of at most 18
-    digits are within their ranges, a rating of at most 6 + 6 digits is finite."""
+def _plain_record(separator: bytes, id_digits: int = _PLAIN_DIGITS) -> re.Pattern[bytes]:
+    """A line of plain digits that parses without fail: ids of at most ``id_digits`` (<= 18)
+    digits and a timestamp of at most 18 are within their ranges, a rating of at most 6 + 6
+    digits is finite."""
     sep = re.escape(separator)
+    ids = rb"[0-9]{1,%d}" % id_digits
     return re.compile(
-        rb"[0-9]{1,18}%s[0-9]{1,18}%s[0-9]{1,6}(?:\.[0-9]{1,6})?%s-?[0-9]{1,18}\r?\n?"
-        % (sep, sep, sep)
+        rb"%s%s%s%s[0-9]{1,6}(?:\.[0-9]{1,6})?%s-?[0-9]{1,18}\r?\n?" % (ids, sep, ids, sep, sep)
     )
 
 

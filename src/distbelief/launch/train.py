@@ -106,13 +106,15 @@ def _planned_steps(config: JobConfig) -> list[int]:
 
 
 def _check_data(config: JobConfig, *, counted: bool) -> None:
-    """Refuses a corrupt data file or an empty split before any process would load it (the
-    training split is read already if counting its examples planned the steps)."""
+    """Refuses a corrupt data file, an empty split or a MovieLens id too large for the model's
+    tables before any process would load it (the training split is read already if counting
+    its examples planned the steps)."""
     if config.data.name not in FILE_DATASETS:
         return  # generated or bundled: nothing to read, and no torch to load for it
     from distbelief.data.loading import check_job_data
 
-    check_job_data(config.data, ("test",) if counted else ("train", "test"))
+    splits = ("test",) if counted else ("train", "test")
+    check_job_data(config.data, splits, embedding_dim=config.model.embedding_dim)
 
 
 def _sandblaster_iterations(config: JobConfig) -> int:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from distbelief.config import MAX_TENSOR_BYTES, max_table_rows
+
 
 class DLRM(nn.Module):
     """Dense features and one categorical id per table in, one click logit out.
@@ -46,8 +48,9 @@ class DLRM(nn.Module):
             ``embedding_device`` says (tables left dense while the others live elsewhere).
 
     Raises:
-        ValueError: If a size is out of range, or there are fewer than two vectors to
-            interact (one table and no dense features).
+        ValueError: If a size is out of range (a table past ``max_table_rows``: more bytes
+            than torch can size a tensor to), or there are fewer than two vectors to interact
+            (one table and no dense features).
     """
 
     def __init__(
@@ -113,6 +116,16 @@ def _check_args(
         )
     if embedding_dim < 1:
         raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+    max_rows = max_table_rows(embedding_dim)
+    too_large = [t for t, size in enumerate(table_sizes) if size > max_rows]
+    if too_large:
+        # torch's own refusal ("Storage size calculation overflowed") names no table.
+        t = too_large[0]
+        raise ValueError(
+            f"table {t} of {table_sizes[t]} rows is too large for embedding_dim "
+            f"{embedding_dim}: torch sizes a tensor to at most {MAX_TENSOR_BYTES} bytes, "
+            f"{max_rows} rows of that width"
+        )
     if any(width < 1 for width in (*bottom_hidden, *top_hidden)):
         raise ValueError(
             f"bottom_hidden and top_hidden must all be >= 1, got {tuple(bottom_hidden)} and "

@@ -127,6 +127,10 @@ TABLE_VALUE_BYTES = 4
 """Bytes of one value of a dlrm table (float32)."""
 
 
+MAX_SYNTHETIC_TABLE_SIZE = 2**31
+"""Largest table_size of synthetic-ctr: keeps its id permutation's products inside int64."""
+
+
 def max_table_rows(embedding_dim: int) -> int:
     """The most rows a dlrm table of ``embedding_dim`` columns can have (``MAX_TENSOR_BYTES``):
     a click log's ids must stay below it, as a table holds its largest id + 1 rows."""
@@ -287,6 +291,9 @@ class DataConfig:
             raise ConfigFieldError(
                 "table_size", f"applies to synthetic-ctr and criteo, not {self.name!r}"
             )
+        if self.name == "synthetic-ctr":
+            most = MAX_SYNTHETIC_TABLE_SIZE
+            _require(size is None or size <= most, "table_size", size, f"<= {most} (2**31)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -806,6 +813,14 @@ class JobConfig:
                 "data.name" if click_model else "model.name",
                 f"{self.data.name!r} does not go with model {self.model.name!r}: "
                 + (f"use a click log ({wanted})" if click_model else f"use model {wanted}"),
+            )
+        size, width = self.data.table_size, self.model.embedding_dim
+        if size is not None and size > max_table_rows(width):
+            raise ConfigFieldError(
+                "data.table_size",
+                f"must be <= {max_table_rows(width)}: a table of {size} rows of {width} values "
+                f"(the embedding width) x {TABLE_VALUE_BYTES} bytes is more than the "
+                f"{MAX_TENSOR_BYTES} bytes torch can size a tensor to, got {size}",
             )
         tables = self.embeddings.tables
         malformed = [name for name in tables or () if not _TABLE_NAME.fullmatch(name)]

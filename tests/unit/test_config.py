@@ -136,6 +136,16 @@ from distbelief.errors import ConfigFieldError
             "only applies to algorithm downpour",
         ),
         ({"pipeline.max_stage_bytes": 0}, "pipeline.max_stage_bytes", "an integer >= 1, got 0"),
+        (
+            {"model.name": "dlrm", "data.name": "synthetic-ctr", "data.table_size": 2**31 + 1},
+            "data.table_size",
+            "must be <= 2147483648 (2**31), got 2147483649",
+        ),
+        (
+            {"model.name": "dlrm", "data.name": "criteo", "data.table_size": 10**18},
+            "data.table_size",
+            "must be <= 144115188075855871: a table of 1000000000000000000 rows of 16 values",
+        ),
     ],
 )
 def test_a_bad_value_names_its_section_and_field(values, field, problem):
@@ -144,6 +154,14 @@ def test_a_bad_value_names_its_section_and_field(values, field, problem):
     assert caught.value.field == field
     assert problem in caught.value.problem
     assert str(caught.value).startswith(f"{field} ")
+
+
+def test_a_table_as_large_as_torch_can_size_is_taken():
+    largest = {"model.name": "dlrm", "data.name": "criteo", "model.embedding_dim": 1}
+    config = JobConfig.from_fields({**largest, "data.table_size": (2**63 - 1) // 4})
+    assert config.data.table_size == (2**63 - 1) // 4
+    synthetic = {"model.name": "dlrm", "data.name": "synthetic-ctr", "data.table_size": 2**31}
+    assert JobConfig.from_fields(synthetic).data.table_size == 2**31
 
 
 def test_a_section_alone_names_its_field():

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from distbelief.config import MAX_SYNTHETIC_TABLE_SIZE
 from distbelief.data.ctr import CtrDataset
 
 DEFAULT_NUM_SAMPLES = {"train": 100_000, "test": 20_000}
@@ -24,7 +25,7 @@ _OFFSETS_PART = 0
 _DENSE_PART = 1
 _WEIGHT_PART = 2
 _VECTOR_PART = 3
-MAX_TABLE_SIZE = 2**31
+MAX_TABLE_SIZE = MAX_SYNTHETIC_TABLE_SIZE
 """Largest table_size: keeps the id permutation's products inside int64."""
 
 GROUND_TRUTH_RANK = 4

@@ -3,11 +3,13 @@ workers connect from a third, so nothing assumes one address per machine; and ad
 are malformed or not this machine's, refused in one line naming the flag."""
 
 import json
+import re
+import subprocess
 
 import pytest
 
 from distbelief.launch.cli import main
-from tests.conftest import run_cli
+from tests.conftest import CHILD_ENV, CLI, run_cli, stop_processes
 
 NOT_HERE = "192.0.2.1"
 """TEST-NET-1 (RFC 5737): never an address of a real machine."""
@@ -98,3 +100,63 @@ def test_a_bad_host_is_a_one_line_error_naming_its_flag(argv, message, capsys, t
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], errors
     assert not run_dir.exists()
+
+
+_PS = ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"]
+_STAGE = [
+    *("worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"),
+    *("--partitions", "2", "--stage", "1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            [*_PS, "--bind", "tcp://127.0.0.1:x "],
+            "argument --bind: address 'tcp://127.0.0.1:x' is not of the form tcp://HOST:PORT",
+        ),
+        (
+            [*_PS, "--bind", f"tcp://{NOT_HERE}:7000 "],
+            f"argument --bind: {NOT_HERE} is not an address of this machine (",
+        ),
+        (
+            [*_PS, "--bind", "tcp://127.0.0.1:0,tcp://127.0.0.1:0"],
+            "argument --bind: one address, not 2",
+        ),
+        (
+            [*_STAGE, "--bind", f"tcp://{NOT_HERE}:7000 "],
+            f"argument --bind: {NOT_HERE} is not an address of this machine (",
+        ),
+        (
+            [*_STAGE[:-2], "--stage", "0", "--next", "tcp://127.0.0.1:1,tcp://127.0.0.1:2"],
+            "argument --next: one address, not 2",
+        ),
+    ],
+    ids=["malformed", "not-here", "two", "stage-not-here", "two-next"],
+)
+def test_a_bad_bind_with_spaces_around_it_is_named_as_bind(argv, message, capsys):
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_a_bind_with_spaces_around_it_is_read_as_ps_is():
+    """Spaces around --bind are dropped, as around each --ps address."""
+    shard = subprocess.Popen(
+        [*CLI, *_PS, "--bind", " tcp://127.0.0.1:0 "],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=CHILD_ENV,
+    )
+    said = []
+    try:
+        assert shard.stdout is not None
+        while not said or not said[-1].startswith("serving shard"):
+            said.append(shard.stdout.readline())
+            if not said[-1]:  # it ended
+                break
+    finally:
+        stop_processes([shard])
+    assert re.fullmatch(r"serving shard 0 at tcp://127\.0\.0\.1:\d+\n", said[-1]), "".join(said)

@@ -112,14 +112,24 @@ def _addresses(flag: str, text: str) -> list[str]:
     return addresses
 
 
-def _check_bind_is_here(address: str) -> None:
+def _one_address(flag: str, text: str) -> str:
+    """The one address of ``flag`` (stripped, as --ps's are); a malformed one, or several, is
+    an error naming the flag."""
+    addresses = _addresses(flag, text)
+    if len(addresses) > 1:
+        raise argparse.ArgumentError(None, f"argument {flag}: one address, not {len(addresses)}")
+    return addresses[0]
+
+
+def _check_bind_is_here(text: str) -> str:
     """--bind: a well-formed address of this machine whose port is free (a foreign address or
-    a port another process holds is bad input, not a failure of the server)."""
+    a port another process holds is bad input, not a failure of the server). Returns it, as
+    the server binds it."""
     from distbelief.hosts import check_local_host
     from distbelief.wire.channels import split_scheme
     from distbelief.wire.channels.tcp import TcpListener, parse_tcp_address
 
-    _addresses("--bind", address)
+    address = _one_address("--bind", text)
     tcp_address = f"tcp://{split_scheme(address)[1]}"  # what the server binds, whatever scheme
     host, _ = parse_tcp_address(tcp_address)
     try:
@@ -128,6 +138,7 @@ def _check_bind_is_here(address: str) -> None:
         TcpListener(tcp_address).close()
     except (ValueError, BindError) as e:
         raise argparse.ArgumentError(None, f"argument --bind: {e}") from None
+    return address
 
 
 def _use_transport(config: JobConfig) -> None:
@@ -239,7 +250,7 @@ def _run_ps(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--shard-id {args.shard_id} is not in [0, --num-shards {config.cluster.num_shards})"
         )
-    _check_bind_is_here(args.bind)
+    args.bind = _check_bind_is_here(args.bind)
     if args.checkpoint_dir:
         from distbelief.files import make_folder
 
@@ -318,9 +329,9 @@ def _check_stage_flags(args: argparse.Namespace, num_stages: int) -> None:
             f"--stage {args.stage} needs --bind (where stage {args.stage - 1} connects)"
         )
     if args.next:
-        _addresses("--next", args.next)
+        args.next = _one_address("--next", args.next)
     if args.bind:
-        _check_bind_is_here(args.bind)
+        args.bind = _check_bind_is_here(args.bind)
 
 
 def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:

@@ -24,6 +24,49 @@ def test_key_file_round_trip_and_owner_only(tmp_path):
         write_key_file(path)
 
 
+def _files_under(folder) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [
+        ("/proc/job.key", "key file /proc/job.key: cannot write in /proc: "),
+        ("afile/job.key", "key file {tmp}/afile/job.key: {tmp}/afile is not a folder"),
+        ("afile/new/job.key", "key file {tmp}/afile/new/job.key: {tmp}/afile is not a folder"),
+        (
+            "dangling.key",
+            "key file {tmp}/dangling.key already exists (a link to {tmp}/nowhere): not "
+            "overwriting it",
+        ),
+        ("/proc/new/job.key", "key file /proc/new/job.key: cannot write in /proc/new: "),
+    ],
+    ids=["unwritable", "under-a-file", "deep-under-a-file", "dangling-link", "unmakeable"],
+)
+def test_keygen_that_cannot_write_its_file_says_why_in_one_line(tmp_path, capsys, where, said):
+    from distbelief.launch.cli import main
+
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "dangling.key").symlink_to(tmp_path / "nowhere")
+    before = _files_under(tmp_path)
+    path = where if where.startswith("/") else str(tmp_path / where)
+    assert main(["keygen", path]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"distbelief keygen: error: {said.format(tmp=tmp_path)}"), err
+    assert _files_under(tmp_path) == before  # no temporary file, no folder, nothing written
+    assert not os.path.exists("/proc/new")
+
+
+def test_keygen_makes_the_missing_folders_of_a_new_file(tmp_path, capsys):
+    from distbelief.launch.cli import main
+
+    path = tmp_path / "keys" / "run" / "job.key"
+    assert main(["keygen", str(path)]) == 0
+    assert len(read_key_file(path)) == 32
+    assert _files_under(tmp_path) == ["keys", "keys/run", "keys/run/job.key"]
+
+
 def test_key_file_open_to_others_is_refused(tmp_path):
     path = write_key_file(tmp_path / "job.key")
     path.chmod(0o644)

@@ -7,6 +7,7 @@ tensor. Key files must be readable by their owner only.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import secrets
@@ -68,20 +69,50 @@ def generate_key() -> bytes:
 
 
 def write_key_file(path: str | Path) -> Path:
-    """Create a new key file readable by its owner only (atomically; never overwrites)."""
+    """Create a new key file readable by its owner only (atomically; never overwrites), and
+    the folders above it that are missing.
+
+    Raises:
+        ValueError: naming the file: it exists already (a link to nowhere too), a folder above
+            it is a file, or it cannot be written (the reason). Nothing is left behind, not
+            even the folders made for it.
+    """
     path = Path(path)
-    if path.exists():
-        raise ValueError(f"key file {path} already exists: not overwriting it")
+    made: list[Path] = []
+    try:
+        if path.is_symlink():
+            link = os.readlink(path)
+            raise ValueError(
+                f"key file {path} already exists (a link to {link}): not overwriting it"
+            )
+        if path.exists():
+            raise ValueError(f"key file {path} already exists: not overwriting it")
+        above = [folder for folder in reversed(path.parents) if folder.exists()]
+        if above and not above[-1].is_dir():
+            raise ValueError(f"key file {path}: {above[-1]} is not a folder")
+        made = [folder for folder in path.parents if not folder.exists()]  # deepest first
+        _write_new_key(path)
+    except OSError as e:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(e, FileExistsError) and e.filename2 is not None:  # appeared meanwhile
+            raise ValueError(f"key file {path} already exists: not overwriting it") from None
+        reason = e.strerror or str(e)
+        raise ValueError(f"key file {path}: cannot write in {path.parent}: {reason}") from None
+    return path
+
+
+def _write_new_key(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, generate_key().hex().encode() + b"\n")
-        os.close(fd)
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write(generate_key().hex().encode() + b"\n")
         os.link(tmp, path)  # fails if path appeared meanwhile, unlike rename
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def read_key_file(path: str | Path) -> bytes:

@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "ClosedError": "distbelief.errors",
     "ProtocolError": "distbelief.errors",
     "AuthenticationError": "distbelief.errors",
+    "TLSMismatchError": "distbelief.errors",
     "RemoteError": "distbelief.errors",
     "ModelMismatchError": "distbelief.errors",
     "ShardListError": "distbelief.errors",

@@ -33,6 +33,12 @@ class AuthenticationError(ProtocolError):
     or another job's shard at the address)."""
 
 
+class TLSMismatchError(AuthenticationError):
+    """The two ends of a connection disagree on TLS: the shard speaks it and this process does
+    not (no CA given), or the reverse, or the shard's certificate does not verify against the
+    CA this process was given. The message says which."""
+
+
 class BindError(ShardUnavailableError):
     """A server (a shard, a stage of a partitioned replica) could not listen at its address:
     another process holds the port, say. ``address`` is the address as given, ``problem`` says

@@ -3,6 +3,7 @@ trips, typed errors within their timeouts, reconnects, and ops a test service de
 itself (the ``scheme`` fixture: tests/conftest.py)."""
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from distbelief.wire.framing import send_message
 from distbelief.wire.message import FLAG_ERROR, FLAG_REPLY, HEADER, MAGIC, PROTOCOL_VERSION
 from distbelief.wire.ops import MAX_OP_CODE, op_for_code
 from distbelief.wire.reader import FrameReader, recv_message
+from distbelief.wire.security import WireSecurity
 
 ADD_ONE = define_op("TEST_TRANSPORT_ADD_ONE", 250)
 """An op only this file defines: wire/ and the shard service know nothing of it."""
@@ -271,6 +273,23 @@ def test_silent_shard_times_out_within_the_timeout(raw_peer):
     assert time.monotonic() - started < 5  # not the default timeout; room for a busy machine
     assert issubclass(ShardTimeoutError, PSError)
     client.close()
+
+
+def test_a_handshake_that_times_out_names_the_connect_timeout(scheme):
+    """The channel's own handshake (here the job key's) runs under the connect timeout, not the
+    request's: the error names the bound that ran out."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # never accepts: the kernel completes the connection, no one answers
+        address = f"{scheme}://127.0.0.1:{silent.getsockname()[1]}"
+        security = WireSecurity(auth_key=b"k" * 32)
+        client = connect(address, name="shard 1", connect_timeout_s=1, security=security)
+        started = time.monotonic()
+        with pytest.raises(ShardTimeoutError) as info:
+            client.request(Message(ops.HELLO), timeout_s=60)
+        assert time.monotonic() - started < 30  # the connect timeout, not the request's
+        assert str(info.value) == "shard 1: hello timed out after 1s connecting"
+        client.close()
 
 
 def test_a_send_to_a_peer_that_stopped_reading_times_out(raw_peer):

@@ -5,6 +5,7 @@ import concurrent.futures as cf
 import contextlib
 import json
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from distbelief.client import ParameterServerClient
-from distbelief.errors import AuthenticationError, ProtocolError, PSError
+from distbelief.errors import AuthenticationError, ProtocolError, PSError, TLSMismatchError
 from distbelief.launch.cli import main as cli_main
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
@@ -144,6 +145,12 @@ def tls_files(tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
     cert, key_pem = tmp_path / "cert.pem", tmp_path / "key.pem"
+    _make_certificate(cert, key_pem)
+    return cert, key_pem
+
+
+def _make_certificate(cert, key_pem) -> None:
+    """A self-signed certificate for 127.0.0.1 at ``cert``, its key at ``key_pem``."""
     subprocess.run(
         [
             "openssl",
@@ -167,7 +174,6 @@ def tls_files(tmp_path):
         capture_output=True,
         timeout=60,
     )
-    return cert, key_pem
 
 
 def test_tls_with_authentication(tls_files, scheme):
@@ -192,8 +198,8 @@ def test_tls_with_authentication(tls_files, scheme):
             anonymous.request(Message(ops.HELLO), timeout_s=30)
         if scheme == "tcp":  # both kinds start on the same TCP handshakes: checked once
             plain = connect(server.address, name="shard", security=WireSecurity(auth_key=secret))
-            with pytest.raises(PSError):  # no TLS: the shard never gets a ClientHello, hangs up
-                plain.request(Message(ops.HELLO), timeout_s=2)
+            with pytest.raises(PSError, match="the shard speaks TLS"):  # and it said so
+                plain.request(Message(ops.HELLO), timeout_s=30)
     finally:
         server.stop()
 
@@ -228,6 +234,92 @@ def test_a_key_given_to_a_tls_shard_without_one_is_refused_at_once(tls_files, sc
         anonymous.close()
     finally:
         server.stop()
+
+
+_SPEAKS_TLS = "the shard speaks TLS: give --tls-ca (the CA of the shard's certificate)"
+_NO_TLS = (
+    "the shard does not speak TLS: drop --tls-ca, or start the shard with --tls-cert and --tls-key"
+)
+
+
+@pytest.mark.parametrize("shard_key", [None, b"s" * 32], ids=["keyless-shard", "keyed-shard"])
+def test_tls_on_one_end_only_is_refused_at_once_naming_tls(tls_files, scheme, shard_key, tmp_path):
+    """Each end tells the other that it speaks TLS or not, whatever the job keys: the client
+    fails at once with TLSMismatchError (not retried), not after the shard's TLS handshake
+    timeout or as a lost connection. So does a certificate its CA does not verify."""
+    cert, key_pem = tls_files
+    other_ca = tmp_path / "other.pem"
+    _make_certificate(other_ca, tmp_path / "other-key.pem")
+    tls_security = WireSecurity(auth_key=shard_key, tls_cert=str(cert), tls_key=str(key_pem))
+    tls_shard = serve(local_address(scheme), EchoService(), security=tls_security)
+    plain_shard = serve(
+        local_address(scheme), EchoService(), security=WireSecurity(auth_key=shard_key)
+    )
+    refused = []
+    for client_key in (None, b"s" * 32):
+        refused += [
+            (tls_shard, WireSecurity(auth_key=client_key), re.escape(_SPEAKS_TLS)),
+            (plain_shard, WireSecurity(auth_key=client_key, tls_ca=str(cert)), re.escape(_NO_TLS)),
+            (
+                tls_shard,
+                WireSecurity(auth_key=client_key, tls_ca=str(other_ca)),
+                rf"certificate verify failed: .+ \(the shard's certificate, checked against "
+                rf"--tls-ca {re.escape(str(other_ca))}\)",
+            ),
+        ]
+    try:
+        for server, security, said in refused:
+            name = f"shard 0 ({server.address})"
+            client = connect(server.address, name=name, connect_timeout_s=60, security=security)
+            started = time.monotonic()
+            with pytest.raises(TLSMismatchError, match=rf"^{re.escape(name)}: hello: {said}$"):
+                client.request(Message(ops.HELLO), timeout_s=60)
+            assert time.monotonic() - started < 30  # told, not left to its timeouts
+            client.close()
+        for server, security in [
+            (tls_shard, WireSecurity(auth_key=shard_key, tls_ca=str(cert))),
+            (plain_shard, WireSecurity(auth_key=shard_key)),
+        ]:  # each still serves the clients of its kind
+            client = connect(server.address, name="shard", security=security)
+            assert client.request(Message(ops.HELLO), timeout_s=30).meta == {"seen": 0}
+            assert type(client._channel) is {"tcp": TcpChannel, "shm": ShmChannel}[scheme]
+            client.close()
+    finally:
+        tls_shard.stop()
+        plain_shard.stop()
+    assert issubclass(TLSMismatchError, AuthenticationError)  # refused as a wrong key is
+
+
+def test_a_worker_without_the_shards_tls_is_told_which_flag(tls_files, tmp_path):
+    cert, key_pem = tls_files
+    other_ca = tmp_path / "other.pem"
+    _make_certificate(other_ca, tmp_path / "other-key.pem")
+    key_file = write_key_file(tmp_path / "job.key")
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key_pem))
+    shard, address = start_shard(0, 1, "--auth-key-file", str(key_file), *tls)
+    try:
+        worker = [
+            *["worker", "--ps", address, "--rank", "0", "--num-workers", "1", "--steps", "1"],
+            *["--auth-key-file", str(key_file), "--retry-timeout", "120"],
+        ]
+        with cf.ThreadPoolExecutor(2) as pool:  # both at once: each loads torch first
+            plain_run = pool.submit(run_cli, *worker, timeout_s=240)
+            other_run = pool.submit(run_cli, *worker, "--tls-ca", str(other_ca), timeout_s=240)
+            plain, other = plain_run.result(), other_run.result()
+    finally:
+        stop_processes([shard])
+    for run in (plain, other):
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert "Traceback" not in run.stderr and "retrying" not in run.stderr, run.stderr[-2000:]
+    assert plain.stderr.strip().splitlines()[-1] == (
+        f"distbelief worker: error: shard 0 ({address}): hello: {_SPEAKS_TLS}"
+    )
+    assert re.fullmatch(
+        rf"distbelief worker: error: shard 0 \({re.escape(address)}\): hello: certificate verify "
+        rf"failed: .+ \(the shard's certificate, checked against --tls-ca "
+        rf"{re.escape(str(other_ca))}\)",
+        other.stderr.strip().splitlines()[-1],
+    )
 
 
 def _garbage_frame(rng: random.Random) -> tuple[bytes, bool]:

@@ -215,3 +215,17 @@ def test_deadline_ends_a_frame_that_keeps_trickling(short_timeout_pair):
 
 def test_header_is_fixed_size():
     assert HEADER.size == struct.calcsize("!4sBBHQIQ") == 28
+
+
+def test_a_tls_shards_notice_read_as_a_reply_says_tls(pair):
+    """A client that sent a frame first, in plain text, to a TLS shard reads the shard's notice
+    where it expects a reply: all of it fits a header, and says TLS."""
+    from distbelief.errors import TLSMismatchError
+    from distbelief.wire.security import SHARD_SPEAKS_TLS, SPEAKS_TLS_NOTICE
+
+    sender, reader = pair
+    sender.sendall(SPEAKS_TLS_NOTICE)
+    sender.shutdown(socket.SHUT_WR)
+    with pytest.raises(TLSMismatchError) as info:
+        recv_message(reader)
+    assert str(info.value) == SHARD_SPEAKS_TLS

@@ -28,6 +28,7 @@ from distbelief.errors import (
     DistBeliefError,
     LauncherInterrupted,
     ShardListError,
+    TLSMismatchError,
 )
 from distbelief.launch.cluster import Fault
 from distbelief.launch.flags import (
@@ -536,7 +537,8 @@ def _run_command(args: argparse.Namespace) -> int:
             if key_file
             else "with --auth-key-file FILE"
         )
-        said = str(e) if "--auth-key-file" in str(e) else f"{e} ({hint})"  # named already
+        named = isinstance(e, TLSMismatchError) or "--auth-key-file" in str(e)  # its flag
+        said = str(e) if named else f"{e} ({hint})"
         print(f"{prefix}: error: {said}", file=sys.stderr)
         return EXIT_USAGE
     except ShardListError as e:  # only --ps names shards by hand

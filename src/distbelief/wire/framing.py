@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from distbelief.errors import AuthenticationError, ProtocolError
+from distbelief.errors import AuthenticationError, ProtocolError, TLSMismatchError
 from distbelief.wire.dtypes import dtype_from_name, dtype_name
 from distbelief.wire.message import HEADER, MAGIC, MAX_META_BYTES, PROTOCOL_VERSION, Message
 from distbelief.wire.ops import Op, op_for_code
-from distbelief.wire.security import AUTH_MAGIC
+from distbelief.wire.security import AUTH_MAGIC, SHARD_SPEAKS_TLS, TLS_MAGIC
 
 if TYPE_CHECKING:
     import torch
@@ -123,11 +123,15 @@ def parse_header(
     is still well framed, so the reader skips and refuses it and the stream stays usable.
 
     Raises:
+        AuthenticationError: the bytes are a keyed shard's challenge, or a TLS shard's notice
+            (TLSMismatchError) to a peer that does not speak TLS.
         ProtocolError: not a frame of this protocol, or too large (the stream is unusable).
     """
     magic, version, code, flags, request_id, meta_len, payload_len = HEADER.unpack(raw)
     if magic == AUTH_MAGIC:
         raise AuthenticationError("the shard requires authentication: give the job's key")
+    if magic == TLS_MAGIC:
+        raise TLSMismatchError(SHARD_SPEAKS_TLS)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}: not a distbelief peer")
     if version != PROTOCOL_VERSION:

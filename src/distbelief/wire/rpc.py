@@ -29,6 +29,15 @@ def _op_name(message: Message) -> str:
     return message.op.name.lower()
 
 
+class _ConnectTimeout(TimeoutError):
+    """Opening the channel (connect, TLS, job key) took longer than its own bound, which may
+    be shorter than the request's."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"no connection within {timeout_s:g}s")
+        self.timeout_s = timeout_s
+
+
 class RpcClient:
     """A client's connection to one server: one request at a time, each with a timeout.
 
@@ -64,8 +73,14 @@ class RpcClient:
 
     def _open(self, deadline: float, timeout_s: float) -> tuple[Channel, FrameReader]:
         if self._channel is None:
-            connect_s = max(0.001, min(self._connect_timeout_s, deadline - time.monotonic()))
-            channel = self._dialer(connect_s)
+            remaining_s = deadline - time.monotonic()
+            connect_s = max(0.001, min(self._connect_timeout_s, remaining_s))
+            try:
+                channel = self._dialer(connect_s)
+            except TimeoutError as e:
+                if connect_s < remaining_s:  # else the request's own timeout ran out
+                    raise _ConnectTimeout(connect_s) from e
+                raise
             try:
                 channel.settimeout(timeout_s)
             except BaseException:
@@ -83,11 +98,13 @@ class RpcClient:
         """Send ``message`` and return the reply; tensors of the reply are read via ``sink``.
 
         Raises:
-            ShardTimeoutError: no complete reply within ``timeout_s``.
+            ShardTimeoutError: no complete reply within ``timeout_s``, or no connection within
+                the connect timeout (the message names the bound that ran out).
             ShardUnavailableError: the server cannot be reached or dropped the connection, or
                 the stream broke the protocol after the server had answered well before.
             ProtocolError: the reply is not a valid frame, or the server failed authentication
-                (before it ever answered well).
+                or speaks TLS where this client does not, or the reverse (before it ever
+                answered well: AuthenticationError, TLSMismatchError).
             RemoteError: the server answered with an error (a subclass per error kind).
         """
         deadline = time.monotonic() + timeout_s
@@ -96,6 +113,11 @@ class RpcClient:
             channel, reader = self._open(deadline, timeout_s)
             send_message(channel, message, deadline)
             reply = recv_message(reader, sink_for=lambda _reply: sink, deadline=deadline)
+        except _ConnectTimeout as e:
+            self.close()
+            raise ShardTimeoutError(
+                f"{self.name}: {_op_name(message)} timed out after {e.timeout_s:g}s connecting"
+            ) from e
         except TimeoutError as e:
             self.close()
             raise ShardTimeoutError(
@@ -133,8 +155,9 @@ class RpcClient:
                 f"{self.name}: {_op_name(message)}: the connection broke the protocol "
                 f"({problem}); reconnecting"
             )
-        # An AuthenticationError stays one (the command line names the key file for it).
-        kind = AuthenticationError if issubclass(kind, AuthenticationError) else ProtocolError
+        # An AuthenticationError stays one, of its kind (the command line names the key file
+        # or the TLS flag for it).
+        kind = kind if issubclass(kind, AuthenticationError) else ProtocolError
         return kind(f"{self.name}: {_op_name(message)}: {problem}")
 
     def close(self) -> None:

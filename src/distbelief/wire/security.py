@@ -1,5 +1,6 @@
 """Who may talk to a shard: a per-job secret proven by mutual HMAC challenge-response on every new
-connection (as multiprocessing does with its authkey), and optional TLS for encryption.
+connection (as multiprocessing does with its authkey), and optional TLS for encryption. A peer
+of the other kind (a job key or TLS on one end only) is told so, and fails at once.
 
 The handshake runs before any frame is read, so an unauthenticated peer never gets to send a
 tensor. Key files must be readable by their owner only.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distbelief.errors import AuthenticationError, ProtocolError
+from distbelief.errors import AuthenticationError, ProtocolError, TLSMismatchError
 
 if TYPE_CHECKING:
     from distbelief.wire.channels import Channel
@@ -31,6 +32,24 @@ NO_KEY_MAGIC = b"DBLN"
 """What a shard that uses no job key answers a client's announcement with, before it hangs up:
 the client fails at once rather than wait for a challenge that never comes. Over TLS, where the
 client's first bytes cannot be peeked at, such a shard says it first to every client."""
+TLS_MAGIC = b"DBLT"
+"""Opens what a TLS shard says to a client that speaks plain TCP to it (its first byte is not
+the start of a TLS handshake), before it hangs up: the client fails at once, naming TLS, rather
+than wait out the shard's TLS handshake or retry a reset connection."""
+TLS_RECORD = b"\x16"
+"""The first byte of a TLS handshake record: what a TLS client's ClientHello starts with (no
+plain peer's first bytes do: each of theirs starts with b"DBL" or b"DBS")."""
+SPEAKS_TLS_NOTICE = (TLS_MAGIC + b" this shard speaks TLS\n").ljust(64)
+"""All a TLS shard says to a plain client: at least a frame header long, so a client that sent
+a frame first reads it where it expects a reply's header."""
+NO_TLS_NOTICE = b"DBLP this shard does not speak TLS\n".ljust(64)
+"""What a shard without TLS says to a TLS client (after its challenge, if it has a job key):
+bytes that are no TLS record, so the client's TLS handshake fails at once (wrong version
+number) rather than at end of stream, which would look like a lost connection."""
+SHARD_SPEAKS_TLS = "the shard speaks TLS: give --tls-ca (the CA of the shard's certificate)"
+SHARD_SPEAKS_NO_TLS = (
+    "the shard does not speak TLS: drop --tls-ca, or start the shard with --tls-cert and --tls-key"
+)
 NONCE_BYTES = 32
 KEY_BYTES = 32
 _DIGEST = "sha256"
@@ -235,6 +254,8 @@ def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> No
             "the shard does not use a job key: start it with --auth-key-file, or give the "
             "worker none"
         )
+    if magic == TLS_MAGIC:
+        raise TLSMismatchError(SHARD_SPEAKS_TLS)
     if magic != AUTH_MAGIC:
         raise ProtocolError("server does not ask for authentication: not a secured shard")
     challenge = _recv_exact(channel, NONCE_BYTES, deadline)

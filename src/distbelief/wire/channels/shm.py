@@ -28,7 +28,7 @@ import threading
 import time
 
 from distbelief.config import TRANSPORT_ENV, TRANSPORTS
-from distbelief.errors import AuthenticationError, ProtocolError
+from distbelief.errors import AuthenticationError, ProtocolError, TLSMismatchError
 from distbelief.wire.channels import Channel, register_channel, split_scheme, upgrade_channel
 from distbelief.wire.channels.tcp import (
     TcpChannel,
@@ -37,7 +37,7 @@ from distbelief.wire.channels.tcp import (
     TcpListener,
     parse_tcp_address,
 )
-from distbelief.wire.security import AUTH_MAGIC
+from distbelief.wire.security import AUTH_MAGIC, SHARD_SPEAKS_TLS, TLS_MAGIC
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +370,7 @@ def _request_upgrade(
     warning if shared memory was ``asked`` for, else an info line).
 
     Raises:
+        AuthenticationError: the shard asks for a job key, or speaks TLS (TLSMismatchError).
         ProtocolError: the server does not speak this handshake.
         OSError / TimeoutError: the connection failed or the server was too slow.
     """
@@ -385,8 +386,11 @@ def _request_upgrade(
         )
         return tcp
     if status != _YES:
-        if status + _recv_exact(sock, len(AUTH_MAGIC) - 1) == AUTH_MAGIC:
+        magic = status + _recv_exact(sock, len(AUTH_MAGIC) - 1)
+        if magic == AUTH_MAGIC:
             raise AuthenticationError("the shard requires authentication: give the job's key")
+        if magic == TLS_MAGIC:
+            raise TLSMismatchError(SHARD_SPEAKS_TLS)
         raise ProtocolError("answered the shared-memory request with bytes of another protocol")
     token, server_pid, ring_bytes = _ACCEPT.unpack(_recv_exact(sock, _ACCEPT.size))
     if not _TOKEN.fullmatch(token) or not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:

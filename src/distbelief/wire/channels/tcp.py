@@ -7,13 +7,18 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import time
 
-from distbelief.errors import AuthenticationError, BindError, ProtocolError
+from distbelief.errors import AuthenticationError, BindError, ProtocolError, TLSMismatchError
 from distbelief.hosts import check_local_host
 from distbelief.wire.channels import register_channel
 from distbelief.wire.security import (
     ANSWER_BYTES,
     AUTH_MAGIC,
+    NO_TLS_NOTICE,
+    SHARD_SPEAKS_NO_TLS,
+    SPEAKS_TLS_NOTICE,
+    TLS_RECORD,
     WireSecurity,
     accept_peer,
     authenticate_to_server,
@@ -61,6 +66,34 @@ def _close(sock: socket.socket) -> None:
 
 def _nothing_pending() -> int:
     return 0
+
+
+def _say_and_hang_up(sock: socket.socket, notice: bytes, timeout_s: float) -> None:
+    """Send ``notice`` and close our side, then read what the peer sent until it hangs up too
+    (for at most ``timeout_s``): closing over unread bytes resets the connection, and the peer
+    could lose the notice."""
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(OSError):
+        sock.settimeout(timeout_s)
+        sock.sendall(notice)
+        sock.shutdown(socket.SHUT_WR)
+        while (remaining_s := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining_s)
+            if not sock.recv(65536):
+                break
+
+
+def _tls_refusal(error: ssl.SSLError, ca: str | None) -> TLSMismatchError | None:
+    """The client's TLS handshake failed for a reason another try would meet again: the error
+    that says so; None for one that may be the network's (the connection closed midway)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return TLSMismatchError(
+            f"certificate verify failed: {error.verify_message} (the shard's certificate, "
+            f"checked against --tls-ca {ca})"
+        )
+    if error.reason == "WRONG_VERSION_NUMBER":  # the shard's first bytes are no TLS record
+        return TLSMismatchError(SHARD_SPEAKS_NO_TLS)
+    return None
 
 
 class TcpChannel:
@@ -121,6 +154,8 @@ class TcpDialer:
         """A new channel, connected and authenticated within about ``timeout_s``.
 
         Raises:
+            TLSMismatchError: the shard speaks TLS and this dialer not, or the reverse, or the
+                shard's certificate does not verify.
             ProtocolError: the server is not a shard of this job.
             TimeoutError / OSError: the server could not be reached in time.
         """
@@ -130,7 +165,13 @@ class TcpDialer:
         try:
             _tune(sock)
             if self._tls is not None:
-                sock = self._tls.wrap_socket(sock, server_hostname=self._endpoint[0])
+                try:
+                    sock = self._tls.wrap_socket(sock, server_hostname=self._endpoint[0])
+                except ssl.SSLError as e:
+                    refusal = _tls_refusal(e, self._security.tls_ca)
+                    if refusal is None:
+                        raise
+                    raise refusal from e
             if self._security.auth_key is not None:
                 authenticate_to_server(sock, self._security.auth_key, timeout_s)
             elif self._tls is not None:
@@ -181,13 +222,15 @@ class TcpIncoming:
         """TLS and authentication, before a single frame is read from the peer.
 
         Raises:
-            ProtocolError: the peer does not hold the job key.
+            ProtocolError: the peer does not hold the job key, or speaks TLS where this server
+                does not, or the reverse (it was told so).
             OSError / TimeoutError: the connection or TLS failed, or the peer was too slow.
         """
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            self._sock.settimeout(timeout_s)
+            self._refuse_the_other_kind(timeout_s)
             if self._tls is not None:
-                self._sock.settimeout(timeout_s)
                 self._sock = self._tls.wrap_socket(self._sock, server_side=True)
             if self._auth_key is not None:
                 try:
@@ -204,6 +247,25 @@ class TcpIncoming:
             _close(self._sock)
             raise
         return TcpChannel(self._sock)
+
+    def _refuse_the_other_kind(self, timeout_s: float) -> None:
+        """A peer that speaks TLS where this server does not, or the reverse, is told so in
+        plain text (see :data:`SPEAKS_TLS_NOTICE`) and refused: it fails at once, not after
+        timeouts or retries. Its first byte (there since :meth:`greet`) tells: a TLS
+        handshake's, or a plain peer's. It is only peeked at, and stays for the layers above.
+
+        Raises:
+            ProtocolError: the peer is of the other kind.
+            OSError / TimeoutError: the connection failed or the peer was too slow.
+        """
+        first = self._sock.recv(1, socket.MSG_PEEK)
+        if not first or (first == TLS_RECORD) == (self._tls is not None):
+            return  # of this kind, or gone (the handshakes below say so)
+        if self._tls is not None:
+            _say_and_hang_up(self._sock, SPEAKS_TLS_NOTICE, timeout_s)
+            raise ProtocolError(f"refused peer {self.peer}: it does not speak TLS, this shard does")
+        _say_and_hang_up(self._sock, NO_TLS_NOTICE, timeout_s)
+        raise ProtocolError(f"refused peer {self.peer}: it speaks TLS, this shard does not")
 
     def _authenticate(self, timeout_s: float) -> None:
         assert self._auth_key is not None

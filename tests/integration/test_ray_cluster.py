@@ -165,6 +165,10 @@ def _alive(pid: int) -> bool:
             ["--cluster", "ray", "--ray-address", "127.0.0.1:1"],
             "argument --ray-address: no Ray head answers at 127.0.0.1:1",
         ),
+        (
+            ["--cluster", "ray", "--ray-address", ""],
+            "argument --ray-address: expected a value, got ''",
+        ),
     ],
 )
 def test_bad_ray_flags_are_one_line_errors_and_write_nothing(tmp_path, args, message):

@@ -211,3 +211,19 @@ def test_a_head_that_speaks_tls_is_only_checked_to_accept_connections(monkeypatc
         port = listener.getsockname()[1]
     with pytest.raises(ConfigFieldError, match=f"no Ray head answers at 127.0.0.1:{port}"):
         _check_head_answers(f"127.0.0.1:{port}")
+
+
+def test_an_ipv6_head_address_is_looked_up_without_its_brackets():
+    from distbelief.errors import ConfigFieldError
+    from distbelief.launch.ray_session import _check_head_answers
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6) as listener:
+            port = listener.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback on this host")
+    with pytest.raises(ConfigFieldError) as refused:  # nothing listens there any more
+        _check_head_answers(f"[::1]:{port}")
+    assert f"no Ray head answers at [::1]:{port} (Connection refused)" in str(refused.value)

@@ -300,10 +300,18 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _text(text: str) -> str:
+    # An empty value typed on purpose means nothing here: no field reads '' as a setting (an
+    # empty --ray-address would quietly start the embedded Ray instance).
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a value, got {text!r}")
+    return text
+
+
 _VALUE_TYPES = {
     "int": int,
     "float": float,
-    "str": str,
+    "str": _text,
     "tuple[float, float]": _pair_of_floats,
     "tuple[int, ...]": _ints,
     "tuple[str, ...]": _names,

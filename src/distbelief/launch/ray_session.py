@@ -90,6 +90,8 @@ def _check_head_answers(address: str) -> None:
         ValueError: RAY_AUTH_MODE=token, but Ray finds no token.
     """
     host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 address in brackets ([::1]:6379): the name lookup takes it bare
     try:
         if _ray_uses_tls():  # the probe speaks plain HTTP/2: a TLS head can only be reached
             socket.create_connection((host, int(port)), timeout=ADDRESS_CHECK_TIMEOUT_S).close()

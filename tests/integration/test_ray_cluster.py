@@ -1,8 +1,8 @@
 """``distbelief train --cluster ray`` for real: a job of 2 shards x 4 workers on a two-node Ray
 cluster started on this machine (nodes on 127.0.0.2 and 127.0.0.3) survives ``ray.kill`` of a
 worker actor and of a shard actor and reaches the usual accuracy; Ctrl-C stops every actor; a
-cluster too small for a job is refused; a job on the embedded Ray instance; and the one-line
-refusals that need no Ray running."""
+cluster too small for a job is refused; a job on a cluster busy with another ends; a job on the
+embedded Ray instance; and the one-line refusals that need no Ray running."""
 
 from __future__ import annotations
 
@@ -74,6 +74,25 @@ for line in sys.stdin:
         print("killed", name, pid, flush=True)
     except Exception as e:
         print("failed", line.strip(), repr(e), flush=True)
+"""
+
+
+# Takes every CPU of the two nodes but one, as another job's actors would, until its stdin
+# ends; "actors NAMESPACE" lists the live actors of that namespace.
+_HOLDER = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+@ray.remote
+class Busy:
+    def ready(self):
+        return True
+held = [Busy.options(num_cpus=cpus).remote() for cpus in (4, 3)]
+ray.get([actor.ready.remote() for actor in held], timeout=120)
+print("held", flush=True)
+for line in sys.stdin:
+    namespace = line.split()[1]
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    print("actors", *[a["name"] for a in actors if a["namespace"] == namespace], flush=True)
 """
 
 
@@ -355,6 +374,66 @@ def test_a_cluster_too_small_for_the_job_is_one_clear_error(ray_nodes, tmp_path)
         "worker)"
     )
     assert not (tmp_path / "run").exists()  # a refused job leaves no run folder behind
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray_nodes")
+@pytest.mark.timeout(300)
+def test_a_job_whose_actors_find_no_free_cpu_ends_with_one_clear_error(ray_nodes, tmp_path):
+    """Enough CPUs in all, one free: the shard is placed, the worker and the evaluator never
+    are; the job ends after the placement bound, leaving no actor behind."""
+    from distbelief.launch.ray_placement import PLACEMENT_TIMEOUT_S
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, ray_nodes.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=ray_nodes.env,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+
+    def actors_of(namespace: str) -> list[str]:
+        holder.stdin.write(f"actors {namespace}\n")
+        holder.stdin.flush()
+        return holder.stdout.readline().split()[1:]
+
+    try:
+        assert holder.stdout.readline() == "held\n"
+        started = time.monotonic()
+        result = subprocess.run(
+            [
+                *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
+                *("--workers", "1", "--shards", "1", "--steps", "20", "--out", str(run_dir)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=PLACEMENT_TIMEOUT_S + 150,
+            env=ray_nodes.env,
+        )
+        took_s = time.monotonic() - started
+        namespace = json.loads((run_dir / "ray.json").read_text())["namespace"]
+        _wait_for(lambda: not actors_of(namespace), 30, "the job's actors to go")
+    finally:
+        holder.stdin.close()  # its driver leaves: its actors' CPUs are free for the next test
+        try:
+            holder.wait(30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait(10)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "distbelief train: ClusterError: Ray could not place worker0, evaluator within "
+        f"{PLACEMENT_TIMEOUT_S:g}s (the cluster at {ray_nodes.address} is busy or too small)"
+    )
+    assert took_s < PLACEMENT_TIMEOUT_S + 120
+    assert json.loads((run_dir / "summary.json").read_text())["outcome"] == "failed"
+    pids = json.loads((run_dir / "pids.json").read_text())
+    assert set(pids) == {"shard0"}
+    _wait_for(lambda: not _alive(pids["shard0"]), 10, "the shard's process to end")
 
 
 @needs_ray

@@ -67,6 +67,11 @@ class RoleActor:
         self.name = name
         logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(levelname)s %(message)s")
 
+    def placed(self) -> bool:
+        """Answers once Ray has given this actor its CPUs and made it: what the launcher waits
+        for, within a bound, before the ``run`` that follows."""
+        return True
+
     def run(self, events: tuple[str, int], payload: bytes, zygotes: dict[str, str]) -> str:
         """Runs one life of the process: its role (``payload``: the launcher's pickled spec,
         config, shard addresses and wire security) to its end, reporting to the launcher at

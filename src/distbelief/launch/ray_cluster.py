@@ -19,10 +19,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from distbelief.errors import ChildFailedError, LauncherInterrupted
+from distbelief.errors import ChildFailedError, ClusterError, LauncherInterrupted
 from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
 from distbelief.launch.ray_actor import DIED, NodeHost, RoleActor
 from distbelief.launch.ray_placement import (
+    PLACEMENT_TIMEOUT_S,
     actor_options,
     check_resources,
     early_processes,
@@ -59,6 +60,9 @@ class _Life:
     spec: ProcessSpec
     ref: Any
     """The ObjectRef of the call: ready when the role ended or the process died."""
+    placing: Any
+    """The ObjectRef of the actor's ``placed`` call, made just before ``ref``'s: ready once
+    Ray has given the actor its CPUs and made it (again, after a death); None after."""
     after_death: bool
     """Run on an actor that Ray is re-creating: a call that finds it not back yet is made
     again (it is no new death)."""
@@ -76,7 +80,9 @@ class RayCluster:
 
     Raises:
         ClusterError: Ray cannot be joined, has too few CPUs for the job, or cannot place the
-            shards within ``ray_placement.PLACEMENT_TIMEOUT_S``.
+            shards within ``ray_placement.PLACEMENT_TIMEOUT_S``; ``next_event`` raises it when
+            an actor started later (a worker, the evaluator, a restart) is not placed within
+            that bound either.
     """
 
     @classmethod
@@ -171,13 +177,18 @@ class RayCluster:
         """Starts one process (see ``Cluster.start``); a restart reuses this."""
         assert kind is not ProcessKind.STAGE, "the config refuses partitions with Ray"
         spec = self.book.spec(kind, index, stage)
-        self._lives[spec.name] = _Life(spec, self._run(spec), after_death=spec.name in self._lives)
+        placing, ref = self._run(spec)
+        self._lives[spec.name] = _Life(spec, ref, placing, after_death=spec.name in self._lives)
 
-    def _run(self, spec: ProcessSpec) -> Any:
+    def _run(self, spec: ProcessSpec) -> tuple[Any, Any]:
+        """Calls the actor's ``placed``, then its ``run`` (an actor runs its calls in order):
+        their ObjectRefs."""
         addresses = [] if spec.kind is ProcessKind.SHARD else self._addresses()
         # Pickled here: the actor passes it on to its process unread (it never loads torch).
         payload = pickle.dumps((spec, self.config, addresses, self.security))
-        return self._actor(spec).run.remote(self.events.address, payload, self._zygotes)
+        actor = self._actor(spec)
+        placing = actor.placed.remote()
+        return placing, actor.run.remote(self.events.address, payload, self._zygotes)
 
     def _start_node_hosts(self) -> dict[str, str]:
         """One NodeHost (and so one zygote) on every node that has CPUs, before any process
@@ -295,7 +306,9 @@ class RayCluster:
 
     def _check_actors(self) -> None:
         """Finds runs that ended: a died process is restarted or given up by its kind's
-        policy; a finished one must deliver its result in time."""
+        policy; a finished one must deliver its result in time; an actor must be placed in
+        time."""
+        self._check_placed()
         pending = {
             life.ref: life
             for name, life in self._lives.items()
@@ -309,6 +322,32 @@ class RayCluster:
             late = life.returned_at is not None and name not in self._results
             if late and time.monotonic() - life.returned_at > RESULT_TIMEOUT_S:
                 raise ChildFailedError(name, None, "its result never reached the launcher")
+
+    def _check_placed(self) -> None:
+        """Raises if an actor of a running process still waits for its CPUs
+        ``PLACEMENT_TIMEOUT_S`` after its run was asked for: on a cluster busy with other jobs
+        (its total CPUs are enough, its free ones are not) Ray would hold it, and the job,
+        forever. A restart's actor is bound alike (the CPUs it gave up may be taken)."""
+        waiting = {
+            life.placing: life
+            for name, life in self._lives.items()
+            if life.placing is not None and self._running(name)
+        }
+        if not waiting:
+            return
+        ready, _ = self._ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+        for ref in ready:
+            waiting.pop(ref).placing = None
+        oldest = min((life.started_at for life in waiting.values()), default=time.monotonic())
+        if time.monotonic() - oldest > PLACEMENT_TIMEOUT_S:
+            # All that still wait are named: those started with the late one (a worker and
+            # the evaluator, say) wait as long, give or take a poll.
+            names = ", ".join(life.spec.name for life in waiting.values())
+            assert self._session is not None
+            raise ClusterError(
+                f"Ray could not place {names} within {PLACEMENT_TIMEOUT_S:g}s "
+                f"(the cluster at {self._session.address} is busy or too small)"
+            )
 
     def _ended(self, life: _Life) -> None:
         """One run's call returned: the role ended, the process died, or (a run after a
@@ -344,7 +383,7 @@ class RayCluster:
             raise ChildFailedError(
                 life.spec.name, None, f"Ray did not bring it back within {RESTART_TIMEOUT_S:g}s"
             )
-        life.ref = self._run(life.spec)
+        life.placing, life.ref = self._run(life.spec)
 
     def _died(self, life: _Life) -> None:
         spec = life.spec

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from distbelief.config import JobConfig
 
 PLACEMENT_TIMEOUT_S = 60.0
-"""Longest wait for Ray to reserve the shards' places."""
+"""Longest wait for Ray to reserve the shards' places, and for each actor started later (a
+worker, the evaluator, a restarted process) to get its CPUs."""
 PLACED_KINDS = (ProcessKind.SHARD, ProcessKind.COORDINATOR)
 """Kinds that listen, so stay in their bundle of the placement group, on one node: a restart
 binds its old address."""

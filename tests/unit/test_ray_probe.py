@@ -227,3 +227,21 @@ def test_an_ipv6_head_address_is_looked_up_without_its_brackets():
     with pytest.raises(ConfigFieldError) as refused:  # nothing listens there any more
         _check_head_answers(f"[::1]:{port}")
     assert f"no Ray head answers at [::1]:{port} (Connection refused)" in str(refused.value)
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "soon", "nan", "1e300"])
+def test_a_malformed_placement_timeout_is_refused_naming_the_variable(monkeypatch, text):
+    from distbelief.launch.ray_placement import placement_timeout_s
+
+    monkeypatch.setenv("DISTBELIEF_PLACEMENT_TIMEOUT_S", text)
+    with pytest.raises(ValueError, match=f"^DISTBELIEF_PLACEMENT_TIMEOUT_S {text!r}: "):
+        placement_timeout_s()
+
+
+def test_the_placement_timeout_is_60_s_unless_the_variable_says_otherwise(monkeypatch):
+    from distbelief.launch.ray_placement import placement_timeout_s
+
+    monkeypatch.delenv("DISTBELIEF_PLACEMENT_TIMEOUT_S", raising=False)
+    assert placement_timeout_s() == 60.0
+    monkeypatch.setenv("DISTBELIEF_PLACEMENT_TIMEOUT_S", "12.5")
+    assert placement_timeout_s() == 12.5

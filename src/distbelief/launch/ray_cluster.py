@@ -23,11 +23,11 @@ from distbelief.errors import ChildFailedError, ClusterError, LauncherInterrupte
 from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
 from distbelief.launch.ray_actor import DIED, NodeHost, RoleActor
 from distbelief.launch.ray_placement import (
-    PLACEMENT_TIMEOUT_S,
     actor_options,
     check_resources,
     early_processes,
     num_cpus,
+    placement_timeout_s,
     reserve_places,
 )
 from distbelief.launch.ray_session import (
@@ -80,7 +80,7 @@ class RayCluster:
 
     Raises:
         ClusterError: Ray cannot be joined, has too few CPUs for the job, or cannot place the
-            shards within ``ray_placement.PLACEMENT_TIMEOUT_S``; ``next_event`` raises it when
+            shards within ``ray_placement.placement_timeout_s()``; ``next_event`` raises it when
             an actor started later (a worker, the evaluator, a restart) is not placed within
             that bound either.
     """
@@ -88,7 +88,9 @@ class RayCluster:
     @classmethod
     def warm_up(cls, config: JobConfig) -> None:
         """Imports Ray (ConfigFieldError if it is missing) and checks that a Ray head answers
-        at the address (see ``check_address``)."""
+        at the address (see ``check_address``); ValueError if ``DISTBELIEF_PLACEMENT_TIMEOUT_S``
+        is malformed."""
+        placement_timeout_s()
         if config.cluster.ray_address:
             check_address(config.cluster.ray_address)
         else:
@@ -325,7 +327,7 @@ class RayCluster:
 
     def _check_placed(self) -> None:
         """Raises if an actor of a running process still waits for its CPUs
-        ``PLACEMENT_TIMEOUT_S`` after its run was asked for: on a cluster busy with other jobs
+        ``placement_timeout_s()`` after its run was asked for: on a cluster busy with other jobs
         (its total CPUs are enough, its free ones are not) Ray would hold it, and the job,
         forever. A restart's actor is bound alike (the CPUs it gave up may be taken)."""
         waiting = {
@@ -339,13 +341,14 @@ class RayCluster:
         for ref in ready:
             waiting.pop(ref).placing = None
         oldest = min((life.started_at for life in waiting.values()), default=time.monotonic())
-        if time.monotonic() - oldest > PLACEMENT_TIMEOUT_S:
+        timeout_s = placement_timeout_s()
+        if time.monotonic() - oldest > timeout_s:
             # All that still wait are named: those started with the late one (a worker and
             # the evaluator, say) wait as long, give or take a poll.
             names = ", ".join(life.spec.name for life in waiting.values())
             assert self._session is not None
             raise ClusterError(
-                f"Ray could not place {names} within {PLACEMENT_TIMEOUT_S:g}s "
+                f"Ray could not place {names} within {timeout_s:g}s "
                 f"(the cluster at {self._session.address} is busy or too small)"
             )
 

@@ -5,8 +5,10 @@ coordinator) over the nodes, and each actor's options. Ray is imported only when
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
+from distbelief.config import MAX_WAIT_S, amount_problem
 from distbelief.errors import ClusterError
 from distbelief.launch.cluster import ProcessKind, ProcessSpec
 
@@ -15,7 +17,30 @@ if TYPE_CHECKING:
 
 PLACEMENT_TIMEOUT_S = 60.0
 """Longest wait for Ray to reserve the shards' places, and for each actor started later (a
-worker, the evaluator, a restarted process) to get its CPUs."""
+worker, the evaluator, a restarted process) to get its CPUs (unless
+``DISTBELIEF_PLACEMENT_TIMEOUT_S`` says otherwise)."""
+PLACEMENT_TIMEOUT_ENV = "DISTBELIEF_PLACEMENT_TIMEOUT_S"
+
+
+def placement_timeout_s() -> float:
+    """``DISTBELIEF_PLACEMENT_TIMEOUT_S`` in seconds, else ``PLACEMENT_TIMEOUT_S``.
+
+    Raises:
+        ValueError: the variable is not a number of seconds > 0 (at most a week), naming it.
+    """
+    text = os.environ.get(PLACEMENT_TIMEOUT_ENV)
+    if text is None:
+        return PLACEMENT_TIMEOUT_S
+    try:
+        value: object = float(text)
+    except ValueError:
+        value = text
+    problem = amount_problem(value, most=MAX_WAIT_S)
+    if problem is not None:
+        raise ValueError(f"{PLACEMENT_TIMEOUT_ENV} {text!r}: {problem} (seconds)")
+    return float(text)
+
+
 PLACED_KINDS = (ProcessKind.SHARD, ProcessKind.COORDINATOR)
 """Kinds that listen, so stay in their bundle of the placement group, on one node: a restart
 binds its old address."""
@@ -65,7 +90,7 @@ def reserve_places(config: JobConfig, address: str) -> Any:
     the coordinator), ready.
 
     Raises:
-        ClusterError: Ray did not reserve it within ``PLACEMENT_TIMEOUT_S``.
+        ClusterError: Ray did not reserve it within ``placement_timeout_s()``.
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -74,10 +99,11 @@ def reserve_places(config: JobConfig, address: str) -> Any:
     if config.optimizer.algorithm == "sandblaster":
         count += 1  # the coordinator's
     group = placement_group([{"CPU": 1}] * count, strategy="SPREAD")
-    if not group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
+    timeout_s = placement_timeout_s()
+    if not group.wait(timeout_seconds=timeout_s):
         ray.util.remove_placement_group(group)
         raise ClusterError(
-            f"Ray could not place the {count} shards within {PLACEMENT_TIMEOUT_S:g}s "
+            f"Ray could not place the {count} shards within {timeout_s:g}s "
             f"(the cluster at {address} is busy or too small)"
         )
     return group

@@ -16,6 +16,11 @@ from types import ModuleType
 
 import pytest
 
+# One torch thread per process unless a test asks for more: the suite runs four test processes
+# on two cores, each starting more; torch's default (a thread per core in every process) had
+# their threads wait on each other's cores, and a three-process run took 5x the CPU.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # A shell without job control starts background commands with SIGINT ignored, and an ignored
 # signal stays ignored in every process started after: the tests that stop a process with Ctrl-C
 # (and those of the launcher's own handling of it) need it delivered. A handler, unlike "ignored",

@@ -97,8 +97,9 @@ def test_only_rank_0_is_the_server(tmp_path):
     [
         (["--no-distributed", "--log-interval", "0"], "argument --log-interval: must be >= 1"),
         (["--port", "99999"], "argument --port: must be in [1, 65535], got 99999"),
+        (["--no-distributed", "--threads", "0"], "argument --threads: must be >= 1, got 0"),
     ],
-    ids=["log-interval", "port"],
+    ids=["log-interval", "port", "threads"],
 )
 def test_bad_values_are_one_line_and_exit_2(tmp_path, argv, message):
     result = subprocess.run(

@@ -16,6 +16,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.forked import ForkedCommand, start_command, stop_forkserver
+
 # One torch thread per process unless a test asks for more: the suite runs four test processes
 # on two cores, each starting more; torch's default (a thread per core in every process) had
 # their threads wait on each other's cores, and a three-process run took 5x the CPU.
@@ -34,12 +36,12 @@ _ADDRESS_LINE = re.compile(r"serving shard (\d+) at (tcp://\S+)")
 _START_TIMEOUT_S = 60.0
 
 
-def _spawn_shard(shard_id: int, num_shards: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
+def _spawn_shard(shard_id: int, num_shards: int, *extra: str) -> ForkedCommand:
+    """``distbelief ps`` as a process forked with torch loaded (tests/forked.py says why); the
+    command line's own start (``python -m distbelief ps``) is tested in test_cli_* and here by
+    every ``distbelief train``."""
+    return start_command(
         [
-            sys.executable,
-            "-m",
-            "distbelief",
             "ps",
             "--shard-id",
             str(shard_id),
@@ -49,11 +51,15 @@ def _spawn_shard(shard_id: int, num_shards: int, *extra: str) -> subprocess.Pope
             "tcp://127.0.0.1:0",
             *(extra if "--auth-key-file" in extra else ("--no-auth", *extra)),
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=CHILD_ENV,
+        CHILD_ENV,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _forked_commands() -> Iterator[None]:
+    """Stops the forkserver of the shards started by hand after the last test."""
+    yield
+    stop_forkserver()
 
 
 def run_cli(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
@@ -112,7 +118,7 @@ def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[st
     return [out for out, _ in outputs]
 
 
-def _read_address(process: subprocess.Popen) -> str:
+def _read_address(process: ForkedCommand) -> str:
     deadline = time.monotonic() + _START_TIMEOUT_S
     assert process.stdout is not None
     while time.monotonic() < deadline:
@@ -133,13 +139,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_shard(shard_id: int, num_shards: int, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_shard(shard_id: int, num_shards: int, *extra: str) -> tuple[ForkedCommand, str]:
     """Start ``distbelief ps`` on a free port; returns the process and its address."""
     process = _spawn_shard(shard_id, num_shards, *extra)
     return process, _read_address(process)
 
 
-def stop_processes(processes: list[subprocess.Popen]) -> None:
+def stop_processes(processes: list[subprocess.Popen] | list[ForkedCommand]) -> None:
     """Terminate, wait, kill what is left: no process outlives a test."""
     for process in processes:
         if process.poll() is None:
@@ -165,7 +171,7 @@ def scheme(request, monkeypatch) -> str:
 @pytest.fixture
 def shard_cluster() -> Iterator:
     """A factory: ``shard_cluster(num_shards, *flags)`` -> list of addresses."""
-    started: list[subprocess.Popen] = []
+    started: list[ForkedCommand] = []
 
     def make(num_shards: int, *extra: str) -> list[str]:
         processes = [_spawn_shard(i, num_shards, *extra) for i in range(num_shards)]

@@ -1,0 +1,110 @@
+"""``distbelief`` commands run as processes forked from one forkserver that has torch loaded,
+for the shards the tests start by hand.
+
+Each is a real process of its own, the command line's ``main`` running in it with its own
+environment and its stdout on a pipe, as ``python -m distbelief ps ...`` runs; only the import
+of torch is shared. A separately started interpreter spends 2-3 s of CPU importing torch: with
+a hundred shards per suite on two cores, that was a fifth of the suite's time. Has no pytest
+imports: the forkserver loads this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import multiprocessing.forkserver
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection
+from typing import IO
+
+PRELOAD = ["torch", "distbelief.launch.cli", "distbelief.server.process", __name__]
+"""What the forkserver imports once: what ``distbelief ps`` needs before it serves."""
+
+
+def _run_command(argv: list[str], env: dict[str, str], stdout: Connection) -> None:
+    """The child: ``distbelief ARGV`` with ``env``, its stdout on ``stdout``, no stderr."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.dup2(stdout.fileno(), 1)
+    stdout.close()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.argv = ["distbelief", *argv]
+    from distbelief.launch.cli import main
+
+    sys.exit(main(argv))
+
+
+class ForkedCommand:
+    """A forked command, with what the tests use of ``subprocess.Popen``."""
+
+    def __init__(self, process: mp.process.BaseProcess, stdout: IO[str], argv: list[str]) -> None:
+        self._process = process
+        self.pid = process.pid
+        self.stdout = stdout
+        self.args = argv
+        self.returncode: int | None = None
+
+    def _running(self) -> bool:
+        # The forkserver reports an exit code (255) for children it can no longer report on,
+        # if it went away first: the process itself decides.
+        try:
+            with open(f"/proc/{self.pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            code = self._process.exitcode
+            if code is not None and not self._running():
+                self.returncode = code
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def start_command(argv: Sequence[str], env: Mapping[str, str]) -> ForkedCommand:
+    """``distbelief ARGV`` forked, its stdout readable as text lines."""
+    context = mp.get_context("forkserver")
+    if getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None) is None:
+        context.set_forkserver_preload(PRELOAD)
+    reader, writer = context.Pipe(duplex=False)
+    process = context.Process(
+        target=_run_command, args=(list(argv), dict(env), writer), name="distbelief", daemon=False
+    )
+    process.start()
+    writer.close()
+    stdout = open(os.dup(reader.fileno()), encoding="utf-8")  # noqa: SIM115 (closed by the caller)
+    reader.close()
+    return ForkedCommand(process, stdout, list(argv))
+
+
+def stop_forkserver() -> None:
+    """Ends this process's forkserver (no public way to): after the last forked command."""
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is not None:
+        server._stop()

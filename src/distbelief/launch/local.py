@@ -57,8 +57,17 @@ def warm_up(config: JobConfig) -> None:
     first, so that its imports overlap whatever the launcher does before starting processes.
     A forkserver already running (an earlier job of this process) is kept."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(list(_PRELOAD))
+    ctx.set_forkserver_preload(_preload(config))
     multiprocessing.forkserver.ensure_running()
+
+
+def _preload(config: JobConfig) -> list[str]:
+    """``_PRELOAD``, less ``torch._dynamo`` for a Sandblaster job: none of its processes builds a
+    torch.optim optimizer (its shards' update is plain SGD's), and loading it cost each such job
+    about as much CPU as ``import torch`` before its first process could start."""
+    if config.optimizer.algorithm == "sandblaster":
+        return [module for module in _PRELOAD if module != "torch._dynamo"]
+    return list(_PRELOAD)
 
 
 def stop_forkserver() -> None:

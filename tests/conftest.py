@@ -10,13 +10,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.forked import ForkedCommand, start_command, stop_forkserver
+from distbelief.launch.local import stop_forkserver
+from tests.forked import ForkedCommand, start_command
 
 # One torch thread per process unless a test asks for more: the suite runs four test processes
 # on two cores, each starting more; torch's default (a thread per core in every process) had
@@ -36,22 +37,25 @@ _ADDRESS_LINE = re.compile(r"serving shard (\d+) at (tcp://\S+)")
 _START_TIMEOUT_S = 60.0
 
 
-def _spawn_shard(shard_id: int, num_shards: int, *extra: str) -> ForkedCommand:
-    """``distbelief ps`` as a process forked with torch loaded (tests/forked.py says why); the
-    command line's own start (``python -m distbelief ps``) is tested in test_cli_* and here by
-    every ``distbelief train``."""
-    return start_command(
-        [
-            "ps",
-            "--shard-id",
-            str(shard_id),
-            "--num-shards",
-            str(num_shards),
-            "--bind",
-            "tcp://127.0.0.1:0",
-            *(extra if "--auth-key-file" in extra else ("--no-auth", *extra)),
-        ],
-        CHILD_ENV,
+def _spawn_shard(
+    shard_id: int, num_shards: int, *extra: str, forked: bool = True
+) -> ForkedCommand | subprocess.Popen:
+    """``distbelief ps``: forked with torch loaded (tests/forked.py says why), or, with
+    ``forked=False``, started as users start it (``python -m distbelief ps``)."""
+    argv = [
+        "ps",
+        "--shard-id",
+        str(shard_id),
+        "--num-shards",
+        str(num_shards),
+        "--bind",
+        "tcp://127.0.0.1:0",
+        *(extra if "--auth-key-file" in extra else ("--no-auth", *extra)),
+    ]
+    if forked:
+        return start_command(argv, CHILD_ENV)
+    return subprocess.Popen(
+        [*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=CHILD_ENV
     )
 
 
@@ -102,11 +106,11 @@ def refusal(main: Callable[[list[str]], object], argv: list[str], capsys) -> str
     return err.strip().splitlines()[-1]
 
 
-def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[str]:
+def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[tuple[str, str]]:
     """Run ``python COMMAND`` for each command at once; each must exit 0 within ``timeout_s``.
 
     Returns:
-        Each process's stdout, in order.
+        Each process's stdout and stderr, in order.
     """
     processes = start_scripts(commands)
     try:
@@ -115,10 +119,10 @@ def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[st
         stop_processes(processes)
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-2000:]
-    return [out for out, _ in outputs]
+    return outputs
 
 
-def _read_address(process: ForkedCommand) -> str:
+def _read_address(process: ForkedCommand | subprocess.Popen) -> str:
     deadline = time.monotonic() + _START_TIMEOUT_S
     assert process.stdout is not None
     while time.monotonic() < deadline:
@@ -139,13 +143,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_shard(shard_id: int, num_shards: int, *extra: str) -> tuple[ForkedCommand, str]:
-    """Start ``distbelief ps`` on a free port; returns the process and its address."""
-    process = _spawn_shard(shard_id, num_shards, *extra)
+def start_shard(
+    shard_id: int, num_shards: int, *extra: str, forked: bool = True
+) -> tuple[ForkedCommand | subprocess.Popen, str]:
+    """Start ``distbelief ps`` on a free port (see ``_spawn_shard``); returns the process and
+    its address."""
+    process = _spawn_shard(shard_id, num_shards, *extra, forked=forked)
     return process, _read_address(process)
 
 
-def stop_processes(processes: list[subprocess.Popen] | list[ForkedCommand]) -> None:
+def stop_processes(processes: Sequence[subprocess.Popen | ForkedCommand]) -> None:
     """Terminate, wait, kill what is left: no process outlives a test."""
     for process in processes:
         if process.poll() is None:

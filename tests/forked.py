@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import IO
@@ -69,10 +70,15 @@ class ForkedCommand:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        self._process.join(timeout)
-        if self.poll() is None:
-            raise subprocess.TimeoutExpired(self.args, timeout or 0)
-        assert self.returncode is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            if self._process.exitcode is None:
+                self._process.join(left)
+            else:  # reported gone by a forkserver that went first, but still running
+                time.sleep(0.05 if left is None else min(0.05, left))
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
@@ -94,17 +100,10 @@ def start_command(argv: Sequence[str], env: Mapping[str, str]) -> ForkedCommand:
         context.set_forkserver_preload(PRELOAD)
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(
-        target=_run_command, args=(list(argv), dict(env), writer), name="distbelief", daemon=False
+        target=_run_command, args=(list(argv), dict(env), writer), name="distbelief"
     )
     process.start()
     writer.close()
     stdout = open(os.dup(reader.fileno()), encoding="utf-8")  # noqa: SIM115 (closed by the caller)
     reader.close()
     return ForkedCommand(process, stdout, list(argv))
-
-
-def stop_forkserver() -> None:
-    """Ends this process's forkserver (no public way to): after the last forked command."""
-    server = multiprocessing.forkserver._forkserver
-    if getattr(server, "_forkserver_pid", None) is not None:
-        server._stop()

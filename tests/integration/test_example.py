@@ -48,7 +48,10 @@ def test_server_and_two_nodes_end_by_themselves(tmp_path):
     commands = [["--rank", "0", "--server", *common]]
     node_flags = ["--epochs", str(NUM_EPOCHS), *EVERY_STEP, *common]
     commands += [["--rank", str(rank), *node_flags] for rank in (1, 2)]
-    outputs = run_scripts_together([[str(EXAMPLE), *c] for c in commands], RUN_TIMEOUT_S)
+    outputs = [
+        out
+        for out, _ in run_scripts_together([[str(EXAMPLE), *c] for c in commands], RUN_TIMEOUT_S)
+    ]
     server_out = outputs[0]
     server_accuracy = re.search(r"server: \d+ updates applied, test accuracy ([\d.]+)", server_out)
     assert server_accuracy is not None, server_out

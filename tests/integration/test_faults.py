@@ -138,9 +138,10 @@ def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
     """``distbelief ps`` stopped by SIGTERM (what ``kill`` and service managers send) saves
     what it applied since its last periodic checkpoint, as Ctrl-C does."""
     checkpoints = tmp_path / "checkpoints"
-    # A periodic save far away: only the shutdown's can hold the pushes below.
+    # A periodic save far away: only the shutdown's can hold the pushes below. Started as users
+    # start it (the other tests fork their shards): the command's own start, serving and exit.
     process, address = start_shard(
-        0, 1, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "3600"
+        0, 1, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "3600", forked=False
     )
     try:
         model = nn.Linear(4, 2)

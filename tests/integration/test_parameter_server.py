@@ -235,7 +235,7 @@ def test_seed_scripts_that_never_call_close_end_by_themselves(tmp_path):
     init_method = f"tcp://127.0.0.1:{free_port()}"
     commands = [[str(tmp_path / "server.py"), init_method, "3", str(tmp_path / "server.pt")]]
     commands += [[str(tmp_path / "worker.py"), init_method, str(rank), "3"] for rank in (1, 2)]
-    outputs = run_scripts_together(commands, SCRIPTS_TIMEOUT_S)
+    outputs = [out for out, _ in run_scripts_together(commands, SCRIPTS_TIMEOUT_S)]
     # Pushes at steps 2 and 4, and step 5's gradient flushed at exit: 3 per worker.
     assert "server done 6 True" in outputs[0]
     assert all("worker done" in out for out in outputs[1:])
@@ -276,13 +276,8 @@ def test_scripts_that_destroy_the_group_before_close_end_cleanly(tmp_path):
         [str(tmp_path / "worker.py"), init_method, str(rank), "3", then]
         for rank, then in ((1, "close"), (2, "exit"))
     ]
-    processes = start_scripts(commands)
-    try:
-        outputs = [process.communicate(timeout=SCRIPTS_TIMEOUT_S) for process in processes]
-    finally:
-        stop_processes(processes)
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-2000:]
+    outputs = run_scripts_together(commands, SCRIPTS_TIMEOUT_S)  # each exits 0
+    for _, err in outputs:
         assert "Traceback" not in err, err[-2000:]
     # A push at step 2 and step 3's gradient flushed by close(): 2 per worker.
     assert "server done 4 True []" in outputs[0][0]

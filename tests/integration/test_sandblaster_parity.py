@@ -11,7 +11,6 @@ torch would be most of the test's time on two cores); the test stops it at the e
 from __future__ import annotations
 
 import multiprocessing as mp
-import multiprocessing.forkserver
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
@@ -26,6 +25,7 @@ from distbelief.coordinator.batch import BatchPlan
 from distbelief.coordinator.lbfgs import LBFGSSettings, SandblasterLBFGS
 from distbelief.coordinator.service import CoordinatorService
 from distbelief.data import load_dataset
+from distbelief.launch.local import stop_forkserver
 from distbelief.optim.sandblaster import run_sandblaster_worker
 from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.server.process import serve_shard
@@ -132,7 +132,7 @@ class Children:
 def forkserver() -> Iterator[None]:
     """The forkserver the tests' children come from, stopped after the last test."""
     yield
-    multiprocessing.forkserver._forkserver._stop()  # no public way to stop it
+    stop_forkserver()
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -202,3 +204,21 @@ def test_coordinator_records_carry_the_iteration_figures() -> None:
         backups_won=1,
     )
     assert (record["role"], record["evaluations"], record["backups_won"]) == ("coordinator", 2, 1)
+
+
+def test_a_new_file_appears_with_its_header(tmp_path, monkeypatch) -> None:
+    """A reader of a live run folder finds no metrics file or a headed one, never an empty one:
+    the header is written beside it and renamed into place."""
+    path = tmp_path / "metrics.csv"
+    renames = []
+    rename = os.replace
+
+    def watched(source, target) -> None:
+        renames.append((Path(target) == path, path.exists(), Path(source).read_text()))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", watched)
+    with MetricsWriter(path) as writer:
+        writer.write(make_record("worker", 0, time_s=1.0, step=1, loss=0.5))
+    assert renames == [(True, False, ",".join(METRIC_FIELDS) + "\n")]
+    assert [r["step"] for r in read_metrics(path)] == [1]

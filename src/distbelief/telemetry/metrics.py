@@ -191,13 +191,13 @@ class MetricsWriter(ClosedOnExit):
         has_rows = append and self.path.is_file() and self.path.stat().st_size > 0
         if has_rows:
             has_rows = _prepare_for_append(self.path)
-        # buffering=1 is line buffering: each row is handed to the OS at its newline.
-        mode = "a" if append else "w"
-        self._file = self.path.open(mode, newline="", encoding="utf-8", buffering=1)
-        self._csv = csv.writer(self._file, lineterminator="\n")
         if not has_rows:
-            self._csv.writerow(METRIC_FIELDS)
-        self._file.flush()
+            # The file appears with its header (a rename): a reader of a live run folder (a
+            # plot, a watcher) finds no file or a headed one, never an empty one.
+            write_text_atomic(self.path, ",".join(METRIC_FIELDS) + "\n")
+        # buffering=1 is line buffering: each row is handed to the OS at its newline.
+        self._file = self.path.open("a", newline="", encoding="utf-8", buffering=1)
+        self._csv = csv.writer(self._file, lineterminator="\n")
 
     def write(self, record: dict) -> None:
         """Writes one record as one CSV row and flushes it.

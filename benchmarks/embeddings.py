@@ -332,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="results stem (default: results/embeddings_cpu2_DATE)"
     )
     args = parser.parse_args(argv)
+    for name in ("batch_size", "steps", "repeats", "requests", "table_rows", "memory_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(1)
     measurements = {
         "throughput": measure_throughput,

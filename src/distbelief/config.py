@@ -811,7 +811,7 @@ class JobConfig:
             wanted = ", ".join(CLICK_LOG_DATASETS if click_model else CLICK_MODELS)
             raise ConfigFieldError(
                 "data.name" if click_model else "model.name",
-                f"{self.data.name!r} does not go with model {self.model.name!r}: "
+                f"data set {self.data.name!r} does not go with model {self.model.name!r}: "
                 + (f"use a click log ({wanted})" if click_model else f"use model {wanted}"),
             )
         size, width = self.data.table_size, self.model.embedding_dim

@@ -41,6 +41,22 @@ def check_local_host(host: str) -> None:
         raise ValueError(f"{host} is not an address of this machine ({reason})") from e
 
 
+def check_known_host(host: str) -> None:
+    """Raise ValueError when no host of this name can be looked up (a typo). A lookup that
+    fails for now (a name server away) passes: the connection's retries wait for it.
+
+    Raises:
+        ValueError: naming ``host`` and the resolver's reason.
+    """
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            raise ValueError(f"host {host!r} is not known here ({e.strerror})") from e
+    except UnicodeError as e:
+        raise ValueError(f"host {host!r} is not a valid host name ({e})") from e
+
+
 def parse_addresses(addresses: str | Sequence[str], what: str = "addresses") -> list[str]:
     """``"tcp://a:1,tcp://b:2"`` or a list -> list of addresses; ValueError if empty,
     TypeError (naming the argument, ``what``) if neither."""

@@ -110,7 +110,8 @@ def test_resume_on_another_number_of_shards_keeps_every_row(tmp_path):
 def test_click_flags_are_checked_before_anything_starts(tmp_path):
     wrong_data = run_cli("train", "--model", "dlrm", "--out", str(tmp_path / "a"), timeout_s=120)
     assert wrong_data.returncode == 2
-    assert "argument --dataset: 'digits' does not go with model 'dlrm'" in wrong_data.stderr
+    wanted = "argument --dataset: data set 'digits' does not go with model 'dlrm'"
+    assert wanted in wrong_data.stderr
     wrong_model = run_cli(
         "train", "--dataset", "criteo", "--out", str(tmp_path / "b"), timeout_s=120
     )

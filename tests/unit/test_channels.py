@@ -54,10 +54,17 @@ def test_tcp_addresses(address, endpoint):
     assert parse_tcp_address(address) == endpoint
 
 
-@pytest.mark.parametrize("address", ["tcp://nohost", "tcp://:1", "tcp://h:x"])
+@pytest.mark.parametrize("address", ["tcp://nohost", "tcp://:1", "tcp://127.0.0.9:x"])
 def test_malformed_tcp_address_is_named(address):
     with pytest.raises(ValueError, match=f"address '{address}' is not of the form"):
         channels.dialer(address)
+
+
+def test_a_host_no_lookup_knows_is_named():
+    with pytest.raises(ValueError, match=r"host .nohost\.invalid. is not known here"):
+        channels.dialer("tcp://nohost.invalid:7000")
+    with pytest.raises(ValueError, match=r"host .nohost\.invalid. is not known here"):
+        channels.dialer("shm://nohost.invalid:7000")
 
 
 def test_a_port_out_of_range_is_named():

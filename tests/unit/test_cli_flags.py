@@ -583,7 +583,15 @@ def test_an_unknown_flag_is_the_commands_error(command, capsys):
 def test_manual_roles_take_their_own_counts():
     ps = config_from_args(parse_args(["ps", "--shard-id", "0", "--num-shards", "3"]))
     assert (ps.cluster.num_shards, ps.cluster.num_workers) == (3, 1)
-    worker_argv = ["worker", "--ps", "tcp://h:1,tcp://h:2", "--rank", "0", "--num-workers", "5"]
+    worker_argv = [
+        "worker",
+        "--ps",
+        "tcp://127.0.0.9:1,tcp://127.0.0.9:2",
+        "--rank",
+        "0",
+        "--num-workers",
+        "5",
+    ]
     worker = config_from_args(parse_args(worker_argv))
     assert (worker.cluster.num_shards, worker.cluster.num_workers) == (2, 5)
 
@@ -843,3 +851,35 @@ def test_an_interrupted_command_says_how(raised, said, monkeypatch, capsys):
     monkeypatch.setitem(cli._COMMANDS, "plot", interrupted)
     assert main(["plot", "somerun"]) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == said
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["worker", "--ps", "nohost.invalid:1", "--rank", "0", "--num-workers", "1"],
+            "argument --ps: 'nohost.invalid:1': host 'nohost.invalid' is not known here",
+        ),
+        (
+            [
+                "worker",
+                "--ps",
+                "127.0.0.9:1,shm://nohost.invalid:2",
+                "--rank",
+                "0",
+                "--num-workers",
+                "1",
+            ],
+            "argument --ps: 'shm://nohost.invalid:2': host 'nohost.invalid' is not known here",
+        ),
+        (
+            ["eval", "--ps", "nohost.invalid:1"],
+            "argument --ps: 'nohost.invalid:1': host 'nohost.invalid' is not known here",
+        ),
+    ],
+    ids=["worker", "worker-shm", "eval"],
+)
+def test_a_host_no_lookup_knows_is_refused_at_once(argv, message, capsys):
+    # Not retried until --retry-timeout: a typo in a host name is bad input.
+    assert main(argv) == 2
+    assert message in _one_error_line(capsys.readouterr().err)

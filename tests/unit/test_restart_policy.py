@@ -8,6 +8,7 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.errors import ChildFailedError
+from distbelief.launch.cli import _describe_restore
 from distbelief.launch.cluster import (
     RESTART_POLICIES,
     Event,
@@ -110,6 +111,22 @@ def test_lost_updates_subtract_what_the_workers_replayed() -> None:
     assert (fault.version_before, fault.updates_replayed, fault.lost_updates) == (9, 3, 0)
     book.note(Event("done", SHARD0, {"shard_id": 0, **recovery, "version_seen_before": 10}))
     assert (fault.version_before, fault.lost_updates) == (10, 1)
+
+
+def test_a_sandblaster_shard_restored_from_its_checkpoint_loses_nothing() -> None:
+    # The whole job goes back to the checkpoint and redoes the iterations since it.
+    book = ProcessBook(
+        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
+    )
+    book.note(Event("ready", SHARD0, {"shard_id": 0, "address": "tcp://127.0.0.1:4321"}))
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 24}))
+    fault = book.record_death(SHARD0, -9, stopping=False)
+    restored = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": 22}
+    book.note(Event("ready", SHARD0, restored))
+    assert (fault.rolled_back, fault.version_before, fault.lost_updates) == (True, 24, 0)
+    assert _describe_restore(fault) == (
+        "shard0: restored version 22; the job went back to that checkpoint and redid 2 updates"
+    )
 
 
 def test_the_decision_follows_the_kind_not_the_name() -> None:

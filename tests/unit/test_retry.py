@@ -64,3 +64,19 @@ def test_a_closing_caller_gives_up_at_once():
             peer, retry_timeout_s=60.0, closing=closing, give_up=ShardUnavailableError
         )
     assert peer.calls == 1
+
+
+def test_the_retry_timeout_counts_from_the_callers_first_attempt():
+    # The caller's own first attempt already took the whole retry timeout (a 5 s connect
+    # bound against a 3 s retry timeout): no second attempt starts after it.
+    peer = FlakyPeer(60.0)
+    with pytest.raises(ShardUnavailableError, match=r"retrying for 3s; 5\.\ds in all"):
+        retry_while_unreachable(
+            peer,
+            retry_timeout_s=3.0,
+            closing=threading.Event(),
+            give_up=ShardUnavailableError,
+            first_failure=ShardUnavailableError("hello timed out after 5s connecting"),
+            spent_s=5.0,
+        )
+    assert peer.calls == 0

@@ -260,6 +260,7 @@ class ShardLanes:
             closing=self._closing,
             give_up=ShardUnavailableError,
             first_failure=first_failure,
+            spent_s=time.perf_counter() - started_s,
         )
 
     def _attempt(self, shard_id: int, message: Message, sink) -> Message:

@@ -107,7 +107,11 @@ def _addresses(flag: str, text: str) -> list[str]:
     try:
         addresses = parse_addresses(text)
         for address in addresses:
-            channels.dialer(address)  # checks the scheme and the address; connects nothing
+            try:
+                channels.dialer(address)  # checks the scheme, address and host; connects nothing
+            except ValueError as e:
+                # Named as typed (a dialer may name it with its scheme added).
+                raise ValueError(e if repr(address) in str(e) else f"{address!r}: {e}") from e
     except ValueError as e:
         raise argparse.ArgumentError(None, f"argument {flag}: {e}") from e
     return addresses
@@ -211,8 +215,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _describe_restore(fault: Fault) -> str:
     """What a shard's restart cost: ``shard1: restored version 81; the workers re-sent 44
-    updates it lacked and 1 push in flight; 0 updates lost``."""
+    updates it lacked and 1 push in flight; 0 updates lost`` (Downpour), or ``shard1: restored
+    version 22; the job went back to that checkpoint and redid 2 updates`` (Sandblaster)."""
     text = f"{fault.process}: restored version {fault.version_restored}"
+    if fault.rolled_back:
+        redone = (fault.version_before or 0) - (fault.version_restored or 0)
+        return text + f"; the job went back to that checkpoint and redid {max(0, redone)} updates"
     if fault.updates_replayed is not None:
         text += (
             f"; the workers re-sent {fault.updates_replayed} updates it lacked and "

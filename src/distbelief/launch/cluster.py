@@ -138,13 +138,20 @@ class Fault:
     (what its checkpoint lacked), as the shard counted them."""
     pushes_resent: int | None = None
     """Shards: pushes in flight at the death, re-applied by the workers' retries."""
+    rolled_back: bool = False
+    """Shards of a Sandblaster job: the whole job went back to the restored checkpoint and
+    does the iterations since it again, so what the dead shard had applied is redone, not
+    lost."""
 
     @property
     def lost_updates(self) -> int | None:
         """Updates the dead shard had applied that neither its checkpoint nor the workers'
-        replays and retries brought back (``version_before`` is the most any process saw)."""
+        replays and retries brought back (``version_before`` is the most any process saw);
+        0 when the job rolled back to the checkpoint."""
         if self.version_before is None or self.version_restored is None:
             return None
+        if self.rolled_back:
+            return 0
         recovered = (self.updates_replayed or 0) + (self.pushes_resent or 0)
         return max(0, self.version_before - self.version_restored - recovered)
 
@@ -352,6 +359,7 @@ class ProcessBook:
         )
         if spec.kind is ProcessKind.SHARD:
             fault.version_before = self.shard_versions.get(spec.index)
+            fault.rolled_back = self.config.optimizer.algorithm == "sandblaster"
         self.faults.append(fault)
         if can_restart:
             self.restarts[unit] = restarts + 1

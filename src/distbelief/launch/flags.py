@@ -411,8 +411,12 @@ def security_from_args(args: argparse.Namespace) -> WireSecurity:
     ):
         if path and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
+    try:
+        auth_key = read_key_file(key_file) if key_file else None
+    except ValueError as e:
+        raise ValueError(f"--auth-key-file: {e}") from None
     security = WireSecurity(
-        auth_key=read_key_file(key_file) if key_file else None,
+        auth_key=auth_key,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_ca=getattr(args, "tls_ca", None),

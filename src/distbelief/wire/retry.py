@@ -1,7 +1,7 @@
 """Retrying a request while its peer is unreachable or silent: backoff from 50 ms doubling to
-2 s, until a given time has passed (the last wait is cut short so one more attempt is made right
-at that time), stopped at once when the caller is closing. One policy for every client of the
-request layer (shards' and the coordinator's)."""
+2 s, until a given time has passed since the first attempt began (the last wait is cut short so
+one more attempt is made right at that time), stopped at once when the caller is closing. One
+policy for every client of the request layer (shards' and the coordinator's)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def retry_while_unreachable(
     closing: threading.Event,
     give_up: Callable[[str], Exception],
     first_failure: ShardUnavailableError | ShardTimeoutError | None = None,
+    spent_s: float = 0.0,
 ) -> T:
     """``call()``, again with backoff while it raises ShardUnavailableError or
     ShardTimeoutError, until ``retry_timeout_s`` has passed: a peer that is reachable again
@@ -35,12 +36,14 @@ def retry_while_unreachable(
     the request's own timeout). ``first_failure``: the caller's own
     first attempt already failed so (the common, successful path then costs the caller no
     closure and no call of this function); the first retry waits the first delay.
+    ``spent_s``: how long that first attempt took; the retry timeout counts from its start.
 
     Raises:
         The exception ``give_up(message)`` makes (chained to the last failure): still failing
         after ``retry_timeout_s``, or ``closing`` was set.
     """
-    deadline = time.monotonic() + retry_timeout_s
+    started = time.monotonic() - spent_s
+    deadline = started + retry_timeout_s
     delay_s = FIRST_DELAY_S
     failure = first_failure
     while True:
@@ -51,7 +54,11 @@ def retry_while_unreachable(
                 failure = e
         remaining_s = deadline - time.monotonic()
         if closing.is_set() or remaining_s <= 0:
-            message = f"{failure} (gave up after retrying for {retry_timeout_s:g}s)"
+            elapsed_s = time.monotonic() - started
+            message = (
+                f"{failure} (gave up after retrying for {retry_timeout_s:g}s; "
+                f"{elapsed_s:.1f}s in all)"
+            )
             raise give_up(message) from failure
         # Not the whole backoff when it would pass the deadline: giving up then would end the
         # retries up to MAX_DELAY_S early, and a peer back just before the deadline be missed.

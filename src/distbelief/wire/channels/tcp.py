@@ -10,7 +10,7 @@ import ssl
 import time
 
 from distbelief.errors import AuthenticationError, BindError, ProtocolError, TLSMismatchError
-from distbelief.hosts import check_local_host
+from distbelief.hosts import check_known_host, check_local_host
 from distbelief.wire.channels import register_channel
 from distbelief.wire.security import (
     ANSWER_BYTES,
@@ -132,7 +132,8 @@ class TcpDialer:
             one the operating system picks).
 
     Raises:
-        ValueError: ``address`` is malformed, or ``source_host`` is no address of this machine.
+        ValueError: ``address`` is malformed or names a host no lookup knows, or
+            ``source_host`` is no address of this machine.
     """
 
     def __init__(
@@ -143,6 +144,8 @@ class TcpDialer:
         source_host: str | None = None,
     ) -> None:
         self._endpoint = parse_tcp_address(address)
+        # A typo in the host would otherwise be retried until the retry timeout.
+        check_known_host(self._endpoint[0])
         self._security = security or WireSecurity()
         self._tls = self._security.client_tls()
         self._source = None

@@ -60,6 +60,11 @@ PORTIONS_PER_WORKER = 10
 """Sandblaster's portions per worker when no number of portions is given."""
 
 
+def unused_server_setting(users: tuple[str, ...], optimizer: str) -> str:
+    """Why a server-optimizer setting is refused: ``optimizer`` is none of its ``users``."""
+    return f"only applies to server optimizer {' or '.join(users)}, not {optimizer!r}"
+
+
 def push_compression_fraction(text: str) -> float | None:
     """The top-k fraction of a push compression setting (``"topk:0.01"`` -> 0.01; ``"none"``
     -> None).
@@ -197,6 +202,7 @@ def _require_counts(config: object, *names: str) -> None:
         value = getattr(config, name)
         is_int = isinstance(value, int) and not isinstance(value, bool)
         _require(is_int and value >= 1, name, value, "an integer >= 1")
+        _require(value <= _MAX_COUNT, name, value, f"<= {_MAX_COUNT}")
 
 
 def _require_choice(config: Any, name: str) -> None:
@@ -311,6 +317,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require_choice(self, "name")
         _require_counts(self, "embedding_dim")
+        _require(_is_count(self.seed), "seed", self.seed, f"an integer in [0, {_MAX_COUNT}]")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -356,15 +363,24 @@ class OptimizerConfig:
         except ValueError as e:
             raise ConfigFieldError("push_compression", str(e)) from None
         _require_counts(self, "n_push", "n_pull")
-        batch_size = self.batch_size
-        _require(batch_size is None or batch_size >= 1, "batch_size", batch_size, ">= 1")
         _require_rates(self, "lr", zero_ok=True)
         if self.steps is not None and self.epochs is not None:
             raise ConfigFieldError("epochs", f"cannot be given with steps, got {self.epochs!r}")
-        for name in ("steps", "epochs"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, name, value, "an integer >= 1")
+        _require_counts(
+            self,
+            *(
+                name
+                for name in ("batch_size", "steps", "epochs")
+                if getattr(self, name) is not None
+            ),
+        )
         _require(self.warmstart_steps >= 0, "warmstart_steps", self.warmstart_steps, ">= 0")
+        _require(
+            _is_count(self.warmstart_steps),
+            "warmstart_steps",
+            self.warmstart_steps,
+            f"<= {_MAX_COUNT}",
+        )
 
     @property
     def minibatch_size(self) -> int:
@@ -422,11 +438,7 @@ class ServerConfig:
             value = getattr(self, name)
             if self.optimizer not in users and value != defaults[name]:
                 # The optimizer chosen would ignore it without a word.
-                raise ConfigFieldError(
-                    name,
-                    f"only applies to server optimizer {' or '.join(users)}, "
-                    f"not {self.optimizer!r}",
-                )
+                raise ConfigFieldError(name, unused_server_setting(users, self.optimizer))
 
 
 _DEFAULT_DC_LAMBDA = 0.04

@@ -119,7 +119,7 @@ def test_shards_started_with_different_consistency_flags_are_refused():
     assert refused.value.field == "consistency.max_staleness"
     message = str(refused.value)
     assert message.startswith("consistency.max_staleness differs: ")
-    assert "runs 2 but" in message and "runs None" in message
+    assert "runs 2 but" in message and "runs (not set)" in message
     assert f"shard 0 ({addresses[0]})" in message and f"shard 1 ({addresses[1]})" in message
 
 

@@ -479,11 +479,11 @@ def test_a_server_optimizer_setting_the_optimizer_ignores_is_refused(
         ),
         (
             ["train", "--server-momentum", "0.9"],
-            "argument --server-momentum: only used with --server-optimizer momentum",
+            "argument --server-momentum: only applies to server optimizer momentum, not 'sgd'",
         ),
         (
             [*_PS, "--server-optimizer", "momentum", "--server-betas", "0.9,0.999"],
-            "argument --server-betas: only used with --server-optimizer adam",
+            "argument --server-betas: only applies to server optimizer adam, not 'momentum'",
         ),
     ],
     ids=["train-liveness", "ps-liveness", "backup-workers", "dc-lambda", "momentum", "betas"],
@@ -645,6 +645,18 @@ def test_a_warmstart_longer_than_the_steps_is_refused_before_any_process_starts(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_batch_larger_than_a_workers_share_is_refused_before_any_process_starts(tmp_path):
+    # 1437 digits in two shares of 718: no worker could make a step.
+    argv = ["train", "--steps", "5", "--batch-size", "719", "--out", str(tmp_path / "run")]
+    command = [sys.executable, "-c", _REFUSED_BEFORE_ANY_PROCESS, *argv]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == ["exit 2", "children 0 torch False"], result.stderr
+    wanted = "argument --batch-size: must be <= the 718 training examples of each of the 2 workers"
+    assert wanted in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def _refused(argv: list[str], tmp_path, env_extra: dict | None = None) -> tuple[list[str], str]:
     """Run the command in a fresh interpreter: (stdout lines, stderr)."""
     env = {**os.environ, **(env_extra or {})}
@@ -708,7 +720,7 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
         ),
         (["plot", "somerun", "--out", "afile"], {}, "--out afile: exists and is not a folder"),
         (
-            ["ps", "--shard-id", "0", "--num-shards", "1", "--checkpoint-dir", "afile"],
+            [*_PS, "--checkpoint-dir", "afile"],
             {},
             "--checkpoint-dir afile: exists and is not a folder",
         ),
@@ -883,3 +895,23 @@ def test_a_host_no_lookup_knows_is_refused_at_once(argv, message, capsys):
     # Not retried until --retry-timeout: a typo in a host name is bad input.
     assert main(argv) == 2
     assert message in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_shard_refused_for_its_key_file_makes_no_checkpoint_folder(capsys, tmp_path):
+    missing, folder = tmp_path / "no.key", tmp_path / "checkpoints"
+    argv = [*_PS[:-1], "--auth-key-file", str(missing), "--checkpoint-dir", str(folder)]
+    assert main(argv) == 2
+    assert f"--auth-key-file: key file {missing}: No such file" in capsys.readouterr().err
+    assert not folder.exists()
+
+
+def test_a_data_set_that_cannot_be_fetched_is_bad_input(capsys, tmp_path, monkeypatch):
+    from distbelief.data import cifar10
+
+    monkeypatch.setattr(cifar10, "CIFAR10_URL", (tmp_path / "nowhere.tar.gz").as_uri())
+    data_dir, run = tmp_path / "data" / "cifar", tmp_path / "run"
+    argv = ["train", "--dataset", "cifar10", "--model", "alexnet", "--steps", "5"]
+    assert main([*argv, "--data-dir", str(data_dir), "--out", str(run)]) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert "argument --data-dir: CIFAR-10 train split unavailable" in error
+    assert not run.exists() and not (tmp_path / "data").exists()

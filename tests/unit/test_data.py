@@ -25,6 +25,7 @@ from distbelief.data import (
     worker_indices,
 )
 from distbelief.data.download import download_file, extract_tar
+from distbelief.data.files import FIXED_TRAIN_EXAMPLES
 from distbelief.errors import DatasetUnavailableError
 
 NUM_PER_CIFAR_BATCH = 3
@@ -144,7 +145,7 @@ def test_download_file_checksum_mismatch_leaves_nothing(tmp_path):
         download_file(source.as_uri(), out_dir / "file.bin", wrong_md5)
     message = str(info.value)
     assert source.as_uri() in message and wrong_md5 in message and _md5(source) in message
-    assert list(out_dir.iterdir()) == []
+    assert not out_dir.exists()  # the folder it made, too
 
 
 def test_download_into_a_file_is_unavailable_naming_the_folder(tmp_path):
@@ -436,3 +437,16 @@ def test_missing_data_files_names_what_a_job_lacks_and_nothing_when_complete(tmp
     assert (
         missing_data_files(data("digits")) is None and missing_data_files(data("synthetic")) is None
     )
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_TRAIN_EXAMPLES))
+def test_the_fixed_training_set_sizes_are_the_loaders(name):
+    # The launcher checks batches against these without loading the data.
+    assert len(load_dataset(name, split="train")) == FIXED_TRAIN_EXAMPLES[name]
+
+
+def test_a_failed_download_leaves_no_folder_it_made(tmp_path):
+    missing_url = (tmp_path / "nowhere.tar.gz").as_uri()
+    with pytest.raises(DatasetUnavailableError):
+        download_file(missing_url, tmp_path / "data" / "cifar" / "x.tar.gz", md5="0" * 32)
+    assert list(tmp_path.iterdir()) == []

@@ -61,6 +61,11 @@ def check_shard_count(addresses: Sequence[str], shard_id: int, described: dict) 
         )
 
 
+def _shown(setting: object) -> str:
+    """A shard's consistency setting in a mismatch: an unset one (no bound) as such."""
+    return "(not set)" if setting is None else repr(setting)
+
+
 def _described_field(key: str) -> str:
     """The config field (``section.field``) of a setting a shard describes at the handshake:
     its consistency section's, but for the round size, which is the job's number of workers."""
@@ -193,8 +198,8 @@ class ParameterServerClient(ShardLanes):
                 at_first, at_other = first.get(key, "(absent)"), settings.get(key, "(absent)")
                 if at_first != at_other:
                     raise ConsistencyMismatchError(
-                        f"shard 0 ({self.addresses[0]}) runs {at_first!r} but shard "
-                        f"{shard_id} ({self.addresses[shard_id]}) runs {at_other!r}: start "
+                        f"shard 0 ({self.addresses[0]}) runs {_shown(at_first)} but shard "
+                        f"{shard_id} ({self.addresses[shard_id]}) runs {_shown(at_other)}: start "
                         "every shard with the same consistency flags",
                         _described_field(key),
                     )

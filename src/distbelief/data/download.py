@@ -6,6 +6,7 @@ verified at its destination or not at all; knows nothing about any data set's fo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -56,6 +57,7 @@ def download_file(url: str, dest: Path, md5: str, timeout_s: float = 60.0) -> Pa
     if dest.is_file() and file_md5(dest) == md5:
         logger.info("%s already present with the expected md5", dest)
         return dest
+    made = _missing_folders(dest.parent)
     try:
         make_folder(dest.parent, "data folder")
     except ValueError as e:
@@ -70,10 +72,22 @@ def download_file(url: str, dest: Path, md5: str, timeout_s: float = 60.0) -> Pa
                 f"checksum mismatch for {url}: expected md5 {md5}, got {actual_md5}"
             )
         os.replace(tmp_path, dest)
-    finally:
-        # After a successful os.replace the temp name no longer exists.
+    except BaseException:
         tmp_path.unlink(missing_ok=True)
+        for folder in made:  # a failed download leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return dest
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _stream_to_file(url: str, fd: int, timeout_s: float) -> str:

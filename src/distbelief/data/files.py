@@ -15,6 +15,9 @@ DEFAULT_DATA_DIR = Path("data")
 
 FILE_DATASETS = ("cifar10", "mnist", "criteo", "movielens")
 """The data sets read from files in a data folder (the others are generated or bundled)."""
+FIXED_TRAIN_EXAMPLES = {"digits": 1437, "synthetic": 4096, "synthetic-ctr": 100_000}
+"""Training examples of the data sets not read from files (bundled or generated): the launcher
+checks a batch against each worker's share of them without loading torch."""
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_BATCHES_DIR = "cifar-10-batches-py"

@@ -25,6 +25,7 @@ from distbelief.errors import (
     ClusterError,
     ConfigFieldError,
     ConsistencyMismatchError,
+    DatasetUnavailableError,
     DistBeliefError,
     LauncherInterrupted,
     ShardListError,
@@ -260,6 +261,7 @@ def _run_ps(args: argparse.Namespace) -> int:
             f"--shard-id {args.shard_id} is not in [0, --num-shards {config.cluster.num_shards})"
         )
     args.bind = _check_bind_is_here(args.bind)
+    security = security_from_args(args)  # a bad key file leaves no --checkpoint-dir behind
     if args.checkpoint_dir:
         from distbelief.files import make_folder
 
@@ -271,7 +273,7 @@ def _run_ps(args: argparse.Namespace) -> int:
         config,
         args.shard_id,
         args.bind,
-        security=security_from_args(args),
+        security=security,
         checkpoint_dir=args.checkpoint_dir,
         emit=_log_emit,
     )
@@ -566,6 +568,9 @@ def _run_command(args: argparse.Namespace) -> int:
     except ClusterError as e:
         _traceback_if_verbose(args)
         return _cluster_refused(args, e)
+    except DatasetUnavailableError as e:
+        _traceback_if_verbose(args)  # files missing from --data-dir: bad input, as with the example
+        return _usage_error(args, f"argument --data-dir: {e}")
     except DistBeliefError as e:
         _traceback_if_verbose(args)
         if isinstance(e, BindError) and getattr(args, "bind", None):

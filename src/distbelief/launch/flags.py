@@ -184,6 +184,9 @@ class _UsedOnlyWith(NamedTuple):
     condition: str
     """What those flags must say, after the last one's name (``" > 1"``), if anything."""
     applies: Callable[[JobConfig], bool]
+    problem: Callable[[JobConfig], str] | None = None
+    """The refusal in the words the config uses for a value other than the default (None:
+    ``only used with <flags><condition>``)."""
 
 
 _USED_ONLY_WITH: dict[str, _UsedOnlyWith] = {
@@ -208,6 +211,9 @@ _USED_ONLY_WITH: dict[str, _UsedOnlyWith] = {
             ("server.optimizer",),
             f" {' or '.join(users)}",
             lambda job, users=users: job.server.optimizer in users,
+            lambda job, users=users: config_module.unused_server_setting(
+                users, job.server.optimizer
+            ),
         )
         for name, users in config_module.SERVER_OPTIMIZER_SETTINGS.items()
     },
@@ -226,6 +232,8 @@ def check_typed_flags_apply(command: str, typed: Collection[str], job: JobConfig
     """
     for path, rule in _USED_ONLY_WITH.items():
         if path in typed and not rule.applies(job):
+            if rule.problem is not None:
+                raise ConfigFieldError(path, rule.problem(job))
             needed = " or ".join(flag_of(command, field) or FLAGS[field] for field in rule.fields)
             raise ConfigFieldError(path, f"only used with {needed}{rule.condition}")
 

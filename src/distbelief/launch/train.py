@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from distbelief import plots, telemetry
 from distbelief.coordinator.checkpoint import RECORD_FILE
-from distbelief.data.files import FILE_DATASETS, require_data_files
+from distbelief.data.files import FILE_DATASETS, FIXED_TRAIN_EXAMPLES, require_data_files
 from distbelief.errors import (
     ChildFailedError,
     ConfigFieldError,
@@ -84,10 +84,13 @@ def _planned_steps(config: JobConfig) -> list[int]:
         return [_sandblaster_iterations(config)]
     if config.optimizer.steps is not None:
         steps = [config.optimizer.steps] * config.cluster.num_workers
+        if config.data.name in FIXED_TRAIN_EXAMPLES:
+            _check_batch_fits(config, FIXED_TRAIN_EXAMPLES[config.data.name])
     else:
         from distbelief.data import load_job_dataset, worker_indices  # torch: only when counting
 
         train_set = load_job_dataset(config.data, "train")
+        _check_batch_fits(config, len(train_set))
         steps = [
             len(worker_indices(len(train_set), rank, config.cluster.num_workers))
             // config.optimizer.minibatch_size
@@ -103,6 +106,19 @@ def _planned_steps(config: JobConfig) -> list[int]:
             f"workers never start), got {warmstart_steps}",
         )
     return steps
+
+
+def _check_batch_fits(config: JobConfig, train_examples: int) -> None:
+    """Refuses a batch larger than the smallest worker's share of ``train_examples`` (that
+    worker would never make a step: a pass drops its last, partial batch)."""
+    share = train_examples // config.cluster.num_workers
+    batch = config.optimizer.minibatch_size
+    if batch > share:
+        raise ConfigFieldError(
+            "optimizer.batch_size",
+            f"must be <= the {share} training examples of each of the "
+            f"{config.cluster.num_workers} workers, got {batch}",
+        )
 
 
 def _check_data(config: JobConfig, *, counted: bool) -> None:

@@ -130,10 +130,17 @@ def measure_model(model_name: str, args: argparse.Namespace) -> list[dict]:
             address = host.start_server() if config.downpour else ""
             trainers[config.name] = Trainer(model_name, config, address, args.device)
             open_trainers.callback(trainers[config.name].close)
+        # Progress on stderr: on a CPU (--device cpu) AlexNet's repeats take minutes.
+        print(f"gpu.py: {model_name}: warming up", file=sys.stderr, flush=True)
         for trainer in trainers.values():
             trainer.run(batches, args.warmup_steps)
         samples: dict[str, list[float]] = {name: [] for name in trainers}
         for repeat in range(args.repeats):
+            print(
+                f"gpu.py: {model_name}: repeat {repeat + 1} of {args.repeats}",
+                file=sys.stderr,
+                flush=True,
+            )
             names = list(trainers) if repeat % 2 == 0 else list(reversed(trainers))
             for name in names:
                 samples[name].append(trainers[name].run(batches, args.steps))

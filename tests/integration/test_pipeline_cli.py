@@ -75,6 +75,10 @@ def _stage(
             "4",
             "--stage",
             str(stage),
+            # A stage's first activation waits for the stages before it to start (torch, the
+            # data): on a loaded machine that took more than the default 30 s.
+            "--timeout",
+            "120",
             *extra,
         ],
         stdout=subprocess.PIPE,

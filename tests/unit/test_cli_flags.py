@@ -636,24 +636,27 @@ print("children", len(children), "torch", "torch" in sys.modules)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_warmstart_longer_than_the_steps_is_refused_before_any_process_starts(tmp_path):
-    argv = ["train", "--steps", "10", "--warmstart-steps", "20", "--out", str(tmp_path / "run")]
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--steps", "10", "--warmstart-steps", "20"],
+            "argument --warmstart-steps: must be <= the 10 pushes",
+        ),
+        (
+            # 1437 digits in two shares of 718: no worker could make a step.
+            ["--steps", "5", "--batch-size", "719"],
+            "argument --batch-size: must be <= the 718 training examples of each of the 2 workers",
+        ),
+    ],
+    ids=["warmstart-past-the-steps", "batch-past-a-share"],
+)
+def test_a_plan_no_worker_can_follow_is_refused_before_any_process_starts(flags, message, tmp_path):
+    argv = ["train", *flags, "--out", str(tmp_path / "run")]
     command = [sys.executable, "-c", _REFUSED_BEFORE_ANY_PROCESS, *argv]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.stdout.splitlines() == ["exit 2", "children 0 torch False"], result.stderr
-    assert "argument --warmstart-steps: must be <= the 10 pushes" in result.stderr
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_batch_larger_than_a_workers_share_is_refused_before_any_process_starts(tmp_path):
-    # 1437 digits in two shares of 718: no worker could make a step.
-    argv = ["train", "--steps", "5", "--batch-size", "719", "--out", str(tmp_path / "run")]
-    command = [sys.executable, "-c", _REFUSED_BEFORE_ANY_PROCESS, *argv]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert result.stdout.splitlines() == ["exit 2", "children 0 torch False"], result.stderr
-    wanted = "argument --batch-size: must be <= the 718 training examples of each of the 2 workers"
-    assert wanted in result.stderr
+    assert message in result.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -204,6 +204,52 @@ def test_a_gradient_fetch_is_asked_again_until_the_gradient_arrives(make_links, 
         timer.join(10)
 
 
+def test_the_stage_before_may_start_later_than_a_wait_lasts(make_links):
+    # Stages started by hand, last first: the first stage comes up after the last one's wait
+    # of 2 s would have ended; the wait lasts until the stage before has had its time to
+    # connect, then 2 s from its connection.
+    last = WireLinks(
+        1,
+        2,
+        bind=LOCAL,
+        next_address=None,
+        security=SECURITY,
+        timeout_s=TIMEOUT_S,
+        first_contact_timeout_s=TIMEOUT_S,
+    )
+    made: list[WireLinks] = []
+
+    def start_first_stage_later() -> None:
+        time.sleep(3.0)
+        made.append(make_links(0, 2, last.address))
+        made[0].send_forward(0, 0, torch.ones(2, 3))
+
+    starter = threading.Thread(target=start_first_stage_later)
+    starter.start()
+    try:
+        assert last.recv_forward(0, 0, 2.0).tolist() == [[1.0] * 3] * 2
+    finally:
+        starter.join(TIMEOUT_S)
+        last.close()
+    never = WireLinks(
+        1,
+        2,
+        bind=LOCAL,
+        next_address=None,
+        security=SECURITY,
+        timeout_s=TIMEOUT_S,
+        first_contact_timeout_s=1.0,
+    )
+    try:
+        with pytest.raises(
+            StageTimeoutError,
+            match=r"within 0.3s \(stage 0 never connected within 1s of this stage's start\)$",
+        ):
+            never.recv_forward(0, 0, SHORT_S)
+    finally:
+        never.close()
+
+
 def test_a_peer_that_never_sends_is_a_timeout_naming_both_stages(make_links):
     first, last = _chain(make_links, 2)
     started = time.monotonic()

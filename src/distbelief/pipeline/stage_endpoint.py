@@ -79,6 +79,9 @@ class StageEndpoint:
             it takes an activation or leaves a gradient, so that a step's bytes are counted in
             that step (not when the stage before happens to fetch them).
         plan: What the stage before must agree on (see ``stage_protocol``); None: nothing.
+        first_contact_timeout_s: How long, from now, the stage before may take to connect at
+            all: until it has, :meth:`take_activation` waits at least until then, and after
+            its first connection at least its own timeout from that moment.
 
     Raises:
         ValueError: ``stage`` is not in 1..num_stages - 1.
@@ -90,6 +93,8 @@ class StageEndpoint:
         num_stages: int,
         count_bytes: Callable[[int, int], None] | None = None,
         plan: dict[str, object] | None = None,
+        *,
+        first_contact_timeout_s: float = 0.0,
     ) -> None:
         if type(num_stages) is not int or type(stage) is not int or not 0 < stage < num_stages:
             raise ValueError(
@@ -114,6 +119,9 @@ class StageEndpoint:
         self._outbox_buffers = MicroBuffers()
         self._num_connections = 0
         self._ever_connected = False
+        self._first_contact_timeout_s = first_contact_timeout_s
+        self._first_contact_deadline = time.monotonic() + first_contact_timeout_s
+        self._first_connected_at = 0.0
         self.peer_hosts: set[str] = set()
         """The hosts the stage before connected from."""
         self._closed = False
@@ -124,6 +132,8 @@ class StageEndpoint:
         logger.debug("stage %d: connection from %s", self.stage, peer)
         with self._changed:
             self._num_connections += 1
+            if not self._ever_connected:
+                self._first_connected_at = time.monotonic()
             self._ever_connected = True
             self.peer_hosts.add(peer.rpartition(":")[0])
         return _Connection(self, peer)
@@ -136,7 +146,10 @@ class StageEndpoint:
     def _connection_hint(self) -> str:
         """Why the stage before may be silent, as far as this side can tell (lock held)."""
         if not self._ever_connected:
-            return f" (stage {self.stage - 1} never connected)"
+            waited = self._first_contact_timeout_s
+            return f" (stage {self.stage - 1} never connected" + (
+                f" within {waited:g}s of this stage's start)" if waited else ")"
+            )
         if self._num_connections == 0:
             return f" (stage {self.stage - 1} closed its connections)"
         return ""
@@ -175,7 +188,7 @@ class StageEndpoint:
                         self._count_bytes(0, payload_bytes(slot.buffer))
                     slot.taken = True
                     return slot.buffer
-                remaining_s = deadline - time.monotonic()
+                remaining_s = self._activation_deadline(deadline, timeout_s) - time.monotonic()
                 if remaining_s <= 0:
                     raise StageTimeoutError(
                         f"stage {self.stage}: stage {self.stage - 1} did not send the activation "
@@ -183,6 +196,14 @@ class StageEndpoint:
                         f"{self._connection_hint()}"
                     )
                 self._changed.wait(remaining_s)
+
+    def _activation_deadline(self, deadline: float, timeout_s: float) -> float:
+        """When a wait for an activation gives up (lock held): at ``deadline``, but not before
+        the stage before has had its time to connect, nor within ``timeout_s`` of its first
+        connection (a wait that began before it connected starts over then)."""
+        if not self._ever_connected:
+            return max(deadline, self._first_contact_deadline)
+        return max(deadline, self._first_connected_at + timeout_s)
 
     def deposit_gradient(self, step: int, micro: int, grad: torch.Tensor) -> None:
         """Copy the gradient of (``step``, ``micro``) into its outbox for the stage before to

@@ -89,6 +89,9 @@ class WireLinks:
             from (default: the one the operating system picks).
         plan: What the neighbouring stages must agree on, by setting name (the model, its split
             points, ...): compared with each neighbour's when they say hello (None: nothing).
+        first_contact_timeout_s: How long, from now, the stage before may take to connect at
+            all (stages started by hand, last first, one after another): until it has, a wait
+            for its activation lasts at least this long (0: no longer than its own timeout).
 
     ``counters`` count payload bytes on the stage's main thread, within the step that moves
     them: an activation when the next stage acknowledges it (sender) or when this stage takes
@@ -111,6 +114,7 @@ class WireLinks:
         timeout_s: float,
         source_host: str | None = None,
         plan: dict[str, object] | None = None,
+        first_contact_timeout_s: float = 0.0,
     ) -> None:
         if type(num_stages) is not int or num_stages < 1:
             raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
@@ -141,7 +145,13 @@ class WireLinks:
         self._endpoint: StageEndpoint | None = None
         self._server = None
         if stage > 0:
-            self._endpoint = StageEndpoint(stage, num_stages, self._count_bytes, self.plan)
+            self._endpoint = StageEndpoint(
+                stage,
+                num_stages,
+                self._count_bytes,
+                self.plan,
+                first_contact_timeout_s=first_contact_timeout_s,
+            )
             try:
                 # A thread per connection: a handler waits for the stage's own work.
                 self._server = serve(bind, self._endpoint, security=security, design="threads")

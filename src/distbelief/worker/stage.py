@@ -121,6 +121,9 @@ def run_stage_worker(
         timeout_s=config.faults.timeout_s,
         source_host=config.cluster.worker_host or None,
         plan=stage_plan(config, rank, split),
+        # Started by hand, last first: the stage before may come later, as long as a stage
+        # waits for the next one to be reachable (wait_for_peer below).
+        first_contact_timeout_s=config.faults.timeout_s + config.faults.retry_timeout_s,
     )
     optimizer = None
     try:

@@ -336,6 +336,58 @@ def group_of_one():
         dist.destroy_process_group()
 
 
+GROUP_THEN_EXIT_SCRIPT = """
+import sys
+import torch.distributed as dist
+
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=0, world_size=2)
+"""
+
+GONE_STORE_WORKER_SCRIPT = """
+import pathlib, sys, time
+import torch.distributed as dist
+from torch import nn
+from distbelief.errors import RendezvousError
+from distbelief.optim import DownpourSGD
+
+init_method, go = sys.argv[1], pathlib.Path(sys.argv[2])
+dist.init_process_group("gloo", init_method=init_method, rank=1, world_size=2)
+print("joined", flush=True)
+deadline = time.monotonic() + 120
+while not go.exists() and time.monotonic() < deadline:  # rank 0, the store's, has exited
+    time.sleep(0.05)
+net = nn.Linear(4, 2)
+started = time.monotonic()
+try:
+    DownpourSGD(net.parameters(), lr=0.1, model=net, hold_timeout_s=3)
+except RendezvousError as e:
+    print(f"refused after {time.monotonic() - started:.0f}s: {e}", flush=True)
+"""
+
+
+def test_downpour_whose_group_store_is_gone_is_a_rendezvous_error(tmp_path):
+    """Rank 0 (the group's store) exits before rank 1 builds its optimizer: rank 1's DownpourSGD
+    raises RendezvousError within its hold_timeout_s instead of waiting out the group's own
+    timeout (30 minutes) on its connection to the store."""
+    (tmp_path / "rank0.py").write_text(GROUP_THEN_EXIT_SCRIPT)
+    (tmp_path / "rank1.py").write_text(GONE_STORE_WORKER_SCRIPT)
+    init_method, go = f"tcp://127.0.0.1:{free_port()}", tmp_path / "go"
+    rank0, rank1 = start_scripts(
+        [
+            [str(tmp_path / "rank0.py"), init_method],
+            [str(tmp_path / "rank1.py"), init_method, str(go)],
+        ]
+    )
+    try:
+        rank0.communicate(timeout=SCRIPTS_TIMEOUT_S)
+        go.touch()
+        out, err = rank1.communicate(timeout=SCRIPTS_TIMEOUT_S)
+    finally:
+        stop_processes([rank0, rank1])
+    assert rank1.returncode == 0, err[-2000:]
+    assert "process group store: no connection within 3s" in out, out + err[-2000:]
+
+
 def test_downpour_finds_no_server_is_a_rendezvous_error(group_of_one):
     model = _model()
     with pytest.raises(RendezvousError, match=r"no ParameterServer published .* within 2s"):

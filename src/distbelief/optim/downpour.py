@@ -28,7 +28,12 @@ from distbelief.errors import ClosedError, PSError, RendezvousError
 from distbelief.optim.device_copies import DeviceCopies
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
 from distbelief.wire.compression import WireCompression
-from distbelief.wire.process_group import GroupStore, ServerRecord, process_group_active
+from distbelief.wire.process_group import (
+    DEFAULT_STORE_TIMEOUT_S,
+    GroupStore,
+    ServerRecord,
+    process_group_active,
+)
 from distbelief.wire.security import WireSecurity, read_key_file
 
 logger = logging.getLogger(__name__)
@@ -205,7 +210,8 @@ class DownpourSGD(torch.optim.Optimizer):
         ValueError: bad hyperparameters (a param group's ``lr`` included, named by its
             index) or no shard address (neither ``ps`` nor ``DISTBELIEF_PS``).
         TypeError: ``ps``, ``worker_id`` or ``auth_key`` of the wrong type.
-        RendezvousError: no ParameterServer published its address within hold_timeout_s.
+        RendezvousError: no ParameterServer published its address within hold_timeout_s, or
+            the process group's store could not be reached within it (its rank is gone).
         ModelMismatchError: the shards hold a different model.
         ConsistencyMismatchError: the shards run different consistency settings, or sync
             rounds of another number of workers than ``num_workers``.
@@ -270,7 +276,8 @@ class DownpourSGD(torch.optim.Optimizer):
         self._store: GroupStore | None = None
         worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         if ps is None and not os.environ.get(PS_ADDRESS_ENV) and process_group_active():
-            self._store = GroupStore()
+            # Within hold_timeout_s also when the rank serving the store is gone.
+            self._store = GroupStore(min(DEFAULT_STORE_TIMEOUT_S, hold_timeout_s))
             self._server = self._store.find_server(hold_timeout_s)
             # By it the server tells this rank's connections, and so whether it is still there.
             self._store.register_worker(self._server.session, worker_id)

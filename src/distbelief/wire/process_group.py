@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -59,6 +60,37 @@ def process_group_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _clone_within(store: dist.Store, timeout_s: float) -> dist.Store:
+    """A new connection to ``store``, made within ``timeout_s``.
+
+    A clone connects with the group's own timeout (30 minutes by default): with the rank that
+    serves the store gone, it would wait that long. It runs on a daemon thread instead, which
+    is left behind to give up in its own time.
+
+    Raises:
+        RendezvousError: the store did not take the connection within ``timeout_s``.
+    """
+    made: list = []
+
+    def clone() -> None:
+        try:
+            made.append(store.clone())
+        except RuntimeError as e:  # the store's connection errors
+            made.append(e)
+
+    thread = threading.Thread(target=clone, name="distbelief-store-clone", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not made:
+        raise RendezvousError(
+            f"process group store: no connection within {timeout_s:g}s (is the rank that "
+            "serves it, rank 0 under tcp:// and env:// initialisation, gone?)"
+        )
+    if isinstance(made[0], RuntimeError):
+        raise RendezvousError(f"process group store: connecting failed: {made[0]}") from made[0]
+    return made[0]
+
+
 class GroupStore:
     """distbelief's keys in the default process group's store, on a connection of its own.
 
@@ -77,7 +109,7 @@ class GroupStore:
             )
         # torch has no public accessor for the default group's store; a clone is a separate
         # connection, so the timeout set here does not change the group's.
-        self._store = dist.distributed_c10d._get_default_store().clone()
+        self._store = _clone_within(dist.distributed_c10d._get_default_store(), timeout_s)
         self._store.set_timeout(datetime.timedelta(seconds=timeout_s))
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()

@@ -22,7 +22,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from distbelief import DistBeliefError, DownpourSGD, ShardedEmbeddings
+from distbelief import DistBeliefError, DownpourSGD, ShardedEmbeddings, ShardListError
 from distbelief.config import amount_rule, is_amount
 from distbelief.data import iterate_ctr_batches
 from distbelief.data.synthetic_ctr import MAX_TABLE_SIZE, ground_truth_logits, make_synthetic_ctr
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> float:
     check_args(parser, args)
     try:
         return train_and_evaluate(args)
+    except ShardListError as e:  # --ps in another order, or not every shard: bad input
+        parser.exit(2, f"{parser.prog}: error: argument --ps: {e}\n")
     except DistBeliefError as e:  # the shards could not be reached, say
         parser.exit(1, f"{parser.prog}: {type(e).__name__}: {e}\n")
 

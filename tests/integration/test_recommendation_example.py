@@ -70,3 +70,12 @@ def test_a_bad_value_is_one_line_and_exit_2():
 def test_bad_values_name_their_flag_before_anything_starts(capsys, argv, message):
     main = load_script(EXAMPLE).main
     assert message in refusal(main, ["--ps", "tcp://127.0.0.1:7000", *argv], capsys)
+
+
+def test_shards_listed_in_another_order_are_bad_input(shard_cluster, capsys):
+    addresses = shard_cluster(2)
+    main = load_script(EXAMPLE).main
+    argv = ["--ps", ",".join(reversed(addresses)), "--steps", "2"]
+    refused = refusal(main, argv, capsys)
+    assert ": error: argument --ps: shard 0 (" in refused
+    assert "check the order of the addresses" in refused

@@ -45,6 +45,11 @@ def _bad_arguments():
     import torch
     from torch import nn
 
+    from distbelief.client import ParameterServerClient
+    from distbelief.plots import plot_runs
+    from distbelief.server import server_optimizer_factory
+    from distbelief.telemetry import poll_shard_stats
+
     net = nn.Linear(2, 1)
 
     def downpour(params=None, **options):
@@ -148,10 +153,41 @@ def _bad_arguments():
             "^start_after_version must be an integer >= 0, got 1.5$",
         ),
         (lambda: distbelief.JobConfig(cluster=5), TypeError, "^cluster must be a ClusterConfig"),
+        (
+            lambda: server_optimizer_factory("sgd", lr=float("nan")),
+            ValueError,
+            "^server lr must be a finite number >= 0, got nan$",
+        ),
+        (
+            lambda: server_optimizer_factory("momentum", lr=0.1, momentum="0.9"),
+            ValueError,
+            "^server momentum must be in",
+        ),
+        (
+            lambda: poll_shard_stats(["tcp://127.0.0.9:1"], float("nan")),
+            ValueError,
+            "^timeout_s must be a finite number > 0, got nan$",
+        ),
+        (lambda: plot_runs("runs/a", out_dir="x"), TypeError, "^run_dirs must be a list of two"),
+        (lambda: ParameterServerClient(5, []), TypeError, "^addresses must be 'tcp://HOST:PORT"),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 30
+_NUM_BAD_ARGUMENTS = 35
+
+
+def test_an_address_string_is_a_list_of_addresses_not_of_letters():
+    import torch
+
+    from distbelief.client import ParameterServerClient
+    from distbelief.sharding import tensor_specs
+
+    specs = tensor_specs([("w", torch.zeros(3))])
+    client = ParameterServerClient("tcp://127.0.0.9:1,tcp://127.0.0.9:2", specs, retry_timeout_s=0)
+    try:
+        assert client.addresses == ["tcp://127.0.0.9:1", "tcp://127.0.0.9:2"]
+    finally:
+        client.close()
 
 
 def test_every_bad_argument_case_runs():

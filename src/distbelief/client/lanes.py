@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from distbelief.config import check_wait
 from distbelief.errors import ClosedError, ShardTimeoutError, ShardUnavailableError
+from distbelief.hosts import parse_addresses
 from distbelief.wire import Message, connect
 from distbelief.wire.retry import retry_while_unreachable
 from distbelief.wire.security import WireSecurity
@@ -206,7 +207,8 @@ class ShardLanes:
         check_wait("timeout_s", timeout_s)
         check_wait("connect_timeout_s", connect_timeout_s)
         check_wait("retry_timeout_s", retry_timeout_s, zero_ok=True)
-        self.addresses = list(addresses)
+        # A string is one address or "a,b" (not a sequence of one-letter addresses).
+        self.addresses = parse_addresses(addresses)
         self.timeout_s = timeout_s
         self.retry_timeout_s = retry_timeout_s
         self._wire = WireFigures()

@@ -128,9 +128,12 @@ def plot_runs(run_dirs: Sequence[Path | str], *, out_dir: Path | str) -> list[Pa
         The paths of the PNG files written.
 
     Raises:
+        TypeError: ``run_dirs`` is one path, not a list.
         ValueError: fewer than two folders, a folder that is not a run, or a malformed
             ``metrics.csv`` or ``config.json`` (the message names it).
     """
+    if isinstance(run_dirs, (str, Path)):
+        raise TypeError(f"run_dirs must be a list of two or more run folders, got {run_dirs!r}")
     if len(run_dirs) < 2:
         raise ValueError(f"plot_runs compares two or more run folders, got {len(run_dirs)}")
     runs = [load_run(run_dir) for run_dir in run_dirs]

@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from distbelief.config import SERVER_OPTIMIZER_NAMES, ServerConfig
+from distbelief.config import (
+    MAX_RATE,
+    SERVER_OPTIMIZER_NAMES,
+    ServerConfig,
+    amount_problem,
+    is_amount,
+)
 
 
 class PlainSGD:
@@ -79,6 +85,11 @@ def optimizer_name(optimizer: ServerOptimizer) -> str:
     return getattr(optimizer, "checkpoint_name", type(optimizer).__name__)
 
 
+def _is_fraction(value: object) -> bool:
+    """Whether ``value`` is a real number in [0, 1) (not a bool, not nan)."""
+    return is_amount(value, zero_ok=True) and value < 1  # type: ignore[operator]
+
+
 def server_optimizer_factory(
     name: str,
     *,
@@ -101,14 +112,15 @@ def server_optimizer_factory(
     """
     if name not in SERVER_OPTIMIZER_NAMES:
         raise ValueError(f"unknown server optimizer {name!r} (choices: {SERVER_OPTIMIZER_NAMES})")
-    if lr < 0:
-        raise ValueError(f"server lr must be >= 0, got {lr}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
-    if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
-        raise ValueError(f"server betas must be two numbers in [0, 1), got {betas}")
-    if eps is not None and eps <= 0:
-        raise ValueError(f"server eps must be > 0, got {eps}")
+    problem = amount_problem(lr, zero_ok=True, most=MAX_RATE)
+    if problem is not None:
+        raise ValueError(f"server lr {problem}, got {lr!r}")
+    if not _is_fraction(momentum):
+        raise ValueError(f"server momentum must be in [0, 1), got {momentum!r}")
+    if not isinstance(betas, tuple | list) or len(betas) != 2 or not all(map(_is_fraction, betas)):
+        raise ValueError(f"server betas must be two numbers in [0, 1), got {betas!r}")
+    if eps is not None and amount_problem(eps, most=MAX_RATE) is not None:
+        raise ValueError(f"server eps {amount_problem(eps, most=MAX_RATE)}, got {eps!r}")
     if name == "sgd":
         return lambda params: PlainSGD(params, lr=lr)
     if name == "momentum":

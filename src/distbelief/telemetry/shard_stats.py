@@ -11,7 +11,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from distbelief.config import check_wait
 from distbelief.errors import PSError
+from distbelief.hosts import parse_addresses
 from distbelief.telemetry.metrics import make_record
 from distbelief.wire import Message, connect, ops
 
@@ -30,7 +32,7 @@ def poll_shard_stats(
     """Asks every shard for its counters, over a fresh connection closed right after.
 
     Args:
-        addresses: one address per shard, in shard-id order.
+        addresses: one address per shard, in shard-id order (a list, or one string "a,b").
         timeout_s: limit for connecting to and for the STATS request of each shard.
         **connect_options: passed to ``distbelief.wire.connect`` (e.g. a backend's security
             settings).
@@ -42,14 +44,13 @@ def poll_shard_stats(
         ``time.time()`` at which the reply arrived).
 
     Raises:
-        ValueError: ``timeout_s`` is not > 0.
+        ValueError: ``timeout_s`` is not a number of seconds > 0, or an address is malformed.
         ShardTimeoutError: a shard did not answer within ``timeout_s``.
         ShardUnavailableError: a shard cannot be reached.
     """
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    check_wait("timeout_s", timeout_s)
     stats = []
-    for shard_id, address in enumerate(addresses):
+    for shard_id, address in enumerate(parse_addresses(addresses)):
         transport = connect(
             address,
             name=f"shard {shard_id} ({address})",
@@ -135,7 +136,7 @@ class ShardStatsPoller:
     """Polls every shard at most every ``every_s`` and returns ``shard`` records.
 
     Args:
-        addresses: one address per shard, in shard-id order.
+        addresses: one address per shard, in shard-id order (a list, or one string "a,b").
         every_s: least seconds between two polls.
         timeout_s: limit for each shard's connection and request.
         **connect_options: passed to ``distbelief.wire.connect``.

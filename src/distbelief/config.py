@@ -205,6 +205,13 @@ def _require_counts(config: object, *names: str) -> None:
         _require(value <= _MAX_COUNT, name, value, f"<= {_MAX_COUNT}")
 
 
+def _require_bools(config: Any) -> None:
+    """Refuses a field declared bool that holds anything else ("no" would read as true)."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        _require(item.type != "bool" or isinstance(value, bool), item.name, value, "True or False")
+
+
 def _require_choice(config: Any, name: str) -> None:
     choices = next(item.metadata["choices"] for item in fields(config) if item.name == name)
     value = getattr(config, name)
@@ -290,6 +297,7 @@ class DataConfig:
     folded into (default: the raw 32-bit ids)."""
 
     def __post_init__(self) -> None:
+        _require_bools(self)
         _require_choice(self, "name")
         size = self.table_size
         _require(size is None or size >= 2, "table_size", size, "an integer >= 2")
@@ -356,6 +364,7 @@ class OptimizerConfig:
     its next push (error feedback)."""
 
     def __post_init__(self) -> None:
+        _require_bools(self)
         _require_choice(self, "algorithm")
         _require_choice(self, "wire_dtype")
         try:
@@ -471,7 +480,7 @@ class ConsistencyConfig:
     own rate and LR scheduler decide the step size."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.sync, bool), "sync", self.sync, "True or False")
+        _require_bools(self)
         counts = f"an integer in [0, {_MAX_COUNT}]"
         _require(_is_count(self.backup_workers), "backup_workers", self.backup_workers, counts)
         _require(
@@ -534,6 +543,7 @@ class SandblasterConfig:
     first answer counts."""
 
     def __post_init__(self) -> None:
+        _require_bools(self)
         _require_counts(self, "history", "max_iterations", "portions_per_push")
         portions = self.portions
         _require(portions is None or portions >= 1, "portions", portions, "an integer >= 1")
@@ -707,6 +717,7 @@ class ReportingConfig:
     """Steps between a worker's metric records."""
 
     def __post_init__(self) -> None:
+        _require_bools(self)
         _require_waits(self, "eval_every_s")
         _require_counts(self, "log_every_steps")
 

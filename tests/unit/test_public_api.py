@@ -170,10 +170,18 @@ def _bad_arguments():
         ),
         (lambda: plot_runs("runs/a", out_dir="x"), TypeError, "^run_dirs must be a list of two"),
         (lambda: ParameterServerClient(5, []), TypeError, "^addresses must be 'tcp://HOST:PORT"),
+        (lambda: downpour(group=5), TypeError, "^group must be a str, got 5$"),
+        (lambda: downpour(source_host=5), TypeError, "^source_host must be a str, got 5$"),
+        (lambda: downpour(model="net"), TypeError, "^model must be a torch.nn.Module, got str$"),
+        (
+            lambda: distbelief.ShardedEmbeddings(nn.EmbeddingBag(10, 4), ps="h:1", worker_id=5),
+            TypeError,
+            "^worker_id must be a str, got 5$",
+        ),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 35
+_NUM_BAD_ARGUMENTS = 39
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

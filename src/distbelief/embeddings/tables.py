@@ -30,7 +30,13 @@ from distbelief.config import (
 from distbelief.embeddings.cache import RowCache, cache_rows_for
 from distbelief.embeddings.modules import check_ids, put_tables, sharded_tables
 from distbelief.errors import ClosedError
-from distbelief.optim.downpour import AUTH_KEY_FILE_ENV, _key_bytes, ps_addresses, request_timeout_s
+from distbelief.optim.downpour import (
+    AUTH_KEY_FILE_ENV,
+    _key_bytes,
+    check_optional_str,
+    ps_addresses,
+    request_timeout_s,
+)
 from distbelief.wire.security import WireSecurity, read_key_file
 
 _MB = 1 << 20
@@ -179,6 +185,8 @@ class ShardedEmbeddings:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_optional_str("worker_id", worker_id)
+        check_optional_str("source_host", source_host)
         for name, value in (("n_push", n_push), ("n_pull", n_pull)):
             check_count(name, value)
         auth_key = _key_bytes(auth_key)

@@ -93,6 +93,16 @@ def request_timeout_s(timeout_s: float | None) -> float:
     return timeout_s
 
 
+def check_optional_str(name: str, value: object) -> None:
+    """Refuses ``value`` unless it is a str or None.
+
+    Raises:
+        TypeError: naming ``name``.
+    """
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {value!r}")
+
+
 def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
     """The shard addresses of ``ps`` (a list or comma-separated), or when not given (None)
     ``DISTBELIEF_PS``'s.
@@ -209,7 +219,8 @@ class DownpourSGD(torch.optim.Optimizer):
     Raises:
         ValueError: bad hyperparameters (a param group's ``lr`` included, named by its
             index) or no shard address (neither ``ps`` nor ``DISTBELIEF_PS``).
-        TypeError: ``ps``, ``worker_id`` or ``auth_key`` of the wrong type.
+        TypeError: ``ps``, ``worker_id``, ``auth_key``, ``group``, ``source_host`` or ``model``
+            of the wrong type.
         RendezvousError: no ParameterServer published its address within hold_timeout_s, or
             the process group's store could not be reached within it (its rank is gone).
         ModelMismatchError: the shards hold a different model.
@@ -244,8 +255,13 @@ class DownpourSGD(torch.optim.Optimizer):
         problem = amount_problem(lr, zero_ok=True, most=MAX_RATE)
         if problem is not None:
             raise ValueError(f"lr {problem}, got {lr!r}")
-        if worker_id is not None and not isinstance(worker_id, str):
-            raise TypeError(f"worker_id must be a str, got {worker_id!r}")
+        if not isinstance(blocking, bool):
+            raise TypeError(f"blocking must be True or False, got {blocking!r}")
+        check_optional_str("worker_id", worker_id)
+        check_optional_str("source_host", source_host)
+        check_optional_str("group", group)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         auth_key = _key_bytes(auth_key)
         counts = {"n_push": n_push, "n_pull": n_pull}
         if num_workers is not None:

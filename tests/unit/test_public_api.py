@@ -46,6 +46,8 @@ def _bad_arguments():
     from torch import nn
 
     from distbelief.client import ParameterServerClient
+    from distbelief.data import worker_indices
+    from distbelief.models import build_model
     from distbelief.plots import plot_runs
     from distbelief.server import server_optimizer_factory
     from distbelief.telemetry import poll_shard_stats
@@ -178,10 +180,14 @@ def _bad_arguments():
             TypeError,
             "^worker_id must be a str, got 5$",
         ),
+        (lambda: build_model("lenet", (1, 32, 32), "10"), ValueError, "^num_classes must be an"),
+        (lambda: build_model("lenet", (1, 32), 10), ValueError, "^input_shape must be .C, H, W."),
+        (lambda: worker_indices("100", 0, 1), ValueError, "^num_samples must be an integer"),
+        (lambda: worker_indices(100, 0, 1, seed="s"), ValueError, "^seed must be an integer"),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 39
+_NUM_BAD_ARGUMENTS = 43
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distbelief.config import check_count
+
 
 @dataclass(frozen=True)
 class ArrayDataset:
@@ -114,12 +116,11 @@ def worker_indices(num_samples: int, rank: int, num_workers: int, seed: int = 0)
     Raises:
         ValueError: If num_samples < 0, num_workers < 1 or rank is out of range.
     """
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-    if not 0 <= rank < num_workers:
-        raise ValueError(f"rank must be in [0, {num_workers}), got {rank}")
+    check_count("num_samples", num_samples, least=0)
+    check_count("num_workers", num_workers)
+    check_count("seed", seed, least=0)
+    if type(rank) is not int or not 0 <= rank < num_workers:
+        raise ValueError(f"rank must be in [0, {num_workers}), got {rank!r}")
     generator = torch.Generator().manual_seed(seed)
     permutation = torch.randperm(num_samples, generator=generator)
     return torch.tensor_split(permutation, num_workers)[rank].clone()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from distbelief.config import CLICK_MODELS, MODEL_NAMES
+from distbelief.config import CLICK_MODELS, MODEL_NAMES, check_count
 from distbelief.models.alexnet import AlexNet
 from distbelief.models.dlrm import DLRM
 from distbelief.models.lenet import LeNet
@@ -48,4 +48,15 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
         raise ValueError(f"model {name!r} is sized by a click log, not by input_shape")
     if name not in _MODEL_CLASSES:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
-    return _MODEL_CLASSES[name](input_shape, num_classes)
+    shape = tuple(input_shape) if isinstance(input_shape, tuple | list) else ()
+    try:
+        if len(shape) != 3:
+            raise ValueError
+        for side in shape:
+            check_count("input_shape", side)
+    except ValueError:
+        raise ValueError(
+            f"input_shape must be (C, H, W) of integers >= 1, got {input_shape!r}"
+        ) from None
+    check_count("num_classes", num_classes)
+    return _MODEL_CLASSES[name](shape, num_classes)

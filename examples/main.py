@@ -18,6 +18,7 @@ Offline, add ``--dataset digits --model lenet`` (scikit-learn's bundled digits).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
@@ -159,6 +160,13 @@ def run_node(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         if isinstance(optimizer, DownpourSGD):
             optimizer.close()  # the server counts this node as done, and ends with the others
+        raise
+    except DistBeliefError:
+        if isinstance(optimizer, DownpourSGD):
+            # Now, not at exit: requests still queued stop retrying, and none logs a retry
+            # after the error line (a gone server's close sends nothing, and returns at once).
+            with contextlib.suppress(DistBeliefError):
+                optimizer.close()
         raise
     if isinstance(optimizer, DownpourSGD):
         optimizer.close()  # pushes what is left and tells the server this node is done

@@ -383,13 +383,8 @@ class OptimizerConfig:
                 if getattr(self, name) is not None
             ),
         )
-        _require(self.warmstart_steps >= 0, "warmstart_steps", self.warmstart_steps, ">= 0")
-        _require(
-            _is_count(self.warmstart_steps),
-            "warmstart_steps",
-            self.warmstart_steps,
-            f"<= {_MAX_COUNT}",
-        )
+        warmstart = self.warmstart_steps
+        _require(_is_count(warmstart), "warmstart_steps", warmstart, f"in [0, {_MAX_COUNT}]")
 
     @property
     def minibatch_size(self) -> int:

@@ -49,14 +49,7 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
     if name not in _MODEL_CLASSES:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
     shape = tuple(input_shape) if isinstance(input_shape, tuple | list) else ()
-    try:
-        if len(shape) != 3:
-            raise ValueError
-        for side in shape:
-            check_count("input_shape", side)
-    except ValueError:
-        raise ValueError(
-            f"input_shape must be (C, H, W) of integers >= 1, got {input_shape!r}"
-        ) from None
+    if len(shape) != 3 or not all(type(side) is int and side >= 1 for side in shape):
+        raise ValueError(f"input_shape must be (C, H, W) of integers >= 1, got {input_shape!r}")
     check_count("num_classes", num_classes)
     return _MODEL_CLASSES[name](shape, num_classes)

@@ -118,10 +118,10 @@ class StageEndpoint:
         self._outbox: dict[int, _Slot] = {}
         self._outbox_buffers = MicroBuffers()
         self._num_connections = 0
-        self._ever_connected = False
         self._first_contact_timeout_s = first_contact_timeout_s
         self._first_contact_deadline = time.monotonic() + first_contact_timeout_s
-        self._first_connected_at = 0.0
+        self._first_connected_at: float | None = None
+        """When the stage before first connected (None: it never has)."""
         self.peer_hosts: set[str] = set()
         """The hosts the stage before connected from."""
         self._closed = False
@@ -132,9 +132,8 @@ class StageEndpoint:
         logger.debug("stage %d: connection from %s", self.stage, peer)
         with self._changed:
             self._num_connections += 1
-            if not self._ever_connected:
+            if self._first_connected_at is None:
                 self._first_connected_at = time.monotonic()
-            self._ever_connected = True
             self.peer_hosts.add(peer.rpartition(":")[0])
         return _Connection(self, peer)
 
@@ -145,7 +144,7 @@ class StageEndpoint:
 
     def _connection_hint(self) -> str:
         """Why the stage before may be silent, as far as this side can tell (lock held)."""
-        if not self._ever_connected:
+        if self._first_connected_at is None:
             waited = self._first_contact_timeout_s
             return f" (stage {self.stage - 1} never connected" + (
                 f" within {waited:g}s of this stage's start)" if waited else ")"
@@ -201,7 +200,7 @@ class StageEndpoint:
         """When a wait for an activation gives up (lock held): at ``deadline``, but not before
         the stage before has had its time to connect, nor within ``timeout_s`` of its first
         connection (a wait that began before it connected starts over then)."""
-        if not self._ever_connected:
+        if self._first_connected_at is None:
             return max(deadline, self._first_contact_deadline)
         return max(deadline, self._first_connected_at + timeout_s)
 

@@ -173,6 +173,11 @@ def _bad_arguments():
         (lambda: plot_runs("runs/a", out_dir="x"), TypeError, "^run_dirs must be a list of two"),
         (lambda: ParameterServerClient(5, []), TypeError, "^addresses must be 'tcp://HOST:PORT"),
         (lambda: downpour(group=5), TypeError, "^group must be a str, got 5$"),
+        (
+            lambda: downpour(group="stage 0"),
+            ValueError,
+            "^parameter group name 'stage 0' must be 1-64 letters",
+        ),
         (lambda: downpour(source_host=5), TypeError, "^source_host must be a str, got 5$"),
         (lambda: downpour(model="net"), TypeError, "^model must be a torch.nn.Module, got str$"),
         (
@@ -187,7 +192,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 43
+_NUM_BAD_ARGUMENTS = 44
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

@@ -43,6 +43,7 @@ from distbelief.wire.compression import (
     decode_push_into,
     is_encoded,
 )
+from distbelief.wire.group_names import check_group_name
 from distbelief.wire.security import WireSecurity
 
 _INIT_POLL_S = 0.05
@@ -127,6 +128,7 @@ class ParameterServerClient(ShardLanes):
         num_workers: int | None = None,
     ) -> None:
         check_wait("hold_timeout_s", hold_timeout_s)
+        check_group_name(group)
         super().__init__(
             addresses,
             timeout_s=timeout_s,

@@ -8,7 +8,6 @@ the process was started with, and checkpoints of group ``G`` go to ``<checkpoint
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -17,11 +16,10 @@ from pathlib import Path
 from distbelief.errors import CheckpointError
 from distbelief.server.checkpoint import Checkpointer, load_checkpoint
 from distbelief.server.shard import ParameterShard
+from distbelief.wire.group_names import DEFAULT_GROUP, check_group_name
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GROUP = ""
-_GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _GROUP_DIR_PREFIX = "group-"
 
 
@@ -29,17 +27,6 @@ def group_dir(checkpoint_dir: str | Path, name: str) -> Path:
     """Where group ``name``'s checkpoints go (the default group's: ``checkpoint_dir``)."""
     directory = Path(checkpoint_dir)
     return directory if name == DEFAULT_GROUP else directory / f"{_GROUP_DIR_PREFIX}{name}"
-
-
-def check_group_name(name: object) -> str:
-    """``name`` if it can name a group; ValueError naming it otherwise."""
-    if name == DEFAULT_GROUP:
-        return DEFAULT_GROUP
-    if not isinstance(name, str) or not _GROUP_NAME.fullmatch(name):
-        raise ValueError(
-            f"parameter group name {name!r} must be 1-64 letters, digits, '_', '.' or '-'"
-        )
-    return name
 
 
 class ShardGroups:

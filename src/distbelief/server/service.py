@@ -23,7 +23,7 @@ from distbelief.server.compressed import (
     changes_tensors,
     max_changed_elements,
 )
-from distbelief.server.groups import DEFAULT_GROUP, ShardGroups, check_group_name
+from distbelief.server.groups import ShardGroups
 from distbelief.server.row_service import describe_tables, register_row_ops
 from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.server.shard import ParameterShard, check_listed_place
@@ -39,6 +39,7 @@ from distbelief.wire.compression import (
     requested_dtype,
 )
 from distbelief.wire.framing import Sink
+from distbelief.wire.group_names import DEFAULT_GROUP, check_group_name
 from distbelief.wire.message import Message
 from distbelief.wire.ops import (
     ACCUMULATE,

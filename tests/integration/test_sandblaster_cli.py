@@ -163,6 +163,17 @@ def test_a_process_killed_mid_run_changes_nothing(tmp_path, undisturbed, victim)
     assert {row["step"] for row in rows} == set(range(ITERATIONS + 1))
     for step in range(ITERATIONS + 1):
         assert len({row["loss"] for row in rows if row["step"] == step}) == 1, step
+    # What the job redid is what it reported twice, and the launcher says so.
+    fault, redone = summary["faults"][0], len(rows) - (ITERATIONS + 1)
+    if victim == "worker1":
+        assert (fault["rolled_back"], fault["updates_redone"], redone) == (False, None, 0)
+    else:
+        assert (fault["rolled_back"], fault["updates_redone"], fault["lost_updates"]) == (
+            True,
+            redone,
+            0,
+        )
+        assert f"redid {redone} updates" in result.stdout
 
 
 @pytest.mark.slow

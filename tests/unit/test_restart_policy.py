@@ -129,6 +129,32 @@ def test_a_sandblaster_shard_restored_from_its_checkpoint_loses_nothing() -> Non
     )
 
 
+def test_a_sandblaster_rollback_counts_what_the_coordinator_redid() -> None:
+    # The shards' heartbeats lag (version 24 seen); the coordinator had finished iteration 27.
+    book = ProcessBook(
+        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
+    )
+    coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 24}))
+    shard_fault = book.record_death(SHARD0, -9, stopping=False)
+    restored = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": 22}
+    book.note(Event("ready", SHARD0, restored))
+    book.note(Event("rolled_back", coordinator, {"from_iteration": 27, "to_iteration": 22}))
+    assert (shard_fault.updates_redone, shard_fault.lost_updates) == (5, 0)
+    assert _describe_restore(shard_fault) == (
+        "shard0: restored version 22; the job went back to that checkpoint and redid 5 updates"
+    )
+    # A restarted coordinator knows not where its previous life got to: its reports tell.
+    book.note(Event("metric", coordinator, {"role": "coordinator", "rank": 0, "step": 30}))
+    fault = book.record_death(coordinator, -9, stopping=False)
+    book.note(Event("rolled_back", coordinator, {"from_iteration": None, "to_iteration": 28}))
+    assert (fault.rolled_back, fault.updates_redone, fault.lost_updates) == (True, 2, 0)
+    assert shard_fault.updates_redone == 5  # counted once, for the rollback it caused
+    assert _describe_restore(fault) == (
+        "coordinator: the job went back to its last checkpoint and redid 2 updates"
+    )
+
+
 def test_the_decision_follows_the_kind_not_the_name() -> None:
     # A worker's process is given up, a shard's is fatal, whatever their names look like.
     book = ProcessBook(JobConfig.from_fields({"cluster.num_workers": 2, "faults.max_restarts": 0}))

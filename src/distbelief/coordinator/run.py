@@ -174,13 +174,15 @@ def _optimize(
 
     lbfgs = SandblasterLBFGS(vectors, evaluate, lbfgs_settings(config))
     if checkpoint.read_record(checkpoint_dir) is not None:
-        saved_iteration = _go_back(lbfgs, vectors, checkpoint_dir)
+        # Where the previous coordinator got to, only the launcher knows (its records).
+        saved_iteration = _go_back(lbfgs, vectors, checkpoint_dir, emit, from_iteration=None)
     else:
         reporter.iteration(lbfgs.start())
         saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
     emit("started", {"rank": 0, "time": time.time()})
     last_save_s = time.monotonic()
     last: dict[str, Any] = {}
+    finished = saved_iteration  # the last iteration finished (step() counts one as it starts)
     rollbacks = 0
     while (
         lbfgs.stop_reason is None
@@ -189,6 +191,7 @@ def _optimize(
     ):
         try:
             last = reporter.iteration(lbfgs.step())
+            finished = lbfgs.state.iteration
             if time.monotonic() - last_save_s >= config.server.checkpoint_every_s:
                 saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
                 last_save_s = time.monotonic()
@@ -199,7 +202,10 @@ def _optimize(
                 raise
             rollbacks += 1
             reporter.outcomes = []
-            saved_iteration = _go_back(lbfgs, vectors, checkpoint_dir)
+            saved_iteration = _go_back(
+                lbfgs, vectors, checkpoint_dir, emit, from_iteration=finished
+            )
+            finished = saved_iteration
     if lbfgs.state.iteration != saved_iteration:
         _save(lbfgs, vectors, checkpoint_dir)
     # Every worker of the job is waited for: one still starting up must find us to be told.
@@ -218,9 +224,20 @@ def _optimize(
     }
 
 
-def _go_back(lbfgs: SandblasterLBFGS, vectors: ShardVectors, checkpoint_dir: str) -> int:
+def _go_back(
+    lbfgs: SandblasterLBFGS,
+    vectors: ShardVectors,
+    checkpoint_dir: str,
+    emit: Emit,
+    *,
+    from_iteration: int | None,
+) -> int:
     """Every shard and the coordinator's state back to the last committed checkpoint;
-    returns its iteration. Evaluation numbers keep growing (workers may hold older ones)."""
+    returns its iteration. Evaluation numbers keep growing (workers may hold older ones).
+
+    Emits "rolled_back" with ``from_iteration`` (the iterations done before: None when this
+    coordinator has done none, having just started) and ``to_iteration``: the launcher counts
+    the iterations the job does again from it."""
     saved = checkpoint.read_record(checkpoint_dir)
     assert saved is not None
     evaluations_so_far = lbfgs.state.evaluation
@@ -228,6 +245,7 @@ def _go_back(lbfgs: SandblasterLBFGS, vectors: ShardVectors, checkpoint_dir: str
     lbfgs.state.evaluation = max(lbfgs.state.evaluation, evaluations_so_far)
     vectors.run(Program(), restore=saved["tag"])
     logger.warning("back at iteration %d (%s)", lbfgs.state.iteration, saved["tag"])
+    emit("rolled_back", {"from_iteration": from_iteration, "to_iteration": lbfgs.state.iteration})
     return lbfgs.state.iteration
 
 

@@ -204,7 +204,7 @@ def _run_train(args: argparse.Namespace) -> int:
         stop_forkserver()  # nothing of the command outlives it
     final = result.final
     for fault in result.faults:
-        if fault.version_restored is not None:
+        if fault.version_restored is not None or fault.updates_redone is not None:
             print(_describe_restore(fault))
     auc = "" if final.get("test_auc") is None else f", test AUC {final['test_auc']:.4f}"
     print(
@@ -217,11 +217,19 @@ def _run_train(args: argparse.Namespace) -> int:
 def _describe_restore(fault: Fault) -> str:
     """What a shard's restart cost: ``shard1: restored version 81; the workers re-sent 44
     updates it lacked and 1 push in flight; 0 updates lost`` (Downpour), or ``shard1: restored
-    version 22; the job went back to that checkpoint and redid 2 updates`` (Sandblaster)."""
+    version 22; the job went back to that checkpoint and redid 2 updates`` (Sandblaster; a
+    coordinator's: ``coordinator: the job went back to its last checkpoint and redid 3
+    updates``)."""
+    if fault.version_restored is None:  # the coordinator: its checkpoint has no version
+        redid = f"redid {fault.updates_redone} updates"
+        return f"{fault.process}: the job went back to its last checkpoint and {redid}"
     text = f"{fault.process}: restored version {fault.version_restored}"
     if fault.rolled_back:
-        redone = (fault.version_before or 0) - (fault.version_restored or 0)
-        return text + f"; the job went back to that checkpoint and redid {max(0, redone)} updates"
+        if fault.updates_redone is not None:
+            redone = fault.updates_redone
+        else:  # the coordinator did not say (it failed): the versions seen tell at least
+            redone = max(0, (fault.version_before or 0) - fault.version_restored)
+        return text + f"; the job went back to that checkpoint and redid {redone} updates"
     if fault.updates_replayed is not None:
         text += (
             f"; the workers re-sent {fault.updates_replayed} updates it lacked and "

@@ -111,7 +111,8 @@ def replica_name(rank: int) -> str:
 
 
 class Event(NamedTuple):
-    """What a process reported: "ready", "heartbeat", "started", "metric", "done", "error"."""
+    """What a process reported: "ready", "heartbeat", "started", "metric", "done", "error",
+    "rolled_back" (Sandblaster's coordinator went back to a checkpoint)."""
 
     kind: str
     source: ProcessSpec
@@ -139,15 +140,20 @@ class Fault:
     pushes_resent: int | None = None
     """Shards: pushes in flight at the death, re-applied by the workers' retries."""
     rolled_back: bool = False
-    """Shards of a Sandblaster job: the whole job went back to the restored checkpoint and
-    does the iterations since it again, so what the dead shard had applied is redone, not
-    lost."""
+    """A Sandblaster job's shards and coordinator: the whole job went back to the last
+    checkpoint and does the iterations since it again, so what the dead process had done is
+    redone, not lost."""
+    updates_redone: int | None = None
+    """Rolled back: the iterations (each one update of the parameters) the job had finished
+    since the checkpoint it went back to, and so did again."""
 
     @property
     def lost_updates(self) -> int | None:
         """Updates the dead shard had applied that neither its checkpoint nor the workers'
         replays and retries brought back (``version_before`` is the most any process saw);
         0 when the job rolled back to the checkpoint."""
+        if self.rolled_back and self.updates_redone is not None:
+            return 0
         if self.version_before is None or self.version_restored is None:
             return None
         if self.rolled_back:
@@ -258,6 +264,8 @@ class ProcessBook:
         self.restarts: dict[str, int] = {}
         self.given_up: set[str] = set()
         self.faults: list[Fault] = []
+        self.coordinator_iteration: int | None = None
+        """The last iteration Sandblaster's coordinator reported finished."""
         self.train_start: float | None = None
         """Wall time the first worker started training (metrics count time from there)."""
 
@@ -309,6 +317,10 @@ class ProcessBook:
             for shard_id in range(self.config.cluster.num_shards):
                 seen = max(self.shard_versions.get(shard_id, 0), payload.get("version") or 0)
                 self.shard_versions[shard_id] = seen
+        elif kind == "metric" and payload.get("role") == "coordinator":
+            self.coordinator_iteration = payload["step"]
+        elif kind == "rolled_back":
+            self._note_rollback(payload["from_iteration"], payload["to_iteration"])
         elif kind == "ready" and source.kind is ProcessKind.COORDINATOR:
             self.coordinator_address = payload["address"]
         elif kind == "ready" and source.kind is ProcessKind.STAGE:
@@ -318,6 +330,16 @@ class ProcessBook:
             self.addresses[source.index] = payload["address"]
             if payload.get("restored_version") is not None:
                 self._note_restored(source.name, source.index, payload["restored_version"])
+
+    def _note_rollback(self, done: int | None, to_iteration: int) -> None:
+        """Sandblaster's coordinator went back from iteration ``done`` (None: a restarted
+        coordinator, which knows not where its previous life got to; its reports do) to the
+        checkpoint of ``to_iteration``: what that redoes goes to the faults that caused it."""
+        done = self.coordinator_iteration if done is None else done
+        for fault in self.faults:
+            if fault.rolled_back and fault.updates_redone is None and done is not None:
+                fault.updates_redone = max(0, done - to_iteration)
+        self.coordinator_iteration = to_iteration
 
     def _note_restored(self, name: str, shard_id: int, version: int) -> None:
         for fault in reversed(self.faults):
@@ -357,9 +379,12 @@ class ProcessBook:
             exitcode,
             "restarted" if can_restart else "given up",
         )
+        sandblaster = self.config.optimizer.algorithm == "sandblaster"
         if spec.kind is ProcessKind.SHARD:
             fault.version_before = self.shard_versions.get(spec.index)
-            fault.rolled_back = self.config.optimizer.algorithm == "sandblaster"
+            fault.rolled_back = sandblaster
+        elif spec.kind is ProcessKind.COORDINATOR:
+            fault.rolled_back = sandblaster and can_restart
         self.faults.append(fault)
         if can_restart:
             self.restarts[unit] = restarts + 1

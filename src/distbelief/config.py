@@ -630,14 +630,19 @@ def table_names(text: object) -> tuple[str, ...] | None:
     """``--tables a,b`` (or a list or tuple) as a tuple of names; None stays None.
 
     Raises:
-        ConfigFieldError: no name in it.
+        ConfigFieldError: no name in it, an empty name between commas, or a name twice.
     """
     if text is None:
         return None
     parts = text.split(",") if isinstance(text, str) else list(text)  # type: ignore[arg-type]
-    names = tuple(str(part).strip() for part in parts if str(part).strip())
-    if not names:
+    names = tuple(str(part).strip() for part in parts)
+    if not any(names):
         raise ConfigFieldError("tables", f"must name at least one module, got {text!r}")
+    if "" in names:
+        raise ConfigFieldError("tables", f"has an empty item in the list {text!r}")
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise ConfigFieldError("tables", f"names {twice!r} twice")
     return names
 
 

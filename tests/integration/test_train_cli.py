@@ -242,6 +242,11 @@ def test_bad_flags_are_clear_errors(args, message):
             ["--portions", "5000"],
             "argument --portions: must be <= the batch of 1437 examples, got 5000",
         ),
+        (  # the portions were not asked for: the flag typed is named
+            ["--workers", "2", "--batch-size", "10"],
+            "argument --batch-size: must be >= the 20 portions it is cut into (10 per worker "
+            "unless --portions says otherwise), got 10",
+        ),
     ],
 )
 def test_bad_sandblaster_flags_are_one_line_errors_and_write_nothing(tmp_path, flags, message):

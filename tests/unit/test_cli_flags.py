@@ -311,11 +311,26 @@ def test_every_train_flag_reaches_its_field():
             ["--device", "cuda", "--model", "dlrm", "--dataset", "synthetic-ctr"],
             "argument --device: must be cpu for model dlrm",
         ),
+        (
+            ["--model", "dlrm", "--dataset", "synthetic-ctr", "--tables", "tables.0,tables.0"],
+            "argument --tables: names 'tables.0' twice",
+        ),
     ],
 )
 def test_a_flag_of_the_other_algorithm_is_refused(argv, message, capsys, tmp_path):
     assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "text"), [("--tables", "tables.0,,tables.1"), ("--shard-hosts", "127.0.0.2,")]
+)
+def test_a_slip_in_a_list_is_refused_not_skipped(flag, text, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", flag, text, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: has an empty item in the list {text!r}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -68,6 +68,8 @@ def no_shards(monkeypatch):
         ({"ps": [ADDRESS, 7]}, TypeError, "ps must be a str"),
         ({"tables": 5}, TypeError, "tables must be a str .* got 5"),
         ({"tables": ","}, ValueError, "tables must name at least one module"),
+        ({"tables": "emb,,bag"}, ValueError, "^tables has an empty item in the list 'emb,,bag'$"),
+        ({"tables": "emb,emb"}, ValueError, "^tables names 'emb' twice$"),
         ({"model": None}, TypeError, "model must be a torch.nn.Module, got NoneType"),
         ({"timeout_s": 0}, ValueError, "timeout_s must be a finite number > 0, got 0"),
         ({"n_push": True}, ValueError, "^n_push must be an integer >= 1, got True$"),
@@ -77,7 +79,16 @@ def no_shards(monkeypatch):
     ],
     ids=[
         *("cache-nan", "cache-inf", "cache-str", "lr-str", "lr-nan", "ps-int", "ps-item"),
-        *("tables-int", "tables-empty", "model-none", "timeout-zero", "push-bool", "pull-bool"),
+        *(
+            "tables-int",
+            "tables-empty",
+            "tables-gap",
+            "tables-twice",
+            "model-none",
+            "timeout-zero",
+            "push-bool",
+            "pull-bool",
+        ),
         *("pull-zero", "key-int"),
     ],
 )

@@ -302,9 +302,11 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not names:
+    names = tuple(part.strip() for part in text.split(","))
+    if not any(names):
         raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    if "" in names:  # a slip (two commas, one too many): not a list with a gap to ignore
+        raise argparse.ArgumentTypeError(f"has an empty item in the list {text!r}")
     return names
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distbelief import plots, telemetry
+from distbelief.config import PORTIONS_PER_WORKER
 from distbelief.coordinator.checkpoint import RECORD_FILE
 from distbelief.data.files import FILE_DATASETS, FIXED_TRAIN_EXAMPLES, require_data_files
 from distbelief.errors import (
@@ -145,6 +146,13 @@ def _sandblaster_iterations(config: JobConfig) -> int:
         )
     batch = batch_size if batch_size is not None else len(train_set)
     portions = config.sandblaster.num_portions(config.cluster.num_workers)
+    if portions > batch and config.sandblaster.portions is None and batch_size is not None:
+        # The portions were not asked for: the batch asked for is what is too small.
+        raise ConfigFieldError(
+            "optimizer.batch_size",
+            f"must be >= the {portions} portions it is cut into ({PORTIONS_PER_WORKER} per "
+            f"worker unless --portions says otherwise), got {batch}",
+        )
     if portions > batch:
         raise ConfigFieldError(
             "sandblaster.portions", f"must be <= the batch of {batch} examples, got {portions}"

@@ -123,6 +123,47 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
             os.kill(pid, signal.SIGKILL)
 
 
+def _evaluated_version(run_dir: Path) -> int:
+    """The last shard version the run's evaluator reported (0 before its first report)."""
+    try:
+        with (run_dir / "metrics.csv").open() as f:
+            rows = [row for row in csv.DictReader(f) if row["role"] == "evaluator"]
+        return int(rows[-1]["version"]) if rows and rows[-1]["version"] else 0
+    except (OSError, KeyError, ValueError):  # not written yet, or a row being written
+        return 0
+
+
+def test_sigterm_to_the_launchers_group_stops_the_job_in_order(tmp_path):
+    """What ``timeout`` and ``kill -TERM -PGID`` send: the launcher's processes (and their
+    forkserver) are in a group of their own, so only the launcher gets it and stops the job in
+    order: each shard saves its last checkpoint, not only the first one."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [*CLI, "train", "--steps", "100000", "--out", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+        process_group=0,  # a group of its own, which it leads: as a shell's job, or timeout's
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _evaluated_version(run_dir) < 20:
+            assert launcher.poll() is None and time.monotonic() < deadline, "no training seen"
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGTERM)
+        code = launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)  # its children follow: their lifeline ends
+            launcher.wait(timeout=10)
+    assert code == 130, launcher.stderr.read()[-2000:] if launcher.stderr else ""
+    seen = json.loads((run_dir / "summary.json").read_text())["final"]["version"]
+    for shard_id in (0, 1):
+        saved = json.loads((run_dir / "checkpoints" / f"shard{shard_id}.json").read_text())
+        assert saved["version"] >= seen >= 20, shard_id
+
+
 UNCHECKED_CLI = """
 import sys
 from distbelief.data import loading

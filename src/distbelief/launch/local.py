@@ -27,7 +27,9 @@ from distbelief.launch.cluster import (
     ProcessKind,
     ProcessSpec,
 )
+from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.entry import ROLE_MODULES, run_role
+from distbelief.launch.process_groups import in_a_process_group_of_their_own
 from distbelief.launch.rundir import write_text_atomic
 
 if TYPE_CHECKING:
@@ -55,10 +57,20 @@ calls ``train``): its children find it loaded instead of each re-running the scr
 def warm_up(config: JobConfig) -> None:
     """Starts the forkserver (in the background) with torch and the roles to import: call it
     first, so that its imports overlap whatever the launcher does before starting processes.
-    A forkserver already running (an earlier job of this process) is kept."""
+    A forkserver already running (an earlier job of this process) is kept.
+
+    The forkserver, and so every child, goes into a process group of its own: a signal to the
+    launcher's group (``timeout``'s SIGTERM, ``kill -TERM -PGID``) then reaches the launcher
+    alone, which stops the job in order (the shards last, each saving a checkpoint). Reaching
+    the forkserver too, it ended it at once, and the launcher took that for every child's death
+    (exit code 255) and let them go before the shards had saved."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_preload(config))
-    multiprocessing.forkserver.ensure_running()
+    if getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None) is not None:
+        multiprocessing.forkserver.ensure_running()  # alive, or restarted where it died
+        return
+    with in_a_process_group_of_their_own():
+        multiprocessing.forkserver.ensure_running()
 
 
 def _preload(config: JobConfig) -> list[str]:
@@ -133,7 +145,10 @@ class LocalCluster:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop_all()
+        # Not cut off by a second signal (``timeout`` sends SIGTERM to the launcher, then to
+        # its group): the shards would be let go before their last checkpoint.
+        with signals_deferred():
+            self.stop_all()
 
     def _addresses(self) -> list[str]:
         return [self.book.addresses[i] for i in range(self.config.cluster.num_shards)]

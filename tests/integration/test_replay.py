@@ -22,7 +22,9 @@ from distbelief.config import JobConfig
 from distbelief.launch.cluster import ProcessKind, ProcessSpec
 from distbelief.launch.entry import run_role
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+from distbelief.server import checkpoint as checkpoint_module
 from distbelief.server.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
+from distbelief.server.groups import ShardGroups
 from distbelief.sharding import TensorSpec
 from distbelief.telemetry import read_metrics
 from distbelief.wire import serve
@@ -279,3 +281,33 @@ def test_sigkill_of_a_shard_loses_no_update(tmp_path):
     assert after_kill.keys() == undisturbed.keys()
     for name, tensor in after_kill.items():
         torch.testing.assert_close(tensor, undisturbed[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_first_checkpoint_is_on_disk_before_the_initialising_client_is_answered(
+    tmp_path, monkeypatch
+):
+    # A shard killed right after a worker initialised it restarts with the layout: had the
+    # save been left to the checkpointer's thread (stopped here), it would restart empty and
+    # refuse every push ("has no parameters yet").
+    monkeypatch.setattr(checkpoint_module, "_POLL_S", 3600.0)
+    shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=LR))
+    groups = ShardGroups(shard, checkpoint_dir=tmp_path, checkpoint_every_s=3600.0)
+    groups.start_checkpoints({})
+    server = serve("tcp://127.0.0.1:0", ShardService(shard, groups=groups))
+    client = _client([server.address], "w1")
+    try:
+        client.handshake({torch.float32: torch.linspace(0.0, 3.0, NUM_ELEMENTS)})
+        state = load_checkpoint(tmp_path, 0)
+        assert state is not None and state.version == 0
+    finally:
+        client.close()
+        server.stop()
+        groups.stop_checkpoints()
+    restarted = _ServedShard(0, tmp_path, num_shards=1)
+    client = _client([restarted.address], "w1")
+    try:
+        client.handshake({torch.float32: torch.zeros(NUM_ELEMENTS)})  # the shard's win
+        assert client.push_now(_gradient(0)) == [1]
+    finally:
+        client.close()
+        restarted.kill()

@@ -124,6 +124,8 @@ class Checkpointer:
         self.directory = Path(directory)
         self.every_s = every_s
         self.saved_version: int | None = None
+        # One save at a time: the thread's, and one a request asks for (``save_if_changed``).
+        self._save_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="checkpointer", daemon=True)
 
@@ -132,6 +134,15 @@ class Checkpointer:
         return self
 
     def save_if_changed(self) -> bool:
+        """Save now if the shard changed since the last save; whether it saved.
+
+        Raises:
+            OSError: the files could not be written.
+        """
+        with self._save_lock:
+            return self._save_if_changed()
+
+    def _save_if_changed(self) -> bool:
         if not self.shard.initialized or self.shard.version == self.saved_version:
             return False
         state = self.shard.snapshot()

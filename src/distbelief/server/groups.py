@@ -145,6 +145,20 @@ class ShardGroups:
             for name, shard in self._shards.items():
                 self._start_checkpointer(name, shard, restored.get(name))
 
+    def save_first_checkpoint(self, name: str) -> None:
+        """Group ``name`` was just initialised: its first checkpoint is written now, before the
+        initialising client is answered, so a shard killed at any time after that reply
+        restarts with the layout (the checkpointer's thread would write it up to a poll
+        later). A failed save is logged, and the thread tries again, as with any save."""
+        with self._lock:
+            checkpointer = self._checkpointers.get(name)
+        if checkpointer is None:
+            return  # no checkpoints in this process
+        try:
+            checkpointer.save_if_changed()
+        except OSError as e:
+            logger.error("first checkpoint of group %r failed: %s", name, e)
+
     def _start_checkpointer(self, name: str, shard: ParameterShard, saved_version) -> None:
         assert self._checkpoint_dir is not None and self._checkpoint_every_s is not None
         checkpointer = Checkpointer(

@@ -307,6 +307,8 @@ class ShardConnection(VectorHandlers):
         adopted = self.shard.initialize(specs, [tensor for _, tensor in request.tensors])
         if adopted:
             logger.info("shard %d initialised by %s", self.shard.shard_id, self.peer)
+            assert self.group is not None  # bound above
+            self.service.groups.save_first_checkpoint(self.group)
         return request.reply({"adopted": adopted, **self._describe()})
 
     def _push(self, request: Message) -> Message:

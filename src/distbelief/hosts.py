@@ -58,8 +58,8 @@ def check_known_host(host: str) -> None:
 
 
 def parse_addresses(addresses: str | Sequence[str], what: str = "addresses") -> list[str]:
-    """``"tcp://a:1,tcp://b:2"`` or a list -> list of addresses; ValueError if empty,
-    TypeError (naming the argument, ``what``) if neither."""
+    """``"tcp://a:1,tcp://b:2"`` or a list -> list of addresses; ValueError if empty or one
+    item is, TypeError (naming the argument, ``what``) if neither."""
     if not isinstance(addresses, str) and not (
         isinstance(addresses, Sequence) and all(isinstance(item, str) for item in addresses)
     ):
@@ -67,7 +67,10 @@ def parse_addresses(addresses: str | Sequence[str], what: str = "addresses") -> 
             f"{what} must be 'tcp://HOST:PORT,...' or a list of such strings, got {addresses!r}"
         )
     items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
-    items = [item.strip() for item in items if item.strip()]
-    if not items:
+    items = [item.strip() for item in items]
+    if not any(items):
         raise ValueError("no parameter-server address given (e.g. tcp://127.0.0.1:7000)")
+    if "" in items:  # a slip (two commas, one too many), or a shard's address left out
+        shown = addresses if isinstance(addresses, str) else ",".join(addresses)
+        raise ValueError(f"the list {shown!r} has an empty item")
     return items

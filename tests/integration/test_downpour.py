@@ -118,7 +118,7 @@ def test_shards_listed_out_of_order_are_refused(shard_cluster):
     model = _model()
     with pytest.raises(ShardListError, match=r"serves shard 1 of 2.*order of the addresses"):
         DownpourSGD(model.parameters(), model=model, ps=addresses[::-1], timeout_s=5)
-    with pytest.raises(ShardListError, match=r"one of 2 shards, but 1 were given"):
+    with pytest.raises(ShardListError, match=r"one of 2 shards, but 1 was given"):
         DownpourSGD(model.parameters(), model=model, ps=addresses[:1], timeout_s=5)
 
 

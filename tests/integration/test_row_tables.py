@@ -177,7 +177,7 @@ def test_only_touched_rows_travel_to_the_shards_that_own_them(shard_cluster):
     # A client that lists another number of shards (it would send ids to the wrong one).
     partial = RowClient(addresses[:1], {"ids": 2}, timeout_s=60)
     try:
-        with pytest.raises(ShardListError, match="one of 2 shards, but 1 were given"):
+        with pytest.raises(ShardListError, match="one of 2 shards, but 1 was given"):
             partial.handshake()
     finally:
         partial.close()

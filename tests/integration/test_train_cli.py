@@ -306,7 +306,7 @@ def test_a_worker_given_another_list_of_shards_is_told_which_flag():
     try:
         addresses = [address for _, address in shards]
         for listed, problem in (
-            (addresses[:1], "is one of 2 shards, but 1 were given"),
+            (addresses[:1], "is one of 2 shards, but 1 was given"),
             (addresses[::-1], "serves shard 1 of 2, but it is listed as shard 0"),
         ):
             result = run_cli(

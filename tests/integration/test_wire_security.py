@@ -93,8 +93,8 @@ def test_downpour_with_a_key_against_a_shard_without_one_is_not_retried(tmp_path
         assert cli_main([*worker, "--steps", "1", "--auth-key-file", str(key_file)]) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.endswith(
-            "the shard does not use a job key: start it with --auth-key-file, or give the "
-            "worker none"
+            "the shard does not use a job key: start it with --auth-key-file, or connect "
+            "without a key"
         )
     finally:
         server.stop()
@@ -226,7 +226,7 @@ def test_a_key_given_to_a_tls_shard_without_one_is_refused_at_once(tls_files, sc
         assert time.monotonic() - started < 30  # refused, not left to its timeouts
         assert str(info.value) == (
             f"shard 0 ({server.address}): hello: the shard does not use a job key: start it "
-            "with --auth-key-file, or give the worker none"
+            "with --auth-key-file, or connect without a key"
         )
         anonymous = connect(server.address, name="shard", security=WireSecurity(tls_ca=str(cert)))
         assert anonymous.request(Message(ops.HELLO), timeout_s=30).meta == {"seen": 0}

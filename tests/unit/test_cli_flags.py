@@ -334,6 +334,12 @@ def test_a_slip_in_a_list_is_refused_not_skipped(flag, text, capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_slip_in_the_list_of_shards_is_refused_not_skipped(capsys):
+    listed = "tcp://127.0.0.9:1,,tcp://127.0.0.9:2"
+    assert main(["eval", "--ps", listed, "--once"]) == 2
+    assert f"argument --ps: the list {listed!r} has an empty item" in capsys.readouterr().err
+
+
 _CLICKS = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--steps", "3"]
 _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"]
 
@@ -933,3 +939,10 @@ def test_a_data_set_that_cannot_be_fetched_is_bad_input(capsys, tmp_path, monkey
     error = _one_error_line(capsys.readouterr().err)
     assert "argument --data-dir: CIFAR-10 train split unavailable" in error
     assert not run.exists() and not (tmp_path / "data").exists()
+
+
+def test_eval_once_refuses_an_out_folder_it_would_leave_empty(capsys, tmp_path):
+    out = tmp_path / "evals"
+    assert main(["eval", "--ps", "tcp://127.0.0.9:1", "--once", "--out", str(out)]) == 2
+    assert "argument --out: not used with --once (it prints)" in capsys.readouterr().err
+    assert not out.exists()

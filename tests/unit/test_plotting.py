@@ -100,6 +100,13 @@ def test_folder_without_metrics_is_named(tmp_path: Path) -> None:
         plot_run(folder)
 
 
+def test_a_file_given_as_a_run_folder_is_called_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.md"
+    path.write_text("a file")
+    with pytest.raises(ValueError, match=r"not a run folder: .*notes.md \(a file, not a folder\)$"):
+        plot_run(path)
+
+
 def test_bad_config_json_is_named(tmp_path: Path) -> None:
     run_dir = _make_run_dir(tmp_path / "run")
     (run_dir / "config.json").write_text("{not json", encoding="utf-8")

@@ -172,6 +172,11 @@ def _bad_arguments():
         ),
         (lambda: plot_runs("runs/a", out_dir="x"), TypeError, "^run_dirs must be a list of two"),
         (lambda: ParameterServerClient(5, []), TypeError, "^addresses must be 'tcp://HOST:PORT"),
+        (
+            lambda: ParameterServerClient("tcp://127.0.0.9:1,,tcp://127.0.0.9:2", []),
+            ValueError,
+            "^the list 'tcp://127.0.0.9:1,,tcp://127.0.0.9:2' has an empty item$",
+        ),
         (lambda: downpour(group=5), TypeError, "^group must be a str, got 5$"),
         (
             lambda: downpour(group="stage 0"),
@@ -192,7 +197,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 44
+_NUM_BAD_ARGUMENTS = 45
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

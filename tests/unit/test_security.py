@@ -163,3 +163,22 @@ def test_downpour_takes_a_key_files_text_as_the_key_and_names_bad_settings(tmp_p
         request_timeout_s(None)
     monkeypatch.setenv(TIMEOUT_ENV, "2.5")
     assert request_timeout_s(None) == 2.5
+
+
+def test_downpour_names_the_variable_a_bad_address_or_key_file_came_from(tmp_path, monkeypatch):
+    from distbelief.optim.downpour import (
+        AUTH_KEY_FILE_ENV,
+        PS_ADDRESS_ENV,
+        _key_from_environment,
+        ps_addresses,
+    )
+
+    monkeypatch.setenv(PS_ADDRESS_ENV, "bogus")
+    with pytest.raises(ValueError, match=r"^DISTBELIEF_PS: address 'bogus' is not of the form"):
+        ps_addresses(None)
+    monkeypatch.setenv(PS_ADDRESS_ENV, "tcp://127.0.0.9:1,,tcp://127.0.0.9:2")
+    with pytest.raises(ValueError, match=r"^DISTBELIEF_PS: the list .* has an empty item$"):
+        ps_addresses(None)
+    monkeypatch.setenv(AUTH_KEY_FILE_ENV, str(tmp_path / "missing.key"))
+    with pytest.raises(ValueError, match=r"^DISTBELIEF_AUTH_KEY_FILE: key file .*missing.key: No"):
+        _key_from_environment()

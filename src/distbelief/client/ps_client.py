@@ -58,7 +58,8 @@ def check_shard_count(addresses: Sequence[str], shard_id: int, described: dict) 
     if described.get("num_shards") != len(addresses):
         raise ShardListError(
             f"shard {shard_id} ({addresses[shard_id]}) is one of "
-            f"{described.get('num_shards')} shards, but {len(addresses)} were given"
+            f"{described.get('num_shards')} shards, but "
+            f"{len(addresses)} {'was' if len(addresses) == 1 else 'were'} given"
         )
 
 

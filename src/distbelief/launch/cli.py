@@ -378,6 +378,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     from distbelief.files import check_folder_can_be_made
 
     config = config_from_args(args)
+    if args.once and config.reporting.out_dir:
+        # Nothing would go there: --once prints its evaluation, and writes no metrics.csv.
+        raise argparse.ArgumentError(None, "argument --out: not used with --once (it prints)")
     require_data_files(config.data)
     if config.reporting.out_dir:
         check_folder_can_be_made(config.reporting.out_dir, "--out")

@@ -27,6 +27,7 @@ from distbelief.config import MAX_RATE, MAX_WAIT_S, amount_problem, check_count,
 from distbelief.errors import ClosedError, PSError, RendezvousError
 from distbelief.optim.device_copies import DeviceCopies
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
+from distbelief.wire import channels
 from distbelief.wire.compression import WireCompression
 from distbelief.wire.process_group import (
     DEFAULT_STORE_TIMEOUT_S,
@@ -48,8 +49,15 @@ AUTH_KEY_FILE_ENV = "DISTBELIEF_AUTH_KEY_FILE"
 
 
 def _key_from_environment() -> bytes | None:
+    """The key of the file ``DISTBELIEF_AUTH_KEY_FILE`` names, if set; ValueError naming the
+    variable if the file is missing or no key file."""
     path = os.environ.get(AUTH_KEY_FILE_ENV)
-    return read_key_file(path) if path else None
+    if not path:
+        return None
+    try:
+        return read_key_file(path)
+    except ValueError as e:
+        raise ValueError(f"{AUTH_KEY_FILE_ENV}: {e}") from None
 
 
 def _key_bytes(auth_key: bytes | str | None) -> bytes | None:
@@ -119,7 +127,13 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
             f"no parameter-server address given: pass ps= or set {PS_ADDRESS_ENV} "
             "(e.g. tcp://127.0.0.1:7000)"
         )
-    return parse_addresses(text, PS_ADDRESS_ENV)
+    try:
+        addresses = parse_addresses(text, PS_ADDRESS_ENV)
+        for address in addresses:
+            channels.dialer(address)  # its form and host, named as the variable holds them
+    except ValueError as e:
+        raise ValueError(f"{PS_ADDRESS_ENV}: {e}") from None
+    return addresses
 
 
 def check_rates(param_groups: list[dict]) -> None:

@@ -96,7 +96,8 @@ def load_run(run_dir: Path | str) -> RunData:
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ValueError(f"not a run folder: {run_dir} (no such folder)")
+        what = "a file, not a folder" if run_dir.exists() else "no such folder"
+        raise ValueError(f"not a run folder: {run_dir} ({what})")
     metrics_path = run_dir / "metrics.csv"
     if not metrics_path.is_file():
         raise ValueError(f"not a run folder: {run_dir} (no metrics.csv)")

@@ -251,8 +251,8 @@ def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> No
     magic = _recv_exact(channel, len(AUTH_MAGIC), deadline)
     if magic == NO_KEY_MAGIC:
         raise AuthenticationError(
-            "the shard does not use a job key: start it with --auth-key-file, or give the "
-            "worker none"
+            "the shard does not use a job key: start it with --auth-key-file, or connect "
+            "without a key"
         )
     if magic == TLS_MAGIC:
         raise TLSMismatchError(SHARD_SPEAKS_TLS)

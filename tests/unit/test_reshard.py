@@ -419,3 +419,18 @@ def test_command_line(run, capsys):
     assert f"{run_dir / 'checkpoints' / 'rows-shard2.json'}: missing" in err
     assert main(["reshard", str(run_dir / "nowhere"), "--shards", "2"]) == 2
     assert "nowhere: no such run folder" in capsys.readouterr().err
+
+
+def test_a_missing_partition_folder_is_named_and_changes_nothing(run):
+    # A job of 2 partitions keeps each one's shards in group-stageS: a reshard without one
+    # would rewrite the run, which could then not resume (that partition would start afresh).
+    run_dir = run[0]
+    config = JobConfig.from_file(run_dir / "config.json")
+    partitioned = config.with_fields({"pipeline.num_partitions": 2})
+    (run_dir / "config.json").write_text(partitioned.to_json())
+    before = _snapshot(run_dir)
+    with pytest.raises(CheckpointError) as error:
+        reshard_run(run_dir, 3)
+    missing = run_dir / "checkpoints" / "group-stage0"
+    assert str(error.value).startswith(f"{missing}: missing (the other partitions' are in ")
+    assert _snapshot(run_dir) == before

@@ -19,6 +19,7 @@ from distbelief.coordinator.checkpoint import TAG_PREFIX, read_record
 from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.files import sync_folder, write_text_atomic
 from distbelief.launch.cluster import CHECKPOINT_DIR
+from distbelief.launch.resume import check_partition_folder, checkpoint_folders
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.server.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.server.reshard_dense import (
@@ -107,7 +108,10 @@ def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
     old_num_shards = config.cluster.num_shards
     root = run_dir / CHECKPOINT_DIR
     base = _base_folder(root, config)
-    folders = [_read_folder(root, folder, old_num_shards) for folder in _folders(base)]
+    partitions = checkpoint_folders(base, config.pipeline.num_partitions)
+    for folder in partitions:
+        check_partition_folder(folder, base)
+    folders = [_read_folder(root, folder, old_num_shards) for folder in partitions]
     if not any(folder.dense or folder.rows for folder in folders):
         raise ValueError(f"{run_dir}: no shard checkpoints in {base}")
     for folder in folders:
@@ -158,11 +162,6 @@ def _base_folder(root: Path, config: JobConfig) -> Path:
     if record is None:
         raise ValueError(f"{root}: no committed Sandblaster checkpoint to reshard")
     return root / record["tag"]
-
-
-def _folders(base: Path) -> list[Path]:
-    # A model-parallel job's shards save each partition's group in a folder of its own.
-    return [base, *sorted(path for path in base.glob("group-*") if path.is_dir())]
 
 
 def _in_folder(folder: Path, function, *args):

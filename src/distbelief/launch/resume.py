@@ -115,17 +115,11 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
     try:
         if config.optimizer.algorithm == "sandblaster":
             directory = _committed_folder(directory)
-        folders = _checkpoint_folders(directory, config.pipeline.num_partitions)
+        folders = checkpoint_folders(directory, config.pipeline.num_partitions)
         if not any(any(folder.glob("shard*.json")) for folder in folders):
             raise ValueError(f"--resume {run_dir}: no shard checkpoints in {directory}")
         for folder in folders:
-            if not folder.is_dir():
-                # Resumed, that partition's shards would start again from the initial values.
-                raise CheckpointError(
-                    f"{folder}: missing (the other partitions' are in {directory}; "
-                    f"partition {folder.name.removeprefix(STAGE_GROUP_PREFIX)} would start "
-                    "again from scratch)"
-                )
+            check_partition_folder(folder, directory)
             check_checkpoints(folder, config.cluster.num_shards)
             if folder != directory and not any(folder.glob("shard*.json")):
                 raise CheckpointError(f"{folder}: holds no shard checkpoints, as the others do")
@@ -134,13 +128,28 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
     return config.with_fields({**changes, "reporting.out_dir": str(run_dir)})
 
 
-def _checkpoint_folders(directory: Path, num_partitions: int) -> list[Path]:
+def checkpoint_folders(directory: Path, num_partitions: int) -> list[Path]:
     """Where the shards' checkpoints of a job of ``num_partitions`` are: ``directory`` and its
     group folders, every partition's among them (present or not) when there are several."""
     found = {p for p in directory.glob("group-*") if p.is_dir()}
     if num_partitions > 1:
         found |= {directory / f"{STAGE_GROUP_PREFIX}{s}" for s in range(num_partitions)}
     return [directory, *sorted(found)]
+
+
+def check_partition_folder(folder: Path, directory: Path) -> None:
+    """Refuse a partition's folder (one of ``checkpoint_folders``) that is missing.
+
+    Raises:
+        CheckpointError: naming the folder.
+    """
+    if not folder.is_dir():
+        # Resumed, that partition's shards would start again from the initial values.
+        raise CheckpointError(
+            f"{folder}: missing (the other partitions' are in {directory}; "
+            f"partition {folder.name.removeprefix(STAGE_GROUP_PREFIX)} would start "
+            "again from scratch)"
+        )
 
 
 def _committed_folder(directory: Path) -> Path:

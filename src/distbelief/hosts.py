@@ -41,6 +41,37 @@ def check_local_host(host: str) -> None:
         raise ValueError(f"{host} is not an address of this machine ({reason})") from e
 
 
+_FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+
+
+def _families(host: str) -> set[int]:
+    """The address families ``host`` has (both for a name that resolves to both)."""
+    return {info[0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+
+
+def check_reachable_from(host: str, source_host: str) -> None:
+    """Raise ValueError when no connection can leave ``source_host`` for ``host``: they have
+    no address family in common (an IPv6 source for an IPv4 shard). A lookup that fails passes
+    (the hosts' own checks name that).
+
+    Raises:
+        ValueError: naming both hosts and their families.
+    """
+    try:
+        theirs, ours = _families(host), _families(source_host)
+    except (OSError, UnicodeError):
+        return
+    if theirs and ours and not theirs & ours:
+
+        def named(families: set[int]) -> str:
+            return "/".join(sorted(_FAMILY_NAMES.get(f, str(f)) for f in families))
+
+        raise ValueError(
+            f"connections cannot leave {source_host} ({named(ours)}) for {host} "
+            f"({named(theirs)}): give hosts of one address family"
+        )
+
+
 def check_known_host(host: str) -> None:
     """Raise ValueError when no host of this name can be looked up (a typo). A lookup that
     fails for now (a name server away) passes: the connection's retries wait for it.

@@ -738,7 +738,7 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
     [
         (["train", "--steps", "2", "--out", "afile/run"], {}, _UNDER_A_FILE),
         (
-            ["eval", "--ps", "tcp://127.0.0.1:1", "--once", "--out", "afile/run"],
+            ["eval", "--ps", "tcp://127.0.0.1:1", "--out", "afile/run"],
             {},
             "--out afile/run: cannot be created: afile exists and is not a folder",
         ),

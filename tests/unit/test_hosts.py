@@ -6,8 +6,8 @@ import pytest
 
 from distbelief.config import ClusterConfig
 from distbelief.errors import ConfigFieldError
-from distbelief.hosts import check_local_host, is_host
-from distbelief.launch.hosts import check_hosts_are_here
+from distbelief.hosts import check_local_host, check_reachable_from, is_host
+from distbelief.launch.hosts import check_hosts_are_here, check_workers_reach
 
 NOT_HERE = "192.0.2.1"
 """TEST-NET-1 (RFC 5737): never an address of a real machine."""
@@ -53,3 +53,16 @@ def test_a_host_not_here_is_refused_naming_its_field(cluster, field):
 
 def test_a_manual_worker_checks_only_its_own_host():
     check_hosts_are_here(ClusterConfig(shard_hosts=(NOT_HERE,)), shards=False)
+
+
+def test_a_worker_host_of_another_address_family_than_a_shards_is_refused():
+    # No connection leaves an IPv6 address for an IPv4 one: refused at once, not retried.
+    with pytest.raises(
+        ValueError, match=r"^connections cannot leave ::1 \(IPv6\) for 127\.0\.0\.2"
+    ):
+        check_reachable_from("127.0.0.2", "::1")
+    check_reachable_from("127.0.0.2", "127.0.0.3")
+    check_reachable_from("localhost", "127.0.0.3")  # a name with an IPv4 address reaches it
+    with pytest.raises(ConfigFieldError) as refused:
+        check_workers_reach("::1", ["127.0.0.1"])
+    assert refused.value.field == "cluster.worker_host"

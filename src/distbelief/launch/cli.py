@@ -290,10 +290,15 @@ def _run_ps(args: argparse.Namespace) -> int:
 
 def _run_worker(args: argparse.Namespace) -> int:
     from distbelief.data.files import require_data_files
-    from distbelief.launch.hosts import check_hosts_are_here
+    from distbelief.launch.hosts import check_hosts_are_here, check_workers_reach
+    from distbelief.wire.channels import split_scheme
+    from distbelief.wire.channels.tcp import parse_tcp_address
 
     config = config_from_args(args)
     check_hosts_are_here(config.cluster, shards=False)
+    shards = _addresses("--ps", args.ps)
+    hosts = [parse_tcp_address(split_scheme(address)[1])[0] for address in shards]
+    check_workers_reach(config.cluster.worker_host, hosts)
     require_data_files(config.data)
     if not 0 <= args.rank < config.cluster.num_workers:
         raise ValueError(

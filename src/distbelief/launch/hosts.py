@@ -4,9 +4,11 @@ own, would otherwise fail later and less clearly (a worker only after its retry 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from distbelief.config import ClusterConfig
 from distbelief.errors import ConfigFieldError
-from distbelief.hosts import check_local_host
+from distbelief.hosts import check_local_host, check_reachable_from
 
 
 def check_hosts_are_here(cluster: ClusterConfig, *, shards: bool = True) -> None:
@@ -25,3 +27,22 @@ def check_hosts_are_here(cluster: ClusterConfig, *, shards: bool = True) -> None
             check_local_host(host)
         except ValueError as e:
             raise ConfigFieldError(field, str(e)) from None
+    if shards:
+        shard_hosts = cluster.shard_hosts or (cluster.host,)
+        check_workers_reach(cluster.worker_host, shard_hosts)
+
+
+def check_workers_reach(worker_host: str, shard_hosts: Iterable[str]) -> None:
+    """Check that connections leaving ``worker_host`` (if set) can reach every shard host.
+
+    Raises:
+        ConfigFieldError: they cannot (the address families differ), naming the worker host's
+            field.
+    """
+    if not worker_host:
+        return
+    for host in shard_hosts:
+        try:
+            check_reachable_from(host, worker_host)
+        except ValueError as e:
+            raise ConfigFieldError("cluster.worker_host", str(e)) from None

@@ -10,7 +10,7 @@ import ssl
 import time
 
 from distbelief.errors import AuthenticationError, BindError, ProtocolError, TLSMismatchError
-from distbelief.hosts import check_known_host, check_local_host
+from distbelief.hosts import check_known_host, check_local_host, check_reachable_from
 from distbelief.wire.channels import register_channel
 from distbelief.wire.security import (
     ANSWER_BYTES,
@@ -151,6 +151,7 @@ class TcpDialer:
         self._source = None
         if source_host:
             check_local_host(source_host)
+            check_reachable_from(self._endpoint[0], source_host)
             self._source = (source_host, 0)
 
     def __call__(self, timeout_s: float) -> TcpChannel:

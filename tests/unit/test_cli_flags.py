@@ -946,3 +946,10 @@ def test_eval_once_refuses_an_out_folder_it_would_leave_empty(capsys, tmp_path):
     assert main(["eval", "--ps", "tcp://127.0.0.9:1", "--once", "--out", str(out)]) == 2
     assert "argument --out: not used with --once (it prints)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_transport_the_environment_sets_is_the_configs(monkeypatch):
+    # config.json records the transport the job used: DISTBELIEF_TRANSPORT's when no flag says.
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
+    assert config_from_args(parse_args(["train"])).cluster.transport == "tcp"
+    assert config_from_args(parse_args(["train", "--transport", "shm"])).cluster.transport == "shm"

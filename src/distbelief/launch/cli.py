@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from distbelief.config import JobConfig
+from distbelief.config import TRANSPORT_ENV, JobConfig
 from distbelief.errors import (
     AuthenticationError,
     BindError,
@@ -65,6 +66,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     typed = set(values)
     if args.command in ("worker", "eval"):
         values["cluster.num_shards"] = len(_addresses("--ps", args.ps))
+    if "cluster.transport" not in typed and os.environ.get(TRANSPORT_ENV):
+        # The job's transport, as the run's config.json records it (checked: _check_environment).
+        values["cluster.transport"] = os.environ[TRANSPORT_ENV]
     config = JobConfig.from_fields(values)
     check_typed_flags_apply(args.command, typed, config)
     if args.command in ("train", "worker", "eval"):

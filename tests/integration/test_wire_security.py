@@ -149,6 +149,24 @@ def tls_files(tmp_path):
     return cert, key_pem
 
 
+def test_a_bad_tls_key_is_named_by_its_flag(tmp_path, tls_files):
+    from distbelief.launch.cli import parse_args
+    from distbelief.launch.flags import security_from_args
+
+    cert, _ = tls_files
+    not_a_key = write_key_file(tmp_path / "job.key")
+    other_key = tmp_path / "other-key.pem"
+    _make_certificate(tmp_path / "other-cert.pem", other_key)
+    shard = ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth", "--tls-cert", str(cert)]
+    for key, problem in (
+        (not_a_key, "not a PEM private key ("),
+        (other_key, f"not the private key of --tls-cert {cert}"),
+    ):
+        with pytest.raises(ValueError) as refused:
+            security_from_args(parse_args([*shard, "--tls-key", str(key)]))
+        assert str(refused.value).startswith(f"--tls-key {key}: {problem}")
+
+
 def _make_certificate(cert, key_pem) -> None:
     """A self-signed certificate for 127.0.0.1 at ``cert``, its key at ``key_pem``."""
     subprocess.run(

@@ -443,10 +443,15 @@ def _check_tls_files(security: WireSecurity) -> None:
     try:
         security.server_tls()
     except (ssl.SSLError, OSError) as e:
-        raise ValueError(
-            f"--tls-cert {security.tls_cert} / --tls-key {security.tls_key}: not a PEM "
-            f"certificate and its private key ({getattr(e, 'reason', None) or e})"
-        ) from None
+        reason = getattr(e, "reason", None) or e
+        cert, key = security.tls_cert, security.tls_key
+        try:  # which of the two it is: a certificate file loads as a CA bundle
+            ssl.create_default_context(cafile=cert)
+        except (ssl.SSLError, OSError):
+            raise ValueError(f"--tls-cert {cert}: not a PEM certificate ({reason})") from None
+        if reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"--tls-key {key}: not the private key of --tls-cert {cert}") from None
+        raise ValueError(f"--tls-key {key}: not a PEM private key ({reason})") from None
     try:
         security.client_tls()
     except (ssl.SSLError, OSError) as e:

@@ -177,6 +177,10 @@ def _alive(pid: int) -> bool:
             "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got 'head'",
         ),
         (
+            ["--cluster", "ray", "--ray-address", "http://127.0.0.1:6379"],
+            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got 'http://",
+        ),
+        (
             ["--cluster", "ray", "--partitions", "2"],
             "argument --partitions: must be 1 with the ray engine",
         ),

@@ -953,3 +953,9 @@ def test_the_transport_the_environment_sets_is_the_configs(monkeypatch):
     monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
     assert config_from_args(parse_args(["train"])).cluster.transport == "tcp"
     assert config_from_args(parse_args(["train", "--transport", "shm"])).cluster.transport == "shm"
+
+
+def test_resuming_a_folder_that_is_not_there_says_so(capsys, tmp_path):
+    missing = tmp_path / "nope"
+    assert main(["train", "--resume", str(missing)]) == 2
+    assert f"argument --resume: {missing}: no such run folder" in capsys.readouterr().err

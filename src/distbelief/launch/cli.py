@@ -193,6 +193,10 @@ def _run_train(args: argparse.Namespace) -> int:
                 f"argument {flag_of('train', fixed[0])}: a resumed run keeps the value in "
                 f"{Path(args.resume) / 'config.json'}",
             )
+        if not Path(args.resume).is_dir():
+            raise argparse.ArgumentError(
+                None, f"argument --resume: {args.resume}: no such run folder"
+            )
         config = read_run_for_resume(Path(args.resume), changes)
     else:
         config = config_from_args(args)

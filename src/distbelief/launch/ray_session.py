@@ -72,7 +72,7 @@ def check_address(address: str) -> None:
         )
     if address != "auto":
         host, colon, port = address.rpartition(":")
-        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        if not (colon and host and port.isdigit() and 0 < int(port) < 65536) or "://" in address:
             raise ConfigFieldError(
                 "cluster.ray_address", f"must be HOST:PORT of a Ray head, or auto, got {address!r}"
             )

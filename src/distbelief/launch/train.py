@@ -189,7 +189,9 @@ class EventRouter:
         elif kind == "metric":
             self._write(payload)
         elif kind == "done" and source.kind in (ProcessKind.WORKER, ProcessKind.STAGE):
-            self.sink.message(f"{source.name} finished after {payload['steps']} steps")
+            # A Sandblaster worker's steps are the portions it computed.
+            unit = "portions" if "portions" in payload else "steps"
+            self.sink.message(f"{source.name} finished after {payload['steps']} {unit}")
 
     def _write(self, record: dict) -> None:
         if record["role"] == "worker" and record.get("step") is not None:

@@ -38,3 +38,25 @@ def test_resume_reads_a_flat_config_and_refuses_a_corrupt_checkpoint(tmp_path):
     assert verbose.returncode == 2
     assert "Traceback (most recent call last)" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1] == lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resume_refuses_checkpoints_of_another_model_before_changing_the_run(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli("train", "--model", "mlp", "--steps", "3", "--out", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    config["model"]["name"] = "lenet"  # edited by hand: the checkpoints hold the MLP's
+    (run_dir / "config.json").write_text(json.dumps(config))
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    refused = run_cli("train", "--resume", str(run_dir), timeout_s=120)
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert lines == [
+        f"distbelief train: error: --resume {run_dir}: cannot resume: "
+        f"{run_dir / 'checkpoints' / 'shard0.json'} holds another model's parameters than "
+        "'lenet' (its config.json's): tensor 'features.0.weight' [6, 1, 5, 5] float32 does not "
+        "match the shards' 'layers.1.weight' [256, 1024] float32"
+    ], refused.stderr
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before

@@ -289,7 +289,8 @@ class DataConfig:
     name: str = field(default="digits", metadata={"choices": DATASET_NAMES})
     """Data set to train on."""
     data_dir: str = "data"
-    """Folder of the CIFAR-10 / MNIST files (downloaded there when missing)."""
+    """Folder of the data set's files: CIFAR-10 / MNIST (downloaded there when missing), Criteo,
+    MovieLens."""
     download: bool = True
     """Download missing CIFAR-10 / MNIST files (when off, fail and name them)."""
     table_size: int | None = None

@@ -167,9 +167,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmstart-steps", type=int, default=WARMSTART_STEPS)
     parser.add_argument("--epochs", type=int, default=None, help="data budget (default 20)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default benchmarks/results; -: next to the runs"
+    )
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default tmp)")
-    parser.add_argument("--quick", action="store_true", help="1 epoch, one rate each; no results")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 epoch, one rate each; results next to the runs"
+    )
     parser.add_argument("--replot", type=Path, default=None, help="redraw the PNG from a JSON")
     return parser
 

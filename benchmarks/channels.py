@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import machine
 from distbelief.wire.channels import dial, listen
 from distbelief.wire.security import WireSecurity
 
@@ -88,7 +89,7 @@ def _client(scheme: str, apply: bool, repeats: int) -> dict[int, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=machine.at_least(1), default=3)
     args = parser.parse_args(argv)
     print("| size | op | tcp ms (median) | shm ms (median) | tcp / shm | tcp GB/s | shm GB/s |")
     print("|---|---|---:|---:|---:|---:|---:|")

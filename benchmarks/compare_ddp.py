@@ -789,7 +789,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="default 8 (--quick: 4)")
     parser.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
-    parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 1)")
+    parser.add_argument(
+        "--repeats", type=machine.at_least(1), default=None, help="default 3 (--quick: 1)"
+    )
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--ddp-lr", type=float, default=None, help="default 2 x --lr")
     parser.add_argument("--seed", type=int, default=0)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import machine
+from distbelief.config import MODEL_NAMES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGET_ACCURACY = 0.9
@@ -248,13 +249,13 @@ HEADER = [
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lenet")
+    parser.add_argument("--model", default="lenet", choices=MODEL_NAMES)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--every", type=int, default=5, help="n_push = n_pull")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--eval-every", type=float, default=0.5, help="seconds")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=machine.at_least(1), default=1)
     parser.add_argument("--out", default=None, help="results stem ('-': do not write)")
     return parser.parse_args(argv)
 

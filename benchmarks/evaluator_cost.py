@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+import machine
 from distbelief.client import ParameterServerClient
-from distbelief.config import JobConfig
+from distbelief.config import DATASET_NAMES, MODEL_NAMES, JobConfig
 from distbelief.data import load_dataset
 from distbelief.evaluator import PSEvaluator
 from distbelief.server import ParameterShard, ShardService
@@ -209,13 +210,15 @@ def save_results(path: Path, args: argparse.Namespace, result: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lenet")
-    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--model", default="lenet", choices=MODEL_NAMES)
+    parser.add_argument("--dataset", default="digits", choices=DATASET_NAMES)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=1000, help="steps per worker and run")
+    parser.add_argument(
+        "--steps", type=machine.at_least(1), default=1000, help="steps per worker and run"
+    )
     parser.add_argument("--eval-every", dest="eval_every_s", type=float, default=0.5)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each mode")
+    parser.add_argument("--repeats", type=machine.at_least(1), default=3, help="runs of each mode")
     parser.add_argument("--out", type=Path, default=None, help="JSON path ('-': do not write)")
     args = parser.parse_args(argv)
     if args.repeats < 1:

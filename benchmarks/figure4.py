@@ -251,7 +251,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     args.methods = [name for name in args.methods.split(",") if name]
     quick = args.quick
     args.budget_s = args.budget_s or (6.0 if quick else 25.0)
@@ -262,7 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         date = datetime.date.today().strftime("%Y%m%d")
         args.out = Path("-") if quick else RESULTS_DIR / f"figure4_cpu{os.cpu_count()}_{date}"
     if not set(args.methods) <= set(METHODS):
-        raise SystemExit(f"--methods must name some of {', '.join(METHODS)}")
+        parser.error(f"argument --methods: must name some of {', '.join(METHODS)}")
     return args
 
 

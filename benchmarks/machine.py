@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -71,3 +72,19 @@ def close_process_pool(inboxes: list, processes: list, grace_s: float) -> None:
         if process.is_alive():
             process.kill()
             process.join(grace_s)
+
+
+def at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum``; anything else is a one-line usage
+    error naming the flag (a count of 0 divided by zero, or took no sample to report)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse

@@ -232,7 +232,7 @@ def table(summary: dict) -> tuple[list[str], list[list[str]]]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=machine.at_least(1), default=3)
     parser.add_argument("--steps", type=int, default=1500, help="steps per worker")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shards", type=int, default=2)
@@ -243,8 +243,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
     if args.out is None:
         date = datetime.date.today().strftime("%Y%m%d")
         args.out = RESULTS_DIR / f"ray_launcher_cpu{os.cpu_count()}_{date}"

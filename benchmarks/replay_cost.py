@@ -71,9 +71,11 @@ def time_pushes(num_elements: int, tracked: bool, args: argparse.Namespace) -> t
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pushes", type=int, default=100, help="timed pushes per repeat")
+    parser.add_argument(
+        "--pushes", type=machine.at_least(1), default=100, help="timed pushes per repeat"
+    )
     parser.add_argument("--pushes-per-checkpoint", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=machine.at_least(1), default=5)
     parser.add_argument("--out", default=str(RESULTS_DIR), help='folder, or "-" for none')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

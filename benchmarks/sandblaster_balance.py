@@ -412,7 +412,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     args.repeats = args.repeats or (1 if args.quick else 7)
     args.evaluations = args.evaluations or (2 if args.quick else 4)
     if args.out is None:
@@ -420,7 +421,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         name = f"sandblaster_balance_cpu{os.cpu_count()}_{date}"
         args.out = Path("-") if args.quick else RESULTS_DIR / name
     if args.workers < 2 or args.portions < args.workers or args.slowdown < 1.0:
-        raise SystemExit("need --workers >= 2, --portions >= --workers, --slowdown >= 1")
+        parser.error("need --workers >= 2, --portions >= --workers, --slowdown >= 1")
     return args
 
 

@@ -361,9 +361,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policies", type=_policy_list, default=list(POLICIES))
     parser.add_argument("--epochs", type=int, default=None, help="data budget (default 20)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default benchmarks/results; -: next to the runs"
+    )
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default tmp)")
-    parser.add_argument("--quick", action="store_true", help="workers 1,2, 1 epoch; no results")
+    parser.add_argument(
+        "--quick", action="store_true", help="workers 1,2, 1 epoch; results next to the runs"
+    )
     parser.add_argument("--replot", type=Path, default=None, help="redraw PNGs from a JSON")
     return parser
 
@@ -381,9 +385,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def output_dirs(args: argparse.Namespace, prefix: str) -> tuple[Path, Path]:
-    """(results folder, run folders' parent); --quick writes results next to its runs."""
+    """(results folder, run folders' parent); --quick, or ``--out -`` (as the other benchmarks
+    take it: keep no results), writes results next to its runs."""
     runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix=f"{prefix}_"))
-    out = args.out or (runs_dir if args.quick else RESULTS_DIR)
+    next_to_runs = str(args.out) == "-" or (args.quick and args.out is None)
+    out = runs_dir if next_to_runs else (args.out or RESULTS_DIR)
     return out, runs_dir
 
 

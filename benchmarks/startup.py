@@ -246,7 +246,7 @@ def table(summary: dict, times: dict[str, list[float]]) -> tuple[list[str], list
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=machine.at_least(1), default=3)
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
     return parser
 
@@ -254,8 +254,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit("--repeats must be >= 1")
     if args.out is None:
         date = datetime.date.today().strftime("%Y%m%d")
         args.out = RESULTS_DIR / f"startup_cpu{os.cpu_count()}_{date}"

@@ -19,6 +19,7 @@ import time
 import torch
 from torch import nn
 
+import machine
 from overhead import CONFIGS, Trainer, make_batches
 from server_host import ServerHost, start_sgd_shard
 
@@ -87,8 +88,10 @@ def time_steps(num_steps: int, repeats: int) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--steps", type=machine.at_least(1), default=2000, help="steps per timed repeat"
+    )
+    parser.add_argument("--repeats", type=machine.at_least(1), default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     ours, everything = count_calls(300)

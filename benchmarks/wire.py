@@ -452,9 +452,13 @@ def _parse_sizes(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=_parse_sizes, default=None, help="float32 counts")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per op")
-    parser.add_argument("--budget-mb", type=int, default=None, help="payload MB per repeat")
-    parser.add_argument("--tiny-iterations", type=int, default=None)
+    parser.add_argument(
+        "--repeats", type=machine.at_least(1), default=None, help="timed repeats per op"
+    )
+    parser.add_argument(
+        "--budget-mb", type=machine.at_least(1), default=None, help="payload MB per repeat"
+    )
+    parser.add_argument("--tiny-iterations", type=machine.at_least(1), default=None)
     parser.add_argument("--quick", action="store_true", help="a few seconds (smoke test)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path ('-': do not write)")
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -276,7 +277,14 @@ def run(args: argparse.Namespace) -> str:
     )
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (timeout's) unwinds as Ctrl-C does: the processes are stopped and the folder
+    # holding the job's key is removed, not left behind.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     print(run(_parse(argv)))
     return 0
 

@@ -80,7 +80,7 @@ def test_two_shards_two_workers_reach_90_percent_on_digits(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
+    "how", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name
 )
 def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
     launcher = subprocess.Popen(
@@ -113,7 +113,7 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
             summary = json.loads((tmp_path / "run" / "summary.json").read_text())
             assert summary["outcome"] == "interrupted"
             assert summary["reason"] == (
-                "stopped by Ctrl-C" if how == signal.SIGINT else "stopped by signal SIGTERM"
+                "stopped by Ctrl-C" if how == signal.SIGINT else f"stopped by signal {how.name}"
             )
     finally:
         if launcher.poll() is None:

@@ -485,7 +485,10 @@ def _run_job(
     """The job itself, in its prepared run folder: start, supervise, record, plot."""
     # After the checks above, so a refused setting is reported without waiting for these.
     _load_with_signals_deferred(LOADED_BEFORE_THE_JOB)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    # A hang-up (the terminal closed, the SSH session dropped) stops the job as SIGTERM does:
+    # in order, with the shards' last checkpoints and summary.json.
+    stopping = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in stopping}
     display = telemetry.ProgressDisplay(
         total_steps=total_steps, num_workers=config.cluster.num_workers
     )
@@ -534,7 +537,8 @@ def _run_job(
         write_summary(result, "failed", f"{type(e).__name__}: {e}")
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     assert result is not None  # the job ran to its end
     write_summary(result)
     write_text_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))

@@ -28,8 +28,8 @@ def check_hosts_are_here(cluster: ClusterConfig, *, shards: bool = True) -> None
         except ValueError as e:
             raise ConfigFieldError(field, str(e)) from None
     if shards:
-        shard_hosts = cluster.shard_hosts or (cluster.host,)
-        check_workers_reach(cluster.worker_host, shard_hosts)
+        shard_hosts = {cluster.shard_host(i) for i in range(cluster.num_shards)}
+        check_workers_reach(cluster.worker_host, sorted(shard_hosts))
 
 
 def check_workers_reach(worker_host: str, shard_hosts: Iterable[str]) -> None:

@@ -26,6 +26,8 @@ class ScriptedTransport:
 
     def request(self, message, *, timeout_s, sink=None):
         assert self.gate.wait(5), "test gate never opened"
+        if message.op == ops.SHARE:  # a same-host client's first pull asks; not here
+            return message.reply({"shared": False, "why": "a scripted shard"})
         self.calls.append(
             (message.op, message.meta.get("clock", 0), threading.current_thread().name)
         )

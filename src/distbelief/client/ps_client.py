@@ -19,6 +19,7 @@ import torch
 from distbelief.client.compression import EncodedPush, HeldValues, NarrowPullStaging
 from distbelief.client.lanes import ShardLanes
 from distbelief.client.replay import Replay, ShardReplay
+from distbelief.client.shared_reads import SharedReads
 from distbelief.config import check_wait
 from distbelief.errors import (
     ConsistencyMismatchError,
@@ -35,6 +36,7 @@ from distbelief.sharding import (
     specs_to_json,
 )
 from distbelief.wire import Message, ops
+from distbelief.wire.channels.shm import transport_setting
 from distbelief.wire.compression import (
     SINCE_KEY,
     SPARSE_KEY,
@@ -45,6 +47,7 @@ from distbelief.wire.compression import (
 )
 from distbelief.wire.group_names import check_group_name
 from distbelief.wire.security import WireSecurity
+from distbelief.wire.shared_params import DIRECT_READS_KEY
 
 _INIT_POLL_S = 0.05
 _SLICE_CACHE_ENTRIES = 8
@@ -166,6 +169,13 @@ class ParameterServerClient(ShardLanes):
         self._pull_meta = WireCompression(dtype=pull_dtype).pull_meta()
         self._pull_staging = None if pull_dtype is None else NarrowPullStaging(pull_dtype)
         self._held = HeldValues(len(self.addresses)) if pull_changes else None
+        # Same-host shards' parameters are read from shared memory: not when pulls are
+        # narrowed or sparse (their results must not depend on where the shard runs).
+        self._shared_reads = (
+            SharedReads([[(p.numel, p.dtype) for p in pieces] for pieces in self.slices])
+            if pull_dtype is None and not pull_changes and transport_setting() != "tcp"
+            else None
+        )
 
     def handshake(self, initial: dict[torch.dtype, torch.Tensor] | None) -> bool:
         """Check every shard holds this model; initialise the empty ones from ``initial``.
@@ -321,6 +331,8 @@ class ParameterServerClient(ShardLanes):
         encoded = isinstance(flat_grads, EncodedPush)
         for i in range(self.num_shards):
             meta = {**self._identity(clock), "seq": seq, "session": self._session}
+            if self._shared_reads is not None and (reads := self._shared_reads.take_count(i)):
+                meta[DIRECT_READS_KEY] = reads
             if base_versions is not None:
                 meta["base_version"] = int(base_versions[i])
             if encoded:
@@ -459,6 +471,13 @@ class ParameterServerClient(ShardLanes):
     def _pull_one(self, shard_id: int, targets: dict, clock: int, after_version, ready) -> int:
         if ready is not None:
             ready()
+        if after_version is None and self._shared_reads is not None:
+            version = self._shared_reads.read(
+                shard_id, list(targets.values()), lambda: self._share_offer(shard_id, clock)
+            )
+            if version is not None:
+                self.versions[shard_id] = version
+                return version
         meta = {**self._identity(clock), **self._pull_meta}
         if after_version is not None:
             meta["after_version"] = after_version
@@ -484,6 +503,13 @@ class ParameterServerClient(ShardLanes):
         self.versions[shard_id] = int(reply.meta["version"])
         return self.versions[shard_id]
 
+    def _share_offer(self, shard_id: int, clock: int) -> dict:
+        """The shard's SHARE reply: where its parameters may be read on this host, or why not
+        (a restarted shard is first sent what its checkpoint lacks, as a pull's reply is)."""
+        reply = self._request(shard_id, Message(ops.SHARE, self._identity(clock)))
+        self._settle(shard_id, reply.meta)
+        return reply.meta
+
     def _pull_reply(self, shard_id: int, targets: dict, meta: dict) -> tuple[Message, bool]:
         """A pull's reply, asked again while held (SSP, sync rounds) or settling a restarted
         shard; and whether any attempt read into ``targets`` themselves."""
@@ -508,6 +534,11 @@ class ParameterServerClient(ShardLanes):
                 )
             reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
         return reply, bool(written)
+
+    def close(self, wait: bool = True) -> None:
+        super().close(wait)
+        if self._shared_reads is not None:
+            self._shared_reads.close()
 
     def wait_for_version(self, min_version: int, timeout_s: float) -> list[int]:
         """Block until every shard has applied at least ``min_version`` updates.

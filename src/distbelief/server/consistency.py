@@ -136,6 +136,13 @@ class ConsistencyPolicy(abc.ABC):
         """``worker`` was just sent the parameters of ``generation`` (under the shard's lock)."""
         return  # by default nothing is kept per worker
 
+    @property
+    def pulls_are_plain(self) -> bool:
+        """Whether every pull (without ``after_version``) is answered at once and leaves
+        nothing behind: clients on the shard's host may then read the parameters without a
+        request (``wire/shared_params.py``)."""
+        return False
+
     def describe(self) -> dict:
         """Every setting, for the handshake: shards of one model must agree on all of them."""
         settings = {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
@@ -184,6 +191,10 @@ class AsyncPolicy(ConsistencyPolicy):
         )
         return True
 
+    @property
+    def pulls_are_plain(self) -> bool:
+        return not self._keeps_fetched
+
     def pulled(self, worker: str | None, generation: int) -> None:
         if not self._keeps_fetched or worker is None:
             return
@@ -212,6 +223,10 @@ class BoundedStalenessPolicy(AsyncPolicy):
         if worker is not None and self.clocks.too_far_ahead(worker, max_staleness):
             return True
         return super().must_hold(worker, after_version, version)
+
+    @property
+    def pulls_are_plain(self) -> bool:
+        return False  # a pull may be held
 
 
 class SyncRoundsPolicy(ConsistencyPolicy):

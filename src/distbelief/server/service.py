@@ -30,6 +30,7 @@ from distbelief.server.shard import ParameterShard, check_listed_place
 from distbelief.server.vector_service import VectorHandlers
 from distbelief.sharding import partitioner_from_json, specs_from_json
 from distbelief.wire import long_wait
+from distbelief.wire.channels.shm import transport_setting
 from distbelief.wire.compression import (
     DTYPE_KEY,
     GENERATION_KEY,
@@ -48,10 +49,12 @@ from distbelief.wire.ops import (
     PULL,
     PUSH,
     READ,
+    SHARE,
     STATS,
     VECTORS,
     OpRegistry,
 )
+from distbelief.wire.shared_params import DIRECT_READS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,7 @@ class ShardService:
             ACCUMULATE, ShardConnection._accumulate, sink_for=ShardConnection._accumulate_sink_for
         )
         self.handlers.register(READ, ShardConnection._read)
+        self.handlers.register(SHARE, ShardConnection._share)
         register_row_ops(self.handlers)
 
     def open_connection(self, peer: str) -> ShardConnection:
@@ -328,6 +332,9 @@ class ShardConnection(VectorHandlers):
             received_bytes = self._slice_bytes
         worker, clock = self._identify(request.meta)
         base_version = _optional_int(request.meta, "base_version")
+        direct_reads = _optional_int(request.meta, DIRECT_READS_KEY)
+        if direct_reads:
+            self.shard.note_direct_reads(direct_reads)
         result = self.shard.push(
             grads,
             worker=worker,
@@ -424,6 +431,24 @@ class ShardConnection(VectorHandlers):
         )
         self.service.count_bytes(0, sum(tensor.nbytes for _, tensor in narrowed))
         return request.reply(meta, narrowed)
+
+    def _share(self, request: Message) -> Message:
+        """Offer the shared parameters (``wire/shared_params.py``) to a client on this host,
+        or say why not. A client elsewhere cannot open what is offered, and pulls instead."""
+        self._bind_group(request.meta)
+        self._identify(request.meta)
+        shared = (
+            "this shard uses TCP only"
+            if transport_setting() == "tcp"
+            else self.shard.share_parameters()
+        )
+        if isinstance(shared, str):
+            return request.reply({"shared": False, "why": shared})
+        meta = {"shared": True, "version": self.shard.version, **shared.offer()}
+        durable = self.shard.describe_durability()
+        if durable is not None:
+            meta["durable"] = durable
+        return request.reply(meta)
 
     def _held_generation(self, meta: dict) -> int:
         """The generation of this shard's values a pull's ``SINCE_KEY`` says the puller holds

@@ -9,10 +9,11 @@ programs and gradient bundles (``server/vectors.py``) run under the same lock.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,8 @@ from distbelief.sharding import (
     specs_from_json,
     specs_to_json,
 )
+from distbelief.wire.shared_params import SharedParams
+from distbelief.wire.shared_params import supported as sharing_supported
 from distbelief.wire.vector_program import (
     Instruction,
     check_bundle_id,
@@ -206,6 +209,8 @@ class ParameterShard:
         """The open Sandblaster evaluation's staged and committed gradient bundles."""
         self._last_program: dict[str, tuple[int, list]] = {}
         """Per client session: (sequence number, results) of its last vector program."""
+        self._shared: SharedParams | None = None
+        """The parameters in memory clients on this host read directly (made on first ask)."""
 
     @property
     def initialized(self) -> bool:
@@ -262,6 +267,9 @@ class ParameterShard:
         self.fingerprint = layout_fingerprint(specs)
         self.slices = slices
         self.store = store
+        if self._shared is not None:
+            self._shared.retire()
+            self._shared = None
         self.policy.bind(store, self._apply_update)
         self._generation += 1
         self.changes = ChangeLog()
@@ -399,8 +407,9 @@ class ParameterShard:
                 return PushResult(last[1], 0, True, last[2], durable=durable, duplicate=True)
             if count:
                 assert self.store is not None
-                self.store.step(grads)
-                self._version += count
+                with self._writing():
+                    self.store.step(grads)
+                    self._version += count
                 self._generation += 1
             self.durability.note_replay(count, resent, seen_version)
             self.last_push[dedupe_key] = (seq[1], self._version, self.durability.taken, 1)
@@ -415,8 +424,9 @@ class ParameterShard:
         support = None
         if self._keeps_support and self._sparse_push:
             support = self.changes.support(grads)
-        self.store.step(grads)
-        self._version += 1
+        with self._writing():
+            self.store.step(grads)
+            self._version += 1
         self._generation += 1
         self.changes.record(self._generation, support)
 
@@ -471,6 +481,44 @@ class ParameterShard:
                 changes=changes,
             )
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around every change of the parameters (under the lock): readers of the shared
+        parameters copy again if one happened while they copied."""
+        shared = self._shared
+        if shared is None:
+            yield
+            return
+        shared.begin_write()
+        try:
+            yield
+        finally:
+            shared.end_write(self._version)
+
+    def share_parameters(self) -> SharedParams | str:
+        """The parameters in memory that clients on this host may map and read without a
+        request (``wire/shared_params.py``), moved there on the first call; or why not."""
+        self.require_initialized()
+        with self._changed:
+            if self._shared is not None:
+                return self._shared
+            if not self.policy.pulls_are_plain:
+                return "its consistency model decides when each pull is answered"
+            refused = sharing_supported()
+            if refused is not None:
+                return refused
+            assert self.store is not None
+            try:
+                self._shared = SharedParams(self.store.params, self._version)
+            except OSError as e:
+                return f"no memory to share its parameters ({e.strerror or e})"
+            return self._shared
+
+    def note_direct_reads(self, count: int) -> None:
+        """A client read the shared parameters ``count`` times since it last said so."""
+        with self._changed:
+            self._num_pulls += count
+
     def _changes_since(self, since: int, max_changed: int) -> list | None:
         """(indices, values) per slice of what changed after generation ``since``, if known
         and at most ``max_changed`` elements (under the lock)."""
@@ -512,15 +560,17 @@ class ParameterShard:
                 if last is not None and last[0] == seq[1]:
                     return list(last[1])
             assert self.store is not None
-            try:
-                results = VectorExecutor(self.store, self.accumulator).run(instructions)
-            finally:
-                # A program may have written the parameters: no pull may skip its copy.
-                self._generation += 1
-            if writes_vector(instructions, PARAM):
-                # A step of the parameters is an update (readers such as the evaluator see a
-                # new version; each Sandblaster iteration is one).
-                self._version += 1
+            writes_params = writes_vector(instructions, PARAM)
+            with self._writing() if writes_params else contextlib.nullcontext():
+                try:
+                    results = VectorExecutor(self.store, self.accumulator).run(instructions)
+                finally:
+                    # A program may have written the parameters: no pull may skip its copy.
+                    self._generation += 1
+                if writes_params:
+                    # A step of the parameters is an update (readers such as the evaluator see
+                    # a new version; each Sandblaster iteration is one).
+                    self._version += 1
             if seq is not None:
                 self._last_program.pop(seq[0], None)
                 if len(self._last_program) >= _MAX_PROGRAM_SESSIONS:

@@ -1,0 +1,132 @@
+"""Pulls from a shard process on this host read its shared parameters, with no request: the
+same values as a pull by request, never a torn copy while another client pushes, counted as
+pulls; and once the shard is killed, never its last values: the pull fails over to a request,
+and the memory is unmapped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distbelief.client import ParameterServerClient
+from distbelief.errors import PSError
+from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.wire import shared_params
+from distbelief.wire.shared_params import SharedParamsReader
+from tests.conftest import start_shard, stop_processes
+
+pytestmark = pytest.mark.skipif(
+    shared_params.supported() is not None, reason=str(shared_params.supported())
+)
+
+NUMEL = 2_000_000
+"""8 MB: an update takes long enough that reads overlap it."""
+PUSHES = 60
+SPECS = tensor_specs([("w", torch.zeros(NUMEL))])
+
+
+@pytest.fixture
+def shard(monkeypatch):
+    """A shard process on loopback (SGD, lr 1: after version v every element is -v)."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "auto")
+    process, address = start_shard(0, 1, "--server-lr", "1")
+    yield process, address
+    stop_processes([process])
+
+
+def _client(address: str, worker: str, **options) -> ParameterServerClient:
+    client = ParameterServerClient([address], SPECS, timeout_s=30, worker_id=worker, **options)
+    client.handshake(FlatLayout(SPECS).allocate())
+    return client
+
+
+def _reader(client: ParameterServerClient):
+    assert client._shared_reads is not None
+    return client._shared_reads._readers[0]
+
+
+def _mapped_shared_params() -> bool:
+    return "distbelief-params" in Path("/proc/self/maps").read_text()
+
+
+def test_a_same_host_pull_reads_shared_memory_and_counts_as_a_pull(shard):
+    _, address = shard
+    client = _client(address, "w0")
+    try:
+        flats = FlatLayout(SPECS).allocate()
+        ones = {dtype: torch.ones_like(flat) for dtype, flat in flats.items()}
+        assert client.push_now(ones, clock=1) == [1]
+        assert client.pull_now(flats, clock=1) == [1]
+        assert isinstance(_reader(client), SharedParamsReader)
+        assert bool((flats[torch.float32] == -1.0).all())
+        # The same values through a request.
+        shared_reads, client._shared_reads = client._shared_reads, None
+        by_request = FlatLayout(SPECS).allocate()
+        assert client.pull_now(by_request, clock=1) == [1]
+        assert torch.equal(by_request[torch.float32], flats[torch.float32])
+        client._shared_reads = shared_reads
+        # The direct read is reported with the next push: two pulls in all.
+        assert client.push_now(ones, clock=2) == [2]
+        assert client.stats()[0]["num_pulls"] == 2
+    finally:
+        client.close()
+    assert not _mapped_shared_params()
+
+
+def test_reads_while_another_client_pushes_are_never_torn(shard):
+    _, address = shard
+    pusher, reader = _client(address, "pusher"), _client(address, "reader")
+    stop = threading.Event()
+    pushed: list[int] = []
+
+    def push_continuously() -> None:
+        ones = {dtype: torch.ones_like(f) for dtype, f in FlatLayout(SPECS).allocate().items()}
+        while not stop.is_set() and len(pushed) < PUSHES:
+            pushed.append(pusher.push_now(ones)[0])
+
+    thread = threading.Thread(target=push_continuously, daemon=True)
+    try:
+        flats = FlatLayout(SPECS).allocate()
+        thread.start()
+        reads, direct = 0, 0
+        deadline = time.monotonic() + 120
+        while thread.is_alive() and time.monotonic() < deadline:
+            before = reader._shared_reads._unreported[0]
+            version = reader.pull_now(flats)[0]
+            direct += reader._shared_reads._unreported[0] - before
+            values = flats[torch.float32]
+            # Every element of one snapshot has the same value, that of its version.
+            assert float(values.min()) == float(values.max()) == -float(version)
+            reads += 1
+        assert len(pushed) == PUSHES, "the pusher did not finish in time"
+        assert direct > 0, f"none of {reads} pulls read shared memory"
+    finally:
+        stop.set()
+        thread.join(60)
+        pusher.close()
+        reader.close()
+
+
+def test_a_killed_shard_is_never_read_and_its_memory_is_let_go(shard):
+    process, address = shard
+    # A short retry bounds only the failure path: the shard is gone for good.
+    client = _client(address, "w0", retry_timeout_s=2.0)
+    try:
+        flats = FlatLayout(SPECS).allocate()
+        assert client.pull_now(flats) == [0]
+        assert isinstance(_reader(client), SharedParamsReader)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        with pytest.raises(PSError):
+            client.pull_now(flats)
+        assert _reader(client) is None  # asked again of whichever shard answers next
+        assert not _mapped_shared_params()
+        assert not [name for name in os.listdir("/dev/shm") if f"-{process.pid}-" in name]
+    finally:
+        client.close()

@@ -19,6 +19,8 @@ SPECS = tensor_specs([("w", torch.zeros(6)), ("b", torch.zeros(2))])
 class ScriptedTransport:
     """Answers pushes and pulls at once, recording the order and thread of every request."""
 
+    shares_memory = False  # a shard in this process, not on a shared-memory channel
+
     def __init__(self) -> None:
         self.calls: list[tuple[Op, int, str]] = []
         self.gate = threading.Event()
@@ -26,8 +28,6 @@ class ScriptedTransport:
 
     def request(self, message, *, timeout_s, sink=None):
         assert self.gate.wait(5), "test gate never opened"
-        if message.op == ops.SHARE:  # a same-host client's first pull asks; not here
-            return message.reply({"shared": False, "why": "a scripted shard"})
         self.calls.append(
             (message.op, message.meta.get("clock", 0), threading.current_thread().name)
         )

@@ -10,7 +10,7 @@ from distbelief.config import ConsistencyConfig
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.sharding import FlatPartitioner, tensor_specs
 from distbelief.wire import shared_params
-from distbelief.wire.shared_params import SharedParams, SharedParamsReader
+from distbelief.wire.shared_params import SharedParamsReader, SharedTensors
 
 pytestmark = pytest.mark.skipif(
     shared_params.supported() is not None, reason=str(shared_params.supported())
@@ -24,7 +24,7 @@ def _slices(params):
 def test_a_reader_copies_what_the_shard_holds_with_its_version():
     params = [torch.arange(10, dtype=torch.float32), torch.ones(3, dtype=torch.float64)]
     originals = [p.clone() for p in params]
-    shared = SharedParams(params, version=7)
+    shared = SharedTensors(params, version=7)
     reader = SharedParamsReader.open(shared.offer(), _slices(params))
     try:
         outs = [torch.zeros_like(p) for p in params]
@@ -41,7 +41,7 @@ def test_a_reader_copies_what_the_shard_holds_with_its_version():
 
 def test_a_read_during_a_write_is_left_to_a_pull_and_a_retired_file_is_not_read():
     params = [torch.zeros(4)]
-    shared = SharedParams(params, version=0)
+    shared = SharedTensors(params, version=0)
     reader = SharedParamsReader.open(shared.offer(), _slices(params))
     try:
         shared.begin_write()  # a writer stopped half-way: every try sees an odd counter
@@ -58,10 +58,10 @@ def test_a_read_during_a_write_is_left_to_a_pull_and_a_retired_file_is_not_read(
 
 def test_an_offer_that_does_not_fit_or_is_not_the_file_is_refused():
     params = [torch.zeros(4)]
-    shared = SharedParams(params, version=0)
+    shared = SharedTensors(params, version=0)
     with pytest.raises(ValueError, match="do not fit"):
         SharedParamsReader.open(shared.offer(), [(5, torch.float32)])
-    with pytest.raises(ValueError, match="not the shard's parameters"):
+    with pytest.raises(ValueError, match="not the one offered"):
         SharedParamsReader.open({**shared.offer(), "token": shared.token + 1}, _slices(params))
     with pytest.raises(ValueError, match="outside the file"):
         SharedParamsReader.open({**shared.offer(), "size": 64}, _slices(params))
@@ -85,7 +85,7 @@ def _shard(optimizer: str, consistency: ConsistencyConfig | None = None) -> Para
 def test_a_shard_that_shares_updates_exactly_as_one_that_does_not(optimizer):
     plain, sharing = _shard(optimizer), _shard(optimizer)
     shared = sharing.share_parameters()
-    assert isinstance(shared, SharedParams)
+    assert isinstance(shared, SharedTensors)
     assert sharing.share_parameters() is shared  # moved once
     reader = SharedParamsReader.open(shared.offer(), [(s.numel, s.dtype) for s in sharing.slices])
     try:
@@ -113,12 +113,12 @@ def test_shards_whose_pulls_wait_or_leave_state_do_not_share():
 def test_a_restored_shard_retires_what_it_shared():
     shard = _shard("sgd")
     shared = shard.share_parameters()
-    assert isinstance(shared, SharedParams)
+    assert isinstance(shared, SharedTensors)
     reader = SharedParamsReader.open(shared.offer(), [(s.numel, s.dtype) for s in shard.slices])
     try:
         shard.restore(shard.snapshot())
         assert not reader.usable
         again = shard.share_parameters()
-        assert isinstance(again, SharedParams) and again is not shared
+        assert isinstance(again, SharedTensors) and again is not shared
     finally:
         reader.close()

@@ -19,7 +19,7 @@ import torch
 from distbelief.client.compression import EncodedPush, HeldValues, NarrowPullStaging
 from distbelief.client.lanes import ShardLanes
 from distbelief.client.replay import Replay, ShardReplay
-from distbelief.client.shared_reads import SharedReads
+from distbelief.client.shared_memory import SharedMemory
 from distbelief.config import check_wait
 from distbelief.errors import (
     ConsistencyMismatchError,
@@ -47,7 +47,7 @@ from distbelief.wire.compression import (
 )
 from distbelief.wire.group_names import check_group_name
 from distbelief.wire.security import WireSecurity
-from distbelief.wire.shared_params import DIRECT_READS_KEY
+from distbelief.wire.shared_params import DIRECT_READS_KEY, PLACED_KEY
 
 _INIT_POLL_S = 0.05
 _SLICE_CACHE_ENTRIES = 8
@@ -169,11 +169,16 @@ class ParameterServerClient(ShardLanes):
         self._pull_meta = WireCompression(dtype=pull_dtype).pull_meta()
         self._pull_staging = None if pull_dtype is None else NarrowPullStaging(pull_dtype)
         self._held = HeldValues(len(self.addresses)) if pull_changes else None
-        # Same-host shards' parameters are read from shared memory: not when pulls are
-        # narrowed or sparse (their results must not depend on where the shard runs).
-        self._shared_reads = (
-            SharedReads([[(p.numel, p.dtype) for p in pieces] for pieces in self.slices])
-            if pull_dtype is None and not pull_changes and transport_setting() != "tcp"
+        # Same-host shards get pushes through shared memory, and their parameters are read
+        # from it: not when pulls are narrowed or sparse (their results must not depend on
+        # where the shard runs).
+        self._shared_memory = (
+            SharedMemory(
+                [[(p.numel, p.dtype) for p in pieces] for pieces in self.slices],
+                reads=pull_dtype is None and not pull_changes,
+                same_host=lambda shard_id: self._transports[shard_id].shares_memory,
+            )
+            if transport_setting() != "tcp"
             else None
         )
 
@@ -331,7 +336,7 @@ class ParameterServerClient(ShardLanes):
         encoded = isinstance(flat_grads, EncodedPush)
         for i in range(self.num_shards):
             meta = {**self._identity(clock), "seq": seq, "session": self._session}
-            if self._shared_reads is not None and (reads := self._shared_reads.take_count(i)):
+            if self._shared_memory is not None and (reads := self._shared_memory.take_count(i)):
                 meta[DIRECT_READS_KEY] = reads
             if base_versions is not None:
                 meta["base_version"] = int(base_versions[i])
@@ -346,7 +351,7 @@ class ParameterServerClient(ShardLanes):
     def _push_one(self, shard_id: int, message: Message, ready=None) -> int:
         if ready is not None:
             ready()
-        reply = self._request(shard_id, message)
+        reply = self._request(shard_id, self._placed(shard_id, message))
         meta = reply.meta
         self.versions[shard_id] = int(meta["version"])
         self._staleness.append(int(meta.get("staleness", 0)))
@@ -357,6 +362,20 @@ class ParameterServerClient(ShardLanes):
             if replay is not None:
                 self._resend(shard_id, replay)
         return self.versions[shard_id]
+
+    def _placed(self, shard_id: int, message: Message) -> Message:
+        """``message``, or the same push with its gradient in the push buffers a same-host
+        shard maps (its tensors then stay here)."""
+        if self._shared_memory is None or is_encoded(message.meta):
+            return message
+        placed = self._shared_memory.place(
+            shard_id,
+            [tensor for _, tensor in message.tensors],
+            lambda offer: self._share_offer(shard_id, message.meta.get("clock", 0), offer),
+        )
+        if placed is None:
+            return message
+        return Message(ops.PUSH, {**message.meta, PLACED_KEY: placed})
 
     def _pushed(self, shard_id: int, message: Message) -> list[torch.Tensor]:
         """What a push adds to the shard's slices, whatever its encoding (what a replay sums)."""
@@ -471,9 +490,11 @@ class ParameterServerClient(ShardLanes):
     def _pull_one(self, shard_id: int, targets: dict, clock: int, after_version, ready) -> int:
         if ready is not None:
             ready()
-        if after_version is None and self._shared_reads is not None:
-            version = self._shared_reads.read(
-                shard_id, list(targets.values()), lambda: self._share_offer(shard_id, clock)
+        if after_version is None and self._shared_memory is not None:
+            version = self._shared_memory.read(
+                shard_id,
+                list(targets.values()),
+                lambda offer: self._share_offer(shard_id, clock, offer),
             )
             if version is not None:
                 self.versions[shard_id] = version
@@ -503,10 +524,14 @@ class ParameterServerClient(ShardLanes):
         self.versions[shard_id] = int(reply.meta["version"])
         return self.versions[shard_id]
 
-    def _share_offer(self, shard_id: int, clock: int) -> dict:
-        """The shard's SHARE reply: where its parameters may be read on this host, or why not
-        (a restarted shard is first sent what its checkpoint lacks, as a pull's reply is)."""
-        reply = self._request(shard_id, Message(ops.SHARE, self._identity(clock)))
+    def _share_offer(self, shard_id: int, clock: int, buffers: dict | None) -> dict:
+        """The shard's SHARE reply to the offer of this client's push ``buffers``: where its
+        parameters may be read on this host, and whether it maps the buffers, or why not (a
+        restarted shard is first sent what its checkpoint lacks, as a pull's reply is)."""
+        meta = self._identity(clock)
+        if buffers is not None:
+            meta[PLACED_KEY] = buffers
+        reply = self._request(shard_id, Message(ops.SHARE, meta))
         self._settle(shard_id, reply.meta)
         return reply.meta
 
@@ -537,8 +562,8 @@ class ParameterServerClient(ShardLanes):
 
     def close(self, wait: bool = True) -> None:
         super().close(wait)
-        if self._shared_reads is not None:
-            self._shared_reads.close()
+        if self._shared_memory is not None:
+            self._shared_memory.close()
 
     def wait_for_version(self, min_version: int, timeout_s: float) -> list[int]:
         """Block until every shard has applied at least ``min_version`` updates.

@@ -54,7 +54,7 @@ from distbelief.wire.ops import (
     VECTORS,
     OpRegistry,
 )
-from distbelief.wire.shared_params import DIRECT_READS_KEY
+from distbelief.wire.shared_params import DIRECT_READS_KEY, PLACED_KEY, map_push_buffers
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,8 @@ class ShardConnection(VectorHandlers):
         # since skips the copy. (What dc-asgd needs of it, the shard's policy keeps per worker
         # id, so it survives a reconnect.)
         self._buffers: SliceBuffers | None = None
+        self._placed: tuple[int, list[torch.Tensor]] | None = None
+        """The push buffers of a client on this host (their token, a view per slice)."""
         self.worker: str | None = None
         self.group: str | None = None
         """The parameter group this connection serves, set by the first request naming one."""
@@ -222,6 +224,7 @@ class ShardConnection(VectorHandlers):
 
     def close(self) -> None:
         self.idle()
+        self._placed = None  # the client's push buffers are unmapped with their last view
         if self.worker is not None:
             self.shard.leave(self.worker)
 
@@ -320,7 +323,12 @@ class ShardConnection(VectorHandlers):
             self._bind_group(request.meta)
         if "replay" in request.meta:
             return self._replay(request)
-        if is_encoded(request.meta):
+        if PLACED_KEY in request.meta:
+            if request.tensors:
+                raise ProtocolError("a push placed in shared memory carries no tensors")
+            grads = self._placed_buffers(request.meta[PLACED_KEY])
+            received_bytes = 0
+        elif is_encoded(request.meta):
             compressed = self._compressed_slices()
             grads = compressed.decode_push(request.meta, request.tensors, self._borrowed().push)
             received_bytes = sum(tensor.nbytes for _, tensor in request.tensors)
@@ -432,9 +440,25 @@ class ShardConnection(VectorHandlers):
         self.service.count_bytes(0, sum(tensor.nbytes for _, tensor in narrowed))
         return request.reply(meta, narrowed)
 
+    def _placed_buffers(self, offer: object) -> list[torch.Tensor]:
+        """The views of the push buffers ``offer`` describes (mapped at the first push of this
+        connection that names them: a reconnected client's pushes carry the offer again)."""
+        if not isinstance(offer, dict):
+            raise ValueError(f"{PLACED_KEY} must be a shared-memory offer, got {offer!r}")
+        if self._placed is None or self._placed[0] != offer.get("token"):
+            if transport_setting() == "tcp":
+                raise ValueError("this shard uses TCP only: push the gradient's tensors")
+            pieces = [(piece.numel, piece.dtype) for piece in self.shard.slices]
+            try:
+                self._placed = (offer.get("token"), map_push_buffers(offer, pieces))
+            except OSError as e:
+                raise ValueError(f"cannot map the client's push buffers: {e}") from None
+        return self._placed[1]
+
     def _share(self, request: Message) -> Message:
         """Offer the shared parameters (``wire/shared_params.py``) to a client on this host,
-        or say why not. A client elsewhere cannot open what is offered, and pulls instead."""
+        and map its push buffers if it offers them; or say why not. A client on another host
+        cannot open what is offered, and pulls instead (nor can this shard open its buffers)."""
         self._bind_group(request.meta)
         self._identify(request.meta)
         shared = (
@@ -442,9 +466,17 @@ class ShardConnection(VectorHandlers):
             if transport_setting() == "tcp"
             else self.shard.share_parameters()
         )
+        meta: dict = {"shared": False, "placed": False}
+        if PLACED_KEY in request.meta:
+            try:
+                self._placed_buffers(request.meta[PLACED_KEY])
+                meta["placed"] = True
+            except ValueError as e:
+                meta["placed_why"] = str(e)
         if isinstance(shared, str):
-            return request.reply({"shared": False, "why": shared})
-        meta = {"shared": True, "version": self.shard.version, **shared.offer()}
+            meta["why"] = shared
+        else:
+            meta |= {"shared": True, "version": self.shard.version, **shared.offer()}
         durable = self.shard.describe_durability()
         if durable is not None:
             meta["durable"] = durable

@@ -40,7 +40,7 @@ from distbelief.sharding import (
     specs_from_json,
     specs_to_json,
 )
-from distbelief.wire.shared_params import SharedParams
+from distbelief.wire.shared_params import SharedTensors
 from distbelief.wire.shared_params import supported as sharing_supported
 from distbelief.wire.vector_program import (
     Instruction,
@@ -209,7 +209,7 @@ class ParameterShard:
         """The open Sandblaster evaluation's staged and committed gradient bundles."""
         self._last_program: dict[str, tuple[int, list]] = {}
         """Per client session: (sequence number, results) of its last vector program."""
-        self._shared: SharedParams | None = None
+        self._shared: SharedTensors | None = None
         """The parameters in memory clients on this host read directly (made on first ask)."""
 
     @property
@@ -495,7 +495,7 @@ class ParameterShard:
         finally:
             shared.end_write(self._version)
 
-    def share_parameters(self) -> SharedParams | str:
+    def share_parameters(self) -> SharedTensors | str:
         """The parameters in memory that clients on this host may map and read without a
         request (``wire/shared_params.py``), moved there on the first call; or why not."""
         self.require_initialized()
@@ -509,7 +509,7 @@ class ParameterShard:
                 return refused
             assert self.store is not None
             try:
-                self._shared = SharedParams(self.store.params, self._version)
+                self._shared = SharedTensors(self.store.params, self._version)
             except OSError as e:
                 return f"no memory to share its parameters ({e.strerror or e})"
             return self._shared

@@ -103,7 +103,7 @@ ACCUMULATE = define_op("ACCUMULATE", 7)
 """A worker's gradient bundle for an open Sandblaster evaluation, staged until committed."""
 READ = define_op("READ", 8)
 """The shard's slices of one named vector (the point a Sandblaster evaluation is at)."""
-SHARE = define_op("SHARE", 9)
+SHARE = define_op("SHARE", 10)
 """Where a client on the shard's host may read the parameters without a request
 (``shared_params.py``), or why it may not."""
 

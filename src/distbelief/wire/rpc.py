@@ -71,6 +71,12 @@ class RpcClient:
         self._answered = False
         """Whether the server has answered a request well (it is a peer of this protocol)."""
 
+    @property
+    def shares_memory(self) -> bool:
+        """Whether the connection open now is to a peer on this host that may share memory
+        (a shared-memory channel; False while none is open)."""
+        return channels.shares_memory(self._channel)
+
     def _open(self, deadline: float, timeout_s: float) -> tuple[Channel, FrameReader]:
         if self._channel is None:
             remaining_s = deadline - time.monotonic()

@@ -1,5 +1,6 @@
 """Shared parameters: a shard's parameter slices in memory that clients on its host map and
-copy from directly, so that a pull's bytes cross no socket and no ring.
+copy from directly, so that a pull's bytes cross no socket and no ring; and, the other way, a
+client's push buffers that the shard maps and applies from.
 
 The shard moves its slices into one anonymous memory file (``memfd``: nothing is named in
 /dev/shm, and nothing is left behind when the shard dies, however it dies). A client the
@@ -8,6 +9,10 @@ shard offers it to (over an authenticated connection; the SHARE op) opens it rea
 sequence lock: the shard makes the header's counter odd before it changes the parameters and
 even after, with the new version; a reader that saw the counter odd, or changed, copies again,
 and after a few tries leaves the read to an ordinary pull, which takes the shard's lock.
+
+A client's push buffers are a file of the same form, which it offers with each push (the
+PLACED_KEY of its metadata); the shard maps it (once per connection) and applies the gradient
+from it before it answers, and the client writes the next gradient only after the answer.
 
 Only on x86-64, whose stores are seen in the order they were made: the counter and version
 are single 8-byte stores, and no fence can be written from here for weaker memory models.
@@ -35,6 +40,8 @@ from distbelief.wire.dtypes import dtype_from_name, dtype_name
 DIRECT_READS_KEY = "reads"
 """A push's count of its client's reads of the shared parameters since its last push (the
 shard counts them as pulls)."""
+PLACED_KEY = "placed"
+"""A push whose gradient is in the client's push buffers: their offer (no tensors travel)."""
 HEADER_BYTES = 64
 _SEQ, _VERSION, _RETIRED, _TOKEN = range(4)
 """The header's int64 fields: the sequence counter, the version of the values, 1 once the
@@ -78,23 +85,26 @@ def _views(mapping: mmap.mmap, layout: Sequence[tuple[int, int, torch.dtype]]) -
         ]
 
 
-class SharedParams:
-    """The shard's side: its parameter tensors, moved into a memory file clients can map.
+class SharedTensors:
+    """Tensors moved into a memory file that other processes of this host can map: a shard's
+    parameters, or a client's push buffers.
 
-    Made from the shard's parameter tensors and their version: it copies each into the file
-    and points the tensor at it (``Tensor.set_``: the same tensor objects, so an optimizer
-    holding them is unaffected).
-    Every change of the parameters from then on happens between :meth:`begin_write` and
-    :meth:`end_write`.
+    Made from the tensors and their version: it copies each into the file and points the
+    tensor at it (``Tensor.set_``: the same tensor objects, so an optimizer holding them is
+    unaffected). Every change of a shard's parameters from then on happens between
+    :meth:`begin_write` and :meth:`end_write`.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], version: int) -> None:
+    def __init__(
+        self, params: Sequence[torch.Tensor], version: int = 0, *, name: str = "params"
+    ) -> None:
         layout, offset = [], HEADER_BYTES
         for param in params:
             layout.append((offset, param.numel(), param.dtype))
             offset = _aligned(offset + param.numel() * param.dtype.itemsize)
         self.size = offset
-        self.fd = os.memfd_create("distbelief-params", os.MFD_CLOEXEC)
+        # The name only shows in /proc/PID/maps: what the memory is, for whoever looks.
+        self.fd = os.memfd_create(f"distbelief-{name}", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, self.size)
             # Reserves the pages now: out of memory fails here, not with SIGBUS on a write.
@@ -108,6 +118,8 @@ class SharedParams:
         self._header = _header(self._mapping)
         self._header[_TOKEN] = self.token
         self._header[_VERSION] = version
+        self.tensors = list(params)
+        """The tensors, now in the file."""
         for param, view in zip(params, _views(self._mapping, layout), strict=True):
             if param.numel():
                 view.copy_(param.detach().reshape(-1))
@@ -115,7 +127,7 @@ class SharedParams:
                     param.set_(view.view(param.shape))
 
     def offer(self) -> dict:
-        """What a client needs to map this file (the SHARE reply's fields)."""
+        """What another process needs to map this file (a SHARE reply's fields)."""
         return {
             "pid": os.getpid(),
             "fd": self.fd,
@@ -133,9 +145,58 @@ class SharedParams:
         header[_SEQ] += 1
 
     def retire(self) -> None:
-        """The parameters live elsewhere from now on: readers stop using this file."""
+        """The parameters live elsewhere from now on: readers stop using this file, and no
+        new one can open it (the pages go once every mapping is let go)."""
         self._header[_RETIRED] = 1
         self._header[_SEQ] += 2
+        os.close(self.fd)
+
+
+def _map_offer(offer: dict, slices, *, writable: bool) -> tuple[mmap.mmap, list, int]:
+    """Map the file ``offer`` describes: (mapping, a view per slice, a pidfd of its owner).
+
+    Raises:
+        ValueError: the offer is malformed, does not fit ``slices`` ((numel, dtype) each), or
+            the file opened is not the one offered.
+        OSError: the file cannot be opened from here (the owner has ended, or is another
+            user's, or in another PID namespace).
+    """
+    try:
+        pid, fd, token, size = (int(offer[key]) for key in ("pid", "fd", "token", "size"))
+        layout = [(int(o), int(n), dtype_from_name(d)) for o, n, d in offer["slices"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed shared-memory offer: {e}") from None
+    if [(numel, dtype) for _, numel, dtype in layout] != list(slices):
+        raise ValueError("the shared tensors do not fit these slices")
+    if any(o < HEADER_BYTES or o + n * d.itemsize > size for o, n, d in layout):
+        raise ValueError("the shared tensors lie outside the file")
+    pidfd = os.pidfd_open(pid)
+    try:
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        file_fd = os.open(f"/proc/{pid}/fd/{fd}", flags | os.O_CLOEXEC)
+        try:
+            info = os.fstat(file_fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+                raise ValueError("the offered file is not the one offered")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mapping = mmap.mmap(file_fd, size, flags=mmap.MAP_SHARED, prot=prot)
+        finally:
+            os.close(file_fd)
+        if int(_header(mapping)[_TOKEN]) != token:
+            mapping.close()
+            raise ValueError("the offered file is not the one offered")
+        return mapping, _views(mapping, layout), pidfd
+    except BaseException:
+        os.close(pidfd)
+        raise
+
+
+def map_push_buffers(offer: dict, slices) -> list[torch.Tensor]:
+    """The shard's side of a client's push buffers: writable views of each slice (a policy
+    may adjust a gradient in place); the mapping lasts as long as they do."""
+    _mapping, views, pidfd = _map_offer(offer, slices, writable=True)
+    os.close(pidfd)
+    return views
 
 
 class SharedParamsReader:
@@ -156,33 +217,8 @@ class SharedParamsReader:
     @classmethod
     def open(cls, offer: dict, slices: Sequence[tuple[int, torch.dtype]]) -> SharedParamsReader:
         """Map the file ``offer`` (a SHARE reply) describes; ``slices``: (numel, dtype) of each
-        slice, as the client expects them."""
-        try:
-            pid, fd, token, size = (int(offer[key]) for key in ("pid", "fd", "token", "size"))
-            layout = [(int(o), int(n), dtype_from_name(d)) for o, n, d in offer["slices"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"malformed shared-parameters offer: {e}") from None
-        if [(numel, dtype) for _, numel, dtype in layout] != list(slices):
-            raise ValueError("the shared parameters do not fit this client's slices")
-        if any(o < HEADER_BYTES or o + n * d.itemsize > size for o, n, d in layout):
-            raise ValueError("the shared parameters' slices lie outside the file")
-        pidfd = os.pidfd_open(pid)
-        try:
-            file_fd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                info = os.fstat(file_fd)
-                if not stat.S_ISREG(info.st_mode) or info.st_size != size:
-                    raise ValueError("the offered file is not the shard's parameters")
-                mapping = mmap.mmap(file_fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-            finally:
-                os.close(file_fd)
-            if int(_header(mapping)[_TOKEN]) != token:
-                mapping.close()
-                raise ValueError("the offered file is not the shard's parameters")
-            return cls(mapping, _views(mapping, layout), pidfd)
-        except BaseException:
-            os.close(pidfd)
-            raise
+        slice, as the client expects them. Raises as ``_map_offer``."""
+        return cls(*_map_offer(offer, slices, writable=False))
 
     @property
     def usable(self) -> bool:

@@ -39,6 +39,12 @@ class Channel(Protocol):
         """Shut the stream down and release it."""
 
 
+def shares_memory(channel: Channel | None) -> bool:
+    """Whether ``channel``'s two ends are on one host and may share memory (a channel kind
+    that knows it says so with a ``shares_memory`` attribute)."""
+    return bool(getattr(channel, "shares_memory", False))
+
+
 class PollableChannel(Channel, Protocol):
     """A channel the OS can watch for arriving bytes (a socket): a server then keeps it idle in
     a poller, with no thread waiting on it."""

@@ -214,6 +214,9 @@ class ShmChannel:
     or receives (as a request/reply connection does); any thread may call ``shutdown``.
     """
 
+    shares_memory = True
+    """Both ends are on one host and may share memory (see ``wire/shared_params.py``)."""
+
     __slots__ = ("_doorbells", "_ended", "_in", "_out", "_partial", "_read_at", "_readable")
     __slots__ += ("_receive_doorbells", "_ring_doorbell", "_room", "_sock", "_unreported")
     __slots__ += ("_write_at", "settimeout")

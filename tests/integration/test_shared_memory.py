@@ -1,7 +1,8 @@
-"""Pulls from a shard process on this host read its shared parameters, with no request: the
-same values as a pull by request, never a torn copy while another client pushes, counted as
-pulls; and once the shard is killed, never its last values: the pull fails over to a request,
-and the memory is unmapped."""
+"""A shard process on this host, through shared memory: pulls read its shared parameters with
+no request (the same values as a pull by request, never a torn copy while another client
+pushes, counted as pulls); pushes leave their gradient in buffers the shard applies from (the
+same update as pushed tensors). Once the shard is killed its last values are never read: the
+pull fails over to a request, and the memory is unmapped."""
 
 from __future__ import annotations
 
@@ -46,9 +47,20 @@ def _client(address: str, worker: str, **options) -> ParameterServerClient:
     return client
 
 
+def _shared(client: ParameterServerClient):
+    """What shard 0 agreed to share with ``client`` (None: not asked, or ended)."""
+    assert client._shared_memory is not None
+    return client._shared_memory._shards[0]
+
+
 def _reader(client: ParameterServerClient):
-    assert client._shared_reads is not None
-    return client._shared_reads._readers[0]
+    shared = _shared(client)
+    return None if shared is None else shared.reader
+
+
+def _direct_reads(client: ParameterServerClient) -> int:
+    assert client._shared_memory is not None
+    return client._shared_memory._unreported[0]
 
 
 def _mapped_shared_params() -> bool:
@@ -66,17 +78,52 @@ def test_a_same_host_pull_reads_shared_memory_and_counts_as_a_pull(shard):
         assert isinstance(_reader(client), SharedParamsReader)
         assert bool((flats[torch.float32] == -1.0).all())
         # The same values through a request.
-        shared_reads, client._shared_reads = client._shared_reads, None
+        shared_memory, client._shared_memory = client._shared_memory, None
         by_request = FlatLayout(SPECS).allocate()
         assert client.pull_now(by_request, clock=1) == [1]
         assert torch.equal(by_request[torch.float32], flats[torch.float32])
-        client._shared_reads = shared_reads
+        client._shared_memory = shared_memory
         # The direct read is reported with the next push: two pulls in all.
         assert client.push_now(ones, clock=2) == [2]
-        assert client.stats()[0]["num_pulls"] == 2
+        stats = client.stats()[0]
+        assert stats["num_pulls"] == 2
+        # Both pushes were placed in the push buffers: no gradient byte was received.
+        assert _shared(client).placed is not None
+        assert stats["bytes_received"] == 0
     finally:
         client.close()
     assert not _mapped_shared_params()
+
+
+@pytest.mark.parametrize("flags", [("--max-staleness", "2"), ("--server-optimizer", "adam")])
+def test_placed_pushes_update_as_pushed_tensors_do(monkeypatch, flags):
+    """Also where pulls must stay requests (SSP holds them): only the pushes are placed."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "auto")
+    processes = []
+    try:
+        addresses = []
+        for _ in range(2):
+            process, address = start_shard(0, 1, "--server-lr", "0.5", *flags)
+            processes.append(process)
+            addresses.append(address)
+        placed, by_request = _client(addresses[0], "w0"), _client(addresses[1], "w0")
+        by_request._shared_memory = None
+        try:
+            torch.manual_seed(0)
+            for clock in range(1, 4):
+                grads = {torch.float32: torch.randn(NUMEL)}
+                placed.push_now(grads, clock=clock)
+                by_request.push_now(grads, clock=clock)
+            assert _shared(placed).placed is not None
+            assert (_reader(placed) is None) == (flags[0] == "--max-staleness")
+            ours, theirs = FlatLayout(SPECS).allocate(), FlatLayout(SPECS).allocate()
+            assert placed.pull_now(ours, clock=3) == by_request.pull_now(theirs, clock=3) == [3]
+            assert torch.equal(ours[torch.float32], theirs[torch.float32])
+        finally:
+            placed.close()
+            by_request.close()
+    finally:
+        stop_processes(processes)
 
 
 def test_reads_while_another_client_pushes_are_never_torn(shard):
@@ -97,9 +144,9 @@ def test_reads_while_another_client_pushes_are_never_torn(shard):
         reads, direct = 0, 0
         deadline = time.monotonic() + 120
         while thread.is_alive() and time.monotonic() < deadline:
-            before = reader._shared_reads._unreported[0]
+            before = _direct_reads(reader)
             version = reader.pull_now(flats)[0]
-            direct += reader._shared_reads._unreported[0] - before
+            direct += _direct_reads(reader) - before
             values = flats[torch.float32]
             # Every element of one snapshot has the same value, that of its version.
             assert float(values.min()) == float(values.max()) == -float(version)

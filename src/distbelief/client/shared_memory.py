@@ -1,0 +1,142 @@
+"""Shards on this host, through shared memory (``wire/shared_params.py``): per shard, the
+parameters it shares, read without a request; and this client's push buffers, which the
+shard applies gradients from, so that no gradient byte crosses a socket.
+
+Each shard whose connection is a shared-memory channel (so within the listener's cap of such
+connections) is asked once (the SHARE op, at the first push or pull), with the push buffers
+offered in the request; the reply says whether the shard shares its parameters and whether
+it mapped the buffers. A shard that ended is asked again (a restarted shard answers). A shard
+that cannot share (another host, a consistency model that decides when pulls are answered,
+TCP only) is asked once; its pulls or pushes stay requests. Reads are counted and reported
+with the next push, so the shard's pull count includes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from distbelief.wire.shared_params import SharedParamsReader, SharedTensors
+from distbelief.wire.shared_params import supported as sharing_supported
+
+logger = logging.getLogger(__name__)
+
+Ask = Callable[[dict | None], dict]
+"""Sends one shard the SHARE request (with this client's push-buffer offer, or None) and
+returns the reply's metadata."""
+
+
+class _Shard:
+    """What one shard agreed to: its parameters' reader, and whether it maps our buffers."""
+
+    __slots__ = ("buffers", "placed", "reader")
+
+    def __init__(self) -> None:
+        self.reader: SharedParamsReader | None = None
+        self.buffers: SharedTensors | None = None
+        self.placed: dict | None = None
+        """The push buffers' offer, sent with each push, once the shard has mapped them."""
+
+    def release(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        if self.buffers is not None:
+            self.buffers.retire()
+
+
+class SharedMemory:
+    """Per shard: None (not asked yet) or what it agreed to. Each shard's calls come from its
+    lane, one at a time.
+
+    Args:
+        slices: Per shard, (numel, dtype) of each of its slices.
+        reads: Whether pulls may read shared parameters (not when they must go through the
+            shard: narrowed, or changes only).
+        same_host: Whether shard i's connection is a shared-memory channel now.
+    """
+
+    def __init__(
+        self,
+        slices: Sequence[Sequence[tuple[int, torch.dtype]]],
+        *,
+        reads: bool,
+        same_host: Callable[[int], bool],
+    ) -> None:
+        self._slices = [list(pieces) for pieces in slices]
+        self._same_host = same_host
+        self._reads = reads
+        self._usable = sharing_supported() is None
+        self._shards: list[_Shard | None] = [None] * len(self._slices)
+        self._unreported = [0] * len(self._slices)
+
+    def _agreed(self, shard_id: int, ask: Ask) -> _Shard | None:
+        """What shard ``shard_id`` agreed to, asked now if not yet (or if it has ended)."""
+        if not self._usable:
+            return None
+        shard = self._shards[shard_id]
+        if shard is not None and shard.reader is not None and not shard.reader.usable:
+            shard.release()  # the shard ended (or moved its parameters): ask anew
+            shard = self._shards[shard_id] = None
+        if shard is None and self._same_host(shard_id):
+            shard = self._shards[shard_id] = self._ask(shard_id, ask)
+        return shard
+
+    def _ask(self, shard_id: int, ask: Ask) -> _Shard:
+        shard = _Shard()
+        pieces = self._slices[shard_id]
+        try:
+            buffers = [torch.empty(numel, dtype=dtype) for numel, dtype in pieces]
+            shard.buffers = SharedTensors(buffers, name="push-buffers")
+        except OSError as e:
+            logger.info("shard %d: no memory for shared push buffers (%s)", shard_id, e)
+        reply = ask(None if shard.buffers is None else shard.buffers.offer())
+        if reply.get("placed") and shard.buffers is not None:
+            shard.placed = shard.buffers.offer()
+        if self._reads and reply.get("shared"):
+            try:
+                shard.reader = SharedParamsReader.open(reply, pieces)
+            except (OSError, ValueError) as e:
+                logger.info("shard %d: its shared parameters cannot be read here (%s)", shard_id, e)
+        logger.debug(
+            "shard %d: reads %s, pushes %s",
+            shard_id,
+            "shared" if shard.reader else f"by request ({reply.get('why')})",
+            "placed" if shard.placed else f"by request ({reply.get('placed_why')})",
+        )
+        return shard
+
+    def read(self, shard_id: int, outs: Sequence[torch.Tensor], ask: Ask) -> int | None:
+        """Copy shard ``shard_id``'s parameters into ``outs`` from shared memory; their
+        version, or None (pull by request)."""
+        if not self._reads:
+            return None
+        shard = self._agreed(shard_id, ask)
+        if shard is None or shard.reader is None:
+            return None
+        version = shard.reader.read_into(outs)
+        if version is not None:
+            self._unreported[shard_id] += 1
+        return version
+
+    def place(self, shard_id: int, grads: Sequence[torch.Tensor], ask: Ask) -> dict | None:
+        """Copy a push's ``grads`` into the push buffers shard ``shard_id`` maps; the offer to
+        send in the push's metadata, or None (send the tensors)."""
+        shard = self._agreed(shard_id, ask)
+        if shard is None or shard.placed is None:
+            return None
+        assert shard.buffers is not None
+        torch._foreach_copy_(shard.buffers.tensors, list(grads))
+        return shard.placed
+
+    def take_count(self, shard_id: int) -> int:
+        """Reads of shard ``shard_id`` since the last call (reported with a push)."""
+        count, self._unreported[shard_id] = self._unreported[shard_id], 0
+        return count
+
+    def close(self) -> None:
+        for shard_id, shard in enumerate(self._shards):
+            if shard is not None:
+                shard.release()
+            self._shards[shard_id] = None

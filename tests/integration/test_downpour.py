@@ -15,6 +15,7 @@ from distbelief.errors import (
     ShardListError,
     ShardTimeoutError,
 )
+from distbelief.launch.warmstart import end_warmstart
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.wire import serve
@@ -157,6 +158,41 @@ def served_shard():
         yield [server.address]
     finally:
         server.stop()
+
+
+def test_a_warm_start_ended_early_releases_a_waiting_worker(served_shard):
+    """A worker waiting for a warm start whose replica is gone for good starts once a shard is
+    told the warm start is over (what the launcher does), from the parameters as they are."""
+    first = _model(seed=0)
+    trainer = DownpourSGD(first.parameters(), lr=0.1, model=first, ps=served_shard, blocking=True)
+    _train(first, trainer, _batches(3))
+    late = _model(seed=123)
+    joined: list[DownpourSGD] = []
+    waiting = threading.Thread(
+        target=lambda: joined.append(
+            DownpourSGD(
+                late.parameters(),
+                lr=0.1,
+                model=late,
+                ps=served_shard,
+                start_after_version=1000,  # never reached: the trainer has stopped
+                hold_timeout_s=120,
+            )
+        ),
+        daemon=True,
+    )
+    waiting.start()
+    waiting.join(timeout=1.0)
+    assert waiting.is_alive()  # waiting for updates that will not come
+    versions, failed = end_warmstart(served_shard, timeout_s=10)
+    assert (versions, failed) == ([3], {})
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and len(joined) == 1
+    trainer.pull_now()
+    for a, b in zip(first.parameters(), late.parameters(), strict=True):
+        assert torch.equal(a, b)
+    joined[0].close()
+    trainer.close()
 
 
 @pytest.mark.parametrize("lr", [math.nan, math.inf, 1e308])

@@ -134,6 +134,35 @@ def test_a_shard_given_up_ends_the_run_with_a_failed_summary(tmp_path):
     assert {"final", "elapsed_s"} <= set(summary)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_worker0_given_up_during_its_warm_start_lets_the_others_start_at_once(tmp_path):
+    """With --warmstart-steps the other workers wait for worker 0's first updates. Worker 0
+    killed for good before it made them, they start at once from the parameters as they are
+    and the job ends with them (they waited out their 300 s hold timeout, then failed)."""
+    run_dir = tmp_path / "run"
+    steps = 2000  # worker 0 needs several seconds for its warm start, so the kill lands in it
+    job = ("--model", "mlp", "--steps", str(steps), "--warmstart-steps", str(steps))
+    with _training(run_dir, *job, "--max-restarts", "0", "--no-eval") as launcher:
+        _wait_for(lambda: 0 in _worker_steps(run_dir), 120, "worker 0 to train")
+        _kill(run_dir, "worker0")
+        killed = time.monotonic()
+        try:
+            _out, err = launcher.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the job still ran 120 s after worker 0 was given up")
+    ended_after_s = time.monotonic() - killed
+    assert launcher.returncode == 0, err[-3000:]
+    assert "worker0 died (exit code -9); given up" in err
+    assert "worker0 was given up during its warm start: the other workers start now" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["outcome"] == "done"
+    assert [(f["process"], f["action"]) for f in summary["faults"]] == [("worker0", "given up")]
+    assert summary["worker_steps"]["1"] == steps
+    assert summary["worker_steps"]["0"] < steps
+    assert ended_after_s < 120
+
+
 def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
     """``distbelief ps`` stopped by SIGTERM (what ``kill`` and service managers send) saves
     what it applied since its last periodic checkpoint, as Ctrl-C does."""

@@ -48,6 +48,7 @@ from distbelief.wire.compression import (
 from distbelief.wire.group_names import check_group_name
 from distbelief.wire.security import WireSecurity
 from distbelief.wire.shared_params import DIRECT_READS_KEY, PLACED_KEY
+from distbelief.wire.warmstart_ops import WARMSTART_ENDED_KEY
 
 _INIT_POLL_S = 0.05
 _SLICE_CACHE_ENTRIES = 8
@@ -566,15 +567,19 @@ class ParameterServerClient(ShardLanes):
             self._shared_memory.close()
 
     def wait_for_version(self, min_version: int, timeout_s: float) -> list[int]:
-        """Block until every shard has applied at least ``min_version`` updates.
+        """Block until every shard has applied at least ``min_version`` updates, or a shard
+        says the warm start is over (``END_WARMSTART``: the replica whose updates are awaited
+        was given up); returns the shards' versions.
 
         Raises:
-            ShardTimeoutError: not reached within ``timeout_s``.
+            ShardTimeoutError: neither within ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
         while True:
-            versions = [int(s["version"]) for s in self.stats()]
-            if min(versions) >= min_version:
+            stats = self.stats()
+            versions = [int(s["version"]) for s in stats]
+            # Any shard will do: one restarted since it was told has forgotten it.
+            if min(versions) >= min_version or any(s.get(WARMSTART_ENDED_KEY) for s in stats):
                 return versions
             if time.monotonic() > deadline:
                 raise ShardTimeoutError(

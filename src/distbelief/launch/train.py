@@ -41,6 +41,8 @@ from distbelief.launch.summary import RunResult, write_summary
 from distbelief.server.checkpoint_meta import meta_path, read_checked_meta
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from distbelief.config import JobConfig
     from distbelief.telemetry import ShardStatsPoller, Sink
 
@@ -52,6 +54,7 @@ SHARDS_READY_TIMEOUT_S = 60.0
 
 LOADED_BEFORE_THE_JOB = (
     "distbelief.telemetry.shard_stats",
+    "distbelief.launch.warmstart",
     "tensorboard.summary.writer.event_file_writer",
     "tensorboard.compat.proto.event_pb2",
     "tensorboard.compat.proto.summary_pb2",
@@ -375,13 +378,17 @@ def engine_cluster(engine: str) -> type[Cluster]:
     return LocalCluster
 
 
-def _start(cluster: Cluster, config: JobConfig) -> list[str]:
+def _start(
+    cluster: Cluster, config: JobConfig, shards_ready: Callable[[list[str]], None]
+) -> list[str]:
     """Every process: the shards at once, then (they need the shards' addresses) the workers
     and the evaluator at once; nothing waits for a process but the shards' readiness (and, for
-    Sandblaster's workers, the coordinator's). Returns the shards' addresses."""
+    Sandblaster's workers, the coordinator's). Returns the shards' addresses, given to
+    ``shards_ready`` too as soon as the shards listen, before anything else starts."""
     for shard_id in range(config.cluster.num_shards):
         cluster.start(ProcessKind.SHARD, shard_id)
     addresses = cluster.wait_for_shards(SHARDS_READY_TIMEOUT_S)
+    shards_ready(addresses)
     if config.optimizer.algorithm == "sandblaster":
         cluster.start(ProcessKind.COORDINATOR, 0)
         cluster.wait_for_coordinator(SHARDS_READY_TIMEOUT_S)
@@ -507,7 +514,17 @@ def _run_job(
                 ]
             ) as sink,
         ):
-            cluster.on_fault = lambda fault: sink.message(_describe_fault(fault))
+            # Imported here, not at the top: it loads the wire's client (orjson), which is
+            # loaded above with the signals deferred.
+            from distbelief.launch.warmstart import WarmstartRelease
+
+            warmstart = WarmstartRelease(config, cluster.security, sink.message)
+
+            def on_fault(fault: Fault) -> None:
+                sink.message(_describe_fault(fault))
+                warmstart.on_fault(fault)
+
+            cluster.on_fault = on_fault
             route = EventRouter(sink)
             addresses: list[str] = []
             try:
@@ -515,7 +532,7 @@ def _run_job(
                 from distbelief.wire.channels.shm import apply_job_transport
 
                 apply_job_transport(config.cluster.transport)
-                addresses = _start(cluster, config)
+                addresses = _start(cluster, config, warmstart.shards_ready)
                 route.shard_poller = telemetry.ShardStatsPoller(
                     addresses, security=cluster.security
                 )

@@ -187,7 +187,8 @@ class DownpourSGD(torch.optim.Optimizer):
         worker_id: This replica's name at the shards (liveness, SSP clocks); default unique.
         start_after_version: Warmstart: wait until the shards have applied this many updates
             (from another replica) before starting from their parameters: an int >= 0
-            (0 or None: start at once).
+            (0 or None: start at once). A shard told that the warm start is over
+            (``END_WARMSTART``: the launcher gave that replica up) ends the wait at once.
         hold_timeout_s: Longest a pull may be held by the shards (SSP, sync rounds) or a
             warmstart may wait before ShardTimeoutError, and the longest to wait for a
             ParameterServer to publish its address (it may still be loading its data).

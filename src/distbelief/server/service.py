@@ -55,6 +55,7 @@ from distbelief.wire.ops import (
     OpRegistry,
 )
 from distbelief.wire.shared_params import DIRECT_READS_KEY, PLACED_KEY, map_push_buffers
+from distbelief.wire.warmstart_ops import END_WARMSTART, WARMSTART_ENDED_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ class ShardService:
         self.bytes_sent = 0
         self.worker_hosts: dict[str, str] = {}
         """Worker id -> the host its latest connection came from (where each replica runs)."""
+        self.warmstart_ended = False
+        """Told ``END_WARMSTART``: workers waiting for the warm start's version start now."""
         self._stats_lock = threading.Lock()
         self._free_buffers: dict[ParameterShard, list[SliceBuffers]] = {}
         self._buffers_lock = threading.Lock()
@@ -144,6 +147,7 @@ class ShardService:
         )
         self.handlers.register(READ, ShardConnection._read)
         self.handlers.register(SHARE, ShardConnection._share)
+        self.handlers.register(END_WARMSTART, ShardConnection._end_warmstart)
         register_row_ops(self.handlers)
 
     def open_connection(self, peer: str) -> ShardConnection:
@@ -304,7 +308,19 @@ class ShardConnection(VectorHandlers):
         durable = self.shard.describe_durability()
         if durable is not None:
             described["durable"] = durable
+        if self.service.warmstart_ended:
+            described[WARMSTART_ENDED_KEY] = True
         return described
+
+    def _end_warmstart(self, request: Message) -> Message:
+        """The replica the warm start waits on is gone for good (``wire/warmstart_ops.py``);
+        the reply's ``versions``: each initialised group's version (what it had reached)."""
+        if not self.service.warmstart_ended:
+            logger.info("shard %d: warm start ended early", self.shard.shard_id)
+        self.service.warmstart_ended = True
+        groups = self.service.groups.shards()
+        versions = {name: shard.version for name, shard in groups.items() if shard.initialized}
+        return request.reply({**self._describe(), "versions": versions})
 
     def _init(self, request: Message) -> Message:
         self._bind_group(request.meta)

@@ -11,6 +11,7 @@ import torch
 from distbelief.client import ParameterServerClient
 from distbelief.data import load_job_dataset
 from distbelief.evaluator.accuracy import evaluate
+from distbelief.pipeline.job import parameter_groups
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.worker.replica import build_replica
 
@@ -45,8 +46,9 @@ class PSEvaluator:
         self.test_set = load_job_dataset(config.data, "test")
         self.model = build_replica(config, self.test_set.input_shape, self.test_set.num_classes)
         self._readers: list[GroupReader] = []
+        shape, classes = self.test_set.input_shape, self.test_set.num_classes
         try:
-            for group, named in _parameter_groups(config, self.model, self.test_set):
+            for group, named in parameter_groups(config, self.model, shape, classes):
                 self._readers.append(GroupReader(config, addresses, named, group, security))
         except BaseException:
             self.close()
@@ -69,22 +71,6 @@ class PSEvaluator:
         """Closes the connections to the shards."""
         for reader in self._readers:
             reader.client.close()
-
-
-def _parameter_groups(config: JobConfig, model, test_set) -> list[tuple[str, list]]:
-    """(group on the shards, its named parameters of ``model``): the whole model in the
-    default group, or each partition of a model-parallel job in its own."""
-    named = list(model.named_parameters())
-    if config.pipeline.num_partitions == 1:
-        return [("", named)]
-    from distbelief.pipeline.job import job_split, partition_names, stage_group
-
-    split = job_split(config, test_set.input_shape, test_set.num_classes)
-    by_name = dict(named)
-    return [
-        (stage_group(stage), [(n, by_name[n]) for n in partition_names(model, split.bounds, stage)])
-        for stage in range(split.num_stages)
-    ]
 
 
 class GroupReader:

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distbelief import plots, telemetry
-from distbelief.config import CLICK_MODELS, PORTIONS_PER_WORKER
+from distbelief.config import PORTIONS_PER_WORKER
 from distbelief.coordinator.checkpoint import RECORD_FILE
 from distbelief.data.files import FILE_DATASETS, FIXED_TRAIN_EXAMPLES, require_data_files
 from distbelief.errors import (
-    CheckpointError,
     ChildFailedError,
     ConfigFieldError,
     DistBeliefError,
@@ -35,10 +34,10 @@ from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, Pro
 from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
+from distbelief.launch.resume_layout import check_resumed_layout
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.rundir import prepare_run_dir, run_dir_path, write_text_atomic
 from distbelief.launch.summary import RunResult, write_summary
-from distbelief.server.checkpoint_meta import meta_path, read_checked_meta
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -309,47 +308,6 @@ def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
     return config.with_fields({"pipeline.split_points": points}), plan
 
 
-def _check_resumed_layout(config: JobConfig) -> None:
-    """Refuses to resume a Downpour run whose model (as its config.json names it) is not the
-    one its shards' checkpoints hold (config.json edited, or another run's checkpoints copied
-    in), naming the file, before the run folder changes: its workers would find it only once
-    the job had started. Model-parallel and click-model runs are left to their processes.
-
-    Raises:
-        CheckpointError: the layouts differ (the first tensor that does).
-    """
-    if (
-        config.optimizer.algorithm != "downpour"
-        or config.pipeline.num_partitions > 1
-        or config.model.name in CLICK_MODELS
-    ):
-        return
-    directory = run_dir_path(config.reporting.out_dir) / CHECKPOINT_DIR
-    checked = read_checked_meta(directory, 0)
-    if checked is None:
-        return
-    meta = checked.meta
-    saved = (meta.get("values") or {}).get("specs", meta.get("specs"))
-    if saved is None:
-        return
-    import torch  # a resume only: the model's layout, on the meta device
-
-    from distbelief.data import load_job_dataset
-    from distbelief.models import build_model
-    from distbelief.sharding import describe_mismatch, specs_from_json, tensor_specs
-
-    train_set = load_job_dataset(config.data, "train")
-    with torch.device("meta"):
-        model = build_model(config.model.name, train_set.input_shape, train_set.num_classes)
-    ours, theirs = tensor_specs(model.named_parameters()), specs_from_json(saved)
-    if ours != theirs:
-        raise CheckpointError(
-            f"--resume {directory.parent}: cannot resume: {meta_path(directory, 0)} holds "
-            f"another model's parameters than {config.model.name!r} (its config.json's): "
-            f"{describe_mismatch(theirs, ours)}"
-        )
-
-
 def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
     """The config with the run folder's path filled in (and written there); refuses to mix
     runs."""
@@ -433,7 +391,8 @@ def train(
         ChildFailedError: a process reported an error, or could not be brought back; every
             process is stopped.
         LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
-        CheckpointError: a checkpoint to resume from is corrupt (names the file).
+        CheckpointError: a checkpoint to resume from is corrupt, or holds another model than
+            the run's config.json names (names the file).
         ConfigFieldError: a bad setting (a shard or worker host that is not this machine's, or
             a data set's files missing, among them), or the ray engine named where Ray is not
             installed.
@@ -457,12 +416,12 @@ def train(
     if not warm_up_first:
         cluster_type.warm_up(config)  # overlapping the partition plan and the run folder
     _check_data(config, counted=warm_up_first)
-    if resume:
-        _check_resumed_layout(config)
     if not resume or config.pipeline.split_points is None:
         config, partitions = _plan_partitions(config)
     else:
         partitions = {"split_points": list(config.pipeline.split_points), "basis": "given"}
+    if resume:
+        check_resumed_layout(config)  # with the split points: each partition's is checked
     fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
     run_dir = prepare_run_dir(config.reporting.out_dir)
     named = f"--resume {run_dir}" if resume else f"--out {run_dir}"

@@ -1,7 +1,8 @@
 """A job's partitioning: the split every process of a model-parallel job agrees on (the
 config's split points, else measured or balanced by bytes), what a replica's stages check
 with each other, each partition's parameters by their names in the whole model, its parameter
-group on the shards, and the memory budget."""
+group on the shards (every group of a job's model: ``parameter_groups``), and the memory
+budget."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from distbelief.models import build_model
 from distbelief.pipeline.layers import StageModule, pipeline_layers
 from distbelief.pipeline.memory import stage_state_bytes
 from distbelief.pipeline.split import StageSplit, split_model
+from distbelief.wire.group_names import DEFAULT_GROUP
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -94,6 +96,23 @@ def partition_names(model: nn.Module, bounds, stage: int) -> list[str]:
     """Names (in the whole model) of partition ``stage``'s parameters, in order."""
     layers = pipeline_layers(model)[bounds[stage] : bounds[stage + 1]]
     return [f"{prefix}.{name}" for prefix, layer in layers for name, _ in layer.named_parameters()]
+
+
+def parameter_groups(
+    config: JobConfig, model: nn.Module, input_shape, num_classes: int
+) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
+    """(group on the shards, its named parameters of ``model``, the job's whole model): the
+    whole model in the default group, or each partition of a model-parallel job in its own
+    (``stage_group``), in stage order."""
+    named = list(model.named_parameters())
+    if config.pipeline.num_partitions == 1:
+        return [(DEFAULT_GROUP, named)]
+    split = job_split(config, input_shape, num_classes)
+    by_name = dict(named)
+    return [
+        (stage_group(stage), [(n, by_name[n]) for n in partition_names(model, split.bounds, stage)])
+        for stage in range(split.num_stages)
+    ]
 
 
 def check_stage_budget(config: JobConfig, stage: int, parameters) -> int:

@@ -1,6 +1,6 @@
 """The JSON half of a shard checkpoint (and of its row tables' checkpoint): where it lives,
-what it says (shard, shard count, format) and the check that the tensor files it names are
-there and whole (their SHA-256).
+what it says (shard, shard count, format, the tensors' specs, the tables' row widths) and the
+check that the tensor files it names are there and whole (their SHA-256).
 
 Torch-free on purpose: the launcher checks a run's checkpoints before it resumes it, and a
 corrupt or foreign file is refused in the time it takes to read the files, without loading torch
@@ -37,6 +37,22 @@ def rows_meta_path(directory: str | Path, shard_id: int) -> Path:
     return Path(directory) / f"rows-shard{shard_id}.json"
 
 
+def read_rows_meta(directory: str | Path, shard_id: int) -> dict | None:
+    """The JSON of shard ``shard_id``'s row checkpoint in ``directory`` (its chunk files
+    unread: ``check_rows_meta`` checks them), or None if there is none.
+
+    Raises:
+        CheckpointError: the file is unreadable or not JSON; the message names it.
+    """
+    path = rows_meta_path(directory, shard_id)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable row checkpoint: {e!r}") from e
+
+
 def check_rows_meta(directory: str | Path, shard_id: int) -> tuple[int, int] | None:
     """(shard id, shard count) of shard ``shard_id``'s row checkpoint in ``directory`` once its
     JSON is read and every chunk file it names is present and whole; None if there is none.
@@ -45,11 +61,11 @@ def check_rows_meta(directory: str | Path, shard_id: int) -> tuple[int, int] | N
         CheckpointError: the JSON is unreadable, or a chunk file is missing or corrupt; the
             message names the file.
     """
-    path = rows_meta_path(directory, shard_id)
-    if not path.exists():
+    meta = read_rows_meta(directory, shard_id)
+    if meta is None:
         return None
+    path = rows_meta_path(directory, shard_id)
     try:
-        meta = json.loads(path.read_text())
         chunks = [
             chunk
             for table in meta["tables"].values()
@@ -68,6 +84,23 @@ def check_rows_meta(directory: str | Path, shard_id: int) -> tuple[int, int] | N
         raise CheckpointError(f"{path}: unreadable row checkpoint: {e!r}") from e
 
 
+def saved_row_widths(directory: str | Path, shard_id: int) -> dict[str, int] | None:
+    """Table name -> values per row, of shard ``shard_id``'s row checkpoint in ``directory``
+    (its JSON only), or None if there is none.
+
+    Raises:
+        CheckpointError: the JSON is unreadable; the message names the file.
+    """
+    meta = read_rows_meta(directory, shard_id)
+    if meta is None:
+        return None
+    try:
+        return {str(name): int(table["dim"]) for name, table in meta["tables"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        path = rows_meta_path(directory, shard_id)
+        raise CheckpointError(f"{path}: unreadable row checkpoint: {e!r}") from e
+
+
 @dataclass(frozen=True)
 class CheckedMeta:
     """A checkpoint's JSON whose tensor file is present and matches its digest."""
@@ -78,6 +111,39 @@ class CheckedMeta:
     num_shards: int
 
 
+def read_meta(directory: str | Path, shard_id: int) -> dict | None:
+    """The JSON of shard ``shard_id``'s last checkpoint in ``directory``, of a known format
+    and with every key its format needs (its tensor file unread: ``read_checked_meta`` checks
+    it), or None if there is none.
+
+    Raises:
+        CheckpointError: the JSON is unreadable or of an unknown format; the message names the
+            file.
+    """
+    path = meta_path(Path(directory), shard_id)
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: unreadable checkpoint: not a JSON object")
+    if meta.get("format") not in _FORMAT_KEYS:
+        raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
+    missing = [k for k in (*_REQUIRED_KEYS, *_FORMAT_KEYS[meta["format"]]) if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: unreadable checkpoint: no {', '.join(missing)}")
+    return meta
+
+
+def saved_specs(meta: dict) -> object:
+    """The tensor specs (``specs_to_json``'s form) a checkpoint's JSON (``read_meta``) holds,
+    in either format; None if it holds none."""
+    values = meta.get("values")
+    return values.get("specs") if isinstance(values, dict) else meta.get("specs")
+
+
 def read_checked_meta(directory: str | Path, shard_id: int) -> CheckedMeta | None:
     """The last checkpoint of ``shard_id`` in ``directory`` with its tensor file checked, or
     None if there is none.
@@ -86,18 +152,11 @@ def read_checked_meta(directory: str | Path, shard_id: int) -> CheckedMeta | Non
         CheckpointError: the JSON is unreadable or of an unknown format, or its tensor file is
             missing or corrupt; the message names the file.
     """
-    path = meta_path(Path(directory), shard_id)
-    if not path.exists():
+    meta = read_meta(directory, shard_id)
+    if meta is None:
         return None
+    path = meta_path(Path(directory), shard_id)
     try:
-        meta = json.loads(path.read_text())
-        if not isinstance(meta, dict):
-            raise CheckpointError(f"{path}: unreadable checkpoint: not a JSON object")
-        if meta.get("format") not in _FORMAT_KEYS:
-            raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
-        missing = [k for k in (*_REQUIRED_KEYS, *_FORMAT_KEYS[meta["format"]]) if k not in meta]
-        if missing:
-            raise CheckpointError(f"{path}: unreadable checkpoint: no {', '.join(missing)}")
         tensor_path = Path(directory) / meta["tensor_file"]
         if not tensor_path.exists():
             raise CheckpointError(f"{path}: names {tensor_path.name}, which is missing")

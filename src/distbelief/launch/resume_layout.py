@@ -1,0 +1,156 @@
+"""Whether a resumed run's shard checkpoints hold the model its config.json names, checked
+before anything starts or the run folder changes: config.json edited, or another run's
+checkpoints copied in, would otherwise be found only by a process of the started job, after
+the launcher had rewritten the folder's config and records.
+
+What the shards must hold comes from the model built on the meta device (its layout only),
+grouped as the job's processes group it: each parameter group's tensors (the whole model's,
+each partition's of a model-parallel job in its group's folder, a click model's dense layers)
+and a click model's row tables, by name and row width (not their rows, which grow; every
+table's rows are float32). The shards restore from the run's checkpoints, or for Sandblaster
+from the folder its coordinator's last committed checkpoint names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from distbelief.config import CLICK_MODELS, table_names
+from distbelief.coordinator.checkpoint import restore_folder
+from distbelief.errors import CheckpointError
+from distbelief.launch.cluster import CHECKPOINT_DIR
+from distbelief.launch.resume import checkpoint_folders
+from distbelief.launch.rundir import run_dir_path
+from distbelief.server.checkpoint_meta import (
+    meta_path,
+    read_meta,
+    rows_meta_path,
+    saved_row_widths,
+    saved_specs,
+)
+
+if TYPE_CHECKING:
+    from distbelief.config import JobConfig
+    from distbelief.sharding import TensorSpec
+
+
+def check_resumed_layout(config: JobConfig) -> None:
+    """Refuse to resume the run in ``config.reporting.out_dir`` if its shards' checkpoints are
+    not those of the model its config.json names: a click model's row tables first (a table
+    the model lacks, or rows of another width), then every parameter group's tensors (the
+    first that differs), and a group the job does not use. Reads the checkpoints' JSON only
+    (their digests are ``resume.check_checkpoints``'); changes nothing.
+
+    Raises:
+        CheckpointError: the first difference, naming the file.
+    """
+    run_dir = run_dir_path(config.reporting.out_dir)
+    directory = run_dir / CHECKPOINT_DIR
+    try:
+        if config.optimizer.algorithm == "sandblaster":
+            committed = restore_folder(directory)
+            if committed is None:
+                return  # no committed iteration: the shards start afresh
+            directory = Path(committed)
+        groups, widths = _expected_layout(config)
+        _check_tables(directory, config, widths)
+        _check_groups(directory, config, groups)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
+
+
+def _expected_layout(
+    config: JobConfig,
+) -> tuple[dict[str, tuple[str, list[TensorSpec]]], dict[str, int]]:
+    """What the job's shards hold for its model: by parameter group, what holds it (in words)
+    and its tensors' specs; and a click model's row widths by table. Sizes only: the shape of
+    the test split (the smaller) and the model on the meta device."""
+    import torch  # a resume only
+
+    from distbelief.data import load_job_dataset
+    from distbelief.sharding import tensor_specs
+
+    test_set = load_job_dataset(config.data, "test")
+    name = config.model.name
+    widths: dict[str, int] = {}
+    with torch.device("meta"):
+        if name in CLICK_MODELS:
+            from distbelief.embeddings.modules import swap_embeddings
+            from distbelief.wire.group_names import DEFAULT_GROUP
+            from distbelief.worker.ctr import build_ctr_replica
+
+            model = build_ctr_replica(config, test_set)
+            tables = swap_embeddings(model, table_names(config.embeddings.tables))
+            widths = {table: module.embedding_dim for table, module in tables.items()}
+            groups = [(DEFAULT_GROUP, list(model.named_parameters()))]
+        else:
+            from distbelief.models import build_model
+            from distbelief.pipeline.job import parameter_groups
+
+            shape, classes = test_set.input_shape, test_set.num_classes
+            groups = parameter_groups(config, build_model(name, shape, classes), shape, classes)
+    if len(groups) == 1:
+        return {groups[0][0]: (repr(name), tensor_specs(groups[0][1]))}, widths
+    points = list(config.pipeline.split_points or ())
+    return {
+        group: (f"partition {stage} of {name!r} split at {points}", tensor_specs(named))
+        for stage, (group, named) in enumerate(groups)
+    }, widths
+
+
+def _check_tables(directory: Path, config: JobConfig, widths: dict[str, int]) -> None:
+    """Every shard's row tables are tables of the model, of its row widths (a table not saved
+    yet is made empty, as a shard makes it)."""
+    for shard_id in range(config.cluster.num_shards):
+        saved = saved_row_widths(directory, shard_id) or {}
+        for table, width in saved.items():
+            if widths.get(table) == width:
+                continue
+            difference = (
+                f"table {table!r} is not one of the model's tables on the shards"
+                if table not in widths
+                else f"table {table!r} holds rows of {width} values, the model's of {widths[table]}"
+            )
+            raise CheckpointError(
+                f"{rows_meta_path(directory, shard_id)} holds another model's tables than "
+                f"{config.model.name!r} (its config.json's): {difference}"
+            )
+
+
+def _check_groups(
+    directory: Path, config: JobConfig, groups: dict[str, tuple[str, list[TensorSpec]]]
+) -> None:
+    """Every shard's checkpoint of each parameter group holds the group's tensors, and no
+    folder holds one of a group the job does not use."""
+    from distbelief.server.groups import group_dir
+    from distbelief.sharding import describe_mismatch, specs_from_json
+
+    folders = {group_dir(directory, group): group for group in groups}
+    for folder in checkpoint_folders(directory, config.pipeline.num_partitions):
+        group = folders.get(folder)
+        for shard_id in range(config.cluster.num_shards):
+            meta = read_meta(folder, shard_id)
+            if meta is None:
+                continue
+            path = meta_path(folder, shard_id)
+            if group is None:
+                partitions = config.pipeline.num_partitions
+                raise CheckpointError(
+                    f"{path} holds a parameter group that {config.model.name!r} in "
+                    f"{partitions} partition{'s' if partitions > 1 else ''} (its "
+                    "config.json's) does not use"
+                )
+            saved = saved_specs(meta)
+            if saved is None:
+                continue
+            try:
+                theirs = specs_from_json(saved)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
+            holder, ours = groups[group]
+            if theirs != ours:
+                raise CheckpointError(
+                    f"{path} holds another model's parameters than {holder} (its "
+                    f"config.json's): {describe_mismatch(theirs, ours)}"
+                )

@@ -1,0 +1,121 @@
+"""``distbelief train --resume`` of a run whose config.json no longer names the model its
+checkpoints hold (edited by hand), for each kind of run the resume supports besides a whole
+model's Downpour run (``test_resume_cli.py``): a model-parallel run's partitions, a click
+model's row tables and Sandblaster's committed checkpoint. Each is refused in one line naming
+the file and what differs, exit 2, before anything in the run folder changes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+ERROR = "distbelief train: error: --resume {run}: cannot resume: "
+
+
+def _train(*args: str) -> None:
+    result = run_cli("train", *args, timeout_s=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _files(run_dir: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+
+def _refused(run_dir: Path, edit: Callable[[dict], None]) -> str:
+    """The one line a resume prints after ``edit`` changed config.json, which must exit 2 and
+    leave every file of the run as it was (config.json is put back after)."""
+    path = run_dir / "config.json"
+    original = path.read_text()
+    config = json.loads(original)
+    edit(config)
+    path.write_text(json.dumps(config))
+    before = _files(run_dir)
+    refused = run_cli("train", "--resume", str(run_dir), timeout_s=120)
+    after = _files(run_dir)
+    path.write_text(original)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    changed = {
+        p.relative_to(run_dir)
+        for p in before.keys() | after.keys()
+        if before.get(p) != after.get(p)
+    }
+    assert not changed, sorted(map(str, changed))
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_model_parallel_run_is_refused_another_model_or_partition_count(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(
+        *("--model", "mlp", "--partitions", "2", "--split-points", "3"),
+        *("--micro-batches", "2", "--workers", "1", "--shards", "1", "--steps", "3"),
+        *("--out", str(run_dir)),
+    )
+    checkpoints = run_dir / "checkpoints"
+
+    def wider(config: dict) -> None:
+        config["model"]["name"] = "wide-mlp"  # the same layers, 2048 wide
+
+    assert _refused(run_dir, wider) == (
+        ERROR.format(run=run_dir) + f"{checkpoints / 'group-stage0' / 'shard0.json'} holds "
+        "another model's parameters than partition 0 of 'wide-mlp' split at [3] (its "
+        "config.json's): tensor 'layers.1.weight' [2048, 1024] float32 does not match the "
+        "shards' 'layers.1.weight' [256, 1024] float32"
+    )
+
+    def whole(config: dict) -> None:
+        config["pipeline"].update(num_partitions=1, split_points=None, num_micro_batches=1)
+
+    assert _refused(run_dir, whole) == (
+        ERROR.format(run=run_dir) + f"{checkpoints / 'group-stage0' / 'shard0.json'} holds "
+        "a parameter group that 'mlp' in 1 partition (its config.json's) does not use"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_click_model_run_is_refused_tables_of_another_width(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(
+        *("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "2000"),
+        *("--workers", "1", "--shards", "2", "--batch-size", "64", "--steps", "3"),
+        *("--out", str(run_dir)),
+    )
+
+    def narrower(config: dict) -> None:
+        config["model"]["embedding_dim"] = 8
+
+    assert _refused(run_dir, narrower) == (
+        ERROR.format(run=run_dir) + f"{run_dir / 'checkpoints' / 'rows-shard0.json'} holds "
+        "another model's tables than 'dlrm' (its config.json's): table 'tables.0' holds rows "
+        "of 16 values, the model's of 8"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_sandblaster_run_is_refused_another_model(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(
+        *("--algorithm", "sandblaster", "--dataset", "digits", "--model", "mlp"),
+        *("--workers", "1", "--shards", "2", "--portions", "2", "--max-iterations", "2"),
+        *("--out", str(run_dir)),
+    )
+    committed = run_dir / "checkpoints" / "lbfgs-000002"
+
+    def lenet(config: dict) -> None:
+        config["model"]["name"] = "lenet"
+
+    assert _refused(run_dir, lenet) == (
+        ERROR.format(run=run_dir) + f"{committed / 'shard0.json'} holds another model's "
+        "parameters than 'lenet' (its config.json's): tensor 'features.0.weight' "
+        "[6, 1, 5, 5] float32 does not match the shards' 'layers.1.weight' [256, 1024] float32"
+    )

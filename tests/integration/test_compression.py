@@ -143,10 +143,13 @@ def test_async_top_k_pushes_lose_no_gradient():
         assert torch.equal(pulled.detach(), got.detach().to(torch.bfloat16).float())
 
 
-def test_the_bytes_counted_are_the_compressed_ones():
+def test_the_bytes_counted_are_the_compressed_ones(monkeypatch):
     """A worker run by the job's config: its metric records and the shards' counters count
     bf16 pulls and top-k pushes (int32 index + bf16 value per element sent); after top-k
     pushes to plain-SGD shards, each pull brings only what the last push changed."""
+    # Bytes on the wire: over TCP (on one host, close's full-width push of the residual
+    # would go through shared memory and carry none).
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
     config = JobConfig.from_fields(
         {
             "cluster.num_workers": 1,

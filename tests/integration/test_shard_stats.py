@@ -20,7 +20,9 @@ SPECS = [TensorSpec("weight", (64, 32), torch.float32), TensorSpec("bias", (32,)
 NUM_BYTES = (64 * 32 + 32) * 4
 
 
-def test_poll_reports_pushes_bytes_and_version(shard_cluster) -> None:
+def test_poll_reports_pushes_bytes_and_version(shard_cluster, monkeypatch) -> None:
+    # Bytes on the wire: over TCP (on one host, pushes through shared memory carry none).
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
     addresses = shard_cluster(2)
     client = ParameterServerClient(addresses, SPECS, timeout_s=5.0)
     poller = ShardStatsPoller(addresses, every_s=1.0, timeout_s=2.0)

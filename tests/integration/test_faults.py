@@ -46,6 +46,16 @@ def _worker_steps(run_dir: Path) -> dict[int, int]:
     return steps
 
 
+def _trained_s(run_dir: Path) -> float:
+    """How far into training (``time_s``) the run's workers have reported (0 before any)."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return 0.0
+    return max(
+        (row["time_s"] for row in read_metrics(path) if row["role"] == "worker"), default=0.0
+    )
+
+
 def _kill(run_dir: Path, name: str) -> None:
     os.kill(json.loads((run_dir / "pids.json").read_text())[name], signal.SIGKILL)
 
@@ -109,10 +119,13 @@ def test_a_shard_given_up_ends_the_run_with_a_failed_summary(tmp_path):
     run_dir = tmp_path / "run"
     job = ("--model", "mlp", "--steps", "100000", "--max-restarts", "0")
     with _training(run_dir, *job) as launcher:
+        # Two seconds of training too: the shards have sent many heartbeats since every
+        # worker connected, not only the one that might still be on its way.
         _wait_for(
             lambda: (
                 min(_worker_steps(run_dir).values(), default=0) >= 20
                 and len(_worker_steps(run_dir)) == 2
+                and _trained_s(run_dir) >= 2.0
             ),
             90,
             "both workers to train",
@@ -132,6 +145,16 @@ def test_a_shard_given_up_ends_the_run_with_a_failed_summary(tmp_path):
     assert set(summary["shards"]) == {"shard0", "shard1"}
     assert all(shard["address"].startswith("tcp://") for shard in summary["shards"].values())
     assert {"final", "elapsed_s"} <= set(summary)
+    # And what the shards reported last (shard0 before it died): where the workers connected
+    # from and the staleness so far; the plots of the metrics so far.
+    for shard in summary["shards"].values():
+        assert set(shard["worker_hosts"]) == {"worker0", "worker1"}
+    staleness = json.loads((run_dir / "staleness.json").read_text())
+    assert set(staleness) == {"shard0", "shard1"}
+    assert all(sum(pushes.values()) > 0 for pushes in staleness.values())
+    for name in ("accuracy_vs_time.png", "loss_vs_time.png", "staleness.png"):
+        assert (run_dir / name).read_bytes().startswith(b"\x89PNG"), name
+    assert "could not draw" not in err
 
 
 @pytest.mark.slow

@@ -133,10 +133,44 @@ def _evaluated_version(run_dir: Path) -> int:
         return 0
 
 
+def _trained_s(run_dir: Path) -> float:
+    """How far into training (``time_s``) the run's workers have reported (0 before any)."""
+    try:
+        with (run_dir / "metrics.csv").open() as f:
+            times = [float(row["time_s"]) for row in csv.DictReader(f) if row["role"] == "worker"]
+        return max(times, default=0.0)
+    except (OSError, KeyError, TypeError, ValueError):  # not written yet, or a row being written
+        return 0.0
+
+
+STOPPED_RUN_PLOTS = (
+    "accuracy_vs_time.png",
+    "loss_vs_time.png",
+    "throughput_vs_time.png",
+    "staleness.png",
+)
+
+
+def _assert_the_run_folder_keeps_what_was_done(run_dir: Path, outcome: str) -> None:
+    """A run that did not end "done" still records, from what the launcher knew: each shard's
+    workers' hosts, the staleness of the pushes so far, and the plots of metrics.csv so far."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["outcome"] == outcome
+    for name, shard in summary["shards"].items():
+        assert set(shard["worker_hosts"]) == {"worker0", "worker1"}, name
+        assert all(shard["worker_hosts"].values()), name
+    staleness = json.loads((run_dir / "staleness.json").read_text())
+    assert set(staleness) == {"shard0", "shard1"}
+    assert all(sum(pushes.values()) > 0 for pushes in staleness.values()), staleness
+    for name in STOPPED_RUN_PLOTS:
+        assert (run_dir / name).read_bytes().startswith(b"\x89PNG"), name
+
+
 def test_sigterm_to_the_launchers_group_stops_the_job_in_order(tmp_path):
     """What ``timeout`` and ``kill -TERM -PGID`` send: the launcher's processes (and their
     forkserver) are in a group of their own, so only the launcher gets it and stops the job in
-    order: each shard saves its last checkpoint, not only the first one."""
+    order: each shard saves its last checkpoint, not only the first one; the run folder keeps
+    the plots, staleness and workers' hosts of what was done."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         [*CLI, "train", "--steps", "100000", "--out", str(run_dir)],
@@ -148,7 +182,9 @@ def test_sigterm_to_the_launchers_group_stops_the_job_in_order(tmp_path):
     )
     try:
         deadline = time.monotonic() + 120
-        while _evaluated_version(run_dir) < 20:
+        # Two seconds of training: the shards have sent many heartbeats since every worker
+        # connected, not only the one that might still be on its way.
+        while _evaluated_version(run_dir) < 20 or _trained_s(run_dir) < 2.0:
             assert launcher.poll() is None and time.monotonic() < deadline, "no training seen"
             time.sleep(0.2)
         os.killpg(launcher.pid, signal.SIGTERM)
@@ -162,6 +198,36 @@ def test_sigterm_to_the_launchers_group_stops_the_job_in_order(tmp_path):
     for shard_id in (0, 1):
         saved = json.loads((run_dir / "checkpoints" / f"shard{shard_id}.json").read_text())
         assert saved["version"] >= seen >= 20, shard_id
+    _assert_the_run_folder_keeps_what_was_done(run_dir, "interrupted")
+
+
+def test_ctrl_c_keeps_the_plots_staleness_and_worker_hosts_so_far(tmp_path):
+    """Ctrl-C in the launcher's terminal (SIGINT to its group) mid-run: exit 130, and the run
+    folder is as complete as a finished run's, with what was trained until then."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [*CLI, "train", "--model", "mlp", "--steps", "100000", "--out", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+        process_group=0,  # as a shell's foreground job: Ctrl-C reaches the group
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while _trained_s(run_dir) < 2.0:
+            assert launcher.poll() is None and time.monotonic() < deadline, "no training seen"
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGINT)
+        _out, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(timeout=10)
+    assert launcher.returncode == 130, err[-2000:]
+    assert "distbelief train: stopped by Ctrl-C" in err
+    assert "could not draw" not in err
+    _assert_the_run_folder_keeps_what_was_done(run_dir, "interrupted")
 
 
 UNCHECKED_CLI = """

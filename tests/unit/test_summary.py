@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from distbelief.config import JobConfig
 from distbelief.launch.cluster import Event, Fault, ProcessKind, ProcessSpec
 from distbelief.launch.summary import RunResult, write_summary
-from distbelief.launch.train import EventRouter
+from distbelief.launch.train import EventRouter, _result
 from distbelief.telemetry import make_record
 
 
@@ -57,3 +58,46 @@ def test_router_keeps_the_last_step_of_each_worker_and_the_last_evaluation() -> 
     route(Event("metric", evaluator, evaluation))
     assert route.steps_reported == {1: 20}
     assert route.last_evaluation == {"test_accuracy": 0.5, "version": 7}
+
+
+class _ClusterStoppedEarly:
+    """A cluster whose shard1 returned its result and whose shard0 did not (it was lost, or
+    the job stopped first)."""
+
+    faults: list[Fault] = []
+
+    def __init__(self, shard1_result: dict) -> None:
+        self._shard1_result = shard1_result
+
+    def results(self, kind: ProcessKind) -> dict:
+        return {1: self._shard1_result} if kind is ProcessKind.SHARD else {}
+
+
+def test_a_shards_hosts_and_staleness_are_its_last_report(tmp_path: Path) -> None:
+    """Its result when it returned one, else its last heartbeat: a job that ends early still
+    knows which hosts each shard's workers connected from and the staleness so far."""
+    route = EventRouter(_Records())
+    shard0, shard1 = ProcessSpec(ProcessKind.SHARD, 0), ProcessSpec(ProcessKind.SHARD, 1)
+    before = {"shard_id": 0, "version": 1, "worker_hosts": {}, "staleness": {}}
+    hosts = {"worker0": "127.0.0.4", "worker1": "127.0.0.4"}
+    later = {"shard_id": 0, "version": 9, "worker_hosts": hosts, "staleness": {"0": 5, "1": 4}}
+    route(Event("heartbeat", shard0, before))
+    route(Event("heartbeat", shard0, later))
+    returned = {
+        "shard_id": 1,
+        "address": "tcp://127.0.0.3:7001",
+        "version": 12,
+        "worker_hosts": {"worker0": "127.0.0.4"},
+        "staleness": {"0": 12},
+    }
+    route(Event("heartbeat", shard1, {**returned, "version": 3, "staleness": {"0": 3}}))
+    route(Event("done", shard1, returned))
+    config = JobConfig.from_fields({"cluster.num_shards": 2})
+    addresses = ["tcp://127.0.0.2:7000", "tcp://127.0.0.3:7001"]
+    cluster = _ClusterStoppedEarly(returned)
+    result = _result(cluster, config, tmp_path, 1.0, route, addresses)  # type: ignore[arg-type]
+    assert result.shards == {
+        "shard0": {"address": addresses[0], "worker_hosts": hosts},
+        "shard1": {"address": addresses[1], "worker_hosts": {"worker0": "127.0.0.4"}},
+    }
+    assert result.staleness == {"shard0": {"0": 5, "1": 4}, "shard1": {"0": 12}}

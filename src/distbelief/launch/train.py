@@ -1,16 +1,15 @@
 """Run a training job on a Cluster: validate, prepare the run folder, start the processes, route
 their events to one sink (metrics.csv, TensorBoard, the progress display), show faults, stop in
-order, write the summary. It never touches processes itself: that is the Cluster's job. The
-telemetry and plots packages load each name on first use: a bad flag is refused before anything
-heavy is imported, and the launcher loads what it needs while the processes' forkserver loads
-torch (which the launcher itself loads only to read a data set's files before the job, and to
-count its examples for ``--epochs``).
+order, leave the run folder's records (``run_records.py``) however the job ended. It never
+touches processes itself: that is the Cluster's job. The telemetry and plots packages load each
+name on first use: a bad flag is refused before anything heavy is imported, and the launcher
+loads what it needs while the processes' forkserver loads torch (which the launcher itself loads
+only to read a data set's files before the job, and to count its examples for ``--epochs``).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distbelief import plots, telemetry
+from distbelief import telemetry
 from distbelief.config import PORTIONS_PER_WORKER
 from distbelief.coordinator.checkpoint import RECORD_FILE
 from distbelief.data.files import FILE_DATASETS, FIXED_TRAIN_EXAMPLES, require_data_files
@@ -36,8 +35,9 @@ from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
 from distbelief.launch.resume_layout import check_resumed_layout
 from distbelief.launch.run_lock import run_dir_locked
+from distbelief.launch.run_records import write_run_records
 from distbelief.launch.rundir import prepare_run_dir, run_dir_path, write_text_atomic
-from distbelief.launch.summary import RunResult, write_summary
+from distbelief.launch.summary import RunResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -168,7 +168,8 @@ class EventRouter:
     """Turns process events into records and messages for one sink; times count from the first
     worker's start (children report wall-clock times; process start-up is not training time).
     ``poll_shards`` adds the shards' counters as ``shard`` records. It keeps the last step each
-    worker reported and the last evaluation: what a job that ends early knows of them."""
+    worker reported, the last evaluation and each shard's last report (its heartbeat, then its
+    result): what a job that ends early knows of them."""
 
     def __init__(self, sink: Sink, shard_poller: ShardStatsPoller | None = None) -> None:
         self.sink = sink
@@ -176,6 +177,9 @@ class EventRouter:
         self.train_start: float | None = None
         self.steps_reported: dict[int, int] = {}
         self.last_evaluation: dict = {}
+        self.shard_reports: dict[int, dict] = {}
+        """Shard id -> its latest heartbeat or, once it returned, its result: the counters,
+        staleness histogram and workers' hosts so far (its current life's, after a restart)."""
 
     def poll_shards(self, *, now: bool = False) -> None:
         """Routes the shards' counters if a poll is due (cheap to call in any loop), or
@@ -192,6 +196,8 @@ class EventRouter:
             self.train_start = payload["time"]
         elif kind == "metric":
             self._write(payload)
+        elif kind in ("heartbeat", "done") and source.kind is ProcessKind.SHARD:
+            self.shard_reports[source.index] = payload
         elif kind == "done" and source.kind in (ProcessKind.WORKER, ProcessKind.STAGE):
             # A Sandblaster worker's steps are the portions it computed.
             unit = "portions" if "portions" in payload else "steps"
@@ -379,7 +385,8 @@ def train(
     cluster_type: type[Cluster] | None = None,
 ) -> RunResult:
     """Run a whole job; returns when every process has stopped. Once its processes have
-    started, the run folder's ``summary.json`` records how it ended, even when it raises.
+    started, the run folder's ``summary.json`` records how it ended, even when it raises, and
+    ``staleness.json`` and the plots hold what it did until then.
 
     Args:
         config: The job.
@@ -448,7 +455,8 @@ def _run_job(
     plan: dict,
     total_steps: int,
 ) -> RunResult:
-    """The job itself, in its prepared run folder: start, supervise, record, plot."""
+    """The job itself, in its prepared run folder: start, supervise, then record and plot
+    what it did, however it ended."""
     # After the checks above, so a refused setting is reported without waiting for these.
     _load_with_signals_deferred(LOADED_BEFORE_THE_JOB)
     # A hang-up (the terminal closed, the SSH session dropped) stops the job as SIGTERM does:
@@ -501,24 +509,22 @@ def _run_job(
                 result = _result(cluster, config, run_dir, time.time() - started, route, addresses)
                 result.partitions = plan
     except KeyboardInterrupt as e:
-        write_summary(result, "interrupted", "stopped by Ctrl-C")
+        write_run_records(result, "interrupted", "stopped by Ctrl-C")
         raise LauncherInterrupted("stopped by Ctrl-C") from e
     except LauncherInterrupted as e:
-        write_summary(result, "interrupted", str(e))
+        write_run_records(result, "interrupted", str(e))
         raise
     except ChildFailedError as e:
-        write_summary(result, "failed", e.short())
+        write_run_records(result, "failed", e.short())
         raise
     except DistBeliefError as e:  # a cluster engine's failure (Ray lost), say
-        write_summary(result, "failed", f"{type(e).__name__}: {e}")
+        write_run_records(result, "failed", f"{type(e).__name__}: {e}")
         raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     assert result is not None  # the job ran to its end
-    write_summary(result)
-    write_text_atomic(run_dir / "staleness.json", json.dumps(result.staleness, indent=2))
-    plots.plot_run(run_dir)
+    write_run_records(result)
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result
 
@@ -532,9 +538,12 @@ def _result(
     addresses: list[str],
 ) -> RunResult:
     """What the processes returned; for those that have not (the job ended early), what they
-    reported last: a worker's step, the last evaluation, a shard's address."""
+    reported last: a worker's step, the last evaluation, a shard's address. A shard's
+    staleness and workers' hosts are always its last report (``EventRouter.shard_reports``):
+    its result when it returned one, else its last heartbeat."""
     workers = cluster.results(_training_kind(config))
     shards = cluster.results(ProcessKind.SHARD)
+    reports = route.shard_reports
     return RunResult(
         run_dir,
         final=cluster.results(ProcessKind.EVALUATOR).get(0, route.last_evaluation),
@@ -542,13 +551,15 @@ def _result(
             sorted({**route.steps_reported, **{r: w["steps"] for r, w in workers.items()}}.items())
         ),
         elapsed_s=elapsed_s,
-        staleness={f"shard{shard_id}": r["staleness"] for shard_id, r in shards.items()},
+        staleness={
+            f"shard{shard_id}": reports[shard_id]["staleness"] for shard_id in sorted(reports)
+        },
         faults=cluster.faults,
         coordinator=cluster.results(ProcessKind.COORDINATOR).get(0, {}),
         shards={
             f"shard{shard_id}": {
                 "address": shards.get(shard_id, {}).get("address", address),
-                "worker_hosts": shards.get(shard_id, {}).get("worker_hosts", {}),
+                "worker_hosts": reports.get(shard_id, {}).get("worker_hosts", {}),
             }
             for shard_id, address in enumerate(addresses)
         },

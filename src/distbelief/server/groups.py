@@ -81,11 +81,6 @@ class ShardGroups:
         with self._lock:
             return dict(self._shards)
 
-    @property
-    def total_version(self) -> int:
-        """Updates applied over all groups."""
-        return sum(shard.version for shard in self.shards().values())
-
     def totals(self) -> dict:
         """Counters summed over every group: ``version``, ``num_pushes``, ``num_pulls``,
         ``num_dropped`` and the ``staleness`` histogram (staleness -> pushes)."""
@@ -97,7 +92,10 @@ class ShardGroups:
             totals["num_pushes"] += counters.num_pushes
             totals["num_pulls"] += counters.num_pulls
             totals["num_dropped"] += counters.num_dropped
-            staleness.update(shard.staleness.counts)
+            # A copy first (one step, under the GIL): the heartbeat thread sums while
+            # connection threads record pushes, and iterating a histogram that gains a key
+            # meanwhile raises.
+            staleness.update(dict(shard.staleness.counts))
         return {**totals, "staleness": {str(s): n for s, n in sorted(staleness.items())}}
 
     def recovery(self) -> dict:

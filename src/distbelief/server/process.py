@@ -62,9 +62,9 @@ def serve_shard(
     arguments and checkpointed into ``checkpoint_dir/group-NAME/`` (``server/groups.py``).
     Embedding tables are restored and saved with the dense parameters, in their own files
     (``server/row_persistence.py``).
-    Emits "ready" once listening and a "heartbeat" with its version (summed over the groups)
-    and what its clients replayed into it since it started (``ShardGroups.recovery``) every
-    quarter second.
+    Emits "ready" once listening and, every quarter second, a "heartbeat": what it would return
+    if stopped then, less its address (a launcher that loses the shard, or stops before it
+    returns, still knows its counters, staleness and workers' hosts so far).
     ``row_settings``: how the shard makes the embedding tables its clients declare (row
     optimizer, admission, eviction; ``server/row_tables.py``); default: plain SGD rows.
     ``shard``: an empty shard the caller built from the same arguments and keeps a handle on
@@ -130,27 +130,28 @@ def serve_shard(
         {"shard_id": shard_id, "address": server.address, "restored_version": restored_version},
     )
     logger.info("shard %d of %d serving at %s", shard_id, num_shards, server.address)
+
+    def report() -> dict:
+        """What the shard has done so far: each heartbeat's payload, and its result's."""
+        totals = groups.totals()
+        return {
+            "shard_id": shard_id,
+            "worker_hosts": dict(service.worker_hosts),
+            "version": totals["version"],
+            "num_pushes": totals["num_pushes"],
+            "num_dropped": totals["num_dropped"],
+            "staleness": totals["staleness"],
+            **groups.recovery(),
+        }
+
     try:
         # Short waits, not one long one, so SIGTERM's SystemExit is raised promptly.
         while not stop.wait(_HEARTBEAT_S):
-            emit(
-                "heartbeat",
-                {"shard_id": shard_id, "version": groups.total_version, **groups.recovery()},
-            )
+            emit("heartbeat", report())
     finally:
         server.stop()
         stop_saving()
-    totals = groups.totals()
-    return {
-        "shard_id": shard_id,
-        "address": server.address,
-        "worker_hosts": dict(service.worker_hosts),
-        "version": totals["version"],
-        "num_pushes": totals["num_pushes"],
-        "num_dropped": totals["num_dropped"],
-        "staleness": totals["staleness"],
-        **groups.recovery(),
-    }
+    return {"shard_id": shard_id, "address": server.address, **report()}
 
 
 def serve_job_shard(

@@ -295,6 +295,17 @@ def _parse_cell(path: Path, line_no: int, name: str, text: str) -> object:
     return value
 
 
+def has_records(path: Path) -> bool:
+    """Whether the ``metrics.csv`` at ``path`` holds a record: a line after its header (False
+    when the file is missing). Reads no further than that line."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as f:
+            f.readline()  # the header
+            return any(line.strip() for line in f)
+    except FileNotFoundError:
+        return False
+
+
 def read_metrics(path: Path) -> list[dict[str, object]]:
     """Reads a ``metrics.csv`` back into records with numbers parsed.
 

@@ -1,0 +1,65 @@
+"""What a job leaves in its run folder once it has ended, however it ended (done, failed,
+interrupted): ``summary.json``, ``staleness.json`` and the PNG plots of ``metrics.csv``, each
+from what the launcher knew when the job ended, each written whole (a temporary file, then a
+rename). Drawing never decides how the job ended: a plot that cannot be drawn is logged, not
+raised. It knows nothing of processes: the launcher fills the result in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from distbelief import plots, telemetry
+from distbelief.errors import LauncherInterrupted
+from distbelief.files import write_text_atomic
+from distbelief.launch.summary import RunResult, write_summary
+
+logger = logging.getLogger(__name__)
+
+STALENESS_FILE = "staleness.json"
+"""Per shard: how many pushes arrived with each staleness."""
+
+
+def write_run_records(
+    result: RunResult | None, outcome: str = "done", reason: str | None = None
+) -> None:
+    """Writes the run folder's ``summary.json`` (``result`` ended by ``outcome`` for
+    ``reason``), ``staleness.json`` and plots. Summary first: it says how the job ended, and
+    must be there even if a second Ctrl-C cuts the drawing short. None (the job ended before
+    its cluster was open: no process had started) writes nothing.
+
+    Raises:
+        ValueError: ``outcome`` is not one of ``summary.OUTCOMES``.
+    """
+    write_summary(result, outcome, reason)
+    if result is None:
+        return
+    staleness = json.dumps(result.staleness, indent=2)
+    write_text_atomic(result.run_dir / STALENESS_FILE, staleness)
+    draw_plots(result.run_dir)
+
+
+def draw_plots(run_dir: Path) -> list[Path]:
+    """The run folder's PNGs, drawn from its ``metrics.csv`` as it stands; returns the files
+    written. None when it holds no record yet (a job stopped before its first): plots of
+    nothing would only say "no data yet". A plot that cannot be drawn is logged with the
+    command that draws it later, and none is returned: the job's outcome, and its exit code,
+    are its training's."""
+    if not telemetry.has_records(run_dir / "metrics.csv"):
+        logger.info("no plots: %s records no metrics yet", run_dir / "metrics.csv")
+        return []
+    try:
+        return plots.plot_run(run_dir)
+    except LauncherInterrupted:
+        raise  # stopped again while drawing: the user wants the launcher gone, not plots
+    except Exception as e:  # matplotlib's errors have no common base; none may end the run
+        logger.warning(
+            "could not draw the plots of %s (%s: %s); draw them later with: distbelief plot %s",
+            run_dir,
+            type(e).__name__,
+            e,
+            run_dir,
+        )
+        return []

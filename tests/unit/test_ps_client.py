@@ -19,7 +19,7 @@ SPECS = tensor_specs([("w", torch.zeros(6)), ("b", torch.zeros(2))])
 class ScriptedTransport:
     """Answers pushes and pulls at once, recording the order and thread of every request."""
 
-    shares_memory = False  # a shard in this process, not on a shared-memory channel
+    memory_channel = None  # a shard in this process, not on a shared-memory channel
 
     def __init__(self) -> None:
         self.calls: list[tuple[Op, int, str]] = []

@@ -177,7 +177,7 @@ class ParameterServerClient(ShardLanes):
             SharedMemory(
                 [[(p.numel, p.dtype) for p in pieces] for pieces in self.slices],
                 reads=pull_dtype is None and not pull_changes,
-                same_host=lambda shard_id: self._transports[shard_id].shares_memory,
+                channel_of=lambda shard_id: self._transports[shard_id].memory_channel,
             )
             if transport_setting() != "tcp"
             else None

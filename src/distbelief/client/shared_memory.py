@@ -5,7 +5,9 @@ shard applies gradients from, so that no gradient byte crosses a socket.
 Each shard whose connection is a shared-memory channel (so within the listener's cap of such
 connections) is asked once (the SHARE op, at the first push or pull), with the push buffers
 offered in the request; the reply says whether the shard shares its parameters and whether
-it mapped the buffers. A shard that ended is asked again (a restarted shard answers). A shard
+it mapped the buffers. What it agreed to holds for as long as that connection: once the
+shard has closed it (it stopped, or ended) or the client has opened another, nothing shared
+is used, and the shard is asked again (a restarted shard answers). A shard
 that cannot share (another host, a consistency model that decides when pulls are answered,
 TCP only) is asked once; its pulls or pushes stay requests. Reads are counted and reported
 with the next push, so the shard's pull count includes them.
@@ -31,9 +33,11 @@ returns the reply's metadata."""
 class _Shard:
     """What one shard agreed to: its parameters' reader, and whether it maps our buffers."""
 
-    __slots__ = ("buffers", "placed", "reader")
+    __slots__ = ("buffers", "channel", "placed", "reader")
 
-    def __init__(self) -> None:
+    def __init__(self, channel) -> None:
+        self.channel = channel
+        """The connection it was agreed on."""
         self.reader: SharedParamsReader | None = None
         self.buffers: SharedTensors | None = None
         self.placed: dict | None = None
@@ -54,7 +58,7 @@ class SharedMemory:
         slices: Per shard, (numel, dtype) of each of its slices.
         reads: Whether pulls may read shared parameters (not when they must go through the
             shard: narrowed, or changes only).
-        same_host: Whether shard i's connection is a shared-memory channel now.
+        channel_of: Shard i's connection now if it is a shared-memory channel, else None.
     """
 
     def __init__(
@@ -62,10 +66,10 @@ class SharedMemory:
         slices: Sequence[Sequence[tuple[int, torch.dtype]]],
         *,
         reads: bool,
-        same_host: Callable[[int], bool],
+        channel_of: Callable[[int], object | None],
     ) -> None:
         self._slices = [list(pieces) for pieces in slices]
-        self._same_host = same_host
+        self._channel_of = channel_of
         self._reads = reads
         self._usable = sharing_supported() is None
         self._shards: list[_Shard | None] = [None] * len(self._slices)
@@ -75,16 +79,23 @@ class SharedMemory:
         """What shard ``shard_id`` agreed to, asked now if not yet (or if it has ended)."""
         if not self._usable:
             return None
-        shard = self._shards[shard_id]
-        if shard is not None and shard.reader is not None and not shard.reader.usable:
-            shard.release()  # the shard ended (or moved its parameters): ask anew
+        shard, channel = self._shards[shard_id], self._channel_of(shard_id)
+        if shard is not None and (
+            shard.channel is not channel
+            or channel.peer_closed()
+            or (shard.reader is not None and not shard.reader.usable)
+        ):
+            # The shard stopped or ended, the connection was replaced, or the parameters
+            # moved: nothing agreed on that connection holds. Ask anew (on the next request's
+            # connection, if this one is gone).
+            shard.release()
             shard = self._shards[shard_id] = None
-        if shard is None and self._same_host(shard_id):
-            shard = self._shards[shard_id] = self._ask(shard_id, ask)
+        if shard is None and channel is not None and not channel.peer_closed():
+            shard = self._shards[shard_id] = self._ask(shard_id, channel, ask)
         return shard
 
-    def _ask(self, shard_id: int, ask: Ask) -> _Shard:
-        shard = _Shard()
+    def _ask(self, shard_id: int, channel, ask: Ask) -> _Shard:
+        shard = _Shard(channel)
         pieces = self._slices[shard_id]
         try:
             buffers = [torch.empty(numel, dtype=dtype) for numel, dtype in pieces]

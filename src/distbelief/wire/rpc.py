@@ -72,10 +72,11 @@ class RpcClient:
         """Whether the server has answered a request well (it is a peer of this protocol)."""
 
     @property
-    def shares_memory(self) -> bool:
-        """Whether the connection open now is to a peer on this host that may share memory
-        (a shared-memory channel; False while none is open)."""
-        return channels.shares_memory(self._channel)
+    def memory_channel(self) -> Channel | None:
+        """The connection open now if its peer is on this host and may share memory (see
+        ``channels.shares_memory``); None otherwise, or while none is open."""
+        channel = self._channel
+        return channel if channels.shares_memory(channel) else None
 
     def _open(self, deadline: float, timeout_s: float) -> tuple[Channel, FrameReader]:
         if self._channel is None:

@@ -40,8 +40,10 @@ class Channel(Protocol):
 
 
 def shares_memory(channel: Channel | None) -> bool:
-    """Whether ``channel``'s two ends are on one host and may share memory (a channel kind
-    that knows it says so with a ``shares_memory`` attribute)."""
+    """Whether ``channel``'s two ends are on one host and may share memory. A channel kind
+    that knows it says so with a ``shares_memory`` attribute, and has ``peer_closed()``: a
+    check, without blocking, that the peer has not closed (memory shared over the channel is
+    the peer's for as long as it is open)."""
     return bool(getattr(channel, "shares_memory", False))
 
 

@@ -21,6 +21,7 @@ import mmap
 import os
 import re
 import secrets
+import select
 import socket
 import stat
 import struct
@@ -321,6 +322,29 @@ class ShmChannel:
                 self._ring_doorbell(_pack_doorbell(-self._unreported))
             self._unreported = 0
         return count
+
+    def peer_closed(self) -> bool:
+        """Whether the peer has closed its end (or the connection failed): a check that
+        neither blocks nor takes bytes, for memory shared over this connection."""
+        if self._ended:
+            return True
+        # A poll, not a receive: a socket with a timeout waits for bytes before it receives.
+        events = select.poll()
+        events.register(self._sock.fileno(), select.POLLIN)
+        try:
+            ready = events.poll(0)
+        except (OSError, ValueError):  # closed here
+            return True
+        if not ready:
+            return False
+        if ready[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            return True
+        try:  # readable: a doorbell not taken in yet, or the end of the stream
+            return self._sock.recv(1, socket.MSG_PEEK) == b""
+        except ValueError:  # a TLS socket takes no flags: not known here
+            return False
+        except OSError:
+            return True
 
     def shutdown(self) -> None:
         with contextlib.suppress(OSError):

@@ -5,7 +5,9 @@ Both servers run in spawned processes on 127.0.0.1 and do the same work (recv_in
 preallocated buffer, ``w -= lr * g``, reply; or send ``w``); ratio = raw time / project time,
 the median of back-to-back pairs. The project's side is ``ParameterServerClient.push_now`` /
 ``pull_now`` over plain TCP; the same client to the same kind of shard over the shared-memory
-channel gives the "shm/tcp" ratio (project-over-TCP time / project-over-shm time). What limits
+channel gives the "shm/tcp" ratio (project-over-TCP time / project-over-shm time): there a pull
+copies the shard's parameters straight from its shared memory, and a push leaves the gradient
+in push buffers the shard applies from (``wire/shared_params.py``). What limits
 the ratio (measured, see benchmarks/README.md): a fixed cost of Python per request (~130-200
 us: metadata, framing, the shard's bookkeeping), which decides tiny requests and part of 1M; a
 pull after a push also pays the shard's snapshot copy of ``w`` (the "vs raw+cp" column compares
@@ -170,7 +172,9 @@ class ProjectClient:
     """The project's ParameterServerClient on a one-tensor model of ``numel`` float32, over
     ``transport`` (tcp: plain TCP; shm: the shared-memory channel, refused if not granted)."""
 
-    def __init__(self, address: str, numel: int, transport: str = "tcp") -> None:
+    def __init__(
+        self, address: str, numel: int, transport: str = "tcp", *, shared_memory: bool = True
+    ) -> None:
         specs = tensor_specs([("weights", torch.empty(numel))])
         layout = FlatLayout(specs)
         with _transport(transport):
@@ -179,6 +183,7 @@ class ProjectClient:
                 specs,
                 timeout_s=SOCKET_TIMEOUT_S,
                 retry_timeout_s=NO_RETRY_S,
+                shared_memory=shared_memory,
             )
         try:
             self._client.handshake(layout.allocate())

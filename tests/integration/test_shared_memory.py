@@ -110,8 +110,8 @@ def test_placed_pushes_update_as_pushed_tensors_do(monkeypatch, flags):
             process, address = start_shard(0, 1, "--server-lr", "0.5", *flags)
             processes.append(process)
             addresses.append(address)
-        placed, by_request = _client(addresses[0], "w0"), _client(addresses[1], "w0")
-        by_request._shared_memory = None
+        placed = _client(addresses[0], "w0")
+        by_request = _client(addresses[1], "w0", shared_memory=False)
         try:
             torch.manual_seed(0)
             for clock in range(1, 4):

@@ -112,6 +112,9 @@ class ParameterServerClient(ShardLanes):
             sync rounds of another number are refused at the handshake (a round of the wrong
             size would wait for missing workers, or close before all of them pushed). None:
             not checked (an evaluator, say).
+        shared_memory: With shards on this host (over shared-memory channels), read their
+            parameters from their shared memory and place pushes in shared buffers
+            (``client/shared_memory.py``). False: every pull and push is a request.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class ParameterServerClient(ShardLanes):
         source_host: str | None = None,
         pull_changes: bool = False,
         num_workers: int | None = None,
+        shared_memory: bool = True,
     ) -> None:
         check_wait("hold_timeout_s", hold_timeout_s)
         check_group_name(group)
@@ -179,7 +183,7 @@ class ParameterServerClient(ShardLanes):
                 reads=pull_dtype is None and not pull_changes,
                 channel_of=lambda shard_id: self._transports[shard_id].memory_channel,
             )
-            if transport_setting() != "tcp"
+            if shared_memory and transport_setting() != "tcp"
             else None
         )
 

@@ -56,9 +56,14 @@ def test_a_read_during_a_write_is_left_to_a_pull_and_a_retired_file_is_not_read(
         reader.close()
 
 
-def test_an_offer_that_does_not_fit_or_is_not_the_file_is_refused():
+def test_an_offer_that_does_not_fit_or_is_not_the_file_is_refused(tmp_path):
     params = [torch.zeros(4)]
     shared = SharedTensors(params, version=0)
+    with open(tmp_path / "not-shared-memory", "wb+") as other:
+        other.write(bytes(shared.size))  # of the offered size, but an ordinary file
+        other.flush()
+        with pytest.raises(ValueError, match="not the one offered"):
+            SharedParamsReader.open({**shared.offer(), "fd": other.fileno()}, _slices(params))
     with pytest.raises(ValueError, match="do not fit"):
         SharedParamsReader.open(shared.offer(), [(5, torch.float32)])
     with pytest.raises(ValueError, match="not the one offered"):

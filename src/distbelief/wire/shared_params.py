@@ -52,6 +52,7 @@ READ_TRIES = 8
 BUSY_PAUSE_S = 0.0002
 """A reader's pause after finding the shard mid-update (an update of a 4 MB slice takes
 ~0.1-0.4 ms here)."""
+_MEMFD_PREFIX = "distbelief-"
 _WRITE_ORDERED_MACHINES = frozenset({"x86_64", "amd64", "AMD64", "i386", "i686"})
 
 
@@ -104,7 +105,7 @@ class SharedTensors:
             offset = _aligned(offset + param.numel() * param.dtype.itemsize)
         self.size = offset
         # The name only shows in /proc/PID/maps: what the memory is, for whoever looks.
-        self.fd = os.memfd_create(f"distbelief-{name}", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(f"{_MEMFD_PREFIX}{name}", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, self.size)
             # Reserves the pages now: out of memory fails here, not with SIGBUS on a write.
@@ -172,6 +173,12 @@ def _map_offer(offer: dict, slices, *, writable: bool) -> tuple[mmap.mmap, list,
         raise ValueError("the shared tensors lie outside the file")
     pidfd = os.pidfd_open(pid)
     try:
+        # Only a memory file of ours in a process of this user: an offer cannot point this
+        # process at any other file it may open.
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+            raise ValueError("the offered file belongs to another user's process")
+        if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"/memfd:{_MEMFD_PREFIX}"):
+            raise ValueError("the offered file is not the one offered")
         flags = os.O_RDWR if writable else os.O_RDONLY
         file_fd = os.open(f"/proc/{pid}/fd/{fd}", flags | os.O_CLOEXEC)
         try:

@@ -190,7 +190,9 @@ class ProjectClient:
         except BaseException:
             self._client.close()
             raise
-        self._grads = layout.allocate()
+        # As DownpourSGD allocates its outbox: where the shard shares memory, a push from it
+        # is applied where it lies.
+        self._grads = self._client.shared_outbox(layout.sizes)
         self._grads[torch.float32].fill_(1.0)
         self._out = layout.allocate()
         self.pulled = self._out[torch.float32]

@@ -130,6 +130,31 @@ def test_placed_pushes_update_as_pushed_tensors_do(monkeypatch, flags):
         stop_processes(processes)
 
 
+def test_a_push_from_the_shared_outbox_is_applied_where_it_lies_and_left_as_it_was(monkeypatch):
+    """The shard divides a stale push by its staleness (``scale``) in its own buffers, not in
+    the client's outbox, which its replay record sums."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "auto")
+    process, address = start_shard(0, 1, "--server-lr", "1", "--staleness-policy", "scale")
+    try:
+        client = _client(address, "w0")
+        try:
+            outbox = client.shared_outbox(FlatLayout(SPECS).sizes)
+            outbox[torch.float32].fill_(1.0)
+            assert client.push_now(outbox, clock=1) == [1]
+            assert client.push_now(outbox, clock=2) == [2]
+            assert client.push_now(outbox, clock=3, base_versions=[0]) == [3]  # staleness 2
+            assert bool((outbox[torch.float32] == 1.0).all())
+            # Placed where it lies: the client's own push buffers were never written.
+            assert not bool(_shared(client).buffers.tensors[0].any())
+            pulled = FlatLayout(SPECS).allocate()
+            client.pull_now(pulled)
+            assert bool((pulled[torch.float32] == -2.5).all())  # -1 - 1 - 1/2
+        finally:
+            client.close()
+    finally:
+        stop_processes([process])
+
+
 def test_reads_while_another_client_pushes_are_never_torn(shard):
     _, address = shard
     pusher, reader = _client(address, "pusher"), _client(address, "reader")

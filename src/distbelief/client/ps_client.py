@@ -565,6 +565,15 @@ class ParameterServerClient(ShardLanes):
             reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
         return reply, bool(written)
 
+    def shared_outbox(self, sizes: dict[torch.dtype, int]) -> dict[torch.dtype, torch.Tensor]:
+        """Zeroed flat buffers by dtype for gradients to push: in shared memory where shards on
+        this host may map it, so a push from them goes with no copy at all (the shard applies
+        it where it lies); ordinary memory otherwise."""
+        shared = None if self._shared_memory is None else self._shared_memory.outbox(sizes)
+        if shared is not None:
+            return shared
+        return {dtype: torch.zeros(total, dtype=dtype) for dtype, total in sizes.items()}
+
     def close(self, wait: bool = True) -> None:
         super().close(wait)
         if self._shared_memory is not None:

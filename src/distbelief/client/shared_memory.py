@@ -74,6 +74,25 @@ class SharedMemory:
         self._usable = sharing_supported() is None
         self._shards: list[_Shard | None] = [None] * len(self._slices)
         self._unreported = [0] * len(self._slices)
+        self._outboxes: list[SharedTensors] = []
+        """Flat buffers in shared memory (``outbox``): a push from them is placed as it lies."""
+
+    def outbox(self, sizes: dict[torch.dtype, int]) -> dict[torch.dtype, torch.Tensor] | None:
+        """Zeroed flat buffers by dtype, in shared memory: a push of their slices to a shard
+        that maps this client's memory is placed without a copy (the shard applies it where it
+        lies). None where shared memory cannot be used."""
+        if not self._usable:
+            return None
+        dtypes = list(sizes)
+        try:
+            shared = SharedTensors(
+                [torch.zeros(sizes[dtype], dtype=dtype) for dtype in dtypes], name="push-buffers"
+            )
+        except OSError as e:
+            logger.info("no memory for a shared outbox (%s)", e)
+            return None
+        self._outboxes.append(shared)
+        return dict(zip(dtypes, shared.tensors, strict=True))
 
     def _agreed(self, shard_id: int, ask: Ask) -> _Shard | None:
         """What shard ``shard_id`` agreed to, asked now if not yet (or if it has ended)."""
@@ -137,6 +156,10 @@ class SharedMemory:
         shard = self._agreed(shard_id, ask)
         if shard is None or shard.placed is None:
             return None
+        for outbox in self._outboxes:
+            offer = outbox.offer_of(grads)
+            if offer is not None:
+                return offer
         assert shard.buffers is not None
         torch._foreach_copy_(shard.buffers.tensors, list(grads))
         return shard.placed
@@ -151,3 +174,6 @@ class SharedMemory:
             if shard is not None:
                 shard.release()
             self._shards[shard_id] = None
+        for outbox in self._outboxes:
+            outbox.retire()
+        self._outboxes = []

@@ -329,6 +329,9 @@ class DownpourSGD(torch.optim.Optimizer):
             pull_changes=self.compression.topk_fraction is not None,
             num_workers=num_workers,
         )
+        if not self._copies.is_cuda:
+            # Shards on this host then apply a push where it lies: no copy of the gradient.
+            self._outbox = self.client.shared_outbox(self.layout.sizes)
         try:
             self._join_shards(start_after_version, hold_timeout_s)
         except BaseException:

@@ -59,6 +59,8 @@ from distbelief.wire.warmstart_ops import END_WARMSTART, WARMSTART_ENDED_KEY
 
 logger = logging.getLogger(__name__)
 
+_MAX_PLACED_PER_CONNECTION = 4
+"""Places of push buffers one connection keeps mapped (a client pushes from one or two)."""
 _MAX_HOLD_S = 600.0
 """The longest a client may ask a shard to hold a pull in one request."""
 
@@ -192,8 +194,9 @@ class ShardConnection(VectorHandlers):
         # since skips the copy. (What dc-asgd needs of it, the shard's policy keeps per worker
         # id, so it survives a reconnect.)
         self._buffers: SliceBuffers | None = None
-        self._placed: tuple[int, list[torch.Tensor]] | None = None
-        """The push buffers of a client on this host (their token, a view per slice)."""
+        self._placed: dict[str, list[torch.Tensor]] = {}
+        """Push buffers of a client on this host, mapped: a view per slice, by where they lie
+        (the client's own push buffers, or its outbox)."""
         self.worker: str | None = None
         self.group: str | None = None
         """The parameter group this connection serves, set by the first request naming one."""
@@ -228,7 +231,7 @@ class ShardConnection(VectorHandlers):
 
     def close(self) -> None:
         self.idle()
-        self._placed = None  # the client's push buffers are unmapped with their last view
+        self._placed = {}  # the client's push buffers are unmapped with their last view
         if self.worker is not None:
             self.shard.leave(self.worker)
 
@@ -343,6 +346,12 @@ class ShardConnection(VectorHandlers):
             if request.tensors:
                 raise ProtocolError("a push placed in shared memory carries no tensors")
             grads = self._placed_buffers(request.meta[PLACED_KEY])
+            if self.shard.adjusts_gradients:
+                # Adjusted here, not in the client's memory: what it pushed stays as it was
+                # (its replay record sums it).
+                push = self._borrowed().push
+                torch._foreach_copy_(list(push.values()), grads)
+                grads = list(push.values())
             received_bytes = 0
         elif is_encoded(request.meta):
             compressed = self._compressed_slices()
@@ -461,15 +470,20 @@ class ShardConnection(VectorHandlers):
         connection that names them: a reconnected client's pushes carry the offer again)."""
         if not isinstance(offer, dict):
             raise ValueError(f"{PLACED_KEY} must be a shared-memory offer, got {offer!r}")
-        if self._placed is None or self._placed[0] != offer.get("token"):
+        where = f"{offer.get('token')}:{offer.get('slices')}"
+        views = self._placed.get(where)
+        if views is None:
             if transport_setting() == "tcp":
                 raise ValueError("this shard uses TCP only: push the gradient's tensors")
             pieces = [(piece.numel, piece.dtype) for piece in self.shard.slices]
             try:
-                self._placed = (offer.get("token"), map_push_buffers(offer, pieces))
+                views = map_push_buffers(offer, pieces)
             except OSError as e:
                 raise ValueError(f"cannot map the client's push buffers: {e}") from None
-        return self._placed[1]
+            if len(self._placed) >= _MAX_PLACED_PER_CONNECTION:
+                self._placed.clear()
+            self._placed[where] = views
+        return views
 
     def _share(self, request: Message) -> Message:
         """Offer the shared parameters (``wire/shared_params.py``) to a client on this host,

@@ -514,6 +514,12 @@ class ParameterShard:
                 return f"no memory to share its parameters ({e.strerror or e})"
             return self._shared
 
+    @property
+    def adjusts_gradients(self) -> bool:
+        """Whether a pushed gradient is changed before it is applied (divided by its
+        staleness, or compensated for it), in place."""
+        return not self.consistency.sync and self.consistency.staleness_policy != "none"
+
     def note_direct_reads(self, count: int) -> None:
         """A client read the shared parameters ``count`` times since it last said so."""
         with self._changed:

@@ -129,12 +129,30 @@ class SharedTensors:
 
     def offer(self) -> dict:
         """What another process needs to map this file (a SHARE reply's fields)."""
+        return self._offer([[o, numel, dtype_name(dtype)] for o, numel, dtype in self.layout])
+
+    def offer_of(self, tensors: Sequence[torch.Tensor]) -> dict | None:
+        """The offer of ``tensors`` (contiguous views of this file's tensors), to map them
+        where they lie; None if any lies elsewhere."""
+        base, slices = self._header.data_ptr(), []
+        for tensor in tensors:
+            offset = tensor.data_ptr() - base
+            if not tensor.numel():
+                offset = HEADER_BYTES  # an empty slice lies anywhere
+            elif not tensor.is_contiguous() or not HEADER_BYTES <= offset <= self.size - (
+                tensor.numel() * tensor.dtype.itemsize
+            ):
+                return None
+            slices.append([offset, tensor.numel(), dtype_name(tensor.dtype)])
+        return self._offer(slices)
+
+    def _offer(self, slices: list) -> dict:
         return {
             "pid": os.getpid(),
             "fd": self.fd,
             "token": self.token,
             "size": self.size,
-            "slices": [[offset, numel, dtype_name(dtype)] for offset, numel, dtype in self.layout],
+            "slices": slices,
         }
 
     def begin_write(self) -> None:

@@ -31,17 +31,20 @@ returns the reply's metadata."""
 
 
 class _Shard:
-    """What one shard agreed to: its parameters' reader, and whether it maps our buffers."""
+    """What one shard agreed to: its parameters' reader, and which of our memory files it
+    maps (by token: an outbox, or push buffers of its own)."""
 
-    __slots__ = ("buffers", "channel", "placed", "reader")
+    __slots__ = ("buffers", "channel", "mapped", "reader", "refused")
 
     def __init__(self, channel) -> None:
         self.channel = channel
         """The connection it was agreed on."""
         self.reader: SharedParamsReader | None = None
         self.buffers: SharedTensors | None = None
-        self.placed: dict | None = None
-        """The push buffers' offer, sent with each push, once the shard has mapped them."""
+        """Push buffers for this shard's slices, made at the first push from other memory."""
+        self.mapped: set[int] = set()
+        self.refused = False
+        """The shard could not map our memory: pushes to it carry their tensors."""
 
     def release(self) -> None:
         if self.reader is not None:
@@ -94,7 +97,7 @@ class SharedMemory:
         self._outboxes.append(shared)
         return dict(zip(dtypes, shared.tensors, strict=True))
 
-    def _agreed(self, shard_id: int, ask: Ask) -> _Shard | None:
+    def _agreed(self, shard_id: int, ask: Ask, offer: dict | None = None) -> _Shard | None:
         """What shard ``shard_id`` agreed to, asked now if not yet (or if it has ended)."""
         if not self._usable:
             return None
@@ -110,32 +113,34 @@ class SharedMemory:
             shard.release()
             shard = self._shards[shard_id] = None
         if shard is None and channel is not None and not channel.peer_closed():
-            shard = self._shards[shard_id] = self._ask(shard_id, channel, ask)
+            shard = self._shards[shard_id] = self._ask(shard_id, channel, ask, offer)
         return shard
 
-    def _ask(self, shard_id: int, channel, ask: Ask) -> _Shard:
+    def _ask(self, shard_id: int, channel, ask: Ask, offer: dict | None) -> _Shard:
         shard = _Shard(channel)
         pieces = self._slices[shard_id]
-        try:
-            buffers = [torch.empty(numel, dtype=dtype) for numel, dtype in pieces]
-            shard.buffers = SharedTensors(buffers, name="push-buffers")
-        except OSError as e:
-            logger.info("shard %d: no memory for shared push buffers (%s)", shard_id, e)
-        reply = ask(None if shard.buffers is None else shard.buffers.offer())
-        if reply.get("placed") and shard.buffers is not None:
-            shard.placed = shard.buffers.offer()
+        reply = ask(offer)
+        if offer is not None:
+            self._note_placed(shard, offer, reply)
         if self._reads and reply.get("shared"):
             try:
                 shard.reader = SharedParamsReader.open(reply, pieces)
             except (OSError, ValueError) as e:
                 logger.info("shard %d: its shared parameters cannot be read here (%s)", shard_id, e)
         logger.debug(
-            "shard %d: reads %s, pushes %s",
+            "shard %d: reads %s",
             shard_id,
             "shared" if shard.reader else f"by request ({reply.get('why')})",
-            "placed" if shard.placed else f"by request ({reply.get('placed_why')})",
         )
         return shard
+
+    @staticmethod
+    def _note_placed(shard: _Shard, offer: dict, reply: dict) -> None:
+        if reply.get("placed"):
+            shard.mapped.add(offer["token"])
+        else:
+            shard.refused = True
+            logger.debug("pushes by request: %s", reply.get("placed_why"))
 
     def read(self, shard_id: int, outs: Sequence[torch.Tensor], ask: Ask) -> int | None:
         """Copy shard ``shard_id``'s parameters into ``outs`` from shared memory; their
@@ -151,18 +156,34 @@ class SharedMemory:
         return version
 
     def place(self, shard_id: int, grads: Sequence[torch.Tensor], ask: Ask) -> dict | None:
-        """Copy a push's ``grads`` into the push buffers shard ``shard_id`` maps; the offer to
-        send in the push's metadata, or None (send the tensors)."""
-        shard = self._agreed(shard_id, ask)
-        if shard is None or shard.placed is None:
+        """Where shard ``shard_id`` finds a push's ``grads`` in memory it maps: the offer to
+        send in the push's metadata (the grads copied into push buffers first unless they lie
+        in an outbox), or None (send the tensors)."""
+        offer = next(
+            (o for o in (box.offer_of(grads) for box in self._outboxes) if o is not None), None
+        )
+        shard = self._agreed(shard_id, ask, offer)
+        if shard is None or shard.refused:
             return None
-        for outbox in self._outboxes:
-            offer = outbox.offer_of(grads)
-            if offer is not None:
-                return offer
-        assert shard.buffers is not None
-        torch._foreach_copy_(shard.buffers.tensors, list(grads))
-        return shard.placed
+        if offer is None:
+            if shard.buffers is None:
+                pieces = self._slices[shard_id]
+                try:
+                    shard.buffers = SharedTensors(
+                        [torch.empty(n, dtype=dtype) for n, dtype in pieces], name="push-buffers"
+                    )
+                except OSError as e:
+                    logger.info("shard %d: no memory for push buffers (%s)", shard_id, e)
+                    shard.refused = True
+                    return None
+            torch._foreach_copy_(shard.buffers.tensors, list(grads))
+            offer = shard.buffers.offer()
+        if offer["token"] not in shard.mapped:
+            # First push from this memory: the shard says whether it can map it.
+            self._note_placed(shard, offer, ask(offer))
+            if shard.refused:
+                return None
+        return offer
 
     def take_count(self, shard_id: int) -> int:
         """Reads of shard ``shard_id`` since the last call (reported with a push)."""

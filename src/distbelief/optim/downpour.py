@@ -329,15 +329,16 @@ class DownpourSGD(torch.optim.Optimizer):
             pull_changes=self.compression.topk_fraction is not None,
             num_workers=num_workers,
         )
-        if not self._copies.is_cuda:
-            # Shards on this host then apply a push where it lies: no copy of the gradient.
-            self._outbox = self.client.shared_outbox(self.layout.sizes)
         try:
             self._join_shards(start_after_version, hold_timeout_s)
         except BaseException:
             # No optimizer is returned to close: its I/O threads and sockets would outlive it.
             self.client.close(wait=False)
             raise
+        if not self._copies.is_cuda:
+            # Shards on this host then apply a push where it lies: no copy of the gradient.
+            # Made once joined: a constructor that fails leaves no memory file open.
+            self._outbox = self.client.shared_outbox(self.layout.sizes)
         if self._server is not None:
             # Seed scripts never call close(); the server waits for it to stop by itself.
             atexit.register(self._close_at_exit)

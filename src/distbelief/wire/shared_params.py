@@ -10,9 +10,10 @@ sequence lock: the shard makes the header's counter odd before it changes the pa
 even after, with the new version; a reader that saw the counter odd, or changed, copies again,
 and after a few tries leaves the read to an ordinary pull, which takes the shard's lock.
 
-A client's push buffers are a file of the same form, which it offers with each push (the
-PLACED_KEY of its metadata); the shard maps it (once per connection) and applies the gradient
-from it before it answers, and the client writes the next gradient only after the answer.
+A client's outbox (or push buffers it copies a gradient into) is a file of the same form, which
+it offers with each push (the PLACED_KEY of its metadata); the shard maps it (once per
+connection and place) and applies the gradient from it before it answers, and the client
+writes the next gradient there only after the answer.
 
 Only on x86-64, whose stores are seen in the order they were made: the counter and version
 are single 8-byte stores, and no fence can be written from here for weaker memory models.
@@ -41,7 +42,8 @@ DIRECT_READS_KEY = "reads"
 """A push's count of its client's reads of the shared parameters since its last push (the
 shard counts them as pulls)."""
 PLACED_KEY = "placed"
-"""A push whose gradient is in the client's push buffers: their offer (no tensors travel)."""
+"""A push whose gradient lies in the client's shared memory (its outbox, or push buffers it
+copied the gradient into): where, as an offer (no tensors travel)."""
 HEADER_BYTES = 64
 _SEQ, _VERSION, _RETIRED, _TOKEN = range(4)
 """The header's int64 fields: the sequence counter, the version of the values, 1 once the

@@ -58,8 +58,13 @@ def _mapped_segments() -> set[str]:
 
 
 def _our_segments() -> set[str]:
+    """Ring segment files mapped here: files in /dev/shm (not the shared parameters' or push
+    buffers' memory files, which other tests' shards and clients map and let go of)."""
     return {
-        path for path in _mapped_segments() if shm_channel.SEGMENT_PREFIX in os.path.basename(path)
+        path
+        for path in _mapped_segments()
+        if os.path.dirname(path) == shm_channel.SHM_DIR
+        and os.path.basename(path).startswith(shm_channel.SEGMENT_PREFIX)
     }
 
 

@@ -91,9 +91,13 @@ def test_a_same_host_pull_reads_shared_memory_and_counts_as_a_pull(shard):
         assert client.push_now(ones, clock=2) == [2]
         stats = client.stats()[0]
         assert stats["num_pulls"] == 2
-        # Both pushes were placed in the push buffers: no gradient byte was received.
+        # Both pushes were placed in the push buffers: no gradient byte was received. The
+        # shard counts them, and the direct read, as bytes moved through shared memory (what
+        # the launcher's progress and metrics add to the socket's bytes).
         assert _shared(client).mapped
         assert stats["bytes_received"] == 0
+        assert stats["bytes_sent"] == 4 * NUMEL  # the pull by request
+        assert stats["bytes_shared"] == 3 * 4 * NUMEL
     finally:
         client.close()
     assert _mapped_shared_params() <= mapped_before

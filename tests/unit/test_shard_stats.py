@@ -37,6 +37,14 @@ def test_rates_and_mean_staleness_are_since_the_previous_poll() -> None:
     assert record["staleness"] == pytest.approx(2.0)
 
 
+def test_bytes_through_shared_memory_count_in_the_byte_rate() -> None:
+    """On one host, pushes and pulls may move no socket byte: the rate still shows them."""
+    before = {**_stats(100.0, 5, 5, 1000, {"0": 5}), "bytes_shared": 4000}
+    now = {**_stats(102.0, 13, 13, 1000, {"0": 13}), "bytes_shared": 10000}
+    (record,) = shard_records([now], [before])
+    assert record["bytes_per_s"] == pytest.approx(3000.0)
+
+
 def test_no_pushes_in_between_gives_no_staleness() -> None:
     before = _stats(100.0, 5, 5, 1000, {"0": 5})
     (record,) = shard_records([_stats(101.0, 5, 5, 1200, {"0": 5})], [before])

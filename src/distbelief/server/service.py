@@ -130,6 +130,9 @@ class ShardService:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.bytes_received = 0
         self.bytes_sent = 0
+        self.bytes_shared = 0
+        """Bytes that moved through shared memory instead of a socket: gradients applied from
+        a client's memory, and parameters clients copied from the shard's."""
         self.worker_hosts: dict[str, str] = {}
         """Worker id -> the host its latest connection came from (where each replica runs)."""
         self.warmstart_ended = False
@@ -174,11 +177,13 @@ class ShardService:
         with self._buffers_lock:
             self._free_buffers.setdefault(shard, []).append(buffers)
 
-    def count_bytes(self, received: int, sent: int) -> None:
-        """Adds one request's bytes to the totals the shard reports."""
+    def count_bytes(self, received: int, sent: int, shared: int = 0) -> None:
+        """Adds one request's bytes to the totals the shard reports (``shared``: bytes that
+        moved through shared memory, not the socket)."""
         with self._stats_lock:
             self.bytes_received += received
             self.bytes_sent += sent
+            self.bytes_shared += shared
 
 
 class ShardConnection(VectorHandlers):
@@ -352,22 +357,23 @@ class ShardConnection(VectorHandlers):
                 push = self._borrowed().push
                 torch._foreach_copy_(list(push.values()), grads)
                 grads = list(push.values())
-            received_bytes = 0
+            received_bytes, shared_bytes = 0, self._slice_bytes
         elif is_encoded(request.meta):
             compressed = self._compressed_slices()
             grads = compressed.decode_push(request.meta, request.tensors, self._borrowed().push)
-            received_bytes = sum(tensor.nbytes for _, tensor in request.tensors)
+            received_bytes, shared_bytes = sum(tensor.nbytes for _, tensor in request.tensors), 0
         else:
             names = [name for name, _ in request.tensors]
             if names != self._slice_names:
                 raise ProtocolError(f"push must carry {self._slice_names}, got {names}")
             grads = [tensor for _, tensor in request.tensors]
-            received_bytes = self._slice_bytes
+            received_bytes, shared_bytes = self._slice_bytes, 0
         worker, clock = self._identify(request.meta)
         base_version = _optional_int(request.meta, "base_version")
         direct_reads = _optional_int(request.meta, DIRECT_READS_KEY)
         if direct_reads:
             self.shard.note_direct_reads(direct_reads)
+            shared_bytes += direct_reads * self._slice_bytes
         result = self.shard.push(
             grads,
             worker=worker,
@@ -376,7 +382,7 @@ class ShardConnection(VectorHandlers):
             seq=_push_sequence(request.meta),
             sparse=bool(request.meta.get(SPARSE_KEY)),
         )
-        self.service.count_bytes(received_bytes, 0)
+        self.service.count_bytes(received_bytes, 0, shared_bytes)
         meta = {"version": result.version, "staleness": result.staleness, "applied": result.applied}
         if result.durable is not None:
             meta |= {"epoch": result.epoch, "durable": result.durable}
@@ -545,5 +551,6 @@ class ShardConnection(VectorHandlers):
                 "rows": describe_tables(self.service.tables),
                 "bytes_received": self.service.bytes_received,
                 "bytes_sent": self.service.bytes_sent,
+                "bytes_shared": self.service.bytes_shared,
             }
         )

@@ -89,6 +89,12 @@ def _row_counts(stats: dict) -> dict[str, int]:
     }
 
 
+def _bytes_moved(stats: dict) -> int:
+    """Bytes to and from a shard by any path: its socket, and shared memory on its host (a
+    shard from before ``bytes_shared`` reports none)."""
+    return stats["bytes_received"] + stats["bytes_sent"] + stats.get("bytes_shared", 0)
+
+
 def shard_records(stats: Sequence[dict], previous: Sequence[dict] | None = None) -> list[dict]:
     """``shard`` metrics records from one poll, with rates since the ``previous`` poll.
 
@@ -99,8 +105,9 @@ def shard_records(stats: Sequence[dict], previous: Sequence[dict] | None = None)
 
     Returns:
         One record per shard: ``time_s`` (wall clock, as children report it), ``version``,
-        and, given a previous poll, ``pushes_per_s``, ``bytes_per_s`` (received plus sent)
-        and ``staleness`` (mean over the pushes in between; None if there were none); a
+        and, given a previous poll, ``pushes_per_s``, ``bytes_per_s`` (received plus sent,
+        through its socket or shared memory) and ``staleness`` (mean over the pushes in
+        between; None if there were none); a
         shard with embedding tables adds ``rows``, ``rows_admitted`` and ``rows_evicted``.
     """
     before_by_id = {s["shard_id"]: s for s in previous or ()}
@@ -110,8 +117,7 @@ def shard_records(stats: Sequence[dict], previous: Sequence[dict] | None = None)
         rates: dict[str, float | None] = {}
         elapsed_s = now["time"] - before["time"] if before is not None else 0.0
         if before is not None and elapsed_s > 0:
-            num_bytes = now["bytes_received"] + now["bytes_sent"]
-            num_bytes_before = before["bytes_received"] + before["bytes_sent"]
+            num_bytes, num_bytes_before = _bytes_moved(now), _bytes_moved(before)
             rates = {
                 "pushes_per_s": (now["num_pushes"] - before["num_pushes"]) / elapsed_s,
                 "bytes_per_s": (num_bytes - num_bytes_before) / elapsed_s,

@@ -41,7 +41,7 @@ _THROUGHPUT_TARGET = 0.8
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--replicas", default="8,64,512,2000", help="values of N, comma-separated")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured time per point")
     parser.add_argument("--shards", type=int, default=1, help="shards per design (S)")

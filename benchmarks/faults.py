@@ -531,7 +531,7 @@ def _schedule(text: str) -> list[str]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--schedule", type=_schedule, default=None, help=DEFAULT_SCHEDULE)
     parser.add_argument("--steps", type=int, default=None, help="per worker (default 3000)")
     parser.add_argument("--workers", type=int, default=2)

@@ -70,7 +70,7 @@ def time_pushes(num_elements: int, tracked: bool, args: argparse.Namespace) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "--pushes", type=machine.at_least(1), default=100, help="timed pushes per repeat"
     )

@@ -64,7 +64,9 @@ MAX_WORLD_SIZE = 2**31 - 1
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Downpour SGD, the seed's example")
+    parser = argparse.ArgumentParser(
+        description="Downpour SGD, the seed's example", allow_abbrev=False
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.03, help="the nodes' rate (the server's too)")

@@ -33,7 +33,9 @@ from distbelief.wire import channels
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="DLRM with embedding tables on the shards")
+    parser = argparse.ArgumentParser(
+        description="DLRM with embedding tables on the shards", allow_abbrev=False
+    )
     parser.add_argument("--ps", required=True, help="shard addresses, comma-separated, in order")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=256)

@@ -601,6 +601,32 @@ def test_an_unknown_flag_is_the_commands_error(command, capsys):
     assert error == f"distbelief {command}: error: unrecognized arguments: --bogus"
 
 
+@pytest.mark.parametrize(
+    ("argv", "typed"),
+    [
+        (["train", "--work", "2"], "--work"),
+        (["train", "--max-it=5"], "--max-it=5"),
+        (["train", "--out", "somerun", "--ste", "3"], "--ste"),
+        (["ps", "--shard", "0", "--num-shards", "1"], "--shard"),
+        (["worker", "--ps", "tcp://127.0.0.1:1", "--ran", "0", "--num-workers", "1"], "--ran"),
+        (["eval", "--ps", "tcp://127.0.0.1:1", "--on"], "--on"),
+        (["--verb", "train"], "--verb"),
+    ],
+)
+def test_an_abbreviated_flag_is_refused_as_typed(argv, typed, capsys):
+    command = next(word for word in argv if not word.startswith("-"))
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error == f"distbelief {command}: error: unrecognized arguments: {typed}"
+
+
+def test_no_parser_takes_a_flag_by_its_prefix():
+    parsers = [get_args_parser(), *_subparsers().values()]
+    assert [parser.prog for parser in parsers if parser.allow_abbrev] == []
+
+
 def test_manual_roles_take_their_own_counts():
     ps = config_from_args(parse_args(["ps", "--shard-id", "0", "--num-shards", "3"]))
     assert (ps.cluster.num_shards, ps.cluster.num_workers) == (3, 1)

@@ -9,13 +9,14 @@ import argparse
 import ast
 import dataclasses
 import functools
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from distbelief import config as config_module
 from distbelief.config import JobConfig
 from distbelief.errors import ConfigFieldError
+from distbelief.launch.parser import CommandParser, subcommands
 
 if TYPE_CHECKING:
     from distbelief.wire.security import WireSecurity
@@ -535,31 +536,6 @@ def _add_reshard_parser(commands) -> None:
     add_config_flags(reshard, "reshard")
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors say what is wrong under a one-line usage: ``train``'s full usage is 40 lines,
-    which buried the one that matters (``--help`` still lists every flag). An unknown flag
-    after a command is that command's error (``distbelief ps: error: ...``), as its other
-    errors are: argparse leaves those to the top-level parser."""
-
-    def parse_args(  # type: ignore[override]  # one signature for argparse's overloads
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> argparse.Namespace:
-        parsed, unknown = self.parse_known_args(args, namespace)
-        if unknown:
-            command = _subcommands(self).get(getattr(parsed, "command", None) or "", self)
-            command.error(f"unrecognized arguments: {' '.join(unknown)}")
-        return parsed
-
-    def format_usage(self) -> str:
-        usage = super().format_usage()
-        if usage.count("\n") <= _MAX_USAGE_LINES:
-            return usage
-        return f"usage: {self.prog} [options] (all of them: {self.prog} --help)\n"
-
-
-_MAX_USAGE_LINES = 4
-
-
 def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
         "-v",
@@ -571,7 +547,7 @@ def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = CommandParser(
         prog="distbelief", description="Downpour SGD against a sharded parameter server."
     )
     _add_verbose(parser, False)
@@ -590,18 +566,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    """The parsers of ``parser``'s subcommands, by name (none for a subcommand's own)."""
-    return next(
-        (
-            action.choices
-            for action in parser._actions
-            if isinstance(action, argparse._SubParsersAction)
-        ),
-        {},
-    )
-
-
 def subcommand_parser(command: str) -> argparse.ArgumentParser:
     """The parser of one subcommand (for its usage line in errors found after parsing)."""
-    return _subcommands(get_args_parser())[command]
+    return subcommands(get_args_parser())[command]

@@ -242,3 +242,38 @@ def test_a_failing_first_save_is_retried_at_the_interval_not_at_every_poll(tmp_p
         with pytest.raises(OSError, match="read-only"):
             checkpointer.stop()  # its last save fails too, and says so
     assert periodic_attempts == 1
+
+
+def _edit_meta(directory, **fields) -> None:
+    """Change fields of shard 1's JSON as a text editor would: its digest left as it was."""
+    path = directory / "shard1.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields, indent=1))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"version": 7}, {"num_shards": 3}, {"values": {}}],
+    ids=["version", "num_shards", "values"],
+)
+def test_metadata_edited_by_hand_is_refused_as_corrupt_by_name(tmp_path, fields):
+    save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    assert "meta_sha256" in json.loads((tmp_path / "shard1.json").read_text())
+    _edit_meta(tmp_path, **fields)
+    expected = f"{tmp_path / 'shard1.json'}: corrupt (its fields do not match the SHA-256 it holds)"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        load_checkpoint(tmp_path, 1)
+
+
+def test_a_checkpoint_written_without_a_metadata_digest_still_loads(tmp_path):
+    shard = _shard("sgd")
+    _push(shard, 3)
+    save_checkpoint(shard.snapshot(), tmp_path)
+    path = tmp_path / "shard1.json"
+    meta = json.loads(path.read_text())
+    del meta["meta_sha256"]  # as checkpoints were written before the digest
+    path.write_text(json.dumps(meta, indent=1))
+    restored = ParameterShard(1, 2, server_optimizer_factory("sgd", lr=0.05))
+    restored.restore(load_checkpoint(tmp_path, 1))
+    assert restored.version == shard.version == 1
+    for a, b in zip(shard.parameters(), restored.parameters(), strict=True):
+        assert torch.equal(a, b)

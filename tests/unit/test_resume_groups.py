@@ -16,6 +16,7 @@ from distbelief.config import JobConfig
 from distbelief.errors import CheckpointError
 from distbelief.launch.resume import STAGE_GROUP_PREFIX, read_run_for_resume
 from distbelief.pipeline.job import stage_group
+from distbelief.sealed_json import write_sealed_json
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.server.checkpoint import save_checkpoint
 from distbelief.server.groups import group_dir
@@ -59,7 +60,8 @@ def test_a_checkpoint_of_another_shard_is_refused_by_name(tmp_path):
     _run_with_group_checkpoints(run_dir)
     folder = run_dir / "checkpoints" / "group-stage0"
     meta = json.loads((folder / "shard0.json").read_text())
-    (folder / "shard0.json").write_text(json.dumps(meta | {"shard_id": 1, "num_shards": 2}))
+    # Whole, with its own digest: a file that another shard wrote.
+    write_sealed_json(folder / "shard0.json", meta | {"shard_id": 1, "num_shards": 2})
     expected = r"shard0\.json: holds shard 1 of 2, expected shard 0 of 1"
     with pytest.raises(CheckpointError, match=expected):
         read_run_for_resume(run_dir)
@@ -100,7 +102,7 @@ def test_a_checkpoint_without_what_the_shard_reads_is_refused_before_anything_st
     path = run_dir / "checkpoints" / "group-stage1" / "shard0.json"
     meta = json.loads(path.read_text())
     del meta["values"]
-    path.write_text(json.dumps(meta))
+    write_sealed_json(path, meta)  # whole, with its own digest: written without them
     with pytest.raises(CheckpointError, match=r"shard0\.json: unreadable checkpoint: no values"):
         read_run_for_resume(run_dir)
 
@@ -198,3 +200,32 @@ def test_a_new_run_does_not_take_a_folder_of_sandblaster_checkpoints(tmp_path, c
     assert main(["train", "--no-eval", "--out", str(tmp_path / "run")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "holds another run's checkpoints: use --resume" in last, last
+
+
+def _corrupt_tensor_file(checkpoints) -> str:
+    [tensors] = checkpoints.glob("shard1-v*.safetensors")
+    tensors.write_bytes(tensors.read_bytes()[:-4] + b"oops")
+    return f"{tensors}: corrupt (SHA-256 does not match {checkpoints / 'shard1.json'})"
+
+
+def _edit_version(checkpoints) -> str:
+    path = checkpoints / "shard1.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps(meta | {"version": meta["version"] + 40}, indent=1))
+    return f"{path}: corrupt (its fields do not match the SHA-256 it holds)"
+
+
+@pytest.mark.parametrize("damage", [_corrupt_tensor_file, _edit_version], ids=["tensors", "json"])
+def test_a_hand_edited_version_is_refused_as_a_corrupt_tensor_file_is(tmp_path, capsys, damage):
+    """In one line naming the file, exit 2, before anything in the run folder changes."""
+    from distbelief.launch.cli import main
+
+    run_dir = tmp_path / "run"
+    _run_with_two_shards(run_dir)
+    said = damage(run_dir / "checkpoints")
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"distbelief train: error: --resume {run_dir}: cannot resume: {said}"
+    ]
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from distbelief.errors import CheckpointError
+from distbelief.sealed_json import write_sealed_json
 from distbelief.server import row_checkpoint
+from distbelief.server.checkpoint_meta import check_rows_meta
 from distbelief.server.row_checkpoint import (
     load_row_tables,
     merge_checksums,
@@ -171,7 +173,7 @@ def test_a_missing_chunk_is_named(tmp_path):
 def test_a_checksum_that_does_not_match_is_named(tmp_path):
     meta = _saved(tmp_path)
     meta["tables"]["emb"]["checksum"]["rows_digest"] += 1
-    rows_meta_path(tmp_path, 0).write_text(json.dumps(meta))
+    write_sealed_json(rows_meta_path(tmp_path, 0), meta)  # the JSON whole, its rows not
     with pytest.raises(CheckpointError, match=r"rows-shard0\.json: table 'emb': rows do not match"):
         load_row_tables(tmp_path, 0)
 
@@ -193,3 +195,25 @@ def test_bad_state_dicts_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="shard_id 2 is not in"):
         save_row_tables(tmp_path, 2, 2, 0, {})
     assert not any(tmp_path.iterdir())
+
+
+def test_metadata_edited_by_hand_is_refused_as_corrupt_by_name(tmp_path):
+    meta = _saved(tmp_path)
+    assert "meta_sha256" in meta
+    path = rows_meta_path(tmp_path, 0)
+    path.write_text(json.dumps(meta | {"version": meta["version"] + 1}))
+    expected = f"{path}: corrupt (its fields do not match the SHA-256 it holds)"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        load_row_tables(tmp_path, 0)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        check_rows_meta(tmp_path, 0)  # the check before a resume, torch-free
+
+
+def test_row_tables_written_without_a_metadata_digest_still_load(tmp_path):
+    meta = _saved(tmp_path)
+    del meta["meta_sha256"]  # as row checkpoints were written before the digest
+    rows_meta_path(tmp_path, 0).write_text(json.dumps(meta))
+    loaded = load_row_tables(tmp_path, 0)
+    assert loaded.version == 1
+    _assert_same(loaded.tables["emb"], _trained().state_dict())
+    assert check_rows_meta(tmp_path, 0) == (0, 1)

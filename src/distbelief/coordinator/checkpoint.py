@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distbelief.errors import CheckpointError
-from distbelief.files import write_text_atomic
+from distbelief.sealed_json import check_sealed, write_sealed_json
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def read_record(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     """The last committed coordinator checkpoint (``tag``, ``iteration``, ``state``), or None.
 
     Raises:
-        CheckpointError: the record is unreadable or names a folder that is missing.
+        CheckpointError: the record is unreadable, its fields do not match their SHA-256, or
+            it names a folder that is missing.
     """
     path = Path(checkpoint_dir) / RECORD_FILE
     if not path.exists():
@@ -44,6 +45,7 @@ def read_record(checkpoint_dir: str | Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
         if record.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: unknown format {record.get('format')!r}")
+        check_sealed(record, path)
         tag, state = record["tag"], record["state"]
         if not isinstance(tag, str) or not tag.startswith(TAG_PREFIX) or "/" in tag:
             raise CheckpointError(f"{path}: bad checkpoint tag {tag!r}")
@@ -68,7 +70,7 @@ def commit(checkpoint_dir: str | Path, tag: str, iteration: int, state: dict[str
     """Record that every shard has saved ``tag`` (the commit point), then remove older tags."""
     directory = Path(checkpoint_dir)
     record = {"format": FORMAT_VERSION, "tag": tag, "iteration": iteration, "state": state}
-    write_text_atomic(directory / RECORD_FILE, json.dumps(record, indent=1))
+    write_sealed_json(directory / RECORD_FILE, record)
     for old in directory.glob(f"{TAG_PREFIX}*"):
         if old.is_dir() and old.name != tag:
             shutil.rmtree(old, ignore_errors=True)

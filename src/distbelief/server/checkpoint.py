@@ -1,15 +1,15 @@
 """Shard checkpoints on disk: tensors in safetensors, everything else in JSON, written atomically.
 
 A checkpoint of shard ``i`` is ``shard{i}-v{version}.safetensors`` (the shard's named tensors)
-plus ``shard{i}.json`` (its JSON-able values and the tensor file's name and SHA-256); what each
-tensor or value means is the shard's business. Each file is written to a temporary name and
-renamed; the JSON is renamed last, so it always names a complete tensor file, and older tensor
-files are removed only after that. A reader checks the digest before trusting anything.
+plus ``shard{i}.json`` (its JSON-able values, the tensor file's name and SHA-256, and the
+SHA-256 of the JSON's other fields: see ``sealed_json``); what each tensor or value means is the
+shard's business. Each file is written to a temporary name and renamed; the JSON is renamed
+last, so it always names a complete tensor file, and older tensor files are removed only after
+that. A reader checks both digests before trusting anything.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -20,7 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distbelief.errors import CheckpointError
-from distbelief.files import sha256_file, write_file_atomic, write_text_atomic
+from distbelief.files import sha256_file, write_file_atomic
+from distbelief.sealed_json import write_sealed_json
 from distbelief.server.checkpoint_meta import FORMAT_VERSION, meta_path, read_checked_meta
 from distbelief.server.shard import ShardState
 from distbelief.sharding import FlatPartitioner
@@ -48,7 +49,7 @@ def save_checkpoint(state: ShardState, directory: str | Path) -> Path:
         "tensor_sha256": sha256_file(tensor_path),
     }
     path = meta_path(directory, state.shard_id)
-    write_text_atomic(path, json.dumps(meta, indent=1))
+    write_sealed_json(path, meta)
     for old in directory.glob(f"shard{state.shard_id}-v*.safetensors"):
         if old.name != tensor_name:
             old.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """The JSON half of a shard checkpoint (and of its row tables' checkpoint): where it lives,
 what it says (shard, shard count, format, the tensors' specs, the tables' row widths) and the
-check that the tensor files it names are there and whole (their SHA-256).
+checks that it is as written (the SHA-256 of its fields) and that the tensor files it names are
+there and whole (their SHA-256).
 
 Torch-free on purpose: the launcher checks a run's checkpoints before it resumes it, and a
 corrupt or foreign file is refused in the time it takes to read the files, without loading torch
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from distbelief.errors import CheckpointError
 from distbelief.files import sha256_file
+from distbelief.sealed_json import check_sealed
 
 FORMAT_VERSION = 2
 """2: the shard's tensors and values as the shard store exports them. 1 (written before the
@@ -42,15 +44,18 @@ def read_rows_meta(directory: str | Path, shard_id: int) -> dict | None:
     unread: ``check_rows_meta`` checks them), or None if there is none.
 
     Raises:
-        CheckpointError: the file is unreadable or not JSON; the message names it.
+        CheckpointError: the file is unreadable, not JSON, or its fields do not match their
+            SHA-256; the message names it.
     """
     path = rows_meta_path(directory, shard_id)
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable row checkpoint: {e!r}") from e
+    check_sealed(meta, path)
+    return meta
 
 
 def check_rows_meta(directory: str | Path, shard_id: int) -> tuple[int, int] | None:
@@ -117,8 +122,8 @@ def read_meta(directory: str | Path, shard_id: int) -> dict | None:
     it), or None if there is none.
 
     Raises:
-        CheckpointError: the JSON is unreadable or of an unknown format; the message names the
-            file.
+        CheckpointError: the JSON is unreadable, of an unknown format, or its fields do not
+            match their SHA-256; the message names the file.
     """
     path = meta_path(Path(directory), shard_id)
     if not path.exists():
@@ -131,6 +136,7 @@ def read_meta(directory: str | Path, shard_id: int) -> dict | None:
         raise CheckpointError(f"{path}: unreadable checkpoint: not a JSON object")
     if meta.get("format") not in _FORMAT_KEYS:
         raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
+    check_sealed(meta, path)
     missing = [k for k in (*_REQUIRED_KEYS, *_FORMAT_KEYS[meta["format"]]) if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: unreadable checkpoint: no {', '.join(missing)}")

@@ -18,8 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from distbelief.errors import CheckpointError
-from distbelief.files import sha256_file, sync_folder, write_file_atomic, write_text_atomic
-from distbelief.server.checkpoint_meta import rows_meta_path
+from distbelief.files import sha256_file, sync_folder, write_file_atomic
+from distbelief.sealed_json import write_sealed_json
+from distbelief.server.checkpoint_meta import read_rows_meta, rows_meta_path
 from distbelief.sharding.rows import mix64
 
 FORMAT_VERSION = 1
@@ -27,10 +28,12 @@ FORMAT_VERSION = 1
 ``chunk_rows`` and ``tables``: name -> ``dim``, ``optimizer``, ``state_shapes`` (state name ->
 shape of one row), ``num_steps``, ``num_admitted``, ``num_evicted``, ``settings`` (the caller's
 dict, kept as given), ``num_rows``, ``num_pending``, ``checksum`` (see ``table_checksum``) and
-``row_chunks`` / ``pending_chunks``: lists of ``{"file", "sha256", "num_rows"}``. A row chunk
-holds ``ids``, ``values``, ``state.NAME`` per state tensor and ``last_step``; a pending chunk
-``ids`` and ``counts``. Chunk files are ``rows-shard{i}-v{version:012d}-{token}-t{table index}-
-rows{n}.safetensors`` (``pending{n}``); the random token keeps two saves of one version apart."""
+``row_chunks`` / ``pending_chunks``: lists of ``{"file", "sha256", "num_rows"}``; and
+``meta_sha256``, the SHA-256 of all the others (``sealed_json``; a file without it, written
+before it was, is read too). A row chunk holds ``ids``, ``values``, ``state.NAME`` per state
+tensor and ``last_step``; a pending chunk ``ids`` and ``counts``. Chunk files are
+``rows-shard{i}-v{version:012d}-{token}-t{table index}-rows{n}.safetensors`` (``pending{n}``);
+the random token keeps two saves of one version apart."""
 
 DEFAULT_CHUNK_ROWS = 65536
 """Rows per chunk file unless the caller says otherwise."""
@@ -206,7 +209,7 @@ def save_row_tables(
         }
         sync_folder(directory)  # the chunks' renames land before the JSON that names them
         meta_path = rows_meta_path(directory, shard_id)
-        write_text_atomic(meta_path, json.dumps(meta, indent=1))
+        write_sealed_json(meta_path, meta)
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
@@ -271,7 +274,7 @@ def _write_chunk(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
 
 def load_row_tables(directory: str | Path, shard_id: int) -> RowTablesCheckpoint | None:
     """Shard ``shard_id``'s last saved row tables in ``directory``, or None if there are none.
-    Every chunk's SHA-256 and every table's checksum are checked first.
+    The JSON's own SHA-256, every chunk's and every table's checksum are checked first.
 
     Raises:
         CheckpointError: the JSON or a chunk is missing, corrupt or of another shard; the
@@ -279,10 +282,10 @@ def load_row_tables(directory: str | Path, shard_id: int) -> RowTablesCheckpoint
     """
     directory = Path(directory)
     meta_path = rows_meta_path(directory, shard_id)
-    if not meta_path.exists():
+    meta = read_rows_meta(directory, shard_id)
+    if meta is None:
         return None
     try:
-        meta = json.loads(meta_path.read_text())
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
             found = meta.get("format") if isinstance(meta, dict) else meta
             raise CheckpointError(f"{meta_path}: unknown row checkpoint format {found!r}")

@@ -4,6 +4,7 @@ during training, a shard that stays dead, resuming from checkpoints, corrupt che
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,43 @@ def test_job_survives_sigkill_of_a_worker_and_of_a_shard(tmp_path):
     older = [r["version"] for r in evals if r["time_s"] <= shard["time_s"] - 2.5]
     assert shard["version_restored"] >= max(older, default=0)
     assert "shard0 died" in err and "restarted" in err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sync_rounds_lost_with_a_shard_count_every_round_a_worker_saw(tmp_path):
+    """Under sync rounds a restart loses the rounds since the checkpoint, and nothing is
+    re-sent: the lost updates are the versions between the restored one and the last one any
+    process saw, the workers' last replies from the dead shard among them (the launcher's
+    heartbeats miss the rounds of their last quarter second)."""
+    run_dir = tmp_path / "run"
+    job = ("--model", "mlp", "--no-eval", "--sync", "--workers", "2", "--shards", "1")
+    job += ("--steps", "600", "--checkpoint-every", "1")
+    with _training(run_dir, *job) as launcher:
+        saved = run_dir / "checkpoints" / "shard0.json"
+        _wait_for(
+            lambda: saved.exists() and min(_worker_steps(run_dir).values(), default=0) >= 200,
+            120,
+            "a checkpoint and 200 rounds",
+        )
+        _kill(run_dir, "shard0")
+        _out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    [fault] = summary["faults"]
+    assert (fault["process"], fault["action"]) == ("shard0", "restarted")
+    assert summary["worker_steps"] == {"0": 600, "1": 600}
+    assert (fault["updates_replayed"], fault["pushes_resent"]) == (0, 0)
+    assert fault["lost_updates"] == fault["version_before"] - fault["version_restored"]
+    # What the workers saw of the dead shard: their metrics before its death was noticed (the
+    # restarted shard answered none of those), and what each told the restarted one.
+    rows = read_metrics(run_dir / "metrics.csv")
+    metrics_seen = [
+        r["version"] for r in rows if r["role"] == "worker" and r["time_s"] < fault["time_s"]
+    ]
+    reported = [int(v) for v in re.findall(r"this worker saw version (\d+) before", err)]
+    assert len(reported) == 2, err[-3000:]  # each worker found the restart
+    assert fault["version_before"] >= max(metrics_seen + reported)
 
 
 @pytest.mark.slow

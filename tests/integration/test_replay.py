@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from distbelief.client import ParameterServerClient
-from distbelief.config import JobConfig
+from distbelief.config import ConsistencyConfig, JobConfig
 from distbelief.launch.cluster import ProcessKind, ProcessSpec
 from distbelief.launch.entry import run_role
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
@@ -40,9 +40,22 @@ class _ServedShard:
     """One shard with periodic-checkpoint bookkeeping (saves are made by the test), served."""
 
     def __init__(
-        self, shard_id: int, directory, address: str = "tcp://127.0.0.1:0", num_shards: int = 2
+        self,
+        shard_id: int,
+        directory,
+        address: str = "tcp://127.0.0.1:0",
+        num_shards: int = 2,
+        *,
+        sync_workers: int | None = None,
     ) -> None:
-        self.shard = ParameterShard(shard_id, num_shards, server_optimizer_factory("sgd", lr=LR))
+        """``sync_workers``: synchronous rounds of that many workers (default: async)."""
+        self.shard = ParameterShard(
+            shard_id,
+            num_shards,
+            server_optimizer_factory("sgd", lr=LR),
+            ConsistencyConfig(sync=sync_workers is not None),
+            num_workers=sync_workers or 1,
+        )
         state = load_checkpoint(directory, shard_id)
         if state is not None:
             self.shard.restore(state)
@@ -170,6 +183,42 @@ def test_a_push_applied_whose_reply_died_with_the_shard_counts_once(tmp_path, ch
         assert (recovery["updates_replayed"], recovery["pushes_resent"]) == (0, 0)
     else:  # the retry applied push 2 again (the first time died with the shard); 1 re-sent
         assert (recovery["updates_replayed"], recovery["pushes_resent"]) == (1, 1)
+
+
+def test_sync_workers_report_the_last_version_they_saw_to_a_restarted_shard(tmp_path):
+    """Under sync rounds nothing is re-sent (a round's averaged update is no worker's own), but
+    each worker that finds the restart reports the last version the dead shard answered it
+    with: the launcher's count of the rounds lost needs the highest."""
+    served = _ServedShard(0, tmp_path, num_shards=1, sync_workers=2)
+    addresses = [served.address]
+    first, second = _client(addresses, "w1"), _client(addresses, "w2")
+    try:
+        first.handshake({torch.float32: torch.linspace(0.0, 3.0, NUM_ELEMENTS)})
+        second.handshake(None)
+
+        def round_from(version: int) -> list[int]:
+            """One round: the first worker's gradient opens it, the second's closes it."""
+            assert first.push_now(_gradient(0), base_versions=[version]) == [version]
+            return second.push_now(_gradient(1), base_versions=[version])
+
+        assert round_from(0) == [1]
+        served.checkpointer.save_if_changed()  # holds round 1
+        assert round_from(1) == [2]
+        assert round_from(2) == [3]  # the first worker last saw 2, the second 3
+        served.kill()
+        served = _ServedShard(0, tmp_path, address=addresses[0], num_shards=1, sync_workers=2)
+        assert served.shard.version == 1  # rounds 2 and 3 died with the process
+        # Each worker's next gradient finds the restart, reports, and joins the next round.
+        assert second.push_now(_gradient(1), base_versions=[3]) == [1]
+        assert first.push_now(_gradient(0), base_versions=[2]) == [2]
+        assert first.replays[0].held == second.replays[0].held == 0  # no push kept for replay
+    finally:
+        first.close()
+        second.close()
+        served.kill()
+    recovery = served.shard.recovery()
+    assert (recovery["updates_replayed"], recovery["pushes_resent"]) == (0, 0)
+    assert recovery["version_seen_before"] == 3
 
 
 # ------------------------------------------------------------------ a SIGKILL in a real job

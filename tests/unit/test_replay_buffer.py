@@ -171,9 +171,28 @@ def test_replays_are_refused_without_checkpoints_or_under_sync_rounds():
     with pytest.raises(ValueError, match="takes no replays"):
         untracked.replay([torch.ones(5)], worker="w", seq=("r", 1), count=1)
     sync = _shard(sync=True)
-    assert sync.describe_durability() is None
-    with pytest.raises(ValueError, match="takes no replays"):
+    with pytest.raises(ValueError, match="takes no replays of updates"):
         sync.replay([torch.ones(5)], worker="w", seq=("r", 1), count=1)
+    assert sync.version == 0
+
+
+def test_a_sync_shard_describes_its_life_and_takes_reports_of_the_version_seen():
+    # A round's averaged update is no client's to replay, but the clients must tell a restart
+    # (the life) and report the last version they saw of the life before.
+    sync = _shard(sync=True)
+    result = _push_to(sync, 1.0, 1)
+    assert result.version == 1 and result.durable == sync.describe_durability()
+    assert result.durable["life"] == sync.life
+    sync.restore(sync.snapshot())
+    sync.replay([], worker="w", seq=("r", 1), count=0, seen_version=7)
+    sync.replay([], worker="v", seq=("r", 1), count=0, seen_version=5)
+    assert sync.version == 1
+    assert sync.recovery() == {
+        "restored_checkpoint": 1,
+        "updates_replayed": 0,
+        "pushes_resent": 0,
+        "version_seen_before": 7,
+    }
 
 
 def test_checkpoints_written_before_epochs_still_restore():

@@ -170,7 +170,8 @@ class ParameterServerClient(ShardLanes):
         self.versions = [0] * len(self.addresses)
         self.replays = [ShardReplay() for _ in self.addresses]
         """Per shard, this worker's pushes its last checkpoint may lack (``client/replay.py``),
-        re-sent once if it restarts from that checkpoint. Pushers with a worker id only."""
+        re-sent once if it restarts from that checkpoint. Pushers with a worker id only; under
+        sync rounds it holds no push, and a restart is only reported the version seen."""
         self._pull_meta = WireCompression(dtype=pull_dtype).pull_meta()
         self._pull_staging = None if pull_dtype is None else NarrowPullStaging(pull_dtype)
         self._held = HeldValues(len(self.addresses)) if pull_changes else None
@@ -361,8 +362,13 @@ class ParameterServerClient(ShardLanes):
         self.versions[shard_id] = int(meta["version"])
         self._staleness.append(int(meta.get("staleness", 0)))
         if self.worker_id is not None:
-            replay = self.replays[shard_id].observe(meta, in_flight=0 if meta.get("dup") else 1)
-            if meta.get("applied", True):
+            # Under sync rounds a restart costs the rounds since the checkpoint whatever a
+            # worker holds: a round's averaged update is no worker's own to re-send, nor does
+            # a push in flight bring one back. The worker only reports the version it saw.
+            rounds = self.consistency.get("sync")
+            in_flight = 0 if rounds or meta.get("dup") else 1
+            replay = self.replays[shard_id].observe(meta, in_flight=in_flight)
+            if meta.get("applied", True) and not rounds:
                 self.replays[shard_id].record(meta, self._pushed(shard_id, message))
             if replay is not None:
                 self._resend(shard_id, replay)
@@ -409,16 +415,10 @@ class ParameterServerClient(ShardLanes):
 
     def _resend(self, shard_id: int, replay: Replay | None) -> None:
         """Send ``replay`` (numbered, so a retry is applied once); if the shard restarted yet
-        again meanwhile, the next replay too, until a life has everything."""
+        again meanwhile, the next replay too, until a life has everything. Under sync rounds
+        ``replay`` holds no push: it only reports the version seen of the life before."""
         while replay is not None:
-            logger.log(
-                logging.WARNING if replay.count else logging.INFO,
-                "shard %d (%s) restarted from a checkpoint: re-sending the sum of %d pushes it "
-                "lacks",
-                shard_id,
-                self.addresses[shard_id],
-                replay.count,
-            )
+            self._log_restart(shard_id, replay)
             meta = {
                 **self._group_meta,
                 "worker": self.worker_id,
@@ -443,6 +443,22 @@ class ParameterServerClient(ShardLanes):
             if replay.tensors is not None:
                 buffer.record(reply.meta, replay.tensors, count=replay.count)
             replay = replay_next
+
+    def _log_restart(self, shard_id: int, replay: Replay) -> None:
+        where = f"shard {shard_id} ({self.addresses[shard_id]}) restarted from a checkpoint"
+        if self.consistency.get("sync"):
+            logger.warning(
+                "%s: the rounds since it are lost (this worker saw version %d before)",
+                where,
+                replay.seen_version,
+            )
+            return
+        logger.log(
+            logging.WARNING if replay.count else logging.INFO,
+            "%s: re-sending the sum of %d pushes it lacks",
+            where,
+            replay.count,
+        )
 
     def take_staleness(self) -> list[int]:
         """Staleness of the pushes answered since the last call (one value per shard reply)."""

@@ -131,7 +131,8 @@ class Fault:
     action: str
     """"restarted" or "given up"."""
     version_before: int | None = None
-    """Shards: the last version the shard reported before it died."""
+    """Shards: the most any process saw the shard apply before it died: its heartbeats, the
+    workers' metrics and, reported to its next life, each worker's last reply from it."""
     version_restored: int | None = None
     """Shards: the version its checkpoint restored."""
     updates_replayed: int | None = None

@@ -383,17 +383,22 @@ class ParameterShard:
         """Apply a client's replay: the sum of its ``count`` pushes that this life's checkpoint
         does not hold, as one optimizer step worth ``count`` updates (no staleness adjustment:
         the sum is of what was applied). ``count`` 0 (no ``grads``) only reports ``resent``
-        and ``seen_version`` for the lost-update count. Numbered as a push is: applied once.
+        and ``seen_version`` for the lost-update count: all a client sends under synchronous
+        rounds. Numbered as a push is: applied once.
 
         Raises:
             ValueError: this shard keeps no checkpoint numbers, or runs synchronous rounds
-                (whose averaged updates a client cannot replay).
+                and ``count`` is not 0 (a round's averaged update is no client's to replay).
         """
         self.require_initialized()
-        if not self.durability.tracking or self.consistency.sync:
+        if not self.durability.tracking:
             raise ValueError(
-                f"shard {self.shard_id} takes no replays (it saves no periodic checkpoints or "
-                "runs synchronous rounds)"
+                f"shard {self.shard_id} takes no replays (it saves no periodic checkpoints)"
+            )
+        if self.consistency.sync and count:
+            raise ValueError(
+                f"shard {self.shard_id} takes no replays of updates (it runs synchronous "
+                "rounds): only a report of the version seen"
             )
         if count < 0 or bool(grads) != (count > 0):
             raise ValueError(
@@ -688,10 +693,11 @@ class ParameterShard:
 
     def track_checkpoints(self) -> None:
         """Periodic checkpoints run: from now on replies say which pushes are on disk, so that
-        clients can replay the rest after a restart. Not under synchronous rounds (a round's
-        averaged update is no client's to replay)."""
+        clients can replay the rest after a restart. Under synchronous rounds too: a round's
+        averaged update is no client's to replay, but a client that finds a restart reports
+        the last version it saw of the life before (for the lost-update count)."""
         with self._changed:
-            self.durability.tracking = not self.consistency.sync
+            self.durability.tracking = True
 
     def recovery(self) -> dict:
         """What clients replayed into this life (``ShardDurability.recovery``);

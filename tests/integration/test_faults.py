@@ -224,6 +224,44 @@ def test_worker0_given_up_during_its_warm_start_lets_the_others_start_at_once(tm
     assert ended_after_s < 120
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_shard_restarted_as_worker0_is_given_up_learns_its_warm_start_ended(tmp_path):
+    """The one shard of the job and worker 0, for the second time, die together: the launcher
+    ends the warm start while the shard restarts (it cannot be told then, and a restarted shard
+    knows nothing of it). Told once it listens again, it lets worker 1 start at once (it waited
+    out its 300 s hold timeout)."""
+    run_dir = tmp_path / "run"
+    steps = 2000  # worker 0 needs several seconds for its warm start, so the kills land in it
+    job = ("--model", "mlp", "--shards", "1", "--no-eval", "--max-restarts", "1")
+    job += ("--steps", str(steps), "--warmstart-steps", str(steps))
+    with _training(run_dir, *job) as launcher:
+        _wait_for(lambda: 0 in _worker_steps(run_dir), 120, "worker 0 to train")
+        first = json.loads((run_dir / "pids.json").read_text())["worker0"]
+        _kill(run_dir, "worker0")
+        _wait_for(
+            lambda: json.loads((run_dir / "pids.json").read_text())["worker0"] != first,
+            60,
+            "worker 0 to restart",
+        )
+        _kill(run_dir, "shard0")
+        _kill(run_dir, "worker0")
+        killed = time.monotonic()
+        try:
+            _out, err = launcher.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the job still ran 120 s after worker 0 was given up")
+    ended_after_s = time.monotonic() - killed
+    assert launcher.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["outcome"] == "done"
+    faults = sorted((f["process"], f["action"]) for f in summary["faults"])
+    assert faults == [("shard0", "restarted"), ("worker0", "given up"), ("worker0", "restarted")]
+    assert summary["worker_steps"]["1"] == steps
+    assert "worker0 was given up during its warm start" in err
+    assert ended_after_s < 120
+
+
 def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
     """``distbelief ps`` stopped by SIGTERM (what ``kill`` and service managers send) saves
     what it applied since its last periodic checkpoint, as Ctrl-C does."""

@@ -6,7 +6,7 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.launch import warmstart
-from distbelief.launch.cluster import Fault
+from distbelief.launch.cluster import Event, Fault, ProcessKind, ProcessSpec
 from distbelief.wire.security import WireSecurity
 
 _ADDRESSES = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]
@@ -17,10 +17,10 @@ def _release(monkeypatch, replies, **fields):
     shards ready; the shards answer ``replies``. Returns it, its messages and the requests."""
     config = JobConfig().with_fields({"optimizer.warmstart_steps": 100, **fields})
     messages: list[str] = []
-    requests: list[list[str]] = []
+    requests: list = []
 
     def end_warmstart(addresses, timeout_s, **options):
-        requests.append(list(addresses))
+        requests.append(dict(addresses) if isinstance(addresses, dict) else list(addresses))
         return replies
 
     monkeypatch.setattr(warmstart, "end_warmstart", end_warmstart)
@@ -84,3 +84,36 @@ def test_shards_that_cannot_be_told_are_named(monkeypatch):
     [message] = messages
     assert message.startswith("worker0 was given up during its warm start, and no shard could")
     assert "shard0: ShardUnavailableError: down; shard1: ShardTimeoutError: slow" in message
+
+
+def _ready(kind: ProcessKind, index: int, address: str) -> Event:
+    return Event("ready", ProcessSpec(kind, index), {"shard_id": index, "address": address})
+
+
+def test_a_shard_that_listens_after_the_warm_start_ended_is_told_again(monkeypatch):
+    """A restarted shard forgets the warm start ended; one told just before it died was told in
+    vain. Either way the shard is told once it listens again (one shard: the workers would wait
+    out their hold timeout)."""
+    release, messages, requests = _release(monkeypatch, ([40, 40], {}))
+    release.on_ready(_ready(ProcessKind.SHARD, 1, _ADDRESSES[1]))  # still in the warm start
+    assert requests == []
+    release.on_fault(Fault("worker0", 1.0, -9, "given up"))
+    release.on_ready(_ready(ProcessKind.SHARD, 1, "tcp://127.0.0.1:3"))
+    release.on_ready(_ready(ProcessKind.WORKER, 1, ""))  # only shards are told
+    assert requests == [_ADDRESSES, {1: "tcp://127.0.0.1:3"}]
+    assert release.addresses == [_ADDRESSES[0], "tcp://127.0.0.1:3"]
+    assert len(messages) == 1  # the workers started when the first shards were told
+
+
+def test_a_shard_restarted_as_the_warm_start_ended_is_told_once_it_listens(monkeypatch):
+    """No shard could be told (the only one was down, restarting): the workers start when it
+    listens again and is told."""
+    release, messages, _ = _release(monkeypatch, ([], {"shard0": "down"}))
+    release.shards_ready(_ADDRESSES[:1])
+    release.on_fault(Fault("worker0", 1.0, -9, "given up"))
+    assert "a shard that restarts is told once it listens" in messages[-1]
+    monkeypatch.setattr(warmstart, "end_warmstart", lambda addresses, *_, **__: ([0], {}))
+    release.on_ready(_ready(ProcessKind.SHARD, 0, _ADDRESSES[0]))
+    assert messages[-1] == (
+        "shard0 listens again and was told the warm start is over: the other workers start now"
+    )

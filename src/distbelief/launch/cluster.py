@@ -175,6 +175,10 @@ class Cluster(Protocol):
     faults: list[Fault]
     on_fault: Callable[[Fault], None] | None
     """Called with each Fault as it happens (the launcher shows it)."""
+    on_ready: Callable[[Event], None] | None
+    """Called with each "ready" event as the cluster takes it in, a restarted process's too,
+    also while it waits for readiness (the launcher tells a restarted shard what the shards
+    were told before its restart)."""
 
     def __init__(self, config: JobConfig, run_dir: Path) -> None:
         """Gets ready to run ``config``'s job; its files (pids, logs) go into ``run_dir``."""

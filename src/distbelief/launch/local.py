@@ -129,6 +129,7 @@ class LocalCluster:
         self._results: dict[str, Any] = {}
         self._backlog: collections.deque[Event] = collections.deque()
         self.on_fault: Callable[[Fault], None] | None = None
+        self.on_ready: Callable[[Event], None] | None = None
 
     @property
     def faults(self) -> list[Fault]:
@@ -245,6 +246,8 @@ class LocalCluster:
         elif event.kind == "done":
             self._results[event.source.name] = event.payload
         self.book.note(event)
+        if event.kind == "ready" and self.on_ready is not None:
+            self.on_ready(event)
 
     def _check_children(self) -> None:
         for name, (spec, process) in list(self.processes.items()):

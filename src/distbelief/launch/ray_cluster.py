@@ -113,6 +113,7 @@ class RayCluster:
         self.security = WireSecurity(auth_key=generate_key())
         self.namespace = f"distbelief-{uuid.uuid4().hex[:12]}"
         self.on_fault: Callable[[Fault], None] | None = None
+        self.on_ready: Callable[[Event], None] | None = None
         self._lives: dict[str, _Life] = {}
         self._actors: dict[str, Any] = {}
         self._results: dict[str, Any] = {}
@@ -285,6 +286,8 @@ class RayCluster:
         if kind == "done":
             self._results[name] = payload
         self.book.note(event)
+        if kind == "ready" and self.on_ready is not None:
+            self.on_ready(event)
         return event
 
     def _note_placed(self, name: str, info: dict) -> None:

@@ -492,6 +492,7 @@ def _run_job(
                 warmstart.on_fault(fault)
 
             cluster.on_fault = on_fault
+            cluster.on_ready = warmstart.on_ready
             route = EventRouter(sink)
             addresses: list[str] = []
             try:

@@ -45,6 +45,23 @@ def test_bytes_through_shared_memory_count_in_the_byte_rate() -> None:
     assert record["bytes_per_s"] == pytest.approx(3000.0)
 
 
+@pytest.mark.parametrize(
+    ("before_extra", "now_extra", "now_pushes", "now_bytes"),
+    [
+        ({}, {}, 2, 400),  # counters lower than before: they started again from 0
+        ({"durable": {"life": "a"}}, {"durable": {"life": "b"}}, 9, 9000),  # another life
+    ],
+)
+def test_a_shard_restarted_between_polls_gets_no_rates(
+    before_extra: dict, now_extra: dict, now_pushes: int, now_bytes: int
+) -> None:
+    before = {**_stats(100.0, 5, 5, 1000, {"0": 5}), **before_extra}
+    now = {**_stats(102.0, 3, now_pushes, now_bytes, {"0": now_pushes}), **now_extra}
+    (record,) = shard_records([now], [before])
+    assert record["version"] == 3
+    assert record["pushes_per_s"] is None and record["bytes_per_s"] is None
+
+
 def test_no_pushes_in_between_gives_no_staleness() -> None:
     before = _stats(100.0, 5, 5, 1000, {"0": 5})
     (record,) = shard_records([_stats(101.0, 5, 5, 1200, {"0": 5})], [before])

@@ -89,6 +89,18 @@ def _row_counts(stats: dict) -> dict[str, int]:
     }
 
 
+_COUNTERS = ("num_pushes", "bytes_received", "bytes_sent", "bytes_shared")
+
+
+def _restarted_between(before: dict, now: dict) -> bool:
+    """Whether the shard was restarted between two polls: another life (a shard that tracks
+    checkpoints names it), or a counter lower than before."""
+    lives = [(stats.get("durable") or {}).get("life") for stats in (before, now)]
+    if None not in lives and lives[0] != lives[1]:
+        return True
+    return any(now.get(key, 0) < before.get(key, 0) for key in _COUNTERS)
+
+
 def _bytes_moved(stats: dict) -> int:
     """Bytes to and from a shard by any path: its socket, and shared memory on its host (a
     shard from before ``bytes_shared`` reports none)."""
@@ -101,7 +113,7 @@ def shard_records(stats: Sequence[dict], previous: Sequence[dict] | None = None)
     Args:
         stats: the result of ``poll_shard_stats``.
         previous: the poll before (matched by ``shard_id``); None or a missing shard gives
-            records with a version but no rates.
+            records with a version but no rates, as does a shard restarted between the polls.
 
     Returns:
         One record per shard: ``time_s`` (wall clock, as children report it), ``version``,
@@ -114,6 +126,8 @@ def shard_records(stats: Sequence[dict], previous: Sequence[dict] | None = None)
     records = []
     for now in stats:
         before = before_by_id.get(now["shard_id"])
+        if before is not None and _restarted_between(before, now):
+            before = None  # its counters started again from 0: no rate spans the restart
         rates: dict[str, float | None] = {}
         elapsed_s = now["time"] - before["time"] if before is not None else 0.0
         if before is not None and elapsed_s > 0:

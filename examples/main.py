@@ -23,6 +23,7 @@ import datetime
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -267,6 +268,31 @@ def _interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
+def join_process_group(args: argparse.Namespace) -> None:
+    """``dist.init_process_group`` on a thread of its own: torch waits for the other ranks in
+    C++, where the main thread would see Ctrl-C or SIGTERM only once --join-timeout ran out."""
+    errors: list[BaseException] = []
+
+    def join() -> None:
+        try:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://{args.master}:{args.port}",
+                rank=args.rank,
+                world_size=args.world_size,
+                timeout=datetime.timedelta(seconds=args.join_timeout),
+            )
+        except BaseException as e:  # re-raised in the main thread
+            errors.append(e)
+
+    thread = threading.Thread(target=join, name="join-process-group", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.1)  # wakes for signals, which only the main thread handles
+    if errors:
+        raise errors[0]
+
+
 def make_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """A node's <out>/node<rank>, made before it joins the others: a folder that cannot be made
     (a file in the way, a read-only place) is refused as a bad flag (exit 2)."""
@@ -299,13 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         try:
-            dist.init_process_group(
-                "gloo",
-                init_method=f"tcp://{args.master}:{args.port}",
-                rank=args.rank,
-                world_size=args.world_size,
-                timeout=datetime.timedelta(seconds=args.join_timeout),
-            )
+            join_process_group(args)
         except (RuntimeError, ValueError) as e:  # torch's store timeout, an unknown host
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             parser.exit(1, f"{parser.prog}: cannot join the process group: {first_line}\n")

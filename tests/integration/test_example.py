@@ -214,6 +214,26 @@ def test_a_rank_that_cannot_join_gives_up_in_one_line(tmp_path):
     )
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_waiting_to_join_stops_on_ctrl_c_or_sigterm(tmp_path, rank, signum):
+    """Ctrl-C or SIGTERM while a rank waits for the others: it exits 130 at once with one line
+    (torch waits in C++, where the signal went unseen until --join-timeout ran out)."""
+    argv = ["--rank", str(rank), "--world-size", "3", "--port", str(free_port())]
+    argv += ["--server"] if rank == 0 else []
+    [process] = start_scripts([[str(EXAMPLE), *argv, *OFFLINE, "--out", str(tmp_path)]])
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith(f"rank {rank}: joining the process group")
+        time.sleep(1.0)  # into the wait in C++
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        stop_processes([process])
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "main.py: interrupted"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_node_whose_server_is_killed_gives_up_once(tmp_path):

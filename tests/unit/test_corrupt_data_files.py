@@ -235,3 +235,25 @@ def test_train_refuses_in_one_line_before_any_process_starts(
     stderr = capsys.readouterr().err
     assert stderr.startswith(f"distbelief train: error: {path}") and problem in stderr
     assert stderr.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("dataset", "write"),
+    [("movielens", lambda root: _movielens(root, 50)), ("criteo", lambda root: _criteo(root, 50))],
+)
+def test_a_batch_larger_than_a_workers_share_of_a_log_is_refused_before_any_process_starts(
+    tmp_path, capsys, no_process_starts, dataset, write
+):
+    """With --steps the launcher counts no examples to plan the steps; the check of the files
+    counts the training split's (45 of 50 rows: 22 per worker), so a batch of 32 is a bad flag,
+    not a worker that fails once started."""
+    write(tmp_path / "data")
+    argv = ["train", "--dataset", dataset, "--model", "dlrm", "--steps", "2", "--workers", "2"]
+    out = tmp_path / "run"
+    assert main([*argv, "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    assert (
+        "error: argument --batch-size: must be <= the 22 training examples of each of the 2 "
+        "workers, got 32"
+    ) in stderr
+    assert not out.exists()

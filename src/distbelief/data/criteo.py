@@ -92,10 +92,13 @@ def load_criteo(
     return dataset
 
 
-def check_criteo_split(split: str, data_dir: str | Path) -> None:
+def check_criteo_split(split: str, data_dir: str | Path) -> int:
     """Refuses a split that would be empty or holds a malformed line, matching each of its
     lines against the format without converting it (a fifth or so of what loading costs: a job
     checks this before starting the processes that load the split).
+
+    Returns:
+        The split's number of rows (examples).
 
     Raises:
         ValueError: The split would be empty, or a line is malformed; the message names the
@@ -107,6 +110,7 @@ def check_criteo_split(split: str, data_dir: str | Path) -> None:
         num_rows = sum(1 for _ in _checked_lines(rows.path, lines, rows.first_row, rows.max_rows))
     if num_rows == 0:
         raise ValueError(_empty_split_message(split, rows))
+    return num_rows
 
 
 class _SplitRows(NamedTuple):

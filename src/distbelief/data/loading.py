@@ -107,7 +107,7 @@ def load_job_dataset(
 
 def check_job_data(
     config: DataConfig, splits: tuple[str, ...] = SPLITS, *, embedding_dim: int | None = None
-) -> None:
+) -> int | None:
     """Reads what a job's processes will read of its data set's files, so that a corrupt file
     or an empty split is refused before any of them starts. CIFAR-10's and MNIST's splits are
     loaded (their size is fixed: seconds); a click log's lines are checked one by one without
@@ -116,20 +116,26 @@ def check_job_data(
     have nothing to check. ``embedding_dim``: the width of the model's tables, which MovieLens
     sizes by its largest ids (an id too large for one is refused by line).
 
+    Returns:
+        The training split's number of examples, when ``splits`` has it and the data set is
+        read from files; else None.
+
     Raises:
         ValueError: A file is corrupt or a split would be empty; the message names the file
             (and a text file's line).
         DatasetUnavailableError: Files are missing and cannot be downloaded.
     """
     root = Path(config.data_dir) if config.data_dir else DEFAULT_DATA_DIR
+    counts: dict[str, int] = {}
     if config.name == "movielens":
         # Every split reads the one file: checked once.
-        check_movielens_splits(splits, root, embedding_dim=embedding_dim)
+        counts["train"] = check_movielens_splits(splits, root, embedding_dim=embedding_dim)
     for split in splits:
         if config.name in ("cifar10", "mnist"):
-            load_job_dataset(config, split)
+            counts[split] = len(load_job_dataset(config, split))
         elif config.name == "criteo":
-            check_criteo_split(split, root)
+            counts[split] = check_criteo_split(split, root)
+    return counts.get("train") if "train" in splits else None
 
 
 def _check_args(name: str, split: str, num_samples: int | None) -> None:

@@ -97,7 +97,7 @@ def check_movielens_split(
 
 def check_movielens_splits(
     splits: Sequence[str], data_dir: str | Path, *, embedding_dim: int | None = None
-) -> None:
+) -> int:
     """Refuses a split that would be empty or a malformed line in the ratings file (which every
     split reads), checking each line once without keeping it: a line of plain digits by a
     pattern, any other as loading parses it, so both refuse the same lines (a quarter or so of
@@ -107,6 +107,9 @@ def check_movielens_splits(
     hold max id + 1 rows, and torch builds no tensor past ``MAX_TENSOR_BYTES``, even on the
     meta device. The pattern then takes only ids of fewer digits than the bound, so the check
     costs the same; a longer id is parsed and compared.
+
+    Returns:
+        The number of ratings (examples) of the training split.
 
     Raises:
         ValueError: A split would be empty, or a line is malformed or holds an id too large;
@@ -131,6 +134,7 @@ def check_movielens_splits(
             num_ratings += 1
     for split in splits:
         _require_split(path, split, num_ratings)
+    return _split_size(num_ratings, "train")
 
 
 def _require_table_rows(location: str, name: str, value: int, embedding_dim: int) -> None:

@@ -129,13 +129,16 @@ def _check_batch_fits(config: JobConfig, train_examples: int) -> None:
 def _check_data(config: JobConfig, *, counted: bool) -> None:
     """Refuses a corrupt data file, an empty split or a MovieLens id too large for the model's
     tables before any process would load it (the training split is read already if counting
-    its examples planned the steps)."""
+    its examples planned the steps), and a batch larger than a worker's share of the training
+    split that planning the steps did not count."""
     if config.data.name not in FILE_DATASETS:
         return  # generated or bundled: nothing to read, and no torch to load for it
     from distbelief.data.loading import check_job_data
 
     splits = ("test",) if counted else ("train", "test")
-    check_job_data(config.data, splits, embedding_dim=config.model.embedding_dim)
+    train_examples = check_job_data(config.data, splits, embedding_dim=config.model.embedding_dim)
+    if train_examples is not None:
+        _check_batch_fits(config, train_examples)
 
 
 def _sandblaster_iterations(config: JobConfig) -> int:

@@ -118,8 +118,9 @@ def ctr_train_loop(
 ) -> int:
     """Forward, backward, step (dense and tables) for each batch, the next batch's rows
     fetched meanwhile (``ShardedEmbeddings.prefetch_next``); every
-    ``log_every_steps`` steps ``report(**fields)`` with the window's loss, accuracy (at 0.5),
-    AUC, staleness, wire figures and rows moved; after each step every hook's ``after_step``.
+    ``log_every_steps`` steps (and once more at the last step, for a shorter last window)
+    ``report(**fields)`` with the window's loss, accuracy (at 0.5), AUC, staleness, wire
+    figures and rows moved; after each step every hook's ``after_step``.
 
     Returns:
         The optimizer's step count when the batches ran out or a hook stopped the loop.
@@ -131,6 +132,26 @@ def ctr_train_loop(
 
     def table_ids(sparse: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: sparse[:, column] for name, column in columns.items()}
+
+    def report_window() -> None:
+        staleness = optimizer.client.take_staleness()
+        wire = optimizer.client.take_wire_figures()
+        rows_wire = tables.client.take_wire_figures()
+        figures = tables.take_figures()
+        report(
+            step=optimizer.num_steps,
+            loss=window_loss / window_seen,
+            accuracy=window_correct / window_seen,
+            auc=window_auc(window_scores, window_labels),
+            version=optimizer.version,
+            staleness=sum(staleness) / len(staleness) if staleness else None,
+            bytes_pushed=wire["bytes_pushed"] + rows_wire["bytes_pushed"],
+            bytes_pulled=wire["bytes_pulled"] + rows_wire["bytes_pulled"],
+            latency_p50_ms=wire["latency_p50_ms"],
+            latency_p99_ms=wire["latency_p99_ms"],
+            rows_pulled=figures["rows_pulled"],
+            rows_pushed=figures["rows_pushed"],
+        )
 
     upcoming = iter(batches)
     batch = next(upcoming, None)
@@ -158,24 +179,7 @@ def ctr_train_loop(
         window_scores.append(scores)
         window_labels.append(labels)
         if optimizer.num_steps % log_every_steps == 0:
-            staleness = optimizer.client.take_staleness()
-            wire = optimizer.client.take_wire_figures()
-            rows_wire = tables.client.take_wire_figures()
-            figures = tables.take_figures()
-            report(
-                step=optimizer.num_steps,
-                loss=window_loss / window_seen,
-                accuracy=window_correct / window_seen,
-                auc=window_auc(window_scores, window_labels),
-                version=optimizer.version,
-                staleness=sum(staleness) / len(staleness) if staleness else None,
-                bytes_pushed=wire["bytes_pushed"] + rows_wire["bytes_pushed"],
-                bytes_pulled=wire["bytes_pulled"] + rows_wire["bytes_pulled"],
-                latency_p50_ms=wire["latency_p50_ms"],
-                latency_p99_ms=wire["latency_p99_ms"],
-                rows_pulled=figures["rows_pulled"],
-                rows_pushed=figures["rows_pushed"],
-            )
+            report_window()
             window_loss, window_correct, window_seen = 0.0, 0, 0
             window_scores, window_labels = [], []
         if after_step(
@@ -186,6 +190,8 @@ def ctr_train_loop(
             compute_s=compute_s,
         ):
             break
+    if window_seen:
+        report_window()  # the last steps, short of a whole window: the final step is on record
     return optimizer.num_steps
 
 

@@ -61,8 +61,9 @@ def train_loop(
     device: torch.device | str = "cpu",
 ) -> int:
     """Forward, backward, step for each batch (moved to ``device``, where the model is); every
-    ``log_every_steps`` steps ``report(**fields)`` with the window's loss, accuracy, staleness
-    and wire figures; after each step every hook's ``after_step``.
+    ``log_every_steps`` steps (and once more at the last step, for a shorter last window)
+    ``report(**fields)`` with the window's loss, accuracy, staleness and wire figures; after
+    each step every hook's ``after_step``.
 
     Returns:
         The optimizer's step count when the batches ran out or a hook stopped the loop.
@@ -72,6 +73,18 @@ def train_loop(
     """
     device = torch.device(device)
     window_loss, window_correct, window_seen = 0.0, 0, 0
+
+    def report_window() -> None:
+        staleness = optimizer.client.take_staleness()
+        report(
+            step=optimizer.num_steps,
+            loss=window_loss / window_seen,
+            accuracy=window_correct / window_seen,
+            version=optimizer.version,
+            staleness=sum(staleness) / len(staleness) if staleness else None,
+            **optimizer.client.take_wire_figures(),
+        )
+
     for images, labels in batches:
         started = time.perf_counter()
         images = images.to(device, non_blocking=True)
@@ -87,15 +100,7 @@ def train_loop(
         window_correct += int((logits.argmax(dim=1) == labels).sum())
         window_seen += len(labels)
         if optimizer.num_steps % log_every_steps == 0:
-            staleness = optimizer.client.take_staleness()
-            report(
-                step=optimizer.num_steps,
-                loss=window_loss / window_seen,
-                accuracy=window_correct / window_seen,
-                version=optimizer.version,
-                staleness=sum(staleness) / len(staleness) if staleness else None,
-                **optimizer.client.take_wire_figures(),
-            )
+            report_window()
             window_loss, window_correct, window_seen = 0.0, 0, 0
         if after_step(
             hooks,
@@ -105,4 +110,6 @@ def train_loop(
             compute_s=compute_s,
         ):
             break
+    if window_seen:
+        report_window()  # the last steps, short of a whole window: the final step is on record
     return optimizer.num_steps

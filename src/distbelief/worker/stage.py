@@ -47,8 +47,10 @@ class _Window:
     def __init__(self) -> None:
         self.loss_sum, self.correct, self.samples = 0.0, 0, 0
         self.compute_s, self.idle_s, self.activation_bytes = 0.0, 0.0, 0
+        self.steps = 0
 
     def add(self, figures) -> None:
+        self.steps += 1
         self.compute_s += figures.compute_s
         self.idle_s += figures.wait_s
         self.activation_bytes += figures.bytes_sent + figures.bytes_received
@@ -86,7 +88,8 @@ def run_stage_worker(
     Emits "ready" (``address``: where the previous stage reaches this one; stage 0 has none)
     once listening, "started" before the first step, and a "metric" record (role worker,
     with ``stage``, ``compute_s``, ``idle_s``, ``activation_bytes``; the last stage adds the
-    loss and accuracy) every ``config.reporting.log_every_steps`` steps.
+    loss and accuracy) every ``config.reporting.log_every_steps`` steps, and once more at the
+    last step for a shorter last window.
 
     Args:
         bind: Where stages after the first listen for the previous stage.
@@ -184,6 +187,22 @@ def _train(
     )
     emit("started", {"rank": rank, "stage": stage, "time": time.time()})
     window = _Window()
+
+    def report_window() -> None:
+        staleness = optimizer.client.take_staleness()
+        record = make_record(
+            "worker",
+            rank,
+            time_s=time.time() - start_time,
+            step=optimizer.num_steps,
+            stage=stage,
+            version=optimizer.version,
+            staleness=sum(staleness) / len(staleness) if staleness else None,
+            **window.fields(last_stage),
+            **optimizer.client.take_wire_figures(),
+        )
+        emit("metric", record)
+
     for images, labels in worker_batches(config, train_set, indices, resume_step):
         optimizer.zero_grad()
         figures = engine.run_batch(
@@ -195,18 +214,8 @@ def _train(
         optimizer.step()
         window.add(figures)
         if optimizer.num_steps % config.reporting.log_every_steps == 0:
-            staleness = optimizer.client.take_staleness()
-            record = make_record(
-                "worker",
-                rank,
-                time_s=time.time() - start_time,
-                step=optimizer.num_steps,
-                stage=stage,
-                version=optimizer.version,
-                staleness=sum(staleness) / len(staleness) if staleness else None,
-                **window.fields(last_stage),
-                **optimizer.client.take_wire_figures(),
-            )
-            emit("metric", record)
+            report_window()
             window = _Window()
+    if window.steps:
+        report_window()  # the last steps, short of a whole window: the final step is on record
     return optimizer.num_steps

@@ -222,15 +222,30 @@ def test_a_shard_restarted_mid_evaluation_fails_it_instead_of_stalling(
 
 
 def test_a_slow_worker_is_backed_up_and_its_late_answers_count_once(digits, job_factory):
+    """Worker 0 holds its first portion until worker 1 has computed it as a backup, however
+    busy the machine: worker 1 starts only once worker 0 holds it, so it is the one left."""
     plan = BatchPlan(num_examples=len(digits), num_portions=6, batch_size=300)
     job = job_factory(digits, plan, max_holders=2)
+    holding, backed_up = threading.Event(), threading.Event()
 
     def slow(info: PortionInfo) -> None:
-        time.sleep(1.0)
+        if not holding.is_set():
+            holding.set()
+            assert backed_up.wait(TIMEOUT_S), "no backup of the held portion"
+
+    def backs_up(info: PortionInfo) -> None:
+        if info.backup:
+            backed_up.set()
+
+    def start_the_backup() -> None:
+        if holding.wait(TIMEOUT_S):
+            job.start_worker(1, after_portion=backs_up)
 
     job.start_worker(0, after_portion=slow)
-    job.start_worker(1)
+    starter = threading.Thread(target=start_the_backup, daemon=True)
+    starter.start()
     outcome, grad = job.evaluate(1)
+    starter.join(TIMEOUT_S)
     _assert_exact(job, outcome, grad)
     assert outcome.figures.backups_issued >= 1
     job.stop()

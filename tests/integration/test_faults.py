@@ -61,6 +61,15 @@ def _kill(run_dir: Path, name: str) -> None:
     os.kill(json.loads((run_dir / "pids.json").read_text())[name], signal.SIGKILL)
 
 
+def _stderr_once_ended(launcher: subprocess.Popen, timeout_s: float, after: str) -> str:
+    """The launcher's stderr once it has ended, which it must within ``timeout_s`` of
+    ``after`` (what let the job go on)."""
+    try:
+        return launcher.communicate(timeout=timeout_s)[1]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the job still ran {timeout_s:g} s after {after}")
+
+
 @contextlib.contextmanager
 def _training(run_dir: Path, *args: str) -> Iterator[subprocess.Popen]:
     """``distbelief train ARGS --out RUN_DIR``, killed if it still runs on the way out."""
@@ -208,10 +217,7 @@ def test_worker0_given_up_during_its_warm_start_lets_the_others_start_at_once(tm
         _wait_for(lambda: 0 in _worker_steps(run_dir), 120, "worker 0 to train")
         _kill(run_dir, "worker0")
         killed = time.monotonic()
-        try:
-            _out, err = launcher.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the job still ran 120 s after worker 0 was given up")
+        err = _stderr_once_ended(launcher, 120, "worker 0 was given up")
     ended_after_s = time.monotonic() - killed
     assert launcher.returncode == 0, err[-3000:]
     assert "worker0 died (exit code -9); given up" in err
@@ -247,10 +253,7 @@ def test_a_shard_restarted_as_worker0_is_given_up_learns_its_warm_start_ended(tm
         _kill(run_dir, "shard0")
         _kill(run_dir, "worker0")
         killed = time.monotonic()
-        try:
-            _out, err = launcher.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the job still ran 120 s after worker 0 was given up")
+        err = _stderr_once_ended(launcher, 120, "worker 0 was given up")
     ended_after_s = time.monotonic() - killed
     assert launcher.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

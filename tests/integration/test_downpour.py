@@ -2,6 +2,8 @@
 
 import math
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -290,3 +292,42 @@ def test_a_failed_constructor_leaves_no_thread_or_socket(hidden, options, error)
         assert _settled(_open_descriptors, descriptors) <= descriptors
     finally:
         server.stop()
+
+
+def test_a_replica_that_never_compiles_never_imports_torch_dynamo():
+    """DownpourSGD's construction, zero_grad, steps, pushes, pulls and state_dict, with a click
+    model's tables on the meta device, load no ``torch._dynamo`` (a fresh interpreter: this one
+    has it loaded)."""
+    code = """
+import sys, torch
+from torch import nn
+from distbelief.models.dlrm import DLRM
+from distbelief.optim import DownpourSGD
+from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+from distbelief.wire import serve
+
+server = serve(
+    "tcp://127.0.0.1:0",
+    ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
+)
+try:
+    click_model = DLRM(3, [50, 60], embedding_dim=4, embedding_device="meta")
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = DownpourSGD(
+        model.parameters(), lr=0.1, n_push=2, n_pull=2, model=model, ps=[server.address]
+    )
+    for _ in range(4):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(5, 4)), torch.zeros(5).long()).backward()
+        optimizer.step()
+    optimizer.load_state_dict(optimizer.state_dict())
+    optimizer.close()
+finally:
+    server.stop()
+print(optimizer.num_steps, "torch._dynamo" in sys.modules)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["4", "False"]

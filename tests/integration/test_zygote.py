@@ -22,6 +22,7 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.launch.cluster import ProcessBook, ProcessKind
+from distbelief.launch.entry import preloaded_modules
 from distbelief.launch.ray_actor import DONE, NodeHost, run_life
 from distbelief.launch.ray_child import EXIT_DONE
 from distbelief.launch.remote_events import EventListener
@@ -36,7 +37,7 @@ EVENT_TIMEOUT_S = 60.0
 
 def _zygote() -> Iterator[tuple[str, NodeHost]]:
     name = f"test-{uuid.uuid4().hex[:12]}"
-    host = NodeHost(name)
+    host = NodeHost(name, preloaded_modules(JobConfig()))
     try:
         yield name, host
     finally:

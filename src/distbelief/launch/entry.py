@@ -24,11 +24,28 @@ ROLE_MODULES = (
     "distbelief.worker.sandblaster",
     "distbelief.worker.stage",
 )
+"""What ``run_role`` imports: a cluster that can load them ahead of time should."""
 
 EXIT_PEER_LOST = 75
 """A stage's exit code when a neighbouring stage of its replica went away: a death of the
 replica (restarted as a whole), not an error of this stage."""
-"""What ``run_role`` imports: a cluster that can load them ahead of time should."""
+
+
+def builds_torch_optimizer(config: JobConfig) -> bool:
+    """Whether a process of this job builds a ``torch.optim`` optimizer, whose first use imports
+    ``torch._dynamo`` (about as much CPU as ``import torch``): only the shards of a Downpour job
+    whose server optimizer keeps state (momentum, Adagrad, Adam). A shard of plain SGD updates
+    without one, so do Sandblaster's shards, and workers' DownpourSGD does without the import
+    (``optim/unguarded.py``)."""
+    return config.optimizer.algorithm != "sandblaster" and config.server.optimizer != "sgd"
+
+
+def preloaded_modules(config: JobConfig) -> list[str]:
+    """What a process that forks this job's processes (the local forkserver, a Ray node's
+    zygote) loads once first: torch, ``torch._dynamo`` where a process will need it (loaded
+    once there, not in each shard), and the roles."""
+    dynamo = ["torch._dynamo"] if builds_torch_optimizer(config) else []
+    return ["torch", *dynamo, *ROLE_MODULES]
 
 
 def run_role(

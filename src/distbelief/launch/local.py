@@ -28,7 +28,7 @@ from distbelief.launch.cluster import (
     ProcessSpec,
 )
 from distbelief.launch.deferred_signals import signals_deferred
-from distbelief.launch.entry import ROLE_MODULES, run_role
+from distbelief.launch.entry import preloaded_modules, run_role
 from distbelief.launch.process_groups import in_a_process_group_of_their_own
 from distbelief.launch.rundir import write_text_atomic
 
@@ -40,18 +40,10 @@ if TYPE_CHECKING:
 _STOP_GRACE_S = 5.0
 _POLL_S = 0.2
 
-_PRELOAD = (
-    "__main__",
-    "torch",
-    "torch._dynamo",
-    "distbelief.launch.child",
-    "distbelief.launch.entry",
-    *ROLE_MODULES,
-)
-"""What the forkserver imports once, before it forks any child. ``torch._dynamo``: building any
-torch.optim optimizer imports it (``add_param_group`` is wrapped in ``torch._disable_dynamo``),
-which costs each worker half again the time of ``import torch``. ``__main__`` (a script that
-calls ``train``): its children find it loaded instead of each re-running the script."""
+_PRELOAD = ("__main__", "distbelief.launch.child", "distbelief.launch.entry")
+"""What the forkserver imports once before it forks any child, besides the job's
+``preloaded_modules``. ``__main__`` (a script that calls ``train``): its children find it loaded
+instead of each re-running the script."""
 
 
 def warm_up(config: JobConfig) -> None:
@@ -74,12 +66,7 @@ def warm_up(config: JobConfig) -> None:
 
 
 def _preload(config: JobConfig) -> list[str]:
-    """``_PRELOAD``, less ``torch._dynamo`` for a Sandblaster job: none of its processes builds a
-    torch.optim optimizer (its shards' update is plain SGD's), and loading it cost each such job
-    about as much CPU as ``import torch`` before its first process could start."""
-    if config.optimizer.algorithm == "sandblaster":
-        return [module for module in _PRELOAD if module != "torch._dynamo"]
-    return list(_PRELOAD)
+    return [*_PRELOAD, *preloaded_modules(config)]
 
 
 def stop_forkserver() -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from distbelief.launch.zygote import LENGTH, ZygoteUnavailable, abstract_address, fork_child
@@ -111,13 +112,16 @@ class NodeHost:
 
     Args:
         name: the zygote's name (its abstract socket's).
+        preload: the modules it loads before it forks (``launch/entry.py``'s
+            ``preloaded_modules`` of the job).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, preload: Sequence[str]) -> None:
         self._name = name
+        self._preload = list(preload)
         self._lock = threading.Lock()
         self._closing = False
-        self._zygote = _start_module("distbelief.launch.zygote", name)
+        self._zygote = _start_module("distbelief.launch.zygote", name, *self._preload)
         threading.Thread(target=self._keep, name="zygote keeper", daemon=True).start()
 
     def _keep(self) -> None:
@@ -130,7 +134,7 @@ class NodeHost:
                 logger.warning(
                     "zygote %s ended (exit code %s): starting it again", self._name, code
                 )
-                self._zygote = _start_module("distbelief.launch.zygote", self._name)
+                self._zygote = _start_module("distbelief.launch.zygote", self._name, *self._preload)
 
     @property
     def pid(self) -> int:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from distbelief.errors import ChildFailedError, ClusterError, LauncherInterrupted
 from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
+from distbelief.launch.entry import preloaded_modules
 from distbelief.launch.ray_actor import DIED, NodeHost, RoleActor
 from distbelief.launch.ray_placement import (
     actor_options,
@@ -214,7 +215,7 @@ class RayCluster:
                     num_cpus=0,
                     max_restarts=self.config.faults.max_restarts,
                     scheduling_strategy=strategy,
-                ).remote(name)
+                ).remote(name, preloaded_modules(self.config))
             )
             zygotes[node_id] = name
         return zygotes

@@ -26,6 +26,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class Zygote:
         self._wake_w.setblocking(False)
         self._children: dict[int, socket.socket] = {}
 
-    def serve(self, preload: tuple[str, ...]) -> None:
+    def serve(self, preload: Sequence[str]) -> None:
         """Loads ``preload``, then forks on request until stdin reads EOF."""
         for module in preload:
             __import__(module)
@@ -271,8 +272,9 @@ def _leave(code: int) -> None:
 
 
 def main() -> int:
-    """``python -m distbelief.launch.zygote NAME``: binds first (actors that connect early
-    wait in the backlog), then loads torch and the roles, then serves."""
+    """``python -m distbelief.launch.zygote NAME [MODULE ...]``: binds first (actors that
+    connect early wait in the backlog), then loads the modules (by default torch, its compiler
+    and the roles), then serves."""
     from distbelief.launch.entry import ROLE_MODULES
 
     logging.basicConfig(level=logging.WARNING, format="[zygote] %(levelname)s %(message)s")
@@ -288,7 +290,7 @@ def main() -> int:
                 raise
             time.sleep(0.1)
     listener.listen(128)
-    Zygote(listener).serve(("torch", "torch._dynamo", *ROLE_MODULES))
+    Zygote(listener).serve(sys.argv[2:] or ("torch", "torch._dynamo", *ROLE_MODULES))
     return 0
 
 

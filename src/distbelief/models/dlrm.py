@@ -146,7 +146,13 @@ def _mlp(in_features: int, widths: Sequence[int], *, relu_last: bool) -> nn.Sequ
 def _embedding_bag(
     num_rows: int, embedding_dim: int, device: torch.device | str | None
 ) -> nn.EmbeddingBag:
-    bag = nn.EmbeddingBag(num_rows, embedding_dim, mode="sum", device=device)
+    if torch.device(device or "cpu").type == "meta":
+        # Given its weight, the bag skips its default draw: on the meta device that goes through
+        # torch's reference ops, which import torch._dynamo (about as long as importing torch).
+        weight = torch.empty(num_rows, embedding_dim, device=device)
+        bag = nn.EmbeddingBag(num_rows, embedding_dim, mode="sum", _weight=weight)
+    else:
+        bag = nn.EmbeddingBag(num_rows, embedding_dim, mode="sum", device=device)
     bound = math.sqrt(1.0 / num_rows)
     # On the meta device this only records the shape: nothing is allocated or drawn.
     with torch.no_grad():

@@ -26,6 +26,7 @@ from distbelief.client.compression import EncodedPush, PushCompressor
 from distbelief.config import MAX_RATE, MAX_WAIT_S, amount_problem, check_count, check_wait
 from distbelief.errors import ClosedError, PSError, RendezvousError
 from distbelief.optim.device_copies import DeviceCopies
+from distbelief.optim.unguarded import call_unguarded
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
 from distbelief.wire import channels
 from distbelief.wire.compression import WireCompression
@@ -563,8 +564,16 @@ class DownpourSGD(torch.optim.Optimizer):
         except (PSError, RendezvousError) as e:
             logger.warning("DownpourSGD could not finish cleanly at exit: %s", e)
 
+    # torch's own methods, without the compiler guard that imports torch._dynamo on first use
+    # (optim/unguarded.py): a worker that never compiles starts without it.
+    def add_param_group(self, param_group: dict) -> None:
+        call_unguarded("add_param_group", self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        call_unguarded("zero_grad", self, set_to_none)
+
     def state_dict(self) -> dict:
-        state = super().state_dict()
+        state = call_unguarded("state_dict", self)
         state["downpour"] = {
             "num_steps": self.num_steps,
             "n_push": self.n_push,
@@ -575,5 +584,5 @@ class DownpourSGD(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         downpour = state_dict.pop("downpour", {})
-        super().load_state_dict(state_dict)
+        call_unguarded("load_state_dict", self, state_dict)
         self.num_steps = int(downpour.get("num_steps", 0))

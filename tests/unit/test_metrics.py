@@ -92,6 +92,13 @@ def test_missing_file_names_the_file(tmp_path) -> None:
         read_metrics(tmp_path / "nowhere.csv")
 
 
+def test_bytes_that_are_not_utf8_name_the_file(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(",".join(METRIC_FIELDS).encode() + b"\n\xff\xfe,worker\n")
+    with pytest.raises(ValueError, match=r"metrics\.csv: not a UTF-8 text file"):
+        read_metrics(path)
+
+
 def test_bad_cell_names_file_line_and_column(tmp_path) -> None:
     path = tmp_path / "metrics.csv"
     row = ["0.5", "worker", "0", "x"] + [""] * (len(METRIC_FIELDS) - 4)

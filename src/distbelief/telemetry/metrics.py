@@ -326,8 +326,10 @@ def read_metrics(path: Path) -> list[dict[str, object]]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"metrics file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        text = f.read()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from e
     if text and not text.endswith("\n"):
         text, _, torn = text.rpartition("\n")
         logger.warning("%s: skipped its last line, cut off mid-write: %r", path, torn[:200])

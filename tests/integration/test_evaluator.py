@@ -15,6 +15,7 @@ import torch
 from distbelief.client import ParameterServerClient
 from distbelief.config import JobConfig
 from distbelief.data import load_dataset
+from distbelief.errors import ShardUnavailableError
 from distbelief.evaluator import PSEvaluator, evaluate, watch_shards
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import MetricsWriter, make_record, read_metrics
@@ -122,6 +123,14 @@ def test_watch_refuses_a_metrics_csv_of_another_layout_before_reaching_the_shard
     with pytest.raises(ValueError, match=r"metrics\.csv: cannot append"):
         watch_shards(CONFIG, ["tcp://127.0.0.1:1"], out_dir=str(tmp_path))
     assert metrics.read_text(encoding="utf-8") == "time,role,rank\n1.0,worker,0\n"
+
+
+def test_a_watch_refused_before_its_first_evaluation_leaves_no_out_folder(tmp_path) -> None:
+    out_dir = tmp_path / "runs" / "mine"
+    config = CONFIG.with_fields({"faults.timeout_s": 2.0, "faults.retry_timeout_s": 1.0})
+    with pytest.raises(ShardUnavailableError):
+        watch_shards(config, ["tcp://127.0.0.1:1"], out_dir=str(out_dir))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_watch_ends_cleanly_when_the_shards_stop(tmp_path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from distbelief.telemetry import METRIC_FIELDS, MetricsWriter, make_record, read_metrics
+from distbelief.telemetry.metrics import check_appendable
 
 
 def _records() -> list[dict[str, object]]:
@@ -126,6 +127,19 @@ def test_append_to_a_file_of_another_layout_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"metrics\.csv: cannot append"):
         MetricsWriter(path, append=True)
     assert path.read_text(encoding="utf-8").count("\n") == 2
+
+
+def test_check_appendable_refuses_another_layout_and_changes_nothing(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    check_appendable(path)  # missing: a new file will do
+    assert not path.exists()
+    torn = ",".join(METRIC_FIELDS) + "\n0.5,worker,0,1"
+    path.write_text(torn, encoding="utf-8")
+    check_appendable(path)
+    assert path.read_text(encoding="utf-8") == torn
+    path.write_text("time,role,rank\n1.0,worker,0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"metrics\.csv: cannot append"):
+        check_appendable(path)
 
 
 def test_append_drops_a_last_line_cut_off_mid_write(tmp_path, caplog) -> None:

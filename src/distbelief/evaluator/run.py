@@ -21,9 +21,9 @@ import torch
 
 from distbelief.errors import ShardUnavailableError
 from distbelief.evaluator.ps import PSEvaluator
-from distbelief.files import make_folder
+from distbelief.files import check_folder_can_be_made, make_folder
 from distbelief.process import Emit, StopFlag
-from distbelief.telemetry.metrics import MetricsWriter, make_record
+from distbelief.telemetry.metrics import MetricsWriter, check_appendable, make_record
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -146,21 +146,20 @@ def watch_shards(
         ValueError: ``out_dir`` is a file or cannot be created, or ``<out_dir>/metrics.csv``
             has another header.
     """
-    if out_dir:
-        make_folder(out_dir, "--out")
+    path = Path(out_dir) / METRICS_FILE if out_dir and not once else None
+    if path is not None:
+        # Before reaching the shards: a metrics.csv it cannot append to is refused first. The
+        # folder and the file are made with the first evaluation: a refused watch leaves none.
+        check_folder_can_be_made(out_dir, "--out")
+        check_appendable(path)
     torch.set_num_threads(1)
     start_time = time.time()
     with contextlib.ExitStack() as files:
-        writer = None
-        if out_dir and not once:
-            # Before reaching the shards: a metrics.csv it cannot append to is refused first.
-            path = Path(out_dir) / METRICS_FILE
-            writer = files.enter_context(MetricsWriter(path, append=True))
         evaluator = make_evaluator(config, addresses, security=security)
         try:
             if once:
                 return evaluator.evaluate()
-            return _watch(evaluator, config.reporting.eval_every_s, writer, start_time, stop)
+            return _watch(evaluator, config.reporting.eval_every_s, files, path, start_time, stop)
         finally:
             evaluator.close()
 
@@ -168,16 +167,22 @@ def watch_shards(
 def _watch(
     evaluator: PSEvaluator,
     every_s: float,
-    writer: MetricsWriter | None,
+    files: contextlib.ExitStack,
+    path: Path | None,
     start_time: float,
     stop: StopFlag | None,
 ) -> dict:
     last: dict = {}
+    writer: MetricsWriter | None = None
 
     def emit(_kind: str, record: dict) -> None:
+        nonlocal writer
         last.update(record)
         logger.info("eval t=%.1fs %s", record["time_s"], format_result(record))
-        if writer is not None:
+        if path is not None:
+            if writer is None:
+                make_folder(path.parent, "--out")
+                writer = files.enter_context(MetricsWriter(path, append=True))
             writer.write(record)
 
     try:

@@ -236,15 +236,10 @@ def _prepare_for_append(path: Path) -> bool:
     rows keep their cells, the newer columns are empty), atomically.
     """
     end = _end_of_last_line(path)
+    header = _appendable_header(path, end)
     with path.open("rb") as f:
-        first_line = f.readline().decode("utf-8", errors="replace")
         f.seek(end)
         torn = f.read()
-    header = tuple(next(csv.reader([first_line]), []))
-    if end == 0 and ",".join(METRIC_FIELDS).startswith(first_line):
-        header = METRIC_FIELDS  # only part of the header was written: it goes below
-    elif header != METRIC_FIELDS and header not in _OLDER_HEADERS:
-        raise ValueError(f"{path}: cannot append, its header {header} is not {list(METRIC_FIELDS)}")
     if torn:
         os.truncate(path, end)
         shown = torn.decode("utf-8", errors="replace")
@@ -252,6 +247,30 @@ def _prepare_for_append(path: Path) -> bool:
     if header != METRIC_FIELDS:
         _rewrite_in_this_layout(path, header)
     return end > 0
+
+
+def check_appendable(path: Path) -> None:
+    """Check, changing nothing, that ``MetricsWriter(path, append=True)`` will accept ``path``:
+    it is missing, empty, or has a metrics header (of this layout or an earlier one).
+
+    Raises:
+        ValueError: as ``MetricsWriter`` would, naming the file.
+    """
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > 0:
+        _appendable_header(path, _end_of_last_line(path))
+
+
+def _appendable_header(path: Path, end: int) -> tuple[str, ...]:
+    """The header rows appended to ``path`` go under (``end``: its last complete line's end)."""
+    with path.open("rb") as f:
+        first_line = f.readline().decode("utf-8", errors="replace")
+    header = tuple(next(csv.reader([first_line]), []))
+    if end == 0 and ",".join(METRIC_FIELDS).startswith(first_line):
+        return METRIC_FIELDS  # only part of the header was written: it goes below
+    if header != METRIC_FIELDS and header not in _OLDER_HEADERS:
+        raise ValueError(f"{path}: cannot append, its header {header} is not {list(METRIC_FIELDS)}")
+    return header
 
 
 def _end_of_last_line(path: Path, block_bytes: int = 4096) -> int:

@@ -947,6 +947,22 @@ def test_a_host_no_lookup_knows_is_refused_at_once(argv, message, capsys):
     assert message in _one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("tcp://[::1:1", "address 'tcp://[::1:1' is not of the form tcp://HOST:PORT"),
+        ("tcp://::1]:1", "address 'tcp://::1]:1' is not of the form tcp://HOST:PORT"),
+        ("tcp://127.0.0.9:0", "address 'tcp://127.0.0.9:0': port 0 cannot be connected to"),
+        ("shm://127.0.0.9:0", "address 'shm://127.0.0.9:0': port 0 cannot be connected to"),
+    ],
+    ids=["open-bracket", "close-bracket", "port-0", "shm-port-0"],
+)
+def test_a_shard_address_no_connection_can_reach_is_refused_at_once(address, message, capsys):
+    # Not retried until --retry-timeout: the address is bad input.
+    assert main(["worker", "--ps", address, "--rank", "0", "--num-workers", "1"]) == 2
+    assert f"argument --ps: {message}" in _one_error_line(capsys.readouterr().err)
+
+
 def test_a_shard_refused_for_its_key_file_makes_no_checkpoint_folder(capsys, tmp_path):
     missing, folder = tmp_path / "no.key", tmp_path / "checkpoints"
     argv = [*_PS[:-1], "--auth-key-file", str(missing), "--checkpoint-dir", str(folder)]

@@ -104,16 +104,23 @@ def _check_environment() -> None:
     transport_setting()
 
 
-def _addresses(flag: str, text: str) -> list[str]:
-    """The addresses of ``flag``; a malformed one is an error naming the flag."""
+def _addresses(flag: str, text: str, *, dialed: bool = True) -> list[str]:
+    """The addresses of ``flag``; a malformed one (or, for addresses to connect to, one of
+    port 0) is an error naming the flag."""
     from distbelief.hosts import parse_addresses
     from distbelief.wire import channels
+    from distbelief.wire.channels.tcp import parse_tcp_address
 
     try:
         addresses = parse_addresses(text)
         for address in addresses:
             try:
                 channels.dialer(address)  # checks the scheme, address and host; connects nothing
+                if dialed and parse_tcp_address(channels.split_scheme(address)[1])[1] == 0:
+                    raise ValueError(
+                        f"address {address!r}: port 0 cannot be connected to (a server bound "
+                        "to port 0 prints the port it took)"
+                    )
             except ValueError as e:
                 # Named as typed (a dialer may name it with its scheme added).
                 raise ValueError(e if repr(address) in str(e) else f"{address!r}: {e}") from e
@@ -122,10 +129,10 @@ def _addresses(flag: str, text: str) -> list[str]:
     return addresses
 
 
-def _one_address(flag: str, text: str) -> str:
+def _one_address(flag: str, text: str, *, dialed: bool = True) -> str:
     """The one address of ``flag`` (stripped, as --ps's are); a malformed one, or several, is
     an error naming the flag."""
-    addresses = _addresses(flag, text)
+    addresses = _addresses(flag, text, dialed=dialed)
     if len(addresses) > 1:
         raise argparse.ArgumentError(None, f"argument {flag}: one address, not {len(addresses)}")
     return addresses[0]
@@ -139,7 +146,7 @@ def _check_bind_is_here(text: str) -> str:
     from distbelief.wire.channels import split_scheme
     from distbelief.wire.channels.tcp import TcpListener, parse_tcp_address
 
-    address = _one_address("--bind", text)
+    address = _one_address("--bind", text, dialed=False)
     tcp_address = f"tcp://{split_scheme(address)[1]}"  # what the server binds, whatever scheme
     host, _ = parse_tcp_address(tcp_address)
     try:

@@ -37,7 +37,10 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
     """``"tcp://host:port"`` or ``"host:port"`` -> ``(host, port)``; ValueError if malformed."""
     rest = address.removeprefix("tcp://")
     host, sep, port_text = rest.rpartition(":")
-    host = host.strip("[]")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif "[" in host or "]" in host:  # a bracket without its pair
+        host = ""
     if not sep or not host or not port_text.isdigit():
         raise ValueError(f"address {address!r} is not of the form tcp://HOST:PORT")
     if int(port_text) > 65535:

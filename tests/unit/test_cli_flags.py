@@ -963,6 +963,24 @@ def test_a_shard_address_no_connection_can_reach_is_refused_at_once(address, mes
     assert f"argument --ps: {message}" in _one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["keygen", ""], "path"),
+        (["ps", "--shard-id", "0", "--num-shards", "1", "--auth-key-file", ""], "--auth-key-file"),
+        ([*_PS, "--tls-cert", "", "--tls-key", "key.pem"], "--tls-cert"),
+        ([*_PS, "--tls-cert", "cert.pem", "--tls-key", " "], "--tls-key"),
+        (["worker", "--ps", "tcp://127.0.0.9:1", "--rank", "0", "--tls-ca", ""], "--tls-ca"),
+    ],
+    ids=["keygen", "auth-key-file", "tls-cert", "tls-key", "tls-ca"],
+)
+def test_an_empty_file_name_is_refused_naming_its_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected a value, got " in _one_error_line(capsys.readouterr().err)
+
+
 def test_a_shard_refused_for_its_key_file_makes_no_checkpoint_folder(capsys, tmp_path):
     missing, folder = tmp_path / "no.key", tmp_path / "checkpoints"
     argv = [*_PS[:-1], "--auth-key-file", str(missing), "--checkpoint-dir", str(folder)]

@@ -389,15 +389,19 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
 
 def _add_security_flags(parser: argparse.ArgumentParser, *, server: bool) -> None:
     group = parser.add_argument_group("security")
-    group.add_argument("--auth-key-file", help="the job's key (make one: distbelief keygen FILE)")
+    group.add_argument(
+        "--auth-key-file", type=_text, help="the job's key (make one: distbelief keygen FILE)"
+    )
     if server:
         group.add_argument(
             "--no-auth", action="store_true", help="accept any peer (only on a network you trust)"
         )
-        group.add_argument("--tls-cert", help="PEM certificate: speak TLS")
-        group.add_argument("--tls-key", help="PEM private key of --tls-cert")
+        group.add_argument("--tls-cert", type=_text, help="PEM certificate: speak TLS")
+        group.add_argument("--tls-key", type=_text, help="PEM private key of --tls-cert")
     else:
-        group.add_argument("--tls-ca", help="PEM CA bundle: speak TLS, verify shards with it")
+        group.add_argument(
+            "--tls-ca", type=_text, help="PEM CA bundle: speak TLS, verify shards with it"
+        )
 
 
 def security_from_args(args: argparse.Namespace) -> WireSecurity:
@@ -559,7 +563,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     _add_plot_parser(commands)
     _add_reshard_parser(commands)
     keygen = commands.add_parser("keygen", help="write a new job key file (owner-only)")
-    keygen.add_argument("path")
+    keygen.add_argument("path", type=_text)
     for command in commands.choices.values():
         # Also after the command (`distbelief train -v`), leaving one given before it be.
         _add_verbose(command, argparse.SUPPRESS)

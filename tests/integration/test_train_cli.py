@@ -79,16 +79,30 @@ def test_two_shards_two_workers_reach_90_percent_on_digits(tmp_path):
     assert progress and all("=" in field for field in progress[-1].split()[1:])
 
 
+def _ignore_sigint() -> None:
+    """As a shell starts a command in the background: SIGINT ignored from the start."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.parametrize(
-    "how", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGKILL], ids=lambda s: s.name
+    ("how", "started"),
+    [
+        (signal.SIGINT, None),
+        (signal.SIGINT, _ignore_sigint),
+        (signal.SIGTERM, None),
+        (signal.SIGHUP, None),
+        (signal.SIGKILL, None),
+    ],
+    ids=["SIGINT", "SIGINT-started-in-the-background", "SIGTERM", "SIGHUP", "SIGKILL"],
 )
-def test_stopping_the_launcher_leaves_no_process(tmp_path, how):
+def test_stopping_the_launcher_leaves_no_process(tmp_path, how, started):
     launcher = subprocess.Popen(
         [*CLI, "train", "--steps", "100000", "--out", str(tmp_path / "run")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env=CHILD_ENV,
+        preexec_fn=started,
     )
     children: set[int] = set()
     try:

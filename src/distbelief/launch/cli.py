@@ -545,10 +545,17 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is not threading.main_thread():
         return _run_command(args)  # signal handlers belong to the main thread
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # A shell starts a command in the background with SIGINT ignored, and Python then leaves it
+    # ignored: a SIGINT sent to this process by its pid must still stop it, as Ctrl-C does.
+    interrupt_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if interrupt_ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _run_command(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if interrupt_ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -60,6 +60,17 @@ def test_router_keeps_the_last_step_of_each_worker_and_the_last_evaluation() -> 
     assert route.last_evaluation == {"test_accuracy": 0.5, "version": 7}
 
 
+def test_router_counts_a_sandblaster_workers_portions_not_its_iterations() -> None:
+    """The coordinator's worker rows have the iteration as their step and the portions the
+    worker committed in it: a job stopped early reports portions, as a finished one does."""
+    route = EventRouter(_Records())
+    coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
+    for iteration, portions in ((1, 11), (2, 9), (3, 12)):
+        row = make_record("worker", 0, time_s=1.0, step=iteration, portions=portions)
+        route(Event("metric", coordinator, row))
+    assert route.steps_reported == {0: 32}
+
+
 class _ClusterStoppedEarly:
     """A cluster whose shard1 returned its result and whose shard0 did not (it was lost, or
     the job stopped first)."""

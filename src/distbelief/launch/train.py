@@ -171,8 +171,9 @@ class EventRouter:
     """Turns process events into records and messages for one sink; times count from the first
     worker's start (children report wall-clock times; process start-up is not training time).
     ``poll_shards`` adds the shards' counters as ``shard`` records. It keeps the last step each
-    worker reported, the last evaluation and each shard's last report (its heartbeat, then its
-    result): what a job that ends early knows of them."""
+    worker reported (a Sandblaster worker's: its portions committed so far), the last
+    evaluation and each shard's last report (its heartbeat, then its result): what a job that
+    ends early knows of them."""
 
     def __init__(self, sink: Sink, shard_poller: ShardStatsPoller | None = None) -> None:
         self.sink = sink
@@ -207,7 +208,12 @@ class EventRouter:
             self.sink.message(f"{source.name} finished after {payload['steps']} {unit}")
 
     def _write(self, record: dict) -> None:
-        if record["role"] == "worker" and record.get("step") is not None:
+        if record["role"] == "worker" and record.get("portions") is not None:
+            # A Sandblaster worker's row (the coordinator's) has the iteration as its step:
+            # its count is the portions, each row those committed in one iteration.
+            rank = record["rank"]
+            self.steps_reported[rank] = self.steps_reported.get(rank, 0) + record["portions"]
+        elif record["role"] == "worker" and record.get("step") is not None:
             self.steps_reported[record["rank"]] = record["step"]
         elif record["role"] == "evaluator":
             keys = ("test_loss", "test_accuracy", "test_auc", "version")

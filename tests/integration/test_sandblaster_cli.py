@@ -173,7 +173,7 @@ def test_a_process_killed_mid_run_changes_nothing(tmp_path, undisturbed, victim)
             redone,
             0,
         )
-        assert f"redid {redone} updates" in result.stdout
+        assert f"redid {redone} update{'' if redone == 1 else 's'}" in result.stdout
 
 
 @pytest.mark.slow

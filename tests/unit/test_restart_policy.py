@@ -12,6 +12,7 @@ from distbelief.launch.cli import _describe_restore
 from distbelief.launch.cluster import (
     RESTART_POLICIES,
     Event,
+    Fault,
     ProcessBook,
     ProcessKind,
     ProcessSpec,
@@ -152,6 +153,24 @@ def test_a_sandblaster_rollback_counts_what_the_coordinator_redid() -> None:
     assert shard_fault.updates_redone == 5  # counted once, for the rollback it caused
     assert _describe_restore(fault) == (
         "coordinator: the job went back to its last checkpoint and redid 2 updates"
+    )
+
+
+def test_a_restore_line_counts_one_update_or_push_in_the_singular() -> None:
+    rolled_back = Fault("shard1", 1.0, -9, "restarted", version_before=23, version_restored=22)
+    rolled_back.rolled_back, rolled_back.updates_redone = True, 1
+    assert _describe_restore(rolled_back) == (
+        "shard1: restored version 22; the job went back to that checkpoint and redid 1 update"
+    )
+    coordinator = Fault("coordinator", 1.0, -9, "restarted", rolled_back=True, updates_redone=1)
+    assert _describe_restore(coordinator) == (
+        "coordinator: the job went back to its last checkpoint and redid 1 update"
+    )
+    replayed = Fault("shard1", 1.0, -9, "restarted", version_before=83, version_restored=80)
+    replayed.updates_replayed, replayed.pushes_resent = 1, 1  # and so 1 update lost
+    assert _describe_restore(replayed) == (
+        "shard1: restored version 80; the workers re-sent 1 update it lacked and 1 push in "
+        "flight; 1 update lost"
     )
 
 

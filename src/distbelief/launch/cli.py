@@ -236,7 +236,7 @@ def _describe_restore(fault: Fault) -> str:
     coordinator's: ``coordinator: the job went back to its last checkpoint and redid 3
     updates``)."""
     if fault.version_restored is None:  # the coordinator: its checkpoint has no version
-        redid = f"redid {fault.updates_redone} updates"
+        redid = f"redid {_count(fault.updates_redone, 'update')}"
         return f"{fault.process}: the job went back to its last checkpoint and {redid}"
     text = f"{fault.process}: restored version {fault.version_restored}"
     if fault.rolled_back:
@@ -244,14 +244,19 @@ def _describe_restore(fault: Fault) -> str:
             redone = fault.updates_redone
         else:  # the coordinator did not say (it failed): the versions seen tell at least
             redone = max(0, (fault.version_before or 0) - fault.version_restored)
-        return text + f"; the job went back to that checkpoint and redid {redone} updates"
+        return text + f"; the job went back to that checkpoint and redid {_count(redone, 'update')}"
     if fault.updates_replayed is not None:
         text += (
-            f"; the workers re-sent {fault.updates_replayed} updates it lacked and "
-            f"{fault.pushes_resent} pushes in flight"
+            f"; the workers re-sent {_count(fault.updates_replayed, 'update')} it lacked and "
+            f"{_count(fault.pushes_resent, 'push', 'pushes')} in flight"
         )
     lost = fault.lost_updates
-    return text + ("" if lost is None else f"; {lost} updates lost")
+    return text + ("" if lost is None else f"; {_count(lost, 'update')} lost")
+
+
+def _count(number: int | None, one: str, many: str | None = None) -> str:
+    """``1 update``, ``2 updates``."""
+    return f"{number} {one if number == 1 else many or one + 's'}"
 
 
 def _save_traceback(error: ChildFailedError, run_dir: Path) -> Path | None:

@@ -75,6 +75,7 @@ def test_a_same_host_pull_reads_shared_memory_and_counts_as_a_pull(shard):
     mapped_before = _mapped_shared_params()
     client = _client(address, "w0")
     try:
+        client.take_wire_figures()  # the handshake's
         flats = FlatLayout(SPECS).allocate()
         ones = {dtype: torch.ones_like(flat) for dtype, flat in flats.items()}
         assert client.push_now(ones, clock=1) == [1]
@@ -98,6 +99,10 @@ def test_a_same_host_pull_reads_shared_memory_and_counts_as_a_pull(shard):
         assert stats["bytes_received"] == 0
         assert stats["bytes_sent"] == 4 * NUMEL  # the pull by request
         assert stats["bytes_shared"] == 3 * 4 * NUMEL
+        # The worker's own figures (metrics.csv's bytes_pushed and bytes_pulled) count them
+        # alike: two pushes, the direct read and the pull by request.
+        figures = client.take_wire_figures()
+        assert (figures["bytes_pushed"], figures["bytes_pulled"]) == (2 * 4 * NUMEL, 2 * 4 * NUMEL)
     finally:
         client.close()
     assert _mapped_shared_params() <= mapped_before

@@ -26,7 +26,8 @@ from distbelief.wire.security import WireSecurity
 
 
 class WireFigures:
-    """Bytes and latencies of answered requests, per reporting window (thread-safe)."""
+    """Bytes and latencies of answered requests, per reporting window (thread-safe). Bytes
+    count the tensors a request or reply carried, through the socket or shared memory."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -41,6 +42,13 @@ class WireFigures:
             self._bytes_pushed += pushed
             self._bytes_pulled += pulled
             self._latencies_s.append(latency_s)
+
+    def add_shared(self, *, pushed: int = 0, pulled: int = 0) -> None:
+        """Bytes a push left in, or a pull copied from, memory shared with a shard on this
+        host: moved without the socket, counted all the same."""
+        with self._lock:
+            self._bytes_pushed += pushed
+            self._bytes_pulled += pulled
 
     def take(self) -> dict[str, float | None]:
         with self._lock:

@@ -357,7 +357,10 @@ class ParameterServerClient(ShardLanes):
     def _push_one(self, shard_id: int, message: Message, ready=None) -> int:
         if ready is not None:
             ready()
-        reply = self._request(shard_id, self._placed(shard_id, message))
+        placed = self._placed(shard_id, message)
+        reply = self._request(shard_id, placed)
+        if placed is not message:
+            self._wire.add_shared(pushed=sum(tensor.nbytes for _, tensor in message.tensors))
         meta = reply.meta
         self.versions[shard_id] = int(meta["version"])
         self._staleness.append(int(meta.get("staleness", 0)))
@@ -518,6 +521,7 @@ class ParameterServerClient(ShardLanes):
                 lambda offer: self._share_offer(shard_id, clock, offer),
             )
             if version is not None:
+                self._wire.add_shared(pulled=sum(target.nbytes for target in targets.values()))
                 self.versions[shard_id] = version
                 return version
         meta = {**self._identity(clock), **self._pull_meta}

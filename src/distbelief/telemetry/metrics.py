@@ -56,9 +56,9 @@ METRIC_FIELDS = (
 """The CSV columns, in order. ``time_s`` is seconds since the run started; ``staleness`` is
 the mean staleness of a worker's pushes (or of a shard's received pushes) since its previous
 record; ``pushes_per_s`` and ``bytes_per_s`` (received plus sent, through its socket or shared
-memory) are a shard's rates since its previous record; ``bytes_pushed``, ``bytes_pulled`` and
-the request latency percentiles ``latency_p50_ms`` / ``latency_p99_ms`` are a worker's wire
-figures since its previous record.
+memory) are a shard's rates since its previous record; ``bytes_pushed``, ``bytes_pulled``
+(tensor bytes, through the socket or shared memory) and the request latency percentiles
+``latency_p50_ms`` / ``latency_p99_ms`` are a worker's wire figures since its previous record.
 Sandblaster's coordinator writes one record per L-BFGS iteration (``step``: the iteration;
 ``loss``, ``grad_norm`` and ``step_size``; ``evaluations`` of the objective; ``portions``
 committed; ``backups`` handed out and ``backups_won``), and one per worker with its committed

@@ -1,6 +1,6 @@
 """The launcher's split of a model-parallel job: planned once, written into the config, and
 within ``--max-stage-bytes``: when the split balancing measured time would put more bytes on a
-stage than the budget allows, the split balancing bytes is taken if it fits."""
+stage than the budget allows, the split balancing bytes is taken if it fits, and named if not."""
 
 from __future__ import annotations
 
@@ -53,8 +53,12 @@ def test_without_a_budget_the_measured_split_stands(monkeypatch):
     assert (plan["basis"], plan["split_points"]) == ("time", [6])
 
 
-def test_a_budget_no_split_fits_is_refused_naming_the_flag(monkeypatch):
+def test_a_budget_no_split_fits_is_refused_naming_the_least_it_would_take(monkeypatch):
+    """The need named is the split by bytes' largest stage (the measured split's is 209838080):
+    a budget of that much is taken."""
     _lopsided_when_measured(monkeypatch)
-    with pytest.raises(ConfigFieldError, match="partition 0 of 2 needs 209838080 bytes") as e:
+    with pytest.raises(ConfigFieldError, match="partition 1 of 2 needs 168263880 bytes") as e:
         _plan_partitions(_config(150_000_000))
     assert e.value.field == "pipeline.max_stage_bytes"
+    _, plan = _plan_partitions(_config(168_263_880))
+    assert (plan["basis"], max(plan["stage_state_bytes"])) == ("bytes", 168_263_880)

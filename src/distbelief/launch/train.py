@@ -302,13 +302,13 @@ def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
     split = job_split(config, train_set.input_shape, train_set.num_classes, measure=True)
     budget = config.pipeline.max_stage_bytes
     if budget is not None and any(stage_state_bytes(p) > budget for p in partitions(split)):
-        # Balanced time may cost a stage more bytes than the budget; balanced bytes may fit.
-        by_bytes = job_split(config, train_set.input_shape, train_set.num_classes)
-        if all(stage_state_bytes(p) <= budget for p in partitions(by_bytes)):
-            split = by_bytes
-    stage_bytes = [
-        check_stage_budget(config, stage, params) for stage, params in enumerate(partitions(split))
-    ]
+        # Balanced time may cost a stage more bytes than the budget; balanced bytes may fit,
+        # and if not, it is the split that needs the least: the refusal names its need.
+        split = job_split(config, train_set.input_shape, train_set.num_classes)
+    stages = partitions(split)
+    stage_bytes = [stage_state_bytes(params) for params in stages]
+    largest = stage_bytes.index(max(stage_bytes))
+    check_stage_budget(config, largest, stages[largest])
     description = split.describe([name for name, _ in pipeline_layers(model)])
     logger.info("%s", description)
     points = list(split.bounds[1:-1])

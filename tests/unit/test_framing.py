@@ -131,6 +131,16 @@ def test_descriptors_must_match_payload(pair):
         recv_message(pair[1])
 
 
+@pytest.mark.parametrize("shape", [[0, 1 << 62, 1 << 62], [0, (1 << 64) - 1]])
+def test_an_empty_tensor_of_a_shape_too_large_is_refused_and_stream_stays_in_sync(pair, shape):
+    meta = b'{"tensors":[["w","float32",%s]]}' % str(shape).replace(" ", "").encode()
+    frame = HEADER.pack(MAGIC, PROTOCOL_VERSION, 3, 0, 1, len(meta), 0) + meta
+    pair[0].sendall(frame + _encoded(Message(ops.STATS, {"next": True}, request_id=2)))
+    with pytest.raises(RejectedFrame, match="too large"):
+        recv_message(pair[1])
+    assert recv_message(pair[1]).meta == {"next": True}
+
+
 def test_truncated_frame_is_a_connection_error(pair):
     pair[0].sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, 1, 0, 1, 10, 0)[:5])
     pair[0].close()

@@ -32,6 +32,9 @@ SinkFactory = Callable[[Message], "Sink | None"]
 """Picks the sink for a frame, given its op and metadata (its tensors are not read yet)."""
 
 _SMALL_FRAME_BYTES = 64 * 1024
+_MAX_SPAN = (1 << 63) - 1
+"""The most elements a tensor's shape may span, its zero sizes counted as 1 (torch's strides
+are 64-bit)."""
 
 
 @functools.cache
@@ -156,9 +159,12 @@ def parse_descriptors(meta: dict, payload_len: int) -> list[tuple[str, torch.dty
         dtype = dtype_from_name(dtype_text)
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise ProtocolError(f"tensor {name!r}: malformed shape {shape!r}")
-        numel = 1
+        numel, span = 1, 1
         for size in shape:
             numel *= size
+            span *= max(size, 1)
+        if span > _MAX_SPAN:  # an empty tensor too: its strides would overflow
+            raise ProtocolError(f"tensor {name!r}: shape {shape!r} is too large")
         total += numel * dtype.itemsize
         descriptors.append((name, dtype, tuple(shape)))
     if total != payload_len:

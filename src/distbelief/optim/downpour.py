@@ -567,6 +567,17 @@ class DownpourSGD(torch.optim.Optimizer):
     # torch's own methods, without the compiler guard that imports torch._dynamo on first use
     # (optim/unguarded.py): a worker that never compiles starts without it.
     def add_param_group(self, param_group: dict) -> None:
+        """As torch's, while the constructor gathers the groups; afterwards refused: the shards
+        hold the parameters given then, and later ones would train only here.
+
+        Raises:
+            ValueError: called after the constructor.
+        """
+        if getattr(self, "specs", None) is not None:
+            raise ValueError(
+                "add_param_group: the shards hold the parameters given to DownpourSGD(); "
+                "make a new optimizer with every parameter group"
+            )
         call_unguarded("add_param_group", self, param_group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -179,3 +179,76 @@ def test_unreachable_says_whether_the_last_wait_gave_up_on_a_shard():
         assert not client.unreachable
     finally:
         client.close(wait=False)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "error", "match"),
+    [
+        ("specs", None, TypeError, r"^specs must be a list of TensorSpec, got None$"),
+        ("specs", "w", TypeError, r"^specs must be a list of TensorSpec, got 'w'$"),
+        ("worker_id", 5, TypeError, r"^worker_id must be a str, got 5$"),
+        ("partitioner", "flat", TypeError, r"^partitioner must be a Partitioner, got 'flat'$"),
+        ("num_workers", 0, ValueError, r"^num_workers must be an integer >= 1, got 0$"),
+        ("num_workers", True, ValueError, r"^num_workers must be an integer >= 1, got True$"),
+        ("pull_changes", "yes", TypeError, r"^pull_changes must be True or False, got 'yes'$"),
+        ("shared_memory", "no", TypeError, r"^shared_memory must be True or False, got 'no'$"),
+        ("security", "key", TypeError, r"^security must be a WireSecurity, got 'key'$"),
+        ("source_host", 5, TypeError, r"^source_host must be a str, got 5$"),
+    ],
+)
+def test_constructor_arguments_of_the_wrong_type_are_refused_naming_them(
+    argument, value, error, match
+):
+    arguments = {"specs": SPECS, argument: value}
+    specs = arguments.pop("specs")
+    with pytest.raises(error, match=match):
+        ParameterServerClient(["tcp://127.0.0.1:9"], specs, timeout_s=5, **arguments)
+
+
+def test_specs_given_as_a_generator_are_kept():
+    client = ParameterServerClient(["tcp://127.0.0.1:9"], (spec for spec in SPECS), timeout_s=5)
+    try:
+        assert client.specs == list(SPECS)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("flats", "error", "match"),
+    [
+        (None, TypeError, "must be a dict of dtype -> 1-D tensor, got NoneType"),
+        (torch.zeros(8), TypeError, "must be a dict of dtype -> 1-D tensor, got Tensor"),
+        ({torch.float64: torch.zeros(8, dtype=torch.float64)}, TypeError, "no torch.float32"),
+        ({torch.float32: torch.zeros(3)}, ValueError, r"of 8 elements, got torch.float32 \[3\]"),
+        ({torch.float32: torch.zeros(8, dtype=torch.int32)}, ValueError, "got torch.int32 \\[8\\]"),
+    ],
+)
+def test_flat_buffers_that_do_not_fit_the_layout_are_refused_before_any_request(
+    flats, error, match
+):
+    client, transport = _client()
+    try:
+        for call in (client.push_now, client.pull_now, client.push, client.pull):
+            with pytest.raises(error, match=match):
+                call(flats)
+        assert transport.calls == []
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("min_version", "timeout_s", "match"),
+    [
+        (-1, 1.0, r"^min_version must be an integer >= 0, got -1$"),
+        ("3", 1.0, r"^min_version must be an integer >= 0, got '3'$"),
+        (3, None, r"^timeout_s must be a finite number > 0, got None$"),
+    ],
+)
+def test_wait_for_version_refuses_bad_arguments_before_any_request(min_version, timeout_s, match):
+    client, transport = _client()
+    try:
+        with pytest.raises(ValueError, match=match):
+            client.wait_for_version(min_version, timeout_s)
+        assert transport.calls == []
+    finally:
+        client.close()

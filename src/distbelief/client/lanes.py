@@ -215,6 +215,10 @@ class ShardLanes:
         check_wait("timeout_s", timeout_s)
         check_wait("connect_timeout_s", connect_timeout_s)
         check_wait("retry_timeout_s", retry_timeout_s, zero_ok=True)
+        if security is not None and not isinstance(security, WireSecurity):
+            raise TypeError(f"security must be a WireSecurity, got {security!r}")
+        if source_host is not None and not isinstance(source_host, str):
+            raise TypeError(f"source_host must be a str, got {source_host!r}")
         # A string is one address or "a,b" (not a sequence of one-letter addresses).
         self.addresses = parse_addresses(addresses)
         self.timeout_s = timeout_s

@@ -12,7 +12,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from distbelief.client.compression import EncodedPush, HeldValues, NarrowPullSta
 from distbelief.client.lanes import ShardLanes
 from distbelief.client.replay import Replay, ShardReplay
 from distbelief.client.shared_memory import SharedMemory
-from distbelief.config import check_wait
+from distbelief.config import check_count, check_wait
 from distbelief.errors import (
     ConsistencyMismatchError,
     ModelMismatchError,
@@ -76,6 +76,44 @@ def _described_field(key: str) -> str:
     """The config field (``section.field``) of a setting a shard describes at the handshake:
     its consistency section's, but for the round size, which is the job's number of workers."""
     return "cluster.num_workers" if key == "num_workers" else f"consistency.{key}"
+
+
+def _identity(flats: dict) -> tuple:
+    """What tells one set of flat buffers from another (what their slices' views depend on)."""
+    return tuple((dtype, id(t), t.data_ptr(), t.numel()) for dtype, t in flats.items())
+
+
+def _checked_specs(specs: object) -> list[TensorSpec]:
+    """``specs`` as a list; TypeError naming it unless it holds TensorSpecs only."""
+    if isinstance(specs, Iterable) and not isinstance(specs, str | bytes):
+        listed = list(specs)
+        if all(isinstance(spec, TensorSpec) for spec in listed):
+            return listed
+    raise TypeError(f"specs must be a list of TensorSpec, got {specs!r}")
+
+
+def _check_arguments(worker_id, partitioner, num_workers, *flags) -> None:
+    """Refuses constructor arguments of the wrong type, naming them (TypeError; ValueError for
+    ``num_workers``, a count)."""
+    if worker_id is not None and not isinstance(worker_id, str):
+        raise TypeError(f"worker_id must be a str, got {worker_id!r}")
+    if partitioner is not None and not all(
+        callable(getattr(partitioner, method, None)) for method in ("partition", "to_json")
+    ):
+        raise TypeError(f"partitioner must be a Partitioner, got {partitioner!r}")
+    if num_workers is not None:
+        check_count("num_workers", num_workers)
+    for name, value in zip(("pull_changes", "shared_memory"), flags, strict=True):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _flat_sizes(slices: list[list[ShardSlice]]) -> dict[torch.dtype, int]:
+    """The elements of each dtype's flat vector that the shards' slices cover."""
+    sizes: dict[torch.dtype, int] = {}
+    for piece in itertools.chain.from_iterable(slices):
+        sizes[piece.dtype] = max(sizes.get(piece.dtype, 0), piece.stop)
+    return sizes
 
 
 class ParameterServerClient(ShardLanes):
@@ -138,6 +176,8 @@ class ParameterServerClient(ShardLanes):
     ) -> None:
         check_wait("hold_timeout_s", hold_timeout_s)
         check_group_name(group)
+        specs = _checked_specs(specs)
+        _check_arguments(worker_id, partitioner, num_workers, pull_changes, shared_memory)
         super().__init__(
             addresses,
             timeout_s=timeout_s,
@@ -160,13 +200,14 @@ class ParameterServerClient(ShardLanes):
         self.consistency: dict = {"sync": False, "max_staleness": None}
         """The shards' consistency settings, as every shard described them at the handshake."""
         self._staleness: list[int] = []
-        self.specs = list(specs)
+        self.specs = specs
         self.fingerprint = layout_fingerprint(self.specs)
         self.partitioner: Partitioner = partitioner or FlatPartitioner()
         self.slices: list[list[ShardSlice]] = self.partitioner.partition(
             self.specs, len(self.addresses)
         )
         self._slice_cache: dict[int, tuple] = {}
+        self._flat_sizes = _flat_sizes(self.slices)
         self.versions = [0] * len(self.addresses)
         self.replays = [ShardReplay() for _ in self.addresses]
         """Per shard, this worker's pushes its last checkpoint may lack (``client/replay.py``),
@@ -292,9 +333,10 @@ class ParameterServerClient(ShardLanes):
         step, and slicing them anew cost more than the rest of a small request's bookkeeping.
         """
         # ids are safe: the cached views keep the tensors alive, so no id is reused meanwhile.
-        identity = tuple((dtype, id(t), t.data_ptr(), t.numel()) for dtype, t in flats.items())
         cached = self._slice_cache.get(id(flats))
-        if cached is None or cached[0] is not flats or cached[1] != identity:
+        if cached is None or cached[0] is not flats or cached[1] != _identity(flats):
+            self._check_flats(flats)
+            identity = _identity(flats)
             views = [
                 [(piece.name, flats[piece.dtype][piece.start : piece.stop]) for piece in pieces]
                 for pieces in self.slices
@@ -303,6 +345,27 @@ class ParameterServerClient(ShardLanes):
                 self._slice_cache.clear()
             cached = self._slice_cache[id(flats)] = (flats, identity, views)
         return list(cached[2][shard_id])
+
+    def _check_flats(self, flats: object) -> None:
+        """Refuses flat buffers that are not one 1-D tensor per dtype of the layout, of at
+        least its size.
+
+        Raises:
+            TypeError / ValueError: naming the dtype whose buffer does not fit.
+        """
+        if not isinstance(flats, dict):
+            raise TypeError(
+                f"flat buffers must be a dict of dtype -> 1-D tensor, got {type(flats).__name__}"
+            )
+        for dtype, size in self._flat_sizes.items():
+            flat = flats.get(dtype)
+            if not isinstance(flat, torch.Tensor):
+                raise TypeError(f"flat buffers: no {dtype} tensor (got {type(flat).__name__})")
+            if flat.dtype != dtype or flat.dim() != 1 or flat.numel() < size:
+                raise ValueError(
+                    f"flat buffers: the {dtype} buffer must be a 1-D {dtype} tensor of {size} "
+                    f"elements, got {flat.dtype} {list(flat.shape)}"
+                )
 
     def push(
         self,
@@ -605,8 +668,11 @@ class ParameterServerClient(ShardLanes):
         was given up); returns the shards' versions.
 
         Raises:
+            ValueError: ``min_version`` is no integer >= 0, or ``timeout_s`` no time to wait.
             ShardTimeoutError: neither within ``timeout_s``.
         """
+        check_count("min_version", min_version, least=0)
+        check_wait("timeout_s", timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:
             stats = self.stats()

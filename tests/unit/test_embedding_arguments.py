@@ -76,6 +76,8 @@ def no_shards(monkeypatch):
         ({"n_pull": True}, ValueError, "^n_pull must be an integer >= 1, got True$"),
         ({"n_pull": 0}, ValueError, "^n_pull must be an integer >= 1, got 0$"),
         ({"auth_key": 123}, TypeError, "^auth_key must be bytes or a str .* got 123$"),
+        ({"blocking": "yes"}, TypeError, "^blocking must be True or False, got 'yes'$"),
+        ({"blocking": 1}, TypeError, "^blocking must be True or False, got 1$"),
     ],
     ids=[
         *("cache-nan", "cache-inf", "cache-str", "lr-str", "lr-nan", "ps-int", "ps-item"),
@@ -89,7 +91,7 @@ def no_shards(monkeypatch):
             "push-bool",
             "pull-bool",
         ),
-        *("pull-zero", "key-int"),
+        *("pull-zero", "key-int", "blocking-str", "blocking-int"),
     ],
 )
 def test_a_bad_argument_is_named_before_anything_is_swapped(options, error, message, no_shards):

@@ -159,7 +159,8 @@ class ShardedEmbeddings:
             ``DownpourSGD``.
 
     Raises:
-        TypeError: an argument of the wrong type (``model`` not a module, ``lr`` not a number).
+        TypeError: an argument of the wrong type (``model`` not a module, ``lr`` not a number,
+            ``blocking`` not a bool).
         ValueError: no embedding module to shard, a bad name or setting, no shard address.
         ModelMismatchError: a shard holds a table of that name with another row width.
         ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
@@ -187,6 +188,8 @@ class ShardedEmbeddings:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_optional_str("worker_id", worker_id)
         check_optional_str("source_host", source_host)
+        if not isinstance(blocking, bool):
+            raise TypeError(f"blocking must be True or False, got {blocking!r}")
         for name, value in (("n_push", n_push), ("n_pull", n_pull)):
             check_count(name, value)
         auth_key = _key_bytes(auth_key)

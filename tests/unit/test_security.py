@@ -158,6 +158,9 @@ def test_downpour_takes_a_key_files_text_as_the_key_and_names_bad_settings(tmp_p
     assert _key_bytes(key) == key and _key_bytes(None) is None
     with pytest.raises(ValueError, match="auth_key: a str must be a hex key"):
         _key_bytes("not hex")
+    for empty in ("", b"", "\n", b" \n"):
+        with pytest.raises(ValueError, match=r"^auth_key is empty: give the job's key"):
+            _key_bytes(empty)
     monkeypatch.setenv(TIMEOUT_ENV, "abc")
     with pytest.raises(ValueError, match="DISTBELIEF_TIMEOUT_S 'abc': must be a finite number > 0"):
         request_timeout_s(None)

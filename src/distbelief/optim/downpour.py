@@ -71,6 +71,9 @@ def _key_bytes(auth_key: bytes | str | None) -> bytes | None:
             f"auth_key must be bytes or a str (a key file's hex text), got {auth_key!r}"
         )
     text = auth_key.decode("ascii", "replace") if isinstance(auth_key, bytes) else auth_key
+    if not text.strip():
+        # An empty key file's text, say: no secret, which would have connected with no key.
+        raise ValueError("auth_key is empty: give the job's key, or None for no key")
     try:
         return bytes.fromhex(text.strip())
     except ValueError:

@@ -47,6 +47,7 @@ from distbelief.config import (
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.errors import DatasetUnavailableError, DistBeliefError
 from distbelief.files import make_folder
+from distbelief.hosts import check_known_host, is_host
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.plots import plot_run
@@ -74,10 +75,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-pull", type=int, default=5, help="n_pull of DownpourSGD")
     parser.add_argument("--num-push", type=int, default=5, help="n_push of DownpourSGD")
     parser.add_argument("--log-interval", type=int, default=20, help="steps between log lines")
-    parser.add_argument("--no-distributed", action="store_true", help="train alone with SGD")
+    alone_or_server = parser.add_mutually_exclusive_group()
+    alone_or_server.add_argument(
+        "--no-distributed", action="store_true", help="train alone with SGD"
+    )
     parser.add_argument("--rank", type=int, default=0, help="0 is the parameter server")
     parser.add_argument("--world-size", type=int, default=3, help="server + training nodes")
-    parser.add_argument("--server", action="store_true", help="run the parameter server")
+    alone_or_server.add_argument("--server", action="store_true", help="run the parameter server")
     parser.add_argument("--master", default="127.0.0.1", help="rank 0's host (process group)")
     parser.add_argument("--port", type=int, default=29500, help="the process group's port")
     parser.add_argument(
@@ -244,6 +248,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag, (value, zero_ok) in amounts.items():
         if not is_amount(value, zero_ok=zero_ok):
             parser.error(f"argument {flag}: must be {amount_rule(zero_ok=zero_ok)}, got {value}")
+    for flag, value in (("--out", args.out), ("--data-dir", args.data_dir)):
+        if not value:
+            parser.error(f"argument {flag}: expected a value, got ''")
     if args.join_timeout > MAX_JOIN_TIMEOUT_S:
         parser.error(
             f"argument --join-timeout: must be <= {MAX_JOIN_TIMEOUT_S:g} (a week), "
@@ -251,6 +258,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.no_distributed:
         return
+    if not is_host(args.master):
+        parser.error(
+            f"argument --master: must be an IP address or host name (no port), got {args.master!r}"
+        )
+    try:
+        check_known_host(args.master)
+    except ValueError as e:
+        parser.error(f"argument --master: {e}")
     if not 1 <= args.port <= 65535:
         parser.error(f"argument --port: must be in [1, 65535], got {args.port}")
     # Rank 0 is the parameter server (--server), ranks 1.. are training nodes.
@@ -268,6 +283,12 @@ def _interrupt(_signum, _frame) -> None:
     raise KeyboardInterrupt
 
 
+def master_address(args: argparse.Namespace) -> str:
+    """--master:--port, an IPv6 address in brackets."""
+    host = f"[{args.master}]" if ":" in args.master else args.master
+    return f"{host}:{args.port}"
+
+
 def join_process_group(args: argparse.Namespace) -> None:
     """``dist.init_process_group`` on a thread of its own: torch waits for the other ranks in
     C++, where the main thread would see Ctrl-C or SIGTERM only once --join-timeout ran out."""
@@ -277,7 +298,7 @@ def join_process_group(args: argparse.Namespace) -> None:
         try:
             dist.init_process_group(
                 "gloo",
-                init_method=f"tcp://{args.master}:{args.port}",
+                init_method=f"tcp://{master_address(args)}",
                 rank=args.rank,
                 world_size=args.world_size,
                 timeout=datetime.timedelta(seconds=args.join_timeout),
@@ -320,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             run_node(args)
             return
         print(
-            f"rank {args.rank}: joining the process group at {args.master}:{args.port} "
+            f"rank {args.rank}: joining the process group at {master_address(args)} "
             f"(all {args.world_size} ranks; waiting up to {args.join_timeout:g}s)",
             flush=True,
         )

@@ -172,6 +172,13 @@ def test_a_killed_node_is_lost_and_the_others_end_by_themselves(tmp_path):
         (["--log-interval", "0"], "argument --log-interval: must be >= 1, got 0"),
         (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
         (["--server"], "rank 0 is the parameter server: run it, and only it, with --server"),
+        (["--no-distributed", "--server"], "argument --server: not allowed with argument"),
+        (["--data-dir", ""], "argument --data-dir: expected a value, got ''"),
+        (["--master", ""], "argument --master: must be an IP address or host name (no port)"),
+        (["--master", "127.0.0.1:5"], "argument --master: must be an IP address or host name"),
+        (["--master", "tcp://x"], "argument --master: must be an IP address or host name"),
+        (["--master", "[::1"], "argument --master: must be an IP address or host name"),
+        (["--master", "no-such-host.invalid"], "argument --master: host 'no-such-host.invalid'"),
     ],
 )
 def test_bad_numbers_and_choices_are_refused_before_joining(tmp_path, capsys, argv, message):
@@ -179,6 +186,23 @@ def test_bad_numbers_and_choices_are_refused_before_joining(tmp_path, capsys, ar
     main = load_script(EXAMPLE).main
     assert message in refusal(main, ["--rank", "1", *OFFLINE, *argv, "--out", str(out)], capsys)
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("mode", [["--rank", "1"], ["--no-distributed"]])
+def test_an_empty_out_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys, mode):
+    monkeypatch.chdir(tmp_path)
+    main = load_script(EXAMPLE).main
+    last = refusal(main, [*mode, *OFFLINE, "--out", ""], capsys)
+    assert last.endswith("argument --out: expected a value, got ''"), last
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ipv6_master_is_put_in_brackets_for_torch():
+    example = load_script(EXAMPLE)
+    args = example.get_args_parser().parse_args(["--rank", "1", "--master", "::1", "--port", "5"])
+    assert example.master_address(args) == "[::1]:5"
+    args.master = "127.0.0.1"
+    assert example.master_address(args) == "127.0.0.1:5"
 
 
 def test_an_out_that_cannot_be_a_folder_is_refused_before_joining(tmp_path, capsys):

@@ -336,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
     # each other's cores.
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends a rank as Ctrl-C does
+    # A shell starts a command in the background with SIGINT ignored, and Python then leaves it
+    # ignored: a SIGINT sent to this rank by its pid must still stop it, as Ctrl-C does.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.no_distributed:
             run_node(args)

@@ -238,14 +238,31 @@ def test_a_rank_that_cannot_join_gives_up_in_one_line(tmp_path):
     )
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def _ignore_sigint() -> None:
+    """As a shell starts a command in the background: SIGINT ignored from the start."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    ("signum", "started"),
+    [(signal.SIGINT, None), (signal.SIGINT, _ignore_sigint), (signal.SIGTERM, None)],
+    ids=["SIGINT", "SIGINT-started-in-the-background", "SIGTERM"],
+)
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_rank_waiting_to_join_stops_on_ctrl_c_or_sigterm(tmp_path, rank, signum):
+def test_a_rank_waiting_to_join_stops_on_ctrl_c_or_sigterm(tmp_path, rank, signum, started):
     """Ctrl-C or SIGTERM while a rank waits for the others: it exits 130 at once with one line
-    (torch waits in C++, where the signal went unseen until --join-timeout ran out)."""
+    (torch waits in C++, where the signal went unseen until --join-timeout ran out). A rank
+    started with SIGINT ignored (in the background of a shell) stops on SIGINT too."""
     argv = ["--rank", str(rank), "--world-size", "3", "--port", str(free_port())]
     argv += ["--server"] if rank == 0 else []
-    [process] = start_scripts([[str(EXAMPLE), *argv, *OFFLINE, "--out", str(tmp_path)]])
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), *argv, *OFFLINE, "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+        preexec_fn=started,
+    )
     try:
         assert process.stdout is not None
         assert process.stdout.readline().startswith(f"rank {rank}: joining the process group")

@@ -40,6 +40,7 @@ from distbelief.config import (
     CLICK_LOG_DATASETS,
     CLICK_MODELS,
     DATASET_NAMES,
+    MAX_RATE,
     MODEL_NAMES,
     amount_rule,
     is_amount,
@@ -248,6 +249,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag, (value, zero_ok) in amounts.items():
         if not is_amount(value, zero_ok=zero_ok):
             parser.error(f"argument {flag}: must be {amount_rule(zero_ok=zero_ok)}, got {value}")
+    if args.lr > MAX_RATE:  # a rate multiplies float32 tensors
+        parser.error(f"argument --lr: must be <= {MAX_RATE:g}, got {args.lr:g}")
     for flag, value in (("--out", args.out), ("--data-dir", args.data_dir)):
         if not value:
             parser.error(f"argument {flag}: expected a value, got ''")

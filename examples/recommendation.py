@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from distbelief import DistBeliefError, DownpourSGD, ShardedEmbeddings, ShardListError
-from distbelief.config import amount_rule, is_amount
+from distbelief.config import MAX_CACHE_MB, MAX_RATE, amount_problem
 from distbelief.data import iterate_ctr_batches
 from distbelief.data.synthetic_ctr import MAX_TABLE_SIZE, ground_truth_logits, make_synthetic_ctr
 from distbelief.hosts import parse_addresses
 from distbelief.models import DLRM
 from distbelief.telemetry import roc_auc
 from distbelief.wire import channels
+from distbelief.wire.channels.tcp import parse_tcp_address
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,12 +60,18 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(
             f"argument --table-size: must be in [2, {MAX_TABLE_SIZE}], got {args.table_size}"
         )
-    for flag, value in (("--lr", args.lr), ("--row-cache-mb", args.row_cache_mb)):
-        if not is_amount(value, zero_ok=True):
-            parser.error(f"argument {flag}: must be {amount_rule(zero_ok=True)}, got {value}")
+    for flag, value, most in (
+        ("--lr", args.lr, MAX_RATE),
+        ("--row-cache-mb", args.row_cache_mb, MAX_CACHE_MB),
+    ):
+        problem = amount_problem(value, zero_ok=True, most=most)
+        if problem:
+            parser.error(f"argument {flag}: {problem}, got {value}")
     try:
         for address in parse_addresses(args.ps):
             channels.dialer(address)  # checks the address; connects nothing
+            if parse_tcp_address(channels.split_scheme(address)[1])[1] == 0:
+                raise ValueError(f"address {address!r}: port 0 cannot be connected to")
     except ValueError as e:
         parser.error(f"argument --ps: {e}")
 

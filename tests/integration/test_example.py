@@ -166,6 +166,7 @@ def test_a_killed_node_is_lost_and_the_others_end_by_themselves(tmp_path):
         (["--retry-timeout", "inf"], "argument --retry-timeout: must be a finite number >= 0"),
         (["--lr", "inf"], "argument --lr: must be a finite number >= 0, got inf"),
         (["--lr", "nan"], "argument --lr: must be a finite number >= 0, got nan"),
+        (["--lr", "1e39"], "argument --lr: must be <= 3.40282e+38, got 1e+39"),
         (["--model", "dlrm"], "argument --model: invalid choice: 'dlrm' (choose from 'lenet'"),
         (["--dataset", "criteo"], "argument --dataset: invalid choice: 'criteo'"),
         (["--world-size", str(2**31)], "argument --world-size: must be <= 2147483647"),

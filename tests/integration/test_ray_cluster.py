@@ -181,6 +181,18 @@ def _alive(pid: int) -> bool:
             "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got 'http://",
         ),
         (
+            ["--cluster", "ray", "--ray-address", "[::1"],
+            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got '[::1'",
+        ),
+        (
+            ["--cluster", "ray", "--ray-address", "bad host:6379"],
+            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got 'bad host:6379'",
+        ),
+        (
+            ["--cluster", "ray", "--ray-address", ":6379"],
+            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got ':6379'",
+        ),
+        (
             ["--cluster", "ray", "--partitions", "2"],
             "argument --partitions: must be 1 with the ray engine",
         ),

@@ -22,6 +22,7 @@ from typing import Any
 
 from distbelief.config import JobConfig
 from distbelief.errors import ClusterError, ConfigFieldError
+from distbelief.hosts import is_host
 from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.process_groups import in_a_process_group_of_their_own
 from distbelief.launch.ray_probe import GRPC_UNAUTHENTICATED, GRPC_UNIMPLEMENTED, ask_gcs
@@ -72,7 +73,9 @@ def check_address(address: str) -> None:
         )
     if address != "auto":
         host, colon, port = address.rpartition(":")
-        if not (colon and host and port.isdigit() and 0 < int(port) < 65536) or "://" in address:
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]  # an IPv6 address in brackets
+        if not (colon and is_host(host) and port.isdigit() and 0 < int(port) < 65536):
             raise ConfigFieldError(
                 "cluster.ray_address", f"must be HOST:PORT of a Ray head, or auto, got {address!r}"
             )

@@ -41,6 +41,7 @@ from distbelief.config import (
     CLICK_MODELS,
     DATASET_NAMES,
     MAX_RATE,
+    MAX_THREADS,
     MODEL_NAMES,
     amount_rule,
     is_amount,
@@ -241,6 +242,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag, value in counts.items():
         if value is not None and value < 1:
             parser.error(f"argument {flag}: must be >= 1, got {value}")
+    if args.threads > MAX_THREADS:
+        parser.error(f"argument --threads: must be <= {MAX_THREADS}, got {args.threads}")
     amounts = {
         "--lr": (args.lr, True),
         "--join-timeout": (args.join_timeout, False),

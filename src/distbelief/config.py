@@ -97,6 +97,11 @@ _MAX_COUNT = 2**31 - 1
 carries it as a 64-bit integer)."""
 
 
+MAX_THREADS = 1024
+"""The most torch threads one process may be given (``--threads``, ``--server-threads``): far
+past any machine's cores; torch's thread pool crashes the process at about a hundred thousand."""
+
+
 def _is_count(value: object) -> bool:
     """Whether ``value`` is an int (not a bool) in [0, _MAX_COUNT]."""
     return type(value) is int and 0 <= value <= _MAX_COUNT
@@ -254,6 +259,8 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _require_counts(self, "num_workers", "num_shards", "threads_per_worker")
+        threads = self.threads_per_worker
+        _require(threads <= MAX_THREADS, "threads_per_worker", threads, f"<= {MAX_THREADS}")
         _require(bool(self.host), "host", self.host, "a host name or address")
         device_ok = isinstance(self.device, str) and _DEVICE_PATTERN.fullmatch(self.device)
         _require(bool(device_ok), "device", self.device, "cpu, cuda or cuda:N")
@@ -430,6 +437,7 @@ class ServerConfig:
         _require_choice(self, "optimizer")
         _require_choice(self, "design")
         _require_counts(self, "max_connections", "threads")
+        _require(self.threads <= MAX_THREADS, "threads", self.threads, f"<= {MAX_THREADS}")
         _require_rates(self, "lr", zero_ok=True)
         _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
         betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)

@@ -172,6 +172,7 @@ def test_a_killed_node_is_lost_and_the_others_end_by_themselves(tmp_path):
         (["--world-size", str(2**31)], "argument --world-size: must be <= 2147483647"),
         (["--log-interval", "0"], "argument --log-interval: must be >= 1, got 0"),
         (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+        (["--threads", "100000"], "argument --threads: must be <= 1024, got 100000"),
         (["--server"], "rank 0 is the parameter server: run it, and only it, with --server"),
         (["--no-distributed", "--server"], "argument --server: not allowed with argument"),
         (["--data-dir", ""], "argument --data-dir: expected a value, got ''"),

@@ -137,6 +137,12 @@ from distbelief.errors import ConfigFieldError
         ),
         ({"pipeline.max_stage_bytes": 0}, "pipeline.max_stage_bytes", "an integer >= 1, got 0"),
         (
+            {"cluster.threads_per_worker": 100_000},
+            "cluster.threads_per_worker",
+            "must be <= 1024, got 100000",
+        ),
+        ({"server.threads": 1025}, "server.threads", "must be <= 1024, got 1025"),
+        (
             {"model.name": "dlrm", "data.name": "synthetic-ctr", "data.table_size": 2**31 + 1},
             "data.table_size",
             "must be <= 2147483648 (2**31), got 2147483649",

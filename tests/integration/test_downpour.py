@@ -246,22 +246,15 @@ def test_every_use_after_close_raises_closed_error_and_changes_nothing():
         server.stop()
 
 
-def test_add_param_group_after_the_constructor_is_refused_and_changes_nothing():
-    server = serve(
-        "tcp://127.0.0.1:0",
-        ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
-    )
-    try:
-        model = _model()
-        optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=[server.address])
-        extra = nn.Parameter(torch.ones(3))
-        with pytest.raises(ValueError, match=r"^add_param_group: the shards hold"):
-            optimizer.add_param_group({"params": [extra], "lr": 0.5})
-        assert len(optimizer.param_groups) == 1
-        _train(model, optimizer, _batches(1))
-        optimizer.close()
-    finally:
-        server.stop()
+def test_add_param_group_after_the_constructor_is_refused_and_changes_nothing(served_shard):
+    model = _model()
+    optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard)
+    extra = nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=r"^add_param_group: the shards hold"):
+        optimizer.add_param_group({"params": [extra], "lr": 0.5})
+    assert len(optimizer.param_groups) == 1
+    _train(model, optimizer, _batches(1))
+    optimizer.close()
 
 
 def _lane_threads() -> int:

@@ -70,6 +70,15 @@ def test_a_host_no_lookup_knows_is_named():
         channels.dialer("shm://nohost.invalid:7000")
 
 
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:0", "shm://127.0.0.1:0"])
+def test_port_0_is_refused_at_once_as_no_address_to_connect_to(address):
+    """Every client (the CLI's --ps and --next, DownpourSGD, the examples) dials through here:
+    none retries a port no server listens on until its retry timeout."""
+    wanted = f"address '{address}': port 0 cannot be connected to"
+    with pytest.raises(ValueError, match=re.escape(wanted)):
+        channels.dialer(address)
+
+
 def test_a_port_out_of_range_is_named():
     with pytest.raises(ValueError, match="port 99999 is out of range"):
         channels.dialer("tcp://nohost:99999")

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from distbelief.config import TRANSPORT_ENV, JobConfig
@@ -104,23 +104,17 @@ def _check_environment() -> None:
     transport_setting()
 
 
-def _addresses(flag: str, text: str, *, dialed: bool = True) -> list[str]:
-    """The addresses of ``flag``; a malformed one (or, for addresses to connect to, one of
-    port 0) is an error naming the flag."""
+def _addresses(flag: str, text: str, check: Callable[[str], object] | None = None) -> list[str]:
+    """The addresses of ``flag``; one that ``check`` refuses (by default: one a dialer refuses,
+    malformed, of port 0, or of a host no lookup knows) is an error naming the flag."""
     from distbelief.hosts import parse_addresses
     from distbelief.wire import channels
-    from distbelief.wire.channels.tcp import parse_tcp_address
 
     try:
         addresses = parse_addresses(text)
         for address in addresses:
             try:
-                channels.dialer(address)  # checks the scheme, address and host; connects nothing
-                if dialed and parse_tcp_address(channels.split_scheme(address)[1])[1] == 0:
-                    raise ValueError(
-                        f"address {address!r}: port 0 cannot be connected to (a server bound "
-                        "to port 0 prints the port it took)"
-                    )
+                (check or channels.dialer)(address)  # connects nothing
             except ValueError as e:
                 # Named as typed (a dialer may name it with its scheme added).
                 raise ValueError(e if repr(address) in str(e) else f"{address!r}: {e}") from e
@@ -129,10 +123,10 @@ def _addresses(flag: str, text: str, *, dialed: bool = True) -> list[str]:
     return addresses
 
 
-def _one_address(flag: str, text: str, *, dialed: bool = True) -> str:
+def _one_address(flag: str, text: str, check: Callable[[str], object] | None = None) -> str:
     """The one address of ``flag`` (stripped, as --ps's are); a malformed one, or several, is
     an error naming the flag."""
-    addresses = _addresses(flag, text, dialed=dialed)
+    addresses = _addresses(flag, text, check)
     if len(addresses) > 1:
         raise argparse.ArgumentError(None, f"argument {flag}: one address, not {len(addresses)}")
     return addresses[0]
@@ -140,13 +134,17 @@ def _one_address(flag: str, text: str, *, dialed: bool = True) -> str:
 
 def _check_bind_is_here(text: str) -> str:
     """--bind: a well-formed address of this machine whose port is free (a foreign address or
-    a port another process holds is bad input, not a failure of the server). Returns it, as
-    the server binds it."""
+    a port another process holds is bad input, not a failure of the server; port 0 takes any
+    free one). Returns it, as the server binds it."""
     from distbelief.hosts import check_local_host
-    from distbelief.wire.channels import split_scheme
+    from distbelief.wire.channels import check_scheme, split_scheme
     from distbelief.wire.channels.tcp import TcpListener, parse_tcp_address
 
-    address = _one_address("--bind", text, dialed=False)
+    def check_form(address: str) -> None:  # not a dialer's check: port 0 is fine here
+        check_scheme(address)
+        parse_tcp_address(f"tcp://{split_scheme(address)[1]}")
+
+    address = _one_address("--bind", text, check_form)
     tcp_address = f"tcp://{split_scheme(address)[1]}"  # what the server binds, whatever scheme
     host, _ = parse_tcp_address(tcp_address)
     try:

@@ -171,6 +171,11 @@ def _kind(address: str) -> ChannelKind:
     return _kinds[scheme]
 
 
+def check_scheme(address: str) -> None:
+    """Refuses an address whose scheme no channel kind registered (ValueError naming it)."""
+    _kind(address)
+
+
 def channel_schemes() -> list[str]:
     """The registered schemes, sorted."""
     return sorted(_kinds)

@@ -654,7 +654,11 @@ class ShmDialer:
         **tcp_options,
     ) -> None:
         self._address = address
-        self._tcp = TcpDialer(_tcp_address(address), **tcp_options)
+        tcp_address = _tcp_address(address)
+        try:
+            self._tcp = TcpDialer(tcp_address, **tcp_options)
+        except ValueError as e:  # named as given (port 0, say), not as the TCP address beside
+            raise ValueError(str(e).replace(repr(tcp_address), repr(address))) from None
         self._transport = transport_setting(transport)
         if not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:
             raise ValueError(

@@ -135,7 +135,7 @@ class TcpDialer:
             one the operating system picks).
 
     Raises:
-        ValueError: ``address`` is malformed or names a host no lookup knows, or
+        ValueError: ``address`` is malformed, of port 0 or names a host no lookup knows, or
             ``source_host`` is no address of this machine.
     """
 
@@ -147,7 +147,13 @@ class TcpDialer:
         source_host: str | None = None,
     ) -> None:
         self._endpoint = parse_tcp_address(address)
-        # A typo in the host would otherwise be retried until the retry timeout.
+        # A typo in the host, or a port no server listens on, would otherwise be retried until
+        # the retry timeout.
+        if self._endpoint[1] == 0:
+            raise ValueError(
+                f"address {address!r}: port 0 cannot be connected to (a server bound to port 0 "
+                "prints the port it took)"
+            )
         check_known_host(self._endpoint[0])
         self._security = security or WireSecurity()
         self._tls = self._security.client_tls()

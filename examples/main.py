@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import datetime
 import logging
+import math
 import os
 import signal
 import threading
@@ -43,8 +44,7 @@ from distbelief.config import (
     MAX_RATE,
     MAX_THREADS,
     MODEL_NAMES,
-    amount_rule,
-    is_amount,
+    amount_problem,
 )
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.errors import DatasetUnavailableError, DistBeliefError
@@ -245,15 +245,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.threads > MAX_THREADS:
         parser.error(f"argument --threads: must be <= {MAX_THREADS}, got {args.threads}")
     amounts = {
-        "--lr": (args.lr, True),
-        "--join-timeout": (args.join_timeout, False),
-        "--retry-timeout": (args.retry_timeout, True),
+        "--lr": (args.lr, True, MAX_RATE),  # a rate multiplies float32 tensors
+        "--join-timeout": (args.join_timeout, False, math.inf),
+        "--retry-timeout": (args.retry_timeout, True, math.inf),
     }
-    for flag, (value, zero_ok) in amounts.items():
-        if not is_amount(value, zero_ok=zero_ok):
-            parser.error(f"argument {flag}: must be {amount_rule(zero_ok=zero_ok)}, got {value}")
-    if args.lr > MAX_RATE:  # a rate multiplies float32 tensors
-        parser.error(f"argument --lr: must be <= {MAX_RATE:g}, got {args.lr:g}")
+    for flag, (value, zero_ok, most) in amounts.items():
+        problem = amount_problem(value, zero_ok=zero_ok, most=most)
+        if problem:
+            parser.error(f"argument {flag}: {problem}, got {value}")
     for flag, value in (("--out", args.out), ("--data-dir", args.data_dir)):
         if not value:
             parser.error(f"argument {flag}: expected a value, got ''")

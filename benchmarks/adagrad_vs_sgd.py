@@ -159,7 +159,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--sgd-lrs", type=_float_list, default=None, help="default 0.02,0.05")
     parser.add_argument(
         "--adagrad-lrs", type=_float_list, default=None, help="default 0.003,0.01,0.05,0.2"

@@ -88,7 +88,7 @@ def _client(scheme: str, apply: bool, repeats: int) -> dict[int, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--repeats", type=machine.at_least(1), default=3)
     args = parser.parse_args(argv)
     print("| size | op | tcp ms (median) | shm ms (median) | tcp / shm | tcp GB/s | shm GB/s |")

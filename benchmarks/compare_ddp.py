@@ -786,7 +786,7 @@ def _plot_panel(axes, runs: list[dict], x_index: int, target: float) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--epochs", type=int, default=None, help="default 8 (--quick: 4)")
     parser.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
     parser.add_argument(

@@ -320,7 +320,7 @@ def measure_memory(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--only", choices=("throughput", "bytes", "rows", "memory"))
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per repeat")

@@ -209,7 +209,7 @@ def save_results(path: Path, args: argparse.Namespace, result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", default="lenet", choices=MODEL_NAMES)
     parser.add_argument("--dataset", default="digits", choices=DATASET_NAMES)
     parser.add_argument("--workers", type=int, default=2)

@@ -227,7 +227,7 @@ def report(stem: Path, record: dict, args: argparse.Namespace) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--model", default="lenet", choices=("lenet", "mlp"))
     parser.add_argument("--workers", type=int, default=4, help="Downpour and Sandblaster")

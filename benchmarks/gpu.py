@@ -164,7 +164,7 @@ def measure_model(model_name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (a smoke test)")
     parser.add_argument("--models", default="lenet,alexnet", help="comma-separated")
     parser.add_argument("--batch-size", type=int, default=128)

@@ -201,7 +201,7 @@ def save_results(path: Path, args: argparse.Namespace, rows: list[dict]) -> None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per config")
     parser.add_argument("--models", default=None, help="comma-separated: lenet,mlp")

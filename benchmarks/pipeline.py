@@ -627,7 +627,7 @@ def save_results(path: Path, args, split: StageSplit, static: dict, summary: dic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per config")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per config")

@@ -245,7 +245,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--models", default="mlp,lenet", help="comma-separated (mlp,lenet)")
     parser.add_argument("--histories", type=_int_list, default=None, help="default 2,5,10,20")
     parser.add_argument("--iterations", type=int, default=None, help="per run (default 30)")

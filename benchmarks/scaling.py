@@ -305,7 +305,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--workers", type=_int_list, default=list(DEFAULT_WORKERS))
     parser.add_argument("--shards", type=_int_list, default=list(DEFAULT_SHARDS))
     parser.add_argument("--steps", type=int, default=None, help="per worker (default 400)")

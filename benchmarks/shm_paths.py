@@ -33,7 +33,7 @@ def _seconds_per_call(call, calls: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--repeats", type=machine.at_least(1), default=9)
     args = parser.parse_args(argv)
     print("| size | op | ring us | shared us | ring / shared |")

@@ -356,7 +356,7 @@ def _policy_list(text: str) -> list[str]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--workers", type=_int_list, default=None, help="default 1,2,4,8")
     parser.add_argument("--policies", type=_policy_list, default=list(POLICIES))
     parser.add_argument("--epochs", type=int, default=None, help="data budget (default 20)")

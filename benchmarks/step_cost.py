@@ -87,7 +87,7 @@ def time_steps(num_steps: int, repeats: int) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument(
         "--steps", type=machine.at_least(1), default=2000, help="steps per timed repeat"
     )

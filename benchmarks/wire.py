@@ -457,7 +457,7 @@ def _parse_sizes(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--sizes", type=_parse_sizes, default=None, help="float32 counts")
     parser.add_argument(
         "--repeats", type=machine.at_least(1), default=None, help="timed repeats per op"

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+import machine
 from distbelief.config import FLAT_FIELDS
 from staleness_sweep import (
     BASE,
@@ -174,7 +175,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="1 epoch, one rate each; results next to the runs"
     )
-    parser.add_argument("--replot", type=Path, default=None, help="redraw the PNG from a JSON")
+    parser.add_argument(
+        "--replot",
+        type=machine.record_file("adagrad_vs_sgd"),
+        default=None,
+        help="redraw the PNG from a JSON",
+    )
     return parser
 
 

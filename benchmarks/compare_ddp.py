@@ -798,7 +798,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
     parser.add_argument("--runs-dir", type=Path, default=None, help="launcher runs (default tmp)")
     parser.add_argument("--quick", action="store_true", help="4 epochs, 1 repeat; no results")
-    parser.add_argument("--replot", type=Path, default=None, help="redraw the PNG of a JSON")
+    parser.add_argument(
+        "--replot",
+        type=machine.record_file("compare_ddp"),
+        default=None,
+        help="redraw the PNG of a JSON",
+    )
     return parser
 
 

@@ -545,7 +545,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--quick", action="store_true", help="800 steps, 2 kills; no results")
-    parser.add_argument("--replot", type=Path, metavar="JSON", help="redraw the PNG of a JSON")
+    parser.add_argument(
+        "--replot", type=machine.record_file(), metavar="JSON", help="redraw the PNG of a JSON"
+    )
     return parser
 
 

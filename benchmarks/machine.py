@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -86,5 +87,42 @@ def at_least(minimum: int):
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
         return value
+
+    return parse
+
+
+def above_zero(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (a time, a rate); anything else is a one-line
+    usage error naming the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def record_file(benchmark: str | None = None):
+    """An argparse ``type``: the path of a JSON record this benchmark wrote (``--replot``,
+    ``--report``). A missing or unreadable file, one that is not a JSON object, or the record of
+    another benchmark is a one-line usage error naming the flag, not a traceback."""
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        try:
+            record = json.loads(path.read_text())
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot read {text!r}: {e.strerror or e}") from e
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {e}") from e
+        if not isinstance(record, dict):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a benchmark record")
+        wrote = record.get("benchmark")
+        if benchmark is not None and wrote is not None and wrote != benchmark:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a record of {wrote}.py, not {benchmark}.py"
+            )
+        return path
 
     return parse

@@ -407,7 +407,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 evaluations; no files")
-    parser.add_argument("--report", type=Path, default=None, help="rewrite a JSON's md only")
+    parser.add_argument(
+        "--report",
+        type=machine.record_file("sandblaster_balance"),
+        default=None,
+        help="rewrite a JSON's md only",
+    )
     return parser
 
 

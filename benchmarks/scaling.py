@@ -314,7 +314,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default tmp)")
     parser.add_argument("--quick", action="store_true", help="workers 1,2, 60 steps; no results")
-    parser.add_argument("--replot", type=Path, default=None, help="redraw the PNG of a JSON")
+    parser.add_argument(
+        "--replot",
+        type=machine.record_file("scaling"),
+        default=None,
+        help="redraw the PNG of a JSON",
+    )
     return parser
 
 

@@ -368,7 +368,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="workers 1,2, 1 epoch; results next to the runs"
     )
-    parser.add_argument("--replot", type=Path, default=None, help="redraw PNGs from a JSON")
+    parser.add_argument(
+        "--replot",
+        type=machine.record_file("staleness_sweep"),
+        default=None,
+        help="redraw PNGs from a JSON",
+    )
     return parser
 
 

@@ -787,13 +787,15 @@ def _plot_panel(axes, runs: list[dict], x_index: int, target: float) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--epochs", type=int, default=None, help="default 8 (--quick: 4)")
+    parser.add_argument(
+        "--epochs", type=machine.at_least(1), default=None, help="default 8 (--quick: 4)"
+    )
     parser.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
     parser.add_argument(
         "--repeats", type=machine.at_least(1), default=None, help="default 3 (--quick: 1)"
     )
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--ddp-lr", type=float, default=None, help="default 2 x --lr")
+    parser.add_argument("--lr", type=machine.above_zero, default=0.05)
+    parser.add_argument("--ddp-lr", type=machine.above_zero, default=None, help="default 2 x --lr")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
     parser.add_argument("--runs-dir", type=Path, default=None, help="launcher runs (default tmp)")
@@ -808,17 +810,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = get_args_parser().parse_args(argv)
-    args.epochs = args.epochs or (4 if args.quick else 8)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 < args.target <= 1.0:
+        parser.error(f"argument --target: must be a test accuracy in (0, 1], got {args.target}")
+    if args.epochs is None:
+        args.epochs = 4 if args.quick else 8
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
     args.ddp_lr = args.ddp_lr if args.ddp_lr is not None else 2 * args.lr
     if args.out is None:
         date = datetime.date.today().strftime("%Y%m%d")
         args.out = (
             Path("-") if args.quick else RESULTS_DIR / f"compare_ddp_cpu{os.cpu_count()}_{date}"
         )
-    if not 0.0 < args.target <= 1.0 or args.epochs < 1 or args.repeats < 1:
-        raise SystemExit("--target must be in (0, 1], --epochs and --repeats >= 1")
     return args
 
 

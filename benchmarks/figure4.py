@@ -230,19 +230,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("--model", default="lenet", choices=("lenet", "mlp"))
-    parser.add_argument("--workers", type=int, default=4, help="Downpour and Sandblaster")
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--budget-s", type=float, default=None, help="default 25 (--quick: 6)")
-    parser.add_argument("--minibatch-size", type=int, default=32)
-    parser.add_argument("--sgd-lr", type=float, default=0.05, help="SGD and Downpour")
-    parser.add_argument("--sgd-steps", type=int, default=None, help="default 2500")
-    parser.add_argument("--steps-per-worker", type=int, default=None, help="default 700")
-    parser.add_argument("--adagrad-lr", type=float, default=0.01)
-    parser.add_argument("--warmstart-steps", type=int, default=50)
-    parser.add_argument("--sandblaster-batch-size", type=int, default=None, help="default all")
-    parser.add_argument("--sandblaster-iterations", type=int, default=None, help="default 50")
-    parser.add_argument("--history", type=int, default=10)
-    parser.add_argument("--step-size", type=float, default=1.0)
+    parser.add_argument(
+        "--workers", type=machine.at_least(1), default=4, help="Downpour and Sandblaster"
+    )
+    parser.add_argument("--shards", type=machine.at_least(1), default=2)
+    parser.add_argument(
+        "--budget-s", type=machine.above_zero, default=None, help="default 25 (--quick: 6)"
+    )
+    parser.add_argument("--minibatch-size", type=machine.at_least(1), default=32)
+    parser.add_argument("--sgd-lr", type=machine.above_zero, default=0.05, help="SGD and Downpour")
+    parser.add_argument("--sgd-steps", type=machine.at_least(1), default=None, help="default 2500")
+    parser.add_argument(
+        "--steps-per-worker", type=machine.at_least(1), default=None, help="default 700"
+    )
+    parser.add_argument("--adagrad-lr", type=machine.above_zero, default=0.01)
+    parser.add_argument("--warmstart-steps", type=machine.at_least(0), default=50)
+    parser.add_argument(
+        "--sandblaster-batch-size", type=machine.at_least(1), default=None, help="default all"
+    )
+    parser.add_argument(
+        "--sandblaster-iterations", type=machine.at_least(1), default=None, help="default 50"
+    )
+    parser.add_argument("--history", type=machine.at_least(1), default=10)
+    parser.add_argument("--step-size", type=machine.above_zero, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default tmp)")
@@ -255,14 +265,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.methods = [name for name in args.methods.split(",") if name]
     quick = args.quick
-    args.budget_s = args.budget_s or (6.0 if quick else 25.0)
-    args.sgd_steps = args.sgd_steps or (600 if quick else 2500)
-    args.steps_per_worker = args.steps_per_worker or (200 if quick else 700)
-    args.sandblaster_iterations = args.sandblaster_iterations or (10 if quick else 50)
+    defaults = {"budget_s": 6.0, "sgd_steps": 600, "steps_per_worker": 200}
+    if not quick:
+        defaults = {"budget_s": 25.0, "sgd_steps": 2500, "steps_per_worker": 700}
+    defaults["sandblaster_iterations"] = 10 if quick else 50
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.out is None:
         date = datetime.date.today().strftime("%Y%m%d")
         args.out = Path("-") if quick else RESULTS_DIR / f"figure4_cpu{os.cpu_count()}_{date}"
-    if not set(args.methods) <= set(METHODS):
+    if not args.methods or not set(args.methods) <= set(METHODS):
         parser.error(f"argument --methods: must name some of {', '.join(METHODS)}")
     return args
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import machine
+from distbelief.config import CLICK_MODELS, MODEL_NAMES
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from server_host import ServerHost, start_sgd_shard
@@ -167,9 +168,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (a smoke test)")
     parser.add_argument("--models", default="lenet,alexnet", help="comma-separated")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=machine.at_least(1), default=128)
     parser.add_argument("--steps", type=int, default=None, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per config")
+    parser.add_argument(
+        "--repeats", type=machine.at_least(1), default=None, help="timed repeats per config"
+    )
     parser.add_argument("--quick", action="store_true", help="a short run (make gpu-check)")
     parser.add_argument("--out", default=None, help="results stem ('-': do not write)")
     args = parser.parse_args(argv)
@@ -180,6 +183,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < EVERY_STEPS or args.steps % EVERY_STEPS:
         parser.error(f"--steps must be a multiple of {EVERY_STEPS}, got {args.steps}")
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
+    image_models = [name for name in MODEL_NAMES if name not in CLICK_MODELS]
+    unknown = [name for name in args.models if name not in image_models]
+    if unknown or not args.models:
+        named = unknown[0] if unknown else "none"
+        parser.error(f"--models: {named!r}: choose from {', '.join(image_models)}")
     args.warmup_steps = 10 if args.quick else 30
     return args
 

@@ -397,13 +397,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", default="lenet", choices=("lenet", "mlp"))
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--shards", type=machine.at_least(1), default=2)
     parser.add_argument("--portions", type=int, default=40, help="dynamic configurations")
-    parser.add_argument("--portions-per-push", type=int, default=2)
+    parser.add_argument("--portions-per-push", type=machine.at_least(1), default=2)
     parser.add_argument("--slowdown", type=float, default=3.0)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the whole set")
-    parser.add_argument("--repeats", type=int, default=None, help="default 7 (--quick: 1)")
-    parser.add_argument("--evaluations", type=int, default=None, help="timed per session (4)")
+    parser.add_argument(
+        "--batch-size", type=machine.at_least(1), default=None, help="default: the whole set"
+    )
+    parser.add_argument(
+        "--repeats", type=machine.at_least(1), default=None, help="default 7 (--quick: 1)"
+    )
+    parser.add_argument(
+        "--evaluations", type=machine.at_least(1), default=None, help="timed per session (4)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 evaluations; no files")
@@ -419,8 +425,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (1 if args.quick else 7)
-    args.evaluations = args.evaluations or (2 if args.quick else 4)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 7
+    if args.evaluations is None:
+        args.evaluations = 2 if args.quick else 4
     if args.out is None:
         date = datetime.date.today().strftime("%Y%m%d")
         name = f"sandblaster_balance_cpu{os.cpu_count()}_{date}"

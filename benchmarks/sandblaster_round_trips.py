@@ -248,11 +248,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--models", default="mlp,lenet", help="comma-separated (mlp,lenet)")
     parser.add_argument("--histories", type=_int_list, default=None, help="default 2,5,10,20")
-    parser.add_argument("--iterations", type=int, default=None, help="per run (default 30)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--portions-per-worker", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the whole set")
+    parser.add_argument(
+        "--iterations", type=machine.at_least(2), default=None, help="per run (default 30)"
+    )
+    parser.add_argument("--workers", type=machine.at_least(1), default=2)
+    parser.add_argument("--shards", type=machine.at_least(1), default=2)
+    parser.add_argument("--portions-per-worker", type=machine.at_least(1), default=10)
+    parser.add_argument(
+        "--batch-size", type=machine.at_least(1), default=None, help="default: the whole set"
+    )
     parser.add_argument("--line-search", default="strong-wolfe", choices=("strong-wolfe", "fixed"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
@@ -261,16 +265,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     args.models = [name for name in args.models.split(",") if name]
-    args.histories = args.histories or ([2, 5] if args.quick else [2, 5, 10, 20])
-    args.iterations = args.iterations or (6 if args.quick else 30)
+    if not args.models or not set(args.models) <= {"mlp", "lenet"}:
+        parser.error(
+            f"argument --models: must name mlp and/or lenet, got {','.join(args.models)!r}"
+        )
+    if args.histories is None:
+        args.histories = [2, 5] if args.quick else [2, 5, 10, 20]
+    if args.iterations is None:
+        args.iterations = 6 if args.quick else 30
     if args.out is None:
         date = datetime.date.today().strftime("%Y%m%d")
         name = f"sandblaster_round_trips_cpu{os.cpu_count()}_{date}"
         args.out = Path("-") if args.quick else RESULTS_DIR / name
-    if not set(args.models) <= {"mlp", "lenet"} or args.iterations < 2:
-        raise SystemExit("--models must name mlp and/or lenet; --iterations >= 2")
     return args
 
 

@@ -308,8 +308,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--workers", type=_int_list, default=list(DEFAULT_WORKERS))
     parser.add_argument("--shards", type=_int_list, default=list(DEFAULT_SHARDS))
-    parser.add_argument("--steps", type=int, default=None, help="per worker (default 400)")
-    parser.add_argument("--repeats", type=int, default=None, help="default 2 (--quick: 1)")
+    parser.add_argument(
+        "--steps", type=machine.at_least(20), default=None, help="per worker (default 400)"
+    )
+    parser.add_argument(
+        "--repeats", type=machine.at_least(1), default=None, help="default 2 (--quick: 1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default tmp)")
@@ -327,14 +331,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = get_args_parser().parse_args(argv)
     if args.quick:
         args.workers = [w for w in args.workers if w <= 2] or [1]
-    args.steps = args.steps or (60 if args.quick else 400)
-    args.repeats = args.repeats or (1 if args.quick else 2)
+    if args.steps is None:
+        args.steps = 60 if args.quick else 400
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 2
     if args.out is None:
         date = datetime.date.today().strftime("%Y%m%d")
         stem = RESULTS_DIR / f"scaling_cpu{os.cpu_count()}_{date}"
         args.out = Path("-") if args.quick else stem
-    if args.steps < 20 or args.repeats < 1:
-        raise SystemExit("--steps must be >= 20 (rows every 10 steps), --repeats >= 1")
     return args
 
 

@@ -533,14 +533,20 @@ def _schedule(text: str) -> list[str]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--schedule", type=_schedule, default=None, help=DEFAULT_SCHEDULE)
-    parser.add_argument("--steps", type=int, default=None, help="per worker (default 3000)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--checkpoint-every", dest="checkpoint_every_s", type=float, default=2.0)
-    parser.add_argument("--eval-every", dest="eval_every_s", type=float, default=0.5)
-    parser.add_argument("--max-restarts", type=int, default=3)
+    parser.add_argument(
+        "--steps", type=machine.at_least(1), default=None, help="per worker (default 3000)"
+    )
+    parser.add_argument("--workers", type=machine.at_least(1), default=2)
+    parser.add_argument("--shards", type=machine.at_least(1), default=2)
+    parser.add_argument(
+        "--checkpoint-every", dest="checkpoint_every_s", type=machine.above_zero, default=2.0
+    )
+    parser.add_argument("--eval-every", dest="eval_every_s", type=machine.above_zero, default=0.5)
+    parser.add_argument("--max-restarts", type=machine.at_least(0), default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", dest="timeout_s", type=float, default=240.0, help="per run")
+    parser.add_argument(
+        "--timeout", dest="timeout_s", type=machine.above_zero, default=240.0, help="per run"
+    )
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results")
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: a temp folder")

@@ -233,9 +233,9 @@ def table(summary: dict) -> tuple[list[str], list[list[str]]]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--repeats", type=machine.at_least(1), default=3)
-    parser.add_argument("--steps", type=int, default=1500, help="steps per worker")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--steps", type=machine.at_least(1), default=1500, help="steps per worker")
+    parser.add_argument("--workers", type=machine.at_least(1), default=2)
+    parser.add_argument("--shards", type=machine.at_least(1), default=2)
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
     return parser
 

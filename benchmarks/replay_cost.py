@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pushes", type=machine.at_least(1), default=100, help="timed pushes per repeat"
     )
-    parser.add_argument("--pushes-per-checkpoint", type=int, default=20)
+    parser.add_argument("--pushes-per-checkpoint", type=machine.at_least(1), default=20)
     parser.add_argument("--repeats", type=machine.at_least(1), default=5)
     parser.add_argument("--out", default=str(RESULTS_DIR), help='folder, or "-" for none')
     args = parser.parse_args(argv)

@@ -1,0 +1,60 @@
+"""The benchmark scripts refuse bad flags the way the command line does: one usage line naming
+the flag, exit 2, before any run starts (a count of 0 no longer silently means the default, and
+no bad value starts a job that ends in a traceback)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _benchmarks_importable():
+    sys.path.insert(0, str(BENCHMARKS))
+    yield
+    sys.path.remove(str(BENCHMARKS))
+
+
+CASES = [
+    ("figure4", ["--budget-s", "-1"], "--budget-s"),
+    ("figure4", ["--history", "0"], "--history"),
+    ("figure4", ["--workers", "0"], "--workers"),
+    ("scaling", ["--repeats", "0"], "--repeats"),
+    ("compare_ddp", ["--steps", "0"], "--steps"),
+    ("sandblaster_round_trips", ["--iterations", "0"], "--iterations"),
+    ("gpu", ["--batch-size", "0"], "--batch-size"),
+    ("gpu", ["--models", "nosuchmodel"], "--models"),
+    ("compression", ["--epochs", "0"], "--epochs"),
+    ("faults", ["--steps", "-1"], "--steps"),
+    ("faults", ["--checkpoint-every", "-1"], "--checkpoint-every"),
+    ("ray_launcher", ["--workers", "0"], "--workers"),
+    ("replay_cost", ["--pushes-per-checkpoint", "0"], "--pushes-per-checkpoint"),
+    ("scaling", ["--replot", "/nonexistent/scaling.json"], "--replot"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "flag"), CASES, ids=lambda v: str(v))
+def test_a_bad_flag_is_one_usage_line_naming_it(script, argv, flag, capsys):
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert flag in last, err
+    assert "Traceback" not in err
+
+
+def test_a_results_file_of_another_benchmark_is_refused_for_replot(tmp_path, capsys):
+    other = tmp_path / "other.json"
+    other.write_text('{"benchmark": "wire", "rows": []}')
+    module = importlib.import_module("scaling")
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--replot", str(other)])
+    assert exit_info.value.code == 2
+    assert "--replot" in capsys.readouterr().err

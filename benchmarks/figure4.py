@@ -11,6 +11,7 @@ Every job has the same shards and evaluator period; the evaluator tests the shar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -255,7 +256,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step-size", type=machine.above_zero, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
-    parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default tmp)")
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="keep the run folders here (default: a temporary folder, removed at the end)",
+    )
     parser.add_argument("--quick", action="store_true", help="6 s budget; writes no results")
     return parser
 
@@ -283,10 +289,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
-    runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix="figure4_"))
-    rows = run_all(args, runs_dir)
+    with contextlib.ExitStack() as stack:
+        # Without --runs-dir the run folders are scratch: removed once the rows are read.
+        runs_dir = args.runs_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="figure4_"))
+        )
+        rows = run_all(args, runs_dir)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    settings |= {"runs_dir": str(runs_dir), "eval_every_s": EVAL_EVERY_S}
+    settings |= {"eval_every_s": EVAL_EVERY_S}
     record = {"benchmark": "figure4", **environment(), "settings": settings, "rows": rows}
     print(report(args.out, record, args))
     if str(args.out) != "-":

@@ -122,6 +122,19 @@ def test_warmstart_workers_first_pull_sees_the_warm_parameters(shard_cluster):
     warm_optimizer.close()
 
 
+def _wait_for_steps(
+    optimizer: DownpourSGD, num_steps: int, thread: threading.Thread, errors: list
+) -> None:
+    """Until ``optimizer`` has begun step ``num_steps`` on ``thread`` (a busy machine may take
+    seconds to get there; only a failing run waits out the deadline)."""
+    deadline = time.monotonic() + 60
+    while optimizer.num_steps < num_steps:
+        assert not errors, errors
+        assert thread.is_alive(), f"the thread ended at step {optimizer.num_steps}"
+        assert time.monotonic() < deadline, f"still at step {optimizer.num_steps}"
+        time.sleep(0.02)
+
+
 def test_ssp_holds_the_fast_worker_until_the_slow_one_moves_or_leaves(shard_cluster):
     addresses = shard_cluster(2, "--max-staleness", "1", "--server-lr", "0.05")
     slow_model, fast_model = _model(), _model()
@@ -149,10 +162,12 @@ def test_ssp_holds_the_fast_worker_until_the_slow_one_moves_or_leaves(shard_clus
             _step(fast_model, fast, _batch(step))
 
     thread, errors = _run_in_thread(run_fast)
-    time.sleep(1.5)
+    _wait_for_steps(fast, 2, thread, errors)
+    time.sleep(1.0)  # time to go further, were it not held
     assert thread.is_alive() and fast.num_steps == 2  # held at its pull at clock 2
     for step in range(2):
         _step(slow_model, slow, _batch(100 + step))
+    _wait_for_steps(fast, 4, thread, errors)
     time.sleep(1.0)
     assert thread.is_alive() and fast.num_steps == 4  # moved on exactly as far as allowed
     slow.close()  # a worker that leaves (or dies: its sockets close) releases the others

@@ -133,7 +133,9 @@ def test_sync_rounds_lost_with_a_shard_count_every_round_a_worker_saw(tmp_path):
     heartbeats miss the rounds of their last quarter second)."""
     run_dir = tmp_path / "run"
     job = ("--model", "mlp", "--no-eval", "--sync", "--workers", "2", "--shards", "1")
-    job += ("--steps", "600", "--checkpoint-every", "1")
+    # 1000 rounds: the kill at round 200 lands with both workers still training (both must
+    # find the restart) even when the metrics the test reads lag seconds behind.
+    job += ("--steps", "1000", "--checkpoint-every", "1")
     with _training(run_dir, *job) as launcher:
         saved = run_dir / "checkpoints" / "shard0.json"
         _wait_for(
@@ -147,7 +149,7 @@ def test_sync_rounds_lost_with_a_shard_count_every_round_a_worker_saw(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     [fault] = summary["faults"]
     assert (fault["process"], fault["action"]) == ("shard0", "restarted")
-    assert summary["worker_steps"] == {"0": 600, "1": 600}
+    assert summary["worker_steps"] == {"0": 1000, "1": 1000}
     assert (fault["updates_replayed"], fault["pushes_resent"]) == (0, 0)
     assert fault["lost_updates"] == fault["version_before"] - fault["version_restored"]
     # What the workers saw of the dead shard: their metrics before its death was noticed (the

@@ -101,8 +101,9 @@ def test_close_without_waiting_cancels_queued_requests():
     transport.gate.clear()
     running = client.push(flats, clock=1)
     queued = client.push(flats, clock=2)
-    deadline = time.monotonic() + 5
-    while not running[0].running() and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while not running[0].running():
+        assert time.monotonic() < deadline, "the lane never took up the first push"
         time.sleep(0.01)
     client.close(wait=False)
     assert queued[0].cancelled()

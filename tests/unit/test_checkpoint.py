@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from distbelief.errors import CheckpointError
@@ -278,3 +279,40 @@ def test_a_checkpoint_written_without_a_metadata_digest_still_loads(tmp_path):
     assert restored.version == shard.version == 1
     for a, b in zip(shard.parameters(), restored.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_tensor_file_that_cannot_be_written_is_an_os_error_naming_it(tmp_path, monkeypatch):
+    """safetensors reports a failed write (a full disk, say) as its own error type: it reaches
+    the callers that log and retry failed saves as the OSError every other write raises."""
+
+    def full_disk(tensors, path):
+        raise SafetensorError("Error while serializing: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*shard1-v0+\.safetensors: .*No space left"):
+        save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_the_periodic_saves_go_on_after_a_save_fails_unexpectedly(tmp_path):
+    """A save that fails with something other than an OSError is logged, and the next
+    interval's save is tried as after any failure: the thread does not end."""
+    shard, attempts = _shard("sgd"), []
+
+    def flaky_save(state, directory):
+        attempts.append(state.version)
+        if len(attempts) == 1:
+            raise RuntimeError("unexpected")
+        return save_checkpoint(state, directory)
+
+    checkpointer = Checkpointer(shard, tmp_path, every_s=0.2, save=flaky_save)
+    checkpointer.start()
+    try:
+        deadline = time.monotonic() + 60.0
+        while len(attempts) < 2:
+            assert time.monotonic() < deadline, "no save was tried after the failed one"
+            _push(shard, len(attempts))
+            time.sleep(0.05)
+    finally:
+        checkpointer.stop()
+    assert load_checkpoint(tmp_path, 1).version == shard.version

@@ -8,10 +8,11 @@ import re
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from distbelief.errors import CheckpointError
 from distbelief.sealed_json import write_sealed_json
-from distbelief.server import row_checkpoint
+from distbelief.server import checkpoint as checkpoint_module
 from distbelief.server.checkpoint_meta import check_rows_meta
 from distbelief.server.row_checkpoint import (
     load_row_tables,
@@ -133,17 +134,18 @@ def test_a_new_save_replaces_the_old_files_and_a_failed_one_leaves_them(tmp_path
     assert len(second) == len(first) and set(second) & set(first) == {"rows-shard0.json"}
 
     calls = []
-    real_save = row_checkpoint.save_file
+    real_save = checkpoint_module.save_file
 
     def failing_save(tensors, path):
         calls.append(path)
         if len(calls) == 3:
-            raise OSError("disk full")
+            # How safetensors reports a full disk: its own error, seen here as an OSError.
+            raise SafetensorError("Error while serializing: No space left on device")
         real_save(tensors, path)
 
-    monkeypatch.setattr(row_checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint_module, "save_file", failing_save)
     _push_steps(table, range(20, 25))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left on device"):
         save_row_tables(tmp_path, 0, 1, 4, {"emb": table.state_dict()}, chunk_rows=2)
     assert sorted(path.name for path in tmp_path.iterdir()) == second
     assert load_row_tables(tmp_path, 0).version == 3

@@ -31,6 +31,20 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.1
 
 
+def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` to the safetensors file ``path`` atomically.
+
+    Raises:
+        OSError: the file could not be written. safetensors reports a failed write (a full
+            disk, say) as its own error; callers that log and retry failed writes see it as
+            the OSError every other write raises.
+    """
+    try:
+        write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+    except SafetensorError as e:
+        raise OSError(f"cannot write {path}: {e}") from e
+
+
 def save_checkpoint(state: ShardState, directory: str | Path) -> Path:
     """Write ``state`` into ``directory``; returns the JSON file's path."""
     directory = Path(directory)
@@ -38,7 +52,7 @@ def save_checkpoint(state: ShardState, directory: str | Path) -> Path:
     tensors = {name: tensor.contiguous() for name, tensor in state.tensors.items()}
     tensor_name = f"shard{state.shard_id}-v{state.version:012d}.safetensors"
     tensor_path = directory / tensor_name
-    write_file_atomic(tensor_path, lambda tmp: save_file(tensors, str(tmp)))
+    write_tensor_file(tensor_path, tensors)
     meta = {
         "format": FORMAT_VERSION,
         "shard_id": state.shard_id,
@@ -170,6 +184,10 @@ class Checkpointer:
                     self.save_if_changed()
                 except OSError as e:
                     logger.error("checkpoint of shard %d failed: %s", self.shard.shard_id, e)
+                except Exception:
+                    # Whatever failed, the shard keeps serving: its saves must go on too (a
+                    # dead thread would leave its clients holding every push for replay).
+                    logger.exception("checkpoint of shard %d failed", self.shard.shard_id)
                 next_save_s = time.monotonic() + self.every_s
 
     def stop(self) -> None:

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from distbelief.errors import CheckpointError
-from distbelief.files import sha256_file, sync_folder, write_file_atomic
+from distbelief.files import sha256_file, sync_folder
 from distbelief.sealed_json import write_sealed_json
+from distbelief.server.checkpoint import write_tensor_file
 from distbelief.server.checkpoint_meta import read_rows_meta, rows_meta_path
 from distbelief.sharding.rows import mix64
 
@@ -267,7 +268,7 @@ def _save_table(
 def _write_chunk(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
     # Copies: a chunk is a view into the table's tensors, and safetensors saves whole storages.
     tensors = {key: tensor.contiguous().clone() for key, tensor in tensors.items()}
-    write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+    write_tensor_file(path, tensors)
     num_rows = next(iter(tensors.values())).shape[0]
     return {"file": path.name, "sha256": sha256_file(path), "num_rows": num_rows}
 

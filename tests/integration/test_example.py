@@ -109,7 +109,10 @@ def _stop_node_1_while_training(
     common = ["--port", str(free_port()), "--world-size", "3", "--out", str(tmp_path)]
     flags = [*OFFLINE, "--model", "mlp", "--log-interval", "1", *common]
     commands = [["--rank", "0", "--server", *flags]]
-    commands += [["--rank", str(rank), "--epochs", "3", *flags] for rank in (1, 2)]
+    # Node 1 has far more epochs than it can train before it is stopped (3 take under half a second
+    # here): the stop surely lands mid-training, however late a busy machine lets it come.
+    epochs = {1: "200", 2: "3"}
+    commands += [["--rank", str(rank), "--epochs", epochs[rank], *flags] for rank in (1, 2)]
     processes = start_scripts([[str(EXAMPLE), *command] for command in commands])
     try:
         _wait_until_training(processes[1], tmp_path / "node1")

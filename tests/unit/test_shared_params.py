@@ -3,6 +3,8 @@ under the sequence lock; a shard that shares updates exactly as one that does no
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -127,3 +129,51 @@ def test_a_restored_shard_retires_what_it_shared():
         assert isinstance(again, SharedTensors) and again is not shared
     finally:
         reader.close()
+
+
+def _closed_from_two_threads(monkeypatch, close) -> list[BaseException]:
+    """Call ``close`` while another thread is inside the same call's ``os.close`` (as a client
+    closing while its lane drops the same reader or buffers); the errors either call raised."""
+    real_close, errors, entered = shared_params.os.close, [], []
+
+    def run(fn):
+        try:
+            fn()
+        except BaseException as e:  # handed to the test
+            errors.append(e)
+
+    def close_while_another_closes(fd):
+        if not entered:
+            entered.append(fd)
+            other = threading.Thread(target=run, args=(close,))
+            other.start()
+            other.join(1.0)  # it waits for this call to end, or (unguarded) closes fd itself
+            try:
+                real_close(fd)
+            finally:
+                monkeypatch.setattr(shared_params.os, "close", real_close)
+                entered.append(other)
+            return
+        real_close(fd)
+
+    monkeypatch.setattr(shared_params.os, "close", close_while_another_closes)
+    run(close)
+    entered[-1].join(60)
+    return errors
+
+
+def test_a_reader_closed_from_two_threads_closes_its_handle_once(monkeypatch):
+    params = [torch.arange(10, dtype=torch.float32)]
+    shared = SharedTensors(params, version=1)
+    reader = SharedParamsReader.open(shared.offer(), _slices(params))
+    try:
+        assert _closed_from_two_threads(monkeypatch, reader.close) == []
+        assert not reader.usable
+    finally:
+        shared.retire()
+
+
+def test_buffers_retired_from_two_threads_close_their_file_once(monkeypatch):
+    shared = SharedTensors([torch.zeros(8)], name="push-buffers")
+    assert _closed_from_two_threads(monkeypatch, shared.retire) == []
+    assert shared.fd == -1

@@ -30,6 +30,7 @@ import platform
 import secrets
 import select
 import stat
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -118,6 +119,7 @@ class SharedTensors:
             os.close(self.fd)
             raise
         self.layout = layout
+        self._retiring = threading.Lock()
         self.token = secrets.randbits(62)
         # Where the file's bytes start in this process: offer_of measures offsets from it.
         self._base_address = _views(self._mapping, [(0, 1, torch.uint8)])[0].data_ptr()
@@ -170,10 +172,16 @@ class SharedTensors:
 
     def retire(self) -> None:
         """The parameters live elsewhere from now on: readers stop using this file, and no
-        new one can open it (the pages go once every mapping is let go)."""
-        self._header[_RETIRED] = 1
-        self._header[_SEQ] += 2
-        os.close(self.fd)
+        new one can open it (the pages go once every mapping is let go). Once only, from any
+        thread: a client closing while its lane releases the same buffers closes the file
+        once, never a descriptor number reused since."""
+        with self._retiring:
+            if self.fd < 0:
+                return
+            self._header[_RETIRED] = 1
+            self._header[_SEQ] += 2
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _map_offer(offer: dict, slices, *, writable: bool) -> tuple[mmap.mmap, list, int]:
@@ -244,6 +252,7 @@ class SharedParamsReader:
         self._header = _header(mapping)
         self._views = views
         self._pidfd = pidfd
+        self._closing = threading.Lock()
         self._gone = select.poll()
         self._gone.register(pidfd, select.POLLIN)
 
@@ -276,10 +285,15 @@ class SharedParamsReader:
         return None
 
     def close(self) -> None:
-        if self._pidfd >= 0:
+        """Let the file go. Once only, from any thread: a client closing while its lane drops
+        the same reader (the shard ended) closes the shard's process handle once, never a
+        descriptor number reused since."""
+        with self._closing:
+            if self._pidfd < 0:
+                return
             os.close(self._pidfd)
             self._pidfd = -1
-        self._views = []
-        self._header.release()
-        with contextlib.suppress(BufferError):
-            self._mapping.close()
+            self._views = []
+            self._header.release()
+            with contextlib.suppress(BufferError):
+                self._mapping.close()

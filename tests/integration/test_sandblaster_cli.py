@@ -110,8 +110,12 @@ def test_a_small_run_records_every_iteration_checkpoints_and_plots(tmp_path):
 
 
 def _kill_mid_run(run_dir: Path, victim: str) -> subprocess.CompletedProcess:
-    """Run ``_same_sequence()``, SIGKILL ``victim`` once the coordinator has reported iteration 2,
-    and let the run finish."""
+    """Run ``_same_sequence()``, SIGKILL ``victim`` once the coordinator has committed iteration 2,
+    and let the run finish.
+
+    The trigger is the coordinator's own checkpoint record, not metrics.csv: the launcher writes
+    the metrics, and on a busy machine they can lag the coordinator by seconds, long enough for
+    the last 8 iterations to end before the kill."""
     launcher = subprocess.Popen(
         [*CLI, *_same_sequence(), "--out", str(run_dir)],
         stdout=subprocess.PIPE,
@@ -121,9 +125,9 @@ def _kill_mid_run(run_dir: Path, victim: str) -> subprocess.CompletedProcess:
     )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not _reported(run_dir, iteration=2):
+        while not _committed(run_dir, iteration=2):
             assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the coordinator reported no iteration 2"
+            assert time.monotonic() < deadline, "the coordinator committed no iteration 2"
             time.sleep(0.05)
         os.kill(json.loads((run_dir / "pids.json").read_text())[victim], signal.SIGKILL)
         out, err = launcher.communicate(timeout=RUN_TIMEOUT_S)
@@ -134,11 +138,12 @@ def _kill_mid_run(run_dir: Path, victim: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
 
 
-def _reported(run_dir: Path, iteration: int) -> bool:
+def _committed(run_dir: Path, iteration: int) -> bool:
     try:
-        return any(row["step"] >= iteration for row in _records(run_dir, "coordinator"))
-    except (OSError, ValueError):  # not written yet, or a row being written
+        record = json.loads((run_dir / "checkpoints" / "coordinator.json").read_text())
+    except (OSError, ValueError):  # not written yet (it is replaced whole, never half-written)
         return False
+    return record["iteration"] >= iteration
 
 
 @pytest.mark.slow

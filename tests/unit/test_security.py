@@ -185,3 +185,7 @@ def test_downpour_names_the_variable_a_bad_address_or_key_file_came_from(tmp_pat
     monkeypatch.setenv(AUTH_KEY_FILE_ENV, str(tmp_path / "missing.key"))
     with pytest.raises(ValueError, match=r"^DISTBELIEF_AUTH_KEY_FILE: key file .*missing.key: No"):
         _key_from_environment()
+    monkeypatch.setenv(PS_ADDRESS_ENV, "tcp://127.0.0.9:1")
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "bogus")
+    with pytest.raises(ValueError, match=r"^DISTBELIEF_TRANSPORT 'bogus': must be one of auto"):
+        ps_addresses(None)

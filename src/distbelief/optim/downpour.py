@@ -29,6 +29,7 @@ from distbelief.optim.device_copies import DeviceCopies
 from distbelief.optim.unguarded import call_unguarded
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
 from distbelief.wire import channels
+from distbelief.wire.channels.shm import transport_setting
 from distbelief.wire.compression import WireCompression
 from distbelief.wire.process_group import (
     DEFAULT_STORE_TIMEOUT_S,
@@ -121,7 +122,7 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
 
     Raises:
         TypeError: ``ps`` is neither a str nor a list of str.
-        ValueError: no address given, by either.
+        ValueError: no address given, by either; a bad ``DISTBELIEF_TRANSPORT`` (named).
     """
     if ps is not None:
         return parse_addresses(ps, "ps")
@@ -131,6 +132,9 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
             f"no parameter-server address given: pass ps= or set {PS_ADDRESS_ENV} "
             "(e.g. tcp://127.0.0.1:7000)"
         )
+    # The dialers below read DISTBELIEF_TRANSPORT: a bad value is refused first, as that
+    # variable's, not as a fault of DISTBELIEF_PS.
+    transport_setting()
     try:
         addresses = parse_addresses(text, PS_ADDRESS_ENV)
         for address in addresses:

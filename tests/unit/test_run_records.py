@@ -81,17 +81,24 @@ def test_a_plot_that_cannot_be_drawn_is_logged_and_the_outcome_kept(
     assert f"distbelief plot {tmp_path}" in warning
 
 
-def test_a_second_stop_while_drawing_is_not_swallowed(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "stop", [KeyboardInterrupt(), LauncherInterrupted("stopped by signal SIGTERM")]
+)
+def test_a_second_stop_while_drawing_is_not_swallowed(
+    tmp_path: Path, monkeypatch, caplog, stop: BaseException
+) -> None:
     _metrics(tmp_path, steps=3)
 
     def stopped(run_dir):
-        raise LauncherInterrupted("stopped by signal SIGTERM")
+        raise stop
 
     monkeypatch.setattr(plots, "plot_run", stopped)
-    with pytest.raises(LauncherInterrupted):
+    with pytest.raises(type(stop)):
         write_run_records(_interrupted(tmp_path), "interrupted", "stopped by Ctrl-C")
     # Written before drawing began: the run folder still says how the job ended.
     assert json.loads((tmp_path / "summary.json").read_text())["outcome"] == "interrupted"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"draw them later with: distbelief plot {tmp_path}" in warning
 
 
 def test_nothing_is_written_when_no_process_started(tmp_path: Path) -> None:

@@ -52,8 +52,15 @@ def draw_plots(run_dir: Path) -> list[Path]:
         return []
     try:
         return plots.plot_run(run_dir)
-    except LauncherInterrupted:
-        raise  # stopped again while drawing: the user wants the launcher gone, not plots
+    except (KeyboardInterrupt, LauncherInterrupted):
+        # Stopped again while drawing (Ctrl-C, or SIGTERM): the user wants the launcher gone,
+        # not plots, but is told how to get them, as for a plot that failed.
+        logger.warning(
+            "plots of %s not drawn (stopped again); draw them later with: distbelief plot %s",
+            run_dir,
+            run_dir,
+        )
+        raise
     except Exception as e:  # matplotlib's errors have no common base; none may end the run
         logger.warning(
             "could not draw the plots of %s (%s: %s); draw them later with: distbelief plot %s",

@@ -419,3 +419,28 @@ def test_a_worker_started_for_another_number_of_workers_than_sync_shards_is_refu
         assert "Traceback" not in result.stderr
     finally:
         stop_processes([process])
+
+
+def test_a_second_shard_of_one_id_is_refused_its_checkpoint_folder(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first, _ = start_shard(0, 2, "--checkpoint-dir", str(ckpt))
+    processes = [first]
+    try:
+        result = run_cli(
+            *("ps", "--shard-id", "0", "--num-shards", "2", "--bind", "tcp://127.0.0.1:0"),
+            *("--no-auth", "--checkpoint-dir", str(ckpt)),
+            timeout_s=120,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        last = result.stderr.strip().splitlines()[-1]
+        assert last == (
+            f"distbelief ps: error: --checkpoint-dir {ckpt}: shard 0 is already served from this "
+            f"folder (pid {first.pid}): stop it first, or give this one another folder"
+        ), last
+        assert "Traceback" not in result.stderr
+        # The job's other shard may share the folder; the first shard's end frees it.
+        processes.append(start_shard(1, 2, "--checkpoint-dir", str(ckpt))[0])
+        stop_processes([first])
+        processes.append(start_shard(0, 2, "--checkpoint-dir", str(ckpt))[0])
+    finally:
+        stop_processes(processes)

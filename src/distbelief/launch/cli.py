@@ -8,6 +8,7 @@ line; ``--verbose`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ from distbelief.launch.flags import (
     security_from_args,
     subcommand_parser,
 )
+from distbelief.launch.run_lock import shard_checkpoints_locked
 from distbelief.launch.rundir import run_dir_path
 
 logger = logging.getLogger("distbelief")
@@ -288,21 +290,24 @@ def _run_ps(args: argparse.Namespace) -> int:
         )
     args.bind = _check_bind_is_here(args.bind)
     security = security_from_args(args)  # a bad key file leaves no --checkpoint-dir behind
-    if args.checkpoint_dir:
-        from distbelief.files import make_folder
+    with contextlib.ExitStack() as held:
+        if args.checkpoint_dir:
+            from distbelief.files import make_folder
 
-        make_folder(args.checkpoint_dir, "--checkpoint-dir")
-    _use_transport(config)
-    from distbelief.server.process import serve_job_shard  # torch: once the flags are checked
+            make_folder(args.checkpoint_dir, "--checkpoint-dir")
+            # For the shard's life: a second one of this id would write over its checkpoints.
+            held.enter_context(shard_checkpoints_locked(Path(args.checkpoint_dir), args.shard_id))
+        _use_transport(config)
+        from distbelief.server.process import serve_job_shard  # torch: once flags are checked
 
-    serve_job_shard(
-        config,
-        args.shard_id,
-        args.bind,
-        security=security,
-        checkpoint_dir=args.checkpoint_dir,
-        emit=_log_emit,
-    )
+        serve_job_shard(
+            config,
+            args.shard_id,
+            args.bind,
+            security=security,
+            checkpoint_dir=args.checkpoint_dir,
+            emit=_log_emit,
+        )
     return 0
 
 

@@ -5,6 +5,10 @@ for its rewrite; a second launcher (``train --resume`` of a run still going, ``-
 or a reshard meanwhile is refused instead of writing over the live job's checkpoints and
 records. The lock is ``flock`` on the folder itself: no file is added, and the kernel drops it
 when its holder ends, however it ends (SIGKILL too), so a crashed run never blocks the next.
+
+A ``distbelief ps`` holds its shard's checkpoints in ``--checkpoint-dir`` the same way, through a
+``shard{i}.lock`` file there (the shards of one job may share the folder): a second process
+serving that shard from it would write its checkpoints over the first's.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from pathlib import Path
 LOCKS_TABLE = Path("/proc/locks")
 
 
-def _holder(run_dir: Path) -> str:
-    """`` (pid N)`` of the process holding ``run_dir``'s lock, from the kernel's lock table
-    (empty where it cannot be read: another system, say)."""
+def _holder(locked: Path) -> str:
+    """`` (pid N)`` of the process holding ``locked``'s lock (a folder or a file), from the
+    kernel's lock table (empty where it cannot be read: another system, say)."""
     try:
-        info = run_dir.stat()
+        info = locked.stat()
         wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
         for line in LOCKS_TABLE.read_text().splitlines():
             fields = line.split()
@@ -53,6 +57,30 @@ def run_dir_locked(run_dir: Path, what: str) -> Iterator[None]:
             raise ValueError(
                 f"{what}: another job is using this run folder{_holder(run_dir)}: "
                 "wait for it to end, or stop it first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def shard_checkpoints_locked(directory: Path, shard_id: int) -> Iterator[None]:
+    """Hold shard ``shard_id``'s checkpoints in ``directory`` (an existing folder) for the
+    block, through its ``shard{i}.lock`` file.
+
+    Raises:
+        ValueError: another process holds them (a shard of that id serving from the folder),
+            naming ``--checkpoint-dir`` as given.
+    """
+    path = directory / f"shard{shard_id}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"--checkpoint-dir {directory}: shard {shard_id} is already served from this "
+                f"folder{_holder(path)}: stop it first, or give this one another folder"
             ) from None
         yield
     finally:

@@ -1,5 +1,6 @@
 """One job at a time in a run folder: a second holder is refused with the holder's pid, the lock
-goes with its holder (however it ends), and reshard refuses a folder a job holds."""
+goes with its holder (however it ends), and reshard refuses a folder a job holds; one shard of an
+id per checkpoint folder."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from distbelief.launch.reshard import reshard_run
-from distbelief.launch.run_lock import run_dir_locked
+from distbelief.launch.run_lock import run_dir_locked, shard_checkpoints_locked
 from tests.conftest import run_cli
 
 HOLD = (
@@ -81,3 +82,30 @@ def test_train_into_a_held_folder_is_refused_and_writes_nothing(holder):
         f"(pid {process.pid}): wait for it to end, or stop it first"
     )
     assert list(run_dir.iterdir()) == []
+
+
+def test_shards_of_other_ids_share_a_checkpoint_folder_and_one_id_is_held_once(tmp_path):
+    # flock belongs to the open file: a second open in this process is refused as well.
+    with (
+        shard_checkpoints_locked(tmp_path, 0),
+        shard_checkpoints_locked(tmp_path, 1),
+        pytest.raises(ValueError) as refused,
+        shard_checkpoints_locked(tmp_path, 1),
+    ):
+        pass
+    assert str(refused.value) == (
+        f"--checkpoint-dir {tmp_path}: shard 1 is already served from this folder "
+        f"(pid {os.getpid()}): stop it first, or give this one another folder"
+    )
+    with shard_checkpoints_locked(tmp_path, 1):  # released with the block
+        pass
+
+
+def test_a_shard_lock_that_cannot_be_opened_is_refused_naming_the_folder(tmp_path):
+    (tmp_path / "shard0.lock").mkdir()
+    with pytest.raises(ValueError) as refused, shard_checkpoints_locked(tmp_path, 0):
+        pass
+    assert str(refused.value) == (
+        f"--checkpoint-dir {tmp_path}: cannot open shard0.lock there to hold shard 0's "
+        "checkpoints (Is a directory)"
+    )

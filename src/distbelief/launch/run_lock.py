@@ -70,10 +70,16 @@ def shard_checkpoints_locked(directory: Path, shard_id: int) -> Iterator[None]:
 
     Raises:
         ValueError: another process holds them (a shard of that id serving from the folder),
-            naming ``--checkpoint-dir`` as given.
+            or the lock file cannot be opened, naming ``--checkpoint-dir`` as given.
     """
     path = directory / f"shard{shard_id}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:  # a folder of that name, a read-only folder
+        raise ValueError(
+            f"--checkpoint-dir {directory}: cannot open {path.name} there to hold shard "
+            f"{shard_id}'s checkpoints ({e.strerror})"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -421,6 +421,17 @@ def test_command_line(run, capsys):
     assert "nowhere: no such run folder" in capsys.readouterr().err
 
 
+def test_resume_with_shards_and_a_refused_flag_changes_nothing(run, capsys):
+    # --shards N reshards the run before it resumes: a flag the resume refuses must be refused
+    # first, or the folder is rewritten for N shards by a command that then fails.
+    run_dir = run[0]
+    before = _snapshot(run_dir)
+    assert main(["train", "--resume", str(run_dir), "--shards", "3", "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --lr: a resumed run keeps the value in" in err
+    assert _snapshot(run_dir) == before
+
+
 def test_a_missing_partition_folder_is_named_and_changes_nothing(run):
     # A job of 2 partitions keeps each one's shards in group-stageS: a reshard without one
     # would rewrite the run, which could then not resume (that partition would start afresh).

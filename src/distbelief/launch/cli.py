@@ -191,9 +191,8 @@ def _run_train(args: argparse.Namespace) -> int:
             # A run resumed on another engine leaves the Ray address it was given behind.
             changes.setdefault("cluster.ray_address", "")
         new_shards = changes.pop("cluster.num_shards", None)
-        if new_shards is not None:
-            _reshard_before_resume(Path(args.resume), new_shards)
         fixed = [name for name in changes if name not in RESUMABLE_FIELDS]
+        # Every refusal comes before the reshard: a refused command leaves the folder as it was.
         if fixed:
             raise argparse.ArgumentError(
                 None,
@@ -204,6 +203,8 @@ def _run_train(args: argparse.Namespace) -> int:
             raise argparse.ArgumentError(
                 None, f"argument --resume: {args.resume}: no such run folder"
             )
+        if new_shards is not None:
+            _reshard_before_resume(Path(args.resume), new_shards)
         config = read_run_for_resume(Path(args.resume), changes)
     else:
         config = config_from_args(args)

@@ -148,6 +148,27 @@ def test_tls_files_that_are_not_pem_are_named_before_any_connection(
         security_from_args(parse_args(flags))
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [*_WORKER, "--tls-ca", "pem"],
+        [*_SHARD, "--tls-cert", "pem", "--tls-key", "key.pem"],
+        [*_SHARD, "--tls-cert", "key.pem", "--tls-key", "pem"],
+    ],
+    ids=["ca", "cert", "key"],
+)
+def test_a_tls_flag_naming_a_folder_says_it_is_a_folder(tmp_path, monkeypatch, flags):
+    from distbelief.launch.cli import parse_args
+    from distbelief.launch.flags import security_from_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pem").mkdir()
+    (tmp_path / "key.pem").write_text("not read: the folder is refused first")
+    flag = flags[flags.index("pem") - 1]
+    with pytest.raises(ValueError, match=rf"^{flag} pem: is a folder, not a PEM file$"):
+        security_from_args(parse_args(flags))
+
+
 def test_downpour_takes_a_key_files_text_as_the_key_and_names_bad_settings(tmp_path, monkeypatch):
     from distbelief.optim.downpour import TIMEOUT_ENV, _key_bytes, request_timeout_s
 

@@ -424,6 +424,8 @@ def security_from_args(args: argparse.Namespace) -> WireSecurity:
         ("--tls-key", tls_key),
         ("--tls-ca", getattr(args, "tls_ca", None)),
     ):
+        if path and Path(path).is_dir():
+            raise ValueError(f"{flag} {path}: is a folder, not a PEM file")
         if path and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
     try:

@@ -74,6 +74,9 @@ def test_an_offer_that_does_not_fit_or_is_not_the_file_is_refused(tmp_path):
         SharedParamsReader.open({**shared.offer(), "size": 64}, _slices(params))
     with pytest.raises(ValueError, match="malformed"):
         SharedParamsReader.open({"pid": 1}, _slices(params))
+    for bad in ({"pid": 2**63}, {"pid": 0}, {"pid": -5}, {"fd": 2**40}, {"fd": -1}):
+        with pytest.raises(ValueError, match="malformed"):  # not an OverflowError
+            SharedParamsReader.open({**shared.offer(), **bad}, _slices(params))
     with pytest.raises(OSError):
         SharedParamsReader.open({**shared.offer(), "fd": 987654}, _slices(params))
 

@@ -184,6 +184,10 @@ class SharedTensors:
             self.fd = -1
 
 
+_MAX_PID = 2**31 - 1
+"""The largest process id or descriptor number an offer may name: the kernel's are C ints."""
+
+
 def _map_offer(offer: dict, slices, *, writable: bool) -> tuple[mmap.mmap, list, int]:
     """Map the file ``offer`` describes: (mapping, a view per slice, a pidfd of its owner).
 
@@ -198,6 +202,9 @@ def _map_offer(offer: dict, slices, *, writable: bool) -> tuple[mmap.mmap, list,
         layout = [(int(o), int(n), dtype_from_name(d)) for o, n, d in offer["slices"]]
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"malformed shared-memory offer: {e}") from None
+    if not 0 < pid <= _MAX_PID or not 0 <= fd <= _MAX_PID:
+        # The kernel's calls take C ints: a larger number is no process or descriptor.
+        raise ValueError(f"malformed shared-memory offer: pid {pid}, fd {fd}")
     if [(numel, dtype) for _, numel, dtype in layout] != list(slices):
         raise ValueError("the shared tensors do not fit these slices")
     if any(o < HEADER_BYTES or o + n * d.itemsize > size for o, n, d in layout):

@@ -1,6 +1,7 @@
 """The handshake against real shards: another partitioner, shards with different consistency
 settings or sync rounds of another number of workers are refused by name; an equal non-default
-partitioner trains as its layout says."""
+partitioner trains as its layout says; an INIT is checked as a HELLO is (the shard's place in
+the client's list, the slices' names)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from distbelief.client import ParameterServerClient
 from distbelief.config import ConsistencyConfig
-from distbelief.errors import ConsistencyMismatchError, LayoutMismatchError
+from distbelief.errors import ConsistencyMismatchError, LayoutMismatchError, RemoteError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.sharding import (
     FlatLayout,
@@ -21,8 +22,9 @@ from distbelief.sharding import (
     Partitioner,
     RowAlignedPartitioner,
     TensorSpec,
+    specs_to_json,
 )
-from distbelief.wire import serve
+from distbelief.wire import Message, connect, ops, serve
 from tests.conftest import start_shard, stop_processes
 
 SPECS = [TensorSpec("embed", (50, 8), torch.float32), TensorSpec("bias", (8,), torch.float32)]
@@ -164,3 +166,29 @@ def test_default_partitioners_on_both_sides_agree():
             assert client.consistency["staleness_policy"] == "none"
         finally:
             client.close()
+
+
+@pytest.mark.parametrize(
+    ("meta", "names", "refusal"),
+    [
+        ({"shard_id": 1}, None, "this address serves shard 0 of 2, but it is listed as shard 1"),
+        ({}, ["bias"], "initial slices are named bias; this shard's: "),
+    ],
+    ids=["another-place", "renamed"],
+)
+def test_an_init_the_shard_would_not_say_hello_to_is_refused(meta, names, refusal):
+    with _serve_shards(2, FlatPartitioner()) as (shards, addresses):
+        [piece] = FlatPartitioner().partition(SPECS, 2)[0]
+        tensor = torch.zeros(piece.numel)
+        init = Message(
+            ops.INIT,
+            {"shard_id": 0, "specs": specs_to_json(SPECS), **meta},
+            [((names or [piece.name])[0], tensor)],
+        )
+        transport = connect(addresses[0])
+        try:
+            with pytest.raises(RemoteError, match=refusal):
+                transport.request(init, timeout_s=60)
+        finally:
+            transport.close()
+        assert not shards[0].initialized

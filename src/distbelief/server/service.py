@@ -332,10 +332,14 @@ class ShardConnection(VectorHandlers):
 
     def _init(self, request: Message) -> Message:
         self._bind_group(request.meta)
+        # Checked as a HELLO is: a client that lists this shard in another place would give
+        # it the slices of another shard.
+        check_listed_place(self.shard.shard_id, self.shard.num_shards, request.meta.get("shard_id"))
         specs = specs_from_json(request.meta.get("specs"))
         if "partitioner" in request.meta:
             self.shard.check_partitioner(partitioner_from_json(request.meta["partitioner"]))
-        adopted = self.shard.initialize(specs, [tensor for _, tensor in request.tensors])
+        names = [name for name, _ in request.tensors]
+        adopted = self.shard.initialize(specs, [tensor for _, tensor in request.tensors], names)
         if adopted:
             logger.info("shard %d initialised by %s", self.shard.shard_id, self.peer)
             assert self.group is not None  # bound above

@@ -126,9 +126,18 @@ def _last_push_entry(saved: Sequence[int]) -> tuple[int, int, int, int]:
     return seq, version, epoch, divisor
 
 
-def _check_slices(slices: Sequence[ShardSlice], values: Sequence[torch.Tensor], what: str) -> None:
+def _check_slices(
+    slices: Sequence[ShardSlice],
+    values: Sequence[torch.Tensor],
+    what: str,
+    names: Sequence[str] | None = None,
+) -> None:
+    """Raise ValueError unless ``values`` (named ``names``, where given) are ``slices``."""
     if len(values) != len(slices):
         raise ValueError(f"expected {len(slices)} {what} slices, got {len(values)}")
+    if names is not None and list(names) != [piece.name for piece in slices]:
+        expected = ", ".join(piece.name for piece in slices)
+        raise ValueError(f"{what} slices are named {', '.join(names)}; this shard's: {expected}")
     for piece, value in zip(slices, values, strict=True):
         if value.dtype != piece.dtype or value.shape != (piece.numel,):
             raise ValueError(f"{what} slice {piece.name} has {value.dtype} {value.shape}")
@@ -241,8 +250,14 @@ class ParameterShard:
                 f"with {theirs}: every shard and client must use the same partitioner"
             )
 
-    def initialize(self, specs: Sequence[TensorSpec], values: Sequence[torch.Tensor]) -> bool:
-        """Adopt ``specs`` and this shard's slices ``values`` unless already initialised.
+    def initialize(
+        self,
+        specs: Sequence[TensorSpec],
+        values: Sequence[torch.Tensor],
+        names: Sequence[str] | None = None,
+    ) -> bool:
+        """Adopt ``specs`` and this shard's slices ``values`` (named ``names``, where the
+        client says) unless already initialised.
 
         Returns:
             True if adopted; False if the shard already held an equal layout.
@@ -252,7 +267,7 @@ class ParameterShard:
             ValueError: ``values`` do not fit this shard's slices.
         """
         slices = self.partitioner.partition(specs, self.num_shards)[self.shard_id]
-        _check_slices(slices, values, "initial")
+        _check_slices(slices, values, "initial", names)
         with self._changed:
             if self.initialized:
                 self.check_layout(specs)

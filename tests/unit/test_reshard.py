@@ -445,3 +445,21 @@ def test_a_missing_partition_folder_is_named_and_changes_nothing(run):
     missing = run_dir / "checkpoints" / "group-stage0"
     assert str(error.value).startswith(f"{missing}: missing (the other partitions' are in ")
     assert _snapshot(run_dir) == before
+
+
+def test_a_partitioned_run_counts_only_the_folders_holding_checkpoints(tmp_path):
+    # A model-parallel job keeps every shard checkpoint in group-stageS: the run's own
+    # checkpoints/ holds none, and the summary line must not count it as rewritten.
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    for stage in range(2):
+        for shard in _make_shards(2, "sgd", FlatPartitioner()):
+            save_checkpoint(shard.snapshot(), root / f"group-stage{stage}")
+    config = JobConfig.from_fields(
+        {"cluster.num_shards": 2, "pipeline.num_partitions": 2, "reporting.out_dir": str(run_dir)}
+    )
+    (run_dir / "config.json").write_text(config.to_json())
+
+    summary = reshard_run(run_dir, 3)
+    assert (summary.num_folders, summary.num_dense_tensors) == (2, 6)
+    assert "6 dense tensors in 2 checkpoint folder(s)" in summary.line()

@@ -54,7 +54,8 @@ class ReshardSummary:
     old_num_shards: int
     num_shards: int
     num_folders: int
-    """Checkpoint folders rewritten (the run's and each model-parallel group's)."""
+    """Checkpoint folders rewritten: those of the run's and each model-parallel group's that
+    held a shard's checkpoint."""
     num_dense_tensors: int
     """Parameter tensors over all folders."""
     num_tables: int
@@ -313,7 +314,7 @@ def _summary(
         run_dir=run_dir,
         old_num_shards=old_num_shards,
         num_shards=num_shards,
-        num_folders=len(folders),
+        num_folders=sum(1 for folder in folders if folder.dense or folder.rows),
         num_dense_tensors=sum(len(f.model.specs) for f in folders if f.model is not None),
         num_tables=sum(len(names) for names in tables),
         num_rows=num_rows,

@@ -18,6 +18,8 @@ shards' parameters against the ceiling (the hidden model that drew the clicks).
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,12 @@ import torch.nn.functional as F
 from distbelief import DistBeliefError, DownpourSGD, ShardedEmbeddings, ShardListError
 from distbelief.config import MAX_CACHE_MB, MAX_RATE, amount_problem
 from distbelief.data import iterate_ctr_batches
-from distbelief.data.synthetic_ctr import MAX_TABLE_SIZE, ground_truth_logits, make_synthetic_ctr
+from distbelief.data.synthetic_ctr import (
+    DEFAULT_NUM_SAMPLES,
+    MAX_TABLE_SIZE,
+    ground_truth_logits,
+    make_synthetic_ctr,
+)
 from distbelief.hosts import parse_addresses
 from distbelief.models import DLRM
 from distbelief.telemetry import roc_auc
@@ -55,6 +62,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     ):
         if value < 1:
             parser.error(f"argument {flag}: must be >= 1, got {value}")
+    if args.batch_size > DEFAULT_NUM_SAMPLES["train"]:
+        parser.error(
+            f"argument --batch-size: must be <= the {DEFAULT_NUM_SAMPLES['train']} training "
+            f"samples, got {args.batch_size}"
+        )
     if not 2 <= args.table_size <= MAX_TABLE_SIZE:
         parser.error(
             f"argument --table-size: must be in [2, {MAX_TABLE_SIZE}], got {args.table_size}"
@@ -85,6 +97,17 @@ def main(argv: list[str] | None = None) -> float:
         parser.exit(1, f"{parser.prog}: {type(e).__name__}: {e}\n")
 
 
+def training_batches(train, args: argparse.Namespace) -> Iterator:
+    """``args.steps`` batches of the training split, epoch after epoch: one epoch of the
+    default 100_000 samples is 390 batches of 256, fewer than the default 400 steps."""
+    indices = torch.arange(len(train))
+    epochs = (
+        iterate_ctr_batches(train, indices, args.batch_size, seed=0, epoch=epoch)
+        for epoch in itertools.count()
+    )
+    return itertools.islice(itertools.chain.from_iterable(epochs), args.steps)
+
+
 def train_and_evaluate(args: argparse.Namespace) -> float:
     """Train on the shards at ``args.ps``; the test AUC of their parameters."""
     train = make_synthetic_ctr("train", table_size=args.table_size)
@@ -94,8 +117,7 @@ def train_and_evaluate(args: argparse.Namespace) -> float:
     tables = ShardedEmbeddings(model, ps=args.ps, row_cache_mb=args.row_cache_mb)
     optimizer = DownpourSGD(model.parameters(), lr=args.lr, model=model, ps=args.ps)
     columns = {name: int(name.rpartition(".")[2]) for name in tables.modules}
-    batches = iterate_ctr_batches(train, torch.arange(len(train)), args.batch_size, seed=0, epoch=0)
-    for step, (dense, sparse, labels) in enumerate(batches, start=1):
+    for step, (dense, sparse, labels) in enumerate(training_batches(train, args), start=1):
         tables.prefetch({name: sparse[:, column] for name, column in columns.items()})
         optimizer.zero_grad()
         loss = F.binary_cross_entropy_with_logits(model(dense, sparse), labels)
@@ -104,8 +126,6 @@ def train_and_evaluate(args: argparse.Namespace) -> float:
         tables.step()
         if step % args.log_interval == 0:
             print(f"step {step}: loss {loss.item():.4f}", flush=True)
-        if step >= args.steps:
-            break
     tables.close()
     optimizer.close()
     # The test split on the shards' parameters, read with a fresh client of the same tables.

@@ -57,6 +57,7 @@ def test_a_bad_value_is_one_line_and_exit_2():
         (["--ps", "udp://127.0.0.1:7000"], "argument --ps: address 'udp://127.0.0.1:7000'"),
         (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
         (["--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
+        (["--batch-size", "100001"], "argument --batch-size: must be <= the 100000 training"),
         (["--log-interval", "0"], "argument --log-interval: must be >= 1, got 0"),
         (["--table-size", "1"], "argument --table-size: must be in [2, 2147483648], got 1"),
         (["--table-size", str(2**40)], "argument --table-size: must be in [2, 2147483648]"),
@@ -82,3 +83,20 @@ def test_shards_listed_in_another_order_are_bad_input(shard_cluster, capsys):
     refused = refusal(main, argv, capsys)
     assert ": error: argument --ps: shard 0 (" in refused
     assert "check the order of the addresses" in refused
+
+
+@pytest.mark.timeout(300)
+def test_steps_beyond_one_epoch_go_on_into_the_next(shard_cluster, capsys, monkeypatch):
+    # 600 training samples make 2 batches of 256 an epoch: --steps 5 needs three epochs.
+    script = load_script(EXAMPLE)
+    make = script.make_synthetic_ctr
+
+    def small(split, table_size):
+        return make(split, {"train": 600, "test": 200}[split], table_size=table_size)
+
+    monkeypatch.setattr(script, "make_synthetic_ctr", small)
+    addresses = shard_cluster(2)
+    argv = ["--ps", ",".join(addresses), "--steps", "5", "--table-size", "50"]
+    script.main([*argv, "--log-interval", "1"])
+    steps = re.findall(r"^step (\d+): loss", capsys.readouterr().out, flags=re.MULTILINE)
+    assert steps == ["1", "2", "3", "4", "5"]

@@ -245,3 +245,23 @@ def test_the_placement_timeout_is_60_s_unless_the_variable_says_otherwise(monkey
     assert placement_timeout_s() == 60.0
     monkeypatch.setenv("DISTBELIEF_PLACEMENT_TIMEOUT_S", "12.5")
     assert placement_timeout_s() == 12.5
+
+
+# An HTTP/2 server that is no gRPC server (a web server or proxy on the port): its reply to the
+# call is ":status 404" (HPACK's static entry 13), then its own fields, Huffman-coded, recorded.
+_HTTP2_NOT_FOUND = _frame(
+    _HEADERS,
+    _END_HEADERS | _END_STREAM,
+    b"\x8dv\x84\xea[=ya\x96\xdc4\xfd(\x06\xd4\xbeR( \t\xc5\x02\xcd\xc0;p\r\xa9\x8bF\xff",
+)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [_HTTP2_NOT_FOUND, _frame(_HEADERS, _END_HEADERS | _END_STREAM, b"\x08\x03503")],
+    ids=["indexed-404", "literal-503"],
+)
+def test_an_http2_server_answering_another_http_status_is_no_ray_head(server, reply):
+    port, _ = server(_answer(reply))
+    with pytest.raises(ConnectionError, match=r"HTTP status (404|503), not as a gRPC server"):
+        ask_gcs("127.0.0.1", port, headers={}, timeout_s=TIMEOUT_S)

@@ -23,8 +23,11 @@ _END_STREAM, _ACK, _END_HEADERS, _PADDED, _PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 _FRAME_HEADER_BYTES = 9
 _STREAM = 1
 _STATIC_TABLE_SIZE = 61
-"""HPACK's static table (RFC 7541, appendix A) names none of gRPC's fields: only its size
-matters here, where the dynamic table's indices start."""
+"""HPACK's static table (RFC 7541, appendix A) names none of gRPC's fields: its size matters
+here, where the dynamic table's indices start, and its ``:status`` entries."""
+_STATIC_STATUSES = {8: "200", 9: "204", 10: "206", 11: "304", 12: "400", 13: "404", 14: "500"}
+"""The static table's ``:status`` entries by index: a gRPC server always answers 200, a web
+server or proxy on the port often another."""
 _MAX_REPLY_BYTES = 1 << 16
 _EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"  # gRPC's framing of an empty protobuf: no compression
 
@@ -45,7 +48,8 @@ def ask_gcs(host: str, port: int, *, headers: dict[str, str], timeout_s: float) 
 
     Raises:
         ConnectionError: no gRPC server answers the call within ``timeout_s``: it answered
-            something else (an HTTP/1 server, say), closed the connection, or stayed silent;
+            something else (an HTTP/1 server, or an HTTP/2 one whose reply is no gRPC status:
+            HTTP's 404, say), closed the connection, or stayed silent;
             the message says what was seen.
         OSError: the connection cannot be made (``strerror`` says why), or not within
             ``timeout_s`` (TimeoutError).
@@ -58,6 +62,11 @@ def ask_gcs(host: str, port: int, *, headers: dict[str, str], timeout_s: float) 
             raise ConnectionError(f"it answered, but not as a gRPC server: {reader.seen()}")
         sock.sendall(_frame(_SETTINGS, _ACK, 0, b""))
         fields = _read_reply(reader)
+    http_status = fields.get(":status")
+    if http_status not in (None, "200"):
+        raise ConnectionError(
+            f"it answered the call with HTTP status {http_status}, not as a gRPC server"
+        )
     status = fields.get("grpc-status") or ""
     return GcsAnswer(int(status) if status.isdigit() else None, fields.get("grpc-message") or "")
 
@@ -199,7 +208,8 @@ def _decode_fields(
     block: bytes, table: list[tuple[str | None, str | None]]
 ) -> list[tuple[str | None, str | None]]:
     """The fields of an HPACK header block (RFC 7541, 6); a name or value that is
-    Huffman-coded, or a static table's entry, is None (none of those is read here).
+    Huffman-coded, or a static table's entry other than ``:status``, is None (none of those is
+    read here).
 
     Raises:
         ConnectionError: the block is not HPACK.
@@ -232,6 +242,8 @@ def _decode_fields(
 
 
 def _entry(table: list[tuple[str | None, str | None]], index: int) -> tuple[str | None, str | None]:
+    if index in _STATIC_STATUSES:
+        return ":status", _STATIC_STATUSES[index]
     if index <= _STATIC_TABLE_SIZE:
         return None, None
     return table[index - _STATIC_TABLE_SIZE - 1]

@@ -265,3 +265,34 @@ def test_an_http2_server_answering_another_http_status_is_no_ray_head(server, re
     port, _ = server(_answer(reply))
     with pytest.raises(ConnectionError, match=r"HTTP status (404|503), not as a gRPC server"):
         ask_gcs("127.0.0.1", port, headers={}, timeout_s=TIMEOUT_S)
+
+
+def test_the_address_checked_is_the_one_rays_client_dials(monkeypatch):
+    # Ray's client dials 127.0.0.1 as this machine's network address (unless Ray runs as a
+    # single-machine instance): a head listening on loopback only answers the typed address,
+    # not the one dialed, where Ray's client waited without end.
+    pytest.importorskip("ray")
+    import ray._private.services
+
+    from distbelief.errors import ConfigFieldError
+    from distbelief.launch import ray_session
+
+    dialed: list[tuple[str, int]] = []
+
+    def refused(host: str, port: int, **_: object) -> GcsAnswer:
+        dialed.append((host, port))
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(ray_session, "ask_gcs", refused)
+    monkeypatch.setattr(
+        ray._private.services,
+        "canonicalize_bootstrap_address",
+        lambda address: address.replace("127.0.0.1", "192.0.2.7"),
+    )
+    with pytest.raises(ConfigFieldError) as refusal:
+        ray_session.check_address("127.0.0.1:6379")
+    assert dialed == [("192.0.2.7", 6379)]
+    assert refusal.value.field == "cluster.ray_address"
+    assert "no Ray head answers at 127.0.0.1:6379, which Ray dials as 192.0.2.7:6379 " in str(
+        refusal.value
+    )

@@ -80,18 +80,39 @@ def check_address(address: str) -> None:
                 "cluster.ray_address", f"must be HOST:PORT of a Ray head, or auto, got {address!r}"
             )
     import_ray()
-    found = _address_of_auto() if address == "auto" else address
-    if found is not None:  # None: this Ray cannot say where auto leads (ray.init finds out)
-        _check_head_answers(found)
+    found = _address_of_auto() if address == "auto" else _address_dialed(address)
+    if found is None:  # this Ray cannot say where auto leads (ray.init finds out)
+        return
+    shown = found
+    if address not in ("auto", found):
+        shown = f"{address}, which Ray dials as {found}"
+    _check_head_answers(found, shown=shown)
 
 
-def _check_head_answers(address: str) -> None:
-    """Refuses HOST:PORT unless a Ray head's GCS answers there and accepts this process's token.
+def _address_dialed(address: str) -> str:
+    """HOST:PORT that Ray's client dials for ``address``: loopback (127.0.0.1, localhost) is
+    this machine's network address unless Ray runs as a single-machine instance. A head that
+    listens on loopback alone answers the address typed, not that one, and Ray's client then
+    waits on it without end."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return address
+    try:
+        return canonicalize_bootstrap_address(address) or address
+    except (OSError, ValueError):  # no network address to say: Ray's client finds out
+        return address
+
+
+def _check_head_answers(address: str, *, shown: str | None = None) -> None:
+    """Refuses HOST:PORT unless a Ray head's GCS answers there and accepts this process's token;
+    errors name it as ``shown`` (default: ``address``).
 
     Raises:
         ConfigFieldError: it does not (``check_address``'s cases).
         ValueError: RAY_AUTH_MODE=token, but Ray finds no token.
     """
+    shown = shown or address
     host, _, port = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]  # an IPv6 address in brackets ([::1]:6379): the name lookup takes it bare
@@ -105,18 +126,18 @@ def _check_head_answers(address: str) -> None:
     except OSError as e:
         reason = e.strerror or str(e) or type(e).__name__
         raise ConfigFieldError(
-            "cluster.ray_address", f"no Ray head answers at {address} ({reason})"
+            "cluster.ray_address", f"no Ray head answers at {shown} ({reason})"
         ) from e
     if answer.status == GRPC_UNAUTHENTICATED:
         raise ConfigFieldError(
             "cluster.ray_address",
-            f"the Ray head at {address} refuses this process's token ({answer.message}): set "
+            f"the Ray head at {shown} refuses this process's token ({answer.message}): set "
             "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token",
         )
     if answer.status == GRPC_UNIMPLEMENTED:
         raise ConfigFieldError(
             "cluster.ray_address",
-            f"no Ray head answers at {address} (a gRPC server without Ray's GCS answers there: "
+            f"no Ray head answers at {shown} (a gRPC server without Ray's GCS answers there: "
             "Ray Client's port? give the head's GCS port, 6379 by default)",
         )
 

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test lint format bench gpu-check clean server first second
+.PHONY: setup install train test lint format bench gpu-check clean server first second
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# The seed's instructions run `make setup`, then `make install`: setup installs the package
+# (editable) already, so install is the same step.
+install: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/distbelief train $(ARGS)

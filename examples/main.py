@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 # torch's C++ side logs every failed attempt to reach rank 0's store, stack trace included (40
 # lines and more), before the error this script turns into one line. Read once, when torch loads;
@@ -109,6 +110,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Data(NamedTuple):
+    """What a rank trains and tests on: a node's training set and its slice of it (the
+    server's: None), and the test set."""
+
+    train_set: ArrayDataset | None
+    test_set: ArrayDataset
+    indices: torch.Tensor | None
+
+
 def evaluate(net: nn.Module, dataset: ArrayDataset) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``net`` on all of ``dataset``."""
     net.eval()
@@ -129,8 +139,30 @@ def build_net(args: argparse.Namespace, dataset: ArrayDataset) -> nn.Module:
     return build_model(args.model, dataset.input_shape, dataset.num_classes)
 
 
-def run_server(args: argparse.Namespace) -> None:
+def load_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Data:
+    """This rank's data sets (the server's: the test set alone), loaded before it joins the
+    others: files that cannot be had, or a node's batch larger than its share of the training
+    set (it would run no step), end this rank at once instead of leaving the others waiting.
+
+    Raises:
+        DatasetUnavailableError: the data set's files are missing and cannot be downloaded.
+    """
     test_set = load_dataset(args.dataset, split="test", data_dir=args.data_dir)
+    if args.server and not args.no_distributed:
+        return Data(None, test_set, None)
+    train_set = load_dataset(args.dataset, split="train", data_dir=args.data_dir)
+    num_workers = 1 if args.no_distributed else args.world_size - 1
+    worker_rank = 0 if args.no_distributed else args.rank - 1
+    indices = worker_indices(len(train_set), worker_rank, num_workers)
+    if args.batch_size > len(indices):  # a pass drops its last, partial batch
+        parser.error(
+            f"argument --batch-size: must be <= the {len(indices)} training examples of this "
+            f"node (its share of {len(train_set)} among {num_workers}), got {args.batch_size}"
+        )
+    return Data(train_set, test_set, indices)
+
+
+def run_server(args: argparse.Namespace, test_set: ArrayDataset) -> None:
     net = build_net(args, test_set)
     # Returns once every node has finished, or is lost (killed, say).
     summary = ParameterServer(net, join_timeout_s=args.join_timeout).run()
@@ -145,11 +177,8 @@ def run_server(args: argparse.Namespace) -> None:
         raise SystemExit(f"server: ranks {summary['lost_ranks']} left before they finished")
 
 
-def run_node(args: argparse.Namespace) -> None:
-    num_workers = 1 if args.no_distributed else args.world_size - 1
-    worker_rank = 0 if args.no_distributed else args.rank - 1
-    train_set = load_dataset(args.dataset, split="train", data_dir=args.data_dir)
-    test_set = load_dataset(args.dataset, split="test", data_dir=args.data_dir)
+def run_node(args: argparse.Namespace, data: Data) -> None:
+    train_set, test_set, indices = data
     net = build_net(args, train_set)
     if args.no_distributed:
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
@@ -162,7 +191,6 @@ def run_node(args: argparse.Namespace) -> None:
             model=net,
             retry_timeout_s=args.retry_timeout,
         )
-    indices = worker_indices(len(train_set), worker_rank, num_workers)
     run_dir = Path(args.out) / f"node{args.rank}"
     try:
         train_node(args, net, optimizer, (train_set, test_set, indices), run_dir)
@@ -334,7 +362,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    make_run_dir(parser, args)
     logging.basicConfig(level=logging.INFO)
     # One thread per rank by default: torch's default (one per core) in each of three ranks on
     # one host made the example's LeNet run on digits take 5x the CPU, its threads waiting on
@@ -346,8 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        data = load_data(parser, args)
+        make_run_dir(parser, args)  # after the data's checks: a refused rank writes nothing
         if args.no_distributed:
-            run_node(args)
+            run_node(args, data)
             return
         print(
             f"rank {args.rank}: joining the process group at {master_address(args)} "
@@ -361,9 +390,9 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(1, f"{parser.prog}: cannot join the process group: {first_line}\n")
         try:
             if args.server:
-                run_server(args)
+                run_server(args, data.test_set)
             else:
-                run_node(args)
+                run_node(args, data)
         finally:
             dist.destroy_process_group()
     except KeyboardInterrupt:

@@ -223,6 +223,20 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_joining(tmp_path, caps
             assert f": error: --out {out}/node" in last and problem in last, last
 
 
+@pytest.mark.parametrize("mode", [["--rank", "1"], ["--no-distributed"]])
+def test_a_batch_larger_than_the_nodes_share_is_refused_before_joining(tmp_path, capsys, mode):
+    """A node would run no step (a pass drops its last, partial batch) and end with its initial
+    accuracy, exit 0; the server would apply nothing. The other ranks never wait on it."""
+    out = tmp_path / "out"
+    argv = [*mode, *OFFLINE, "--batch-size", "5000", "--port", str(free_port())]
+    argv += ["--join-timeout", "5", "--out", str(out)]
+    last = refusal(load_script(EXAMPLE).main, argv, capsys)
+    share = "719" if mode[0] == "--rank" else "1437"  # node 1: half of digits' 1437, rounded up
+    assert f"argument --batch-size: must be <= the {share} training examples" in last, last
+    assert last.endswith("got 5000"), last
+    assert not out.exists()  # refused before anything was written
+
+
 def test_a_rank_that_cannot_join_gives_up_in_one_line(tmp_path):
     """No rank 0 listens: the node waits its --join-timeout, then says so in one line (torch's
     C++ side would log each failed attempt with a stack trace first)."""

@@ -255,7 +255,7 @@ class ClusterConfig:
     on this machine) or ray (Ray actors, shards spread over the nodes; needs the ray extra)."""
     ray_address: str = ""
     """With the ray engine: an existing Ray cluster's address (HOST:PORT of its head, or auto);
-    empty: a Ray instance started on this machine for the job."""
+    not given: a Ray instance started on this machine for the job."""
 
     def __post_init__(self) -> None:
         _require_counts(self, "num_workers", "num_shards", "threads_per_worker")

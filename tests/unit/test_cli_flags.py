@@ -1019,3 +1019,14 @@ def test_resuming_a_folder_that_is_not_there_says_so(capsys, tmp_path):
     missing = tmp_path / "nope"
     assert main(["train", "--resume", str(missing)]) == 2
     assert f"argument --resume: {missing}: no such run folder" in capsys.readouterr().err
+
+
+def test_the_ray_address_help_offers_no_value_the_flag_refuses(capsys):
+    # An empty --ray-address is refused ("expected a value"): the help says what leaving the
+    # flag out does instead.
+    ray_address = field_docs()["cluster.ray_address"]
+    assert "empty" not in ray_address
+    assert "not given: a Ray instance started on this machine for the job" in ray_address
+    with pytest.raises(SystemExit):
+        parse_args(["train", "--cluster", "ray", "--ray-address", ""])
+    assert "argument --ray-address: expected a value, got ''" in capsys.readouterr().err

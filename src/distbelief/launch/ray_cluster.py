@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from distbelief.errors import ChildFailedError, ClusterError, LauncherInterrupted
 from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
+from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.entry import preloaded_modules
 from distbelief.launch.ray_actor import DIED, NodeHost, RoleActor
 from distbelief.launch.ray_placement import (
@@ -164,7 +165,11 @@ class RayCluster:
             exc_type, (KeyboardInterrupt, LauncherInterrupted)
         )
         self._failed = exc_type is not None and not stopped
-        self.stop_all()
+        # Not cut off by a second signal (Ctrl-C pressed again, or ``timeout`` signalling the
+        # launcher, then its group): the shards would be let go before their last checkpoint,
+        # and the embedded instance's folder left behind.
+        with signals_deferred():
+            self.stop_all()
 
     def _actor(self, spec: ProcessSpec) -> Any:
         """The actor of ``spec``'s process, created at its first start; Ray re-creates it (up

@@ -87,6 +87,11 @@ def push_compression_fraction(text: str) -> float | None:
 _NO_PORT = " (without a port or scheme)"
 
 
+def _layer_indices(count: int) -> str:
+    """``1 layer index``, ``3 layer indices``."""
+    return f"{count} layer {'index' if count == 1 else 'indices'}"
+
+
 def _require(ok: bool, name: str, value: object, rule: str) -> None:
     if not ok:
         raise ConfigFieldError(name, f"must be {rule}, got {value!r}")
@@ -609,8 +614,8 @@ class PipelineConfig:
         if points is not None and len(points) != self.num_partitions - 1:
             raise ConfigFieldError(
                 "split_points",
-                f"must be {self.num_partitions - 1} layer indices for {self.num_partitions} "
-                f"partitions, got {','.join(map(str, points))}",
+                f"must be {_layer_indices(self.num_partitions - 1)} for "
+                f"{self.num_partitions} partitions, got {','.join(map(str, points))}",
             )
         budget = self.max_stage_bytes
         _require(budget is None or budget >= 1, "max_stage_bytes", budget, "an integer >= 1")

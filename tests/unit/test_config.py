@@ -82,6 +82,11 @@ from distbelief.errors import ConfigFieldError
             "must be 2 layer indices for 3 partitions, got 4",
         ),
         (
+            {"pipeline.num_partitions": 2, "pipeline.split_points": (4, 6)},
+            "pipeline.split_points",
+            "must be 1 layer index for 2 partitions, got 4,6",
+        ),
+        (
             {"pipeline.split_points": "3,x"},
             "pipeline.split_points",
             "must be integers like 3,7, got '3,x'",

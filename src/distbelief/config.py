@@ -215,6 +215,16 @@ def _require_counts(config: object, *names: str) -> None:
         _require(value <= _MAX_COUNT, name, value, f"<= {_MAX_COUNT}")
 
 
+def _require_optional_counts(config: object, *names: str, least: int = 1) -> None:
+    """Refuses a field that holds neither None nor an int (not a bool) of at least ``least``:
+    a float, a bool or a text from config.json would otherwise slip past a bare comparison.
+    No ceiling: these are sizes (bytes, rows) that may pass ``_MAX_COUNT``."""
+    for name in names:
+        value = getattr(config, name)
+        ok = value is None or (type(value) is int and value >= least)
+        _require(ok, name, value, f"an integer >= {least}")
+
+
 def _require_bools(config: Any) -> None:
     """Refuses a field declared bool that holds anything else ("no" would read as true)."""
     for item in fields(config):
@@ -312,8 +322,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require_bools(self)
         _require_choice(self, "name")
+        _require_optional_counts(self, "table_size", least=2)
         size = self.table_size
-        _require(size is None or size >= 2, "table_size", size, "an integer >= 2")
         if size is not None and self.name not in ("synthetic-ctr", "criteo"):
             raise ConfigFieldError(
                 "table_size", f"applies to synthetic-ctr and criteo, not {self.name!r}"
@@ -554,8 +564,7 @@ class SandblasterConfig:
     def __post_init__(self) -> None:
         _require_bools(self)
         _require_counts(self, "history", "max_iterations", "portions_per_push")
-        portions = self.portions
-        _require(portions is None or portions >= 1, "portions", portions, "an integer >= 1")
+        _require_optional_counts(self, "portions")
         _require_choice(self, "line_search")
         _require_rates(self, "step_size")
 
@@ -617,8 +626,7 @@ class PipelineConfig:
                 f"must be {_layer_indices(self.num_partitions - 1)} for "
                 f"{self.num_partitions} partitions, got {','.join(map(str, points))}",
             )
-        budget = self.max_stage_bytes
-        _require(budget is None or budget >= 1, "max_stage_bytes", budget, "an integer >= 1")
+        _require_optional_counts(self, "max_stage_bytes")
 
 
 _TABLE_NAME = re.compile(r"tables\.(0|[1-9][0-9]*)")
@@ -692,9 +700,7 @@ class EmbeddingConfig:
         _require_choice(self, "row_optimizer")
         _require_rates(self, "row_lr", zero_ok=True)
         _require_counts(self, "admit_after")
-        for name in ("max_rows_per_shard", "row_ttl_steps"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, name, value, "an integer >= 1")
+        _require_optional_counts(self, "max_rows_per_shard", "row_ttl_steps")
         _require_rates(self, "row_init_std", zero_ok=True)
         _require_amounts(self, "row_cache_mb", zero_ok=True, most=MAX_CACHE_MB)
 
@@ -713,7 +719,10 @@ class FaultsConfig:
     def __post_init__(self) -> None:
         _require_waits(self, "timeout_s")
         _require_waits(self, "retry_timeout_s", zero_ok=True)
-        _require(self.max_restarts >= 0, "max_restarts", self.max_restarts, ">= 0")
+        restarts = self.max_restarts
+        _require(
+            type(restarts) is int and restarts >= 0, "max_restarts", restarts, "an integer >= 0"
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -367,3 +367,23 @@ def test_a_count_is_an_int_in_range_and_never_a_bool(value, least, problem):
     with pytest.raises(ValueError, match=rf"^n_push must be {problem}$"):
         check_count("n_push", value, least=least)
     check_count("n_push", least, least=least)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "data.table_size",
+        "sandblaster.portions",
+        "pipeline.max_stage_bytes",
+        "embeddings.max_rows_per_shard",
+        "embeddings.row_ttl_steps",
+        "faults.max_restarts",
+    ],
+)
+@pytest.mark.parametrize("value", [2.5, True, "3", [3]])
+def test_an_integer_field_refuses_any_other_type_naming_itself(field, value):
+    # config.json may hold any JSON value; a float or a text must not pass for an integer.
+    with pytest.raises(ConfigFieldError) as caught:
+        JobConfig.from_fields({field: value})
+    assert caught.value.field == field
+    assert caught.value.problem.startswith("must be an integer >= ")

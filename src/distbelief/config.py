@@ -215,6 +215,13 @@ def _require_counts(config: object, *names: str) -> None:
         _require(value <= _MAX_COUNT, name, value, f"<= {_MAX_COUNT}")
 
 
+def _require_list(name: str, value: object, rule: str, *, text_ok: bool = False) -> None:
+    """Refuses ``value`` unless it is a list or tuple (or, where ``text_ok``, a str the field
+    parses): a number or a bool would fail deep inside with a TypeError that names nothing."""
+    kinds = (list, tuple, str) if text_ok else (list, tuple)
+    _require(isinstance(value, kinds), name, value, rule)
+
+
 def _require_optional_counts(config: object, *names: str, least: int = 1) -> None:
     """Refuses a field that holds neither None nor an int (not a bool) of at least ``least``:
     a float, a bool or a text from config.json would otherwise slip past a bare comparison.
@@ -279,12 +286,20 @@ class ClusterConfig:
         _require(bool(self.host), "host", self.host, "a host name or address")
         device_ok = isinstance(self.device, str) and _DEVICE_PATTERN.fullmatch(self.device)
         _require(bool(device_ok), "device", self.device, "cpu, cuda or cuda:N")
+        hosts_rule = f"IP addresses or host names{_NO_PORT}"
+        _require_list("shard_hosts", self.shard_hosts, f"a list of {hosts_rule}")
         object.__setattr__(self, "shard_hosts", tuple(self.shard_hosts))
         for host in self.shard_hosts:
-            _require(is_host(host), "shard_hosts", host, f"IP addresses or host names{_NO_PORT}")
+            _require(isinstance(host, str) and is_host(host), "shard_hosts", host, hosts_rule)
         if self.worker_host:
             rule = f"an IP address or host name{_NO_PORT}"
-            _require(is_host(self.worker_host), "worker_host", self.worker_host, rule)
+            worker_host = self.worker_host
+            _require(
+                isinstance(worker_host, str) and is_host(worker_host),
+                "worker_host",
+                worker_host,
+                rule,
+            )
         _require_choice(self, "transport")
         _require_choice(self, "engine")
         if self.ray_address and self.engine != "ray":
@@ -454,8 +469,12 @@ class ServerConfig:
         _require_counts(self, "max_connections", "threads")
         _require(self.threads <= MAX_THREADS, "threads", self.threads, f"<= {MAX_THREADS}")
         _require_rates(self, "lr", zero_ok=True)
-        _require(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
-        betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)
+        momentum_ok = is_amount(self.momentum, zero_ok=True) and self.momentum < 1
+        _require(momentum_ok, "momentum", self.momentum, "in [0, 1)")
+        _require_list("betas", self.betas, "two numbers in [0, 1)")
+        betas_ok = len(self.betas) == 2 and all(
+            is_amount(beta, zero_ok=True) and beta < 1 for beta in self.betas
+        )
         _require(betas_ok, "betas", self.betas, "two numbers in [0, 1)")
         object.__setattr__(self, "betas", tuple(self.betas))  # a list equals no default
         if self.eps is not None:
@@ -573,15 +592,28 @@ class SandblasterConfig:
         return self.portions if self.portions is not None else PORTIONS_PER_WORKER * num_workers
 
 
-def _split_points(text: object) -> tuple[int, ...] | None:
-    """``"3,7"`` (a flag's text) or a list (JSON) as a tuple of ints; None stays None."""
-    if text is None or isinstance(text, tuple):
-        return text
-    parts = text.split(",") if isinstance(text, str) else list(text)  # type: ignore[arg-type]
+def _layer_index(part: object) -> int | None:
+    """An int, or a str of one, as a layer index; None for anything else (a bool or a fraction
+    is no layer index, though int() would take both)."""
+    if type(part) is int:
+        return part
     try:
-        return tuple(int(part) for part in parts)
-    except (TypeError, ValueError):
-        raise ConfigFieldError("split_points", f"must be integers like 3,7, got {text!r}") from None
+        return int(part) if isinstance(part, str) else None
+    except ValueError:
+        return None
+
+
+def _split_points(text: object) -> tuple[int, ...] | None:
+    """``"3,7"`` (a flag's text) or a list or tuple (JSON, Python) as a tuple of ints; None
+    stays None."""
+    if text is None:
+        return text
+    rule = "integers like 3,7"
+    _require_list("split_points", text, rule, text_ok=True)
+    parts = text.split(",") if isinstance(text, str) else text  # type: ignore[attr-defined]
+    points = tuple(_layer_index(part) for part in parts)
+    _require(None not in points, "split_points", text, rule)
+    return points  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -656,7 +688,8 @@ def table_names(text: object) -> tuple[str, ...] | None:
     """
     if text is None:
         return None
-    parts = text.split(",") if isinstance(text, str) else list(text)  # type: ignore[arg-type]
+    _require_list("tables", text, "module names like a,b", text_ok=True)
+    parts = text.split(",") if isinstance(text, str) else list(text)  # type: ignore[attr-defined]
     names = tuple(str(part).strip() for part in parts)
     if not any(names):
         raise ConfigFieldError("tables", f"must name at least one module, got {text!r}")

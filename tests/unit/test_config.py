@@ -387,3 +387,38 @@ def test_an_integer_field_refuses_any_other_type_naming_itself(field, value):
         JobConfig.from_fields({field: value})
     assert caught.value.field == field
     assert caught.value.problem.startswith("must be an integer >= ")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("cluster.shard_hosts", 5, "must be a list of IP addresses or host names"),
+        ("cluster.shard_hosts", "127.0.0.2", "must be a list of IP addresses or host names"),
+        ("cluster.shard_hosts", (5,), "must be IP addresses or host names"),
+        ("cluster.worker_host", 5, "must be an IP address or host name"),
+        ("server.momentum", "0.5", "must be in [0, 1)"),
+        ("server.momentum", None, "must be in [0, 1)"),
+        ("server.betas", 0.9, "must be two numbers in [0, 1)"),
+        ("server.betas", ("0.9", 0.99), "must be two numbers in [0, 1)"),
+        ("pipeline.split_points", 3, "must be integers like 3,7"),
+        ("pipeline.split_points", (1.5,), "must be integers like 3,7"),
+        ("pipeline.split_points", (True,), "must be integers like 3,7"),
+        ("embeddings.tables", 3, "must be module names like a,b"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_refused_naming_itself(field, value, problem):
+    values = {field: value}
+    if field == "pipeline.split_points":
+        values["pipeline.num_partitions"] = 2
+    with pytest.raises(ConfigFieldError) as caught:
+        JobConfig.from_fields(values)
+    assert caught.value.field == field
+    assert caught.value.problem.startswith(problem)
+
+
+def test_split_points_are_read_from_text_a_list_or_a_tuple():
+    for points in ("3", [3], (3,), ["3"]):
+        config = JobConfig.from_fields(
+            {"pipeline.num_partitions": 2, "pipeline.split_points": points}
+        )
+        assert config.pipeline.split_points == (3,)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distbelief.config import CLICK_MODELS, MODEL_NAMES
-from distbelief.models import MLP, AlexNet, LeNet, WideMLP, build_model
+from distbelief.models import MLP, AlexNet, LeNet, WideCNN, WideMLP, build_model
 
 INPUT_SHAPES = [(1, 32, 32), (3, 32, 32), (1, 28, 28)]
 
@@ -68,6 +68,30 @@ def test_bad_model_arguments_raise_value_error(input_shape, num_classes):
         build_model("lenet", input_shape, num_classes)
 
 
+@pytest.mark.parametrize("model_class", [LeNet, AlexNet, MLP, WideMLP, WideCNN])
+@pytest.mark.parametrize(
+    ("input_shape", "num_classes", "named"),
+    [
+        (None, 10, "input_shape"),
+        ((1, "28", 28), 10, "input_shape"),
+        ((1, 28, 28), "10", "num_classes"),
+        ((1, 28, 28), None, "num_classes"),
+        ((1, 28, 28), 2.5, "num_classes"),
+    ],
+)
+def test_a_model_class_names_a_bad_argument_as_build_model_does(
+    model_class, input_shape, num_classes, named
+):
+    with pytest.raises(ValueError, match=rf"^{named} must be "):
+        model_class(input_shape, num_classes)
+
+
 def test_too_small_input_raises_value_error():
     with pytest.raises(ValueError, match="too small"):
         LeNet((1, 8, 8), 10)
+
+
+@pytest.mark.parametrize("hidden_sizes", [5, (0,), ("64",), (2.5,)])
+def test_mlp_names_bad_hidden_sizes(hidden_sizes):
+    with pytest.raises(ValueError, match=r"^hidden_sizes must all be integers >= 1"):
+        MLP((1, 28, 28), 10, hidden_sizes=hidden_sizes)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from distbelief.config import CLICK_MODELS, MODEL_NAMES, check_count
+from distbelief.config import CLICK_MODELS, MODEL_NAMES
 from distbelief.models.alexnet import AlexNet
 from distbelief.models.dlrm import DLRM
-from distbelief.models.lenet import LeNet
+from distbelief.models.lenet import LeNet, check_model_args
 from distbelief.models.mlp import MLP
 from distbelief.models.wide_cnn import WideCNN
 from distbelief.models.wide_mlp import WideMLP
@@ -48,8 +48,5 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
         raise ValueError(f"model {name!r} is sized by a click log, not by input_shape")
     if name not in _MODEL_CLASSES:
         raise ValueError(f"unknown model name {name!r}; choose one of {MODEL_NAMES}")
-    shape = tuple(input_shape) if isinstance(input_shape, tuple | list) else ()
-    if len(shape) != 3 or not all(type(side) is int and side >= 1 for side in shape):
-        raise ValueError(f"input_shape must be (C, H, W) of integers >= 1, got {input_shape!r}")
-    check_count("num_classes", num_classes)
-    return _MODEL_CLASSES[name](shape, num_classes)
+    check_model_args(input_shape, num_classes)
+    return _MODEL_CLASSES[name](tuple(input_shape), num_classes)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distbelief.config import check_count
+
 
 def check_model_args(input_shape: tuple[int, int, int], num_classes: int) -> None:
-    """Raises ValueError unless input_shape is three positive ints and num_classes >= 1."""
-    if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
-        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    """Raises ValueError unless input_shape is a tuple or list of three ints >= 1 and
+    num_classes an int >= 1 (a text or None would fail inside the layers, naming nothing)."""
+    shape = tuple(input_shape) if isinstance(input_shape, tuple | list) else ()
+    if len(shape) != 3 or not all(type(side) is int and side >= 1 for side in shape):
+        raise ValueError(f"input_shape must be (C, H, W) of integers >= 1, got {input_shape!r}")
+    check_count("num_classes", num_classes)
 
 
 def num_flat_features(features: nn.Module, input_shape: tuple[int, int, int]) -> int:

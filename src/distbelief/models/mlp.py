@@ -34,8 +34,11 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         check_model_args(input_shape, num_classes)
-        if any(size < 1 for size in hidden_sizes):
-            raise ValueError(f"hidden_sizes must all be >= 1, got {hidden_sizes}")
+        sizes_ok = isinstance(hidden_sizes, tuple | list) and all(
+            type(size) is int and size >= 1 for size in hidden_sizes
+        )
+        if not sizes_ok:
+            raise ValueError(f"hidden_sizes must all be integers >= 1, got {hidden_sizes!r}")
         layers: list[nn.Module] = [nn.Flatten()]
         in_features = math.prod(input_shape)
         for size in hidden_sizes:

@@ -108,9 +108,13 @@ class RowClient(ShardLanes):
         source_host: str | None = None,
     ) -> None:
         addresses = parse_addresses(addresses)
+        if not isinstance(tables, Mapping):
+            raise TypeError(f"tables must be a mapping of name -> row dimension, got {tables!r}")
         if not tables:
             raise ValueError("tables: give at least one table (name -> row dimension)")
         for name, dim in tables.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"tables: a table name must be a non-empty str, got {name!r}")
             if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
                 raise ValueError(f"tables: {name!r} needs a dimension >= 1, got {dim!r}")
         super().__init__(

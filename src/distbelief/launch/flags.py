@@ -166,6 +166,13 @@ _MANUAL_ROLE_FLAGS: dict[str, dict[str, dict[str, Any]]] = {
         "cluster.num_workers": {"flag": "--num-workers", "default": 1},
     },
     "worker": {"cluster.num_workers": {"flag": "--num-workers", "required": True}},
+    "eval": {
+        # eval makes no run folder of its own: without --out its evaluations are only logged.
+        "reporting.out_dir": {
+            "help": "Folder whose metrics.csv eval appends its evaluations to (default: none, "
+            "they are only logged; not with --once)."
+        }
+    },
     "reshard": {
         "cluster.num_shards": {
             "flag": "--shards",

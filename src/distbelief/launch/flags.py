@@ -478,7 +478,9 @@ _ADDRESSES_HELP = "shard addresses tcp://HOST:PORT, comma-separated, in shard-id
 
 
 def _add_train_parser(commands) -> None:
-    train = commands.add_parser("train", help="run shards, workers and an evaluator locally")
+    train = commands.add_parser(
+        "train", help="run a job: its shards, workers and evaluator (here, or with --cluster ray)"
+    )
     train.add_argument(
         "--resume",
         metavar="RUN_DIR",

@@ -51,6 +51,7 @@ def _bad_arguments():
     from distbelief.plots import plot_runs
     from distbelief.server import server_optimizer_factory
     from distbelief.telemetry import poll_shard_stats
+    from distbelief.worker import resolve_device
 
     net = nn.Linear(2, 1)
 
@@ -196,10 +197,12 @@ def _bad_arguments():
         (lambda: build_model("lenet", (1, 32), 10), ValueError, "^input_shape must be .C, H, W."),
         (lambda: worker_indices("100", 0, 1), ValueError, "^num_samples must be an integer"),
         (lambda: worker_indices(100, 0, 1, seed="s"), ValueError, "^seed must be an integer"),
+        (lambda: resolve_device("tpu"), ValueError, "^device 'tpu' is not a device name"),
+        (lambda: resolve_device(None), TypeError, "^device must be a str or a torch.device"),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 47
+_NUM_BAD_ARGUMENTS = 49
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

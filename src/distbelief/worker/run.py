@@ -24,9 +24,15 @@ if TYPE_CHECKING:
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
-    """``device`` as a torch.device; ValueError when it names a CUDA device this machine does
-    not have."""
-    resolved = torch.device(device)
+    """``device`` as a torch.device; ValueError when it is no device name (``"tpu"``) or names
+    a CUDA device this machine does not have, TypeError when it is neither a str nor a
+    torch.device."""
+    if not isinstance(device, str | torch.device):
+        raise TypeError(f"device must be a str or a torch.device, got {device!r}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:  # torch's own message lists its every backend; name ours
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda or cuda:N)") from e
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():

@@ -98,6 +98,9 @@ def test_gradients_reach_every_layer_and_only_the_rows_looked_up() -> None:
         ((2, [10, 0]), {}, "table_sizes"),
         ((2, [10]), {"embedding_dim": 0}, "embedding_dim"),
         ((2, [10]), {"top_hidden": (0,)}, "top_hidden"),
+        ((2, [10, 10]), {"embedding_device": "meta", "real_tables": (2,)}, "real_tables"),
+        ((2, [10, 10]), {"embedding_device": "meta", "real_tables": (-1,)}, "real_tables"),
+        ((2, [10, 10]), {"embedding_device": "meta", "real_tables": (True,)}, "real_tables"),
     ],
 )
 def test_argument_errors(args: tuple, kwargs: dict, match: str) -> None:

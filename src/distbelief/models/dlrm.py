@@ -49,8 +49,8 @@ class DLRM(nn.Module):
 
     Raises:
         ValueError: If a size is out of range (a table past ``max_table_rows``: more bytes
-            than torch can size a tensor to), or there are fewer than two vectors to interact
-            (one table and no dense features).
+            than torch can size a tensor to), there are fewer than two vectors to interact
+            (one table and no dense features), or ``real_tables`` names no table.
     """
 
     def __init__(
@@ -67,6 +67,7 @@ class DLRM(nn.Module):
         super().__init__()
         table_sizes = tuple(table_sizes)
         _check_args(num_dense, table_sizes, embedding_dim, bottom_hidden, top_hidden)
+        _check_real_tables(real_tables, len(table_sizes))
         self.num_dense = num_dense
         self.embedding_dim = embedding_dim
         self.bottom = (
@@ -96,6 +97,16 @@ class DLRM(nn.Module):
         gram = torch.bmm(stacked, stacked.transpose(1, 2))
         features.append(gram[:, self._pair_rows, self._pair_cols])
         return self.top(torch.cat(features, dim=1)).squeeze(1)
+
+
+def _check_real_tables(real_tables: Sequence[int], num_tables: int) -> None:
+    """Refuses an index that is no table: it would leave its table where
+    ``embedding_device`` puts the others, without a word."""
+    for index in real_tables:
+        if type(index) is not int or not 0 <= index < num_tables:
+            raise ValueError(
+                f"real_tables must be table indices in [0, {num_tables}), got {tuple(real_tables)}"
+            )
 
 
 def _check_args(

@@ -64,6 +64,13 @@ def _bad_arguments():
     return [
         (lambda: distbelief.ShardedEmbedding("t", -1, 4), ValueError, "num_embeddings must be"),
         (lambda: distbelief.ShardedEmbedding("t", 10, 0), ValueError, "embedding_dim must be"),
+        (lambda: distbelief.ShardedEmbedding("", 10, 4), TypeError, "^table: must be a non-empty"),
+        (lambda: distbelief.ShardedEmbedding(3, 10, 4), TypeError, "^table: must be a non-empty"),
+        (
+            lambda: distbelief.ShardedEmbeddingBag("t", 10, 4, include_last_offset="x"),
+            TypeError,
+            "include_last_offset must be True or False, got 'x'",
+        ),
         (lambda: distbelief.RowClient([], {"t": 4}), ValueError, "no parameter-server address"),
         (lambda: distbelief.RowClient("tcp://h:1", {}), ValueError, "at least one table"),
         (lambda: distbelief.RowClient("tcp://h:1", {"t": -3}), ValueError, "'t' needs a dim"),
@@ -202,7 +209,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 49
+_NUM_BAD_ARGUMENTS = 52
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

@@ -40,6 +40,8 @@ def check_ids(table: str, ids: torch.Tensor) -> None:
 
 class _ShardedTable(nn.Module):
     def __init__(self, table: str, num_embeddings: int, embedding_dim: int) -> None:
+        if not isinstance(table, str) or not table:
+            raise TypeError(f"table: must be a non-empty str naming the table, got {table!r}")
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"table {table}: {name} must be an integer >= 1, got {value!r}")
@@ -84,6 +86,11 @@ class ShardedEmbeddingBag(_ShardedTable):
         super().__init__(table, num_embeddings, embedding_dim)
         if mode not in ("sum", "mean", "max"):
             raise ValueError(f"table {table}: mode must be sum, mean or max, got {mode!r}")
+        if not isinstance(include_last_offset, bool):
+            raise TypeError(
+                f"table {table}: include_last_offset must be True or False, "
+                f"got {include_last_offset!r}"
+            )
         self.mode = mode
         self.include_last_offset = include_last_offset
 

@@ -97,6 +97,10 @@ def test_bad_arguments_name_the_problem():
         ParameterShard(3, 2, server_optimizer_factory("sgd", lr=0.1))
     with pytest.raises(ValueError, match="unknown server optimizer 'lbfgs'"):
         server_optimizer_factory("lbfgs", lr=0.1)
+    with pytest.raises(TypeError, match=r"^optimizer_factory must build the update rule"):
+        ParameterShard(0, 1, None)
+    with pytest.raises(TypeError, match=r"^consistency must be a ConsistencyConfig, got 'x'"):
+        ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1), consistency="x")
 
 
 def test_pull_copies_only_when_the_parameters_changed():

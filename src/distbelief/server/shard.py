@@ -171,6 +171,13 @@ class ParameterShard:
     ) -> None:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} is not in [0, {num_shards})")
+        if not callable(optimizer_factory):
+            raise TypeError(
+                "optimizer_factory must build the update rule (server_optimizer_factory(...)), "
+                f"got {optimizer_factory!r}"
+            )
+        if consistency is not None and not isinstance(consistency, ConsistencyConfig):
+            raise TypeError(f"consistency must be a ConsistencyConfig, got {consistency!r}")
         consistency = consistency or ConsistencyConfig()
         if not 0 <= consistency.backup_workers < num_workers:
             raise ValueError(

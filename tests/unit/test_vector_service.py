@@ -73,6 +73,14 @@ def test_vectors_fields_are_checked_by_name(meta, match):
         Connection().ask(ops.VECTORS, meta)
 
 
+@pytest.mark.parametrize("name", [["zero"], {"zero": 1}])
+def test_a_program_whose_instruction_is_named_by_a_list_or_object_is_refused(name):
+    connection = Connection()
+    with pytest.raises(ValueError, match="unknown instruction") as refused:
+        connection.ask(ops.VECTORS, {"program": [[name, "param"]]})
+    assert kind_of(refused.value) == "bad_request"
+
+
 def test_checkpoint_without_a_folder_is_refused_before_the_program_runs():
     connection = Connection()
     with pytest.raises(

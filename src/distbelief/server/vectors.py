@@ -171,7 +171,7 @@ class VectorExecutor:
         if not isinstance(instruction, list) or not instruction:
             raise ValueError("an instruction is a non-empty list")
         op, args = instruction[0], instruction[1:]
-        if op not in ARITY:
+        if not isinstance(op, str) or op not in ARITY:
             raise ValueError(f"unknown instruction {op!r}")
         if len(args) != ARITY[op]:
             raise ValueError(f"{op} takes {ARITY[op]} arguments, got {len(args)}")

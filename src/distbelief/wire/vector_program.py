@@ -43,8 +43,10 @@ WRITING = frozenset({"zero", "copy", "scale", "axpy", "add", "combine"})
 
 def writes_vector(instructions: Sequence[Instruction], name: str) -> bool:
     """Whether any of ``instructions`` writes the vector ``name``."""
+    # A peer's instruction may be named by any JSON value: only a string can be in WRITING
+    # (a list or object there would raise instead of being refused by name when it runs).
     return any(
-        len(item) > 1 and item[0] in WRITING and item[1] == name
+        len(item) > 1 and isinstance(item[0], str) and item[0] in WRITING and item[1] == name
         for item in instructions
         if isinstance(item, list)
     )

@@ -81,6 +81,36 @@ def test_a_program_whose_instruction_is_named_by_a_list_or_object_is_refused(nam
     assert kind_of(refused.value) == "bad_request"
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [(_nested(300), "at most 32 deep"), ("x" * 70_000, "at most 65536 bytes")],
+    ids=["nested", "long"],
+)
+def test_a_value_a_reply_could_not_carry_back_is_refused_and_not_kept(value, match):
+    connection = Connection()
+    with pytest.raises(ValueError, match=match) as refused:
+        connection.ask(ops.VECTORS, {"program": [["set_value", "k", value]]})
+    assert kind_of(refused.value) == "bad_request"
+    reply = connection.ask(ops.VECTORS, {"program": [["get_value", "k"]]})
+    assert reply.meta["results"] == [None]
+
+
+def test_a_program_reading_back_more_values_than_a_reply_carries_is_refused():
+    connection = Connection()
+    connection.ask(ops.VECTORS, {"program": [["set_value", "k", "x" * 60_000]]})
+    with pytest.raises(ValueError, match="reads back at most"):
+        connection.ask(ops.VECTORS, {"program": [["get_value", "k"]] * 100})
+    reply = connection.ask(ops.VECTORS, {"program": [["get_value", "k"]] * 2})
+    assert reply.meta["results"] == ["x" * 60_000] * 2
+
+
 def test_checkpoint_without_a_folder_is_refused_before_the_program_runs():
     connection = Connection()
     with pytest.raises(

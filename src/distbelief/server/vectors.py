@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import torch
 
 from distbelief.errors import EvaluationNotOpenError
@@ -26,6 +27,15 @@ from distbelief.wire.vector_program import (
 
 MAX_STAGED_BUNDLES = 256
 """Bundles one evaluation may hold uncommitted on a shard (each is a copy of the slices)."""
+
+VALUE_MAX_DEPTH = 32
+"""Deepest nesting of lists and objects a kept value may have: a reply nests it further, and
+the wire's JSON encoder refuses to write more than 254 levels."""
+VALUE_MAX_BYTES = 64 * 1024
+"""Longest JSON a kept value may encode to."""
+RESULTS_MAX_BYTES = 1024 * 1024
+"""Most JSON bytes of kept values one program may read back (its reply must fit the wire's
+4 MiB metadata, and a program of many ``get_value`` instructions must not build a huge one)."""
 
 
 class EvaluationAccumulator:
@@ -110,6 +120,34 @@ def _value_key(value: Any) -> str:
     return value
 
 
+def _nesting(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (0: a plain value); iterative, as a
+    peer's JSON may nest deeper than Python's recursion allows."""
+    deepest, pending = 0, [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth + 1)
+            if deepest > VALUE_MAX_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _encoded_size(value: Any) -> int:
+    return len(orjson.dumps(value))
+
+
+def _kept_value(value: Any) -> Any:
+    """``value`` if a shard can keep it and send it back in a reply, else a ValueError."""
+    if _nesting(value) > VALUE_MAX_DEPTH:
+        raise ValueError(f"a value nests lists and objects at most {VALUE_MAX_DEPTH} deep")
+    if _encoded_size(value) > VALUE_MAX_BYTES:
+        raise ValueError(f"a value is at most {VALUE_MAX_BYTES} bytes of JSON")
+    return value
+
+
 def _integer(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"expected an integer >= 0, got {value!r}")
@@ -138,16 +176,20 @@ class VectorExecutor:
     def __init__(self, store: ShardStore, accumulator: EvaluationAccumulator) -> None:
         self.store = store
         self.accumulator = accumulator
+        self._values_read_bytes = 0
+        """JSON bytes of the values the running program has read back so far."""
 
     def run(self, instructions: Sequence[Instruction]) -> list[Any]:
         """Runs ``instructions`` in order; returns this shard's partial results.
 
         Raises:
             ValueError: an instruction is unknown or malformed, or reads a vector that does
-                not exist (instructions before it have run).
+                not exist, or the values it reads back exceed ``RESULTS_MAX_BYTES``
+                (instructions before it have run).
         """
         if not isinstance(instructions, list):
             raise ValueError(f"a program is a list of instructions, got {type(instructions)}")
+        self._values_read_bytes = 0
         results: list[Any] = []
         for index, instruction in enumerate(instructions):
             try:
@@ -232,10 +274,14 @@ class VectorExecutor:
         results.append(math.fsum(float(t.abs().sum(dtype=torch.float64)) for t in self._vector(a)))
 
     def _set_value(self, key, value, *, results) -> None:
-        self.store.values[_value_key(key)] = value
+        self.store.values[_value_key(key)] = _kept_value(value)
 
     def _get_value(self, key, *, results) -> None:
-        results.append(self.store.values.get(_value_key(key)))
+        value = self.store.values.get(_value_key(key))
+        self._values_read_bytes += _encoded_size(value)
+        if self._values_read_bytes > RESULTS_MAX_BYTES:
+            raise ValueError(f"a program reads back at most {RESULTS_MAX_BYTES} bytes of values")
+        results.append(value)
 
     def _open_evaluation(self, evaluation, dst, *, results) -> None:
         if dst == PARAM:

@@ -116,5 +116,5 @@ def loss_from_wire(value: object) -> float:
         raise ValueError(f"loss_sum must be a float.hex string, got {value!r}")
     try:
         return float.fromhex(value)
-    except ValueError:
-        raise ValueError(f"loss_sum must be a float.hex string, got {value!r}") from None
+    except (ValueError, OverflowError):  # OverflowError: a hex number beyond any float
+        raise ValueError(f"loss_sum must be a float.hex string, got {value!r:.80}") from None

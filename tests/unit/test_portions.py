@@ -212,6 +212,16 @@ def test_malformed_reports_are_refused_with_a_clear_error():
         scheduler.claim_bundle("a", 0, "a-1", [])
 
 
+@pytest.mark.parametrize("portions", [[[0]], [0, {"p": 1}]])
+def test_a_bundle_listing_anything_but_portion_numbers_is_refused(portions):
+    scheduler = _scheduler(2)
+    _take(scheduler, "a")
+    assert scheduler.finish("a", 0, 0, 1.0) == "accepted"
+    with pytest.raises(ValueError, match="a bundle lists distinct portions"):
+        scheduler.claim_bundle("a", 0, "a-1", portions)
+    assert scheduler.claim_bundle("a", 0, "a-1", [0]) == "accepted"
+
+
 def test_a_bundle_with_a_portion_not_done_by_its_worker_is_refused_and_its_own_return():
     scheduler = _scheduler(2)
     _take(scheduler, "a")

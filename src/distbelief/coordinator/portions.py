@@ -250,6 +250,8 @@ class PortionScheduler:
             if (
                 not isinstance(portions, list)
                 or not portions
+                # Numbers only: a list or object among them cannot go in a set.
+                or not all(type(portion) is int for portion in portions)
                 or len(set(portions)) != len(portions)
             ):
                 raise ValueError(f"a bundle lists distinct portions, got {portions!r}")

@@ -33,3 +33,14 @@ def test_a_loss_sum_beyond_any_float_is_refused_as_malformed():
     finished = {"evaluation": 1, "portion": task["portion"], "loss_sum": "0x1p+99999"}
     error = _refused(connection._work, dict(WORKER, finished=finished))
     assert "loss_sum must be a float.hex string" in str(error)
+
+
+def test_a_report_refused_for_its_max_wait_s_is_not_recorded():
+    service = _service()
+    connection = service.open_connection("127.0.0.1:1")
+    portion = connection._work(Message(WORK, dict(WORKER, max_wait_s=0))).meta["task"]["portion"]
+    finished = {"evaluation": 1, "portion": portion, "loss_sum": (2.5).hex()}
+    error = _refused(connection._work, dict(WORKER, finished=finished, max_wait_s="soon"))
+    assert "max_wait_s must be a number" in str(error)
+    reply = connection._work(Message(WORK, dict(WORKER, finished=finished, max_wait_s=0)))
+    assert reply.meta["finished"] == "accepted"

@@ -239,6 +239,8 @@ class WorkerConnection:
 
     def _work(self, request: Message) -> Message:
         worker = self._worker(request.meta)
+        # Checked before the report is recorded: a refused request changes nothing.
+        wait_s = self._wait_of(request.meta)
         reply: dict = {"coordinator": self.service.life}
         finished = request.meta.get("finished")
         if finished is not None:
@@ -250,10 +252,6 @@ class WorkerConnection:
                 reply["finished"] = STALE  # computed for a coordinator that has died since
             else:
                 reply["finished"] = self.scheduler.finish(worker, evaluation, portion, loss_sum)
-        max_wait_s = request.meta.get("max_wait_s", self.service.max_wait_s)
-        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)):
-            raise ValueError(f"max_wait_s must be a number, got {max_wait_s!r}")
-        wait_s = min(max(0.0, float(max_wait_s)), self.service.max_wait_s)
         action, task = self.scheduler.next_task(worker, wait_s)
         reply["action"] = action
         if task is not None:
@@ -268,6 +266,14 @@ class WorkerConnection:
             self.told_stop = True
             self.service._told_stop(request.meta["worker"])
         return request.reply(reply)
+
+    def _wait_of(self, meta: dict) -> float:
+        """How long a WORK request may be held when there is no work (at most the service's
+        ``max_wait_s``)."""
+        max_wait_s = meta.get("max_wait_s", self.service.max_wait_s)
+        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)):
+            raise ValueError(f"max_wait_s must be a number, got {max_wait_s!r}")
+        return min(max(0.0, float(max_wait_s)), self.service.max_wait_s)
 
     def _bundle(self, request: Message) -> Message:
         worker = self._worker(request.meta)

@@ -65,8 +65,7 @@ def rows_hello(connection, request: Message) -> Message:
     declared = request.meta.get("tables", {})
     if not isinstance(declared, dict):
         raise ValueError("ROWS_HELLO's 'tables' must map table names to row widths")
-    for name, dim in declared.items():
-        tables.declare(name, dim)
+    tables.declare_all(declared)  # all or none: a refused hello declares nothing
     return request.reply(describe_tables(tables))
 
 

@@ -139,18 +139,32 @@ class ShardTables:
             ValueError: a bad name or width, or a table of that name with another width.
         """
         name = check_table_name(name)
-        if type(dim) is not int or not 1 <= dim <= _MAX_DIM:
-            raise ValueError(f"table {name}: row width must be an integer in 1..{_MAX_DIM}")
+        self.declare_all({name: dim})
         with self._lock:
-            table = self._tables.get(name)
-            if table is None:
-                table = self._tables[name] = self.settings.make_table(dim)
-            elif table.dim != dim:
-                raise ValueError(
-                    f"table {name} holds rows of {table.dim} values on shard {self.shard_id}, "
-                    f"not {dim}: every worker must build the same table"
-                )
-            return table
+            return self._tables[name]
+
+    def declare_all(self, declared: dict) -> None:
+        """Every table of ``declared`` (name -> row width), each made empty when first
+        declared: all of them, or (refused) none.
+
+        Raises:
+            ValueError: a bad name or width, or a table of that name with another width.
+        """
+        checked = [(check_table_name(name), dim) for name, dim in declared.items()]
+        for name, dim in checked:
+            if type(dim) is not int or not 1 <= dim <= _MAX_DIM:
+                raise ValueError(f"table {name}: row width must be an integer in 1..{_MAX_DIM}")
+        with self._lock:
+            for name, dim in checked:
+                table = self._tables.get(name)
+                if table is not None and table.dim != dim:
+                    raise ValueError(
+                        f"table {name} holds rows of {table.dim} values on shard "
+                        f"{self.shard_id}, not {dim}: every worker must build the same table"
+                    )
+            for name, dim in checked:
+                if name not in self._tables:
+                    self._tables[name] = self.settings.make_table(dim)
 
     def names(self) -> list[str]:
         with self._lock:

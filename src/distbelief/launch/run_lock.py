@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 LOCKS_TABLE = Path("/proc/locks")
@@ -50,17 +50,15 @@ def run_dir_locked(run_dir: Path, what: str) -> Iterator[None]:
         ValueError: another process holds it (a job running in it, or a reshard).
     """
     fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"{what}: another job is using this run folder{_holder(run_dir)}: "
-                "wait for it to end, or stop it first"
-            ) from None
+    with _flocked(
+        fd,
+        run_dir,
+        lambda holder: (
+            f"{what}: another job is using this run folder{holder}: "
+            "wait for it to end, or stop it first"
+        ),
+    ):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -80,14 +78,27 @@ def shard_checkpoints_locked(directory: Path, shard_id: int) -> Iterator[None]:
             f"--checkpoint-dir {directory}: cannot open {path.name} there to hold shard "
             f"{shard_id}'s checkpoints ({e.strerror})"
         ) from None
+    with _flocked(
+        fd,
+        path,
+        lambda holder: (
+            f"--checkpoint-dir {directory}: shard {shard_id} is already served from this "
+            f"folder{holder}: stop it first, or give this one another folder"
+        ),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def _flocked(fd: int, locked: Path, refusal: Callable[[str], str]) -> Iterator[None]:
+    """Hold ``fd``'s exclusive lock for the block and close it after (which releases it);
+    ValueError ``refusal(holder)`` (`` (pid N)``, where known) if another process holds
+    ``locked``."""
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(
-                f"--checkpoint-dir {directory}: shard {shard_id} is already served from this "
-                f"folder{_holder(path)}: stop it first, or give this one another folder"
-            ) from None
+            raise ValueError(refusal(_holder(locked))) from None
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -417,6 +417,21 @@ def test_a_setting_only_one_side_has_is_a_difference_and_equal_plans_link(make_l
     make_links(0, 2, agreeing.address, plan=dict(_PLAN)).wait_for_peer(TIMEOUT_S)
 
 
+def test_a_micro_batch_past_the_plans_last_is_refused_and_keeps_no_slot(make_links):
+    plan = {**_PLAN, "pipeline.num_micro_batches": 2}
+    last = make_links(1, 2, plan=plan)
+    first = make_links(0, 2, last.address, plan=plan)
+    first.wait_for_peer(TIMEOUT_S)
+    past = r"micro-batch 2 is past the plan's last \(1\): a batch is 2 micro-batches"
+    with pytest.raises(PipelineError, match=past):
+        first.send_forward(0, 2, torch.ones(2))
+    with pytest.raises(PipelineError, match=past):
+        first.recv_backward(0, 2, TIMEOUT_S)
+    assert last._endpoint is not None and 2 not in last._endpoint._inbox
+    first.send_forward(0, 1, torch.ones(2))
+    assert torch.equal(last.recv_forward(0, 1, TIMEOUT_S), torch.ones(2))
+
+
 def test_out_of_order_traffic_is_refused(make_links):
     first, last = _chain(make_links, 2)
     x = torch.ones(4)

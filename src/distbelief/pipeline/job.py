@@ -17,6 +17,7 @@ from distbelief.models import build_model
 from distbelief.pipeline.layers import StageModule, pipeline_layers
 from distbelief.pipeline.memory import stage_state_bytes
 from distbelief.pipeline.split import StageSplit, split_model
+from distbelief.pipeline.stage_protocol import NUM_MICRO_KEY
 from distbelief.wire.group_names import DEFAULT_GROUP
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def stage_plan(config: JobConfig, rank: int, split: StageSplit) -> dict[str, obj
     return {
         "model.name": config.model.name,
         "pipeline.split_points": split.bounds[1:-1],
-        "pipeline.num_micro_batches": config.pipeline.num_micro_batches,
+        NUM_MICRO_KEY: config.pipeline.num_micro_batches,
         "pipeline.schedule": config.pipeline.schedule,
         "data.name": config.data.name,
         "model.seed": config.model.seed,

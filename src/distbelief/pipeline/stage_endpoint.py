@@ -39,6 +39,7 @@ from distbelief.pipeline.stage_protocol import (
     ACTIVATION_NAME,
     GRADIENT,
     GRADIENT_NAME,
+    NUM_MICRO_KEY,
     STAGE_HELLO,
     check_plans_agree,
     hold_of,
@@ -105,6 +106,10 @@ class StageEndpoint:
         self.num_stages = num_stages
         self._count_bytes = count_bytes or (lambda sent, received: None)
         self.plan = wire_plan(plan)
+        num_micro = self.plan.get(NUM_MICRO_KEY)
+        self._num_micro = num_micro if type(num_micro) is int else None
+        """The plan's micro-batches per batch (None: the plan does not say): a request for
+        another index is refused, so no peer can make the endpoint keep a slot per index."""
         self.handlers = OpRegistry()
         self.handlers.register(
             ACTIVATION, _Connection.activation, sink_for=_Connection.activation_sink_for
@@ -289,6 +294,14 @@ class StageEndpoint:
     def _hello(self) -> dict:
         return {"stage": self.stage, "num_stages": self.num_stages, "plan": self.plan}
 
+    def check_micro(self, micro: int) -> None:
+        """Raise ValueError unless ``micro`` is one of the plan's micro-batch indices."""
+        if self._num_micro is not None and micro >= self._num_micro:
+            raise ValueError(
+                f"micro-batch {micro} is past the plan's last ({self._num_micro - 1}): "
+                f"a batch is {self._num_micro} micro-batches"
+            )
+
     def start_receiving(self, step: int, micro: int) -> None:
         """Claim the inbox slot of ``micro`` for the activation of ``step``.
 
@@ -386,6 +399,7 @@ class _Connection:
         self._release()
         self.endpoint.check_sender(request.meta)
         step, micro = micro_batch_key(request.meta)
+        self.endpoint.check_micro(micro)
         self.endpoint.start_receiving(step, micro)
         self._receiving = (step, micro)
 
@@ -411,6 +425,7 @@ class _Connection:
     def gradient(self, request: Message) -> Message:
         self.endpoint.check_sender(request.meta)
         step, micro = micro_batch_key(request.meta)
+        self.endpoint.check_micro(micro)
         found = self.endpoint.fetch_gradient(step, micro, hold_of(request.meta))
         if isinstance(found, str):
             return request.reply({found: True})

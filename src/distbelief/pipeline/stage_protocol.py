@@ -43,6 +43,9 @@ ACTIVATION_NAME = "activation"
 GRADIENT_NAME = "gradient"
 """The name of a GRADIENT reply's tensor."""
 
+NUM_MICRO_KEY = "pipeline.num_micro_batches"
+"""The plan's setting of micro-batches per batch: the indices a stage's requests may name."""
+
 MAX_HOLD_S = 60.0
 """The longest a GRADIENT request may ask to be held."""
 

@@ -267,6 +267,70 @@ def test_a_shard_restarted_as_worker0_is_given_up_learns_its_warm_start_ended(tm
     assert ended_after_s < 120
 
 
+_KILLED_SAVE = """
+import sys
+from pathlib import Path
+
+import torch
+
+from distbelief.server.checkpoint import write_tensor_file
+
+# 128 MiB: long enough to write that the kill lands in it.
+write_tensor_file(Path(sys.argv[1]), {"param": torch.zeros(32 * 2**20)})
+"""
+
+
+def _save_killed_midway(folder: Path) -> list[str]:
+    """Starts writing a shard's tensor file into ``folder`` and SIGKILLs the writer while
+    safetensors' own temporary (``.tmpXXXXXX``) is being written; returns what it left."""
+    folder.mkdir()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SAVE, str(folder / "shard0-v000000000001.safetensors")],
+        env=CHILD_ENV,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(name.startswith(".tmp") for _, _, names in os.walk(folder) for name in names):
+            assert writer.poll() is None, "the save ended before it could be killed"
+            assert time.monotonic() < deadline, "the save never began"
+        writer.kill()
+    finally:
+        stop_processes([writer])
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_shard_killed_while_saving_leaves_nothing_once_restarted(tmp_path):
+    """A shard killed in the middle of a checkpoint leaves its temporaries (a whole slice's
+    worth, for safetensors writes the file in full before it is renamed); they are named after
+    the shard's files, and the shard restarted from that folder removes them."""
+    left = _save_killed_midway(tmp_path / "killed")
+    assert left and all(name.startswith(".shard0-v000000000001.safetensors.") for name in left)
+    assert all(name.endswith(".tmp") for name in left)
+    run_dir = tmp_path / "run"
+    job = ("--model", "mlp", "--steps", "3000", "--checkpoint-every", "1", "--no-eval")
+    with _training(run_dir, *job) as launcher:
+        _wait_for(
+            lambda: (
+                min(_worker_steps(run_dir).values(), default=0) >= 100
+                and len(_worker_steps(run_dir)) == 2
+            ),
+            120,
+            "both workers to train",
+        )
+        for name in left:
+            os.rename(tmp_path / "killed" / name, run_dir / "checkpoints" / name)
+        _kill(run_dir, "shard0")
+        _out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(f["process"], f["action"]) for f in summary["faults"]] == [("shard0", "restarted")]
+    assert summary["worker_steps"] == {"0": 3000, "1": 3000}
+    files = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert [name for name in files if name.startswith(".")] == [], files
+
+
 def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
     """``distbelief ps`` stopped by SIGTERM (what ``kill`` and service managers send) saves
     what it applied since its last periodic checkpoint, as Ctrl-C does."""

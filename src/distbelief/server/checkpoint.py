@@ -5,12 +5,15 @@ plus ``shard{i}.json`` (its JSON-able values, the tensor file's name and SHA-256
 SHA-256 of the JSON's other fields: see ``sealed_json``); what each tensor or value means is the
 shard's business. Each file is written to a temporary name and renamed; the JSON is renamed
 last, so it always names a complete tensor file, and older tensor files are removed only after
-that. A reader checks both digests before trusting anything.
+that. A reader checks both digests before trusting anything. What a save killed midway left
+(its temporaries, named after the shard's files) is removed when the shard next restores.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,15 +37,37 @@ _POLL_S = 0.1
 def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` to the safetensors file ``path`` atomically.
 
+    safetensors writes a temporary file of its own (``.tmpXXXXXX``) beside the one it is given;
+    it is given one in a folder ``.NAME.XXXXXXXX.tmp`` next to ``path``, so that what a process
+    killed mid-save leaves is named after ``path`` (``remove_unfinished_saves`` deletes it).
+
     Raises:
         OSError: the file could not be written. safetensors reports a failed write (a full
             disk, say) as its own error; callers that log and retry failed writes see it as
             the OSError every other write raises.
     """
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+        staged = staging / path.name
+        write_file_atomic(staged, lambda tmp: save_file(tensors, str(tmp)))
+        staged.replace(path)
     except SafetensorError as e:
         raise OSError(f"cannot write {path}: {e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_unfinished_saves(directory: str | Path, stems: tuple[str, ...]) -> None:
+    """Delete the temporaries that saves killed midway left in ``directory`` (files and
+    folders ``.STEM*.tmp``, for each of ``stems``: a shard's file names up to its version).
+    Only the process that owns those files may call it, before it saves: a save under way
+    has its temporaries there too."""
+    for stem in stems:
+        for leftover in Path(directory).glob(f".{stem}*.tmp"):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: ShardState, directory: str | Path) -> Path:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distbelief.errors import CheckpointError
-from distbelief.server.checkpoint import Checkpointer, load_checkpoint
+from distbelief.server.checkpoint import Checkpointer, load_checkpoint, remove_unfinished_saves
 from distbelief.server.shard import ParameterShard
 from distbelief.wire.group_names import DEFAULT_GROUP, check_group_name
 
@@ -181,6 +181,8 @@ class ShardGroups:
 
 
 def _restore_one(shard: ParameterShard, directory: Path) -> int | None:
+    # What a save of this shard killed midway left (a restart's checkpoints go on here).
+    remove_unfinished_saves(directory, (f"shard{shard.shard_id}-v", f"shard{shard.shard_id}.json."))
     state = load_checkpoint(directory, shard.shard_id)
     if state is None:
         return None

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distbelief.errors import CheckpointError
-from distbelief.server.checkpoint import Checkpointer
+from distbelief.server.checkpoint import Checkpointer, remove_unfinished_saves
 from distbelief.server.row_checkpoint import load_row_tables, save_row_tables
 from distbelief.server.row_tables import ShardTables
 
@@ -66,6 +66,9 @@ def restore_row_tables(tables: ShardTables, directory: str | Path | None) -> int
     """
     if directory is None:
         return None
+    # What a save of these tables killed midway left (a restart's saves go on here).
+    shard = tables.shard_id
+    remove_unfinished_saves(directory, (f"rows-shard{shard}-v", f"rows-shard{shard}.json."))
     saved = load_row_tables(directory, tables.shard_id)
     if saved is None:
         return None

@@ -269,14 +269,24 @@ def test_a_shard_restarted_as_worker0_is_given_up_learns_its_warm_start_ended(tm
 
 _KILLED_SAVE = """
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from distbelief.server.checkpoint import write_tensor_file
+import distbelief.server.checkpoint as checkpoint
 
-# 128 MiB: long enough to write that the kill lands in it.
-write_tensor_file(Path(sys.argv[1]), {"param": torch.zeros(32 * 2**20)})
+
+def save_file_that_hangs(tensors, filename):
+    # What safetensors' save_file does first: a temporary of its own beside the file it is
+    # given (renamed to that file once written). The writer is killed while it holds it.
+    (Path(filename).parent / ".tmpK6ephO").write_bytes(bytes(4096))
+    print("saving", flush=True)
+    time.sleep(600)
+
+
+checkpoint.save_file = save_file_that_hangs
+checkpoint.write_tensor_file(Path(sys.argv[1]), {"param": torch.zeros(4)})
 """
 
 
@@ -286,13 +296,12 @@ def _save_killed_midway(folder: Path) -> list[str]:
     folder.mkdir()
     writer = subprocess.Popen(
         [sys.executable, "-c", _KILLED_SAVE, str(folder / "shard0-v000000000001.safetensors")],
+        stdout=subprocess.PIPE,
+        text=True,
         env=CHILD_ENV,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not any(name.startswith(".tmp") for _, _, names in os.walk(folder) for name in names):
-            assert writer.poll() is None, "the save ended before it could be killed"
-            assert time.monotonic() < deadline, "the save never began"
+        assert writer.stdout.readline() == "saving\n", "the save never began"
         writer.kill()
     finally:
         stop_processes([writer])

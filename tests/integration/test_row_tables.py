@@ -353,3 +353,27 @@ def _pull_everything(addresses: list[str]) -> dict[str, torch.Tensor]:
         return reader.pull({name: torch.arange(n) for name, n in NUM_ROWS.items()})
     finally:
         reader.close()
+
+
+def test_a_pull_past_one_requests_limit_is_split_and_reads_the_same_rows():
+    settings = RowTableSettings(optimizer="sgd", lr=0.1, init_std=INIT_STD)
+    ids = {"words": torch.tensor([3, 39, 3, 7, 21, 0, 12]), "bags": torch.arange(25).flip(0)}
+    with _served_here(2, settings) as addresses:
+        whole = _pull_everything(addresses)
+        reader = RowClient(addresses, {name: DIM for name in NUM_ROWS}, timeout_s=60)
+        try:
+            reader.handshake()
+            asked = reader.pull(ids)
+            reader.max_pull_bytes = 3 * DIM * 4  # three rows a request
+            sent = []
+            request = reader._request
+            reader._request = lambda shard_id, message: (
+                sent.append(shard_id) or request(shard_id, message)
+            )
+            split = reader.pull(ids)
+        finally:
+            reader.close()
+    assert len(sent) >= 32 // 3 + 1 and set(sent) == {0, 1}  # 32 ids, three a request
+    for name, table_ids in ids.items():
+        assert torch.equal(split[name], asked[name])
+        assert torch.equal(split[name], whole[name][table_ids])

@@ -1,20 +1,26 @@
 """The shard's row ops, called as the request layer calls them: a refused ROWS_HELLO declares
-none of its tables."""
+none of its tables; a PULL_ROWS asking for more rows than one request may is refused before
+anything is allocated, and the row client splits such a pull."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
+from distbelief.client.rows import ShardPart, split_for_pull
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.wire import Message
 from distbelief.wire.error_kinds import kind_of
-from distbelief.wire.row_ops import ROWS_HELLO
+from distbelief.wire.row_ops import PULL_ROWS, ROWS_HELLO
+
+
+def _answer(service: ShardService, request: Message) -> Message:
+    connection = service.open_connection("127.0.0.1:1")
+    return service.handlers.routes[request.op].handler(connection, request)
 
 
 def _hello(service: ShardService, tables: dict) -> Message:
-    connection = service.open_connection("127.0.0.1:1")
-    handler = service.handlers.routes[ROWS_HELLO].handler
-    return handler(connection, Message(ROWS_HELLO, {"shard_id": 0, "tables": tables}))
+    return _answer(service, Message(ROWS_HELLO, {"shard_id": 0, "tables": tables}))
 
 
 @pytest.mark.parametrize(
@@ -33,3 +39,32 @@ def test_a_refused_rows_hello_declares_none_of_its_tables(tables, match):
     assert kind_of(refused.value) == "bad_request"
     assert service.tables.names() == ["ads"]
     assert set(_hello(service, {"users": 16}).meta["tables"]) == {"ads", "users"}
+
+
+def test_a_pull_of_more_rows_than_one_request_may_ask_for_is_refused():
+    # 20,000 ids of a 65,536-wide table: a 160 KB request for 5 GB of rows.
+    service = ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1)))
+    _hello(service, {"wide": 65536})
+    ids = torch.arange(20_000)
+    pull = Message(PULL_ROWS, {"tables": ["wide"], "counts": [20_000]}, [("ids", ids)])
+    with pytest.raises(ValueError, match="past the 268435456 one request may ask for") as refused:
+        _answer(service, pull)
+    assert kind_of(refused.value) == "bad_request"
+    assert service.tables.num_pulled_rows == 0
+    few = Message(PULL_ROWS, {"tables": ["wide"], "counts": [10]}, [("ids", ids[:10])])
+    assert _answer(service, few).tensors[0][1].numel() == 10 * 65536
+
+
+def test_a_pull_is_split_into_requests_within_the_limit_in_order():
+    ids = torch.tensor([10, 11, 12, 13, 14, 20, 21, 30])
+    part = ShardPart(["a", "b", "c"], [5, 2, 1], ids, None)
+    pieces = split_for_pull(part, [2, 4, 2], max_bytes=3 * 8)  # 3 rows of a, 1.5 of b
+    assert [(p.names, p.counts, p.ids.tolist()) for p in pieces] == [
+        (["a"], [3], [10, 11, 12]),
+        (["a"], [2], [13, 14]),
+        (["b"], [1], [20]),
+        (["b", "c"], [1, 1], [21, 30]),
+    ]
+    positions = [[t.tolist() for t in p.positions] for p in pieces]
+    assert positions == [[[0, 1, 2]], [[3, 4]], [[0]], [[1], [0]]]
+    assert split_for_pull(part, [2, 4, 2], max_bytes=8 * 8 + 2 * 16) == [part]

@@ -24,11 +24,11 @@ from distbelief.errors import ConsistencyMismatchError, ModelMismatchError, Remo
 from distbelief.hosts import parse_addresses
 from distbelief.sharding.rows import row_shard
 from distbelief.wire import Message
-from distbelief.wire.row_ops import PULL_ROWS, PUSH_ROWS, ROWS_HELLO
+from distbelief.wire.row_ops import MAX_PULL_ROWS_BYTES, PULL_ROWS, PUSH_ROWS, ROWS_HELLO
 from distbelief.wire.security import WireSecurity
 
 
-class _ShardPart(NamedTuple):
+class ShardPart(NamedTuple):
     """One shard's share of a request: its tables (in request order), how many ids each has
     there, those ids concatenated, and each table's positions of them in the caller's ids
     (None: the shard has them all, in order)."""
@@ -43,13 +43,8 @@ class PendingRows:
     """A pull under way: ``result()`` waits for every shard's answer and puts the rows in the
     order the ids were given."""
 
-    def __init__(self, client: RowClient, ids_by_table: dict, plans: list, sent: list) -> None:
-        self._client, self._ids_by_table, self._plans, self._sent = (
-            client,
-            ids_by_table,
-            plans,
-            sent,
-        )
+    def __init__(self, client: RowClient, ids_by_table: dict, sent: list) -> None:
+        self._client, self._ids_by_table, self._sent = client, ids_by_table, sent
 
     def result(self) -> dict[str, torch.Tensor]:
         """Each table's rows ``[n, D]``.
@@ -57,16 +52,15 @@ class PendingRows:
         Raises:
             ShardTimeoutError / ShardUnavailableError / RemoteError: a shard did not answer.
         """
-        client, plans = self._client, self._plans
-        replies = client.wait([future for _, future in self._sent])
+        client = self._client
+        replies = client.wait([future for _, _, future in self._sent])
         out: dict[str, torch.Tensor] = {}
-        if client.num_shards > 1:
+        if any(part.positions is not None for _, part, _ in self._sent):
             out = {
                 name: torch.empty(ids.numel(), client.tables[name])
                 for name, ids in self._ids_by_table.items()
             }
-        for (shard_id, _), reply in zip(self._sent, replies, strict=True):
-            part = plans[shard_id]
+        for (shard_id, part, _), reply in zip(self._sent, replies, strict=True):
             flat = reply.tensors[0][1] if reply.tensors else torch.zeros(0)
             dims = [client.tables[name] for name in part.names]
             sizes = [n * d for n, d in zip(part.counts, dims, strict=True)]
@@ -81,6 +75,46 @@ class PendingRows:
         for name, ids in self._ids_by_table.items():  # tables with no ids at all
             out.setdefault(name, torch.zeros(ids.numel(), client.tables[name]))
         return out
+
+
+def split_for_pull(part: ShardPart, dims: Sequence[int], max_bytes: int) -> list[ShardPart]:
+    """``part`` as requests of at most ``max_bytes`` of rows each (ids x width x 4), in
+    order; a table's ids may continue into the next request. One request if it fits."""
+    row_bytes = [dim * 4 for dim in dims]
+    if max(row_bytes, default=0) > max_bytes:
+        raise ValueError(f"a row of {max(row_bytes)} bytes does not fit {max_bytes} per request")
+    if sum(count * size for count, size in zip(part.counts, row_bytes, strict=True)) <= max_bytes:
+        return [part]
+    positions = part.positions or [torch.arange(count) for count in part.counts]
+    starts = list(itertools.accumulate(part.counts, initial=0))
+    pieces: list[ShardPart] = []
+    chunk: list[tuple[int, int, int]] = []  # (table, first, end) of the request being filled
+    room = max_bytes
+    for t, count in enumerate(part.counts):
+        first = 0
+        while first < count:
+            take = min(count - first, room // row_bytes[t])
+            if take == 0:  # this request is full (every row fits in an empty one)
+                pieces.append(_chunk_part(part, positions, starts, chunk))
+                chunk, room = [], max_bytes
+                continue
+            chunk.append((t, first, first + take))
+            room -= take * row_bytes[t]
+            first += take
+    if chunk:
+        pieces.append(_chunk_part(part, positions, starts, chunk))
+    return pieces
+
+
+def _chunk_part(
+    part: ShardPart, positions: list[torch.Tensor], starts: list[int], chunk: list
+) -> ShardPart:
+    return ShardPart(
+        [part.names[t] for t, _, _ in chunk],
+        [end - first for _, first, end in chunk],
+        torch.cat([part.ids[starts[t] + first : starts[t] + end] for t, first, end in chunk]),
+        [positions[t][first:end] for t, first, end in chunk],
+    )
 
 
 class RowClient(ShardLanes):
@@ -130,6 +164,8 @@ class RowClient(ShardLanes):
         self.worker_id = worker_id
         self.settings: dict = {}
         """The shards' row settings (optimizer, admission, eviction), as they described them."""
+        self.max_pull_bytes = MAX_PULL_ROWS_BYTES
+        """The most bytes of rows one request asks a shard for: a larger pull is split."""
         self._push_seq = itertools.count(1)
         self._session = secrets.token_hex(8)
 
@@ -165,7 +201,7 @@ class RowClient(ShardLanes):
 
     def _plan(
         self, ids_by_table: Mapping[str, torch.Tensor], *, every_shard: bool = False
-    ) -> list[_ShardPart | None]:
+    ) -> list[ShardPart | None]:
         """What each shard gets of ``ids_by_table`` (None: nothing; ``every_shard``: every
         table on every shard, with no ids where it owns none). One hash of all the ids at once,
         not one per table: a step's 26 tables cost the same few tensor ops as one."""
@@ -177,13 +213,13 @@ class RowClient(ShardLanes):
         sizes = [ids.numel() for ids in ids_list]
         all_ids = torch.cat(ids_list) if ids_list else torch.zeros(0, dtype=torch.int64)
         if self.num_shards == 1:
-            return [_ShardPart(names, sizes, all_ids, None)] if names else [None]
+            return [ShardPart(names, sizes, all_ids, None)] if names else [None]
         owners = row_shard(all_ids, self.num_shards)
         order = torch.sort(owners, stable=True).indices
         by_owner = torch.bincount(owners, minlength=self.num_shards).tolist()
         table_of = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))
         offsets = torch.tensor([0, *itertools.accumulate(sizes)][:-1], dtype=torch.int64)
-        plans: list[_ShardPart | None] = []
+        plans: list[ShardPart | None] = []
         for positions in torch.split(order, by_owner):
             # Positions ascend within a shard, so its ids come grouped by table, in order.
             tables_here = table_of[positions]
@@ -191,7 +227,7 @@ class RowClient(ShardLanes):
             pieces = torch.split(positions - offsets[tables_here], counts)
             keep = [t for t, count in enumerate(counts) if count or every_shard]
             plans.append(
-                _ShardPart(
+                ShardPart(
                     [names[t] for t in keep],
                     [counts[t] for t in keep],
                     all_ids[positions],
@@ -202,16 +238,17 @@ class RowClient(ShardLanes):
             )
         return plans
 
-    def _send_each(self, plans: list, make_message, *, now: bool) -> list[tuple[int, object]]:
-        """(shard id, future) of one request per shard with a part; with ``now`` the last
-        runs on this thread, after the others are queued."""
-        asked = [shard_id for shard_id, part in enumerate(plans) if part is not None]
-        futures = []
-        for position, shard_id in enumerate(asked):
+    def _send_each(
+        self, parts: list[tuple[int, ShardPart]], make_message, *, now: bool
+    ) -> list[tuple[int, ShardPart, cf.Future]]:
+        """(shard id, part, future) of one request per part; with ``now`` the last runs on
+        this thread, after the others are queued."""
+        sent = []
+        for position, (shard_id, part) in enumerate(parts):
             lane = self._lanes[shard_id]
-            run = lane.run_now if now and position == len(asked) - 1 else lane.submit
-            futures.append((shard_id, run(self._request, shard_id, make_message(plans[shard_id]))))
-        return futures
+            run = lane.run_now if now and position == len(parts) - 1 else lane.submit
+            sent.append((shard_id, part, run(self._request, shard_id, make_message(part))))
+        return sent
 
     def pull(self, ids_by_table: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The rows ``[n, D]`` of each table's ids ``[n]`` (ids without a row read as the
@@ -228,14 +265,20 @@ class RowClient(ShardLanes):
         return self._start_pull(ids_by_table, now=False)
 
     def _start_pull(self, ids_by_table, now: bool) -> PendingRows:
-        plans = self._plan(ids_by_table)
+        parts = [
+            (shard_id, piece)
+            for shard_id, part in enumerate(self._plan(ids_by_table))
+            if part is not None
+            for piece in split_for_pull(
+                part, [self.tables[name] for name in part.names], self.max_pull_bytes
+            )
+        ]
 
-        def message(part: _ShardPart) -> Message:
+        def message(part: ShardPart) -> Message:
             meta = {"tables": part.names, "counts": part.counts}
             return Message(PULL_ROWS, meta, [("ids", part.ids)])
 
-        sent = self._send_each(plans, message, now=now)
-        return PendingRows(self, dict(ids_by_table), plans, sent)
+        return PendingRows(self, dict(ids_by_table), self._send_each(parts, message, now=now))
 
     def push(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[cf.Future]:
         """Sends each table's unique ids ``[n]`` and summed gradient rows ``[n, D]`` to their
@@ -253,7 +296,7 @@ class RowClient(ShardLanes):
         plans = self._plan({name: ids for name, (ids, _) in updates.items()}, every_shard=True)
         seq = next(self._push_seq)
 
-        def message(part: _ShardPart) -> Message:
+        def message(part: ShardPart) -> Message:
             if part.positions is None:
                 grads = [updates[name][1].reshape(-1) for name in part.names]
             else:
@@ -272,7 +315,8 @@ class RowClient(ShardLanes):
             flat = torch.cat(grads).float() if grads else torch.zeros(0)
             return Message(PUSH_ROWS, meta, [("ids", part.ids), ("grads", flat)])
 
-        return [future for _, future in self._send_each(plans, message, now=now)]
+        parts = [(shard_id, part) for shard_id, part in enumerate(plans) if part is not None]
+        return [future for _, _, future in self._send_each(parts, message, now=now)]
 
     def stats(self) -> list[dict]:
         """Each shard's tables: settings and per-table counters (rows, admitted, evicted,

@@ -29,6 +29,7 @@ from distbelief.server.row_optimizers import (
 )
 from distbelief.server.row_table import RowTable
 from distbelief.sharding.rows import row_shard
+from distbelief.wire.row_ops import MAX_PULL_ROWS_BYTES
 
 ROW_OPTIMIZERS = ("sgd", "adagrad", "rowwise-adagrad", "adam")
 """The row optimizers a shard can run (``--row-optimizer``)."""
@@ -198,12 +199,18 @@ class ShardTables:
         after the other), flattened in that order.
 
         Raises:
-            ValueError: an undeclared table, counts that do not match, or ids this shard does
-                not own.
+            ValueError: an undeclared table, counts that do not match, ids this shard does
+                not own, or more than ``MAX_PULL_ROWS_BYTES`` of rows.
         """
         parts = self._split_ids(counts, ids)
         with self._lock:
             tables = [self._table(name) for name in names]
+            asked = sum(count * table.dim * 4 for count, table in zip(counts, tables, strict=True))
+            if asked > MAX_PULL_ROWS_BYTES:
+                raise ValueError(
+                    f"a pull of {asked} bytes of rows is past the {MAX_PULL_ROWS_BYTES} one "
+                    "request may ask for: split it"
+                )
             rows = [table.pull(part).reshape(-1) for table, part in zip(tables, parts, strict=True)]
             self.num_pulled_rows += ids.numel()
         return torch.cat(rows) if rows else torch.zeros(0)

@@ -8,11 +8,18 @@ answered with one float32 ``rows`` tensor, the tables' rows flattened in the sam
 with a session and sequence number so a retried push is applied once. One tensor per request,
 not one per table: a step of 26 tables costs one frame of each kind per shard. What the ops do
 lives in ``server/row_service.py``.
+
+A ``PULL_ROWS`` asks for at most ``MAX_PULL_ROWS_BYTES`` of rows: a request of a few kilobytes
+of ids could otherwise make a shard allocate gigabytes (20,000 ids of a 65,536-wide table are
+5 GB). A row client splits a larger pull into several requests; a shard refuses one past it.
 """
 
 from __future__ import annotations
 
 from distbelief.wire.ops import define_op
+
+MAX_PULL_ROWS_BYTES = 256 * 1024**2
+"""The most bytes of rows (ids x row width x 4) one ``PULL_ROWS`` may ask a shard for."""
 
 ROWS_HELLO = define_op("ROWS_HELLO", 24)
 """Declare tables (``tables``: name -> row width); the reply describes the shard's tables."""

@@ -52,6 +52,7 @@ def make_links() -> Iterator[Callable[..., WireLinks]]:
         next_address: str | None = None,
         security: WireSecurity | None = SECURITY,
         plan: dict[str, object] | None = None,
+        first_step: int | None = None,
     ) -> WireLinks:
         links = wire_links(
             stage,
@@ -61,6 +62,7 @@ def make_links() -> Iterator[Callable[..., WireLinks]]:
             security=security,
             timeout_s=TIMEOUT_S,
             plan=plan,
+            first_step=first_step,
         )
         made.append(links)
         return links
@@ -432,6 +434,24 @@ def test_a_micro_batch_past_the_plans_last_is_refused_and_keeps_no_slot(make_lin
     assert torch.equal(last.recv_forward(0, 1, TIMEOUT_S), torch.ones(2))
 
 
+def test_an_activation_past_the_next_step_is_refused_and_the_real_one_goes_through(make_links):
+    # Taken, a step far ahead would hold the slot: the real activation would be refused and
+    # the stage would wait for it until its timeout.
+    last = make_links(1, 2, first_step=101)
+    first = make_links(0, 2, last.address)
+    first.wait_for_peer(TIMEOUT_S)
+    ahead = r"step 9223372036854775807, micro-batch 0 is ahead of stage 1, which is at step 100"
+    with pytest.raises(PipelineError, match=ahead):
+        first.send_forward(2**63 - 1, 0, torch.ones(2))
+    with pytest.raises(PipelineError, match="may send step 101 at most"):
+        first.send_forward(102, 0, torch.ones(2))
+    first.send_forward(101, 0, torch.ones(2))
+    assert torch.equal(last.recv_forward(101, 0, TIMEOUT_S), torch.ones(2))
+    last.send_backward(101, 0, torch.full((2,), 3.0))
+    assert torch.equal(first.recv_backward(101, 0, TIMEOUT_S), torch.full((2,), 3.0))
+    first.send_forward(102, 0, torch.ones(2))
+
+
 def test_out_of_order_traffic_is_refused(make_links):
     first, last = _chain(make_links, 2)
     x = torch.ones(4)
@@ -441,9 +461,12 @@ def test_out_of_order_traffic_is_refused(make_links):
     last.recv_forward(0, 0, TIMEOUT_S)
     with pytest.raises(PipelineError, match=r"step 0, micro-batch 0 comes after step 0"):
         first.send_forward(0, 0, x)
-    first.send_forward(2, 0, x)
-    with pytest.raises(PipelineError, match=r"asked for the activation of step 1.*already sent"):
-        last.recv_forward(1, 0, TIMEOUT_S)
+    ahead = "step 2, micro-batch 0 is ahead of stage 1, which is at step 0: the stage before may"
+    with pytest.raises(PipelineError, match=ahead):
+        first.send_forward(2, 0, x)
+    first.send_forward(1, 1, x)
+    with pytest.raises(PipelineError, match=r"asked for the activation of step 0.*already sent"):
+        last.recv_forward(0, 1, TIMEOUT_S)
 
     last.send_backward(2, 0, x)
     with pytest.raises(PipelineError, match="has not fetched the gradient of step 2"):
@@ -451,8 +474,8 @@ def test_out_of_order_traffic_is_refused(make_links):
     first.recv_backward(2, 0, TIMEOUT_S)
     with pytest.raises(PipelineError, match=r"refused the gradient of step 1.*is gone"):
         first.recv_backward(1, 0, TIMEOUT_S)
-    # The sender counts what the next stage acknowledged (step 2's activation too), the
-    # receiver what its steps took (step 2's never was); what was refused counts nowhere.
+    # The sender counts what the next stage acknowledged (step 1's activation too), the
+    # receiver what its steps took (step 1's never was); what was refused counts nowhere.
     assert first.counters.bytes_sent == 2 * 16
     assert last.counters.bytes_received == 16
     assert first.counters.bytes_received == last.counters.bytes_sent == 16

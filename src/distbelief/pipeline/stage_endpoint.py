@@ -6,8 +6,10 @@ index has a slot in the inbox (activations, received straight into a reused buff
 the outbox (gradients, copied into a reused buffer until fetched). A slot remembers the step it
 holds and whether its tensor was taken, which is how out-of-order traffic is caught:
 
-- an activation may only arrive for a slot whose previous activation was taken, and for a
-  later step than it held;
+- an activation may only arrive for a slot whose previous activation was taken, for a later
+  step than it held, and at most one step past the latest the main thread asked for (the
+  stage before sends step s + 1 only once it fetched the gradients of step s, which this stage
+  leaves after taking step s's activations; before any ask, the first step);
 - the stage's main thread waits for the slot to hold exactly the step it asks for (an older
   step means not yet, a newer one is a protocol violation);
 - a gradient fetch for an older step than the outbox holds is refused (it is gone), one for a
@@ -83,6 +85,9 @@ class StageEndpoint:
         first_contact_timeout_s: How long, from now, the stage before may take to connect at
             all: until it has, :meth:`take_activation` waits at least until then, and after
             its first connection at least its own timeout from that moment.
+        first_step: The step this stage trains first (a restarted replica's step + 1): no
+            activation may come for a later one before the main thread asks for it. None: any
+            step until the main thread's first ask.
 
     Raises:
         ValueError: ``stage`` is not in 1..num_stages - 1.
@@ -96,6 +101,7 @@ class StageEndpoint:
         plan: dict[str, object] | None = None,
         *,
         first_contact_timeout_s: float = 0.0,
+        first_step: int | None = None,
     ) -> None:
         if type(num_stages) is not int or type(stage) is not int or not 0 < stage < num_stages:
             raise ValueError(
@@ -118,6 +124,9 @@ class StageEndpoint:
         self.handlers.register(STAGE_HELLO, _Connection.hello)
         self._changed = threading.Condition()
         """Guards everything below; notified whenever a slot changes or the endpoint closes."""
+        self._latest_step: int | None = None if first_step is None else first_step - 1
+        """The latest step the main thread asked for (before any: the one before the first):
+        the stage before may send at most the step after it."""
         self._inbox: dict[int, _Slot] = {}
         self._inbox_buffers = MicroBuffers()
         self._outbox: dict[int, _Slot] = {}
@@ -171,6 +180,9 @@ class StageEndpoint:
         """
         deadline = time.monotonic() + timeout_s
         with self._changed:
+            if self._latest_step is None or step > self._latest_step:
+                self._latest_step = step
+                self._changed.notify_all()
             while True:
                 if self._refusal is not None:
                     raise self._refusal
@@ -328,6 +340,12 @@ class StageEndpoint:
                 raise ValueError(
                     f"the activation of step {step}, micro-batch {micro} comes after step "
                     f"{slot.step}: steps must increase"
+                )
+            if self._latest_step is not None and step > self._latest_step + 1:
+                raise ValueError(
+                    f"the activation of step {step}, micro-batch {micro} is ahead of stage "
+                    f"{self.stage}, which is at step {self._latest_step}: the stage before "
+                    f"may send step {self._latest_step + 1} at most"
                 )
             slot.receiving = True
 

@@ -92,6 +92,8 @@ class WireLinks:
         first_contact_timeout_s: How long, from now, the stage before may take to connect at
             all (stages started by hand, last first, one after another): until it has, a wait
             for its activation lasts at least this long (0: no longer than its own timeout).
+        first_step: The step this stage trains first: an activation for a later step is
+            refused until this stage asks for the step before it (None: no bound until then).
 
     ``counters`` count payload bytes on the stage's main thread, within the step that moves
     them: an activation when the next stage acknowledges it (sender) or when this stage takes
@@ -115,6 +117,7 @@ class WireLinks:
         source_host: str | None = None,
         plan: dict[str, object] | None = None,
         first_contact_timeout_s: float = 0.0,
+        first_step: int | None = None,
     ) -> None:
         if type(num_stages) is not int or num_stages < 1:
             raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
@@ -151,6 +154,7 @@ class WireLinks:
                 self._count_bytes,
                 self.plan,
                 first_contact_timeout_s=first_contact_timeout_s,
+                first_step=first_step,
             )
             try:
                 # A thread per connection: a handler waits for the stage's own work.

@@ -127,6 +127,7 @@ def run_stage_worker(
         # Started by hand, last first: the stage before may come later, as long as a stage
         # waits for the next one to be reachable (wait_for_peer below).
         first_contact_timeout_s=config.faults.timeout_s + config.faults.retry_timeout_s,
+        first_step=resume_step + 1,
     )
     optimizer = None
     try:

@@ -115,10 +115,38 @@ def test_append_keeps_earlier_rows_and_writes_one_header(tmp_path) -> None:
         writer.write(first)
     with MetricsWriter(path, append=True) as writer:
         writer.write(second)
-    assert read_metrics(path) == [first, second]
+    assert read_metrics(path) == [first, {**second, "time_s": 0.25 + 0.5}]
     with MetricsWriter(tmp_path / "new.csv", append=True) as writer:  # a new file: header too
         writer.write(first)
     assert read_metrics(tmp_path / "new.csv") == [first]
+
+
+def test_appended_rows_continue_the_clock_of_the_rows_before(tmp_path) -> None:
+    # A resumed run's processes count time_s from their own start again: its rows must come
+    # after the first run's on a plot's time axis, not among them.
+    path = tmp_path / "metrics.csv"
+    first_run = [make_record("worker", 0, time_s=t, step=s) for s, t in ((1, 0.5), (2, 3.0))]
+    last_shard = make_record("shard", 0, time_s=2.5, version=4)  # written after, stamped before
+    with MetricsWriter(path) as writer:
+        for record in [*first_run, last_shard]:
+            writer.write(record)
+    resumed = make_record("worker", 0, time_s=0.0, step=1)
+    with MetricsWriter(path, append=True) as writer:
+        writer.write(resumed)
+        writer.write({**resumed, "time_s": 1.5})
+    times_s = [record["time_s"] for record in read_metrics(path)]
+    assert times_s == [0.5, 3.0, 2.5, 3.0, 4.5]
+    assert resumed["time_s"] == 0.0  # the caller's record is left as it was
+
+
+def test_the_clock_of_a_large_file_is_read_from_its_last_rows(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    with MetricsWriter(path) as writer:
+        for step in range(1, 3001):  # well past the tail that is read
+            writer.write(make_record("worker", 0, time_s=1000.0 + step, step=step))
+    with MetricsWriter(path, append=True) as writer:
+        writer.write(make_record("worker", 0, time_s=1.0, step=1))
+    assert read_metrics(path)[-1]["time_s"] == 4001.0
 
 
 def test_append_to_a_file_of_another_layout_is_refused(tmp_path) -> None:
@@ -152,7 +180,7 @@ def test_append_drops_a_last_line_cut_off_mid_write(tmp_path, caplog) -> None:
     path.write_bytes(whole[:-10])  # the writer of the second row was killed mid-row
     with MetricsWriter(path, append=True) as writer:
         writer.write(third)
-    assert read_metrics(path) == [first, third]
+    assert read_metrics(path) == [first, {**third, "time_s": 0.25 + 1.0}]
     [line] = [r.getMessage() for r in caplog.records if "dropped its last line" in r.getMessage()]
     assert str(path) in line and "worker,1" in line
 
@@ -207,7 +235,7 @@ def test_append_to_a_file_of_an_earlier_layout_rewrites_it_in_this_one(tmp_path)
     assert header == ",".join(METRIC_FIELDS)
     rows = read_metrics(path)
     assert (rows[0]["time_s"], rows[0]["step"], rows[0]["portions"]) == (1.5, 3, None)
-    assert rows[1] == first
+    assert rows[1] == {**first, "time_s": 1.5 + 0.25}
 
 
 def test_coordinator_records_carry_the_iteration_figures() -> None:

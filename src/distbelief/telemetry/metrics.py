@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import numbers
 import os
 from pathlib import Path
@@ -180,7 +181,10 @@ class MetricsWriter(ClosedOnExit):
             path: the CSV file to write; its parent folder is created if missing.
             append: keep the rows of an existing ``path`` and add after them (a header is
                 written only if the file is new or empty). A last line cut off mid-write (its
-                writer was killed) is dropped first, and logged.
+                writer was killed) is dropped first, and logged. The rows added continue the
+                file's clock: each one's ``time_s`` is counted from the latest ``time_s``
+                already there, so a resumed run's records follow the earlier ones in time
+                instead of starting again at 0 among them.
 
         Raises:
             ValueError: ``append`` is set and ``path`` has a header other than
@@ -196,6 +200,9 @@ class MetricsWriter(ClosedOnExit):
             # The file appears with its header (a rename): a reader of a live run folder (a
             # plot, a watcher) finds no file or a headed one, never an empty one.
             write_text_atomic(self.path, ",".join(METRIC_FIELDS) + "\n")
+        # Every writer counts time_s from its own start; appended rows would otherwise
+        # interleave with the earlier ones on a time axis.
+        self._time_offset_s = _latest_time_s(self.path) if has_rows else 0.0
         # buffering=1 is line buffering: each row is handed to the OS at its newline.
         self._file = self.path.open("a", newline="", encoding="utf-8", buffering=1)
         self._csv = csv.writer(self._file, lineterminator="\n")
@@ -215,6 +222,8 @@ class MetricsWriter(ClosedOnExit):
         unknown = sorted(set(record) - set(METRIC_FIELDS))
         if unknown:
             raise ValueError(f"unknown metrics field(s) {unknown} in record for {self.path}")
+        if self._time_offset_s and record.get("time_s") is not None:
+            record = {**record, "time_s": float(record["time_s"]) + self._time_offset_s}
         self._csv.writerow([_format_cell(record.get(name)) for name in METRIC_FIELDS])
         self._file.flush()
 
@@ -247,6 +256,26 @@ def _prepare_for_append(path: Path) -> bool:
     if header != METRIC_FIELDS:
         _rewrite_in_this_layout(path, header)
     return end > 0
+
+
+def _latest_time_s(path: Path, tail_bytes: int = 65536) -> float:
+    """The largest ``time_s`` among the last rows of ``path`` (0.0 if none parses). Only its
+    tail is read: rows are written about in time order, and a run's file can be large."""
+    with path.open("rb") as f:
+        start = max(0, f.seek(0, os.SEEK_END) - tail_bytes)
+        f.seek(start)
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    if start > 0:
+        lines = lines[1:]  # begins mid-line: its first cell may be the end of a number
+    latest = 0.0
+    for line in lines:  # the header's first cell is no number
+        try:
+            time_s = float(line.split(",", 1)[0])
+        except ValueError:
+            continue
+        if math.isfinite(time_s):
+            latest = max(latest, time_s)
+    return latest
 
 
 def check_appendable(path: Path) -> None:

@@ -54,7 +54,8 @@ METRIC_FIELDS = (
     "rows_pulled",
     "rows_pushed",
 )
-"""The CSV columns, in order. ``time_s`` is seconds since the run started; ``staleness`` is
+"""The CSV columns, in order. ``time_s`` is seconds since the run started (a resumed run's
+rows count on from the last row before them, its stopped time left out); ``staleness`` is
 the mean staleness of a worker's pushes (or of a shard's received pushes) since its previous
 record; ``pushes_per_s`` and ``bytes_per_s`` (received plus sent, through its socket or shared
 memory) are a shard's rates since its previous record; ``bytes_pushed``, ``bytes_pulled``

@@ -19,6 +19,7 @@ from distbelief.plots import (
     run_title,
     total_rate,
 )
+from distbelief.plots import compare as compare_plots
 from distbelief.plots import run as run_plots
 from distbelief.plots.run import batch_size_of
 from distbelief.telemetry import MetricsWriter, make_record
@@ -152,6 +153,35 @@ def test_run_labels_show_the_config_and_what_differs() -> None:
         "4w x 2s, adagrad, n_push=1 (x)",
         "4w x 2s, adagrad, n_push=1 (y)",
     ]
+
+
+def _job_run(name: str, records: list[dict], **fields: object) -> RunData:
+    """A run of a real job's config.json: every field, as ``distbelief train`` writes it."""
+    config = JobConfig.from_fields({"cluster.num_workers": 2, "cluster.num_shards": 2, **fields})
+    return RunData(Path(name), records, dotted_fields(json.loads(config.to_json())))
+
+
+def _iterations(role: str, **fields: object) -> list[dict]:
+    return [make_record(role, 0, time_s=0.5 * step, step=step, **fields) for step in range(1, 9)]
+
+
+def test_a_sandblaster_run_is_compared_as_one_and_not_in_downpour_terms(tmp_path) -> None:
+    downpour = _job_run("downpour", [], **{"consistency.sync": True})
+    sandblaster_records = _iterations("worker", portions=4) + _iterations("coordinator", loss=1.0)
+    sandblaster = _job_run("lbfgs", sandblaster_records, **{"optimizer.algorithm": "sandblaster"})
+    pipeline = _job_run("pipe", [], **{"pipeline.num_partitions": 2, "model.name": "mlp"})
+    # Its shards run no SGD, it pushes no Downpour steps and is not "async": none of it shows
+    # (its batch is the whole training set); a partitioned replica says so.
+    assert run_labels([downpour, sandblaster, pipeline]) == [
+        "2w x 2s, sgd, n_push=1, model=lenet, batch_size=32, sync, partitions=1",
+        "2w x 2s, sandblaster L-BFGS, history=10, model=lenet",
+        "2w x 2s, sgd, n_push=1, model=mlp, batch_size=32, async, partitions=2",
+    ]
+    # Its training loss is the coordinator's batch loss; its steps are iterations, which an
+    # axis of samples/s does not show.
+    assert compare_plots._mean_train_loss(sandblaster)[1] == [1.0] * 8
+    assert compare_plots._throughput(sandblaster) == ([], [])
+    assert compare_plots._throughput(_job_run("d", _iterations("worker")))[1][-1] == 64.0
 
 
 def test_total_rate_sums_the_workers() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from distbelief.config import DOWNPOUR_ONLY_FIELDS
 from distbelief.plots.run import (
     FIGURE_SIZE_IN,
     RunData,
@@ -46,6 +47,7 @@ _LABEL_KEYS = {
     "consistency.max_staleness": "max_staleness",
     "consistency.staleness_policy": "staleness_policy",
     "optimizer.warmstart_steps": "warmstart_steps",
+    "pipeline.num_partitions": "partitions",
     "reporting.eval_every_s": "eval_every_s",
     "reporting.eval_during_training": "eval_during_training",
     "model.seed": "seed",
@@ -71,12 +73,18 @@ def _evaluator_series(field: str) -> Callable[[RunData], Series]:
     return series
 
 
+def _is_sandblaster(config: dict[str, Any]) -> bool:
+    return config.get("optimizer.algorithm", "downpour") == "sandblaster"
+
+
 def _mean_train_loss(run: RunData) -> Series:
-    """The workers' training loss, averaged per time bin (workers report at different times)."""
+    """The workers' training loss, averaged per time bin (workers report at different times);
+    a Sandblaster run's is its coordinator's batch loss (its workers report no loss)."""
+    role = "coordinator" if _is_sandblaster(run.config) else "worker"
     bin_s = time_bin_s(run.records)
     sums: dict[int, list[float]] = {}
     for record in run.records:
-        if record["role"] == "worker" and record["loss"] is not None:
+        if record["role"] == role and record["loss"] is not None:
             total_count = sums.setdefault(int(record["time_s"] // bin_s), [0.0, 0.0])
             total_count[0] += record["loss"]
             total_count[1] += 1
@@ -85,9 +93,14 @@ def _mean_train_loss(run: RunData) -> Series:
 
 
 def _throughput(run: RunData) -> Series:
+    """Samples/s of all workers; none for a run whose steps are not batches of a known size
+    (a Sandblaster worker's step is an L-BFGS iteration), rather than its steps/s on an axis
+    of samples/s."""
+    batch_size = batch_size_of(run.config)
+    if batch_size is None:
+        return [], []
     times_s, rates = total_rate(run.records)
-    scale = batch_size_of(run.config) or 1
-    return times_s, [rate * scale for rate in rates]
+    return times_s, [rate * batch_size for rate in rates]
 
 
 _COMPARISONS = (
@@ -196,6 +209,10 @@ def _base_label(config: dict[str, Any]) -> str:
     workers = config.get("cluster.num_workers", "?")
     shards = config.get("cluster.num_shards", "?")
     parts = [f"{workers}w x {shards}s"]
+    if _is_sandblaster(config):
+        # Its shards run no server optimizer and its workers push no Downpour steps.
+        parts.append(f"sandblaster L-BFGS, history={config.get('sandblaster.history', '?')}")
+        return ", ".join(parts)
     if "server.optimizer" in config:
         parts.append(str(config["server.optimizer"]))
     if "optimizer.n_push" in config:
@@ -203,15 +220,27 @@ def _base_label(config: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+_DOES_NOT_APPLY = object()
+"""A run's value of a setting its algorithm does not use: neither shown in its label nor a
+difference from the runs that use it."""
+
+
 def _label_value(config: dict, key: str) -> object:
     """A run's value of ``key`` as a label shows it: a Downpour run given no batch size ran
-    batches of the default size, the same as one given that size."""
-    if (
-        key == "optimizer.batch_size"
-        and config.get("optimizer.algorithm", "downpour") == "downpour"
-    ):
+    batches of the default size, the same as one given that size; a Sandblaster run has no
+    value of a Downpour setting (it is not async, say, only not sync)."""
+    if _is_sandblaster(config) and _applies_to_downpour_only(key):
+        return _DOES_NOT_APPLY
+    if key == "optimizer.batch_size" and not _is_sandblaster(config):
         return batch_size_of(config) if config else None
     return config.get(key)
+
+
+def _applies_to_downpour_only(key: str) -> bool:
+    section, _, name = key.partition(".")
+    names = DOWNPOUR_ONLY_FIELDS.get(section)
+    # An empty tuple stands for the whole section.
+    return names is not None and (not names or name in names)
 
 
 def run_labels(runs: Sequence[RunData]) -> list[str]:
@@ -221,9 +250,11 @@ def run_labels(runs: Sequence[RunData]) -> list[str]:
     labels = [_base_label(run.config) if run.config else run.run_dir.name for run in runs]
     for key, shown in _LABEL_KEYS.items():
         values = [_label_value(run.config, key) for run in runs]
-        if len({repr(value) for value in values}) > 1:
+        if len({repr(value) for value in values if value is not _DOES_NOT_APPLY}) > 1:
             labels = [
-                f"{label}, {_label_part(shown, value)}" if value is not None else label
+                f"{label}, {_label_part(shown, value)}"
+                if value is not None and value is not _DOES_NOT_APPLY
+                else label
                 for label, value in zip(labels, values, strict=True)
             ]
     if len(set(labels)) < len(labels):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from distbelief.server.row_optimizers import LazyAdam, RowAdagrad, RowSGD
+from distbelief.server.row_optimizers import LazyAdam, RowAdagrad, RowSGD, RowWiseAdagrad
 from distbelief.server.row_table import RowTable
 
 DIM = 4
@@ -147,10 +149,24 @@ def _assert_state_equal(got: dict, expected: dict) -> None:
 
 def test_load_rejects_another_optimizer_or_dim():
     saved = RowTable(DIM, RowAdagrad(0.5)).state_dict()
-    with pytest.raises(ValueError, match="row optimizer"):
+    with pytest.raises(ValueError, match="row-optimizer"):
         RowTable(DIM, LazyAdam()).load_state_dict(saved)
     with pytest.raises(ValueError, match="dim"):
         RowTable(DIM + 1, RowAdagrad(0.5)).load_state_dict(saved)
+
+
+@pytest.mark.parametrize(
+    ("saved_with", "loaded_with", "message"),
+    [
+        (LazyAdam(), RowAdagrad(0.5), "is for --row-optimizer adam, not adagrad"),
+        (RowWiseAdagrad(0.5), RowSGD(0.5), "is for --row-optimizer rowwise-adagrad, not sgd"),
+    ],
+)
+def test_another_optimizer_is_named_as_the_flag_takes_it(saved_with, loaded_with, message):
+    # A shard restarted without the job's --row-optimizer is told the value to give.
+    saved = RowTable(DIM, saved_with).state_dict()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RowTable(DIM, loaded_with).load_state_dict(saved)
 
 
 def test_normal_init_is_reproducible_by_id():

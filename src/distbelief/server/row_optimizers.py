@@ -34,6 +34,8 @@ class RowOptimizer(abc.ABC):
     """
 
     name = "row_optimizer"
+    flag_name = ""
+    """Its name as ``--row-optimizer`` takes it (the stored ``name`` predates the flag)."""
 
     def state_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
         """The per-row state tensors for rows of ``dim`` values: name -> shape of one row."""
@@ -65,6 +67,7 @@ class RowSGD(RowOptimizer):
     """Plain SGD: ``w -= lr * g``. No state."""
 
     name = "sgd"
+    flag_name = "sgd"
 
     def __init__(self, lr: float) -> None:
         _check_lr(lr)
@@ -79,6 +82,7 @@ class RowAdagrad(RowOptimizer):
     ``acc += g^2; w -= lr * g / (sqrt(acc) + eps)`` on the touched rows. D floats per row."""
 
     name = "adagrad"
+    flag_name = "adagrad"
 
     def __init__(self, lr: float, eps: float = 1e-10, initial_accumulator_value: float = 0.0):
         _check_lr(lr)
@@ -108,6 +112,7 @@ class RowWiseAdagrad(RowOptimizer):
     w -= lr * g / (sqrt(acc) + eps)``. One float of state per row instead of D."""
 
     name = "rowwise_adagrad"
+    flag_name = "rowwise-adagrad"
 
     def __init__(self, lr: float, eps: float = 1e-10) -> None:
         _check_lr(lr)
@@ -130,6 +135,7 @@ class LazyAdam(RowOptimizer):
     per parameter, advanced on every ``step()``, not one per row). 2*D floats per row."""
 
     name = "lazy_adam"
+    flag_name = "adam"
 
     def __init__(
         self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
@@ -155,3 +161,12 @@ class LazyAdam(RowOptimizer):
         exp_avg_sq.add_((grads.square() - exp_avg_sq).mul_(1 - beta2))
         step_size = self.lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         values.add_(exp_avg / exp_avg_sq.sqrt().add_(self.eps), alpha=-step_size)
+
+
+def flag_name_of(name: str) -> str:
+    """The ``--row-optimizer`` value of the row optimizer a checkpoint names ``name`` (the
+    name itself when no row optimizer has it)."""
+    for optimizer in (RowSGD, RowAdagrad, RowWiseAdagrad, LazyAdam):
+        if optimizer.name == name:
+            return optimizer.flag_name
+    return name

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 
 from distbelief.server.row_index import RowIndex
-from distbelief.server.row_optimizers import RowOptimizer
+from distbelief.server.row_optimizers import RowOptimizer, flag_name_of
 from distbelief.sharding.rows import mix64
 
 RowInit = Callable[[torch.Tensor], torch.Tensor]
@@ -369,9 +369,10 @@ class RowTable:
         if state_dict["dim"] != self.dim:
             raise ValueError(f"row table checkpoint has dim {state_dict['dim']}, not {self.dim}")
         if state_dict["optimizer"] != self.optimizer.name:
+            # Named as the user gives them: the stored names are not all the flag's values.
             raise ValueError(
-                f"row table checkpoint is for row optimizer {state_dict['optimizer']!r}, "
-                f"not {self.optimizer.name!r}"
+                "row table checkpoint is for --row-optimizer "
+                f"{flag_name_of(state_dict['optimizer'])}, not {self.optimizer.flag_name}"
             )
         ids = state_dict["ids"]
         num_rows = ids.numel()

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import torch
 
 from distbelief.client import ParameterServerClient
-from distbelief.errors import RemoteError
+from distbelief.errors import ModelMismatchError, RemoteError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.groups import ShardGroups
 from distbelief.sharding import FlatLayout, TensorSpec
@@ -109,6 +110,42 @@ def test_a_connection_serves_one_group_and_bad_names_are_refused():
             transport.close()
         with pytest.raises(RemoteError, match="parameter group name 'a b'"):
             _stats(addresses[0], {"group": "a b"})
+
+
+def test_a_whole_model_client_is_refused_by_a_partitioned_models_shards_at_once():
+    # An evaluator (no initial values) of the whole model would otherwise wait its timeout
+    # for an INIT that never comes, then blame the shards; a worker would train a model of
+    # its own beside the job's partitions.
+    whole = FIRST + SECOND
+    with _served(2) as (_, addresses):
+        stage = _client(addresses, FIRST, "stage0")
+        evaluator = ParameterServerClient(addresses, whole, timeout_s=60, retry_timeout_s=0)
+        worker = ParameterServerClient(addresses, whole, timeout_s=60, retry_timeout_s=0)
+        try:
+            _train_one_step(stage, FIRST, 0.0)
+            started = time.monotonic()
+            with pytest.raises(ModelMismatchError, match=r"partitioned model .*stage0.*--partit"):
+                evaluator.handshake(None)
+            assert time.monotonic() - started < 30  # not the client's 60 s timeout
+            with pytest.raises(ModelMismatchError, match="partitioned model"):
+                worker.handshake(FlatLayout(whole).allocate())
+        finally:
+            for client in (stage, evaluator, worker):
+                client.close()
+
+
+def test_a_partitions_client_is_refused_by_a_whole_models_shards():
+    whole = FIRST + SECOND
+    with _served(2) as (_, addresses):
+        worker = ParameterServerClient(addresses, whole, timeout_s=60, retry_timeout_s=0)
+        stage = _client(addresses, FIRST, "stage0")
+        try:
+            _train_one_step(worker, whole, 0.0)
+            with pytest.raises(ModelMismatchError, match="whole model, not partition 'stage0'"):
+                stage.handshake(None)
+        finally:
+            worker.close()
+            stage.close()
 
 
 def test_a_process_without_groups_refuses_a_named_one():

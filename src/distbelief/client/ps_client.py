@@ -45,7 +45,7 @@ from distbelief.wire.compression import (
     decode_push_into,
     is_encoded,
 )
-from distbelief.wire.group_names import check_group_name
+from distbelief.wire.group_names import DEFAULT_GROUP, INITIALIZED_GROUPS_KEY, check_group_name
 from distbelief.wire.security import WireSecurity
 from distbelief.wire.shared_params import DIRECT_READS_KEY, PLACED_KEY
 from distbelief.wire.warmstart_ops import WARMSTART_ENDED_KEY
@@ -252,6 +252,8 @@ class ParameterServerClient(ShardLanes):
             [dict(reply.get("consistency", self.consistency)) for reply in replies]
         )
         self._check_round_size(self.consistency)
+        for shard_id, reply in enumerate(replies):
+            self._check_same_kind_of_model(shard_id, reply)
         futures = [self._submit(i, self._join, replies[i], initial) for i in range(self.num_shards)]
         return any(self.wait(futures))
 
@@ -281,6 +283,26 @@ class ParameterServerClient(ShardLanes):
             "same number of workers",
             _described_field("num_workers"),
         )
+
+    def _check_same_kind_of_model(self, shard_id: int, described: dict) -> None:
+        """A shard holds a whole model or a partitioned one's groups, never both: a client of
+        the other kind would wait for an initialisation that never comes (an evaluator), or
+        train a model of its own beside the job's (a worker)."""
+        if described.get("initialized"):
+            return
+        held = described.get(INITIALIZED_GROUPS_KEY, [])
+        partitions = [name for name in held if name != DEFAULT_GROUP]
+        where = f"shard {shard_id} ({self.addresses[shard_id]})"
+        if not self.group and partitions:
+            raise ModelMismatchError(
+                f"{where} holds a partitioned model ({len(partitions)} parameter groups: "
+                f"{', '.join(partitions)}), not a whole one: give the job's --partitions"
+            )
+        if self.group and DEFAULT_GROUP in held:
+            raise ModelMismatchError(
+                f"{where} holds a whole model, not partition {self.group!r} of one: "
+                "this job's replicas are not partitioned (drop --partitions)"
+            )
 
     def _identity(self, clock: int) -> dict:
         if self.worker_id is None:

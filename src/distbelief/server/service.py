@@ -40,7 +40,7 @@ from distbelief.wire.compression import (
     requested_dtype,
 )
 from distbelief.wire.framing import Sink
-from distbelief.wire.group_names import DEFAULT_GROUP, check_group_name
+from distbelief.wire.group_names import DEFAULT_GROUP, INITIALIZED_GROUPS_KEY, check_group_name
 from distbelief.wire.message import Message
 from distbelief.wire.ops import (
     ACCUMULATE,
@@ -312,6 +312,11 @@ class ShardConnection(VectorHandlers):
             "version": counters.version,
             "consistency": self.shard.policy.describe(),
             "partitioner": self.shard.partitioner.to_json(),
+            # A client of the whole model meeting a partitioned one's groups (or the other
+            # way round) is told so at once, instead of waiting for an INIT that never comes.
+            INITIALIZED_GROUPS_KEY: sorted(
+                name for name, shard in self.service.groups.shards().items() if shard.initialized
+            ),
         }
         durable = self.shard.describe_durability()
         if durable is not None:

@@ -8,6 +8,8 @@ import re
 
 DEFAULT_GROUP = ""
 """The group a request names when it names none: the shard its process started with."""
+INITIALIZED_GROUPS_KEY = "initialized_groups"
+"""A shard's HELLO reply: the names of its groups that hold parameters (older shards omit it)."""
 _GROUP_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 

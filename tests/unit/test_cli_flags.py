@@ -218,8 +218,7 @@ SHARED_ARGV = [
     *("--data-dir", "/d", "--no-download", "--model", "mlp", "--seed", "7"),
     *("--batch-size", "8", "--checkpoint-every", "5", "--timeout", "11"),
     *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
-    *("--eval-every", "0.5", "--no-eval"),
-    *("--eval-every", "0.5", "--no-eval", "--server-design", "threads"),
+    *("--no-eval", "--server-design", "threads"),
     *("--max-connections", "100", "--server-threads", "2"),
 ]
 DOWNPOUR_ARGV = [
@@ -237,6 +236,7 @@ DOWNPOUR_ARGV = [
 SYNC_ARGV = ["--workers", "3", "--sync", "--backup-workers", "1"]
 DC_ASGD_ARGV = ["--staleness-policy", "dc-asgd", "--dc-lambda", "0.1"]
 MOMENTUM_ARGV = ["--server-optimizer", "momentum", "--server-momentum", "0.5"]
+LIVE_EVAL_ARGV = ["--eval-every", "0.5"]
 CLICK_ARGV = [
     *("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "100"),
     *("--tables", "tables.0,tables.1", "--row-optimizer", "adam", "--row-lr", "0.1"),
@@ -261,7 +261,7 @@ def test_every_train_flag_reaches_its_field():
     downpour = config_from_args(parse_args(["train", *SHARED_ARGV, *DOWNPOUR_ARGV]))
     changed = _changed_fields([*SHARED_ARGV, *DOWNPOUR_ARGV])
     changed |= _changed_fields([*SHARED_ARGV, *SANDBLASTER_ARGV])
-    for argv in (SYNC_ARGV, DC_ASGD_ARGV, MOMENTUM_ARGV, CLICK_ARGV):
+    for argv in (SYNC_ARGV, DC_ASGD_ARGV, MOMENTUM_ARGV, CLICK_ARGV, LIVE_EVAL_ARGV):
         changed |= _changed_fields(argv)
     # Every field with a train flag was changed by it, but for one that excludes another and is
     # checked on its own (--epochs: --steps); the rest kept defaults.
@@ -300,6 +300,23 @@ def test_every_train_flag_reaches_its_field():
         (
             ["--algorithm", "sandblaster", "--device", "cuda"],
             "argument --device: only applies to algorithm downpour",
+        ),
+        # Typed at their default values, they would be ignored just as silently.
+        (
+            ["--portions-per-push", "2"],
+            "argument --portions-per-push: only applies to algorithm sandblaster",
+        ),
+        (
+            ["--algorithm", "sandblaster", "--server-optimizer", "sgd"],
+            "argument --server-optimizer: only applies to algorithm downpour",
+        ),
+        (
+            ["--algorithm", "sandblaster", "--n-pull", "1"],
+            "argument --n-pull: only applies to algorithm downpour",
+        ),
+        (
+            ["--no-eval", "--eval-every", "1"],
+            "argument --eval-every: not used with --no-eval",
         ),
         (["--push-compression", "top:1"], "argument --push-compression: must be none or topk:F"),
         (["--device", "gpu0"], "argument --device: must be cpu, cuda or cuda:N, got 'gpu0'"),

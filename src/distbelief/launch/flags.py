@@ -197,7 +197,39 @@ class _UsedOnlyWith(NamedTuple):
     ``only used with <flags><condition>``)."""
 
 
+def _algorithm_fields() -> dict[str, str]:
+    """``section.field`` -> the one algorithm that uses it (fields both use are not listed)."""
+    defaults = JobConfig()
+    owners: dict[str, str] = {}
+    for section, names in config_module.DOWNPOUR_ONLY_FIELDS.items():
+        # An empty tuple stands for the whole section.
+        whole = [item.name for item in dataclasses.fields(getattr(defaults, section))]
+        for name in names or whole:
+            owners[f"{section}.{name}"] = "downpour"
+    for item in dataclasses.fields(defaults.sandblaster):
+        owners[f"sandblaster.{item.name}"] = "sandblaster"
+    return owners
+
+
+def _algorithm_rule(algorithm: str) -> _UsedOnlyWith:
+    return _UsedOnlyWith(
+        ("optimizer.algorithm",),
+        f" {algorithm}",
+        lambda job: job.optimizer.algorithm == algorithm,
+        lambda job: f"only applies to algorithm {algorithm}, not {job.optimizer.algorithm}",
+    )
+
+
 _USED_ONLY_WITH: dict[str, _UsedOnlyWith] = {
+    # What the config refuses at any other value than the default; typed at the default, the
+    # algorithm chosen would ignore it as silently.
+    **{path: _algorithm_rule(algorithm) for path, algorithm in _algorithm_fields().items()},
+    "reporting.eval_every_s": _UsedOnlyWith(
+        ("reporting.eval_during_training",),
+        "",
+        lambda job: job.reporting.eval_during_training,
+        lambda job: "not used with --no-eval (nothing is evaluated while the workers train)",
+    ),
     "consistency.liveness_timeout_s": _UsedOnlyWith(
         ("consistency.sync", "consistency.max_staleness"),
         "",

@@ -60,3 +60,26 @@ def test_resume_refuses_checkpoints_of_another_model_before_changing_the_run(tmp
         "match the shards' 'layers.1.weight' [256, 1024] float32"
     ], refused.stderr
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_refused_flag_beside_shards_leaves_the_run_unresharded(tmp_path):
+    # --shards reshards the run before it resumes: a flag refused with it must be refused
+    # before that, not after the checkpoints were rewritten for the new number of shards.
+    run_dir = tmp_path / "run"
+    first = run_cli("train", "--model", "mlp", "--steps", "3", "--no-eval", "--out", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    refusals = {
+        ("--checkpoint-every", "0"): "argument --checkpoint-every: must be a finite number > 0",
+        ("--eval-every", "2"): "argument --eval-every: not used with --no-eval",
+        ("--max-iterations", "20"): "argument --max-iterations: only applies to algorithm sand",
+    }
+    for flag, message in refusals.items():
+        refused = run_cli("train", "--resume", str(run_dir), "--shards", "3", *flag, timeout_s=120)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        [line] = refused.stderr.strip().splitlines()[-1:]
+        assert line.startswith(f"distbelief train: error: {message}"), refused.stderr
+        assert "resharded" not in refused.stdout
+        assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before

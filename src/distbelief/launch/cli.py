@@ -165,6 +165,20 @@ def _use_transport(config: JobConfig) -> None:
     apply_job_transport(config.cluster.transport)
 
 
+def _check_resumed_settings(run_dir: Path, changes: dict, typed: set[str]) -> None:
+    """The flags given with ``--resume``, checked against the run's config before anything
+    in the folder changes (a reshard): a value out of range, or a flag the resumed job would
+    ignore (--eval-every for a run without live evaluation, --max-iterations for Downpour's),
+    as for a new run."""
+    from distbelief.config import JobConfig
+
+    try:
+        resumed = JobConfig.from_file(run_dir / "config.json")
+    except ValueError as e:
+        raise argparse.ArgumentError(None, f"argument --resume: {e}") from None
+    check_typed_flags_apply("train", typed, resumed.with_fields(changes))
+
+
 def _reshard_before_resume(run_dir: Path, num_shards: int) -> None:
     """``--resume RUN_DIR --shards N``: the run's checkpoints redistributed over N shards
     first (as ``distbelief reshard`` does), unless it already has N."""
@@ -187,6 +201,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         changes = {name: value for name, value in vars(args).items() if "." in name}
+        typed = set(changes)
         if changes.get("cluster.engine", "ray") != "ray":
             # A run resumed on another engine leaves the Ray address it was given behind.
             changes.setdefault("cluster.ray_address", "")
@@ -203,6 +218,7 @@ def _run_train(args: argparse.Namespace) -> int:
             raise argparse.ArgumentError(
                 None, f"argument --resume: {args.resume}: no such run folder"
             )
+        _check_resumed_settings(Path(args.resume), changes, typed - {"cluster.num_shards"})
         if new_shards is not None:
             _reshard_before_resume(Path(args.resume), new_shards)
         config = read_run_for_resume(Path(args.resume), changes)

@@ -104,6 +104,43 @@ def test_a_crafted_cifar10_pickle_runs_no_code(tmp_path):
     assert not marker.exists()
 
 
+class _Declared:
+    """Pickles as ``function(*arguments)``: a call naming a size the file does not hold."""
+
+    def __init__(self, function: object, *arguments: object) -> None:
+        self.function, self.arguments = function, arguments
+
+    def __reduce__(self) -> tuple:
+        return self.function, self.arguments
+
+
+_MIB = 1 << 20
+_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]
+
+
+@pytest.mark.parametrize(
+    ("declared", "problem"),
+    [
+        (_Declared(np.ndarray, (_MIB, 3072), np.dtype("u1")), "numpy.ndarray called directly"),
+        (_Declared(_RECONSTRUCT, np.ndarray, (_MIB, 3072), np.dtype("u1")), f"({_MIB}, 3072)"),
+        (_Declared(bytes, 3 * _MIB * 1024), "bytes() with arguments"),
+    ],
+    ids=["ndarray-call", "reconstruct-shape", "bytes-size"],
+)
+def test_a_cifar10_pickle_declaring_gigabytes_is_refused_before_allocating(
+    tmp_path, declared, problem
+):
+    # Each call would allocate 3 GiB from a file of a few hundred bytes (a million images, for
+    # which a million labels would take a megabyte more), and loading them would touch it all.
+    payload = pickle.dumps(_batch(data=declared), protocol=2)
+    assert len(payload) < 1000
+    path = _cifar_dir(tmp_path, payload=payload)
+    with pytest.raises(ValueError) as info:
+        _load_cifar(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a valid CIFAR-10 batch file: ") and problem in message
+
+
 def _python2_batch(labels: list[int], pixels: bytes) -> bytes:
     """A batch pickled as the official archive's are: Python 2 strings (SHORT_BINSTRING), the
     array by numpy 1's names (numpy.core.multiarray._reconstruct), protocol 2."""

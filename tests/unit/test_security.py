@@ -74,10 +74,22 @@ def test_key_file_open_to_others_is_refused(tmp_path):
         read_key_file(path)
 
 
-@pytest.mark.parametrize(("content", "match"), [("zz", "not a hex key"), ("abcd", "too short")])
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("zz", r"bad\.key: not a hex key"),
+        ("abcd", r"bad\.key: key of 2 bytes is too short"),
+        (b"\xa8\x1f" * 32, r"bad\.key: not a hex key"),  # a binary file, not UTF-8
+        ("ab" * 4096, r"bad\.key: over 4096 bytes, too long"),  # a file named by mistake
+    ],
+    ids=["not-hex", "short", "binary", "too-long"],
+)
 def test_bad_key_files_are_named(tmp_path, content, match):
     path = tmp_path / "bad.key"
-    path.write_text(content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     path.chmod(0o600)
     with pytest.raises(ValueError, match=match):
         read_key_file(path)

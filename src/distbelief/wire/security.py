@@ -52,6 +52,8 @@ SHARD_SPEAKS_NO_TLS = (
 )
 NONCE_BYTES = 32
 KEY_BYTES = 32
+MAX_KEY_FILE_BYTES = 4096
+"""Longest key file read: a key's hex (keygen writes 65 bytes) with room for whitespace."""
 _DIGEST = "sha256"
 _DIGEST_BYTES = 32
 
@@ -139,14 +141,21 @@ def read_key_file(path: str | Path) -> bytes:
     path = Path(path)
     try:
         mode = path.stat().st_mode
-        text = path.read_text().strip()
+        with path.open("rb") as file:
+            # Bounded: a key is a line of hex, and a file named by mistake may be gigabytes.
+            content = file.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as e:
         raise ValueError(f"key file {path}: {e.strerror}") from e
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ValueError(f"key file {path} is readable by others: chmod 600 {path}")
+    if len(content) > MAX_KEY_FILE_BYTES:
+        raise ValueError(
+            f"key file {path}: over {MAX_KEY_FILE_BYTES} bytes, too long for a key file (make "
+            "one with distbelief keygen)"
+        )
     try:
-        key = bytes.fromhex(text)
-    except ValueError:
+        key = bytes.fromhex(content.decode("ascii").strip())
+    except ValueError:  # UnicodeDecodeError too: a binary file is no hex key either
         raise ValueError(
             f"key file {path}: not a hex key (make one with distbelief keygen)"
         ) from None

@@ -100,6 +100,9 @@ def _require(ok: bool, name: str, value: object, rule: str) -> None:
 _MAX_COUNT = 2**31 - 1
 """The largest count a bound may hold (a step count past it means no bound; the wire's JSON
 carries it as a 64-bit integer)."""
+_MAX_SIZE = 2**63 - 1
+"""The largest size (rows, bytes) a setting may hold: the shards get the row bounds in a
+request's JSON, which carries 64-bit integers only (a larger one fails every reply)."""
 
 
 MAX_THREADS = 1024
@@ -225,11 +228,12 @@ def _require_list(name: str, value: object, rule: str, *, text_ok: bool = False)
 def _require_optional_counts(config: object, *names: str, least: int = 1) -> None:
     """Refuses a field that holds neither None nor an int (not a bool) of at least ``least``:
     a float, a bool or a text from config.json would otherwise slip past a bare comparison.
-    No ceiling: these are sizes (bytes, rows) that may pass ``_MAX_COUNT``."""
+    These are sizes (bytes, rows) that may pass ``_MAX_COUNT``, up to ``_MAX_SIZE``."""
     for name in names:
         value = getattr(config, name)
         ok = value is None or (type(value) is int and value >= least)
         _require(ok, name, value, f"an integer >= {least}")
+        _require(value is None or value <= _MAX_SIZE, name, value, f"<= {_MAX_SIZE}")
 
 
 def _require_bools(config: Any) -> None:

@@ -142,6 +142,16 @@ from distbelief.errors import ConfigFieldError
         ),
         ({"pipeline.max_stage_bytes": 0}, "pipeline.max_stage_bytes", "an integer >= 1, got 0"),
         (
+            {"model.name": "dlrm", "data.name": "synthetic-ctr", "embeddings.row_ttl_steps": 2**63},
+            "embeddings.row_ttl_steps",
+            "must be <= 9223372036854775807, got 9223372036854775808",
+        ),
+        (
+            {"model.name": "dlrm", "embeddings.max_rows_per_shard": 10**20},
+            "embeddings.max_rows_per_shard",
+            "must be <= 9223372036854775807, got 100000000000000000000",
+        ),
+        (
             {"cluster.threads_per_worker": 100_000},
             "cluster.threads_per_worker",
             "must be <= 1024, got 100000",

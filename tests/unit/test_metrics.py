@@ -157,6 +157,26 @@ def test_append_to_a_file_of_another_layout_is_refused(tmp_path) -> None:
     assert path.read_text(encoding="utf-8").count("\n") == 2
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (bytes(range(128, 256)) * 8 + b"\n", "not a UTF-8 text file (byte 0: invalid start byte)"),
+        (b"x" * 10_000_000, "its first line is too long for a header"),  # no newline at all
+        (b"x," * 1000 + b"\n", "its header (a long line) is not"),
+    ],
+    ids=["binary", "one-huge-line", "a-long-line"],
+)
+def test_append_to_a_file_that_is_no_csv_is_refused_in_a_short_line(tmp_path, content, said):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        MetricsWriter(path, append=True)
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot append, ") and said in message
+    assert len(message) < 2000 and message.isprintable()
+    assert path.read_bytes() == content
+
+
 def test_check_appendable_refuses_another_layout_and_changes_nothing(tmp_path) -> None:
     path = tmp_path / "metrics.csv"
     check_appendable(path)  # missing: a new file will do

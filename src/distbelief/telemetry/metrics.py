@@ -237,6 +237,12 @@ class MetricsWriter(ClosedOnExit):
             self._file.close()
 
 
+_MAX_HEADER_BYTES = 64 * 1024
+"""The longest first line read as a header: far past any layout's header."""
+_MAX_SHOWN_HEADER = 1024
+"""The longest first line an error message quotes."""
+
+
 def _prepare_for_append(path: Path) -> bool:
     """Makes the existing ``path`` ready for rows to follow; returns whether it keeps a header.
 
@@ -294,12 +300,22 @@ def check_appendable(path: Path) -> None:
 def _appendable_header(path: Path, end: int) -> tuple[str, ...]:
     """The header rows appended to ``path`` go under (``end``: its last complete line's end)."""
     with path.open("rb") as f:
-        first_line = f.readline().decode("utf-8", errors="replace")
+        # Bounded: a file of another kind may hold no newline for gigabytes.
+        first_bytes = f.readline(_MAX_HEADER_BYTES + 1)
+    if len(first_bytes) > _MAX_HEADER_BYTES:
+        raise ValueError(f"{path}: cannot append, its first line is too long for a header")
+    try:
+        first_line = first_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: cannot append, not a UTF-8 text file (byte {e.start}: {e.reason})"
+        ) from None
     header = tuple(next(csv.reader([first_line]), []))
     if end == 0 and ",".join(METRIC_FIELDS).startswith(first_line):
         return METRIC_FIELDS  # only part of the header was written: it goes below
     if header != METRIC_FIELDS and header not in _OLDER_HEADERS:
-        raise ValueError(f"{path}: cannot append, its header {header} is not {list(METRIC_FIELDS)}")
+        shown = repr(header) if len(first_bytes) <= _MAX_SHOWN_HEADER else "(a long line)"
+        raise ValueError(f"{path}: cannot append, its header {shown} is not {list(METRIC_FIELDS)}")
     return header
 
 

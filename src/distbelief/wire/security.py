@@ -96,8 +96,10 @@ def write_key_file(path: str | Path) -> Path:
     Raises:
         ValueError: naming the file: it exists already (a link to nowhere too), a folder above
             it is a file, or it cannot be written (the reason). Nothing is left behind, not
-            even the folders made for it.
+            even the folders made for it; or it names a folder (ends in a slash).
     """
+    if str(path).endswith(os.sep):  # Path() drops the slash that says a folder is meant
+        raise ValueError(f"key file {path}: names a folder; give the file's name in it")
     path = Path(path)
     made: list[Path] = []
     try:

@@ -1025,6 +1025,12 @@ def test_eval_once_refuses_an_out_folder_it_would_leave_empty(capsys, tmp_path):
     assert not out.exists()
 
 
+def test_eval_once_refuses_an_interval_it_would_ignore(capsys):
+    assert main(["eval", "--ps", "tcp://127.0.0.9:1", "--once", "--eval-every", "5"]) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert "argument --eval-every: not used with --once (it evaluates once)" in error
+
+
 def test_the_transport_the_environment_sets_is_the_configs(monkeypatch):
     # config.json records the transport the job used: DISTBELIEF_TRANSPORT's when no flag says.
     monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")

@@ -426,6 +426,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.once and config.reporting.out_dir:
         # Nothing would go there: --once prints its evaluation, and writes no metrics.csv.
         raise argparse.ArgumentError(None, "argument --out: not used with --once (it prints)")
+    if args.once and "reporting.eval_every_s" in vars(args):
+        raise argparse.ArgumentError(
+            None, "argument --eval-every: not used with --once (it evaluates once)"
+        )
     require_data_files(config.data)
     if config.reporting.out_dir:
         check_folder_can_be_made(config.reporting.out_dir, "--out")

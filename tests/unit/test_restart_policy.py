@@ -238,3 +238,49 @@ def test_processes_listen_where_their_kind_runs() -> None:
     assert book.spec(ProcessKind.SHARD, 1).bind == "tcp://127.0.0.3:0"
     assert book.spec(ProcessKind.STAGE, 0, 1).bind == "tcp://127.0.0.4:0"
     assert book.spec(ProcessKind.COORDINATOR, 0).bind == "tcp://127.0.0.1:0"
+
+
+def _shard0_ready(book: ProcessBook, restored_version: int | None) -> None:
+    ready = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": None}
+    book.note(Event("ready", SHARD0, {**ready, "restored_version": restored_version}))
+
+
+def test_a_shard_killed_again_before_it_counted_the_replays_reports_no_made_up_loss() -> None:
+    book = _book(max_restarts=3)
+    _shard0_ready(book, None)
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 9}))
+    first = book.record_death(SHARD0, -9, stopping=False)
+    _shard0_ready(book, 5)
+    # Its first heartbeat came before any worker replayed; it dies before the next one.
+    recovery = {"updates_replayed": 0, "pushes_resent": 0, "version_seen_before": 5}
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 5, **recovery}))
+    assert first.lost_updates == 4  # while it lives, the next heartbeat will say more
+    second = book.record_death(SHARD0, -9, stopping=False)
+    _shard0_ready(book, 5)
+    recovery = {"updates_replayed": 4, "pushes_resent": 0, "version_seen_before": 9}
+    book.note(Event("done", SHARD0, {"shard_id": 0, "version": 9, **recovery}))
+    assert (first.recovery_cut_short, first.lost_updates) == (True, None)
+    assert (second.recovery_cut_short, second.lost_updates) == (False, 0)
+    assert _describe_restore(first) == (
+        "shard0: restored version 5; the workers re-sent 0 updates it lacked and 0 pushes in "
+        "flight; it died again before it counted the workers' replays: updates lost unknown"
+    )
+
+
+def test_a_shard_killed_again_after_the_replays_covered_its_loss_keeps_the_count() -> None:
+    book = _book(max_restarts=3)
+    _shard0_ready(book, None)
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 9}))
+    first = book.record_death(SHARD0, -9, stopping=False)
+    _shard0_ready(book, 5)
+    recovery = {"updates_replayed": 4, "pushes_resent": 0, "version_seen_before": 9}
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 9, **recovery}))
+    book.record_death(SHARD0, -9, stopping=False)
+    assert (first.recovery_cut_short, first.lost_updates) == (True, 0)
+
+
+def test_a_shard_killed_again_before_it_restored_marks_nothing_cut_short() -> None:
+    book = _book(max_restarts=3)
+    first = book.record_death(SHARD0, -9, stopping=False)
+    book.record_death(SHARD0, -9, stopping=False)
+    assert (first.recovery_cut_short, first.lost_updates) == (False, None)

@@ -268,6 +268,8 @@ def _describe_restore(fault: Fault) -> str:
             f"{_count(fault.pushes_resent, 'push', 'pushes')} in flight"
         )
     lost = fault.lost_updates
+    if lost is None and fault.recovery_cut_short:
+        return text + "; it died again before it counted the workers' replays: updates lost unknown"
     return text + ("" if lost is None else f"; {_count(lost, 'update')} lost")
 
 

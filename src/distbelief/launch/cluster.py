@@ -147,12 +147,17 @@ class Fault:
     updates_redone: int | None = None
     """Rolled back: the iterations (each one update of the parameters) the job had finished
     since the checkpoint it went back to, and so did again."""
+    recovery_cut_short: bool = False
+    """Shards: the life restarted after this death died too, before it returned its result:
+    ``updates_replayed`` and ``pushes_resent`` are its last heartbeat's (or none), so the
+    workers' replays after that heartbeat went uncounted."""
 
     @property
     def lost_updates(self) -> int | None:
         """Updates the dead shard had applied that neither its checkpoint nor the workers'
         replays and retries brought back (``version_before`` is the most any process saw);
-        0 when the job rolled back to the checkpoint."""
+        0 when the job rolled back to the checkpoint. None when unknown: the shard never
+        restored, or its next life died before it counted replays that would cover them."""
         if self.rolled_back and self.updates_redone is not None:
             return 0
         if self.version_before is None or self.version_restored is None:
@@ -160,7 +165,10 @@ class Fault:
         if self.rolled_back:
             return 0
         recovered = (self.updates_replayed or 0) + (self.pushes_resent or 0)
-        return max(0, self.version_before - self.version_restored - recovered)
+        lost = max(0, self.version_before - self.version_restored - recovered)
+        # Replays only add up: a shortfall in a count cut short may be replays never reported
+        # (the workers re-send them to the next life, whose own fault counts them).
+        return None if lost and self.recovery_cut_short else lost
 
 
 class Cluster(Protocol):
@@ -386,6 +394,7 @@ class ProcessBook:
         )
         sandblaster = self.config.optimizer.algorithm == "sandblaster"
         if spec.kind is ProcessKind.SHARD:
+            self._note_life_cut_short(spec.name)
             fault.version_before = self.shard_versions.get(spec.index)
             fault.rolled_back = sandblaster
         elif spec.kind is ProcessKind.COORDINATOR:
@@ -396,6 +405,14 @@ class ProcessBook:
         else:
             self.given_up.add(unit)
         return fault
+
+    def _note_life_cut_short(self, name: str) -> None:
+        """Shard ``name`` died: if this life was a restart that restored a checkpoint, the
+        recovery it reported for its previous death stops at its last heartbeat."""
+        for fault in reversed(self.faults):
+            if fault.process == name:
+                fault.recovery_cut_short = fault.version_restored is not None
+                return
 
     @staticmethod
     def restart_unit(spec: ProcessSpec) -> str:

@@ -12,7 +12,7 @@ from distbelief.config import JobConfig
 from distbelief.launch.cluster import Event, Fault, ProcessKind, ProcessSpec
 from distbelief.launch.summary import RunResult, write_summary
 from distbelief.launch.train import EventRouter, _result
-from distbelief.telemetry import make_record
+from distbelief.telemetry import MetricsWriter, make_record
 
 
 class _Records:
@@ -112,3 +112,29 @@ def test_a_shards_hosts_and_staleness_are_its_last_report(tmp_path: Path) -> Non
         "shard1": {"address": addresses[1], "worker_hosts": {"worker0": "127.0.0.4"}},
     }
     assert result.staleness == {"shard0": {"0": 5, "1": 4}, "shard1": {"0": 12}}
+
+
+def test_a_resumed_runs_faults_are_on_the_time_axis_of_its_metrics(tmp_path: Path) -> None:
+    """metrics.csv's rows of a resumed run continue the earlier run's clock; the faults of
+    summary.json must land among them, not back at the start."""
+    metrics_csv = tmp_path / "metrics.csv"
+    with MetricsWriter(metrics_csv) as earlier:
+        earlier.write(make_record("evaluator", 0, time_s=4.5, version=300))
+    resumed = MetricsWriter(metrics_csv, append=True)
+    resumed.write(make_record("evaluator", 0, time_s=1.0, version=360))
+    resumed.close()
+    cluster = _ClusterStoppedEarly({})
+    cluster.faults = [Fault("shard1", 1.0, -9, "restarted", version_before=350)]
+    result = _result(
+        cluster,  # type: ignore[arg-type]
+        JobConfig.from_fields({"cluster.num_shards": 2}),
+        tmp_path,
+        2.0,
+        EventRouter(_Records()),
+        [],
+        time_offset_s=resumed.time_offset_s,
+    )
+    last_row_s = float(metrics_csv.read_text().splitlines()[-1].split(",")[0])
+    assert last_row_s == 5.5
+    assert [fault.time_s for fault in result.faults] == [5.5]
+    assert cluster.faults[0].time_s == 1.0  # the cluster's own keep this launch's clock

@@ -9,6 +9,7 @@ only to read a data set's files before the job, and to count its examples for ``
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -484,7 +485,7 @@ def _run_job(
             display,
             telemetry.FanOut(
                 [
-                    telemetry.MetricsWriter(run_dir / "metrics.csv", append=resume),
+                    metrics := telemetry.MetricsWriter(run_dir / "metrics.csv", append=resume),
                     telemetry.TensorBoardLog(run_dir),
                     display,
                 ]
@@ -516,7 +517,15 @@ def _run_job(
                 _supervise(cluster, route, config)
             finally:
                 # Before the cluster stops: what its processes reported is known now.
-                result = _result(cluster, config, run_dir, time.time() - started, route, addresses)
+                result = _result(
+                    cluster,
+                    config,
+                    run_dir,
+                    time.time() - started,
+                    route,
+                    addresses,
+                    time_offset_s=metrics.time_offset_s,
+                )
                 result.partitions = plan
     except KeyboardInterrupt as e:
         write_run_records(result, "interrupted", "stopped by Ctrl-C")
@@ -546,11 +555,15 @@ def _result(
     elapsed_s: float,
     route: EventRouter,
     addresses: list[str],
+    *,
+    time_offset_s: float = 0.0,
 ) -> RunResult:
     """What the processes returned; for those that have not (the job ended early), what they
     reported last: a worker's step, the last evaluation, a shard's address. A shard's
     staleness and workers' hosts are always its last report (``EventRouter.shard_reports``):
-    its result when it returned one, else its last heartbeat."""
+    its result when it returned one, else its last heartbeat. The faults' ``time_s`` are
+    moved on by ``time_offset_s``, what metrics.csv's writer adds to this launch's records
+    (a resumed run's continue the earlier run's clock)."""
     workers = cluster.results(_training_kind(config))
     shards = cluster.results(ProcessKind.SHARD)
     reports = route.shard_reports
@@ -564,7 +577,7 @@ def _result(
         staleness={
             f"shard{shard_id}": reports[shard_id]["staleness"] for shard_id in sorted(reports)
         },
-        faults=cluster.faults,
+        faults=_on_metrics_clock(cluster.faults, time_offset_s),
         coordinator=cluster.results(ProcessKind.COORDINATOR).get(0, {}),
         shards={
             f"shard{shard_id}": {
@@ -574,6 +587,13 @@ def _result(
             for shard_id, address in enumerate(addresses)
         },
     )
+
+
+def _on_metrics_clock(faults: list[Fault], offset_s: float) -> list[Fault]:
+    """``faults`` with their ``time_s`` on metrics.csv's time axis: a resumed run's records
+    continue the earlier run's clock (``MetricsWriter``), and its faults must line up with
+    them. Copies: the cluster's own keep this launch's clock."""
+    return [dataclasses.replace(fault, time_s=fault.time_s + offset_s) for fault in faults]
 
 
 def _describe_fault(fault: Fault) -> str:

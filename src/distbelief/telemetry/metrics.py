@@ -228,6 +228,12 @@ class MetricsWriter(ClosedOnExit):
         self._csv.writerow([_format_cell(record.get(name)) for name in METRIC_FIELDS])
         self._file.flush()
 
+    @property
+    def time_offset_s(self) -> float:
+        """What this writer adds to each record's ``time_s``: the latest ``time_s`` the file
+        had when appending began (0.0 for a new file)."""
+        return self._time_offset_s
+
     def message(self, text: str) -> None:
         """Messages are for people: the CSV holds records only."""
 

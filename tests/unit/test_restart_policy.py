@@ -284,3 +284,16 @@ def test_a_shard_killed_again_before_it_restored_marks_nothing_cut_short() -> No
     first = book.record_death(SHARD0, -9, stopping=False)
     book.record_death(SHARD0, -9, stopping=False)
     assert (first.recovery_cut_short, first.lost_updates) == (False, None)
+
+
+@pytest.mark.parametrize("spec", [SHARD0, ProcessSpec(ProcessKind.COORDINATOR, 0)])
+def test_a_sandblaster_process_given_up_while_the_job_stops_rolls_nothing_back(
+    spec: ProcessSpec,
+) -> None:
+    # Killed after the last iteration, while the shards save: nothing restarts, nothing redone.
+    book = ProcessBook(
+        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
+    )
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 15}))
+    fault = book.record_death(spec, -9, stopping=True)
+    assert (fault.action, fault.rolled_back, fault.lost_updates) == ("given up", False, None)

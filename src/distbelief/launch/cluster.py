@@ -392,13 +392,15 @@ class ProcessBook:
             exitcode,
             "restarted" if can_restart else "given up",
         )
-        sandblaster = self.config.optimizer.algorithm == "sandblaster"
+        # A Sandblaster job goes back to its last checkpoint only for a process that comes
+        # back: one given up (out of restarts, or the job stopping) ends the job instead.
+        rolls_back = self.config.optimizer.algorithm == "sandblaster" and can_restart
         if spec.kind is ProcessKind.SHARD:
             self._note_life_cut_short(spec.name)
             fault.version_before = self.shard_versions.get(spec.index)
-            fault.rolled_back = sandblaster
+            fault.rolled_back = rolls_back
         elif spec.kind is ProcessKind.COORDINATOR:
-            fault.rolled_back = sandblaster and can_restart
+            fault.rolled_back = rolls_back
         self.faults.append(fault)
         if can_restart:
             self.restarts[unit] = restarts + 1

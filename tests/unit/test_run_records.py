@@ -104,3 +104,23 @@ def test_a_second_stop_while_drawing_is_not_swallowed(
 def test_nothing_is_written_when_no_process_started(tmp_path: Path) -> None:
     write_run_records(None, "interrupted", "stopped by Ctrl-C")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "stop", [KeyboardInterrupt(), LauncherInterrupted("stopped by signal SIGTERM")]
+)
+def test_a_stop_while_drawing_a_done_jobs_plots_leaves_it_done(
+    tmp_path: Path, monkeypatch, caplog, stop: BaseException
+) -> None:
+    # The job finished: summary.json says done, and the launcher must not say otherwise.
+    _metrics(tmp_path, steps=3)
+
+    def stopped(run_dir):
+        raise stop
+
+    monkeypatch.setattr(plots, "plot_run", stopped)
+    write_run_records(RunResult(tmp_path, worker_steps={0: 3}))
+    assert json.loads((tmp_path / "summary.json").read_text())["outcome"] == "done"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "(stopped while drawing them)" in warning
+    assert f"draw them later with: distbelief plot {tmp_path}" in warning

@@ -38,29 +38,34 @@ def write_run_records(
         return
     staleness = json.dumps(result.staleness, indent=2)
     write_text_atomic(result.run_dir / STALENESS_FILE, staleness)
-    draw_plots(result.run_dir)
+    draw_plots(result.run_dir, job_done=outcome == "done")
 
 
-def draw_plots(run_dir: Path) -> list[Path]:
+def draw_plots(run_dir: Path, *, job_done: bool = False) -> list[Path]:
     """The run folder's PNGs, drawn from its ``metrics.csv`` as it stands; returns the files
     written. None when it holds no record yet (a job stopped before its first): plots of
     nothing would only say "no data yet". A plot that cannot be drawn is logged with the
     command that draws it later, and none is returned: the job's outcome, and its exit code,
-    are its training's."""
+    are its training's. Ctrl-C or SIGTERM while drawing stops the drawing; it is raised
+    again unless the job is done (``job_done``), whose outcome it must not change."""
     if not telemetry.has_records(run_dir / "metrics.csv"):
         logger.info("no plots: %s records no metrics yet", run_dir / "metrics.csv")
         return []
     try:
         return plots.plot_run(run_dir)
     except (KeyboardInterrupt, LauncherInterrupted):
-        # Stopped again while drawing (Ctrl-C, or SIGTERM): the user wants the launcher gone,
-        # not plots, but is told how to get them, as for a plot that failed.
+        # The user wants the launcher gone, not plots, but is told how to get them, as for a
+        # plot that failed. A stop that ends a stopped job's drawing is its second: the
+        # launcher leaves as interrupted. A done job stays done (summary.json says so).
         logger.warning(
-            "plots of %s not drawn (stopped again); draw them later with: distbelief plot %s",
+            "plots of %s not drawn (%s); draw them later with: distbelief plot %s",
             run_dir,
+            "stopped while drawing them" if job_done else "stopped again",
             run_dir,
         )
-        raise
+        if not job_done:
+            raise
+        return []
     except Exception as e:  # matplotlib's errors have no common base; none may end the run
         logger.warning(
             "could not draw the plots of %s (%s: %s); draw them later with: distbelief plot %s",

@@ -118,6 +118,9 @@ def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
     for folder in folders:
         if folder.dense is not None:
             folder.model = _in_folder(root / folder.relative, assemble_model, folder.dense)
+    models = [folder.model for folder in folders if folder.model is not None]
+    _check_every_shard_gets_parameters(models, num_shards)
+    for folder in folders:
         if folder.rows is not None:
             where = root / folder.relative
             folder.new_rows = _in_folder(where, reshard_row_tables, folder.rows, num_shards)
@@ -144,6 +147,21 @@ def _configs(run_dir: Path, num_shards: int) -> tuple[JobConfig, JobConfig]:
     if num_shards == config.cluster.num_shards:
         raise ValueError(f"{run_dir} already has {num_shards} shards")
     return config, config.with_fields({"cluster.num_shards": num_shards})
+
+
+def _check_every_shard_gets_parameters(models: list[WholeModel], num_shards: int) -> None:
+    """Refuses more shards than the largest dtype group of any checkpoint folder has
+    elements: the shards cut each group evenly, so past that shard 0 would hold no parameter
+    at all, and serve nothing (a request for 2**31 - 1 shards would first write a file pair
+    for each). A model-parallel partition's group may be smaller than the shard count: its
+    shards hold the other partitions' parameters."""
+    sizes = [flat.numel() for model in models for flat in model.buffers.get("param", {}).values()]
+    if sizes and num_shards > max(sizes):
+        raise ConfigFieldError(
+            "cluster.num_shards",
+            f"must be at most {max(sizes)}, the parameters of this run's model: more shards "
+            f"would hold none, got {num_shards}",
+        )
 
 
 def _base_folder(root: Path, config: JobConfig) -> Path:

@@ -93,6 +93,7 @@ EXPECTED = {
         "--out": "reporting.out_dir",
         "--eval-every": "reporting.eval_every_s",
         "--no-eval": "reporting.eval_during_training",
+        "--eval": "reporting.eval_during_training",
         "--resume": "resume",
         "--algorithm": "optimizer.algorithm",
         "--history": "sandblaster.history",
@@ -186,7 +187,9 @@ def test_no_unplanned_flags_and_each_sets_its_field():
 @pytest.mark.parametrize("command", ["train", "ps", "worker", "eval"])
 def test_flag_of_inverts_command_flags(command):
     flags = command_flags(command)
-    assert flags == {flag: dest for flag, dest in EXPECTED[command].items() if "." in dest}
+    # --eval is a second flag of the field --no-eval sets (it turns it back on).
+    expected = {f: dest for f, dest in EXPECTED[command].items() if "." in dest and f != "--eval"}
+    assert flags == expected
     assert all(flag_of(command, path) == flag for flag, path in flags.items())
 
 
@@ -1023,6 +1026,16 @@ def test_eval_once_refuses_an_out_folder_it_would_leave_empty(capsys, tmp_path):
     assert main(["eval", "--ps", "tcp://127.0.0.9:1", "--once", "--out", str(out)]) == 2
     assert "argument --out: not used with --once (it prints)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_turns_live_evaluation_back_on_and_is_refused_beside_no_eval(capsys):
+    assert vars(parse_args(["train", "--eval"]))["reporting.eval_during_training"] is True
+    assert vars(parse_args(["train", "--no-eval"]))["reporting.eval_during_training"] is False
+    assert "reporting.eval_during_training" not in vars(parse_args(["train"]))
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["train", "--eval", "--no-eval"])
+    assert refused.value.code == 2
+    assert "argument --no-eval: not allowed with argument --eval" in capsys.readouterr().err
 
 
 def test_eval_once_refuses_an_interval_it_would_ignore(capsys):

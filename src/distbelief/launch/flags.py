@@ -185,6 +185,16 @@ _MANUAL_ROLE_FLAGS: dict[str, dict[str, dict[str, Any]]] = {
 
 _EXCLUSIVE = (("optimizer.steps", "optimizer.epochs"),)
 
+_SWITCHED_BACK_ON = {
+    "reporting.eval_during_training": (
+        "--eval",
+        "Evaluate while the workers train (the default): a resumed run keeps its --no-eval "
+        "unless this flag turns it back on.",
+    ),
+}
+"""Switches a flag turns off whose setting a resumed run keeps: the flag that turns each one
+back on, and its help."""
+
 
 class _UsedOnlyWith(NamedTuple):
     fields: tuple[str, ...]
@@ -423,6 +433,16 @@ def add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
                 exclusive[pair] = group.add_mutually_exclusive_group()
             container = exclusive[pair] if pair is not None else group
             flag, options = _argument(command, path, item)
+            if path in _SWITCHED_BACK_ON:
+                container = group.add_mutually_exclusive_group()
+                on_flag, on_help = _SWITCHED_BACK_ON[path]
+                container.add_argument(
+                    on_flag,
+                    dest=path,
+                    action="store_true",
+                    default=argparse.SUPPRESS,
+                    help=on_help,
+                )
             container.add_argument(flag, **options)
 
 

@@ -74,6 +74,13 @@ def test_eval_once_prints_the_result(shard_cluster) -> None:
     fields = dict(part.split("=") for part in result.stdout.split())
     assert float(fields["test_accuracy"]) == pytest.approx(test_accuracy, abs=1e-4)
     assert fields["version"] == "0"
+    # The shards hold a LeNet: another --model is a usage error naming the tensors.
+    refused = run_cli("eval", "--ps", addresses[0], "--model", "mlp", "--once", timeout_s=90)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert line.startswith("distbelief eval: error: shard 0"), refused.stderr
+    assert "does not match the shards' 'features.0.weight'" in line
+    assert line.endswith("(give the job's --model and its flags)")
 
 
 def _wait_for_rows(path: Path, num_rows: int, timeout_s: float) -> None:

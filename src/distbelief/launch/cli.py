@@ -30,6 +30,7 @@ from distbelief.errors import (
     DatasetUnavailableError,
     DistBeliefError,
     LauncherInterrupted,
+    ModelMismatchError,
     ShardListError,
     TLSMismatchError,
 )
@@ -627,6 +628,11 @@ def _run_command(args: argparse.Namespace) -> int:
     except ConsistencyMismatchError as e:
         _traceback_if_verbose(args)
         print(f"{prefix}: error: {_mismatch_said(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModelMismatchError as e:  # the shards hold another model than the flags describe
+        _traceback_if_verbose(args)
+        hint = "" if "--partitions" in str(e) else " (give the job's --model and its flags)"
+        print(f"{prefix}: error: {e}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         print(f"{prefix}: {str(e) or 'interrupted'}", file=sys.stderr)

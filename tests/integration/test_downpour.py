@@ -1,5 +1,6 @@
 """DownpourSGD against real shards on 127.0.0.1 (processes, or served by the test itself)."""
 
+import gc
 import math
 import os
 import subprocess
@@ -298,6 +299,31 @@ def test_a_failed_constructor_leaves_no_thread_or_socket(hidden, options, error)
                 DownpourSGD(
                     failing.parameters(), model=failing, ps=[server.address], timeout_s=5, **options
                 )
+        assert _settled(_lane_threads, threads) == threads
+        assert _settled(lambda: server.num_connections, 0) == 0
+        assert _settled(_open_descriptors, descriptors) <= descriptors
+    finally:
+        server.stop()
+
+
+def test_an_optimizer_dropped_without_close_leaves_no_thread_or_socket():
+    """An optimizer that is garbage-collected unclosed (a script that forgot close(), one made
+    per trial of a sweep) releases its lane threads, its connections (and the shard's end of
+    them) and its shared memory, as close() would."""
+    server = serve(
+        "tcp://127.0.0.1:0",
+        ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
+    )
+    try:
+        model = _model()
+        DownpourSGD(model.parameters(), model=model, ps=[server.address], timeout_s=5).close()
+        assert _settled(lambda: server.num_connections, 0) == 0
+        threads, descriptors = _lane_threads(), _open_descriptors()
+        for _ in range(3):
+            optimizer = DownpourSGD(model.parameters(), model=model, ps=[server.address])
+            _train(model, optimizer, _batches(2))
+            del optimizer
+            gc.collect()
         assert _settled(_lane_threads, threads) == threads
         assert _settled(lambda: server.num_connections, 0) == 0
         assert _settled(_open_descriptors, descriptors) <= descriptors

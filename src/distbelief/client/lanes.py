@@ -15,6 +15,7 @@ import functools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 
 from distbelief.config import check_wait
@@ -125,16 +126,25 @@ class _Lane:
                 self._pending -= 1
 
     def _serve(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, fn, args = item
-            if not future.set_running_or_notify_cancel():
-                with self._lock:
-                    self._pending -= 1
-                continue
-            try:
-                future.set_result(self._run(fn, args))
-            except BaseException as error:  # handed to the waiter
-                future.set_exception(error)
+        # Each request is served in a call of its own: while this thread waits for the next,
+        # it holds no reference to the last one's client, which may then be collected.
+        while self._serve_one(self._queue.get()):
+            pass
+
+    def _serve_one(self, item: tuple | None) -> bool:
+        """Run one queued request; False for the sentinel that stops the lane."""
+        if item is None:
+            return False
+        future, fn, args = item
+        if not future.set_running_or_notify_cancel():
+            with self._lock:
+                self._pending -= 1
+            return True
+        try:
+            future.set_result(self._run(fn, args))
+        except BaseException as error:  # handed to the waiter
+            future.set_exception(error)
+        return True
 
     def submit(self, fn, *args) -> cf.Future:
         future: cf.Future = cf.Future()
@@ -180,6 +190,18 @@ class _Lane:
         self._queue.put(None)
         if wait and thread is not None:
             thread.join(timeout_s)
+
+
+def _release(lanes: list[_Lane], transports: list, closing: threading.Event, owned: list) -> None:
+    """What ``close(wait=False)`` does, for lanes dropped without it: their threads stop and
+    their connections (and ``owned``, what else they hold open) close."""
+    closing.set()
+    for lane in lanes:
+        lane.shutdown(wait=False, timeout_s=0)
+    for transport in transports:
+        transport.close()
+    for resource in owned:
+        resource.close()
 
 
 class ShardLanes:
@@ -240,6 +262,14 @@ class ShardLanes:
         ]
         owner = type(self).__name__
         self._lanes = [_Lane(f"{lane_name}{i}", owner) for i in range(len(self.addresses))]
+        self._owned: list = []
+        """What a subclass holds open beside the connections (``close()``), released with them."""
+        # A client dropped without close() would leave its lanes' threads waiting and its
+        # connections (and each shard's end of them) open for as long as the process runs.
+        self._released_when_collected = weakref.finalize(
+            self, _release, self._lanes, self._transports, self._closing, self._owned
+        )
+        self._released_when_collected.atexit = False  # at exit the daemon threads just end
 
     @property
     def num_shards(self) -> int:
@@ -347,9 +377,12 @@ class ShardLanes:
                 False: cancel them and stop retrying at once (a worker that is shutting down
                 because something failed).
         """
+        self._released_when_collected.detach()
         if not wait:
             self._closing.set()
         for lane in self._lanes:
             lane.shutdown(wait, self.timeout_s + self.retry_timeout_s + 5.0)
         for transport in self._transports:
             transport.close()
+        for resource in self._owned:
+            resource.close()

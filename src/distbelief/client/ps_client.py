@@ -12,6 +12,7 @@ import itertools
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -114,6 +115,19 @@ def _flat_sizes(slices: list[list[ShardSlice]]) -> dict[torch.dtype, int]:
     for piece in itertools.chain.from_iterable(slices):
         sizes[piece.dtype] = max(sizes.get(piece.dtype, 0), piece.stop)
     return sizes
+
+
+def _memory_channels(client: ShardLanes) -> Callable[[int], object | None]:
+    """Shard i's connection of ``client`` if it is a shared-memory channel, else None. The
+    client is held weakly: its shared memory, which asks this, is released when the client is
+    collected, and must not keep it alive."""
+    client_ref = weakref.ref(client)
+
+    def channel_of(shard_id: int) -> object | None:
+        owner = client_ref()
+        return None if owner is None else owner._transports[shard_id].memory_channel
+
+    return channel_of
 
 
 class ParameterServerClient(ShardLanes):
@@ -223,11 +237,13 @@ class ParameterServerClient(ShardLanes):
             SharedMemory(
                 [[(p.numel, p.dtype) for p in pieces] for pieces in self.slices],
                 reads=pull_dtype is None and not pull_changes,
-                channel_of=lambda shard_id: self._transports[shard_id].memory_channel,
+                channel_of=_memory_channels(self),
             )
             if shared_memory and transport_setting() != "tcp"
             else None
         )
+        if self._shared_memory is not None:
+            self._owned.append(self._shared_memory)
 
     def handshake(self, initial: dict[torch.dtype, torch.Tensor] | None) -> bool:
         """Check every shard holds this model; initialise the empty ones from ``initial``.
@@ -678,11 +694,6 @@ class ParameterServerClient(ShardLanes):
         if shared is not None:
             return shared
         return {dtype: torch.zeros(total, dtype=dtype) for dtype, total in sizes.items()}
-
-    def close(self, wait: bool = True) -> None:
-        super().close(wait)
-        if self._shared_memory is not None:
-            self._shared_memory.close()
 
     def wait_for_version(self, min_version: int, timeout_s: float) -> list[int]:
         """Block until every shard has applied at least ``min_version`` updates, or a shard

@@ -175,6 +175,30 @@ def test_a_stage_out_of_range_is_named():
         build_stage(_builder("mlp"), (0, 2, 6), 2, seed=0)
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda b: build_stage(b(), (0, 2, 6), 0, seed=0), TypeError, "build must be a function"),
+        (lambda b: build_stage(b, (0, 2, 6), 1.0, seed=0), TypeError, "stage must be an int"),
+        (lambda b: build_stage(b, (0, 2, 6), "1", seed=0), TypeError, "stage must be an int"),
+        (lambda b: build_stage(b, (0, 2, 6), 0, seed=1.5), TypeError, "seed must be an int"),
+        (lambda b: build_stage(b, 6, 0, seed=0), TypeError, "bounds must be a sequence"),
+        (lambda b: split_model(b(), 2, seed=0), TypeError, "build must be a function"),
+        (lambda b: split_model(b, 2, seed=None), TypeError, "seed must be an int"),
+        (lambda b: split_model(b, 2.0, seed=0), ValueError, "num_stages must be an integer"),
+        (lambda b: split_model(b, True, seed=0), ValueError, "num_stages must be an integer"),
+        (
+            lambda b: split_model(b, 2, seed=0, sample_input=[[0.0] * 64]),
+            TypeError,
+            "sample_input must be a tensor",
+        ),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_named(call, error, message):
+    with pytest.raises(error, match=rf"^{message}"):
+        call(_builder("mlp"))
+
+
 def test_stage_module_parameters_are_its_layers_parameters():
     first, second = nn.Linear(3, 4), nn.Linear(4, 2)
     stage = StageModule([first, nn.ReLU(), second])

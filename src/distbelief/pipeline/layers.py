@@ -123,7 +123,10 @@ def check_bounds(bounds: Sequence[int], num_layers: int) -> tuple[int, ...]:
 
     Raises:
         ValueError: If the bounds are not of that form.
+        TypeError: ``bounds`` is no sequence.
     """
+    if not isinstance(bounds, Sequence):
+        raise TypeError(f"bounds must be a sequence of ints, got {bounds!r}")
     given = list(bounds)
     try:
         given = [operator.index(b) for b in given]
@@ -172,8 +175,29 @@ def materialise_layer(layer: nn.Module) -> None:
         _materialise(module)
 
 
+def check_build(build: object, seed: object) -> None:
+    """Refuses a ``build`` that is no function making the model (a model itself is callable:
+    calling it would run its forward with no input) and a ``seed`` that is no int (a float
+    would be truncated, another type fail inside torch).
+
+    Raises:
+        TypeError: naming the argument.
+    """
+    if isinstance(build, nn.Module) or not callable(build):
+        raise TypeError(
+            f"build must be a function that returns the model, got {type(build).__name__}"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+
+
 def build_on_meta(build: Callable[[], nn.Module], *, seed: int) -> nn.Module:
-    """``build()`` on the meta device (shapes only, no storage), after seeding the RNG."""
+    """``build()`` on the meta device (shapes only, no storage), after seeding the RNG.
+
+    Raises:
+        TypeError: ``build`` is no function or ``seed`` no int (``check_build``).
+    """
+    check_build(build, seed)
     torch.manual_seed(seed)
     with torch.device("meta"):
         return build()
@@ -209,7 +233,11 @@ def build_stage(
     Raises:
         ValueError: If the model cannot be split, the bounds or stage are invalid, or a module
             with parameters has no ``reset_parameters()``.
+        TypeError: ``build`` is no function, ``seed`` or ``stage`` no int, ``bounds`` no
+            sequence.
     """
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise TypeError(f"stage must be an int, got {stage!r}")
     model = build_on_meta(build, seed=seed)
     layers = pipeline_layers(model)
     bounds = check_bounds(bounds, len(layers))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distbelief.config import check_count
 from distbelief.pipeline.layers import (
     StageModule,
     build_on_meta,
@@ -312,9 +313,13 @@ def split_model(
         The split.
 
     Raises:
-        ValueError: If the model cannot be split, or not into ``num_stages`` partitions, or
-            the points are invalid.
+        ValueError: If the model cannot be split, or not into ``num_stages`` partitions (or
+            that is no integer >= 1), or the points are invalid.
+        TypeError: ``build`` is no function, ``seed`` no int or ``sample_input`` no tensor.
     """
+    check_count("num_stages", num_stages)
+    if sample_input is not None and not isinstance(sample_input, torch.Tensor):
+        raise TypeError(f"sample_input must be a tensor, got {type(sample_input).__name__}")
     with torch.random.fork_rng(devices=[]):
         layers = pipeline_layers(build_on_meta(build, seed=seed))
     has_parameters = [layer_has_parameters(layer) for _, layer in layers]

@@ -3,6 +3,7 @@ gradients of the unpartitioned model, report its loss, and move exactly the boun
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -184,8 +185,12 @@ def test_missing_or_mismatched_inputs_are_named():
     ("kwargs", "message"),
     [
         ({"schedule": "zigzag"}, "unknown schedule 'zigzag'"),
-        ({"num_micro_batches": 0}, "num_micro_batches must be >= 1, got 0"),
-        ({"timeout_s": 0.0}, "timeout_s must be > 0"),
+        ({"num_micro_batches": 0}, "num_micro_batches must be an integer >= 1, got 0"),
+        ({"num_micro_batches": 2.5}, "num_micro_batches must be an integer >= 1, got 2.5"),
+        ({"num_micro_batches": True}, "num_micro_batches must be an integer >= 1, got True"),
+        ({"timeout_s": 0.0}, "timeout_s must be a finite number > 0"),
+        ({"timeout_s": math.inf}, "timeout_s must be a finite number > 0"),
+        ({"timeout_s": "5"}, "timeout_s must be a finite number > 0"),
     ],
 )
 def test_bad_stage_settings_are_named(kwargs, message):

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distbelief.config import check_count, check_wait
 from distbelief.pipeline.links import StageLinks
 from distbelief.pipeline.schedule import SCHEDULES
 
@@ -77,7 +78,8 @@ class PipelineStage:
         timeout_s: Longest wait for a neighbour's activation or gradient.
 
     Raises:
-        ValueError: If an argument is out of range or the schedule is unknown.
+        ValueError: If an argument is out of range or of the wrong type (a count that is no
+            integer, a timeout that is no finite number of seconds), or the schedule is unknown.
     """
 
     def __init__(
@@ -91,16 +93,16 @@ class PipelineStage:
         schedule: str = "1f1b",
         timeout_s: float = 30.0,
     ) -> None:
-        if num_stages < 1:
-            raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-        if not 0 <= stage < num_stages:
+        # Counts of another type (a float, a bool) would fail only at the first batch, deep
+        # inside torch's tensor_split.
+        check_count("num_stages", num_stages)
+        check_count("stage", stage, least=0)
+        if stage >= num_stages:
             raise ValueError(f"stage {stage} is not in [0, {num_stages})")
-        if num_micro_batches < 1:
-            raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
+        check_count("num_micro_batches", num_micro_batches)
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {tuple(SCHEDULES)}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        check_wait("timeout_s", timeout_s)
         self.module = stage_module
         self.stage = stage
         self.num_stages = num_stages

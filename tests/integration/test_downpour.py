@@ -142,6 +142,21 @@ def test_a_bad_number_of_workers_is_a_value_error_naming_it(num_workers):
         DownpourSGD(model.parameters(), ps="tcp://127.0.0.1:1", num_workers=num_workers)
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("momentum", 0.9), ("weight_decay", 1e-4), ("nesterov", True), ("maximize", True)],
+)
+def test_a_param_group_setting_sgd_would_apply_is_refused_naming_it(setting, value):
+    """A group ported from torch.optim.SGD would otherwise train without its setting."""
+    model = _model()
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), setting: value}]
+    with pytest.raises(ValueError, match=rf"^param group 1: {setting} is not applied by "):
+        DownpourSGD(groups, lr=0.1, ps="tcp://127.0.0.1:1")
+    plain = [{"params": model.parameters(), "momentum": 0, "weight_decay": 0.0, "name": "all"}]
+    with pytest.raises(ValueError, match="no parameter-server address"):  # past the check
+        DownpourSGD(plain, lr=0.1, ps=[])
+
+
 @pytest.mark.parametrize("timeout_s", [0, 0.0, -1, math.nan])
 def test_a_timeout_of_zero_is_refused_like_a_negative_one(timeout_s, monkeypatch):
     monkeypatch.delenv("DISTBELIEF_TIMEOUT_S", raising=False)

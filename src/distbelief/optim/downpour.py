@@ -158,6 +158,33 @@ def check_rates(param_groups: list[dict]) -> None:
             raise ValueError(f"param group {index}: lr {problem}, got {group['lr']!r}")
 
 
+_UNAPPLIED_DEFAULTS = {
+    "momentum": 0,
+    "dampening": 0,
+    "weight_decay": 0,
+    "nesterov": False,
+    "maximize": False,
+}
+"""torch.optim.SGD's settings besides ``lr``, at the values that leave its step plain SGD:
+the step DownpourSGD applies (and the shards' optimizer is set on the shards)."""
+
+
+def check_plain_sgd(param_groups: list[dict]) -> None:
+    """Refuses a param group that sets one of SGD's other settings (``_UNAPPLIED_DEFAULTS``)
+    to another value: a group ported from torch.optim.SGD would otherwise train without it.
+
+    Raises:
+        ValueError: naming the group (its index), the setting and its value.
+    """
+    for index, group in enumerate(param_groups):
+        for name, plain in _UNAPPLIED_DEFAULTS.items():
+            if name in group and group[name] != plain:
+                raise ValueError(
+                    f"param group {index}: {name} is not applied by DownpourSGD (its step is "
+                    f"plain SGD at the group's lr), got {group[name]!r}"
+                )
+
+
 def _named_params(params: list[torch.Tensor], model: nn.Module | None) -> list[tuple[str, object]]:
     names = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
     return [(names.get(id(p), f"param.{i}"), p) for i, p in enumerate(params)]
@@ -241,7 +268,9 @@ class DownpourSGD(torch.optim.Optimizer):
 
     Raises:
         ValueError: bad hyperparameters (a param group's ``lr`` included, named by its
-            index) or no shard address (neither ``ps`` nor ``DISTBELIEF_PS``).
+            index; a group's ``momentum``, ``dampening``, ``weight_decay``, ``nesterov`` or
+            ``maximize`` other than plain SGD's) or no shard address (neither ``ps`` nor
+            ``DISTBELIEF_PS``).
         TypeError: ``ps``, ``worker_id``, ``auth_key``, ``group``, ``source_host`` or ``model``
             of the wrong type.
         RendezvousError: no ParameterServer published its address within hold_timeout_s, or
@@ -297,6 +326,7 @@ class DownpourSGD(torch.optim.Optimizer):
         self.compression = WireCompression.parse(wire_dtype, push_compression)
         super().__init__(params, {"lr": lr})
         check_rates(self.param_groups)
+        check_plain_sgd(self.param_groups)
         self.n_push, self.n_pull, self.blocking = n_push, n_pull, blocking
         self._params = [p for group in self.param_groups for p in group["params"]]
         self.specs: list[TensorSpec] = tensor_specs(_named_params(self._params, model))

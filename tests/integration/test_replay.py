@@ -234,8 +234,10 @@ def _train(run_dir: Path) -> subprocess.Popen:
     """One worker, blocking, plain SGD on the shards: the pushes are the same in every run.
 
     The MLP, not LeNet: the replayed sum differs from the pushes applied one by one by float
-    rounding (~1e-7), which LeNet's training amplifies to ~1e-3 within 300 steps and the MLP's
-    does not (~3e-7 after 1500 steps).
+    rounding (~1e-7), which LeNet's training amplifies to ~1e-3 within 300 steps. The MLP's
+    amplifies it less, but by how much depends on where the kill lands: measured 2.6e-7 to
+    2.6e-6 at the end after replays of 17-101 updates, and 1.2e-4 once (a replay of 109 from
+    no checkpoint, on a busy machine). A lost or repeated update shows in the versions.
     """
     flags = ["--workers", "1", "--shards", "2", "--steps", str(STEPS), "--blocking"]
     flags += ["--model", "mlp"]
@@ -336,7 +338,9 @@ def test_sigkill_of_a_shard_loses_no_update(tmp_path):
     after_kill, undisturbed = _final_parameters(killed), _final_parameters(left_alone)
     assert after_kill.keys() == undisturbed.keys()
     for name, tensor in after_kill.items():
-        torch.testing.assert_close(tensor, undisturbed[name], rtol=0, atol=1e-6, msg=name)
+        # Rounding of the replayed sum, amplified by the steps after it (see _train): a lost
+        # or repeated update shows in the versions above, not in this tolerance.
+        torch.testing.assert_close(tensor, undisturbed[name], rtol=0, atol=1e-3, msg=name)
 
 
 def test_the_first_checkpoint_is_on_disk_before_the_initialising_client_is_answered(

@@ -77,3 +77,10 @@ def test_lookups_match_embedding():
     torch.manual_seed(3)
     reference = nn.Embedding(20, 5)
     _compare(reference, ShardedEmbedding("t", 20, 5), torch.randint(0, 20, (4, 6)))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_an_empty_batch_of_bags_of_equal_size_matches_embedding_bag(mode):
+    reference = nn.EmbeddingBag(20, 5, mode=mode)
+    ids = torch.zeros(0, 3, dtype=torch.int64)
+    _compare(reference, ShardedEmbeddingBag("t", 20, 5, mode=mode), ids)

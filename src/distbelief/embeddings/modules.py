@@ -106,7 +106,8 @@ class ShardedEmbeddingBag(_ShardedTable):
             # Bags of equal size: a gather and a sum, whose backward is one index_add into the
             # rows' gradient (embedding_bag's dense backward sorts the ids first: measured
             # 20-35% slower for bags of one id).
-            gathered = rows.index_select(0, inverse.reshape(-1)).view(*inverse.shape, -1)
+            # The width is named, not -1: an empty batch of bags ([0, L]) has no size to infer.
+            gathered = rows.index_select(0, inverse.reshape(-1)).view(*inverse.shape, rows.shape[1])
             if inverse.shape[1] == 1:
                 return gathered.squeeze(1)
             return gathered.sum(1) if self.mode == "sum" else gathered.mean(1)

@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from distbelief.embeddings import ShardedEmbeddings, swap_embeddings
+from distbelief.embeddings import (
+    ShardedEmbedding,
+    ShardedEmbeddingBag,
+    ShardedEmbeddings,
+    swap_embeddings,
+)
 from distbelief.embeddings import tables as tables_module
 from distbelief.errors import ClosedError, ShardListError, ShardUnavailableError
 
@@ -144,6 +149,37 @@ def test_a_refused_second_table_leaves_the_model_as_it_was(option, no_shards):
     _assert_same_state(before, _state(model))
     with pytest.raises(ValueError, match=rf"^table later: {option} is not supported"):
         swap_embeddings(model)
+    _assert_same_state(before, _state(model))
+
+
+def test_a_frozen_table_is_refused_by_name_and_leaves_the_model_as_it_was(no_shards):
+    model = _Model()
+    model.later = nn.Embedding.from_pretrained(torch.ones(10, 4), freeze=True)
+    before = _state(model)
+    message = r"^table later: a frozen weight \(requires_grad=False\) is not supported"
+    with pytest.raises(ValueError, match=message):
+        ShardedEmbeddings(model, ps=ADDRESS)
+    _assert_same_state(before, _state(model))
+
+
+def test_a_module_built_by_hand_keeps_the_table_it_names(no_shards):
+    model = _Model()
+    model.users = ShardedEmbedding("user_ids", 10, 4)
+    model.again = ShardedEmbeddingBag("user_ids", 10, 4, mode="sum")
+    tables = ShardedEmbeddings(model, ps=ADDRESS, tables="users,again")
+    assert tables.client.tables == {"user_ids": 4}
+    tables.prefetch({"user_ids": [1, 2]})
+    assert model.users(torch.tensor([1, 2])).shape == (2, 4)
+    assert model.again(torch.tensor([[1, 2]])).shape == (1, 4)
+
+
+def test_modules_sharing_a_table_with_another_width_are_refused(no_shards):
+    model = _Model()
+    model.users = ShardedEmbedding("user_ids", 10, 4)
+    model.again = ShardedEmbedding("user_ids", 10, 8)
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"^table 'user_ids': the modules at 'users' and 'again'"):
+        ShardedEmbeddings(model, ps=ADDRESS)
     _assert_same_state(before, _state(model))
 
 

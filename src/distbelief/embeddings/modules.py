@@ -128,6 +128,10 @@ def _unsupported(module: nn.Module) -> str | None:
         return "max_norm"
     if getattr(module, "scale_grad_by_freq", False):
         return "scale_grad_by_freq"
+    # The shards train every row they serve: a frozen table would be trained all the same.
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.requires_grad:
+        return "a frozen weight (requires_grad=False)"
     return None
 
 
@@ -157,7 +161,8 @@ def sharded_tables(model: nn.Module, names: list[str] | None = None) -> dict[str
 
     Raises:
         ValueError: a name is not an embedding module of ``model``, or a table uses a feature
-            sharded tables do not have (padding_idx, max_norm, scale_grad_by_freq).
+            sharded tables do not have (padding_idx, max_norm, scale_grad_by_freq, a frozen
+            weight).
     """
     modules = dict(model.named_modules())
     if names is None:
@@ -181,6 +186,27 @@ def sharded_tables(model: nn.Module, names: list[str] | None = None) -> dict[str
         module = modules[name]
         tables[name] = module if isinstance(module, _ShardedTable) else _sharded_like(name, module)
     return tables
+
+
+def table_widths(modules: Mapping[str, _ShardedTable]) -> dict[str, int]:
+    """Each table's row width, by the name its modules look their rows up under: a module
+    built by hand names its own table, which need not be its path in the model, and modules
+    that name one table share its rows.
+
+    Raises:
+        ValueError: two modules name one table with different widths.
+    """
+    widths: dict[str, int] = {}
+    owners: dict[str, str] = {}
+    for path, module in modules.items():
+        width = widths.setdefault(module.table, module.embedding_dim)
+        owners.setdefault(module.table, path)
+        if width != module.embedding_dim:
+            raise ValueError(
+                f"table {module.table!r}: the modules at {owners[module.table]!r} and "
+                f"{path!r} share it with rows of {width} and {module.embedding_dim} values"
+            )
+    return widths
 
 
 def put_tables(model: nn.Module, tables: Mapping[str, nn.Module]) -> None:

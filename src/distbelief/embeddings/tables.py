@@ -28,7 +28,7 @@ from distbelief.config import (
     table_names,
 )
 from distbelief.embeddings.cache import RowCache, cache_rows_for
-from distbelief.embeddings.modules import check_ids, put_tables, sharded_tables
+from distbelief.embeddings.modules import check_ids, put_tables, sharded_tables, table_widths
 from distbelief.errors import ClosedError
 from distbelief.optim.downpour import (
     AUTH_KEY_FILE_ENV,
@@ -206,7 +206,7 @@ class ShardedEmbeddings:
         if not self.modules:
             raise ValueError("the model has no nn.Embedding or nn.EmbeddingBag to shard")
         self.lr, self.n_push, self.n_pull, self.blocking = lr, n_push, n_pull, blocking
-        self.dims = {name: module.embedding_dim for name, module in self.modules.items()}
+        self.dims = table_widths(self.modules)
         if auth_key is None and security is None and os.environ.get(AUTH_KEY_FILE_ENV):
             auth_key = read_key_file(os.environ[AUTH_KEY_FILE_ENV])
         self.client = RowClient(

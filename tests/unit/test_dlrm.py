@@ -108,6 +108,38 @@ def test_argument_errors(args: tuple, kwargs: dict, match: str) -> None:
         DLRM(*args, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((13.0, [10, 10]), {}, r"^num_dense must be an int, got 13\.0$"),
+        ((True, [10, 10]), {}, r"^num_dense must be an int, got True$"),
+        ((2, [10.5, 10]), {}, r"^table_sizes must be a list or tuple of ints"),
+        ((2, "ab"), {}, r"^table_sizes must be a list or tuple of ints, got 'ab'$"),
+        ((2, [10, 10]), {"embedding_dim": 4.0}, r"^embedding_dim must be an int, got 4\.0$"),
+        ((2, [10, 10]), {"bottom_hidden": 8}, r"^bottom_hidden must be a list or tuple of ints"),
+        ((2, [10, 10]), {"top_hidden": (8.5,)}, r"^top_hidden must be a list or tuple of ints"),
+    ],
+)
+def test_a_size_that_is_no_int_is_named(args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        DLRM(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("dense_shape", "sparse_shape", "match"),
+    [
+        ((5, 3), (5, 3), r"^sparse must be \(batch, 2\): one id per table, got \(5, 3\)$"),
+        ((5, 3), (5, 1), r"^sparse must be \(batch, 2\)"),
+        ((5, 3), (5,), r"^sparse must be \(batch, 2\)"),
+        ((4, 3), (5, 2), r"^dense and sparse must have one row per sample"),
+    ],
+)
+def test_inputs_of_another_shape_are_refused(dense_shape, sparse_shape, match) -> None:
+    model = DLRM(3, [10, 10], embedding_dim=4)
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(dense_shape), torch.zeros(sparse_shape, dtype=torch.int64))
+
+
 def test_a_table_torch_cannot_size_is_refused_by_its_index() -> None:
     # 2**63 // 64 rows of 16 float32 are 2**63 bytes, one past what torch sizes a tensor to.
     largest = 2**63 // 64 - 1

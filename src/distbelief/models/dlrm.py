@@ -8,6 +8,7 @@ large for this process is never allocated and can be swapped for a module that f
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -65,8 +66,8 @@ class DLRM(nn.Module):
         real_tables: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        table_sizes = tuple(table_sizes)
         _check_args(num_dense, table_sizes, embedding_dim, bottom_hidden, top_hidden)
+        table_sizes = tuple(table_sizes)
         _check_real_tables(real_tables, len(table_sizes))
         self.num_dense = num_dense
         self.embedding_dim = embedding_dim
@@ -86,7 +87,23 @@ class DLRM(nn.Module):
         self.top = _mlp(top_in, (*top_hidden, 1), relu_last=False)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """Maps (B, num_dense) float features and (B, num_tables) int64 ids to (B,) logits."""
+        """Maps (B, num_dense) float features and (B, num_tables) int64 ids to (B,) logits.
+
+        Raises:
+            ValueError: ``sparse`` is not (B, num_tables) (a column past the tables would be
+                ignored, a missing one fail inside the embedding bag), or ``dense`` has
+                another batch size.
+        """
+        num_tables = len(self.tables)
+        if sparse.dim() != 2 or sparse.shape[1] != num_tables:
+            raise ValueError(
+                f"sparse must be (batch, {num_tables}): one id per table, got {tuple(sparse.shape)}"
+            )
+        if self.bottom is not None and dense.shape[:1] != sparse.shape[:1]:
+            raise ValueError(
+                f"dense and sparse must have one row per sample, got {tuple(dense.shape)} "
+                f"and {tuple(sparse.shape)}"
+            )
         vectors = [table(sparse[:, t : t + 1]) for t, table in enumerate(self.tables)]
         features = []
         if self.bottom is not None:
@@ -109,6 +126,36 @@ def _check_real_tables(real_tables: Sequence[int], num_tables: int) -> None:
             )
 
 
+def _is_count(value: object) -> bool:
+    """An integer (numpy's too), not a bool or a float: torch would fail on a float size deep
+    inside a layer, and take True as 1."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_types(
+    num_dense: object,
+    table_sizes: object,
+    embedding_dim: object,
+    bottom_hidden: object,
+    top_hidden: object,
+) -> None:
+    """Refuses a size that is no int, naming its argument."""
+    for name, value in (("num_dense", num_dense), ("embedding_dim", embedding_dim)):
+        if not _is_count(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    for name, values in (
+        ("table_sizes", table_sizes),
+        ("bottom_hidden", bottom_hidden),
+        ("top_hidden", top_hidden),
+    ):
+        if (
+            not isinstance(values, Sequence)
+            or isinstance(values, str)
+            or not all(_is_count(v) for v in values)
+        ):
+            raise TypeError(f"{name} must be a list or tuple of ints, got {values!r}")
+
+
 def _check_args(
     num_dense: int,
     table_sizes: tuple[int, ...],
@@ -116,6 +163,7 @@ def _check_args(
     bottom_hidden: Sequence[int],
     top_hidden: Sequence[int],
 ) -> None:
+    _check_types(num_dense, table_sizes, embedding_dim, bottom_hidden, top_hidden)
     if num_dense < 0:
         raise ValueError(f"num_dense must be >= 0, got {num_dense}")
     if any(size < 1 for size in table_sizes):

@@ -135,6 +135,31 @@ def test_every_request_after_close_names_the_closed_client():
     client.close()  # closing twice does nothing
 
 
+@pytest.mark.parametrize(
+    ("updates", "error", "message"),
+    [
+        ({"t": (torch.tensor([1, 2]), torch.ones(3, 4))}, ValueError, r"rows must be \[2, 4\]"),
+        ({"t": (torch.tensor([1, 2]), torch.ones(2, 5))}, ValueError, r"rows must be \[2, 4\]"),
+        ({"t": (torch.tensor([1, 2]), torch.ones(2, 4, dtype=torch.int64))}, TypeError, "float"),
+        ({"t": (torch.tensor([1.0, 2.0]), torch.ones(2, 4))}, TypeError, "1-D int64"),
+        ({"t": (torch.tensor([[1, 2]]), torch.ones(2, 4))}, TypeError, "1-D int64"),
+        ({"t": torch.tensor([1])}, TypeError, r"an update must be \(ids, rows\)"),
+        ({"u": (torch.tensor([1]), torch.ones(1, 4))}, ValueError, "'u' was not declared"),
+    ],
+    ids=["rows-too-many", "width", "int-rows", "float-ids", "2d-ids", "no-pair", "undeclared"],
+)
+def test_a_push_that_does_not_fit_its_table_is_refused_by_name(updates, error, message):
+    rows = RowClient(
+        ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], {"t": 4}, timeout_s=5, retry_timeout_s=0
+    )
+    try:
+        for push in (rows.push, rows.push_now):
+            with pytest.raises(error, match=message):
+                push(updates)
+    finally:
+        rows.close()
+
+
 def test_request_each_needs_one_distinct_message_per_shard():
     client = ParameterServerClient(
         ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], SPECS, timeout_s=5, retry_timeout_s=0

@@ -290,7 +290,31 @@ class RowClient(ShardLanes):
         """:meth:`push` and wait until every shard has applied it."""
         self.wait(self._push(updates, now=True))
 
+    def _check_updates(self, updates: object) -> None:
+        """Refuses an update that is not (ids [n], gradient rows [n, D]) of a declared table:
+        with several shards, each takes the rows of its own ids, so a row too many or too few
+        would be dropped or misread without a word."""
+        if not isinstance(updates, Mapping):
+            raise TypeError(f"updates must map table names to (ids, rows), got {updates!r}")
+        for name, update in updates.items():
+            if name not in self.tables:
+                raise ValueError(f"table {name!r} was not declared (tables: {sorted(self.tables)})")
+            if not isinstance(update, tuple | list) or len(update) != 2:
+                raise TypeError(f"table {name!r}: an update must be (ids, rows), got {update!r}")
+            ids, rows = update
+            if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+                raise TypeError(f"table {name!r}: ids must be a 1-D int64 tensor, got {ids!r}")
+            expected = (ids.numel(), self.tables[name])
+            if not isinstance(rows, torch.Tensor) or not rows.is_floating_point():
+                raise TypeError(f"table {name!r}: rows must be a float tensor, got {rows!r}")
+            if tuple(rows.shape) != expected:
+                raise ValueError(
+                    f"table {name!r}: rows must be {list(expected)} (one row of "
+                    f"{expected[1]} values per id), got {list(rows.shape)}"
+                )
+
     def _push(self, updates, now: bool) -> list:
+        self._check_updates(updates)
         # Every shard steps every table pushed, rows there or not, so that a table's step
         # count (Adam's bias correction, the time to live) is the same on every shard.
         plans = self._plan({name: ids for name, (ids, _) in updates.items()}, every_shard=True)

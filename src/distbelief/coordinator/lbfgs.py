@@ -1,7 +1,8 @@
 """Sandblaster L-BFGS's coordinator: L-BFGS on scalars, its vectors kept on the shards.
 
-The algorithm is ``torch.optim.LBFGS``'s (same direction, step sizes, line search and stopping
-rules), in the vector-free form of Chen et al. 2014: the coordinator keeps the dot products of
+The algorithm is ``torch.optim.LBFGS``'s (same direction, step sizes, line search and
+per-iteration stopping rules; torch's ``max_eval`` budget is not kept: the caller bounds the
+iterations), in the vector-free form of Chen et al. 2014: the coordinator keeps the dot products of
 the base vectors (the history pairs ``s_i``, ``y_i`` and the gradient), runs the two-loop
 recursion on that small matrix, and has the shards build the direction as one linear
 combination. Each iteration is a constant number of programs, whatever the history size.

@@ -160,6 +160,29 @@ def test_a_push_that_does_not_fit_its_table_is_refused_by_name(updates, error, m
         rows.close()
 
 
+@pytest.mark.parametrize(
+    ("ids_by_table", "error", "message"),
+    [
+        ({"t": [1, 2]}, TypeError, r"^table 't': ids must be an int64 tensor, got list$"),
+        ({"t": torch.tensor([1, 2], dtype=torch.int32)}, TypeError, r"got torch\.int32$"),
+        ({"t": torch.tensor([1.0])}, TypeError, r"got torch\.float32$"),
+        ({"u": torch.tensor([1])}, ValueError, "'u' was not declared"),
+        ([torch.tensor([1])], TypeError, "^ids_by_table must map table names to ids"),
+    ],
+    ids=["list", "int32", "float", "undeclared", "not-a-mapping"],
+)
+def test_a_pull_of_ids_that_are_no_int64_tensor_is_refused_by_name(ids_by_table, error, message):
+    rows = RowClient(
+        ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], {"t": 4}, timeout_s=5, retry_timeout_s=0
+    )
+    try:
+        for pull in (rows.pull, rows.start_pull):
+            with pytest.raises(error, match=message):
+                pull(ids_by_table)
+    finally:
+        rows.close()
+
+
 def test_request_each_needs_one_distinct_message_per_shard():
     client = ParameterServerClient(
         ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], SPECS, timeout_s=5, retry_timeout_s=0

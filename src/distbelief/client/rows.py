@@ -264,7 +264,20 @@ class RowClient(ShardLanes):
         sent before, shard by shard); ``result()`` waits for the rows."""
         return self._start_pull(ids_by_table, now=False)
 
+    def _check_pull(self, ids_by_table: object) -> None:
+        """Refuses ids that are not an int64 tensor of a declared table, naming the table (a
+        list failed on a missing method, int32 ids were refused by a shard or by the hash)."""
+        if not isinstance(ids_by_table, Mapping):
+            raise TypeError(f"ids_by_table must map table names to ids, got {ids_by_table!r}")
+        for name, ids in ids_by_table.items():
+            if name not in self.tables:
+                raise ValueError(f"table {name!r} was not declared (tables: {sorted(self.tables)})")
+            if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+                got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise TypeError(f"table {name!r}: ids must be an int64 tensor, got {got}")
+
     def _start_pull(self, ids_by_table, now: bool) -> PendingRows:
+        self._check_pull(ids_by_table)
         parts = [
             (shard_id, piece)
             for shard_id, part in enumerate(self._plan(ids_by_table))

@@ -236,6 +236,20 @@ def test_ids_may_be_a_list_of_ints_and_are_refused_by_table_when_not_integers(no
         model.emb(torch.tensor([1.0]))
 
 
+def test_ids_off_the_cpu_are_refused_by_table(no_shards):
+    model = _Model()
+    tables = ShardedEmbeddings(model, ps=ADDRESS)
+    ids = torch.tensor([1, 2], device="meta")  # stands in for a GPU's: not where rows are served
+    message = r"^table 'emb': ids must be on the CPU, where sharded tables serve their rows"
+    for call in (
+        lambda: model.emb(ids),
+        lambda: tables.prefetch({"emb": ids}),
+        lambda: tables.prefetch_next({"emb": ids}),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
 def test_every_call_after_close_raises_the_same_typed_error(no_shards):
     tables = ShardedEmbeddings(_Model(), ps=ADDRESS)
     tables.close()

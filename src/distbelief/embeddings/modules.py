@@ -28,14 +28,21 @@ class RowSource(Protocol):
 
 
 def check_ids(table: str, ids: torch.Tensor) -> None:
-    """Refuse ids that are not integers (a float id would be truncated to another row).
+    """Refuse ids that are not integers (a float id would be truncated to another row), or
+    that are not on the CPU, where the rows are served (a GPU's ids failed deep in the wire).
 
     Raises:
         TypeError: ``ids`` is not an int64 or int32 tensor; the message names ``table``.
+        ValueError: ``ids`` is on another device than the CPU.
     """
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
         got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise TypeError(f"table {table!r}: ids must be integers, got {got}")
+    if ids.device.type != "cpu":
+        raise ValueError(
+            f"table {table!r}: ids must be on the CPU, where sharded tables serve their rows, "
+            f"got {ids.device}"
+        )
 
 
 class _ShardedTable(nn.Module):

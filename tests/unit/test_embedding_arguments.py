@@ -162,6 +162,17 @@ def test_a_frozen_table_is_refused_by_name_and_leaves_the_model_as_it_was(no_sha
     _assert_same_state(before, _state(model))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_table_of_another_dtype_than_the_shards_rows_is_refused_by_name(dtype, no_shards):
+    model = _Model()
+    model.later = nn.Embedding(10, 4, dtype=dtype)
+    before = _state(model)
+    message = rf"^table later: a {dtype} weight \(the shards hold float32 rows\) is not"
+    with pytest.raises(ValueError, match=message):
+        ShardedEmbeddings(model, ps=ADDRESS)
+    _assert_same_state(before, _state(model))
+
+
 def test_a_module_built_by_hand_keeps_the_table_it_names(no_shards):
     model = _Model()
     model.users = ShardedEmbedding("user_ids", 10, 4)

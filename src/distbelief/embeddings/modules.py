@@ -139,6 +139,10 @@ def _unsupported(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if isinstance(weight, torch.Tensor) and not weight.requires_grad:
         return "a frozen weight (requires_grad=False)"
+    # The shards hold float32 rows: a float64 table's lookups would come back float32 and
+    # fail in the model's next layer.
+    if isinstance(weight, torch.Tensor) and weight.dtype != torch.float32:
+        return f"a {weight.dtype} weight (the shards hold float32 rows)"
     return None
 
 
@@ -169,7 +173,7 @@ def sharded_tables(model: nn.Module, names: list[str] | None = None) -> dict[str
     Raises:
         ValueError: a name is not an embedding module of ``model``, or a table uses a feature
             sharded tables do not have (padding_idx, max_norm, scale_grad_by_freq, a frozen
-            weight).
+            weight, a weight of another dtype than float32).
     """
     modules = dict(model.named_modules())
     if names is None:

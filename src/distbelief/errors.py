@@ -81,6 +81,12 @@ class TooManyConnectionsError(RemoteError):
     the message names the limit (a shard's ``--max-connections``)."""
 
 
+class PlacementRefusedError(RemoteError):
+    """A shard could not take a push from the client's shared memory: it uses TCP only, or
+    cannot map the client's buffers (a shard restarted at the address as another kind, say).
+    Nothing was applied; the client sends the push's tensors instead."""
+
+
 class ShardRestartedError(RemoteError):
     """A shard answered a vector program from another process life than before: it was
     restarted, and its vectors are those of its last checkpoint, not of the program before."""

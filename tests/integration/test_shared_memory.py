@@ -216,3 +216,50 @@ def test_a_killed_shard_is_never_read_and_its_memory_is_let_go(shard):
         assert not [name for name in os.listdir("/dev/shm") if f"-{process.pid}-" in name]
     finally:
         client.close()
+
+
+def _sent_on_ring(client: ParameterServerClient) -> int:
+    """Where shard 0's shared-memory connection writes its next bytes (moves with each
+    request sent)."""
+    channel = client._transports[0].memory_channel
+    assert channel is not None
+    return channel._write_at
+
+
+def test_a_placed_push_retried_on_a_shard_that_cannot_map_it_goes_with_its_tensors(
+    monkeypatch, tmp_path
+):
+    """A push placed in shared memory whose shard dies before answering is retried on the
+    shard's next life. One that takes TCP only (or cannot map the client's memory) refuses a
+    placed push: the client sends the push's tensors instead, and nothing is lost."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "auto")
+    saved = ("--server-lr", "1", "--checkpoint-dir", str(tmp_path))
+    process, address = start_shard(0, 1, *saved)
+    processes = [process]
+    try:
+        client = _client(address, "w0")
+        try:
+            ones = {torch.float32: torch.ones(NUMEL)}
+            assert client.push_now(ones, clock=1) == [1]
+            assert _shared(client).mapped
+            # Stopped, the shard takes the next placed push but never answers it.
+            os.kill(process.pid, signal.SIGSTOP)
+            written = _sent_on_ring(client)
+            futures = client.push(ones, clock=2)
+            deadline = time.monotonic() + 30
+            while _sent_on_ring(client) == written and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _sent_on_ring(client) != written, "the push was not sent"
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+            restarted, _ = start_shard(0, 1, *saved, "--bind", address, "--transport", "tcp")
+            processes.append(restarted)
+            client.wait(futures)
+            pulled = FlatLayout(SPECS).allocate()
+            client.pull_now(pulled, clock=2)
+            # The first push (re-sent from the replay buffer) and the second: both applied.
+            assert bool((pulled[torch.float32] == -2.0).all())
+        finally:
+            client.close()
+    finally:
+        stop_processes(processes)

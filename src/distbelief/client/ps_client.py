@@ -25,6 +25,7 @@ from distbelief.config import check_count, check_wait
 from distbelief.errors import (
     ConsistencyMismatchError,
     ModelMismatchError,
+    PlacementRefusedError,
     ShardListError,
     ShardTimeoutError,
 )
@@ -459,7 +460,16 @@ class ParameterServerClient(ShardLanes):
         if ready is not None:
             ready()
         placed = self._placed(shard_id, message)
-        reply = self._request(shard_id, placed)
+        try:
+            reply = self._request(shard_id, placed)
+        except PlacementRefusedError as e:
+            if placed is message:
+                raise
+            # Retried on a shard that cannot map this memory (restarted as TCP only, say):
+            # nothing was applied, and the tensors themselves go instead.
+            logger.info("shard %d: %s; sending the push's tensors", shard_id, e)
+            placed = message
+            reply = self._request(shard_id, message)
         if placed is not message:
             self._wire.add_shared(pushed=sum(tensor.nbytes for _, tensor in message.tensors))
         meta = reply.meta

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distbelief.errors import ProtocolError
+from distbelief.errors import PlacementRefusedError, ProtocolError
 from distbelief.server.compressed import (
     CompressedSlices,
     changes_tensors,
@@ -488,13 +488,15 @@ class ShardConnection(VectorHandlers):
         where = f"{offer.get('token')}:{offer.get('slices')}"
         views = self._placed.get(where)
         if views is None:
+            # A refusal the client answers by sending the tensors: a placed push may reach a
+            # shard that cannot map it when it is retried on the shard's next life.
             if transport_setting() == "tcp":
-                raise ValueError("this shard uses TCP only: push the gradient's tensors")
+                raise PlacementRefusedError("this shard uses TCP only: push the gradient's tensors")
             pieces = [(piece.numel, piece.dtype) for piece in self.shard.slices]
             try:
                 views = map_push_buffers(offer, pieces)
             except OSError as e:
-                raise ValueError(f"cannot map the client's push buffers: {e}") from None
+                raise PlacementRefusedError(f"cannot map the client's push buffers: {e}") from None
             if len(self._placed) >= _MAX_PLACED_PER_CONNECTION:
                 self._placed.clear()
             self._placed[where] = views
@@ -516,7 +518,7 @@ class ShardConnection(VectorHandlers):
             try:
                 self._placed_buffers(request.meta[PLACED_KEY])
                 meta["placed"] = True
-            except ValueError as e:
+            except (ValueError, PlacementRefusedError) as e:
                 meta["placed_why"] = str(e)
         if isinstance(shared, str):
             meta["why"] = shared

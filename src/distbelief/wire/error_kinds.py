@@ -11,6 +11,7 @@ from distbelief.errors import (
     EvaluationNotOpenError,
     LayoutMismatchError,
     ModelMismatchError,
+    PlacementRefusedError,
     PSError,
     RemoteError,
     ShardListError,
@@ -40,6 +41,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("evaluation_not_open", (EvaluationNotOpenError,), EvaluationNotOpenError),
     ErrorKind("shard_restarted", (ShardRestartedError,), ShardRestartedError),
     ErrorKind(TOO_MANY_CONNECTIONS, (TooManyConnectionsError,), TooManyConnectionsError),
+    ErrorKind("placement_refused", (PlacementRefusedError,), PlacementRefusedError),
     ErrorKind("bad_request", (ValueError, PSError), RemoteError),
 )
 """The first kind whose ``sent_for`` matches wins: list a subclass before its base."""

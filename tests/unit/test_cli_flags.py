@@ -1051,6 +1051,32 @@ def test_the_transport_the_environment_sets_is_the_configs(monkeypatch):
     assert config_from_args(parse_args(["train", "--transport", "shm"])).cluster.transport == "shm"
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth", "--bind"], "--bind"),
+        (["worker", "--rank", "0", "--num-workers", "1", "--ps"], "--ps"),
+        (["eval", "--once", "--ps"], "--ps"),
+    ],
+)
+@pytest.mark.parametrize("from_environment", [False, True])
+def test_an_shm_address_under_the_tcp_transport_is_refused(
+    argv, flag, from_environment, capsys, monkeypatch
+):
+    # The address asks for shared memory, the transport rules it out: neither may lose unsaid.
+    address = "shm://127.0.0.1:0" if flag == "--bind" else "shm://127.0.0.1:7000"
+    if from_environment:
+        monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
+        transport = []
+    else:
+        monkeypatch.delenv("DISTBELIEF_TRANSPORT", raising=False)
+        transport = ["--transport", "tcp"]
+    assert main([*argv, address, *transport]) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert f"argument {flag}: {address} asks for shared memory" in error
+    assert "--transport tcp" in error
+
+
 def test_resuming_a_folder_that_is_not_there_says_so(capsys, tmp_path):
     missing = tmp_path / "nope"
     assert main(["train", "--resume", str(missing)]) == 2

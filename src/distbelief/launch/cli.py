@@ -159,6 +159,24 @@ def _check_bind_is_here(text: str) -> str:
     return address
 
 
+def _check_no_shm_under_tcp(flag: str, addresses: Sequence[str], config: JobConfig) -> None:
+    """An shm:// address asks for shared memory, which the transport tcp rules out: with both,
+    one of them would be ignored without a word."""
+    from distbelief.wire.channels import split_scheme
+
+    if config.cluster.transport != "tcp":
+        return
+    for address in addresses:
+        scheme, rest = split_scheme(address)
+        if scheme == "shm":
+            raise argparse.ArgumentError(
+                None,
+                f"argument {flag}: {address} asks for shared memory, which --transport tcp "
+                f"(or DISTBELIEF_TRANSPORT=tcp) rules out: give tcp://{rest}, or another "
+                "--transport",
+            )
+
+
 def _use_transport(config: JobConfig) -> None:
     """--transport, for this process's channels and those of the processes it starts."""
     from distbelief.wire.channels.shm import apply_job_transport
@@ -309,6 +327,7 @@ def _run_ps(args: argparse.Namespace) -> int:
             f"--shard-id {args.shard_id} is not in [0, --num-shards {config.cluster.num_shards})"
         )
     args.bind = _check_bind_is_here(args.bind)
+    _check_no_shm_under_tcp("--bind", [args.bind], config)
     security = security_from_args(args)  # a bad key file leaves no --checkpoint-dir behind
     with contextlib.ExitStack() as held:
         if args.checkpoint_dir:
@@ -340,6 +359,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_hosts_are_here(config.cluster, shards=False)
     shards = _addresses("--ps", args.ps)
+    _check_no_shm_under_tcp("--ps", shards, config)
     hosts = [parse_tcp_address(split_scheme(address)[1])[0] for address in shards]
     check_workers_reach(config.cluster.worker_host, hosts)
     require_data_files(config.data)
@@ -433,6 +453,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise argparse.ArgumentError(
             None, "argument --eval-every: not used with --once (it evaluates once)"
         )
+    _check_no_shm_under_tcp("--ps", _addresses("--ps", args.ps), config)
     require_data_files(config.data)
     if config.reporting.out_dir:
         check_folder_can_be_made(config.reporting.out_dir, "--out")

@@ -290,6 +290,18 @@ def _settled(count, want: int, within_s: float = 30.0) -> int:
     return now
 
 
+def _initialised_shard():
+    """A served SGD shard that one optimizer initialised and closed: its connections gone."""
+    server = serve(
+        "tcp://127.0.0.1:0",
+        ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
+    )
+    model = _model()
+    DownpourSGD(model.parameters(), model=model, ps=[server.address], timeout_s=5).close()
+    assert _settled(lambda: server.num_connections, 0) == 0  # the server's end closed too
+    return server, model
+
+
 @pytest.mark.parametrize(
     ("hidden", "options", "error"),
     [
@@ -299,14 +311,8 @@ def _settled(count, want: int, within_s: float = 30.0) -> int:
     ids=["another-model", "warmstart-timeout"],
 )
 def test_a_failed_constructor_leaves_no_thread_or_socket(hidden, options, error):
-    server = serve(
-        "tcp://127.0.0.1:0",
-        ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
-    )
+    server, _ = _initialised_shard()
     try:
-        model = _model()
-        DownpourSGD(model.parameters(), model=model, ps=[server.address], timeout_s=5).close()
-        assert _settled(lambda: server.num_connections, 0) == 0  # the server's end closed too
         threads, descriptors = _lane_threads(), _open_descriptors()
         for _ in range(3):
             failing = _model(hidden=hidden)
@@ -325,14 +331,8 @@ def test_an_optimizer_dropped_without_close_leaves_no_thread_or_socket():
     """An optimizer that is garbage-collected unclosed (a script that forgot close(), one made
     per trial of a sweep) releases its lane threads, its connections (and the shard's end of
     them) and its shared memory, as close() would."""
-    server = serve(
-        "tcp://127.0.0.1:0",
-        ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))),
-    )
+    server, model = _initialised_shard()
     try:
-        model = _model()
-        DownpourSGD(model.parameters(), model=model, ps=[server.address], timeout_s=5).close()
-        assert _settled(lambda: server.num_connections, 0) == 0
         threads, descriptors = _lane_threads(), _open_descriptors()
         for _ in range(3):
             optimizer = DownpourSGD(model.parameters(), model=model, ps=[server.address])

@@ -81,18 +81,24 @@ def test_a_plot_that_cannot_be_drawn_is_logged_and_the_outcome_kept(
     assert f"distbelief plot {tmp_path}" in warning
 
 
-@pytest.mark.parametrize(
+_STOPS = pytest.mark.parametrize(
     "stop", [KeyboardInterrupt(), LauncherInterrupted("stopped by signal SIGTERM")]
 )
-def test_a_second_stop_while_drawing_is_not_swallowed(
-    tmp_path: Path, monkeypatch, caplog, stop: BaseException
-) -> None:
-    _metrics(tmp_path, steps=3)
 
+
+def _stop_while_drawing(monkeypatch, stop: BaseException) -> None:
     def stopped(run_dir):
         raise stop
 
     monkeypatch.setattr(plots, "plot_run", stopped)
+
+
+@_STOPS
+def test_a_second_stop_while_drawing_is_not_swallowed(
+    tmp_path: Path, monkeypatch, caplog, stop: BaseException
+) -> None:
+    _metrics(tmp_path, steps=3)
+    _stop_while_drawing(monkeypatch, stop)
     with pytest.raises(type(stop)):
         write_run_records(_interrupted(tmp_path), "interrupted", "stopped by Ctrl-C")
     # Written before drawing began: the run folder still says how the job ended.
@@ -106,19 +112,13 @@ def test_nothing_is_written_when_no_process_started(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize(
-    "stop", [KeyboardInterrupt(), LauncherInterrupted("stopped by signal SIGTERM")]
-)
+@_STOPS
 def test_a_stop_while_drawing_a_done_jobs_plots_leaves_it_done(
     tmp_path: Path, monkeypatch, caplog, stop: BaseException
 ) -> None:
     # The job finished: summary.json says done, and the launcher must not say otherwise.
     _metrics(tmp_path, steps=3)
-
-    def stopped(run_dir):
-        raise stop
-
-    monkeypatch.setattr(plots, "plot_run", stopped)
+    _stop_while_drawing(monkeypatch, stop)
     write_run_records(RunResult(tmp_path, worker_steps={0: 3}))
     assert json.loads((tmp_path / "summary.json").read_text())["outcome"] == "done"
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -231,3 +231,15 @@ def test_a_sandblaster_run_plots_the_coordinators_batch_loss(tmp_path: Path) -> 
     figure = run_plots._make_figure(load_run(run_dir).records, run_plots._PLOTS[1], "sandblaster")
     labels = [line.get_label() for line in figure.axes[0].lines]
     assert labels == [run_plots.COORDINATOR_LABEL]
+
+
+def test_a_run_without_a_field_adds_no_difference_to_the_labels() -> None:
+    # A folder without config.json, or one whose config.json records a few fields (the seed's
+    # example writes these), against a full job's: only the fields both have can differ.
+    job = _job_run("job", [], **{"optimizer.lr": 0.1})
+    partial = _run_data("node1", num_workers=2, num_shards=1, n_push=5, lr=0.03)
+    assert run_labels([job, _run_data("bare")]) == ["2w x 2s, sgd, n_push=1", "bare"]
+    assert run_labels([job, partial]) == [
+        "2w x 2s, sgd, n_push=1, lr=0.1",
+        "2w x 1s, n_push=5, lr=0.03",
+    ]

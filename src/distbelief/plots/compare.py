@@ -221,8 +221,10 @@ def _base_label(config: dict[str, Any]) -> str:
 
 
 _DOES_NOT_APPLY = object()
-"""A run's value of a setting its algorithm does not use: neither shown in its label nor a
-difference from the runs that use it."""
+"""A run's value of a setting its algorithm does not use, or that its config.json does not
+record (a run folder without one, or one written by a script with a few fields): neither shown
+in its label nor a difference from the runs that have it. Counted as a difference, every field
+a run lacks put all the others' values into their labels, too long for the figure."""
 
 
 def _label_value(config: dict, key: str) -> object:
@@ -231,9 +233,9 @@ def _label_value(config: dict, key: str) -> object:
     value of a Downpour setting (it is not async, say, only not sync)."""
     if _is_sandblaster(config) and _applies_to_downpour_only(key):
         return _DOES_NOT_APPLY
-    if key == "optimizer.batch_size" and not _is_sandblaster(config):
-        return batch_size_of(config) if config else None
-    return config.get(key)
+    if key == "optimizer.batch_size" and config and not _is_sandblaster(config):
+        return batch_size_of(config)
+    return config.get(key, _DOES_NOT_APPLY)
 
 
 def _applies_to_downpour_only(key: str) -> bool:

@@ -243,3 +243,22 @@ def test_a_run_without_a_field_adds_no_difference_to_the_labels() -> None:
         "2w x 2s, sgd, n_push=1, lr=0.1",
         "2w x 1s, n_push=5, lr=0.03",
     ]
+
+
+def test_a_series_of_one_point_is_drawn(tmp_path: Path) -> None:
+    # Two records of a worker give one rate: a line alone draws nothing of it.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with MetricsWriter(run_dir / "metrics.csv") as writer:
+        for step in (20, 40):
+            record = make_record("worker", 0, time_s=step / 100, step=step, loss=1.0, accuracy=0.5)
+            writer.write(record)
+    run = load_run(run_dir)
+    throughput = run_plots._make_throughput_figure(run, "one rate")
+    (line,) = throughput.axes[0].get_lines()
+    assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "")
+    compared = compare_plots._make_comparison(
+        [run, run], ["a", "b"], compare_plots._COMPARISONS[-1]
+    )
+    for line in compared.axes[0].get_lines():
+        assert line.get_marker() not in (None, "None", "")

@@ -22,6 +22,7 @@ from distbelief.plots.run import (
     Series,
     batch_size_of,
     load_run,
+    lone_point_marker,
     new_figure,
     save_png_atomic,
     series_by_rank,
@@ -174,7 +175,7 @@ def _make_comparison(runs: list[RunData], labels: list[str], spec: _CompareSpec)
             times_s,
             values,
             linewidth=1.8,
-            marker="o" if spec.markers else None,
+            marker="o" if spec.markers else lone_point_marker(times_s),
             markersize=3.5,
             label=label,
         )

@@ -179,11 +179,25 @@ def series_by_rank(records: Records, role: str, field: str) -> dict[int, Series]
     return dict(sorted(series.items()))
 
 
+def lone_point_marker(times_s: list[float]) -> str | None:
+    """A marker for a series of one point, which a line alone does not draw (a worker that
+    logged once, a rate measured between two records): the legend named a curve that was not
+    there."""
+    return "o" if len(times_s) == 1 else None
+
+
 def _make_figure(records: Records, spec: _PlotSpec, title: str) -> Figure:
     figure, axes = new_figure()
     workers = series_by_rank(records, "worker", spec.worker_field)
     for rank, (times_s, values) in workers.items():
-        axes.plot(times_s, values, linewidth=1.0, alpha=0.75, label=f"worker {rank} (train)")
+        axes.plot(
+            times_s,
+            values,
+            linewidth=1.0,
+            alpha=0.75,
+            marker=lone_point_marker(times_s),
+            label=f"worker {rank} (train)",
+        )
     coordinator = {}
     if spec.coordinator_field is not None:
         coordinator = series_by_rank(records, "coordinator", spec.coordinator_field)
@@ -280,7 +294,14 @@ def _make_throughput_figure(run: RunData, title: str) -> Figure:
     for rank, (times_s, steps) in workers.items():
         rate_times_s, rates = worker_rates(times_s, steps)
         scaled = [rate * scale for rate in rates]
-        axes.plot(rate_times_s, scaled, linewidth=1.0, alpha=0.75, label=f"worker {rank}")
+        axes.plot(
+            rate_times_s,
+            scaled,
+            linewidth=1.0,
+            alpha=0.75,
+            marker=lone_point_marker(rate_times_s),
+            label=f"worker {rank}",
+        )
     if len(workers) > 1:
         grid_s, totals = total_rate(run.records)
         axes.plot(
@@ -288,6 +309,7 @@ def _make_throughput_figure(run: RunData, title: str) -> Figure:
             [rate * scale for rate in totals],
             color="black",
             linewidth=2.0,
+            marker=lone_point_marker(grid_s),
             label="all workers",
         )
     style_axes(axes, f"throughput ({unit})", title, has_data=bool(workers))

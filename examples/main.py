@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import logging
 import math
 import os
@@ -49,7 +50,7 @@ from distbelief.config import (
 )
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.errors import DatasetUnavailableError, DistBeliefError
-from distbelief.files import make_folder
+from distbelief.files import make_folder, write_text_atomic
 from distbelief.hosts import check_known_host, is_host
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
@@ -210,11 +211,31 @@ def run_node(args: argparse.Namespace, data: Data) -> None:
     plot_run(run_dir)
 
 
+def node_config(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """The fields of ``distbelief train``'s config.json that describe this node's run: the
+    plots read the batch size from it (samples/s; without it they assumed train's default),
+    their titles and the labels of ``distbelief plot RUN_A RUN_B`` the rest."""
+    config: dict[str, dict[str, object]] = {
+        "model": {"name": args.model},
+        "data": {"name": args.dataset},
+        "optimizer": {"algorithm": "downpour", "batch_size": args.batch_size, "lr": args.lr},
+    }
+    if args.no_distributed:
+        config["cluster"] = {"num_workers": 1, "num_shards": 0}
+        return config
+    config["cluster"] = {"num_workers": args.world_size - 1, "num_shards": 1}
+    config["optimizer"] |= {"n_push": args.num_push, "n_pull": args.num_pull}
+    # Given no rate, ParameterServer applies plain SGD at each pushing node's rate.
+    config["server"] = {"optimizer": "sgd", "lr": args.lr}
+    return config
+
+
 def train_node(args, net, optimizer, data, run_dir: Path) -> None:
     """The node's epochs: train, log every --log-interval steps, test after each epoch."""
     train_set, test_set, indices = data
     worker_rank = 0 if args.no_distributed else args.rank - 1
     start, step = time.time(), 0
+    write_text_atomic(run_dir / "config.json", json.dumps(node_config(args), indent=1))
     with MetricsWriter(run_dir / "metrics.csv") as writer:
         for epoch in range(args.epochs):
             for images, labels in iterate_batches(

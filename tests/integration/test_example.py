@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from distbelief.config import dotted_fields
+from distbelief.plots import load_run, run_title
+from distbelief.plots.run import batch_size_of
 from tests.conftest import (
     CHILD_ENV,
     free_port,
@@ -321,3 +324,26 @@ def test_a_node_whose_server_is_killed_gives_up_once(tmp_path):
     assert f"gave up after retrying for {retry_timeout_s}s" in last
     assert err.count("gave up") == 1, err[-2000:]
     assert took_s < 2 * retry_timeout_s, f"the node took {took_s:.1f}s to give up"
+
+
+def test_a_nodes_plots_read_its_batch_size_and_setup_from_its_config(tmp_path):
+    """The throughput plot's samples/s take the node's --batch-size (without a config.json it
+    took train's default, 32), and titles name the model, data set and cluster."""
+    out = tmp_path / "out"
+    argv = ["--no-distributed", *OFFLINE, "--batch-size", "16", "--epochs", "1"]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), *argv, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=CHILD_ENV,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = load_run(out / "node0").config
+    assert batch_size_of(config) == 16
+    assert run_title(config, "node0") == "lenet on digits, 1 worker, 0 shards"
+    example = load_script(EXAMPLE)
+    args = example.get_args_parser().parse_args(["--rank", "2", "--num-push", "3"])
+    node = dotted_fields(example.node_config(args))
+    assert run_title(node, "node2") == "alexnet on cifar10, 2 workers, 1 shard"
+    assert (node["optimizer.n_push"], node["optimizer.batch_size"]) == (3, 64)

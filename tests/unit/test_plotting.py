@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib.image
@@ -262,3 +263,14 @@ def test_a_series_of_one_point_is_drawn(tmp_path: Path) -> None:
     )
     for line in compared.axes[0].get_lines():
         assert line.get_marker() not in (None, "None", "")
+
+
+def test_a_long_label_leaves_the_axes_their_width(tmp_path: Path) -> None:
+    run = load_run(_make_run_dir(tmp_path / "run"))
+    for settings in (8, 20):  # the figure's width or more: the axes shrank, or the legend cut
+        long_label = ", ".join(f"setting_{i}={i / 7:.4f}" for i in range(settings))
+        for spec in compare_plots._COMPARISONS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # "Tight layout not applied"
+                figure = compare_plots._make_comparison([run, run], [long_label, "short"], spec)
+            assert figure.axes[0].get_position().width > 0.6, spec.file_name

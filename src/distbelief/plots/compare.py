@@ -8,6 +8,7 @@ given; it never changes a run folder it reads.
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,10 @@ from distbelief.plots.run import (
 logger = logging.getLogger(__name__)
 
 LEGEND_ROW_IN = 0.25
-"""Extra figure height per run, for the legend below the axes."""
+"""Extra figure height per line of the legend below the axes."""
+LEGEND_LINE_CHARS = 110
+"""Longer labels are wrapped: one line wider than the figure made its layout shrink the axes to
+a sliver, or give up and cut the legend off."""
 
 _LABEL_KEYS = {
     "model.name": "model",
@@ -165,12 +169,12 @@ def plot_runs(run_dirs: Sequence[Path | str], *, out_dir: Path | str) -> list[Pa
 
 def _make_comparison(runs: list[RunData], labels: list[str], spec: _CompareSpec) -> Figure:
     # Labels can be long: the legend goes below the axes, and the figure grows to hold it.
-    figure, axes = new_figure(height_in=FIGURE_SIZE_IN[1] + LEGEND_ROW_IN * len(runs))
+    labels = [_wrap_label(label, spec, run) for run, label in zip(runs, labels, strict=True)]
+    legend_lines = sum(label.count("\n") + 1 for label in labels)
+    figure, axes = new_figure(height_in=FIGURE_SIZE_IN[1] + LEGEND_ROW_IN * legend_lines)
     has_data = False
     for run, label in zip(runs, labels, strict=True):
         times_s, values = spec.series(run)
-        if not times_s:
-            label += " (no data)"
         axes.plot(
             times_s,
             values,
@@ -187,6 +191,13 @@ def _make_comparison(runs: list[RunData], labels: list[str], spec: _CompareSpec)
         axes.set_ylim(bottom=0.0)
     figure.tight_layout()
     return figure
+
+
+def _wrap_label(label: str, spec: _CompareSpec, run: RunData) -> str:
+    """A run's legend label, marked when it has no data for this figure, in lines that fit."""
+    if not spec.series(run)[0]:
+        label += " (no data)"
+    return textwrap.fill(label, LEGEND_LINE_CHARS, break_long_words=False)
 
 
 def _title(runs: Sequence[RunData]) -> str:

@@ -301,9 +301,32 @@ def test_a_stage_that_is_not_the_next_one_is_refused(make_links):
         skipping.wait_for_peer(TIMEOUT_S)
     with pytest.raises(PipelineError, match=r"stage 2 of 3 answers stage 1 only, not stage 0$"):
         skipping.send_forward(0, 0, torch.ones(2))
-    other_job = make_links(1, 4, last.address)
-    with pytest.raises(PipelineError, match=r"is stage 2 of 3, not stage 2 of 4"):
-        other_job.wait_for_peer(TIMEOUT_S)
+    elsewhere = make_links(0, 4, last.address)
+    with pytest.raises(PipelineError, match=r"is stage 2 of 3, not stage 1 of 4"):
+        elsewhere.wait_for_peer(TIMEOUT_S)
+
+
+def test_a_neighbour_cut_into_another_number_of_partitions_is_refused_on_both_sides(
+    make_links,
+):
+    last = make_links(1, 2, plan=_PLAN)
+    first = make_links(0, 3, last.address, plan=_PLAN)
+    with pytest.raises(ConfigFieldError) as refused:
+        first.wait_for_peer(TIMEOUT_S)
+    assert refused.value.field == "pipeline.num_partitions"
+    assert re.fullmatch(
+        r"is 3 for stage 0 but 2 for stage 1 \(tcp://127\.0\.0\.1:\d+\): give every stage "
+        "of the replica the same",
+        refused.value.problem,
+    ), refused.value.problem
+    # The stage after refuses as well, at once, rather than waiting out its timeout.
+    with pytest.raises(ConfigFieldError) as refused_there:
+        last.recv_forward(0, 0, TIMEOUT_S)
+    assert refused_there.value.field == "pipeline.num_partitions"
+    assert refused_there.value.problem == (
+        "is 2 for stage 1 but 3 for stage 0 (connecting from 127.0.0.1): give every stage of "
+        "the replica the same"
+    )
 
 
 def test_a_stage_counts_an_activation_when_it_takes_it_and_a_gradient_when_it_leaves_it(

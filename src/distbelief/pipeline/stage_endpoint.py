@@ -46,6 +46,7 @@ from distbelief.pipeline.stage_protocol import (
     check_plans_agree,
     hold_of,
     micro_batch_key,
+    placed_plan,
     wire_plan,
 )
 from distbelief.wire.dtypes import dtype_name
@@ -287,13 +288,13 @@ class StageEndpoint:
         """This stage's hello, for the stage before's. When that stage's plan differs from
         this one's, the main thread's waits raise the ``ConfigFieldError`` naming the setting
         and both values from now on, and its activations are refused."""
-        if (meta.get("stage"), meta.get("num_stages")) != (self.stage - 1, self.num_stages):
+        if meta.get("stage") != self.stage - 1:
             # Another place altogether: the caller refuses this stage on its own side.
             return self._hello()
         try:
             check_plans_agree(
-                self.plan,
-                meta.get("plan"),
+                placed_plan(self.num_stages, self.plan),
+                placed_plan(meta.get("num_stages"), meta.get("plan")),
                 f"stage {self.stage}",
                 f"stage {self.stage - 1} (connecting from {peer.rpartition(':')[0]})",
             )

@@ -46,6 +46,9 @@ GRADIENT_NAME = "gradient"
 NUM_MICRO_KEY = "pipeline.num_micro_batches"
 """The plan's setting of micro-batches per batch: the indices a stage's requests may name."""
 
+NUM_PARTITIONS_KEY = "pipeline.num_partitions"
+"""The setting a hello's ``num_stages`` is: compared with the plan, and named before it."""
+
 MAX_HOLD_S = 60.0
 """The longest a GRADIENT request may ask to be held."""
 
@@ -88,6 +91,13 @@ def wire_plan(plan: Mapping[str, object] | None) -> dict[str, object]:
         name: list(value) if isinstance(value, tuple) else value
         for name, value in (plan or {}).items()
     }
+
+
+def placed_plan(num_stages: object, plan: object) -> dict[str, object]:
+    """A hello's plan with its number of stages first: a neighbour at the right place but cut
+    into another number of partitions was given another ``--partitions``, which is named
+    before the split that follows from it."""
+    return {NUM_PARTITIONS_KEY: num_stages, **(plan if isinstance(plan, dict) else {})}
 
 
 def _shown(value: object) -> str:

@@ -41,6 +41,7 @@ from distbelief.pipeline.stage_protocol import (
     STAGE_HELLO,
     check_index,
     check_plans_agree,
+    placed_plan,
     wire_plan,
 )
 from distbelief.wire.dtypes import dtype_name
@@ -249,6 +250,14 @@ class WireLinks:
             except PSError as e:
                 raise self._translate(e, "the stage check", "answer", timeout_s) from e
         found = (reply.meta.get("stage"), reply.meta.get("num_stages"))
+        if found[0] == self.stage + 1:
+            # The next place answered: another number of stages there is another setting.
+            check_plans_agree(
+                placed_plan(self.num_stages, self.plan),
+                placed_plan(found[1], reply.meta.get("plan")),
+                self._name,
+                self._peer,
+            )
         if found != (self.stage + 1, self.num_stages):
             raise PipelineError(
                 f"{self._name} of {self.num_stages}: {self.next_address} is stage {found[0]} of "

@@ -57,6 +57,11 @@ class RemoteError(PSError):
     """A shard received a valid request but refused it; the message says why."""
 
 
+class UnknownOpError(RemoteError, ProtocolError):
+    """The server at the address does not answer the request's op: it is another kind of
+    server than the client expects (a shard where a pipeline stage was meant, say)."""
+
+
 class ModelMismatchError(RemoteError):
     """The worker's model does not match the parameters the shards hold."""
 
@@ -197,6 +202,11 @@ class StageTimeoutError(PipelineError, TimeoutError):
 
 class StageUnavailableError(PipelineError, ConnectionError):
     """A neighbouring stage could not be reached, or closed the connection."""
+
+
+class NotAStageError(PipelineError):
+    """The address given as the next stage's answers, but not as a pipeline stage (a shard,
+    say): a user's ``--next`` points at the wrong process."""
 
 
 class CheckpointError(DistBeliefError, ValueError):

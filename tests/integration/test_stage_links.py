@@ -16,6 +16,7 @@ import torch
 
 from distbelief.errors import (
     ConfigFieldError,
+    NotAStageError,
     PipelineError,
     StageTimeoutError,
     StageUnavailableError,
@@ -26,6 +27,7 @@ from distbelief.pipeline.engine import PipelineStage, StageStepFigures
 from distbelief.pipeline.layers import build_stage
 from distbelief.pipeline.split import split_model
 from distbelief.pipeline.wire_links import WireLinks, wire_links
+from distbelief.wire import OpRegistry, serve
 from distbelief.wire.security import WireSecurity
 from tests.conftest import free_port
 
@@ -326,6 +328,33 @@ def test_a_neighbour_cut_into_another_number_of_partitions_is_refused_on_both_si
     assert refused_there.value.problem == (
         "is 2 for stage 1 but 3 for stage 0 (connecting from 127.0.0.1): give every stage of "
         "the replica the same"
+    )
+
+
+class _NoOpsService:
+    """A server of another kind than a stage: it answers no stage op."""
+
+    def __init__(self) -> None:
+        self.handlers = OpRegistry()
+
+    def open_connection(self, peer: str) -> _NoOpsService:
+        return self  # no state per connection
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_next_address_that_is_not_a_stage_is_refused_as_not_a_stage(make_links):
+    server = serve(LOCAL, _NoOpsService(), security=SECURITY)
+    try:
+        first = make_links(0, 2, server.address)
+        with pytest.raises(NotAStageError) as refused:
+            first.wait_for_peer(TIMEOUT_S)
+    finally:
+        server.stop()
+    assert str(refused.value) == (
+        f"stage 0: {server.address} is not a pipeline stage (it answers no stage hello; a "
+        "shard, say): give the next stage's --bind address"
     )
 
 

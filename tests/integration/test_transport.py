@@ -18,6 +18,7 @@ from distbelief.errors import (
     RemoteError,
     ShardTimeoutError,
     ShardUnavailableError,
+    UnknownOpError,
 )
 from distbelief.wire import WIRE_DTYPES, Message, OpRegistry, connect, define_op, ops, serve
 from distbelief.wire.channels import Channel, Listener, channel_schemes, dial, listen, local_address
@@ -161,7 +162,7 @@ def test_error_kinds_arrive_as_their_exception_types(echo_server):
 
 def test_unknown_op_is_answered_and_connection_stays_usable(echo_server, echo_service):
     client = connect(echo_server.address, name="echo")
-    with pytest.raises(RemoteError, match=r"stats refused: unknown op STATS \(this server"):
+    with pytest.raises(UnknownOpError, match=r"stats refused: unknown op STATS \(this server"):
         client.request(Message(ops.STATS, {}, [("w", torch.ones(50_000))]), timeout_s=5)
     assert client.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
     assert echo_service.num_connections == 1
@@ -184,7 +185,7 @@ def test_op_code_undefined_at_the_server_is_answered(echo_server, echo_service):
         )
         assert (reply_code, flags, request_id, payload_len) == (code, FLAG_REPLY | FLAG_ERROR, 7, 0)
         assert json.loads(reader.read_bytes(meta_len, None)) == {
-            "error": "bad_request",
+            "error": "unknown_op",
             "message": f"unknown op code {code}",
         }
         send_message(channel, Message(ops.HELLO, request_id=8))

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from distbelief.config import JobConfig
-from distbelief.errors import BindError, ConsistencyMismatchError
+from distbelief.errors import BindError, ConsistencyMismatchError, NotAStageError, UnknownOpError
 from distbelief.launch import cli
 from distbelief.launch.cli import config_from_args, main, parse_args
 from distbelief.launch.flags import command_flags, field_docs, flag_of, get_args_parser
@@ -585,6 +585,31 @@ _MISMATCHES = [
 
 @pytest.mark.parametrize(("raised", "said"), _MISMATCHES, ids=["staleness", "workers", "rows"])
 def test_shards_that_disagree_are_a_usage_error_naming_the_flag(raised, said, monkeypatch, capsys):
+    def refused(_args):
+        raise raised
+
+    monkeypatch.setitem(cli._COMMANDS, "worker", refused)
+    assert main(_WORKER) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [said]
+
+
+_WRONG_KIND_OF_SERVER = [
+    (
+        UnknownOpError("shard 0 (tcp://h:1): hello refused: unknown op HELLO"),
+        "distbelief worker: error: argument --ps: shard 0 (tcp://h:1): hello refused: unknown op "
+        "HELLO: give the shards' addresses",
+    ),
+    (
+        NotAStageError("stage 0: tcp://h:1 is not a pipeline stage"),
+        "distbelief worker: error: argument --next: stage 0: tcp://h:1 is not a pipeline stage",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raised", "said"), _WRONG_KIND_OF_SERVER, ids=["ps", "next"])
+def test_an_address_of_another_kind_of_server_is_a_usage_error_naming_the_flag(
+    raised, said, monkeypatch, capsys
+):
     def refused(_args):
         raise raised
 

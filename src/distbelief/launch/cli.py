@@ -31,8 +31,10 @@ from distbelief.errors import (
     DistBeliefError,
     LauncherInterrupted,
     ModelMismatchError,
+    NotAStageError,
     ShardListError,
     TLSMismatchError,
+    UnknownOpError,
 )
 from distbelief.launch.cluster import Fault
 from distbelief.launch.flags import (
@@ -641,6 +643,17 @@ def _run_command(args: argparse.Namespace) -> int:
         named = isinstance(e, TLSMismatchError) or "--auth-key-file" in str(e)  # its flag
         said = str(e) if named else f"{e} ({hint})"
         print(f"{prefix}: error: {said}", file=sys.stderr)
+        return EXIT_USAGE
+    except NotAStageError as e:  # only --next names a stage to dial
+        _traceback_if_verbose(args)
+        print(f"{prefix}: error: argument --next: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnknownOpError as e:
+        _traceback_if_verbose(args)
+        if not getattr(args, "ps", None):
+            raise
+        # The address answered, as another kind of server (a pipeline stage, say).
+        print(f"{prefix}: error: argument --ps: {e}: give the shards' addresses", file=sys.stderr)
         return EXIT_USAGE
     except ShardListError as e:  # only --ps names shards by hand
         _traceback_if_verbose(args)

@@ -22,6 +22,7 @@ import torch
 
 from distbelief.errors import (
     BindError,
+    NotAStageError,
     PipelineError,
     PSError,
     RemoteError,
@@ -29,6 +30,7 @@ from distbelief.errors import (
     ShardUnavailableError,
     StageTimeoutError,
     StageUnavailableError,
+    UnknownOpError,
 )
 from distbelief.pipeline.links import LinkCounters, payload_bytes
 from distbelief.pipeline.micro_buffers import MicroBuffers
@@ -221,6 +223,7 @@ class WireLinks:
         Raises:
             StageUnavailableError: the next stage could not be reached within ``timeout_s``.
             PipelineError: it is another stage, or refused this stage (another job key, say).
+            NotAStageError: the address answers, but not as a stage (a shard, say).
             ConfigFieldError: its plan differs (naming the setting and both values).
         """
         timeout_s = _check_timeout(timeout_s)
@@ -247,6 +250,11 @@ class WireLinks:
                     ) from e
                 time.sleep(pause_s)
                 pause_s = min(2 * pause_s, _MAX_RETRY_PAUSE_S)
+            except UnknownOpError as e:
+                raise NotAStageError(
+                    f"{self._name}: {self.next_address} is not a pipeline stage (it answers no "
+                    "stage hello; a shard, say): give the next stage's --bind address"
+                ) from e
             except PSError as e:
                 raise self._translate(e, "the stage check", "answer", timeout_s) from e
         found = (reply.meta.get("stage"), reply.meta.get("num_stages"))

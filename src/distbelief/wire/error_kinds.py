@@ -17,6 +17,7 @@ from distbelief.errors import (
     ShardListError,
     ShardRestartedError,
     TooManyConnectionsError,
+    UnknownOpError,
 )
 
 
@@ -42,6 +43,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("shard_restarted", (ShardRestartedError,), ShardRestartedError),
     ErrorKind(TOO_MANY_CONNECTIONS, (TooManyConnectionsError,), TooManyConnectionsError),
     ErrorKind("placement_refused", (PlacementRefusedError,), PlacementRefusedError),
+    ErrorKind("unknown_op", (UnknownOpError,), UnknownOpError),
     ErrorKind("bad_request", (ValueError, PSError), RemoteError),
 )
 """The first kind whose ``sent_for`` matches wins: list a subclass before its base."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from distbelief.errors import ProtocolError
+from distbelief.errors import ProtocolError, UnknownOpError
 from distbelief.wire.framing import (
     RejectedFrame,
     SinkFactory,
@@ -158,7 +158,7 @@ def recv_message(
         # A peer that defines more ops than this process (a capability not loaded here).
         reader.skip(meta_len + payload_len, deadline)
         refused = Message(Op(f"op code {op}", op), {}, [], request_id, flags)
-        raise RejectedFrame(refused, ProtocolError(f"unknown op code {op}"))
+        raise RejectedFrame(refused, UnknownOpError(f"unknown op code {op}"))
     message = Message(op, {}, [], request_id, flags)
     try:
         meta = orjson.loads(reader.read_bytes(meta_len, deadline) or b"{}")

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any, Protocol, cast
 
+from distbelief.errors import UnknownOpError
 from distbelief.wire.channels import Channel, Incoming, PollableChannel
 from distbelief.wire.error_kinds import BAD_REQUEST, INTERNAL, TOO_MANY_CONNECTIONS, kind_of
 from distbelief.wire.framing import RejectedFrame, Sink, send_message
@@ -56,8 +57,9 @@ class _Dispatch:
         route = self._routes.get(request.op)
         if route is None:
             served = ", ".join(op.name for op in sorted(self._routes))
-            # A ValueError here refuses the frame: its tensors are skipped, the stream stays usable.
-            raise ValueError(f"unknown op {request.op.name} (this server answers {served})")
+            # A ProtocolError here refuses the frame: its tensors are skipped, the stream stays
+            # usable.
+            raise UnknownOpError(f"unknown op {request.op.name} (this server answers {served})")
         self._route = route
         return None if route.sink_for is None else route.sink_for(self._state, request)
 
@@ -70,6 +72,12 @@ class _Dispatch:
             if kind == INTERNAL:
                 logger.exception("request %s failed", request.op.name)
             return request.error_reply(kind, str(e))
+
+
+def _refusal_kind(reason: Exception) -> str:
+    """The error kind of a frame refused before its handler ran: an unknown op is a kind of
+    its own, so that the client can say it reached another kind of server than it meant."""
+    return kind_of(reason) if isinstance(reason, UnknownOpError) else BAD_REQUEST
 
 
 def _refuse_frame(request: Message) -> None:
@@ -160,7 +168,7 @@ class ServerConnection:
                 reply = e.message.error_reply(TOO_MANY_CONNECTIONS, str(self.refusal))
             else:
                 logger.warning("refused a %s request: %s", e.message.op.name, e.reason)
-                reply = e.message.error_reply(BAD_REQUEST, str(e.reason))
+                reply = e.message.error_reply(_refusal_kind(e.reason), str(e.reason))
         else:
             assert dispatch is not None
             reply = dispatch.answer(request)

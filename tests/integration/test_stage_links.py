@@ -308,14 +308,12 @@ def test_a_stage_that_is_not_the_next_one_is_refused(make_links):
         elsewhere.wait_for_peer(TIMEOUT_S)
 
 
-def test_a_neighbour_cut_into_another_number_of_partitions_is_refused_on_both_sides(
-    make_links,
-):
-    last = make_links(1, 2, plan=_PLAN)
-    first = make_links(0, 3, last.address, plan=_PLAN)
+def _refused_on_both_sides(first: WireLinks, last: WireLinks, field: str) -> None:
+    """``first`` (told 3) and ``last`` (told 2) refuse each other's ``field`` at once, each
+    naming both values and where the other stage is."""
     with pytest.raises(ConfigFieldError) as refused:
         first.wait_for_peer(TIMEOUT_S)
-    assert refused.value.field == "pipeline.num_partitions"
+    assert refused.value.field == field
     assert re.fullmatch(
         r"is 3 for stage 0 but 2 for stage 1 \(tcp://127\.0\.0\.1:\d+\): give every stage "
         "of the replica the same",
@@ -324,11 +322,19 @@ def test_a_neighbour_cut_into_another_number_of_partitions_is_refused_on_both_si
     # The stage after refuses as well, at once, rather than waiting out its timeout.
     with pytest.raises(ConfigFieldError) as refused_there:
         last.recv_forward(0, 0, TIMEOUT_S)
-    assert refused_there.value.field == "pipeline.num_partitions"
+    assert refused_there.value.field == field
     assert refused_there.value.problem == (
         "is 2 for stage 1 but 3 for stage 0 (connecting from 127.0.0.1): give every stage of "
         "the replica the same"
     )
+
+
+def test_a_neighbour_cut_into_another_number_of_partitions_is_refused_on_both_sides(
+    make_links,
+):
+    last = make_links(1, 2, plan=_PLAN)
+    first = make_links(0, 3, last.address, plan=_PLAN)
+    _refused_on_both_sides(first, last, "pipeline.num_partitions")
 
 
 class _NoOpsService:
@@ -440,22 +446,7 @@ _PLAN = {"model.name": "mlp", "pipeline.split_points": (3,), "rank": 0}
 def test_a_neighbour_given_another_plan_is_refused_on_both_sides(make_links):
     last = make_links(1, 2, plan={**_PLAN, "pipeline.split_points": (2,)})
     first = make_links(0, 2, last.address, plan=_PLAN)
-    with pytest.raises(ConfigFieldError) as refused:
-        first.wait_for_peer(TIMEOUT_S)
-    assert refused.value.field == "pipeline.split_points"
-    assert re.fullmatch(
-        r"is 3 for stage 0 but 2 for stage 1 \(tcp://127\.0\.0\.1:\d+\): give every stage "
-        "of the replica the same",
-        refused.value.problem,
-    ), refused.value.problem
-    # The stage after raises it as well, at once (not after its 30s wait).
-    with pytest.raises(ConfigFieldError) as refused_there:
-        last.recv_forward(0, 0, TIMEOUT_S)
-    assert refused_there.value.field == "pipeline.split_points"
-    assert refused_there.value.problem == (
-        "is 2 for stage 1 but 3 for stage 0 (connecting from 127.0.0.1): give every stage of "
-        "the replica the same"
-    )
+    _refused_on_both_sides(first, last, "pipeline.split_points")
     with pytest.raises(PipelineError, match="refused its plan"):
         first.send_forward(0, 0, torch.ones(2))
 

@@ -186,18 +186,18 @@ def lone_point_marker(times_s: list[float]) -> str | None:
     return "o" if len(times_s) == 1 else None
 
 
+def _worker_line(axes, times_s: list[float], values: list[float], label: str) -> None:
+    """One worker's thin, translucent curve (a lone point marked, or it would not show)."""
+    axes.plot(
+        times_s, values, linewidth=1.0, alpha=0.75, marker=lone_point_marker(times_s), label=label
+    )
+
+
 def _make_figure(records: Records, spec: _PlotSpec, title: str) -> Figure:
     figure, axes = new_figure()
     workers = series_by_rank(records, "worker", spec.worker_field)
     for rank, (times_s, values) in workers.items():
-        axes.plot(
-            times_s,
-            values,
-            linewidth=1.0,
-            alpha=0.75,
-            marker=lone_point_marker(times_s),
-            label=f"worker {rank} (train)",
-        )
+        _worker_line(axes, times_s, values, f"worker {rank} (train)")
     coordinator = {}
     if spec.coordinator_field is not None:
         coordinator = series_by_rank(records, "coordinator", spec.coordinator_field)
@@ -294,14 +294,7 @@ def _make_throughput_figure(run: RunData, title: str) -> Figure:
     for rank, (times_s, steps) in workers.items():
         rate_times_s, rates = worker_rates(times_s, steps)
         scaled = [rate * scale for rate in rates]
-        axes.plot(
-            rate_times_s,
-            scaled,
-            linewidth=1.0,
-            alpha=0.75,
-            marker=lone_point_marker(rate_times_s),
-            label=f"worker {rank}",
-        )
+        _worker_line(axes, rate_times_s, scaled, f"worker {rank}")
     if len(workers) > 1:
         grid_s, totals = total_rate(run.records)
         axes.plot(

@@ -205,10 +205,7 @@ class RowClient(ShardLanes):
         """What each shard gets of ``ids_by_table`` (None: nothing; ``every_shard``: every
         table on every shard, with no ids where it owns none). One hash of all the ids at once,
         not one per table: a step's 26 tables cost the same few tensor ops as one."""
-        names = list(ids_by_table)
-        for name in names:
-            if name not in self.tables:
-                raise ValueError(f"table {name!r} was not declared (tables: {sorted(self.tables)})")
+        names = list(ids_by_table)  # declared: checked by the callers
         ids_list = [ids_by_table[name].reshape(-1) for name in names]
         sizes = [ids.numel() for ids in ids_list]
         all_ids = torch.cat(ids_list) if ids_list else torch.zeros(0, dtype=torch.int64)
@@ -264,14 +261,17 @@ class RowClient(ShardLanes):
         sent before, shard by shard); ``result()`` waits for the rows."""
         return self._start_pull(ids_by_table, now=False)
 
+    def _check_declared(self, name: object) -> None:
+        if name not in self.tables:
+            raise ValueError(f"table {name!r} was not declared (tables: {sorted(self.tables)})")
+
     def _check_pull(self, ids_by_table: object) -> None:
         """Refuses ids that are not an int64 tensor of a declared table, naming the table (a
         list failed on a missing method, int32 ids were refused by a shard or by the hash)."""
         if not isinstance(ids_by_table, Mapping):
             raise TypeError(f"ids_by_table must map table names to ids, got {ids_by_table!r}")
         for name, ids in ids_by_table.items():
-            if name not in self.tables:
-                raise ValueError(f"table {name!r} was not declared (tables: {sorted(self.tables)})")
+            self._check_declared(name)
             if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
                 got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
                 raise TypeError(f"table {name!r}: ids must be an int64 tensor, got {got}")
@@ -310,8 +310,7 @@ class RowClient(ShardLanes):
         if not isinstance(updates, Mapping):
             raise TypeError(f"updates must map table names to (ids, rows), got {updates!r}")
         for name, update in updates.items():
-            if name not in self.tables:
-                raise ValueError(f"table {name!r} was not declared (tables: {sorted(self.tables)})")
+            self._check_declared(name)
             if not isinstance(update, tuple | list) or len(update) != 2:
                 raise TypeError(f"table {name!r}: an update must be (ids, rows), got {update!r}")
             ids, rows = update

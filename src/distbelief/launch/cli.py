@@ -186,30 +186,19 @@ def _use_transport(config: JobConfig) -> None:
     apply_job_transport(config.cluster.transport)
 
 
-def _check_resumed_settings(run_dir: Path, changes: dict, typed: set[str]) -> None:
-    """The flags given with ``--resume``, checked against the run's config before anything
-    in the folder changes (a reshard): a value out of range, or a flag the resumed job would
-    ignore (--eval-every for a run without live evaluation, --max-iterations for Downpour's),
-    as for a new run."""
-    from distbelief.config import JobConfig
-
+def _resumed_config(run_dir: Path) -> JobConfig:
+    """The config.json of the run ``--resume`` names, as it is before anything changes."""
     try:
-        resumed = JobConfig.from_file(run_dir / "config.json")
+        return JobConfig.from_file(run_dir / "config.json")
     except ValueError as e:
         raise argparse.ArgumentError(None, f"argument --resume: {e}") from None
-    check_typed_flags_apply("train", typed, resumed.with_fields(changes))
 
 
-def _reshard_before_resume(run_dir: Path, num_shards: int) -> None:
+def _reshard_before_resume(run_dir: Path, current: int, num_shards: int) -> None:
     """``--resume RUN_DIR --shards N``: the run's checkpoints redistributed over N shards
-    first (as ``distbelief reshard`` does), unless it already has N."""
-    from distbelief.config import JobConfig
+    first (as ``distbelief reshard`` does), unless it already has N (``current``)."""
     from distbelief.launch.reshard import reshard_run
 
-    try:
-        current = JobConfig.from_file(run_dir / "config.json").cluster.num_shards
-    except ValueError as e:
-        raise argparse.ArgumentError(None, f"argument --resume: {e}") from None
     if current != num_shards:
         summary = reshard_run(run_dir, num_shards)
         print(summary.line())
@@ -239,9 +228,13 @@ def _run_train(args: argparse.Namespace) -> int:
             raise argparse.ArgumentError(
                 None, f"argument --resume: {args.resume}: no such run folder"
             )
-        _check_resumed_settings(Path(args.resume), changes, typed - {"cluster.num_shards"})
+        # The flags against the run's config, as for a new run: a value out of range, or one
+        # the resumed job would ignore (--eval-every for a run without live evaluation).
+        resumed = _resumed_config(Path(args.resume))
+        typed.discard("cluster.num_shards")
+        check_typed_flags_apply("train", typed, resumed.with_fields(changes))
         if new_shards is not None:
-            _reshard_before_resume(Path(args.resume), new_shards)
+            _reshard_before_resume(Path(args.resume), resumed.cluster.num_shards, new_shards)
         config = read_run_for_resume(Path(args.resume), changes)
     else:
         config = config_from_args(args)

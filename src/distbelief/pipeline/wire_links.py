@@ -258,21 +258,20 @@ class WireLinks:
             except PSError as e:
                 raise self._translate(e, "the stage check", "answer", timeout_s) from e
         found = (reply.meta.get("stage"), reply.meta.get("num_stages"))
-        if found[0] == self.stage + 1:
-            # The next place answered: another number of stages there is another setting.
-            check_plans_agree(
-                placed_plan(self.num_stages, self.plan),
-                placed_plan(found[1], reply.meta.get("plan")),
-                self._name,
-                self._peer,
-            )
-        if found != (self.stage + 1, self.num_stages):
+        if found[0] != self.stage + 1:
             raise PipelineError(
                 f"{self._name} of {self.num_stages}: {self.next_address} is stage {found[0]} of "
                 f"{found[1]}, not stage {self.stage + 1} of {self.num_stages}: check the stage "
                 "addresses"
             )
-        check_plans_agree(self.plan, reply.meta.get("plan"), self._name, self._peer)
+        # The next place answered: another number of stages there is another --partitions,
+        # named before the settings that follow from it.
+        check_plans_agree(
+            placed_plan(self.num_stages, self.plan),
+            placed_plan(found[1], reply.meta.get("plan")),
+            self._name,
+            self._peer,
+        )
 
     def send_forward(self, step: int, micro: int, activation: torch.Tensor) -> None:
         """Send the activation of (``step``, ``micro``) to the next stage; returns once it

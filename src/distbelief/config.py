@@ -942,19 +942,16 @@ class JobConfig:
 
     def _check_algorithm_fields(self) -> None:
         """Refuses a setting the chosen algorithm does not use (a flag that would do nothing)."""
-        sandblaster = self.optimizer.algorithm == "sandblaster"
-        unused = DOWNPOUR_ONLY_FIELDS if sandblaster else {"sandblaster": ()}
-        other = "downpour" if sandblaster else "sandblaster"
-        for section, names in unused.items():
-            value, default = getattr(self, section), _section_types()[section]()
-            for item in fields(value):
-                if names and item.name not in names:
-                    continue
-                if getattr(value, item.name) != getattr(default, item.name):
-                    raise ConfigFieldError(
-                        f"{section}.{item.name}",
-                        f"only applies to algorithm {other}, not {self.optimizer.algorithm}",
-                    )
+        defaults = {name: section() for name, section in _section_types().items()}
+        for path, value in self.to_fields().items():
+            owner = algorithm_of_field(path)
+            if owner in (None, self.optimizer.algorithm):
+                continue
+            section, _, name = path.partition(".")
+            if value != getattr(defaults[section], name):
+                raise ConfigFieldError(
+                    path, f"only applies to algorithm {owner}, not {self.optimizer.algorithm}"
+                )
 
     @classmethod
     def from_fields(cls, values: Mapping[str, object]) -> JobConfig:
@@ -1029,6 +1026,17 @@ DOWNPOUR_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
     "embeddings": (),
 }
 """Fields Sandblaster does not use, by section (an empty tuple: the whole section)."""
+
+
+def algorithm_of_field(path: str) -> str | None:
+    """The one algorithm that uses config field ``path`` ("section.name"): "downpour" for
+    ``DOWNPOUR_ONLY_FIELDS``, "sandblaster" for its own section; None for a field both use."""
+    section, _, name = path.partition(".")
+    if section == "sandblaster":
+        return "sandblaster"
+    names = DOWNPOUR_ONLY_FIELDS.get(section)
+    return "downpour" if names is not None and (not names or name in names) else None
+
 
 FLAT_FIELDS: dict[str, str] = {
     "num_workers": "cluster.num_workers",

@@ -209,16 +209,11 @@ class _UsedOnlyWith(NamedTuple):
 
 def _algorithm_fields() -> dict[str, str]:
     """``section.field`` -> the one algorithm that uses it (fields both use are not listed)."""
-    defaults = JobConfig()
-    owners: dict[str, str] = {}
-    for section, names in config_module.DOWNPOUR_ONLY_FIELDS.items():
-        # An empty tuple stands for the whole section.
-        whole = [item.name for item in dataclasses.fields(getattr(defaults, section))]
-        for name in names or whole:
-            owners[f"{section}.{name}"] = "downpour"
-    for item in dataclasses.fields(defaults.sandblaster):
-        owners[f"sandblaster.{item.name}"] = "sandblaster"
-    return owners
+    return {
+        path: owner
+        for path in JobConfig().to_fields()
+        if (owner := config_module.algorithm_of_field(path)) is not None
+    }
 
 
 def _algorithm_rule(algorithm: str) -> _UsedOnlyWith:

@@ -16,7 +16,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from distbelief.config import DOWNPOUR_ONLY_FIELDS
+from distbelief.config import algorithm_of_field
 from distbelief.plots.run import (
     FIGURE_SIZE_IN,
     RunData,
@@ -243,18 +243,11 @@ def _label_value(config: dict, key: str) -> object:
     """A run's value of ``key`` as a label shows it: a Downpour run given no batch size ran
     batches of the default size, the same as one given that size; a Sandblaster run has no
     value of a Downpour setting (it is not async, say, only not sync)."""
-    if _is_sandblaster(config) and _applies_to_downpour_only(key):
+    if _is_sandblaster(config) and algorithm_of_field(key) == "downpour":
         return _DOES_NOT_APPLY
     if key == "optimizer.batch_size" and config and not _is_sandblaster(config):
         return batch_size_of(config)
     return config.get(key, _DOES_NOT_APPLY)
-
-
-def _applies_to_downpour_only(key: str) -> bool:
-    section, _, name = key.partition(".")
-    names = DOWNPOUR_ONLY_FIELDS.get(section)
-    # An empty tuple stands for the whole section.
-    return names is not None and (not names or name in names)
 
 
 def run_labels(runs: Sequence[RunData]) -> list[str]:

@@ -135,6 +135,17 @@ def test_every_request_after_close_names_the_closed_client():
     client.close()  # closing twice does nothing
 
 
+@pytest.fixture
+def unconnected_rows():
+    """A row client of two shards that never connects: what it refuses, it refuses before
+    sending anything."""
+    rows = RowClient(
+        ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], {"t": 4}, timeout_s=5, retry_timeout_s=0
+    )
+    yield rows
+    rows.close()
+
+
 @pytest.mark.parametrize(
     ("updates", "error", "message"),
     [
@@ -148,16 +159,12 @@ def test_every_request_after_close_names_the_closed_client():
     ],
     ids=["rows-too-many", "width", "int-rows", "float-ids", "2d-ids", "no-pair", "undeclared"],
 )
-def test_a_push_that_does_not_fit_its_table_is_refused_by_name(updates, error, message):
-    rows = RowClient(
-        ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], {"t": 4}, timeout_s=5, retry_timeout_s=0
-    )
-    try:
-        for push in (rows.push, rows.push_now):
-            with pytest.raises(error, match=message):
-                push(updates)
-    finally:
-        rows.close()
+def test_a_push_that_does_not_fit_its_table_is_refused_by_name(
+    unconnected_rows, updates, error, message
+):
+    for push in (unconnected_rows.push, unconnected_rows.push_now):
+        with pytest.raises(error, match=message):
+            push(updates)
 
 
 @pytest.mark.parametrize(
@@ -171,16 +178,12 @@ def test_a_push_that_does_not_fit_its_table_is_refused_by_name(updates, error, m
     ],
     ids=["list", "int32", "float", "undeclared", "not-a-mapping"],
 )
-def test_a_pull_of_ids_that_are_no_int64_tensor_is_refused_by_name(ids_by_table, error, message):
-    rows = RowClient(
-        ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], {"t": 4}, timeout_s=5, retry_timeout_s=0
-    )
-    try:
-        for pull in (rows.pull, rows.start_pull):
-            with pytest.raises(error, match=message):
-                pull(ids_by_table)
-    finally:
-        rows.close()
+def test_a_pull_of_ids_that_are_no_int64_tensor_is_refused_by_name(
+    unconnected_rows, ids_by_table, error, message
+):
+    for pull in (unconnected_rows.pull, unconnected_rows.start_pull):
+        with pytest.raises(error, match=message):
+            pull(ids_by_table)
 
 
 def test_request_each_needs_one_distinct_message_per_shard():

@@ -245,12 +245,19 @@ def _shard0_ready(book: ProcessBook, restored_version: int | None) -> None:
     book.note(Event("ready", SHARD0, {**ready, "restored_version": restored_version}))
 
 
-def test_a_shard_killed_again_before_it_counted_the_replays_reports_no_made_up_loss() -> None:
+def _shard0_killed_at_9_and_restored_at_5() -> tuple[ProcessBook, Fault]:
+    """A book whose shard 0 died at version 9 and came back from its checkpoint of version 5;
+    and that death's fault."""
     book = _book(max_restarts=3)
     _shard0_ready(book, None)
     book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 9}))
     first = book.record_death(SHARD0, -9, stopping=False)
     _shard0_ready(book, 5)
+    return book, first
+
+
+def test_a_shard_killed_again_before_it_counted_the_replays_reports_no_made_up_loss() -> None:
+    book, first = _shard0_killed_at_9_and_restored_at_5()
     # Its first heartbeat came before any worker replayed; it dies before the next one.
     recovery = {"updates_replayed": 0, "pushes_resent": 0, "version_seen_before": 5}
     book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 5, **recovery}))
@@ -268,11 +275,7 @@ def test_a_shard_killed_again_before_it_counted_the_replays_reports_no_made_up_l
 
 
 def test_a_shard_killed_again_after_the_replays_covered_its_loss_keeps_the_count() -> None:
-    book = _book(max_restarts=3)
-    _shard0_ready(book, None)
-    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 9}))
-    first = book.record_death(SHARD0, -9, stopping=False)
-    _shard0_ready(book, 5)
+    book, first = _shard0_killed_at_9_and_restored_at_5()
     recovery = {"updates_replayed": 4, "pushes_resent": 0, "version_seen_before": 9}
     book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 9, **recovery}))
     book.record_death(SHARD0, -9, stopping=False)

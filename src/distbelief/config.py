@@ -575,6 +575,11 @@ class SandblasterConfig:
     """strong-wolfe (torch's line search), or fixed (every step is step_size)."""
     max_iterations: int = 20
     """L-BFGS iterations (fewer when it converges first)."""
+    max_evaluations: int | None = None
+    """Objective evaluations in all, the first and the line searches' included: torch's
+    max_eval. L-BFGS stops once it has made them; a line search makes at most those left
+    (default: no budget, max_iterations alone bounds the run; torch's default is 1.25 x its
+    max_iter)."""
     step_size: float = 1.0
     """The fixed step, or the line search's first trial step (torch's lr of LBFGS)."""
     portions_per_push: int = 2
@@ -587,7 +592,7 @@ class SandblasterConfig:
     def __post_init__(self) -> None:
         _require_bools(self)
         _require_counts(self, "history", "max_iterations", "portions_per_push")
-        _require_optional_counts(self, "portions")
+        _require_optional_counts(self, "portions", "max_evaluations")
         _require_choice(self, "line_search")
         _require_rates(self, "step_size")
 

@@ -202,3 +202,26 @@ def test_resume_with_more_iterations_continues_from_the_committed_one(tmp_path, 
     )
     config = json.loads((run_dir / "config.json").read_text())
     assert config["sandblaster"]["max_iterations"] == ITERATIONS
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(
+        *SANDBLASTER,
+        *("--portions", "2", "--max-iterations", "50", "--max-evaluations", "3"),
+        *("--out", str(run_dir)),
+    )
+    first = _summary(run_dir)["coordinator"]
+    assert first["stop_reason"] == "max_evaluations reached"
+    assert first["evaluations"] >= 3 and first["iterations"] < 3
+
+    _train("train", "--resume", str(run_dir), "--max-evaluations", "6")
+    resumed = _summary(run_dir)["coordinator"]
+    assert resumed["stop_reason"] == "max_evaluations reached"
+    assert resumed["evaluations"] >= 6 and resumed["iterations"] > first["iterations"]
+    steps = [row["step"] for row in _records(run_dir, "coordinator")]
+    assert steps == list(range(resumed["iterations"] + 1))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["sandblaster"]["max_evaluations"] == 6

@@ -100,6 +100,7 @@ EXPECTED = {
         "--portions": "sandblaster.portions",
         "--line-search": "sandblaster.line_search",
         "--max-iterations": "sandblaster.max_iterations",
+        "--max-evaluations": "sandblaster.max_evaluations",
         "--step-size": "sandblaster.step_size",
         "--portions-per-push": "sandblaster.portions_per_push",
         "--no-backup-tasks": "sandblaster.backup_tasks",
@@ -248,7 +249,8 @@ CLICK_ARGV = [
 ]
 SANDBLASTER_ARGV = [
     *("--algorithm", "sandblaster", "--history", "4", "--portions", "7"),
-    *("--line-search", "fixed", "--max-iterations", "3", "--step-size", "0.5"),
+    *("--line-search", "fixed", "--max-iterations", "3", "--max-evaluations", "5"),
+    *("--step-size", "0.5"),
     *("--portions-per-push", "3", "--no-backup-tasks"),
     *("--cluster", "ray", "--ray-address", "head:6379"),
 ]

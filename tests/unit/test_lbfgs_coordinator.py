@@ -1,6 +1,7 @@
 """The coordinator's L-BFGS against torch.optim.LBFGS: the same parameter sequence in float64 on
-full-batch problems, with the vectors on one shard or split over three, its state saved and
-restored mid-run, and its round trips per iteration constant in the history size."""
+full-batch problems, with the vectors on one shard or split over three, the same stop when the
+budget of evaluations runs out, its state saved and restored mid-run, and its round trips per
+iteration constant in the history size."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from distbelief.coordinator.lbfgs import LBFGSSettings, SandblasterLBFGS
+from distbelief.coordinator.lbfgs import BUDGET_SPENT, LBFGSSettings, SandblasterLBFGS
 from distbelief.data import load_dataset
 from tests.unit.local_vectors import LocalShards, batch_evaluator, torch_lbfgs_sequence
 
@@ -171,3 +172,76 @@ def test_stops_when_the_gradient_vanishes():
     assert lbfgs.start().stop_reason == "gradient below tolerance_grad"
     with pytest.raises(RuntimeError, match="stopped"):
         lbfgs.step()
+
+
+def _until_stopped(lbfgs: SandblasterLBFGS, max_iterations: int) -> None:
+    while lbfgs.stop_reason is None and lbfgs.state.iteration < max_iterations:
+        lbfgs.step()
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", None])
+@pytest.mark.parametrize("max_eval", [2, 3, 9, 25])
+def test_the_evaluation_budget_stops_where_torch_lbfgs_stops(line_search, max_eval):
+    inputs, labels = _digits()
+    lr = 1.0 if line_search else 0.5
+    model = _mlp()
+    optimizer = torch.optim.LBFGS(
+        model.parameters(),
+        lr=lr,
+        max_iter=ITERATIONS,
+        max_eval=max_eval,
+        history_size=5,
+        line_search_fn=line_search,
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # one call: max_eval bounds it all
+    torch_state = optimizer.state[next(iter(model.parameters()))]
+
+    ours = _mlp()
+    shards = LocalShards(ours, 2)
+    settings = LBFGSSettings(
+        history_size=5,
+        lr=lr,
+        line_search="strong-wolfe" if line_search else "fixed",
+        max_evaluations=max_eval,
+    )
+    lbfgs = SandblasterLBFGS(shards, batch_evaluator(shards, ours, inputs, labels), settings)
+    lbfgs.start()
+    _until_stopped(lbfgs, ITERATIONS)
+
+    assert lbfgs.state.iteration == torch_state["n_iter"]
+    expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(shards.gather("param")[torch.float64], expected, rtol=0, atol=1e-8)
+    if lbfgs.state.iteration < ITERATIONS:
+        assert lbfgs.stop_reason == BUDGET_SPENT
+        # A line search may overshoot the budget by one, in torch as here.
+        assert lbfgs.state.num_evaluations == torch_state["func_evals"] >= max_eval
+
+
+def test_a_restart_with_a_larger_budget_goes_on_and_with_a_spent_one_stops():
+    inputs, labels = _digits(200)
+    model = _mlp()
+    shards = LocalShards(model, 1)
+    evaluate = batch_evaluator(shards, model, inputs, labels)
+    lbfgs = SandblasterLBFGS(shards, evaluate, LBFGSSettings(max_evaluations=4))
+    lbfgs.start()
+    _until_stopped(lbfgs, ITERATIONS)
+    assert lbfgs.stop_reason == BUDGET_SPENT
+    saved = json.loads(json.dumps(lbfgs.state_dict()))
+
+    larger = SandblasterLBFGS(shards, evaluate, LBFGSSettings(max_evaluations=8))
+    larger.load_state_dict(saved)
+    assert larger.stop_reason is None
+    _until_stopped(larger, ITERATIONS)
+    assert larger.stop_reason == BUDGET_SPENT
+    assert larger.state.num_evaluations >= 8
+
+    smaller = SandblasterLBFGS(shards, evaluate, LBFGSSettings(max_evaluations=2))
+    smaller.load_state_dict(json.loads(json.dumps(larger.state_dict())))
+    assert smaller.stop_reason == BUDGET_SPENT

@@ -1,8 +1,8 @@
 """Sandblaster L-BFGS's coordinator: L-BFGS on scalars, its vectors kept on the shards.
 
-The algorithm is ``torch.optim.LBFGS``'s (same direction, step sizes, line search and
-per-iteration stopping rules; torch's ``max_eval`` budget is not kept: the caller bounds the
-iterations), in the vector-free form of Chen et al. 2014: the coordinator keeps the dot products of
+The algorithm is ``torch.optim.LBFGS``'s (same direction, step sizes, line search, stopping
+rules and budget of objective evaluations; the caller bounds the iterations), in the
+vector-free form of Chen et al. 2014: the coordinator keeps the dot products of
 the base vectors (the history pairs ``s_i``, ``y_i`` and the gradient), runs the two-loop
 recursion on that small matrix, and has the shards build the direction as one linear
 combination. Each iteration is a constant number of programs, whatever the history size.
@@ -27,6 +27,11 @@ PARAM = "param"
 DIRECTION = "d"
 TRIAL = "trial"
 """Where a line search's trial point ``param + t d`` is built for the workers to evaluate."""
+BUDGET_SPENT = "max_evaluations reached"
+"""The stop reason of a run that made its budget of evaluations: the one a resumed run with a
+larger budget (or none) takes back."""
+LINE_SEARCH_EVALUATIONS = 25
+"""A line search's evaluations without a budget (torch's ``max_ls`` default)."""
 CURVATURE_EPS = 1e-10
 """A pair (s, y) enters the history only when ``y . s`` exceeds this (torch's rule)."""
 
@@ -63,9 +68,15 @@ class LBFGSSettings:
     """Stop when the gradient's largest entry is at most this."""
     tolerance_change: float = 1e-9
     """Stop when the loss or the step changes less than this."""
-    max_line_search_evaluations: int = 25
+    max_evaluations: int | None = None
+    """torch's ``max_eval``: objective evaluations in all, the first included (torch counts them
+    per ``step()`` call; here one run is one call). L-BFGS stops once it has made this many,
+    and a line search makes at most the rest. None: no budget, and a line search makes at most
+    ``LINE_SEARCH_EVALUATIONS``."""
 
     def __post_init__(self) -> None:
+        if self.max_evaluations is not None and self.max_evaluations < 1:
+            raise ValueError(f"max_evaluations must be >= 1, got {self.max_evaluations}")
         if self.history_size < 1:
             raise ValueError(f"history_size must be >= 1, got {self.history_size}")
         if self.line_search not in LINE_SEARCHES:
@@ -170,6 +181,13 @@ class SandblasterLBFGS:
         if settings != mine:
             raise ValueError(f"saved with {settings}, resumed with {mine}")
         self.state = _State(**{k: v for k, v in saved.items() if k != "settings"})
+        # The budget is the resumed run's: it may go on past the saved one, or stop at once.
+        if self.state.stop_reason in (None, BUDGET_SPENT):
+            self.state.stop_reason = BUDGET_SPENT if self._budget_spent() else None
+
+    def _budget_spent(self) -> bool:
+        budget = self.settings.max_evaluations
+        return budget is not None and self.state.num_evaluations >= budget
 
     def _run(self, program: Program) -> list[Any]:
         self._programs += 1
@@ -247,8 +265,11 @@ class SandblasterLBFGS:
         return self._record(state.t, num_evaluations)
 
     def _check_progress(self, direction_max_abs: float) -> None:
+        """Sets ``stop_reason`` after an iteration, checking torch's conditions in its order."""
         state, settings = self.state, self.settings
-        if state.grad_max_abs <= settings.tolerance_grad:
+        if self._budget_spent():
+            state.stop_reason = BUDGET_SPENT
+        elif state.grad_max_abs <= settings.tolerance_grad:
             state.stop_reason = "gradient below tolerance_grad"
         elif abs(state.t) * direction_max_abs <= settings.tolerance_change:
             state.stop_reason = "step below tolerance_change"
@@ -366,11 +387,19 @@ class SandblasterLBFGS:
             slope,
             direction_max_abs,
             tolerance_change=self.settings.tolerance_change,
-            max_evaluations=self.settings.max_line_search_evaluations,
+            max_evaluations=self._line_search_budget(),
         )
         state.t = result.t
         self._accept(result.loss, result.grad, made)
         return result.num_evaluations
+
+    def _line_search_budget(self) -> int:
+        """Evaluations the next line search may make: what is left of the budget (torch passes
+        ``max_eval - current_evals`` as ``max_ls``)."""
+        budget = self.settings.max_evaluations
+        if budget is None:
+            return LINE_SEARCH_EVALUATIONS
+        return budget - self.state.num_evaluations
 
     def _fixed_step(self) -> int:
         state = self.state

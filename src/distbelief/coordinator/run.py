@@ -54,6 +54,7 @@ def lbfgs_settings(config: JobConfig) -> LBFGSSettings:
         history_size=config.sandblaster.history,
         lr=config.sandblaster.step_size,
         line_search=config.sandblaster.line_search,
+        max_evaluations=config.sandblaster.max_evaluations,
     )
 
 

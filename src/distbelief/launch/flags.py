@@ -68,6 +68,7 @@ FLAGS: dict[str, str] = {
     "sandblaster.portions": "--portions",
     "sandblaster.line_search": "--line-search",
     "sandblaster.max_iterations": "--max-iterations",
+    "sandblaster.max_evaluations": "--max-evaluations",
     "sandblaster.step_size": "--step-size",
     "sandblaster.portions_per_push": "--portions-per-push",
     "sandblaster.backup_tasks": "--no-backup-tasks",

@@ -23,6 +23,7 @@ from distbelief.server.checkpoint_meta import (
 
 RESUMABLE_FIELDS = (
     "sandblaster.max_iterations",
+    "sandblaster.max_evaluations",
     "cluster.threads_per_worker",
     "cluster.device",
     "cluster.shard_hosts",

@@ -20,6 +20,7 @@ from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.files import sync_folder, write_text_atomic
 from distbelief.launch.cluster import CHECKPOINT_DIR
 from distbelief.launch.resume import check_partition_folder, checkpoint_folders
+from distbelief.launch.resume_layout import check_every_shard_gets_parameters
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.server.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.server.reshard_dense import (
@@ -151,17 +152,10 @@ def _configs(run_dir: Path, num_shards: int) -> tuple[JobConfig, JobConfig]:
 
 def _check_every_shard_gets_parameters(models: list[WholeModel], num_shards: int) -> None:
     """Refuses more shards than the largest dtype group of any checkpoint folder has
-    elements: the shards cut each group evenly, so past that shard 0 would hold no parameter
-    at all, and serve nothing (a request for 2**31 - 1 shards would first write a file pair
-    for each). A model-parallel partition's group may be smaller than the shard count: its
-    shards hold the other partitions' parameters."""
+    elements (``check_every_shard_gets_parameters``, as a new job's shard count is checked):
+    a request for 2**31 - 1 shards would first write a file pair for each."""
     sizes = [flat.numel() for model in models for flat in model.buffers.get("param", {}).values()]
-    if sizes and num_shards > max(sizes):
-        raise ConfigFieldError(
-            "cluster.num_shards",
-            f"must be at most {max(sizes)}, the parameters of this run's model: more shards "
-            f"would hold none, got {num_shards}",
-        )
+    check_every_shard_gets_parameters(sizes, num_shards)
 
 
 def _base_folder(root: Path, config: JobConfig) -> Path:

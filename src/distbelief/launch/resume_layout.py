@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from distbelief.config import CLICK_MODELS, table_names
 from distbelief.coordinator.checkpoint import restore_folder
-from distbelief.errors import CheckpointError
+from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.launch.cluster import CHECKPOINT_DIR
 from distbelief.launch.resume import checkpoint_folders
 from distbelief.launch.rundir import run_dir_path
@@ -31,6 +31,8 @@ from distbelief.server.checkpoint_meta import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from distbelief.config import JobConfig
     from distbelief.sharding import TensorSpec
 
@@ -58,6 +60,59 @@ def check_resumed_layout(config: JobConfig) -> None:
         _check_groups(directory, config, groups)
     except CheckpointError as e:
         raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
+
+
+EVERY_MODEL_HAS_MORE_PARAMETERS = 1024
+"""Fewer elements than the largest dtype group of every whole model the launcher builds has
+(the smallest, dlrm's dense layers for MovieLens's two tables and no dense feature at
+``--embedding-dim 1``, has 2,241; ``tests/unit/test_shard_bound.py`` checks each): a
+whole-model job with at most this many shards needs no model built to know every shard gets
+parameters."""
+
+
+def check_every_shard_gets_parameters(sizes: Iterable[int], num_shards: int) -> None:
+    """Refuses more shards than the largest dtype group of any parameter group has elements:
+    the shards cut each group evenly, so past that shard 0 would hold no parameter at all, and
+    serve nothing. A model-parallel partition's group may be smaller than the shard count: its
+    shards hold the other partitions' parameters. ``sizes``: the element count of each dtype
+    group of each parameter group.
+
+    Raises:
+        ConfigFieldError: field ``cluster.num_shards`` (``--shards``).
+    """
+    sizes = list(sizes)
+    if sizes and num_shards > max(sizes):
+        raise ConfigFieldError(
+            "cluster.num_shards",
+            f"must be at most {max(sizes)}, the parameters of this run's model: more shards "
+            f"would hold none, got {num_shards}",
+        )
+
+
+def check_shards_fit_model(config: JobConfig) -> None:
+    """``check_every_shard_gets_parameters`` for a job about to start, its model built on the
+    meta device (a model-parallel job's partitions with its split points, when it has them).
+    A whole-model job with at most ``EVERY_MODEL_HAS_MORE_PARAMETERS`` shards builds nothing.
+
+    Raises:
+        ConfigFieldError: field ``cluster.num_shards``.
+    """
+    num_shards = config.cluster.num_shards
+    if config.pipeline.num_partitions == 1 and num_shards <= EVERY_MODEL_HAS_MORE_PARAMETERS:
+        return
+    check_every_shard_gets_parameters(model_group_sizes(config), num_shards)
+
+
+def model_group_sizes(config: JobConfig) -> list[int]:
+    """The element count of each dtype of each parameter group the job's shards hold (a click
+    model's dense layers; its row tables are not cut by the shard count)."""
+    groups, _ = _expected_layout(config)
+    sizes: dict[tuple[str, str], int] = {}
+    for group, (_, specs) in groups.items():
+        for spec in specs:
+            key = (group, str(spec.dtype))
+            sizes[key] = sizes.get(key, 0) + spec.numel
+    return list(sizes.values())
 
 
 def _expected_layout(

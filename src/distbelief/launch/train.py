@@ -34,7 +34,7 @@ from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, Pro
 from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
-from distbelief.launch.resume_layout import check_resumed_layout
+from distbelief.launch.resume_layout import check_resumed_layout, check_shards_fit_model
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.run_records import write_run_records
 from distbelief.launch.rundir import prepare_run_dir, run_dir_path, write_text_atomic
@@ -439,6 +439,8 @@ def train(
         partitions = {"split_points": list(config.pipeline.split_points), "basis": "given"}
     if resume:
         check_resumed_layout(config)  # with the split points: each partition's is checked
+    else:
+        check_shards_fit_model(config)  # a resumed run's count was checked by its reshard
     fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
     run_dir = prepare_run_dir(config.reporting.out_dir)
     named = f"--resume {run_dir}" if resume else f"--out {run_dir}"

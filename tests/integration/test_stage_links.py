@@ -16,6 +16,7 @@ import torch
 
 from distbelief.errors import (
     ConfigFieldError,
+    LayoutMismatchError,
     NotAStageError,
     PipelineError,
     StageTimeoutError,
@@ -669,3 +670,126 @@ def test_stages_on_other_addresses_link_from_the_workers_host():
     finally:
         first.close()
         later.close()
+
+
+CAUSE = "shard 0 at tcp://127.0.0.1:1 divides the model otherwise (flat, not row-aligned)"
+
+
+def _fail_in_background(links: WireLinks, error: BaseException) -> list[bool]:
+    told: list[bool] = []
+    threading.Thread(target=lambda: told.append(links.fail(error, TIMEOUT_S)), daemon=True).start()
+    return told
+
+
+def test_a_next_stage_that_cannot_train_refuses_the_hello_with_its_cause(make_links):
+    # Stage 1 listened, then its shards refused it: stage 0 is told why at once, instead of
+    # retrying its connection until its first-contact bound and reporting that.
+    last = make_links(1, 2)
+    told = _fail_in_background(last, LayoutMismatchError(CAUSE))
+    first = make_links(0, 2, last.address)
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as refused:
+        first.wait_for_peer(TIMEOUT_S)
+    assert time.monotonic() - started < 10
+    assert not isinstance(refused.value, StageUnavailableError | StageTimeoutError)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith("stage 0: stage 1 (tcp://")
+    assert message.endswith(
+        f"refused the stage check: stage 1 cannot train: LayoutMismatchError: {CAUSE}"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not told and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert told == [True]
+
+
+def test_a_next_stage_that_fails_after_the_hello_refuses_activations_and_fetches(make_links):
+    first, last = _chain(make_links, 2)
+    first.wait_for_peer(TIMEOUT_S)
+    told = _fail_in_background(last, LayoutMismatchError(CAUSE))
+    with pytest.raises(
+        PipelineError, match=re.escape(f"stage 1 cannot train: LayoutMismatchError: {CAUSE}")
+    ):
+        first.recv_backward(1, 0, TIMEOUT_S)
+    with pytest.raises(
+        PipelineError, match=re.escape(f"stage 1 cannot train: LayoutMismatchError: {CAUSE}")
+    ):
+        first.send_forward(1, 0, torch.ones(2))
+    deadline = time.monotonic() + TIMEOUT_S
+    while not told and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert told == [True]
+
+
+def test_a_stage_that_nobody_asks_stops_waiting_to_tell_its_cause(make_links):
+    last = make_links(1, 2)
+    started = time.monotonic()
+    assert last._endpoint is not None
+    assert last._endpoint.fail("no shard", SHORT_S) is False
+    assert time.monotonic() - started < 5
+    assert make_links(0, 1).fail(ValueError("x"), TIMEOUT_S) is True  # no stage before
+
+
+def test_a_stage_process_whose_shards_refuse_it_tells_the_stage_before(monkeypatch):
+    from distbelief.config import JobConfig
+    from distbelief.data import load_job_dataset
+    from distbelief.pipeline.job import job_split, stage_plan
+    from distbelief.worker import stage as stage_module
+
+    def refused(*args, **kwargs):
+        raise LayoutMismatchError(CAUSE)
+
+    monkeypatch.setattr(stage_module, "job_optimizer", refused)
+    config = JobConfig.from_fields(
+        {
+            "model.name": "mlp",
+            "data.name": "digits",
+            "pipeline.num_partitions": 2,
+            "pipeline.split_points": [2],
+            "cluster.num_workers": 1,
+            "optimizer.steps": 2,
+            "faults.timeout_s": 20.0,
+        }
+    )
+    addresses: list[str] = []
+    failures: list[BaseException] = []
+
+    def emit(kind: str, payload: dict) -> None:
+        if kind == "ready":
+            addresses.append(payload["address"])
+
+    def run() -> None:
+        try:
+            stage_module.run_stage_worker(
+                config, 0, 1, ["tcp://127.0.0.1:1"], emit=emit, bind=LOCAL, security=SECURITY
+            )
+        except BaseException as e:
+            failures.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not addresses and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert addresses, failures
+    train_set = load_job_dataset(config.data, "train")
+    split = job_split(config, train_set.input_shape, train_set.num_classes)
+    with (
+        WireLinks(
+            0,
+            2,
+            bind=None,
+            next_address=addresses[0],
+            security=SECURITY,
+            timeout_s=TIMEOUT_S,
+            plan=stage_plan(config, 0, split),
+        ) as first,
+        pytest.raises(
+            PipelineError, match=re.escape(f"cannot train: LayoutMismatchError: {CAUSE}")
+        ),
+    ):
+        first.wait_for_peer(TIMEOUT_S)
+    worker.join(TIMEOUT_S)
+    assert not worker.is_alive()
+    assert len(failures) == 1 and isinstance(failures[0], LayoutMismatchError), failures

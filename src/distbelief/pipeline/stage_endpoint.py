@@ -142,6 +142,11 @@ class StageEndpoint:
         self._closed = False
         self._refusal: ConfigFieldError | None = None
         """Set when the stage before said hello with another plan."""
+        self._failure: str | None = None
+        """Why this stage cannot train (``fail``): every request of the stage before is refused
+        with it."""
+        self._failure_told = False
+        """Whether a request of the stage before was refused with ``_failure``."""
 
     def open_connection(self, peer: str) -> _Connection:
         logger.debug("stage %d: connection from %s", self.stage, peer)
@@ -267,6 +272,29 @@ class StageEndpoint:
                 self._changed.wait(remaining_s)
         return True
 
+    def fail(self, problem: str, timeout_s: float) -> bool:
+        """This stage cannot train (its shards refused it, say): refuse every request of the
+        stage before with ``problem`` from now on (its hello too, which it would otherwise
+        retry until its first-contact bound and then report the connection, not the cause),
+        and wait until one was refused so, up to ``timeout_s``; whether one was."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            self._failure = self._failure or problem
+            self._changed.notify_all()
+            while not self._failure_told and not self._closed:
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    break
+                self._changed.wait(remaining_s)
+            return self._failure_told
+
+    def _check_not_failed(self) -> None:
+        """Raise the stage's failure (lock held), noting that the stage before was told."""
+        if self._failure is not None:
+            self._failure_told = True
+            self._changed.notify_all()
+            raise ValueError(f"stage {self.stage} cannot train: {self._failure}")
+
     def close(self) -> None:
         """Wake every waiter: held fetches answer ``closed``, the main thread's waits raise."""
         with self._changed:
@@ -291,6 +319,8 @@ class StageEndpoint:
         if meta.get("stage") != self.stage - 1:
             # Another place altogether: the caller refuses this stage on its own side.
             return self._hello()
+        with self._changed:
+            self._check_not_failed()
         try:
             check_plans_agree(
                 placed_plan(self.num_stages, self.plan),
@@ -323,6 +353,7 @@ class StageEndpoint:
                 or held the same or a later step.
         """
         with self._changed:
+            self._check_not_failed()
             if self._closed:
                 raise ValueError(f"stage {self.stage} is closing")
             if self._refusal is not None:
@@ -376,6 +407,7 @@ class StageEndpoint:
         deadline = time.monotonic() + max_wait_s
         with self._changed:
             while not self._closed:
+                self._check_not_failed()
                 slot = self._outbox.get(micro)
                 if slot is not None and slot.step > step:
                     raise ValueError(

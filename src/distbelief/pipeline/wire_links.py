@@ -376,6 +376,17 @@ class WireLinks:
         self._count_bytes(0, payload_bytes(tensor))
         return tensor
 
+    def fail(self, error: BaseException, timeout_s: float) -> bool:
+        """This stage cannot train (``error``, met before its first step): refuse the stage
+        before's requests with it (in one line), so that it reports the cause instead of
+        retrying its connection, and wait up to ``timeout_s`` until it was told; whether it
+        was (stage 0, which has no stage before: True at once)."""
+        if self._endpoint is None or self._closed:
+            return True
+        lines = str(error).strip().splitlines()
+        problem = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        return self._endpoint.fail(problem, _check_timeout(timeout_s))
+
     def drain(self, timeout_s: float) -> bool:
         """After this stage's last step: close the connections to the next stage (this stage is
         done with it), then wait until the previous stage has fetched every gradient and closed

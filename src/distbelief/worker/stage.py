@@ -132,18 +132,24 @@ def run_stage_worker(
     optimizer = None
     try:
         emit("ready", {"rank": rank, "stage": stage, "address": links.address})
-        if stage < num_stages - 1:
-            links.wait_for_peer(config.faults.timeout_s + config.faults.retry_timeout_s)
-        optimizer = job_optimizer(
-            config,
-            rank,
-            [p for _, p in named],
-            full_model,
-            addresses,
-            security,
-            resume_step=resume_step,
-            group=stage_group(stage),
-        )
+        try:
+            if stage < num_stages - 1:
+                links.wait_for_peer(config.faults.timeout_s + config.faults.retry_timeout_s)
+            optimizer = job_optimizer(
+                config,
+                rank,
+                [p for _, p in named],
+                full_model,
+                addresses,
+                security,
+                resume_step=resume_step,
+                group=stage_group(stage),
+            )
+        except Exception as e:
+            # The stage before would retry its connection to this one until its first-contact
+            # bound, then report the connection: it is told why instead, before this one exits.
+            links.fail(e, config.faults.timeout_s + config.faults.retry_timeout_s)
+            raise
         optimizer.num_steps = resume_step
         steps = _train(
             config,

@@ -8,7 +8,7 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.errors import ChildFailedError
-from distbelief.launch.cli import _describe_restore
+from distbelief.launch.cli import _describe_restore, _restore_lines
 from distbelief.launch.cluster import (
     RESTART_POLICIES,
     Event,
@@ -300,3 +300,40 @@ def test_a_sandblaster_process_given_up_while_the_job_stops_rolls_nothing_back(
     book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 15}))
     fault = book.record_death(spec, -9, stopping=True)
     assert (fault.action, fault.rolled_back, fault.lost_updates) == ("given up", False, None)
+
+
+def test_a_rollback_with_nothing_to_redo_says_so() -> None:
+    # A shard killed after the coordinator finished: restored the last version, nothing redone.
+    book = ProcessBook(
+        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
+    )
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 22}))
+    fault = book.record_death(SHARD0, -9, stopping=False)
+    restored = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": 22}
+    book.note(Event("ready", SHARD0, restored))
+    line = _describe_restore(fault)
+    assert "redid" not in line and "went back" not in line
+    assert line == "shard0: restored version 22, every update it had applied: nothing to redo"
+    coordinator = Fault("coordinator", 1.0, -9, "restarted", rolled_back=True, updates_redone=0)
+    assert _describe_restore(coordinator) == (
+        "coordinator: its last checkpoint held every update: nothing to redo"
+    )
+
+
+def test_a_shard_that_died_again_before_it_restored_gets_a_line() -> None:
+    book = _book(max_restarts=3)
+    book.note(Event("ready", SHARD0, {"shard_id": 0, "address": "tcp://127.0.0.1:4321"}))
+    book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 7}))
+    first = book.record_death(SHARD0, -9, stopping=False)
+    second = book.record_death(SHARD0, -9, stopping=False)  # before its next life restored
+    restored = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": 5}
+    book.note(Event("ready", SHARD0, restored))
+    worker = book.record_death(WORKER0, -9, stopping=False)
+    book.record_death(WORKER0, -9, stopping=False)  # workers restore nothing: no line
+    assert first.version_restored is None and second.version_restored == 5
+    lines = _restore_lines([first, second, worker])
+    assert lines[0] == (
+        "shard0: died again before it restored its checkpoint; updates lost unknown"
+    )
+    assert lines[1].startswith("shard0: restored version 5")
+    assert len(lines) == 2

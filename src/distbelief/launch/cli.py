@@ -249,9 +249,8 @@ def _run_train(args: argparse.Namespace) -> int:
     finally:
         stop_forkserver()  # nothing of the command outlives it
     final = result.final
-    for fault in result.faults:
-        if fault.version_restored is not None or fault.updates_redone is not None:
-            print(_describe_restore(fault))
+    for line in _restore_lines(result.faults):
+        print(line)
     auc = "" if final.get("test_auc") is None else f", test AUC {final['test_auc']:.4f}"
     print(
         f"done in {result.elapsed_s:.1f}s: test accuracy {final.get('test_accuracy', 0):.4f}"
@@ -260,21 +259,46 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore_lines(faults: Sequence[Fault]) -> list[str]:
+    """One line per restored shard (or rolled-back coordinator), ``_describe_restore``'s, and
+    one per shard whose restarted life died again before it restored anything (its later
+    fault has a line of its own)."""
+    lines = []
+    for i, fault in enumerate(faults):
+        if fault.version_restored is not None or fault.updates_redone is not None:
+            lines.append(_describe_restore(fault))
+        elif (
+            fault.process.startswith("shard")
+            and fault.action == "restarted"
+            and any(later.process == fault.process for later in faults[i + 1 :])
+        ):
+            lines.append(
+                f"{fault.process}: died again before it restored its checkpoint; updates lost "
+                "unknown"
+            )
+    return lines
+
+
 def _describe_restore(fault: Fault) -> str:
     """What a shard's restart cost: ``shard1: restored version 81; the workers re-sent 44
     updates it lacked and 1 push in flight; 0 updates lost`` (Downpour), or ``shard1: restored
     version 22; the job went back to that checkpoint and redid 2 updates`` (Sandblaster; a
     coordinator's: ``coordinator: the job went back to its last checkpoint and redid 3
-    updates``)."""
+    updates``; with nothing since the checkpoint, ``shard1: restored version 22, every update
+    it had applied: nothing to redo``)."""
     if fault.version_restored is None:  # the coordinator: its checkpoint has no version
+        if fault.updates_redone == 0:
+            return f"{fault.process}: its last checkpoint held every update: nothing to redo"
         redid = f"redid {_count(fault.updates_redone, 'update')}"
         return f"{fault.process}: the job went back to its last checkpoint and {redid}"
     text = f"{fault.process}: restored version {fault.version_restored}"
     if fault.rolled_back:
         if fault.updates_redone is not None:
             redone = fault.updates_redone
-        else:  # the coordinator did not say (it failed): the versions seen tell at least
+        else:  # the coordinator did not say (it failed, or had finished): the versions tell
             redone = max(0, (fault.version_before or 0) - fault.version_restored)
+        if redone == 0:  # nothing was rolled back (the coordinator had finished, say)
+            return text + ", every update it had applied: nothing to redo"
         return text + f"; the job went back to that checkpoint and redid {_count(redone, 'update')}"
     if fault.updates_replayed is not None:
         text += (

@@ -218,6 +218,53 @@ def test_a_killed_shard_is_never_read_and_its_memory_is_let_go(shard):
         client.close()
 
 
+def test_a_killed_shards_parameters_are_let_go_while_its_push_is_retried(monkeypatch, tmp_path):
+    """A shard that dies under a push in flight: while the push is retried, the worker no
+    longer maps the dead shard's parameters (their memory is freed); the shard's next life
+    takes the push and is read through shared memory of its own."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "auto")
+    saved = ("--server-lr", "1", "--checkpoint-dir", str(tmp_path))
+    process, address = start_shard(0, 1, *saved)
+    processes = [process]
+    mapped_before = _mapped_shared_params()
+    try:
+        client = _client(address, "w0", retry_timeout_s=60)
+        try:
+            ones = {torch.float32: torch.ones(NUMEL)}
+            assert client.push_now(ones, clock=1) == [1]
+            flats = FlatLayout(SPECS).allocate()
+            assert client.pull_now(flats, clock=1) == [1]
+            dead = _mapped_shared_params() - mapped_before
+            assert dead, "the shard's parameters were not mapped"
+            # Stopped, the shard takes the next push but never answers it; killed, it leaves
+            # the push to be retried until its next life answers.
+            os.kill(process.pid, signal.SIGSTOP)
+            written = _sent_on_ring(client)
+            futures = client.push(ones, clock=2)
+            deadline = time.monotonic() + 30
+            while _sent_on_ring(client) == written and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _sent_on_ring(client) != written, "the push was not sent"
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+            deadline = time.monotonic() + 30
+            while _mapped_shared_params() & dead and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _mapped_shared_params() & dead, "the dead shard's parameters stay mapped"
+            assert not futures[0].done(), "the push gave up instead of being retried"
+            restarted, _ = start_shard(0, 1, *saved, "--bind", address)
+            processes.append(restarted)
+            assert client.wait(futures) == [2]
+            assert client.pull_now(flats, clock=2) == [2]
+            assert bool((flats[torch.float32] == -2.0).all())
+            assert isinstance(_reader(client), SharedParamsReader)
+            assert _mapped_shared_params() - mapped_before - dead
+        finally:
+            client.close()
+    finally:
+        stop_processes(processes)
+
+
 def _sent_on_ring(client: ParameterServerClient) -> int:
     """Where shard 0's shared-memory connection writes its next bytes (moves with each
     request sent)."""

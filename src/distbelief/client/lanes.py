@@ -298,6 +298,7 @@ class ShardLanes:
         else:
             self._wire.record(message, reply, time.perf_counter() - started_s)
             return reply
+        self._connection_lost(shard_id)
         return retry_while_unreachable(
             functools.partial(self._attempt, shard_id, message, sink),
             retry_timeout_s=self.retry_timeout_s,
@@ -306,6 +307,10 @@ class ShardLanes:
             first_failure=first_failure,
             spent_s=time.perf_counter() - started_s,
         )
+
+    def _connection_lost(self, shard_id: int) -> None:
+        """Shard ``shard_id``'s connection failed and is about to be retried (on its lane):
+        what a subclass holds for that connection alone is let go here, not on reconnect."""
 
     def _attempt(self, shard_id: int, message: Message, sink) -> Message:
         started_s = time.perf_counter()

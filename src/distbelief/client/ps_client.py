@@ -438,6 +438,10 @@ class ParameterServerClient(ShardLanes):
         messages = self._push_messages(flat_grads, clock, base_versions, ready)
         return self.wait(self._submit_all(self._push_one, messages, now=True))
 
+    def _connection_lost(self, shard_id: int) -> None:
+        if self._shared_memory is not None:
+            self._shared_memory.connection_lost(shard_id)
+
     def _push_messages(self, flat_grads, clock: int, base_versions, ready) -> list[tuple]:
         messages = []
         seq = next(self._push_seq)

@@ -7,7 +7,8 @@ connections) is asked once (the SHARE op, at the first push or pull), with the p
 offered in the request; the reply says whether the shard shares its parameters and whether
 it mapped the buffers. What it agreed to holds for as long as that connection: once the
 shard has closed it (it stopped, or ended) or the client has opened another, nothing shared
-is used, and the shard is asked again (a restarted shard answers). A shard
+is used, and the shard is asked again (a restarted shard answers); its parameters are let go
+as soon as a request finds the connection lost, while it is retried. A shard
 that cannot share (another host, a consistency model that decides when pulls are answered,
 TCP only) is asked once; its pulls or pushes stay requests. Reads are counted and reported
 with the next push, so the shard's pull count includes them.
@@ -184,6 +185,15 @@ class SharedMemory:
             if shard.refused:
                 return None
         return offer
+
+    def connection_lost(self, shard_id: int) -> None:
+        """Shard ``shard_id``'s connection failed: its parameters are let go now (a dead
+        shard's memory is freed while its requests are retried), and mapped afresh from
+        whichever shard answers next. This client's push buffers stay: a placed push in
+        flight is retried from them."""
+        shard = self._shards[shard_id]
+        if shard is not None and shard.reader is not None:
+            shard.reader.close()
 
     def take_count(self, shard_id: int) -> int:
         """Reads of shard ``shard_id`` since the last call (reported with a push)."""

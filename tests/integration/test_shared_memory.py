@@ -17,6 +17,7 @@ import torch
 
 from distbelief.client import ParameterServerClient
 from distbelief.errors import PSError
+from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import shared_params
 from distbelief.wire.shared_params import SharedParamsReader
@@ -160,6 +161,73 @@ def test_a_push_from_the_shared_outbox_is_applied_where_it_lies_and_left_as_it_w
             assert bool((pulled[torch.float32] == -2.5).all())  # -1 - 1 - 1/2
         finally:
             client.close()
+    finally:
+        stop_processes([process])
+
+
+def _mapped_push_buffers() -> set[str]:
+    """The inodes of clients' push buffers (shared outboxes included) this process maps."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split()[4] for line in lines if "distbelief-push-buffers" in line}
+
+
+@pytest.mark.parametrize(
+    ("wire_dtype", "push_compression"), [("bf16", "none"), ("fp32", "topk:0.5")]
+)
+def test_a_worker_with_compressed_pushes_keeps_no_shared_outbox(
+    monkeypatch, wire_dtype, push_compression
+):
+    """Compressed pushes travel encoded, never from shared memory: such a worker sets none
+    aside for them, and trains through shared-memory channels all the same."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "auto")
+    process, address = start_shard(0, 1, "--server-lr", "0.1")
+    mapped_before = _mapped_push_buffers()
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 1)
+        inputs = torch.randn(64, 8)
+        targets = inputs @ torch.randn(8, 1)
+
+        @torch.no_grad()
+        def loss_of(net: torch.nn.Module) -> float:
+            return float(torch.nn.functional.mse_loss(net(inputs), targets))
+
+        first_loss = loss_of(model)
+        optimizer = DownpourSGD(
+            model.parameters(),
+            lr=0.1,
+            model=model,
+            ps=[address],
+            blocking=True,
+            timeout_s=30,
+            wire_dtype=wire_dtype,
+            push_compression=push_compression,
+        )
+        try:
+            assert optimizer.client._transports[0].memory_channel is not None
+            for _ in range(40):
+                optimizer.zero_grad()
+                torch.nn.functional.mse_loss(model(inputs), targets).backward()
+                optimizer.step()
+            assert not optimizer.client._shared_memory._outboxes
+            assert not _mapped_push_buffers() - mapped_before
+        finally:
+            optimizer.close()
+        trained = torch.nn.Linear(8, 1)
+        specs = tensor_specs(list(trained.named_parameters()))
+        reader = ParameterServerClient([address], specs, timeout_s=30)
+        try:
+            flats = FlatLayout(specs).allocate()
+            reader.handshake(None)
+            reader.pull_now(flats)
+        finally:
+            reader.close()
+        with torch.no_grad():
+            for param, value in zip(
+                trained.parameters(), FlatLayout(specs).views(flats), strict=True
+            ):
+                param.copy_(value)
+        assert loss_of(trained) < first_loss / 4
     finally:
         stop_processes([process])
 

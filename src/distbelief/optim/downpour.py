@@ -373,9 +373,11 @@ class DownpourSGD(torch.optim.Optimizer):
             # No optimizer is returned to close: its I/O threads and sockets would outlive it.
             self.client.close(wait=False)
             raise
-        if not self._copies.is_cuda:
+        if not self._copies.is_cuda and self._compressor is None:
             # Shards on this host then apply a push where it lies: no copy of the gradient.
-            # Made once joined: a constructor that fails leaves no memory file open.
+            # Made once joined: a constructor that fails leaves no memory file open. Not for
+            # compressed pushes, which travel encoded: only their last, whole one uses the
+            # outbox, and it is copied into push buffers then.
             self._outbox = self.client.shared_outbox(self.layout.sizes)
         if self._server is not None:
             # Seed scripts never call close(); the server waits for it to stop by itself.

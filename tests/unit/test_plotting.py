@@ -234,6 +234,24 @@ def test_a_sandblaster_run_plots_the_coordinators_batch_loss(tmp_path: Path) -> 
     assert labels == [run_plots.COORDINATOR_LABEL]
 
 
+@pytest.mark.parametrize(("num_shards", "label"), [(2, "PS (test)"), (0, "worker 0 (test)")])
+def test_the_test_curve_is_the_ps_only_in_a_run_with_shards(
+    tmp_path: Path, monkeypatch, num_shards: int, label: str
+) -> None:
+    """A model trained alone (``examples/main.py --no-distributed``: no shards) has its test
+    curve labelled as the worker's, not as a parameter server's."""
+    run_dir = _make_run_dir(tmp_path / "run", with_config=False)
+    config = {"cluster": {"num_workers": 1, "num_shards": num_shards}}
+    (run_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    drawn = {}
+    monkeypatch.setattr(
+        run_plots, "save_png_atomic", lambda figure, path: drawn.update({path.name: figure})
+    )
+    plot_run(run_dir)
+    lines = drawn["accuracy_vs_time.png"].axes[0].lines
+    assert [line.get_label() for line in lines][-1] == label
+
+
 def test_a_run_without_a_field_adds_no_difference_to_the_labels() -> None:
     # A folder without config.json, or one whose config.json records a few fields (the seed's
     # example writes these), against a full job's: only the fields both have can differ.

@@ -123,7 +123,8 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
     The accuracy and loss plots have one line per worker (its training metric vs ``time_s``),
     in a Sandblaster run the coordinator's batch loss per iteration (``"L-BFGS (batch)"``),
     and a thicker line with markers, ``"PS (test)"``, for the evaluator's test metric of the
-    parameter server's parameters. The throughput plot shows each worker's samples/s (steps/s
+    parameter server's parameters (``"worker 0 (test)"``, of the worker's own model, in a run
+    without shards). The throughput plot shows each worker's samples/s (steps/s
     when the batch size is unknown) and their sum. The staleness histogram is drawn when the
     folder has a ``staleness.json``. Titles come from ``config.json`` when the folder has one.
 
@@ -143,12 +144,16 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
     out_path = Path(out_dir) if out_dir is not None else run.run_dir
     out_path.mkdir(parents=True, exist_ok=True)
     title = run_title(run.config, run.run_dir.name)
-    figures = {spec.file_name: _make_figure(run.records, spec, title) for spec in _PLOTS}
+    # No shards (``examples/main.py --no-distributed``): the test curve is the worker's model.
+    alone = _config_value(run.config, ("cluster.num_shards", "shards")) == 0
+    figures = {
+        spec.file_name: _make_figure(run.records, spec, title, alone=alone) for spec in _PLOTS
+    }
     if any(
         record.get("test_auc") is not None or record.get("auc") is not None
         for record in run.records
     ):
-        figures[AUC_PLOT.file_name] = _make_figure(run.records, AUC_PLOT, title)
+        figures[AUC_PLOT.file_name] = _make_figure(run.records, AUC_PLOT, title, alone=alone)
     figures[THROUGHPUT_PNG] = _make_throughput_figure(run, title)
     histogram = _read_staleness(run.run_dir)
     if histogram:
@@ -193,7 +198,8 @@ def _worker_line(axes, times_s: list[float], values: list[float], label: str) ->
     )
 
 
-def _make_figure(records: Records, spec: _PlotSpec, title: str) -> Figure:
+def _make_figure(records: Records, spec: _PlotSpec, title: str, *, alone: bool = False) -> Figure:
+    """``alone``: the run had no shards, and its evaluator measured the worker's own model."""
     figure, axes = new_figure()
     workers = series_by_rank(records, "worker", spec.worker_field)
     for rank, (times_s, values) in workers.items():
@@ -204,7 +210,7 @@ def _make_figure(records: Records, spec: _PlotSpec, title: str) -> Figure:
     for times_s, values in coordinator.values():
         axes.plot(times_s, values, linewidth=1.5, marker=".", label=COORDINATOR_LABEL)
     evaluator = series_by_rank(records, "evaluator", spec.ps_field)
-    for times_s, values in evaluator.values():
+    for rank, (times_s, values) in evaluator.items():
         # Drawn last and on top: it is the model the run produces, the workers are context.
         axes.plot(
             times_s,
@@ -214,7 +220,7 @@ def _make_figure(records: Records, spec: _PlotSpec, title: str) -> Figure:
             marker="o",
             markersize=4,
             zorder=3,
-            label=PS_LABEL,
+            label=f"worker {rank} (test)" if alone else PS_LABEL,
         )
     style_axes(axes, spec.y_label, title, has_data=bool(workers or evaluator or coordinator))
     figure.tight_layout()

@@ -52,6 +52,7 @@ from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_
 from distbelief.errors import DatasetUnavailableError, DistBeliefError
 from distbelief.files import make_folder, write_text_atomic
 from distbelief.hosts import check_known_host, is_host
+from distbelief.launch.run_records import draw_plots
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.plots import plot_run
@@ -198,6 +199,7 @@ def run_node(args: argparse.Namespace, data: Data) -> None:
     except KeyboardInterrupt:
         if isinstance(optimizer, DownpourSGD):
             optimizer.close()  # the server counts this node as done, and ends with the others
+        draw_plots(run_dir)  # what it trained so far, as train does when stopped
         raise
     except DistBeliefError:
         if isinstance(optimizer, DownpourSGD):

@@ -87,6 +87,39 @@ def test_no_distributed_runs_plain_sgd(tmp_path):
     assert (tmp_path / "node0" / "metrics.csv").exists()
 
 
+def test_a_node_stopped_with_ctrl_c_draws_what_it_trained_and_exits_130(tmp_path):
+    node = subprocess.Popen(
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--no-distributed",
+            *OFFLINE,
+            "--model",
+            "mlp",
+            "--log-interval",
+            "1",
+            "--epochs",
+            "1000",
+            "--out",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        _wait_until_training(node, tmp_path / "node0")
+        node.send_signal(signal.SIGINT)
+        _, stderr = node.communicate(timeout=120)
+    finally:
+        stop_processes([node])
+    assert node.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "main.py: interrupted"
+    assert "Traceback" not in stderr
+    assert (tmp_path / "node0" / "accuracy_vs_time.png").stat().st_size > 0
+
+
 def test_a_bad_value_is_one_line_and_exit_2_from_the_script_itself(tmp_path):
     """One refusal as a real process prints it (the rest are checked in-process, below)."""
     result = subprocess.run(

@@ -727,10 +727,10 @@ class EmbeddingConfig:
     """Pushes of an id before it gets a row (until then it reads as zeros)."""
     max_rows_per_shard: int | None = None
     """Rows one shard holds per table; beyond it the least recently pushed rows are evicted
-    (default: no limit)."""
+    (default: no limit). Also the most ids awaiting admission (admit_after) it counts."""
     row_ttl_steps: int | None = None
-    """Evict rows not pushed in this many of their table's steps (default: rows never
-    expire)."""
+    """Evict rows, and forget the counts of ids awaiting admission, not pushed in this many of
+    their table's steps (default: never)."""
     row_init_std: float = 0.01
     """New rows start as Normal(0, this), seeded by id (0: zeros)."""
     row_cache_mb: float = 0.0

@@ -125,7 +125,7 @@ def _push_rows(tables: list[dict[str, RowTable]], step: int) -> None:
 
 
 def _rows(tables: list[dict]) -> dict[str, dict]:
-    """Per table, every shard's rows by id: values, state and age; pending counts."""
+    """Per table, every shard's rows by id: values, state and age; pending counts and ages."""
     merged: dict[str, dict] = {}
     for shard_tables in tables:
         for name, state in shard_tables.items():
@@ -136,8 +136,11 @@ def _rows(tables: list[dict]) -> dict[str, dict]:
                     {key: t[position] for key, t in state["state"].items()},
                     int(state["num_steps"]) - int(state["last_step"][position]),
                 )
+            ages = int(state["num_steps"]) - state["pending_last_step"]
             pending = zip(
-                state["pending_ids"].tolist(), state["pending_counts"].tolist(), strict=True
+                state["pending_ids"].tolist(),
+                zip(state["pending_counts"].tolist(), ages.tolist(), strict=True),
+                strict=True,
             )
             entry["pending"].update(pending)
     return merged

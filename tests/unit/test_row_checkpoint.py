@@ -9,8 +9,10 @@ import re
 import pytest
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from distbelief.errors import CheckpointError
+from distbelief.files import sha256_file
 from distbelief.sealed_json import write_sealed_json
 from distbelief.server import checkpoint as checkpoint_module
 from distbelief.server.checkpoint_meta import check_rows_meta
@@ -105,8 +107,7 @@ def _subset(state: dict, rows: torch.Tensor, *, pending: bool) -> dict:
         **state,
         **{key: state[key][rows] for key in ("ids", "values", "last_step")},
         "state": {name: tensor[rows] for name, tensor in state["state"].items()},
-        "pending_ids": state["pending_ids"][keep],
-        "pending_counts": state["pending_counts"][keep],
+        **{key: state[key][keep] for key in ("pending_ids", "pending_counts", "pending_last_step")},
     }
 
 
@@ -154,6 +155,30 @@ def test_a_new_save_replaces_the_old_files_and_a_failed_one_leaves_them(tmp_path
 def _saved(tmp_path) -> dict:
     save_row_tables(tmp_path, 0, 1, 1, {"emb": _trained().state_dict()}, chunk_rows=4)
     return json.loads(rows_meta_path(tmp_path, 0).read_text())
+
+
+def test_pending_chunks_without_a_last_step_load_as_pushed_at_the_tables_last_step(tmp_path):
+    # Pending chunks once held ids and counts only, and the checksum left ages out.
+    meta = _saved(tmp_path)
+    entry = meta["tables"]["emb"]
+    num_steps = entry["num_steps"]
+    for chunk in entry["pending_chunks"]:
+        path = tmp_path / chunk["file"]
+        tensors = load_file(str(path))
+        del tensors["last_step"]
+        save_file(tensors, str(path))
+        chunk["sha256"] = sha256_file(path)
+    state = _trained().state_dict()
+    as_then = {**state, "pending_last_step": torch.full_like(state["pending_ids"], num_steps)}
+    entry["checksum"] = table_checksum(as_then)
+    write_sealed_json(rows_meta_path(tmp_path, 0), meta)
+
+    loaded = load_row_tables(tmp_path, 0).tables["emb"]
+    assert torch.equal(loaded["pending_ids"], state["pending_ids"])
+    assert torch.equal(loaded["pending_last_step"], as_then["pending_last_step"])
+    restored = _table()
+    restored.load_state_dict(loaded)
+    assert restored.num_pending == state["pending_ids"].numel()
 
 
 def test_a_corrupt_chunk_is_named(tmp_path):

@@ -65,8 +65,10 @@ def test_lru_eviction_order():
 
 def test_more_new_ids_than_room_wait_for_the_next_push():
     table = RowTable(DIM, RowSGD(0.1), max_rows=2, admit_after=2)
-    _push(table, 1, 2, 3)
-    _push(table, 1, 2, 3)
+    _push(table, 1, 2)
+    _push(table, 1, 2)
+    _push(table, 3)
+    _push(table, 1, 2, 3)  # 3's second push: no room beside two rows pushed now
     assert _held(table) == {1, 2} and table.num_pending == 1
     _push(table, 3)
     assert _held(table) == {2, 3}  # 1 and 2 tied on recency: the lower id goes first
@@ -97,6 +99,57 @@ def test_ttl_drops_rows_not_pushed_recently():
     _push(table, 3)  # step 4
     assert _held(table) == {3}
     assert table.num_evicted == 2 and table.num_steps == 4
+
+
+def _pending(table: RowTable) -> dict[int, tuple[int, int]]:
+    state = table.state_dict()
+    return dict(
+        zip(
+            state["pending_ids"].tolist(),
+            zip(state["pending_counts"].tolist(), state["pending_last_step"].tolist(), strict=True),
+            strict=True,
+        )
+    )
+
+
+def test_counts_of_ids_awaiting_admission_expire_with_the_time_to_live():
+    table = RowTable(DIM, RowSGD(0.1), admit_after=3, ttl_steps=3)
+    _push(table, 7)
+    _push(table, 7, 8)
+    assert _pending(table) == {7: (2, 2), 8: (1, 2)}
+    _push(table, 9)
+    _push(table, 9)
+    assert _pending(table) == {7: (2, 2), 8: (1, 2), 9: (2, 4)}
+    _push(table, 10)  # step 5: 7 and 8 were last pushed 3 steps ago
+    assert _pending(table) == {9: (2, 4), 10: (1, 5)}
+    _push(table, 7)  # forgotten: it counts from 1 again, no row
+    assert 7 not in _held(table) and _pending(table)[7] == (1, 6)
+
+
+def test_at_most_max_rows_ids_await_admission_least_recently_pushed_forgotten_first():
+    table = RowTable(DIM, RowSGD(0.1), admit_after=4, max_rows=3)
+    for row_id in range(1, 11):
+        _push(table, row_id)
+    assert sorted(_pending(table)) == [8, 9, 10]
+    _push(table, 8)  # 8 is now the most recent: 9 goes first
+    _push(table, 11, 5)  # two new ids: 9 and 10 are now the least recently pushed
+    assert sorted(_pending(table)) == [5, 8, 11]
+    assert table.num_rows == 0
+
+
+def test_a_reloaded_table_forgets_pending_ids_in_the_same_order():
+    table = RowTable(DIM, RowSGD(0.1), admit_after=5, max_rows=4, ttl_steps=4)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        ids = torch.randperm(20, generator=generator)[:3].to(torch.int64)
+        table.push(ids, torch.ones(3, DIM))
+    reloaded = RowTable(DIM, RowSGD(0.1), admit_after=5, max_rows=4, ttl_steps=4)
+    reloaded.load_state_dict(table.state_dict())
+    for step in range(12):
+        ids = torch.randperm(20, generator=generator)[: 1 + step % 3].to(torch.int64)
+        for each in (table, reloaded):
+            each.push(ids, torch.ones(ids.numel(), DIM))
+        assert _pending(table) == _pending(reloaded)
 
 
 def test_capacity_grows_in_chunks_and_reuses_free_slots():

@@ -30,10 +30,10 @@ def reshard_row_tables(
     when the old shards agree (every push reached every shard) the updates continue exactly,
     and when they do not, the largest is the count of a shard that saw every push. Each row's
     ``last_step`` moves by as much as its table's step did, so its age (steps since its last
-    push), which LRU eviction and the time to live read, is kept. ``num_admitted`` and
-    ``num_evicted`` keep their sums over the shards: the evictions are dealt out evenly and
-    each new shard admitted its rows plus its evictions, so ``admitted - evicted = rows``
-    holds on every shard, as a table keeps it.
+    push), which LRU eviction and the time to live read, is kept; so does each pending id's.
+    ``num_admitted`` and ``num_evicted`` keep their sums over the shards: the evictions are
+    dealt out evenly and each new shard admitted its rows plus its evictions, so
+    ``admitted - evicted = rows`` holds on every shard, as a table keeps it.
 
     Raises:
         ValueError: ``num_shards`` < 1.
@@ -115,6 +115,9 @@ def _merge(name: str, held: Sequence[tuple[int, Mapping]]) -> dict:
         [table["last_step"] + (num_steps - int(table["num_steps"])) for table in tables]
     )
     pending_ids = torch.cat([table["pending_ids"] for table in tables])
+    pending_last_step = torch.cat(
+        [table["pending_last_step"] + (num_steps - int(table["num_steps"])) for table in tables]
+    )
     _check_unique(name, ids, "row id")
     _check_unique(name, pending_ids, "pending id")
     order = torch.sort(ids, stable=True).indices
@@ -131,6 +134,7 @@ def _merge(name: str, held: Sequence[tuple[int, Mapping]]) -> dict:
         "last_step": last_step[order],
         "pending_ids": pending_ids[pending_order],
         "pending_counts": torch.cat([table["pending_counts"] for table in tables])[pending_order],
+        "pending_last_step": pending_last_step[pending_order],
         "num_steps": num_steps,
         "num_admitted": sum(int(table["num_admitted"]) for table in tables),
         "num_evicted": sum(int(table["num_evicted"]) for table in tables),
@@ -153,8 +157,10 @@ def _split_table(name: str, held: Sequence[tuple[int, Mapping]], num_shards: int
                 **merged,
                 **{key: merged[key][rows] for key in ("ids", "values", "last_step")},
                 "state": {key: tensor[rows] for key, tensor in merged["state"].items()},
-                "pending_ids": merged["pending_ids"][pending],
-                "pending_counts": merged["pending_counts"][pending],
+                **{
+                    key: merged[key][pending]
+                    for key in ("pending_ids", "pending_counts", "pending_last_step")
+                },
                 "num_admitted": admitted,
                 "num_evicted": evicted,
                 "settings": dict(merged.get("settings") or {}),

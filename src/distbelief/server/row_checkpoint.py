@@ -32,7 +32,9 @@ dict, kept as given), ``num_rows``, ``num_pending``, ``checksum`` (see ``table_c
 ``row_chunks`` / ``pending_chunks``: lists of ``{"file", "sha256", "num_rows"}``; and
 ``meta_sha256``, the SHA-256 of all the others (``sealed_json``; a file without it, written
 before it was, is read too). A row chunk holds ``ids``, ``values``, ``state.NAME`` per state
-tensor and ``last_step``; a pending chunk ``ids`` and ``counts``. Chunk files are
+tensor and ``last_step``; a pending chunk ``ids``, ``counts`` and ``last_step`` (a chunk
+written before pending ids had a last step holds none: its ids count as pushed at the table's
+last step). Chunk files are
 ``rows-shard{i}-v{version:012d}-{token}-t{table index}-rows{n}.safetensors`` (``pending{n}``);
 the random token keeps two saves of one version apart."""
 
@@ -48,6 +50,7 @@ _TABLE_KEYS = (
     "last_step",
     "pending_ids",
     "pending_counts",
+    "pending_last_step",
     "num_steps",
     "num_admitted",
     "num_evicted",
@@ -92,10 +95,11 @@ def table_checksum(table: Mapping) -> dict[str, int]:
     ``num_rows`` and ``num_pending`` count; ``ids_sum`` (mod 2^64) and ``ids_xor`` combine the
     ids; ``rows_digest`` sums (mod 2^64) one hash per row of its id, the bits of its values and
     of each state tensor (by name) and its age ``num_steps - last_step``; ``pending_digest`` sums
-    one hash per pending id of the id and its count. Sums and xors do not depend on row order,
-    and merge across shards (``merge_checksums``). Float sums would not: their rounding depends
-    on the order rows are added in, and they would miss rows that moved between ids. Ages
-    rather than steps: a reshard may move a row to a table with another step count.
+    one hash per pending id of the id, its count and its age (an age of 0 adds nothing: the
+    digest of a table saved before pending ids had an age). Sums and xors do not depend on row
+    order, and merge across shards (``merge_checksums``). Float sums would not: their rounding
+    depends on the order rows are added in, and they would miss rows that moved between ids.
+    Ages rather than steps: a reshard may move a row to a table with another step count.
     """
     ids = table["ids"]
     num_rows = ids.numel()
@@ -112,13 +116,15 @@ def table_checksum(table: Mapping) -> dict[str, int]:
         mixed = mix64(words + mix64(columns)).sum(dim=1)
         rows_digest += _sum64(mix64(mix64(ids[start:stop]) ^ mixed))
     pending_ids = table["pending_ids"]
+    pending_ages = int(table["num_steps"]) - table["pending_last_step"]
+    pending_words = mix64(pending_ids) ^ table["pending_counts"] ^ (pending_ages << 32)
     return {
         "num_rows": num_rows,
         "ids_sum": _sum64(ids),
         "ids_xor": int(np.bitwise_xor.reduce(ids.numpy())) if num_rows else 0,
         "rows_digest": _wrap64(rows_digest),
         "num_pending": pending_ids.numel(),
-        "pending_digest": _sum64(mix64(mix64(pending_ids) ^ table["pending_counts"])),
+        "pending_digest": _sum64(mix64(pending_words)),
     }
 
 
@@ -150,8 +156,10 @@ def _check_table(name: object, table: Mapping) -> None:
         and table["last_step"].shape == (num_rows,),
         "pending_ids": table["pending_ids"].dtype == torch.int64
         and table["pending_ids"].dim() == 1,
-        "pending_counts": table["pending_counts"].dtype == torch.int64
-        and table["pending_counts"].shape == table["pending_ids"].shape,
+        **{
+            key: table[key].dtype == torch.int64 and table[key].shape == table["pending_ids"].shape
+            for key in ("pending_counts", "pending_last_step")
+        },
         **{
             f"state {key!r}": tensor.dim() >= 1 and tensor.shape[0] == num_rows
             for key, tensor in table["state"].items()
@@ -245,7 +253,11 @@ def _save_table(
     pending_chunks = []
     for index, start in enumerate(range(0, num_pending, chunk_rows)):
         rows = slice(start, min(num_pending, start + chunk_rows))
-        tensors = {"ids": table["pending_ids"][rows], "counts": table["pending_counts"][rows]}
+        tensors = {
+            "ids": table["pending_ids"][rows],
+            "counts": table["pending_counts"][rows],
+            "last_step": table["pending_last_step"][rows],
+        }
         path = directory / f"{stem}-pending{index}.safetensors"
         pending_chunks.append(_write_chunk(path, tensors))
         written.append(path)
@@ -320,9 +332,12 @@ def _load_table(directory: Path, meta_path: Path, name: str, entry: dict) -> dic
     row_keys = ["ids", "values", *(f"state.{key}" for key in shapes), "last_step"]
     rows = [_read_chunk(directory, meta_path, chunk, row_keys) for chunk in entry["row_chunks"]]
     pending = [
-        _read_chunk(directory, meta_path, chunk, ["ids", "counts"])
+        _read_chunk(directory, meta_path, chunk, ["ids", "counts", "last_step"], optional=1)
         for chunk in entry["pending_chunks"]
     ]
+    num_steps = int(entry["num_steps"])
+    for chunk in pending:  # written before pending ids had a last step: pushed at the last
+        chunk.setdefault("last_step", torch.full_like(chunk["ids"], num_steps))
 
     def joined(chunks: list[dict], key: str, empty: torch.Tensor) -> torch.Tensor:
         return torch.cat([chunk[key] for chunk in chunks]) if chunks else empty
@@ -340,7 +355,8 @@ def _load_table(directory: Path, meta_path: Path, name: str, entry: dict) -> dic
         "last_step": joined(rows, "last_step", no_ids),
         "pending_ids": joined(pending, "ids", no_ids),
         "pending_counts": joined(pending, "counts", no_ids),
-        "num_steps": int(entry["num_steps"]),
+        "pending_last_step": joined(pending, "last_step", no_ids),
+        "num_steps": num_steps,
         "num_admitted": int(entry["num_admitted"]),
         "num_evicted": int(entry["num_evicted"]),
         "settings": dict(entry["settings"]),
@@ -358,7 +374,10 @@ def _load_table(directory: Path, meta_path: Path, name: str, entry: dict) -> dic
     return table
 
 
-def _read_chunk(directory: Path, meta_path: Path, chunk: dict, keys: list[str]) -> dict:
+def _read_chunk(
+    directory: Path, meta_path: Path, chunk: dict, keys: list[str], optional: int = 0
+) -> dict:
+    """The tensors of one chunk file: ``keys``, of which the last ``optional`` may be absent."""
     file_name = str(chunk["file"])
     path = directory / file_name
     if Path(file_name).name != file_name:
@@ -371,7 +390,7 @@ def _read_chunk(directory: Path, meta_path: Path, chunk: dict, keys: list[str]) 
         tensors = load_file(str(path))
     except SafetensorError as e:
         raise CheckpointError(f"{path}: unreadable chunk: {_one_line(e)}") from e
-    if sorted(tensors) != sorted(keys):
+    if sorted(tensors) not in [sorted(keys[: len(keys) - n]) for n in range(optional + 1)]:
         raise CheckpointError(f"{path}: holds {sorted(tensors)}, expected {sorted(keys)}")
     num_rows = int(chunk["num_rows"])
     if any(t.dim() == 0 or t.shape[0] != num_rows for t in tensors.values()):

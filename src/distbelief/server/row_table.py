@@ -10,7 +10,10 @@ one per row; evicted slots go on a free stack and are reused before the table gr
 Admission counts pushes only: a pull is read-only (evaluation pulls too, and a training step
 pulls and then pushes the same ids, so counting both would count each step twice). An id's
 ``admit_after``-th push creates its row and applies that push's gradient to it; until then it
-reads as zeros. With ``admit_after`` 1 an id without a row reads as its initial row, which
+reads as zeros. The counts of ids awaiting admission are bounded as the rows are: by
+``max_rows`` ids (least recently pushed forgotten first) and by the time to live, so a long tail
+of ids seen once or twice does not grow a shard's memory for ever. A forgotten id starts
+counting again. With ``admit_after`` 1 an id without a row reads as its initial row, which
 depends on the id alone, so the table behaves as one that holds every id's row.
 
 Recency, for LRU eviction and the time to live, is also the last push that
@@ -20,6 +23,7 @@ touched a row. Table steps count pushes.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -58,9 +62,10 @@ class RowTable:
         optimizer: Applies pushed gradients; its per-row state is kept here.
         admit_after: Pushes of an id before it gets a row (1: on its first push).
         max_rows: Most rows held; when a push needs room, least-recently-pushed rows go
-            first (ties: lower id first). None: unbounded.
-        ttl_steps: Rows not pushed in the last ``ttl_steps`` table steps are dropped at the end
-            of a push. None: rows never expire.
+            first (ties: lower id first). Also the most ids awaiting admission whose counts are
+            kept (least recently pushed forgotten first). None: unbounded.
+        ttl_steps: Rows, and counts of ids awaiting admission, not pushed in the last
+            ``ttl_steps`` table steps are dropped at the end of a push. None: never.
         init: "zeros", "normal" (seeded by id: reproducible whatever the order ids arrive
             in), or a function from new ids [n] to their rows [n, D].
         init_std: The standard deviation of "normal".
@@ -115,7 +120,9 @@ class RowTable:
     def _reset(self, capacity: int) -> None:
         self._index = RowIndex()
         self._num_rows = 0
-        self._pending: dict[int, int] = {}
+        # id -> (pushes counted, table step of the last), least recently pushed first (ties by
+        # id, as a reloaded table orders them).
+        self._pending: OrderedDict[int, tuple[int, int]] = OrderedDict()
         self._free = torch.zeros(0, dtype=torch.int64)  # a stack of evicted slots
         self._num_used_slots = 0  # slots [0, this) have held a row; the rest never have
         self._capacity = 0
@@ -210,6 +217,7 @@ class RowTable:
             used = self._last_step[: self._num_used_slots]
             stale = (used != _FREE) & (used <= step - self.ttl_steps)
             self._evict(stale.nonzero().flatten())
+        self._forget_pending(step)
 
     def _update(self, slots: torch.Tensor, grads: torch.Tensor, step: int) -> None:
         """The row optimizer's step on the rows in ``slots`` with their gradient rows."""
@@ -228,31 +236,51 @@ class RowTable:
         hit_slots = slots[hit_positions]
         # Touch the hits first so that making room never evicts a row this push updates.
         self._last_step[hit_slots] = step
-        new_positions = self._due_for_admission(ids, (~held).nonzero().flatten())
+        new_positions = self._due_for_admission(ids, (~held).nonzero().flatten(), step)
         new_slots = self._admit(ids[new_positions], step)
         if new_slots.numel() < new_positions.numel():
             # No room left: these stay one push short of admission and retry next time.
-            for row_id in ids[new_positions[new_slots.numel() :]].tolist():
-                self._pending[row_id] = self.admit_after - 1
+            short = ids[new_positions[new_slots.numel() :]].tolist()
+            self._count_pending({row_id: self.admit_after - 1 for row_id in short}, step)
             new_positions = new_positions[: new_slots.numel()]
 
         positions = torch.cat([hit_positions, new_positions])
         return torch.cat([hit_slots, new_slots]), grads.index_select(0, positions)
 
-    def _due_for_admission(self, ids: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+    def _due_for_admission(
+        self, ids: torch.Tensor, missing: torch.Tensor, step: int
+    ) -> torch.Tensor:
         """The positions among ``missing`` (positions of ids without a row) whose push this is
         the ``admit_after``-th; the others' counts go up."""
         if self.admit_after == 1 or not missing.numel():
             return missing
-        due = []
+        due, counted = [], {}
         for position, row_id in zip(missing.tolist(), ids[missing].tolist(), strict=True):
-            count = self._pending.get(row_id, 0) + 1
+            count = self._pending.pop(row_id, (0, 0))[0] + 1
             if count >= self.admit_after:
-                self._pending.pop(row_id, None)
                 due.append(position)
             else:
-                self._pending[row_id] = count
+                counted[row_id] = count
+        self._count_pending(counted, step)
         return torch.tensor(due, dtype=torch.int64)
+
+    def _count_pending(self, counts: dict[int, int], step: int) -> None:
+        """Sets the pending counts of ids pushed at ``step``, as the most recently pushed (in
+        id order, the order a reloaded table gives ids of one step)."""
+        for row_id in sorted(counts):
+            self._pending.pop(row_id, None)
+            self._pending[row_id] = (counts[row_id], step)
+
+    def _forget_pending(self, step: int) -> None:
+        """Drops the counts of ids awaiting admission past the time to live or beyond
+        ``max_rows``, least recently pushed first."""
+        pending = self._pending
+        if self.ttl_steps is not None:
+            while pending and next(iter(pending.values()))[1] <= step - self.ttl_steps:
+                pending.popitem(last=False)
+        if self.max_rows is not None:
+            while len(pending) > self.max_rows:
+                pending.popitem(last=False)
 
     def _admit(self, new_ids: torch.Tensor, step: int) -> torch.Tensor:
         """Slots for ``new_ids`` with fresh rows; fewer than asked if max_rows leaves no room."""
@@ -340,7 +368,8 @@ class RowTable:
 
     def state_dict(self) -> dict:
         """The held rows (least recently pushed first, ties by id), their optimizer state, the
-        pending admission counts and the counters: tensors and plain values, copies."""
+        pending admission counts (by id) with the step of each id's last push, and the
+        counters: tensors and plain values, copies."""
         used = self._last_step[: self._num_used_slots]
         slots = self._by_recency((used != _FREE).nonzero().flatten())
         pending_ids = sorted(self._pending)
@@ -353,7 +382,10 @@ class RowTable:
             "last_step": self._last_step[slots].clone(),
             "pending_ids": torch.tensor(pending_ids, dtype=torch.int64),
             "pending_counts": torch.tensor(
-                [self._pending[i] for i in pending_ids], dtype=torch.int64
+                [self._pending[i][0] for i in pending_ids], dtype=torch.int64
+            ),
+            "pending_last_step": torch.tensor(
+                [self._pending[i][1] for i in pending_ids], dtype=torch.int64
             ),
             "num_steps": self.num_steps,
             "num_admitted": self.num_admitted,
@@ -389,13 +421,15 @@ class RowTable:
         self._last_step[:num_rows] = state_dict["last_step"]
         self._index.rebuild(ids.clone(), torch.arange(num_rows))
         self._num_rows = num_rows
-        self._pending = dict(
+        pending = sorted(
             zip(
+                state_dict["pending_last_step"].tolist(),
                 state_dict["pending_ids"].tolist(),
                 state_dict["pending_counts"].tolist(),
                 strict=True,
             )
         )
+        self._pending = OrderedDict((i, (count, step)) for step, i, count in pending)
         self.num_steps = int(state_dict["num_steps"])
         self.num_admitted = int(state_dict["num_admitted"])
         self.num_evicted = int(state_dict["num_evicted"])

@@ -114,16 +114,18 @@ class ConsistencyMismatchError(PSError):
 
 
 class ClosedError(DistBeliefError, RuntimeError):
-    """An optimizer, embedding tables or client was used after its ``close()``: its
-    connections are gone, so make a new one. The message names the object and the call."""
+    """An optimizer, embedding tables or client was used after its ``close()`` (or a
+    ``ParameterServer`` run again after its ``run()`` returned): its connections are gone, so
+    make a new one. The message names the object and the call."""
 
-    def __init__(self, owner: str, action: str) -> None:
+    def __init__(self, owner: str, action: str, after: str = "close()") -> None:
         self.owner = owner
         self.action = action
-        super().__init__(f"{owner}: {action} after close()")
+        self.after = after
+        super().__init__(f"{owner}: {action} after {after}")
 
     def __reduce__(self) -> tuple:
-        return type(self), (self.owner, self.action)
+        return type(self), (self.owner, self.action, self.after)
 
 
 class RendezvousError(DistBeliefError):

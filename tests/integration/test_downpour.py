@@ -1,8 +1,10 @@
 """DownpourSGD against real shards on 127.0.0.1 (processes, or served by the test itself)."""
 
+import copy
 import gc
 import math
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -271,6 +273,102 @@ def test_add_param_group_after_the_constructor_is_refused_and_changes_nothing(se
     assert len(optimizer.param_groups) == 1
     _train(model, optimizer, _batches(1))
     optimizer.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda w: [w, w], r"^parameter 'param\.1' is given twice \(also as 'param\.0'\)"),
+        (
+            lambda w: [nn.Parameter(torch.empty(3, 4, device="meta"))],
+            r"^parameter 'param\.0' is on the meta device",
+        ),
+        (
+            lambda w: [nn.Parameter(torch.zeros(3, dtype=torch.complex64))],
+            r"^parameter 'param\.0': dtype torch\.complex64 cannot travel",
+        ),
+        (
+            lambda w: [nn.Parameter(torch.zeros(1, 4).expand(3, 4))],
+            r"^parameter 'param\.0': its elements share memory",
+        ),
+    ],
+    ids=["twice", "meta", "complex", "expanded"],
+)
+def test_a_parameter_the_shards_cannot_hold_is_refused_by_name(make, message):
+    """Refused before anything is reached (no address is listening): they used to reach the
+    shards, initialise them with a duplicate, or fail in torch with no name."""
+    weight = nn.Parameter(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=message):
+        DownpourSGD(make(weight), ps="tcp://127.0.0.1:9", timeout_s=1, retry_timeout_s=0)
+
+
+def test_views_and_sparse_gradients_train_as_torch_sgd_does(served_shard):
+    """A non-contiguous parameter, a slice of a larger tensor and a sparse gradient: pushed,
+    applied and pulled back exactly as torch.optim.SGD steps them."""
+    base = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+
+    def make():
+        return [nn.Parameter(base[:, 1:5].clone().t()), nn.Parameter(base[:3].clone())]
+
+    def loss(params, step):
+        transposed, table = params
+        rows = nn.functional.embedding(torch.tensor([1, step % 3, 1]), table, sparse=True)
+        return (transposed * (step + 1)).pow(2).sum() + rows.pow(2).sum()
+
+    params, reference = make(), make()
+    assert not params[0].is_contiguous()
+    optimizer = DownpourSGD(params, lr=0.1, ps=served_shard, blocking=True, timeout_s=5)
+    sgd = torch.optim.SGD(reference, lr=0.1)
+    for step in range(4):
+        for opt, ps in ((optimizer, params), (sgd, reference)):
+            opt.zero_grad()
+            loss(ps, step).backward()
+            opt.step()
+    optimizer.close()
+    for got, want in zip(params, reference, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_parameter_changed_after_the_constructor_is_refused_by_name(served_shard):
+    """Its .data replaced by another shape, or another dtype: step() and pull_now() name it
+    (they failed in torch's copy with no name), before anything changes."""
+    model = _model()
+    optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard)
+    _train(model, optimizer, _batches(1))
+    original = model[2].weight.data
+    for changed in (torch.zeros(5, 24), original.double()):
+        model[2].weight.data = changed
+        steps = optimizer.num_steps
+        for call in (optimizer.step, optimizer.pull_now):
+            with pytest.raises(ValueError, match=r"^parameter '2\.weight' changed since"):
+                call()
+        assert optimizer.num_steps == steps
+        assert model[2].weight.data_ptr() == changed.data_ptr()  # left as the user set it
+    model[2].weight.data = original  # back as it was: it trains on
+    _train(model, optimizer, _batches(1))
+    optimizer.close()
+
+
+def test_a_with_block_closes_the_optimizer(served_shard):
+    model = _model()
+    with DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard) as optimizer:
+        _train(model, optimizer, _batches(2))
+    with pytest.raises(ClosedError, match=r"^DownpourSGD: step after close\(\)$"):
+        optimizer.step()
+
+
+def test_pickling_or_copying_the_optimizer_is_refused(served_shard):
+    """torch's Optimizer pickles only its groups: the copy had no connections, and failed on
+    its first step with an AttributeError."""
+    model = _model()
+    optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard)
+    try:
+        for copy_it in (pickle.dumps, copy.deepcopy, copy.copy):
+            with pytest.raises(TypeError, match=r"^cannot pickle or copy a DownpourSGD"):
+                copy_it(optimizer)
+        _train(model, optimizer, _batches(1))
+    finally:
+        optimizer.close()
 
 
 def _lane_threads() -> int:

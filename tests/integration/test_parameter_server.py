@@ -32,6 +32,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
+from distbelief.errors import ClosedError
 from distbelief.server import ConsistencyConfig, ParameterServer
 
 init_method, world_size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -42,9 +43,14 @@ if len(sys.argv) > 4:  # the liveness and join timeouts, in seconds
 dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world_size)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
-summary = ParameterServer(model, **options).run()
+server = ParameterServer(model, **options)
+summary = server.run()
 torch.save(model.state_dict(), out)
 print("server done", summary["version"], summary["finished"], summary["lost_ranks"], flush=True)
+try:
+    server.run()  # its ranks have finished with it: refused, not served to nobody
+except ClosedError as e:
+    print("run again:", e, flush=True)
 dist.destroy_process_group()
 """
 pytestmark = pytest.mark.timeout(400)
@@ -199,6 +205,7 @@ def test_ctrl_c_stops_the_server_before_every_rank_finished(server_and_group):
     out, err = server.communicate(timeout=120)
     assert server.returncode == 0, err[-2000:]
     assert "server done 0 False" in out  # run() returned; no worker had pushed anything
+    assert "run again: ParameterServer: run() after its first run()" in out
     assert "interrupted before every rank finished" in err
 
 

@@ -273,3 +273,10 @@ def test_every_call_after_close_raises_the_same_typed_error(no_shards):
         with pytest.raises(ClosedError, match=r"^ShardedEmbeddings: \w+ after close\(\)$"):
             call()
     tables.close()  # closing twice still does nothing
+
+
+def test_a_with_block_closes_the_tables(no_shards):
+    with ShardedEmbeddings(_Model(), ps=ADDRESS) as tables:
+        pass
+    with pytest.raises(ClosedError, match=r"^ShardedEmbeddings: step after close\(\)$"):
+        tables.step()

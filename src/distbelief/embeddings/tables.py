@@ -249,6 +249,13 @@ class ShardedEmbeddings:
 
     # -- rows for the forward pass -------------------------------------------------------
 
+    def __enter__(self) -> ShardedEmbeddings:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """``close()``: ``with ShardedEmbeddings(...) as x:`` closes it however the block ends."""
+        self.close()
+
     def _check_open(self, action: str) -> None:
         if self._closed:
             raise ClosedError("ShardedEmbeddings", action)

@@ -31,6 +31,7 @@ from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
 from distbelief.wire import channels
 from distbelief.wire.channels.shm import transport_setting
 from distbelief.wire.compression import WireCompression
+from distbelief.wire.dtypes import dtype_name
 from distbelief.wire.process_group import (
     DEFAULT_STORE_TIMEOUT_S,
     GroupStore,
@@ -190,10 +191,61 @@ def _named_params(params: list[torch.Tensor], model: nn.Module | None) -> list[t
     return [(names.get(id(p), f"param.{i}"), p) for i, p in enumerate(params)]
 
 
+def _check_params(named: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuses, by name, a parameter the shards cannot hold or this optimizer cannot load
+    pulled values into: one given twice (the shards would hold it twice and its gradient would
+    be applied twice), one on the meta device (no values to initialise the shards with), one of
+    a dtype the wire does not carry, or one whose elements share memory (an ``expand``-ed
+    tensor: a pulled value cannot be written into it).
+
+    Raises:
+        ValueError: naming the parameter.
+    """
+    seen: dict[int, str] = {}
+    for name, param in named:
+        if id(param) in seen:
+            raise ValueError(
+                f"parameter {name!r} is given twice (also as {seen[id(param)]!r}): "
+                "give each parameter once"
+            )
+        seen[id(param)] = name
+        if param.is_meta:
+            raise ValueError(
+                f"parameter {name!r} is on the meta device: it has no values for the shards "
+                "(materialise the model, e.g. with to_empty() and an initialisation, first)"
+            )
+        try:
+            dtype_name(param.dtype)
+        except ValueError:
+            raise ValueError(
+                f"parameter {name!r}: dtype {param.dtype} cannot travel to the shards"
+            ) from None
+        if param.layout == torch.strided and param.numel() > 1 and _has_internal_overlap(param):
+            raise ValueError(
+                f"parameter {name!r}: its elements share memory (an expand()-ed tensor, say), "
+                "so pulled values cannot be loaded into it: give it memory of its own (clone())"
+            )
+
+
+def _has_internal_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two elements of ``tensor`` are one memory location (torch's own check, where
+    this torch has it; else a zero stride of a dimension longer than 1)."""
+    check = getattr(torch, "_debug_has_internal_overlap", None)
+    if check is not None:
+        return check(tensor) == 1  # 0: no, 1: yes, 2: too complex to tell
+    return any(
+        stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape, strict=True)
+    )
+
+
 def _common_device(params: list[torch.Tensor]) -> torch.device:
     """The parameters' device; the host when they span several (each then goes through it)."""
     devices = {p.device for p in params}
     return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+
+def _form(param: torch.Tensor) -> tuple:
+    return param.shape, param.dtype, param.device
 
 
 def _zeros(layout: FlatLayout, device: torch.device) -> dict:
@@ -269,10 +321,13 @@ class DownpourSGD(torch.optim.Optimizer):
     Raises:
         ValueError: bad hyperparameters (a param group's ``lr`` included, named by its
             index; a group's ``momentum``, ``dampening``, ``weight_decay``, ``nesterov`` or
-            ``maximize`` other than plain SGD's) or no shard address (neither ``ps`` nor
+            ``maximize`` other than plain SGD's), a parameter the shards cannot hold (named:
+            given twice, on the meta device, of a dtype the wire does not carry, or with
+            elements that share memory) or no shard address (neither ``ps`` nor
             ``DISTBELIEF_PS``).
         TypeError: ``ps``, ``worker_id``, ``auth_key``, ``group``, ``source_host`` or ``model``
-            of the wrong type.
+            of the wrong type. Pickling or copying the optimizer is refused too (it holds
+            connections): save its ``state_dict()``.
         RendezvousError: no ParameterServer published its address within hold_timeout_s, or
             the process group's store could not be reached within it (its rank is gone).
         ModelMismatchError: the shards hold a different model.
@@ -329,7 +384,12 @@ class DownpourSGD(torch.optim.Optimizer):
         check_plain_sgd(self.param_groups)
         self.n_push, self.n_pull, self.blocking = n_push, n_pull, blocking
         self._params = [p for group in self.param_groups for p in group["params"]]
-        self.specs: list[TensorSpec] = tensor_specs(_named_params(self._params, model))
+        named = _named_params(self._params, model)
+        _check_params(named)
+        self.specs: list[TensorSpec] = tensor_specs(named)
+        # What each parameter was when the shards' layout was made of it: step() and
+        # pull_now() refuse one changed since (its .data replaced, or the model moved).
+        self._param_forms = [_form(p) for p in self._params]
         self.layout = FlatLayout(self.specs)
         self._allocate_buffers(_common_device(self._params))
         # Param groups are contiguous runs of self._params (and of the accrued views).
@@ -421,12 +481,14 @@ class DownpourSGD(torch.optim.Optimizer):
         """Apply the gradients locally, then push and pull on schedule.
 
         Raises:
-            ValueError: a param group's ``lr`` is no rate (set since, by a scheduler say);
+            ValueError: a param group's ``lr`` is no rate (set since, by a scheduler say),
+                or a parameter's shape, dtype or device changed since the constructor (named);
                 nothing is applied, pushed or counted.
             ShardTimeoutError / ShardUnavailableError / RemoteError: a past push or pull failed.
             ClosedError: called after ``close()`` (nothing is applied or counted).
         """
         self._check_open("step")
+        self._check_unchanged()
         check_rates(self.param_groups)
         loss = None
         if closure is not None:
@@ -528,8 +590,10 @@ class DownpourSGD(torch.optim.Optimizer):
 
         Raises:
             ClosedError: called after ``close()``.
+            ValueError: a parameter's shape, dtype or device changed since the constructor.
         """
         self._check_open("pull_now")
+        self._check_unchanged()
         self._finish_pull_if_done(block=True)
         self._model_versions = self.client.pull_now(
             self._inbox,
@@ -593,9 +657,44 @@ class DownpourSGD(torch.optim.Optimizer):
             return GroupStore()
         return self._store
 
+    def __enter__(self) -> DownpourSGD:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """``close()``: ``with DownpourSGD(...) as x:`` closes it however the block ends."""
+        self.close()
+
     def _check_open(self, action: str) -> None:
         if self._closed:
             raise ClosedError("DownpourSGD", action)
+
+    def _check_unchanged(self) -> None:
+        """Refuses parameters whose shape, dtype or device changed since the constructor (the
+        shards hold the layout made then; a pulled value would not fit).
+
+        Raises:
+            ValueError: naming the first such parameter, as it was and as it is.
+        """
+        if [_form(p) for p in self._params] == self._param_forms:
+            return
+        for spec, param, (shape, dtype, device) in zip(
+            self.specs, self._params, self._param_forms, strict=True
+        ):
+            if _form(param) != (shape, dtype, device):
+                raise ValueError(
+                    f"parameter {spec.name!r} changed since DownpourSGD was made: it was "
+                    f"{list(shape)} {dtype} on {device}, it is {list(param.shape)} "
+                    f"{param.dtype} on {param.device} (the shards hold the parameters as they "
+                    "were): make a new optimizer for the changed model"
+                )
+
+    def __getstate__(self) -> dict:
+        # torch's Optimizer pickles (and deep-copies) only its groups and state: the copy would
+        # have no connections to the shards. Refused, as a socket is.
+        raise TypeError(
+            "cannot pickle or copy a DownpourSGD: it holds connections to the shards; save "
+            "its state_dict() and make a new optimizer"
+        )
 
     def _close_at_exit(self) -> None:
         try:

@@ -21,6 +21,7 @@ from distbelief.config import (
     ConsistencyConfig,
     amount_problem,
 )
+from distbelief.errors import ClosedError
 from distbelief.server.optimizers import server_optimizer_factory
 from distbelief.server.process import serve_shard
 from distbelief.server.rank_watch import RankWatch
@@ -126,6 +127,8 @@ class ParameterServer:
         self._record: ServerRecord | None = None
         self._watch: RankWatch | None = None
         self._stop = threading.Event()
+        self._run_lock = threading.Lock()
+        self._ran = False
 
     def run(self) -> dict:
         """Serve until every other rank has finished (closed its DownpourSGD) or is lost, or
@@ -140,7 +143,13 @@ class ParameterServer:
         Raises:
             RendezvousError: the process group's store could not be written or read.
             ShardUnavailableError: the address could not be bound.
+            ClosedError: ``run()`` was called before on this server (its ranks have
+                finished with it): make a new ``ParameterServer``.
         """
+        with self._run_lock:
+            if self._ran:
+                raise ClosedError("ParameterServer", "run()", after="its first run()")
+            self._ran = True
         shard = ParameterShard(0, 1, self._optimizer_factory, self.consistency)
         self._shard = shard
         try:

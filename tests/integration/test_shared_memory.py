@@ -232,6 +232,30 @@ def test_a_worker_with_compressed_pushes_keeps_no_shared_outbox(
         stop_processes([process])
 
 
+def test_a_closed_optimizer_lets_go_of_its_shared_outbox(monkeypatch):
+    """close() unmaps the model-sized outbox at once: a script that goes on after training
+    (evaluating, saving) does not keep it until the optimizer is collected."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "auto")
+    process, address = start_shard(0, 1, "--server-lr", "0.1")
+    mapped_before = _mapped_push_buffers()
+    try:
+        model = torch.nn.Linear(8, 1)
+        optimizer = DownpourSGD(
+            model.parameters(), lr=0.1, model=model, ps=[address], blocking=True, timeout_s=30
+        )
+        try:
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(torch.randn(4, 8)).sum().backward()
+                optimizer.step()
+            assert _mapped_push_buffers() - mapped_before  # pushes went from the outbox
+        finally:
+            optimizer.close()
+        assert not _mapped_push_buffers() - mapped_before
+    finally:
+        stop_processes([process])
+
+
 def test_reads_while_another_client_pushes_are_never_torn(shard):
     _, address = shard
     pusher, reader = _client(address, "pusher"), _client(address, "reader")

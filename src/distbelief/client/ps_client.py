@@ -442,6 +442,11 @@ class ParameterServerClient(ShardLanes):
         if self._shared_memory is not None:
             self._shared_memory.connection_lost(shard_id)
 
+    def close(self, wait: bool = True) -> None:
+        super().close(wait)
+        # The cached views hold the buffers sent: a shared outbox would stay mapped.
+        self._slice_cache.clear()
+
     def _push_messages(self, flat_grads, clock: int, base_versions, ready) -> list[tuple]:
         messages = []
         seq = next(self._push_seq)

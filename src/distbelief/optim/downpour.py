@@ -647,6 +647,9 @@ class DownpourSGD(torch.optim.Optimizer):
                     self._finished_store().mark_finished(self._server.session)
             finally:
                 self.client.close(wait=not gone)
+                # The last references to a shared outbox: its mapping goes now, not when this
+                # optimizer is collected (a script goes on evaluating or saving after close).
+                self._outbox, self._push_futures = {}, []
 
     def _finished_store(self) -> GroupStore:
         """A fresh connection to the group's store while the group is up (the constructor's

@@ -315,9 +315,19 @@ def _stray_shard(root: Path) -> str:
     return f"{root / 'shard2.json'}: shard 2, but the run has 2 shards"
 
 
+def _drop_optimizer_field(root: Path) -> str:
+    # Damage that keeps both digests right (the files rewritten and sealed again): shard 1's
+    # slice lacks one of Adam's moments, which the new set would fill with zeros.
+    state = load_checkpoint(root, 1)
+    del state.tensors["optim.0.exp_avg"]
+    save_checkpoint(state, root)
+    return "shard1.json: slice 0's optimizer state lacks 'exp_avg'"
+
+
 @pytest.mark.parametrize(
     "damage",
     [
+        _drop_optimizer_field,
         _stray_shard,
         _corrupt_row_chunk,
         _delete_row_chunk,
@@ -482,3 +492,21 @@ def test_more_shards_than_the_model_has_parameters_is_refused_naming_the_flag(ru
     assert _snapshot(run_dir) == before
     assert main(["reshard", str(run_dir), "--shards", "50"]) == 0
     assert load_checkpoint(run_dir / "checkpoints", 49) is not None
+
+
+def test_a_folder_that_cannot_be_written_is_named_and_changes_nothing(run, monkeypatch):
+    # A full disk (or a read-only folder) met while writing the new set: one line naming the
+    # file, the old set and config.json as they were, no staging folder left.
+    run_dir = run[0]
+    before = _snapshot(run_dir)
+
+    def full_disk(state, directory):
+        raise OSError(28, "No space left on device", str(Path(directory) / "shard0.json"))
+
+    monkeypatch.setattr(reshard_module, "save_checkpoint", full_disk)
+    with pytest.raises(ValueError) as error:
+        reshard_run(run_dir, 3)
+    said = str(error.value)
+    assert said.startswith(f"{run_dir}: cannot write the resharded checkpoints (")
+    assert "shard0.json: No space left on device); nothing changed" in said
+    assert _snapshot(run_dir) == before

@@ -74,6 +74,38 @@ def test_load_refuses_another_optimizer_or_a_missing_tensor():
         ShardStore.load(server_optimizer_factory("adagrad", lr=0.1), tensors, plain)
 
 
+def test_load_refuses_optimizer_state_that_a_push_could_not_use():
+    # Found at the first push otherwise ("push refused: 'exp_avg'"): refused on loading,
+    # naming the tensor.
+    adam = server_optimizer_factory("adam", lr=0.1)
+    store = ShardStore(adam, [torch.arange(6, dtype=torch.float32)])
+    store.step([torch.ones(6)])
+    tensors, plain = store.export()
+    for change, said in (
+        (lambda t: t.pop("optim.0.exp_avg"), r"tensor 'optim\.0\.exp_avg' is missing"),
+        (
+            lambda t: t.update({"optim.0.exp_avg": torch.zeros(5)}),
+            r"'optim\.0\.exp_avg' has shape \[5\]",
+        ),
+        (
+            lambda t: t.update({"optim.0.extra": torch.zeros(6)}),
+            r"unexpected tensor 'optim\.0\.extra'",
+        ),
+        (
+            lambda t: t.update({"optim.3.step": torch.zeros(())}),
+            r"unexpected tensor 'optim\.3\.step'",
+        ),
+        (lambda t: t.update({"bogus": torch.zeros(6)}), r"unexpected tensor 'bogus'"),
+    ):
+        edited = dict(tensors)
+        change(edited)
+        with pytest.raises(ValueError, match=said):
+            ShardStore.load(adam, edited, plain)
+    ShardStore.load(adam, dict(tensors), plain)  # as saved
+    never_stepped, plain = ShardStore(adam, [torch.zeros(6)]).export()
+    assert ShardStore.load(adam, never_stepped, plain).optimizer.state_dict()["state"] == {}
+
+
 def test_plain_sgd_makes_torch_sgds_update_and_writes_its_state_layout():
     grads = [torch.linspace(-1, 1, 6), torch.full((3,), 0.5, dtype=torch.float64)]
     plain = _store("sgd")

@@ -17,7 +17,7 @@ from pathlib import Path
 from distbelief.config import ClusterConfig, JobConfig
 from distbelief.coordinator.checkpoint import TAG_PREFIX, read_record
 from distbelief.errors import CheckpointError, ConfigFieldError
-from distbelief.files import sync_folder, write_text_atomic
+from distbelief.files import sync_folder
 from distbelief.launch.cluster import CHECKPOINT_DIR
 from distbelief.launch.resume import check_partition_folder, checkpoint_folders
 from distbelief.launch.resume_layout import check_every_shard_gets_parameters
@@ -92,17 +92,23 @@ def reshard_run(run_dir: str | Path, num_shards: int) -> ReshardSummary:
 
     Raises:
         ValueError: ``run_dir`` has no valid config.json or no checkpoints, or already has
-            ``num_shards`` shards, or a job is running in it.
+            ``num_shards`` shards, or a job is running in it; or the new set could not be
+            written (a read-only folder, a full disk): the old set is left as it was.
         ConfigFieldError: ``num_shards`` is out of range (field ``cluster.num_shards``).
         CheckpointError: an old checkpoint is missing, corrupt or partial, or the new set
             does not hold what the old one did; the message names the file. Nothing changed.
-        OSError: the folders could not be written or swapped.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: no such run folder")
     with run_dir_locked(run_dir, str(run_dir)):
-        return _reshard_stopped_run(run_dir, num_shards)
+        try:
+            return _reshard_stopped_run(run_dir, num_shards)
+        except OSError as e:  # a read-only folder, a full disk: before the swap, nothing changed
+            said = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+            raise ValueError(
+                f"{run_dir}: cannot write the resharded checkpoints ({said}); nothing changed"
+            ) from e
 
 
 def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
@@ -291,21 +297,33 @@ def _verify_folder(target: Path, folder: _Folder, num_shards: int) -> None:
 def _swap(run_dir: Path, root: Path, staging: Path, config: JobConfig) -> None:
     """Put ``staging`` in place of ``root``, then record the new shard count.
 
-    Two renames: a crash between them leaves no ``checkpoints/`` folder, and ``reshard_run``
-    names the ``checkpoints.old-*`` folder to rename back. A crash between the second rename
-    and config.json leaves checkpoints of the new count and a config of the old one, which
+    The new config.json is written to a temporary file first; then three renames: a crash
+    between the first two leaves no ``checkpoints/`` folder, and ``reshard_run`` names the
+    ``checkpoints.old-*`` folder to rename back. A crash between the second rename and the
+    config's leaves checkpoints of the new count and a config of the old one, which
     ``--resume`` refuses, naming the shard files.
     """
-    old = run_dir / f"{_OLD_PREFIX}{secrets.token_hex(4)}"
-    os.rename(root, old)
+    # The new config.json is written first, beside the old one: what is left after the swap
+    # are renames, which a full disk does not refuse.
+    fd, text_path = tempfile.mkstemp(dir=run_dir, prefix=".config.json.", suffix=".tmp")
+    new_config = Path(text_path)
     try:
-        os.rename(staging, root)
-    except BaseException:
-        os.rename(old, root)
-        raise
-    sync_folder(run_dir)
-    write_text_atomic(run_dir / "config.json", config.to_json())
-    shutil.rmtree(old)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(config.to_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+        old = run_dir / f"{_OLD_PREFIX}{secrets.token_hex(4)}"
+        os.rename(root, old)
+        try:
+            os.rename(staging, root)
+        except BaseException:
+            os.rename(old, root)
+            raise
+        os.replace(new_config, run_dir / "config.json")
+        sync_folder(run_dir)
+    finally:
+        new_config.unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)  # the new set is in place: a leftover only
 
 
 def _summary(

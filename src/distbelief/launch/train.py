@@ -422,7 +422,9 @@ def train(
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
     require_data_files(config.data)  # before any process starts, which would fail on it
-    check_folder_can_be_made(run_dir_path(config.reporting.out_dir), "--out")
+    check_folder_can_be_made(
+        run_dir_path(config.reporting.out_dir), "--resume" if resume else "--out"
+    )
     # Counting examples loads the training set (torch): a forkserver's imports, say, overlap
     # it. Without counting, the steps are checked first: a refused --warmstart-steps starts no
     # process, as any bad flag.

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from distbelief.errors import CheckpointError
 from distbelief.server.checkpoint import Checkpointer, load_checkpoint, remove_unfinished_saves
+from distbelief.server.checkpoint_meta import meta_path
 from distbelief.server.shard import ParameterShard
 from distbelief.wire.group_names import DEFAULT_GROUP, check_group_name
 
@@ -189,6 +190,6 @@ def _restore_one(shard: ParameterShard, directory: Path) -> int | None:
     try:
         shard.restore(state)
     except ValueError as e:
-        raise CheckpointError(f"{directory}: shard {shard.shard_id}: {e}") from e
+        raise CheckpointError(f"{meta_path(Path(directory), shard.shard_id)}: {e}") from e
     logger.info("shard %d restored version %d from %s", shard.shard_id, state.version, directory)
     return state.version

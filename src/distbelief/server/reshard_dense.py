@@ -106,6 +106,7 @@ def _assemble(states: Sequence[ShardState]) -> WholeModel:
     sizes = group_sizes(specs)
     scalars: dict[torch.dtype, dict[str, list]] = {}
     plain: dict[torch.dtype, dict[str, list]] = {}
+    _check_state_fields_alike(states)
     for shard_id, state in enumerate(states):
         pieces = slices[shard_id]
         _place_buffers(model, state, pieces, sizes)
@@ -119,6 +120,33 @@ def _assemble(states: Sequence[ShardState]) -> WholeModel:
     for dtype, entries in plain.items():
         model.plain_state[dtype] = {key: _largest(key, found) for key, found in entries.items()}
     return model
+
+
+def _check_state_fields_alike(states: Sequence[ShardState]) -> None:
+    """CheckpointError naming the first slice whose optimizer state has other fields than the
+    first slice with state has: every push steps every slice, so a slice holds all of them or,
+    never stepped, none (and reads as zeros). A field missing from one slice is damage that
+    the zeros would hide."""
+    first: tuple[str, set[str]] | None = None
+    for state in states:
+        fields: dict[str, set[str]] = {}
+        for key in state.tensors:
+            if key.startswith(_OPTIM):
+                index, _, name = key.removeprefix(_OPTIM).partition(".")
+                fields.setdefault(index, set()).add(name)
+        for index, entries in state.values["store"]["optimizer_plain_state"].items():
+            fields.setdefault(str(index), set()).update(entries)
+        for index, names in sorted(fields.items()):
+            where = f"shard{state.shard_id}.json: slice {index}"
+            if first is None:
+                first = (where, names)
+            elif names != first[1]:
+                odd = sorted(names ^ first[1])[0]
+                held = "lacks" if odd in first[1] else "has"
+                raise CheckpointError(
+                    f"{where}'s optimizer state {held} {odd!r}, unlike {first[0]}'s "
+                    f"({', '.join(sorted(first[1]))})"
+                )
 
 
 def _place_buffers(

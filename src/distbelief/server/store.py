@@ -147,19 +147,38 @@ class ShardStore:
             name: [_take(tensors, _tensor_key(name, index)) for index in range(count)]
             for name, count in counts.items()
         }
+        known = {
+            _tensor_key(name, index) for name, count in counts.items() for index in range(count)
+        }
+        unknown = sorted(
+            k for k in tensors if k not in known and not k.startswith(_OPTIMIZER_PREFIX)
+        )
+        if unknown:
+            raise ValueError(f"unexpected tensor {unknown[0]!r}")
         store = cls(optimizer_factory, buffers.pop(PARAM))
         if optimizer_name(store.optimizer) != plain["optimizer"]:
             raise ValueError(
                 f"checkpoint holds {plain['optimizer']} state, this shard runs "
                 f"{optimizer_name(store.optimizer)}"
             )
-        state: dict[int, dict[str, object]] = {
-            int(index): dict(entries) for index, entries in plain["optimizer_plain_state"].items()
-        }
+        state: dict[int, dict[str, object]] = {}
+        for index, entries in plain["optimizer_plain_state"].items():
+            if not str(index).isdigit() or int(index) >= len(store.params):
+                raise ValueError(f"optimizer state of slice {index!r}, of {len(store.params)}")
+            state[int(index)] = dict(entries)
         for key, tensor in tensors.items():
             if key.startswith(_OPTIMIZER_PREFIX):
-                index, field = key.removeprefix(_OPTIMIZER_PREFIX).split(".", 1)
+                index, _, field = key.removeprefix(_OPTIMIZER_PREFIX).partition(".")
+                if not index.isdigit() or int(index) >= len(store.params) or not field:
+                    raise ValueError(f"unexpected tensor {key!r}")
+                param = store.params[int(index)]
+                if tensor.dim() != 0 and tensor.shape != param.shape:
+                    raise ValueError(
+                        f"tensor {key!r} has shape {list(tensor.shape)}: neither one value nor "
+                        f"one per element of its slice {list(param.shape)}"
+                    )
                 state.setdefault(int(index), {})[field] = tensor
+        _check_state_fields(optimizer_factory, store.params, state)
         # load_state_dict copies the state onto the optimizer's own parameters, which are
         # store.params: the restored tensors are used, not copied again.
         store.optimizer.load_state_dict(
@@ -169,6 +188,37 @@ class ShardStore:
             store.add(name, buffer)
         store.values = dict(plain["values"])
         return store
+
+
+def _check_state_fields(
+    optimizer_factory: ServerOptimizerFactory,
+    params: Sequence[torch.Tensor],
+    state: dict[int, dict[str, object]],
+) -> None:
+    """Refuse a slice's saved optimizer state that lacks a field the optimizer keeps, or has
+    one it does not (ValueError naming the tensor): loaded, the shard would fail at its first
+    push. A slice without state (never stepped) is taken."""
+    expected: dict[torch.dtype, set[str]] = {}
+    name = ""
+    for index, entries in sorted(state.items()):
+        if not entries:
+            continue
+        dtype = params[index].dtype
+        if dtype not in expected:
+            probe = torch.zeros(1, dtype=dtype)
+            optimizer = optimizer_factory([probe])
+            apply_update(optimizer, [probe], [torch.zeros(1, dtype=dtype)])
+            expected[dtype] = set(optimizer.state_dict()["state"].get(0, {}))
+            name = optimizer_name(optimizer)
+        missing = sorted(expected[dtype] - set(entries))
+        extra = sorted(set(entries) - expected[dtype])
+        if missing:
+            raise ValueError(f"tensor '{_OPTIMIZER_PREFIX}{index}.{missing[0]}' is missing")
+        if extra and expected[dtype]:  # one that keeps none says so when loading it
+            raise ValueError(
+                f"unexpected tensor '{_OPTIMIZER_PREFIX}{index}.{extra[0]}' "
+                f"({name} keeps no such state)"
+            )
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from distbelief.errors import CheckpointError, ProtocolError, ShardRestartedError
 from distbelief.server.checkpoint import load_checkpoint, save_checkpoint
+from distbelief.server.checkpoint_meta import meta_path
 from distbelief.sharding import ShardSlice
 from distbelief.wire.framing import Sink
 from distbelief.wire.message import Message
@@ -116,7 +117,7 @@ class VectorHandlers:
         try:
             self.shard.restore(state)
         except ValueError as e:
-            raise CheckpointError(f"{directory}: shard {self.shard.shard_id}: {e}") from e
+            raise CheckpointError(f"{meta_path(Path(directory), self.shard.shard_id)}: {e}") from e
 
     def _save_checkpoint(self, directory: Path) -> None:
         """Save the shard into ``directory`` (a program's side effects are in it: the

@@ -4,6 +4,9 @@ table's ids as an integer tensor or a list of ints, and refuses to be used after
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -280,3 +283,19 @@ def test_a_with_block_closes_the_tables(no_shards):
         pass
     with pytest.raises(ClosedError, match=r"^ShardedEmbeddings: step after close\(\)$"):
         tables.step()
+
+
+def test_a_deep_copy_of_a_model_shares_its_tables_and_pickling_is_refused_by_name(no_shards):
+    model = _Model()
+    tables = ShardedEmbeddings(model, ps=ADDRESS)
+    twin = copy.deepcopy(model)
+    assert twin is not model and twin.emb is not model.emb
+    assert twin.emb.source is tables and twin.bag.source is tables
+    assert twin.emb(torch.tensor([1, 2])).shape == (2, 4)
+    with pytest.raises(TypeError, match=r"^cannot pickle table 'emb': its rows live on the shards"):
+        pickle.dumps(model)
+    for action in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"^cannot pickle or copy a ShardedEmbeddings"):
+            action(tables)
+    detached = ShardedEmbedding("users", 10, 4)
+    assert pickle.loads(pickle.dumps(detached)).table == "users"

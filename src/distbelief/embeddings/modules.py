@@ -5,13 +5,16 @@ A forward pass asks its row source for the rows of its input's distinct ids (one
 tensor) and each id's index among them, and computes the lookup on those rows, so the backward
 pass leaves in the leaf's ``grad`` each distinct id's gradient with its repeats already summed:
 exactly what a push sends. ``swap_embeddings`` puts them in place of a model's tables (all
-checked first, so a refusal changes nothing).
+checked first, so a refusal changes nothing). A deep copy of a model (an evaluation copy, say)
+shares its tables' row source: the rows stay on the shards, one set of them. A table attached
+to a source cannot be pickled: its rows are not in it.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +70,23 @@ class _ShardedTable(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.table!r}, {self.num_embeddings}, {self.embedding_dim}"
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ShardedTable:
+        # The rows live on the shards, behind one source: the copy reads and trains the same.
+        if self.source is not None:
+            memo[id(self.source)] = self.source
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.source is not None:
+            raise TypeError(
+                f"cannot pickle table {self.table!r}: its rows live on the shards, not in it; "
+                "save the model's state_dict() (the shards checkpoint the rows)"
+            )
+        return self.__dict__
 
 
 class ShardedEmbedding(_ShardedTable):

@@ -260,6 +260,14 @@ class ShardedEmbeddings:
         if self._closed:
             raise ClosedError("ShardedEmbeddings", action)
 
+    def __getstate__(self) -> dict:
+        # A deep copy of a model shares this (embeddings/modules.py); a copy of it alone would
+        # have connections of its own to nothing.
+        raise TypeError(
+            "cannot pickle or copy a ShardedEmbeddings: it holds connections to the shards; "
+            "the shards checkpoint the rows"
+        )
+
     def prefetch(self, ids_by_table: Mapping[str, torch.Tensor]) -> None:
         """Fetch the rows of each table's ids (an integer tensor of any shape, or a list of
         ints; repeats allowed) for this step, every table in one request per shard; a forward

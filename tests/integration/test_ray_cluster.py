@@ -207,6 +207,15 @@ def _alive(pid: int) -> bool:
             "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got 'bad host:6379'",
         ),
         (
+            # Digits that str.isdigit() takes and int() refuses (or reads, and Ray's client not).
+            ["--cluster", "ray", "--ray-address", "127.0.0.1:\u00b2"],
+            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got '127.0.0.1:",
+        ),
+        (
+            ["--cluster", "ray", "--ray-address", "127.0.0.1:\u0663\u0663"],
+            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got '127.0.0.1:",
+        ),
+        (
             ["--cluster", "ray", "--ray-address", ":6379"],
             "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got ':6379'",
         ),
@@ -404,8 +413,8 @@ def test_a_cluster_too_small_for_the_job_is_one_clear_error(ray_nodes, tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"distbelief train: error: argument --workers: the Ray cluster at {ray_nodes.address} "
-        "has 8 CPUs; this job needs 11 (one per shard, evaluator and coordinator, --threads per "
-        "worker)"
+        "has 8 CPUs; this job needs 11 (2 shards, 8 workers x 1 thread (--threads), the "
+        "evaluator)"
     )
     assert not (tmp_path / "run").exists()  # a refused job leaves no run folder behind
 

@@ -71,7 +71,7 @@ def check_resources(config: JobConfig, address: str) -> None:
 
     Raises:
         ClusterError: too few CPUs (``field``: ``cluster.num_workers``); says how many the
-            job needs and why.
+            job needs and for which processes.
     """
     import ray
 
@@ -80,9 +80,25 @@ def check_resources(config: JobConfig, address: str) -> None:
     if available < needed:
         raise ClusterError(
             f"the Ray cluster at {address} has {available:g} CPUs; this job needs {needed} "
-            "(one per shard, evaluator and coordinator, --threads per worker)",
+            f"({_cpus_needed(config)})",
             field="cluster.num_workers",
         )
+
+
+def _cpus_needed(config: JobConfig) -> str:
+    """What ``num_cpus`` counts, as the job has it: "2 shards, 8 workers x 1 thread
+    (--threads), the evaluator" (and Sandblaster's coordinator)."""
+    cluster = config.cluster
+    threads = cluster.threads_per_worker
+    parts = [
+        f"{cluster.num_shards} shard{'s' * (cluster.num_shards != 1)}",
+        f"{cluster.num_workers} worker{'s' * (cluster.num_workers != 1)} x {threads} "
+        f"thread{'s' * (threads != 1)} (--threads)",
+        "the evaluator",
+    ]
+    if config.optimizer.algorithm == "sandblaster":
+        parts.append("the coordinator")
+    return ", ".join(parts)
 
 
 def reserve_places(config: JobConfig, address: str) -> Any:

@@ -75,7 +75,10 @@ def check_address(address: str) -> None:
         host, colon, port = address.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]  # an IPv6 address in brackets
-        if not (colon and is_host(host) and port.isdigit() and 0 < int(port) < 65536):
+        # ASCII digits only: str.isdigit() takes other scripts' digits (int() reads them, Ray's
+        # client does not) and superscripts (int() refuses them).
+        digits = port.isascii() and port.isdigit()
+        if not (colon and is_host(host) and digits and 0 < int(port) < 65536):
             raise ConfigFieldError(
                 "cluster.ray_address", f"must be HOST:PORT of a Ray head, or auto, got {address!r}"
             )
@@ -131,7 +134,8 @@ def _check_head_answers(address: str, *, shown: str | None = None) -> None:
     if answer.status == GRPC_UNAUTHENTICATED:
         raise ConfigFieldError(
             "cluster.ray_address",
-            f"the Ray head at {shown} refuses this process's token ({answer.message}): set "
+            f"the Ray head at {shown}{',' * (shown != address)} refuses this process's token "
+            f"({answer.message}): set "
             "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token",
         )
     if answer.status == GRPC_UNIMPLEMENTED:

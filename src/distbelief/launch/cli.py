@@ -549,7 +549,11 @@ def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
     if flag is None and "." not in error.field and error.field in vars(args):
         flag = f"--{error.field.replace('_', '-')}"  # a command's own flag (worker --rank)
     if flag is None:  # a value the user did not type (e.g. read from a run folder)
-        print(f"distbelief {args.command}: error: {error}", file=sys.stderr)
+        said = str(error)
+        if not typed:  # the resumed run's: where it comes from (a Ray head gone since, say)
+            config_file = Path(args.resume) / "config.json"
+            said = f"{error.field} (in {config_file}): {error.problem}"
+        print(f"distbelief {args.command}: error: {said}", file=sys.stderr)
         return EXIT_USAGE
     return _usage_error(args, f"argument {flag}: {error.problem}")
 

@@ -249,6 +249,10 @@ def _require_choice(config: Any, name: str) -> None:
     _require(value in choices, name, value, f"one of {', '.join(choices)}")
 
 
+RAY_OWN_INSTANCE = "local"
+"""The ``ray_address`` that asks for a Ray instance of the job's own, as not giving one does."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ClusterConfig:
     """The job's processes: how many of each role, and where they run."""
@@ -281,7 +285,8 @@ class ClusterConfig:
     on this machine) or ray (Ray actors, shards spread over the nodes; needs the ray extra)."""
     ray_address: str = ""
     """With the ray engine: an existing Ray cluster's address (HOST:PORT of its head, or auto);
-    not given: a Ray instance started on this machine for the job."""
+    not given, or local: a Ray instance started on this machine for the job (local: a resumed
+    run that joined a cluster starts its own)."""
 
     def __post_init__(self) -> None:
         _require_counts(self, "num_workers", "num_shards", "threads_per_worker")
@@ -311,6 +316,8 @@ class ClusterConfig:
                 "ray_address",
                 f"only applies with engine ray (--cluster ray), got {self.ray_address!r}",
             )
+        if self.ray_address == RAY_OWN_INSTANCE:  # Ray's own word for it (ray.init)
+            object.__setattr__(self, "ray_address", "")
         if self.engine == "ray" and (self.shard_hosts or self.worker_host):
             field_name = "shard_hosts" if self.shard_hosts else "worker_host"
             raise ConfigFieldError(

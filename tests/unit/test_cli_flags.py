@@ -1115,7 +1115,18 @@ def test_the_ray_address_help_offers_no_value_the_flag_refuses(capsys):
     # flag out does instead.
     ray_address = field_docs()["cluster.ray_address"]
     assert "empty" not in ray_address
-    assert "not given: a Ray instance started on this machine for the job" in ray_address
+    assert "not given, or local: a Ray instance started on this machine for the job" in (
+        ray_address
+    )
     with pytest.raises(SystemExit):
         parse_args(["train", "--cluster", "ray", "--ray-address", ""])
     assert "argument --ray-address: expected a value, got ''" in capsys.readouterr().err
+
+
+def test_ray_address_local_asks_for_an_instance_of_the_jobs_own_as_leaving_it_out_does():
+    argv = ["train", "--cluster", "ray", "--ray-address", "local"]
+    assert config_from_args(parse_args(argv)).cluster.ray_address == ""
+    # A run that joined a cluster resumes on a Ray instance of its own.
+    joined = JobConfig.from_fields({"cluster.engine": "ray", "cluster.ray_address": "auto"})
+    assert joined.with_fields({"cluster.ray_address": "local"}).cluster.ray_address == ""
+    assert main(["train", "--ray-address", "local"]) == 2  # still only with --cluster ray

@@ -135,6 +135,21 @@ def test_late_joiner_starts_level_with_the_slowest():
     assert not clocks.too_far_ahead("a", max_staleness=10, now_s=1)
 
 
+def test_a_worker_back_from_silence_rejoins_level_with_the_slowest():
+    # Counted dead after 5 s of silence, the others went on; heard from again, it must not
+    # hold them back until it has redone every step it missed.
+    clocks = WorkerClocks(liveness_timeout_s=5)
+    clocks.touch("a", 0, now_s=0)
+    clocks.touch("b", 0, now_s=0)
+    clocks.touch("b", 3, now_s=0)
+    clocks.touch("a", 100, now_s=20)
+    clocks.touch("b", 4, now_s=20)
+    assert clocks.effective_clock("b") == 100
+    assert not clocks.too_far_ahead("a", max_staleness=2, now_s=20)
+    clocks.touch("a", 110, now_s=21)
+    assert clocks.too_far_ahead("a", max_staleness=2, now_s=21)  # held again by b from here
+
+
 def test_ssp_pull_is_held_then_released():
     config = ConsistencyConfig(max_staleness=1)
     zeros = [torch.zeros(spec.shape) for spec in SPECS]

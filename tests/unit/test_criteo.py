@@ -155,6 +155,16 @@ def test_a_test_file_is_used_as_it_is(tmp_path: Path) -> None:
     assert len(load_criteo("test", tmp_path, num_embeddings=100)) == 3
 
 
+def test_a_folder_named_as_a_split_file_is_refused_not_passed_over(tmp_path: Path) -> None:
+    # Passed over, test.txt/ would make test of train's last tenth without a word.
+    _write(tmp_path / "criteo" / "train.txt", _rows(25))
+    (tmp_path / "criteo" / "test.txt").mkdir()
+    for check in (load_criteo, check_criteo_split):
+        for split in ("train", "test"):
+            with pytest.raises(ValueError, match=r"criteo/test.txt: not a file"):
+                check(split, tmp_path)
+
+
 def test_dense_values_of_up_to_19_digits_read(tmp_path: Path) -> None:
     path = _write(tmp_path / "day.txt", [_line("1", ["9" * 19, "-" + "9" * 19] + ["0"] * 11)])
     dense = read_criteo(path).dense[0, :2].tolist()

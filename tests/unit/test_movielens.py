@@ -94,6 +94,12 @@ def test_timestamp_ties_keep_file_order(tmp_path: Path) -> None:
         ("u.data", f"1\t{'9' * 5000}\t3\t4\n", r"u.data:1: movie id must be in \[0, "),
         ("u.data", "1\t2\tgood\t4\n", "u.data:1: rating must be a number, got b'good'"),
         ("u.data", "1\t2\tnan\t4\n", "u.data:1: rating must be a finite number"),
+        # Python's int() and float() read "1_0" as 10: no ratings file writes that.
+        ("ratings.dat", "1_0::2::3::4\n", "ratings.dat:1: user id must be an integer"),
+        ("ratings.dat", "1::2::4_5::4\n", "ratings.dat:1: rating must be a number"),
+        ("u.data", "1\t2\t3\t1_000\n", "u.data:1: timestamp must be an integer"),
+        # A leading separator is an empty first field, not whitespace to strip.
+        ("u.data", "\t1\t2\t3\t4\n", r"u.data:1: expected 4 fields separated by b'\\t', got 5"),
         ("ratings.csv", "user,movie,rating,time\n1,2,3,4\n", "ratings.csv:1: expected header"),
         ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.0,4\n1;2;3;4\n", "csv:3:"),
     ],
@@ -114,7 +120,7 @@ def test_the_check_passes_every_line_loading_reads(tmp_path: Path, name: str) ->
     them: signs, spaces, exponents, long ids and timestamps, many decimals, CRLF, no newline."""
     separator = {"ratings.dat": "::", "ratings.csv": ",", "u.data": "\t"}[name]
     unusual = [
-        ["+3", " 7 ", "4e0", "1_000"],
+        ["+3", " 7 ", "4e0", "1000 "],
         [str(2**63 - 2), "7", "4.0000001", str(-(2**63))],
         ["3", "7", "0004.5", "1" + "0" * 18],
     ]

@@ -175,3 +175,18 @@ def test_a_sandblaster_run_counts_iterations_and_shows_the_lbfgs_figures() -> No
     line = stream.getvalue().strip().splitlines()[-1]
     assert "steps=3/10" in line
     assert "lbfgs.iteration=3 lbfgs.loss=0.25 lbfgs.grad_norm=0.5" in line
+
+
+def test_a_partitioned_replicas_steps_per_s_follows_one_stage() -> None:
+    # Both stages of replica 0 report steps 10, 20, ... on their own clocks (the first stage a
+    # little later): interleaved, the last two records (one step, two stages) read 0 steps/s.
+    stream = io.StringIO()
+    with ProgressDisplay(
+        total_steps=TOTAL_STEPS, num_workers=1, interactive=False, stream=stream
+    ) as display:
+        for step in range(10, 60, 10):
+            display.write(make_record("worker", 0, time_s=0.1 * step, step=step, loss=1.0, stage=1))
+            display.write(make_record("worker", 0, time_s=0.1 * step + 0.01, step=step, stage=0))
+    last = [fields for kind, fields in map(_parse, stream.getvalue().splitlines())][-1]
+    assert last["worker0.step"] == "50"
+    assert float(last["worker0.steps_per_s"]) == pytest.approx(10.0)

@@ -45,6 +45,19 @@ def test_scalar_tags_per_role() -> None:
     assert scalar_tags(make_record("shard", 0, time_s=1.0, pushes_per_s=1.0)) == []
 
 
+def test_each_stage_of_a_partitioned_replica_has_its_own_staleness() -> None:
+    first = make_record("worker", 0, time_s=1.0, step=5, staleness=0.2, stage=0)
+    last = make_record(
+        "worker", 0, time_s=1.0, step=5, loss=2.0, accuracy=0.1, staleness=0.0, stage=1
+    )
+    assert scalar_tags(first) == [("worker/0/stage0/staleness", 0.2, 5)]
+    assert scalar_tags(last) == [
+        ("worker/0/loss", 2.0, 5),
+        ("worker/0/accuracy", 0.1, 5),
+        ("worker/0/stage1/staleness", 0.0, 5),
+    ]
+
+
 def test_unknown_role_is_rejected() -> None:
     with pytest.raises(ValueError, match="supervisor"):
         scalar_tags({"role": "supervisor", "rank": 0, "time_s": 0.0})

@@ -279,6 +279,9 @@ def _find(criteo_dir: Path, stem: str) -> Path | None:
         candidate = criteo_dir / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
+        if candidate.exists():
+            # Passed over, a test.* folder would silently make test of train's last rows.
+            raise ValueError(f"{candidate}: not a file (a Criteo {stem} split is one file)")
     return None
 
 

@@ -245,7 +245,9 @@ def _parse_line(
 
 
 def _parse_record(line: bytes, separator: bytes) -> tuple[int, int, float, int]:
-    fields = line.strip().split(separator)
+    # Only the line's terminator goes: a leading or trailing separator is a field (empty), as
+    # it is to the pattern of the check.
+    fields = line.rstrip(b"\r\n").split(separator)
     if len(fields) != 4:
         raise ValueError(f"expected 4 fields separated by {separator!r}, got {len(fields)}")
     return (
@@ -259,7 +261,9 @@ def _parse_record(line: bytes, separator: bytes) -> tuple[int, int, float, int]:
 def _integer(field: bytes, name: str, low: int, high: int) -> int:
     """``field`` as an int in [low, high]; ValueError naming the field otherwise."""
     try:
-        value: int | None = int(field)
+        # int() and float() also read digits grouped by underscores ("1_0" as 10): no
+        # ratings file writes them, so such a field is malformed, not a number.
+        value: int | None = None if b"_" in field else int(field)
     except ValueError:  # not an integer, or more digits than int() reads
         value = None
     if value is not None and low <= value <= high:
@@ -271,6 +275,8 @@ def _integer(field: bytes, name: str, low: int, high: int) -> int:
 
 def _rating(field: bytes) -> float:
     try:
+        if b"_" in field:
+            raise ValueError(field)
         rating = float(field)
     except ValueError:
         raise ValueError(f"rating must be a number, got {field[:30]!r}") from None

@@ -33,7 +33,10 @@ class WorkerClocks:
     """Each worker's step count ("clock") and when it was last heard from.
 
     A worker that joins late starts level with the slowest live worker (its clock is offset),
-    so a newcomer never holds the others back while it catches up from step 0.
+    so a newcomer never holds the others back while it catches up from step 0. So does a
+    worker heard from again after it counted as dead (silent for the liveness timeout, or its
+    connections closed): the others went on without it, and it rejoins level with them rather
+    than holding them back until it has redone the steps it missed.
     """
 
     liveness_timeout_s: float
@@ -42,9 +45,13 @@ class WorkerClocks:
     def touch(self, worker: str, clock: int, now_s: float | None = None) -> None:
         now_s = time.monotonic() if now_s is None else now_s
         entry = self.workers.get(worker)
-        if entry is None or entry.departed:
+        if entry is None or not self.is_live(entry, now_s):
+            # New, or back from the dead: ``slowest_clock`` counts live workers only, so not
+            # this one's stale clock. A returning worker keeps at least the offset it had.
             slowest = self.slowest_clock(now_s)
-            offset = max(0, slowest - clock) if slowest is not None else 0
+            offset = 0 if entry is None else entry.offset
+            if slowest is not None:
+                offset = max(offset, slowest - clock)
             self.workers[worker] = _Worker(clock, offset, now_s)
             return
         entry.clock = max(entry.clock, clock)

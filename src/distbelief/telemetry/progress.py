@@ -31,6 +31,10 @@ class _WorkerState:
     accuracy: float | None = None
     samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=1024))
     """(time_s, step) of recent records, for steps/s."""
+    rate_stage: int | None = None
+    """A partitioned replica's stages each report the same steps, on their own clocks: steps/s
+    follows one of them, the last seen (the one with the loss), not their interleaved records
+    (two at one step read as 0 steps/s)."""
 
     def observe(self, record: dict[str, Any]) -> None:
         if record.get("loss") is not None:
@@ -41,7 +45,14 @@ class _WorkerState:
         if step is None:
             return
         time_s = float(record["time_s"])
-        self.step = step
+        stage = record.get("stage")
+        self.step = step if stage is None else max(self.step, step)
+        if stage is not None:
+            if self.rate_stage is None or stage > self.rate_stage:
+                self.rate_stage = stage
+                self.samples.clear()
+            elif stage != self.rate_stage:
+                return
         self.samples.append((time_s, step))
         # Keep one sample at or before the window start so the rate spans the whole window.
         while len(self.samples) > 2 and self.samples[1][0] <= time_s - RATE_WINDOW_S:

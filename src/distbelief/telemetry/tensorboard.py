@@ -36,9 +36,11 @@ _SCALARS = {
 def scalar_tags(record: dict) -> list[tuple[str, float, int]]:
     """The ``(tag, value, step)`` scalars of one metrics record.
 
-    Tags are ``worker/<rank>/<field>`` (keyed by the worker's step), ``ps/test_loss`` and
-    ``ps/test_accuracy`` (keyed by the shards' version) and ``shard/<id>/<field>`` (keyed by
-    that shard's version). Fields with no value, and records with no step or version, give none.
+    Tags are ``worker/<rank>/<field>`` (keyed by the worker's step; a partitioned replica's
+    stages each write their ``staleness`` as ``worker/<rank>/stage<s>/staleness``),
+    ``ps/test_loss`` and ``ps/test_accuracy`` (keyed by the shards' version) and
+    ``shard/<id>/<field>`` (keyed by that shard's version). Fields with no value, and
+    records with no step or version, give none.
 
     Raises:
         ValueError: the record's role is not one of ``distbelief.telemetry.ROLES``.
@@ -51,11 +53,25 @@ def scalar_tags(record: dict) -> list[tuple[str, float, int]]:
     if step is None:
         return []
     prefix = "ps" if role == "evaluator" else f"{role}/{record['rank']}"
+    stage = record.get("stage") if role == "worker" else None
     return [
-        (f"{prefix}/{name}", float(record[name]), int(step))
+        (f"{_stage_prefix(prefix, stage, name)}/{name}", float(record[name]), int(step))
         for name in fields
         if record.get(name) is not None
     ]
+
+
+_REPLICA_FIELDS = frozenset({"loss", "accuracy", "auc"})
+"""A partitioned replica's fields that only its last stage writes: the replica's own."""
+
+
+def _stage_prefix(prefix: str, stage: object, name: str) -> str:
+    """Every stage of a partitioned replica writes its own ``staleness`` at the same steps:
+    each gets a tag of its own (``worker/<rank>/stage<s>/``), not one line zigzagging
+    between them."""
+    if stage is None or name in _REPLICA_FIELDS:
+        return prefix
+    return f"{prefix}/stage{int(stage)}"
 
 
 class TensorBoardLog(ClosedOnExit):

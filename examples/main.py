@@ -216,11 +216,13 @@ def run_node(args: argparse.Namespace, data: Data) -> None:
 def node_config(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     """The fields of ``distbelief train``'s config.json that describe this node's run: the
     plots read the batch size from it (samples/s; without it they assumed train's default),
-    their titles and the labels of ``distbelief plot RUN_A RUN_B`` the rest."""
+    their titles and the labels of ``distbelief plot RUN_A RUN_B`` the rest. The node tests
+    its own replica, not the server's parameters: its plots label that curve as the worker's."""
     config: dict[str, dict[str, object]] = {
         "model": {"name": args.model},
         "data": {"name": args.dataset},
         "optimizer": {"algorithm": "downpour", "batch_size": args.batch_size, "lr": args.lr},
+        "reporting": {"tested_model": "worker"},
     }
     if args.no_distributed:
         config["cluster"] = {"num_workers": 1, "num_shards": 0}

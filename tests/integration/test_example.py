@@ -1,6 +1,7 @@
 """The seed's example flow: one server and two training nodes started by hand, as three real
 processes of one gloo process group; every one of them ends by itself."""
 
+import json
 import re
 import signal
 import subprocess
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from distbelief.config import dotted_fields
-from distbelief.plots import load_run, run_title
+from distbelief.plots import load_run, plot_run, run_title
+from distbelief.plots import run as run_plots
 from distbelief.plots.run import batch_size_of
+from distbelief.telemetry import MetricsWriter, make_record
 from tests.conftest import (
     CHILD_ENV,
     free_port,
@@ -380,3 +383,27 @@ def test_a_nodes_plots_read_its_batch_size_and_setup_from_its_config(tmp_path):
     node = dotted_fields(example.node_config(args))
     assert run_title(node, "node2") == "alexnet on cifar10, 2 workers, 1 shard"
     assert (node["optimizer.n_push"], node["optimizer.batch_size"]) == (3, 64)
+
+
+def test_a_distributed_nodes_test_curve_is_labelled_as_its_own_not_the_servers(
+    tmp_path, monkeypatch
+):
+    """A node tests its own replica after each epoch, not the server's parameters: its plots
+    label that curve as the worker's (they said "PS (test)")."""
+    example = load_script(EXAMPLE)
+    args = example.get_args_parser().parse_args(["--rank", "2", "--world-size", "3"])
+    run_dir = tmp_path / "node2"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(example.node_config(args)), encoding="utf-8")
+    with MetricsWriter(run_dir / "metrics.csv") as writer:
+        writer.write(make_record("worker", 1, time_s=0.5, step=20, loss=1.0, accuracy=0.5))
+        writer.write(
+            make_record("evaluator", 1, time_s=1.0, step=20, test_loss=1.0, test_accuracy=0.6)
+        )
+    drawn = {}
+    monkeypatch.setattr(
+        run_plots, "save_png_atomic", lambda figure, path: drawn.update({path.name: figure})
+    )
+    plot_run(run_dir)
+    lines = drawn["accuracy_vs_time.png"].axes[0].lines
+    assert [line.get_label() for line in lines] == ["worker 1 (train)", "worker 1 (test)"]

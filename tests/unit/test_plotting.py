@@ -234,14 +234,25 @@ def test_a_sandblaster_run_plots_the_coordinators_batch_loss(tmp_path: Path) -> 
     assert labels == [run_plots.COORDINATOR_LABEL]
 
 
-@pytest.mark.parametrize(("num_shards", "label"), [(2, "PS (test)"), (0, "worker 0 (test)")])
-def test_the_test_curve_is_the_ps_only_in_a_run_with_shards(
-    tmp_path: Path, monkeypatch, num_shards: int, label: str
+@pytest.mark.parametrize(
+    ("num_shards", "tested_model", "label"),
+    [
+        (2, None, "PS (test)"),
+        (0, None, "worker 0 (test)"),
+        (1, "worker", "worker 0 (test)"),
+        (1, "ps", "PS (test)"),
+    ],
+)
+def test_the_test_curve_is_the_ps_only_when_the_evaluator_tested_the_shards(
+    tmp_path: Path, monkeypatch, num_shards: int, tested_model: str | None, label: str
 ) -> None:
-    """A model trained alone (``examples/main.py --no-distributed``: no shards) has its test
-    curve labelled as the worker's, not as a parameter server's."""
+    """A model trained alone (``examples/main.py --no-distributed``: no shards), or a node
+    that tested its own replica (the example's distributed nodes), has its test curve labelled
+    as the worker's, not as a parameter server's."""
     run_dir = _make_run_dir(tmp_path / "run", with_config=False)
-    config = {"cluster": {"num_workers": 1, "num_shards": num_shards}}
+    config: dict = {"cluster": {"num_workers": 1, "num_shards": num_shards}}
+    if tested_model is not None:
+        config["reporting"] = {"tested_model": tested_model}
     (run_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
     drawn = {}
     monkeypatch.setattr(

@@ -31,6 +31,10 @@ DPI = 110
 FIGURE_SIZE_IN = (9.0, 5.0)
 PS_LABEL = "PS (test)"
 COORDINATOR_LABEL = "L-BFGS (batch)"
+TESTED_MODEL_FIELD = "reporting.tested_model"
+"""config.json's field naming the model the evaluator records measured: ``"worker"`` (the
+worker's own replica, as ``examples/main.py``'s nodes test theirs), else the shards'
+parameters."""
 STALENESS_PNG = "staleness.png"
 THROUGHPUT_PNG = "throughput_vs_time.png"
 
@@ -123,9 +127,10 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
     The accuracy and loss plots have one line per worker (its training metric vs ``time_s``),
     in a Sandblaster run the coordinator's batch loss per iteration (``"L-BFGS (batch)"``),
     and a thicker line with markers, ``"PS (test)"``, for the evaluator's test metric of the
-    parameter server's parameters (``"worker 0 (test)"``, of the worker's own model, in a run
-    without shards). The throughput plot shows each worker's samples/s (steps/s
-    when the batch size is unknown) and their sum. The staleness histogram is drawn when the
+    parameter server's parameters (``"worker N (test)"``, of worker N's own model, in a run
+    without shards or whose config's ``reporting.tested_model`` is ``"worker"``). The
+    throughput plot shows each worker's samples/s (steps/s when the batch size is unknown) and
+    their sum. The staleness histogram is drawn when the
     folder has a ``staleness.json``. Titles come from ``config.json`` when the folder has one.
 
     Args:
@@ -144,8 +149,12 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
     out_path = Path(out_dir) if out_dir is not None else run.run_dir
     out_path.mkdir(parents=True, exist_ok=True)
     title = run_title(run.config, run.run_dir.name)
-    # No shards (``examples/main.py --no-distributed``): the test curve is the worker's model.
-    alone = _config_value(run.config, ("cluster.num_shards", "shards")) == 0
+    # No shards (``examples/main.py --no-distributed``), or a worker that tested its own
+    # replica (the example's nodes): the test curve is the worker's model, not the PS's.
+    alone = (
+        run.config.get(TESTED_MODEL_FIELD) == "worker"
+        or _config_value(run.config, ("cluster.num_shards", "shards")) == 0
+    )
     figures = {
         spec.file_name: _make_figure(run.records, spec, title, alone=alone) for spec in _PLOTS
     }
@@ -199,7 +208,7 @@ def _worker_line(axes, times_s: list[float], values: list[float], label: str) ->
 
 
 def _make_figure(records: Records, spec: _PlotSpec, title: str, *, alone: bool = False) -> Figure:
-    """``alone``: the run had no shards, and its evaluator measured the worker's own model."""
+    """``alone``: the evaluator records measured the worker's own model, not the PS's."""
     figure, axes = new_figure()
     workers = series_by_rank(records, "worker", spec.worker_field)
     for rank, (times_s, values) in workers.items():

@@ -52,10 +52,9 @@ from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_
 from distbelief.errors import DatasetUnavailableError, DistBeliefError
 from distbelief.files import make_folder, write_text_atomic
 from distbelief.hosts import check_known_host, is_host
-from distbelief.launch.run_records import draw_plots
+from distbelief.launch import draw_plots
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
-from distbelief.plots import plot_run
 from distbelief.server import ParameterServer
 from distbelief.telemetry import MetricsWriter, make_record
 
@@ -210,7 +209,9 @@ def run_node(args: argparse.Namespace, data: Data) -> None:
         raise
     if isinstance(optimizer, DownpourSGD):
         optimizer.close()  # pushes what is left and tells the server this node is done
-    plot_run(run_dir)
+    # As train does: a plot that cannot be drawn is a warning (with the command that draws it
+    # later), not the end of a node that trained.
+    draw_plots(run_dir, job_done=True)
 
 
 def node_config(args: argparse.Namespace) -> dict[str, dict[str, object]]:

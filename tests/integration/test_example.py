@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from distbelief.config import dotted_fields
 from distbelief.plots import load_run, plot_run, run_title
@@ -407,3 +408,32 @@ def test_a_distributed_nodes_test_curve_is_labelled_as_its_own_not_the_servers(
     plot_run(run_dir)
     lines = drawn["accuracy_vs_time.png"].axes[0].lines
     assert [line.get_label() for line in lines] == ["worker 1 (train)", "worker 1 (test)"]
+
+
+def test_plots_that_cannot_be_drawn_are_a_warning_at_the_end_not_a_traceback(
+    tmp_path, monkeypatch, caplog
+):
+    """A node that trained to the end and cannot write its plots (a full disk, say) says so in
+    a warning naming the command that draws them later, as train does; it raised before."""
+
+    def no_space(figure, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_plots, "save_png_atomic", no_space)
+    out = tmp_path / "out"
+    argv = ["--no-distributed", *OFFLINE, "--epochs", "1", "--out", str(out)]
+    # main sets the process's SIGTERM handler and torch threads: this one's are put back.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    try:
+        load_script(EXAMPLE).main(argv)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        torch.set_num_threads(threads)
+    assert (out / "node0" / "metrics.csv").stat().st_size > 0
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "No space left on device" in line and f"distbelief plot {out / 'node0'}" in line
+        for line in warning
+    ), warning

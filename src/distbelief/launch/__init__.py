@@ -1,6 +1,7 @@
 """Starting jobs: the ``distbelief`` command, the Cluster interface and its local processes,
-and ``train``, which runs a job on a cluster. Names load on first use: the command's ``--help``
-imports none of torch, matplotlib, TensorBoard or rich.
+``train``, which runs a job on a cluster, and ``draw_plots``, which draws a run folder's plots
+as a job's end does (a plot that cannot be drawn is logged, not raised). Names load on first
+use: the command's ``--help`` imports none of torch, matplotlib, TensorBoard or rich.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from distbelief.lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "train": "distbelief.launch.train",
     "RunResult": "distbelief.launch.summary",
+    "draw_plots": "distbelief.launch.run_records",
     "Cluster": "distbelief.launch.cluster",
     "Fault": "distbelief.launch.cluster",
     "ProcessKind": "distbelief.launch.cluster",

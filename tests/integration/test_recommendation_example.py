@@ -2,13 +2,14 @@
 first, then the script, which must learn clicks (test AUC well above chance)."""
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_ENV, load_script, refusal
+from tests.conftest import CHILD_ENV, load_script, refusal, stop_processes
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "recommendation.py"
 
@@ -31,6 +32,31 @@ def test_the_example_learns_clicks_against_two_shards(shard_cluster):
     found = re.search(r"test AUC ([\d.]+) \(the hidden model's: ([\d.]+)\)", done.stdout)
     assert found is not None, done.stdout
     assert 0.58 < float(found.group(1)) < float(found.group(2)), done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_training_is_one_line_and_exit_130(shard_cluster):
+    addresses = shard_cluster(2)
+    process = subprocess.Popen(
+        [
+            *(sys.executable, str(EXAMPLE), "--ps", ",".join(addresses)),
+            *("--steps", "100000", "--table-size", "200", "--log-interval", "1"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("step 1: loss")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        stop_processes([process])
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "recommendation.py: interrupted"
 
 
 def test_a_bad_value_is_one_line_and_exit_2():

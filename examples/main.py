@@ -206,6 +206,7 @@ def run_node(args: argparse.Namespace, data: Data) -> None:
             # after the error line (a gone server's close sends nothing, and returns at once).
             with contextlib.suppress(DistBeliefError):
                 optimizer.close()
+        draw_plots(run_dir)  # what it trained before the error, as train does for a failed job
         raise
     if isinstance(optimizer, DownpourSGD):
         optimizer.close()  # pushes what is left and tells the server this node is done

@@ -337,9 +337,10 @@ def test_a_rank_waiting_to_join_stops_on_ctrl_c_or_sigterm(tmp_path, rank, signu
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_node_whose_server_is_killed_gives_up_once(tmp_path):
-    """SIGKILL of the server: the node retries for --retry-timeout, then exits 1 with one line
-    (its exit did not retry the last push for as long again). 8 s, not less: the exit itself
-    (torch's teardown) can take seconds on a busy machine."""
+    """SIGKILL of the server: the node retries for --retry-timeout, draws the plots of what it
+    trained, then exits 1 with one line (its exit did not retry the last push for as long
+    again). 8 s, not less: the exit itself (torch's teardown) can take seconds on a busy
+    machine."""
     retry_timeout_s = 8
     common = [*OFFLINE, "--model", "mlp", "--log-interval", "1", "--world-size", "2"]
     common += ["--port", str(free_port()), "--out", str(tmp_path)]
@@ -361,6 +362,7 @@ def test_a_node_whose_server_is_killed_gives_up_once(tmp_path):
     assert f"gave up after retrying for {retry_timeout_s}s" in last
     assert err.count("gave up") == 1, err[-2000:]
     assert took_s < 2 * retry_timeout_s, f"the node took {took_s:.1f}s to give up"
+    assert (tmp_path / "node1" / "accuracy_vs_time.png").stat().st_size > 0  # what it trained
 
 
 def test_a_nodes_plots_read_its_batch_size_and_setup_from_its_config(tmp_path):

@@ -29,6 +29,7 @@ from tests.conftest import (
 
 SERVER_SCRIPT = """
 import sys
+import threading
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,13 +38,16 @@ from distbelief.server import ConsistencyConfig, ParameterServer
 
 init_method, world_size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 options = {}
-if len(sys.argv) > 4:  # the liveness and join timeouts, in seconds
+if len(sys.argv) > 5:  # the liveness and join timeouts, in seconds
     options["consistency"] = ConsistencyConfig(liveness_timeout_s=float(sys.argv[4]))
     options["join_timeout_s"] = float(sys.argv[5])
 dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world_size)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
 server = ParameterServer(model, **options)
+if len(sys.argv) == 5 and sys.argv[4] == "stop-on-stdin":  # another thread calls stop()
+    watchdog = threading.Thread(target=lambda: sys.stdin.readline() and server.stop())
+    watchdog.start()
 summary = server.run()
 torch.save(model.state_dict(), out)
 print("server done", summary["version"], summary["finished"], summary["lost_ranks"], flush=True)
@@ -86,11 +90,13 @@ def server_and_group(tmp_path):
 
 
 @contextlib.contextmanager
-def _serving_group(tmp_path, *server_args: str, others: tuple[tuple[str, ...], ...] = ()):
-    """Rank 0 runs the seed-style server script (given ``server_args``), ranks 2.. the scripts
-    ``others`` name (each given the init method, its rank, the world size, then the other
-    arguments); this process joins as rank 1. Yields the server's process and its model file,
-    then the others' processes."""
+def _serving_group(
+    tmp_path, *server_args: str, others: tuple[tuple[str, ...], ...] = (), stdin: bool = False
+):
+    """Rank 0 runs the seed-style server script (given ``server_args``; ``stdin``: its stdin a
+    pipe), ranks 2.. the scripts ``others`` name (each given the init method, its rank, the
+    world size, then the other arguments); this process joins as rank 1. Yields the server's
+    process and its model file, then the others' processes."""
     script = tmp_path / "server.py"
     script.write_text(SERVER_SCRIPT)
     # A file store: a port picked free beforehand could be taken by another test's server in
@@ -100,6 +106,7 @@ def _serving_group(tmp_path, *server_args: str, others: tuple[tuple[str, ...], .
     world_size = 2 + len(others)
     server = subprocess.Popen(
         [sys.executable, str(script), init_method, str(world_size), str(out), *server_args],
+        stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -207,6 +214,25 @@ def test_ctrl_c_stops_the_server_before_every_rank_finished(server_and_group):
     assert "server done 0 False" in out  # run() returned; no worker had pushed anything
     assert "run again: ParameterServer: run() after its first run()" in out
     assert "interrupted before every rank finished" in err
+
+
+def test_stop_from_another_thread_ends_run_with_the_parameters_it_holds(tmp_path):
+    with _serving_group(tmp_path, "stop-on-stdin", stdin=True) as (server, out):
+        model = _model()
+        optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, blocking=True)
+        for images, labels in _batches(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        optimizer.pull_now()
+        trained = [p.detach().clone() for p in model.parameters()]
+        output, err = server.communicate("stop\n", timeout=120)
+        assert server.returncode == 0, err[-2000:]
+        assert "server done 3 False []" in output  # three pushes applied; this rank unfinished
+        saved = torch.load(out)
+        for got, want in zip(saved.values(), trained, strict=True):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        optimizer.close()  # nothing left to push: it closes without the server
 
 
 WORKER_SCRIPT = """

@@ -127,18 +127,21 @@ class ParameterServer:
         self._record: ServerRecord | None = None
         self._watch: RankWatch | None = None
         self._stop = threading.Event()
+        self._every_rank_done = False
+        """Whether the server stopped because every other rank finished or is lost (not by
+        ``stop()``)."""
         self._run_lock = threading.Lock()
         self._ran = False
 
     def run(self) -> dict:
-        """Serve until every other rank has finished (closed its DownpourSGD) or is lost, or
-        Ctrl-C.
+        """Serve until every other rank has finished (closed its DownpourSGD) or is lost,
+        ``stop()``, or Ctrl-C.
 
         Returns:
             The shard's counters and staleness histogram, as ``serve_shard`` reports them,
-            ``"finished"`` (True: every rank finished) and ``"lost_ranks"`` (those lost, in
-            order); after Ctrl-C only ``"version"``, ``"finished": False`` and
-            ``"lost_ranks"`` (and ``model`` is left as it was).
+            ``"finished"`` (True: every rank finished; False after ``stop()`` while some had
+            not) and ``"lost_ranks"`` (those lost, in order); after Ctrl-C only ``"version"``,
+            ``"finished": False`` and ``"lost_ranks"`` (and ``model`` is left as it was).
 
         Raises:
             RendezvousError: the process group's store could not be written or read.
@@ -169,7 +172,15 @@ class ParameterServer:
             return {"version": shard.version, "finished": False, "lost_ranks": self._lost()}
         self._load_final_parameters(shard)
         lost = self._lost()
-        return {**summary, "finished": not lost, "lost_ranks": lost}
+        return {**summary, "finished": self._every_rank_done and not lost, "lost_ranks": lost}
+
+    def stop(self) -> None:
+        """End ``run()`` from another thread (a watchdog, a handler of your own) before every
+        rank has finished: the server stops serving within about a second, ``model`` gets
+        the parameters it holds then, and ``run()`` returns (``"finished"``: False unless
+        every rank had finished). Ranks still training find the server gone. Called again, it
+        does nothing."""
+        self._stop.set()
 
     def _lost(self) -> list[int]:
         return [] if self._watch is None else sorted(self._watch.lost)
@@ -210,6 +221,7 @@ class ParameterServer:
             )
         else:
             return
+        self._every_rank_done = True
         self._stop.set()
 
     def _load_final_parameters(self, shard: ParameterShard) -> None:

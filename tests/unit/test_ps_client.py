@@ -9,7 +9,12 @@ import torch
 from distbelief.client import ParameterServerClient
 from distbelief.client.rows import RowClient
 from distbelief.client.vectors import ShardVectors
-from distbelief.errors import ClosedError, RemoteError, ShardUnavailableError
+from distbelief.errors import (
+    ClosedError,
+    RemoteError,
+    ShardTimeoutError,
+    ShardUnavailableError,
+)
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import Message, Op, ops
 
@@ -230,6 +235,22 @@ def test_unreachable_says_whether_the_last_wait_gave_up_on_a_shard():
         assert client.push_now(flats, clock=4)
         assert not client.unreachable
     finally:
+        client.close(wait=False)
+
+
+def test_a_wait_that_times_out_names_the_shards_whose_requests_are_pending():
+    client, transport = _client()
+    transport.gate.clear()  # the shard answers nothing until the gate opens
+    flats = FlatLayout(SPECS).allocate()
+    try:
+        futures = client.pull(flats, clock=1)
+        with pytest.raises(ShardTimeoutError) as timed_out:
+            client.wait(futures, timeout_s=0.2)
+        assert str(timed_out.value) == (
+            "1 shard request(s) pending after 0.2s: shard 0 (tcp://127.0.0.1:9)"
+        )
+    finally:
+        transport.gate.set()
         client.close(wait=False)
 
 

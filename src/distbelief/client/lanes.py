@@ -105,9 +105,11 @@ class _Lane:
     joined at exit). ``DownpourSGD.close`` is what flushes pushes on a normal exit.
     """
 
-    def __init__(self, name: str, owner: str) -> None:
+    def __init__(self, name: str, owner: str, shard: str) -> None:
         self._name = name
         self._owner = owner
+        self._shard = shard
+        """The shard it serves, as a waiter names it: ``shard 0 (ADDRESS)``."""
         """The client's class, named when it is used after close()."""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -156,6 +158,7 @@ class _Lane:
                 self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
                 self._thread.start()
             self._queue.put((future, fn, args))
+        future.shard = self._shard  # type: ignore[attr-defined]
         return future
 
     def run_now(self, fn, *args) -> cf.Future | _Finished:
@@ -261,7 +264,10 @@ class ShardLanes:
             for i, address in enumerate(self.addresses)
         ]
         owner = type(self).__name__
-        self._lanes = [_Lane(f"{lane_name}{i}", owner) for i in range(len(self.addresses))]
+        self._lanes = [
+            _Lane(f"{lane_name}{i}", owner, f"shard {i} ({address})")
+            for i, address in enumerate(self.addresses)
+        ]
         self._owned: list = []
         """What a subclass holds open beside the connections (``close()``), released with them."""
         # A client dropped without close() would leave its lanes' threads waiting and its
@@ -371,7 +377,10 @@ class ShardLanes:
                 raise error
         self._unreachable = bool(pending)
         if pending:
-            raise ShardTimeoutError(f"{len(pending)} shard request(s) pending after {limit_s:g}s")
+            shards = ", ".join(sorted({getattr(f, "shard", "?") for f in pending}))
+            raise ShardTimeoutError(
+                f"{len(pending)} shard request(s) pending after {limit_s:g}s: {shards}"
+            )
         return [future.result() for future in futures]
 
     def close(self, wait: bool = True) -> None:

@@ -12,14 +12,15 @@ never allocates a table: they are built on the meta device. Start the shards fir
     python examples/recommendation.py --ps tcp://127.0.0.1:7000,tcp://127.0.0.1:7001
 
 It prints the training loss every ``--log-interval`` steps and, at the end, the test AUC of the
-shards' parameters against the ceiling (the hidden model that drew the clicks). Ctrl-C stops
-it with ``recommendation.py: interrupted`` (exit 130).
+shards' parameters against the ceiling (the hidden model that drew the clicks). Ctrl-C (or
+SIGTERM) stops it with ``recommendation.py: interrupted`` (exit 130).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -86,10 +87,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"argument --ps: {e}")
 
 
+def _interrupt(_signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops it as Ctrl-C does
+    # A shell starts a command in the background with SIGINT ignored, and Python then leaves it
+    # ignored: a SIGINT sent by pid must still stop it, as Ctrl-C does.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return train_and_evaluate(args)
     except KeyboardInterrupt:

@@ -35,7 +35,12 @@ def test_the_example_learns_clicks_against_two_shards(shard_cluster):
 
 
 @pytest.mark.timeout(300)
-def test_ctrl_c_while_training_is_one_line_and_exit_130(shard_cluster):
+def _as_a_background_job() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell does to a command run with &
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_training_is_one_line_and_exit_130(shard_cluster, signum):
     addresses = shard_cluster(2)
     process = subprocess.Popen(
         [
@@ -46,11 +51,12 @@ def test_ctrl_c_while_training_is_one_line_and_exit_130(shard_cluster):
         stderr=subprocess.PIPE,
         text=True,
         env=CHILD_ENV,
+        preexec_fn=_as_a_background_job,
     )
     try:
         assert process.stdout is not None
         assert process.stdout.readline().startswith("step 1: loss")
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         stop_processes([process])

@@ -1,8 +1,9 @@
 """``distbelief train --resume`` of a run whose config.json no longer names the model its
 checkpoints hold (edited by hand), for each kind of run the resume supports besides a whole
 model's Downpour run (``test_resume_cli.py``): a model-parallel run's partitions, a click
-model's row tables and Sandblaster's committed checkpoint. Each is refused in one line naming
-the file and what differs, exit 2, before anything in the run folder changes."""
+model's row tables and Sandblaster's committed checkpoint; and of a run whose tensor file was
+edited and given matching digests. Each is refused in one line naming the file and what
+differs, exit 2, before anything in the run folder changes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.unit.test_checkpoint import edit_tensor_file
 
 ERROR = "distbelief train: error: --resume {run}: cannot resume: "
 
@@ -34,10 +36,31 @@ def _refused(run_dir: Path, edit: Callable[[dict], None]) -> str:
     config = json.loads(original)
     edit(config)
     path.write_text(json.dumps(config))
+    try:
+        return _resume_refused(run_dir)
+    finally:
+        path.write_text(original)
+
+
+def _refused_tensors(run_dir: Path, folder: Path, edit: Callable[[dict], object]) -> str:
+    """``_refused`` for shard 0's tensor file in ``folder``, its tensors changed by ``edit``
+    and its digests made to match (``edit_tensor_file``); the files are put back after."""
+    meta = folder / "shard0.json"
+    [tensor_file] = folder.glob("shard0-v*.safetensors")
+    originals = {path: path.read_bytes() for path in (meta, tensor_file)}
+    edit_tensor_file(folder, 0, edit)
+    try:
+        return _resume_refused(run_dir)
+    finally:
+        for path, data in originals.items():
+            path.write_bytes(data)
+
+
+def _resume_refused(run_dir: Path) -> str:
+    """The one line ``train --resume`` prints, which must exit 2 and change no file."""
     before = _files(run_dir)
     refused = run_cli("train", "--resume", str(run_dir), timeout_s=120)
     after = _files(run_dir)
-    path.write_text(original)
     assert refused.returncode == 2, refused.stderr[-3000:]
     changed = {
         p.relative_to(run_dir)
@@ -52,7 +75,7 @@ def _refused(run_dir: Path, edit: Callable[[dict], None]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_model_parallel_run_is_refused_another_model_or_partition_count(tmp_path):
+def test_a_model_parallel_run_is_refused_another_model_partition_count_or_tensor(tmp_path):
     run_dir = tmp_path / "run"
     _train(
         *("--model", "mlp", "--partitions", "2", "--split-points", "3"),
@@ -79,6 +102,13 @@ def test_a_model_parallel_run_is_refused_another_model_or_partition_count(tmp_pa
         "a parameter group that 'mlp' in 1 partition (its config.json's) does not use"
     )
 
+    stage1 = checkpoints / "group-stage1"
+    [tensor_file] = stage1.glob("shard0-v*.safetensors")
+    assert _refused_tensors(run_dir, stage1, lambda t: t.update({"param.0": t["param.0"][1:]})) == (
+        ERROR.format(run=run_dir) + f"{tensor_file}: shard 0 would not restore it: tensor "
+        "'param.0' is torch.float32 [34185]; its slice, float32[0:34186], is torch.float32 [34186]"
+    )
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
@@ -102,7 +132,7 @@ def test_a_click_model_run_is_refused_tables_of_another_width(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_sandblaster_run_is_refused_another_model(tmp_path):
+def test_a_sandblaster_run_is_refused_another_model_or_an_edited_vector(tmp_path):
     run_dir = tmp_path / "run"
     _train(
         *("--algorithm", "sandblaster", "--dataset", "digits", "--model", "mlp"),
@@ -119,3 +149,38 @@ def test_a_sandblaster_run_is_refused_another_model(tmp_path):
         "parameters than 'lenet' (its config.json's): tensor 'features.0.weight' "
         "[6, 1, 5, 5] float32 does not match the shards' 'layers.1.weight' [256, 1024] float32"
     )
+
+    [tensor_file] = committed.glob("shard0-v*.safetensors")
+    double = _refused_tensors(run_dir, committed, lambda t: t.update({"d.0": t["d.0"].double()}))
+    assert double == (
+        ERROR.format(run=run_dir) + f"{tensor_file}: shard 0 would not restore it: tensor "
+        "'d.0' is torch.float64 [148293]; its slice, float32[0:148293], is torch.float32 [148293]"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_downpour_run_is_refused_a_tensor_file_edited_and_resealed(tmp_path):
+    """Its digests match: what the tensor file's header lists is what a shard would refuse."""
+    run_dir = tmp_path / "run"
+    _train(
+        *("--model", "mlp", "--server-optimizer", "adam", "--workers", "1", "--shards", "2"),
+        *("--steps", "3", "--no-eval", "--out", str(run_dir)),
+    )
+    checkpoints = run_dir / "checkpoints"
+    [tensor_file] = checkpoints.glob("shard0-v*.safetensors")
+    said = ERROR.format(run=run_dir) + f"{tensor_file}: shard 0 would not restore it: "
+
+    def renamed(tensors: dict) -> None:
+        tensors["param.1"] = tensors.pop("param.0")
+
+    assert _refused_tensors(run_dir, checkpoints, renamed) == said + "tensor 'param.0' is missing"
+
+    def state_lost(tensors: dict) -> None:
+        del tensors["optim.0.exp_avg_sq"]
+
+    assert _refused_tensors(run_dir, checkpoints, state_lost) == (
+        said + "tensor 'optim.0.exp_avg_sq' is missing"
+    )
+    resumed = run_cli("train", "--resume", str(run_dir), timeout_s=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]

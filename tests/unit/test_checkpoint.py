@@ -4,17 +4,25 @@ atomic."""
 import json
 import re
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from distbelief.errors import CheckpointError
 from distbelief.files import sha256_file
+from distbelief.sealed_json import write_sealed_json
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.server import checkpoint as checkpoint_module
-from distbelief.server.checkpoint import Checkpointer, load_checkpoint, save_checkpoint
+from distbelief.server.checkpoint import (
+    Checkpointer,
+    check_tensor_file,
+    load_checkpoint,
+    save_checkpoint,
+)
 from distbelief.sharding import (
     FlatLayout,
     FlatPartitioner,
@@ -316,3 +324,83 @@ def test_the_periodic_saves_go_on_after_a_save_fails_unexpectedly(tmp_path):
     finally:
         checkpointer.stop()
     assert load_checkpoint(tmp_path, 1).version == shard.version
+
+
+def edit_tensor_file(directory: Path, shard_id: int, edit: Callable[[dict], object]) -> Path:
+    """Change the tensors of shard ``shard_id``'s checkpoint in ``directory`` with ``edit``,
+    and seal its JSON with the new file's SHA-256, as a hand that knows the format would: its
+    digests match. Returns the tensor file."""
+    path = directory / f"shard{shard_id}.json"
+    meta = json.loads(path.read_text())
+    tensor_file = directory / meta["tensor_file"]
+    tensors = load_file(tensor_file)
+    edit(tensors)
+    save_file(tensors, tensor_file)
+    write_sealed_json(path, meta | {"tensor_sha256": sha256_file(tensor_file)})
+    return tensor_file
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (lambda t: t.update({"param.x": t.pop("param.0")}), "tensor 'param.0' is missing"),
+        (
+            lambda t: t.update({"param.0": t["param.0"].double()}),
+            "tensor 'param.0' is torch.float64 [25]; its slice, float32[25:50], is "
+            "torch.float32 [25]",
+        ),
+        (
+            lambda t: t.update({"d.0": t["d.0"][:-1].clone()}),
+            "tensor 'd.0' is torch.float32 [24]; its slice, float32[25:50], is torch.float32 [25]",
+        ),
+        (lambda t: t.pop("optim.0.exp_avg_sq"), "tensor 'optim.0.exp_avg_sq' is missing"),
+        (
+            lambda t: t.update({"optim.0.extra": torch.zeros(25)}),
+            "unexpected tensor 'optim.0.extra' (Adam keeps no such state)",
+        ),
+        (
+            lambda t: t.update({"optim.0.step": t["optim.0.step"].double()}),
+            "tensor 'optim.0.step' is torch.float64 []: Adam keeps torch.float32 []",
+        ),
+    ],
+    ids=["renamed", "dtype", "vector-shape", "missing", "extra", "state-dtype"],
+)
+def test_a_tensor_file_edited_and_resealed_is_refused_from_its_header(tmp_path, edit, said):
+    """Its digests match: the header's names, dtypes and shapes tell, before a shard loads it,
+    what the shard refuses on restoring it."""
+    shard = _shard("adam")
+    _push(shard, 0)
+    shard.store.add("d")  # a Sandblaster vector
+    save_checkpoint(shard.snapshot(), tmp_path)
+    adam = server_optimizer_factory("adam", lr=0.05)
+    check_tensor_file(tmp_path, 1, adam)  # as saved
+    tensor_file = edit_tensor_file(tmp_path, 1, edit)
+    expected = f"{tensor_file}: shard 1 would not restore it: {said}"
+    with pytest.raises(CheckpointError, match=f"^{re.escape(expected)}$"):
+        check_tensor_file(tmp_path, 1, adam)
+    with pytest.raises(ValueError, match=f"^{re.escape(said)}$"):
+        ParameterShard(1, 2, adam).restore(load_checkpoint(tmp_path, 1))
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (
+            lambda data: (1 << 62).to_bytes(8, "little") + data[8:],
+            "a header of 4611686018427387904",
+        ),
+        (lambda data: data[:5], "a header of"),
+        (lambda data: data[:8] + b"[" + data[9:], "not a JSON object|Expecting"),
+        (lambda data: data.replace(b'"F32"', b'"Q32"', 1), "unknown dtype 'Q32'"),
+        (lambda data: data[:-4], "do not fill its"),
+        (lambda data: data + b"more", "do not fill its"),
+    ],
+    ids=["absurd-length", "truncated-header", "not-json", "dtype", "short-data", "long-data"],
+)
+def test_a_tensor_file_whose_header_does_not_describe_it_is_refused_by_name(tmp_path, damage, said):
+    save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    [tensor_file] = tmp_path.glob("shard1-v*.safetensors")
+    tensor_file.write_bytes(damage(tensor_file.read_bytes()))
+    expected = f"^{re.escape(f'{tensor_file}: unreadable tensor file: ')}.*({said})"
+    with pytest.raises(CheckpointError, match=expected):
+        check_tensor_file(tmp_path, 1, server_optimizer_factory("sgd", lr=0.05))

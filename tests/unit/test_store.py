@@ -96,6 +96,18 @@ def test_load_refuses_optimizer_state_that_a_push_could_not_use():
             r"unexpected tensor 'optim\.3\.step'",
         ),
         (lambda t: t.update({"bogus": torch.zeros(6)}), r"unexpected tensor 'bogus'"),
+        (
+            lambda t: t.update({"optim.0.exp_avg": torch.zeros(())}),
+            r"'optim\.0\.exp_avg' is torch\.float32 \[\]: Adam keeps torch\.float32 \[6\]",
+        ),
+        (
+            lambda t: t.update({"optim.0.step": torch.zeros(6)}),
+            r"'optim\.0\.step' is torch\.float32 \[6\]: Adam keeps torch\.float32 \[\]",
+        ),
+        (
+            lambda t: t.update({"optim.0.exp_avg_sq": torch.zeros(6, dtype=torch.float64)}),
+            r"'optim\.0\.exp_avg_sq' is torch\.float64 \[6\]: Adam keeps torch\.float32",
+        ),
     ):
         edited = dict(tensors)
         change(edited)

@@ -7,8 +7,9 @@ What the shards must hold comes from the model built on the meta device (its lay
 grouped as the job's processes group it: each parameter group's tensors (the whole model's,
 each partition's of a model-parallel job in its group's folder, a click model's dense layers)
 and a click model's row tables, by name and row width (not their rows, which grow; every
-table's rows are float32). The shards restore from the run's checkpoints, or for Sandblaster
-from the folder its coordinator's last committed checkpoint names.
+table's rows are float32); and each shard's tensor file, by the names, dtypes and shapes its
+header lists, what the shard would restore. The shards restore from the run's checkpoints, or
+for Sandblaster from the folder its coordinator's last committed checkpoint names.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def check_resumed_layout(config: JobConfig) -> None:
     """Refuse to resume the run in ``config.reporting.out_dir`` if its shards' checkpoints are
     not those of the model its config.json names: a click model's row tables first (a table
     the model lacks, or rows of another width), then every parameter group's tensors (the
-    first that differs), and a group the job does not use. Reads the checkpoints' JSON only
-    (their digests are ``resume.check_checkpoints``'); changes nothing.
+    first that differs; then the tensors each shard's file holds, of its slices and its server
+    optimizer's state), and a group the job does not use. Reads the checkpoints' JSON and
+    their tensor files' headers only (their digests are ``resume.check_checkpoints``');
+    changes nothing.
 
     Raises:
         CheckpointError: the first difference, naming the file.
@@ -176,11 +179,15 @@ def _check_tables(directory: Path, config: JobConfig, widths: dict[str, int]) ->
 def _check_groups(
     directory: Path, config: JobConfig, groups: dict[str, tuple[str, list[TensorSpec]]]
 ) -> None:
-    """Every shard's checkpoint of each parameter group holds the group's tensors, and no
-    folder holds one of a group the job does not use."""
+    """Every shard's checkpoint of each parameter group holds the group's tensors, its tensor
+    file what the shard restores (their names, dtypes and shapes: its header), and no folder
+    holds one of a group the job does not use."""
+    from distbelief.server.checkpoint import check_tensor_file
     from distbelief.server.groups import group_dir
+    from distbelief.server.optimizers import server_optimizer_from_config
     from distbelief.sharding import describe_mismatch, specs_from_json
 
+    optimizer_factory = server_optimizer_from_config(config.server)
     folders = {group_dir(directory, group): group for group in groups}
     for folder in checkpoint_folders(directory, config.pipeline.num_partitions):
         group = folders.get(folder)
@@ -209,3 +216,4 @@ def _check_groups(
                     f"{path} holds another model's parameters than {holder} (its "
                     f"config.json's): {describe_mismatch(theirs, ours)}"
                 )
+            check_tensor_file(folder, shard_id, optimizer_factory)

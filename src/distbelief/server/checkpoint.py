@@ -25,8 +25,16 @@ from safetensors.torch import load_file, save_file
 from distbelief.errors import CheckpointError
 from distbelief.files import sha256_file, write_file_atomic
 from distbelief.sealed_json import write_sealed_json
-from distbelief.server.checkpoint_meta import FORMAT_VERSION, meta_path, read_checked_meta
-from distbelief.server.shard import ShardState
+from distbelief.server.checkpoint_meta import (
+    FORMAT_VERSION,
+    TENSOR_DTYPES,
+    meta_path,
+    read_checked_meta,
+    read_meta,
+    read_tensor_header,
+)
+from distbelief.server.optimizers import ServerOptimizerFactory
+from distbelief.server.shard import ParameterShard, ShardState
 from distbelief.sharding import FlatPartitioner
 
 logger = logging.getLogger(__name__)
@@ -109,6 +117,35 @@ def load_checkpoint(directory: str | Path, shard_id: int) -> ShardState | None:
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         path = meta_path(Path(directory), shard_id)
         raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
+
+
+def check_tensor_file(
+    directory: str | Path, shard_id: int, optimizer_factory: ServerOptimizerFactory
+) -> None:
+    """Refuse shard ``shard_id``'s last checkpoint in ``directory`` (if it has one) unless a
+    shard of ``optimizer_factory`` would restore its tensors: their names, dtypes and shapes,
+    read from the tensor file's header (``read_tensor_header``), not its data, which is not
+    loaded. Its digests are not checked (``resume.check_checkpoints`` does).
+
+    Raises:
+        CheckpointError: the JSON or the tensor file's header is unreadable, or a tensor is
+            missing, extra, or of another dtype or shape than the shard's; the message names
+            the file and the tensor.
+    """
+    meta = read_meta(directory, shard_id)
+    if meta is None:
+        return
+    tensor_path = Path(directory) / str(meta["tensor_file"])
+    header = read_tensor_header(tensor_path)
+    try:  # AttributeError: a torch older than one of safetensors' dtypes
+        tensors = {
+            name: torch.empty(shape, dtype=getattr(torch, TENSOR_DTYPES[dtype][0]), device="meta")
+            for name, (dtype, shape) in header.items()
+        }
+        state = _state_from(meta, tensors)
+        ParameterShard(state.shard_id, state.num_shards, optimizer_factory).check_restores(state)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{tensor_path}: shard {shard_id} would not restore it: {e}") from e
 
 
 def _state_from(meta: dict, tensors: dict[str, torch.Tensor]) -> ShardState:

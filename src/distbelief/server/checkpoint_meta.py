@@ -11,6 +11,8 @@ first. Reading the tensors themselves is ``server/checkpoint.py``'s job.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,26 @@ _FORMAT_KEYS = {
     FORMAT_VERSION: ("values",),
 }
 """What a reader takes from the JSON of each format, besides ``_REQUIRED_KEYS``."""
+
+TENSOR_DTYPES = {
+    "BOOL": ("bool", 1),
+    "U8": ("uint8", 1),
+    "I8": ("int8", 1),
+    "I16": ("int16", 2),
+    "U16": ("uint16", 2),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I32": ("int32", 4),
+    "U32": ("uint32", 4),
+    "F32": ("float32", 4),
+    "I64": ("int64", 8),
+    "U64": ("uint64", 8),
+    "F64": ("float64", 8),
+}
+"""A safetensors file's dtype names: the torch dtype each is, and its bytes per element."""
+MAX_TENSOR_HEADER_BYTES = 100_000_000
+"""The longest safetensors header a reader takes (safetensors' own bound): a length past it
+is a damaged file, not one to read into memory."""
 
 
 def meta_path(directory: Path, shard_id: int) -> Path:
@@ -178,3 +200,58 @@ def read_checked_meta(directory: str | Path, shard_id: int) -> CheckedMeta | Non
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
+
+
+def read_tensor_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype, shape) of the safetensors file ``path``, from its header alone
+    (an 8-byte little-endian length, then that much JSON), once the header is checked to
+    describe the file: known dtypes, and tensors that fill its data exactly, each its shape's
+    worth of bytes.
+
+    Raises:
+        CheckpointError: the file is unreadable, its header too long for it or
+            ``MAX_TENSOR_HEADER_BYTES``, not JSON, or not of the file; the message names it.
+    """
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > min(size - 8, MAX_TENSOR_HEADER_BYTES):
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(handle.read(length))
+        return _tensor_layout(header, size - 8 - length)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable tensor file: {e}") from e
+
+
+def _tensor_layout(header: object, data_bytes: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``read_tensor_header``'s answer from a header's JSON (ValueError unless it is one of a
+    file with ``data_bytes`` bytes of tensors)."""
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"tensor {name!r}: not a dtype, shape and data offsets") from None
+        if not isinstance(dtype, str) or dtype not in TENSOR_DTYPES:
+            raise ValueError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        numbers = [*shape, begin, end] if isinstance(shape, list) else [None]
+        if not all(type(n) is int and n >= 0 for n in numbers):
+            raise ValueError(f"tensor {name!r}: shape {shape!r}, data offsets {[begin, end]}")
+        if end - begin != math.prod(shape) * TENSOR_DTYPES[dtype][1]:
+            raise ValueError(f"tensor {name!r}: {end - begin} bytes for {dtype} {shape}")
+        layout[name] = (dtype, tuple(shape))
+        spans.append((begin, end))
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            break
+        covered = end
+    if covered != data_bytes:
+        raise ValueError(f"its tensors do not fill its {data_bytes} bytes of data exactly")
+    return layout

@@ -131,16 +131,24 @@ def _check_slices(
     values: Sequence[torch.Tensor],
     what: str,
     names: Sequence[str] | None = None,
+    *,
+    keys: Sequence[str] | None = None,
 ) -> None:
-    """Raise ValueError unless ``values`` (named ``names``, where given) are ``slices``."""
+    """Raise ValueError unless ``values`` (named ``names``, where given) are ``slices``.
+    ``keys``: what each value is called in the message (default: its slice's name)."""
     if len(values) != len(slices):
         raise ValueError(f"expected {len(slices)} {what} slices, got {len(values)}")
     if names is not None and list(names) != [piece.name for piece in slices]:
         expected = ", ".join(piece.name for piece in slices)
         raise ValueError(f"{what} slices are named {', '.join(names)}; this shard's: {expected}")
-    for piece, value in zip(slices, values, strict=True):
+    for index, (piece, value) in enumerate(zip(slices, values, strict=True)):
         if value.dtype != piece.dtype or value.shape != (piece.numel,):
-            raise ValueError(f"{what} slice {piece.name} has {value.dtype} {value.shape}")
+            if keys is None:
+                raise ValueError(f"{what} slice {piece.name} has {value.dtype} {value.shape}")
+            raise ValueError(
+                f"tensor {keys[index]!r} is {value.dtype} {list(value.shape)}; its slice, "
+                f"{piece.name}, is {piece.dtype} [{piece.numel}]"
+            )
 
 
 class ParameterShard:
@@ -677,6 +685,25 @@ class ParameterShard:
             ValueError: the state belongs to another shard, another partitioner or another
                 optimizer, or is incomplete.
         """
+        specs, slices, store, last_push, num_pushes, checkpoint = self._read_state(state)
+        with self._changed:
+            self._adopt(specs, slices, store)
+            self._version = self._restored_version = state.version
+            self._num_pushes = num_pushes
+            self.last_push = last_push
+            self.durability.start_from(checkpoint)
+            self.accumulator = EvaluationAccumulator()
+            self._last_program = {}
+
+    def check_restores(self, state: ShardState) -> None:
+        """Raise ValueError as :meth:`restore` would, unless it takes ``state``; changes
+        nothing. Only the tensors' dtypes and shapes are read: they may be on the meta device
+        (a checkpoint's, checked before a shard restores it)."""
+        self._read_state(state)
+
+    def _read_state(self, state: ShardState) -> tuple:
+        """What :meth:`restore` adopts of ``state``: specs, slices, store, last pushes, push
+        count and checkpoint number (ValueError as it says)."""
         if (state.shard_id, state.num_shards) != (self.shard_id, self.num_shards):
             raise ValueError(
                 f"checkpoint is of shard {state.shard_id} of {state.num_shards}, "
@@ -692,21 +719,24 @@ class ParameterShard:
                     f"{describe_partitioner(self.partitioner)}"
                 )
             slices = self.partitioner.partition(specs, self.num_shards)[self.shard_id]
-            store = ShardStore.load(self._optimizer_factory, state.tensors, values["store"])
+            store = ShardStore.load(
+                self._optimizer_factory,
+                state.tensors,
+                values["store"],
+                # Every buffer holds a tensor per slice, shaped as it.
+                check_buffer=lambda name, buffer, keys: _check_slices(
+                    slices,
+                    buffer,
+                    "checkpoint" if name == PARAM else f"checkpoint {name!r}",
+                    keys=keys,
+                ),
+            )
             last_push = {s: _last_push_entry(p) for s, p in values["last_push"].items()}
             num_pushes = int(values["num_pushes"])
             checkpoint = int(values.get("checkpoint_number", 0))
         except (KeyError, TypeError) as e:
             raise ValueError(f"checkpoint state is incomplete: {e!r}") from e
-        _check_slices(slices, store.params, "checkpoint")
-        with self._changed:
-            self._adopt(specs, slices, store)
-            self._version = self._restored_version = state.version
-            self._num_pushes = num_pushes
-            self.last_push = last_push
-            self.durability.start_from(checkpoint)
-            self.accumulator = EvaluationAccumulator()
-            self._last_program = {}
+        return specs, slices, store, last_push, num_pushes, checkpoint
 
     def describe_durability(self) -> dict | None:
         """``ShardDurability.describe()`` now (None: no periodic checkpoints)."""

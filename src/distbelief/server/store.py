@@ -9,7 +9,7 @@ the shard that owns the store serialises access.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -135,26 +135,35 @@ class ShardStore:
         optimizer_factory: ServerOptimizerFactory,
         tensors: dict[str, torch.Tensor],
         plain: dict,
+        *,
+        check_buffer: Callable[[str, list[torch.Tensor], list[str]], None] | None = None,
     ) -> ShardStore:
         """The store :meth:`export` described.
 
+        Args:
+            check_buffer: Called with each buffer's name, tensors and their names in
+                ``tensors``, before the optimizer state is read (a shard refuses buffers not
+                shaped as its slices).
+
         Raises:
-            ValueError: a tensor is missing, or the state is of another optimizer.
+            ValueError: a tensor is missing, or the state is of another optimizer; or what
+                ``check_buffer`` raises.
             KeyError: ``plain`` lacks a field.
         """
         counts = {str(name): int(count) for name, count in plain["buffers"].items()}
-        buffers = {
-            name: [_take(tensors, _tensor_key(name, index)) for index in range(count)]
-            for name, count in counts.items()
+        keys = {
+            name: [_tensor_key(name, index) for index in range(n)] for name, n in counts.items()
         }
-        known = {
-            _tensor_key(name, index) for name, count in counts.items() for index in range(count)
-        }
+        buffers = {name: [_take(tensors, key) for key in keys[name]] for name in counts}
+        known = {key for named in keys.values() for key in named}
         unknown = sorted(
             k for k in tensors if k not in known and not k.startswith(_OPTIMIZER_PREFIX)
         )
         if unknown:
             raise ValueError(f"unexpected tensor {unknown[0]!r}")
+        if check_buffer is not None:
+            for name, buffer in buffers.items():
+                check_buffer(name, buffer, keys[name])
         store = cls(optimizer_factory, buffers.pop(PARAM))
         if optimizer_name(store.optimizer) != plain["optimizer"]:
             raise ValueError(
@@ -195,30 +204,43 @@ def _check_state_fields(
     params: Sequence[torch.Tensor],
     state: dict[int, dict[str, object]],
 ) -> None:
-    """Refuse a slice's saved optimizer state that lacks a field the optimizer keeps, or has
-    one it does not (ValueError naming the tensor): loaded, the shard would fail at its first
-    push. A slice without state (never stepped) is taken."""
-    expected: dict[torch.dtype, set[str]] = {}
+    """Refuse a slice's saved optimizer state that lacks a field the optimizer keeps, has one
+    it does not, or holds a tensor of another dtype than the optimizer's or not shaped as its
+    (one value, or one per element of the slice) (ValueError naming the tensor): loaded, the
+    shard would fail at its first push, or go on from state it never wrote. A slice without
+    state (never stepped) is taken."""
+    kept: dict[torch.dtype, dict[str, object]] = {}
     name = ""
     for index, entries in sorted(state.items()):
         if not entries:
             continue
-        dtype = params[index].dtype
-        if dtype not in expected:
-            probe = torch.zeros(1, dtype=dtype)
+        param = params[index]
+        if param.dtype not in kept:
+            probe = torch.zeros(1, dtype=param.dtype)
             optimizer = optimizer_factory([probe])
-            apply_update(optimizer, [probe], [torch.zeros(1, dtype=dtype)])
-            expected[dtype] = set(optimizer.state_dict()["state"].get(0, {}))
+            apply_update(optimizer, [probe], [torch.zeros(1, dtype=param.dtype)])
+            kept[param.dtype] = dict(optimizer.state_dict()["state"].get(0, {}))
             name = optimizer_name(optimizer)
-        missing = sorted(expected[dtype] - set(entries))
-        extra = sorted(set(entries) - expected[dtype])
+        expected = kept[param.dtype]
+        missing = sorted(set(expected) - set(entries))
+        extra = sorted(set(entries) - set(expected))
         if missing:
             raise ValueError(f"tensor '{_OPTIMIZER_PREFIX}{index}.{missing[0]}' is missing")
-        if extra and expected[dtype]:  # one that keeps none says so when loading it
+        if extra and expected:  # one that keeps none says so when loading it
             raise ValueError(
                 f"unexpected tensor '{_OPTIMIZER_PREFIX}{index}.{extra[0]}' "
                 f"({name} keeps no such state)"
             )
+        for field, value in entries.items():
+            ours = expected.get(field)
+            if not (torch.is_tensor(value) and torch.is_tensor(ours)):
+                continue
+            shape = [] if ours.dim() == 0 else list(param.shape)
+            if value.dtype != ours.dtype or list(value.shape) != shape:
+                raise ValueError(
+                    f"tensor '{_OPTIMIZER_PREFIX}{index}.{field}' is {value.dtype} "
+                    f"{list(value.shape)}: {name} keeps {ours.dtype} {shape}"
+                )
 
 
 def _take(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:

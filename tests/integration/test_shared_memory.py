@@ -328,17 +328,9 @@ def test_a_killed_shards_parameters_are_let_go_while_its_push_is_retried(monkeyp
             assert client.pull_now(flats, clock=1) == [1]
             dead = _mapped_shared_params() - mapped_before
             assert dead, "the shard's parameters were not mapped"
-            # Stopped, the shard takes the next push but never answers it; killed, it leaves
-            # the push to be retried until its next life answers.
-            os.kill(process.pid, signal.SIGSTOP)
-            written = _sent_on_ring(client)
-            futures = client.push(ones, clock=2)
-            deadline = time.monotonic() + 30
-            while _sent_on_ring(client) == written and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert _sent_on_ring(client) != written, "the push was not sent"
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+            # Killed with it in flight, the shard leaves the push to be retried until its next
+            # life answers.
+            futures = _push_then_kill(client, process, ones, clock=2)
             deadline = time.monotonic() + 30
             while _mapped_shared_params() & dead and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -365,6 +357,21 @@ def _sent_on_ring(client: ParameterServerClient) -> int:
     return channel._write_at
 
 
+def _push_then_kill(client: ParameterServerClient, process, grads: dict, clock: int) -> list:
+    """Sends a push to a shard stopped with SIGSTOP (it takes the push, never answers), then
+    SIGKILLs the shard with the push in flight; returns the push's futures."""
+    os.kill(process.pid, signal.SIGSTOP)
+    written = _sent_on_ring(client)
+    futures = client.push(grads, clock=clock)
+    deadline = time.monotonic() + 30
+    while _sent_on_ring(client) == written and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _sent_on_ring(client) != written, "the push was not sent"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    return futures
+
+
 def test_a_placed_push_retried_on_a_shard_that_cannot_map_it_goes_with_its_tensors(
     monkeypatch, tmp_path
 ):
@@ -381,16 +388,7 @@ def test_a_placed_push_retried_on_a_shard_that_cannot_map_it_goes_with_its_tenso
             ones = {torch.float32: torch.ones(NUMEL)}
             assert client.push_now(ones, clock=1) == [1]
             assert _shared(client).mapped
-            # Stopped, the shard takes the next placed push but never answers it.
-            os.kill(process.pid, signal.SIGSTOP)
-            written = _sent_on_ring(client)
-            futures = client.push(ones, clock=2)
-            deadline = time.monotonic() + 30
-            while _sent_on_ring(client) == written and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert _sent_on_ring(client) != written, "the push was not sent"
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+            futures = _push_then_kill(client, process, ones, clock=2)
             restarted, _ = start_shard(0, 1, *saved, "--bind", address, "--transport", "tcp")
             processes.append(restarted)
             client.wait(futures)

@@ -107,6 +107,22 @@ def batch_evaluator(
     return evaluate
 
 
+def torch_lbfgs(
+    model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, **settings
+) -> tuple[torch.optim.LBFGS, Callable[[], torch.Tensor]]:
+    """torch.optim.LBFGS over ``model`` with ``settings``, and the closure of its whole-batch
+    cross-entropy."""
+    optimizer = torch.optim.LBFGS(model.parameters(), **settings)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    return optimizer, closure
+
+
 def torch_lbfgs_sequence(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -119,21 +135,16 @@ def torch_lbfgs_sequence(
 ) -> list[torch.Tensor]:
     """torch.optim.LBFGS on the whole batch, one iteration per step() (max_iter=1), the
     parameters after each: the sequence the coordinator must follow."""
-    optimizer = torch.optim.LBFGS(
-        model.parameters(),
+    optimizer, closure = torch_lbfgs(
+        model,
+        inputs,
+        labels,
         lr=lr,
         max_iter=1,
         max_eval=26,  # 1 evaluation at the start of step() + at most 25 in the line search
         history_size=history,
         line_search_fn=line_search,
     )
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), labels)
-        loss.backward()
-        return loss
-
     sequence = []
     for _ in range(iterations):
         optimizer.step(closure)

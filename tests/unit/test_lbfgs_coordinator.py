@@ -13,7 +13,12 @@ from torch import nn
 
 from distbelief.coordinator.lbfgs import BUDGET_SPENT, LBFGSSettings, SandblasterLBFGS
 from distbelief.data import load_dataset
-from tests.unit.local_vectors import LocalShards, batch_evaluator, torch_lbfgs_sequence
+from tests.unit.local_vectors import (
+    LocalShards,
+    batch_evaluator,
+    torch_lbfgs,
+    torch_lbfgs_sequence,
+)
 
 ITERATIONS = 20
 
@@ -185,21 +190,16 @@ def test_the_evaluation_budget_stops_where_torch_lbfgs_stops(line_search, max_ev
     inputs, labels = _digits()
     lr = 1.0 if line_search else 0.5
     model = _mlp()
-    optimizer = torch.optim.LBFGS(
-        model.parameters(),
+    optimizer, closure = torch_lbfgs(
+        model,
+        inputs,
+        labels,
         lr=lr,
         max_iter=ITERATIONS,
         max_eval=max_eval,
         history_size=5,
         line_search_fn=line_search,
     )
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(inputs), labels)
-        loss.backward()
-        return loss
-
     optimizer.step(closure)  # one call: max_eval bounds it all
     torch_state = optimizer.state[next(iter(model.parameters()))]
 

@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -39,19 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distbelief.config import (
-    CLICK_LOG_DATASETS,
-    CLICK_MODELS,
-    DATASET_NAMES,
-    MAX_RATE,
-    MAX_THREADS,
-    MODEL_NAMES,
-    amount_problem,
-)
+from distbelief import DatasetUnavailableError, DistBeliefError
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
-from distbelief.errors import DatasetUnavailableError, DistBeliefError
-from distbelief.files import make_folder, write_text_atomic
-from distbelief.hosts import check_known_host, is_host
 from distbelief.launch import draw_plots
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
@@ -59,10 +51,16 @@ from distbelief.server import ParameterServer
 from distbelief.telemetry import MetricsWriter, make_record
 
 EVAL_BATCH_SIZE = 1000
-IMAGE_MODELS = tuple(name for name in MODEL_NAMES if name not in CLICK_MODELS)
-IMAGE_DATASETS = tuple(name for name in DATASET_NAMES if name not in CLICK_LOG_DATASETS)
+IMAGE_MODELS = ("lenet", "alexnet", "mlp", "wide-mlp", "wide-cnn")
+IMAGE_DATASETS = ("digits", "cifar10", "mnist", "synthetic")
 """What this example trains: image classifiers (a click model needs the embedding tables of
 ``examples/recommendation.py``)."""
+MAX_RATE = float(torch.finfo(torch.float32).max)
+"""A rate multiplies float32 tensors: a larger one cannot be converted to their type."""
+HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+"""One dot-separated part of a host name."""
+MAX_THREADS = 1024
+"""Far past any machine's cores: torch's thread pool crashes the process at about 100000."""
 MAX_JOIN_TIMEOUT_S = 7 * 24 * 3600.0
 """A week: torch's store overflows its clock on waits of some centuries."""
 MAX_WORLD_SIZE = 2**31 - 1
@@ -241,7 +239,10 @@ def train_node(args, net, optimizer, data, run_dir: Path) -> None:
     train_set, test_set, indices = data
     worker_rank = 0 if args.no_distributed else args.rank - 1
     start, step = time.time(), 0
-    write_text_atomic(run_dir / "config.json", json.dumps(node_config(args), indent=1))
+    # Written to a temporary name, then renamed: a reader never sees half of it.
+    partial = run_dir / ".config.json.tmp"
+    partial.write_text(json.dumps(node_config(args), indent=1))
+    os.replace(partial, run_dir / "config.json")
     with MetricsWriter(run_dir / "metrics.csv") as writer:
         for epoch in range(args.epochs):
             for images, labels in iterate_batches(
@@ -305,9 +306,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         "--retry-timeout": (args.retry_timeout, True, math.inf),
     }
     for flag, (value, zero_ok, most) in amounts.items():
-        problem = amount_problem(value, zero_ok=zero_ok, most=most)
-        if problem:
-            parser.error(f"argument {flag}: {problem}, got {value}")
+        if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+            sign = ">=" if zero_ok else ">"
+            parser.error(f"argument {flag}: must be a finite number {sign} 0, got {value}")
+        if value > most:
+            parser.error(f"argument {flag}: must be <= {most:g}, got {value}")
     for flag, value in (("--out", args.out), ("--data-dir", args.data_dir)):
         if not value:
             parser.error(f"argument {flag}: expected a value, got ''")
@@ -318,14 +321,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         )
     if args.no_distributed:
         return
-    if not is_host(args.master):
-        parser.error(
-            f"argument --master: must be an IP address or host name (no port), got {args.master!r}"
-        )
-    try:
-        check_known_host(args.master)
-    except ValueError as e:
-        parser.error(f"argument --master: {e}")
+    check_master(parser, args.master)
     if not 1 <= args.port <= 65535:
         parser.error(f"argument --port: must be in [1, 65535], got {args.port}")
     # Rank 0 is the parameter server (--server), ranks 1.. are training nodes.
@@ -337,6 +333,24 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"argument --rank: {args.rank} is not in [0, --world-size {args.world_size})")
     if args.server != (args.rank == 0):
         parser.error("rank 0 is the parameter server: run it, and only it, with --server")
+
+
+def check_master(parser: argparse.ArgumentParser, host: str) -> None:
+    """--master: an IP address, or a host name (no port, no scheme) that a lookup knows; a
+    lookup that fails for now (a name server away) passes: joining retries it."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return
+    labels = host.removesuffix(".").split(".")
+    if labels[-1].isdigit() or not all(HOST_LABEL.fullmatch(label) for label in labels):
+        parser.error(
+            f"argument --master: must be an IP address or host name (no port), got {host!r}"
+        )
+    try:
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            parser.error(f"argument --master: host {host!r} is not known here ({e.strerror})")
 
 
 def _interrupt(_signum, _frame) -> None:
@@ -379,10 +393,15 @@ def make_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     (a file in the way, a read-only place) is refused as a bad flag (exit 2)."""
     if args.server and not args.no_distributed:
         return  # the server writes nothing
+    run_dir = Path(args.out) / f"node{args.rank}"
     try:
-        make_folder(Path(args.out) / f"node{args.rank}", "--out")
-    except ValueError as e:
-        parser.error(str(e))
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
+        if not existing.is_dir():
+            where = "exists" if existing == run_dir else f"cannot be created: {existing} exists"
+            parser.error(f"--out {run_dir}: {where} and is not a folder")
+        parser.error(f"--out {run_dir}: cannot create the folder: {e.strerror}")
 
 
 def main(argv: list[str] | None = None) -> None:

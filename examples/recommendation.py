@@ -20,25 +20,32 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import signal
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from distbelief import DistBeliefError, DownpourSGD, ShardedEmbeddings, ShardListError
-from distbelief.config import MAX_CACHE_MB, MAX_RATE, amount_problem
-from distbelief.data import iterate_ctr_batches
-from distbelief.data.synthetic_ctr import (
-    DEFAULT_NUM_SAMPLES,
-    MAX_TABLE_SIZE,
-    ground_truth_logits,
-    make_synthetic_ctr,
+from distbelief import (
+    DistBeliefError,
+    DownpourSGD,
+    ShardedEmbeddings,
+    ShardListError,
+    check_ps_addresses,
 )
-from distbelief.hosts import parse_addresses
+from distbelief.data import ground_truth_logits, iterate_ctr_batches, load_dataset
 from distbelief.models import DLRM
 from distbelief.telemetry import roc_auc
-from distbelief.wire import channels
+
+TRAIN_SAMPLES = 100_000
+"""The synthetic click log's training split."""
+MAX_TABLE_SIZE = 2**31
+"""The most ids a table of the synthetic click log may have."""
+MAX_RATE = float(torch.finfo(torch.float32).max)
+"""A rate multiplies float32 tensors: a larger one cannot be converted to their type."""
+MAX_CACHE_MB = float(2**30)
+"""The largest row cache ``ShardedEmbeddings`` takes."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,10 +71,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     ):
         if value < 1:
             parser.error(f"argument {flag}: must be >= 1, got {value}")
-    if args.batch_size > DEFAULT_NUM_SAMPLES["train"]:
+    if args.batch_size > TRAIN_SAMPLES:
         parser.error(
-            f"argument --batch-size: must be <= the {DEFAULT_NUM_SAMPLES['train']} training "
-            f"samples, got {args.batch_size}"
+            f"argument --batch-size: must be <= the {TRAIN_SAMPLES} training samples, "
+            f"got {args.batch_size}"
         )
     if not 2 <= args.table_size <= MAX_TABLE_SIZE:
         parser.error(
@@ -77,12 +84,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         ("--lr", args.lr, MAX_RATE),
         ("--row-cache-mb", args.row_cache_mb, MAX_CACHE_MB),
     ):
-        problem = amount_problem(value, zero_ok=True, most=most)
-        if problem:
-            parser.error(f"argument {flag}: {problem}, got {value}")
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"argument {flag}: must be a finite number >= 0, got {value}")
+        if value > most:
+            parser.error(f"argument {flag}: must be <= {most:g}, got {value}")
     try:
-        for address in parse_addresses(args.ps):
-            channels.dialer(address)  # checks the address (port 0 too); connects nothing
+        check_ps_addresses(args.ps)  # as distbelief worker checks --ps; connects nothing
     except ValueError as e:
         parser.error(f"argument --ps: {e}")
 
@@ -123,8 +130,8 @@ def training_batches(train, args: argparse.Namespace) -> Iterator:
 
 def train_and_evaluate(args: argparse.Namespace) -> float:
     """Train on the shards at ``args.ps``; the test AUC of their parameters."""
-    train = make_synthetic_ctr("train", table_size=args.table_size)
-    test = make_synthetic_ctr("test", table_size=args.table_size)
+    train = load_dataset("synthetic-ctr", split="train", table_size=args.table_size)
+    test = load_dataset("synthetic-ctr", split="test", table_size=args.table_size)
     torch.manual_seed(0)
     model = DLRM(train.num_dense, train.table_sizes, embedding_device="meta")
     tables = ShardedEmbeddings(model, ps=args.ps, row_cache_mb=args.row_cache_mb)

@@ -61,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "ShardedEmbeddingBag": "distbelief.embeddings",
     "RowClient": "distbelief.client.rows",
     "reshard_run": "distbelief.launch.reshard",
+    "check_ps_addresses": "distbelief.wire.channels",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

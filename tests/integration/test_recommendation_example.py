@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from distbelief.data.synthetic_ctr import make_synthetic_ctr
 from tests.conftest import CHILD_ENV, load_script, refusal, stop_processes
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "recommendation.py"
@@ -121,12 +122,12 @@ def test_shards_listed_in_another_order_are_bad_input(shard_cluster, capsys):
 def test_steps_beyond_one_epoch_go_on_into_the_next(shard_cluster, capsys, monkeypatch):
     # 600 training samples make 2 batches of 256 an epoch: --steps 5 needs three epochs.
     script = load_script(EXAMPLE)
-    make = script.make_synthetic_ctr
 
-    def small(split, table_size):
-        return make(split, {"train": 600, "test": 200}[split], table_size=table_size)
+    def small(name, *, split, table_size):
+        assert name == "synthetic-ctr"
+        return make_synthetic_ctr(split, {"train": 600, "test": 200}[split], table_size=table_size)
 
-    monkeypatch.setattr(script, "make_synthetic_ctr", small)
+    monkeypatch.setattr(script, "load_dataset", small)
     addresses = shard_cluster(2)
     argv = ["--ps", ",".join(addresses), "--steps", "5", "--table-size", "50"]
     script.main([*argv, "--log-interval", "1"])

@@ -79,6 +79,25 @@ def test_port_0_is_refused_at_once_as_no_address_to_connect_to(address):
         channels.dialer(address)
 
 
+def test_a_scripts_ps_list_is_checked_as_the_cli_checks_it():
+    """``distbelief.check_ps_addresses``: what a user's own --ps flag is checked with."""
+    from distbelief import check_ps_addresses
+
+    given = " tcp://127.0.0.1:7000 , 127.0.0.1:7001"
+    assert check_ps_addresses(given) == ["tcp://127.0.0.1:7000", "127.0.0.1:7001"]
+    assert check_ps_addresses(["shm://127.0.0.1:7000"]) == ["shm://127.0.0.1:7000"]
+    for bad, message in (
+        ("", "no parameter-server address given"),
+        ("tcp://127.0.0.1:7000,", "has an empty item"),
+        ("tcp://127.0.0.1:0", "address 'tcp://127.0.0.1:0': port 0 cannot be connected to"),
+        ("tcp://nohost.invalid:7000", "'tcp://nohost.invalid:7000': host 'nohost.invalid' is"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_ps_addresses(bad)
+    with pytest.raises(TypeError, match=r"^ps must be"):
+        check_ps_addresses(7000)  # type: ignore[arg-type]
+
+
 def test_a_port_out_of_range_is_named():
     with pytest.raises(ValueError, match="port 99999 is out of range"):
         channels.dialer("tcp://nohost:99999")

@@ -13,6 +13,7 @@ _EXPORTS = {
     "ArrayDataset": "distbelief.data.base",
     "CtrDataset": "distbelief.data.ctr",
     "iterate_batches": "distbelief.data.base",
+    "ground_truth_logits": "distbelief.data.synthetic_ctr",
     "iterate_ctr_batches": "distbelief.data.ctr",
     "load_dataset": "distbelief.data.loading",
     "load_job_dataset": "distbelief.data.loading",

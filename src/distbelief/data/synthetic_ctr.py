@@ -98,14 +98,16 @@ def make_synthetic_ctr(
 
 
 def ground_truth_logits(dataset: CtrDataset, *, seed: int = 0) -> torch.Tensor:
-    """The hidden model's logits for the samples of a data set from ``make_synthetic_ctr``.
+    """The hidden model's logits for the samples of a synthetic click log (``load_dataset(
+    "synthetic-ctr", ...)``), the model that drew its clicks.
 
-    Their ROC AUC against the data set's labels is the ceiling a learned model can reach.
+    Their ROC AUC against the data set's labels (``telemetry.roc_auc``) is the ceiling a learned
+    model can reach.
 
     Args:
-        dataset: A split made by make_synthetic_ctr (any other data set gives meaningless
-            numbers).
-        seed: The seed the split was made with.
+        dataset: A split of "synthetic-ctr" (or one made by make_synthetic_ctr); any other data
+            set gives meaningless numbers.
+        seed: The seed the split was made with (load_dataset's: 0).
 
     Returns:
         float32 tensor of shape (N,); sigmoid of it is each sample's click probability.

@@ -112,20 +112,12 @@ def _check_environment() -> None:
 def _addresses(flag: str, text: str, check: Callable[[str], object] | None = None) -> list[str]:
     """The addresses of ``flag``; one that ``check`` refuses (by default: one a dialer refuses,
     malformed, of port 0, or of a host no lookup knows) is an error naming the flag."""
-    from distbelief.hosts import parse_addresses
-    from distbelief.wire import channels
+    from distbelief.wire.channels import checked_addresses
 
     try:
-        addresses = parse_addresses(text)
-        for address in addresses:
-            try:
-                (check or channels.dialer)(address)  # connects nothing
-            except ValueError as e:
-                # Named as typed (a dialer may name it with its scheme added).
-                raise ValueError(e if repr(address) in str(e) else f"{address!r}: {e}") from e
+        return checked_addresses(text, check)
     except ValueError as e:
         raise argparse.ArgumentError(None, f"argument {flag}: {e}") from e
-    return addresses
 
 
 def _one_address(flag: str, text: str, check: Callable[[str], object] | None = None) -> str:

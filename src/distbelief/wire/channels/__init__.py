@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
+
+from distbelief.hosts import parse_addresses
 
 
 class Channel(Protocol):
@@ -197,6 +199,48 @@ def dialer(address: str, **options) -> Dialer:
         ValueError: the address is malformed or its scheme unknown (naming the address).
     """
     return _kind(address).dialer(address, **options)
+
+
+def checked_addresses(
+    addresses: str | Sequence[str],
+    check: Callable[[str], object] | None = None,
+    what: str = "addresses",
+) -> list[str]:
+    """The addresses of ``addresses`` (comma-separated or a list), stripped, each passed to
+    ``check`` (by default :func:`dialer`'s checks, which connect nothing).
+
+    Raises:
+        TypeError: ``addresses`` is neither a str nor a list of str (naming ``what``).
+        ValueError: none given, an empty item, or one ``check`` refuses, named as given.
+    """
+    items = parse_addresses(addresses, what)
+    for address in items:
+        try:
+            (check or dialer)(address)
+        except ValueError as e:
+            # Named as given (a dialer may name it with its scheme added, or name its host only).
+            raise ValueError(e if repr(address) in str(e) else f"{address!r}: {e}") from e
+    return items
+
+
+def check_ps_addresses(ps: str | Sequence[str]) -> list[str]:
+    """The parameter-server shard addresses of ``ps``, in order, checked as ``distbelief
+    worker --ps`` checks them: for a script's own ``--ps`` flag, refused before anything starts.
+
+    ``ps`` is what ``DownpourSGD(ps=...)`` and ``ShardedEmbeddings(ps=...)`` take: a
+    comma-separated string (``"tcp://10.0.0.1:7000,tcp://10.0.0.2:7000"``) or a list. Each
+    address must be ``tcp://HOST:PORT`` or ``shm://HOST:PORT`` (no scheme: tcp), of a port other
+    than 0 and a host a lookup knows (a lookup that fails for now passes). Connects nothing:
+    shards that are down, or given in another order, are found when the client connects.
+
+    Returns:
+        The addresses, stripped of surrounding spaces.
+
+    Raises:
+        TypeError: ``ps`` is neither a str nor a list of str.
+        ValueError: no address, an empty item, or a bad address (the message names it).
+    """
+    return checked_addresses(ps, what="ps")
 
 
 def dial(address: str, *, timeout_s: float, **options) -> Channel:

@@ -17,7 +17,7 @@ from distbelief.config import dotted_fields
 from distbelief.plots import load_run, plot_run, run_title
 from distbelief.plots import run as run_plots
 from distbelief.plots.run import batch_size_of
-from distbelief.telemetry import MetricsWriter, make_record
+from distbelief.telemetry import MetricsWriter, has_records, make_record
 from tests.conftest import (
     CHILD_ENV,
     free_port,
@@ -40,10 +40,11 @@ EVERY_STEP = ["--num-push", "1", "--num-pull", "1"]
 
 
 def _wait_until_training(node: subprocess.Popen, run_dir: Path) -> None:
-    """Until ``node`` has written its first metrics (it joined, found the server, stepped)."""
+    """Until ``node`` has written its first metrics record (it joined, found the server,
+    stepped): the header alone comes first, before any step."""
     metrics = run_dir / "metrics.csv"
     deadline = time.monotonic() + 240
-    while not (metrics.exists() and metrics.stat().st_size > 0):
+    while not has_records(metrics):
         assert time.monotonic() < deadline and node.poll() is None
         time.sleep(0.2)
 

@@ -153,3 +153,21 @@ def test_watch_ends_cleanly_when_the_shards_stop(tmp_path) -> None:
         stop_processes([process])
     assert set(result) == {"test_loss", "test_accuracy", "version"}
     assert [r["role"] for r in read_metrics(tmp_path / "metrics.csv")] == ["evaluator"]
+
+
+@pytest.mark.timeout(300)
+def test_eval_once_on_shards_of_a_click_job_that_stores_some_tables_by_row(shard_cluster):
+    [address] = shard_cluster(1)
+    click_job = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "200"]
+    tables = ["--tables", "tables.0,tables.1"]
+    worker = run_cli(
+        *("worker", "--ps", address, "--rank", "0", "--num-workers", "1"),
+        *click_job,
+        *tables,
+        *("--steps", "3", "--batch-size", "32"),
+    )
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    result = run_cli("eval", "--ps", address, *click_job, *tables, "--once", timeout_s=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    fields = dict(part.split("=") for part in result.stdout.split())
+    assert fields["version"] == "3" and 0.0 <= float(fields["test_auc"]) <= 1.0

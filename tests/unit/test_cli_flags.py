@@ -151,6 +151,7 @@ EXPECTED = {
     | {
         "--partitions": "pipeline.num_partitions",
         "--split-points": "pipeline.split_points",
+        "--tables": "embeddings.tables",
         "--eval-every": "reporting.eval_every_s",
         "--out": "reporting.out_dir",
         "--ps": "ps",

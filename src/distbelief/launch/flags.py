@@ -151,6 +151,7 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
         "model",
         "pipeline.num_partitions",
         "pipeline.split_points",
+        "embeddings.tables",
         "faults.timeout_s",
         "faults.retry_timeout_s",
         "reporting.eval_every_s",

@@ -243,9 +243,12 @@ def test_a_file_from_before_the_shard_columns_still_reads(tmp_path) -> None:
     assert record["step"] == 10 and record["loss"] == 2.0 and record["pushes_per_s"] is None
 
 
-def test_append_to_a_file_of_an_earlier_layout_rewrites_it_in_this_one(tmp_path) -> None:
+@pytest.mark.parametrize("num_columns", [16, len(METRIC_FIELDS) - 1], ids=["16", "no-pending"])
+def test_append_to_a_file_of_an_earlier_layout_rewrites_it_in_this_one(
+    tmp_path, num_columns: int
+) -> None:
     path = tmp_path / "metrics.csv"
-    earlier = METRIC_FIELDS[:16]
+    earlier = METRIC_FIELDS[:num_columns]
     row = ["1.5", "worker", "0", "3"] + [""] * (len(earlier) - 4)
     path.write_text(",".join(earlier) + "\n" + ",".join(row) + "\n", encoding="utf-8")
     first, *_ = _records()

@@ -62,6 +62,18 @@ def test_a_shard_restarted_between_polls_gets_no_rates(
     assert record["pushes_per_s"] is None and record["bytes_per_s"] is None
 
 
+def test_a_shard_with_tables_reports_its_rows_and_ids_awaiting_admission() -> None:
+    tables = {
+        "tables.0": {"rows": 5, "admitted": 9, "evicted": 4, "pending": 7},
+        "tables.1": {"rows": 2, "admitted": 2, "evicted": 0, "pending": 3},
+    }
+    (record,) = shard_records([{**_stats(100.0, 5, 5, 1000, {"0": 5}), "rows": {"tables": tables}}])
+    counts = ("rows", "rows_admitted", "rows_evicted", "rows_pending")
+    assert tuple(record[key] for key in counts) == (7, 11, 4, 10)
+    (plain,) = shard_records([_stats(100.0, 5, 5, 1000, {"0": 5})])
+    assert all(plain[key] is None for key in counts)
+
+
 def test_no_pushes_in_between_gives_no_staleness() -> None:
     before = _stats(100.0, 5, 5, 1000, {"0": 5})
     (record,) = shard_records([_stats(101.0, 5, 5, 1200, {"0": 5})], [before])

@@ -53,6 +53,7 @@ METRIC_FIELDS = (
     "rows_evicted",
     "rows_pulled",
     "rows_pushed",
+    "rows_pending",
 )
 """The CSV columns, in order. ``time_s`` is seconds since the run started (a resumed run's
 rows count on from the last row before them, its stopped time left out); ``staleness`` is
@@ -69,8 +70,8 @@ its ``stage``, its seconds of ``compute_s`` and of ``idle_s`` (waiting for its n
 ``activation_bytes`` it sent and received since its previous record (only the last stage has the
 loss and accuracy). With embedding tables, a worker's records add the window's click ``auc`` and
 the ``rows_pulled`` and ``rows_pushed`` since its previous record, the evaluator's add
-``test_auc``, and a shard's add its live ``rows`` and the rows ever ``rows_admitted`` and
-``rows_evicted``, over its tables."""
+``test_auc``, and a shard's add its live ``rows``, the rows ever ``rows_admitted`` and
+``rows_evicted``, and the ids awaiting admission, ``rows_pending``, over its tables."""
 
 _OLDER_HEADERS = (
     METRIC_FIELDS[:10],
@@ -78,6 +79,7 @@ _OLDER_HEADERS = (
     METRIC_FIELDS[:16],
     METRIC_FIELDS[:22],
     METRIC_FIELDS[:26],
+    METRIC_FIELDS[:33],
 )
 """Headers of earlier versions of ``metrics.csv``, still readable; their missing columns read
 as ``None``."""
@@ -104,6 +106,7 @@ _INT_FIELDS = frozenset(
         "rows_evicted",
         "rows_pulled",
         "rows_pushed",
+        "rows_pending",
     }
 )
 

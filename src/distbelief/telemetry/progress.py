@@ -80,6 +80,8 @@ class _ShardState:
     """Embedding rows held now, over the shard's tables (None: no tables)."""
     rows_admitted: int | None = None
     rows_evicted: int | None = None
+    rows_pending: int | None = None
+    """Ids awaiting admission (``--admit-after``), over the shard's tables."""
 
     def observe(self, record: dict[str, Any]) -> None:
         for name in (
@@ -90,6 +92,7 @@ class _ShardState:
             "rows",
             "rows_admitted",
             "rows_evicted",
+            "rows_pending",
         ):
             if record.get(name) is not None:
                 setattr(self, name, record[name])
@@ -191,6 +194,7 @@ def _progress_line(state: _RunState) -> str:
             ("rows", shard.rows, "d"),
             ("rows_admitted", shard.rows_admitted, "d"),
             ("rows_evicted", shard.rows_evicted, "d"),
+            ("rows_pending", shard.rows_pending, "d"),
         ):
             if value is not None:
                 parts.append(f"shard{shard_id}.{key}={value:{spec}}")
@@ -252,7 +256,7 @@ class _Dashboard:
         table = Table(box=None, pad_edge=False)
         with_rows = any(shard.rows is not None for shard in self._state.shards.values())
         headers = ["shard", "version", "pushes/s", "MB/s", "staleness"]
-        headers += ["rows", "admitted", "evicted"] if with_rows else []
+        headers += ["rows", "admitted", "evicted", "pending"] if with_rows else []
         for header in headers:
             table.add_column(header, justify="left" if header == "shard" else "right")
         for shard_id, shard in self._state.shards.items():
@@ -269,6 +273,7 @@ class _Dashboard:
                     _fmt(shard.rows, "d"),
                     _fmt(shard.rows_admitted, "d"),
                     _fmt(shard.rows_evicted, "d"),
+                    _fmt(shard.rows_pending, "d"),
                 ]
             table.add_row(*cells)
         return table

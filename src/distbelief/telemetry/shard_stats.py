@@ -78,7 +78,8 @@ def _mean_staleness(now: dict[int, int], before: dict[int, int]) -> float | None
 
 
 def _row_counts(stats: dict) -> dict[str, int]:
-    """A shard's live, admitted and evicted rows over its tables (none: no fields)."""
+    """A shard's live, admitted and evicted rows and its ids awaiting admission, over its
+    tables (none: no fields)."""
     tables = stats.get("rows", {}).get("tables", {})
     if not tables:
         return {}
@@ -86,6 +87,7 @@ def _row_counts(stats: dict) -> dict[str, int]:
         "rows": sum(t["rows"] for t in tables.values()),
         "rows_admitted": sum(t["admitted"] for t in tables.values()),
         "rows_evicted": sum(t["evicted"] for t in tables.values()),
+        "rows_pending": sum(t["pending"] for t in tables.values()),
     }
 
 
@@ -120,7 +122,8 @@ def shard_records(stats: Sequence[dict], previous: Sequence[dict] | None = None)
         and, given a previous poll, ``pushes_per_s``, ``bytes_per_s`` (received plus sent,
         through its socket or shared memory) and ``staleness`` (mean over the pushes in
         between; None if there were none); a
-        shard with embedding tables adds ``rows``, ``rows_admitted`` and ``rows_evicted``.
+        shard with embedding tables adds ``rows``, ``rows_admitted``, ``rows_evicted`` and
+        ``rows_pending``.
     """
     before_by_id = {s["shard_id"]: s for s in previous or ()}
     records = []

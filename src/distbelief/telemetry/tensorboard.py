@@ -26,7 +26,15 @@ _SCALARS = {
     "evaluator": ("version", ("test_loss", "test_accuracy", "test_auc")),
     "shard": (
         "version",
-        ("pushes_per_s", "bytes_per_s", "staleness", "rows", "rows_admitted", "rows_evicted"),
+        (
+            "pushes_per_s",
+            "bytes_per_s",
+            "staleness",
+            "rows",
+            "rows_admitted",
+            "rows_evicted",
+            "rows_pending",
+        ),
     ),
     "coordinator": ("step", ("loss", "grad_norm", "step_size", "evaluations", "backups")),
 }

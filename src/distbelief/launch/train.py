@@ -38,7 +38,7 @@ from distbelief.launch.resume_layout import check_resumed_layout, check_shards_f
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.run_records import write_run_records
 from distbelief.launch.rundir import prepare_run_dir, run_dir_path, write_text_atomic
-from distbelief.launch.summary import RunResult
+from distbelief.launch.summary import SUMMARY_FILE, RunResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -182,6 +182,9 @@ class EventRouter:
         self.train_start: float | None = None
         self.steps_reported: dict[int, int] = {}
         self.last_evaluation: dict = {}
+        self.coordinator_rows: dict[int, dict] = {}
+        """Sandblaster: the coordinator's last row of each iteration (a redone one's replaces
+        it), for a run that ends before the coordinator returned its result."""
         self.shard_reports: dict[int, dict] = {}
         """Shard id -> its latest heartbeat or, once it returned, its result: the counters,
         staleness histogram and workers' hosts so far (its current life's, after a restart)."""
@@ -208,6 +211,34 @@ class EventRouter:
             unit = "portions" if "portions" in payload else "steps"
             self.sink.message(f"{source.name} finished after {payload['steps']} {unit}")
 
+    def coordinator_so_far(self) -> dict:
+        """What the coordinator's rows tell of a Sandblaster run that ended before it returned
+        (summary.json's ``coordinator``, ``stop_reason`` "stopped"): its last iteration, and
+        the evaluations made, where this launch saw them all from iteration 0 (a resumed run's
+        earlier ones are in the checkpoint only: null)."""
+        if not self.coordinator_rows:
+            return {}
+        last_step = max(self.coordinator_rows)
+        rows = [self.coordinator_rows[step] for step in sorted(self.coordinator_rows)]
+        seen_all = set(self.coordinator_rows) >= set(range(last_step + 1))
+        last = rows[-1]
+        keys = (
+            "loss",
+            "grad_norm",
+            "step_size",
+            "evaluations",
+            "portions",
+            "backups",
+            "backups_won",
+        )
+        return {
+            "iterations": last_step,
+            "loss": last.get("loss"),
+            "stop_reason": "stopped",
+            "evaluations": (sum(row.get("evaluations") or 0 for row in rows) if seen_all else None),
+            "last_iteration": {"step": last_step, **{k: last.get(k) for k in keys}},
+        }
+
     def _write(self, record: dict) -> None:
         if record["role"] == "worker" and record.get("portions") is not None:
             # A Sandblaster worker's row (the coordinator's) has the iteration as its step:
@@ -216,6 +247,8 @@ class EventRouter:
             self.steps_reported[rank] = self.steps_reported.get(rank, 0) + record["portions"]
         elif record["role"] == "worker" and record.get("step") is not None:
             self.steps_reported[record["rank"]] = record["step"]
+        elif record["role"] == "coordinator" and record.get("step") is not None:
+            self.coordinator_rows[record["step"]] = record
         elif record["role"] == "evaluator":
             keys = ("test_loss", "test_accuracy", "test_auc", "version")
             self.last_evaluation = {k: record[k] for k in keys if record.get(k) is not None}
@@ -266,7 +299,7 @@ def _training_kind(config: JobConfig) -> ProcessKind:
     return ProcessKind.STAGE if config.pipeline.num_partitions > 1 else ProcessKind.WORKER
 
 
-def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
+def _plan_partitions(config: JobConfig, *, announce: bool = True) -> tuple[JobConfig, dict]:
     """A model-parallel job's split, decided once for every process (measured compute time
     unless the config gives split points) and checked against the stage memory budget; the
     config with the split points filled in, and the split's description for the summary.
@@ -311,7 +344,8 @@ def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
     largest = stage_bytes.index(max(stage_bytes))
     check_stage_budget(config, largest, stages[largest])
     description = split.describe([name for name, _ in pipeline_layers(model)])
-    logger.info("%s", description)
+    if announce:
+        logger.info("%s", description)
     points = list(split.bounds[1:-1])
     plan = {
         "split_points": points,
@@ -322,6 +356,23 @@ def _plan_partitions(config: JobConfig) -> tuple[JobConfig, dict]:
         "description": description,
     }
     return config.with_fields({"pipeline.split_points": points}), plan
+
+
+def _earlier_plan(run_dir: Path, plan: dict) -> dict:
+    """A resumed model-parallel run's split as its first launch chose it: the split points
+    are the config's, so the plan made again calls them given; the earlier summary.json's
+    basis (measured time, say), costs and description are the truth, where it has them for
+    the same points. The stage bytes are the ones computed now."""
+    import json
+
+    try:
+        earlier = json.loads((run_dir / SUMMARY_FILE).read_text()).get("partitions")
+    except (OSError, ValueError, AttributeError):
+        return plan
+    if not isinstance(earlier, dict) or earlier.get("split_points") != plan["split_points"]:
+        return plan
+    kept = ("basis", "stage_costs", "imbalance", "description")
+    return {**plan, **{key: earlier[key] for key in kept if key in earlier}}
 
 
 def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
@@ -435,14 +486,18 @@ def train(
     if not warm_up_first:
         cluster_type.warm_up(config)  # overlapping the partition plan and the run folder
     _check_data(config, counted=warm_up_first)
-    if not resume or config.pipeline.split_points is None:
-        config, partitions = _plan_partitions(config)
-    else:
-        partitions = {"split_points": list(config.pipeline.split_points), "basis": "given"}
-    if resume:
+    if resume and config.pipeline.split_points is not None:
         check_resumed_layout(config)  # with the split points: each partition's is checked
+        # Its own points (config.json's): sizes only, nothing measured, nothing logged.
+        config, partitions = _plan_partitions(config, announce=False)
+        if partitions:
+            partitions = _earlier_plan(run_dir_path(config.reporting.out_dir), partitions)
     else:
-        check_shards_fit_model(config)  # a resumed run's count was checked by its reshard
+        config, partitions = _plan_partitions(config)
+        if resume:
+            check_resumed_layout(config)
+        else:
+            check_shards_fit_model(config)  # a resumed run's count was checked by its reshard
     fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
     run_dir = prepare_run_dir(config.reporting.out_dir)
     named = f"--resume {run_dir}" if resume else f"--out {run_dir}"
@@ -582,7 +637,7 @@ def _result(
             f"shard{shard_id}": reports[shard_id]["staleness"] for shard_id in sorted(reports)
         },
         faults=_on_metrics_clock(cluster.faults, time_offset_s),
-        coordinator=cluster.results(ProcessKind.COORDINATOR).get(0, {}),
+        coordinator=cluster.results(ProcessKind.COORDINATOR).get(0) or route.coordinator_so_far(),
         shards={
             f"shard{shard_id}": {
                 "address": shards.get(shard_id, {}).get("address", address),

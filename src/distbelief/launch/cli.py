@@ -678,7 +678,9 @@ def _run_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except ModelMismatchError as e:  # the shards hold another model than the flags describe
         _traceback_if_verbose(args)
-        hint = "" if "--partitions" in str(e) else " (give the job's --model and its flags)"
+        # A stage's partition is cut by --split-points too: another split is another layout.
+        flags = "--model, --split-points" if getattr(args, "stage", None) is not None else "--model"
+        hint = "" if "--partitions" in str(e) else f" (give the job's {flags} and its flags)"
         print(f"{prefix}: error: {e}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:

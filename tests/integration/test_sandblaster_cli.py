@@ -226,3 +226,37 @@ def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_o
     assert steps == list(range(resumed["iterations"] + 1))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["sandblaster"]["max_evaluations"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_commits_the_iteration_under_way_so_a_resume_goes_on_from_there(tmp_path):
+    """With the default --checkpoint-every (30 s) the only periodic checkpoint of a short run is
+    iteration 0's: Ctrl-C stopped the workers first, the coordinator saved nothing, and a resume
+    began again at iteration 1. The coordinator is asked to stop first now."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [*CLI, *SANDBLASTER, "--max-iterations", "100000", "--out", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (run_dir / "metrics.csv").exists() or len(_records(run_dir, "coordinator")) < 6:
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no iteration 5 recorded"
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate(timeout=30)
+    assert launcher.returncode == 130, err[-3000:]
+    summary = _summary(run_dir)
+    assert summary["outcome"] == "interrupted"
+    assert summary["coordinator"]["iterations"] >= 5
+    record = json.loads((run_dir / "checkpoints" / "coordinator.json").read_text())
+    assert record["iteration"] >= summary["coordinator"]["iterations"]

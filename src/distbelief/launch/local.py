@@ -311,8 +311,16 @@ class LocalCluster:
 
     def stop_all(self) -> None:
         """Stop every child: workers and the evaluator first (SIGTERM), then the shards (their
-        stop flag, so they write a last checkpoint), then whatever is left (SIGKILL)."""
+        stop flag, so they write a last checkpoint), then whatever is left (SIGKILL).
+        Sandblaster's coordinator is asked first (its stop flag): it ends the iteration under
+        way and commits a checkpoint of it while the workers still compute, so a resumed run
+        goes on from there, not from the last periodic checkpoint (up to --checkpoint-every
+        earlier)."""
         self._stop_flags[ProcessKind.EVALUATOR].set()
+        coordinators = [p for s, p in self.processes.values() if s.kind is ProcessKind.COORDINATOR]
+        if any(process.is_alive() for process in coordinators):
+            self._stop_flags[ProcessKind.COORDINATOR].set()
+            _join_all(coordinators, _STOP_GRACE_S)
         clients = [p for s, p in self.processes.values() if s.kind is not ProcessKind.SHARD]
         shards = [p for s, p in self.processes.values() if s.kind is ProcessKind.SHARD]
         for process in clients:

@@ -586,8 +586,8 @@ class SandblasterConfig:
     """Objective evaluations in all, the first and the line searches' included: torch's
     max_eval. L-BFGS stops after the iteration that reaches them; a line search is bounded by
     those left (torch's max_ls: its first trial is always made, and it may make one past the
-    bound, so a run can end at max_evaluations + 1, as torch's step() does) (default: no budget, max_iterations alone bounds the run; torch's default is 1.25 x its
-    max_iter)."""
+    bound, so a run can end at max_evaluations + 1, as torch's step() does) (default: no
+    budget, max_iterations alone bounds the run; torch's default is 1.25 x its max_iter)."""
     step_size: float = 1.0
     """The fixed step, or the line search's first trial step (torch's lr of LBFGS)."""
     portions_per_push: int = 2

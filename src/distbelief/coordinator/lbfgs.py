@@ -72,8 +72,8 @@ class LBFGSSettings:
     """torch's ``max_eval``: objective evaluations in all, the first included (torch counts them
     per ``step()`` call; here one run is one call). L-BFGS stops after the iteration that
     reaches this many, and a line search is bounded by the rest (torch's ``max_ls``: its first
-    trial is always made, and it may make one past the bound, as torch's does). None: no budget, and a line search makes at most
-    ``LINE_SEARCH_EVALUATIONS``."""
+    trial is always made, and it may make one past the bound, as torch's does). None: no
+    budget, and a line search makes at most ``LINE_SEARCH_EVALUATIONS``."""
 
     def __post_init__(self) -> None:
         if self.max_evaluations is not None and self.max_evaluations < 1:

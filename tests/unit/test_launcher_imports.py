@@ -1,6 +1,7 @@
-"""The launcher's imports before a job: a signal that arrives while they run is acted on only
-once they are all loaded (a handler's exception inside a C extension's initialisation can crash
-the interpreter), and the handlers in place before are put back."""
+"""The commands' heavy imports (the launcher's before a job; torch for ps, worker and eval): a
+signal that arrives while they run is acted on only once they are all loaded (a handler's
+exception inside a C extension's initialisation can crash the interpreter, or be lost), and the
+handlers in place before are put back."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import textwrap
 
 import pytest
 
-from distbelief.launch.train import _load_with_signals_deferred
+from distbelief.launch import cli
+from distbelief.launch.deferred_signals import import_with_signals_deferred
 
 
 def _module_that_signals(tmp_path, name: str, signum: int) -> str:
@@ -40,7 +42,7 @@ def test_ctrl_c_during_the_imports_is_raised_after_all_are_loaded(importable) ->
     (importable / "signals_during_import_b.py").write_text("LOADED = True\n")
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        _load_with_signals_deferred((first, "signals_during_import_b"))
+        import_with_signals_deferred(first, "signals_during_import_b")
     assert sys.modules[first].LOADED and sys.modules["signals_during_import_b"].LOADED
     assert signal.getsignal(signal.SIGINT) is before
 
@@ -54,7 +56,7 @@ def test_sigterm_during_the_imports_reaches_the_handler_in_place_afterwards(impo
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
-        _load_with_signals_deferred((module,))
+        import_with_signals_deferred(module)
         assert seen == [True]  # once, after the module had finished loading
         assert signal.getsignal(signal.SIGTERM) is handler
     finally:
@@ -63,5 +65,29 @@ def test_sigterm_during_the_imports_reaches_the_handler_in_place_afterwards(impo
 
 def test_without_a_signal_nothing_is_raised(importable) -> None:
     (importable / "signals_during_import_d.py").write_text("LOADED = True\n")
-    _load_with_signals_deferred(("signals_during_import_d",))
-    assert sys.modules["signals_during_import_d"].LOADED
+    loaded = import_with_signals_deferred("signals_during_import_d")
+    assert loaded is sys.modules["signals_during_import_d"] and loaded.LOADED
+
+
+@pytest.mark.parametrize(
+    ("argv", "module"),
+    [
+        (["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"], "server.process"),
+        (["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"], "worker"),
+        (["eval", "--ps", "tcp://127.0.0.1:1", "--once"], "evaluator"),
+    ],
+)
+def test_each_command_imports_torch_with_signals_deferred(monkeypatch, argv, module):
+    imported: list[tuple[str, ...]] = []
+
+    class _Stop(Exception):
+        pass
+
+    def deferred(*modules: str):
+        imported.append(modules)
+        raise _Stop  # the command's work is not this test's
+
+    monkeypatch.setattr(cli, "import_with_signals_deferred", deferred)
+    with pytest.raises(_Stop):
+        cli.main(argv)
+    assert imported == [(f"distbelief.{module}",)]

@@ -37,6 +37,7 @@ from distbelief.errors import (
     UnknownOpError,
 )
 from distbelief.launch.cluster import Fault
+from distbelief.launch.deferred_signals import import_with_signals_deferred
 from distbelief.launch.flags import (
     check_typed_flags_apply,
     flag_of,
@@ -348,9 +349,9 @@ def _run_ps(args: argparse.Namespace) -> int:
             # For the shard's life: a second one of this id would write over its checkpoints.
             held.enter_context(shard_checkpoints_locked(Path(args.checkpoint_dir), args.shard_id))
         _use_transport(config)
-        from distbelief.server.process import serve_job_shard  # torch: once flags are checked
-
-        serve_job_shard(
+        # Torch: once the flags are checked, and with a stop meanwhile acted on after it.
+        process = import_with_signals_deferred("distbelief.server.process")
+        process.serve_job_shard(
             config,
             args.shard_id,
             args.bind,
@@ -383,9 +384,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     if config.pipeline.num_partitions > 1 or any(flag is not None for flag in stage_flags):
         return _run_stage(args, config)
     _check_device(config)
-    from distbelief.worker import run_worker
-
-    result = run_worker(
+    result = import_with_signals_deferred("distbelief.worker").run_worker(
         config,
         args.rank,
         _addresses("--ps", args.ps),
@@ -435,9 +434,7 @@ def _check_stage_flags(args: argparse.Namespace, num_stages: int) -> None:
 def _run_stage(args: argparse.Namespace, config: JobConfig) -> int:
     """``distbelief worker --stage I --partitions P``: one stage of a model-parallel replica."""
     _check_stage_flags(args, config.pipeline.num_partitions)
-    from distbelief.worker.stage import run_stage_worker
-
-    result = run_stage_worker(
+    result = import_with_signals_deferred("distbelief.worker.stage").run_stage_worker(
         config,
         args.rank,
         args.stage,
@@ -469,16 +466,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     if config.reporting.out_dir:
         check_folder_can_be_made(config.reporting.out_dir, "--out")
     _use_transport(config)
-    from distbelief.evaluator import format_result, watch_shards  # torch: once checked
-
-    result = watch_shards(
+    evaluator = import_with_signals_deferred("distbelief.evaluator")  # torch: once checked
+    result = evaluator.watch_shards(
         config,
         _addresses("--ps", args.ps),
         out_dir=config.reporting.out_dir,
         once=args.once,
         security=security_from_args(args),
     )
-    print(format_result(result))
+    print(evaluator.format_result(result))
     return 0
 
 

@@ -8,9 +8,11 @@ the middle of Ray's start it leaves Ray's processes running with no one to stop 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
 import threading
 from collections.abc import Iterator
+from types import ModuleType
 
 
 @contextlib.contextmanager
@@ -33,3 +35,12 @@ def signals_deferred() -> Iterator[None]:
             signal.signal(signum, handler)
         if noted:
             signal.raise_signal(noted[0])
+
+
+def import_with_signals_deferred(*modules: str) -> ModuleType:
+    """Imports ``modules`` in order with SIGINT, SIGTERM and SIGHUP only noted meanwhile, then
+    acted on once all are loaded; returns the last. Torch's, orjson's and tensorboard's
+    initialisation is C code: SIGTERM there made a process die of SIGSEGV, or was lost."""
+    with signals_deferred():
+        loaded = [importlib.import_module(module) for module in modules]
+    return loaded[-1]

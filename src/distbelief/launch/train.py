@@ -10,7 +10,6 @@ only to read a data set's files before the job, and to count its examples for ``
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 import shutil
@@ -31,7 +30,7 @@ from distbelief.errors import (
 )
 from distbelief.files import check_folder_can_be_made
 from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
-from distbelief.launch.deferred_signals import signals_deferred
+from distbelief.launch.deferred_signals import import_with_signals_deferred
 from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
 from distbelief.launch.resume_layout import check_resumed_layout, check_shards_fit_model
@@ -66,15 +65,6 @@ TensorBoard's event writer, matplotlib): loaded while its processes' forkserver 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
     raise LauncherInterrupted(f"stopped by signal {signal.Signals(signum).name}")
-
-
-def _load_with_signals_deferred(modules: tuple[str, ...]) -> None:
-    """Imports ``modules`` with SIGINT and SIGTERM only noted meanwhile, then acted on: raised
-    again once all are loaded. SIGTERM during orjson's initialisation made the launcher die of
-    SIGSEGV instead of stopping its job."""
-    with signals_deferred():
-        for module in modules:
-            importlib.import_module(module)
 
 
 def _counts_examples(config: JobConfig) -> bool:
@@ -527,7 +517,7 @@ def _run_job(
     """The job itself, in its prepared run folder: start, supervise, then record and plot
     what it did, however it ended."""
     # After the checks above, so a refused setting is reported without waiting for these.
-    _load_with_signals_deferred(LOADED_BEFORE_THE_JOB)
+    import_with_signals_deferred(*LOADED_BEFORE_THE_JOB)
     # A hang-up (the terminal closed, the SSH session dropped) stops the job as SIGTERM does:
     # in order, with the shards' last checkpoints and summary.json.
     stopping = (signal.SIGTERM, signal.SIGHUP)

@@ -233,7 +233,9 @@ def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_o
 def test_ctrl_c_commits_the_iteration_under_way_so_a_resume_goes_on_from_there(tmp_path):
     """With the default --checkpoint-every (30 s) the only periodic checkpoint of a short run is
     iteration 0's: Ctrl-C stopped the workers first, the coordinator saved nothing, and a resume
-    began again at iteration 1. The coordinator is asked to stop first now."""
+    began again at iteration 1. The coordinator is asked to stop first now, and what it
+    reports then is read before the run is recorded: its last iteration has its row in
+    metrics.csv and is summary.json's (they were the iteration before)."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         [*CLI, *SANDBLASTER, "--max-iterations", "100000", "--out", str(run_dir)],
@@ -258,5 +260,7 @@ def test_ctrl_c_commits_the_iteration_under_way_so_a_resume_goes_on_from_there(t
     summary = _summary(run_dir)
     assert summary["outcome"] == "interrupted"
     assert summary["coordinator"]["iterations"] >= 5
+    assert summary["coordinator"]["stop_reason"] == "stopped"
     record = json.loads((run_dir / "checkpoints" / "coordinator.json").read_text())
-    assert record["iteration"] >= summary["coordinator"]["iterations"]
+    assert record["iteration"] == summary["coordinator"]["iterations"]
+    assert _records(run_dir, "coordinator")[-1]["step"] == record["iteration"]

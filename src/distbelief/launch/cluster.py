@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 CHECKPOINT_DIR = "checkpoints"
 """The shards' checkpoint folder inside the run folder."""
 
+STOP_GRACE_S = 5.0
+"""How long a process asked to stop is given before the next in the stopping order goes."""
+
 
 class ProcessKind(enum.Enum):
     """What a process of a job does."""

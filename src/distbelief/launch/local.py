@@ -21,6 +21,7 @@ from distbelief.errors import ChildFailedError
 from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
 from distbelief.launch.cluster import (
     RESTART_POLICIES,
+    STOP_GRACE_S,
     Event,
     Fault,
     ProcessBook,
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
     from distbelief.config import JobConfig
 
-_STOP_GRACE_S = 5.0
 _POLL_S = 0.2
 
 _PRELOAD = ("__main__", "distbelief.launch.child", "distbelief.launch.entry")
@@ -273,7 +273,7 @@ class LocalCluster:
         for process in stages:
             if process.is_alive():
                 process.kill()
-        _join_all(stages, _STOP_GRACE_S)
+        _join_all(stages, STOP_GRACE_S)
 
     def _drain_errors(self) -> None:
         """Read what dead children sent before exiting (their pipes hold it all already)."""
@@ -320,19 +320,19 @@ class LocalCluster:
         coordinators = [p for s, p in self.processes.values() if s.kind is ProcessKind.COORDINATOR]
         if any(process.is_alive() for process in coordinators):
             self._stop_flags[ProcessKind.COORDINATOR].set()
-            _join_all(coordinators, _STOP_GRACE_S)
+            _join_all(coordinators, STOP_GRACE_S)
         clients = [p for s, p in self.processes.values() if s.kind is not ProcessKind.SHARD]
         shards = [p for s, p in self.processes.values() if s.kind is ProcessKind.SHARD]
         for process in clients:
             if process.is_alive():
                 process.terminate()
-        _join_all(clients, _STOP_GRACE_S)
+        _join_all(clients, STOP_GRACE_S)
         self._stop_flags[ProcessKind.SHARD].set()
-        _join_all(shards, _STOP_GRACE_S)
+        _join_all(shards, STOP_GRACE_S)
         for _, process in self.processes.values():
             if process.is_alive():
                 process.kill()
-        _join_all([p for _, p in self.processes.values()], _STOP_GRACE_S)
+        _join_all([p for _, p in self.processes.values()], STOP_GRACE_S)
         self._lifeline_writer.close()
 
 

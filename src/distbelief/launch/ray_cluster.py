@@ -20,7 +20,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from distbelief.errors import ChildFailedError, ClusterError, LauncherInterrupted
-from distbelief.launch.cluster import Event, Fault, ProcessBook, ProcessKind, ProcessSpec
+from distbelief.launch.cluster import (
+    STOP_GRACE_S,
+    Event,
+    Fault,
+    ProcessBook,
+    ProcessKind,
+    ProcessSpec,
+)
 from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.entry import preloaded_modules
 from distbelief.launch.ray_actor import DIED, NodeHost, RoleActor
@@ -51,7 +58,6 @@ RESTART_TIMEOUT_S = 120.0
 """Longest wait for Ray to re-create a dead process's actor."""
 RESULT_TIMEOUT_S = 10.0
 """Longest a process's result may trail the end of its run (it travels on its event link)."""
-_STOP_GRACE_S = 5.0
 _POLL_S = 0.2
 
 
@@ -465,7 +471,7 @@ class RayCluster:
             self._kill(name)
         # Their ends closing says they are gone: stopped after them, the shards leave no one
         # behind retrying (and warning about it).
-        deadline = time.monotonic() + _STOP_GRACE_S
+        deadline = time.monotonic() + STOP_GRACE_S
         while any(map(self.events.linked, clients)) and time.monotonic() < deadline:
             with contextlib.suppress(Exception):
                 self.events.get(_POLL_S)
@@ -474,7 +480,7 @@ class RayCluster:
             self.events.send_stop(life.spec.name)
         with contextlib.suppress(Exception):
             refs = [life.ref for life in shards]
-            self._ray.wait(refs, num_returns=len(refs), timeout=_STOP_GRACE_S)
+            self._ray.wait(refs, num_returns=len(refs), timeout=STOP_GRACE_S)
         for name in self._actors:
             self._kill(name)
         for host in self._hosts:  # after the processes: the zygotes fork no more

@@ -9,6 +9,7 @@ only to read a data set's files before the job, and to count its examples for ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,7 +30,14 @@ from distbelief.errors import (
     LauncherInterrupted,
 )
 from distbelief.files import check_folder_can_be_made
-from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Event, Fault, ProcessKind
+from distbelief.launch.cluster import (
+    CHECKPOINT_DIR,
+    STOP_GRACE_S,
+    Cluster,
+    Event,
+    Fault,
+    ProcessKind,
+)
 from distbelief.launch.deferred_signals import import_with_signals_deferred
 from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.local import LocalCluster
@@ -268,6 +276,21 @@ def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
             route.poll_shards(now=True)
     while (event := cluster.next_event(0.05)) is not None:
         route(event)
+
+
+def _stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
+    """Sandblaster, a job ending early (Ctrl-C, a failure): asks the coordinator to stop, and
+    routes what it reports until it has returned, up to ``STOP_GRACE_S``: the iteration under
+    way, whose checkpoint it commits, then has its row in metrics.csv and is summary.json's
+    ``coordinator``, as the cluster's stop, which comes after, would leave them unread. A
+    second Ctrl-C, or a process failing meanwhile, ends the wait; the cluster stops the rest."""
+    if config.optimizer.algorithm != "sandblaster" or cluster.finished(ProcessKind.COORDINATOR):
+        return
+    cluster.stop(ProcessKind.COORDINATOR)
+    deadline = time.monotonic() + STOP_GRACE_S
+    with contextlib.suppress(KeyboardInterrupt, DistBeliefError):
+        while not cluster.finished(ProcessKind.COORDINATOR) and time.monotonic() < deadline:
+            route(cluster.next_event(0.2))
 
 
 def _open_cluster(
@@ -566,6 +589,7 @@ def _run_job(
                 _supervise(cluster, route, config)
             finally:
                 # Before the cluster stops: what its processes reported is known now.
+                _stop_coordinator(cluster, route, config)
                 result = _result(
                     cluster,
                     config,

@@ -454,6 +454,14 @@ class RayCluster:
             if life.spec.kind is kind and name in self._results
         }
 
+    def _wait_unlinked(self, names: list[str]) -> None:
+        """Waits, up to ``STOP_GRACE_S``, until none of ``names`` has its link open (its end
+        closes when its process ends)."""
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(map(self.events.linked, names)) and time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                self.events.get(_POLL_S)
+
     def _kill(self, name: str) -> None:
         actor = self._actors.get(name)
         if actor is not None:
@@ -461,20 +469,25 @@ class RayCluster:
                 self._ray.kill(actor, no_restart=True)
 
     def stop_all(self) -> None:
-        """Stops every actor: workers, the evaluator and the coordinator at once; then the
-        shards by their stop flag (they write a last checkpoint), killed after a grace
-        period; then leaves Ray (the embedded instance shuts down)."""
+        """Stops every actor: Sandblaster's coordinator first, by its stop flag (it ends the
+        iteration under way and commits a checkpoint of it while the workers still compute, so
+        a resumed run goes on from there), for up to a grace period; then the workers and the
+        evaluator at once; then the shards by their stop flag (they write a last checkpoint),
+        killed after a grace period; then leaves Ray (the embedded instance shuts down)."""
         if self._session is None:
             return
+        coordinators = [
+            n for n, life in self._lives.items() if life.spec.kind is ProcessKind.COORDINATOR
+        ]
+        for name in coordinators:
+            self.events.send_stop(name)
+        self._wait_unlinked(coordinators)
         clients = [n for n, life in self._lives.items() if life.spec.kind is not ProcessKind.SHARD]
         for name in clients:
             self._kill(name)
         # Their ends closing says they are gone: stopped after them, the shards leave no one
         # behind retrying (and warning about it).
-        deadline = time.monotonic() + STOP_GRACE_S
-        while any(map(self.events.linked, clients)) and time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                self.events.get(_POLL_S)
+        self._wait_unlinked(clients)
         shards = [life for life in self._lives.values() if life.spec.kind is ProcessKind.SHARD]
         for life in shards:
             self.events.send_stop(life.spec.name)

@@ -171,3 +171,12 @@ def test_eval_once_on_shards_of_a_click_job_that_stores_some_tables_by_row(shard
     assert result.returncode == 0, result.stderr[-2000:]
     fields = dict(part.split("=") for part in result.stdout.split())
     assert fields["version"] == "3" and 0.0 <= float(fields["test_auc"]) <= 1.0
+    # The tables hold 200 rows: another --table-size would fold the ids onto other rows.
+    other_size = [*click_job[:-1], "300"]
+    refused = run_cli("eval", "--ps", address, *other_size, *tables, "--once", timeout_s=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert line.startswith("distbelief eval: error: shard 0"), refused.stderr
+    assert line.endswith(
+        "table tables.0 holds 200 rows on shard 0, not 300: give the job's --table-size"
+    )

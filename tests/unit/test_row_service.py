@@ -1,5 +1,6 @@
 """The shard's row ops, called as the request layer calls them: a refused ROWS_HELLO declares
-none of its tables; a PULL_ROWS asking for more rows than one request may is refused before
+none of its tables; a table declared with another size than it holds is refused, also after a
+restart from its checkpoint; a PULL_ROWS asking for more rows than one request may is refused before
 anything is allocated, and the row client splits such a pull."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 
 from distbelief.client.rows import ShardPart, split_for_pull
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+from distbelief.server.row_checkpoint import load_row_tables, save_row_tables
 from distbelief.wire import Message
 from distbelief.wire.error_kinds import kind_of
 from distbelief.wire.row_ops import PULL_ROWS, ROWS_HELLO
@@ -19,8 +21,13 @@ def _answer(service: ShardService, request: Message) -> Message:
     return service.handlers.routes[request.op].handler(connection, request)
 
 
-def _hello(service: ShardService, tables: dict) -> Message:
-    return _answer(service, Message(ROWS_HELLO, {"shard_id": 0, "tables": tables}))
+def _hello(service: ShardService, tables: dict, sizes: dict | None = None) -> Message:
+    meta = {"shard_id": 0, "tables": tables, **({} if sizes is None else {"sizes": sizes})}
+    return _answer(service, Message(ROWS_HELLO, meta))
+
+
+def _service() -> ShardService:
+    return ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1)))
 
 
 @pytest.mark.parametrize(
@@ -39,6 +46,29 @@ def test_a_refused_rows_hello_declares_none_of_its_tables(tables, match):
     assert kind_of(refused.value) == "bad_request"
     assert service.tables.names() == ["ads"]
     assert set(_hello(service, {"users": 16}).meta["tables"]) == {"ads", "users"}
+
+
+def test_a_table_declared_with_another_size_is_refused_by_name():
+    service = _service()
+    _hello(service, {"ads": 4, "users": 8}, {"ads": 2000, "users": 50})
+    with pytest.raises(ValueError, match=r"^table ads holds 2000 rows on shard 0, not 500: give "):
+        _hello(service, {"users": 8, "ads": 4}, {"users": 50, "ads": 500})
+    _hello(service, {"ads": 4}, {"ads": 2000})
+    _hello(service, {"ads": 4})  # a client that declares no size is not checked
+
+
+def test_a_restored_table_remembers_its_size_and_an_older_save_takes_the_first(tmp_path):
+    service = _service()
+    _hello(service, {"ads": 4, "users": 8}, {"ads": 2000})
+    saved = service.tables.snapshot()
+    save_row_tables(tmp_path, 0, 1, 1, saved)
+    restarted = _service()
+    restarted.tables.restore(load_row_tables(tmp_path, 0).tables)
+    with pytest.raises(ValueError, match="table ads holds 2000 rows on shard 0, not 500"):
+        _hello(restarted, {"ads": 4}, {"ads": 500})
+    _hello(restarted, {"users": 8}, {"users": 50})  # saved without a size: the first one holds
+    with pytest.raises(ValueError, match="table users holds 50 rows on shard 0, not 60"):
+        _hello(restarted, {"users": 8}, {"users": 60})
 
 
 def test_a_pull_of_more_rows_than_one_request_may_ask_for_is_refused():

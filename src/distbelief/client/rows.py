@@ -124,6 +124,8 @@ class RowClient(ShardLanes):
         addresses: One address per shard, in shard-id order (the dense shards' addresses: a
             shard process serves both).
         tables: Table name -> row width, declared on every shard at :meth:`handshake`.
+        sizes: Table name -> its number of rows (``num_embeddings``), declared with it: a
+            shard refuses a table of another size than it holds (None: no size declared).
         timeout_s, connect_timeout_s, retry_timeout_s, security, source_host: as
             ``ShardLanes``.
         worker_id: This replica's name at the shards (logs only).
@@ -134,6 +136,7 @@ class RowClient(ShardLanes):
         addresses: str | Sequence[str],
         tables: Mapping[str, int],
         *,
+        sizes: Mapping[str, int] | None = None,
         timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         retry_timeout_s: float = 60.0,
@@ -151,6 +154,9 @@ class RowClient(ShardLanes):
                 raise TypeError(f"tables: a table name must be a non-empty str, got {name!r}")
             if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
                 raise ValueError(f"tables: {name!r} needs a dimension >= 1, got {dim!r}")
+        for name, size in (sizes or {}).items():
+            if name not in tables or isinstance(size, bool) or not isinstance(size, int):
+                raise ValueError(f"sizes: {name!r} needs a declared table and an int size")
         super().__init__(
             addresses,
             timeout_s=timeout_s,
@@ -161,6 +167,7 @@ class RowClient(ShardLanes):
             source_host=source_host,
         )
         self.tables = dict(tables)
+        self.sizes = dict(sizes or {})
         self.worker_id = worker_id
         self.settings: dict = {}
         """The shards' row settings (optimizer, admission, eviction), as they described them."""
@@ -175,18 +182,18 @@ class RowClient(ShardLanes):
         Raises:
             ShardListError: a shard is one of another number of shards, or listed out of
                 order.
-            ModelMismatchError: a shard holds a table of another width.
+            ModelMismatchError: a shard holds a table of another width or size.
             ConsistencyMismatchError: the shards run different row settings.
         """
         messages = [
-            Message(ROWS_HELLO, {"shard_id": i, "tables": dict(self.tables)})
+            Message(ROWS_HELLO, {"shard_id": i, "tables": self.tables, "sizes": self.sizes})
             for i in range(self.num_shards)
         ]
         try:
             replies = [reply.meta for reply in self.request_each(messages)]
         except ModelMismatchError:  # ShardListError: out of order
             raise
-        except RemoteError as e:  # a shard refused a table's width
+        except RemoteError as e:  # a shard refused a table's width or size
             raise ModelMismatchError(str(e)) from e
         for shard_id, described in enumerate(replies):
             check_shard_count(self.addresses, shard_id, described)

@@ -240,6 +240,15 @@ def table_widths(modules: Mapping[str, _ShardedTable]) -> dict[str, int]:
     return widths
 
 
+def table_sizes(modules: Mapping[str, _ShardedTable]) -> dict[str, int]:
+    """Each table's number of rows (``num_embeddings``; the largest of modules sharing it),
+    by the name its modules look their rows up under."""
+    sizes: dict[str, int] = {}
+    for module in modules.values():
+        sizes[module.table] = max(sizes.get(module.table, 0), module.num_embeddings)
+    return sizes
+
+
 def put_tables(model: nn.Module, tables: Mapping[str, nn.Module]) -> None:
     """Puts each of ``tables`` into ``model`` at its module path (``sharded_tables``' names)."""
     modules = dict(model.named_modules())

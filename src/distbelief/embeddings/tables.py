@@ -28,7 +28,13 @@ from distbelief.config import (
     table_names,
 )
 from distbelief.embeddings.cache import RowCache, cache_rows_for
-from distbelief.embeddings.modules import check_ids, put_tables, sharded_tables, table_widths
+from distbelief.embeddings.modules import (
+    check_ids,
+    put_tables,
+    sharded_tables,
+    table_sizes,
+    table_widths,
+)
 from distbelief.errors import ClosedError
 from distbelief.optim.downpour import (
     AUTH_KEY_FILE_ENV,
@@ -162,7 +168,8 @@ class ShardedEmbeddings:
         TypeError: an argument of the wrong type (``model`` not a module, ``lr`` not a number,
             ``blocking`` not a bool).
         ValueError: no embedding module to shard, a bad name or setting, no shard address.
-        ModelMismatchError: a shard holds a table of that name with another row width.
+        ModelMismatchError: a shard holds a table of that name with another row width or
+            number of rows.
         ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
     """
 
@@ -212,6 +219,7 @@ class ShardedEmbeddings:
         self.client = RowClient(
             ps_addresses(ps),
             self.dims,
+            sizes=table_sizes(self.modules),
             timeout_s=timeout_s,
             retry_timeout_s=retry_timeout_s,
             security=security or WireSecurity(auth_key=auth_key),

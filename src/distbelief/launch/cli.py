@@ -676,7 +676,8 @@ def _run_command(args: argparse.Namespace) -> int:
         _traceback_if_verbose(args)
         # A stage's partition is cut by --split-points too: another split is another layout.
         flags = "--model, --split-points" if getattr(args, "stage", None) is not None else "--model"
-        hint = "" if "--partitions" in str(e) else f" (give the job's {flags} and its flags)"
+        named = any(flag in str(e) for flag in ("--partitions", "--table-size"))  # its flag
+        hint = "" if named else f" (give the job's {flags} and its flags)"
         print(f"{prefix}: error: {e}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:

@@ -65,7 +65,10 @@ def rows_hello(connection, request: Message) -> Message:
     declared = request.meta.get("tables", {})
     if not isinstance(declared, dict):
         raise ValueError("ROWS_HELLO's 'tables' must map table names to row widths")
-    tables.declare_all(declared)  # all or none: a refused hello declares nothing
+    sizes = request.meta.get("sizes", {})  # absent from older clients: no size is checked
+    if not isinstance(sizes, dict):
+        raise ValueError("ROWS_HELLO's 'sizes' must map table names to their numbers of rows")
+    tables.declare_all(declared, sizes)  # all or none: a refused hello declares nothing
     return request.reply(describe_tables(tables))
 
 

@@ -1,10 +1,11 @@
 """A shard process's embedding tables: named row tables, their settings, and the rules every
 row request obeys (ids this shard owns, a pushed sequence applied once).
 
-Tables are declared by their clients (name and row width) and made with the process's
-settings (row optimizer, admission, eviction, initialisation), which every table of the job
-shares. One lock covers every table: a request touching several tables is applied whole, and a
-checkpoint snapshot sees no half-applied push.
+Tables are declared by their clients (name, row width and, when the client gives it, the
+number of rows, ``num_embeddings``) and made with the process's settings (row optimizer,
+admission, eviction, initialisation), which every table of the job shares. One lock covers
+every table: a request touching several tables is applied whole, and a checkpoint snapshot
+sees no half-applied push.
 
 Memory per row on a shard: ``(D + S) * 4 + 32`` bytes (values, S floats of optimizer state: 0
 for SGD, D for Adagrad, 1 for row-wise Adagrad, 2D for Adam; the id and last step as int64; 16
@@ -129,32 +130,44 @@ class ShardTables:
         self.settings = settings
         self._lock = threading.Lock()
         self._tables: dict[str, RowTable] = {}
+        self._sizes: dict[str, int] = {}
+        """Each table's size (``num_embeddings``) as first declared; absent: never declared."""
         self._last_seq: dict[str, int] = {}
         self.num_pulled_rows = 0
         self.num_pushed_rows = 0
 
-    def declare(self, name: object, dim: object) -> RowTable:
+    def declare(self, name: object, dim: object, size: object = None) -> RowTable:
         """Table ``name`` with rows of ``dim`` values, made empty when first declared.
 
         Raises:
-            ValueError: a bad name or width, or a table of that name with another width.
+            ValueError: a bad name, width or size, or a table of that name with another width
+                or size.
         """
         name = check_table_name(name)
-        self.declare_all({name: dim})
+        self.declare_all({name: dim}, None if size is None else {name: size})
         with self._lock:
             return self._tables[name]
 
-    def declare_all(self, declared: dict) -> None:
+    def declare_all(self, declared: dict, sizes: dict | None = None) -> None:
         """Every table of ``declared`` (name -> row width), each made empty when first
-        declared: all of them, or (refused) none.
+        declared: all of them, or (refused) none. ``sizes`` (name -> the table's number of
+        rows, for some of them) is remembered per table: a table is refused another size than
+        the one it was first declared (or restored) with.
 
         Raises:
-            ValueError: a bad name or width, or a table of that name with another width.
+            ValueError: a bad name, width or size, or a table of that name with another width
+                or size.
         """
         checked = [(check_table_name(name), dim) for name, dim in declared.items()]
         for name, dim in checked:
             if type(dim) is not int or not 1 <= dim <= _MAX_DIM:
                 raise ValueError(f"table {name}: row width must be an integer in 1..{_MAX_DIM}")
+        sizes = sizes or {}
+        for name, size in sizes.items():
+            if name not in declared:
+                raise ValueError(f"table {name!r}: a size without its row width")
+            if type(size) is not int or size < 1:
+                raise ValueError(f"table {name}: size must be an integer >= 1, got {size!r}")
         with self._lock:
             for name, dim in checked:
                 table = self._tables.get(name)
@@ -163,9 +176,17 @@ class ShardTables:
                         f"table {name} holds rows of {table.dim} values on shard "
                         f"{self.shard_id}, not {dim}: every worker must build the same table"
                     )
+                held = self._sizes.get(name)
+                if held is not None and sizes.get(name, held) != held:
+                    raise ValueError(
+                        f"table {name} holds {held} rows on shard {self.shard_id}, not "
+                        f"{sizes[name]}: give the job's --table-size"
+                    )
             for name, dim in checked:
                 if name not in self._tables:
                     self._tables[name] = self.settings.make_table(dim)
+                if name in sizes:
+                    self._sizes.setdefault(name, sizes[name])
 
     def names(self) -> list[str]:
         with self._lock:
@@ -298,9 +319,14 @@ class ShardTables:
         with self._lock:
             steps = sum(table.num_steps for table in self._tables.values())
             return steps, {
-                name: {**table.state_dict(), "settings": self.settings.to_json()}
+                name: {**table.state_dict(), "settings": self._table_settings(name)}
                 for name, table in self._tables.items()
             }
+
+    def _table_settings(self, name: str) -> dict:
+        """What a checkpoint keeps of table ``name``'s settings: the shard's, and its size."""
+        size = self._sizes.get(name)
+        return {**self.settings.to_json(), **({} if size is None else {"num_embeddings": size})}
 
     def restore(self, tables: dict[str, dict]) -> None:
         """Replaces the tables with the ``snapshot()`` ``tables`` (before serving anyone).
@@ -309,9 +335,12 @@ class ShardTables:
             ValueError: a table's dim or row optimizer differs from these settings'.
         """
         with self._lock:
-            restored = {}
+            restored, sizes = {}, {}
             for name, state in tables.items():
                 table = self.settings.make_table(int(state["dim"]))
                 table.load_state_dict(state)
                 restored[check_table_name(name)] = table
-            self._tables = restored
+                size = (state.get("settings") or {}).get("num_embeddings")
+                if size is not None:  # a save without it takes the first declared
+                    sizes[name] = int(size)
+            self._tables, self._sizes = restored, sizes

@@ -1,6 +1,7 @@
 """The embedding row ops: what a row client asks of a shard's tables.
 
-``ROWS_HELLO`` declares tables (name -> row width) and returns the shard's row settings and
+``ROWS_HELLO`` declares tables (name -> row width, and ``sizes``: name -> number of rows) and
+returns the shard's row settings and
 counters. ``PULL_ROWS`` lists its tables and each one's id count in its meta (``tables``,
 ``counts``) and carries one int64 ``ids`` tensor, the tables' ids one after the other; it is
 answered with one float32 ``rows`` tensor, the tables' rows flattened in the same order.
@@ -22,7 +23,8 @@ MAX_PULL_ROWS_BYTES = 256 * 1024**2
 """The most bytes of rows (ids x row width x 4) one ``PULL_ROWS`` may ask a shard for."""
 
 ROWS_HELLO = define_op("ROWS_HELLO", 24)
-"""Declare tables (``tables``: name -> row width); the reply describes the shard's tables."""
+"""Declare tables (``tables``: name -> row width; ``sizes``: name -> number of rows); the reply
+describes the shard's tables."""
 PULL_ROWS = define_op("PULL_ROWS", 25)
 """The rows of the ids given per table (ids without a row read as zeros)."""
 PUSH_ROWS = define_op("PUSH_ROWS", 26)

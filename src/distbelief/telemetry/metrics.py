@@ -88,6 +88,17 @@ ROLES = ("worker", "evaluator", "shard", "coordinator")
 """Who wrote a record. ``rank`` is the worker rank or shard id; the evaluator and the
 coordinator use rank 0."""
 
+SHARD_FIGURES = (
+    "pushes_per_s",
+    "bytes_per_s",
+    "staleness",
+    "rows",
+    "rows_admitted",
+    "rows_evicted",
+    "rows_pending",
+)
+"""What a shard's records report, by version: shown live and logged to TensorBoard."""
+
 _INT_FIELDS = frozenset(
     {
         "rank",

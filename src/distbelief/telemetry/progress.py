@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from distbelief.telemetry.metrics import ROLES
+from distbelief.telemetry.metrics import ROLES, SHARD_FIGURES
 from distbelief.telemetry.sink import ClosedOnExit
 
 RATE_WINDOW_S = 5.0
@@ -84,16 +84,7 @@ class _ShardState:
     """Ids awaiting admission (``--admit-after``), over the shard's tables."""
 
     def observe(self, record: dict[str, Any]) -> None:
-        for name in (
-            "version",
-            "pushes_per_s",
-            "bytes_per_s",
-            "staleness",
-            "rows",
-            "rows_admitted",
-            "rows_evicted",
-            "rows_pending",
-        ):
+        for name in ("version", *SHARD_FIGURES):
             if record.get(name) is not None:
                 setattr(self, name, record[name])
 

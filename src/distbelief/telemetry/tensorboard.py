@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distbelief.telemetry.metrics import ROLES
+from distbelief.telemetry.metrics import ROLES, SHARD_FIGURES
 from distbelief.telemetry.sink import ClosedOnExit
 
 TENSORBOARD_DIR = "tensorboard"
@@ -24,18 +24,7 @@ FLUSH_EVERY_S = 2
 _SCALARS = {
     "worker": ("step", ("loss", "accuracy", "staleness", "portions", "auc")),
     "evaluator": ("version", ("test_loss", "test_accuracy", "test_auc")),
-    "shard": (
-        "version",
-        (
-            "pushes_per_s",
-            "bytes_per_s",
-            "staleness",
-            "rows",
-            "rows_admitted",
-            "rows_evicted",
-            "rows_pending",
-        ),
-    ),
+    "shard": ("version", SHARD_FIGURES),
     "coordinator": ("step", ("loss", "grad_norm", "step_size", "evaluations", "backups")),
 }
 """Per role: the field used as TensorBoard's step, and the fields written as scalars."""

@@ -219,7 +219,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--eval-every", dest="eval_every_s", type=float, default=0.5)
     parser.add_argument("--repeats", type=machine.at_least(1), default=3, help="runs of each mode")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path ('-': do not write)")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="JSON path ('-': do not write)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")

@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,6 +102,31 @@ def above_zero(text: str) -> float:
     if value is None or not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
     return value
+
+
+def out_path(text: str) -> Path:
+    """An argparse ``type``: where a run writes its results (``--out``; ``-`` for nowhere). A
+    path that is a folder, or whose folder cannot be made under its nearest existing ancestor
+    (a file, or not writable), is a one-line usage error naming the flag before the run starts,
+    not a traceback once the measurements are done."""
+    path = Path(text)
+    if text == "-":
+        return path
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder")
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {ancestor} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text!r}: {ancestor}: {e.strerror or e}"
+        ) from e
+    return path
 
 
 def record_file(benchmark: str | None = None):

@@ -206,7 +206,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per config")
     parser.add_argument("--models", default=None, help="comma-separated: lenet,mlp")
     parser.add_argument("--quick", action="store_true", help="a few seconds (smoke test)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path ('-': do not write)")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="JSON path ('-': do not write)"
+    )
     args = parser.parse_args(argv)
     defaults = {"steps": 10, "repeats": 2, "models": "lenet"} if args.quick else {}
     defaults = {"steps": 20, "repeats": 31, "models": "lenet,mlp", **defaults}

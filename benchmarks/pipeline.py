@@ -635,7 +635,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--micro-batches", type=int, default=8, help="M compared with M = 1")
     parser.add_argument("--schedules", default="1f1b,gpipe", help="comma-separated, 1f1b first")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path ('-': do not write)")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="JSON path ('-': do not write)"
+    )
     args = parser.parse_args(argv)
     args.schedules = [s.strip() for s in args.schedules.split(",") if s.strip()]
     if not args.schedules or args.schedules[0] != "1f1b":

@@ -236,7 +236,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=machine.at_least(1), default=1500, help="steps per worker")
     parser.add_argument("--workers", type=machine.at_least(1), default=2)
     parser.add_argument("--shards", type=machine.at_least(1), default=2)
-    parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="file stem; - writes nothing"
+    )
     return parser
 
 

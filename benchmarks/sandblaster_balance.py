@@ -411,7 +411,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--evaluations", type=machine.at_least(1), default=None, help="timed per session (4)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="file stem; - writes nothing"
+    )
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 evaluations; no files")
     parser.add_argument(
         "--report",

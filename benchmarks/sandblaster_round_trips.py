@@ -259,7 +259,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--line-search", default="strong-wolfe", choices=("strong-wolfe", "fixed"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="file stem; - writes nothing"
+    )
     parser.add_argument("--quick", action="store_true", help="m 2,5, 6 iterations; no files")
     return parser
 

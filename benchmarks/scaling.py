@@ -315,7 +315,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--repeats", type=machine.at_least(1), default=None, help="default 2 (--quick: 1)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="file stem; - writes nothing"
+    )
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default tmp)")
     parser.add_argument("--quick", action="store_true", help="workers 1,2, 60 steps; no results")
     parser.add_argument(

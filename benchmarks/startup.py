@@ -247,7 +247,9 @@ def table(summary: dict, times: dict[str, list[float]]) -> tuple[list[str], list
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--repeats", type=machine.at_least(1), default=3)
-    parser.add_argument("--out", type=Path, default=None, help="file stem; - writes nothing")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="file stem; - writes nothing"
+    )
     return parser
 
 

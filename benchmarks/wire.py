@@ -467,7 +467,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--tiny-iterations", type=machine.at_least(1), default=None)
     parser.add_argument("--quick", action="store_true", help="a few seconds (smoke test)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path ('-': do not write)")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="JSON path ('-': do not write)"
+    )
     args = parser.parse_args(argv)
     quick_defaults = {"sizes": [100_000], "repeats": 3, "budget_mb": 5, "tiny_iterations": 30}
     full_defaults = {

@@ -58,3 +58,17 @@ def test_a_results_file_of_another_benchmark_is_refused_for_replot(tmp_path, cap
         module.main(["--replot", str(other)])
     assert exit_info.value.code == 2
     assert "--replot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["wire", "overhead", "figure4", "sandblaster_balance"])
+def test_an_out_path_that_cannot_be_written_is_refused_before_the_run(script, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    module = importlib.import_module(script)
+    for bad in (str(a_file / "results.json"), str(tmp_path)):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--out", bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out" in err.strip().splitlines()[-1], err
+        assert "Traceback" not in err

@@ -72,3 +72,13 @@ def test_an_out_path_that_cannot_be_written_is_refused_before_the_run(script, tm
         err = capsys.readouterr().err
         assert "--out" in err.strip().splitlines()[-1], err
         assert "Traceback" not in err
+
+
+def test_fanin_claims_no_throughput_target_from_a_single_replica_count():
+    fanin = importlib.import_module("fanin")
+    point = {"design": "pool", "replicas": 8, "pushes_per_s_per_shard": 100.0}
+    point["max_min_pushes"] = 1.0
+    assert not any("/ at N=" in line for line in fanin.ratio_lines([point], ["pool"], [8]))
+    other = {**point, "replicas": 64, "pushes_per_s_per_shard": 90.0}
+    lines = fanin.ratio_lines([point, other], ["pool"], [8, 64])
+    assert any("at N=64 / at N=8 = 0.90" in line and "PASS" in line for line in lines)

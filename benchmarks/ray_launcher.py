@@ -69,6 +69,10 @@ def _step_at(rows: list[dict], time_s: float) -> float:
     return rows[-1]["step"] if time_s >= rows[-1]["time_s"] else rows[0]["step"]
 
 
+class TooShort(ValueError):
+    """A job too short to leave a steady state to time (its --steps)."""
+
+
 def steady_window(rows: list[dict], evaluations: list[dict]) -> tuple[float, float, float]:
     """The job's steady state ``(start, end, steps)`` in the metrics' time: from the moment
     every worker trains and the evaluator has evaluated once (each engine's start-up left
@@ -83,7 +87,7 @@ def steady_window(rows: list[dict], evaluations: list[dict]) -> tuple[float, flo
         start = max(start, evaluations[0]["time_s"])
     end = min(worker_rows[-1]["time_s"] for worker_rows in by_rank.values())
     if end - start < 1.0:
-        raise ValueError("less than 1 s of steady training: use more --steps")
+        raise TooShort("less than 1 s of steady training: use more --steps")
     steps = sum(_step_at(r, end) - _step_at(r, start) for r in by_rank.values())
     return start, end, steps
 
@@ -244,14 +248,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     if args.out is None:
         date = datetime.date.today().strftime("%Y%m%d")
         args.out = RESULTS_DIR / f"ray_launcher_cpu{os.cpu_count()}_{date}"
     job_args = ["--steps", str(args.steps), "--workers", str(args.workers)]
     job_args += ["--shards", str(args.shards)]
     with tempfile.TemporaryDirectory() as runs_dir:
-        runs = measure(args.repeats, job_args, Path(runs_dir))
+        try:
+            runs = measure(args.repeats, job_args, Path(runs_dir))
+        except TooShort as e:
+            parser.error(f"--steps {args.steps}: {e}")
     summary = summarize(runs)
     record = {"benchmark": "ray_launcher", **machine.environment()}
     record |= {"settings": {"repeats": args.repeats, "job_args": job_args}}

@@ -82,3 +82,10 @@ def test_fanin_claims_no_throughput_target_from_a_single_replica_count():
     other = {**point, "replicas": 64, "pushes_per_s_per_shard": 90.0}
     lines = fanin.ratio_lines([point, other], ["pool"], [8, 64])
     assert any("at N=64 / at N=8 = 0.90" in line and "PASS" in line for line in lines)
+
+
+def test_ray_launcher_names_steps_when_a_job_leaves_no_steady_state_to_time():
+    ray_launcher = importlib.import_module("ray_launcher")
+    rows = [{"rank": 0, "time_s": 0.0, "step": 1}, {"rank": 0, "time_s": 0.5, "step": 9}]
+    with pytest.raises(ray_launcher.TooShort, match="--steps"):
+        ray_launcher.steady_window(rows, [])

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from distbelief.errors import BindError
 from distbelief.wire import channels, connect, serve
 from distbelief.wire.channels.shm import (
     TRANSPORT_ENV,
@@ -139,3 +140,15 @@ def test_the_job_transport_default_leaves_the_environment_in_place(monkeypatch):
 def test_an_address_without_its_scheme_is_named_as_given():
     with pytest.raises(ValueError, match="address 'garbage' is not of the form tcp://HOST:PORT"):
         channels.dialer("garbage")
+
+
+def test_a_listener_on_an_ipv6_address_names_it_in_brackets():
+    try:
+        listener = TcpListener("tcp://[::1]:0")
+    except (OSError, BindError) as e:  # a host without IPv6 loopback
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        assert re.fullmatch(r"tcp://\[::1\]:\d+", listener.address), listener.address
+        assert parse_tcp_address(listener.address)[0] == "::1"
+    finally:
+        listener.close()

@@ -344,7 +344,9 @@ class TcpListener:
         self._sock.listen(_BACKLOG)
         self._accept_timeout_s: float | None = None
         bound_host, bound_port = self._sock.getsockname()[:2]
-        self._address = f"tcp://{bound_host}:{bound_port}"
+        # An IPv6 host in brackets, as an address is written (RFC 3986) and --bind takes it.
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        self._address = f"tcp://{shown}:{bound_port}"
 
     @property
     def address(self) -> str:

@@ -355,10 +355,11 @@ def test_the_server_ends_by_itself_when_a_rank_never_connects(tmp_path):
 
 
 @pytest.fixture
-def group_of_one():
+def group_of_one(tmp_path):
+    # A file store: a port picked free beforehand could be taken by another test in between.
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{free_port()}",
+        init_method=f"file://{tmp_path / 'store'}",
         rank=0,
         world_size=1,
         timeout=GROUP_TIMEOUT,

@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "ModelMismatchError": "distbelief.errors",
     "ShardListError": "distbelief.errors",
     "LayoutMismatchError": "distbelief.errors",
+    "TableSizeMismatchError": "distbelief.errors",
     "TooManyConnectionsError": "distbelief.errors",
     "ConsistencyMismatchError": "distbelief.errors",
     "ShardRestartedError": "distbelief.errors",

@@ -71,6 +71,11 @@ class ShardListError(ModelMismatchError):
     another order (a user's ``--ps`` or ``ps=``)."""
 
 
+class TableSizeMismatchError(ModelMismatchError):
+    """A shard holds an embedding table of another number of rows than the client declared;
+    the message names the table and both sizes (the client adds where its size came from)."""
+
+
 class LayoutMismatchError(ModelMismatchError):
     """The worker divides the model among the shards differently than a shard does (another
     partitioner); the message names both descriptions."""

@@ -180,3 +180,36 @@ def test_eval_once_on_shards_of_a_click_job_that_stores_some_tables_by_row(shard
     assert line.endswith(
         "table tables.0 holds 200 rows on shard 0, not 300: give the job's --table-size"
     )
+
+
+def _write_movielens(data_dir: Path, num_users: int) -> None:
+    """A ratings file of ``num_users`` users (ids 0 .. num_users - 1) rating 5 movies."""
+    (data_dir / "movielens").mkdir(parents=True)
+    lines = (
+        f"{u}::{m}::{1 + (u + m) % 5}::{u * 5 + m}\n" for u in range(num_users) for m in range(5)
+    )
+    (data_dir / "movielens" / "ratings.dat").write_text("".join(lines))
+
+
+@pytest.mark.timeout(300)
+def test_eval_with_another_movielens_data_dir_is_told_to_give_the_jobs(shard_cluster, tmp_path):
+    # A movielens table has as many rows as its data's largest id + 1: another --data-dir,
+    # not another --table-size (refused for movielens), is what gives it another size.
+    [address] = shard_cluster(1)
+    _write_movielens(tmp_path / "job", num_users=8)
+    _write_movielens(tmp_path / "other", num_users=11)
+    job = ["--model", "dlrm", "--dataset", "movielens", "--tables", "tables.0,tables.1"]
+    worker = run_cli(
+        *("worker", "--ps", address, "--rank", "0", "--num-workers", "1"),
+        *job,
+        *("--data-dir", str(tmp_path / "job"), "--steps", "2", "--batch-size", "8"),
+    )
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    other = ["--data-dir", str(tmp_path / "other")]
+    refused = run_cli("eval", "--ps", address, *job, *other, "--once", timeout_s=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert line.startswith("distbelief eval: error: shard 0"), refused.stderr
+    assert "table tables.0 holds 8 rows on shard 0, not 11: movielens sizes its tables" in line
+    assert line.endswith(f"(this process read {tmp_path / 'other'}): give the job's --data-dir")
+    assert "--table-size" not in line and "Traceback" not in refused.stderr

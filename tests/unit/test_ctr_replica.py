@@ -1,6 +1,7 @@
 """The click worker's replica: tables on the meta device (their rows are the shards'), those
 ``--tables`` leaves out built for real as dense parameters, unknown names refused by name; the
-command line's table count of each click log is the log's."""
+command line's table count of each click log is the log's; a table of another size than the
+shards' is told the flag its size came from."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 from distbelief.config import CLICK_LOG_TABLES, JobConfig
 from distbelief.data.criteo import NUM_CATEGORICAL
 from distbelief.data.ctr import CtrDataset
+from distbelief.data.loading import table_size_source
 from distbelief.data.movielens import load_movielens
 from distbelief.data.synthetic_ctr import make_synthetic_ctr
 from distbelief.embeddings import swap_embeddings
@@ -65,3 +67,18 @@ def test_the_command_lines_table_counts_are_the_click_logs(tmp_path):
         "movielens": load_movielens("train", tmp_path).num_tables,
     }
     assert counts == CLICK_LOG_TABLES
+
+
+@pytest.mark.parametrize(
+    ("fields", "told"),
+    [
+        ({"data.name": "synthetic-ctr"}, "give the job's --table-size"),
+        ({"data.name": "criteo", "data.table_size": 1000}, "give the job's --table-size"),
+        ({"data.name": "criteo"}, "without --table-size keeps every raw id: give the job's"),
+        ({"data.name": "movielens", "data.data_dir": "ml"}, "(this process read ml): give the"),
+    ],
+)
+def test_a_table_of_another_size_is_told_the_flag_its_size_came_from(fields, told):
+    # The shards' refusal names the table and both sizes; the process adds where its came from.
+    config = JobConfig.from_fields({"model.name": "dlrm", **fields})
+    assert told in table_size_source(config.data)

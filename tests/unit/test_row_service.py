@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from distbelief.client.rows import ShardPart, split_for_pull
+from distbelief.errors import TableSizeMismatchError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.row_checkpoint import load_row_tables, save_row_tables
 from distbelief.wire import Message
@@ -51,8 +52,12 @@ def test_a_refused_rows_hello_declares_none_of_its_tables(tables, match):
 def test_a_table_declared_with_another_size_is_refused_by_name():
     service = _service()
     _hello(service, {"ads": 4, "users": 8}, {"ads": 2000, "users": 50})
-    with pytest.raises(ValueError, match=r"^table ads holds 2000 rows on shard 0, not 500: give "):
+    # Typed, and with no hint: only the client knows where its size came from.
+    with pytest.raises(
+        TableSizeMismatchError, match=r"^table ads holds 2000 rows on shard 0, not 500$"
+    ) as refused:
         _hello(service, {"users": 8, "ads": 4}, {"users": 50, "ads": 500})
+    assert kind_of(refused.value) == "table_size_mismatch"
     _hello(service, {"ads": 4}, {"ads": 2000})
     _hello(service, {"ads": 4})  # a client that declares no size is not checked
 
@@ -64,10 +69,14 @@ def test_a_restored_table_remembers_its_size_and_an_older_save_takes_the_first(t
     save_row_tables(tmp_path, 0, 1, 1, saved)
     restarted = _service()
     restarted.tables.restore(load_row_tables(tmp_path, 0).tables)
-    with pytest.raises(ValueError, match="table ads holds 2000 rows on shard 0, not 500"):
+    with pytest.raises(
+        TableSizeMismatchError, match="table ads holds 2000 rows on shard 0, not 500"
+    ):
         _hello(restarted, {"ads": 4}, {"ads": 500})
     _hello(restarted, {"users": 8}, {"users": 50})  # saved without a size: the first one holds
-    with pytest.raises(ValueError, match="table users holds 50 rows on shard 0, not 60"):
+    with pytest.raises(
+        TableSizeMismatchError, match="table users holds 50 rows on shard 0, not 60"
+    ):
         _hello(restarted, {"users": 8}, {"users": 60})
 
 

@@ -92,6 +92,19 @@ def _load_click_log(name: str, split: str, root: Path, table_size: int | None) -
     return dataset
 
 
+def table_size_source(config: DataConfig) -> str:
+    """Where a click log's table sizes come from, said as what to give alike: a process that
+    builds the job's tables with another size than the shards hold is told this."""
+    if config.name == "movielens":
+        return (
+            "movielens sizes its tables by the largest user and movie ids of the ratings in "
+            f"--data-dir (this process read {config.data_dir}): give the job's --data-dir"
+        )
+    if config.name == "criteo" and config.table_size is None:
+        return "criteo without --table-size keeps every raw id: give the job's --table-size"
+    return "give the job's --table-size"
+
+
 def load_job_dataset(
     config: DataConfig, split: str, *, download: bool | None = None
 ) -> ArrayDataset | CtrDataset:

@@ -33,6 +33,7 @@ from distbelief.errors import (
     ModelMismatchError,
     NotAStageError,
     ShardListError,
+    TableSizeMismatchError,
     TLSMismatchError,
     UnknownOpError,
 )
@@ -676,7 +677,8 @@ def _run_command(args: argparse.Namespace) -> int:
         _traceback_if_verbose(args)
         # A stage's partition is cut by --split-points too: another split is another layout.
         flags = "--model, --split-points" if getattr(args, "stage", None) is not None else "--model"
-        named = any(flag in str(e) for flag in ("--partitions", "--table-size"))  # its flag
+        # A table's size comes with where it came from (--table-size, --data-dir).
+        named = isinstance(e, TableSizeMismatchError) or "--partitions" in str(e)
         hint = "" if named else f" (give the job's {flags} and its flags)"
         print(f"{prefix}: error: {e}{hint}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from distbelief.errors import TableSizeMismatchError
 from distbelief.server.row_optimizers import (
     LazyAdam,
     RowAdagrad,
@@ -140,8 +141,8 @@ class ShardTables:
         """Table ``name`` with rows of ``dim`` values, made empty when first declared.
 
         Raises:
-            ValueError: a bad name, width or size, or a table of that name with another width
-                or size.
+            ValueError: a bad name, width or size, or a table of that name with another width.
+            TableSizeMismatchError: a table of that name with another size.
         """
         name = check_table_name(name)
         self.declare_all({name: dim}, None if size is None else {name: size})
@@ -155,8 +156,8 @@ class ShardTables:
         the one it was first declared (or restored) with.
 
         Raises:
-            ValueError: a bad name, width or size, or a table of that name with another width
-                or size.
+            ValueError: a bad name, width or size, or a table of that name with another width.
+            TableSizeMismatchError: a table of that name with another size.
         """
         checked = [(check_table_name(name), dim) for name, dim in declared.items()]
         for name, dim in checked:
@@ -178,9 +179,11 @@ class ShardTables:
                     )
                 held = self._sizes.get(name)
                 if held is not None and sizes.get(name, held) != held:
-                    raise ValueError(
+                    # No hint here: only the client knows where its size came from (a flag,
+                    # its data, the user's model).
+                    raise TableSizeMismatchError(
                         f"table {name} holds {held} rows on shard {self.shard_id}, not "
-                        f"{sizes[name]}: give the job's --table-size"
+                        f"{sizes[name]}"
                     )
             for name, dim in checked:
                 if name not in self._tables:

@@ -16,6 +16,7 @@ from distbelief.errors import (
     RemoteError,
     ShardListError,
     ShardRestartedError,
+    TableSizeMismatchError,
     TooManyConnectionsError,
     UnknownOpError,
 )
@@ -38,6 +39,7 @@ TOO_MANY_CONNECTIONS = "too_many_connections"
 ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("layout_mismatch", (LayoutMismatchError,), LayoutMismatchError),
     ErrorKind("shard_list", (ShardListError,), ShardListError),
+    ErrorKind("table_size_mismatch", (TableSizeMismatchError,), TableSizeMismatchError),
     ErrorKind("model_mismatch", (ModelMismatchError,), ModelMismatchError),
     ErrorKind("evaluation_not_open", (EvaluationNotOpenError,), EvaluationNotOpenError),
     ErrorKind("shard_restarted", (ShardRestartedError,), ShardRestartedError),

@@ -19,7 +19,9 @@ from torch import nn
 from distbelief.config import unknown_table_problem
 from distbelief.data import load_job_dataset, worker_indices
 from distbelief.data.ctr import CtrDataset
+from distbelief.data.loading import table_size_source
 from distbelief.embeddings import ShardedEmbeddings
+from distbelief.errors import TableSizeMismatchError
 from distbelief.models.dlrm import DLRM
 from distbelief.optim import DownpourSGD
 from distbelief.process import Emit
@@ -75,22 +77,30 @@ def job_tables(
     """The job's tables of ``model`` on the shards (swapped in place), with its pull period,
     push period, row cache (``cache``: a reader that never steps must not cache, or its rows
     would never age) and timeouts; ``source_host``: the local address the connections leave
-    from."""
-    return ShardedEmbeddings(
-        model,
-        ps=list(addresses),
-        tables=config.embeddings.tables,
-        lr=config.optimizer.lr,
-        n_push=config.optimizer.n_push,
-        n_pull=config.optimizer.n_pull,
-        row_cache_mb=config.embeddings.row_cache_mb if cache else 0.0,
-        blocking=config.optimizer.blocking,
-        timeout_s=config.faults.timeout_s,
-        retry_timeout_s=config.faults.retry_timeout_s,
-        worker_id=worker_id,
-        security=security,
-        source_host=source_host,
-    )
+    from.
+
+    Raises:
+        TableSizeMismatchError: the shards hold a table of another size, with where this
+            process's size came from (``table_size_source``).
+    """
+    try:
+        return ShardedEmbeddings(
+            model,
+            ps=list(addresses),
+            tables=config.embeddings.tables,
+            lr=config.optimizer.lr,
+            n_push=config.optimizer.n_push,
+            n_pull=config.optimizer.n_pull,
+            row_cache_mb=config.embeddings.row_cache_mb if cache else 0.0,
+            blocking=config.optimizer.blocking,
+            timeout_s=config.faults.timeout_s,
+            retry_timeout_s=config.faults.retry_timeout_s,
+            worker_id=worker_id,
+            security=security,
+            source_host=source_host,
+        )
+    except TableSizeMismatchError as e:  # the shard cannot know where this size came from
+        raise TableSizeMismatchError(f"{e}: {table_size_source(config.data)}") from None
 
 
 def table_columns(tables: ShardedEmbeddings) -> dict[str, int]:

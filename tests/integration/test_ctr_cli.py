@@ -1,6 +1,6 @@
 """``distbelief train --model dlrm`` on a click log, as users run it: AUC in the records and the
-plots, row counts per shard, a shard SIGKILLed mid-run, and a run resumed on another number of
-shards."""
+plots, row counts per shard, a shard SIGKILLed mid-run, a run resumed on another number of
+shards, and rows resharded onto fewer shards held to --max-rows-per-shard once restored."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from distbelief.client.rows import RowClient
 from distbelief.server.row_checkpoint import load_row_tables
 from distbelief.telemetry import read_metrics
-from tests.conftest import CHILD_ENV, CLI, run_cli
+from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
 
 CLICK_JOB = [
     *("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "2000"),
@@ -105,6 +106,38 @@ def test_resume_on_another_number_of_shards_keeps_every_row(tmp_path):
     assert summary["final"]["version"] == 40  # 2 x 10 dense pushes before, 2 x 10 after
     config = json.loads((run_dir / "config.json").read_text())
     assert config["cluster"]["num_shards"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rows_resharded_onto_fewer_shards_are_held_to_the_bound_as_soon_as_restored(tmp_path):
+    # 3 shards of at most 40 rows (and 40 ids awaiting admission) per table, moved onto 1.
+    run_dir, max_rows = tmp_path / "run", 40
+    rows_flags = ["--row-optimizer", "adagrad", "--admit-after", "2"]
+    rows_flags += ["--max-rows-per-shard", str(max_rows)]
+    job = [*("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "2000"), *rows_flags]
+    job += ["--tables", "tables.0,tables.1", "--workers", "1", "--batch-size", "128"]
+    first = run_cli("train", *job, "--shards", "3", "--steps", "8", "--out", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    moved = run_cli("reshard", str(run_dir), "--shards", "1")
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    saved = load_row_tables(run_dir / "checkpoints", 0)
+    assert saved is not None
+    assert all(t["ids"].numel() > max_rows for t in saved.tables.values())  # over the bound
+    assert all(t["pending_ids"].numel() > max_rows for t in saved.tables.values())
+    checkpoints = ["--checkpoint-dir", str(run_dir / "checkpoints")]
+    shard, address = start_shard(0, 1, *checkpoints, *rows_flags)
+    client = RowClient([address], {name: 16 for name in saved.tables}, timeout_s=30)
+    try:
+        [described] = client.handshake()  # declares nothing new: the restored tables' counts
+    finally:
+        client.close(wait=False)
+        stop_processes([shard])
+    for name, table in saved.tables.items():
+        counts = described["tables"][name]
+        assert counts["rows"] == max_rows and counts["pending"] == max_rows, name
+        forgotten = table["ids"].numel() - max_rows
+        assert counts["evicted"] == int(table["num_evicted"]) + forgotten, name
 
 
 def test_click_flags_are_checked_before_anything_starts(tmp_path):

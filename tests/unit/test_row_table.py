@@ -152,6 +152,34 @@ def test_a_reloaded_table_forgets_pending_ids_in_the_same_order():
         assert _pending(table) == _pending(reloaded)
 
 
+def test_a_load_past_max_rows_is_cut_to_it_at_once_least_recently_pushed_first():
+    # One shard's rows of several (a reshard onto fewer shards) can be more than its bound.
+    unbounded = RowTable(DIM, RowAdagrad(0.5), admit_after=2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(10):  # several ids per push: ties in recency, broken by id
+        ids = torch.randperm(60, generator=generator)[:8]
+        unbounded.push(ids, torch.randn(8, DIM, generator=generator))
+    saved = unbounded.state_dict()
+    num_saved, max_rows = saved["ids"].numel(), 7
+    assert num_saved > max_rows and unbounded.num_pending > max_rows
+    table = RowTable(DIM, RowAdagrad(0.5), admit_after=2, max_rows=max_rows)
+    table.load_state_dict(saved)
+    assert table.num_rows == max_rows and table.num_pending == max_rows
+    assert table.capacity == max_rows  # the forgotten rows are not even allocated
+    # saved lists rows least recently pushed first, ties by id: eviction's order.
+    kept = table.state_dict()
+    for key in ("ids", "values", "last_step"):
+        assert torch.equal(kept[key], saved[key][num_saved - max_rows :]), key
+    for name, tensor in saved["state"].items():
+        assert torch.equal(kept["state"][name], tensor[num_saved - max_rows :])
+    pending = sorted((step, i) for i, (_, step) in _pending(unbounded).items())
+    assert sorted(_pending(table)) == sorted(i for _, i in pending[-max_rows:])
+    assert table.num_evicted == unbounded.num_evicted + num_saved - max_rows
+    assert table.num_admitted - table.num_evicted == table.num_rows
+    _push(table, *range(100, 105))
+    assert table.num_rows <= max_rows and table.num_pending <= max_rows
+
+
 def test_capacity_grows_in_chunks_and_reuses_free_slots():
     table = RowTable(DIM, LazyAdam(), chunk_rows=4)
     assert table.capacity == 0

@@ -11,6 +11,7 @@ import torch
 
 from distbelief.errors import CheckpointError
 from distbelief.server.row_checkpoint import RowTablesCheckpoint, merge_checksums, table_checksum
+from distbelief.server.row_table import recency_order
 from distbelief.sharding.rows import row_shard
 
 _LIKE_KEYS = ("dim", "optimizer", "settings")
@@ -120,8 +121,7 @@ def _merge(name: str, held: Sequence[tuple[int, Mapping]]) -> dict:
     )
     _check_unique(name, ids, "row id")
     _check_unique(name, pending_ids, "pending id")
-    order = torch.sort(ids, stable=True).indices
-    order = order[torch.sort(last_step[order], stable=True).indices]
+    order = recency_order(ids, last_step)
     pending_order = torch.sort(pending_ids).indices
     return {
         **tables[0],

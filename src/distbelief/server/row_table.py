@@ -42,6 +42,14 @@ def _check_ids(ids: torch.Tensor) -> None:
         raise ValueError("row ids must be a 1-D int64 tensor")
 
 
+def recency_order(ids: torch.Tensor, last_steps: torch.Tensor) -> torch.Tensor:
+    """The positions of ``ids`` least recently pushed first (by ``last_steps``), ties by id: an
+    order that does not depend on where rows happen to sit, so a reloaded or resharded table
+    evicts exactly as the saved one would."""
+    order = torch.sort(ids, stable=True).indices
+    return order[torch.sort(last_steps[order], stable=True).indices]
+
+
 def seeded_normal_rows(ids: torch.Tensor, dim: int, std: float, seed: int) -> torch.Tensor:
     """Normal(0, std) rows that depend only on (id, column, seed), not on arrival order or
     machine: a splitmix64 stream per id feeds a Box-Muller transform (float64, then float32)."""
@@ -331,10 +339,8 @@ class RowTable:
         return self._by_recency(candidates)[:count]
 
     def _by_recency(self, slots: torch.Tensor) -> torch.Tensor:
-        """``slots`` least recently pushed first, ties by id: an order that does not depend on
-        where rows happen to sit, so a reloaded table evicts exactly as the saved one would."""
-        slots = slots[torch.sort(self._slot_ids[slots], stable=True).indices]
-        return slots[torch.sort(self._last_step[slots], stable=True).indices]
+        """``slots`` least recently pushed first, ties by id (``recency_order``)."""
+        return slots[recency_order(self._slot_ids[slots], self._last_step[slots])]
 
     def _evict(self, slots: torch.Tensor) -> None:
         # The index keeps the evicted ids' entries; _slots sees they no longer hold a row.
@@ -393,7 +399,10 @@ class RowTable:
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Replaces the table's rows, state and counters with a ``state_dict()``'s.
+        """Replaces the table's rows, state and counters with a ``state_dict()``'s, held to
+        ``max_rows`` at once: rows and ids awaiting admission past it (more than one shard's,
+        after a reshard onto fewer) are evicted and forgotten as a push would, least recently
+        pushed first, ties by id.
 
         Raises:
             ValueError: another dim or row optimizer, or state tensors not matching the ids.
@@ -406,19 +415,20 @@ class RowTable:
                 "row table checkpoint is for --row-optimizer "
                 f"{flag_name_of(state_dict['optimizer'])}, not {self.optimizer.flag_name}"
             )
-        ids = state_dict["ids"]
-        num_rows = ids.numel()
         if state_dict["state"].keys() != self._state_shapes.keys():
             raise ValueError(f"row table checkpoint state has {sorted(state_dict['state'])}")
-        if state_dict["values"].shape != (num_rows, self.dim):
+        if state_dict["values"].shape != (state_dict["ids"].numel(), self.dim):
             raise ValueError("row table checkpoint values do not match its ids")
+        kept = self._kept_on_load(state_dict["ids"], state_dict["last_step"])
+        ids = state_dict["ids"][kept]
+        num_rows = ids.numel()
         self._reset(capacity=num_rows)
         self._num_used_slots = num_rows
-        self._values[:num_rows] = state_dict["values"]
+        self._values[:num_rows] = state_dict["values"][kept]
         for name, tensor in state_dict["state"].items():
-            self._state[name][:num_rows] = tensor
+            self._state[name][:num_rows] = tensor[kept]
         self._slot_ids[:num_rows] = ids
-        self._last_step[:num_rows] = state_dict["last_step"]
+        self._last_step[:num_rows] = state_dict["last_step"][kept]
         self._index.rebuild(ids.clone(), torch.arange(num_rows))
         self._num_rows = num_rows
         pending = sorted(
@@ -432,4 +442,15 @@ class RowTable:
         self._pending = OrderedDict((i, (count, step)) for step, i, count in pending)
         self.num_steps = int(state_dict["num_steps"])
         self.num_admitted = int(state_dict["num_admitted"])
-        self.num_evicted = int(state_dict["num_evicted"])
+        self.num_evicted = int(state_dict["num_evicted"]) + state_dict["ids"].numel() - num_rows
+        # What the end of the last push would have forgotten had it held these ids.
+        self._forget_pending(self.num_steps)
+
+    def _kept_on_load(self, ids: torch.Tensor, last_steps: torch.Tensor) -> torch.Tensor:
+        """The positions of the saved rows a load keeps: all of them, or, beyond ``max_rows``
+        (rows resharded onto fewer shards), the most recently pushed, as eviction would have
+        left them. Cut here, not at the next push: the bound holds from the start, and only
+        kept rows are allocated."""
+        if self.max_rows is None or ids.numel() <= self.max_rows:
+            return torch.arange(ids.numel())
+        return recency_order(ids, last_steps)[ids.numel() - self.max_rows :]

@@ -1,9 +1,9 @@
 """``distbelief train --resume`` of a run whose config.json no longer names the model its
 checkpoints hold (edited by hand), for each kind of run the resume supports besides a whole
 model's Downpour run (``test_resume_cli.py``): a model-parallel run's partitions, a click
-model's row tables and Sandblaster's committed checkpoint; and of a run whose tensor file was
-edited and given matching digests. Each is refused in one line naming the file and what
-differs, exit 2, before anything in the run folder changes."""
+model's row tables and Sandblaster's committed checkpoint; and of a run whose tensor file or
+row chunk file was edited and given matching digests. Each is refused in one line naming the
+file and what differs, exit 2, before anything in the run folder changes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from distbelief.server.checkpoint_meta import rows_meta_path
 from tests.conftest import run_cli
 from tests.unit.test_checkpoint import edit_tensor_file
+from tests.unit.test_row_checkpoint import edit_row_chunk, reseal_row_chunk
 
 ERROR = "distbelief train: error: --resume {run}: cannot resume: "
 
@@ -51,6 +53,24 @@ def _refused_tensors(run_dir: Path, folder: Path, edit: Callable[[dict], object]
     edit_tensor_file(folder, 0, edit)
     try:
         return _resume_refused(run_dir)
+    finally:
+        for path, data in originals.items():
+            path.write_bytes(data)
+
+
+def _refused_row_chunk(run_dir: Path, edit: Callable[[dict], object]) -> tuple[Path, int, str]:
+    """``_refused`` for shard 0's first row chunk, its tensors changed by ``edit`` and its
+    digests made to match (``reseal_row_chunk``); the files are put back after. Returns the
+    chunk file, its number of rows and the line."""
+    checkpoints = run_dir / "checkpoints"
+    meta = rows_meta_path(checkpoints, 0)
+    [listed, *_] = json.loads(meta.read_text())["tables"]["tables.0"]["row_chunks"]
+    chunk = checkpoints / listed["file"]
+    originals = {path: path.read_bytes() for path in (meta, chunk)}
+    edit_row_chunk(chunk, edit)
+    reseal_row_chunk(checkpoints, 0, chunk)
+    try:
+        return chunk, listed["num_rows"], _resume_refused(run_dir)
     finally:
         for path, data in originals.items():
             path.write_bytes(data)
@@ -112,7 +132,7 @@ def test_a_model_parallel_run_is_refused_another_model_partition_count_or_tensor
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_click_model_run_is_refused_tables_of_another_width(tmp_path):
+def test_a_click_model_run_is_refused_tables_of_another_width_or_an_edited_chunk(tmp_path):
     run_dir = tmp_path / "run"
     _train(
         *("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "2000"),
@@ -128,6 +148,13 @@ def test_a_click_model_run_is_refused_tables_of_another_width(tmp_path):
         "another model's tables than 'dlrm' (its config.json's): table 'tables.0' holds rows "
         "of 16 values, the model's of 8"
     )
+
+    # A row chunk edited and given matching digests: its header tells, before anything starts.
+    chunk, _, line = _refused_row_chunk(run_dir, lambda t: t.update({"vals": t.pop("values")}))
+    said = ERROR.format(run=run_dir) + f"{chunk}: shard 0 would not restore it: table 'tables.0': "
+    assert line == said + "tensor 'values' is missing"
+    chunk, num_rows, line = _refused_row_chunk(run_dir, lambda t: t.update({"ids": t["ids"].int()}))
+    assert line == said + f"tensor 'ids' is int32 [{num_rows}], not int64 [{num_rows}]"
 
 
 @pytest.mark.slow

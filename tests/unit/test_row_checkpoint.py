@@ -1,10 +1,13 @@
 """Row table checkpoints: exact round trip in chunks, a reloaded table behaves like the saved
-one, the checksum, atomic saves, and damage named by file."""
+one, the checksum, atomic saves, and damage named by file (a chunk edited and given matching
+digests too, from its header, before a resume starts anything)."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from distbelief.server.row_checkpoint import (
     save_row_tables,
     table_checksum,
 )
+from distbelief.server.row_chunk_layout import check_row_chunks
 from distbelief.server.row_optimizers import LazyAdam, RowAdagrad, RowSGD, RowWiseAdagrad
 from distbelief.server.row_table import RowTable
 
@@ -179,6 +183,7 @@ def test_pending_chunks_without_a_last_step_load_as_pushed_at_the_tables_last_st
     restored = _table()
     restored.load_state_dict(loaded)
     assert restored.num_pending == state["pending_ids"].numel()
+    check_row_chunks(tmp_path, 0)  # and the check before a resume takes them
 
 
 def test_a_corrupt_chunk_is_named(tmp_path):
@@ -244,3 +249,77 @@ def test_row_tables_written_without_a_metadata_digest_still_load(tmp_path):
     assert loaded.version == 1
     _assert_same(loaded.tables["emb"], _trained().state_dict())
     assert check_rows_meta(tmp_path, 0) == (0, 1)
+
+
+def reseal_row_chunk(directory: Path, shard_id: int, chunk: Path) -> None:
+    """Give ``chunk``, edited, its new SHA-256 in shard ``shard_id``'s row JSON and seal that,
+    as a hand that knows the format would: every digest matches."""
+    path = rows_meta_path(directory, shard_id)
+    meta = json.loads(path.read_text())
+    for entry in meta["tables"].values():
+        for listed in (*entry["row_chunks"], *entry["pending_chunks"]):
+            if listed["file"] == chunk.name:
+                listed["sha256"] = sha256_file(chunk)
+    write_sealed_json(path, meta)
+
+
+def edit_row_chunk(chunk: Path, edit: Callable[[dict], object]) -> None:
+    """Change the tensors of the chunk file ``chunk`` with ``edit`` (then reseal it)."""
+    tensors = load_file(str(chunk))
+    edit(tensors)
+    save_file(tensors, str(chunk))
+
+
+def _past_the_file(chunk: Path) -> None:
+    data = chunk.read_bytes()
+    chunk.write_bytes((len(data) - 7).to_bytes(8, "little") + data[8:])
+
+
+@pytest.mark.parametrize(
+    ("kind", "damage", "said"),
+    [
+        (
+            "row_chunks",
+            lambda c: edit_row_chunk(c, lambda t: t.update({"vals": t.pop("values")})),
+            "tensor 'values' is missing",
+        ),
+        (
+            "row_chunks",
+            lambda c: edit_row_chunk(c, lambda t: t.pop("state.exp_avg_sq")),
+            "tensor 'state.exp_avg_sq' is missing",
+        ),
+        (
+            "row_chunks",
+            lambda c: edit_row_chunk(c, lambda t: t.update({"extra": t["ids"].clone()})),
+            "unexpected tensor 'extra'",
+        ),
+        (
+            "row_chunks",
+            lambda c: edit_row_chunk(c, lambda t: t.update({"values": t["values"].double()})),
+            "tensor 'values' is float64 [4, 3], not float32 [4, 3]",
+        ),
+        (
+            "row_chunks",
+            lambda c: edit_row_chunk(c, lambda t: t.update({"values": t["values"][:, :2].clone()})),
+            "tensor 'values' is float32 [4, 2], not float32 [4, 3]",
+        ),
+        (
+            "pending_chunks",
+            lambda c: edit_row_chunk(c, lambda t: t.update({"counts": t["counts"][1:].clone()})),
+            "tensor 'counts' is int64 [3], not int64 [4]",
+        ),
+        ("row_chunks", _past_the_file, "unreadable tensor file: a header of"),
+    ],
+    ids=["renamed", "missing", "extra", "dtype", "shape", "pending-shape", "header-past-the-file"],
+)
+def test_a_chunk_edited_and_resealed_is_refused_from_its_header(tmp_path, kind, damage, said):
+    """Its digests match: the header's tensors, dtypes and shapes tell, before a resume starts
+    anything (``check_row_chunks``) and before a shard loads the chunk."""
+    chunk = tmp_path / _saved(tmp_path)["tables"]["emb"][kind][0]["file"]  # 4 rows
+    damage(chunk)
+    reseal_row_chunk(tmp_path, 0, chunk)
+    assert check_rows_meta(tmp_path, 0) == (0, 1)  # every digest matches
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(chunk))}: .*{re.escape(said)}"):
+        check_row_chunks(tmp_path, 0)
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(chunk))}: .*{re.escape(said)}"):
+        load_row_tables(tmp_path, 0)

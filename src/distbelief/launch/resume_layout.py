@@ -7,9 +7,10 @@ What the shards must hold comes from the model built on the meta device (its lay
 grouped as the job's processes group it: each parameter group's tensors (the whole model's,
 each partition's of a model-parallel job in its group's folder, a click model's dense layers)
 and a click model's row tables, by name and row width (not their rows, which grow; every
-table's rows are float32); and each shard's tensor file, by the names, dtypes and shapes its
-header lists, what the shard would restore. The shards restore from the run's checkpoints, or
-for Sandblaster from the folder its coordinator's last committed checkpoint names.
+table's rows are float32); and each shard's tensor file and row chunk files, by the names,
+dtypes and shapes their headers list, what the shard would restore. The shards restore from
+the run's checkpoints, or for Sandblaster from the folder its coordinator's last committed
+checkpoint names.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def check_resumed_layout(config: JobConfig) -> None:
     the model lacks, or rows of another width), then every parameter group's tensors (the
     first that differs; then the tensors each shard's file holds, of its slices and its server
     optimizer's state), and a group the job does not use. Reads the checkpoints' JSON and
-    their tensor files' headers only (their digests are ``resume.check_checkpoints``');
-    changes nothing.
+    their tensor and row chunk files' headers only (their digests are
+    ``resume.check_checkpoints``'); changes nothing.
 
     Raises:
         CheckpointError: the first difference, naming the file.
@@ -159,7 +160,10 @@ def _expected_layout(
 
 def _check_tables(directory: Path, config: JobConfig, widths: dict[str, int]) -> None:
     """Every shard's row tables are tables of the model, of its row widths (a table not saved
-    yet is made empty, as a shard makes it)."""
+    yet is made empty, as a shard makes it), and every chunk file's header lists what the
+    shard restores (``check_row_chunks``)."""
+    from distbelief.server.row_chunk_layout import check_row_chunks
+
     for shard_id in range(config.cluster.num_shards):
         saved = saved_row_widths(directory, shard_id) or {}
         for table, width in saved.items():
@@ -174,6 +178,7 @@ def _check_tables(directory: Path, config: JobConfig, widths: dict[str, int]) ->
                 f"{rows_meta_path(directory, shard_id)} holds another model's tables than "
                 f"{config.model.name!r} (its config.json's): {difference}"
             )
+        check_row_chunks(directory, shard_id)
 
 
 def _check_groups(

@@ -22,6 +22,13 @@ from distbelief.files import sha256_file, sync_folder
 from distbelief.sealed_json import write_sealed_json
 from distbelief.server.checkpoint import write_tensor_file
 from distbelief.server.checkpoint_meta import read_rows_meta, rows_meta_path
+from distbelief.server.row_chunk_layout import (
+    OPTIONAL_PENDING_KEYS,
+    Layout,
+    check_chunk_header,
+    pending_chunk_layout,
+    row_chunk_layout,
+)
 from distbelief.sharding.rows import mix64
 
 FORMAT_VERSION = 1
@@ -329,10 +336,18 @@ def _load_table(directory: Path, meta_path: Path, name: str, entry: dict) -> dic
     shapes = {
         str(key): tuple(int(d) for d in shape) for key, shape in entry["state_shapes"].items()
     }
-    row_keys = ["ids", "values", *(f"state.{key}" for key in shapes), "last_step"]
-    rows = [_read_chunk(directory, meta_path, chunk, row_keys) for chunk in entry["row_chunks"]]
+    rows = [
+        _read_chunk(directory, meta_path, chunk, row_chunk_layout(entry, int(chunk["num_rows"])))
+        for chunk in entry["row_chunks"]
+    ]
     pending = [
-        _read_chunk(directory, meta_path, chunk, ["ids", "counts", "last_step"], optional=1)
+        _read_chunk(
+            directory,
+            meta_path,
+            chunk,
+            pending_chunk_layout(int(chunk["num_rows"])),
+            OPTIONAL_PENDING_KEYS,
+        )
         for chunk in entry["pending_chunks"]
     ]
     num_steps = int(entry["num_steps"])
@@ -375,9 +390,10 @@ def _load_table(directory: Path, meta_path: Path, name: str, entry: dict) -> dic
 
 
 def _read_chunk(
-    directory: Path, meta_path: Path, chunk: dict, keys: list[str], optional: int = 0
+    directory: Path, meta_path: Path, chunk: dict, layout: Layout, optional: tuple = ()
 ) -> dict:
-    """The tensors of one chunk file: ``keys``, of which the last ``optional`` may be absent."""
+    """The tensors of one chunk file: those of ``layout`` (``optional`` ones may be absent),
+    their header checked before the data is loaded (``check_chunk_header``)."""
     file_name = str(chunk["file"])
     path = directory / file_name
     if Path(file_name).name != file_name:
@@ -387,12 +403,12 @@ def _read_chunk(
     if sha256_file(path) != chunk["sha256"]:
         raise CheckpointError(f"{path}: corrupt (SHA-256 does not match {meta_path.name})")
     try:
+        check_chunk_header(path, layout, optional)
         tensors = load_file(str(path))
+    except CheckpointError:
+        raise
+    except ValueError as e:  # a tensor the table would not take, named
+        raise CheckpointError(f"{path}: {e}") from e
     except SafetensorError as e:
         raise CheckpointError(f"{path}: unreadable chunk: {_one_line(e)}") from e
-    if sorted(tensors) not in [sorted(keys[: len(keys) - n]) for n in range(optional + 1)]:
-        raise CheckpointError(f"{path}: holds {sorted(tensors)}, expected {sorted(keys)}")
-    num_rows = int(chunk["num_rows"])
-    if any(t.dim() == 0 or t.shape[0] != num_rows for t in tensors.values()):
-        raise CheckpointError(f"{path}: tensors are not all {num_rows} rows long")
     return tensors

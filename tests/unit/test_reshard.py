@@ -479,14 +479,14 @@ def test_a_partitioned_run_counts_only_the_folders_holding_checkpoints(tmp_path)
 
 
 def test_more_shards_than_the_model_has_parameters_is_refused_naming_the_flag(run, capsys):
-    # The largest dtype group is the float32 one: w and b, 50 elements; past 50 shards shard 0
-    # would hold none (the partition's smaller group may leave shards without its own).
+    # Each folder's largest dtype group is the float32 one: w and b, 50 elements (the stage's
+    # folder holds the whole flat vectors too); past 50 shards shard 0 would hold none.
     run_dir = run[0]
     before = _snapshot(run_dir)
     assert main(["reshard", str(run_dir), "--shards", "51"]) == 2
     assert (
-        "argument --shards: must be at most 50, the parameters of this run's model: more "
-        "shards would hold none, got 51" in capsys.readouterr().err
+        "argument --shards: must be at most 50, the parameters of this run's smallest partition: "
+        "more shards would hold none, got 51" in capsys.readouterr().err
     )
     assert main(["reshard", str(run_dir), "--shards", "2147483647"]) == 2
     assert _snapshot(run_dir) == before

@@ -1,5 +1,6 @@
 """A new job's --shards is bounded by its model's parameters, as reshard's and a resumed run's
-are: past the largest dtype group's elements shard 0 would hold none."""
+are: past the largest dtype group's elements shard 0 would hold none (of a model-parallel job,
+past its smallest partition's: every partition is cut across all the shards)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def test_more_shards_than_the_models_parameters_is_refused_before_anything_start
     run_dir = tmp_path / "run"
     argv = ["train", "--model", "lenet", "--steps", "2", "--out", str(run_dir)]
     assert main([*argv, "--shards", "100000"]) == 2
-    (largest,) = model_group_sizes(JobConfig.from_fields({"model.name": "lenet"}))
+    [(largest,)] = model_group_sizes(JobConfig.from_fields({"model.name": "lenet"}))
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert errors == [
         f"distbelief train: error: argument --shards: must be at most {largest}, the "
@@ -37,18 +38,20 @@ def test_more_shards_than_the_models_parameters_is_refused_before_anything_start
     assert not run_dir.exists()
 
 
-def test_a_partitioned_job_is_bounded_by_its_largest_partition(nothing_starts, capsys, tmp_path):
-    # Each partition is a parameter group of its own on the shards: the largest bounds them.
-    fields = {"model.name": "mlp", "pipeline.num_partitions": 2, "pipeline.split_points": [2]}
-    largest = max(model_group_sizes(JobConfig.from_fields(fields)))
-    whole = sum(model_group_sizes(JobConfig.from_fields({"model.name": "mlp"})))
-    assert largest < whole
+def test_a_partitioned_job_is_bounded_by_its_smallest_partition(nothing_starts, capsys, tmp_path):
+    # Each partition is a parameter group of its own, cut across every shard: past the smallest
+    # one's elements some shard would hold none of it (split at 4, the last layer: 1,290).
+    fields = {"model.name": "mlp", "pipeline.num_partitions": 2, "pipeline.split_points": [4]}
+    [(largest,), (smallest,)] = model_group_sizes(JobConfig.from_fields(fields))
+    assert smallest < 5000 < largest
     run_dir = tmp_path / "run"
-    argv = ["train", "--model", "mlp", "--partitions", "2", "--split-points", "2"]
-    assert main([*argv, "--shards", str(largest + 1), "--out", str(run_dir)]) == 2
-    assert f"argument --shards: must be at most {largest}, the parameters" in (
-        capsys.readouterr().err
-    )
+    argv = ["train", "--model", "mlp", "--partitions", "2", "--split-points", "4"]
+    assert main([*argv, "--shards", "5000", "--out", str(run_dir)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [
+        f"distbelief train: error: argument --shards: must be at most {smallest}, the "
+        "parameters of this run's smallest partition: more shards would hold none, got 5000"
+    ]
     assert not run_dir.exists()
 
 

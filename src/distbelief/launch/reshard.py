@@ -157,11 +157,13 @@ def _configs(run_dir: Path, num_shards: int) -> tuple[JobConfig, JobConfig]:
 
 
 def _check_every_shard_gets_parameters(models: list[WholeModel], num_shards: int) -> None:
-    """Refuses more shards than the largest dtype group of any checkpoint folder has
-    elements (``check_every_shard_gets_parameters``, as a new job's shard count is checked):
-    a request for 2**31 - 1 shards would first write a file pair for each."""
-    sizes = [flat.numel() for model in models for flat in model.buffers.get("param", {}).values()]
-    check_every_shard_gets_parameters(sizes, num_shards)
+    """Refuses more shards than some checkpoint folder's largest dtype group has elements
+    (``check_every_shard_gets_parameters``, as a new job's shard count is checked): a request
+    for 2**31 - 1 shards would first write a file pair for each."""
+    groups = [
+        [flat.numel() for flat in model.buffers.get("param", {}).values()] for model in models
+    ]
+    check_every_shard_gets_parameters(groups, num_shards)
 
 
 def _base_folder(root: Path, config: JobConfig) -> Path:

@@ -74,23 +74,25 @@ whole-model job with at most this many shards needs no model built to know every
 parameters."""
 
 
-def check_every_shard_gets_parameters(sizes: Iterable[int], num_shards: int) -> None:
-    """Refuses more shards than the largest dtype group of any parameter group has elements:
-    the shards cut each group evenly, so past that shard 0 would hold no parameter at all, and
-    serve nothing. A model-parallel partition's group may be smaller than the shard count: its
-    shards hold the other partitions' parameters. ``sizes``: the element count of each dtype
-    group of each parameter group.
+def check_every_shard_gets_parameters(groups: Iterable[Iterable[int]], num_shards: int) -> None:
+    """Refuses more shards than some parameter group can give each one an element: the shards
+    cut every group evenly (a model-parallel job's each partition's across all of them), so
+    past its largest dtype group's element count a shard would hold none of that group, and
+    serve it nothing. ``groups``: per parameter group, the element count of each of its dtype
+    groups.
 
     Raises:
         ConfigFieldError: field ``cluster.num_shards`` (``--shards``).
     """
-    sizes = list(sizes)
-    if sizes and num_shards > max(sizes):
-        raise ConfigFieldError(
-            "cluster.num_shards",
-            f"must be at most {max(sizes)}, the parameters of this run's model: more shards "
-            f"would hold none, got {num_shards}",
-        )
+    bounds = [max(sizes) for sizes in map(list, groups) if sizes]
+    if not bounds or num_shards <= min(bounds):
+        return
+    holder = "model" if len(bounds) == 1 else "smallest partition"
+    raise ConfigFieldError(
+        "cluster.num_shards",
+        f"must be at most {min(bounds)}, the parameters of this run's {holder}: more shards "
+        f"would hold none, got {num_shards}",
+    )
 
 
 def check_shards_fit_model(config: JobConfig) -> None:
@@ -107,16 +109,18 @@ def check_shards_fit_model(config: JobConfig) -> None:
     check_every_shard_gets_parameters(model_group_sizes(config), num_shards)
 
 
-def model_group_sizes(config: JobConfig) -> list[int]:
-    """The element count of each dtype of each parameter group the job's shards hold (a click
-    model's dense layers; its row tables are not cut by the shard count)."""
+def model_group_sizes(config: JobConfig) -> list[list[int]]:
+    """Per parameter group the job's shards hold (the whole model's, or each partition's), the
+    element count of each of its dtypes (a click model's dense layers; its row tables are not
+    cut by the shard count)."""
     groups, _ = _expected_layout(config)
-    sizes: dict[tuple[str, str], int] = {}
-    for group, (_, specs) in groups.items():
+    sizes: list[list[int]] = []
+    for _, specs in groups.values():
+        by_dtype: dict[str, int] = {}
         for spec in specs:
-            key = (group, str(spec.dtype))
-            sizes[key] = sizes.get(key, 0) + spec.numel
-    return list(sizes.values())
+            by_dtype[str(spec.dtype)] = by_dtype.get(str(spec.dtype), 0) + spec.numel
+        sizes.append(list(by_dtype.values()))
+    return sizes
 
 
 def _expected_layout(

@@ -26,7 +26,7 @@ from distbelief.pipeline.job import job_split, stage_plan
 from distbelief.pipeline.wire_links import WireLinks
 from distbelief.telemetry import read_metrics
 from distbelief.worker import build_replica, worker_batches
-from tests.conftest import CHILD_ENV, CLI, stop_processes
+from tests.conftest import CHILD_ENV, CLI, run_cli, stop_processes
 
 _LISTENING = re.compile(r"stage (\d+) listening at (tcp://\S+)")
 STEPS = 6
@@ -146,10 +146,12 @@ def test_the_stages_of_one_replica_train_as_sgd_on_the_whole_model(
     )
     evaluator = PSEvaluator(config, addresses)
     try:
-        evaluator.evaluate()  # pulls every partition's group into the whole model
+        result = evaluator.evaluate()  # pulls every partition's group into the whole model
         pulled = dict(evaluator.model.named_parameters())
     finally:
         evaluator.close()
+    # Each partition's stage pushed every step to its own group: one version each, not a sum.
+    assert (result["version"], result["partition_versions"]) == (STEPS, [STEPS] * num_stages)
     reference = _sgd_on_the_whole_model(config)
     for name, want in reference.named_parameters():
         torch.testing.assert_close(pulled[name], want, atol=1e-6, rtol=0, msg=name)
@@ -217,6 +219,26 @@ def _replica_steps(run_dir: Path) -> dict[int, int]:
 def _pids(run_dir: Path) -> dict[str, int]:
     path = run_dir / "pids.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_partitioned_runs_final_version_is_given_per_partition(tmp_path):
+    # Each partition's stages push to a group of its own: a sum of the groups' versions would
+    # say 2 x the steps; every partition had one update per step.
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        *("train", "--model", "mlp", "--partitions", "2", "--split-points", "3"),
+        *("--workers", "1", "--shards", "2", "--micro-batches", "2", "--steps", str(STEPS)),
+        *("--no-eval", "--out", str(run_dir)),
+        timeout_s=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    assert (final["version"], final["partition_versions"]) == (STEPS, [STEPS, STEPS])
+    assert f"(parameter server, partition versions {STEPS}, {STEPS}); run folder" in result.stdout
+    [row] = [row for row in read_metrics(run_dir / "metrics.csv") if row["role"] == "evaluator"]
+    assert row["version"] == STEPS
 
 
 @pytest.mark.slow

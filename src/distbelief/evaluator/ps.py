@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from distbelief.wire.security import WireSecurity
 
 
+PARTITION_VERSIONS = "partition_versions"
+"""An evaluation's versions of a model-parallel model's partitions, in stage order (not a
+metrics.csv column: its ``version`` is their lowest)."""
+
+
 class PSEvaluator:
     """Pulls the shards' parameters into a local model and measures it on the test set.
 
@@ -57,15 +62,20 @@ class PSEvaluator:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Test loss, accuracy and the shards' version of one fresh pull (the highest shard
-        version; summed over the partitions of a model-parallel model).
+        version). A model-parallel model's partitions each have a version of their own (the
+        pushes of its stages): ``version`` is the lowest, the updates every partition has
+        had, and ``PARTITION_VERSIONS`` lists them in stage order.
 
         Raises:
             ShardTimeoutError: a shard did not answer the pull within the request timeout.
             ShardUnavailableError: a shard cannot be reached.
         """
-        version = sum(reader.pull() for reader in self._readers)
+        versions = [reader.pull() for reader in self._readers]
         test_loss, test_accuracy = evaluate(self.model, self.test_set)
-        return {"test_loss": test_loss, "test_accuracy": test_accuracy, "version": version}
+        result = {"test_loss": test_loss, "test_accuracy": test_accuracy, "version": min(versions)}
+        if len(versions) > 1:
+            result[PARTITION_VERSIONS] = versions
+        return result
 
     def close(self) -> None:
         """Closes the connections to the shards."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from distbelief.errors import ShardUnavailableError
-from distbelief.evaluator.ps import PSEvaluator
+from distbelief.evaluator.ps import PARTITION_VERSIONS, PSEvaluator
 from distbelief.files import check_folder_can_be_made, make_folder
 from distbelief.process import Emit, StopFlag
 from distbelief.telemetry.metrics import MetricsWriter, check_appendable, make_record
@@ -61,22 +61,38 @@ def _sleep_unless_stopped(stop: StopFlag, seconds: float) -> None:
 
 
 def _evaluate_until_stopped(
-    evaluator: PSEvaluator, every_s: float, emit: Emit, start_time: float, stop: StopFlag
+    evaluator: PSEvaluator,
+    every_s: float,
+    emit: Emit,
+    start_time: float,
+    stop: StopFlag,
+    latest: dict | None = None,
 ) -> dict:
     """Evaluate now and every ``every_s`` until ``stop``, then once more; a parameter version
-    already evaluated is not reported twice. Returns the last result."""
-    last_version = -1
+    already evaluated is not reported twice. Returns the last result (kept in ``latest`` too,
+    when given, as each evaluation ends)."""
+    last_versions = None
     while True:
         # Read the flag before evaluating: an evaluation that starts after the stop is the last.
         stopping = stop.is_set()
         result = evaluator.evaluate()
-        if result["version"] != last_version:
-            record = make_record("evaluator", 0, time_s=time.time() - start_time, **result)
-            emit("metric", record)
-            last_version = result["version"]
+        if latest is not None:
+            latest.clear()
+            latest.update(result)
+        versions = (result["version"], result.get(PARTITION_VERSIONS))
+        if versions != last_versions:
+            emit("metric", _metrics_row(result, start_time))
+            last_versions = versions
         if stopping:
             return result
         _sleep_unless_stopped(stop, every_s)
+
+
+def _metrics_row(result: dict, start_time: float) -> dict:
+    """The evaluator's metrics.csv row of ``result`` (its columns only: a partitioned model's
+    versions are the result's, the row's ``version`` their lowest)."""
+    fields = {key: value for key, value in result.items() if key != PARTITION_VERSIONS}
+    return make_record("evaluator", 0, time_s=time.time() - start_time, **fields)
 
 
 def run_evaluator(
@@ -93,7 +109,8 @@ def run_evaluator(
     ``config.reporting.eval_during_training`` False, only once, after ``stop``.
 
     Returns:
-        The last evaluation: ``test_loss``, ``test_accuracy`` and ``version``.
+        The last evaluation: ``test_loss``, ``test_accuracy`` and ``version`` (and a
+        partitioned model's ``partition_versions``).
 
     Raises:
         ShardTimeoutError, ShardUnavailableError, ModelMismatchError: see ``PSEvaluator``.
@@ -108,19 +125,22 @@ def run_evaluator(
         # The one-shot evaluator idles (no requests, no compute) until the workers are done.
         _wait_for(stop)
         result = evaluator.evaluate()
-        emit("metric", make_record("evaluator", 0, time_s=time.time() - start_time, **result))
+        emit("metric", _metrics_row(result, start_time))
         return result
     finally:
         evaluator.close()
 
 
 def format_result(result: dict) -> str:
-    """``test_loss=... test_accuracy=... [test_auc=...] version=...``: one parseable line."""
+    """``test_loss=... test_accuracy=... [test_auc=...] version=... [partition_versions=V,V]``:
+    one parseable line."""
     auc = result.get("test_auc")
+    partitions = result.get(PARTITION_VERSIONS)
     return (
         f"test_loss={result['test_loss']:.4f} test_accuracy={result['test_accuracy']:.4f} "
         + ("" if auc is None else f"test_auc={auc:.4f} ")
         + f"version={result['version']}"
+        + ("" if partitions is None else f" {PARTITION_VERSIONS}={','.join(map(str, partitions))}")
     )
 
 
@@ -138,7 +158,8 @@ def watch_shards(
     each evaluation and appending it to ``<out_dir>/metrics.csv`` when ``out_dir`` is given.
 
     Returns:
-        The last evaluation: ``test_loss``, ``test_accuracy`` and ``version``.
+        The last evaluation: ``test_loss``, ``test_accuracy`` and ``version`` (and a
+        partitioned model's ``partition_versions``).
 
     Raises:
         ShardTimeoutError, ShardUnavailableError, ModelMismatchError: before or at the first
@@ -177,8 +198,7 @@ def _watch(
 
     def emit(_kind: str, record: dict) -> None:
         nonlocal writer
-        last.update(record)
-        logger.info("eval t=%.1fs %s", record["time_s"], format_result(record))
+        logger.info("eval t=%.1fs %s", record["time_s"], format_result(last))
         if path is not None:
             if writer is None:
                 make_folder(path.parent, "--out")
@@ -187,12 +207,17 @@ def _watch(
 
     try:
         return _evaluate_until_stopped(
-            evaluator, every_s, emit, start_time, stop if stop is not None else threading.Event()
+            evaluator,
+            every_s,
+            emit,
+            start_time,
+            stop if stop is not None else threading.Event(),
+            latest=last,
         )
     except ShardUnavailableError as e:
         if not last:
             raise
         # The normal end of a watched job: its shards stopped.
         logger.warning("shards stopped answering (%s); last evaluation: %s", e, format_result(last))
-        keys = ("test_loss", "test_accuracy", "test_auc", "version")
+        keys = ("test_loss", "test_accuracy", "test_auc", "version", PARTITION_VERSIONS)
         return {key: last[key] for key in keys if last.get(key) is not None}

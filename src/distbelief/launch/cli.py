@@ -248,9 +248,18 @@ def _run_train(args: argparse.Namespace) -> int:
     auc = "" if final.get("test_auc") is None else f", test AUC {final['test_auc']:.4f}"
     print(
         f"done in {result.elapsed_s:.1f}s: test accuracy {final.get('test_accuracy', 0):.4f}"
-        f"{auc} (parameter server, version {final.get('version')}); run folder {result.run_dir}"
+        f"{auc} (parameter server, {_versions_said(final)}); run folder {result.run_dir}"
     )
     return 0
+
+
+def _versions_said(final: dict) -> str:
+    """The final evaluation's version, or a partitioned model's, one per partition: each
+    partition's stages push to a version of their own."""
+    partitions = final.get("partition_versions")
+    if partitions is None:
+        return f"version {final.get('version')}"
+    return f"partition versions {', '.join(map(str, partitions))}"
 
 
 def _restore_lines(faults: Sequence[Fault]) -> list[str]:

@@ -17,6 +17,7 @@ from distbelief.config import JobConfig
 from distbelief.data import load_dataset
 from distbelief.errors import ShardUnavailableError
 from distbelief.evaluator import PSEvaluator, evaluate, watch_shards
+from distbelief.pipeline.job import parameter_groups
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import MetricsWriter, make_record, read_metrics
 from distbelief.worker import build_replica
@@ -81,6 +82,35 @@ def test_eval_once_prints_the_result(shard_cluster) -> None:
     assert line.startswith("distbelief eval: error: shard 0"), refused.stderr
     assert "does not match the shards' 'features.0.weight'" in line
     assert line.endswith("(give the job's --model and its flags)")
+
+
+def test_eval_once_of_a_partitioned_model_names_each_version_and_the_split_flag(shard_cluster):
+    # The shards hold mlp cut before layer 4 (its last Linear), each partition in its group.
+    addresses = shard_cluster(2)
+    fields = {"model.name": "mlp", "pipeline.num_partitions": 2, "pipeline.split_points": [4]}
+    config = JobConfig.from_fields(fields)
+    test_set = load_dataset("digits", split="test")
+    model = build_replica(config, test_set.input_shape, test_set.num_classes)
+    shape, classes = test_set.input_shape, test_set.num_classes
+    for group, named in parameter_groups(config, model, shape, classes):
+        layout = FlatLayout(tensor_specs(named))
+        flats = layout.flatten([parameter.detach() for _, parameter in named])
+        client = ParameterServerClient(addresses, layout.specs, timeout_s=60, group=group)
+        try:
+            assert client.handshake(flats)
+            client.push_now({dtype: torch.zeros_like(flat) for dtype, flat in flats.items()})
+        finally:
+            client.close()  # one push to each partition's group: their versions are 1 and 1
+    job = ("eval", "--ps", ",".join(addresses), "--model", "mlp", "--partitions", "2")
+    result = run_cli(*job, "--split-points", "4", "--once", timeout_s=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["version=1", "partition_versions=1,1"]
+    # Cut before layer 2, stage0's group would hold one Linear, not the shards' two.
+    refused = run_cli(*job, "--split-points", "2", "--once", timeout_s=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert line.startswith("distbelief eval: error: shard 0"), refused.stderr
+    assert line.endswith("(give the job's --model, --split-points and its flags)")
 
 
 def _wait_for_rows(path: Path, num_rows: int, timeout_s: float) -> None:

@@ -684,8 +684,10 @@ def _run_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except ModelMismatchError as e:  # the shards hold another model than the flags describe
         _traceback_if_verbose(args)
-        # A stage's partition is cut by --split-points too: another split is another layout.
-        flags = "--model, --split-points" if getattr(args, "stage", None) is not None else "--model"
+        # A partition (a stage's, or one the evaluator pulls) is cut by --split-points too:
+        # another split is another layout.
+        partitioned = (vars(args).get("pipeline.num_partitions") or 1) > 1
+        flags = "--model, --split-points" if partitioned else "--model"
         # A table's size comes with where it came from (--table-size, --data-dir).
         named = isinstance(e, TableSizeMismatchError) or "--partitions" in str(e)
         hint = "" if named else f" (give the job's {flags} and its flags)"

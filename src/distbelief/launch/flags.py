@@ -161,19 +161,31 @@ COMMAND_FIELDS: dict[str, tuple[str, ...]] = {
 }
 """The config fields each subcommand takes as flags (a section: each of its fields in FLAGS)."""
 
+_SPLIT_POINTS_OF_THE_JOB = (
+    "Layers at which the job's model is cut, comma-separated: the job's own (its run's "
+    "config.json, pipeline.split_points), or the shards refuse the partitions' layout "
+    "(default: balance the partitions' parameter bytes, as every process without them does; "
+    "train's default balances measured time)."
+)
+"""The help of --split-points where it names a running job's split (a stage's, eval's)."""
+
 _MANUAL_ROLE_FLAGS: dict[str, dict[str, dict[str, Any]]] = {
     "ps": {
         "cluster.num_shards": {"flag": "--num-shards", "required": True},
         # A manual shard serves one worker unless told otherwise (a sync round's size).
         "cluster.num_workers": {"flag": "--num-workers", "default": 1},
     },
-    "worker": {"cluster.num_workers": {"flag": "--num-workers", "required": True}},
+    "worker": {
+        "cluster.num_workers": {"flag": "--num-workers", "required": True},
+        "pipeline.split_points": {"help": _SPLIT_POINTS_OF_THE_JOB},
+    },
     "eval": {
+        "pipeline.split_points": {"help": _SPLIT_POINTS_OF_THE_JOB},
         # eval makes no run folder of its own: without --out its evaluations are only logged.
         "reporting.out_dir": {
             "help": "Folder whose metrics.csv eval appends its evaluations to (default: none, "
             "they are only logged; not with --once)."
-        }
+        },
     },
     "reshard": {
         "cluster.num_shards": {

@@ -14,14 +14,17 @@ import torch
 
 from distbelief.config import JobConfig
 from distbelief.errors import CheckpointError
+from distbelief.launch.cli import main
+from distbelief.launch.local import LocalCluster
 from distbelief.launch.resume import STAGE_GROUP_PREFIX, read_run_for_resume
 from distbelief.pipeline.job import stage_group
 from distbelief.sealed_json import write_sealed_json
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.server.checkpoint import save_checkpoint
+from distbelief.server.checkpoint_meta import LAUNCHED_PARTITIONER
 from distbelief.server.groups import group_dir
 from distbelief.server.row_checkpoint import save_row_tables
-from distbelief.sharding import TensorSpec
+from distbelief.sharding import FlatPartitioner, RowAlignedPartitioner, TensorSpec
 
 SPECS = [TensorSpec("3.weight", (4, 2), torch.float32)]
 
@@ -229,3 +232,60 @@ def test_a_hand_edited_version_is_refused_as_a_corrupt_tensor_file_is(tmp_path, 
         f"distbelief train: error: --resume {run_dir}: cannot resume: {said}"
     ]
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def _run_saved_with_row_aligned_cuts(run_dir) -> None:
+    """A 2-shard run's folder whose checkpoints a shard divided with the row-aligned
+    partitioner (the library's; the launcher's shards divide with the flat one)."""
+    config = JobConfig.from_fields({"cluster.num_shards": 2})
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(config.to_json())
+    for shard_id in range(2):
+        optimizer = server_optimizer_factory("sgd", lr=0.1)
+        shard = ParameterShard(shard_id, 2, optimizer, partitioner=RowAlignedPartitioner())
+        shard.initialize(SPECS, [torch.arange(4, dtype=torch.float32) + 4 * shard_id])
+        save_checkpoint(shard.snapshot(), run_dir / "checkpoints")
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    def start(*args, **kwargs):
+        raise AssertionError("a process was started for a refused resume")
+
+    monkeypatch.setattr(LocalCluster, "start", start)
+
+
+@pytest.mark.parametrize("shards", [[], ["--shards", "3"]], ids=["as-is", "resharded"])
+def test_a_checkpoint_of_another_partitioner_is_refused_before_anything_changes(
+    tmp_path, nothing_starts, capsys, shards
+):
+    # The started shards would refuse it; resharded first, the folder would be rewritten.
+    run_dir = tmp_path / "run"
+    _run_saved_with_row_aligned_cuts(run_dir)
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    assert main(["train", "--resume", str(run_dir), *shards]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"distbelief train: error: --resume {run_dir}: cannot resume: "
+        f"{run_dir / 'checkpoints' / 'shard0.json'}: saved with partitioner "
+        '{"kind": "row-aligned"}; the job\'s shards divide the parameters with '
+        '{"kind": "flat"} and would not restore it'
+    ]
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def test_a_resharded_resume_of_another_models_checkpoints_changes_nothing(
+    tmp_path, nothing_starts, capsys
+):
+    # config.json names lenet; the checkpoints hold another model: refused before the reshard.
+    run_dir = tmp_path / "run"
+    _run_with_two_shards(run_dir)
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    assert main(["train", "--resume", str(run_dir), "--shards", "3"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"distbelief train: error: --resume {run_dir}: cannot resume: ")
+    assert "shard0.json holds another model's parameters than 'lenet'" in line
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def test_the_partitioner_read_without_torch_is_the_launched_shards():
+    assert FlatPartitioner().to_json() == LAUNCHED_PARTITIONER

@@ -188,12 +188,19 @@ def _resumed_config(run_dir: Path) -> JobConfig:
         raise argparse.ArgumentError(None, f"argument --resume: {e}") from None
 
 
-def _reshard_before_resume(run_dir: Path, current: int, num_shards: int) -> None:
+def _reshard_before_resume(
+    run_dir: Path, current: int, num_shards: int, changes: dict[str, object]
+) -> None:
     """``--resume RUN_DIR --shards N``: the run's checkpoints redistributed over N shards
-    first (as ``distbelief reshard`` does), unless it already has N (``current``)."""
+    first (as ``distbelief reshard`` does), unless it already has N (``current``); once they
+    are checked as they are (whole, of the partitioner the job's shards restore, and of the
+    model its config.json names), so a refused resume leaves them as they were."""
     from distbelief.launch.reshard import reshard_run
+    from distbelief.launch.resume import read_run_for_resume
+    from distbelief.launch.resume_layout import check_resumed_layout
 
     if current != num_shards:
+        check_resumed_layout(read_run_for_resume(run_dir, changes))
         summary = reshard_run(run_dir, num_shards)
         print(summary.line())
 
@@ -228,7 +235,8 @@ def _run_train(args: argparse.Namespace) -> int:
         typed.discard("cluster.num_shards")
         check_typed_flags_apply("train", typed, resumed.with_fields(changes))
         if new_shards is not None:
-            _reshard_before_resume(Path(args.resume), resumed.cluster.num_shards, new_shards)
+            run_dir = Path(args.resume)
+            _reshard_before_resume(run_dir, resumed.cluster.num_shards, new_shards, changes)
         config = read_run_for_resume(Path(args.resume), changes)
     else:
         config = config_from_args(args)

@@ -7,6 +7,7 @@ processes, and a refused resume costs no torch import."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from distbelief.coordinator.checkpoint import RECORD_FILE, TAG_PREFIX, restore_f
 from distbelief.errors import CheckpointError
 from distbelief.launch.cluster import CHECKPOINT_DIR
 from distbelief.server.checkpoint_meta import (
+    LAUNCHED_PARTITIONER,
     check_rows_meta,
     meta_path,
     read_checked_meta,
     rows_meta_path,
+    saved_partitioner,
 )
 
 RESUMABLE_FIELDS = (
@@ -52,12 +55,14 @@ its parameter group ``stageS`` (``pipeline/job.py``) saved in the group's folder
 
 def check_checkpoints(directory: Path, num_shards: int) -> None:
     """Check every shard's last checkpoint in ``directory``, and its row tables' where there
-    are any: present (for every shard, once any shard has one there), whole (their digests) and
-    this shard's of a job of ``num_shards``. Torch-free: the files are read, not loaded.
+    are any: present (for every shard, once any shard has one there), whole (their digests),
+    this shard's of a job of ``num_shards``, and divided as the launched shards divide (their
+    partitioner). Torch-free: the files are read, not loaded.
 
     Raises:
-        CheckpointError: a checkpoint is missing, missing a part, is corrupt, or was written by
-            another shard or a job of another shard count; the message names the file.
+        CheckpointError: a checkpoint is missing, missing a part, is corrupt, was written by
+            another shard or a job of another shard count, or with another partitioner than
+            the launched shards'; the message names the file.
     """
     _check_each_shard(directory, num_shards, meta_path, _dense_owner)
     _check_each_shard(directory, num_shards, rows_meta_path, check_rows_meta)
@@ -65,7 +70,17 @@ def check_checkpoints(directory: Path, num_shards: int) -> None:
 
 def _dense_owner(directory: Path, shard_id: int) -> tuple[int, int] | None:
     checked = read_checked_meta(directory, shard_id)
-    return None if checked is None else (checked.shard_id, checked.num_shards)
+    if checked is None:
+        return None
+    saved = saved_partitioner(checked.meta)
+    if saved != LAUNCHED_PARTITIONER:
+        # The job's shards would refuse it only once started (and a reshard would re-cut it).
+        raise CheckpointError(
+            f"{meta_path(directory, shard_id)}: saved with partitioner "
+            f"{json.dumps(saved, sort_keys=True)}; the job's shards divide the parameters "
+            f"with {json.dumps(LAUNCHED_PARTITIONER)} and would not restore it"
+        )
+    return checked.shard_id, checked.num_shards
 
 
 def _check_each_shard(

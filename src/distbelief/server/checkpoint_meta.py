@@ -172,6 +172,18 @@ def saved_specs(meta: dict) -> object:
     return values.get("specs") if isinstance(values, dict) else meta.get("specs")
 
 
+LAUNCHED_PARTITIONER = {"kind": "flat"}
+"""The description of the partitioner every shard the launcher starts divides its groups with
+(``FlatPartitioner``'s: read here without torch); a format-1 checkpoint was saved with it."""
+
+
+def saved_partitioner(meta: dict) -> object:
+    """The description of the partitioner a checkpoint's JSON (``read_meta``) was saved with,
+    in either format."""
+    values = meta.get("values")
+    return values.get("partitioner") if isinstance(values, dict) else LAUNCHED_PARTITIONER
+
+
 def read_checked_meta(directory: str | Path, shard_id: int) -> CheckedMeta | None:
     """The last checkpoint of ``shard_id`` in ``directory`` with its tensor file checked, or
     None if there is none.

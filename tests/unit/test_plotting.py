@@ -303,3 +303,53 @@ def test_a_long_label_leaves_the_axes_their_width(tmp_path: Path) -> None:
                 warnings.simplefilter("error")  # "Tight layout not applied"
                 figure = compare_plots._make_comparison([run, run], [long_label, "short"], spec)
             assert figure.axes[0].get_position().width > 0.6, spec.file_name
+
+
+def test_a_partitioned_run_is_told_from_a_whole_model_run_that_records_no_partitions() -> None:
+    # A config.json without pipeline fields (one written before them, or an example node's)
+    # is of a whole model: against a --partitions 2 run, both labels give the count.
+    partitioned = _job_run("pipe", [], **{"pipeline.num_partitions": 2})
+    flat = _run_data("old", num_workers=2, num_shards=2, server_optimizer="sgd", n_push=1)
+    assert run_labels([flat, partitioned]) == [
+        "2w x 2s, sgd, n_push=1, partitions=1",
+        "2w x 2s, sgd, n_push=1, partitions=2",
+    ]
+    # Runs that all record no partitions, or all the same count, show none.
+    assert run_labels([flat, _job_run("whole", [])]) == [
+        "2w x 2s, sgd, n_push=1 (old)",
+        "2w x 2s, sgd, n_push=1 (whole)",
+    ]
+
+
+def _node_run(rank: int) -> RunData:
+    """An example node's run: its evaluator records (its worker rank's) test its own replica."""
+    config = {
+        "cluster": {"num_workers": 2, "num_shards": 1},
+        "reporting": {"tested_model": "worker"},
+    }
+    records = [
+        make_record(
+            "evaluator", rank - 1, time_s=float(t), step=t, test_accuracy=0.5, test_loss=1.0
+        )
+        for t in (1, 2)
+    ]
+    return RunData(Path(f"node{rank}"), records, dotted_fields(config))
+
+
+def test_compared_nodes_title_the_axis_for_their_own_replicas_test_metric() -> None:
+    nodes = [_node_run(1), _node_run(2)]
+    job = _job_run("job", _iterations("evaluator", test_accuracy=0.5, test_loss=1.0))
+    accuracy, loss = compare_plots._COMPARISONS[:2]
+    expected = {
+        (accuracy, "nodes"): "test accuracy, each worker's own replica",
+        (loss, "nodes"): "test loss (cross-entropy), each worker's own replica",
+        (accuracy, "jobs"): "PS test accuracy",
+        (accuracy, "mixed"): "test accuracy (PS, or a worker's own replica)",
+    }
+    runs = {"nodes": nodes, "jobs": [job, job], "mixed": [job, nodes[1]]}
+    for (spec, which), y_label in expected.items():
+        figure = compare_plots._make_comparison(runs[which], ["a", "b"], spec)
+        assert figure.axes[0].get_ylabel() == y_label
+    # node2's evaluator records carry its worker rank, 1: its curve is drawn too.
+    figure = compare_plots._make_comparison(nodes, ["a", "b"], accuracy)
+    assert [list(line.get_xdata()) for line in figure.axes[0].get_lines()] == [[1.0, 2.0]] * 2

@@ -28,6 +28,7 @@ from distbelief.plots.run import (
     save_png_atomic,
     series_by_rank,
     style_axes,
+    tests_own_replica,
     time_bin_s,
     total_rate,
 )
@@ -40,6 +41,7 @@ LEGEND_LINE_CHARS = 110
 """Longer labels are wrapped: one line wider than the figure made its layout shrink the axes to
 a sliver, or give up and cut the legend off."""
 
+PARTITIONS_FIELD = "pipeline.num_partitions"
 _LABEL_KEYS = {
     "model.name": "model",
     "data.name": "dataset",
@@ -52,7 +54,7 @@ _LABEL_KEYS = {
     "consistency.max_staleness": "max_staleness",
     "consistency.staleness_policy": "staleness_policy",
     "optimizer.warmstart_steps": "warmstart_steps",
-    "pipeline.num_partitions": "partitions",
+    PARTITIONS_FIELD: "partitions",
     "reporting.eval_every_s": "eval_every_s",
     "reporting.eval_during_training": "eval_during_training",
     "model.seed": "seed",
@@ -68,14 +70,32 @@ class _CompareSpec:
     series: Callable[[RunData], Series]
     markers: bool = False
     """Mark each point (evaluations are few; a run without live evaluation has one)."""
+    tested: bool = False
+    """A test metric: of the PS's parameters, or of a worker's own replica (the example's
+    nodes test theirs), which the axis title says."""
 
 
 def _evaluator_series(field: str) -> Callable[[RunData], Series]:
     def series(run: RunData) -> Series:
+        # One evaluator per run: a job's is rank 0, an example node's has the node's worker
+        # rank (node2's is 1).
         by_rank = series_by_rank(run.records, "evaluator", field)
-        return by_rank.get(0, ([], []))
+        return next(iter(by_rank.values()), ([], []))
 
     return series
+
+
+def _y_label(spec: _CompareSpec, runs: Sequence[RunData]) -> str:
+    """The axis title: a test metric names whose model it measured, the PS's or the
+    workers' own replicas (an example node's curve is its own replica's)."""
+    if not spec.tested:
+        return spec.y_label
+    own_replicas = {tests_own_replica(run.config) for run in runs}
+    if own_replicas == {True}:
+        return f"test {spec.y_label}, each worker's own replica"
+    if own_replicas == {False}:
+        return f"PS test {spec.y_label}"
+    return f"test {spec.y_label} (PS, or a worker's own replica)"
 
 
 def _is_sandblaster(config: dict[str, Any]) -> bool:
@@ -111,15 +131,17 @@ def _throughput(run: RunData) -> Series:
 _COMPARISONS = (
     _CompareSpec(
         file_name="compare_test_accuracy_vs_time.png",
-        y_label="PS test accuracy",
+        y_label="accuracy",
         series=_evaluator_series("test_accuracy"),
         markers=True,
+        tested=True,
     ),
     _CompareSpec(
         file_name="compare_test_loss_vs_time.png",
-        y_label="PS test loss (cross-entropy)",
+        y_label="loss (cross-entropy)",
         series=_evaluator_series("test_loss"),
         markers=True,
+        tested=True,
     ),
     _CompareSpec(
         file_name="compare_train_loss_vs_time.png",
@@ -135,8 +157,9 @@ _COMPARISONS = (
 
 
 def plot_runs(run_dirs: Sequence[Path | str], *, out_dir: Path | str) -> list[Path]:
-    """Compares runs: PS test accuracy, PS test loss, workers' training loss and throughput
-    vs time, one PNG per metric with one line per run.
+    """Compares runs: test accuracy and test loss (of the PS's parameters; of a worker's own
+    replica for an example node), workers' training loss and throughput vs time, one PNG per
+    metric with one line per run.
 
     Args:
         run_dirs: two or more run folders, each holding ``metrics.csv``.
@@ -184,7 +207,7 @@ def _make_comparison(runs: list[RunData], labels: list[str], spec: _CompareSpec)
             label=label,
         )
         has_data = has_data or bool(times_s)
-    style_axes(axes, spec.y_label, _title(runs), has_data=has_data)
+    style_axes(axes, _y_label(spec, runs), _title(runs), has_data=has_data)
     if has_data:
         axes.legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), fontsize="small", frameon=False)
     if "throughput" in spec.y_label:
@@ -242,11 +265,16 @@ a run lacks put all the others' values into their labels, too long for the figur
 def _label_value(config: dict, key: str) -> object:
     """A run's value of ``key`` as a label shows it: a Downpour run given no batch size ran
     batches of the default size, the same as one given that size; a Sandblaster run has no
-    value of a Downpour setting (it is not async, say, only not sync)."""
+    value of a Downpour setting (it is not async, say, only not sync); a run that records no
+    partitions trained a whole model."""
     if _is_sandblaster(config) and algorithm_of_field(key) == "downpour":
         return _DOES_NOT_APPLY
     if key == "optimizer.batch_size" and config and not _is_sandblaster(config):
         return batch_size_of(config)
+    if key == PARTITIONS_FIELD and config:
+        # A config.json without it (the example's nodes', a run's from before partitions)
+        # is of a whole model: one partition, which a partitioned run's label differs from.
+        return config.get(key, 1)
     return config.get(key, _DOES_NOT_APPLY)
 
 

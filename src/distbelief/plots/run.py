@@ -149,12 +149,7 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
     out_path = Path(out_dir) if out_dir is not None else run.run_dir
     out_path.mkdir(parents=True, exist_ok=True)
     title = run_title(run.config, run.run_dir.name)
-    # No shards (``examples/main.py --no-distributed``), or a worker that tested its own
-    # replica (the example's nodes): the test curve is the worker's model, not the PS's.
-    alone = (
-        run.config.get(TESTED_MODEL_FIELD) == "worker"
-        or _config_value(run.config, ("cluster.num_shards", "shards")) == 0
-    )
+    alone = tests_own_replica(run.config)
     figures = {
         spec.file_name: _make_figure(run.records, spec, title, alone=alone) for spec in _PLOTS
     }
@@ -173,6 +168,16 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
         written.append(out_path / file_name)
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return written
+
+
+def tests_own_replica(config: dict[str, Any]) -> bool:
+    """Whether a run's test metrics are of a worker's own replica, not the PS's parameters: a
+    run without shards (``examples/main.py --no-distributed``), or one whose config says so
+    (the example's nodes test their own replicas)."""
+    return (
+        config.get(TESTED_MODEL_FIELD) == "worker"
+        or _config_value(config, ("cluster.num_shards", "shards")) == 0
+    )
 
 
 def new_figure(*, height_in: float = FIGURE_SIZE_IN[1]) -> tuple[Figure, Axes]:

@@ -169,7 +169,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="data budget (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--out", type=Path, default=None, help="default benchmarks/results; -: next to the runs"
+        "--out",
+        type=machine.out_folder,
+        default=None,
+        help="default benchmarks/results; -: next to the runs",
     )
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default tmp)")
     parser.add_argument(
@@ -203,16 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot is not None:
         return replot(args.replot)
-    out, runs_dir = output_dirs(args, "adagrad_vs_sgd")
-    rows = run_grid(args, runs_dir)
-    name = "adagrad_vs_sgd" + (f"_seed{args.seed}" if args.seed else "")
-    stem = out / f"{name}_cpu{os.cpu_count()}_{datetime.date.today():%Y%m%d}"
-    settings = {**BASE, "num_workers": NUM_WORKERS, "epochs": args.epochs, "seed": args.seed}
-    settings |= {"runs_dir": str(runs_dir), "warmstart_steps": args.warmstart_steps}
-    record = {"benchmark": "adagrad_vs_sgd", **environment(), "settings": settings, "rows": rows}
-    header, lines = table_lines(rows)
-    write_table(stem, "Downpour vs Downpour+Adagrad: LeNet on digits", record, header, lines)
-    plot_grid(rows, args, Path(f"{stem}.png"))
+    with output_dirs(args, "adagrad_vs_sgd") as (out, runs_dir):
+        rows = run_grid(args, runs_dir)
+        name = "adagrad_vs_sgd" + (f"_seed{args.seed}" if args.seed else "")
+        stem = out / f"{name}_cpu{os.cpu_count()}_{datetime.date.today():%Y%m%d}"
+        settings = {**BASE, "num_workers": NUM_WORKERS, "epochs": args.epochs, "seed": args.seed}
+        settings |= {"runs_dir": str(args.runs_dir) if args.runs_dir else None}
+        settings |= {"warmstart_steps": args.warmstart_steps}
+        record = {"benchmark": "adagrad_vs_sgd", **environment(), "settings": settings}
+        record["rows"] = rows
+        header, lines = table_lines(rows)
+        write_table(stem, "Downpour vs Downpour+Adagrad: LeNet on digits", record, header, lines)
+        plot_grid(rows, args, Path(f"{stem}.png"))
     return 0 if all("error" not in r for r in rows) else 1
 
 

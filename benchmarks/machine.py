@@ -119,14 +119,37 @@ def out_path(text: str) -> Path:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {ancestor} is not a folder")
+    _check_writable(text, ancestor)
+    return path
+
+
+def out_folder(text: str) -> Path:
+    """An argparse ``type``: the folder a run writes its results into (``--out``; ``-`` passes
+    as it is, for the scripts that take it). An existing folder, or a new one in an existing
+    folder; a file in its place, or a missing parent (a mistyped path made a tree of folders
+    where nobody looks), is a one-line usage error naming the flag before the run starts."""
+    path = Path(text)
+    if text == "-":
+        return path
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    parent = path.absolute().parent
+    if not path.exists() and not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"cannot make the folder {text!r}: {parent} {what}")
+    _check_writable(text, path if path.is_dir() else parent)
+    return path
+
+
+def _check_writable(text: str, folder: Path) -> None:
+    """A one-line usage error for ``text`` (the flag's value) when ``folder`` takes no file."""
     try:
-        with tempfile.TemporaryFile(dir=ancestor):
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise argparse.ArgumentTypeError(
-            f"cannot write {text!r}: {ancestor}: {e.strerror or e}"
+            f"cannot write {text!r}: {folder}: {e.strerror or e}"
         ) from e
-    return path
 
 
 def record_file(benchmark: str | None = None):

@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pushes-per-checkpoint", type=machine.at_least(1), default=20)
     parser.add_argument("--repeats", type=machine.at_least(1), default=5)
-    parser.add_argument("--out", default=str(RESULTS_DIR), help='folder, or "-" for none')
+    parser.add_argument(
+        "--out", type=machine.out_folder, default=RESULTS_DIR, help='folder, or "-" for none'
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows, record_rows = [], []
@@ -97,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             {"size": label, "num_elements": num_elements, "push_s_without": without}
             | {"push_s_with": with_buffer, "ratio": ratio, "max_held_bytes": held}
         )
-    record = {**machine.environment(), "settings": vars(args), "rows": record_rows}
-    stem = Path(args.out) / f"replay_cost_cpu{os.cpu_count()}_{datetime.date.today():%Y%m%d}"
+    settings = vars(args) | {"out": str(args.out)}
+    record = {**machine.environment(), "settings": settings, "rows": record_rows}
+    stem = args.out / f"replay_cost_cpu{os.cpu_count()}_{datetime.date.today():%Y%m%d}"
     description = (
         "push_now to one shard served in this process; median over repeats of the mean time "
         f"of {args.pushes} pushes, a checkpoint every {args.pushes_per_checkpoint} pushes. "
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = ["gradient", "ms/push without buffer", "ms/push with", "ratio", "held (slices)"]
     title = "Replay buffer cost"
-    target = "-" if args.out == "-" else stem
+    target = "-" if str(args.out) == "-" else stem
     print(machine.write_report(target, record, title, description, header, rows))
     return 0
 

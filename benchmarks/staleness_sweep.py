@@ -9,6 +9,7 @@ adagrad_vs_sgd.py imports the run/summary/plot/table helpers from here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -17,7 +18,7 @@ import os
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -362,7 +363,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None, help="data budget (default 20)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--out", type=Path, default=None, help="default benchmarks/results; -: next to the runs"
+        "--out",
+        type=machine.out_folder,
+        default=None,
+        help="default benchmarks/results; -: next to the runs",
     )
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default tmp)")
     parser.add_argument(
@@ -389,13 +393,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def output_dirs(args: argparse.Namespace, prefix: str) -> tuple[Path, Path]:
+@contextlib.contextmanager
+def output_dirs(args: argparse.Namespace, prefix: str) -> Iterator[tuple[Path, Path]]:
     """(results folder, run folders' parent); --quick, or ``--out -`` (as the other benchmarks
-    take it: keep no results), writes results next to its runs."""
-    runs_dir = args.runs_dir or Path(tempfile.mkdtemp(prefix=f"{prefix}_"))
-    next_to_runs = str(args.out) == "-" or (args.quick and args.out is None)
-    out = runs_dir if next_to_runs else (args.out or RESULTS_DIR)
-    return out, runs_dir
+    take it: keep no results), writes results next to its runs. Without --runs-dir the runs go
+    to a temp folder, removed when the benchmark ends, however it ends."""
+    with contextlib.ExitStack() as stack:
+        runs_dir = args.runs_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{prefix}_"))
+        )
+        next_to_runs = str(args.out) == "-" or (args.quick and args.out is None)
+        yield (runs_dir if next_to_runs else (args.out or RESULTS_DIR)), runs_dir
+        if args.runs_dir is None:
+            logger.info("removing the run folders in %s (--runs-dir keeps them)", runs_dir)
 
 
 def plot_all(rows: list[dict], args: argparse.Namespace, stem: Path) -> None:
@@ -426,15 +436,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot is not None:
         return replot(args.replot)
-    out, runs_dir = output_dirs(args, "staleness_sweep")
-    rows = sweep(args, runs_dir)
-    stem = out / f"{sweep_name(args)}_cpu{os.cpu_count()}_{datetime.date.today():%Y%m%d}"
-    settings = {**BASE, "epochs": args.epochs, "seed": args.seed, "workers": args.workers}
-    settings |= {"policies": {p: POLICIES[p] for p in args.policies}, "runs_dir": str(runs_dir)}
-    record = {"benchmark": "staleness_sweep", **environment(), "settings": settings, "rows": rows}
-    header, lines = sweep_table_lines(rows)
-    write_table(stem, "Staleness sweep: LeNet on digits, 2 shards", record, header, lines)
-    plot_all(rows, args, stem)
+    with output_dirs(args, "staleness_sweep") as (out, runs_dir):
+        rows = sweep(args, runs_dir)
+        stem = out / f"{sweep_name(args)}_cpu{os.cpu_count()}_{datetime.date.today():%Y%m%d}"
+        settings = {**BASE, "epochs": args.epochs, "seed": args.seed, "workers": args.workers}
+        settings |= {"policies": {p: POLICIES[p] for p in args.policies}}
+        settings |= {"runs_dir": str(args.runs_dir) if args.runs_dir else None}
+        record = {"benchmark": "staleness_sweep", **environment(), "settings": settings}
+        record["rows"] = rows
+        header, lines = sweep_table_lines(rows)
+        write_table(stem, "Staleness sweep: LeNet on digits, 2 shards", record, header, lines)
+        plot_all(rows, args, stem)
     return 0 if all("error" not in r for r in rows) else 1
 
 

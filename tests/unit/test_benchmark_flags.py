@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,86 @@ def test_ray_launcher_names_steps_when_a_job_leaves_no_steady_state_to_time():
     rows = [{"rank": 0, "time_s": 0.0, "step": 1}, {"rank": 0, "time_s": 0.5, "step": 9}]
     with pytest.raises(ray_launcher.TooShort, match="--steps"):
         ray_launcher.steady_window(rows, [])
+
+
+FOLDER_OUT_SCRIPTS = ["faults", "staleness_sweep", "adagrad_vs_sgd", "replay_cost"]
+"""The scripts whose --out is a folder their results go into."""
+
+
+@pytest.mark.parametrize("script", FOLDER_OUT_SCRIPTS)
+def test_an_out_folder_in_a_missing_folder_or_a_file_in_its_place_is_refused(
+    script, tmp_path, capsys
+):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    module = importlib.import_module(script)
+    for bad in (str(a_file), str(tmp_path / "missing" / "results")):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main(["--out", bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out" in err.strip().splitlines()[-1] and bad in err, err
+        assert "Traceback" not in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file"]
+
+
+def _recorded_commands(script: str) -> list[list[str]]:
+    """The flags of every command line benchmarks/results/*.md records for ``script``."""
+    prefix = f"Command: `python benchmarks/{script}.py"
+    commands = []
+    for record in sorted((BENCHMARKS / "results").glob("*.md")):
+        for line in record.read_text().splitlines():
+            if line.startswith(prefix):
+                commands.append(line.removeprefix(prefix).rstrip("`").split())
+    return commands
+
+
+@pytest.mark.parametrize("script", ["faults", "staleness_sweep", "adagrad_vs_sgd"])
+def test_every_recorded_command_line_still_parses(script):
+    module = importlib.import_module(script)
+    commands = _recorded_commands(script)
+    assert commands, f"no recorded command line of {script}.py"
+    for argv in commands:
+        assert module.get_args_parser().parse_args(argv).out is None, argv
+
+
+def _leftovers(folder: Path) -> list[str]:
+    # multiprocessing's own temp folder (pymp-*) lives as long as this process, not the run.
+    return sorted(path.name for path in folder.iterdir() if not path.name.startswith("pymp-"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("staleness_sweep", ["--quick", "--workers", "1", "--policies", "none"]),
+        ("faults", ["--quick", "--steps", "40", "--schedule", "worker1", "--no-baseline"]),
+    ],
+)
+def test_a_quick_run_leaves_no_run_folder_behind(script, argv, tmp_path, monkeypatch):
+    # Their temp folders go to a folder of this test's, which must be as empty after the run.
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    module = importlib.import_module(script)
+    assert module.main(argv) == 0
+    assert _leftovers(temp_root) == []
+    # Kept where the user asks: --runs-dir.
+    assert module.main([*argv, "--runs-dir", str(tmp_path / "kept")]) == 0
+    assert _leftovers(temp_root) == []
+    assert _leftovers(tmp_path / "kept")
+
+
+def test_the_sweeps_temp_run_folder_is_removed_when_the_sweep_fails(tmp_path, monkeypatch):
+    # adagrad_vs_sgd.py shares this: a run that raised left its folder behind too.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    staleness_sweep = importlib.import_module("staleness_sweep")
+    args = staleness_sweep.parse_args(["--quick"])
+    with (
+        pytest.raises(RuntimeError, match="failed sweep"),
+        staleness_sweep.output_dirs(args, "staleness_sweep") as (out, runs_dir),
+    ):
+        assert out == runs_dir and runs_dir.parent == tmp_path
+        (runs_dir / "w1_none").mkdir()
+        raise RuntimeError("failed sweep")
+    assert _leftovers(tmp_path) == []

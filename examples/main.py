@@ -81,7 +81,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     alone_or_server.add_argument(
         "--no-distributed", action="store_true", help="train alone with SGD"
     )
-    parser.add_argument("--rank", type=int, default=0, help="0 is the parameter server")
+    parser.add_argument(
+        "--rank", type=int, default=None, help="0 (the default) is the parameter server"
+    )
     parser.add_argument("--world-size", type=int, default=3, help="server + training nodes")
     alone_or_server.add_argument("--server", action="store_true", help="run the parameter server")
     parser.add_argument("--master", default="127.0.0.1", help="rank 0's host (process group)")
@@ -320,7 +322,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             f"got {args.join_timeout:g}"
         )
     if args.no_distributed:
+        # A rank is a place in a process group: alone, a node given one would still write
+        # node0/ and record worker 0 (its data are all of the training set), not what it said.
+        if args.rank is not None:
+            parser.error("argument --rank: not allowed with argument --no-distributed")
+        args.rank = 0
         return
+    if args.rank is None:
+        args.rank = 0
     check_master(parser, args.master)
     if not 1 <= args.port <= 65535:
         parser.error(f"argument --port: must be in [1, 65535], got {args.port}")
@@ -388,12 +397,14 @@ def join_process_group(args: argparse.Namespace) -> None:
         raise errors[0]
 
 
-def make_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def make_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Path]:
     """A node's <out>/node<rank>, made before it joins the others: a folder that cannot be made
-    (a file in the way, a read-only place) is refused as a bad flag (exit 2)."""
+    (a file in the way, a read-only place) is refused as a bad flag (exit 2). Returns the
+    folders it made, deepest first, for ``remove_if_empty``."""
     if args.server and not args.no_distributed:
-        return  # the server writes nothing
+        return []  # the server writes nothing
     run_dir = Path(args.out) / f"node{args.rank}"
+    made = [path for path in (run_dir, *run_dir.parents) if not path.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -402,6 +413,41 @@ def make_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             where = "exists" if existing == run_dir else f"cannot be created: {existing} exists"
             parser.error(f"--out {run_dir}: {where} and is not a folder")
         parser.error(f"--out {run_dir}: cannot create the folder: {e.strerror}")
+    return made
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Removes the folders ``make_run_dir`` made, deepest first, while they are empty: a node
+    that ended before it wrote anything (it could not join, say) leaves no empty node<rank>/."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # it holds files (or another node's folder): kept, and those above it
+            return
+
+
+def run_rank(parser: argparse.ArgumentParser, args: argparse.Namespace, data: Data) -> None:
+    """Trains alone, or joins the process group and runs this rank's part."""
+    if args.no_distributed:
+        run_node(args, data)
+        return
+    print(
+        f"rank {args.rank}: joining the process group at {master_address(args)} "
+        f"(all {args.world_size} ranks; waiting up to {args.join_timeout:g}s)",
+        flush=True,
+    )
+    try:
+        join_process_group(args)
+    except (RuntimeError, ValueError) as e:  # torch's store timeout, an unknown host
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.exit(1, f"{parser.prog}: cannot join the process group: {first_line}\n")
+    try:
+        if args.server:
+            run_server(args, data.test_set)
+        else:
+            run_node(args, data)
+    finally:
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -420,27 +466,11 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         data = load_data(parser, args)
-        make_run_dir(parser, args)  # after the data's checks: a refused rank writes nothing
-        if args.no_distributed:
-            run_node(args, data)
-            return
-        print(
-            f"rank {args.rank}: joining the process group at {master_address(args)} "
-            f"(all {args.world_size} ranks; waiting up to {args.join_timeout:g}s)",
-            flush=True,
-        )
+        made = make_run_dir(parser, args)  # after the data's checks: a refused rank writes nothing
         try:
-            join_process_group(args)
-        except (RuntimeError, ValueError) as e:  # torch's store timeout, an unknown host
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            parser.exit(1, f"{parser.prog}: cannot join the process group: {first_line}\n")
-        try:
-            if args.server:
-                run_server(args, data.test_set)
-            else:
-                run_node(args, data)
+            run_rank(parser, args, data)
         finally:
-            dist.destroy_process_group()
+            remove_if_empty(made)
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
     except DatasetUnavailableError as e:

@@ -91,6 +91,7 @@ def test_no_distributed_runs_plain_sgd(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "node0" / "metrics.csv").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["node0"]
 
 
 def test_a_node_stopped_with_ctrl_c_draws_what_it_trained_and_exits_130(tmp_path):
@@ -220,6 +221,8 @@ def test_a_killed_node_is_lost_and_the_others_end_by_themselves(tmp_path):
         (["--threads", "100000"], "argument --threads: must be <= 1024, got 100000"),
         (["--server"], "rank 0 is the parameter server: run it, and only it, with --server"),
         (["--no-distributed", "--server"], "argument --server: not allowed with argument"),
+        # It would write node1/ of a lone run that is no rank 1's.
+        (["--no-distributed"], "argument --rank: not allowed with argument --no-distributed"),
         (["--data-dir", ""], "argument --data-dir: expected a value, got ''"),
         (["--master", ""], "argument --master: must be an IP address or host name (no port)"),
         (["--master", "127.0.0.1:5"], "argument --master: must be an IP address or host name"),
@@ -279,13 +282,18 @@ def test_a_batch_larger_than_the_nodes_share_is_refused_before_joining(tmp_path,
     assert not out.exists()  # refused before anything was written
 
 
-def test_a_rank_that_cannot_join_gives_up_in_one_line(tmp_path):
+@pytest.mark.parametrize("others", [[], ["node2"]], ids=["fresh-out", "out-of-another-node"])
+def test_a_rank_that_cannot_join_gives_up_in_one_line(tmp_path, others):
     """No rank 0 listens: the node waits its --join-timeout, then says so in one line (torch's
-    C++ side would log each failed attempt with a stack trace first)."""
+    C++ side would log each failed attempt with a stack trace first). It wrote nothing: the
+    folders it made for its run are gone, those that were there are kept."""
     env = {key: value for key, value in CHILD_ENV.items() if key != "TORCH_CPP_LOG_LEVEL"}
     argv = ["--rank", "1", "--world-size", "3", "--port", str(free_port()), "--join-timeout", "5"]
+    out = tmp_path / "runs" / "example"
+    for other in others:
+        (out / other).mkdir(parents=True)
     result = subprocess.run(
-        [sys.executable, str(EXAMPLE), *argv, *OFFLINE, "--out", str(tmp_path)],
+        [sys.executable, str(EXAMPLE), *argv, *OFFLINE, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -296,6 +304,11 @@ def test_a_rank_that_cannot_join_gives_up_in_one_line(tmp_path):
     assert lines[0].startswith("rank 1: joining the process group at "), lines
     assert len(lines) == 2 and lines[1].startswith("main.py: cannot join the process group: "), (
         lines
+    )
+    assert sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*")) == (
+        [Path("runs"), Path("runs/example"), *(Path("runs/example", o) for o in others)]
+        if others
+        else []
     )
 
 

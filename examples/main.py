@@ -322,10 +322,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             f"got {args.join_timeout:g}"
         )
     if args.no_distributed:
-        # A rank is a place in a process group: alone, a node given one would still write
-        # node0/ and record worker 0 (its data are all of the training set), not what it said.
-        if args.rank is not None:
-            parser.error("argument --rank: not allowed with argument --no-distributed")
+        # A rank is a place in a process group: alone, a node given another than 0 would still
+        # write node0/ and record worker 0 (its data are all of the training set), not what it
+        # said. --rank 0, the seed's default spelled out, is what a lone node is.
+        if args.rank not in (None, 0):
+            parser.error(
+                f"argument --rank: a lone node (--no-distributed) is rank 0, got {args.rank}"
+            )
         args.rank = 0
         return
     if args.rank is None:

@@ -79,6 +79,8 @@ def test_no_distributed_runs_plain_sgd(tmp_path):
             sys.executable,
             str(EXAMPLE),
             "--no-distributed",
+            "--rank",
+            "0",  # what a lone node is, spelled out (any other rank is refused)
             *OFFLINE,
             "--epochs",
             "1",
@@ -222,7 +224,7 @@ def test_a_killed_node_is_lost_and_the_others_end_by_themselves(tmp_path):
         (["--server"], "rank 0 is the parameter server: run it, and only it, with --server"),
         (["--no-distributed", "--server"], "argument --server: not allowed with argument"),
         # It would write node1/ of a lone run that is no rank 1's.
-        (["--no-distributed"], "argument --rank: not allowed with argument --no-distributed"),
+        (["--no-distributed"], "argument --rank: a lone node (--no-distributed) is rank 0, got 1"),
         (["--data-dir", ""], "argument --data-dir: expected a value, got ''"),
         (["--master", ""], "argument --master: must be an IP address or host name (no port)"),
         (["--master", "127.0.0.1:5"], "argument --master: must be an IP address or host name"),

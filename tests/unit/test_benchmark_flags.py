@@ -5,6 +5,7 @@ no bad value starts a job that ends in a traceback)."""
 from __future__ import annotations
 
 import importlib
+import multiprocessing.forkserver
 import sys
 import tempfile
 from pathlib import Path
@@ -148,6 +149,9 @@ def _leftovers(folder: Path) -> list[str]:
 )
 def test_a_quick_run_leaves_no_run_folder_behind(script, argv, tmp_path, monkeypatch):
     # Their temp folders go to a folder of this test's, which must be as empty after the run.
+    # multiprocessing's own temp folder, where the fork server's socket lives, is made first,
+    # where it was: it outlives the test, and a socket's path under tmp_path can be too long.
+    multiprocessing.forkserver.ensure_running()
     temp_root = tmp_path / "tmp"
     temp_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp_root))

@@ -1,8 +1,9 @@
 """``distbelief train --cluster ray`` for real: a job of 2 shards x 4 workers on a two-node Ray
 cluster started on this machine (nodes on 127.0.0.2 and 127.0.0.3) survives ``ray.kill`` of a
-worker actor and of a shard actor and reaches the usual accuracy; Ctrl-C stops every actor; a
-cluster too small for a job is refused; a job on a cluster busy with another ends; a job on the
-embedded Ray instance; and the one-line refusals that need no Ray running."""
+worker actor and of a shard actor and reaches the usual accuracy; Ctrl-C stops every actor, a
+Sandblaster coordinator first (it commits the iteration under way, and a resume goes on from
+it); a cluster too small for a job is refused; a job on a cluster busy with another ends; a job
+on the embedded Ray instance; and the one-line refusals that need no Ray running."""
 
 from __future__ import annotations
 
@@ -363,9 +364,12 @@ def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, t
 @needs_ray
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray_nodes")
-@pytest.mark.timeout(180)
-def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
-    # A Sandblaster job: its coordinator is an actor too.
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_every_actor_after_the_coordinator_commits_its_iteration(ray_nodes, tmp_path):
+    """A Sandblaster job, whose coordinator is an actor too: asked to stop first, it commits a
+    checkpoint of the iteration under way (the default --checkpoint-every, 30 s, saves only
+    iteration 0's in a run this short), which is summary.json's and metrics.csv's last, and a
+    resume goes on from it."""
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
     with log.open("w") as log_file:
         launcher = subprocess.Popen(
@@ -381,7 +385,7 @@ def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
     try:
         names = {"coordinator", "evaluator", "shard0", "shard1", "worker0", "worker1"}
         _wait_for(lambda: names <= _placed(run_dir), 120, "every process to start")
-        _wait_for(lambda: _rows(run_dir, "coordinator"), 60, "the coordinator to iterate")
+        _wait_for(lambda: len(_rows(run_dir, "coordinator")) >= 4, 120, "iteration 3")
         pids = json.loads((run_dir / "pids.json").read_text())
         launcher.send_signal(signal.SIGINT)
         launcher.wait(timeout=60)
@@ -394,6 +398,29 @@ def test_ctrl_c_stops_every_actor(ray_nodes, tmp_path):
     assert err.strip().splitlines()[-1] == "distbelief train: stopped by Ctrl-C"
     assert set(pids) == names
     _wait_for(lambda: not any(map(_alive, pids.values())), 10, "every actor's process to end")
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["outcome"] == "interrupted"
+    assert summary["coordinator"]["stop_reason"] == "stopped"
+    iteration = summary["coordinator"]["iterations"]
+    assert iteration >= 3, summary["coordinator"]
+    record = json.loads((run_dir / "checkpoints" / "coordinator.json").read_text())
+    assert record["iteration"] == iteration
+    assert int(_rows(run_dir, "coordinator")[-1]["step"]) == iteration
+
+    result = subprocess.run(
+        [*CLI, "train", "--resume", str(run_dir), "--max-iterations", str(iteration + 2)],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        env=ray_nodes.env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [int(row["step"]) for row in _rows(run_dir, "coordinator")]
+    assert steps == list(range(iteration + 3))  # on from the committed iteration, not from 1
+    assert json.loads((run_dir / "summary.json").read_text())["coordinator"]["iterations"] == (
+        iteration + 2
+    )
 
 
 @needs_ray

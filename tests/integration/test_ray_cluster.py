@@ -1,9 +1,10 @@
 """``distbelief train --cluster ray`` for real: a job of 2 shards x 4 workers on a two-node Ray
 cluster started on this machine (nodes on 127.0.0.2 and 127.0.0.3) survives ``ray.kill`` of a
-worker actor and of a shard actor and reaches the usual accuracy; Ctrl-C stops every actor, a
-Sandblaster coordinator first (it commits the iteration under way, and a resume goes on from
-it); a cluster too small for a job is refused; a job on a cluster busy with another ends; a job
-on the embedded Ray instance; and the one-line refusals that need no Ray running."""
+worker actor and of a shard actor and reaches the usual accuracy; a node host killed by its pid
+takes none of the job's processes; Ctrl-C stops every actor, a Sandblaster coordinator first
+(it commits the iteration under way, and a resume goes on from it); a cluster too small for a
+job is refused; a job on a cluster busy with another ends; a job on the embedded Ray instance;
+and the one-line refusals that need no Ray running."""
 
 from __future__ import annotations
 
@@ -164,6 +165,27 @@ def _ask(killer: subprocess.Popen, command: str, log: Path) -> None:
     assert answer.startswith(expected), f"{answer}\nthe launcher:\n{log.read_text()[-3000:]}"
 
 
+def _launch_on(ray_nodes, log: Path, *args: str) -> subprocess.Popen:
+    """``distbelief train --cluster ray`` joined to ``ray_nodes`` with ``args``; its stderr goes
+    to ``log`` (a file, not a pipe: nothing blocks the launcher)."""
+    with log.open("w") as log_file:
+        return subprocess.Popen(
+            [*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            env=ray_nodes.env,
+        )
+
+
+def _stop_with_ctrl_c(launcher: subprocess.Popen, log: Path) -> str:
+    """Ctrl-C to the launcher; its log, once it has ended by it (exit code 130)."""
+    launcher.send_signal(signal.SIGINT)
+    launcher.wait(timeout=60)
+    err = log.read_text()
+    assert launcher.returncode == 130, err[-3000:]
+    return err
+
+
 def _placed(run_dir: Path) -> set[str]:
     """The processes ray.json lists (written as each one starts)."""
     try:
@@ -294,17 +316,12 @@ def test_job_on_the_embedded_ray_instance(tmp_path):
 @pytest.mark.timeout(300)
 def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    with log.open("w") as log_file:  # a file, not a pipe: nothing blocks the launcher
-        launcher = subprocess.Popen(
-            [
-                *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
-                *("--workers", "4", "--shards", "2", "--steps", str(STEPS)),
-                *("--checkpoint-every", "1", "--out", str(run_dir)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            env=ray_nodes.env,
-        )
+    launcher = _launch_on(
+        ray_nodes,
+        log,
+        *("--workers", "4", "--shards", "2", "--steps", str(STEPS)),
+        *("--checkpoint-every", "1", "--out", str(run_dir)),
+    )
     killer = subprocess.Popen(
         [sys.executable, "-c", _KILLER, ray_nodes.address, str(run_dir)],
         stdin=subprocess.PIPE,
@@ -371,30 +388,21 @@ def test_ctrl_c_stops_every_actor_after_the_coordinator_commits_its_iteration(ra
     iteration 0's in a run this short), which is summary.json's and metrics.csv's last, and a
     resume goes on from it."""
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
-    with log.open("w") as log_file:
-        launcher = subprocess.Popen(
-            [
-                *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
-                *("--algorithm", "sandblaster", "--max-iterations", "100000"),
-                *("--out", str(run_dir)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            env=ray_nodes.env,
-        )
+    launcher = _launch_on(
+        ray_nodes,
+        log,
+        *("--algorithm", "sandblaster", "--max-iterations", "100000", "--out", str(run_dir)),
+    )
     try:
         names = {"coordinator", "evaluator", "shard0", "shard1", "worker0", "worker1"}
         _wait_for(lambda: names <= _placed(run_dir), 120, "every process to start")
         _wait_for(lambda: len(_rows(run_dir, "coordinator")) >= 4, 120, "iteration 3")
         pids = json.loads((run_dir / "pids.json").read_text())
-        launcher.send_signal(signal.SIGINT)
-        launcher.wait(timeout=60)
+        err = _stop_with_ctrl_c(launcher, log)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait(10)
-    err = log.read_text()
-    assert launcher.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "distbelief train: stopped by Ctrl-C"
     assert set(pids) == names
     _wait_for(lambda: not any(map(_alive, pids.values())), 10, "every actor's process to end")
@@ -421,6 +429,43 @@ def test_ctrl_c_stops_every_actor_after_the_coordinator_commits_its_iteration(ra
     assert json.loads((run_dir / "summary.json").read_text())["coordinator"]["iterations"] == (
         iteration + 2
     )
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@needs_ray
+@pytest.mark.slow
+@pytest.mark.xdist_group("ray_nodes")
+@pytest.mark.timeout(240)
+def test_a_killed_node_host_takes_none_of_the_processes_its_zygote_forked(ray_nodes, tmp_path):
+    """Ray ends a dead actor's process group: the node host's (``zygote-NODE``) held every
+    process its zygote had forked, and a kill of it by its pid took them all, each a fault and
+    a restart (a shard's with updates lost)."""
+    run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
+    launcher = _launch_on(
+        ray_nodes,
+        log,
+        *("--workers", "1", "--shards", "1", "--steps", "100000", "--out", str(run_dir)),
+    )
+    try:
+        names = {"evaluator", "shard0", "worker0"}
+        _wait_for(lambda: names <= _placed(run_dir), 120, "every process to start")
+        _wait_for(lambda: _worker_steps(run_dir).get("0", 0) >= 1, 120, "the worker to train")
+        pids = json.loads((run_dir / "pids.json").read_text())
+        node_host = _parent_of(_parent_of(pids["worker0"]))  # its zygote's keeper
+        os.kill(node_host, signal.SIGKILL)
+        _wait_for(lambda: not _alive(node_host), 10, "the node host to end")
+        step = _worker_steps(run_dir)["0"]
+        _wait_for(lambda: _worker_steps(run_dir)["0"] >= step + 50, 60, "the worker to go on")
+        err = _stop_with_ctrl_c(launcher, log)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+    assert json.loads((run_dir / "summary.json").read_text())["faults"] == [], err[-3000:]
+    assert json.loads((run_dir / "pids.json").read_text()) == pids
 
 
 @needs_ray

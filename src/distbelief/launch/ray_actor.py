@@ -86,6 +86,7 @@ class RoleActor:
         node_id = ray.get_runtime_context().get_node_id()
         info = {"node_ip": ray.util.get_node_ip_address(), "node_id": node_id}
         info["actor_pid"] = os.getpid()
+        info["process_group"] = os.getpgid(0)  # the process joins it (see ``ray_child``)
         # What Ray set for this actor (its devices, its threads) and the zygote's fork lacks.
         info["env"] = {name: os.environ[name] for name in ACTOR_ENVIRONMENT if name in os.environ}
         return run_life(pickle.dumps((events, info, payload)), zygotes.get(node_id), self.name)

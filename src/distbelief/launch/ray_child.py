@@ -62,9 +62,21 @@ def on_node(spec: ProcessSpec, config: JobConfig, node_ip: str) -> ProcessSpec:
     return spec
 
 
+def _join_process_group(process_group: int | None) -> None:
+    """Moves this process into its actor's process group, where a fresh interpreter the actor
+    starts is already. Ray ends a dead actor's process group; forked by the zygote, the process
+    is in the node host's, whose death (a kill by its pid) would take every process of the job
+    on that node with it."""
+    if process_group is None:
+        return
+    with contextlib.suppress(OSError):  # a group of another session: the process stays put
+        os.setpgid(0, process_group)
+
+
 def run_job(job: bytes, lifeline: int) -> int:
     """Runs one job (see the module's docstring) to its end; its exit code."""
     events, info, payload = pickle.loads(job)
+    _join_process_group(info.pop("process_group", None))
     os.environ.update(info.pop("env", {}))  # before torch touches a device
     spec, config, addresses, security = pickle.loads(payload)
     name = spec.name

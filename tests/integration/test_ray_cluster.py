@@ -454,7 +454,9 @@ def test_a_killed_node_host_takes_none_of_the_processes_its_zygote_forked(ray_no
         _wait_for(lambda: names <= _placed(run_dir), 120, "every process to start")
         _wait_for(lambda: _worker_steps(run_dir).get("0", 0) >= 1, 120, "the worker to train")
         pids = json.loads((run_dir / "pids.json").read_text())
-        node_host = _parent_of(_parent_of(pids["worker0"]))  # its zygote's keeper
+        zygote = _parent_of(pids["worker0"])
+        assert b"distbelief.launch.zygote" in Path(f"/proc/{zygote}/cmdline").read_bytes()
+        node_host = _parent_of(zygote)  # the zygote's keeper
         os.kill(node_host, signal.SIGKILL)
         _wait_for(lambda: not _alive(node_host), 10, "the node host to end")
         step = _worker_steps(run_dir)["0"]

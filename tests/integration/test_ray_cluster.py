@@ -215,32 +215,32 @@ def _alive(pid: int) -> bool:
         ),
         (
             ["--cluster", "ray", "--ray-address", "head"],
-            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got 'head'",
+            "argument --ray-address: must be HOST:PORT of a Ray head, auto or local, got 'head'",
         ),
         (
             ["--cluster", "ray", "--ray-address", "http://127.0.0.1:6379"],
-            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got 'http://",
+            "argument --ray-address: must be HOST:PORT of a Ray head, auto or local, got 'http://",
         ),
         (
             ["--cluster", "ray", "--ray-address", "[::1"],
-            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got '[::1'",
+            "argument --ray-address: must be HOST:PORT of a Ray head, auto or local, got '[::1'",
         ),
         (
             ["--cluster", "ray", "--ray-address", "bad host:6379"],
-            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got 'bad host:6379'",
+            "argument --ray-address: must be HOST:PORT of a Ray head, auto or local, got 'bad host",
         ),
         (
             # Digits that str.isdigit() takes and int() refuses (or reads, and Ray's client not).
             ["--cluster", "ray", "--ray-address", "127.0.0.1:\u00b2"],
-            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got '127.0.0.1:",
+            "argument --ray-address: must be HOST:PORT of a Ray head, auto or local, got '127.0.0",
         ),
         (
             ["--cluster", "ray", "--ray-address", "127.0.0.1:\u0663\u0663"],
-            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got '127.0.0.1:",
+            "argument --ray-address: must be HOST:PORT of a Ray head, auto or local, got '127.0.0",
         ),
         (
             ["--cluster", "ray", "--ray-address", ":6379"],
-            "argument --ray-address: must be HOST:PORT of a Ray head, or auto, got ':6379'",
+            "argument --ray-address: must be HOST:PORT of a Ray head, auto or local, got ':6379'",
         ),
         (
             ["--cluster", "ray", "--partitions", "2"],

@@ -80,7 +80,8 @@ def check_address(address: str) -> None:
         digits = port.isascii() and port.isdigit()
         if not (colon and is_host(host) and digits and 0 < int(port) < 65536):
             raise ConfigFieldError(
-                "cluster.ray_address", f"must be HOST:PORT of a Ray head, or auto, got {address!r}"
+                "cluster.ray_address",
+                f"must be HOST:PORT of a Ray head, auto or local, got {address!r}",
             )
     import_ray()
     found = _address_of_auto() if address == "auto" else _address_dialed(address)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -179,14 +179,55 @@ def test_the_bytes_counted_are_the_compressed_ones(monkeypatch):
     slices = FlatPartitioner().partition(tensor_specs(named), 2)
     sent_per_push = sum(-(-piece.numel // 100) * (4 + 2) for pieces in slices for piece in pieces)
     assert sent_per_push < numel * 4 * 0.02
-    second = records[1]  # steps 6..10: five blocking pushes and pulls, nothing else
-    assert second["bytes_pushed"] == 5 * sent_per_push
+    second = records[1]  # steps 6..10: five blocking pushes and pulls, and close's push
+    # The last record counts close's full-width push of the residual too: the worker pushes it
+    # before it reports its last step.
+    assert second["bytes_pushed"] == 5 * sent_per_push + numel * 4
     # Each pull: the elements the one push before it changed, index and bf16 value each.
     assert second["bytes_pulled"] == 5 * sent_per_push
     # The shards count the same: ten top-k pushes and close's full-width one of the residual;
     # the first pull whole, then one of changes per step.
     assert received == 10 * sent_per_push + numel * 4
     assert sent == numel * 2 + 10 * sent_per_push
+
+
+def _metrics_into(records: list[dict]) -> Callable[[str, dict], None]:
+    """An ``emit`` for ``run_worker`` that keeps its metric records in ``records``."""
+
+    def emit(kind: str, payload: dict) -> None:
+        if kind == "metric":
+            records.append(payload)
+
+    return emit
+
+
+@pytest.mark.parametrize("push_compression", ["none", "topk:0.01"])
+def test_a_workers_records_count_every_byte_it_pushed(monkeypatch, push_compression):
+    """Asynchronous pushes (the last one still in flight when the loop ends) and close's push
+    of the residual: the sum of a worker's bytes_pushed over its records is what the shards
+    received (and its INIT of their parameters), whether the last step ends a window or not."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")  # bytes through the shards' sockets
+    for steps in (10, 12):  # log_every_steps is 5: the last step ends a window, then not
+        config = JobConfig.from_fields(
+            {
+                "cluster.num_workers": 1,
+                "cluster.num_shards": 2,
+                "model.name": "mlp",
+                "optimizer.steps": steps,
+                "optimizer.push_compression": push_compression,
+                "reporting.log_every_steps": 5,
+                "faults.timeout_s": 30.0,
+            }
+        )
+        records: list[dict] = []
+        with _shards(2, lr=0.05) as (addresses, services):
+            run_worker(config, 0, addresses, emit=_metrics_into(records), start_time=time.time())
+            received = sum(service.bytes_received for service in services)
+        numel = sum(p.numel() for p in build_model("mlp", (1, 32, 32), 10).parameters())
+        assert [record["step"] for record in records][-1] == steps
+        # The shards count pushes; the worker also counts its INIT, the whole model in fp32.
+        pushed = sum(record["bytes_pushed"] for record in records)
+        assert pushed == received + numel * 4, steps
 
 
 def test_pulls_of_changes_only_leave_the_worker_exactly_where_whole_pulls_would():

@@ -61,9 +61,9 @@ def train_loop(
     device: torch.device | str = "cpu",
 ) -> int:
     """Forward, backward, step for each batch (moved to ``device``, where the model is); every
-    ``log_every_steps`` steps (and once more at the last step, for a shorter last window)
-    ``report(**fields)`` with the window's loss, accuracy, staleness and wire figures; after
-    each step every hook's ``after_step``.
+    ``log_every_steps`` steps (and at the last step, after a flush of the pushes, for a shorter
+    last window) ``report(**fields)`` with the window's loss, accuracy, staleness and wire
+    figures; after each step (before its report) every hook's ``after_step``.
 
     Returns:
         The optimizer's step count when the batches ran out or a hook stopped the loop.
@@ -85,7 +85,10 @@ def train_loop(
             **optimizer.client.take_wire_figures(),
         )
 
-    for images, labels in batches:
+    upcoming = iter(batches)
+    batch = next(upcoming, None)
+    while batch is not None:
+        images, labels = batch
         started = time.perf_counter()
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -99,17 +102,19 @@ def train_loop(
         window_loss += loss_value * len(labels)
         window_correct += int((logits.argmax(dim=1) == labels).sum())
         window_seen += len(labels)
-        if optimizer.num_steps % log_every_steps == 0:
-            report_window()
-            window_loss, window_correct, window_seen = 0.0, 0, 0
-        if after_step(
+        stop = after_step(
             hooks,
             step=optimizer.num_steps,
             loss=loss_value,
             batch_size=len(labels),
             compute_s=compute_s,
-        ):
-            break
-    if window_seen:
-        report_window()  # the last steps, short of a whole window: the final step is on record
+        )
+        batch = None if stop else next(upcoming, None)
+        if batch is None:
+            # The last step: its push, and close()'s push of what is left, leave before the
+            # last report, so the records count every byte the worker pushed.
+            optimizer.flush()
+        if batch is None or optimizer.num_steps % log_every_steps == 0:
+            report_window()  # the last steps, short of a whole window or not, are on record
+            window_loss, window_correct, window_seen = 0.0, 0, 0
     return optimizer.num_steps

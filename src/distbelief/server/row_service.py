@@ -75,8 +75,9 @@ def rows_hello(connection, request: Message) -> Message:
 def pull_rows(connection, request: Message) -> Message:
     tables = _tables_of(connection)
     names, counts = _listed_tables(request, ["ids"])
-    rows = tables.pull(names, counts, request.tensors[0][1])
-    connection.service.count_bytes(0, rows.nbytes)
+    ids = request.tensors[0][1]
+    rows = tables.pull(names, counts, ids)
+    connection.service.count_bytes(ids.nbytes, rows.nbytes)  # as the client counts them
     return request.reply({}, [("rows", rows)])
 
 

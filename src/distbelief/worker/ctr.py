@@ -128,9 +128,10 @@ def ctr_train_loop(
 ) -> int:
     """Forward, backward, step (dense and tables) for each batch, the next batch's rows
     fetched meanwhile (``ShardedEmbeddings.prefetch_next``); every
-    ``log_every_steps`` steps (and once more at the last step, for a shorter last window)
-    ``report(**fields)`` with the window's loss, accuracy (at 0.5), AUC, staleness, wire
-    figures and rows moved; after each step every hook's ``after_step``.
+    ``log_every_steps`` steps (and at the last step, after a flush of the pushes, for a shorter
+    last window) ``report(**fields)`` with the window's loss, accuracy (at 0.5), AUC, staleness,
+    wire figures and rows moved; after each step (before its report) every hook's
+    ``after_step``.
 
     Returns:
         The optimizer's step count when the batches ran out or a hook stopped the loop.
@@ -188,10 +189,6 @@ def ctr_train_loop(
         window_seen += len(labels)
         window_scores.append(scores)
         window_labels.append(labels)
-        if optimizer.num_steps % log_every_steps == 0:
-            report_window()
-            window_loss, window_correct, window_seen = 0.0, 0, 0
-            window_scores, window_labels = [], []
         if after_step(
             hooks,
             step=optimizer.num_steps,
@@ -199,9 +196,16 @@ def ctr_train_loop(
             batch_size=len(labels),
             compute_s=compute_s,
         ):
-            break
-    if window_seen:
-        report_window()  # the last steps, short of a whole window: the final step is on record
+            batch = None
+        if batch is None:
+            # The last step: its pushes, and close()'s of what is left, leave before the last
+            # report, so the records count every byte the worker pushed.
+            optimizer.flush()
+            tables.flush()
+        if batch is None or optimizer.num_steps % log_every_steps == 0:
+            report_window()  # the last steps, short of a whole window or not, are on record
+            window_loss, window_correct, window_seen = 0.0, 0, 0
+            window_scores, window_labels = [], []
     return optimizer.num_steps
 
 

@@ -295,3 +295,27 @@ def test_a_killed_stage_restarts_its_replica_and_the_other_goes_on(tmp_path):
     assert summary["worker_steps"] == {"0": 400, "1": 400}
     assert summary["partitions"]["split_points"]
     assert summary["final"]["test_accuracy"] > 0.5
+
+
+def test_each_stages_last_record_counts_its_last_push(tmp_path):
+    """Blocking top-k pushes and close's full-width push of the residual: each stage's last
+    record of ``train --partitions 2`` counts that push as well (metrics.csv's bytes_pushed).
+    Records at steps 10, 20 and 22: the first has the INIT (the stage's parameters at full
+    width, F) and ten top-k pushes (10 K); the second 10 K; the last 2 K and F."""
+    out = tmp_path / "run"
+    job = ["--model", "mlp", "--dataset", "digits", "--partitions", "2", "--workers", "1"]
+    result = run_cli(
+        "train",
+        *job,
+        *("--shards", "1", "--steps", "22", "--blocking", "--push-compression", "topk:0.1"),
+        *("--transport", "tcp", "--no-eval", "--out", str(out)),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [r for r in read_metrics(out / "metrics.csv") if r["role"] == "worker"]
+    for stage in (0, 1):
+        pushed = [(r["step"], r["bytes_pushed"]) for r in records if r["stage"] == stage]
+        assert [step for step, _ in pushed] == [10, 20, 22]
+        (_, first), (_, second), (_, last) = pushed
+        full_width, top_k = first - second, second // 10
+        assert second == 10 * top_k and 0 < top_k < full_width
+        assert last == 2 * top_k + full_width, stage

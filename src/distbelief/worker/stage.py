@@ -210,7 +210,10 @@ def _train(
         )
         emit("metric", record)
 
-    for images, labels in worker_batches(config, train_set, indices, resume_step):
+    upcoming = worker_batches(config, train_set, indices, resume_step)
+    batch = next(upcoming, None)
+    while batch is not None:
+        images, labels = batch
         optimizer.zero_grad()
         figures = engine.run_batch(
             optimizer.num_steps + 1,
@@ -220,9 +223,12 @@ def _train(
         )
         optimizer.step()
         window.add(figures)
-        if optimizer.num_steps % config.reporting.log_every_steps == 0:
-            report_window()
+        batch = next(upcoming, None)
+        if batch is None:
+            # The last step: its push, and close()'s push of what is left, leave before the
+            # last report, so the records count every byte the stage pushed.
+            optimizer.flush()
+        if batch is None or optimizer.num_steps % config.reporting.log_every_steps == 0:
+            report_window()  # the last steps, short of a whole window or not, are on record
             window = _Window()
-    if window.steps:
-        report_window()  # the last steps, short of a whole window: the final step is on record
     return optimizer.num_steps

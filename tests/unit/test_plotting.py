@@ -166,6 +166,19 @@ def _iterations(role: str, **fields: object) -> list[dict]:
     return [make_record(role, 0, time_s=0.5 * step, step=step, **fields) for step in range(1, 9)]
 
 
+def test_runs_that_differ_in_their_wire_encoding_say_so_in_their_labels() -> None:
+    runs = [
+        _job_run("a", []),
+        _job_run("b", [], **{"optimizer.wire_dtype": "bf16"}),
+        _job_run("c", [], **{"optimizer.push_compression": "topk:0.01"}),
+    ]
+    assert run_labels(runs) == [
+        "2w x 2s, sgd, n_push=1, wire_dtype=fp32, push_compression=none",
+        "2w x 2s, sgd, n_push=1, wire_dtype=bf16, push_compression=none",
+        "2w x 2s, sgd, n_push=1, wire_dtype=fp32, push_compression=topk:0.01",
+    ]
+
+
 def test_a_sandblaster_run_is_compared_as_one_and_not_in_downpour_terms(tmp_path) -> None:
     downpour = _job_run("downpour", [], **{"consistency.sync": True})
     sandblaster_records = _iterations("worker", portions=4) + _iterations("coordinator", loss=1.0)

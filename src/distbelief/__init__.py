@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "ShardListError": "distbelief.errors",
     "LayoutMismatchError": "distbelief.errors",
     "TableSizeMismatchError": "distbelief.errors",
+    "TableWidthMismatchError": "distbelief.errors",
     "TooManyConnectionsError": "distbelief.errors",
     "ConsistencyMismatchError": "distbelief.errors",
     "ShardRestartedError": "distbelief.errors",

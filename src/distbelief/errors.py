@@ -76,6 +76,11 @@ class TableSizeMismatchError(ModelMismatchError):
     the message names the table and both sizes (the client adds where its size came from)."""
 
 
+class TableWidthMismatchError(ModelMismatchError):
+    """A shard holds an embedding table with rows of another width than the client declared;
+    the message names the table and both widths (the client adds where its width came from)."""
+
+
 class LayoutMismatchError(ModelMismatchError):
     """The worker divides the model among the shards differently than a shard does (another
     partitioner); the message names both descriptions."""

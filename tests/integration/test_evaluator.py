@@ -243,3 +243,23 @@ def test_eval_with_another_movielens_data_dir_is_told_to_give_the_jobs(shard_clu
     assert "table tables.0 holds 8 rows on shard 0, not 11: movielens sizes its tables" in line
     assert line.endswith(f"(this process read {tmp_path / 'other'}): give the job's --data-dir")
     assert "--table-size" not in line and "Traceback" not in refused.stderr
+
+
+@pytest.mark.timeout(300)
+def test_eval_and_worker_with_another_embedding_dim_are_told_to_give_the_jobs(shard_cluster):
+    # A table's row width is the model's --embedding-dim: another one is told that flag.
+    [address] = shard_cluster(1)
+    click_job = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "200"]
+    tables = ["--tables", "tables.0,tables.1"]
+    worker = ["worker", "--ps", address, "--rank", "0", "--num-workers", "1", "--steps", "2"]
+    trained = run_cli(*worker, *click_job, *tables, "--batch-size", "32")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    other_width = [*click_job, *tables, "--embedding-dim", "8"]
+    for command, name in ((worker, "worker"), (["eval", "--ps", address, "--once"], "eval")):
+        refused = run_cli(*command, *other_width, timeout_s=120)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        [line] = refused.stderr.strip().splitlines()[-1:]
+        assert line.startswith(f"distbelief {name}: error: shard 0"), refused.stderr
+        assert "table tables.0 holds rows of 16 values on shard 0, not 8" in line
+        assert line.endswith("give the job's --embedding-dim"), line
+        assert "--model" not in line and "Traceback" not in refused.stderr

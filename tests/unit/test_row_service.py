@@ -1,5 +1,6 @@
 """The shard's row ops, called as the request layer calls them: a refused ROWS_HELLO declares
-none of its tables; a table declared with another size than it holds is refused, also after a
+none of its tables; a table declared with another size or row width than it holds is refused
+(typed), also after a
 restart from its checkpoint; a PULL_ROWS asking for more rows than one request may is refused before
 anything is allocated, and the row client splits such a pull."""
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from distbelief.client.rows import ShardPart, split_for_pull
-from distbelief.errors import TableSizeMismatchError
+from distbelief.errors import TableSizeMismatchError, TableWidthMismatchError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.row_checkpoint import load_row_tables, save_row_tables
 from distbelief.wire import Message
@@ -42,9 +43,10 @@ def _service() -> ShardService:
 def test_a_refused_rows_hello_declares_none_of_its_tables(tables, match):
     service = ShardService(ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1)))
     _hello(service, {"ads": 4})
-    with pytest.raises(ValueError, match=match) as refused:
+    with pytest.raises((ValueError, TableWidthMismatchError), match=match) as refused:
         _hello(service, tables)
-    assert kind_of(refused.value) == "bad_request"
+    another_width = isinstance(refused.value, TableWidthMismatchError)
+    assert kind_of(refused.value) == ("table_width_mismatch" if another_width else "bad_request")
     assert service.tables.names() == ["ads"]
     assert set(_hello(service, {"users": 16}).meta["tables"]) == {"ads", "users"}
 
@@ -60,6 +62,17 @@ def test_a_table_declared_with_another_size_is_refused_by_name():
     assert kind_of(refused.value) == "table_size_mismatch"
     _hello(service, {"ads": 4}, {"ads": 2000})
     _hello(service, {"ads": 4})  # a client that declares no size is not checked
+
+
+def test_a_table_declared_with_another_width_is_refused_by_name():
+    service = _service()
+    _hello(service, {"ads": 4, "users": 8})
+    # Typed, and with no hint: only the client knows where its width came from.
+    with pytest.raises(
+        TableWidthMismatchError, match=r"^table ads holds rows of 4 values on shard 0, not 16$"
+    ) as refused:
+        _hello(service, {"users": 8, "ads": 16})
+    assert kind_of(refused.value) == "table_width_mismatch"
 
 
 def test_a_restored_table_remembers_its_size_and_an_older_save_takes_the_first(tmp_path):

@@ -34,6 +34,7 @@ from distbelief.errors import (
     NotAStageError,
     ShardListError,
     TableSizeMismatchError,
+    TableWidthMismatchError,
     TLSMismatchError,
     UnknownOpError,
 )
@@ -696,8 +697,10 @@ def _run_command(args: argparse.Namespace) -> int:
         # another split is another layout.
         partitioned = (vars(args).get("pipeline.num_partitions") or 1) > 1
         flags = "--model, --split-points" if partitioned else "--model"
-        # A table's size comes with where it came from (--table-size, --data-dir).
-        named = isinstance(e, TableSizeMismatchError) or "--partitions" in str(e)
+        # A table's size or width comes with where it came from (--table-size, --data-dir,
+        # --embedding-dim).
+        named = isinstance(e, (TableSizeMismatchError, TableWidthMismatchError))
+        named = named or "--partitions" in str(e)
         hint = "" if named else f" (give the job's {flags} and its flags)"
         print(f"{prefix}: error: {e}{hint}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from distbelief.errors import TableSizeMismatchError
+from distbelief.errors import TableSizeMismatchError, TableWidthMismatchError
 from distbelief.server.row_optimizers import (
     LazyAdam,
     RowAdagrad,
@@ -141,7 +141,8 @@ class ShardTables:
         """Table ``name`` with rows of ``dim`` values, made empty when first declared.
 
         Raises:
-            ValueError: a bad name, width or size, or a table of that name with another width.
+            ValueError: a bad name, width or size.
+            TableWidthMismatchError: a table of that name with another row width.
             TableSizeMismatchError: a table of that name with another size.
         """
         name = check_table_name(name)
@@ -156,7 +157,8 @@ class ShardTables:
         the one it was first declared (or restored) with.
 
         Raises:
-            ValueError: a bad name, width or size, or a table of that name with another width.
+            ValueError: a bad name, width or size.
+            TableWidthMismatchError: a table of that name with another row width.
             TableSizeMismatchError: a table of that name with another size.
         """
         checked = [(check_table_name(name), dim) for name, dim in declared.items()]
@@ -172,15 +174,15 @@ class ShardTables:
         with self._lock:
             for name, dim in checked:
                 table = self._tables.get(name)
+                # No hint in either refusal: only the client knows where its width and size
+                # came from (a flag, its data, the user's model).
                 if table is not None and table.dim != dim:
-                    raise ValueError(
+                    raise TableWidthMismatchError(
                         f"table {name} holds rows of {table.dim} values on shard "
-                        f"{self.shard_id}, not {dim}: every worker must build the same table"
+                        f"{self.shard_id}, not {dim}"
                     )
                 held = self._sizes.get(name)
                 if held is not None and sizes.get(name, held) != held:
-                    # No hint here: only the client knows where its size came from (a flag,
-                    # its data, the user's model).
                     raise TableSizeMismatchError(
                         f"table {name} holds {held} rows on shard {self.shard_id}, not "
                         f"{sizes[name]}"

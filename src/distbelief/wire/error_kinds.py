@@ -17,6 +17,7 @@ from distbelief.errors import (
     ShardListError,
     ShardRestartedError,
     TableSizeMismatchError,
+    TableWidthMismatchError,
     TooManyConnectionsError,
     UnknownOpError,
 )
@@ -40,6 +41,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("layout_mismatch", (LayoutMismatchError,), LayoutMismatchError),
     ErrorKind("shard_list", (ShardListError,), ShardListError),
     ErrorKind("table_size_mismatch", (TableSizeMismatchError,), TableSizeMismatchError),
+    ErrorKind("table_width_mismatch", (TableWidthMismatchError,), TableWidthMismatchError),
     ErrorKind("model_mismatch", (ModelMismatchError,), ModelMismatchError),
     ErrorKind("evaluation_not_open", (EvaluationNotOpenError,), EvaluationNotOpenError),
     ErrorKind("shard_restarted", (ShardRestartedError,), ShardRestartedError),

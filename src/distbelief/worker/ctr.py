@@ -21,7 +21,7 @@ from distbelief.data import load_job_dataset, worker_indices
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.loading import table_size_source
 from distbelief.embeddings import ShardedEmbeddings
-from distbelief.errors import TableSizeMismatchError
+from distbelief.errors import TableSizeMismatchError, TableWidthMismatchError
 from distbelief.models.dlrm import DLRM
 from distbelief.optim import DownpourSGD
 from distbelief.process import Emit
@@ -82,6 +82,8 @@ def job_tables(
     Raises:
         TableSizeMismatchError: the shards hold a table of another size, with where this
             process's size came from (``table_size_source``).
+        TableWidthMismatchError: the shards hold a table of rows of another width, with the
+            flag this process's width came from.
     """
     try:
         return ShardedEmbeddings(
@@ -101,6 +103,8 @@ def job_tables(
         )
     except TableSizeMismatchError as e:  # the shard cannot know where this size came from
         raise TableSizeMismatchError(f"{e}: {table_size_source(config.data)}") from None
+    except TableWidthMismatchError as e:  # a dlrm table's row width is the model's width
+        raise TableWidthMismatchError(f"{e}: give the job's --embedding-dim") from None
 
 
 def table_columns(tables: ShardedEmbeddings) -> dict[str, int]:

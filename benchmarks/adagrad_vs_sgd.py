@@ -20,10 +20,10 @@ import machine
 from distbelief.config import FLAT_FIELDS
 from staleness_sweep import (
     BASE,
+    RESULTS_DIR,
     environment,
     job_config,
     new_figure,
-    output_dirs,
     plot_accuracy,
     run_job,
     save_figure,
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot is not None:
         return replot(args.replot)
-    with output_dirs(args, "adagrad_vs_sgd") as (out, runs_dir):
+    with machine.output_dirs(args, "adagrad_vs_sgd", RESULTS_DIR) as (out, runs_dir):
         rows = run_grid(args, runs_dir)
         name = "adagrad_vs_sgd" + (f"_seed{args.seed}" if args.seed else "")
         stem = out / f"{name}_cpu{os.cpu_count()}_{datetime.date.today():%Y%m%d}"

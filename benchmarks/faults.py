@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -549,7 +548,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument(
-        "--out", type=machine.out_folder, default=None, help="default benchmarks/results"
+        "--out",
+        type=machine.out_folder,
+        default=None,
+        help='default benchmarks/results; "-" for none',
     )
     parser.add_argument("--runs-dir", type=Path, default=None, help="default: a temp folder")
     parser.add_argument("--quick", action="store_true", help="800 steps, 2 kills; no results")
@@ -590,23 +592,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot is not None:
         plot_record(json.loads(args.replot.read_text()), args.replot.with_suffix(""))
         return 0
-    with contextlib.ExitStack() as stack:
-        # Without --runs-dir the runs (and --quick's results, next to them) are removed at the
-        # end, however it ends: each run folder holds checkpoints of every shard.
-        runs_dir = args.runs_dir or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="faults_"))
-        )
+    # Without --runs-dir the runs (and the results of --quick or --out -, next to them) are
+    # removed at the end, however it ends: each run folder holds checkpoints of every shard.
+    with machine.output_dirs(args, "faults", RESULTS_DIR) as (out, runs_dir):
         runs_dir.mkdir(parents=True, exist_ok=True)
-        out = args.out or (runs_dir if args.quick else RESULTS_DIR)
         stem = out / f"faults_cpu{os.cpu_count()}_{datetime.date.today():%Y%m%d}"
         runs = {"faults": run_job(args, runs_dir, "faults", args.schedule)}
         if args.baseline:
             runs["baseline"] = run_job(args, runs_dir, "baseline", [])
         plot_record({"settings": settings(args), "runs": runs}, stem)
         write_results(stem, runs, args)
-        if args.runs_dir is None:
-            logger.info("removing the run folders in %s (--runs-dir keeps them)", runs_dir)
-        else:
+        if args.runs_dir is not None:
             logger.info("run folders: %s", runs_dir)
     return 0
 

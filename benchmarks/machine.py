@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
+import logging
 import math
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def environment(command: str | None = None) -> dict:
@@ -139,6 +144,24 @@ def out_folder(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"cannot make the folder {text!r}: {parent} {what}")
     _check_writable(text, path if path.is_dir() else parent)
     return path
+
+
+@contextlib.contextmanager
+def output_dirs(
+    args: argparse.Namespace, prefix: str, results_dir: Path
+) -> Iterator[tuple[Path, Path]]:
+    """(results folder, run folders' parent) of a benchmark that runs jobs: ``args.out`` (an
+    ``out_folder``), else ``results_dir``; --quick, or ``--out -`` (as every benchmark takes it:
+    keep no results), writes results next to its runs. Without ``args.runs_dir`` the runs go
+    to a temp folder, removed when the benchmark ends, however it ends."""
+    with contextlib.ExitStack() as stack:
+        runs_dir = args.runs_dir or Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{prefix}_"))
+        )
+        next_to_runs = str(args.out) == "-" or (args.quick and args.out is None)
+        yield (runs_dir if next_to_runs else (args.out or results_dir)), runs_dir
+        if args.runs_dir is None:
+            logger.info("removing the run folders in %s (--runs-dir keeps them)", runs_dir)
 
 
 def _check_writable(text: str, folder: Path) -> None:

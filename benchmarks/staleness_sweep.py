@@ -9,16 +9,14 @@ adagrad_vs_sgd.py imports the run/summary/plot/table helpers from here.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import logging
 import math
 import os
 import sys
-import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -393,21 +391,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-@contextlib.contextmanager
-def output_dirs(args: argparse.Namespace, prefix: str) -> Iterator[tuple[Path, Path]]:
-    """(results folder, run folders' parent); --quick, or ``--out -`` (as the other benchmarks
-    take it: keep no results), writes results next to its runs. Without --runs-dir the runs go
-    to a temp folder, removed when the benchmark ends, however it ends."""
-    with contextlib.ExitStack() as stack:
-        runs_dir = args.runs_dir or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{prefix}_"))
-        )
-        next_to_runs = str(args.out) == "-" or (args.quick and args.out is None)
-        yield (runs_dir if next_to_runs else (args.out or RESULTS_DIR)), runs_dir
-        if args.runs_dir is None:
-            logger.info("removing the run folders in %s (--runs-dir keeps them)", runs_dir)
-
-
 def plot_all(rows: list[dict], args: argparse.Namespace, stem: Path) -> None:
     plot_sweep_accuracy(rows, args, 0, "time since training started (s)", Path(f"{stem}_time.png"))
     plot_sweep_accuracy(rows, args, 1, "updates applied by a shard", Path(f"{stem}_updates.png"))
@@ -436,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.replot is not None:
         return replot(args.replot)
-    with output_dirs(args, "staleness_sweep") as (out, runs_dir):
+    with machine.output_dirs(args, "staleness_sweep", RESULTS_DIR) as (out, runs_dir):
         rows = sweep(args, runs_dir)
         stem = out / f"{sweep_name(args)}_cpu{os.cpu_count()}_{datetime.date.today():%Y%m%d}"
         settings = {**BASE, "epochs": args.epochs, "seed": args.seed, "workers": args.workers}

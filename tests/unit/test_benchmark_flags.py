@@ -164,14 +164,30 @@ def test_a_quick_run_leaves_no_run_folder_behind(script, argv, tmp_path, monkeyp
     assert _leftovers(tmp_path / "kept")
 
 
+@pytest.mark.slow
+def test_faults_out_dash_writes_no_results_file(tmp_path, monkeypatch):
+    # "--out -" is "keep no results", as the other benchmarks take it: not a folder named "-".
+    multiprocessing.forkserver.ensure_running()  # its socket stays where it was (see above)
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    monkeypatch.chdir(tmp_path)
+    faults = importlib.import_module("faults")
+    argv = ["--steps", "40", "--schedule", "worker1", "--no-baseline", "--out", "-"]
+    assert faults.main(argv) == 0
+    assert _leftovers(temp_root) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tmp"]
+
+
 def test_the_sweeps_temp_run_folder_is_removed_when_the_sweep_fails(tmp_path, monkeypatch):
     # adagrad_vs_sgd.py shares this: a run that raised left its folder behind too.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     staleness_sweep = importlib.import_module("staleness_sweep")
+    machine = importlib.import_module("machine")
     args = staleness_sweep.parse_args(["--quick"])
     with (
         pytest.raises(RuntimeError, match="failed sweep"),
-        staleness_sweep.output_dirs(args, "staleness_sweep") as (out, runs_dir),
+        machine.output_dirs(args, "staleness_sweep", tmp_path / "results") as (out, runs_dir),
     ):
         assert out == runs_dir and runs_dir.parent == tmp_path
         (runs_dir / "w1_none").mkdir()

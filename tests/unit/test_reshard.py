@@ -41,9 +41,9 @@ SPECS = [
     TensorSpec("scale", (3,), torch.float64),
     TensorSpec("b", (5,), torch.float32),
 ]
-FOLDERS = {  # checkpoint folder -> (server optimizer, partitioner)
+FOLDERS = {  # checkpoint folder -> (server optimizer, partitioner: the launched shards')
     ".": ("adam", FlatPartitioner()),
-    "group-stage1": ("momentum", ParameterGroupPartitioner(FlatPartitioner(), ["w", "scale"])),
+    "group-stage1": ("momentum", FlatPartitioner()),
 }
 OPTIM_KEYS = {"adam": ("exp_avg", "exp_avg_sq", "step"), "momentum": ("momentum_buffer",)}
 TABLES = {
@@ -371,6 +371,24 @@ def test_a_new_set_that_differs_is_refused_and_changes_nothing(run, monkeypatch)
     with pytest.raises(CheckpointError, match="row table 'items' differs"):
         reshard_run(run_dir, 3)
     assert _snapshot(run_dir) == before
+
+
+def test_a_model_is_cut_again_with_the_partitioner_its_shards_held():
+    # The pure re-cut keeps any partitioner (a library's shards'); reshard_run refuses one the
+    # launched shards do not divide with (tests/unit/test_resume_groups.py).
+    partitioner = ParameterGroupPartitioner(FlatPartitioner(), ["w", "scale"])
+    shards = _make_shards(2, "momentum", partitioner)
+    for step in range(3):
+        _push_dense(shards, step)
+    new = split_model(assemble_model([shard.snapshot() for shard in shards]), 3)
+    restored = []
+    for state in new:
+        factory = server_optimizer_factory("momentum", lr=0.05)
+        shard = ParameterShard(state.shard_id, 3, factory, partitioner=partitioner)
+        shard.restore(state)
+        assert shard.slices == partitioner.partition(SPECS, 3)[state.shard_id]
+        restored.append(shard)
+    _assert_whole_equal(_whole(restored), _whole(shards))
 
 
 def test_optimizer_steps_that_differ_take_the_largest(caplog):

@@ -273,6 +273,21 @@ def test_a_checkpoint_of_another_partitioner_is_refused_before_anything_changes(
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
 
 
+def test_reshard_refuses_a_checkpoint_of_another_partitioner_and_changes_nothing(tmp_path, capsys):
+    # Re-cut with its own partitioner, the new set would still be one the job's shards refuse.
+    run_dir = tmp_path / "run"
+    _run_saved_with_row_aligned_cuts(run_dir)
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    assert main(["reshard", str(run_dir), "--shards", "3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"distbelief reshard: error: {run_dir}: cannot reshard: "
+        f"{run_dir / 'checkpoints' / 'shard0.json'}: saved with partitioner "
+        '{"kind": "row-aligned"}; the job\'s shards divide the parameters with '
+        '{"kind": "flat"} and would not restore it'
+    ]
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
 def test_a_resharded_resume_of_another_models_checkpoints_changes_nothing(
     tmp_path, nothing_starts, capsys
 ):

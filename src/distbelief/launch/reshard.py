@@ -19,7 +19,11 @@ from distbelief.coordinator.checkpoint import TAG_PREFIX, read_record
 from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.files import sync_folder
 from distbelief.launch.cluster import CHECKPOINT_DIR
-from distbelief.launch.resume import check_partition_folder, checkpoint_folders
+from distbelief.launch.resume import (
+    check_launched_partitioner,
+    check_partition_folder,
+    checkpoint_folders,
+)
 from distbelief.launch.resume_layout import check_every_shard_gets_parameters
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.server.checkpoint import load_checkpoint, save_checkpoint
@@ -95,8 +99,10 @@ def reshard_run(run_dir: str | Path, num_shards: int) -> ReshardSummary:
             ``num_shards`` shards, or a job is running in it; or the new set could not be
             written (a read-only folder, a full disk): the old set is left as it was.
         ConfigFieldError: ``num_shards`` is out of range (field ``cluster.num_shards``).
-        CheckpointError: an old checkpoint is missing, corrupt or partial, or the new set
-            does not hold what the old one did; the message names the file. Nothing changed.
+        CheckpointError: an old checkpoint is missing, corrupt or partial, or was saved with
+            another partitioner than the launched shards' (``check_launched_partitioner``), or
+            the new set does not hold what the old one did; the message names the file.
+            Nothing changed.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -120,6 +126,8 @@ def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
     for folder in partitions:
         check_partition_folder(folder, base)
     folders = [_read_folder(root, folder, old_num_shards) for folder in partitions]
+    for folder in folders:
+        _check_partitioner(run_dir, root / folder.relative, folder.dense or [])
     if not any(folder.dense or folder.rows for folder in folders):
         raise ValueError(f"{run_dir}: no shard checkpoints in {base}")
     for folder in folders:
@@ -164,6 +172,17 @@ def _check_every_shard_gets_parameters(models: list[WholeModel], num_shards: int
         [flat.numel() for flat in model.buffers.get("param", {}).values()] for model in models
     ]
     check_every_shard_gets_parameters(groups, num_shards)
+
+
+def _check_partitioner(run_dir: Path, folder: Path, states: list[ShardState]) -> None:
+    """Refuses checkpoints saved with another partitioner than the launched shards': cut
+    again with it, the new set would be one a resume refuses too."""
+    for state in states:
+        path = folder / f"shard{state.shard_id}.json"
+        try:
+            check_launched_partitioner(path, state.values.get("partitioner"))
+        except CheckpointError as e:
+            raise CheckpointError(f"{run_dir}: cannot reshard: {e}") from e
 
 
 def _base_folder(root: Path, config: JobConfig) -> Path:

@@ -72,15 +72,24 @@ def _dense_owner(directory: Path, shard_id: int) -> tuple[int, int] | None:
     checked = read_checked_meta(directory, shard_id)
     if checked is None:
         return None
-    saved = saved_partitioner(checked.meta)
-    if saved != LAUNCHED_PARTITIONER:
-        # The job's shards would refuse it only once started (and a reshard would re-cut it).
-        raise CheckpointError(
-            f"{meta_path(directory, shard_id)}: saved with partitioner "
-            f"{json.dumps(saved, sort_keys=True)}; the job's shards divide the parameters "
-            f"with {json.dumps(LAUNCHED_PARTITIONER)} and would not restore it"
-        )
+    check_launched_partitioner(meta_path(directory, shard_id), saved_partitioner(checked.meta))
     return checked.shard_id, checked.num_shards
+
+
+def check_launched_partitioner(path: Path, saved: object) -> None:
+    """Refuse the checkpoint at ``path`` (a shard's JSON) unless ``saved``, the description of
+    the partitioner it was saved with, is the launched shards': they would refuse it only once
+    started, and a reshard, which re-cuts with the saved one, would write a set they refuse too.
+
+    Raises:
+        CheckpointError: names ``path`` and both partitioners.
+    """
+    if saved != LAUNCHED_PARTITIONER:
+        raise CheckpointError(
+            f"{path}: saved with partitioner {json.dumps(saved, sort_keys=True)}; the job's "
+            f"shards divide the parameters with {json.dumps(LAUNCHED_PARTITIONER)} and would "
+            "not restore it"
+        )
 
 
 def _check_each_shard(

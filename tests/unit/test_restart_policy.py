@@ -8,7 +8,6 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.errors import ChildFailedError
-from distbelief.launch.cli import _describe_restore, _restore_lines
 from distbelief.launch.cluster import (
     RESTART_POLICIES,
     Event,
@@ -17,6 +16,7 @@ from distbelief.launch.cluster import (
     ProcessKind,
     ProcessSpec,
 )
+from distbelief.launch.train_report import describe_restore, restore_lines
 
 SHARD0 = ProcessSpec(ProcessKind.SHARD, 0)
 WORKER0 = ProcessSpec(ProcessKind.WORKER, 0)
@@ -125,7 +125,7 @@ def test_a_sandblaster_shard_restored_from_its_checkpoint_loses_nothing() -> Non
     restored = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": 22}
     book.note(Event("ready", SHARD0, restored))
     assert (fault.rolled_back, fault.version_before, fault.lost_updates) == (True, 24, 0)
-    assert _describe_restore(fault) == (
+    assert describe_restore(fault) == (
         "shard0: restored version 22; the job went back to that checkpoint and redid 2 updates"
     )
 
@@ -142,7 +142,7 @@ def test_a_sandblaster_rollback_counts_what_the_coordinator_redid() -> None:
     book.note(Event("ready", SHARD0, restored))
     book.note(Event("rolled_back", coordinator, {"from_iteration": 27, "to_iteration": 22}))
     assert (shard_fault.updates_redone, shard_fault.lost_updates) == (5, 0)
-    assert _describe_restore(shard_fault) == (
+    assert describe_restore(shard_fault) == (
         "shard0: restored version 22; the job went back to that checkpoint and redid 5 updates"
     )
     # A restarted coordinator knows not where its previous life got to: its reports tell.
@@ -151,7 +151,7 @@ def test_a_sandblaster_rollback_counts_what_the_coordinator_redid() -> None:
     book.note(Event("rolled_back", coordinator, {"from_iteration": None, "to_iteration": 28}))
     assert (fault.rolled_back, fault.updates_redone, fault.lost_updates) == (True, 2, 0)
     assert shard_fault.updates_redone == 5  # counted once, for the rollback it caused
-    assert _describe_restore(fault) == (
+    assert describe_restore(fault) == (
         "coordinator: the job went back to its last checkpoint and redid 2 updates"
     )
 
@@ -159,16 +159,16 @@ def test_a_sandblaster_rollback_counts_what_the_coordinator_redid() -> None:
 def test_a_restore_line_counts_one_update_or_push_in_the_singular() -> None:
     rolled_back = Fault("shard1", 1.0, -9, "restarted", version_before=23, version_restored=22)
     rolled_back.rolled_back, rolled_back.updates_redone = True, 1
-    assert _describe_restore(rolled_back) == (
+    assert describe_restore(rolled_back) == (
         "shard1: restored version 22; the job went back to that checkpoint and redid 1 update"
     )
     coordinator = Fault("coordinator", 1.0, -9, "restarted", rolled_back=True, updates_redone=1)
-    assert _describe_restore(coordinator) == (
+    assert describe_restore(coordinator) == (
         "coordinator: the job went back to its last checkpoint and redid 1 update"
     )
     replayed = Fault("shard1", 1.0, -9, "restarted", version_before=83, version_restored=80)
     replayed.updates_replayed, replayed.pushes_resent = 1, 1  # and so 1 update lost
-    assert _describe_restore(replayed) == (
+    assert describe_restore(replayed) == (
         "shard1: restored version 80; the workers re-sent 1 update it lacked and 1 push in "
         "flight; 1 update lost"
     )
@@ -268,7 +268,7 @@ def test_a_shard_killed_again_before_it_counted_the_replays_reports_no_made_up_l
     book.note(Event("done", SHARD0, {"shard_id": 0, "version": 9, **recovery}))
     assert (first.recovery_cut_short, first.lost_updates) == (True, None)
     assert (second.recovery_cut_short, second.lost_updates) == (False, 0)
-    assert _describe_restore(first) == (
+    assert describe_restore(first) == (
         "shard0: restored version 5; the workers re-sent 0 updates it lacked and 0 pushes in "
         "flight; it died again before it counted the workers' replays: updates lost unknown"
     )
@@ -311,11 +311,11 @@ def test_a_rollback_with_nothing_to_redo_says_so() -> None:
     fault = book.record_death(SHARD0, -9, stopping=False)
     restored = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": 22}
     book.note(Event("ready", SHARD0, restored))
-    line = _describe_restore(fault)
+    line = describe_restore(fault)
     assert "redid" not in line and "went back" not in line
     assert line == "shard0: restored version 22, every update it had applied: nothing to redo"
     coordinator = Fault("coordinator", 1.0, -9, "restarted", rolled_back=True, updates_redone=0)
-    assert _describe_restore(coordinator) == (
+    assert describe_restore(coordinator) == (
         "coordinator: its last checkpoint held every update: nothing to redo"
     )
 
@@ -331,7 +331,7 @@ def test_a_shard_that_died_again_before_it_restored_gets_a_line() -> None:
     worker = book.record_death(WORKER0, -9, stopping=False)
     book.record_death(WORKER0, -9, stopping=False)  # workers restore nothing: no line
     assert first.version_restored is None and second.version_restored == 5
-    lines = _restore_lines([first, second, worker])
+    lines = restore_lines([first, second, worker])
     assert lines[0] == (
         "shard0: died again before it restored its checkpoint; updates lost unknown"
     )

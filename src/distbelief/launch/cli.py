@@ -39,12 +39,9 @@ from distbelief.launch.flags import (
 )
 from distbelief.launch.run_lock import shard_checkpoints_locked
 from distbelief.launch.rundir import run_dir_path
-from distbelief.launch.train_report import describe_restore, restore_lines, versions_said
+from distbelief.launch.train_report import restore_lines, versions_said
 
 logger = logging.getLogger("distbelief")
-
-# The restart lines' names as this module had them: code imports them from here.
-_describe_restore, _restore_lines = describe_restore, restore_lines
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -75,7 +75,11 @@ def test_a_sandblaster_coordinator_is_asked_to_stop_and_waited_for_before_the_wo
     steps: list[str] = []
     cluster = RayCluster.__new__(RayCluster)
     cluster.events = links = _Links([spec.name for spec in specs], steps)
-    cluster._lives = {spec.name: SimpleNamespace(spec=spec, ref=spec.name) for spec in specs}
+    cluster._lives = {
+        spec.name: SimpleNamespace(spec=spec, ref=spec.name, returned_at=None) for spec in specs
+    }
+    cluster.book = SimpleNamespace(stopping=False, given_up=set())
+    cluster._results, cluster._stopped = {}, set()
     cluster._actors = {spec.name: spec.name for spec in specs}
     cluster._hosts, cluster._placement, cluster._failed = [], None, False
     cluster._session = SimpleNamespace(close=lambda keep_logs: None)

@@ -83,6 +83,17 @@ def test_no_restart_while_the_job_stops() -> None:
         _die(book, SHARD0, stopping=True)
 
 
+def test_a_shard_dead_while_the_job_stops_says_whether_it_saved_its_last_checkpoint() -> None:
+    book = _book(max_restarts=3)
+    shard1 = ProcessSpec(ProcessKind.SHARD, 1)
+    book.note(Event("done", shard1, {"shard_id": 1, "version": 5}))  # saved, then killed
+    unsaved, saved = (book.record_death(s, -9, stopping=True) for s in (SHARD0, shard1))
+    assert (unsaved.while_stopping, unsaved.last_checkpoint_saved) == (True, False)
+    assert (saved.while_stopping, saved.last_checkpoint_saved) == (True, True)
+    running = _book().record_death(SHARD0, -9, stopping=False)
+    assert (running.while_stopping, running.last_checkpoint_saved) == (False, None)
+
+
 def test_restarts_resume_where_the_process_was() -> None:
     book = _book()
     assert book.spec(ProcessKind.SHARD, 0).bind == "tcp://127.0.0.1:0"

@@ -150,6 +150,14 @@ class Fault:
     updates_redone: int | None = None
     """Rolled back: the iterations (each one update of the parameters) the job had finished
     since the checkpoint it went back to, and so did again."""
+    while_stopping: bool = False
+    """It died while the job stopped (Ctrl-C, a failure, or training over and the shards
+    asked to stop): it was not restarted, as nothing was left for it to do."""
+    last_checkpoint_saved: bool | None = None
+    """A shard that died while the job stopped: whether it had returned its result, and so
+    saved the checkpoint it saves on the way out (False: a resume restores its one before).
+    None otherwise, and for a Sandblaster job's shards, which save only when the coordinator
+    commits an iteration."""
     recovery_cut_short: bool = False
     """Shards: the life restarted after this death died too, before it returned its result:
     ``updates_replayed`` and ``pushes_resent`` are its last heartbeat's (or none), so the
@@ -237,6 +245,11 @@ class Cluster(Protocol):
     def finished(self, kind: ProcessKind) -> bool:
         """Whether every process of ``kind`` has exited cleanly (or been given up on)."""
 
+    def begin_stop(self) -> None:
+        """The job ends early (Ctrl-C, a failure): from now on a process that dies is given up,
+        not restarted, as nothing is left for it to do (asking the shards to stop does the
+        same at a job's end)."""
+
     def stop(self, kind: ProcessKind) -> None:
         """Asks every process of ``kind`` to finish, at once: the evaluator evaluates one last
         time, shards write a last checkpoint and report their counters, Sandblaster's workers
@@ -246,7 +259,9 @@ class Cluster(Protocol):
         """What each finished process of ``kind`` returned, by index."""
 
     def stop_all(self) -> None:
-        """Stops every process (workers and evaluator first, then shards), within seconds."""
+        """Stops every process (workers and evaluator first, then shards), within seconds; a
+        process that dies meanwhile, by another hand than the cluster's, is a fault too
+        (``while_stopping``)."""
 
     def __enter__(self) -> Cluster: ...
 
@@ -284,6 +299,11 @@ class ProcessBook:
         """The last iteration Sandblaster's coordinator reported finished."""
         self.train_start: float | None = None
         """Wall time the first worker started training (metrics count time from there)."""
+        self.stopping = False
+        """The job is stopping (Ctrl-C, a failure, or the shards asked to stop at its end):
+        a process that dies now is given up, not restarted."""
+        self.returned: set[str] = set()
+        """The processes that returned their result ("done")."""
 
     def spec(self, kind: ProcessKind, index: int, stage: int = 0) -> ProcessSpec:
         """Where process ``kind``/``index`` starts: a shard on its old address once it has one,
@@ -325,6 +345,7 @@ class ProcessBook:
             self.shard_versions[payload["shard_id"]] = payload["version"]
             self._note_recovery(source.name, payload)
         elif kind == "done" and source.kind is ProcessKind.SHARD:
+            self.returned.add(source.name)
             self._note_recovery(source.name, payload)
         elif kind == "metric" and payload.get("role") == "worker":
             # A replica's stages step together: any of them tells where the replica is.
@@ -398,10 +419,13 @@ class ProcessBook:
         # A Sandblaster job goes back to its last checkpoint only for a process that comes
         # back: one given up (out of restarts, or the job stopping) ends the job instead.
         rolls_back = self.config.optimizer.algorithm == "sandblaster" and can_restart
+        fault.while_stopping = stopping
         if spec.kind is ProcessKind.SHARD:
             self._note_life_cut_short(spec.name)
             fault.version_before = self.shard_versions.get(spec.index)
             fault.rolled_back = rolls_back
+            if stopping and self.config.optimizer.algorithm != "sandblaster":
+                fault.last_checkpoint_saved = spec.name in self.returned
         elif spec.kind is ProcessKind.COORDINATOR:
             fault.rolled_back = rolls_back
         self.faults.append(fault)

@@ -115,6 +115,8 @@ class LocalCluster:
         self.errors: dict[str, str] = {}
         self._results: dict[str, Any] = {}
         self._backlog: collections.deque[Event] = collections.deque()
+        self._signalled: dict[int, signal.Signals] = {}
+        """Pid -> the signal the cluster ended it with: a death by it is no fault."""
         self.on_fault: Callable[[Fault], None] | None = None
         self.on_ready: Callable[[Event], None] | None = None
 
@@ -245,9 +247,7 @@ class LocalCluster:
             self._drain_errors()
             if name in self.errors:
                 raise ChildFailedError(name, process.exitcode, self.errors[name])
-            fault = self.book.record_death(
-                spec, process.exitcode, stopping=self._stop_flags[ProcessKind.SHARD].is_set()
-            )
+            fault = self.book.record_death(spec, process.exitcode, stopping=self.book.stopping)
             if self.on_fault is not None:
                 self.on_fault(fault)
             if RESTART_POLICIES[spec.kind].restarts_replica:
@@ -271,8 +271,7 @@ class LocalCluster:
             if spec.kind is ProcessKind.STAGE and spec.index == rank
         ]
         for process in stages:
-            if process.is_alive():
-                process.kill()
+            self._signal(process, signal.SIGKILL)
         _join_all(stages, STOP_GRACE_S)
 
     def _drain_errors(self) -> None:
@@ -290,16 +289,24 @@ class LocalCluster:
             if spec.kind is kind
         )
 
+    def begin_stop(self) -> None:
+        """The job ends early: a process that dies from now on is given up (see
+        ``Cluster.begin_stop``)."""
+        self.book.stopping = True
+
     def stop(self, kind: ProcessKind) -> None:
         """Asks every process of ``kind`` to finish: the stop flag of its role; Downpour's workers
-        and stages, which stop on no flag, get SIGTERM."""
+        and stages, which stop on no flag, get SIGTERM. Once the shards are asked, the job is
+        stopping: no process is restarted."""
+        if kind is ProcessKind.SHARD:
+            self.book.stopping = True
         self._stop_flags[kind].set()
         sandblaster = self.config.optimizer.algorithm == "sandblaster"
         downpour = kind in (ProcessKind.WORKER, ProcessKind.STAGE) and not sandblaster
         if downpour:  # Downpour's workers and stages: SIGTERM, no flag
             for spec, process in self.processes.values():
-                if spec.kind is kind and process.is_alive():
-                    process.terminate()
+                if spec.kind is kind:
+                    self._signal(process, signal.SIGTERM)
 
     def results(self, kind: ProcessKind) -> dict[int, Any]:
         """What each finished process of ``kind`` returned, by index."""
@@ -315,7 +322,9 @@ class LocalCluster:
         Sandblaster's coordinator is asked first (its stop flag): it ends the iteration under
         way and commits a checkpoint of it while the workers still compute, so a resumed run
         goes on from there, not from the last periodic checkpoint (up to --checkpoint-every
-        earlier)."""
+        earlier). A process that died meanwhile by another hand is a fault
+        (``_note_deaths_while_stopping``)."""
+        self.book.stopping = True
         self._stop_flags[ProcessKind.EVALUATOR].set()
         coordinators = [p for s, p in self.processes.values() if s.kind is ProcessKind.COORDINATOR]
         if any(process.is_alive() for process in coordinators):
@@ -324,16 +333,42 @@ class LocalCluster:
         clients = [p for s, p in self.processes.values() if s.kind is not ProcessKind.SHARD]
         shards = [p for s, p in self.processes.values() if s.kind is ProcessKind.SHARD]
         for process in clients:
-            if process.is_alive():
-                process.terminate()
+            self._signal(process, signal.SIGTERM)
         _join_all(clients, STOP_GRACE_S)
         self._stop_flags[ProcessKind.SHARD].set()
         _join_all(shards, STOP_GRACE_S)
         for _, process in self.processes.values():
-            if process.is_alive():
-                process.kill()
+            self._signal(process, signal.SIGKILL)
         _join_all([p for _, p in self.processes.values()], STOP_GRACE_S)
+        self._note_deaths_while_stopping()
         self._lifeline_writer.close()
+
+    def _signal(self, process: Any, signum: signal.Signals) -> None:
+        """Ends ``process`` with ``signum`` (SIGTERM or SIGKILL), if it still runs: its death
+        by it is the cluster's doing, not a fault."""
+        if process.is_alive():
+            self._signalled[process.pid] = signum
+            os.kill(process.pid, signum)
+
+    def _ended_by_the_cluster(self, process: Any) -> bool:
+        signum = self._signalled.get(process.pid)
+        # SIGTERM ends a child through SystemExit(128 + SIGTERM), or at once before its handler.
+        ended_by = {signal.SIGTERM: (-signal.SIGTERM, 128 + signal.SIGTERM)}
+        return signum is signal.SIGKILL or process.exitcode in ended_by.get(signum, ())
+
+    def _note_deaths_while_stopping(self) -> None:
+        """Records as faults the processes that died while the job stopped, by another hand
+        than the cluster's (its SIGTERM to a client, its SIGKILL after the grace period), and
+        not yet recorded: what they sent before is read first, so a shard that returned its
+        result (and saved its last checkpoint) is known so. The cluster is stopping: nothing
+        is restarted, and nothing raised (the job ends as it was ending)."""
+        self._drain_errors()
+        for name, (spec, process) in self.processes.items():
+            if process.exitcode in (None, 0) or self._ended_by_the_cluster(process):
+                continue
+            if name in self.errors or self.book.restart_unit(spec) in self.book.given_up:
+                continue
+            self.book.record_death(spec, process.exitcode, stopping=True)
 
 
 def _join_all(processes: list, timeout_s: float) -> None:

@@ -408,8 +408,7 @@ class RayCluster:
         if not self._running(spec.name):  # it died after it finished, say
             life.returned_at = time.monotonic()
             return
-        stopping = ProcessKind.SHARD in self._stop_requested
-        fault = self.book.record_death(spec, None, stopping=stopping)
+        fault = self.book.record_death(spec, None, stopping=self.book.stopping)
         if self.on_fault is not None:
             self.on_fault(fault)
         if fault.action == "restarted":
@@ -431,10 +430,18 @@ class RayCluster:
             self._running(name) for name, life in self._lives.items() if life.spec.kind is kind
         )
 
+    def begin_stop(self) -> None:
+        """The job ends early: a process that dies from now on is given up (see
+        ``Cluster.begin_stop``)."""
+        self.book.stopping = True
+
     def stop(self, kind: ProcessKind) -> None:
         """Asks every process of ``kind`` to finish: the stop flag of its role (one that starts
         later is told when it connects); Downpour's workers, which stop on no flag, are
-        stopped outright."""
+        stopped outright. Once the shards are asked, the job is stopping: no process is
+        restarted."""
+        if kind is ProcessKind.SHARD:
+            self.book.stopping = True
         self._stop_requested.add(kind)
         downpour = self.config.optimizer.algorithm == "downpour"
         for name, life in self._lives.items():
@@ -468,20 +475,51 @@ class RayCluster:
             with contextlib.suppress(Exception):  # gone already
                 self._ray.kill(actor, no_restart=True)
 
+    def _note_deaths_while_stopping(self, lives: list[_Life], timeout_s: float) -> None:
+        """Records as faults the ``lives`` whose run ended in a death (not a result) while the
+        job stopped, and that no fault records yet; waits up to ``timeout_s`` for their runs'
+        ends. The job is stopping: nothing is restarted, and nothing raised (it ends as it was
+        ending)."""
+        from ray.exceptions import RayError
+
+        lives = [
+            life for life in lives if life.returned_at is None and self._running(life.spec.name)
+        ]
+        refs, ended = [life.ref for life in lives], []
+        with contextlib.suppress(Exception):
+            ended, _ = self._ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        for life in lives:
+            if life.ref not in ended:
+                continue  # still running: this cluster ends it
+            try:
+                died = self._ray.get(life.ref, timeout=RESULT_TIMEOUT_S) == DIED
+            except RayError:
+                died = True
+            if died:
+                self.book.record_death(life.spec, None, stopping=True)
+
     def stop_all(self) -> None:
         """Stops every actor: Sandblaster's coordinator first, by its stop flag (it ends the
         iteration under way and commits a checkpoint of it while the workers still compute, so
         a resumed run goes on from there), for up to a grace period; then the workers and the
         evaluator at once; then the shards by their stop flag (they write a last checkpoint),
-        killed after a grace period; then leaves Ray (the embedded instance shuts down)."""
+        killed after a grace period; then leaves Ray (the embedded instance shuts down). A
+        coordinator or shard that died meanwhile by another hand is a fault
+        (``_note_deaths_while_stopping``)."""
         if self._session is None:
             return
+        self.book.stopping = True
         coordinators = [
             n for n, life in self._lives.items() if life.spec.kind is ProcessKind.COORDINATOR
         ]
         for name in coordinators:
             self.events.send_stop(name)
         self._wait_unlinked(coordinators)
+        # Only one whose process is gone: one still running is killed next, by this cluster.
+        self._note_deaths_while_stopping(
+            [self._lives[n] for n in coordinators if not self.events.linked(n)],
+            RESULT_TIMEOUT_S,  # its process is gone: its run's end trails it
+        )
         clients = [n for n, life in self._lives.items() if life.spec.kind is not ProcessKind.SHARD]
         for name in clients:
             self._kill(name)
@@ -494,6 +532,7 @@ class RayCluster:
         with contextlib.suppress(Exception):
             refs = [life.ref for life in shards]
             self._ray.wait(refs, num_returns=len(refs), timeout=STOP_GRACE_S)
+        self._note_deaths_while_stopping(shards, 0.0)  # waited for above
         for name in self._actors:
             self._kill(name)
         for host in self._hosts:  # after the processes: the zygotes fork no more

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 from distbelief import telemetry
 from distbelief.config import PORTIONS_PER_WORKER
-from distbelief.coordinator.checkpoint import RECORD_FILE
+from distbelief.coordinator.checkpoint import RECORD_FILE, read_record
 from distbelief.data.files import FILE_DATASETS, FIXED_TRAIN_EXAMPLES, require_data_files
 from distbelief.errors import (
+    CheckpointError,
     ChildFailedError,
     ConfigFieldError,
     DistBeliefError,
@@ -551,55 +552,65 @@ def _run_job(
     started = time.time()
     result: RunResult | None = None  # set once the cluster is open, however the job ends
     try:
-        # Closing the FanOut closes the display too (twice is harmless); the cluster stops last.
-        with (
-            _open_cluster(cluster_type, config, run_dir, remove_on_failure=fresh) as cluster,
-            display,
-            telemetry.FanOut(
-                [
-                    metrics := telemetry.MetricsWriter(run_dir / "metrics.csv", append=resume),
-                    telemetry.TensorBoardLog(run_dir),
-                    display,
-                ]
-            ) as sink,
-        ):
-            # Imported here, not at the top: it loads the wire's client (orjson), which is
-            # loaded above with the signals deferred.
-            from distbelief.launch.warmstart import WarmstartRelease
+        try:
+            # Closing the FanOut closes the display too (twice is harmless); the cluster stops
+            # last.
+            with (
+                _open_cluster(cluster_type, config, run_dir, remove_on_failure=fresh) as cluster,
+                display,
+                telemetry.FanOut(
+                    [
+                        metrics := telemetry.MetricsWriter(run_dir / "metrics.csv", append=resume),
+                        telemetry.TensorBoardLog(run_dir),
+                        display,
+                    ]
+                ) as sink,
+            ):
+                # Imported here, not at the top: it loads the wire's client (orjson), which is
+                # loaded above with the signals deferred.
+                from distbelief.launch.warmstart import WarmstartRelease
 
-            warmstart = WarmstartRelease(config, cluster.security, sink.message)
+                warmstart = WarmstartRelease(config, cluster.security, sink.message)
 
-            def on_fault(fault: Fault) -> None:
-                sink.message(_describe_fault(fault))
-                warmstart.on_fault(fault)
+                def on_fault(fault: Fault) -> None:
+                    sink.message(_describe_fault(fault))
+                    warmstart.on_fault(fault)
 
-            cluster.on_fault = on_fault
-            cluster.on_ready = warmstart.on_ready
-            route = EventRouter(sink)
-            addresses: list[str] = []
-            try:
-                # The launcher polls the shards too (the wire is loaded by now: the cluster's key).
-                from distbelief.wire.channels.shm import apply_job_transport
+                cluster.on_fault = on_fault
+                cluster.on_ready = warmstart.on_ready
+                route = EventRouter(sink)
+                addresses: list[str] = []
+                try:
+                    # The launcher polls the shards too (the wire is loaded by now: the
+                    # cluster's key).
+                    from distbelief.wire.channels.shm import apply_job_transport
 
-                apply_job_transport(config.cluster.transport)
-                addresses = _start(cluster, config, warmstart.shards_ready)
-                route.shard_poller = telemetry.ShardStatsPoller(
-                    addresses, security=cluster.security
-                )
-                _supervise(cluster, route, config)
-            finally:
-                # Before the cluster stops: what its processes reported is known now.
-                _stop_coordinator(cluster, route, config)
-                result = _result(
-                    cluster,
-                    config,
-                    run_dir,
-                    time.time() - started,
-                    route,
-                    addresses,
-                    time_offset_s=metrics.time_offset_s,
-                )
-                result.partitions = plan
+                    apply_job_transport(config.cluster.transport)
+                    addresses = _start(cluster, config, warmstart.shards_ready)
+                    route.shard_poller = telemetry.ShardStatsPoller(
+                        addresses, security=cluster.security
+                    )
+                    _supervise(cluster, route, config)
+                except BaseException:
+                    cluster.begin_stop()  # nothing is left for a process brought back to do
+                    raise
+                finally:
+                    # Before the cluster stops: what its processes reported is known now.
+                    _stop_coordinator(cluster, route, config)
+                    result = _result(
+                        cluster,
+                        config,
+                        run_dir,
+                        time.time() - started,
+                        route,
+                        addresses,
+                        time_offset_s=metrics.time_offset_s,
+                    )
+                    result.partitions = plan
+        finally:
+            # After the cluster's stop: what it saw while stopping is known only now.
+            if result is not None:
+                _after_the_stop(result, cluster, config, time_offset_s=metrics.time_offset_s)
     except KeyboardInterrupt as e:
         write_run_records(result, "interrupted", "stopped by Ctrl-C")
         raise LauncherInterrupted("stopped by Ctrl-C") from e
@@ -669,9 +680,35 @@ def _on_metrics_clock(faults: list[Fault], offset_s: float) -> list[Fault]:
     return [dataclasses.replace(fault, time_s=fault.time_s + offset_s) for fault in faults]
 
 
+def _after_the_stop(
+    result: RunResult, cluster: Cluster, config: JobConfig, *, time_offset_s: float
+) -> None:
+    """What only the cluster's stop settles, into ``result``: the faults it saw while it
+    stopped (shown here: the progress display is closed by then), and a Sandblaster run's
+    ``resumes_from_iteration``, the iteration of the coordinator's last committed checkpoint,
+    which ``--resume`` goes on from (metrics.csv may have rows past it: a coordinator killed
+    as it stopped committed none of them)."""
+    for fault in cluster.faults[len(result.faults) :]:
+        logger.warning("%s", _describe_fault(fault))
+    result.faults = _on_metrics_clock(cluster.faults, time_offset_s)
+    if config.optimizer.algorithm == "sandblaster":
+        result.coordinator["resumes_from_iteration"] = _committed_iteration(result.run_dir)
+
+
+def _committed_iteration(run_dir: Path) -> int | None:
+    """The iteration of the coordinator's last committed checkpoint; None: none, or one that
+    cannot be read (``--resume`` names its fault)."""
+    try:
+        record = read_record(run_dir / CHECKPOINT_DIR)
+    except CheckpointError:
+        return None
+    return None if record is None else record["iteration"]
+
+
 def _describe_fault(fault: Fault) -> str:
     code = "" if fault.exitcode is None else f" (exit code {fault.exitcode})"
-    text = f"{fault.process} died{code}; {fault.action}"
+    stopping = " while the job stopped" if fault.while_stopping else ""
+    text = f"{fault.process} died{code}{stopping}; {fault.action}"
     if fault.version_before is not None:
         text += f"; it had applied at least {fault.version_before} updates"
     return text

@@ -1,0 +1,112 @@
+"""Processes that die while ``distbelief train`` stops after Ctrl-C: each death is in
+``summary.json``'s faults, nothing is restarted, and a Sandblaster run's summary says which
+iteration a resume goes on from (and the resume does).
+
+Each test SIGKILLs its victim right after the launcher's SIGINT: the launcher is then stopping
+the job (a Sandblaster coordinator ends the iteration under way first; the shards wait for the
+workers to be gone), and the victim had not finished its own stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from distbelief.telemetry import read_metrics
+from tests.conftest import CLI, run_cli, start_scripts, stop_processes
+
+RUN_TIMEOUT_S = 240
+DOWNPOUR = (
+    "train",
+    *("--dataset", "digits", "--model", "mlp", "--shards", "2", "--workers", "2"),
+    *("--steps", "1000000", "--eval-every", "5"),
+)
+SANDBLASTER = (
+    "train",
+    *("--algorithm", "sandblaster", "--dataset", "digits", "--model", "mlp"),
+    *("--shards", "2", "--workers", "2", "--history", "5", "--eval-every", "5"),
+    *("--max-iterations", "100000"),
+)
+
+
+def _rows(run_dir: Path, role: str) -> list[dict]:
+    if not (run_dir / "metrics.csv").exists():
+        return []
+    return [row for row in read_metrics(run_dir / "metrics.csv") if row["role"] == role]
+
+
+def _interrupt_and_kill(
+    run_dir: Path, args: tuple[str, ...], role: str, victim: str
+) -> tuple[subprocess.CompletedProcess, int]:
+    """Runs ``args``; once metrics.csv has 4 rows of ``role``, sends the launcher SIGINT and
+    at once SIGKILLs process ``victim`` (by its pid in pids.json). Returns how the launcher
+    ended and the victim's pid."""
+    [launcher] = start_scripts([[*CLI[1:], *args, "--out", str(run_dir)]])
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while len(_rows(run_dir, role)) < 4:
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"no 4 {role} rows recorded"
+            time.sleep(0.1)
+        pid = json.loads((run_dir / "pids.json").read_text())[victim]
+        launcher.send_signal(signal.SIGINT)
+        os.kill(pid, signal.SIGKILL)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        stop_processes([launcher])
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err), pid
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_shard_killed_while_the_job_stops_is_in_the_summary_and_not_restarted(tmp_path):
+    run_dir = tmp_path / "run"
+    result, pid = _interrupt_and_kill(run_dir, DOWNPOUR, "worker", "shard1")
+    assert result.returncode == 130, result.stderr[-3000:]
+    summary = _summary(run_dir)
+    assert summary["outcome"] == "interrupted"
+    faults = [
+        (f["process"], f["exitcode"], f["action"], f["while_stopping"], f["last_checkpoint_saved"])
+        for f in summary["faults"]
+    ]
+    assert faults == [("shard1", -signal.SIGKILL, "given up", True, False)]
+    assert "shard1 died (exit code -9) while the job stopped; given up" in result.stderr
+    assert json.loads((run_dir / "pids.json").read_text())["shard1"] == pid  # no second life
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_coordinator_killed_while_the_job_stops_is_not_restarted_and_a_resume_goes_on(
+    tmp_path,
+):
+    run_dir = tmp_path / "run"
+    result, pid = _interrupt_and_kill(run_dir, SANDBLASTER, "coordinator", "coordinator")
+    assert result.returncode == 130, result.stderr[-3000:]
+    summary = _summary(run_dir)
+    assert summary["outcome"] == "interrupted"
+    faults = [(f["process"], f["exitcode"], f["action"]) for f in summary["faults"]]
+    assert faults == [("coordinator", -signal.SIGKILL, "given up")]
+    assert json.loads((run_dir / "pids.json").read_text())["coordinator"] == pid
+    assert "went back" not in result.stdout  # nothing rolled back
+    record = json.loads((run_dir / "checkpoints" / "coordinator.json").read_text())
+    coordinator = summary["coordinator"]
+    assert coordinator["resumes_from_iteration"] == record["iteration"]
+    assert coordinator["iterations"] >= record["iteration"]
+
+    resumed_to = record["iteration"] + 2
+    resumed = run_cli("train", "--resume", str(run_dir), "--max-iterations", str(resumed_to))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [row["step"] for row in _rows(run_dir, "coordinator")]
+    # The resume's rows follow the earlier ones: from the committed iteration on.
+    assert steps[-2:] == [record["iteration"] + 1, resumed_to]
+    assert _summary(run_dir)["coordinator"]["resumes_from_iteration"] == resumed_to

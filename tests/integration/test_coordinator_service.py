@@ -197,12 +197,13 @@ def test_a_lost_workers_staged_bundle_is_never_committed(digits, job_factory):
 
 
 def test_a_shard_restarted_mid_evaluation_fails_it_instead_of_stalling(
-    digits, job_factory, monkeypatch
+    digits, job_factory, monkeypatch, caplog
 ):
     """A shard restarted from its checkpoint has no evaluation open, so it refuses the workers'
     bundles: they must still be reported, so that their commit, which the restarted shard
     refuses, fails the evaluation (the coordinator then goes back to its last checkpoint)
-    instead of leaving it waiting for commits that never come."""
+    instead of leaving it waiting for commits that never come. A fault the job recovers from,
+    it is logged as a warning, not as the coordinator's error."""
     plan = BatchPlan(num_examples=len(digits), num_portions=NUM_PORTIONS, batch_size=600)
     job = job_factory(digits, plan)
     program = Program()
@@ -219,6 +220,11 @@ def test_a_shard_restarted_mid_evaluation_fails_it_instead_of_stalling(
     with pytest.raises(CoordinatorError, match=r"evaluation 1: committing bundle .* restarted"):
         job.service.evaluate(1, "param", TIMEOUT_S)
     job.stop()
+    refused_commits = [r for r in caplog.records if "not committed" in r.getMessage()]
+    assert refused_commits, caplog.text
+    assert {r.levelname for r in refused_commits} == {"WARNING"}
+    assert "shard 1 was restarted" in refused_commits[0].getMessage()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
 def test_a_slow_worker_is_backed_up_and_its_late_answers_count_once(digits, job_factory):

@@ -25,7 +25,7 @@ from distbelief.coordinator.protocol import (
     loss_from_wire,
     worker_key,
 )
-from distbelief.errors import EvaluationStalledError
+from distbelief.errors import EvaluationStalledError, ShardRestartedError
 from distbelief.wire.message import Message
 from distbelief.wire.ops import OpRegistry
 from distbelief.wire.vector_program import BUNDLE_MAX_CHARS, check_vector_name
@@ -114,8 +114,17 @@ class CoordinatorService:
             with self._commit_lock:
                 self._commit(evaluation, bundle)
         except Exception as e:  # any failure of the shards fails the evaluation, typed there
-            logger.error(
-                "evaluation %d: commit of %s from %s failed: %s", evaluation, bundle, worker, e
+            # A restarted shard is a fault the job recovers from (the coordinator goes back to
+            # its last checkpoint, and says so): no error of the coordinator's.
+            restarted = isinstance(e, ShardRestartedError)
+            logger.log(
+                logging.WARNING if restarted else logging.ERROR,
+                "evaluation %d: %s from %s %s: %s",
+                evaluation,
+                bundle,
+                worker,
+                "not committed" if restarted else "commit failed",
+                e,
             )
             self.scheduler.commit_failed(evaluation, bundle, e)
             return False

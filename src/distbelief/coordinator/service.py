@@ -119,11 +119,11 @@ class CoordinatorService:
             restarted = isinstance(e, ShardRestartedError)
             logger.log(
                 logging.WARNING if restarted else logging.ERROR,
-                "evaluation %d: %s from %s %s: %s",
+                "evaluation %d: bundle %s from %s %s: %s",
                 evaluation,
                 bundle,
                 worker,
-                "not committed" if restarted else "commit failed",
+                "not committed" if restarted else "could not be committed",
                 e,
             )
             self.scheduler.commit_failed(evaluation, bundle, e)

@@ -102,6 +102,8 @@ def test_a_coordinator_killed_while_the_job_stops_is_not_restarted_and_a_resume_
     coordinator = summary["coordinator"]
     assert coordinator["resumes_from_iteration"] == record["iteration"]
     assert coordinator["iterations"] >= record["iteration"]
+    said = f"--resume goes on from iteration {record['iteration']}" in result.stderr
+    assert said == (coordinator["iterations"] > record["iteration"]), result.stderr[-3000:]
 
     resumed_to = record["iteration"] + 2
     resumed = run_cli("train", "--resume", str(run_dir), "--max-iterations", str(resumed_to))

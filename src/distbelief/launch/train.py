@@ -691,8 +691,19 @@ def _after_the_stop(
     for fault in cluster.faults[len(result.faults) :]:
         logger.warning("%s", _describe_fault(fault))
     result.faults = _on_metrics_clock(cluster.faults, time_offset_s)
-    if config.optimizer.algorithm == "sandblaster":
-        result.coordinator["resumes_from_iteration"] = _committed_iteration(result.run_dir)
+    if config.optimizer.algorithm != "sandblaster":
+        return
+    committed = _committed_iteration(result.run_dir)
+    result.coordinator["resumes_from_iteration"] = committed
+    reached = result.coordinator.get("iterations")
+    if committed is not None and reached is not None and reached > committed:
+        logger.warning(
+            "the last committed checkpoint is iteration %d (metrics.csv goes on to %d): "
+            "--resume goes on from iteration %d",
+            committed,
+            reached,
+            committed,
+        )
 
 
 def _committed_iteration(run_dir: Path) -> int | None:

@@ -10,7 +10,6 @@ only to read a data set's files before the job, and to count its examples for ``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -21,10 +20,9 @@ from typing import TYPE_CHECKING
 
 from distbelief import telemetry
 from distbelief.config import PORTIONS_PER_WORKER
-from distbelief.coordinator.checkpoint import RECORD_FILE, read_record
+from distbelief.coordinator.checkpoint import RECORD_FILE
 from distbelief.data.files import FILE_DATASETS, FIXED_TRAIN_EXAMPLES, require_data_files
 from distbelief.errors import (
-    CheckpointError,
     ChildFailedError,
     ConfigFieldError,
     DistBeliefError,
@@ -46,6 +44,11 @@ from distbelief.launch.resume_layout import check_resumed_layout, check_shards_f
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.run_records import write_run_records
 from distbelief.launch.rundir import prepare_run_dir, run_dir_path, write_text_atomic
+from distbelief.launch.stop_records import (
+    add_what_the_stop_settled,
+    describe_fault,
+    on_metrics_clock,
+)
 from distbelief.launch.summary import SUMMARY_FILE, RunResult
 
 if TYPE_CHECKING:
@@ -573,7 +576,7 @@ def _run_job(
                 warmstart = WarmstartRelease(config, cluster.security, sink.message)
 
                 def on_fault(fault: Fault) -> None:
-                    sink.message(_describe_fault(fault))
+                    sink.message(describe_fault(fault))
                     warmstart.on_fault(fault)
 
                 cluster.on_fault = on_fault
@@ -610,7 +613,9 @@ def _run_job(
         finally:
             # After the cluster's stop: what it saw while stopping is known only now.
             if result is not None:
-                _after_the_stop(result, cluster, config, time_offset_s=metrics.time_offset_s)
+                add_what_the_stop_settled(
+                    result, cluster, config, time_offset_s=metrics.time_offset_s
+                )
     except KeyboardInterrupt as e:
         write_run_records(result, "interrupted", "stopped by Ctrl-C")
         raise LauncherInterrupted("stopped by Ctrl-C") from e
@@ -661,7 +666,7 @@ def _result(
         staleness={
             f"shard{shard_id}": reports[shard_id]["staleness"] for shard_id in sorted(reports)
         },
-        faults=_on_metrics_clock(cluster.faults, time_offset_s),
+        faults=on_metrics_clock(cluster.faults, time_offset_s),
         coordinator=cluster.results(ProcessKind.COORDINATOR).get(0) or route.coordinator_so_far(),
         shards={
             f"shard{shard_id}": {
@@ -671,55 +676,3 @@ def _result(
             for shard_id, address in enumerate(addresses)
         },
     )
-
-
-def _on_metrics_clock(faults: list[Fault], offset_s: float) -> list[Fault]:
-    """``faults`` with their ``time_s`` on metrics.csv's time axis: a resumed run's records
-    continue the earlier run's clock (``MetricsWriter``), and its faults must line up with
-    them. Copies: the cluster's own keep this launch's clock."""
-    return [dataclasses.replace(fault, time_s=fault.time_s + offset_s) for fault in faults]
-
-
-def _after_the_stop(
-    result: RunResult, cluster: Cluster, config: JobConfig, *, time_offset_s: float
-) -> None:
-    """What only the cluster's stop settles, into ``result``: the faults it saw while it
-    stopped (shown here: the progress display is closed by then), and a Sandblaster run's
-    ``resumes_from_iteration``, the iteration of the coordinator's last committed checkpoint,
-    which ``--resume`` goes on from (metrics.csv may have rows past it: a coordinator killed
-    as it stopped committed none of them)."""
-    for fault in cluster.faults[len(result.faults) :]:
-        logger.warning("%s", _describe_fault(fault))
-    result.faults = _on_metrics_clock(cluster.faults, time_offset_s)
-    if config.optimizer.algorithm != "sandblaster":
-        return
-    committed = _committed_iteration(result.run_dir)
-    result.coordinator["resumes_from_iteration"] = committed
-    reached = result.coordinator.get("iterations")
-    if committed is not None and reached is not None and reached > committed:
-        logger.warning(
-            "the last committed checkpoint is iteration %d (metrics.csv goes on to %d): "
-            "--resume goes on from iteration %d",
-            committed,
-            reached,
-            committed,
-        )
-
-
-def _committed_iteration(run_dir: Path) -> int | None:
-    """The iteration of the coordinator's last committed checkpoint; None: none, or one that
-    cannot be read (``--resume`` names its fault)."""
-    try:
-        record = read_record(run_dir / CHECKPOINT_DIR)
-    except CheckpointError:
-        return None
-    return None if record is None else record["iteration"]
-
-
-def _describe_fault(fault: Fault) -> str:
-    code = "" if fault.exitcode is None else f" (exit code {fault.exitcode})"
-    stopping = " while the job stopped" if fault.while_stopping else ""
-    text = f"{fault.process} died{code}{stopping}; {fault.action}"
-    if fault.version_before is not None:
-        text += f"; it had applied at least {fault.version_before} updates"
-    return text

@@ -215,23 +215,51 @@ def test_a_warm_start_ended_early_releases_a_waiting_worker(served_shard):
     trainer.close()
 
 
-@pytest.mark.parametrize("lr", [math.nan, math.inf, 1e308])
-def test_a_rate_set_after_construction_is_refused_by_step_before_anything_changes(lr, served_shard):
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("lr", math.nan, "lr must be "),
+        ("lr", math.inf, "lr must be "),
+        ("lr", 1e308, "lr must be "),
+        ("weight_decay", 1e-4, "weight_decay is not applied by "),
+        ("momentum", 0.9, "momentum is not applied by "),
+    ],
+)
+def test_a_group_setting_changed_after_construction_is_refused_by_step_before_anything_changes(
+    setting, value, message, served_shard
+):
+    """A rate as an LR scheduler sets it, or an SGD setting the step would ignore."""
     model = _model()
     optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard, blocking=True)
     _train(model, optimizer, _batches(1))
     version = optimizer.version
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer.param_groups[0]["lr"] = lr  # as an LR scheduler sets it
+    optimizer.param_groups[0][setting] = value
     images, labels = _batches(1)[0]
     nn.functional.cross_entropy(model(images), labels).backward()
-    with pytest.raises(ValueError, match=r"^param group 0: lr must be "):
+    with pytest.raises(ValueError, match=rf"^param group 0: {message}"):
         optimizer.step()
     assert optimizer.num_steps == 1
     optimizer.pull_now()
     assert optimizer.version == version  # nothing was pushed
     for got, want in zip(model.parameters(), before, strict=True):
         assert torch.equal(got, want)
+    optimizer.close()
+
+
+def test_a_torch_sgd_state_dict_with_momentum_is_refused_and_loads_nothing(served_shard):
+    """Loaded, its momentum would be ignored: the step is plain SGD."""
+    model = _model()
+    optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard, blocking=True)
+    _train(model, optimizer, _batches(2))
+    saved = optimizer.state_dict()
+    torch_sgd = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    with pytest.raises(ValueError, match=r"^param group 0: momentum is not applied by "):
+        optimizer.load_state_dict(torch_sgd.state_dict())
+    assert optimizer.param_groups[0]["lr"] == 0.1 and "momentum" not in optimizer.param_groups[0]
+    optimizer.num_steps = 0
+    optimizer.load_state_dict(saved)  # its own loads
+    assert optimizer.num_steps == 2
     optimizer.close()
 
 

@@ -186,6 +186,19 @@ def check_plain_sgd(param_groups: list[dict]) -> None:
                 )
 
 
+def check_param_groups(param_groups: list[dict]) -> None:
+    """Refuses a param group DownpourSGD would not train as it says: its ``lr`` no rate
+    (``check_rates``) or one of SGD's other settings not plain (``check_plain_sgd``). Run by
+    the constructor, by ``step()`` and by ``load_state_dict()``: a scheduler, a script or a
+    torch.optim.SGD state dict may set them later.
+
+    Raises:
+        ValueError: naming the group (its index), the setting and its value.
+    """
+    check_rates(param_groups)
+    check_plain_sgd(param_groups)
+
+
 def _named_params(params: list[torch.Tensor], model: nn.Module | None) -> list[tuple[str, object]]:
     names = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
     return [(names.get(id(p), f"param.{i}"), p) for i, p in enumerate(params)]
@@ -380,8 +393,7 @@ class DownpourSGD(torch.optim.Optimizer):
         check_count("start_after_version", start_after_version, least=0)
         self.compression = WireCompression.parse(wire_dtype, push_compression)
         super().__init__(params, {"lr": lr})
-        check_rates(self.param_groups)
-        check_plain_sgd(self.param_groups)
+        check_param_groups(self.param_groups)
         self.n_push, self.n_pull, self.blocking = n_push, n_pull, blocking
         self._params = [p for group in self.param_groups for p in group["params"]]
         named = _named_params(self._params, model)
@@ -481,15 +493,16 @@ class DownpourSGD(torch.optim.Optimizer):
         """Apply the gradients locally, then push and pull on schedule.
 
         Raises:
-            ValueError: a param group's ``lr`` is no rate (set since, by a scheduler say),
-                or a parameter's shape, dtype or device changed since the constructor (named);
+            ValueError: a param group's ``lr`` is no rate (set since, by a scheduler say) or
+                its ``momentum``, ``weight_decay``... not plain SGD's (set since), or a
+                parameter's shape, dtype or device changed since the constructor (named);
                 nothing is applied, pushed or counted.
             ShardTimeoutError / ShardUnavailableError / RemoteError: a past push or pull failed.
             ClosedError: called after ``close()`` (nothing is applied or counted).
         """
         self._check_open("step")
         self._check_unchanged()
-        check_rates(self.param_groups)
+        check_param_groups(self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -734,6 +747,14 @@ class DownpourSGD(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, after checking the saved groups as the constructor does (one saved by
+        torch.optim.SGD with momentum, say, would otherwise train without it).
+
+        Raises:
+            ValueError: a saved group's ``lr`` or other setting DownpourSGD does not apply,
+                named by its index; nothing is loaded.
+        """
+        check_param_groups(list(state_dict.get("param_groups", [])))
         state_dict = dict(state_dict)
         downpour = state_dict.pop("downpour", {})
         call_unguarded("load_state_dict", self, state_dict)

@@ -263,6 +263,28 @@ def test_a_torch_sgd_state_dict_with_momentum_is_refused_and_loads_nothing(serve
     optimizer.close()
 
 
+def test_named_parameters_carry_their_names_to_the_shards(served_shard):
+    """Given as ``model.named_parameters()`` (torch's named param groups), parameters are the
+    shards' tensors of those names: a replica given ``model=`` joins the same shards."""
+    model = _model()
+    named_params = list(model.named_parameters())
+    named = DownpourSGD(
+        [{"params": named_params[:2], "lr": 0.2}, {"params": named_params[2:]}],
+        lr=0.1,
+        ps=served_shard,
+        blocking=True,
+    )
+    _train(model, named, _batches(2))
+    named.close()
+    other = _model(seed=1)
+    with DownpourSGD(other.parameters(), lr=0.1, model=other, ps=served_shard) as joined:
+        assert [spec.name for spec in joined.specs] == [
+            name for name, _ in model.named_parameters()
+        ]
+        for got, want in zip(other.parameters(), model.parameters(), strict=True):
+            assert torch.equal(got, want)  # it starts from the named replica's parameters
+
+
 def test_every_use_after_close_raises_closed_error_and_changes_nothing():
     server = serve(
         "tcp://127.0.0.1:0",

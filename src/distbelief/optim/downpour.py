@@ -199,9 +199,21 @@ def check_param_groups(param_groups: list[dict]) -> None:
     check_plain_sgd(param_groups)
 
 
-def _named_params(params: list[torch.Tensor], model: nn.Module | None) -> list[tuple[str, object]]:
+def _named_params(param_groups: list[dict], model: nn.Module | None) -> list[tuple[str, object]]:
+    """Each parameter with the name the shards know it by: its name in ``model``, else the
+    name it was given with (``model.named_parameters()``: torch keeps them as a group's
+    ``param_names``) where those are unique (groups of submodules' parameters may repeat
+    ``weight``), else ``param.I`` by its position."""
     names = {id(p): name for name, p in model.named_parameters()} if model is not None else {}
-    return [(names.get(id(p), f"param.{i}"), p) for i, p in enumerate(params)]
+    params = [p for group in param_groups for p in group["params"]]
+    given = [
+        name
+        for group in param_groups
+        for name in group.get("param_names", [None] * len(group["params"]))
+    ]
+    if None in given or len(set(given)) < len(given):
+        given = [None] * len(params)
+    return [(names.get(id(p)) or given[i] or f"param.{i}", p) for i, p in enumerate(params)]
 
 
 def _check_params(named: list[tuple[str, torch.Tensor]]) -> None:
@@ -277,7 +289,8 @@ class DownpourSGD(torch.optim.Optimizer):
             group's, also when a scheduler changes it (checked at each step).
         n_push: Push the accrued gradient every this many steps (n_push in Dean et al. 2012).
         n_pull: Fetch fresh parameters every this many steps (n_fetch in Dean et al. 2012).
-        model: The module owning ``params``; its parameter names label the shards' tensors.
+        model: The module owning ``params``; its parameter names label the shards' tensors
+            (without it, the names ``params`` were given with, as ``named_parameters()``).
         ps: Shard addresses (list or comma-separated), in shard-id order. Default: the
             ``DISTBELIEF_PS`` environment variable, else (in a torch.distributed process
             group) the ``ParameterServer`` published in the group's store, with its job key.
@@ -396,7 +409,7 @@ class DownpourSGD(torch.optim.Optimizer):
         check_param_groups(self.param_groups)
         self.n_push, self.n_pull, self.blocking = n_push, n_pull, blocking
         self._params = [p for group in self.param_groups for p in group["params"]]
-        named = _named_params(self._params, model)
+        named = _named_params(self.param_groups, model)
         _check_params(named)
         self.specs: list[TensorSpec] = tensor_specs(named)
         # What each parameter was when the shards' layout was made of it: step() and

@@ -285,6 +285,33 @@ def test_named_parameters_carry_their_names_to_the_shards(served_shard):
             assert torch.equal(got, want)  # it starts from the named replica's parameters
 
 
+def test_a_parameter_without_a_gradient_is_pushed_as_zeros_which_momentum_applies():
+    """As the README says: the shards' momentum moves it, as torch.optim does for a zero
+    gradient (torch.optim would skip a parameter whose grad is None)."""
+    server = serve(
+        "tcp://127.0.0.1:0",
+        ShardService(ParameterShard(0, 1, server_optimizer_factory("momentum", lr=0.1))),
+    )
+    try:
+        model, reference = _model(), _model()
+        optimizer = DownpourSGD(
+            model.parameters(), lr=0.1, model=model, ps=[server.address], blocking=True
+        )
+        torch_sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+        for net, step in ((model, optimizer), (reference, torch_sgd)):
+            _train(net, step, _batches(2))
+            step.zero_grad()
+            for param in net.parameters():
+                param.grad = torch.zeros_like(param) if step is torch_sgd else None
+            step.step()
+        optimizer.pull_now()
+        for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        optimizer.close()
+    finally:
+        server.stop()
+
+
 def test_every_use_after_close_raises_closed_error_and_changes_nothing():
     server = serve(
         "tcp://127.0.0.1:0",

@@ -256,7 +256,7 @@ def test_a_torch_sgd_state_dict_with_momentum_is_refused_and_loads_nothing(serve
     torch_sgd = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     with pytest.raises(ValueError, match=r"^param group 0: momentum is not applied by "):
         optimizer.load_state_dict(torch_sgd.state_dict())
-    assert optimizer.param_groups[0]["lr"] == 0.1 and "momentum" not in optimizer.param_groups[0]
+    assert optimizer.param_groups[0]["lr"] == 0.1 and optimizer.param_groups[0]["momentum"] == 0
     optimizer.num_steps = 0
     optimizer.load_state_dict(saved)  # its own loads
     assert optimizer.num_steps == 2
@@ -310,6 +310,23 @@ def test_a_parameter_without_a_gradient_is_pushed_as_zeros_which_momentum_applie
         optimizer.close()
     finally:
         server.stop()
+
+
+def test_torch_sgd_loads_the_optimizers_state_dict_and_trains_on(served_shard):
+    """A model trained with DownpourSGD goes on alone with torch.optim.SGD from its state."""
+    model = _model()
+    optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard, blocking=True)
+    _train(model, optimizer, _batches(2))
+    optimizer.param_groups[0]["lr"] = 0.05
+    saved = optimizer.state_dict()
+    optimizer.close()
+    reference = copy.deepcopy(model)
+    alone = torch.optim.SGD(model.parameters(), lr=0.5)
+    alone.load_state_dict(saved)
+    _train(model, alone, _batches(3))
+    _train(reference, torch.optim.SGD(reference.parameters(), lr=0.05), _batches(3))
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(got, want)
 
 
 def test_every_use_after_close_raises_closed_error_and_changes_nothing():

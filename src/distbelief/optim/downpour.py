@@ -405,7 +405,9 @@ class DownpourSGD(torch.optim.Optimizer):
             start_after_version = 0
         check_count("start_after_version", start_after_version, least=0)
         self.compression = WireCompression.parse(wire_dtype, push_compression)
-        super().__init__(params, {"lr": lr})
+        # Plain SGD's settings ride along in every group: torch.optim.SGD can then load this
+        # optimizer's state dict and step (its step reads each group's momentum).
+        super().__init__(params, {"lr": lr, **_UNAPPLIED_DEFAULTS})
         check_param_groups(self.param_groups)
         self.n_push, self.n_pull, self.blocking = n_push, n_pull, blocking
         self._params = [p for group in self.param_groups for p in group["params"]]

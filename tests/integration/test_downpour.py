@@ -135,6 +135,21 @@ def test_missing_address_is_a_value_error(monkeypatch):
         DownpourSGD(model.parameters(), model=model)
 
 
+@pytest.mark.parametrize("given_by", ["ps", "DISTBELIEF_PS"])
+def test_an_shm_address_under_transport_tcp_is_refused_naming_it(given_by, monkeypatch):
+    """As distbelief worker --ps refuses it: one of the two would be ignored without a word."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
+    monkeypatch.setenv("DISTBELIEF_PS", "tcp://127.0.0.1:1,shm://127.0.0.1:2")
+    model = _model()
+    options = {"ps": os.environ["DISTBELIEF_PS"]} if given_by == "ps" else {}
+    with pytest.raises(
+        ValueError,
+        match=rf"^{given_by}: shm://127.0.0.1:2 asks for shared memory, which "
+        r"DISTBELIEF_TRANSPORT=tcp rules out: give tcp://127.0.0.1:2, ",
+    ):
+        DownpourSGD(model.parameters(), model=model, **options)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2.0])
 def test_a_bad_number_of_workers_is_a_value_error_naming_it(num_workers):
     model = _model()

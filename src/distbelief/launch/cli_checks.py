@@ -84,19 +84,17 @@ def check_bind_is_here(text: str) -> str:
 def check_no_shm_under_tcp(flag: str, addresses: Sequence[str], config: JobConfig) -> None:
     """An shm:// address asks for shared memory, which the transport tcp rules out: with both,
     one of them would be ignored without a word."""
-    from distbelief.wire.channels import split_scheme
+    from distbelief.wire.channels.shm import shm_address_ruled_out
 
-    if config.cluster.transport != "tcp":
-        return
-    for address in addresses:
-        scheme, rest = split_scheme(address)
-        if scheme == "shm":
-            raise argparse.ArgumentError(
-                None,
-                f"argument {flag}: {address} asks for shared memory, which --transport tcp "
-                f"(or DISTBELIEF_TRANSPORT=tcp) rules out: give tcp://{rest}, or another "
-                "--transport",
-            )
+    ruled_out = shm_address_ruled_out(addresses, config.cluster.transport)
+    if ruled_out is not None:
+        address, tcp_address = ruled_out
+        raise argparse.ArgumentError(
+            None,
+            f"argument {flag}: {address} asks for shared memory, which --transport tcp "
+            f"(or DISTBELIEF_TRANSPORT=tcp) rules out: give {tcp_address}, or another "
+            "--transport",
+        )
 
 
 def check_stage_flags(args: argparse.Namespace, num_stages: int) -> None:

@@ -27,6 +27,7 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Iterable
 
 from distbelief.config import TRANSPORT_ENV, TRANSPORTS
 from distbelief.errors import AuthenticationError, ProtocolError, TLSMismatchError
@@ -86,6 +87,19 @@ def transport_setting(transport: str | None = None) -> str:
     if value not in TRANSPORTS:
         raise ValueError(f"{source} {value!r}: must be one of {', '.join(TRANSPORTS)}")
     return value
+
+
+def shm_address_ruled_out(addresses: Iterable[str], transport: str) -> tuple[str, str] | None:
+    """The first of ``addresses`` that asks for shared memory (``shm://``) under the transport
+    ``tcp``, which rules it out (with both, one of them would be ignored without a word), with
+    the ``tcp://`` address to give instead; None when there is none."""
+    if transport != "tcp":
+        return None
+    for address in addresses:
+        scheme, rest = split_scheme(address)
+        if scheme == "shm":
+            return address, f"tcp://{rest}"
+    return None
 
 
 def set_transport(transport: str) -> None:

@@ -400,8 +400,12 @@ def test_add_param_group_after_the_constructor_is_refused_and_changes_nothing(se
             lambda w: [nn.Parameter(torch.zeros(1, 4).expand(3, 4))],
             r"^parameter 'param\.0': its elements share memory",
         ),
+        (
+            lambda w: [w, nn.Parameter(torch.arange(3), requires_grad=False)],
+            r"^parameter 'param\.1': dtype torch\.int64 is not floating",
+        ),
     ],
-    ids=["twice", "meta", "complex", "expanded"],
+    ids=["twice", "meta", "complex", "expanded", "integer"],
 )
 def test_a_parameter_the_shards_cannot_hold_is_refused_by_name(make, message):
     """Refused before anything is reached (no address is listening): they used to reach the

@@ -244,8 +244,8 @@ def _check_params(named: list[tuple[str, torch.Tensor]]) -> None:
     """Refuses, by name, a parameter the shards cannot hold or this optimizer cannot load
     pulled values into: one given twice (the shards would hold it twice and its gradient would
     be applied twice), one on the meta device (no values to initialise the shards with), one of
-    a dtype the wire does not carry, or one whose elements share memory (an ``expand``-ed
-    tensor: a pulled value cannot be written into it).
+    a dtype the wire does not carry or not floating, or one whose elements share memory (an
+    ``expand``-ed tensor: a pulled value cannot be written into it).
 
     Raises:
         ValueError: naming the parameter.
@@ -269,6 +269,13 @@ def _check_params(named: list[tuple[str, torch.Tensor]]) -> None:
             raise ValueError(
                 f"parameter {name!r}: dtype {param.dtype} cannot travel to the shards"
             ) from None
+        if not param.dtype.is_floating_point:
+            # The shards apply every push to every tensor: an integer one fails there, at the
+            # first push, as a RemoteError.
+            raise ValueError(
+                f"parameter {name!r}: dtype {param.dtype} is not floating, and only floating "
+                "parameters train: leave it out of the parameters given (or make it a buffer)"
+            )
         if param.layout == torch.strided and param.numel() > 1 and _has_internal_overlap(param):
             raise ValueError(
                 f"parameter {name!r}: its elements share memory (an expand()-ed tensor, say), "
@@ -372,8 +379,8 @@ class DownpourSGD(torch.optim.Optimizer):
         ValueError: bad hyperparameters (a param group's ``lr`` included, named by its
             index; a group's ``momentum``, ``dampening``, ``weight_decay``, ``nesterov`` or
             ``maximize`` other than plain SGD's), a parameter the shards cannot hold (named:
-            given twice, on the meta device, of a dtype the wire does not carry, or with
-            elements that share memory) or no shard address (neither ``ps`` nor
+            given twice, on the meta device, of a dtype the wire does not carry or not
+            floating, or with elements that share memory) or no shard address (neither ``ps`` nor
             ``DISTBELIEF_PS``).
         TypeError: ``ps``, ``worker_id``, ``auth_key``, ``group``, ``source_host`` or ``model``
             of the wrong type. Pickling or copying the optimizer is refused too (it holds

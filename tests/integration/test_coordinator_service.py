@@ -440,3 +440,19 @@ def test_finish_waits_for_a_worker_that_connects_only_after_the_last_evaluation(
     finishing.join(TIMEOUT_S)
     assert told == [0]
     job.stop()
+
+
+def test_finish_does_not_wait_for_a_worker_that_connected_and_died(digits, job_factory):
+    plan = BatchPlan(num_examples=len(digits), num_portions=4, batch_size=200)
+    job = job_factory(digits, plan)
+    dead = CoordinatorClient(job.server.address, "worker1", timeout_s=30)
+    dead.ask(max_wait_s=0.0)  # it connected, then its process was killed
+    dead.close()
+    job.start_worker(0)
+    job.evaluate(1)
+    started = time.monotonic()
+    untold = job.service.finish(timeout_s=TIMEOUT_S, expected=["worker0", "worker1"])
+    assert untold == 0
+    # Told worker0 and returned, rather than waiting out the timeout for worker1.
+    assert time.monotonic() - started < TIMEOUT_S / 2
+    job.stop()

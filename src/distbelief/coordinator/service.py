@@ -85,6 +85,9 @@ class CoordinatorService:
         self._connections: set[WorkerConnection] = set()
         self._told: set[str] = set()
         """Worker ids (``worker0``) told to stop."""
+        self._departed: set[str] = set()
+        """Worker ids whose every connection closed before they were told to stop: died or
+        given up; a later life of one is told when it asks, or by its launcher's stop flag."""
         self.worker_hosts: dict[str, str] = {}
         """Worker id -> the host its connection came from (the last one)."""
         self.handlers = OpRegistry()
@@ -101,6 +104,8 @@ class CoordinatorService:
     def _closed(self, connection: WorkerConnection) -> None:
         with self._connections_changed:
             self._connections.discard(connection)
+            still_open = {w for c in self._connections for w in c.worker_ids}
+            self._departed |= connection.worker_ids - still_open
             self._connections_changed.notify_all()
 
     def _told_stop(self, worker_id: str) -> None:
@@ -203,7 +208,8 @@ class CoordinatorService:
     def finish(self, timeout_s: float = 10.0, expected: Collection[str] = ()) -> int:
         """Tell every worker to stop, and wait (up to ``timeout_s``) until each connected one
         has been told or has gone, and each worker id in ``expected`` (``worker0``, ...) has
-        been told: a worker still starting up finds the coordinator there to tell it.
+        been told or has gone: a worker still starting up finds the coordinator there to tell
+        it, while one that connected and died is not waited for (it may never come back).
 
         Returns:
             The number of connections still open, or expected workers, not told (yet).
@@ -213,7 +219,7 @@ class CoordinatorService:
 
         def untold() -> int:
             connections = sum(not c.told_stop for c in self._connections)
-            return connections + len(missing - self._told)
+            return connections + len(missing - self._told - self._departed)
 
         with self._connections_changed:
             self._connections_changed.wait_for(lambda: untold() == 0, timeout_s)
@@ -228,6 +234,9 @@ class WorkerConnection:
         self.scheduler = service.scheduler
         self.peer = peer
         self.workers: set[str] = set()
+        """The lives (``worker0-<session>``) this connection named."""
+        self.worker_ids: set[str] = set()
+        """Their worker ids (``worker0``)."""
         self.told_stop = False
 
     def close(self) -> None:
@@ -243,6 +252,7 @@ class WorkerConnection:
         worker = worker_key(meta)
         if worker not in self.workers:
             self.workers.add(worker)
+            self.worker_ids.add(meta["worker"])
             self.service.worker_hosts[meta["worker"]] = self.peer.rpartition(":")[0]
         return worker
 

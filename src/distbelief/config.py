@@ -870,6 +870,14 @@ class JobConfig:
                 "needs asynchronous training, not sync rounds, "
                 f"got {self.optimizer.warmstart_steps}",
             )
+        for name in ("n_push", "n_pull"):
+            every = getattr(self.optimizer, name)
+            if self.consistency.sync and every != 1:
+                # A round averages one gradient per worker, each from the version it pulled.
+                raise ConfigFieldError(
+                    f"optimizer.{name}",
+                    f"must be 1 with sync rounds (they push and pull every step), got {every}",
+                )
 
     def check_row_settings_apply(self) -> None:
         """Refuse row settings (the embeddings section, and the model's embedding width) for a

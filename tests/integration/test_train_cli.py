@@ -321,6 +321,10 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
             "argument --backup-workers: must be < the number of workers (2), got 2",
         ),
         (
+            ["train", "--sync", "--n-push", "5"],
+            "argument --n-push: must be 1 with sync rounds (they push and pull every step), got 5",
+        ),
+        (
             ["ps", "--shard-id", "0", "--num-shards", "1", "--sync", "--max-staleness", "1"],
             "distbelief ps: error: argument --max-staleness: cannot bound sync rounds",
         ),

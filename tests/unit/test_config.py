@@ -75,6 +75,16 @@ from distbelief.errors import ConfigFieldError
             "optimizer.warmstart_steps",
             "needs asynchronous training",
         ),
+        (
+            {"consistency.sync": True, "optimizer.n_push": 5},
+            "optimizer.n_push",
+            "must be 1 with sync rounds (they push and pull every step), got 5",
+        ),
+        (
+            {"consistency.sync": True, "optimizer.n_pull": 3},
+            "optimizer.n_pull",
+            "must be 1 with sync rounds (they push and pull every step), got 3",
+        ),
         ({"pipeline.num_partitions": 0}, "pipeline.num_partitions", "an integer >= 1, got 0"),
         (
             {"pipeline.num_partitions": 3, "pipeline.split_points": (4,)},

@@ -348,3 +348,20 @@ def test_a_shard_that_died_again_before_it_restored_gets_a_line() -> None:
     )
     assert lines[1].startswith("shard0: restored version 5")
     assert len(lines) == 2
+
+
+@pytest.mark.parametrize("algorithm", ["downpour", "sandblaster"])
+def test_a_shard_killed_before_it_was_given_the_model_lost_nothing(algorithm: str) -> None:
+    # Killed before any worker's INIT: its next life finds no checkpoint and starts afresh.
+    book = ProcessBook(
+        JobConfig.from_fields({"optimizer.algorithm": algorithm, "cluster.num_shards": 2})
+    )
+    _shard0_ready(book, None)
+    fault = book.record_death(SHARD0, -9, stopping=False)
+    _shard0_ready(book, None)
+    assert (fault.version_before, fault.version_restored, fault.lost_updates) == (0, 0, 0)
+    assert _restore_lines([fault]) == [
+        "shard0: restored version 0, every update it had applied: nothing to redo"
+        if algorithm == "sandblaster"
+        else "shard0: restored version 0; 0 updates lost"
+    ]

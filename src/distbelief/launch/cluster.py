@@ -365,8 +365,9 @@ class ProcessBook:
                 self.stage_addresses[(source.index, source.stage)] = payload["address"]
         elif kind == "ready":
             self.addresses[source.index] = payload["address"]
-            if payload.get("restored_version") is not None:
-                self._note_restored(source.name, source.index, payload["restored_version"])
+            if source.kind is ProcessKind.SHARD:
+                restored = payload.get("restored_version")
+                self._note_restored(source.name, source.index, restored)
 
     def _note_rollback(self, done: int | None, to_iteration: int) -> None:
         """Sandblaster's coordinator went back from iteration ``done`` (None: a restarted
@@ -378,9 +379,14 @@ class ProcessBook:
                 fault.updates_redone = max(0, done - to_iteration)
         self.coordinator_iteration = to_iteration
 
-    def _note_restored(self, name: str, shard_id: int, version: int) -> None:
+    def _note_restored(self, name: str, shard_id: int, version: int | None) -> None:
+        """Shard ``name``'s restarted life restored ``version`` (None: it found no checkpoint,
+        so its last life had never been given the model, a shard saving before it answers its
+        INIT, and had applied nothing: it is as at version 0)."""
         for fault in reversed(self.faults):
             if fault.process == name and fault.version_restored is None:
+                if version is None:
+                    version = fault.version_before = 0
                 fault.version_restored = version
                 self.shard_versions[shard_id] = version
                 return

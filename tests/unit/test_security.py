@@ -6,12 +6,14 @@ import threading
 
 import pytest
 
-from distbelief.errors import ProtocolError
+from distbelief.errors import AuthenticationError, ProtocolError
 from distbelief.wire.security import (
+    ANSWER_BYTES,
     accept_peer,
     authenticate_to_server,
     generate_key,
     read_key_file,
+    send_challenge,
     write_key_file,
 )
 
@@ -135,6 +137,24 @@ def test_wrong_key_is_refused_on_both_sides():
     server, client = _handshake(generate_key(), generate_key())
     assert isinstance(server[0], ProtocolError) and "failed authentication" in str(server[0])
     assert isinstance(client[0], ProtocolError) and "refused this job key" in str(client[0])
+
+
+def test_a_shard_that_dies_after_the_answer_is_a_lost_connection_not_a_refusal():
+    server_sock, client_sock = socket.socketpair()
+
+    def die_after_the_answer() -> None:  # as a shard killed at that moment
+        send_challenge(server_sock)
+        server_sock.recv(ANSWER_BYTES, socket.MSG_WAITALL)
+        server_sock.close()
+
+    thread = threading.Thread(target=die_after_the_answer)
+    thread.start()
+    with pytest.raises(OSError) as caught:
+        authenticate_to_server(client_sock, generate_key(), timeout_s=10)
+    thread.join(10)
+    client_sock.close()
+    # Retried by the caller as any lost connection, not reported as a key the shard refused.
+    assert not isinstance(caught.value, AuthenticationError)
 
 
 _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"]

@@ -46,6 +46,10 @@ NO_TLS_NOTICE = b"DBLP this shard does not speak TLS\n".ljust(64)
 """What a shard without TLS says to a TLS client (after its challenge, if it has a job key):
 bytes that are no TLS record, so the client's TLS handshake fails at once (wrong version
 number) rather than at end of stream, which would look like a lost connection."""
+KEY_REFUSED_NOTICE = b"DBLR this shard refused the key\n"
+"""What a keyed shard says, in place of its proof, to a client whose answer is wrong, before
+it hangs up: the client tells a refusal from a shard that died mid-handshake (a lost
+connection, retried). As long as a proof, so the client reads it where it expects one."""
 SHARD_SPEAKS_TLS = "the shard speaks TLS: give --tls-ca (the CA of the shard's certificate)"
 SHARD_SPEAKS_NO_TLS = (
     "the shard does not speak TLS: drop --tls-ca, or start the shard with --tls-cert and --tls-key"
@@ -220,6 +224,8 @@ def check_answer(channel: Channel, key: bytes, challenge: bytes, timeout_s: floa
     if announced != AUTH_MAGIC or not hmac.compare_digest(
         proof[:_DIGEST_BYTES], _mac(key, b"client", challenge)
     ):
+        with contextlib.suppress(OSError):  # a peer gone already needs no answer
+            channel.sendall(KEY_REFUSED_NOTICE)
         raise AuthenticationError("peer failed authentication (wrong or missing job key)")
     channel.sendall(_mac(key, b"server", proof[_DIGEST_BYTES:]))
 
@@ -272,9 +278,9 @@ def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> No
     challenge = _recv_exact(channel, NONCE_BYTES, deadline)
     nonce = secrets.token_bytes(NONCE_BYTES)
     channel.sendall(_mac(key, b"client", challenge) + nonce)
-    try:
-        proof = _recv_exact(channel, _DIGEST_BYTES, deadline)
-    except ConnectionResetError as e:
-        raise AuthenticationError("the shard refused this job key") from e
+    # A connection lost here is a shard that died mid-handshake, not a refusal: it says so.
+    proof = _recv_exact(channel, _DIGEST_BYTES, deadline)
+    if proof == KEY_REFUSED_NOTICE:
+        raise AuthenticationError("the shard refused this job key")
     if not hmac.compare_digest(proof, _mac(key, b"server", nonce)):
         raise AuthenticationError("server failed authentication: it does not hold the job key")

@@ -40,6 +40,22 @@ def test_a_failed_job_keeps_every_field_of_a_done_one(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
 
 
+def test_a_diverged_loss_is_written_as_null_in_strict_json(tmp_path: Path) -> None:
+    nan, inf = float("nan"), float("inf")
+    coordinator = {"loss": nan, "last_iteration": {"loss": nan, "grad_norm": inf}}
+    write_summary(RunResult(tmp_path, final={"test_loss": nan}, coordinator=coordinator))
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["final"]["test_loss"] is None
+    assert summary["coordinator"] == {
+        "loss": None,
+        "last_iteration": {"loss": None, "grad_norm": None},
+    }
+
+
 def test_no_summary_when_no_process_started_and_no_unknown_outcome(tmp_path: Path) -> None:
     write_summary(None, "interrupted", "stopped by Ctrl-C")
     assert not list(tmp_path.iterdir())

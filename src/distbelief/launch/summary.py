@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,9 +63,21 @@ def write_summary(
     write_text_atomic(result.run_dir / SUMMARY_FILE, summary_json(result))
 
 
+def _strict(value: object) -> object:
+    """``value`` with every non-finite float (a diverged loss) as None: strict JSON, which has
+    no NaN or Infinity, so any JSON reader takes the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
 def summary_json(result: RunResult) -> str:
-    """The text of ``summary.json``."""
-    return json.dumps(
+    """The text of ``summary.json``: strict JSON, a non-finite number written as null."""
+    fields = _strict(
         {
             "outcome": result.outcome,
             "reason": result.reason,
@@ -78,6 +91,6 @@ def summary_json(result: RunResult) -> str:
                 {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
                 for fault in result.faults
             ],
-        },
-        indent=2,
+        }
     )
+    return json.dumps(fields, indent=2, allow_nan=False)

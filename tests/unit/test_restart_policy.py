@@ -360,7 +360,7 @@ def test_a_shard_killed_before_it_was_given_the_model_lost_nothing(algorithm: st
     fault = book.record_death(SHARD0, -9, stopping=False)
     _shard0_ready(book, None)
     assert (fault.version_before, fault.version_restored, fault.lost_updates) == (0, 0, 0)
-    assert _restore_lines([fault]) == [
+    assert restore_lines([fault]) == [
         "shard0: restored version 0, every update it had applied: nothing to redo"
         if algorithm == "sandblaster"
         else "shard0: restored version 0; 0 updates lost"

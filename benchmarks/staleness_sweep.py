@@ -2,7 +2,7 @@
 scale, dc-asgd, SSP}, every run at the same total number of samples and the same seed.
 
 Owns the sweep, the summary of each run (time and updates to 90% test accuracy, staleness
-percentiles), its plots and its md/json table; training itself is ``distbelief.launch.train``'s.
+percentiles), its plots and its md/json table; training itself is ``distbelief.launch.job``'s.
 adagrad_vs_sgd.py imports the run/summary/plot/table helpers from here.
 """
 

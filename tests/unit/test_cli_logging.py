@@ -18,7 +18,7 @@ from distbelief.launch.cli import main
 code = main(["reshard", sys.argv[1], "--shards", "2"])
 logging.getLogger("a_library.cache").info("cache stats:")
 logging.getLogger("a_library.cache").warning("a library's warning")
-logging.getLogger("distbelief.launch.train").info("the command's own line")
+logging.getLogger("distbelief.launch.job").info("the command's own line")
 sys.exit(code)
 """
 
@@ -29,4 +29,4 @@ def test_a_library_logs_nothing_below_warning_beside_the_commands_own_lines(tmp_
     assert ran.returncode == 2, ran.stderr
     assert "cache stats" not in ran.stderr
     assert "a_library.cache WARNING a library's warning" in ran.stderr
-    assert "distbelief.launch.train INFO the command's own line" in ran.stderr
+    assert "distbelief.launch.job INFO the command's own line" in ran.stderr

@@ -7,6 +7,7 @@ without torch either: tests/integration/test_shard_stats.py.)"""
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ PACKAGES = (
     "distbelief.server",
 )
 HEAVY = ("torch", "matplotlib", "tensorboard", "rich", "ray")
-LAUNCHER_MODULES = ("distbelief.launch.cli", "distbelief.launch.resume", "distbelief.launch.train")
+LAUNCHER_MODULES = ("distbelief.launch.cli", "distbelief.launch.resume", "distbelief.launch.job")
 """What ``distbelief train`` imports before it starts the processes."""
 
 
@@ -42,3 +43,13 @@ def test_every_exported_name_resolves(package: str, name: str) -> None:
     module = importlib.import_module(package)
     assert getattr(module, name) is not None
     assert name in dir(module)
+
+
+@pytest.mark.parametrize("package", [*PACKAGES, "distbelief"])
+def test_no_exported_name_is_also_a_module_of_its_package(package: str) -> None:
+    """Importing a package's submodule binds its name on the package: an export of the same
+    name (``distbelief.launch.train``, the function, once lived in ``launch/train.py``) would
+    then be the module or the function depending on what some other code imported first."""
+    module = importlib.import_module(package)
+    submodules = {info.name for info in pkgutil.iter_modules(module.__path__)}
+    assert not submodules & set(module.__all__)

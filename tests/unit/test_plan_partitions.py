@@ -8,7 +8,7 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.errors import ConfigFieldError
-from distbelief.launch.train import _plan_partitions
+from distbelief.launch.job import _plan_partitions
 from distbelief.pipeline import job
 from distbelief.pipeline.split import StageSplit
 

@@ -12,7 +12,7 @@ import pytest
 
 from distbelief.data.files import FIXED_TRAIN_EXAMPLES
 from distbelief.launch.cli import config_from_args, parse_args
-from distbelief.launch.train import _planned_steps
+from distbelief.launch.job import _planned_steps
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -4,7 +4,7 @@ given by the user (losing the measured basis, the costs and the description)."""
 
 import json
 
-from distbelief.launch.train import _earlier_plan
+from distbelief.launch.job import _earlier_plan
 
 AGAIN = {
     "split_points": [3],

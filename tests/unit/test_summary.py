@@ -11,7 +11,7 @@ import pytest
 from distbelief.config import JobConfig
 from distbelief.launch.cluster import Event, Fault, ProcessKind, ProcessSpec
 from distbelief.launch.summary import RunResult, write_summary
-from distbelief.launch.train import EventRouter, _result
+from distbelief.launch.job import EventRouter, _result
 from distbelief.telemetry import MetricsWriter, make_record
 
 

@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distbelief.launch.cluster import Event, ProcessKind, ProcessSpec
-from distbelief.launch.train import EventRouter
+from distbelief.launch.job import EventRouter
 from distbelief.telemetry import (
     TENSORBOARD_DIR,
     FanOut,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from distbelief.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    "train": "distbelief.launch.train",
+    "train": "distbelief.launch.job",
     "RunResult": "distbelief.launch.summary",
     "draw_plots": "distbelief.launch.run_records",
     "Cluster": "distbelief.launch.cluster",

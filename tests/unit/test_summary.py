@@ -10,8 +10,8 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.launch.cluster import Event, Fault, ProcessKind, ProcessSpec
-from distbelief.launch.summary import RunResult, write_summary
 from distbelief.launch.job import EventRouter, _result
+from distbelief.launch.summary import RunResult, write_summary
 from distbelief.telemetry import MetricsWriter, make_record
 
 

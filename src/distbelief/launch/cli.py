@@ -108,9 +108,9 @@ def _reshard_before_resume(
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from distbelief.launch.job import train
     from distbelief.launch.local import stop_forkserver
     from distbelief.launch.resume import RESUMABLE_FIELDS, read_run_for_resume
-    from distbelief.launch.job import train
 
     if args.resume:
         changes = {name: value for name, value in vars(args).items() if "." in name}

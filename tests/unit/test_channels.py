@@ -99,6 +99,23 @@ def test_a_scripts_ps_list_is_checked_as_the_cli_checks_it():
         check_ps_addresses(7000)  # type: ignore[arg-type]
 
 
+def test_a_scripts_ps_list_refuses_shm_under_the_transport_tcp(monkeypatch):
+    """As ``distbelief worker --ps`` and ``DownpourSGD(ps=...)`` do: with both, one of the shm://
+    address and DISTBELIEF_TRANSPORT=tcp would be ignored without a word."""
+    from distbelief import check_ps_addresses
+
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
+    assert check_ps_addresses("tcp://127.0.0.1:7000") == ["tcp://127.0.0.1:7000"]
+    wanted = (
+        "ps: shm://127.0.0.1:7001 asks for shared memory, which DISTBELIEF_TRANSPORT=tcp "
+        "rules out: give tcp://127.0.0.1:7001, or another DISTBELIEF_TRANSPORT"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(wanted)}$"):
+        check_ps_addresses("tcp://127.0.0.1:7000,shm://127.0.0.1:7001")
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "shm")
+    assert check_ps_addresses(["shm://127.0.0.1:7001"]) == ["shm://127.0.0.1:7001"]
+
+
 def test_a_port_out_of_range_is_named():
     with pytest.raises(ValueError, match="port 99999 is out of range"):
         channels.dialer("tcp://nohost:99999")

@@ -26,7 +26,6 @@ from distbelief.client.compression import EncodedPush, PushCompressor
 from distbelief.config import (
     MAX_RATE,
     MAX_WAIT_S,
-    TRANSPORT_ENV,
     amount_problem,
     check_count,
     check_wait,
@@ -36,7 +35,7 @@ from distbelief.optim.device_copies import DeviceCopies
 from distbelief.optim.unguarded import call_unguarded
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
 from distbelief.wire import channels
-from distbelief.wire.channels.shm import shm_address_ruled_out, transport_setting
+from distbelief.wire.channels.shm import check_shm_allowed, transport_setting
 from distbelief.wire.compression import WireCompression
 from distbelief.wire.dtypes import dtype_name
 from distbelief.wire.process_group import (
@@ -133,7 +132,7 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
         ValueError: no address given, by either; a bad ``DISTBELIEF_TRANSPORT`` (named).
     """
     if ps is not None:
-        return _check_shm_allowed("ps", parse_addresses(ps, "ps"))
+        return check_shm_allowed("ps", parse_addresses(ps, "ps"))
     text = os.environ.get(PS_ADDRESS_ENV, "")
     if not text.replace(",", "").strip():
         raise ValueError(
@@ -149,24 +148,7 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
             channels.dialer(address)  # its form and host, named as the variable holds them
     except ValueError as e:
         raise ValueError(f"{PS_ADDRESS_ENV}: {e}") from None
-    return _check_shm_allowed(PS_ADDRESS_ENV, addresses)
-
-
-def _check_shm_allowed(what: str, addresses: list[str]) -> list[str]:
-    """``addresses``, unless one asks for shared memory (``shm://``) under
-    ``DISTBELIEF_TRANSPORT=tcp``: one of the two would be ignored without a word.
-
-    Raises:
-        ValueError: naming ``what`` (``ps`` or ``DISTBELIEF_PS``) and the address.
-    """
-    ruled_out = shm_address_ruled_out(addresses, transport_setting())
-    if ruled_out is not None:
-        address, tcp_address = ruled_out
-        raise ValueError(
-            f"{what}: {address} asks for shared memory, which {TRANSPORT_ENV}=tcp rules out: "
-            f"give {tcp_address}, or another {TRANSPORT_ENV}"
-        )
-    return addresses
+    return check_shm_allowed(PS_ADDRESS_ENV, addresses)
 
 
 def check_rates(param_groups: list[dict]) -> None:

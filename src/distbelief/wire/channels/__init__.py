@@ -238,9 +238,13 @@ def check_ps_addresses(ps: str | Sequence[str]) -> list[str]:
 
     Raises:
         TypeError: ``ps`` is neither a str nor a list of str.
-        ValueError: no address, an empty item, or a bad address (the message names it).
+        ValueError: no address, an empty item, a bad address (the message names it), or an
+            ``shm://`` one under ``DISTBELIEF_TRANSPORT=tcp``.
     """
-    return checked_addresses(ps, what="ps")
+    # Imported here: the shm channel module imports this package's registry.
+    from distbelief.wire.channels.shm import check_shm_allowed
+
+    return check_shm_allowed("ps", checked_addresses(ps, what="ps"))
 
 
 def dial(address: str, *, timeout_s: float, **options) -> Channel:

@@ -102,6 +102,24 @@ def shm_address_ruled_out(addresses: Iterable[str], transport: str) -> tuple[str
     return None
 
 
+def check_shm_allowed(what: str, addresses: list[str]) -> list[str]:
+    """``addresses``, unless one asks for shared memory (``shm://``) under
+    ``DISTBELIEF_TRANSPORT=tcp``: one of the two would be ignored without a word.
+
+    Raises:
+        ValueError: naming ``what`` (``ps`` or ``DISTBELIEF_PS``) and the address; a bad
+            ``DISTBELIEF_TRANSPORT`` (named).
+    """
+    ruled_out = shm_address_ruled_out(addresses, transport_setting())
+    if ruled_out is not None:
+        address, tcp_address = ruled_out
+        raise ValueError(
+            f"{what}: {address} asks for shared memory, which {TRANSPORT_ENV}=tcp rules out: "
+            f"give {tcp_address}, or another {TRANSPORT_ENV}"
+        )
+    return addresses
+
+
 def set_transport(transport: str) -> None:
     """Make channels this process (and the processes it starts) makes from now on use
     ``transport``; ValueError if it is not one of auto, tcp, shm."""

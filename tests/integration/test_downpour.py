@@ -150,6 +150,19 @@ def test_an_shm_address_under_transport_tcp_is_refused_naming_it(given_by, monke
         DownpourSGD(model.parameters(), model=model, **options)
 
 
+@pytest.mark.parametrize("given_by", ["ps", "DISTBELIEF_PS"])
+def test_an_empty_item_in_the_addresses_is_refused_naming_where_it_came_from(given_by, monkeypatch):
+    """A list with one address left out would otherwise be a job with one shard too few."""
+    monkeypatch.setenv("DISTBELIEF_PS", "tcp://127.0.0.1:1,,tcp://127.0.0.1:2")
+    model = _model()
+    options = {"ps": ["tcp://127.0.0.1:1", "", "tcp://127.0.0.1:2"]} if given_by == "ps" else {}
+    with pytest.raises(
+        ValueError,
+        match=rf"^{given_by}: the list 'tcp://127.0.0.1:1,,tcp://127.0.0.1:2' has an empty item$",
+    ):
+        DownpourSGD(model.parameters(), model=model, **options)
+
+
 @pytest.mark.parametrize("num_workers", [0, 2.0])
 def test_a_bad_number_of_workers_is_a_value_error_naming_it(num_workers):
     model = _model()

@@ -132,7 +132,11 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
         ValueError: no address given, by either; a bad ``DISTBELIEF_TRANSPORT`` (named).
     """
     if ps is not None:
-        return check_shm_allowed("ps", parse_addresses(ps, "ps"))
+        try:
+            addresses = parse_addresses(ps, "ps")
+        except ValueError as e:
+            raise ValueError(f"ps: {e}") from None
+        return check_shm_allowed("ps", addresses)
     text = os.environ.get(PS_ADDRESS_ENV, "")
     if not text.replace(",", "").strip():
         raise ValueError(

@@ -11,7 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from distbelief.coordinator.lbfgs import BUDGET_SPENT, LBFGSSettings, SandblasterLBFGS
+from distbelief.coordinator.lbfgs import (
+    BUDGET_SPENT,
+    ITERATIONS_DONE,
+    LBFGSSettings,
+    SandblasterLBFGS,
+)
 from distbelief.data import load_dataset
 from tests.unit.local_vectors import (
     LocalShards,
@@ -222,6 +227,53 @@ def test_the_evaluation_budget_stops_where_torch_lbfgs_stops(line_search, max_ev
         assert lbfgs.stop_reason == BUDGET_SPENT
         # A line search may overshoot the budget by one, in torch as here.
         assert lbfgs.state.num_evaluations == torch_state["func_evals"] >= max_eval
+
+
+def _torch_run(model, inputs, labels, max_iter, max_eval):
+    """torch's one ``step()`` with these bounds: its state (n_iter, func_evals)."""
+    optimizer, closure = torch_lbfgs(
+        model,
+        inputs,
+        labels,
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=max_eval,
+        history_size=5,
+        line_search_fn="strong_wolfe",
+    )
+    optimizer.step(closure)
+    return optimizer.state[next(iter(model.parameters()))]
+
+
+def test_both_bounds_reached_at_once_stop_for_the_iterations_as_torch_checks_them_first():
+    """torch's step() checks ``n_iter == max_iter`` before ``current_evals >= max_eval``."""
+    inputs, labels = _digits()
+    max_iter = 3
+    unbounded = _torch_run(_mlp(), inputs, labels, max_iter, max_eval=10_000)
+    max_eval = unbounded["func_evals"]  # what max_iter iterations use: both bounds meet
+    model = _mlp()
+    torch_state = _torch_run(model, inputs, labels, max_iter, max_eval)
+    assert (torch_state["n_iter"], torch_state["func_evals"]) == (max_iter, max_eval)
+
+    ours = _mlp()
+    shards = LocalShards(ours, 2)
+    settings = LBFGSSettings(history_size=5, max_iterations=max_iter, max_evaluations=max_eval)
+    lbfgs = SandblasterLBFGS(shards, batch_evaluator(shards, ours, inputs, labels), settings)
+    lbfgs.start()
+    _until_stopped(lbfgs, ITERATIONS)
+
+    assert (lbfgs.state.iteration, lbfgs.state.num_evaluations) == (max_iter, max_eval)
+    assert lbfgs.stop_reason == ITERATIONS_DONE
+    expected = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(shards.gather("param")[torch.float64], expected, rtol=0, atol=1e-8)
+    # A resumed run with more iterations goes on, and stops at its spent budget.
+    more = SandblasterLBFGS(
+        shards,
+        batch_evaluator(shards, ours, inputs, labels),
+        LBFGSSettings(history_size=5, max_iterations=max_iter + 1, max_evaluations=max_eval),
+    )
+    more.load_state_dict(json.loads(json.dumps(lbfgs.state_dict())))
+    assert more.stop_reason == BUDGET_SPENT
 
 
 def test_a_restart_with_a_larger_budget_goes_on_and_with_a_spent_one_stops():

@@ -30,6 +30,8 @@ TRIAL = "trial"
 BUDGET_SPENT = "max_evaluations reached"
 """The stop reason of a run that made its budget of evaluations: the one a resumed run with a
 larger budget (or none) takes back."""
+ITERATIONS_DONE = "max_iterations"
+"""The stop reason of a run that made its iterations: one a resumed run with more takes back."""
 LINE_SEARCH_EVALUATIONS = 25
 """A line search's evaluations without a budget (torch's ``max_ls`` default)."""
 CURVATURE_EPS = 1e-10
@@ -68,6 +70,8 @@ class LBFGSSettings:
     """Stop when the gradient's largest entry is at most this."""
     tolerance_change: float = 1e-9
     """Stop when the loss or the step changes less than this."""
+    max_iterations: int | None = None
+    """torch's ``max_iter``: L-BFGS stops after this many iterations. None: no bound."""
     max_evaluations: int | None = None
     """torch's ``max_eval``: objective evaluations in all, the first included (torch counts them
     per ``step()`` call; here one run is one call). L-BFGS stops after the iteration that
@@ -76,6 +80,8 @@ class LBFGSSettings:
     budget, and a line search makes at most ``LINE_SEARCH_EVALUATIONS``."""
 
     def __post_init__(self) -> None:
+        if self.max_iterations is not None and self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {self.max_iterations}")
         if self.max_evaluations is not None and self.max_evaluations < 1:
             raise ValueError(f"max_evaluations must be >= 1, got {self.max_evaluations}")
         if self.history_size < 1:
@@ -182,13 +188,19 @@ class SandblasterLBFGS:
         if settings != mine:
             raise ValueError(f"saved with {settings}, resumed with {mine}")
         self.state = _State(**{k: v for k, v in saved.items() if k != "settings"})
-        # The budget is the resumed run's: it may go on past the saved one, or stop at once.
-        if self.state.stop_reason in (None, BUDGET_SPENT):
-            self.state.stop_reason = BUDGET_SPENT if self._budget_spent() else None
+        # The bounds are the resumed run's: it may go on past the saved ones, or stop at once.
+        if self.state.stop_reason in (None, ITERATIONS_DONE, BUDGET_SPENT):
+            self.state.stop_reason = self._bound_reached()
 
-    def _budget_spent(self) -> bool:
-        budget = self.settings.max_evaluations
-        return budget is not None and self.state.num_evaluations >= budget
+    def _bound_reached(self) -> str | None:
+        """ITERATIONS_DONE or BUDGET_SPENT, checked in torch's order (``n_iter == max_iter``
+        before ``current_evals >= max_eval``); None when neither is reached."""
+        iterations, budget = self.settings.max_iterations, self.settings.max_evaluations
+        if iterations is not None and self.state.iteration >= iterations:
+            return ITERATIONS_DONE
+        if budget is not None and self.state.num_evaluations >= budget:
+            return BUDGET_SPENT
+        return None
 
     def _run(self, program: Program) -> list[Any]:
         self._programs += 1
@@ -268,9 +280,10 @@ class SandblasterLBFGS:
     def _check_progress(self, direction_max_abs: float) -> None:
         """Sets ``stop_reason`` after an iteration, checking torch's conditions in its order."""
         state, settings = self.state, self.settings
-        if self._budget_spent():
-            state.stop_reason = BUDGET_SPENT
-        elif state.grad_max_abs <= settings.tolerance_grad:
+        state.stop_reason = self._bound_reached()
+        if state.stop_reason is not None:
+            return
+        if state.grad_max_abs <= settings.tolerance_grad:
             state.stop_reason = "gradient below tolerance_grad"
         elif abs(state.t) * direction_max_abs <= settings.tolerance_change:
             state.stop_reason = "step below tolerance_change"

@@ -54,6 +54,7 @@ def lbfgs_settings(config: JobConfig) -> LBFGSSettings:
         history_size=config.sandblaster.history,
         lr=config.sandblaster.step_size,
         line_search=config.sandblaster.line_search,
+        max_iterations=config.sandblaster.max_iterations,
         max_evaluations=config.sandblaster.max_evaluations,
     )
 
@@ -185,11 +186,7 @@ def _optimize(
     last: dict[str, Any] = {}
     finished = saved_iteration  # the last iteration finished (step() counts one as it starts)
     rollbacks = 0
-    while (
-        lbfgs.stop_reason is None
-        and lbfgs.state.iteration < config.sandblaster.max_iterations
-        and not stop.is_set()
-    ):
+    while lbfgs.stop_reason is None and not stop.is_set():
         try:
             last = reporter.iteration(lbfgs.step())
             finished = lbfgs.state.iteration
@@ -218,7 +215,7 @@ def _optimize(
     return {
         "iterations": state.iteration,
         "loss": state.loss,
-        "stop_reason": state.stop_reason or ("stopped" if stop.is_set() else "max_iterations"),
+        "stop_reason": state.stop_reason or "stopped",
         "evaluations": state.num_evaluations,
         "last_iteration": last,
         "worker_hosts": dict(service.worker_hosts),

@@ -6,6 +6,7 @@ iteration constant in the history size."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -182,6 +183,24 @@ def test_stops_when_the_gradient_vanishes():
     assert lbfgs.start().stop_reason == "gradient below tolerance_grad"
     with pytest.raises(RuntimeError, match="stopped"):
         lbfgs.step()
+
+
+@pytest.mark.parametrize("line_search", ["strong-wolfe", "fixed"])
+def test_a_nan_loss_reports_a_nan_gradient_norm_not_zero(line_search):
+    """float32, as a job trains: a gradient that is NaN has no norm of 0.0 (which would read
+    as converged)."""
+    inputs, labels = _digits(50)
+    inputs = inputs.float()
+    inputs[0, 0] = math.nan
+    torch.manual_seed(0)
+    model = nn.Linear(1024, 10)
+    shards = LocalShards(model, 2)
+    settings = LBFGSSettings(line_search=line_search)
+    lbfgs = SandblasterLBFGS(shards, batch_evaluator(shards, model, inputs, labels), settings)
+    records = [lbfgs.start(), lbfgs.step()]
+    for record in records:
+        assert math.isnan(record.loss)
+        assert math.isnan(record.grad_norm), record
 
 
 def _until_stopped(lbfgs: SandblasterLBFGS, max_iterations: int) -> None:

@@ -12,6 +12,7 @@ Every vector is named; this module holds names and scalars only, never a paramet
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -143,6 +144,12 @@ def _key(a: str, b: str) -> str:
     return f"{a}|{b}" if a <= b else f"{b}|{a}"
 
 
+def _norm(squared_norm: float) -> float:
+    """The L2 norm of a vector from its dot with itself: NaN stays NaN (a diverged gradient),
+    where ``max(0.0, nan)`` would report 0.0 as if the gradient had vanished."""
+    return math.nan if math.isnan(squared_norm) else max(0.0, squared_norm) ** 0.5
+
+
 class SandblasterLBFGS:
     """L-BFGS over a VectorSpace; ``start`` then ``step`` until ``stop_reason`` is set.
 
@@ -246,7 +253,7 @@ class SandblasterLBFGS:
         return IterationRecord(
             iteration=state.iteration,
             loss=state.loss,
-            grad_norm=max(0.0, state.gram.get(_key(state.grad, state.grad), 0.0)) ** 0.5,
+            grad_norm=_norm(state.gram.get(_key(state.grad, state.grad), 0.0)),
             grad_max_abs=state.grad_max_abs,
             step_size=step_size,
             num_evaluations=num_evaluations,

@@ -19,7 +19,7 @@ from torch import nn
 
 from distbelief.client import ParameterServerClient
 from distbelief.config import JobConfig
-from distbelief.errors import ShardUnavailableError
+from distbelief.errors import ShardTimeoutError, ShardUnavailableError
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import read_metrics
@@ -387,6 +387,47 @@ def test_worker_fails_clearly_when_a_shard_stays_dead():
         with pytest.raises(ShardUnavailableError, match=r"shard 0 .*gave up after retrying"):
             optimizer.step()
         assert time.monotonic() - started < 10
+    finally:
+        stop_processes([process])
+
+
+def _stop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it has stopped: the signal is taken asynchronously, and
+    a shard not yet stopped still answers."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.01)
+    pytest.fail(f"process {pid} did not stop within 30 s of SIGSTOP")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "auto"])
+def test_a_stopped_shard_fails_a_request_with_a_timeout_error(transport, monkeypatch):
+    """A shard stopped with SIGSTOP takes connections (the kernel does) and never answers:
+    after the retries the request fails as one not answered in time, not as an unreachable
+    shard. Under auto the connection is shared memory, whose first request asks the shard to
+    share its parameters."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", transport)
+    process, address = start_shard(0, 1, "--server-lr", "0.1")
+    specs = tensor_specs([("w", torch.zeros(8))])
+    try:
+        client = ParameterServerClient([address], specs, timeout_s=30, retry_timeout_s=2)
+        try:
+            client.handshake(FlatLayout(specs).allocate())
+            # Set once the shard has answered: the failure waited for is the only wait it bounds.
+            client.timeout_s = 2.0
+            _stop(process.pid)
+            started = time.monotonic()
+            with pytest.raises(ShardTimeoutError, match=r"shard 0 .*gave up after retrying"):
+                # A push: a pull may read the shard's shared parameters with no request.
+                client.push_now({torch.float32: torch.ones(8)}, clock=1)
+            assert time.monotonic() - started < 30
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+            client.close(wait=False)
     finally:
         stop_processes([process])
 

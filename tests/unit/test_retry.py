@@ -1,5 +1,6 @@
 """The retry policy of the request layer: it keeps trying until the retry timeout has passed,
-the last wait cut short, and then gives up with the caller's error."""
+the last wait cut short, and then gives up with the caller's error (by default, one of the
+last failure's kind)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from distbelief.errors import ShardUnavailableError
+from distbelief.errors import ShardTimeoutError, ShardUnavailableError
 from distbelief.wire.retry import retry_while_unreachable
 
 RETRY_TIMEOUT_S = 0.5
@@ -80,3 +81,18 @@ def test_the_retry_timeout_counts_from_the_callers_first_attempt():
             spent_s=5.0,
         )
     assert peer.calls == 0
+
+
+@pytest.mark.parametrize("kind", [ShardTimeoutError, ShardUnavailableError])
+def test_without_a_callers_error_it_gives_up_with_the_last_failures_kind(kind):
+    """A peer that never answers in time (stopped, behind a black hole) is told from one that
+    cannot be reached (refused, reset)."""
+    failures = [ShardUnavailableError, ShardTimeoutError]
+    failures.remove(kind)
+
+    def peer() -> str:
+        # The other kind first, then only ``kind``: the last failure decides.
+        raise (failures.pop() if failures else kind)("shard 0: push failed")
+
+    with pytest.raises(kind, match=r"^shard 0: push failed \(gave up after retrying"):
+        retry_while_unreachable(peer, retry_timeout_s=RETRY_TIMEOUT_S, closing=threading.Event())

@@ -293,7 +293,9 @@ class ShardLanes:
         """One request, retried with backoff while the shard is unreachable or silent.
 
         Raises:
-            ShardUnavailableError: still failing after ``retry_timeout_s``.
+            ShardTimeoutError: still failing after ``retry_timeout_s``, its last attempt not
+                answered in time (the shard is stopped, or its packets are dropped).
+            ShardUnavailableError: still failing after ``retry_timeout_s`` otherwise.
         """
         # The first attempt inline, not through _attempt: it is every push's and pull's path.
         started_s = time.perf_counter()
@@ -309,7 +311,6 @@ class ShardLanes:
             functools.partial(self._attempt, shard_id, message, sink),
             retry_timeout_s=self.retry_timeout_s,
             closing=self._closing,
-            give_up=ShardUnavailableError,
             first_failure=first_failure,
             spent_s=time.perf_counter() - started_s,
         )

@@ -116,6 +116,16 @@ def test_a_scripts_ps_list_refuses_shm_under_the_transport_tcp(monkeypatch):
     assert check_ps_addresses(["shm://127.0.0.1:7001"]) == ["shm://127.0.0.1:7001"]
 
 
+def test_a_scripts_ps_list_names_a_bad_transport_as_the_variable(monkeypatch):
+    """Not as a fault of the first address, which is well formed."""
+    from distbelief import check_ps_addresses
+
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "bogus")
+    wanted = "DISTBELIEF_TRANSPORT 'bogus': must be one of auto, tcp, shm"
+    with pytest.raises(ValueError, match=f"^{re.escape(wanted)}$"):
+        check_ps_addresses("tcp://127.0.0.1:7000")
+
+
 def test_a_port_out_of_range_is_named():
     with pytest.raises(ValueError, match="port 99999 is out of range"):
         channels.dialer("tcp://nohost:99999")

@@ -238,12 +238,15 @@ def check_ps_addresses(ps: str | Sequence[str]) -> list[str]:
 
     Raises:
         TypeError: ``ps`` is neither a str nor a list of str.
-        ValueError: no address, an empty item, a bad address (the message names it), or an
-            ``shm://`` one under ``DISTBELIEF_TRANSPORT=tcp``.
+        ValueError: no address, an empty item, a bad address (the message names it), an
+            ``shm://`` one under ``DISTBELIEF_TRANSPORT=tcp``, or a bad ``DISTBELIEF_TRANSPORT``.
     """
     # Imported here: the shm channel module imports this package's registry.
-    from distbelief.wire.channels.shm import check_shm_allowed
+    from distbelief.wire.channels.shm import check_shm_allowed, transport_setting
 
+    # The dialers read DISTBELIEF_TRANSPORT: a bad value is refused first, as that variable's,
+    # not as a fault of the first address.
+    transport_setting()
     return check_shm_allowed("ps", checked_addresses(ps, what="ps"))
 
 

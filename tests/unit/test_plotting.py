@@ -366,3 +366,28 @@ def test_compared_nodes_title_the_axis_for_their_own_replicas_test_metric() -> N
     # node2's evaluator records carry its worker rank, 1: its curve is drawn too.
     figure = compare_plots._make_comparison(nodes, ["a", "b"], accuracy)
     assert [list(line.get_xdata()) for line in figure.axes[0].get_lines()] == [[1.0, 2.0]] * 2
+
+
+def test_a_diverged_sandblaster_run_reads_back_nan_and_plots(tmp_path: Path) -> None:
+    # metrics.csv keeps a diverged loss as nan (an empty cell is a column the row does not
+    # report); summary.json, strict JSON, says null instead.
+    run_dir = tmp_path / "diverged"
+    run_dir.mkdir()
+    losses = [2.0, 1.0, float("inf"), float("nan"), float("nan")]
+    with MetricsWriter(run_dir / "metrics.csv") as writer:
+        for iteration, loss in enumerate(losses):
+            grad_norm = 0.5 if math.isfinite(loss) else float("nan")
+            fields = {"step": iteration, "loss": loss, "grad_norm": grad_norm}
+            writer.write(make_record("coordinator", 0, time_s=0.2 * iteration, **fields))
+    lines = (run_dir / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    assert lines[-1].split(",")[4] == "nan" and lines[-1].split(",")[5] == ""
+    records = load_run(run_dir).records
+    assert [record["loss"] for record in records[:3]] == [2.0, 1.0, float("inf")]
+    assert all(math.isnan(record["grad_norm"]) for record in records[2:])
+    assert records[-1]["accuracy"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = plot_run(run_dir)
+        compared = plot_runs([run_dir, _make_run_dir(tmp_path / "fine")], out_dir=tmp_path / "c")
+    for path in written + compared:
+        assert path.read_bytes().startswith(PNG_SIGNATURE)

@@ -167,6 +167,19 @@ def stop_processes(processes: Sequence[subprocess.Popen | ForkedCommand]) -> Non
             process.stdout.close()
 
 
+def pause_process(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGSTOP ``pid`` and wait until ``/proc/<pid>/stat`` shows it stopped (state T): the
+    signal is taken asynchronously, and a shard not yet stopped still answers."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.01)
+    pytest.fail(f"process {pid} did not stop within {timeout_s:g} s of SIGSTOP")
+
+
 @pytest.fixture(params=["tcp", "shm"])
 def scheme(request, monkeypatch) -> str:
     """Each channel kind in turn: ``tcp`` runs with DISTBELIEF_TRANSPORT=tcp (same-host

@@ -24,7 +24,14 @@ from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import read_metrics
 from distbelief.worker import build_replica
-from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
+from tests.conftest import (
+    CHILD_ENV,
+    CLI,
+    pause_process,
+    run_cli,
+    start_shard,
+    stop_processes,
+)
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -391,19 +398,6 @@ def test_worker_fails_clearly_when_a_shard_stays_dead():
         stop_processes([process])
 
 
-def _stop(pid: int) -> None:
-    """SIGSTOP ``pid`` and wait until it has stopped: the signal is taken asynchronously, and
-    a shard not yet stopped still answers."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/stat") as stat:
-            if stat.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.01)
-    pytest.fail(f"process {pid} did not stop within 30 s of SIGSTOP")
-
-
 @pytest.mark.parametrize("transport", ["tcp", "auto"])
 def test_a_stopped_shard_fails_a_request_with_a_timeout_error(transport, monkeypatch):
     """A shard stopped with SIGSTOP takes connections (the kernel does) and never answers:
@@ -419,7 +413,7 @@ def test_a_stopped_shard_fails_a_request_with_a_timeout_error(transport, monkeyp
             client.handshake(FlatLayout(specs).allocate())
             # Set once the shard has answered: the failure waited for is the only wait it bounds.
             client.timeout_s = 2.0
-            _stop(process.pid)
+            pause_process(process.pid)
             started = time.monotonic()
             with pytest.raises(ShardTimeoutError, match=r"shard 0 .*gave up after retrying"):
                 # A push: a pull may read the shard's shared parameters with no request.

@@ -21,7 +21,7 @@ from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import shared_params
 from distbelief.wire.shared_params import SharedParamsReader
-from tests.conftest import start_shard, stop_processes
+from tests.conftest import pause_process, start_shard, stop_processes
 
 pytestmark = pytest.mark.skipif(
     shared_params.supported() is not None, reason=str(shared_params.supported())
@@ -361,7 +361,7 @@ def _sent_on_ring(client: ParameterServerClient) -> int:
 def _push_then_kill(client: ParameterServerClient, process, grads: dict, clock: int) -> list:
     """Sends a push to a shard stopped with SIGSTOP (it takes the push, never answers), then
     SIGKILLs the shard with the push in flight; returns the push's futures."""
-    os.kill(process.pid, signal.SIGSTOP)
+    pause_process(process.pid)
     written = _sent_on_ring(client)
     futures = client.push(grads, clock=clock)
     deadline = time.monotonic() + 30

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
@@ -21,7 +22,14 @@ from distbelief.pipeline.job import parameter_groups
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import MetricsWriter, make_record, read_metrics
 from distbelief.worker import build_replica
-from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
+from tests.conftest import (
+    CHILD_ENV,
+    CLI,
+    pause_process,
+    run_cli,
+    start_shard,
+    stop_processes,
+)
 
 CONFIG = JobConfig.from_fields(
     {
@@ -182,6 +190,43 @@ def test_watch_ends_cleanly_when_the_shards_stop(tmp_path) -> None:
         stop_later.cancel()
         stop_processes([process])
     assert set(result) == {"test_loss", "test_accuracy", "version"}
+    assert [r["role"] for r in read_metrics(tmp_path / "metrics.csv")] == ["evaluator"]
+
+
+@pytest.mark.timeout(300)
+def test_a_watch_whose_shard_hangs_fails_with_one_line(tmp_path) -> None:
+    """A shard that stops answering without exiting (stopped with SIGSTOP) is not a job that
+    ended: the watch fails, one line and exit 1, and keeps the rows it appended."""
+    process, address = start_shard(0, 1)
+    out = str(tmp_path)
+    try:
+        _initialise([address], seed=0)
+        # TCP: every evaluation then asks the shard (shared memory reads its parameters).
+        watch_flags = ["--eval-every", "0.2", "--timeout", "5", "--retry-timeout", "5"]
+        watcher = subprocess.Popen(
+            [*CLI, "eval", "--ps", address, *watch_flags, "--transport", "tcp", "--out", out],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CHILD_ENV,
+        )
+        try:
+            _wait_for_rows(tmp_path / "metrics.csv", 1, timeout_s=60)
+            pause_process(process.pid)
+            stdout, stderr = watcher.communicate(timeout=120)
+        finally:
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.communicate(timeout=10)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        stop_processes([process])
+    assert watcher.returncode == 1, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("distbelief eval:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert errors[0].startswith(f"distbelief eval: ShardTimeoutError: shard 0 ({address})")
+    assert "still there but not answering (last evaluation: test_loss=" in errors[0], errors
+    assert stdout == ""
     assert [r["role"] for r in read_metrics(tmp_path / "metrics.csv")] == ["evaluator"]
 
 

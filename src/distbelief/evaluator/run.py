@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from distbelief.errors import ShardUnavailableError
+from distbelief.errors import ShardTimeoutError, ShardUnavailableError
 from distbelief.evaluator.ps import PARTITION_VERSIONS, PSEvaluator
 from distbelief.files import check_folder_can_be_made, make_folder
 from distbelief.process import Emit, StopFlag
@@ -163,7 +163,9 @@ def watch_shards(
 
     Raises:
         ShardTimeoutError, ShardUnavailableError, ModelMismatchError: before or at the first
-            evaluation (see ``PSEvaluator``); later, shards that went away end the watch.
+            evaluation (see ``PSEvaluator``); later, shards that went away end the watch, and
+            a shard that is there but does not answer in time raises ``ShardTimeoutError``
+            (with the last evaluation in its message).
         ValueError: ``out_dir`` is a file or cannot be created, or ``<out_dir>/metrics.csv``
             has another header.
     """
@@ -221,3 +223,12 @@ def _watch(
         logger.warning("shards stopped answering (%s); last evaluation: %s", e, format_result(last))
         keys = ("test_loss", "test_accuracy", "test_auc", "version", PARTITION_VERSIONS)
         return {key: last[key] for key in keys if last.get(key) is not None}
+    except ShardTimeoutError as e:
+        if not last:
+            raise
+        # Not an end of the job: a shard that is still there and does not answer (stopped,
+        # overloaded, cut off) is a fault the user has to look at.
+        said = (
+            f"the shard is still there but not answering (last evaluation: {format_result(last)})"
+        )
+        raise ShardTimeoutError(f"{e}; {said}") from e

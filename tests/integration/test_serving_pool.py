@@ -52,6 +52,19 @@ def design(request) -> str:
     return request.param
 
 
+def test_a_cap_of_one_connection_is_said_in_the_singular():
+    server = serve("tcp://127.0.0.1:0", EchoService(), max_connections=1)
+    clients = [connect(server.address, name="shard 0") for _ in range(2)]
+    try:
+        clients[0].request(Message(ops.HELLO), timeout_s=5)
+        with pytest.raises(TooManyConnectionsError, match=r"serves 1 connection, its limit"):
+            clients[1].request(Message(ops.HELLO), timeout_s=5)
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+
+
 def test_a_connection_over_the_cap_is_refused_with_a_typed_one_line_error(design):
     server = serve("tcp://127.0.0.1:0", EchoService(), design=design, max_connections=2)
     clients = [connect(server.address, name="shard 0") for _ in range(3)]

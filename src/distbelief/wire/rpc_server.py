@@ -174,10 +174,8 @@ class RpcServer:
             cap = self._max_connections
             refusal = None
             if cap is not None and self._num_served >= cap:
-                refusal = (
-                    f"the server already serves {self._num_served} connections, its "
-                    f"limit (--max-connections {cap})"
-                )
+                served = f"{self._num_served} connection" + ("s" if self._num_served != 1 else "")
+                refusal = f"the server already serves {served}, its limit (--max-connections {cap})"
             else:
                 self._num_served += 1
             connection = ServerConnection(

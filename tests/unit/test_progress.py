@@ -90,6 +90,22 @@ def test_message_with_control_characters_stays_one_clean_line() -> None:
     assert "\x1b" not in line
 
 
+def test_a_message_is_timed_when_it_happened_not_at_the_latest_record() -> None:
+    """A fault's line says when the process died (its time on metrics.csv's axis), not when the
+    last record came in (0.0 s before the first one); a message without a time keeps that."""
+    stream = io.StringIO()
+    display = ProgressDisplay(total_steps=10, num_workers=1, interactive=False, stream=stream)
+    with display:
+        display.message("shard0 died (exit code -9); restarted", 2.3)
+        display.write(make_record("worker", 0, time_s=4.0, step=1, loss=0.3))
+        display.message("worker0 finished after 1 steps")
+    lines = [line for line in stream.getvalue().splitlines() if line.startswith("message")]
+    assert lines == [
+        'message t=2.3s text="shard0 died (exit code -9); restarted"',
+        'message t=4.0s text="worker0 finished after 1 steps"',
+    ]
+
+
 def test_interactive_mode_renders_without_crashing() -> None:
     stream = io.StringIO()
     display = ProgressDisplay(

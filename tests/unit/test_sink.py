@@ -31,7 +31,7 @@ class ListSink:
     def write(self, record: dict) -> None:
         self.records.append(record)
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, time_s: float | None = None) -> None:
         self.messages.append(text)
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ class _Records:
     def write(self, record: dict) -> None:
         self.records.append(record)
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, time_s: float | None = None) -> None:
         pass
 
 

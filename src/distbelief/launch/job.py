@@ -576,7 +576,7 @@ def _run_job(
                 warmstart = WarmstartRelease(config, cluster.security, sink.message)
 
                 def on_fault(fault: Fault) -> None:
-                    sink.message(describe_fault(fault))
+                    sink.message(describe_fault(fault), fault.time_s)
                     warmstart.on_fault(fault)
 
                 cluster.on_fault = on_fault

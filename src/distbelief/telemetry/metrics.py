@@ -248,7 +248,7 @@ class MetricsWriter(ClosedOnExit):
         had when appending began (0.0 for a new file)."""
         return self._time_offset_s
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, time_s: float | None = None) -> None:
         """Messages are for people: the CSV holds records only."""
 
     def close(self) -> None:

@@ -428,11 +428,13 @@ class ProgressDisplay(ClosedOnExit):
         self._unlogged = False
         self._write_line(_progress_line(self._state))
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, time_s: float | None = None) -> None:
         """Shows a one-off line, such as ``"worker 1 exited"``.
 
         Args:
             text: the message; in non-interactive mode it is written JSON-quoted as ``text=``.
+            time_s: when it happened (metrics.csv's time axis), written as ``t=``; None: the
+                latest record's time.
         """
         if self._live is not None:
             # markup/highlight off: the text is data (paths, brackets), not rich markup.
@@ -440,7 +442,8 @@ class ProgressDisplay(ClosedOnExit):
             return
         # json.dumps quotes and escapes control characters, so a line stays one parseable line.
         with self._lock:
-            self._write_line(f"message t={self._state.time_s:.1f}s text={json.dumps(text)}")
+            at_s = self._state.time_s if time_s is None else time_s
+            self._write_line(f"message t={at_s:.1f}s text={json.dumps(text)}")
 
     def _write_line(self, line: str) -> None:
         # The stream, not logging: this output is the product, and its format is pinned.

@@ -18,8 +18,10 @@ class Sink(Protocol):
     def write(self, record: dict) -> None:
         """Takes one metrics record (as made by ``make_record``)."""
 
-    def message(self, text: str) -> None:
-        """Takes a one-off line such as "worker1 died"; sinks of records only may ignore it."""
+    def message(self, text: str, time_s: float | None = None) -> None:
+        """Takes a one-off line such as "worker1 died"; sinks of records only may ignore it.
+        ``time_s``: when it happened, on metrics.csv's time axis, if known (a fault's time);
+        None: now, as far as the records tell (the latest record's time)."""
 
     def close(self) -> None:
         """Flushes and releases what the sink holds; closing twice is harmless."""
@@ -56,10 +58,10 @@ class FanOut(ClosedOnExit):
         for sink in self.sinks:
             sink.write(record)
 
-    def message(self, text: str) -> None:
-        """Passes ``text`` to every sink."""
+    def message(self, text: str, time_s: float | None = None) -> None:
+        """Passes ``text`` (and when it happened) to every sink."""
         for sink in self.sinks:
-            sink.message(text)
+            sink.message(text, time_s)
 
     def close(self) -> None:
         """Closes every sink, even when one of them raises (the first error is re-raised)."""

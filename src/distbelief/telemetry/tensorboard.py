@@ -114,7 +114,7 @@ class TensorBoardLog(ClosedOnExit):
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
             writer.add_event(Event(wall_time=now, step=step, summary=summary))
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, time_s: float | None = None) -> None:
         """Messages are for people: TensorBoard gets the scalars only."""
 
     def close(self) -> None:

@@ -463,11 +463,20 @@ class RayCluster:
 
     def _wait_unlinked(self, names: list[str]) -> None:
         """Waits, up to ``STOP_GRACE_S``, until none of ``names`` has its link open (its end
-        closes when its process ends)."""
+        closes when its process ends), keeping the results that come meanwhile."""
         deadline = time.monotonic() + STOP_GRACE_S
         while any(map(self.events.linked, names)) and time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                self.events.get(_POLL_S)
+                self._keep_result(self.events.get(_POLL_S))
+
+    def _keep_result(self, raw: tuple | None) -> None:
+        """A stopping process's result, if ``raw`` is one: it ended by itself (a run whose
+        process's exit code was lost with its zygote must not read as a death then)."""
+        if raw is None or raw[0] != "done":
+            return
+        _, name, payload = raw
+        self._results[name] = payload
+        self._lives[name].returned_at = time.monotonic()
 
     def _kill(self, name: str) -> None:
         actor = self._actors.get(name)
@@ -529,9 +538,12 @@ class RayCluster:
         shards = [life for life in self._lives.values() if life.spec.kind is ProcessKind.SHARD]
         for life in shards:
             self.events.send_stop(life.spec.name)
+        ended = []
         with contextlib.suppress(Exception):
             refs = [life.ref for life in shards]
-            self._ray.wait(refs, num_returns=len(refs), timeout=STOP_GRACE_S)
+            ended, _ = self._ray.wait(refs, num_returns=len(refs), timeout=STOP_GRACE_S)
+        # The results of those that ended, if they sent one (they are read off their links).
+        self._wait_unlinked([life.spec.name for life in shards if life.ref in ended])
         self._note_deaths_while_stopping(shards, 0.0)  # waited for above
         for name in self._actors:
             self._kill(name)

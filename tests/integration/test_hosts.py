@@ -141,6 +141,22 @@ def test_a_bad_bind_with_spaces_around_it_is_named_as_bind(argv, message, capsys
     assert len(errors) == 1 and message in errors[0], errors
 
 
+@pytest.mark.parametrize(
+    ("bind", "message"),
+    [
+        ("garbage", "address 'garbage' is not of the form tcp://HOST:PORT"),
+        ("shm://garbage", "address 'shm://garbage' is not of the form shm://HOST:PORT"),
+        ("127.0.0.1:99999", "address '127.0.0.1:99999': port 99999 is out of range (0-65535)"),
+    ],
+    ids=["no-scheme", "shm", "port"],
+)
+def test_a_malformed_bind_is_named_once_as_typed(bind, message, capsys):
+    # Not also as the tcp:// address it was read as ("'garbage': address 'tcp://garbage' ...").
+    assert main([*_PS, "--bind", bind]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == [f"distbelief ps: error: argument --bind: {message}"], errors
+
+
 def test_a_bind_with_spaces_around_it_is_read_as_ps_is():
     """Spaces around --bind are dropped, as around each --ps address."""
     shard = subprocess.Popen(

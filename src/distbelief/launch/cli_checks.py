@@ -62,15 +62,15 @@ def check_bind_is_here(text: str) -> str:
     a port another process holds is bad input, not a failure of the server; port 0 takes any
     free one). Returns it, as the server binds it."""
     from distbelief.hosts import check_local_host
-    from distbelief.wire.channels import check_scheme, split_scheme
-    from distbelief.wire.channels.tcp import TcpListener, parse_tcp_address
+    from distbelief.wire.channels import check_scheme
+    from distbelief.wire.channels.tcp import TcpListener, parse_tcp_address, tcp_endpoint
 
     def check_form(address: str) -> None:  # not a dialer's check: port 0 is fine here
         check_scheme(address)
-        parse_tcp_address(f"tcp://{split_scheme(address)[1]}")
+        tcp_endpoint(address)
 
     address = one_address("--bind", text, check_form)
-    tcp_address = f"tcp://{split_scheme(address)[1]}"  # what the server binds, whatever scheme
+    tcp_address = tcp_endpoint(address)  # what the server binds, whatever scheme
     host, _ = parse_tcp_address(tcp_address)
     try:
         check_local_host(host)

@@ -37,7 +37,7 @@ from distbelief.wire.channels.tcp import (
     TcpDialer,
     TcpIncoming,
     TcpListener,
-    parse_tcp_address,
+    tcp_endpoint,
 )
 from distbelief.wire.security import AUTH_MAGIC, SHARD_SPEAKS_TLS, TLS_MAGIC
 
@@ -650,18 +650,6 @@ class _UpgradeOnRequest:
 # ---------------------------------------------------------------- dialer and listener
 
 
-def _tcp_address(address: str) -> str:
-    """``shm://h:p`` or ``tcp://h:p`` -> ``tcp://h:p``; ValueError naming ``address``."""
-    scheme, rest = split_scheme(address)
-    try:
-        parse_tcp_address(f"tcp://{rest}")
-    except ValueError as e:
-        if scheme == "tcp":  # named as given, with or without its scheme
-            raise ValueError(str(e).replace(repr(f"tcp://{rest}"), repr(address))) from None
-        raise ValueError(f"address {address!r} is not of the form {scheme}://HOST:PORT") from e
-    return f"tcp://{rest}"
-
-
 class ShmDialer:
     """Opens channels to one address: TCP with its TLS and job-key handshake, then shared
     memory where it can be used.
@@ -686,7 +674,7 @@ class ShmDialer:
         **tcp_options,
     ) -> None:
         self._address = address
-        tcp_address = _tcp_address(address)
+        tcp_address = tcp_endpoint(address)
         try:
             self._tcp = TcpDialer(tcp_address, **tcp_options)
         except ValueError as e:  # named as given (port 0, say), not as the TCP address beside
@@ -784,7 +772,7 @@ class ShmListener:
     def __init__(self, address: str, *, transport: str | None = None, **tcp_options) -> None:
         self._scheme = split_scheme(address)[0]
         self._grants = _Grants(transport_setting(transport))
-        self._tcp = TcpListener(_tcp_address(address), **tcp_options)
+        self._tcp = TcpListener(tcp_endpoint(address), **tcp_options)
         if self._grants.transport != "tcp":
             remove_stale_segments()
 

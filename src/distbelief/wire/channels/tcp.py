@@ -11,7 +11,7 @@ import time
 
 from distbelief.errors import AuthenticationError, BindError, ProtocolError, TLSMismatchError
 from distbelief.hosts import check_known_host, check_local_host, check_reachable_from
-from distbelief.wire.channels import register_channel
+from distbelief.wire.channels import register_channel, split_scheme
 from distbelief.wire.security import (
     ANSWER_BYTES,
     AUTH_MAGIC,
@@ -46,6 +46,19 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
     if int(port_text) > 65535:
         raise ValueError(f"address {address!r}: port {port_text} is out of range (0-65535)")
     return host, int(port_text)
+
+
+def tcp_endpoint(address: str) -> str:
+    """``shm://h:p``, ``tcp://h:p`` or ``h:p`` -> ``tcp://h:p`` (the socket every channel kind
+    listens or dials on); ValueError naming ``address`` as given."""
+    scheme, rest = split_scheme(address)
+    tcp_address = f"tcp://{rest}"
+    try:
+        parse_tcp_address(tcp_address)
+    except ValueError as e:
+        message = str(e).replace(repr(tcp_address), repr(address))
+        raise ValueError(message.replace("tcp://HOST:PORT", f"{scheme}://HOST:PORT")) from None
+    return tcp_address
 
 
 def _tune(sock: socket.socket) -> None:

@@ -179,3 +179,26 @@ def test_a_listener_on_an_ipv6_address_names_it_in_brackets():
         assert parse_tcp_address(listener.address)[0] == "::1"
     finally:
         listener.close()
+
+
+def test_a_peer_that_leaves_before_answering_the_challenge_was_not_refused():
+    # A launcher's probe given up while the shard was stopped: the shard finds it gone when it
+    # goes on. That ends the connection (an OSError, logged at debug), not a refusal of an
+    # unauthenticated peer (a ProtocolError, logged as a warning).
+    import socket
+
+    from distbelief.errors import ProtocolError
+    from distbelief.wire.security import WireSecurity
+
+    listener = TcpListener("tcp://127.0.0.1:0", security=WireSecurity(auth_key=b"k" * 32))
+    try:
+        host, port = parse_tcp_address(listener.address)
+        # Gone before the shard accepts it (the kernel completed its connect meanwhile).
+        socket.create_connection((host, port), timeout=30).close()
+        incoming = listener.accept(30)
+        incoming.greet()
+        with pytest.raises(OSError) as raised:
+            incoming.open(30)
+        assert not isinstance(raised.value, ProtocolError)
+    finally:
+        listener.close()

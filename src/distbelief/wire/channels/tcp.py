@@ -261,8 +261,10 @@ class TcpIncoming:
             if self._auth_key is not None:
                 try:
                     self._authenticate(timeout_s)
-                except (ProtocolError, OSError) as e:
+                except ProtocolError as e:
                     raise ProtocolError(f"refused unauthenticated peer {self.peer}: {e}") from e
+                # An OSError goes on as one: a peer that left or stalled before it answered
+                # (a launcher's probe given up while this shard was stopped) refused nothing.
             elif self._tls is None:
                 self._refuse_an_announced_key(timeout_s)
             else:

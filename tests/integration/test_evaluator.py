@@ -194,17 +194,18 @@ def test_watch_ends_cleanly_when_the_shards_stop(tmp_path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_a_watch_whose_shard_hangs_fails_with_one_line(tmp_path) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_a_watch_whose_shard_hangs_fails_with_one_line(tmp_path, transport) -> None:
     """A shard that stops answering without exiting (stopped with SIGSTOP) is not a job that
-    ended: the watch fails, one line and exit 1, and keeps the rows it appended."""
+    ended: the watch fails, one line and exit 1, and keeps the rows it appended. Over shared
+    memory too, where an evaluation reads the parameters without asking the shard."""
     process, address = start_shard(0, 1)
     out = str(tmp_path)
     try:
         _initialise([address], seed=0)
-        # TCP: every evaluation then asks the shard (shared memory reads its parameters).
         watch_flags = ["--eval-every", "0.2", "--timeout", "5", "--retry-timeout", "5"]
         watcher = subprocess.Popen(
-            [*CLI, "eval", "--ps", address, *watch_flags, "--transport", "tcp", "--out", out],
+            [*CLI, "eval", "--ps", address, *watch_flags, "--transport", transport, "--out", out],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -67,10 +67,13 @@ class PSEvaluator:
         had, and ``PARTITION_VERSIONS`` lists them in stage order.
 
         Raises:
-            ShardTimeoutError: a shard did not answer the pull within the request timeout.
+            ShardTimeoutError: a shard did not answer the pull within the request timeout, or
+                (its versions unchanged since the last evaluation) a request at all.
             ShardUnavailableError: a shard cannot be reached.
         """
         versions = [reader.pull() for reader in self._readers]
+        for reader in self._readers:
+            reader.check_answering_if_unchanged()
         test_loss, test_accuracy = evaluate(self.model, self.test_set)
         result = {"test_loss": test_loss, "test_accuracy": test_accuracy, "version": min(versions)}
         if len(versions) > 1:
@@ -104,9 +107,24 @@ class GroupReader:
         except BaseException:
             self.client.close()
             raise
+        self._versions: list[int] = []
+        self._last_versions: list[int] = []
 
     def pull(self) -> int:
         """Pull into the parameters; returns the highest shard version."""
-        versions = self.client.pull_now(self._flats)
+        self._last_versions, self._versions = self._versions, self.client.pull_now(self._flats)
         torch._foreach_copy_(self._params, self._views)
-        return max(versions)
+        return max(self._versions)
+
+    def check_answering_if_unchanged(self) -> None:
+        """After a pull that found every shard where the one before did, ask the shards for
+        their counters: a pull over shared memory reads a shard's parameters without asking
+        it, so only a request tells a shard that went quiet (a finished job's) from one that
+        hung or was stopped.
+
+        Raises:
+            ShardTimeoutError: a shard did not answer within the request timeout.
+            ShardUnavailableError: a shard cannot be reached.
+        """
+        if self._versions == self._last_versions:
+            self.client.stats()

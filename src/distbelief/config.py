@@ -1019,8 +1019,12 @@ class JobConfig:
     def from_file(cls, path: str | Path) -> JobConfig:
         """Read a run folder's config.json, sectioned or flat (as runs wrote it before the
         sections); ValueError names the file on bad content."""
+        path = Path(path)
+        if path.name == "config.json" and not path.exists() and path.parent.is_dir():
+            # A folder given where a run folder is expected (a typo, a parent folder).
+            raise ValueError(f"{path.parent}: not a run folder (it has no config.json)")
         try:
-            raw = json.loads(Path(path).read_text())
+            raw = json.loads(path.read_text())
             if not isinstance(raw, dict):
                 raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
             return cls.from_fields(dotted_fields(raw))

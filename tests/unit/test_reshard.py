@@ -452,6 +452,18 @@ def test_command_line(run, capsys):
     assert "nowhere: no such run folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["reshard", "--shards", "2"], ["train", "--resume"]])
+def test_a_folder_that_is_not_a_run_is_named_as_given(command, tmp_path, capsys):
+    # Not "<folder>/config.json: not a valid run config: [Errno 2] No such file ...".
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    assert main([*command, str(folder)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    assert errors[0].endswith(f"{folder}: not a run folder (it has no config.json)"), errors
+    assert list(folder.iterdir()) == []
+
+
 def test_resume_with_shards_and_a_refused_flag_changes_nothing(run, capsys):
     # --shards N reshards the run before it resumes: a flag the resume refuses must be refused
     # first, or the folder is rewritten for N shards by a command that then fails.

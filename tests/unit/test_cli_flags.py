@@ -1019,8 +1019,23 @@ def test_a_shard_address_no_connection_can_reach_is_refused_at_once(address, mes
         ([*_PS, "--tls-cert", "", "--tls-key", "key.pem"], "--tls-cert"),
         ([*_PS, "--tls-cert", "cert.pem", "--tls-key", " "], "--tls-key"),
         (["worker", "--ps", "tcp://127.0.0.9:1", "--rank", "0", "--tls-ca", ""], "--tls-ca"),
+        # An empty --resume ran a fresh job; an empty RUN_DIR was read as the working folder.
+        (["train", "--resume", ""], "--resume"),
+        (["reshard", "", "--shards", "2"], "RUN_DIR"),
+        (["plot", ""], "RUN_DIR"),
+        (["plot", "--out", " ", "runs/a"], "--out"),
     ],
-    ids=["keygen", "auth-key-file", "tls-cert", "tls-key", "tls-ca"],
+    ids=[
+        "keygen",
+        "auth-key-file",
+        "tls-cert",
+        "tls-key",
+        "tls-ca",
+        "resume",
+        "reshard",
+        "plot",
+        "plot-out",
+    ],
 )
 def test_an_empty_file_name_is_refused_naming_its_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:

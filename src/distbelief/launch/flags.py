@@ -544,6 +544,7 @@ def _add_train_parser(commands) -> None:
     )
     train.add_argument(
         "--resume",
+        type=_text,
         metavar="RUN_DIR",
         help="continue RUN_DIR from its checkpoints, with its config (of the other flags, "
         "only those that change no result: --max-iterations, --timeout, --eval-every, ...)",
@@ -594,9 +595,9 @@ def _add_eval_parser(commands) -> None:
 
 def _add_plot_parser(commands) -> None:
     plot = commands.add_parser("plot", help="plot one run folder, or compare several")
-    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s)")
+    plot.add_argument("run_dirs", nargs="+", type=_text, metavar="RUN_DIR", help="run folder(s)")
     plot.add_argument(
-        "--out", dest="out_dir", default="", help="where the PNGs go (default: the first run)"
+        "--out", dest="out_dir", type=_text, help="where the PNGs go (default: the first run)"
     )
 
 
@@ -608,7 +609,9 @@ def _add_reshard_parser(commands) -> None:
         "tables) for --shards N shards and record N in its config.json; resume it with "
         "distbelief train --resume RUN_DIR.",
     )
-    reshard.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (its run stopped)")
+    reshard.add_argument(
+        "run_dir", type=_text, metavar="RUN_DIR", help="the run folder (its run stopped)"
+    )
     add_config_flags(reshard, "reshard")
 
 

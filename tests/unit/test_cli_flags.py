@@ -1024,6 +1024,8 @@ def test_a_shard_address_no_connection_can_reach_is_refused_at_once(address, mes
         (["reshard", "", "--shards", "2"], "RUN_DIR"),
         (["plot", ""], "RUN_DIR"),
         (["plot", "--out", " ", "runs/a"], "--out"),
+        # It served with no checkpoints at all, as if the flag had not been given.
+        ([*_PS, "--checkpoint-dir", ""], "--checkpoint-dir"),
     ],
     ids=[
         "keygen",
@@ -1035,6 +1037,7 @@ def test_a_shard_address_no_connection_can_reach_is_refused_at_once(address, mes
         "reshard",
         "plot",
         "plot-out",
+        "checkpoint-dir",
     ],
 )
 def test_an_empty_file_name_is_refused_naming_its_flag(argv, flag, capsys):

@@ -560,7 +560,9 @@ def _add_ps_parser(commands) -> None:
         default="tcp://127.0.0.1:7000",
         help="address to listen on; another host than 127.0.0.1 exposes the shard",
     )
-    ps.add_argument("--checkpoint-dir", help="restore from and save checkpoints to this folder")
+    ps.add_argument(
+        "--checkpoint-dir", type=_text, help="restore from and save checkpoints to this folder"
+    )
     add_config_flags(ps, "ps")
     _add_security_flags(ps, server=True)
 

@@ -225,6 +225,11 @@ class CheckpointError(DistBeliefError, ValueError):
     """A checkpoint file is missing a part, corrupt, or belongs to another job or shard."""
 
 
+class RunFolderError(DistBeliefError):
+    """The launcher could not write a file of its run folder (made read-only, the disk full):
+    the job was stopped in order, as for a failed process."""
+
+
 class LauncherInterrupted(DistBeliefError):
     """Ctrl-C or SIGTERM reached the launcher; every process it started has been stopped."""
 

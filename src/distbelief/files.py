@@ -41,8 +41,15 @@ def make_folder(path: Path | str, what: str) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half.
+
+    Raises:
+        OSError: it could not be written (a read-only folder, a full disk), naming ``path``.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # named after its temporary file, which the caller never knew
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
@@ -51,7 +58,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.filename is None:  # a failed write or fsync: say of which file
+        if e.filename in (None, tmp):  # a failed write, fsync or rename: say of which file
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     except BaseException:

@@ -448,3 +448,66 @@ def test_a_second_shard_of_one_id_is_refused_its_checkpoint_folder(tmp_path):
         processes.append(start_shard(0, 2, "--checkpoint-dir", str(ckpt))[0])
     finally:
         stop_processes(processes)
+
+
+def test_a_run_folder_that_cannot_be_written_mid_run_stops_the_job_in_one_line(tmp_path):
+    """The run folder made unwritable mid-run (here its tensorboard/ folder replaced by a file,
+    which root cannot write into either; read-only or a full disk fail alike): the launcher
+    stops the job in order and says so in one line naming the file, exit 1, no traceback;
+    summary.json says so too, and no process is left."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [*CLI, "train", "--steps", "100000", "--out", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    children: set[int] = set()
+    try:
+        events = run_dir / "tensorboard"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (
+            any(events.glob("events.out.tfevents.*")) and _trained_s(run_dir) > 1.0
+        ):
+            time.sleep(0.2)
+        assert _trained_s(run_dir) > 1.0, "the job did not start training"
+        children = _descendants(launcher.pid)
+        for event_file in events.iterdir():
+            event_file.unlink()
+        events.rmdir()
+        events.write_text("not a folder\n")
+        _, stderr = launcher.communicate(timeout=90)
+        assert launcher.returncode == 1, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        said = [line for line in stderr.splitlines() if line.startswith("distbelief train:")]
+        assert said == [
+            f"distbelief train: RunFolderError: cannot write {events}/"
+            + said[0].split(f"{events}/", 1)[1].split(":")[0]
+            + ": Not a directory; the job stopped"
+        ], stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["outcome"] == "failed"
+        assert summary["reason"].startswith(f"cannot write {events}/events.out.tfevents.")
+        assert _wait_gone(children, timeout_s=15) == set()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=10)
+        for pid in _alive(children | _descendants(launcher.pid)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_summary_that_cannot_be_written_fails_the_finished_job_in_one_line(tmp_path):
+    """A job that trained to its end but cannot write summary.json (here a folder is in its
+    way; a read-only folder or a full disk fail alike) is not done: one line naming the file,
+    exit 1, no traceback."""
+    run_dir = tmp_path / "run"
+    (run_dir / "summary.json" / "in-the-way").mkdir(parents=True)
+    result = run_cli("train", "--model", "mlp", "--steps", "20", "--out", str(run_dir))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"distbelief train: RunFolderError: cannot write {run_dir / 'summary.json'}: "
+        "Is a directory (the job itself finished)"
+    )

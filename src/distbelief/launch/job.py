@@ -27,6 +27,7 @@ from distbelief.errors import (
     ConfigFieldError,
     DistBeliefError,
     LauncherInterrupted,
+    RunFolderError,
 )
 from distbelief.files import check_folder_can_be_made
 from distbelief.launch.cluster import (
@@ -617,24 +618,56 @@ def _run_job(
                     result, cluster, config, time_offset_s=metrics.time_offset_s
                 )
     except KeyboardInterrupt as e:
-        write_run_records(result, "interrupted", "stopped by Ctrl-C")
+        _write_records(result, "interrupted", "stopped by Ctrl-C")
         raise LauncherInterrupted("stopped by Ctrl-C") from e
     except LauncherInterrupted as e:
-        write_run_records(result, "interrupted", str(e))
+        _write_records(result, "interrupted", str(e))
         raise
     except ChildFailedError as e:
-        write_run_records(result, "failed", e.short())
+        _write_records(result, "failed", e.short())
         raise
     except DistBeliefError as e:  # a cluster engine's failure (Ray lost), say
-        write_run_records(result, "failed", f"{type(e).__name__}: {e}")
+        _write_records(result, "failed", f"{type(e).__name__}: {e}")
         raise
+    except OSError as e:
+        if not _in_run_folder(e, run_dir):
+            raise
+        # The run folder made read-only, or the disk full, mid-run: a metrics row, an event
+        # file or pids.json could not be written. The cluster has stopped in order, as for a
+        # failed process; summary.json is written if it still can be.
+        failure = RunFolderError(f"cannot write {e.filename}: {e.strerror}; the job stopped")
+        _write_records(result, "failed", str(failure))
+        raise failure from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     assert result is not None  # the job ran to its end
-    write_run_records(result)
+    _write_records(result)
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result
+
+
+def _in_run_folder(error: OSError, run_dir: Path) -> bool:
+    """Whether ``error`` is about a file of the run folder (or the folder itself)."""
+    if not isinstance(error.filename, str):
+        return False
+    path, folder = Path(error.filename).absolute(), run_dir.absolute()
+    return path == folder or folder in path.parents
+
+
+def _write_records(
+    result: RunResult | None, outcome: str = "done", reason: str | None = None
+) -> None:
+    """``write_run_records``; a run folder that cannot take them (made read-only, the disk
+    full) is said in one line: a job that ended otherwise keeps its outcome (a warning), one
+    that was done fails (``RunFolderError``: its summary.json is missing)."""
+    try:
+        write_run_records(result, outcome, reason)
+    except OSError as e:
+        said = f"cannot write {e.filename}: {e.strerror}"
+        if outcome == "done":
+            raise RunFolderError(f"{said} (the job itself finished)") from None
+        logger.warning("%s", said)
 
 
 def _result(

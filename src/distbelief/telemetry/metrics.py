@@ -231,6 +231,7 @@ class MetricsWriter(ClosedOnExit):
         Raises:
             ValueError: the writer is closed, or the record has a field not in
                 ``METRIC_FIELDS``.
+            OSError: the row could not be written (a full disk), naming the file.
         """
         if self._file.closed:
             raise ValueError(f"metrics writer for {self.path} is closed")
@@ -239,8 +240,11 @@ class MetricsWriter(ClosedOnExit):
             raise ValueError(f"unknown metrics field(s) {unknown} in record for {self.path}")
         if self._time_offset_s and record.get("time_s") is not None:
             record = {**record, "time_s": float(record["time_s"]) + self._time_offset_s}
-        self._csv.writerow([_format_cell(record.get(name)) for name in METRIC_FIELDS])
-        self._file.flush()
+        try:
+            self._csv.writerow([_format_cell(record.get(name)) for name in METRIC_FIELDS])
+            self._file.flush()
+        except OSError as e:  # a full disk: say of which file (a write's error names none)
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
 
     @property
     def time_offset_s(self) -> float:
@@ -254,7 +258,10 @@ class MetricsWriter(ClosedOnExit):
     def close(self) -> None:
         """Flushes and closes the file; closing twice is harmless."""
         if not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
 
 
 _MAX_HEADER_BYTES = 64 * 1024

@@ -8,6 +8,7 @@ writes them never has to import torch.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -87,19 +88,31 @@ class TensorBoardLog(ClosedOnExit):
         self.log_dir = Path(run_dir) / TENSORBOARD_DIR
         self._writer: Any = None
         self._closed = False
+        self._broken = False
 
     def _event_writer(self) -> Any:
         if self._writer is None:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+            _quiet_writer_thread_errors()
             self._writer = EventFileWriter(str(self.log_dir), flush_secs=FLUSH_EVERY_S)
         return self._writer
+
+    def _failed(self, error: OSError) -> OSError:
+        """``error`` (the folder made read-only, a full disk) naming the event file: a write
+        of TensorBoard's own names none, or the byte string of its path."""
+        self._broken = True
+        name = getattr(self._writer, "_file_name", None) or self.log_dir
+        filename = error.filename if isinstance(error.filename, str) else str(name)
+        return OSError(error.errno, error.strerror or str(error), filename)
 
     def write(self, record: dict) -> None:
         """Adds the scalars of one metrics record (see ``scalar_tags``).
 
         Raises:
             ValueError: the record's role is unknown, or the log is closed.
+            OSError: the event file could not be written (the folder made read-only, a full
+                disk), naming it.
         """
         if self._closed:
             raise ValueError(f"tensorboard log in {self.log_dir} is closed")
@@ -109,10 +122,13 @@ class TensorBoardLog(ClosedOnExit):
         from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        writer, now = self._event_writer(), time.time()
-        for tag, value, step in scalars:
-            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
-            writer.add_event(Event(wall_time=now, step=step, summary=summary))
+        try:
+            writer, now = self._event_writer(), time.time()
+            for tag, value, step in scalars:
+                summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)])
+                writer.add_event(Event(wall_time=now, step=step, summary=summary))
+        except OSError as e:
+            raise self._failed(e) from e
 
     def message(self, text: str, time_s: float | None = None) -> None:
         """Messages are for people: TensorBoard gets the scalars only."""
@@ -122,7 +138,34 @@ class TensorBoardLog(ClosedOnExit):
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
-            self._writer.close()
-        else:  # nothing was written: an empty folder, and no TensorBoard import on the way out
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            else:  # nothing was written: an empty folder, and no TensorBoard import on the way out
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if not self._broken:  # else raised already, by the write that found it
+                raise self._failed(e) from e
+
+
+_quieted = False
+
+
+def _quiet_writer_thread_errors() -> None:
+    """TensorBoard writes its event file from a thread of its own, which prints the traceback
+    of a failed write (the run folder made read-only, a full disk) before the next ``write``
+    or ``close`` raises it again, to the launcher, which says it in one line: that thread's
+    ``OSError`` is not printed. Every other thread's exception goes to the hook as before."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        writer_thread = type(args.thread).__name__ == "_AsyncWriterThread"
+        if writer_thread and args.exc_type is not None and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    threading.excepthook = hook

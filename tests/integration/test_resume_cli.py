@@ -83,3 +83,26 @@ def test_a_refused_flag_beside_shards_leaves_the_run_unresharded(tmp_path):
         assert line.startswith(f"distbelief train: error: {message}"), refused.stderr
         assert "resharded" not in refused.stdout
         assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_resumed_run_says_where_it_goes_on_from(tmp_path):
+    """``--resume`` says, before training, the version each shard restored from its last
+    checkpoint: an operator sees the run went on, and from where, not from scratch."""
+    run_dir = tmp_path / "run"
+    first = run_cli("train", "--model", "mlp", "--steps", "5", "--out", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "from its last checkpoints" not in first.stderr
+    versions = [
+        json.loads((run_dir / "checkpoints" / f"shard{i}.json").read_text())["version"]
+        for i in range(2)
+    ]
+    again = run_cli("train", "--resume", str(run_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = [line for line in again.stderr.splitlines() if "last checkpoints" in line]
+    assert said == [
+        f'message t=0.0s text="resumed {run_dir} from its last checkpoints: '
+        f'shard0 version {versions[0]}, shard1 version {versions[1]}"'
+    ], again.stderr[-3000:]
+    assert versions == [10, 10]

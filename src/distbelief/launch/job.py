@@ -581,7 +581,16 @@ def _run_job(
                     warmstart.on_fault(fault)
 
                 cluster.on_fault = on_fault
-                cluster.on_ready = warmstart.on_ready
+                restored: dict[int, int | None] = {}  # shard id -> its first life's version
+
+                def on_ready(event: Event) -> None:
+                    warmstart.on_ready(event)
+                    if event.source.kind is ProcessKind.SHARD:
+                        restored.setdefault(
+                            event.source.index, event.payload.get("restored_version")
+                        )
+
+                cluster.on_ready = on_ready
                 route = EventRouter(sink)
                 addresses: list[str] = []
                 try:
@@ -590,7 +599,13 @@ def _run_job(
                     from distbelief.wire.channels.shm import apply_job_transport
 
                     apply_job_transport(config.cluster.transport)
-                    addresses = _start(cluster, config, warmstart.shards_ready)
+
+                    def shards_ready(shard_addresses: list[str]) -> None:
+                        if resume:
+                            sink.message(_resumed_from(run_dir, restored))
+                        warmstart.shards_ready(shard_addresses)
+
+                    addresses = _start(cluster, config, shards_ready)
                     route.shard_poller = telemetry.ShardStatsPoller(
                         addresses, security=cluster.security
                     )
@@ -645,6 +660,16 @@ def _run_job(
     _write_records(result)
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result
+
+
+def _resumed_from(run_dir: Path, restored: dict[int, int | None]) -> str:
+    """The line a resumed run starts with: the version each shard restored from its last
+    checkpoint (the sum over its parameter groups: a partitioned run's, a Sandblaster run's
+    committed iteration)."""
+    versions = ", ".join(
+        f"shard{shard_id} version {restored[shard_id] or 0}" for shard_id in sorted(restored)
+    )
+    return f"resumed {run_dir} from its last checkpoints: {versions}"
 
 
 def _in_run_folder(error: OSError, run_dir: Path) -> bool:

@@ -185,6 +185,32 @@ def test_a_restore_line_counts_one_update_or_push_in_the_singular() -> None:
     )
 
 
+def test_a_restored_shard_with_row_tables_says_their_updates_since_their_save_are_lost(
+    tmp_path,
+) -> None:
+    """The workers re-send dense updates only: a shard whose checkpoints hold row tables lost
+    the row updates since their last save, which its count of updates lost does not hold
+    ("0 updates lost" alone would say nothing was)."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "rows-shard1.json").write_text("{}")
+    restored = [
+        Fault("shard0", 1.0, -9, "restarted", version_before=51, version_restored=38),
+        Fault("shard1", 1.0, -9, "restarted", version_before=51, version_restored=38),
+    ]
+    for fault in restored:
+        fault.updates_replayed, fault.pushes_resent = 13, 0
+    dense = "restored version 38; the workers re-sent 13 updates it lacked and 0 pushes in flight"
+    assert restore_lines(restored, tmp_path) == [
+        f"shard0: {dense}; 0 updates lost",
+        f"shard1: {dense}; 0 updates lost; its row tables went back to their last save: the "
+        "row updates since are lost",
+    ]
+    assert restore_lines(restored) == [
+        f"shard0: {dense}; 0 updates lost",
+        f"shard1: {dense}; 0 updates lost",
+    ]
+
+
 def test_the_decision_follows_the_kind_not_the_name() -> None:
     # A worker's process is given up, a shard's is fatal, whatever their names look like.
     book = ProcessBook(JobConfig.from_fields({"cluster.num_workers": 2, "faults.max_restarts": 0}))

@@ -153,7 +153,7 @@ def _run_train(args: argparse.Namespace) -> int:
     finally:
         stop_forkserver()  # nothing of the command outlives it
     final = result.final
-    for line in restore_lines(result.faults):
+    for line in restore_lines(result.faults, result.run_dir):
         print(line)
     auc = "" if final.get("test_auc") is None else f", test AUC {final['test_auc']:.4f}"
     print(

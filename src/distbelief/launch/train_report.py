@@ -6,8 +6,13 @@ only: it reads the launcher's fault records and changes nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
-from distbelief.launch.cluster import Fault
+from distbelief.launch.cluster import CHECKPOINT_DIR, Fault
+
+ROWS_LOST = "; its row tables went back to their last save: the row updates since are lost"
+"""What a restored Downpour shard with embedding tables adds: the workers re-send dense updates
+only, and its lines' count of updates lost is theirs."""
 
 
 def versions_said(final: dict) -> str:
@@ -19,14 +24,19 @@ def versions_said(final: dict) -> str:
     return f"partition versions {', '.join(map(str, partitions))}"
 
 
-def restore_lines(faults: Sequence[Fault]) -> list[str]:
+def restore_lines(faults: Sequence[Fault], run_dir: Path | None = None) -> list[str]:
     """One line per restored shard (or rolled-back coordinator), ``describe_restore``'s, and
     one per shard whose restarted life died again before it restored anything (its later
-    fault has a line of its own)."""
+    fault has a line of its own). A Downpour shard whose checkpoints in ``run_dir`` hold row
+    tables adds ``ROWS_LOST``: their updates since their last save are not re-sent, and not
+    in the count of updates lost."""
     lines = []
     for i, fault in enumerate(faults):
         if fault.version_restored is not None or fault.updates_redone is not None:
-            lines.append(describe_restore(fault))
+            line = describe_restore(fault)
+            if not fault.rolled_back and _has_row_tables(run_dir, fault.process):
+                line += ROWS_LOST
+            lines.append(line)
         elif (
             fault.process.startswith("shard")
             and fault.action == "restarted"
@@ -69,6 +79,13 @@ def describe_restore(fault: Fault) -> str:
     if lost is None and fault.recovery_cut_short:
         return text + "; it died again before it counted the workers' replays: updates lost unknown"
     return text + ("" if lost is None else f"; {_count(lost, 'update')} lost")
+
+
+def _has_row_tables(run_dir: Path | None, process: str) -> bool:
+    """Whether ``process`` is a shard whose checkpoints in ``run_dir`` hold row tables."""
+    if run_dir is None or not process.startswith("shard"):
+        return False
+    return (Path(run_dir) / CHECKPOINT_DIR / f"rows-{process}.json").is_file()
 
 
 def _count(number: int | None, one: str, many: str | None = None) -> str:

@@ -63,6 +63,10 @@ logger = logging.getLogger(__name__)
 SHARDS_READY_TIMEOUT_S = 60.0
 """Longest wait for every shard to listen."""
 
+STOP_NOTICE_S = 60.0
+"""A finished job's evaluator or shards not exited this long after being asked to stop (a
+process stopped or stuck) are waited on still, and the launcher says so once."""
+
 
 LOADED_BEFORE_THE_JOB = (
     "distbelief.telemetry.shard_stats",
@@ -273,14 +277,34 @@ def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
     for kind in (*training, ProcessKind.EVALUATOR, ProcessKind.SHARD):
         if kind in stopped:
             cluster.stop(kind)
+        asked, said = time.monotonic(), False
         while not cluster.finished(kind):
             route(cluster.next_event(0.2))
             if kind in training:
                 route.poll_shards()
+            elif not said and time.monotonic() - asked >= STOP_NOTICE_S:
+                # A process that hangs (stopped, stuck on its disk) would hold the launcher
+                # without a word: it waits on (a shard saves its last checkpoint), and says so.
+                said = True
+                route.sink.message(_still_stopping(kind, time.monotonic() - asked))
         if kind == training[-1]:
             route.poll_shards(now=True)
     while (event := cluster.next_event(0.05)) is not None:
         route(event)
+
+
+def _still_stopping(kind: ProcessKind, waited_s: float) -> str:
+    """The line said once when the evaluator or the shards have not exited ``STOP_NOTICE_S``
+    after the finished job asked them to."""
+    if kind is ProcessKind.SHARD:
+        return (
+            f"the shards have not all exited {waited_s:.0f}s after the job asked them to stop "
+            "(each saves its last checkpoint first); still waiting: Ctrl-C ends them"
+        )
+    return (
+        f"the {kind.value} has not exited {waited_s:.0f}s after the job asked it to stop; still "
+        "waiting: Ctrl-C ends it"
+    )
 
 
 def _stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:

@@ -1,0 +1,56 @@
+"""A finished job's launcher waits for its evaluator and shards to exit; one that does not (a
+process stopped with SIGSTOP, stuck on its disk) is waited on still, but not without a word."""
+
+import time
+
+from distbelief.config import JobConfig
+from distbelief.launch import job
+from distbelief.launch.cluster import ProcessKind
+from distbelief.launch.job import EventRouter
+
+
+class _Sink:
+    def __init__(self):
+        self.messages = []
+
+    def write(self, record):
+        pass
+
+    def message(self, text, time_s=None):
+        self.messages.append(text)
+
+
+class _SlowToStop:
+    """The workers have finished; the shards exit ``shard_exit_s`` after being asked to."""
+
+    def __init__(self, shard_exit_s):
+        self.shard_exit_s = shard_exit_s
+        self.asked = {}
+
+    def stop(self, kind):
+        self.asked[kind] = time.monotonic()
+
+    def finished(self, kind):
+        if kind is not ProcessKind.SHARD:
+            return True
+        return time.monotonic() - self.asked[kind] >= self.shard_exit_s
+
+    def next_event(self, timeout_s=0.2):
+        time.sleep(min(timeout_s, 0.02))
+
+
+def test_shards_that_do_not_exit_are_waited_on_and_said_once(monkeypatch):
+    monkeypatch.setattr(job, "STOP_NOTICE_S", 0.2)
+    sink = _Sink()
+    job._supervise(_SlowToStop(shard_exit_s=0.6), EventRouter(sink), JobConfig())
+    assert sink.messages == [
+        "the shards have not all exited 0s after the job asked them to stop (each saves its "
+        "last checkpoint first); still waiting: Ctrl-C ends them"
+    ]
+
+
+def test_shards_that_exit_in_time_say_nothing(monkeypatch):
+    monkeypatch.setattr(job, "STOP_NOTICE_S", 5.0)
+    sink = _Sink()
+    job._supervise(_SlowToStop(shard_exit_s=0.1), EventRouter(sink), JobConfig())
+    assert sink.messages == []

@@ -312,12 +312,13 @@ def _stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) -
     routes what it reports until it has returned, up to ``STOP_GRACE_S``: the iteration under
     way, whose checkpoint it commits, then has its row in metrics.csv and is summary.json's
     ``coordinator``, as the cluster's stop, which comes after, would leave them unread. A
-    second Ctrl-C, or a process failing meanwhile, ends the wait; the cluster stops the rest."""
+    second Ctrl-C, a process failing, or a run folder that cannot take its rows meanwhile, ends
+    the wait; the cluster stops the rest."""
     if config.optimizer.algorithm != "sandblaster" or cluster.finished(ProcessKind.COORDINATOR):
         return
     cluster.stop(ProcessKind.COORDINATOR)
     deadline = time.monotonic() + STOP_GRACE_S
-    with contextlib.suppress(KeyboardInterrupt, DistBeliefError):
+    with contextlib.suppress(KeyboardInterrupt, DistBeliefError, OSError):
         while not cluster.finished(ProcessKind.COORDINATOR) and time.monotonic() < deadline:
             route(cluster.next_event(0.2))
 

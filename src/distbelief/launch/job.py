@@ -502,6 +502,8 @@ def train(
         ChildFailedError: a process reported an error, or could not be brought back; every
             process is stopped.
         LauncherInterrupted: Ctrl-C or SIGTERM; every process is stopped.
+        RunFolderError: a file of the run folder could not be written (made read-only, a full
+            disk): every process is stopped (or, the job done, its summary.json is missing).
         CheckpointError: a checkpoint to resume from is corrupt, or holds another model than
             the run's config.json names (names the file).
         ConfigFieldError: a bad setting (a shard or worker host that is not this machine's, or

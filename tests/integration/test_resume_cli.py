@@ -73,7 +73,11 @@ def test_a_refused_flag_beside_shards_leaves_the_run_unresharded(tmp_path):
     before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
     refusals = {
         ("--checkpoint-every", "0"): "argument --checkpoint-every: must be a finite number > 0",
-        ("--eval-every", "2"): "argument --eval-every: not used with --no-eval",
+        # The --no-eval is the run's, not typed: where it comes from, and how to undo it.
+        ("--eval-every", "2"): (
+            "argument --eval-every: not used with --no-eval (nothing is evaluated while the "
+            f"workers train); as {run_dir / 'config.json'} has it (--eval turns it back on)"
+        ),
         ("--max-iterations", "20"): "argument --max-iterations: only applies to algorithm sand",
     }
     for flag, message in refusals.items():

@@ -135,7 +135,8 @@ def _run_train(args: argparse.Namespace) -> int:
         # the resumed job would ignore (--eval-every for a run without live evaluation).
         resumed = _resumed_config(Path(args.resume))
         typed.discard("cluster.num_shards")
-        check_typed_flags_apply("train", typed, resumed.with_fields(changes))
+        kept_from = str(Path(args.resume) / "config.json")
+        check_typed_flags_apply("train", typed, resumed.with_fields(changes), kept_from)
         if new_shards is not None:
             run_dir = Path(args.resume)
             _reshard_before_resume(run_dir, resumed.cluster.num_shards, new_shards, changes)

@@ -282,9 +282,12 @@ theirs that differs from the default where it would go unused; a flag typed with
 value would still be ignored without a word, so the command line refuses it by itself."""
 
 
-def check_typed_flags_apply(command: str, typed: Collection[str], job: JobConfig) -> None:
+def check_typed_flags_apply(
+    command: str, typed: Collection[str], job: JobConfig, kept_from: str | None = None
+) -> None:
     """Refuse a flag ``command`` was given (``typed``: the fields of the flags typed) that
-    ``job`` does not use.
+    ``job`` does not use. ``kept_from``: the config file a resumed ``job`` keeps its other
+    settings from, named when the setting that rules the flag out was not typed.
 
     Raises:
         ConfigFieldError: the first such flag's field, with the flags it needs.
@@ -292,9 +295,16 @@ def check_typed_flags_apply(command: str, typed: Collection[str], job: JobConfig
     for path, rule in _USED_ONLY_WITH.items():
         if path in typed and not rule.applies(job):
             if rule.problem is not None:
-                raise ConfigFieldError(path, rule.problem(job))
-            needed = " or ".join(flag_of(command, field) or FLAGS[field] for field in rule.fields)
-            raise ConfigFieldError(path, f"only used with {needed}{rule.condition}")
+                problem = rule.problem(job)
+            else:
+                needed = " or ".join(flag_of(command, f) or FLAGS[f] for f in rule.fields)
+                problem = f"only used with {needed}{rule.condition}"
+            if kept_from is not None and not set(typed) & set(rule.fields):
+                problem += f"; as {kept_from} has it"
+                back_on = [_SWITCHED_BACK_ON[f][0] for f in rule.fields if f in _SWITCHED_BACK_ON]
+                if back_on:
+                    problem += f" ({back_on[0]} turns it back on)"
+            raise ConfigFieldError(path, problem)
 
 
 def command_flags(command: str) -> dict[str, str]:

@@ -304,3 +304,15 @@ def test_a_resharded_resume_of_another_models_checkpoints_changes_nothing(
 
 def test_the_partitioner_read_without_torch_is_the_launched_shards():
     assert FlatPartitioner().to_json() == LAUNCHED_PARTITIONER
+
+
+def test_resume_of_a_missing_run_folder_is_refused_and_makes_no_folder(tmp_path) -> None:
+    """``train(config, resume=True)`` from a script, as ``train --resume`` on the command line:
+    a folder that is not there is named, and not made (it was left behind, empty)."""
+    from distbelief.launch import train
+
+    run_dir = tmp_path / "nope"
+    config = JobConfig.from_fields({"reporting.out_dir": str(run_dir)})
+    with pytest.raises(ValueError, match=rf"--resume {run_dir}: no such run folder"):
+        train(config, resume=True)
+    assert not run_dir.exists()

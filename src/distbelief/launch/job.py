@@ -492,6 +492,10 @@ def train(
     started, the run folder's ``summary.json`` records how it ended, even when it raises, and
     ``staleness.json`` and the plots hold what it did until then.
 
+    The job's processes start from a forkserver that imports the calling script first, as
+    ``multiprocessing`` does: a script calls ``train`` under ``if __name__ == "__main__":``
+    (else every process it starts runs the script again, fails, and the job fails with it).
+
     Args:
         config: The job.
         resume: Continue the run in ``config.reporting.out_dir`` from its shard checkpoints.
@@ -510,10 +514,14 @@ def train(
             a data set's files missing, among them), or the ray engine named where Ray is not
             installed.
         ValueError: a data file is corrupt or a split would be empty (names the file); or
-            RAY_AUTH_MODE=token where Ray finds no token.
+            RAY_AUTH_MODE=token where Ray finds no token; or, with ``resume``, no such run
+            folder (nothing is made) or one without shard checkpoints.
         ClusterError: the ray engine cannot join or start Ray, or place the job on it
             (``field`` names the setting the cluster refuses, if one is to blame).
     """
+    if resume and not run_dir_path(config.reporting.out_dir).is_dir():
+        # Checked before anything is made: a refused resume leaves no empty folder behind.
+        raise ValueError(f"--resume {run_dir_path(config.reporting.out_dir)}: no such run folder")
     cluster_type = cluster_type or engine_cluster(config.cluster.engine)
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine

@@ -8,6 +8,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -23,7 +25,7 @@ from distbelief.server.row_optimizers import LazyAdam
 from distbelief.server.row_table import RowTable, seeded_normal_rows
 from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.wire import serve
-from tests.conftest import free_port, start_shard, stop_processes
+from tests.conftest import CHILD_ENV, free_port, start_shard, stop_processes
 
 DIM = 4
 NUM_ROWS = {"words": 40, "bags": 25}
@@ -289,6 +291,45 @@ def test_a_killed_shard_restores_its_rows_from_its_checkpoint(tmp_path):
         reference.push(ids, step_grads)
     reference.push(ids[:3], torch.ones(3, 8))
     torch.testing.assert_close(stepped, reference.pull(ids[:3]), rtol=0, atol=1e-6)
+
+
+_USER_WITH_TABLES = """
+import sys, torch
+from torch import nn
+from distbelief import ShardedEmbeddings
+model = nn.Sequential(nn.EmbeddingBag(1000, 8, device="meta"), nn.Linear(8, 1))
+with ShardedEmbeddings(model, ps=[sys.argv[1]], timeout_s=1, retry_timeout_s=60) as tables:
+    print("training", flush=True)
+    for step in range(10**9):
+        model(torch.randint(0, 1000, (16, 2))).sum().backward()
+        tables.step()
+"""
+
+
+def test_ctrl_c_in_a_with_block_exits_promptly_while_a_shard_is_down():
+    """``with ShardedEmbeddings(...)`` ended by Ctrl-C while a shard is down closes at once.
+    It flushed instead, waiting out the 60 s of retries, then waited for the requests still
+    retrying, and raised ShardUnavailableError over the Ctrl-C."""
+    process, address = start_shard(0, 1)
+    user = subprocess.Popen(
+        [sys.executable, "-c", _USER_WITH_TABLES, address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        assert user.stdout is not None
+        assert user.stdout.readline().strip() == "training"
+        stop_processes([process])  # the shard is gone; the loop's requests now retry for 60 s
+        time.sleep(1.0)
+        started = time.monotonic()
+        user.send_signal(signal.SIGINT)
+        _, stderr = user.communicate(timeout=150)
+        assert stderr.rstrip().endswith("KeyboardInterrupt"), stderr[-2000:]
+        assert time.monotonic() - started < 10, "Ctrl-C waited for the retrying I/O threads"
+    finally:
+        stop_processes([process, user])
 
 
 def _replayed_user_pushes(ids: torch.Tensor) -> list[torch.Tensor]:

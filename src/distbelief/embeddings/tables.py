@@ -260,9 +260,12 @@ class ShardedEmbeddings:
     def __enter__(self) -> ShardedEmbeddings:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        """``close()``: ``with ShardedEmbeddings(...) as x:`` closes it however the block ends."""
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        """``close()``: ``with ShardedEmbeddings(...) as x:`` closes it however the block ends.
+        A block ended by Ctrl-C (``KeyboardInterrupt``) closes at once instead, pushing
+        nothing more: its flush would wait up to ``retry_timeout_s`` for a shard that is down,
+        and then raise in place of the interrupt."""
+        self._close(flush=exc_type is None or not issubclass(exc_type, KeyboardInterrupt))
 
     def _check_open(self, action: str) -> None:
         if self._closed:
@@ -435,14 +438,32 @@ class ShardedEmbeddings:
         self._push_futures = []
 
     def close(self) -> None:
-        """Flush, then close the connections. Closing twice does nothing."""
+        """Flush, then close the connections. Closing twice does nothing.
+
+        After a request raised because a shard stayed unreachable past ``retry_timeout_s``,
+        close sends nothing more: it closes the connections at once rather than wait that
+        long again (for the flush, then for the requests still retrying).
+
+        Raises:
+            ShardTimeoutError / ShardUnavailableError / RemoteError: the last push failed.
+        """
+        self._close(flush=True)
+
+    def _close(self, *, flush: bool) -> None:
+        """``close()``; without ``flush``, at once: nothing more is pushed, and requests still
+        retrying a shard that is down stop retrying."""
         if self._closed:
             return
+        interrupted = not flush
         try:
-            self.flush()
+            if flush and not self.client.unreachable:
+                self.flush()
+        except KeyboardInterrupt:
+            interrupted = True  # Ctrl-C during the flush: no more waiting for the shards
+            raise
         finally:
             self._closed = True
-            self.client.close()
+            self.client.close(wait=not (self.client.unreachable or interrupted))
 
     def take_figures(self) -> dict[str, int]:
         """Rows pulled and pushed, and cache hits and misses, since the last call."""

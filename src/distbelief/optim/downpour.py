@@ -674,18 +674,27 @@ class DownpourSGD(torch.optim.Optimizer):
             ShardTimeoutError / ShardUnavailableError / RemoteError: the last push failed.
             RendezvousError: the process group's store could not be written.
         """
+        self._close(flush=True)
+
+    def _close(self, *, flush: bool) -> None:
+        """``close()``; without ``flush``, at once: nothing more is pushed, and requests still
+        retrying a shard that is down stop retrying."""
         if self._closed:
             return
         if self._server is not None:
             atexit.unregister(self._close_at_exit)
+        interrupted = not flush
         try:
-            if not self.client.unreachable:
+            if flush and not self.client.unreachable:
                 self.flush()
+        except KeyboardInterrupt:
+            interrupted = True  # Ctrl-C during the flush: no more waiting for the shards
+            raise
         finally:
             # A flush that found the shards gone already waited out the retries; so did the
             # step that found it before. Queued requests then stop retrying, and a server that
             # is gone needs no word that this rank finished (its store may be gone with it).
-            gone = self.client.unreachable
+            gone = self.client.unreachable or interrupted
             self._closed = True
             try:
                 if self._server is not None and not gone:
@@ -708,9 +717,12 @@ class DownpourSGD(torch.optim.Optimizer):
     def __enter__(self) -> DownpourSGD:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        """``close()``: ``with DownpourSGD(...) as x:`` closes it however the block ends."""
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        """``close()``: ``with DownpourSGD(...) as x:`` closes it however the block ends. A
+        block ended by Ctrl-C (``KeyboardInterrupt``) closes at once instead, pushing nothing
+        more: its flush would wait up to ``retry_timeout_s`` for a shard that is down, and
+        then raise in place of the interrupt."""
+        self._close(flush=exc_type is None or not issubclass(exc_type, KeyboardInterrupt))
 
     def _check_open(self, action: str) -> None:
         if self._closed:

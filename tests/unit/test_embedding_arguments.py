@@ -27,6 +27,8 @@ class _NoShards:
     """Stands in for RowClient, with no sockets: the handshake answers nothing, a pull answers
     zero rows, a push is dropped."""
 
+    unreachable = False  # as RowClient's: no request has given up on a shard
+
     def __init__(self, addresses, tables, **_options) -> None:
         self.addresses, self.tables = list(addresses), dict(tables)
 

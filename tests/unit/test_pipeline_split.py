@@ -151,6 +151,22 @@ def test_split_by_measured_time_leaves_the_rng_alone():
     assert all(cost > 0 for cost in split.layer_costs)
 
 
+@pytest.mark.parametrize(
+    ("sample", "received"),
+    [
+        (torch.randn(4, 1, 8, 9), r"\[4, 1, 8, 9\] torch.float32"),  # another shape
+        (torch.zeros(4, 1, 8, 8, dtype=torch.float64), r"\[4, 1, 8, 8\] torch.float64"),
+    ],
+    ids=["shape", "dtype"],
+)
+def test_a_sample_input_the_model_cannot_take_is_named(sample, received):
+    """A sample_input of another shape or dtype than the model takes is a ValueError naming
+    it and the layer that refused it (it was torch's RuntimeError from deep in the timing)."""
+    expected = rf"sample_input {received} on cpu: layer \d+ \(.*\) cannot run"
+    with pytest.raises(ValueError, match=expected):
+        split_model(_mlp, 2, seed=0, sample_input=sample)
+
+
 def test_measuring_passes_each_layer_its_input_even_in_place_ones():
     def build() -> nn.Module:
         return nn.Sequential(

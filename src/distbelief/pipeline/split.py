@@ -137,7 +137,9 @@ def measure_layer_costs(
         One cost in seconds per layer of ``pipeline_layers(build())``.
 
     Raises:
-        ValueError: If the model cannot be split or ``repeats`` is below 1.
+        ValueError: If the model cannot be split or ``repeats`` is below 1, or a layer cannot
+            run on what it receives from ``sample_input`` (of another shape, dtype or device
+            than the model takes: named, with torch's error).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -145,10 +147,18 @@ def measure_layer_costs(
     with torch.random.fork_rng(devices=[]):
         model = build_on_meta(build, seed=seed)
         x = sample_input.detach()
-        for index, (_, layer) in enumerate(pipeline_layers(model)):
+        for index, (name, layer) in enumerate(pipeline_layers(model)):
             materialise_layer(layer)
             # The first stage gets no gradient for its input; every other one does.
-            seconds, x = _time_layer(layer, x, input_grad=index > 0, repeats=repeats)
+            try:
+                seconds, x = _time_layer(layer, x, input_grad=index > 0, repeats=repeats)
+            except RuntimeError as e:  # torch's word for an input of the wrong shape or dtype
+                raise ValueError(
+                    f"sample_input {list(sample_input.shape)} {sample_input.dtype} on "
+                    f"{sample_input.device}: layer {index} ({name}) cannot run on what it "
+                    f"receives, {list(x.shape)} {x.dtype} on {x.device} (the layers are timed "
+                    f"on the CPU): {e}"
+                ) from e
             costs.append(seconds)
             layer.to_empty(device="meta")
     return costs
@@ -314,7 +324,8 @@ def split_model(
 
     Raises:
         ValueError: If the model cannot be split, or not into ``num_stages`` partitions (or
-            that is no integer >= 1), or the points are invalid.
+            that is no integer >= 1), or the points are invalid, or the model cannot run on
+            ``sample_input`` (another shape, dtype or device than it takes).
         TypeError: ``build`` is no function, ``seed`` no int or ``sample_input`` no tensor.
     """
     check_count("num_stages", num_stages)

@@ -92,7 +92,10 @@ class ParameterServer:
     finished or is lost, with a warning naming each lost rank.
 
     Raises:
-        ValueError: no process group is initialised, or it has no rank besides this one.
+        TypeError: ``model`` is no ``torch.nn.Module``, or ``consistency`` no
+            ``ConsistencyConfig``.
+        ValueError: ``lr``, ``port``, ``timeout_s`` or ``join_timeout_s`` out of range (named);
+            no process group is initialised, or it has no rank besides this one.
     """
 
     def __init__(
@@ -145,7 +148,7 @@ class ParameterServer:
 
         Raises:
             RendezvousError: the process group's store could not be written or read.
-            ShardUnavailableError: the address could not be bound.
+            BindError: the address could not be bound (a ShardUnavailableError).
             ClosedError: ``run()`` was called before on this server (its ranks have
                 finished with it): make a new ``ParameterServer``.
         """

@@ -391,3 +391,35 @@ def test_a_shard_killed_before_it_was_given_the_model_lost_nothing(algorithm: st
         if algorithm == "sandblaster"
         else "shard0: restored version 0; 0 updates lost"
     ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "index", "stage", "message"),
+    [
+        (ProcessKind.SHARD, 2, 0, r"shard index must be an integer in \[0, 2\) .*got 2"),
+        (ProcessKind.WORKER, -1, 0, r"worker index must be an integer in \[0, 2\) .*got -1"),
+        (ProcessKind.EVALUATOR, 1, 0, r"evaluator index must be an integer in \[0, 1\)"),
+        (ProcessKind.SHARD, "0", 0, r"shard index must be an integer .*got '0'"),
+        (ProcessKind.STAGE, 0, 1, r"stage 0: stage must be an integer in \[0, 1\)"),
+        ("shard", 0, 0, r"kind must be a ProcessKind, got 'shard'"),
+    ],
+)
+def test_a_process_the_job_does_not_have_is_refused(kind, index, stage, message) -> None:
+    """``Cluster.start`` of a shard id past the job's shards (say) is a ValueError naming it:
+    the process started, then failed in its own traceback."""
+    with pytest.raises(ValueError, match=message):
+        _book().spec(kind, index, stage)
+
+
+def test_a_local_cluster_starts_nothing_after_stop_all(tmp_path, monkeypatch) -> None:
+    """Leaving a LocalCluster's ``with`` block stops it: a later ``start`` is a ClosedError (it
+    started a process that nothing watched)."""
+    from distbelief.errors import ClosedError
+    from distbelief.launch import local
+
+    monkeypatch.setattr(local, "warm_up", lambda config: None)  # no forkserver: none starts
+    with local.LocalCluster(JobConfig(), tmp_path) as cluster:
+        pass
+    with pytest.raises(ClosedError, match=r"^LocalCluster: start of shard0 after stop_all\(\)$"):
+        cluster.start(ProcessKind.SHARD, 0)
+    assert cluster.processes == {}

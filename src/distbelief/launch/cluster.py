@@ -308,7 +308,13 @@ class ProcessBook:
     def spec(self, kind: ProcessKind, index: int, stage: int = 0) -> ProcessSpec:
         """Where process ``kind``/``index`` starts: a shard on its old address once it has one,
         a worker at the last step it reported, a stage on its old address (and its replica's
-        next stage's) at the step its replica reported."""
+        next stage's) at the step its replica reported.
+
+        Raises:
+            ValueError: ``kind`` is no ProcessKind, or ``index`` or ``stage`` is not one of
+                the job's (a shard id past ``num_shards``, say: it would start, then fail).
+        """
+        self._check_process(kind, index, stage)
         host = f"tcp://{self.config.cluster.host}:0"
         if kind is ProcessKind.STAGE:
             # A stage is a worker: it listens (for the stage before) on the workers' host.
@@ -335,6 +341,31 @@ class ProcessBook:
             host = f"tcp://{self.config.cluster.host}:0"
             return ProcessSpec(kind, index, bind=self.coordinator_address or host)
         return ProcessSpec(kind, index)
+
+    def _check_process(self, kind: object, index: object, stage: object) -> None:
+        """Refuses a process the job does not have (see ``spec``)."""
+        if not isinstance(kind, ProcessKind):
+            raise ValueError(f"kind must be a ProcessKind, got {kind!r}")
+        cluster = self.config.cluster
+        counts = {
+            ProcessKind.SHARD: ("num_shards", cluster.num_shards),
+            ProcessKind.WORKER: ("num_workers", cluster.num_workers),
+            ProcessKind.STAGE: ("num_workers", cluster.num_workers),
+            ProcessKind.EVALUATOR: ("one", 1),
+            ProcessKind.COORDINATOR: ("one", 1),
+        }
+        name, count = counts[kind]
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+            raise ValueError(
+                f"{kind.value} index must be an integer in [0, {count}) ({name} of the job), "
+                f"got {index!r}"
+            )
+        partitions = self.config.pipeline.num_partitions if kind is ProcessKind.STAGE else 1
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < partitions:
+            raise ValueError(
+                f"{kind.value} {index}: stage must be an integer in [0, {partitions}) "
+                f"(the job's partitions), got {stage!r}"
+            )
 
     def note(self, event: Event) -> None:
         """Takes in one event of a process: readiness, training start, steps and versions."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from distbelief.errors import ChildFailedError
+from distbelief.errors import ChildFailedError, ClosedError
 from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
 from distbelief.launch.cluster import (
     RESTART_POLICIES,
@@ -104,6 +104,8 @@ class LocalCluster:
         self.run_dir = run_dir
         self.ctx = mp.get_context("forkserver")
         self.book = ProcessBook(config)
+        self._stopped = False
+        """``stop_all()`` ran (the ``with`` block ended): no process starts any more."""
         self.events = EventInbox()
         self._stop_flags = {kind: SharedStopFlag(self.ctx) for kind in ProcessKind}
         # Children hold the reading end; EOF there tells them the launcher is gone.
@@ -144,8 +146,15 @@ class LocalCluster:
         return [self.book.addresses[i] for i in range(self.config.cluster.num_shards)]
 
     def start(self, kind: ProcessKind, index: int, stage: int = 0) -> None:
-        """Starts one process (see ``Cluster.start``); a restart reuses this."""
+        """Starts one process (see ``Cluster.start``); a restart reuses this.
+
+        Raises:
+            ValueError: a process the job does not have (see ``ProcessBook.spec``).
+            ClosedError: called after ``stop_all()`` (the end of the ``with`` block).
+        """
         spec = self.book.spec(kind, index, stage)
+        if self._stopped:
+            raise ClosedError("LocalCluster", f"start of {spec.name}", after="stop_all()")
         addresses = [] if kind is ProcessKind.SHARD else self._addresses()
         reader, writer = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(
@@ -325,6 +334,7 @@ class LocalCluster:
         earlier). A process that died meanwhile by another hand is a fault
         (``_note_deaths_while_stopping``)."""
         self.book.stopping = True
+        self._stopped = True
         self._stop_flags[ProcessKind.EVALUATOR].set()
         coordinators = [p for s, p in self.processes.values() if s.kind is ProcessKind.COORDINATOR]
         if any(process.is_alive() for process in coordinators):

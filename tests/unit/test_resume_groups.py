@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distbelief.config import JobConfig
-from distbelief.errors import CheckpointError
+from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.launch.cli import main
 from distbelief.launch.local import LocalCluster
 from distbelief.launch.resume import STAGE_GROUP_PREFIX, read_run_for_resume
@@ -73,7 +73,7 @@ def test_a_checkpoint_of_another_shard_is_refused_by_name(tmp_path):
 _CHECK_WITHOUT_TORCH = """
 import sys
 from pathlib import Path
-from distbelief.errors import CheckpointError
+from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.launch.resume import read_run_for_resume
 try:
     read_run_for_resume(Path(sys.argv[1]))
@@ -316,3 +316,30 @@ def test_resume_of_a_missing_run_folder_is_refused_and_makes_no_folder(tmp_path)
     with pytest.raises(ValueError, match=rf"--resume {run_dir}: no such run folder"):
         train(config, resume=True)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda train: train({"cluster": {}}), TypeError, "^config must be a JobConfig, got dict$"),
+        (
+            lambda train: train(JobConfig(), resume="yes"),
+            TypeError,
+            "^resume must be True or False, got 'yes'$",
+        ),
+        (
+            lambda train: train(JobConfig.from_fields({"embeddings.row_lr": 0.1})),
+            ConfigFieldError,
+            "embeddings.row_lr",
+        ),
+    ],
+    ids=["config", "resume", "row-setting"],
+)
+def test_train_from_a_script_refuses_what_the_command_line_refuses(call, error, message) -> None:
+    """``train()`` checks its arguments as ``distbelief train`` checks its flags, before
+    anything starts: a dict for the config was an AttributeError, and a row setting for a
+    model without tables (lenet) was ignored without a word."""
+    from distbelief.launch import train
+
+    with pytest.raises(error, match=message):
+        call(train)

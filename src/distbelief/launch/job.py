@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distbelief import telemetry
-from distbelief.config import PORTIONS_PER_WORKER
+from distbelief.config import PORTIONS_PER_WORKER, JobConfig
 from distbelief.coordinator.checkpoint import RECORD_FILE
 from distbelief.data.files import FILE_DATASETS, FIXED_TRAIN_EXAMPLES, require_data_files
 from distbelief.errors import (
@@ -55,7 +55,6 @@ from distbelief.launch.summary import SUMMARY_FILE, RunResult
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from distbelief.config import JobConfig
     from distbelief.telemetry import ShardStatsPoller, Sink
 
 logger = logging.getLogger(__name__)
@@ -510,15 +509,22 @@ def train(
             disk): every process is stopped (or, the job done, its summary.json is missing).
         CheckpointError: a checkpoint to resume from is corrupt, or holds another model than
             the run's config.json names (names the file).
+        TypeError: ``config`` is no ``JobConfig``, or ``resume`` no bool.
         ConfigFieldError: a bad setting (a shard or worker host that is not this machine's, or
-            a data set's files missing, among them), or the ray engine named where Ray is not
-            installed.
+            a data set's files missing, or a row setting for a model without embedding tables,
+            among them), or the ray engine named where Ray is not installed.
         ValueError: a data file is corrupt or a split would be empty (names the file); or
             RAY_AUTH_MODE=token where Ray finds no token; or, with ``resume``, no such run
             folder (nothing is made) or one without shard checkpoints.
         ClusterError: the ray engine cannot join or start Ray, or place the job on it
             (``field`` names the setting the cluster refuses, if one is to blame).
     """
+    if not isinstance(config, JobConfig):
+        raise TypeError(f"config must be a JobConfig, got {type(config).__name__}")
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    # As the command line does: a row setting for a model without tables would be ignored.
+    config.check_row_settings_apply()
     if resume and not run_dir_path(config.reporting.out_dir).is_dir():
         # Checked before anything is made: a refused resume leaves no empty folder behind.
         raise ValueError(f"--resume {run_dir_path(config.reporting.out_dir)}: no such run folder")

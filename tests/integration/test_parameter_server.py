@@ -346,6 +346,23 @@ def test_the_server_ends_by_itself_when_a_rank_is_killed(tmp_path):
     assert re.search(r"rank 2 left without finishing \(its connections closed \d+s ago\)", err)
 
 
+def test_a_with_block_ended_by_ctrl_c_still_tells_the_server_this_rank_finished(tmp_path):
+    """``with DownpourSGD(...)`` ended by Ctrl-C closes at once, without its flush, and still
+    marks the rank finished: the server ends by itself at once, every rank finished (not
+    after its liveness timeout, 300 s here, with this rank lost)."""
+    with _serving_group(tmp_path, "300", "300") as (server, _):
+        model = _model()
+        batch, labels = torch.randn(4, 10), torch.tensor([0, 1, 2, 0])
+        optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model)
+        with pytest.raises(KeyboardInterrupt), optimizer:
+            nn.functional.cross_entropy(model(batch), labels).backward()
+            optimizer.step()
+            raise KeyboardInterrupt
+        out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert re.search(r"server done \d+ True \[\]", out), out
+
+
 def test_the_server_ends_by_itself_when_a_rank_never_connects(tmp_path):
     with _serving_group(tmp_path, LIVENESS_TIMEOUT_S, "3") as (server, _):
         out, err = server.communicate(timeout=120)  # this rank never makes its DownpourSGD

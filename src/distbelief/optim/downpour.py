@@ -678,7 +678,8 @@ class DownpourSGD(torch.optim.Optimizer):
 
     def _close(self, *, flush: bool) -> None:
         """``close()``; without ``flush``, at once: nothing more is pushed, and requests still
-        retrying a shard that is down stop retrying."""
+        retrying a shard that is down stop retrying (a ParameterServer is still told that this
+        rank has finished, as ``close()`` tells it)."""
         if self._closed:
             return
         if self._server is not None:
@@ -694,16 +695,26 @@ class DownpourSGD(torch.optim.Optimizer):
             # A flush that found the shards gone already waited out the retries; so did the
             # step that found it before. Queued requests then stop retrying, and a server that
             # is gone needs no word that this rank finished (its store may be gone with it).
-            gone = self.client.unreachable or interrupted
+            gone = self.client.unreachable
             self._closed = True
             try:
                 if self._server is not None and not gone:
-                    self._finished_store().mark_finished(self._server.session)
+                    self._mark_finished(quietly=interrupted)
             finally:
-                self.client.close(wait=not gone)
+                self.client.close(wait=not (gone or interrupted))
                 # The last references to a shared outbox: its mapping goes now, not when this
                 # optimizer is collected (a script goes on evaluating or saving after close).
                 self._outbox, self._push_futures = {}, []
+
+    def _mark_finished(self, *, quietly: bool) -> None:
+        """Tell the ParameterServer this rank has finished; ``quietly`` (on Ctrl-C), a store
+        that cannot be written is logged, not raised in place of the interrupt."""
+        try:
+            self._finished_store().mark_finished(self._server.session)
+        except RendezvousError as e:
+            if not quietly:
+                raise
+            logger.warning("DownpourSGD could not tell the ParameterServer it finished: %s", e)
 
     def _finished_store(self) -> GroupStore:
         """A fresh connection to the group's store while the group is up (the constructor's

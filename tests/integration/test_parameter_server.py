@@ -38,8 +38,10 @@ from distbelief.server import ConsistencyConfig, ParameterServer
 
 init_method, world_size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 options = {}
-if len(sys.argv) > 5:  # the liveness and join timeouts, in seconds
-    options["consistency"] = ConsistencyConfig(liveness_timeout_s=float(sys.argv[4]))
+if len(sys.argv) > 5:  # the liveness and join timeouts, in seconds (then "sync": rounds)
+    options["consistency"] = ConsistencyConfig(
+        liveness_timeout_s=float(sys.argv[4]), sync=sys.argv[6:] == ["sync"]
+    )
     options["join_timeout_s"] = float(sys.argv[5])
 dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=world_size)
 torch.manual_seed(0)
@@ -361,6 +363,33 @@ def test_a_with_block_ended_by_ctrl_c_still_tells_the_server_this_rank_finished(
         out, err = server.communicate(timeout=120)
     assert server.returncode == 0, err[-2000:]
     assert re.search(r"server done \d+ True \[\]", out), out
+
+
+def test_sync_rounds_wait_for_every_training_rank(tmp_path):
+    """With ``ConsistencyConfig(sync=True)`` a round is one gradient of each other rank: 5
+    steps of 2 ranks are 5 rounds. The server ran rounds of 1 worker (its shard's default),
+    so a DownpourSGD told the job's 2 workers was refused, and one not told made 10 rounds
+    of one gradient each, not synchronous."""
+    worker_script = tmp_path / "worker.py"
+    worker_script.write_text(WORKER_SCRIPT)
+    with _serving_group(tmp_path, "60", "300", "sync", others=((str(worker_script), "5"),)) as (
+        server,
+        _,
+        other,
+    ):
+        model = _model()
+        with DownpourSGD(model.parameters(), lr=0.1, model=model, num_workers=2) as optimizer:
+            generator = torch.Generator().manual_seed(1)
+            for _ in range(5):
+                optimizer.zero_grad()
+                images = torch.randn(16, 10, generator=generator)
+                labels = torch.randint(0, 3, (16,), generator=generator)
+                nn.functional.cross_entropy(model(images), labels).backward()
+                optimizer.step()
+        assert other.wait(120) == 0
+        out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert "server done 5 True []" in out, out
 
 
 def test_the_server_ends_by_itself_when_a_rank_never_connects(tmp_path):

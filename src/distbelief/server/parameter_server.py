@@ -76,7 +76,9 @@ class ParameterServer:
         lr: The server's own learning rate for plain SGD on the pushed gradients. None (the
             seed's behaviour): each push is applied at the pushing worker's current rate, so
             a worker's LR scheduler steers the server too.
-        consistency: Async (default), SSP or synchronous rounds, as for ``distbelief ps``.
+        consistency: Async (default), SSP or synchronous rounds, as for ``distbelief ps``;
+            a synchronous round waits for a gradient of every other rank of the group (less
+            ``backup_workers``).
         host: The address the other ranks reach this server at (bound with a free port).
             Default: the store's host when this rank serves the store (rank 0), else this
             machine's host name.
@@ -95,7 +97,8 @@ class ParameterServer:
         TypeError: ``model`` is no ``torch.nn.Module``, or ``consistency`` no
             ``ConsistencyConfig``.
         ValueError: ``lr``, ``port``, ``timeout_s`` or ``join_timeout_s`` out of range (named);
-            no process group is initialised, or it has no rank besides this one.
+            no process group is initialised, or it has no rank besides this one; or
+            ``consistency.backup_workers`` not below the number of other ranks.
     """
 
     def __init__(
@@ -126,6 +129,12 @@ class ParameterServer:
         self.bind = f"tcp://{host}:{port}"
         self.security = WireSecurity(auth_key=generate_key())
         self.worker_ranks = [r for r in range(self._store.world_size) if r != self._store.rank]
+        # Every other rank trains: a synchronous round waits for each one's gradient.
+        if not consistency.backup_workers < len(self.worker_ranks):
+            raise ValueError(
+                f"consistency.backup_workers must be < the number of training ranks "
+                f"({len(self.worker_ranks)}), got {consistency.backup_workers}"
+            )
         self.join_timeout_s = join_timeout_s
         self._record: ServerRecord | None = None
         self._watch: RankWatch | None = None
@@ -156,7 +165,10 @@ class ParameterServer:
             if self._ran:
                 raise ClosedError("ParameterServer", "run()", after="its first run()")
             self._ran = True
-        shard = ParameterShard(0, 1, self._optimizer_factory, self.consistency)
+        num_workers = len(self.worker_ranks)
+        shard = ParameterShard(
+            0, 1, self._optimizer_factory, self.consistency, num_workers=num_workers
+        )
         self._shard = shard
         try:
             summary = serve_shard(
@@ -165,6 +177,7 @@ class ParameterServer:
                 self.bind,
                 optimizer_factory=self._optimizer_factory,
                 consistency=self.consistency,
+                num_workers=num_workers,
                 security=self.security,
                 emit=self._on_event,
                 stop=self._stop,

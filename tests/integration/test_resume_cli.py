@@ -2,10 +2,12 @@
 resumes, and a corrupt checkpoint is refused in one line before any process starts."""
 
 import json
+import re
 
 import pytest
 
 from distbelief.config import FLAT_FIELDS
+from distbelief.telemetry.metrics import read_metrics
 from tests.conftest import run_cli
 
 
@@ -102,11 +104,15 @@ def test_a_resumed_run_says_where_it_goes_on_from(tmp_path):
         json.loads((run_dir / "checkpoints" / f"shard{i}.json").read_text())["version"]
         for i in range(2)
     ]
+    # The lines' t= is metrics.csv's time axis, which the resumed run's rows go on along.
+    ended_s = max(float(row["time_s"]) for row in read_metrics(run_dir / "metrics.csv"))
     again = run_cli("train", "--resume", str(run_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     said = [line for line in again.stderr.splitlines() if "last checkpoints" in line]
     assert said == [
-        f'message t=0.0s text="resumed {run_dir} from its last checkpoints: '
+        f'message t={ended_s:.1f}s text="resumed {run_dir} from its last checkpoints: '
         f'shard0 version {versions[0]}, shard1 version {versions[1]}"'
     ], again.stderr[-3000:]
+    times = [float(t) for t in re.findall(r"^\w+ t=([0-9.]+)s ", again.stderr, re.MULTILINE)]
+    assert len(times) > 2 and min(times) >= round(ended_s, 1), again.stderr[-3000:]
     assert versions == [10, 10]

@@ -611,6 +611,7 @@ def _run_job(
                     ]
                 ) as sink,
             ):
+                display.time_offset_s = metrics.time_offset_s
                 # Imported here, not at the top: it loads the wire's client (orjson), which is
                 # loaded above with the signals deferred.
                 from distbelief.launch.warmstart import WarmstartRelease

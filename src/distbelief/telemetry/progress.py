@@ -152,9 +152,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _progress_line(state: _RunState) -> str:
+def _progress_line(state: _RunState, time_offset_s: float) -> str:
     """One ``progress`` line; fields with no value yet are left out rather than faked."""
-    parts = [f"progress t={state.time_s:.1f}s", f"steps={state.steps_done()}/{state.total_steps}"]
+    parts = [
+        f"progress t={state.time_s + time_offset_s:.1f}s",
+        f"steps={state.steps_done()}/{state.total_steps}",
+    ]
     eta_s = state.eta_s()
     if eta_s is not None:
         parts.append(f"eta={eta_s:.1f}s")
@@ -192,8 +195,8 @@ def _progress_line(state: _RunState) -> str:
     return " ".join(parts)
 
 
-def _eval_line(record: dict[str, Any]) -> str:
-    parts = [f"eval t={float(record['time_s']):.1f}s"]
+def _eval_line(record: dict[str, Any], time_offset_s: float) -> str:
+    parts = [f"eval t={float(record['time_s']) + time_offset_s:.1f}s"]
     if record.get("version") is not None:
         parts.append(f"version={record['version']}")
     if record.get("test_loss") is not None:
@@ -339,6 +342,9 @@ class ProgressDisplay(ClosedOnExit):
         self._last_log_time_s: float | None = None
         self._unlogged = False
         self._live: Any = None
+        self.time_offset_s = 0.0
+        """Added to every ``t=`` written: a resumed run's metrics.csv goes on from the time
+        its last run ended, and the lines keep to its time axis (records come in from 0)."""
         if self.interactive:
             self._setup_live()
 
@@ -389,7 +395,7 @@ class ProgressDisplay(ClosedOnExit):
             return
         with self._lock:
             if self._unlogged:
-                self._write_line(_progress_line(self._state))
+                self._write_line(_progress_line(self._state, self.time_offset_s))
                 self._unlogged = False
 
     def write(self, record: dict) -> None:
@@ -414,7 +420,7 @@ class ProgressDisplay(ClosedOnExit):
 
     def _log_record(self, record: dict[str, Any]) -> None:
         if record["role"] == "evaluator":
-            self._write_line(_eval_line(record))
+            self._write_line(_eval_line(record, self.time_offset_s))
         else:
             self._unlogged = True
             self._log_progress_if_due()
@@ -426,15 +432,15 @@ class ProgressDisplay(ClosedOnExit):
             return
         self._last_log_time_s = time_s
         self._unlogged = False
-        self._write_line(_progress_line(self._state))
+        self._write_line(_progress_line(self._state, self.time_offset_s))
 
     def message(self, text: str, time_s: float | None = None) -> None:
         """Shows a one-off line, such as ``"worker 1 exited"``.
 
         Args:
             text: the message; in non-interactive mode it is written JSON-quoted as ``text=``.
-            time_s: when it happened (metrics.csv's time axis), written as ``t=``; None: the
-                latest record's time.
+            time_s: when it happened on the records' clock, written as ``t=`` (moved on by
+                ``time_offset_s``, as every line); None: the latest record's time.
         """
         if self._live is not None:
             # markup/highlight off: the text is data (paths, brackets), not rich markup.
@@ -442,7 +448,7 @@ class ProgressDisplay(ClosedOnExit):
             return
         # json.dumps quotes and escapes control characters, so a line stays one parseable line.
         with self._lock:
-            at_s = self._state.time_s if time_s is None else time_s
+            at_s = (self._state.time_s if time_s is None else time_s) + self.time_offset_s
             self._write_line(f"message t={at_s:.1f}s text={json.dumps(text)}")
 
     def _write_line(self, line: str) -> None:

@@ -20,8 +20,8 @@ class Sink(Protocol):
 
     def message(self, text: str, time_s: float | None = None) -> None:
         """Takes a one-off line such as "worker1 died"; sinks of records only may ignore it.
-        ``time_s``: when it happened, on metrics.csv's time axis, if known (a fault's time);
-        None: now, as far as the records tell (the latest record's time)."""
+        ``time_s``: when it happened, on the records' clock (a fault's time), if known; None:
+        now, as far as the records tell (the latest record's time)."""
 
     def close(self) -> None:
         """Flushes and releases what the sink holds; closing twice is harmless."""

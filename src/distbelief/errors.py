@@ -125,9 +125,9 @@ class ConsistencyMismatchError(PSError):
 
 class ClosedError(DistBeliefError, RuntimeError):
     """An optimizer, embedding tables or client was used after its ``close()`` (or a
-    ``ParameterServer`` run again after its ``run()`` returned, or a ``LocalCluster`` asked to
-    start a process after ``stop_all()``): its connections are gone, so make a new one. The
-    message names the object and the call."""
+    ``ParameterServer`` run again after its ``run()`` returned, or a cluster, local or Ray,
+    asked to start a process after ``stop_all()``): its connections are gone, so make a new
+    one. The message names the object and the call."""
 
     def __init__(self, owner: str, action: str, after: str = "close()") -> None:
         self.owner = owner

@@ -756,3 +756,46 @@ def test_a_resumed_runs_ray_head_gone_is_named_with_its_config_file(tmp_path):
             "at 127.0.0.1:1"
         )
     ), result.stderr
+
+
+_START_AFTER_STOP = """
+import sys
+from pathlib import Path
+
+from distbelief.config import JobConfig
+from distbelief.errors import ClosedError
+from distbelief.launch.cluster import ProcessKind
+from distbelief.launch.ray_cluster import RayCluster
+
+run_dir = Path(sys.argv[2])
+config = JobConfig().with_fields(
+    {"cluster.engine": "ray", "cluster.ray_address": sys.argv[1], "reporting.out_dir": str(run_dir)}
+)
+with RayCluster(config, run_dir) as cluster:
+    pass
+try:
+    cluster.start(ProcessKind.SHARD, 0)
+except ClosedError as e:
+    print(f"ClosedError: {e}")
+"""
+
+
+@needs_ray
+@pytest.mark.xdist_group("ray_nodes")
+@pytest.mark.timeout(180)
+def test_a_ray_cluster_starts_nothing_after_stop_all(ray_nodes, tmp_path):
+    # As a LocalCluster: a start after the with block (Ray left) started an actor nothing
+    # watched, on a cluster the job had left.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", _START_AFTER_STOP, ray_nodes.address, str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=ray_nodes.env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1:] == [
+        "ClosedError: RayCluster: start of shard0 after stop_all()"
+    ], result.stderr[-3000:]

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from distbelief.errors import ChildFailedError, ClusterError, LauncherInterrupted
+from distbelief.errors import ChildFailedError, ClosedError, ClusterError, LauncherInterrupted
 from distbelief.launch.cluster import (
     STOP_GRACE_S,
     Event,
@@ -189,9 +189,17 @@ class RayCluster:
         return [self.book.addresses[i] for i in range(self.config.cluster.num_shards)]
 
     def start(self, kind: ProcessKind, index: int, stage: int = 0) -> None:
-        """Starts one process (see ``Cluster.start``); a restart reuses this."""
+        """Starts one process (see ``Cluster.start``); a restart reuses this.
+
+        Raises:
+            ValueError: a process the job does not have (see ``ProcessBook.spec``).
+            ClosedError: called after ``stop_all()`` (the end of the ``with`` block: Ray is
+                left, the embedded instance shut down).
+        """
         assert kind is not ProcessKind.STAGE, "the config refuses partitions with Ray"
         spec = self.book.spec(kind, index, stage)
+        if self._session is None:
+            raise ClosedError("RayCluster", f"start of {spec.name}", after="stop_all()")
         placing, ref = self._run(spec)
         self._lives[spec.name] = _Life(spec, ref, placing, after_death=spec.name in self._lives)
 

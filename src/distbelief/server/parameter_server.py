@@ -158,8 +158,9 @@ class ParameterServer:
         Raises:
             RendezvousError: the process group's store could not be written or read.
             BindError: the address could not be bound (a ShardUnavailableError).
-            ClosedError: ``run()`` was called before on this server (its ranks have
-                finished with it): make a new ``ParameterServer``.
+            ClosedError: ``run()`` was called before on this server, however it ended (one
+                that raised ``BindError`` included: the address is fixed): make a new
+                ``ParameterServer``.
         """
         with self._run_lock:
             if self._ran:

@@ -75,6 +75,7 @@ def test_without_a_signal_nothing_is_raised(importable) -> None:
         (["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"], "server.process"),
         (["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"], "worker"),
         (["eval", "--ps", "tcp://127.0.0.1:1", "--once"], "evaluator"),
+        (["reshard", "run", "--shards", "2"], "launch.reshard"),
     ],
 )
 def test_each_command_imports_torch_with_signals_deferred(monkeypatch, argv, module):
@@ -91,3 +92,49 @@ def test_each_command_imports_torch_with_signals_deferred(monkeypatch, argv, mod
     with pytest.raises(_Stop):
         cli.main(argv)
     assert imported == [(f"distbelief.{module}",)]
+
+
+@pytest.mark.parametrize(
+    ("fields", "resume"),
+    [
+        ({"optimizer.epochs": 1, "optimizer.steps": None}, False),  # counts the training set
+        ({"model.name": "mlp", "pipeline.num_partitions": 2}, False),  # plans the partitions
+        ({"model.name": "dlrm", "data.name": "criteo"}, False),  # checks the data files
+        ({}, True),  # checks the checkpoints against the model
+    ],
+    ids=["epochs", "partitions", "data-files", "resume"],
+)
+def test_train_imports_torch_for_its_checks_with_signals_deferred(
+    monkeypatch, tmp_path, fields, resume
+):
+    """A Ctrl-C inside torch's import, which these checks made in the launcher itself, was
+    lost there: the job then ran to its end."""
+    from distbelief.config import JobConfig
+    from distbelief.launch import job
+    from distbelief.launch.local import LocalCluster
+
+    imported: list[tuple[str, ...]] = []
+
+    class _Stop(Exception):
+        pass
+
+    def deferred(*modules: str):
+        imported.append(modules)
+        raise _Stop  # the job is not this test's
+
+    monkeypatch.setattr(job, "import_with_signals_deferred", deferred)
+    monkeypatch.setattr(LocalCluster, "warm_up", classmethod(lambda cls, config: None))
+    config = JobConfig().with_fields(
+        {"optimizer.steps": 5, "reporting.out_dir": str(tmp_path / "run"), **fields}
+    )
+    if config.data.name == "criteo":
+        lines = ["\t".join(["1"] + ["0"] * 13 + ["0" * 8] * 26) + "\n"] * 20
+        (tmp_path / "criteo").mkdir()
+        (tmp_path / "criteo" / "train.txt").write_text("".join(lines))
+        config = config.with_fields({"data.data_dir": str(tmp_path), "optimizer.batch_size": 1})
+    if resume:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "config.json").write_text(config.to_json())
+    with pytest.raises(_Stop):
+        job.train(config, resume=resume)
+    assert imported and "torch" in imported[0]

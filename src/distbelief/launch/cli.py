@@ -312,9 +312,10 @@ def _run_keygen(args: argparse.Namespace) -> int:
 
 
 def _run_reshard(args: argparse.Namespace) -> int:
-    from distbelief.launch.reshard import reshard_run
-
-    print(reshard_run(Path(args.run_dir), vars(args)["cluster.num_shards"]).line())
+    # Torch and safetensors: a Ctrl-C inside their C initialisation was lost there, and the
+    # reshard then failed with a traceback (numpy half-loaded) instead of stopping.
+    reshard = import_with_signals_deferred("distbelief.launch.reshard")
+    print(reshard.reshard_run(Path(args.run_dir), vars(args)["cluster.num_shards"]).line())
     return 0
 
 

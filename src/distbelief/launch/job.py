@@ -78,6 +78,18 @@ LOADED_BEFORE_THE_JOB = (
 """What the launcher uses while its job runs and after (the wire's client side and orjson,
 TensorBoard's event writer, matplotlib): loaded while its processes' forkserver loads torch."""
 
+LOADED_FOR_THE_CHECKS = ("torch", "distbelief.data", "distbelief.server.checkpoint")
+"""What the launcher loads itself to check a job against its training set, model or
+checkpoints (a count of examples, a data file's check, a partition plan, a resume): torch's
+initialisation is C code, where a Ctrl-C was lost, and the job then ran to its end."""
+
+
+def _loads_torch_for_the_checks(config: JobConfig, resume: bool) -> bool:
+    """Whether the launcher's checks of the job import torch (see ``LOADED_FOR_THE_CHECKS``)."""
+    plans = config.pipeline.num_partitions > 1 or config.pipeline.max_stage_bytes is not None
+    checks_files = config.data.name in FILE_DATASETS
+    return resume or plans or checks_files or _counts_examples(config)
+
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
     raise LauncherInterrupted(f"stopped by signal {signal.Signals(signum).name}")
@@ -541,9 +553,12 @@ def train(
     warm_up_first = _counts_examples(config)
     if warm_up_first:
         cluster_type.warm_up(config)
+        import_with_signals_deferred(*LOADED_FOR_THE_CHECKS)
     total_steps = sum(_planned_steps(config))  # validates before anything is written
     if not warm_up_first:
         cluster_type.warm_up(config)  # overlapping the partition plan and the run folder
+        if _loads_torch_for_the_checks(config, resume):
+            import_with_signals_deferred(*LOADED_FOR_THE_CHECKS)
     _check_data(config, counted=warm_up_first)
     if resume and config.pipeline.split_points is not None:
         check_resumed_layout(config)  # with the split points: each partition's is checked

@@ -803,6 +803,40 @@ def test_missing_data_files_are_refused_before_any_process_starts(argv, message,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "mnist"])
+def test_eval_needs_the_test_files_alone(monkeypatch, tmp_path, capsys, dataset):
+    # An evaluator reads the test split alone (normalised by the published train-split
+    # statistics): it was refused for lacking the training files.
+    from distbelief.data import files
+
+    if dataset == "cifar10":
+        folder, split_files = tmp_path / files.CIFAR10_BATCHES_DIR, files.CIFAR10_SPLIT_FILES
+    else:
+        folder, split_files = tmp_path / files.MNIST_SUBDIR, files.MNIST_SPLIT_FILES
+    folder.mkdir()
+    for name in split_files["test"]:
+        (folder / name).write_bytes(b"")
+
+    class _Stop(Exception):
+        pass
+
+    def stop(*_modules: str):
+        raise _Stop  # past the checks: the evaluation is not this test's
+
+    monkeypatch.setattr(cli, "import_with_signals_deferred", stop)
+    argv = ["eval", "--ps", "tcp://127.0.0.1:1", "--once", "--dataset", dataset]
+    argv += ["--data-dir", str(tmp_path), "--no-download"]
+    with pytest.raises(_Stop):
+        main(argv)
+    for name in split_files["test"]:  # the training files alone: the test files are named
+        (folder / name).unlink()
+    for name in split_files["train"]:
+        (folder / name).write_bytes(b"")
+    assert main(argv) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert f"argument --data-dir: {folder} lacks {', '.join(split_files['test'])}" in error
+
+
 _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a folder"
 
 

@@ -44,13 +44,17 @@ MOVIELENS_RATINGS_FILES = ("ratings.dat", "ratings.csv", "u.data")
 `userId,movieId,rating,timestamp`) and ML-100K (tab-separated `user item rating timestamp`)."""
 
 
-def missing_data_files(config: DataConfig) -> str | None:
+def missing_data_files(
+    config: DataConfig, splits: tuple[str, ...] = ("train", "test")
+) -> str | None:
     """What a job's data set lacks in ``config.data_dir`` that it cannot fetch itself (CIFAR-10
-    and MNIST download what is missing unless ``config.download`` is off); None if nothing."""
+    and MNIST download what is missing unless ``config.download`` is off); None if nothing.
+    ``splits``: those the job reads (an evaluator reads the test split alone: CIFAR-10's and
+    MNIST's need no train file; a click log's test split may be cut from its training file)."""
     root = Path(config.data_dir) if config.data_dir else DEFAULT_DATA_DIR
     if config.name == "cifar10" and not config.download:
         folder = root / CIFAR10_BATCHES_DIR
-        names = [name for split in CIFAR10_SPLIT_FILES.values() for name in split]
+        names = [name for split in splits for name in CIFAR10_SPLIT_FILES[split]]
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
             return (
@@ -59,7 +63,7 @@ def missing_data_files(config: DataConfig) -> str | None:
             )
     elif config.name == "mnist" and not config.download:
         folder = root / MNIST_SUBDIR
-        names = [name for split in MNIST_SPLIT_FILES.values() for name in split]
+        names = [name for split in splits for name in MNIST_SPLIT_FILES[split]]
         missing = [name for name in names if not _present(folder, name, ("", ".gz"))]
         if missing:
             return (
@@ -79,10 +83,10 @@ def missing_data_files(config: DataConfig) -> str | None:
     return None
 
 
-def require_data_files(config: DataConfig) -> None:
+def require_data_files(config: DataConfig, splits: tuple[str, ...] = ("train", "test")) -> None:
     """Raise ConfigFieldError (``data.data_dir``: the flag --data-dir) naming what a job's
-    data set lacks (see ``missing_data_files``)."""
-    missing = missing_data_files(config)
+    data set lacks of ``splits`` (see ``missing_data_files``)."""
+    missing = missing_data_files(config, splits)
     if missing is not None:
         raise ConfigFieldError("data.data_dir", missing)
 

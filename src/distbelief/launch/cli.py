@@ -268,7 +268,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             None, "argument --eval-every: not used with --once (it evaluates once)"
         )
     check_no_shm_under_tcp("--ps", flag_addresses("--ps", args.ps), config)
-    require_data_files(config.data)
+    require_data_files(config.data, splits=("test",))  # it reads the test split alone
     if config.reporting.out_dir:
         check_folder_can_be_made(config.reporting.out_dir, "--out")
     _use_transport(config)

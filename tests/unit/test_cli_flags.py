@@ -804,9 +804,19 @@ def test_missing_data_files_are_refused_before_any_process_starts(argv, message,
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "mnist"])
-def test_eval_needs_the_test_files_alone(monkeypatch, tmp_path, capsys, dataset):
+@pytest.mark.parametrize(
+    ("command", "split", "other"),
+    [
+        (["eval", "--once"], "test", "train"),
+        (["worker", "--rank", "0", "--num-workers", "1"], "train", "test"),
+    ],
+    ids=["eval", "worker"],
+)
+def test_a_role_needs_the_files_of_its_split_alone(
+    monkeypatch, tmp_path, capsys, dataset, command, split, other
+):
     # An evaluator reads the test split alone (normalised by the published train-split
-    # statistics): it was refused for lacking the training files.
+    # statistics), a worker the training split: each was refused for lacking the other's files.
     from distbelief.data import files
 
     if dataset == "cifar10":
@@ -814,7 +824,7 @@ def test_eval_needs_the_test_files_alone(monkeypatch, tmp_path, capsys, dataset)
     else:
         folder, split_files = tmp_path / files.MNIST_SUBDIR, files.MNIST_SPLIT_FILES
     folder.mkdir()
-    for name in split_files["test"]:
+    for name in split_files[split]:
         (folder / name).write_bytes(b"")
 
     class _Stop(Exception):
@@ -824,17 +834,17 @@ def test_eval_needs_the_test_files_alone(monkeypatch, tmp_path, capsys, dataset)
         raise _Stop  # past the checks: the evaluation is not this test's
 
     monkeypatch.setattr(cli, "import_with_signals_deferred", stop)
-    argv = ["eval", "--ps", "tcp://127.0.0.1:1", "--once", "--dataset", dataset]
+    argv = [command[0], "--ps", "tcp://127.0.0.1:1", *command[1:], "--dataset", dataset]
     argv += ["--data-dir", str(tmp_path), "--no-download"]
     with pytest.raises(_Stop):
         main(argv)
-    for name in split_files["test"]:  # the training files alone: the test files are named
+    for name in split_files[split]:  # the other split's files alone: its own are named
         (folder / name).unlink()
-    for name in split_files["train"]:
+    for name in split_files[other]:
         (folder / name).write_bytes(b"")
     assert main(argv) == 2
     error = _one_error_line(capsys.readouterr().err)
-    assert f"argument --data-dir: {folder} lacks {', '.join(split_files['test'])}" in error
+    assert f"argument --data-dir: {folder} lacks {', '.join(split_files[split])}" in error
 
 
 _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a folder"

@@ -215,7 +215,7 @@ def _run_worker(args: argparse.Namespace) -> int:
     check_no_shm_under_tcp("--ps", shards, config)
     hosts = [parse_tcp_address(split_scheme(address)[1])[0] for address in shards]
     check_workers_reach(config.cluster.worker_host, hosts)
-    require_data_files(config.data)
+    require_data_files(config.data, splits=("train",))  # it reads the training split alone
     if not 0 <= args.rank < config.cluster.num_workers:
         raise ValueError(
             f"--rank {args.rank} is not in [0, --num-workers {config.cluster.num_workers})"

@@ -32,6 +32,7 @@ from distbelief import (
     DownpourSGD,
     ShardedEmbeddings,
     ShardListError,
+    TableSizeMismatchError,
     check_ps_addresses,
 )
 from distbelief.data import ground_truth_logits, iterate_ctr_batches, load_dataset
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> float:
         parser.exit(130, f"{parser.prog}: interrupted\n")
     except ShardListError as e:  # --ps in another order, or not every shard: bad input
         parser.exit(2, f"{parser.prog}: error: argument --ps: {e}\n")
+    except TableSizeMismatchError as e:  # the shards hold tables of another --table-size
+        parser.exit(2, f"{parser.prog}: error: argument --table-size: {e}\n")
     except DistBeliefError as e:  # the shards could not be reached, say
         parser.exit(1, f"{parser.prog}: {type(e).__name__}: {e}\n")
 

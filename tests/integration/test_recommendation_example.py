@@ -119,6 +119,22 @@ def test_shards_listed_in_another_order_are_bad_input(shard_cluster, capsys):
 
 
 @pytest.mark.timeout(300)
+def test_another_table_size_than_the_shards_hold_is_bad_input(shard_cluster, capsys, monkeypatch):
+    # It was "TableSizeMismatchError: ..." and exit 1, as for shards that cannot be reached.
+    script = load_script(EXAMPLE)
+
+    def small(name, *, split, table_size):
+        return make_synthetic_ctr(split, {"train": 600, "test": 200}[split], table_size=table_size)
+
+    monkeypatch.setattr(script, "load_dataset", small)
+    argv = ["--ps", shard_cluster(1)[0], "--steps", "1"]
+    script.main([*argv, "--table-size", "50"])  # the shards' tables: 50 rows each
+    refused = refusal(script.main, [*argv, "--table-size", "40"], capsys)
+    assert ": error: argument --table-size: " in refused
+    assert "holds 50 rows on shard 0, not 40" in refused
+
+
+@pytest.mark.timeout(300)
 def test_steps_beyond_one_epoch_go_on_into_the_next(shard_cluster, capsys, monkeypatch):
     # 600 training samples make 2 batches of 256 an epoch: --steps 5 needs three epochs.
     script = load_script(EXAMPLE)

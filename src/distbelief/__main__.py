@@ -2,6 +2,6 @@
 
 import sys
 
-from distbelief.launch.cli import main
+from distbelief.launch.console import main
 
 sys.exit(main())

@@ -138,3 +138,71 @@ def test_train_imports_torch_for_its_checks_with_signals_deferred(
     with pytest.raises(_Stop):
         job.train(config, resume=resume)
     assert imported and "torch" in imported[0]
+
+
+_INTERRUPTED_WHILE_LOADING = """
+import builtins, os, signal, sys
+
+real_import = builtins.__import__
+
+def importing(name, *args, **kwargs):
+    if name == "distbelief.launch.cli":  # Ctrl-C as the command line loads
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # bytecode boundaries: where the KeyboardInterrupt lands
+            pass
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = importing
+sys.argv = ["distbelief", "train", "--steps", "5"]
+{run}
+"""
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        "from distbelief.launch.console import main\nsys.exit(main())",  # the console script
+        "import runpy\nrunpy.run_module('distbelief', run_name='__main__')",  # python -m
+    ],
+    ids=["distbelief", "python-m"],
+)
+def test_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback(run):
+    """The command's own handling of Ctrl-C (one line, exit 130) is in place only once its
+    modules are loaded: one before it printed a KeyboardInterrupt traceback."""
+    import subprocess
+
+    from tests.conftest import CHILD_ENV
+
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_WHILE_LOADING.format(run=run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=CHILD_ENV,
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr == "distbelief: interrupted\n"
+
+
+def test_ctrl_c_as_a_new_job_starts_leaves_no_run_folder(monkeypatch, tmp_path):
+    """Ctrl-C while the launcher loads what the job needs (after config.json is written, before
+    any process starts) left a run folder holding config.json alone: nothing to plot or
+    resume. It is removed, as a refused job's is; one whose processes wrote rows is kept."""
+    from distbelief.config import JobConfig
+    from distbelief.launch import job
+
+    def interrupted(*modules: str) -> None:
+        if modules == job.LOADED_BEFORE_THE_JOB:
+            raise KeyboardInterrupt  # as the deferred signal is raised once they are loaded
+
+    monkeypatch.setattr(job, "import_with_signals_deferred", interrupted)
+    run_dir = tmp_path / "run"
+    config = JobConfig().with_fields({"optimizer.steps": 5, "reporting.out_dir": str(run_dir)})
+    with pytest.raises(KeyboardInterrupt):
+        job.train(config)
+    assert not run_dir.exists()
+    # A folder the user made before is theirs: it stays, with what the job wrote.
+    run_dir.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        job.train(config)
+    assert [path.name for path in run_dir.iterdir()] == ["config.json"]

@@ -31,13 +31,13 @@ from distbelief.errors import (
     TLSMismatchError,
     UnknownOpError,
 )
+from distbelief.launch.console import EXIT_INTERRUPTED
 from distbelief.launch.flags import flag_of, subcommand_parser
 
 logger = logging.getLogger("distbelief")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def save_traceback(error: ChildFailedError, run_dir: Path) -> Path | None:

@@ -575,17 +575,30 @@ def train(
     fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
     run_dir = prepare_run_dir(config.reporting.out_dir)
     named = f"--resume {run_dir}" if resume else f"--out {run_dir}"
-    with run_dir_locked(run_dir, named):
-        config = _prepare(config, run_dir, resume)
-        return _run_job(
-            config,
-            run_dir,
-            cluster_type,
-            resume=resume,
-            fresh=fresh,
-            plan=partitions,
-            total_steps=total_steps,
-        )
+    try:
+        with run_dir_locked(run_dir, named):
+            config = _prepare(config, run_dir, resume)
+            return _run_job(
+                config,
+                run_dir,
+                cluster_type,
+                resume=resume,
+                fresh=fresh,
+                plan=partitions,
+                total_steps=total_steps,
+            )
+    except BaseException:
+        if fresh:
+            _remove_if_unused(run_dir)
+        raise
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """A run folder this job made, left holding nothing but its config.json (Ctrl-C as the job
+    started, before any process wrote a row): removed, as a refused job leaves none."""
+    with contextlib.suppress(OSError):
+        if {path.name for path in run_dir.iterdir()} <= {"config.json"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _run_job(

@@ -180,6 +180,33 @@ def pause_process(pid: int, timeout_s: float = 30.0) -> None:
     pytest.fail(f"process {pid} did not stop within {timeout_s:g} s of SIGSTOP")
 
 
+def check_ctrl_c_ends_promptly_with_the_shard_gone(script: str, *shard_flags: str) -> None:
+    """Run ``script`` (a training loop that prints ``training`` once it has started, given the
+    shard's address as its argument) against a shard, end the shard, then Ctrl-C the script
+    while its requests retry: it must end with the KeyboardInterrupt within 10 s, not wait out
+    the retries."""
+    process, address = start_shard(0, 1, *shard_flags)
+    user = subprocess.Popen(
+        [sys.executable, "-c", script, address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        assert user.stdout is not None
+        assert user.stdout.readline().strip() == "training"
+        stop_processes([process])  # the shard is gone; the loop's requests now retry for 60 s
+        time.sleep(1.0)
+        started = time.monotonic()
+        user.send_signal(signal.SIGINT)
+        _, stderr = user.communicate(timeout=150)
+        assert stderr.rstrip().endswith("KeyboardInterrupt"), stderr[-2000:]
+        assert time.monotonic() - started < 10, "Ctrl-C waited for the retrying I/O threads"
+    finally:
+        stop_processes([process, user])
+
+
 @pytest.fixture(params=["tcp", "shm"])
 def scheme(request, monkeypatch) -> str:
     """Each channel kind in turn: ``tcp`` runs with DISTBELIEF_TRANSPORT=tcp (same-host

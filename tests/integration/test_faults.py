@@ -27,6 +27,7 @@ from distbelief.worker import build_replica
 from tests.conftest import (
     CHILD_ENV,
     CLI,
+    check_ctrl_c_ends_promptly_with_the_shard_gone,
     pause_process,
     run_cli,
     start_shard,
@@ -529,23 +530,4 @@ with DownpourSGD(model.parameters(), lr=0.1, model=model, ps=[sys.argv[1]],
 def test_ctrl_c_in_a_user_loop_exits_promptly_while_a_shard_is_down(loop):
     """Also in ``with DownpourSGD(...)``, whose exit closed the optimizer with a flush that
     waited out the 60 s of retries and then raised ShardUnavailableError over the Ctrl-C."""
-    process, address = start_shard(0, 1, "--server-lr", "0.1")
-    user = subprocess.Popen(
-        [sys.executable, "-c", loop, address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=CHILD_ENV,
-    )
-    try:
-        assert user.stdout is not None
-        assert user.stdout.readline().strip() == "training"
-        stop_processes([process])  # the shard is gone; the loop's requests now retry for 60 s
-        time.sleep(1.0)
-        started = time.monotonic()
-        user.send_signal(signal.SIGINT)
-        _, stderr = user.communicate(timeout=90)
-        assert stderr.rstrip().endswith("KeyboardInterrupt"), stderr[-2000:]
-        assert time.monotonic() - started < 10, "Ctrl-C waited for the retrying I/O threads"
-    finally:
-        stop_processes([process, user])
+    check_ctrl_c_ends_promptly_with_the_shard_gone(loop, "--server-lr", "0.1")

@@ -8,8 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -25,7 +23,12 @@ from distbelief.server.row_optimizers import LazyAdam
 from distbelief.server.row_table import RowTable, seeded_normal_rows
 from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.wire import serve
-from tests.conftest import CHILD_ENV, free_port, start_shard, stop_processes
+from tests.conftest import (
+    check_ctrl_c_ends_promptly_with_the_shard_gone,
+    free_port,
+    start_shard,
+    stop_processes,
+)
 
 DIM = 4
 NUM_ROWS = {"words": 40, "bags": 25}
@@ -310,26 +313,7 @@ def test_ctrl_c_in_a_with_block_exits_promptly_while_a_shard_is_down():
     """``with ShardedEmbeddings(...)`` ended by Ctrl-C while a shard is down closes at once.
     It flushed instead, waiting out the 60 s of retries, then waited for the requests still
     retrying, and raised ShardUnavailableError over the Ctrl-C."""
-    process, address = start_shard(0, 1)
-    user = subprocess.Popen(
-        [sys.executable, "-c", _USER_WITH_TABLES, address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=CHILD_ENV,
-    )
-    try:
-        assert user.stdout is not None
-        assert user.stdout.readline().strip() == "training"
-        stop_processes([process])  # the shard is gone; the loop's requests now retry for 60 s
-        time.sleep(1.0)
-        started = time.monotonic()
-        user.send_signal(signal.SIGINT)
-        _, stderr = user.communicate(timeout=150)
-        assert stderr.rstrip().endswith("KeyboardInterrupt"), stderr[-2000:]
-        assert time.monotonic() - started < 10, "Ctrl-C waited for the retrying I/O threads"
-    finally:
-        stop_processes([process, user])
+    check_ctrl_c_ends_promptly_with_the_shard_gone(_USER_WITH_TABLES)
 
 
 def _replayed_user_pushes(ids: torch.Tensor) -> list[torch.Tensor]:

@@ -59,6 +59,28 @@ def _wait_gone(pids: set[int], timeout_s: float) -> set[int]:
     return _alive(pids)
 
 
+def _kill_what_is_left(launcher: subprocess.Popen, children: set[int]) -> None:
+    """A test's cleanup: the launcher, the processes seen under it, and any under it now."""
+    if launcher.poll() is None:
+        launcher.kill()
+        launcher.wait(timeout=10)
+    for pid in _alive(children | _descendants(launcher.pid)):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _launch_long_job(run_dir: Path, *flags: str, **popen: object) -> subprocess.Popen:
+    """``distbelief train`` of a job far longer than any test (100,000 steps) into ``run_dir``,
+    its stderr piped: for tests that stop it."""
+    return subprocess.Popen(
+        [*CLI, "train", *flags, "--steps", "100000", "--out", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+        **popen,
+    )
+
+
 @pytest.mark.slow
 def test_two_shards_two_workers_reach_90_percent_on_digits(tmp_path):
     out = tmp_path / "run"
@@ -96,14 +118,7 @@ def _ignore_sigint() -> None:
     ids=["SIGINT", "SIGINT-started-in-the-background", "SIGTERM", "SIGHUP", "SIGKILL"],
 )
 def test_stopping_the_launcher_leaves_no_process(tmp_path, how, started):
-    launcher = subprocess.Popen(
-        [*CLI, "train", "--steps", "100000", "--out", str(tmp_path / "run")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=CHILD_ENV,
-        preexec_fn=started,
-    )
+    launcher = _launch_long_job(tmp_path / "run", preexec_fn=started)
     children: set[int] = set()
     try:
         pids = tmp_path / "run" / "pids.json"
@@ -130,11 +145,7 @@ def test_stopping_the_launcher_leaves_no_process(tmp_path, how, started):
                 "stopped by Ctrl-C" if how == signal.SIGINT else f"stopped by signal {how.name}"
             )
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait(timeout=10)
-        for pid in _alive(children | _descendants(launcher.pid)):
-            os.kill(pid, signal.SIGKILL)
+        _kill_what_is_left(launcher, children)
 
 
 def _evaluated_version(run_dir: Path) -> int:
@@ -186,14 +197,8 @@ def test_sigterm_to_the_launchers_group_stops_the_job_in_order(tmp_path):
     order: each shard saves its last checkpoint, not only the first one; the run folder keeps
     the plots, staleness and workers' hosts of what was done."""
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        [*CLI, "train", "--steps", "100000", "--out", str(run_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=CHILD_ENV,
-        process_group=0,  # a group of its own, which it leads: as a shell's job, or timeout's
-    )
+    # A group of its own, which it leads: as a shell's job, or timeout's.
+    launcher = _launch_long_job(run_dir, process_group=0)
     try:
         deadline = time.monotonic() + 120
         # Two seconds of training: the shards have sent many heartbeats since every worker
@@ -219,14 +224,8 @@ def test_ctrl_c_keeps_the_plots_staleness_and_worker_hosts_so_far(tmp_path):
     """Ctrl-C in the launcher's terminal (SIGINT to its group) mid-run: exit 130, and the run
     folder is as complete as a finished run's, with what was trained until then."""
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        [*CLI, "train", "--model", "mlp", "--steps", "100000", "--out", str(run_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=CHILD_ENV,
-        process_group=0,  # as a shell's foreground job: Ctrl-C reaches the group
-    )
+    # As a shell's foreground job: Ctrl-C reaches the group.
+    launcher = _launch_long_job(run_dir, "--model", "mlp", process_group=0)
     try:
         deadline = time.monotonic() + 120
         while _trained_s(run_dir) < 2.0:
@@ -456,13 +455,7 @@ def test_a_run_folder_that_cannot_be_written_mid_run_stops_the_job_in_one_line(t
     stops the job in order and says so in one line naming the file, exit 1, no traceback;
     summary.json says so too, and no process is left."""
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        [*CLI, "train", "--steps", "100000", "--out", str(run_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=CHILD_ENV,
-    )
+    launcher = _launch_long_job(run_dir)
     children: set[int] = set()
     try:
         events = run_dir / "tensorboard"
@@ -491,11 +484,7 @@ def test_a_run_folder_that_cannot_be_written_mid_run_stops_the_job_in_one_line(t
         assert summary["reason"].startswith(f"cannot write {events}/events.out.tfevents.")
         assert _wait_gone(children, timeout_s=15) == set()
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait(timeout=10)
-        for pid in _alive(children | _descendants(launcher.pid)):
-            os.kill(pid, signal.SIGKILL)
+        _kill_what_is_left(launcher, children)
 
 
 def test_a_summary_that_cannot_be_written_fails_the_finished_job_in_one_line(tmp_path):

@@ -226,6 +226,20 @@ def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_o
     assert steps == list(range(resumed["iterations"] + 1))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["sandblaster"]["max_evaluations"] == 6
+    # A bound the run has reached already would end it at once, having done nothing: refused,
+    # the folder unchanged.
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    for flag, value, done in (
+        ("--max-iterations", resumed["iterations"], f"{resumed['iterations']} iterations"),
+        ("--max-evaluations", 2, f"{resumed['evaluations']} objective evaluations"),
+    ):
+        refused = run_cli("train", "--resume", str(run_dir), flag, str(value), timeout_s=120)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.splitlines()[-1] == (
+            f"distbelief train: error: argument {flag}: {run_dir} has done {done} already (its "
+            f"last committed checkpoint): give more than {done.split()[0]} to go on"
+        )
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
 
 
 @pytest.mark.slow

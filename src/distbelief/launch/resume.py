@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from distbelief.config import JobConfig
-from distbelief.coordinator.checkpoint import RECORD_FILE, TAG_PREFIX, restore_folder
-from distbelief.errors import CheckpointError
+from distbelief.coordinator.checkpoint import RECORD_FILE, TAG_PREFIX, read_record, restore_folder
+from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.launch.cluster import CHECKPOINT_DIR
 from distbelief.server.checkpoint_meta import (
     LAUNCHED_PARTITIONER,
@@ -150,7 +150,37 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
                 raise CheckpointError(f"{folder}: holds no shard checkpoints, as the others do")
     except CheckpointError as e:
         raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
+    if config.optimizer.algorithm == "sandblaster":
+        _check_budgets_go_past(run_dir, changes)
     return config.with_fields({**changes, "reporting.out_dir": str(run_dir)})
+
+
+def _check_budgets_go_past(run_dir: Path, changes: Mapping[str, object]) -> None:
+    """A Sandblaster resume's new ``--max-iterations`` or ``--max-evaluations``: one the run
+    has reached already would end it at once, having done nothing (read after the checkpoint
+    checks: the record is sound).
+
+    Raises:
+        ConfigFieldError: the bound is not past what the committed checkpoint has done.
+    """
+    record = read_record(run_dir / CHECKPOINT_DIR)
+    if record is None:
+        return
+    done = {
+        "sandblaster.max_iterations": (int(record["iteration"]), "iterations"),
+        "sandblaster.max_evaluations": (
+            int(record["state"].get("num_evaluations", 0)),
+            "objective evaluations",
+        ),
+    }
+    for field, (count, what) in done.items():
+        bound = changes.get(field)
+        if bound is not None and int(bound) <= count:
+            raise ConfigFieldError(
+                field,
+                f"{run_dir} has done {count} {what} already (its last committed checkpoint): "
+                f"give more than {count} to go on",
+            )
 
 
 def checkpoint_folders(directory: Path, num_partitions: int) -> list[Path]:

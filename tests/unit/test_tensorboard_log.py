@@ -4,6 +4,7 @@ records go in, event files come out, and TensorBoard's own reader finds the righ
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from distbelief.telemetry import (
     read_metrics,
     scalar_tags,
 )
+from distbelief.telemetry.metrics import METRIC_FIELDS, ROLES
 
 WORKER0 = ProcessSpec(ProcessKind.WORKER, 0)
 EVALUATOR = ProcessSpec(ProcessKind.EVALUATOR, 0)
@@ -136,3 +138,39 @@ def test_router_routes_polled_shard_records(tmp_path: Path) -> None:
     assert (record["role"], record["time_s"], record["pushes_per_s"]) == ("shard", 3.0, 25.0)
     assert _scalars(tmp_path / TENSORBOARD_DIR)["shard/0/pushes_per_s"] == [(50, 25.0)]
     assert "shard0.pushes_per_s=25.0" in stream.getvalue()
+
+
+def _readme_tensorboard_tags() -> set[str]:
+    """The tags the README's "TensorBoard" bullet lists, ``a/{b,c}`` expanded."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    bullet = readme.split("- **TensorBoard.**", 1)[1].split("\n- **", 1)[0]
+    tags = set()
+    for span in re.findall(r"`([^`]+)`", " ".join(bullet.split())):
+        span = span.replace(" ", "")
+        head, brace, rest = span.partition("{")
+        names = rest.rstrip("}").split(",") if brace else [""]
+        tags.update(head + name for name in names)
+    return tags
+
+
+def _as_documented(tag: str) -> str:
+    """``worker/0/stage1/staleness`` as the README writes it: ``worker/<rank>/stage<s>/...``."""
+    tag = re.sub(r"^(worker|coordinator)/\d+/", lambda m: f"{m[1]}/<rank>/", tag)
+    tag = re.sub(r"^shard/\d+/", "shard/<id>/", tag)
+    return re.sub(r"/stage\d+/", "/stage<s>/", tag)
+
+
+def test_the_readme_lists_every_tensorboard_tag() -> None:
+    """Every scalar a run can write is one the README's TensorBoard bullet names (Sandblaster's
+    coordinator and worker tags included)."""
+    every = dict.fromkeys(set(METRIC_FIELDS) - {"time_s", "role", "rank", "stage"}, 1)
+    records = [make_record(role, 0, time_s=1.0, **every) for role in ROLES]
+    # A partitioned replica's stage (Downpour: no Sandblaster portions).
+    stage = {**every, "stage": 1, "portions": None}
+    records.append(make_record("worker", 0, time_s=1.0, **stage))
+    written = {_as_documented(tag) for record in records for tag, _, _ in scalar_tags(record)}
+    documented = {
+        tag.replace("coordinator/0/", "coordinator/<rank>/") for tag in _readme_tensorboard_tags()
+    }
+    assert "coordinator/<rank>/grad_norm" in written
+    assert written - documented == set()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import re
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +208,19 @@ def test_a_partitioned_replicas_steps_per_s_follows_one_stage() -> None:
     last = [fields for kind, fields in map(_parse, stream.getvalue().splitlines())][-1]
     assert last["worker0.step"] == "50"
     assert float(last["worker0.steps_per_s"]) == pytest.approx(10.0)
+
+
+def test_the_readme_names_every_kind_of_line() -> None:
+    """A log parser written from the README's "Live progress" bullet knows every line's first
+    word: ``progress``, ``eval`` and the one-off ``message`` lines (a worker finished, a fault)."""
+    stream = io.StringIO()
+    with ProgressDisplay(
+        total_steps=TOTAL_STEPS, num_workers=2, interactive=False, stream=stream
+    ) as display:
+        _feed(display)
+    kinds = {line.split(" ", 1)[0] for line in stream.getvalue().splitlines()}
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    bullet = " ".join(readme.split("- **Live progress.**", 1)[1].split("\n- **", 1)[0].split())
+    named = set(re.findall(r"`(\w+) (?:key=value|t=)", bullet))
+    assert kinds == {"progress", "eval", "message"}
+    assert kinds <= named

@@ -391,3 +391,29 @@ def test_a_diverged_sandblaster_run_reads_back_nan_and_plots(tmp_path: Path) -> 
         compared = plot_runs([run_dir, _make_run_dir(tmp_path / "fine")], out_dir=tmp_path / "c")
     for path in written + compared:
         assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_a_sandblaster_runs_throughput_is_its_workers_portions_per_s(tmp_path: Path) -> None:
+    """A Sandblaster worker's step is the iteration, the same for every worker: steps/s would
+    draw each worker at the coordinator's rate and their sum at N times it. Its throughput is
+    the portions each worker computes (a faster worker does more)."""
+    run_dir = tmp_path / "sandblaster"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(
+        json.dumps({"optimizer": {"algorithm": "sandblaster"}}), encoding="utf-8"
+    )
+    with MetricsWriter(run_dir / "metrics.csv") as writer:
+        for iteration in range(1, 7):
+            time_s = 0.5 * iteration
+            writer.write(make_record("coordinator", 0, time_s=time_s, step=iteration, loss=1.0))
+            for rank, portions in ((0, 1), (1, 3)):
+                writer.write(
+                    make_record("worker", rank, time_s=time_s, step=iteration, portions=portions)
+                )
+    figure = run_plots._make_throughput_figure(load_run(run_dir), "sandblaster")
+    axes = figure.axes[0]
+    assert axes.get_ylabel() == "throughput (portions/s)"
+    rates = {line.get_label(): list(line.get_ydata()) for line in axes.get_lines()}
+    assert rates["worker 0"] == pytest.approx([2.0] * 5)
+    assert rates["worker 1"] == pytest.approx([6.0] * 5)
+    assert rates["all workers"] == pytest.approx([8.0] * 5)

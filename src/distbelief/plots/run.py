@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,10 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
     and a thicker line with markers, ``"PS (test)"``, for the evaluator's test metric of the
     parameter server's parameters (``"worker N (test)"``, of worker N's own model, in a run
     without shards or whose config's ``reporting.tested_model`` is ``"worker"``). The
-    throughput plot shows each worker's samples/s (steps/s when the batch size is unknown) and
-    their sum. The staleness histogram is drawn when the
-    folder has a ``staleness.json``. Titles come from ``config.json`` when the folder has one.
+    throughput plot shows each worker's samples/s (steps/s when the batch size is unknown;
+    portions/s in a Sandblaster run, whose steps are iterations) and their sum. The staleness
+    histogram is drawn when the folder has a ``staleness.json``. Titles come from
+    ``config.json`` when the folder has one.
 
     Args:
         run_dir: a run folder holding ``metrics.csv`` (and optionally ``config.json``).
@@ -285,10 +287,13 @@ def worker_rates(times_s: list[float], steps: list[float]) -> Series:
 def total_rate(records: Records) -> Series:
     """Steps/s of all workers together: each worker's ``worker_rates`` interpolated onto the
     union of their times and summed (a worker counts 0 outside its first..last rate)."""
-    per_worker = [
-        worker_rates(times_s, steps)
-        for times_s, steps in series_by_rank(records, "worker", "step").values()
-    ]
+    return _summed_rates(series_by_rank(records, "worker", "step").values())
+
+
+def _summed_rates(counts: Iterable[Series]) -> Series:
+    """The ``worker_rates`` of each ``(times_s, count so far)`` series, summed onto the union
+    of their times (a series counts 0 outside its first..last rate)."""
+    per_worker = [worker_rates(times_s, counted) for times_s, counted in counts]
     per_worker = [(times_s, rates) for times_s, rates in per_worker if times_s]
     if not per_worker:
         return [], []
@@ -299,6 +304,16 @@ def total_rate(records: Records) -> Series:
     return grid_s.tolist(), total.tolist()
 
 
+def portions_so_far(records: Records) -> dict[int, Series]:
+    """A Sandblaster run's ``{rank: (times_s, portions committed so far)}``: its workers' rows
+    carry the portions committed in each iteration (their ``step`` is the iteration, the same
+    for every worker, so steps/s would show each worker at the coordinator's rate)."""
+    return {
+        rank: (times_s, np.cumsum(portions).tolist())
+        for rank, (times_s, portions) in series_by_rank(records, "worker", "portions").items()
+    }
+
+
 def time_bin_s(records: Records) -> float:
     """A time bin for averaging over workers: about 25 bins over the run, at least 0.5 s."""
     times_s = [r["time_s"] for r in records if r["role"] == "worker"]
@@ -307,16 +322,20 @@ def time_bin_s(records: Records) -> float:
 
 def _make_throughput_figure(run: RunData, title: str) -> Figure:
     figure, axes = new_figure()
-    batch_size = batch_size_of(run.config)
-    scale = batch_size or 1
-    unit = "samples/s" if batch_size else "steps/s"
-    workers = series_by_rank(run.records, "worker", "step")
+    if is_sandblaster(run.config, run.records):
+        scale, unit = 1, "portions/s"
+        workers = portions_so_far(run.records)
+    else:
+        batch_size = batch_size_of(run.config)
+        scale = batch_size or 1
+        unit = "samples/s" if batch_size else "steps/s"
+        workers = series_by_rank(run.records, "worker", "step")
     for rank, (times_s, steps) in workers.items():
         rate_times_s, rates = worker_rates(times_s, steps)
         scaled = [rate * scale for rate in rates]
         _worker_line(axes, rate_times_s, scaled, f"worker {rank}")
     if len(workers) > 1:
-        grid_s, totals = total_rate(run.records)
+        grid_s, totals = _summed_rates(workers.values())
         axes.plot(
             grid_s,
             [rate * scale for rate in totals],
@@ -329,6 +348,14 @@ def _make_throughput_figure(run: RunData, title: str) -> Figure:
     axes.set_ylim(bottom=0.0)
     figure.tight_layout()
     return figure
+
+
+def is_sandblaster(config: dict[str, Any], records: Records) -> bool:
+    """Whether a run is Sandblaster L-BFGS: its config says so, or (a folder without
+    ``config.json``) its metrics have coordinator rows."""
+    if "optimizer.algorithm" in config:
+        return config["optimizer.algorithm"] == "sandblaster"
+    return any(record["role"] == "coordinator" for record in records)
 
 
 def _read_staleness(run_dir: Path) -> dict[int, int]:

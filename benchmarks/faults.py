@@ -149,8 +149,10 @@ class ProgressReader:
     """Reads a running job's metrics.csv: workers' progress, and where "now" is on its time axis.
 
     Rows carry ``time_s`` = (child's clock when it wrote) - (training start), so every read
-    gives ``time.time() - max(time_s)`` >= the training start; the least of these over many
-    reads estimates the start to within the launcher's fastest routing of a row.
+    gives ``time.time() - max(time_s)`` >= the training start, ``time.time()`` taken once the
+    read is done (one taken before would miss the rows written while the file was read, and
+    place the start early by as long as the read took); the least of these over many reads
+    estimates the start to within the launcher's fastest routing of a row.
     """
 
     def __init__(self, run_dir: Path, total_steps: int) -> None:
@@ -162,11 +164,11 @@ class ProgressReader:
 
     def progress(self) -> float:
         """Fraction of all workers' steps done, from the latest worker rows."""
-        now_s = time.time()
         try:
             rows = read_metrics(self.path)
         except ValueError:  # not written yet, or a row caught half-written
             return 0.0
+        now_s = time.time()  # after the read: no row it returned was written later
         latest: dict[int, int] = {}
         for row in rows:
             if row["role"] == "worker" and row["step"] is not None:

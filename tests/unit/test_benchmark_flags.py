@@ -8,9 +8,12 @@ import importlib
 import multiprocessing.forkserver
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+
+from distbelief.telemetry import make_record
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -193,3 +196,22 @@ def test_the_sweeps_temp_run_folder_is_removed_when_the_sweep_fails(tmp_path, mo
         (runs_dir / "w1_none").mkdir()
         raise RuntimeError("failed sweep")
     assert _leftovers(tmp_path) == []
+
+
+def test_faults_places_a_kill_no_later_than_it_was_sent(tmp_path, monkeypatch):
+    """faults.py maps its clock onto metrics.csv's axis from the newest row it reads. A row
+    written while it reads (the launcher keeps writing; a loaded machine stalls the read) is
+    newer than a clock taken before the read: the training start came out early and every
+    kill late, after the launcher had already seen the death (2.65 s killed, 2.42 s seen)."""
+    faults = importlib.import_module("faults")
+    start_s = time.time() - 5.0
+
+    def read_while_a_row_arrives(path):
+        time.sleep(0.3)  # the read stalls; the launcher writes a row meanwhile
+        return [make_record("worker", 0, time_s=time.time() - start_s, step=10)]
+
+    monkeypatch.setattr(faults, "read_metrics", read_while_a_row_arrives)
+    reader = faults.ProgressReader(tmp_path, total_steps=100)
+    reader.progress()
+    assert reader.train_start_s >= start_s
+    assert reader.train_start_s - start_s < 0.25

@@ -189,20 +189,23 @@ def kill_fractions(num_kills: int) -> list[float]:
     return [(i + 1) / (num_kills + 1) for i in range(num_kills)]
 
 
-def try_kill(job: LauncherJob, name: str, killed: dict[str, int]) -> int | None:
-    """SIGKILL the current process ``name`` of the job; None if it is not (yet) there.
+def try_kill(job: LauncherJob, name: str, killed: dict[str, int]) -> tuple[int, float] | None:
+    """SIGKILL the current process ``name`` of the job: its PID and the time.time() the signal
+    was sent (read just before: the launcher may see the death before this process runs
+    again); None if it is not (yet) there.
 
     A process killed before must have been restarted (a new PID in pids.json) first.
     """
     pid = read_pids(job.run_dir).get(name)
     if pid is None or pid == killed.get(name) or not _descends_from(pid, job.pid):
         return None
+    sent_s = time.time()
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:  # died by itself since the check; the launcher handles it
         return None
     killed[name] = pid
-    return pid
+    return pid, sent_s
 
 
 def drive(job: LauncherJob, schedule: Sequence[str], total_steps: int, timeout_s: float) -> list:
@@ -225,9 +228,9 @@ def drive(job: LauncherJob, schedule: Sequence[str], total_steps: int, timeout_s
         # Reads stop after the last kill: the job needs the 2 cores more than we do.
         if len(kills) < len(schedule) and reader.progress() >= fractions[len(kills)]:
             name, progress = schedule[len(kills)], reader.last_progress
-            if pid := try_kill(job, name, killed):
-                kills.append({"process": name, "pid": pid, "progress": progress})
-                kills[-1]["wall_s"] = time.time()
+            if sent := try_kill(job, name, killed):
+                pid, sent_s = sent
+                kills.append({"process": name, "pid": pid, "progress": progress, "wall_s": sent_s})
                 logger.info("killed %s (pid %d) at %.0f%% of the steps", name, pid, 100 * progress)
         time.sleep(POLL_S)
     for kill in kills:

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -215,3 +216,34 @@ def test_faults_places_a_kill_no_later_than_it_was_sent(tmp_path, monkeypatch):
     reader.progress()
     assert reader.train_start_s >= start_s
     assert reader.train_start_s - start_s < 0.25
+
+
+def test_faults_times_a_kill_when_the_signal_is_sent(tmp_path, monkeypatch):
+    """A kill's time is when SIGKILL was sent: the launcher sees the death at once, so a clock
+    read after ``os.kill``, once the script runs again (a loaded machine stalls it), placed the
+    kill after the launcher had seen it (killed 2.14 s, seen 2.07 s)."""
+    faults = importlib.import_module("faults")
+    start_s = time.time() - 5.0
+    sent: list[float] = []
+
+    class Launcher:
+        """The job's launcher process, done once its worker is killed."""
+
+        def poll(self):
+            return 0 if sent else None
+
+    def kill_then_stall(pid, signum):
+        sent.append(time.time())
+        time.sleep(0.3)  # the script is descheduled right after the signal
+
+    monkeypatch.setattr(faults, "read_pids", lambda run_dir: {"worker1": 4242})
+    monkeypatch.setattr(faults, "_descends_from", lambda pid, ancestor: True)
+    monkeypatch.setattr(
+        faults,
+        "read_metrics",
+        lambda path: [make_record("worker", 0, time_s=time.time() - start_s, step=100)],
+    )
+    monkeypatch.setattr(faults.os, "kill", kill_then_stall)
+    job = SimpleNamespace(process=Launcher(), pid=1, run_dir=tmp_path, started_s=time.monotonic())
+    (kill,) = faults.drive(job, ["worker1"], total_steps=100, timeout_s=30)
+    assert kill["time_s"] <= sent[0] - start_s + 0.05

@@ -417,3 +417,24 @@ def test_a_sandblaster_runs_throughput_is_its_workers_portions_per_s(tmp_path: P
     assert rates["worker 0"] == pytest.approx([2.0] * 5)
     assert rates["worker 1"] == pytest.approx([6.0] * 5)
     assert rates["all workers"] == pytest.approx([8.0] * 5)
+
+
+def test_a_partitioned_replicas_throughput_follows_one_stage(tmp_path: Path) -> None:
+    """Both stages of a replica report steps 10, 20, ... on their own clocks, the first a
+    step ahead: interleaved, a rate over a few records swung between half and twice the
+    replica's 100 steps/s. Its throughput is its last stage's."""
+    run_dir = tmp_path / "partitioned"
+    run_dir.mkdir()
+    with MetricsWriter(run_dir / "metrics.csv") as writer:
+        for step in range(10, 110, 10):
+            for rank in range(2):
+                writer.write(
+                    make_record("worker", rank, time_s=step / 100, step=step, loss=1.0, stage=1)
+                )
+                ahead = make_record("worker", rank, time_s=step / 100 + 0.001, step=step + 10)
+                writer.write({**ahead, "stage": 0})
+    run = load_run(run_dir)
+    figure = run_plots._make_throughput_figure(run, "partitioned")
+    rates = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].get_lines()}
+    assert rates["worker 0"] == pytest.approx([100.0 * 32] * len(rates["worker 0"]))
+    assert total_rate(run.records)[1] == pytest.approx([200.0] * len(total_rate(run.records)[1]))

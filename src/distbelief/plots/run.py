@@ -287,7 +287,21 @@ def worker_rates(times_s: list[float], steps: list[float]) -> Series:
 def total_rate(records: Records) -> Series:
     """Steps/s of all workers together: each worker's ``worker_rates`` interpolated onto the
     union of their times and summed (a worker counts 0 outside its first..last rate)."""
-    return _summed_rates(series_by_rank(records, "worker", "step").values())
+    return _summed_rates(replica_steps(records).values())
+
+
+def replica_steps(records: Records) -> dict[int, Series]:
+    """``{rank: (times_s, steps)}`` of each worker; of a partitioned replica, its last stage's
+    rows alone. Every stage reports the same steps on its own clock (an earlier stage runs
+    ahead): interleaved, a rate over a few records would swing between half and twice the
+    replica's."""
+    last_stage = max(
+        (r["stage"] for r in records if r["role"] == "worker" and r.get("stage") is not None),
+        default=None,
+    )
+    if last_stage is not None:
+        records = [r for r in records if r["role"] != "worker" or r.get("stage") == last_stage]
+    return series_by_rank(records, "worker", "step")
 
 
 def _summed_rates(counts: Iterable[Series]) -> Series:
@@ -329,7 +343,7 @@ def _make_throughput_figure(run: RunData, title: str) -> Figure:
         batch_size = batch_size_of(run.config)
         scale = batch_size or 1
         unit = "samples/s" if batch_size else "steps/s"
-        workers = series_by_rank(run.records, "worker", "step")
+        workers = replica_steps(run.records)
     for rank, (times_s, steps) in workers.items():
         rate_times_s, rates = worker_rates(times_s, steps)
         scaled = [rate * scale for rate in rates]

@@ -247,3 +247,17 @@ def test_faults_times_a_kill_when_the_signal_is_sent(tmp_path, monkeypatch):
     job = SimpleNamespace(process=Launcher(), pid=1, run_dir=tmp_path, started_s=time.monotonic())
     (kill,) = faults.drive(job, ["worker1"], total_steps=100, timeout_s=30)
     assert kill["time_s"] <= sent[0] - start_s + 0.05
+
+
+def test_wire_judges_only_the_sizes_its_targets_are_set_at():
+    """wire.py's targets are at 4 MB and 100 MB (1M and 25M floats): ``--quick``'s 100K
+    printed PASS or BELOW against them (a BELOW the smoke test does not mean)."""
+    wire = importlib.import_module("wire")
+    assert [wire._target_ratio(n) for n in (1, 100_000, 1_000_000, 25_000_000)] == [
+        None,
+        None,
+        0.95,
+        0.95,
+    ]
+    assert wire._shm_target_ratio(100_000) is None
+    assert wire._shm_target_ratio(25_000_000) == 3.0

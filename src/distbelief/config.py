@@ -143,6 +143,8 @@ MAX_TENSOR_BYTES = 2**63 - 1
 even on the meta device, where nothing is allocated."""
 TABLE_VALUE_BYTES = 4
 """Bytes of one value of a dlrm table (float32)."""
+MAX_ROW_WIDTH = 2**16
+"""The widest embedding row a shard holds (values per row): a dlrm's ``embedding_dim`` too."""
 
 
 MAX_SYNTHETIC_TABLE_SIZE = 2**31
@@ -374,6 +376,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _require_choice(self, "name")
         _require_counts(self, "embedding_dim")
+        _require(
+            self.embedding_dim <= MAX_ROW_WIDTH,
+            "embedding_dim",
+            self.embedding_dim,
+            f"<= {MAX_ROW_WIDTH} (the widest row a shard holds)",
+        )
         _require(_is_count(self.seed), "seed", self.seed, f"an integer in [0, {_MAX_COUNT}]")
 
 

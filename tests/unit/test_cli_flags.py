@@ -407,11 +407,24 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
             ],
             "argument --embedding-dim: only applies to model dlrm, not 'mlp'",
         ),
+        (
+            # Wider than a shard's rows: refused here, not by the shards once all has started.
+            ["train", *_CLICKS, "--workers", "1", "--shards", "1", "--embedding-dim", "65537"],
+            "argument --embedding-dim: must be <= 65536 (the widest row a shard holds), got 65537",
+        ),
+        (
+            [
+                *("eval", "--ps", "tcp://127.0.0.1:1", "--once", "--model", "dlrm"),
+                *("--dataset", "synthetic-ctr", "--embedding-dim", "70000"),
+            ],
+            "argument --embedding-dim: must be <= 65536 (the widest row a shard holds), got 70000",
+        ),
     ],
     ids=[
         *("step-size", "row-lr", "row-init-std", "row-cache-mb", "liveness-timeout"),
         *("lr-1e308", "server-lr-1e308", "timeout-1e308", "retry-timeout-1e308", "ps"),
         *("tables", "worker-tables", "embedding-dim", "eval-embedding-dim"),
+        *("embedding-dim-wider-than-a-row", "eval-embedding-dim-wider-than-a-row"),
     ],
 )
 def test_a_bad_row_or_float_setting_is_refused_in_one_line(argv, message, capsys, tmp_path):

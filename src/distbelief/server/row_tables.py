@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from distbelief.config import MAX_ROW_WIDTH
 from distbelief.errors import TableSizeMismatchError, TableWidthMismatchError
 from distbelief.server.row_optimizers import (
     LazyAdam,
@@ -37,7 +38,7 @@ ROW_OPTIMIZERS = ("sgd", "adagrad", "rowwise-adagrad", "adam")
 """The row optimizers a shard can run (``--row-optimizer``)."""
 
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-_MAX_DIM = 1 << 16
+_MAX_DIM = MAX_ROW_WIDTH
 _MAX_SESSIONS = 1024
 
 

@@ -4,6 +4,11 @@ in one line (exit 2) before any process starts."""
 
 from __future__ import annotations
 
+import builtins
+import errno
+import gzip
+import io
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -294,3 +299,81 @@ def test_a_batch_larger_than_a_workers_share_of_a_log_is_refused_before_any_proc
         "workers, got 32"
     ) in stderr
     assert not out.exists()
+
+
+def _mnist(root: Path, num_images: int = 20) -> Path:
+    """The four MNIST files, gzipped; returns the training images' path."""
+    folder = root / "mnist"
+    folder.mkdir(parents=True)
+    for prefix in ("train", "t10k"):
+        images = struct.pack(">IIII", 0x803, num_images, 28, 28) + bytes(num_images * 784)
+        labels = struct.pack(">II", 0x801, num_images) + bytes(num_images)
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(images))
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    return folder / "train-images-idx3-ubyte.gz"
+
+
+def _deny(monkeypatch, path: Path) -> None:
+    """Reading ``path`` fails as it does for a process without the permission: a file cannot be
+    opened, a folder's entries cannot be opened or looked up. Simulated, as chmod does not stop
+    root."""
+    folder = path.is_dir()
+
+    def refuse(name: object, looked_up: bool) -> None:
+        if not isinstance(name, (str, bytes, os.PathLike)):
+            return  # a file descriptor
+        name = os.fsdecode(name)
+        inside = folder and os.path.dirname(name) == str(path)
+        if inside or (name == str(path) and not looked_up and not folder):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+
+    real_open, real_stat = io.open, os.stat
+
+    def fake_open(file, *args, **kwargs):
+        refuse(file, looked_up=False)
+        return real_open(file, *args, **kwargs)
+
+    def fake_stat(file, *args, **kwargs):
+        refuse(file, looked_up=True)
+        return real_stat(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(io, "open", fake_open)
+    monkeypatch.setattr(os, "stat", fake_stat)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "write", "flag"),
+    [
+        ("cifar10", lambda root: _cifar_dir(root, "data_batch_3"), ""),
+        ("cifar10", lambda root: _cifar_dir(root, "test_batch"), ""),
+        ("mnist", _mnist, ""),
+        ("criteo", lambda root: _criteo(root, 50), ""),
+        ("movielens", lambda root: _movielens(root, 50), ""),
+        # A folder it cannot look into: the launcher's check of the files names it.
+        ("movielens", lambda root: _movielens(root, 50).parent, "argument --data-dir: "),
+    ],
+    ids=["cifar10-train", "cifar10-test", "mnist", "criteo", "movielens", "movielens-folder"],
+)
+def test_an_unreadable_data_file_is_refused_in_one_line_naming_it(
+    tmp_path, capsys, monkeypatch, no_process_starts, dataset, write, flag
+):
+    """Not a PermissionError traceback (exit 1): a file the job cannot read is a bad input,
+    as a corrupt one is."""
+    path = write(tmp_path / "data")
+    _deny(monkeypatch, path)
+    model = {"cifar10": "mlp", "mnist": "mlp"}.get(dataset, "dlrm")
+    argv = ["train", "--dataset", dataset, "--model", model, "--no-download", "--steps", "2"]
+    out = tmp_path / "run"
+    assert main([*argv, "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    denied = path / "ratings.dat" if flag else path
+    assert last == f"distbelief train: error: {flag}{denied}: Permission denied"
+    assert not out.exists()
+
+
+def test_load_dataset_names_a_file_it_cannot_read(tmp_path, monkeypatch):
+    path = _mnist(tmp_path)
+    _deny(monkeypatch, path)
+    with pytest.raises(ValueError, match=f"^{path}: Permission denied$"):
+        load_dataset("mnist", split="train", data_dir=tmp_path, download=False)

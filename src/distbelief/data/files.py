@@ -85,10 +85,21 @@ def missing_data_files(
 
 def require_data_files(config: DataConfig, splits: tuple[str, ...] = ("train", "test")) -> None:
     """Raise ConfigFieldError (``data.data_dir``: the flag --data-dir) naming what a job's
-    data set lacks of ``splits`` (see ``missing_data_files``)."""
-    missing = missing_data_files(config, splits)
+    data set lacks of ``splits`` (see ``missing_data_files``), or the file or folder it cannot
+    look into (a folder without permissions, say)."""
+    try:
+        missing = missing_data_files(config, splits)
+    except OSError as e:
+        raise ConfigFieldError("data.data_dir", os_error_message(e)) from e
     if missing is not None:
         raise ConfigFieldError("data.data_dir", missing)
+
+
+def os_error_message(error: OSError) -> str:
+    """An error of the operating system on a data file (unreadable, a folder where the file
+    should be, a failing disk) in one line naming the file, as a corrupt file is named."""
+    reason = error.strerror or str(error)
+    return f"{error.filename}: {reason}" if error.filename else f"a data file: {reason}"
 
 
 def _present(folder: Path, stem: str, suffixes: tuple[str, ...]) -> bool:

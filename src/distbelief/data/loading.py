@@ -4,6 +4,8 @@ check of a job's files before its processes load them."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from distbelief.config import CLICK_LOG_DATASETS, DATASET_NAMES, DataConfig
@@ -12,11 +14,12 @@ from distbelief.data.cifar10 import load_cifar10
 from distbelief.data.criteo import check_criteo_split, load_criteo
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.digits import load_digits
-from distbelief.data.files import DEFAULT_DATA_DIR
+from distbelief.data.files import DEFAULT_DATA_DIR, os_error_message
 from distbelief.data.mnist import load_mnist
 from distbelief.data.movielens import check_movielens_splits, load_movielens
 from distbelief.data.synthetic import make_synthetic
 from distbelief.data.synthetic_ctr import make_synthetic_ctr
+from distbelief.errors import DatasetUnavailableError
 
 SPLITS = ("train", "test")
 
@@ -51,12 +54,36 @@ def load_dataset(
 
     Raises:
         ValueError: If name or split is unknown, num_samples is given for a data set other
-            than "synthetic", or a data file is corrupt or the split empty (the message names
-            the file, and the line of a text file).
+            than "synthetic", or a data file is corrupt, cannot be read (permissions, say) or
+            the split empty (the message names the file, and the line of a text file).
         DatasetUnavailableError: If the files of cifar10 or mnist are missing and cannot be
             downloaded.
     """
     _check_args(name, split, num_samples)
+    with _os_errors_named():
+        return _load(name, split, data_dir, download, num_samples, table_size)
+
+
+@contextmanager
+def _os_errors_named() -> Iterator[None]:
+    """An OSError on a data file as the ValueError of a bad file: one line naming it (a
+    missing file that cannot be downloaded stays a DatasetUnavailableError)."""
+    try:
+        yield
+    except DatasetUnavailableError:
+        raise
+    except OSError as e:
+        raise ValueError(os_error_message(e)) from e
+
+
+def _load(
+    name: str,
+    split: str,
+    data_dir: str | Path | None,
+    download: bool,
+    num_samples: int | None,
+    table_size: int | None,
+) -> ArrayDataset | CtrDataset:
     root = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
     if name in CLICK_LOG_DATASETS:
         return _load_click_log(name, split, root, table_size)
@@ -134,10 +161,17 @@ def check_job_data(
         read from files; else None.
 
     Raises:
-        ValueError: A file is corrupt or a split would be empty; the message names the file
-            (and a text file's line).
+        ValueError: A file is corrupt or cannot be read, or a split would be empty; the
+            message names the file (and a text file's line).
         DatasetUnavailableError: Files are missing and cannot be downloaded.
     """
+    with _os_errors_named():
+        return _check_job_data(config, splits, embedding_dim)
+
+
+def _check_job_data(
+    config: DataConfig, splits: tuple[str, ...], embedding_dim: int | None
+) -> int | None:
     root = Path(config.data_dir) if config.data_dir else DEFAULT_DATA_DIR
     counts: dict[str, int] = {}
     if config.name == "movielens":

@@ -377,3 +377,29 @@ def test_load_dataset_names_a_file_it_cannot_read(tmp_path, monkeypatch):
     _deny(monkeypatch, path)
     with pytest.raises(ValueError, match=f"^{path}: Permission denied$"):
         load_dataset("mnist", split="train", data_dir=tmp_path, download=False)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eval", "--ps", "tcp://127.0.0.1:1", "--once"],
+        [
+            *("worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"),
+            "--steps",
+            "2",
+        ],
+    ],
+    ids=["eval", "worker"],
+)
+def test_eval_and_worker_name_the_line_of_a_movielens_id_too_large(tmp_path, capsys, command):
+    """They have no launcher to check the file first: the id is named by file and line as
+    train's check names it, not as a table torch cannot size."""
+    path = _movielens(tmp_path / "data", 200, 10, bad_user=9 * 10**18)
+    argv = [*command, "--model", "dlrm", "--dataset", "movielens"]
+    assert main([*argv, "--data-dir", str(tmp_path / "data")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(
+        f"distbelief {command[0]}: error: {path}:10: user id 9000000000000000000 is too large "
+        "for a dlrm table"
+    )
+    assert stderr.count("\n") == 1

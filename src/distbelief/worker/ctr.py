@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distbelief.config import unknown_table_problem
+from distbelief.config import max_table_rows, unknown_table_problem
 from distbelief.data import load_job_dataset, worker_indices
 from distbelief.data.ctr import CtrDataset
+from distbelief.data.files import DEFAULT_DATA_DIR
 from distbelief.data.loading import table_size_source
+from distbelief.data.movielens import check_movielens_split
 from distbelief.embeddings import ShardedEmbeddings
 from distbelief.errors import TableSizeMismatchError, TableWidthMismatchError
 from distbelief.models.dlrm import DLRM
@@ -43,8 +45,16 @@ def build_ctr_replica(config: JobConfig, dataset: CtrDataset) -> nn.Module:
     its dense layers initialised from ``config.model.seed``.
 
     Raises:
-        ValueError: ``--tables`` names a module the model does not have.
+        ValueError: ``--tables`` names a module the model does not have, or a table is larger
+            than torch sizes a tensor to (a MovieLens id too large: named by file and line).
     """
+    if config.data.name == "movielens" and max(dataset.table_sizes) > max_table_rows(
+        config.model.embedding_dim
+    ):
+        # As the launcher's check says it (``distbelief worker`` and ``eval`` have none): the
+        # file's line that holds the id, found only now that it is there.
+        data_dir = config.data.data_dir or DEFAULT_DATA_DIR
+        check_movielens_split("train", data_dir, embedding_dim=config.model.embedding_dim)
     names = config.embeddings.tables
     sharded = [f"tables.{t}" for t in range(dataset.num_tables)]
     # The command line checks the names against the data set's table count before anything

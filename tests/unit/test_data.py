@@ -439,6 +439,26 @@ def test_missing_data_files_names_what_a_job_lacks_and_nothing_when_complete(tmp
     )
 
 
+@pytest.mark.parametrize(
+    ("dataset", "blocked"),
+    [
+        ("cifar10", "cifar-10-batches-py/data_batch_2"),
+        ("mnist", "mnist/t10k-labels-idx1-ubyte"),
+        ("criteo", "criteo/train.txt"),
+        ("movielens", "movielens/ratings.dat"),
+    ],
+)
+def test_a_folder_where_a_data_file_should_be_is_named_as_such(tmp_path, dataset, blocked):
+    """Not "lacks data_batch_2" (or "holds no ... file: expected one of train.txt") while the
+    name is right there: a folder of that name."""
+    from distbelief.config import DataConfig
+    from distbelief.data.files import missing_data_files
+
+    (tmp_path / blocked).mkdir(parents=True)
+    config = DataConfig(name=dataset, data_dir=str(tmp_path), download=False)
+    assert missing_data_files(config) == f"{tmp_path / blocked} is a folder, not a file"
+
+
 @pytest.mark.parametrize("name", sorted(FIXED_TRAIN_EXAMPLES))
 def test_the_fixed_training_set_sizes_are_the_loaders(name):
     # The launcher checks batches against these without loading the data.

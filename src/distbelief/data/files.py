@@ -6,6 +6,7 @@ absent before starting any process; the loaders read the same names from here.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from distbelief.config import DataConfig
@@ -57,7 +58,7 @@ def missing_data_files(
         names = [name for split in splits for name in CIFAR10_SPLIT_FILES[split]]
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
-            return (
+            return _not_a_file(folder / name for name in missing) or (
                 f"{folder} lacks {', '.join(missing)}: download {CIFAR10_URL} and extract it "
                 f"into {root}, or let the job download it (without --no-download)"
             )
@@ -66,7 +67,8 @@ def missing_data_files(
         names = [name for split in splits for name in MNIST_SPLIT_FILES[split]]
         missing = [name for name in names if not _present(folder, name, ("", ".gz"))]
         if missing:
-            return (
+            candidates = (folder / f"{name}{suffix}" for name in missing for suffix in ("", ".gz"))
+            return _not_a_file(candidates) or (
                 f"{folder} lacks {', '.join(missing)} (raw or .gz): download them from "
                 f"{MNIST_URL_BASE}<name>.gz, or let the job download them (without --no-download)"
             )
@@ -74,12 +76,14 @@ def missing_data_files(
         folder = root / CRITEO_SUBDIR
         if not _present(folder, "train", CRITEO_SUFFIXES):
             names = ", ".join(f"train{suffix}" for suffix in CRITEO_SUFFIXES)
-            return f"{folder} holds no Criteo training file: expected one of {names}"
+            blocked = _not_a_file(folder / f"train{suffix}" for suffix in CRITEO_SUFFIXES)
+            return blocked or f"{folder} holds no Criteo training file: expected one of {names}"
     elif config.name == "movielens":
         folder = root / MOVIELENS_SUBDIR
         if not any((folder / name).is_file() for name in MOVIELENS_RATINGS_FILES):
             names = ", ".join(MOVIELENS_RATINGS_FILES)
-            return f"{folder} holds no MovieLens ratings file: expected one of {names}"
+            blocked = _not_a_file(folder / name for name in MOVIELENS_RATINGS_FILES)
+            return blocked or f"{folder} holds no MovieLens ratings file: expected one of {names}"
     return None
 
 
@@ -100,6 +104,15 @@ def os_error_message(error: OSError) -> str:
     should be, a failing disk) in one line naming the file, as a corrupt file is named."""
     reason = error.strerror or str(error)
     return f"{error.filename}: {reason}" if error.filename else f"a data file: {reason}"
+
+
+def _not_a_file(paths: Iterable[Path]) -> str | None:
+    """What to say of the first of ``paths`` that is there but is no file (a folder where a
+    data file should be); None if there is none: the files are missing."""
+    for path in paths:
+        if path.exists() and not path.is_file():
+            return f"{path} is a folder, not a file" if path.is_dir() else f"{path} is not a file"
+    return None
 
 
 def _present(folder: Path, stem: str, suffixes: tuple[str, ...]) -> bool:

@@ -143,6 +143,8 @@ MAX_TENSOR_BYTES = 2**63 - 1
 even on the meta device, where nothing is allocated."""
 TABLE_VALUE_BYTES = 4
 """Bytes of one value of a dlrm table (float32)."""
+CRITEO_RAW_ID_ROWS = 2**32 + 1
+"""Rows of a criteo table without ``--table-size``: one per 8-hex-digit id, and one for none."""
 MAX_ROW_WIDTH = 2**16
 """The widest embedding row a shard holds (values per row): a dlrm's ``embedding_dim`` too."""
 
@@ -902,6 +904,7 @@ class JobConfig:
             problem = unknown_table_problem(self.embeddings.tables, self.data.name, tables)
             if problem is not None:
                 raise ConfigFieldError("embeddings.tables", problem)
+            self._check_dense_tables_fit(tables)
             return
         changed = [
             f"embeddings.{item.name}"
@@ -914,6 +917,24 @@ class JobConfig:
             raise ConfigFieldError(
                 changed[0], f"only applies to model dlrm, not {self.model.name!r}"
             )
+
+    def _check_dense_tables_fit(self, num_tables: int) -> None:
+        """A table ``--tables`` leaves out is a dense parameter, built whole on every worker
+        and shard: criteo's without ``--table-size`` has a row per raw 32-bit id, more bytes
+        than a machine holds (the worker would fail allocating them once started)."""
+        named = self.embeddings.tables
+        if named is None or self.data.name != "criteo" or self.data.table_size is not None:
+            return
+        left = next(f"tables.{t}" for t in range(num_tables) if f"tables.{t}" not in named)
+        rows = CRITEO_RAW_ID_ROWS
+        gib = rows * self.model.embedding_dim * TABLE_VALUE_BYTES / 2**30
+        raise ConfigFieldError(
+            "embeddings.tables",
+            f"leaves {left} a dense parameter of criteo's raw ids ({rows} rows x "
+            f"{self.model.embedding_dim} values x {TABLE_VALUE_BYTES} bytes: {gib:.0f} GiB on "
+            "every worker, and split over the shards): name every table, or fold the ids with "
+            "--table-size",
+        )
 
     def _check_click_model(self) -> None:
         """A click model reads click logs only, and a click log needs one; tables are trained

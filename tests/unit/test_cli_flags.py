@@ -419,12 +419,24 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
             ],
             "argument --embedding-dim: must be <= 65536 (the widest row a shard holds), got 70000",
         ),
+        (
+            # The table left out would be a dense parameter of 2**32 + 1 rows (256 GiB): the
+            # worker would fail allocating it once started.
+            [*("train", "--model", "dlrm", "--dataset", "criteo"), "--tables", "tables.0"],
+            "argument --tables: leaves tables.1 a dense parameter of criteo's raw ids (4294967297 "
+            "rows x 16 values x 4 bytes: 256 GiB",
+        ),
+        (
+            [*_WORKER, "--model", "dlrm", "--dataset", "criteo", "--tables", "tables.0,tables.1"],
+            "argument --tables: leaves tables.2 a dense parameter of criteo's raw ids",
+        ),
     ],
     ids=[
         *("step-size", "row-lr", "row-init-std", "row-cache-mb", "liveness-timeout"),
         *("lr-1e308", "server-lr-1e308", "timeout-1e308", "retry-timeout-1e308", "ps"),
         *("tables", "worker-tables", "embedding-dim", "eval-embedding-dim"),
         *("embedding-dim-wider-than-a-row", "eval-embedding-dim-wider-than-a-row"),
+        *("criteo-raw-table-left-dense", "worker-criteo-raw-table-left-dense"),
     ],
 )
 def test_a_bad_row_or_float_setting_is_refused_in_one_line(argv, message, capsys, tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import builtins
 import errno
 import gzip
-import io
 import os
 import pickle
 import struct
@@ -327,19 +326,24 @@ def _deny(monkeypatch, path: Path) -> None:
         if inside or (name == str(path) and not looked_up and not folder):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
 
-    real_open, real_stat = io.open, os.stat
+    # Path's own methods, not os.stat and io.open: Python 3.10's Path binds those at import.
+    real_open, real_path_open, real_stat = builtins.open, Path.open, Path.stat
 
     def fake_open(file, *args, **kwargs):
         refuse(file, looked_up=False)
         return real_open(file, *args, **kwargs)
 
-    def fake_stat(file, *args, **kwargs):
-        refuse(file, looked_up=True)
-        return real_stat(file, *args, **kwargs)
+    def fake_path_open(self, *args, **kwargs):
+        refuse(self, looked_up=False)
+        return real_path_open(self, *args, **kwargs)
+
+    def fake_stat(self, *args, **kwargs):
+        refuse(self, looked_up=True)
+        return real_stat(self, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", fake_open)
-    monkeypatch.setattr(io, "open", fake_open)
-    monkeypatch.setattr(os, "stat", fake_stat)
+    monkeypatch.setattr(Path, "open", fake_path_open)
+    monkeypatch.setattr(Path, "stat", fake_stat)
 
 
 @pytest.mark.parametrize(

@@ -4,12 +4,15 @@ in one line (exit 2) before any process starts."""
 
 from __future__ import annotations
 
-import builtins
-import errno
+import contextlib
 import gzip
 import os
 import pickle
+import shutil
 import struct
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ import pytest
 from distbelief.data import cifar10, load_dataset
 from distbelief.launch.cli import main
 from distbelief.launch.local import LocalCluster
+from tests.conftest import CHILD_ENV, CLI
 
 CIFAR_FILES = [*cifar10.SPLIT_FILES["train"], *cifar10.SPLIT_FILES["test"]]
 
@@ -312,38 +316,27 @@ def _mnist(root: Path, num_images: int = 20) -> Path:
     return folder / "train-images-idx3-ubyte.gz"
 
 
-def _deny(monkeypatch, path: Path) -> None:
-    """Reading ``path`` fails as it does for a process without the permission: a file cannot be
-    opened, a folder's entries cannot be opened or looked up. Simulated, as chmod does not stop
-    root."""
-    folder = path.is_dir()
+def _without_read_override() -> list[str]:
+    """The command prefix that runs a process the way file permissions stop: as is for a user,
+    and for root without the capabilities that let it read and search past them (chmod does
+    not stop root); skips the test where neither can be had."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop its read-override capabilities")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
 
-    def refuse(name: object, looked_up: bool) -> None:
-        if not isinstance(name, (str, bytes, os.PathLike)):
-            return  # a file descriptor
-        name = os.fsdecode(name)
-        inside = folder and os.path.dirname(name) == str(path)
-        if inside or (name == str(path) and not looked_up and not folder):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
 
-    # Path's own methods, not os.stat and io.open: Python 3.10's Path binds those at import.
-    real_open, real_path_open, real_stat = builtins.open, Path.open, Path.stat
-
-    def fake_open(file, *args, **kwargs):
-        refuse(file, looked_up=False)
-        return real_open(file, *args, **kwargs)
-
-    def fake_path_open(self, *args, **kwargs):
-        refuse(self, looked_up=False)
-        return real_path_open(self, *args, **kwargs)
-
-    def fake_stat(self, *args, **kwargs):
-        refuse(self, looked_up=True)
-        return real_stat(self, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", fake_open)
-    monkeypatch.setattr(Path, "open", fake_path_open)
-    monkeypatch.setattr(Path, "stat", fake_stat)
+@contextlib.contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """``path`` with no permission at all (a file: not readable; a folder: not searchable)."""
+    mode = path.stat().st_mode
+    path.chmod(0)
+    try:
+        yield
+    finally:
+        path.chmod(mode)
 
 
 @pytest.mark.parametrize(
@@ -359,28 +352,50 @@ def _deny(monkeypatch, path: Path) -> None:
     ],
     ids=["cifar10-train", "cifar10-test", "mnist", "criteo", "movielens", "movielens-folder"],
 )
-def test_an_unreadable_data_file_is_refused_in_one_line_naming_it(
-    tmp_path, capsys, monkeypatch, no_process_starts, dataset, write, flag
-):
+def test_an_unreadable_data_file_is_refused_in_one_line_naming_it(tmp_path, dataset, write, flag):
     """Not a PermissionError traceback (exit 1): a file the job cannot read is a bad input,
     as a corrupt one is."""
+    prefix = _without_read_override()
     path = write(tmp_path / "data")
-    _deny(monkeypatch, path)
     model = {"cifar10": "mlp", "mnist": "mlp"}.get(dataset, "dlrm")
     argv = ["train", "--dataset", dataset, "--model", model, "--no-download", "--steps", "2"]
     out = tmp_path / "run"
-    assert main([*argv, "--data-dir", str(tmp_path / "data"), "--out", str(out)]) == 2
-    last = capsys.readouterr().err.splitlines()[-1]
+    with _unreadable(path):
+        result = subprocess.run(
+            [*prefix, *CLI, *argv, "--data-dir", str(tmp_path / "data"), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=CHILD_ENV,
+        )
+    assert result.returncode == 2, result.stderr[-3000:]
     denied = path / "ratings.dat" if flag else path
-    assert last == f"distbelief train: error: {flag}{denied}: Permission denied"
+    assert result.stderr.splitlines()[-1] == (
+        f"distbelief train: error: {flag}{denied}: Permission denied"
+    ), result.stderr[-3000:]
     assert not out.exists()
 
 
-def test_load_dataset_names_a_file_it_cannot_read(tmp_path, monkeypatch):
+def test_load_dataset_names_a_file_it_cannot_read(tmp_path):
+    prefix = _without_read_override()
     path = _mnist(tmp_path)
-    _deny(monkeypatch, path)
-    with pytest.raises(ValueError, match=f"^{path}: Permission denied$"):
-        load_dataset("mnist", split="train", data_dir=tmp_path, download=False)
+    script = (
+        "import sys\n"
+        "from distbelief.data import load_dataset\n"
+        "try:\n"
+        "    load_dataset('mnist', split='train', data_dir=sys.argv[1], download=False)\n"
+        "except ValueError as e:\n"
+        "    print(f'ValueError: {e}')\n"
+    )
+    with _unreadable(path):
+        result = subprocess.run(
+            [*prefix, sys.executable, "-c", script, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=CHILD_ENV,
+        )
+    assert result.stdout == f"ValueError: {path}: Permission denied\n", result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(

@@ -210,6 +210,24 @@ def test_a_partitioned_replicas_steps_per_s_follows_one_stage() -> None:
     assert float(last["worker0.steps_per_s"]) == pytest.approx(10.0)
 
 
+def test_a_sandblaster_workers_rate_is_its_portions_per_s() -> None:
+    # Its step is the coordinator's iteration, the same for every worker: steps/s showed each
+    # worker at the iteration rate. Worker 0 commits 3 portions an iteration, worker 1 one.
+    stream = io.StringIO()
+    with ProgressDisplay(
+        total_steps=TOTAL_STEPS, num_workers=2, interactive=False, stream=stream
+    ) as display:
+        for iteration in range(1, 6):
+            for rank, portions in ((0, 3), (1, 1)):
+                display.write(
+                    make_record("worker", rank, time_s=iteration, step=iteration, portions=portions)
+                )
+    last = [fields for kind, fields in map(_parse, stream.getvalue().splitlines())][-1]
+    assert float(last["worker0.portions_per_s"]) == pytest.approx(3.0)
+    assert float(last["worker1.portions_per_s"]) == pytest.approx(1.0)
+    assert not any(key.endswith("steps_per_s") for key in last)
+
+
 def test_the_readme_names_every_kind_of_line() -> None:
     """A log parser written from the README's "Live progress" bullet knows every line's first
     word: ``progress``, ``eval`` and the one-off ``message`` lines (a worker finished, a fault)."""

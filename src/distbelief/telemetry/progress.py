@@ -35,6 +35,11 @@ class _WorkerState:
     """A partitioned replica's stages each report the same steps, on their own clocks: steps/s
     follows one of them, the last seen (the one with the loss), not their interleaved records
     (two at one step read as 0 steps/s)."""
+    portions: int | None = None
+    """A Sandblaster worker's portions committed so far (None: a Downpour worker). Its step is
+    the coordinator's iteration, the same for every worker: its own rate is portions/s."""
+    portion_samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=1024))
+    """(time_s, portions so far) of recent records, for portions/s."""
 
     def observe(self, record: dict[str, Any]) -> None:
         if record.get("loss") is not None:
@@ -45,6 +50,9 @@ class _WorkerState:
         if step is None:
             return
         time_s = float(record["time_s"])
+        if record.get("portions") is not None:
+            self.portions = (self.portions or 0) + int(record["portions"])
+            _add_sample(self.portion_samples, time_s, self.portions)
         stage = record.get("stage")
         self.step = step if stage is None else max(self.step, step)
         if stage is not None:
@@ -53,18 +61,34 @@ class _WorkerState:
                 self.samples.clear()
             elif stage != self.rate_stage:
                 return
-        self.samples.append((time_s, step))
-        # Keep one sample at or before the window start so the rate spans the whole window.
-        while len(self.samples) > 2 and self.samples[1][0] <= time_s - RATE_WINDOW_S:
-            self.samples.popleft()
+        _add_sample(self.samples, time_s, step)
 
     def steps_per_s(self) -> float | None:
-        if len(self.samples) < 2:
-            return None
-        (first_time_s, first_step), (last_time_s, last_step) = self.samples[0], self.samples[-1]
-        if last_time_s <= first_time_s:
-            return None
-        return (last_step - first_step) / (last_time_s - first_time_s)
+        return _rate(self.samples)
+
+    def rate(self) -> tuple[str, float | None]:
+        """What this worker's rate counts (``steps``, or a Sandblaster worker's ``portions``),
+        and its value per second."""
+        if self.portions is not None:
+            return "portions", _rate(self.portion_samples)
+        return "steps", self.steps_per_s()
+
+
+def _add_sample(samples: deque[tuple[float, int]], time_s: float, count: int) -> None:
+    samples.append((time_s, count))
+    # Keep one sample at or before the window start so the rate spans the whole window.
+    while len(samples) > 2 and samples[1][0] <= time_s - RATE_WINDOW_S:
+        samples.popleft()
+
+
+def _rate(samples: deque[tuple[float, int]]) -> float | None:
+    """Counted per second over the samples' window (None: too few, or no time between)."""
+    if len(samples) < 2:
+        return None
+    (first_time_s, first), (last_time_s, last) = samples[0], samples[-1]
+    if last_time_s <= first_time_s:
+        return None
+    return (last - first) / (last_time_s - first_time_s)
 
 
 @dataclass
@@ -163,9 +187,9 @@ def _progress_line(state: _RunState, time_offset_s: float) -> str:
         parts.append(f"eta={eta_s:.1f}s")
     for rank, worker in state.workers.items():
         parts.append(f"worker{rank}.step={worker.step}")
-        rate = worker.steps_per_s()
+        counted, rate = worker.rate()
         if rate is not None:
-            parts.append(f"worker{rank}.steps_per_s={rate:.2f}")
+            parts.append(f"worker{rank}.{counted}_per_s={rate:.2f}")
         if worker.loss is not None:
             parts.append(f"worker{rank}.loss={worker.loss:.4g}")
         if worker.accuracy is not None:
@@ -232,13 +256,14 @@ class _Dashboard:
         from rich.table import Table
 
         table = Table(box=None, pad_edge=False)
-        for header in ("worker", "step", "steps/s", "loss", "accuracy"):
+        counted = next(iter(self._state.workers.values())).rate()[0]
+        for header in ("worker", "step", f"{counted}/s", "loss", "accuracy"):
             table.add_column(header, justify="left" if header == "worker" else "right")
         for rank, worker in self._state.workers.items():
             table.add_row(
                 str(rank),
                 str(worker.step),
-                _fmt(worker.steps_per_s(), ".1f"),
+                _fmt(worker.rate()[1], ".1f"),
                 _fmt(worker.loss, ".4g"),
                 _fmt(worker.accuracy, ".4f"),
             )

@@ -463,6 +463,32 @@ def test_a_setting_only_one_side_has_is_a_difference_and_equal_plans_link(make_l
     make_links(0, 2, agreeing.address, plan=dict(_PLAN)).wait_for_peer(TIMEOUT_S)
 
 
+def test_a_stage_before_that_joins_a_replica_under_way_is_refused_at_its_hello(make_links):
+    # A stage 0 started again by hand (or a second one of the same --rank) while stage 1 is
+    # mid-run: refused in one line that says what to do, not at its first activation about
+    # steps that must increase; the replica under way is not disturbed, whatever the
+    # newcomer's plan.
+    last = make_links(1, 2, plan=_PLAN)
+    first = make_links(0, 2, last.address, plan=_PLAN)
+    first.wait_for_peer(TIMEOUT_S)
+    first.send_forward(0, 0, torch.ones(2))
+    assert torch.equal(last.recv_forward(0, 0, TIMEOUT_S), torch.ones(2))
+    under_way = (
+        r"^stage 0: stage 1 \(tcp://[^)]*\) refused the stage check: stage 1 is already "
+        r"training with another stage 0 \(it received the activations of step 0\): a stage 0 "
+        r"started again, or a second one of the same --rank and --stage 0, cannot join"
+    )
+    for plan in (_PLAN, {**_PLAN, "pipeline.split_points": (2,)}):
+        again = make_links(0, 2, last.address, plan=plan)
+        with pytest.raises(PipelineError, match=under_way) as refused:
+            again.wait_for_peer(TIMEOUT_S)
+        assert "\n" not in str(refused.value)
+    last.send_backward(0, 0, torch.full((2,), 3.0))
+    assert torch.equal(first.recv_backward(0, 0, TIMEOUT_S), torch.full((2,), 3.0))
+    first.send_forward(1, 0, torch.ones(2))
+    assert torch.equal(last.recv_forward(1, 0, TIMEOUT_S), torch.ones(2))
+
+
 def test_a_micro_batch_past_the_plans_last_is_refused_and_keeps_no_slot(make_links):
     plan = {**_PLAN, "pipeline.num_micro_batches": 2}
     last = make_links(1, 2, plan=plan)

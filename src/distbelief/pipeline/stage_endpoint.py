@@ -321,6 +321,7 @@ class StageEndpoint:
             return self._hello()
         with self._changed:
             self._check_not_failed()
+            self._check_not_under_way()
         try:
             check_plans_agree(
                 placed_plan(self.num_stages, self.plan),
@@ -333,6 +334,24 @@ class StageEndpoint:
                 self._refusal = self._refusal or e
                 self._changed.notify_all()
         return self._hello()
+
+    def _check_not_under_way(self) -> None:
+        """Refuse the hello of a stage before that comes once this stage has already received
+        activations (lock held): another process (the same stage started again, or a second
+        one given the same --rank and --stage) that would start at its first step where this
+        stage is far past it. Refused at the hello, it leaves the replica under way alone (its
+        plan, were it another, would otherwise poison this stage's waits) and says why in one
+        line, instead of a refused activation about steps that must increase."""
+        received = [slot.step for slot in self._inbox.values() if slot.step >= 0]
+        if received:
+            before = self.stage - 1
+            raise ValueError(
+                f"stage {self.stage} is already training with another stage {before} (it "
+                f"received the activations of step {max(received)}): a stage {before} started "
+                f"again, or a second one of the same --rank and --stage {before}, cannot join a "
+                "replica under way: stop the replica's other stages and start them all again, "
+                "last stage first"
+            )
 
     def _hello(self) -> dict:
         return {"stage": self.stage, "num_stages": self.num_stages, "plan": self.plan}

@@ -167,6 +167,21 @@ def test_a_sandblaster_rollback_counts_what_the_coordinator_redid() -> None:
     )
 
 
+def test_a_coordinator_killed_before_its_first_iteration_lost_and_redid_nothing() -> None:
+    # Killed before its first report, it had saved no checkpoint: its next life starts afresh
+    # (no "rolled_back"), and its first report says the job had done nothing to redo.
+    book = ProcessBook(
+        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
+    )
+    coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
+    fault = book.record_death(coordinator, -9, stopping=False)
+    book.note(Event("metric", coordinator, {"role": "coordinator", "rank": 0, "step": 0}))
+    assert (fault.rolled_back, fault.updates_redone, fault.lost_updates) == (True, 0, 0)
+    assert restore_lines([fault]) == [
+        "coordinator: its last checkpoint held every update: nothing to redo"
+    ]
+
+
 def test_a_restore_line_counts_one_update_or_push_in_the_singular() -> None:
     rolled_back = Fault("shard1", 1.0, -9, "restarted", version_before=23, version_restored=22)
     rolled_back.rolled_back, rolled_back.updates_redone = True, 1

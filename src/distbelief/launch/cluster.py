@@ -386,6 +386,11 @@ class ProcessBook:
                 seen = max(self.shard_versions.get(shard_id, 0), payload.get("version") or 0)
                 self.shard_versions[shard_id] = seen
         elif kind == "metric" and payload.get("role") == "coordinator":
+            if self.coordinator_iteration is None:
+                # The launch's first report: a coordinator (or shard) that died before it, the
+                # job having finished no iteration, left nothing to redo (a coordinator that
+                # finds no checkpoint starts afresh, without a "rolled_back").
+                self._note_rollback(payload["step"], payload["step"])
             self.coordinator_iteration = payload["step"]
         elif kind == "rolled_back":
             self._note_rollback(payload["from_iteration"], payload["to_iteration"])

@@ -1,5 +1,6 @@
 """``distbelief train --algorithm sandblaster`` for real: a small run's records, checkpoints and
-plots; ``--resume`` with more iterations; a coordinator and a worker SIGKILLed mid-run.
+plots; ``--resume`` with more iterations; a coordinator, a worker or a shard SIGKILLed mid-run,
+and a shard before the first iteration.
 
 The restart tests cut each evaluation into two portions pushed one per bundle: the shards then
 add two gradients, and float addition commutes, so the batch gradient is the same to the last
@@ -11,6 +12,7 @@ can amplify that difference in the last digit to the third after a dozen iterati
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -180,6 +182,76 @@ def test_a_process_killed_mid_run_changes_nothing(tmp_path, undisturbed, victim)
         )
         said = f"redid {redone} update{'' if redone == 1 else 's'}" if redone else "nothing to redo"
         assert said in result.stdout
+
+
+def _pids(run_dir: Path) -> dict[str, int]:
+    try:
+        return json.loads((run_dir / "pids.json").read_text())
+    except (OSError, ValueError):  # not written yet (it is replaced whole)
+        return {}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.xdist_group("undisturbed")
+def test_a_shard_killed_before_the_first_iteration_changes_nothing(tmp_path, undisturbed):
+    """The coordinator commits the start point (the shards' first checkpoint) before the first
+    evaluation: a shard killed then (the workers held with SIGSTOP, so that no iteration ends)
+    comes back with the model's values, and the job goes on as if undisturbed. (The shards saved
+    only at the first iteration's end: a shard restarted before it had no parameters and the
+    job failed, "shard 1 has no parameters yet".)"""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [*CLI, *_same_sequence(), "--timeout", "120", "--out", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    names = ["worker0", "worker1"]
+    stopped: list[int] = []
+
+    def wait_for(condition, what: str) -> None:
+        while not condition():
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)
+
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        wait_for(lambda: {*names, "shard1"} <= set(_pids(run_dir)), f"no {names} started")
+        pids = _pids(run_dir)
+        for name in names:
+            os.kill(pids[name], signal.SIGSTOP)
+            stopped.append(pids[name])
+        wait_for(lambda: _committed(run_dir, 0), "the coordinator committed no start point")
+        os.kill(pids["shard1"], signal.SIGKILL)
+        wait_for(lambda: _pids(run_dir)["shard1"] != pids["shard1"], "shard1 was not restarted")
+        # No iteration has ended: the kill came before the first.
+        assert not (run_dir / "metrics.csv").exists() or not _records(run_dir, "coordinator")
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stopped = []
+        out, err = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):  # the launcher ended it
+                os.kill(pid, signal.SIGCONT)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate(timeout=30)
+    assert launcher.returncode == 0, err[-3000:]
+    summary = _summary(run_dir)
+    faults = [(f["process"], f["exitcode"], f["action"]) for f in summary["faults"]]
+    assert faults == [("shard1", -signal.SIGKILL, "restarted")]
+    fault = summary["faults"][0]
+    assert (fault["updates_redone"], fault["lost_updates"]) == (0, 0)
+    assert "nothing to redo" in out
+    assert summary["coordinator"]["iterations"] == ITERATIONS
+    assert summary["coordinator"]["loss"] == pytest.approx(
+        undisturbed["coordinator"]["loss"], rel=1e-9
+    )
+    assert [row["step"] for row in _records(run_dir, "coordinator")] == list(range(ITERATIONS + 1))
 
 
 @pytest.mark.slow

@@ -171,6 +171,11 @@ class SandblasterLBFGS:
         """Why L-BFGS stopped (e.g. "gradient below tolerance_grad"); None while it goes on."""
         return self.state.stop_reason
 
+    @property
+    def started(self) -> bool:
+        """Whether ``start`` has evaluated the objective at the start point."""
+        return bool(self.state.grad)
+
     def state_dict(self) -> dict[str, Any]:
         """The coordinator's state at the end of the last iteration (JSON-able)."""
         return {

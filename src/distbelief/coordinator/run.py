@@ -6,6 +6,7 @@ it. It holds the model's layout (built on the meta device), never its values.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
@@ -21,14 +22,15 @@ from distbelief.coordinator.batch import BatchPlan
 from distbelief.coordinator.lbfgs import IterationRecord, LBFGSSettings, SandblasterLBFGS
 from distbelief.coordinator.portions import EvaluationOutcome
 from distbelief.coordinator.service import CoordinatorService
-from distbelief.data import load_job_dataset
-from distbelief.errors import CoordinatorError, ShardRestartedError
+from distbelief.data import ArrayDataset, load_job_dataset
+from distbelief.errors import CoordinatorError, RemoteError, ShardRestartedError
 from distbelief.models import build_model
 from distbelief.process import Emit, StopFlag
-from distbelief.sharding import tensor_specs
+from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry.metrics import make_record
 from distbelief.wire import serve
 from distbelief.wire.vector_program import Program
+from distbelief.worker.replica import build_replica
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -150,8 +152,12 @@ def run_coordinator(
     server = serve(bind, service, security=security, design="threads")
     emit("ready", {"address": server.address})
     try:
-        client.handshake(None)  # a worker initialises the shards with the model's values
-        return _optimize(config, vectors, service, emit, stop, checkpoint_dir, start_time)
+        resumed = checkpoint.read_record(checkpoint_dir) is not None
+        if resumed:
+            client.handshake(None)  # the shards restore its folder as they start
+        else:
+            _commit_start_point(config, client, vectors, checkpoint_dir, train_set)
+        return _optimize(config, vectors, service, emit, stop, checkpoint_dir, start_time, resumed)
     finally:
         server.stop()
         client.close(wait=False)
@@ -165,6 +171,7 @@ def _optimize(
     stop: StopFlag,
     checkpoint_dir: str,
     start_time: float,
+    resumed: bool,
 ) -> dict[str, Any]:
     reporter = _Reporter(emit, config.cluster.num_workers, start_time)
     stall_timeout_s = config.faults.timeout_s + config.faults.retry_timeout_s
@@ -175,12 +182,10 @@ def _optimize(
         return outcome
 
     lbfgs = SandblasterLBFGS(vectors, evaluate, lbfgs_settings(config))
-    if checkpoint.read_record(checkpoint_dir) is not None:
+    saved_iteration = 0  # the start point, just committed
+    if resumed:
         # Where the previous coordinator got to, only the launcher knows (its records).
         saved_iteration = _go_back(lbfgs, vectors, checkpoint_dir, emit, from_iteration=None)
-    else:
-        reporter.iteration(lbfgs.start())
-        saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
     emit("started", {"rank": 0, "time": time.time()})
     last_save_s = time.monotonic()
     last: dict[str, Any] = {}
@@ -188,7 +193,7 @@ def _optimize(
     rollbacks = 0
     while lbfgs.stop_reason is None and not stop.is_set():
         try:
-            last = reporter.iteration(lbfgs.step())
+            last = reporter.iteration(lbfgs.step() if lbfgs.started else lbfgs.start())
             finished = lbfgs.state.iteration
             if time.monotonic() - last_save_s >= config.server.checkpoint_every_s:
                 saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
@@ -235,7 +240,8 @@ def _go_back(
 
     Emits "rolled_back" with ``from_iteration`` (the iterations done before: None when this
     coordinator has done none, having just started) and ``to_iteration``: the launcher counts
-    the iterations the job does again from it."""
+    the iterations the job does again from it. The start point's checkpoint holds L-BFGS not
+    yet started: the next iteration is its first evaluation."""
     saved = checkpoint.read_record(checkpoint_dir)
     assert saved is not None
     evaluations_so_far = lbfgs.state.evaluation
@@ -245,6 +251,39 @@ def _go_back(
     logger.warning("back at iteration %d (%s)", lbfgs.state.iteration, saved["tag"])
     emit("rolled_back", {"from_iteration": from_iteration, "to_iteration": lbfgs.state.iteration})
     return lbfgs.state.iteration
+
+
+def _commit_start_point(
+    config: JobConfig,
+    client: ParameterServerClient,
+    vectors: ShardVectors,
+    checkpoint_dir: str,
+    train_set: ArrayDataset,
+) -> None:
+    """Initialise the shards with the model's values (as the workers do: the first to come
+    wins, all alike) and commit them as the run's first checkpoint, before any evaluation.
+
+    The shards save only when the coordinator says so: from this commit on, a restarted shard
+    restores the start point and the coordinator goes back to it. A shard restarted before it
+    comes back empty: it is initialised again and the save tried again."""
+    model = build_replica(config, train_set.input_shape, train_set.num_classes)
+    initial = FlatLayout(tensor_specs(model.named_parameters())).flatten(list(model.parameters()))
+    del model
+    client.handshake(initial)
+    start = SandblasterLBFGS(vectors, _no_evaluations, lbfgs_settings(config))
+    for attempt in itertools.count():
+        try:
+            _save(start, vectors, checkpoint_dir)
+            return
+        except RemoteError:
+            # Refused by a shard without parameters: one restarted since the handshake.
+            if attempt >= config.faults.max_restarts or not client.handshake(initial):
+                raise
+            logger.warning("a shard restarted before the first checkpoint: initialised again")
+
+
+def _no_evaluations(evaluation: int, point: str) -> EvaluationOutcome:
+    raise AssertionError("the start point is saved before any evaluation")
 
 
 def _save(lbfgs: SandblasterLBFGS, vectors: ShardVectors, checkpoint_dir: str) -> int:

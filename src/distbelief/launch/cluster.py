@@ -409,9 +409,12 @@ class ProcessBook:
         """Sandblaster's coordinator went back from iteration ``done`` (None: a restarted
         coordinator, which knows not where its previous life got to; its reports do) to the
         checkpoint of ``to_iteration``: what that redoes goes to the faults that caused it."""
-        done = self.coordinator_iteration if done is None else done
+        if done is None:
+            done = self.coordinator_iteration
+        if done is None:
+            done = to_iteration  # no report yet in this launch: no iteration past it finished
         for fault in self.faults:
-            if fault.rolled_back and fault.updates_redone is None and done is not None:
+            if fault.rolled_back and fault.updates_redone is None:
                 fault.updates_redone = max(0, done - to_iteration)
         self.coordinator_iteration = to_iteration
 

@@ -1,7 +1,8 @@
 """Sandblaster's checkpoints: a two-phase save that never leaves the shards and the coordinator
 at different iterations.
 
-At an iteration's end the coordinator has every shard save into a new folder ``lbfgs-NNNNNN``
+Before the first evaluation the coordinator has every shard save the start point into
+``lbfgs-start``. At an iteration's end it has every shard save into a new folder ``lbfgs-NNNNNN``
 (one vector program with a checkpoint tag; the reply means "saved"); only then does it write
 ``coordinator.json``, naming that folder, with its own state. That file is the commit point: a
 crash before it leaves the previous folder in force, and a crash after it loses nothing. Older
@@ -26,9 +27,10 @@ TAG_PREFIX = "lbfgs-"
 FORMAT_VERSION = 1
 
 
-def checkpoint_tag(iteration: int) -> str:
-    """The folder name of the shards' checkpoints at the end of ``iteration``."""
-    return f"{TAG_PREFIX}{iteration:06d}"
+def checkpoint_tag(iteration: int, *, started: bool = True) -> str:
+    """The folder name of the shards' checkpoints at the end of ``iteration``; ``started``
+    False: of the start point, before L-BFGS's first evaluation (``lbfgs-start``)."""
+    return f"{TAG_PREFIX}{iteration:06d}" if started else f"{TAG_PREFIX}start"
 
 
 def read_record(checkpoint_dir: str | Path) -> dict[str, Any] | None:

@@ -193,9 +193,11 @@ def _optimize(
     rollbacks = 0
     while lbfgs.stop_reason is None and not stop.is_set():
         try:
-            last = reporter.iteration(lbfgs.step() if lbfgs.started else lbfgs.start())
+            first = not lbfgs.started
+            last = reporter.iteration(lbfgs.start() if first else lbfgs.step())
             finished = lbfgs.state.iteration
-            if time.monotonic() - last_save_s >= config.server.checkpoint_every_s:
+            # Iteration 0 is saved at once: a resume or rollback then never evaluates again.
+            if first or time.monotonic() - last_save_s >= config.server.checkpoint_every_s:
                 saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
                 last_save_s = time.monotonic()
         except (ShardRestartedError, CoordinatorError):
@@ -289,7 +291,7 @@ def _no_evaluations(evaluation: int, point: str) -> EvaluationOutcome:
 def _save(lbfgs: SandblasterLBFGS, vectors: ShardVectors, checkpoint_dir: str) -> int:
     """Every shard saves, then the coordinator commits its state; returns the iteration."""
     iteration = lbfgs.state.iteration
-    tag = checkpoint.checkpoint_tag(iteration)
+    tag = checkpoint.checkpoint_tag(iteration, started=lbfgs.started)
     vectors.run(Program(), checkpoint=tag)
     checkpoint.commit(checkpoint_dir, tag, iteration, lbfgs.state_dict())
     return iteration

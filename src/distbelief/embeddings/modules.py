@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distbelief.sharding.layout import uncompiled_name
+
 
 class RowSource(Protocol):
     """Where a sharded module gets its rows (``ShardedEmbeddings``)."""
@@ -170,15 +172,18 @@ def _sharded_like(name: str, module: nn.Module) -> _ShardedTable:
     unsupported = _unsupported(module)
     if unsupported is not None:
         raise ValueError(f"table {name}: {unsupported} is not supported on sharded tables")
+    # The table is named as the model itself names the module: a compiled model's wrapper adds
+    # to its path (_orig_mod.), and a plain replica must look up the same rows.
+    table = uncompiled_name(name)
     if isinstance(module, nn.EmbeddingBag):
         return ShardedEmbeddingBag(
-            name,
+            table,
             module.num_embeddings,
             module.embedding_dim,
             mode=module.mode,
             include_last_offset=module.include_last_offset,
         )
-    return ShardedEmbedding(name, module.num_embeddings, module.embedding_dim)
+    return ShardedEmbedding(table, module.num_embeddings, module.embedding_dim)
 
 
 def sharded_tables(model: nn.Module, names: list[str] | None = None) -> dict[str, _ShardedTable]:

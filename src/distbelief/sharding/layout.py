@@ -53,9 +53,24 @@ class ShardSlice:
         return f"{dtype_name(self.dtype)}[{self.start}:{self.stop}]"
 
 
+COMPILED_WRAPPER_ATTRIBUTE = "_orig_mod"
+"""Where torch.compile's wrapper module keeps the module it compiles: a component of every name
+the wrapper lists (``_orig_mod.0.weight``), and of no name in the model itself."""
+
+
+def uncompiled_name(name: str) -> str:
+    """A parameter's or module's ``name`` as the model itself names it, without the components
+    torch.compile's wrappers add (``_orig_mod.0.weight`` -> ``0.weight``): a compiled replica
+    and a plain one (or an evaluator) then name each tensor and table alike."""
+    return ".".join(part for part in name.split(".") if part != COMPILED_WRAPPER_ATTRIBUTE)
+
+
 def tensor_specs(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
-    """Specs of ``(name, tensor)`` pairs, in order; names must be unique."""
-    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in named_tensors]
+    """Specs of ``(name, tensor)`` pairs, in order, each named as the model itself names it
+    (``uncompiled_name``); names must be unique."""
+    specs = [
+        TensorSpec(uncompiled_name(name), tuple(t.shape), t.dtype) for name, t in named_tensors
+    ]
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         duplicate = next(name for name in names if names.count(name) > 1)

@@ -4,11 +4,13 @@ pulls and SGD on the shards at the worker's rate give torch.optim.SGD's paramete
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from distbelief.embeddings import ShardedEmbeddings
 from distbelief.optim import DownpourSGD
+from tests.integration.test_downpour import _batches, _model, _train
 
 
 class _Recommender(nn.Module):
@@ -41,3 +43,49 @@ def test_a_compiled_model_and_a_plain_one_name_their_tensors_and_tables_alike(sh
                 assert torch.equal(got, want)
     optimizer.close()
     tables.close()
+
+
+def _blocking_optimizer(model: nn.Module, addresses: list[str]) -> DownpourSGD:
+    return DownpourSGD(
+        model.parameters(), lr=0.1, model=model, ps=addresses, blocking=True, timeout_s=30
+    )
+
+
+def test_a_load_state_dict_pre_hook_may_adapt_a_torch_sgd_state_dict_with_momentum(shard_cluster):
+    """The groups are checked as loaded, after the pre hooks: they were checked as given, and
+    a hook that sets momentum to 0 could not make such a state dict load."""
+    addresses = shard_cluster(1, "--server-lr", "0.1")
+    momentum_sgd = torch.optim.SGD(_model().parameters(), lr=0.05, momentum=0.9)
+
+    def without_momentum(optimizer, state_dict):
+        groups = [{**group, "momentum": 0} for group in state_dict["param_groups"]]
+        return {"state": {}, "param_groups": groups}
+
+    model = _model()
+    with _blocking_optimizer(model, addresses) as optimizer:
+        with pytest.raises(ValueError, match=r"^param group 0: momentum is not applied"):
+            optimizer.load_state_dict(momentum_sgd.state_dict())
+        optimizer.register_load_state_dict_pre_hook(without_momentum)
+        optimizer.load_state_dict(momentum_sgd.state_dict())
+        assert optimizer.param_groups[0]["lr"] == 0.05
+        assert optimizer.param_groups[0]["momentum"] == 0
+        _train(model, optimizer, _batches(1))
+
+
+def test_loading_a_torch_sgd_state_dict_keeps_the_step_count(shard_cluster):
+    """A torch.optim state dict has no step count: the optimizer's own stays (it went back to
+    0, and the pushes due every n_push steps with it)."""
+    addresses = shard_cluster(1, "--server-lr", "0.1")
+    model = _model()
+    with DownpourSGD(
+        model.parameters(), lr=0.1, n_push=2, model=model, ps=addresses, blocking=True
+    ) as optimizer:
+        _train(model, optimizer, _batches(3))
+        optimizer.load_state_dict(torch.optim.SGD(_model().parameters(), lr=0.2).state_dict())
+        assert (optimizer.num_steps, optimizer.param_groups[0]["lr"]) == (3, 0.2)
+        _train(model, optimizer, _batches(1))  # the fourth step: a push is due
+        assert [stats["num_pushes"] for stats in optimizer.client.stats()] == [2]
+        saved = optimizer.state_dict()
+        _train(model, optimizer, _batches(1))
+        optimizer.load_state_dict(saved)  # a DownpourSGD state dict brings its count
+        assert optimizer.num_steps == 4

@@ -802,15 +802,23 @@ class DownpourSGD(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, after checking the saved groups as the constructor does (one saved by
-        torch.optim.SGD with momentum, say, would otherwise train without it).
+        """As torch's, checking the groups it loads as the constructor does (one saved by
+        torch.optim.SGD with momentum, say, would otherwise train without it), after the
+        ``register_load_state_dict_pre_hook`` hooks, which may adapt them. The step count is
+        this optimizer's own: loaded from a DownpourSGD state dict, kept from a torch.optim one
+        (its pushes and pulls stay on schedule, its clock at the shards does not go back).
 
         Raises:
-            ValueError: a saved group's ``lr`` or other setting DownpourSGD does not apply,
+            ValueError: a loaded group's ``lr`` or other setting DownpourSGD does not apply,
                 named by its index; nothing is loaded.
         """
-        check_param_groups(list(state_dict.get("param_groups", [])))
         state_dict = dict(state_dict)
         downpour = state_dict.pop("downpour", {})
         call_unguarded("load_state_dict", self, state_dict)
-        self.num_steps = int(downpour.get("num_steps", 0))
+        self.num_steps = int(downpour.get("num_steps", self.num_steps))
+
+    def __setstate__(self, state: dict) -> None:
+        # torch's load_state_dict hands the loaded groups here, after its pre hooks and before
+        # anything has changed: the one place to check what it would load.
+        check_param_groups(state["param_groups"])
+        super().__setstate__(state)

@@ -89,3 +89,22 @@ def test_loading_a_torch_sgd_state_dict_keeps_the_step_count(shard_cluster):
         _train(model, optimizer, _batches(1))
         optimizer.load_state_dict(saved)  # a DownpourSGD state dict brings its count
         assert optimizer.num_steps == 4
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(0.05), torch.tensor([0.05])], ids=["0-d", "1-d"])
+def test_a_one_element_tensor_lr_trains_as_torch_sgd_does(shard_cluster, lr):
+    """torch.optim takes a tensor as a group's rate; it was refused as not 'a finite number'."""
+    addresses = shard_cluster(1, "--server-lr", "0.05")
+    model, reference = _model(), _model()
+    with DownpourSGD(
+        model.parameters(), lr=lr.clone(), model=model, ps=addresses, blocking=True
+    ) as optimizer:
+        _train(model, optimizer, _batches(2))
+        optimizer.param_groups[0]["lr"] = lr.clone()
+        _train(model, optimizer, _batches(2))
+        optimizer.pull_now()
+    sgd = torch.optim.SGD(reference.parameters(), lr=lr.clone())
+    _train(reference, sgd, _batches(2))
+    _train(reference, sgd, _batches(2))
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -146,7 +146,7 @@ def _bad_arguments():
             "^param group 1: lr must be <= 3.40282e.38, got 1e.308$",
         ),
         (
-            lambda: downpour([{"params": [weight], "lr": torch.tensor(0.1)}]),
+            lambda: downpour([{"params": [weight], "lr": torch.tensor([0.1, 0.2])}]),
             ValueError,
             "^param group 0: lr must be a finite number >= 0, got tensor",
         ),

@@ -155,6 +155,14 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
     return check_shm_allowed(PS_ADDRESS_ENV, addresses)
 
 
+def rate_value(lr: object) -> object:
+    """``lr`` as a number where it is a one-element floating tensor (torch.optim takes one as a
+    group's ``lr``: a compiled optimizer's, or a scheduler's), else as it is."""
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.dtype.is_floating_point:
+        return lr.item()
+    return lr
+
+
 def check_rates(param_groups: list[dict]) -> None:
     """Refuses a param group whose ``lr`` is no rate (``amount_problem``, at most ``MAX_RATE``):
     NaN would spread to every replica through the shards, a rate past float32's range fails
@@ -164,7 +172,7 @@ def check_rates(param_groups: list[dict]) -> None:
         ValueError: naming the group (its index) and its ``lr``.
     """
     for index, group in enumerate(param_groups):
-        problem = amount_problem(group["lr"], zero_ok=True, most=MAX_RATE)
+        problem = amount_problem(rate_value(group["lr"]), zero_ok=True, most=MAX_RATE)
         if problem is not None:
             raise ValueError(f"param group {index}: lr {problem}, got {group['lr']!r}")
 
@@ -302,8 +310,9 @@ class DownpourSGD(torch.optim.Optimizer):
 
     Args:
         params: Parameters or param groups, as for ``torch.optim.SGD``.
-        lr: Local learning rate (a group may override it): a finite number >= 0, as is every
-            group's, also when a scheduler changes it (checked at each step).
+        lr: Local learning rate (a group may override it): a finite number >= 0, or a
+            one-element tensor of one, as is every group's, also when a scheduler changes it
+            (checked at each step).
         n_push: Push the accrued gradient every this many steps (n_push in Dean et al. 2012).
         n_pull: Fetch fresh parameters every this many steps (n_fetch in Dean et al. 2012).
         model: The module owning ``params``; its parameter names label the shards' tensors
@@ -402,7 +411,7 @@ class DownpourSGD(torch.optim.Optimizer):
         source_host: str | None = None,
         num_workers: int | None = None,
     ) -> None:
-        problem = amount_problem(lr, zero_ok=True, most=MAX_RATE)
+        problem = amount_problem(rate_value(lr), zero_ok=True, most=MAX_RATE)
         if problem is not None:
             raise ValueError(f"lr {problem}, got {lr!r}")
         if not isinstance(blocking, bool):
@@ -580,7 +589,8 @@ class DownpourSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
-                torch._foreach_add_(params, [p.grad for p in params], alpha=-group["lr"])
+                alpha = -rate_value(group["lr"])
+                torch._foreach_add_(params, [p.grad for p in params], alpha=alpha)
 
     def _push_accrued(self, now: bool = False, whole: bool = False) -> None:
         """Push the accrued gradient; ``now``: wait for the shards to apply it; ``whole``: all

@@ -108,3 +108,27 @@ def test_a_one_element_tensor_lr_trains_as_torch_sgd_does(shard_cluster, lr):
     _train(reference, sgd, _batches(2))
     for got, want in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_one_cycle_lr_cycling_momentum_is_refused_saying_how_to_stop_it(shard_cluster):
+    """OneCycleLR sets a momentum the user never gave: the refusal says where it comes from."""
+    addresses = shard_cluster(1, "--server-lr", "0.1")
+    model = _model()
+    with _blocking_optimizer(model, addresses) as optimizer:
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.5, total_steps=4)
+        with pytest.raises(ValueError, match=r"momentum .* unless given cycle_momentum=False$"):
+            _train(model, optimizer, _batches(1))
+        optimizer.param_groups[0]["momentum"] = 0  # as it was before that scheduler
+        reference = _model()
+        sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+        schedulers = [
+            torch.optim.lr_scheduler.OneCycleLR(opt, 0.5, total_steps=4, cycle_momentum=False)
+            for opt in (optimizer, sgd)
+        ]
+        for batch in _batches(3):
+            for net, opt, scheduler in zip(
+                (model, reference), (optimizer, sgd), schedulers, strict=True
+            ):
+                _train(net, opt, [batch])
+                scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == sgd.param_groups[0]["lr"]

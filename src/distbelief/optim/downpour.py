@@ -188,6 +188,12 @@ _UNAPPLIED_DEFAULTS = {
 the step DownpourSGD applies (and the shards' optimizer is set on the shards)."""
 
 
+_SET_BY = {
+    "momentum": "; OneCycleLR and CyclicLR set it unless given cycle_momentum=False",
+}
+"""What sets a setting a user did not: said where it is refused."""
+
+
 def check_plain_sgd(param_groups: list[dict]) -> None:
     """Refuses a param group that sets one of SGD's other settings (``_UNAPPLIED_DEFAULTS``)
     to another value: a group ported from torch.optim.SGD would otherwise train without it.
@@ -200,7 +206,7 @@ def check_plain_sgd(param_groups: list[dict]) -> None:
             if name in group and group[name] != plain:
                 raise ValueError(
                     f"param group {index}: {name} is not applied by DownpourSGD (its step is "
-                    f"plain SGD at the group's lr), got {group[name]!r}"
+                    f"plain SGD at the group's lr), got {group[name]!r}{_SET_BY.get(name, '')}"
                 )
 
 

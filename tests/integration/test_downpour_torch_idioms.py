@@ -4,6 +4,8 @@ pulls and SGD on the shards at the worker's rate give torch.optim.SGD's paramete
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -132,3 +134,30 @@ def test_one_cycle_lr_cycling_momentum_is_refused_saying_how_to_stop_it(shard_cl
                 _train(net, opt, [batch])
                 scheduler.step()
         assert optimizer.param_groups[0]["lr"] == sgd.param_groups[0]["lr"]
+
+
+def test_a_step_grad_scaler_skips_for_an_infinite_gradient_reaches_no_shard(shard_cluster):
+    """torch.amp.GradScaler does not call step() for a gradient with an inf or NaN: the shards
+    and a replica joining them hold torch.optim.SGD's parameters, all finite."""
+    addresses = shard_cluster(2, "--server-lr", "0.1")
+
+    def train_scaled(model, optimizer):
+        scaler = torch.amp.GradScaler("cpu")
+        for step, (images, labels) in enumerate(_batches(4)):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(images), labels)
+            scaler.scale(loss * (math.inf if step == 1 else 1.0)).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            scaler.step(optimizer)
+            scaler.update()
+
+    model, reference = _model(), _model()
+    with _blocking_optimizer(model, addresses) as optimizer:
+        train_scaled(model, optimizer)
+        assert optimizer.num_steps == 3
+    train_scaled(reference, torch.optim.SGD(reference.parameters(), lr=0.1))
+    joined = _model(seed=5)
+    with DownpourSGD(joined.parameters(), model=joined, ps=addresses, timeout_s=30):
+        for got, want in zip(joined.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

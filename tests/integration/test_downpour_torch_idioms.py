@@ -1,6 +1,7 @@
-"""DownpourSGD used as torch.optim users use an optimizer, against real shard processes: a
-GradScaler, LR schedulers, state-dict hooks, a compiled model; one worker, blocking pushes and
-pulls and SGD on the shards at the worker's rate give torch.optim.SGD's parameters."""
+"""DownpourSGD and ShardedEmbeddings used as torch.optim users use an optimizer, against real
+shard processes: a GradScaler, LR schedulers, state-dict hooks, a compiled model; one worker,
+blocking pushes and pulls and SGD on the shards at the worker's rate give torch.optim.SGD's
+parameters."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from distbelief.client.rows import RowClient
 from distbelief.embeddings import ShardedEmbeddings
 from distbelief.optim import DownpourSGD
+from distbelief.server.row_table import seeded_normal_rows
 from tests.integration.test_downpour import _batches, _model, _train
 
 
@@ -161,3 +164,68 @@ def test_a_step_grad_scaler_skips_for_an_infinite_gradient_reaches_no_shard(shar
     with DownpourSGD(joined.parameters(), model=joined, ps=addresses, timeout_s=30):
         for got, want in zip(joined.parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+ROWS, WIDTH, ROW_INIT_STD = 30, 4, 0.5
+
+
+class _Ranker(nn.Module):
+    """A sparse table and a dense head, as a recommendation model has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.words = nn.Embedding(ROWS, WIDTH, sparse=True)
+        self.head = nn.Linear(WIDTH, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.words(ids).sum(1)).squeeze(1)
+
+
+def _train_ranker_scaled(model, optimizer, tables=None) -> None:
+    """Steps of a GradScaler'd loop, the second one's loss infinite (the scaler skips it)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    generator = torch.Generator().manual_seed(3)
+    for step in range(4):
+        ids = torch.randint(0, ROWS, (8, 3), generator=generator)
+        target = torch.randn(8, generator=generator)
+        optimizer.zero_grad()
+        loss = ((model(ids) - target) ** 2).mean() * (math.inf if step == 1 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        if tables is not None:
+            tables.step(grad_scaler=scaler)
+        scaler.update()
+
+
+def test_a_grad_scaler_given_to_the_tables_unscales_their_rows_and_skips_an_infinite_step(
+    shard_cluster,
+):
+    """The rows' gradients were pushed as scaled (x1024 here), and the skipped step's infinite
+    ones made the shards' rows NaN; now the rows equal nn.Embedding(sparse=True)'s trained by
+    torch.optim.SGD under the same scaler."""
+    addresses = shard_cluster(
+        2,
+        *("--server-lr", "0.1", "--row-optimizer", "sgd", "--row-lr", "0.1"),
+        *("--row-init-std", str(ROW_INIT_STD)),
+    )
+    reference = _Ranker()
+    with torch.no_grad():
+        reference.words.weight.copy_(seeded_normal_rows(torch.arange(ROWS), WIDTH, ROW_INIT_STD, 0))
+    _train_ranker_scaled(reference, torch.optim.SGD(reference.parameters(), lr=0.1))
+    model = _Ranker()
+    with ShardedEmbeddings(model, ps=addresses, blocking=True, timeout_s=30) as tables:
+        with _blocking_optimizer(model, addresses) as optimizer:
+            _train_ranker_scaled(model, optimizer, tables)
+            with pytest.raises(TypeError, match=r"^grad_scaler must be a torch.amp.GradScaler"):
+                tables.step(grad_scaler=1024.0)
+        assert tables.num_steps == 4
+    reader = RowClient(addresses, {"words": WIDTH}, timeout_s=30)
+    try:
+        reader.handshake()
+        rows = reader.pull({"words": torch.arange(ROWS)})["words"]
+    finally:
+        reader.close()
+    torch.testing.assert_close(rows, reference.words.weight.detach(), atol=1e-6, rtol=0)
+    for got, want in zip(model.head.parameters(), reference.head.parameters(), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -382,24 +382,27 @@ class ShardedEmbeddings:
 
     # -- pushing gradients ---------------------------------------------------------------
 
-    def step(self) -> None:
+    def step(self, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """End of a step: accrue the tables' gradients from the backward pass, push them every
         ``n_push`` steps, apply them locally to cached rows, and forget this step's rows.
 
+        Args:
+            grad_scaler: The ``torch.amp.GradScaler`` that scaled the loss, if one did (call
+                this before its ``update()``, which changes the scale): the rows' gradients
+                are unscaled, and a step with an inf or NaN among them is skipped, as the
+                scaler skips an optimizer's step: nothing of it is applied or pushed.
+
         Raises:
+            TypeError: ``grad_scaler`` is no ``torch.amp.GradScaler``.
             ShardTimeoutError / ShardUnavailableError / RemoteError: a past push failed.
             ClosedError: called after ``close()`` (a RuntimeError).
         """
         self._check_open("step")
-        for table, parts in self._touched.items():
-            grads = [
-                _used_rows(ids, rows.grad, used)
-                for ids, rows, used in parts
-                if rows.grad is not None
-            ]
-            if not grads:
-                continue
-            ids, summed = _unique_sum(grads)
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
+        for table, (ids, summed) in self._step_gradients(grad_scaler).items():
             self._accrued.setdefault(table, []).append((ids, summed))
             cache = self.caches.get(table)
             if cache is not None and self.lr:
@@ -411,6 +414,26 @@ class ShardedEmbeddings:
         self.num_steps += 1
         if self.num_steps % self.n_push == 0:
             self._push_accrued()
+
+    def _step_gradients(self, grad_scaler: torch.amp.GradScaler | None) -> dict:
+        """This step's (distinct ids, summed gradient rows) of each table a backward pass
+        reached, unscaled by ``grad_scaler``'s scale; none when a scaled one is not finite
+        (the loss overflowed at that scale: the scaler skips the step)."""
+        gradients = {}
+        for table, parts in self._touched.items():
+            grads = [
+                _used_rows(ids, rows.grad, used)
+                for ids, rows, used in parts
+                if rows.grad is not None
+            ]
+            if grads:
+                gradients[table] = _unique_sum(grads)
+        if grad_scaler is None or not gradients:
+            return gradients
+        inverse_scale = 1.0 / grad_scaler.get_scale()
+        if not all(bool(torch.isfinite(summed).all()) for _, summed in gradients.values()):
+            return {}
+        return {table: (ids, summed * inverse_scale) for table, (ids, summed) in gradients.items()}
 
     def _push_accrued(self) -> None:
         # Tensors are sent without a copy, so the previous push must be done first.

@@ -5,8 +5,10 @@ parameters."""
 
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -96,19 +98,24 @@ def test_loading_a_torch_sgd_state_dict_keeps_the_step_count(shard_cluster):
         assert optimizer.num_steps == 4
 
 
-@pytest.mark.parametrize("lr", [torch.tensor(0.05), torch.tensor([0.05])], ids=["0-d", "1-d"])
-def test_a_one_element_tensor_lr_trains_as_torch_sgd_does(shard_cluster, lr):
-    """torch.optim takes a tensor as a group's rate; it was refused as not 'a finite number'."""
+@pytest.mark.parametrize(
+    "lr",
+    [torch.tensor(0.05), torch.tensor([0.05]), numpy.float32(0.05)],
+    ids=["0-d", "1-d", "numpy"],
+)
+def test_a_one_element_tensor_or_numpy_lr_trains_as_torch_sgd_does(shard_cluster, lr):
+    """torch.optim takes a tensor or a numpy number as a group's rate (LambdaLR times a numpy
+    float32 sets one); they were refused as not 'a finite number'."""
     addresses = shard_cluster(1, "--server-lr", "0.05")
     model, reference = _model(), _model()
     with DownpourSGD(
-        model.parameters(), lr=lr.clone(), model=model, ps=addresses, blocking=True
+        model.parameters(), lr=copy.copy(lr), model=model, ps=addresses, blocking=True
     ) as optimizer:
         _train(model, optimizer, _batches(2))
-        optimizer.param_groups[0]["lr"] = lr.clone()
+        optimizer.param_groups[0]["lr"] = copy.copy(lr)
         _train(model, optimizer, _batches(2))
         optimizer.pull_now()
-    sgd = torch.optim.SGD(reference.parameters(), lr=lr.clone())
+    sgd = torch.optim.SGD(reference.parameters(), lr=copy.copy(lr))
     _train(reference, sgd, _batches(2))
     _train(reference, sgd, _batches(2))
     for got, want in zip(model.parameters(), reference.parameters(), strict=True):

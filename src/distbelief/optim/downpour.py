@@ -14,6 +14,7 @@ import atexit
 import concurrent.futures as cf
 import itertools
 import logging
+import numbers
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -156,10 +157,13 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
 
 
 def rate_value(lr: object) -> object:
-    """``lr`` as a number where it is a one-element floating tensor (torch.optim takes one as a
-    group's ``lr``: a compiled optimizer's, or a scheduler's), else as it is."""
+    """``lr`` as a float where it is a one-element floating tensor or another kind of real
+    number (a numpy scalar), as torch.optim takes them for a group's ``lr`` (a compiled
+    optimizer's, or a scheduler's: LambdaLR times a numpy float32 is one), else as it is."""
     if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.dtype.is_floating_point:
         return lr.item()
+    if isinstance(lr, numbers.Real) and not isinstance(lr, int | float):
+        return float(lr)
     return lr
 
 

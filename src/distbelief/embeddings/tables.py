@@ -428,8 +428,8 @@ class ShardedEmbeddings:
             ]
             if grads:
                 gradients[table] = _unique_sum(grads)
-        if grad_scaler is None or not gradients:
-            return gradients
+        if grad_scaler is None or not grad_scaler.is_enabled() or not gradients:
+            return gradients  # a disabled scaler neither scales nor skips
         inverse_scale = 1.0 / grad_scaler.get_scale()
         if not all(bool(torch.isfinite(summed).all()) for _, summed in gradients.values()):
             return {}

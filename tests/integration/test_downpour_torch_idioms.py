@@ -35,10 +35,11 @@ class _Recommender(nn.Module):
 
 def test_a_compiled_model_and_a_plain_one_name_their_tensors_and_tables_alike(shard_cluster):
     """torch.compile's wrapper lists its model's names under ``_orig_mod.``: a compiled replica
-    initialised the shards with those, and a plain replica (or an evaluator) was refused."""
+    initialised the shards with those, and a plain replica (or an evaluator) was refused; a
+    compiled model's table is chosen by its path in the model, which names it."""
     addresses = shard_cluster(1, "--server-lr", "0.1")
     compiled = torch.compile(_Recommender(seed=0))
-    tables = ShardedEmbeddings(compiled, ps=addresses, blocking=True, timeout_s=30)
+    tables = ShardedEmbeddings(compiled, ps=addresses, tables="items", timeout_s=30)
     optimizer = DownpourSGD(compiled.parameters(), model=compiled, ps=addresses, timeout_s=30)
     plain = _Recommender(seed=1)  # another init: the shards' values must win
     assert [spec.name for spec in optimizer.specs] == ["head.weight", "head.bias"]

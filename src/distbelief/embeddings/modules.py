@@ -208,15 +208,18 @@ def sharded_tables(model: nn.Module, names: list[str] | None = None) -> dict[str
             if isinstance(module, (nn.Embedding, nn.EmbeddingBag, _ShardedTable))
         ]
     else:
-        for name in names:
-            module = modules.get(name)
+        # A compiled model's module is found by its path in the model too (``items``, as the
+        # table is named, for the wrapper's ``_orig_mod.items``).
+        own_paths = {uncompiled_name(path): path for path in modules}
+        chosen = [name if name in modules else own_paths.get(name, name) for name in names]
+        for name, path in zip(names, chosen, strict=True):
+            module = modules.get(path)
             if not isinstance(module, (nn.Embedding, nn.EmbeddingBag, _ShardedTable)):
                 found = type(module).__name__ if module is not None else "nothing"
                 raise ValueError(
                     f"table {name!r}: the model has {found} there, not an nn.Embedding or "
                     "nn.EmbeddingBag"
                 )
-        chosen = list(names)
     tables: dict[str, _ShardedTable] = {}
     for name in chosen:
         module = modules[name]

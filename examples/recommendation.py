@@ -6,14 +6,16 @@ the shards (``ShardedEmbeddings``), its dense layers train with ``DownpourSGD``.
 never allocates a table: they are built on the meta device. Start the shards first:
 
     distbelief ps --shard-id 0 --num-shards 2 --bind tcp://127.0.0.1:7000 --no-auth \\
-        --row-optimizer adagrad --row-lr 0.05 &
+        --server-lr 0.5 --row-optimizer adagrad --row-lr 0.01 &
     distbelief ps --shard-id 1 --num-shards 2 --bind tcp://127.0.0.1:7001 --no-auth \\
-        --row-optimizer adagrad --row-lr 0.05 &
+        --server-lr 0.5 --row-optimizer adagrad --row-lr 0.01 &
     python examples/recommendation.py --ps tcp://127.0.0.1:7000,tcp://127.0.0.1:7001
 
 It prints the training loss every ``--log-interval`` steps and, at the end, the test AUC of the
-shards' parameters against the ceiling (the hidden model that drew the clicks). Ctrl-C (or
-SIGTERM) stops it with ``recommendation.py: interrupted`` (exit 130).
+shards' parameters against the ceiling (the hidden model that drew the clicks): 0.69 against
+0.84 with these commands. The shards train the dense layers at their ``--server-lr`` (at the
+default 0.05 the test AUC ends at 0.59). Ctrl-C (or SIGTERM) stops it with
+``recommendation.py: interrupted`` (exit 130).
 """
 
 from __future__ import annotations
@@ -56,8 +58,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ps", required=True, help="shard addresses, comma-separated, in order")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=0.05, help="the dense layers' rate")
-    parser.add_argument("--table-size", type=int, default=10_000, help="ids per table")
+    parser.add_argument(
+        "--lr", type=float, default=0.05, help="the local step's rate (the shards': --server-lr)"
+    )
+    # 1000 ids per table: each id comes back often enough in the 100k training samples to learn
+    # (0.69 test AUC; 0.66 with the data set's default 10000).
+    parser.add_argument("--table-size", type=int, default=1000, help="ids per table")
     parser.add_argument("--row-cache-mb", type=float, default=0.0)
     parser.add_argument("--log-interval", type=int, default=50)
     return parser

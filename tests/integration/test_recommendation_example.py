@@ -2,6 +2,7 @@
 first, then the script, which must learn clicks (test AUC well above chance)."""
 
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,24 +16,34 @@ from tests.conftest import CHILD_ENV, load_script, refusal, stop_processes
 EXAMPLE = Path(__file__).parents[2] / "examples" / "recommendation.py"
 
 
-@pytest.mark.timeout(300)
+def _docstring_shard_flags() -> list[str]:
+    """The training flags of the docstring's ``distbelief ps`` commands (the same for each
+    shard): what follows ``--no-auth``, up to the ``&``."""
+    commands = re.findall(
+        r"distbelief ps (.*?) &", load_script(EXAMPLE).__doc__.replace("\\\n", " ")
+    )
+    flags = {tuple(shlex.split(command.partition("--no-auth")[2])) for command in commands}
+    assert len(commands) == 2 and len(flags) == 1, commands
+    return list(flags.pop())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_the_example_learns_clicks_against_two_shards(shard_cluster):
-    addresses = shard_cluster(2, "--row-optimizer", "adagrad", "--row-lr", "0.05")
+    """As the docstring runs it: its shards' flags, the script's defaults. A test AUC near 0.69
+    (0.59 with the shards' dense layers at the default --server-lr 0.05)."""
+    addresses = shard_cluster(2, *_docstring_shard_flags())
     done = subprocess.run(
-        # Small tables: each id comes back often enough to learn in 100 steps (AUC ~0.61).
-        [
-            *(sys.executable, str(EXAMPLE), "--ps", ",".join(addresses)),
-            *("--steps", "100", "--table-size", "200"),
-        ],
+        [sys.executable, str(EXAMPLE), "--ps", ",".join(addresses)],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=340,
         env=CHILD_ENV,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     found = re.search(r"test AUC ([\d.]+) \(the hidden model's: ([\d.]+)\)", done.stdout)
     assert found is not None, done.stdout
-    assert 0.58 < float(found.group(1)) < float(found.group(2)), done.stdout
+    assert 0.66 <= float(found.group(1)) < float(found.group(2)), done.stdout
 
 
 @pytest.mark.timeout(300)

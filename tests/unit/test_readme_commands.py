@@ -17,7 +17,7 @@ from distbelief.launch.job import _planned_steps
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def _train_commands() -> list[str]:
+def readme_train_commands() -> list[str]:
     """The README's shell blocks' ``distbelief train`` commands, continued lines joined; the
     synopsis, whose choices are written ``{a,b}``, is no command."""
     commands = []
@@ -29,7 +29,7 @@ def _train_commands() -> list[str]:
     return commands
 
 
-@pytest.mark.parametrize("command", _train_commands())
+@pytest.mark.parametrize("command", readme_train_commands())
 def test_a_readme_train_command_passes_the_launchers_checks(command):
     args = parse_args(shlex.split(command)[1:])
     config = config_from_args(args)

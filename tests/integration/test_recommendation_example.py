@@ -46,11 +46,11 @@ def test_the_example_learns_clicks_against_two_shards(shard_cluster):
     assert 0.66 <= float(found.group(1)) < float(found.group(2)), done.stdout
 
 
-@pytest.mark.timeout(300)
 def _as_a_background_job() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # what a shell does to a command run with &
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_while_training_is_one_line_and_exit_130(shard_cluster, signum):
     addresses = shard_cluster(2)

@@ -33,7 +33,7 @@ from distbelief.wire.vector_program import Program
 from distbelief.worker.replica import build_replica
 
 if TYPE_CHECKING:
-    from distbelief.config import JobConfig
+    from distbelief.config import FaultsConfig, JobConfig
     from distbelief.wire.security import WireSecurity
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,11 @@ def run_coordinator(
         if resumed:
             client.handshake(None)  # the shards restore its folder as they start
         else:
-            _commit_start_point(config, client, vectors, checkpoint_dir, train_set)
+            # The shards save only when told: a first checkpoint before any evaluation.
+            initial = _initial_values(config, train_set)
+            client.handshake(initial)  # as the workers do: the first to come wins, all alike
+            settings = lbfgs_settings(config)
+            commit_start_point(vectors, initial, settings, checkpoint_dir, config.faults)
         return _optimize(config, vectors, service, emit, stop, checkpoint_dir, start_time, resumed)
     finally:
         server.stop()
@@ -255,33 +259,39 @@ def _go_back(
     return lbfgs.state.iteration
 
 
-def _commit_start_point(
-    config: JobConfig,
-    client: ParameterServerClient,
-    vectors: ShardVectors,
-    checkpoint_dir: str,
-    train_set: ArrayDataset,
-) -> None:
-    """Initialise the shards with the model's values (as the workers do: the first to come
-    wins, all alike) and commit them as the run's first checkpoint, before any evaluation.
-
-    The shards save only when the coordinator says so: from this commit on, a restarted shard
-    restores the start point and the coordinator goes back to it. A shard restarted before it
-    comes back empty: it is initialised again and the save tried again."""
+def _initial_values(config: JobConfig, train_set: ArrayDataset) -> dict[torch.dtype, torch.Tensor]:
+    """The model's initial values, flattened as the shards hold them: the workers' own."""
     model = build_replica(config, train_set.input_shape, train_set.num_classes)
-    initial = FlatLayout(tensor_specs(model.named_parameters())).flatten(list(model.parameters()))
-    del model
-    client.handshake(initial)
-    start = SandblasterLBFGS(vectors, _no_evaluations, lbfgs_settings(config))
+    return FlatLayout(tensor_specs(model.named_parameters())).flatten(list(model.parameters()))
+
+
+def commit_start_point(
+    vectors: ShardVectors,
+    initial: dict[torch.dtype, torch.Tensor],
+    settings: LBFGSSettings,
+    checkpoint_dir: str,
+    faults: FaultsConfig,
+) -> None:
+    """Commit the shards' parameters, ``initial`` (they hold them: a handshake gave them), as
+    the run's first checkpoint, L-BFGS not yet started, before any evaluation: from then on
+    a restarted shard restores them, and the coordinator goes back to them.
+
+    A shard restarted since the handshake holds nothing and refuses the save: it is given
+    ``initial`` again and the save tried again, up to ``faults.max_restarts`` times.
+
+    Raises:
+        RemoteError: a shard refused the save for another reason, or too many times.
+        ShardTimeoutError, ShardUnavailableError: a shard did not answer.
+    """
+    start = SandblasterLBFGS(vectors, _no_evaluations, settings)
     for attempt in itertools.count():
         try:
             _save(start, vectors, checkpoint_dir)
             return
         except RemoteError:
-            # Refused by a shard without parameters: one restarted since the handshake.
-            if attempt >= config.faults.max_restarts or not client.handshake(initial):
+            if attempt >= faults.max_restarts or not vectors.client.handshake(initial):
                 raise
-            logger.warning("a shard restarted before the first checkpoint: initialised again")
+            logger.warning("a shard restarted before the first checkpoint: given the model again")
 
 
 def _no_evaluations(evaluation: int, point: str) -> EvaluationOutcome:

@@ -607,3 +607,53 @@ print(optimizer.num_steps, "torch._dynamo" in sys.modules)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["4", "False"]
+
+
+def test_each_push_is_told_once_every_shard_applied_it_and_a_restart_learns_the_last(
+    shard_cluster,
+):
+    """``on_push_applied`` hears the step of every push (every third step, and the flush's
+    last one) once both shards have answered it; a later optimizer of the same worker id (a
+    restarted worker) learns from each shard the step of the last push it took."""
+    addresses = shard_cluster(2, "--server-lr", "0.1")
+    model = _model()
+    applied: list[int] = []
+    optimizer = DownpourSGD(
+        model.parameters(),
+        lr=0.1,
+        n_push=3,
+        model=model,
+        ps=addresses,
+        timeout_s=5,
+        worker_id="worker1",
+        on_push_applied=applied.append,
+    )
+    _train(model, optimizer, _batches(10))
+    optimizer.close()  # the flush pushes steps 10's leftover: its push is step 10's
+    assert applied == [3, 6, 9, 10]
+    assert optimizer.applied_step == 10
+    again: list[int] = []
+    restarted = DownpourSGD(
+        model.parameters(),
+        model=model,
+        ps=addresses,
+        timeout_s=5,
+        worker_id="worker1",
+        on_push_applied=again.append,
+    )
+    other = DownpourSGD(
+        model.parameters(), model=model, ps=addresses, timeout_s=5, worker_id="worker0"
+    )
+    try:
+        assert restarted.client.pushed_steps == [10, 10]
+        assert other.client.pushed_steps == [None, None]
+        # Resumed at step 7 with the shards holding its pushes up to step 10 (a stage a push
+        # ahead of its replica): steps 8 to 10 are done again, not pushed again.
+        before = restarted.version
+        restarted.resume(7, 10)
+        _train(model, restarted, _batches(5))
+        restarted.flush()
+        assert (restarted.num_steps, again, restarted.version) == (12, [11, 12], before + 2)
+    finally:
+        restarted.close()
+        other.close()

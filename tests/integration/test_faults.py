@@ -171,6 +171,45 @@ def test_sync_rounds_lost_with_a_shard_count_every_round_a_worker_saw(tmp_path):
     assert fault["version_before"] >= max(metrics_seen + reported)
 
 
+def _pushes_taken(run_dir: Path) -> dict[str, int]:
+    """Per shard, the pushes it took (a retried one once): its staleness histogram's total."""
+    staleness = json.loads((run_dir / "staleness.json").read_text())
+    return {shard: sum(pushes.values()) for shard, pushes in staleness.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_restarted_worker_goes_on_after_its_last_push_so_no_step_is_pushed_twice(tmp_path):
+    """Worker 1 killed mid-run: its next life goes on after the last push the shard took from
+    the dead one (not at its last report, up to 9 steps before), so the shard takes each step
+    of each worker once: 2 x 1000 pushes with --n-push 1, none twice and none skipped."""
+    run_dir = tmp_path / "run"
+    steps = 1000
+    job = ("--model", "mlp", "--no-eval", "--workers", "2", "--shards", "1", "--n-push", "1")
+    with _training(run_dir, *job, "--steps", str(steps)) as launcher:
+        _wait_for(
+            lambda: (
+                min(_worker_steps(run_dir).values(), default=0) >= 200
+                and len(_worker_steps(run_dir)) == 2
+            ),
+            120,
+            "both workers to train 200 steps",
+        )
+        _kill(run_dir, "worker1")
+        _out, err = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    [fault] = summary["faults"]
+    assert (fault["process"], fault["action"]) == ("worker1", "restarted")
+    assert 200 <= fault["resumed_at_step"] < steps
+    assert summary["worker_steps"] == {"0": steps, "1": steps}
+    # The dead life's pushes the shard took, and the next life's from the step after.
+    assert _pushes_taken(run_dir) == {"shard0": 2 * steps}
+    rows = read_metrics(run_dir / "metrics.csv")
+    after = [r["step"] for r in rows if r["role"] == "worker" and r["rank"] == 1]
+    assert after[-1] == steps
+
+
 @pytest.mark.slow
 def test_a_shard_given_up_ends_the_run_with_a_failed_summary(tmp_path):
     run_dir = tmp_path / "run"

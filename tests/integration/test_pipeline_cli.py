@@ -295,6 +295,13 @@ def test_a_killed_stage_restarts_its_replica_and_the_other_goes_on(tmp_path):
     assert summary["worker_steps"] == {"0": 400, "1": 400}
     assert summary["partitions"]["split_points"]
     assert summary["final"]["test_accuracy"] > 0.5
+    # The replica went on after its last push every stage got applied, not at its last report
+    # (up to 9 steps before, each pushed again), and a stage pushed none of the steps its
+    # shards took from its dead life (one a push ahead, or in flight): each partition took
+    # each replica's 400 pushes once.
+    [fault] = [f for f in summary["faults"] if f["process"] == "worker1.stage1"]
+    assert 0 < fault["resumed_at_step"] < 400
+    assert summary["final"]["partition_versions"] == [800, 800]
 
 
 def test_each_stages_last_record_counts_its_last_push(tmp_path):

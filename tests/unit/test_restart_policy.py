@@ -1,6 +1,7 @@
 """Unit tests of the restart policy by process kind (distbelief.launch.cluster.ProcessBook): a
 shard or the evaluator out of restarts fails the job, a worker is given up, and the job fails
-only when every worker is; shards restart on their old address, workers at their last step."""
+only when every worker is; shards restart on their old address, workers after their last push
+the shards applied."""
 
 from __future__ import annotations
 
@@ -99,9 +100,11 @@ def test_restarts_resume_where_the_process_was() -> None:
     assert book.spec(ProcessKind.SHARD, 0).bind == "tcp://127.0.0.1:0"
     book.note(Event("ready", SHARD0, {"shard_id": 0, "address": "tcp://127.0.0.1:4321"}))
     book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 7}))
+    book.note(Event("pushed", WORKER1, {"rank": 1, "step": 37}))
     book.note(Event("metric", WORKER1, {"role": "worker", "rank": 1, "step": 40, "version": 9}))
     assert book.spec(ProcessKind.SHARD, 0).bind == "tcp://127.0.0.1:4321"
-    assert book.spec(ProcessKind.WORKER, 1).resume_step == 40
+    # Its last push the shards applied, not the step of its last report.
+    assert book.spec(ProcessKind.WORKER, 1).resume_step == 37
     assert book.spec(ProcessKind.WORKER, 0).resume_step == 0
     fault = book.record_death(SHARD0, -9, stopping=False)
     assert fault.version_before == 9  # the worker's view bounds the shard's version
@@ -267,13 +270,32 @@ def test_a_restarted_stage_binds_its_old_address_and_finds_its_next_stage_there(
         source = ProcessSpec(ProcessKind.STAGE, 1, stage=stage)
         book.note(Event("ready", source, {"address": f"tcp://127.0.0.1:{port}"}))
     book.note(Event("ready", ProcessSpec(ProcessKind.STAGE, 1), {"address": None}))
-    stage0 = ProcessSpec(ProcessKind.STAGE, 1, stage=0)
-    book.note(Event("metric", stage0, {"role": "worker", "rank": 1, "step": 30}))
+    for stage, step in ((0, 30), (1, 31), (2, 30)):
+        source = ProcessSpec(ProcessKind.STAGE, 1, stage=stage)
+        book.note(Event("pushed", source, {"rank": 1, "stage": stage, "step": step}))
+    book.note(Event("metric", source, {"role": "worker", "rank": 1, "step": 40}))
     first, second, last = (book.spec(ProcessKind.STAGE, 1, stage) for stage in range(3))
     assert (first.bind, first.next_stage) == ("tcp://127.0.0.1:0", "tcp://127.0.0.1:5001")
     assert (second.bind, second.next_stage) == ("tcp://127.0.0.1:5001", "tcp://127.0.0.1:5002")
     assert (last.bind, last.next_stage) == ("tcp://127.0.0.1:5002", "")
+    # The stages go on together, after the last push every one of them got applied.
     assert {first.resume_step, second.resume_step, last.resume_step} == {30}
+
+
+def test_a_restarted_worker_resumes_after_its_last_push_and_its_fault_says_where() -> None:
+    book = _book()
+    book.note(Event("started", WORKER1, {"rank": 1, "time": 0.0, "step": 0}))
+    book.note(Event("pushed", WORKER1, {"rank": 1, "step": 12}))
+    assert not book.spec(ProcessKind.WORKER, 1).restarted  # its first life
+    fault = book.record_death(WORKER1, -9, stopping=False)
+    spec = book.spec(ProcessKind.WORKER, 1)
+    assert (spec.resume_step, spec.restarted, fault.resumed_at_step) == (12, True, 12)
+    # The shards had taken the push in flight at the death: the next life went on after it.
+    book.note(Event("started", spec, {"rank": 1, "time": 0.0, "step": 13}))
+    assert fault.resumed_at_step == 13
+    assert book.spec(ProcessKind.WORKER, 1).resume_step == 13
+    given_up = book.record_death(WORKER1, -9, stopping=False)
+    assert (given_up.action, given_up.resumed_at_step) == ("given up", None)
 
 
 def test_processes_listen_where_their_kind_runs() -> None:

@@ -224,6 +224,9 @@ class ParameterServerClient(ShardLanes):
         self._slice_cache: dict[int, tuple] = {}
         self._flat_sizes = _flat_sizes(self.slices)
         self.versions = [0] * len(self.addresses)
+        self.pushed_steps: list[int | None] = [None] * len(self.addresses)
+        """Per shard, as its handshake said: the step of the last push it took from this
+        worker id (an earlier life's, for a restarted worker); None: none."""
         self.replays = [ShardReplay() for _ in self.addresses]
         """Per shard, this worker's pushes its last checkpoint may lack (``client/replay.py``),
         re-sent once if it restarts from that checkpoint. Pushers with a worker id only; under
@@ -265,6 +268,7 @@ class ParameterServerClient(ShardLanes):
         # Every shard's settings are compared before any is initialised, so a mismatched
         # cluster is refused untouched.
         replies = self.wait([self._submit(i, self._hello) for i in range(self.num_shards)])
+        self.pushed_steps = [reply.get(ops.PUSHED_STEP_KEY) for reply in replies]
         self.consistency = self._agreed_consistency(
             [dict(reply.get("consistency", self.consistency)) for reply in replies]
         )

@@ -170,7 +170,9 @@ def _log_emit(kind: str, payload: object) -> None:
         print(f"serving shard {payload['shard_id']} at {payload['address']}", flush=True)
     elif kind == "ready" and payload.get("address"):
         print(f"stage {payload['stage']} listening at {payload['address']}", flush=True)
-    logger.log(logging.DEBUG if kind == "heartbeat" else logging.INFO, "%s %s", kind, payload)
+    # Heartbeats and pushes come several times a second: only with debug logging.
+    quiet = kind in ("heartbeat", "pushed")
+    logger.log(logging.DEBUG if quiet else logging.INFO, "%s %s", kind, payload)
 
 
 def _run_ps(args: argparse.Namespace) -> int:

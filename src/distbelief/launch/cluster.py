@@ -59,7 +59,7 @@ RESTART_POLICIES: dict[ProcessKind, RestartPolicy] = {
         resumes_from="its last checkpoint, on its old address", fatal_when_exhausted=True
     ),
     ProcessKind.WORKER: RestartPolicy(
-        resumes_from="the shards' parameters, at the step it had reached",
+        resumes_from="the shards' parameters, after its last push they applied",
         fatal_when_exhausted=False,
     ),
     ProcessKind.EVALUATOR: RestartPolicy(
@@ -70,8 +70,8 @@ RESTART_POLICIES: dict[ProcessKind, RestartPolicy] = {
         fatal_when_exhausted=True,
     ),
     ProcessKind.STAGE: RestartPolicy(
-        resumes_from="the shards' parameters, at the step its replica had reached, with the "
-        "replica's other stages, each on its old address",
+        resumes_from="the shards' parameters, after its replica's last push they applied, "
+        "with the replica's other stages, each on its old address",
         fatal_when_exhausted=False,
         restarts_replica=True,
     ),
@@ -89,7 +89,12 @@ class ProcessSpec:
     """Shards and the coordinator: the address to listen on (port 0 at first; its old
     address on a restart)."""
     resume_step: int = 0
-    """Workers: the step a restarted worker resumes at."""
+    """Workers and stages: the step a restarted one resumes at, its (replica's) last push
+    every shard applied."""
+    restarted: bool = False
+    """Workers and stages: a life after a death, which pushes none of the steps whose pushes
+    the shards took from its dead life (they may have taken one after ``resume_step``, in
+    flight at the death; a stage's replica goes on from the least of its stages')."""
     coordinator: str = ""
     """Sandblaster's workers: the coordinator's address."""
     stage: int = 0
@@ -150,6 +155,10 @@ class Fault:
     updates_redone: int | None = None
     """Rolled back: the iterations (each one update of the parameters) the job had finished
     since the checkpoint it went back to, and so did again."""
+    resumed_at_step: int | None = None
+    """Workers and replicas restarted: the step the next life went on from, the last push of
+    the dead one that every shard had applied (the shards hold its updates up to that step, and
+    none of the steps after it, which the next life does again)."""
     while_stopping: bool = False
     """It died while the job stopped (Ctrl-C, a failure, or training over and the shards
     asked to stop): it was not restarted, as nothing was left for it to do."""
@@ -290,7 +299,9 @@ class ProcessBook:
         self.coordinator_address: str | None = None
         self.stage_addresses: dict[tuple[int, int], str] = {}
         """(replica rank, stage) -> address, from the stages' "ready" events."""
-        self.last_step: dict[int, int] = {}
+        self.pushed_steps: dict[tuple[int, int], int] = {}
+        """(worker rank, stage) -> the step of its last push every shard applied (whole-model
+        workers are stage 0)."""
         self.shard_versions: dict[int, int] = {}
         self.restarts: dict[str, int] = {}
         self.given_up: set[str] = set()
@@ -307,8 +318,9 @@ class ProcessBook:
 
     def spec(self, kind: ProcessKind, index: int, stage: int = 0) -> ProcessSpec:
         """Where process ``kind``/``index`` starts: a shard on its old address once it has one,
-        a worker at the last step it reported, a stage on its old address (and its replica's
-        next stage's) at the step its replica reported.
+        a worker at its last push the shards applied, a stage on its old address (and its
+        replica's next stage's) at its replica's last push the shards applied (the least of
+        its stages').
 
         Raises:
             ValueError: ``kind`` is no ProcessKind, or ``index`` or ``stage`` is not one of
@@ -323,7 +335,8 @@ class ProcessBook:
                 kind,
                 index,
                 bind=self.stage_addresses.get((index, stage), host),
-                resume_step=self.last_step.get(index, 0),
+                resume_step=self.resume_step(index),
+                restarted=self.restarts.get(replica_name(index), 0) > 0,
                 stage=stage,
                 next_stage=self.stage_addresses.get((index, stage + 1), ""),
             )
@@ -334,13 +347,20 @@ class ProcessBook:
             return ProcessSpec(
                 kind,
                 index,
-                resume_step=self.last_step.get(index, 0),
+                resume_step=self.resume_step(index),
+                restarted=self.restarts.get(self.restart_unit(ProcessSpec(kind, index)), 0) > 0,
                 coordinator=self.coordinator_address or "",
             )
         if kind is ProcessKind.COORDINATOR:
             host = f"tcp://{self.config.cluster.host}:0"
             return ProcessSpec(kind, index, bind=self.coordinator_address or host)
         return ProcessSpec(kind, index)
+
+    def resume_step(self, rank: int) -> int:
+        """Where worker (or replica) ``rank`` goes on: its last push every shard applied; a
+        replica's stages step together, so the least of its stages'."""
+        stages = range(self.config.pipeline.num_partitions)  # 1 for a whole-model worker
+        return min(self.pushed_steps.get((rank, stage), 0) for stage in stages)
 
     def _check_process(self, kind: object, index: object, stage: object) -> None:
         """Refuses a process the job does not have (see ``spec``)."""
@@ -372,6 +392,11 @@ class ProcessBook:
         kind, source, payload = event
         if kind == "started" and self.train_start is None:
             self.train_start = payload["time"]
+        if kind in ("started", "pushed") and "step" in payload:
+            # A life starts after its last push the shards applied: one of the pushes too.
+            self.pushed_steps[(payload["rank"], payload.get("stage", 0))] = payload["step"]
+            if kind == "started":
+                self._note_resumed(self.restart_unit(source), payload["step"])
         elif kind == "heartbeat":
             self.shard_versions[payload["shard_id"]] = payload["version"]
             self._note_recovery(source.name, payload)
@@ -379,8 +404,6 @@ class ProcessBook:
             self.returned.add(source.name)
             self._note_recovery(source.name, payload)
         elif kind == "metric" and payload.get("role") == "worker":
-            # A replica's stages step together: any of them tells where the replica is.
-            self.last_step[payload["rank"]] = payload["step"]
             # Every shard applies every push, so a worker's view bounds each shard's version.
             for shard_id in range(self.config.cluster.num_shards):
                 seen = max(self.shard_versions.get(shard_id, 0), payload.get("version") or 0)
@@ -417,6 +440,16 @@ class ProcessBook:
             if fault.rolled_back and fault.updates_redone is None:
                 fault.updates_redone = max(0, done - to_iteration)
         self.coordinator_iteration = to_iteration
+
+    def _note_resumed(self, unit: str, step: int) -> None:
+        """The restarted life of ``unit`` (a worker, or a replica's stage) went on from
+        ``step``: later than the launcher knew where the shards had taken a push in flight at
+        the death."""
+        for fault in reversed(self.faults):
+            if fault.process.split(".")[0] == unit:
+                if fault.resumed_at_step is not None:
+                    fault.resumed_at_step = step
+                return
 
     def _note_restored(self, name: str, shard_id: int, version: int | None) -> None:
         """Shard ``name``'s restarted life restored ``version`` (None: it found no checkpoint,
@@ -463,16 +496,21 @@ class ProcessBook:
         )
         # A Sandblaster job goes back to its last checkpoint only for a process that comes
         # back: one given up (out of restarts, or the job stopping) ends the job instead.
-        rolls_back = self.config.optimizer.algorithm == "sandblaster" and can_restart
+        sandblaster = self.config.optimizer.algorithm == "sandblaster"  # workers take portions
+        rolls_back = sandblaster and can_restart
         fault.while_stopping = stopping
         if spec.kind is ProcessKind.SHARD:
             self._note_life_cut_short(spec.name)
             fault.version_before = self.shard_versions.get(spec.index)
             fault.rolled_back = rolls_back
-            if stopping and self.config.optimizer.algorithm != "sandblaster":
+            if stopping and not sandblaster:
                 fault.last_checkpoint_saved = spec.name in self.returned
         elif spec.kind is ProcessKind.COORDINATOR:
             fault.rolled_back = rolls_back
+        elif (
+            spec.kind in (ProcessKind.WORKER, ProcessKind.STAGE) and can_restart and not sandblaster
+        ):
+            fault.resumed_at_step = self.resume_step(spec.index)
         self.faults.append(fault)
         if can_restart:
             self.restarts[unit] = restarts + 1

@@ -130,6 +130,7 @@ def run_role(
             emit=emit,
             security=security,
             resume_step=spec.resume_step,
+            restarted=spec.restarted,
         )
     from distbelief.evaluator import run_evaluator
 
@@ -157,6 +158,7 @@ def _run_stage(
             next_stage=spec.next_stage,
             security=security,
             resume_step=spec.resume_step,
+            restarted=spec.restarted,
         )
     except PipelineError as e:
         # A neighbour died (the cluster restarts the replica): this stage did nothing wrong.

@@ -261,6 +261,9 @@ class LocalCluster:
                 self.on_fault(fault)
             if RESTART_POLICIES[spec.kind].restarts_replica:
                 self._stop_replica(spec.index)
+                # Their last pushes' events, sent before they were killed: the replica
+                # resumes after the last push of its every stage.
+                self._drain_errors()
             self.book.raise_if_fatal(spec, fault)
             if fault.action != "restarted":
                 continue

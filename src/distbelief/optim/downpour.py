@@ -359,6 +359,9 @@ class DownpourSGD(torch.optim.Optimizer):
             (default: the one the operating system picks).
         num_workers: The job's number of workers: shards that run sync rounds of another
             number refuse this optimizer (ConsistencyMismatchError). Default: not checked.
+        on_push_applied: Called with the step of each push once every shard has applied it
+            (``applied_step``), on the thread that calls ``step()``, ``flush()`` or
+            ``close()``: what a restarted replica resumes at. Default: none.
 
     A lossy push (narrowed or top-k) keeps what it leaves out in the accrued gradient, which
     the next push carries (error feedback: nothing is lost, some is delayed); ``flush()`` and
@@ -420,6 +423,7 @@ class DownpourSGD(torch.optim.Optimizer):
         push_compression: str = "none",
         source_host: str | None = None,
         num_workers: int | None = None,
+        on_push_applied: Callable[[int], None] | None = None,
     ) -> None:
         problem = amount_problem(rate_value(lr), zero_ok=True, most=MAX_RATE)
         if problem is not None:
@@ -463,6 +467,12 @@ class DownpourSGD(torch.optim.Optimizer):
         self._push_futures: list[cf.Future] = []
         self._pull_futures: list[cf.Future] = []
         self.num_steps = 0
+        self.applied_step = 0
+        """The step of the last push every shard has applied (answered): the shards' parameters
+        hold this replica's updates up to it, and none after it but a push still in flight."""
+        self._in_flight_step = 0
+        """The step of the push whose replies are ``_push_futures``."""
+        self._on_push_applied = on_push_applied
         self._closed = False
         self._server: ServerRecord | None = None
         self._store: GroupStore | None = None
@@ -559,9 +569,14 @@ class DownpourSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._finish_pull_if_done()
-        if self._window_base is None:
+        self._finish_push_if_done()
+        # A resumed replica's step whose update the shards took from its previous life: done
+        # again (its neighbouring stages need it), but not pushed again.
+        on_the_shards = self.num_steps < self.applied_step and not self.sync_rounds
+        if self._window_base is None and not on_the_shards:
             self._window_base = list(self._model_versions)
-        self._accrue()
+        if not on_the_shards:
+            self._accrue()
         self.num_steps += 1
         if self.sync_rounds:
             # The round's aggregated update replaces the parameters: no local step needed.
@@ -570,7 +585,7 @@ class DownpourSGD(torch.optim.Optimizer):
             self._finish_pull_if_done(block=True)
             return loss
         self._local_update()
-        if self.num_steps % self.n_push == 0:
+        if self.num_steps % self.n_push == 0 and not on_the_shards:
             self._push_accrued(now=self.blocking)
         if self.num_steps % self.n_pull == 0:
             if self.blocking:
@@ -578,6 +593,20 @@ class DownpourSGD(torch.optim.Optimizer):
             else:
                 self._start_pull()
         return loss
+
+    def resume(self, step: int, applied_step: int | None = None) -> None:
+        """Go on from ``step`` (a restarted replica's); the steps up to ``applied_step``
+        (default and at least ``step``), whose updates the shards took from the replica's
+        previous life, are not pushed again.
+
+        Raises:
+            ValueError: ``step`` or ``applied_step`` is no count >= 0.
+        """
+        check_count("step", step, least=0)
+        if applied_step is not None:
+            check_count("applied_step", applied_step, least=0)
+        self.num_steps = step
+        self.applied_step = max(step, applied_step or 0)
 
     def _accrue(self) -> None:
         """Add this step's gradients (scaled by their group's rate if the server asks for
@@ -606,8 +635,7 @@ class DownpourSGD(torch.optim.Optimizer):
         """Push the accrued gradient; ``now``: wait for the shards to apply it; ``whole``: all
         of it at full width, even when pushes are compressed."""
         # The outbox is sent without a copy, so the previous push must be done before reuse.
-        self.client.wait(self._push_futures)
-        self._push_futures = []
+        self._finish_push_if_done(block=True)
         self._copies.claim_accrued()
         if self._compressor is None or whole:
             payload, ready = self._outbox, self._copies.move_out(self._outbox, self._accrued)
@@ -619,8 +647,29 @@ class DownpourSGD(torch.optim.Optimizer):
         self._window_base = None
         push = self.client.push_now if now else self.client.push
         futures = push(payload, clock=self.num_steps, base_versions=base, ready=ready)
-        if not now:
-            self._push_futures = futures
+        if now:
+            self._note_applied(self.num_steps)
+        else:
+            self._push_futures, self._in_flight_step = futures, self.num_steps
+
+    def _finish_push_if_done(self, block: bool = False) -> None:
+        """Take in the replies to the push in flight once every shard has answered (``block``:
+        wait for them): its step is then applied."""
+        if not self._push_futures:
+            return
+        if not block and not all(future.done() for future in self._push_futures):
+            return
+        self.client.wait(self._push_futures)
+        self._push_futures = []
+        self._note_applied(self._in_flight_step)
+
+    def _note_applied(self, step: int) -> None:
+        """Every shard has applied the push of ``step``: tell ``on_push_applied``."""
+        if step <= self.applied_step:
+            return  # a flush with nothing accrued pushes no newer step
+        self.applied_step = step
+        if self._on_push_applied is not None:
+            self._on_push_applied(step)
 
     def _start_pull(self, after_versions: list[int] | None = None) -> None:
         if self._pull_futures:
@@ -679,8 +728,7 @@ class DownpourSGD(torch.optim.Optimizer):
         self._copies.claim_accrued()
         if any(bool(accrued.any()) for accrued in self._accrued.values()):
             self._push_accrued(whole=True)
-        self.client.wait(self._push_futures)
-        self._push_futures = []
+        self._finish_push_if_done(block=True)
 
     def close(self) -> None:
         """Flush, then close the connections to the shards (and, found through a process

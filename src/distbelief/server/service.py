@@ -48,6 +48,7 @@ from distbelief.wire.ops import (
     INIT,
     PULL,
     PUSH,
+    PUSHED_STEP_KEY,
     READ,
     SHARE,
     STATS,
@@ -274,10 +275,14 @@ class ShardConnection(VectorHandlers):
         self._bind_group(request.meta)
         # Only noted as connected (even if refused below): a worker joins the clocks at its
         # first pull or push, so one waiting for a warmstart does not hold the others back.
-        self._identify(request.meta)
+        worker, _clock = self._identify(request.meta)
         check_listed_place(self.shard.shard_id, self.shard.num_shards, request.meta.get("shard_id"))
         self._check_model(request.meta)
-        return request.reply(self._describe())
+        described = self._describe()
+        if worker in self.shard.pushed_steps:
+            # A restarted worker learns the step of the last push its dead life got applied.
+            described[PUSHED_STEP_KEY] = self.shard.pushed_steps[worker]
+        return request.reply(described)
 
     def _check_model(self, meta: dict) -> None:
         """Refuse a client whose partitioner or (once initialised) layout differs."""

@@ -229,6 +229,9 @@ class ParameterShard:
         self.last_push: dict[str, tuple[int, int, int, int]] = {}
         """Per client session: (sequence number, version after, epoch, divisor) of its last
         push, to answer a retry of it again."""
+        self.pushed_steps: dict[str, int] = {}
+        """Worker id -> the step (clock) of its last push this life took: a worker restarted
+        after a death goes on after it (not saved: a restored shard knows none)."""
         self.accumulator = EvaluationAccumulator()
         """The open Sandblaster evaluation's staged and committed gradient bundles."""
         self._last_program: dict[str, tuple[int, list]] = {}
@@ -397,6 +400,8 @@ class ParameterShard:
             )
             if dedupe_key is not None and seq is not None:
                 self.last_push[dedupe_key] = (seq[1], result.version, result.epoch, divisor)
+            if worker is not None:
+                self.pushed_steps[worker] = clock
             self._changed.notify_all()
             return result
 

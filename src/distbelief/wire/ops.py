@@ -88,6 +88,9 @@ def defined_ops() -> list[Op]:
 
 HELLO = define_op("HELLO", 1)
 """Layout check: the client's shard id and parameter specs against the shard's."""
+PUSHED_STEP_KEY = "pushed_step"
+"""In a HELLO's reply: the step (clock) of the last push the shard took from the worker id
+the HELLO names, in this life of the shard; absent when it took none."""
 INIT = define_op("INIT", 2)
 """The first worker's initial parameters for an empty shard."""
 PUSH = define_op("PUSH", 3)

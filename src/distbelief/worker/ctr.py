@@ -233,6 +233,7 @@ def run_ctr_worker(
     start_time: float = 0.0,
     security: WireSecurity | None = None,
     resume_step: int = 0,
+    restarted: bool = False,
 ) -> dict:
     """``run_worker`` for a click-log job: replica ``rank`` trained on its slice of the log.
 
@@ -240,7 +241,7 @@ def run_ctr_worker(
         ShardTimeoutError, ShardUnavailableError: a shard did not answer.
         ModelMismatchError: the shards hold another model's parameters or tables.
     """
-    from distbelief.worker.run import job_optimizer  # run.py dispatches here
+    from distbelief.worker.run import start_training  # run.py dispatches here
 
     torch.set_num_threads(config.cluster.threads_per_worker)
     train_set = load_job_dataset(config.data, "train")
@@ -257,15 +258,20 @@ def run_ctr_worker(
         source_host=config.cluster.worker_host or None,
     )
     try:
-        optimizer = job_optimizer(
-            config, rank, model.parameters(), model, addresses, security, resume_step=resume_step
+        optimizer, resume_step = start_training(
+            config,
+            rank,
+            model,
+            addresses,
+            security,
+            emit,
+            resume_step=resume_step,
+            restarted=restarted,
         )
     except BaseException:
         tables.client.close(wait=False)
         raise
-    optimizer.num_steps = resume_step
     tables.num_steps = resume_step
-    emit("started", {"rank": rank, "time": time.time()})
     try:
         ctr_train_loop(
             model,

@@ -5,7 +5,7 @@ scripts; it reports through ``emit(kind, payload)`` and knows nothing of who sta
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,10 +52,11 @@ def job_optimizer(
     *,
     resume_step: int = 0,
     group: str = "",
+    on_push_applied: Callable[[int], None] | None = None,
 ) -> DownpourSGD:
     """Replica ``rank``'s DownpourSGD over ``params`` (all of ``model``'s, or one partition's
     in parameter group ``group``), with the job's rates, periods, timeouts, warmstart and wire
-    compression."""
+    compression; ``on_push_applied`` as DownpourSGD's."""
     return DownpourSGD(
         params,
         lr=config.optimizer.lr,
@@ -75,7 +76,59 @@ def job_optimizer(
         push_compression=config.optimizer.push_compression,
         source_host=config.cluster.worker_host or None,
         num_workers=config.cluster.num_workers,
+        on_push_applied=on_push_applied,
     )
+
+
+def push_reporter(emit: Emit, rank: int, **where: int) -> Callable[[int], None]:
+    """What tells the launcher the step of each push every shard applied: a "pushed" event
+    (``rank``, ``step`` and ``where``: a stage's ``stage``), where a restart goes on from.
+    One small event per push, not per step."""
+    return lambda step: emit("pushed", {"rank": rank, "step": step, **where})
+
+
+def shards_pushed_step(optimizer: DownpourSGD) -> int | None:
+    """The step of the last push every shard took from the optimizer's worker id (a dead
+    life's, for a restarted worker), as each said at the handshake; None when one took none
+    (or was restarted since: it knows none). A push in flight at a death may be one of them:
+    taken, its answer lost."""
+    recorded = optimizer.client.pushed_steps
+    if not recorded or None in recorded:
+        return None
+    return min(step for step in recorded if step is not None)
+
+
+def start_training(
+    config: JobConfig,
+    rank: int,
+    model,
+    addresses: Sequence[str],
+    security: WireSecurity | None,
+    emit: Emit,
+    *,
+    resume_step: int,
+    restarted: bool,
+) -> tuple[DownpourSGD, int]:
+    """Replica ``rank``'s DownpourSGD over all of ``model``, reporting its pushes, and the
+    step it goes on from, told in "started": ``resume_step`` (a dead life's last push every
+    shard answered), or, ``restarted``, after a later push every shard took all the same
+    (``shards_pushed_step``). A push in flight that only some shards took is done again:
+    those apply it twice."""
+    optimizer = job_optimizer(
+        config,
+        rank,
+        model.parameters(),
+        model,
+        addresses,
+        security,
+        resume_step=resume_step,
+        on_push_applied=push_reporter(emit, rank),
+    )
+    recorded = shards_pushed_step(optimizer) if restarted else None
+    resume_step = max(resume_step, recorded or 0)
+    optimizer.resume(resume_step)
+    emit("started", {"rank": rank, "time": time.time(), "step": resume_step})
+    return optimizer, resume_step
 
 
 def run_worker(
@@ -89,13 +142,16 @@ def run_worker(
     start_time: float = 0.0,
     security: WireSecurity | None = None,
     resume_step: int = 0,
+    restarted: bool = False,
 ) -> dict:
     """Train one replica with DownpourSGD on worker ``rank``'s slice of the training set.
 
-    Emits "started" (``rank``, ``time``) just before the first step and a "metric" record every
-    ``config.reporting.log_every_steps`` steps (``time_s`` counted from ``start_time``; 0.0 gives
-    wall clock times). A restarted worker passes ``resume_step``: it starts from the shards' current
-    parameters and skips the batches its previous life already trained on.
+    Emits "started" (``rank``, ``time``, ``step``: where it starts) just before the first step,
+    a "metric" record every ``config.reporting.log_every_steps`` steps (``time_s`` counted from
+    ``start_time``; 0.0 gives wall clock times) and "pushed" (``push_reporter``) once each push
+    is applied. A restarted worker passes ``resume_step`` and ``restarted``: it starts from the
+    shards' current parameters after the last push its previous life got applied
+    (``resumed_step``), and skips the batches up to it.
 
     Args:
         hooks: called after every step (see ``StepHook``); one may stop the worker early.
@@ -126,6 +182,7 @@ def run_worker(
             start_time=start_time,
             security=security,
             resume_step=resume_step,
+            restarted=restarted,
         )
     torch.set_num_threads(config.cluster.threads_per_worker)
     train_set = load_job_dataset(config.data, "train")
@@ -139,11 +196,16 @@ def run_worker(
 
         check_stage_budget(config, 0, model.parameters())  # the whole model is one partition
     model = model.to(device)
-    optimizer = job_optimizer(
-        config, rank, model.parameters(), model, addresses, security, resume_step=resume_step
+    optimizer, resume_step = start_training(
+        config,
+        rank,
+        model,
+        addresses,
+        security,
+        emit,
+        resume_step=resume_step,
+        restarted=restarted,
     )
-    optimizer.num_steps = resume_step
-    emit("started", {"rank": rank, "time": time.time()})
     try:
         train_loop(
             model,

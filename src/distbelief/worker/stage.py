@@ -34,7 +34,7 @@ from distbelief.pipeline.wire_links import WireLinks
 from distbelief.process import Emit
 from distbelief.telemetry.metrics import make_record
 from distbelief.worker.loop import worker_batches
-from distbelief.worker.run import job_optimizer
+from distbelief.worker.run import job_optimizer, push_reporter, shards_pushed_step
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -82,6 +82,7 @@ def run_stage_worker(
     start_time: float = 0.0,
     security: WireSecurity | None = None,
     resume_step: int = 0,
+    restarted: bool = False,
 ) -> dict:
     """Train partition ``stage`` of replica ``rank`` until the replica's batches run out.
 
@@ -89,13 +90,16 @@ def run_stage_worker(
     once listening, "started" before the first step, and a "metric" record (role worker,
     with ``stage``, ``compute_s``, ``idle_s``, ``activation_bytes``; the last stage adds the
     loss and accuracy) every ``config.reporting.log_every_steps`` steps, and once more at the
-    last step for a shorter last window.
+    last step for a shorter last window; "pushed" (``stage`` too) once each push is applied.
 
     Args:
         bind: Where stages after the first listen for the previous stage.
         next_stage: The next stage's address (every stage but the last).
-        resume_step: A restarted replica's step: it starts from the shards' parameters and
-            skips the batches already trained on.
+        resume_step: A restarted replica's step, its last push every shard applied (of its
+            every stage): it starts from the shards' parameters and skips the batches up to it.
+        restarted: A life after a death: the steps after ``resume_step`` whose pushes this
+            stage's shards took from its previous life (``shards_pushed_step``: a stage a
+            push ahead of another, or one in flight) are done again but not pushed again.
 
     Returns:
         ``rank``, ``stage`` and ``steps``.
@@ -144,13 +148,15 @@ def run_stage_worker(
                 security,
                 resume_step=resume_step,
                 group=stage_group(stage),
+                on_push_applied=push_reporter(emit, rank, stage=stage),
             )
         except Exception as e:
             # The stage before would retry its connection to this one until its first-contact
             # bound, then report the connection: it is told why instead, before this one exits.
             links.fail(e, config.faults.timeout_s + config.faults.retry_timeout_s)
             raise
-        optimizer.num_steps = resume_step
+        # The replica's stages go on together, from the step the launcher gives every one.
+        optimizer.resume(resume_step, shards_pushed_step(optimizer) if restarted else None)
         steps = _train(
             config,
             rank,
@@ -192,7 +198,7 @@ def _train(
     indices = worker_indices(
         len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
     )
-    emit("started", {"rank": rank, "stage": stage, "time": time.time()})
+    emit("started", {"rank": rank, "stage": stage, "time": time.time(), "step": resume_step})
     window = _Window()
 
     def report_window() -> None:

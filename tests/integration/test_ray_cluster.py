@@ -369,6 +369,9 @@ def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, t
     assert set(faults) == {f"worker{victim}", "shard0"}, summary["faults"]
     assert {fault["action"] for fault in faults.values()} == {"restarted"}
     assert faults["shard0"]["version_restored"] is not None
+    # The victim went on after its last push the shards applied: at least the push before the
+    # step it had reported when it was killed (its pushes' events came over its link).
+    assert before[victim] - 1 <= faults[f"worker{victim}"]["resumed_at_step"] < STEPS
     assert summary["worker_steps"] == dict.fromkeys(ranks, STEPS)
     assert summary["final"]["test_accuracy"] >= 0.9, _history(summary, run_dir, err)
     assert "shard0 died; restarted" in err

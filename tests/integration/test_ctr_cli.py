@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from distbelief.client.rows import RowClient
+from distbelief.server.checkpoint_meta import read_rows_meta
 from distbelief.server.row_checkpoint import load_row_tables
 from distbelief.telemetry import read_metrics
 from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
@@ -37,6 +38,12 @@ def _worker_steps(run_dir: Path) -> int:
         if record["role"] == "worker":
             steps[record["rank"]] = max(steps.get(record["rank"], 0), record["step"])
     return min(steps.values()) if len(steps) == 2 else 0
+
+
+def _row_checkpoint_version(run_dir: Path) -> int:
+    """The version of shard 0's last row checkpoint (-1 before its first)."""
+    meta = read_rows_meta(run_dir / "checkpoints", 0)
+    return -1 if meta is None else meta["version"]
 
 
 def _rows_on_shards(checkpoints: Path, num_shards: int) -> dict[str, int]:
@@ -65,7 +72,11 @@ def test_click_model_trains_and_survives_a_killed_shard(tmp_path):
         while _worker_steps(run_dir) < 30 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _worker_steps(run_dir) >= 30, "the workers did not train"
-        time.sleep(1.5)  # a row checkpoint of shard 0 since
+        # A row checkpoint of shard 0 since (one a second, with --checkpoint-every 1).
+        saved = _row_checkpoint_version(run_dir)
+        while _row_checkpoint_version(run_dir) <= saved and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _row_checkpoint_version(run_dir) > saved, "shard 0 saved no row checkpoint"
         os.kill(json.loads((run_dir / "pids.json").read_text())["shard0"], signal.SIGKILL)
         out, err = launcher.communicate(timeout=240)
     finally:

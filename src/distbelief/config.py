@@ -396,7 +396,8 @@ class OptimizerConfig:
     """downpour (asynchronous SGD, Dean et al. 2012 section 4.1) or sandblaster (batch L-BFGS
     driven by a coordinator, section 4.2; see the sandblaster section)."""
     lr: float = 0.05
-    """Worker (local) learning rate."""
+    """Worker (local) learning rate: the step a worker takes between its pulls, each of which
+    replaces its parameters with the shards', which train at --server-lr."""
     n_push: int = 1
     """Push the accrued gradient every N steps (n_push in Dean et al. 2012)."""
     n_pull: int = 1

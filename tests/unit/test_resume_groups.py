@@ -205,6 +205,25 @@ def test_a_new_run_does_not_take_a_folder_of_sandblaster_checkpoints(tmp_path, c
     assert "holds another run's checkpoints: use --resume" in last, last
 
 
+def test_a_new_run_does_not_write_over_records_of_no_run(tmp_path, capsys):
+    """A metrics.csv without a config.json beside it (an ``eval --out`` watch's rows) is no
+    run's: a new run there wrote its own over it."""
+    from distbelief.launch.cli import main
+
+    run_dir = tmp_path / "watched"
+    run_dir.mkdir()
+    rows = "time_s,role,rank,version,test_accuracy\n1.0,evaluator,0,5,0.5\n"
+    (run_dir / "metrics.csv").write_text(rows)
+    assert main(["train", "--no-eval", "--out", str(run_dir)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        f"distbelief train: error: --out {run_dir} holds a metrics.csv of no run (an `eval --out` "
+        "watch's?), which a new run would write over: give another folder"
+    )
+    assert [path.name for path in run_dir.iterdir()] == ["metrics.csv"]
+    assert (run_dir / "metrics.csv").read_text() == rows
+
+
 def _corrupt_tensor_file(checkpoints) -> str:
     [tensors] = checkpoints.glob("shard1-v*.safetensors")
     tensors.write_bytes(tensors.read_bytes()[:-4] + b"oops")

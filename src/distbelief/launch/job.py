@@ -443,6 +443,12 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
         raise ValueError(f"--resume {run_dir}: no shard checkpoints in {run_dir / CHECKPOINT_DIR}")
     if has_checkpoints and not resume:
         raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
+    if not resume and (run_dir / "metrics.csv").exists() and not (run_dir / "config.json").exists():
+        # A run folder has its config.json from its start: these records are someone else's.
+        raise ValueError(
+            f"--out {run_dir} holds a metrics.csv of no run (an `eval --out` watch's?), which "
+            "a new run would write over: give another folder"
+        )
     config = config.with_fields({"reporting.out_dir": str(run_dir)})
     write_text_atomic(run_dir / "config.json", config.to_json())
     return config

@@ -95,8 +95,11 @@ def test_loading_a_torch_sgd_state_dict_keeps_the_step_count(shard_cluster):
         assert [stats["num_pushes"] for stats in optimizer.client.stats()] == [2]
         saved = optimizer.state_dict()
         _train(model, optimizer, _batches(1))
+        seen = []
+        optimizer.register_load_state_dict_post_hook(lambda loaded: seen.append(loaded.num_steps))
         optimizer.load_state_dict(saved)  # a DownpourSGD state dict brings its count
         assert optimizer.num_steps == 4
+        assert seen == [4]  # the post hooks see it too (they saw the count before the load)
 
 
 @pytest.mark.parametrize(

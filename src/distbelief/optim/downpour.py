@@ -882,11 +882,17 @@ class DownpourSGD(torch.optim.Optimizer):
         """
         state_dict = dict(state_dict)
         downpour = state_dict.pop("downpour", {})
-        call_unguarded("load_state_dict", self, state_dict)
-        self.num_steps = int(downpour.get("num_steps", self.num_steps))
+        self._loading_num_steps = int(downpour.get("num_steps", self.num_steps))
+        try:
+            call_unguarded("load_state_dict", self, state_dict)
+        finally:
+            del self._loading_num_steps
 
     def __setstate__(self, state: dict) -> None:
         # torch's load_state_dict hands the loaded groups here, after its pre hooks and before
         # anything has changed: the one place to check what it would load.
         check_param_groups(state["param_groups"])
         super().__setstate__(state)
+        loading = self.__dict__.get("_loading_num_steps")
+        if loading is not None:  # with the groups, before torch's post hooks: they see it
+            self.num_steps = loading

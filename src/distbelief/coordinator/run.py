@@ -1,7 +1,8 @@
-"""The coordinator's process function: serve the workers, run L-BFGS on the shards' vectors,
-checkpoint every few seconds at an iteration's end, report each iteration, tell the workers to
-stop. Run by the launcher's children; reports through ``emit`` and knows nothing of who started
-it. It holds the model's layout (built on the meta device), never its values.
+"""The coordinator's process function: commit a new run's start point, serve the workers, run
+L-BFGS on the shards' vectors, checkpoint every few seconds at an iteration's end, report each
+iteration, tell the workers to stop. Run by the launcher's children; reports through ``emit``
+and knows nothing of who started it. It holds the model's layout (built on the meta device),
+and its values only to give a new run's shards their start point.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The worker loop's per-step hooks and device, against a real shard served on 127.0.0.1 from a
-thread of the test process: a hook sees every step, one that stops early stops the loop."""
+"""The worker loop's per-step hooks, device and wire figures, against real shards served on
+127.0.0.1 from the test process: a hook sees every step, one that stops early stops the loop,
+and the records count every byte pulled, a pull still in flight at the last step's too."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import pytest
 import torch
 
 from distbelief.config import JobConfig
+from distbelief.server import ParameterShard, ShardService
 from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.server.process import serve_shard
+from distbelief.wire import serve
 from distbelief.worker import StepHook, StepInfo, run_worker
+from tests.netproxy import FaultProxy
 
 CONFIG = JobConfig.from_fields(
     {
@@ -121,3 +125,38 @@ def test_training_on_cuda(address: str) -> None:
     recorder = Recorder()
     result, _ = _train(address, recorder, device="cuda")
     assert result["steps"] == 12 and len(recorder.steps) == 12
+
+
+class DelayFrom:
+    """Adds ``delay_s`` to every byte through ``proxy`` from step ``step`` on."""
+
+    def __init__(self, proxy: FaultProxy, step: int, delay_s: float) -> None:
+        self.proxy, self.step, self.delay_s = proxy, step, delay_s
+
+    def after_step(self, step: StepInfo) -> None:
+        if step.step == self.step:
+            self.proxy.set_delay(self.delay_s)
+
+
+def test_the_records_count_a_pull_still_in_flight_after_the_last_step(monkeypatch) -> None:
+    """A non-blocking worker starts a pull at every step; the last one's reply, slowed by the
+    network, arrives after the last push is applied: the last record counts it too, so the
+    records add up to every byte the shard sent."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")  # bytes on the wire, through the proxy
+    service = ShardService(ParameterShard(0, 1, server_optimizer_from_config(CONFIG.server)))
+    server = serve("tcp://127.0.0.1:0", service)
+    events: list[tuple] = []
+    try:
+        with FaultProxy(server.address) as proxy:
+            result = run_worker(
+                CONFIG,
+                0,
+                [proxy.address],
+                emit=lambda kind, payload: events.append((kind, payload)),
+                hooks=[DelayFrom(proxy, CONFIG.optimizer.steps - 1, delay_s=0.5)],
+            )
+    finally:
+        server.stop()
+    assert result["steps"] == CONFIG.optimizer.steps
+    records = [payload for kind, payload in events if kind == "metric"]
+    assert sum(record["bytes_pulled"] for record in records) == service.bytes_sent

@@ -717,9 +717,12 @@ class DownpourSGD(torch.optim.Optimizer):
         )
         self._load_inbox()
 
+    @torch.no_grad()
     def flush(self) -> None:
         """Push any accrued gradient not yet sent (all of it, at full width) and wait until
-        every push is applied.
+        every push is applied, and a pull still in flight is answered (its parameters are
+        loaded, as the next step would load them): no request is left in flight, so the wire
+        figures taken next count every byte moved.
 
         Raises:
             ClosedError: called after ``close()`` (which flushed already).
@@ -729,6 +732,7 @@ class DownpourSGD(torch.optim.Optimizer):
         if any(bool(accrued.any()) for accrued in self._accrued.values()):
             self._push_accrued(whole=True)
         self._finish_push_if_done(block=True)
+        self._finish_pull_if_done(block=True)
 
     def close(self) -> None:
         """Flush, then close the connections to the shards (and, found through a process

@@ -1,10 +1,11 @@
 """Processes that die while ``distbelief train`` stops after Ctrl-C: each death is in
 ``summary.json``'s faults, nothing is restarted, and a Sandblaster run's summary says which
-iteration a resume goes on from (and the resume does).
+iteration a resume goes on from (and the resume does); and a shard killed as a finished job
+ends, whose restart the final evaluation follows.
 
-Each test SIGKILLs its victim right after the launcher's SIGINT: the launcher is then stopping
-the job (a Sandblaster coordinator ends the iteration under way first; the shards wait for the
-workers to be gone), and the victim had not finished its own stop.
+The Ctrl-C tests SIGKILL their victim right after the launcher's SIGINT: the launcher is then
+stopping the job (a Sandblaster coordinator ends the iteration under way first; the shards wait
+for the workers to be gone), and the victim had not finished its own stop.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from pathlib import Path
 
 import pytest
 
+from distbelief.config import JobConfig
+from distbelief.evaluator.run import watch_shards
+from distbelief.launch import train
+from distbelief.launch.cluster import ProcessKind
+from distbelief.launch.local import LocalCluster
+from distbelief.server import ParameterShard, ShardService
+from distbelief.server.checkpoint import load_checkpoint
+from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.telemetry import read_metrics
+from distbelief.wire import serve
 from tests.conftest import CLI, run_cli, start_scripts, stop_processes
 
 RUN_TIMEOUT_S = 240
@@ -112,3 +122,75 @@ def test_a_coordinator_killed_while_the_job_stops_is_not_restarted_and_a_resume_
     # The resume's rows follow the earlier ones: from the committed iteration on.
     assert steps[-2:] == [record["iteration"] + 1, resumed_to]
     assert _summary(run_dir)["coordinator"]["resumes_from_iteration"] == resumed_to
+
+
+class ShardKilledAfterTheFinalEvaluation(LocalCluster):
+    """The local cluster, but shard1 is SIGKILLed once the evaluator has returned its final
+    evaluation, before the launcher asks the shards to stop: the launcher sees it die, and
+    restarts it from its last checkpoint, while the job ends."""
+
+    killed = False
+
+    def finished(self, kind: ProcessKind) -> bool:
+        done = super().finished(kind)
+        if kind is ProcessKind.EVALUATOR and done and not self.killed:
+            self.killed = True
+            _, process = self.processes["shard1"]
+            os.kill(process.pid, signal.SIGKILL)
+            process.join(30)
+            return False  # the launcher takes in the death before it stops the shards
+        return done
+
+
+def _evaluate_checkpoints(config: JobConfig, run_dir: Path) -> dict:
+    """What ``eval --once`` reports of shards restored from the run's last checkpoints."""
+    servers = []
+    try:
+        for shard_id in range(config.cluster.num_shards):
+            shard = ParameterShard(
+                shard_id, config.cluster.num_shards, server_optimizer_from_config(config.server)
+            )
+            state = load_checkpoint(run_dir / "checkpoints", shard_id)
+            assert state is not None
+            shard.restore(state)
+            servers.append(serve("tcp://127.0.0.1:0", ShardService(shard)))
+        return watch_shards(config, [server.address for server in servers], once=True)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_shard_restarted_after_the_final_evaluation_is_evaluated_again(tmp_path):
+    """Killed after the workers finished, shard1 comes back from its first checkpoint (the
+    periodic ones are 30 s apart): summary.json's final is the evaluation of what the run
+    ends with, not the one before the restart."""
+    config = JobConfig.from_fields(
+        {
+            "cluster.num_workers": 2,
+            "cluster.num_shards": 2,
+            "model.name": "mlp",
+            "data.name": "digits",
+            "optimizer.steps": 60,
+            "reporting.eval_during_training": False,
+            "reporting.out_dir": str(tmp_path / "run"),
+        }
+    )
+    result = train(config, cluster_type=ShardKilledAfterTheFinalEvaluation)
+    summary = _summary(result.run_dir)
+    assert summary["outcome"] == "done"
+    [fault] = summary["faults"]
+    assert (fault["process"], fault["action"], fault["while_stopping"]) == (
+        "shard1",
+        "restarted",
+        False,
+    )
+    assert fault["lost_updates"] > 0
+    ended_with = _evaluate_checkpoints(config, result.run_dir)
+    assert summary["final"]["test_loss"] == pytest.approx(ended_with["test_loss"], rel=1e-5)
+    assert summary["final"]["test_accuracy"] == ended_with["test_accuracy"]
+    # Two evaluations in metrics.csv: the one the restart made stale, then summary.json's.
+    evaluations = _rows(result.run_dir, "evaluator")
+    assert len(evaluations) == 2
+    assert evaluations[-1]["test_loss"] == pytest.approx(summary["final"]["test_loss"])

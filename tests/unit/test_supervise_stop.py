@@ -26,6 +26,7 @@ class _SlowToStop:
     def __init__(self, shard_exit_s):
         self.shard_exit_s = shard_exit_s
         self.asked = {}
+        self.faults = []
 
     def stop(self, kind):
         self.asked[kind] = time.monotonic()

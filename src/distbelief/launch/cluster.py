@@ -220,7 +220,9 @@ class Cluster(Protocol):
         """Starts one process; shards must be ready (see ``wait_for_shards``) before workers,
         the evaluator and the coordinator start, and in a Sandblaster job the coordinator (see
         ``wait_for_coordinator``) before the workers. A replica's stages start last to first,
-        each once the next one listens (see ``wait_for_stage``)."""
+        each once the next one listens (see ``wait_for_stage``). A process of a kind asked to
+        stop starts asked (the evaluator evaluates once and returns); one that returned may be
+        started again, and its new life's result replaces the one before."""
 
     def wait_for_stage(self, rank: int, stage: int, timeout_s: float) -> str:
         """Waits until stage ``stage`` of replica ``rank`` listens; returns its address.

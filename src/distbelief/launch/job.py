@@ -37,6 +37,7 @@ from distbelief.launch.cluster import (
     Event,
     Fault,
     ProcessKind,
+    ProcessSpec,
 )
 from distbelief.launch.deferred_signals import import_with_signals_deferred
 from distbelief.launch.hosts import check_hosts_are_here
@@ -278,7 +279,8 @@ def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
     """Route events until the workers finish (Sandblaster: the coordinator, which tells the
     workers it reaches to stop, then the workers, told to stop by their flag too: one that
     reached the coordinator too late, still starting, say, must not wait for it), then stop
-    the evaluator (after its final evaluation) and the shards (which report their counters),
+    the evaluator (after its final evaluation, made again if a shard restarted meanwhile:
+    ``_evaluate_again_after_shard_restarts``) and the shards (which report their counters),
     in that order."""
     training = [_training_kind(config)]
     stopped = [ProcessKind.EVALUATOR, ProcessKind.SHARD]
@@ -286,22 +288,52 @@ def _supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
         training.insert(0, ProcessKind.COORDINATOR)
         stopped.append(ProcessKind.WORKER)
     for kind in (*training, ProcessKind.EVALUATOR, ProcessKind.SHARD):
+        faults_before = len(cluster.faults)
         if kind in stopped:
             cluster.stop(kind)
-        asked, said = time.monotonic(), False
-        while not cluster.finished(kind):
-            route(cluster.next_event(0.2))
-            if kind in training:
-                route.poll_shards()
-            elif not said and time.monotonic() - asked >= STOP_NOTICE_S:
-                # A process that hangs (stopped, stuck on its disk) would hold the launcher
-                # without a word: it waits on (a shard saves its last checkpoint), and says so.
-                said = True
-                route.sink.message(_still_stopping(kind, time.monotonic() - asked))
+        _route_until_finished(cluster, route, kind, training=kind in training)
+        if kind is ProcessKind.EVALUATOR:
+            _evaluate_again_after_shard_restarts(cluster, route, config, faults_before)
         if kind == training[-1]:
             route.poll_shards(now=True)
     while (event := cluster.next_event(0.05)) is not None:
         route(event)
+
+
+def _route_until_finished(
+    cluster: Cluster, route: EventRouter, kind: ProcessKind, *, training: bool
+) -> None:
+    """Routes events until every process of ``kind`` has finished; polls the shards while
+    ``training``, else says once that the processes asked to stop are slow to."""
+    asked, said = time.monotonic(), False
+    while not cluster.finished(kind):
+        route(cluster.next_event(0.2))
+        if training:
+            route.poll_shards()
+        elif not said and time.monotonic() - asked >= STOP_NOTICE_S:
+            # A process that hangs (stopped, stuck on its disk) would hold the launcher
+            # without a word: it waits on (a shard saves its last checkpoint), and says so.
+            said = True
+            route.sink.message(_still_stopping(kind, time.monotonic() - asked))
+
+
+def _evaluate_again_after_shard_restarts(
+    cluster: Cluster, route: EventRouter, config: JobConfig, faults_seen: int
+) -> None:
+    """The evaluator's last evaluation is summary.json's ``final``. A shard restarted since
+    the evaluator was asked for it (the faults after ``faults_seen``) came back from its last
+    checkpoint with no worker left to replay what it lost: that evaluation may describe
+    parameters the run no longer holds. The evaluator is started again (its stop flag set, it
+    evaluates the shards once and returns), until no shard restarted during its evaluation:
+    ``final`` is then what the shards save as they stop, what a resume or ``eval`` sees."""
+    shards = {ProcessSpec(ProcessKind.SHARD, i).name for i in range(config.cluster.num_shards)}
+    while any(
+        fault.process in shards and fault.action == "restarted"
+        for fault in cluster.faults[faults_seen:]
+    ):
+        faults_seen = len(cluster.faults)
+        cluster.start(ProcessKind.EVALUATOR, 0)
+        _route_until_finished(cluster, route, ProcessKind.EVALUATOR, training=False)
 
 
 def _still_stopping(kind: ProcessKind, waited_s: float) -> str:

@@ -201,6 +201,9 @@ class RayCluster:
         if self._session is None:
             raise ClosedError("RayCluster", f"start of {spec.name}", after="stop_all()")
         placing, ref = self._run(spec)
+        # A process started again after it returned (the evaluator, to evaluate once more)
+        # runs until its new life's result comes.
+        self._results.pop(spec.name, None)
         self._lives[spec.name] = _Life(spec, ref, placing, after_death=spec.name in self._lives)
 
     def _run(self, spec: ProcessSpec) -> tuple[Any, Any]:

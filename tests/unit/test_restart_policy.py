@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 
 from distbelief.config import JobConfig
+from distbelief.coordinator.checkpoint import checkpoint_tag, commit
 from distbelief.errors import ChildFailedError
 from distbelief.launch.cluster import (
+    CHECKPOINT_DIR,
     RESTART_POLICIES,
     Event,
     Fault,
@@ -17,6 +19,8 @@ from distbelief.launch.cluster import (
     ProcessKind,
     ProcessSpec,
 )
+from distbelief.launch.stop_records import add_what_the_stop_settled
+from distbelief.launch.summary import RunResult
 from distbelief.launch.train_report import describe_restore, restore_lines
 
 SHARD0 = ProcessSpec(ProcessKind.SHARD, 0)
@@ -460,3 +464,27 @@ def test_a_local_cluster_starts_nothing_after_stop_all(tmp_path, monkeypatch) ->
     with pytest.raises(ClosedError, match=r"^LocalCluster: start of shard0 after stop_all\(\)$"):
         cluster.start(ProcessKind.SHARD, 0)
     assert cluster.processes == {}
+
+
+@pytest.mark.parametrize(
+    ("committed", "saved"), [(3, True), (2, False), (None, False)], ids=["last", "older", "none"]
+)
+def test_a_sandblaster_shard_dead_while_the_job_stops_says_whether_its_state_was_committed(
+    tmp_path, committed: int | None, saved: bool
+) -> None:
+    """Its checkpoints are the coordinator's commits: its last state is saved when the last
+    commit is the last iteration the job reached (3), not when a resume goes back further."""
+    config = JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
+    book = ProcessBook(config)
+    book.record_death(ProcessSpec(ProcessKind.SHARD, 1), -9, stopping=True)
+    book.record_death(WORKER0, -9, stopping=True)
+    if committed is not None:
+        tag = checkpoint_tag(committed)
+        (tmp_path / CHECKPOINT_DIR / tag).mkdir(parents=True)
+        commit(tmp_path / CHECKPOINT_DIR, tag, committed, {})
+    result = RunResult(tmp_path, faults=list(book.faults), coordinator={"iterations": 3})
+    add_what_the_stop_settled(result, book, config, time_offset_s=0.0)
+    shard, worker = result.faults
+    assert (shard.process, shard.last_checkpoint_saved) == ("shard1", saved)
+    assert worker.last_checkpoint_saved is None
+    assert result.coordinator["resumes_from_iteration"] == committed

@@ -113,6 +113,11 @@ class ProcessSpec:
         return f"{self.kind.value}{self.index}"
 
 
+def shard_names(num_shards: int) -> set[str]:
+    """The names of a job's ``num_shards`` shards in events, pids.json and faults."""
+    return {ProcessSpec(ProcessKind.SHARD, shard_id).name for shard_id in range(num_shards)}
+
+
 def replica_name(rank: int) -> str:
     """How a replica is named in faults (its stages are ``worker{rank}.stage{s}``)."""
     return f"worker{rank}"
@@ -165,8 +170,9 @@ class Fault:
     last_checkpoint_saved: bool | None = None
     """A shard that died while the job stopped: whether it had returned its result, and so
     saved the checkpoint it saves on the way out (False: a resume restores its one before).
-    None otherwise, and for a Sandblaster job's shards, which save only when the coordinator
-    commits an iteration."""
+    A Sandblaster job's shards save only when the coordinator commits an iteration: whether
+    the last one committed (summary.json's ``coordinator.resumes_from_iteration``) is the last
+    iteration the job reached, known once the job has stopped. None otherwise."""
     recovery_cut_short: bool = False
     """Shards: the life restarted after this death died too, before it returned its result:
     ``updates_replayed`` and ``pushes_resent`` are its last heartbeat's (or none), so the

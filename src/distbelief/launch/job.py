@@ -37,7 +37,7 @@ from distbelief.launch.cluster import (
     Event,
     Fault,
     ProcessKind,
-    ProcessSpec,
+    shard_names,
 )
 from distbelief.launch.deferred_signals import import_with_signals_deferred
 from distbelief.launch.hosts import check_hosts_are_here
@@ -326,7 +326,7 @@ def _evaluate_again_after_shard_restarts(
     parameters the run no longer holds. The evaluator is started again (its stop flag set, it
     evaluates the shards once and returns), until no shard restarted during its evaluation:
     ``final`` is then what the shards save as they stop, what a resume or ``eval`` sees."""
-    shards = {ProcessSpec(ProcessKind.SHARD, i).name for i in range(config.cluster.num_shards)}
+    shards = shard_names(config.cluster.num_shards)
     while any(
         fault.process in shards and fault.action == "restarted"
         for fault in cluster.faults[faults_seen:]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from distbelief.coordinator.checkpoint import read_record
 from distbelief.errors import CheckpointError
-from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Fault
+from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Fault, shard_names
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -37,7 +37,8 @@ def add_what_the_stop_settled(
     stopped (shown here: the progress display is closed by then), and a Sandblaster run's
     ``resumes_from_iteration``, the iteration of the coordinator's last committed checkpoint,
     which ``--resume`` goes on from (metrics.csv may have rows past it: a coordinator killed
-    as it stopped committed none of them)."""
+    as it stopped committed none of them), and so whether a shard that died while the job
+    stopped had its last state saved (``Fault.last_checkpoint_saved``)."""
     for fault in cluster.faults[len(result.faults) :]:
         logger.warning("%s", describe_fault(fault))
     result.faults = on_metrics_clock(cluster.faults, time_offset_s)
@@ -46,6 +47,12 @@ def add_what_the_stop_settled(
     committed = _committed_iteration(result.run_dir)
     result.coordinator["resumes_from_iteration"] = committed
     reached = result.coordinator.get("iterations")
+    # A Sandblaster shard saves only the checkpoints the coordinator commits: it died with
+    # nothing unsaved when the last one committed is the last iteration the job reached.
+    saved = committed is not None and (reached is None or committed >= reached)
+    for fault in result.faults:
+        if fault.process in shard_names(config.cluster.num_shards) and fault.while_stopping:
+            fault.last_checkpoint_saved = saved
     if committed is not None and reached is not None and reached > committed:
         logger.warning(
             "the last committed checkpoint is iteration %d (metrics.csv goes on to %d): "

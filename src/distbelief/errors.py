@@ -161,16 +161,21 @@ class ChildFailedError(DistBeliefError):
         super().__init__(f"{message}:\n{detail}" if detail else message)
 
     def short(self) -> str:
-        """``<name> failed (exit code N): <error>``, where the error is the exception line(s)
-        at the end of ``detail``'s traceback (all of ``detail`` if it is none)."""
+        """``<name> failed (exit code N): <error>``, where the error is ``error()``."""
+        error = self.error()
+        return f"{self.head}: {error}" if error else self.head
+
+    def error(self) -> str:
+        """The exception line(s) at the end of ``detail``'s traceback (all of ``detail`` if it
+        is none); empty without a detail."""
         lines = self.detail.rstrip().splitlines()
         frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
         if not frames:
-            return f"{self.head}: {self.detail.strip()}" if self.detail.strip() else self.head
+            return self.detail.strip()
         rest = lines[frames[-1] + 1 :]
         while rest and rest[0].startswith(" "):  # the frame's source line and its ^^^ markers
             rest = rest[1:]
-        return f"{self.head}: " + ("\n".join(rest) or lines[-1])
+        return "\n".join(rest) or lines[-1]
 
 
 class ClusterError(DistBeliefError):

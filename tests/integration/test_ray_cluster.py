@@ -438,9 +438,13 @@ def test_ctrl_c_stops_every_actor_after_the_coordinator_commits_its_iteration(ra
 @pytest.mark.slow
 @pytest.mark.xdist_group("ray_nodes")
 @pytest.mark.timeout(300)
-def test_a_shard_killed_as_the_job_stops_is_in_the_summary_and_not_restarted(ray_nodes, tmp_path):
+def test_a_shard_killed_or_failing_as_the_job_stops_is_in_the_summary_and_not_restarted(
+    ray_nodes, tmp_path
+):
     """SIGKILL to a shard's process right after Ctrl-C: the launcher, stopping, brings nothing
-    back, and summary.json lists the death (it was made before the stop, which saw it)."""
+    back, and summary.json lists the death (it was made before the stop, which saw it); the
+    other shard cannot save its last checkpoint (a folder is where its record goes), and its
+    error is listed too."""
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
     launcher = _launch_on(ray_nodes, log, *("--steps", "1000000", "--out", str(run_dir)))
     try:
@@ -448,6 +452,9 @@ def test_a_shard_killed_as_the_job_stops_is_in_the_summary_and_not_restarted(ray
         _wait_for(lambda: names <= _placed(run_dir), 120, "every process to start")
         _wait_for(lambda: len(_rows(run_dir, "worker")) >= 4, 120, "four worker rows")
         pid = json.loads((run_dir / "pids.json").read_text())["shard1"]
+        record = run_dir / "checkpoints" / "shard0.json"
+        record.unlink()
+        record.mkdir()
         launcher.send_signal(signal.SIGINT)
         os.kill(pid, signal.SIGKILL)
         launcher.wait(timeout=60)
@@ -459,9 +466,15 @@ def test_a_shard_killed_as_the_job_stops_is_in_the_summary_and_not_restarted(ray
     assert launcher.returncode == 130, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["outcome"] == "interrupted"
-    faults = [(f["process"], f["action"], f["while_stopping"]) for f in summary["faults"]]
-    assert faults == [("shard1", "given up", True)], err[-3000:]
+    faults = {
+        f["process"]: (f["action"], f["while_stopping"], f.get("error")) for f in summary["faults"]
+    }
+    assert faults.keys() == {"shard0", "shard1"}, err[-3000:]
+    assert faults["shard1"] == ("given up", True, None)
+    assert faults["shard0"][:2] == ("given up", True)
+    assert faults["shard0"][2].startswith("IsADirectoryError"), faults["shard0"]
     assert "shard1 died while the job stopped; given up" in err
+    assert "shard0 failed while the job stopped: IsADirectoryError" in err
     assert json.loads((run_dir / "pids.json").read_text())["shard1"] == pid  # no second life
 
 

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,15 @@ def _rows(run_dir: Path, role: str) -> list[dict]:
 
 
 def _interrupt_and_kill(
-    run_dir: Path, args: tuple[str, ...], role: str, victim: str
+    run_dir: Path,
+    args: tuple[str, ...],
+    role: str,
+    victim: str,
+    before_interrupt: Callable[[], None] = lambda: None,
 ) -> tuple[subprocess.CompletedProcess, int]:
-    """Runs ``args``; once metrics.csv has 4 rows of ``role``, sends the launcher SIGINT and
-    at once SIGKILLs process ``victim`` (by its pid in pids.json). Returns how the launcher
-    ended and the victim's pid."""
+    """Runs ``args``; once metrics.csv has 4 rows of ``role``, calls ``before_interrupt``,
+    sends the launcher SIGINT and at once SIGKILLs process ``victim`` (by its pid in
+    pids.json). Returns how the launcher ended and the victim's pid."""
     [launcher] = start_scripts([[*CLI[1:], *args, "--out", str(run_dir)]])
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -65,6 +70,7 @@ def _interrupt_and_kill(
             assert time.monotonic() < deadline, f"no 4 {role} rows recorded"
             time.sleep(0.1)
         pid = json.loads((run_dir / "pids.json").read_text())[victim]
+        before_interrupt()
         launcher.send_signal(signal.SIGINT)
         os.kill(pid, signal.SIGKILL)
         out, err = launcher.communicate(timeout=120)
@@ -79,18 +85,41 @@ def _summary(run_dir: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_shard_killed_while_the_job_stops_is_in_the_summary_and_not_restarted(tmp_path):
+def test_a_shard_killed_or_failing_while_the_job_stops_is_in_the_summary_and_not_restarted(
+    tmp_path,
+):
+    """shard1 is killed; shard0 cannot save its last checkpoint (a folder is where its record
+    goes) and reports the error: each is a fault of the stop, the interrupted job stays so."""
     run_dir = tmp_path / "run"
-    result, pid = _interrupt_and_kill(run_dir, DOWNPOUR, "worker", "shard1")
+
+    def block_shard0s_last_save() -> None:
+        record = run_dir / "checkpoints" / "shard0.json"
+        record.unlink()
+        record.mkdir()
+
+    result, pid = _interrupt_and_kill(
+        run_dir, DOWNPOUR, "worker", "shard1", before_interrupt=block_shard0s_last_save
+    )
     assert result.returncode == 130, result.stderr[-3000:]
     summary = _summary(run_dir)
     assert summary["outcome"] == "interrupted"
-    faults = [
-        (f["process"], f["exitcode"], f["action"], f["while_stopping"], f["last_checkpoint_saved"])
+    faults = {
+        f["process"]: (
+            f["exitcode"],
+            f["action"],
+            f["while_stopping"],
+            f["last_checkpoint_saved"],
+            f.get("error"),
+        )
         for f in summary["faults"]
-    ]
-    assert faults == [("shard1", -signal.SIGKILL, "given up", True, False)]
+    }
+    assert faults.keys() == {"shard0", "shard1"}
+    assert faults["shard1"] == (-signal.SIGKILL, "given up", True, False, None)
+    assert faults["shard0"][:4] == (1, "given up", True, False)
+    assert faults["shard0"][4].startswith("IsADirectoryError"), faults["shard0"]
     assert "shard1 died (exit code -9) while the job stopped; given up" in result.stderr
+    said = "shard0 failed (exit code 1) while the job stopped: IsADirectoryError"
+    assert said in result.stderr, result.stderr[-3000:]
     assert json.loads((run_dir / "pids.json").read_text())["shard1"] == pid  # no second life
 
 

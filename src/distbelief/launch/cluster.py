@@ -135,7 +135,8 @@ class Event(NamedTuple):
 
 @dataclass
 class Fault:
-    """A process that died without reporting an error, and what the cluster did about it."""
+    """A process that died without reporting an error, or reported one while the job stopped,
+    and what the cluster did about it."""
 
     process: str
     time_s: float
@@ -173,6 +174,10 @@ class Fault:
     A Sandblaster job's shards save only when the coordinator commits an iteration: whether
     the last one committed (summary.json's ``coordinator.resumes_from_iteration``) is the last
     iteration the job reached, known once the job has stopped. None otherwise."""
+    error: str | None = None
+    """A process that reported an error while the job stopped (a shard that could not save
+    its last checkpoint, say): its exception line. The job, ending already, was not failed by
+    it: it is given up, as a death then is. None for a death."""
     recovery_cut_short: bool = False
     """Shards: the life restarted after this death died too, before it returned its result:
     ``updates_replayed`` and ``pushes_resent`` are its last heartbeat's (or none), so the
@@ -265,7 +270,8 @@ class Cluster(Protocol):
     def begin_stop(self) -> None:
         """The job ends early (Ctrl-C, a failure): from now on a process that dies is given up,
         not restarted, as nothing is left for it to do (asking the shards to stop does the
-        same at a job's end)."""
+        same at a job's end), and one that reports an error is a fault (``Fault.error``), not
+        raised: the job ends as it was ending."""
 
     def stop(self, kind: ProcessKind) -> None:
         """Asks every process of ``kind`` to finish, at once: the evaluator evaluates one last
@@ -277,8 +283,8 @@ class Cluster(Protocol):
 
     def stop_all(self) -> None:
         """Stops every process (workers and evaluator first, then shards), within seconds; a
-        process that dies meanwhile, by another hand than the cluster's, is a fault too
-        (``while_stopping``)."""
+        process that dies meanwhile, by another hand than the cluster's, or reports an error
+        not raised yet, is a fault too (``while_stopping``)."""
 
     def __enter__(self) -> Cluster: ...
 
@@ -524,6 +530,13 @@ class ProcessBook:
             self.restarts[unit] = restarts + 1
         else:
             self.given_up.add(unit)
+        return fault
+
+    def record_error(self, spec: ProcessSpec, exitcode: int | None, detail: str) -> Fault:
+        """Records that ``spec``'s process reported an error (``detail``, its traceback) while
+        the job stopped: a fault with its exception line, given up as a death then is."""
+        fault = self.record_death(spec, exitcode, stopping=True)
+        fault.error = ChildFailedError(spec.name, exitcode, detail).error() or None
         return fault
 
     def _note_life_cut_short(self, name: str) -> None:

@@ -115,6 +115,10 @@ class LocalCluster:
         self.security = WireSecurity(auth_key=generate_key())
         self.processes: dict[str, tuple[ProcessSpec, Any]] = {}
         self.errors: dict[str, str] = {}
+        self._errors_settled: set[str] = set()
+        """The processes whose error was raised, or recorded as a fault of the stop."""
+        self._ending_early = False
+        """``begin_stop()`` ran: an error a process reports is a fault, not raised."""
         self._results: dict[str, Any] = {}
         self._backlog: collections.deque[Event] = collections.deque()
         self._signalled: dict[int, signal.Signals] = {}
@@ -124,8 +128,8 @@ class LocalCluster:
 
     @property
     def faults(self) -> list[Fault]:
-        """The processes that died without reporting an error so far, and what was done
-        about each, oldest first."""
+        """The processes that died without reporting an error so far, or reported one while
+        the job stopped, and what was done about each, oldest first."""
         return self.book.faults
 
     def __enter__(self) -> LocalCluster:
@@ -255,7 +259,8 @@ class LocalCluster:
                 continue
             self._drain_errors()
             if name in self.errors:
-                raise ChildFailedError(name, process.exitcode, self.errors[name])
+                self._settle_error(spec, process)
+                continue
             fault = self.book.record_death(spec, process.exitcode, stopping=self.book.stopping)
             if self.on_fault is not None:
                 self.on_fault(fault)
@@ -274,6 +279,20 @@ class LocalCluster:
                     self.start(spec.kind, spec.index, stage)
             else:
                 self.start(spec.kind, spec.index)
+
+    def _settle_error(self, spec: ProcessSpec, process: Any, *, announce: bool = True) -> None:
+        """Process ``spec`` reported an error: it fails the job (raised), or, the job ending
+        already (``begin_stop``), is a fault of the stop (given to ``on_fault`` if
+        ``announce``)."""
+        name = spec.name
+        if name in self._errors_settled:
+            return
+        self._errors_settled.add(name)
+        if not self._ending_early:
+            raise ChildFailedError(name, process.exitcode, self.errors[name])
+        fault = self.book.record_error(spec, process.exitcode, self.errors[name])
+        if announce and self.on_fault is not None:
+            self.on_fault(fault)
 
     def _stop_replica(self, rank: int) -> None:
         """Kill every stage of replica ``rank`` still running (its peers are gone or going)."""
@@ -305,6 +324,7 @@ class LocalCluster:
         """The job ends early: a process that dies from now on is given up (see
         ``Cluster.begin_stop``)."""
         self.book.stopping = True
+        self._ending_early = True
 
     def stop(self, kind: ProcessKind) -> None:
         """Asks every process of ``kind`` to finish: the stop flag of its role; Downpour's workers
@@ -370,16 +390,22 @@ class LocalCluster:
         return signum is signal.SIGKILL or process.exitcode in ended_by.get(signum, ())
 
     def _note_deaths_while_stopping(self) -> None:
-        """Records as faults the processes that died while the job stopped, by another hand
-        than the cluster's (its SIGTERM to a client, its SIGKILL after the grace period), and
-        not yet recorded: what they sent before is read first, so a shard that returned its
-        result (and saved its last checkpoint) is known so. The cluster is stopping: nothing
-        is restarted, and nothing raised (the job ends as it was ending)."""
+        """Records as faults the processes that reported an error not raised yet, and those
+        that died while the job stopped, by another hand than the cluster's (its SIGTERM to a
+        client, its SIGKILL after the grace period), and not yet recorded: what they sent
+        before is read first, so a shard that returned its result (and saved its last
+        checkpoint) is known so. The cluster is stopping: nothing is restarted, and nothing
+        raised (the job ends as it was ending)."""
         self._drain_errors()
+        self._ending_early = True
         for name, (spec, process) in self.processes.items():
+            if name in self.errors:
+                # Shown by the launcher once the cluster has stopped (its display is closed).
+                self._settle_error(spec, process, announce=False)
+                continue
             if process.exitcode in (None, 0) or self._ended_by_the_cluster(process):
                 continue
-            if name in self.errors or self.book.restart_unit(spec) in self.book.given_up:
+            if self.book.restart_unit(spec) in self.book.given_up:
                 continue
             self.book.record_death(spec, process.exitcode, stopping=True)
 

@@ -128,6 +128,11 @@ class RayCluster:
         self._stopped: set[str] = set()
         """Downpour workers stopped on request (they have no result)."""
         self._stop_requested: set[ProcessKind] = set()
+        self._errors_settled: set[str] = set()
+        """The processes whose error was raised, or recorded as a fault of the stop."""
+        self._ending_early = False
+        """``begin_stop()`` or ``stop_all()`` ran: an error a process reports is a fault, not
+        raised."""
         self._placed: dict[str, dict] = {}
         self._backlog: collections.deque[Event] = collections.deque()
         self._failed = False
@@ -153,8 +158,8 @@ class RayCluster:
 
     @property
     def faults(self) -> list[Fault]:
-        """The processes that died without reporting an error so far, and what was done
-        about each, oldest first."""
+        """The processes that died without reporting an error so far, or reported one while
+        the job stopped, and what was done about each, oldest first."""
         return self.book.faults
 
     def __enter__(self) -> RayCluster:
@@ -305,13 +310,27 @@ class RayCluster:
             return None
         event = Event(kind, life.spec, payload)
         if kind == "error":
-            raise ChildFailedError(name, None, payload)
+            self._settle_error(life.spec, payload)
+            return None
         if kind == "done":
             self._results[name] = payload
         self.book.note(event)
         if kind == "ready" and self.on_ready is not None:
             self.on_ready(event)
         return event
+
+    def _settle_error(self, spec: ProcessSpec, detail: str, *, announce: bool = True) -> None:
+        """Process ``spec`` reported an error: it fails the job (raised), or, the job ending
+        already (``begin_stop``), is a fault of the stop (given to ``on_fault`` if
+        ``announce``)."""
+        if spec.name in self._errors_settled:
+            return
+        self._errors_settled.add(spec.name)
+        if not self._ending_early:
+            raise ChildFailedError(spec.name, None, detail)
+        fault = self.book.record_error(spec, None, detail)
+        if announce and self.on_fault is not None:
+            self.on_fault(fault)
 
     def _note_placed(self, name: str, info: dict) -> None:
         """A process started (its pid and node); a late starter of a kind told to stop
@@ -347,7 +366,9 @@ class RayCluster:
             for ref in ready:
                 self._ended(pending[ref])
         for name, life in self._lives.items():
+            # One given up (its error a fault of the stop) returns nothing.
             late = life.returned_at is not None and name not in self._results
+            late = late and name not in self.book.given_up
             if late and time.monotonic() - life.returned_at > RESULT_TIMEOUT_S:
                 raise ChildFailedError(name, None, "its result never reached the launcher")
 
@@ -445,6 +466,7 @@ class RayCluster:
         """The job ends early: a process that dies from now on is given up (see
         ``Cluster.begin_stop``)."""
         self.book.stopping = True
+        self._ending_early = True
 
     def stop(self, kind: ProcessKind) -> None:
         """Asks every process of ``kind`` to finish: the stop flag of its role (one that starts
@@ -478,14 +500,18 @@ class RayCluster:
         deadline = time.monotonic() + STOP_GRACE_S
         while any(map(self.events.linked, names)) and time.monotonic() < deadline:
             with contextlib.suppress(Exception):
-                self._keep_result(self.events.get(_POLL_S))
+                self._keep_outcome(self.events.get(_POLL_S))
 
-    def _keep_result(self, raw: tuple | None) -> None:
+    def _keep_outcome(self, raw: tuple | None) -> None:
         """A stopping process's result, if ``raw`` is one: it ended by itself (a run whose
-        process's exit code was lost with its zygote must not read as a death then)."""
-        if raw is None or raw[0] != "done":
+        process's exit code was lost with its zygote must not read as a death then); or its
+        error, a fault of the stop (shown by the launcher once the cluster has stopped)."""
+        if raw is None or raw[0] not in ("done", "error"):
             return
-        _, name, payload = raw
+        kind, name, payload = raw
+        if kind == "error":
+            self._settle_error(self._lives[name].spec, payload, announce=False)
+            return
         self._results[name] = payload
         self._lives[name].returned_at = time.monotonic()
 
@@ -529,6 +555,7 @@ class RayCluster:
         if self._session is None:
             return
         self.book.stopping = True
+        self._ending_early = True
         coordinators = [
             n for n, life in self._lives.items() if life.spec.kind is ProcessKind.COORDINATOR
         ]

@@ -76,7 +76,10 @@ def _committed_iteration(run_dir: Path) -> int | None:
 def describe_fault(fault: Fault) -> str:
     code = "" if fault.exitcode is None else f" (exit code {fault.exitcode})"
     stopping = " while the job stopped" if fault.while_stopping else ""
-    text = f"{fault.process} died{code}{stopping}; {fault.action}"
+    if fault.error is not None:
+        text = f"{fault.process} failed{code}{stopping}: {fault.error}; {fault.action}"
+    else:
+        text = f"{fault.process} died{code}{stopping}; {fault.action}"
     if fault.version_before is not None:
         text += f"; it had applied at least {fault.version_before} updates"
     return text

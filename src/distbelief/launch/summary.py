@@ -32,7 +32,8 @@ class RunResult:
     staleness: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per shard: how many pushes arrived with each staleness."""
     faults: list[Fault] = field(default_factory=list)
-    """Processes that died during the run and what became of them."""
+    """Processes that died during the run, or reported an error while it stopped, and what
+    became of them."""
     coordinator: dict = field(default_factory=dict)
     """Sandblaster: the coordinator's result (iterations, loss, why it stopped)."""
     partitions: dict = field(default_factory=dict)

@@ -725,6 +725,8 @@ class DownpourSGD(torch.optim.Optimizer):
         figures taken next count every byte moved.
 
         Raises:
+            ShardTimeoutError / ShardUnavailableError / RemoteError: the push, or the pull in
+                flight, failed.
             ClosedError: called after ``close()`` (which flushed already).
         """
         self._check_open("flush")
@@ -743,7 +745,8 @@ class DownpourSGD(torch.optim.Optimizer):
         rather than wait that long again.
 
         Raises:
-            ShardTimeoutError / ShardUnavailableError / RemoteError: the last push failed.
+            ShardTimeoutError / ShardUnavailableError / RemoteError: the last push, or a pull
+                still in flight, failed.
             RendezvousError: the process group's store could not be written.
         """
         self._close(flush=True)

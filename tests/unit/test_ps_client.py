@@ -291,19 +291,43 @@ def test_specs_given_as_a_generator_are_kept():
     [
         (None, TypeError, "must be a dict of dtype -> 1-D tensor, got NoneType"),
         (torch.zeros(8), TypeError, "must be a dict of dtype -> 1-D tensor, got Tensor"),
-        ({torch.float64: torch.zeros(8, dtype=torch.float64)}, TypeError, "no torch.float32"),
-        ({torch.float32: torch.zeros(3)}, ValueError, r"of 8 elements, got torch.float32 \[3\]"),
+        ({torch.float64: torch.zeros(8, dtype=torch.float64)}, ValueError, "no torch.float64 par"),
+        ({torch.float32: torch.zeros(3)}, ValueError, r"of 8 elements .*, got torch.float32 \[3\]"),
+        ({torch.float32: torch.zeros(10)}, ValueError, r"of 8 elements .*\[10\] \(10 elements\)"),
+        ({torch.float32: torch.zeros(2, 4)}, ValueError, r"got torch.float32 \[2, 4\]"),
         ({torch.float32: torch.zeros(8, dtype=torch.int32)}, ValueError, "got torch.int32 \\[8\\]"),
+        (
+            {torch.float32: torch.zeros(8), torch.float64: torch.zeros(1, dtype=torch.float64)},
+            ValueError,
+            r"\[torch.float64\]: the model's layout has no torch.float64 parameters",
+        ),
     ],
+    ids=["none", "tensor", "other-dtype", "short", "long", "2d", "int", "extra-dtype"],
 )
 def test_flat_buffers_that_do_not_fit_the_layout_are_refused_before_any_request(
     flats, error, match
 ):
     client, transport = _client()
     try:
-        for call in (client.push_now, client.pull_now, client.push, client.pull):
-            with pytest.raises(error, match=match):
+        for call, argument in [
+            (client.push_now, "flat_grads"),
+            (client.pull_now, "flat_out"),
+            (client.push, "flat_grads"),
+            (client.pull, "flat_out"),
+            *([(client.handshake, "initial")] if flats is not None else []),  # None: a reader
+        ]:
+            with pytest.raises(error, match=match) as refused:
                 call(flats)
+            assert str(refused.value).startswith(argument)
+            assert "\n" not in str(refused.value)
+        vectors = ShardVectors(client)  # Sandblaster's worker side, over the same slices
+        for call, argument in [
+            (lambda: vectors.read("x", flats), "flat_out"),
+            (lambda: vectors.push_bundle(0, "b", flats), "flat_grads"),
+        ]:
+            with pytest.raises(error, match=match) as refused:
+                call()
+            assert str(refused.value).startswith(argument)
         assert transport.calls == []
     finally:
         client.close()

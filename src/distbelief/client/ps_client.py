@@ -37,6 +37,7 @@ from distbelief.sharding import (
     layout_fingerprint,
     specs_to_json,
 )
+from distbelief.sharding.layout import group_sizes
 from distbelief.wire import Message, ops
 from distbelief.wire.channels.shm import transport_setting
 from distbelief.wire.compression import (
@@ -108,14 +109,6 @@ def _check_arguments(worker_id, partitioner, num_workers, *flags) -> None:
     for name, value in zip(("pull_changes", "shared_memory"), flags, strict=True):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def _flat_sizes(slices: list[list[ShardSlice]]) -> dict[torch.dtype, int]:
-    """The elements of each dtype's flat vector that the shards' slices cover."""
-    sizes: dict[torch.dtype, int] = {}
-    for piece in itertools.chain.from_iterable(slices):
-        sizes[piece.dtype] = max(sizes.get(piece.dtype, 0), piece.stop)
-    return sizes
 
 
 def _memory_channels(client: ShardLanes) -> Callable[[int], object | None]:
@@ -222,7 +215,7 @@ class ParameterServerClient(ShardLanes):
             self.specs, len(self.addresses)
         )
         self._slice_cache: dict[int, tuple] = {}
-        self._flat_sizes = _flat_sizes(self.slices)
+        self._flat_sizes = group_sizes(self.specs)
         self.versions = [0] * len(self.addresses)
         self.pushed_steps: list[int | None] = [None] * len(self.addresses)
         """Per shard, as its handshake said: the step of the last push it took from this
@@ -258,6 +251,7 @@ class ParameterServerClient(ShardLanes):
             True if this call initialised at least one shard.
 
         Raises:
+            TypeError / ValueError: ``initial`` does not fit the layout; nothing is sent.
             ModelMismatchError: a shard holds a different model.
             ShardListError: a shard is one of another number of shards, or listed out of order.
             LayoutMismatchError: a shard holds a different partitioner.
@@ -265,6 +259,8 @@ class ParameterServerClient(ShardLanes):
                 rounds of another number of workers than ``num_workers``.
             ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
         """
+        if initial is not None:
+            self._check_flats(initial, "initial")  # before anything is sent
         # Every shard's settings are compared before any is initialised, so a mismatched
         # cluster is refused untouched.
         replies = self.wait([self._submit(i, self._hello) for i in range(self.num_shards)])
@@ -355,7 +351,7 @@ class ParameterServerClient(ShardLanes):
         deadline = time.monotonic() + self.timeout_s
         while not described.get("initialized"):
             if initial is not None:
-                tensors = self._slice_tensors(shard_id, initial)
+                tensors = self.slice_views(shard_id, initial, "initial")
                 meta = self._hello_meta(shard_id)
                 reply = self._request(shard_id, Message(ops.INIT, meta, tensors))
                 return bool(reply.meta.get("adopted"))
@@ -369,16 +365,21 @@ class ParameterServerClient(ShardLanes):
         self.versions[shard_id] = int(described.get("version", 0))
         return False
 
-    def _slice_tensors(self, shard_id: int, flats: dict[torch.dtype, torch.Tensor]) -> list:
-        """(name, view) of each of shard ``shard_id``'s pieces of ``flats``.
+    def slice_views(self, shard_id: int, flats: object, argument: str = "flats") -> list:
+        """(name, view) of each of shard ``shard_id``'s pieces of ``flats``, the flat buffers
+        the caller passed as ``argument`` (named so in a refusal).
 
         The views are made once per set of buffers: an optimizer sends the same buffers every
         step, and slicing them anew cost more than the rest of a small request's bookkeeping.
+
+        Raises:
+            TypeError / ValueError: ``flats`` is not one 1-D buffer per dtype of the layout,
+                of exactly its size (``_check_flats``).
         """
         # ids are safe: the cached views keep the tensors alive, so no id is reused meanwhile.
         cached = self._slice_cache.get(id(flats))
         if cached is None or cached[0] is not flats or cached[1] != _identity(flats):
-            self._check_flats(flats)
+            self._check_flats(flats, argument)
             identity = _identity(flats)
             views = [
                 [(piece.name, flats[piece.dtype][piece.start : piece.stop]) for piece in pieces]
@@ -389,25 +390,32 @@ class ParameterServerClient(ShardLanes):
             cached = self._slice_cache[id(flats)] = (flats, identity, views)
         return list(cached[2][shard_id])
 
-    def _check_flats(self, flats: object) -> None:
-        """Refuses flat buffers that are not one 1-D tensor per dtype of the layout, of at
-        least its size.
+    def _check_flats(self, flats: object, argument: str) -> None:
+        """Refuses flat buffers that are not one 1-D tensor per dtype of the layout, of exactly
+        its size: a larger one would be read or filled only in part, without a word.
 
         Raises:
-            TypeError / ValueError: naming the dtype whose buffer does not fit.
+            TypeError / ValueError: naming ``argument`` and the dtype whose buffer does not fit.
         """
         if not isinstance(flats, dict):
             raise TypeError(
-                f"flat buffers must be a dict of dtype -> 1-D tensor, got {type(flats).__name__}"
+                f"{argument} must be a dict of dtype -> 1-D tensor, got {type(flats).__name__}"
             )
+        for dtype in flats:
+            if dtype not in self._flat_sizes:
+                raise ValueError(
+                    f"{argument}[{dtype}]: the model's layout has no {dtype} parameters "
+                    f"(its dtypes: {', '.join(map(str, self._flat_sizes))})"
+                )
         for dtype, size in self._flat_sizes.items():
             flat = flats.get(dtype)
             if not isinstance(flat, torch.Tensor):
-                raise TypeError(f"flat buffers: no {dtype} tensor (got {type(flat).__name__})")
-            if flat.dtype != dtype or flat.dim() != 1 or flat.numel() < size:
+                raise TypeError(f"{argument}: no {dtype} tensor (got {type(flat).__name__})")
+            if flat.dtype != dtype or flat.dim() != 1 or flat.numel() != size:
                 raise ValueError(
-                    f"flat buffers: the {dtype} buffer must be a 1-D {dtype} tensor of {size} "
-                    f"elements, got {flat.dtype} {list(flat.shape)}"
+                    f"{argument}[{dtype}] must be a 1-D {dtype} tensor of {size} elements (the "
+                    f"model's layout), got {flat.dtype} {list(flat.shape)} ({flat.numel()} "
+                    "elements)"
                 )
 
     def push(
@@ -425,6 +433,10 @@ class ParameterServerClient(ShardLanes):
         ``base_versions[i]`` is shard i's version the gradient was computed from. ``ready``
         is called before each shard's request is sent: it waits until ``flat_grads`` holds
         the gradient (a copy from a GPU still running, say).
+
+        Raises:
+            TypeError / ValueError: ``flat_grads`` is not one 1-D tensor per dtype of the
+                layout, of exactly its size; nothing is sent.
         """
         return self._submit_all(
             self._push_one, self._push_messages(flat_grads, clock, base_versions, ready), now=False
@@ -465,7 +477,7 @@ class ParameterServerClient(ShardLanes):
                 meta.update(flat_grads.meta)
                 tensors = list(flat_grads.shard_tensors[i])
             else:
-                tensors = self._slice_tensors(i, flat_grads)
+                tensors = self.slice_views(i, flat_grads, "flat_grads")
             messages.append((Message(ops.PUSH, meta, tensors), ready))
         return messages
 
@@ -606,6 +618,10 @@ class ParameterServerClient(ShardLanes):
         ``after_versions[i]``; under SSP a shard answers once this worker may go on.
         ``ready`` is called before each shard's request: it waits until ``flat_out`` may be
         overwritten (a copy of its last contents to a GPU still running, say).
+
+        Raises:
+            TypeError / ValueError: ``flat_out`` is not one 1-D tensor per dtype of the
+                layout, of exactly its size; nothing is sent.
         """
         return self._submit_all(
             self._pull_one, self._pull_arguments(flat_out, clock, after_versions, ready), now=False
@@ -627,7 +643,7 @@ class ParameterServerClient(ShardLanes):
     def _pull_arguments(self, flat_out, clock: int, after_versions, ready) -> list[tuple]:
         return [
             (
-                dict(self._slice_tensors(i, flat_out)),
+                dict(self.slice_views(i, flat_out, "flat_out")),
                 clock,
                 None if after_versions is None else int(after_versions[i]),
                 ready,

@@ -158,6 +158,7 @@ class ShardVectors:
 
         Raises:
             ValueError: ``evaluation`` or ``bundle`` is malformed.
+            TypeError / ValueError: ``flat_grads`` does not fit the model's layout.
             EvaluationNotOpenError: a shard does not have ``evaluation`` open (any more).
             RemoteError: a shard refused the bundle otherwise.
             ShardUnavailableError / ShardTimeoutError: a shard did not answer in time.
@@ -167,7 +168,7 @@ class ShardVectors:
         meta = {"evaluation": evaluation, "bundle": check_bundle_id(bundle)}
         client = self.client
         messages = [
-            Message(ops.ACCUMULATE, meta, _views(client, i, flat_grads))
+            Message(ops.ACCUMULATE, meta, client.slice_views(i, flat_grads, "flat_grads"))
             for i in range(client.num_shards)
         ]
         client.request_each(messages)
@@ -178,13 +179,16 @@ class ShardVectors:
 
         Raises:
             ValueError: ``vector`` is not a valid name.
+            TypeError / ValueError: ``flat_out`` does not fit the model's layout.
             RemoteError: a shard has no such vector.
             ProtocolError: a shard sent other slices than it owns.
             ShardUnavailableError / ShardTimeoutError: a shard did not answer in time.
         """
         meta = {"vector": check_vector_name(vector)}
         client = self.client
-        targets = [dict(_views(client, i, flat_out)) for i in range(client.num_shards)]
+        targets = [
+            dict(client.slice_views(i, flat_out, "flat_out")) for i in range(client.num_shards)
+        ]
         sinks = [_sink_into(views) for views in targets]
         messages = [Message(ops.READ, meta) for _ in range(client.num_shards)]
         replies = client.request_each(messages, sinks)
@@ -194,11 +198,6 @@ class ShardVectors:
                 raise ProtocolError(
                     f"shard {shard_id} sent {names} for {vector!r}, not {list(views)}"
                 )
-
-
-def _views(client: ParameterServerClient, shard_id: int, flats: dict) -> list:
-    """(name, view) of shard ``shard_id``'s slices of ``flats``: the names a PUSH carries."""
-    return [(p.name, flats[p.dtype][p.start : p.stop]) for p in client.slices[shard_id]]
 
 
 def _sink_into(views: dict[str, torch.Tensor]):

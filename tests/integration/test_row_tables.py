@@ -188,6 +188,31 @@ def test_only_touched_rows_travel_to_the_shards_that_own_them(shard_cluster):
         partial.close()
 
 
+def test_repeated_ids_in_one_push_are_summed_as_torch_sums_a_sparse_gradient(shard_cluster):
+    # The ids and rows of an uncoalesced sparse gradient (nn.Embedding(sparse=True) makes them
+    # for a batch that repeats an id); Adagrad, whose state sees one gradient per row and
+    # step, tells their sum from two steps. Two shards: the repeats reach both.
+    lr, num_rows = 0.5, 40
+    addresses = shard_cluster(
+        2, *("--row-optimizer", "adagrad", "--row-lr", str(lr), "--row-init-std", "0")
+    )
+    ids = torch.tensor([7, 3, 7, 30, 3, 7])
+    rows = torch.arange(6 * DIM, dtype=torch.float32).view(6, DIM) / 10
+    weight = nn.Parameter(torch.zeros(num_rows, DIM))
+    weight.grad = torch.sparse_coo_tensor(
+        ids.unsqueeze(0), rows, (num_rows, DIM), check_invariants=True
+    )
+    torch.optim.Adagrad([weight], lr=lr).step()
+    client = RowClient(addresses, {"t": DIM}, timeout_s=60)
+    try:
+        client.handshake()
+        client.push_now({"t": (ids, rows)})
+        pulled = client.pull({"t": torch.tensor([3, 7, 30])})["t"]
+    finally:
+        client.close()
+    torch.testing.assert_close(pulled, weight.detach()[[3, 7, 30]], rtol=0, atol=1e-6)
+
+
 def test_a_table_of_another_width_is_refused(shard_cluster):
     addresses = shard_cluster(1)
     first = RowClient(addresses, {"items": 8}, timeout_s=60)

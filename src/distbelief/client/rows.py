@@ -4,8 +4,8 @@ A batch's ids are grouped by owner (``row_shard``) and each shard gets one reque
 table at once, on its lane (``lanes.py``), so a step costs one round trip per shard whatever the
 number of tables. Only the ids asked for travel, and only their rows come back: bytes per
 request are ids x 8 + rows x D x 4 plus framing, whatever the table's size. Pushes carry unique
-ids (the caller sums repeated ids' gradients) and a sequence number, so a retried push is
-applied once.
+ids (repeated ids' rows are summed here first, as torch sums a sparse gradient's repeated
+indices) and a sequence number, so a retried push is applied once.
 """
 
 from __future__ import annotations
@@ -75,6 +75,20 @@ class PendingRows:
         for name, ids in self._ids_by_table.items():  # tables with no ids at all
             out.setdefault(name, torch.zeros(ids.numel(), client.tables[name]))
         return out
+
+
+def coalesce_rows(ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct ids, ascending; each one's rows summed) of ``ids`` [n] and ``rows`` [n, D]: the
+    sum a repeated index means in torch, whose ``nn.Embedding(sparse=True)`` gradients hold
+    repeats that ``Tensor.coalesce()`` sums. Ids already ascending and distinct (as
+    ``torch.unique`` returns them) are returned as given, after one comparison."""
+    if ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all()):
+        return ids, rows
+    unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    summed = torch.zeros(
+        unique.numel(), rows.shape[1], dtype=torch.promote_types(rows.dtype, torch.float32)
+    )
+    return unique, summed.index_add_(0, inverse, rows.to(summed.dtype))
 
 
 def split_for_pull(part: ShardPart, dims: Sequence[int], max_bytes: int) -> list[ShardPart]:
@@ -301,9 +315,15 @@ class RowClient(ShardLanes):
         return PendingRows(self, dict(ids_by_table), self._send_each(parts, message, now=now))
 
     def push(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[cf.Future]:
-        """Sends each table's unique ids ``[n]`` and summed gradient rows ``[n, D]`` to their
-        shards (one step of each table on every shard, rows there or not); the futures
-        resolve when each shard has applied its part."""
+        """Sends each table's ids ``[n]`` and gradient rows ``[n, D]`` to their shards (one
+        step of each table on every shard, rows there or not); the futures resolve when each
+        shard has applied its part. A repeated id's rows are summed into one, as torch sums
+        the repeated indices of a sparse gradient (``coalesce_rows``).
+
+        Raises:
+            TypeError / ValueError: an update is not (1-D int64 ids, float rows [n, D]) of a
+                declared table; nothing is sent.
+        """
         return self._push(updates, now=False)
 
     def push_now(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -334,6 +354,9 @@ class RowClient(ShardLanes):
 
     def _push(self, updates, now: bool) -> list:
         self._check_updates(updates)
+        # A shard steps each row once per push: repeats are summed first (its optimizer's
+        # state, Adagrad's say, would see one gradient where torch sees their sum).
+        updates = {name: coalesce_rows(ids, rows) for name, (ids, rows) in updates.items()}
         # Every shard steps every table pushed, rows there or not, so that a table's step
         # count (Adam's bias correction, the time to live) is the same on every shard.
         plans = self._plan({name: ids for name, (ids, _) in updates.items()}, every_shard=True)

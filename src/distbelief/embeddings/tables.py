@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from distbelief.client.rows import RowClient
+from distbelief.client.rows import RowClient, coalesce_rows
 from distbelief.config import (
     MAX_CACHE_MB,
     MAX_RATE,
@@ -51,11 +51,8 @@ _MB = 1 << 20
 def _unique_sum(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
     """(unique ids, their summed rows) of several (ids, rows) parts."""
     if len(parts) == 1:
-        return parts[0]
-    ids = torch.cat([ids for ids, _ in parts])
-    rows = torch.cat([rows for _, rows in parts])
-    unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-    return unique, torch.zeros(unique.numel(), rows.shape[1]).index_add_(0, inverse, rows)
+        return coalesce_rows(*parts[0])
+    return coalesce_rows(torch.cat([ids for ids, _ in parts]), torch.cat([r for _, r in parts]))
 
 
 def _used_rows(ids: torch.Tensor, grads: torch.Tensor, used: torch.Tensor | None) -> tuple:

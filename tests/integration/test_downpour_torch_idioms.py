@@ -240,3 +240,36 @@ def test_a_grad_scaler_given_to_the_tables_unscales_their_rows_and_skips_an_infi
     torch.testing.assert_close(rows, reference.words.weight.detach(), atol=1e-6, rtol=0)
     for got, want in zip(model.head.parameters(), reference.head.parameters(), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_a_table_step_the_scaler_skips_backs_its_scale_off_as_a_skipped_optimizer_step_does(
+    shard_cluster,
+):
+    """A scale at which only the tables' gradients overflow: the tables skipped their step but
+    the scaler, seeing finite gradients in the optimizer's, kept (and grew) its scale, so every
+    later step overflowed and was skipped too. Now its state after ``update()`` is the one an
+    overflowing torch.optim.SGD step leaves: the scale backed off, the growth count reset."""
+    addresses = shard_cluster(1, *("--row-optimizer", "sgd", "--row-lr", "0.1"))
+    settings = {"init_scale": 1024.0, "growth_interval": 1}  # without the fix: grown to 2048
+    overflowed = torch.amp.GradScaler("cpu", **settings)
+    dense = nn.Parameter(torch.ones(3))
+    skipped = torch.optim.SGD([dense], lr=0.1)
+    skipped.zero_grad()
+    overflowed.scale(dense.sum() * math.inf).backward()
+    overflowed.step(skipped)
+    overflowed.update()
+
+    scaler = torch.amp.GradScaler("cpu", **settings)
+    model, head = _Recommender(seed=0), nn.Parameter(torch.ones(3))
+    with ShardedEmbeddings(model, ps=addresses, blocking=True, timeout_s=30) as tables:
+        optimizer = torch.optim.SGD([head], lr=0.1)
+        optimizer.zero_grad()
+        rows = model.items(torch.tensor([[1, 2]])).sum()
+        scaler.scale(rows * math.inf + head.sum()).backward()  # only the rows overflow
+        scaler.step(optimizer)
+        tables.step(grad_scaler=scaler)
+        scaler.update()
+        assert tables.take_figures()["rows_pushed"] == 0  # the table's step was skipped
+    assert scaler.get_scale() == overflowed.get_scale() == 512.0
+    assert scaler.state_dict() == overflowed.state_dict()
+    torch.testing.assert_close(head.detach(), torch.full((3,), 0.9))  # the finite one stepped

@@ -28,6 +28,7 @@ from distbelief.config import (
     table_names,
 )
 from distbelief.embeddings.cache import RowCache, cache_rows_for
+from distbelief.embeddings.grad_scaling import unscaled_rows
 from distbelief.embeddings.modules import (
     check_ids,
     put_tables,
@@ -387,7 +388,8 @@ class ShardedEmbeddings:
             grad_scaler: The ``torch.amp.GradScaler`` that scaled the loss, if one did (call
                 this before its ``update()``, which changes the scale): the rows' gradients
                 are unscaled, and a step with an inf or NaN among them is skipped, as the
-                scaler skips an optimizer's step: nothing of it is applied or pushed.
+                scaler skips an optimizer's step: nothing of it is applied or pushed, and
+                the scaler's ``update()`` backs its scale off for it.
 
         Raises:
             TypeError: ``grad_scaler`` is no ``torch.amp.GradScaler``.
@@ -414,8 +416,8 @@ class ShardedEmbeddings:
 
     def _step_gradients(self, grad_scaler: torch.amp.GradScaler | None) -> dict:
         """This step's (distinct ids, summed gradient rows) of each table a backward pass
-        reached, unscaled by ``grad_scaler``'s scale; none when a scaled one is not finite
-        (the loss overflowed at that scale: the scaler skips the step)."""
+        reached, unscaled by ``grad_scaler``; none when a scaled one is not finite (the loss
+        overflowed at that scale: the scaler skips the step, and backs off in ``update()``)."""
         gradients = {}
         for table, parts in self._touched.items():
             grads = [
@@ -425,12 +427,7 @@ class ShardedEmbeddings:
             ]
             if grads:
                 gradients[table] = _unique_sum(grads)
-        if grad_scaler is None or not grad_scaler.is_enabled() or not gradients:
-            return gradients  # a disabled scaler neither scales nor skips
-        inverse_scale = 1.0 / grad_scaler.get_scale()
-        if not all(bool(torch.isfinite(summed).all()) for _, summed in gradients.values()):
-            return {}
-        return {table: (ids, summed * inverse_scale) for table, (ids, summed) in gradients.items()}
+        return gradients if grad_scaler is None else unscaled_rows(grad_scaler, gradients)
 
     def _push_accrued(self) -> None:
         # Tensors are sent without a copy, so the previous push must be done first.

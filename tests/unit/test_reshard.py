@@ -452,6 +452,32 @@ def test_command_line(run, capsys):
     assert "nowhere: no such run folder" in capsys.readouterr().err
 
 
+def test_a_part_past_max_rows_per_shard_is_named_in_the_reshard_line(run, capsys):
+    # Onto fewer shards a part may hold more than the run's bound: kept whole (a reshard back
+    # onto more shards loses nothing), cut by the shard that restores it, and said so here.
+    run_dir, _, tables = run
+    bound = 3
+    config = JobConfig.from_file(run_dir / "config.json")
+    config = config.with_fields({"embeddings.max_rows_per_shard": bound})
+    (run_dir / "config.json").write_text(config.to_json())
+    assert main(["reshard", str(run_dir), "--shards", "1"]) == 0
+    out = capsys.readouterr().out
+    [saved] = _load_rows(run_dir / "checkpoints", 1)
+    counts = {name: state["ids"].numel() for name, state in saved.items()}
+    table = max(counts, key=counts.get)
+    assert counts[table] > bound and out.count("\n") == 1
+    assert out.strip().endswith(
+        f"; shard 0 holds {counts[table]} rows of table {table!r}, more than "
+        f"--max-rows-per-shard {bound}: it keeps the {bound} most recently pushed when it "
+        "restores them"
+    )
+    _assert_rows_equal(_rows([saved]), _rows(_state_dicts(tables)))  # nothing cut here
+    config = config.with_fields({"embeddings.max_rows_per_shard": max(counts.values())})
+    (run_dir / "config.json").write_text(config.with_fields({"cluster.num_shards": 1}).to_json())
+    assert main(["reshard", str(run_dir), "--shards", "2"]) == 0
+    assert "max-rows-per-shard" not in capsys.readouterr().out  # every part within it
+
+
 @pytest.mark.parametrize("command", [["reshard", "--shards", "2"], ["train", "--resume"]])
 def test_a_folder_that_is_not_a_run_is_named_as_given(command, tmp_path, capsys):
     # Not "<folder>/config.json: not a valid run config: [Errno 2] No such file ...".

@@ -52,6 +52,18 @@ _OLD_PREFIX = f"{CHECKPOINT_DIR}.old-"
 
 
 @dataclass(frozen=True, slots=True)
+class OverBound:
+    """A new shard's part of a table that holds more than the run's ``--max-rows-per-shard``
+    (resharded onto fewer shards)."""
+
+    shard_id: int
+    table: str
+    count: int
+    what: str
+    """"rows", or "ids awaiting admission" where those are the more."""
+
+
+@dataclass(frozen=True, slots=True)
 class ReshardSummary:
     """What a reshard rewrote."""
 
@@ -65,13 +77,26 @@ class ReshardSummary:
     """Parameter tensors over all folders."""
     num_tables: int
     num_rows: int
+    max_rows_per_shard: int | None = None
+    """The run's bound on one shard's rows per table (None: no bound)."""
+    over_bound: OverBound | None = None
+    """The new shard part furthest past ``max_rows_per_shard``, if any is: kept whole here,
+    cut to the bound by the shard that restores it."""
 
     def line(self) -> str:
         """The summary as one line for the terminal."""
-        return (
+        said = (
             f"resharded {self.run_dir}: {self.old_num_shards} -> {self.num_shards} shards; "
             f"{self.num_dense_tensors} dense tensors in {self.num_folders} checkpoint folder(s), "
             f"{self.num_tables} row table(s) with {self.num_rows} rows"
+        )
+        over = self.over_bound
+        if over is None:
+            return said
+        return (
+            f"{said}; shard {over.shard_id} holds {over.count} {over.what} of table "
+            f"{over.table!r}, more than --max-rows-per-shard {self.max_rows_per_shard}: it "
+            f"keeps the {self.max_rows_per_shard} most recently pushed when it restores them"
         )
 
 
@@ -149,7 +174,7 @@ def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
         _swap(run_dir, root, staging, new_config)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _summary(run_dir, old_num_shards, num_shards, folders)
+    return _summary(run_dir, old_num_shards, num_shards, folders, config)
 
 
 def _configs(run_dir: Path, num_shards: int) -> tuple[JobConfig, JobConfig]:
@@ -348,7 +373,7 @@ def _swap(run_dir: Path, root: Path, staging: Path, config: JobConfig) -> None:
 
 
 def _summary(
-    run_dir: Path, old_num_shards: int, num_shards: int, folders: list[_Folder]
+    run_dir: Path, old_num_shards: int, num_shards: int, folders: list[_Folder], config: JobConfig
 ) -> ReshardSummary:
     tables = [
         {name for checkpoint in folder.rows for name in checkpoint.tables}
@@ -369,4 +394,22 @@ def _summary(
         num_dense_tensors=sum(len(f.model.specs) for f in folders if f.model is not None),
         num_tables=sum(len(names) for names in tables),
         num_rows=num_rows,
+        max_rows_per_shard=config.embeddings.max_rows_per_shard,
+        over_bound=_furthest_over(folders, config.embeddings.max_rows_per_shard),
     )
+
+
+def _furthest_over(folders: list[_Folder], bound: int | None) -> OverBound | None:
+    """The new shard part with the most rows (or ids awaiting admission) past ``bound``."""
+    if bound is None:
+        return None
+    found = None
+    for folder in folders:
+        for shard_id, tables in enumerate(folder.new_rows or []):
+            for name, table in tables.items():
+                rows, pending = table["ids"].numel(), table["pending_ids"].numel()
+                count = max(rows, pending)
+                if count > bound and (found is None or count > found.count):
+                    what = "rows" if rows >= pending else "ids awaiting admission"
+                    found = OverBound(shard_id, name, count, what)
+    return found

@@ -213,6 +213,28 @@ def test_repeated_ids_in_one_push_are_summed_as_torch_sums_a_sparse_gradient(sha
     torch.testing.assert_close(pulled, weight.detach()[[3, 7, 30]], rtol=0, atol=1e-6)
 
 
+def test_an_id_past_num_embeddings_is_refused_as_nn_embedding_refuses_it(shard_cluster):
+    addresses = shard_cluster(1)
+    model = _Model()
+    words = torch.tensor([[1, NUM_ROWS["words"], 2]])  # one past the last row
+    with pytest.raises(IndexError):
+        model.words(words)
+    with ShardedEmbeddings(model, ps=addresses, blocking=True, timeout_s=60) as tables:
+        wanted = f"^table 'words': id {NUM_ROWS['words']} is out of range for its 40 rows"
+        with pytest.raises(ValueError, match=wanted):
+            model(words, torch.tensor([[0, 1]]))
+        with pytest.raises(ValueError, match=wanted):
+            tables.prefetch({"words": words})
+        _loss(model, _batches()[0]).backward()  # ids in range still train
+        tables.step()
+    reader = RowClient(addresses, {name: DIM for name in NUM_ROWS}, timeout_s=60)
+    try:
+        stats = reader.stats()
+    finally:
+        reader.close()
+    assert stats[0]["tables"]["words"]["steps"] == 1
+
+
 def test_a_table_of_another_width_is_refused(shard_cluster):
     addresses = shard_cluster(1)
     first = RowClient(addresses, {"items": 8}, timeout_s=60)

@@ -191,6 +191,32 @@ def test_a_pull_of_ids_that_are_no_int64_tensor_is_refused_by_name(
             pull(ids_by_table)
 
 
+@pytest.mark.parametrize("bad_id", [-1, 10, 2**40])
+def test_an_id_outside_a_table_of_a_declared_size_is_refused_as_nn_embedding_refuses_it(bad_id):
+    # The shards made a row for it and trained it: an off-by-one in the data went unnoticed.
+    rows = RowClient(
+        ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"],
+        {"t": 4, "u": 4},
+        sizes={"t": 10},
+        timeout_s=5,
+        retry_timeout_s=0,
+    )
+    ids = torch.tensor([3, bad_id, 9])
+    wanted = (
+        rf"^table 't': id {bad_id} is out of range for its 10 rows \(ids must be in \[0, 10\)\)$"
+    )
+    try:
+        for call in (rows.pull, rows.start_pull):
+            with pytest.raises(ValueError, match=wanted):
+                call({"t": ids.view(1, 3)})
+        for call in (rows.push, rows.push_now):
+            with pytest.raises(ValueError, match=wanted):
+                call({"t": (ids, torch.ones(3, 4))})
+        assert rows.take_wire_figures()["bytes_pushed"] == 0
+    finally:
+        rows.close()
+
+
 def test_request_each_needs_one_distinct_message_per_shard():
     client = ParameterServerClient(
         ["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], SPECS, timeout_s=5, retry_timeout_s=0

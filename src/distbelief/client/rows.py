@@ -286,6 +286,19 @@ class RowClient(ShardLanes):
         if name not in self.tables:
             raise ValueError(f"table {name!r} was not declared (tables: {sorted(self.tables)})")
 
+    def _check_in_range(self, name: str, ids: torch.Tensor) -> None:
+        """Refuses an id outside a table of a declared size, as ``nn.Embedding`` refuses an
+        index out of range: the shards would make a row for it and train it without a word."""
+        size = self.sizes.get(name)
+        if size is None or not ids.numel():
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= size:
+            raise ValueError(
+                f"table {name!r}: id {low if low < 0 else high} is out of range for its "
+                f"{size} rows (ids must be in [0, {size}))"
+            )
+
     def _check_pull(self, ids_by_table: object) -> None:
         """Refuses ids that are not an int64 tensor of a declared table, naming the table (a
         list failed on a missing method, int32 ids were refused by a shard or by the hash)."""
@@ -296,6 +309,7 @@ class RowClient(ShardLanes):
             if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
                 got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
                 raise TypeError(f"table {name!r}: ids must be an int64 tensor, got {got}")
+            self._check_in_range(name, ids)
 
     def _start_pull(self, ids_by_table, now: bool) -> PendingRows:
         self._check_pull(ids_by_table)
@@ -343,6 +357,7 @@ class RowClient(ShardLanes):
             ids, rows = update
             if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
                 raise TypeError(f"table {name!r}: ids must be a 1-D int64 tensor, got {ids!r}")
+            self._check_in_range(name, ids)
             expected = (ids.numel(), self.tables[name])
             if not isinstance(rows, torch.Tensor) or not rows.is_floating_point():
                 raise TypeError(f"table {name!r}: rows must be a float tensor, got {rows!r}")

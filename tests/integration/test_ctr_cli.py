@@ -1,6 +1,7 @@
 """``distbelief train --model dlrm`` on a click log, as users run it: AUC in the records and the
-plots, row counts per shard, a shard SIGKILLed mid-run, a run resumed on another number of
-shards, and rows resharded onto fewer shards held to --max-rows-per-shard once restored."""
+plots, row counts per shard, a worker and then a shard SIGKILLed mid-run, a run resumed on
+another number of shards, and rows resharded onto fewer shards held to --max-rows-per-shard
+once restored."""
 
 from __future__ import annotations
 
@@ -56,9 +57,28 @@ def _rows_on_shards(checkpoints: Path, num_shards: int) -> dict[str, int]:
     return rows
 
 
+def _pid(run_dir: Path, name: str) -> int:
+    return json.loads((run_dir / "pids.json").read_text())[name]
+
+
+def _kill(run_dir: Path, name: str) -> None:
+    os.kill(_pid(run_dir, name), signal.SIGKILL)
+
+
+def _table_steps(checkpoints: Path, shard_id: int) -> set[int]:
+    """The pushes each table of shard ``shard_id``'s last row checkpoint took (every push
+    steps every table on every shard), as a set."""
+    saved = load_row_tables(checkpoints, shard_id)
+    assert saved is not None
+    return {table["num_steps"] for table in saved.tables.values()}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_click_model_trains_and_survives_a_killed_shard(tmp_path):
+def test_click_model_trains_and_survives_a_killed_shard_and_worker(tmp_path):
+    """Worker 1 killed, then shard 0: the job ends well, and worker 1's next life goes on
+    after the last step whose dense and row pushes every shard applied, so shard 1 (alive
+    throughout) took each step's rows from each worker once: 2 x 120 pushes of every table."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         [*CLI, "train", *CLICK_JOB, "--shards", "2", "--steps", "120", *CHECKPOINTS, str(run_dir)],
@@ -72,12 +92,16 @@ def test_click_model_trains_and_survives_a_killed_shard(tmp_path):
         while _worker_steps(run_dir) < 30 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _worker_steps(run_dir) >= 30, "the workers did not train"
+        dead = _pid(run_dir, "worker1")
+        _kill(run_dir, "worker1")  # mid-step: pushes of rows and of dense layers in flight
+        while _pid(run_dir, "worker1") == dead and time.monotonic() < deadline:
+            time.sleep(0.1)
         # A row checkpoint of shard 0 since (one a second, with --checkpoint-every 1).
         saved = _row_checkpoint_version(run_dir)
         while _row_checkpoint_version(run_dir) <= saved and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _row_checkpoint_version(run_dir) > saved, "shard 0 saved no row checkpoint"
-        os.kill(json.loads((run_dir / "pids.json").read_text())["shard0"], signal.SIGKILL)
+        _kill(run_dir, "shard0")
         out, err = launcher.communicate(timeout=240)
     finally:
         if launcher.poll() is None:
@@ -85,8 +109,10 @@ def test_click_model_trains_and_survives_a_killed_shard(tmp_path):
             launcher.wait(10)
     assert launcher.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert [f["action"] for f in summary["faults"]] == ["restarted"]
+    faults = [(f["process"], f["action"]) for f in summary["faults"]]
+    assert faults == [("worker1", "restarted"), ("shard0", "restarted")]
     assert summary["worker_steps"] == {"0": 120, "1": 120}
+    assert _table_steps(run_dir / "checkpoints", 1) == {2 * 120}
     assert summary["final"]["test_auc"] > 0.55
     assert "test AUC" in out
     records = read_metrics(run_dir / "metrics.csv")

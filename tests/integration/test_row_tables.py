@@ -13,9 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distbelief.client.rows import RowClient
+from distbelief.config import JobConfig
+from distbelief.data import load_job_dataset
 from distbelief.embeddings import ShardedEmbeddings
 from distbelief.errors import ModelMismatchError, ShardListError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
@@ -23,6 +26,8 @@ from distbelief.server.row_optimizers import LazyAdam
 from distbelief.server.row_table import RowTable, seeded_normal_rows
 from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.wire import serve
+from distbelief.worker import StepInfo, run_worker
+from distbelief.worker.ctr import build_ctr_replica, job_tables
 from tests.conftest import (
     check_ctrl_c_ends_promptly_with_the_shard_gone,
     free_port,
@@ -449,3 +454,57 @@ def test_a_pull_past_one_requests_limit_is_split_and_reads_the_same_rows():
     for name, table_ids in ids.items():
         assert torch.equal(split[name], asked[name])
         assert torch.equal(split[name], whole[name][table_ids])
+
+
+class _StopAfter:
+    """A step hook that ends training at step ``last``."""
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+
+    def after_step(self, step: StepInfo) -> bool:
+        return step.step >= self.last
+
+
+def _table_steps(addresses: list[str], config: JobConfig) -> set[int]:
+    """The pushes every table of every shard took (each push steps every table everywhere)."""
+    reader = RowClient(addresses, {f"tables.{t}": config.model.embedding_dim for t in range(26)})
+    try:
+        return {c["steps"] for shard in reader.stats() for c in shard["tables"].values()}
+    finally:
+        reader.close()
+
+
+def test_a_restarted_click_worker_pushes_each_steps_rows_once(shard_cluster):
+    """A click worker's dead life left both shards the rows of its step 6 but not that step's
+    dense push (the death came between the two): its next life goes on after step 5, pushes
+    step 6's dense update, not its rows, and every shard took each step's rows once."""
+    addresses = shard_cluster(2)
+    config = JobConfig.from_fields(
+        {
+            **{"model.name": "dlrm", "data.name": "synthetic-ctr", "data.table_size": 200},
+            **{"model.embedding_dim": 4, "optimizer.batch_size": 16, "optimizer.steps": 10},
+            **{"cluster.num_workers": 1, "cluster.num_shards": 2, "faults.timeout_s": 10.0},
+        }
+    )
+    told: dict[str, list[int]] = {"started": [], "pushed": []}
+
+    def emit(kind: str, payload: dict) -> None:
+        if kind in told:
+            told[kind].append(payload["step"])
+
+    run_worker(config, 0, addresses, emit=emit, hooks=[_StopAfter(5)])
+    assert told == {"started": [0], "pushed": [1, 2, 3, 4, 5]}
+    assert _table_steps(addresses, config) == {5}
+    # Step 6 of the dead life: its rows reached the shards, its dense push never left.
+    train_set = load_job_dataset(config.data, "train")
+    model = build_ctr_replica(config, train_set)
+    with job_tables(config, model, addresses, None, worker_id="worker0") as tables:
+        tables.num_steps = 5
+        dense, sparse, labels = train_set.dense[:16], train_set.sparse[:16], train_set.labels[:16]
+        F.binary_cross_entropy_with_logits(model(dense, sparse), labels).backward()
+        tables.step()
+    assert _table_steps(addresses, config) == {6}
+    run_worker(config, 0, addresses, emit=emit, resume_step=5, restarted=True)
+    assert told == {"started": [0, 5], "pushed": list(range(1, 11))}
+    assert _table_steps(addresses, config) == {10}

@@ -5,7 +5,8 @@ table at once, on its lane (``lanes.py``), so a step costs one round trip per sh
 number of tables. Only the ids asked for travel, and only their rows come back: bytes per
 request are ids x 8 + rows x D x 4 plus framing, whatever the table's size. Pushes carry unique
 ids (repeated ids' rows are summed here first, as torch sums a sparse gradient's repeated
-indices) and a sequence number, so a retried push is applied once.
+indices) and a sequence number, so a retried push is applied once, and the step they end, so a
+restarted worker sends no shard a step it holds.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from distbelief.errors import ConsistencyMismatchError, ModelMismatchError, Remo
 from distbelief.hosts import parse_addresses
 from distbelief.sharding.rows import row_shard
 from distbelief.wire import Message
+from distbelief.wire.ops import PUSHED_STEP_KEY
 from distbelief.wire.row_ops import MAX_PULL_ROWS_BYTES, PULL_ROWS, PUSH_ROWS, ROWS_HELLO
 from distbelief.wire.security import WireSecurity
 
@@ -142,7 +144,8 @@ class RowClient(ShardLanes):
             shard refuses a table of another size than it holds (None: no size declared).
         timeout_s, connect_timeout_s, retry_timeout_s, security, source_host: as
             ``ShardLanes``.
-        worker_id: This replica's name at the shards (logs only).
+        worker_id: This replica's name at the shards: their logs, and the step of its last push
+            each remembers for its next life (``pushed_steps``).
     """
 
     def __init__(
@@ -187,6 +190,12 @@ class RowClient(ShardLanes):
         """The shards' row settings (optimizer, admission, eviction), as they described them."""
         self.max_pull_bytes = MAX_PULL_ROWS_BYTES
         """The most bytes of rows one request asks a shard for: a larger pull is split."""
+        self.pushed_steps: list[int | None] = [None] * self.num_shards
+        """Per shard, as its handshake said: the step of the last push it applied from this
+        worker id (an earlier life's, for a restarted worker); None: none."""
+        self.held_steps = [0] * self.num_shards
+        """Per shard, the last step whose push it holds already (a dead life's, set by a
+        restarted worker): a push of a step up to it leaves that shard out."""
         self._push_seq = itertools.count(1)
         self._session = secrets.token_hex(8)
 
@@ -199,10 +208,10 @@ class RowClient(ShardLanes):
             ModelMismatchError: a shard holds a table of another width or size.
             ConsistencyMismatchError: the shards run different row settings.
         """
-        messages = [
-            Message(ROWS_HELLO, {"shard_id": i, "tables": self.tables, "sizes": self.sizes})
-            for i in range(self.num_shards)
-        ]
+        meta = {"tables": self.tables, "sizes": self.sizes}
+        if self.worker_id is not None:
+            meta["worker"] = self.worker_id
+        messages = [Message(ROWS_HELLO, {"shard_id": i, **meta}) for i in range(self.num_shards)]
         try:
             replies = [reply.meta for reply in self.request_each(messages)]
         except ModelMismatchError:  # ShardListError: out of order
@@ -218,6 +227,7 @@ class RowClient(ShardLanes):
                     f"{replies[0].get('settings')} vs {described.get('settings')}"
                 )
         self.settings = dict(replies[0].get("settings", {}))
+        self.pushed_steps = [reply.get(PUSHED_STEP_KEY) for reply in replies]
         return replies
 
     def _plan(
@@ -328,21 +338,27 @@ class RowClient(ShardLanes):
 
         return PendingRows(self, dict(ids_by_table), self._send_each(parts, message, now=now))
 
-    def push(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> list[cf.Future]:
+    def push(
+        self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], step: int | None = None
+    ) -> list[cf.Future]:
         """Sends each table's ids ``[n]`` and gradient rows ``[n, D]`` to their shards (one
         step of each table on every shard, rows there or not); the futures resolve when each
         shard has applied its part. A repeated id's rows are summed into one, as torch sums
-        the repeated indices of a sparse gradient (``coalesce_rows``).
+        the repeated indices of a sparse gradient (``coalesce_rows``). ``step``: the worker's
+        step the push ends, which the shards remember; a shard whose ``held_steps`` reach it
+        is left out.
 
         Raises:
             TypeError / ValueError: an update is not (1-D int64 ids, float rows [n, D]) of a
                 declared table; nothing is sent.
         """
-        return self._push(updates, now=False)
+        return self._push(updates, step, now=False)
 
-    def push_now(self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def push_now(
+        self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], step: int | None = None
+    ) -> None:
         """:meth:`push` and wait until every shard has applied it."""
-        self.wait(self._push(updates, now=True))
+        self.wait(self._push(updates, step, now=True))
 
     def _check_updates(self, updates: object) -> None:
         """Refuses an update that is not (ids [n], gradient rows [n, D]) of a declared table:
@@ -367,7 +383,7 @@ class RowClient(ShardLanes):
                     f"{expected[1]} values per id), got {list(rows.shape)}"
                 )
 
-    def _push(self, updates, now: bool) -> list:
+    def _push(self, updates, step: int | None, now: bool) -> list:
         self._check_updates(updates)
         # A shard steps each row once per push: repeats are summed first (its optimizer's
         # state, Adagrad's say, would see one gradient where torch sees their sum).
@@ -393,10 +409,16 @@ class RowClient(ShardLanes):
             }
             if self.worker_id is not None:
                 meta["worker"] = self.worker_id
+            if step is not None:
+                meta["clock"] = step
             flat = torch.cat(grads).float() if grads else torch.zeros(0)
             return Message(PUSH_ROWS, meta, [("ids", part.ids), ("grads", flat)])
 
-        parts = [(shard_id, part) for shard_id, part in enumerate(plans) if part is not None]
+        parts = [
+            (shard_id, part)
+            for shard_id, part in enumerate(plans)
+            if part is not None and (step is None or step > self.held_steps[shard_id])
+        ]
         return [future for _, _, future in self._send_each(parts, message, now=now)]
 
     def stats(self) -> list[dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -161,6 +161,9 @@ class ShardedEmbeddings:
         blocking: Wait for each push to be applied inside ``step()``.
         timeout_s, retry_timeout_s, worker_id, auth_key, security, source_host: as
             ``DownpourSGD``.
+        on_push_applied: Called with the step of each push once every shard has applied it
+            (``applied_step``), on the thread that calls ``step()``, ``flush()`` or
+            ``close()``, as ``DownpourSGD``'s. Default: none.
 
     Raises:
         TypeError: an argument of the wrong type (``model`` not a module, ``lr`` not a number,
@@ -188,6 +191,7 @@ class ShardedEmbeddings:
         auth_key: bytes | str | None = None,
         security: WireSecurity | None = None,
         source_host: str | None = None,
+        on_push_applied: Callable[[int], None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -249,6 +253,11 @@ class ShardedEmbeddings:
         self._touched: dict[str, list[tuple]] = {}  # table -> [(ids, rows leaf, used mask)]
         self._accrued: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._push_futures: list[cf.Future] = []
+        self.applied_step = 0
+        """The step of the last push every shard has applied (answered)."""
+        self._in_flight_step = 0
+        """The step of the push whose replies are ``_push_futures``."""
+        self._on_push_applied = on_push_applied
         self._closed = False
         self.rows_pulled = 0
         self.rows_pushed = 0
@@ -429,19 +438,57 @@ class ShardedEmbeddings:
                 gradients[table] = _unique_sum(grads)
         return gradients if grad_scaler is None else unscaled_rows(grad_scaler, gradients)
 
+    def resume(self, step: int, applied_steps: Sequence[int | None] | None = None) -> None:
+        """Go on from ``step`` (a restarted replica's); ``applied_steps``: per shard, the step
+        of the last push it applied from the replica's previous life (``client.pushed_steps``
+        of a restarted one; None: none), so that a shard is sent none of the steps up to it
+        again and each step's rows are applied once on every shard.
+
+        Raises:
+            ValueError: ``step`` is no count >= 0, or ``applied_steps`` gives no step (or
+                None) per shard.
+        """
+        check_count("step", step, least=0)
+        held = list(applied_steps or [None] * self.client.num_shards)
+        if len(held) != self.client.num_shards or not all(
+            s is None or (type(s) is int and s >= 0) for s in held
+        ):
+            raise ValueError(
+                f"applied_steps must give a step >= 0 or None for each of the "
+                f"{self.client.num_shards} shards, got {applied_steps!r}"
+            )
+        self.num_steps = self.applied_step = step
+        self.client.held_steps = [s or 0 for s in held]
+
     def _push_accrued(self) -> None:
         # Tensors are sent without a copy, so the previous push must be done first.
-        self.client.wait(self._push_futures)
-        self._push_futures = []
+        self._finish_push()
         updates = {table: _unique_sum(parts) for table, parts in self._accrued.items() if parts}
         self._accrued.clear()
         if not updates:
+            self._note_applied(self.num_steps)  # nothing left to send: every step is there
             return
         self.rows_pushed += sum(ids.numel() for ids, _ in updates.values())
         if self.blocking:
-            self.client.push_now(updates)
+            self.client.push_now(updates, self.num_steps)
+            self._note_applied(self.num_steps)
         else:
-            self._push_futures = self.client.push(updates)
+            self._push_futures = self.client.push(updates, self.num_steps)
+            self._in_flight_step = self.num_steps
+
+    def _finish_push(self) -> None:
+        """Wait for the push in flight: its step is then applied."""
+        self.client.wait(self._push_futures)
+        self._push_futures = []
+        self._note_applied(self._in_flight_step)  # once: an older step is no news
+
+    def _note_applied(self, step: int) -> None:
+        """Every shard has applied the push of ``step``: tell ``on_push_applied``."""
+        if step <= self.applied_step:
+            return
+        self.applied_step = step
+        if self._on_push_applied is not None:
+            self._on_push_applied(step)
 
     def flush(self) -> None:
         """Push what is accrued and wait until every push is applied.
@@ -451,8 +498,7 @@ class ShardedEmbeddings:
         """
         self._check_open("flush")
         self._push_accrued()
-        self.client.wait(self._push_futures)
-        self._push_futures = []
+        self._finish_push()
 
     def close(self) -> None:
         """Flush, then close the connections. Closing twice does nothing.

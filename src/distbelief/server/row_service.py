@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from distbelief.errors import ProtocolError
 from distbelief.server.shard import check_listed_place
 from distbelief.wire.message import Message
+from distbelief.wire.ops import PUSHED_STEP_KEY
 from distbelief.wire.row_ops import PULL_ROWS, PUSH_ROWS, ROWS_HELLO
 
 if TYPE_CHECKING:
@@ -69,7 +70,12 @@ def rows_hello(connection, request: Message) -> Message:
     if not isinstance(sizes, dict):
         raise ValueError("ROWS_HELLO's 'sizes' must map table names to their numbers of rows")
     tables.declare_all(declared, sizes)  # all or none: a refused hello declares nothing
-    return request.reply(describe_tables(tables))
+    described = describe_tables(tables)
+    worker = request.meta.get("worker")
+    if isinstance(worker, str) and worker in tables.pushed_steps:
+        # A restarted worker learns the step of the last row push its dead life got applied.
+        described[PUSHED_STEP_KEY] = tables.pushed_steps[worker]
+    return request.reply(described)
 
 
 def pull_rows(connection, request: Message) -> Message:
@@ -92,7 +98,12 @@ def push_rows(connection, request: Message) -> Message:
         if type(number) is not int or number < 1:
             raise ValueError(f"seq must be an integer >= 1, got {number!r}")
         seq = (session, number)
+    worker, step = request.meta.get("worker"), request.meta.get("clock")
+    if worker is not None and not isinstance(worker, str):
+        raise ValueError(f"worker id must be a string, got {worker!r}")
+    if step is not None and (type(step) is not int or step < 0):
+        raise ValueError(f"clock must be an integer >= 0, got {step!r}")
     ids, grads = request.tensors[0][1], request.tensors[1][1]
-    applied = tables.push(names, counts, ids, grads, seq=seq)
+    applied = tables.push(names, counts, ids, grads, seq=seq, worker=worker, step=step)
     connection.service.count_bytes(ids.nbytes + grads.nbytes, 0)
     return request.reply({"applied": applied})

@@ -42,6 +42,14 @@ _MAX_DIM = MAX_ROW_WIDTH
 _MAX_SESSIONS = 1024
 
 
+def _remember(latest: dict[str, int], key: str, value: int) -> None:
+    """``latest[key] = value``, the oldest key forgotten past ``_MAX_SESSIONS`` keys: clients
+    choose the keys, so they must not grow a shard's memory without bound."""
+    if len(latest) >= _MAX_SESSIONS and key not in latest:
+        latest.pop(next(iter(latest)))
+    latest[key] = value
+
+
 def check_table_name(name: object) -> str:
     """``name`` if it can name a table; ValueError naming it otherwise."""
     if not isinstance(name, str) or not _TABLE_NAME.fullmatch(name):
@@ -135,6 +143,10 @@ class ShardTables:
         self._sizes: dict[str, int] = {}
         """Each table's size (``num_embeddings``) as first declared; absent: never declared."""
         self._last_seq: dict[str, int] = {}
+        self.pushed_steps: dict[str, int] = {}
+        """Worker id -> the step of its last push this life applied: a worker restarted after
+        a death pushes none of the steps up to it again (not saved: a restored shard knows
+        none)."""
         self.num_pulled_rows = 0
         self.num_pushed_rows = 0
 
@@ -250,12 +262,16 @@ class ShardTables:
         grads: torch.Tensor,
         *,
         seq: tuple[str, int] | None = None,
+        worker: str | None = None,
+        step: int | None = None,
     ) -> bool:
         """One step of every table named: each table's unique ids (as in :meth:`pull`) and
         their summed gradient rows, flattened alike in ``grads``.
 
         ``seq`` (session, number): a push whose number this session already reached is a
         retry of one applied before and is acknowledged without applying it again.
+        ``worker`` and ``step``: whose push it is and of which of its steps, remembered in
+        ``pushed_steps`` once applied.
 
         Returns:
             False if it was such a retry.
@@ -285,9 +301,9 @@ class ShardTables:
                 table.apply_checked(part, flat.view(-1, table.dim))
             self.num_pushed_rows += ids.numel()
             if seq is not None:
-                if len(self._last_seq) >= _MAX_SESSIONS and seq[0] not in self._last_seq:
-                    self._last_seq.pop(next(iter(self._last_seq)))
-                self._last_seq[seq[0]] = seq[1]
+                _remember(self._last_seq, seq[0], seq[1])
+            if worker is not None and step is not None:
+                _remember(self.pushed_steps, worker, step)
         return True
 
     def counters(self) -> dict[str, TableCounters]:

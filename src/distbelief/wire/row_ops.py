@@ -1,12 +1,13 @@
 """The embedding row ops: what a row client asks of a shard's tables.
 
 ``ROWS_HELLO`` declares tables (name -> row width, and ``sizes``: name -> number of rows) and
-returns the shard's row settings and
-counters. ``PULL_ROWS`` lists its tables and each one's id count in its meta (``tables``,
-``counts``) and carries one int64 ``ids`` tensor, the tables' ids one after the other; it is
-answered with one float32 ``rows`` tensor, the tables' rows flattened in the same order.
-``PUSH_ROWS`` carries ``ids`` the same way and ``grads``, the gradient rows flattened alike,
-with a session and sequence number so a retried push is applied once. One tensor per request,
+returns the shard's row settings and counters (and, for the ``worker`` it names, the step of
+that worker's last push it applied, ``pushed_step``). ``PULL_ROWS`` lists its tables and each
+one's id count in its meta (``tables``, ``counts``) and carries one int64 ``ids`` tensor, the
+tables' ids one after the other; it is answered with one float32 ``rows`` tensor, the tables'
+rows flattened in the same order. ``PUSH_ROWS`` carries ``ids`` the same way and ``grads``, the
+gradient rows flattened alike, with a session and sequence number so a retried push is applied
+once, and the pushing ``worker`` and the ``clock`` (step) of the push. One tensor per request,
 not one per table: a step of 26 tables costs one frame of each kind per shard. What the ops do
 lives in ``server/row_service.py``.
 
@@ -24,7 +25,7 @@ MAX_PULL_ROWS_BYTES = 256 * 1024**2
 
 ROWS_HELLO = define_op("ROWS_HELLO", 24)
 """Declare tables (``tables``: name -> row width; ``sizes``: name -> number of rows); the reply
-describes the shard's tables."""
+describes the shard's tables (with ``pushed_step`` for the ``worker`` named)."""
 PULL_ROWS = define_op("PULL_ROWS", 25)
 """The rows of the ids given per table (ids without a row read as zeros)."""
 PUSH_ROWS = define_op("PUSH_ROWS", 26)

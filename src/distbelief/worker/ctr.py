@@ -83,11 +83,12 @@ def job_tables(
     worker_id: str | None = None,
     cache: bool = True,
     source_host: str | None = None,
+    on_push_applied: Callable[[int], None] | None = None,
 ) -> ShardedEmbeddings:
     """The job's tables of ``model`` on the shards (swapped in place), with its pull period,
     push period, row cache (``cache``: a reader that never steps must not cache, or its rows
     would never age) and timeouts; ``source_host``: the local address the connections leave
-    from.
+    from; ``on_push_applied`` as ``ShardedEmbeddings``'.
 
     Raises:
         TableSizeMismatchError: the shards hold a table of another size, with where this
@@ -110,11 +111,41 @@ def job_tables(
             worker_id=worker_id,
             security=security,
             source_host=source_host,
+            on_push_applied=on_push_applied,
         )
     except TableSizeMismatchError as e:  # the shard cannot know where this size came from
         raise TableSizeMismatchError(f"{e}: {table_size_source(config.data)}") from None
     except TableWidthMismatchError as e:  # a dlrm table's row width is the model's width
         raise TableWidthMismatchError(f"{e}: give the job's --embedding-dim") from None
+
+
+class BothPushed:
+    """Tells ``report`` (``push_reporter``'s) the step of a click worker's last push whose
+    dense and row parts every shard has applied: where its next life goes on, each step's
+    rows applied once. The two optimizers push apart and tell ``dense`` and ``rows``."""
+
+    def __init__(self, report: Callable[[int], None]) -> None:
+        self._report = report
+        self._steps = {"dense": 0, "rows": 0}
+        self._reported = 0
+
+    def start(self, dense_step: int, rows_step: int) -> None:
+        """The steps each part's shards hold already when training (re)starts."""
+        self._steps = {"dense": dense_step, "rows": rows_step}
+        self._reported = min(dense_step, rows_step)
+
+    def dense(self, step: int) -> None:
+        self._note("dense", step)
+
+    def rows(self, step: int) -> None:
+        self._note("rows", step)
+
+    def _note(self, part: str, step: int) -> None:
+        self._steps[part] = step
+        both = min(self._steps.values())
+        if both > self._reported:
+            self._reported = both
+            self._report(both)
 
 
 def table_columns(tables: ShardedEmbeddings) -> dict[str, int]:
@@ -241,7 +272,7 @@ def run_ctr_worker(
         ShardTimeoutError, ShardUnavailableError: a shard did not answer.
         ModelMismatchError: the shards hold another model's parameters or tables.
     """
-    from distbelief.worker.run import start_training  # run.py dispatches here
+    from distbelief.worker.run import push_reporter, start_training  # run.py dispatches here
 
     torch.set_num_threads(config.cluster.threads_per_worker)
     train_set = load_job_dataset(config.data, "train")
@@ -249,6 +280,7 @@ def run_ctr_worker(
         len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
     )
     model = build_ctr_replica(config, train_set)
+    pushed = BothPushed(push_reporter(emit, rank))
     tables = job_tables(
         config,
         model,
@@ -256,7 +288,9 @@ def run_ctr_worker(
         security,
         worker_id=f"worker{rank}",
         source_host=config.cluster.worker_host or None,
+        on_push_applied=pushed.rows,
     )
+    rows_pushed = tables.client.pushed_steps if restarted else None
     try:
         optimizer, resume_step = start_training(
             config,
@@ -267,11 +301,15 @@ def run_ctr_worker(
             emit,
             resume_step=resume_step,
             restarted=restarted,
+            on_push_applied=pushed.dense,
+            rows_pushed=rows_pushed,
         )
     except BaseException:
         tables.client.close(wait=False)
         raise
-    tables.num_steps = resume_step
+    # The shards hold each step's rows once: none holding a step is sent it again.
+    tables.resume(resume_step, rows_pushed)
+    pushed.start(optimizer.applied_step, tables.applied_step)
     try:
         ctr_train_loop(
             model,

@@ -87,12 +87,11 @@ def push_reporter(emit: Emit, rank: int, **where: int) -> Callable[[int], None]:
     return lambda step: emit("pushed", {"rank": rank, "step": step, **where})
 
 
-def shards_pushed_step(optimizer: DownpourSGD) -> int | None:
-    """The step of the last push every shard took from the optimizer's worker id (a dead
-    life's, for a restarted worker), as each said at the handshake; None when one took none
-    (or was restarted since: it knows none). A push in flight at a death may be one of them:
-    taken, its answer lost."""
-    recorded = optimizer.client.pushed_steps
+def shards_pushed_step(recorded: Sequence[int | None]) -> int | None:
+    """The step of the last push every shard took from a worker id (a dead life's, for a
+    restarted worker), from each shard's word at the handshake (``recorded``: a client's
+    ``pushed_steps``); None when one took none (or was restarted since: it knows none). A push
+    in flight at a death may be one of them: taken, its answer lost."""
     if not recorded or None in recorded:
         return None
     return min(step for step in recorded if step is not None)
@@ -108,12 +107,23 @@ def start_training(
     *,
     resume_step: int,
     restarted: bool,
+    on_push_applied: Callable[[int], None] | None = None,
+    rows_pushed: Sequence[int | None] | None = None,
 ) -> tuple[DownpourSGD, int]:
     """Replica ``rank``'s DownpourSGD over all of ``model``, reporting its pushes, and the
     step it goes on from, told in "started": ``resume_step`` (a dead life's last push every
     shard answered), or, ``restarted``, after a later push every shard took all the same
     (``shards_pushed_step``). A push in flight that only some shards took is done again:
-    those apply it twice."""
+    those apply it twice.
+
+    Args:
+        on_push_applied: what hears of each push applied, in place of the "pushed" events
+            (``push_reporter``).
+        rows_pushed: a click worker's: per shard, the step of the last row push it took
+            from the dead life (``RowClient.pushed_steps``); the worker then goes on after the
+            last step whose dense and row pushes every shard took, and pushes none of the
+            dense steps up to the last one every shard took.
+    """
     optimizer = job_optimizer(
         config,
         rank,
@@ -122,11 +132,15 @@ def start_training(
         addresses,
         security,
         resume_step=resume_step,
-        on_push_applied=push_reporter(emit, rank),
+        on_push_applied=on_push_applied or push_reporter(emit, rank),
     )
-    recorded = shards_pushed_step(optimizer) if restarted else None
+    dense = shards_pushed_step(optimizer.client.pushed_steps) if restarted else None
+    recorded = dense
+    if restarted and rows_pushed is not None:
+        rows = shards_pushed_step(rows_pushed)
+        recorded = None if dense is None or rows is None else min(dense, rows)
     resume_step = max(resume_step, recorded or 0)
-    optimizer.resume(resume_step)
+    optimizer.resume(resume_step, dense)
     emit("started", {"rank": rank, "time": time.time(), "step": resume_step})
     return optimizer, resume_step
 

@@ -156,7 +156,8 @@ def run_stage_worker(
             links.fail(e, config.faults.timeout_s + config.faults.retry_timeout_s)
             raise
         # The replica's stages go on together, from the step the launcher gives every one.
-        optimizer.resume(resume_step, shards_pushed_step(optimizer) if restarted else None)
+        recorded = shards_pushed_step(optimizer.client.pushed_steps) if restarted else None
+        optimizer.resume(resume_step, recorded)
         steps = _train(
             config,
             rank,

@@ -1,6 +1,7 @@
 """Embedding tables on real shard processes: one worker's rows, pushed blocking, equal a single
 process ``nn.Embedding(sparse=True)`` / ``nn.EmbeddingBag`` trained by torch.optim on the same
-batches; only the touched rows travel; a shard refuses what it does not own."""
+batches; only the touched rows travel; a shard refuses what it does not own; a restarted click
+worker pushes each step's rows once."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -13,11 +14,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 
 from distbelief.launch.local import stop_forkserver
 from tests.forked import ForkedCommand, start_command
+
+if TYPE_CHECKING:
+    from distbelief.server import ParameterShard
+    from distbelief.worker import StepInfo
 
 # One torch thread per process unless a test asks for more: the suite runs four test processes
 # on two cores, each starting more; torch's default (a thread per core in every process) had
@@ -227,3 +233,37 @@ def shard_cluster() -> Iterator:
 
     yield make
     stop_processes(started)
+
+
+class StopAt:
+    """A step hook (``run_worker``'s) that ends training at step ``last_step``."""
+
+    def __init__(self, last_step: int) -> None:
+        self.last_step = last_step
+
+    def after_step(self, step: StepInfo) -> bool:
+        return step.step >= self.last_step
+
+
+@contextlib.contextmanager
+def served_shards(
+    num_shards: int, *, lr: float = 0.1, **shard_options: object
+) -> Iterator[tuple[list[ParameterShard], list[str]]]:
+    """ParameterShards with plain SGD at ``lr`` (and ``shard_options``: consistency,
+    partitioner, num_workers) served on free ports of 127.0.0.1 in this process, and their
+    addresses; stopped at the block's end."""
+    from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+    from distbelief.wire import serve
+
+    shards = [
+        ParameterShard(i, num_shards, server_optimizer_factory("sgd", lr=lr), **shard_options)
+        for i in range(num_shards)
+    ]
+    servers = []
+    try:
+        for shard in shards:
+            servers.append(serve("tcp://127.0.0.1:0", ShardService(shard)))
+        yield shards, [server.address for server in servers]
+    finally:
+        for server in servers:
+            server.stop()

@@ -6,7 +6,6 @@ the client's list, the slices' names)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch
 from distbelief.client import ParameterServerClient
 from distbelief.config import ConsistencyConfig
 from distbelief.errors import ConsistencyMismatchError, LayoutMismatchError, RemoteError
-from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
+from distbelief.server import ParameterShard
 from distbelief.sharding import (
     FlatLayout,
     FlatPartitioner,
@@ -24,40 +23,27 @@ from distbelief.sharding import (
     TensorSpec,
     specs_to_json,
 )
-from distbelief.wire import Message, connect, ops, serve
-from tests.conftest import start_shard, stop_processes
+from distbelief.wire import Message, connect, ops
+from tests.conftest import served_shards, start_shard, stop_processes
 
 SPECS = [TensorSpec("embed", (50, 8), torch.float32), TensorSpec("bias", (8,), torch.float32)]
 NUM_ELEMENTS = 50 * 8 + 8
 
 
-@contextlib.contextmanager
 def _serve_shards(
     num_shards: int,
     partitioner: Partitioner,
     consistency: ConsistencyConfig | None = None,
     num_workers: int = 1,
-) -> Iterator[tuple[list[ParameterShard], list[str]]]:
+) -> contextlib.AbstractContextManager[tuple[list[ParameterShard], list[str]]]:
     """Shards of ``partitioner`` served on free ports of 127.0.0.1 in this process."""
-    shards = [
-        ParameterShard(
-            i,
-            num_shards,
-            server_optimizer_factory("sgd", lr=1.0),
-            consistency,
-            partitioner=partitioner,
-            num_workers=num_workers,
-        )
-        for i in range(num_shards)
-    ]
-    servers = []
-    try:
-        for shard in shards:
-            servers.append(serve("tcp://127.0.0.1:0", ShardService(shard)))
-        yield shards, [server.address for server in servers]
-    finally:
-        for server in servers:
-            server.stop()
+    return served_shards(
+        num_shards,
+        lr=1.0,
+        consistency=consistency,
+        partitioner=partitioner,
+        num_workers=num_workers,
+    )
 
 
 def _refused_handshake(client: ParameterServerClient, error: type[Exception]) -> Exception:

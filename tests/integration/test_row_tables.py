@@ -27,9 +27,10 @@ from distbelief.server.row_optimizers import LazyAdam
 from distbelief.server.row_table import RowTable, seeded_normal_rows
 from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.wire import serve
-from distbelief.worker import StepInfo, run_worker
+from distbelief.worker import run_worker
 from distbelief.worker.ctr import build_ctr_replica, job_tables
 from tests.conftest import (
+    StopAt,
     check_ctrl_c_ends_promptly_with_the_shard_gone,
     free_port,
     start_shard,
@@ -457,16 +458,6 @@ def test_a_pull_past_one_requests_limit_is_split_and_reads_the_same_rows():
         assert torch.equal(split[name], whole[name][table_ids])
 
 
-class _StopAfter:
-    """A step hook that ends training at step ``last``."""
-
-    def __init__(self, last: int) -> None:
-        self.last = last
-
-    def after_step(self, step: StepInfo) -> bool:
-        return step.step >= self.last
-
-
 def _table_steps(addresses: list[str], config: JobConfig) -> set[int]:
     """The pushes every table of every shard took (each push steps every table everywhere)."""
     reader = RowClient(addresses, {f"tables.{t}": config.model.embedding_dim for t in range(26)})
@@ -494,7 +485,7 @@ def test_a_restarted_click_worker_pushes_each_steps_rows_once(shard_cluster):
         if kind in told:
             told[kind].append(payload["step"])
 
-    run_worker(config, 0, addresses, emit=emit, hooks=[_StopAfter(5)])
+    run_worker(config, 0, addresses, emit=emit, hooks=[StopAt(5)])
     assert told == {"started": [0], "pushed": [1, 2, 3, 4, 5]}
     assert _table_steps(addresses, config) == {5}
     # Step 6 of the dead life: its rows reached the shards, its dense push never left.

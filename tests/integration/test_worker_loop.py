@@ -16,6 +16,7 @@ from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.server.process import serve_shard
 from distbelief.wire import serve
 from distbelief.worker import StepHook, StepInfo, run_worker
+from tests.conftest import StopAt
 from tests.netproxy import FaultProxy
 
 CONFIG = JobConfig.from_fields(
@@ -64,14 +65,6 @@ class Recorder:
 
     def after_step(self, step: StepInfo) -> None:
         self.steps.append(step)
-
-
-class StopAt:
-    def __init__(self, last_step: int) -> None:
-        self.last_step = last_step
-
-    def after_step(self, step: StepInfo) -> bool:
-        return step.step >= self.last_step
 
 
 def _train(address: str, *hooks: StepHook, **options) -> tuple[dict, list[tuple]]:

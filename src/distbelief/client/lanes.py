@@ -4,8 +4,10 @@ shard is unreachable, and the bytes and latencies of what was answered.
 Each shard has its own connection and its own lane (one I/O thread), so requests to one shard run
 in the order they were issued (a pull issued after a push sees that push) while different shards
 are served in parallel. A call that waits for its answer may run one shard's request on the
-calling thread, which would otherwise sit idle. Every wait has a timeout. The dense client
-(``ps_client.py``) and the row client (``rows.py``) are both made of these lanes.
+calling thread, which would otherwise sit idle. Every wait has a timeout. The steps each shard
+took from a restarted worker's dead life (``held_steps``) are kept here too: both clients' pushes
+leave those shards out. The dense client (``ps_client.py``) and the row client (``rows.py``) are
+both made of these lanes.
 """
 
 from __future__ import annotations
@@ -270,6 +272,9 @@ class ShardLanes:
         ]
         self._owned: list = []
         """What a subclass holds open beside the connections (``close()``), released with them."""
+        self.held_steps = [0] * self.num_shards
+        """Per shard, the last step whose push it holds already (a dead life's, set by a
+        restarted worker: ``hold_steps``): a push of a step up to it leaves that shard out."""
         # A client dropped without close() would leave its lanes' threads waiting and its
         # connections (and each shard's end of them) open for as long as the process runs.
         self._released_when_collected = weakref.finalize(
@@ -281,6 +286,30 @@ class ShardLanes:
     def num_shards(self) -> int:
         """The number of shards (one address each)."""
         return len(self.addresses)
+
+    def hold_steps(self, applied_steps: Sequence[int | None] | None, argument: str) -> None:
+        """Set ``held_steps`` from ``applied_steps``: per shard, the step of the last push it
+        applied from this worker id's previous life (a restarted client's ``pushed_steps``;
+        None: none), so that a shard is sent none of the steps up to it again.
+
+        Raises:
+            ValueError: ``applied_steps`` (named ``argument``) gives no step >= 0, or None,
+                per shard.
+        """
+        held = list(applied_steps or [None] * self.num_shards)
+        if len(held) != self.num_shards or not all(
+            step is None or (type(step) is int and step >= 0) for step in held
+        ):
+            raise ValueError(
+                f"{argument} must give a step >= 0 or None for each of the {self.num_shards} "
+                f"shards, got {applied_steps!r}"
+            )
+        self.held_steps = [step or 0 for step in held]
+
+    def holds(self, shard_id: int, step: int | None) -> bool:
+        """Whether shard ``shard_id`` took the push of ``step`` from a dead life already
+        (``held_steps``): a push of it leaves that shard out. Step 0 (or None) is no step."""
+        return step is not None and 0 < step <= self.held_steps[shard_id]
 
     @property
     def unreachable(self) -> bool:

@@ -432,7 +432,8 @@ class ParameterServerClient(ShardLanes):
         ``flat_grads`` must not change until the futures are done (it is sent without a copy).
         ``base_versions[i]`` is shard i's version the gradient was computed from. ``ready``
         is called before each shard's request is sent: it waits until ``flat_grads`` holds
-        the gradient (a copy from a GPU still running, say).
+        the gradient (a copy from a GPU still running, say). A shard whose ``held_steps``
+        reach ``clock`` is sent nothing (its future resolves to its version as last seen).
 
         Raises:
             TypeError / ValueError: ``flat_grads`` is not one 1-D tensor per dtype of the
@@ -468,6 +469,9 @@ class ParameterServerClient(ShardLanes):
         seq = next(self._push_seq)
         encoded = isinstance(flat_grads, EncodedPush)
         for i in range(self.num_shards):
+            if self.holds(i, clock):
+                messages.append((None, None))  # that shard took this step from a dead life
+                continue
             meta = {**self._identity(clock), "seq": seq, "session": self._session}
             if self._shared_memory is not None and (reads := self._shared_memory.take_count(i)):
                 meta[DIRECT_READS_KEY] = reads
@@ -481,7 +485,9 @@ class ParameterServerClient(ShardLanes):
             messages.append((Message(ops.PUSH, meta, tensors), ready))
         return messages
 
-    def _push_one(self, shard_id: int, message: Message, ready=None) -> int:
+    def _push_one(self, shard_id: int, message: Message | None, ready=None) -> int:
+        if message is None:  # a shard left out (``held_steps``)
+            return self.versions[shard_id]
         if ready is not None:
             ready()
         placed = self._placed(shard_id, message)

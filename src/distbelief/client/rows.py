@@ -193,9 +193,6 @@ class RowClient(ShardLanes):
         self.pushed_steps: list[int | None] = [None] * self.num_shards
         """Per shard, as its handshake said: the step of the last push it applied from this
         worker id (an earlier life's, for a restarted worker); None: none."""
-        self.held_steps = [0] * self.num_shards
-        """Per shard, the last step whose push it holds already (a dead life's, set by a
-        restarted worker): a push of a step up to it leaves that shard out."""
         self._push_seq = itertools.count(1)
         self._session = secrets.token_hex(8)
 
@@ -417,7 +414,7 @@ class RowClient(ShardLanes):
         parts = [
             (shard_id, part)
             for shard_id, part in enumerate(plans)
-            if part is not None and (step is None or step > self.held_steps[shard_id])
+            if part is not None and not self.holds(shard_id, step)
         ]
         return [future for _, _, future in self._send_each(parts, message, now=now)]
 

@@ -449,16 +449,8 @@ class ShardedEmbeddings:
                 None) per shard.
         """
         check_count("step", step, least=0)
-        held = list(applied_steps or [None] * self.client.num_shards)
-        if len(held) != self.client.num_shards or not all(
-            s is None or (type(s) is int and s >= 0) for s in held
-        ):
-            raise ValueError(
-                f"applied_steps must give a step >= 0 or None for each of the "
-                f"{self.client.num_shards} shards, got {applied_steps!r}"
-            )
+        self.client.hold_steps(applied_steps, "applied_steps")
         self.num_steps = self.applied_step = step
-        self.client.held_steps = [s or 0 for s in held]
 
     def _push_accrued(self) -> None:
         # Tensors are sent without a copy, so the previous push must be done first.

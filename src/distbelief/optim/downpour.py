@@ -585,7 +585,10 @@ class DownpourSGD(torch.optim.Optimizer):
             self._finish_pull_if_done(block=True)
             return loss
         self._local_update()
-        if self.num_steps % self.n_push == 0 and not on_the_shards:
+        # A step some shards hold from the previous life ends a push: the next one's steps
+        # are then all new to them.
+        due = self.num_steps % self.n_push == 0 or self.num_steps in self.client.held_steps
+        if due and not on_the_shards:
             self._push_accrued(now=self.blocking)
         if self.num_steps % self.n_pull == 0:
             if self.blocking:
@@ -594,19 +597,28 @@ class DownpourSGD(torch.optim.Optimizer):
                 self._start_pull()
         return loss
 
-    def resume(self, step: int, applied_step: int | None = None) -> None:
-        """Go on from ``step`` (a restarted replica's); the steps up to ``applied_step``
-        (default and at least ``step``), whose updates the shards took from the replica's
-        previous life, are not pushed again.
+    def resume(self, step: int, applied_step: int | Sequence[int | None] | None = None) -> None:
+        """Go on from ``step`` (a restarted replica's). ``applied_step``: the step of the last
+        push the shards took from the replica's previous life, one for all of them or one per
+        shard (``client.pushed_steps`` of a restarted replica; None: none). No shard is sent a
+        push of a step up to its own again: the steps up to the lowest are done again and
+        pushed to none, later ones only to the shards that lack them, so each step's update is
+        applied once on every shard. Under sync rounds it is not used: a round's update is
+        no worker's own to leave out.
 
         Raises:
-            ValueError: ``step`` or ``applied_step`` is no count >= 0.
+            ValueError: ``step`` is no count >= 0, or ``applied_step`` no count >= 0 nor one
+                per shard (each a count >= 0 or None).
         """
         check_count("step", step, least=0)
-        if applied_step is not None:
+        if applied_step is not None and not isinstance(applied_step, Sequence):
             check_count("applied_step", applied_step, least=0)
+            applied_step = [applied_step] * self.client.num_shards
+        self.client.hold_steps(applied_step, "applied_step")
+        if self.sync_rounds:
+            self.client.hold_steps(None, "applied_step")
         self.num_steps = step
-        self.applied_step = max(step, applied_step or 0)
+        self.applied_step = max(step, min(self.client.held_steps))
 
     def _accrue(self) -> None:
         """Add this step's gradients (scaled by their group's rate if the server asks for
@@ -637,6 +649,7 @@ class DownpourSGD(torch.optim.Optimizer):
         # The outbox is sent without a copy, so the previous push must be done before reuse.
         self._finish_push_if_done(block=True)
         self._copies.claim_accrued()
+        self._drop_held_slices()
         if self._compressor is None or whole:
             payload, ready = self._outbox, self._copies.move_out(self._outbox, self._accrued)
         else:
@@ -651,6 +664,15 @@ class DownpourSGD(torch.optim.Optimizer):
             self._note_applied(self.num_steps)
         else:
             self._push_futures, self._in_flight_step = futures, self.num_steps
+
+    def _drop_held_slices(self) -> None:
+        """Zero the accrued slices of the shards that hold this step from the previous life:
+        the push leaves them out, and neither it nor a later push may carry what they hold
+        (a compressed push's left-over included)."""
+        for shard_id in range(self.client.num_shards):
+            if self.client.holds(shard_id, self.num_steps):
+                for piece in self.client.slices[shard_id]:
+                    self._accrued[piece.dtype][piece.start : piece.stop].zero_()
 
     def _finish_push_if_done(self, block: bool = False) -> None:
         """Take in the replies to the push in flight once every shard has answered (``block``:
@@ -731,6 +753,7 @@ class DownpourSGD(torch.optim.Optimizer):
         """
         self._check_open("flush")
         self._copies.claim_accrued()
+        self._drop_held_slices()
         if any(bool(accrued.any()) for accrued in self._accrued.values()):
             self._push_accrued(whole=True)
         self._finish_push_if_done(block=True)

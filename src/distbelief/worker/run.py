@@ -113,16 +113,16 @@ def start_training(
     """Replica ``rank``'s DownpourSGD over all of ``model``, reporting its pushes, and the
     step it goes on from, told in "started": ``resume_step`` (a dead life's last push every
     shard answered), or, ``restarted``, after a later push every shard took all the same
-    (``shards_pushed_step``). A push in flight that only some shards took is done again:
-    those apply it twice.
+    (``shards_pushed_step``). A push in flight that only some shards took is done again and
+    sent to the others only: each shard applies each step's update once.
 
     Args:
         on_push_applied: what hears of each push applied, in place of the "pushed" events
             (``push_reporter``).
         rows_pushed: a click worker's: per shard, the step of the last row push it took
             from the dead life (``RowClient.pushed_steps``); the worker then goes on after the
-            last step whose dense and row pushes every shard took, and pushes none of the
-            dense steps up to the last one every shard took.
+            last step whose dense and row pushes every shard took, and sends no shard a
+            dense push of a step it took.
     """
     optimizer = job_optimizer(
         config,
@@ -140,7 +140,8 @@ def start_training(
         rows = shards_pushed_step(rows_pushed)
         recorded = None if dense is None or rows is None else min(dense, rows)
     resume_step = max(resume_step, recorded or 0)
-    optimizer.resume(resume_step, dense)
+    # A shard that took a later push than the others is sent none of its steps again.
+    optimizer.resume(resume_step, optimizer.client.pushed_steps if restarted else None)
     emit("started", {"rank": rank, "time": time.time(), "step": resume_step})
     return optimizer, resume_step
 

@@ -34,7 +34,7 @@ from distbelief.pipeline.wire_links import WireLinks
 from distbelief.process import Emit
 from distbelief.telemetry.metrics import make_record
 from distbelief.worker.loop import worker_batches
-from distbelief.worker.run import job_optimizer, push_reporter, shards_pushed_step
+from distbelief.worker.run import job_optimizer, push_reporter
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -98,8 +98,9 @@ def run_stage_worker(
         resume_step: A restarted replica's step, its last push every shard applied (of its
             every stage): it starts from the shards' parameters and skips the batches up to it.
         restarted: A life after a death: the steps after ``resume_step`` whose pushes this
-            stage's shards took from its previous life (``shards_pushed_step``: a stage a
-            push ahead of another, or one in flight) are done again but not pushed again.
+            stage's shards took from its previous life (a stage a push ahead of another, or
+            one in flight, taken by some shards only) are done again, and no shard is sent a
+            push of a step it took.
 
     Returns:
         ``rank``, ``stage`` and ``steps``.
@@ -156,8 +157,7 @@ def run_stage_worker(
             links.fail(e, config.faults.timeout_s + config.faults.retry_timeout_s)
             raise
         # The replica's stages go on together, from the step the launcher gives every one.
-        recorded = shards_pushed_step(optimizer.client.pushed_steps) if restarted else None
-        optimizer.resume(resume_step, recorded)
+        optimizer.resume(resume_step, optimizer.client.pushed_steps if restarted else None)
         steps = _train(
             config,
             rank,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from distbelief.launch.cli import main as distbelief_main
 from distbelief.launch.local import stop_forkserver
 from tests.forked import ForkedCommand, start_command
 
@@ -77,6 +79,27 @@ def run_cli(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=CHILD_ENV
     )
+
+
+def run_main(*args: str, capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:
+    """``distbelief ARGS`` run by its ``main`` in this process, its exit code and output as
+    ``run_cli`` gives them: for a command refused before it starts anything, which a process
+    of its own spent most of its time on importing torch. Its log lines go to its stderr as
+    the command's own logging setup puts them (pytest's handlers on the root logger would
+    make that setup do nothing)."""
+    capsys.readouterr()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers.clear()
+    try:
+        code = distbelief_main(list(args))
+    except SystemExit as exited:  # a flag argparse refuses
+        code = exited.code
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([*CLI, *args], code, out, err)
 
 
 def start_scripts(commands: list[list[str]]) -> list[subprocess.Popen]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
+from tests.conftest import CHILD_ENV, CLI, run_cli, run_main, start_shard, stop_processes
 
 
 def _descendants(pid: int) -> set[int]:
@@ -346,8 +346,8 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
         ),
     ],
 )
-def test_bad_flags_are_clear_errors(args, message):
-    result = run_cli(*args, timeout_s=60)
+def test_bad_flags_are_clear_errors(args, message, capsys):
+    result = run_main(*args, capsys=capsys)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -373,10 +373,12 @@ def test_bad_flags_are_clear_errors(args, message):
         ),
     ],
 )
-def test_bad_sandblaster_flags_are_one_line_errors_and_write_nothing(tmp_path, flags, message):
+def test_bad_sandblaster_flags_are_one_line_errors_and_write_nothing(
+    tmp_path, flags, message, capsys
+):
     run_dir = tmp_path / "run"
-    result = run_cli(
-        "train", "--algorithm", "sandblaster", *flags, "--out", str(run_dir), timeout_s=120
+    result = run_main(
+        "train", "--algorithm", "sandblaster", *flags, "--out", str(run_dir), capsys=capsys
     )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line]

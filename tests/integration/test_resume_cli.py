@@ -3,17 +3,31 @@ resumes, and a corrupt checkpoint is refused in one line before any process star
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
 from distbelief.config import FLAT_FIELDS
 from distbelief.telemetry.metrics import read_metrics
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
+
+
+# Session scope, its tests in one test process (xdist_group "mlp_run"): a test process may run
+# other modules' tests between them, which would end a module-scoped fixture.
+@pytest.fixture(scope="session")
+def mlp_run(tmp_path_factory) -> Path:
+    """A finished 3-step run of the MLP without live evaluation, which each test that refuses
+    a resume of it copies: the refusals need a run to refuse, not one each."""
+    run_dir = tmp_path_factory.mktemp("mlp_run") / "run"
+    first = run_cli("train", "--model", "mlp", "--steps", "3", "--no-eval", "--out", str(run_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    return run_dir
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # two short training runs, on a machine others may be loading
-def test_resume_reads_a_flat_config_and_refuses_a_corrupt_checkpoint(tmp_path):
+def test_resume_reads_a_flat_config_and_refuses_a_corrupt_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
     first = run_cli("train", "--steps", "5", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
@@ -30,13 +44,13 @@ def test_resume_reads_a_flat_config_and_refuses_a_corrupt_checkpoint(tmp_path):
 
     tensor_file = next((run_dir / "checkpoints").glob("shard1-v*.safetensors"))
     tensor_file.write_bytes(tensor_file.read_bytes()[:-7])
-    refused = run_cli("train", "--resume", str(run_dir), timeout_s=120)
+    refused = run_main("train", "--resume", str(run_dir), capsys=capsys)
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1, refused.stderr
     assert lines[0].startswith(f"distbelief train: error: --resume {run_dir}: cannot resume: ")
     assert tensor_file.name in lines[0] and "corrupt" in lines[0]
-    verbose = run_cli("--verbose", "train", "--resume", str(run_dir), timeout_s=120)
+    verbose = run_main("--verbose", "train", "--resume", str(run_dir), capsys=capsys)
     assert verbose.returncode == 2
     assert "Traceback (most recent call last)" in verbose.stderr
     assert verbose.stderr.strip().splitlines()[-1] == lines[0]
@@ -44,15 +58,17 @@ def test_resume_reads_a_flat_config_and_refuses_a_corrupt_checkpoint(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_resume_refuses_checkpoints_of_another_model_before_changing_the_run(tmp_path):
+@pytest.mark.xdist_group("mlp_run")
+def test_resume_refuses_checkpoints_of_another_model_before_changing_the_run(
+    tmp_path, mlp_run, capsys
+):
     run_dir = tmp_path / "run"
-    first = run_cli("train", "--model", "mlp", "--steps", "3", "--out", str(run_dir))
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(mlp_run, run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     config["model"]["name"] = "lenet"  # edited by hand: the checkpoints hold the MLP's
     (run_dir / "config.json").write_text(json.dumps(config))
     before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
-    refused = run_cli("train", "--resume", str(run_dir), timeout_s=120)
+    refused = run_main("train", "--resume", str(run_dir), capsys=capsys)
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert lines == [
@@ -66,12 +82,12 @@ def test_resume_refuses_checkpoints_of_another_model_before_changing_the_run(tmp
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_refused_flag_beside_shards_leaves_the_run_unresharded(tmp_path):
+@pytest.mark.xdist_group("mlp_run")
+def test_a_refused_flag_beside_shards_leaves_the_run_unresharded(tmp_path, mlp_run, capsys):
     # --shards reshards the run before it resumes: a flag refused with it must be refused
     # before that, not after the checkpoints were rewritten for the new number of shards.
     run_dir = tmp_path / "run"
-    first = run_cli("train", "--model", "mlp", "--steps", "3", "--no-eval", "--out", str(run_dir))
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(mlp_run, run_dir)
     before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
     refusals = {
         ("--checkpoint-every", "0"): "argument --checkpoint-every: must be a finite number > 0",
@@ -83,7 +99,7 @@ def test_a_refused_flag_beside_shards_leaves_the_run_unresharded(tmp_path):
         ("--max-iterations", "20"): "argument --max-iterations: only applies to algorithm sand",
     }
     for flag, message in refusals.items():
-        refused = run_cli("train", "--resume", str(run_dir), "--shards", "3", *flag, timeout_s=120)
+        refused = run_main("train", "--resume", str(run_dir), "--shards", "3", *flag, capsys=capsys)
         assert refused.returncode == 2, refused.stderr[-3000:]
         [line] = refused.stderr.strip().splitlines()[-1:]
         assert line.startswith(f"distbelief train: error: {message}"), refused.stderr

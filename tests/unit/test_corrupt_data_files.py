@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
 import pickle
 import shutil
@@ -21,7 +22,7 @@ import pytest
 from distbelief.data import cifar10, load_dataset
 from distbelief.launch.cli import main
 from distbelief.launch.local import LocalCluster
-from tests.conftest import CHILD_ENV, CLI
+from tests.conftest import CHILD_ENV
 
 CIFAR_FILES = [*cifar10.SPLIT_FILES["train"], *cifar10.SPLIT_FILES["test"]]
 
@@ -339,40 +340,94 @@ def _unreadable(path: Path) -> Iterator[None]:
         path.chmod(mode)
 
 
-@pytest.mark.parametrize(
-    ("dataset", "write", "flag"),
-    [
-        ("cifar10", lambda root: _cifar_dir(root, "data_batch_3"), ""),
-        ("cifar10", lambda root: _cifar_dir(root, "test_batch"), ""),
-        ("mnist", _mnist, ""),
-        ("criteo", lambda root: _criteo(root, 50), ""),
-        ("movielens", lambda root: _movielens(root, 50), ""),
-        # A folder it cannot look into: the launcher's check of the files names it.
-        ("movielens", lambda root: _movielens(root, 50).parent, "argument --data-dir: "),
-    ],
-    ids=["cifar10-train", "cifar10-test", "mnist", "criteo", "movielens", "movielens-folder"],
-)
-def test_an_unreadable_data_file_is_refused_in_one_line_naming_it(tmp_path, dataset, write, flag):
-    """Not a PermissionError traceback (exit 1): a file the job cannot read is a bad input,
-    as a corrupt one is."""
+_UNREADABLE = {
+    "cifar10-train": ("cifar10", lambda root: _cifar_dir(root, "data_batch_3"), ""),
+    "cifar10-test": ("cifar10", lambda root: _cifar_dir(root, "test_batch"), ""),
+    "mnist": ("mnist", _mnist, ""),
+    "criteo": ("criteo", lambda root: _criteo(root, 50), ""),
+    "movielens": ("movielens", lambda root: _movielens(root, 50), ""),
+    # A folder it cannot look into: the launcher's check of the files names it.
+    "movielens-folder": (
+        "movielens",
+        lambda root: _movielens(root, 50).parent,
+        "argument --data-dir: ",
+    ),
+}
+"""Per case: the data set, what writes its files (returning the one made unreadable) and the
+flag the line names first."""
+
+_EACH_IN_A_FORK = """
+import json, os, sys, traceback
+import torch  # what each command imports: once, before the forks
+from distbelief.launch.cli import main
+for argv, stderr_path in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        code = 1
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()  # as an uncaught one is, with exit 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+"""``distbelief ARGV`` for each (ARGV, stderr file) of its first argument, each in a process
+forked from this one once it has imported torch; prints each one's exit code."""
+
+
+@pytest.fixture(scope="session")
+def unreadable_refusals(tmp_path_factory) -> dict[str, tuple[Path, Path, int, str]]:
+    """Per case of ``_UNREADABLE``: the file made unreadable, the run folder asked for, the
+    exit code and stderr of ``distbelief train`` on it. One process runs them all, each
+    command in a process forked from it: a process of its own spent most of its time
+    importing torch."""
     prefix = _without_read_override()
-    path = write(tmp_path / "data")
-    model = {"cifar10": "mlp", "mnist": "mlp"}.get(dataset, "dlrm")
-    argv = ["train", "--dataset", dataset, "--model", model, "--no-download", "--steps", "2"]
-    out = tmp_path / "run"
-    with _unreadable(path):
+    root = tmp_path_factory.mktemp("unreadable")
+    commands, cases = [], {}
+    with contextlib.ExitStack() as unreadable:
+        for case, (dataset, write, _flag) in _UNREADABLE.items():
+            path = write(root / case / "data")
+            model = {"cifar10": "mlp", "mnist": "mlp"}.get(dataset, "dlrm")
+            argv = ["train", "--dataset", dataset, "--model", model, "--no-download"]
+            out, stderr_path = root / case / "run", root / f"{case}.stderr"
+            argv += ["--steps", "2", "--data-dir", str(root / case / "data"), "--out", str(out)]
+            commands.append((argv, str(stderr_path)))
+            cases[case] = (path, out, stderr_path)
+            unreadable.enter_context(_unreadable(path))
         result = subprocess.run(
-            [*prefix, *CLI, *argv, "--data-dir", str(tmp_path / "data"), "--out", str(out)],
+            [*prefix, sys.executable, "-c", _EACH_IN_A_FORK, json.dumps(commands)],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
             env=CHILD_ENV,
         )
-    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    codes = [int(line) for line in result.stdout.split()]
+    return {
+        case: (path, out, code, stderr_path.read_text())
+        for (case, (path, out, stderr_path)), code in zip(cases.items(), codes, strict=True)
+    }
+
+
+@pytest.mark.xdist_group("unreadable_data")  # one test process: the commands are run once
+@pytest.mark.parametrize("case", _UNREADABLE)
+def test_an_unreadable_data_file_is_refused_in_one_line_naming_it(case, unreadable_refusals):
+    """Not a PermissionError traceback (exit 1): a file the job cannot read is a bad input,
+    as a corrupt one is."""
+    path, out, returncode, stderr = unreadable_refusals[case]
+    flag = _UNREADABLE[case][2]
+    assert returncode == 2, stderr[-3000:]
     denied = path / "ratings.dat" if flag else path
-    assert result.stderr.splitlines()[-1] == (
+    assert stderr.splitlines()[-1] == (
         f"distbelief train: error: {flag}{denied}: Permission denied"
-    ), result.stderr[-3000:]
+    ), stderr[-3000:]
     assert not out.exists()
 
 

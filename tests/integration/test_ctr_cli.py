@@ -18,7 +18,7 @@ from distbelief.client.rows import RowClient
 from distbelief.server.checkpoint_meta import read_rows_meta
 from distbelief.server.row_checkpoint import load_row_tables
 from distbelief.telemetry import read_metrics
-from tests.conftest import CHILD_ENV, CLI, run_cli, start_shard, stop_processes
+from tests.conftest import CHILD_ENV, CLI, run_cli, run_main, start_shard, stop_processes
 
 CLICK_JOB = [
     *("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "2000"),
@@ -177,16 +177,18 @@ def test_rows_resharded_onto_fewer_shards_are_held_to_the_bound_as_soon_as_resto
         assert counts["evicted"] == int(table["num_evicted"]) + forgotten, name
 
 
-def test_click_flags_are_checked_before_anything_starts(tmp_path):
-    wrong_data = run_cli("train", "--model", "dlrm", "--out", str(tmp_path / "a"), timeout_s=120)
+def test_click_flags_are_checked_before_anything_starts(tmp_path, capsys):
+    wrong_data = run_main("train", "--model", "dlrm", "--out", str(tmp_path / "a"), capsys=capsys)
     assert wrong_data.returncode == 2
     wanted = "argument --dataset: data set 'digits' does not go with model 'dlrm'"
     assert wanted in wrong_data.stderr
-    wrong_model = run_cli(
-        "train", "--dataset", "criteo", "--out", str(tmp_path / "b"), timeout_s=120
+    wrong_model = run_main(
+        "train", "--dataset", "criteo", "--out", str(tmp_path / "b"), capsys=capsys
     )
     assert wrong_model.returncode == 2 and "use model dlrm" in wrong_model.stderr
-    table_size = run_cli("train", "--table-size", "10", "--out", str(tmp_path / "c"))
+    table_size = run_main(
+        "train", "--table-size", "10", "--out", str(tmp_path / "c"), capsys=capsys
+    )
     assert table_size.returncode == 2
     assert "argument --table-size: applies to synthetic-ctr and criteo" in table_size.stderr
     assert not any((tmp_path / name).exists() for name in "abc")

@@ -30,6 +30,7 @@ from tests.conftest import (
     check_ctrl_c_ends_promptly_with_the_shard_gone,
     pause_process,
     run_cli,
+    run_main,
     start_shard,
     stop_processes,
 )
@@ -526,18 +527,18 @@ def test_resume_restores_exactly_the_saved_parameters(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["final"]["version"] == 120
 
 
-def test_corrupt_checkpoint_and_misuse_are_clear_errors(tmp_path):
+def test_corrupt_checkpoint_and_misuse_are_clear_errors(tmp_path, capsys):
     run_dir = tmp_path / "run"
     first = run_cli("train", "--steps", "5", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
-    reuse = run_cli("train", "--steps", "5", "--out", str(run_dir), timeout_s=120)
+    reuse = run_main("train", "--steps", "5", "--out", str(run_dir), capsys=capsys)
     assert reuse.returncode == 2 and "use --resume" in reuse.stderr
     tensor_file = next((run_dir / "checkpoints").glob("shard1-v*.safetensors"))
     tensor_file.write_bytes(tensor_file.read_bytes()[:-7])
-    resumed = run_cli("train", "--resume", str(run_dir))
+    resumed = run_main("train", "--resume", str(run_dir), capsys=capsys)
     assert resumed.returncode != 0
     assert tensor_file.name in resumed.stderr and "corrupt" in resumed.stderr
-    missing = run_cli("train", "--resume", str(tmp_path / "nothing"), timeout_s=120)
+    missing = run_main("train", "--resume", str(tmp_path / "nothing"), capsys=capsys)
     assert missing.returncode == 2 and "nothing" in missing.stderr
 
 

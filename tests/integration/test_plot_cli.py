@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distbelief.telemetry import read_metrics
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_main
 
 # One test process for the module: its runs are made once, not once per process.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400), pytest.mark.xdist_group("plot_cli")]
@@ -64,22 +64,22 @@ def test_plot_compares_two_runs(runs, tmp_path) -> None:
     _assert_pngs(written)
 
 
-def test_plot_of_a_folder_that_is_not_a_run_exits_2(runs, tmp_path) -> None:
+def test_plot_of_a_folder_that_is_not_a_run_exits_2(runs, tmp_path, capsys) -> None:
     live, _ = runs
     folder = tmp_path / "holiday_photos"
     folder.mkdir()
     for args in (["plot", str(folder)], ["plot", str(live), str(folder)]):
-        result = run_cli(*args, timeout_s=60)
+        result = run_main(*args, capsys=capsys)
         assert result.returncode == 2
         assert f"not a run folder: {folder}" in result.stderr
 
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
-def test_plot_into_a_folder_that_cannot_be_made_is_one_line(runs) -> None:
+def test_plot_into_a_folder_that_cannot_be_made_is_one_line(runs, capsys) -> None:
     live, once = runs
     # /proc looks writable to the checks but takes no new folder.
     for args in ([str(live)], [str(live), str(once)]):
-        result = run_cli("plot", *args, "--out", "/proc/distbelief-plots", timeout_s=60)
+        result = run_main("plot", *args, "--out", "/proc/distbelief-plots", capsys=capsys)
         assert result.returncode == 2, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
         last = result.stderr.strip().splitlines()[-1]

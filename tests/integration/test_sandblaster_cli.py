@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from distbelief.telemetry import read_metrics
-from tests.conftest import CHILD_ENV, CLI, run_cli
+from tests.conftest import CHILD_ENV, CLI, run_cli, run_main
 
 SANDBLASTER = (
     "train",
@@ -279,7 +279,7 @@ def test_resume_with_more_iterations_continues_from_the_committed_one(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_on(tmp_path):
+def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_on(tmp_path, capsys):
     run_dir = tmp_path / "run"
     _train(
         *SANDBLASTER,
@@ -305,7 +305,7 @@ def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_o
         ("--max-iterations", resumed["iterations"], f"{resumed['iterations']} iterations"),
         ("--max-evaluations", 2, f"{resumed['evaluations']} objective evaluations"),
     ):
-        refused = run_cli("train", "--resume", str(run_dir), flag, str(value), timeout_s=120)
+        refused = run_main("train", "--resume", str(run_dir), flag, str(value), capsys=capsys)
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert refused.stderr.splitlines()[-1] == (
             f"distbelief train: error: argument {flag}: {run_dir} has done {done} already (its "

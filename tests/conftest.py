@@ -21,7 +21,7 @@ import pytest
 
 from distbelief.launch.cli import main as distbelief_main
 from distbelief.launch.local import stop_forkserver
-from tests.forked import ForkedCommand, start_command
+from tests.forked import ForkedCommand, run_command, start_command
 
 if TYPE_CHECKING:
     from distbelief.server import ParameterShard
@@ -79,6 +79,12 @@ def run_cli(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=CHILD_ENV
     )
+
+
+def run_forked(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """``distbelief ARGS`` as ``run_cli`` runs it, but forked with torch loaded (tests/forked.py
+    says why): for a command that starts no process of its own (``worker``, ``eval``, ``ps``)."""
+    return run_command(args, CHILD_ENV, timeout_s)
 
 
 def run_main(*args: str, capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
@@ -28,13 +29,28 @@ PRELOAD = ["torch", "distbelief.launch.cli", "distbelief.server.process", __name
 
 def _run_command(argv: list[str], env: dict[str, str], stdout: Connection) -> None:
     """The child: ``distbelief ARGV`` with ``env``, its stdout on ``stdout``, no stderr."""
-    os.environ.clear()
-    os.environ.update(env)
     os.dup2(stdout.fileno(), 1)
     stdout.close()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
+    _run_main(argv, env, os.devnull)
+
+
+def _run_command_to_files(
+    argv: list[str], env: dict[str, str], stdout_path: str, stderr_path: str
+) -> None:
+    """The child: ``distbelief ARGV`` with ``env``, its stdout and stderr in those files."""
+    stdout = os.open(stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(stdout, 1)
+    os.close(stdout)
+    _run_main(argv, env, stderr_path)
+
+
+def _run_main(argv: list[str], env: dict[str, str], stderr_path: str) -> None:
+    """``distbelief ARGV`` in this child, with ``env``, its stderr to ``stderr_path``."""
+    os.environ.clear()
+    os.environ.update(env)
+    stderr = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(stderr, 2)
+    os.close(stderr)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own)
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.argv = ["distbelief", *argv]
@@ -93,11 +109,17 @@ class ForkedCommand:
         self.send_signal(signal.SIGKILL)
 
 
-def start_command(argv: Sequence[str], env: Mapping[str, str]) -> ForkedCommand:
-    """``distbelief ARGV`` forked, its stdout readable as text lines."""
+def _context() -> mp.context.BaseContext:
+    """The forkserver's context, its preload set before it starts."""
     context = mp.get_context("forkserver")
     if getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None) is None:
         context.set_forkserver_preload(PRELOAD)
+    return context
+
+
+def start_command(argv: Sequence[str], env: Mapping[str, str]) -> ForkedCommand:
+    """``distbelief ARGV`` forked, its stdout readable as text lines."""
+    context = _context()
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(
         target=_run_command, args=(list(argv), dict(env), writer), name="distbelief"
@@ -107,3 +129,32 @@ def start_command(argv: Sequence[str], env: Mapping[str, str]) -> ForkedCommand:
     stdout = open(os.dup(reader.fileno()), encoding="utf-8")  # noqa: SIM115 (closed by the caller)
     reader.close()
     return ForkedCommand(process, stdout, list(argv))
+
+
+def run_command(
+    argv: Sequence[str], env: Mapping[str, str], timeout_s: float
+) -> subprocess.CompletedProcess:
+    """``distbelief ARGV`` forked and run to its end, its exit code, stdout and stderr as
+    ``subprocess.run`` gives them; killed if still running after ``timeout_s``.
+
+    Raises:
+        subprocess.TimeoutExpired: the command ran past ``timeout_s``.
+    """
+    with tempfile.TemporaryDirectory(prefix="distbelief-command-") as folder:
+        stdout_path, stderr_path = os.path.join(folder, "out"), os.path.join(folder, "err")
+        process = _context().Process(
+            target=_run_command_to_files,
+            args=(list(argv), dict(env), stdout_path, stderr_path),
+            name="distbelief",
+        )
+        process.start()
+        command = ForkedCommand(process, open(os.devnull), list(argv))  # noqa: SIM115
+        try:
+            returncode = command.wait(timeout_s)
+        finally:
+            command.stdout.close()
+            if command.poll() is None:
+                command.kill()
+                command.wait(30)
+        with open(stdout_path) as stdout, open(stderr_path) as stderr:
+            return subprocess.CompletedProcess(list(argv), returncode, stdout.read(), stderr.read())

@@ -26,7 +26,7 @@ from tests.conftest import (
     CHILD_ENV,
     CLI,
     pause_process,
-    run_cli,
+    run_forked,
     start_shard,
     stop_processes,
 )
@@ -76,7 +76,7 @@ def test_eval_once_prints_the_result(shard_cluster) -> None:
     addresses = shard_cluster(1)
     model = _initialise(addresses, seed=2)
     _, test_accuracy = evaluate(model, load_dataset("digits", split="test"))
-    result = run_cli(
+    result = run_forked(
         "eval", "--ps", ",".join(addresses), "--model", "lenet", "--once", timeout_s=90
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -84,7 +84,7 @@ def test_eval_once_prints_the_result(shard_cluster) -> None:
     assert float(fields["test_accuracy"]) == pytest.approx(test_accuracy, abs=1e-4)
     assert fields["version"] == "0"
     # The shards hold a LeNet: another --model is a usage error naming the tensors.
-    refused = run_cli("eval", "--ps", addresses[0], "--model", "mlp", "--once", timeout_s=90)
+    refused = run_forked("eval", "--ps", addresses[0], "--model", "mlp", "--once", timeout_s=90)
     assert refused.returncode == 2, refused.stderr[-2000:]
     [line] = refused.stderr.strip().splitlines()[-1:]
     assert line.startswith("distbelief eval: error: shard 0"), refused.stderr
@@ -110,11 +110,11 @@ def test_eval_once_of_a_partitioned_model_names_each_version_and_the_split_flag(
         finally:
             client.close()  # one push to each partition's group: their versions are 1 and 1
     job = ("eval", "--ps", ",".join(addresses), "--model", "mlp", "--partitions", "2")
-    result = run_cli(*job, "--split-points", "4", "--once", timeout_s=120)
+    result = run_forked(*job, "--split-points", "4", "--once", timeout_s=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-2:] == ["version=1", "partition_versions=1,1"]
     # Cut before layer 2, stage0's group would hold one Linear, not the shards' two.
-    refused = run_cli(*job, "--split-points", "2", "--once", timeout_s=120)
+    refused = run_forked(*job, "--split-points", "2", "--once", timeout_s=120)
     assert refused.returncode == 2, refused.stderr[-2000:]
     [line] = refused.stderr.strip().splitlines()[-1:]
     assert line.startswith("distbelief eval: error: shard 0"), refused.stderr
@@ -236,20 +236,20 @@ def test_eval_once_on_shards_of_a_click_job_that_stores_some_tables_by_row(shard
     [address] = shard_cluster(1)
     click_job = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "200"]
     tables = ["--tables", "tables.0,tables.1"]
-    worker = run_cli(
+    worker = run_forked(
         *("worker", "--ps", address, "--rank", "0", "--num-workers", "1"),
         *click_job,
         *tables,
         *("--steps", "3", "--batch-size", "32"),
     )
     assert worker.returncode == 0, worker.stderr[-2000:]
-    result = run_cli("eval", "--ps", address, *click_job, *tables, "--once", timeout_s=120)
+    result = run_forked("eval", "--ps", address, *click_job, *tables, "--once", timeout_s=120)
     assert result.returncode == 0, result.stderr[-2000:]
     fields = dict(part.split("=") for part in result.stdout.split())
     assert fields["version"] == "3" and 0.0 <= float(fields["test_auc"]) <= 1.0
     # The tables hold 200 rows: another --table-size would fold the ids onto other rows.
     other_size = [*click_job[:-1], "300"]
-    refused = run_cli("eval", "--ps", address, *other_size, *tables, "--once", timeout_s=120)
+    refused = run_forked("eval", "--ps", address, *other_size, *tables, "--once", timeout_s=120)
     assert refused.returncode == 2, refused.stderr[-2000:]
     [line] = refused.stderr.strip().splitlines()[-1:]
     assert line.startswith("distbelief eval: error: shard 0"), refused.stderr
@@ -275,14 +275,14 @@ def test_eval_with_another_movielens_data_dir_is_told_to_give_the_jobs(shard_clu
     _write_movielens(tmp_path / "job", num_users=8)
     _write_movielens(tmp_path / "other", num_users=11)
     job = ["--model", "dlrm", "--dataset", "movielens", "--tables", "tables.0,tables.1"]
-    worker = run_cli(
+    worker = run_forked(
         *("worker", "--ps", address, "--rank", "0", "--num-workers", "1"),
         *job,
         *("--data-dir", str(tmp_path / "job"), "--steps", "2", "--batch-size", "8"),
     )
     assert worker.returncode == 0, worker.stderr[-2000:]
     other = ["--data-dir", str(tmp_path / "other")]
-    refused = run_cli("eval", "--ps", address, *job, *other, "--once", timeout_s=120)
+    refused = run_forked("eval", "--ps", address, *job, *other, "--once", timeout_s=120)
     assert refused.returncode == 2, refused.stderr[-2000:]
     [line] = refused.stderr.strip().splitlines()[-1:]
     assert line.startswith("distbelief eval: error: shard 0"), refused.stderr
@@ -298,11 +298,11 @@ def test_eval_and_worker_with_another_embedding_dim_are_told_to_give_the_jobs(sh
     click_job = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "200"]
     tables = ["--tables", "tables.0,tables.1"]
     worker = ["worker", "--ps", address, "--rank", "0", "--num-workers", "1", "--steps", "2"]
-    trained = run_cli(*worker, *click_job, *tables, "--batch-size", "32")
+    trained = run_forked(*worker, *click_job, *tables, "--batch-size", "32")
     assert trained.returncode == 0, trained.stderr[-2000:]
     other_width = [*click_job, *tables, "--embedding-dim", "8"]
     for command, name in ((worker, "worker"), (["eval", "--ps", address, "--once"], "eval")):
-        refused = run_cli(*command, *other_width, timeout_s=120)
+        refused = run_forked(*command, *other_width, timeout_s=120)
         assert refused.returncode == 2, refused.stderr[-2000:]
         [line] = refused.stderr.strip().splitlines()[-1:]
         assert line.startswith(f"distbelief {name}: error: shard 0"), refused.stderr

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_ENV, CLI, run_cli, run_main, start_shard, stop_processes
+from tests.conftest import (
+    CHILD_ENV,
+    CLI,
+    run_cli,
+    run_forked,
+    run_main,
+    start_shard,
+    stop_processes,
+)
 
 
 def _descendants(pid: int) -> set[int]:
@@ -394,7 +402,7 @@ def test_a_worker_given_another_list_of_shards_is_told_which_flag():
             (addresses[:1], "is one of 2 shards, but 1 was given"),
             (addresses[::-1], "serves shard 1 of 2, but it is listed as shard 0"),
         ):
-            result = run_cli(
+            result = run_forked(
                 *("worker", "--ps", ",".join(listed), "--rank", "0", "--num-workers", "1"),
                 *("--model", "mlp", "--steps", "1"),
                 timeout_s=120,
@@ -410,7 +418,7 @@ def test_a_worker_given_another_list_of_shards_is_told_which_flag():
 def test_a_worker_started_for_another_number_of_workers_than_sync_shards_is_refused():
     process, address = start_shard(0, 1, "--sync", "--num-workers", "2")
     try:
-        result = run_cli(
+        result = run_forked(
             *("worker", "--ps", address, "--rank", "0", "--num-workers", "3"),
             *("--model", "mlp", "--dataset", "digits", "--steps", "2"),
             timeout_s=120,
@@ -431,7 +439,7 @@ def test_a_second_shard_of_one_id_is_refused_its_checkpoint_folder(tmp_path):
     first, _ = start_shard(0, 2, "--checkpoint-dir", str(ckpt))
     processes = [first]
     try:
-        result = run_cli(
+        result = run_forked(
             *("ps", "--shard-id", "0", "--num-shards", "2", "--bind", "tcp://127.0.0.1:0"),
             *("--no-auth", "--checkpoint-dir", str(ckpt)),
             timeout_s=120,

@@ -1,7 +1,6 @@
 """Authentication, TLS and hostile frames on every channel kind, and a live shard under 10,000
 random, malformed and truncated frames."""
 
-import concurrent.futures as cf
 import contextlib
 import json
 import random
@@ -27,7 +26,7 @@ from distbelief.wire.channels.tcp import TcpChannel, parse_tcp_address
 from distbelief.wire.message import HEADER, MAGIC, PROTOCOL_VERSION
 from distbelief.wire.reader import FrameReader, recv_message
 from distbelief.wire.security import AUTH_MAGIC, WireSecurity, read_key_file, write_key_file
-from tests.conftest import run_cli, start_shard, stop_processes
+from tests.conftest import run_forked, start_shard, stop_processes
 from tests.integration.test_transport import EchoService
 
 NUM_FUZZ_FRAMES = 4_000
@@ -320,10 +319,8 @@ def test_a_worker_without_the_shards_tls_is_told_which_flag(tls_files, tmp_path)
             *["worker", "--ps", address, "--rank", "0", "--num-workers", "1", "--steps", "1"],
             *["--auth-key-file", str(key_file), "--retry-timeout", "120"],
         ]
-        with cf.ThreadPoolExecutor(2) as pool:  # both at once: each loads torch first
-            plain_run = pool.submit(run_cli, *worker, timeout_s=240)
-            other_run = pool.submit(run_cli, *worker, "--tls-ca", str(other_ca), timeout_s=240)
-            plain, other = plain_run.result(), other_run.result()
+        plain = run_forked(*worker, timeout_s=240)
+        other = run_forked(*worker, "--tls-ca", str(other_ca), timeout_s=240)
     finally:
         stop_processes([shard])
     for run in (plain, other):
@@ -500,12 +497,8 @@ def test_a_worker_with_another_jobs_key_file_is_told_which_flag(tmp_path):
     shard, address = start_shard(0, 1, "--auth-key-file", str(tmp_path / "job.key"))
     try:
         worker = ["worker", "--ps", address, "--rank", "0", "--num-workers", "1", "--steps", "1"]
-        with cf.ThreadPoolExecutor(2) as pool:  # both at once: each loads torch first
-            wrong_run = pool.submit(
-                run_cli, *worker, "--auth-key-file", str(tmp_path / "other.key"), timeout_s=120
-            )
-            none_run = pool.submit(run_cli, *worker, timeout_s=120)
-            wrong, none = wrong_run.result(), none_run.result()
+        wrong = run_forked(*worker, "--auth-key-file", str(tmp_path / "other.key"), timeout_s=120)
+        none = run_forked(*worker, timeout_s=120)
     finally:
         stop_processes([shard])
     assert wrong.returncode == 2, wrong.stderr[-2000:]

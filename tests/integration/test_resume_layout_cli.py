@@ -16,7 +16,7 @@ import pytest
 
 from distbelief.launch.cli import main
 from distbelief.server.checkpoint_meta import rows_meta_path
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_forked
 from tests.unit.test_checkpoint import edit_tensor_file
 from tests.unit.test_row_checkpoint import edit_row_chunk, reseal_row_chunk
 
@@ -26,7 +26,7 @@ ResumeRefused = Callable[[Path], str]
 
 
 def _train(*args: str) -> None:
-    result = run_cli("train", *args, timeout_s=180)
+    result = run_forked("train", *args, timeout_s=180)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

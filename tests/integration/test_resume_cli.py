@@ -10,7 +10,7 @@ import pytest
 
 from distbelief.config import FLAT_FIELDS
 from distbelief.telemetry.metrics import read_metrics
-from tests.conftest import run_cli, run_main
+from tests.conftest import run_forked, run_main
 
 
 # Session scope, its tests in one test process (xdist_group "mlp_run"): a test process may run
@@ -20,7 +20,9 @@ def mlp_run(tmp_path_factory) -> Path:
     """A finished 3-step run of the MLP without live evaluation, which each test that refuses
     a resume of it copies: the refusals need a run to refuse, not one each."""
     run_dir = tmp_path_factory.mktemp("mlp_run") / "run"
-    first = run_cli("train", "--model", "mlp", "--steps", "3", "--no-eval", "--out", str(run_dir))
+    first = run_forked(
+        "train", "--model", "mlp", "--steps", "3", "--no-eval", "--out", str(run_dir)
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     return run_dir
 
@@ -29,7 +31,7 @@ def mlp_run(tmp_path_factory) -> Path:
 @pytest.mark.timeout(400)  # two short training runs, on a machine others may be loading
 def test_resume_reads_a_flat_config_and_refuses_a_corrupt_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    first = run_cli("train", "--steps", "5", "--out", str(run_dir))
+    first = run_forked("train", "--steps", "5", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
     sectioned = json.loads((run_dir / "config.json").read_text())
     flat = {
@@ -37,7 +39,7 @@ def test_resume_reads_a_flat_config_and_refuses_a_corrupt_checkpoint(tmp_path, c
     }
     (run_dir / "config.json").write_text(json.dumps(flat))
 
-    again = run_cli("train", "--resume", str(run_dir))
+    again = run_forked("train", "--resume", str(run_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run_dir / "config.json").read_text()) == sectioned
     assert json.loads((run_dir / "summary.json").read_text())["final"]["version"] == 20
@@ -113,7 +115,7 @@ def test_a_resumed_run_says_where_it_goes_on_from(tmp_path):
     """``--resume`` says, before training, the version each shard restored from its last
     checkpoint: an operator sees the run went on, and from where, not from scratch."""
     run_dir = tmp_path / "run"
-    first = run_cli("train", "--model", "mlp", "--steps", "5", "--out", str(run_dir))
+    first = run_forked("train", "--model", "mlp", "--steps", "5", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "from its last checkpoints" not in first.stderr
     versions = [
@@ -122,7 +124,7 @@ def test_a_resumed_run_says_where_it_goes_on_from(tmp_path):
     ]
     # The lines' t= is metrics.csv's time axis, which the resumed run's rows go on along.
     ended_s = max(float(row["time_s"]) for row in read_metrics(run_dir / "metrics.csv"))
-    again = run_cli("train", "--resume", str(run_dir))
+    again = run_forked("train", "--resume", str(run_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     said = [line for line in again.stderr.splitlines() if "last checkpoints" in line]
     assert said == [

@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distbelief.telemetry import read_metrics
-from tests.conftest import run_cli, run_main
+from tests.conftest import run_cli, run_forked, run_main
 
 # One test process for the module: its runs are made once, not once per process.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400), pytest.mark.xdist_group("plot_cli")]
@@ -29,7 +29,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
         (live, []),
         (once, ["--workers", "1", "--server-optimizer", "adagrad", "--no-eval"]),
     ):
-        result = run_cli("train", "--steps", "20", "--out", str(out), *extra)
+        result = run_forked("train", "--steps", "20", "--out", str(out), *extra)
         assert result.returncode == 0, result.stderr[-3000:]
     return live, once
 

@@ -29,7 +29,7 @@ from tests.conftest import (
     CLI,
     check_ctrl_c_ends_promptly_with_the_shard_gone,
     pause_process,
-    run_cli,
+    run_forked,
     run_main,
     start_shard,
     stop_processes,
@@ -498,7 +498,7 @@ def test_close_after_a_shard_stayed_dead_does_not_retry_again():
 
 def test_resume_restores_exactly_the_saved_parameters(tmp_path):
     run_dir = tmp_path / "run"
-    first = run_cli("train", "--steps", "30", "--out", str(run_dir))
+    first = run_forked("train", "--steps", "30", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
     saved = {
@@ -522,14 +522,14 @@ def test_resume_restores_exactly_the_saved_parameters(tmp_path):
             assert torch.equal(
                 flats[piece.dtype][piece.start : piece.stop], saved[shard_id]["param.0"]
             )
-    again = run_cli("train", "--resume", str(run_dir))
+    again = run_forked("train", "--resume", str(run_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["final"]["version"] == 120
 
 
 def test_corrupt_checkpoint_and_misuse_are_clear_errors(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    first = run_cli("train", "--steps", "5", "--out", str(run_dir))
+    first = run_forked("train", "--steps", "5", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
     reuse = run_main("train", "--steps", "5", "--out", str(run_dir), capsys=capsys)
     assert reuse.returncode == 2 and "use --resume" in reuse.stderr

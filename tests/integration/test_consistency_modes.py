@@ -15,7 +15,7 @@ from distbelief.client import ParameterServerClient
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import TensorSpec
 from distbelief.telemetry import read_metrics
-from tests.conftest import CHILD_ENV, CLI, run_cli, stop_processes
+from tests.conftest import CHILD_ENV, CLI, run_forked, stop_processes
 
 
 def _model() -> nn.Module:
@@ -177,7 +177,7 @@ def test_ssp_holds_the_fast_worker_until_the_slow_one_moves_or_leaves(shard_clus
 
 
 def _train(tmp_path, *flags: str) -> subprocess.CompletedProcess:
-    return run_cli("train", "--out", str(tmp_path), *flags)
+    return run_forked("train", "--out", str(tmp_path), *flags)
 
 
 def test_cli_sync_with_a_backup_worker(tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from distbelief.launch.cli import main
-from tests.conftest import CHILD_ENV, CLI, run_cli, stop_processes
+from tests.conftest import CHILD_ENV, CLI, run_forked, stop_processes
 
 NOT_HERE = "192.0.2.1"
 """TEST-NET-1 (RFC 5737): never an address of a real machine."""
@@ -20,7 +20,7 @@ HOSTS = ("--shard-hosts", "127.0.0.2,127.0.0.3", "--worker-host", "127.0.0.4")
 
 
 def _train_on_hosts(run_dir, *args: str) -> dict:
-    result = run_cli("train", *args, "--no-eval", "--out", str(run_dir), *HOSTS, timeout_s=180)
+    result = run_forked("train", *args, "--no-eval", "--out", str(run_dir), *HOSTS, timeout_s=180)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 

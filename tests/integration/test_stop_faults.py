@@ -30,7 +30,7 @@ from distbelief.server.checkpoint import load_checkpoint
 from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.telemetry import read_metrics
 from distbelief.wire import serve
-from tests.conftest import CLI, run_cli, start_scripts, stop_processes
+from tests.conftest import CLI, run_forked, start_scripts, stop_processes
 
 RUN_TIMEOUT_S = 240
 DOWNPOUR = (
@@ -145,7 +145,7 @@ def test_a_coordinator_killed_while_the_job_stops_is_not_restarted_and_a_resume_
     assert said == (coordinator["iterations"] > record["iteration"]), result.stderr[-3000:]
 
     resumed_to = record["iteration"] + 2
-    resumed = run_cli("train", "--resume", str(run_dir), "--max-iterations", str(resumed_to))
+    resumed = run_forked("train", "--resume", str(run_dir), "--max-iterations", str(resumed_to))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     steps = [row["step"] for row in _rows(run_dir, "coordinator")]
     # The resume's rows follow the earlier ones: from the committed iteration on.

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from distbelief.telemetry import read_metrics
-from tests.conftest import CHILD_ENV, CLI, run_cli, run_main
+from tests.conftest import CHILD_ENV, CLI, run_forked, run_main
 
 SANDBLASTER = (
     "train",
@@ -54,7 +54,7 @@ def _summary(run_dir: Path) -> dict:
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
-    result = run_cli(*args, timeout_s=RUN_TIMEOUT_S)
+    result = run_forked(*args, timeout_s=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -26,7 +26,7 @@ from distbelief.pipeline.job import job_split, stage_plan
 from distbelief.pipeline.wire_links import WireLinks
 from distbelief.telemetry import read_metrics
 from distbelief.worker import build_replica, worker_batches
-from tests.conftest import CHILD_ENV, CLI, run_cli, stop_processes
+from tests.conftest import CHILD_ENV, CLI, run_forked, stop_processes
 
 _LISTENING = re.compile(r"stage (\d+) listening at (tcp://\S+)")
 STEPS = 6
@@ -227,7 +227,7 @@ def test_a_partitioned_runs_final_version_is_given_per_partition(tmp_path):
     # Each partition's stages push to a group of its own: a sum of the groups' versions would
     # say 2 x the steps; every partition had one update per step.
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = run_forked(
         *("train", "--model", "mlp", "--partitions", "2", "--split-points", "3"),
         *("--workers", "1", "--shards", "2", "--micro-batches", "2", "--steps", str(STEPS)),
         *("--no-eval", "--out", str(run_dir)),
@@ -311,7 +311,7 @@ def test_each_stages_last_record_counts_its_last_push(tmp_path):
     width, F) and ten top-k pushes (10 K); the second 10 K; the last 2 K and F."""
     out = tmp_path / "run"
     job = ["--model", "mlp", "--dataset", "digits", "--partitions", "2", "--workers", "1"]
-    result = run_cli(
+    result = run_forked(
         "train",
         *job,
         *("--shards", "1", "--steps", "22", "--blocking", "--push-compression", "topk:0.1"),

@@ -503,7 +503,7 @@ def test_a_summary_that_cannot_be_written_fails_the_finished_job_in_one_line(tmp
     exit 1, no traceback."""
     run_dir = tmp_path / "run"
     (run_dir / "summary.json" / "in-the-way").mkdir(parents=True)
-    result = run_cli("train", "--model", "mlp", "--steps", "20", "--out", str(run_dir))
+    result = run_forked("train", "--model", "mlp", "--steps", "20", "--out", str(run_dir))
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1] == (

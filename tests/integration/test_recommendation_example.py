@@ -77,6 +77,45 @@ def test_ctrl_c_while_training_is_one_line_and_exit_130(shard_cluster, signum):
     assert stderr.strip().splitlines()[-1] == "recommendation.py: interrupted"
 
 
+_PULLS_IN_FLIGHT = """
+import signal, sys
+import torch
+from distbelief import ParameterServerClient
+from distbelief.sharding import tensor_specs
+
+client = ParameterServerClient([sys.argv[1]], tensor_specs([("w", torch.zeros(1_000_000))]))
+flat = {torch.float32: torch.zeros(1_000_000)}
+client.handshake(flat)
+pulls = [client.pull(flat) for _ in range(100)]  # queued on the shard's I/O thread
+client.wait(pulls[0])
+print("pulling", flush=True)
+signal.pause()  # until Ctrl-C, with no close()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_pulls_are_in_flight_ends_as_python_does(shard_cluster):
+    # Each pull copies the shard's parameters out of shared memory on the client's I/O thread,
+    # inside a torch call: a daemon thread still in one as the interpreter finalized aborted
+    # the process (-6, "terminate called without an active exception") in place of the exit.
+    process = subprocess.Popen(
+        [sys.executable, "-c", _PULLS_IN_FLIGHT, shard_cluster(1)[0]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**CHILD_ENV, "DISTBELIEF_TRANSPORT": "auto"},  # reads from shared memory
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "pulling\n"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        stop_processes([process])
+    assert process.returncode == -signal.SIGINT, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "KeyboardInterrupt"
+
+
 def test_a_bad_value_is_one_line_and_exit_2():
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--ps", "garbage", "--steps", "2"],

@@ -104,7 +104,8 @@ class _Lane:
 
     The I/O thread is a daemon: a program that ends (Ctrl-C, say) while a shard is down must
     not wait for requests that retry for ``retry_timeout_s`` (a thread pool's workers are
-    joined at exit). ``DownpourSGD.close`` is what flushes pushes on a normal exit.
+    joined at exit). It is still waited for, briefly, before the interpreter finalizes
+    (``_release``). ``DownpourSGD.close`` is what flushes pushes on a normal exit.
     """
 
     def __init__(self, name: str, owner: str, shard: str) -> None:
@@ -176,37 +177,66 @@ class _Lane:
         except Exception as error:  # handed to the waiter, as an I/O thread would
             return _Finished(None, error)
 
-    def shutdown(self, wait: bool, timeout_s: float) -> None:
-        """Stop taking requests; ``wait``: let queued ones finish (up to ``timeout_s``),
-        else cancel them (one already running ends within its own timeout and retries)."""
+    def stop(self, *, cancel: bool) -> None:
+        """Stop taking requests; ``cancel``: drop the queued ones (their futures are
+        cancelled), else they still run, in order, before the lane's thread ends."""
         with self._lock:
             self._closed = True
-            thread = self._thread
-        if not wait:
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
-                    with self._lock:
-                        self._pending -= 1
+        while cancel:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+                with self._lock:
+                    self._pending -= 1
         self._queue.put(None)
-        if wait and thread is not None:
-            thread.join(timeout_s)
+
+    def join(self, deadline: float) -> bool:
+        """Wait, until ``deadline`` (``time.monotonic()``) at most, for the lane's thread to end
+        after :meth:`stop`; whether it has (never when called on that thread itself)."""
+        thread = self._thread  # no new one once stopped
+        if thread is None:
+            return True
+        if thread is threading.current_thread():
+            return False  # the last reference to its client, dropped on its own thread
+        thread.join(max(0.0, deadline - time.monotonic()))
+        return not thread.is_alive()
+
+
+STOP_WAIT_S = 5.0
+"""How long stopping a client at once waits for its lanes' requests in flight: one waiting for
+a shard is woken at once; one inside a torch call (a copy from shared memory) ends within
+milliseconds. Past it, the lane is left to end by itself."""
 
 
 def _release(lanes: list[_Lane], transports: list, closing: threading.Event, owned: list) -> None:
-    """What ``close(wait=False)`` does, for lanes dropped without it: their threads stop and
-    their connections (and ``owned``, what else they hold open) close."""
+    """What ``close(wait=False)`` does, also for lanes dropped without it or still open when the
+    interpreter exits: queued requests are cancelled, the ones in flight woken and waited for
+    (up to ``STOP_WAIT_S``), then the connections (and ``owned``, what else the client holds
+    open) close.
+
+    The wait matters at exit: a daemon thread that comes back from a torch call (which let go
+    of the GIL) once the interpreter is finalizing is ended where it stands, and C++ aborts the
+    whole process ("terminate called without an active exception", exit -6) in place of the
+    program's own exit, its Ctrl-C's included.
+    """
     closing.set()
     for lane in lanes:
-        lane.shutdown(wait=False, timeout_s=0)
+        lane.stop(cancel=True)
     for transport in transports:
-        transport.close()
-    for resource in owned:
-        resource.close()
+        transport.interrupt()
+    deadline = time.monotonic() + STOP_WAIT_S
+    ended = [lane.join(deadline) for lane in lanes]
+    # Only the thread using a connection may close it: a lane still running keeps its own, and
+    # what it may be reading (``owned``: shared memory) stays mapped.
+    for lane_ended, transport in zip(ended, transports, strict=True):
+        if lane_ended:
+            transport.close()
+    if all(ended):
+        for resource in owned:
+            resource.close()
 
 
 class ShardLanes:
@@ -277,10 +307,10 @@ class ShardLanes:
         restarted worker: ``hold_steps``): a push of a step up to it leaves that shard out."""
         # A client dropped without close() would leave its lanes' threads waiting and its
         # connections (and each shard's end of them) open for as long as the process runs.
+        # At exit too (before the interpreter finalizes): see ``_release``.
         self._released_when_collected = weakref.finalize(
             self, _release, self._lanes, self._transports, self._closing, self._owned
         )
-        self._released_when_collected.atexit = False  # at exit the daemon threads just end
 
     @property
     def num_shards(self) -> int:
@@ -418,14 +448,19 @@ class ShardLanes:
 
         Args:
             wait: Finish queued requests first (each bounded by its timeout and retries).
-                False: cancel them and stop retrying at once (a worker that is shutting down
-                because something failed).
+                False: cancel them, stop retrying and wake the requests in flight at once,
+                waiting only for those to end (up to ``STOP_WAIT_S``): a worker that is
+                shutting down because something failed, or was interrupted.
         """
-        self._released_when_collected.detach()
         if not wait:
-            self._closing.set()
+            self._released_when_collected()  # once: a client closed so is not released again
+            return
+        self._released_when_collected.detach()
+        deadline = time.monotonic() + self.timeout_s + self.retry_timeout_s + 5.0
         for lane in self._lanes:
-            lane.shutdown(wait, self.timeout_s + self.retry_timeout_s + 5.0)
+            lane.stop(cancel=False)
+        for lane in self._lanes:
+            lane.join(deadline)
         for transport in self._transports:
             transport.close()
         for resource in self._owned:

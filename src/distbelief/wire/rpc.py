@@ -167,6 +167,13 @@ class RpcClient:
         kind = kind if issubclass(kind, AuthenticationError) else ProtocolError
         return kind(f"{self.name}: {_op_name(message)}: {problem}")
 
+    def interrupt(self) -> None:
+        """Wake a request blocked on the connection (it fails as a lost connection); safe from
+        another thread, unlike :meth:`close`."""
+        channel = self._channel
+        if channel is not None:
+            channel.shutdown()
+
     def close(self) -> None:
         """Drop the connection; a later request reconnects."""
         channel, self._channel, self._reader = self._channel, None, None

@@ -143,32 +143,34 @@ def train_and_evaluate(args: argparse.Namespace) -> float:
     test = load_dataset("synthetic-ctr", split="test", table_size=args.table_size)
     torch.manual_seed(0)
     model = DLRM(train.num_dense, train.table_sizes, embedding_device="meta")
-    tables = ShardedEmbeddings(model, ps=args.ps, row_cache_mb=args.row_cache_mb)
-    optimizer = DownpourSGD(model.parameters(), lr=args.lr, model=model, ps=args.ps)
-    columns = {name: int(name.rpartition(".")[2]) for name in tables.modules}
-    for step, (dense, sparse, labels) in enumerate(training_batches(train, args), start=1):
-        tables.prefetch({name: sparse[:, column] for name, column in columns.items()})
-        optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(model(dense, sparse), labels)
-        loss.backward()
-        optimizer.step()
-        tables.step()
-        if step % args.log_interval == 0:
-            print(f"step {step}: loss {loss.item():.4f}", flush=True)
-    tables.close()
-    optimizer.close()
-    # The test split on the shards' parameters, read with a fresh client of the same tables.
+    # Closed however training ends: on Ctrl-C at once, pushing nothing more.
+    with (
+        ShardedEmbeddings(model, ps=args.ps, row_cache_mb=args.row_cache_mb) as tables,
+        DownpourSGD(model.parameters(), lr=args.lr, model=model, ps=args.ps) as optimizer,
+    ):
+        columns = {name: int(name.rpartition(".")[2]) for name in tables.modules}
+        for step, (dense, sparse, labels) in enumerate(training_batches(train, args), start=1):
+            tables.prefetch({name: sparse[:, column] for name, column in columns.items()})
+            optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(model(dense, sparse), labels)
+            loss.backward()
+            optimizer.step()
+            tables.step()
+            if step % args.log_interval == 0:
+                print(f"step {step}: loss {loss.item():.4f}", flush=True)
+    # The test split on the shards' parameters, read with a fresh client of the same tables
+    # (its dense client trains nothing: closing it only closes its connections).
     torch.manual_seed(0)
     reader_model = DLRM(test.num_dense, test.table_sizes, embedding_device="meta")
-    reader = ShardedEmbeddings(reader_model, ps=args.ps)
-    dense_reader = DownpourSGD(reader_model.parameters(), model=reader_model, ps=args.ps)
-    with torch.no_grad():
+    with (
+        ShardedEmbeddings(reader_model, ps=args.ps) as reader,
+        DownpourSGD(reader_model.parameters(), model=reader_model, ps=args.ps),
+        torch.no_grad(),
+    ):
         reader.prefetch({name: test.sparse[:, column] for name, column in columns.items()})
         scores = reader_model(test.dense, test.sparse)
     auc = roc_auc(scores, test.labels)
     ceiling = roc_auc(ground_truth_logits(test), test.labels)
-    reader.close()
-    dense_reader.close()  # it trained nothing: closes its connections
     print(f"test AUC {auc:.4f} (the hidden model's: {ceiling:.4f})")
     return auc
 

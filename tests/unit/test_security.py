@@ -206,7 +206,7 @@ def test_a_tls_flag_naming_a_folder_says_it_is_a_folder(tmp_path, monkeypatch, f
 
 
 def test_downpour_takes_a_key_files_text_as_the_key_and_names_bad_settings(tmp_path, monkeypatch):
-    from distbelief.optim.downpour import TIMEOUT_ENV, _key_bytes, request_timeout_s
+    from distbelief.optim.connection_settings import TIMEOUT_ENV, _key_bytes, request_timeout_s
 
     path = write_key_file(tmp_path / "job.key")
     key = read_key_file(path)
@@ -226,7 +226,7 @@ def test_downpour_takes_a_key_files_text_as_the_key_and_names_bad_settings(tmp_p
 
 
 def test_downpour_names_the_variable_a_bad_address_or_key_file_came_from(tmp_path, monkeypatch):
-    from distbelief.optim.downpour import (
+    from distbelief.optim.connection_settings import (
         AUTH_KEY_FILE_ENV,
         PS_ADDRESS_ENV,
         _key_from_environment,

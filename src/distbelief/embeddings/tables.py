@@ -37,7 +37,7 @@ from distbelief.embeddings.modules import (
     table_widths,
 )
 from distbelief.errors import ClosedError
-from distbelief.optim.downpour import (
+from distbelief.optim.connection_settings import (
     AUTH_KEY_FILE_ENV,
     _key_bytes,
     check_optional_str,

@@ -22,21 +22,24 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from distbelief.client import ParameterServerClient, parse_addresses
+from distbelief.client import ParameterServerClient
 from distbelief.client.compression import EncodedPush, PushCompressor
-from distbelief.config import (
-    MAX_RATE,
-    MAX_WAIT_S,
-    amount_problem,
-    check_count,
-    check_wait,
-)
+from distbelief.config import MAX_RATE, amount_problem, check_count
 from distbelief.errors import ClosedError, PSError, RendezvousError
+from distbelief.optim.connection_settings import (
+    AUTH_KEY_FILE_ENV,
+    DEFAULT_TIMEOUT_S,
+    PS_ADDRESS_ENV,
+    TIMEOUT_ENV,
+    _key_bytes,
+    _key_from_environment,
+    check_optional_str,
+    ps_addresses,
+    request_timeout_s,
+)
 from distbelief.optim.device_copies import DeviceCopies
 from distbelief.optim.unguarded import call_unguarded
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
-from distbelief.wire import channels
-from distbelief.wire.channels.shm import check_shm_allowed, transport_setting
 from distbelief.wire.compression import WireCompression
 from distbelief.wire.dtypes import dtype_name
 from distbelief.wire.process_group import (
@@ -45,115 +48,22 @@ from distbelief.wire.process_group import (
     ServerRecord,
     process_group_active,
 )
-from distbelief.wire.security import WireSecurity, read_key_file
+from distbelief.wire.security import WireSecurity
+
+__all__ = [
+    "AUTH_KEY_FILE_ENV",
+    "DEFAULT_TIMEOUT_S",
+    "PS_ADDRESS_ENV",
+    "TIMEOUT_ENV",
+    "DownpourSGD",
+    "check_optional_str",
+    "ps_addresses",
+    "request_timeout_s",
+]
+"""Besides the optimizer, the connection settings it reads (optim/connection_settings.py),
+importable from here as before."""
 
 logger = logging.getLogger(__name__)
-
-PS_ADDRESS_ENV = "DISTBELIEF_PS"
-"""Comma-separated shard addresses, used when ``ps`` is not given."""
-TIMEOUT_ENV = "DISTBELIEF_TIMEOUT_S"
-"""Per-request timeout in seconds, used when ``timeout_s`` is not given."""
-DEFAULT_TIMEOUT_S = 30.0
-AUTH_KEY_FILE_ENV = "DISTBELIEF_AUTH_KEY_FILE"
-"""Path of the job's key file, used when ``auth_key`` is not given."""
-
-
-def _key_from_environment() -> bytes | None:
-    """The key of the file ``DISTBELIEF_AUTH_KEY_FILE`` names, if set; ValueError naming the
-    variable if the file is missing or no key file."""
-    path = os.environ.get(AUTH_KEY_FILE_ENV)
-    if not path:
-        return None
-    try:
-        return read_key_file(path)
-    except ValueError as e:
-        raise ValueError(f"{AUTH_KEY_FILE_ENV}: {e}") from None
-
-
-def _key_bytes(auth_key: bytes | str | None) -> bytes | None:
-    """``auth_key`` as the key's bytes: given as bytes, or as the hex text a key file holds
-    (``distbelief keygen`` writes one; its text read as str or bytes is taken as that key)."""
-    if auth_key is None:
-        return None
-    if not isinstance(auth_key, bytes | str):
-        raise TypeError(
-            f"auth_key must be bytes or a str (a key file's hex text), got {auth_key!r}"
-        )
-    text = auth_key.decode("ascii", "replace") if isinstance(auth_key, bytes) else auth_key
-    if not text.strip():
-        # An empty key file's text, say: no secret, which would have connected with no key.
-        raise ValueError("auth_key is empty: give the job's key, or None for no key")
-    try:
-        return bytes.fromhex(text.strip())
-    except ValueError:
-        if isinstance(auth_key, bytes):
-            return auth_key  # the raw key
-        raise ValueError("auth_key: a str must be a hex key (a key file's text)") from None
-
-
-def request_timeout_s(timeout_s: float | None) -> float:
-    """``timeout_s`` as given, or when not given (None) ``DISTBELIEF_TIMEOUT_S``, else 30.
-
-    Raises:
-        ValueError: ``timeout_s`` is not > 0 (0 is no default), or ``DISTBELIEF_TIMEOUT_S``
-            is no number of seconds > 0.
-    """
-    if timeout_s is not None:
-        check_wait("timeout_s", timeout_s)
-        return timeout_s
-    text = os.environ.get(TIMEOUT_ENV)
-    if text is None:
-        return DEFAULT_TIMEOUT_S
-    try:
-        timeout_s = float(text)
-    except ValueError:
-        timeout_s = float("nan")
-    problem = amount_problem(timeout_s, most=MAX_WAIT_S)
-    if problem is not None:
-        raise ValueError(f"{TIMEOUT_ENV} {text!r}: {problem} (seconds)")
-    return timeout_s
-
-
-def check_optional_str(name: str, value: object) -> None:
-    """Refuses ``value`` unless it is a str or None.
-
-    Raises:
-        TypeError: naming ``name``.
-    """
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {value!r}")
-
-
-def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
-    """The shard addresses of ``ps`` (a list or comma-separated), or when not given (None)
-    ``DISTBELIEF_PS``'s.
-
-    Raises:
-        TypeError: ``ps`` is neither a str nor a list of str.
-        ValueError: no address given, by either; a bad ``DISTBELIEF_TRANSPORT`` (named).
-    """
-    if ps is not None:
-        try:
-            addresses = parse_addresses(ps, "ps")
-        except ValueError as e:
-            raise ValueError(f"ps: {e}") from None
-        return check_shm_allowed("ps", addresses)
-    text = os.environ.get(PS_ADDRESS_ENV, "")
-    if not text.replace(",", "").strip():
-        raise ValueError(
-            f"no parameter-server address given: pass ps= or set {PS_ADDRESS_ENV} "
-            "(e.g. tcp://127.0.0.1:7000)"
-        )
-    # The dialers below read DISTBELIEF_TRANSPORT: a bad value is refused first, as that
-    # variable's, not as a fault of DISTBELIEF_PS.
-    transport_setting()
-    try:
-        addresses = parse_addresses(text, PS_ADDRESS_ENV)
-        for address in addresses:
-            channels.dialer(address)  # its form and host, named as the variable holds them
-    except ValueError as e:
-        raise ValueError(f"{PS_ADDRESS_ENV}: {e}") from None
-    return check_shm_allowed(PS_ADDRESS_ENV, addresses)
 
 
 def rate_value(lr: object) -> object:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures as cf
 import itertools
-import logging
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +23,7 @@ from torch import nn
 from distbelief.client import ParameterServerClient
 from distbelief.client.compression import PushCompressor
 from distbelief.config import MAX_RATE, amount_problem, check_count
-from distbelief.errors import ClosedError, PSError, RendezvousError
+from distbelief.optim.closing import ClosingOptimizer
 from distbelief.optim.connection_settings import (
     AUTH_KEY_FILE_ENV,
     DEFAULT_TIMEOUT_S,
@@ -77,8 +76,6 @@ __all__ = [
 """Besides the optimizer, the connection settings it reads (optim/connection_settings.py) and
 the checks of its param groups (optim/param_checks.py), importable from here as before."""
 
-logger = logging.getLogger(__name__)
-
 
 def _zeros(layout: FlatLayout, device: torch.device) -> dict:
     return {
@@ -87,7 +84,7 @@ def _zeros(layout: FlatLayout, device: torch.device) -> dict:
     }
 
 
-class DownpourSGD(PushPullPipeline, torch.optim.Optimizer):
+class DownpourSGD(PushPullPipeline, ClosingOptimizer, torch.optim.Optimizer):
     """Asynchronous SGD against a sharded parameter server.
 
     Args:
@@ -415,84 +412,6 @@ class DownpourSGD(PushPullPipeline, torch.optim.Optimizer):
                 alpha = -rate_value(group["lr"])
                 torch._foreach_add_(params, [p.grad for p in params], alpha=alpha)
 
-    def close(self) -> None:
-        """Flush, then close the connections to the shards (and, found through a process
-        group, tell the ParameterServer this rank has finished). Closing twice does nothing.
-
-        After a push or pull raised because a shard stayed unreachable past
-        ``retry_timeout_s``, close sends nothing more: it closes the connections at once
-        rather than wait that long again.
-
-        Raises:
-            ShardTimeoutError / ShardUnavailableError / RemoteError: the last push, or a pull
-                still in flight, failed.
-            RendezvousError: the process group's store could not be written.
-        """
-        self._close(flush=True)
-
-    def _close(self, *, flush: bool) -> None:
-        """``close()``; without ``flush``, at once: nothing more is pushed, and requests still
-        retrying a shard that is down stop retrying (a ParameterServer is still told that this
-        rank has finished, as ``close()`` tells it)."""
-        if self._closed:
-            return
-        if self._server is not None:
-            atexit.unregister(self._close_at_exit)
-        interrupted = not flush
-        try:
-            if flush and not self.client.unreachable:
-                self.flush()
-        except KeyboardInterrupt:
-            interrupted = True  # Ctrl-C during the flush: no more waiting for the shards
-            raise
-        finally:
-            # A flush that found the shards gone already waited out the retries; so did the
-            # step that found it before. Queued requests then stop retrying, and a server that
-            # is gone needs no word that this rank finished (its store may be gone with it).
-            gone = self.client.unreachable
-            self._closed = True
-            try:
-                if self._server is not None and not gone:
-                    self._mark_finished(quietly=interrupted)
-            finally:
-                self.client.close(wait=not (gone or interrupted))
-                # The last references to a shared outbox: its mapping goes now, not when this
-                # optimizer is collected (a script goes on evaluating or saving after close).
-                self._outbox, self._push_futures = {}, []
-
-    def _mark_finished(self, *, quietly: bool) -> None:
-        """Tell the ParameterServer this rank has finished; ``quietly`` (on Ctrl-C), a store
-        that cannot be written is logged, not raised in place of the interrupt."""
-        try:
-            self._finished_store().mark_finished(self._server.session)
-        except RendezvousError as e:
-            if not quietly:
-                raise
-            logger.warning("DownpourSGD could not tell the ParameterServer it finished: %s", e)
-
-    def _finished_store(self) -> GroupStore:
-        """A fresh connection to the group's store while the group is up (the constructor's
-        may have sat idle through the whole training); once the script has destroyed the group
-        (before close(), or before an exit that leaves close() to atexit), the constructor's:
-        a connection of its own to the store outlives the group."""
-        if process_group_active() or self._store is None:
-            return GroupStore()
-        return self._store
-
-    def __enter__(self) -> DownpourSGD:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-        """``close()``: ``with DownpourSGD(...) as x:`` closes it however the block ends. A
-        block ended by Ctrl-C (``KeyboardInterrupt``) closes at once instead, pushing nothing
-        more: its flush would wait up to ``retry_timeout_s`` for a shard that is down, and
-        then raise in place of the interrupt."""
-        self._close(flush=exc_type is None or not issubclass(exc_type, KeyboardInterrupt))
-
-    def _check_open(self, action: str) -> None:
-        if self._closed:
-            raise ClosedError("DownpourSGD", action)
-
     def _check_unchanged(self) -> None:
         """Refuses parameters whose shape, dtype or device changed since the constructor (the
         shards hold the layout made then; a pulled value would not fit).
@@ -520,12 +439,6 @@ class DownpourSGD(PushPullPipeline, torch.optim.Optimizer):
             "cannot pickle or copy a DownpourSGD: it holds connections to the shards; save "
             "its state_dict() and make a new optimizer"
         )
-
-    def _close_at_exit(self) -> None:
-        try:
-            self.close()
-        except (PSError, RendezvousError) as e:
-            logger.warning("DownpourSGD could not finish cleanly at exit: %s", e)
 
     # torch's own methods, without the compiler guard that imports torch._dynamo on first use
     # (optim/unguarded.py): a worker that never compiles starts without it.

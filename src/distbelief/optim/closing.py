@@ -1,0 +1,105 @@
+"""How a DownpourSGD ends: ``close()`` (flushing, then closing its connections and telling a
+ParameterServer this rank has finished), the ``with`` block, the close at exit, and the refusal
+of calls after it. A mixin of DownpourSGD: it pushes and pulls only through ``flush()``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from typing import Self
+
+from distbelief.errors import ClosedError, PSError, RendezvousError
+from distbelief.wire.process_group import GroupStore, process_group_active
+
+logger = logging.getLogger(__name__)
+
+
+class ClosingOptimizer:
+    """``close()`` and what calls it, on the attributes DownpourSGD's constructor sets:
+    ``client``, ``_closed``, ``_server`` and ``_store`` (the ParameterServer found through a
+    process group, if any)."""
+
+    def close(self) -> None:
+        """Flush, then close the connections to the shards (and, found through a process
+        group, tell the ParameterServer this rank has finished). Closing twice does nothing.
+
+        After a push or pull raised because a shard stayed unreachable past
+        ``retry_timeout_s``, close sends nothing more: it closes the connections at once
+        rather than wait that long again.
+
+        Raises:
+            ShardTimeoutError / ShardUnavailableError / RemoteError: the last push, or a pull
+                still in flight, failed.
+            RendezvousError: the process group's store could not be written.
+        """
+        self._close(flush=True)
+
+    def _close(self, *, flush: bool) -> None:
+        """``close()``; without ``flush``, at once: nothing more is pushed, and requests still
+        retrying a shard that is down stop retrying (a ParameterServer is still told that this
+        rank has finished, as ``close()`` tells it)."""
+        if self._closed:
+            return
+        if self._server is not None:
+            atexit.unregister(self._close_at_exit)
+        interrupted = not flush
+        try:
+            if flush and not self.client.unreachable:
+                self.flush()
+        except KeyboardInterrupt:
+            interrupted = True  # Ctrl-C during the flush: no more waiting for the shards
+            raise
+        finally:
+            # A flush that found the shards gone already waited out the retries; so did the
+            # step that found it before. Queued requests then stop retrying, and a server that
+            # is gone needs no word that this rank finished (its store may be gone with it).
+            gone = self.client.unreachable
+            self._closed = True
+            try:
+                if self._server is not None and not gone:
+                    self._mark_finished(quietly=interrupted)
+            finally:
+                self.client.close(wait=not (gone or interrupted))
+                # The last references to a shared outbox: its mapping goes now, not when this
+                # optimizer is collected (a script goes on evaluating or saving after close).
+                self._outbox, self._push_futures = {}, []
+
+    def _mark_finished(self, *, quietly: bool) -> None:
+        """Tell the ParameterServer this rank has finished; ``quietly`` (on Ctrl-C), a store
+        that cannot be written is logged, not raised in place of the interrupt."""
+        try:
+            self._finished_store().mark_finished(self._server.session)
+        except RendezvousError as e:
+            if not quietly:
+                raise
+            logger.warning("DownpourSGD could not tell the ParameterServer it finished: %s", e)
+
+    def _finished_store(self) -> GroupStore:
+        """A fresh connection to the group's store while the group is up (the constructor's
+        may have sat idle through the whole training); once the script has destroyed the group
+        (before close(), or before an exit that leaves close() to atexit), the constructor's:
+        a connection of its own to the store outlives the group."""
+        if process_group_active() or self._store is None:
+            return GroupStore()
+        return self._store
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        """``close()``: ``with DownpourSGD(...) as x:`` closes it however the block ends. A
+        block ended by Ctrl-C (``KeyboardInterrupt``) closes at once instead, pushing nothing
+        more: its flush would wait up to ``retry_timeout_s`` for a shard that is down, and
+        then raise in place of the interrupt."""
+        self._close(flush=exc_type is None or not issubclass(exc_type, KeyboardInterrupt))
+
+    def _check_open(self, action: str) -> None:
+        if self._closed:
+            raise ClosedError("DownpourSGD", action)
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except (PSError, RendezvousError) as e:
+            logger.warning("DownpourSGD could not finish cleanly at exit: %s", e)

@@ -48,7 +48,7 @@ from distbelief.optim.param_checks import (
     rate_value,
 )
 from distbelief.optim.push_pull import PushPullPipeline
-from distbelief.optim.unguarded import call_unguarded
+from distbelief.optim.torch_methods import TorchOptimizerMethods
 from distbelief.sharding import FlatLayout, TensorSpec, tensor_specs
 from distbelief.wire.compression import WireCompression
 from distbelief.wire.process_group import (
@@ -84,7 +84,7 @@ def _zeros(layout: FlatLayout, device: torch.device) -> dict:
     }
 
 
-class DownpourSGD(PushPullPipeline, ClosingOptimizer, torch.optim.Optimizer):
+class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, torch.optim.Optimizer):
     """Asynchronous SGD against a sharded parameter server.
 
     Args:
@@ -431,67 +431,3 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, torch.optim.Optimizer):
                     f"{param.dtype} on {param.device} (the shards hold the parameters as they "
                     "were): make a new optimizer for the changed model"
                 )
-
-    def __getstate__(self) -> dict:
-        # torch's Optimizer pickles (and deep-copies) only its groups and state: the copy would
-        # have no connections to the shards. Refused, as a socket is.
-        raise TypeError(
-            "cannot pickle or copy a DownpourSGD: it holds connections to the shards; save "
-            "its state_dict() and make a new optimizer"
-        )
-
-    # torch's own methods, without the compiler guard that imports torch._dynamo on first use
-    # (optim/unguarded.py): a worker that never compiles starts without it.
-    def add_param_group(self, param_group: dict) -> None:
-        """As torch's, while the constructor gathers the groups; afterwards refused: the shards
-        hold the parameters given then, and later ones would train only here.
-
-        Raises:
-            ValueError: called after the constructor.
-        """
-        if getattr(self, "specs", None) is not None:
-            raise ValueError(
-                "add_param_group: the shards hold the parameters given to DownpourSGD(); "
-                "make a new optimizer with every parameter group"
-            )
-        call_unguarded("add_param_group", self, param_group)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        call_unguarded("zero_grad", self, set_to_none)
-
-    def state_dict(self) -> dict:
-        state = call_unguarded("state_dict", self)
-        state["downpour"] = {
-            "num_steps": self.num_steps,
-            "n_push": self.n_push,
-            "n_pull": self.n_pull,
-        }
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, checking the groups it loads as the constructor does (one saved by
-        torch.optim.SGD with momentum, say, would otherwise train without it), after the
-        ``register_load_state_dict_pre_hook`` hooks, which may adapt them. The step count is
-        this optimizer's own: loaded from a DownpourSGD state dict, kept from a torch.optim one
-        (its pushes and pulls stay on schedule, its clock at the shards does not go back).
-
-        Raises:
-            ValueError: a loaded group's ``lr`` or other setting DownpourSGD does not apply,
-                named by its index; nothing is loaded.
-        """
-        state_dict = dict(state_dict)
-        downpour = state_dict.pop("downpour", {})
-        self._loading_num_steps = int(downpour.get("num_steps", self.num_steps))
-        try:
-            call_unguarded("load_state_dict", self, state_dict)
-        finally:
-            del self._loading_num_steps
-
-    def __setstate__(self, state: dict) -> None:
-        # torch's load_state_dict hands the loaded groups here, after its pre hooks and before
-        # anything has changed: the one place to check what it would load.
-        check_param_groups(state["param_groups"])
-        super().__setstate__(state)
-        loading = self.__dict__.get("_loading_num_steps")
-        if loading is not None:  # with the groups, before torch's post hooks: they see it
-            self.num_steps = loading

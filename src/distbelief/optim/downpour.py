@@ -77,6 +77,44 @@ __all__ = [
 the checks of its param groups (optim/param_checks.py), importable from here as before."""
 
 
+def _check_arguments(
+    lr: object,
+    blocking: object,
+    model: object,
+    worker_id: object,
+    source_host: object,
+    group: object,
+) -> None:
+    """Refuses DownpourSGD's ``lr`` (no rate), ``blocking`` (no bool), ``worker_id``,
+    ``source_host`` or ``group`` (no str) or ``model`` (no module), naming it."""
+    problem = amount_problem(rate_value(lr), zero_ok=True, most=MAX_RATE)
+    if problem is not None:
+        raise ValueError(f"lr {problem}, got {lr!r}")
+    if not isinstance(blocking, bool):
+        raise TypeError(f"blocking must be True or False, got {blocking!r}")
+    check_optional_str("worker_id", worker_id)
+    check_optional_str("source_host", source_host)
+    check_optional_str("group", group)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_counts(
+    n_push: object, n_pull: object, num_workers: object, start_after_version: object
+) -> int:
+    """Refuses DownpourSGD's counts that are not ones (named); returns
+    ``start_after_version``, 0 for None."""
+    counts = {"n_push": n_push, "n_pull": n_pull}
+    if num_workers is not None:
+        counts["num_workers"] = num_workers
+    for name, value in counts.items():
+        check_count(name, value)
+    if start_after_version is None:
+        start_after_version = 0
+    check_count("start_after_version", start_after_version, least=0)
+    return start_after_version
+
+
 def _zeros(layout: FlatLayout, device: torch.device) -> dict:
     return {
         dtype: torch.zeros(total, dtype=dtype, device=device)
@@ -194,45 +232,16 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         num_workers: int | None = None,
         on_push_applied: Callable[[int], None] | None = None,
     ) -> None:
-        problem = amount_problem(rate_value(lr), zero_ok=True, most=MAX_RATE)
-        if problem is not None:
-            raise ValueError(f"lr {problem}, got {lr!r}")
-        if not isinstance(blocking, bool):
-            raise TypeError(f"blocking must be True or False, got {blocking!r}")
-        check_optional_str("worker_id", worker_id)
-        check_optional_str("source_host", source_host)
-        check_optional_str("group", group)
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_arguments(lr, blocking, model, worker_id, source_host, group)
         auth_key = _key_bytes(auth_key)
-        counts = {"n_push": n_push, "n_pull": n_pull}
-        if num_workers is not None:
-            counts["num_workers"] = num_workers
-        for name, value in counts.items():
-            check_count(name, value)
-        if start_after_version is None:
-            start_after_version = 0
-        check_count("start_after_version", start_after_version, least=0)
+        start_after_version = _check_counts(n_push, n_pull, num_workers, start_after_version)
         self.compression = WireCompression.parse(wire_dtype, push_compression)
         # Plain SGD's settings ride along in every group: torch.optim.SGD can then load this
         # optimizer's state dict and step (its step reads each group's momentum).
         super().__init__(params, {"lr": lr, **UNAPPLIED_DEFAULTS})
         check_param_groups(self.param_groups)
         self.n_push, self.n_pull, self.blocking = n_push, n_pull, blocking
-        self._params = [p for group in self.param_groups for p in group["params"]]
-        named = named_params(self.param_groups, model)
-        check_params(named)
-        self.specs: list[TensorSpec] = tensor_specs(named)
-        # What each parameter was when the shards' layout was made of it: step() and
-        # pull_now() refuse one changed since (its .data replaced, or the model moved).
-        self._param_forms = [param_form(p) for p in self._params]
-        self.layout = FlatLayout(self.specs)
-        self._allocate_buffers(common_device(self._params))
-        # Param groups are contiguous runs of self._params (and of the accrued views).
-        bounds = list(
-            itertools.accumulate([len(g["params"]) for g in self.param_groups], initial=0)
-        )
-        self._group_ranges = list(itertools.pairwise(bounds))
+        self._lay_out_params(model)
         self._push_futures: list[cf.Future] = []
         self._pull_futures: list[cf.Future] = []
         self.num_steps = 0
@@ -247,12 +256,7 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         self._store: GroupStore | None = None
         worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         if ps is None and not os.environ.get(PS_ADDRESS_ENV) and process_group_active():
-            # Within hold_timeout_s also when the rank serving the store is gone.
-            self._store = GroupStore(min(DEFAULT_STORE_TIMEOUT_S, hold_timeout_s))
-            self._server = self._store.find_server(hold_timeout_s)
-            # By it the server tells this rank's connections, and so whether it is still there.
-            self._store.register_worker(self._server.session, worker_id)
-            ps, auth_key = self._server.address, auth_key or self._server.auth_key
+            ps, auth_key = self._find_server(worker_id, auth_key, hold_timeout_s)
         self.client = ParameterServerClient(
             ps_addresses(ps),
             self.specs,
@@ -284,6 +288,36 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         if self._server is not None:
             # Seed scripts never call close(); the server waits for it to stop by itself.
             atexit.register(self._close_at_exit)
+
+    def _lay_out_params(self, model: nn.Module | None) -> None:
+        """Check the parameters and make the shards' layout of them, and the buffers that
+        follow it."""
+        self._params = [p for group in self.param_groups for p in group["params"]]
+        named = named_params(self.param_groups, model)
+        check_params(named)
+        self.specs: list[TensorSpec] = tensor_specs(named)
+        # What each parameter was when the shards' layout was made of it: step() and
+        # pull_now() refuse one changed since (its .data replaced, or the model moved).
+        self._param_forms = [param_form(p) for p in self._params]
+        self.layout = FlatLayout(self.specs)
+        self._allocate_buffers(common_device(self._params))
+        # Param groups are contiguous runs of self._params (and of the accrued views).
+        bounds = list(
+            itertools.accumulate([len(g["params"]) for g in self.param_groups], initial=0)
+        )
+        self._group_ranges = list(itertools.pairwise(bounds))
+
+    def _find_server(
+        self, worker_id: str, auth_key: bytes | None, hold_timeout_s: float
+    ) -> tuple[str, bytes | None]:
+        """The address and key of the ParameterServer published in the process group's store
+        (``auth_key``, if given, over its key), with this rank registered as its worker."""
+        # Within hold_timeout_s also when the rank serving the store is gone.
+        self._store = GroupStore(min(DEFAULT_STORE_TIMEOUT_S, hold_timeout_s))
+        self._server = self._store.find_server(hold_timeout_s)
+        # By it the server tells this rank's connections, and so whether it is still there.
+        self._store.register_worker(self._server.session, worker_id)
+        return self._server.address, auth_key or self._server.auth_key
 
     def _join_shards(self, start_after_version: int, hold_timeout_s: float) -> None:
         """Handshake (initialising empty shards from the model), wait for a warmstart's

@@ -1,7 +1,7 @@
 """An interrupted or failed Sandblaster run's summary.json has its coordinator's progress from
 the rows it wrote, when the coordinator returned no result (it was stopped first)."""
 
-from distbelief.launch.job import EventRouter
+from distbelief.launch.supervise import EventRouter
 
 
 class _Sink:

@@ -10,8 +10,8 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.launch.cluster import Event, Fault, ProcessKind, ProcessSpec
-from distbelief.launch.job import EventRouter, _result
 from distbelief.launch.summary import RunResult, write_summary
+from distbelief.launch.supervise import EventRouter, job_result
 from distbelief.telemetry import MetricsWriter, make_record
 
 
@@ -122,7 +122,7 @@ def test_a_shards_hosts_and_staleness_are_its_last_report(tmp_path: Path) -> Non
     config = JobConfig.from_fields({"cluster.num_shards": 2})
     addresses = ["tcp://127.0.0.2:7000", "tcp://127.0.0.3:7001"]
     cluster = _ClusterStoppedEarly(returned)
-    result = _result(cluster, config, tmp_path, 1.0, route, addresses)  # type: ignore[arg-type]
+    result = job_result(cluster, config, tmp_path, 1.0, route, addresses)  # type: ignore[arg-type]
     assert result.shards == {
         "shard0": {"address": addresses[0], "worker_hosts": hosts},
         "shard1": {"address": addresses[1], "worker_hosts": {"worker0": "127.0.0.4"}},
@@ -141,7 +141,7 @@ def test_a_resumed_runs_faults_are_on_the_time_axis_of_its_metrics(tmp_path: Pat
     resumed.close()
     cluster = _ClusterStoppedEarly({})
     cluster.faults = [Fault("shard1", 1.0, -9, "restarted", version_before=350)]
-    result = _result(
+    result = job_result(
         cluster,  # type: ignore[arg-type]
         JobConfig.from_fields({"cluster.num_shards": 2}),
         tmp_path,

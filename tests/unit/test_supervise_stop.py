@@ -4,9 +4,9 @@ process stopped with SIGSTOP, stuck on its disk) is waited on still, but not wit
 import time
 
 from distbelief.config import JobConfig
-from distbelief.launch import job
+from distbelief.launch import supervise
 from distbelief.launch.cluster import ProcessKind
-from distbelief.launch.job import EventRouter
+from distbelief.launch.supervise import EventRouter
 
 
 class _Sink:
@@ -41,9 +41,9 @@ class _SlowToStop:
 
 
 def test_shards_that_do_not_exit_are_waited_on_and_said_once(monkeypatch):
-    monkeypatch.setattr(job, "STOP_NOTICE_S", 0.2)
+    monkeypatch.setattr(supervise, "STOP_NOTICE_S", 0.2)
     sink = _Sink()
-    job._supervise(_SlowToStop(shard_exit_s=0.6), EventRouter(sink), JobConfig())
+    supervise.supervise(_SlowToStop(shard_exit_s=0.6), EventRouter(sink), JobConfig())
     assert sink.messages == [
         "the shards have not all exited 0s after the job asked them to stop (each saves its "
         "last checkpoint first); still waiting: Ctrl-C ends them"
@@ -51,7 +51,7 @@ def test_shards_that_do_not_exit_are_waited_on_and_said_once(monkeypatch):
 
 
 def test_shards_that_exit_in_time_say_nothing(monkeypatch):
-    monkeypatch.setattr(job, "STOP_NOTICE_S", 5.0)
+    monkeypatch.setattr(supervise, "STOP_NOTICE_S", 5.0)
     sink = _Sink()
-    job._supervise(_SlowToStop(shard_exit_s=0.1), EventRouter(sink), JobConfig())
+    supervise.supervise(_SlowToStop(shard_exit_s=0.1), EventRouter(sink), JobConfig())
     assert sink.messages == []

@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distbelief.launch.cluster import Event, ProcessKind, ProcessSpec
-from distbelief.launch.job import EventRouter
+from distbelief.launch.supervise import EventRouter
 from distbelief.telemetry import (
     TENSORBOARD_DIR,
     FanOut,

@@ -8,7 +8,7 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.errors import ConfigFieldError
-from distbelief.launch.job import _plan_partitions
+from distbelief.launch.job_plan import plan_partitions
 from distbelief.pipeline import job
 from distbelief.pipeline.split import StageSplit
 
@@ -41,7 +41,7 @@ def _config(budget: int | None) -> JobConfig:
 
 def test_a_measured_split_over_the_budget_gives_way_to_one_by_bytes(monkeypatch):
     _lopsided_when_measured(monkeypatch)
-    config, plan = _plan_partitions(_config(200_000_000))
+    config, plan = plan_partitions(_config(200_000_000))
     assert (plan["basis"], plan["split_points"]) == ("bytes", [4])
     assert config.pipeline.split_points == (4,)
     assert max(plan["stage_state_bytes"]) <= 200_000_000
@@ -49,7 +49,7 @@ def test_a_measured_split_over_the_budget_gives_way_to_one_by_bytes(monkeypatch)
 
 def test_without_a_budget_the_measured_split_stands(monkeypatch):
     _lopsided_when_measured(monkeypatch)
-    _, plan = _plan_partitions(_config(None))
+    _, plan = plan_partitions(_config(None))
     assert (plan["basis"], plan["split_points"]) == ("time", [6])
 
 
@@ -58,7 +58,7 @@ def test_a_budget_no_split_fits_is_refused_naming_the_least_it_would_take(monkey
     a budget of that much is taken."""
     _lopsided_when_measured(monkeypatch)
     with pytest.raises(ConfigFieldError, match="partition 1 of 2 needs 168263880 bytes") as e:
-        _plan_partitions(_config(150_000_000))
+        plan_partitions(_config(150_000_000))
     assert e.value.field == "pipeline.max_stage_bytes"
-    _, plan = _plan_partitions(_config(168_263_880))
+    _, plan = plan_partitions(_config(168_263_880))
     assert (plan["basis"], max(plan["stage_state_bytes"])) == ("bytes", 168_263_880)

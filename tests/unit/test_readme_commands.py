@@ -12,7 +12,7 @@ import pytest
 
 from distbelief.data.files import FIXED_TRAIN_EXAMPLES
 from distbelief.launch.cli import config_from_args, parse_args
-from distbelief.launch.job import _planned_steps
+from distbelief.launch.job_plan import planned_steps
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -34,4 +34,4 @@ def test_a_readme_train_command_passes_the_launchers_checks(command):
     args = parse_args(shlex.split(command)[1:])
     config = config_from_args(args)
     if config.data.name in FIXED_TRAIN_EXAMPLES:
-        _planned_steps(config)
+        planned_steps(config)

@@ -4,7 +4,7 @@ given by the user (losing the measured basis, the costs and the description)."""
 
 import json
 
-from distbelief.launch.job import _earlier_plan
+from distbelief.launch.job_plan import earlier_plan
 
 AGAIN = {
     "split_points": [3],
@@ -26,15 +26,15 @@ FIRST = {
 
 def test_the_first_launchs_basis_costs_and_description_are_kept(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"outcome": "done", "partitions": FIRST}))
-    assert _earlier_plan(tmp_path, AGAIN) == FIRST
+    assert earlier_plan(tmp_path, AGAIN) == FIRST
 
 
 def test_without_an_earlier_plan_of_the_same_points_the_new_one_stands(tmp_path):
-    assert _earlier_plan(tmp_path, AGAIN) == AGAIN  # no summary.json
+    assert earlier_plan(tmp_path, AGAIN) == AGAIN  # no summary.json
     (tmp_path / "summary.json").write_text("{cut off")
-    assert _earlier_plan(tmp_path, AGAIN) == AGAIN
+    assert earlier_plan(tmp_path, AGAIN) == AGAIN
     (tmp_path / "summary.json").write_text(json.dumps({"outcome": "failed"}))
-    assert _earlier_plan(tmp_path, AGAIN) == AGAIN
+    assert earlier_plan(tmp_path, AGAIN) == AGAIN
     other = {**FIRST, "split_points": [4]}
     (tmp_path / "summary.json").write_text(json.dumps({"partitions": other}))
-    assert _earlier_plan(tmp_path, AGAIN) == AGAIN
+    assert earlier_plan(tmp_path, AGAIN) == AGAIN

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distbelief import telemetry
-from distbelief.config import PORTIONS_PER_WORKER, JobConfig
+from distbelief.config import JobConfig
 from distbelief.coordinator.checkpoint import RECORD_FILE
-from distbelief.data.files import FILE_DATASETS, FIXED_TRAIN_EXAMPLES, require_data_files
+from distbelief.data.files import FILE_DATASETS, require_data_files
 from distbelief.errors import (
     ChildFailedError,
-    ConfigFieldError,
     DistBeliefError,
     LauncherInterrupted,
     RunFolderError,
@@ -40,6 +39,13 @@ from distbelief.launch.cluster import (
 )
 from distbelief.launch.deferred_signals import import_with_signals_deferred
 from distbelief.launch.hosts import check_hosts_are_here
+from distbelief.launch.job_plan import (
+    check_data,
+    counts_examples,
+    earlier_plan,
+    plan_partitions,
+    planned_steps,
+)
 from distbelief.launch.local import LocalCluster
 from distbelief.launch.resume_layout import check_resumed_layout, check_shards_fit_model
 from distbelief.launch.run_lock import run_dir_locked
@@ -49,7 +55,7 @@ from distbelief.launch.stop_records import (
     add_what_the_stop_settled,
     describe_fault,
 )
-from distbelief.launch.summary import SUMMARY_FILE, RunResult
+from distbelief.launch.summary import RunResult
 from distbelief.launch.supervise import (
     EventRouter,
     job_result,
@@ -87,102 +93,11 @@ def _loads_torch_for_the_checks(config: JobConfig, resume: bool) -> bool:
     """Whether the launcher's checks of the job import torch (see ``LOADED_FOR_THE_CHECKS``)."""
     plans = config.pipeline.num_partitions > 1 or config.pipeline.max_stage_bytes is not None
     checks_files = config.data.name in FILE_DATASETS
-    return resume or plans or checks_files or _counts_examples(config)
+    return resume or plans or checks_files or counts_examples(config)
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
     raise LauncherInterrupted(f"stopped by signal {signal.Signals(signum).name}")
-
-
-def _counts_examples(config: JobConfig) -> bool:
-    """Whether planning the job's steps reads its training set (Sandblaster's batch, epochs)."""
-    return config.optimizer.algorithm == "sandblaster" or config.optimizer.steps is None
-
-
-def _planned_steps(config: JobConfig) -> list[int]:
-    """Steps each worker will run (Sandblaster: the coordinator's iterations); ConfigFieldError
-    if the warmstart outlasts worker 0's pushes, or Sandblaster's portions do not fit its
-    batch."""
-    if config.optimizer.algorithm == "sandblaster":
-        return [_sandblaster_iterations(config)]
-    if config.optimizer.steps is not None:
-        steps = [config.optimizer.steps] * config.cluster.num_workers
-        if config.data.name in FIXED_TRAIN_EXAMPLES:
-            _check_batch_fits(config, FIXED_TRAIN_EXAMPLES[config.data.name])
-    else:
-        from distbelief.data import load_job_dataset, worker_indices  # torch: only when counting
-
-        train_set = load_job_dataset(config.data, "train")
-        _check_batch_fits(config, len(train_set))
-        steps = [
-            len(worker_indices(len(train_set), rank, config.cluster.num_workers))
-            // config.optimizer.minibatch_size
-            * config.optimizer.num_epochs
-            for rank in range(config.cluster.num_workers)
-        ]
-    pushes_of_worker0 = -(-steps[0] // config.optimizer.n_push)  # a last partial window is flushed
-    warmstart_steps = config.optimizer.warmstart_steps
-    if warmstart_steps > pushes_of_worker0:
-        raise ConfigFieldError(
-            "optimizer.warmstart_steps",
-            f"must be <= the {pushes_of_worker0} pushes worker 0 will make (else the other "
-            f"workers never start), got {warmstart_steps}",
-        )
-    return steps
-
-
-def _check_batch_fits(config: JobConfig, train_examples: int) -> None:
-    """Refuses a batch larger than the smallest worker's share of ``train_examples`` (that
-    worker would never make a step: a pass drops its last, partial batch)."""
-    share = train_examples // config.cluster.num_workers
-    batch = config.optimizer.minibatch_size
-    if batch > share:
-        raise ConfigFieldError(
-            "optimizer.batch_size",
-            f"must be <= the {share} training examples of each of the "
-            f"{config.cluster.num_workers} workers, got {batch}",
-        )
-
-
-def _check_data(config: JobConfig, *, counted: bool) -> None:
-    """Refuses a corrupt data file, an empty split or a MovieLens id too large for the model's
-    tables before any process would load it (the training split is read already if counting
-    its examples planned the steps), and a batch larger than a worker's share of the training
-    split that planning the steps did not count."""
-    if config.data.name not in FILE_DATASETS:
-        return  # generated or bundled: nothing to read, and no torch to load for it
-    from distbelief.data.loading import check_job_data
-
-    splits = ("test",) if counted else ("train", "test")
-    train_examples = check_job_data(config.data, splits, embedding_dim=config.model.embedding_dim)
-    if train_examples is not None:
-        _check_batch_fits(config, train_examples)
-
-
-def _sandblaster_iterations(config: JobConfig) -> int:
-    from distbelief.data import load_job_dataset  # torch: only when counting
-
-    train_set = load_job_dataset(config.data, "train")
-    batch_size = config.optimizer.batch_size
-    if batch_size is not None and batch_size > len(train_set):
-        raise ConfigFieldError(
-            "optimizer.batch_size",
-            f"must be <= the {len(train_set)} training examples, got {batch_size}",
-        )
-    batch = batch_size if batch_size is not None else len(train_set)
-    portions = config.sandblaster.num_portions(config.cluster.num_workers)
-    if portions > batch and config.sandblaster.portions is None and batch_size is not None:
-        # The portions were not asked for: the batch asked for is what is too small.
-        raise ConfigFieldError(
-            "optimizer.batch_size",
-            f"must be >= the {portions} portions it is cut into ({PORTIONS_PER_WORKER} per "
-            f"worker unless --portions says otherwise), got {batch}",
-        )
-    if portions > batch:
-        raise ConfigFieldError(
-            "sandblaster.portions", f"must be <= the batch of {batch} examples, got {portions}"
-        )
-    return config.sandblaster.max_iterations
 
 
 def _open_cluster(
@@ -197,82 +112,6 @@ def _open_cluster(
         if remove_on_failure:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-
-
-def _plan_partitions(config: JobConfig, *, announce: bool = True) -> tuple[JobConfig, dict]:
-    """A model-parallel job's split, decided once for every process (measured compute time
-    unless the config gives split points) and checked against the stage memory budget; the
-    config with the split points filled in, and the split's description for the summary.
-    A whole-model job with a memory budget is checked against it too (as one partition)."""
-    num_partitions = config.pipeline.num_partitions
-    if num_partitions == 1 and config.pipeline.max_stage_bytes is None:
-        return config, {}
-    import torch  # only for a model-parallel job or a memory budget
-
-    from distbelief.data import load_job_dataset
-    from distbelief.pipeline.job import (
-        check_stage_budget,
-        job_split,
-        model_builder,
-        partition_names,
-    )
-    from distbelief.pipeline.layers import pipeline_layers
-    from distbelief.pipeline.memory import stage_state_bytes
-
-    train_set = load_job_dataset(config.data, "train")
-    with torch.device("meta"):  # sizes only: no parameter is allocated
-        model = model_builder(config, train_set.input_shape, train_set.num_classes)()
-    if num_partitions == 1:
-        check_stage_budget(config, 0, model.parameters())
-        return config, {}
-    parameters = dict(model.named_parameters())
-
-    def partitions(split) -> list[list]:
-        return [
-            [parameters[name] for name in partition_names(model, split.bounds, stage)]
-            for stage in range(split.num_stages)
-        ]
-
-    split = job_split(config, train_set.input_shape, train_set.num_classes, measure=True)
-    budget = config.pipeline.max_stage_bytes
-    if budget is not None and any(stage_state_bytes(p) > budget for p in partitions(split)):
-        # Balanced time may cost a stage more bytes than the budget; balanced bytes may fit,
-        # and if not, it is the split that needs the least: the refusal names its need.
-        split = job_split(config, train_set.input_shape, train_set.num_classes)
-    stages = partitions(split)
-    stage_bytes = [stage_state_bytes(params) for params in stages]
-    largest = stage_bytes.index(max(stage_bytes))
-    check_stage_budget(config, largest, stages[largest])
-    description = split.describe([name for name, _ in pipeline_layers(model)])
-    if announce:
-        logger.info("%s", description)
-    points = list(split.bounds[1:-1])
-    plan = {
-        "split_points": points,
-        "basis": split.basis,
-        "stage_costs": list(split.stage_costs),
-        "imbalance": split.imbalance,
-        "stage_state_bytes": stage_bytes,
-        "description": description,
-    }
-    return config.with_fields({"pipeline.split_points": points}), plan
-
-
-def _earlier_plan(run_dir: Path, plan: dict) -> dict:
-    """A resumed model-parallel run's split as its first launch chose it: the split points
-    are the config's, so the plan made again calls them given; the earlier summary.json's
-    basis (measured time, say), costs and description are the truth, where it has them for
-    the same points. The stage bytes are the ones computed now."""
-    import json
-
-    try:
-        earlier = json.loads((run_dir / SUMMARY_FILE).read_text()).get("partitions")
-    except (OSError, ValueError, AttributeError):
-        return plan
-    if not isinstance(earlier, dict) or earlier.get("split_points") != plan["split_points"]:
-        return plan
-    kept = ("basis", "stage_costs", "imbalance", "description")
-    return {**plan, **{key: earlier[key] for key in kept if key in earlier}}
 
 
 def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
@@ -402,24 +241,24 @@ def train(
     # Counting examples loads the training set (torch): a forkserver's imports, say, overlap
     # it. Without counting, the steps are checked first: a refused --warmstart-steps starts no
     # process, as any bad flag.
-    warm_up_first = _counts_examples(config)
+    warm_up_first = counts_examples(config)
     if warm_up_first:
         cluster_type.warm_up(config)
         import_with_signals_deferred(*LOADED_FOR_THE_CHECKS)
-    total_steps = sum(_planned_steps(config))  # validates before anything is written
+    total_steps = sum(planned_steps(config))  # validates before anything is written
     if not warm_up_first:
         cluster_type.warm_up(config)  # overlapping the partition plan and the run folder
         if _loads_torch_for_the_checks(config, resume):
             import_with_signals_deferred(*LOADED_FOR_THE_CHECKS)
-    _check_data(config, counted=warm_up_first)
+    check_data(config, counted=warm_up_first)
     if resume and config.pipeline.split_points is not None:
         check_resumed_layout(config)  # with the split points: each partition's is checked
         # Its own points (config.json's): sizes only, nothing measured, nothing logged.
-        config, partitions = _plan_partitions(config, announce=False)
+        config, partitions = plan_partitions(config, announce=False)
         if partitions:
-            partitions = _earlier_plan(run_dir_path(config.reporting.out_dir), partitions)
+            partitions = earlier_plan(run_dir_path(config.reporting.out_dir), partitions)
     else:
-        config, partitions = _plan_partitions(config)
+        config, partitions = plan_partitions(config)
         if resume:
             check_resumed_layout(config)
         else:

@@ -64,7 +64,9 @@ from distbelief.launch.supervise import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
+
+    from distbelief.telemetry import Sink
 
 
 logger = logging.getLogger(__name__)
@@ -155,6 +157,10 @@ def _start(
     and the evaluator at once; nothing waits for a process but the shards' readiness (and, for
     Sandblaster's workers, the coordinator's). Returns the shards' addresses, given to
     ``shards_ready`` too as soon as the shards listen, before anything else starts."""
+    # The launcher polls the shards too (the wire is loaded by now: the cluster's key).
+    from distbelief.wire.channels.shm import apply_job_transport
+
+    apply_job_transport(config.cluster.transport)
     for shard_id in range(config.cluster.num_shards):
         cluster.start(ProcessKind.SHARD, shard_id)
     addresses = cluster.wait_for_shards(SHARDS_READY_TIMEOUT_S)
@@ -226,12 +232,40 @@ def train(
         raise TypeError(f"config must be a JobConfig, got {type(config).__name__}")
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False, got {resume!r}")
+    cluster_type = cluster_type or engine_cluster(config.cluster.engine)
+    config, partitions, total_steps = _check_and_plan(config, cluster_type, resume=resume)
+    fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
+    run_dir = prepare_run_dir(config.reporting.out_dir)
+    named = f"--resume {run_dir}" if resume else f"--out {run_dir}"
+    try:
+        with run_dir_locked(run_dir, named):
+            config = _prepare(config, run_dir, resume)
+            return _run_job(
+                config,
+                run_dir,
+                cluster_type,
+                resume=resume,
+                fresh=fresh,
+                plan=partitions,
+                total_steps=total_steps,
+            )
+    except BaseException:
+        if fresh:
+            _remove_if_unused(run_dir)
+        raise
+
+
+def _check_and_plan(
+    config: JobConfig, cluster_type: type[Cluster], *, resume: bool
+) -> tuple[JobConfig, dict, int]:
+    """``train``'s checks, before anything is written: the settings, the hosts, the data, the
+    run folder and a resume's layout; returns the config with the split points filled in,
+    the split's description and the steps the workers will run in all."""
     # As the command line does: a row setting for a model without tables would be ignored.
     config.check_row_settings_apply()
     if resume and not run_dir_path(config.reporting.out_dir).is_dir():
         # Checked before anything is made: a refused resume leaves no empty folder behind.
         raise ValueError(f"--resume {run_dir_path(config.reporting.out_dir)}: no such run folder")
-    cluster_type = cluster_type or engine_cluster(config.cluster.engine)
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
     require_data_files(config.data)  # before any process starts, which would fail on it
@@ -263,25 +297,7 @@ def train(
             check_resumed_layout(config)
         else:
             check_shards_fit_model(config)  # a resumed run's count was checked by its reshard
-    fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
-    run_dir = prepare_run_dir(config.reporting.out_dir)
-    named = f"--resume {run_dir}" if resume else f"--out {run_dir}"
-    try:
-        with run_dir_locked(run_dir, named):
-            config = _prepare(config, run_dir, resume)
-            return _run_job(
-                config,
-                run_dir,
-                cluster_type,
-                resume=resume,
-                fresh=fresh,
-                plan=partitions,
-                total_steps=total_steps,
-            )
-    except BaseException:
-        if fresh:
-            _remove_if_unused(run_dir)
-        raise
+    return config, partitions, total_steps
 
 
 def _remove_if_unused(run_dir: Path) -> None:
@@ -290,6 +306,20 @@ def _remove_if_unused(run_dir: Path) -> None:
     with contextlib.suppress(OSError):
         if {path.name for path in run_dir.iterdir()} <= {"config.json"}:
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``LauncherInterrupted`` within: a hang-up (the terminal closed,
+    the SSH session dropped) stops the job as SIGTERM does, in order, with the shards' last
+    checkpoints and summary.json. The handlers before are put back after."""
+    stopping = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in stopping}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_job(
@@ -306,121 +336,133 @@ def _run_job(
     what it did, however it ended."""
     # After the checks above, so a refused setting is reported without waiting for these.
     import_with_signals_deferred(*LOADED_BEFORE_THE_JOB)
-    # A hang-up (the terminal closed, the SSH session dropped) stops the job as SIGTERM does:
-    # in order, with the shards' last checkpoints and summary.json.
-    stopping = (signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in stopping}
     display = telemetry.ProgressDisplay(
         total_steps=total_steps, num_workers=config.cluster.num_workers
     )
     started = time.time()
     result: RunResult | None = None  # set once the cluster is open, however the job ends
-    try:
+    with _stopped_by_signals():
         try:
-            # Closing the FanOut closes the display too (twice is harmless); the cluster stops
-            # last.
-            with (
-                _open_cluster(cluster_type, config, run_dir, remove_on_failure=fresh) as cluster,
-                display,
-                telemetry.FanOut(
-                    [
-                        metrics := telemetry.MetricsWriter(run_dir / "metrics.csv", append=resume),
-                        telemetry.TensorBoardLog(run_dir),
-                        display,
-                    ]
-                ) as sink,
-            ):
-                display.time_offset_s = metrics.time_offset_s
-                # Imported here, not at the top: it loads the wire's client (orjson), which is
-                # loaded above with the signals deferred.
-                from distbelief.launch.warmstart import WarmstartRelease
-
-                warmstart = WarmstartRelease(config, cluster.security, sink.message)
-
-                def on_fault(fault: Fault) -> None:
-                    sink.message(describe_fault(fault), fault.time_s)
-                    warmstart.on_fault(fault)
-
-                cluster.on_fault = on_fault
-                restored: dict[int, int | None] = {}  # shard id -> its first life's version
-
-                def on_ready(event: Event) -> None:
-                    warmstart.on_ready(event)
-                    if event.source.kind is ProcessKind.SHARD:
-                        restored.setdefault(
-                            event.source.index, event.payload.get("restored_version")
+            try:
+                # Closing the FanOut closes the display too (twice is harmless); the cluster stops
+                # last.
+                with (
+                    _open_cluster(
+                        cluster_type, config, run_dir, remove_on_failure=fresh
+                    ) as cluster,
+                    display,
+                    telemetry.FanOut(
+                        [
+                            metrics := telemetry.MetricsWriter(
+                                run_dir / "metrics.csv", append=resume
+                            ),
+                            telemetry.TensorBoardLog(run_dir),
+                            display,
+                        ]
+                    ) as sink,
+                ):
+                    display.time_offset_s = metrics.time_offset_s
+                    shards_ready = _watch_cluster(cluster, config, run_dir, sink, resume=resume)
+                    route = EventRouter(sink)
+                    addresses: list[str] = []
+                    try:
+                        addresses = _start(cluster, config, shards_ready)
+                        route.shard_poller = telemetry.ShardStatsPoller(
+                            addresses, security=cluster.security
                         )
-
-                cluster.on_ready = on_ready
-                route = EventRouter(sink)
-                addresses: list[str] = []
-                try:
-                    # The launcher polls the shards too (the wire is loaded by now: the
-                    # cluster's key).
-                    from distbelief.wire.channels.shm import apply_job_transport
-
-                    apply_job_transport(config.cluster.transport)
-
-                    def shards_ready(shard_addresses: list[str]) -> None:
-                        if resume:
-                            sink.message(_resumed_from(run_dir, restored))
-                        warmstart.shards_ready(shard_addresses)
-
-                    addresses = _start(cluster, config, shards_ready)
-                    route.shard_poller = telemetry.ShardStatsPoller(
-                        addresses, security=cluster.security
+                        supervise(cluster, route, config)
+                    except BaseException:
+                        cluster.begin_stop()  # nothing is left for a process brought back to do
+                        raise
+                    finally:
+                        # Before the cluster stops: what its processes reported is known now.
+                        stop_coordinator(cluster, route, config)
+                        result = job_result(
+                            cluster,
+                            config,
+                            run_dir,
+                            time.time() - started,
+                            route,
+                            addresses,
+                            time_offset_s=metrics.time_offset_s,
+                        )
+                        result.partitions = plan
+            finally:
+                # After the cluster's stop: what it saw while stopping is known only now.
+                if result is not None:
+                    add_what_the_stop_settled(
+                        result, cluster, config, time_offset_s=metrics.time_offset_s
                     )
-                    supervise(cluster, route, config)
-                except BaseException:
-                    cluster.begin_stop()  # nothing is left for a process brought back to do
-                    raise
-                finally:
-                    # Before the cluster stops: what its processes reported is known now.
-                    stop_coordinator(cluster, route, config)
-                    result = job_result(
-                        cluster,
-                        config,
-                        run_dir,
-                        time.time() - started,
-                        route,
-                        addresses,
-                        time_offset_s=metrics.time_offset_s,
-                    )
-                    result.partitions = plan
-        finally:
-            # After the cluster's stop: what it saw while stopping is known only now.
-            if result is not None:
-                add_what_the_stop_settled(
-                    result, cluster, config, time_offset_s=metrics.time_offset_s
-                )
-    except KeyboardInterrupt as e:
-        _write_records(result, "interrupted", "stopped by Ctrl-C")
-        raise LauncherInterrupted("stopped by Ctrl-C") from e
-    except LauncherInterrupted as e:
-        _write_records(result, "interrupted", str(e))
-        raise
-    except ChildFailedError as e:
-        _write_records(result, "failed", e.short())
-        raise
-    except DistBeliefError as e:  # a cluster engine's failure (Ray lost), say
-        _write_records(result, "failed", f"{type(e).__name__}: {e}")
-        raise
-    except OSError as e:
-        if not _in_run_folder(e, run_dir):
-            raise
-        # The run folder made read-only, or the disk full, mid-run: a metrics row, an event
-        # file or pids.json could not be written. The cluster has stopped in order, as for a
-        # failed process; summary.json is written if it still can be.
-        failure = RunFolderError(f"cannot write {e.filename}: {e.strerror}; the job stopped")
-        _write_records(result, "failed", str(failure))
-        raise failure from None
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        except BaseException as e:
+            replacement = _record_the_end(e, result, run_dir)
+            if replacement is None:
+                raise
+            raise replacement from (e if isinstance(e, KeyboardInterrupt) else None)
     assert result is not None  # the job ran to its end
     _write_records(result)
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result
+
+
+def _watch_cluster(
+    cluster: Cluster, config: JobConfig, run_dir: Path, sink: Sink, *, resume: bool
+) -> Callable[[list[str]], None]:
+    """Has the cluster's faults said to ``sink`` and, with its processes' readiness, told to
+    the warmstart's release; returns what to call once the shards listen (a resumed run's
+    first line, the warmstart's shards)."""
+    # Imported here, not at the top: it loads the wire's client (orjson), which is loaded
+    # with the signals deferred before the job.
+    from distbelief.launch.warmstart import WarmstartRelease
+
+    warmstart = WarmstartRelease(config, cluster.security, sink.message)
+
+    def on_fault(fault: Fault) -> None:
+        sink.message(describe_fault(fault), fault.time_s)
+        warmstart.on_fault(fault)
+
+    cluster.on_fault = on_fault
+    restored: dict[int, int | None] = {}  # shard id -> its first life's version
+
+    def on_ready(event: Event) -> None:
+        warmstart.on_ready(event)
+        if event.source.kind is ProcessKind.SHARD:
+            restored.setdefault(event.source.index, event.payload.get("restored_version"))
+
+    cluster.on_ready = on_ready
+
+    def shards_ready(shard_addresses: list[str]) -> None:
+        if resume:
+            sink.message(_resumed_from(run_dir, restored))
+        warmstart.shards_ready(shard_addresses)
+
+    return shards_ready
+
+
+def _record_the_end(
+    error: BaseException, result: RunResult | None, run_dir: Path
+) -> BaseException | None:
+    """Writes the run folder's records of a job ended by ``error`` (Ctrl-C, a signal, a failed
+    process or engine, a run folder that cannot be written); returns what to raise in its
+    place, if anything (None: ``error`` itself, recorded or not)."""
+    if isinstance(error, KeyboardInterrupt):
+        _write_records(result, "interrupted", "stopped by Ctrl-C")
+        return LauncherInterrupted("stopped by Ctrl-C")
+    if isinstance(error, LauncherInterrupted):
+        _write_records(result, "interrupted", str(error))
+    elif isinstance(error, ChildFailedError):
+        _write_records(result, "failed", error.short())
+    elif isinstance(error, DistBeliefError):  # a cluster engine's failure (Ray lost), say
+        _write_records(result, "failed", f"{type(error).__name__}: {error}")
+    elif isinstance(error, OSError) and _in_run_folder(error, run_dir):
+        # The run folder made read-only, or the disk full, mid-run: a metrics row, an event
+        # file or pids.json could not be written. The cluster has stopped in order, as for a
+        # failed process; summary.json is written if it still can be.
+        failure = RunFolderError(
+            f"cannot write {error.filename}: {error.strerror}; the job stopped"
+        )
+        _write_records(result, "failed", str(failure))
+        return failure
+    return None
 
 
 def _resumed_from(run_dir: Path, restored: dict[int, int | None]) -> str:

@@ -18,16 +18,14 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from distbelief.client.compression import EncodedPush, HeldValues, NarrowPullStaging
+from distbelief.client.handshake import INIT_POLL_S, ShardHandshake, check_shard_count
 from distbelief.client.lanes import ShardLanes
 from distbelief.client.pulls import ShardPulls
 from distbelief.client.replay import Replay, ShardReplay
 from distbelief.client.shared_memory import SharedMemory
 from distbelief.config import check_count, check_wait
 from distbelief.errors import (
-    ConsistencyMismatchError,
-    ModelMismatchError,
     PlacementRefusedError,
-    ShardListError,
     ShardTimeoutError,
 )
 from distbelief.sharding import (
@@ -36,7 +34,6 @@ from distbelief.sharding import (
     ShardSlice,
     TensorSpec,
     layout_fingerprint,
-    specs_to_json,
 )
 from distbelief.sharding.layout import group_sizes
 from distbelief.wire import Message, ops
@@ -47,37 +44,16 @@ from distbelief.wire.compression import (
     decode_push_into,
     is_encoded,
 )
-from distbelief.wire.group_names import DEFAULT_GROUP, INITIALIZED_GROUPS_KEY, check_group_name
+from distbelief.wire.group_names import check_group_name
 from distbelief.wire.security import WireSecurity
 from distbelief.wire.shared_params import DIRECT_READS_KEY, PLACED_KEY
 from distbelief.wire.warmstart_ops import WARMSTART_ENDED_KEY
 
-_INIT_POLL_S = 0.05
 _SLICE_CACHE_ENTRIES = 8
 """Sets of buffers whose slices are kept (an optimizer uses two: gradients out, params in)."""
+__all__ = ["ParameterServerClient", "check_shard_count"]
+
 logger = logging.getLogger(__name__)
-
-
-def check_shard_count(addresses: Sequence[str], shard_id: int, described: dict) -> None:
-    """Raise ShardListError unless the shard at ``addresses[shard_id]``, as its hello reply
-    ``described`` it, is one of ``len(addresses)`` shards."""
-    if described.get("num_shards") != len(addresses):
-        raise ShardListError(
-            f"shard {shard_id} ({addresses[shard_id]}) is one of "
-            f"{described.get('num_shards')} shards, but "
-            f"{len(addresses)} {'was' if len(addresses) == 1 else 'were'} given"
-        )
-
-
-def _shown(setting: object) -> str:
-    """A shard's consistency setting in a mismatch: an unset one (no bound) as such."""
-    return "(not set)" if setting is None else repr(setting)
-
-
-def _described_field(key: str) -> str:
-    """The config field (``section.field``) of a setting a shard describes at the handshake:
-    its consistency section's, but for the round size, which is the job's number of workers."""
-    return "cluster.num_workers" if key == "num_workers" else f"consistency.{key}"
 
 
 def _identity(flats: dict) -> tuple:
@@ -123,7 +99,7 @@ def _memory_channels(client: ShardLanes) -> Callable[[int], object | None]:
     return channel_of
 
 
-class ParameterServerClient(ShardPulls, ShardLanes):
+class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
     """A worker's (or evaluator's) connections to all shards of one model.
 
     Args:
@@ -241,128 +217,10 @@ class ParameterServerClient(ShardPulls, ShardLanes):
         if self._shared_memory is not None:
             self._owned.append(self._shared_memory)
 
-    def handshake(self, initial: dict[torch.dtype, torch.Tensor] | None) -> bool:
-        """Check every shard holds this model; initialise the empty ones from ``initial``.
-
-        With ``initial`` None (an evaluator), waits until a worker has initialised every shard.
-
-        Returns:
-            True if this call initialised at least one shard.
-
-        Raises:
-            TypeError / ValueError: ``initial`` does not fit the layout; nothing is sent.
-            ModelMismatchError: a shard holds a different model.
-            ShardListError: a shard is one of another number of shards, or listed out of order.
-            LayoutMismatchError: a shard holds a different partitioner.
-            ConsistencyMismatchError: the shards run different consistency settings, or sync
-                rounds of another number of workers than ``num_workers``.
-            ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
-        """
-        if initial is not None:
-            self._check_flats(initial, "initial")  # before anything is sent
-        # Every shard's settings are compared before any is initialised, so a mismatched
-        # cluster is refused untouched.
-        replies = self.wait([self._submit(i, self._hello) for i in range(self.num_shards)])
-        self.pushed_steps = [reply.get(ops.PUSHED_STEP_KEY) for reply in replies]
-        self.consistency = self._agreed_consistency(
-            [dict(reply.get("consistency", self.consistency)) for reply in replies]
-        )
-        self._check_round_size(self.consistency)
-        for shard_id, reply in enumerate(replies):
-            self._check_same_kind_of_model(shard_id, reply)
-        futures = [self._submit(i, self._join, replies[i], initial) for i in range(self.num_shards)]
-        return any(self.wait(futures))
-
-    def _agreed_consistency(self, described: list[dict]) -> dict:
-        """The consistency settings every shard described, which must all be equal."""
-        first = described[0]
-        for shard_id, settings in enumerate(described[1:], start=1):
-            for key in sorted(set(first) | set(settings)):
-                at_first, at_other = first.get(key, "(absent)"), settings.get(key, "(absent)")
-                if at_first != at_other:
-                    raise ConsistencyMismatchError(
-                        f"shard 0 ({self.addresses[0]}) runs {_shown(at_first)} but shard "
-                        f"{shard_id} ({self.addresses[shard_id]}) runs {_shown(at_other)}: start "
-                        "every shard with the same consistency flags",
-                        _described_field(key),
-                    )
-        return first
-
-    def _check_round_size(self, agreed: dict) -> None:
-        """Sync rounds expect the number of workers this worker was started for."""
-        expected = agreed.get("num_workers")
-        if not agreed.get("sync") or self.num_workers is None or expected == self.num_workers:
-            return
-        raise ConsistencyMismatchError(
-            f"shard 0 ({self.addresses[0]}) runs sync rounds of {expected} workers, but this "
-            f"worker is one of {self.num_workers}: start the shards and every worker for the "
-            "same number of workers",
-            _described_field("num_workers"),
-        )
-
-    def _check_same_kind_of_model(self, shard_id: int, described: dict) -> None:
-        """A shard holds a whole model or a partitioned one's groups, never both: a client of
-        the other kind would wait for an initialisation that never comes (an evaluator), or
-        train a model of its own beside the job's (a worker)."""
-        if described.get("initialized"):
-            return
-        held = described.get(INITIALIZED_GROUPS_KEY, [])
-        partitions = [name for name in held if name != DEFAULT_GROUP]
-        where = f"shard {shard_id} ({self.addresses[shard_id]})"
-        if not self.group and partitions:
-            raise ModelMismatchError(
-                f"{where} holds a partitioned model ({len(partitions)} parameter groups: "
-                f"{', '.join(partitions)}), not a whole one: give the job's --partitions"
-            )
-        if self.group and DEFAULT_GROUP in held:
-            raise ModelMismatchError(
-                f"{where} holds a whole model, not partition {self.group!r} of one: "
-                "this job's replicas are not partitioned (drop --partitions)"
-            )
-
     def _identity(self, clock: int) -> dict:
         if self.worker_id is None:
             return dict(self._group_meta)
         return {**self._group_meta, "worker": self.worker_id, "clock": clock}
-
-    def _hello_meta(self, shard_id: int) -> dict:
-        return {
-            "shard_id": shard_id,
-            "specs": specs_to_json(self.specs),
-            "partitioner": self.partitioner.to_json(),
-            **self._identity(0),
-        }
-
-    def _hello(self, shard_id: int) -> dict:
-        """One HELLO: the shard's description (the shard refuses another model or layout).
-
-        Raises:
-            ShardListError: the shard is one of another number of shards.
-        """
-        reply = self._request(shard_id, Message(ops.HELLO, self._hello_meta(shard_id)))
-        self._settle(shard_id, reply.meta)
-        check_shard_count(self.addresses, shard_id, reply.meta)
-        return reply.meta
-
-    def _join(self, shard_id: int, described: dict, initial) -> bool:
-        """Initialise one shard from ``initial`` if it is empty (or, with ``initial`` None,
-        wait until a worker has); True if it adopted ``initial``."""
-        deadline = time.monotonic() + self.timeout_s
-        while not described.get("initialized"):
-            if initial is not None:
-                tensors = self.slice_views(shard_id, initial, "initial")
-                meta = self._hello_meta(shard_id)
-                reply = self._request(shard_id, Message(ops.INIT, meta, tensors))
-                return bool(reply.meta.get("adopted"))
-            if time.monotonic() > deadline:
-                raise ShardTimeoutError(
-                    f"shard {shard_id} ({self.addresses[shard_id]}): no worker initialised it "
-                    f"within {self.timeout_s:g}s"
-                )
-            time.sleep(_INIT_POLL_S)
-            described = self._hello(shard_id)
-        self.versions[shard_id] = int(described.get("version", 0))
-        return False
 
     def slice_views(self, shard_id: int, flats: object, argument: str = "flats") -> list:
         """(name, view) of each of shard ``shard_id``'s pieces of ``flats``, the flat buffers
@@ -640,7 +498,7 @@ class ParameterServerClient(ShardPulls, ShardLanes):
                 raise ShardTimeoutError(
                     f"shards reached versions {versions}, not {min_version}, in {timeout_s:g}s"
                 )
-            time.sleep(_INIT_POLL_S)
+            time.sleep(INIT_POLL_S)
 
     def stats(self) -> list[dict]:
         """Each shard's counters (version, pushes, pulls, bytes)."""

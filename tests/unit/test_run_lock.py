@@ -13,7 +13,7 @@ import pytest
 
 from distbelief.launch.reshard import reshard_run
 from distbelief.launch.run_lock import run_dir_locked, shard_checkpoints_locked
-from tests.conftest import run_cli
+from tests.conftest import run_main
 
 HOLD = (
     "import sys, time\n"
@@ -73,9 +73,9 @@ def test_reshard_refuses_a_run_a_job_holds(holder):
         reshard_run(run_dir, 2)
 
 
-def test_train_into_a_held_folder_is_refused_and_writes_nothing(holder):
+def test_train_into_a_held_folder_is_refused_and_writes_nothing(holder, capsys):
     run_dir, process = holder
-    result = run_cli("train", "--steps", "2", "--out", str(run_dir), timeout_s=120)
+    result = run_main("train", "--steps", "2", "--out", str(run_dir), capsys=capsys)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"distbelief train: error: --out {run_dir}: another job is using this run folder "

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CHILD_ENV, CLI, run_cli
+from tests.forked import run_command
 
 STEPS = 800
 """Steps per worker of the two-node job: enough that both kills land mid-run even when, on a
@@ -521,15 +522,14 @@ def test_a_killed_node_host_takes_none_of_the_processes_its_zygote_forked(ray_no
 @pytest.mark.xdist_group("ray_nodes")
 @pytest.mark.timeout(120)
 def test_a_cluster_too_small_for_the_job_is_one_clear_error(ray_nodes, tmp_path):
-    result = subprocess.run(
+    # Forked with torch loaded (tests/forked.py): refused once it has asked the cluster.
+    result = run_command(
         [
-            *(*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address),
+            *("train", "--cluster", "ray", "--ray-address", ray_nodes.address),
             *("--workers", "8", "--out", str(tmp_path / "run")),
         ],
-        capture_output=True,
-        text=True,
-        timeout=100,
-        env=ray_nodes.env,
+        ray_nodes.env,
+        timeout_s=100,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (

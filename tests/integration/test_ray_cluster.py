@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHILD_ENV, CLI, run_cli
+from tests.conftest import CHILD_ENV, CLI, run_cli, run_forked
 from tests.forked import run_command
 
 STEPS = 800
@@ -756,13 +756,15 @@ def test_sigterm_to_the_launchers_process_group_stops_the_job_in_order(tmp_path)
 def test_a_resumed_runs_ray_head_gone_is_named_with_its_config_file(tmp_path):
     # The run's Ray head was not typed: the refusal says where the address comes from.
     run_dir = tmp_path / "run"
-    first = run_cli("train", "--model", "mlp", "--steps", "3", "--no-eval", "--out", str(run_dir))
+    first = run_forked(
+        "train", "--model", "mlp", "--steps", "3", "--no-eval", "--out", str(run_dir)
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     config_file = run_dir / "config.json"
     config = json.loads(config_file.read_text())
     config["cluster"].update(engine="ray", ray_address="127.0.0.1:1")
     config_file.write_text(json.dumps(config))
-    result = run_cli("train", "--resume", str(run_dir), timeout_s=60)
+    result = run_forked("train", "--resume", str(run_dir), timeout_s=60)
     assert result.returncode == 2
     assert (
         result.stderr.strip()

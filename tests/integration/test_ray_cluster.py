@@ -420,12 +420,10 @@ def test_ctrl_c_stops_every_actor_after_the_coordinator_commits_its_iteration(ra
     assert record["iteration"] == iteration
     assert int(_rows(run_dir, "coordinator")[-1]["step"]) == iteration
 
-    result = subprocess.run(
-        [*CLI, "train", "--resume", str(run_dir), "--max-iterations", str(iteration + 2)],
-        capture_output=True,
-        text=True,
-        timeout=200,
-        env=ray_nodes.env,
+    result = run_command(
+        ["train", "--resume", str(run_dir), "--max-iterations", str(iteration + 2)],
+        ray_nodes.env,
+        timeout_s=200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [int(row["step"]) for row in _rows(run_dir, "coordinator")]

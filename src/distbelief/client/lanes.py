@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from distbelief.config import check_wait
 from distbelief.errors import ClosedError, ShardTimeoutError, ShardUnavailableError
@@ -121,6 +121,8 @@ class _Lane:
         self._pending = 0
         # Held while a request uses the connection: a queued request waits for an inline one.
         self._channel = threading.Lock()
+        self._ended = False
+        self._end_hooks: list[Callable[[], object]] = []
 
     def _run(self, fn, args):
         try:
@@ -135,6 +137,11 @@ class _Lane:
         # it holds no reference to the last one's client, which may then be collected.
         while self._serve_one(self._queue.get()):
             pass
+        with self._lock:
+            self._ended = True
+            hooks, self._end_hooks = self._end_hooks, []
+        for hook in hooks:
+            hook()
 
     def _serve_one(self, item: tuple | None) -> bool:
         """Run one queued request; False for the sentinel that stops the lane."""
@@ -204,6 +211,15 @@ class _Lane:
         thread.join(max(0.0, deadline - time.monotonic()))
         return not thread.is_alive()
 
+    def after_end(self, hook: Callable[[], object]) -> None:
+        """Run ``hook`` on the lane's thread as it ends after :meth:`stop` (at once if it has
+        ended, or never started)."""
+        with self._lock:
+            if self._thread is not None and not self._ended:
+                self._end_hooks.append(hook)
+                return
+        hook()
+
 
 STOP_WAIT_S = 5.0
 """How long stopping a client at once waits for its lanes' requests in flight: one waiting for
@@ -229,14 +245,34 @@ def _release(lanes: list[_Lane], transports: list, closing: threading.Event, own
         transport.interrupt()
     deadline = time.monotonic() + STOP_WAIT_S
     ended = [lane.join(deadline) for lane in lanes]
-    # Only the thread using a connection may close it: a lane still running keeps its own, and
-    # what it may be reading (``owned``: shared memory) stays mapped.
-    for lane_ended, transport in zip(ended, transports, strict=True):
-        if lane_ended:
+    # Only the thread using a connection may close it: a lane still running (or the one this
+    # runs on, the client's last reference dropped there) closes its own as it ends, and what
+    # it may be reading (``owned``: shared memory) stays mapped until the last one has.
+    late = [lane for lane, lane_ended in zip(lanes, ended, strict=True) if not lane_ended]
+    countdown = [len(late)]
+    countdown_lock = threading.Lock()
+
+    def close_owned_after_the_last() -> None:
+        with countdown_lock:
+            countdown[0] -= 1
+            last = countdown[0] == 0
+        if last:
+            for resource in owned:
+                resource.close()
+
+    for lane, transport in zip(lanes, transports, strict=True):
+        if lane in late:
+            lane.after_end(functools.partial(_close_then, transport, close_owned_after_the_last))
+        else:
             transport.close()
-    if all(ended):
+    if not late:
         for resource in owned:
             resource.close()
+
+
+def _close_then(transport, then: Callable[[], object]) -> None:
+    transport.close()
+    then()
 
 
 class ShardLanes:

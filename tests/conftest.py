@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import random
 import re
 import signal
 import socket
@@ -21,7 +22,7 @@ import pytest
 
 from distbelief.launch.cli import main as distbelief_main
 from distbelief.launch.local import stop_forkserver
-from tests.forked import ForkedCommand, run_command, start_command
+from tests.forked import ForkedCommand, remove_stderr_files, run_command, start_command
 
 if TYPE_CHECKING:
     from distbelief.server import ParameterShard
@@ -72,6 +73,7 @@ def _forked_commands() -> Iterator[None]:
     """Stops the forkserver of the shards started by hand after the last test."""
     yield
     stop_forkserver()
+    remove_stderr_files()
 
 
 def run_cli(*args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
@@ -168,7 +170,22 @@ def _read_address(process: ForkedCommand | subprocess.Popen) -> str:
         if not line and process.poll() is not None:
             break
     stop_processes([process])
-    raise RuntimeError(f"shard process {process.pid} did not start")
+    said = process.stderr_tail() if isinstance(process, ForkedCommand) else ""
+    raise RuntimeError(
+        f"shard process {process.pid} did not start (exit code {process.poll()})"
+        + (f"; its stderr ends:\n{said}" if said else "")
+    )
+
+
+def private_loopback() -> str:
+    """A loopback address (in 127.64.0.0 to 127.254.255.254) no other test binds.
+
+    A shard restarted at its address must find its port free; on 127.0.0.1 a port let go is
+    soon another process's, a server's or a client's source port (the suite runs thousands of
+    connections at once), and the restart then fails as "address in use".
+    """
+    octets = random.randint(64, 254), random.randint(0, 255), random.randint(1, 254)
+    return "127.{}.{}.{}".format(*octets)
 
 
 def free_port() -> int:

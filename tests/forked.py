@@ -14,6 +14,7 @@ import contextlib
 import multiprocessing as mp
 import multiprocessing.forkserver
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,11 +28,19 @@ PRELOAD = ["torch", "distbelief.launch.cli", "distbelief.server.process", __name
 """What the forkserver imports once: what ``distbelief ps`` needs before it serves."""
 
 
-def _run_command(argv: list[str], env: dict[str, str], stdout: Connection) -> None:
-    """The child: ``distbelief ARGV`` with ``env``, its stdout on ``stdout``, no stderr."""
+_STDERR_FOLDER: list[str] = []
+"""The folder of the started commands' stderr files, once made (removed by
+``remove_stderr_files``)."""
+
+
+def _run_command(
+    argv: list[str], env: dict[str, str], stdout: Connection, stderr_path: str
+) -> None:
+    """The child: ``distbelief ARGV`` with ``env``, its stdout on ``stdout``, its stderr in
+    ``stderr_path``."""
     os.dup2(stdout.fileno(), 1)
     stdout.close()
-    _run_main(argv, env, os.devnull)
+    _run_main(argv, env, stderr_path)
 
 
 def _run_command_to_files(
@@ -62,12 +71,30 @@ def _run_main(argv: list[str], env: dict[str, str], stderr_path: str) -> None:
 class ForkedCommand:
     """A forked command, with what the tests use of ``subprocess.Popen``."""
 
-    def __init__(self, process: mp.process.BaseProcess, stdout: IO[str], argv: list[str]) -> None:
+    def __init__(
+        self,
+        process: mp.process.BaseProcess,
+        stdout: IO[str],
+        argv: list[str],
+        stderr_path: str | None = None,
+    ) -> None:
         self._process = process
         self.pid = process.pid
         self.stdout = stdout
         self.args = argv
+        self.stderr_path = stderr_path
         self.returncode: int | None = None
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        """The last ``lines`` lines the command wrote to its stderr (what it said when it
+        refused to start, say); empty where nothing was kept."""
+        if self.stderr_path is None:
+            return ""
+        try:
+            with open(self.stderr_path, errors="replace") as stderr:
+                return "".join(stderr.readlines()[-lines:])
+        except OSError:
+            return ""
 
     def _running(self) -> bool:
         # The forkserver reports an exit code (255) for children it can no longer report on,
@@ -120,15 +147,25 @@ def _context() -> mp.context.BaseContext:
 def start_command(argv: Sequence[str], env: Mapping[str, str]) -> ForkedCommand:
     """``distbelief ARGV`` forked, its stdout readable as text lines."""
     context = _context()
+    if not _STDERR_FOLDER:
+        _STDERR_FOLDER.append(tempfile.mkdtemp(prefix="distbelief-stderr-"))
+    fd, stderr_path = tempfile.mkstemp(dir=_STDERR_FOLDER[0], suffix=".err")
+    os.close(fd)
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(
-        target=_run_command, args=(list(argv), dict(env), writer), name="distbelief"
+        target=_run_command, args=(list(argv), dict(env), writer, stderr_path), name="distbelief"
     )
     process.start()
     writer.close()
     stdout = open(os.dup(reader.fileno()), encoding="utf-8")  # noqa: SIM115 (closed by the caller)
     reader.close()
-    return ForkedCommand(process, stdout, list(argv))
+    return ForkedCommand(process, stdout, list(argv), stderr_path)
+
+
+def remove_stderr_files() -> None:
+    """Removes the stderr files of the commands ``start_command`` started."""
+    while _STDERR_FOLDER:
+        shutil.rmtree(_STDERR_FOLDER.pop(), ignore_errors=True)
 
 
 def run_command(

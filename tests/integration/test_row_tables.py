@@ -32,7 +32,7 @@ from distbelief.worker.ctr import build_ctr_replica, job_tables
 from tests.conftest import (
     StopAt,
     check_ctrl_c_ends_promptly_with_the_shard_gone,
-    free_port,
+    private_loopback,
     start_shard,
     stop_processes,
 )
@@ -307,9 +307,8 @@ def _wait_for_saved_rows(checkpoint_dir, version: int, timeout_s: float = 60) ->
 
 def test_a_killed_shard_restores_its_rows_from_its_checkpoint(tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    port = free_port()
-    flags = (
-        *("--bind", f"tcp://127.0.0.1:{port}", "--checkpoint-dir", str(checkpoints)),
+    flags = (  # restarted at its address: one no other process takes meanwhile
+        *("--bind", f"tcp://{private_loopback()}:0", "--checkpoint-dir", str(checkpoints)),
         *("--checkpoint-every", "0.2", "--row-optimizer", "adam", "--row-lr", "0.1"),
     )
     first, address = start_shard(0, 1, *flags)
@@ -330,7 +329,7 @@ def test_a_killed_shard_restores_its_rows_from_its_checkpoint(tmp_path):
         _wait_for_saved_rows(checkpoints, version=10)  # 5 steps of each of the two tables
         os.kill(first.pid, signal.SIGKILL)
         first.wait(30)
-        second, _ = start_shard(0, 1, *flags)
+        second, _ = start_shard(0, 1, *flags, "--bind", address)
         # The client's connection was cut: its next requests reconnect to the restarted shard.
         after = client.pull({"users": ids, "items": ids[:50]})
         counters = client.stats()[0]["tables"]

@@ -21,7 +21,7 @@ from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire import shared_params
 from distbelief.wire.shared_params import SharedParamsReader
-from tests.conftest import pause_process, start_shard, stop_processes
+from tests.conftest import pause_process, private_loopback, start_shard, stop_processes
 
 pytestmark = pytest.mark.skipif(
     shared_params.supported() is not None, reason=str(shared_params.supported())
@@ -317,7 +317,8 @@ def test_a_killed_shards_parameters_are_let_go_while_its_push_is_retried(monkeyp
     takes the push and is read through shared memory of its own."""
     monkeypatch.setenv("DISTBELIEF_TRANSPORT", "auto")
     saved = ("--server-lr", "1", "--checkpoint-dir", str(tmp_path))
-    process, address = start_shard(0, 1, *saved)
+    # Restarted at its address: one no other process takes meanwhile.
+    process, address = start_shard(0, 1, *saved, "--bind", f"tcp://{private_loopback()}:0")
     processes = [process]
     mapped_before = _mapped_shared_params()
     try:
@@ -381,7 +382,8 @@ def test_a_placed_push_retried_on_a_shard_that_cannot_map_it_goes_with_its_tenso
     placed push: the client sends the push's tensors instead, and nothing is lost."""
     monkeypatch.setenv("DISTBELIEF_TRANSPORT", "auto")
     saved = ("--server-lr", "1", "--checkpoint-dir", str(tmp_path))
-    process, address = start_shard(0, 1, *saved)
+    # Restarted at its address: one no other process takes meanwhile.
+    process, address = start_shard(0, 1, *saved, "--bind", f"tcp://{private_loopback()}:0")
     processes = [process]
     try:
         client = _client(address, "w0")

@@ -14,7 +14,7 @@ from distbelief.coordinator.lbfgs import LBFGSSettings
 from distbelief.coordinator.run import commit_start_point
 from distbelief.server.checkpoint import load_checkpoint
 from distbelief.sharding import FlatLayout, tensor_specs
-from tests.conftest import free_port, start_shard, stop_processes
+from tests.conftest import private_loopback, start_shard, stop_processes
 
 
 def test_a_shard_restarted_empty_before_the_commit_is_given_the_model_again(tmp_path, caplog):
@@ -22,11 +22,13 @@ def test_a_shard_restarted_empty_before_the_commit_is_given_the_model_again(tmp_
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     specs = tensor_specs(model.named_parameters())
     initial = FlatLayout(specs).flatten(list(model.parameters()))
-    bind = ("--bind", f"tcp://127.0.0.1:{free_port()}")
     # The coordinator's folder is shard 0's, as in a job, where all share RUN/checkpoints.
     folder = tmp_path / "checkpoints"
     first, address0 = start_shard(0, 2, "--checkpoint-dir", str(folder))
-    second, address1 = start_shard(1, 2, *bind, "--checkpoint-dir", str(tmp_path / "lost"))
+    # Restarted at its address: one no other process takes meanwhile.
+    second, address1 = start_shard(
+        1, 2, "--bind", f"tcp://{private_loopback()}:0", "--checkpoint-dir", str(tmp_path / "lost")
+    )
     processes = [first, second]
     client = ParameterServerClient([address0, address1], specs, timeout_s=30, retry_timeout_s=60)
     try:
@@ -34,7 +36,7 @@ def test_a_shard_restarted_empty_before_the_commit_is_given_the_model_again(tmp_
         second.kill()
         second.wait(timeout=30)
         # Back on its address, with nothing saved: as a shard killed before any checkpoint.
-        again, _ = start_shard(1, 2, *bind, "--checkpoint-dir", str(folder))
+        again, _ = start_shard(1, 2, "--bind", address1, "--checkpoint-dir", str(folder))
         processes.append(again)
         vectors = ShardVectors(client)
         commit_start_point(vectors, initial, LBFGSSettings(), str(folder), FaultsConfig())

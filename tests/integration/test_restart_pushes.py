@@ -1,6 +1,7 @@
 """A replica restarted after a death whose last dense push reached shard 0 but not shard 1: the
 next life sends no shard a push of a step it took, so each shard applies each step's update once
-and ends with exactly the parameters and version of a run without the death.
+and ends with exactly the parameters and version of a run without the death. Under sync rounds
+a shard whose open round holds the dead life's gradient takes none of the next life's into it.
 
 The shards are served on 127.0.0.1 in this process (the dead push is handed to shard 0 itself).
 The loss is linear in the parameters, so a step's gradient does not depend on the parameters it
@@ -9,11 +10,14 @@ was computed from, and a life's step N pushes what another life's step N pushed.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from torch import nn
 
-from distbelief.config import JobConfig
+from distbelief.config import ConsistencyConfig, JobConfig
 from distbelief.optim import DownpourSGD
 from distbelief.worker import run_worker
 from tests.conftest import StopAt, served_shards
@@ -199,3 +203,42 @@ def test_resume_refuses_applied_steps_that_are_no_step_per_shard(applied_step):
                 optimizer.resume(3, applied_step)
         finally:
             optimizer.close()
+
+
+def _sync_round(dead_push_to: tuple[int, ...] | None) -> tuple[list, list[int]]:
+    """Each shard's version and parameters after one sync round of two workers, and the
+    gradients each dropped: worker1's gradient (all ones) pushed once worker0's next life's
+    reached every shard. ``dead_push_to``: worker0's first life died after its gradient for the
+    round reached these shards (None: no death)."""
+    sync = {"consistency": ConsistencyConfig(sync=True), "num_workers": 2}
+    with served_shards(2, **sync) as (shards, addresses), ThreadPoolExecutor(1) as pool:
+        if dead_push_to is not None:
+            _dead_life(shards, addresses, "none", dead_push_to, n_push=1, dead_at=1)
+        model = _model()
+        optimizer = _optimizer(model, addresses, "none")
+        optimizer.resume(0, optimizer.client.pushed_steps)
+        pushes = [shard.counters().num_pushes + 1 for shard in shards]
+        stepping = pool.submit(_train, optimizer, model, _batches()[:1])  # held for the round
+        deadline = time.monotonic() + 30
+        while [shard.counters().num_pushes for shard in shards] != pushes:
+            assert time.monotonic() < deadline and not stepping.done(), "worker0 never pushed"
+            time.sleep(0.01)
+        for shard in shards:
+            ones = [torch.ones(piece.numel, dtype=piece.dtype) for piece in shard.slices]
+            shard.push(ones, worker="worker1", base_version=0)
+        stepping.result(timeout=30)
+        optimizer.close()
+        return _finished(shards), [shard.counters().num_dropped for shard in shards]
+
+
+@pytest.mark.parametrize("dead_push_to", [(0,), (0, 1)])
+def test_under_sync_rounds_a_restarted_worker_adds_no_second_gradient_to_a_round(dead_push_to):
+    """Worker0's dead life's gradient for round 0 reached ``dead_push_to``: there its next
+    life's is dropped (the round already holds one of worker0's), elsewhere it joins the round,
+    and every round averages one gradient of each worker, as without the death."""
+    restarted, dropped = _sync_round(dead_push_to)
+    undisturbed, _ = _sync_round(None)
+    assert dropped == [int(shard_id in dead_push_to) for shard_id in range(2)]
+    assert [version for version, _ in undisturbed] == [1, 1]
+    for got, want in zip(restarted, undisturbed, strict=True):
+        _assert_same(got, want)

@@ -264,6 +264,36 @@ def test_sync_round_quorum_shrinks_when_a_worker_departs():
     assert shard.version == 1
 
 
+@pytest.mark.parametrize(("num_workers", "backup_workers"), [(2, 0), (3, 1)])
+def test_a_restarted_worker_adds_no_second_gradient_to_a_round(num_workers, backup_workers):
+    """Worker a's gradient joined round 0, then a died (its connection closed) and came back
+    under the same id: its push for round 0 again is dropped, the round neither closes on it
+    (counting a twice toward its quorum) nor waits for it, and averages a's first gradient
+    with b's."""
+    config = ConsistencyConfig(sync=True, backup_workers=backup_workers)
+    zeros = [torch.zeros(spec.shape) for spec in SPECS]
+    factory = server_optimizer_factory("sgd", lr=1.0)
+    shard = _make_shards(1, zeros, factory, config, num_workers)[0]
+    outs = [torch.empty(p.numel) for p in shard.slices]
+
+    def full(value):
+        return [torch.full((p.numel,), value) for p in shard.slices]
+
+    shard.arrive("a")
+    assert shard.push(full(1.0), worker="a", base_version=0).applied
+    shard.leave("a")  # the dead life's connection closes
+    shard.arrive("a")  # the restarted worker, under the same id
+    again = shard.push(full(5.0), worker="a", base_version=0)
+    assert not again.applied and shard.counters().num_dropped == 1
+    assert shard.version == 0
+    assert shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
+    assert shard.push(full(3.0), worker="b", base_version=0).applied
+    assert shard.version == 1
+    assert torch.allclose(shard.parameters()[0], torch.full((98,), -2.0))  # mean of 1 and 3
+    assert not shard.pull_into(outs, worker="a", after_version=0, max_wait_s=0.05).held
+    assert shard.push(full(1.0), worker="a", base_version=1).applied  # the next round takes it
+
+
 @pytest.mark.parametrize(
     ("kwargs", "policy_type"),
     [

@@ -239,7 +239,9 @@ class BoundedStalenessPolicy(AsyncPolicy):
 class SyncRoundsPolicy(ConsistencyPolicy):
     """Synchronous rounds with backup workers (Chen et al. 2016): the mean of the first
     ``num_workers - backup_workers`` gradients of a round is applied once; later ones for a
-    closed round are dropped. Dead workers shrink the quorum."""
+    closed round are dropped, and so is a second one of a worker id for the open round (a
+    restarted worker's, whose dead life's gradient the round holds). Dead workers shrink the
+    quorum."""
 
     def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks, num_workers: int) -> None:
         super().__init__(config, clocks, num_workers)
@@ -255,10 +257,17 @@ class SyncRoundsPolicy(ConsistencyPolicy):
         # Not persistent: a restored shard starts a fresh round, as its workers re-push.
         self._round_sum = store.add("sync.round_sum", persistent=False)
         self._round_count = 0
+        self._rounds_joined.clear()  # the fresh round holds no one's gradient
 
     def push(self, grads, *, worker, staleness, base_version, version) -> bool:
         if base_version < version:
             return False  # a backup worker's late gradient: its round is closed
+        if worker is not None and self._rounds_joined.get(worker) == version:
+            # The open round holds a gradient of this worker id already: a restarted worker's
+            # dead life pushed it. Dropped rather than replacing it: the round sums gradients
+            # (it keeps no one's own to take back out), the one it holds is as good (computed
+            # from the same version), and a worker counts once toward the quorum.
+            return False
         # A base ahead of the version was pulled from this shard before it was restored from
         # an older checkpoint: the rounds between are lost, and the gradient joins this one.
         torch._foreach_add_(self._round_sum, list(grads))

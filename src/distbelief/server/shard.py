@@ -71,7 +71,9 @@ class PushResult:
     version: int
     staleness: int
     applied: bool
-    """False when a synchronous round closed before this gradient arrived (a late backup)."""
+    """False when a synchronous round closed before this gradient arrived (a late backup), or
+    the open round holds one of this worker id's already (from a restarted worker's dead
+    life)."""
     epoch: int = 0
     """Checkpoints begun before it was applied (``server/durability.py``)."""
     divisor: int = 1

@@ -370,12 +370,15 @@ def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, t
     assert set(faults) == {f"worker{victim}", "shard0"}, summary["faults"]
     assert {fault["action"] for fault in faults.values()} == {"restarted"}
     assert faults["shard0"]["version_restored"] is not None
+    # Their actors went with them: no exit code reached the launcher, Ray's reason stands for it.
+    for fault in faults.values():
+        assert fault["exitcode"] is None and fault["cause"], fault
+        assert f"{fault['process']} died ({fault['cause']}); restarted" in err
     # The victim went on after its last push the shards applied: at least the push before the
     # step it had reported when it was killed (its pushes' events came over its link).
     assert before[victim] - 1 <= faults[f"worker{victim}"]["resumed_at_step"] < STEPS
     assert summary["worker_steps"] == dict.fromkeys(ranks, STEPS)
     assert summary["final"]["test_accuracy"] >= 0.9, _history(summary, run_dir, err)
-    assert "shard0 died; restarted" in err
     # The placement group spread the shards over the two nodes; each bound its node's address.
     processes = json.loads((run_dir / "ray.json").read_text())["processes"]
     assert {processes[f"shard{i}"]["node_ip"] for i in range(2)} == {"127.0.0.2", "127.0.0.3"}
@@ -470,9 +473,12 @@ def test_a_shard_killed_or_failing_as_the_job_stops_is_in_the_summary_and_not_re
     }
     assert faults.keys() == {"shard0", "shard1"}, err[-3000:]
     assert faults["shard1"] == ("given up", True, None)
+    # Its actor lived on and saw its process end: the exit code, as the local launcher's.
+    killed = next(f for f in summary["faults"] if f["process"] == "shard1")
+    assert (killed["exitcode"], killed["cause"]) == (-signal.SIGKILL, None), killed
     assert faults["shard0"][:2] == ("given up", True)
     assert faults["shard0"][2].startswith("IsADirectoryError"), faults["shard0"]
-    assert "shard1 died while the job stopped; given up" in err
+    assert "shard1 died (exit code -9) while the job stopped; given up" in err
     assert "shard0 failed while the job stopped: IsADirectoryError" in err
     assert json.loads((run_dir / "pids.json").read_text())["shard1"] == pid  # no second life
 

@@ -2,7 +2,7 @@
 shard whose actor is killed (SIGKILL of the process holding its lifeline) ends at once; a
 malformed request is refused and the zygote serves the next; a zygote that ends leaves its
 children running until their own end; a killed zygote is started again; with no zygote a life
-runs in a fresh interpreter."""
+runs in a fresh interpreter; a life whose process is killed reports its signal."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ import pytest
 from distbelief.config import JobConfig
 from distbelief.launch.cluster import ProcessBook, ProcessKind
 from distbelief.launch.entry import preloaded_modules
-from distbelief.launch.ray_actor import DONE, NodeHost, run_life
+from distbelief.launch.ray_actor import DIED, DONE, NodeHost, run_life
 from distbelief.launch.ray_child import EXIT_DONE
+from distbelief.launch.ray_endings import Ending, ending_of_outcome
 from distbelief.launch.remote_events import EventListener
 from distbelief.launch.zygote import EXIT_LOST, abstract_address, fork_child
 from distbelief.wire.security import WireSecurity, generate_key
@@ -192,11 +193,28 @@ def test_a_killed_zygote_is_started_again_and_forks_the_next(own_zygote, listene
 def test_without_a_zygote_a_life_runs_in_a_fresh_interpreter(listener, tmp_path):
     import threading
 
-    outcome: list[str] = []
+    outcome: list[tuple[str, int]] = []
     job = _shard_job(listener, tmp_path)
     runner = threading.Thread(target=lambda: outcome.append(run_life(job, None, "shard0")))
     runner.start()
     _event(listener, "ready")
     listener.send_stop("shard0")
     runner.join(EVENT_TIMEOUT_S)
-    assert outcome == [DONE]
+    assert outcome == [(DONE, 0)]
+
+
+def test_a_life_whose_process_is_killed_reports_its_signal(zygote, listener, tmp_path):
+    """SIGKILL of a forked shard's process while its actor lives: the life ends as a death with
+    exit code -9, what summary.json's fault records for it (as the local launcher's does)."""
+    import threading
+
+    name, _ = zygote
+    outcome: list[tuple[str, int]] = []
+    job = _shard_job(listener, tmp_path)
+    runner = threading.Thread(target=lambda: outcome.append(run_life(job, name, "shard0")))
+    runner.start()
+    _, _, hello = _event(listener, "hello")
+    os.kill(hello["pid"], signal.SIGKILL)
+    runner.join(EVENT_TIMEOUT_S)
+    assert outcome == [(DIED, -signal.SIGKILL)]
+    assert ending_of_outcome(outcome[0]) == Ending(-signal.SIGKILL)

@@ -142,6 +142,8 @@ class Fault:
     time_s: float
     """Seconds since training started (the time axis of metrics.csv)."""
     exitcode: int | None
+    """The process's exit code (-N: ended by signal N); None where it is not known (a Ray
+    actor's process that went with its actor: ``cause`` says what Ray told)."""
     action: str
     """"restarted" or "given up"."""
     version_before: int | None = None
@@ -178,6 +180,9 @@ class Fault:
     """A process that reported an error while the job stopped (a shard that could not save
     its last checkpoint, say): its exception line. The job, ending already, was not failed by
     it: it is given up, as a death then is. None for a death."""
+    cause: str | None = None
+    """How the process ended when its exit code is not known: Ray's own words on its actor's
+    end (``ray_endings``). None where the exit code says it, or nothing was told."""
     recovery_cut_short: bool = False
     """Shards: the life restarted after this death died too, before it returned its result:
     ``updates_replayed`` and ``pushes_resent`` are its last heartbeat's (or none), so the
@@ -494,11 +499,14 @@ class ProcessBook:
                 fault.version_before = seen if before is None else max(before, seen)
                 return
 
-    def record_death(self, spec: ProcessSpec, exitcode: int | None, *, stopping: bool) -> Fault:
-        """Records that ``spec``'s process died without an error and decides, by its kind,
-        whether it is restarted (``action`` "restarted": the caller starts ``self.spec(...)``;
-        for a stage, every stage of its replica) or given up. No restarts once the job is
-        ``stopping``. A stage's restarts count for its whole replica."""
+    def record_death(
+        self, spec: ProcessSpec, exitcode: int | None, *, stopping: bool, cause: str | None = None
+    ) -> Fault:
+        """Records that ``spec``'s process died without an error (``cause``: how, where its
+        exit code is not known) and decides, by its kind, whether it is restarted (``action``
+        "restarted": the caller starts ``self.spec(...)``; for a stage, every stage of its
+        replica) or given up. No restarts once the job is ``stopping``. A stage's restarts
+        count for its whole replica."""
         unit = self.restart_unit(spec)
         restarts = self.restarts.get(unit, 0)
         can_restart = restarts < self.config.faults.max_restarts and not stopping
@@ -507,6 +515,7 @@ class ProcessBook:
             time.time() - (self.train_start or self.start_time),
             exitcode,
             "restarted" if can_restart else "given up",
+            cause=cause,
         )
         # A Sandblaster job goes back to its last checkpoint only for a process that comes
         # back: one given up (out of restarts, or the job stopping) ends the job instead.

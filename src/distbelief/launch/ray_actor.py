@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 """The folder holding the ``distbelief`` package this actor was loaded from."""
 DONE, ERROR, DIED = "done", "error", "died"
-"""What ``run`` returns: the role finished, it failed (its traceback went over its link), or
-its process died (killed, or its node's memory ran out)."""
+"""What ``run`` returns, with the process's exit code: the role finished, it failed (its
+traceback went over its link), or its process died (killed, or its node's memory ran out)."""
 _EXIT_DONE, _EXIT_FAILED = 0, 1
 MAX_ZYGOTE_STARTS = 10
 ZYGOTE_RESTART_PAUSE_S = 1.0
@@ -73,13 +73,16 @@ class RoleActor:
         for, within a bound, before the ``run`` that follows."""
         return True
 
-    def run(self, events: tuple[str, int], payload: bytes, zygotes: dict[str, str]) -> str:
+    def run(
+        self, events: tuple[str, int], payload: bytes, zygotes: dict[str, str]
+    ) -> tuple[str, int]:
         """Runs one life of the process: its role (``payload``: the launcher's pickled spec,
         config, shard addresses and wire security) to its end, reporting to the launcher at
         ``events``. ``zygotes``: node id -> name of that node's zygote.
 
         Returns:
-            DONE, ERROR or DIED (see there); the result, or the traceback, went over the link.
+            DONE, ERROR or DIED (see there) and the process's exit code (-N: signal N); the
+            result, or the traceback, went over the link.
         """
         import ray  # in the actor's process, where Ray is running already
 
@@ -92,9 +95,10 @@ class RoleActor:
         return run_life(pickle.dumps((events, info, payload)), zygotes.get(node_id), self.name)
 
 
-def run_life(job: bytes, zygote: str | None, name: str) -> str:
+def run_life(job: bytes, zygote: str | None, name: str) -> tuple[str, int]:
     """Runs ``job`` (see ``ray_child``) in a process forked by the zygote called ``zygote``, or
-    in a fresh interpreter if there is none or it fails; DONE, ERROR or DIED."""
+    in a fresh interpreter if there is none or it fails; DONE, ERROR or DIED, and its exit
+    code."""
     code = None
     if zygote is not None:
         try:
@@ -103,7 +107,7 @@ def run_life(job: bytes, zygote: str | None, name: str) -> str:
             logger.warning("%s: starting a fresh interpreter (%s)", name, e)
     if code is None:
         code = _run_started(job)
-    return {_EXIT_DONE: DONE, _EXIT_FAILED: ERROR}.get(code, DIED)
+    return {_EXIT_DONE: DONE, _EXIT_FAILED: ERROR}.get(code, DIED), code
 
 
 class NodeHost:

@@ -30,7 +30,14 @@ from distbelief.launch.cluster import (
 )
 from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.entry import preloaded_modules
-from distbelief.launch.ray_actor import DIED, NodeHost, RoleActor
+from distbelief.launch.ray_actor import NodeHost, RoleActor
+from distbelief.launch.ray_endings import (
+    Ending,
+    ending_not_told,
+    ending_of_error,
+    ending_of_outcome,
+    is_death,
+)
 from distbelief.launch.ray_placement import (
     actor_options,
     check_resources,
@@ -58,6 +65,10 @@ RESTART_TIMEOUT_S = 120.0
 """Longest wait for Ray to re-create a dead process's actor."""
 RESULT_TIMEOUT_S = 10.0
 """Longest a process's result may trail the end of its run (it travels on its event link)."""
+ENDING_TIMEOUT_S = 10.0
+"""Longest wait, once a running process's link closed, for its run's call to say how it ended:
+at once where its actor lives (the exit code), once Ray has re-created a dead actor (Ray's
+reason) or given it up."""
 _POLL_S = 0.2
 
 
@@ -306,7 +317,7 @@ class RayCluster:
             # Its process is gone: sooner news of a death than the run's call (which Ray
             # fails only once it has re-created the actor); that call is ignored then.
             if payload == life.link and life.returned_at is None and self._running(name):
-                self._died(life)
+                self._died(life, self._ending(life))
             return None
         event = Event(kind, life.spec, payload)
         if kind == "error":
@@ -399,6 +410,19 @@ class RayCluster:
                 f"(the cluster at {self._session.address} is busy or too small)"
             )
 
+    def _ending(self, life: _Life) -> Ending:
+        """How ``life``, whose link closed while it ran, ended: its run's call tells, once it
+        ends (waited for up to ENDING_TIMEOUT_S: the restart of a dead actor waits on Ray's
+        re-creating it anyway)."""
+        from ray.exceptions import GetTimeoutError, RayError
+
+        try:
+            return ending_of_outcome(self._ray.get(life.ref, timeout=ENDING_TIMEOUT_S))
+        except GetTimeoutError:
+            return ending_not_told(ENDING_TIMEOUT_S)
+        except RayError as e:
+            return ending_of_error(e)
+
     def _ended(self, life: _Life) -> None:
         """One run's call returned: the role ended, the process died, or (a run after a
         death) Ray had not re-created the actor yet."""
@@ -409,20 +433,19 @@ class RayCluster:
             return  # its link's end told of its death already
         try:
             outcome = self._ray.get(life.ref, timeout=RESULT_TIMEOUT_S)
-        except ActorUnavailableError:
+        except ActorUnavailableError as e:
             if life.after_death and life.link is None:
                 self._run_again(life)
             else:
-                self._died(life)
+                self._died(life, ending_of_error(e))
             return
         except RayActorError as e:
-            logger.debug("%s: %s", life.spec.name, e)  # Ray's word on how it died
-            self._died(life)
+            self._died(life, ending_of_error(e))
             return
         except RayError as e:  # the actor's run itself failed
             raise ChildFailedError(life.spec.name, None, str(e)) from e
-        if outcome == DIED:  # its process died, its actor lives on (it runs the next life)
-            self._died(life)
+        if is_death(outcome):  # its process died, its actor lives on (it runs the next life)
+            self._died(life, ending_of_outcome(outcome))
             return
         life.returned_at = time.monotonic()
 
@@ -435,12 +458,14 @@ class RayCluster:
             )
         life.placing, life.ref = self._run(life.spec)
 
-    def _died(self, life: _Life) -> None:
+    def _died(self, life: _Life, ending: Ending) -> None:
         spec = life.spec
         if not self._running(spec.name):  # it died after it finished, say
             life.returned_at = time.monotonic()
             return
-        fault = self.book.record_death(spec, None, stopping=self.book.stopping)
+        fault = self.book.record_death(
+            spec, ending.exitcode, stopping=self.book.stopping, cause=ending.cause
+        )
         if self.on_fault is not None:
             self.on_fault(fault)
         if fault.action == "restarted":
@@ -538,11 +563,14 @@ class RayCluster:
             if life.ref not in ended:
                 continue  # still running: this cluster ends it
             try:
-                died = self._ray.get(life.ref, timeout=RESULT_TIMEOUT_S) == DIED
-            except RayError:
-                died = True
-            if died:
-                self.book.record_death(life.spec, None, stopping=True)
+                outcome = self._ray.get(life.ref, timeout=RESULT_TIMEOUT_S)
+                ending = ending_of_outcome(outcome) if is_death(outcome) else None
+            except RayError as e:
+                ending = ending_of_error(e)
+            if ending is not None:
+                self.book.record_death(
+                    life.spec, ending.exitcode, stopping=True, cause=ending.cause
+                )
 
     def stop_all(self) -> None:
         """Stops every actor: Sandblaster's coordinator first, by its stop flag (it ends the

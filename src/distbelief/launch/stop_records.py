@@ -74,7 +74,12 @@ def _committed_iteration(run_dir: Path) -> int | None:
 
 
 def describe_fault(fault: Fault) -> str:
-    code = "" if fault.exitcode is None else f" (exit code {fault.exitcode})"
+    """The line the launcher prints for ``fault``."""
+    code = ""
+    if fault.exitcode is not None:
+        code = f" (exit code {fault.exitcode})"
+    elif fault.cause is not None:
+        code = f" ({fault.cause})"
     stopping = " while the job stopped" if fault.while_stopping else ""
     if fault.error is not None:
         text = f"{fault.process} failed{code}{stopping}: {fault.error}; {fault.action}"

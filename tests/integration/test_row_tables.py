@@ -220,6 +220,40 @@ def test_repeated_ids_in_one_push_are_summed_as_torch_sums_a_sparse_gradient(sha
     torch.testing.assert_close(pulled, weight.detach()[[3, 7, 30]], rtol=0, atol=1e-6)
 
 
+def test_ids_of_any_shape_pull_and_push_as_nn_embedding_reads_and_trains(shard_cluster):
+    # A batch of [2, 3] ids (repeats included) and a single id: the rows come back shaped as
+    # nn.Embedding gives them, and their gradient, pushed with the same ids, steps the rows as
+    # torch.optim.SGD steps nn.Embedding(sparse=True). Two shards: the ids reach both.
+    lr, num_rows = 0.5, 40
+    addresses = shard_cluster(
+        2, *("--row-optimizer", "sgd", "--row-lr", str(lr), "--row-init-std", str(INIT_STD))
+    )
+    ids = torch.tensor([[7, 3, 30], [3, 12, 7]])
+    embedding = nn.Embedding(num_rows, DIM, sparse=True)
+    with torch.no_grad():
+        embedding.weight.copy_(seeded_normal_rows(torch.arange(num_rows), DIM, INIT_STD, 0))
+    weights = torch.linspace(-1.0, 1.0, 2 * 3 * DIM).view(2, 3, DIM)
+    (embedding(ids) * weights).sum().backward()
+    client = RowClient(addresses, {"t": DIM}, timeout_s=60)
+    try:
+        client.handshake()
+        rows = client.pull({"t": ids})["t"]
+        single = client.pull({"t": torch.tensor(12)})["t"]
+        torch.testing.assert_close(rows, embedding(ids).detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(single, embedding.weight.detach()[12], rtol=0, atol=1e-6)
+        rows.requires_grad_()
+        (rows * weights).sum().backward()
+        client.push_now({"t": (ids, rows.grad)})
+        flat = r"^table 't': rows must be \[2, 3, 4\] .* got \[6, 4\]$"
+        with pytest.raises(ValueError, match=flat):  # nothing is sent
+            client.push_now({"t": (ids, rows.grad.view(6, DIM))})
+        pulled = client.pull({"t": ids})["t"]
+    finally:
+        client.close()
+    torch.optim.SGD([embedding.weight], lr=lr).step()
+    torch.testing.assert_close(pulled, embedding(ids).detach(), rtol=0, atol=1e-6)
+
+
 def test_an_id_past_num_embeddings_is_refused_as_nn_embedding_refuses_it(shard_cluster):
     addresses = shard_cluster(1)
     model = _Model()

@@ -163,8 +163,17 @@ def unconnected_rows():
         ({"t": (torch.tensor([1, 2]), torch.ones(3, 4))}, ValueError, r"rows must be \[2, 4\]"),
         ({"t": (torch.tensor([1, 2]), torch.ones(2, 5))}, ValueError, r"rows must be \[2, 4\]"),
         ({"t": (torch.tensor([1, 2]), torch.ones(2, 4, dtype=torch.int64))}, TypeError, "float"),
-        ({"t": (torch.tensor([1.0, 2.0]), torch.ones(2, 4))}, TypeError, "1-D int64"),
-        ({"t": (torch.tensor([[1, 2]]), torch.ones(2, 4))}, TypeError, "1-D int64"),
+        (
+            {"t": (torch.tensor([1.0, 2.0]), torch.ones(2, 4))},
+            TypeError,
+            r"^table 't': ids must be an int64 tensor, got torch\.float32$",
+        ),
+        (
+            {"t": (torch.tensor([[1, 2]]), torch.ones(2, 4))},
+            ValueError,
+            r"^table 't': rows must be \[1, 2, 4\] \(one row of 4 values per id of ids \[1, 2\]\), "
+            r"got \[2, 4\]$",
+        ),
         ({"t": torch.tensor([1])}, TypeError, r"an update must be \(ids, rows\)"),
         ({"u": (torch.tensor([1]), torch.ones(1, 4))}, ValueError, "'u' was not declared"),
     ],

@@ -49,7 +49,7 @@ class PendingRows:
         self._client, self._ids_by_table, self._sent = client, ids_by_table, sent
 
     def result(self) -> dict[str, torch.Tensor]:
-        """Each table's rows ``[n, D]``.
+        """Each table's rows ``(*ids.shape, D)``, as ``nn.Embedding`` gives them.
 
         Raises:
             ShardTimeoutError / ShardUnavailableError / RemoteError: a shard did not answer.
@@ -76,7 +76,10 @@ class PendingRows:
                     out[name].index_copy_(0, part.positions[t], rows)
         for name, ids in self._ids_by_table.items():  # tables with no ids at all
             out.setdefault(name, torch.zeros(ids.numel(), client.tables[name]))
-        return out
+        return {
+            name: out[name].view(*ids.shape, client.tables[name])
+            for name, ids in self._ids_by_table.items()
+        }
 
 
 def coalesce_rows(ids: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,8 +279,9 @@ class RowClient(ShardLanes):
         return sent
 
     def pull(self, ids_by_table: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The rows ``[n, D]`` of each table's ids ``[n]`` (ids without a row read as the
-        shards' settings say), every shard asked at once; waits for the answers.
+        """The rows ``(*ids.shape, D)`` of each table's ids, of any shape, as ``nn.Embedding``
+        gives them (ids without a row read as the shards' settings say), every shard asked at
+        once; waits for the answers.
 
         Raises:
             ShardTimeoutError / ShardUnavailableError / RemoteError: a shard did not answer.
@@ -338,7 +342,8 @@ class RowClient(ShardLanes):
     def push(
         self, updates: Mapping[str, tuple[torch.Tensor, torch.Tensor]], step: int | None = None
     ) -> list[cf.Future]:
-        """Sends each table's ids ``[n]`` and gradient rows ``[n, D]`` to their shards (one
+        """Sends each table's ids, of any shape, and gradient rows ``(*ids.shape, D)`` (the
+        gradient of what :meth:`pull` returned for those ids) to their shards (one
         step of each table on every shard, rows there or not); the futures resolve when each
         shard has applied its part. A repeated id's rows are summed into one, as torch sums
         the repeated indices of a sparse gradient (``coalesce_rows``). ``step``: the worker's
@@ -346,8 +351,8 @@ class RowClient(ShardLanes):
         is left out.
 
         Raises:
-            TypeError / ValueError: an update is not (1-D int64 ids, float rows [n, D]) of a
-                declared table; nothing is sent.
+            TypeError / ValueError: an update is not (int64 ids, float rows
+                ``(*ids.shape, D)``) of a declared table; nothing is sent.
         """
         return self._push(updates, step, now=False)
 
@@ -358,9 +363,9 @@ class RowClient(ShardLanes):
         self.wait(self._push(updates, step, now=True))
 
     def _check_updates(self, updates: object) -> None:
-        """Refuses an update that is not (ids [n], gradient rows [n, D]) of a declared table:
-        with several shards, each takes the rows of its own ids, so a row too many or too few
-        would be dropped or misread without a word."""
+        """Refuses an update that is not (ids, gradient rows ``(*ids.shape, D)``) of a declared
+        table: with several shards, each takes the rows of its own ids, so a row too many or
+        too few would be dropped or misread without a word."""
         if not isinstance(updates, Mapping):
             raise TypeError(f"updates must map table names to (ids, rows), got {updates!r}")
         for name, update in updates.items():
@@ -368,23 +373,29 @@ class RowClient(ShardLanes):
             if not isinstance(update, tuple | list) or len(update) != 2:
                 raise TypeError(f"table {name!r}: an update must be (ids, rows), got {update!r}")
             ids, rows = update
-            if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
-                raise TypeError(f"table {name!r}: ids must be a 1-D int64 tensor, got {ids!r}")
+            if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64:
+                got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise TypeError(f"table {name!r}: ids must be an int64 tensor, got {got}")
             self._check_in_range(name, ids)
-            expected = (ids.numel(), self.tables[name])
+            expected = (*ids.shape, self.tables[name])
             if not isinstance(rows, torch.Tensor) or not rows.is_floating_point():
-                raise TypeError(f"table {name!r}: rows must be a float tensor, got {rows!r}")
+                got = rows.dtype if isinstance(rows, torch.Tensor) else type(rows).__name__
+                raise TypeError(f"table {name!r}: rows must be a float tensor, got {got}")
             if tuple(rows.shape) != expected:
                 raise ValueError(
                     f"table {name!r}: rows must be {list(expected)} (one row of "
-                    f"{expected[1]} values per id), got {list(rows.shape)}"
+                    f"{expected[-1]} values per id of ids {list(ids.shape)}), "
+                    f"got {list(rows.shape)}"
                 )
 
     def _push(self, updates, step: int | None, now: bool) -> list:
         self._check_updates(updates)
         # A shard steps each row once per push: repeats are summed first (its optimizer's
         # state, Adagrad's say, would see one gradient where torch sees their sum).
-        updates = {name: coalesce_rows(ids, rows) for name, (ids, rows) in updates.items()}
+        updates = {
+            name: coalesce_rows(ids.reshape(-1), rows.reshape(-1, self.tables[name]))
+            for name, (ids, rows) in updates.items()
+        }
         # Every shard steps every table pushed, rows there or not, so that a table's step
         # count (Adam's bias correction, the time to live) is the same on every shard.
         plans = self._plan({name: ids for name, (ids, _) in updates.items()}, every_shard=True)

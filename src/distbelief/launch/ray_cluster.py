@@ -33,7 +33,8 @@ from distbelief.launch.entry import preloaded_modules
 from distbelief.launch.ray_actor import NodeHost, RoleActor
 from distbelief.launch.ray_endings import (
     Ending,
-    ending_not_told,
+    death_of_call,
+    ending_of_call,
     ending_of_error,
     ending_of_outcome,
     is_death,
@@ -65,10 +66,6 @@ RESTART_TIMEOUT_S = 120.0
 """Longest wait for Ray to re-create a dead process's actor."""
 RESULT_TIMEOUT_S = 10.0
 """Longest a process's result may trail the end of its run (it travels on its event link)."""
-ENDING_TIMEOUT_S = 10.0
-"""Longest wait, once a running process's link closed, for its run's call to say how it ended:
-at once where its actor lives (the exit code), once Ray has re-created a dead actor (Ray's
-reason) or given it up."""
 _POLL_S = 0.2
 
 
@@ -317,7 +314,7 @@ class RayCluster:
             # Its process is gone: sooner news of a death than the run's call (which Ray
             # fails only once it has re-created the actor); that call is ignored then.
             if payload == life.link and life.returned_at is None and self._running(name):
-                self._died(life, self._ending(life))
+                self._died(life, ending_of_call(self._ray, life.ref))
             return None
         event = Event(kind, life.spec, payload)
         if kind == "error":
@@ -409,19 +406,6 @@ class RayCluster:
                 f"Ray could not place {names} within {timeout_s:g}s "
                 f"(the cluster at {self._session.address} is busy or too small)"
             )
-
-    def _ending(self, life: _Life) -> Ending:
-        """How ``life``, whose link closed while it ran, ended: its run's call tells, once it
-        ends (waited for up to ENDING_TIMEOUT_S: the restart of a dead actor waits on Ray's
-        re-creating it anyway)."""
-        from ray.exceptions import GetTimeoutError, RayError
-
-        try:
-            return ending_of_outcome(self._ray.get(life.ref, timeout=ENDING_TIMEOUT_S))
-        except GetTimeoutError:
-            return ending_not_told(ENDING_TIMEOUT_S)
-        except RayError as e:
-            return ending_of_error(e)
 
     def _ended(self, life: _Life) -> None:
         """One run's call returned: the role ended, the process died, or (a run after a
@@ -551,8 +535,6 @@ class RayCluster:
         job stopped, and that no fault records yet; waits up to ``timeout_s`` for their runs'
         ends. The job is stopping: nothing is restarted, and nothing raised (it ends as it was
         ending)."""
-        from ray.exceptions import RayError
-
         lives = [
             life for life in lives if life.returned_at is None and self._running(life.spec.name)
         ]
@@ -562,11 +544,7 @@ class RayCluster:
         for life in lives:
             if life.ref not in ended:
                 continue  # still running: this cluster ends it
-            try:
-                outcome = self._ray.get(life.ref, timeout=RESULT_TIMEOUT_S)
-                ending = ending_of_outcome(outcome) if is_death(outcome) else None
-            except RayError as e:
-                ending = ending_of_error(e)
+            ending = death_of_call(self._ray, life.ref, RESULT_TIMEOUT_S)
             if ending is not None:
                 self.book.record_death(
                     life.spec, ending.exitcode, stopping=True, cause=ending.cause

@@ -1,6 +1,7 @@
 """How one life of a job's process under Ray ended, as far as it can be known: the exit code its
 actor saw (the process died while its actor lived), or, where the actor went with it, Ray's own
-words on the actor's end. Pure mapping of a run's outcome or of Ray's exception; calls no Ray.
+words on the actor's end: read off the run's call (``ending_of_call``, ``death_of_call``), or
+mapped from its outcome or from Ray's exception.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from typing import Any
 
 from distbelief.launch.ray_actor import DIED
 from distbelief.launch.zygote import EXIT_LOST
+
+ENDING_TIMEOUT_S = 10.0
+"""Longest wait, once a running process's link closed, for its run's call to say how it ended:
+at once where its actor lives (the exit code), once Ray has re-created a dead actor (Ray's
+reason) or given it up."""
 
 
 @dataclass(frozen=True)
@@ -69,3 +75,29 @@ def _first_sentence(text: str) -> str:
 def is_death(outcome: Any) -> bool:
     """Whether a returned run's outcome is a death of its process (its actor lived on)."""
     return outcome[0] == DIED
+
+
+def ending_of_call(ray: Any, ref: Any, timeout_s: float = ENDING_TIMEOUT_S) -> Ending:
+    """How a life whose link closed while it ran ended: its run's call ``ref`` tells, once it
+    ends (waited for up to ``timeout_s``: the restart of a dead actor waits on Ray's
+    re-creating it anyway)."""
+    from ray.exceptions import GetTimeoutError, RayError
+
+    try:
+        return ending_of_outcome(ray.get(ref, timeout=timeout_s))
+    except GetTimeoutError:
+        return ending_not_told(timeout_s)
+    except RayError as e:
+        return ending_of_error(e)
+
+
+def death_of_call(ray: Any, ref: Any, timeout_s: float) -> Ending | None:
+    """The ending of a run whose call ``ref`` ended in a death (its process died, or its actor
+    with it); None where it returned its role's end (done or failed)."""
+    from ray.exceptions import RayError
+
+    try:
+        outcome = ray.get(ref, timeout=timeout_s)
+    except RayError as e:
+        return ending_of_error(e)
+    return ending_of_outcome(outcome) if is_death(outcome) else None

@@ -37,6 +37,9 @@ class LoadResult:
 
     pushes: list[int] = field(default_factory=list)
     """Completed pushes (to every shard) per replica."""
+    pushes_by_process: list[list[int]] = field(default_factory=list)
+    """``pushes``, split by load process: a process the machine runs less often slows all its
+    replicas alike, so the shard's fairness shows among the replicas of one process."""
     push_latency_s: list[float] = field(default_factory=list)
     pull_latency_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -194,6 +197,7 @@ class LoadProcesses:
         result.connect_s = max(report["connected_s"] for report in connected)
         for report in reports:
             result.pushes += report["pushes"]
+            result.pushes_by_process.append(report["pushes"])
             result.push_latency_s += report["push_latency_s"]
             result.pull_latency_s += report["pull_latency_s"]
             result.errors += report["errors"]

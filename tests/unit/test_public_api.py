@@ -77,6 +77,7 @@ def _bad_arguments():
         (lambda: distbelief.RowClient("tcp://h:1", ["t"]), TypeError, "^tables must be a mapping"),
         (lambda: distbelief.RowClient("tcp://h:1", {3: 4}), TypeError, "^tables: a table name"),
         (lambda: distbelief.ParameterServer("alexnet"), TypeError, "model must be a torch"),
+        (lambda: distbelief.ParameterServer(nn.ReLU()), ValueError, "^model has no parameters"),
         (lambda: distbelief.ParameterServer(net, lr=-1), ValueError, "lr must be a finite number"),
         (
             lambda: distbelief.ParameterServer(net, lr=float("inf")),
@@ -209,7 +210,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 52
+_NUM_BAD_ARGUMENTS = 53
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

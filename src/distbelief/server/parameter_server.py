@@ -41,6 +41,13 @@ def _check_arguments(model, lr, consistency, port, timeout_s, join_timeout_s) ->
     """The constructor's arguments, named, before anything is joined or started."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if next(iter(model.parameters()), None) is None:
+        # Its parameters are what run() fills in at the end: a model without any would have
+        # the workers train a whole job for nothing to be loaded into it.
+        raise ValueError(
+            f"model has no parameters ({type(model).__name__}): give ParameterServer the model "
+            "the workers train"
+        )
     problem = None if lr is None else amount_problem(lr, zero_ok=True, most=MAX_RATE)
     if problem is not None:
         raise ValueError(f"lr {problem} (or None), got {lr!r}")
@@ -96,7 +103,8 @@ class ParameterServer:
     Raises:
         TypeError: ``model`` is no ``torch.nn.Module``, or ``consistency`` no
             ``ConsistencyConfig``.
-        ValueError: ``lr``, ``port``, ``timeout_s`` or ``join_timeout_s`` out of range (named);
+        ValueError: ``model`` has no parameters; ``lr``, ``port``, ``timeout_s`` or
+            ``join_timeout_s`` out of range (named);
             no process group is initialised, or it has no rank besides this one; or
             ``consistency.backup_workers`` not below the number of other ranks.
     """

@@ -254,6 +254,15 @@ def test_ids_of_any_shape_pull_and_push_as_nn_embedding_reads_and_trains(shard_c
     torch.testing.assert_close(pulled, embedding(ids).detach(), rtol=0, atol=1e-6)
 
 
+def _shard_stats(addresses: list[str]) -> list[dict]:
+    """Each shard's STATS reply, read by a client of the model's tables."""
+    reader = RowClient(addresses, {name: DIM for name in NUM_ROWS}, timeout_s=60)
+    try:
+        return reader.stats()
+    finally:
+        reader.close()
+
+
 def test_an_id_past_num_embeddings_is_refused_as_nn_embedding_refuses_it(shard_cluster):
     addresses = shard_cluster(1)
     model = _Model()
@@ -268,12 +277,23 @@ def test_an_id_past_num_embeddings_is_refused_as_nn_embedding_refuses_it(shard_c
             tables.prefetch({"words": words})
         _loss(model, _batches()[0]).backward()  # ids in range still train
         tables.step()
-    reader = RowClient(addresses, {name: DIM for name in NUM_ROWS}, timeout_s=60)
-    try:
-        stats = reader.stats()
-    finally:
-        reader.close()
+    stats = _shard_stats(addresses)
     assert stats[0]["tables"]["words"]["steps"] == 1
+
+
+def test_tables_another_sharded_embeddings_still_serves_are_refused_by_name(shard_cluster):
+    addresses = shard_cluster(1)
+    model = _Model()
+    with ShardedEmbeddings(model, ps=addresses, blocking=True, timeout_s=60) as tables:
+        with pytest.raises(ValueError, match=r"^table 'words' is served by another Sharded"):
+            ShardedEmbeddings(model, ps=addresses, timeout_s=60)
+        _loss(model, _batches()[0]).backward()  # the first still has them, and pushes them
+        tables.step()
+    with ShardedEmbeddings(model, ps=addresses, blocking=True, timeout_s=60) as again:
+        _loss(model, _batches()[1]).backward()  # closed, it let them go: a new one takes them
+        again.step()
+    stats = _shard_stats(addresses)
+    assert stats[0]["tables"]["words"]["steps"] == 2
 
 
 def test_a_table_of_another_width_is_refused(shard_cluster):

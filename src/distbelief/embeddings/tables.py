@@ -140,6 +140,20 @@ class _Fetch:
         return out
 
 
+def _check_not_served(modules: Mapping[str, nn.Module]) -> None:
+    """Refuses tables that another ``ShardedEmbeddings`` still serves: attached to a second
+    one, their forward passes and gradients would go to it alone, and the first one's
+    ``step()`` would push nothing, without a word. Once that one is closed, they may be
+    attached again."""
+    for name, module in modules.items():
+        source = getattr(module, "source", None)
+        if isinstance(source, ShardedEmbeddings) and not source._closed:
+            raise ValueError(
+                f"table {name!r} is served by another ShardedEmbeddings, still open: close it "
+                "first (a table is served by one ShardedEmbeddings at a time)"
+            )
+
+
 class ShardedEmbeddings:
     """A model's embedding tables, stored by row on the shards.
 
@@ -168,7 +182,8 @@ class ShardedEmbeddings:
     Raises:
         TypeError: an argument of the wrong type (``model`` not a module, ``lr`` not a number,
             ``blocking`` not a bool).
-        ValueError: no embedding module to shard, a bad name or setting, no shard address.
+        ValueError: no embedding module to shard, a bad name or setting, no shard address,
+            or a table another ``ShardedEmbeddings`` still serves (close that one first).
         ModelMismatchError: a shard holds a table of that name with another row width or
             number of rows.
         ShardTimeoutError / ShardUnavailableError: a shard did not answer in time.
@@ -214,6 +229,7 @@ class ShardedEmbeddings:
         self.modules = sharded_tables(model, list(names) if names is not None else None)
         if not self.modules:
             raise ValueError("the model has no nn.Embedding or nn.EmbeddingBag to shard")
+        _check_not_served(self.modules)
         self.lr, self.n_push, self.n_pull, self.blocking = lr, n_push, n_pull, blocking
         self.dims = table_widths(self.modules)
         if auth_key is None and security is None and os.environ.get(AUTH_KEY_FILE_ENV):

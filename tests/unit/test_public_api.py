@@ -201,6 +201,16 @@ def _bad_arguments():
             TypeError,
             "^worker_id must be a str, got 5$",
         ),
+        (
+            lambda: downpour(on_push_applied="print"),
+            TypeError,
+            r"^on_push_applied must be a function \(or None\), got 'print'$",
+        ),
+        (
+            lambda: distbelief.ShardedEmbeddings(nn.EmbeddingBag(10, 4), on_push_applied=0),
+            TypeError,
+            r"^on_push_applied must be a function \(or None\), got 0$",
+        ),
         (lambda: build_model("lenet", (1, 32, 32), "10"), ValueError, "^num_classes must be an"),
         (lambda: build_model("lenet", (1, 32), 10), ValueError, "^input_shape must be .C, H, W."),
         (lambda: worker_indices("100", 0, 1), ValueError, "^num_samples must be an integer"),
@@ -210,7 +220,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 53
+_NUM_BAD_ARGUMENTS = 55
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

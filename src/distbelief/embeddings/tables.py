@@ -40,6 +40,7 @@ from distbelief.errors import ClosedError
 from distbelief.optim.connection_settings import (
     AUTH_KEY_FILE_ENV,
     _key_bytes,
+    check_optional_callback,
     check_optional_str,
     ps_addresses,
     request_timeout_s,
@@ -181,7 +182,7 @@ class ShardedEmbeddings:
 
     Raises:
         TypeError: an argument of the wrong type (``model`` not a module, ``lr`` not a number,
-            ``blocking`` not a bool).
+            ``blocking`` not a bool, ``on_push_applied`` not a function).
         ValueError: no embedding module to shard, a bad name or setting, no shard address,
             or a table another ``ShardedEmbeddings`` still serves (close that one first).
         ModelMismatchError: a shard holds a table of that name with another row width or
@@ -212,6 +213,7 @@ class ShardedEmbeddings:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_optional_str("worker_id", worker_id)
         check_optional_str("source_host", source_host)
+        check_optional_callback("on_push_applied", on_push_applied)
         if not isinstance(blocking, bool):
             raise TypeError(f"blocking must be True or False, got {blocking!r}")
         for name, value in (("n_push", n_push), ("n_pull", n_pull)):

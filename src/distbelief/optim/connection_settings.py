@@ -89,6 +89,17 @@ def check_optional_str(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a str, got {value!r}")
 
 
+def check_optional_callback(name: str, value: object) -> None:
+    """Refuses ``value`` unless it can be called, or is None: a callback is first called
+    only once a push has been applied, deep inside a later ``step()`` or ``close()``.
+
+    Raises:
+        TypeError: naming ``name``.
+    """
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a function (or None), got {value!r}")
+
+
 def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
     """The shard addresses of ``ps`` (a list or comma-separated), or when not given (None)
     ``DISTBELIEF_PS``'s.

@@ -31,6 +31,7 @@ from distbelief.optim.connection_settings import (
     TIMEOUT_ENV,
     _key_bytes,
     _key_from_environment,
+    check_optional_callback,
     check_optional_str,
     ps_addresses,
     request_timeout_s,
@@ -197,9 +198,9 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
             given twice, on the meta device, of a dtype the wire does not carry or not
             floating, or with elements that share memory) or no shard address (neither ``ps`` nor
             ``DISTBELIEF_PS``).
-        TypeError: ``ps``, ``worker_id``, ``auth_key``, ``group``, ``source_host`` or ``model``
-            of the wrong type. Pickling or copying the optimizer is refused too (it holds
-            connections): save its ``state_dict()``.
+        TypeError: ``ps``, ``worker_id``, ``auth_key``, ``group``, ``source_host``, ``model``
+            or ``on_push_applied`` of the wrong type. Pickling or copying the optimizer is
+            refused too (it holds connections): save its ``state_dict()``.
         RendezvousError: no ParameterServer published its address within hold_timeout_s, or
             the process group's store could not be reached within it (its rank is gone).
         ModelMismatchError: the shards hold a different model.
@@ -233,6 +234,7 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         on_push_applied: Callable[[int], None] | None = None,
     ) -> None:
         _check_arguments(lr, blocking, model, worker_id, source_host, group)
+        check_optional_callback("on_push_applied", on_push_applied)
         auth_key = _key_bytes(auth_key)
         start_after_version = _check_counts(n_push, n_pull, num_workers, start_after_version)
         self.compression = WireCompression.parse(wire_dtype, push_compression)

@@ -201,6 +201,12 @@ def _bad_arguments():
             TypeError,
             "^worker_id must be a str, got 5$",
         ),
+        (lambda: downpour(worker_id=""), ValueError, "^worker_id is empty: give the replica's"),
+        (
+            lambda: distbelief.ShardedEmbeddings(nn.EmbeddingBag(10, 4), worker_id=""),
+            ValueError,
+            "^worker_id is empty: give the replica's",
+        ),
         (
             lambda: downpour(on_push_applied="print"),
             TypeError,
@@ -220,7 +226,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 55
+_NUM_BAD_ARGUMENTS = 57
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

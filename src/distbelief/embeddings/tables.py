@@ -42,6 +42,7 @@ from distbelief.optim.connection_settings import (
     _key_bytes,
     check_optional_callback,
     check_optional_str,
+    check_worker_id,
     ps_addresses,
     request_timeout_s,
 )
@@ -211,7 +212,7 @@ class ShardedEmbeddings:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_optional_str("worker_id", worker_id)
+        check_worker_id(worker_id)
         check_optional_str("source_host", source_host)
         check_optional_callback("on_push_applied", on_push_applied)
         if not isinstance(blocking, bool):

@@ -89,6 +89,21 @@ def check_optional_str(name: str, value: object) -> None:
         raise TypeError(f"{name} must be a str, got {value!r}")
 
 
+def check_worker_id(worker_id: object) -> None:
+    """Refuses a ``worker_id`` that is not a str or None, or is empty: an empty one read as
+    none given, and each life then got a new one, which the shards know nothing of (no
+    ``pushed_steps`` to resume after).
+
+    Raises:
+        TypeError / ValueError: naming ``worker_id``.
+    """
+    check_optional_str("worker_id", worker_id)
+    if worker_id == "":
+        raise ValueError(
+            "worker_id is empty: give the replica's name, or None for one of this process's own"
+        )
+
+
 def check_optional_callback(name: str, value: object) -> None:
     """Refuses ``value`` unless it can be called, or is None: a callback is first called
     only once a push has been applied, deep inside a later ``step()`` or ``close()``.

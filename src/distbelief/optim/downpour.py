@@ -33,6 +33,7 @@ from distbelief.optim.connection_settings import (
     _key_from_environment,
     check_optional_callback,
     check_optional_str,
+    check_worker_id,
     ps_addresses,
     request_timeout_s,
 )
@@ -93,7 +94,7 @@ def _check_arguments(
         raise ValueError(f"lr {problem}, got {lr!r}")
     if not isinstance(blocking, bool):
         raise TypeError(f"blocking must be True or False, got {blocking!r}")
-    check_optional_str("worker_id", worker_id)
+    check_worker_id(worker_id)
     check_optional_str("source_host", source_host)
     check_optional_str("group", group)
     if model is not None and not isinstance(model, nn.Module):
@@ -196,8 +197,8 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
             index; a group's ``momentum``, ``dampening``, ``weight_decay``, ``nesterov`` or
             ``maximize`` other than plain SGD's), a parameter the shards cannot hold (named:
             given twice, on the meta device, of a dtype the wire does not carry or not
-            floating, or with elements that share memory) or no shard address (neither ``ps`` nor
-            ``DISTBELIEF_PS``).
+            floating, or with elements that share memory), an empty ``worker_id`` or no shard
+            address (neither ``ps`` nor ``DISTBELIEF_PS``).
         TypeError: ``ps``, ``worker_id``, ``auth_key``, ``group``, ``source_host``, ``model``
             or ``on_push_applied`` of the wrong type. Pickling or copying the optimizer is
             refused too (it holds connections): save its ``state_dict()``.

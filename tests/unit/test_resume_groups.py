@@ -351,8 +351,13 @@ def test_resume_of_a_missing_run_folder_is_refused_and_makes_no_folder(tmp_path)
             ConfigFieldError,
             "embeddings.row_lr",
         ),
+        (
+            lambda train: train(JobConfig(), cluster_type="local"),
+            TypeError,
+            r"^cluster_type must be a Cluster class \(LocalCluster, RayCluster\), got 'local'$",
+        ),
     ],
-    ids=["config", "resume", "row-setting"],
+    ids=["config", "resume", "row-setting", "cluster-type"],
 )
 def test_train_from_a_script_refuses_what_the_command_line_refuses(call, error, message) -> None:
     """``train()`` checks its arguments as ``distbelief train`` checks its flags, before

@@ -218,7 +218,8 @@ def train(
             disk): every process is stopped (or, the job done, its summary.json is missing).
         CheckpointError: a checkpoint to resume from is corrupt, or holds another model than
             the run's config.json names (names the file).
-        TypeError: ``config`` is no ``JobConfig``, or ``resume`` no bool.
+        TypeError: ``config`` is no ``JobConfig``, ``resume`` no bool, or ``cluster_type`` no
+            ``Cluster`` class.
         ConfigFieldError: a bad setting (a shard or worker host that is not this machine's, or
             a data set's files missing, or a row setting for a model without embedding tables,
             among them), or the ray engine named where Ray is not installed.
@@ -232,6 +233,12 @@ def train(
         raise TypeError(f"config must be a JobConfig, got {type(config).__name__}")
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False, got {resume!r}")
+    if cluster_type is not None and not (
+        isinstance(cluster_type, type) and issubclass(cluster_type, Cluster)
+    ):
+        raise TypeError(
+            f"cluster_type must be a Cluster class (LocalCluster, RayCluster), got {cluster_type!r}"
+        )
     cluster_type = cluster_type or engine_cluster(config.cluster.engine)
     config, partitions, total_steps = _check_and_plan(config, cluster_type, resume=resume)
     fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()

@@ -6,6 +6,7 @@ worker pushes each step's rows once."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -289,6 +290,8 @@ def test_tables_another_sharded_embeddings_still_serves_are_refused_by_name(shar
             ShardedEmbeddings(model, ps=addresses, timeout_s=60)
         _loss(model, _batches()[0]).backward()  # the first still has them, and pushes them
         tables.step()
+        with ShardedEmbeddings(copy.deepcopy(model), ps=addresses, timeout_s=60):
+            pass  # a deep copy's modules are its own: another ShardedEmbeddings may serve them
     with ShardedEmbeddings(model, ps=addresses, blocking=True, timeout_s=60) as again:
         _loss(model, _batches()[1]).backward()  # closed, it let them go: a new one takes them
         again.step()

@@ -146,10 +146,14 @@ def _check_not_served(modules: Mapping[str, nn.Module]) -> None:
     """Refuses tables that another ``ShardedEmbeddings`` still serves: attached to a second
     one, their forward passes and gradients would go to it alone, and the first one's
     ``step()`` would push nothing, without a word. Once that one is closed, they may be
-    attached again."""
+    attached again; so may a deep copy's (it shares the source, but not the modules)."""
     for name, module in modules.items():
         source = getattr(module, "source", None)
-        if isinstance(source, ShardedEmbeddings) and not source._closed:
+        if (
+            isinstance(source, ShardedEmbeddings)
+            and not source._closed
+            and any(module is served for served in source.modules.values())
+        ):
             raise ValueError(
                 f"table {name!r} is served by another ShardedEmbeddings, still open: close it "
                 "first (a table is served by one ShardedEmbeddings at a time)"

@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "DatasetUnavailableError": "distbelief.errors",
     "ChildFailedError": "distbelief.errors",
     "LauncherInterrupted": "distbelief.errors",
+    "RunFolderError": "distbelief.errors",
     "EvaluationNotOpenError": "distbelief.errors",
     "CoordinatorError": "distbelief.errors",
     "CoordinatorUnavailableError": "distbelief.errors",

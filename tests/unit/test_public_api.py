@@ -28,6 +28,21 @@ def test_every_public_name_resolves(name):
     assert name in dir(distbelief)
 
 
+def test_every_error_type_is_a_public_name():
+    """What a public call raises can be caught as ``distbelief.<name>``, as the README says."""
+    import distbelief.errors
+
+    error_types = [
+        name
+        for name, value in vars(distbelief.errors).items()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__ == "distbelief.errors"
+    ]
+    assert error_types
+    assert [name for name in error_types if name not in distbelief.__all__] == []
+
+
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no_such_thing"):
         distbelief.no_such_thing  # noqa: B018

@@ -89,6 +89,11 @@ def _bad_arguments():
         (lambda: distbelief.RowClient([], {"t": 4}), ValueError, "no parameter-server address"),
         (lambda: distbelief.RowClient("tcp://h:1", {}), ValueError, "at least one table"),
         (lambda: distbelief.RowClient("tcp://h:1", {"t": -3}), ValueError, "'t' needs a dim"),
+        (
+            lambda: distbelief.RowClient("tcp://h:1", {"t": 4}, sizes={"t": 0}),
+            ValueError,
+            "^sizes: 't' needs a number of rows >= 1, got 0$",
+        ),
         (lambda: distbelief.RowClient("tcp://h:1", ["t"]), TypeError, "^tables must be a mapping"),
         (lambda: distbelief.RowClient("tcp://h:1", {3: 4}), TypeError, "^tables: a table name"),
         (lambda: distbelief.ParameterServer("alexnet"), TypeError, "model must be a torch"),
@@ -241,7 +246,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 57
+_NUM_BAD_ARGUMENTS = 58
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

@@ -177,6 +177,8 @@ class RowClient(ShardLanes):
         for name, size in (sizes or {}).items():
             if name not in tables or isinstance(size, bool) or not isinstance(size, int):
                 raise ValueError(f"sizes: {name!r} needs a declared table and an int size")
+            if size < 1:  # else refused by every shard, as a model mismatch
+                raise ValueError(f"sizes: {name!r} needs a number of rows >= 1, got {size}")
         super().__init__(
             addresses,
             timeout_s=timeout_s,

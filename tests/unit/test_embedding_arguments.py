@@ -189,6 +189,16 @@ def test_a_module_built_by_hand_keeps_the_table_it_names(no_shards):
     assert model.again(torch.tensor([[1, 2]])).shape == (1, 4)
 
 
+@pytest.mark.parametrize("table", [nn.Embedding(10, 4), nn.EmbeddingBag(10, 4)])
+def test_a_model_that_is_itself_a_table_is_refused_unless_sharded_already(table):
+    with pytest.raises(ValueError, match=r"^the model is itself an Embedding(Bag)?, which cannot"):
+        swap_embeddings(table)
+    solo = ShardedEmbedding("solo", 10, 4)
+    assert swap_embeddings(solo) == {"": solo}
+    assert list(solo.children()) == []  # it was made its own child: state_dict() recursed
+    assert solo.state_dict() == {}
+
+
 def test_modules_sharing_a_table_with_another_width_are_refused(no_shards):
     model = _Model()
     model.users = ShardedEmbedding("user_ids", 10, 4)

@@ -196,9 +196,10 @@ def sharded_tables(model: nn.Module, names: list[str] | None = None) -> dict[str
         The sharded modules by table name (the module's path in ``model``).
 
     Raises:
-        ValueError: a name is not an embedding module of ``model``, or a table uses a feature
-            sharded tables do not have (padding_idx, max_norm, scale_grad_by_freq, a frozen
-            weight, a weight of another dtype than float32).
+        ValueError: a name is not an embedding module of ``model``, ``model`` is itself an
+            ``nn.Embedding`` or ``nn.EmbeddingBag`` (it has no parent to be swapped in), or a
+            table uses a feature sharded tables do not have (padding_idx, max_norm,
+            scale_grad_by_freq, a frozen weight, a weight of another dtype than float32).
     """
     modules = dict(model.named_modules())
     if names is None:
@@ -223,6 +224,12 @@ def sharded_tables(model: nn.Module, names: list[str] | None = None) -> dict[str
     tables: dict[str, _ShardedTable] = {}
     for name in chosen:
         module = modules[name]
+        if not name and not isinstance(module, _ShardedTable):
+            # A table is swapped into its parent module; the model itself has none.
+            raise ValueError(
+                f"the model is itself an {type(module).__name__}, which cannot be swapped for a "
+                "sharded one in place: give a module that holds it (nn.Sequential(table), say)"
+            )
         tables[name] = module if isinstance(module, _ShardedTable) else _sharded_like(name, module)
     return tables
 
@@ -261,6 +268,8 @@ def put_tables(model: nn.Module, tables: Mapping[str, nn.Module]) -> None:
     """Puts each of ``tables`` into ``model`` at its module path (``sharded_tables``' names)."""
     modules = dict(model.named_modules())
     for name, module in tables.items():
+        if not name:
+            continue  # the model itself, a sharded table already: made its own child, it recursed
         parent_name, _, attribute = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attribute, module)
 

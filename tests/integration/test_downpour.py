@@ -378,7 +378,9 @@ def test_every_use_after_close_raises_closed_error_and_changes_nothing():
         for call in ("pull_now", "flush"):
             with pytest.raises(ClosedError, match=rf"^DownpourSGD: {call} after close\(\)$"):
                 getattr(optimizer, call)()
-        assert optimizer.num_steps == 2
+        with pytest.raises(ClosedError, match=r"^DownpourSGD: resume after close\(\)$"):
+            optimizer.resume(0)
+        assert optimizer.num_steps == optimizer.applied_step == 2
         for got, want in zip(model.parameters(), before, strict=True):
             assert torch.equal(got, want)
         optimizer.close()  # closing twice does nothing

@@ -284,6 +284,7 @@ def test_every_call_after_close_raises_the_same_typed_error(no_shards):
         lambda: tables.prefetch({"emb": torch.tensor([1])}),
         lambda: tables.prefetch_next({"emb": torch.tensor([1])}),
         lambda: tables.flush(),
+        lambda: tables.resume(0),
     ):
         with pytest.raises(ClosedError, match=r"^ShardedEmbeddings: \w+ after close\(\)$"):
             call()

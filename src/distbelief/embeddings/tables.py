@@ -470,7 +470,9 @@ class ShardedEmbeddings:
         Raises:
             ValueError: ``step`` is no count >= 0, or ``applied_steps`` gives no step (or
                 None) per shard.
+            ClosedError: called after ``close()``, whose ``applied_step`` it would overwrite.
         """
+        self._check_open("resume")
         check_count("step", step, least=0)
         self.client.hold_steps(applied_steps, "applied_steps")
         self.num_steps = self.applied_step = step

@@ -415,7 +415,9 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         Raises:
             ValueError: ``step`` is no count >= 0, or ``applied_step`` no count >= 0 nor one
                 per shard (each a count >= 0 or None).
+            ClosedError: called after ``close()``, whose ``applied_step`` it would overwrite.
         """
+        self._check_open("resume")
         check_count("step", step, least=0)
         if applied_step is not None and not isinstance(applied_step, Sequence):
             check_count("applied_step", applied_step, least=0)

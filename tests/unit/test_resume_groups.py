@@ -356,8 +356,13 @@ def test_resume_of_a_missing_run_folder_is_refused_and_makes_no_folder(tmp_path)
             TypeError,
             r"^cluster_type must be a Cluster class \(LocalCluster, RayCluster\), got 'local'$",
         ),
+        (
+            lambda train: train(JobConfig(), cluster_type=dict),
+            TypeError,
+            r"^cluster_type must be a Cluster class .* got <class 'dict'>$",
+        ),
     ],
-    ids=["config", "resume", "row-setting", "cluster-type"],
+    ids=["config", "resume", "row-setting", "cluster-type", "cluster-class"],
 )
 def test_train_from_a_script_refuses_what_the_command_line_refuses(call, error, message) -> None:
     """``train()`` checks its arguments as ``distbelief train`` checks its flags, before
@@ -367,3 +372,17 @@ def test_train_from_a_script_refuses_what_the_command_line_refuses(call, error, 
 
     with pytest.raises(error, match=message):
         call(train)
+
+
+def test_the_clusters_and_a_subclass_of_one_are_cluster_classes() -> None:
+    """``Cluster`` is a protocol, which ``issubclass`` cannot check: ``train()`` asks for its
+    methods, which the project's clusters (and a test's subclass of one) have."""
+    from distbelief.launch.cluster import cluster_methods_lacking
+    from distbelief.launch.local import LocalCluster
+    from distbelief.launch.ray_cluster import RayCluster
+
+    class Killing(LocalCluster):
+        pass
+
+    assert [cluster_methods_lacking(c) for c in (LocalCluster, RayCluster, Killing)] == [[]] * 3
+    assert "start" in cluster_methods_lacking(dict)

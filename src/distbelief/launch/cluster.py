@@ -301,6 +301,18 @@ class Cluster(Protocol):
     ) -> None: ...
 
 
+def cluster_methods_lacking(cls: type) -> list[str]:
+    """The methods of ``Cluster`` that the class ``cls`` does not have (none for a cluster:
+    ``Cluster`` is a protocol, which ``issubclass`` cannot check)."""
+    wanted = [
+        name
+        for name, value in vars(Cluster).items()
+        if (callable(value) or isinstance(value, classmethod))
+        and (not name.startswith("_") or name in ("__enter__", "__exit__"))
+    ]
+    return [name for name in wanted if not callable(getattr(cls, name, None))]
+
+
 class ProcessBook:
     """What any Cluster knows about its job's processes, whatever runs them: the shards'
     addresses, the step each worker reached and each shard's version (from their events),

@@ -36,6 +36,7 @@ from distbelief.launch.cluster import (
     Event,
     Fault,
     ProcessKind,
+    cluster_methods_lacking,
 )
 from distbelief.launch.deferred_signals import import_with_signals_deferred
 from distbelief.launch.hosts import check_hosts_are_here
@@ -233,8 +234,8 @@ def train(
         raise TypeError(f"config must be a JobConfig, got {type(config).__name__}")
     if not isinstance(resume, bool):
         raise TypeError(f"resume must be True or False, got {resume!r}")
-    if cluster_type is not None and not (
-        isinstance(cluster_type, type) and issubclass(cluster_type, Cluster)
+    if cluster_type is not None and (
+        not isinstance(cluster_type, type) or cluster_methods_lacking(cluster_type)
     ):
         raise TypeError(
             f"cluster_type must be a Cluster class (LocalCluster, RayCluster), got {cluster_type!r}"

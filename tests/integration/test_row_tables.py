@@ -22,7 +22,7 @@ from distbelief.client.rows import RowClient
 from distbelief.config import JobConfig
 from distbelief.data import load_job_dataset
 from distbelief.embeddings import ShardedEmbeddings
-from distbelief.errors import ModelMismatchError, ShardListError
+from distbelief.errors import ModelMismatchError, RemoteError, ShardListError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.row_optimizers import LazyAdam
 from distbelief.server.row_table import RowTable, seeded_normal_rows
@@ -556,3 +556,15 @@ def test_a_restarted_click_worker_pushes_each_steps_rows_once(shard_cluster):
     run_worker(config, 0, addresses, emit=emit, resume_step=5, restarted=True)
     assert told == {"started": [0, 5], "pushed": list(range(1, 11))}
     assert _table_steps(addresses, config) == {10}
+
+
+def test_a_table_no_client_declared_is_refused_saying_how_to_declare_it(shard_cluster):
+    addresses = shard_cluster(1)
+    client = RowClient(addresses, {"t": DIM}, timeout_s=60)
+    try:
+        with pytest.raises(RemoteError, match=r"has no table 't' .*RowClient\.handshake\(\)"):
+            client.pull({"t": torch.tensor([1, 2])})
+        client.handshake()
+        assert client.pull({"t": torch.tensor([1, 2])})["t"].shape == (2, DIM)
+    finally:
+        client.close()

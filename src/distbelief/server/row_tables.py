@@ -213,7 +213,10 @@ class ShardTables:
     def _table(self, name: object) -> RowTable:
         table = self._tables.get(name)  # type: ignore[arg-type]
         if table is None:
-            raise ValueError(f"shard {self.shard_id} has no table {name!r} (declare it first)")
+            raise ValueError(
+                f"shard {self.shard_id} has no table {name!r} "
+                "(a client declares it first: RowClient.handshake())"
+            )
         return table
 
     def _check_owned(self, ids: torch.Tensor) -> None:

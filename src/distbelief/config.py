@@ -240,11 +240,13 @@ def _require_optional_counts(config: object, *names: str, least: int = 1) -> Non
         _require(value is None or value <= _MAX_SIZE, name, value, f"<= {_MAX_SIZE}")
 
 
-def _require_bools(config: Any) -> None:
-    """Refuses a field declared bool that holds anything else ("no" would read as true)."""
+def _require_declared_types(config: Any) -> None:
+    """Refuses a field declared bool or str that holds anything else: "no" would read as true,
+    and a number where a path or an address goes fails only once a process uses it."""
     for item in fields(config):
         value = getattr(config, item.name)
         _require(item.type != "bool" or isinstance(value, bool), item.name, value, "True or False")
+        _require(item.type != "str" or isinstance(value, str), item.name, value, "a string")
 
 
 def _require_choice(config: Any, name: str) -> None:
@@ -328,6 +330,7 @@ class ClusterConfig:
                 field_name,
                 "does not apply with the ray engine (shards bind to their node's address)",
             )
+        _require_declared_types(self)  # last: the checks above name a bad host's rule
 
     def shard_host(self, shard_id: int) -> str:
         """The address shard ``shard_id`` binds to."""
@@ -350,7 +353,7 @@ class DataConfig:
     folded into (default: the raw 32-bit ids)."""
 
     def __post_init__(self) -> None:
-        _require_bools(self)
+        _require_declared_types(self)
         _require_choice(self, "name")
         _require_optional_counts(self, "table_size", least=2)
         size = self.table_size
@@ -424,7 +427,7 @@ class OptimizerConfig:
     its next push (error feedback)."""
 
     def __post_init__(self) -> None:
-        _require_bools(self)
+        _require_declared_types(self)
         _require_choice(self, "algorithm")
         _require_choice(self, "wire_dtype")
         try:
@@ -540,7 +543,7 @@ class ConsistencyConfig:
     own rate and LR scheduler decide the step size."""
 
     def __post_init__(self) -> None:
-        _require_bools(self)
+        _require_declared_types(self)
         counts = f"an integer in [0, {_MAX_COUNT}]"
         _require(_is_count(self.backup_workers), "backup_workers", self.backup_workers, counts)
         _require(
@@ -609,7 +612,7 @@ class SandblasterConfig:
     first answer counts."""
 
     def __post_init__(self) -> None:
-        _require_bools(self)
+        _require_declared_types(self)
         _require_counts(self, "history", "max_iterations", "portions_per_push")
         _require_optional_counts(self, "portions", "max_evaluations")
         _require_choice(self, "line_search")
@@ -801,7 +804,7 @@ class ReportingConfig:
     """Steps between a worker's metric records."""
 
     def __post_init__(self) -> None:
-        _require_bools(self)
+        _require_declared_types(self)
         _require_waits(self, "eval_every_s")
         _require_counts(self, "log_every_steps")
 

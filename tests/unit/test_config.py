@@ -19,6 +19,7 @@ from distbelief.config import (
     is_amount,
 )
 from distbelief.errors import ConfigFieldError
+from distbelief.launch.cli import main
 
 
 @pytest.mark.parametrize(
@@ -428,6 +429,10 @@ def test_an_integer_field_refuses_any_other_type_naming_itself(field, value):
         ("pipeline.split_points", (1.5,), "must be integers like 3,7"),
         ("pipeline.split_points", (True,), "must be integers like 3,7"),
         ("embeddings.tables", 3, "must be module names like a,b"),
+        ("data.data_dir", 5, "must be a string, got 5"),
+        ("reporting.out_dir", ["runs"], "must be a string, got ['runs']"),
+        ("cluster.host", 5, "must be a string, got 5"),
+        ("cluster.ray_address", None, "must be a string, got None"),
     ],
 )
 def test_a_field_of_the_wrong_type_is_refused_naming_itself(field, value, problem):
@@ -438,6 +443,19 @@ def test_a_field_of_the_wrong_type_is_refused_naming_itself(field, value, proble
         JobConfig.from_fields(values)
     assert caught.value.field == field
     assert caught.value.problem.startswith(problem)
+
+
+def test_a_resumed_config_with_a_number_for_a_path_is_refused_in_one_line(tmp_path, capsys):
+    # It passed for a path, and the launcher's check of the data files raised a TypeError.
+    raw = json.loads(JobConfig().to_json())
+    raw["data"]["data_dir"] = 5
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [
+        f"distbelief train: error: argument --resume: {tmp_path / 'config.json'}: not a valid "
+        "run config: data.data_dir must be a string, got 5"
+    ]
 
 
 def test_split_points_are_read_from_text_a_list_or_a_tuple():

@@ -477,3 +477,23 @@ def test_eval_and_worker_name_the_line_of_a_movielens_id_too_large(tmp_path, cap
         "for a dlrm table"
     )
     assert stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("dataset", "where"),
+    [
+        ("cifar10", "cifar-10-batches-py/test_batch"),
+        ("mnist", "mnist/t10k-images-idx3-ubyte"),
+        ("movielens", "movielens/ratings.dat"),
+    ],
+)
+@pytest.mark.parametrize("download", [False, True])
+def test_load_dataset_names_a_folder_where_a_data_file_goes(tmp_path, dataset, where, download):
+    """Not "lacks test_batch" or "not found" (nor, allowed to download, a file fetched beside
+    the folder): the file is there, as a folder."""
+    folder = tmp_path / where
+    folder.mkdir(parents=True)
+    with pytest.raises(ValueError) as caught:
+        load_dataset(dataset, split="test", data_dir=tmp_path, download=download)
+    assert str(caught.value) == f"{folder} is a folder, not a file"
+    assert sorted(path.name for path in folder.parent.iterdir()) == [folder.name]

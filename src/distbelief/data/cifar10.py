@@ -15,7 +15,7 @@ from distbelief.data.base import ArrayDataset, normalize_channels
 from distbelief.data.download import download_file, extract_tar
 from distbelief.data.files import CIFAR10_BATCHES_DIR as BATCHES_DIR
 from distbelief.data.files import CIFAR10_SPLIT_FILES as SPLIT_FILES
-from distbelief.data.files import CIFAR10_URL
+from distbelief.data.files import CIFAR10_URL, not_a_file
 from distbelief.data.plain_pickle import load_plain_pickle
 from distbelief.errors import DatasetUnavailableError
 
@@ -41,7 +41,7 @@ def load_cifar10(split: str, data_dir: Path, download: bool = True) -> ArrayData
 
     Raises:
         ValueError: If split is unknown, a batch file is not a valid CIFAR-10 batch (the
-            message names it and what is wrong), or the split holds no images.
+            message names it and what is wrong) or is a folder, or the split holds no images.
         DatasetUnavailableError: If files are missing and download is False or fails; the
             message names the folder, the expected files and the URL for a manual download.
     """
@@ -49,6 +49,9 @@ def load_cifar10(split: str, data_dir: Path, download: bool = True) -> ArrayData
         raise ValueError(f"split must be one of {tuple(SPLIT_FILES)}, got {split!r}")
     data_dir = Path(data_dir)
     batches_dir = data_dir / BATCHES_DIR
+    blocked = not_a_file(batches_dir / name for name in SPLIT_FILES[split])
+    if blocked:
+        raise ValueError(blocked)
     if _missing_files(batches_dir, split):
         if not download:
             raise DatasetUnavailableError(_unavailable_message(data_dir, split, "download=False"))

@@ -58,7 +58,7 @@ def missing_data_files(
         names = [name for split in splits for name in CIFAR10_SPLIT_FILES[split]]
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
-            return _not_a_file(folder / name for name in missing) or (
+            return not_a_file(folder / name for name in missing) or (
                 f"{folder} lacks {', '.join(missing)}: download {CIFAR10_URL} and extract it "
                 f"into {root}, or let the job download it (without --no-download)"
             )
@@ -68,7 +68,7 @@ def missing_data_files(
         missing = [name for name in names if not _present(folder, name, ("", ".gz"))]
         if missing:
             candidates = (folder / f"{name}{suffix}" for name in missing for suffix in ("", ".gz"))
-            return _not_a_file(candidates) or (
+            return not_a_file(candidates) or (
                 f"{folder} lacks {', '.join(missing)} (raw or .gz): download them from "
                 f"{MNIST_URL_BASE}<name>.gz, or let the job download them (without --no-download)"
             )
@@ -76,13 +76,13 @@ def missing_data_files(
         folder = root / CRITEO_SUBDIR
         if not _present(folder, "train", CRITEO_SUFFIXES):
             names = ", ".join(f"train{suffix}" for suffix in CRITEO_SUFFIXES)
-            blocked = _not_a_file(folder / f"train{suffix}" for suffix in CRITEO_SUFFIXES)
+            blocked = not_a_file(folder / f"train{suffix}" for suffix in CRITEO_SUFFIXES)
             return blocked or f"{folder} holds no Criteo training file: expected one of {names}"
     elif config.name == "movielens":
         folder = root / MOVIELENS_SUBDIR
         if not any((folder / name).is_file() for name in MOVIELENS_RATINGS_FILES):
             names = ", ".join(MOVIELENS_RATINGS_FILES)
-            blocked = _not_a_file(folder / name for name in MOVIELENS_RATINGS_FILES)
+            blocked = not_a_file(folder / name for name in MOVIELENS_RATINGS_FILES)
             return blocked or f"{folder} holds no MovieLens ratings file: expected one of {names}"
     return None
 
@@ -106,9 +106,11 @@ def os_error_message(error: OSError) -> str:
     return f"{error.filename}: {reason}" if error.filename else f"a data file: {reason}"
 
 
-def _not_a_file(paths: Iterable[Path]) -> str | None:
+def not_a_file(paths: Iterable[Path]) -> str | None:
     """What to say of the first of ``paths`` that is there but is no file (a folder where a
-    data file should be); None if there is none: the files are missing."""
+    data file should be); None if there is none: the files are missing. The loaders say it
+    too, rather than that the file is missing (and, allowed to, fetching it beside the
+    folder)."""
     for path in paths:
         if path.exists() and not path.is_file():
             return f"{path} is a folder, not a file" if path.is_dir() else f"{path} is not a file"

@@ -19,7 +19,7 @@ from distbelief.data.base import ArrayDataset, normalize_channels
 from distbelief.data.download import download_file
 from distbelief.data.files import MNIST_SPLIT_FILES as SPLIT_FILES
 from distbelief.data.files import MNIST_SUBDIR as SUBDIR
-from distbelief.data.files import MNIST_URL_BASE
+from distbelief.data.files import MNIST_URL_BASE, not_a_file
 from distbelief.errors import DatasetUnavailableError
 
 MNIST_MD5S = {
@@ -51,9 +51,9 @@ def load_mnist(split: str, data_dir: Path, download: bool = True) -> ArrayDatase
         The split as an ArrayDataset named "mnist", images of shape (N, 1, 28, 28).
 
     Raises:
-        ValueError: If split is unknown, a file is not valid IDX (bad magic, truncated,
-            corrupt gzip), the images are not 28x28 or there are none, the image and label
-            counts differ or a label is not in [0, 10); the message names the file.
+        ValueError: If split is unknown, a file is a folder or not valid IDX (bad magic,
+            truncated, corrupt gzip), the images are not 28x28 or there are none, the image
+            and label counts differ or a label is not in [0, 10); the message names the file.
         DatasetUnavailableError: If files are missing and download is False or fails; the
             message names the folder, the expected files and the URL for a manual download.
     """
@@ -85,9 +85,13 @@ def load_mnist(split: str, data_dir: Path, download: bool = True) -> ArrayDatase
 
 def _locate(mnist_dir: Path, name: str, download: bool) -> Path:
     """Path of `name` or `name.gz` in mnist_dir, downloading the .gz if allowed and needed."""
-    for candidate in (mnist_dir / name, mnist_dir / f"{name}.gz"):
+    candidates = (mnist_dir / name, mnist_dir / f"{name}.gz")
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
+    blocked = not_a_file(candidates)
+    if blocked:
+        raise ValueError(blocked)
     if not download:
         raise DatasetUnavailableError(_unavailable_message(mnist_dir, name, "download=False"))
     gz_name = f"{name}.gz"

@@ -19,6 +19,7 @@ from distbelief.config import MAX_TENSOR_BYTES, TABLE_VALUE_BYTES, max_table_row
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.files import MOVIELENS_RATINGS_FILES as RATINGS_FILES
 from distbelief.data.files import MOVIELENS_SUBDIR as SUBDIR
+from distbelief.data.files import not_a_file
 from distbelief.errors import DatasetUnavailableError
 
 CSV_HEADER = b"userId,movieId,rating,timestamp"
@@ -64,9 +65,10 @@ def load_movielens(split: str, data_dir: str | Path, *, positive_at: float = 4.0
         dense (N, 0), rows in time order.
 
     Raises:
-        ValueError: If split is unknown, several ratings files are present, a line is
-            malformed (the message names the file and the 1-based line number), or the split
-            is empty (fewer than 10 ratings leave no test split).
+        ValueError: If split is unknown, several ratings files are present (or a folder by
+            a ratings file's name, and no file), a line is malformed (the message names the
+            file and the 1-based line number), or the split is empty (fewer than 10 ratings
+            leave no test split).
         DatasetUnavailableError: If no ratings file is present.
     """
     if split not in ("train", "test"):
@@ -287,6 +289,9 @@ def _rating(field: bytes) -> float:
 
 def _find(movielens_dir: Path) -> Path:
     present = [movielens_dir / name for name in RATINGS_FILES if (movielens_dir / name).is_file()]
+    blocked = None if present else not_a_file(movielens_dir / name for name in RATINGS_FILES)
+    if blocked:
+        raise ValueError(blocked)
     if not present:
         raise DatasetUnavailableError(
             f"no MovieLens ratings file in {movielens_dir}: expected one of "

@@ -22,6 +22,8 @@ from distbelief.hosts import is_host
 MODEL_NAMES = ("lenet", "alexnet", "mlp", "wide-mlp", "wide-cnn", "dlrm")
 CLICK_LOG_DATASETS = ("synthetic-ctr", "criteo", "movielens")
 DATASET_NAMES = ("digits", "cifar10", "mnist", "synthetic", *CLICK_LOG_DATASETS)
+TABLE_SIZE_DATASETS = ("synthetic-ctr", "criteo")
+"""The data sets whose ids a table size sizes (``DataConfig.table_size``)."""
 CLICK_LOG_TABLES = {"synthetic-ctr": 26, "criteo": 26, "movielens": 2}
 """Categorical features of each click log, one dlrm table each: criteo's C1..C26 (the synthetic
 log has as many), movielens's user and movie ids."""
@@ -357,10 +359,9 @@ class DataConfig:
         _require_choice(self, "name")
         _require_optional_counts(self, "table_size", least=2)
         size = self.table_size
-        if size is not None and self.name not in ("synthetic-ctr", "criteo"):
-            raise ConfigFieldError(
-                "table_size", f"applies to synthetic-ctr and criteo, not {self.name!r}"
-            )
+        if size is not None and self.name not in TABLE_SIZE_DATASETS:
+            names = " and ".join(TABLE_SIZE_DATASETS)
+            raise ConfigFieldError("table_size", f"applies to {names}, not {self.name!r}")
         if self.name == "synthetic-ctr":
             most = MAX_SYNTHETIC_TABLE_SIZE
             _require(size is None or size <= most, "table_size", size, f"<= {most} (2**31)")

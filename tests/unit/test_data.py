@@ -470,3 +470,31 @@ def test_a_failed_download_leaves_no_folder_it_made(tmp_path):
     with pytest.raises(DatasetUnavailableError):
         download_file(missing_url, tmp_path / "data" / "cifar" / "x.tar.gz", md5="0" * 32)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({"name": "synthetic", "num_samples": 2.5}, "num_samples must be an integer >= 1, got 2.5"),
+        (
+            {"name": "synthetic", "num_samples": True},
+            "num_samples must be an integer >= 1, got True",
+        ),
+        ({"name": "synthetic-ctr", "table_size": 2.5}, "table_size must be an integer, got 2.5"),
+        ({"name": "synthetic-ctr", "table_size": True}, "table_size must be an integer, got True"),
+        (
+            {"name": "digits", "table_size": 10},
+            "table_size=10 applies only to 'synthetic-ctr' and 'criteo', not 'digits'",
+        ),
+        (
+            {"name": "movielens", "table_size": 10},
+            "table_size=10 applies only to 'synthetic-ctr' and 'criteo', not 'movielens'",
+        ),
+    ],
+)
+def test_load_dataset_refuses_a_size_of_another_type_or_for_another_data_set(arguments, problem):
+    """Not a TypeError from deep in the generator, a bool taken for 1, nor a table size
+    ignored (movielens's tables stay as large as its ids)."""
+    with pytest.raises(ValueError) as caught:
+        load_dataset(split="test", data_dir="no-such-folder", **arguments)
+    assert str(caught.value) == problem

@@ -8,7 +8,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from distbelief.config import CLICK_LOG_DATASETS, DATASET_NAMES, DataConfig
+from distbelief.config import (
+    CLICK_LOG_DATASETS,
+    DATASET_NAMES,
+    TABLE_SIZE_DATASETS,
+    DataConfig,
+    check_count,
+)
 from distbelief.data.base import ArrayDataset
 from distbelief.data.cifar10 import load_cifar10
 from distbelief.data.criteo import check_criteo_split, load_criteo
@@ -46,20 +52,21 @@ def load_dataset(
         num_samples: Size of a synthetic split (default 4096 train / 1024 test); only valid
             for "synthetic".
         table_size: Ids per table of "synthetic-ctr", or the rows "criteo"'s ids are folded
-            into (see ``DataConfig.table_size``).
+            into (see ``DataConfig.table_size``); only valid for those two.
 
     Returns:
         The split: images normalised per channel with train-split statistics, or a click log
         (``CtrDataset``) for the names in ``CLICK_LOG_DATASETS``.
 
     Raises:
-        ValueError: If name or split is unknown, num_samples is given for a data set other
-            than "synthetic", or a data file is corrupt, cannot be read (permissions, say) or
-            the split empty (the message names the file, and the line of a text file).
+        ValueError: If name or split is unknown, num_samples or table_size is not an
+            integer or is given for a data set it does not apply to, or a data file is
+            corrupt, cannot be read (permissions, say) or the split empty (the message names
+            the file, and the line of a text file).
         DatasetUnavailableError: If the files of cifar10 or mnist are missing and cannot be
             downloaded.
     """
-    _check_args(name, split, num_samples)
+    _check_args(name, split, num_samples, table_size)
     with _os_errors_named():
         return _load(name, split, data_dir, download, num_samples, table_size)
 
@@ -185,11 +192,20 @@ def _check_job_data(
     return counts.get("train") if "train" in splits else None
 
 
-def _check_args(name: str, split: str, num_samples: int | None) -> None:
+def _check_args(name: str, split: str, num_samples: int | None, table_size: int | None) -> None:
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown data set name {name!r}; choose one of {DATASET_NAMES}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    if num_samples is not None and name != "synthetic":
-        # Ignoring it silently would make a run look smaller or larger than it is.
-        raise ValueError(f"num_samples={num_samples} applies only to 'synthetic', not {name!r}")
+    # Ignoring either silently would make a run look other than it is (smaller, larger, its
+    # ids folded); a float or a bool would fail deep in the generator, or pass for 1.
+    if num_samples is not None:
+        check_count("num_samples", num_samples)
+        if name != "synthetic":
+            raise ValueError(f"num_samples={num_samples} applies only to 'synthetic', not {name!r}")
+    if table_size is not None:
+        if type(table_size) is not int:
+            raise ValueError(f"table_size must be an integer, got {table_size!r}")
+        if name not in TABLE_SIZE_DATASETS:
+            names = " and ".join(map(repr, TABLE_SIZE_DATASETS))
+            raise ValueError(f"table_size={table_size} applies only to {names}, not {name!r}")

@@ -1019,6 +1019,8 @@ class JobConfig:
         section_types = _section_types()
         kwargs: dict[str, dict[str, object]] = {name: {} for name in section_types}
         for path, value in values.items():
+            if not isinstance(path, str):
+                raise ValueError(f"unknown config field {path!r}: a field is named 'section.name'")
             section, _, name = path.partition(".")
             types = _field_types(section_types[section]) if section in section_types else {}
             if name not in types:

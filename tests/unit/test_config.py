@@ -208,6 +208,9 @@ def test_unknown_field_is_refused():
         JobConfig.from_fields({"optimizer.momentum": 0.9})
     with pytest.raises(ValueError, match="'lr'"):
         JobConfig.from_fields({"lr": 0.1})
+    for key in (5, None, ("cluster", "num_workers")):  # not an AttributeError
+        with pytest.raises(ValueError, match=r"^unknown config field .*: a field is named"):
+            JobConfig.from_fields({key: 1})
 
 
 def test_json_round_trip_is_sectioned(tmp_path):

@@ -46,14 +46,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     Raises:
         OSError: it could not be written (a read-only folder, a full disk), naming ``path``.
     """
+    write_file_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill a temporary file next to ``path``, then rename it to ``path``.
+
+    Raises:
+        OSError: it could not be written (a read-only folder, a full disk, a folder by its
+            name), naming ``path``: the temporary file is none of the caller's business.
+    """
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:  # named after its temporary file, which the caller never knew
+    except OSError as e:
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
+        write(Path(tmp))
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -61,20 +71,6 @@ def write_text_atomic(path: Path, text: str) -> None:
         if e.filename in (None, tmp):  # a failed write, fsync or rename: say of which file
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Have ``write`` fill a temporary file next to ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

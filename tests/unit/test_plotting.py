@@ -11,6 +11,7 @@ import matplotlib.image
 import pytest
 
 from distbelief.config import JobConfig, dotted_fields
+from distbelief.launch.cli import main
 from distbelief.plots import (
     RunData,
     load_run,
@@ -438,3 +439,15 @@ def test_a_partitioned_replicas_throughput_follows_one_stage(tmp_path: Path) -> 
     rates = {line.get_label(): list(line.get_ydata()) for line in figure.axes[0].get_lines()}
     assert rates["worker 0"] == pytest.approx([100.0 * 32] * len(rates["worker 0"]))
     assert total_rate(run.records)[1] == pytest.approx([200.0] * len(total_rate(run.records)[1]))
+
+
+def test_plot_names_the_png_it_cannot_write_and_leaves_no_temporary_file(tmp_path, capsys):
+    """A folder where a plot goes: the error named the temporary file the rename left."""
+    run_dir = _make_run_dir(tmp_path / "run")
+    (run_dir / "loss_vs_time.png").mkdir()
+    assert main(["plot", str(run_dir)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [
+        f"distbelief plot: error: {run_dir / 'loss_vs_time.png'}: cannot be written: Is a directory"
+    ]
+    assert not [path for path in run_dir.iterdir() if path.name.endswith(".tmp")]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from distbelief.config import DEFAULT_MINIBATCH_SIZE, dotted_fields
+from distbelief.files import write_file_atomic
 from distbelief.telemetry.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -432,13 +432,11 @@ def run_title(config: dict[str, Any], fallback: str) -> str:
 
 
 def save_png_atomic(figure: Figure, path: Path) -> None:
-    """Saves to a temp file in the same folder, then renames, so readers never see half a PNG."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp_file:
-            figure.savefig(tmp_file, format="png", dpi=DPI)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a plot is meant to be shared.
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Saves to a temp file in the same folder, then renames, so readers never see half a PNG;
+    an OSError names ``path``."""
+
+    def save(tmp: Path) -> None:
+        figure.savefig(tmp, format="png", dpi=DPI)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plot is meant to be shared.
+
+    write_file_atomic(path, save)

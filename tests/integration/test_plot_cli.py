@@ -83,7 +83,21 @@ def test_plot_into_a_folder_that_cannot_be_made_is_one_line(runs, capsys) -> Non
         assert result.returncode == 2, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
         last = result.stderr.strip().splitlines()[-1]
-        assert last.startswith("distbelief plot: error: /proc/distbelief-plots: "), last
+        assert last.startswith("distbelief plot: error: --out /proc/distbelief-plots: "), last
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+def test_plot_into_a_folder_that_takes_no_file_names_the_flag_not_a_temporary_file(
+    runs, capsys
+) -> None:
+    live, _ = runs
+    # A folder that exists but takes no new file (to root too, which the checks let through).
+    result = run_main("plot", str(live), "--out", "/proc/self", capsys=capsys)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("distbelief plot: error: --out /proc/self: "), last
+    assert ".tmp" not in last, last
 
 
 def test_no_eval_run_still_reports_the_final_accuracy(runs) -> None:

@@ -300,7 +300,8 @@ def _run_plot(args: argparse.Namespace) -> int:
         else:
             written = plot_runs(args.run_dirs, out_dir=out_dir)
     except OSError as e:  # a folder the checks above could not see is unwritable (/proc, say)
-        raise ValueError(f"{e.filename or out_dir}: cannot be written: {e.strerror or e}") from None
+        where = f"--out {args.out_dir}" if args.out_dir else args.run_dirs[0]
+        raise ValueError(f"{where}: cannot be written: {e.strerror or e}") from None
     print("\n".join(str(path) for path in written))
     return 0
 

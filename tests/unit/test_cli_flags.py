@@ -1198,6 +1198,28 @@ def test_resuming_a_folder_that_is_not_there_says_so(capsys, tmp_path):
     assert f"argument --resume: {missing}: no such run folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["train", "--resume", "{file}"], "argument --resume: {file}: a file, not a run folder"),
+        (
+            ["train", "--resume", "{missing}", "--workers", "3"],
+            "argument --resume: {missing}: no such run folder",
+        ),
+        (["reshard", "{file}", "--shards", "2"], "{file}: a file, not a run folder"),
+    ],
+)
+def test_a_run_folder_that_is_a_file_or_missing_is_named_first(argv, said, capsys, tmp_path):
+    """Not 'no such run folder' for a file the user can see, nor a complaint about another
+    flag for a folder that is not there."""
+    names = {"file": tmp_path / "run.txt", "missing": tmp_path / "nope"}
+    names["file"].write_text("not a run\n")
+    result = run_main(*(word.format(**names) for word in argv), capsys=capsys)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(said.format(**names))
+    assert sorted(tmp_path.iterdir()) == [names["file"]]
+
+
 def test_the_ray_address_help_offers_no_value_the_flag_refuses(capsys):
     # An empty --ray-address is refused ("expected a value"): the help says what leaving the
     # flag out does instead.

@@ -111,6 +111,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from distbelief.launch.job import train
     from distbelief.launch.local import stop_forkserver
     from distbelief.launch.resume import RESUMABLE_FIELDS, read_run_for_resume
+    from distbelief.launch.rundir import missing_run_folder
 
     if args.resume:
         changes = {name: value for name, value in vars(args).items() if "." in name}
@@ -121,15 +122,13 @@ def _run_train(args: argparse.Namespace) -> int:
         new_shards = changes.pop("cluster.num_shards", None)
         fixed = [name for name in changes if name not in RESUMABLE_FIELDS]
         # Every refusal comes before the reshard: a refused command leaves the folder as it was.
+        if missing := missing_run_folder(args.resume):  # first: the other refusals name it
+            raise argparse.ArgumentError(None, f"argument --resume: {args.resume}: {missing}")
         if fixed:
             raise argparse.ArgumentError(
                 None,
                 f"argument {flag_of('train', fixed[0])}: a resumed run keeps the value in "
                 f"{Path(args.resume) / 'config.json'}",
-            )
-        if not Path(args.resume).is_dir():
-            raise argparse.ArgumentError(
-                None, f"argument --resume: {args.resume}: no such run folder"
             )
         # The flags against the run's config, as for a new run: a value out of range, or one
         # the resumed job would ignore (--eval-every for a run without live evaluation).

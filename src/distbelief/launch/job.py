@@ -51,7 +51,12 @@ from distbelief.launch.local import LocalCluster
 from distbelief.launch.resume_layout import check_resumed_layout, check_shards_fit_model
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.run_records import write_run_records
-from distbelief.launch.rundir import prepare_run_dir, run_dir_path, write_text_atomic
+from distbelief.launch.rundir import (
+    missing_run_folder,
+    prepare_run_dir,
+    run_dir_path,
+    write_text_atomic,
+)
 from distbelief.launch.stop_records import (
     add_what_the_stop_settled,
     describe_fault,
@@ -271,9 +276,9 @@ def _check_and_plan(
     the split's description and the steps the workers will run in all."""
     # As the command line does: a row setting for a model without tables would be ignored.
     config.check_row_settings_apply()
-    if resume and not run_dir_path(config.reporting.out_dir).is_dir():
+    if resume and (missing := missing_run_folder(run_dir_path(config.reporting.out_dir))):
         # Checked before anything is made: a refused resume leaves no empty folder behind.
-        raise ValueError(f"--resume {run_dir_path(config.reporting.out_dir)}: no such run folder")
+        raise ValueError(f"--resume {run_dir_path(config.reporting.out_dir)}: {missing}")
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
     require_data_files(config.data)  # before any process starts, which would fail on it

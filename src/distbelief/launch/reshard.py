@@ -26,6 +26,7 @@ from distbelief.launch.resume import (
 )
 from distbelief.launch.resume_layout import check_every_shard_gets_parameters
 from distbelief.launch.run_lock import run_dir_locked
+from distbelief.launch.rundir import missing_run_folder
 from distbelief.server.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.server.reshard_dense import (
     WholeModel,
@@ -130,8 +131,8 @@ def reshard_run(run_dir: str | Path, num_shards: int) -> ReshardSummary:
             Nothing changed.
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: no such run folder")
+    if missing := missing_run_folder(run_dir):
+        raise ValueError(f"{run_dir}: {missing}")
     with run_dir_locked(run_dir, str(run_dir)):
         try:
             return _reshard_stopped_run(run_dir, num_shards)

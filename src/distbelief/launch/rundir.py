@@ -7,7 +7,7 @@ from pathlib import Path
 
 from distbelief.files import make_folder, write_text_atomic
 
-__all__ = ["prepare_run_dir", "run_dir_path", "write_text_atomic"]
+__all__ = ["missing_run_folder", "prepare_run_dir", "run_dir_path", "write_text_atomic"]
 
 
 def run_dir_path(out_dir: str) -> Path:
@@ -18,3 +18,12 @@ def run_dir_path(out_dir: str) -> Path:
 def prepare_run_dir(out_dir: str) -> Path:
     """Create the run folder (``runs/<timestamp>`` when ``out_dir`` is empty)."""
     return make_folder(run_dir_path(out_dir), "--out")
+
+
+def missing_run_folder(path: Path | str) -> str | None:
+    """Why ``path`` cannot be a run folder to go on from (it is not there, or is a file), in
+    words that follow it in an error; None when it is a folder."""
+    folder = Path(path)
+    if folder.is_dir():
+        return None
+    return "a file, not a run folder" if folder.exists() else "no such run folder"

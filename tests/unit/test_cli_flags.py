@@ -1220,6 +1220,29 @@ def test_a_run_folder_that_is_a_file_or_missing_is_named_first(argv, said, capsy
     assert sorted(tmp_path.iterdir()) == [names["file"]]
 
 
+def test_resuming_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it_again(
+    capsys, tmp_path
+):
+    """A run stopped within its first seconds has its config.json and summary.json but no
+    checkpoint to go on from; the same folder takes a new run."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(
+        JobConfig().with_fields({"reporting.out_dir": str(run_dir)}).to_json()
+    )
+    result = run_main("train", "--resume", str(run_dir), capsys=capsys)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"--resume {run_dir}: no shard checkpoints in {run_dir / 'checkpoints'} (it stopped "
+            f"before its shards saved any: start it again with --out {run_dir})"
+        )
+    )
+    assert sorted(path.name for path in run_dir.iterdir()) == ["config.json"]
+
+
 def test_the_ray_address_help_offers_no_value_the_flag_refuses(capsys):
     # An empty --ray-address is refused ("expected a value"): the help says what leaving the
     # flag out does instead.

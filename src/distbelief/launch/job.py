@@ -53,6 +53,7 @@ from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.run_records import write_run_records
 from distbelief.launch.rundir import (
     missing_run_folder,
+    nothing_to_resume,
     prepare_run_dir,
     run_dir_path,
     write_text_atomic,
@@ -133,7 +134,7 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
         or (checkpoints / RECORD_FILE).exists()
     )
     if resume and not has_checkpoints:
-        raise ValueError(f"--resume {run_dir}: no shard checkpoints in {run_dir / CHECKPOINT_DIR}")
+        raise nothing_to_resume(run_dir, run_dir / CHECKPOINT_DIR)
     if has_checkpoints and not resume:
         raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
     if not resume and (run_dir / "metrics.csv").exists() and not (run_dir / "config.json").exists():

@@ -15,6 +15,7 @@ from distbelief.config import JobConfig
 from distbelief.coordinator.checkpoint import RECORD_FILE, TAG_PREFIX, read_record, restore_folder
 from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.launch.cluster import CHECKPOINT_DIR
+from distbelief.launch.rundir import nothing_to_resume
 from distbelief.server.checkpoint_meta import (
     LAUNCHED_PARTITIONER,
     check_rows_meta,
@@ -142,7 +143,7 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
             directory = _committed_folder(directory)
         folders = checkpoint_folders(directory, config.pipeline.num_partitions)
         if not any(any(folder.glob("shard*.json")) for folder in folders):
-            raise ValueError(f"--resume {run_dir}: no shard checkpoints in {directory}")
+            raise nothing_to_resume(run_dir, directory)
         for folder in folders:
             check_partition_folder(folder, directory)
             check_checkpoints(folder, config.cluster.num_shards)

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from distbelief.files import make_folder, write_text_atomic
 
-__all__ = ["missing_run_folder", "prepare_run_dir", "run_dir_path", "write_text_atomic"]
+__all__ = [
+    "missing_run_folder",
+    "nothing_to_resume",
+    "prepare_run_dir",
+    "run_dir_path",
+    "write_text_atomic",
+]
 
 
 def run_dir_path(out_dir: str) -> Path:
@@ -27,3 +33,12 @@ def missing_run_folder(path: Path | str) -> str | None:
     if folder.is_dir():
         return None
     return "a file, not a run folder" if folder.exists() else "no such run folder"
+
+
+def nothing_to_resume(run_dir: Path, checkpoints: Path) -> ValueError:
+    """The refusal of ``--resume`` for a run folder whose shards saved no checkpoint (a run
+    stopped in its first seconds): a new run in that folder is what goes on from there."""
+    return ValueError(
+        f"--resume {run_dir}: no shard checkpoints in {checkpoints} (it stopped before its "
+        f"shards saved any: start it again with --out {run_dir})"
+    )

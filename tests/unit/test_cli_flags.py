@@ -15,6 +15,7 @@ from distbelief.config import JobConfig
 from distbelief.errors import BindError, ConsistencyMismatchError, NotAStageError, UnknownOpError
 from distbelief.launch import cli
 from distbelief.launch.cli import config_from_args, main, parse_args
+from distbelief.launch.console import Terminated
 from distbelief.launch.flags import command_flags, field_docs, flag_of, get_args_parser
 
 TRAINING = {
@@ -1017,7 +1018,7 @@ def test_a_bad_flag_is_reported_under_a_one_line_usage(capsys):
     [
         (KeyboardInterrupt(), "distbelief plot: interrupted"),
         (
-            cli._Terminated("stopped by signal SIGTERM"),
+            Terminated("stopped by signal SIGTERM"),
             "distbelief plot: stopped by signal SIGTERM",
         ),
     ],

@@ -146,8 +146,8 @@ import builtins, os, signal, sys
 real_import = builtins.__import__
 
 def importing(name, *args, **kwargs):
-    if name == "distbelief.launch.cli":  # Ctrl-C as the command line loads
-        os.kill(os.getpid(), signal.SIGINT)
+    if name == "distbelief.launch.cli":  # Ctrl-C (or SIGTERM) as the command line loads
+        os.kill(os.getpid(), signal.{signal})
         for _ in range(100_000):  # bytecode boundaries: where the KeyboardInterrupt lands
             pass
     return real_import(name, *args, **kwargs)
@@ -166,22 +166,27 @@ sys.argv = ["distbelief", "train", "--steps", "5"]
     ],
     ids=["distbelief", "python-m"],
 )
-def test_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback(run):
-    """The command's own handling of Ctrl-C (one line, exit 130) is in place only once its
-    modules are loaded: one before it printed a KeyboardInterrupt traceback."""
+@pytest.mark.parametrize(
+    ("signal_name", "said"),
+    [("SIGINT", "interrupted"), ("SIGTERM", "stopped by signal SIGTERM")],
+)
+def test_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback(run, signal_name, said):
+    """The command's own handling of Ctrl-C and SIGTERM (one line, exit 130) is in place only
+    once its modules are loaded: a Ctrl-C before it printed a KeyboardInterrupt traceback, and
+    a SIGTERM ended the command silently with exit 143."""
     import subprocess
 
     from tests.conftest import CHILD_ENV
 
     result = subprocess.run(
-        [sys.executable, "-c", _INTERRUPTED_WHILE_LOADING.format(run=run)],
+        [sys.executable, "-c", _INTERRUPTED_WHILE_LOADING.format(run=run, signal=signal_name)],
         capture_output=True,
         text=True,
         timeout=120,
         env=CHILD_ENV,
     )
     assert result.returncode == 130, result.stderr[-3000:]
-    assert result.stderr == "distbelief: interrupted\n"
+    assert result.stderr == f"distbelief: {said}\n"
 
 
 def test_ctrl_c_as_a_new_job_starts_leaves_no_run_folder(monkeypatch, tmp_path):

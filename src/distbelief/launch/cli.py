@@ -30,6 +30,7 @@ from distbelief.launch.cli_checks import (
     flag_addresses,
 )
 from distbelief.launch.cli_errors import child_failed, run_reporting_failures, save_traceback
+from distbelief.launch.console import raise_terminated
 from distbelief.launch.deferred_signals import import_with_signals_deferred
 from distbelief.launch.flags import (
     check_typed_flags_apply,
@@ -332,16 +333,6 @@ _COMMANDS = {
 }
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, taken as Ctrl-C is: ``ps`` saves its checkpoint on the way out, a worker
-    closes its connections, every ``finally`` runs (the default action would end the process
-    where it stands)."""
-
-
-def _raise_terminated(signum: int, _frame: object) -> None:
-    raise _Terminated(f"stopped by signal {signal.Signals(signum).name}")
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the chosen command; returns the process exit code."""
     # The command's own lines only; a library's show from WARNING up. Torch's exit-time INFO
@@ -353,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("distbelief").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if threading.current_thread() is not threading.main_thread():
         return _run_command(args)  # signal handlers belong to the main thread
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     # A shell starts a command in the background with SIGINT ignored, and Python then leaves it
     # ignored: a SIGINT sent to this process by its pid must still stop it, as Ctrl-C does.
     interrupt_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN

@@ -1,8 +1,9 @@
 """The ``distbelief`` command's entry point (``python -m distbelief`` too). It imports the
-command line only once it can take Ctrl-C: a Ctrl-C while the command loads or reads its flags,
-before the command's own handling is in place, ends it as one later does (one line, exit 130),
-not with a ``KeyboardInterrupt`` traceback; and a SIGINT sent by pid to a command that a shell
-started in the background (SIGINT ignored) is not lost in that time either."""
+command line only once it can take Ctrl-C and SIGTERM: either, while the command loads or reads
+its flags, before the command's own handling is in place, ends it as one later does (one line,
+exit 130), not with a ``KeyboardInterrupt`` traceback or SIGTERM's silent exit 143; and a
+SIGINT sent by pid to a command that a shell started in the background (SIGINT ignored) is not
+lost in that time either."""
 
 from __future__ import annotations
 
@@ -12,14 +13,25 @@ import sys
 EXIT_INTERRUPTED = 130
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: ``ps`` saves its checkpoint on the way out, a worker
+    closes its connections, every ``finally`` runs (the default action would end the process
+    where it stands)."""
+
+
+def raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
 def main() -> int:
     # As the command does once it runs (cli.run): a SIGINT by pid stops it, as Ctrl-C does.
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         from distbelief.launch.cli import main as run_command
 
         return run_command()
-    except KeyboardInterrupt:
-        print("distbelief: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"distbelief: {e if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED

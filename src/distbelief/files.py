@@ -21,6 +21,8 @@ def check_folder_can_be_made(path: Path | str, what: str) -> None:
         where = "exists" if existing == folder else f"cannot be created: {existing} exists"
         raise ValueError(f"{what} {path}: {where} and is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == folder:  # there already: nothing is to be created, nothing can be written
+            raise ValueError(f"{what} {path}: the folder is not writable")
         raise ValueError(f"{what} {path}: cannot create the folder: {existing} is not writable")
 
 

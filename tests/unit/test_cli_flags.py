@@ -1244,6 +1244,27 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it
     assert sorted(path.name for path in run_dir.iterdir()) == ["config.json"]
 
 
+@pytest.mark.skipif(
+    not os.path.isdir("/proc/sys") or os.access("/proc/sys", os.W_OK),
+    reason="needs a folder this user cannot write in",
+)
+@pytest.mark.parametrize(
+    ("out", "said"),
+    [
+        ("/proc/sys", "--out /proc/sys: the folder is not writable"),
+        (
+            "/proc/sys/run",
+            "--out /proc/sys/run: cannot create the folder: /proc/sys is not writable",
+        ),
+    ],
+)
+def test_an_out_folder_that_cannot_be_written_is_named_as_it_is(out, said, capsys):
+    """A folder that is there is not one 'cannot create': it is one nothing can be written in."""
+    result = run_main("train", "--steps", "2", "--out", out, capsys=capsys)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"distbelief train: error: {said}"
+
+
 def test_the_ray_address_help_offers_no_value_the_flag_refuses(capsys):
     # An empty --ray-address is refused ("expected a value"): the help says what leaving the
     # flag out does instead.

@@ -211,3 +211,21 @@ def test_ctrl_c_as_a_new_job_starts_leaves_no_run_folder(monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         job.train(config)
     assert [path.name for path in run_dir.iterdir()] == ["config.json"]
+
+
+def test_ctrl_c_before_the_first_process_starts_leaves_no_run_folder(monkeypatch, tmp_path):
+    """Ctrl-C once the cluster is open but before it started a process left a folder of an
+    empty metrics.csv and an 'interrupted' summary.json: nothing to plot or resume."""
+    from distbelief.config import JobConfig
+    from distbelief.errors import LauncherInterrupted
+    from distbelief.launch import job
+
+    def interrupted(*_args: object, **_kwargs: object) -> list[str]:
+        raise KeyboardInterrupt  # as Ctrl-C lands before the first shard starts
+
+    monkeypatch.setattr(job, "_start", interrupted)
+    run_dir = tmp_path / "run"
+    config = JobConfig().with_fields({"optimizer.steps": 5, "reporting.out_dir": str(run_dir)})
+    with pytest.raises((KeyboardInterrupt, LauncherInterrupted)):
+        job.train(config)
+    assert not run_dir.exists()

@@ -263,9 +263,9 @@ def train(
                 plan=partitions,
                 total_steps=total_steps,
             )
-    except BaseException:
+    except BaseException as e:
         if fresh:
-            _remove_if_unused(run_dir)
+            _remove_if_unused(run_dir, interrupted=isinstance(e, INTERRUPTIONS))
         raise
 
 
@@ -314,11 +314,16 @@ def _check_and_plan(
     return config, partitions, total_steps
 
 
-def _remove_if_unused(run_dir: Path) -> None:
-    """A run folder this job made, left holding nothing but its config.json (Ctrl-C as the job
-    started, before any process wrote a row): removed, as a refused job leaves none."""
+INTERRUPTIONS = (KeyboardInterrupt, LauncherInterrupted)
+
+
+def _remove_if_unused(run_dir: Path, *, interrupted: bool) -> None:
+    """A run folder this job made, left holding nothing but its config.json, or, interrupted,
+    the records of a job that started no process (no pids.json: Ctrl-C as the job started):
+    removed, as a refused job leaves none. A failure's records stay: they say what failed."""
     with contextlib.suppress(OSError):
-        if {path.name for path in run_dir.iterdir()} <= {"config.json"}:
+        names = {path.name for path in run_dir.iterdir()}
+        if names <= {"config.json"} or (interrupted and "pids.json" not in names):
             shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -43,16 +43,18 @@ def _files_under(folder) -> list[str]:
         ),
         ("/proc/new/job.key", "key file /proc/new/job.key: cannot write in /proc/new: "),
         ("keys/", "key file {tmp}/keys/: names a folder; give the file's name in it"),
+        ("afolder", "key file {tmp}/afolder: is a folder; give the file's name in it"),
     ],
     ids=[
         *("unwritable", "under-a-file", "deep-under-a-file", "dangling-link", "unmakeable"),
-        "a-folder",
+        *("a-folder", "an-existing-folder"),
     ],
 )
 def test_keygen_that_cannot_write_its_file_says_why_in_one_line(tmp_path, capsys, where, said):
     from distbelief.launch.cli import main
 
     (tmp_path / "afile").write_text("")
+    (tmp_path / "afolder").mkdir()
     (tmp_path / "dangling.key").symlink_to(tmp_path / "nowhere")
     before = _files_under(tmp_path)
     path = where if where.startswith("/") else f"{tmp_path}/{where}"  # keeps a trailing slash

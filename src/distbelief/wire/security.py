@@ -100,7 +100,7 @@ def write_key_file(path: str | Path) -> Path:
     Raises:
         ValueError: naming the file: it exists already (a link to nowhere too), a folder above
             it is a file, or it cannot be written (the reason). Nothing is left behind, not
-            even the folders made for it; or it names a folder (ends in a slash).
+            even the folders made for it; or it names a folder (ends in a slash, or is one).
     """
     if str(path).endswith(os.sep):  # Path() drops the slash that says a folder is meant
         raise ValueError(f"key file {path}: names a folder; give the file's name in it")
@@ -112,6 +112,8 @@ def write_key_file(path: str | Path) -> Path:
             raise ValueError(
                 f"key file {path} already exists (a link to {link}): not overwriting it"
             )
+        if path.is_dir():
+            raise ValueError(f"key file {path}: is a folder; give the file's name in it")
         if path.exists():
             raise ValueError(f"key file {path} already exists: not overwriting it")
         above = [folder for folder in reversed(path.parents) if folder.exists()]

@@ -17,6 +17,7 @@ from distbelief.launch import cli
 from distbelief.launch.cli import config_from_args, main, parse_args
 from distbelief.launch.console import Terminated
 from distbelief.launch.flags import command_flags, field_docs, flag_of, get_args_parser
+from tests.conftest import run_main
 
 TRAINING = {
     "--threads": "cluster.threads_per_worker",

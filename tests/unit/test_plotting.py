@@ -448,6 +448,6 @@ def test_plot_names_the_png_it_cannot_write_and_leaves_no_temporary_file(tmp_pat
     assert main(["plot", str(run_dir)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert errors == [
-        f"distbelief plot: error: {run_dir / 'loss_vs_time.png'}: cannot be written: Is a directory"
+        f"distbelief plot: error: {run_dir}: cannot be written: Is a directory (loss_vs_time.png)"
     ]
     assert not [path for path in run_dir.iterdir() if path.name.endswith(".tmp")]

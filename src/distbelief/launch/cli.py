@@ -300,8 +300,10 @@ def _run_plot(args: argparse.Namespace) -> int:
         else:
             written = plot_runs(args.run_dirs, out_dir=out_dir)
     except OSError as e:  # a folder the checks above could not see is unwritable (/proc, say)
+        # The folder as typed, and the file in it that could not be (a folder by a PNG's name).
         where = f"--out {args.out_dir}" if args.out_dir else args.run_dirs[0]
-        raise ValueError(f"{where}: cannot be written: {e.strerror or e}") from None
+        what = f" ({Path(e.filename).name})" if e.filename else ""
+        raise ValueError(f"{where}: cannot be written: {e.strerror or e}{what}") from None
     print("\n".join(str(path) for path in written))
     return 0
 

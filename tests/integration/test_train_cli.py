@@ -350,7 +350,7 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
         ),
         (
             ["train", "--resume", "nowhere", "--workers", "3"],
-            "argument --workers: a resumed run keeps the value in nowhere/config.json",
+            "argument --resume: nowhere: no such run folder",  # before the flags it keeps
         ),
     ],
 )

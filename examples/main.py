@@ -193,23 +193,24 @@ def run_node(args: argparse.Namespace, data: Data) -> None:
             retry_timeout_s=args.retry_timeout,
         )
     run_dir = Path(args.out) / f"node{args.rank}"
+    # The with block closes DownpourSGD however training ends: at its end it pushes what is left
+    # and tells the server this node is done; on Ctrl-C it tells the server at once, pushing
+    # nothing more (a flush would retry a server that is gone for --retry-timeout first).
+    closing = optimizer if isinstance(optimizer, DownpourSGD) else contextlib.nullcontext()
     try:
-        train_node(args, net, optimizer, (train_set, test_set, indices), run_dir)
-    except KeyboardInterrupt:
-        if isinstance(optimizer, DownpourSGD):
-            optimizer.close()  # the server counts this node as done, and ends with the others
-        draw_plots(run_dir)  # what it trained so far, as train does when stopped
+        with closing:
+            try:
+                train_node(args, net, optimizer, (train_set, test_set, indices), run_dir)
+            except DistBeliefError:
+                # Closed now, not by the with block's flush: requests still queued stop
+                # retrying, and none logs a retry after the error line (a gone server's close
+                # sends nothing, and returns at once).
+                with contextlib.suppress(DistBeliefError):
+                    optimizer.close()
+                raise
+    except (KeyboardInterrupt, DistBeliefError):
+        draw_plots(run_dir)  # what it trained so far, as train does for a stopped or failed job
         raise
-    except DistBeliefError:
-        if isinstance(optimizer, DownpourSGD):
-            # Now, not at exit: requests still queued stop retrying, and none logs a retry
-            # after the error line (a gone server's close sends nothing, and returns at once).
-            with contextlib.suppress(DistBeliefError):
-                optimizer.close()
-        draw_plots(run_dir)  # what it trained before the error, as train does for a failed job
-        raise
-    if isinstance(optimizer, DownpourSGD):
-        optimizer.close()  # pushes what is left and tells the server this node is done
     # As train does: a plot that cannot be drawn is a warning (with the command that draws it
     # later), not the end of a node that trained.
     draw_plots(run_dir, job_done=True)

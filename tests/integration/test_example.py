@@ -1,6 +1,7 @@
 """The seed's example flow: one server and two training nodes started by hand, as three real
 processes of one gloo process group; every one of them ends by itself."""
 
+import contextlib
 import json
 import re
 import signal
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -365,6 +366,25 @@ def _read_timed_lines(stream) -> tuple[list[tuple[float, str]], threading.Thread
     return lines, reader
 
 
+@contextlib.contextmanager
+def _node_whose_server_is_killed(
+    tmp_path: Path, retry_timeout_s: int
+) -> Iterator[subprocess.Popen]:
+    """A server and one node that trains far longer than a test lasts; once the node trains,
+    the server is killed (SIGKILL). Yields the node; both processes are ended at the exit."""
+    common = [*OFFLINE, "--model", "mlp", "--log-interval", "1", "--world-size", "2"]
+    common += ["--port", str(free_port()), "--out", str(tmp_path)]
+    server = ["--rank", "0", "--server", *common]
+    node = ["--rank", "1", "--epochs", "1000", "--retry-timeout", str(retry_timeout_s), *common]
+    processes = start_scripts([[str(EXAMPLE), *command] for command in (server, node)])
+    try:
+        _wait_until_training(processes[1], tmp_path / "node1")
+        processes[0].kill()
+        yield processes[1]
+    finally:
+        stop_processes(processes)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_node_whose_server_is_killed_gives_up_once(tmp_path):
@@ -374,23 +394,14 @@ def test_a_node_whose_server_is_killed_gives_up_once(tmp_path):
     exit's own time, torch's teardown and the plots, which take seconds on a busy machine,
     does not count)."""
     retry_timeout_s = 10
-    common = [*OFFLINE, "--model", "mlp", "--log-interval", "1", "--world-size", "2"]
-    common += ["--port", str(free_port()), "--out", str(tmp_path)]
-    server = ["--rank", "0", "--server", *common]
-    node = ["--rank", "1", "--epochs", "1000", "--retry-timeout", str(retry_timeout_s), *common]
-    processes = start_scripts([[str(EXAMPLE), *command] for command in (server, node)])
-    try:
-        _wait_until_training(processes[1], tmp_path / "node1")
-        processes[0].kill()
-        _, out_reader = _read_timed_lines(processes[1].stdout)
-        err_lines, err_reader = _read_timed_lines(processes[1].stderr)
-        processes[1].wait(timeout=120)
+    with _node_whose_server_is_killed(tmp_path, retry_timeout_s) as node:
+        _, out_reader = _read_timed_lines(node.stdout)
+        err_lines, err_reader = _read_timed_lines(node.stderr)
+        node.wait(timeout=120)
         for reader in (out_reader, err_reader):
             reader.join(timeout=60)
-    finally:
-        stop_processes(processes)
     err = "".join(line for _, line in err_lines)
-    assert processes[1].returncode == 1, err[-2000:]
+    assert node.returncode == 1, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("main.py: ShardUnavailableError: shard 0 "), last
@@ -477,3 +488,30 @@ def test_plots_that_cannot_be_drawn_are_a_warning_at_the_end_not_a_traceback(
         "No space left on device" in line and f"distbelief plot {out / 'node0'}" in line
         for line in warning
     ), warning
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_a_node_retrying_its_killed_server_at_once(tmp_path):
+    """Ctrl-C on a node whose server is gone, while it retries it: the node exits 130 with one
+    line within seconds. Its close flushed the last push first, retrying the server for
+    --retry-timeout again, then exited 1 with the ShardUnavailableError; and it waited the
+    store's 30 s for the gone rank 0 to say it finished."""
+    retry_timeout_s = 120
+    with _node_whose_server_is_killed(tmp_path, retry_timeout_s) as node:
+        err_lines, err_reader = _read_timed_lines(node.stderr)
+        deadline = time.monotonic() + 60
+        while not any("; retrying in " in line for _, line in err_lines):
+            assert time.monotonic() < deadline and node.poll() is None
+            time.sleep(0.2)
+        node.send_signal(signal.SIGINT)
+        interrupted_at = time.monotonic()
+        node.wait(timeout=retry_timeout_s / 2)
+        ended_s = time.monotonic() - interrupted_at
+        err_reader.join(timeout=60)
+    err = "".join(line for _, line in err_lines)
+    assert node.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "main.py: interrupted"
+    assert "Traceback" not in err and "gave up" not in err, err[-2000:]
+    assert ended_s < 25, f"the node took {ended_s:.1f}s to stop"  # the store's 30 s and more
+    assert (tmp_path / "node1" / "accuracy_vs_time.png").stat().st_size > 0  # what it trained

@@ -10,9 +10,18 @@ import logging
 from typing import Self
 
 from distbelief.errors import ClosedError, PSError, RendezvousError
-from distbelief.wire.process_group import GroupStore, process_group_active
+from distbelief.wire.process_group import (
+    DEFAULT_STORE_TIMEOUT_S,
+    GroupStore,
+    process_group_active,
+)
 
 logger = logging.getLogger(__name__)
+
+INTERRUPTED_STORE_TIMEOUT_S = 5.0
+"""How long a close on Ctrl-C tries to reach the process group's store to say this rank
+finished: an up store answers in milliseconds, and one whose rank is gone (killed with the
+ParameterServer it ran) would keep the interrupted script waiting the usual 30 s."""
 
 
 class ClosingOptimizer:
@@ -68,20 +77,21 @@ class ClosingOptimizer:
     def _mark_finished(self, *, quietly: bool) -> None:
         """Tell the ParameterServer this rank has finished; ``quietly`` (on Ctrl-C), a store
         that cannot be written is logged, not raised in place of the interrupt."""
+        timeout_s = INTERRUPTED_STORE_TIMEOUT_S if quietly else DEFAULT_STORE_TIMEOUT_S
         try:
-            self._finished_store().mark_finished(self._server.session)
+            self._finished_store(timeout_s).mark_finished(self._server.session)
         except RendezvousError as e:
             if not quietly:
                 raise
             logger.warning("DownpourSGD could not tell the ParameterServer it finished: %s", e)
 
-    def _finished_store(self) -> GroupStore:
+    def _finished_store(self, timeout_s: float) -> GroupStore:
         """A fresh connection to the group's store while the group is up (the constructor's
         may have sat idle through the whole training); once the script has destroyed the group
         (before close(), or before an exit that leaves close() to atexit), the constructor's:
         a connection of its own to the store outlives the group."""
         if process_group_active() or self._store is None:
-            return GroupStore()
+            return GroupStore(timeout_s)
         return self._store
 
     def __enter__(self) -> Self:

@@ -44,7 +44,7 @@ from torch import nn
 
 from distbelief import DatasetUnavailableError, DistBeliefError
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
-from distbelief.launch import draw_plots
+from distbelief.launch import draw_plots, run_dir_locked
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterServer
@@ -420,6 +420,21 @@ def make_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     return made
 
 
+def hold_run_dir(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, stack: contextlib.ExitStack
+) -> None:
+    """Holds the node's <out>/node<rank> until ``stack`` closes, as train holds its run folder:
+    a second node of this rank into this --out (``make first`` run twice) is refused before it
+    joins, not let write its metrics and plots over this node's."""
+    if args.server and not args.no_distributed:
+        return
+    run_dir = Path(args.out) / f"node{args.rank}"
+    try:
+        stack.enter_context(run_dir_locked(run_dir, f"--out {run_dir}"))
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def remove_if_empty(folders: list[Path]) -> None:
     """Removes the folders ``make_run_dir`` made, deepest first, while they are empty: a node
     that ended before it wrote anything (it could not join, say) leaves no empty node<rank>/."""
@@ -472,7 +487,9 @@ def main(argv: list[str] | None = None) -> None:
         data = load_data(parser, args)
         made = make_run_dir(parser, args)  # after the data's checks: a refused rank writes nothing
         try:
-            run_rank(parser, args, data)
+            with contextlib.ExitStack() as held:
+                hold_run_dir(parser, args, held)
+                run_rank(parser, args, data)
         finally:
             remove_if_empty(made)
     except KeyboardInterrupt:

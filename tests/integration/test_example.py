@@ -3,6 +3,7 @@ processes of one gloo process group; every one of them ends by itself."""
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from distbelief.config import dotted_fields
+from distbelief.launch import run_dir_locked
 from distbelief.plots import load_run, plot_run, run_title
 from distbelief.plots import run as run_plots
 from distbelief.plots.run import batch_size_of
@@ -283,6 +285,25 @@ def test_a_batch_larger_than_the_nodes_share_is_refused_before_joining(tmp_path,
     assert f"argument --batch-size: must be <= the {share} training examples" in last, last
     assert last.endswith("got 5000"), last
     assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("mode", [["--rank", "1"], ["--no-distributed"]])
+def test_a_node_folder_a_running_node_holds_is_refused_before_joining(tmp_path, capsys, mode):
+    """A second node of one rank into one --out (``make first`` run twice) is refused in one
+    line, exit 2, the running node's files untouched: it joined the process group as a second
+    rank 1, trained, and wrote its metrics and plots over the running node's."""
+    run_dir = tmp_path / ("node1" if mode[0] == "--rank" else "node0")
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("the running node's rows\n")
+    argv = [*mode, *OFFLINE, "--epochs", "1", "--port", str(free_port()), "--join-timeout", "5"]
+    with run_dir_locked(run_dir, "the running node"):
+        last = refusal(load_script(EXAMPLE).main, [*argv, "--out", str(tmp_path)], capsys)
+    assert last.endswith(
+        f": error: --out {run_dir}: another job is using this run folder "
+        f"(pid {os.getpid()}): wait for it to end, or stop it first"
+    )
+    assert [path.name for path in run_dir.iterdir()] == ["metrics.csv"]
+    assert (run_dir / "metrics.csv").read_text() == "the running node's rows\n"
 
 
 @pytest.mark.parametrize("others", [[], ["node2"]], ids=["fresh-out", "out-of-another-node"])

@@ -1,6 +1,7 @@
 """Starting jobs: the ``distbelief`` command, the Cluster interface and its local processes,
-``train``, which runs a job on a cluster, and ``draw_plots``, which draws a run folder's plots
-as a job's end does (a plot that cannot be drawn is logged, not raised). Names load on first
+``train``, which runs a job on a cluster, ``draw_plots``, which draws a run folder's plots
+as a job's end does (a plot that cannot be drawn is logged, not raised), and
+``run_dir_locked``, which holds a run folder for one job at a time. Names load on first
 use: the command's ``--help`` imports none of torch, matplotlib, TensorBoard or rich.
 """
 
@@ -12,6 +13,7 @@ _EXPORTS: dict[str, str] = {
     "train": "distbelief.launch.job",
     "RunResult": "distbelief.launch.summary",
     "draw_plots": "distbelief.launch.run_records",
+    "run_dir_locked": "distbelief.launch.run_lock",
     "Cluster": "distbelief.launch.cluster",
     "Fault": "distbelief.launch.cluster",
     "ProcessKind": "distbelief.launch.cluster",

@@ -96,6 +96,20 @@ def test_plot_run_with_header_only_metrics(tmp_path: Path) -> None:
         assert path.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_plot_of_a_run_without_records_yet_is_one_line_and_writes_no_png(tmp_path, capsys):
+    """The launcher draws no plots of a run stopped before its first record; nor does plot."""
+    empty = tmp_path / "stopped_early"
+    MetricsWriter(empty / "metrics.csv").close()
+    run_dir = _make_run_dir(tmp_path / "run")
+    for args in ([str(empty)], [str(run_dir), str(empty), "--out", str(tmp_path / "compare")]):
+        assert main(["plot", *args]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert errors == [
+            f"distbelief plot: error: {empty}: no records yet (metrics.csv has only its header)"
+        ]
+    assert not list(tmp_path.rglob("*.png"))
+
+
 def test_folder_without_metrics_is_named(tmp_path: Path) -> None:
     folder = tmp_path / "not_a_run"
     folder.mkdir()

@@ -115,6 +115,16 @@ def test_malformed_lines_name_the_file_and_line(tmp_path: Path, bad_line: str, m
     check_criteo_split("test", tmp_path)  # lines 28 to 30, well formed
 
 
+@pytest.mark.parametrize("name", ["train.txt", "train.txt.gz"])
+def test_blank_lines_that_end_the_file_are_not_rows(tmp_path: Path, name: str) -> None:
+    """As editors and exporters leave them: not counted into the test split's last tenth."""
+    _write(tmp_path / "criteo" / name, [*_rows(25), "\n", "\r\n"])
+    assert check_criteo_split("train", tmp_path) == 23
+    assert check_criteo_split("test", tmp_path) == 2
+    assert load_criteo("train", tmp_path).sparse[:, 0].tolist() == list(range(23))
+    assert load_criteo("test", tmp_path).sparse[:, 0].tolist() == [23, 24]
+
+
 def test_the_check_reads_each_splits_rows(tmp_path: Path) -> None:
     """Without a test file, test is train's last tenth: each split's check reads its own rows."""
     bad = _line("2")

@@ -86,7 +86,7 @@ def test_timestamp_ties_keep_file_order(tmp_path: Path) -> None:
         ("ratings.dat", "1::2::3::4\n1::2::3\n", r"ratings.dat:2: expected 4 fields"),
         ("ratings.dat", "1::2::3::4\n1::x::3::4\n", "ratings.dat:2: movie id must be an integer"),
         ("ratings.dat", "1::2::3::4\n1.5::2::3::4\n", "ratings.dat:2: user id must be an integer"),
-        ("u.data", "1\t2\t3\t4\n\n", r"u.data:2: expected 4 fields"),
+        ("u.data", "1\t2\t3\t4\n\n1\t2\t3\t4\n", r"u.data:2: expected 4 fields"),
         ("u.data", "-1\t2\t3\t4\n", r"u.data:1: user id must be in \[0, 9223372036854775806\]"),
         ("u.data", f"{10**23}\t2\t3\t4\n", r"u.data:1: user id must be in \[0, "),
         ("u.data", f"1\t{2**63 - 1}\t3\t4\n", r"u.data:1: movie id must be in \[0, "),
@@ -127,6 +127,15 @@ def test_the_check_passes_every_line_loading_reads(tmp_path: Path, name: str) ->
     text = _format(name, RATINGS) + "".join(separator.join(f) + "\r\n" for f in unusual)
     _write(tmp_path, name, text + separator.join(["1", "2", "3", "4"]))  # no final newline
     assert len(load_movielens("train", tmp_path)) + len(load_movielens("test", tmp_path)) == 15
+    check_movielens_split("train", tmp_path)
+    check_movielens_split("test", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["ratings.dat", "ratings.csv", "u.data"])
+def test_blank_lines_that_end_the_file_are_not_ratings(tmp_path: Path, name: str) -> None:
+    """As editors and exporters leave them; a blank line before a rating stays an error."""
+    _write(tmp_path, name, _format(name, RATINGS) + "\n\r\n  \n")
+    assert len(load_movielens("train", tmp_path)) + len(load_movielens("test", tmp_path)) == 11
     check_movielens_split("train", tmp_path)
     check_movielens_split("test", tmp_path)
 

@@ -23,6 +23,7 @@ import torch
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.files import CRITEO_SUBDIR as SUBDIR
 from distbelief.data.files import CRITEO_SUFFIXES as FILE_SUFFIXES
+from distbelief.data.files import lines_before_trailing_blanks
 from distbelief.errors import DatasetUnavailableError
 
 NUM_DENSE = 13
@@ -248,7 +249,8 @@ def _checked_lines(
     """``max_rows`` lines (None: all) from ``first_row`` on, each matched against the format;
     ValueError naming the file and the 1-based line number at the first that is malformed."""
     stop = None if max_rows is None else first_row + max_rows
-    for line_number, line in itertools.islice(enumerate(lines, start=1), first_row, stop):
+    numbered = enumerate(lines_before_trailing_blanks(lines), start=1)
+    for line_number, line in itertools.islice(numbered, first_row, stop):
         if _LINE.fullmatch(line) is None:
             raise ValueError(f"{path}:{line_number}: {_describe_malformed(line)}")
         yield line
@@ -287,7 +289,7 @@ def _find(criteo_dir: Path, stem: str) -> Path | None:
 
 def _count_lines(path: Path) -> int:
     with _open(path) as lines:
-        return sum(1 for _ in lines)
+        return sum(1 for _ in lines_before_trailing_blanks(lines))
 
 
 @contextmanager

@@ -1,12 +1,13 @@
 """Where each file-backed data set's files go, and which of a job's are missing.
 
 Torch-free, so the launcher (and ``worker`` and ``eval``) can refuse a job whose files are
-absent before starting any process; the loaders read the same names from here.
+absent before starting any process; the loaders read the same names from here, and their
+text files' lines through ``lines_before_trailing_blanks``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from distbelief.config import DataConfig
@@ -115,6 +116,19 @@ def not_a_file(paths: Iterable[Path]) -> str | None:
         if path.exists() and not path.is_file():
             return f"{path} is a folder, not a file" if path.is_dir() else f"{path} is not a file"
     return None
+
+
+def lines_before_trailing_blanks(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """A text file's lines less the blank ones that end it, as editors and exporters leave
+    them; a blank line that another line follows is kept, so the format check names it."""
+    blanks: list[bytes] = []
+    for line in lines:
+        if not line.strip():
+            blanks.append(line)
+            continue
+        yield from blanks
+        blanks.clear()
+        yield line
 
 
 def _present(folder: Path, stem: str, suffixes: tuple[str, ...]) -> bool:

@@ -19,7 +19,7 @@ from distbelief.config import MAX_TENSOR_BYTES, TABLE_VALUE_BYTES, max_table_row
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.files import MOVIELENS_RATINGS_FILES as RATINGS_FILES
 from distbelief.data.files import MOVIELENS_SUBDIR as SUBDIR
-from distbelief.data.files import not_a_file
+from distbelief.data.files import lines_before_trailing_blanks, not_a_file
 from distbelief.errors import DatasetUnavailableError
 
 CSV_HEADER = b"userId,movieId,rating,timestamp"
@@ -215,8 +215,8 @@ def _separator(path: Path) -> bytes:
 
 def _records(path: Path, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
     """The file's record lines with their 1-based numbers, a CSV file's header checked and
-    skipped."""
-    lines = enumerate(f, start=1)
+    skipped, blank lines at its end left out."""
+    lines = enumerate(lines_before_trailing_blanks(f), start=1)
     if path.suffix == ".csv":
         header = next(lines, (1, b""))[1].strip()
         if header != CSV_HEADER:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -53,6 +54,14 @@ TRANSPORTS = ("auto", "tcp", "shm")
 otherwise), tcp (TCP only; shards refuse shared memory), shm (every connection asks for it)."""
 TRANSPORT_ENV = "DISTBELIEF_TRANSPORT"
 """The environment variable that carries the transport to every process of a job."""
+
+
+def environment_setting(name: str) -> str | None:
+    """The environment variable ``name``'s value; None when it is unset or empty, as a shell's
+    ``NAME= command`` clears it."""
+    return os.environ.get(name) or None
+
+
 CLUSTER_ENGINES = ("local", "ray")
 DEFAULT_EPOCHS = 15
 """Passes over each worker's slice when neither steps nor epochs is given."""

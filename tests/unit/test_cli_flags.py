@@ -1168,6 +1168,24 @@ def test_the_transport_the_environment_sets_is_the_configs(monkeypatch):
     assert config_from_args(parse_args(["train", "--transport", "shm"])).cluster.transport == "shm"
 
 
+def test_an_empty_setting_in_the_environment_is_unset(monkeypatch):
+    """As a shell's ``NAME= command`` clears it: each DISTBELIEF_* variable was refused."""
+    from distbelief.launch.cli_checks import check_environment
+    from distbelief.launch.ray_placement import PLACEMENT_TIMEOUT_S, placement_timeout_s
+    from distbelief.optim.connection_settings import DEFAULT_TIMEOUT_S, request_timeout_s
+    from distbelief.wire.channels.shm import apply_job_transport, transport_setting
+
+    for name in ("TRANSPORT", "TIMEOUT_S", "PLACEMENT_TIMEOUT_S", "PS", "AUTH_KEY_FILE"):
+        monkeypatch.setenv(f"DISTBELIEF_{name}", "")
+    check_environment()
+    assert transport_setting() == "auto"
+    assert config_from_args(parse_args(["train"])).cluster.transport == "auto"
+    apply_job_transport("auto")
+    assert os.environ["DISTBELIEF_TRANSPORT"] == "auto"
+    assert request_timeout_s(None) == DEFAULT_TIMEOUT_S
+    assert placement_timeout_s() == PLACEMENT_TIMEOUT_S
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [

@@ -25,6 +25,7 @@ from distbelief.config import (
     amount_problem,
     amount_rule,
     check_count,
+    environment_setting,
     table_names,
 )
 from distbelief.embeddings.cache import RowCache, cache_rows_for
@@ -239,8 +240,9 @@ class ShardedEmbeddings:
         _check_not_served(self.modules)
         self.lr, self.n_push, self.n_pull, self.blocking = lr, n_push, n_pull, blocking
         self.dims = table_widths(self.modules)
-        if auth_key is None and security is None and os.environ.get(AUTH_KEY_FILE_ENV):
-            auth_key = read_key_file(os.environ[AUTH_KEY_FILE_ENV])
+        key_file = environment_setting(AUTH_KEY_FILE_ENV)
+        if auth_key is None and security is None and key_file:
+            auth_key = read_key_file(key_file)
         self.client = RowClient(
             ps_addresses(ps),
             self.dims,

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from distbelief.config import TRANSPORT_ENV, JobConfig
+from distbelief.config import TRANSPORT_ENV, JobConfig, environment_setting
 from distbelief.errors import ChildFailedError
 from distbelief.launch.cli_checks import (
     check_bind_is_here,
@@ -62,9 +61,9 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     typed = set(values)
     if args.command in ("worker", "eval"):
         values["cluster.num_shards"] = len(flag_addresses("--ps", args.ps))
-    if "cluster.transport" not in typed and os.environ.get(TRANSPORT_ENV):
+    if "cluster.transport" not in typed and environment_setting(TRANSPORT_ENV):
         # The job's transport, as the run's config.json records it (checked: check_environment).
-        values["cluster.transport"] = os.environ[TRANSPORT_ENV]
+        values["cluster.transport"] = environment_setting(TRANSPORT_ENV)
     config = JobConfig.from_fields(values)
     check_typed_flags_apply(args.command, typed, config)
     if args.command in ("train", "worker", "eval"):

@@ -5,10 +5,9 @@ coordinator) over the nodes, and each actor's options. Ray is imported only when
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
-from distbelief.config import MAX_WAIT_S, amount_problem
+from distbelief.config import MAX_WAIT_S, amount_problem, environment_setting
 from distbelief.errors import ClusterError
 from distbelief.launch.cluster import ProcessKind, ProcessSpec
 
@@ -28,7 +27,7 @@ def placement_timeout_s() -> float:
     Raises:
         ValueError: the variable is not a number of seconds > 0 (at most a week), naming it.
     """
-    text = os.environ.get(PLACEMENT_TIMEOUT_ENV)
+    text = environment_setting(PLACEMENT_TIMEOUT_ENV)
     if text is None:
         return PLACEMENT_TIMEOUT_S
     try:

@@ -5,11 +5,10 @@ environment variable. Checks and resolves values only; it opens no connection.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 from distbelief.client import parse_addresses
-from distbelief.config import MAX_WAIT_S, amount_problem, check_wait
+from distbelief.config import MAX_WAIT_S, amount_problem, check_wait, environment_setting
 from distbelief.wire import channels
 from distbelief.wire.channels.shm import check_shm_allowed, transport_setting
 from distbelief.wire.security import read_key_file
@@ -26,7 +25,7 @@ AUTH_KEY_FILE_ENV = "DISTBELIEF_AUTH_KEY_FILE"
 def _key_from_environment() -> bytes | None:
     """The key of the file ``DISTBELIEF_AUTH_KEY_FILE`` names, if set; ValueError naming the
     variable if the file is missing or no key file."""
-    path = os.environ.get(AUTH_KEY_FILE_ENV)
+    path = environment_setting(AUTH_KEY_FILE_ENV)
     if not path:
         return None
     try:
@@ -66,7 +65,7 @@ def request_timeout_s(timeout_s: float | None) -> float:
     if timeout_s is not None:
         check_wait("timeout_s", timeout_s)
         return timeout_s
-    text = os.environ.get(TIMEOUT_ENV)
+    text = environment_setting(TIMEOUT_ENV)
     if text is None:
         return DEFAULT_TIMEOUT_S
     try:
@@ -129,7 +128,7 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
         except ValueError as e:
             raise ValueError(f"ps: {e}") from None
         return check_shm_allowed("ps", addresses)
-    text = os.environ.get(PS_ADDRESS_ENV, "")
+    text = environment_setting(PS_ADDRESS_ENV) or ""
     if not text.replace(",", "").strip():
         raise ValueError(
             f"no parameter-server address given: pass ps= or set {PS_ADDRESS_ENV} "

@@ -22,7 +22,7 @@ from torch import nn
 
 from distbelief.client import ParameterServerClient
 from distbelief.client.compression import PushCompressor
-from distbelief.config import MAX_RATE, amount_problem, check_count
+from distbelief.config import MAX_RATE, amount_problem, check_count, environment_setting
 from distbelief.optim.closing import ClosingOptimizer
 from distbelief.optim.connection_settings import (
     AUTH_KEY_FILE_ENV,
@@ -258,7 +258,7 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         self._server: ServerRecord | None = None
         self._store: GroupStore | None = None
         worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        if ps is None and not os.environ.get(PS_ADDRESS_ENV) and process_group_active():
+        if ps is None and not environment_setting(PS_ADDRESS_ENV) and process_group_active():
             ps, auth_key = self._find_server(worker_id, auth_key, hold_timeout_s)
         self.client = ParameterServerClient(
             ps_addresses(ps),

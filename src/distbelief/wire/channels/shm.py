@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from distbelief.config import TRANSPORT_ENV, TRANSPORTS
+from distbelief.config import TRANSPORT_ENV, TRANSPORTS, environment_setting
 from distbelief.errors import AuthenticationError, ProtocolError, TLSMismatchError
 from distbelief.wire.channels import Channel, register_channel, split_scheme, upgrade_channel
 from distbelief.wire.channels.tcp import (
@@ -83,7 +83,7 @@ def transport_setting(transport: str | None = None) -> str:
         ValueError: not one of auto, tcp, shm (naming where it came from).
     """
     source = "transport" if transport is not None else TRANSPORT_ENV
-    value = transport if transport is not None else os.environ.get(TRANSPORT_ENV, "auto")
+    value = transport if transport is not None else environment_setting(TRANSPORT_ENV) or "auto"
     if value not in TRANSPORTS:
         raise ValueError(f"{source} {value!r}: must be one of {', '.join(TRANSPORTS)}")
     return value
@@ -134,7 +134,7 @@ def apply_job_transport(transport: str) -> None:
         ValueError: ``transport``, or the ``DISTBELIEF_TRANSPORT`` left in place, is not one
             of auto, tcp, shm.
     """
-    if transport != "auto" or TRANSPORT_ENV not in os.environ:
+    if transport != "auto" or environment_setting(TRANSPORT_ENV) is None:
         set_transport(transport)
     else:
         transport_setting()  # refused here, not by each process at its first connection

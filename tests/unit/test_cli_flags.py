@@ -830,6 +830,28 @@ def test_missing_data_files_are_refused_before_any_process_starts(argv, message,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--dataset", "cifar10", "--no-download"],
+        ["--dataset", "cifar10"],
+        ["--dataset", "mnist", "--no-download"],
+        ["--dataset", "criteo", "--model", "dlrm"],
+        ["--dataset", "movielens", "--model", "dlrm"],
+    ],
+    ids=["cifar10-no-download", "cifar10", "mnist", "criteo", "movielens"],
+)
+def test_a_data_dir_that_is_a_file_is_called_a_file(argv, tmp_path, capsys):
+    """It was told to extract the archive into the file, or that the file lacked a folder."""
+    path = tmp_path / "data.tar.gz"
+    path.write_bytes(b"not a folder")
+    out = tmp_path / "run"
+    assert main(["train", *argv, "--steps", "2", "--data-dir", str(path), "--out", str(out)]) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert error.endswith(f"argument --data-dir: {path} is a file, not a folder"), error
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("dataset", ["cifar10", "mnist"])
 @pytest.mark.parametrize(
     ("command", "split", "other"),

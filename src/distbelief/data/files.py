@@ -54,6 +54,9 @@ def missing_data_files(
     ``splits``: those the job reads (an evaluator reads the test split alone: CIFAR-10's and
     MNIST's need no train file; a click log's test split may be cut from its training file)."""
     root = Path(config.data_dir) if config.data_dir else DEFAULT_DATA_DIR
+    if config.name in FILE_DATASETS and root.exists() and not root.is_dir():
+        # Not a folder to download or extract into, nor to find the files in.
+        return f"{root} is a file, not a folder" if root.is_file() else f"{root} is not a folder"
     if config.name == "cifar10" and not config.download:
         folder = root / CIFAR10_BATCHES_DIR
         names = [name for split in splits for name in CIFAR10_SPLIT_FILES[split]]

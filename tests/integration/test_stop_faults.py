@@ -1,7 +1,8 @@
 """Processes that die while ``distbelief train`` stops after Ctrl-C: each death is in
 ``summary.json``'s faults, nothing is restarted, and a Sandblaster run's summary says which
 iteration a resume goes on from (and the resume does); and a shard killed as a finished job
-ends, whose restart the final evaluation follows.
+ends, whose restart the final evaluation follows; and Ctrl-C as a finished job ends, which
+leaves it done.
 
 The Ctrl-C tests SIGKILL their victim right after the launcher's SIGINT: the launcher is then
 stopping the job (a Sandblaster coordinator ends the iteration under way first; the shards wait
@@ -171,6 +172,21 @@ class ShardKilledAfterTheFinalEvaluation(LocalCluster):
         return done
 
 
+def _final_evaluation_only(tmp_path: Path, *, steps: int) -> JobConfig:
+    """An MLP on digits, 2 workers and 2 shards running ``steps`` each, evaluated at the end."""
+    return JobConfig.from_fields(
+        {
+            "cluster.num_workers": 2,
+            "cluster.num_shards": 2,
+            "model.name": "mlp",
+            "data.name": "digits",
+            "optimizer.steps": steps,
+            "reporting.eval_during_training": False,
+            "reporting.out_dir": str(tmp_path / "run"),
+        }
+    )
+
+
 def _evaluate_checkpoints(config: JobConfig, run_dir: Path) -> dict:
     """What ``eval --once`` reports of shards restored from the run's last checkpoints."""
     servers = []
@@ -195,17 +211,7 @@ def test_a_shard_restarted_after_the_final_evaluation_is_evaluated_again(tmp_pat
     """Killed after the workers finished, shard1 comes back from its first checkpoint (the
     periodic ones are 30 s apart): summary.json's final is the evaluation of what the run
     ends with, not the one before the restart."""
-    config = JobConfig.from_fields(
-        {
-            "cluster.num_workers": 2,
-            "cluster.num_shards": 2,
-            "model.name": "mlp",
-            "data.name": "digits",
-            "optimizer.steps": 60,
-            "reporting.eval_during_training": False,
-            "reporting.out_dir": str(tmp_path / "run"),
-        }
-    )
+    config = _final_evaluation_only(tmp_path, steps=60)
     result = train(config, cluster_type=ShardKilledAfterTheFinalEvaluation)
     summary = _summary(result.run_dir)
     assert summary["outcome"] == "done"
@@ -223,3 +229,26 @@ def test_a_shard_restarted_after_the_final_evaluation_is_evaluated_again(tmp_pat
     evaluations = _rows(result.run_dir, "evaluator")
     assert len(evaluations) == 2
     assert evaluations[-1]["test_loss"] == pytest.approx(summary["final"]["test_loss"])
+
+
+class CtrlCAsTheFinishedJobStops(LocalCluster):
+    """The local cluster, but Ctrl-C reaches the launcher as it stops the processes of a job
+    whose training and final evaluation are over, as a user's impatient Ctrl-C would."""
+
+    def stop_all(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        super().stop_all()
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_after_the_final_evaluation_leaves_the_run_done(tmp_path, caplog):
+    """The job's training and final evaluation are complete: the run stays done (train
+    returns, exit 0), and only its plots are skipped, with the command that draws them."""
+    config = _final_evaluation_only(tmp_path, steps=5)
+    result = train(config, cluster_type=CtrlCAsTheFinishedJobStops)
+    summary = _summary(result.run_dir)
+    assert (summary["outcome"], summary["reason"]) == ("done", None)
+    assert summary["final"]["test_accuracy"] is not None
+    assert (result.run_dir / "staleness.json").exists()
+    assert not list(result.run_dir.glob("*.png"))
+    assert f"draw them later with: distbelief plot {result.run_dir}" in caplog.text

@@ -360,6 +360,8 @@ def _run_job(
     )
     started = time.time()
     result: RunResult | None = None  # set once the cluster is open, however the job ends
+    trained = False  # the training and its final evaluation are over
+    plots_skipped_by: str | None = None
     with _stopped_by_signals():
         try:
             try:
@@ -390,6 +392,7 @@ def _run_job(
                             addresses, security=cluster.security
                         )
                         supervise(cluster, route, config)
+                        trained = True
                     except BaseException:
                         cluster.begin_stop()  # nothing is left for a process brought back to do
                         raise
@@ -413,12 +416,16 @@ def _run_job(
                         result, cluster, config, time_offset_s=metrics.time_offset_s
                     )
         except BaseException as e:
-            replacement = _record_the_end(e, result, run_dir)
-            if replacement is None:
-                raise
-            raise replacement from (e if isinstance(e, KeyboardInterrupt) else None)
+            if not (trained and result is not None and isinstance(e, INTERRUPTIONS)):
+                replacement = _record_the_end(e, result, run_dir)
+                if replacement is None:
+                    raise
+                raise replacement from (e if isinstance(e, KeyboardInterrupt) else None)
+            # The training and its final evaluation are over: a stop as the job ends cuts
+            # short only its plots, and the run stays done.
+            plots_skipped_by = "stopped as the job ended"
     assert result is not None  # the job ran to its end
-    _write_records(result)
+    _write_records(result, plots_skipped_by=plots_skipped_by)
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
     return result
 
@@ -503,13 +510,17 @@ def _in_run_folder(error: OSError, run_dir: Path) -> bool:
 
 
 def _write_records(
-    result: RunResult | None, outcome: str = "done", reason: str | None = None
+    result: RunResult | None,
+    outcome: str = "done",
+    reason: str | None = None,
+    *,
+    plots_skipped_by: str | None = None,
 ) -> None:
     """``write_run_records``; a run folder that cannot take them (made read-only, the disk
     full) is said in one line: a job that ended otherwise keeps its outcome (a warning), one
     that was done fails (``RunFolderError``: its summary.json is missing)."""
     try:
-        write_run_records(result, outcome, reason)
+        write_run_records(result, outcome, reason, plots_skipped_by=plots_skipped_by)
     except OSError as e:
         said = f"cannot write {e.filename}: {e.strerror}"
         if outcome == "done":

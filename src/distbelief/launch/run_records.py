@@ -23,12 +23,17 @@ STALENESS_FILE = "staleness.json"
 
 
 def write_run_records(
-    result: RunResult | None, outcome: str = "done", reason: str | None = None
+    result: RunResult | None,
+    outcome: str = "done",
+    reason: str | None = None,
+    *,
+    plots_skipped_by: str | None = None,
 ) -> None:
     """Writes the run folder's ``summary.json`` (``result`` ended by ``outcome`` for
     ``reason``), ``staleness.json`` and plots. Summary first: it says how the job ended, and
     must be there even if a second Ctrl-C cuts the drawing short. None (the job ended before
-    its cluster was open: no process had started) writes nothing.
+    its cluster was open: no process had started) writes nothing. ``plots_skipped_by`` (a
+    stop as the job ended, say) draws no plots: a line says why, and how to draw them later.
 
     Raises:
         ValueError: ``outcome`` is not one of ``summary.OUTCOMES``.
@@ -38,7 +43,19 @@ def write_run_records(
         return
     staleness = json.dumps(result.staleness, indent=2)
     write_text_atomic(result.run_dir / STALENESS_FILE, staleness)
+    if plots_skipped_by is not None:
+        _say_not_drawn(result.run_dir, plots_skipped_by)
+        return
     draw_plots(result.run_dir, job_done=outcome == "done")
+
+
+def _say_not_drawn(run_dir: Path, why: str) -> None:
+    logger.warning(
+        "plots of %s not drawn (%s); draw them later with: distbelief plot %s",
+        run_dir,
+        why,
+        run_dir,
+    )
 
 
 def draw_plots(run_dir: Path, *, job_done: bool = False) -> list[Path]:
@@ -57,12 +74,7 @@ def draw_plots(run_dir: Path, *, job_done: bool = False) -> list[Path]:
         # The user wants the launcher gone, not plots, but is told how to get them, as for a
         # plot that failed. A stop that ends a stopped job's drawing is its second: the
         # launcher leaves as interrupted. A done job stays done (summary.json says so).
-        logger.warning(
-            "plots of %s not drawn (%s); draw them later with: distbelief plot %s",
-            run_dir,
-            "stopped while drawing them" if job_done else "stopped again",
-            run_dir,
-        )
+        _say_not_drawn(run_dir, "stopped while drawing them" if job_done else "stopped again")
         if not job_done:
             raise
         return []

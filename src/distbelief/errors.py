@@ -140,8 +140,9 @@ class ClosedError(DistBeliefError, RuntimeError):
 
 
 class RendezvousError(DistBeliefError):
-    """The torch.distributed process group's store could not be reached, or no
-    ``ParameterServer`` published its address there in time."""
+    """The torch.distributed process group's store could not be reached, no
+    ``ParameterServer`` published its address there in time, or another process holds this
+    process's rank there."""
 
 
 class DatasetUnavailableError(DistBeliefError, FileNotFoundError):

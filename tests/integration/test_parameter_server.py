@@ -319,6 +319,57 @@ def test_scripts_that_destroy_the_group_before_close_end_cleanly(tmp_path):
     assert all("worker done" in out for out, _ in outputs[1:])
 
 
+SECOND_OF_RANK_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from distbelief.errors import RendezvousError
+from distbelief.optim import DownpourSGD
+
+init_method, rank, world_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
+try:
+    DownpourSGD(net.parameters(), lr=0.1, model=net)  # its exit would mark the rank finished
+except RendezvousError as e:
+    sys.exit(f"refused: {e}")
+print("joined", flush=True)
+"""
+
+
+def test_a_second_process_of_a_training_rank_is_refused(tmp_path):
+    """A process started with the rank of one that trains (a lazily connecting group, as
+    gloo's with TORCH_GLOO_LAZY_INIT=1 or nccl's, lets it past init_process_group) is refused
+    in one line naming the rank; the rank's own process trains on, and the server waits for
+    it rather than ending on the second one's finish."""
+    script = tmp_path / "second.py"
+    script.write_text(SECOND_OF_RANK_SCRIPT)
+    with _serving_group(tmp_path) as (server, _):
+        model = _model()
+        optimizer = DownpourSGD(model.parameters(), lr=0.1, n_push=1, n_pull=1, model=model)
+        second = subprocess.run(
+            [sys.executable, str(script), f"file://{tmp_path / 'store'}", "1", "2"],
+            env={**CHILD_ENV, "TORCH_GLOO_LAZY_INIT": "1"},
+            capture_output=True,
+            text=True,
+            timeout=SCRIPTS_TIMEOUT_S,
+        )
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert re.fullmatch(
+            r"refused: rank 1 is taken: process \S+:\d+ \(host:pid\) trains as rank 1 with "
+            r"the ParameterServer; give this process a rank of its own\n",
+            second.stderr,
+        ), second.stderr
+        _train_with_scheduler("step", model, optimizer)
+        optimizer.close()
+        out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert f"server done {STEPS_PER_EPOCH * NUM_EPOCHS} True []" in out, out
+
+
 LIVENESS_TIMEOUT_S = "2"
 """The server's grace for a rank whose connections all closed (its default is 10 s)."""
 

@@ -203,7 +203,8 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
             or ``on_push_applied`` of the wrong type. Pickling or copying the optimizer is
             refused too (it holds connections): save its ``state_dict()``.
         RendezvousError: no ParameterServer published its address within hold_timeout_s, or
-            the process group's store could not be reached within it (its rank is gone).
+            the process group's store could not be reached within it (its rank is gone), or
+            another process holds this rank (names it).
         ModelMismatchError: the shards hold a different model.
         ConsistencyMismatchError: the shards run different consistency settings, or sync
             rounds of another number of workers than ``num_workers``.

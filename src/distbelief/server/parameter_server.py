@@ -237,6 +237,7 @@ class ParameterServer:
         workers = self._store.worker_ids(session, unfinished) if unfinished else {}
         for rank, reason in self._watch.update(unfinished, workers).items():
             logger.warning("rank %d %s", rank, reason)
+            self._store.release_rank(session, rank)
         if not unfinished:
             logger.info("every rank finished: stopping the parameter server")
         elif set(unfinished) == set(self._watch.lost):

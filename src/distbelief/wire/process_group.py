@@ -1,6 +1,6 @@
 """The parameter server's rendezvous in a torch.distributed process group: its address and job
-key published in the default group's store, each rank's worker id, and which ranks have
-finished training.
+key published in the default group's store, which process holds each rank, each rank's worker
+id, and which ranks have finished training.
 
 The one module that touches torch.distributed; it reads and writes only keys under
 ``distbelief/`` and never runs a collective, so it cannot deadlock the user's own collectives.
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from distbelief.errors import RendezvousError
 _SERVER_KEY = "distbelief/server"
 _FINISHED_PREFIX = "distbelief/finished"
 _WORKER_PREFIX = "distbelief/worker"
+_HOLDER_PREFIX = "distbelief/holder"
 _POLL_S = 0.1
 DEFAULT_STORE_TIMEOUT_S = 30.0
 """Limit of each store operation on distbelief's own connection to the store."""
@@ -153,8 +156,23 @@ class GroupStore:
         return ServerRecord.from_json(raw.decode())
 
     def register_worker(self, session: str, worker_id: str) -> None:
-        """Record the worker id this rank gives the server of ``session`` (which tells by it
-        whether the rank is still connected)."""
+        """Claim this rank for this process at the server of ``session`` (a process claims it
+        again freely: a script's second DownpourSGD), then record the worker id it gives the
+        server (which tells by it whether the rank is still connected).
+
+        Raises:
+            RendezvousError: another process holds this rank (one started with the same rank
+                as a running one: its finish would end the running one's), or the store failed.
+        """
+        holder = f"{socket.gethostname()}:{os.getpid()}"
+        key = f"{_HOLDER_PREFIX}/{session}/{self.rank}"
+        # Atomic: of two processes claiming a rank at once, exactly one gets it.
+        held_by = self._call("claiming this rank", self._store.compare_set, key, "", holder)
+        if held_by.decode() != holder:
+            raise RendezvousError(
+                f"rank {self.rank} is taken: process {held_by.decode()} (host:pid) trains as "
+                f"rank {self.rank} with the ParameterServer; give this process a rank of its own"
+            )
         key = f"{_WORKER_PREFIX}/{session}/{self.rank}"
         self._call("registering this rank's worker id", self._store.set, key, worker_id)
 
@@ -166,6 +184,12 @@ class GroupStore:
             if self._call("reading worker ids", self._store.check, [key]):
                 ids[rank] = self._call("reading worker ids", self._store.get, key).decode()
         return ids
+
+    def release_rank(self, session: str, rank: int) -> None:
+        """Let another process claim ``rank`` at the server of ``session`` (its holder is
+        gone: a process restarted with its rank may take over)."""
+        key = f"{_HOLDER_PREFIX}/{session}/{rank}"
+        self._call("releasing a lost rank", self._store.delete_key, key)
 
     def mark_finished(self, session: str) -> None:
         """Record that this rank is done with the server of ``session``."""

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -374,8 +375,11 @@ LIVENESS_TIMEOUT_S = "2"
 """The server's grace for a rank whose connections all closed (its default is 10 s)."""
 
 
-def test_the_server_ends_by_itself_when_a_rank_is_killed(tmp_path):
-    """Rank 2 is SIGKILLed while it trains: the server ends once rank 1 has finished."""
+@contextlib.contextmanager
+def _rank_2_killed(tmp_path):
+    """A group of 3 whose server gives a rank up 2 s after its connections closed; rank 2
+    (tmp_path/worker.py) is SIGKILLed once it has pushed. Yields the server's process, and
+    this rank's (1) model and blocking DownpourSGD, connected before the kill."""
     worker_script = tmp_path / "worker.py"
     worker_script.write_text(WORKER_SCRIPT)
     until_killed = (str(worker_script), "0")
@@ -391,12 +395,45 @@ def test_the_server_ends_by_itself_when_a_rank_is_killed(tmp_path):
         assert doomed.stdout.readline() == "training\n"  # it has pushed: it is connected
         doomed.kill()
         doomed.wait()
+        yield server, model, optimizer
+
+
+def test_the_server_ends_by_itself_when_a_rank_is_killed(tmp_path):
+    """Rank 2 is SIGKILLed while it trains: the server ends once rank 1 has finished."""
+    with _rank_2_killed(tmp_path) as (server, model, optimizer):
         _train_with_scheduler("step", model, optimizer)
         optimizer.close()
         out, err = server.communicate(timeout=120)
     assert server.returncode == 0, err[-2000:]
     assert re.search(r"server done \d+ False \[2\]", out), out
     assert re.search(r"rank 2 left without finishing \(its connections closed \d+s ago\)", err)
+
+
+def test_a_rank_given_up_as_lost_may_be_taken_by_a_new_process(tmp_path):
+    """Rank 2 is SIGKILLed while it trains; a process started again as rank 2 (a lazily
+    connecting group lets it past init_process_group) is refused until the server has given
+    the killed one up, then trains its steps: the server ends with every rank finished."""
+    with _rank_2_killed(tmp_path) as (server, model, optimizer):
+        init_method = f"file://{tmp_path / 'store'}"
+        restart = [sys.executable, str(tmp_path / "worker.py"), init_method, "2", "3"]
+        deadline = time.monotonic() + 60  # the liveness timeout is 2 s
+        while (
+            restarted := subprocess.run(
+                restart,
+                env={**CHILD_ENV, "TORCH_GLOO_LAZY_INIT": "1"},
+                capture_output=True,
+                text=True,
+                timeout=SCRIPTS_TIMEOUT_S,
+            )
+        ).returncode != 0:
+            assert "rank 2 is taken" in restarted.stderr, restarted.stderr[-2000:]
+            assert time.monotonic() < deadline, "rank 2 stayed taken"
+        assert restarted.stdout.endswith("worker done\n"), restarted.stdout
+        _train_with_scheduler("step", model, optimizer)
+        optimizer.close()
+        out, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert re.search(r"server done \d+ True \[\]", out), out
 
 
 def test_a_with_block_ended_by_ctrl_c_still_tells_the_server_this_rank_finished(tmp_path):

@@ -360,8 +360,8 @@ def test_a_second_process_of_a_training_rank_is_refused(tmp_path):
         assert second.returncode == 1, second.stderr[-2000:]
         assert "Traceback" not in second.stderr, second.stderr[-2000:]
         assert re.fullmatch(
-            r"refused: rank 1 is taken: process \S+:\d+ \(host:pid\) trains as rank 1 with "
-            r"the ParameterServer; give this process a rank of its own\n",
+            r"refused: rank 1 is taken: process \S+:\d+:\w+ \(host:pid:token\) trains as "
+            r"rank 1 with the ParameterServer; give this process a rank of its own\n",
             second.stderr,
         ), second.stderr
         _train_with_scheduler("step", model, optimizer)

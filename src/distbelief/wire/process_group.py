@@ -25,6 +25,9 @@ _SERVER_KEY = "distbelief/server"
 _FINISHED_PREFIX = "distbelief/finished"
 _WORKER_PREFIX = "distbelief/worker"
 _HOLDER_PREFIX = "distbelief/holder"
+_PROCESS_TOKEN = secrets.token_hex(4)
+"""With the host and pid, names this process as a rank's holder: two containers that share a
+host name can each run their script as pid 1."""
 _POLL_S = 0.1
 DEFAULT_STORE_TIMEOUT_S = 30.0
 """Limit of each store operation on distbelief's own connection to the store."""
@@ -164,14 +167,15 @@ class GroupStore:
             RendezvousError: another process holds this rank (one started with the same rank
                 as a running one: its finish would end the running one's), or the store failed.
         """
-        holder = f"{socket.gethostname()}:{os.getpid()}"
+        holder = f"{socket.gethostname()}:{os.getpid()}:{_PROCESS_TOKEN}"
         key = f"{_HOLDER_PREFIX}/{session}/{self.rank}"
         # Atomic: of two processes claiming a rank at once, exactly one gets it.
         held_by = self._call("claiming this rank", self._store.compare_set, key, "", holder)
         if held_by.decode() != holder:
             raise RendezvousError(
-                f"rank {self.rank} is taken: process {held_by.decode()} (host:pid) trains as "
-                f"rank {self.rank} with the ParameterServer; give this process a rank of its own"
+                f"rank {self.rank} is taken: process {held_by.decode()} (host:pid:token) trains "
+                f"as rank {self.rank} with the ParameterServer; give this process a rank of its "
+                "own"
             )
         key = f"{_WORKER_PREFIX}/{session}/{self.rank}"
         self._call("registering this rank's worker id", self._store.set, key, worker_id)

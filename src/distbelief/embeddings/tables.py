@@ -38,6 +38,7 @@ from distbelief.embeddings.modules import (
     table_widths,
 )
 from distbelief.errors import ClosedError
+from distbelief.optim.closing import flush_then_close
 from distbelief.optim.connection_settings import (
     AUTH_KEY_FILE_ENV,
     _key_bytes,
@@ -536,16 +537,12 @@ class ShardedEmbeddings:
         retrying a shard that is down stop retrying."""
         if self._closed:
             return
-        interrupted = not flush
-        try:
-            if flush and not self.client.unreachable:
-                self.flush()
-        except KeyboardInterrupt:
-            interrupted = True  # Ctrl-C during the flush: no more waiting for the shards
-            raise
-        finally:
+
+        def close(interrupted: bool) -> None:
             self._closed = True
             self.client.close(wait=not (self.client.unreachable or interrupted))
+
+        flush_then_close(self.flush if flush and not self.client.unreachable else None, close)
 
     def take_figures(self) -> dict[str, int]:
         """Rows pulled and pushed, and cache hits and misses, since the last call."""

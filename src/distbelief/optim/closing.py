@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+from collections.abc import Callable
 from typing import Self
 
 from distbelief.errors import ClosedError, PSError, RendezvousError
@@ -22,6 +23,21 @@ INTERRUPTED_STORE_TIMEOUT_S = 5.0
 """How long a close on Ctrl-C tries to reach the process group's store to say this rank
 finished: an up store answers in milliseconds, and one whose rank is gone (killed with the
 ParameterServer it ran) would keep the interrupted script waiting the usual 30 s."""
+
+
+def flush_then_close(flush: Callable[[], object] | None, close: Callable[[bool], None]) -> None:
+    """Runs ``flush`` (None: nothing more is pushed), then ``close(interrupted)`` however the
+    flush ended: ``interrupted`` without a flush, or when Ctrl-C cut it short (no more waiting
+    for the shards). How a DownpourSGD and a ShardedEmbeddings end."""
+    interrupted = flush is None
+    try:
+        if flush is not None:
+            flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        close(interrupted)
 
 
 class ClosingOptimizer:
@@ -52,14 +68,8 @@ class ClosingOptimizer:
             return
         if self._server is not None:
             atexit.unregister(self._close_at_exit)
-        interrupted = not flush
-        try:
-            if flush and not self.client.unreachable:
-                self.flush()
-        except KeyboardInterrupt:
-            interrupted = True  # Ctrl-C during the flush: no more waiting for the shards
-            raise
-        finally:
+
+        def close(interrupted: bool) -> None:
             # A flush that found the shards gone already waited out the retries; so did the
             # step that found it before. Queued requests then stop retrying, and a server that
             # is gone needs no word that this rank finished (its store may be gone with it).
@@ -73,6 +83,8 @@ class ClosingOptimizer:
                 # The last references to a shared outbox: its mapping goes now, not when this
                 # optimizer is collected (a script goes on evaluating or saving after close).
                 self._outbox, self._push_futures = {}, []
+
+        flush_then_close(self.flush if flush and not self.client.unreachable else None, close)
 
     def _mark_finished(self, *, quietly: bool) -> None:
         """Tell the ParameterServer this rank has finished; ``quietly`` (on Ctrl-C), a store

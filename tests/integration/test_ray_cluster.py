@@ -683,6 +683,8 @@ def _processes_naming(folder: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_while_the_embedded_instance_starts_leaves_nothing_behind(tmp_path):
+    """Sent to the launcher's whole group, as Ctrl-C at a terminal sends SIGINT: the launcher,
+    away from its group while Ray starts, gets it from the group's stand-in."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         [
@@ -693,6 +695,7 @@ def test_sigterm_while_the_embedded_instance_starts_leaves_nothing_behind(tmp_pa
         stderr=subprocess.PIPE,
         text=True,
         env=CHILD_ENV,
+        process_group=0,  # a group of its own, which it leads: as a shell's job
     )
     # Ray names its session's folder after the process that starts it: this launcher's.
     pattern = f"distbelief-ray-*/session_*_{launcher.pid}"
@@ -704,7 +707,7 @@ def test_sigterm_while_the_embedded_instance_starts_leaves_nothing_behind(tmp_pa
         )
         sessions = list(Path(tempfile.gettempdir()).glob(pattern))
         assert sessions, "the launcher ended before Ray started"
-        launcher.send_signal(signal.SIGTERM)
+        os.killpg(launcher.pid, signal.SIGTERM)
         _, err = launcher.communicate(timeout=200)
     finally:
         if launcher.poll() is None:

@@ -5,6 +5,10 @@ A signal to the launcher's whole group (``timeout`` sends its SIGTERM that way, 
 ``kill -TERM -PGID``) then reaches the launcher, which stops the job in order and shuts the
 helpers down itself; it no longer kills them first, which left the launcher waiting on a Ray
 that was gone. Ctrl-C needs none of this: Ray's processes block SIGINT.
+
+While the helpers start (seconds, for Ray) the launcher itself is away from its group: a
+stand-in stays there and passes on what the group is sent (Ctrl-C at a terminal, SIGTERM to the
+group, SIGHUP) to the launcher, which would otherwise miss it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -20,6 +25,25 @@ from collections.abc import Iterator
 logger = logging.getLogger(__name__)
 
 _HOLDER_EXIT_TIMEOUT_S = 10.0
+_STAND_IN_READY_TIMEOUT_S = 30.0
+"""Longest wait for the stand-in's interpreter to start (tens of ms on an idle machine)."""
+
+_STAND_IN = """
+import os, signal, sys
+launcher = int(sys.argv[1])
+def pass_on(signum, _frame):
+    # Back in the group (the block's end), the launcher got the signal itself: no second one.
+    try:
+        if os.getpgid(launcher) != os.getpgrp():
+            os.kill(launcher, signum)
+    except ProcessLookupError:
+        sys.exit(0)  # the launcher is gone: nothing to pass on to
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, pass_on)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+"""Stays in the launcher's group while the launcher is away, passing on its stopping signals."""
 
 
 @contextlib.contextmanager
@@ -39,6 +63,10 @@ def in_a_process_group_of_their_own() -> Iterator[None]:
         yield
         return
     own_group = os.getpgrp()
+    stand_in = _start_stand_in()
+    if stand_in is None:
+        yield
+        return
     try:
         holder = subprocess.Popen(
             [sys.executable, "-c", "import sys; sys.stdin.read()"],
@@ -47,6 +75,7 @@ def in_a_process_group_of_their_own() -> Iterator[None]:
         )
     except OSError as e:
         logger.debug("cannot start a process group's holder: %s", e)
+        _release(stand_in)
         yield
         return
     try:
@@ -54,6 +83,7 @@ def in_a_process_group_of_their_own() -> Iterator[None]:
     except OSError as e:
         logger.debug("cannot join a new process group: %s", e)
         _release(holder)
+        _release(stand_in)
         yield
         return
     try:
@@ -61,6 +91,29 @@ def in_a_process_group_of_their_own() -> Iterator[None]:
     finally:
         _return_to(own_group)
         _release(holder)
+        _release(stand_in)
+
+
+def _start_stand_in() -> subprocess.Popen | None:
+    """The stand-in, in this process's group, once it passes signals on; None (logged) where
+    it cannot start or does not report ready in time."""
+    try:
+        stand_in = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _STAND_IN, str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+    except OSError as e:
+        logger.debug("cannot start a process group's stand-in: %s", e)
+        return None
+    assert stand_in.stdout is not None
+    # Until its handlers are in place a signal would end it, and the launcher would miss it.
+    readable, _, _ = select.select([stand_in.stdout], [], [], _STAND_IN_READY_TIMEOUT_S)
+    if readable and stand_in.stdout.readline() == b"ready\n":
+        return stand_in
+    logger.debug("a process group's stand-in did not start within %.0fs", _STAND_IN_READY_TIMEOUT_S)
+    _release(stand_in)
+    return None
 
 
 def _return_to(group: int) -> None:
@@ -78,9 +131,12 @@ def _return_to(group: int) -> None:
 
 
 def _release(holder: subprocess.Popen) -> None:
-    """End the holder (EOF on its stdin); the group lives on with the processes in it."""
+    """End the holder or the stand-in (EOF on its stdin); the group lives on with the processes
+    in it."""
     assert holder.stdin is not None
     holder.stdin.close()
+    if holder.stdout is not None:
+        holder.stdout.close()
     try:
         holder.wait(timeout=_HOLDER_EXIT_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -824,3 +825,18 @@ def test_a_ray_cluster_starts_nothing_after_stop_all(ray_nodes, tmp_path):
     assert result.stdout.splitlines()[-1:] == [
         "ClosedError: RayCluster: start of shard0 after stop_all()"
     ], result.stderr[-3000:]
+
+
+@needs_ray
+def test_auto_naming_no_ray_head_names_where_it_came_from(monkeypatch):
+    from distbelief.errors import ConfigFieldError
+    from distbelief.launch.ray_session import check_address
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        stale = f"127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.setenv("RAY_ADDRESS", stale)
+    with pytest.raises(
+        ConfigFieldError, match=rf"at auto \(RAY_ADDRESS={stale}\), which Ray dials"
+    ):
+        check_address("auto")

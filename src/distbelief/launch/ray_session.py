@@ -87,10 +87,17 @@ def check_address(address: str) -> None:
     found = _address_of_auto() if address == "auto" else _address_dialed(address)
     if found is None:  # this Ray cannot say where auto leads (ray.init finds out)
         return
-    shown = found
-    if address not in ("auto", found):
-        shown = f"{address}, which Ray dials as {found}"
-    _check_head_answers(found, shown=shown)
+    _check_head_answers(found, shown=_address_shown(address, found))
+
+
+def _address_shown(address: str, found: str) -> str:
+    """``address`` as typed, with what Ray dials for it where that differs; for auto, where
+    Ray found it (RAY_ADDRESS, when set: a stale one is then named)."""
+    if address == found:
+        return address
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        address = f"auto (RAY_ADDRESS={os.environ['RAY_ADDRESS']})"
+    return f"{address}, which Ray dials as {found}"
 
 
 def _address_dialed(address: str) -> str:

@@ -302,6 +302,21 @@ def test_a_tensor_file_that_cannot_be_written_is_an_os_error_naming_it(tmp_path,
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
+def test_a_folder_refusing_the_save_is_an_os_error_naming_the_tensor_file(tmp_path, monkeypatch):
+    """A checkpoint folder made read-only refuses the temporary folder the tensor file is
+    written in: the error (logged at every periodic try, and the last save's) names the
+    checkpoint file, not that temporary, which exists nowhere and changes at every try."""
+
+    def read_only_folder(dir, prefix, suffix):  # os.mkdir's error there, as mkdtemp passes it on
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}k3x9q2mz{suffix}")
+
+    monkeypatch.setattr(checkpoint_module.tempfile, "mkdtemp", read_only_folder)
+    expected = f"[Errno 13] Permission denied: '{tmp_path / 'shard1-v000000000000.safetensors'}'"
+    with pytest.raises(PermissionError, match=f"^{re.escape(expected)}$"):
+        save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_periodic_saves_go_on_after_a_save_fails_unexpectedly(tmp_path):
     """A save that fails with something other than an OSError is logged, and the next
     interval's save is tried as after any failure: the thread does not end."""

@@ -54,7 +54,7 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             disk, say) as its own error; callers that log and retry failed writes see it as
             the OSError every other write raises.
     """
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    staging = _make_staging_folder(path)
     try:
         staged = staging / path.name
         write_file_atomic(staged, lambda tmp: save_file(tensors, str(tmp)))
@@ -63,6 +63,16 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         raise OSError(f"cannot write {path}: {e}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_staging_folder(path: Path) -> Path:
+    """The temporary folder ``write_tensor_file`` writes ``path`` in. A folder that cannot be
+    made there (a read-only or full disk) is an OSError naming ``path``, not the temporary
+    name, which exists nowhere and differs at every try."""
+    try:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def remove_unfinished_saves(directory: str | Path, stems: tuple[str, ...]) -> None:

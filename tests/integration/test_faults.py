@@ -421,6 +421,38 @@ def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
     assert json.loads((checkpoints / "shard0.json").read_text())["version"] == 7
 
 
+def test_a_shard_that_cannot_save_its_last_checkpoint_says_so_in_one_line(tmp_path):
+    """``distbelief ps`` stopped by SIGTERM whose checkpoint folder is gone (here replaced by a
+    file, as a disk unmounted under it would be) cannot save what it applied since: one line
+    naming the folder, exit 1 (not 130: the shard did not stop as asked), no traceback."""
+    checkpoints = tmp_path / "checkpoints"
+    process, address = start_shard(
+        0, 1, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "3600"
+    )
+    try:
+        model = nn.Linear(4, 2)
+        optimizer = DownpourSGD(
+            model.parameters(), lr=0.1, model=model, ps=[address], blocking=True, timeout_s=30
+        )
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(3, 4)).sum().backward()
+            optimizer.step()
+        optimizer.close()
+        checkpoints.rename(tmp_path / "aside")
+        checkpoints.write_text("not a folder")
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        said = process.stderr_tail(lines=50)
+    finally:
+        stop_processes([process])
+    assert process.returncode == 1, said
+    assert "Traceback" not in said, said
+    assert said.splitlines()[-1] == (
+        f"distbelief ps: FileExistsError: [Errno 17] File exists: '{checkpoints}'"
+    ), said
+
+
 def _downpour(model: nn.Module, address: str, **options) -> DownpourSGD:
     # timeout_s not 1 s: a busy machine's fresh shard can take longer to answer the handshake.
     # The failures the tests wait for do not wait for it: a stopped shard refuses connections.

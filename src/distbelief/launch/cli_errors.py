@@ -1,7 +1,7 @@
 """A command's failures as its exit code and one line on stderr: a bad flag or input as
 argparse reports one (naming the flag as the user typed it, exit 2), a failed process as its
-name and error (exit 1), an interruption (exit 130). ``--verbose`` adds the traceback. It only
-reports: the commands themselves live in ``cli.py``.
+name and error (exit 1), as is a file it could not write, an interruption (exit 130).
+``--verbose`` adds the traceback. It only reports: the commands themselves live in ``cli.py``.
 """
 
 from __future__ import annotations
@@ -197,5 +197,11 @@ def run_reporting_failures(args: argparse.Namespace, command: Callable[[], int])
         if isinstance(e, BindError) and getattr(args, "bind", None):
             # ps, or a worker's stage: its port was taken after check_bind_is_here
             return usage_error(args, f"argument --bind: {e}")
+        print(f"{prefix}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        # A file the command could not write (a shard's last checkpoint in a folder made
+        # read-only, or on a full disk): the file and why, as a failed process is said.
+        _traceback_if_verbose(args)
         print(f"{prefix}: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_FAILED

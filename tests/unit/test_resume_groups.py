@@ -200,9 +200,30 @@ def test_a_new_run_does_not_take_a_folder_of_sandblaster_checkpoints(tmp_path, c
     shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
     shard.initialize(SPECS, [torch.arange(8, dtype=torch.float32)])
     save_checkpoint(shard.snapshot(), tmp_path / "run" / "checkpoints" / "lbfgs-000003")
+    (tmp_path / "run" / "config.json").write_text(JobConfig().to_json())
     assert main(["train", "--no-eval", "--out", str(tmp_path / "run")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "holds another run's checkpoints: use --resume" in last, last
+
+
+def test_a_new_run_does_not_take_checkpoints_of_no_run(tmp_path, capsys):
+    """Checkpoints without a config.json beside them (a ``distbelief ps --checkpoint-dir``
+    folder) are refused too, and without the advice to resume them, which --resume refuses
+    (not a run folder)."""
+    from distbelief.launch.cli import main
+
+    shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
+    shard.initialize(SPECS, [torch.arange(8, dtype=torch.float32)])
+    save_checkpoint(shard.snapshot(), tmp_path / "run" / "checkpoints")
+    before = sorted(path.name for path in (tmp_path / "run").rglob("*"))
+    assert main(["train", "--no-eval", "--out", str(tmp_path / "run")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        f"distbelief train: error: --out {tmp_path / 'run'} holds checkpoints of no run (no "
+        "config.json beside them: a `distbelief ps --checkpoint-dir` folder's?), which a new "
+        "run would write over: give another folder"
+    )
+    assert sorted(path.name for path in (tmp_path / "run").rglob("*")) == before
 
 
 def test_a_new_run_does_not_write_over_records_of_no_run(tmp_path, capsys):

@@ -136,7 +136,7 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
     if resume and not has_checkpoints:
         raise nothing_to_resume(run_dir, run_dir / CHECKPOINT_DIR)
     if has_checkpoints and not resume:
-        raise ValueError(f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}")
+        raise _checkpoints_refused(run_dir)
     if not resume and (run_dir / "metrics.csv").exists() and not (run_dir / "config.json").exists():
         # A run folder has its config.json from its start: these records are someone else's.
         raise ValueError(
@@ -146,6 +146,21 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
     config = config.with_fields({"reporting.out_dir": str(run_dir)})
     write_text_atomic(run_dir / "config.json", config.to_json())
     return config
+
+
+def _checkpoints_refused(run_dir: Path) -> ValueError:
+    """Why a new run may not take ``run_dir``, which holds checkpoints: another run's, which
+    ``--resume`` continues, or, without a config.json beside them (a ``distbelief ps
+    --checkpoint-dir`` folder's), no run's, which ``--resume`` cannot continue either."""
+    if (run_dir / "config.json").exists():
+        return ValueError(
+            f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}"
+        )
+    return ValueError(
+        f"--out {run_dir} holds checkpoints of no run (no config.json beside them: a "
+        "`distbelief ps --checkpoint-dir` folder's?), which a new run would write over: give "
+        "another folder"
+    )
 
 
 def engine_cluster(engine: str) -> type[Cluster]:

@@ -409,6 +409,29 @@ def test_an_interrupted_swap_is_named(run):
         reshard_run(run_dir, 3)
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["train", "--resume", "RUN"], ["train", "--out", "RUN", "--no-eval"]],
+    ids=["resume", "out"],
+)
+def test_a_run_left_by_an_interrupted_swap_is_not_taken_for_a_new_one(run, argv, capsys):
+    """Its checkpoints set aside by a reshard killed mid-swap, a run is told where they are:
+    ``--resume`` does not call it a run that saved none (and send the user to ``--out``), and
+    ``--out`` does not start a new run over its records."""
+    run_dir = run[0]
+    (run_dir / "checkpoints").rename(run_dir / "checkpoints.old-1234")
+    before = _snapshot(run_dir)
+    argv = [str(run_dir) if arg == "RUN" else arg for arg in argv]
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"distbelief train: error: {argv[1]} {run_dir}: "), last
+    assert last.endswith(
+        f"{run_dir / 'checkpoints'} is missing and {run_dir / 'checkpoints.old-1234'} is "
+        "there: a reshard was interrupted; rename checkpoints.old-1234 back to checkpoints"
+    ), last
+    assert _snapshot(run_dir) == before
+
+
 def test_sandblaster_runs_reshard_their_committed_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"

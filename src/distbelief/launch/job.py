@@ -24,6 +24,7 @@ from distbelief.config import JobConfig
 from distbelief.coordinator.checkpoint import RECORD_FILE
 from distbelief.data.files import FILE_DATASETS, require_data_files
 from distbelief.errors import (
+    CheckpointError,
     ChildFailedError,
     DistBeliefError,
     LauncherInterrupted,
@@ -52,6 +53,7 @@ from distbelief.launch.resume_layout import check_resumed_layout, check_shards_f
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.run_records import write_run_records
 from distbelief.launch.rundir import (
+    interrupted_reshard,
     missing_run_folder,
     nothing_to_resume,
     prepare_run_dir,
@@ -126,6 +128,9 @@ def _open_cluster(
 def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
     """The config with the run folder's path filled in (and written there); refuses to mix
     runs."""
+    interrupted = interrupted_reshard(run_dir)
+    if interrupted is not None:  # its checkpoints are set aside, not gone
+        raise CheckpointError(f"--{'resume' if resume else 'out'} {run_dir}: {interrupted}")
     checkpoints = run_dir / CHECKPOINT_DIR
     has_checkpoints = (
         any(checkpoints.glob("shard*.json"))

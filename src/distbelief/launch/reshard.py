@@ -26,7 +26,11 @@ from distbelief.launch.resume import (
 )
 from distbelief.launch.resume_layout import check_every_shard_gets_parameters
 from distbelief.launch.run_lock import run_dir_locked
-from distbelief.launch.rundir import missing_run_folder
+from distbelief.launch.rundir import (
+    RESHARD_ASIDE_PREFIX,
+    interrupted_reshard,
+    missing_run_folder,
+)
 from distbelief.server.checkpoint import load_checkpoint, save_checkpoint
 from distbelief.server.reshard_dense import (
     WholeModel,
@@ -49,7 +53,6 @@ _SHARD_FILES = re.compile(
     r"|\..+\.tmp"
 )
 """Files of a checkpoint folder that the new set replaces (temporaries of a crashed save too)."""
-_OLD_PREFIX = f"{CHECKPOINT_DIR}.old-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +218,9 @@ def _base_folder(root: Path, config: JobConfig) -> Path:
     """The folder the shards restore from: ``checkpoints/``, or the tag that a Sandblaster
     coordinator's last committed checkpoint names."""
     if not root.is_dir():
-        interrupted = sorted(root.parent.glob(f"{_OLD_PREFIX}*"))
-        if interrupted:
-            raise CheckpointError(
-                f"{root} is missing and {interrupted[0]} is there: a reshard was interrupted; "
-                f"rename {interrupted[0].name} back to {CHECKPOINT_DIR}"
-            )
+        interrupted = interrupted_reshard(root.parent)
+        if interrupted is not None:
+            raise interrupted
         raise ValueError(f"{root.parent}: no {CHECKPOINT_DIR} folder to reshard")
     if config.optimizer.algorithm != "sandblaster":
         return root
@@ -359,7 +359,7 @@ def _swap(run_dir: Path, root: Path, staging: Path, config: JobConfig) -> None:
             handle.write(config.to_json())
             handle.flush()
             os.fsync(handle.fileno())
-        old = run_dir / f"{_OLD_PREFIX}{secrets.token_hex(4)}"
+        old = run_dir / f"{RESHARD_ASIDE_PREFIX}{secrets.token_hex(4)}"
         os.rename(root, old)
         try:
             os.rename(staging, root)

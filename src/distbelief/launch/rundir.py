@@ -5,9 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from distbelief.errors import CheckpointError
 from distbelief.files import make_folder, write_text_atomic
+from distbelief.launch.cluster import CHECKPOINT_DIR
 
 __all__ = [
+    "RESHARD_ASIDE_PREFIX",
+    "interrupted_reshard",
     "missing_run_folder",
     "nothing_to_resume",
     "prepare_run_dir",
@@ -35,9 +39,34 @@ def missing_run_folder(path: Path | str) -> str | None:
     return "a file, not a run folder" if folder.exists() else "no such run folder"
 
 
+RESHARD_ASIDE_PREFIX = f"{CHECKPOINT_DIR}.old-"
+"""How ``reshard`` names a run's checkpoints folder while it puts the new set in its place."""
+
+
+def interrupted_reshard(run_dir: Path) -> CheckpointError | None:
+    """The error for a run folder whose reshard was killed between setting its checkpoints
+    aside and putting the new set in their place (``checkpoints/`` missing, a
+    ``checkpoints.old-*`` folder there); None for any other folder."""
+    checkpoints = run_dir / CHECKPOINT_DIR
+    if checkpoints.exists():
+        return None
+    aside = sorted(run_dir.glob(f"{RESHARD_ASIDE_PREFIX}*"))
+    if not aside:
+        return None
+    return CheckpointError(
+        f"{checkpoints} is missing and {aside[0]} is there: a reshard was interrupted; "
+        f"rename {aside[0].name} back to {CHECKPOINT_DIR}"
+    )
+
+
 def nothing_to_resume(run_dir: Path, checkpoints: Path) -> ValueError:
     """The refusal of ``--resume`` for a run folder whose shards saved no checkpoint (a run
-    stopped in its first seconds): a new run in that folder is what goes on from there."""
+    stopped in its first seconds): a new run in that folder is what goes on from there. One
+    whose checkpoints an interrupted reshard left aside is told where they are instead: a
+    new run there would write over its records."""
+    interrupted = interrupted_reshard(run_dir)
+    if interrupted is not None:
+        return interrupted
     return ValueError(
         f"--resume {run_dir}: no shard checkpoints in {checkpoints} (it stopped before its "
         f"shards saved any: start it again with --out {run_dir})"

@@ -5,6 +5,7 @@ checkpoints are named and change nothing; Sandblaster's layout; the command line
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -430,6 +431,18 @@ def test_a_run_left_by_an_interrupted_swap_is_not_taken_for_a_new_one(run, argv,
         "there: a reshard was interrupted; rename checkpoints.old-1234 back to checkpoints"
     ), last
     assert _snapshot(run_dir) == before
+
+
+def test_what_a_reshard_killed_before_its_swap_left_is_removed_by_the_next(run):
+    """A reshard killed while it wrote the new set leaves that set, half-written, and the new
+    config.json's temporary: the next reshard of the folder removes them, and only them."""
+    run_dir, dense, tables = run
+    staging = run_dir / "checkpoints.reshard-k1ll3d00"
+    shutil.copytree(run_dir / "checkpoints", staging)
+    (run_dir / ".config.json.x7q2p9aa.tmp").write_text("{")
+    reshard_run(run_dir, 3)
+    assert sorted(path.name for path in run_dir.iterdir()) == ["checkpoints", "config.json"]
+    _check_run(run_dir, dense, tables, 3)
 
 
 def test_sandblaster_runs_reshard_their_committed_checkpoint(tmp_path):

@@ -148,6 +148,7 @@ def reshard_run(run_dir: str | Path, num_shards: int) -> ReshardSummary:
 
 def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
     config, new_config = _configs(run_dir, num_shards)
+    _remove_unfinished_reshards(run_dir)
     old_num_shards = config.cluster.num_shards
     root = run_dir / CHECKPOINT_DIR
     base = _base_folder(root, config)
@@ -179,6 +180,18 @@ def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return _summary(run_dir, old_num_shards, num_shards, folders, config)
+
+
+def _remove_unfinished_reshards(run_dir: Path) -> None:
+    """Delete what a reshard killed before its swap left: its new set, half-written (a copy of
+    the whole checkpoints folder at most), and its new config.json's temporary. The run
+    folder's lock is held: no other reshard, or job, is writing them. A ``checkpoints.old-*``
+    folder is kept: it may be the only set there is (``_swap``)."""
+    for staging in run_dir.glob(f"{CHECKPOINT_DIR}.reshard-*"):
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)
+    for config_text in run_dir.glob(".config.json.*.tmp"):
+        config_text.unlink(missing_ok=True)
 
 
 def _configs(run_dir: Path, num_shards: int) -> tuple[JobConfig, JobConfig]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from distbelief.client import ParameterServerClient
+from distbelief.client.rows import RowClient
 from distbelief.config import JobConfig
 from distbelief.data import load_dataset
 from distbelief.errors import ShardUnavailableError
@@ -309,3 +310,21 @@ def test_eval_and_worker_with_another_embedding_dim_are_told_to_give_the_jobs(sh
         assert "table tables.0 holds rows of 16 values on shard 0, not 8" in line
         assert line.endswith("give the job's --embedding-dim"), line
         assert "--model" not in line and "Traceback" not in refused.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_click_eval_refused_by_another_jobs_shards_leaves_them_no_tables(shard_cluster):
+    # Tables a refused evaluator declared would stay on the shards and go into their
+    # checkpoints, which --resume of that job would then refuse as another model's.
+    addresses = shard_cluster(1)
+    _initialise(addresses, seed=0)  # a lenet job's shards
+    click_job = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "200"]
+    refused = run_forked("eval", "--ps", addresses[0], *click_job, "--once", timeout_s=120)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "does not match the shards'" in refused.stderr.strip().splitlines()[-1]
+    reader = RowClient(addresses, {"tables.0": 16})
+    try:
+        [described] = reader.stats()
+    finally:
+        reader.close()
+    assert described["tables"] == {}

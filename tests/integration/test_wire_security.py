@@ -3,6 +3,7 @@ random, malformed and truncated frames."""
 
 import contextlib
 import json
+import logging
 import random
 import re
 import shutil
@@ -38,9 +39,10 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4))
 
 
-def test_only_key_holders_get_in(scheme):
+def test_only_key_holders_get_in(scheme, caplog):
     key = b"k" * 32
     server = serve(local_address(scheme), EchoService(), security=WireSecurity(auth_key=key))
+    caplog.set_level(logging.WARNING, logger="distbelief.wire")
     try:
         good = connect(server.address, name="shard", security=WireSecurity(auth_key=key))
         assert good.request(Message(ops.HELLO), timeout_s=5).meta == {"seen": 0}
@@ -52,8 +54,19 @@ def test_only_key_holders_get_in(scheme):
         stranger = connect(server.address, name="shard", security=WireSecurity(auth_key=b"x" * 32))
         with pytest.raises(ProtocolError, match="refused this job key"):
             stranger.request(Message(ops.HELLO), timeout_s=5)
+        # Both refusals are logged by the server, the keyless peer's too (it hangs up on the
+        # challenge, having sent a frame's first bytes: no connection lost).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(_refusals(caplog)) < 2:
+            time.sleep(0.05)
+        assert [why for why in _refusals(caplog)] == ["it has no job key", "wrong job key"]
     finally:
         server.stop()
+
+
+def _refusals(caplog) -> list[str]:
+    found = (re.search(r"failed authentication \((.+?)\)", r.getMessage()) for r in caplog.records)
+    return [match.group(1) for match in found if match]
 
 
 def test_a_key_given_to_a_shard_without_one_is_refused_at_once(scheme):

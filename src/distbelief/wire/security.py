@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from distbelief.errors import AuthenticationError, ProtocolError, TLSMismatchError
 
@@ -221,15 +221,22 @@ def check_answer(channel: Channel, key: bytes, challenge: bytes, timeout_s: floa
         ProtocolError: the peer does not hold the key.
         OSError / TimeoutError: the connection failed or the peer was too slow.
     """
-    answer = _recv_exact(channel, ANSWER_BYTES, time.monotonic() + timeout_s)
-    announced, proof = answer[: len(AUTH_MAGIC)], answer[len(AUTH_MAGIC) :]
-    if announced != AUTH_MAGIC or not hmac.compare_digest(
-        proof[:_DIGEST_BYTES], _mac(key, b"client", challenge)
-    ):
-        with contextlib.suppress(OSError):  # a peer gone already needs no answer
-            channel.sendall(KEY_REFUSED_NOTICE)
-        raise AuthenticationError("peer failed authentication (wrong or missing job key)")
+    deadline = time.monotonic() + timeout_s
+    # The announcement is read on its own: a peer without a key speaks first (a frame) and
+    # hangs up on the challenge, often before it has sent a whole answer's bytes; it is
+    # refused all the same, not taken for a connection lost.
+    if _recv_exact(channel, len(AUTH_MAGIC), deadline) != AUTH_MAGIC:
+        _refuse_key(channel, "it has no job key")
+    proof = _recv_exact(channel, ANSWER_BYTES - len(AUTH_MAGIC), deadline)
+    if not hmac.compare_digest(proof[:_DIGEST_BYTES], _mac(key, b"client", challenge)):
+        _refuse_key(channel, "wrong job key")
     channel.sendall(_mac(key, b"server", proof[_DIGEST_BYTES:]))
+
+
+def _refuse_key(channel: Channel, why: str) -> NoReturn:
+    with contextlib.suppress(OSError):  # a peer gone already needs no answer
+        channel.sendall(KEY_REFUSED_NOTICE)
+    raise AuthenticationError(f"peer failed authentication ({why})")
 
 
 def refuse_announced_key(channel: Channel) -> None:

@@ -453,6 +453,43 @@ def test_a_shard_that_cannot_save_its_last_checkpoint_says_so_in_one_line(tmp_pa
     ), said
 
 
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_stop_signal_does_not_cut_the_shards_last_checkpoint(tmp_path, second):
+    """Ctrl-C pressed twice (or SIGTERM after it, as a service manager sends it) while a
+    ``distbelief ps`` stops, its worker still connected: the stop still ends with the last
+    checkpoint saved, then the process exits 130."""
+    checkpoints = tmp_path / "checkpoints"
+    process, address = start_shard(
+        0, 1, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "3600", forked=False
+    )
+    model = nn.Linear(4, 2)
+    optimizer = DownpourSGD(
+        model.parameters(),
+        lr=0.1,
+        model=model,
+        ps=[address],
+        blocking=True,
+        timeout_s=30,
+        retry_timeout_s=1,
+    )
+    try:
+        for _ in range(7):
+            optimizer.zero_grad()
+            model(torch.randn(3, 4)).sum().backward()
+            optimizer.step()
+        # The worker stays connected: the shard's stop closes its connection before saving.
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        process.send_signal(second)
+        process.wait(timeout=60)
+    finally:
+        stop_processes([process])
+        with contextlib.suppress(ShardUnavailableError, ShardTimeoutError):
+            optimizer.close()
+    assert process.returncode == 130
+    assert json.loads((checkpoints / "shard0.json").read_text())["version"] == 7
+
+
 def _downpour(model: nn.Module, address: str, **options) -> DownpourSGD:
     # timeout_s not 1 s: a busy machine's fresh shard can take longer to answer the handshake.
     # The failures the tests wait for do not wait for it: a stopped shard refuses connections.

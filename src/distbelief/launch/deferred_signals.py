@@ -1,40 +1,13 @@
-"""Stretches of the launcher's main thread where SIGINT, SIGTERM and SIGHUP are only noted,
-then acted on (raised again for the handlers in place before) at the end: code there cannot be
-cut off half-way. A handler's exception lands wherever the interpreter is: inside a C extension's
-initialisation it can crash the interpreter; in an after-fork hook it is printed and lost; in
-the middle of Ray's start it leaves Ray's processes running with no one to stop them.
-"""
+"""The launcher's imports with SIGINT, SIGTERM and SIGHUP deferred (see
+``distbelief.deferred_signals``): torch's, orjson's and tensorboard's initialisation is C code,
+where a signal's exception can crash the interpreter or be lost."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import signal
-import threading
-from collections.abc import Iterator
 from types import ModuleType
 
-
-@contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP only noted inside the block; at its end (an exception or not) the
-    handlers in place before are put back and the first signal noted is raised again for
-    them. Outside the main thread (which alone runs signal handlers) the block runs as is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    noted: list[int] = []
-    # A handler installed outside Python (getsignal: None) could not be put back: left alone.
-    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    wanted = [s for s in stopping if signal.getsignal(s) is not None]
-    previous = {signum: signal.signal(signum, lambda n, _f: noted.append(n)) for signum in wanted}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if noted:
-            signal.raise_signal(noted[0])
+from distbelief.deferred_signals import signals_deferred
 
 
 def import_with_signals_deferred(*modules: str) -> ModuleType:

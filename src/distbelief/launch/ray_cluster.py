@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import ChildFailedError, ClosedError, ClusterError, LauncherInterrupted
 from distbelief.launch.cluster import (
     STOP_GRACE_S,
@@ -28,7 +29,6 @@ from distbelief.launch.cluster import (
     ProcessKind,
     ProcessSpec,
 )
-from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.entry import preloaded_modules
 from distbelief.launch.ray_actor import NodeHost, RoleActor
 from distbelief.launch.ray_endings import (

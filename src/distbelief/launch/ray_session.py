@@ -21,9 +21,9 @@ from types import ModuleType
 from typing import Any
 
 from distbelief.config import JobConfig
+from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import ClusterError, ConfigFieldError
 from distbelief.hosts import is_host
-from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.process_groups import in_a_process_group_of_their_own
 from distbelief.launch.ray_probe import GRPC_UNAUTHENTICATED, GRPC_UNIMPLEMENTED, ask_gcs
 

@@ -12,6 +12,7 @@ import threading
 import torch
 
 from distbelief.config import ConsistencyConfig, JobConfig
+from distbelief.deferred_signals import signals_deferred
 from distbelief.process import Emit, StopFlag
 from distbelief.server.groups import ShardGroups
 from distbelief.server.optimizers import ServerOptimizerFactory, server_optimizer_from_config
@@ -149,8 +150,11 @@ def serve_shard(
         while not stop.wait(_HEARTBEAT_S):
             emit("heartbeat", report())
     finally:
-        server.stop()
-        stop_saving()
+        # A second Ctrl-C or SIGTERM while stopping (pressed again, or a service manager's after
+        # it) is acted on once the last checkpoint is saved, not in the middle of it.
+        with signals_deferred():
+            server.stop()
+            stop_saving()
     return {"shard_id": shard_id, "address": server.address, **report()}
 
 

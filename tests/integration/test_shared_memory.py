@@ -6,6 +6,7 @@ pull fails over to a request, and the memory is unmapped."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -403,3 +404,21 @@ def test_a_placed_push_retried_on_a_shard_that_cannot_map_it_goes_with_its_tenso
             client.close()
     finally:
         stop_processes(processes)
+
+
+def test_the_debug_log_says_why_a_tcp_connection_pulls_and_pushes_by_request(monkeypatch, caplog):
+    """Under the transport tcp the connection to a shard of this host stays TCP: its pulls and
+    pushes go as requests, and the debug log says why (once), as it does for a refusal."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
+    process, address = start_shard(0, 1, "--server-lr", "1")
+    caplog.set_level(logging.DEBUG, logger="distbelief.client")
+    client = _client(address, "w0")
+    try:
+        flats = FlatLayout(SPECS).allocate()
+        for clock in (1, 2):
+            assert client.pull_now(flats, clock=clock) == [0]
+    finally:
+        client.close()
+        stop_processes([process])
+    said = [r.getMessage() for r in caplog.records if "by request" in r.getMessage()]
+    assert said == ["pulls and pushes by request: the transport is tcp"]

@@ -216,6 +216,8 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
         )
         if self._shared_memory is not None:
             self._owned.append(self._shared_memory)
+        elif shared_memory:
+            logger.debug("pulls and pushes by request: the transport is tcp")
 
     def _identity(self, clock: int) -> dict:
         if self.worker_id is None:

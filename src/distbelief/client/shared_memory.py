@@ -75,7 +75,12 @@ class SharedMemory:
         self._slices = [list(pieces) for pieces in slices]
         self._channel_of = channel_of
         self._reads = reads
-        self._usable = sharing_supported() is None
+        unsupported = sharing_supported()
+        self._usable = unsupported is None
+        if unsupported is not None:
+            logger.debug("pulls and pushes by request: %s", unsupported)
+        self._said_tcp = [False] * len(self._slices)
+        """Per shard: whether the debug log said its pulls and pushes go by request on TCP."""
         self._shards: list[_Shard | None] = [None] * len(self._slices)
         self._unreported = [0] * len(self._slices)
         self._outboxes: list[SharedTensors] = []
@@ -115,6 +120,12 @@ class SharedMemory:
             shard = self._shards[shard_id] = None
         if shard is None and channel is not None and not channel.peer_closed():
             shard = self._shards[shard_id] = self._ask(shard_id, channel, ask, offer)
+        elif channel is None and not self._said_tcp[shard_id]:
+            self._said_tcp[shard_id] = True
+            logger.debug(
+                "shard %d: reads and pushes by request (its connection is TCP, not shared memory)",
+                shard_id,
+            )
         return shard
 
     def _ask(self, shard_id: int, channel, ask: Ask, offer: dict | None) -> _Shard:

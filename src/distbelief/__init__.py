@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "TooManyConnectionsError": "distbelief.errors",
     "ConsistencyMismatchError": "distbelief.errors",
     "ShardRestartedError": "distbelief.errors",
+    "ShardEmptyError": "distbelief.errors",
     "PlacementRefusedError": "distbelief.errors",
     "UnknownOpError": "distbelief.errors",
     "ClusterError": "distbelief.errors",

@@ -107,6 +107,12 @@ class ShardRestartedError(RemoteError):
     restarted, and its vectors are those of its last checkpoint, not of the program before."""
 
 
+class ShardEmptyError(RemoteError, ValueError):
+    """A shard holds no parameters to push to or pull from: no client has initialised it, or
+    it was restarted with no checkpoint to restore from (a ``distbelief ps`` without
+    ``--checkpoint-dir``), and what it held is lost."""
+
+
 class ConsistencyMismatchError(PSError):
     """The shards of one model run different consistency settings (sync rounds, SSP bound,
     staleness policy, ...), or sync rounds of another number of workers than the worker's;

@@ -313,15 +313,25 @@ def test_eval_and_worker_with_another_embedding_dim_are_told_to_give_the_jobs(sh
 
 
 @pytest.mark.timeout(300)
-def test_a_click_eval_refused_by_another_jobs_shards_leaves_them_no_tables(shard_cluster):
-    # Tables a refused evaluator declared would stay on the shards and go into their
-    # checkpoints, which --resume of that job would then refuse as another model's.
+@pytest.mark.parametrize("command", ["eval", "worker"])
+def test_a_click_process_refused_by_another_jobs_shards_leaves_them_no_tables(
+    shard_cluster, command
+):
+    # Tables a refused evaluator or worker declared would stay on the shards and go into
+    # their checkpoints, which --resume of that job would then refuse as another model's.
     addresses = shard_cluster(1)
     _initialise(addresses, seed=0)  # a lenet job's shards
     click_job = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "200"]
-    refused = run_forked("eval", "--ps", addresses[0], *click_job, "--once", timeout_s=120)
+    role = {
+        "eval": ["eval", "--ps", addresses[0], "--once"],
+        "worker": ["worker", "--ps", addresses[0], "--rank", "0", "--num-workers", "1"],
+    }[command]
+    steps = ["--steps", "2"] if command == "worker" else []
+    refused = run_forked(*role, *click_job, *steps, timeout_s=120)
     assert refused.returncode == 2, refused.stderr[-2000:]
-    assert "does not match the shards'" in refused.stderr.strip().splitlines()[-1]
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"distbelief {command}: error: "), refused.stderr[-2000:]
+    assert "does not match the shards'" in line
     reader = RowClient(addresses, {"tables.0": 16})
     try:
         [described] = reader.stats()

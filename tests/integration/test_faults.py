@@ -19,7 +19,7 @@ from torch import nn
 
 from distbelief.client import ParameterServerClient
 from distbelief.config import JobConfig
-from distbelief.errors import ShardTimeoutError, ShardUnavailableError
+from distbelief.errors import ShardEmptyError, ShardTimeoutError, ShardUnavailableError
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import read_metrics
@@ -29,6 +29,7 @@ from tests.conftest import (
     CLI,
     check_ctrl_c_ends_promptly_with_the_shard_gone,
     pause_process,
+    private_loopback,
     run_forked,
     run_main,
     start_shard,
@@ -488,6 +489,36 @@ def test_a_second_stop_signal_does_not_cut_the_shards_last_checkpoint(tmp_path, 
             optimizer.close()
     assert process.returncode == 130
     assert json.loads((checkpoints / "shard0.json").read_text())["version"] == 7
+
+
+def test_a_shard_restarted_with_no_checkpoint_says_its_parameters_are_lost():
+    """A ``distbelief ps`` without --checkpoint-dir, killed and started again at its address,
+    has nothing to restore: a worker's next push is refused with ShardEmptyError saying so
+    (and how to keep a shard's parameters across restarts), not told to initialise it."""
+    bind = ("--bind", f"tcp://{private_loopback()}:0")  # restarted at its address
+    process, address = start_shard(0, 1, *bind)
+    processes = [process]
+    model = nn.Linear(4, 2)
+    optimizer = DownpourSGD(
+        model.parameters(), lr=0.1, model=model, ps=[address], blocking=True, timeout_s=30
+    )
+    try:
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(3, 4)).sum().backward()
+            optimizer.step()
+        process.kill()
+        process.wait(timeout=30)
+        restarted, _ = start_shard(0, 1, "--bind", address)
+        processes.append(restarted)
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        with pytest.raises(ShardEmptyError, match="restarted with no checkpoint") as refused:
+            optimizer.step()
+        assert "--checkpoint-dir" in str(refused.value)
+    finally:
+        optimizer.close()
+        stop_processes(processes)
 
 
 def _downpour(model: nn.Module, address: str, **options) -> DownpourSGD:

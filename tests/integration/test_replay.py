@@ -348,7 +348,7 @@ def test_the_first_checkpoint_is_on_disk_before_the_initialising_client_is_answe
 ):
     # A shard killed right after a worker initialised it restarts with the layout: had the
     # save been left to the checkpointer's thread (stopped here), it would restart empty and
-    # refuse every push ("has no parameters yet").
+    # refuse every push ("holds no parameters").
     monkeypatch.setattr(checkpoint_module, "_POLL_S", 3600.0)
     shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=LR))
     groups = ShardGroups(shard, checkpoint_dir=tmp_path, checkpoint_every_s=3600.0)

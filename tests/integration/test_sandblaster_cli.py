@@ -199,7 +199,7 @@ def test_a_shard_killed_before_the_first_iteration_changes_nothing(tmp_path, und
     evaluation: a shard killed then (the workers held with SIGSTOP, so that no iteration ends)
     comes back with the model's values, and the job goes on as if undisturbed. (The shards saved
     only at the first iteration's end: a shard restarted before it had no parameters and the
-    job failed, "shard 1 has no parameters yet".)"""
+    job failed, "shard 1 holds no parameters".)"""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         [*CLI, *_same_sequence(), "--timeout", "120", "--out", str(run_dir)],

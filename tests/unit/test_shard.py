@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from distbelief.errors import ModelMismatchError
+from distbelief.errors import ModelMismatchError, ShardEmptyError
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.sharding import FlatLayout, FlatPartitioner, TensorSpec
 
@@ -68,8 +68,9 @@ def test_initialize_is_first_writer_wins_and_checks_layout():
 
 def test_uninitialised_shard_refuses_updates():
     shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
-    with pytest.raises(ValueError, match="no parameters yet"):
+    with pytest.raises(ShardEmptyError, match="holds no parameters") as refused:
         shard.apply_gradient([torch.zeros(3)])
+    assert isinstance(refused.value, ValueError)  # a bad request, as before it was typed
 
 
 def test_concurrent_pushes_lose_no_update():

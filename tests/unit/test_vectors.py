@@ -296,5 +296,5 @@ def test_shard_stages_checks_and_reads_bundles_and_vectors():
         shard.read_vector_into("nothing", outs)
     with pytest.raises(ValueError, match="a vector name"):
         shard.read_vector_into("dc-asgd.fetched.w0", outs)
-    with pytest.raises(ValueError, match="has no parameters yet"):
+    with pytest.raises(ValueError, match="holds no parameters"):
         ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1)).run_program([])

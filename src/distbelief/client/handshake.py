@@ -71,6 +71,18 @@ class ShardHandshake:
             self._check_flats(initial, "initial")  # before anything is sent
         # Every shard's settings are compared before any is initialised, so a mismatched
         # cluster is refused untouched.
+        replies = self.check_shards()
+        futures = [self._submit(i, self._join, replies[i], initial) for i in range(self.num_shards)]
+        return any(self.wait(futures))
+
+    def check_shards(self) -> list[dict]:
+        """The handshake's checks alone, changing nothing on the shards: each holds this
+        model (or none yet), in this layout, with the others' consistency settings. Returns
+        each shard's description.
+
+        Raises:
+            As :meth:`handshake`, but for the errors of ``initial``.
+        """
         replies = self.wait([self._submit(i, self._hello) for i in range(self.num_shards)])
         self.pushed_steps = [reply.get(ops.PUSHED_STEP_KEY) for reply in replies]
         self.consistency = self._agreed_consistency(
@@ -79,8 +91,7 @@ class ShardHandshake:
         self._check_round_size(self.consistency)
         for shard_id, reply in enumerate(replies):
             self._check_same_kind_of_model(shard_id, reply)
-        futures = [self._submit(i, self._join, replies[i], initial) for i in range(self.num_shards)]
-        return any(self.wait(futures))
+        return replies
 
     def _agreed_consistency(self, described: list[dict]) -> dict:
         """The consistency settings every shard described, which must all be equal."""

@@ -10,12 +10,15 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from distbelief.client.rows import RowClient
 from distbelief.data import load_job_dataset
-from distbelief.errors import ModelMismatchError
 from distbelief.evaluator.ps import GroupReader
 from distbelief.telemetry.auc import roc_auc
-from distbelief.worker.ctr import build_ctr_replica, job_tables, table_columns
+from distbelief.worker.ctr import (
+    build_ctr_replica,
+    check_dense_parameters,
+    job_tables,
+    table_columns,
+)
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -44,21 +47,13 @@ class CtrEvaluator:
     ) -> None:
         self.test_set = load_job_dataset(config.data, "test")
         self.model = build_ctr_replica(config, self.test_set)
-        # The dense parameters are checked first: declaring the tables makes them on every
-        # shard, where shards of another job (refused by the dense check) would keep them
-        # and save them into that job's checkpoints.
-        named = list(self.model.named_parameters())
+        check_dense_parameters(config, self.model, addresses, security)
+        self.tables = job_tables(config, self.model, addresses, security, cache=False)
         try:
-            self._dense = GroupReader(
-                config, addresses, [(n, p) for n, p in named if not p.is_meta], "", security
-            )
-        except ModelMismatchError:
-            _refuse_by_tables(config, self.model, addresses, security, named)
-            raise
-        try:
-            self.tables = job_tables(config, self.model, addresses, security, cache=False)
+            named = list(self.model.named_parameters())
+            self._dense = GroupReader(config, addresses, named, "", security)
         except BaseException:
-            self._dense.client.close()
+            self.tables.client.close(wait=False)
             raise
         self._columns = table_columns(self.tables)
 
@@ -89,30 +84,3 @@ class CtrEvaluator:
     def close(self) -> None:
         self._dense.client.close()
         self.tables.client.close()
-
-
-def _refuse_by_tables(config, model, addresses, security, named) -> None:
-    """After the dense check refused the model: if the shards hold every table of this model
-    (the job's shards, evaluated with other flags), the tables' own refusal, which names the flag
-    that differs (``--embedding-dim``, ``--table-size``); on other shards, nothing: no table
-    is declared there.
-
-    Raises:
-        TableWidthMismatchError / TableSizeMismatchError: as ``job_tables``.
-    """
-    # A table's weight is on the meta device: its rows are the shards'.
-    widths = {n.removesuffix(".weight"): p.shape[1] for n, p in named if p.is_meta}
-    reader = RowClient(
-        list(addresses),
-        widths,
-        timeout_s=config.faults.timeout_s,
-        retry_timeout_s=config.faults.retry_timeout_s,
-        security=security,
-    )
-    try:
-        held = {name for shard in reader.stats() for name in shard.get("tables", {})}
-    finally:
-        reader.close()
-    if set(widths) <= held:  # declaring them then makes none
-        tables = job_tables(config, model, addresses, security, cache=False)
-        tables.client.close()

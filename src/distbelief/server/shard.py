@@ -20,7 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from distbelief.config import ConsistencyConfig
-from distbelief.errors import LayoutMismatchError, ModelMismatchError, ShardListError
+from distbelief.errors import (
+    LayoutMismatchError,
+    ModelMismatchError,
+    ShardEmptyError,
+    ShardListError,
+)
 from distbelief.server.changes import ChangeLog, keeps_support
 from distbelief.server.consistency import WorkerClocks, consistency_policy
 from distbelief.server.durability import ShardDurability
@@ -548,6 +553,10 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         return outs
 
     def require_initialized(self) -> None:
-        """Raises ValueError unless the shard holds parameters."""
+        """Raises ShardEmptyError (a ValueError) unless the shard holds parameters."""
         if not self.initialized:
-            raise ValueError(f"shard {self.shard_id} has no parameters yet: a worker must init it")
+            raise ShardEmptyError(
+                f"shard {self.shard_id} holds no parameters: no worker has initialised it, or "
+                "it was restarted with no checkpoint to restore from and what it held is lost "
+                "(distbelief ps --checkpoint-dir DIR keeps it across restarts)"
+            )

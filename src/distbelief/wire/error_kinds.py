@@ -14,6 +14,7 @@ from distbelief.errors import (
     PlacementRefusedError,
     PSError,
     RemoteError,
+    ShardEmptyError,
     ShardListError,
     ShardRestartedError,
     TableSizeMismatchError,
@@ -48,6 +49,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind(TOO_MANY_CONNECTIONS, (TooManyConnectionsError,), TooManyConnectionsError),
     ErrorKind("placement_refused", (PlacementRefusedError,), PlacementRefusedError),
     ErrorKind("unknown_op", (UnknownOpError,), UnknownOpError),
+    ErrorKind("shard_empty", (ShardEmptyError,), ShardEmptyError),
     ErrorKind("bad_request", (ValueError, PSError), RemoteError),
 )
 """The first kind whose ``sent_for`` matches wins: list a subclass before its base."""

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distbelief.client import ParameterServerClient
+from distbelief.client.rows import RowClient
 from distbelief.config import max_table_rows, unknown_table_problem
 from distbelief.data import load_job_dataset, worker_indices
 from distbelief.data.ctr import CtrDataset
@@ -23,10 +25,15 @@ from distbelief.data.files import DEFAULT_DATA_DIR
 from distbelief.data.loading import table_size_source
 from distbelief.data.movielens import check_movielens_split
 from distbelief.embeddings import ShardedEmbeddings
-from distbelief.errors import TableSizeMismatchError, TableWidthMismatchError
+from distbelief.errors import (
+    ModelMismatchError,
+    TableSizeMismatchError,
+    TableWidthMismatchError,
+)
 from distbelief.models.dlrm import DLRM
 from distbelief.optim import DownpourSGD
 from distbelief.process import Emit
+from distbelief.sharding import tensor_specs
 from distbelief.telemetry.auc import roc_auc
 from distbelief.telemetry.metrics import make_record
 from distbelief.worker.hooks import StepHook, after_step
@@ -117,6 +124,63 @@ def job_tables(
         raise TableSizeMismatchError(f"{e}: {table_size_source(config.data)}") from None
     except TableWidthMismatchError as e:  # a dlrm table's row width is the model's width
         raise TableWidthMismatchError(f"{e}: give the job's --embedding-dim") from None
+
+
+def check_dense_parameters(
+    config: JobConfig,
+    model: nn.Module,
+    addresses: Sequence[str],
+    security: WireSecurity | None,
+    source_host: str | None = None,
+) -> None:
+    """Check that the shards hold ``model``'s dense parameters (its tables' weights, on the
+    meta device, are left out), or none yet, changing nothing on them: declaring the tables
+    makes them on every shard, where shards of another job would keep them and save them
+    into that job's checkpoints.
+
+    Raises:
+        TableWidthMismatchError / TableSizeMismatchError: the shards hold the dense
+            parameters of this model's job built with other flags (and all its tables): the
+            tables' own refusal names the flag (``--embedding-dim``, ``--table-size``).
+        ModelMismatchError: the shards hold another model's parameters.
+        ShardTimeoutError, ShardUnavailableError: a shard did not answer.
+    """
+    named = list(model.named_parameters())
+    client = ParameterServerClient(
+        list(addresses),
+        tensor_specs([(name, p) for name, p in named if not p.is_meta]),
+        timeout_s=config.faults.timeout_s,
+        retry_timeout_s=config.faults.retry_timeout_s,
+        security=security,
+        source_host=source_host,
+    )
+    try:
+        client.check_shards()
+    except ModelMismatchError:
+        _refuse_by_tables(config, model, addresses, security, named)
+        raise
+    finally:
+        client.close()
+
+
+def _refuse_by_tables(config, model, addresses, security, named) -> None:
+    """Where the shards hold every table of ``model``, the tables' own refusal (declaring
+    them then makes none); elsewhere nothing, and no table is declared."""
+    # A table's weight is on the meta device: its rows are the shards'.
+    widths = {n.removesuffix(".weight"): p.shape[1] for n, p in named if p.is_meta}
+    reader = RowClient(
+        list(addresses),
+        widths,
+        timeout_s=config.faults.timeout_s,
+        retry_timeout_s=config.faults.retry_timeout_s,
+        security=security,
+    )
+    try:
+        held = {name for shard in reader.stats() for name in shard.get("tables", {})}
+    finally:
+        reader.close()
+    if set(widths) <= held:
+        job_tables(config, model, addresses, security, cache=False).client.close()
 
 
 class BothPushed:
@@ -280,6 +344,10 @@ def run_ctr_worker(
         len(train_set), rank, config.cluster.num_workers, seed=config.model.seed
     )
     model = build_ctr_replica(config, train_set)
+    source_host = config.cluster.worker_host or None
+    # Declaring the tables makes them on every shard: shards of another job, which refuse
+    # the dense parameters below, would keep them and save them into that job's checkpoints.
+    check_dense_parameters(config, model, addresses, security, source_host)
     pushed = BothPushed(push_reporter(emit, rank))
     tables = job_tables(
         config,
@@ -287,7 +355,7 @@ def run_ctr_worker(
         addresses,
         security,
         worker_id=f"worker{rank}",
-        source_host=config.cluster.worker_host or None,
+        source_host=source_host,
         on_push_applied=pushed.rows,
     )
     rows_pushed = tables.client.pushed_steps if restarted else None

@@ -87,10 +87,12 @@ def push_compression_fraction(text: str) -> float | None:
     if kind == NO_PUSH_COMPRESSION and not value:
         return None
     try:
-        fraction = float(value) if kind == "topk" else None
+        # As written, or refused: float() would also take spaces around F and digits
+        # grouped with "_", which "none" (taken as written) does not.
+        fraction = float(value) if kind == "topk" and value.strip() == value else None
     except ValueError:
         fraction = None
-    if fraction is None or not 0 < fraction <= 1:
+    if fraction is None or "_" in value or not 0 < fraction <= 1:
         raise ValueError(f"must be none or topk:F with F in (0, 1] (e.g. topk:0.01), got {text!r}")
     return fraction
 

@@ -600,5 +600,25 @@ def test_a_folder_that_cannot_be_written_is_named_and_changes_nothing(run, monke
         reshard_run(run_dir, 3)
     said = str(error.value)
     assert said.startswith(f"{run_dir}: cannot write the resharded checkpoints (")
-    assert "shard0.json: No space left on device); nothing changed" in said
+    assert f"({run_dir / 'checkpoints' / 'shard0.json'}: No space left on device); " in said
+    assert said.endswith("nothing changed")
+    assert _snapshot(run_dir) == before
+
+
+def test_a_run_folder_the_new_set_cannot_be_made_in_is_named_as_typed(run, monkeypatch):
+    # A read-only run folder: the new set's folder cannot be made there. The error names the
+    # run folder, not the random name the new folder would have had.
+    run_dir = run[0]
+    before = _snapshot(run_dir)
+
+    def read_only(prefix, dir):
+        raise PermissionError(13, "Permission denied", str(Path(dir) / f"{prefix}x1y2z3"))
+
+    monkeypatch.setattr(reshard_module.tempfile, "mkdtemp", read_only)
+    with pytest.raises(ValueError) as error:
+        reshard_run(run_dir, 3)
+    assert str(error.value) == (
+        f"{run_dir}: cannot write the resharded checkpoints ({run_dir}: Permission denied); "
+        "nothing changed"
+    )
     assert _snapshot(run_dir) == before

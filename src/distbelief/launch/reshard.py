@@ -55,6 +55,10 @@ _SHARD_FILES = re.compile(
 """Files of a checkpoint folder that the new set replaces (temporaries of a crashed save too)."""
 
 
+_STAGING_PREFIX = f"{CHECKPOINT_DIR}.reshard-"
+"""The folder the new set is written to, beside ``checkpoints/``, before it takes its place."""
+
+
 @dataclass(frozen=True, slots=True)
 class OverBound:
     """A new shard's part of a table that holds more than the run's ``--max-rows-per-shard``
@@ -140,10 +144,24 @@ def reshard_run(run_dir: str | Path, num_shards: int) -> ReshardSummary:
         try:
             return _reshard_stopped_run(run_dir, num_shards)
         except OSError as e:  # a read-only folder, a full disk: before the swap, nothing changed
-            said = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+            where = _named_for_the_user(e.filename, run_dir)
+            said = f"{where}: {e.strerror}" if where and e.strerror else str(e)
             raise ValueError(
                 f"{run_dir}: cannot write the resharded checkpoints ({said}); nothing changed"
             ) from e
+
+
+def _named_for_the_user(filename: object, run_dir: Path) -> object:
+    """A path in an error, with the new set's folder (random, and removed by then) named as
+    what it stands for: the run folder it could not be made in, or ``checkpoints/``."""
+    if not isinstance(filename, str | os.PathLike):
+        return filename
+    parts = Path(filename).parts
+    for at, part in enumerate(parts):
+        if part.startswith(_STAGING_PREFIX):
+            inside = parts[at + 1 :]
+            return run_dir / CHECKPOINT_DIR / Path(*inside) if inside else run_dir
+    return filename
 
 
 def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
@@ -169,7 +187,7 @@ def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
         if folder.rows is not None:
             where = root / folder.relative
             folder.new_rows = _in_folder(where, reshard_row_tables, folder.rows, num_shards)
-    staging = Path(tempfile.mkdtemp(prefix=f"{CHECKPOINT_DIR}.reshard-", dir=run_dir))
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=run_dir))
     try:
         _copy_others(root, staging, base, {folder.relative for folder in folders})
         for folder in folders:
@@ -187,7 +205,7 @@ def _remove_unfinished_reshards(run_dir: Path) -> None:
     the whole checkpoints folder at most), and its new config.json's temporary. The run
     folder's lock is held: no other reshard, or job, is writing them. A ``checkpoints.old-*``
     folder is kept: it may be the only set there is (``_swap``)."""
-    for staging in run_dir.glob(f"{CHECKPOINT_DIR}.reshard-*"):
+    for staging in run_dir.glob(f"{_STAGING_PREFIX}*"):
         if staging.is_dir() and not staging.is_symlink():
             shutil.rmtree(staging, ignore_errors=True)
     for config_text in run_dir.glob(".config.json.*.tmp"):

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distbelief import DatasetUnavailableError, DistBeliefError
+from distbelief import DatasetUnavailableError, DistBeliefError, ModelMismatchError
 from distbelief.data import ArrayDataset, iterate_batches, load_dataset, worker_indices
 from distbelief.launch import draw_plots, run_dir_locked
 from distbelief.models import build_model
@@ -496,6 +496,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(130, f"{parser.prog}: interrupted\n")
     except DatasetUnavailableError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")  # files to fetch: bad input
+    except ModelMismatchError as e:  # the server's rank builds another model: bad input
+        parser.exit(
+            2, f"{parser.prog}: error: {e} (give every rank the same --model and --dataset)\n"
+        )
     except DistBeliefError as e:
         parser.exit(1, f"{parser.prog}: {type(e).__name__}: {e}\n")
 

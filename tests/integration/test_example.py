@@ -201,6 +201,32 @@ def test_a_killed_node_is_lost_and_the_others_end_by_themselves(tmp_path):
     assert "Traceback" not in server_err
 
 
+def test_a_node_of_another_model_than_the_servers_is_refused_in_one_line(tmp_path):
+    """A node started with another --model than the server's rank is refused as it joins
+    (exit 2), instead of training a job whose parameters the server cannot take."""
+    common = ["--dataset", "digits", "--port", str(free_port()), "--world-size", "2"]
+    server, node = start_scripts(
+        [
+            [str(EXAMPLE), "--rank", "0", "--server", "--model", "lenet", *common],
+            [str(EXAMPLE), "--rank", "1", "--model", "mlp", "--out", str(tmp_path), *common],
+        ]
+    )
+    try:
+        _, err = node.communicate(timeout=240)
+    finally:
+        stop_processes([server, node])
+    assert node.returncode == 2, err[-2000:]
+    last_line = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"main\.py: error: shard 0 \(tcp://\S+\): hello refused: tensor 'layers\.1\.weight' "
+        r"\[256, 1024\] float32 does not match the server's model's 'features\.0\.weight' .*"
+        r" \(give every rank the same --model and --dataset\)",
+        last_line,
+    ), last_line
+    assert "Traceback" not in err
+    assert not (tmp_path / "node1").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

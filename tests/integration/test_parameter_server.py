@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distbelief.errors import RendezvousError
+from distbelief.errors import ModelMismatchError, RendezvousError
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterServer
 from distbelief.wire.process_group import GroupStore
@@ -206,6 +206,26 @@ def test_no_rate_server_applies_each_param_groups_rate(server_and_group):
     optimizer.close()
     _, err = server.communicate(timeout=120)
     assert server.returncode == 0, err[-2000:]
+
+
+def test_a_rank_training_another_model_is_refused_as_it_joins(server_and_group):
+    """The server's model is Linear(10, 24), ReLU, Linear(24, 3): a replica of another model
+    is refused at its handshake (it would set the layout, train the whole job, and leave the
+    server's model unchanged); the right model then trains, and the server ends by itself."""
+    server, out = server_and_group
+    other = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    with pytest.raises(ModelMismatchError, match=r"'0.weight' \[32, 10\] float32 does not match"):
+        DownpourSGD(other.parameters(), lr=0.1, model=other, timeout_s=10)
+    model = _model()
+    with DownpourSGD(model.parameters(), lr=0.1, model=model, blocking=True) as optimizer:
+        for images, labels in _batches(2):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    _, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert "final parameters not loaded" not in err
+    torch.testing.assert_close(torch.load(out)["2.bias"], model[2].bias.detach())
 
 
 def test_ctrl_c_stops_the_server_before_every_rank_finished(server_and_group):

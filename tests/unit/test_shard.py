@@ -66,6 +66,36 @@ def test_initialize_is_first_writer_wins_and_checks_layout():
         shard.check_layout(other)
 
 
+def test_a_shard_that_knows_its_model_adopts_only_a_layout_that_fits_it():
+    """A ParameterServer's shard: matched by name (a replica may leave frozen parameters out),
+    by position for a replica that gave no names; another model is refused before it is
+    adopted."""
+    values = FlatLayout(SPECS).flatten([torch.zeros(s.shape, dtype=s.dtype) for s in SPECS])
+
+    def shard() -> ParameterShard:
+        return ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1), model_specs=SPECS)
+
+    unnamed = [TensorSpec(f"param.{i}", s.shape, s.dtype) for i, s in enumerate(SPECS)]
+    for fitting in (SPECS, SPECS[:2], unnamed):
+        shard().check_layout(fitting)
+    wider = [TensorSpec("w", (37, 12), torch.float32), *SPECS[1:]]
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"'w' \[37, 12\] float32 does not match the server's model's 'w' \[37, 11\]",
+    ):
+        shard().check_layout(wider)
+    with pytest.raises(
+        ModelMismatchError, match="the model has 2 parameter tensors, the server's model 3"
+    ):
+        shard().check_layout(unnamed[:2])
+    refusing = shard()
+    wider_values = FlatLayout(wider).flatten([torch.zeros(s.shape, dtype=s.dtype) for s in wider])
+    with pytest.raises(ModelMismatchError, match="'w'"):
+        refusing.initialize(wider, [wider_values[torch.float32], wider_values[torch.float64]])
+    assert not refusing.initialized
+    assert refusing.initialize(SPECS, [values[torch.float32], values[torch.float64]])
+
+
 def test_uninitialised_shard_refuses_updates():
     shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
     with pytest.raises(ShardEmptyError, match="holds no parameters") as refused:

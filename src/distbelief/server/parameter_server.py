@@ -79,7 +79,9 @@ class ParameterServer:
         model: The model the workers train. The first worker to connect sets the initial
             parameters (as in ``distbelief train``); once ``run()`` returns, ``model`` holds
             the server's final parameters (its tensor names are those the workers' models
-            give, so workers pass ``model=`` to DownpourSGD).
+            give, so workers pass ``model=`` to DownpourSGD). A worker whose parameters do not
+            fit it (matched by name, or by position where the worker gave no names) is refused
+            as it joins with ``ModelMismatchError``.
         lr: The server's own learning rate for plain SGD on the pushed gradients. None (the
             seed's behaviour): each push is applied at the pushing worker's current rate, so
             a worker's LR scheduler steers the server too.
@@ -176,7 +178,13 @@ class ParameterServer:
             self._ran = True
         num_workers = len(self.worker_ranks)
         shard = ParameterShard(
-            0, 1, self._optimizer_factory, self.consistency, num_workers=num_workers
+            0,
+            1,
+            self._optimizer_factory,
+            self.consistency,
+            num_workers=num_workers,
+            # A rank training another model is refused as it joins, not trained for nothing.
+            model_specs=tensor_specs(self.model.named_parameters()),
         )
         self._shard = shard
         try:

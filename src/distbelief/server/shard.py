@@ -41,6 +41,7 @@ from distbelief.sharding import (
     Partitioner,
     ShardSlice,
     TensorSpec,
+    describe_misfit,
     describe_mismatch,
     describe_partitioner,
     layout_fingerprint,
@@ -127,6 +128,9 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         partitioner: Which slices this shard owns (default: byte-balanced flat); clients
             must use an equal one.
         num_workers: The job's workers: how many gradients a synchronous round expects.
+        model_specs: The parameters of the model the shard serves for, where it knows it (a
+            ``ParameterServer``'s): a client whose layout does not fit them is refused before
+            the shard holds any (``check_layout``). Default: any layout is adopted.
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         *,
         partitioner: Partitioner | None = None,
         num_workers: int = 1,
+        model_specs: Sequence[TensorSpec] | None = None,
     ) -> None:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} is not in [0, {num_shards})")
@@ -159,6 +164,7 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         self.consistency = consistency
         self.num_workers = num_workers
         self.partitioner: Partitioner = partitioner or FlatPartitioner()
+        self.model_specs = None if model_specs is None else list(model_specs)
         self._optimizer_factory = optimizer_factory
         self._changed = threading.Condition(threading.Lock())
         self.specs: list[TensorSpec] = []
@@ -217,9 +223,16 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         return ShardCounters(self._version, self._num_pushes, self._num_pulls, self._num_dropped)
 
     def check_layout(self, specs: Sequence[TensorSpec]) -> None:
-        """Raise ModelMismatchError unless ``specs`` equal the layout this shard holds."""
-        if self.initialized and layout_fingerprint(specs) != self.fingerprint:
-            raise ModelMismatchError(describe_mismatch(self.specs, specs))
+        """Raise ModelMismatchError unless ``specs`` equal the layout this shard holds, or, before
+        it holds one, fit its ``model_specs``: a replica of another model would otherwise set
+        the layout and train a whole job whose parameters the server's model cannot take."""
+        if self.initialized:
+            if layout_fingerprint(specs) != self.fingerprint:
+                raise ModelMismatchError(describe_mismatch(self.specs, specs))
+            return
+        misfit = None if self.model_specs is None else describe_misfit(self.model_specs, specs)
+        if misfit is not None:
+            raise ModelMismatchError(misfit)
 
     def check_partitioner(self, partitioner: Partitioner) -> None:
         """Raise LayoutMismatchError unless ``partitioner`` equals this shard's."""
@@ -249,8 +262,8 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         slices = self.partitioner.partition(specs, self.num_shards)[self.shard_id]
         check_slices(slices, values, "initial", names)
         with self._changed:
+            self.check_layout(specs)
             if self.initialized:
-                self.check_layout(specs)
                 return False
             store = ShardStore(self._optimizer_factory, [v.detach().clone() for v in values])
             self._adopt(specs, slices, store)

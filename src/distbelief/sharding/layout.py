@@ -157,3 +157,25 @@ def describe_mismatch(expected: Sequence[TensorSpec], actual: Sequence[TensorSpe
     if len(expected) != len(actual):
         return f"the model has {len(actual)} parameter tensors, the shards hold {len(expected)}"
     return "layouts are equal"
+
+
+def describe_misfit(model: Sequence[TensorSpec], specs: Sequence[TensorSpec]) -> str | None:
+    """Why a client's layout ``specs`` cannot be parameters of ``model`` (a sentence naming the
+    first tensor that does not fit), or None when it can. A client whose every tensor name is
+    one of ``model``'s is matched by name (it may leave frozen parameters out); one that names
+    them otherwise (by position: it gave no names) is matched by position, names aside."""
+    by_name = {spec.name: spec for spec in model}
+    by_names = all(spec.name in by_name for spec in specs)
+    if by_names:
+        pairs = [(by_name[spec.name], spec) for spec in specs]
+    else:
+        pairs = list(zip(model, specs, strict=False))
+    for want, got in pairs:
+        if (want.shape, want.dtype) != (got.shape, got.dtype):
+            return (
+                f"tensor {got.name!r} {list(got.shape)} {dtype_name(got.dtype)} does not match "
+                f"the server's model's {want.name!r} {list(want.shape)} {dtype_name(want.dtype)}"
+            )
+    if not by_names and len(specs) != len(model):
+        return f"the model has {len(specs)} parameter tensors, the server's model {len(model)}"
+    return None

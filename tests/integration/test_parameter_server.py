@@ -228,6 +228,34 @@ def test_a_rank_training_another_model_is_refused_as_it_joins(server_and_group):
     torch.testing.assert_close(torch.load(out)["2.bias"], model[2].bias.detach())
 
 
+@pytest.mark.parametrize("given", ["the last layer, by name", "no names"])
+def test_the_servers_model_gets_what_the_workers_trained_also_when_they_named_less(
+    server_and_group, given
+):
+    """run() loads the shards' parameters into the server's model by name (a worker that left
+    frozen layers out of its optimizer), or by position (one that gave DownpourSGD no model=,
+    naming its tensors param.<i>); what the workers did not train stays as it was."""
+    server, out = server_and_group
+    model, initial = _model(), _model()
+    if given == "no names":
+        optimizer = DownpourSGD(model.parameters(), lr=0.1, blocking=True)
+    else:
+        optimizer = DownpourSGD(model[2].parameters(), lr=0.1, model=model, blocking=True)
+    with optimizer:
+        for images, labels in _batches(2):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    _, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert "final parameters not loaded" not in err
+    served = torch.load(out)
+    trained = initial if given != "no names" else model
+    torch.testing.assert_close(served["0.weight"], trained[0].weight.detach())
+    torch.testing.assert_close(served["2.bias"], model[2].bias.detach())
+    assert not torch.equal(served["2.bias"], initial[2].bias.detach())
+
+
 def test_ctrl_c_stops_the_server_before_every_rank_finished(server_and_group):
     server, _ = server_and_group
     GroupStore().find_server(timeout_s=120)  # serving: published its address

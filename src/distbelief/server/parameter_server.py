@@ -26,7 +26,7 @@ from distbelief.server.optimizers import server_optimizer_factory
 from distbelief.server.process import serve_shard
 from distbelief.server.rank_watch import RankWatch
 from distbelief.server.shard import ParameterShard
-from distbelief.sharding import FlatLayout, describe_mismatch, layout_fingerprint, tensor_specs
+from distbelief.sharding import FlatLayout, describe_mismatch, tensor_specs
 from distbelief.wire.process_group import DEFAULT_STORE_TIMEOUT_S, GroupStore, ServerRecord
 from distbelief.wire.security import WireSecurity, generate_key
 
@@ -78,10 +78,10 @@ class ParameterServer:
     Args:
         model: The model the workers train. The first worker to connect sets the initial
             parameters (as in ``distbelief train``); once ``run()`` returns, ``model`` holds
-            the server's final parameters (its tensor names are those the workers' models
-            give, so workers pass ``model=`` to DownpourSGD). A worker whose parameters do not
-            fit it (matched by name, or by position where the worker gave no names) is refused
-            as it joins with ``ModelMismatchError``.
+            the server's final parameters (those the workers trained: matched by name, or by
+            position where the workers gave DownpourSGD no names of ``model``'s; the rest
+            stay as they were). A worker whose parameters do not fit it so is refused as it
+            joins with ``ModelMismatchError``.
         lr: The server's own learning rate for plain SGD on the pushed gradients. None (the
             seed's behaviour): each push is applied at the pushing worker's current rate, so
             a worker's LR scheduler steers the server too.
@@ -259,20 +259,29 @@ class ParameterServer:
         self._stop.set()
 
     def _load_final_parameters(self, shard: ParameterShard) -> None:
-        """Copy the shard's parameters into ``model`` (if a worker initialised it)."""
+        """Copy the shard's parameters into ``model`` (if a worker initialised it): by name, or
+        by position where the workers gave their tensors no names of ``model``'s (a DownpourSGD
+        without ``model=`` names them param.<i>), as the handshake matched them."""
         if not shard.initialized:
             logger.warning("no worker initialised the parameter server: the model is unchanged")
             return
-        specs = tensor_specs(self.model.named_parameters())
-        if layout_fingerprint(specs) != shard.fingerprint:
-            # Workers that gave DownpourSGD no model= name their tensors param.<i>: the same
-            # values under other names. Training was not affected, only this copy.
+        # Named as the workers name them: a compiled model's names without its wrapper's prefix.
+        own_specs = tensor_specs(self.model.named_parameters())
+        params = dict(zip((spec.name for spec in own_specs), self.model.parameters(), strict=True))
+        if all(spec.name in params for spec in shard.specs):
+            targets = [params[spec.name] for spec in shard.specs]
+        else:
+            targets = list(params.values())
+        fits = len(targets) == len(shard.specs) and all(
+            (tuple(target.shape), target.dtype) == (spec.shape, spec.dtype)
+            for target, spec in zip(targets, shard.specs, strict=True)
+        )
+        if not fits:  # its parameters were replaced since the handshake checked them
             logger.warning(
                 "final parameters not loaded into the model: %s",
-                describe_mismatch(shard.specs, specs),
+                describe_mismatch(shard.specs, own_specs),
             )
             return
-        layout = FlatLayout(specs)
         flats = dict(zip([piece.dtype for piece in shard.slices], shard.parameters(), strict=True))
         with torch.no_grad():
-            torch._foreach_copy_(list(self.model.parameters()), layout.views(flats))
+            torch._foreach_copy_(targets, FlatLayout(shard.specs).views(flats))

@@ -22,6 +22,7 @@ _EXPORTS: dict[str, str] = {
     "BindError": "distbelief.errors",
     "ClosedError": "distbelief.errors",
     "ProtocolError": "distbelief.errors",
+    "NotAPeerError": "distbelief.errors",
     "AuthenticationError": "distbelief.errors",
     "TLSMismatchError": "distbelief.errors",
     "RemoteError": "distbelief.errors",

@@ -27,6 +27,11 @@ class ProtocolError(PSError):
     """A peer sent bytes that are not a valid message of this protocol."""
 
 
+class NotAPeerError(ProtocolError):
+    """The address answers in another protocol: another program listens there (a web server,
+    say), not a server of this library."""
+
+
 class AuthenticationError(ProtocolError):
     """The job keys do not match: the shard refused this process's key, asked for one this
     process was not given, or could not prove it holds the key (a wrong or missing key file,

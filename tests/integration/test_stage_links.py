@@ -365,6 +365,12 @@ def test_a_next_address_that_is_not_a_stage_is_refused_as_not_a_stage(make_links
     )
 
 
+def test_a_next_address_of_another_program_is_refused_as_not_a_stage(make_links, foreign_program):
+    first = make_links(0, 2, f"tcp://{foreign_program}")
+    with pytest.raises(NotAStageError, match=r"^stage 0: tcp://.* is not a pipeline stage"):
+        first.wait_for_peer(TIMEOUT_S)
+
+
 def test_a_stage_counts_an_activation_when_it_takes_it_and_a_gradient_when_it_leaves_it(
     make_links,
 ):

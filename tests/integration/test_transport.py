@@ -13,6 +13,7 @@ import torch
 
 from distbelief.errors import (
     ModelMismatchError,
+    NotAPeerError,
     ProtocolError,
     PSError,
     RemoteError,
@@ -29,6 +30,7 @@ from distbelief.wire.message import FLAG_ERROR, FLAG_REPLY, HEADER, MAGIC, PROTO
 from distbelief.wire.ops import MAX_OP_CODE, op_for_code
 from distbelief.wire.reader import FrameReader, recv_message
 from distbelief.wire.security import WireSecurity
+from tests.conftest import run_forked
 
 ADD_ONE = define_op("TEST_TRANSPORT_ADD_ONE", 250)
 """An op only this file defines: wire/ and the shard service know nothing of it."""
@@ -314,6 +316,30 @@ def test_garbage_reply_is_a_protocol_error(raw_peer):
     with pytest.raises(ProtocolError, match="magic"):
         client.request(Message(ops.HELLO), timeout_s=2)
     client.close()
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["no key", "key"])
+def test_another_program_at_the_address_is_not_a_peer(foreign_program, scheme, key):
+    """Whatever the client says first (a frame, a shared-memory request, a job key), another
+    program's answer is told apart from a shard's failure: NotAPeerError, at once."""
+    security = WireSecurity(auth_key=key)
+    client = connect(f"{scheme}://{foreign_program}", name="shard 2", security=security)
+    started = time.monotonic()
+    with pytest.raises(NotAPeerError, match=r"^shard 2: hello: .*(not a|another protocol)"):
+        client.request(Message(ops.HELLO), timeout_s=30)
+    assert time.monotonic() - started < 20  # not retried until the timeout; room for load
+    assert issubclass(NotAPeerError, ProtocolError)
+    client.close()
+
+
+def test_a_ps_address_of_another_program_is_a_usage_error_naming_ps(foreign_program):
+    address = f"tcp://{foreign_program}"
+    done = run_forked("eval", "--once", "--ps", address, "--transport", "tcp", "--timeout", "30")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"distbelief eval: error: argument --ps: shard 0 ({address}): hello: bad magic "
+        "b'HTTP': not a distbelief peer: give the shards' addresses"
+    ]
 
 
 def test_client_reconnects_after_server_restart(scheme):

@@ -24,6 +24,7 @@ from distbelief.errors import (
     DistBeliefError,
     LauncherInterrupted,
     ModelMismatchError,
+    NotAPeerError,
     NotAStageError,
     ShardListError,
     TableSizeMismatchError,
@@ -152,11 +153,12 @@ def run_reporting_failures(args: argparse.Namespace, command: Callable[[], int])
         _traceback_if_verbose(args)
         print(f"{prefix}: error: argument --next: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except UnknownOpError as e:
+    except (UnknownOpError, NotAPeerError) as e:
         _traceback_if_verbose(args)
         if not getattr(args, "ps", None):
             raise
-        # The address answered, as another kind of server (a pipeline stage, say).
+        # The address answered, as another kind of server (a pipeline stage, say) or as
+        # another program (a web server, say).
         print(f"{prefix}: error: argument --ps: {e}: give the shards' addresses", file=sys.stderr)
         return EXIT_USAGE
     except ShardListError as e:  # only --ps names shards by hand

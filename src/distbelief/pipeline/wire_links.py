@@ -22,6 +22,7 @@ import torch
 
 from distbelief.errors import (
     BindError,
+    NotAPeerError,
     NotAStageError,
     PipelineError,
     PSError,
@@ -250,7 +251,7 @@ class WireLinks:
                     ) from e
                 time.sleep(pause_s)
                 pause_s = min(2 * pause_s, _MAX_RETRY_PAUSE_S)
-            except UnknownOpError as e:
+            except (UnknownOpError, NotAPeerError) as e:
                 raise NotAStageError(
                     f"{self._name}: {self.next_address} is not a pipeline stage (it answers no "
                     "stage hello; a shard, say): give the next stage's --bind address"

@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from distbelief.errors import AuthenticationError, ProtocolError, TLSMismatchError
+from distbelief.errors import (
+    AuthenticationError,
+    NotAPeerError,
+    ProtocolError,
+    TLSMismatchError,
+)
 from distbelief.wire.dtypes import dtype_from_name, dtype_name
 from distbelief.wire.message import HEADER, MAGIC, MAX_META_BYTES, PROTOCOL_VERSION, Message
 from distbelief.wire.ops import Op, op_for_code
@@ -128,7 +133,8 @@ def parse_header(
     Raises:
         AuthenticationError: the bytes are a keyed shard's challenge, or a TLS shard's notice
             (TLSMismatchError) to a peer that does not speak TLS.
-        ProtocolError: not a frame of this protocol, or too large (the stream is unusable).
+        NotAPeerError: the bytes are not a frame of this protocol (another program's).
+        ProtocolError: another protocol version, or too large (the stream is unusable).
     """
     magic, version, code, flags, request_id, meta_len, payload_len = HEADER.unpack(raw)
     if magic == AUTH_MAGIC:
@@ -136,7 +142,7 @@ def parse_header(
     if magic == TLS_MAGIC:
         raise TLSMismatchError(SHARD_SPEAKS_TLS)
     if magic != MAGIC:
-        raise ProtocolError(f"bad magic {bytes(magic)!r}: not a distbelief peer")
+        raise NotAPeerError(f"bad magic {bytes(magic)!r}: not a distbelief peer")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version} (this side speaks {PROTOCOL_VERSION})")
     if meta_len > MAX_META_BYTES:

@@ -12,6 +12,7 @@ import time
 
 from distbelief.errors import (
     AuthenticationError,
+    NotAPeerError,
     ProtocolError,
     PSError,
     ShardTimeoutError,
@@ -163,8 +164,8 @@ class RpcClient:
                 f"({problem}); reconnecting"
             )
         # An AuthenticationError stays one, of its kind (the command line names the key file
-        # or the TLS flag for it).
-        kind = kind if issubclass(kind, AuthenticationError) else ProtocolError
+        # or the TLS flag for it), and so does a NotAPeerError (it names the address's flag).
+        kind = kind if issubclass(kind, (AuthenticationError, NotAPeerError)) else ProtocolError
         return kind(f"{self.name}: {_op_name(message)}: {problem}")
 
     def interrupt(self) -> None:

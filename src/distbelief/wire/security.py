@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from distbelief.errors import AuthenticationError, ProtocolError, TLSMismatchError
+from distbelief.errors import AuthenticationError, NotAPeerError, TLSMismatchError
 
 if TYPE_CHECKING:
     from distbelief.wire.channels import Channel
@@ -251,14 +251,14 @@ def check_server_uses_no_key(channel: Channel, timeout_s: float) -> None:
 
     Raises:
         AuthenticationError: the shard asks for a job key.
-        ProtocolError: the server is not a distbelief shard.
+        NotAPeerError: the server is not a distbelief shard.
         OSError / TimeoutError: the connection failed or the server was too slow.
     """
     magic = _recv_exact(channel, len(AUTH_MAGIC), time.monotonic() + timeout_s)
     if magic == AUTH_MAGIC:
         raise AuthenticationError("the shard requires authentication: give the job's key")
     if magic != NO_KEY_MAGIC:
-        raise ProtocolError("server does not say whether it uses a job key: not a shard")
+        raise NotAPeerError("server does not say whether it uses a job key: not a shard")
 
 
 def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> None:
@@ -267,7 +267,7 @@ def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> No
 
     Raises:
         AuthenticationError: the shard uses no job key, refused this one, or does not hold it.
-        ProtocolError: the server is not a distbelief shard.
+        NotAPeerError: the server is not a distbelief shard.
         OSError / TimeoutError: the connection failed or the server was too slow.
     """
     deadline = time.monotonic() + timeout_s
@@ -283,7 +283,7 @@ def authenticate_to_server(channel: Channel, key: bytes, timeout_s: float) -> No
     if magic == TLS_MAGIC:
         raise TLSMismatchError(SHARD_SPEAKS_TLS)
     if magic != AUTH_MAGIC:
-        raise ProtocolError("server does not ask for authentication: not a secured shard")
+        raise NotAPeerError("server does not ask for authentication: not a secured shard")
     challenge = _recv_exact(channel, NONCE_BYTES, deadline)
     nonce = secrets.token_bytes(NONCE_BYTES)
     channel.sendall(_mac(key, b"client", challenge) + nonce)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable
 
 from distbelief.config import TRANSPORT_ENV, TRANSPORTS, environment_setting
-from distbelief.errors import AuthenticationError, ProtocolError, TLSMismatchError
+from distbelief.errors import AuthenticationError, NotAPeerError, ProtocolError, TLSMismatchError
 from distbelief.wire.channels import Channel, register_channel, split_scheme, upgrade_channel
 from distbelief.wire.channels.tcp import (
     TcpChannel,
@@ -430,7 +430,8 @@ def _request_upgrade(
 
     Raises:
         AuthenticationError: the shard asks for a job key, or speaks TLS (TLSMismatchError).
-        ProtocolError: the server does not speak this handshake.
+        NotAPeerError: the server does not speak this handshake.
+        ProtocolError: its offer is malformed.
         OSError / TimeoutError: the connection failed or the server was too slow.
     """
     sock = tcp.sock
@@ -450,7 +451,7 @@ def _request_upgrade(
             raise AuthenticationError("the shard requires authentication: give the job's key")
         if magic == TLS_MAGIC:
             raise TLSMismatchError(SHARD_SPEAKS_TLS)
-        raise ProtocolError("answered the shared-memory request with bytes of another protocol")
+        raise NotAPeerError("answered the shared-memory request with bytes of another protocol")
     token, server_pid, ring_bytes = _ACCEPT.unpack(_recv_exact(sock, _ACCEPT.size))
     if not _TOKEN.fullmatch(token) or not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:
         raise ProtocolError("malformed shared-memory offer")

@@ -7,6 +7,8 @@ import hashlib
 import io
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from distbelief.data import (
 from distbelief.data.download import download_file, extract_tar
 from distbelief.data.files import FIXED_TRAIN_EXAMPLES
 from distbelief.errors import DatasetUnavailableError
+from tests.conftest import CHILD_ENV
 
 NUM_PER_CIFAR_BATCH = 3
 
@@ -166,6 +169,39 @@ def test_extract_tar_rejects_escaping_members(tmp_path, member_name):
     with pytest.raises(ValueError, match="unsafe member"):
         extract_tar(archive, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
+
+
+_EXTRACT_WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from distbelief.data.download import extract_tar
+from distbelief.errors import DatasetUnavailableError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+limit = int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    extract_tar(sys.argv[1], sys.argv[2])
+except DatasetUnavailableError as e:
+    print(e)
+"""
+
+
+def test_an_extraction_that_fails_midway_leaves_no_half_written_file(tmp_path):
+    """A write that fails inside a member (a full disk; here the process's file size limit)
+    leaves no file at the member's name: the members appear whole, once all are extracted."""
+    archive = tmp_path / "archive.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, size in (("batches/small", 1000), ("batches/large", 2_000_000)):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            tar.addfile(info, io.BytesIO(b"x" * size))
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", _EXTRACT_WITH_A_FILE_SIZE_LIMIT, str(archive), str(out)]
+    done = subprocess.run(
+        [*command, "1000000"], capture_output=True, text=True, timeout=120, env=CHILD_ENV
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"could not extract {archive}: ")
+    assert list(out.iterdir()) == []  # no member, and nothing staged, is left
 
 
 # ---- MNIST -----------------------------------------------------------------------------------

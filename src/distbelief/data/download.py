@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import logging
 import os
+import shutil
 import tarfile
 import tempfile
 import urllib.request
@@ -107,6 +108,10 @@ def _stream_to_file(url: str, fd: int, timeout_s: float) -> str:
 def extract_tar(archive: Path, dest_dir: Path) -> None:
     """Extracts a tar archive into dest_dir, refusing members that could escape it.
 
+    The members are extracted into a folder of their own in dest_dir, then each file is
+    renamed into place: an extraction that fails or is interrupted (a full disk, Ctrl-C) leaves
+    no half-written file at a member's name, which a later run would take for a whole one.
+
     Args:
         archive: Path of a (possibly compressed) tar file.
         dest_dir: Folder to extract into; created if missing.
@@ -118,6 +123,7 @@ def extract_tar(archive: Path, dest_dir: Path) -> None:
     """
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{Path(archive).name}.", suffix=".part", dir=dest_dir))
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
@@ -125,11 +131,24 @@ def extract_tar(archive: Path, dest_dir: Path) -> None:
                 _check_member(archive, member)
             # The "data" filter (Python >= 3.10.12) is a second line of defence where it exists.
             if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest_dir, members=members, filter="data")
+                tar.extractall(staging, members=members, filter="data")
             else:
-                tar.extractall(dest_dir, members=members)
+                tar.extractall(staging, members=members)
+        _move_into_place(staging, dest_dir)
     except (OSError, tarfile.TarError, EOFError) as e:
         raise DatasetUnavailableError(f"could not extract {archive}: {e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, dest_dir: Path) -> None:
+    """Rename every file extracted into ``staging`` to its place in ``dest_dir`` (one rename
+    each, on one file system: a file appears whole), making the folders it needs."""
+    for folder, _, files in os.walk(staging):
+        target = dest_dir / Path(folder).relative_to(staging)
+        target.mkdir(exist_ok=True)
+        for name in files:
+            os.replace(Path(folder) / name, target / name)
 
 
 def _check_member(archive: Path, member: tarfile.TarInfo) -> None:

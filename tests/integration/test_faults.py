@@ -395,6 +395,22 @@ def test_a_shard_killed_while_saving_leaves_nothing_once_restarted(tmp_path):
     assert [name for name in files if name.startswith(".")] == [], files
 
 
+def _blocking_linear(address: str, **options) -> tuple[nn.Module, DownpourSGD]:
+    """A small model and its blocking DownpourSGD against the shard at ``address``."""
+    model = nn.Linear(4, 2)
+    options = {"timeout_s": 30, **options}
+    return model, DownpourSGD(
+        model.parameters(), lr=0.1, model=model, ps=[address], blocking=True, **options
+    )
+
+
+def _steps(model: nn.Module, optimizer: DownpourSGD, count: int) -> None:
+    for _ in range(count):
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+
+
 def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
     """``distbelief ps`` stopped by SIGTERM (what ``kill`` and service managers send) saves
     what it applied since its last periodic checkpoint, as Ctrl-C does."""
@@ -405,14 +421,8 @@ def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
         0, 1, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "3600", forked=False
     )
     try:
-        model = nn.Linear(4, 2)
-        optimizer = DownpourSGD(
-            model.parameters(), lr=0.1, model=model, ps=[address], blocking=True, timeout_s=30
-        )
-        for _ in range(7):
-            optimizer.zero_grad()
-            model(torch.randn(3, 4)).sum().backward()
-            optimizer.step()
+        model, optimizer = _blocking_linear(address)
+        _steps(model, optimizer, 7)
         optimizer.close()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -431,14 +441,8 @@ def test_a_shard_that_cannot_save_its_last_checkpoint_says_so_in_one_line(tmp_pa
         0, 1, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "3600"
     )
     try:
-        model = nn.Linear(4, 2)
-        optimizer = DownpourSGD(
-            model.parameters(), lr=0.1, model=model, ps=[address], blocking=True, timeout_s=30
-        )
-        for _ in range(3):
-            optimizer.zero_grad()
-            model(torch.randn(3, 4)).sum().backward()
-            optimizer.step()
+        model, optimizer = _blocking_linear(address)
+        _steps(model, optimizer, 3)
         optimizer.close()
         checkpoints.rename(tmp_path / "aside")
         checkpoints.write_text("not a folder")
@@ -463,21 +467,9 @@ def test_a_second_stop_signal_does_not_cut_the_shards_last_checkpoint(tmp_path, 
     process, address = start_shard(
         0, 1, "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "3600", forked=False
     )
-    model = nn.Linear(4, 2)
-    optimizer = DownpourSGD(
-        model.parameters(),
-        lr=0.1,
-        model=model,
-        ps=[address],
-        blocking=True,
-        timeout_s=30,
-        retry_timeout_s=1,
-    )
+    model, optimizer = _blocking_linear(address, retry_timeout_s=1)
     try:
-        for _ in range(7):
-            optimizer.zero_grad()
-            model(torch.randn(3, 4)).sum().backward()
-            optimizer.step()
+        _steps(model, optimizer, 7)
         # The worker stays connected: the shard's stop closes its connection before saving.
         process.send_signal(signal.SIGINT)
         time.sleep(0.1)
@@ -498,15 +490,9 @@ def test_a_shard_restarted_with_no_checkpoint_says_its_parameters_are_lost():
     bind = ("--bind", f"tcp://{private_loopback()}:0")  # restarted at its address
     process, address = start_shard(0, 1, *bind)
     processes = [process]
-    model = nn.Linear(4, 2)
-    optimizer = DownpourSGD(
-        model.parameters(), lr=0.1, model=model, ps=[address], blocking=True, timeout_s=30
-    )
+    model, optimizer = _blocking_linear(address)
     try:
-        for _ in range(2):
-            optimizer.zero_grad()
-            model(torch.randn(3, 4)).sum().backward()
-            optimizer.step()
+        _steps(model, optimizer, 2)
         process.kill()
         process.wait(timeout=30)
         restarted, _ = start_shard(0, 1, "--bind", address)

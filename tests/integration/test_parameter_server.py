@@ -81,6 +81,20 @@ def _batches(num_batches: int):
     ]
 
 
+def _train_two_batches(model: nn.Module, optimizer: DownpourSGD) -> None:
+    for images, labels in _batches(2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+
+def _expect_loaded(server: subprocess.Popen) -> None:
+    """The server ended well and loaded the final parameters into its model."""
+    _, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err[-2000:]
+    assert "final parameters not loaded" not in err
+
+
 def _take_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -218,13 +232,8 @@ def test_a_rank_training_another_model_is_refused_as_it_joins(server_and_group):
         DownpourSGD(other.parameters(), lr=0.1, model=other, timeout_s=10)
     model = _model()
     with DownpourSGD(model.parameters(), lr=0.1, model=model, blocking=True) as optimizer:
-        for images, labels in _batches(2):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images), labels).backward()
-            optimizer.step()
-    _, err = server.communicate(timeout=120)
-    assert server.returncode == 0, err[-2000:]
-    assert "final parameters not loaded" not in err
+        _train_two_batches(model, optimizer)
+    _expect_loaded(server)
     torch.testing.assert_close(torch.load(out)["2.bias"], model[2].bias.detach())
 
 
@@ -242,13 +251,8 @@ def test_the_servers_model_gets_what_the_workers_trained_also_when_they_named_le
     else:
         optimizer = DownpourSGD(model[2].parameters(), lr=0.1, model=model, blocking=True)
     with optimizer:
-        for images, labels in _batches(2):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images), labels).backward()
-            optimizer.step()
-    _, err = server.communicate(timeout=120)
-    assert server.returncode == 0, err[-2000:]
-    assert "final parameters not loaded" not in err
+        _train_two_batches(model, optimizer)
+    _expect_loaded(server)
     served = torch.load(out)
     trained = initial if given != "no names" else model
     torch.testing.assert_close(served["0.weight"], trained[0].weight.detach())

@@ -24,19 +24,7 @@ time.sleep(60)
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX process groups")
 @pytest.mark.parametrize("leader", [True, False], ids=["group-leader", "group-member"])
 def test_a_signal_to_the_starters_group_misses_what_it_started(leader):
-    python = [sys.executable, "-c", _STARTER]
-    # As a shell's job (the starter leads its group), or in a group a shell leads.
-    command = python if leader else ["sh", "-c", '"$0" -c "$1"; :', *python[0:1], _STARTER]
-    group = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        # A new group; the shell's in a new session too (a session leader may not change its
-        # group: the starter never is one here).
-        process_group=0 if leader else None,
-        start_new_session=not leader,
-    )
+    group = _start_in_a_group(_STARTER, leader)
     child_pid = None
     try:
         group_before, group_after, child_pid, child_group = map(
@@ -84,16 +72,7 @@ def _gone_within(pid: int, timeout_s: float) -> bool:
 def test_a_signal_to_the_starters_group_inside_the_block_reaches_the_starter(leader):
     # Ctrl-C at a terminal, or SIGTERM to the job's group, while the block runs (seconds, for
     # the embedded Ray's start): the starter gets it, and what it started does not.
-    python = [sys.executable, "-c", _STARTER_STAYING_INSIDE]
-    command = python if leader else ["sh", "-c", '"$0" -c "$1"; :', *python[0:1], python[2]]
-    group = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        process_group=0 if leader else None,
-        start_new_session=not leader,
-    )
+    group = _start_in_a_group(_STARTER_STAYING_INSIDE, leader)
     starter_pid, child_pid = map(int, group.stdout.readline().split())
     try:
         os.killpg(group.pid, signal.SIGTERM)
@@ -108,3 +87,23 @@ def test_a_signal_to_the_starters_group_inside_the_block_reaches_the_starter(lea
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         group.wait(timeout=30)
+
+
+def _start_in_a_group(script: str, leader: bool) -> subprocess.Popen:
+    """``script`` run as a shell's job (leading its own process group), or in a group a shell
+    leads."""
+    command = (
+        [sys.executable, "-c", script]
+        if leader
+        else ["sh", "-c", '"$0" -c "$1"; :', sys.executable, script]
+    )
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        # A new group; the shell's in a new session too (a session leader may not change its
+        # group: the starter never is one here).
+        process_group=0 if leader else None,
+        start_new_session=not leader,
+    )

@@ -111,6 +111,25 @@ def test_cifar10_download_verifies_and_extracts(tmp_path, monkeypatch):
     assert (data_dir / cifar10.ARCHIVE_NAME).is_file()
 
 
+def test_cifar10_archive_put_in_the_data_dir_by_hand_is_extracted_without_download(tmp_path):
+    # A machine without the network: the archive copied in by hand is what --no-download uses
+    # (the launcher's check lets it through, the loader extracts it), whatever its digest.
+    from distbelief.config import DataConfig
+    from distbelief.data.files import missing_data_files
+
+    batches = _cifar_batches()
+    _write_cifar(tmp_path / "src", batches)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / cifar10.ARCHIVE_NAME, "w:gz") as tar:
+        tar.add(tmp_path / "src" / cifar10.BATCHES_DIR, arcname=cifar10.BATCHES_DIR)
+    config = DataConfig(name="cifar10", data_dir=str(data_dir), download=False)
+    assert missing_data_files(config) is None
+    dataset = load_dataset("cifar10", split="test", data_dir=data_dir, download=False)
+    _check_cifar(dataset, batches, "test")
+    assert (data_dir / cifar10.BATCHES_DIR / "data_batch_5").is_file()
+
+
 def test_cifar10_missing_without_download_names_files_and_url(tmp_path):
     with pytest.raises(DatasetUnavailableError) as info:
         load_dataset("cifar10", split="test", data_dir=tmp_path, download=False)

@@ -13,6 +13,7 @@ import torch
 
 from distbelief.data.base import ArrayDataset, normalize_channels
 from distbelief.data.download import download_file, extract_tar
+from distbelief.data.files import CIFAR10_ARCHIVE_NAME as ARCHIVE_NAME
 from distbelief.data.files import CIFAR10_BATCHES_DIR as BATCHES_DIR
 from distbelief.data.files import CIFAR10_SPLIT_FILES as SPLIT_FILES
 from distbelief.data.files import CIFAR10_URL, not_a_file
@@ -20,7 +21,6 @@ from distbelief.data.plain_pickle import load_plain_pickle
 from distbelief.errors import DatasetUnavailableError
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-ARCHIVE_NAME = "cifar-10-python.tar.gz"
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)
 # Per-channel mean and std of the 50000 train images scaled to [0, 1].
@@ -35,6 +35,9 @@ def load_cifar10(split: str, data_dir: Path, download: bool = True) -> ArrayData
         split: "train" (data_batch_1..5) or "test" (test_batch).
         data_dir: Folder that holds (or will hold) cifar-10-batches-py/.
         download: Fetch and extract the official archive into data_dir if files are missing.
+            Either way, an archive already in data_dir (cifar-10-python.tar.gz) is extracted
+            when files are missing (with download, only the official one: another is fetched
+            again).
 
     Returns:
         The split as an ArrayDataset named "cifar10", images of shape (N, 3, 32, 32).
@@ -53,10 +56,14 @@ def load_cifar10(split: str, data_dir: Path, download: bool = True) -> ArrayData
     if blocked:
         raise ValueError(blocked)
     if _missing_files(batches_dir, split):
-        if not download:
+        archive = data_dir / ARCHIVE_NAME
+        # An archive put there by hand (a machine without the network) is the user's to
+        # choose: extracted as it is; a download keeps only the official one.
+        if not download and not archive.is_file():
             raise DatasetUnavailableError(_unavailable_message(data_dir, split, "download=False"))
         try:
-            archive = download_file(CIFAR10_URL, data_dir / ARCHIVE_NAME, CIFAR10_MD5)
+            if download:
+                download_file(CIFAR10_URL, archive, CIFAR10_MD5)
             extract_tar(archive, data_dir)
         except DatasetUnavailableError as e:
             raise DatasetUnavailableError(_unavailable_message(data_dir, split, str(e))) from e

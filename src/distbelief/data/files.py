@@ -23,6 +23,7 @@ checks a batch against each worker's share of them without loading torch."""
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_BATCHES_DIR = "cifar-10-batches-py"
+CIFAR10_ARCHIVE_NAME = "cifar-10-python.tar.gz"
 CIFAR10_SPLIT_FILES = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
     "test": ("test_batch",),
@@ -61,10 +62,11 @@ def missing_data_files(
         folder = root / CIFAR10_BATCHES_DIR
         names = [name for split in splits for name in CIFAR10_SPLIT_FILES[split]]
         missing = [name for name in names if not (folder / name).is_file()]
-        if missing:
+        # The archive itself, there already, is extracted by the loader.
+        if missing and not (root / CIFAR10_ARCHIVE_NAME).is_file():
             return not_a_file(folder / name for name in missing) or (
-                f"{folder} lacks {', '.join(missing)}: download {CIFAR10_URL} and extract it "
-                f"into {root}, or let the job download it (without --no-download)"
+                f"{folder} lacks {', '.join(missing)}: download {CIFAR10_URL} into {root} "
+                "(it is extracted there), or let the job download it (without --no-download)"
             )
     elif config.name == "mnist" and not config.download:
         folder = root / MNIST_SUBDIR

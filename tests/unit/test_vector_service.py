@@ -220,3 +220,12 @@ def test_a_program_for_another_life_of_the_shard_is_refused_before_it_runs():
     outs = [torch.empty(p.numel, dtype=p.dtype) for p in connection.shard.slices]
     connection.shard.read_vector_into("d", outs)
     assert torch.equal(outs[0], connection.shard.store.params[0])  # the zero did not run
+
+
+@pytest.mark.parametrize("max_wait_s", [True, -1, math.nan, 1e9, "1"])
+def test_a_pull_whose_wait_is_no_number_of_seconds_in_range_is_refused(max_wait_s):
+    # true is no number of seconds (it read as 1 s), as no other field takes it for 1.
+    connection = Connection()
+    with pytest.raises(ValueError, match="max_wait_s must be in"):
+        connection.ask(ops.PULL, {"max_wait_s": max_wait_s})
+    assert len(connection.ask(ops.PULL, {"max_wait_s": 0.5}).tensors) == 2

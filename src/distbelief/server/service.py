@@ -439,7 +439,11 @@ class ShardConnection(VectorHandlers):
             requested_dtype(request.meta)  # refused before the pull counts or is held
         after_version = _optional_int(request.meta, "after_version")
         max_wait_s = request.meta.get("max_wait_s", 0.0)
-        if not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s <= _MAX_HOLD_S:
+        if (
+            isinstance(max_wait_s, bool)
+            or not isinstance(max_wait_s, (int, float))
+            or not 0 <= max_wait_s <= _MAX_HOLD_S
+        ):
             raise ValueError(f"max_wait_s must be in [0, {_MAX_HOLD_S}], got {max_wait_s!r}")
         wants_changes = SINCE_KEY in request.meta
         since, max_changed = None, 0

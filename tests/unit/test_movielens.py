@@ -94,6 +94,8 @@ def test_timestamp_ties_keep_file_order(tmp_path: Path) -> None:
         ("u.data", f"1\t{'9' * 5000}\t3\t4\n", r"u.data:1: movie id must be in \[0, "),
         ("u.data", "1\t2\tgood\t4\n", "u.data:1: rating must be a number, got b'good'"),
         ("u.data", "1\t2\tnan\t4\n", "u.data:1: rating must be a finite number"),
+        ("ratings.dat", "1::2::9::3\n", "ratings.dat:1: rating must be 0.5 to 5 stars, got b'9'"),
+        ("ratings.dat", "1::2::0::3\n", "ratings.dat:1: rating must be 0.5 to 5 stars, got b'0'"),
         # Python's int() and float() read "1_0" as 10: no ratings file writes that.
         ("ratings.dat", "1_0::2::3::4\n", "ratings.dat:1: user id must be an integer"),
         ("ratings.dat", "1::2::4_5::4\n", "ratings.dat:1: rating must be a number"),

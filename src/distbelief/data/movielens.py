@@ -23,6 +23,8 @@ from distbelief.data.files import lines_before_trailing_blanks, not_a_file
 from distbelief.errors import DatasetUnavailableError
 
 CSV_HEADER = b"userId,movieId,rating,timestamp"
+MIN_STARS, MAX_STARS = 0.5, 5.0
+"""The ratings MovieLens gives (whole stars 1-5, or half stars 0.5-5)."""
 TEST_FRACTION = 0.1
 """Share of ratings, the latest by timestamp, that form the test split."""
 MAX_ID = 2**63 - 2
@@ -226,13 +228,12 @@ def _records(path: Path, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
 
 def _plain_record(separator: bytes, id_digits: int = _PLAIN_DIGITS) -> re.Pattern[bytes]:
     """A line of plain digits that parses without fail: ids of at most ``id_digits`` (<= 18)
-    digits and a timestamp of at most 18 are within their ranges, a rating of at most 6 + 6
-    digits is finite."""
+    digits and a timestamp of at most 18 are within their ranges, a rating of one digit and
+    at most 6 decimals is within ``MIN_STARS``-``MAX_STARS`` (others are parsed and checked)."""
     sep = re.escape(separator)
     ids = rb"[0-9]{1,%d}" % id_digits
-    return re.compile(
-        rb"%s%s%s%s[0-9]{1,6}(?:\.[0-9]{1,6})?%s-?[0-9]{1,18}\r?\n?" % (ids, sep, ids, sep, sep)
-    )
+    stars = rb"(?:[1-4](?:\.[0-9]{1,6})?|5(?:\.0{1,6})?|0\.[5-9][0-9]{0,5})"
+    return re.compile(rb"%s%s%s%s%s%s-?[0-9]{1,18}\r?\n?" % (ids, sep, ids, sep, stars, sep))
 
 
 def _parse_line(
@@ -284,6 +285,10 @@ def _rating(field: bytes) -> float:
         raise ValueError(f"rating must be a number, got {field[:30]!r}") from None
     if not np.isfinite(rating):
         raise ValueError(f"rating must be a finite number, got {field[:30]!r}")
+    if not MIN_STARS <= rating <= MAX_STARS:
+        # Every MovieLens release rates 1-5 stars (the latest in half stars from 0.5): a
+        # rating beyond is a damaged file, whose label would be a guess.
+        raise ValueError(f"rating must be {MIN_STARS:g} to {MAX_STARS:g} stars, got {field[:30]!r}")
     return rating
 
 

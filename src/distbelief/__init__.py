@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "LauncherInterrupted": "distbelief.errors",
     "RunFolderError": "distbelief.errors",
     "EvaluationNotOpenError": "distbelief.errors",
+    "VectorMissingError": "distbelief.errors",
     "CoordinatorError": "distbelief.errors",
     "CoordinatorUnavailableError": "distbelief.errors",
     "EvaluationStalledError": "distbelief.errors",

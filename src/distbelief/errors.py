@@ -96,6 +96,12 @@ class EvaluationNotOpenError(RemoteError):
     open (closed already, or not opened yet): the pusher's work is not needed for it."""
 
 
+class VectorMissingError(RemoteError, ValueError):
+    """A shard has no vector of the name a read asked for. A Sandblaster worker meets it when
+    the shard was restarted after the coordinator handed out the point to read: the shard holds
+    its last checkpoint's vectors, which may lack that point (a line search's trial)."""
+
+
 class TooManyConnectionsError(RemoteError):
     """A server (a shard) already held its maximum number of connections and refused this one;
     the message names the limit (a shard's ``--max-connections``)."""

@@ -180,7 +180,7 @@ class ShardVectors:
         Raises:
             ValueError: ``vector`` is not a valid name.
             TypeError / ValueError: ``flat_out`` does not fit the model's layout.
-            RemoteError: a shard has no such vector.
+            VectorMissingError: a shard has no such vector.
             ProtocolError: a shard sent other slices than it owns.
             ShardUnavailableError / ShardTimeoutError: a shard did not answer in time.
         """

@@ -31,7 +31,11 @@ from distbelief.coordinator.protocol import (
     WORK_ACTION,
 )
 from distbelief.data import ArrayDataset
-from distbelief.errors import CoordinatorUnavailableError, EvaluationNotOpenError
+from distbelief.errors import (
+    CoordinatorUnavailableError,
+    EvaluationNotOpenError,
+    VectorMissingError,
+)
 from distbelief.sharding import FlatLayout, tensor_specs
 
 if TYPE_CHECKING:
@@ -266,8 +270,8 @@ class SandblasterWorker:
                 )
             self._plan, self._indices = plan, plan.indices()
         if self._loaded != (task.evaluation, task.point):
-            self._load_point(task.point)
-            self._loaded = (task.evaluation, task.point)
+            whole = self._load_point(task.point)
+            self._loaded = (task.evaluation, task.point) if whole else None
         start, stop = plan.portion_range(task.portion)
         started = time.perf_counter()
         torch._foreach_zero_(list(self._scratch.values()))
@@ -294,9 +298,24 @@ class SandblasterWorker:
         return Finished(task.evaluation, task.portion, loss_sum, self._life)
 
     @torch.no_grad()
-    def _load_point(self, point: str) -> None:
-        self.vectors.read(point, self._point)
+    def _load_point(self, point: str) -> bool:
+        """Load vector ``point`` into the model; False if a shard no longer had it.
+
+        A shard restarted since the coordinator handed out the task holds its last
+        checkpoint's vectors, which may lack the point (a line search's trial). The portion is
+        then computed at what the other shards sent and reported all the same: its bundle
+        cannot be committed on the restarted shard, which sends the coordinator back to its
+        last checkpoint. Dropped unreported, the evaluation would stall.
+        """
+        try:
+            self.vectors.read(point, self._point)
+        except VectorMissingError as e:
+            logger.warning("%s: point of this portion lost: %s", self.coordinator.worker_id, e)
+            whole = False
+        else:
+            whole = True
         torch._foreach_copy_(self._params, self.layout.views(self._point))
+        return whole
 
 
 def run_sandblaster_worker(

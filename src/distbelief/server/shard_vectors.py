@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from distbelief.errors import VectorMissingError
 from distbelief.server.shard_state import check_slices
 from distbelief.server.store import PARAM
 from distbelief.server.vectors import VectorExecutor
@@ -88,7 +89,8 @@ class ShardVectorOps:
         """Copy this shard's slices of vector ``name`` into ``outs`` (``param``: as a pull).
 
         Raises:
-            ValueError: there is no vector ``name``, or ``outs`` do not fit the slices.
+            VectorMissingError: there is no vector ``name``.
+            ValueError: ``outs`` do not fit the slices.
         """
         self.require_initialized()
         check_slices(self.slices, outs, "read")
@@ -96,5 +98,5 @@ class ShardVectorOps:
             assert self.store is not None
             vector = self.store.find(check_vector_name(name))
             if vector is None:
-                raise ValueError(f"shard {self.shard_id} has no vector {name!r}")
+                raise VectorMissingError(f"shard {self.shard_id} has no vector {name!r}")
             torch._foreach_copy_(list(outs), vector)

@@ -21,6 +21,7 @@ from distbelief.errors import (
     TableWidthMismatchError,
     TooManyConnectionsError,
     UnknownOpError,
+    VectorMissingError,
 )
 
 
@@ -50,6 +51,7 @@ ERROR_KINDS: tuple[ErrorKind, ...] = (
     ErrorKind("placement_refused", (PlacementRefusedError,), PlacementRefusedError),
     ErrorKind("unknown_op", (UnknownOpError,), UnknownOpError),
     ErrorKind("shard_empty", (ShardEmptyError,), ShardEmptyError),
+    ErrorKind("vector_missing", (VectorMissingError,), VectorMissingError),
     ErrorKind("bad_request", (ValueError, PSError), RemoteError),
 )
 """The first kind whose ``sent_for`` matches wins: list a subclass before its base."""

@@ -12,12 +12,14 @@ from distbelief.launch.supervise import EventRouter
 class _Sink:
     def __init__(self):
         self.messages = []
+        self.times = []
 
     def write(self, record):
         pass
 
     def message(self, text, time_s=None):
         self.messages.append(text)
+        self.times.append(time_s)
 
 
 class _SlowToStop:
@@ -55,3 +57,14 @@ def test_shards_that_exit_in_time_say_nothing(monkeypatch):
     sink = _Sink()
     supervise.supervise(_SlowToStop(shard_exit_s=0.1), EventRouter(sink), JobConfig())
     assert sink.messages == []
+
+
+def test_the_notice_is_timed_when_it_is_said_not_at_the_last_record(monkeypatch):
+    """Its ``t=`` is metrics.csv's time axis: the workers started 100 s ago and the last record
+    came then, but the notice is said now, 100 s in."""
+    monkeypatch.setattr(supervise, "STOP_NOTICE_S", 0.2)
+    sink = _Sink()
+    route = EventRouter(sink)
+    route(("started", None, {"time": time.time() - 100.0}))
+    supervise.supervise(_SlowToStop(shard_exit_s=0.6), route, JobConfig())
+    assert len(sink.times) == 1 and 100.0 <= sink.times[0] < 160.0

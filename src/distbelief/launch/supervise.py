@@ -68,6 +68,11 @@ class EventRouter:
             unit = "portions" if "portions" in payload else "steps"
             self.sink.message(f"{source.name} finished after {payload['steps']} {unit}")
 
+    def now_s(self) -> float | None:
+        """Now on the records' clock (seconds since the first worker started), for a message
+        said long after the last record (a stop that takes a minute); None before any start."""
+        return None if self.train_start is None else max(0.0, time.time() - self.train_start)
+
     def coordinator_so_far(self) -> dict:
         """What the coordinator's rows tell of a Sandblaster run that ended before it returned
         (summary.json's ``coordinator``, ``stop_reason`` "stopped"): its last iteration, and
@@ -152,7 +157,7 @@ def _route_until_finished(
             # A process that hangs (stopped, stuck on its disk) would hold the launcher
             # without a word: it waits on (a shard saves its last checkpoint), and says so.
             said = True
-            route.sink.message(_still_stopping(kind, time.monotonic() - asked))
+            route.sink.message(_still_stopping(kind, time.monotonic() - asked), route.now_s())
 
 
 def _evaluate_again_after_shard_restarts(

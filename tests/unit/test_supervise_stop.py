@@ -23,10 +23,12 @@ class _Sink:
 
 
 class _SlowToStop:
-    """The workers have finished; the shards exit ``shard_exit_s`` after being asked to."""
+    """Every process has finished but those of ``slow_kind`` (the shards), which exit
+    ``shard_exit_s`` after being asked to."""
 
-    def __init__(self, shard_exit_s):
+    def __init__(self, shard_exit_s, slow_kind=ProcessKind.SHARD):
         self.shard_exit_s = shard_exit_s
+        self.slow_kind = slow_kind
         self.asked = {}
         self.faults = []
 
@@ -34,7 +36,7 @@ class _SlowToStop:
         self.asked[kind] = time.monotonic()
 
     def finished(self, kind):
-        if kind is not ProcessKind.SHARD:
+        if kind is not self.slow_kind:
             return True
         return time.monotonic() - self.asked[kind] >= self.shard_exit_s
 
@@ -68,3 +70,17 @@ def test_the_notice_is_timed_when_it_is_said_not_at_the_last_record(monkeypatch)
     route(("started", None, {"time": time.time() - 100.0}))
     supervise.supervise(_SlowToStop(shard_exit_s=0.6), route, JobConfig())
     assert len(sink.times) == 1 and 100.0 <= sink.times[0] < 160.0
+
+
+def test_sandblaster_workers_that_do_not_exit_once_told_to_stop_are_said_once(monkeypatch):
+    """The coordinator has finished and told the workers to stop; one stopped with SIGSTOP
+    holds the launcher, which says so rather than wait without a word."""
+    monkeypatch.setattr(supervise, "STOP_NOTICE_S", 0.2)
+    sink = _Sink()
+    config = JobConfig.from_fields({"optimizer.algorithm": "sandblaster"})
+    cluster = _SlowToStop(shard_exit_s=0.6, slow_kind=ProcessKind.WORKER)
+    supervise.supervise(cluster, EventRouter(sink), config)
+    assert sink.messages == [
+        "the workers have not all exited 0s after the job asked them to stop; still waiting: "
+        "Ctrl-C ends them"
+    ]

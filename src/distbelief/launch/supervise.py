@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from distbelief.telemetry import ShardStatsPoller, Sink
 
 STOP_NOTICE_S = 60.0
-"""A finished job's evaluator or shards not exited this long after being asked to stop (a
-process stopped or stuck) are waited on still, and the launcher says so once."""
+"""A finished job's evaluator or shards (or Sandblaster's workers, once the coordinator has
+finished) not exited this long after being asked to stop (a process stopped or stuck) are
+waited on still, and the launcher says so once."""
 
 
 class EventRouter:
@@ -134,7 +135,9 @@ def supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
         faults_before = len(cluster.faults)
         if kind in stopped:
             cluster.stop(kind)
-        _route_until_finished(cluster, route, kind, training=kind in training)
+        _route_until_finished(
+            cluster, route, kind, training=kind in training, asked=kind in stopped
+        )
         if kind is ProcessKind.EVALUATOR:
             _evaluate_again_after_shard_restarts(cluster, route, config, faults_before)
         if kind == training[-1]:
@@ -144,20 +147,21 @@ def supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
 
 
 def _route_until_finished(
-    cluster: Cluster, route: EventRouter, kind: ProcessKind, *, training: bool
+    cluster: Cluster, route: EventRouter, kind: ProcessKind, *, training: bool, asked: bool
 ) -> None:
     """Routes events until every process of ``kind`` has finished; polls the shards while
-    ``training``, else says once that the processes asked to stop are slow to."""
-    asked, said = time.monotonic(), False
+    ``training``; says once that processes ``asked`` to stop are slow to (Sandblaster's
+    workers, told to stop once the coordinator has finished, poll still)."""
+    asked_at, said = time.monotonic(), False
     while not cluster.finished(kind):
         route(cluster.next_event(0.2))
         if training:
             route.poll_shards()
-        elif not said and time.monotonic() - asked >= STOP_NOTICE_S:
+        if asked and not said and time.monotonic() - asked_at >= STOP_NOTICE_S:
             # A process that hangs (stopped, stuck on its disk) would hold the launcher
             # without a word: it waits on (a shard saves its last checkpoint), and says so.
             said = True
-            route.sink.message(_still_stopping(kind, time.monotonic() - asked), route.now_s())
+            route.sink.message(_still_stopping(kind, time.monotonic() - asked_at), route.now_s())
 
 
 def _evaluate_again_after_shard_restarts(
@@ -176,16 +180,21 @@ def _evaluate_again_after_shard_restarts(
     ):
         faults_seen = len(cluster.faults)
         cluster.start(ProcessKind.EVALUATOR, 0)
-        _route_until_finished(cluster, route, ProcessKind.EVALUATOR, training=False)
+        _route_until_finished(cluster, route, ProcessKind.EVALUATOR, training=False, asked=True)
 
 
 def _still_stopping(kind: ProcessKind, waited_s: float) -> str:
-    """The line said once when the evaluator or the shards have not exited ``STOP_NOTICE_S``
+    """The line said once when the processes of ``kind`` have not exited ``STOP_NOTICE_S``
     after the finished job asked them to."""
     if kind is ProcessKind.SHARD:
         return (
             f"the shards have not all exited {waited_s:.0f}s after the job asked them to stop "
             "(each saves its last checkpoint first); still waiting: Ctrl-C ends them"
+        )
+    if kind is ProcessKind.WORKER:
+        return (
+            f"the workers have not all exited {waited_s:.0f}s after the job asked them to stop; "
+            "still waiting: Ctrl-C ends them"
         )
     return (
         f"the {kind.value} has not exited {waited_s:.0f}s after the job asked it to stop; still "

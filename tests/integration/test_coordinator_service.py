@@ -456,3 +456,16 @@ def test_finish_does_not_wait_for_a_worker_that_connected_and_died(digits, job_f
     # Told worker0 and returned, rather than waiting out the timeout for worker1.
     assert time.monotonic() - started < TIMEOUT_S / 2
     job.stop()
+
+
+def test_a_connected_worker_that_is_never_told_counts_once(digits, job_factory):
+    # Connected, then frozen (SIGSTOP): it neither asks again nor closes. The job says one
+    # worker was not told, not two (its connection and its id).
+    plan = BatchPlan(num_examples=len(digits), num_portions=4, batch_size=200)
+    job = job_factory(digits, plan)
+    frozen = CoordinatorClient(job.server.address, "worker1", timeout_s=30)
+    try:
+        frozen.ask(max_wait_s=0.0)
+        assert job.service.finish(timeout_s=1.0, expected=["worker1"]) == 1
+    finally:
+        frozen.close()

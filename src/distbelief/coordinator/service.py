@@ -212,14 +212,18 @@ class CoordinatorService:
         it, while one that connected and died is not waited for (it may never come back).
 
         Returns:
-            The number of connections still open, or expected workers, not told (yet).
+            The number of workers not told (yet): expected ones, and connections that name
+            none of them (each worker counted once, connected or not).
         """
         self.scheduler.stop()
         missing = set(expected)
 
         def untold() -> int:
-            connections = sum(not c.told_stop for c in self._connections)
-            return connections + len(missing - self._told - self._departed)
+            waiting = missing - self._told - self._departed
+            connections = sum(
+                not c.told_stop and not (c.worker_ids & waiting) for c in self._connections
+            )
+            return connections + len(waiting)
 
         with self._connections_changed:
             self._connections_changed.wait_for(lambda: untold() == 0, timeout_s)

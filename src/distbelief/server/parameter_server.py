@@ -26,7 +26,7 @@ from distbelief.server.optimizers import server_optimizer_factory
 from distbelief.server.process import serve_shard
 from distbelief.server.rank_watch import RankWatch
 from distbelief.server.shard import ParameterShard
-from distbelief.sharding import FlatLayout, describe_mismatch, tensor_specs
+from distbelief.sharding import FlatLayout, describe_misfit, matched_to_model, tensor_specs
 from distbelief.wire.process_group import DEFAULT_STORE_TIMEOUT_S, GroupStore, ServerRecord
 from distbelief.wire.security import WireSecurity, generate_key
 
@@ -267,21 +267,14 @@ class ParameterServer:
             return
         # Named as the workers name them: a compiled model's names without its wrapper's prefix.
         own_specs = tensor_specs(self.model.named_parameters())
-        params = dict(zip((spec.name for spec in own_specs), self.model.parameters(), strict=True))
-        if all(spec.name in params for spec in shard.specs):
-            targets = [params[spec.name] for spec in shard.specs]
-        else:
-            targets = list(params.values())
-        fits = len(targets) == len(shard.specs) and all(
-            (tuple(target.shape), target.dtype) == (spec.shape, spec.dtype)
-            for target, spec in zip(targets, shard.specs, strict=True)
-        )
-        if not fits:  # its parameters were replaced since the handshake checked them
-            logger.warning(
-                "final parameters not loaded into the model: %s",
-                describe_mismatch(shard.specs, own_specs),
-            )
+        misfit = describe_misfit(own_specs, shard.specs)
+        if misfit is not None:  # its parameters were replaced since the handshake checked them
+            logger.warning("final parameters not loaded into the model: %s", misfit)
             return
+        params = list(self.model.parameters())
+        positions = matched_to_model(own_specs, shard.specs)
+        assert positions is not None  # it fits
+        targets = [params[at] for at in positions]
         flats = dict(zip([piece.dtype for piece in shard.slices], shard.parameters(), strict=True))
         with torch.no_grad():
             torch._foreach_copy_(targets, FlatLayout(shard.specs).views(flats))

@@ -159,23 +159,32 @@ def describe_mismatch(expected: Sequence[TensorSpec], actual: Sequence[TensorSpe
     return "layouts are equal"
 
 
+def matched_to_model(model: Sequence[TensorSpec], specs: Sequence[TensorSpec]) -> list[int] | None:
+    """For each of a client's ``specs``, the position of the ``model`` tensor it stands for: by
+    name where every one names one of ``model``'s (a client may leave frozen parameters out),
+    else by position (a client that gave no names); None where neither can be (by position,
+    another number of tensors). Shapes and dtypes are not compared (``describe_misfit``)."""
+    position = {spec.name: at for at, spec in enumerate(model)}
+    if all(spec.name in position for spec in specs):
+        return [position[spec.name] for spec in specs]
+    return list(range(len(model))) if len(specs) == len(model) else None
+
+
 def describe_misfit(model: Sequence[TensorSpec], specs: Sequence[TensorSpec]) -> str | None:
     """Why a client's layout ``specs`` cannot be parameters of ``model`` (a sentence naming the
-    first tensor that does not fit), or None when it can. A client whose every tensor name is
-    one of ``model``'s is matched by name (it may leave frozen parameters out); one that names
-    them otherwise (by position: it gave no names) is matched by position, names aside."""
-    by_name = {spec.name: spec for spec in model}
-    by_names = all(spec.name in by_name for spec in specs)
-    if by_names:
-        pairs = [(by_name[spec.name], spec) for spec in specs]
-    else:
-        pairs = list(zip(model, specs, strict=False))
-    for want, got in pairs:
+    first tensor that does not fit), or None when it can, matched as ``matched_to_model``
+    matches them."""
+    positions = matched_to_model(model, specs)
+    # Of another number of tensors, still compared by position first: a tensor that differs
+    # says more than the count.
+    paired = range(min(len(specs), len(model))) if positions is None else positions
+    for got, at in zip(specs, paired, strict=False):
+        want = model[at]
         if (want.shape, want.dtype) != (got.shape, got.dtype):
             return (
                 f"tensor {got.name!r} {list(got.shape)} {dtype_name(got.dtype)} does not match "
                 f"the server's model's {want.name!r} {list(want.shape)} {dtype_name(want.dtype)}"
             )
-    if not by_names and len(specs) != len(model):
+    if positions is None:
         return f"the model has {len(specs)} parameter tensors, the server's model {len(model)}"
     return None

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any, Protocol, cast
 
-from distbelief.errors import ShardEmptyError, UnknownOpError
+from distbelief.errors import UnknownOpError
 from distbelief.wire.channels import Channel, Incoming, PollableChannel
 from distbelief.wire.error_kinds import BAD_REQUEST, INTERNAL, TOO_MANY_CONNECTIONS, kind_of
 from distbelief.wire.framing import RejectedFrame, Sink, send_message
@@ -75,10 +75,12 @@ class _Dispatch:
 
 
 def _refusal_kind(reason: Exception) -> str:
-    """The error kind of a frame refused before its handler ran: an unknown op is a kind of
-    its own, so that the client can say it reached another kind of server than it meant, and
-    so is a push to a shard with no parameters (one restarted with nothing to restore)."""
-    return kind_of(reason) if isinstance(reason, (UnknownOpError, ShardEmptyError)) else BAD_REQUEST
+    """The error kind of a frame refused before its handler ran: a typed refusal's own (an
+    unknown op, so that the client can say it reached another kind of server than it meant; a
+    push to a shard holding no parameters), as a handler's would be; any other is a bad
+    request, not a failure of the server's."""
+    kind = kind_of(reason)
+    return BAD_REQUEST if kind == INTERNAL else kind
 
 
 def _refuse_frame(request: Message) -> None:

@@ -76,6 +76,11 @@ def unused_server_setting(users: tuple[str, ...], optimizer: str) -> str:
     return f"only applies to server optimizer {' or '.join(users)}, not {optimizer!r}"
 
 
+def dc_lambda_unused(staleness_policy: str) -> str:
+    """Why a DC-ASGD lambda is refused: the staleness policy is another one."""
+    return f"only applies to staleness policy dc-asgd, not {staleness_policy!r}"
+
+
 def push_compression_fraction(text: str) -> float | None:
     """The top-k fraction of a push compression setting (``"topk:0.01"`` -> 0.01; ``"none"``
     -> None).
@@ -571,10 +576,7 @@ class ConsistencyConfig:
             )
         _require_rates(self, "dc_lambda", zero_ok=True)
         if self.dc_lambda != _DEFAULT_DC_LAMBDA and self.staleness_policy != "dc-asgd":
-            raise ConfigFieldError(
-                "dc_lambda",
-                f"only applies to staleness policy dc-asgd, not {self.staleness_policy!r}",
-            )
+            raise ConfigFieldError("dc_lambda", dc_lambda_unused(self.staleness_policy))
         if self.sync and self.max_staleness is not None:
             raise ConfigFieldError(
                 "max_staleness",

@@ -314,7 +314,7 @@ def test_failing_worker_stops_the_job_and_names_itself(tmp_path, verbose):
         ),
         (
             ["train", "--lr", "-1"],
-            "distbelief train: error: argument --lr: must be a finite number >= 0, got -1.0",
+            "distbelief train: error: argument --lr: must be a finite number >= 0, got -1",
         ),
         (["train", "--n-push", "-1"], "argument --n-push: must be an integer >= 1"),
         (["train", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),

@@ -380,10 +380,20 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
         (["train", *_CLICKS, "--row-init-std", "inf"], "argument --row-init-std: must be"),
         (["train", *_CLICKS, "--row-cache-mb", "inf"], "argument --row-cache-mb: must be"),
         (["train", "--liveness-timeout", "inf"], "argument --liveness-timeout: must be"),
-        (["train", "--lr", "1e308"], "argument --lr: must be <= 3.40282e+38, got 1e+308"),
+        (["train", "--lr", "1e308"], "argument --lr: must be <= 3.40282e+38, got 1e308"),
         (["train", "--server-lr", "1e308"], "argument --server-lr: must be <= 3.40282e+38"),
-        (["train", "--timeout", "1e308"], "argument --timeout: must be <= 604800, got 1e+308"),
+        (["train", "--timeout", "1e308"], "argument --timeout: must be <= 604800, got 1e308"),
         (["train", "--retry-timeout", "1e308"], "argument --retry-timeout: must be <= 604800"),
+        # The number as typed, not as parsed (0.0, inf).
+        (["train", "--timeout", "0"], "argument --timeout: must be a finite number > 0, got 0"),
+        (
+            ["train", "--timeout=1e309"],
+            "argument --timeout: must be a finite number > 0, got 1e309",
+        ),
+        (
+            ["train", "--lr", "-1", "--lr", "-0.50"],
+            "argument --lr: must be a finite number >= 0, got -0.50",
+        ),
         (
             ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth", "--row-lr", "inf"],
             "argument --row-lr: must be a finite number >= 0, got inf",
@@ -435,7 +445,8 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
     ],
     ids=[
         *("step-size", "row-lr", "row-init-std", "row-cache-mb", "liveness-timeout"),
-        *("lr-1e308", "server-lr-1e308", "timeout-1e308", "retry-timeout-1e308", "ps"),
+        *("lr-1e308", "server-lr-1e308", "timeout-1e308", "retry-timeout-1e308"),
+        *("timeout-0", "timeout-1e309", "lr-typed-twice", "ps"),
         *("tables", "worker-tables", "embedding-dim", "eval-embedding-dim"),
         *("embedding-dim-wider-than-a-row", "eval-embedding-dim-wider-than-a-row"),
         *("criteo-raw-table-left-dense", "worker-criteo-raw-table-left-dense"),
@@ -546,7 +557,7 @@ def test_a_server_optimizer_setting_the_optimizer_ignores_is_refused(
         (["train", "--backup-workers", "0"], "argument --backup-workers: only used with --sync"),
         (
             [*_PS, "--dc-lambda", "0.04"],
-            "argument --dc-lambda: only used with --staleness-policy dc-asgd",
+            "argument --dc-lambda: only applies to staleness policy dc-asgd, not 'none'",
         ),
         (
             ["train", "--server-momentum", "0.9"],

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -45,7 +46,10 @@ logger = logging.getLogger("distbelief")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return get_args_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = get_args_parser().parse_args(argv)
+    args.argv = argv  # a refusal found after parsing quotes a value as it was typed
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:

@@ -75,7 +75,32 @@ def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
             said = f"{error.field} (in {config_file}): {error.problem}"
         print(f"distbelief {args.command}: error: {said}", file=sys.stderr)
         return EXIT_USAGE
-    return usage_error(args, f"argument {flag}: {error.problem}")
+    return usage_error(args, f"argument {flag}: {_as_typed(args, flag, error)}")
+
+
+def _as_typed(args: argparse.Namespace, flag: str, error: ConfigFieldError) -> str:
+    """``error``'s problem quoting the number it refuses as typed (``got 0``, ``got 1e309``),
+    not as parsed (``got 0.0``, ``got inf``)."""
+    value = vars(args).get(error.field)
+    said = f"got {value!r}"
+    typed = _last_typed(getattr(args, "argv", None) or [], flag)
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if typed is None or not numeric or not error.problem.endswith(said):
+        return error.problem
+    return f"{error.problem.removesuffix(said)}got {typed}"
+
+
+def _last_typed(argv: list[str], flag: str) -> str | None:
+    """The text given to ``flag`` the last time ``argv`` has it (argparse keeps the last)."""
+    typed = None
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        if arg == flag and i + 1 < len(argv):
+            typed = argv[i + 1]
+        elif arg.startswith(f"{flag}="):
+            typed = arg.partition("=")[2]
+    return typed
 
 
 def _cluster_refused(args: argparse.Namespace, error: ClusterError) -> int:

@@ -261,6 +261,8 @@ _USED_ONLY_WITH: dict[str, _UsedOnlyWith] = {
         ("consistency.staleness_policy",),
         " dc-asgd",
         lambda job: job.consistency.staleness_policy == "dc-asgd",
+        # In the config's words: typed at its default or not, the same refusal.
+        lambda job: config_module.dc_lambda_unused(job.consistency.staleness_policy),
     ),
     "pipeline.schedule": _UsedOnlyWith(
         ("pipeline.num_partitions",), " > 1", lambda job: job.pipeline.num_partitions > 1

@@ -291,6 +291,49 @@ def test_a_torch_sgd_state_dict_with_momentum_is_refused_and_loads_nothing(serve
     optimizer.close()
 
 
+def test_steps_done_again_from_an_earlier_state_dict_are_pushed(served_shard):
+    """A script that goes back to a state it saved (a loss that diverged, say) does the steps
+    after it again: new updates, each pushed to the shards and reported applied, not taken for
+    a restarted replica's steps the shards hold already."""
+    model, applied = _model(), []
+    with DownpourSGD(
+        model.parameters(),
+        lr=0.1,
+        model=model,
+        ps=served_shard,
+        blocking=True,
+        on_push_applied=applied.append,
+    ) as optimizer:
+        _train(model, optimizer, _batches(2))
+        saved_model, saved = copy.deepcopy(model.state_dict()), optimizer.state_dict()
+        _train(model, optimizer, _batches(2))
+        model.load_state_dict(saved_model)
+        optimizer.load_state_dict(saved)
+        assert (optimizer.num_steps, optimizer.applied_step) == (2, 2)
+        _train(model, optimizer, _batches(2))
+        assert [stats["num_pushes"] for stats in optimizer.client.stats()] == [6]
+    assert applied == [1, 2, 3, 4, 3, 4]
+
+
+def test_a_state_dict_step_count_that_is_no_count_is_refused_and_loads_nothing(served_shard):
+    """A count below 0 would leave the next steps unpushed (taken for steps the shards hold);
+    one of another type would fail later, far from the load."""
+    model = _model()
+    with DownpourSGD(
+        model.parameters(), lr=0.1, model=model, ps=served_shard, blocking=True
+    ) as optimizer:
+        _train(model, optimizer, _batches(1))
+        for num_steps in (-1, 2.5, "3", None):
+            saved = optimizer.state_dict()
+            saved["downpour"]["num_steps"] = num_steps
+            saved["param_groups"][0]["lr"] = 0.5
+            with pytest.raises(
+                ValueError, match=r"^state_dict\['downpour'\]\['num_steps'\] must be an integer"
+            ):
+                optimizer.load_state_dict(saved)
+            assert (optimizer.num_steps, optimizer.param_groups[0]["lr"]) == (1, 0.1)
+
+
 def test_named_parameters_carry_their_names_to_the_shards(served_shard):
     """Given as ``model.named_parameters()`` (torch's named param groups), parameters are the
     shards' tensors of those names: a replica given ``model=`` joins the same shards."""

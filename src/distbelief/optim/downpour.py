@@ -254,6 +254,9 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         hold this replica's updates up to it, and none after it but a push still in flight."""
         self._in_flight_step = 0
         """The step of the push whose replies are ``_push_futures``."""
+        self._held_until = 0
+        """Steps below it are a resumed replica's that every shard took from its previous life
+        (``resume()``): done again, pushed to none."""
         self._on_push_applied = on_push_applied
         self._closed = False
         self._server: ServerRecord | None = None
@@ -379,7 +382,7 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         self._finish_push_if_done()
         # A resumed replica's step whose update the shards took from its previous life: done
         # again (its neighbouring stages need it), but not pushed again.
-        on_the_shards = self.num_steps < self.applied_step and not self.sync_rounds
+        on_the_shards = self.num_steps < self._held_until and not self.sync_rounds
         if self._window_base is None and not on_the_shards:
             self._window_base = list(self._model_versions)
         if not on_the_shards:
@@ -427,7 +430,20 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         if self.sync_rounds:
             self.client.hold_steps(None, "applied_step")
         self.num_steps = step
-        self.applied_step = max(step, min(self.client.held_steps))
+        self._held_until = min(self.client.held_steps)
+        self.applied_step = max(step, self._held_until)
+
+    def _take_step_count(self, num_steps: int) -> None:
+        """Go on from the step count a loaded state dict brings. One below the current takes
+        the replica back to a saved state: the steps after it are done again from there, new
+        updates that every shard is pushed (no previous life's, as after ``resume()``), and the
+        pushes of the steps undone are no longer this count's applied ones."""
+        if num_steps < self.num_steps:
+            self.client.hold_steps(None, "applied_step")
+            self._held_until = 0
+            self.applied_step = min(self.applied_step, num_steps)
+            self._in_flight_step = min(self._in_flight_step, num_steps)
+        self.num_steps = num_steps
 
     def _accrue(self) -> None:
         """Add this step's gradients (scaled by their group's rate if the server asks for

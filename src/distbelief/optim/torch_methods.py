@@ -6,6 +6,7 @@ A mixin of DownpourSGD: it never talks to the shards.
 
 from __future__ import annotations
 
+from distbelief.config import check_count
 from distbelief.optim.param_checks import check_param_groups
 from distbelief.optim.unguarded import call_unguarded
 
@@ -57,15 +58,20 @@ class TorchOptimizerMethods:
         torch.optim.SGD with momentum, say, would otherwise train without it), after the
         ``register_load_state_dict_pre_hook`` hooks, which may adapt them. The step count is
         this optimizer's own: loaded from a DownpourSGD state dict, kept from a torch.optim one
-        (its pushes and pulls stay on schedule, its clock at the shards does not go back).
+        (its pushes and pulls stay on schedule, its clock at the shards does not go back). A
+        DownpourSGD state dict saved earlier takes the count back: the steps done again from it
+        are pushed as any new step is.
 
         Raises:
             ValueError: a loaded group's ``lr`` or other setting DownpourSGD does not apply,
-                named by its index; nothing is loaded.
+                named by its index, or a step count that is no integer >= 0; nothing is
+                loaded.
         """
         state_dict = dict(state_dict)
-        downpour = state_dict.pop("downpour", {})
-        self._loading_num_steps = int(downpour.get("num_steps", self.num_steps))
+        downpour = state_dict.pop("downpour", None) or {}
+        num_steps = downpour.get("num_steps", self.num_steps)
+        check_count("state_dict['downpour']['num_steps']", num_steps, least=0)
+        self._loading_num_steps = num_steps
         try:
             call_unguarded("load_state_dict", self, state_dict)
         finally:
@@ -78,4 +84,4 @@ class TorchOptimizerMethods:
         super().__setstate__(state)
         loading = self.__dict__.get("_loading_num_steps")
         if loading is not None:  # with the groups, before torch's post hooks: they see it
-            self.num_steps = loading
+            self._take_step_count(loading)

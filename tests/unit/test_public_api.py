@@ -111,6 +111,22 @@ def _bad_arguments():
             TypeError,
             "consistency must be a ConsistencyConfig",
         ),
+        (lambda: distbelief.ParameterServer(net, host=5), TypeError, "^host must be a str"),
+        (
+            lambda: distbelief.ParameterServer(net, host="tcp://127.0.0.1"),
+            ValueError,
+            "^host must be an IP address or host name .*got 'tcp://127.0.0.1'$",
+        ),
+        (
+            lambda: distbelief.ParameterServer(net, host="127.0.0.1:7000"),
+            ValueError,
+            "^host must be an IP address or host name .*got '127.0.0.1:7000'$",
+        ),
+        (
+            lambda: distbelief.ParameterServer(net, host="192.0.2.1"),
+            ValueError,
+            "^host 192.0.2.1 is not an address of this machine",
+        ),
         (
             lambda: distbelief.DownpourSGD(net.parameters(), lr="x", ps="tcp://h:1"),
             ValueError,
@@ -246,7 +262,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 58
+_NUM_BAD_ARGUMENTS = 62
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

@@ -22,6 +22,7 @@ from distbelief.config import (
     amount_problem,
 )
 from distbelief.errors import ClosedError
+from distbelief.hosts import check_local_host, is_host
 from distbelief.server.optimizers import server_optimizer_factory
 from distbelief.server.process import serve_shard
 from distbelief.server.rank_watch import RankWatch
@@ -35,6 +36,25 @@ logger = logging.getLogger(__name__)
 DEFAULT_JOIN_TIMEOUT_S = 300.0
 """How long a rank may take to connect: as long as its DownpourSGD waits for the server to
 publish its address (``hold_timeout_s``)."""
+
+
+def _check_host(host: object) -> None:
+    """Refuses a ``host`` that is not this machine's address (or a name of it): the server binds
+    it at ``run()``, and ``tcp://``, a port or an address of another machine would fail only
+    there, as an address the user never typed."""
+    if host is None:
+        return
+    if not isinstance(host, str):
+        raise TypeError(f"host must be a str (or None), got {type(host).__name__}")
+    if not is_host(host):
+        raise ValueError(
+            f"host must be an IP address or host name of this machine, without scheme or port, "
+            f"got {host!r}"
+        )
+    try:
+        check_local_host(host)
+    except ValueError as e:
+        raise ValueError(f"host {e}") from None
 
 
 def _check_arguments(model, lr, consistency, port, timeout_s, join_timeout_s) -> None:
@@ -103,10 +123,11 @@ class ParameterServer:
     finished or is lost, with a warning naming each lost rank.
 
     Raises:
-        TypeError: ``model`` is no ``torch.nn.Module``, or ``consistency`` no
-            ``ConsistencyConfig``.
+        TypeError: ``model`` is no ``torch.nn.Module``, ``consistency`` no
+            ``ConsistencyConfig``, or ``host`` no str.
         ValueError: ``model`` has no parameters; ``lr``, ``port``, ``timeout_s`` or
-            ``join_timeout_s`` out of range (named);
+            ``join_timeout_s`` out of range (named); ``host`` no address or name of this
+            machine (``tcp://`` or a port with it, say);
             no process group is initialised, or it has no rank besides this one; or
             ``consistency.backup_workers`` not below the number of other ranks.
     """
@@ -123,6 +144,7 @@ class ParameterServer:
         join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
     ) -> None:
         _check_arguments(model, lr, consistency, port, timeout_s, join_timeout_s)
+        _check_host(host)
         self._store = GroupStore(timeout_s)
         if self._store.world_size < 2:
             raise ValueError(

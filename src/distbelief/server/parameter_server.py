@@ -23,6 +23,7 @@ from distbelief.config import (
 )
 from distbelief.errors import ClosedError
 from distbelief.hosts import check_local_host, is_host
+from distbelief.optim.param_checks import rate_value
 from distbelief.server.optimizers import server_optimizer_factory
 from distbelief.server.process import serve_shard
 from distbelief.server.rank_watch import RankWatch
@@ -68,7 +69,7 @@ def _check_arguments(model, lr, consistency, port, timeout_s, join_timeout_s) ->
             f"model has no parameters ({type(model).__name__}): give ParameterServer the model "
             "the workers train"
         )
-    problem = None if lr is None else amount_problem(lr, zero_ok=True, most=MAX_RATE)
+    problem = None if lr is None else amount_problem(rate_value(lr), zero_ok=True, most=MAX_RATE)
     if problem is not None:
         raise ValueError(f"lr {problem} (or None), got {lr!r}")
     if consistency is not None and not isinstance(consistency, ConsistencyConfig):
@@ -102,7 +103,8 @@ class ParameterServer:
             position where the workers gave DownpourSGD no names of ``model``'s; the rest
             stay as they were). A worker whose parameters do not fit it so is refused as it
             joins with ``ModelMismatchError``.
-        lr: The server's own learning rate for plain SGD on the pushed gradients. None (the
+        lr: The server's own learning rate for plain SGD on the pushed gradients: a finite
+            number >= 0 (numpy's too, or a one-element tensor, as DownpourSGD's). None (the
             seed's behaviour): each push is applied at the pushing worker's current rate, so
             a worker's LR scheduler steers the server too.
         consistency: Async (default), SSP or synchronous rounds, as for ``distbelief ps``;
@@ -156,7 +158,9 @@ class ParameterServer:
             consistency = dataclasses.replace(consistency, apply_worker_lr=True)
         self.model = model
         self.consistency = consistency
-        self._optimizer_factory = server_optimizer_factory("sgd", lr=1.0 if lr is None else lr)
+        # A rate as DownpourSGD takes one (numpy's, a one-element tensor), as a float.
+        rate = 1.0 if lr is None else float(rate_value(lr))
+        self._optimizer_factory = server_optimizer_factory("sgd", lr=rate)
         host = host or self._store.store_host() or socket.gethostname()
         self.bind = f"tcp://{host}:{port}"
         self.security = WireSecurity(auth_key=generate_key())

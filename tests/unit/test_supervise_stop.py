@@ -24,11 +24,13 @@ class _Sink:
 
 class _SlowToStop:
     """Every process has finished but those of ``slow_kind`` (the shards), which exit
-    ``shard_exit_s`` after being asked to."""
+    ``shard_exit_s`` after being asked to, or (``until_said``) once ``sink`` has been told
+    something: a launcher slow to look on a busy machine still finds them running."""
 
-    def __init__(self, shard_exit_s, slow_kind=ProcessKind.SHARD):
+    def __init__(self, shard_exit_s, slow_kind=ProcessKind.SHARD, until_said=None):
         self.shard_exit_s = shard_exit_s
         self.slow_kind = slow_kind
+        self.until_said = until_said
         self.asked = {}
         self.faults = []
 
@@ -38,16 +40,23 @@ class _SlowToStop:
     def finished(self, kind):
         if kind is not self.slow_kind:
             return True
+        if self.until_said is not None and self.until_said.messages:
+            return True
         return time.monotonic() - self.asked[kind] >= self.shard_exit_s
 
     def next_event(self, timeout_s=0.2):
         time.sleep(min(timeout_s, 0.02))
 
 
+_SAFETY_S = 60.0
+"""Where a test's slow processes exit at the latest, said or not (the test then fails)."""
+
+
 def test_shards_that_do_not_exit_are_waited_on_and_said_once(monkeypatch):
     monkeypatch.setattr(supervise, "STOP_NOTICE_S", 0.2)
     sink = _Sink()
-    supervise.supervise(_SlowToStop(shard_exit_s=0.6), EventRouter(sink), JobConfig())
+    slow = _SlowToStop(shard_exit_s=_SAFETY_S, until_said=sink)
+    supervise.supervise(slow, EventRouter(sink), JobConfig())
     assert sink.messages == [
         "the shards have not all exited 0s after the job asked them to stop (each saves its "
         "last checkpoint first); still waiting: Ctrl-C ends them"
@@ -68,7 +77,7 @@ def test_the_notice_is_timed_when_it_is_said_not_at_the_last_record(monkeypatch)
     sink = _Sink()
     route = EventRouter(sink)
     route(("started", None, {"time": time.time() - 100.0}))
-    supervise.supervise(_SlowToStop(shard_exit_s=0.6), route, JobConfig())
+    supervise.supervise(_SlowToStop(shard_exit_s=_SAFETY_S, until_said=sink), route, JobConfig())
     assert len(sink.times) == 1 and 100.0 <= sink.times[0] < 160.0
 
 
@@ -78,7 +87,7 @@ def test_sandblaster_workers_that_do_not_exit_once_told_to_stop_are_said_once(mo
     monkeypatch.setattr(supervise, "STOP_NOTICE_S", 0.2)
     sink = _Sink()
     config = JobConfig.from_fields({"optimizer.algorithm": "sandblaster"})
-    cluster = _SlowToStop(shard_exit_s=0.6, slow_kind=ProcessKind.WORKER)
+    cluster = _SlowToStop(_SAFETY_S, slow_kind=ProcessKind.WORKER, until_said=sink)
     supervise.supervise(cluster, EventRouter(sink), config)
     assert sink.messages == [
         "the workers have not all exited 0s after the job asked them to stop; still waiting: "

@@ -231,6 +231,13 @@ def _bad_arguments():
             "^parameter group name 'stage 0' must be 1-64 letters",
         ),
         (lambda: downpour(source_host=5), TypeError, "^source_host must be a str, got 5$"),
+        (
+            lambda: distbelief.DownpourSGD(
+                net.parameters(), ps="tcp://127.0.0.9:1", retry_timeout_s=0, source_host="192.0.2.1"
+            ),
+            ValueError,
+            "^source_host 192.0.2.1 is not an address of this machine",
+        ),
         (lambda: downpour(model="net"), TypeError, "^model must be a torch.nn.Module, got str$"),
         (
             lambda: distbelief.ShardedEmbeddings(nn.EmbeddingBag(10, 4), ps="h:1", worker_id=5),
@@ -262,7 +269,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 62
+_NUM_BAD_ARGUMENTS = 63
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

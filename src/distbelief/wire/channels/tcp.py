@@ -172,7 +172,10 @@ class TcpDialer:
         self._tls = self._security.client_tls()
         self._source = None
         if source_host:
-            check_local_host(source_host)
+            try:
+                check_local_host(source_host)
+            except ValueError as e:  # named as the caller gave it (DownpourSGD's argument)
+                raise ValueError(f"source_host {e}") from None
             check_reachable_from(self._endpoint[0], source_host)
             self._source = (source_host, 0)
 

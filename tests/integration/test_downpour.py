@@ -332,6 +332,9 @@ def test_a_state_dict_step_count_that_is_no_count_is_refused_and_loads_nothing(s
             ):
                 optimizer.load_state_dict(saved)
             assert (optimizer.num_steps, optimizer.param_groups[0]["lr"]) == (1, 0.1)
+        saved = {**optimizer.state_dict(), "downpour": [1]}
+        with pytest.raises(ValueError, match=r"^state_dict\['downpour'\] must be a dict"):
+            optimizer.load_state_dict(saved)
 
 
 def test_named_parameters_carry_their_names_to_the_shards(served_shard):

@@ -69,6 +69,11 @@ class TorchOptimizerMethods:
         """
         state_dict = dict(state_dict)
         downpour = state_dict.pop("downpour", None) or {}
+        if not isinstance(downpour, dict):
+            raise ValueError(
+                f"state_dict['downpour'] must be a dict (a DownpourSGD state dict's), got "
+                f"{type(downpour).__name__}"
+            )
         num_steps = downpour.get("num_steps", self.num_steps)
         check_count("state_dict['downpour']['num_steps']", num_steps, least=0)
         self._loading_num_steps = num_steps

@@ -15,36 +15,48 @@ from distbelief.client import ParameterServerClient
 from distbelief.errors import ShardUnavailableError
 from distbelief.sharding import TensorSpec
 from distbelief.telemetry import ShardStatsPoller, poll_shard_stats
+from tests.conftest import served_shards
 
 SPECS = [TensorSpec("weight", (64, 32), torch.float32), TensorSpec("bias", (32,), torch.float32)]
 NUM_BYTES = (64 * 32 + 32) * 4
+POLL_TIMEOUT_S = 30.0
+
+
+def test_a_poll_is_not_due_again_before_every_s() -> None:
+    # An hour between polls: however slow the first poll, the second call comes before it.
+    with served_shards(1) as (_, addresses):
+        poller = ShardStatsPoller(addresses, every_s=3600.0, timeout_s=POLL_TIMEOUT_S)
+        assert [r["version"] for r in poller.poll_if_due()] == [0]
+        assert poller.poll_if_due() == []
 
 
 def test_poll_reports_pushes_bytes_and_version(shard_cluster, monkeypatch) -> None:
     # Bytes on the wire: over TCP (on one host, pushes through shared memory carry none).
     monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
     addresses = shard_cluster(2)
-    client = ParameterServerClient(addresses, SPECS, timeout_s=5.0)
-    poller = ShardStatsPoller(addresses, every_s=1.0, timeout_s=2.0)
+    client = ParameterServerClient(addresses, SPECS, timeout_s=POLL_TIMEOUT_S)
+    # Polls that must answer get a bound no busy machine reaches: the poller turns a timeout
+    # into "no records", which would read as a wrong answer.
+    poller = ShardStatsPoller(addresses, every_s=1.0, timeout_s=POLL_TIMEOUT_S)
     try:
         client.handshake({torch.float32: torch.zeros(64 * 32 + 32)})
+        polled_at = time.monotonic()
         assert [r["version"] for r in poller.poll_if_due()] == [0, 0]
-        assert poller.poll_if_due() == []  # not due yet
         for _ in range(3):
             client.wait(client.push({torch.float32: torch.ones(64 * 32 + 32)}))
         time.sleep(1.05)
         records = poller.poll_if_due()
     finally:
         client.close()
+    interval_s = time.monotonic() - polled_at  # an upper bound on the time between the polls
     assert [(r["role"], r["rank"], r["version"]) for r in records] == [
         ("shard", 0, 3),
         ("shard", 1, 3),
     ]
     assert all(r["pushes_per_s"] > 0 and r["staleness"] == 0.0 for r in records)
     # Each shard received its half of three pushes' bytes in the interval.
-    interval_s = 1.05 + 3 * 5.0  # an upper bound on the time between the two polls
     assert sum(r["bytes_per_s"] for r in records) >= 3 * NUM_BYTES / interval_s
-    stats = poll_shard_stats(addresses, timeout_s=2.0)
+    stats = poll_shard_stats(addresses, timeout_s=POLL_TIMEOUT_S)
     assert [s["num_pushes"] for s in stats] == [3, 3]
     assert sum(s["bytes_received"] for s in stats) == 3 * NUM_BYTES
 

@@ -29,13 +29,15 @@ class FlakyPeer:
         return "answered"
 
 
-def test_a_peer_back_just_before_the_retry_timeout_is_reached():
-    # Back after 0.45 s: the doubling backoff (0.05, 0.1, 0.2, then 0.4) would overshoot the
-    # 0.5 s timeout; the last wait is cut to end at the timeout, where one more attempt is made.
-    peer = FlakyPeer(0.9 * RETRY_TIMEOUT_S)
+def test_a_peer_back_before_the_retry_timeout_but_after_the_last_backoff_is_reached():
+    # Attempts at 0.05, 0.15, 0.35, 0.75 and 1.55 s find the peer away; the next backoff (1.6 s)
+    # would overshoot the 3 s timeout, so the last wait is cut to end at the timeout, where one
+    # more attempt is made. The peer is back 1.2 s before that: a machine too busy to try again
+    # in time would have to hold this thread that long between one attempt and the next.
+    peer = FlakyPeer(1.8)
     answer = retry_while_unreachable(
         peer,
-        retry_timeout_s=RETRY_TIMEOUT_S,
+        retry_timeout_s=3.0,
         closing=threading.Event(),
         give_up=ShardUnavailableError,
     )

@@ -29,8 +29,12 @@ from tests.netproxy import DOWN, UP, FaultProxy
 SERVER_LR = 0.5
 """A power of two: the shards' sums of small integer gradients stay exact in float32."""
 TIMEOUT_S = 1.0
-"""Each request's limit: short, so a test sees several retries; a busy machine that exceeds it
-only causes more retries, never a wrong result."""
+"""Each request's limit where a test needs requests to time out during a fault: short, so a
+test sees several retries; a busy machine that exceeds it only causes more retries, never a
+wrong result, and such tests leave many seconds of retries after the fault."""
+PATIENT_TIMEOUT_S = 30.0
+"""Each request's limit where a test needs the requests after a fault to succeed at their
+first attempt (or at the one attempt left): no busy machine takes that long."""
 SECURITY = WireSecurity(auth_key=generate_key())
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,7 +96,13 @@ class Replica:
     """One worker: a zero-initialised linear model trained through DownpourSGD (blocking, n_push
     = n_pull = 1) with gradients set by hand, so each push is known."""
 
-    def __init__(self, proxies: list[FaultProxy], rank: int, retry_timeout_s: float) -> None:
+    def __init__(
+        self,
+        proxies: list[FaultProxy],
+        rank: int,
+        retry_timeout_s: float,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         self.rank = rank
         self.model = nn.Linear(16, 8)
         with torch.no_grad():
@@ -105,7 +115,7 @@ class Replica:
             ps=[proxy.address for proxy in proxies],
             blocking=True,
             worker_id=f"worker{rank}",
-            timeout_s=TIMEOUT_S,
+            timeout_s=timeout_s,
             retry_timeout_s=retry_timeout_s,
             security=SECURITY,
         )
@@ -162,12 +172,18 @@ def assert_each_push_applied_once(shards: list[RecordingShard], replicas: list[R
 
 
 def run_through(
-    proxies: list[FaultProxy], fault, *, num_replicas: int = 1, retry_timeout_s: float = 10.0
+    proxies: list[FaultProxy],
+    fault,
+    *,
+    num_replicas: int = 1,
+    retry_timeout_s: float = 10.0,
+    timeout_s: float = TIMEOUT_S,
 ) -> list[Replica]:
     """Replicas step on their threads; ``fault(proxies)`` runs once each made a few steps; they
     go on until each made a few more once the fault is over."""
     threads = [
-        BackgroundReplica(Replica(proxies, rank, retry_timeout_s)) for rank in range(num_replicas)
+        BackgroundReplica(Replica(proxies, rank, retry_timeout_s, timeout_s))
+        for rank in range(num_replicas)
     ]
     try:
         for thread in threads:
@@ -198,10 +214,23 @@ def test_replicas_ride_out_a_partition_shorter_than_the_retry_timeout(refuse):
             for proxy in proxies:
                 proxy.partition(partition_s, refuse=refuse)
 
-        # Not much longer than the partition: the replicas go on retrying until the very end of
-        # their retry timeout, not only while the next backoff still fits in it.
+        if refuse:
+            # Refused attempts fail at once, on the backoff's schedule: after those at 0.05,
+            # 0.15, 0.35, 0.75 and 1.55 s, the next (3.15 s) would be past a 3.1 s retry
+            # timeout: the replicas go on retrying until its very end, not only while the next
+            # backoff still fits in it, and reach the shards, healed 1.1 s before, in one
+            # attempt that a busy machine does not time out.
+            retry_timeout_s, timeout_s = partition_s + 1.1, PATIENT_TIMEOUT_S
+        else:
+            # Attempts time out in the black hole and are made again on new connections, until
+            # one made after the heal is answered in time: seconds of retries for a busy machine.
+            retry_timeout_s, timeout_s = partition_s + 20.0, TIMEOUT_S
         replicas = run_through(
-            proxies, partition, num_replicas=2, retry_timeout_s=partition_s + TIMEOUT_S / 2
+            proxies,
+            partition,
+            num_replicas=2,
+            retry_timeout_s=retry_timeout_s,
+            timeout_s=timeout_s,
         )
         assert_each_push_applied_once(shards, replicas)
         # The partition was felt: the replicas reconnected (a replica waiting on one shard may
@@ -232,7 +261,8 @@ def test_a_partition_longer_than_the_retry_timeout_fails_clearly_and_in_time():
 def test_latency_below_the_request_timeout_slows_the_replica_and_loses_nothing():
     delay_s = 0.1
     with shards_behind_proxies() as (shards, proxies):
-        replica = Replica(proxies, 0, retry_timeout_s=10.0)
+        # No request may time out (it would be pushed again): far below a patient limit.
+        replica = Replica(proxies, 0, retry_timeout_s=10.0, timeout_s=PATIENT_TIMEOUT_S)
         for proxy in proxies:
             proxy.set_delay(delay_s)
         started = time.monotonic()
@@ -275,9 +305,18 @@ def test_a_stall_is_ridden_out_and_the_late_bytes_apply_nothing_twice():
         for proxy in proxies:
             proxy.stall()
         # The step's push goes into the stalled proxies, times out, and is retried meanwhile.
+        accepted_before = [proxy.connections_accepted for proxy in proxies]
         stepping = threading.Thread(target=replica.step, daemon=True)
         stepping.start()
-        time.sleep(2.5 * TIMEOUT_S)
+        # Held until each shard's push has timed out and been retried on a new connection,
+        # however long a busy machine takes to get there.
+        retried_by = time.monotonic() + 30
+        while any(
+            proxy.connections_accepted == before
+            for proxy, before in zip(proxies, accepted_before, strict=True)
+        ):
+            assert time.monotonic() < retried_by, "the stalled push was not retried"
+            time.sleep(0.01)
         for proxy in proxies:
             proxy.resume()
         stepping.join(20)
@@ -286,10 +325,11 @@ def test_a_stall_is_ridden_out_and_the_late_bytes_apply_nothing_twice():
         replica.optimizer.close()
         # The first attempt, held in the proxy, reaches each shard after the stall beside its
         # retry (perhaps after the last step): the shard sees the push twice, applies it once.
+        # (A retry that a busy machine timed out just after the stall adds a repeat.)
         deadline = time.monotonic() + 10
         while any(s.repeated_pushes() < 1 for s in shards) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert [shard.repeated_pushes() for shard in shards] == [1, 1], [
+        assert all(shard.repeated_pushes() >= 1 for shard in shards), [
             shard.arrivals for shard in shards
         ]
         assert_each_push_applied_once(shards, [replica])
@@ -300,8 +340,11 @@ def test_connections_reset_again_and_again_lose_and_repeat_nothing():
         num_cut = 0
 
         def cut_repeatedly(proxies):
+            # Until eight connections were reset: a busy machine's replicas may not have
+            # reconnected by the next cut, 0.1 s later.
             nonlocal num_cut
-            for _ in range(8):
+            deadline = time.monotonic() + 30
+            while num_cut < 8 and time.monotonic() < deadline:
                 num_cut += sum(proxy.cut() for proxy in proxies)
                 time.sleep(0.1)
 

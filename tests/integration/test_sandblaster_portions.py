@@ -41,17 +41,26 @@ def _model() -> nn.Module:
 
 class SlowPortions:
     """After each portion, sleep ``sleep_s``; after the ``stall_after``-th, create ``marker``
-    and stall (until killed)."""
+    and stall (until killed), or without ``stall_after`` create it after the first portion.
+    With ``wait_for``, first wait until that file exists (for at most TIMEOUT_S): until
+    another worker got where the test needs it, however late a busy machine runs it."""
 
-    def __init__(self, sleep_s: float, marker: str = "", stall_after: int = 0) -> None:
+    def __init__(
+        self, sleep_s: float, marker: str = "", stall_after: int = 0, wait_for: str = ""
+    ) -> None:
         self.sleep_s, self.marker, self.stall_after = sleep_s, marker, stall_after
+        self.wait_for = wait_for
         self.count = 0
 
     def __call__(self, info: PortionInfo) -> None:
         self.count += 1
-        if self.count == self.stall_after:
+        if self.marker and self.count == (self.stall_after or 1):
             Path(self.marker).touch()
+        if self.count == self.stall_after:
             time.sleep(TIMEOUT_S)
+        deadline = time.monotonic() + TIMEOUT_S
+        while self.wait_for and not Path(self.wait_for).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(self.sleep_s)
 
 
@@ -176,10 +185,10 @@ def test_three_workers_commit_the_full_batch_gradient_once(job):
 def test_a_worker_killed_mid_evaluation_changes_nothing(job, tmp_path):
     marker = tmp_path / "victim-busy"
     # The victim pushes rarely and stalls in its second portion: when killed it holds an
-    # accepted portion no shard has counted, and one assigned. The others go slowly enough
-    # for it to get both.
+    # accepted portion no shard has counted, and one assigned. The others hold after each
+    # portion until it has both (and then go slowly).
     victim = SlowPortions(sleep_s=0.0, marker=str(marker), stall_after=2)
-    steady = SlowPortions(sleep_s=0.3)
+    steady = SlowPortions(sleep_s=0.3, wait_for=str(marker))
     job.start_workers({0: steady, 1: steady, 2: victim}, portions_per_push=50)
     outcomes: list = []
     evaluating = threading.Thread(target=lambda: outcomes.append(job.evaluate(1)))
@@ -200,8 +209,12 @@ def test_a_worker_killed_mid_evaluation_changes_nothing(job, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_backups_racing_a_slow_worker_change_nothing(job):
-    job.start_workers({0: SlowPortions(sleep_s=2.0)})
+def test_backups_racing_a_slow_worker_change_nothing(job, tmp_path):
+    # The others take no second portion before the slow worker holds one (a busy machine may
+    # run it late): it is then the last to finish, and idle workers back it up.
+    marker = str(tmp_path / "slow-worker-busy")
+    others = SlowPortions(sleep_s=0.0, wait_for=marker)
+    job.start_workers({0: SlowPortions(sleep_s=2.0, marker=marker), 1: others, 2: others})
     outcome, gradient = job.evaluate(1)
     job.check(outcome, gradient)
     assert outcome.figures.backups_issued >= 1

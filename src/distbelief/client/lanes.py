@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from distbelief.config import check_wait
@@ -27,16 +28,22 @@ from distbelief.wire import Message, connect
 from distbelief.wire.retry import retry_while_unreachable
 from distbelief.wire.security import WireSecurity
 
+RECENT_KEPT = 4096
+"""Per reporting window, the latencies (and a dense client's push stalenesses) kept: the most
+recent this many. A loop that never takes its figures (``DownpourSGD`` in a script of one's
+own) would otherwise grow by a value per request for as long as it runs."""
+
 
 class WireFigures:
     """Bytes and latencies of answered requests, per reporting window (thread-safe). Bytes
-    count the tensors a request or reply carried, through the socket or shared memory."""
+    count the tensors a request or reply carried, through the socket or shared memory; the
+    latency percentiles are those of the window's last ``RECENT_KEPT`` requests."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bytes_pushed = 0
         self._bytes_pulled = 0
-        self._latencies_s: list[float] = []
+        self._latencies_s: deque[float] = deque(maxlen=RECENT_KEPT)
 
     def record(self, request: Message, reply: Message, latency_s: float) -> None:
         pushed = sum([t.nbytes for _, t in request.tensors]) if request.tensors else 0
@@ -56,8 +63,9 @@ class WireFigures:
     def take(self) -> dict[str, float | None]:
         with self._lock:
             pushed, pulled, latencies = self._bytes_pushed, self._bytes_pulled, self._latencies_s
-            self._bytes_pushed, self._bytes_pulled, self._latencies_s = 0, 0, []
-        latencies.sort()
+            self._bytes_pushed, self._bytes_pulled = 0, 0
+            self._latencies_s = deque(maxlen=RECENT_KEPT)
+        latencies = sorted(latencies)
 
         def percentile_ms(fraction: float) -> float | None:
             if not latencies:

@@ -13,13 +13,14 @@ import logging
 import secrets
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from distbelief.client.compression import EncodedPush, HeldValues, NarrowPullStaging
 from distbelief.client.handshake import INIT_POLL_S, ShardHandshake, check_shard_count
-from distbelief.client.lanes import ShardLanes
+from distbelief.client.lanes import RECENT_KEPT, ShardLanes
 from distbelief.client.pulls import ShardPulls
 from distbelief.client.replay import Replay, ShardReplay
 from distbelief.client.shared_memory import SharedMemory
@@ -182,7 +183,7 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
         self._replay_seq = itertools.count(1)
         self.consistency: dict = {"sync": False, "max_staleness": None}
         """The shards' consistency settings, as every shard described them at the handshake."""
-        self._staleness: list[int] = []
+        self._staleness: deque[int] = deque(maxlen=RECENT_KEPT)
         self.specs = specs
         self.fingerprint = layout_fingerprint(self.specs)
         self.partitioner: Partitioner = partitioner or FlatPartitioner()
@@ -465,9 +466,10 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
         )
 
     def take_staleness(self) -> list[int]:
-        """Staleness of the pushes answered since the last call (one value per shard reply)."""
-        taken, self._staleness = self._staleness, []
-        return taken
+        """Staleness of the pushes answered since the last call (one value per shard reply; the
+        last ``RECENT_KEPT`` of them)."""
+        taken, self._staleness = self._staleness, deque(maxlen=RECENT_KEPT)
+        return list(taken)
 
     def shared_outbox(self, sizes: dict[torch.dtype, int]) -> dict[torch.dtype, torch.Tensor]:
         """Zeroed flat buffers by dtype for gradients to push: in shared memory where shards on

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distbelief.config import ConsistencyConfig
+from distbelief.server.sessions import MAX_CLIENT_SESSIONS
 from distbelief.server.staleness import adjust_gradient
 from distbelief.server.store import ShardStore
 
@@ -52,10 +53,22 @@ class WorkerClocks:
             offset = 0 if entry is None else entry.offset
             if slowest is not None:
                 offset = max(offset, slowest - clock)
+            if entry is None:
+                self._forget_the_longest_dead(now_s)
             self.workers[worker] = _Worker(clock, offset, now_s)
             return
         entry.clock = max(entry.clock, clock)
         entry.last_seen_s = now_s
+
+    def _forget_the_longest_dead(self, now_s: float) -> None:
+        """Makes room for a new worker past ``MAX_CLIENT_SESSIONS`` (each ``DownpourSGD`` is a
+        new worker id by default): the dead worker heard from longest ago is forgotten (were
+        it to come back, it would rejoin as a newcomer does, level with the others)."""
+        if len(self.workers) < MAX_CLIENT_SESSIONS:
+            return
+        dead = [(e.last_seen_s, w) for w, e in self.workers.items() if not self.is_live(e, now_s)]
+        if dead:
+            del self.workers[min(dead)[1]]
 
     def depart(self, worker: str) -> None:
         if worker in self.workers:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import threading
 import time
 
+from distbelief.server.sessions import remember
+
 
 class WorkerPresence:
     """Open connections per worker id, and when each worker's last one closed (thread-safe:
@@ -34,7 +36,8 @@ class WorkerPresence:
                 self._open[worker] = count - 1
                 return False
             del self._open[worker]
-            self._closed_at_s[worker] = time.monotonic() if now_s is None else now_s
+            # Bounded: each DownpourSGD is a new worker id by default.
+            remember(self._closed_at_s, worker, time.monotonic() if now_s is None else now_s)
             return True
 
     def absence_s(self, worker: str, now_s: float | None = None) -> float | None:

@@ -31,6 +31,7 @@ from distbelief.server.row_optimizers import (
     RowWiseAdagrad,
 )
 from distbelief.server.row_table import RowTable
+from distbelief.server.sessions import remember
 from distbelief.sharding.rows import row_shard
 from distbelief.wire.row_ops import MAX_PULL_ROWS_BYTES
 
@@ -39,15 +40,6 @@ ROW_OPTIMIZERS = ("sgd", "adagrad", "rowwise-adagrad", "adam")
 
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _MAX_DIM = MAX_ROW_WIDTH
-_MAX_SESSIONS = 1024
-
-
-def _remember(latest: dict[str, int], key: str, value: int) -> None:
-    """``latest[key] = value``, the oldest key forgotten past ``_MAX_SESSIONS`` keys: clients
-    choose the keys, so they must not grow a shard's memory without bound."""
-    if len(latest) >= _MAX_SESSIONS and key not in latest:
-        latest.pop(next(iter(latest)))
-    latest[key] = value
 
 
 def check_table_name(name: object) -> str:
@@ -304,9 +296,9 @@ class ShardTables:
                 table.apply_checked(part, flat.view(-1, table.dim))
             self.num_pushed_rows += ids.numel()
             if seq is not None:
-                _remember(self._last_seq, seq[0], seq[1])
+                remember(self._last_seq, seq[0], seq[1])
             if worker is not None and step is not None:
-                _remember(self.pushed_steps, worker, step)
+                remember(self.pushed_steps, worker, step)
         return True
 
     def counters(self) -> dict[str, TableCounters]:

@@ -31,6 +31,7 @@ from distbelief.server.consistency import WorkerClocks, consistency_policy
 from distbelief.server.durability import ShardDurability
 from distbelief.server.optimizers import ServerOptimizerFactory
 from distbelief.server.presence import WorkerPresence
+from distbelief.server.sessions import remember
 from distbelief.server.shard_state import ShardCheckpoints, ShardState, check_slices
 from distbelief.server.shard_vectors import ShardVectorOps
 from distbelief.server.staleness import StalenessHistogram
@@ -374,9 +375,11 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
                 durable=self.durability.describe(),
             )
             if dedupe_key is not None and seq is not None:
-                self.last_push[dedupe_key] = (seq[1], result.version, result.epoch, divisor)
+                remember(
+                    self.last_push, dedupe_key, (seq[1], result.version, result.epoch, divisor)
+                )
             if worker is not None:
-                self.pushed_steps[worker] = clock
+                remember(self.pushed_steps, worker, clock)
             self._changed.notify_all()
             return result
 
@@ -427,7 +430,7 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
                     self._version += count
                 self._generation += 1
             self.durability.note_replay(count, resent, seen_version)
-            self.last_push[dedupe_key] = (seq[1], self._version, self.durability.taken, 1)
+            remember(self.last_push, dedupe_key, (seq[1], self._version, self.durability.taken, 1))
             self._changed.notify_all()
             return PushResult(
                 self._version, 0, True, self.durability.taken, durable=self.durability.describe()

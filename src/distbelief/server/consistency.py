@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distbelief.config import ConsistencyConfig
-from distbelief.server.sessions import MAX_CLIENT_SESSIONS
+from distbelief.server import sessions
 from distbelief.server.staleness import adjust_gradient
 from distbelief.server.store import ShardStore
 
@@ -64,7 +64,7 @@ class WorkerClocks:
         """Makes room for a new worker past ``MAX_CLIENT_SESSIONS`` (each ``DownpourSGD`` is a
         new worker id by default): the dead worker heard from longest ago is forgotten (were
         it to come back, it would rejoin as a newcomer does, level with the others)."""
-        if len(self.workers) < MAX_CLIENT_SESSIONS:
+        if len(self.workers) < sessions.MAX_CLIENT_SESSIONS:
             return
         dead = [(e.last_seen_s, w) for w, e in self.workers.items() if not self.is_live(e, now_s)]
         if dead:

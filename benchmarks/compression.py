@@ -256,7 +256,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=machine.at_least(1), default=15)
     parser.add_argument("--eval-every", type=machine.above_zero, default=0.5, help="seconds")
     parser.add_argument("--repeats", type=machine.at_least(1), default=1)
-    parser.add_argument("--out", default=None, help="results stem ('-': do not write)")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="results stem ('-': do not write)"
+    )
     return parser.parse_args(argv)
 
 
@@ -267,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     for cells in _cells(rows, args.repeats):
         print(" | ".join(cells))
     day = datetime.date.today().strftime("%Y%m%d")
-    out = args.out or str(RESULTS_DIR / f"compression_cpu{os.cpu_count()}_{day}")
-    if out != "-":
+    out = args.out or RESULTS_DIR / f"compression_cpu{os.cpu_count()}_{day}"
+    if str(out) != "-":
         record = {"benchmark": "compression", **machine.environment(), "rows": rows}
         machine.write_report(
-            Path(out),
+            out,
             record,
             "Compressed pushes and pulls: bytes per step and time to 90%",
             f"`distbelief train --model {args.model} --workers {args.workers} --shards "

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -329,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table-rows", type=int, default=2_000_000)
     parser.add_argument("--memory-steps", type=int, default=200)
     parser.add_argument(
-        "--out", default=None, help="results stem (default: results/embeddings_cpu2_DATE)"
+        "--out",
+        type=machine.out_path,
+        default=None,
+        help="results stem (default: results/embeddings_cpuN_DATE; '-': do not write)",
     )
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "repeats", "requests", "table_rows", "memory_steps"):
@@ -348,11 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             record[name] = measure(args)
             print(name, record[name], flush=True)
     record.update(machine.environment())
-    stem = (
-        Path(args.out)
-        if args.out
-        else Path(__file__).parent / "results" / (f"embeddings_cpu2_{datetime.date.today():%Y%m%d}")
-    )
+    day = f"{datetime.date.today():%Y%m%d}"
+    stem = args.out or Path(__file__).parent / "results" / f"embeddings_cpu{os.cpu_count()}_{day}"
     cells = _cells(record)
     print(
         machine.write_report(

@@ -55,7 +55,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=1, help="sweeps, interleaved")
     parser.add_argument("--model", choices=sorted(fanin_load.MODEL_SHAPES), default="mlp")
     parser.add_argument("--max-connections", type=int, default=4096)
-    parser.add_argument("--out", help="results stem (default: results/fanin_cpuN_DATE); - skips")
+    parser.add_argument(
+        "--out",
+        type=machine.out_path,
+        help="results stem (default: results/fanin_cpuN_DATE); - skips",
+    )
     return parser
 
 
@@ -255,7 +259,9 @@ def run(args: argparse.Namespace) -> str:
         finally:
             for shards, _ in started.values():
                 fanin_load.stop_shards(shards)
-    record = {**machine.environment(), "args": vars(args) | {"out": args.out}, "points": points}
+    # --out is a Path: the record keeps it as typed.
+    arguments = vars(args) | {"out": args.out and str(args.out)}
+    record = {**machine.environment(), "args": arguments, "points": points}
     lines = ratio_lines(points, args.design_names, args.replica_counts)
     description = "\n".join(
         [
@@ -268,11 +274,7 @@ def run(args: argparse.Namespace) -> str:
             *lines,
         ]
     )
-    stem = (
-        Path(args.out)
-        if args.out
-        else _RESULTS / f"fanin_cpu{os.cpu_count()}_{time.strftime('%Y%m%d')}"
-    )
+    stem = args.out or _RESULTS / f"fanin_cpu{os.cpu_count()}_{time.strftime('%Y%m%d')}"
     cells = [_row(point) for point in points]
     return machine.write_report(
         stem, record, "Fan-in: replicas per shard", description, _HEADER, cells

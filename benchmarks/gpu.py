@@ -174,7 +174,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=machine.at_least(1), default=None, help="timed repeats per config"
     )
     parser.add_argument("--quick", action="store_true", help="a short run (make gpu-check)")
-    parser.add_argument("--out", default=None, help="results stem ('-': do not write)")
+    parser.add_argument(
+        "--out", type=machine.out_path, default=None, help="results stem ('-': do not write)"
+    )
     args = parser.parse_args(argv)
     quick = {"steps": 20, "repeats": 3} if args.quick else {"steps": 50, "repeats": 11}
     for key, value in quick.items():
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['ratio_vs_local']:>6.2f} {target:>7}"
         )
     out = args.out if args.out is not None else (None if args.quick else _default_stem(args))
-    if out is not None and out != "-":
+    if out is not None and str(out) != "-":
         record = {"benchmark": "gpu", **machine.environment(), "device": where, "rows": rows}
         cells = [
             [r["model"], r["config"], f"{r['steps_per_s']:.1f}", f"{r['ratio_vs_local']:.2f}"]

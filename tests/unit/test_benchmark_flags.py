@@ -4,8 +4,10 @@ no bad value starts a job that ends in a traceback)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing.forkserver
+import signal
 import sys
 import tempfile
 import time
@@ -66,13 +68,37 @@ def test_a_results_file_of_another_benchmark_is_refused_for_replot(tmp_path, cap
     assert "--replot" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["wire", "overhead", "figure4", "sandblaster_balance"])
+@contextlib.contextmanager
+def _sigterm_kept():
+    """fanin.py takes SIGTERM as Ctrl-C once it starts: this test process keeps its own."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
+OUT_PATH_SCRIPTS = [
+    "wire",
+    "overhead",
+    "figure4",
+    "sandblaster_balance",
+    "compression",
+    "embeddings",
+    "fanin",
+    "gpu",
+]
+"""The scripts whose --out is a file or a file stem (those that run for minutes before they
+write it included: a bad path found only then loses the run)."""
+
+
+@pytest.mark.parametrize("script", OUT_PATH_SCRIPTS)
 def test_an_out_path_that_cannot_be_written_is_refused_before_the_run(script, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     module = importlib.import_module(script)
     for bad in (str(a_file / "results.json"), str(tmp_path)):
-        with pytest.raises(SystemExit) as exit_info:
+        with pytest.raises(SystemExit) as exit_info, _sigterm_kept():
             module.main(["--out", bad])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err

@@ -167,7 +167,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--warmstart-steps", type=int, default=WARMSTART_STEPS)
     parser.add_argument("--epochs", type=int, default=None, help="data budget (default 20)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=machine.seed, default=0)
     parser.add_argument(
         "--out",
         type=machine.out_folder,

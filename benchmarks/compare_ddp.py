@@ -796,7 +796,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--lr", type=machine.above_zero, default=0.05)
     parser.add_argument("--ddp-lr", type=machine.above_zero, default=None, help="default 2 x --lr")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=machine.seed, default=0)
     parser.add_argument(
         "--out", type=machine.out_path, default=None, help="file stem; - writes nothing"
     )

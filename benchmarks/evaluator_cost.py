@@ -212,12 +212,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--model", default="lenet", choices=MODEL_NAMES)
     parser.add_argument("--dataset", default="digits", choices=DATASET_NAMES)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--workers", type=machine.at_least(1), default=2)
+    parser.add_argument("--shards", type=machine.at_least(1), default=2)
     parser.add_argument(
         "--steps", type=machine.at_least(1), default=1000, help="steps per worker and run"
     )
-    parser.add_argument("--eval-every", dest="eval_every_s", type=float, default=0.5)
+    parser.add_argument("--eval-every", dest="eval_every_s", type=machine.above_zero, default=0.5)
     parser.add_argument("--repeats", type=machine.at_least(1), default=3, help="runs of each mode")
     parser.add_argument(
         "--out", type=machine.out_path, default=None, help="JSON path ('-': do not write)"

@@ -43,18 +43,22 @@ _THROUGHPUT_TARGET = 0.8
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--replicas", default="8,64,512,2000", help="values of N, comma-separated")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured time per point")
-    parser.add_argument("--shards", type=int, default=1, help="shards per design (S)")
+    parser.add_argument(
+        "--seconds", type=machine.above_zero, default=10.0, help="measured time per point"
+    )
+    parser.add_argument("--shards", type=machine.at_least(1), default=1, help="shards per design")
     parser.add_argument("--designs", default=",".join(SERVER_DESIGNS), help="server designs")
     parser.add_argument(
         "--load-processes",
-        type=int,
+        type=machine.at_least(1),
         default=max(1, (os.cpu_count() or 2) // 2),
         help="processes the replicas are spread over (default: half the cores)",
     )
-    parser.add_argument("--repeats", type=int, default=1, help="sweeps, interleaved")
+    parser.add_argument(
+        "--repeats", type=machine.at_least(1), default=1, help="sweeps, interleaved"
+    )
     parser.add_argument("--model", choices=sorted(fanin_load.MODEL_SHAPES), default="mlp")
-    parser.add_argument("--max-connections", type=int, default=4096)
+    parser.add_argument("--max-connections", type=machine.at_least(1), default=4096)
     parser.add_argument(
         "--out",
         type=machine.out_path,
@@ -76,8 +80,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.design_names) - set(SERVER_DESIGNS))
     if unknown or not args.design_names:
         parser.error(f"argument --designs: choose from {', '.join(SERVER_DESIGNS)}")
-    if min(args.seconds, args.shards, args.load_processes, args.repeats) <= 0:
-        parser.error("--seconds, --shards, --load-processes and --repeats must be positive")
     return args
 
 

@@ -547,7 +547,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--eval-every", dest="eval_every_s", type=machine.above_zero, default=0.5)
     parser.add_argument("--max-restarts", type=machine.at_least(0), default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=machine.seed, default=0)
     parser.add_argument(
         "--timeout", dest="timeout_s", type=machine.above_zero, default=240.0, help="per run"
     )

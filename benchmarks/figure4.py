@@ -254,7 +254,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--history", type=machine.at_least(1), default=10)
     parser.add_argument("--step-size", type=machine.above_zero, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=machine.seed, default=0)
     parser.add_argument(
         "--out", type=machine.out_path, default=None, help="file stem; - writes nothing"
     )

@@ -97,6 +97,22 @@ def at_least(minimum: int):
     return parse
 
 
+MAX_SEED = 2**31 - 1
+"""The largest seed a job takes (``distbelief train --seed``)."""
+
+
+def seed(text: str) -> int:
+    """An argparse ``type``: a seed as ``distbelief train`` takes it, in [0, ``MAX_SEED``]; a
+    job's config refuses any other, with a traceback once the benchmark has started."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}")
+    return value
+
+
 def above_zero(text: str) -> float:
     """An argparse ``type``: a finite number > 0 (a time, a rate); anything else is a one-line
     usage error naming the flag."""

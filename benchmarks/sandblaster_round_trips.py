@@ -258,7 +258,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--batch-size", type=machine.at_least(1), default=None, help="default: the whole set"
     )
     parser.add_argument("--line-search", default="strong-wolfe", choices=("strong-wolfe", "fixed"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=machine.seed, default=0)
     parser.add_argument(
         "--out", type=machine.out_path, default=None, help="file stem; - writes nothing"
     )

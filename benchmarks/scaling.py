@@ -314,7 +314,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repeats", type=machine.at_least(1), default=None, help="default 2 (--quick: 1)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=machine.seed, default=0)
     parser.add_argument(
         "--out", type=machine.out_path, default=None, help="file stem; - writes nothing"
     )

@@ -359,7 +359,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=_int_list, default=None, help="default 1,2,4,8")
     parser.add_argument("--policies", type=_policy_list, default=list(POLICIES))
     parser.add_argument("--epochs", type=int, default=None, help="data budget (default 20)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=machine.seed, default=0)
     parser.add_argument(
         "--out",
         type=machine.out_folder,

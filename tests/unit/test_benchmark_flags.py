@@ -28,6 +28,18 @@ def _benchmarks_importable():
     sys.path.remove(str(BENCHMARKS))
 
 
+SEEDED_SCRIPTS = [
+    "adagrad_vs_sgd",
+    "compare_ddp",
+    "faults",
+    "figure4",
+    "sandblaster_balance",
+    "sandblaster_round_trips",
+    "scaling",
+    "staleness_sweep",
+]
+"""The scripts with a --seed: each takes what ``distbelief train --seed`` takes."""
+
 CASES = [
     ("figure4", ["--budget-s", "-1"], "--budget-s"),
     ("figure4", ["--history", "0"], "--history"),
@@ -43,13 +55,26 @@ CASES = [
     ("ray_launcher", ["--workers", "0"], "--workers"),
     ("replay_cost", ["--pushes-per-checkpoint", "0"], "--pushes-per-checkpoint"),
     ("scaling", ["--replot", "/nonexistent/scaling.json"], "--replot"),
+    # A seed the job's config refuses: a traceback once the run had started.
+    *((script, ["--seed", "-1"], "--seed") for script in SEEDED_SCRIPTS),
+    ("figure4", ["--seed", str(2**31)], "--seed"),
+    # nan passed every comparison; inf ran (or slept) without end.
+    ("fanin", ["--seconds", "nan"], "--seconds"),
+    ("fanin", ["--seconds", "inf"], "--seconds"),
+    ("fanin", ["--max-connections", "0"], "--max-connections"),
+    ("sandblaster_balance", ["--slowdown", "nan"], "--slowdown"),
+    ("sandblaster_balance", ["--slowdown", "inf"], "--slowdown"),
+    ("sandblaster_balance", ["--slowdown", "0.5"], "--slowdown"),
+    ("evaluator_cost", ["--workers", "0"], "--workers"),
+    ("evaluator_cost", ["--shards", "0"], "--shards"),
+    ("evaluator_cost", ["--eval-every", "0"], "--eval-every"),
 ]
 
 
 @pytest.mark.parametrize(("script", "argv", "flag"), CASES, ids=lambda v: str(v))
 def test_a_bad_flag_is_one_usage_line_naming_it(script, argv, flag, capsys):
     module = importlib.import_module(script)
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info, _sigterm_kept():
         module.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err

@@ -417,4 +417,4 @@ def _cells(record: dict) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(machine.run_main(main))

@@ -243,4 +243,4 @@ def _default_stem(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(machine.run_main(main))

@@ -10,15 +10,21 @@ import logging
 import math
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
+from distbelief.errors import LauncherInterrupted
+
 logger = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 130
+"""A benchmark stopped by Ctrl-C or SIGINT exits so, as ``distbelief`` does."""
 
 
 def environment(command: str | None = None) -> dict:
@@ -214,3 +220,17 @@ def record_file(benchmark: str | None = None):
         return path
 
     return parse
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """A benchmark script's entry point: ``main()``'s exit status. Ctrl-C, or SIGINT sent to its
+    pid, stops it as it stops ``distbelief``: every process it started is stopped on the way
+    out, then one line and exit 130, not a ``KeyboardInterrupt`` traceback. A script that a
+    shell started in the background (SIGINT ignored) takes SIGINT too, instead of running on."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return main()
+    except (KeyboardInterrupt, LauncherInterrupted):
+        print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

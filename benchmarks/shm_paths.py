@@ -72,4 +72,4 @@ def _shm_address(host: ServerHost) -> str:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(machine.run_main(main))

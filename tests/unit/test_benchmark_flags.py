@@ -7,9 +7,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import multiprocessing.forkserver
+import os
+import queue
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -317,3 +321,54 @@ def test_wire_judges_only_the_sizes_its_targets_are_set_at():
     ]
     assert wire._shm_target_ratio(100_000) is None
     assert wire._shm_target_ratio(25_000_000) == 3.0
+
+
+def _session_members(session_id: int) -> list[int]:
+    """The processes still in ``session_id`` (a script started with start_new_session)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == session_id:
+                    members.append(int(entry.name))
+    return members
+
+
+@pytest.mark.slow
+def test_sigint_to_a_backgrounded_benchmark_stops_it_in_one_line(tmp_path):
+    """A shell's background job ignores SIGINT, and the script inherited that: SIGINT sent to
+    its pid let it run to the end (and write its results). It stops now, as by Ctrl-C: its
+    job's processes stopped, one line, exit 130, no KeyboardInterrupt traceback."""
+    argv = ["--workers", "1", "--shards", "1", "--repeats", "1", "--steps", "5000", "--out", "-"]
+    script = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "scaling.py"), *argv],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    lines: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in script.stderr])
+    reader.start()
+    try:
+        seen = []
+        while "scaling: run w1_s1_r0" not in "".join(seen):  # the job is starting
+            seen.append(lines.get(timeout=120))
+        script.send_signal(signal.SIGINT)
+        assert script.wait(timeout=120) == 130
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait(timeout=30)
+        reader.join(timeout=30)
+    err = "".join(seen + list(lines.queue))
+    assert err.strip().splitlines()[-1] == "scaling.py: interrupted", err
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 30
+    while _session_members(script.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the job's processes are on their way out
+    assert _session_members(script.pid) == []

@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 import machine
 from distbelief.config import FLAT_FIELDS, JobConfig
 from distbelief.data import load_dataset
-from distbelief.errors import DistBeliefError
+from distbelief.errors import DistBeliefError, LauncherInterrupted
 from distbelief.launch import train
 from distbelief.telemetry import read_metrics
 
@@ -136,6 +136,8 @@ def run_job(config: JobConfig, label: str) -> dict:
     row: dict = {"label": label, "run_dir": config.reporting.out_dir}
     try:
         result = train(config)
+    except LauncherInterrupted:  # Ctrl-C or SIGTERM inside train(): the sweep stops too
+        raise
     except DistBeliefError as e:
         logger.error("run %s failed: %s", label, e)
         # The table gets the last line (a child's exception); the JSON keeps the traceback.

@@ -335,15 +335,13 @@ def _session_members(session_id: int) -> list[int]:
     return members
 
 
-@pytest.mark.slow
-def test_sigint_to_a_backgrounded_benchmark_stops_it_in_one_line(tmp_path):
-    """A shell's background job ignores SIGINT, and the script inherited that: SIGINT sent to
-    its pid let it run to the end (and write its results). It stops now, as by Ctrl-C: its
-    job's processes stopped, one line, exit 130, no KeyboardInterrupt traceback."""
-    argv = ["--workers", "1", "--shards", "1", "--repeats", "1", "--steps", "5000", "--out", "-"]
-    script = subprocess.Popen(
-        [sys.executable, str(BENCHMARKS / "scaling.py"), *argv],
-        cwd=tmp_path,
+def _interrupted(script: str, argv: list[str], ready: str, cwd: Path) -> tuple[int, str]:
+    """Run benchmarks/``script``.py as a shell's background job does (SIGINT ignored), send it
+    SIGINT once its stderr says ``ready``, and wait for its end: (exit status, stderr). Its
+    processes are gone by then, or the assertion says so."""
+    process = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), *argv],
+        cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent / "src")},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -352,23 +350,44 @@ def test_sigint_to_a_backgrounded_benchmark_stops_it_in_one_line(tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in script.stderr])
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr])
     reader.start()
+    seen: list[str] = []
     try:
-        seen = []
-        while "scaling: run w1_s1_r0" not in "".join(seen):  # the job is starting
+        while ready not in "".join(seen):
             seen.append(lines.get(timeout=120))
-        script.send_signal(signal.SIGINT)
-        assert script.wait(timeout=120) == 130
+        process.send_signal(signal.SIGINT)
+        status = process.wait(timeout=60)
     finally:
-        if script.poll() is None:
-            script.kill()
-            script.wait(timeout=30)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
         reader.join(timeout=30)
-    err = "".join(seen + list(lines.queue))
+    deadline = time.monotonic() + 30
+    while _session_members(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the job's processes are on their way out
+    assert _session_members(process.pid) == []
+    return status, "".join(seen + list(lines.queue))
+
+
+@pytest.mark.slow
+def test_sigint_to_a_backgrounded_benchmark_stops_it_in_one_line(tmp_path):
+    """A shell's background job ignores SIGINT, and the script inherited that: SIGINT sent to
+    its pid let it run to the end (and write its results). It stops now, as by Ctrl-C: its
+    job's processes stopped, one line, exit 130, no KeyboardInterrupt traceback."""
+    argv = ["--workers", "1", "--shards", "1", "--repeats", "1", "--steps", "5000", "--out", "-"]
+    status, err = _interrupted("scaling", argv, "scaling: run w1_s1_r0", tmp_path)
+    assert status == 130, err
     assert err.strip().splitlines()[-1] == "scaling.py: interrupted", err
     assert "Traceback" not in err
-    deadline = time.monotonic() + 30
-    while _session_members(script.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)  # the job's processes are on their way out
-    assert _session_members(script.pid) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweeps_job_ends_the_sweep(tmp_path):
+    """staleness_sweep.py (and adagrad_vs_sgd.py, through the same run_job) took Ctrl-C in a
+    job for that job's failure: the sweep ran every other job, then wrote its results."""
+    argv = ["--quick", "--workers", "1", "--epochs", "200", "--out", str(tmp_path / "results")]
+    status, err = _interrupted("staleness_sweep", argv, "progress t=0.0s", tmp_path)  # training
+    assert status == 130, err
+    assert "run 1 workers, scale" not in err
+    assert not (tmp_path / "results").exists()

@@ -184,11 +184,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.steps < EVERY_STEPS or args.steps % EVERY_STEPS:
         parser.error(f"--steps must be a multiple of {EVERY_STEPS}, got {args.steps}")
-    args.models = [name.strip() for name in args.models.split(",") if name.strip()]
+    typed = args.models
+    args.models = [name.strip() for name in typed.split(",") if name.strip()]
     image_models = [name for name in MODEL_NAMES if name not in CLICK_MODELS]
     unknown = [name for name in args.models if name not in image_models]
     if unknown or not args.models:
-        named = unknown[0] if unknown else "none"
+        named = unknown[0] if unknown else typed  # a list that names no model
         parser.error(f"--models: {named!r}: choose from {', '.join(image_models)}")
     args.warmup_steps = 10 if args.quick else 30
     return args

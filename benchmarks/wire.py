@@ -450,12 +450,12 @@ def _parse_sizes(text: str) -> list[int]:
     """``"1M,25M,4096"`` -> element counts (K = 1e3, M = 1e6)."""
     scale = {"K": 1_000, "M": 1_000_000}
     sizes = []
-    for item in text.split(","):
-        item = item.strip().upper()
+    for typed in text.split(","):
+        item = typed.strip().upper()
         factor = scale.get(item[-1:], 1)
         number = item[:-1] if factor > 1 else item
         if not number.isdigit() or int(number) < 1:
-            raise argparse.ArgumentTypeError(f"bad size {item!r} (e.g. 1M,25M)")
+            raise argparse.ArgumentTypeError(f"bad size {typed.strip()!r} (e.g. 1M,25M)")
         sizes.append(int(number) * factor)
     return sizes
 

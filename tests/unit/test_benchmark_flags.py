@@ -87,6 +87,23 @@ def test_a_bad_flag_is_one_usage_line_naming_it(script, argv, flag, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("script", "argv", "typed"),
+    [
+        ("wire", ["--sizes", "1M,abc"], "abc"),
+        ("overhead", ["--models", ","], ","),
+        ("gpu", ["--models", ""], ""),
+    ],
+    ids=lambda v: str(v),
+)
+def test_a_bad_value_is_quoted_as_typed(script, argv, typed, capsys):
+    # Not upper-cased ('ABC'), nor a word of the script's own ('none').
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit):
+        module.main(argv)
+    assert repr(typed) in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_a_results_file_of_another_benchmark_is_refused_for_replot(tmp_path, capsys):
     other = tmp_path / "other.json"
     other.write_text('{"benchmark": "wire", "rows": []}')

@@ -408,3 +408,13 @@ def test_ctrl_c_in_a_sweeps_job_ends_the_sweep(tmp_path):
     assert status == 130, err
     assert "run 1 workers, scale" not in err
     assert not (tmp_path / "results").exists()
+
+
+def test_startup_prints_each_median_within_its_own_min_max():
+    startup = importlib.import_module("startup")
+    keys = ["import_torch", "help", "train_help", "first_step", "job", "shard_serving"]
+    keys += ["shard_first_init", "import_torch_cpu", "job_cpu", "shard_first_init_cpu"]
+    times = {key: [0.18501646900040214] for key in keys}  # one repeat: median = min = max
+    _, cells = startup.table(times)
+    for _what, median, min_max, *_ in cells:
+        assert min_max == f"{median}-{median}"

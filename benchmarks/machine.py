@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from distbelief.errors import LauncherInterrupted
+from distbelief.config import ModelConfig
+from distbelief.errors import ConfigFieldError, LauncherInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -103,19 +104,20 @@ def at_least(minimum: int):
     return parse
 
 
-MAX_SEED = 2**31 - 1
-"""The largest seed a job takes (``distbelief train --seed``)."""
-
-
 def seed(text: str) -> int:
-    """An argparse ``type``: a seed as ``distbelief train`` takes it, in [0, ``MAX_SEED``]; a
-    job's config refuses any other, with a traceback once the benchmark has started."""
+    """An argparse ``type``: a seed as ``distbelief train`` takes it (the job's config says
+    which); a job's config would refuse any other, with a traceback once the benchmark has
+    started."""
     try:
         value = int(text)
     except ValueError:
-        value = None
-    if value is None or not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    try:
+        ModelConfig(seed=value)
+    except ConfigFieldError as e:
+        raise argparse.ArgumentTypeError(
+            f"{e.problem.rpartition(', got ')[0]}, got {text!r}"
+        ) from None
     return value
 
 

@@ -55,6 +55,7 @@ from distbelief.config import JobConfig
 from distbelief.data import ArrayDataset, load_dataset, worker_indices
 from distbelief.errors import LauncherInterrupted
 from distbelief.evaluator import evaluate
+from distbelief.files import write_file_atomic
 from distbelief.launch import train
 from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.server.process import serve_shard
@@ -750,7 +751,7 @@ def plot_curves(rows: list[dict], target: float, path: Path, title: str) -> None
     figure.suptitle(title, fontsize=12)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    write_file_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     logger.info("wrote %s", path)
 
 

@@ -29,6 +29,7 @@ from distbelief.client import ParameterServerClient
 from distbelief.config import DATASET_NAMES, MODEL_NAMES, JobConfig
 from distbelief.data import load_dataset
 from distbelief.evaluator import PSEvaluator
+from distbelief.files import write_text_atomic
 from distbelief.server import ParameterShard, ShardService
 from distbelief.server.optimizers import server_optimizer_from_config
 from distbelief.sharding import FlatLayout, tensor_specs
@@ -204,7 +205,7 @@ def save_results(path: Path, args: argparse.Namespace, result: dict) -> None:
         **result,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
 
 

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
 import machine
+from distbelief.files import write_file_atomic, write_text_atomic
 from distbelief.telemetry import read_metrics
 
 logger = logging.getLogger("faults")
@@ -428,7 +429,7 @@ def plot_runs(runs: list[dict], path: Path, title: str, eval_every_s: float) -> 
     figure.suptitle(title, fontsize=12)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    write_file_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     logger.info("wrote %s", path)
 
 
@@ -517,8 +518,8 @@ def write_results(stem: Path, runs: dict[str, dict], args: argparse.Namespace) -
         text += [f"Not killed (the job ended first): {runs['faults']['kills_not_sent']}", ""]
     text += _md_table(["", "with kills", "undisturbed"], comparison_lines(runs, args))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(text) + "\n")
+    write_text_atomic(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    write_text_atomic(stem.with_suffix(".md"), "\n".join(text) + "\n")
     print("\n".join(text))
     logger.info("wrote %s.{md,json}", stem)
 

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 import machine
 from distbelief.config import JobConfig
 from distbelief.data import load_dataset
+from distbelief.files import write_file_atomic
 from distbelief.telemetry import read_metrics
 from staleness_sweep import EVAL_EVERY_S, TARGET_ACCURACY, environment, run_job
 
@@ -166,7 +167,7 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     )
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    write_file_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     logger.info("wrote %s", path)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from distbelief.config import ModelConfig
 from distbelief.errors import ConfigFieldError, LauncherInterrupted
+from distbelief.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def write_report(
     markdown = "\n".join(text) + "\n"
     if str(stem) != "-":
         stem.parent.mkdir(parents=True, exist_ok=True)
-        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown)
+        write_text_atomic(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+        write_text_atomic(stem.with_suffix(".md"), markdown)
     return markdown
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 import machine
 from distbelief.config import CLICK_MODELS, MODEL_NAMES
+from distbelief.files import write_text_atomic
 from distbelief.models import build_model
 from distbelief.optim import DownpourSGD
 from server_host import ServerHost, start_sgd_shard
@@ -196,7 +197,7 @@ def save_results(path: Path, args: argparse.Namespace, rows: list[dict]) -> None
         "rows": rows,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     print(f"wrote {path} (load average {record['load_average_1_5_15_min']})")
 
 

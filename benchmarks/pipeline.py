@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import machine
+from distbelief.files import write_text_atomic
 from distbelief.models import build_model
 from distbelief.pipeline.engine import PipelineStage
 from distbelief.pipeline.layers import build_on_meta, build_stage, pipeline_layers
@@ -622,7 +623,7 @@ def save_results(path: Path, args, split: StageSplit, static: dict, summary: dic
         **summary,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     print(f"wrote {path} (load average {record['load_average_1_5_15_min']})")
 
 

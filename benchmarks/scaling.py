@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 import machine
 from distbelief.config import FLAT_FIELDS, JobConfig
 from distbelief.errors import LauncherInterrupted
+from distbelief.files import write_file_atomic
 from distbelief.launch import train
 from distbelief.telemetry import read_metrics
 
@@ -259,7 +260,7 @@ def plot(lines: list[dict], path: Path, title: str) -> None:
     figure.suptitle(title, fontsize=12)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    write_file_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     logger.info("wrote %s", path)
 
 

@@ -27,6 +27,7 @@ import machine
 from distbelief.config import FLAT_FIELDS, JobConfig
 from distbelief.data import load_dataset
 from distbelief.errors import DistBeliefError, LauncherInterrupted
+from distbelief.files import write_file_atomic, write_text_atomic
 from distbelief.launch import train
 from distbelief.telemetry import read_metrics
 
@@ -202,7 +203,7 @@ def save_figure(
     else:
         figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    write_file_atomic(path, lambda tmp: figure.savefig(tmp, format="png"))
     logger.info("wrote %s", path)
 
 
@@ -294,7 +295,7 @@ def environment() -> dict:
 def write_table(path_stem: Path, title: str, record: dict, header: list[str], lines: list) -> None:
     """``<stem>.json`` (the record) and ``<stem>.md`` (title, command, table)."""
     path_stem.parent.mkdir(parents=True, exist_ok=True)
-    path_stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path_stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     text = [f"# {title}", "", f"Command: `{record['command']}`", ""]
     load = record.get("load_average_1_5_15_min")
     text += [
@@ -303,7 +304,7 @@ def write_table(path_stem: Path, title: str, record: dict, header: list[str], li
     ]
     text += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     text += ["| " + " | ".join(cells) + " |" for cells in lines]
-    path_stem.with_suffix(".md").write_text("\n".join(text) + "\n")
+    write_text_atomic(path_stem.with_suffix(".md"), "\n".join(text) + "\n")
     print("\n".join(text))
     logger.info("wrote %s.{md,json}", path_stem)
 

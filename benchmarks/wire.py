@@ -35,6 +35,7 @@ import torch
 
 import machine
 from distbelief.client import ParameterServerClient
+from distbelief.files import write_text_atomic
 from distbelief.server import ParameterShard, server_optimizer_factory
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.wire.channels.shm import TRANSPORT_ENV
@@ -442,7 +443,7 @@ def save_results(path: Path, args: argparse.Namespace, rows: list, splits: list)
         "splits": splits,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     print(f"wrote {path} (load average {record['load_average_1_5_15_min']})")
 
 

@@ -418,3 +418,18 @@ def test_startup_prints_each_median_within_its_own_min_max():
     _, cells = startup.table(times)
     for _what, median, min_max, *_ in cells:
         assert min_max == f"{median}-{median}"
+
+
+def test_a_report_that_cannot_be_written_leaves_the_last_one_whole(tmp_path):
+    """Results are written to a temporary file, then renamed: a write that fails (here, text
+    the file's encoding refuses; a full disk alike) leaves the last results as they were."""
+    machine = importlib.import_module("machine")
+    stem = tmp_path / "wire_cpu2_20261206"
+    record = {**machine.environment("python benchmarks/wire.py"), "rows": [1, 2]}
+    machine.write_report(stem, record, "Wire", "first", ["a"], [["1"]])
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(UnicodeEncodeError):
+        machine.write_report(stem, record, "Wire", "second \ud800", ["a"], [["3"]])
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert after.keys() == before.keys()  # no temporary file left
+    assert after[f"{stem.name}.md"] == before[f"{stem.name}.md"]

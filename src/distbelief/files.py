@@ -52,7 +52,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Have ``write`` fill a temporary file next to ``path``, then rename it to ``path``.
+    """Have ``write`` fill a temporary file next to ``path``, then rename it to ``path``. The
+    file gets the permissions ``path`` had, or a new file's (the umask's, as ``open`` gives).
 
     Raises:
         OSError: it could not be written (a read-only folder, a full disk, a folder by its
@@ -62,7 +63,10 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-    os.close(fd)
+    try:
+        give_mode_of_written(fd, path)
+    finally:
+        os.close(fd)
     try:
         write(Path(tmp))
         with open(tmp, "rb") as handle:
@@ -99,3 +103,28 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def give_mode_of_written(fd: int, path: Path) -> None:
+    """Give the temporary file open at ``fd``, which is to replace ``path``, the permissions
+    ``path`` has, or those ``open`` gives a new file (the umask's). ``mkstemp`` makes it private
+    (0600): a run's records, checkpoints and data are meant to be read by whoever may read
+    their folder, as a file written in place would be."""
+    try:
+        mode = os.stat(path).st_mode & 0o7777
+    except OSError:
+        mode = 0o666 & ~_umask()
+    os.fchmod(fd, mode)
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` sets one to read it, for
+    every thread at once): Linux says it in /proc; elsewhere the usual 022 is assumed."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path, PurePosixPath
 
 from distbelief.errors import DatasetUnavailableError
-from distbelief.files import make_folder
+from distbelief.files import give_mode_of_written, make_folder
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def download_file(url: str, dest: Path, md5: str, timeout_s: float = 60.0) -> Pa
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp_path = Path(tmp_name)
     try:
+        give_mode_of_written(fd, dest)
         actual_md5 = _stream_to_file(url, fd, timeout_s)
         if actual_md5 != md5:
             raise DatasetUnavailableError(

@@ -17,7 +17,7 @@ from pathlib import Path
 from distbelief.config import ClusterConfig, JobConfig
 from distbelief.coordinator.checkpoint import TAG_PREFIX, read_record
 from distbelief.errors import CheckpointError, ConfigFieldError
-from distbelief.files import sync_folder
+from distbelief.files import give_mode_of_written, sync_folder
 from distbelief.launch.cluster import CHECKPOINT_DIR
 from distbelief.launch.resume import (
     check_launched_partitioner,
@@ -386,6 +386,7 @@ def _swap(run_dir: Path, root: Path, staging: Path, config: JobConfig) -> None:
     fd, text_path = tempfile.mkstemp(dir=run_dir, prefix=".config.json.", suffix=".tmp")
     new_config = Path(text_path)
     try:
+        give_mode_of_written(fd, run_dir / "config.json")
         with os.fdopen(fd, "w") as handle:
             handle.write(config.to_json())
             handle.flush()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,8 +434,4 @@ def save_png_atomic(figure: Figure, path: Path) -> None:
     """Saves to a temp file in the same folder, then renames, so readers never see half a PNG;
     an OSError names ``path``."""
 
-    def save(tmp: Path) -> None:
-        figure.savefig(tmp, format="png", dpi=DPI)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plot is meant to be shared.
-
-    write_file_atomic(path, save)
+    write_file_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))

@@ -1,0 +1,58 @@
+"""Files written atomically (a temporary file, then a rename): readers see the old file or the
+new one, and the new one has the permissions a file written in place would have."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from distbelief.files import write_file_atomic, write_text_atomic
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def umask():
+    """Sets the process's umask for one test, and puts the old one back."""
+    previous = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_a_new_file_gets_the_umasks_permissions_not_a_temporary_files(
+    tmp_path, umask, mask, expected
+):
+    umask(mask)
+    path = tmp_path / "metrics.csv"
+    write_text_atomic(path, "time_s,role\n")
+    assert _mode(path) == expected
+    assert path.read_text() == "time_s,role\n"
+
+
+def test_a_rewritten_file_keeps_its_permissions(tmp_path, umask):
+    path = tmp_path / "summary.json"
+    path.write_text("{}")
+    path.chmod(0o640)  # as the user set it
+    write_text_atomic(path, '{"outcome": "done"}')
+    assert _mode(path) == 0o640
+    assert path.read_text() == '{"outcome": "done"}'
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("old")
+
+    def fails(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"config\.json"):
+        write_file_atomic(path, fails)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]

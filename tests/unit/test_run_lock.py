@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from distbelief.config import JobConfig
 from distbelief.launch.reshard import reshard_run
 from distbelief.launch.run_lock import run_dir_locked, shard_checkpoints_locked
 from tests.conftest import run_main
@@ -109,3 +110,28 @@ def test_a_shard_lock_that_cannot_be_opened_is_refused_naming_the_folder(tmp_pat
         f"--checkpoint-dir {tmp_path}: cannot open shard0.lock there to hold shard 0's "
         "checkpoints (Is a directory)"
     )
+
+
+def test_resume_of_a_folder_a_reshard_holds_mid_swap_is_refused_as_held(holder, capsys):
+    # Between its two renames a live reshard leaves checkpoints.old-* and no checkpoints/:
+    # read before the lock, that looked like a reshard cut off, to be renamed back by hand.
+    run_dir, process = holder
+    (run_dir / "config.json").write_text(JobConfig().to_json())
+    (run_dir / "checkpoints.old-1a2b3c4d").mkdir()
+    before = sorted(path.name for path in run_dir.iterdir())
+    result = run_main("train", "--resume", str(run_dir), "--shards", "3", capsys=capsys)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"distbelief train: error: --resume {run_dir}: another job is using this run folder "
+        f"(pid {process.pid}): wait for it to end, or stop it first"
+    )
+    assert sorted(path.name for path in run_dir.iterdir()) == before
+
+
+def test_a_process_holding_a_folder_takes_it_again_within(tmp_path):
+    # A resume holds its folder from before it reads config.json, then reshards and runs
+    # the job there, each of which takes it too.
+    with run_dir_locked(tmp_path, "x"), run_dir_locked(tmp_path, "y"):
+        pass
+    with run_dir_locked(tmp_path, "x"):  # released with the outer block
+        pass

@@ -112,40 +112,67 @@ def _reshard_before_resume(
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from distbelief.launch.job import train
-    from distbelief.launch.local import stop_forkserver
-    from distbelief.launch.resume import RESUMABLE_FIELDS, read_run_for_resume
+    if not args.resume:
+        return _train_and_report(args, config_from_args(args))
+    from distbelief.launch.run_lock import run_dir_locked
+
+    changes = _resume_changes(args)
+    # Held from before its config.json is read: a reshard or a job in the folder meanwhile
+    # would change what was read, or be taken for one that was cut off.
+    with run_dir_locked(Path(args.resume), f"--resume {args.resume}"):
+        return _train_and_report(args, _resumed_config_with(args, changes))
+
+
+def _resume_changes(args: argparse.Namespace) -> dict[str, object]:
+    """The fields ``--resume RUN_DIR``'s flags change, once checked against what a resume
+    may change (nothing read from the folder but whether it is there)."""
+    from distbelief.launch.resume import RESUMABLE_FIELDS
     from distbelief.launch.rundir import missing_run_folder
 
-    if args.resume:
-        changes = {name: value for name, value in vars(args).items() if "." in name}
-        typed = set(changes)
-        if changes.get("cluster.engine", "ray") != "ray":
-            # A run resumed on another engine leaves the Ray address it was given behind.
-            changes.setdefault("cluster.ray_address", "")
-        new_shards = changes.pop("cluster.num_shards", None)
-        fixed = [name for name in changes if name not in RESUMABLE_FIELDS]
-        # Every refusal comes before the reshard: a refused command leaves the folder as it was.
-        if missing := missing_run_folder(args.resume):  # first: the other refusals name it
-            raise argparse.ArgumentError(None, f"argument --resume: {args.resume}: {missing}")
-        if fixed:
-            raise argparse.ArgumentError(
-                None,
-                f"argument {flag_of('train', fixed[0])}: a resumed run keeps the value in "
-                f"{Path(args.resume) / 'config.json'}",
-            )
-        # The flags against the run's config, as for a new run: a value out of range, or one
-        # the resumed job would ignore (--eval-every for a run without live evaluation).
-        resumed = _resumed_config(Path(args.resume))
-        typed.discard("cluster.num_shards")
-        kept_from = str(Path(args.resume) / "config.json")
-        check_typed_flags_apply("train", typed, resumed.with_fields(changes), kept_from)
-        if new_shards is not None:
-            run_dir = Path(args.resume)
-            _reshard_before_resume(run_dir, resumed.cluster.num_shards, new_shards, changes)
-        config = read_run_for_resume(Path(args.resume), changes)
-    else:
-        config = config_from_args(args)
+    changes = {name: value for name, value in vars(args).items() if "." in name}
+    if changes.get("cluster.engine", "ray") != "ray":
+        # A run resumed on another engine leaves the Ray address it was given behind.
+        changes.setdefault("cluster.ray_address", "")
+    fixed = [
+        name for name in changes if name not in RESUMABLE_FIELDS and name != "cluster.num_shards"
+    ]
+    # Every refusal comes before the reshard: a refused command leaves the folder as it was.
+    if missing := missing_run_folder(args.resume):  # first: the other refusals name it
+        raise argparse.ArgumentError(None, f"argument --resume: {args.resume}: {missing}")
+    if fixed:
+        raise argparse.ArgumentError(
+            None,
+            f"argument {flag_of('train', fixed[0])}: a resumed run keeps the value in "
+            f"{Path(args.resume) / 'config.json'}",
+        )
+    return changes
+
+
+def _resumed_config_with(args: argparse.Namespace, changes: dict[str, object]) -> JobConfig:
+    """``--resume RUN_DIR``'s config: the run's, with ``changes``; the run resharded first
+    where ``--shards`` asks for another number of shards."""
+    from distbelief.launch.resume import read_run_for_resume
+
+    changes = dict(changes)
+    new_shards = changes.pop("cluster.num_shards", None)
+    typed = {name for name in vars(args) if "." in name} - {"cluster.num_shards"}
+    # The flags against the run's config, as for a new run: a value out of range, or one
+    # the resumed job would ignore (--eval-every for a run without live evaluation).
+    resumed = _resumed_config(Path(args.resume))
+    kept_from = str(Path(args.resume) / "config.json")
+    check_typed_flags_apply("train", typed, resumed.with_fields(changes), kept_from)
+    if new_shards is not None:
+        run_dir = Path(args.resume)
+        _reshard_before_resume(run_dir, resumed.cluster.num_shards, new_shards, changes)
+    return read_run_for_resume(Path(args.resume), changes)
+
+
+def _train_and_report(args: argparse.Namespace, config: JobConfig) -> int:
+    """Runs the job of ``config`` and prints how it ended."""
+    from distbelief.launch.job import train
+    from distbelief.launch.local import stop_forkserver
+
+    if not args.resume:
         # Fixed here, not in train(), so a failure can name its traceback file in the folder.
         out_dir = str(run_dir_path(config.reporting.out_dir))
         config = config.with_fields({"reporting.out_dir": out_dir})

@@ -21,6 +21,10 @@ from pathlib import Path
 
 LOCKS_TABLE = Path("/proc/locks")
 
+_held_here: set[tuple[int, int]] = set()
+"""The run folders (device, inode) this process holds: ``train --resume`` takes its folder
+before it reads the run's config.json, and the job it then starts takes it again."""
+
 
 def _holder(locked: Path) -> str:
     """`` (pid N)`` of the process holding ``locked``'s lock (a folder or a file), from the
@@ -46,10 +50,19 @@ def run_dir_locked(run_dir: Path, what: str) -> Iterator[None]:
         run_dir: The run folder.
         what: How the user named it, for the refusal (``--resume RUN``, say).
 
+    Held already by this process (a resume that reshards first, then runs its job), the
+    block runs under that hold.
+
     Raises:
         ValueError: another process holds it (a job running in it, or a reshard).
     """
     fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    info = os.fstat(fd)
+    folder = (info.st_dev, info.st_ino)
+    if folder in _held_here:
+        os.close(fd)
+        yield
+        return
     with _flocked(
         fd,
         run_dir,
@@ -58,7 +71,11 @@ def run_dir_locked(run_dir: Path, what: str) -> Iterator[None]:
             "wait for it to end, or stop it first"
         ),
     ):
-        yield
+        _held_here.add(folder)
+        try:
+            yield
+        finally:
+            _held_here.discard(folder)
 
 
 @contextlib.contextmanager

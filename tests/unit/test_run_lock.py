@@ -135,3 +135,35 @@ def test_a_process_holding_a_folder_takes_it_again_within(tmp_path):
         pass
     with run_dir_locked(tmp_path, "x"):  # released with the outer block
         pass
+
+
+def test_a_job_refused_a_folder_another_made_in_the_same_instant_leaves_it(
+    tmp_path, monkeypatch, capsys
+):
+    """Two ``train --out RUN`` at once, RUN missing for both: the one refused by the lock must
+    not remove the folder the other holds (as a job removes a folder it made and left
+    unused)."""
+    import distbelief.launch.job as job_module
+
+    run_dir = tmp_path / "run"
+    made_by = job_module.prepare_run_dir
+    others: list[subprocess.Popen] = []
+
+    def made_and_taken_by_another(out_dir):
+        made = made_by(out_dir)  # missing when this job looked: it counts as its own
+        other = subprocess.Popen([sys.executable, "-c", HOLD, str(made)], stdout=subprocess.PIPE)
+        others.append(other)
+        assert other.stdout.readline().strip() == b"held"
+        (made / "config.json").write_text("{}")  # the other job's
+        return made
+
+    monkeypatch.setattr(job_module, "prepare_run_dir", made_and_taken_by_another)
+    try:
+        result = run_main("train", "--steps", "2", "--out", str(run_dir), capsys=capsys)
+    finally:
+        for other in others:
+            other.kill()
+            other.wait(timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "another job is using this run folder" in result.stderr
+    assert [path.name for path in run_dir.iterdir()] == ["config.json"]

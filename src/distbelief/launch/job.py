@@ -271,8 +271,11 @@ def train(
     fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
     run_dir = prepare_run_dir(config.reporting.out_dir)
     named = f"--resume {run_dir}" if resume else f"--out {run_dir}"
-    try:
-        with run_dir_locked(run_dir, named):
+    # A folder this job found missing is removed only under its lock: a job that started
+    # with it in the same instant and holds it is using it, and a job refused by the lock has
+    # nothing of its own there.
+    with run_dir_locked(run_dir, named):
+        try:
             config = _prepare(config, run_dir, resume)
             return _run_job(
                 config,
@@ -283,10 +286,10 @@ def train(
                 plan=partitions,
                 total_steps=total_steps,
             )
-    except BaseException as e:
-        if fresh:
-            _remove_if_unused(run_dir, interrupted=isinstance(e, INTERRUPTIONS))
-        raise
+        except BaseException as e:
+            if fresh:
+                _remove_if_unused(run_dir, interrupted=isinstance(e, INTERRUPTIONS))
+            raise
 
 
 def _check_and_plan(

@@ -167,3 +167,16 @@ def test_a_job_refused_a_folder_another_made_in_the_same_instant_leaves_it(
     assert result.returncode == 2, result.stderr[-2000:]
     assert "another job is using this run folder" in result.stderr
     assert [path.name for path in run_dir.iterdir()] == ["config.json"]
+
+
+def test_a_watch_into_a_folder_a_job_holds_is_refused_before_reaching_the_shards(holder, capsys):
+    """``eval --out RUN`` would append its rows to the running job's own metrics.csv."""
+    run_dir, process = holder
+    # No shard listens there: the refusal comes before any connection.
+    result = run_main("eval", "--ps", "tcp://127.0.0.9:1", "--out", str(run_dir), capsys=capsys)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"distbelief eval: error: --out {run_dir}: another job is using this run folder "
+        f"(pid {process.pid}): wait for it to end, or stop it first"
+    )
+    assert list(run_dir.iterdir()) == []

@@ -305,15 +305,28 @@ def _run_eval(args: argparse.Namespace) -> int:
         check_folder_can_be_made(config.reporting.out_dir, "--out")
     _use_transport(config)
     evaluator = import_with_signals_deferred("distbelief.evaluator")  # torch: once checked
-    result = evaluator.watch_shards(
-        config,
-        flag_addresses("--ps", args.ps),
-        out_dir=config.reporting.out_dir,
-        once=args.once,
-        security=security_from_args(args),
-    )
+    with _held_while_watched(config.reporting.out_dir):
+        result = evaluator.watch_shards(
+            config,
+            flag_addresses("--ps", args.ps),
+            out_dir=config.reporting.out_dir,
+            once=args.once,
+            security=security_from_args(args),
+        )
     print(evaluator.format_result(result))
     return 0
+
+
+def _held_while_watched(out_dir: str) -> contextlib.AbstractContextManager:
+    """An ``eval --out`` folder that is there is held while the watch appends to its
+    metrics.csv, as a job holds its run folder: a job running in it (whose launcher writes the
+    same file) refuses the watch, and the watch refuses a job. A folder the watch makes at its
+    first evaluation holds its rows only, which ``train --out`` and ``--resume`` refuse."""
+    if not out_dir or not Path(out_dir).is_dir():
+        return contextlib.nullcontext()
+    from distbelief.launch.run_lock import run_dir_locked
+
+    return run_dir_locked(Path(out_dir), f"--out {out_dir}")
 
 
 def _run_plot(args: argparse.Namespace) -> int:

@@ -128,12 +128,20 @@ def test_resume_of_a_folder_a_reshard_holds_mid_swap_is_refused_as_held(holder, 
     assert sorted(path.name for path in run_dir.iterdir()) == before
 
 
-def test_a_process_holding_a_folder_takes_it_again_within(tmp_path):
+def test_a_hold_lent_within_is_taken_again_within_and_no_other_is(tmp_path):
     # A resume holds its folder from before it reads config.json, then reshards and runs
     # the job there, each of which takes it too.
-    with run_dir_locked(tmp_path, "x"), run_dir_locked(tmp_path, "y"):
+    with run_dir_locked(tmp_path, "x", lend_within=True), run_dir_locked(tmp_path, "y"):
         pass
     with run_dir_locked(tmp_path, "x"):  # released with the outer block
+        pass
+    # A hold not lent is another holder's, in this process too (a second node's script of
+    # one rank started in the same process, say).
+    with (
+        run_dir_locked(tmp_path, "x"),
+        pytest.raises(ValueError, match=r"^y: another job"),
+        run_dir_locked(tmp_path, "y"),
+    ):
         pass
 
 

@@ -119,7 +119,7 @@ def _run_train(args: argparse.Namespace) -> int:
     changes = _resume_changes(args)
     # Held from before its config.json is read: a reshard or a job in the folder meanwhile
     # would change what was read, or be taken for one that was cut off.
-    with run_dir_locked(Path(args.resume), f"--resume {args.resume}"):
+    with run_dir_locked(Path(args.resume), f"--resume {args.resume}", lend_within=True):
         return _train_and_report(args, _resumed_config_with(args, changes))
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 
 LOCKS_TABLE = Path("/proc/locks")
 
-_held_here: set[tuple[int, int]] = set()
-"""The run folders (device, inode) this process holds: ``train --resume`` takes its folder
-before it reads the run's config.json, and the job it then starts takes it again."""
+_lent_within: set[tuple[int, int]] = set()
+"""The run folders (device, inode) this process holds for the calls made within the hold:
+``train --resume`` takes its folder before it reads the run's config.json, and the reshard and
+the job it then starts take it again."""
 
 
 def _holder(locked: Path) -> str:
@@ -43,23 +44,24 @@ def _holder(locked: Path) -> str:
 
 
 @contextlib.contextmanager
-def run_dir_locked(run_dir: Path, what: str) -> Iterator[None]:
+def run_dir_locked(run_dir: Path, what: str, *, lend_within: bool = False) -> Iterator[None]:
     """Hold ``run_dir`` (an existing folder) for the block.
 
     Args:
         run_dir: The run folder.
         what: How the user named it, for the refusal (``--resume RUN``, say).
-
-    Held already by this process (a resume that reshards first, then runs its job), the
-    block runs under that hold.
+        lend_within: The calls made within the block that hold the folder too (a resume's
+            reshard and job) do so under this hold. Any other hold, in this process too, is
+            another holder's.
 
     Raises:
-        ValueError: another process holds it (a job running in it, or a reshard).
+        ValueError: another process holds it (a job running in it, or a reshard), or this one
+            does without lending it.
     """
     fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     info = os.fstat(fd)
     folder = (info.st_dev, info.st_ino)
-    if folder in _held_here:
+    if folder in _lent_within:
         os.close(fd)
         yield
         return
@@ -71,11 +73,14 @@ def run_dir_locked(run_dir: Path, what: str) -> Iterator[None]:
             "wait for it to end, or stop it first"
         ),
     ):
-        _held_here.add(folder)
+        if not lend_within:
+            yield
+            return
+        _lent_within.add(folder)
         try:
             yield
         finally:
-            _held_here.discard(folder)
+            _lent_within.discard(folder)
 
 
 @contextlib.contextmanager

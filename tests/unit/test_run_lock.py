@@ -74,13 +74,23 @@ def test_reshard_refuses_a_run_a_job_holds(holder):
         reshard_run(run_dir, 2)
 
 
-def test_train_into_a_held_folder_is_refused_and_writes_nothing(holder, capsys):
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--steps", "2"],
+        # A watch would append its rows to the running job's own metrics.csv. No shard listens
+        # at its --ps: the refusal comes before any connection.
+        ["eval", "--ps", "tcp://127.0.0.9:1"],
+    ],
+    ids=["train", "eval"],
+)
+def test_a_command_into_a_held_folder_is_refused_and_writes_nothing(holder, capsys, command):
     run_dir, process = holder
-    result = run_main("train", "--steps", "2", "--out", str(run_dir), capsys=capsys)
+    result = run_main(*command, "--out", str(run_dir), capsys=capsys)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"distbelief train: error: --out {run_dir}: another job is using this run folder "
-        f"(pid {process.pid}): wait for it to end, or stop it first"
+        f"distbelief {command[0]}: error: --out {run_dir}: another job is using this run "
+        f"folder (pid {process.pid}): wait for it to end, or stop it first"
     )
     assert list(run_dir.iterdir()) == []
 
@@ -175,16 +185,3 @@ def test_a_job_refused_a_folder_another_made_in_the_same_instant_leaves_it(
     assert result.returncode == 2, result.stderr[-2000:]
     assert "another job is using this run folder" in result.stderr
     assert [path.name for path in run_dir.iterdir()] == ["config.json"]
-
-
-def test_a_watch_into_a_folder_a_job_holds_is_refused_before_reaching_the_shards(holder, capsys):
-    """``eval --out RUN`` would append its rows to the running job's own metrics.csv."""
-    run_dir, process = holder
-    # No shard listens there: the refusal comes before any connection.
-    result = run_main("eval", "--ps", "tcp://127.0.0.9:1", "--out", str(run_dir), capsys=capsys)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"distbelief eval: error: --out {run_dir}: another job is using this run folder "
-        f"(pid {process.pid}): wait for it to end, or stop it first"
-    )
-    assert list(run_dir.iterdir()) == []

@@ -154,14 +154,46 @@ def test_plain_sgd_loads_torch_sgds_checkpoint_but_not_momentum_buffers():
         ShardStore.load(server_optimizer_factory("sgd", lr=0.1), tensors, plain)
 
 
-def test_a_plain_sgd_shard_never_imports_torch_dynamo():
+_TORCH_OPTIMIZERS = {
+    "momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adagrad": lambda params: torch.optim.Adagrad(params, lr=0.1, eps=1e-10),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.1, betas=(0.9, 0.999), eps=1e-8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TORCH_OPTIMIZERS))
+def test_a_stateful_shard_optimizer_is_torchs_and_reads_and_writes_its_checkpoints(name):
+    """Run without torch's compiler guards, the update and the saved state are torch's own
+    class's, to the bit, and a checkpoint of either restores into the other."""
+    grads = [torch.linspace(-1, 1, 6), torch.full((3,), 0.5, dtype=torch.float64)]
+    ours = _store(name)
+    reference = ShardStore(_TORCH_OPTIMIZERS[name], [p.clone() for p in ours.params])
+    for step in range(3):
+        ours.step([g * (step + 1) for g in grads])
+        reference.step([g * (step + 1) for g in grads])
+    for a, b in zip(ours.params, reference.params, strict=True):
+        assert torch.equal(a, b)
+    (tensors, plain), (torch_tensors, torch_plain) = ours.export(), reference.export()
+    assert plain == torch_plain
+    assert tensors.keys() == torch_tensors.keys()
+    assert all(torch.equal(tensors[key], torch_tensors[key]) for key in tensors)
+    factory = server_optimizer_factory(name, lr=0.1)
+    ShardStore.load(factory, torch_tensors, torch_plain)
+    ShardStore.load(_TORCH_OPTIMIZERS[name], tensors, plain)
+
+
+def test_no_shard_optimizer_imports_torch_dynamo():
+    """torch wraps its optimizers' methods in guards whose first call imports the compiler
+    (as much CPU again as ``import torch``); a shard, which never compiles, runs without them."""
     code = (
         "import sys, torch\n"
         "from distbelief.server.store import ShardStore\n"
         "from distbelief.server import server_optimizer_factory\n"
-        "store = ShardStore(server_optimizer_factory('sgd', lr=0.1), [torch.zeros(3)])\n"
-        "store.step([torch.ones(3)])\n"
-        "store.export()\n"
+        "for name in ('sgd', 'momentum', 'adagrad', 'adam'):\n"
+        "    factory = server_optimizer_factory(name, lr=0.1)\n"
+        "    store = ShardStore(factory, [torch.zeros(3)])\n"
+        "    store.step([torch.ones(3)])\n"
+        "    ShardStore.load(factory, *store.export()).step([torch.ones(3)])\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
     result = subprocess.run(

@@ -1,4 +1,4 @@
-"""torch.optim.Optimizer's methods called without their compiler guard (``optim/unguarded.py``):
+"""torch.optim.Optimizer's methods called without their compiler guard (``unguarded.py``):
 the same results as torch's, no ``torch._dynamo`` import while nothing compiles, and torch's
 guarded methods once it is loaded. Each case runs in a fresh interpreter: this one has loaded
 ``torch._dynamo`` long ago."""
@@ -11,7 +11,7 @@ import textwrap
 
 _UNGUARDED_SGD = """
 import sys, torch
-from distbelief.optim.unguarded import call_unguarded
+from distbelief.unguarded import call_unguarded
 
 class UnguardedSGD(torch.optim.SGD):
     def add_param_group(self, group):

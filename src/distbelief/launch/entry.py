@@ -31,21 +31,13 @@ EXIT_PEER_LOST = 75
 replica (restarted as a whole), not an error of this stage."""
 
 
-def builds_torch_optimizer(config: JobConfig) -> bool:
-    """Whether a process of this job builds a ``torch.optim`` optimizer, whose first use imports
-    ``torch._dynamo`` (about as much CPU as ``import torch``): only the shards of a Downpour job
-    whose server optimizer keeps state (momentum, Adagrad, Adam). A shard of plain SGD updates
-    without one, so do Sandblaster's shards, and workers' DownpourSGD does without the import
-    (``optim/unguarded.py``)."""
-    return config.optimizer.algorithm != "sandblaster" and config.server.optimizer != "sgd"
-
-
 def preloaded_modules(config: JobConfig) -> list[str]:
     """What a process that forks this job's processes (the local forkserver, a Ray node's
-    zygote) loads once first: torch, ``torch._dynamo`` where a process will need it (loaded
-    once there, not in each shard), and the roles."""
-    dynamo = ["torch._dynamo"] if builds_torch_optimizer(config) else []
-    return ["torch", *dynamo, *ROLE_MODULES]
+    zygote) loads once first: torch and the roles. Not ``torch._dynamo``, which no role needs:
+    the workers' DownpourSGD and the shards' optimizers run torch's methods without the guards
+    that import it (``unguarded.py``)."""
+    del config  # every job's roles load the same modules
+    return ["torch", *ROLE_MODULES]
 
 
 def run_role(

@@ -290,7 +290,7 @@ def main() -> int:
                 raise
             time.sleep(0.1)
     listener.listen(128)
-    Zygote(listener).serve(sys.argv[2:] or ("torch", "torch._dynamo", *ROLE_MODULES))
+    Zygote(listener).serve(sys.argv[2:] or ("torch", *ROLE_MODULES))
     return 0
 
 

@@ -1,6 +1,6 @@
 """torch.optim.Optimizer's own methods as a DownpourSGD has them: its state dict (with its
 step count), the checks of the groups it loads and of the groups added, and the refusal to be
-pickled or copied; torch's methods run without their compiler guard (optim/unguarded.py).
+pickled or copied; torch's methods run without their compiler guard (unguarded.py).
 A mixin of DownpourSGD: it never talks to the shards.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from distbelief.config import check_count
 from distbelief.optim.param_checks import check_param_groups
-from distbelief.optim.unguarded import call_unguarded
+from distbelief.unguarded import call_unguarded
 
 
 class TorchOptimizerMethods:
@@ -24,7 +24,7 @@ class TorchOptimizerMethods:
         )
 
     # torch's own methods, without the compiler guard that imports torch._dynamo on first use
-    # (optim/unguarded.py): a worker that never compiles starts without it.
+    # (unguarded.py): a worker that never compiles starts without it.
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, while the constructor gathers the groups; afterwards refused: the shards
         hold the parameters given then, and later ones would train only here.

@@ -17,7 +17,12 @@ from collections.abc import Sequence
 
 import torch
 
-from distbelief.server.optimizers import PlainSGD, ServerOptimizer
+from distbelief.server.optimizers import (
+    PlainSGD,
+    ServerAdagrad,
+    ServerMomentumSGD,
+    ServerOptimizer,
+)
 
 _MAX_OFFSET = torch.iinfo(torch.int32).max - 1
 
@@ -32,9 +37,9 @@ def keeps_support(optimizer: ServerOptimizer) -> bool:
     if len(optimizer.param_groups) != 1:
         return False
     group = optimizer.param_groups[0]
-    if type(optimizer) in (torch.optim.SGD, PlainSGD):
+    if type(optimizer) in (torch.optim.SGD, ServerMomentumSGD, PlainSGD):
         return not (group["momentum"] or group["weight_decay"])
-    if type(optimizer) is torch.optim.Adagrad:
+    if type(optimizer) in (torch.optim.Adagrad, ServerAdagrad):
         return not group["weight_decay"]
     return False
 

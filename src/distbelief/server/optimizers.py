@@ -20,17 +20,17 @@ from distbelief.config import (
     amount_problem,
     is_amount,
 )
+from distbelief.unguarded import call_unguarded, step_unguarded
 
 
 class PlainSGD:
     """``w -= lr * g`` over a shard's slices: the update ``torch.optim.SGD`` makes without
     momentum, weight decay or maximize, which keeps no state.
 
-    Not ``torch.optim.SGD`` itself because building any ``torch.optim`` optimizer imports
-    ``torch._dynamo`` (its methods are wrapped to disable it): about 2 s of CPU, as much again as
-    ``import torch``, before a shard can answer its first INIT. A shard of plain SGD needs none
-    of it. Has what a shard uses of an optimizer, in torch's layout: ``param_groups``,
-    ``state_dict``/``load_state_dict`` and ``step``.
+    Not ``torch.optim.SGD`` itself: a shard of plain SGD needs none of an optimizer's
+    bookkeeping (the stateful optimizers are torch's, without their compiler guards: see
+    ``_WithoutCompilerGuards``). Has what a shard uses of an optimizer, in torch's layout:
+    ``param_groups``, ``state_dict``/``load_state_dict`` and ``step``.
     """
 
     checkpoint_name = "SGD"
@@ -74,6 +74,51 @@ class PlainSGD:
         if len(groups) != 1 or len(groups[0]["params"]) != len(self.param_groups[0]["params"]):
             raise ValueError("the saved SGD state is of another set of parameters")
         self.param_groups[0]["lr"] = groups[0]["lr"]
+
+
+class _WithoutCompilerGuards:
+    """torch's optimizer methods a shard calls, run without the guards that import
+    ``torch._dynamo`` on first use (``unguarded.py``): building a shard's optimizer no
+    longer costs about as much CPU again as ``import torch``. Placed before the torch class
+    among the bases; the update, state and checkpoint layout are that class's own."""
+
+    checkpoint_name: str
+    """The torch class a checkpoint names: the state is that class's."""
+
+    _torch_class: type[torch.optim.Optimizer]
+
+    def add_param_group(self, param_group: dict) -> None:
+        call_unguarded("add_param_group", self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        call_unguarded("zero_grad", self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return call_unguarded("state_dict", self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        call_unguarded("load_state_dict", self, state_dict)
+
+    def step(self, closure=None):
+        return step_unguarded(self._torch_class.step, self, closure)
+
+
+class ServerMomentumSGD(_WithoutCompilerGuards, torch.optim.SGD):
+    """``torch.optim.SGD`` (with momentum) as a shard runs it."""
+
+    checkpoint_name, _torch_class = "SGD", torch.optim.SGD
+
+
+class ServerAdagrad(_WithoutCompilerGuards, torch.optim.Adagrad):
+    """``torch.optim.Adagrad`` as a shard runs it."""
+
+    checkpoint_name, _torch_class = "Adagrad", torch.optim.Adagrad
+
+
+class ServerAdam(_WithoutCompilerGuards, torch.optim.Adam):
+    """``torch.optim.Adam`` as a shard runs it."""
+
+    checkpoint_name, _torch_class = "Adam", torch.optim.Adam
 
 
 ServerOptimizer = torch.optim.Optimizer | PlainSGD
@@ -124,10 +169,10 @@ def server_optimizer_factory(
     if name == "sgd":
         return lambda params: PlainSGD(params, lr=lr)
     if name == "momentum":
-        return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return lambda params: ServerMomentumSGD(params, lr=lr, momentum=momentum)
     if name == "adagrad":
-        return lambda params: torch.optim.Adagrad(params, lr=lr, eps=eps or 1e-10)
-    return lambda params: torch.optim.Adam(params, lr=lr, betas=betas, eps=eps or 1e-8)
+        return lambda params: ServerAdagrad(params, lr=lr, eps=eps or 1e-10)
+    return lambda params: ServerAdam(params, lr=lr, betas=betas, eps=eps or 1e-8)
 
 
 def server_optimizer_from_config(config: ServerConfig) -> ServerOptimizerFactory:
@@ -146,7 +191,8 @@ def _is_plain_sgd(optimizer: ServerOptimizer) -> bool:
     momentum, weight decay or maximize)."""
     if isinstance(optimizer, PlainSGD):
         return True
-    if type(optimizer) is not torch.optim.SGD or len(optimizer.param_groups) != 1:
+    torch_sgd = type(optimizer) in (torch.optim.SGD, ServerMomentumSGD)
+    if not torch_sgd or len(optimizer.param_groups) != 1:
         return False
     group = optimizer.param_groups[0]
     return not (group["momentum"] or group["weight_decay"] or group["maximize"])

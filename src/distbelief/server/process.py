@@ -82,8 +82,9 @@ def serve_shard(
         CheckpointError: the checkpoint to restore is corrupt or belongs to another shard.
     """
     stop = stop if stop is not None else threading.Event()
-    # torch.optim's first optimizer imports torch._dynamo: seconds on a busy machine. Paid here,
-    # before "ready", it cannot push the first worker's INIT past its request timeout.
+    # A factory's first optimizer may import torch._dynamo (torch.optim's own classes do; the
+    # shard's built-in ones do not): seconds on a busy machine. Paid here, before "ready", it
+    # cannot push the first worker's INIT past its request timeout.
     optimizer_factory([torch.zeros(1)])
 
     def make_shard() -> ParameterShard:

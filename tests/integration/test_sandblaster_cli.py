@@ -62,26 +62,29 @@ def _train(*args: str) -> subprocess.CompletedProcess:
 # Session scope: other modules' tests in between would end a module-scoped fixture and make the
 # run again (its tests share one test process: xdist_group "undisturbed").
 @pytest.fixture(scope="session")
-def undisturbed(tmp_path_factory) -> dict:
-    """The summary of a run with ``_same_sequence()``'s flags that nothing disturbed."""
+def undisturbed_run(tmp_path_factory) -> Path:
+    """The folder of a run with ``_same_sequence()``'s flags that nothing disturbed (read only:
+    every test of the group shares it)."""
     run_dir = tmp_path_factory.mktemp("undisturbed") / "run"
     _train(*_same_sequence(), "--out", str(run_dir))
-    summary = _summary(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def undisturbed(undisturbed_run) -> dict:
+    """The summary of the undisturbed run."""
+    summary = _summary(undisturbed_run)
     assert summary["coordinator"]["iterations"] == ITERATIONS
     assert summary["faults"] == []
     return summary
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_small_run_records_every_iteration_checkpoints_and_plots(tmp_path):
-    run_dir = tmp_path / "run"
-    iterations, portions = 6, 8
-    _train(
-        *SANDBLASTER,
-        *("--portions", str(portions), "--max-iterations", str(iterations)),
-        *("--out", str(run_dir)),
-    )
+@pytest.mark.timeout(400)  # with the undisturbed run when this test is the first to need it
+@pytest.mark.xdist_group("undisturbed")
+def test_a_run_records_every_iteration_checkpoints_and_plots(undisturbed_run):
+    run_dir = undisturbed_run
+    iterations, portions = ITERATIONS, 2
     rows = _records(run_dir, "coordinator")
     assert [row["step"] for row in rows] == list(range(iterations + 1))
     losses = [row["loss"] for row in rows]

@@ -582,9 +582,7 @@ def test_close_after_a_shard_stayed_dead_does_not_retry_again():
         stop_processes([process])
 
 
-def test_resume_restores_exactly_the_saved_parameters_and_refuses_a_corrupt_one(
-    tmp_path, capsys
-):
+def test_resume_restores_exactly_the_saved_parameters_and_refuses_a_corrupt_one(tmp_path, capsys):
     run_dir = tmp_path / "run"
     first = run_forked("train", "--steps", "30", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]

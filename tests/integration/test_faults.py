@@ -142,23 +142,24 @@ def test_sync_rounds_lost_with_a_shard_count_every_round_a_worker_saw(tmp_path):
     process saw, the workers' last replies from the dead shard among them (the launcher's
     heartbeats miss the rounds of their last quarter second)."""
     run_dir = tmp_path / "run"
-    job = ("--model", "mlp", "--no-eval", "--sync", "--workers", "2", "--shards", "1")
+    job = ("--model", "mlp", "--no-eval", "--sync", "--workers", "2", "--shards", "2")
     # 1000 rounds: the kill at round 200 lands with both workers still training (both must
-    # find the restart) even when the metrics the test reads lag seconds behind.
+    # find the restart) even when the metrics the test reads lag seconds behind. Shard 0 lives
+    # on: the workers' rounds go on against a restored shard behind the other one.
     job += ("--steps", "1000", "--checkpoint-every", "1")
     with _training(run_dir, *job) as launcher:
-        saved = run_dir / "checkpoints" / "shard0.json"
+        saved = run_dir / "checkpoints" / "shard1.json"
         _wait_for(
             lambda: saved.exists() and min(_worker_steps(run_dir).values(), default=0) >= 200,
             120,
             "a checkpoint and 200 rounds",
         )
-        _kill(run_dir, "shard0")
+        _kill(run_dir, "shard1")
         _out, err = launcher.communicate(timeout=240)
     assert launcher.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     [fault] = summary["faults"]
-    assert (fault["process"], fault["action"]) == ("shard0", "restarted")
+    assert (fault["process"], fault["action"]) == ("shard1", "restarted")
     assert summary["worker_steps"] == {"0": 1000, "1": 1000}
     assert (fault["updates_replayed"], fault["pushes_resent"]) == (0, 0)
     assert fault["lost_updates"] == fault["version_before"] - fault["version_restored"]

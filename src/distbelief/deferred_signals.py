@@ -15,10 +15,12 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def signals_deferred() -> Iterator[None]:
+def signals_deferred(*, raise_noted: bool = True) -> Iterator[None]:
     """SIGINT, SIGTERM and SIGHUP only noted inside the block; at its end (an exception or not) the
     handlers in place before are put back and the first signal noted is raised again for
-    them. Outside the main thread (which alone runs signal handlers) the block runs as is."""
+    them. ``raise_noted=False``: it is dropped instead, for a block that finishes what it was
+    asked to do (a stop during it comes too late: what it would stop is done). Outside the
+    main thread (which alone runs signal handlers) the block runs as is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -32,5 +34,5 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if noted:
+        if noted and raise_noted:
             signal.raise_signal(noted[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -408,6 +409,52 @@ def test_an_interrupted_swap_is_named(run):
     (run_dir / "checkpoints").rename(run_dir / "checkpoints.old-1234")
     with pytest.raises(CheckpointError, match=r"rename checkpoints\.old-1234 back to checkpoints"):
         reshard_run(run_dir, 3)
+
+
+def _ctrl_c_inside(module, name: str, monkeypatch) -> list[str]:
+    """Makes ``module.name`` send this process SIGINT (as a Ctrl-C would) each time it is
+    called, then run as before; returns the list each call is noted in."""
+    calls: list[str] = []
+    original = getattr(module, name)
+
+    def with_ctrl_c(*args, **kwargs):
+        calls.append(name)
+        signal.raise_signal(signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, with_ctrl_c)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [(reshard_module, "sync_folder"), (reshard_module.ReshardSummary, "line")],
+    ids=["mid-swap", "printing-its-line"],
+)
+def test_a_ctrl_c_once_the_swap_has_begun_leaves_the_reshard_done(
+    run, module, name, monkeypatch, capsys
+):
+    """Mid-swap, a Ctrl-C cut the renames (checkpoints of one shard count, config.json of the
+    other); just after, it made a reshard that was done exit 130. Both finish now: exit 0, the
+    line printed, the new set and its config in place, nothing set aside."""
+    run_dir = run[0]
+    calls = _ctrl_c_inside(module, name, monkeypatch)
+    assert main(["reshard", str(run_dir), "--shards", "3"]) == 0
+    assert calls == [name]
+    assert capsys.readouterr().out.startswith(f"resharded {run_dir}: 2 -> 3 shards")
+    assert JobConfig.from_file(run_dir / "config.json").cluster.num_shards == 3
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.json"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_ctrl_c_before_the_swap_stops_the_reshard_and_changes_nothing(run, monkeypatch):
+    run_dir = run[0]
+    before = _snapshot(run_dir)
+    calls = _ctrl_c_inside(reshard_module, "_verify_folder", monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        reshard_run(run_dir, 3)
+    assert calls == ["_verify_folder"]
+    assert _snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize(

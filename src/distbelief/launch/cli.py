@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from distbelief.config import TRANSPORT_ENV, JobConfig, environment_setting
+from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import ChildFailedError
 from distbelief.launch.cli_checks import (
     check_bind_is_here,
@@ -372,7 +373,9 @@ def _run_reshard(args: argparse.Namespace) -> int:
     # Torch and safetensors: a Ctrl-C inside their C initialisation was lost there, and the
     # reshard then failed with a traceback (numpy half-loaded) instead of stopping.
     reshard = import_with_signals_deferred("distbelief.launch.reshard")
-    print(reshard.reshard_run(Path(args.run_dir), vars(args)["cluster.num_shards"]).line())
+    summary = reshard.reshard_run(Path(args.run_dir), vars(args)["cluster.num_shards"])
+    with signals_deferred(raise_noted=False):  # done: a stop now would only cut its line
+        print(summary.line())
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from distbelief.config import ClusterConfig, JobConfig
 from distbelief.coordinator.checkpoint import TAG_PREFIX, read_record
+from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.files import give_mode_of_written, sync_folder
 from distbelief.launch.cluster import CHECKPOINT_DIR
@@ -187,6 +188,7 @@ def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
         if folder.rows is not None:
             where = root / folder.relative
             folder.new_rows = _in_folder(where, reshard_row_tables, folder.rows, num_shards)
+    summary = _summary(run_dir, old_num_shards, num_shards, folders, config)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=run_dir))
     try:
         _copy_others(root, staging, base, {folder.relative for folder in folders})
@@ -194,10 +196,14 @@ def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
             _write_folder(staging / folder.relative, folder, num_shards)
         for folder in folders:
             _verify_folder(staging / folder.relative, folder, num_shards)
-        _swap(run_dir, root, staging, new_config)
+        # Once begun, the swap finishes: a Ctrl-C in its renames left checkpoints of one shard
+        # count and a config of the other, and one just after them stopped a reshard that was
+        # done. A stop during it comes too late and is dropped; the command reports it done.
+        with signals_deferred(raise_noted=False):
+            _swap(run_dir, root, staging, new_config)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _summary(run_dir, old_num_shards, num_shards, folders, config)
+    return summary
 
 
 def _remove_unfinished_reshards(run_dir: Path) -> None:

@@ -814,6 +814,9 @@ class ReportingConfig:
     eval_during_training: bool = True
     """Evaluate while the workers train (when off, the test accuracy is measured once, at the
     end, and the evaluator costs the workers nothing)."""
+    draw_plots: bool = True
+    """Draw the run folder's PNGs when the job ends (about a CPU second of the launcher's;
+    when off, distbelief plot RUN draws them from the records at any time)."""
     log_every_steps: int = 10
     """Steps between a worker's metric records."""
 

@@ -109,6 +109,27 @@ def test_two_shards_two_workers_reach_90_percent_on_digits(tmp_path):
     assert progress and all("=" in field for field in progress[-1].split()[1:])
 
 
+def test_no_plots_draws_none_and_says_how_and_a_resume_with_plots_draws_them(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_forked(
+        *("train", "--model", "mlp", "--steps", "3", "--no-eval", "--no-plots"),
+        *("--out", str(run_dir)),
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not list(run_dir.glob("*.png"))
+    assert (
+        f"INFO plots of {run_dir} not drawn (--no-plots); draw them later with: "
+        f"distbelief plot {run_dir}\n"
+    ) in first.stderr
+    assert "WARNING" not in first.stderr
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["reporting"]["draw_plots"] is False
+    again = run_forked("train", "--resume", str(run_dir), "--plots")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "accuracy_vs_time.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((run_dir / "config.json").read_text())["reporting"]["draw_plots"]
+
+
 def _ignore_sigint() -> None:
     """As a shell starts a command in the background: SIGINT ignored from the start."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)

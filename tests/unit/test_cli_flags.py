@@ -96,6 +96,8 @@ EXPECTED = {
         "--eval-every": "reporting.eval_every_s",
         "--no-eval": "reporting.eval_during_training",
         "--eval": "reporting.eval_during_training",
+        "--no-plots": "reporting.draw_plots",
+        "--plots": "reporting.draw_plots",
         "--resume": "resume",
         "--algorithm": "optimizer.algorithm",
         "--history": "sandblaster.history",
@@ -191,8 +193,10 @@ def test_no_unplanned_flags_and_each_sets_its_field():
 @pytest.mark.parametrize("command", ["train", "ps", "worker", "eval"])
 def test_flag_of_inverts_command_flags(command):
     flags = command_flags(command)
-    # --eval is a second flag of the field --no-eval sets (it turns it back on).
-    expected = {f: dest for f, dest in EXPECTED[command].items() if "." in dest and f != "--eval"}
+    # --eval and --plots are second flags of the fields --no-eval and --no-plots set (each
+    # turns its field back on).
+    second = {"--eval", "--plots"}
+    expected = {f: dest for f, dest in EXPECTED[command].items() if "." in dest and f not in second}
     assert flags == expected
     assert all(flag_of(command, path) == flag for flag, path in flags.items())
 
@@ -225,7 +229,7 @@ SHARED_ARGV = [
     *("--data-dir", "/d", "--no-download", "--model", "mlp", "--seed", "7"),
     *("--batch-size", "8", "--checkpoint-every", "5", "--timeout", "11"),
     *("--retry-timeout", "12", "--max-restarts", "0", "--out", "/o"),
-    *("--no-eval", "--server-design", "threads"),
+    *("--no-eval", "--no-plots", "--server-design", "threads"),
     *("--max-connections", "100", "--server-threads", "2"),
 ]
 DOWNPOUR_ARGV = [
@@ -287,6 +291,7 @@ def test_every_train_flag_reaches_its_field():
     shard_hosts = [downpour.cluster.shard_host(i) for i in range(3)]
     assert shard_hosts == ["127.0.0.2", "127.0.0.3", "127.0.0.2"]
     assert (downpour.data.download, downpour.reporting.eval_during_training) == (False, False)
+    assert not downpour.reporting.draw_plots
 
 
 @pytest.mark.parametrize(
@@ -1178,14 +1183,19 @@ def test_eval_once_refuses_an_out_folder_it_would_leave_empty(capsys, tmp_path):
     assert not out.exists()
 
 
-def test_eval_turns_live_evaluation_back_on_and_is_refused_beside_no_eval(capsys):
-    assert vars(parse_args(["train", "--eval"]))["reporting.eval_during_training"] is True
-    assert vars(parse_args(["train", "--no-eval"]))["reporting.eval_during_training"] is False
-    assert "reporting.eval_during_training" not in vars(parse_args(["train"]))
+@pytest.mark.parametrize(
+    ("on", "off", "field"),
+    [("--eval", "--no-eval", "eval_during_training"), ("--plots", "--no-plots", "draw_plots")],
+)
+def test_a_switch_turned_off_is_turned_back_on_and_refused_beside_its_off(capsys, on, off, field):
+    path = f"reporting.{field}"
+    assert vars(parse_args(["train", on]))[path] is True
+    assert vars(parse_args(["train", off]))[path] is False
+    assert path not in vars(parse_args(["train"]))
     with pytest.raises(SystemExit) as refused:
-        parse_args(["train", "--eval", "--no-eval"])
+        parse_args(["train", on, off])
     assert refused.value.code == 2
-    assert "argument --no-eval: not allowed with argument --eval" in capsys.readouterr().err
+    assert f"argument {off}: not allowed with argument {on}" in capsys.readouterr().err
 
 
 def test_eval_once_refuses_an_interval_it_would_ignore(capsys):

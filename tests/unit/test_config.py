@@ -241,6 +241,7 @@ def test_flat_config_of_an_older_run_reads_as_the_same_job(tmp_path):
     newer |= {"server.design", "server.max_connections", "server.threads"}
     newer |= {"cluster.transport"}
     newer |= {"cluster.engine", "cluster.ray_address"}
+    newer |= {"reporting.draw_plots"}
     newer |= {
         path
         for path in config.to_fields()

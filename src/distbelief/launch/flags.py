@@ -91,6 +91,7 @@ FLAGS: dict[str, str] = {
     "reporting.out_dir": "--out",
     "reporting.eval_every_s": "--eval-every",
     "reporting.eval_during_training": "--no-eval",
+    "reporting.draw_plots": "--no-plots",
 }
 """Config field -> the flag users type for it (a field not here has no flag)."""
 
@@ -204,6 +205,11 @@ _SWITCHED_BACK_ON = {
         "--eval",
         "Evaluate while the workers train (the default): a resumed run keeps its --no-eval "
         "unless this flag turns it back on.",
+    ),
+    "reporting.draw_plots": (
+        "--plots",
+        "Draw the run folder's PNGs when the job ends (the default): a resumed run keeps its "
+        "--no-plots unless this flag turns it back on.",
     ),
 }
 """Switches a flag turns off whose setting a resumed run keeps: the flag that turns each one

@@ -51,7 +51,7 @@ from distbelief.launch.job_plan import (
 from distbelief.launch.local import LocalCluster
 from distbelief.launch.resume_layout import check_resumed_layout, check_shards_fit_model
 from distbelief.launch.run_lock import run_dir_locked
-from distbelief.launch.run_records import write_run_records
+from distbelief.launch.run_records import NOT_ASKED_FOR, write_run_records
 from distbelief.launch.rundir import (
     interrupted_reshard,
     missing_run_folder,
@@ -89,10 +89,12 @@ LOADED_BEFORE_THE_JOB = (
     "tensorboard.summary.writer.event_file_writer",
     "tensorboard.compat.proto.event_pb2",
     "tensorboard.compat.proto.summary_pb2",
-    "distbelief.plots.run",
 )
 """What the launcher uses while its job runs and after (the wire's client side and orjson,
-TensorBoard's event writer, matplotlib): loaded while its processes' forkserver loads torch."""
+TensorBoard's event writer; matplotlib, ``PLOTTING``, unless ``--no-plots``): loaded while its
+processes' forkserver loads torch."""
+
+PLOTTING = "distbelief.plots.run"
 
 LOADED_FOR_THE_CHECKS = ("torch", "distbelief.data", "distbelief.server.checkpoint")
 """What the launcher loads itself to check a job against its training set, model or
@@ -377,14 +379,15 @@ def _run_job(
     """The job itself, in its prepared run folder: start, supervise, then record and plot
     what it did, however it ended."""
     # After the checks above, so a refused setting is reported without waiting for these.
-    import_with_signals_deferred(*LOADED_BEFORE_THE_JOB)
+    no_plots = None if config.reporting.draw_plots else NOT_ASKED_FOR
+    import_with_signals_deferred(*LOADED_BEFORE_THE_JOB, *([] if no_plots else [PLOTTING]))
     display = telemetry.ProgressDisplay(
         total_steps=total_steps, num_workers=config.cluster.num_workers
     )
     started = time.time()
     result: RunResult | None = None  # set once the cluster is open, however the job ends
     trained = False  # the training and its final evaluation are over
-    plots_skipped_by: str | None = None
+    plots_skipped_by = no_plots
     with _stopped_by_signals():
         try:
             try:
@@ -440,13 +443,13 @@ def _run_job(
                     )
         except BaseException as e:
             if not (trained and result is not None and isinstance(e, INTERRUPTIONS)):
-                replacement = _record_the_end(e, result, run_dir)
+                replacement = _record_the_end(e, result, run_dir, plots_skipped_by=no_plots)
                 if replacement is None:
                     raise
                 raise replacement from (e if isinstance(e, KeyboardInterrupt) else None)
             # The training and its final evaluation are over: a stop as the job ends cuts
             # short only its plots, and the run stays done.
-            plots_skipped_by = "stopped as the job ended"
+            plots_skipped_by = no_plots or "stopped as the job ended"
     assert result is not None  # the job ran to its end
     _write_records(result, plots_skipped_by=plots_skipped_by)
     logger.info("run folder: %s (pid %d)", run_dir, os.getpid())
@@ -488,20 +491,29 @@ def _watch_cluster(
 
 
 def _record_the_end(
-    error: BaseException, result: RunResult | None, run_dir: Path
+    error: BaseException,
+    result: RunResult | None,
+    run_dir: Path,
+    *,
+    plots_skipped_by: str | None = None,
 ) -> BaseException | None:
     """Writes the run folder's records of a job ended by ``error`` (Ctrl-C, a signal, a failed
     process or engine, a run folder that cannot be written); returns what to raise in its
-    place, if anything (None: ``error`` itself, recorded or not)."""
+    place, if anything (None: ``error`` itself, recorded or not). ``plots_skipped_by``: as
+    ``write_run_records`` takes it."""
+
+    def write(outcome: str, reason: str) -> None:
+        _write_records(result, outcome, reason, plots_skipped_by=plots_skipped_by)
+
     if isinstance(error, KeyboardInterrupt):
-        _write_records(result, "interrupted", "stopped by Ctrl-C")
+        write("interrupted", "stopped by Ctrl-C")
         return LauncherInterrupted("stopped by Ctrl-C")
     if isinstance(error, LauncherInterrupted):
-        _write_records(result, "interrupted", str(error))
+        write("interrupted", str(error))
     elif isinstance(error, ChildFailedError):
-        _write_records(result, "failed", error.short())
+        write("failed", error.short())
     elif isinstance(error, DistBeliefError):  # a cluster engine's failure (Ray lost), say
-        _write_records(result, "failed", f"{type(error).__name__}: {error}")
+        write("failed", f"{type(error).__name__}: {error}")
     elif isinstance(error, OSError) and _in_run_folder(error, run_dir):
         # The run folder made read-only, or the disk full, mid-run: a metrics row, an event
         # file or pids.json could not be written. The cluster has stopped in order, as for a
@@ -509,7 +521,7 @@ def _record_the_end(
         failure = RunFolderError(
             f"cannot write {error.filename}: {error.strerror}; the job stopped"
         )
-        _write_records(result, "failed", str(failure))
+        write("failed", str(failure))
         return failure
     return None
 

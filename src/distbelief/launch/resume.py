@@ -44,6 +44,7 @@ RESUMABLE_FIELDS = (
     "faults.max_restarts",
     "reporting.eval_every_s",
     "reporting.eval_during_training",
+    "reporting.draw_plots",
 )
 """Config fields a resumed run may change: none changes what is computed or by how many."""
 

@@ -49,8 +49,13 @@ def write_run_records(
     draw_plots(result.run_dir, job_done=outcome == "done")
 
 
+NOT_ASKED_FOR = "--no-plots"
+"""``plots_skipped_by`` of a job run with ``--no-plots``: a choice, said at INFO, not a warning."""
+
+
 def _say_not_drawn(run_dir: Path, why: str) -> None:
-    logger.warning(
+    logger.log(
+        logging.INFO if why == NOT_ASKED_FOR else logging.WARNING,
         "plots of %s not drawn (%s); draw them later with: distbelief plot %s",
         run_dir,
         why,

@@ -178,7 +178,9 @@ def _train(tmp_path, *flags: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_sync_with_a_backup_worker(tmp_path):
-    result = _train(tmp_path, "--sync", "--backup-workers", "1", "--workers", "3", "--steps", "8")
+    result = _train(
+        tmp_path, "--sync", "--backup-workers", "1", "--workers", "3", "--steps", "8", "--no-plots"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["final"]["version"] >= 8  # one update per round, each worker in >= 8 rounds

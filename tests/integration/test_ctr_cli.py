@@ -129,7 +129,9 @@ def test_click_model_trains_and_survives_a_killed_shard_and_worker(tmp_path):
 @pytest.mark.timeout(300)
 def test_resume_on_another_number_of_shards_keeps_every_row(tmp_path):
     run_dir = tmp_path / "run"
-    first = run_forked("train", *CLICK_JOB, "--shards", "2", "--steps", "10", "--out", str(run_dir))
+    first = run_forked(
+        "train", *CLICK_JOB, "--shards", "2", "--steps", "10", "--no-plots", "--out", str(run_dir)
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     rows_before = _rows_on_shards(run_dir / "checkpoints", 2)
     again = run_forked("train", "--resume", str(run_dir), "--shards", "3")
@@ -154,7 +156,9 @@ def test_rows_resharded_onto_fewer_shards_are_held_to_the_bound_as_soon_as_resto
     rows_flags += ["--max-rows-per-shard", str(max_rows)]
     job = [*("--model", "dlrm", "--dataset", "synthetic-ctr", "--table-size", "2000"), *rows_flags]
     job += ["--tables", "tables.0,tables.1", "--workers", "1", "--batch-size", "128"]
-    first = run_forked("train", *job, "--shards", "3", "--steps", "8", "--out", str(run_dir))
+    first = run_forked(
+        "train", *job, "--shards", "3", "--steps", "8", "--no-plots", "--out", str(run_dir)
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     moved = run_forked("reshard", str(run_dir), "--shards", "1")
     assert moved.returncode == 0, moved.stderr[-3000:]

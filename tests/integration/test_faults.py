@@ -81,10 +81,12 @@ def _stderr_once_ended(launcher: subprocess.Popen, timeout_s: float, after: str)
 
 
 @contextlib.contextmanager
-def _training(run_dir: Path, *args: str) -> Iterator[subprocess.Popen]:
-    """``distbelief train ARGS --out RUN_DIR``, killed if it still runs on the way out."""
+def _training(run_dir: Path, *args: str, plots: bool = False) -> Iterator[subprocess.Popen]:
+    """``distbelief train ARGS --out RUN_DIR`` (with ``--no-plots`` unless ``plots``: what
+    these tests check is in the records), killed if it still runs on the way out."""
+    no_plots = [] if plots else ["--no-plots"]
     launcher = subprocess.Popen(
-        [*CLI, "train", *args, "--out", str(run_dir)],
+        [*CLI, "train", *args, *no_plots, "--out", str(run_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -217,7 +219,7 @@ def test_a_restarted_worker_goes_on_after_its_last_push_so_no_step_is_pushed_twi
 def test_a_shard_given_up_ends_the_run_with_a_failed_summary(tmp_path):
     run_dir = tmp_path / "run"
     job = ("--model", "mlp", "--steps", "100000", "--max-restarts", "0")
-    with _training(run_dir, *job) as launcher:
+    with _training(run_dir, *job, plots=True) as launcher:
         # Two seconds of training too: the shards have sent many heartbeats since every
         # worker connected, not only the one that might still be on its way.
         _wait_for(
@@ -585,7 +587,7 @@ def test_close_after_a_shard_stayed_dead_does_not_retry_again():
 
 def test_resume_restores_exactly_the_saved_parameters_and_refuses_a_corrupt_one(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    first = run_forked("train", "--steps", "30", "--out", str(run_dir))
+    first = run_forked("train", "--steps", "30", "--no-plots", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = run_dir / "checkpoints"
     saved = {

@@ -20,7 +20,9 @@ HOSTS = ("--shard-hosts", "127.0.0.2,127.0.0.3", "--worker-host", "127.0.0.4")
 
 
 def _train_on_hosts(run_dir, *args: str) -> dict:
-    result = run_forked("train", *args, "--no-eval", "--out", str(run_dir), *HOSTS, timeout_s=180)
+    result = run_forked(
+        "train", *args, "--no-eval", "--no-plots", "--out", str(run_dir), *HOSTS, timeout_s=180
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "summary.json").read_text())
 

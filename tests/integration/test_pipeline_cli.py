@@ -230,7 +230,7 @@ def test_a_partitioned_runs_final_version_is_given_per_partition(tmp_path):
     result = run_forked(
         *("train", "--model", "mlp", "--partitions", "2", "--split-points", "3"),
         *("--workers", "1", "--shards", "2", "--micro-batches", "2", "--steps", str(STEPS)),
-        *("--no-eval", "--out", str(run_dir)),
+        *("--no-eval", "--no-plots", "--out", str(run_dir)),
         timeout_s=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -315,7 +315,7 @@ def test_each_stages_last_record_counts_its_last_push(tmp_path):
         "train",
         *job,
         *("--shards", "1", "--steps", "22", "--blocking", "--push-compression", "topk:0.1"),
-        *("--transport", "tcp", "--no-eval", "--out", str(out)),
+        *("--transport", "tcp", "--no-eval", "--no-plots", "--out", str(out)),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     records = [r for r in read_metrics(out / "metrics.csv") if r["role"] == "worker"]

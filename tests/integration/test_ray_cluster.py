@@ -170,9 +170,11 @@ def _ask(killer: subprocess.Popen, command: str, log: Path) -> None:
 def _launch_on(ray_nodes, log: Path, *args: str) -> subprocess.Popen:
     """``distbelief train --cluster ray`` joined to ``ray_nodes`` with ``args``; its stderr goes
     to ``log`` (a file, not a pipe: nothing blocks the launcher)."""
+    address = ["--ray-address", ray_nodes.address]
     with log.open("w") as log_file:
         return subprocess.Popen(
-            [*CLI, "train", "--cluster", "ray", "--ray-address", ray_nodes.address, *args],
+            # --no-plots: what these tests check is in the records.
+            [*CLI, "train", "--cluster", "ray", *address, *args, "--no-plots"],
             stdout=subprocess.DEVNULL,
             stderr=log_file,
             env=ray_nodes.env,

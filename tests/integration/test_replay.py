@@ -241,7 +241,7 @@ def _train(run_dir: Path) -> subprocess.Popen:
     """
     flags = ["--workers", "1", "--shards", "2", "--steps", str(STEPS), "--blocking"]
     flags += ["--model", "mlp"]
-    flags += ["--server-optimizer", "sgd", "--checkpoint-every", "0.5", "--no-eval"]
+    flags += ["--server-optimizer", "sgd", "--checkpoint-every", "0.5", "--no-eval", "--no-plots"]
     return subprocess.Popen(
         [*CLI, "train", *flags, "--out", str(run_dir)],
         stdout=subprocess.PIPE,

@@ -21,7 +21,7 @@ def mlp_run(tmp_path_factory) -> Path:
     a resume of it copies: the refusals need a run to refuse, not one each."""
     run_dir = tmp_path_factory.mktemp("mlp_run") / "run"
     first = run_forked(
-        "train", "--model", "mlp", "--steps", "3", "--no-eval", "--out", str(run_dir)
+        "train", "--model", "mlp", "--steps", "3", "--no-eval", "--no-plots", "--out", str(run_dir)
     )
     assert first.returncode == 0, first.stderr[-3000:]
     return run_dir
@@ -31,7 +31,7 @@ def mlp_run(tmp_path_factory) -> Path:
 @pytest.mark.timeout(400)  # two short training runs, on a machine others may be loading
 def test_resume_reads_a_flat_config_and_refuses_a_corrupt_checkpoint(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    first = run_forked("train", "--steps", "5", "--out", str(run_dir))
+    first = run_forked("train", "--steps", "5", "--no-plots", "--out", str(run_dir))
     assert first.returncode == 0, first.stderr[-3000:]
     sectioned = json.loads((run_dir / "config.json").read_text())
     flat = {
@@ -115,7 +115,9 @@ def test_a_resumed_run_says_where_it_goes_on_from(tmp_path):
     """``--resume`` says, before training, the version each shard restored from its last
     checkpoint: an operator sees the run went on, and from where, not from scratch."""
     run_dir = tmp_path / "run"
-    first = run_forked("train", "--model", "mlp", "--steps", "5", "--out", str(run_dir))
+    first = run_forked(
+        "train", "--model", "mlp", "--steps", "5", "--no-plots", "--out", str(run_dir)
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "from its last checkpoints" not in first.stderr
     versions = [

@@ -26,7 +26,7 @@ ResumeRefused = Callable[[Path], str]
 
 
 def _train(*args: str) -> None:
-    result = run_forked("train", *args, timeout_s=180)
+    result = run_forked("train", *args, "--no-plots", timeout_s=180)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

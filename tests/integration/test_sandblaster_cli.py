@@ -122,7 +122,7 @@ def _kill_mid_run(run_dir: Path, victim: str) -> subprocess.CompletedProcess:
     the metrics, and on a busy machine they can lag the coordinator by seconds, long enough for
     the last 8 iterations to end before the kill."""
     launcher = subprocess.Popen(
-        [*CLI, *_same_sequence(), "--out", str(run_dir)],
+        [*CLI, *_same_sequence(), "--no-plots", "--out", str(run_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -205,7 +205,7 @@ def test_a_shard_killed_before_the_first_iteration_changes_nothing(tmp_path, und
     job failed, "shard 1 holds no parameters".)"""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
-        [*CLI, *_same_sequence(), "--timeout", "120", "--out", str(run_dir)],
+        [*CLI, *_same_sequence(), "--timeout", "120", "--no-plots", "--out", str(run_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -263,7 +263,7 @@ def test_a_shard_killed_before_the_first_iteration_changes_nothing(tmp_path, und
 def test_resume_with_more_iterations_continues_from_the_committed_one(tmp_path, undisturbed):
     run_dir = tmp_path / "run"
     first = 4
-    _train(*_same_sequence(first), "--out", str(run_dir))
+    _train(*_same_sequence(first), "--no-plots", "--out", str(run_dir))
     assert json.loads((run_dir / "checkpoints" / "coordinator.json").read_text())["iteration"] == (
         first
     )
@@ -287,7 +287,7 @@ def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_o
     _train(
         *SANDBLASTER,
         *("--portions", "2", "--max-iterations", "50", "--max-evaluations", "3"),
-        *("--out", str(run_dir)),
+        *("--no-plots", "--out", str(run_dir)),
     )
     first = _summary(run_dir)["coordinator"]
     assert first["stop_reason"] == "max_evaluations reached"
@@ -327,7 +327,7 @@ def test_ctrl_c_commits_the_iteration_under_way_so_a_resume_goes_on_from_there(t
     metrics.csv and is summary.json's (they were the iteration before)."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
-        [*CLI, *SANDBLASTER, "--max-iterations", "100000", "--out", str(run_dir)],
+        [*CLI, *SANDBLASTER, "--max-iterations", "100000", "--no-plots", "--out", str(run_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -37,13 +37,13 @@ RUN_TIMEOUT_S = 240
 DOWNPOUR = (
     "train",
     *("--dataset", "digits", "--model", "mlp", "--shards", "2", "--workers", "2"),
-    *("--steps", "1000000", "--eval-every", "5"),
+    *("--steps", "1000000", "--eval-every", "5", "--no-plots"),
 )
 SANDBLASTER = (
     "train",
     *("--algorithm", "sandblaster", "--dataset", "digits", "--model", "mlp"),
     *("--shards", "2", "--workers", "2", "--history", "5", "--eval-every", "5"),
-    *("--max-iterations", "100000"),
+    *("--max-iterations", "100000", "--no-plots"),
 )
 
 

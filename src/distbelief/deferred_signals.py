@@ -15,14 +15,15 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def signals_deferred(*, raise_noted: bool = True) -> Iterator[None]:
+def signals_deferred(*, raise_noted: bool = True) -> Iterator[list[int]]:
     """SIGINT, SIGTERM and SIGHUP only noted inside the block; at its end (an exception or not) the
     handlers in place before are put back and the first signal noted is raised again for
     them. ``raise_noted=False``: it is dropped instead, for a block that finishes what it was
-    asked to do (a stop during it comes too late: what it would stop is done). Outside the
-    main thread (which alone runs signal handlers) the block runs as is."""
+    asked to do (a stop during it comes too late: what it would stop is done); the list the
+    block is given holds the signals noted, once it has ended. Outside the main thread (which
+    alone runs signal handlers) the block runs as is."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
         return
     noted: list[int] = []
     # A handler installed outside Python (getsignal: None) could not be put back: left alone.
@@ -30,7 +31,7 @@ def signals_deferred(*, raise_noted: bool = True) -> Iterator[None]:
     wanted = [s for s in stopping if signal.getsignal(s) is not None]
     previous = {signum: signal.signal(signum, lambda n, _f: noted.append(n)) for signum in wanted}
     try:
-        yield
+        yield noted
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -252,3 +252,28 @@ def test_ctrl_c_after_the_final_evaluation_leaves_the_run_done(tmp_path, caplog)
     assert (result.run_dir / "staleness.json").exists()
     assert not list(result.run_dir.glob("*.png"))
     assert f"draw them later with: distbelief plot {result.run_dir}" in caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_a_done_jobs_summary_is_written_leaves_it_done(tmp_path, caplog, monkeypatch):
+    """It exited 130 (train raised), with summary.json saying "done" or not written yet: now
+    the records are written whole and the job stays done; only its plots are skipped."""
+    from distbelief.launch import summary as summary_module
+
+    written = summary_module.write_text_atomic
+    stops: list[Path] = []
+
+    def with_ctrl_c(path: Path, text: str) -> None:
+        stops.append(path)
+        signal.raise_signal(signal.SIGINT)  # as a Ctrl-C at that instant
+        written(path, text)
+
+    monkeypatch.setattr(summary_module, "write_text_atomic", with_ctrl_c)
+    result = train(_final_evaluation_only(tmp_path, steps=5))
+    assert [path.name for path in stops] == ["summary.json"]
+    summary = _summary(result.run_dir)
+    assert (summary["outcome"], summary["reason"]) == ("done", None)
+    assert (result.run_dir / "staleness.json").exists()
+    assert not list(result.run_dir.glob("*.png"))
+    assert "not drawn (stopped as the job ended); draw them later with" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

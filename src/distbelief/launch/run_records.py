@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from distbelief import plots, telemetry
+from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import LauncherInterrupted
 from distbelief.files import write_text_atomic
 from distbelief.launch.summary import RunResult, write_summary
@@ -38,11 +39,18 @@ def write_run_records(
     Raises:
         ValueError: ``outcome`` is not one of ``summary.OUTCOMES``.
     """
-    write_summary(result, outcome, reason)
+    # A stop while they are written comes too late for a job that is done: it would have
+    # exited 130 with summary.json saying "done". They are written, and only the plots are
+    # skipped; a job that ended otherwise is stopped once they are written.
+    with signals_deferred(raise_noted=outcome != "done") as noted:
+        write_summary(result, outcome, reason)
+        if result is not None:
+            staleness = json.dumps(result.staleness, indent=2)
+            write_text_atomic(result.run_dir / STALENESS_FILE, staleness)
     if result is None:
         return
-    staleness = json.dumps(result.staleness, indent=2)
-    write_text_atomic(result.run_dir / STALENESS_FILE, staleness)
+    if noted and plots_skipped_by is None:
+        plots_skipped_by = "stopped as the job ended"
     if plots_skipped_by is not None:
         _say_not_drawn(result.run_dir, plots_skipped_by)
         return

@@ -22,7 +22,7 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.launch.cluster import ProcessBook, ProcessKind
-from distbelief.launch.entry import preloaded_modules
+from distbelief.launch.entry import PRELOADED_MODULES
 from distbelief.launch.ray_actor import DIED, DONE, NodeHost, run_life
 from distbelief.launch.ray_child import EXIT_DONE
 from distbelief.launch.ray_endings import Ending, ending_of_outcome
@@ -38,7 +38,7 @@ EVENT_TIMEOUT_S = 60.0
 
 def _zygote() -> Iterator[tuple[str, NodeHost]]:
     name = f"test-{uuid.uuid4().hex[:12]}"
-    host = NodeHost(name, preloaded_modules(JobConfig()))
+    host = NodeHost(name, list(PRELOADED_MODULES))
     try:
         yield name, host
     finally:

@@ -31,13 +31,11 @@ EXIT_PEER_LOST = 75
 replica (restarted as a whole), not an error of this stage."""
 
 
-def preloaded_modules(config: JobConfig) -> list[str]:
-    """What a process that forks this job's processes (the local forkserver, a Ray node's
-    zygote) loads once first: torch and the roles. Not ``torch._dynamo``, which no role needs:
-    the workers' DownpourSGD and the shards' optimizers run torch's methods without the guards
-    that import it (``unguarded.py``)."""
-    del config  # every job's roles load the same modules
-    return ["torch", *ROLE_MODULES]
+PRELOADED_MODULES = ("torch", *ROLE_MODULES)
+"""What a process that forks a job's processes (the local forkserver, a Ray node's zygote)
+loads once first: torch and the roles. Not ``torch._dynamo``, which no role needs: the workers'
+DownpourSGD and the shards' optimizers run torch's methods without the guards that import it
+(``unguarded.py``)."""
 
 
 def run_role(

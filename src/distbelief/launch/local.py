@@ -29,7 +29,7 @@ from distbelief.launch.cluster import (
     ProcessSpec,
 )
 from distbelief.launch.deferred_signals import signals_deferred
-from distbelief.launch.entry import preloaded_modules, run_role
+from distbelief.launch.entry import PRELOADED_MODULES, run_role
 from distbelief.launch.process_groups import in_a_process_group_of_their_own
 from distbelief.launch.rundir import write_text_atomic
 
@@ -40,10 +40,14 @@ if TYPE_CHECKING:
 
 _POLL_S = 0.2
 
-_PRELOAD = ("__main__", "distbelief.launch.child", "distbelief.launch.entry")
-"""What the forkserver imports once before it forks any child, besides the job's
-``preloaded_modules``. ``__main__`` (a script that calls ``train``): its children find it loaded
-instead of each re-running the script."""
+FORKSERVER_PRELOAD = (
+    "__main__",
+    "distbelief.launch.child",
+    "distbelief.launch.entry",
+    *PRELOADED_MODULES,
+)
+"""What the forkserver imports once before it forks any child. ``__main__`` (a script that calls
+``train``): its children find it loaded instead of each re-running the script."""
 
 
 def warm_up(config: JobConfig) -> None:
@@ -57,16 +61,12 @@ def warm_up(config: JobConfig) -> None:
     the forkserver too, it ended it at once, and the launcher took that for every child's death
     (exit code 255) and let them go before the shards had saved."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_preload(config))
+    ctx.set_forkserver_preload(list(FORKSERVER_PRELOAD))
     if getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None) is not None:
         multiprocessing.forkserver.ensure_running()  # alive, or restarted where it died
         return
     with in_a_process_group_of_their_own():
         multiprocessing.forkserver.ensure_running()
-
-
-def _preload(config: JobConfig) -> list[str]:
-    return [*_PRELOAD, *preloaded_modules(config)]
 
 
 def stop_forkserver() -> None:

@@ -118,7 +118,7 @@ class NodeHost:
     Args:
         name: the zygote's name (its abstract socket's).
         preload: the modules it loads before it forks (``launch/entry.py``'s
-            ``preloaded_modules`` of the job).
+            ``PRELOADED_MODULES``).
     """
 
     def __init__(self, name: str, preload: Sequence[str]) -> None:

@@ -29,7 +29,7 @@ from distbelief.launch.cluster import (
     ProcessKind,
     ProcessSpec,
 )
-from distbelief.launch.entry import preloaded_modules
+from distbelief.launch.entry import PRELOADED_MODULES
 from distbelief.launch.ray_actor import NodeHost, RoleActor
 from distbelief.launch.ray_endings import (
     Ending,
@@ -250,7 +250,7 @@ class RayCluster:
                     num_cpus=0,
                     max_restarts=self.config.faults.max_restarts,
                     scheduling_strategy=strategy,
-                ).remote(name, preloaded_modules(self.config))
+                ).remote(name, list(PRELOADED_MODULES))
             )
             zygotes[node_id] = name
         return zygotes

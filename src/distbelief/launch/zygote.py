@@ -273,9 +273,9 @@ def _leave(code: int) -> None:
 
 def main() -> int:
     """``python -m distbelief.launch.zygote NAME [MODULE ...]``: binds first (actors that
-    connect early wait in the backlog), then loads the modules (by default torch, its compiler
-    and the roles), then serves."""
-    from distbelief.launch.entry import ROLE_MODULES
+    connect early wait in the backlog), then loads the modules (by default torch and the
+    roles), then serves."""
+    from distbelief.launch.entry import PRELOADED_MODULES
 
     logging.basicConfig(level=logging.WARNING, format="[zygote] %(levelname)s %(message)s")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -290,7 +290,7 @@ def main() -> int:
                 raise
             time.sleep(0.1)
     listener.listen(128)
-    Zygote(listener).serve(sys.argv[2:] or ("torch", *ROLE_MODULES))
+    Zygote(listener).serve(sys.argv[2:] or PRELOADED_MODULES)
     return 0
 
 

@@ -82,10 +82,12 @@ class _WithoutCompilerGuards:
     longer costs about as much CPU again as ``import torch``. Placed before the torch class
     among the bases; the update, state and checkpoint layout are that class's own."""
 
-    checkpoint_name: str
-    """The torch class a checkpoint names: the state is that class's."""
-
     _torch_class: type[torch.optim.Optimizer]
+
+    @property
+    def checkpoint_name(self) -> str:
+        """The torch class a checkpoint names: the state is that class's."""
+        return self._torch_class.__name__
 
     def add_param_group(self, param_group: dict) -> None:
         call_unguarded("add_param_group", self, param_group)
@@ -106,19 +108,19 @@ class _WithoutCompilerGuards:
 class ServerMomentumSGD(_WithoutCompilerGuards, torch.optim.SGD):
     """``torch.optim.SGD`` (with momentum) as a shard runs it."""
 
-    checkpoint_name, _torch_class = "SGD", torch.optim.SGD
+    _torch_class = torch.optim.SGD
 
 
 class ServerAdagrad(_WithoutCompilerGuards, torch.optim.Adagrad):
     """``torch.optim.Adagrad`` as a shard runs it."""
 
-    checkpoint_name, _torch_class = "Adagrad", torch.optim.Adagrad
+    _torch_class = torch.optim.Adagrad
 
 
 class ServerAdam(_WithoutCompilerGuards, torch.optim.Adam):
     """``torch.optim.Adam`` as a shard runs it."""
 
-    checkpoint_name, _torch_class = "Adam", torch.optim.Adam
+    _torch_class = torch.optim.Adam
 
 
 ServerOptimizer = torch.optim.Optimizer | PlainSGD

@@ -46,8 +46,10 @@ class RowIndex:
                 places.append((None, None))
                 continue
             positions = torch.searchsorted(keys, ids).clamp_(max=keys.numel() - 1)
-            hit = keys[positions] == ids
-            found = torch.where(hit, values[positions], -1)
+            # index_select, not keys[positions]: a lookup per table per request, where
+            # indexing's argument parsing costs as much as the gather.
+            hit = keys.index_select(0, positions) == ids
+            found = torch.where(hit, values.index_select(0, positions), -1)
             slots = found if slots is None else torch.where(hit, found, slots)
             places.append((hit, positions))
         if slots is None:

@@ -127,6 +127,9 @@ class RowTable:
 
     def _reset(self, capacity: int) -> None:
         self._index = RowIndex()
+        # An evicted row's index entry stays until the next rebuild; until one is left, every
+        # entry the index finds is a live row and the slot check of _slots can be skipped.
+        self._stale_entries = False
         self._num_rows = 0
         # id -> (pushes counted, table step of the last), least recently pushed first (ties by
         # id, as a reloaded table orders them).
@@ -167,6 +170,8 @@ class RowTable:
         if not len(self._index):
             return torch.full((ids.numel(),), -1, dtype=torch.int64)
         slots, _ = self._index.find(ids)
+        if not self._stale_entries:
+            return slots
         candidates = slots.clamp(min=0)
         live = (slots >= 0) & (self._slot_ids[candidates] == ids)
         live &= self._last_step[candidates] != _FREE
@@ -217,7 +222,7 @@ class RowTable:
         slots = self._slots(ids)
         held = slots >= 0
         if bool(held.all()):  # the common case: every id has its row
-            self._last_step[slots] = step
+            self._last_step.index_fill_(0, slots, step)
             self._update(slots, grads, step)
         else:
             self._update(*self._hits_and_admitted(ids, grads, slots, held, step), step)
@@ -318,6 +323,7 @@ class RowTable:
         if self._index.needs_rebuild():
             live = (self._last_step[: self._num_used_slots] != _FREE).nonzero().flatten()
             self._index.rebuild(self._slot_ids[live], live)
+            self._stale_entries = False
         return slots
 
     def _initial_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -347,6 +353,7 @@ class RowTable:
         if not slots.numel():
             return
         self._last_step[slots] = _FREE
+        self._stale_entries = True
         self._free = torch.cat([self._free, slots])
         self._num_rows -= slots.numel()
         self.num_evicted += slots.numel()

@@ -13,6 +13,7 @@ from distbelief.client.rows import ShardPart, split_for_pull
 from distbelief.errors import TableSizeMismatchError, TableWidthMismatchError
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.row_checkpoint import load_row_tables, save_row_tables
+from distbelief.server.row_tables import RowTableSettings, ShardTables
 from distbelief.wire import Message
 from distbelief.wire.error_kinds import kind_of
 from distbelief.wire.row_ops import PULL_ROWS, ROWS_HELLO
@@ -120,3 +121,19 @@ def test_a_pull_is_split_into_requests_within_the_limit_in_order():
     positions = [[t.tolist() for t in p.positions] for p in pieces]
     assert positions == [[[0, 1, 2]], [[3, 4]], [[0]], [[1], [0]]]
     assert split_for_pull(part, [2, 4, 2], max_bytes=8 * 8 + 2 * 16) == [part]
+
+
+def test_a_push_repeating_an_id_in_one_table_is_refused_by_name_and_changes_nothing():
+    tables = ShardTables(0, 1, RowTableSettings(lr=1.0, init_std=0.0))
+    tables.declare_all({"ads": 2, "users": 2, "items": 2})
+    names, counts = ["ads", "users", "items"], [2, 3, 1]
+    # The same id in two tables is no repeat; 7 twice in "users" is.
+    ids = torch.tensor([5, 7, 7, 5, 7, 9])
+    with pytest.raises(ValueError, match=r"^table users: pushed ids must be unique"):
+        tables.push(names, counts, ids, torch.ones(12))
+    assert tables.total_steps == 0
+    assert tables.pull(names, counts, ids).abs().sum() == 0
+    ids = torch.tensor([5, 7, 7, 5, 9, 7])  # every table's ids distinct, in any order
+    assert tables.push(names, counts, ids, torch.ones(12))
+    assert tables.total_steps == 3
+    assert torch.equal(tables.pull(names, counts, ids), torch.full((12,), -1.0))

@@ -568,3 +568,47 @@ def test_a_table_no_client_declared_is_refused_saying_how_to_declare_it(shard_cl
         assert client.pull({"t": torch.tensor([1, 2])})["t"].shape == (2, DIM)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+@pytest.mark.parametrize(
+    "widths", [{"a": 3, "b": 3, "c": 3}, {"a": 2, "b": 5, "c": 3}], ids=["one", "several"]
+)
+def test_tables_of_one_width_or_several_read_and_train_as_nn_embedding(widths, num_shards):
+    # Tables of one width are gathered and scattered together, of several one by one: both
+    # read and step as nn.Embedding(sparse=True) and torch.optim.SGD, split pulls included.
+    lr, num_rows = 0.5, 50
+    embeddings = {name: nn.Embedding(num_rows, dim, sparse=True) for name, dim in widths.items()}
+    with torch.no_grad():
+        for embedding in embeddings.values():
+            initial = seeded_normal_rows(torch.arange(num_rows), embedding.embedding_dim, 0.1, 0)
+            embedding.weight.copy_(initial)
+    ids = {
+        "a": torch.tensor([[7, 3, 30], [3, 12, 7]]),
+        "b": torch.tensor([49, 0, 12]),
+        "c": torch.zeros(0, dtype=torch.int64),
+    }
+    grads = {
+        name: torch.linspace(-1.0, 1.0, ids[name].numel() * dim).view(*ids[name].shape, dim)
+        for name, dim in widths.items()
+    }
+    everything = {name: torch.arange(num_rows) for name in widths}
+    settings = RowTableSettings(optimizer="sgd", lr=lr, init_std=0.1)
+    with _served_here(num_shards, settings) as addresses:
+        client = RowClient(addresses, widths, timeout_s=60)
+        try:
+            client.handshake()
+            rows = client.pull(ids)
+            client.push_now({name: (ids[name], grads[name]) for name in widths})
+            pulled = client.pull(everything)
+            client.max_pull_bytes = 4 * 4 * 5  # four rows of the widest table a request
+            split = client.pull(everything)
+        finally:
+            client.close()
+    for name, embedding in embeddings.items():
+        torch.testing.assert_close(rows[name], embedding(ids[name]).detach(), rtol=0, atol=0)
+        (embedding(ids[name]) * grads[name]).sum().backward()
+    torch.optim.SGD([e.weight for e in embeddings.values()], lr=lr).step()
+    for name, embedding in embeddings.items():
+        torch.testing.assert_close(pulled[name], embedding.weight.detach(), rtol=0, atol=1e-6)
+        assert torch.equal(split[name], pulled[name])

@@ -39,6 +39,10 @@ class ShardPart(NamedTuple):
     counts: list[int]
     ids: torch.Tensor
     positions: list[torch.Tensor] | None
+    flat_positions: torch.Tensor | None = None
+    """Where each of ``ids`` is in every table's ids of the request, one table after the
+    other (None with ``positions``): tables of one row width are gathered and scattered in
+    one operation per shard, not one per table."""
 
 
 class PendingRows:
@@ -56,6 +60,9 @@ class PendingRows:
         """
         client = self._client
         replies = client.wait([future for _, _, future in self._sent])
+        width = client.common_width(self._ids_by_table)
+        if width is not None and any(part.positions is not None for _, part, _ in self._sent):
+            return self._scattered(replies, width)
         out: dict[str, torch.Tensor] = {}
         if any(part.positions is not None for _, part, _ in self._sent):
             out = {
@@ -79,6 +86,23 @@ class PendingRows:
         return {
             name: out[name].view(*ids.shape, client.tables[name])
             for name, ids in self._ids_by_table.items()
+        }
+
+    def _scattered(self, replies: list, width: int) -> dict[str, torch.Tensor]:
+        """``result()`` of tables that share one row width: every shard's rows put in place
+        at once, then cut into the tables."""
+        sizes = [ids.numel() for ids in self._ids_by_table.values()]
+        rows = torch.empty(sum(sizes), width)
+        for (shard_id, part, _), reply in zip(self._sent, replies, strict=True):
+            flat = reply.tensors[0][1] if reply.tensors else torch.zeros(0)
+            if flat.numel() != part.ids.numel() * width:
+                raise ModelMismatchError(f"shard {shard_id} answered {flat.numel()} values")
+            rows.index_copy_(0, part.flat_positions, flat.view(-1, width))
+        return {
+            name: table_rows.view(*ids.shape, width)
+            for (name, ids), table_rows in zip(
+                self._ids_by_table.items(), rows.split(sizes), strict=True
+            )
         }
 
 
@@ -105,6 +129,9 @@ def split_for_pull(part: ShardPart, dims: Sequence[int], max_bytes: int) -> list
     if sum(count * size for count, size in zip(part.counts, row_bytes, strict=True)) <= max_bytes:
         return [part]
     positions = part.positions or [torch.arange(count) for count in part.counts]
+    flat_positions = part.flat_positions
+    if flat_positions is None:
+        flat_positions = torch.arange(part.ids.numel())
     starts = list(itertools.accumulate(part.counts, initial=0))
     pieces: list[ShardPart] = []
     chunk: list[tuple[int, int, int]] = []  # (table, first, end) of the request being filled
@@ -114,25 +141,33 @@ def split_for_pull(part: ShardPart, dims: Sequence[int], max_bytes: int) -> list
         while first < count:
             take = min(count - first, room // row_bytes[t])
             if take == 0:  # this request is full (every row fits in an empty one)
-                pieces.append(_chunk_part(part, positions, starts, chunk))
+                pieces.append(_chunk_part(part, positions, flat_positions, starts, chunk))
                 chunk, room = [], max_bytes
                 continue
             chunk.append((t, first, first + take))
             room -= take * row_bytes[t]
             first += take
     if chunk:
-        pieces.append(_chunk_part(part, positions, starts, chunk))
+        pieces.append(_chunk_part(part, positions, flat_positions, starts, chunk))
     return pieces
 
 
 def _chunk_part(
-    part: ShardPart, positions: list[torch.Tensor], starts: list[int], chunk: list
+    part: ShardPart,
+    positions: list[torch.Tensor],
+    flat_positions: torch.Tensor,
+    starts: list[int],
+    chunk: list,
 ) -> ShardPart:
+    def cut(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor[starts[t] + first : starts[t] + end] for t, first, end in chunk])
+
     return ShardPart(
         [part.names[t] for t, _, _ in chunk],
         [end - first for _, first, end in chunk],
-        torch.cat([part.ids[starts[t] + first : starts[t] + end] for t, first, end in chunk]),
+        cut(part.ids),
         [positions[t][first:end] for t, first, end in chunk],
+        cut(flat_positions),
     )
 
 
@@ -262,6 +297,7 @@ class RowClient(ShardLanes):
                     [counts[t] for t in keep],
                     all_ids[positions],
                     [pieces[t] for t in keep],
+                    positions,
                 )
                 if keep
                 else None
@@ -294,6 +330,12 @@ class RowClient(ShardLanes):
         """:meth:`pull` without waiting: the requests go out now (after whatever this client
         sent before, shard by shard); ``result()`` waits for the rows."""
         return self._start_pull(ids_by_table, now=False)
+
+    def common_width(self, tables: Mapping[str, object]) -> int | None:
+        """The row width every one of ``tables`` (declared) has, None if they have several
+        (or there are none)."""
+        widths = {self.tables[name] for name in tables}
+        return widths.pop() if len(widths) == 1 else None
 
     def _check_declared(self, name: object) -> None:
         if name not in self.tables:
@@ -402,10 +444,15 @@ class RowClient(ShardLanes):
         # count (Adam's bias correction, the time to live) is the same on every shard.
         plans = self._plan({name: ids for name, (ids, _) in updates.items()}, every_shard=True)
         seq = next(self._push_seq)
+        together = None  # every table's rows, one after the other, when they share a width
+        if self.num_shards > 1 and self.common_width(updates) is not None:
+            together = torch.cat([rows for _, rows in updates.values()])
 
         def message(part: ShardPart) -> Message:
             if part.positions is None:
                 grads = [updates[name][1].reshape(-1) for name in part.names]
+            elif together is not None:
+                grads = [together.index_select(0, part.flat_positions).reshape(-1)]
             else:
                 grads = [
                     updates[name][1].index_select(0, positions).reshape(-1)

@@ -54,9 +54,10 @@ _MB = 1 << 20
 
 
 def _unique_sum(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple:
-    """(unique ids, their summed rows) of several (ids, rows) parts."""
+    """(unique ids, their summed rows) of several (ids, rows) parts, each one's ids distinct
+    and ascending already (a lookup's, or a sum of them): one part is its own sum."""
     if len(parts) == 1:
-        return coalesce_rows(*parts[0])
+        return parts[0]
     return coalesce_rows(torch.cat([ids for ids, _ in parts]), torch.cat([r for _, r in parts]))
 
 

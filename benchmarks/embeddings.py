@@ -1,6 +1,6 @@
 """Embedding-table benchmark: a DLRM's tables on a shard against the same tables in one process.
 
-Four measurements, each a ratio against a baseline timed or counted in the same run:
+Five measurements, each a ratio against a baseline timed or counted in the same run:
 
 - ``throughput``: steps/s of 1 worker + 1 shard (the shard in its own process, serving the
   dense parameters and the tables; the worker prefetches every table's rows in one request and
@@ -15,6 +15,10 @@ Four measurements, each a ratio against a baseline timed or counted in the same 
   tensor from a shard (the same payload on the wire, without the row lookup).
 - ``memory``: a worker process's peak RSS while training against a table 10x its
   ``--row-cache-mb`` (rows on the shard), against the same process before its first step.
+- ``tables``: a click model's step of rows over two shards, each in its own process: a pull
+  and a push of 26 tables of 88 distinct ids each (width 16), against a pull and a push of the
+  same 2,288 ids in one table: the same rows and bytes; what the ratio lacks of 1 is the cost
+  of a table, on the client and on the shards. Median of interleaved repeats.
 
 Usage: ``PYTHONPATH=src:benchmarks python benchmarks/embeddings.py [--only NAME] [--out STEM]``
 """
@@ -22,6 +26,7 @@ Usage: ``PYTHONPATH=src:benchmarks python benchmarks/embeddings.py [--only NAME]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -52,6 +57,14 @@ NUM_TABLES = 26
 TABLE_SIZE = 10_000
 DIM = 16
 NUM_BATCHES = 8
+
+
+def start_table_shard_of(shard_id: int, num_shards: int, lr: float):
+    """Shard ``shard_id`` of ``num_shards``: SGD tables (and dense parameters), one thread."""
+    torch.set_num_threads(1)
+    shard = ParameterShard(shard_id, num_shards, server_optimizer_factory("sgd", lr=lr))
+    tables = ShardTables(shard_id, num_shards, RowTableSettings(optimizer="sgd", lr=lr))
+    return serve("tcp://127.0.0.1:0", ShardService(shard, tables=tables))
 
 
 def start_table_shard(lr: float):
@@ -235,6 +248,63 @@ def measure_rows_per_s(args) -> dict:
     return results
 
 
+TABLES_IDS_PER_TABLE = 88
+
+
+def _requests_s(client: RowClient, requests: list[dict], repeats: int) -> float:
+    """Median seconds of one pull and one push of each request's ids, over ``repeats``."""
+    grads = {
+        name: torch.ones(ids.numel(), DIM) for name, ids in requests[0].items()
+    }  # every request has the same number of ids per table
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for request in requests:
+            client.pull(request)
+            client.push_now({name: (ids, grads[name]) for name, ids in request.items()})
+        times.append((time.perf_counter() - started) / len(requests))
+    return statistics.median(times)
+
+
+def measure_tables(args) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    num_ids = NUM_TABLES * TABLES_IDS_PER_TABLE
+    # Each request's ids distinct (as a worker's, summed before a push), in no order.
+    requests = [
+        torch.randperm(TABLE_SIZE * NUM_TABLES, generator=generator)[:num_ids]
+        for _ in range(args.requests)
+    ]
+    many = [
+        {f"t{t}": ids for t, ids in enumerate(request.split(TABLES_IDS_PER_TABLE))}
+        for request in requests
+    ]
+    one = [{"all": request} for request in requests]
+    widths = {**{f"t{t}": DIM for t in range(NUM_TABLES)}, "all": DIM}
+    with contextlib.ExitStack() as stack:
+        addresses = [
+            stack.enter_context(
+                ServerHost(start_table_shard_of, shard_id, 2, LR, name=f"shard-{shard_id}")
+            ).start_server()
+            for shard_id in range(2)
+        ]
+        client = stack.enter_context(contextlib.closing(RowClient(addresses, widths)))
+        client.handshake()
+        for requests in (many, one):  # every row made before anything is timed
+            _requests_s(client, requests, 1)
+        many_s, one_s = [], []
+        for repeat in range(args.repeats):
+            pair = [(many, many_s), (one, one_s)]
+            for requests, times in pair if repeat % 2 == 0 else reversed(pair):
+                times.append(_requests_s(client, requests, 1))
+    return {
+        "tables": NUM_TABLES,
+        "ids_per_request": num_ids,
+        "many_tables_ms": [t * 1e3 for t in many_s],
+        "one_table_ms": [t * 1e3 for t in one_s],
+        "ratio_median": statistics.median(o / m for o, m in zip(one_s, many_s, strict=True)),
+    }
+
+
 def _dense_pull_s(address: str, dim: int, num_requests: int) -> float:
     """Seconds to pull a dense [4096, dim] tensor ``num_requests`` times: the wire's cost of a
     row pull's payload without the row lookup."""
@@ -322,7 +392,7 @@ def measure_memory(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--only", choices=("throughput", "bytes", "rows", "memory"))
+    parser.add_argument("--only", choices=("throughput", "bytes", "rows", "memory", "tables"))
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
@@ -345,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         "bytes": measure_bytes,
         "rows": measure_rows_per_s,
         "memory": measure_memory,
+        "tables": measure_tables,
     }
     record: dict = {}
     for name, measure in measurements.items():
@@ -413,6 +484,21 @@ def _cells(record: dict) -> list[list[str]]:
             ["worker RSS growth / row cache budget", f"{m['growth_over_cache_budget']:.2f}"]
         )
         cells.append(["worker RSS growth / table bytes", f"{m['growth_over_table']:.3f}"])
+    if "tables" in record:
+        t = record["tables"]
+        cells.append(
+            [
+                f"pull+push ms, {t['tables']} tables of {t['ids_per_request']} ids, 2 shards",
+                f"{statistics.median(t['many_tables_ms']):.2f}",
+            ]
+        )
+        cells.append(
+            [
+                "pull+push ms, the same ids in one table",
+                f"{statistics.median(t['one_table_ms']):.2f}",
+            ]
+        )
+        cells.append(["one table / 26 tables (median ratio)", f"{t['ratio_median']:.2f}"])
     return cells
 
 

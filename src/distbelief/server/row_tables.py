@@ -49,22 +49,6 @@ def check_table_name(name: object) -> str:
     return name
 
 
-def table_with_repeated_ids(counts: list[int], ids: torch.Tensor) -> int | None:
-    """The first table (its index in ``counts``, each table's count of ``ids`` one after the
-    other) holding an id twice; None if none does. One sort for every table of a request: a
-    click model's push names dozens of tables, and a sort per table cost more than the rest of
-    the check."""
-    if ids.numel() < 2:
-        return None
-    tables = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
-    # Sorted by id, then stably by table: each table's ids ascending, the tables in order.
-    order = torch.sort(ids, stable=True).indices
-    order = order.index_select(0, torch.sort(tables.index_select(0, order), stable=True).indices)
-    ids, tables = ids.index_select(0, order), tables.index_select(0, order)
-    repeats = ((ids[1:] == ids[:-1]) & (tables[1:] == tables[:-1])).nonzero()
-    return int(tables[repeats[0, 0]]) if repeats.numel() else None
-
-
 @dataclass(frozen=True)
 class RowTableSettings:
     """How a shard makes its tables: the row optimizer and its rates, admission, eviction and
@@ -305,11 +289,12 @@ class ShardTables:
                 raise ValueError(
                     f"{grads.numel()} gradient values sent for rows that need {sum(sizes)}"
                 )
-            repeated = table_with_repeated_ids(counts, ids)
-            if repeated is not None:
-                raise ValueError(
-                    f"table {names[repeated]}: pushed ids must be unique (sum repeats)"
-                )
+            # One torch.unique per table: a sort of every table's ids together (by id, then
+            # stably by table) measured 2.5x faster for 26 tables of 44 ids, but slower from
+            # a few hundred ids a table, and 2-3x slower for one table of 4096.
+            for name, part in zip(names, parts, strict=True):
+                if torch.unique(part).numel() != part.numel():
+                    raise ValueError(f"table {name}: pushed ids must be unique (sum repeats)")
             for table, part, flat in zip(tables, parts, grads.split(sizes), strict=True):
                 table.apply_checked(part, flat.view(-1, table.dim))
             self.num_pushed_rows += ids.numel()

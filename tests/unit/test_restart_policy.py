@@ -458,7 +458,7 @@ def test_a_local_cluster_starts_nothing_after_stop_all(tmp_path, monkeypatch) ->
     from distbelief.errors import ClosedError
     from distbelief.launch import local
 
-    monkeypatch.setattr(local, "warm_up", lambda config: None)  # no forkserver: none starts
+    monkeypatch.setattr(local, "start_forkserver", lambda: None)  # no forkserver: none starts
     with local.LocalCluster(JobConfig(), tmp_path) as cluster:
         pass
     with pytest.raises(ClosedError, match=r"^LocalCluster: start of shard0 after stop_all\(\)$"):

@@ -50,7 +50,7 @@ FORKSERVER_PRELOAD = (
 ``train``): its children find it loaded instead of each re-running the script."""
 
 
-def warm_up(config: JobConfig) -> None:
+def start_forkserver() -> None:
     """Starts the forkserver (in the background) with torch and the roles to import: call it
     first, so that its imports overlap whatever the launcher does before starting processes.
     A forkserver already running (an earlier job of this process) is kept.
@@ -94,10 +94,10 @@ class LocalCluster:
     def warm_up(cls, config: JobConfig) -> None:
         """Starts, in the background, what starting processes will need (see
         ``Cluster.warm_up``)."""
-        warm_up(config)
+        start_forkserver()
 
     def __init__(self, config: JobConfig, run_dir: Path) -> None:
-        warm_up(config)
+        start_forkserver()
         from distbelief.wire.security import WireSecurity, generate_key
 
         self.config = config

@@ -60,11 +60,12 @@ class PendingRows:
         """
         client = self._client
         replies = client.wait([future for _, _, future in self._sent])
+        scattered = any(part.positions is not None for _, part, _ in self._sent)
         width = client.common_width(self._ids_by_table)
-        if width is not None and any(part.positions is not None for _, part, _ in self._sent):
+        if scattered and width is not None:
             return self._scattered(replies, width)
         out: dict[str, torch.Tensor] = {}
-        if any(part.positions is not None for _, part, _ in self._sent):
+        if scattered:
             out = {
                 name: torch.empty(ids.numel(), client.tables[name])
                 for name, ids in self._ids_by_table.items()

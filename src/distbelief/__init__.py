@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "DistBeliefError": "distbelief.errors",
     "PSError": "distbelief.errors",
     "ShardTimeoutError": "distbelief.errors",
+    "HeldTooLongError": "distbelief.errors",
     "ShardUnavailableError": "distbelief.errors",
     "BindError": "distbelief.errors",
     "ClosedError": "distbelief.errors",

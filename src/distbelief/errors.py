@@ -19,6 +19,12 @@ class ShardTimeoutError(PSError, TimeoutError):
     """A shard did not answer a request within its timeout."""
 
 
+class HeldTooLongError(ShardTimeoutError):
+    """A shard held a pull (bounded staleness, sync rounds) past ``hold_timeout_s`` waiting for
+    slower workers. The shard answered every request: unlike its parent, this says nothing of
+    the shard being down, so a ``close()`` after it still pushes what the worker holds."""
+
+
 class ShardUnavailableError(PSError, ConnectionError):
     """A shard could not be reached, or closed or reset the connection."""
 

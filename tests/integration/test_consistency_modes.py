@@ -5,10 +5,12 @@ import subprocess
 import threading
 import time
 
+import pytest
 import torch
 from torch import nn
 
 from distbelief.client import ParameterServerClient
+from distbelief.errors import HeldTooLongError, ShardTimeoutError
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import TensorSpec
 from distbelief.telemetry import read_metrics
@@ -245,3 +247,35 @@ def test_dc_asgd_compensates_a_push_after_a_reconnect(shard_cluster):
     torch.testing.assert_close(pulled[torch.float32], w_now - lr * compensated, rtol=0, atol=1e-6)
     uncompensated = w_now - lr * g
     assert float((pulled[torch.float32] - uncompensated).abs().max()) > 1e-3
+
+
+def test_a_pull_held_too_long_still_lets_close_push_what_the_worker_holds(shard_cluster):
+    """A pull held past hold_timeout_s (a worker that never steps holds the others under
+    SSP) raises HeldTooLongError, a ShardTimeoutError; the shard answered all along, so the
+    close after it still pushes the steps the worker accrued."""
+    [address] = shard_cluster(1, "--max-staleness", "1", "--num-workers", "2", "--server-lr", "1")
+    models = {name: _model() for name in ("ahead", "idle")}
+    optimizers = {
+        name: DownpourSGD(
+            model.parameters(),
+            lr=0.1,
+            model=model,
+            ps=address,
+            worker_id=name,
+            n_push=100,
+            n_pull=100,
+            timeout_s=10,
+            hold_timeout_s=3,
+        )
+        for name, model in models.items()
+    }
+    ahead, idle = optimizers["ahead"], optimizers["idle"]
+    for step in range(5):
+        _step(models["ahead"], ahead, _batch(step))
+    with pytest.raises(HeldTooLongError, match="pull held for 3s") as held:
+        ahead.pull_now()
+    assert isinstance(held.value, ShardTimeoutError)
+    ahead.close()  # pushes the 5 steps it accrued, held pull or not
+    idle.pull_now()
+    assert idle.version == 1
+    idle.close()

@@ -22,7 +22,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from distbelief.config import check_wait
-from distbelief.errors import ClosedError, ShardTimeoutError, ShardUnavailableError
+from distbelief.errors import (
+    ClosedError,
+    HeldTooLongError,
+    ShardTimeoutError,
+    ShardUnavailableError,
+)
 from distbelief.hosts import parse_addresses
 from distbelief.wire import Message, connect
 from distbelief.wire.retry import retry_while_unreachable
@@ -477,7 +482,10 @@ class ShardLanes:
         for future in futures:
             error = None if future in pending else future.exception()
             if error is not None:
-                self._unreachable = isinstance(error, ShardUnavailableError | ShardTimeoutError)
+                # A pull held past hold_timeout_s was answered all along: the shard is up.
+                self._unreachable = isinstance(
+                    error, ShardUnavailableError | ShardTimeoutError
+                ) and not isinstance(error, HeldTooLongError)
                 raise error
         self._unreachable = bool(pending)
         if pending:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from distbelief.errors import ModelMismatchError, ShardTimeoutError
+from distbelief.errors import HeldTooLongError, ModelMismatchError
 from distbelief.wire import Message, ops
 from distbelief.wire.compression import SINCE_KEY, SPARSE_KEY, apply_changes_into
 from distbelief.wire.shared_params import PLACED_KEY
@@ -136,7 +136,7 @@ class ShardPulls:
         # its checkpoint lacked: ask again for the parameters with it.
         while reply.meta.get("held") or self._settle(shard_id, reply.meta):
             if time.monotonic() > deadline:
-                raise ShardTimeoutError(
+                raise HeldTooLongError(
                     f"shard {shard_id} ({self.addresses[shard_id]}): pull held for "
                     f"{self.hold_timeout_s:g}s waiting for slower workers"
                 )

@@ -657,6 +657,49 @@ print(optimizer.num_steps, "torch._dynamo" in sys.modules)
     assert result.stdout.split() == ["4", "False"]
 
 
+@pytest.mark.parametrize("blocking", [True, False])
+def test_on_push_applied_may_close_the_optimizer_and_the_next_step_is_refused(
+    shard_cluster, blocking
+):
+    """A script that stops from ``on_push_applied`` (after so many applied steps): the step
+    the close runs in ends there, every step that returned is pushed and applied once, and
+    the next step is refused with ClosedError, as after any close."""
+    [address] = shard_cluster(1, "--server-lr", "0.1")
+    model = _model()
+    optimizers: list[DownpourSGD] = []
+    applied: list[int] = []
+
+    def stop_after_three(step: int) -> None:
+        applied.append(step)
+        if step >= 3:
+            optimizers[0].close()
+
+    optimizer = DownpourSGD(
+        model.parameters(),
+        lr=0.1,
+        model=model,
+        ps=address,
+        blocking=blocking,
+        timeout_s=10,
+        on_push_applied=stop_after_three,
+    )
+    optimizers.append(optimizer)
+    returned = 0
+    with pytest.raises(ClosedError, match="step"):
+        for batch in _batches(10):
+            _train(model, optimizer, [batch])
+            returned += 1
+    # Blocking, step 3's push is applied within it; otherwise within step 4 (whose own
+    # gradient the close then pushes), or before step 4 starts (which is then refused).
+    assert returned in ((3,) if blocking else (3, 4))
+    assert applied == list(range(1, returned + 1)) and optimizer.applied_step == returned
+    reader = DownpourSGD(model.parameters(), model=model, ps=address, timeout_s=10)
+    try:
+        assert reader.version == returned
+    finally:
+        reader.close()
+
+
 def test_each_push_is_told_once_every_shard_applied_it_and_a_restart_learns_the_last(
     shard_cluster,
 ):

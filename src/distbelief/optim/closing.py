@@ -42,8 +42,8 @@ def flush_then_close(flush: Callable[[], object] | None, close: Callable[[bool],
 
 class ClosingOptimizer:
     """``close()`` and what calls it, on the attributes DownpourSGD's constructor sets:
-    ``client``, ``_closed``, ``_server`` and ``_store`` (the ParameterServer found through a
-    process group, if any)."""
+    ``client``, ``_closed``, ``_closing``, ``_server`` and ``_store`` (the ParameterServer found
+    through a process group, if any)."""
 
     def close(self) -> None:
         """Flush, then close the connections to the shards (and, found through a process
@@ -64,8 +64,9 @@ class ClosingOptimizer:
         """``close()``; without ``flush``, at once: nothing more is pushed, and requests still
         retrying a shard that is down stop retrying (a ParameterServer is still told that this
         rank has finished, as ``close()`` tells it)."""
-        if self._closed:
+        if self._closed or self._closing:
             return
+        self._closing = True
         if self._server is not None:
             atexit.unregister(self._close_at_exit)
 

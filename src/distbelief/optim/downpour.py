@@ -170,7 +170,9 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
             number refuse this optimizer (ConsistencyMismatchError). Default: not checked.
         on_push_applied: Called with the step of each push once every shard has applied it
             (``applied_step``), on the thread that calls ``step()``, ``flush()`` or
-            ``close()``: what a restarted replica resumes at. Default: none.
+            ``close()``: what a restarted replica resumes at. It may close the optimizer
+            (to stop after so many applied steps): the step it runs in then ends there, and
+            the next ``step()`` raises ``ClosedError``. Default: none.
 
     A lossy push (narrowed or top-k) keeps what it leaves out in the accrued gradient, which
     the next push carries (error feedback: nothing is lost, some is delayed); ``flush()`` and
@@ -259,6 +261,8 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         (``resume()``): done again, pushed to none."""
         self._on_push_applied = on_push_applied
         self._closed = False
+        self._closing = False
+        """close() runs: a close by on_push_applied during its flush does nothing."""
         self._server: ServerRecord | None = None
         self._store: GroupStore | None = None
         worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -380,6 +384,8 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
                 loss = closure()
         self._finish_pull_if_done()
         self._finish_push_if_done()
+        # on_push_applied may close the optimizer: then this step comes after the close.
+        self._check_open("step")
         # A resumed replica's step whose update the shards took from its previous life: done
         # again (its neighbouring stages need it), but not pushed again.
         on_the_shards = self.num_steps < self._held_until and not self.sync_rounds
@@ -391,6 +397,8 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         if self.sync_rounds:
             # The round's aggregated update replaces the parameters: no local step needed.
             self._push_accrued()
+            if self._closed:  # by on_push_applied: its close pushed this round's gradient
+                return loss
             self._start_pull(after_versions=self._model_versions)
             self._finish_pull_if_done(block=True)
             return loss
@@ -400,6 +408,8 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         due = self.num_steps % self.n_push == 0 or self.num_steps in self.client.held_steps
         if due and not on_the_shards:
             self._push_accrued(now=self.blocking)
+            if self._closed:  # by on_push_applied: its close pushed this step's gradient
+                return loss
         if self.num_steps % self.n_pull == 0:
             if self.blocking:
                 self.pull_now()

@@ -21,6 +21,8 @@ class PushPullPipeline:
         of it at full width, even when pushes are compressed."""
         # The outbox is sent without a copy, so the previous push must be done before reuse.
         self._finish_push_if_done(block=True)
+        if self._closed:
+            return  # on_push_applied closed the optimizer: its close pushed what was accrued
         self._copies.claim_accrued()
         self._drop_held_slices()
         if self._compressor is None or whole:
@@ -130,4 +132,6 @@ class PushPullPipeline:
         if any(bool(accrued.any()) for accrued in self._accrued.values()):
             self._push_accrued(whole=True)
         self._finish_push_if_done(block=True)
+        if self._closed:
+            return  # on_push_applied closed the optimizer, which flushed
         self._finish_pull_if_done(block=True)

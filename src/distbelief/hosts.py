@@ -104,4 +104,7 @@ def parse_addresses(addresses: str | Sequence[str], what: str = "addresses") -> 
     if "" in items:  # a slip (two commas, one too many), or a shard's address left out
         shown = addresses if isinstance(addresses, str) else ",".join(addresses)
         raise ValueError(f"the list {shown!r} has an empty item")
+    for item in items:
+        if any(character.isspace() for character in item):
+            raise ValueError(f"{item!r} holds a space: separate addresses with commas")
     return items

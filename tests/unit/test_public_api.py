@@ -64,7 +64,7 @@ def _bad_arguments():
     from distbelief.data import worker_indices
     from distbelief.models import build_model
     from distbelief.plots import plot_runs
-    from distbelief.server import server_optimizer_factory
+    from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
     from distbelief.telemetry import poll_shard_stats
     from distbelief.worker import resolve_device
 
@@ -76,6 +76,7 @@ def _bad_arguments():
         return distbelief.DownpourSGD(params, ps="tcp://h:1", retry_timeout_s=0, **options)
 
     weight, bias = net.parameters()
+    sgd = server_optimizer_factory("sgd", lr=0.1)
     return [
         (lambda: distbelief.ShardedEmbedding("t", -1, 4), ValueError, "num_embeddings must be"),
         (lambda: distbelief.ShardedEmbedding("t", 10, 0), ValueError, "embedding_dim must be"),
@@ -266,10 +267,33 @@ def _bad_arguments():
         (lambda: worker_indices(100, 0, 1, seed="s"), ValueError, "^seed must be an integer"),
         (lambda: resolve_device("tpu"), ValueError, "^device 'tpu' is not a device name"),
         (lambda: resolve_device(None), TypeError, "^device must be a str or a torch.device"),
+        (lambda: ParameterShard(0, 1.5, sgd), ValueError, "^num_shards must be an integer >= 1"),
+        (lambda: ParameterShard(0, True, sgd), ValueError, "^num_shards must be an integer >= 1"),
+        (lambda: ParameterShard(0, "2", sgd), ValueError, "^num_shards must be an integer >= 1"),
+        (lambda: ParameterShard(0.0, 1, sgd), ValueError, "^shard_id must be an integer >= 0"),
+        (lambda: ParameterShard(2, 2, sgd), ValueError, r"^shard_id 2 is not in \[0, 2\)$"),
+        (
+            lambda: ParameterShard(0, 1, sgd, num_workers=0),
+            ValueError,
+            "^num_workers must be an integer >= 1, got 0$",
+        ),
+        (lambda: ShardService("x"), TypeError, "^shard must be a ParameterShard, got str$"),
+        (
+            lambda: distbelief.DownpourSGD(
+                net.parameters(), ps="tcp://127.0.0.9:1 tcp://127.0.0.9:2"
+            ),
+            ValueError,
+            "^ps: 'tcp://127.0.0.9:1 tcp://127.0.0.9:2' holds a space: separate addresses with",
+        ),
+        (
+            lambda: distbelief.DownpourSGD(net.parameters(), ps="tcp://127.0.0.9:99999"),
+            ValueError,
+            "^ps: address 'tcp://127.0.0.9:99999': port 99999 is out of range",
+        ),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 63
+_NUM_BAD_ARGUMENTS = 72
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():
@@ -282,6 +306,41 @@ def test_an_address_string_is_a_list_of_addresses_not_of_letters():
     client = ParameterServerClient("tcp://127.0.0.9:1,tcp://127.0.0.9:2", specs, retry_timeout_s=0)
     try:
         assert client.addresses == ["tcp://127.0.0.9:1", "tcp://127.0.0.9:2"]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"base_versions": []},
+            r"^base_versions must be one integer >= 0 per shard \(2\), got \[\]$",
+        ),
+        ({"base_versions": [1, 2, 3]}, "^base_versions must be one integer >= 0 per shard"),
+        ({"base_versions": "ab"}, "^base_versions must be one integer >= 0 per shard"),
+        ({"base_versions": [0, -1]}, "^base_versions must be one integer >= 0 per shard"),
+        ({"after_versions": [1.5, 2]}, "^after_versions must be one integer >= 0 per shard"),
+        ({"after_versions": 3}, "^after_versions must be one integer >= 0 per shard"),
+        ({"clock": "x"}, "^clock must be an integer >= 0, got 'x'$"),
+        ({"clock": 1.5}, "^clock must be an integer >= 0, got 1.5$"),
+        ({"clock": None}, "^clock must be an integer >= 0, got None$"),
+    ],
+)
+def test_a_push_or_pull_with_a_bad_clock_or_versions_is_refused_before_it_is_sent(options, message):
+    import torch
+
+    from distbelief.client import ParameterServerClient
+    from distbelief.sharding import FlatLayout, tensor_specs
+
+    specs = tensor_specs([("w", torch.zeros(3))])
+    # Shards nobody serves, and no retry: a request that were sent would fail otherwise.
+    client = ParameterServerClient("tcp://127.0.0.9:1,tcp://127.0.0.9:2", specs, retry_timeout_s=0)
+    try:
+        buffers = FlatLayout(specs).allocate()
+        call = client.pull_now if "after_versions" in options else client.push_now
+        with pytest.raises(ValueError, match=message):
+            call(buffers, **options)
     finally:
         client.close()
 

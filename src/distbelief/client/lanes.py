@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import operator
 import queue
 import threading
 import time
@@ -21,7 +22,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from distbelief.config import check_wait
+from distbelief.config import check_count, check_wait
 from distbelief.errors import (
     ClosedError,
     HeldTooLongError,
@@ -384,6 +385,28 @@ class ShardLanes:
                 f"shards, got {applied_steps!r}"
             )
         self.held_steps = [step or 0 for step in held]
+
+    def checked_schedule(self, clock: object, name: str, versions: object) -> list[int] | None:
+        """A request's ``clock`` and per-shard ``versions`` (``base_versions`` of a push,
+        ``after_versions`` of a pull), checked before anything is sent: the versions as one
+        integer per shard, or None where none were given.
+
+        Raises:
+            ValueError: ``clock`` is no integer >= 0, or ``versions`` not one integer >= 0 per
+                shard; named as the argument.
+        """
+        check_count("clock", clock, least=0)
+        if versions is None:
+            return None
+        try:
+            checked = [operator.index(version) for version in versions]
+        except TypeError:
+            checked = None
+        if checked is None or len(checked) != self.num_shards or min(checked, default=0) < 0:
+            raise ValueError(
+                f"{name} must be one integer >= 0 per shard ({self.num_shards}), got {versions!r}"
+            )
+        return checked
 
     def holds(self, shard_id: int, step: int | None) -> bool:
         """Whether shard ``shard_id`` took the push of ``step`` from a dead life already

@@ -297,7 +297,8 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
 
         Raises:
             TypeError / ValueError: ``flat_grads`` is not one 1-D tensor per dtype of the
-                layout, of exactly its size; nothing is sent.
+                layout, of exactly its size, or ``clock`` no integer >= 0, or
+                ``base_versions`` not one integer >= 0 per shard; nothing is sent.
         """
         return self._submit_all(
             self._push_one, self._push_messages(flat_grads, clock, base_versions, ready), now=False
@@ -325,6 +326,7 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
         self._slice_cache.clear()
 
     def _push_messages(self, flat_grads, clock: int, base_versions, ready) -> list[tuple]:
+        base_versions = self.checked_schedule(clock, "base_versions", base_versions)
         messages = []
         seq = next(self._push_seq)
         encoded = isinstance(flat_grads, EncodedPush)
@@ -336,7 +338,7 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
             if self._shared_memory is not None and (reads := self._shared_memory.take_count(i)):
                 meta[DIRECT_READS_KEY] = reads
             if base_versions is not None:
-                meta["base_version"] = int(base_versions[i])
+                meta["base_version"] = base_versions[i]
             if encoded:
                 meta.update(flat_grads.meta)
                 tensors = list(flat_grads.shard_tensors[i])

@@ -39,7 +39,8 @@ class ShardPulls:
 
         Raises:
             TypeError / ValueError: ``flat_out`` is not one 1-D tensor per dtype of the
-                layout, of exactly its size; nothing is sent.
+                layout, of exactly its size, or ``clock`` no integer >= 0, or
+                ``after_versions`` not one integer >= 0 per shard; nothing is sent.
         """
         return self._submit_all(
             self._pull_one, self._pull_arguments(flat_out, clock, after_versions, ready), now=False
@@ -59,11 +60,12 @@ class ShardPulls:
         return self.wait(self._submit_all(self._pull_one, arguments, now=True), timeout_s)
 
     def _pull_arguments(self, flat_out, clock: int, after_versions, ready) -> list[tuple]:
+        after_versions = self.checked_schedule(clock, "after_versions", after_versions)
         return [
             (
                 dict(self.slice_views(i, flat_out, "flat_out")),
                 clock,
-                None if after_versions is None else int(after_versions[i]),
+                None if after_versions is None else after_versions[i],
                 ready,
             )
             for i in range(self.num_shards)

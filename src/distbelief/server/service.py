@@ -111,6 +111,9 @@ class ShardService:
             group its first request names (meta ``group``). None: the default group only.
         tables: The process's embedding tables (``server/row_tables.py``), served by the row
             ops. None: tables made with the default row settings.
+
+    Raises:
+        TypeError: ``shard`` is not a ParameterShard.
     """
 
     def __init__(
@@ -121,6 +124,8 @@ class ShardService:
         groups: ShardGroups | None = None,
         tables: ShardTables | None = None,
     ) -> None:
+        if not isinstance(shard, ParameterShard):
+            raise TypeError(f"shard must be a ParameterShard, got {type(shard).__name__}")
         self.shard = shard
         self.tables = (
             tables

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distbelief.config import ConsistencyConfig
+from distbelief.config import ConsistencyConfig, check_count
 from distbelief.errors import (
     LayoutMismatchError,
     ModelMismatchError,
@@ -132,6 +132,12 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         model_specs: The parameters of the model the shard serves for, where it knows it (a
             ``ParameterServer``'s): a client whose layout does not fit them is refused before
             the shard holds any (``check_layout``). Default: any layout is adopted.
+
+    Raises:
+        ValueError: ``num_shards`` or ``num_workers`` is no integer >= 1, or ``shard_id`` no
+            integer in ``[0, num_shards)`` (a bool is no integer), naming which.
+        TypeError: ``optimizer_factory`` is not callable, or ``consistency`` not a
+            ConsistencyConfig.
     """
 
     def __init__(
@@ -145,7 +151,10 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         num_workers: int = 1,
         model_specs: Sequence[TensorSpec] | None = None,
     ) -> None:
-        if not 0 <= shard_id < num_shards:
+        check_count("num_shards", num_shards)
+        check_count("shard_id", shard_id, least=0)
+        check_count("num_workers", num_workers)
+        if shard_id >= num_shards:
             raise ValueError(f"shard_id {shard_id} is not in [0, {num_shards})")
         if not callable(optimizer_factory):
             raise TypeError(

@@ -26,6 +26,7 @@ from distbelief.worker import build_replica
 from tests.conftest import (
     CHILD_ENV,
     CLI,
+    free_port,
     pause_process,
     run_forked,
     start_shard,
@@ -192,6 +193,41 @@ def test_watch_ends_cleanly_when_the_shards_stop(tmp_path) -> None:
         stop_processes([process])
     assert set(result) == {"test_loss", "test_accuracy", "version"}
     assert [r["role"] for r in read_metrics(tmp_path / "metrics.csv")] == ["evaluator"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", [["--once"], ["--eval-every", "1"]])
+def test_ctrl_c_stops_an_eval_retrying_shards_that_are_down_at_once(mode) -> None:
+    """Ctrl-C while ``eval`` retries shards nobody serves: one line and exit 130 at once, not
+    once the other shards' retries (up to --retry-timeout) have run out."""
+    addresses = ",".join(f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    evaluator = subprocess.Popen(
+        [*CLI, "eval", "--ps", addresses, "--retry-timeout", "240", *mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        assert evaluator.stderr is not None
+        seen = []
+        while not any("retrying" in line for line in seen):  # it reached the retries
+            line = evaluator.stderr.readline()
+            assert line, "".join(seen)[-2000:]
+            seen.append(line)
+        time.sleep(1.0)  # both shards' hellos are retrying now
+        interrupted = time.monotonic()
+        evaluator.send_signal(signal.SIGINT)
+        _, stderr = evaluator.communicate(timeout=120)
+        took_s = time.monotonic() - interrupted
+    finally:
+        if evaluator.poll() is None:
+            evaluator.kill()
+            evaluator.communicate(timeout=10)
+    assert evaluator.returncode == 130, stderr[-2000:]
+    assert took_s < 60, took_s  # not the 240 s of the retries
+    assert stderr.strip().splitlines()[-1] == "distbelief eval: interrupted", stderr[-2000:]
+    assert "Traceback" not in stderr
 
 
 @pytest.mark.timeout(300)

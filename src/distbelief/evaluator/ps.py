@@ -81,9 +81,10 @@ class PSEvaluator:
         return result
 
     def close(self) -> None:
-        """Closes the connections to the shards."""
+        """Closes the connections to the shards, at once: a reader sends nothing that must
+        get through, and a request still retrying a shard that is down stops."""
         for reader in self._readers:
-            reader.client.close()
+            reader.client.close(wait=False)
 
 
 class GroupReader:
@@ -105,7 +106,9 @@ class GroupReader:
         try:
             self.client.handshake(None)
         except BaseException:
-            self.client.close()
+            # At once: the other shards' hellos still retrying would hold up a Ctrl-C for the
+            # whole retry timeout.
+            self.client.close(wait=False)
             raise
         self._versions: list[int] = []
         self._last_versions: list[int] = []

@@ -39,6 +39,14 @@ def check_local_host(host: str) -> None:
     except OSError as e:
         reason = e.strerror or str(e)
         raise ValueError(f"{host} is not an address of this machine ({reason})") from e
+    # Linux lets a TCP socket bind a multicast or the broadcast address, which no connection
+    # ever reaches (nor leaves from).
+    ip = ipaddress.ip_address(address[0].split("%", 1)[0])
+    if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        kind = "a multicast" if ip.is_multicast else "the broadcast"
+        raise ValueError(
+            f"{host} is not an address of this machine ({kind} address: no connection reaches it)"
+        )
 
 
 _FAMILY_NAMES = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}

@@ -31,6 +31,15 @@ def test_loopback_addresses_are_this_machines_and_test_net_is_not():
         check_local_host(NOT_HERE)
 
 
+@pytest.mark.parametrize(
+    ("host", "kind"), [("224.0.0.1", "a multicast"), ("255.255.255.255", "the broadcast")]
+)
+def test_a_multicast_or_the_broadcast_address_is_not_this_machines(host, kind):
+    """Linux binds a TCP socket to them, but no connection ever reaches one."""
+    with pytest.raises(ValueError, match=rf"^{host} is not an address of this machine \({kind} "):
+        check_local_host(host)
+
+
 def test_shard_hosts_go_round_the_shards():
     cluster = ClusterConfig(num_shards=3, shard_hosts=("127.0.0.2", "127.0.0.3"))
     assert [cluster.shard_host(i) for i in range(3)] == ["127.0.0.2", "127.0.0.3", "127.0.0.2"]

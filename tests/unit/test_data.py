@@ -223,6 +223,17 @@ def test_an_extraction_that_fails_midway_leaves_no_half_written_file(tmp_path):
     assert list(out.iterdir()) == []  # no member, and nothing staged, is left
 
 
+def test_an_archive_of_garbage_is_refused_in_one_line(tmp_path):
+    """tarfile names every method it tried on a line of its own: the error stays one line."""
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DatasetUnavailableError) as refused:
+        extract_tar(archive, tmp_path / "out")
+    message = str(refused.value)
+    assert message.startswith(f"could not extract {archive}: ") and "\n" not in message
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 # ---- MNIST -----------------------------------------------------------------------------------
 
 

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from distbelief.telemetry import METRIC_FIELDS, MetricsWriter, make_record, read_metrics
+from distbelief.telemetry import (
+    METRIC_FIELDS,
+    MetricsWriter,
+    has_records,
+    make_record,
+    read_metrics,
+)
 from distbelief.telemetry.metrics import check_appendable
+from tests.conftest import run_main
 
 
 def _records() -> list[dict[str, object]]:
@@ -98,6 +105,18 @@ def test_bytes_that_are_not_utf8_name_the_file(tmp_path) -> None:
     path.write_bytes(",".join(METRIC_FIELDS).encode() + b"\n\xff\xfe,worker\n")
     with pytest.raises(ValueError, match=r"metrics\.csv: not a UTF-8 text file"):
         read_metrics(path)
+
+
+def test_plot_of_a_metrics_file_that_is_not_utf8_names_the_file(tmp_path, capsys) -> None:
+    """The check for records before plotting reads no text: ``read_metrics`` names the file."""
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"\x89PNG\r\n" + bytes(range(128, 256)))
+    assert has_records(path)
+    result = run_main("plot", str(tmp_path), capsys=capsys)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"distbelief plot: error: {path}: not a UTF-8 text file (byte 0: invalid start byte)"
+    ]
 
 
 def test_bad_cell_names_file_line_and_column(tmp_path) -> None:

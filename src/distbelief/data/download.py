@@ -137,7 +137,10 @@ def extract_tar(archive: Path, dest_dir: Path) -> None:
                 tar.extractall(staging, members=members)
         _move_into_place(staging, dest_dir)
     except (OSError, tarfile.TarError, EOFError) as e:
-        raise DatasetUnavailableError(f"could not extract {archive}: {e}") from e
+        # tarfile's "file could not be opened successfully" lists every method it tried, one
+        # line each: the error stays one line.
+        reason = " ".join(str(e).split())
+        raise DatasetUnavailableError(f"could not extract {archive}: {reason}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -390,9 +390,10 @@ def _parse_cell(path: Path, line_no: int, name: str, text: str) -> object:
 
 def has_records(path: Path) -> bool:
     """Whether the ``metrics.csv`` at ``path`` holds a record: a line after its header (False
-    when the file is missing). Reads no further than that line."""
+    when the file is missing). Reads no further than that line. Bytes that are no UTF-8 count
+    as a line: ``read_metrics`` names the file they make unreadable."""
     try:
-        with Path(path).open(newline="", encoding="utf-8") as f:
+        with Path(path).open(newline="", encoding="utf-8", errors="replace") as f:
             f.readline()  # the header
             return any(line.strip() for line in f)
     except FileNotFoundError:

@@ -15,8 +15,11 @@ def check_folder_can_be_made(path: Path | str, what: str) -> None:
     existing ancestor is a writable folder. ValueError as ``make_folder``'s otherwise."""
     folder = Path(path)
     existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as e:  # a name too long for the file system, say
+        raise ValueError(f"{what} {path}: {e.strerror or e}") from None
     if not existing.is_dir():
         where = "exists" if existing == folder else f"cannot be created: {existing} exists"
         raise ValueError(f"{what} {path}: {where} and is not a folder")

@@ -1347,3 +1347,51 @@ def test_ray_address_local_asks_for_an_instance_of_the_jobs_own_as_leaving_it_ou
     joined = JobConfig.from_fields({"cluster.engine": "ray", "cluster.ray_address": "auto"})
     assert joined.with_fields({"cluster.ray_address": "local"}).cluster.ray_address == ""
     assert main(["train", "--ray-address", "local"]) == 2  # still only with --cluster ray
+
+
+_TOO_LONG = "x" * 300
+"""A file name longer than any file system takes (255 bytes): a path check meets ENAMETOOLONG."""
+TLS_CA = ("--tls-ca", "{long}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["train", "--steps", "5", "--out", "{long}"], "--out {long}: File name too long"),
+        (
+            ["train", "--resume", "{long}"],
+            "--resume: {long}: not a run folder (File name too long)",
+        ),
+        (["reshard", "{long}", "--shards", "2"], "{long}: not a run folder (File name too long)"),
+        (["plot", "{tmp}", "--out", "{long}"], "--out {long}: File name too long"),
+        (
+            ["eval", "--ps", "tcp://127.0.0.9:1", "--out", "{long}"],
+            "--out {long}: File name too long",
+        ),
+        (
+            [
+                "ps",
+                "--shard-id",
+                "0",
+                "--num-shards",
+                "1",
+                "--no-auth",
+                "--checkpoint-dir",
+                "{long}",
+            ],
+            "--checkpoint-dir {long}: File name too long",
+        ),
+        (
+            ["worker", "--ps", "tcp://127.0.0.9:1", "--rank", "0", "--num-workers", "1", *TLS_CA],
+            "--tls-ca {long}: File name too long",
+        ),
+    ],
+)
+def test_a_path_too_long_for_the_file_system_is_named_with_its_flag(argv, named, tmp_path, capsys):
+    long = str(tmp_path / _TOO_LONG)
+    argv = [arg.format(long=long, tmp=tmp_path) for arg in argv]
+    result = run_main(*argv, capsys=capsys)
+    assert result.returncode == 2, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "error" in line]
+    assert line.endswith(named.format(long=long)), line
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []

@@ -510,10 +510,15 @@ def security_from_args(args: argparse.Namespace) -> WireSecurity:
         ("--tls-key", tls_key),
         ("--tls-ca", getattr(args, "tls_ca", None)),
     ):
-        if path and Path(path).is_dir():
-            raise ValueError(f"{flag} {path}: is a folder, not a PEM file")
-        if path and not Path(path).is_file():
-            raise ValueError(f"{flag} {path}: no such file")
+        if not path:
+            continue
+        try:
+            if Path(path).is_dir():
+                raise ValueError(f"{flag} {path}: is a folder, not a PEM file")
+            if not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        except OSError as e:  # a name too long for the file system, say
+            raise ValueError(f"{flag} {path}: {e.strerror or e}") from None
     try:
         auth_key = read_key_file(key_file) if key_file else None
     except ValueError as e:

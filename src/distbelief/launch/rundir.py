@@ -34,9 +34,12 @@ def missing_run_folder(path: Path | str) -> str | None:
     """Why ``path`` cannot be a run folder to go on from (it is not there, or is a file), in
     words that follow it in an error; None when it is a folder."""
     folder = Path(path)
-    if folder.is_dir():
-        return None
-    return "a file, not a run folder" if folder.exists() else "no such run folder"
+    try:
+        if folder.is_dir():
+            return None
+        return "a file, not a run folder" if folder.exists() else "no such run folder"
+    except OSError as e:  # a name too long for the file system, say
+        return f"not a run folder ({e.strerror or e})"
 
 
 RESHARD_ASIDE_PREFIX = f"{CHECKPOINT_DIR}.old-"

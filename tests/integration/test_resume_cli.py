@@ -112,6 +112,30 @@ def test_a_refused_flag_beside_shards_leaves_the_run_unresharded(tmp_path, mlp_r
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.xdist_group("mlp_run")
+@pytest.mark.parametrize(
+    ("metrics", "problem"),
+    [(b"a,b\n1,2\n", "cannot append, its header"), (b"\xff\xfe\n", "not a UTF-8")],
+)
+def test_a_resume_whose_metrics_cannot_be_appended_to_changes_nothing(
+    tmp_path, mlp_run, capsys, metrics, problem
+):
+    """A metrics.csv of another header (or no text) is refused before config.json is
+    rewritten with the resumed run's settings."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(mlp_run, run_dir)
+    (run_dir / "metrics.csv").write_bytes(metrics)
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    refused = run_main("train", "--resume", str(run_dir), capsys=capsys)
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert line.startswith(f"distbelief train: error: {run_dir / 'metrics.csv'}: "), line
+    assert problem in line, line
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_a_resumed_run_says_where_it_goes_on_from(tmp_path):
     """``--resume`` says, before training, the version each shard restored from its last
     checkpoint: an operator sees the run went on, and from where, not from scratch."""

@@ -71,6 +71,7 @@ from distbelief.launch.supervise import (
     stop_coordinator,
     supervise,
 )
+from distbelief.telemetry.metrics import check_appendable
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -150,6 +151,8 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
             f"--out {run_dir} holds a metrics.csv of no run (an `eval --out` watch's?), which "
             "a new run would write over: give another folder"
         )
+    if resume:  # refused as the metrics writer would refuse it, before config.json changes
+        check_appendable(run_dir / "metrics.csv")
     config = config.with_fields({"reporting.out_dir": str(run_dir)})
     write_text_atomic(run_dir / "config.json", config.to_json())
     return config

@@ -978,7 +978,7 @@ class JobConfig:
             )
         tables = self.embeddings.tables
         malformed = [name for name in tables or () if not _TABLE_NAME.fullmatch(name)]
-        if malformed:
+        if malformed and click_model:  # another model's --tables is refused as such below
             raise ConfigFieldError(
                 "embeddings.tables",
                 f"{malformed[0]!r} is not a table of model dlrm (tables.0, tables.1, ...)",

@@ -786,8 +786,13 @@ print("children", len(children), "torch", "torch" in sys.modules)
             ["--steps", "5", "--batch-size", "719"],
             "argument --batch-size: must be <= the 718 training examples of each of the 2 workers",
         ),
+        (
+            # More workers than examples: no batch size would do, so --workers is named.
+            ["--steps", "5", "--workers", "5000"],
+            "argument --workers: must be <= the 1437 training examples (each worker trains on",
+        ),
     ],
-    ids=["warmstart-past-the-steps", "batch-past-a-share"],
+    ids=["warmstart-past-the-steps", "batch-past-a-share", "workers-past-the-examples"],
 )
 def test_a_plan_no_worker_can_follow_is_refused_before_any_process_starts(flags, message, tmp_path):
     argv = ["train", *flags, "--out", str(tmp_path / "run")]

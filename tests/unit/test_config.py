@@ -322,6 +322,12 @@ def test_row_settings_for_a_model_without_tables_are_refused_where_the_model_is_
         ).check_row_settings_apply()
     assert caught.value.field == "model.embedding_dim"
     JobConfig.from_fields({**dlrm, "model.embedding_dim": 8}).check_row_settings_apply()
+    # Another model's --tables is refused as a flag of dlrm's, whatever names it lists.
+    with pytest.raises(ConfigFieldError, match="only applies to model dlrm, not 'mlp'") as caught:
+        JobConfig.from_fields(
+            {"model.name": "mlp", "embeddings.tables": ["layers.1"]}
+        ).check_row_settings_apply()
+    assert caught.value.field == "embeddings.tables"
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,12 @@ def _check_batch_fits(config: JobConfig, train_examples: int) -> None:
     worker would never make a step: a pass drops its last, partial batch)."""
     share = train_examples // config.cluster.num_workers
     batch = config.optimizer.minibatch_size
+    if share == 0:  # no batch size would do: the workers are too many
+        raise ConfigFieldError(
+            "cluster.num_workers",
+            f"must be <= the {train_examples} training examples (each worker trains on a "
+            f"share of them), got {config.cluster.num_workers}",
+        )
     if batch > share:
         raise ConfigFieldError(
             "optimizer.batch_size",

@@ -3,6 +3,7 @@
 import os
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +80,21 @@ def test_key_file_open_to_others_is_refused(tmp_path):
     path = write_key_file(tmp_path / "job.key")
     path.chmod(0o644)
     with pytest.raises(ValueError, match=r"job\.key is readable by others"):
+        read_key_file(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_key_file_that_is_no_regular_file_is_refused_without_opening_it(tmp_path, kind):
+    """A named pipe would hold the open until a writer comes (never, for a file named by
+    mistake); a device is no key either."""
+    if kind == "fifo":
+        path = tmp_path / "job.key"
+        os.mkfifo(path, 0o600)
+    else:
+        path = Path("/dev/zero")
+        if not path.exists():
+            pytest.skip("no /dev/zero")
+    with pytest.raises(ValueError, match=rf"^key file {path}: not a regular file \(make one"):
         read_key_file(path)
 
 

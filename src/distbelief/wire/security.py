@@ -149,6 +149,11 @@ def read_key_file(path: str | Path) -> bytes:
     path = Path(path)
     try:
         mode = path.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder is named below
+            # Opening a named pipe waits for a writer that may never come; a device is no key.
+            raise ValueError(
+                f"key file {path}: not a regular file (make one with distbelief keygen)"
+            )
         with path.open("rb") as file:
             # Bounded: a key is a line of hex, and a file named by mistake may be gigabytes.
             content = file.read(MAX_KEY_FILE_BYTES + 1)

@@ -62,14 +62,15 @@ def check_bind_is_here(text: str) -> str:
     a port another process holds is bad input, not a failure of the server; port 0 takes any
     free one). Returns it, as the server binds it."""
     from distbelief.hosts import check_local_host
-    from distbelief.wire.channels import check_scheme
-    from distbelief.wire.channels.tcp import TcpListener, parse_tcp_address, tcp_endpoint
+    from distbelief.wire.channels.tcp import (
+        TcpListener,
+        check_address_form,
+        parse_tcp_address,
+        tcp_endpoint,
+    )
 
-    def check_form(address: str) -> None:  # not a dialer's check: port 0 is fine here
-        check_scheme(address)
-        tcp_endpoint(address)
-
-    address = one_address("--bind", text, check_form)
+    # Not a dialer's check: port 0 is fine here.
+    address = one_address("--bind", text, check_address_form)
     tcp_address = tcp_endpoint(address)  # what the server binds, whatever scheme
     host, _ = parse_tcp_address(tcp_address)
     try:

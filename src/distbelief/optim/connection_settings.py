@@ -11,7 +11,7 @@ from distbelief.client import parse_addresses
 from distbelief.config import MAX_WAIT_S, amount_problem, check_wait, environment_setting
 from distbelief.wire import channels
 from distbelief.wire.channels.shm import check_shm_allowed, transport_setting
-from distbelief.wire.channels.tcp import tcp_endpoint
+from distbelief.wire.channels.tcp import check_address_form
 from distbelief.wire.security import read_key_file
 
 PS_ADDRESS_ENV = "DISTBELIEF_PS"
@@ -125,12 +125,9 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
     """
     if ps is not None:
         try:
-            addresses = parse_addresses(ps, "ps")
-            for address in addresses:
-                # Its scheme and form, named as ps= gives them; its host is looked up once the
-                # other arguments have been checked.
-                channels.check_scheme(address)
-                tcp_endpoint(address)
+            # Their scheme and form; their hosts are looked up once every other argument is
+            # checked.
+            addresses = channels.checked_addresses(ps, check_address_form, "ps")
         except ValueError as e:
             raise ValueError(f"ps: {e}") from None
         return check_shm_allowed("ps", addresses)

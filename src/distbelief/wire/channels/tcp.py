@@ -11,7 +11,7 @@ import time
 
 from distbelief.errors import AuthenticationError, BindError, ProtocolError, TLSMismatchError
 from distbelief.hosts import check_known_host, check_local_host, check_reachable_from
-from distbelief.wire.channels import register_channel, split_scheme
+from distbelief.wire.channels import check_scheme, register_channel, split_scheme
 from distbelief.wire.security import (
     ANSWER_BYTES,
     AUTH_MAGIC,
@@ -59,6 +59,13 @@ def tcp_endpoint(address: str) -> str:
         message = str(e).replace(repr(tcp_address), repr(address))
         raise ValueError(message.replace("tcp://HOST:PORT", f"{scheme}://HOST:PORT")) from None
     return tcp_address
+
+
+def check_address_form(address: str) -> None:
+    """Refuses an address whose scheme no channel registered, or not of the form
+    ``SCHEME://HOST:PORT`` (port 0 allowed), looking no host up: ValueError naming it."""
+    check_scheme(address)
+    tcp_endpoint(address)
 
 
 def _tune(sock: socket.socket) -> None:

@@ -119,7 +119,8 @@ def start_scripts(commands: list[list[str]]) -> list[subprocess.Popen]:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=CHILD_ENV,
+            # A script that hangs is then made to say where (run_scripts_together).
+            env={**CHILD_ENV, "PYTHONFAULTHANDLER": "1"},
         )
         for command in commands
     ]
@@ -153,11 +154,32 @@ def run_scripts_together(commands: list[list[str]], timeout_s: float) -> list[tu
     processes = start_scripts(commands)
     try:
         outputs = [process.communicate(timeout=timeout_s) for process in processes]
+    except subprocess.TimeoutExpired:
+        pytest.fail(_stacks_of_the_stuck(processes, commands, timeout_s), pytrace=False)
     finally:
         stop_processes(processes)
     for process, (_, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err[-2000:]
     return outputs
+
+
+def _stacks_of_the_stuck(
+    processes: list[subprocess.Popen], commands: list[list[str]], timeout_s: float
+) -> str:
+    """Why a script did not exit: SIGABRT to each one still running makes its faulthandler
+    (on in every script ``start_scripts`` starts) print every thread's stack to stderr, which
+    then says where it hangs."""
+    said = []
+    for process, command in zip(processes, commands, strict=True):
+        if process.poll() is not None:
+            continue
+        process.send_signal(signal.SIGABRT)
+        try:
+            _, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            err = "(no stack within 30 s of SIGABRT)"
+        said.append(f"python {' '.join(command)} did not exit; its stderr ends:\n{err[-6000:]}")
+    return f"within {timeout_s:g} s:\n" + "\n".join(said)
 
 
 def _read_address(process: ForkedCommand | subprocess.Popen) -> str:

@@ -80,20 +80,25 @@ def check_reachable_from(host: str, source_host: str) -> None:
         )
 
 
+class UnknownHostError(ValueError):
+    """No host of the name given can be looked up, or the name is not a host name: a typo.
+    Its own type so that an argument naming hosts among others (``ps=``) can name itself."""
+
+
 def check_known_host(host: str) -> None:
-    """Raise ValueError when no host of this name can be looked up (a typo). A lookup that
-    fails for now (a name server away) passes: the connection's retries wait for it.
+    """Raise UnknownHostError when no host of this name can be looked up (a typo). A lookup
+    that fails for now (a name server away) passes: the connection's retries wait for it.
 
     Raises:
-        ValueError: naming ``host`` and the resolver's reason.
+        UnknownHostError: naming ``host`` and the resolver's reason.
     """
     try:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
-            raise ValueError(f"host {host!r} is not known here ({e.strerror})") from e
+            raise UnknownHostError(f"host {host!r} is not known here ({e.strerror})") from e
     except UnicodeError as e:
-        raise ValueError(f"host {host!r} is not a valid host name ({e})") from e
+        raise UnknownHostError(f"host {host!r} is not a valid host name ({e})") from e
 
 
 def parse_addresses(addresses: str | Sequence[str], what: str = "addresses") -> list[str]:

@@ -5,6 +5,7 @@ handlers in place before are put back."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import textwrap
@@ -213,9 +214,13 @@ def test_ctrl_c_as_a_new_job_starts_leaves_no_run_folder(monkeypatch, tmp_path):
     assert [path.name for path in run_dir.iterdir()] == ["config.json"]
 
 
-def test_ctrl_c_before_the_first_process_starts_leaves_no_run_folder(monkeypatch, tmp_path):
+@pytest.mark.parametrize("draw_plots", [True, False], ids=["plots", "no-plots"])
+def test_ctrl_c_before_the_first_process_starts_leaves_no_run_folder(
+    monkeypatch, tmp_path, caplog, draw_plots
+):
     """Ctrl-C once the cluster is open but before it started a process left a folder of an
-    empty metrics.csv and an 'interrupted' summary.json: nothing to plot or resume."""
+    empty metrics.csv and an 'interrupted' summary.json: nothing to plot or resume. Nor is
+    the user told to draw the plots of the folder later (--no-plots said so)."""
     from distbelief.config import JobConfig
     from distbelief.errors import LauncherInterrupted
     from distbelief.launch import job
@@ -225,7 +230,14 @@ def test_ctrl_c_before_the_first_process_starts_leaves_no_run_folder(monkeypatch
 
     monkeypatch.setattr(job, "_start", interrupted)
     run_dir = tmp_path / "run"
-    config = JobConfig().with_fields({"optimizer.steps": 5, "reporting.out_dir": str(run_dir)})
-    with pytest.raises((KeyboardInterrupt, LauncherInterrupted)):
+    config = JobConfig().with_fields(
+        {
+            "optimizer.steps": 5,
+            "reporting.out_dir": str(run_dir),
+            "reporting.draw_plots": draw_plots,
+        }
+    )
+    with caplog.at_level(logging.INFO), pytest.raises((KeyboardInterrupt, LauncherInterrupted)):
         job.train(config)
     assert not run_dir.exists()
+    assert not [r.message for r in caplog.records if "distbelief plot" in r.getMessage()]

@@ -62,6 +62,7 @@ def _bad_arguments():
 
     from distbelief.client import ParameterServerClient
     from distbelief.data import worker_indices
+    from distbelief.hosts import UnknownHostError
     from distbelief.models import build_model
     from distbelief.plots import plot_runs
     from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
@@ -290,10 +291,26 @@ def _bad_arguments():
             ValueError,
             "^ps: address 'tcp://127.0.0.9:99999': port 99999 is out of range",
         ),
+        (
+            lambda: distbelief.DownpourSGD(
+                net.parameters(), ps="tcp://nohost.invalid:7000", retry_timeout_s=0
+            ),
+            UnknownHostError,
+            "^ps: host 'nohost.invalid' is not known here",
+        ),
+        (
+            lambda: distbelief.ShardedEmbeddings(
+                nn.Sequential(nn.EmbeddingBag(10, 4)),
+                ps=["shm://nohost.invalid:7000"],
+                retry_timeout_s=0,
+            ),
+            UnknownHostError,
+            "^ps: host 'nohost.invalid' is not known here",
+        ),
     ]
 
 
-_NUM_BAD_ARGUMENTS = 72
+_NUM_BAD_ARGUMENTS = 74
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

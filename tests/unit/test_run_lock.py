@@ -112,6 +112,72 @@ def test_shards_of_other_ids_share_a_checkpoint_folder_and_one_id_is_held_once(t
         pass
 
 
+def test_a_shard_lock_file_goes_with_its_holder_and_one_replaced_as_it_is_taken_is_taken_anew(
+    tmp_path, monkeypatch
+):
+    """The lock file is removed as its hold ends (a ps refused, or ended, left an empty
+    shard0.lock in --checkpoint-dir). Removed by a holder letting go just as another shard
+    opened it, the file that shard holds is no longer the one there: it takes the new one."""
+    from distbelief.launch import run_lock
+
+    with shard_checkpoints_locked(tmp_path, 0):
+        assert (tmp_path / "shard0.lock").is_file()
+    assert list(tmp_path.iterdir()) == []
+
+    real_flock = run_lock.fcntl.flock
+    let_go = []
+
+    def holder_lets_go_first(fd: int, operation: int) -> None:
+        if not let_go:  # between this open and this lock: unlinked, and made again
+            let_go.append(True)
+            (tmp_path / "shard0.lock").unlink()
+            (tmp_path / "shard0.lock").touch()
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", holder_lets_go_first)
+    # Held is the file there now: another shard of the id opening it is refused.
+    with (
+        shard_checkpoints_locked(tmp_path, 0),
+        pytest.raises(ValueError, match="shard 0 is already served from this folder"),
+        shard_checkpoints_locked(tmp_path, 0),
+    ):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ps_refused_its_checkpoints_leaves_no_lock_file_in_the_folder(tmp_path, capsys):
+    """A ps refused once it holds the folder (its checkpoint corrupt) left an empty
+    shard0.lock beside the user's files."""
+    (tmp_path / "shard0.json").write_text("{not json")
+    before = sorted(path.name for path in tmp_path.iterdir())
+    argv = ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://127.0.0.1:0"]
+    result = run_main(*argv, "--no-auth", "--checkpoint-dir", str(tmp_path), capsys=capsys)
+    assert result.returncode != 0
+    assert "shard0.json" in result.stderr, result.stderr[-2000:]
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
+
+
+def test_a_ps_refused_once_it_made_its_checkpoint_folder_leaves_none(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from distbelief.launch import cli
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        assert (tmp_path / "new" / "ps" / "shard0.lock").is_file()  # held as it serves
+        raise ValueError("--bind: refused as it was bound")  # a port taken in between, say
+
+    monkeypatch.setattr(
+        cli, "import_with_signals_deferred", lambda *_: SimpleNamespace(serve_job_shard=refused)
+    )
+    argv = ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://127.0.0.1:0"]
+    folder = tmp_path / "new" / "ps"
+    result = run_main(*argv, "--no-auth", "--checkpoint-dir", str(folder), capsys=capsys)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "refused as it was bound" in result.stderr
+    # The folder named goes; a parent made with it stays (only the folder named is the ps's).
+    assert list((tmp_path / "new").iterdir()) == []
+
+
 def test_a_shard_lock_that_cannot_be_opened_is_refused_naming_the_folder(tmp_path):
     (tmp_path / "shard0.lock").mkdir()
     with pytest.raises(ValueError) as refused, shard_checkpoints_locked(tmp_path, 0):

@@ -45,6 +45,7 @@ from distbelief.optim.connection_settings import (
     check_optional_callback,
     check_optional_str,
     check_worker_id,
+    hosts_of_ps_named,
     ps_addresses,
     request_timeout_s,
 )
@@ -245,16 +246,17 @@ class ShardedEmbeddings:
         key_file = environment_setting(AUTH_KEY_FILE_ENV)
         if auth_key is None and security is None and key_file:
             auth_key = read_key_file(key_file)
-        self.client = RowClient(
-            ps_addresses(ps),
-            self.dims,
-            sizes=table_sizes(self.modules),
-            timeout_s=timeout_s,
-            retry_timeout_s=retry_timeout_s,
-            security=security or WireSecurity(auth_key=auth_key),
-            worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
-            source_host=source_host,
-        )
+        with hosts_of_ps_named(ps):
+            self.client = RowClient(
+                ps_addresses(ps),
+                self.dims,
+                sizes=table_sizes(self.modules),
+                timeout_s=timeout_s,
+                retry_timeout_s=retry_timeout_s,
+                security=security or WireSecurity(auth_key=auth_key),
+                worker_id=worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
+                source_host=source_host,
+            )
         try:
             self.client.handshake()
         except BaseException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -219,6 +220,10 @@ def _run_ps(args: argparse.Namespace) -> int:
         if args.checkpoint_dir:
             from distbelief.files import make_folder
 
+            if not os.path.exists(args.checkpoint_dir):  # False, not OSError, for a bad name
+                # Made here: a shard refused (its port taken, say) leaves no empty folder.
+                # rmdir removes only an empty one, after the lock file below is gone.
+                held.callback(_remove_if_empty, Path(args.checkpoint_dir))
             make_folder(args.checkpoint_dir, "--checkpoint-dir")
             # For the shard's life: a second one of this id would write over its checkpoints.
             held.enter_context(shard_checkpoints_locked(Path(args.checkpoint_dir), args.shard_id))
@@ -234,6 +239,11 @@ def _run_ps(args: argparse.Namespace) -> int:
             emit=_log_emit,
         )
     return 0
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (the shard's checkpoints), or gone
+        folder.rmdir()
 
 
 def _run_worker(args: argparse.Namespace) -> int:

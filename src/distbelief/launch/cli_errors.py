@@ -32,6 +32,7 @@ from distbelief.errors import (
     TLSMismatchError,
     UnknownOpError,
 )
+from distbelief.files import write_text_atomic
 from distbelief.launch.console import EXIT_INTERRUPTED
 from distbelief.launch.flags import flag_of, subcommand_parser
 
@@ -48,7 +49,7 @@ def save_traceback(error: ChildFailedError, run_dir: Path) -> Path | None:
         return None
     path = run_dir / f"{error.name.replace(' ', '_')}-traceback.txt"
     try:
-        path.write_text(error.detail)
+        write_text_atomic(path, error.detail)  # a full disk leaves no empty file behind
     except OSError as e:
         logger.warning("could not write %s: %s", path, e)
         return None

@@ -7,8 +7,9 @@ records. The lock is ``flock`` on the folder itself: no file is added, and the k
 when its holder ends, however it ends (SIGKILL too), so a crashed run never blocks the next.
 
 A ``distbelief ps`` holds its shard's checkpoints in ``--checkpoint-dir`` the same way, through a
-``shard{i}.lock`` file there (the shards of one job may share the folder): a second process
-serving that shard from it would write its checkpoints over the first's.
+``shard{i}.lock`` file there (the shards of one job may share the folder; the file goes when
+the shard does): a second process serving that shard from it would write its checkpoints over
+the first's.
 """
 
 from __future__ import annotations
@@ -86,29 +87,63 @@ def run_dir_locked(run_dir: Path, what: str, *, lend_within: bool = False) -> It
 @contextlib.contextmanager
 def shard_checkpoints_locked(directory: Path, shard_id: int) -> Iterator[None]:
     """Hold shard ``shard_id``'s checkpoints in ``directory`` (an existing folder) for the
-    block, through its ``shard{i}.lock`` file.
+    block, through its ``shard{i}.lock`` file, which is removed as the hold ends: a shard that
+    was refused, or has ended, leaves no file of its own behind.
 
     Raises:
         ValueError: another process holds them (a shard of that id serving from the folder),
             or the lock file cannot be opened, naming ``--checkpoint-dir`` as given.
     """
     path = directory / f"shard{shard_id}.lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:  # a folder of that name, a read-only folder
+    for _ in range(_LOCK_FILE_TRIES):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:  # a folder of that name, a read-only folder
+            raise ValueError(
+                f"--checkpoint-dir {directory}: cannot open {path.name} there to hold shard "
+                f"{shard_id}'s checkpoints ({e.strerror})"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(
+                f"--checkpoint-dir {directory}: shard {shard_id} is already served from this "
+                f"folder{_holder(path)}: stop it first, or give this one another folder"
+            ) from None
+        if _is_file_at(fd, path):
+            break
+        # Its holder removed it as it let go, after this open: the file there now is the one
+        # to hold (holding the removed one would hold nothing another shard can see).
+        os.close(fd)
+    else:
         raise ValueError(
-            f"--checkpoint-dir {directory}: cannot open {path.name} there to hold shard "
-            f"{shard_id}'s checkpoints ({e.strerror})"
-        ) from None
-    with _flocked(
-        fd,
-        path,
-        lambda holder: (
-            f"--checkpoint-dir {directory}: shard {shard_id} is already served from this "
-            f"folder{holder}: stop it first, or give this one another folder"
-        ),
-    ):
+            f"--checkpoint-dir {directory}: {path.name} was replaced {_LOCK_FILE_TRIES} times "
+            "while this shard took it: is another program removing it?"
+        )
+    try:
         yield
+    finally:
+        # Removed while still held: a process that opened it meanwhile finds, once it holds
+        # it, that it is no longer the file there, and takes the new one.
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)  # releases the lock
+
+
+_LOCK_FILE_TRIES = 100
+"""How many times a shard lock file is taken again after it was replaced as it was taken:
+each time means that another holder let go in that very instant."""
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    """Whether ``fd`` is the open file that ``path`` names now."""
+    try:
+        there = path.stat()
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
 
 @contextlib.contextmanager

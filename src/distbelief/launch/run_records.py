@@ -52,7 +52,10 @@ def write_run_records(
     if noted and plots_skipped_by is None:
         plots_skipped_by = "stopped as the job ended"
     if plots_skipped_by is not None:
-        _say_not_drawn(result.run_dir, plots_skipped_by)
+        # With no record, there is nothing to draw later (a job stopped before its first
+        # row: its folder may be removed next, and a command naming it would find nothing).
+        if telemetry.has_records(result.run_dir / "metrics.csv"):
+            _say_not_drawn(result.run_dir, plots_skipped_by)
         return
     draw_plots(result.run_dir, job_done=outcome == "done")
 

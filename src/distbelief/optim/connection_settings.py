@@ -5,10 +5,12 @@ environment variable. Checks and resolves values only; it opens no connection.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 from distbelief.client import parse_addresses
 from distbelief.config import MAX_WAIT_S, amount_problem, check_wait, environment_setting
+from distbelief.hosts import UnknownHostError
 from distbelief.wire import channels
 from distbelief.wire.channels.shm import check_shm_allowed, transport_setting
 from distbelief.wire.channels.tcp import check_address_form
@@ -113,6 +115,18 @@ def check_optional_callback(name: str, value: object) -> None:
     """
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be a function (or None), got {value!r}")
+
+
+@contextlib.contextmanager
+def hosts_of_ps_named(ps: str | Sequence[str] | None) -> Iterator[None]:
+    """A host that cannot be looked up inside (the client's connecting, after every other
+    argument is checked) is named as ``ps``'s, when ``ps`` gave it."""
+    try:
+        yield
+    except UnknownHostError as e:
+        if ps is None:  # DISTBELIEF_PS's were looked up and named before; or a server's own
+            raise
+        raise UnknownHostError(f"ps: {e}") from None
 
 
 def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:

@@ -34,6 +34,7 @@ from distbelief.optim.connection_settings import (
     check_optional_callback,
     check_optional_str,
     check_worker_id,
+    hosts_of_ps_named,
     ps_addresses,
     request_timeout_s,
 )
@@ -268,22 +269,23 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         if ps is None and not environment_setting(PS_ADDRESS_ENV) and process_group_active():
             ps, auth_key = self._find_server(worker_id, auth_key, hold_timeout_s)
-        self.client = ParameterServerClient(
-            ps_addresses(ps),
-            self.specs,
-            timeout_s=request_timeout_s(timeout_s),
-            worker_id=worker_id,
-            hold_timeout_s=hold_timeout_s,
-            retry_timeout_s=retry_timeout_s,
-            security=security or WireSecurity(auth_key=auth_key or _key_from_environment()),
-            group=group,
-            pull_dtype=self.compression.dtype,
-            source_host=source_host,
-            # After top-k pushes, few elements change between pulls (with a shard optimizer
-            # that moves only pushed elements): pulls then bring only those.
-            pull_changes=self.compression.topk_fraction is not None,
-            num_workers=num_workers,
-        )
+        with hosts_of_ps_named(ps):
+            self.client = ParameterServerClient(
+                ps_addresses(ps),
+                self.specs,
+                timeout_s=request_timeout_s(timeout_s),
+                worker_id=worker_id,
+                hold_timeout_s=hold_timeout_s,
+                retry_timeout_s=retry_timeout_s,
+                security=security or WireSecurity(auth_key=auth_key or _key_from_environment()),
+                group=group,
+                pull_dtype=self.compression.dtype,
+                source_host=source_host,
+                # After top-k pushes, few elements change between pulls (with a shard optimizer
+                # that moves only pushed elements): pulls then bring only those.
+                pull_changes=self.compression.topk_fraction is not None,
+                num_workers=num_workers,
+            )
         try:
             self._join_shards(start_after_version, hold_timeout_s)
         except BaseException:

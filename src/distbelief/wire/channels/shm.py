@@ -679,7 +679,8 @@ class ShmDialer:
         try:
             self._tcp = TcpDialer(tcp_address, **tcp_options)
         except ValueError as e:  # named as given (port 0, say), not as the TCP address beside
-            raise ValueError(str(e).replace(repr(tcp_address), repr(address))) from None
+            # Of the same type: a host that cannot be looked up stays an UnknownHostError.
+            raise type(e)(str(e).replace(repr(tcp_address), repr(address))) from None
         self._transport = transport_setting(transport)
         if not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:
             raise ValueError(

@@ -1,0 +1,34 @@
+"""The file a failed process's traceback is saved to in its run folder: whole, or none."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from pathlib import Path
+
+from distbelief.errors import ChildFailedError
+from distbelief.launch.cli_errors import save_traceback
+
+_TRACEBACK = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad\n'
+
+
+def test_a_failed_processs_traceback_is_saved_whole(tmp_path):
+    path = save_traceback(ChildFailedError("shard 0", 1, _TRACEBACK), tmp_path)
+    assert path == tmp_path / "shard_0-traceback.txt"
+    assert path.read_text() == _TRACEBACK
+
+
+def test_a_full_disk_leaves_no_empty_traceback_file(tmp_path, monkeypatch, caplog):
+    """Written in place, a write refused part way (the disk full) left an empty file that
+    looked like a process failing with nothing to say."""
+    real_write_text = Path.write_text
+
+    def disk_full(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        real_write_text(self, "", *args, **kwargs)  # opened (made), then nothing fits
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with caplog.at_level(logging.WARNING):
+        assert save_traceback(ChildFailedError("shard 0", 1, _TRACEBACK), tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+    assert "could not write" in caplog.text and "shard_0-traceback.txt" in caplog.text

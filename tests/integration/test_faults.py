@@ -489,22 +489,37 @@ def test_a_second_stop_signal_does_not_cut_the_shards_last_checkpoint(tmp_path, 
 def test_a_shard_restarted_with_no_checkpoint_says_its_parameters_are_lost():
     """A ``distbelief ps`` without --checkpoint-dir, killed and started again at its address,
     has nothing to restore: a worker's next push is refused with ShardEmptyError saying so
-    (and how to keep a shard's parameters across restarts), not told to initialise it."""
+    (and how to keep a shard's parameters across restarts), not told to initialise it. A new
+    worker is refused too: filling the empty shard from its own model would mix new
+    parameters into the trained half without a word."""
+    shard0, address0 = start_shard(0, 2)
     bind = ("--bind", f"tcp://{private_loopback()}:0")  # restarted at its address
-    process, address = start_shard(0, 1, *bind)
-    processes = [process]
-    model, optimizer = _blocking_linear(address)
+    shard1, address1 = start_shard(1, 2, *bind)
+    processes = [shard0, shard1]
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    optimizer = DownpourSGD(
+        model.parameters(), lr=0.1, model=model, ps=[address0, address1], blocking=True
+    )
     try:
         _steps(model, optimizer, 2)
-        process.kill()
-        process.wait(timeout=30)
-        restarted, _ = start_shard(0, 1, "--bind", address)
+        shard1.kill()
+        shard1.wait(timeout=30)
+        restarted, _ = start_shard(1, 2, "--bind", address1)
         processes.append(restarted)
         optimizer.zero_grad()
         model(torch.randn(3, 4)).sum().backward()
         with pytest.raises(ShardEmptyError, match="restarted with no checkpoint") as refused:
             optimizer.step()
         assert "--checkpoint-dir" in str(refused.value)
+        fresh = nn.Linear(4, 2)
+        with pytest.raises(ShardEmptyError) as refused:
+            DownpourSGD(fresh.parameters(), lr=0.1, model=fresh, ps=[address0, address1])
+        # 3: the two steps', and the refused step's, which shard 0 took.
+        assert str(refused.value).startswith(
+            f"shard 1 ({address1}) holds no parameters while shard 0 ({address0}) has applied "
+            "3 updates: restarted with no checkpoint"
+        )
     finally:
         optimizer.close()
         stop_processes(processes)

@@ -291,7 +291,11 @@ def test_a_handshake_that_times_out_names_the_connect_timeout(scheme):
         with pytest.raises(ShardTimeoutError) as info:
             client.request(Message(ops.HELLO), timeout_s=60)
         assert time.monotonic() - started < 30  # the connect timeout, not the request's
-        assert str(info.value) == "shard 1: hello timed out after 1s connecting"
+        assert str(info.value) == (
+            "shard 1: hello timed out after 1s connecting: the peer took the connection but "
+            "answered nothing (a shard stopped or too busy to answer, or another program that "
+            "waits for a request of its own protocol: a web server, say)"
+        )
         client.close()
 
 
@@ -308,6 +312,24 @@ def test_a_send_to_a_peer_that_stopped_reading_times_out(raw_peer):
         assert time.monotonic() - started < 6  # room for a busy machine
     finally:
         channel.close()
+
+
+@pytest.mark.parametrize("key", [None, b"k" * 32], ids=["no key", "key"])
+def test_a_program_that_waits_in_silence_is_said_to_answer_nothing(scheme, key):
+    """A web server waits for a whole request line, which a shard's first bytes never end:
+    it answered nothing, and the timeout said only "timed out" (or "connecting"), as if the
+    address were a shard's that had stopped."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # never accepts: the kernel completes the connection, no one answers
+        address = f"{scheme}://127.0.0.1:{silent.getsockname()[1]}"
+        security = WireSecurity(auth_key=key)
+        client = connect(address, name="shard 2", connect_timeout_s=1, security=security)
+        with pytest.raises(ShardTimeoutError) as info:
+            client.request(Message(ops.HELLO), timeout_s=2)
+        client.close()
+    assert "the peer took the connection but answered nothing" in str(info.value)
+    assert "a web server, say" in str(info.value)
 
 
 def test_garbage_reply_is_a_protocol_error(raw_peer):

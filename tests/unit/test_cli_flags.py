@@ -1057,6 +1057,21 @@ def test_a_bad_flag_is_reported_under_a_one_line_usage(capsys):
     assert not parse_args(["train"]).verbose
 
 
+def test_a_shard_that_lost_its_parameters_fails_the_command_not_its_flags(monkeypatch, capsys):
+    """ShardEmptyError is a ValueError too, which the command line took for bad input (exit 2,
+    ``error:``): a shard restarted without its checkpoints is a failure of the job, exit 1."""
+    from distbelief.errors import ShardEmptyError
+
+    def lost(_args):
+        raise ShardEmptyError("shard 1 (tcp://127.0.0.1:7001) holds no parameters")
+
+    monkeypatch.setitem(cli._COMMANDS, "plot", lost)
+    assert main(["plot", "somerun"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "distbelief plot: ShardEmptyError: shard 1 (tcp://127.0.0.1:7001) holds no parameters"
+    )
+
+
 @pytest.mark.parametrize(
     ("raised", "said"),
     [

@@ -1,5 +1,7 @@
 """Shard-side consistency: server optimizers, staleness policies, SSP clocks, sync rounds."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -380,3 +382,20 @@ def test_bad_server_hyperparameters_name_the_field():
         server_optimizer_factory("momentum", lr=0.1, momentum=1.5)
     with pytest.raises(ValueError, match="betas"):
         server_optimizer_factory("adam", lr=0.1, betas=(0.9, 1.0))
+
+
+def test_shards_of_sync_and_async_rounds_are_refused_naming_sync_not_the_round_size():
+    """An async shard's round size (1 by default) differs from a sync one's too: the refusal
+    named --num-workers, the setting compared first, and hid the one that differs."""
+    from types import SimpleNamespace
+
+    from distbelief.client.handshake import ShardHandshake
+    from distbelief.errors import ConsistencyMismatchError
+
+    client = SimpleNamespace(addresses=["tcp://127.0.0.1:7000", "tcp://127.0.0.1:7001"])
+    settings = dataclasses.asdict(ConsistencyConfig())
+    described = [{**settings, "sync": True, "num_workers": 2}, {**settings, "num_workers": 1}]
+    with pytest.raises(ConsistencyMismatchError) as refused:
+        ShardHandshake._agreed_consistency(client, described)
+    assert refused.value.field == "consistency.sync"
+    assert "runs True but shard 1 (tcp://127.0.0.1:7001) runs False" in str(refused.value)

@@ -190,6 +190,37 @@ def test_ctrl_c_while_the_command_loads_is_one_line_not_a_traceback(run, signal_
     assert result.stderr == f"distbelief: {said}\n"
 
 
+_SIGNALLED_AS_IT_EXITS = """
+import os, signal, sys, time
+sys.argv = ["distbelief", "plot", sys.argv[1]]
+from distbelief.launch.console import main
+code = main()
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # as the interpreter exits
+    os.kill(os.getpid(), signum)
+time.sleep(0.5)
+sys.exit(code)
+"""
+
+
+def test_a_signal_once_the_command_has_its_exit_code_changes_nothing(tmp_path):
+    """A second Ctrl-C as the command exits (unloading torch, where Python has given SIGINT
+    its default action back) ended it by the signal: a parent saw a death by SIGINT, not the
+    exit code the command had printed its line for."""
+    import subprocess
+
+    from tests.conftest import CHILD_ENV
+
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_AS_IT_EXITS, str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=CHILD_ENV,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_ctrl_c_as_a_new_job_starts_leaves_no_run_folder(monkeypatch, tmp_path):
     """Ctrl-C while the launcher loads what the job needs (after config.json is written, before
     any process starts) left a run folder holding config.json alone: nothing to plot or
@@ -219,8 +250,9 @@ def test_ctrl_c_before_the_first_process_starts_leaves_no_run_folder(
     monkeypatch, tmp_path, caplog, draw_plots
 ):
     """Ctrl-C once the cluster is open but before it started a process left a folder of an
-    empty metrics.csv and an 'interrupted' summary.json: nothing to plot or resume. Nor is
-    the user told to draw the plots of the folder later (--no-plots said so)."""
+    empty metrics.csv and an 'interrupted' summary.json: nothing to plot or resume. Nor does
+    a line name the folder gone (--no-plots said to draw its plots later, --plots that its
+    metrics.csv held no record)."""
     from distbelief.config import JobConfig
     from distbelief.errors import LauncherInterrupted
     from distbelief.launch import job
@@ -240,4 +272,4 @@ def test_ctrl_c_before_the_first_process_starts_leaves_no_run_folder(
     with caplog.at_level(logging.INFO), pytest.raises((KeyboardInterrupt, LauncherInterrupted)):
         job.train(config)
     assert not run_dir.exists()
-    assert not [r.message for r in caplog.records if "distbelief plot" in r.getMessage()]
+    assert not [r.getMessage() for r in caplog.records if str(run_dir) in r.getMessage()]

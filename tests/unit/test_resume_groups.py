@@ -206,22 +206,24 @@ def test_a_new_run_does_not_take_a_folder_of_sandblaster_checkpoints(tmp_path, c
     assert "holds another run's checkpoints: use --resume" in last, last
 
 
-def test_a_new_run_does_not_take_checkpoints_of_no_run(tmp_path, capsys):
+@pytest.mark.parametrize("folder", ["checkpoints", "."], ids=["in-checkpoints", "itself"])
+def test_a_new_run_does_not_take_checkpoints_of_no_run(tmp_path, capsys, folder):
     """Checkpoints without a config.json beside them (a ``distbelief ps --checkpoint-dir``
-    folder) are refused too, and without the advice to resume them, which --resume refuses
-    (not a run folder)."""
+    folder, or one under it) are refused too, and without the advice to resume them, which
+    --resume refuses (not a run folder). The ps folder itself was taken: the run wrote its
+    records and checkpoints beside the shards' own."""
     from distbelief.launch.cli import main
 
     shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
     shard.initialize(SPECS, [torch.arange(8, dtype=torch.float32)])
-    save_checkpoint(shard.snapshot(), tmp_path / "run" / "checkpoints")
+    save_checkpoint(shard.snapshot(), tmp_path / "run" / folder)
     before = sorted(path.name for path in (tmp_path / "run").rglob("*"))
     assert main(["train", "--no-eval", "--out", str(tmp_path / "run")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (
         f"distbelief train: error: --out {tmp_path / 'run'} holds checkpoints of no run (no "
         "config.json beside them: a `distbelief ps --checkpoint-dir` folder's?), which a new "
-        "run would write over: give another folder"
+        "run would mix its own with: give another folder"
     )
     assert sorted(path.name for path in (tmp_path / "run").rglob("*")) == before
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distbelief import plots
-from distbelief.errors import LauncherInterrupted
+from distbelief.errors import ChildFailedError, LauncherInterrupted
 from distbelief.launch.run_records import draw_plots, write_run_records
 from distbelief.launch.summary import RunResult
 from distbelief.telemetry import MetricsWriter, has_records, make_record
@@ -124,3 +124,25 @@ def test_a_stop_while_drawing_a_done_jobs_plots_leaves_it_done(
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "(stopped while drawing them)" in warning
     assert f"draw them later with: distbelief plot {tmp_path}" in warning
+
+
+@_STOPS
+def test_a_second_stop_while_a_stop_is_recorded_keeps_the_reason_recorded(
+    tmp_path: Path, monkeypatch, stop: BaseException
+) -> None:
+    """The job's end as the launcher records it: a second Ctrl-C while the first's records
+    were written (cutting the plots short) replaced the first, and the launcher printed
+    "interrupted" where summary.json says "stopped by Ctrl-C"."""
+    from distbelief.launch import job
+
+    _metrics(tmp_path, steps=3)
+    _stop_while_drawing(monkeypatch, stop)
+    replacement = job._record_the_end(KeyboardInterrupt(), _interrupted(tmp_path), tmp_path)
+    assert isinstance(replacement, LauncherInterrupted)
+    assert str(replacement) == "stopped by Ctrl-C"
+    assert json.loads((tmp_path / "summary.json").read_text())["reason"] == "stopped by Ctrl-C"
+    # A failed job's records cut short by a stop: the stop is the user's, and is raised.
+    with pytest.raises(type(stop)):
+        job._record_the_end(
+            ChildFailedError("worker0", 1, "boom"), _interrupted(tmp_path), tmp_path
+        )

@@ -93,3 +93,57 @@ def test_sandblaster_workers_that_do_not_exit_once_told_to_stop_are_said_once(mo
         "the workers have not all exited 0s after the job asked them to stop; still waiting: "
         "Ctrl-C ends them"
     ]
+
+
+class _CoordinatorExitedFirst:
+    """A Sandblaster coordinator whose exit is seen before the last of what it sent is read:
+    the row of the iteration it committed as it stopped, then its result."""
+
+    def __init__(self):
+        from distbelief.launch.cluster import Event, ProcessSpec
+        from distbelief.telemetry import make_record
+
+        coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
+        row = make_record("coordinator", 0, time_s=1.0, step=20, loss=0.5)
+        self.pending = [Event("metric", coordinator, row), Event("done", coordinator, {})]
+        self._results = {}
+        self.stopped = []
+
+    def stop(self, kind):
+        self.stopped.append(kind)
+
+    def finished(self, kind):
+        return True
+
+    def results(self, kind):
+        return self._results
+
+    def next_event(self, timeout_s=0.2):
+        if not self.pending:
+            time.sleep(min(timeout_s, 0.02))
+            return None
+        event = self.pending.pop(0)
+        if event.kind == "done":
+            self._results = {0: event.payload}
+        return event
+
+
+def test_a_coordinator_seen_exited_has_its_last_row_and_result_read():
+    """The wait ended once the coordinator's exit was seen, leaving its last iteration's row
+    and its result unread: summary.json said iterations 19, its committed checkpoint 20, and
+    metrics.csv never had a row for 20 (a resume went on at 21)."""
+
+    class _Rows(_Sink):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def write(self, record):
+            self.records.append(record)
+
+    sink, cluster = _Rows(), _CoordinatorExitedFirst()
+    config = JobConfig().with_fields({"optimizer.algorithm": "sandblaster"})
+    supervise.stop_coordinator(cluster, EventRouter(sink), config)
+    assert [record["step"] for record in sink.records] == [20]
+    assert cluster.results(ProcessKind.COORDINATOR) == {0: {}}
+    assert cluster.stopped == []  # exited already: nothing to ask

@@ -14,6 +14,7 @@ import torch
 from distbelief.errors import (
     ConsistencyMismatchError,
     ModelMismatchError,
+    ShardEmptyError,
     ShardListError,
     ShardTimeoutError,
 )
@@ -60,6 +61,9 @@ class ShardHandshake:
 
         Raises:
             TypeError / ValueError: ``initial`` does not fit the layout; nothing is sent.
+            ShardEmptyError: a shard is empty while another has applied updates (restarted
+                with no checkpoint): filled from ``initial``, it would mix a new model's
+                parameters into the trained one's; nothing is sent.
             ModelMismatchError: a shard holds a different model.
             ShardListError: a shard is one of another number of shards, or listed out of order.
             LayoutMismatchError: a shard holds a different partitioner.
@@ -72,6 +76,7 @@ class ShardHandshake:
         # Every shard's settings are compared before any is initialised, so a mismatched
         # cluster is refused untouched.
         replies = self.check_shards()
+        self._check_none_lost(replies)
         futures = [self._submit(i, self._join, replies[i], initial) for i in range(self.num_shards)]
         return any(self.wait(futures))
 
@@ -93,11 +98,37 @@ class ShardHandshake:
             self._check_same_kind_of_model(shard_id, reply)
         return replies
 
+    def _check_none_lost(self, described: list[dict]) -> None:
+        """Empty shards are filled only while no shard has applied an update: the job's first
+        start, or one whose shards were all emptied. An empty shard beside trained ones lost
+        its part of the model (a ``distbelief ps`` restarted without ``--checkpoint-dir``); a
+        worker filling it would train half a model from new values without a word, and an
+        evaluator waiting for one would wait for nothing."""
+        empty = [i for i, reply in enumerate(described) if not reply.get("initialized")]
+        trained = [
+            (i, int(reply.get("version", 0)))
+            for i, reply in enumerate(described)
+            if reply.get("initialized") and int(reply.get("version", 0)) > 0
+        ]
+        if not empty or not trained:
+            return
+        lost = ", ".join(f"shard {i} ({self.addresses[i]})" for i in empty)
+        at, version = trained[0]
+        raise ShardEmptyError(
+            f"{lost} {'holds' if len(empty) == 1 else 'hold'} no parameters while shard {at} "
+            f"({self.addresses[at]}) has applied {version} updates: restarted with no "
+            "checkpoint to restore from, what it held is lost (distbelief ps --checkpoint-dir "
+            "DIR keeps it across restarts); filling it anew would mix new parameters into the "
+            "trained model"
+        )
+
     def _agreed_consistency(self, described: list[dict]) -> dict:
         """The consistency settings every shard described, which must all be equal."""
         first = described[0]
         for shard_id, settings in enumerate(described[1:], start=1):
-            for key in sorted(set(first) | set(settings)):
+            # Sync first: an async shard runs no rounds, so its round size differs from a
+            # sync one's too, and naming that would hide the setting that differs.
+            for key in sorted(set(first) | set(settings), key=lambda name: (name != "sync", name)):
                 at_first, at_other = first.get(key, "(absent)"), settings.get(key, "(absent)")
                 if at_first != at_other:
                     raise ConsistencyMismatchError(

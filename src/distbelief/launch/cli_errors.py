@@ -26,6 +26,7 @@ from distbelief.errors import (
     ModelMismatchError,
     NotAPeerError,
     NotAStageError,
+    ShardEmptyError,
     ShardListError,
     TableSizeMismatchError,
     TableWidthMismatchError,
@@ -157,6 +158,10 @@ def run_reporting_failures(args: argparse.Namespace, command: Callable[[], int])
     except argparse.ArgumentError as e:
         _traceback_if_verbose(args)
         return usage_error(args, str(e))
+    except ShardEmptyError as e:  # a ValueError too, but of the shards' state, not the flags
+        _traceback_if_verbose(args)
+        print(f"{prefix}: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except ValueError as e:
         _traceback_if_verbose(args)
         print(f"{prefix}: error: {e}", file=sys.stderr)

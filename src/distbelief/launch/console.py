@@ -31,7 +31,18 @@ def main() -> int:
     try:
         from distbelief.launch.cli import main as run_command
 
-        return run_command()
+        code = run_command()
     except KeyboardInterrupt as e:
         print(f"distbelief: {e if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        code = EXIT_INTERRUPTED
+    leave_undisturbed()
+    return code
+
+
+def leave_undisturbed() -> None:
+    """The command has its exit code; what is left is the interpreter's exit (unloading torch
+    takes a while), in which Python gives SIGINT its default action back: a second Ctrl-C
+    there ended the process by the signal (a parent saw a death by SIGINT, not exit 130), and
+    a SIGTERM with 143, where there was nothing left to stop. They are ignored from here."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)

@@ -143,7 +143,8 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
     )
     if resume and not has_checkpoints:
         raise nothing_to_resume(run_dir, run_dir / CHECKPOINT_DIR)
-    if has_checkpoints and not resume:
+    # A `distbelief ps --checkpoint-dir` folder holds its shards' files itself.
+    if not resume and (has_checkpoints or any(run_dir.glob("shard*.json"))):
         raise _checkpoints_refused(run_dir)
     if not resume and (run_dir / "metrics.csv").exists() and not (run_dir / "config.json").exists():
         # A run folder has its config.json from its start: these records are someone else's.
@@ -168,8 +169,8 @@ def _checkpoints_refused(run_dir: Path) -> ValueError:
         )
     return ValueError(
         f"--out {run_dir} holds checkpoints of no run (no config.json beside them: a "
-        "`distbelief ps --checkpoint-dir` folder's?), which a new run would write over: give "
-        "another folder"
+        "`distbelief ps --checkpoint-dir` folder's?), which a new run would mix its own "
+        "with: give another folder"
     )
 
 
@@ -506,7 +507,13 @@ def _record_the_end(
     ``write_run_records`` takes it."""
 
     def write(outcome: str, reason: str) -> None:
-        _write_records(result, outcome, reason, plots_skipped_by=plots_skipped_by)
+        try:
+            _write_records(result, outcome, reason, plots_skipped_by=plots_skipped_by)
+        except INTERRUPTIONS:
+            # A second stop while a stop is recorded (cutting its plots short) is the same
+            # stop: the line printed stays the reason recorded, not "interrupted".
+            if outcome != "interrupted":
+                raise
 
     if isinstance(error, KeyboardInterrupt):
         write("interrupted", "stopped by Ctrl-C")

@@ -177,14 +177,18 @@ class LocalCluster:
             name=spec.name,
             daemon=True,
         )
-        process.start()
-        writer.close()  # the child holds its end now; EOF here means the child is gone
-        self.events.add(reader)
-        self.processes[spec.name] = (spec, process)
-        write_text_atomic(
-            self.run_dir / "pids.json",
-            json.dumps({n: p.pid for n, (_, p) in self.processes.items()}, indent=1),
-        )
+        # A Ctrl-C between the forkserver's fork and the sending of the process object left a
+        # child that printed a traceback (EOFError: nothing to unpickle), and one the cluster
+        # did not know to stop: it takes effect once the process is started and recorded.
+        with signals_deferred():
+            process.start()
+            writer.close()  # the child holds its end now; EOF here means the child is gone
+            self.events.add(reader)
+            self.processes[spec.name] = (spec, process)
+            write_text_atomic(
+                self.run_dir / "pids.json",
+                json.dumps({n: p.pid for n, (_, p) in self.processes.items()}, indent=1),
+            )
 
     def wait_for_shards(self, timeout_s: float) -> list[str]:
         """Waits until every shard listens; returns their addresses in shard-id order.

@@ -49,6 +49,10 @@ def write_run_records(
             write_text_atomic(result.run_dir / STALENESS_FILE, staleness)
     if result is None:
         return
+    if outcome == "interrupted" and not telemetry.has_records(result.run_dir / "metrics.csv"):
+        # Stopped before its first record: nothing to draw, now or later (and the folder of a
+        # job that started no process is removed next: a line would name a folder gone).
+        return
     if noted and plots_skipped_by is None:
         plots_skipped_by = "stopped as the job ended"
     if plots_skipped_by is not None:

@@ -204,18 +204,31 @@ def _still_stopping(kind: ProcessKind, waited_s: float) -> str:
 
 def stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
     """Sandblaster, a job ending early (Ctrl-C, a failure): asks the coordinator to stop, and
-    routes what it reports until it has returned, up to ``STOP_GRACE_S``: the iteration under
-    way, whose checkpoint it commits, then has its row in metrics.csv and is summary.json's
-    ``coordinator``, as the cluster's stop, which comes after, would leave them unread. A
-    second Ctrl-C, a process failing, or a run folder that cannot take its rows meanwhile, ends
-    the wait; the cluster stops the rest."""
-    if config.optimizer.algorithm != "sandblaster" or cluster.finished(ProcessKind.COORDINATOR):
+    routes what it reports until it has returned (its result read, not only its exit seen:
+    its last rows and its result may still be on their way then), up to the job's request
+    timeout (an iteration's evaluation waits no longer; ``STOP_GRACE_S`` at least): the
+    iteration under way, whose checkpoint it commits, then has its row in metrics.csv and is
+    summary.json's ``coordinator``, as the cluster's stop, which comes after, would leave them
+    unread. A second Ctrl-C, a process failing, or a run folder that cannot take its rows
+    meanwhile, ends the wait; the cluster stops the rest."""
+    if config.optimizer.algorithm != "sandblaster" or cluster.results(ProcessKind.COORDINATOR):
         return
-    cluster.stop(ProcessKind.COORDINATOR)
-    deadline = time.monotonic() + STOP_GRACE_S
+    if not cluster.finished(ProcessKind.COORDINATOR):
+        cluster.stop(ProcessKind.COORDINATOR)
+    deadline = time.monotonic() + max(STOP_GRACE_S, config.faults.timeout_s)
+    exited_at: float | None = None
     with contextlib.suppress(KeyboardInterrupt, DistBeliefError, OSError):
-        while not cluster.finished(ProcessKind.COORDINATOR) and time.monotonic() < deadline:
+        while not cluster.results(ProcessKind.COORDINATOR) and time.monotonic() < deadline:
+            if exited_at is None and cluster.finished(ProcessKind.COORDINATOR):
+                exited_at = time.monotonic()  # exited, or given up: what it sent is read next
+            if exited_at is not None and time.monotonic() - exited_at > _EXITED_EVENTS_S:
+                return
             route(cluster.next_event(0.2))
+
+
+_EXITED_EVENTS_S = 2.0
+"""How long the events of a process seen exited are read for: sent before it exited, they are
+in its pipe already (a given-up process sends none)."""
 
 
 def training_kind(config: JobConfig) -> ProcessKind:

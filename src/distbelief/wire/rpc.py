@@ -19,7 +19,7 @@ from distbelief.errors import (
     ShardUnavailableError,
 )
 from distbelief.wire import channels
-from distbelief.wire.channels import Channel
+from distbelief.wire.channels import Channel, PeerSilent
 from distbelief.wire.error_kinds import TOO_MANY_CONNECTIONS, error_for_kind
 from distbelief.wire.framing import RejectedFrame, Sink, send_message
 from distbelief.wire.message import Message
@@ -28,6 +28,13 @@ from distbelief.wire.reader import FrameReader, recv_message
 
 def _op_name(message: Message) -> str:
     return message.op.name.lower()
+
+
+_SILENT = (
+    ": the peer took the connection but answered nothing (a shard stopped or too busy to "
+    "answer, or another program that waits for a request of its own protocol: a web server, "
+    "say)"
+)
 
 
 class _ConnectTimeout(TimeoutError):
@@ -123,13 +130,17 @@ class RpcClient:
             reply = recv_message(reader, sink_for=lambda _reply: sink, deadline=deadline)
         except _ConnectTimeout as e:
             self.close()
+            silent = _SILENT if isinstance(e.__cause__, PeerSilent) else ""
             raise ShardTimeoutError(
                 f"{self.name}: {_op_name(message)} timed out after {e.timeout_s:g}s connecting"
+                f"{silent}"
             ) from e
         except TimeoutError as e:
             self.close()
+            # Connected, and never answered: whether it is a shard at all is not known yet.
+            silent = "" if self._answered else _SILENT
             raise ShardTimeoutError(
-                f"{self.name}: {_op_name(message)} timed out after {timeout_s:g}s"
+                f"{self.name}: {_op_name(message)} timed out after {timeout_s:g}s{silent}"
             ) from e
         except RejectedFrame as e:
             raise ProtocolError(f"{self.name}: {_op_name(message)} reply refused: {e}") from e

@@ -41,6 +41,12 @@ class Channel(Protocol):
         """Shut the stream down and release it."""
 
 
+class PeerSilent(TimeoutError):
+    """The peer took the connection, then answered nothing of a channel's handshake in time:
+    a shard stopped or too busy to answer, or another program that waits for a request of its
+    own protocol (many web servers wait for a whole request line)."""
+
+
 def shares_memory(channel: Channel | None) -> bool:
     """Whether ``channel``'s two ends are on one host and may share memory. A channel kind
     that knows it says so with a ``shares_memory`` attribute, and has ``peer_closed()``: a

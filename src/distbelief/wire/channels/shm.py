@@ -31,7 +31,13 @@ from collections.abc import Iterable
 
 from distbelief.config import TRANSPORT_ENV, TRANSPORTS, environment_setting
 from distbelief.errors import AuthenticationError, NotAPeerError, ProtocolError, TLSMismatchError
-from distbelief.wire.channels import Channel, register_channel, split_scheme, upgrade_channel
+from distbelief.wire.channels import (
+    Channel,
+    PeerSilent,
+    register_channel,
+    split_scheme,
+    upgrade_channel,
+)
 from distbelief.wire.channels.tcp import (
     TcpChannel,
     TcpDialer,
@@ -721,6 +727,11 @@ class ShmDialer:
             if channel is tcp:
                 tcp.settimeout(timeout_s)
             return channel
+        except TimeoutError as e:
+            tcp.close()
+            if isinstance(e, PeerSilent):
+                raise
+            raise PeerSilent(str(e)) from e
         except BaseException:
             tcp.close()
             raise

@@ -11,7 +11,7 @@ import time
 
 from distbelief.errors import AuthenticationError, BindError, ProtocolError, TLSMismatchError
 from distbelief.hosts import check_known_host, check_local_host, check_reachable_from
-from distbelief.wire.channels import check_scheme, register_channel, split_scheme
+from distbelief.wire.channels import PeerSilent, check_scheme, register_channel, split_scheme
 from distbelief.wire.security import (
     ANSWER_BYTES,
     AUTH_MAGIC,
@@ -212,6 +212,9 @@ class TcpDialer:
                 authenticate_to_server(sock, self._security.auth_key, timeout_s)
             elif self._tls is not None:
                 check_server_uses_no_key(sock, timeout_s)  # what a shard over TLS says first
+        except TimeoutError as e:
+            sock.close()
+            raise PeerSilent(str(e)) from e
         except BaseException:
             sock.close()
             raise

@@ -5,8 +5,9 @@ float32 in the same run.
 Each configuration is one ``distbelief train`` job on digits (2 workers, 2 shards, n_push =
 n_pull = 5 by default), run the way users run it; the numbers come from its metrics.csv. Bytes
 are the tensor bytes a worker pushed and pulled (its ``bytes_pushed`` / ``bytes_pulled``),
-counted from its second record on (the first holds the shards' initialisation) over the steps
-they cover, averaged over the workers; the model's size is its float32 parameter bytes. Time to
+counted from its second record to the one before its last (the first holds the shards'
+initialisation, the last its closing flush) over the steps they cover, averaged over the
+workers; the model's size is its float32 parameter bytes. Time to
 90% is the evaluator's first record at or above 0.9, in seconds since the first worker started,
 and in pushes (the shards' version then: updates applied, less sensitive to a loaded machine
 than seconds); their ratios are against the float32 job of the same repeat (the jobs run one
@@ -126,9 +127,12 @@ def summarize(records: list[dict], size_bytes: int) -> dict:
             (r for r in records if r["role"] == "worker" and r["rank"] == rank),
             key=lambda r: int(r["step"]),
         )
-        steps = int(mine[-1]["step"]) - int(mine[0]["step"])
-        pushed.append(sum(int(r["bytes_pushed"]) for r in mine[1:]) / steps / size_bytes)
-        pulled.append(sum(int(r["bytes_pulled"]) for r in mine[1:]) / steps / size_bytes)
+        # Not the last record either: it counts the worker's last flush too (the steps
+        # accrued since its last push, pushed whole at close), once per job, not per step.
+        steady = mine[1:-1] if len(mine) > 2 else mine[1:]
+        steps = int(steady[-1]["step"]) - int(mine[0]["step"])
+        pushed.append(sum(int(r["bytes_pushed"]) for r in steady) / steps / size_bytes)
+        pulled.append(sum(int(r["bytes_pulled"]) for r in steady) / steps / size_bytes)
     evaluations = [
         (float(r["time_s"]), float(r["test_accuracy"]), int(r["version"]))
         for r in records
@@ -178,12 +182,9 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 "model_sizes_per_step": per_step,
                 "expected_model_sizes_per_step": expected,
                 "target_model_sizes_per_step": target,
-                # By the exact bytes of whole pulls (the measured ones cover the steps between
-                # two records, give or take a push or pull still in flight at either end), or
-                # by the measured ones where pulls of changes only make them smaller.
-                "verdict": None
-                if target is None
-                else ("PASS" if min(expected, per_step) <= target else "ABOVE"),
+                # By the bytes measured: the exact figure of whole pulls is only a bound where
+                # pulls bring the changes alone.
+                "verdict": None if target is None else ("PASS" if per_step <= target else "ABOVE"),
                 "time_to_90_vs_fp32": statistics.median(ratios) if ratios else None,
                 "pushes_to_90_vs_fp32": statistics.median(push_ratios) if push_ratios else None,
                 "reached_90_in": sum(run["time_to_90_s"] is not None for run in mine),

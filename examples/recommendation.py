@@ -92,9 +92,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         ("--row-cache-mb", args.row_cache_mb, MAX_CACHE_MB),
     ):
         if not (math.isfinite(value) and value >= 0):
-            parser.error(f"argument {flag}: must be a finite number >= 0, got {value}")
+            parser.error(f"argument {flag}: must be a finite number >= 0, got {value:g}")
         if value > most:
-            parser.error(f"argument {flag}: must be <= {most:g}, got {value}")
+            parser.error(f"argument {flag}: must be <= {most:g}, got {value:g}")
     try:
         check_ps_addresses(args.ps)  # as distbelief worker checks --ps; connects nothing
     except ValueError as e:

@@ -57,7 +57,15 @@ def test_tcp_addresses(address, endpoint):
 
 
 @pytest.mark.parametrize(
-    "address", ["tcp://nohost", "tcp://:1", "tcp://127.0.0.9:x", "tcp://[::1:1", "tcp://::1]:1"]
+    "address",
+    [
+        "tcp://nohost",
+        "tcp://:1",
+        "tcp://127.0.0.9:x",
+        "tcp://[::1:1",
+        "tcp://::1]:1",
+        "tcp//127.0.0.9:7000",  # a slash is in no host name: not looked up as one
+    ],
 )
 def test_malformed_tcp_address_is_named(address):
     with pytest.raises(ValueError, match=re.escape(f"address '{address}' is not of the form")):

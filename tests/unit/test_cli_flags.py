@@ -937,6 +937,12 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
             "--checkpoint-dir afile: exists and is not a folder",
         ),
         (
+            [*_PS, "--checkpoint-dir", "sandblaster/checkpoints"],
+            {},
+            "--checkpoint-dir sandblaster/checkpoints: holds a Sandblaster run's checkpoints, a "
+            "folder per committed iteration (lbfgs-N), not a shard's: serve a copy of one",
+        ),
+        (
             ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://198.51.100.7:7000"],
             {},
             "argument --bind: 198.51.100.7 is not an address of this machine",
@@ -979,13 +985,15 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
         ),
     ],
     ids=[
-        *("train-out", "eval-out", "plot-out", "ps-checkpoint-dir", "ps-bind", "env", "worker"),
+        *("train-out", "eval-out", "plot-out", "ps-checkpoint-dir", "ps-sandblaster-folder"),
+        *("ps-bind", "env", "worker"),
         *("stage-bind", "ps-liveness", "train-env", "resume-env"),
     ],
 )
 def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "somerun").mkdir()
+    (tmp_path / "sandblaster" / "checkpoints" / "lbfgs-000003").mkdir(parents=True)
     stdout, stderr = _refused(argv, tmp_path, env)
     # Refused at once: before any process starts and before torch is loaded.
     assert stdout == ["exit 2", "children 0 torch False"], stderr

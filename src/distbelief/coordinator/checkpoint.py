@@ -62,6 +62,15 @@ def read_record(checkpoint_dir: str | Path) -> dict[str, Any] | None:
     return record
 
 
+def holds_iterations(directory: str | Path) -> bool:
+    """Whether ``directory`` is a Sandblaster run's checkpoint folder: its coordinator's record,
+    or a folder of one iteration's shard checkpoints (not the shards' files themselves)."""
+    directory = Path(directory)
+    return (directory / RECORD_FILE).exists() or any(
+        path.is_dir() for path in directory.glob(f"{TAG_PREFIX}*")
+    )
+
+
 def restore_folder(checkpoint_dir: str | Path) -> str | None:
     """The folder the shards restore from (None: no committed checkpoint, start afresh)."""
     record = read_record(checkpoint_dir)

@@ -252,7 +252,8 @@ def _parse_record(line: bytes, separator: bytes) -> tuple[int, int, float, int]:
     # it is to the pattern of the check.
     fields = line.rstrip(b"\r\n").split(separator)
     if len(fields) != 4:
-        raise ValueError(f"expected 4 fields separated by {separator!r}, got {len(fields)}")
+        shown = separator.decode()
+        raise ValueError(f"expected 4 fields separated by {shown!r}, got {len(fields)}")
     return (
         _integer(fields[0], "user id", 0, MAX_ID),
         _integer(fields[1], "movie id", 0, MAX_ID),
@@ -273,7 +274,13 @@ def _integer(field: bytes, name: str, low: int, high: int) -> int:
         return value
     text = field.strip()
     problem = f"be in [{low}, {high}]" if text.lstrip(b"-").isdigit() else "be an integer"
-    raise ValueError(f"{name} must {problem}, got {text[:30]!r}")
+    raise ValueError(f"{name} must {problem}, got {_as_written(text)}")
+
+
+def _as_written(field: bytes) -> str:
+    """A field of the file quoted as the file has it (its first 30 bytes), not as Python
+    writes bytes (``b'abc'``)."""
+    return repr(field.strip()[:30].decode("utf-8", "backslashreplace"))
 
 
 def _rating(field: bytes) -> float:
@@ -282,13 +289,15 @@ def _rating(field: bytes) -> float:
             raise ValueError(field)
         rating = float(field)
     except ValueError:
-        raise ValueError(f"rating must be a number, got {field[:30]!r}") from None
+        raise ValueError(f"rating must be a number, got {_as_written(field)}") from None
     if not np.isfinite(rating):
-        raise ValueError(f"rating must be a finite number, got {field[:30]!r}")
+        raise ValueError(f"rating must be a finite number, got {_as_written(field)}")
     if not MIN_STARS <= rating <= MAX_STARS:
         # Every MovieLens release rates 1-5 stars (the latest in half stars from 0.5): a
         # rating beyond is a damaged file, whose label would be a guess.
-        raise ValueError(f"rating must be {MIN_STARS:g} to {MAX_STARS:g} stars, got {field[:30]!r}")
+        raise ValueError(
+            f"rating must be {MIN_STARS:g} to {MAX_STARS:g} stars, got {_as_written(field)}"
+        )
     return rating
 
 

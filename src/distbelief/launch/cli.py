@@ -225,6 +225,7 @@ def _run_ps(args: argparse.Namespace) -> int:
                 # rmdir removes only an empty one, after the lock file below is gone.
                 held.callback(_remove_if_empty, Path(args.checkpoint_dir))
             make_folder(args.checkpoint_dir, "--checkpoint-dir")
+            _check_not_iterations(Path(args.checkpoint_dir))
             # For the shard's life: a second one of this id would write over its checkpoints.
             held.enter_context(shard_checkpoints_locked(Path(args.checkpoint_dir), args.shard_id))
         _use_transport(config)
@@ -239,6 +240,19 @@ def _run_ps(args: argparse.Namespace) -> int:
             emit=_log_emit,
         )
     return 0
+
+
+def _check_not_iterations(folder: Path) -> None:
+    """A Sandblaster run's checkpoint folder holds one folder per committed iteration, not
+    shards' files: served as it is, the shard found nothing and started empty, without a word."""
+    from distbelief.coordinator.checkpoint import holds_iterations
+
+    if holds_iterations(folder):
+        raise ValueError(
+            f"--checkpoint-dir {folder}: holds a Sandblaster run's checkpoints, a folder per "
+            "committed iteration (lbfgs-N), not a shard's: serve a copy of one of them (a "
+            "shard saves into its folder, and would change the run's)"
+        )
 
 
 def _remove_if_empty(folder: Path) -> None:

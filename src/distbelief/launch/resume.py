@@ -153,17 +153,19 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
     except CheckpointError as e:
         raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
     if config.optimizer.algorithm == "sandblaster":
-        _check_budgets_go_past(run_dir, changes)
+        _check_budgets_go_past(run_dir, config, changes)
     return config.with_fields({**changes, "reporting.out_dir": str(run_dir)})
 
 
-def _check_budgets_go_past(run_dir: Path, changes: Mapping[str, object]) -> None:
-    """A Sandblaster resume's new ``--max-iterations`` or ``--max-evaluations``: one the run
-    has reached already would end it at once, having done nothing (read after the checkpoint
-    checks: the record is sound).
+def _check_budgets_go_past(run_dir: Path, config: JobConfig, changes: Mapping[str, object]) -> None:
+    """A Sandblaster resume's ``--max-iterations`` and ``--max-evaluations``, as ``changes``
+    sets them or the run's config holds them: one the run has reached already would end it at
+    once, having done nothing (read after the checkpoint checks: the record is sound). A run
+    that stopped at its own bound, resumed with only the other raised, was started for
+    nothing.
 
     Raises:
-        ConfigFieldError: the bound is not past what the committed checkpoint has done.
+        ConfigFieldError: a bound is not past what the committed checkpoint has done.
     """
     record = read_record(run_dir / CHECKPOINT_DIR)
     if record is None:
@@ -176,13 +178,19 @@ def _check_budgets_go_past(run_dir: Path, changes: Mapping[str, object]) -> None
         ),
     }
     for field, (count, what) in done.items():
-        bound = changes.get(field)
-        if bound is not None and int(bound) <= count:
-            raise ConfigFieldError(
-                field,
-                f"{run_dir} has done {count} {what} already (its last committed checkpoint): "
-                f"give more than {count} to go on",
-            )
+        section, name = field.split(".")
+        bound = changes[field] if field in changes else getattr(getattr(config, section), name)
+        if bound is None or int(bound) > count:
+            continue
+        if field in changes:
+            wanted = f"give more than {count} to go on"
+        else:  # the run's own bound, which stopped it
+            wanted = f"its {name} is {int(bound)}: give --{name.replace('_', '-')} more than "
+            wanted += f"{count} to go on"
+        raise ConfigFieldError(
+            field,
+            f"{run_dir} has done {count} {what} already (its last committed checkpoint): {wanted}",
+        )
 
 
 def checkpoint_folders(directory: Path, num_partitions: int) -> list[Path]:

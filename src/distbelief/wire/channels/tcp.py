@@ -39,7 +39,7 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
     host, sep, port_text = rest.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    elif "[" in host or "]" in host:  # a bracket without its pair
+    elif "[" in host or "]" in host or "/" in host:  # a bracket without its pair; tcp//h
         host = ""
     if not sep or not host or not port_text.isdigit():
         raise ValueError(f"address {address!r} is not of the form tcp://HOST:PORT")

@@ -29,6 +29,7 @@ from tests.conftest import (
     free_port,
     pause_process,
     run_forked,
+    served_shards,
     start_shard,
     stop_processes,
 )
@@ -374,3 +375,29 @@ def test_a_click_process_refused_by_another_jobs_shards_leaves_them_no_tables(
     finally:
         reader.close()
     assert described["tables"] == {}
+
+
+def test_an_evaluations_version_is_the_lowest_of_its_shards():
+    """A shard restarted from an old checkpoint after the workers finished holds none of the
+    updates since: an evaluation said the highest shard version, and summary.json's final
+    named every update the job made while half the model had lost them."""
+    from distbelief.evaluator.ps import GroupReader
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    named = list(model.named_parameters())
+    specs = tensor_specs(named)
+    with served_shards(2) as (shards, addresses):
+        writer = ParameterServerClient(addresses, specs, timeout_s=30, retry_timeout_s=0)
+        try:
+            writer.handshake(FlatLayout(specs).allocate())
+        finally:
+            writer.close()
+        for _ in range(3):  # shard 1 applies updates that shard 0 never saw
+            shards[1].apply_gradient([torch.zeros_like(t) for t in shards[1].parameters()])
+        reader = GroupReader(JobConfig(), addresses, named, "", None)
+        try:
+            with torch.no_grad():  # as the evaluator pulls
+                assert reader.pull() == 0
+        finally:
+            reader.client.close()

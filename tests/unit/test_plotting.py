@@ -211,6 +211,17 @@ def test_a_sandblaster_run_is_compared_as_one_and_not_in_downpour_terms(tmp_path
     assert compare_plots._mean_train_loss(sandblaster)[1] == [1.0] * 8
     assert compare_plots._throughput(sandblaster) == ([], [])
     assert compare_plots._throughput(_job_run("d", _iterations("worker")))[1][-1] == 64.0
+    # So the axis says: it read "mean of workers" over a coordinator's curve.
+    train_loss = next(spec for spec in compare_plots._COMPARISONS if "train_loss" in spec.file_name)
+    assert compare_plots._y_label(train_loss, [sandblaster, sandblaster]) == (
+        "training loss, the coordinator's batch loss"
+    )
+    assert compare_plots._y_label(train_loss, [downpour, sandblaster]) == (
+        "training loss, mean of workers (Sandblaster: the coordinator's batch loss)"
+    )
+    assert compare_plots._y_label(train_loss, [downpour, pipeline]) == (
+        "training loss, mean of workers"
+    )
 
 
 def test_total_rate_sums_the_workers() -> None:

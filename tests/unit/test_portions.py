@@ -294,3 +294,30 @@ def test_a_failed_commit_fails_the_evaluation():
     scheduler.commit_failed(0, "a-1", RuntimeError("shard 1 is gone"))
     with pytest.raises(CoordinatorError, match="evaluation 0: committing bundle 'a-1' failed"):
         scheduler.outcome()
+
+
+def test_a_late_bundle_of_an_evaluation_already_over_is_no_error_of_the_coordinator(caplog):
+    """After a shard restart the coordinator goes back to its checkpoint and opens a new
+    evaluation; a bundle of the old one committed late is refused by the shards, which was
+    logged as an ERROR of a run that recovered and ended well."""
+    import logging
+
+    from distbelief.coordinator.service import CoordinatorService
+    from distbelief.errors import RemoteError
+
+    def refused(evaluation: int, bundle: str) -> None:
+        raise RemoteError(f"commit of {bundle!r} is for evaluation {evaluation}, not open")
+
+    service = CoordinatorService(
+        BatchPlan(num_examples=100, num_portions=2, batch_size=100), refused
+    )
+    service.scheduler.open(8, "point")
+    service.scheduler.close()
+    service.scheduler.open(9, "point")
+    with caplog.at_level(logging.WARNING, logger="distbelief.coordinator.service"):
+        assert not service.commit_bundle("worker1", 8, "late")
+        assert not service.commit_bundle("worker1", 9, "now")  # the open one's: an error
+    assert [(r.levelname, "late" in r.getMessage()) for r in caplog.records] == [
+        ("WARNING", True),
+        ("ERROR", False),
+    ]

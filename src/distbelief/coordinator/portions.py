@@ -140,6 +140,11 @@ class PortionScheduler:
             self._opened_s, self._completed_s = time.monotonic(), 0.0
             self._touch()
 
+    def is_open(self, evaluation: int) -> bool:
+        """Whether ``evaluation`` is the one open now (not closed, nor gone back from)."""
+        with self._changed:
+            return evaluation == self._evaluation
+
     def close(self) -> None:
         """End the open evaluation: no more tasks; reports for it are stale from now on."""
         with self._changed:

@@ -120,15 +120,16 @@ class CoordinatorService:
                 self._commit(evaluation, bundle)
         except Exception as e:  # any failure of the shards fails the evaluation, typed there
             # A restarted shard is a fault the job recovers from (the coordinator goes back to
-            # its last checkpoint, and says so): no error of the coordinator's.
-            restarted = isinstance(e, ShardRestartedError)
+            # its last checkpoint, and says so): no error of the coordinator's. Nor is a late
+            # bundle of an evaluation already over (gone back from after such a restart).
+            recovered = isinstance(e, ShardRestartedError) or not self.scheduler.is_open(evaluation)
             logger.log(
-                logging.WARNING if restarted else logging.ERROR,
+                logging.WARNING if recovered else logging.ERROR,
                 "evaluation %d: bundle %s from %s %s: %s",
                 evaluation,
                 bundle,
                 worker,
-                "not committed" if restarted else "could not be committed",
+                "not committed" if recovered else "could not be committed",
                 e,
             )
             self.scheduler.commit_failed(evaluation, bundle, e)

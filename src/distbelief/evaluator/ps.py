@@ -61,10 +61,11 @@ class PSEvaluator:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Test loss, accuracy and the shards' version of one fresh pull (the highest shard
-        version). A model-parallel model's partitions each have a version of their own (the
-        pushes of its stages): ``version`` is the lowest, the updates every partition has
-        had, and ``PARTITION_VERSIONS`` lists them in stage order.
+        """Test loss, accuracy and the shards' version of one fresh pull (the lowest shard
+        version: the updates every shard has had). A model-parallel model's partitions each
+        have a version of their own (the pushes of its stages): ``version`` is the lowest,
+        the updates every partition has had, and ``PARTITION_VERSIONS`` lists them in stage
+        order.
 
         Raises:
             ShardTimeoutError: a shard did not answer the pull within the request timeout, or
@@ -114,10 +115,12 @@ class GroupReader:
         self._last_versions: list[int] = []
 
     def pull(self) -> int:
-        """Pull into the parameters; returns the highest shard version."""
+        """Pull into the parameters; returns the lowest shard version: the updates every part
+        of the parameters has had. (The highest named a shard restarted with none of them,
+        its checkpoint's, as holding every update the others had.)"""
         self._last_versions, self._versions = self._versions, self.client.pull_now(self._flats)
         torch._foreach_copy_(self._params, self._views)
-        return max(self._versions)
+        return min(self._versions)
 
     def check_answering_if_unchanged(self) -> None:
         """After a pull that found every shard where the one before did, ask the shards for

@@ -90,7 +90,14 @@ def _evaluator_series(field: str) -> Callable[[RunData], Series]:
 
 def _y_label(spec: _CompareSpec, runs: Sequence[RunData]) -> str:
     """The axis title: a test metric names whose model it measured, the PS's or the
-    workers' own replicas (an example node's curve is its own replica's)."""
+    workers' own replicas (an example node's curve is its own replica's); the training loss,
+    whose (a Sandblaster run's is its coordinator's batch loss: its workers report none)."""
+    if spec.series is _mean_train_loss:
+        sandblaster = {_is_sandblaster(run.config) for run in runs}
+        if sandblaster == {True}:
+            return "training loss, the coordinator's batch loss"
+        if sandblaster == {True, False}:
+            return "training loss, mean of workers (Sandblaster: the coordinator's batch loss)"
     if not spec.tested:
         return spec.y_label
     own_replicas = {tests_own_replica(run.config) for run in runs}

@@ -314,16 +314,19 @@ def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_o
             f"distbelief train: error: argument {flag}: {run_dir} has done {done} already (its "
             f"last committed checkpoint): give more than {done.split()[0]} to go on"
         )
-    # Only the other bound raised: the run's own evaluation budget, reached, stops it at once.
-    refused = run_main("train", "--resume", str(run_dir), "--max-iterations", "1000", capsys=capsys)
-    assert refused.returncode == 2, refused.stderr[-3000:]
+    # Only the other bound raised: the run's own evaluation budget, reached, stops it at once
+    # (refused before a reshard too: the folder is left as it was).
     evaluations = resumed["evaluations"]
-    assert refused.stderr.splitlines()[-1] == (
-        f"distbelief train: error: sandblaster.max_evaluations (in {run_dir / 'config.json'}): "
-        f"{run_dir} has done {evaluations} objective evaluations already (its last committed "
-        f"checkpoint): its max_evaluations is 6: give --max-evaluations more than {evaluations} "
-        "to go on"
-    )
+    for shards in ([], ["--shards", "1"]):
+        argv = ["train", "--resume", str(run_dir), "--max-iterations", "1000", *shards]
+        refused = run_main(*argv, capsys=capsys)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert refused.stderr.splitlines()[-1] == (
+            f"distbelief train: error: sandblaster.max_evaluations (in {run_dir / 'config.json'}"
+            f"): {run_dir} has done {evaluations} objective evaluations already (its last "
+            f"committed checkpoint): its max_evaluations is 6: give --max-evaluations more than "
+            f"{evaluations} to go on"
+        )
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
 
 

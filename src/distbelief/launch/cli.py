@@ -104,11 +104,13 @@ def _reshard_before_resume(
     are checked as they are (whole, of the partitioner the job's shards restore, and of the
     model its config.json names), so a refused resume leaves them as they were."""
     from distbelief.launch.reshard import reshard_run
-    from distbelief.launch.resume import read_run_for_resume
+    from distbelief.launch.resume import check_budgets_left, read_run_for_resume
     from distbelief.launch.resume_layout import check_resumed_layout
 
     if current != num_shards:
-        check_resumed_layout(read_run_for_resume(run_dir, changes))
+        resumed = read_run_for_resume(run_dir, changes)
+        check_resumed_layout(resumed)
+        check_budgets_left(run_dir, resumed)  # a job refused then should find it unchanged
         summary = reshard_run(run_dir, num_shards)
         print(summary.line())
 

@@ -49,6 +49,7 @@ from distbelief.launch.job_plan import (
     planned_steps,
 )
 from distbelief.launch.local import LocalCluster
+from distbelief.launch.resume import check_budgets_left
 from distbelief.launch.resume_layout import check_resumed_layout, check_shards_fit_model
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.run_records import NOT_ASKED_FOR, write_run_records
@@ -340,6 +341,8 @@ def _check_and_plan(
             check_resumed_layout(config)
         else:
             check_shards_fit_model(config)  # a resumed run's count was checked by its reshard
+    if resume:
+        check_budgets_left(run_dir_path(config.reporting.out_dir), config)
     return config, partitions, total_steps
 
 

@@ -153,44 +153,65 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
     except CheckpointError as e:
         raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
     if config.optimizer.algorithm == "sandblaster":
-        _check_budgets_go_past(run_dir, config, changes)
+        _check_budgets_go_past(run_dir, changes)
     return config.with_fields({**changes, "reporting.out_dir": str(run_dir)})
 
 
-def _check_budgets_go_past(run_dir: Path, config: JobConfig, changes: Mapping[str, object]) -> None:
-    """A Sandblaster resume's ``--max-iterations`` and ``--max-evaluations``, as ``changes``
-    sets them or the run's config holds them: one the run has reached already would end it at
-    once, having done nothing (read after the checkpoint checks: the record is sound). A run
-    that stopped at its own bound, resumed with only the other raised, was started for
-    nothing.
+def _check_budgets_go_past(run_dir: Path, changes: Mapping[str, object]) -> None:
+    """A Sandblaster resume's new ``--max-iterations`` or ``--max-evaluations``: one the run
+    has reached already would end it at once, having done nothing (read after the checkpoint
+    checks: the record is sound).
+
+    Raises:
+        ConfigFieldError: the bound is not past what the committed checkpoint has done.
+    """
+    for field, count, what in _done_so_far(run_dir):
+        bound = changes.get(field)
+        if bound is not None and int(bound) <= count:
+            raise ConfigFieldError(
+                field,
+                f"{run_dir} has done {count} {what} already (its last committed checkpoint): "
+                f"give more than {count} to go on",
+            )
+
+
+def check_budgets_left(run_dir: Path, config: JobConfig) -> None:
+    """A resumed Sandblaster run's bounds as it will run (its config.json's, or those the
+    resume raised): one it has reached already would start the job for nothing (a run that
+    stopped at its ``--max-iterations``, resumed with a larger ``--max-evaluations`` alone).
+    Checked after the checkpoints' model and layout, which matter more.
 
     Raises:
         ConfigFieldError: a bound is not past what the committed checkpoint has done.
     """
+    if config.optimizer.algorithm != "sandblaster":
+        return
+    for field, count, what in _done_so_far(run_dir):
+        name = field.split(".")[1]
+        bound = getattr(config.sandblaster, name)
+        if bound is not None and int(bound) <= count:
+            raise ConfigFieldError(
+                field,
+                f"{run_dir} has done {count} {what} already (its last committed checkpoint): "
+                f"its {name} is {int(bound)}: give --{name.replace('_', '-')} more than "
+                f"{count} to go on",
+            )
+
+
+def _done_so_far(run_dir: Path) -> list[tuple[str, int, str]]:
+    """Per Sandblaster bound (its config field), what the last committed checkpoint has done,
+    and what the count is of; none without a checkpoint."""
     record = read_record(run_dir / CHECKPOINT_DIR)
     if record is None:
-        return
-    done = {
-        "sandblaster.max_iterations": (int(record["iteration"]), "iterations"),
-        "sandblaster.max_evaluations": (
+        return []
+    return [
+        ("sandblaster.max_iterations", int(record["iteration"]), "iterations"),
+        (
+            "sandblaster.max_evaluations",
             int(record["state"].get("num_evaluations", 0)),
             "objective evaluations",
         ),
-    }
-    for field, (count, what) in done.items():
-        section, name = field.split(".")
-        bound = changes[field] if field in changes else getattr(getattr(config, section), name)
-        if bound is None or int(bound) > count:
-            continue
-        if field in changes:
-            wanted = f"give more than {count} to go on"
-        else:  # the run's own bound, which stopped it
-            wanted = f"its {name} is {int(bound)}: give --{name.replace('_', '-')} more than "
-            wanted += f"{count} to go on"
-        raise ConfigFieldError(
-            field,
-            f"{run_dir} has done {count} {what} already (its last committed checkpoint): {wanted}",
-        )
+    ]
 
 
 def checkpoint_folders(directory: Path, num_partitions: int) -> list[Path]:

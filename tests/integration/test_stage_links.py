@@ -763,7 +763,9 @@ def test_a_stage_that_nobody_asks_stops_waiting_to_tell_its_cause(make_links):
     assert make_links(0, 1).fail(ValueError("x"), TIMEOUT_S) is True  # no stage before
 
 
-def test_a_stage_process_whose_shards_refuse_it_tells_the_stage_before(monkeypatch):
+def test_a_stage_process_whose_shards_refuse_it_tells_the_stage_before(monkeypatch, caplog):
+    """And says so at once: its wait for the stage before (up to --timeout + --retry-timeout)
+    was silent."""
     from distbelief.config import JobConfig
     from distbelief.data import load_job_dataset
     from distbelief.pipeline.job import job_split, stage_plan
@@ -825,3 +827,8 @@ def test_a_stage_process_whose_shards_refuse_it_tells_the_stage_before(monkeypat
     worker.join(TIMEOUT_S)
     assert not worker.is_alive()
     assert len(failures) == 1 and isinstance(failures[0], LayoutMismatchError), failures
+    said = [r.getMessage() for r in caplog.records if r.name == "distbelief.worker.stage"]
+    assert said == [
+        f"stage 1 cannot train (LayoutMismatchError: {CAUSE}); it exits once stage 0 has been "
+        "told why (waiting up to 80s for it to connect)"
+    ]

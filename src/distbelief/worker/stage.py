@@ -13,6 +13,7 @@ applied to shard 0 but not yet to shard 1. Downpour allows no more than that.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -35,6 +36,8 @@ from distbelief.process import Emit
 from distbelief.telemetry.metrics import make_record
 from distbelief.worker.loop import worker_batches
 from distbelief.worker.run import job_optimizer, push_reporter
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -154,7 +157,18 @@ def run_stage_worker(
         except Exception as e:
             # The stage before would retry its connection to this one until its first-contact
             # bound, then report the connection: it is told why instead, before this one exits.
-            links.fail(e, config.faults.timeout_s + config.faults.retry_timeout_s)
+            bound_s = config.faults.timeout_s + config.faults.retry_timeout_s
+            if stage > 0:  # said now: the wait for the stage before is silent otherwise
+                logger.warning(
+                    "stage %d cannot train (%s: %s); it exits once stage %d has been told why "
+                    "(waiting up to %gs for it to connect)",
+                    stage,
+                    type(e).__name__,
+                    str(e).strip().splitlines()[0] if str(e).strip() else "",
+                    stage - 1,
+                    bound_s,
+                )
+            links.fail(e, bound_s)
             raise
         # The replica's stages go on together, from the step the launcher gives every one.
         optimizer.resume(resume_step, optimizer.client.pushed_steps if restarted else None)

@@ -105,15 +105,12 @@ class ShardHandshake:
         worker filling it would train half a model from new values without a word, and an
         evaluator waiting for one would wait for nothing."""
         empty = [i for i, reply in enumerate(described) if not reply.get("initialized")]
-        trained = [
-            (i, int(reply.get("version", 0)))
-            for i, reply in enumerate(described)
-            if reply.get("initialized") and int(reply.get("version", 0)) > 0
-        ]
+        versions = [int(reply.get("version", 0)) for reply in described]
+        trained = [i for i, version in enumerate(versions) if i not in empty and version > 0]
         if not empty or not trained:
             return
         lost = ", ".join(f"shard {i} ({self.addresses[i]})" for i in empty)
-        at, version = trained[0]
+        at, version = trained[0], versions[trained[0]]
         raise ShardEmptyError(
             f"{lost} {'holds' if len(empty) == 1 else 'hold'} no parameters while shard {at} "
             f"({self.addresses[at]}) has applied {version} updates: restarted with no "

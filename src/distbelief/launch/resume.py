@@ -15,6 +15,7 @@ from distbelief.config import JobConfig
 from distbelief.coordinator.checkpoint import RECORD_FILE, TAG_PREFIX, read_record, restore_folder
 from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.launch.cluster import CHECKPOINT_DIR
+from distbelief.launch.flags import flag_of
 from distbelief.launch.rundir import nothing_to_resume
 from distbelief.server.checkpoint_meta import (
     LAUNCHED_PARTITIONER,
@@ -193,7 +194,7 @@ def check_budgets_left(run_dir: Path, config: JobConfig) -> None:
             raise ConfigFieldError(
                 field,
                 f"{run_dir} has done {count} {what} already (its last committed checkpoint): "
-                f"its {name} is {int(bound)}: give --{name.replace('_', '-')} more than "
+                f"its {name} is {int(bound)}: give {flag_of('train', field)} more than "
                 f"{count} to go on",
             )
 

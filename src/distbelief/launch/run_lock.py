@@ -103,32 +103,31 @@ def shard_checkpoints_locked(directory: Path, shard_id: int) -> Iterator[None]:
                 f"--checkpoint-dir {directory}: cannot open {path.name} there to hold shard "
                 f"{shard_id}'s checkpoints ({e.strerror})"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ValueError(
+        with _flocked(
+            fd,
+            path,
+            lambda holder: (
                 f"--checkpoint-dir {directory}: shard {shard_id} is already served from this "
-                f"folder{_holder(path)}: stop it first, or give this one another folder"
-            ) from None
-        if _is_file_at(fd, path):
-            break
-        # Its holder removed it as it let go, after this open: the file there now is the one
-        # to hold (holding the removed one would hold nothing another shard can see).
-        os.close(fd)
-    else:
-        raise ValueError(
-            f"--checkpoint-dir {directory}: {path.name} was replaced {_LOCK_FILE_TRIES} times "
-            "while this shard took it: is another program removing it?"
-        )
-    try:
-        yield
-    finally:
-        # Removed while still held: a process that opened it meanwhile finds, once it holds
-        # it, that it is no longer the file there, and takes the new one.
-        with contextlib.suppress(OSError):
-            path.unlink()
-        os.close(fd)  # releases the lock
+                f"folder{holder}: stop it first, or give this one another folder"
+            ),
+        ):
+            if not _is_file_at(fd, path):
+                # Its holder removed it as it let go, after this open: the file there now is
+                # the one to hold (holding the removed one would hold nothing another shard
+                # can see).
+                continue
+            try:
+                yield
+            finally:
+                # Removed while still held: a process that opened it meanwhile finds, once it
+                # holds it, that it is no longer the file there, and takes the new one.
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            return
+    raise ValueError(
+        f"--checkpoint-dir {directory}: {path.name} was replaced {_LOCK_FILE_TRIES} times "
+        "while this shard took it: is another program removing it?"
+    )
 
 
 _LOCK_FILE_TRIES = 100

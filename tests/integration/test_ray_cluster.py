@@ -368,6 +368,9 @@ def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, t
                 process.wait(10)
     err = log.read_text()
     assert launcher.returncode == 0, err[-3000:]
+    # The actors' lines Ray printed into the log file (the workers' warnings of the shard
+    # lost) carry no colour codes, as the launcher's own carry none there.
+    assert "(NodeHost pid=" in err and "\x1b[" not in err, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     faults = {fault["process"]: fault for fault in summary["faults"]}
     assert set(faults) == {f"worker{victim}", "shard0"}, summary["faults"]
@@ -776,14 +779,16 @@ def test_a_resumed_runs_ray_head_gone_is_named_with_its_config_file(tmp_path):
     config_file.write_text(json.dumps(config))
     result = run_forked("train", "--resume", str(run_dir), timeout_s=60)
     assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        .splitlines()[-1]
-        .startswith(
-            f"distbelief train: error: cluster.ray_address (in {config_file}): no Ray head answers "
-            "at 127.0.0.1:1"
-        )
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"distbelief train: error: cluster.ray_address (in {config_file}): no Ray head answers "
+        "at 127.0.0.1:1"
     ), result.stderr
+    # ... and the way out: the flag that overrides it.
+    assert last.endswith(
+        "give --ray-address HOST:PORT of its cluster now, or --ray-address local to resume it "
+        "on this machine alone"
+    ), last
 
 
 _START_AFTER_STOP = """

@@ -65,6 +65,16 @@ def usage_error(args: argparse.Namespace, message: str) -> int:
     return EXIT_USAGE
 
 
+_WAYS_OUT_OF_A_RUNS_SETTING = {
+    "cluster.ray_address": (
+        "give --ray-address HOST:PORT of its cluster now, or --ray-address local to resume it on "
+        "this machine alone"
+    ),
+}
+"""A resumed run's setting that may no longer hold (its cluster gone): the flag that
+overrides it."""
+
+
 def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
     typed = error.field in vars(args) or not getattr(args, "resume", None)
     flag = flag_of(args.command, error.field) if typed else None
@@ -75,6 +85,8 @@ def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
         if not typed:  # the resumed run's: where it comes from (a Ray head gone since, say)
             config_file = Path(args.resume) / "config.json"
             said = f"{error.field} (in {config_file}): {error.problem}"
+            if error.field in _WAYS_OUT_OF_A_RUNS_SETTING:
+                said += f": {_WAYS_OUT_OF_A_RUNS_SETTING[error.field]}"
         print(f"distbelief {args.command}: error: {said}", file=sys.stderr)
         return EXIT_USAGE
     return usage_error(args, f"argument {flag}: {_as_typed(args, flag, error)}")

@@ -129,6 +129,10 @@ def _open_cluster(
         raise
 
 
+LAUNCH_RECORDS = ("pids.json", "ray.json")
+"""A launch's records of its processes in the run folder (``Cluster`` implementations')."""
+
+
 def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
     """The config with the run folder's path filled in (and written there); refuses to mix
     runs."""
@@ -155,6 +159,10 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
         )
     if resume:  # refused as the metrics writer would refuse it, before config.json changes
         check_appendable(run_dir / "metrics.csv")
+        # They name the last launch's processes, gone: this launch writes its own as its
+        # processes start (a Ray run resumed by the local launcher writes no ray.json).
+        for record in LAUNCH_RECORDS:
+            (run_dir / record).unlink(missing_ok=True)
     config = config.with_fields({"reporting.out_dir": str(run_dir)})
     write_text_atomic(run_dir / "config.json", config.to_json())
     return config

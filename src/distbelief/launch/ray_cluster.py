@@ -51,6 +51,7 @@ from distbelief.launch.ray_session import (
     RaySession,
     check_address,
     import_ray,
+    plain_lines_off_a_terminal,
     prepare_embedded,
 )
 from distbelief.launch.rundir import write_text_atomic
@@ -107,6 +108,7 @@ class RayCluster:
         at the address (see ``check_address``); ValueError if ``DISTBELIEF_PLACEMENT_TIMEOUT_S``
         is malformed."""
         placement_timeout_s()
+        plain_lines_off_a_terminal()
         if config.cluster.ray_address:
             check_address(config.cluster.ray_address)
         else:

@@ -26,6 +26,7 @@ from distbelief.errors import ClusterError, ConfigFieldError
 from distbelief.hosts import is_host
 from distbelief.launch.process_groups import in_a_process_group_of_their_own
 from distbelief.launch.ray_probe import GRPC_UNAUTHENTICATED, GRPC_UNIMPLEMENTED, ask_gcs
+from distbelief.telemetry.progress import is_terminal
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,21 @@ def prepare_embedded() -> ModuleType:
         raise
 
 
+def plain_lines_off_a_terminal() -> None:
+    """Off a terminal (a log file, CI), the actors' lines Ray prints here come as the local
+    launcher's processes print theirs: each line whole (Ray's deduplication prints one of a
+    kind with "[repeated 29x across cluster]", the workers' lines merged, and a colour code
+    around it) and no colour codes in their ``(NodeHost pid=...)`` prefixes. Set before Ray is
+    imported (it reads ``RAY_DEDUP_LOGS`` then: the address check imports it); a value of the
+    user's is kept."""
+    if is_terminal(sys.stderr):
+        return
+    for name in ("RAY_COLOR_PREFIX", "RAY_DEDUP_LOGS"):
+        if name not in os.environ:
+            os.environ[name] = "0"
+            _variables_set.append(name)
+
+
 def restore_environment() -> None:
     """Unsets what ``prepare_embedded`` set."""
     for name in _variables_set:
@@ -299,6 +315,7 @@ class RaySession:
     def __init__(self, config: JobConfig, num_cpus: int) -> None:
         self.temp_dir: str | None = None
         address = config.cluster.ray_address
+        plain_lines_off_a_terminal()
         ray = import_ray() if address else prepare_embedded()
         self.connected_here = not ray.is_initialized()
         if not self.connected_here:

@@ -314,7 +314,8 @@ class _Dashboard:
         )
 
 
-def _is_terminal(stream: TextIO) -> bool:
+def is_terminal(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal (False for one that cannot say)."""
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
 
@@ -360,7 +361,7 @@ class ProgressDisplay(ClosedOnExit):
         if log_every_s < 0:
             raise ValueError(f"log_every_s must be >= 0, got {log_every_s}")
         self._stream = sys.stderr if stream is None else stream
-        self.interactive = _is_terminal(self._stream) if interactive is None else interactive
+        self.interactive = is_terminal(self._stream) if interactive is None else interactive
         self._log_every_s = log_every_s
         self._state = _RunState(num_workers=num_workers, total_steps=total_steps)
         self._lock = threading.Lock()

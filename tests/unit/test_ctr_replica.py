@@ -82,3 +82,15 @@ def test_a_table_of_another_size_is_told_the_flag_its_size_came_from(fields, tol
     # The shards' refusal names the table and both sizes; the process adds where its came from.
     config = JobConfig.from_fields({"model.name": "dlrm", **fields})
     assert told in table_size_source(config.data)
+
+
+def test_an_evaluation_pass_of_wide_rows_takes_fewer_samples():
+    """4096 test samples of 26 rows 65536 floats wide were 28 GB in one pass (the evaluator
+    of a job at the widest --embedding-dim grew past 10 GB): a pass's rows stay within
+    EVAL_BATCH_ROW_BYTES."""
+    from distbelief.evaluator.ctr import EVAL_BATCH_ROW_BYTES, EVAL_BATCH_SIZE, samples_per_pass
+
+    assert samples_per_pass([16] * 26) == EVAL_BATCH_SIZE
+    wide = samples_per_pass([65536] * 26)
+    assert wide == 39 and wide * 26 * 65536 * 4 <= EVAL_BATCH_ROW_BYTES
+    assert samples_per_pass([1 << 40]) == 1  # at least one sample, however wide

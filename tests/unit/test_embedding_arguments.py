@@ -189,6 +189,26 @@ def test_a_module_built_by_hand_keeps_the_table_it_names(no_shards):
     assert model.again(torch.tensor([[1, 2]])).shape == (1, 4)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's imports' own
+def test_prefetch_takes_a_table_by_its_module_path_too(no_shards):
+    """``tables.modules`` is keyed by module path: a compiled model's (``_orig_mod.emb``) and a
+    hand-built module's differ from their tables' names, and a loop that built its prefetch
+    from ``tables.modules`` was refused (``table '_orig_mod.emb' was not declared``)."""
+    compiled = torch.compile(_Model())  # the wrapper only: nothing is compiled before a call
+    tables = ShardedEmbeddings(compiled, ps=ADDRESS)
+    assert sorted(tables.modules) == ["_orig_mod.bag", "_orig_mod.emb"]
+    tables.prefetch({path: [1, 2] for path in tables.modules})
+    tables.prefetch_next({"_orig_mod.emb": [3]})
+    assert sorted(tables._batch) == ["bag", "emb"]
+    with pytest.raises(ValueError, match=r"^table 'emb' is given twice \(as 'emb' and '_orig_mod"):
+        tables.prefetch({"emb": [1], "_orig_mod.emb": [2]})
+    model = _Model()
+    model.users = ShardedEmbedding("user_ids", 10, 4)
+    by_hand = ShardedEmbeddings(model, ps=ADDRESS, tables="users")
+    by_hand.prefetch({"users": [4]})
+    assert by_hand._batch["user_ids"][0].tolist() == [4]
+
+
 @pytest.mark.parametrize("table", [nn.Embedding(10, 4), nn.EmbeddingBag(10, 4)])
 def test_a_model_that_is_itself_a_table_is_refused_unless_sharded_already(table):
     with pytest.raises(ValueError, match=r"^the model is itself an Embedding(Bag)?, which cannot"):
@@ -308,7 +328,9 @@ def test_a_deep_copy_of_a_model_shares_its_tables_and_pickling_is_refused_by_nam
     with pytest.raises(TypeError, match=r"^cannot pickle table 'emb': its rows live on the shards"):
         pickle.dumps(model)
     for action in (copy.copy, copy.deepcopy, pickle.dumps):
-        with pytest.raises(TypeError, match=r"^cannot pickle or copy a ShardedEmbeddings"):
+        with pytest.raises(
+            TypeError, match=r"^cannot pickle or copy a ShardedEmbeddings \(tables 'emb', 'bag'\)"
+        ):
             action(tables)
     detached = ShardedEmbedding("users", 10, 4)
     assert pickle.loads(pickle.dumps(detached)).table == "users"

@@ -196,6 +196,21 @@ def test_capacity_grows_in_chunks_and_reuses_free_slots():
     assert bounded.capacity == 4 and bounded.num_rows == 1
 
 
+def test_a_chunk_of_wide_rows_stays_small():
+    """1024 slots of a table 65536 floats wide were 256 MiB (512 MiB with Adagrad's state) for
+    the few rows a shard held: a chunk takes at most GROWTH_CHUNK_BYTES, whole rows."""
+    # A slot of 256 KiB + 16 bytes: chunks of 3; with Adagrad's state, 512 KiB + 16: of 1.
+    for optimizer, capacities in ((RowSGD(0.1), (3, 6)), (RowAdagrad(0.1), (1, 4))):
+        wide = RowTable(65536, optimizer)
+        wide.push(_ids(1), torch.ones(1, 65536))
+        first = wide.capacity
+        wide.push(_ids(2, 3, 4), torch.ones(3, 65536))
+        assert (first, wide.capacity) == capacities and wide.num_rows == 4
+    narrow = RowTable(DIM, RowSGD(0.1))  # a narrow table's chunk is the whole 1024 rows
+    _push(narrow, 1)
+    assert narrow.capacity == 1024
+
+
 def test_state_dict_round_trip():
     table = RowTable(DIM, RowAdagrad(0.5), admit_after=2, max_rows=6, init="normal", seed=3)
     generator = torch.Generator().manual_seed(0)

@@ -23,7 +23,7 @@ import torch
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.files import CRITEO_SUBDIR as SUBDIR
 from distbelief.data.files import CRITEO_SUFFIXES as FILE_SUFFIXES
-from distbelief.data.files import lines_before_trailing_blanks
+from distbelief.data.files import field_as_written, lines_before_trailing_blanks
 from distbelief.errors import DatasetUnavailableError
 
 NUM_DENSE = 13
@@ -263,16 +263,16 @@ def _describe_malformed(line: bytes) -> str:
         hint = " (no label column: an unlabelled file?)" if len(fields) == NUM_FIELDS - 1 else ""
         return f"expected {NUM_FIELDS} tab-separated fields, got {len(fields)}{hint}"
     if fields[0] not in (b"0", b"1"):
-        return f"label must be 0 or 1, got {fields[0][:20]!r}"
+        return f"label must be 0 or 1, got {field_as_written(fields[0])}"
     for i, field in enumerate(fields[1 : 1 + NUM_DENSE], start=1):
         if field and _INTEGER.fullmatch(field) is None:
             return (
                 f"I{i} must be an integer of at most {MAX_DENSE_DIGITS} digits or empty, got "
-                f"{field[:20]!r}"
+                f"{field_as_written(field)}"
             )
     for i, field in enumerate(fields[1 + NUM_DENSE :], start=1):
         if field and _HEX.fullmatch(field) is None:
-            return f"C{i} must be 8 hex digits or empty, got {field[:20]!r}"
+            return f"C{i} must be 8 hex digits or empty, got {field_as_written(field)}"
     return "stray carriage return or line terminator"
 
 

@@ -2,7 +2,8 @@
 
 Torch-free, so the launcher (and ``worker`` and ``eval``) can refuse a job whose files are
 absent before starting any process; the loaders read the same names from here, and their
-text files' lines through ``lines_before_trailing_blanks``.
+text files' lines through ``lines_before_trailing_blanks`` (a bad field quoted by
+``field_as_written``).
 """
 
 from __future__ import annotations
@@ -138,3 +139,15 @@ def lines_before_trailing_blanks(lines: Iterable[bytes]) -> Iterator[bytes]:
 
 def _present(folder: Path, stem: str, suffixes: tuple[str, ...]) -> bool:
     return any((folder / f"{stem}{suffix}").is_file() for suffix in suffixes)
+
+
+FIELD_SHOWN_BYTES = 30
+"""The most of a bad field an error quotes."""
+
+
+def field_as_written(field: bytes) -> str:
+    """A text file's field quoted as the file has it (its first FIELD_SHOWN_BYTES, ``...``
+    after the quote when there is more), not as Python writes bytes (``b'abc'``)."""
+    field = field.strip()
+    shown = repr(field[:FIELD_SHOWN_BYTES].decode("utf-8", "backslashreplace"))
+    return shown + "..." * (len(field) > FIELD_SHOWN_BYTES)

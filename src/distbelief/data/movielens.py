@@ -19,7 +19,7 @@ from distbelief.config import MAX_TENSOR_BYTES, TABLE_VALUE_BYTES, max_table_row
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.files import MOVIELENS_RATINGS_FILES as RATINGS_FILES
 from distbelief.data.files import MOVIELENS_SUBDIR as SUBDIR
-from distbelief.data.files import lines_before_trailing_blanks, not_a_file
+from distbelief.data.files import field_as_written, lines_before_trailing_blanks, not_a_file
 from distbelief.errors import DatasetUnavailableError
 
 CSV_HEADER = b"userId,movieId,rating,timestamp"
@@ -274,13 +274,7 @@ def _integer(field: bytes, name: str, low: int, high: int) -> int:
         return value
     text = field.strip()
     problem = f"be in [{low}, {high}]" if text.lstrip(b"-").isdigit() else "be an integer"
-    raise ValueError(f"{name} must {problem}, got {_as_written(text)}")
-
-
-def _as_written(field: bytes) -> str:
-    """A field of the file quoted as the file has it (its first 30 bytes), not as Python
-    writes bytes (``b'abc'``)."""
-    return repr(field.strip()[:30].decode("utf-8", "backslashreplace"))
+    raise ValueError(f"{name} must {problem}, got {field_as_written(text)}")
 
 
 def _rating(field: bytes) -> float:
@@ -289,14 +283,14 @@ def _rating(field: bytes) -> float:
             raise ValueError(field)
         rating = float(field)
     except ValueError:
-        raise ValueError(f"rating must be a number, got {_as_written(field)}") from None
+        raise ValueError(f"rating must be a number, got {field_as_written(field)}") from None
     if not np.isfinite(rating):
-        raise ValueError(f"rating must be a finite number, got {_as_written(field)}")
+        raise ValueError(f"rating must be a finite number, got {field_as_written(field)}")
     if not MIN_STARS <= rating <= MAX_STARS:
         # Every MovieLens release rates 1-5 stars (the latest in half stars from 0.5): a
         # rating beyond is a damaged file, whose label would be a guess.
         raise ValueError(
-            f"rating must be {MIN_STARS:g} to {MAX_STARS:g} stars, got {_as_written(field)}"
+            f"rating must be {MIN_STARS:g} to {MAX_STARS:g} stars, got {field_as_written(field)}"
         )
     return rating
 

@@ -106,8 +106,6 @@ def _id_tensor(table: str, ids: object) -> torch.Tensor:
 def _unique_ids(ids_by_table: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
     """(each table's distinct ids; each table's (identity of the ids given, their inverse, the
     ids))."""
-    if not isinstance(ids_by_table, Mapping):
-        raise TypeError(f"ids_by_table must map table names to ids, got {ids_by_table!r}")
     unique, inverse = {}, {}
     for name, given in ids_by_table.items():
         ids = _id_tensor(name, given)
@@ -310,9 +308,10 @@ class ShardedEmbeddings:
     def __getstate__(self) -> dict:
         # A deep copy of a model shares this (embeddings/modules.py); a copy of it alone would
         # have connections of its own to nothing.
+        named = ", ".join(repr(name) for name in getattr(self, "modules", {}))
         raise TypeError(
-            "cannot pickle or copy a ShardedEmbeddings: it holds connections to the shards; "
-            "the shards checkpoint the rows"
+            f"cannot pickle or copy a ShardedEmbeddings (tables {named}): it holds connections "
+            "to the shards; save the model's state_dict(), the shards checkpoint the rows"
         )
 
     def prefetch(self, ids_by_table: Mapping[str, torch.Tensor]) -> None:
@@ -326,7 +325,7 @@ class ShardedEmbeddings:
         """
         self._check_open("prefetch")
         self._take_next()
-        unique, inverse = _unique_ids(ids_by_table)
+        unique, inverse = _unique_ids(self._by_table(ids_by_table))
         self._inverse.update(inverse)
         self._batch.update(self._start_fetch(unique).result())
 
@@ -341,8 +340,30 @@ class ShardedEmbeddings:
             ClosedError: called after ``close()`` (a RuntimeError).
         """
         self._check_open("prefetch_next")
-        unique, self._next_inverse = _unique_ids(ids_by_table)
+        unique, self._next_inverse = _unique_ids(self._by_table(ids_by_table))
         self._next = unique if self.blocking else self._start_fetch(unique)
+
+    def _by_table(self, ids_by_table: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``ids_by_table`` keyed by table name: a key may also be a module's path in
+        ``modules`` (a compiled model's ``_orig_mod.items``, a hand-built module's path),
+        which names its module's table.
+
+        Raises:
+            ValueError: one table given twice (by its name and a path, or by two paths).
+        """
+        if not isinstance(ids_by_table, Mapping):
+            raise TypeError(f"ids_by_table must map table names to ids, got {ids_by_table!r}")
+        by_table: dict[str, torch.Tensor] = {}
+        given_as: dict[str, str] = {}
+        for key, ids in ids_by_table.items():
+            module = self.modules.get(key) if key not in self.dims else None
+            table = module.table if module is not None else key
+            if table in by_table:
+                raise ValueError(
+                    f"table {table!r} is given twice (as {given_as[table]!r} and {key!r})"
+                )
+            by_table[table], given_as[table] = ids, key
+        return by_table
 
     def has_rows_for_step(self) -> bool:
         """Whether this step's rows are here or on their way (a ``prefetch_next`` of the last

@@ -25,7 +25,19 @@ if TYPE_CHECKING:
     from distbelief.wire.security import WireSecurity
 
 EVAL_BATCH_SIZE = 4096
-"""Test samples per forward pass (and per row pull)."""
+"""Most test samples per forward pass (and per row pull)."""
+
+EVAL_BATCH_ROW_BYTES = 256 << 20
+"""Most bytes of rows one forward pass looks up: 4096 samples of 26 rows of 16 floats are
+7 MB, but of 65536 floats 28 GB (a pass then takes 39 samples)."""
+
+
+def samples_per_pass(row_widths: Sequence[int]) -> int:
+    """Test samples per forward pass of a model that looks up one row of each of tables
+    ``row_widths`` wide (float32) per sample: EVAL_BATCH_SIZE, or fewer where their rows would
+    pass EVAL_BATCH_ROW_BYTES."""
+    row_bytes = 4 * max(1, sum(row_widths))
+    return max(1, min(EVAL_BATCH_SIZE, EVAL_BATCH_ROW_BYTES // row_bytes))
 
 
 class CtrEvaluator:
@@ -56,15 +68,18 @@ class CtrEvaluator:
             self.tables.client.close(wait=False)
             raise
         self._columns = table_columns(self.tables)
+        self._batch_size = samples_per_pass(
+            [table.embedding_dim for table in self.tables.modules.values()]
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Test loss, accuracy, AUC and the shards' (dense) version of one fresh pull."""
         version = self._dense.pull()
         logits = []
-        for start in range(0, len(self.test_set), EVAL_BATCH_SIZE):
-            dense = self.test_set.dense[start : start + EVAL_BATCH_SIZE]
-            sparse = self.test_set.sparse[start : start + EVAL_BATCH_SIZE]
+        for start in range(0, len(self.test_set), self._batch_size):
+            dense = self.test_set.dense[start : start + self._batch_size]
+            sparse = self.test_set.sparse[start : start + self._batch_size]
             self.tables.prefetch({name: sparse[:, c] for name, c in self._columns.items()})
             logits.append(self.model(dense, sparse))
             self.tables.forget_batch()

@@ -36,6 +36,11 @@ RowInit = Callable[[torch.Tensor], torch.Tensor]
 
 _FREE = -1  # last_step of a slot holding no row
 
+GROWTH_CHUNK_BYTES = 1 << 20
+"""Most bytes a chunk of slots takes: 1024 rows of 16 floats are 64 KiB with no state, but
+1024 rows of 65536 floats would be 256 MiB for a table that holds three (a chunk of them is
+4 rows)."""
+
 
 def _check_ids(ids: torch.Tensor) -> None:
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
@@ -78,7 +83,8 @@ class RowTable:
             in), or a function from new ids [n] to their rows [n, D].
         init_std: The standard deviation of "normal".
         seed: The seed of "normal".
-        chunk_rows: Slots are allocated in whole chunks of this many.
+        chunk_rows: Slots are allocated in whole chunks of this many, or of fewer where this
+            many would take more than ``GROWTH_CHUNK_BYTES`` (wide rows).
 
     Attributes:
         num_admitted: Rows ever created (an evicted id that comes back counts again).
@@ -123,6 +129,9 @@ class RowTable:
         self.seed = seed
         self.chunk_rows = chunk_rows
         self._state_shapes = optimizer.state_shapes(dim)
+        # Values and state as float32, the id and last step as int64.
+        slot_bytes = 4 * (dim + sum(math.prod(s) for s in self._state_shapes.values())) + 16
+        self._growth_rows = max(1, min(chunk_rows, GROWTH_CHUNK_BYTES // slot_bytes))
         self._reset(capacity=0)
 
     def _reset(self, capacity: int) -> None:
@@ -363,7 +372,7 @@ class RowTable:
         if num_slots <= self._capacity:
             return
         capacity = max(num_slots, 2 * self._capacity)
-        capacity = -(-capacity // self.chunk_rows) * self.chunk_rows
+        capacity = -(-capacity // self._growth_rows) * self._growth_rows
         if self.max_rows is not None:
             # Slots in use never outnumber max_rows: evicted slots are reused first.
             capacity = max(num_slots, min(capacity, self.max_rows))

@@ -249,27 +249,24 @@ def test_dc_asgd_compensates_a_push_after_a_reconnect(shard_cluster):
     assert float((pulled[torch.float32] - uncompensated).abs().max()) > 1e-3
 
 
+def _ahead_and_idle(address: str, **options) -> tuple[dict, tuple[DownpourSGD, DownpourSGD]]:
+    """Two workers' models (by name) and optimizers: one that steps ahead, one that never steps."""
+    models = {name: _model() for name in ("ahead", "idle")}
+    optimizers = [
+        DownpourSGD(model.parameters(), lr=0.1, model=model, ps=address, worker_id=name, **options)
+        for name, model in models.items()
+    ]
+    return models, (optimizers[0], optimizers[1])
+
+
 def test_a_pull_held_too_long_still_lets_close_push_what_the_worker_holds(shard_cluster):
     """A pull held past hold_timeout_s (a worker that never steps holds the others under
     SSP) raises HeldTooLongError, a ShardTimeoutError; the shard answered all along, so the
     close after it still pushes the steps the worker accrued."""
     [address] = shard_cluster(1, "--max-staleness", "1", "--num-workers", "2", "--server-lr", "1")
-    models = {name: _model() for name in ("ahead", "idle")}
-    optimizers = {
-        name: DownpourSGD(
-            model.parameters(),
-            lr=0.1,
-            model=model,
-            ps=address,
-            worker_id=name,
-            n_push=100,
-            n_pull=100,
-            timeout_s=10,
-            hold_timeout_s=3,
-        )
-        for name, model in models.items()
-    }
-    ahead, idle = optimizers["ahead"], optimizers["idle"]
+    models, (ahead, idle) = _ahead_and_idle(
+        address, n_push=100, n_pull=100, timeout_s=10, hold_timeout_s=3
+    )
     for step in range(5):
         _step(models["ahead"], ahead, _batch(step))
     with pytest.raises(HeldTooLongError, match="pull held for 3s") as held:
@@ -278,4 +275,27 @@ def test_a_pull_held_too_long_still_lets_close_push_what_the_worker_holds(shard_
     ahead.close()  # pushes the 5 steps it accrued, held pull or not
     idle.pull_now()
     assert idle.version == 1
+    idle.close()
+
+
+@pytest.mark.parametrize(
+    "consistency",
+    [("--max-staleness", "1"), ("--sync",)],
+    ids=["ssp", "sync"],
+)
+def test_a_hold_timeout_shorter_than_the_shards_wait_is_kept_and_close_then_pushes(
+    shard_cluster, consistency
+):
+    """A hold_timeout_s shorter than half the request timeout (the longest a shard holds one
+    request) was not kept: under SSP the pull was held until the idle worker was declared
+    dead (10 s) and no error came; with sync rounds the error came after 15 s, and the close
+    after it raised it again instead of pushing what the worker accrued."""
+    [address] = shard_cluster(1, *consistency, "--num-workers", "2", "--server-lr", "1")
+    models, (ahead, idle) = _ahead_and_idle(
+        address, blocking=True, timeout_s=60, hold_timeout_s=1.5
+    )
+    with pytest.raises(HeldTooLongError, match=r"pull held for 1\.5s"):
+        for step in range(5):  # held at its second step (SSP: after it is 1 ahead)
+            _step(models["ahead"], ahead, _batch(step))
+    ahead.close()  # the shard is up: what was accrued is pushed, and close says nothing more
     idle.close()

@@ -104,8 +104,13 @@ def test_loading_a_torch_sgd_state_dict_keeps_the_step_count(shard_cluster):
 
 @pytest.mark.parametrize(
     "lr",
-    [torch.tensor(0.05), torch.tensor([0.05]), numpy.float32(0.05)],
-    ids=["0-d", "1-d", "numpy"],
+    [
+        torch.tensor(0.05),
+        torch.tensor([0.05]),
+        numpy.float32(0.05),
+        numpy.array(0.05),
+    ],
+    ids=["0-d", "1-d", "numpy", "numpy-0-d"],
 )
 def test_a_one_element_tensor_or_numpy_lr_trains_as_torch_sgd_does(shard_cluster, lr):
     """torch.optim takes a tensor or a numpy number as a group's rate (LambdaLR times a numpy

@@ -23,7 +23,9 @@ def test_a_bad_join_timeout_is_named_before_anything_is_joined(join_timeout_s):
 
 
 @pytest.mark.parametrize(
-    "lr", [numpy.float32(0.05), torch.tensor(0.05), torch.tensor([0.05])], ids=str
+    "lr",
+    [numpy.float32(0.05), numpy.array(0.05), torch.tensor(0.05), torch.tensor([0.05])],
+    ids=str,
 )
 def test_a_numpy_or_one_element_tensor_lr_is_a_rate_as_downpour_sgd_takes_it(lr):
     """The same rate a script gives DownpourSGD: refused only for want of a process group."""

@@ -87,7 +87,6 @@ class ShardPulls:
         meta = {**self._identity(clock), **self._pull_meta}
         if after_version is not None:
             meta["after_version"] = after_version
-        meta["max_wait_s"] = self.timeout_s / 2  # answered well inside this request's timeout
         if self._held is not None:
             meta |= self._held.since(shard_id, targets)
         reply, written = self._pull_reply(shard_id, targets, meta)
@@ -133,14 +132,23 @@ class ShardPulls:
             return buffer
 
         deadline = time.monotonic() + self.hold_timeout_s
-        reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
+
+        def ask() -> Message:
+            # The shard holds it at most until the hold's deadline (a hold_timeout_s shorter
+            # than the wait was held for the whole wait), and well inside this request's timeout.
+            wait_s = min(self.timeout_s / 2, max(0.0, deadline - time.monotonic()))
+            return self._request(
+                shard_id, Message(ops.PULL, meta | {"max_wait_s": wait_s}), sink=sink
+            )
+
+        reply = ask()
         # Held (SSP, sync rounds): ask again. From a restarted shard that was just sent what
         # its checkpoint lacked: ask again for the parameters with it.
         while reply.meta.get("held") or self._settle(shard_id, reply.meta):
-            if time.monotonic() > deadline:
+            if reply.meta.get("held") and time.monotonic() >= deadline:
                 raise HeldTooLongError(
                     f"shard {shard_id} ({self.addresses[shard_id]}): pull held for "
                     f"{self.hold_timeout_s:g}s waiting for slower workers"
                 )
-            reply = self._request(shard_id, Message(ops.PULL, meta), sink=sink)
+            reply = ask()
         return reply, bool(written)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,11 +17,14 @@ from distbelief.wire.dtypes import dtype_name
 
 
 def rate_value(lr: object) -> object:
-    """``lr`` as a float where it is a one-element floating tensor or another kind of real
-    number (a numpy scalar), as torch.optim takes them for a group's ``lr`` (a compiled
-    optimizer's, or a scheduler's: LambdaLR times a numpy float32 is one), else as it is."""
+    """``lr`` as a float where it is a one-element floating tensor or 0-d numpy array, or another
+    kind of real number (a numpy scalar), as torch.optim takes them for a group's ``lr`` (a
+    compiled optimizer's, or a scheduler's: LambdaLR times a numpy float32 is one), else as
+    it is."""
     if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.dtype.is_floating_point:
         return lr.item()
+    if isinstance(lr, np.ndarray) and lr.ndim == 0 and lr.dtype.kind == "f":
+        return lr.item()  # np.array(0.1), which torch.optim.SGD takes as it takes the number
     if isinstance(lr, numbers.Real) and not isinstance(lr, int | float):
         return float(lr)
     return lr

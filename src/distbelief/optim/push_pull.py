@@ -84,9 +84,17 @@ class PushPullPipeline:
         if not block and not all(future.done() for future in self._pull_futures):
             return
         # A held pull (SSP, sync) may legitimately take up to hold_timeout_s.
-        self._model_versions = self.client.wait(
-            self._pull_futures, timeout_s=self.client.hold_timeout_s + self.client.timeout_s
-        )
+        try:
+            self._model_versions = self.client.wait(
+                self._pull_futures, timeout_s=self.client.hold_timeout_s + self.client.timeout_s
+            )
+        except BaseException:
+            if all(future.done() for future in self._pull_futures):
+                # A failed pull is told once: the close after a HeldTooLongError pushes what
+                # was accrued instead of raising it again. One still in flight is kept: the
+                # next pull waits for it, writing into the same buffers.
+                self._pull_futures = []
+            raise
         self._pull_futures = []
         self._load_inbox()
 

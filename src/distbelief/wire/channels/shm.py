@@ -457,7 +457,9 @@ def _request_upgrade(
             raise AuthenticationError("the shard requires authentication: give the job's key")
         if magic == TLS_MAGIC:
             raise TLSMismatchError(SHARD_SPEAKS_TLS)
-        raise NotAPeerError("answered the shared-memory request with bytes of another protocol")
+        # Said as the TCP channel says it: the user may not have asked for shared memory
+        # (it is tried on this host unasked).
+        raise NotAPeerError(f"bad magic {magic!r}: not a distbelief peer")
     token, server_pid, ring_bytes = _ACCEPT.unpack(_recv_exact(sock, _ACCEPT.size))
     if not _TOKEN.fullmatch(token) or not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:
         raise ProtocolError("malformed shared-memory offer")

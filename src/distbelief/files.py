@@ -67,11 +67,14 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as e:
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     try:
-        give_mode_of_written(fd, path)
+        mode = give_mode_of_written(fd, path)
     finally:
         os.close(fd)
     try:
         write(Path(tmp))
+        # Again: a writer that replaces the file it is given (safetensors renames a private
+        # temporary of its own onto it) leaves that file's mode, 0600.
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -108,16 +111,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def give_mode_of_written(fd: int, path: Path) -> None:
+def give_mode_of_written(fd: int, path: Path) -> int:
     """Give the temporary file open at ``fd``, which is to replace ``path``, the permissions
-    ``path`` has, or those ``open`` gives a new file (the umask's). ``mkstemp`` makes it private
-    (0600): a run's records, checkpoints and data are meant to be read by whoever may read
-    their folder, as a file written in place would be."""
+    ``path`` has, or those ``open`` gives a new file (the umask's); returns them. ``mkstemp``
+    makes it private (0600): a run's records, checkpoints and data are meant to be read by
+    whoever may read their folder, as a file written in place would be."""
     try:
         mode = os.stat(path).st_mode & 0o7777
     except OSError:
         mode = 0o666 & ~_umask()
     os.fchmod(fd, mode)
+    return mode
 
 
 def _umask() -> int:

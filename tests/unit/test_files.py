@@ -35,6 +35,19 @@ def test_a_new_file_gets_the_umasks_permissions_not_a_temporary_files(
     assert path.read_text() == "time_s,role\n"
 
 
+def test_a_checkpoints_tensor_file_gets_the_umasks_permissions(tmp_path, umask):
+    """safetensors renames a private temporary file of its own onto the one it is given: a
+    checkpoint's tensor file was 0600 beside its JSON's 0644."""
+    import torch
+
+    from distbelief.server.checkpoint import write_tensor_file
+
+    umask(0o022)
+    path = tmp_path / "shard0-v000000000001.safetensors"
+    write_tensor_file(path, {"w": torch.zeros(2)})
+    assert _mode(path) == 0o644
+
+
 def test_a_rewritten_file_keeps_its_permissions(tmp_path, umask):
     path = tmp_path / "summary.json"
     path.write_text("{}")

@@ -23,7 +23,7 @@ from distbelief.plots import (
 )
 from distbelief.plots import compare as compare_plots
 from distbelief.plots import run as run_plots
-from distbelief.plots.run import batch_size_of
+from distbelief.plots.run import batch_size_of, worker_rates
 from distbelief.telemetry import MetricsWriter, make_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -217,7 +217,7 @@ def test_a_sandblaster_run_is_compared_as_one_and_not_in_downpour_terms(tmp_path
         "training loss, the coordinator's batch loss"
     )
     assert compare_plots._y_label(train_loss, [downpour, sandblaster]) == (
-        "training loss, mean of workers (Sandblaster: the coordinator's batch loss)"
+        "training loss, mean of workers\n(Sandblaster: the coordinator's batch loss)"
     )
     assert compare_plots._y_label(train_loss, [downpour, pipeline]) == (
         "training loss, mean of workers"
@@ -233,6 +233,27 @@ def test_total_rate_sums_the_workers() -> None:
     times_s, rates = total_rate(records)
     assert times_s == [2.0, 3.0, 4.0, 5.0]
     assert rates == pytest.approx([30.0, 30.0, 30.0, 30.0])
+
+
+def test_a_worker_between_two_lives_counts_nothing() -> None:
+    """A resumed run (or a restarted worker) starts its steps again: its rate was drawn, and
+    summed, at its old rate over the time it was not running (a worker that did nothing for
+    0.7 s added 4,500 samples/s to "all workers")."""
+    first = [(0.0, 0), (1.0, 10), (2.0, 20)]  # 10 steps/s
+    second = [(6.0, 0), (7.0, 20), (8.0, 40)]  # 20 steps/s, after 4 s of nothing
+    records = [make_record("worker", 0, time_s=t, step=step) for t, step in first + second]
+    records += [make_record("worker", 1, time_s=float(t), step=t) for t in range(9)]
+    times_s, rates = worker_rates([t for t, _ in first + second], [s for _, s in first + second])
+    assert times_s == [1.0, 2.0, 7.0, 7.0, 8.0]  # the second life's first record only starts it
+    assert rates[:2] == [10.0, 10.0] and math.isnan(rates[2]) and rates[3:] == [20.0, 20.0]
+    grid_s, summed = total_rate(records)
+    totals = dict(zip(grid_s, summed, strict=True))
+    assert totals[4.0] == pytest.approx(1.0)  # worker 1 alone: worker 0 was not running
+    assert totals[2.0] == pytest.approx(11.0) and totals[8.0] == pytest.approx(21.0)
+    # Drawn, the sum steps down just after the first life and up just before the second.
+    after, before = grid_s[grid_s.index(2.0) + 1], grid_s[grid_s.index(7.0) - 1]
+    assert 2.0 < after < 2.001 and 6.999 < before < 7.0
+    assert totals[after] == pytest.approx(1.0) and totals[before] == pytest.approx(1.0)
 
 
 def test_plot_runs_compares_two_folders(tmp_path: Path) -> None:

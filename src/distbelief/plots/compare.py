@@ -97,7 +97,8 @@ def _y_label(spec: _CompareSpec, runs: Sequence[RunData]) -> str:
         if sandblaster == {True}:
             return "training loss, the coordinator's batch loss"
         if sandblaster == {True, False}:
-            return "training loss, mean of workers (Sandblaster: the coordinator's batch loss)"
+            # Two lines: as one, it ran past the axes' height, off the figure.
+            return "training loss, mean of workers\n(Sandblaster: the coordinator's batch loss)"
     if not spec.tested:
         return spec.y_label
     own_replicas = {tests_own_replica(run.config) for run in runs}

@@ -9,8 +9,10 @@ runs lives in ``distbelief.plots.compare``, on the helpers here.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,21 +273,42 @@ def batch_size_of(config: dict[str, Any]) -> int | None:
 
 def worker_rates(times_s: list[float], steps: list[float]) -> Series:
     """A worker's steps/s at each of its records, over its ``RATE_WINDOW_RECORDS`` previous
-    records; intervals where the step went back (a restarted worker) are skipped."""
-    rate_times_s, rates = [], []
-    for i in range(1, len(times_s)):
-        first = max(0, i - RATE_WINDOW_RECORDS)
-        elapsed_s = times_s[i] - times_s[first]
-        done = steps[i] - steps[first]
-        if elapsed_s > 0 and done >= 0:
-            rate_times_s.append(times_s[i])
-            rates.append(done / elapsed_s)
+    records of the same life: one series, NaN between lives (a line breaks there), where a
+    life ends as the step goes back (a worker restarted, or a run resumed)."""
+    rate_times_s: list[float] = []
+    rates: list[float] = []
+    for life_times_s, life_rates in rates_by_life(times_s, steps):
+        if rate_times_s:
+            rate_times_s.append(life_times_s[0])
+            rates.append(math.nan)
+        rate_times_s += life_times_s
+        rates += life_rates
     return rate_times_s, rates
+
+
+def rates_by_life(times_s: list[float], steps: list[float]) -> list[Series]:
+    """A worker's steps/s (``worker_rates``), one series per life: a window never reaches
+    back past a restart, and nothing stands for the time between lives (a worker that was
+    not running, which a line, or a sum interpolating over it, drew at its old rate)."""
+    starts = [0, *(i for i in range(1, len(steps)) if steps[i] < steps[i - 1]), len(steps)]
+    lives = []
+    for start, end in itertools.pairwise(starts):
+        rate_times_s, rates = [], []
+        for i in range(start + 1, end):
+            first = max(start, i - RATE_WINDOW_RECORDS)
+            elapsed_s = times_s[i] - times_s[first]
+            if elapsed_s > 0:
+                rate_times_s.append(times_s[i])
+                rates.append((steps[i] - steps[first]) / elapsed_s)
+        if rate_times_s:
+            lives.append((rate_times_s, rates))
+    return lives
 
 
 def total_rate(records: Records) -> Series:
     """Steps/s of all workers together: each worker's ``worker_rates`` interpolated onto the
-    union of their times and summed (a worker counts 0 outside its first..last rate)."""
+    union of their times and summed (a worker counts 0 outside each of its lives' first..last
+    rate: before it starts, after it ends, and between a restart's lives)."""
     return _summed_rates(replica_steps(records).values())
 
 
@@ -305,14 +328,21 @@ def replica_steps(records: Records) -> dict[int, Series]:
 
 def _summed_rates(counts: Iterable[Series]) -> Series:
     """The ``worker_rates`` of each ``(times_s, count so far)`` series, summed onto the union
-    of their times (a series counts 0 outside its first..last rate)."""
-    per_worker = [worker_rates(times_s, counted) for times_s, counted in counts]
-    per_worker = [(times_s, rates) for times_s, rates in per_worker if times_s]
-    if not per_worker:
+    of their times (a series counts 0 outside each life's first..last rate). Between two lives
+    of a worker the sum has a point just after the one ends and one just before the next
+    starts: drawn, it steps down and up there, not across the gap at the old rate."""
+    lives = []
+    edges_s = []
+    for times_s, counted in counts:
+        worker_lives = rates_by_life(times_s, counted)
+        lives += worker_lives
+        for (before, _), (after, _) in itertools.pairwise(worker_lives):
+            edges_s += [np.nextafter(before[-1], np.inf), np.nextafter(after[0], -np.inf)]
+    if not lives:
         return [], []
-    grid_s = np.unique(np.concatenate([np.asarray(times_s) for times_s, _ in per_worker]))
+    grid_s = np.unique(np.concatenate([np.asarray(t) for t, _ in lives] + [np.asarray(edges_s)]))
     total = np.zeros_like(grid_s)
-    for times_s, rates in per_worker:
+    for times_s, rates in lives:
         total += np.interp(grid_s, times_s, rates, left=0.0, right=0.0)
     return grid_s.tolist(), total.tolist()
 

@@ -162,6 +162,50 @@ def test_eval_watch_appends_to_metrics_csv(shard_cluster, tmp_path) -> None:
     assert [r["role"] for r in records[1:]] == ["evaluator"]
 
 
+def test_a_watch_holds_a_folder_it_makes_and_leaves_none_if_it_wrote_nothing(
+    shard_cluster, tmp_path
+) -> None:
+    """Two watches into one new folder both appended to its metrics.csv (a folder that was
+    not there was not held); a watch that writes nothing leaves no folder, its parents too."""
+    addresses = shard_cluster(1)
+    _initialise(addresses, seed=0)
+    out_dir = tmp_path / "runs" / "watched"
+    watcher = subprocess.Popen(
+        [*CLI, "eval", "--ps", addresses[0], "--eval-every", "0.1", "--out", str(out_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
+    try:
+        _wait_for_rows(out_dir / "metrics.csv", 1, timeout_s=60)
+        second = run_forked("eval", "--ps", addresses[0], "--out", str(out_dir), timeout_s=60)
+        watcher.send_signal(signal.SIGINT)
+        _, stderr = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait(timeout=10)
+    assert watcher.returncode == 130, stderr[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert (
+        second.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"distbelief eval: error: --out {out_dir}: another job is using this run folder (pid "
+        )
+    )
+    assert [r["role"] for r in read_metrics(out_dir / "metrics.csv")] == ["evaluator"]
+    unreached = tmp_path / "elsewhere" / "watched"
+    refused = run_forked(
+        *("eval", "--ps", "tcp://127.0.0.1:1", "--out", str(unreached)),
+        *("--timeout", "2", "--retry-timeout", "1"),
+        timeout_s=60,
+    )
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_watch_refuses_a_metrics_csv_of_another_layout_before_reaching_the_shards(
     tmp_path,
 ) -> None:

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from distbelief.config import TRANSPORT_ENV, JobConfig, environment_setting
@@ -344,16 +344,27 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _held_while_watched(out_dir: str) -> contextlib.AbstractContextManager:
-    """An ``eval --out`` folder that is there is held while the watch appends to its
-    metrics.csv, as a job holds its run folder: a job running in it (whose launcher writes the
-    same file) refuses the watch, and the watch refuses a job. A folder the watch makes at its
-    first evaluation holds its rows only, which ``train --out`` and ``--resume`` refuse."""
-    if not out_dir or not Path(out_dir).is_dir():
-        return contextlib.nullcontext()
+@contextlib.contextmanager
+def _held_while_watched(out_dir: str) -> Iterator[None]:
+    """An ``eval --out`` folder is held while the watch appends to its metrics.csv, as a job
+    holds its run folder: a job running in it (whose launcher writes the same file), or
+    another watch, refuses the watch, and the watch refuses them. A folder the watch makes is
+    made and held from the start (two watches into one new folder both wrote its metrics.csv),
+    and removed at the end if the watch wrote nothing there."""
+    if not out_dir:
+        yield
+        return
     from distbelief.launch.run_lock import run_dir_locked
 
-    return run_dir_locked(Path(out_dir), f"--out {out_dir}")
+    folder = Path(out_dir)
+    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)  # check_folder_can_be_made said it can be
+    with run_dir_locked(folder, f"--out {out_dir}"):
+        try:
+            yield
+        finally:
+            for path in made:  # still held: no other watch writes there yet
+                _remove_if_empty(path)
 
 
 def _run_plot(args: argparse.Namespace) -> int:

@@ -760,7 +760,8 @@ class EmbeddingConfig:
     row_lr: float = 0.05
     """The shards' learning rate for table rows."""
     admit_after: int = 1
-    """Pushes of an id before it gets a row (until then it reads as zeros)."""
+    """Pushes of an id before it gets a row (until then it reads as zeros; with 1, an id
+    without a row reads as its initial row, row_init_std)."""
     max_rows_per_shard: int | None = None
     """Rows one shard holds per table; beyond it the least recently pushed rows are evicted
     (default: no limit). Also the most ids awaiting admission (admit_after) it counts."""

@@ -577,11 +577,16 @@ def _add_train_parser(commands) -> None:
 
 def _add_ps_parser(commands) -> None:
     ps = commands.add_parser("ps", help="serve one parameter-server shard")
-    ps.add_argument("--shard-id", type=int, required=True)
+    ps.add_argument(
+        "--shard-id", type=int, required=True, help="this shard's id, in [0, --num-shards)"
+    )
     ps.add_argument(
         "--bind",
         default="tcp://127.0.0.1:7000",
-        help="address to listen on; another host than 127.0.0.1 exposes the shard",
+        help=(
+            "address to listen on (default: tcp://127.0.0.1:7000); another host than 127.0.0.1 "
+            "exposes the shard"
+        ),
     )
     ps.add_argument(
         "--checkpoint-dir", type=_text, help="restore from and save checkpoints to this folder"
@@ -593,7 +598,9 @@ def _add_ps_parser(commands) -> None:
 def _add_worker_parser(commands) -> None:
     worker = commands.add_parser("worker", help="train one replica against running shards")
     worker.add_argument("--ps", required=True, help=_ADDRESSES_HELP)
-    worker.add_argument("--rank", type=int, required=True)
+    worker.add_argument(
+        "--rank", type=int, required=True, help="this worker's rank, in [0, --num-workers)"
+    )
     stages = worker.add_argument_group("model parallelism (one stage of a replica)")
     stages.add_argument(
         "--stage", type=int, help="the partition this process runs, in [0, --partitions)"

@@ -138,7 +138,7 @@ def test_eval_watch_appends_to_metrics_csv(shard_cluster, tmp_path) -> None:
     _initialise(addresses, seed=0)
     metrics = tmp_path / "metrics.csv"
     with MetricsWriter(metrics) as writer:  # an earlier row, which must survive
-        writer.write(make_record("worker", 0, time_s=0.0, step=1, loss=2.0))
+        writer.write(make_record("worker", 0, time_s=50.0, step=1, loss=2.0))
     watcher = subprocess.Popen(
         [*CLI, "eval", "--ps", addresses[0], "--eval-every", "0.1", "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
@@ -160,6 +160,9 @@ def test_eval_watch_appends_to_metrics_csv(shard_cluster, tmp_path) -> None:
     assert records[0]["role"] == "worker"
     # The version does not change, so the watcher records it once.
     assert [r["role"] for r in records[1:]] == ["evaluator"]
+    # Its line's t= is the row's time_s, which goes on from the file's last.
+    said = stderr.split("eval t=", 1)[1].split("s ", 1)[0]
+    assert records[1]["time_s"] > 50.0 and said == f"{records[1]['time_s']:.1f}", stderr
 
 
 def test_a_watch_holds_a_folder_it_makes_and_leaves_none_if_it_wrote_nothing(

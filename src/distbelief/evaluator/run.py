@@ -200,12 +200,15 @@ def _watch(
 
     def emit(_kind: str, record: dict) -> None:
         nonlocal writer
-        logger.info("eval t=%.1fs %s", record["time_s"], format_result(last))
+        offset_s = 0.0
         if path is not None:
             if writer is None:
                 make_folder(path.parent, "--out")
                 writer = files.enter_context(MetricsWriter(path, append=True))
             writer.write(record)
+            offset_s = writer.time_offset_s  # appended rows go on from the file's last time
+        # t= as metrics.csv has the row, as a job's eval lines say it.
+        logger.info("eval t=%.1fs %s", record["time_s"] + offset_s, format_result(last))
 
     try:
         return _evaluate_until_stopped(

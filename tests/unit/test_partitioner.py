@@ -182,5 +182,19 @@ def test_specs_json_round_trip_and_fingerprint():
     changed = [*SPECS[:-1], TensorSpec("fc.bias", (11,), torch.float32)]
     assert layout_fingerprint(SPECS) != layout_fingerprint(changed)
     assert "fc.bias" in describe_mismatch(SPECS, changed)
+    assert "another name" not in describe_mismatch(SPECS, changed)  # another shape
+
+
+def test_a_tensor_named_otherwise_alone_is_said_to_be_renamed():
+    """Parameters of submodules given without model= (their names repeat: weight, bias) are
+    named by position: the shards' names differ, and the refusal said only that."""
+    renamed = [TensorSpec("param.0", SPECS[0].shape, SPECS[0].dtype), *SPECS[1:]]
+    said = describe_mismatch(SPECS, renamed)
+    assert said.startswith(f"tensor 'param.0' {list(SPECS[0].shape)} float32 does not match")
+    assert said.endswith(
+        "(the same tensor by another name: a DownpourSGD names its parameters as its model= "
+        "does, else as named_parameters() gave them where no name repeats, else param.I by "
+        "position)"
+    )
     with pytest.raises(ValueError, match="shape"):
         specs_from_json([["w", [-1], "float32"]])

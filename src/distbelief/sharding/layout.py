@@ -146,13 +146,22 @@ def layout_fingerprint(specs: Sequence[TensorSpec]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_RENAMED = (
+    " (the same tensor by another name: a DownpourSGD names its parameters as its model= does, "
+    "else as named_parameters() gave them where no name repeats, else param.I by position)"
+)
+"""Said of a tensor that differs from the shards' by its name alone."""
+
+
 def describe_mismatch(expected: Sequence[TensorSpec], actual: Sequence[TensorSpec]) -> str:
     """A sentence naming the first tensor that differs between two layouts."""
     for want, got in zip(expected, actual, strict=False):
         if want != got:
+            renamed = (want.shape, want.dtype) == (got.shape, got.dtype)
             return (
                 f"tensor {got.name!r} {list(got.shape)} {dtype_name(got.dtype)} does not match "
                 f"the shards' {want.name!r} {list(want.shape)} {dtype_name(want.dtype)}"
+                + (_RENAMED if renamed else "")
             )
     if len(expected) != len(actual):
         return f"the model has {len(actual)} parameter tensors, the shards hold {len(expected)}"

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -523,6 +524,53 @@ def test_a_shard_restarted_with_no_checkpoint_says_its_parameters_are_lost():
     finally:
         optimizer.close()
         stop_processes(processes)
+
+
+def test_a_worker_whose_hellos_straddle_another_workers_start_is_not_refused():
+    """A worker's hellos are answered at different moments: another worker filled both shards
+    and pushed between the answer of shard 0 (empty then) and that of shard 1 (trained by
+    then). The worker was refused with ShardEmptyError, failing a job with no fault (1 of 105
+    launches of 2 workers and 2 shards)."""
+    shard0, address0 = start_shard(0, 2)
+    shard1, address1 = start_shard(1, 2)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    specs = tensor_specs(model.named_parameters())
+    late = ParameterServerClient([address0, address1], specs, timeout_s=30)
+    real_hello = late._hello
+    shard0_answered = threading.Event()
+    others = []
+
+    def straddled_hello(shard_id: int) -> dict:
+        if shard_id == 0 and not shard0_answered.is_set():
+            try:
+                return real_hello(0)
+            finally:
+                shard0_answered.set()
+        if shard_id == 1 and not others:
+            assert shard0_answered.wait(30)
+            other = nn.Linear(4, 2)
+            others.append(
+                DownpourSGD(
+                    other.parameters(),
+                    lr=0.1,
+                    model=other,
+                    ps=[address0, address1],
+                    blocking=True,
+                )
+            )
+            _steps(other, others[0], 1)
+        return real_hello(shard_id)
+
+    late._hello = straddled_hello
+    try:
+        assert late.handshake(FlatLayout(specs).allocate()) is False  # the other filled both
+        assert late.wait(late.pull(FlatLayout(specs).allocate())) == [1, 1]
+    finally:
+        late.close()
+        for optimizer in others:
+            optimizer.close()
+        stop_processes([shard0, shard1])
 
 
 def _downpour(model: nn.Module, address: str, **options) -> DownpourSGD:

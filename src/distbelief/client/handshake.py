@@ -107,6 +107,15 @@ class ShardHandshake:
         empty = [i for i, reply in enumerate(described) if not reply.get("initialized")]
         versions = [int(reply.get("version", 0)) for reply in described]
         trained = [i for i, version in enumerate(versions) if i not in empty and version > 0]
+        if empty and trained:
+            # The hellos are answered at different moments: another worker may have filled
+            # every shard and pushed between the answer of one found empty and that of one
+            # found trained (it fills all before its first push). Asked again now, a shard
+            # of this job holds its parameters; one restarted empty still holds none.
+            again = self.wait([self._submit(i, self._hello) for i in empty])
+            empty = [
+                i for i, reply in zip(empty, again, strict=True) if not reply.get("initialized")
+            ]
         if not empty or not trained:
             return
         lost = ", ".join(f"shard {i} ({self.addresses[i]})" for i in empty)

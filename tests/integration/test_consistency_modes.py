@@ -290,12 +290,19 @@ def test_a_hold_timeout_shorter_than_the_shards_wait_is_kept_and_close_then_push
     request) was not kept: under SSP the pull was held until the idle worker was declared
     dead (10 s) and no error came; with sync rounds the error came after 15 s, and the close
     after it raised it again instead of pushing what the worker accrued."""
-    [address] = shard_cluster(1, *consistency, "--num-workers", "2", "--server-lr", "1")
+    # The idle worker, heard from only as it joins, must stay live past the hold on a busy
+    # machine: the hold ends the wait, not its death.
+    flags = ("--num-workers", "2", "--server-lr", "1", "--liveness-timeout", "300")
+    [address] = shard_cluster(1, *consistency, *flags)
     models, (ahead, idle) = _ahead_and_idle(
         address, blocking=True, timeout_s=60, hold_timeout_s=1.5
     )
     with pytest.raises(HeldTooLongError, match=r"pull held for 1\.5s"):
         for step in range(5):  # held at its second step (SSP: after it is 1 ahead)
+            started = time.monotonic()
             _step(models["ahead"], ahead, _batch(step))
+    # Ended by its own bound, well before the shard's wait (30 s, half the request timeout)
+    # would have ended it: room for a busy machine.
+    assert time.monotonic() - started < 20
     ahead.close()  # the shard is up: what was accrued is pushed, and close says nothing more
     idle.close()

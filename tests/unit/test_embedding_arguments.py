@@ -200,13 +200,16 @@ def test_prefetch_takes_a_table_by_its_module_path_too(no_shards):
     tables.prefetch({path: [1, 2] for path in tables.modules})
     tables.prefetch_next({"_orig_mod.emb": [3]})
     assert sorted(tables._batch) == ["bag", "emb"]
-    with pytest.raises(ValueError, match=r"^table 'emb' is given twice \(as 'emb' and '_orig_mod"):
-        tables.prefetch({"emb": [1], "_orig_mod.emb": [2]})
+    tables.prefetch({"emb": [1], "_orig_mod.emb": torch.tensor([[2], [5]])})  # one table
+    assert tables._batch["emb"][0].tolist() == [1, 2, 5]
     model = _Model()
     model.users = ShardedEmbedding("user_ids", 10, 4)
-    by_hand = ShardedEmbeddings(model, ps=ADDRESS, tables="users")
-    by_hand.prefetch({"users": [4]})
-    assert by_hand._batch["user_ids"][0].tolist() == [4]
+    model.again = ShardedEmbeddingBag("user_ids", 10, 4, mode="sum")  # shares its rows
+    by_hand = ShardedEmbeddings(model, ps=ADDRESS, tables="users,again")
+    by_hand.prefetch({path: [4, 6 + i] for i, path in enumerate(by_hand.modules)})
+    assert by_hand._batch["user_ids"][0].tolist() == [4, 6, 7]
+    assert model.users(torch.tensor([4, 6])).shape == (2, 4)
+    assert model.again(torch.tensor([[4, 7]])).shape == (1, 4)
 
 
 @pytest.mark.parametrize("table", [nn.Embedding(10, 4), nn.EmbeddingBag(10, 4)])

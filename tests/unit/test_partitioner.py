@@ -189,7 +189,8 @@ def test_a_tensor_named_otherwise_alone_is_said_to_be_renamed():
     """Parameters of submodules given without model= (their names repeat: weight, bias) are
     named by position: the shards' names differ, and the refusal said only that."""
     renamed = [TensorSpec("param.0", SPECS[0].shape, SPECS[0].dtype), *SPECS[1:]]
-    said = describe_mismatch(SPECS, renamed)
+    assert "another name" not in describe_mismatch(SPECS, renamed)  # a checkpoint's, say
+    said = describe_mismatch(SPECS, renamed, client=True)
     assert said.startswith(f"tensor 'param.0' {list(SPECS[0].shape)} float32 does not match")
     assert said.endswith(
         "(the same tensor by another name: a DownpourSGD names its parameters as its model= "

@@ -23,7 +23,7 @@ from distbelief.plots import (
 )
 from distbelief.plots import compare as compare_plots
 from distbelief.plots import run as run_plots
-from distbelief.plots.run import batch_size_of, worker_rates
+from distbelief.plots.run import batch_size_of, rates_by_life
 from distbelief.telemetry import MetricsWriter, make_record
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -243,9 +243,9 @@ def test_a_worker_between_two_lives_counts_nothing() -> None:
     second = [(6.0, 0), (7.0, 20), (8.0, 40)]  # 20 steps/s, after 4 s of nothing
     records = [make_record("worker", 0, time_s=t, step=step) for t, step in first + second]
     records += [make_record("worker", 1, time_s=float(t), step=t) for t in range(9)]
-    times_s, rates = worker_rates([t for t, _ in first + second], [s for _, s in first + second])
-    assert times_s == [1.0, 2.0, 7.0, 7.0, 8.0]  # the second life's first record only starts it
-    assert rates[:2] == [10.0, 10.0] and math.isnan(rates[2]) and rates[3:] == [20.0, 20.0]
+    lives = rates_by_life([t for t, _ in first + second], [s for _, s in first + second])
+    # A life's first record only starts it.
+    assert lives == [([1.0, 2.0], [10.0, 10.0]), ([7.0, 8.0], [20.0, 20.0])]
     grid_s, summed = total_rate(records)
     totals = dict(zip(grid_s, summed, strict=True))
     assert totals[4.0] == pytest.approx(1.0)  # worker 1 alone: worker 0 was not running
@@ -254,6 +254,21 @@ def test_a_worker_between_two_lives_counts_nothing() -> None:
     after, before = grid_s[grid_s.index(2.0) + 1], grid_s[grid_s.index(7.0) - 1]
     assert 2.0 < after < 2.001 and 6.999 < before < 7.0
     assert totals[after] == pytest.approx(1.0) and totals[before] == pytest.approx(1.0)
+
+
+def test_a_life_of_one_rate_is_drawn(tmp_path: Path) -> None:
+    """A worker restarted near the end has a last life of one rate: drawn as a point, in the
+    worker's colour (as one line with breaks between lives it was not drawn at all)."""
+    run_dir = tmp_path / "run"
+    with MetricsWriter(run_dir / "metrics.csv") as writer:
+        for t, step in [(0.0, 0), (1.0, 10), (2.0, 20), (3.0, 0), (4.0, 10)]:
+            writer.write(make_record("worker", 0, time_s=t, step=step))
+    figure = run_plots._make_throughput_figure(run_plots.load_run(run_dir), "run")
+    lines = [line for line in figure.axes[0].get_lines() if line.get_label() != "all workers"]
+    assert [list(line.get_xdata()) for line in lines] == [[1.0, 2.0], [4.0]]
+    assert lines[1].get_marker() not in (None, "None", "")
+    assert lines[0].get_color() == lines[1].get_color()
+    assert lines[0].get_label() == "worker 0" and lines[1].get_label().startswith("_")  # once
 
 
 def test_plot_runs_compares_two_folders(tmp_path: Path) -> None:

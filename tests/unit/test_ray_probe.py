@@ -300,3 +300,32 @@ def test_the_address_checked_is_the_one_rays_client_dials(monkeypatch):
     assert "no Ray head answers at 127.0.0.1:6379, which Ray dials as 192.0.2.7:6379 " in str(
         refusal.value
     )
+
+
+def test_off_a_terminal_ray_prints_plainly_and_a_refused_job_leaves_the_environment(monkeypatch):
+    """The settings that make Ray print the actors' lines whole and without colour codes are
+    set off a terminal (pytest's captured stderr is none), keeping a user's own; a job refused
+    at its address check takes them back: a script that calls ``train`` and then Ray itself
+    finds its environment as it was."""
+    pytest.importorskip("ray")
+    import os
+
+    from distbelief.config import JobConfig
+    from distbelief.errors import ConfigFieldError
+    from distbelief.launch.ray_cluster import RayCluster
+    from distbelief.launch.ray_session import plain_lines_off_a_terminal, restore_environment
+
+    monkeypatch.delenv("RAY_DEDUP_LOGS", raising=False)
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's own
+    plain_lines_off_a_terminal()
+    assert os.environ["RAY_DEDUP_LOGS"] == "0" and os.environ["RAY_COLOR_PREFIX"] == "1"
+    restore_environment()
+    assert "RAY_DEDUP_LOGS" not in os.environ and os.environ["RAY_COLOR_PREFIX"] == "1"
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]  # closed again: nothing listens there
+    config = JobConfig.from_fields(
+        {"cluster.engine": "ray", "cluster.ray_address": f"127.0.0.1:{port}"}
+    )
+    with pytest.raises(ConfigFieldError, match="no Ray head answers"):
+        RayCluster.warm_up(config)
+    assert "RAY_DEDUP_LOGS" not in os.environ

@@ -100,7 +100,8 @@ class ShardHandshake:
 
     def _check_none_lost(self, described: list[dict]) -> None:
         """Empty shards are filled only while no shard has applied an update: the job's first
-        start, or one whose shards were all emptied. An empty shard beside trained ones lost
+        start, or one whose shards were all emptied (an empty shard's hello in ``described`` is
+        replaced by its answer when asked again). An empty shard beside trained ones lost
         its part of the model (a ``distbelief ps`` restarted without ``--checkpoint-dir``); a
         worker filling it would train half a model from new values without a word, and an
         evaluator waiting for one would wait for nothing."""
@@ -113,9 +114,10 @@ class ShardHandshake:
             # found trained (it fills all before its first push). Asked again now, a shard
             # of this job holds its parameters; one restarted empty still holds none.
             again = self.wait([self._submit(i, self._hello) for i in empty])
-            empty = [
-                i for i, reply in zip(empty, again, strict=True) if not reply.get("initialized")
-            ]
+            for shard_id, reply in zip(empty, again, strict=True):
+                self._check_same_kind_of_model(shard_id, reply)
+                described[shard_id] = reply  # joined as it is now: filled, not to be filled
+            empty = [i for i in empty if not described[i].get("initialized")]
         if not empty or not trained:
             return
         lost = ", ".join(f"shard {i} ({self.addresses[i]})" for i in empty)

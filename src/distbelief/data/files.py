@@ -146,8 +146,8 @@ FIELD_SHOWN_BYTES = 30
 
 
 def field_as_written(field: bytes) -> str:
-    """A text file's field quoted as the file has it (its first FIELD_SHOWN_BYTES, ``...``
-    after the quote when there is more), not as Python writes bytes (``b'abc'``)."""
-    field = field.strip()
+    """A text file's field quoted as the file has it, spaces too (its first
+    FIELD_SHOWN_BYTES, ``...`` after the quote when there is more), not as Python writes bytes
+    (``b'abc'``)."""
     shown = repr(field[:FIELD_SHOWN_BYTES].decode("utf-8", "backslashreplace"))
     return shown + "..." * (len(field) > FIELD_SHOWN_BYTES)

@@ -283,14 +283,17 @@ def _rating(field: bytes) -> float:
             raise ValueError(field)
         rating = float(field)
     except ValueError:
-        raise ValueError(f"rating must be a number, got {field_as_written(field)}") from None
+        raise ValueError(
+            f"rating must be a number, got {field_as_written(field.strip())}"
+        ) from None
     if not np.isfinite(rating):
-        raise ValueError(f"rating must be a finite number, got {field_as_written(field)}")
+        raise ValueError(f"rating must be a finite number, got {field_as_written(field.strip())}")
     if not MIN_STARS <= rating <= MAX_STARS:
         # Every MovieLens release rates 1-5 stars (the latest in half stars from 0.5): a
         # rating beyond is a damaged file, whose label would be a guess.
         raise ValueError(
-            f"rating must be {MIN_STARS:g} to {MAX_STARS:g} stars, got {field_as_written(field)}"
+            f"rating must be {MIN_STARS:g} to {MAX_STARS:g} stars, got "
+            f"{field_as_written(field.strip())}"
         )
     return rating
 

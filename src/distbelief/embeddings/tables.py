@@ -308,7 +308,7 @@ class ShardedEmbeddings:
     def __getstate__(self) -> dict:
         # A deep copy of a model shares this (embeddings/modules.py); a copy of it alone would
         # have connections of its own to nothing.
-        named = ", ".join(repr(name) for name in getattr(self, "modules", {}))
+        named = ", ".join(repr(name) for name in getattr(self, "dims", {}))
         raise TypeError(
             f"cannot pickle or copy a ShardedEmbeddings (tables {named}): it holds connections "
             "to the shards; save the model's state_dict(), the shards checkpoint the rows"
@@ -343,27 +343,23 @@ class ShardedEmbeddings:
         unique, self._next_inverse = _unique_ids(self._by_table(ids_by_table))
         self._next = unique if self.blocking else self._start_fetch(unique)
 
-    def _by_table(self, ids_by_table: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _by_table(self, ids_by_table: Mapping[str, torch.Tensor]) -> dict[str, object]:
         """``ids_by_table`` keyed by table name: a key may also be a module's path in
         ``modules`` (a compiled model's ``_orig_mod.items``, a hand-built module's path),
-        which names its module's table.
-
-        Raises:
-            ValueError: one table given twice (by its name and a path, or by two paths).
-        """
+        which names its module's table. The ids of keys naming one table (modules that share
+        it, each reading its own column) are fetched together."""
         if not isinstance(ids_by_table, Mapping):
             raise TypeError(f"ids_by_table must map table names to ids, got {ids_by_table!r}")
-        by_table: dict[str, torch.Tensor] = {}
-        given_as: dict[str, str] = {}
+        given: dict[str, list[tuple[str, object]]] = {}
         for key, ids in ids_by_table.items():
             module = self.modules.get(key) if key not in self.dims else None
-            table = module.table if module is not None else key
-            if table in by_table:
-                raise ValueError(
-                    f"table {table!r} is given twice (as {given_as[table]!r} and {key!r})"
-                )
-            by_table[table], given_as[table] = ids, key
-        return by_table
+            given.setdefault(module.table if module is not None else key, []).append((key, ids))
+        return {
+            table: ids[0][1]
+            if len(ids) == 1  # as given: a forward pass of the very tensor finds its inverse
+            else torch.cat([_id_tensor(key, each).reshape(-1) for key, each in ids])
+            for table, ids in given.items()
+        }
 
     def has_rows_for_step(self) -> bool:
         """Whether this step's rows are here or on their way (a ``prefetch_next`` of the last

@@ -354,11 +354,12 @@ def _held_while_watched(out_dir: str) -> Iterator[None]:
     if not out_dir:
         yield
         return
+    from distbelief.files import make_folder
     from distbelief.launch.run_lock import run_dir_locked
 
     folder = Path(out_dir)
     made = [path for path in (folder, *folder.parents) if not path.exists()]
-    folder.mkdir(parents=True, exist_ok=True)  # check_folder_can_be_made said it can be
+    make_folder(folder, "--out")  # check_folder_can_be_made said it can be
     with run_dir_locked(folder, f"--out {out_dir}"):
         try:
             yield

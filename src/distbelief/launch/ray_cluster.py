@@ -53,6 +53,7 @@ from distbelief.launch.ray_session import (
     import_ray,
     plain_lines_off_a_terminal,
     prepare_embedded,
+    restore_environment,
 )
 from distbelief.launch.rundir import write_text_atomic
 
@@ -109,10 +110,14 @@ class RayCluster:
         is malformed."""
         placement_timeout_s()
         plain_lines_off_a_terminal()
-        if config.cluster.ray_address:
-            check_address(config.cluster.ray_address)
-        else:
-            prepare_embedded()  # before Ray is imported: it reads some settings then
+        try:
+            if config.cluster.ray_address:
+                check_address(config.cluster.ray_address)
+            else:
+                prepare_embedded()  # before Ray is imported: it reads some settings then
+        except BaseException:
+            restore_environment()  # a refused job leaves a script's environment as it was
+            raise
 
     def __init__(self, config: JobConfig, run_dir: Path) -> None:
         from distbelief.wire.security import WireSecurity, generate_key

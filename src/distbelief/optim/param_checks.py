@@ -23,8 +23,8 @@ def rate_value(lr: object) -> object:
     it is."""
     if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.dtype.is_floating_point:
         return lr.item()
-    if isinstance(lr, np.ndarray) and lr.ndim == 0 and lr.dtype.kind == "f":
-        return lr.item()  # np.array(0.1), which torch.optim.SGD takes as it takes the number
+    if isinstance(lr, np.ndarray) and lr.ndim == 0 and lr.dtype.kind in "fiu":
+        return float(lr.item())  # np.array(0.1), which torch.optim.SGD takes as it takes the number
     if isinstance(lr, numbers.Real) and not isinstance(lr, int | float):
         return float(lr)
     return lr

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,25 +270,12 @@ def batch_size_of(config: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def worker_rates(times_s: list[float], steps: list[float]) -> Series:
-    """A worker's steps/s at each of its records, over its ``RATE_WINDOW_RECORDS`` previous
-    records of the same life: one series, NaN between lives (a line breaks there), where a
-    life ends as the step goes back (a worker restarted, or a run resumed)."""
-    rate_times_s: list[float] = []
-    rates: list[float] = []
-    for life_times_s, life_rates in rates_by_life(times_s, steps):
-        if rate_times_s:
-            rate_times_s.append(life_times_s[0])
-            rates.append(math.nan)
-        rate_times_s += life_times_s
-        rates += life_rates
-    return rate_times_s, rates
-
-
 def rates_by_life(times_s: list[float], steps: list[float]) -> list[Series]:
-    """A worker's steps/s (``worker_rates``), one series per life: a window never reaches
-    back past a restart, and nothing stands for the time between lives (a worker that was
-    not running, which a line, or a sum interpolating over it, drew at its old rate)."""
+    """A worker's steps/s at each of its records, over its ``RATE_WINDOW_RECORDS`` previous
+    records of the same life, one series per life: a life ends as the step goes back (a
+    worker restarted, or a run resumed), a window never reaches back past it, and nothing
+    stands for the time between lives (a worker not running, which a line across, or a sum
+    interpolating over it, drew at its old rate)."""
     starts = [0, *(i for i in range(1, len(steps)) if steps[i] < steps[i - 1]), len(steps)]
     lives = []
     for start, end in itertools.pairwise(starts):
@@ -306,7 +292,7 @@ def rates_by_life(times_s: list[float], steps: list[float]) -> list[Series]:
 
 
 def total_rate(records: Records) -> Series:
-    """Steps/s of all workers together: each worker's ``worker_rates`` interpolated onto the
+    """Steps/s of all workers together: each worker's ``rates_by_life`` interpolated onto the
     union of their times and summed (a worker counts 0 outside each of its lives' first..last
     rate: before it starts, after it ends, and between a restart's lives)."""
     return _summed_rates(replica_steps(records).values())
@@ -327,7 +313,7 @@ def replica_steps(records: Records) -> dict[int, Series]:
 
 
 def _summed_rates(counts: Iterable[Series]) -> Series:
-    """The ``worker_rates`` of each ``(times_s, count so far)`` series, summed onto the union
+    """The ``rates_by_life`` of each ``(times_s, count so far)`` series, summed onto the union
     of their times (a series counts 0 outside each life's first..last rate). Between two lives
     of a worker the sum has a point just after the one ends and one just before the next
     starts: drawn, it steps down and up there, not across the gap at the old rate."""
@@ -374,9 +360,18 @@ def _make_throughput_figure(run: RunData, title: str) -> Figure:
         unit = "samples/s" if batch_size else "steps/s"
         workers = replica_steps(run.records)
     for rank, (times_s, steps) in workers.items():
-        rate_times_s, rates = worker_rates(times_s, steps)
-        scaled = [rate * scale for rate in rates]
-        _worker_line(axes, rate_times_s, scaled, f"worker {rank}")
+        color = None  # each life drawn on its own (a life of one rate is a point), one colour
+        for life, (rate_times_s, rates) in enumerate(rates_by_life(times_s, steps)):
+            [line] = axes.plot(
+                rate_times_s,
+                [rate * scale for rate in rates],
+                linewidth=1.0,
+                alpha=0.75,
+                marker=lone_point_marker(rate_times_s),
+                color=color,
+                label=f"worker {rank}" if life == 0 else None,
+            )
+            color = line.get_color()
     if len(workers) > 1:
         grid_s, totals = _summed_rates(workers.values())
         axes.plot(

@@ -4,8 +4,9 @@ Rows live in slots of preallocated tensors (values [capacity, D], each optimizer
 [capacity, *shape], and per slot its id and the table step that last touched it). A sorted
 index maps id -> slot (``row_index.py``: 16 bytes per row, looked up a batch at a time), on top
 of the tensors' ``(D + state floats) * 4 + 16`` bytes per slot. Capacity grows by doubling,
-rounded up to whole chunks of ``chunk_rows`` slots, so n rows cost O(log n) reallocations, never
-one per row; evicted slots go on a free stack and are reused before the table grows.
+rounded up to whole chunks of ``chunk_rows`` slots (fewer where they would pass
+``GROWTH_CHUNK_BYTES``: wide rows), so n rows cost O(log n) reallocations, never one per row;
+evicted slots go on a free stack and are reused before the table grows.
 
 Admission counts pushes only: a pull is read-only (evaluation pulls too, and a training step
 pulls and then pushes the same ids, so counting both would count each step twice). An id's
@@ -39,7 +40,7 @@ _FREE = -1  # last_step of a slot holding no row
 GROWTH_CHUNK_BYTES = 1 << 20
 """Most bytes a chunk of slots takes: 1024 rows of 16 floats are 64 KiB with no state, but
 1024 rows of 65536 floats would be 256 MiB for a table that holds three (a chunk of them is
-4 rows)."""
+3 rows, 1 with Adagrad's state)."""
 
 
 def _check_ids(ids: torch.Tensor) -> None:

@@ -238,7 +238,7 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         the layout and train a whole job whose parameters the server's model cannot take."""
         if self.initialized:
             if layout_fingerprint(specs) != self.fingerprint:
-                raise ModelMismatchError(describe_mismatch(self.specs, specs))
+                raise ModelMismatchError(describe_mismatch(self.specs, specs, client=True))
             return
         misfit = None if self.model_specs is None else describe_misfit(self.model_specs, specs)
         if misfit is not None:

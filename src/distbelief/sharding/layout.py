@@ -153,15 +153,18 @@ _RENAMED = (
 """Said of a tensor that differs from the shards' by its name alone."""
 
 
-def describe_mismatch(expected: Sequence[TensorSpec], actual: Sequence[TensorSpec]) -> str:
-    """A sentence naming the first tensor that differs between two layouts."""
+def describe_mismatch(
+    expected: Sequence[TensorSpec], actual: Sequence[TensorSpec], *, client: bool = False
+) -> str:
+    """A sentence naming the first tensor that differs between two layouts; of a ``client``'s
+    (a DownpourSGD's, say), one that differs by its name alone says how it was named."""
     for want, got in zip(expected, actual, strict=False):
         if want != got:
             renamed = (want.shape, want.dtype) == (got.shape, got.dtype)
             return (
                 f"tensor {got.name!r} {list(got.shape)} {dtype_name(got.dtype)} does not match "
                 f"the shards' {want.name!r} {list(want.shape)} {dtype_name(want.dtype)}"
-                + (_RENAMED if renamed else "")
+                + (_RENAMED if renamed and client else "")
             )
     if len(expected) != len(actual):
         return f"the model has {len(actual)} parameter tensors, the shards hold {len(expected)}"

@@ -4,7 +4,7 @@ cross-entropy), accuracy at 0.5 and the click AUC. It only reads from the shards
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,11 +73,15 @@ class CtrEvaluator:
         )
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Test loss, accuracy, AUC and the shards' (dense) version of one fresh pull."""
+    def evaluate(self, cut_short: Callable[[], bool] | None = None) -> dict | None:
+        """Test loss, accuracy, AUC and the shards' (dense) version of one fresh pull; None
+        if ``cut_short`` says so between two forward passes (the job stopped: these
+        parameters are no longer its last)."""
         version = self._dense.pull()
         logits = []
         for start in range(0, len(self.test_set), self._batch_size):
+            if cut_short is not None and cut_short():
+                return None
             dense = self.test_set.dense[start : start + self._batch_size]
             sparse = self.test_set.sparse[start : start + self._batch_size]
             self.tables.prefetch({name: sparse[:, c] for name, c in self._columns.items()})

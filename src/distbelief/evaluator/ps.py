@@ -3,7 +3,7 @@ test set. It only reads from the shards, never pushes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,12 +60,13 @@ class PSEvaluator:
             raise
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, cut_short: Callable[[], bool] | None = None) -> dict:
         """Test loss, accuracy and the shards' version of one fresh pull (the lowest shard
         version: the updates every shard has had). A model-parallel model's partitions each
         have a version of their own (the pushes of its stages): ``version`` is the lowest,
         the updates every partition has had, and ``PARTITION_VERSIONS`` lists them in stage
-        order.
+        order. ``cut_short`` is for the evaluators' common call: one pass over the test set
+        is not cut.
 
         Raises:
             ShardTimeoutError: a shard did not answer the pull within the request timeout, or

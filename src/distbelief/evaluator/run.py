@@ -75,7 +75,12 @@ def _evaluate_until_stopped(
     while True:
         # Read the flag before evaluating: an evaluation that starts after the stop is the last.
         stopping = stop.is_set()
-        result = evaluator.evaluate()
+        # One under way as the job stops measures parameters that are no longer the last:
+        # cut short, it leaves the last one to start at once (a click model's evaluation of
+        # wide rows takes minutes).
+        result = evaluator.evaluate(cut_short=None if stopping else stop.is_set)
+        if result is None:
+            continue
         if latest is not None:
             latest.clear()
             latest.update(result)

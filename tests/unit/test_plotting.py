@@ -271,6 +271,19 @@ def test_a_life_of_one_rate_is_drawn(tmp_path: Path) -> None:
     assert lines[0].get_label() == "worker 0" and lines[1].get_label().startswith("_")  # once
 
 
+def test_a_run_of_one_worker_record_plots_without_a_warning(tmp_path: Path) -> None:
+    """A 5-step run's one worker row has no rate: its throughput figure had nothing labelled,
+    and matplotlib printed a warning with its source line at every `distbelief plot`."""
+    run_dir = tmp_path / "run"
+    with MetricsWriter(run_dir / "metrics.csv") as writer:
+        writer.write(make_record("worker", 0, time_s=0.04, step=5, loss=2.3, accuracy=0.2))
+        writer.write(make_record("evaluator", 0, time_s=0.13, test_accuracy=0.1, version=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = plot_run(run_dir)
+    assert all(path.read_bytes().startswith(PNG_SIGNATURE) for path in written)
+
+
 def test_plot_runs_compares_two_folders(tmp_path: Path) -> None:
     first = _make_run_dir(tmp_path / "first")
     second = _make_run_dir(tmp_path / "second", with_config=False)

@@ -330,6 +330,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     require_data_files(config.data, splits=("test",))  # it reads the test split alone
     if config.reporting.out_dir:
         check_folder_can_be_made(config.reporting.out_dir, "--out")
+        from distbelief.launch.rundir import misplaced_run_entry
+
+        out_dir = Path(config.reporting.out_dir)
+        misplaced = misplaced_run_entry(out_dir, files=("metrics.csv",), folders=())
+        if misplaced is not None:  # found only once the shards were reached, a bare OSError
+            raise ValueError(f"--out {out_dir}: {misplaced}")
     _use_transport(config)
     evaluator = import_with_signals_deferred("distbelief.evaluator")  # torch: once checked
     with _held_while_watched(config.reporting.out_dir):

@@ -16,7 +16,7 @@ from distbelief.coordinator.checkpoint import RECORD_FILE, TAG_PREFIX, read_reco
 from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.launch.cluster import CHECKPOINT_DIR
 from distbelief.launch.flags import flag_of
-from distbelief.launch.rundir import nothing_to_resume
+from distbelief.launch.rundir import misplaced_run_entry, nothing_to_resume
 from distbelief.server.checkpoint_meta import (
     LAUNCHED_PARTITIONER,
     check_rows_meta,
@@ -127,7 +127,8 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
     coordinator's last committed checkpoint names.
 
     Raises:
-        ValueError: ``run_dir`` has no valid config.json, or no shard checkpoints, or
+        ValueError: ``run_dir`` has no valid config.json, or no shard checkpoints, or one of
+            a run's folders or files there is something else (``misplaced_run_entry``), or
             ``changes`` names a field not in ``RESUMABLE_FIELDS``.
         ConfigFieldError: a value in ``changes`` is out of range.
         CheckpointError: a checkpoint is missing a part or corrupt, a shard's or a partition's
@@ -138,6 +139,9 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
     fixed = sorted(set(changes) - set(RESUMABLE_FIELDS))
     if fixed:
         raise ValueError(f"a resumed run keeps its {', '.join(fixed)}")
+    misplaced = misplaced_run_entry(run_dir)
+    if misplaced is not None:  # its checkpoints a file: not a run that saved none
+        raise ValueError(f"--resume {run_dir}: {misplaced}")
     config = JobConfig.from_file(run_dir / "config.json")
     directory = run_dir / CHECKPOINT_DIR
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from distbelief.launch.cluster import CHECKPOINT_DIR
 __all__ = [
     "RESHARD_ASIDE_PREFIX",
     "interrupted_reshard",
+    "misplaced_run_entry",
     "missing_run_folder",
     "nothing_to_resume",
     "prepare_run_dir",
@@ -40,6 +42,46 @@ def missing_run_folder(path: Path | str) -> str | None:
         return "a file, not a run folder" if folder.exists() else "no such run folder"
     except OSError as e:  # a name too long for the file system, say
         return f"not a run folder ({e.strerror or e})"
+
+
+RUN_FOLDERS = (CHECKPOINT_DIR, "tensorboard")
+"""The folders a run keeps in its run folder."""
+RUN_FILES = ("config.json", "metrics.csv", "summary.json", "staleness.json", "pids.json")
+"""Files a run writes in its run folder (whole, by a rename, or appended to)."""
+
+
+def misplaced_run_entry(
+    run_dir: Path, files: tuple[str, ...] = RUN_FILES, folders: tuple[str, ...] = RUN_FOLDERS
+) -> str | None:
+    """Why a run could not write its records in ``run_dir``: one of ``folders`` or ``files``
+    is there as something else (a folder where its metrics.csv goes, a file where
+    its checkpoints do, a broken link); None when none is. A job found it only once it had
+    trained, or a shard failed on it, after the old run's records were written over."""
+    wanted = [(name, True) for name in folders] + [(name, False) for name in files]
+    for name, folder in wanted:
+        path = run_dir / name
+        try:
+            if not (path.exists() or path.is_symlink()) or (
+                path.is_dir() if folder else path.is_file()
+            ):
+                continue
+            kind = _kind_of(path)
+        except OSError as e:
+            return f"{path} cannot be read ({e.strerror or e})"
+        keeps = "folder" if folder else "file"
+        return f"{path} is {kind}, where the run keeps its {keeps} of that name"
+    return None
+
+
+def _kind_of(path: Path) -> str:
+    if not path.exists():
+        return "a broken link"
+    if path.is_dir():
+        return "a folder"
+    mode = path.stat().st_mode
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    return "a file" if stat.S_ISREG(mode) else "not a regular file"
 
 
 RESHARD_ASIDE_PREFIX = f"{CHECKPOINT_DIR}.old-"

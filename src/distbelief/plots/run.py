@@ -257,6 +257,8 @@ def style_axes(axes: Axes, y_label: str, title: str, *, has_data: bool) -> None:
     if not has_data:
         axes.text(0.5, 0.5, "no data yet", transform=axes.transAxes, ha="center", va="center")
         return
+    if not axes.get_legend_handles_labels()[0]:
+        return  # nothing labelled (a --no-eval run's one final point): matplotlib warned
     # Outside the axes so the legend never hides a curve, however many lines there are.
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 

@@ -17,6 +17,11 @@ def check_folder_can_be_made(path: Path | str, what: str) -> None:
     existing = folder
     try:
         while not existing.exists() and existing != existing.parent:
+            if existing.is_symlink():  # mkdir says only "File exists" of it
+                raise ValueError(
+                    f"{what} {path}: {existing} is a link that leads nowhere (its target is "
+                    "missing, or it is a loop)"
+                )
             existing = existing.parent
     except OSError as e:  # a name too long for the file system, say
         raise ValueError(f"{what} {path}: {e.strerror or e}") from None

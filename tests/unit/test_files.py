@@ -69,3 +69,19 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
         write_file_atomic(path, fails)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_a_link_that_leads_nowhere_is_named_as_one(tmp_path):
+    """A dangling link or a loop given as a folder was refused as `cannot create the folder:
+    File exists`, which it does not."""
+    from distbelief.files import make_folder
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for name in ("dangling", "loop"):
+        with pytest.raises(ValueError) as refused:
+            make_folder(tmp_path / name / "run", "--out")
+        assert str(refused.value) == (
+            f"--out {tmp_path / name / 'run'}: {tmp_path / name} is a link that leads nowhere "
+            "(its target is missing, or it is a loop)"
+        )

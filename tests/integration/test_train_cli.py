@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -522,12 +523,24 @@ def test_a_run_folder_that_cannot_be_written_mid_run_stops_the_job_in_one_line(t
 
 
 def test_a_summary_that_cannot_be_written_fails_the_finished_job_in_one_line(tmp_path):
-    """A job that trained to its end but cannot write summary.json (here a folder is in its
-    way; a read-only folder or a full disk fail alike) is not done: one line naming the file,
-    exit 1, no traceback."""
+    """A job that trained to its end but cannot write summary.json (here a folder put in its
+    way once the job runs: one there before is refused as it starts; a read-only folder or a
+    full disk fail alike) is not done: one line naming the file, exit 1, no traceback."""
     run_dir = tmp_path / "run"
-    (run_dir / "summary.json" / "in-the-way").mkdir(parents=True)
-    result = run_forked("train", "--model", "mlp", "--steps", "20", "--out", str(run_dir))
+    blocked = threading.Event()
+
+    def block_the_summary_once_started() -> None:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "pids.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (run_dir / "summary.json" / "in-the-way").mkdir(parents=True)
+        blocked.set()
+
+    blocker = threading.Thread(target=block_the_summary_once_started, daemon=True)
+    blocker.start()
+    result = run_forked("train", "--model", "mlp", "--steps", "400", "--out", str(run_dir))
+    blocker.join(timeout=30)
+    assert blocked.is_set(), result.stderr[-3000:]
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1] == (

@@ -133,28 +133,37 @@ def _wait_for_rows(path: Path, num_rows: int, timeout_s: float) -> None:
     raise AssertionError(f"{path} did not get {num_rows} rows in {timeout_s}s")
 
 
-def test_eval_watch_appends_to_metrics_csv(shard_cluster, tmp_path) -> None:
-    addresses = shard_cluster(1)
-    _initialise(addresses, seed=0)
-    metrics = tmp_path / "metrics.csv"
-    with MetricsWriter(metrics) as writer:  # an earlier row, which must survive
-        writer.write(make_record("worker", 0, time_s=50.0, step=1, loss=2.0))
+def _watch_while(address: str, out_dir: Path, meanwhile) -> tuple[int, str]:
+    """``distbelief eval --out out_dir`` watching the shard at ``address`` while
+    ``meanwhile()`` runs, then stopped by Ctrl-C: its exit code and stderr."""
     watcher = subprocess.Popen(
-        [*CLI, "eval", "--ps", addresses[0], "--eval-every", "0.1", "--out", str(tmp_path)],
+        [*CLI, "eval", "--ps", address, "--eval-every", "0.1", "--out", str(out_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=CHILD_ENV,
     )
     try:
-        _wait_for_rows(metrics, 2, timeout_s=60)
+        meanwhile()
         watcher.send_signal(signal.SIGINT)
         _, stderr = watcher.communicate(timeout=30)
     finally:
         if watcher.poll() is None:
             watcher.kill()
             watcher.wait(timeout=10)
-    assert watcher.returncode == 130, stderr[-2000:]
+    return watcher.returncode, stderr
+
+
+def test_eval_watch_appends_to_metrics_csv(shard_cluster, tmp_path) -> None:
+    addresses = shard_cluster(1)
+    _initialise(addresses, seed=0)
+    metrics = tmp_path / "metrics.csv"
+    with MetricsWriter(metrics) as writer:  # an earlier row, which must survive
+        writer.write(make_record("worker", 0, time_s=50.0, step=1, loss=2.0))
+    returncode, stderr = _watch_while(
+        addresses[0], tmp_path, lambda: _wait_for_rows(metrics, 2, timeout_s=60)
+    )
+    assert returncode == 130, stderr[-2000:]
     assert "eval t=" in stderr and "test_accuracy=" in stderr
     records = read_metrics(metrics)
     assert records[0]["role"] == "worker"
@@ -173,23 +182,17 @@ def test_a_watch_holds_a_folder_it_makes_and_leaves_none_if_it_wrote_nothing(
     addresses = shard_cluster(1)
     _initialise(addresses, seed=0)
     out_dir = tmp_path / "runs" / "watched"
-    watcher = subprocess.Popen(
-        [*CLI, "eval", "--ps", addresses[0], "--eval-every", "0.1", "--out", str(out_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=CHILD_ENV,
-    )
-    try:
+    seconds = []
+
+    def start_a_second_watch() -> None:
         _wait_for_rows(out_dir / "metrics.csv", 1, timeout_s=60)
-        second = run_forked("eval", "--ps", addresses[0], "--out", str(out_dir), timeout_s=60)
-        watcher.send_signal(signal.SIGINT)
-        _, stderr = watcher.communicate(timeout=30)
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait(timeout=10)
-    assert watcher.returncode == 130, stderr[-2000:]
+        seconds.append(
+            run_forked("eval", "--ps", addresses[0], "--out", str(out_dir), timeout_s=60)
+        )
+
+    returncode, stderr = _watch_while(addresses[0], out_dir, start_a_second_watch)
+    assert returncode == 130, stderr[-2000:]
+    [second] = seconds
     assert second.returncode == 2, second.stderr[-2000:]
     assert (
         second.stderr.strip()

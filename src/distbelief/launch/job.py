@@ -322,11 +322,11 @@ def _check_and_plan(
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
     require_data_files(config.data)  # before any process starts, which would fail on it
-    flag = "--resume" if resume else "--out"
-    check_folder_can_be_made(run_dir_path(config.reporting.out_dir), flag)
-    misplaced = misplaced_run_entry(run_dir_path(config.reporting.out_dir))
+    flag, run_dir = "--resume" if resume else "--out", run_dir_path(config.reporting.out_dir)
+    check_folder_can_be_made(run_dir, flag)
+    misplaced = misplaced_run_entry(run_dir)
     if misplaced is not None:  # before anything is written or started
-        raise ValueError(f"{flag} {run_dir_path(config.reporting.out_dir)}: {misplaced}")
+        raise ValueError(f"{flag} {run_dir}: {misplaced}")
     # Counting examples loads the training set (torch): a forkserver's imports, say, overlap
     # it. Without counting, the steps are checked first: a refused --warmstart-steps starts no
     # process, as any bad flag.

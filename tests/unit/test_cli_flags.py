@@ -1315,8 +1315,8 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it
     capsys, tmp_path
 ):
     """A run stopped within its first seconds has its config.json and summary.json but no
-    checkpoint to go on from; the same folder takes a new run."""
-    run_dir = tmp_path / "run"
+    checkpoint to go on from; the same folder takes a new run (named as the shell reads it)."""
+    run_dir = tmp_path / "my run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text(
         JobConfig().with_fields({"reporting.out_dir": str(run_dir)}).to_json()
@@ -1328,7 +1328,7 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it
         .splitlines()[-1]
         .endswith(
             f"--resume {run_dir}: no shard checkpoints in {run_dir / 'checkpoints'} (it stopped "
-            f"before its shards saved any: start it again with --out {run_dir})"
+            f"before its shards saved any: start it again with --out '{run_dir}')"
         )
     )
     assert sorted(path.name for path in run_dir.iterdir()) == ["config.json"]

@@ -199,11 +199,12 @@ def test_a_new_run_does_not_take_a_folder_of_sandblaster_checkpoints(tmp_path, c
 
     shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
     shard.initialize(SPECS, [torch.arange(8, dtype=torch.float32)])
-    save_checkpoint(shard.snapshot(), tmp_path / "run" / "checkpoints" / "lbfgs-000003")
-    (tmp_path / "run" / "config.json").write_text(JobConfig().to_json())
-    assert main(["train", "--no-eval", "--out", str(tmp_path / "run")]) == 2
+    run_dir = tmp_path / "my run"  # the command it advises quotes the folder's space
+    save_checkpoint(shard.snapshot(), run_dir / "checkpoints" / "lbfgs-000003")
+    (run_dir / "config.json").write_text(JobConfig().to_json())
+    assert main(["train", "--no-eval", "--out", str(run_dir)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "holds another run's checkpoints: use --resume" in last, last
+    assert f"holds another run's checkpoints: use --resume '{run_dir}'" in last, last
 
 
 @pytest.mark.parametrize("folder", ["checkpoints", "."], ids=["in-checkpoints", "itself"])

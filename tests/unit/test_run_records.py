@@ -146,3 +146,15 @@ def test_a_second_stop_while_a_stop_is_recorded_keeps_the_reason_recorded(
         job._record_the_end(
             ChildFailedError("worker0", 1, "boom"), _interrupted(tmp_path), tmp_path
         )
+
+
+def test_the_command_that_draws_the_plots_later_quotes_a_folder_with_a_space(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    run_dir = tmp_path / "my run"
+    run_dir.mkdir()
+    _metrics(run_dir, steps=3)
+    _stop_while_drawing(monkeypatch, KeyboardInterrupt())
+    write_run_records(RunResult(run_dir, worker_steps={0: 3}))
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"draw them later with: distbelief plot '{run_dir}'" in warning

@@ -266,3 +266,11 @@ def test_downpour_names_the_variable_a_bad_address_or_key_file_came_from(tmp_pat
     monkeypatch.setenv("DISTBELIEF_TRANSPORT", "bogus")
     with pytest.raises(ValueError, match=r"^DISTBELIEF_TRANSPORT 'bogus': must be one of auto"):
         ps_addresses(None)
+
+
+def test_keygen_names_a_path_with_a_space_as_the_shell_reads_it(tmp_path, capsys):
+    from distbelief.launch.cli import main
+
+    path = tmp_path / "my keys" / "job.key"
+    assert main(["keygen", str(path)]) == 0
+    assert f"pass it with --auth-key-file '{path}'" in capsys.readouterr().out

@@ -40,6 +40,7 @@ from distbelief.launch.flags import (
     get_args_parser,
     security_from_args,
 )
+from distbelief.launch.hints import shell_word
 from distbelief.launch.run_lock import shard_checkpoints_locked
 from distbelief.launch.rundir import run_dir_path
 from distbelief.launch.train_report import restore_lines, versions_said
@@ -409,7 +410,7 @@ def _run_keygen(args: argparse.Namespace) -> int:
     from distbelief.wire.security import write_key_file
 
     path = write_key_file(args.path)
-    print(f"wrote {path} (readable by you only); pass it with --auth-key-file {path}")
+    print(f"wrote {path} (readable by you only); pass it with --auth-key-file {shell_word(path)}")
     return 0
 
 

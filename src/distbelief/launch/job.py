@@ -40,6 +40,7 @@ from distbelief.launch.cluster import (
     cluster_methods_lacking,
 )
 from distbelief.launch.deferred_signals import import_with_signals_deferred
+from distbelief.launch.hints import shell_word
 from distbelief.launch.hosts import check_hosts_are_here
 from distbelief.launch.job_plan import (
     check_data,
@@ -175,7 +176,7 @@ def _checkpoints_refused(run_dir: Path) -> ValueError:
     --checkpoint-dir`` folder's), no run's, which ``--resume`` cannot continue either."""
     if (run_dir / "config.json").exists():
         return ValueError(
-            f"--out {run_dir} holds another run's checkpoints: use --resume {run_dir}"
+            f"--out {run_dir} holds another run's checkpoints: use --resume {shell_word(run_dir)}"
         )
     return ValueError(
         f"--out {run_dir} holds checkpoints of no run (no config.json beside them: a "

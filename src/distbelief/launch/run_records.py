@@ -15,6 +15,7 @@ from distbelief import plots, telemetry
 from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import LauncherInterrupted
 from distbelief.files import write_text_atomic
+from distbelief.launch.hints import shell_word
 from distbelief.launch.summary import RunResult, write_summary
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def _say_not_drawn(run_dir: Path, why: str) -> None:
         "plots of %s not drawn (%s); draw them later with: distbelief plot %s",
         run_dir,
         why,
-        run_dir,
+        shell_word(run_dir),
     )
 
 
@@ -104,6 +105,6 @@ def draw_plots(run_dir: Path, *, job_done: bool = False) -> list[Path]:
             run_dir,
             type(e).__name__,
             e,
-            run_dir,
+            shell_word(run_dir),
         )
         return []

@@ -9,6 +9,7 @@ from pathlib import Path
 from distbelief.errors import CheckpointError
 from distbelief.files import make_folder, write_text_atomic
 from distbelief.launch.cluster import CHECKPOINT_DIR
+from distbelief.launch.hints import shell_word
 
 __all__ = [
     "RESHARD_ASIDE_PREFIX",
@@ -114,5 +115,5 @@ def nothing_to_resume(run_dir: Path, checkpoints: Path) -> ValueError:
         return interrupted
     return ValueError(
         f"--resume {run_dir}: no shard checkpoints in {checkpoints} (it stopped before its "
-        f"shards saved any: start it again with --out {run_dir})"
+        f"shards saved any: start it again with --out {shell_word(run_dir)})"
     )

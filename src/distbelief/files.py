@@ -3,10 +3,11 @@ and the digests that let a reader tell a complete file from a damaged one."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
@@ -67,6 +68,37 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
         OSError: it could not be written (a read-only folder, a full disk, a folder by its
             name), naming ``path``: the temporary file is none of the caller's business.
     """
+    write_files_atomic({path: write})
+
+
+def write_files_atomic(writes: Mapping[Path, Callable[[Path], None]]) -> None:
+    """``write_file_atomic`` of several files, all or none: each is filled into a temporary
+    file first, and they are renamed only once every one is written, so a file that cannot be
+    written (a folder by its name, a full disk) leaves none of the others new either.
+
+    Raises:
+        OSError: a file could not be written, naming it.
+    """
+    for path in writes:  # found before anything is written, not at its rename
+        if path.is_dir() and not path.is_symlink():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    written: dict[Path, str] = {}
+    try:
+        for path, write in writes.items():
+            written[path] = _written_beside(path, write)
+        for path, tmp in written.items():
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+    finally:
+        for tmp in written.values():  # those not renamed
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _written_beside(path: Path, write: Callable[[Path], None]) -> str:
+    """A temporary file next to ``path``, filled by ``write``, with ``path``'s permissions
+    (or a new file's) and on disk; OSError names ``path``, and no temporary file is left."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
@@ -82,15 +114,15 @@ def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
         os.chmod(tmp, mode)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.filename in (None, tmp):  # a failed write, fsync or rename: say of which file
+        if e.filename in (None, tmp):  # a failed write or fsync: say of which file
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def sync_folder(path: Path) -> None:

@@ -507,7 +507,9 @@ def test_a_distributed_nodes_test_curve_is_labelled_as_its_own_not_the_servers(
         )
     drawn = {}
     monkeypatch.setattr(
-        run_plots, "save_png_atomic", lambda figure, path: drawn.update({path.name: figure})
+        run_plots,
+        "save_pngs_atomic",
+        lambda figures: drawn.update({path.name: figure for path, figure in figures.items()}),
     )
     plot_run(run_dir)
     lines = drawn["accuracy_vs_time.png"].axes[0].lines
@@ -520,10 +522,10 @@ def test_plots_that_cannot_be_drawn_are_a_warning_at_the_end_not_a_traceback(
     """A node that trained to the end and cannot write its plots (a full disk, say) says so in
     a warning naming the command that draws them later, as train does; it raised before."""
 
-    def no_space(figure, path):
+    def no_space(figures):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_plots, "save_png_atomic", no_space)
+    monkeypatch.setattr(run_plots, "save_pngs_atomic", no_space)
     out = tmp_path / "out"
     argv = ["--no-distributed", *OFFLINE, "--epochs", "1", "--out", str(out)]
     # main sets the process's SIGTERM handler and torch threads: this one's are put back.

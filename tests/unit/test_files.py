@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distbelief.files import write_file_atomic, write_text_atomic
+from distbelief.files import write_file_atomic, write_files_atomic, write_text_atomic
 
 
 def _mode(path: Path) -> int:
@@ -85,3 +85,21 @@ def test_a_link_that_leads_nowhere_is_named_as_one(tmp_path):
             f"--out {tmp_path / name / 'run'}: {tmp_path / name} is a link that leads nowhere "
             "(its target is missing, or it is a loop)"
         )
+
+
+def test_files_written_together_are_all_written_or_none(tmp_path):
+    """The second cannot be written: the first keeps its old text, and no temporary file is
+    left of either."""
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("old")
+
+    def no_room(tmp: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as raised:
+        write_files_atomic({first: lambda tmp: tmp.write_text("new"), second: no_room})
+    assert raised.value.filename == str(second)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["first.txt"]
+    assert first.read_text() == "old"
+    write_files_atomic({first: lambda tmp: tmp.write_text("new"), second: lambda tmp: None})
+    assert first.read_text() == "new" and second.read_text() == ""

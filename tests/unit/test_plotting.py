@@ -344,7 +344,9 @@ def test_the_test_curve_is_the_ps_only_when_the_evaluator_tested_the_shards(
     (run_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
     drawn = {}
     monkeypatch.setattr(
-        run_plots, "save_png_atomic", lambda figure, path: drawn.update({path.name: figure})
+        run_plots,
+        "save_pngs_atomic",
+        lambda figures: drawn.update({path.name: figure for path, figure in figures.items()}),
     )
     plot_run(run_dir)
     lines = drawn["accuracy_vs_time.png"].axes[0].lines
@@ -515,13 +517,28 @@ def test_a_partitioned_replicas_throughput_follows_one_stage(tmp_path: Path) -> 
     assert total_rate(run.records)[1] == pytest.approx([200.0] * len(total_rate(run.records)[1]))
 
 
-def test_plot_names_the_png_it_cannot_write_and_leaves_no_temporary_file(tmp_path, capsys):
-    """A folder where a plot goes: the error named the temporary file the rename left."""
+def test_plot_names_the_png_it_cannot_write_and_writes_none(tmp_path, capsys):
+    """A folder where a plot goes: the error named the temporary file the rename left, and
+    the plots before it in the list were written (the refused command half done)."""
     run_dir = _make_run_dir(tmp_path / "run")
     (run_dir / "loss_vs_time.png").mkdir()
+    before = sorted(path.name for path in run_dir.iterdir())
     assert main(["plot", str(run_dir)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert errors == [
         f"distbelief plot: error: {run_dir}: cannot be written: Is a directory (loss_vs_time.png)"
     ]
-    assert not [path for path in run_dir.iterdir() if path.name.endswith(".tmp")]
+    assert sorted(path.name for path in run_dir.iterdir()) == before
+
+
+def test_a_comparison_that_cannot_write_one_png_writes_none(tmp_path, capsys):
+    runs = [str(_make_run_dir(tmp_path / name)) for name in ("a", "b")]
+    out = tmp_path / "compared"
+    (out / "compare_train_loss_vs_time.png").mkdir(parents=True)
+    assert main(["plot", *runs, "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [
+        f"distbelief plot: error: --out {out}: cannot be written: Is a directory "
+        "(compare_train_loss_vs_time.png)"
+    ]
+    assert [path.name for path in out.iterdir()] == ["compare_train_loss_vs_time.png"]

@@ -25,7 +25,7 @@ from distbelief.plots.run import (
     load_run,
     lone_point_marker,
     new_figure,
-    save_png_atomic,
+    save_pngs_atomic,
     series_by_rank,
     style_axes,
     tests_own_replica,
@@ -192,11 +192,11 @@ def plot_runs(run_dirs: Sequence[Path | str], *, out_dir: Path | str) -> list[Pa
     labels = run_labels(runs)
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
-    written = []
-    for spec in _COMPARISONS:
-        path = out_path / spec.file_name
-        save_png_atomic(_make_comparison(runs, labels, spec), path)
-        written.append(path)
+    figures = {
+        out_path / spec.file_name: _make_comparison(runs, labels, spec) for spec in _COMPARISONS
+    }
+    save_pngs_atomic(figures)
+    written = list(figures)
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return written
 

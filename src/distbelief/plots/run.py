@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from distbelief.config import DEFAULT_MINIBATCH_SIZE, dotted_fields
-from distbelief.files import write_file_atomic
+from distbelief.files import write_files_atomic
 from distbelief.telemetry.metrics import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -164,10 +164,8 @@ def plot_run(run_dir: Path | str, *, out_dir: Path | str | None = None) -> list[
     histogram = _read_staleness(run.run_dir)
     if histogram:
         figures[STALENESS_PNG] = _make_staleness_figure(histogram, title)
-    written = []
-    for file_name, figure in figures.items():
-        save_png_atomic(figure, out_path / file_name)
-        written.append(out_path / file_name)
+    written = [out_path / file_name for file_name in figures]
+    save_pngs_atomic(dict(zip(written, figures.values(), strict=True)))
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return written
 
@@ -457,8 +455,12 @@ def run_title(config: dict[str, Any], fallback: str) -> str:
     return ", ".join([what, *counts])
 
 
-def save_png_atomic(figure: Figure, path: Path) -> None:
-    """Saves to a temp file in the same folder, then renames, so readers never see half a PNG;
-    an OSError names ``path``."""
+def save_pngs_atomic(figures: Mapping[Path, Figure]) -> None:
+    """Saves each figure to a temp file in its folder, then renames them, so readers never see
+    half a PNG, and a PNG that cannot be written (a folder by its name, a full disk) leaves
+    none of the others new; an OSError names the PNG."""
 
-    write_file_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
+    def saver(figure: Figure) -> Callable[[Path], None]:
+        return lambda tmp: figure.savefig(tmp, format="png", dpi=DPI)
+
+    write_files_atomic({path: saver(figure) for path, figure in figures.items()})

@@ -5,12 +5,16 @@ holding up the others."""
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
+import threading
 import time
 
 import pytest
 
 from distbelief.errors import ProtocolError
+from distbelief.launch import remote_events
 from distbelief.launch.remote_events import EventListener, connect_events
 from distbelief.wire.security import generate_key
 
@@ -54,5 +58,26 @@ def test_a_peer_without_the_job_key_is_refused():
         with pytest.raises(ProtocolError):
             connect_events(listener.address, generate_key(), "shard0", {})
         assert listener.get(0.2) is None
+    finally:
+        listener.close()
+
+
+def test_an_event_cut_short_by_a_vanished_host_closes_its_link(monkeypatch):
+    """A process's host gone in the middle of an event: the rest never comes and the link
+    does not close (no FIN from a host that is gone). The launcher read it forever."""
+    monkeypatch.setattr(remote_events, "LINK_IO_TIMEOUT_S", 1.0)
+    key = generate_key()
+    listener = EventListener("127.0.0.1", key)
+    try:
+        link = connect_events(listener.address, key, "worker0", {"pid": 42})
+        hello = _next(listener)
+        # 10 bytes of an event of 1000, and nothing more.
+        os.write(link.fileno(), struct.pack("!i", 1000) + b"x" * 10)
+        events: list = []
+        reader = threading.Thread(target=lambda: events.append(_next(listener, 60)), daemon=True)
+        reader.start()
+        reader.join(60)
+        assert events == [("closed", "worker0", hello[2]["link"])]
+        link.close()
     finally:
         listener.close()

@@ -10,6 +10,7 @@ import contextlib
 import os
 import queue
 import socket
+import struct
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -23,6 +24,11 @@ HANDSHAKE_TIMEOUT_S = 15.0
 """Longest a new link may take to authenticate and name its process."""
 STOP = "stop"
 """What the launcher sends down a link to ask its process to finish."""
+LINK_IO_TIMEOUT_S = 30.0
+"""Longest the launcher waits for the rest of an event whose first bytes came (or to hand
+"stop" to the kernel): a process whose host vanished mid-event is then a closed link, not a
+launcher blocked for good. It reads a link only once bytes are there, so an idle one is never
+cut."""
 
 
 class EventListener:
@@ -56,6 +62,7 @@ class EventListener:
         try:
             accept_peer(sock, self._key, HANDSHAKE_TIMEOUT_S)
             sock.settimeout(None)  # blocking again: Connection reads the raw descriptor
+            _bound_blocking_io(sock, LINK_IO_TIMEOUT_S)
             link = Connection(sock.detach())
         except (OSError, ProtocolError):
             sock.close()
@@ -107,6 +114,15 @@ class EventListener:
             with contextlib.suppress(OSError):
                 link.close()
         self._links.clear()
+
+
+def _bound_blocking_io(sock: socket.socket, timeout_s: float) -> None:
+    """Bound each blocking read and write on ``sock``'s descriptor (a ``Connection``'s, which
+    knows no timeout) by ``timeout_s``: one that waits longer fails with an OSError."""
+    seconds = int(timeout_s)
+    bound = struct.pack("ll", seconds, int((timeout_s - seconds) * 1_000_000))
+    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        sock.setsockopt(socket.SOL_SOCKET, option, bound)
 
 
 def connect_events(

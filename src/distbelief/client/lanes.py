@@ -534,8 +534,13 @@ class ShardLanes:
         deadline = time.monotonic() + self.timeout_s + self.retry_timeout_s + 5.0
         for lane in self._lanes:
             lane.stop(cancel=False)
-        for lane in self._lanes:
-            lane.join(deadline)
+        if not all([lane.join(deadline) for lane in self._lanes]):
+            # Requests still queued past one's bound (a shard down, each retried in turn): they
+            # are cancelled and the one in flight woken, as close(wait=False) does. Closing the
+            # connections under the lanes' feet instead let them dial the shards again after
+            # close() returned, and leave those connections open.
+            _release(self._lanes, self._transports, self._closing, self._owned)
+            return
         for transport in self._transports:
             transport.close()
         for resource in self._owned:

@@ -95,8 +95,9 @@ class HandshakeQueue:
             answered, expired = [], []
             with self._lock:
                 for key, _ in events:
-                    answered.append(key.data)
-                    self._leave(key.data)
+                    if key.data in self._waiting:  # else stop() took it since the select
+                        answered.append(key.data)
+                        self._leave(key.data)
                 for connection, (deadline, _) in list(self._waiting.items()):
                     if deadline <= now:
                         expired.append(connection)

@@ -27,7 +27,13 @@ from distbelief.launch.ray_actor import DIED, DONE, NodeHost, run_life
 from distbelief.launch.ray_child import EXIT_DONE
 from distbelief.launch.ray_endings import Ending, ending_of_outcome
 from distbelief.launch.remote_events import EventListener
-from distbelief.launch.zygote import EXIT_LOST, abstract_address, fork_child
+from distbelief.launch.zygote import (
+    EXIT_LOST,
+    LENGTH,
+    MAX_JOB_BYTES,
+    abstract_address,
+    fork_child,
+)
 from distbelief.wire.security import WireSecurity, generate_key
 
 KEY = generate_key()
@@ -160,6 +166,33 @@ def test_a_malformed_request_is_refused_and_the_next_served(zygote, listener, tm
     _event(listener, "ready")
     listener.send_stop("shard0")
     assert child.wait() == EXIT_DONE
+
+
+def test_a_refused_request_leaves_no_lifeline_open_in_the_zygote(zygote):
+    """Its lifeline arrived with the request: a zygote that kept it held one descriptor more
+    for each refused request, and handed them all to every child it forked later."""
+    name, host = zygote
+    reader, writer = os.pipe()
+    pipe = f"pipe:[{os.fstat(reader).st_ino}]"
+    try:
+        with _connected(name) as rogue:
+            socket.send_fds(rogue, [LENGTH.pack(MAX_JOB_BYTES + 1)], [reader])
+            with contextlib.suppress(ConnectionResetError):
+                assert rogue.recv(8) == b""  # refused: closed without an answer
+
+        def held() -> list[str]:
+            with contextlib.suppress(FileNotFoundError):  # closed while listed
+                return [
+                    os.readlink(fd)
+                    for fd in Path(f"/proc/{host.pid}/fd").iterdir()
+                    if os.readlink(fd) == pipe
+                ]
+            return held()
+
+        assert held() == []
+    finally:
+        os.close(reader)
+        os.close(writer)
 
 
 def test_children_outlive_their_zygote(own_zygote, listener, tmp_path):

@@ -194,6 +194,7 @@ class Zygote:
             sock, _ = self._listener.accept()
         except OSError:
             return
+        fds: list[int] = []
         try:
             if not _same_user(sock):
                 raise PermissionError("a process of another user")
@@ -207,6 +208,8 @@ class Zygote:
             job = _recv_exact(sock, length)
         except (OSError, ConnectionError) as e:
             logger.warning("zygote: request refused: %s", e)
+            for fd in fds:  # a refused request's lifeline is not kept (nor handed to children)
+                os.close(fd)
             sock.close()
             return
         self._fork(sock, fds[0], job)

@@ -10,6 +10,7 @@ import pytest
 
 from distbelief.config import JobConfig
 from distbelief.launch.cluster import Event, Fault, ProcessKind, ProcessSpec
+from distbelief.launch.stop_records import describe_fault
 from distbelief.launch.summary import RunResult, write_summary
 from distbelief.launch.supervise import EventRouter, job_result
 from distbelief.telemetry import MetricsWriter, make_record
@@ -154,3 +155,13 @@ def test_a_resumed_runs_faults_are_on_the_time_axis_of_its_metrics(tmp_path: Pat
     assert last_row_s == 5.5
     assert [fault.time_s for fault in result.faults] == [5.5]
     assert cluster.faults[0].time_s == 1.0  # the cluster's own keep this launch's clock
+
+
+def test_a_shards_death_line_says_the_updates_it_had_applied_when_any_were_seen() -> None:
+    fault = Fault("shard1", 3.0, -9, "restarted", version_before=120)
+    assert describe_fault(fault) == (
+        "shard1 died (exit code -9); restarted; it had applied at least 120 updates"
+    )
+    for nothing_seen in (0, None):
+        fault = Fault("shard1", 3.0, -9, "restarted", version_before=nothing_seen)
+        assert describe_fault(fault) == "shard1 died (exit code -9); restarted"

@@ -85,6 +85,6 @@ def describe_fault(fault: Fault) -> str:
         text = f"{fault.process} failed{code}{stopping}: {fault.error}; {fault.action}"
     else:
         text = f"{fault.process} died{code}{stopping}; {fault.action}"
-    if fault.version_before is not None:
+    if fault.version_before:  # none seen: "at least 0 updates" says nothing
         text += f"; it had applied at least {fault.version_before} updates"
     return text

@@ -9,6 +9,7 @@ The killed peers are real processes forked from the test process (they use socke
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import mmap
 import multiprocessing as mp
@@ -324,6 +325,27 @@ def test_rings_the_client_cannot_make_fall_back_to_tcp(caplog, monkeypatch):
     assert "cannot create shared memory ([Errno 28] No space left on device); using TCP" in (
         caplog.text
     )
+
+
+def test_a_read_only_dev_shm_falls_back_to_tcp(caplog, monkeypatch):
+    """A read-only mount refuses the unlink of a file it does not hold too (EROFS, not
+    ENOENT): that error, from the handshake's cleanup, replaced its way back to TCP."""
+
+    def read_only(path: str, *args):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    unlink = os.unlink
+
+    def unlink_read_only(path, *args, **kwargs):
+        if str(path).startswith(shm_channel.SHM_DIR):
+            read_only(path)
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(shm_channel, "_create_segment", read_only)
+    monkeypatch.setattr(os, "unlink", unlink_read_only)
+    with _served("shm://127.0.0.1:0", transport="auto") as server:
+        _check_round_trip(server.address, TcpChannel, transport="auto")
+    assert "cannot create shared memory ([Errno 30] Read-only file system" in caplog.text
 
 
 def test_rings_the_server_cannot_map_fall_back_to_tcp(caplog, monkeypatch):

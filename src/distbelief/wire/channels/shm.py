@@ -156,9 +156,16 @@ def segment_paths(server_pid: int, token: str) -> tuple[str, str]:
 
 
 def _unlink(paths: tuple[str, ...]) -> None:
+    """Remove a handshake's segment files, those that are there: on its way back to TCP too,
+    so no error of it may replace that way back (a read-only /dev/shm refuses the unlink of a
+    file it never held)."""
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            logger.debug("cannot remove %s: %s", path, e)
 
 
 def remove_stale_segments() -> int:

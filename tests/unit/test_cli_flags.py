@@ -1423,3 +1423,28 @@ def test_a_path_too_long_for_the_file_system_is_named_with_its_flag(argv, named,
     [line] = [line for line in result.stderr.splitlines() if "error" in line]
     assert line.endswith(named.format(long=long)), line
     assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("made", "said"), [("nothing", "is missing"), ("a file", "is not a folder")]
+)
+def test_a_host_without_a_shared_memory_folder_is_refused_before_anything_starts(
+    capsys, tmp_path, monkeypatch, made, said
+):
+    """multiprocessing keeps the launcher's stop flags in /dev/shm: without one (a container),
+    the job failed as it started with a bare `FileNotFoundError: ... '/dev/shm'`."""
+    from distbelief.launch import local
+
+    folder = tmp_path / "shm"
+    if made == "a file":
+        folder.write_text("")
+    monkeypatch.setattr(local, "SHARED_MEMORY_FOLDER", str(folder))
+    out = tmp_path / "run"
+    result = run_main("train", "--steps", "5", "--out", str(out), capsys=capsys)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"distbelief train: error: this host's {folder} {said}: the local launcher's "
+        "processes share their stop flags there; start the shards and workers by hand "
+        "(distbelief ps, distbelief worker), which need none"
+    )
+    assert not out.exists()

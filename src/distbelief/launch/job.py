@@ -49,7 +49,7 @@ from distbelief.launch.job_plan import (
     plan_partitions,
     planned_steps,
 )
-from distbelief.launch.local import LocalCluster
+from distbelief.launch.local import LocalCluster, check_processes_can_share
 from distbelief.launch.resume import check_budgets_left
 from distbelief.launch.resume_layout import check_resumed_layout, check_shards_fit_model
 from distbelief.launch.run_lock import run_dir_locked
@@ -322,6 +322,7 @@ def _check_and_plan(
         raise ValueError(f"--resume {run_dir_path(config.reporting.out_dir)}: {missing}")
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
+        check_processes_can_share()
     require_data_files(config.data)  # before any process starts, which would fail on it
     flag, run_dir = "--resume" if resume else "--out", run_dir_path(config.reporting.out_dir)
     check_folder_can_be_made(run_dir, flag)

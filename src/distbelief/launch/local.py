@@ -12,6 +12,7 @@ import multiprocessing as mp
 import multiprocessing.forkserver
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -48,6 +49,31 @@ FORKSERVER_PRELOAD = (
 )
 """What the forkserver imports once before it forks any child. ``__main__`` (a script that calls
 ``train``): its children find it loaded instead of each re-running the script."""
+
+
+SHARED_MEMORY_FOLDER = "/dev/shm"
+"""Where Python's multiprocessing keeps, on Linux, the memory and semaphores that this
+launcher's stop flags and its children's locks are made of."""
+
+
+def check_processes_can_share() -> None:
+    """Refuse, in one line, a host whose processes of this launcher could not share their
+    stop flags (a container without a writable /dev/shm): multiprocessing failed with a bare
+    OS error as the job started."""
+    if not sys.platform.startswith("linux"):
+        return
+    folder = SHARED_MEMORY_FOLDER
+    if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+        return
+    if os.path.isdir(folder):
+        why = "is not writable"
+    else:
+        why = "is not a folder" if os.path.lexists(folder) else "is missing"
+    raise ValueError(
+        f"this host's {folder} {why}: the local launcher's processes share their stop flags "
+        "there; start the shards and workers by hand (distbelief ps, distbelief worker), "
+        "which need none"
+    )
 
 
 def start_forkserver() -> None:

@@ -211,7 +211,8 @@ def test_wire_flags_are_validated_naming_the_setting():
     assert WireCompression.parse() == WireCompression()
     with pytest.raises(ValueError, match="wire_dtype must be one of fp32, bf16, fp16, got 'int8'"):
         WireCompression.parse("int8")
-    spelled_loosely = ("topk:0.1 ", "topk: 0.1", "topk:0.0_1", " none")
+    assert WireCompression.parse("fp32", None) == WireCompression()  # None: not given
+    spelled_loosely = ("topk:0.1 ", "topk: 0.1", "topk:0.0_1", " none", "")
     for bad in ("topk", "topk:0", "topk:1.5", "topk:x", "random:0.1", "none:1", *spelled_loosely):
         with pytest.raises(ValueError, match=f"push_compression must be none or topk:F.*{bad!r}"):
             WireCompression.parse("fp32", bad)

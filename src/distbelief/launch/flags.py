@@ -558,7 +558,10 @@ def _check_tls_files(security: WireSecurity) -> None:
         ) from None
 
 
-_ADDRESSES_HELP = "shard addresses tcp://HOST:PORT, comma-separated, in shard-id order"
+_ADDRESSES_HELP = (
+    "shard addresses tcp://HOST:PORT (or shm://HOST:PORT: shared memory on this host), "
+    "comma-separated, in shard-id order"
+)
 
 
 def _add_train_parser(commands) -> None:
@@ -584,8 +587,8 @@ def _add_ps_parser(commands) -> None:
         "--bind",
         default="tcp://127.0.0.1:7000",
         help=(
-            "address to listen on (default: tcp://127.0.0.1:7000); another host than 127.0.0.1 "
-            "exposes the shard"
+            "address to listen on, tcp://HOST:PORT or shm://HOST:PORT (default: "
+            "tcp://127.0.0.1:7000); another host than 127.0.0.1 exposes the shard"
         ),
     )
     ps.add_argument(

@@ -76,7 +76,9 @@ class WireCompression:
                 f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {wire_dtype!r}"
             )
         try:
-            fraction = push_compression_fraction(push_compression or NO_PUSH_COMPRESSION)
+            fraction = push_compression_fraction(
+                NO_PUSH_COMPRESSION if push_compression is None else push_compression
+            )
         except ValueError as e:
             raise ValueError(f"push_compression {e}") from None
         narrow = _DTYPES_BY_FLAG[wire_dtype]

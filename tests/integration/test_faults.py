@@ -415,9 +415,11 @@ def _steps(model: nn.Module, optimizer: DownpourSGD, count: int) -> None:
         optimizer.step()
 
 
-def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path, signum):
     """``distbelief ps`` stopped by SIGTERM (what ``kill`` and service managers send) saves
-    what it applied since its last periodic checkpoint, as Ctrl-C does."""
+    what it applied since its last periodic checkpoint, as Ctrl-C does; so does a hang-up (its
+    terminal or ssh session closed), which ended it on the spot, exit 129, nothing saved."""
     checkpoints = tmp_path / "checkpoints"
     # A periodic save far away: only the shutdown's can hold the pushes below. Started as users
     # start it (the other tests fork their shards): the command's own start, serving and exit.
@@ -428,7 +430,7 @@ def test_sigterm_to_a_shard_saves_its_checkpoint_on_the_way_out(tmp_path):
         model, optimizer = _blocking_linear(address)
         _steps(model, optimizer, 7)
         optimizer.close()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         process.wait(timeout=60)
     finally:
         stop_processes([process])

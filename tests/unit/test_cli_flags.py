@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -1448,3 +1449,18 @@ def test_a_host_without_a_shared_memory_folder_is_refused_before_anything_starts
         "(distbelief ps, distbelief worker), which need none"
     )
     assert not out.exists()
+
+
+def test_a_hang_up_stops_a_command_as_sigterm_does_unless_nohup_ignores_it():
+    from distbelief.launch.console import raise_terminated, stop_on_hang_up
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts it
+        assert stop_on_hang_up() == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert stop_on_hang_up() == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is raise_terminated
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -32,7 +32,7 @@ from distbelief.launch.cli_checks import (
     flag_addresses,
 )
 from distbelief.launch.cli_errors import child_failed, run_reporting_failures, save_traceback
-from distbelief.launch.console import raise_terminated
+from distbelief.launch.console import raise_terminated, stop_on_hang_up
 from distbelief.launch.deferred_signals import import_with_signals_deferred
 from distbelief.launch.flags import (
     check_typed_flags_apply,
@@ -447,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is not threading.main_thread():
         return _run_command(args)  # signal handlers belong to the main thread
     previous = signal.signal(signal.SIGTERM, raise_terminated)
+    previous_hang_up = stop_on_hang_up()
     # A shell starts a command in the background with SIGINT ignored, and Python then leaves it
     # ignored: a SIGINT sent to this process by its pid must still stop it, as Ctrl-C does.
     interrupt_ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
@@ -456,6 +457,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_command(args)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hang_up)
         if interrupt_ignored:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -23,11 +23,22 @@ def raise_terminated(signum: int, _frame: object) -> None:
     raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
 
 
+def stop_on_hang_up() -> object:
+    """A hang-up (the terminal or ssh session of a hand-started shard closing) stops the
+    command as SIGTERM does, where its default action ended it on the spot: a shard then saved
+    no last checkpoint. Left ignored under ``nohup``, which asks for that. Returns the handler
+    it replaces."""
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        return signal.SIG_IGN
+    return signal.signal(signal.SIGHUP, raise_terminated)
+
+
 def main() -> int:
     # As the command does once it runs (cli.run): a SIGINT by pid stops it, as Ctrl-C does.
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, raise_terminated)
+    stop_on_hang_up()
     try:
         from distbelief.launch.cli import main as run_command
 

@@ -938,10 +938,22 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
             "--checkpoint-dir afile: exists and is not a folder",
         ),
         (
-            [*_PS, "--checkpoint-dir", "sandblaster/checkpoints"],
+            [*_PS, "--checkpoint-dir", "./sandblaster/checkpoints/"],
             {},
-            "--checkpoint-dir sandblaster/checkpoints: holds a Sandblaster run's checkpoints, a "
-            "folder per committed iteration (lbfgs-N), not a shard's: serve a copy of one",
+            "--checkpoint-dir ./sandblaster/checkpoints/: holds a Sandblaster run's checkpoints, "
+            "a folder per committed iteration (lbfgs-N), not a shard's: serve a copy of one",
+        ),
+        (
+            [*_PS, "--checkpoint-dir", "sandblaster/checkpoints/lbfgs-000003"],
+            {},
+            "--checkpoint-dir sandblaster/checkpoints/lbfgs-000003: is a committed iteration of "
+            "a Sandblaster run, which --resume restores: serve a copy of it",
+        ),
+        (
+            [*_PS, "--checkpoint-dir", "sandblaster"],
+            {},
+            "--checkpoint-dir sandblaster: is a run folder, not a shard's checkpoint folder: its "
+            "shards keep theirs in sandblaster/checkpoints",
         ),
         (
             ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://198.51.100.7:7000"],
@@ -987,6 +999,7 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
     ],
     ids=[
         *("train-out", "eval-out", "plot-out", "ps-checkpoint-dir", "ps-sandblaster-folder"),
+        *("ps-sandblaster-iteration", "ps-run-folder"),
         *("ps-bind", "env", "worker"),
         *("stage-bind", "ps-liveness", "train-env", "resume-env"),
     ],
@@ -995,6 +1008,7 @@ def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_p
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "somerun").mkdir()
     (tmp_path / "sandblaster" / "checkpoints" / "lbfgs-000003").mkdir(parents=True)
+    (tmp_path / "sandblaster" / "config.json").write_text("{}")
     stdout, stderr = _refused(argv, tmp_path, env)
     # Refused at once: before any process starts and before torch is loaded.
     assert stdout == ["exit 2", "children 0 torch False"], stderr

@@ -228,9 +228,9 @@ def _run_ps(args: argparse.Namespace) -> int:
                 # rmdir removes only an empty one, after the lock file below is gone.
                 held.callback(_remove_if_empty, Path(args.checkpoint_dir))
             make_folder(args.checkpoint_dir, "--checkpoint-dir")
-            _check_not_iterations(Path(args.checkpoint_dir))
+            _check_serves_a_shards_folder(args.checkpoint_dir)
             # For the shard's life: a second one of this id would write over its checkpoints.
-            held.enter_context(shard_checkpoints_locked(Path(args.checkpoint_dir), args.shard_id))
+            held.enter_context(shard_checkpoints_locked(args.checkpoint_dir, args.shard_id))
         _use_transport(config)
         # Torch: once the flags are checked, and with a stop meanwhile acted on after it.
         process = import_with_signals_deferred("distbelief.server.process")
@@ -245,16 +245,34 @@ def _run_ps(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_not_iterations(folder: Path) -> None:
-    """A Sandblaster run's checkpoint folder holds one folder per committed iteration, not
-    shards' files: served as it is, the shard found nothing and started empty, without a word."""
-    from distbelief.coordinator.checkpoint import holds_iterations
+def _check_serves_a_shards_folder(checkpoint_dir: str) -> None:
+    """Refuse a ``--checkpoint-dir`` that is a run's, not a shard's: a shard saves into its
+    folder, and would change the run's (or, finding nothing there, started empty without a
+    word and saved its files among the run's).
 
+    A Sandblaster run's checkpoint folder holds one folder per committed iteration; one of
+    those holds the shards' files, but is what ``--resume`` restores: only a copy may be served.
+    """
+    from distbelief.coordinator.checkpoint import holds_iterations
+    from distbelief.launch.cluster import CHECKPOINT_DIR
+
+    folder = Path(checkpoint_dir)
+    named = f"--checkpoint-dir {checkpoint_dir}"
     if holds_iterations(folder):
         raise ValueError(
-            f"--checkpoint-dir {folder}: holds a Sandblaster run's checkpoints, a folder per "
-            "committed iteration (lbfgs-N), not a shard's: serve a copy of one of them (a "
-            "shard saves into its folder, and would change the run's)"
+            f"{named}: holds a Sandblaster run's checkpoints, a folder per committed iteration "
+            "(lbfgs-N), not a shard's: serve a copy of one of them (a shard saves into its "
+            "folder, and would change the run's)"
+        )
+    if holds_iterations(folder.resolve().parent):
+        raise ValueError(
+            f"{named}: is a committed iteration of a Sandblaster run, which --resume restores: "
+            "serve a copy of it (a shard saves into its folder, and would change the run's)"
+        )
+    if (folder / "config.json").is_file() and (folder / CHECKPOINT_DIR).is_dir():
+        raise ValueError(
+            f"{named}: is a run folder, not a shard's checkpoint folder: its shards keep "
+            f"theirs in {folder / CHECKPOINT_DIR}"
         )
 
 

@@ -85,7 +85,7 @@ def run_dir_locked(run_dir: Path, what: str, *, lend_within: bool = False) -> It
 
 
 @contextlib.contextmanager
-def shard_checkpoints_locked(directory: Path, shard_id: int) -> Iterator[None]:
+def shard_checkpoints_locked(directory: str | Path, shard_id: int) -> Iterator[None]:
     """Hold shard ``shard_id``'s checkpoints in ``directory`` (an existing folder) for the
     block, through its ``shard{i}.lock`` file, which is removed as the hold ends: a shard that
     was refused, or has ended, leaves no file of its own behind.
@@ -94,7 +94,7 @@ def shard_checkpoints_locked(directory: Path, shard_id: int) -> Iterator[None]:
         ValueError: another process holds them (a shard of that id serving from the folder),
             or the lock file cannot be opened, naming ``--checkpoint-dir`` as given.
     """
-    path = directory / f"shard{shard_id}.lock"
+    path = Path(directory) / f"shard{shard_id}.lock"
     for _ in range(_LOCK_FILE_TRIES):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -79,7 +79,10 @@ def test_keygen_makes_the_missing_folders_of_a_new_file(tmp_path, capsys):
 def test_key_file_open_to_others_is_refused(tmp_path):
     path = write_key_file(tmp_path / "job.key")
     path.chmod(0o644)
-    with pytest.raises(ValueError, match=r"job\.key is readable by others"):
+    with pytest.raises(ValueError, match=r"job\.key is open to others: chmod 600 "):
+        read_key_file(path)
+    path.chmod(0o640)
+    with pytest.raises(ValueError, match=r"job\.key is open to its group: chmod 600 "):
         read_key_file(path)
 
 

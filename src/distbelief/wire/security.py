@@ -160,7 +160,9 @@ def read_key_file(path: str | Path) -> bytes:
     except OSError as e:
         raise ValueError(f"key file {path}: {e.strerror}") from e
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"key file {path} is readable by others: chmod 600 {path}")
+        # Its group's permissions alone, or others' too: the wording names who else may read.
+        who = "its group" if not mode & stat.S_IRWXO else "others"
+        raise ValueError(f"key file {path} is open to {who}: chmod 600 {path}")
     if len(content) > MAX_KEY_FILE_BYTES:
         raise ValueError(
             f"key file {path}: over {MAX_KEY_FILE_BYTES} bytes, too long for a key file (make "

@@ -111,7 +111,8 @@ def check_listed_place(shard_id: int, num_shards: int, listed_as: object) -> Non
     if listed_as is not None and listed_as != shard_id:
         raise ShardListError(
             f"this address serves shard {shard_id} of {num_shards}, but it is listed as shard "
-            f"{listed_as}: check the order of the addresses"
+            f"{listed_as}: check the order of the addresses, and the ids the shards were "
+            "started with"
         )
 
 

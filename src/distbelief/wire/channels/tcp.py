@@ -41,7 +41,7 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
         host = host[1:-1]
     elif "[" in host or "]" in host or "/" in host:  # a bracket without its pair; tcp//h
         host = ""
-    if not sep or not host or not port_text.isdigit():
+    if not sep or not host or not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(f"address {address!r} is not of the form tcp://HOST:PORT")
     if int(port_text) > 65535:
         raise ValueError(f"address {address!r}: port {port_text} is out of range (0-65535)")

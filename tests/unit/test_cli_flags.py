@@ -1154,8 +1154,13 @@ def test_a_host_no_lookup_knows_is_refused_at_once(argv, message, capsys):
         ("tcp://::1]:1", "address 'tcp://::1]:1' is not of the form tcp://HOST:PORT"),
         ("tcp://127.0.0.9:0", "address 'tcp://127.0.0.9:0': port 0 cannot be connected to"),
         ("shm://127.0.0.9:0", "address 'shm://127.0.0.9:0': port 0 cannot be connected to"),
+        # Digits of another script: int() reads them, and the error named the address as typed.
+        (
+            "tcp://127.0.0.9:\u0667\u0660",
+            "address 'tcp://127.0.0.9:\u0667\u0660' is not of the form",
+        ),
     ],
-    ids=["open-bracket", "close-bracket", "port-0", "shm-port-0"],
+    ids=["open-bracket", "close-bracket", "port-0", "shm-port-0", "arabic-indic-digits"],
 )
 def test_a_shard_address_no_connection_can_reach_is_refused_at_once(address, message, capsys):
     # Not retried until --retry-timeout: the address is bad input.

@@ -793,7 +793,8 @@ class FaultsConfig:
     retry_timeout_s: float = 60.0
     """Seconds to keep retrying an unreachable shard (e.g. restarting) before failing."""
     max_restarts: int = 3
-    """Restarts allowed per process (worker, shard, evaluator) that dies."""
+    """Restarts allowed per process (worker, shard, evaluator) that dies (a partitioned
+    replica's stages share one count: the replica restarts as one)."""
 
     def __post_init__(self) -> None:
         _require_waits(self, "timeout_s")

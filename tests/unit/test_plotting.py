@@ -194,6 +194,22 @@ def test_runs_that_differ_in_their_wire_encoding_say_so_in_their_labels() -> Non
     ]
 
 
+def test_partitioned_runs_that_differ_in_their_pipeline_say_so_in_their_labels() -> None:
+    pipeline = {"pipeline.num_partitions": 3, "model.name": "mlp"}
+    runs = [
+        _job_run("a", [], **pipeline, **{"pipeline.num_micro_batches": 4}),
+        _job_run(
+            "b", [], **pipeline, **{"pipeline.num_micro_batches": 4, "pipeline.schedule": "gpipe"}
+        ),
+        _job_run("c", [], **pipeline, **{"pipeline.split_points": [2, 4]}),
+    ]
+    assert run_labels(runs) == [
+        "2w x 2s, sgd, n_push=1, micro_batches=4, schedule=1f1b",
+        "2w x 2s, sgd, n_push=1, micro_batches=4, schedule=gpipe",
+        "2w x 2s, sgd, n_push=1, micro_batches=1, schedule=1f1b, split_points=[2, 4]",
+    ]
+
+
 def test_a_sandblaster_run_is_compared_as_one_and_not_in_downpour_terms(tmp_path) -> None:
     downpour = _job_run("downpour", [], **{"consistency.sync": True})
     sandblaster_records = _iterations("worker", portions=4) + _iterations("coordinator", loss=1.0)

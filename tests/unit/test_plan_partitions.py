@@ -62,3 +62,26 @@ def test_a_budget_no_split_fits_is_refused_naming_the_least_it_would_take(monkey
     assert e.value.field == "pipeline.max_stage_bytes"
     _, plan = plan_partitions(_config(168_263_880))
     assert (plan["basis"], max(plan["stage_state_bytes"])) == ("bytes", 168_263_880)
+
+
+def test_a_budget_below_one_layers_need_says_no_split_fits_it():
+    """More partitions could not help (the advice given was "use more partitions"): a split
+    does not cut a layer, and mlp's layers.1 alone needs 5248000 bytes."""
+    config = JobConfig.from_fields(
+        {"model.name": "mlp", "pipeline.num_partitions": 3, "pipeline.max_stage_bytes": 5_247_999}
+    )
+    with pytest.raises(ConfigFieldError) as refused:
+        plan_partitions(config)
+    assert str(refused.value).endswith(
+        "needs 5248000 bytes for its parameters and optimizer state: no split fits it, since "
+        "layer layers.1 alone needs 5248000 bytes (a split does not cut a layer)"
+    )
+    config = config.with_fields(
+        {
+            "pipeline.num_partitions": 2,
+            "pipeline.split_points": (4,),
+            "pipeline.max_stage_bytes": 5_300_000,
+        }
+    )
+    with pytest.raises(ConfigFieldError, match="give other --split-points, or use more partitions"):
+        plan_partitions(config)

@@ -126,6 +126,7 @@ def plan_partitions(config: JobConfig, *, announce: bool = True) -> tuple[JobCon
 
     from distbelief.data import load_job_dataset
     from distbelief.pipeline.job import (
+        budget_advice,
         check_stage_budget,
         job_split,
         model_builder,
@@ -137,8 +138,9 @@ def plan_partitions(config: JobConfig, *, announce: bool = True) -> tuple[JobCon
     train_set = load_job_dataset(config.data, "train")
     with torch.device("meta"):  # sizes only: no parameter is allocated
         model = model_builder(config, train_set.input_shape, train_set.num_classes)()
+    advice = budget_advice(config, pipeline_layers(model))
     if num_partitions == 1:
-        check_stage_budget(config, 0, model.parameters())
+        check_stage_budget(config, 0, model.parameters(), advice=advice)
         return config, {}
     parameters = dict(model.named_parameters())
 
@@ -157,7 +159,7 @@ def plan_partitions(config: JobConfig, *, announce: bool = True) -> tuple[JobCon
     stages = partitions(split)
     stage_bytes = [stage_state_bytes(params) for params in stages]
     largest = stage_bytes.index(max(stage_bytes))
-    check_stage_budget(config, largest, stages[largest])
+    check_stage_budget(config, largest, stages[largest], advice=advice)
     description = split.describe([name for name, _ in pipeline_layers(model)])
     if announce:
         logger.info("%s", description)

@@ -116,15 +116,37 @@ def parameter_groups(
     ]
 
 
-def check_stage_budget(config: JobConfig, stage: int, parameters) -> int:
+def check_stage_budget(
+    config: JobConfig, stage: int, parameters, *, advice: str = "use more partitions"
+) -> int:
     """A stage's bytes of parameters and optimizer state; ValueError naming
-    ``--max-stage-bytes`` when they exceed the job's budget."""
+    ``--max-stage-bytes`` when they exceed the job's budget, ending with ``advice`` (what
+    would make it fit)."""
     needed = stage_state_bytes(list(parameters))
     budget = config.pipeline.max_stage_bytes
     if budget is not None and needed > budget:
         raise ConfigFieldError(
             "pipeline.max_stage_bytes",
             f"is {budget}, but partition {stage} of {config.pipeline.num_partitions} needs "
-            f"{needed} bytes for its parameters and optimizer state: use more partitions",
+            f"{needed} bytes for its parameters and optimizer state: {advice}",
         )
     return needed
+
+
+def budget_advice(config: JobConfig, layers: list[tuple[str, nn.Module]]) -> str:
+    """What would make a stage fit ``--max-stage-bytes``: more partitions (or other split
+    points, where they were given); nothing, where one layer alone needs more, since no split
+    cuts a layer."""
+    name, least = max(
+        ((name, stage_state_bytes(layer.parameters())) for name, layer in layers),
+        key=lambda named: named[1],
+    )
+    budget = config.pipeline.max_stage_bytes
+    if budget is not None and least > budget:
+        return (
+            f"no split fits it, since layer {name} alone needs {least} bytes (a split does not "
+            "cut a layer)"
+        )
+    if config.pipeline.split_points is not None:
+        return "give other --split-points, or use more partitions"
+    return "use more partitions"

@@ -32,7 +32,8 @@ def test_an_evaluation_under_way_as_the_job_stops_gives_way_to_the_last():
     evaluator = _SlowEvaluator(stop)
     emitted = []
     result = _evaluate_until_stopped(
-        evaluator, 60.0, lambda kind, row: emitted.append(row), start_time=0.0, stop=stop
+        evaluator, 60.0, lambda kind, row: emitted.append((kind, row)), start_time=0.0, stop=stop
     )
     assert evaluator.calls == [True, False]  # the last is not to be cut
-    assert result["version"] == 7 and [row["version"] for row in emitted] == [7]
+    assert result["version"] == 7
+    assert [(kind, row["version"]) for kind, row in emitted] == [("metric", 7), ("evaluated", 7)]

@@ -14,6 +14,7 @@ from distbelief.launch.stop_records import describe_fault
 from distbelief.launch.summary import RunResult, write_summary
 from distbelief.launch.supervise import EventRouter, job_result
 from distbelief.telemetry import MetricsWriter, make_record
+from distbelief.telemetry.metrics import EVALUATED
 
 
 class _Records:
@@ -73,8 +74,16 @@ def test_router_keeps_the_last_step_of_each_worker_and_the_last_evaluation() -> 
         route(Event("metric", worker1, make_record("worker", 1, time_s=1.0, step=step, loss=0.5)))
     evaluation = make_record("evaluator", 0, time_s=2.0, version=7, test_accuracy=0.5)
     route(Event("metric", evaluator, evaluation))
+    # The whole evaluation: a partitioned model's versions, which metrics.csv has no column for,
+    # are kept too (a job stopped early said none in its summary's final).
+    whole = {"test_accuracy": 0.5, "test_loss": None, "version": 7, "partition_versions": [7, 8]}
+    route(Event(EVALUATED, evaluator, whole))
     assert route.steps_reported == {1: 20}
-    assert route.last_evaluation == {"test_accuracy": 0.5, "version": 7}
+    assert route.last_evaluation == {
+        "test_accuracy": 0.5,
+        "version": 7,
+        "partition_versions": [7, 8],
+    }
 
 
 def test_router_counts_a_sandblaster_workers_portions_not_its_iterations() -> None:

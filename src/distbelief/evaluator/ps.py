@@ -13,16 +13,12 @@ from distbelief.data import load_job_dataset
 from distbelief.evaluator.accuracy import evaluate
 from distbelief.pipeline.job import parameter_groups
 from distbelief.sharding import FlatLayout, tensor_specs
+from distbelief.telemetry.metrics import PARTITION_VERSIONS
 from distbelief.worker.replica import build_replica
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
     from distbelief.wire.security import WireSecurity
-
-
-PARTITION_VERSIONS = "partition_versions"
-"""An evaluation's versions of a model-parallel model's partitions, in stage order (not a
-metrics.csv column: its ``version`` is their lowest)."""
 
 
 class PSEvaluator:

@@ -20,10 +20,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from distbelief.errors import ShardTimeoutError, ShardUnavailableError
-from distbelief.evaluator.ps import PARTITION_VERSIONS, PSEvaluator
+from distbelief.evaluator.ps import PSEvaluator
 from distbelief.files import check_folder_can_be_made, make_folder
 from distbelief.process import Emit, StopFlag
-from distbelief.telemetry.metrics import MetricsWriter, check_appendable, make_record
+from distbelief.telemetry.metrics import (
+    EVALUATED,
+    EVALUATION_FIELDS,
+    PARTITION_VERSIONS,
+    MetricsWriter,
+    check_appendable,
+    make_record,
+)
 
 if TYPE_CHECKING:
     from distbelief.config import JobConfig
@@ -86,11 +93,16 @@ def _evaluate_until_stopped(
             latest.update(result)
         versions = (result["version"], result.get(PARTITION_VERSIONS))
         if versions != last_versions:
-            emit("metric", _metrics_row(result, start_time))
+            _report(emit, result, start_time)
             last_versions = versions
         if stopping:
             return result
         _sleep_unless_stopped(stop, every_s)
+
+
+def _report(emit: Emit, result: dict, start_time: float) -> None:
+    emit("metric", _metrics_row(result, start_time))
+    emit(EVALUATED, result)
 
 
 def _metrics_row(result: dict, start_time: float) -> dict:
@@ -130,7 +142,7 @@ def run_evaluator(
         # The one-shot evaluator idles (no requests, no compute) until the workers are done.
         _wait_for(stop)
         result = evaluator.evaluate()
-        emit("metric", _metrics_row(result, start_time))
+        _report(emit, result, start_time)
         return result
     finally:
         evaluator.close()
@@ -203,8 +215,10 @@ def _watch(
     last: dict = {}
     writer: MetricsWriter | None = None
 
-    def emit(_kind: str, record: dict) -> None:
+    def emit(kind: str, record: dict) -> None:
         nonlocal writer
+        if kind != "metric":  # the whole evaluation: ``last`` has it already
+            return
         offset_s = 0.0
         if path is not None:
             if writer is None:
@@ -229,8 +243,7 @@ def _watch(
             raise
         # The normal end of a watched job: its shards stopped.
         logger.warning("shards stopped answering (%s); last evaluation: %s", e, format_result(last))
-        keys = ("test_loss", "test_accuracy", "test_auc", "version", PARTITION_VERSIONS)
-        return {key: last[key] for key in keys if last.get(key) is not None}
+        return {key: last[key] for key in EVALUATION_FIELDS if last.get(key) is not None}
     except ShardTimeoutError as e:
         if not last:
             raise

@@ -124,8 +124,9 @@ def replica_name(rank: int) -> str:
 
 
 class Event(NamedTuple):
-    """What a process reported: "ready", "heartbeat", "started", "metric", "done", "error",
-    "rolled_back" (Sandblaster's coordinator went back to a checkpoint)."""
+    """What a process reported: "ready", "heartbeat", "started", "metric", "evaluated" (the
+    evaluator's whole evaluation, after its "metric" row), "done", "error", "rolled_back"
+    (Sandblaster's coordinator went back to a checkpoint)."""
 
     kind: str
     source: ProcessSpec

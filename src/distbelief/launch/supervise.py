@@ -16,6 +16,7 @@ from distbelief.errors import DistBeliefError
 from distbelief.launch.cluster import STOP_GRACE_S, Cluster, Event, ProcessKind, shard_names
 from distbelief.launch.stop_records import on_metrics_clock
 from distbelief.launch.summary import RunResult
+from distbelief.telemetry.metrics import EVALUATED, EVALUATION_FIELDS
 
 if TYPE_CHECKING:
     from distbelief.telemetry import ShardStatsPoller, Sink
@@ -62,6 +63,10 @@ class EventRouter:
             self.train_start = payload["time"]
         elif kind == "metric":
             self._write(payload)
+        elif kind == EVALUATED:
+            self.last_evaluation = {
+                key: payload[key] for key in EVALUATION_FIELDS if payload.get(key) is not None
+            }
         elif kind in ("heartbeat", "done") and source.kind is ProcessKind.SHARD:
             self.shard_reports[source.index] = payload
         elif kind == "done" and source.kind in (ProcessKind.WORKER, ProcessKind.STAGE):
@@ -112,9 +117,6 @@ class EventRouter:
             self.steps_reported[record["rank"]] = record["step"]
         elif record["role"] == "coordinator" and record.get("step") is not None:
             self.coordinator_rows[record["step"]] = record
-        elif record["role"] == "evaluator":
-            keys = ("test_loss", "test_accuracy", "test_auc", "version")
-            self.last_evaluation = {k: record[k] for k in keys if record.get(k) is not None}
         start = self.train_start if self.train_start is not None else record["time_s"]
         self.sink.write({**record, "time_s": max(0.0, record["time_s"] - start)})
 

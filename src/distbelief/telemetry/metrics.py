@@ -144,6 +144,16 @@ def _normalize(name: str, value: object) -> object:
     return float(value)
 
 
+PARTITION_VERSIONS = "partition_versions"
+"""An evaluation's versions of a model-parallel model's partitions, in stage order (not a
+metrics.csv column: its ``version`` is their lowest)."""
+EVALUATION_FIELDS = ("test_loss", "test_accuracy", "test_auc", "version", PARTITION_VERSIONS)
+"""An evaluation as a run's summary keeps it (its ``final``)."""
+EVALUATED = "evaluated"
+"""The event that carries an evaluation whole, after its metrics.csv row (a ``metric``
+event): what a job that ends before its evaluator returned keeps as its last one."""
+
+
 def make_record(role: str, rank: int, *, time_s: float, **fields: object) -> dict[str, object]:
     """Builds one metrics record with every field of ``METRIC_FIELDS``.
 

@@ -12,6 +12,8 @@ from distbelief.coordinator.checkpoint import checkpoint_tag, commit
 from distbelief.errors import ChildFailedError
 from distbelief.launch.cluster import (
     CHECKPOINT_DIR,
+    EXIT_PEER_LOST,
+    NEIGHBOUR_LOST,
     RESTART_POLICIES,
     Event,
     Fault,
@@ -19,7 +21,7 @@ from distbelief.launch.cluster import (
     ProcessKind,
     ProcessSpec,
 )
-from distbelief.launch.stop_records import add_what_the_stop_settled
+from distbelief.launch.stop_records import add_what_the_stop_settled, describe_fault
 from distbelief.launch.summary import RunResult
 from distbelief.launch.train_report import describe_restore, restore_lines
 
@@ -265,6 +267,23 @@ def test_a_stage_restarts_its_whole_replica_counted_once_per_replica() -> None:
     assert _die(book, ProcessSpec(ProcessKind.STAGE, 0, stage=1)) == "restarted"
     with pytest.raises(ChildFailedError, match="all stages died"):
         _die(book, ProcessSpec(ProcessKind.STAGE, 0, stage=1))
+
+
+def test_a_stage_that_lost_its_neighbour_names_the_error_that_told_it() -> None:
+    """Its neighbour hung (SIGSTOP): the fault said only `worker0.stage0 died (exit code 75)`,
+    blaming the stage that did nothing wrong and naming nothing of the one that hung."""
+    book = _stage_book(max_restarts=1)
+    stage = ProcessSpec(ProcessKind.STAGE, 0, stage=0)
+    told = "StageTimeoutError: stage 1 did not answer within 3s"
+    book.note(Event(NEIGHBOUR_LOST, stage, {"error": told}))
+    fault = book.record_death(stage, EXIT_PEER_LOST, stopping=False)
+    assert fault.cause == f"a neighbouring stage of its replica was lost: {told}"
+    assert describe_fault(fault) == (
+        f"worker0.stage0 died (exit code 75: a neighbouring stage of its replica was lost: "
+        f"{told}); restarted"
+    )
+    # A death of its own later says its exit code alone, as before.
+    assert book.record_death(stage, -9, stopping=False).cause is None
 
 
 def test_a_restarted_stage_binds_its_old_address_and_finds_its_next_stage_there() -> None:

@@ -123,6 +123,13 @@ def replica_name(rank: int) -> str:
     return f"worker{rank}"
 
 
+EXIT_PEER_LOST = 75
+"""A stage's exit code when a neighbouring stage of its replica went away: a death of the
+replica (restarted as a whole), not an error of this stage."""
+NEIGHBOUR_LOST = "neighbour_lost"
+"""The event a stage sends, with its ``error``, before it exits with ``EXIT_PEER_LOST``."""
+
+
 class Event(NamedTuple):
     """What a process reported: "ready", "heartbeat", "started", "metric", "evaluated" (the
     evaluator's whole evaluation, after its "metric" row), "done", "error", "rolled_back"
@@ -183,7 +190,8 @@ class Fault:
     it: it is given up, as a death then is. None for a death."""
     cause: str | None = None
     """How the process ended when its exit code is not known: Ray's own words on its actor's
-    end (``ray_endings``). None where the exit code says it, or nothing was told."""
+    end (``ray_endings``); or why a stage exited with ``EXIT_PEER_LOST`` (the error that told
+    it its neighbour was gone). None where the exit code says it, or nothing was told."""
     recovery_cut_short: bool = False
     """Shards: the life restarted after this death died too, before it returned its result:
     ``updates_replayed`` and ``pushes_resent`` are its last heartbeat's (or none), so the
@@ -347,6 +355,9 @@ class ProcessBook:
         a process that dies now is given up, not restarted."""
         self.returned: set[str] = set()
         """The processes that returned their result ("done")."""
+        self.neighbours_lost: dict[str, str] = {}
+        """Stage -> the error that told it a neighbouring stage of its replica was gone (it
+        then exits with ``EXIT_PEER_LOST``): the cause its fault names."""
 
     def spec(self, kind: ProcessKind, index: int, stage: int = 0) -> ProcessSpec:
         """Where process ``kind``/``index`` starts: a shard on its old address once it has one,
@@ -449,6 +460,8 @@ class ProcessBook:
             self.coordinator_iteration = payload["step"]
         elif kind == "rolled_back":
             self._note_rollback(payload["from_iteration"], payload["to_iteration"])
+        elif kind == NEIGHBOUR_LOST:
+            self.neighbours_lost[source.name] = payload["error"]
         elif kind == "ready" and source.kind is ProcessKind.COORDINATOR:
             self.coordinator_address = payload["address"]
         elif kind == "ready" and source.kind is ProcessKind.STAGE:
@@ -523,6 +536,10 @@ class ProcessBook:
         unit = self.restart_unit(spec)
         restarts = self.restarts.get(unit, 0)
         can_restart = restarts < self.config.faults.max_restarts and not stopping
+        lost = self.neighbours_lost.pop(spec.name, None)
+        if cause is None and exitcode == EXIT_PEER_LOST and lost is not None:
+            # It did nothing wrong: the stage it waited for is the one to look at.
+            cause = f"a neighbouring stage of its replica was lost: {lost}"
         fault = Fault(
             spec.name,
             time.time() - (self.train_start or self.start_time),

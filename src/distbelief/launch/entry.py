@@ -9,7 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distbelief.launch.cluster import CHECKPOINT_DIR, ProcessKind, ProcessSpec
+from distbelief.launch.cluster import (
+    CHECKPOINT_DIR,
+    EXIT_PEER_LOST,
+    NEIGHBOUR_LOST,
+    ProcessKind,
+    ProcessSpec,
+)
 from distbelief.process import Emit, StopFlag
 
 if TYPE_CHECKING:
@@ -25,11 +31,6 @@ ROLE_MODULES = (
     "distbelief.worker.stage",
 )
 """What ``run_role`` imports: a cluster that can load them ahead of time should."""
-
-EXIT_PEER_LOST = 75
-"""A stage's exit code when a neighbouring stage of its replica went away: a death of the
-replica (restarted as a whole), not an error of this stage."""
-
 
 PRELOADED_MODULES = ("torch", *ROLE_MODULES)
 """What a process that forks a job's processes (the local forkserver, a Ray node's zygote)
@@ -153,4 +154,5 @@ def _run_stage(
     except PipelineError as e:
         # A neighbour died (the cluster restarts the replica): this stage did nothing wrong.
         logging.getLogger(__name__).warning("%s: %s", spec.name, e)
+        emit(NEIGHBOUR_LOST, {"error": f"{type(e).__name__}: {e}"})
         raise SystemExit(EXIT_PEER_LOST) from None

@@ -76,7 +76,9 @@ def _committed_iteration(run_dir: Path) -> int | None:
 def describe_fault(fault: Fault) -> str:
     """The line the launcher prints for ``fault``."""
     code = ""
-    if fault.exitcode is not None:
+    if fault.exitcode is not None and fault.cause is not None:
+        code = f" (exit code {fault.exitcode}: {fault.cause})"
+    elif fault.exitcode is not None:
         code = f" (exit code {fault.exitcode})"
     elif fault.cause is not None:
         code = f" ({fault.cause})"

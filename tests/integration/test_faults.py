@@ -20,7 +20,12 @@ from torch import nn
 
 from distbelief.client import ParameterServerClient
 from distbelief.config import JobConfig
-from distbelief.errors import ShardEmptyError, ShardTimeoutError, ShardUnavailableError
+from distbelief.errors import (
+    ModelMismatchError,
+    ShardEmptyError,
+    ShardTimeoutError,
+    ShardUnavailableError,
+)
 from distbelief.optim import DownpourSGD
 from distbelief.sharding import FlatLayout, tensor_specs
 from distbelief.telemetry import read_metrics
@@ -523,6 +528,37 @@ def test_a_shard_restarted_with_no_checkpoint_says_its_parameters_are_lost():
             f"shard 1 ({address1}) holds no parameters while shard 0 ({address0}) has applied "
             "3 updates: restarted with no checkpoint"
         )
+    finally:
+        optimizer.close()
+        stop_processes(processes)
+
+
+def test_a_shard_restarted_from_another_models_checkpoint_is_a_model_mismatch(tmp_path):
+    """A ``distbelief ps`` started again at its address on another model's checkpoint folder:
+    the worker's re-send of what it lacks was refused with a RemoteError about slices that do
+    not fit, naming no tensor; it is a ModelMismatchError, as for a new worker."""
+    other = tmp_path / "other"
+    shard, address = start_shard(0, 1, "--checkpoint-dir", str(other))
+    try:
+        model = nn.Linear(5, 3)  # the other model, whose checkpoint the shard saves
+        DownpourSGD(model.parameters(), lr=0.1, model=model, ps=[address], timeout_s=30).close()
+    finally:
+        stop_processes([shard])
+    bind = ("--bind", f"tcp://{private_loopback()}:0")  # restarted at its address
+    checkpoints = ("--checkpoint-dir", str(tmp_path / "ours"), "--checkpoint-every", "3600")
+    shard, address = start_shard(0, 1, *bind, *checkpoints)
+    processes = [shard]
+    model, optimizer = _blocking_linear(address)
+    try:
+        _steps(model, optimizer, 2)
+        shard.kill()
+        shard.wait(timeout=30)
+        restarted, _ = start_shard(0, 1, "--bind", address, "--checkpoint-dir", str(other))
+        processes.append(restarted)
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        with pytest.raises(ModelMismatchError, match="'weight'"):
+            optimizer.step()
     finally:
         optimizer.close()
         stop_processes(processes)

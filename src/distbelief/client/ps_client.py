@@ -26,7 +26,10 @@ from distbelief.client.replay import Replay, ShardReplay
 from distbelief.client.shared_memory import SharedMemory
 from distbelief.config import check_count, check_wait
 from distbelief.errors import (
+    DistBeliefError,
+    ModelMismatchError,
     PlacementRefusedError,
+    RemoteError,
     ShardTimeoutError,
 )
 from distbelief.sharding import (
@@ -354,7 +357,7 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
             ready()
         placed = self._placed(shard_id, message)
         try:
-            reply = self._request(shard_id, placed)
+            reply = self._pushed_or_told_why(shard_id, placed)
         except PlacementRefusedError as e:
             if placed is message:
                 raise
@@ -362,7 +365,7 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
             # nothing was applied, and the tensors themselves go instead.
             logger.info("shard %d: %s; sending the push's tensors", shard_id, e)
             placed = message
-            reply = self._request(shard_id, message)
+            reply = self._pushed_or_told_why(shard_id, message)
         if placed is not message:
             self._wire.add_shared(pushed=sum(tensor.nbytes for _, tensor in message.tensors))
         meta = reply.meta
@@ -380,6 +383,29 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
             if replay is not None:
                 self._resend(shard_id, replay)
         return self.versions[shard_id]
+
+    def _pushed_or_told_why(self, shard_id: int, push: Message) -> Message:
+        """The reply to ``push``. A shard that refuses it as not fitting its slices may be one
+        restarted from another model's checkpoint (a ps started again on the wrong folder):
+        asked as a new worker asks, it then says so, naming the first tensor that differs,
+        where the push's refusal named none.
+
+        Raises:
+            ModelMismatchError: the shard holds another model (or layout).
+            RemoteError: the shard refused the push otherwise.
+        """
+        try:
+            return self._request(shard_id, push)
+        except RemoteError as refused:
+            if type(refused) is not RemoteError:  # a refusal that says what it is already
+                raise
+            try:
+                self._request(shard_id, Message(ops.HELLO, self._hello_meta(shard_id)))
+            except ModelMismatchError:
+                raise
+            except DistBeliefError:  # the hello tells nothing more: the refusal stands
+                pass
+            raise
 
     def _placed(self, shard_id: int, message: Message) -> Message:
         """``message``, or the same push with its gradient in the push buffers a same-host
@@ -442,7 +468,7 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
                     (piece.name, total.to(piece.dtype))
                     for piece, total in zip(pieces, replay.tensors, strict=True)
                 ]
-            reply = self._request(shard_id, Message(ops.PUSH, meta, tensors))
+            reply = self._pushed_or_told_why(shard_id, Message(ops.PUSH, meta, tensors))
             self.versions[shard_id] = int(reply.meta["version"])
             in_flight = 0 if reply.meta.get("dup") else replay.count
             buffer = self.replays[shard_id]

@@ -451,3 +451,26 @@ def test_an_evaluations_version_is_the_lowest_of_its_shards():
                 assert reader.pull() == 0
         finally:
             reader.client.close()
+
+
+def test_an_eval_against_shards_no_worker_initialised_says_what_it_waits_for() -> None:
+    """It waited the request timeout without a word, then named neither the wait nor what
+    bounds it."""
+    process, address = start_shard(0, 1)
+    try:
+        result = subprocess.run(
+            [*CLI, "eval", "--ps", address, "--once", "--timeout", "2"],
+            capture_output=True,
+            text=True,
+            env=CHILD_ENV,
+            timeout=120,
+        )
+    finally:
+        stop_processes([process])
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert f"shard 0 ({address}) holds no parameters yet: waiting up to 2s" in result.stderr
+    assert lines[-1] == (
+        f"distbelief eval: ShardTimeoutError: shard 0 ({address}): no worker initialised it "
+        "within 2s (the request timeout: --timeout)"
+    )

@@ -6,6 +6,7 @@ ParameterServerClient: it pushes and pulls nothing of the training.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -21,6 +22,8 @@ from distbelief.errors import (
 from distbelief.sharding import specs_to_json
 from distbelief.wire import Message, ops
 from distbelief.wire.group_names import DEFAULT_GROUP, INITIALIZED_GROUPS_KEY
+
+logger = logging.getLogger(__name__)
 
 INIT_POLL_S = 0.05
 
@@ -202,6 +205,15 @@ class ShardHandshake:
         """Initialise one shard from ``initial`` if it is empty (or, with ``initial`` None,
         wait until a worker has); True if it adopted ``initial``."""
         deadline = time.monotonic() + self.timeout_s
+        where = f"shard {shard_id} ({self.addresses[shard_id]})"
+        if not described.get("initialized") and initial is None:
+            # Said once: the wait is silent else, and as long as the request timeout.
+            logger.info(
+                "%s holds no parameters yet: waiting up to %gs (the request timeout) for a "
+                "worker to initialise it",
+                where,
+                self.timeout_s,
+            )
         while not described.get("initialized"):
             if initial is not None:
                 tensors = self.slice_views(shard_id, initial, "initial")
@@ -210,8 +222,8 @@ class ShardHandshake:
                 return bool(reply.meta.get("adopted"))
             if time.monotonic() > deadline:
                 raise ShardTimeoutError(
-                    f"shard {shard_id} ({self.addresses[shard_id]}): no worker initialised it "
-                    f"within {self.timeout_s:g}s"
+                    f"{where}: no worker initialised it within {self.timeout_s:g}s (the "
+                    "request timeout: --timeout)"
                 )
             time.sleep(INIT_POLL_S)
             described = self._hello(shard_id)

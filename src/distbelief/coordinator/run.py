@@ -196,8 +196,14 @@ def _optimize(
     last: dict[str, Any] = {}
     finished = saved_iteration  # the last iteration finished (step() counts one as it starts)
     rollbacks = 0
-    while lbfgs.stop_reason is None and not stop.is_set():
+    while True:
         try:
+            if lbfgs.stop_reason is not None or stop.is_set():
+                # The last save is rolled back too when a shard restarts under it (its
+                # vectors are then its checkpoint's): the iterations since are done again.
+                if lbfgs.state.iteration != saved_iteration:
+                    saved_iteration = _save(lbfgs, vectors, checkpoint_dir)
+                break
             first = not lbfgs.started
             last = reporter.iteration(lbfgs.start() if first else lbfgs.step())
             finished = lbfgs.state.iteration
@@ -216,8 +222,6 @@ def _optimize(
                 lbfgs, vectors, checkpoint_dir, emit, from_iteration=finished
             )
             finished = saved_iteration
-    if lbfgs.state.iteration != saved_iteration:
-        _save(lbfgs, vectors, checkpoint_dir)
     # Every worker of the job is waited for: one still starting up must find us to be told.
     workers = [f"worker{rank}" for rank in range(config.cluster.num_workers)]
     untold = service.finish(config.faults.timeout_s, expected=workers)

@@ -12,12 +12,15 @@ import pytest
 import torch
 from torch import nn
 
+from distbelief.client.vectors import _check_finite as check_finite
 from distbelief.coordinator.lbfgs import (
     BUDGET_SPENT,
     ITERATIONS_DONE,
+    NOT_FINITE,
     LBFGSSettings,
     SandblasterLBFGS,
 )
+from distbelief.coordinator.line_search import strong_wolfe
 from distbelief.data import load_dataset
 from tests.unit.local_vectors import (
     LocalShards,
@@ -186,9 +189,10 @@ def test_stops_when_the_gradient_vanishes():
 
 
 @pytest.mark.parametrize("line_search", ["strong-wolfe", "fixed"])
-def test_a_nan_loss_reports_a_nan_gradient_norm_not_zero(line_search):
+def test_a_nan_loss_reports_a_nan_gradient_norm_not_zero_and_stops(line_search):
     """float32, as a job trains: a gradient that is NaN has no norm of 0.0 (which would read
-    as converged)."""
+    as converged); and the run stops, diverged: a direction from it would carry NaN
+    coefficients, which the shards refuse."""
     inputs, labels = _digits(50)
     inputs = inputs.float()
     inputs[0, 0] = math.nan
@@ -197,10 +201,42 @@ def test_a_nan_loss_reports_a_nan_gradient_norm_not_zero(line_search):
     shards = LocalShards(model, 2)
     settings = LBFGSSettings(line_search=line_search)
     lbfgs = SandblasterLBFGS(shards, batch_evaluator(shards, model, inputs, labels), settings)
-    records = [lbfgs.start(), lbfgs.step()]
-    for record in records:
-        assert math.isnan(record.loss)
-        assert math.isnan(record.grad_norm), record
+    record = lbfgs.start()
+    assert math.isnan(record.loss)
+    assert math.isnan(record.grad_norm), record
+    assert record.stop_reason == NOT_FINITE
+
+
+class _FiniteCoefficientsOnly:
+    """The shards as the wire gives them: a program with a NaN or infinite coefficient is
+    refused (``LocalShards`` alone would run it)."""
+
+    def __init__(self, shards: LocalShards) -> None:
+        self.shards = shards
+
+    def run(self, program):
+        check_finite(program.to_json())
+        return self.shards.run(program)
+
+
+def test_a_step_so_large_that_the_loss_diverges_stops_the_run_with_its_row():
+    """--line-search fixed --step-size 1e8: the loss of the step taken is NaN or infinite; the
+    direction built from it carried a NaN coefficient, and the coordinator failed with a
+    ValueError."""
+    line_search = "fixed"
+    inputs, labels = _digits(100)
+    inputs = inputs.float()  # as a job trains: float32 overflows where float64 would not
+    torch.manual_seed(0)
+    model = _logistic_regression().float()
+    shards = LocalShards(model, 2)
+    settings = LBFGSSettings(line_search=line_search, lr=1e8)
+    evaluate = batch_evaluator(shards, model, inputs, labels)
+    lbfgs = SandblasterLBFGS(_FiniteCoefficientsOnly(shards), evaluate, settings)
+    records = [lbfgs.start()]
+    while lbfgs.stop_reason is None and len(records) < 10:
+        records.append(lbfgs.step())
+    assert records[-1].stop_reason == NOT_FINITE, records
+    assert not math.isfinite(records[-1].loss)
 
 
 def _until_stopped(lbfgs: SandblasterLBFGS, max_iterations: int) -> None:
@@ -316,3 +352,25 @@ def test_a_restart_with_a_larger_budget_goes_on_and_with_a_spent_one_stops():
     smaller = SandblasterLBFGS(shards, evaluate, LBFGSSettings(max_evaluations=2))
     smaller.load_state_dict(json.loads(json.dumps(larger.state_dict())))
     assert smaller.stop_reason == BUDGET_SPENT
+
+
+@pytest.mark.parametrize("diverged_at", [1, 2, 3])
+def test_a_line_search_trial_that_diverges_ends_the_search_there(diverged_at):
+    """A trial whose loss is infinite: the next trial interpolated from it was NaN, which
+    the shards refuse (--step-size 1e15 with the strong-Wolfe search failed the job)."""
+    trials: list[float] = []
+
+    def probe(t: float) -> tuple[float, float, str]:
+        assert math.isfinite(t), trials
+        trials.append(t)
+        if len(trials) == diverged_at:
+            return math.inf, math.nan, f"g{len(trials)}"
+        return 1.0 - 0.95 * t, -0.95, f"g{len(trials)}"  # steeply down: the search goes on
+
+    result = strong_wolfe(probe, 1.0, 1.0, "g0", -1.0, 1.0)
+    assert len(trials) == diverged_at
+    assert (result.loss, result.grad, result.num_evaluations) == (
+        math.inf,
+        f"g{diverged_at}",
+        diverged_at,
+    )

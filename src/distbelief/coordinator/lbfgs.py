@@ -33,6 +33,9 @@ BUDGET_SPENT = "max_evaluations reached"
 larger budget (or none) takes back."""
 ITERATIONS_DONE = "max_iterations"
 """The stop reason of a run that made its iterations: one a resumed run with more takes back."""
+NOT_FINITE = "loss not finite"
+"""The stop reason of a run whose loss became NaN or infinite (it diverged: a smaller
+``--step-size``, say, is another run)."""
 LINE_SEARCH_EVALUATIONS = 25
 """A line search's evaluations without a budget (torch's ``max_ls`` default)."""
 CURVATURE_EPS = 1e-10
@@ -249,7 +252,9 @@ class SandblasterLBFGS:
         state.loss, state.grad = loss, grad
         state.grad_max_abs, state.grad_abs_sum = results[max_abs], results[abs_sum]
         state.gram = {_key(grad, grad): results[norm2]}
-        if state.grad_max_abs <= self.settings.tolerance_grad:
+        if not math.isfinite(loss):
+            state.stop_reason = NOT_FINITE
+        elif state.grad_max_abs <= self.settings.tolerance_grad:
             state.stop_reason = "gradient below tolerance_grad"
         return self._record(0.0, 1)
 
@@ -295,7 +300,11 @@ class SandblasterLBFGS:
         state.stop_reason = self._bound_reached()
         if state.stop_reason is not None:
             return
-        if state.grad_max_abs <= settings.tolerance_grad:
+        if not math.isfinite(state.loss):
+            # Diverged: no direction or step can be computed from here (torch's own goes on
+            # with NaN parameters to its bound; the shards take no NaN coefficient).
+            state.stop_reason = NOT_FINITE
+        elif state.grad_max_abs <= settings.tolerance_grad:
             state.stop_reason = "gradient below tolerance_grad"
         elif abs(state.t) * direction_max_abs <= settings.tolerance_change:
             state.stop_reason = "step below tolerance_change"

@@ -281,6 +281,9 @@ class Cluster(Protocol):
     def finished(self, kind: ProcessKind) -> bool:
         """Whether every process of ``kind`` has exited cleanly (or been given up on)."""
 
+    def exited(self, kind: ProcessKind) -> bool:
+        """Whether no process of ``kind`` is still running, however it ended."""
+
     def begin_stop(self) -> None:
         """The job ends early (Ctrl-C, a failure): from now on a process that dies is given up,
         not restarted, as nothing is left for it to do (asking the shards to stop does the

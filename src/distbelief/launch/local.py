@@ -350,6 +350,14 @@ class LocalCluster:
             if spec.kind is kind
         )
 
+    def exited(self, kind: ProcessKind) -> bool:
+        """Whether no process of ``kind`` is still running, however it ended."""
+        return all(
+            process.exitcode is not None
+            for spec, process in self.processes.values()
+            if spec.kind is kind
+        )
+
     def begin_stop(self) -> None:
         """The job ends early: a process that dies from now on is given up (see
         ``Cluster.begin_stop``)."""

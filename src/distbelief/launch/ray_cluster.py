@@ -478,6 +478,10 @@ class RayCluster:
             self._running(name) for name, life in self._lives.items() if life.spec.kind is kind
         )
 
+    def exited(self, kind: ProcessKind) -> bool:
+        """Whether no process of ``kind`` is still running (as ``finished``)."""
+        return self.finished(kind)
+
     def begin_stop(self) -> None:
         """The job ends early: a process that dies from now on is given up (see
         ``Cluster.begin_stop``)."""

@@ -221,8 +221,9 @@ def stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) ->
     exited_at: float | None = None
     with contextlib.suppress(KeyboardInterrupt, DistBeliefError, OSError):
         while not cluster.results(ProcessKind.COORDINATOR) and time.monotonic() < deadline:
-            if exited_at is None and cluster.finished(ProcessKind.COORDINATOR):
-                exited_at = time.monotonic()  # exited, or given up: what it sent is read next
+            if exited_at is None and cluster.exited(ProcessKind.COORDINATOR):
+                # Exited, however (one that failed returns nothing): what it sent is read next.
+                exited_at = time.monotonic()
             if exited_at is not None and time.monotonic() - exited_at > _EXITED_EVENTS_S:
                 return
             route(cluster.next_event(0.2))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from distbelief.config import LINE_SEARCHES
-from distbelief.coordinator.line_search import strong_wolfe
+from distbelief.coordinator.line_search import DivergedTrial, LineSearchResult, strong_wolfe
 from distbelief.wire.vector_program import Program
 
 logger = logging.getLogger(__name__)
@@ -412,18 +412,26 @@ class SandblasterLBFGS:
             finish.close_evaluation(state.evaluation)
             finish.scale(grad, inverse_count)
             index = finish.dot(grad, DIRECTION)
-            return loss, self._run(finish)[index], grad
+            trial_slope = self._run(finish)[index]
+            if not (math.isfinite(loss) and math.isfinite(trial_slope)):
+                # The next trial, interpolated from it, would be NaN: a coefficient the shards
+                # refuse. The run stops here (NOT_FINITE).
+                raise DivergedTrial(LineSearchResult(t, loss, grad, len(made)))
+            return loss, trial_slope, grad
 
-        result = strong_wolfe(
-            probe,
-            state.t,
-            state.loss,
-            state.grad,
-            slope,
-            direction_max_abs,
-            tolerance_change=self.settings.tolerance_change,
-            max_evaluations=self._line_search_budget(),
-        )
+        try:
+            result = strong_wolfe(
+                probe,
+                state.t,
+                state.loss,
+                state.grad,
+                slope,
+                direction_max_abs,
+                tolerance_change=self.settings.tolerance_change,
+                max_evaluations=self._line_search_budget(),
+            )
+        except DivergedTrial as diverged:
+            result = diverged.result
         state.t = result.t
         self._accept(result.loss, result.grad, made)
         return result.num_evaluations

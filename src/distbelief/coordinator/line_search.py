@@ -60,6 +60,15 @@ class LineSearchResult:
     num_evaluations: int
 
 
+class DivergedTrial(Exception):
+    """What a probe raises for a trial whose loss or slope is not finite: no step can be
+    interpolated from it, so the search ends there, with ``result`` (that trial)."""
+
+    def __init__(self, result: LineSearchResult) -> None:
+        super().__init__(result)
+        self.result = result
+
+
 def strong_wolfe(
     probe: Probe,
     t: float,
@@ -75,58 +84,7 @@ def strong_wolfe(
 ) -> LineSearchResult:
     """A step along the direction that satisfies the strong Wolfe conditions (or the best
     found within ``max_evaluations``), starting with step ``t`` from the point with ``loss``,
-    gradient vector ``grad`` and directional derivative ``slope``. A trial whose loss or slope
-    is not finite (the run diverged) ends the search there: no step can be interpolated from
-    it, and the shards take no NaN or infinite coefficient."""
-    probes = 0
-
-    def finite_probe(t: float) -> tuple[float, float, str]:
-        nonlocal probes
-        probes += 1
-        point = _Point(t, *probe(t))
-        if not (math.isfinite(point.loss) and math.isfinite(point.slope)):
-            raise _NotFinite(point)
-        return point.loss, point.slope, point.grad
-
-    try:
-        return _search(
-            finite_probe,
-            t,
-            loss,
-            grad,
-            slope,
-            direction_max_abs,
-            c1=c1,
-            c2=c2,
-            tolerance_change=tolerance_change,
-            max_evaluations=max_evaluations,
-        )
-    except _NotFinite as diverged:
-        point = diverged.point
-        return LineSearchResult(point.t, point.loss, point.grad, probes)
-
-
-class _NotFinite(Exception):
-    """A trial point whose loss or slope is not finite."""
-
-    def __init__(self, point: _Point) -> None:
-        super().__init__(point)
-        self.point = point
-
-
-def _search(
-    probe: Probe,
-    t: float,
-    loss: float,
-    grad: str,
-    slope: float,
-    direction_max_abs: float,
-    *,
-    c1: float,
-    c2: float,
-    tolerance_change: float,
-    max_evaluations: int,
-) -> LineSearchResult:
+    gradient vector ``grad`` and directional derivative ``slope``."""
     new = _Point(t, *probe(t))
     evaluations = 1
     previous = _Point(0.0, loss, slope, grad)

@@ -36,6 +36,9 @@ ITERATIONS_DONE = "max_iterations"
 NOT_FINITE = "loss not finite"
 """The stop reason of a run whose loss became NaN or infinite (it diverged: a smaller
 ``--step-size``, say, is another run)."""
+RESUMABLE_STOPS = (None, ITERATIONS_DONE, BUDGET_SPENT)
+"""The stop reasons a resumed run may go on from (with a bound raised); the others (a
+tolerance met, a diverged loss) are for good."""
 LINE_SEARCH_EVALUATIONS = 25
 """A line search's evaluations without a budget (torch's ``max_ls`` default)."""
 CURVATURE_EPS = 1e-10
@@ -204,7 +207,7 @@ class SandblasterLBFGS:
             raise ValueError(f"saved with {settings}, resumed with {mine}")
         self.state = _State(**{k: v for k, v in saved.items() if k != "settings"})
         # The bounds are the resumed run's: it may go on past the saved ones, or stop at once.
-        if self.state.stop_reason in (None, ITERATIONS_DONE, BUDGET_SPENT):
+        if self.state.stop_reason in RESUMABLE_STOPS:
             self.state.stop_reason = self._bound_reached()
 
     def _bound_reached(self) -> str | None:

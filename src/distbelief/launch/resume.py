@@ -13,6 +13,7 @@ from pathlib import Path
 
 from distbelief.config import JobConfig
 from distbelief.coordinator.checkpoint import RECORD_FILE, TAG_PREFIX, read_record, restore_folder
+from distbelief.coordinator.lbfgs import RESUMABLE_STOPS
 from distbelief.errors import CheckpointError, ConfigFieldError
 from distbelief.launch.cluster import CHECKPOINT_DIR
 from distbelief.launch.flags import flag_of
@@ -191,6 +192,15 @@ def check_budgets_left(run_dir: Path, config: JobConfig) -> None:
     """
     if config.optimizer.algorithm != "sandblaster":
         return
+    record = read_record(run_dir / CHECKPOINT_DIR)
+    stopped = None if record is None else record["state"].get("stop_reason")
+    if stopped not in RESUMABLE_STOPS:
+        # Converged (a tolerance met) or diverged: no bound raised takes it further, and the
+        # job started only to say so.
+        raise ValueError(
+            f"--resume {run_dir}: it stopped for good ({stopped}): raising a bound does not "
+            "take it further"
+        )
     for field, count, what in _done_so_far(run_dir):
         name = field.split(".")[1]
         bound = getattr(config.sandblaster, name)

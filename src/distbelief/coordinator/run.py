@@ -226,7 +226,10 @@ def _optimize(
     workers = [f"worker{rank}" for rank in range(config.cluster.num_workers)]
     untold = service.finish(config.faults.timeout_s, expected=workers)
     if untold:
-        logger.warning("%d worker(s) were not told to stop", untold)
+        # Said as a warning when the run ended by itself: a job stopped early (Ctrl-C) stops
+        # its workers itself, and a worker that had not asked yet is no news then.
+        level = logging.INFO if stop.is_set() else logging.WARNING
+        logger.log(level, "%d worker(s) were not told to stop", untold)
     state = lbfgs.state
     return {
         "iterations": state.iteration,

@@ -85,7 +85,7 @@ class EventRouter:
         the evaluations made, where this launch saw them all from iteration 0 (a resumed run's
         earlier ones are in the checkpoint only: null)."""
         if not self.coordinator_rows:
-            return {}
+            return {"stop_reason": "stopped"}  # before its first iteration ended
         last_step = max(self.coordinator_rows)
         rows = [self.coordinator_rows[step] for step in sorted(self.coordinator_rows)]
         seen_all = set(self.coordinator_rows) >= set(range(last_step + 1))

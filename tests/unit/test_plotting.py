@@ -210,6 +210,23 @@ def test_partitioned_runs_that_differ_in_their_pipeline_say_so_in_their_labels()
     ]
 
 
+def test_sandblaster_runs_that_differ_in_their_search_say_so_and_downpour_runs_say_none():
+    sandblaster = {"optimizer.algorithm": "sandblaster"}
+    runs = [
+        _job_run("a", [], **sandblaster),
+        _job_run("b", [], **sandblaster, **{"sandblaster.line_search": "fixed"}),
+        _job_run("c", [], **sandblaster, **{"sandblaster.step_size": 0.5}),
+        _job_run("d", []),
+    ]
+    labels = run_labels(runs)
+    assert labels[:3] == [
+        "2w x 2s, sandblaster L-BFGS, history=10, line_search=strong-wolfe, step_size=1.0",
+        "2w x 2s, sandblaster L-BFGS, history=10, line_search=fixed, step_size=1.0",
+        "2w x 2s, sandblaster L-BFGS, history=10, line_search=strong-wolfe, step_size=0.5",
+    ]
+    assert "line_search" not in labels[3] and "step_size" not in labels[3]
+
+
 def test_a_sandblaster_run_is_compared_as_one_and_not_in_downpour_terms(tmp_path) -> None:
     downpour = _job_run("downpour", [], **{"consistency.sync": True})
     sandblaster_records = _iterations("worker", portions=4) + _iterations("coordinator", loss=1.0)

@@ -58,6 +58,12 @@ _LABEL_KEYS = {
     "pipeline.num_micro_batches": "micro_batches",
     "pipeline.schedule": "schedule",
     "pipeline.split_points": "split_points",
+    "sandblaster.line_search": "line_search",
+    "sandblaster.step_size": "step_size",
+    "sandblaster.portions": "portions",
+    "sandblaster.portions_per_push": "portions_per_push",
+    "sandblaster.max_iterations": "max_iterations",
+    "sandblaster.max_evaluations": "max_evaluations",
     "optimizer.wire_dtype": "wire_dtype",
     "optimizer.push_compression": "push_compression",
     "cluster.device": "device",
@@ -283,6 +289,8 @@ def _label_value(config: dict, key: str) -> object:
     partitions trained a whole model."""
     if _is_sandblaster(config) and algorithm_of_field(key) == "downpour":
         return _DOES_NOT_APPLY
+    if config and not _is_sandblaster(config) and algorithm_of_field(key) == "sandblaster":
+        return _DOES_NOT_APPLY  # a Downpour run has no line search, say
     if key == "optimizer.batch_size" and config and not _is_sandblaster(config):
         return batch_size_of(config)
     if key == PARTITIONS_FIELD and config:

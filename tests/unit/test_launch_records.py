@@ -26,8 +26,11 @@ def test_a_resume_drops_the_last_launchs_process_records(tmp_path):
     (run_dir / "config.json").write_text(config.to_json())
     (run_dir / "ray.json").write_text(json.dumps({"address": "127.0.0.1:6379"}))
     (run_dir / "pids.json").write_text(json.dumps({"shard0": 1}))
+    # A failed launch's traceback: a resume that ends done looked failed beside it.
+    (run_dir / "coordinator-traceback.txt").write_text("Traceback ...")
     _prepare(config, run_dir, resume=True)
     assert not (run_dir / "ray.json").exists() and not (run_dir / "pids.json").exists()
+    assert not (run_dir / "coordinator-traceback.txt").exists()
     assert (run_dir / "config.json").exists() and (run_dir / "checkpoints").is_dir()
 
 

@@ -36,6 +36,7 @@ from distbelief.errors import (
 from distbelief.files import write_text_atomic
 from distbelief.launch.console import EXIT_INTERRUPTED
 from distbelief.launch.flags import flag_of, subcommand_parser
+from distbelief.launch.rundir import TRACEBACK_SUFFIX
 
 logger = logging.getLogger("distbelief")
 
@@ -48,7 +49,7 @@ def save_traceback(error: ChildFailedError, run_dir: Path) -> Path | None:
     detail is one line, or the folder cannot be written)."""
     if "\n" not in error.detail.strip() or not run_dir.is_dir():
         return None
-    path = run_dir / f"{error.name.replace(' ', '_')}-traceback.txt"
+    path = run_dir / f"{error.name.replace(' ', '_')}{TRACEBACK_SUFFIX}"
     try:
         write_text_atomic(path, error.detail)  # a full disk leaves no empty file behind
     except OSError as e:

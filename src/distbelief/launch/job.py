@@ -55,6 +55,7 @@ from distbelief.launch.resume_layout import check_resumed_layout, check_shards_f
 from distbelief.launch.run_lock import run_dir_locked
 from distbelief.launch.run_records import NOT_ASKED_FOR, write_run_records
 from distbelief.launch.rundir import (
+    TRACEBACK_SUFFIX,
     interrupted_reshard,
     misplaced_run_entry,
     missing_run_folder,
@@ -165,6 +166,9 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
         # processes start (a Ray run resumed by the local launcher writes no ray.json).
         for record in LAUNCH_RECORDS:
             (run_dir / record).unlink(missing_ok=True)
+        # The last launch's failures: a resume that ends done would look failed beside them.
+        for traceback in run_dir.glob(f"*{TRACEBACK_SUFFIX}"):
+            traceback.unlink(missing_ok=True)
     config = config.with_fields({"reporting.out_dir": str(run_dir)})
     write_text_atomic(run_dir / "config.json", config.to_json())
     return config

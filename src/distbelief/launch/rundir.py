@@ -49,6 +49,8 @@ RUN_FOLDERS = (CHECKPOINT_DIR, "tensorboard")
 """The folders a run keeps in its run folder."""
 RUN_FILES = ("config.json", "metrics.csv", "summary.json", "staleness.json", "pids.json")
 """Files a run writes in its run folder (whole, by a rename, or appended to)."""
+TRACEBACK_SUFFIX = "-traceback.txt"
+"""A failed process's traceback in its run folder: ``<process>-traceback.txt``."""
 
 
 def misplaced_run_entry(

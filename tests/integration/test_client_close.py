@@ -13,7 +13,7 @@ from distbelief.wire import Message, ops
 
 def test_close_that_outlasts_its_queued_requests_cancels_them_and_dials_no_more():
     silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
-    accepted: list[tuple[float, socket.socket]] = []
+    accepted: list[socket.socket] = []
 
     def accept() -> None:
         while True:
@@ -21,7 +21,7 @@ def test_close_that_outlasts_its_queued_requests_cancels_them_and_dials_no_more(
                 connection, _ = silent.accept()
             except OSError:
                 return
-            accepted.append((time.monotonic(), connection))
+            accepted.append(connection)
 
     threading.Thread(target=accept, daemon=True).start()
     lanes = ShardLanes(
@@ -36,13 +36,16 @@ def test_close_that_outlasts_its_queued_requests_cancels_them_and_dials_no_more(
         futures = [lanes._submit(0, lanes._request, stats, None) for _ in range(20)]
         started = time.monotonic()
         lanes.close(wait=True)
-        closed_at = time.monotonic()
-        assert closed_at - started < 1.0 + 1.0 + 5.0 + STOP_WAIT_S + 10.0
+        assert time.monotonic() - started < 1.0 + 1.0 + 5.0 + STOP_WAIT_S + 10.0
         assert all(future.done() for future in futures)
         assert any(future.cancelled() for future in futures)
+        # Counted once the accepting thread has caught up (on a busy machine it may stamp a
+        # connection made before close() returned a moment later): none is made after.
+        time.sleep(1.0)
+        counted = len(accepted)
         time.sleep(3.0)
-        assert [at for at, _ in accepted if at > closed_at] == []
+        assert len(accepted) == counted
     finally:
         silent.close()
-        for _, connection in accepted:
+        for connection in accepted:
             connection.close()

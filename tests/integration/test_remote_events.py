@@ -81,3 +81,25 @@ def test_an_event_cut_short_by_a_vanished_host_closes_its_link(monkeypatch):
         link.close()
     finally:
         listener.close()
+
+
+def test_a_stop_that_cannot_be_sent_shuts_the_link(monkeypatch):
+    """A send of "stop" that failed partway left a link whose framing was lost in use."""
+    key = generate_key()
+    listener = EventListener("127.0.0.1", key)
+    try:
+        link = connect_events(listener.address, key, "worker0", {"pid": 42})
+        hello = _next(listener)
+        held = listener._links["worker0"]
+
+        def cut_short(message: object) -> None:
+            raise TimeoutError("timed out")
+
+        monkeypatch.setattr(held, "send", cut_short)
+        listener.send_stop("worker0")
+        assert _next(listener) == ("closed", "worker0", hello[2]["link"])
+        with pytest.raises(EOFError):
+            link.recv()  # the process's end reads its launcher gone
+        link.close()
+    finally:
+        listener.close()

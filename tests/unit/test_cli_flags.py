@@ -1008,7 +1008,10 @@ def test_bad_paths_addresses_and_settings_are_one_line(argv, env, message, tmp_p
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "somerun").mkdir()
     (tmp_path / "sandblaster" / "checkpoints" / "lbfgs-000003").mkdir(parents=True)
+    (tmp_path / "sandblaster" / "checkpoints" / "coordinator.json").write_text("{}")
     (tmp_path / "sandblaster" / "config.json").write_text("{}")
+    # Beside a Sandblaster run's folders, a folder of another name is no run's.
+    (tmp_path / "lbfgs-mnist").mkdir()
     stdout, stderr = _refused(argv, tmp_path, env)
     # Refused at once: before any process starts and before torch is loaded.
     assert stdout == ["exit 2", "children 0 torch False"], stderr
@@ -1483,3 +1486,21 @@ def test_a_hang_up_stops_a_command_as_sigterm_does_unless_nohup_ignores_it():
         assert signal.getsignal(signal.SIGHUP) is raise_terminated
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_shards_folder_beside_sandblaster_folders_is_served(tmp_path):
+    """Only a committed iteration itself is refused: a folder beside one of another name (a
+    copy made where the README says to make one), or beside a folder that merely starts
+    like one, is a shard's."""
+    from distbelief.launch.cli import _check_serves_a_shards_folder
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "lbfgs-000005").mkdir(parents=True)
+    (checkpoints / "coordinator.json").write_text("{}")
+    (checkpoints / "mycopy").mkdir()
+    (tmp_path / "lbfgs-mnist").mkdir()
+    (tmp_path / "shard-ckpt").mkdir()
+    for folder in (checkpoints / "mycopy", tmp_path / "shard-ckpt"):
+        _check_serves_a_shards_folder(str(folder))
+    with pytest.raises(ValueError, match="is a committed iteration of a Sandblaster run"):
+        _check_serves_a_shards_folder(str(checkpoints / "lbfgs-000005"))

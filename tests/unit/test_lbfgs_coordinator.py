@@ -218,24 +218,57 @@ class _FiniteCoefficientsOnly:
         return self.shards.run(program)
 
 
-def test_a_step_so_large_that_the_loss_diverges_stops_the_run_with_its_row():
+@pytest.mark.parametrize("bound", [False, True], ids=["unbounded", "on-the-last-iteration"])
+def test_a_step_so_large_that_the_loss_diverges_stops_the_run_with_its_row(bound):
     """--line-search fixed --step-size 1e8: the loss of the step taken is NaN or infinite; the
     direction built from it carried a NaN coefficient, and the coordinator failed with a
-    ValueError."""
+    ValueError. A run that diverges on its last allowed iteration says so too (it said
+    max_iterations, which a resume with more took for a bound reached, and went on)."""
     line_search = "fixed"
     inputs, labels = _digits(100)
     inputs = inputs.float()  # as a job trains: float32 overflows where float64 would not
     torch.manual_seed(0)
     model = _logistic_regression().float()
     shards = LocalShards(model, 2)
-    settings = LBFGSSettings(line_search=line_search, lr=1e8)
+    # It diverges at its fifth iteration (the steps' losses before are finite).
+    settings = LBFGSSettings(line_search=line_search, lr=1e8, max_iterations=5 if bound else 20)
     evaluate = batch_evaluator(shards, model, inputs, labels)
     lbfgs = SandblasterLBFGS(_FiniteCoefficientsOnly(shards), evaluate, settings)
     records = [lbfgs.start()]
     while lbfgs.stop_reason is None and len(records) < 10:
         records.append(lbfgs.step())
     assert records[-1].stop_reason == NOT_FINITE, records
-    assert not math.isfinite(records[-1].loss)
+    assert (records[-1].iteration, math.isfinite(records[-1].loss)) == (5, False)
+    resumed = SandblasterLBFGS(
+        _FiniteCoefficientsOnly(shards),
+        evaluate,
+        LBFGSSettings(line_search=line_search, lr=1e8, max_iterations=8),
+    )
+    resumed.load_state_dict(json.loads(json.dumps(lbfgs.state_dict())))
+    assert resumed.stop_reason == NOT_FINITE
+
+
+def test_a_gradient_that_is_not_finite_at_a_finite_loss_stops_the_run():
+    """The loss finite, the gradient infinite: the run took one more step, to NaN
+    parameters, before it stopped."""
+    inputs, labels = _digits(50)
+    torch.manual_seed(0)
+    model = _logistic_regression()
+    shards = LocalShards(model, 2)
+    scatter = shards.scatter_bundle
+
+    def overflowed(evaluation: int, bundle: str, grads: dict) -> None:
+        scatter(
+            evaluation,
+            bundle,
+            {dtype: flat.clone().fill_(math.inf) for dtype, flat in grads.items()},
+        )
+
+    shards.scatter_bundle = overflowed  # type: ignore[method-assign]
+    evaluate = batch_evaluator(shards, model, inputs, labels)
+    lbfgs = SandblasterLBFGS(_FiniteCoefficientsOnly(shards), evaluate, LBFGSSettings())
+    record = lbfgs.start()
+    assert math.isfinite(record.loss) and record.stop_reason == NOT_FINITE
 
 
 def _until_stopped(lbfgs: SandblasterLBFGS, max_iterations: int) -> None:

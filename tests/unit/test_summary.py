@@ -174,3 +174,18 @@ def test_a_shards_death_line_says_the_updates_it_had_applied_when_any_were_seen(
     for nothing_seen in (0, None):
         fault = Fault("shard1", 3.0, -9, "restarted", version_before=nothing_seen)
         assert describe_fault(fault) == "shard1 died (exit code -9); restarted"
+
+
+def test_only_a_sandblaster_runs_summary_has_a_coordinator() -> None:
+    """A Downpour run, which has none, was given {"stop_reason": "stopped"} as its
+    coordinator once a Sandblaster run stopped before its first iteration said so."""
+    from distbelief.launch.supervise import _coordinator
+
+    class _NoResults:
+        def results(self, kind: ProcessKind) -> dict:
+            return {}
+
+    route = EventRouter(_Records())
+    assert _coordinator(_NoResults(), route, JobConfig()) == {}
+    sandblaster = JobConfig.from_fields({"optimizer.algorithm": "sandblaster"})
+    assert _coordinator(_NoResults(), route, sandblaster) == {"stop_reason": "stopped"}

@@ -115,6 +115,9 @@ class _CoordinatorExitedFirst:
     def finished(self, kind):
         return True
 
+    def exited(self, kind):
+        return True
+
     def results(self, kind):
         return self._results
 

@@ -33,9 +33,9 @@ BUDGET_SPENT = "max_evaluations reached"
 larger budget (or none) takes back."""
 ITERATIONS_DONE = "max_iterations"
 """The stop reason of a run that made its iterations: one a resumed run with more takes back."""
-NOT_FINITE = "loss not finite"
-"""The stop reason of a run whose loss became NaN or infinite (it diverged: a smaller
-``--step-size``, say, is another run)."""
+NOT_FINITE = "loss or gradient not finite"
+"""The stop reason of a run whose loss or gradient became NaN or infinite (it diverged: a
+smaller ``--step-size``, say, is another run)."""
 RESUMABLE_STOPS = (None, ITERATIONS_DONE, BUDGET_SPENT)
 """The stop reasons a resumed run may go on from (with a bound raised); the others (a
 tolerance met, a diverged loss) are for good."""
@@ -255,11 +255,17 @@ class SandblasterLBFGS:
         state.loss, state.grad = loss, grad
         state.grad_max_abs, state.grad_abs_sum = results[max_abs], results[abs_sum]
         state.gram = {_key(grad, grad): results[norm2]}
-        if not math.isfinite(loss):
+        if self._diverged():
             state.stop_reason = NOT_FINITE
         elif state.grad_max_abs <= self.settings.tolerance_grad:
             state.stop_reason = "gradient below tolerance_grad"
         return self._record(0.0, 1)
+
+    def _diverged(self) -> bool:
+        """Whether the current point's loss or gradient is NaN or infinite: no direction or
+        step can be computed from it (torch's LBFGS goes on with NaN parameters to its bound;
+        the shards take no NaN coefficient)."""
+        return not (math.isfinite(self.state.loss) and math.isfinite(self.state.grad_max_abs))
 
     def _record(self, step_size: float, num_evaluations: int) -> IterationRecord:
         state = self.state
@@ -300,14 +306,15 @@ class SandblasterLBFGS:
     def _check_progress(self, direction_max_abs: float) -> None:
         """Sets ``stop_reason`` after an iteration, checking torch's conditions in its order."""
         state, settings = self.state, self.settings
+        if self._diverged():
+            # Before the bounds: a run that diverged on its last iteration stopped for good,
+            # which a resume with a bound raised must not take for a bound reached.
+            state.stop_reason = NOT_FINITE
+            return
         state.stop_reason = self._bound_reached()
         if state.stop_reason is not None:
             return
-        if not math.isfinite(state.loss):
-            # Diverged: no direction or step can be computed from here (torch's own goes on
-            # with NaN parameters to its bound; the shards take no NaN coefficient).
-            state.stop_reason = NOT_FINITE
-        elif state.grad_max_abs <= settings.tolerance_grad:
+        if state.grad_max_abs <= settings.tolerance_grad:
             state.stop_reason = "gradient below tolerance_grad"
         elif abs(state.t) * direction_max_abs <= settings.tolerance_change:
             state.stop_reason = "step below tolerance_change"

@@ -253,7 +253,7 @@ def _check_serves_a_shards_folder(checkpoint_dir: str) -> None:
     A Sandblaster run's checkpoint folder holds one folder per committed iteration; one of
     those holds the shards' files, but is what ``--resume`` restores: only a copy may be served.
     """
-    from distbelief.coordinator.checkpoint import holds_iterations
+    from distbelief.coordinator.checkpoint import RECORD_FILE, TAG_PREFIX, holds_iterations
     from distbelief.launch.cluster import CHECKPOINT_DIR
 
     folder = Path(checkpoint_dir)
@@ -264,7 +264,8 @@ def _check_serves_a_shards_folder(checkpoint_dir: str) -> None:
             "(lbfgs-N), not a shard's: serve a copy of one of them (a shard saves into its "
             "folder, and would change the run's)"
         )
-    if holds_iterations(folder.resolve().parent):
+    resolved = folder.resolve()
+    if resolved.name.startswith(TAG_PREFIX) and (resolved.parent / RECORD_FILE).exists():
         raise ValueError(
             f"{named}: is a committed iteration of a Sandblaster run, which --resume restores: "
             "serve a copy of it (a shard saves into its folder, and would change the run's)"

@@ -103,9 +103,18 @@ class EventListener:
     def send_stop(self, name: str) -> None:
         """Asks process ``name`` to finish (nothing if its link is gone)."""
         link = self._links.get(name)
-        if link is not None:
-            with contextlib.suppress(OSError):
-                link.send(STOP)
+        if link is None:
+            return
+        try:
+            link.send(STOP)
+        except OSError:
+            # Gone, or the send timed out partway: the link's framing is lost. Shut down, not
+            # closed (the inbox still waits on its descriptor): both ends then read it closed.
+            with (
+                contextlib.suppress(OSError),
+                socket.fromfd(link.fileno(), socket.AF_INET, socket.SOCK_STREAM) as duplicate,
+            ):
+                duplicate.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Stops listening and closes every link (a process still running sees EOF)."""

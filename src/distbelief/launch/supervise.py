@@ -239,6 +239,14 @@ def training_kind(config: JobConfig) -> ProcessKind:
     return ProcessKind.STAGE if config.pipeline.num_partitions > 1 else ProcessKind.WORKER
 
 
+def _coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) -> dict:
+    """summary.json's ``coordinator``: a Sandblaster run's coordinator's result, or what its
+    rows told; none for a Downpour run."""
+    if config.optimizer.algorithm != "sandblaster":
+        return {}
+    return cluster.results(ProcessKind.COORDINATOR).get(0) or route.coordinator_so_far()
+
+
 def job_result(
     cluster: Cluster,
     config: JobConfig,
@@ -269,7 +277,7 @@ def job_result(
             f"shard{shard_id}": reports[shard_id]["staleness"] for shard_id in sorted(reports)
         },
         faults=on_metrics_clock(cluster.faults, time_offset_s),
-        coordinator=cluster.results(ProcessKind.COORDINATOR).get(0) or route.coordinator_so_far(),
+        coordinator=_coordinator(cluster, route, config),
         shards={
             f"shard{shard_id}": {
                 "address": shards.get(shard_id, {}).get("address", address),

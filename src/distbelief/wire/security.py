@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import os
 import secrets
+import shlex
 import ssl
 import stat
 import tempfile
@@ -162,7 +163,8 @@ def read_key_file(path: str | Path) -> bytes:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         # Its group's permissions alone, or others' too: the wording names who else may read.
         who = "its group" if not mode & stat.S_IRWXO else "others"
-        raise ValueError(f"key file {path} is open to {who}: chmod 600 {path}")
+        # The command as the shell reads it: a path with a space is quoted.
+        raise ValueError(f"key file {path} is open to {who}: chmod 600 {shlex.quote(str(path))}")
     if len(content) > MAX_KEY_FILE_BYTES:
         raise ValueError(
             f"key file {path}: over {MAX_KEY_FILE_BYTES} bytes, too long for a key file (make "

@@ -575,3 +575,22 @@ def test_a_comparison_that_cannot_write_one_png_writes_none(tmp_path, capsys):
         "(compare_train_loss_vs_time.png)"
     ]
     assert [path.name for path in out.iterdir()] == ["compare_train_loss_vs_time.png"]
+
+
+def test_a_comparison_of_sandblaster_runs_draws_no_empty_throughput_figure(tmp_path) -> None:
+    """Their steps are iterations, not samples: the throughput figure said only "no data
+    yet"."""
+    runs = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        config = JobConfig.from_fields({"optimizer.algorithm": "sandblaster"})
+        (run_dir / "config.json").write_text(config.to_json())
+        with MetricsWriter(run_dir / "metrics.csv") as writer:
+            for record in _iterations("worker", portions=4) + _iterations("coordinator", loss=1.0):
+                writer.write(record)
+        runs.append(run_dir)
+    written = plot_runs(runs, out_dir=tmp_path / "out")
+    assert not any("throughput" in path.name for path in written)
+    assert not any("throughput" in path.name for path in (tmp_path / "out").iterdir())
+    assert any("train_loss" in path.name for path in written)

@@ -201,9 +201,13 @@ def plot_runs(run_dirs: Sequence[Path | str], *, out_dir: Path | str) -> list[Pa
     labels = run_labels(runs)
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
-    figures = {
-        out_path / spec.file_name: _make_comparison(runs, labels, spec) for spec in _COMPARISONS
-    }
+    # A figure no run has data for (throughput, of Sandblaster runs alone) would say only
+    # "no data yet": it is not drawn.
+    drawn = [spec for spec in _COMPARISONS if any(spec.series(run)[0] for run in runs)]
+    for spec in _COMPARISONS:
+        if spec not in drawn:
+            logger.info("%s not drawn: no run has data for it", spec.file_name)
+    figures = {out_path / spec.file_name: _make_comparison(runs, labels, spec) for spec in drawn}
     save_pngs_atomic(figures)
     written = list(figures)
     logger.info("wrote %s", ", ".join(str(p) for p in written))

@@ -73,7 +73,20 @@ def test_without_a_signal_nothing_is_raised(importable) -> None:
 @pytest.mark.parametrize(
     ("argv", "module"),
     [
-        (["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"], "server.process"),
+        # Port 0: the default 7000 may be another program's on a shared machine.
+        (
+            [
+                "ps",
+                "--shard-id",
+                "0",
+                "--num-shards",
+                "1",
+                "--no-auth",
+                "--bind",
+                "tcp://127.0.0.1:0",
+            ],
+            "server.process",
+        ),
         (["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"], "worker"),
         (["eval", "--ps", "tcp://127.0.0.1:1", "--once"], "evaluator"),
         (["reshard", "run", "--shards", "2"], "launch.reshard"),

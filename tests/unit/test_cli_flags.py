@@ -511,7 +511,9 @@ def test_a_stage_flag_no_stage_uses_is_refused_in_one_line(argv, message, capsys
     assert not (tmp_path / "run").exists()
 
 
-_PS = ["ps", "--shard-id", "0", "--num-shards", "1", "--no-auth"]
+# Port 0: the default 7000 may be another program's on a shared machine (--bind is checked
+# first). --no-auth last: a test replaces it.
+_PS = ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", "tcp://127.0.0.1:0", "--no-auth"]
 
 
 @pytest.mark.parametrize(

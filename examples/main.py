@@ -64,6 +64,8 @@ MAX_THREADS = 1024
 MAX_JOIN_TIMEOUT_S = 7 * 24 * 3600.0
 """A week: torch's store overflows its clock on waits of some centuries."""
 MAX_WORLD_SIZE = 2**31 - 1
+MAX_COUNT = 2**31 - 1
+"""The most steps a count flag (``--num-push``, ``--epochs``, ...) takes, as DownpourSGD's."""
 """torch.distributed holds ranks in 32-bit ints."""
 
 
@@ -301,12 +303,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag, value in counts.items():
         if value is not None and value < 1:
             parser.error(f"argument {flag}: must be >= 1, got {value}")
+        if value is not None and value > MAX_COUNT:  # DownpourSGD's bound: refused before joining
+            parser.error(f"argument {flag}: must be <= {MAX_COUNT}, got {value}")
     if args.threads > MAX_THREADS:
         parser.error(f"argument --threads: must be <= {MAX_THREADS}, got {args.threads}")
     amounts = {
         "--lr": (args.lr, True, MAX_RATE),  # a rate multiplies float32 tensors
         "--join-timeout": (args.join_timeout, False, math.inf),
-        "--retry-timeout": (args.retry_timeout, True, math.inf),
+        "--retry-timeout": (args.retry_timeout, True, MAX_JOIN_TIMEOUT_S),  # DownpourSGD's too
     }
     for flag, (value, zero_ok, most) in amounts.items():
         if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
@@ -408,16 +412,28 @@ def make_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> l
     if args.server and not args.no_distributed:
         return []  # the server writes nothing
     run_dir = Path(args.out) / f"node{args.rank}"
-    made = [path for path in (run_dir, *run_dir.parents) if not path.exists()]
     try:
+        made = [path for path in (run_dir, *run_dir.parents) if not path.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        existing = next(path for path in (run_dir, *run_dir.parents) if path.exists())
-        if not existing.is_dir():
+    except OSError as e:  # a file in the way, a read-only place, a name too long
+        existing = _nearest_existing(run_dir)
+        if existing is not None and not existing.is_dir():
             where = "exists" if existing == run_dir else f"cannot be created: {existing} exists"
             parser.error(f"--out {run_dir}: {where} and is not a folder")
         parser.error(f"--out {run_dir}: cannot create the folder: {e.strerror}")
     return made
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    """``path`` or its nearest ancestor that exists; None where the file system refuses to
+    say (a name too long for it)."""
+    for candidate in (path, *path.parents):
+        try:
+            if candidate.exists():
+                return candidate
+        except OSError:
+            continue
+    return None
 
 
 def hold_run_dir(

@@ -241,6 +241,9 @@ def test_a_node_of_another_model_than_the_servers_is_refused_in_one_line(tmp_pat
         (["--join-timeout", "-1"], "argument --join-timeout: must be a finite number > 0, got -1"),
         (["--join-timeout", "1e300"], "argument --join-timeout: must be <= 604800 (a week)"),
         (["--retry-timeout", "inf"], "argument --retry-timeout: must be a finite number >= 0"),
+        # DownpourSGD's bounds: past them the node joined, then failed with a traceback.
+        (["--retry-timeout", "1e300"], "argument --retry-timeout: must be <= 604800, got 1e+300"),
+        (["--num-push", str(2**64)], f"argument --num-push: must be <= 2147483647, got {2**64}"),
         (["--lr", "inf"], "argument --lr: must be a finite number >= 0, got inf"),
         (["--lr", "nan"], "argument --lr: must be a finite number >= 0, got nan"),
         (["--lr", "1e39"], "argument --lr: must be <= 3.40282e+38, got 1e+39"),
@@ -290,7 +293,10 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_joining(tmp_path, caps
     example = load_script(EXAMPLE)
     file = tmp_path / "file"
     file.write_text("")
-    unmakeable = [(file, f"{file} exists and is not a folder")]
+    unmakeable = [
+        (file, f"{file} exists and is not a folder"),
+        (tmp_path / ("b" * 300), "cannot create the folder: File name too long"),  # a traceback
+    ]
     if Path("/proc/self").exists():  # takes no new folder, though the checks see it writable
         unmakeable.append((Path("/proc/distbelief-example"), "cannot create the folder"))
     for out, problem in unmakeable:

@@ -594,3 +594,12 @@ def test_a_comparison_of_sandblaster_runs_draws_no_empty_throughput_figure(tmp_p
     assert not any("throughput" in path.name for path in written)
     assert not any("throughput" in path.name for path in (tmp_path / "out").iterdir())
     assert any("train_loss" in path.name for path in written)
+
+
+def test_a_run_folder_whose_name_the_file_system_refuses_is_named(tmp_path, capsys):
+    """A name too long: `OSError: [Errno 36] File name too long`, exit 1."""
+    run_dir = str(tmp_path / ("a" * 300))
+    assert main(["plot", run_dir]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"distbelief plot: error: not a run folder: {run_dir} (File name too long)"
+    )

@@ -403,11 +403,12 @@ def _run_plot(args: argparse.Namespace) -> int:
 
     for run_dir in args.run_dirs:
         # As the launcher does for a run stopped before its first record: PNGs of nothing
-        # would only say "no data yet". A folder without metrics.csv is named by the plotting.
-        if (Path(run_dir) / "metrics.csv").is_file() and not has_records(
-            Path(run_dir) / "metrics.csv"
-        ):
-            raise ValueError(f"{run_dir}: no records yet (metrics.csv has only its header)")
+        # would only say "no data yet". A folder without metrics.csv (or whose name the file
+        # system refuses) is named by the plotting.
+        metrics = Path(run_dir) / "metrics.csv"
+        with contextlib.suppress(OSError):
+            if metrics.is_file() and not has_records(metrics):
+                raise ValueError(f"{run_dir}: no records yet (metrics.csv has only its header)")
     from distbelief.plots import plot_run, plot_runs  # matplotlib: once the flags are checked
 
     out_dir = args.out_dir or args.run_dirs[0]

@@ -100,12 +100,15 @@ def load_run(run_dir: Path | str) -> RunData:
             or ``config.json`` is malformed (the message names the folder or file).
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        what = "a file, not a folder" if run_dir.exists() else "no such folder"
-        raise ValueError(f"not a run folder: {run_dir} ({what})")
     metrics_path = run_dir / "metrics.csv"
-    if not metrics_path.is_file():
-        raise ValueError(f"not a run folder: {run_dir} (no metrics.csv)")
+    try:
+        if not run_dir.is_dir():
+            what = "a file, not a folder" if run_dir.exists() else "no such folder"
+            raise ValueError(f"not a run folder: {run_dir} ({what})")
+        if not metrics_path.is_file():
+            raise ValueError(f"not a run folder: {run_dir} (no metrics.csv)")
+    except OSError as e:  # a name too long for the file system, say
+        raise ValueError(f"not a run folder: {run_dir} ({e.strerror or e})") from None
     return RunData(run_dir, read_metrics(metrics_path), _read_config(run_dir))
 
 

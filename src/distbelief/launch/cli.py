@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -223,10 +222,11 @@ def _run_ps(args: argparse.Namespace) -> int:
         if args.checkpoint_dir:
             from distbelief.files import make_folder
 
-            if not os.path.exists(args.checkpoint_dir):  # False, not OSError, for a bad name
-                # Made here: a shard refused (its port taken, say) leaves no empty folder.
-                # rmdir removes only an empty one, after the lock file below is gone.
-                held.callback(_remove_if_empty, Path(args.checkpoint_dir))
+            # Made here: a shard refused (its port taken, say) leaves no empty folder, nor the
+            # folders above it it made. rmdir removes only an empty one, after the lock file
+            # below is gone; the deepest first (the callbacks run last-in first-out).
+            for path in reversed(_folders_missing(Path(args.checkpoint_dir))):
+                held.callback(_remove_if_empty, path)
             make_folder(args.checkpoint_dir, "--checkpoint-dir")
             _check_serves_a_shards_folder(args.checkpoint_dir)
             # For the shard's life: a second one of this id would write over its checkpoints.
@@ -275,6 +275,15 @@ def _check_serves_a_shards_folder(checkpoint_dir: str) -> None:
             f"{named}: is a run folder, not a shard's checkpoint folder: its shards keep "
             f"theirs in {folder / CHECKPOINT_DIR}"
         )
+
+
+def _folders_missing(folder: Path) -> list[Path]:
+    """``folder`` and the folders above it that do not exist (that making it makes), deepest
+    first; none where the file system refuses the name (it cannot be made either)."""
+    try:
+        return [path for path in (folder, *folder.parents) if not path.exists()]
+    except OSError:
+        return []
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -384,7 +393,7 @@ def _held_while_watched(out_dir: str) -> Iterator[None]:
     from distbelief.launch.run_lock import run_dir_locked
 
     folder = Path(out_dir)
-    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    made = _folders_missing(folder)
     make_folder(folder, "--out")  # check_folder_can_be_made said it can be
     with run_dir_locked(folder, f"--out {out_dir}"):
         try:

@@ -39,6 +39,8 @@ def check_local_host(host: str) -> None:
     except OSError as e:
         reason = e.strerror or str(e)
         raise ValueError(f"{host} is not an address of this machine ({reason})") from e
+    except UnicodeError as e:  # a label too long for a host name: the lookup's encoding
+        raise ValueError(f"host {host!r} is not a valid host name ({e})") from e
     # Linux lets a TCP socket bind a multicast or the broadcast address, which no connection
     # ever reaches (nor leaves from).
     ip = ipaddress.ip_address(address[0].split("%", 1)[0])

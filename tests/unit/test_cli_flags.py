@@ -963,6 +963,12 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
             "argument --bind: 198.51.100.7 is not an address of this machine",
         ),
         (
+            # A label too long for the lookup's encoding: its error named no value.
+            ["ps", "--shard-id", "0", "--num-shards", "1", "--bind", f"tcp://{'a' * 300}:7000"],
+            {},
+            f"argument --bind: host '{'a' * 300}' is not a valid host name",
+        ),
+        (
             ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"],
             {"DISTBELIEF_TRANSPORT": "bogus"},
             "DISTBELIEF_TRANSPORT 'bogus': must be one of auto, tcp, shm",
@@ -1002,7 +1008,7 @@ _UNDER_A_FILE = "--out afile/run: cannot be created: afile exists and is not a f
     ids=[
         *("train-out", "eval-out", "plot-out", "ps-checkpoint-dir", "ps-sandblaster-folder"),
         *("ps-sandblaster-iteration", "ps-run-folder"),
-        *("ps-bind", "env", "worker"),
+        *("ps-bind", "ps-bind-label-too-long", "env", "worker"),
         *("stage-bind", "ps-liveness", "train-env", "resume-env"),
     ],
 )

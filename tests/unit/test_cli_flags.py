@@ -1512,3 +1512,31 @@ def test_a_shards_folder_beside_sandblaster_folders_is_served(tmp_path):
         _check_serves_a_shards_folder(str(folder))
     with pytest.raises(ValueError, match="is a committed iteration of a Sandblaster run"):
         _check_serves_a_shards_folder(str(checkpoints / "lbfgs-000005"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "kind"),
+    [
+        ("--workers", "\u0663", "int"),  # Arabic-Indic 3: int() reads it
+        ("--workers", "1_0", "int"),  # int() reads 10: ten workers ran
+        ("--workers", " 3", "int"),
+        ("--lr", "\u0660.5", "float"),
+        ("--lr", "1_0.0", "float"),
+        ("--lr", "0.1 ", "float"),
+    ],
+)
+def test_a_number_is_taken_as_typed_in_ascii_digits_or_refused(capsys, flag, value, kind):
+    result = run_main("train", flag, value, "--steps", "1", capsys=capsys)
+    assert result.returncode == 2
+    assert _one_error_line(result.stderr).endswith(
+        f"argument {flag}: invalid {kind} value: {value!r}"
+    )
+
+
+def test_numbers_in_lists_are_taken_as_typed_too(capsys):
+    args = parse_args(["train", "--split-points", "+3,7", "--server-betas", ".9,9e-1"])
+    assert (vars(args)["pipeline.split_points"], vars(args)["server.betas"]) == ((3, 7), (0.9, 0.9))
+    for flag, value in (("--split-points", "\u0663,7"), ("--server-betas", "0.9,\u0660.9")):
+        result = run_main("train", flag, value, capsys=capsys)
+        assert result.returncode == 2
+        assert repr(value) in _one_error_line(result.stderr)

@@ -9,6 +9,7 @@ import argparse
 import ast
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -361,9 +362,33 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_REAL = re.compile(r"[+-]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)", re.I)
+
+
+def _integer(text: str) -> int:
+    """An integer as typed, in ASCII digits: ``int()`` also reads another script's digits
+    (``٣``), ``_`` between digits (``1_0`` ran 10 workers) and spaces around them."""
+    if not _INTEGER.fullmatch(text):
+        raise ValueError(text)
+    return int(text)
+
+
+def _real(text: str) -> float:
+    """A number as typed, as ``_integer`` reads one (``inf`` and ``nan`` too: the settings'
+    own checks refuse them by name)."""
+    if not _REAL.fullmatch(text):
+        raise ValueError(text)
+    return float(text)
+
+
+# argparse names a type in its refusal ("invalid int value: 'x'") by the function's name.
+_integer.__name__, _real.__name__ = "int", "float"
+
+
 def _pair_of_floats(text: str) -> tuple[float, float]:
     try:
-        first, second = (float(part) for part in text.split(","))
+        first, second = (_real(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected two numbers like 0.9,0.999, got {text!r}"
@@ -373,7 +398,7 @@ def _pair_of_floats(text: str) -> tuple[float, float]:
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in text.split(","))
+        return tuple(_integer(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 3,7, got {text!r}") from None
 
@@ -396,8 +421,8 @@ def _text(text: str) -> str:
 
 
 _VALUE_TYPES = {
-    "int": int,
-    "float": float,
+    "int": _integer,
+    "float": _real,
     "str": _text,
     "tuple[float, float]": _pair_of_floats,
     "tuple[int, ...]": _ints,
@@ -581,7 +606,7 @@ def _add_train_parser(commands) -> None:
 def _add_ps_parser(commands) -> None:
     ps = commands.add_parser("ps", help="serve one parameter-server shard")
     ps.add_argument(
-        "--shard-id", type=int, required=True, help="this shard's id, in [0, --num-shards)"
+        "--shard-id", type=_integer, required=True, help="this shard's id, in [0, --num-shards)"
     )
     ps.add_argument(
         "--bind",
@@ -602,11 +627,11 @@ def _add_worker_parser(commands) -> None:
     worker = commands.add_parser("worker", help="train one replica against running shards")
     worker.add_argument("--ps", required=True, help=_ADDRESSES_HELP)
     worker.add_argument(
-        "--rank", type=int, required=True, help="this worker's rank, in [0, --num-workers)"
+        "--rank", type=_integer, required=True, help="this worker's rank, in [0, --num-workers)"
     )
     stages = worker.add_argument_group("model parallelism (one stage of a replica)")
     stages.add_argument(
-        "--stage", type=int, help="the partition this process runs, in [0, --partitions)"
+        "--stage", type=_integer, help="the partition this process runs, in [0, --partitions)"
     )
     stages.add_argument(
         "--bind", help="stages after the first: address to listen on for the previous stage"

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from distbelief import (
     DistBeliefError,
     DownpourSGD,
+    NotAPeerError,
     ShardedEmbeddings,
     ShardListError,
     TableSizeMismatchError,
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> float:
         return train_and_evaluate(args)
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
-    except ShardListError as e:  # --ps in another order, or not every shard: bad input
+    except (ShardListError, NotAPeerError) as e:  # --ps in another order, or not a shard's
         parser.exit(2, f"{parser.prog}: error: argument --ps: {e}\n")
     except TableSizeMismatchError as e:  # the shards hold tables of another --table-size
         parser.exit(2, f"{parser.prog}: error: argument --table-size: {e}\n")

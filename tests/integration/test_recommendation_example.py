@@ -1,11 +1,14 @@
 """examples/recommendation.py as its docstring says to run it: two shard processes started
 first, then the script, which must learn clicks (test AUC well above chance)."""
 
+import contextlib
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -166,6 +169,28 @@ def test_shards_listed_in_another_order_are_bad_input(shard_cluster, capsys):
     refused = refusal(main, argv, capsys)
     assert ": error: argument --ps: shard 0 (" in refused
     assert "check the order of the addresses" in refused
+
+
+def test_an_address_of_another_program_is_bad_input(capsys):
+    """An HTTP server, say: `NotAPeerError`, exit 1, naming no flag (as distbelief worker's
+    --ps names it)."""
+    other = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = other.accept()
+            with connection:
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" + b" " * 64)
+                connection.recv(1024)
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        main = load_script(EXAMPLE).main
+        address = f"tcp://127.0.0.1:{other.getsockname()[1]}"
+        refused = refusal(main, ["--ps", address, "--steps", "2"], capsys)
+    finally:
+        other.close()
+    assert ": error: argument --ps: " in refused and "not a distbelief peer" in refused, refused
 
 
 @pytest.mark.timeout(300)

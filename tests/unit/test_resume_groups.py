@@ -29,7 +29,7 @@ from distbelief.sharding import FlatPartitioner, RowAlignedPartitioner, TensorSp
 SPECS = [TensorSpec("3.weight", (4, 2), torch.float32)]
 
 
-def _run_with_group_checkpoints(run_dir) -> None:
+def _run_with_group_checkpoints(run_dir, *, trained: bool = True) -> None:
     config = JobConfig.from_fields(
         {"pipeline.num_partitions": 2, "pipeline.split_points": (3,), "cluster.num_shards": 1}
     )
@@ -38,6 +38,8 @@ def _run_with_group_checkpoints(run_dir) -> None:
     for group in ("stage0", "stage1"):
         shard = ParameterShard(0, 1, server_optimizer_factory("sgd", lr=0.1))
         shard.initialize(SPECS, [torch.arange(8, dtype=torch.float32)])
+        if trained:
+            shard.push([torch.ones(8)])
         save_checkpoint(shard.snapshot(), run_dir / "checkpoints" / f"group-{group}")
 
 
@@ -170,6 +172,21 @@ def test_a_partition_whose_group_folder_is_missing_is_refused_by_name(tmp_path, 
     expected = f"{missing}: missing .* partition {stage} would start again from scratch"
     with pytest.raises(CheckpointError, match=expected):
         read_run_for_resume(run_dir)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_run_stopped_before_one_partition_saved_and_before_any_trained_resumes(tmp_path, stage):
+    """Ctrl-C before the first step: one partition's shards had saved their initial values,
+    the other's nothing. Refused, the run could neither resume nor start again (its folder
+    holds checkpoints): no partition trained, so the missing one starts as the others do."""
+    run_dir = tmp_path / "run"
+    _run_with_group_checkpoints(run_dir, trained=False)
+    missing = run_dir / "checkpoints" / f"group-stage{stage}"
+    for path in missing.iterdir():
+        path.unlink()
+    if stage == 0:
+        missing.rmdir()  # not made, or made and left empty: both
+    assert read_run_for_resume(run_dir).pipeline.split_points == (3,)
 
 
 def test_the_resume_check_names_the_folders_the_stages_save_into(tmp_path):

@@ -23,6 +23,7 @@ from distbelief.server.checkpoint_meta import (
     check_rows_meta,
     meta_path,
     read_checked_meta,
+    read_meta,
     rows_meta_path,
     saved_partitioner,
 )
@@ -151,7 +152,13 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
         folders = checkpoint_folders(directory, config.pipeline.num_partitions)
         if not any(any(folder.glob("shard*.json")) for folder in folders):
             raise nothing_to_resume(run_dir, directory)
+        untrained = _nothing_trained(folders, config.cluster.num_shards)
         for folder in folders:
+            if untrained and not any(folder.glob("shard*.json")):
+                # A partition stopped before its shards saved it (Ctrl-C before the first
+                # step): no partition has trained, so it starts again from its initial values
+                # as the others do; refused, the run could neither resume nor start again.
+                continue
             check_partition_folder(folder, directory)
             check_checkpoints(folder, config.cluster.num_shards)
             if folder != directory and not any(folder.glob("shard*.json")):
@@ -251,6 +258,21 @@ def check_partition_folder(folder: Path, directory: Path) -> None:
             f"partition {folder.name.removeprefix(STAGE_GROUP_PREFIX)} would start "
             "again from scratch)"
         )
+
+
+def _nothing_trained(folders: list[Path], num_shards: int) -> bool:
+    """Whether every shard checkpoint in ``folders`` holds version 0 (no update applied): a
+    run stopped before its first step. A checkpoint that cannot be read counts as trained:
+    the checks that follow name it."""
+    for folder in folders:
+        for shard_id in range(num_shards):
+            try:
+                meta = read_meta(folder, shard_id)
+            except CheckpointError:
+                return False
+            if meta is not None and meta["version"] != 0:
+                return False
+    return True
 
 
 def _committed_folder(directory: Path) -> Path:

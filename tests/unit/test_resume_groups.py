@@ -112,8 +112,9 @@ def test_a_checkpoint_without_what_the_shard_reads_is_refused_before_anything_st
         read_run_for_resume(run_dir)
 
 
-def _run_with_two_shards(run_dir, *, rows: bool = False) -> None:
-    """A finished 2-shard run's folder: each shard's checkpoint (and row tables, ``rows``)."""
+def _run_with_two_shards(run_dir, *, rows: bool = False, trained: bool = True) -> None:
+    """A finished 2-shard run's folder: each shard's checkpoint (and row tables, ``rows``);
+    one stopped before its first step, ``trained`` False."""
     from tests.unit.test_row_checkpoint import _trained
 
     config = JobConfig.from_fields({"cluster.num_shards": 2})
@@ -122,6 +123,8 @@ def _run_with_two_shards(run_dir, *, rows: bool = False) -> None:
     for shard_id in range(2):
         shard = ParameterShard(shard_id, 2, server_optimizer_factory("sgd", lr=0.1))
         shard.initialize(SPECS, [torch.arange(4, dtype=torch.float32) + 4 * shard_id])
+        if trained:
+            shard.push([torch.ones(4)])
         save_checkpoint(shard.snapshot(), run_dir / "checkpoints")
         if rows:
             tables = {"emb": _trained().state_dict()}
@@ -139,6 +142,15 @@ def test_a_shard_whose_checkpoint_is_missing_is_refused_by_name(tmp_path, rows):
     missing.unlink()
     with pytest.raises(CheckpointError, match=f"{missing}: missing .* shard 1 would start again"):
         read_run_for_resume(run_dir)
+
+
+def test_a_run_stopped_before_one_shard_saved_and_before_any_trained_resumes(tmp_path):
+    """Ctrl-C before the first step, between the shards' saves of their initial values: the
+    shard that had not saved yet starts from them again, as a new run's would."""
+    run_dir = tmp_path / "run"
+    _run_with_two_shards(run_dir, trained=False)
+    (run_dir / "checkpoints" / "shard1.json").unlink()
+    assert read_run_for_resume(run_dir).cluster.num_shards == 2
 
 
 def test_a_corrupt_row_chunk_is_refused_by_name_before_anything_starts(tmp_path):

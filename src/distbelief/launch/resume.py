@@ -58,19 +58,22 @@ its parameter group ``stageS`` (``pipeline/job.py``) saved in the group's folder
 (``server/groups.py``). Named here too, as both modules load torch."""
 
 
-def check_checkpoints(directory: Path, num_shards: int) -> None:
+def check_checkpoints(directory: Path, num_shards: int, *, missing_ok: bool = False) -> None:
     """Check every shard's last checkpoint in ``directory``, and its row tables' where there
     are any: present (for every shard, once any shard has one there), whole (their digests),
     this shard's of a job of ``num_shards``, and divided as the launched shards divide (their
     partitioner). Torch-free: the files are read, not loaded.
+
+    ``missing_ok``: a shard's checkpoint missing beside the others' is let be (a run that
+    trained nothing: that shard starts from the initial values the others hold).
 
     Raises:
         CheckpointError: a checkpoint is missing, missing a part, is corrupt, was written by
             another shard or a job of another shard count, or with another partitioner than
             the launched shards'; the message names the file.
     """
-    _check_each_shard(directory, num_shards, meta_path, _dense_owner)
-    _check_each_shard(directory, num_shards, rows_meta_path, check_rows_meta)
+    _check_each_shard(directory, num_shards, meta_path, _dense_owner, missing_ok)
+    _check_each_shard(directory, num_shards, rows_meta_path, check_rows_meta, missing_ok)
 
 
 def _dense_owner(directory: Path, shard_id: int) -> tuple[int, int] | None:
@@ -102,6 +105,7 @@ def _check_each_shard(
     num_shards: int,
     path_of: Callable[[Path, int], Path],
     owner_of: Callable[[Path, int], tuple[int, int] | None],
+    missing_ok: bool,
 ) -> None:
     """One kind of checkpoint file, for every shard: ``owner_of`` checks one and says whose it
     is (None: absent)."""
@@ -115,7 +119,7 @@ def _check_each_shard(
                 f"{path_of(directory, shard_id)}: holds shard {owner[0]} of {owner[1]}, "
                 f"expected shard {shard_id} of {num_shards}"
             )
-    if missing and len(missing) < num_shards:
+    if missing and len(missing) < num_shards and not missing_ok:
         # Resumed, the shard would start again from the model's initial values.
         raise CheckpointError(
             f"{path_of(directory, missing[0])}: missing (the other shards' are in "
@@ -152,15 +156,16 @@ def read_run_for_resume(run_dir: Path, changes: Mapping[str, object] | None = No
         folders = checkpoint_folders(directory, config.pipeline.num_partitions)
         if not any(any(folder.glob("shard*.json")) for folder in folders):
             raise nothing_to_resume(run_dir, directory)
+        # A run stopped before its first step (Ctrl-C) may have saved some shards' initial
+        # values and not others' yet, in a partition or in all of one: nothing has trained,
+        # so those start again from their initial values as the others do. Refused, the run
+        # could neither resume nor start again (its folder holds checkpoints).
         untrained = _nothing_trained(folders, config.cluster.num_shards)
         for folder in folders:
             if untrained and not any(folder.glob("shard*.json")):
-                # A partition stopped before its shards saved it (Ctrl-C before the first
-                # step): no partition has trained, so it starts again from its initial values
-                # as the others do; refused, the run could neither resume nor start again.
                 continue
             check_partition_folder(folder, directory)
-            check_checkpoints(folder, config.cluster.num_shards)
+            check_checkpoints(folder, config.cluster.num_shards, missing_ok=untrained)
             if folder != directory and not any(folder.glob("shard*.json")):
                 raise CheckpointError(f"{folder}: holds no shard checkpoints, as the others do")
     except CheckpointError as e:

@@ -183,7 +183,7 @@ def _check_budgets_go_past(run_dir: Path, changes: Mapping[str, object]) -> None
     Raises:
         ConfigFieldError: the bound is not past what the committed checkpoint has done.
     """
-    for field, count, what in _done_so_far(run_dir):
+    for field, count, what in _done_so_far(read_record(run_dir / CHECKPOINT_DIR)):
         bound = changes.get(field)
         if bound is not None and int(bound) <= count:
             raise ConfigFieldError(
@@ -213,7 +213,7 @@ def check_budgets_left(run_dir: Path, config: JobConfig) -> None:
             f"--resume {run_dir}: it stopped for good ({stopped}): raising a bound does not "
             "take it further"
         )
-    for field, count, what in _done_so_far(run_dir):
+    for field, count, what in _done_so_far(record):
         name = field.split(".")[1]
         bound = getattr(config.sandblaster, name)
         if bound is not None and int(bound) <= count:
@@ -225,10 +225,9 @@ def check_budgets_left(run_dir: Path, config: JobConfig) -> None:
             )
 
 
-def _done_so_far(run_dir: Path) -> list[tuple[str, int, str]]:
-    """Per Sandblaster bound (its config field), what the last committed checkpoint has done,
-    and what the count is of; none without a checkpoint."""
-    record = read_record(run_dir / CHECKPOINT_DIR)
+def _done_so_far(record: dict | None) -> list[tuple[str, int, str]]:
+    """Per Sandblaster bound (its config field), what the last committed checkpoint (its
+    coordinator's ``record``) has done, and what the count is of; none without one."""
     if record is None:
         return []
     return [

@@ -523,6 +523,24 @@ def test_a_parameter_changed_after_the_constructor_is_refused_by_name(served_sha
     optimizer.close()
 
 
+def test_close_after_a_changed_parameter_was_refused_closes_cleanly(served_shard):
+    """The pull still in flight when step() refused the changed parameter is not loaded into
+    it by close() (torch's copy failed there, a RuntimeError naming no parameter, on the
+    try/finally close a script makes after the refusal)."""
+    model = _model()
+    optimizer = DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard)
+    _train(model, optimizer, _batches(3))
+    changed = torch.zeros(5)
+    model[2].bias.data = changed
+    with pytest.raises(ValueError, match=r"^parameter '2\.bias' changed since"):
+        optimizer.step()
+    optimizer.close()
+    assert model[2].bias.data_ptr() == changed.data_ptr()
+    assert not changed.any()  # nothing pulled was written into it
+    with pytest.raises(ClosedError):
+        optimizer.step()
+
+
 def test_a_with_block_closes_the_optimizer(served_shard):
     model = _model()
     with DownpourSGD(model.parameters(), lr=0.1, model=model, ps=served_shard) as optimizer:

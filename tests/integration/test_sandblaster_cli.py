@@ -332,21 +332,23 @@ def test_the_evaluation_budget_stops_a_run_and_a_resume_with_a_larger_one_goes_o
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_converged_run_is_not_resumed(tmp_path, capsys):
-    """A run that met a tolerance stopped for good: resumed, with a bound raised or not, the
-    job started, did nothing and wrote its records again."""
+def test_a_run_that_stopped_for_good_is_not_resumed(tmp_path, capsys):
+    """A run that diverged (or met a tolerance: the same stop for good, which takes a hundred
+    iterations to reach) stopped for good: resumed, with a bound raised or not, the job started,
+    did nothing and wrote its records again."""
     run_dir = tmp_path / "run"
     argv = ["train", "--algorithm", "sandblaster", "--dataset", "synthetic", "--model", "mlp"]
-    _train(*argv, "--max-iterations", "200", "--no-eval", "--no-plots", "--out", str(run_dir))
+    argv += ["--step-size", "1e15", "--max-iterations", "200", "--no-eval", "--no-plots"]
+    _train(*argv, "--out", str(run_dir))
     coordinator = _summary(run_dir)["coordinator"]
-    assert coordinator["stop_reason"] == "gradient below tolerance_grad", coordinator
+    assert coordinator["stop_reason"] == "loss or gradient not finite", coordinator
     before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
     for more in ([], ["--max-iterations", "400"]):
         refused = run_main("train", "--resume", str(run_dir), *more, capsys=capsys)
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert refused.stderr.splitlines()[-1] == (
-            f"distbelief train: error: --resume {run_dir}: it stopped for good (gradient below "
-            "tolerance_grad): raising a bound does not take it further"
+            f"distbelief train: error: --resume {run_dir}: it stopped for good (loss or "
+            "gradient not finite): raising a bound does not take it further"
         )
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
 

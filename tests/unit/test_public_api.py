@@ -292,6 +292,11 @@ def _bad_arguments():
             "^ps: address 'tcp://127.0.0.9:99999': port 99999 is out of range",
         ),
         (
+            lambda: distbelief.DownpourSGD(net.parameters(), ps="tcp://127.0.0.9:0,127.0.0.9:1"),
+            ValueError,
+            "^ps: address 'tcp://127.0.0.9:0': port 0 cannot be connected to",
+        ),
+        (
             lambda: distbelief.DownpourSGD(
                 net.parameters(), ps="tcp://nohost.invalid:7000", retry_timeout_s=0
             ),
@@ -310,7 +315,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 74
+_NUM_BAD_ARGUMENTS = 75
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

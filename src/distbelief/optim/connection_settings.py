@@ -13,7 +13,7 @@ from distbelief.config import MAX_WAIT_S, amount_problem, check_wait, environmen
 from distbelief.hosts import UnknownHostError
 from distbelief.wire import channels
 from distbelief.wire.channels.shm import check_shm_allowed, transport_setting
-from distbelief.wire.channels.tcp import check_address_form
+from distbelief.wire.channels.tcp import check_dial_address_form
 from distbelief.wire.security import read_key_file
 
 PS_ADDRESS_ENV = "DISTBELIEF_PS"
@@ -141,7 +141,7 @@ def ps_addresses(ps: str | Sequence[str] | None) -> list[str]:
         try:
             # Their scheme and form; their hosts are looked up once every other argument is
             # checked.
-            addresses = channels.checked_addresses(ps, check_address_form, "ps")
+            addresses = channels.checked_addresses(ps, check_dial_address_form, "ps")
         except ValueError as e:
             raise ValueError(f"ps: {e}") from None
         return check_shm_allowed("ps", addresses)

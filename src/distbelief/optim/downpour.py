@@ -480,6 +480,10 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
                 alpha = -rate_value(group["lr"])
                 torch._foreach_add_(params, [p.grad for p in params], alpha=alpha)
 
+    def _layout_changed(self) -> bool:
+        """Whether a parameter's shape, dtype or device changed since the constructor."""
+        return [param_form(p) for p in self._params] != self._param_forms
+
     def _check_unchanged(self) -> None:
         """Refuses parameters whose shape, dtype or device changed since the constructor (the
         shards hold the layout made then; a pulled value would not fit).
@@ -487,7 +491,7 @@ class DownpourSGD(PushPullPipeline, ClosingOptimizer, TorchOptimizerMethods, tor
         Raises:
             ValueError: naming the first such parameter, as it was and as it is.
         """
-        if [param_form(p) for p in self._params] == self._param_forms:
+        if not self._layout_changed():
             return
         for spec, param, (shape, dtype, device) in zip(
             self.specs, self._params, self._param_forms, strict=True

@@ -14,7 +14,7 @@ from distbelief.client.compression import EncodedPush
 class PushPullPipeline:
     """Pushes and pulls of a DownpourSGD, on the attributes its constructor sets: ``client``,
     ``_copies``, ``_accrued``, ``_outbox``, ``_inbox``, ``_compressor``, the futures in flight
-    and the versions and steps they bring."""
+    and the versions and steps they bring; and on its ``_layout_changed()``."""
 
     def _push_accrued(self, now: bool = False, whole: bool = False) -> None:
         """Push the accrued gradient; ``now``: wait for the shards to apply it; ``whole``: all
@@ -100,7 +100,11 @@ class PushPullPipeline:
 
     def _load_inbox(self) -> None:
         """Copy the pulled parameters into the model, on its device (on a GPU: queued; the
-        next pull waits for the copy before it refills the inbox)."""
+        next pull waits for the copy before it refills the inbox). A model changed since the
+        constructor, which ``step()`` and ``pull_now()`` refuse, takes none: the pulled values
+        no longer fit it, and the ``close()`` after the refusal still pushes what was accrued."""
+        if self._layout_changed():
+            return
         self._copies.load(self._params, self._inbox_views)
 
     @torch.no_grad()

@@ -716,6 +716,25 @@ def test_an_abbreviated_flag_is_refused_as_typed(argv, typed, capsys):
     assert error == f"distbelief {command}: error: unrecognized arguments: {typed}"
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "--server-optimizer", "adam", "--server-betas", "-0.1,0.9"],
+            "argument --server-betas: must be two numbers in [0, 1), got (-0.1, 0.9)",
+        ),
+        (["train", "--lr", "-1e-3"], "argument --lr: must be a finite number >= 0, got -1e-3"),
+        ([*_PS, "--server-lr", "-.5"], "argument --server-lr: must be a finite number >= 0"),
+    ],
+)
+def test_a_negative_value_of_a_flag_is_checked_as_its_value(argv, message, capsys, tmp_path):
+    """argparse reads a word that starts with '-' (and is not a plain negative number) as a
+    flag: it said "expected one argument" of a flag given one."""
+    out = ["--out", str(tmp_path / "run")] if argv[0] == "train" else []
+    assert main([*argv, *out]) == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_no_parser_takes_a_flag_by_its_prefix():
     parsers = [get_args_parser(), *_subparsers().values()]
     assert [parser.prog for parser in parsers if parser.allow_abbrev] == []

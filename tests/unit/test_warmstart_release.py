@@ -14,7 +14,8 @@ _ADDRESSES = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]
 
 def _release(monkeypatch, replies, **fields):
     """A WarmstartRelease for a job with a 100-update warm start (``fields`` change it), the
-    shards ready; the shards answer ``replies``. Returns it, its messages and the requests."""
+    shards ready; the shards answer ``replies``. Returns it, its messages and the requests
+    (``release.times``: each message's time on the records' clock)."""
     config = JobConfig().with_fields({"optimizer.warmstart_steps": 100, **fields})
     messages: list[str] = []
     requests: list = []
@@ -24,7 +25,14 @@ def _release(monkeypatch, replies, **fields):
         return replies
 
     monkeypatch.setattr(warmstart, "end_warmstart", end_warmstart)
-    release = warmstart.WarmstartRelease(config, WireSecurity(), messages.append)
+    times: list[float | None] = []
+
+    def message(text: str, time_s: float | None) -> None:
+        messages.append(text)
+        times.append(time_s)
+
+    release = warmstart.WarmstartRelease(config, WireSecurity(), message)
+    release.times = times
     release.shards_ready(_ADDRESSES)
     return release, messages, requests
 
@@ -55,6 +63,8 @@ def test_worker0_given_up_during_the_warm_start_ends_it_once_and_says_so(monkeyp
         "worker0 was given up during its warm start: the other workers start now, from the "
         "shards' parameters after 40 of its 100 warm-start updates"
     ]
+    # At the death's time: the latest record's came before it.
+    assert release.times == [1.0]
 
 
 def test_worker0_given_up_after_the_warm_start_says_nothing_of_it(monkeypatch):

@@ -6,6 +6,8 @@ is ``flags.py``'s business, not this module's.
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +43,7 @@ class CommandParser(argparse.ArgumentParser):
     def parse_known_args(  # type: ignore[override]  # one signature for argparse's overloads
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
+        args = _negative_values_attached(self, list(sys.argv[1:] if args is None else args))
         # An unknown flag is named before argparse checks the rest: otherwise `ps --shard 0`
         # is refused for its missing --shard-id, not for the --shard the user meant by it.
         if args is not None and not subcommands(self):
@@ -57,6 +60,37 @@ class CommandParser(argparse.ArgumentParser):
         if usage.count("\n") <= MAX_USAGE_LINES:
             return usage
         return f"usage: {self.prog} [options] (all of them: {self.prog} --help)\n"
+
+
+_NEGATIVE_VALUE = re.compile(r"-\.?\d")
+"""The start of a value argparse takes for a flag (``-0.1,0.9``, ``-1e-3``): no flag starts so."""
+
+
+def _negative_values_attached(parser: argparse.ArgumentParser, args: list[str]) -> list[str]:
+    """``--flag -0.1,0.9`` as ``--flag=-0.1,0.9`` for a flag of one value: argparse reads a word
+    that starts with ``-`` and is not a plain negative number as a flag, and said ``expected one
+    argument`` of a flag the user had given one (``--server-betas -0.1,0.9``), instead of
+    checking the value."""
+    takes_one = {
+        option
+        for each in (parser, *subcommands(parser).values())
+        for action in each._actions
+        if action.nargs is None and action.option_strings
+        for option in action.option_strings
+    }
+    end = args.index("--") if "--" in args else len(args)
+    attached: list[str] = []
+    index = 0
+    while index < len(args):
+        word = args[index]
+        following = args[index + 1] if index + 1 < end else ""
+        if index < end and word in takes_one and _NEGATIVE_VALUE.match(following):
+            attached.append(f"{word}={following}")
+            index += 2
+            continue
+        attached.append(word)
+        index += 1
+    return attached
 
 
 def _long_flags(args: Sequence[str]) -> list[str]:

@@ -73,11 +73,15 @@ class WarmstartRelease:
     Args:
         config: the job (its warm start, algorithm and request timeout).
         security: the job's wire security.
-        message: shows one line in the launcher's output (a sink's ``message``).
+        message: shows one line in the launcher's output (a sink's ``message``: the text, and
+            when it happened on the records' clock, or None for the latest record's time).
     """
 
     def __init__(
-        self, config: JobConfig, security: WireSecurity, message: Callable[[str], None]
+        self,
+        config: JobConfig,
+        security: WireSecurity,
+        message: Callable[[str, float | None], None],
     ) -> None:
         # Only Downpour's workers wait for a warm start, and only where there are others.
         waits = config.optimizer.algorithm == "downpour" and config.cluster.num_workers > 1
@@ -117,7 +121,8 @@ class WarmstartRelease:
                 f"{_WARMSTART_REPLICA} was given up during its warm start, and no shard could "
                 f"be told to end it ({'; '.join(f'{n}: {why}' for n, why in failed.items())}): "
                 "a shard that restarts is told once it listens; till then the other workers "
-                "wait for it (until their hold timeout)"
+                "wait for it (until their hold timeout)",
+                fault.time_s,  # not the latest record's time, which may come before the death
             )
             return
         for name, why in failed.items():
@@ -126,7 +131,8 @@ class WarmstartRelease:
             self.message(
                 f"{_WARMSTART_REPLICA} was given up during its warm start: the other workers "
                 f"start now, from the shards' parameters after {reached} of its "
-                f"{self.steps} warm-start updates"
+                f"{self.steps} warm-start updates",
+                fault.time_s,
             )
 
     def on_ready(self, event: Event) -> None:
@@ -145,7 +151,8 @@ class WarmstartRelease:
         if not self.told:
             self.message(
                 f"{event.source.name} listens again and was told the warm start is over: the "
-                "other workers start now"
+                "other workers start now",
+                None,
             )
         self.told = True
         logger.info("told %s, listening again, that the warm start is over", event.source.name)

@@ -156,6 +156,11 @@ class ConsistencyPolicy(abc.ABC):
         """``worker`` was just sent the parameters of ``generation`` (under the shard's lock)."""
         return  # by default nothing is kept per worker
 
+    def departed(self, worker: str) -> None:
+        """``worker``'s last connection closed (under the shard's lock): what is kept for it
+        may go."""
+        return
+
     @property
     def pulls_are_plain(self) -> bool:
         """Whether every pull (without ``after_version``) is answered at once and leaves
@@ -178,8 +183,8 @@ class AsyncPolicy(ConsistencyPolicy):
     dc-asgd).
 
     Under dc-asgd the parameters last sent to each worker are kept in the store, per worker id,
-    so a push is compensated even when it arrives on a new connection (a reconnect). Only
-    dc-asgd pays for that copy per pull.
+    so a push is compensated even when it arrives on a new connection (a reconnect), until the
+    worker's last connection closes. Only dc-asgd pays for that copy per pull.
     """
 
     def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks, num_workers: int) -> None:
@@ -231,6 +236,15 @@ class AsyncPolicy(ConsistencyPolicy):
             buffer = store.add(name, empty, persistent=False)
         torch._foreach_copy_(buffer, store.params)
         self._fetched_generation[worker] = generation
+
+    def departed(self, worker: str) -> None:
+        # Each script run under a new default worker id would otherwise cost a whole slice
+        # for good. A worker that comes back pulls first, as it does after a shard restart;
+        # one reconnecting keeps its copy (its new connection opens before the old closes).
+        if not self._keeps_fetched or self._store is None:
+            return
+        self._fetched_generation.pop(worker, None)
+        self._store.remove(_fetched_name(worker))
 
 
 class BoundedStalenessPolicy(AsyncPolicy):
@@ -307,11 +321,14 @@ class SyncRoundsPolicy(ConsistencyPolicy):
     def _round_quorum(self) -> int:
         config = self.config
         now_s = time.monotonic()
-        dead = self.clocks.dead_count(now_s)
-        if now_s - self._started_s > config.liveness_timeout_s:
-            # Workers that never showed up within a liveness period count as dead too.
-            dead += max(0, self.num_workers - len(self.clocks.workers))
-        return max(1, self.num_workers - config.backup_workers - dead)
+        expected = self.clocks.live_count(now_s)
+        if now_s - self._started_s <= config.liveness_timeout_s:
+            # Workers not seen yet are waited for, for a liveness period: then they count as
+            # dead. A new id in place of one that left (a script's replica started again,
+            # under another default worker id) is one of the job's workers, not one more:
+            # the round waits for it and the one that stayed, not for either alone.
+            expected += max(0, self.num_workers - len(self.clocks.workers))
+        return max(1, min(expected, self.num_workers) - config.backup_workers)
 
     def _close_round_if_complete(self) -> bool:
         """Apply the mean of the round's gradients once enough workers have pushed."""

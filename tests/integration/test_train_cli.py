@@ -244,9 +244,13 @@ def test_sigterm_to_the_launchers_group_stops_the_job_in_order(tmp_path):
             launcher.wait(timeout=10)
     assert code == 130, launcher.stderr.read()[-2000:] if launcher.stderr else ""
     seen = json.loads((run_dir / "summary.json").read_text())["final"]["version"]
+    staleness = json.loads((run_dir / "staleness.json").read_text())
     for shard_id in (0, 1):
         saved = json.loads((run_dir / "checkpoints" / f"shard{shard_id}.json").read_text())
         assert saved["version"] >= seen >= 20, shard_id
+        # Every push the shard took, as its last checkpoint has it (it had the last heartbeat
+        # before the stop's, up to half a second of pushes fewer).
+        assert sum(staleness[f"shard{shard_id}"].values()) == saved["version"], shard_id
     _assert_the_run_folder_keeps_what_was_done(run_dir, "interrupted")
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from distbelief.coordinator.checkpoint import read_record
 from distbelief.errors import CheckpointError
-from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Fault, shard_names
+from distbelief.launch.cluster import CHECKPOINT_DIR, Cluster, Fault, ProcessKind, shard_names
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -34,14 +34,23 @@ def add_what_the_stop_settled(
     result: RunResult, cluster: Cluster, config: JobConfig, *, time_offset_s: float
 ) -> None:
     """What only the cluster's stop settles, into ``result``: the faults it saw while it
-    stopped (shown here: the progress display is closed by then), and a Sandblaster run's
-    ``resumes_from_iteration``, the iteration of the coordinator's last committed checkpoint,
-    which ``--resume`` goes on from (metrics.csv may have rows past it: a coordinator killed
-    as it stopped committed none of them), and so whether a shard that died while the job
-    stopped had its last state saved (``Fault.last_checkpoint_saved``)."""
+    stopped (shown here: the progress display is closed by then), the counters the shards
+    returned as they stopped (a run ended early knew their last heartbeat's), and a
+    Sandblaster run's ``resumes_from_iteration``, the iteration of the coordinator's last
+    committed checkpoint, which ``--resume`` goes on from (metrics.csv may have rows past it: a
+    coordinator killed as it stopped committed none of them), and so whether a shard that died
+    while the job stopped had its last state saved (``Fault.last_checkpoint_saved``)."""
     for fault in cluster.faults[len(result.faults) :]:
         logger.warning("%s", describe_fault(fault))
     result.faults = on_metrics_clock(cluster.faults, time_offset_s)
+    # A shard asked to stop returns its counters: they count the pushes of the last moments,
+    # which its last heartbeat, all a job ended early knew before the stop, had not.
+    for shard_id, returned in cluster.results(ProcessKind.SHARD).items():
+        name = f"shard{shard_id}"
+        if "staleness" in returned:
+            result.staleness[name] = returned["staleness"]
+        if name in result.shards and "worker_hosts" in returned:
+            result.shards[name]["worker_hosts"] = returned["worker_hosts"]
     if config.optimizer.algorithm != "sandblaster":
         return
     committed = _committed_iteration(result.run_dir)

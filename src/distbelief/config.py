@@ -373,14 +373,15 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require_declared_types(self)
         _require_choice(self, "name")
-        _require_optional_counts(self, "table_size", least=2)
         size = self.table_size
+        if self.name == "synthetic-ctr" and type(size) is int:
+            # Before the bound of any size: past 2**63 that named 2**63 - 1, not this one.
+            most = MAX_SYNTHETIC_TABLE_SIZE
+            _require(size <= most, "table_size", size, f"<= {most} (2**31)")
+        _require_optional_counts(self, "table_size", least=2)
         if size is not None and self.name not in TABLE_SIZE_DATASETS:
             names = " and ".join(TABLE_SIZE_DATASETS)
             raise ConfigFieldError("table_size", f"applies to {names}, not {self.name!r}")
-        if self.name == "synthetic-ctr":
-            most = MAX_SYNTHETIC_TABLE_SIZE
-            _require(size is None or size <= most, "table_size", size, f"<= {most} (2**31)")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -944,20 +945,37 @@ class JobConfig:
     def _check_dense_tables_fit(self, num_tables: int) -> None:
         """A table ``--tables`` leaves out is a dense parameter, built whole on every worker
         and shard: criteo's without ``--table-size`` has a row per raw 32-bit id, more bytes
-        than a machine holds (the worker would fail allocating them once started)."""
+        than a machine holds; a synthetic click log's of a ``--table-size`` larger than this
+        machine's memory too (the worker would fail allocating it once started)."""
         named = self.embeddings.tables
-        if named is None or self.data.name != "criteo" or self.data.table_size is not None:
+        if named is None:
             return
-        left = next(f"tables.{t}" for t in range(num_tables) if f"tables.{t}" not in named)
-        rows = CRITEO_RAW_ID_ROWS
-        gib = rows * self.model.embedding_dim * TABLE_VALUE_BYTES / 2**30
-        raise ConfigFieldError(
-            "embeddings.tables",
-            f"leaves {left} a dense parameter of criteo's raw ids ({rows} rows x "
-            f"{self.model.embedding_dim} values x {TABLE_VALUE_BYTES} bytes: {gib:.0f} GiB on "
-            "every worker, and split over the shards): name every table, or fold the ids with "
-            "--table-size",
-        )
+        left = next((f"tables.{t}" for t in range(num_tables) if f"tables.{t}" not in named), None)
+        width = self.model.embedding_dim
+        if left is None:
+            return
+        if self.data.name == "criteo" and self.data.table_size is None:
+            rows = CRITEO_RAW_ID_ROWS
+            gib = rows * width * TABLE_VALUE_BYTES / 2**30
+            raise ConfigFieldError(
+                "embeddings.tables",
+                f"leaves {left} a dense parameter of criteo's raw ids ({rows} rows x "
+                f"{width} values x {TABLE_VALUE_BYTES} bytes: {gib:.0f} GiB on "
+                "every worker, and split over the shards): name every table, or fold the ids "
+                "with --table-size",
+            )
+        rows = self.data.table_size
+        memory = _physical_memory_bytes()
+        if self.data.name != "synthetic-ctr" or rows is None or memory is None:
+            return
+        if rows * width * TABLE_VALUE_BYTES > memory:
+            raise ConfigFieldError(
+                "embeddings.tables",
+                f"leaves {left} a dense parameter of {rows} rows x {width} values x "
+                f"{TABLE_VALUE_BYTES} bytes ({rows * width * TABLE_VALUE_BYTES / 2**30:.0f} GiB on "
+                f"every worker, more than this machine's {memory / 2**30:.0f} GiB): name every "
+                "table, or give a smaller --table-size",
+            )
 
     def _check_click_model(self) -> None:
         """A click model reads click logs only, and a click log needs one; tables are trained
@@ -1180,3 +1198,11 @@ def _section_types() -> dict[str, Any]:
 def _field_types(section_type: Any) -> dict[str, str]:
     # Annotations are strings here (postponed evaluation); "tuple[...]" is all that matters.
     return {item.name: str(item.type) for item in fields(section_type)}
+
+
+def _physical_memory_bytes() -> int | None:
+    """This machine's memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None

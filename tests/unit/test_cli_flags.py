@@ -448,6 +448,15 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
             [*_WORKER, "--model", "dlrm", "--dataset", "criteo", "--tables", "tables.0,tables.1"],
             "argument --tables: leaves tables.2 a dense parameter of criteo's raw ids",
         ),
+        (
+            # 8 TiB: the evaluator failed allocating it, exit 1 with a traceback.
+            [
+                *("train", *_CLICKS, "--table-size", "2147483648", "--tables", "tables.0"),
+                *("--embedding-dim", "1024"),
+            ],
+            "argument --tables: leaves tables.1 a dense parameter of 2147483648 rows x 1024 "
+            "values x 4 bytes (8192 GiB on every worker, more than this machine's",
+        ),
     ],
     ids=[
         *("step-size", "row-lr", "row-init-std", "row-cache-mb", "liveness-timeout"),
@@ -456,6 +465,7 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
         *("tables", "worker-tables", "embedding-dim", "eval-embedding-dim"),
         *("embedding-dim-wider-than-a-row", "eval-embedding-dim-wider-than-a-row"),
         *("criteo-raw-table-left-dense", "worker-criteo-raw-table-left-dense"),
+        "synthetic-table-left-dense-past-memory",
     ],
 )
 def test_a_bad_row_or_float_setting_is_refused_in_one_line(argv, message, capsys, tmp_path):

@@ -497,3 +497,30 @@ def test_load_dataset_names_a_folder_where_a_data_file_goes(tmp_path, dataset, w
         load_dataset(dataset, split="test", data_dir=tmp_path, download=download)
     assert str(caught.value) == f"{folder} is a folder, not a file"
     assert sorted(path.name for path in folder.parent.iterdir()) == [folder.name]
+
+
+def test_a_resume_from_another_folder_says_a_relative_data_dir_is_read_from_there(
+    tmp_path, monkeypatch, capsys
+):
+    """config.json keeps --data-dir as typed: resumed from another folder, the files were
+    "missing" with no word of why, and --data-dir is refused on a resume."""
+    from tests.conftest import run_cli, run_main
+
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    _mnist(tmp_path / "start" / "d")
+    monkeypatch.chdir(tmp_path / "start")
+    argv = ["--dataset", "mnist", "--model", "mlp", "--data-dir", "d", "--no-download"]
+    argv += ["--steps", "2", "--batch-size", "8", "--workers", "1", "--shards", "1", "--no-eval"]
+    argv += ["--no-plots"]
+    trained = run_cli("train", *argv, "--out", str(tmp_path / "run"))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    refused = run_main("train", "--resume", str(tmp_path / "run"), capsys=capsys)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    last = refused.stderr.splitlines()[-1]
+    assert last.startswith("distbelief train: error: data.data_dir (in "), last
+    assert last.endswith(
+        f"(a relative --data-dir is read from the folder the resume runs in, "
+        f"{tmp_path / 'elsewhere'}: resume from the folder the run started in)"
+    ), last

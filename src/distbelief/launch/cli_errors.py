@@ -7,6 +7,7 @@ name and error (exit 1), as is a file it could not write, an interruption (exit 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
@@ -88,9 +89,24 @@ def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
             said = f"{error.field} (in {config_file}): {error.problem}"
             if error.field in _WAYS_OUT_OF_A_RUNS_SETTING:
                 said += f": {_WAYS_OUT_OF_A_RUNS_SETTING[error.field]}"
+            elif error.field == "data.data_dir" and _relative_data_dir(config_file):
+                # config.json keeps the folder as typed: a relative one is read from here.
+                said += (
+                    f" (a relative --data-dir is read from the folder the resume runs in, "
+                    f"{Path.cwd()}: resume from the folder the run started in)"
+                )
         print(f"distbelief {args.command}: error: {said}", file=sys.stderr)
         return EXIT_USAGE
     return usage_error(args, f"argument {flag}: {_as_typed(args, flag, error)}")
+
+
+def _relative_data_dir(config_file: Path) -> bool:
+    """Whether ``config_file`` (a run's config.json) names a relative data folder."""
+    try:
+        data_dir = json.loads(config_file.read_text())["data"]["data_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(data_dir, str) and bool(data_dir) and not Path(data_dir).is_absolute()
 
 
 def _as_typed(args: argparse.Namespace, flag: str, error: ConfigFieldError) -> str:

@@ -469,6 +469,15 @@ def _ratio(rows: dict, numerator: str, denominator: str) -> float:
     return statistics.median(a["samples_per_s"] / b["samples_per_s"] for a, b in pairs)
 
 
+def verdict(value: float, target: float, *, at_most: bool = False) -> str:
+    """PASS, or the side of the target the value missed on: a missed floor (>=) reads BELOW,
+    a missed ceiling (<=) ABOVE, as compression.py words it (a memory share over its
+    ceiling printed BELOW, the opposite of what happened)."""
+    if at_most:
+        return "PASS" if value <= target else "ABOVE"
+    return "PASS" if value >= target else "BELOW"
+
+
 def summarize(measured: list[dict], args: argparse.Namespace, static: dict) -> dict:
     rows = {}
     for item in measured:
@@ -521,7 +530,7 @@ def summarize(measured: list[dict], args: argparse.Namespace, static: dict) -> d
     return {
         "rows": list(rows.values()),
         "throughput_ratio": throughput,
-        "throughput_verdict": "PASS" if throughput >= TARGET_THROUGHPUT else "BELOW",
+        "throughput_verdict": verdict(throughput, TARGET_THROUGHPUT),
         "gpipe_ratio": (
             _ratio(rows, f"pipeline gpipe M={m}", "pipeline M=1")
             if f"pipeline gpipe M={m}" in rows
@@ -536,7 +545,7 @@ def summarize(measured: list[dict], args: argparse.Namespace, static: dict) -> d
         "largest_stage_compute_share": largest_share,
         "overlap_bound": m / ((m + 1) * largest_share),
         "memory_ratio": static["memory_ratio"],
-        "memory_verdict": "PASS" if static["memory_ratio"] <= TARGET_MEMORY else "BELOW",
+        "memory_verdict": verdict(static["memory_ratio"], TARGET_MEMORY, at_most=True),
         "bytes_ratio": bytes_ratios[0],
         "bytes_ratios_all_configs": bytes_ratios,
         "bytes_verdict": (

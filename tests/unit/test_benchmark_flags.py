@@ -439,3 +439,28 @@ def test_compression_bytes_per_step_leave_out_the_closing_flush():
     summary = compression.summarize(records, size)
     assert summary["pushed_model_sizes_per_step"] == 400 / 20 / size
     assert summary["pulled_model_sizes_per_step"] == 600 / 20 / size
+
+
+def _pipeline_measured(pipeline, micro_batches: int) -> list[dict]:
+    """One repeat of every configuration, each stage doing the same work in the same time."""
+    stage = {"wait_s": 0.1, "wall_s": 1.0, "compute_s": 0.5, "cpu_s": 1.0}
+    stage |= {"bytes_sent": 1000, "bytes_received": 1000}
+    measured = []
+    for config in pipeline.make_configs(micro_batches, ["1f1b"]):
+        repeat = {"samples_per_s": 100.0, "cpu_s": 1.0, "wall_s": 1.0, "stages": [stage, stage]}
+        measured.append({"config": config, "repeats": [repeat]})
+    return measured
+
+
+def test_pipeline_says_above_for_a_missed_ceiling_and_below_for_a_missed_floor():
+    """The memory target is a ceiling (<= 0.6): a share of 0.967 printed BELOW, the opposite of
+    what it missed by."""
+    pipeline = importlib.import_module("pipeline")
+    assert pipeline.verdict(0.967, 0.6, at_most=True) == "ABOVE"
+    assert pipeline.verdict(0.5, 0.6, at_most=True) == "PASS"
+    assert pipeline.verdict(1.0, 1.4) == "BELOW"
+    assert pipeline.verdict(1.5, 1.4) == "PASS"
+    args = SimpleNamespace(micro_batches=8, steps=1, batch_size=1)
+    static = {"memory_ratio": 0.967, "boundary_bytes_per_sample": 1000}
+    summary = pipeline.summarize(_pipeline_measured(pipeline, 8), args, static)
+    assert (summary["memory_verdict"], summary["throughput_verdict"]) == ("ABOVE", "BELOW")

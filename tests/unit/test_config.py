@@ -174,6 +174,12 @@ from distbelief.launch.cli import main
             "must be <= 2147483648 (2**31), got 2147483649",
         ),
         (
+            # Past 2**63 the bound of any size was named (9223372036854775807), not this one.
+            {"model.name": "dlrm", "data.name": "synthetic-ctr", "data.table_size": 10**20},
+            "data.table_size",
+            "must be <= 2147483648 (2**31), got 100000000000000000000",
+        ),
+        (
             {"model.name": "dlrm", "data.name": "criteo", "data.table_size": 10**18},
             "data.table_size",
             "must be <= 144115188075855871: a table of 1000000000000000000 rows of 16 values",

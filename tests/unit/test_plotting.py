@@ -110,6 +110,39 @@ def test_plot_of_a_run_without_records_yet_is_one_line_and_writes_no_png(tmp_pat
     assert not list(tmp_path.rglob("*.png"))
 
 
+def test_plot_of_an_empty_metrics_file_says_it_is_empty(tmp_path, capsys):
+    """0 bytes (a run cut off before its header) has no header: "has only its header" misled."""
+    empty = tmp_path / "cut_off"
+    empty.mkdir()
+    (empty / "metrics.csv").write_bytes(b"")
+    assert main(["plot", str(empty)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [f"distbelief plot: error: {empty}: no records yet (metrics.csv is empty)"]
+    assert not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.parametrize(
+    ("content", "holds"),
+    [
+        ("[]", "it holds a list"),
+        ('{"0": [1, 2]}', "shard '0' holds a list"),
+        ("3", "it holds a number"),
+    ],
+)
+def test_plot_of_a_staleness_file_of_the_wrong_shape_says_what_was_expected(
+    tmp_path, capsys, content, holds
+):
+    """``[]`` read as 'list' object has no attribute 'values': Python's words, not the file's."""
+    run_dir = _make_run_dir(tmp_path / "run")
+    (run_dir / "staleness.json").write_text(content, encoding="utf-8")
+    assert main(["plot", str(run_dir)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == [
+        f"distbelief plot: error: {run_dir / 'staleness.json'}: not a staleness histogram: "
+        f"expected an object of shards, each an object of staleness -> count; {holds}"
+    ]
+
+
 def test_folder_without_metrics_is_named(tmp_path: Path) -> None:
     folder = tmp_path / "not_a_run"
     folder.mkdir()

@@ -417,7 +417,9 @@ def _run_plot(args: argparse.Namespace) -> int:
         metrics = Path(run_dir) / "metrics.csv"
         with contextlib.suppress(OSError):
             if metrics.is_file() and not has_records(metrics):
-                raise ValueError(f"{run_dir}: no records yet (metrics.csv has only its header)")
+                # A 0-byte file (cut off before its header was written) has no header to speak of.
+                what = "is empty" if metrics.stat().st_size == 0 else "has only its header"
+                raise ValueError(f"{run_dir}: no records yet (metrics.csv {what})")
     from distbelief.plots import plot_run, plot_runs  # matplotlib: once the flags are checked
 
     out_dir = args.out_dir or args.run_dirs[0]

@@ -406,6 +406,7 @@ def _read_staleness(run_dir: Path) -> dict[int, int]:
         return {}
     try:
         per_shard = json.loads(path.read_text(encoding="utf-8"))
+        _check_staleness_shape(per_shard)
         total: dict[int, int] = {}
         for histogram in per_shard.values():
             for staleness, count in histogram.items():
@@ -413,6 +414,27 @@ def _read_staleness(run_dir: Path) -> dict[int, int]:
     except (ValueError, AttributeError, TypeError) as e:
         raise ValueError(f"{path}: not a staleness histogram: {e}") from e
     return dict(sorted(total.items()))
+
+
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+
+
+def _json_kind(value: object) -> str:
+    """What a parsed JSON value is, in JSON's words (int and float are both a number)."""
+    if value is None:
+        return "null"
+    return _JSON_KINDS.get(type(value), "a number")
+
+
+def _check_staleness_shape(per_shard: object) -> None:
+    """Raises ValueError saying what was expected where the file is not an object of objects
+    (``[]`` read as 'list' object has no attribute 'values', which names no file content)."""
+    expected = "expected an object of shards, each an object of staleness -> count"
+    if not isinstance(per_shard, dict):
+        raise ValueError(f"{expected}; it holds {_json_kind(per_shard)}")
+    for shard, histogram in per_shard.items():
+        if not isinstance(histogram, dict):
+            raise ValueError(f"{expected}; shard {shard!r} holds {_json_kind(histogram)}")
 
 
 def _make_staleness_figure(histogram: dict[int, int], title: str) -> Figure:

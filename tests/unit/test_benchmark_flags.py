@@ -464,3 +464,18 @@ def test_pipeline_says_above_for_a_missed_ceiling_and_below_for_a_missed_floor()
     static = {"memory_ratio": 0.967, "boundary_bytes_per_sample": 1000}
     summary = pipeline.summarize(_pipeline_measured(pipeline, 8), args, static)
     assert (summary["memory_verdict"], summary["throughput_verdict"]) == ("ABOVE", "BELOW")
+
+
+def test_fanin_says_above_for_a_missed_fairness_ceiling():
+    """max/min <= 2 is a ceiling: a replica starved (max/min 5, or unbounded) printed BELOW."""
+    fanin = importlib.import_module("fanin")
+    points = [
+        {"design": "pool", "replicas": count, "max_min_pushes": fairness}
+        | {"pushes_per_s_per_shard": 100.0}
+        for count, fairness in ((64, 1.2), (2000, 5.0))
+    ]
+    lines = fanin.ratio_lines(points, ["pool"], [64, 2000])
+    fairness = [line for line in lines if "max/min" in line]
+    assert [line.rsplit(" ", 1)[1] for line in fairness] == ["PASS)", "ABOVE)"], fairness
+    points[1]["max_min_pushes"] = None
+    assert fanin.ratio_lines(points, ["pool"], [64, 2000])[-1].endswith("ABOVE)")

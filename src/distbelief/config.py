@@ -968,13 +968,16 @@ class JobConfig:
         memory = _physical_memory_bytes()
         if self.data.name != "synthetic-ctr" or rows is None or memory is None:
             return
-        if rows * width * TABLE_VALUE_BYTES > memory:
+        dense = sum(f"tables.{t}" not in named for t in range(num_tables))
+        dense_bytes = dense * rows * width * TABLE_VALUE_BYTES
+        if dense_bytes > memory:
+            which = left if dense == 1 else f"{dense} tables ({left}, ...)"
             raise ConfigFieldError(
                 "embeddings.tables",
-                f"leaves {left} a dense parameter of {rows} rows x {width} values x "
-                f"{TABLE_VALUE_BYTES} bytes ({rows * width * TABLE_VALUE_BYTES / 2**30:.0f} GiB on "
-                f"every worker, more than this machine's {memory / 2**30:.0f} GiB): name every "
-                "table, or give a smaller --table-size",
+                f"leaves {which} a dense parameter of {rows} rows x {width} values x "
+                f"{TABLE_VALUE_BYTES} bytes ({dense_bytes / 2**30:.0f} GiB on every worker, more "
+                f"than this machine's {memory / 2**30:.0f} GiB): name every table, or give a "
+                "smaller --table-size",
             )
 
     def _check_click_model(self) -> None:

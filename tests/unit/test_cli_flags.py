@@ -375,6 +375,16 @@ _CLICKS = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--steps", "3"]
 _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers", "1"]
 
 
+def test_tables_left_dense_are_refused_by_the_memory_they_take_together(capsys, tmp_path):
+    """Each of the 25 tables left dense fits this machine's memory alone, not all of them."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    rows = min(memory // (2 * 16 * 4), 2**31)  # half the memory per table, at width 16
+    argv = ["train", *_CLICKS, "--table-size", str(rows), "--tables", "tables.0"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert "argument --tables: leaves 25 tables (tables.1, ...)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -454,8 +464,9 @@ _WORKER = ["worker", "--ps", "tcp://127.0.0.1:1", "--rank", "0", "--num-workers"
                 *("train", *_CLICKS, "--table-size", "2147483648", "--tables", "tables.0"),
                 *("--embedding-dim", "1024"),
             ],
-            "argument --tables: leaves tables.1 a dense parameter of 2147483648 rows x 1024 "
-            "values x 4 bytes (8192 GiB on every worker, more than this machine's",
+            "argument --tables: leaves 25 tables (tables.1, ...) a dense parameter of "
+            "2147483648 rows x 1024 values x 4 bytes (204800 GiB on every worker, more than "
+            "this machine's",
         ),
     ],
     ids=[
@@ -735,14 +746,17 @@ def test_an_abbreviated_flag_is_refused_as_typed(argv, typed, capsys):
         ),
         (["train", "--lr", "-1e-3"], "argument --lr: must be a finite number >= 0, got -1e-3"),
         ([*_PS, "--server-lr", "-.5"], "argument --server-lr: must be a finite number >= 0"),
+        # Another command's flag stays as typed (it was named "--workers=-1").
+        (["ps", "--workers", "-1"], "distbelief ps: error: unrecognized arguments: --workers"),
     ],
 )
 def test_a_negative_value_of_a_flag_is_checked_as_its_value(argv, message, capsys, tmp_path):
     """argparse reads a word that starts with '-' (and is not a plain negative number) as a
     flag: it said "expected one argument" of a flag given one."""
     out = ["--out", str(tmp_path / "run")] if argv[0] == "train" else []
-    assert main([*argv, *out]) == 2
-    assert message in capsys.readouterr().err.splitlines()[-1]
+    refused = run_main(*argv, *out, capsys=capsys)
+    assert refused.returncode == 2
+    assert message in refused.stderr.splitlines()[-1]
 
 
 def test_no_parser_takes_a_flag_by_its_prefix():

@@ -268,21 +268,27 @@ def test_sync_round_quorum_shrinks_when_a_worker_departs():
 
 def test_a_worker_replaced_under_a_new_id_is_waited_for_as_the_one_it_replaced():
     """Worker b left and a new id took its place (a script's replica started again, under a new
-    default worker id): the job's two workers are a and the new one, and a round waits for
-    both (it closed on either alone, counting b as dead and the new id as one worker more)."""
+    default worker id): once it has pushed, a round waits for it and a (every round closed on
+    either alone, counting b as dead and the new id as one worker more). A client that only
+    pulls is no worker of the rounds: a's rounds do not wait for it."""
     shard, outs, ones = _sync_shard_of_two_workers()
     for worker in ("a", "b"):
         shard.arrive(worker)
         assert shard.push(ones, worker=worker, base_version=0).applied
     shard.leave("b")
-    shard.arrive("b2")
-    assert not shard.pull_into(outs, worker="b2", clock=0, max_wait_s=0.05).held  # its first
+    for worker in ("b2", "reader"):
+        shard.arrive(worker)
+        assert not shard.pull_into(outs, worker=worker, clock=0, max_wait_s=0.05).held
+    # Before b2's first push: a alone (b2 may never push, as the reader does not).
     assert shard.push(ones, worker="a", base_version=1).applied
-    assert shard.version == 1
-    assert shard.pull_into(outs, worker="a", after_version=1, max_wait_s=0.05).held
-    assert shard.push([3.0 * one for one in ones], worker="b2", base_version=1).applied
     assert shard.version == 2
-    assert torch.allclose(shard.parameters()[0], torch.full((98,), -3.0))  # -1, then mean 2
+    assert shard.push(ones, worker="b2", base_version=2).applied
+    assert shard.version == 2  # waits for a now
+    assert shard.pull_into(outs, worker="b2", after_version=2, max_wait_s=0.05).held
+    assert shard.push([3.0 * one for one in ones], worker="a", base_version=2).applied
+    assert shard.version == 3
+    # -1 (mean of two ones), -1 (a alone), -2 (mean of 1 and 3).
+    assert torch.allclose(shard.parameters()[0], torch.full((98,), -4.0))
 
 
 @pytest.mark.parametrize(("num_workers", "backup_workers"), [(2, 0), (3, 1)])
@@ -362,9 +368,10 @@ def test_dc_asgd_compensates_with_the_parameters_each_worker_fetched():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_dc_asgd_forgets_the_copy_of_a_worker_whose_last_connection_closed():
-    """Each script run under a new default worker id cost the shard a whole slice for good. A
-    worker with a second connection open keeps its copy; one back after leaving pulls first."""
+def test_dc_asgd_forgets_the_copy_of_a_departed_worker_once_a_new_one_pulls():
+    """Each script run under a new default worker id cost the shard a whole slice for good.
+    A worker whose request failed closes its connection before it dials again: its retried
+    push is still compensated, as long as no new worker came meanwhile."""
     config = ConsistencyConfig(staleness_policy="dc-asgd", dc_lambda=0.5)
     zeros = [torch.zeros(spec.shape) for spec in SPECS]
     shard = _make_shards(1, zeros, server_optimizer_factory("sgd", lr=1.0), config)[0]
@@ -372,15 +379,14 @@ def test_dc_asgd_forgets_the_copy_of_a_worker_whose_last_connection_closed():
     for worker in ("a", "b"):
         shard.arrive(worker)
         shard.pull_into(outs, worker=worker)
-    shard.arrive("a")  # a reconnecting: its new connection opens before the old one closes
-    shard.leave("a")
-    shard.leave("b")
-    assert sorted(shard.store.names()) == ["dc-asgd.fetched.a", "param"]
-    shard.leave("a")
-    assert shard.store.names() == ["param"]
+    shard.leave("a")  # a's request failed: it closed its connection, and dials again
+    shard.leave("b")  # b's script ended
+    assert sorted(shard.store.names()) == ["dc-asgd.fetched.a", "dc-asgd.fetched.b", "param"]
     shard.arrive("a")
-    shard.pull_into(outs, worker="a")
-    assert sorted(shard.store.names()) == ["dc-asgd.fetched.a", "param"]
+    shard.push([torch.full((p.numel,), 0.1) for p in shard.slices], worker="a")  # the retry
+    shard.arrive("c")
+    shard.pull_into(outs, worker="c")  # a new script's first pull: b's copy goes, a's stays
+    assert sorted(shard.store.names()) == ["dc-asgd.fetched.a", "dc-asgd.fetched.c", "param"]
 
 
 @pytest.mark.parametrize("staleness_policy", ["none", "scale"])

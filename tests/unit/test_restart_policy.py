@@ -5,6 +5,8 @@ the shards applied."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from distbelief.config import JobConfig
@@ -502,7 +504,9 @@ def test_a_sandblaster_shard_dead_while_the_job_stops_says_whether_its_state_was
         (tmp_path / CHECKPOINT_DIR / tag).mkdir(parents=True)
         commit(tmp_path / CHECKPOINT_DIR, tag, committed, {})
     result = RunResult(tmp_path, faults=list(book.faults), coordinator={"iterations": 3})
-    add_what_the_stop_settled(result, book, config, time_offset_s=0.0)
+    # The cluster as the stop leaves it: its book's faults, no shard returned a result.
+    stopped = SimpleNamespace(faults=book.faults, results=lambda kind: {})
+    add_what_the_stop_settled(result, stopped, config, time_offset_s=0.0)
     shard, worker = result.faults
     assert (shard.process, shard.last_checkpoint_saved) == ("shard1", saved)
     assert worker.last_checkpoint_saved is None

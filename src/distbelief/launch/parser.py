@@ -71,10 +71,12 @@ def _negative_values_attached(parser: argparse.ArgumentParser, args: list[str]) 
     that starts with ``-`` and is not a plain negative number as a flag, and said ``expected one
     argument`` of a flag the user had given one (``--server-betas -0.1,0.9``), instead of
     checking the value."""
+    # This parser's own flags: a subcommand's parser attaches its own values (argparse hands
+    # it every word after the subcommand), and a flag of another command stays as typed for
+    # the error that names it.
     takes_one = {
         option
-        for each in (parser, *subcommands(parser).values())
-        for action in each._actions
+        for action in parser._actions
         if action.nargs is None and action.option_strings
         for option in action.option_strings
     }

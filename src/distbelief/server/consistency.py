@@ -156,11 +156,6 @@ class ConsistencyPolicy(abc.ABC):
         """``worker`` was just sent the parameters of ``generation`` (under the shard's lock)."""
         return  # by default nothing is kept per worker
 
-    def departed(self, worker: str) -> None:
-        """``worker``'s last connection closed (under the shard's lock): what is kept for it
-        may go."""
-        return
-
     @property
     def pulls_are_plain(self) -> bool:
         """Whether every pull (without ``after_version``) is answered at once and leaves
@@ -183,8 +178,9 @@ class AsyncPolicy(ConsistencyPolicy):
     dc-asgd).
 
     Under dc-asgd the parameters last sent to each worker are kept in the store, per worker id,
-    so a push is compensated even when it arrives on a new connection (a reconnect), until the
-    worker's last connection closes. Only dc-asgd pays for that copy per pull.
+    so a push is compensated even when it arrives on a new connection (a reconnect); a worker
+    whose connections have all closed loses its copy once a new worker's is made. Only dc-asgd
+    pays for that copy per pull.
     """
 
     def __init__(self, config: ConsistencyConfig, clocks: WorkerClocks, num_workers: int) -> None:
@@ -230,6 +226,7 @@ class AsyncPolicy(ConsistencyPolicy):
         name = _fetched_name(worker)
         buffer = store.find(name)
         if buffer is None:
+            self._forget_departed_workers()
             # Not persistent: after a shard restart the first push of each worker goes
             # uncompensated, rather than every checkpoint holding a copy per worker.
             empty = [torch.empty_like(p) for p in store.params]
@@ -237,14 +234,18 @@ class AsyncPolicy(ConsistencyPolicy):
         torch._foreach_copy_(buffer, store.params)
         self._fetched_generation[worker] = generation
 
-    def departed(self, worker: str) -> None:
-        # Each script run under a new default worker id would otherwise cost a whole slice
-        # for good. A worker that comes back pulls first, as it does after a shard restart;
-        # one reconnecting keeps its copy (its new connection opens before the old closes).
-        if not self._keeps_fetched or self._store is None:
-            return
-        self._fetched_generation.pop(worker, None)
-        self._store.remove(_fetched_name(worker))
+    def _forget_departed_workers(self) -> None:
+        """Drops the copies of workers whose connections have all closed, as a new worker's
+        copy is made: each script run under a new default worker id cost a whole slice for
+        good. Not as a worker leaves: one whose request failed closes its connection before it
+        dials again, and its retried push is still compensated."""
+        store = self._store
+        assert store is not None
+        for worker in list(self._fetched_generation):
+            entry = self.clocks.workers.get(worker)
+            if entry is None or entry.departed:
+                del self._fetched_generation[worker]
+                store.remove(_fetched_name(worker))
 
 
 class BoundedStalenessPolicy(AsyncPolicy):
@@ -319,16 +320,25 @@ class SyncRoundsPolicy(ConsistencyPolicy):
         return not self._close_round_if_complete()
 
     def _round_quorum(self) -> int:
-        config = self.config
+        config, clocks = self.config, self.clocks
         now_s = time.monotonic()
-        expected = self.clocks.live_count(now_s)
-        if now_s - self._started_s <= config.liveness_timeout_s:
-            # Workers not seen yet are waited for, for a liveness period: then they count as
-            # dead. A new id in place of one that left (a script's replica started again,
-            # under another default worker id) is one of the job's workers, not one more:
-            # the round waits for it and the one that stayed, not for either alone.
-            expected += max(0, self.num_workers - len(self.clocks.workers))
-        return max(1, min(expected, self.num_workers) - config.backup_workers)
+        seen = len(clocks.workers)
+        if seen <= self.num_workers:
+            dead = clocks.dead_count(now_s)
+            if now_s - self._started_s > config.liveness_timeout_s:
+                # Workers that never showed up within a liveness period count as dead too.
+                dead += self.num_workers - seen
+            return max(1, self.num_workers - config.backup_workers - dead)
+        # More ids than the job's workers: one took the place of one that left (a script's
+        # replica started again, under a new default worker id), and the round waits for it
+        # as for the one it replaced once it has pushed (it closed on the one that stayed
+        # alone, counting the one that left as dead and the new one as one worker more). A
+        # client that only pulls (reading the parameters) is no worker of the rounds.
+        pushing = sum(
+            worker in self._rounds_joined and clocks.is_live(entry, now_s)
+            for worker, entry in clocks.workers.items()
+        )
+        return max(1, min(pushing, self.num_workers) - config.backup_workers)
 
     def _close_round_if_complete(self) -> bool:
         """Apply the mean of the round's gradients once enough workers have pushed."""

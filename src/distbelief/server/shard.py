@@ -312,7 +312,6 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         if self.presence.leave(worker):
             with self._changed:
                 self.clocks.depart(worker)
-                self.policy.departed(worker)
                 self._changed.notify_all()
 
     def apply_gradient(self, grads: Sequence[torch.Tensor]) -> int:

@@ -965,7 +965,7 @@ class JobConfig:
                 "with --table-size",
             )
         rows = self.data.table_size
-        memory = _physical_memory_bytes()
+        memory = physical_memory_bytes()
         if self.data.name != "synthetic-ctr" or rows is None or memory is None:
             return
         dense = sum(f"tables.{t}" not in named for t in range(num_tables))
@@ -1203,7 +1203,7 @@ def _field_types(section_type: Any) -> dict[str, str]:
     return {item.name: str(item.type) for item in fields(section_type)}
 
 
-def _physical_memory_bytes() -> int | None:
+def physical_memory_bytes() -> int | None:
     """This machine's memory, or None where the system does not say."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

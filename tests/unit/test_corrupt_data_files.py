@@ -283,6 +283,23 @@ def test_train_refuses_in_one_line_before_any_process_starts(
     assert stderr.count("\n") == 1 and not out.exists()
 
 
+def test_an_id_whose_table_left_dense_outgrows_the_memory_is_refused_naming_tables(
+    tmp_path, capsys, no_process_starts
+):
+    """The users' table left out of --tables is built whole on every worker: an id of 10**13
+    (a table of 640 TB) failed the worker allocating it, exit 1 with a traceback."""
+    path = _movielens(tmp_path / "data", 200, 10, bad_user=10**13)
+    argv = ["train", "--dataset", "movielens", "--model", "dlrm", "--tables", "tables.1"]
+    argv += ["--no-download", "--steps", "2", "--data-dir", str(tmp_path / "data")]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(
+        f"distbelief train: error: {path}:10: user id 10000000000000 makes tables.0, left out of "
+        "--tables, a dense parameter of 10000000000001 rows x 16 values x 4 bytes"
+    ), stderr
+    assert stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("dataset", "write"),
     [("movielens", lambda root: _movielens(root, 50)), ("criteo", lambda root: _criteo(root, 50))],

@@ -153,7 +153,11 @@ def load_job_dataset(
 
 
 def check_job_data(
-    config: DataConfig, splits: tuple[str, ...] = SPLITS, *, embedding_dim: int | None = None
+    config: DataConfig,
+    splits: tuple[str, ...] = SPLITS,
+    *,
+    embedding_dim: int | None = None,
+    dense_tables: tuple[str, ...] = (),
 ) -> int | None:
     """Reads what a job's processes will read of its data set's files, so that a corrupt file
     or an empty split is refused before any of them starts. CIFAR-10's and MNIST's splits are
@@ -161,7 +165,8 @@ def check_job_data(
     being kept (a fraction of what loading costs, which a malformed line far into the file
     would otherwise only stop in a process already started). Generated and bundled data sets
     have nothing to check. ``embedding_dim``: the width of the model's tables, which MovieLens
-    sizes by its largest ids (an id too large for one is refused by line).
+    sizes by its largest ids (an id too large for one is refused by line; for one of
+    ``dense_tables``, those the job leaves dense, too large for this machine's memory too).
 
     Returns:
         The training split's number of examples, when ``splits`` has it and the data set is
@@ -173,17 +178,22 @@ def check_job_data(
         DatasetUnavailableError: Files are missing and cannot be downloaded.
     """
     with _os_errors_named():
-        return _check_job_data(config, splits, embedding_dim)
+        return _check_job_data(config, splits, embedding_dim, dense_tables)
 
 
 def _check_job_data(
-    config: DataConfig, splits: tuple[str, ...], embedding_dim: int | None
+    config: DataConfig,
+    splits: tuple[str, ...],
+    embedding_dim: int | None,
+    dense_tables: tuple[str, ...],
 ) -> int | None:
     root = Path(config.data_dir) if config.data_dir else DEFAULT_DATA_DIR
     counts: dict[str, int] = {}
     if config.name == "movielens":
         # Every split reads the one file: checked once.
-        counts["train"] = check_movielens_splits(splits, root, embedding_dim=embedding_dim)
+        counts["train"] = check_movielens_splits(
+            splits, root, embedding_dim=embedding_dim, dense_tables=dense_tables
+        )
     for split in splits:
         if config.name in ("cifar10", "mnist"):
             counts[split] = len(load_job_dataset(config, split))

@@ -15,7 +15,12 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 import torch
 
-from distbelief.config import MAX_TENSOR_BYTES, TABLE_VALUE_BYTES, max_table_rows
+from distbelief.config import (
+    MAX_TENSOR_BYTES,
+    TABLE_VALUE_BYTES,
+    max_table_rows,
+    physical_memory_bytes,
+)
 from distbelief.data.ctr import CtrDataset
 from distbelief.data.files import MOVIELENS_RATINGS_FILES as RATINGS_FILES
 from distbelief.data.files import MOVIELENS_SUBDIR as SUBDIR
@@ -100,7 +105,11 @@ def check_movielens_split(
 
 
 def check_movielens_splits(
-    splits: Sequence[str], data_dir: str | Path, *, embedding_dim: int | None = None
+    splits: Sequence[str],
+    data_dir: str | Path,
+    *,
+    embedding_dim: int | None = None,
+    dense_tables: Sequence[str] = (),
 ) -> int:
     """Refuses a split that would be empty or a malformed line in the ratings file (which every
     split reads), checking each line once without keeping it: a line of plain digits by a
@@ -110,7 +119,9 @@ def check_movielens_splits(
     With ``embedding_dim``, also an id too large for a dlrm table of that width: the tables
     hold max id + 1 rows, and torch builds no tensor past ``MAX_TENSOR_BYTES``, even on the
     meta device. The pattern then takes only ids of fewer digits than the bound, so the check
-    costs the same; a longer id is parsed and compared.
+    costs the same; a longer id is parsed and compared. ``dense_tables`` (``tables.0``, the
+    users', ``tables.1``, the movies'): those a job leaves dense, built whole on every worker:
+    an id whose table would take more than this machine's memory is refused too.
 
     Returns:
         The number of ratings (examples) of the training split.
@@ -123,6 +134,9 @@ def check_movielens_splits(
     path = _find(Path(data_dir) / SUBDIR)
     separator = _separator(path)
     max_rows = None if embedding_dim is None else max_table_rows(embedding_dim)
+    dense_rows = _dense_table_rows(embedding_dim, dense_tables)
+    if dense_rows is not None:
+        max_rows = min(max_rows or dense_rows, dense_rows)
     # 10**digits <= max_rows: every id of that many digits is below it.
     id_digits = _PLAIN_DIGITS if max_rows is None else min(_PLAIN_DIGITS, len(str(max_rows)) - 1)
     plain = _plain_record(separator, id_digits) if id_digits > 0 else None
@@ -135,6 +149,14 @@ def check_movielens_splits(
                     location = f"{path}:{line_number}"
                     _require_table_rows(location, "user id", user, embedding_dim)
                     _require_table_rows(location, "movie id", movie, embedding_dim)
+                    for table, name, value in (
+                        ("tables.0", "user id", user),
+                        ("tables.1", "movie id", movie),
+                    ):
+                        if table in dense_tables and dense_rows is not None:
+                            _require_dense_rows(
+                                location, name, value, table, embedding_dim, dense_rows
+                            )
             num_ratings += 1
     for split in splits:
         _require_split(path, split, num_ratings)
@@ -151,6 +173,31 @@ def _require_table_rows(location: str, name: str, value: int, embedding_dim: int
         f"{location}: {name} {value} is too large for a dlrm table: its {value + 1} rows of "
         f"{embedding_dim} values (--embedding-dim) x {TABLE_VALUE_BYTES} bytes are more than "
         f"the {MAX_TENSOR_BYTES} bytes torch can size a tensor to; {bound}"
+    )
+
+
+def _dense_table_rows(embedding_dim: int | None, dense_tables: Sequence[str]) -> int | None:
+    """The most rows a table left dense may have: what this machine's memory holds (None: no
+    table is left dense, or the system does not say)."""
+    memory = physical_memory_bytes()
+    if not dense_tables or embedding_dim is None or memory is None:
+        return None
+    return max(1, memory // (len(dense_tables) * embedding_dim * TABLE_VALUE_BYTES))
+
+
+def _require_dense_rows(
+    location: str, name: str, value: int, table: str, embedding_dim: int, most: int
+) -> None:
+    """Refuses an id whose table, left dense (built whole on every worker), would take more
+    than this machine's memory (``most`` rows): the worker failed allocating it once
+    started."""
+    if value < most:
+        return
+    gib = (value + 1) * embedding_dim * TABLE_VALUE_BYTES / 2**30
+    raise ValueError(
+        f"{location}: {name} {value} makes {table}, left out of --tables, a dense parameter of "
+        f"{value + 1} rows x {embedding_dim} values x {TABLE_VALUE_BYTES} bytes ({gib:.0f} GiB "
+        "on every worker, more than this machine's memory): name it in --tables"
     )
 
 

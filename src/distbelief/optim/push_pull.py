@@ -78,7 +78,9 @@ class PushPullPipeline:
             ready=self._copies.inbox_free(),
         )
 
-    def _finish_pull_if_done(self, block: bool = False) -> None:
+    def _finish_pull_if_done(self, block: bool = False, load: bool = True) -> None:
+        """Takes in the pull in flight once answered (``block``: waits for it), loading its
+        parameters into the model unless ``load`` is False."""
         if not self._pull_futures:
             return
         if not block and not all(future.done() for future in self._pull_futures):
@@ -96,15 +98,12 @@ class PushPullPipeline:
                 self._pull_futures = []
             raise
         self._pull_futures = []
-        self._load_inbox()
+        if load:
+            self._load_inbox()
 
     def _load_inbox(self) -> None:
         """Copy the pulled parameters into the model, on its device (on a GPU: queued; the
-        next pull waits for the copy before it refills the inbox). A model changed since the
-        constructor, which ``step()`` and ``pull_now()`` refuse, takes none: the pulled values
-        no longer fit it, and the ``close()`` after the refusal still pushes what was accrued."""
-        if self._layout_changed():
-            return
+        next pull waits for the copy before it refills the inbox)."""
         self._copies.load(self._params, self._inbox_views)
 
     @torch.no_grad()
@@ -146,4 +145,7 @@ class PushPullPipeline:
         self._finish_push_if_done(block=True)
         if self._closed:
             return  # on_push_applied closed the optimizer, which flushed
-        self._finish_pull_if_done(block=True)
+        # A model changed since the constructor, which step() and pull_now() refuse before
+        # they load anything, takes no pulled values (they no longer fit it): the close()
+        # after such a refusal still pushes what was accrued.
+        self._finish_pull_if_done(block=True, load=not self._layout_changed())

@@ -928,7 +928,7 @@ class JobConfig:
             problem = unknown_table_problem(self.embeddings.tables, self.data.name, tables)
             if problem is not None:
                 raise ConfigFieldError("embeddings.tables", problem)
-            self._check_dense_tables_fit(tables)
+            self._check_dense_tables_fit()
             return
         changed = [
             f"embeddings.{item.name}"
@@ -942,36 +942,42 @@ class JobConfig:
                 changed[0], f"only applies to model dlrm, not {self.model.name!r}"
             )
 
-    def _check_dense_tables_fit(self, num_tables: int) -> None:
+    def tables_left_dense(self) -> tuple[str, ...]:
+        """The click log's tables ``--tables`` leaves out, in order: dense parameters, built
+        whole on every worker (none without ``--tables``, which puts every table on the
+        shards, or with another model)."""
+        named = self.embeddings.tables
+        if named is None or self.model.name not in CLICK_MODELS:
+            return ()
+        every = (f"tables.{t}" for t in range(CLICK_LOG_TABLES.get(self.data.name, 0)))
+        return tuple(table for table in every if table not in named)
+
+    def _check_dense_tables_fit(self) -> None:
         """A table ``--tables`` leaves out is a dense parameter, built whole on every worker
         and shard: criteo's without ``--table-size`` has a row per raw 32-bit id, more bytes
         than a machine holds; a synthetic click log's of a ``--table-size`` larger than this
-        machine's memory too (the worker would fail allocating it once started)."""
-        named = self.embeddings.tables
-        if named is None:
+        machine's memory too (the worker would fail allocating it once started). MovieLens
+        sizes its tables by its ids: the check of its file refuses an id too large."""
+        dense = self.tables_left_dense()
+        if not dense:
             return
-        left = next((f"tables.{t}" for t in range(num_tables) if f"tables.{t}" not in named), None)
-        width = self.model.embedding_dim
-        if left is None:
-            return
-        if self.data.name == "criteo" and self.data.table_size is None:
+        width, rows = self.model.embedding_dim, self.data.table_size
+        if self.data.name == "criteo" and rows is None:
             rows = CRITEO_RAW_ID_ROWS
             gib = rows * width * TABLE_VALUE_BYTES / 2**30
             raise ConfigFieldError(
                 "embeddings.tables",
-                f"leaves {left} a dense parameter of criteo's raw ids ({rows} rows x "
+                f"leaves {dense[0]} a dense parameter of criteo's raw ids ({rows} rows x "
                 f"{width} values x {TABLE_VALUE_BYTES} bytes: {gib:.0f} GiB on "
                 "every worker, and split over the shards): name every table, or fold the ids "
                 "with --table-size",
             )
-        rows = self.data.table_size
         memory = physical_memory_bytes()
         if self.data.name != "synthetic-ctr" or rows is None or memory is None:
             return
-        dense = sum(f"tables.{t}" not in named for t in range(num_tables))
-        dense_bytes = dense * rows * width * TABLE_VALUE_BYTES
+        dense_bytes = len(dense) * rows * width * TABLE_VALUE_BYTES
         if dense_bytes > memory:
-            which = left if dense == 1 else f"{dense} tables ({left}, ...)"
+            which = dense[0] if len(dense) == 1 else f"{len(dense)} tables ({dense[0]}, ...)"
             raise ConfigFieldError(
                 "embeddings.tables",
                 f"leaves {which} a dense parameter of {rows} rows x {width} values x "

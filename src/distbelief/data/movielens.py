@@ -135,8 +135,8 @@ def check_movielens_splits(
     separator = _separator(path)
     max_rows = None if embedding_dim is None else max_table_rows(embedding_dim)
     dense_rows = _dense_table_rows(embedding_dim, dense_tables)
-    if dense_rows is not None:
-        max_rows = min(max_rows or dense_rows, dense_rows)
+    if max_rows is not None and dense_rows is not None:
+        max_rows = min(max_rows, dense_rows)
     # 10**digits <= max_rows: every id of that many digits is below it.
     id_digits = _PLAIN_DIGITS if max_rows is None else min(_PLAIN_DIGITS, len(str(max_rows)) - 1)
     plain = _plain_record(separator, id_digits) if id_digits > 0 else None

@@ -83,13 +83,11 @@ def check_data(config: JobConfig, *, counted: bool) -> None:
     from distbelief.data.loading import check_job_data
 
     splits = ("test",) if counted else ("train", "test")
-    named = config.embeddings.tables
-    dense = () if named is None else tuple(t for t in ("tables.0", "tables.1") if t not in named)
     train_examples = check_job_data(
         config.data,
         splits,
         embedding_dim=config.model.embedding_dim,
-        dense_tables=dense if config.data.name == "movielens" else (),
+        dense_tables=config.tables_left_dense(),
     )
     if train_examples is not None:
         _check_batch_fits(config, train_examples)

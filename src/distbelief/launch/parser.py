@@ -46,7 +46,7 @@ class CommandParser(argparse.ArgumentParser):
         args = _negative_values_attached(self, list(sys.argv[1:] if args is None else args))
         # An unknown flag is named before argparse checks the rest: otherwise `ps --shard 0`
         # is refused for its missing --shard-id, not for the --shard the user meant by it.
-        if args is not None and not subcommands(self):
+        if not subcommands(self):
             unknown = [arg for arg in _long_flags(args) if not self._knows(arg)]
             if unknown:
                 self.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -1470,19 +1470,7 @@ TLS_CA = ("--tls-ca", "{long}")
             ["eval", "--ps", "tcp://127.0.0.9:1", "--out", "{long}"],
             "--out {long}: File name too long",
         ),
-        (
-            [
-                "ps",
-                "--shard-id",
-                "0",
-                "--num-shards",
-                "1",
-                "--no-auth",
-                "--checkpoint-dir",
-                "{long}",
-            ],
-            "--checkpoint-dir {long}: File name too long",
-        ),
+        ([*_PS, "--checkpoint-dir", "{long}"], "--checkpoint-dir {long}: File name too long"),
         (
             ["worker", "--ps", "tcp://127.0.0.9:1", "--rank", "0", "--num-workers", "1", *TLS_CA],
             "--tls-ca {long}: File name too long",

@@ -1,10 +1,11 @@
 """``distbelief train --cluster ray`` for real: a job of 2 shards x 4 workers on a two-node Ray
 cluster started on this machine (nodes on 127.0.0.2 and 127.0.0.3) survives ``ray.kill`` of a
-worker actor and of a shard actor and reaches the usual accuracy; a node host killed by its pid
-takes none of the job's processes; Ctrl-C stops every actor, a Sandblaster coordinator first
-(it commits the iteration under way, and a resume goes on from it); a cluster too small for a
-job is refused; a job on a cluster busy with another ends; a job on the embedded Ray instance;
-and the one-line refusals that need no Ray running."""
+worker actor and of a shard actor and reaches the usual accuracy (a worker killed for good is
+given up at once); a node host killed by its pid takes none of the job's processes; Ctrl-C
+stops every actor, a Sandblaster coordinator first (it commits the iteration under way, and a
+resume goes on from it); a cluster too small for a job is refused; a job on a cluster busy with
+another ends; a job on the embedded Ray instance; and the one-line refusals that need no Ray
+running."""
 
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ needs_ray = pytest.mark.skipif(
 )
 
 # Connects to the cluster once; "find NAME..." looks the actors up ahead (waiting for the job to
-# make them), so that a kill lands at once; "kill NAME" kills one (Ray re-creates it) and
-# answers once its process is gone. Run beside the job, as a user's script would.
+# make them), so that a kill lands at once; "kill NAME" kills one (Ray re-creates it), "end
+# NAME" kills one for good (no_restart=True), each answering once its process is gone. Run
+# beside the job, as a user's script would.
 _KILLER = """
 import json, os, sys, time, ray
 # A lookup loads the actor's class here: its import is paid before any kill.
@@ -69,7 +71,7 @@ for line in sys.stdin:
         record = json.load(open(os.path.join(run_dir, "ray.json")))
         name = names[0]
         pid = record["processes"][name]["pid"]
-        ray.kill(actors[name], no_restart=False)
+        ray.kill(actors[name], no_restart=command == "end")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             os.kill(pid, 0)
@@ -319,6 +321,8 @@ def test_job_on_the_embedded_ray_instance(tmp_path):
 @pytest.mark.xdist_group("ray_nodes")  # one cluster for both tests, in one process
 @pytest.mark.timeout(300)
 def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, tmp_path):
+    """Ray re-creates a killed worker's and a killed shard's actors and the job goes on; a
+    worker whose actor was killed for good (``no_restart``) is given up at once, once."""
     run_dir, log = tmp_path / "run", tmp_path / "launcher.log"
     launcher = _launch_on(
         ray_nodes,
@@ -352,7 +356,10 @@ def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, t
         victim = min(ranks, key=lambda r: before[r])
         assert before[victim] < STEPS - 100, before
         _ask(killer, f"kill worker{victim}", log)
-        others = [r for r in ranks if r != victim]
+        ended = min((r for r in ranks if r != victim), key=lambda r: before[r])
+        assert before[ended] < STEPS - 100, before
+        _ask(killer, f"end worker{ended}", log)
+        others = [r for r in ranks if r not in (victim, ended)]
         _wait_for(
             lambda: all(_worker_steps(run_dir)[r] >= min(before[r] + 30, STEPS) for r in others),
             60,
@@ -373,17 +380,28 @@ def test_job_on_two_nodes_survives_ray_kill_of_a_worker_and_a_shard(ray_nodes, t
     assert "(NodeHost pid=" in err and "\x1b[" not in err, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     faults = {fault["process"]: fault for fault in summary["faults"]}
-    assert set(faults) == {f"worker{victim}", "shard0"}, summary["faults"]
-    assert {fault["action"] for fault in faults.values()} == {"restarted"}
+    # One fault each: the worker ended for good is not "restarted" again and again.
+    assert len(summary["faults"]) == 3, summary["faults"]
+    assert set(faults) == {f"worker{victim}", f"worker{ended}", "shard0"}, summary["faults"]
+    actions = {name: fault["action"] for name, fault in faults.items()}
+    assert actions == {
+        f"worker{victim}": "restarted",
+        f"worker{ended}": "given up",
+        "shard0": "restarted",
+    }
     assert faults["shard0"]["version_restored"] is not None
     # Their actors went with them: no exit code reached the launcher, Ray's reason stands for it.
     for fault in faults.values():
         assert fault["exitcode"] is None and fault["cause"], fault
-        assert f"{fault['process']} died ({fault['cause']}); restarted" in err
+        assert f"{fault['process']} died ({fault['cause']}); {fault['action']}" in err
     # The victim went on after its last push the shards applied: at least the push before the
     # step it had reported when it was killed (its pushes' events came over its link).
     assert before[victim] - 1 <= faults[f"worker{victim}"]["resumed_at_step"] < STEPS
-    assert summary["worker_steps"] == dict.fromkeys(ranks, STEPS)
+    assert summary["worker_steps"][ended] < STEPS
+    assert summary["worker_steps"] == {
+        **dict.fromkeys(ranks, STEPS),
+        ended: summary["worker_steps"][ended],
+    }
     assert summary["final"]["test_accuracy"] >= 0.9, _history(summary, run_dir, err)
     # The placement group spread the shards over the two nodes; each bound its node's address.
     processes = json.loads((run_dir / "ray.json").read_text())["processes"]

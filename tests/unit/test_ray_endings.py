@@ -15,6 +15,7 @@ from distbelief.launch.ray_endings import (
     ending_not_told,
     ending_of_error,
     ending_of_outcome,
+    gone_for_good,
 )
 from distbelief.launch.stop_records import describe_fault
 from distbelief.launch.zygote import EXIT_LOST
@@ -102,3 +103,12 @@ def test_the_fault_line_says_the_exit_code_or_else_the_cause():
     assert describe_fault(untold) == (
         "shard0 died (its actor's end untold by Ray within 10s); restarted"
     )
+
+
+def test_an_actor_whose_state_cannot_be_read_is_left_to_ray_to_re_create():
+    # No Ray joined here: nothing says the actor is gone for good, so it is not given up.
+    class Handle:
+        _actor_id = type("ActorID", (), {"hex": lambda self: "00" * 16})()
+
+    assert gone_for_good(Handle()) is False
+    assert gone_for_good(object()) is False

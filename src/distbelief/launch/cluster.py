@@ -529,16 +529,23 @@ class ProcessBook:
                 return
 
     def record_death(
-        self, spec: ProcessSpec, exitcode: int | None, *, stopping: bool, cause: str | None = None
+        self,
+        spec: ProcessSpec,
+        exitcode: int | None,
+        *,
+        stopping: bool,
+        cause: str | None = None,
+        restartable: bool = True,
     ) -> Fault:
         """Records that ``spec``'s process died without an error (``cause``: how, where its
         exit code is not known) and decides, by its kind, whether it is restarted (``action``
         "restarted": the caller starts ``self.spec(...)``; for a stage, every stage of its
-        replica) or given up. No restarts once the job is ``stopping``. A stage's restarts
-        count for its whole replica."""
+        replica) or given up. No restarts once the job is ``stopping``, nor where the cluster
+        cannot bring it back (not ``restartable``). A stage's restarts count for its whole
+        replica."""
         unit = self.restart_unit(spec)
         restarts = self.restarts.get(unit, 0)
-        can_restart = restarts < self.config.faults.max_restarts and not stopping
+        can_restart = restarts < self.config.faults.max_restarts and not stopping and restartable
         lost = self.neighbours_lost.pop(spec.name, None)
         if cause is None and exitcode == EXIT_PEER_LOST and lost is not None:
             # It did nothing wrong: the stage it waited for is the one to look at.

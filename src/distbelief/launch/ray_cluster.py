@@ -37,6 +37,7 @@ from distbelief.launch.ray_endings import (
     ending_of_call,
     ending_of_error,
     ending_of_outcome,
+    gone_for_good,
     is_death,
 )
 from distbelief.launch.ray_placement import (
@@ -454,8 +455,15 @@ class RayCluster:
         if not self._running(spec.name):  # it died after it finished, say
             life.returned_at = time.monotonic()
             return
+        # An actor Ray will not re-create (ray.kill with no_restart, say) is given up at once:
+        # each restart's call would fail at once, and count as one more death.
+        actor = self._actors.get(spec.name)
         fault = self.book.record_death(
-            spec, ending.exitcode, stopping=self.book.stopping, cause=ending.cause
+            spec,
+            ending.exitcode,
+            stopping=self.book.stopping,
+            cause=ending.cause,
+            restartable=actor is None or not gone_for_good(actor),
         )
         if self.on_fault is not None:
             self.on_fault(fault)

@@ -66,6 +66,18 @@ def ray_reason(error: Exception) -> str:
     return lines[0]
 
 
+def gone_for_good(actor: Any) -> bool:
+    """Whether Ray will not re-create ``actor`` (killed with ``no_restart``, out of Ray's
+    restarts): its state in Ray's control store is DEAD. Read there, as the state API is not
+    served by Ray's minimal install; False where it cannot be read (another Ray version)."""
+    try:
+        from ray._private import state
+
+        return state.actors(actor._actor_id.hex()).get("State") == "DEAD"
+    except Exception:  # any failure to read it: Ray is left to re-create it
+        return False
+
+
 def _first_sentence(text: str) -> str:
     """Up to the first full stop: Ray's cause goes on with its exit detail and advice."""
     head, stop, _ = text.partition(". ")

@@ -1,13 +1,18 @@
-"""Authentication, TLS and hostile frames on every channel kind, and a live shard under 10,000
-random, malformed and truncated frames."""
+"""Authentication (and its handshake as README spells it, from a plain socket), TLS and hostile
+frames on every channel kind, and a live shard under 10,000 random, malformed and truncated
+frames."""
 
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import random
 import re
+import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import time
 
@@ -532,3 +537,57 @@ def test_a_worker_with_another_jobs_key_file_is_told_which_flag(tmp_path):
         .endswith("requires authentication: give the job's key (with --auth-key-file FILE)")
     )
     assert "Traceback" not in wrong.stderr + none.stderr
+
+
+def _recv_exactly(sock: socket.socket, num_bytes: int) -> bytes:
+    data = b""
+    while len(data) < num_bytes:
+        chunk = sock.recv(num_bytes - len(data))
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("design", ["pool", "threads"])
+def test_a_plain_socket_client_that_follows_the_readme_gets_in(design, monkeypatch):
+    """The handshake and the frame as README's "Wire protocol" spells them, with nothing of
+    the project's on the client's side: a right key gets a HELLO answered, a wrong one DBLR."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
+    key = bytes.fromhex("ab" * 32)
+    server = serve(
+        "tcp://127.0.0.1:0", EchoService(), design=design, security=WireSecurity(auth_key=key)
+    )
+    host, port = parse_tcp_address(server.address)
+
+    def handshake(client_key: bytes) -> tuple[socket.socket, bytes]:
+        """The connection, and the shard's answer if it is not the proof expected."""
+        sock = socket.create_connection((host, port), timeout=30)
+        sock.sendall(b"DBLA")  # first, then read: either design answers it
+        assert _recv_exactly(sock, 4) == b"DBLA"
+        challenge = _recv_exactly(sock, 32)
+        nonce = secrets.token_bytes(32)
+        proof = hmac.new(client_key, b"client" + challenge, hashlib.sha256).digest()
+        sock.sendall(proof + nonce)
+        answer = _recv_exactly(sock, 32)
+        expected = hmac.new(client_key, b"server" + nonce, hashlib.sha256).digest()
+        return sock, b"" if answer == expected else answer
+
+    try:
+        sock, wrong = handshake(key)
+        with sock:
+            assert wrong == b""
+            meta = json.dumps({"hello": "readme"}).encode()
+            # magic, version 1, op HELLO [1], flags 0, request id, metadata length, payload length
+            sock.sendall(struct.pack("!4sBBHQIQ", b"DBLF", 1, 1, 0, 7, len(meta), 0) + meta)
+            magic, version, op, flags, request_id, meta_len, payload_len = struct.unpack(
+                "!4sBBHQIQ", _recv_exactly(sock, 28)
+            )
+            assert (magic, version, op, flags, request_id) == (b"DBLF", 1, 1, 0x1, 7)
+            assert json.loads(_recv_exactly(sock, meta_len)) == {"seen": 0}  # EchoService's
+            assert payload_len == 0
+        sock, refused = handshake(b"x" * 32)
+        with sock:
+            assert refused == b"DBLR this shard refused the key\n"
+            assert sock.recv(1) == b""  # and hangs up
+    finally:
+        server.stop()

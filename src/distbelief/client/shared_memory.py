@@ -139,11 +139,13 @@ class SharedMemory:
                 shard.reader = SharedParamsReader.open(reply, pieces)
             except (OSError, ValueError) as e:
                 logger.info("shard %d: its shared parameters cannot be read here (%s)", shard_id, e)
-        logger.debug(
-            "shard %d: reads %s",
-            shard_id,
-            "shared" if shard.reader else f"by request ({reply.get('why')})",
-        )
+        if shard.reader:
+            how = "shared"
+        elif not self._reads:  # the shard shares them, but this client's pulls cannot read them
+            how = "by request (this client's pulls are narrowed or changes only)"
+        else:
+            how = f"by request ({reply.get('why') or 'the shard shares no parameters'})"
+        logger.debug("shard %d: reads %s", shard_id, how)
         return shard
 
     @staticmethod

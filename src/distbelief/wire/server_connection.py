@@ -170,7 +170,7 @@ class ServerConnection:
             if dispatch is None:
                 reply = e.message.error_reply(TOO_MANY_CONNECTIONS, str(self.refusal))
             else:
-                logger.warning("refused a %s request: %s", e.message.op.name, e.reason)
+                logger.warning("refused a request (%s): %s", e.message.op.name, e.reason)
                 reply = e.message.error_reply(_refusal_kind(e.reason), str(e.reason))
         else:
             assert dispatch is not None

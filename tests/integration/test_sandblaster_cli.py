@@ -360,7 +360,9 @@ def test_ctrl_c_commits_the_iteration_under_way_so_a_resume_goes_on_from_there(t
     iteration 0's: Ctrl-C stopped the workers first, the coordinator saved nothing, and a resume
     began again at iteration 1. The coordinator is asked to stop first now, and what it
     reports then is read before the run is recorded: its last iteration has its row in
-    metrics.csv and is summary.json's (they were the iteration before)."""
+    metrics.csv and is summary.json's (they were the iteration before). So with Ctrl-C pressed
+    twice: the second, as the coordinator commits, cut the wait for its row and result (the
+    checkpoint went on to an iteration metrics.csv and summary.json never had)."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
         [*CLI, *SANDBLASTER, "--max-iterations", "100000", "--no-plots", "--out", str(run_dir)],
@@ -376,12 +378,15 @@ def test_ctrl_c_commits_the_iteration_under_way_so_a_resume_goes_on_from_there(t
             assert time.monotonic() < deadline, "no iteration 5 recorded"
             time.sleep(0.1)
         launcher.send_signal(signal.SIGINT)
+        time.sleep(0.03)
+        launcher.send_signal(signal.SIGINT)
         _, err = launcher.communicate(timeout=60)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.communicate(timeout=30)
     assert launcher.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "distbelief train: stopped by Ctrl-C"
     summary = _summary(run_dir)
     assert summary["outcome"] == "interrupted"
     assert summary["coordinator"]["iterations"] >= 5

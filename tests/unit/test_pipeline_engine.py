@@ -199,3 +199,9 @@ def test_bad_stage_settings_are_named(kwargs, message):
     settings = {"num_micro_batches": 1, **kwargs}
     with pytest.raises(ValueError, match=message):
         PipelineStage(stage_module, 0, 1, links, **settings)
+
+
+@pytest.mark.parametrize("links", [None, object()])
+def test_links_that_are_no_stage_links_are_refused(links):
+    with pytest.raises(ValueError, match=r"links must be a StageLinks .*without send_forward"):
+        PipelineStage(torch.nn.Linear(2, 2), 0, 2, links, num_micro_batches=1)

@@ -87,6 +87,7 @@ def test_closing_wakes_a_waiting_neighbour_and_ends_the_links():
     first.close()
 
 
-def test_no_stages_is_refused():
-    with pytest.raises(ValueError, match="num_stages must be >= 1, got 0"):
-        local_links(0)
+@pytest.mark.parametrize("num_stages", [0, 1.5, True, "2"])
+def test_a_num_stages_that_is_no_count_is_refused(num_stages):
+    with pytest.raises(ValueError, match=f"num_stages must be an integer >= 1, got {num_stages!r}"):
+        local_links(num_stages)

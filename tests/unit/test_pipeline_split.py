@@ -141,6 +141,14 @@ def test_split_at_given_points():
     assert split.bounds == (0, 3, 5, 6)
 
 
+def test_split_points_that_are_no_sequence_of_ints_are_named():
+    with pytest.raises(ValueError, match=r"split points must be a sequence of ints, got points=3"):
+        split_model(_mlp, 2, seed=0, points=3)
+    # A bool is an int to Python, but no layer index (as seed and stage refuse bools).
+    with pytest.raises(ValueError, match=r"split points \[True\] must be ints"):
+        split_model(_mlp, 2, seed=0, points=[True])
+
+
 def test_split_by_measured_time_leaves_the_rng_alone():
     sample = torch.randn(4, 1, 8, 8)
     state = torch.get_rng_state()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distbelief.config import JobConfig
+from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import DistBeliefError
 from distbelief.launch.cluster import STOP_GRACE_S, Cluster, Event, ProcessKind, shard_names
 from distbelief.launch.stop_records import on_metrics_clock
@@ -211,16 +212,26 @@ def stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) ->
     timeout (an iteration's evaluation waits no longer; ``STOP_GRACE_S`` at least): the
     iteration under way, whose checkpoint it commits, then has its row in metrics.csv and is
     summary.json's ``coordinator``, as the cluster's stop, which comes after, would leave them
-    unread. A second Ctrl-C, a process failing, or a run folder that cannot take its rows
-    meanwhile, ends the wait; the cluster stops the rest."""
+    unread. A process failing, or a run folder that cannot take its rows meanwhile, ends the
+    wait; the cluster stops the rest. A second Ctrl-C (or SIGTERM, SIGHUP) cuts it to
+    ``STOP_GRACE_S``, which the cluster's stop would give the coordinator anyway: its rows are
+    still read meanwhile (cut off, the iteration it commits would have no row, and a resumed
+    run would go on after it)."""
     if config.optimizer.algorithm != "sandblaster" or cluster.results(ProcessKind.COORDINATOR):
         return
     if not cluster.finished(ProcessKind.COORDINATOR):
         cluster.stop(ProcessKind.COORDINATOR)
     deadline = time.monotonic() + max(STOP_GRACE_S, config.faults.timeout_s)
     exited_at: float | None = None
-    with contextlib.suppress(KeyboardInterrupt, DistBeliefError, OSError):
+    hurried = False
+    with (
+        signals_deferred(raise_noted=False) as noted,
+        contextlib.suppress(DistBeliefError, OSError),
+    ):
         while not cluster.results(ProcessKind.COORDINATOR) and time.monotonic() < deadline:
+            if noted and not hurried:
+                hurried = True
+                deadline = min(deadline, time.monotonic() + STOP_GRACE_S)
             if exited_at is None and cluster.exited(ProcessKind.COORDINATOR):
                 # Exited, however (one that failed returns nothing): what it sent is read next.
                 exited_at = time.monotonic()

@@ -24,6 +24,8 @@ from distbelief.pipeline.schedule import SCHEDULES
 
 _T = TypeVar("_T")
 
+_LINK_MEMBERS = ("send_forward", "recv_forward", "send_backward", "recv_backward", "close")
+
 
 @dataclass
 class StageStepFigures:
@@ -72,14 +74,15 @@ class PipelineStage:
         stage_module: The partition (e.g. ``build_stage``'s ``StageModule``).
         stage: This stage's index in ``[0, num_stages)``.
         num_stages: Number of stages P of the replica.
-        links: Connections to the neighbouring stages.
+        links: Connections to the neighbouring stages (a ``StageLinks``).
         num_micro_batches: Micro-batches per batch (fewer when the batch is smaller).
         schedule: A name in ``distbelief.pipeline.schedule.SCHEDULES``.
         timeout_s: Longest wait for a neighbour's activation or gradient.
 
     Raises:
         ValueError: If an argument is out of range or of the wrong type (a count that is no
-            integer, a timeout that is no finite number of seconds), or the schedule is unknown.
+            integer, a timeout that is no finite number of seconds, links that are no
+            ``StageLinks``), or the schedule is unknown.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class PipelineStage:
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {tuple(SCHEDULES)}")
         check_wait("timeout_s", timeout_s)
+        _check_links(links)
         self.module = stage_module
         self.stage = stage
         self.num_stages = num_stages
@@ -228,6 +232,19 @@ class PipelineStage:
             return call(*args)
         finally:
             figures.wait_s += time.perf_counter() - start
+
+
+def _check_links(links: object) -> None:
+    # StageLinks is a typing Protocol, not a class to test with isinstance; links of another
+    # kind (None) would fail only at the first batch's first send or receive.
+    missing = [name for name in _LINK_MEMBERS if not callable(getattr(links, name, None))]
+    if not hasattr(links, "counters"):
+        missing.append("counters")
+    if missing:
+        raise ValueError(
+            f"links must be a StageLinks (e.g. from local_links), got {type(links).__name__} "
+            f"without {', '.join(missing)}"
+        )
 
 
 def _check_batch(what: str, tensor: torch.Tensor | None, batch_size: int, stage: int) -> None:

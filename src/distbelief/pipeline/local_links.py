@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+from distbelief.config import check_count
 from distbelief.errors import StageTimeoutError, StageUnavailableError
 from distbelief.pipeline.links import LinkCounters, StageLinks, payload_bytes
 
@@ -147,10 +148,9 @@ def local_links(num_stages: int) -> list[StageLinks]:
         One ``StageLinks`` per stage, in stage order.
 
     Raises:
-        ValueError: If ``num_stages`` is below 1.
+        ValueError: If ``num_stages`` is no integer >= 1 (a bool is none).
     """
-    if num_stages < 1:
-        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    check_count("num_stages", num_stages)
     boundaries = [(_Channel(), _Channel()) for _ in range(num_stages - 1)]
     return [
         _LocalLinks(

@@ -270,7 +270,12 @@ def check_split_points(
         ValueError: Naming the points as given, if they are not P-1 increasing ints inside
             the model, or leave a partition without parameters.
     """
-    given = list(points)
+    try:
+        given = list(points)
+    except TypeError:
+        raise ValueError(
+            f"split points must be a sequence of ints, got points={points!r}"
+        ) from None
     if len(has_parameters) != num_layers:
         raise ValueError(
             f"has_parameters has {len(has_parameters)} entries for {num_layers} layers"
@@ -278,6 +283,9 @@ def check_split_points(
     if num_stages < 1:
         raise ValueError(f"number of partitions must be >= 1, got {num_stages}")
     try:
+        # operator.index takes a bool as 0 or 1; refuse it, as seed and stage are refused.
+        if any(isinstance(point, bool) for point in given):
+            raise TypeError
         cuts = [operator.index(point) for point in given]
     except TypeError:
         raise ValueError(f"split points {given} must be ints") from None

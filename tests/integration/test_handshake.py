@@ -6,6 +6,7 @@ the client's list, the slices' names)."""
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -178,3 +179,55 @@ def test_an_init_the_shard_would_not_say_hello_to_is_refused(meta, names, refusa
         finally:
             transport.close()
         assert not shards[0].initialized
+
+
+def test_no_client_joins_a_shard_whose_first_checkpoint_is_still_being_written(monkeypatch):
+    """Killed before its first checkpoint is on disk, a shard restarts empty: a client that had
+    joined it meanwhile (its HELLO answered "initialized") found it so and failed the job. A
+    HELLO now waits for the INIT's first checkpoint, and is answered once it is written."""
+    from distbelief.server.groups import ShardGroups
+
+    saving, release = threading.Event(), threading.Event()
+
+    def slow_first_checkpoint(self, name):
+        saving.set()
+        assert release.wait(60)
+
+    monkeypatch.setattr(ShardGroups, "save_first_checkpoint", slow_first_checkpoint)
+    with _serve_shards(1, FlatPartitioner()) as (_shards, addresses):
+        [piece] = FlatPartitioner().partition(SPECS, 1)[0]
+        init = Message(
+            ops.INIT,
+            {"shard_id": 0, "specs": specs_to_json(SPECS)},
+            [(piece.name, torch.zeros(piece.numel))],
+        )
+        hello = Message(ops.HELLO, {"shard_id": 0, "specs": specs_to_json(SPECS)})
+        initialiser, joiner = connect(addresses[0]), connect(addresses[0])
+        answers: dict[str, dict] = {}
+        threads = [
+            threading.Thread(
+                target=lambda: answers.__setitem__(
+                    "init", initialiser.request(init, timeout_s=60).meta
+                )
+            ),
+            threading.Thread(
+                target=lambda: answers.__setitem__(
+                    "hello", joiner.request(hello, timeout_s=60).meta
+                )
+            ),
+        ]
+        try:
+            threads[0].start()
+            assert saving.wait(60)
+            threads[1].start()
+            threads[1].join(1.0)  # long enough for a HELLO that does not wait to be answered
+            assert "hello" not in answers
+            release.set()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            release.set()
+            initialiser.close()
+            joiner.close()
+    assert answers["init"]["adopted"] is True
+    assert answers["hello"]["initialized"] is True

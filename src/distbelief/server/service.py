@@ -143,6 +143,12 @@ class ShardService:
         """Worker id -> the host its latest connection came from (where each replica runs)."""
         self.warmstart_ended = False
         """Told ``END_WARMSTART``: workers waiting for the warm start's version start now."""
+        self.initialising = threading.Lock()
+        """Held by an INIT while it adopts the parameters and writes the first checkpoint, and
+        by a HELLO while it describes the shard: no client joins a shard held in memory only
+        (killed before that checkpoint is on disk, it restarts empty, and a client joined
+        meanwhile would find it so; one still helloing reconnects and finds it empty, as at
+        a job's start)."""
         self._stats_lock = threading.Lock()
         self._free_buffers: dict[ParameterShard, list[SliceBuffers]] = {}
         self._buffers_lock = threading.Lock()
@@ -283,7 +289,8 @@ class ShardConnection(VectorHandlers):
         worker, _clock = self._identify(request.meta)
         check_listed_place(self.shard.shard_id, self.shard.num_shards, request.meta.get("shard_id"))
         self._check_model(request.meta)
-        described = self._describe()
+        with long_wait(), self.service.initialising:  # a first checkpoint may be under way
+            described = self._describe()
         if worker in self.shard.pushed_steps:
             # A restarted worker learns the step of the last push its dead life got applied.
             described[PUSHED_STEP_KEY] = self.shard.pushed_steps[worker]
@@ -354,11 +361,13 @@ class ShardConnection(VectorHandlers):
         if "partitioner" in request.meta:
             self.shard.check_partitioner(partitioner_from_json(request.meta["partitioner"]))
         names = [name for name, _ in request.tensors]
-        adopted = self.shard.initialize(specs, [tensor for _, tensor in request.tensors], names)
-        if adopted:
-            logger.info("shard %d initialised by %s", self.shard.shard_id, self.peer)
-            assert self.group is not None  # bound above
-            self.service.groups.save_first_checkpoint(self.group)
+        values = [tensor for _, tensor in request.tensors]
+        with long_wait(), self.service.initialising:
+            adopted = self.shard.initialize(specs, values, names)
+            if adopted:
+                logger.info("shard %d initialised by %s", self.shard.shard_id, self.peer)
+                assert self.group is not None  # bound above
+                self.service.groups.save_first_checkpoint(self.group)
         return request.reply({"adopted": adopted, **self._describe()})
 
     def _push(self, request: Message) -> Message:

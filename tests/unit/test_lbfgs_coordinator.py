@@ -412,3 +412,21 @@ def test_a_line_search_trial_that_diverges_ends_the_search_and_the_run(diverged_
     record = lbfgs.step()
     assert (record.loss, record.num_evaluations) == (math.inf, diverged_at)
     assert record.stop_reason == NOT_FINITE
+
+
+def test_a_step_size_so_small_its_steps_round_to_zero_runs_without_a_crash():
+    """--step-size 1e-320: the first trial steps round to the same float, and the line search's
+    cubic divided by their difference (ZeroDivisionError in the coordinator, exit 1). The
+    search now takes the bounds' midpoint there, as for a cubic with no minimum; nothing moves,
+    and the run goes on to its bound as torch's LBFGS would."""
+    inputs, labels = _digits(100)
+    model = _logistic_regression()
+    shards = LocalShards(model, 1)
+    before = shards.gather("param")[torch.float64].clone()
+    settings = LBFGSSettings(line_search="strong-wolfe", lr=1e-320, max_iterations=2)
+    lbfgs = SandblasterLBFGS(shards, batch_evaluator(shards, model, inputs, labels), settings)
+    records = [lbfgs.start()]
+    while lbfgs.stop_reason is None and len(records) < 5:
+        records.append(lbfgs.step())
+    assert all(math.isfinite(record.loss) for record in records), records
+    assert torch.allclose(shards.gather("param")[torch.float64], before, rtol=0, atol=1e-300)

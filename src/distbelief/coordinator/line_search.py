@@ -26,11 +26,14 @@ def cubic_minimum(
     bounds: tuple[float, float] | None = None,
 ) -> float:
     """The minimiser of the cubic through two points with values and slopes, kept in
-    ``bounds`` (default: between the points); their midpoint when the cubic has none."""
+    ``bounds`` (default: between the points); their midpoint when the cubic has none (also
+    for points at one step: a step size so small that the steps round to the same float)."""
     if bounds is not None:
         low, high = bounds
     else:
         low, high = (x1, x2) if x1 <= x2 else (x2, x1)
+    if x1 == x2:
+        return (low + high) / 2.0
     d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
     d2_square = d1**2 - g1 * g2
     if d2_square < 0:

@@ -178,6 +178,23 @@ def test_a_sandblaster_rollback_counts_what_the_coordinator_redid() -> None:
     )
 
 
+def test_a_coordinator_killed_again_before_it_told_its_rollback_counts_the_redone_once() -> None:
+    # Killed at iteration 6 (checkpoint: 1), its next life killed before it told its rollback:
+    # the third life's rollback redoes 5 iterations once, not once per death (it said 5 twice).
+    book = ProcessBook(
+        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
+    )
+    coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
+    book.note(Event("metric", coordinator, {"role": "coordinator", "rank": 0, "step": 6}))
+    first = book.record_death(coordinator, -9, stopping=False)
+    second = book.record_death(coordinator, -9, stopping=False)
+    book.note(Event("rolled_back", coordinator, {"from_iteration": None, "to_iteration": 1}))
+    assert (first.updates_redone, second.updates_redone) == (5, 0)
+    assert restore_lines([first, second])[1] == (
+        "coordinator: its last checkpoint held every update: nothing to redo"
+    )
+
+
 def test_a_coordinator_killed_before_its_first_iteration_lost_and_redid_nothing() -> None:
     # Killed before its first report, it had saved no checkpoint: its next life starts afresh
     # (no "rolled_back"), and its first report says the job had done nothing to redo.

@@ -479,14 +479,17 @@ class ProcessBook:
     def _note_rollback(self, done: int | None, to_iteration: int) -> None:
         """Sandblaster's coordinator went back from iteration ``done`` (None: a restarted
         coordinator, which knows not where its previous life got to; its reports do) to the
-        checkpoint of ``to_iteration``: what that redoes goes to the faults that caused it."""
+        checkpoint of ``to_iteration``: what that redoes goes to the faults that caused it,
+        once: to the first of them, the others (a restarted coordinator killed again before it
+        told its rollback, say) redoing nothing more."""
         if done is None:
             done = self.coordinator_iteration
         if done is None:
             done = to_iteration  # no report yet in this launch: no iteration past it finished
+        redone = max(0, done - to_iteration)
         for fault in self.faults:
             if fault.rolled_back and fault.updates_redone is None:
-                fault.updates_redone = max(0, done - to_iteration)
+                fault.updates_redone, redone = redone, 0
         self.coordinator_iteration = to_iteration
 
     def _note_resumed(self, unit: str, step: int) -> None:

@@ -1408,6 +1408,36 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it
     assert sorted(path.name for path in run_dir.iterdir()) == ["config.json"]
 
 
+def test_a_run_whose_checkpoints_are_gone_is_not_offered_for_a_new_run_over_its_records(
+    capsys, tmp_path
+):
+    """Its metrics.csv holds its training's records: --resume said "start it again with --out
+    RUN", and that new run wrote over them. Both now send it to another folder."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(
+        JobConfig().with_fields({"reporting.out_dir": str(run_dir)}).to_json()
+    )
+    records = "time_s,role,rank,step,loss\n0.1,worker,0,1,2.3\n"
+    (run_dir / "metrics.csv").write_text(records)
+    resumed = run_main("train", "--resume", str(run_dir), capsys=capsys)
+    assert resumed.returncode == 2
+    assert resumed.stderr.strip().splitlines()[-1].endswith(
+        f"--resume {run_dir}: no shard checkpoints in {run_dir / 'checkpoints'}, though its "
+        "metrics.csv holds records of its training: its checkpoints are gone, and nothing can "
+        "go on from them; start a new run in another folder (one in this folder would write "
+        "over these records)"
+    )
+    started = run_main("train", "--steps", "1", "--out", str(run_dir), capsys=capsys)
+    assert started.returncode == 2
+    assert started.stderr.strip().splitlines()[-1].endswith(
+        f"--out {run_dir} holds the records of a run whose checkpoints are gone (its "
+        "metrics.csv), which a new run would write over: give another folder"
+    )
+    assert (run_dir / "metrics.csv").read_text() == records
+    assert sorted(path.name for path in run_dir.iterdir()) == ["config.json", "metrics.csv"]
+
+
 @pytest.mark.skipif(
     not os.path.isdir("/proc/sys") or os.access("/proc/sys", os.W_OK),
     reason="needs a folder this user cannot write in",

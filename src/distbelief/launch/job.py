@@ -61,6 +61,7 @@ from distbelief.launch.rundir import (
     missing_run_folder,
     nothing_to_resume,
     prepare_run_dir,
+    records_of_training,
     run_dir_path,
     write_text_atomic,
 )
@@ -154,6 +155,11 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
     # A `distbelief ps --checkpoint-dir` folder holds its shards' files itself.
     if not resume and (has_checkpoints or any(run_dir.glob("shard*.json"))):
         raise _checkpoints_refused(run_dir)
+    if not resume and records_of_training(run_dir) and (run_dir / "config.json").exists():
+        raise ValueError(
+            f"--out {run_dir} holds the records of a run whose checkpoints are gone (its "
+            "metrics.csv), which a new run would write over: give another folder"
+        )
     if not resume and (run_dir / "metrics.csv").exists() and not (run_dir / "config.json").exists():
         # A run folder has its config.json from its start: these records are someone else's.
         raise ValueError(

@@ -18,6 +18,7 @@ __all__ = [
     "missing_run_folder",
     "nothing_to_resume",
     "prepare_run_dir",
+    "records_of_training",
     "run_dir_path",
     "write_text_atomic",
 ]
@@ -115,7 +116,25 @@ def nothing_to_resume(run_dir: Path, checkpoints: Path) -> ValueError:
     interrupted = interrupted_reshard(run_dir)
     if interrupted is not None:
         return interrupted
+    if records_of_training(run_dir):
+        return ValueError(
+            f"--resume {run_dir}: no shard checkpoints in {checkpoints}, though its metrics.csv "
+            "holds records of its training: its checkpoints are gone, and nothing can go on "
+            "from them; start a new run in another folder (one in this folder would write "
+            "over these records)"
+        )
     return ValueError(
         f"--resume {run_dir}: no shard checkpoints in {checkpoints} (it stopped before its "
         f"shards saved any: start it again with --out {shell_word(run_dir)})"
     )
+
+
+def records_of_training(run_dir: Path) -> bool:
+    """Whether ``run_dir``'s metrics.csv holds a record past its header (a run that trained:
+    its shards had saved their first checkpoint before any)."""
+    try:
+        with (run_dir / "metrics.csv").open("rb") as file:
+            file.readline()  # the header
+            return any(line.strip() for line in file)
+    except OSError:  # none (or none readable): no records to keep
+        return False

@@ -5,6 +5,7 @@ the shards applied."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -528,3 +529,14 @@ def test_a_sandblaster_shard_dead_while_the_job_stops_says_whether_its_state_was
     assert (shard.process, shard.last_checkpoint_saved) == ("shard1", saved)
     assert worker.last_checkpoint_saved is None
     assert result.coordinator["resumes_from_iteration"] == committed
+
+
+def test_a_death_before_the_first_worker_started_is_at_the_start_of_the_records_clock() -> None:
+    # It was timed from the launch: 2.3 s, printed before the first rows' t=0.1s.
+    book = ProcessBook(JobConfig())
+    time.sleep(0.05)  # the launch is under way: its own clock has moved on
+    fault = book.record_death(SHARD0, -9, stopping=False)
+    assert fault.time_s == 0.0
+    book.note(Event("started", WORKER0, {"time": time.time() - 1.0}))
+    later = book.record_death(SHARD0, -9, stopping=False)
+    assert later.time_s >= 1.0

@@ -336,7 +336,6 @@ class ProcessBook:
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
-        self.start_time = time.time()
         self.addresses: dict[int, str] = {}
         """Shard id -> address, from their "ready" events."""
         self.coordinator_address: str | None = None
@@ -555,7 +554,9 @@ class ProcessBook:
             cause = f"a neighbouring stage of its replica was lost: {lost}"
         fault = Fault(
             spec.name,
-            time.time() - (self.train_start or self.start_time),
+            # On metrics.csv's clock, which starts as the first worker does: a death before
+            # that is at its start (it counted from the launch, ahead of the first rows).
+            0.0 if self.train_start is None else time.time() - self.train_start,
             exitcode,
             "restarted" if can_restart else "given up",
             cause=cause,

@@ -1072,12 +1072,21 @@ class JobConfig:
                 raise ValueError(f"unknown config field {path!r}")
             is_tuple = types[name].startswith("tuple") and isinstance(value, list)
             kwargs[section][name] = tuple(value) if is_tuple else value  # JSON has no tuples
+        algorithm = values.get("optimizer.algorithm", OptimizerConfig().algorithm)
         sections: dict[str, Any] = {}
         for section, section_type in section_types.items():
             try:
                 sections[section] = section_type(**kwargs[section])
             except ConfigFieldError as e:
-                raise ConfigFieldError(f"{section}.{e.field}", e.problem) from e
+                path = f"{section}.{e.field}"
+                owner = algorithm_of_field(path)
+                unused = e.problem.startswith("only applies to")  # not a bad value: unused
+                if unused and algorithm in ALGORITHMS and owner not in (None, algorithm):
+                    # Said first: the section's own refusal would point at another of its
+                    # settings (--server-optimizer momentum), which this algorithm refuses too.
+                    problem = f"only applies to algorithm {owner}, not {algorithm}"
+                    raise ConfigFieldError(path, problem) from e
+                raise ConfigFieldError(path, e.problem) from e
         return cls(**sections)
 
     def to_fields(self) -> dict[str, object]:

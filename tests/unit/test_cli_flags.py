@@ -315,6 +315,19 @@ def test_every_train_flag_reaches_its_field():
             ["--algorithm", "sandblaster", "--device", "cuda"],
             "argument --device: only applies to algorithm downpour",
         ),
+        # Not "only applies to server optimizer momentum": that flag is refused here too.
+        (
+            ["--algorithm", "sandblaster", "--server-momentum", "0.5"],
+            "argument --server-momentum: only applies to algorithm downpour, not sandblaster",
+        ),
+        (
+            ["--algorithm", "sandblaster", "--backup-workers", "1"],
+            "argument --backup-workers: only applies to algorithm downpour, not sandblaster",
+        ),
+        (
+            ["--algorithm", "sandblaster", "--dc-lambda", "0.1"],
+            "argument --dc-lambda: only applies to algorithm downpour, not sandblaster",
+        ),
         # Typed at their default values, they would be ignored just as silently.
         (
             ["--portions-per-push", "2"],
@@ -1422,17 +1435,25 @@ def test_a_run_whose_checkpoints_are_gone_is_not_offered_for_a_new_run_over_its_
     (run_dir / "metrics.csv").write_text(records)
     resumed = run_main("train", "--resume", str(run_dir), capsys=capsys)
     assert resumed.returncode == 2
-    assert resumed.stderr.strip().splitlines()[-1].endswith(
-        f"--resume {run_dir}: no shard checkpoints in {run_dir / 'checkpoints'}, though its "
-        "metrics.csv holds records of its training: its checkpoints are gone, and nothing can "
-        "go on from them; start a new run in another folder (one in this folder would write "
-        "over these records)"
+    assert (
+        resumed.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"--resume {run_dir}: no shard checkpoints in {run_dir / 'checkpoints'}, though its "
+            "metrics.csv holds records of its training: its checkpoints are gone, and nothing can "
+            "go on from them; start a new run in another folder (one in this folder would write "
+            "over these records)"
+        )
     )
     started = run_main("train", "--steps", "1", "--out", str(run_dir), capsys=capsys)
     assert started.returncode == 2
-    assert started.stderr.strip().splitlines()[-1].endswith(
-        f"--out {run_dir} holds the records of a run whose checkpoints are gone (its "
-        "metrics.csv), which a new run would write over: give another folder"
+    assert (
+        started.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"--out {run_dir} holds the records of a run whose checkpoints are gone (its "
+            "metrics.csv), which a new run would write over: give another folder"
+        )
     )
     assert (run_dir / "metrics.csv").read_text() == records
     assert sorted(path.name for path in run_dir.iterdir()) == ["config.json", "metrics.csv"]

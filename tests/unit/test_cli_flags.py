@@ -526,16 +526,25 @@ def test_a_bad_row_or_float_setting_is_refused_in_one_line(argv, message, capsys
             ["train", "--schedule", "gpipe", "--steps", "1"],
             "argument --schedule: only applies to partitioned replicas (partitions > 1), got gpipe",
         ),
-        # The default schedule, typed: refused as well (it would be ignored without a word).
-        ([*_WORKER, "--schedule", "1f1b"], "argument --schedule: only used with --partitions > 1"),
+        # The default schedule, typed: refused as well (it would be ignored without a word),
+        # in the same words; so is the default number of micro-batches.
+        (
+            [*_WORKER, "--schedule", "1f1b"],
+            "argument --schedule: only applies to partitioned replicas (partitions > 1), got 1f1b",
+        ),
         (
             ["train", "--schedule", "1f1b", "--partitions", "1"],
-            "argument --schedule: only used with --partitions > 1",
+            "argument --schedule: only applies to partitioned replicas (partitions > 1), got 1f1b",
+        ),
+        (
+            ["train", "--micro-batches", "1", "--steps", "1"],
+            "argument --micro-batches: only applies to partitioned replicas (partitions > 1), "
+            "got 1",
         ),
     ],
     ids=[
         *("no-stage", "bind-on-stage-0", "bind-without-partitions", "worker-schedule"),
-        *("schedule", "worker-default-schedule", "default-schedule"),
+        *("schedule", "worker-default-schedule", "default-schedule", "default-micro-batches"),
     ],
 )
 def test_a_stage_flag_no_stage_uses_is_refused_in_one_line(argv, message, capsys, tmp_path):

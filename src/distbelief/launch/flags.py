@@ -271,8 +271,23 @@ _USED_ONLY_WITH: dict[str, _UsedOnlyWith] = {
         # In the config's words: typed at its default or not, the same refusal.
         lambda job: config_module.dc_lambda_unused(job.consistency.staleness_policy),
     ),
+    # In the config's words, as typed at another value than the default.
     "pipeline.schedule": _UsedOnlyWith(
-        ("pipeline.num_partitions",), " > 1", lambda job: job.pipeline.num_partitions > 1
+        ("pipeline.num_partitions",),
+        " > 1",
+        lambda job: job.pipeline.num_partitions > 1,
+        lambda job: (
+            f"only applies to partitioned replicas (partitions > 1), got {job.pipeline.schedule}"
+        ),
+    ),
+    "pipeline.num_micro_batches": _UsedOnlyWith(
+        ("pipeline.num_partitions",),
+        " > 1",
+        lambda job: job.pipeline.num_partitions > 1,
+        lambda job: (
+            f"only applies to partitioned replicas (partitions > 1), got "
+            f"{job.pipeline.num_micro_batches}"
+        ),
     ),
     **{
         f"server.{name}": _UsedOnlyWith(

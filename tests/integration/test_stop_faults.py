@@ -59,10 +59,11 @@ def _interrupt_and_kill(
     role: str,
     victim: str,
     before_interrupt: Callable[[], None] = lambda: None,
+    victim_signal: signal.Signals = signal.SIGKILL,
 ) -> tuple[subprocess.CompletedProcess, int]:
     """Runs ``args``; once metrics.csv has 4 rows of ``role``, calls ``before_interrupt``,
-    sends the launcher SIGINT and at once SIGKILLs process ``victim`` (by its pid in
-    pids.json). Returns how the launcher ended and the victim's pid."""
+    sends the launcher SIGINT and at once ``victim_signal`` (SIGKILL) to process ``victim``
+    (by its pid in pids.json). Returns how the launcher ended and the victim's pid."""
     [launcher] = start_scripts([[*CLI[1:], *args, "--out", str(run_dir)]])
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -73,7 +74,7 @@ def _interrupt_and_kill(
         pid = json.loads((run_dir / "pids.json").read_text())[victim]
         before_interrupt()
         launcher.send_signal(signal.SIGINT)
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, victim_signal)
         out, err = launcher.communicate(timeout=120)
     finally:
         stop_processes([launcher])
@@ -122,6 +123,31 @@ def test_a_shard_killed_or_failing_while_the_job_stops_is_in_the_summary_and_not
     said = "shard0 failed (exit code 1) while the job stopped: IsADirectoryError"
     assert said in result.stderr, result.stderr[-3000:]
     assert json.loads((run_dir / "pids.json").read_text())["shard1"] == pid  # no second life
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_shard_the_launcher_kills_before_it_saved_its_last_checkpoint_is_a_fault(tmp_path):
+    """shard1, stopped (SIGSTOP), cannot save its last checkpoint as the job stops: the
+    launcher kills it once the stop's grace period is over. That kill, the launcher's own, was
+    no fault, and nothing said that a resume would restore an older checkpoint of it."""
+    run_dir = tmp_path / "run"
+    result, _ = _interrupt_and_kill(
+        run_dir, DOWNPOUR, "worker", "shard1", victim_signal=signal.SIGSTOP
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    [fault] = _summary(run_dir)["faults"]
+    cause = (
+        "killed by the launcher 5s after it was asked to stop, before it saved its last checkpoint"
+    )
+    assert (fault["process"], fault["exitcode"], fault["cause"]) == ("shard1", -9, cause)
+    assert (fault["action"], fault["while_stopping"], fault["last_checkpoint_saved"]) == (
+        "given up",
+        True,
+        False,
+    )
+    said = f"shard1 died (exit code -9: {cause}) while the job stopped; given up"
+    assert said in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -441,11 +441,25 @@ class LocalCluster:
                 # Shown by the launcher once the cluster has stopped (its display is closed).
                 self._settle_error(spec, process, announce=False)
                 continue
-            if process.exitcode in (None, 0) or self._ended_by_the_cluster(process):
+            if process.exitcode in (None, 0) or self.book.restart_unit(spec) in self.book.given_up:
                 continue
-            if self.book.restart_unit(spec) in self.book.given_up:
+            if self._ended_by_the_cluster(process):
+                if not self._shard_cut_off(spec, process):
+                    continue
+                # Its last checkpoint is not on disk: a resume restores an older one.
+                cause = (
+                    f"killed by the launcher {STOP_GRACE_S:g}s after it was asked to stop, "
+                    "before it saved its last checkpoint"
+                )
+                self.book.record_death(spec, process.exitcode, stopping=True, cause=cause)
                 continue
             self.book.record_death(spec, process.exitcode, stopping=True)
+
+    def _shard_cut_off(self, spec: ProcessSpec, process: Any) -> bool:
+        """Whether ``process`` is a shard this cluster killed after the stop's grace period
+        without its result (the checkpoint it saves on the way out): hung, or stopped."""
+        killed = self._signalled.get(process.pid) is signal.SIGKILL
+        return spec.kind is ProcessKind.SHARD and killed and spec.name not in self.book.returned
 
 
 def _join_all(processes: list, timeout_s: float) -> None:

@@ -608,6 +608,14 @@ class RayCluster:
         # The results of those that ended, if they sent one (they are read off their links).
         self._wait_unlinked([life.spec.name for life in shards if life.ref in ended])
         self._note_deaths_while_stopping(shards, 0.0)  # waited for above
+        for life in shards:
+            if life.ref not in ended and self._running(life.spec.name):
+                # Killed next, its last checkpoint not on disk: a resume restores an older one.
+                cause = (
+                    f"killed by the launcher {STOP_GRACE_S:g}s after it was asked to stop, "
+                    "before it saved its last checkpoint"
+                )
+                self.book.record_death(life.spec, None, stopping=True, cause=cause)
         for name in self._actors:
             self._kill(name)
         for host in self._hosts:  # after the processes: the zygotes fork no more

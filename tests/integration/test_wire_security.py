@@ -21,11 +21,17 @@ import torch
 from torch import nn
 
 from distbelief.client import ParameterServerClient
-from distbelief.errors import AuthenticationError, ProtocolError, PSError, TLSMismatchError
+from distbelief.errors import (
+    AuthenticationError,
+    ProtocolError,
+    PSError,
+    TLSMismatchError,
+    TooManyConnectionsError,
+)
 from distbelief.launch.cli import main as cli_main
 from distbelief.optim import DownpourSGD
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
-from distbelief.wire import Message, connect, ops, serve
+from distbelief.wire import Message, connect, ops, rpc_server, serve
 from distbelief.wire.channels import dial, local_address
 from distbelief.wire.channels.shm import ShmChannel
 from distbelief.wire.channels.tcp import TcpChannel, parse_tcp_address
@@ -590,4 +596,70 @@ def test_a_plain_socket_client_that_follows_the_readme_gets_in(design, monkeypat
             assert refused == b"DBLR this shard refused the key\n"
             assert sock.recv(1) == b""  # and hangs up
     finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("design", ["pool", "threads"])
+def test_peers_without_the_key_take_no_place_under_max_connections(design, monkeypatch):
+    """Plain sockets that connect to a keyed shard and never answer its challenge are not
+    counted toward --max-connections: key holders still get every place, and the cap still
+    refuses the key holder past it."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
+    security = WireSecurity(auth_key=b"k" * 32)
+    server = serve(
+        "tcp://127.0.0.1:0", EchoService(), design=design, max_connections=3, security=security
+    )
+    host, port = parse_tcp_address(server.address)
+    hogs: list[socket.socket] = []
+    clients = []
+    try:
+        # Accepted before the clients (the listen backlog is served in order), so each was
+        # taken when a key holder arrives.
+        hogs = [socket.create_connection((host, port), timeout=30) for _ in range(8)]
+        for _ in range(3):
+            clients.append(connect(server.address, name="shard 0", security=security))
+            assert clients[-1].request(Message(ops.HELLO), timeout_s=30).meta == {"seen": 0}
+        assert server.num_connections == 3
+        clients.append(connect(server.address, name="shard 0", security=security))
+        with pytest.raises(TooManyConnectionsError, match=r"--max-connections 3\)"):
+            clients[-1].request(Message(ops.HELLO), timeout_s=30)
+    finally:
+        for client in clients:
+            client.close()
+        for hog in hogs:
+            hog.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("bound", ["handshakes", "descriptors"])
+@pytest.mark.parametrize("design", ["pool", "threads"])
+def test_peers_still_in_their_handshake_are_bounded_oldest_closed_first(design, bound, monkeypatch):
+    """Past the bound on connections still in their handshake, or once the connections open
+    fill the descriptors of the cap and its refusals in flight, the oldest still in its
+    handshake is closed at once (not after the handshake time): silent peers hold a bounded
+    number of descriptors and threads, and a key holder arriving after them gets in."""
+    monkeypatch.setenv("DISTBELIEF_TRANSPORT", "tcp")
+    if bound == "handshakes":
+        monkeypatch.setattr(rpc_server, "_HANDSHAKES_IN_FLIGHT", 4)
+    else:  # 3 served + 1 refusal in flight: 4 connections open at most
+        monkeypatch.setattr(rpc_server, "_REFUSALS_IN_FLIGHT", 1)
+    monkeypatch.setattr(rpc_server, "_HANDSHAKE_TIMEOUT_S", 60.0)  # past _read_to_end's 30 s
+    security = WireSecurity(auth_key=b"k" * 32)
+    server = serve(
+        "tcp://127.0.0.1:0", EchoService(), design=design, max_connections=3, security=security
+    )
+    host, port = parse_tcp_address(server.address)
+    hogs: list[socket.socket] = []
+    client = connect(server.address, name="shard 0", security=security)
+    try:
+        hogs = [socket.create_connection((host, port), timeout=30) for _ in range(12)]
+        assert client.request(Message(ops.HELLO), timeout_s=30).meta == {"seen": 0}
+        # The 8 oldest made room for the 4 newest hogs (and then the client): each is closed
+        # well before its 60 s handshake time.
+        for hog in hogs[:8]:
+            _read_to_end(hog)
+    finally:
+        client.close()
+        for hog in hogs:
+            hog.close()
         server.stop()

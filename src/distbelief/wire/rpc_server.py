@@ -1,6 +1,7 @@
 """The server side of the request/reply layer, over any channel: the accept loop, the cap on
-connections (with a refusal the client sees), the file-descriptor limit, and one of two ways to
-schedule connections, each serving frames with the same code (``server_connection.py``):
+connections (with a refusal the client sees), the bound on connections still in their job-key
+handshake, the file-descriptor limit, and one of two ways to schedule connections, each serving
+frames with the same code (``server_connection.py``):
 
 - ``"pool"``: idle connections wait in epoll; a few serving threads answer whichever
   connection's frame arrives, in arrival order (``serving_pool.py``). Holds thousands of
@@ -38,6 +39,12 @@ _HANDSHAKE_THREADS = 8
 _REFUSALS_IN_FLIGHT = 64
 """Refused connections still being answered; past these (and the cap) the accept loop waits,
 so the descriptors a server holds stay bounded."""
+_HANDSHAKES_IN_FLIGHT = 1024
+"""Connections to a shard with a job key still in their handshake. The cap does not count them
+(peers without the key must not take key holders' places): past these, or once the connections
+open fill the cap's descriptors (and the refusals'), the oldest is closed to make room. So
+silent peers hold bounded descriptors (and, with a thread per connection, threads), and keep
+out no key holder, whose handshake takes milliseconds."""
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -57,8 +64,11 @@ class RpcServer:
             channels with descriptors (TCP); elsewhere a thread per connection serves.
         max_connections: At most this many connections are served at once; past it a new
             connection's first request is answered with ``TooManyConnectionsError`` and the
-            connection closed. The process's open-file limit is raised to fit it (or the cap
-            lowered to fit the limit, with a warning). None: no cap.
+            connection closed. With a job key (``security``) a connection counts once it has
+            passed the handshake; those still in it are bounded apart (oldest closed first,
+            see ``_HANDSHAKES_IN_FLIGHT``).
+            The process's open-file limit is raised to fit it (or the cap lowered to fit the
+            limit, with a warning). None: no cap.
         serving_threads: A pool's active serving threads (default: a few per core).
         stall_s: On a pool, a request still being served after this long (a peer stalled
             mid-frame) has its thread replaced while it lasts.
@@ -94,13 +104,20 @@ class RpcServer:
         self._service = service
         self._max_payload_bytes = max_payload_bytes
         self._frame_timeout_s = frame_timeout_s
+        # Only a job key tells peers apart: without one, a connection counts once accepted.
+        security = channel_options.get("security")
+        self._keyed = getattr(security, "auth_key", None) is not None
         self._max_connections = _fit_to_fd_limit(max_connections)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._connections: set[ServerConnection] = set()
-        """Every connection not closed yet: what stop() wakes, and what the cap counts."""
-        self._num_served = 0
-        """Connections in ``_connections`` that are not refused."""
+        """Every connection not closed yet: what stop() wakes."""
+        self._served: set[ServerConnection] = set()
+        """Connections counted toward the cap (neither refused nor still in the handshake)."""
+        self._unauthenticated: dict[ServerConnection, None] = {}
+        """With a job key: connections still in their handshake, oldest first."""
+        self._closed_one = threading.Event()
+        """Set as a connection closes: a full accept loop looks again."""
         self._threads: list[threading.Thread] = []
         self._listener = channels.listen(address, **channel_options)
         self._pool: ServingPool | None = None
@@ -145,17 +162,23 @@ class RpcServer:
 
     @property
     def num_connections(self) -> int:
-        """Connections served now (refused ones not counted)."""
-        return self._num_served
+        """Connections served now (refused ones and those still in the handshake not counted)."""
+        return len(self._served)
 
     def _full(self) -> bool:
+        """Whether the connections open fill the descriptors of the cap and of the refusals in
+        flight; the oldest one still in its handshake, if any, is then closed to make room."""
         cap = self._max_connections
-        return cap is not None and len(self._connections) >= cap + _REFUSALS_IN_FLIGHT
+        if cap is None or len(self._connections) < cap + _REFUSALS_IN_FLIGHT:
+            return False
+        self._close_oldest_handshake()
+        return True
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
+            self._closed_one.clear()
             if self._full():
-                self._stopping.wait(0.05)  # new peers wait in the listen backlog meanwhile
+                self._closed_one.wait(0.05)  # new peers wait in the listen backlog meanwhile
                 continue
             try:
                 incoming = self._listener.accept(_IDLE_POLL_S)
@@ -170,27 +193,55 @@ class RpcServer:
             self._admit(incoming)
 
     def _admit(self, incoming: channels.Incoming) -> None:
+        connection = ServerConnection(
+            incoming,
+            frame_timeout_s=self._frame_timeout_s,
+            max_payload_bytes=self._max_payload_bytes,
+        )
         with self._lock:
-            cap = self._max_connections
-            refusal = None
-            if cap is not None and self._num_served >= cap:
-                served = f"{self._num_served} connection" + ("s" if self._num_served != 1 else "")
-                refusal = f"the server already serves {served}, its limit (--max-connections {cap})"
-            else:
-                self._num_served += 1
-            connection = ServerConnection(
-                incoming,
-                frame_timeout_s=self._frame_timeout_s,
-                max_payload_bytes=self._max_payload_bytes,
-                refusal=refusal,
-            )
             self._connections.add(connection)
-        if refusal is not None:
-            logger.warning("refusing a connection from %s: %s", incoming.peer, refusal)
+            if not self._keyed:
+                connection.refusal = self._count(connection)
+            else:  # counted by _authenticated once its handshake has passed
+                self._unauthenticated[connection] = None
+            too_many = len(self._unauthenticated) > _HANDSHAKES_IN_FLIGHT
+        _log_refusal(connection.peer, connection.refusal)
+        if too_many:
+            self._close_oldest_handshake()
         if self._handshakes is not None:
             self._handshakes.submit(connection)
         else:
             self._start_thread(connection)
+
+    def _close_oldest_handshake(self) -> None:
+        """Make room: close the connection longest in its handshake (a key holder's takes
+        milliseconds: the oldest is the likeliest to be a peer that never answers)."""
+        with self._lock:
+            if not self._unauthenticated:
+                return
+            oldest = next(iter(self._unauthenticated))
+            del self._unauthenticated[oldest]
+        logger.debug("closing connection from %s: too many handshakes", oldest.peer)
+        oldest.shutdown()  # its thread (or the waiting room) sees it gone, and closes it
+
+    def _count(self, connection: ServerConnection) -> str | None:
+        """Count ``connection`` toward the cap, or say why it is refused (under the lock)."""
+        cap = self._max_connections
+        num_served = len(self._served)
+        if cap is None or num_served < cap:
+            self._served.add(connection)
+            return None
+        served = f"{num_served} connection" + ("s" if num_served != 1 else "")
+        return f"the server already serves {served}, its limit (--max-connections {cap})"
+
+    def _authenticated(self, connection: ServerConnection) -> str | None:
+        """A connection through the job-key handshake: counted toward the cap now, or refused
+        past it (one made room for meanwhile is counted too: it holds the key)."""
+        with self._lock:
+            self._unauthenticated.pop(connection, None)
+            refusal = self._count(connection)
+        _log_refusal(connection.peer, refusal)
+        return refusal
 
     def _start_thread(self, connection: ServerConnection, opened: bool = False) -> None:
         thread = threading.Thread(
@@ -204,7 +255,8 @@ class RpcServer:
         """Run the handshake; False: the server is stopping (the caller closes)."""
         if self._stopping.is_set():
             return False
-        connection.open(self._service, _HANDSHAKE_TIMEOUT_S)
+        admit = self._authenticated if self._keyed else None
+        connection.open(self._service, _HANDSHAKE_TIMEOUT_S, admit)
         if connection.refusal is not None:
             connection.refuse(_HANDSHAKE_TIMEOUT_S)
             return False
@@ -286,9 +338,10 @@ class RpcServer:
             if connection not in self._connections:
                 return
             self._connections.discard(connection)
-            if connection.refusal is None:
-                self._num_served -= 1
+            self._served.discard(connection)
+            self._unauthenticated.pop(connection, None)
         connection.close()
+        self._closed_one.set()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop accepting, close every connection, join the server's threads (up to
@@ -307,6 +360,11 @@ class RpcServer:
             self._pool.stop(deadline)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _log_refusal(peer: str, refusal: str | None) -> None:
+    if refusal is not None:
+        logger.warning("refusing a connection from %s: %s", peer, refusal)
 
 
 def _fit_to_fd_limit(max_connections: int | None) -> int | None:

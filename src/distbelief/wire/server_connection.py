@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from distbelief.errors import UnknownOpError
@@ -98,7 +99,8 @@ class ServerConnection:
             through within this time.
         max_payload_bytes: Frames with larger tensor parts are refused and the connection closed.
         refusal: Why the server refuses this connection (its first request is answered with
-            this and the connection closed); None: served.
+            this and the connection closed); None: served. May be decided later, by
+            :meth:`open`'s ``admit``.
     """
 
     __slots__ = (
@@ -133,8 +135,14 @@ class ServerConnection:
         self._dispatch: _Dispatch | None = None
         self._idle = None
 
-    def open(self, service: Service, handshake_timeout_s: float) -> None:
-        """The channel's handshake (TLS, job key), then the service's state for the connection.
+    def open(
+        self,
+        service: Service,
+        handshake_timeout_s: float,
+        admit: Callable[[ServerConnection], str | None] | None = None,
+    ) -> None:
+        """The channel's handshake (TLS, job key), then ``admit`` (if given) decides the
+        refusal, then the service's state for the connection (unless refused).
 
         Raises:
             ProtocolError: the peer failed authentication.
@@ -144,6 +152,8 @@ class ServerConnection:
         self.channel = channel
         channel.settimeout(self._frame_timeout_s)
         self.reader = FrameReader(channel)
+        if admit is not None:
+            self.refusal = admit(self)
         if self.refusal is None:
             self._state = service.open_connection(self.peer)
             self._dispatch = _Dispatch(service.handlers, self._state)

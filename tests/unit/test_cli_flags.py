@@ -315,7 +315,16 @@ def test_every_train_flag_reaches_its_field():
             ["--algorithm", "sandblaster", "--device", "cuda"],
             "argument --device: only applies to algorithm downpour",
         ),
-        # Not "only applies to server optimizer momentum": that flag is refused here too.
+        # Not "only applies to server optimizer momentum" (or partitioned replicas): that flag
+        # is refused here too, at its default value as at another.
+        (
+            ["--algorithm", "sandblaster", "--micro-batches", "1"],
+            "argument --micro-batches: only applies to algorithm downpour, not sandblaster",
+        ),
+        (
+            ["--algorithm", "sandblaster", "--server-momentum", "0.9"],
+            "argument --server-momentum: only applies to algorithm downpour, not sandblaster",
+        ),
         (
             ["--algorithm", "sandblaster", "--server-momentum", "0.5"],
             "argument --server-momentum: only applies to algorithm downpour, not sandblaster",
@@ -1466,6 +1475,24 @@ def test_a_run_whose_checkpoints_are_gone_is_not_offered_for_a_new_run_over_its_
     )
     assert (run_dir / "metrics.csv").read_text() == records
     assert sorted(path.name for path in run_dir.iterdir()) == ["config.json", "metrics.csv"]
+
+
+def test_a_run_stopped_before_it_trained_is_offered_for_a_new_run_though_it_has_rows(
+    capsys, tmp_path
+):
+    """The launcher's first poll of the shards, and an evaluation of version 0, write rows
+    before any checkpoint: they are no training that a new run would write over."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(
+        JobConfig().with_fields({"reporting.out_dir": str(run_dir)}).to_json()
+    )
+    (run_dir / "metrics.csv").write_text(
+        "time_s,role,rank,step,loss\n0.0,shard,0,0,\n0.1,evaluator,0,0,2.3\n"
+    )
+    resumed = run_main("train", "--resume", str(run_dir), capsys=capsys)
+    assert resumed.returncode == 2
+    assert "(it stopped before its shards saved any: start it again with --out" in resumed.stderr
 
 
 @pytest.mark.skipif(

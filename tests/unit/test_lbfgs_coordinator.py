@@ -20,6 +20,7 @@ from distbelief.coordinator.lbfgs import (
     LBFGSSettings,
     SandblasterLBFGS,
 )
+from distbelief.coordinator.line_search import cubic_minimum
 from distbelief.data import load_dataset
 from tests.unit.local_vectors import (
     LocalShards,
@@ -430,3 +431,12 @@ def test_a_step_size_so_small_its_steps_round_to_zero_runs_without_a_crash():
         records.append(lbfgs.step())
     assert all(math.isfinite(record.loss) for record in records), records
     assert torch.allclose(shards.gather("param")[torch.float64], before, rtol=0, atol=1e-300)
+
+
+@pytest.mark.parametrize(
+    ("x2", "f2"), [(0.0, 0.9), (5e-324, 0.9), (1e-300, 0.5)], ids=["same", "subnormal", "tiny"]
+)
+def test_the_cubic_of_steps_too_close_to_tell_apart_gives_a_step_between_them(x2, f2):
+    # Their difference is 0, or so small that the cubic's terms overflow or are NaN.
+    step = cubic_minimum(0.0, 1.0, -1.0, x2, f2, -1.0)
+    assert math.isfinite(step) and 0.0 <= step <= x2

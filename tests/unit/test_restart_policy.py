@@ -29,6 +29,7 @@ from distbelief.launch.summary import RunResult
 from distbelief.launch.train_report import describe_restore, restore_lines
 
 SHARD0 = ProcessSpec(ProcessKind.SHARD, 0)
+SHARD1 = ProcessSpec(ProcessKind.SHARD, 1)
 WORKER0 = ProcessSpec(ProcessKind.WORKER, 0)
 WORKER1 = ProcessSpec(ProcessKind.WORKER, 1)
 EVALUATOR = ProcessSpec(ProcessKind.EVALUATOR, 0)
@@ -194,6 +195,17 @@ def test_a_coordinator_killed_again_before_it_told_its_rollback_counts_the_redon
     assert restore_lines([first, second])[1] == (
         "coordinator: its last checkpoint held every update: nothing to redo"
     )
+
+
+def test_two_shards_lost_together_each_say_what_the_one_rollback_redid() -> None:
+    book = ProcessBook(
+        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
+    )
+    coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
+    book.note(Event("metric", coordinator, {"role": "coordinator", "rank": 0, "step": 6}))
+    faults = [book.record_death(shard, -9, stopping=False) for shard in (SHARD0, SHARD1)]
+    book.note(Event("rolled_back", coordinator, {"from_iteration": None, "to_iteration": 1}))
+    assert [fault.updates_redone for fault in faults] == [5, 5]
 
 
 def test_a_coordinator_killed_before_its_first_iteration_lost_and_redid_nothing() -> None:

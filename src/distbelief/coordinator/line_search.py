@@ -32,17 +32,21 @@ def cubic_minimum(
         low, high = bounds
     else:
         low, high = (x1, x2) if x1 <= x2 else (x2, x1)
-    if x1 == x2:
-        return (low + high) / 2.0
-    d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
-    d2_square = d1**2 - g1 * g2
-    if d2_square < 0:
-        return (low + high) / 2.0
-    d2 = math.sqrt(d2_square)
-    if x1 <= x2:
-        position = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
-    else:
-        position = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+    midpoint = (low + high) / 2.0
+    try:
+        d1 = g1 + g2 - 3 * (f1 - f2) / (x1 - x2)
+        d2_square = d1**2 - g1 * g2
+        if not d2_square >= 0:  # negative: no minimum; NaN: steps too close to tell
+            return midpoint
+        d2 = math.sqrt(d2_square)
+        if x1 <= x2:
+            position = x2 - (x2 - x1) * ((g2 + d2 - d1) / (g2 - g1 + 2 * d2))
+        else:
+            position = x1 - (x1 - x2) * ((g1 + d2 - d1) / (g1 - g2 + 2 * d2))
+    except (ZeroDivisionError, OverflowError):  # steps so close that their difference is 0
+        return midpoint
+    if not math.isfinite(position):
+        return midpoint
     return min(max(position, low), high)
 
 

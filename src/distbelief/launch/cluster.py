@@ -26,6 +26,12 @@ CHECKPOINT_DIR = "checkpoints"
 
 STOP_GRACE_S = 5.0
 """How long a process asked to stop is given before the next in the stopping order goes."""
+CUT_OFF_CAUSE = (
+    f"killed by the launcher {STOP_GRACE_S:g}s after it was asked to stop, before it saved its "
+    "last checkpoint"
+)
+"""The cause of the fault of a shard the launcher killed as the job stopped, its last
+checkpoint not saved (hung, or stopped with SIGSTOP)."""
 
 
 class ProcessKind(enum.Enum):
@@ -478,17 +484,18 @@ class ProcessBook:
     def _note_rollback(self, done: int | None, to_iteration: int) -> None:
         """Sandblaster's coordinator went back from iteration ``done`` (None: a restarted
         coordinator, which knows not where its previous life got to; its reports do) to the
-        checkpoint of ``to_iteration``: what that redoes goes to the faults that caused it,
-        once: to the first of them, the others (a restarted coordinator killed again before it
-        told its rollback, say) redoing nothing more."""
+        checkpoint of ``to_iteration``: what that redoes goes to the faults that caused it (two
+        shards lost together: each), once per process (a restarted coordinator killed again
+        before it told its rollback redid nothing more)."""
         if done is None:
             done = self.coordinator_iteration
         if done is None:
             done = to_iteration  # no report yet in this launch: no iteration past it finished
-        redone = max(0, done - to_iteration)
+        redone, counted = max(0, done - to_iteration), set()
         for fault in self.faults:
             if fault.rolled_back and fault.updates_redone is None:
-                fault.updates_redone, redone = redone, 0
+                fault.updates_redone = 0 if fault.process in counted else redone
+                counted.add(fault.process)
         self.coordinator_iteration = to_iteration
 
     def _note_resumed(self, unit: str, step: int) -> None:

@@ -246,10 +246,17 @@ def _algorithm_rule(algorithm: str) -> _UsedOnlyWith:
     )
 
 
-_USED_ONLY_WITH: dict[str, _UsedOnlyWith] = {
+_ALGORITHM_RULES: dict[str, _UsedOnlyWith] = {
     # What the config refuses at any other value than the default; typed at the default, the
     # algorithm chosen would ignore it as silently.
-    **{path: _algorithm_rule(algorithm) for path, algorithm in _algorithm_fields().items()},
+    path: _algorithm_rule(algorithm)
+    for path, algorithm in _algorithm_fields().items()
+}
+"""Fields only one algorithm uses: checked before ``_USED_ONLY_WITH``, whose rule for the same
+field would point at another flag the algorithm refuses too (``--server-momentum`` under
+Sandblaster: not ``--server-optimizer momentum``)."""
+
+_USED_ONLY_WITH: dict[str, _UsedOnlyWith] = {
     "reporting.eval_every_s": _UsedOnlyWith(
         ("reporting.eval_during_training",),
         "",
@@ -316,7 +323,8 @@ def check_typed_flags_apply(
     Raises:
         ConfigFieldError: the first such flag's field, with the flags it needs.
     """
-    for path, rule in _USED_ONLY_WITH.items():
+    rules = [*_ALGORITHM_RULES.items(), *_USED_ONLY_WITH.items()]
+    for path, rule in rules:
         if path in typed and not rule.applies(job):
             if rule.problem is not None:
                 problem = rule.problem(job)

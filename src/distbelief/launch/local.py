@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from distbelief.errors import ChildFailedError, ClosedError
 from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
 from distbelief.launch.cluster import (
+    CUT_OFF_CAUSE,
     RESTART_POLICIES,
     STOP_GRACE_S,
     Event,
@@ -447,19 +448,18 @@ class LocalCluster:
                 if not self._shard_cut_off(spec, process):
                     continue
                 # Its last checkpoint is not on disk: a resume restores an older one.
-                cause = (
-                    f"killed by the launcher {STOP_GRACE_S:g}s after it was asked to stop, "
-                    "before it saved its last checkpoint"
-                )
-                self.book.record_death(spec, process.exitcode, stopping=True, cause=cause)
+                self.book.record_death(spec, process.exitcode, stopping=True, cause=CUT_OFF_CAUSE)
                 continue
             self.book.record_death(spec, process.exitcode, stopping=True)
 
     def _shard_cut_off(self, spec: ProcessSpec, process: Any) -> bool:
         """Whether ``process`` is a shard this cluster killed after the stop's grace period
-        without its result (the checkpoint it saves on the way out): hung, or stopped."""
+        without its result (the checkpoint it saves on the way out): hung, or stopped. A
+        Sandblaster shard saves none on the way out (the coordinator commits its state)."""
+        if spec.kind is not ProcessKind.SHARD or self.config.optimizer.algorithm == "sandblaster":
+            return False
         killed = self._signalled.get(process.pid) is signal.SIGKILL
-        return spec.kind is ProcessKind.SHARD and killed and spec.name not in self.book.returned
+        return killed and spec.name not in self.book.returned
 
 
 def _join_all(processes: list, timeout_s: float) -> None:

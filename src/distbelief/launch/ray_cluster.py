@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import ChildFailedError, ClosedError, ClusterError, LauncherInterrupted
 from distbelief.launch.cluster import (
+    CUT_OFF_CAUSE,
     STOP_GRACE_S,
     Event,
     Fault,
@@ -569,6 +570,17 @@ class RayCluster:
                     life.spec, ending.exitcode, stopping=True, cause=ending.cause
                 )
 
+    def _note_shards_cut_off(self, lives: list[_Life]) -> None:
+        """Records as faults the shards of ``lives``, still running after the stop's grace
+        period and killed next, that returned no result: their last checkpoint is not on disk,
+        and a resume restores an older one (a Sandblaster shard saves none on the way out)."""
+        if self.config.optimizer.algorithm == "sandblaster":
+            return
+        self._drain()  # a result sent meanwhile: its shard saved, and is exiting
+        for life in lives:
+            if self._running(life.spec.name):
+                self.book.record_death(life.spec, None, stopping=True, cause=CUT_OFF_CAUSE)
+
     def stop_all(self) -> None:
         """Stops every actor: Sandblaster's coordinator first, by its stop flag (it ends the
         iteration under way and commits a checkpoint of it while the workers still compute, so
@@ -601,21 +613,16 @@ class RayCluster:
         shards = [life for life in self._lives.values() if life.spec.kind is ProcessKind.SHARD]
         for life in shards:
             self.events.send_stop(life.spec.name)
-        ended = []
+        ended, waited = [], False
         with contextlib.suppress(Exception):
             refs = [life.ref for life in shards]
             ended, _ = self._ray.wait(refs, num_returns=len(refs), timeout=STOP_GRACE_S)
+            waited = True
         # The results of those that ended, if they sent one (they are read off their links).
         self._wait_unlinked([life.spec.name for life in shards if life.ref in ended])
         self._note_deaths_while_stopping(shards, 0.0)  # waited for above
-        for life in shards:
-            if life.ref not in ended and self._running(life.spec.name):
-                # Killed next, its last checkpoint not on disk: a resume restores an older one.
-                cause = (
-                    f"killed by the launcher {STOP_GRACE_S:g}s after it was asked to stop, "
-                    "before it saved its last checkpoint"
-                )
-                self.book.record_death(life.spec, None, stopping=True, cause=cause)
+        if waited:
+            self._note_shards_cut_off([life for life in shards if life.ref not in ended])
         for name in self._actors:
             self._kill(name)
         for host in self._hosts:  # after the processes: the zygotes fork no more

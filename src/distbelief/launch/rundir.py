@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import stat
 import time
 from pathlib import Path
@@ -129,12 +130,21 @@ def nothing_to_resume(run_dir: Path, checkpoints: Path) -> ValueError:
     )
 
 
+TRAINING_ROLES = ("worker", "coordinator")
+"""The roles whose records say a run trained (a stage's rows are a worker's): the shards had
+saved their first checkpoint before any (not before the launcher's first poll of the shards,
+nor an evaluation of version 0)."""
+
+
 def records_of_training(run_dir: Path) -> bool:
-    """Whether ``run_dir``'s metrics.csv holds a record past its header (a run that trained:
-    its shards had saved their first checkpoint before any)."""
+    """Whether ``run_dir``'s metrics.csv holds a record of a role in ``TRAINING_ROLES``."""
     try:
-        with (run_dir / "metrics.csv").open("rb") as file:
-            file.readline()  # the header
-            return any(line.strip() for line in file)
-    except OSError:  # none (or none readable): no records to keep
+        with (run_dir / "metrics.csv").open(newline="") as file:
+            rows = csv.reader(file)
+            header = next(rows, [])
+            if "role" not in header:
+                return False
+            role = header.index("role")
+            return any(len(row) > role and row[role] in TRAINING_ROLES for row in rows)
+    except (OSError, UnicodeDecodeError, csv.Error):  # none readable: no records to keep
         return False

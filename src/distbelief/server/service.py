@@ -289,8 +289,14 @@ class ShardConnection(VectorHandlers):
         worker, _clock = self._identify(request.meta)
         check_listed_place(self.shard.shard_id, self.shard.num_shards, request.meta.get("shard_id"))
         self._check_model(request.meta)
-        with long_wait(), self.service.initialising:  # a first checkpoint may be under way
+        initialising = self.service.initialising
+        if not initialising.acquire(blocking=False):  # a first checkpoint is under way
+            with long_wait():
+                initialising.acquire()
+        try:
             described = self._describe()
+        finally:
+            initialising.release()
         if worker in self.shard.pushed_steps:
             # A restarted worker learns the step of the last push its dead life got applied.
             described[PUSHED_STEP_KEY] = self.shard.pushed_steps[worker]

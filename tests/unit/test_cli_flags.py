@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -1416,16 +1417,22 @@ def test_a_run_folder_that_is_a_file_or_missing_is_named_first(argv, said, capsy
     assert sorted(tmp_path.iterdir()) == [names["file"]]
 
 
+def _run_folder_of_no_checkpoint(run_dir: Path) -> Path:
+    """A run folder as a run stopped before its shards saved anything leaves it: its
+    config.json alone."""
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(
+        JobConfig().with_fields({"reporting.out_dir": str(run_dir)}).to_json()
+    )
+    return run_dir
+
+
 def test_resuming_a_run_stopped_before_its_first_checkpoint_says_how_to_start_it_again(
     capsys, tmp_path
 ):
     """A run stopped within its first seconds has its config.json and summary.json but no
     checkpoint to go on from; the same folder takes a new run (named as the shell reads it)."""
-    run_dir = tmp_path / "my run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(
-        JobConfig().with_fields({"reporting.out_dir": str(run_dir)}).to_json()
-    )
+    run_dir = _run_folder_of_no_checkpoint(tmp_path / "my run")
     result = run_main("train", "--resume", str(run_dir), capsys=capsys)
     assert result.returncode == 2
     assert (
@@ -1444,11 +1451,7 @@ def test_a_run_whose_checkpoints_are_gone_is_not_offered_for_a_new_run_over_its_
 ):
     """Its metrics.csv holds its training's records: --resume said "start it again with --out
     RUN", and that new run wrote over them. Both now send it to another folder."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(
-        JobConfig().with_fields({"reporting.out_dir": str(run_dir)}).to_json()
-    )
+    run_dir = _run_folder_of_no_checkpoint(tmp_path / "run")
     records = "time_s,role,rank,step,loss\n0.1,worker,0,1,2.3\n"
     (run_dir / "metrics.csv").write_text(records)
     resumed = run_main("train", "--resume", str(run_dir), capsys=capsys)
@@ -1482,11 +1485,7 @@ def test_a_run_stopped_before_it_trained_is_offered_for_a_new_run_though_it_has_
 ):
     """The launcher's first poll of the shards, and an evaluation of version 0, write rows
     before any checkpoint: they are no training that a new run would write over."""
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "config.json").write_text(
-        JobConfig().with_fields({"reporting.out_dir": str(run_dir)}).to_json()
-    )
+    run_dir = _run_folder_of_no_checkpoint(tmp_path / "run")
     (run_dir / "metrics.csv").write_text(
         "time_s,role,rank,step,loss\n0.0,shard,0,0,\n0.1,evaluator,0,0,2.3\n"
     )

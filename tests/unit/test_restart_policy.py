@@ -30,6 +30,15 @@ from distbelief.launch.train_report import describe_restore, restore_lines
 
 SHARD0 = ProcessSpec(ProcessKind.SHARD, 0)
 SHARD1 = ProcessSpec(ProcessKind.SHARD, 1)
+COORDINATOR = ProcessSpec(ProcessKind.COORDINATOR, 0)
+
+
+def _sandblaster_book() -> ProcessBook:
+    return ProcessBook(
+        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
+    )
+
+
 WORKER0 = ProcessSpec(ProcessKind.WORKER, 0)
 WORKER1 = ProcessSpec(ProcessKind.WORKER, 1)
 EVALUATOR = ProcessSpec(ProcessKind.EVALUATOR, 0)
@@ -140,9 +149,7 @@ def test_lost_updates_subtract_what_the_workers_replayed() -> None:
 
 def test_a_sandblaster_shard_restored_from_its_checkpoint_loses_nothing() -> None:
     # The whole job goes back to the checkpoint and redoes the iterations since it.
-    book = ProcessBook(
-        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
-    )
+    book = _sandblaster_book()
     book.note(Event("ready", SHARD0, {"shard_id": 0, "address": "tcp://127.0.0.1:4321"}))
     book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 24}))
     fault = book.record_death(SHARD0, -9, stopping=False)
@@ -156,9 +163,7 @@ def test_a_sandblaster_shard_restored_from_its_checkpoint_loses_nothing() -> Non
 
 def test_a_sandblaster_rollback_counts_what_the_coordinator_redid() -> None:
     # The shards' heartbeats lag (version 24 seen); the coordinator had finished iteration 27.
-    book = ProcessBook(
-        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
-    )
+    book = _sandblaster_book()
     coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
     book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 24}))
     shard_fault = book.record_death(SHARD0, -9, stopping=False)
@@ -180,17 +185,20 @@ def test_a_sandblaster_rollback_counts_what_the_coordinator_redid() -> None:
     )
 
 
+def _rolled_back_from_6_to_1(*victims: ProcessSpec) -> list[Fault]:
+    """The faults of ``victims``' deaths at iteration 6 of a Sandblaster job, once its
+    coordinator has gone back to the checkpoint of iteration 1."""
+    book = _sandblaster_book()
+    book.note(Event("metric", COORDINATOR, {"role": "coordinator", "rank": 0, "step": 6}))
+    faults = [book.record_death(victim, -9, stopping=False) for victim in victims]
+    book.note(Event("rolled_back", COORDINATOR, {"from_iteration": None, "to_iteration": 1}))
+    return faults
+
+
 def test_a_coordinator_killed_again_before_it_told_its_rollback_counts_the_redone_once() -> None:
     # Killed at iteration 6 (checkpoint: 1), its next life killed before it told its rollback:
     # the third life's rollback redoes 5 iterations once, not once per death (it said 5 twice).
-    book = ProcessBook(
-        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
-    )
-    coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
-    book.note(Event("metric", coordinator, {"role": "coordinator", "rank": 0, "step": 6}))
-    first = book.record_death(coordinator, -9, stopping=False)
-    second = book.record_death(coordinator, -9, stopping=False)
-    book.note(Event("rolled_back", coordinator, {"from_iteration": None, "to_iteration": 1}))
+    first, second = _rolled_back_from_6_to_1(COORDINATOR, COORDINATOR)
     assert (first.updates_redone, second.updates_redone) == (5, 0)
     assert restore_lines([first, second])[1] == (
         "coordinator: its last checkpoint held every update: nothing to redo"
@@ -198,22 +206,14 @@ def test_a_coordinator_killed_again_before_it_told_its_rollback_counts_the_redon
 
 
 def test_two_shards_lost_together_each_say_what_the_one_rollback_redid() -> None:
-    book = ProcessBook(
-        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
-    )
-    coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
-    book.note(Event("metric", coordinator, {"role": "coordinator", "rank": 0, "step": 6}))
-    faults = [book.record_death(shard, -9, stopping=False) for shard in (SHARD0, SHARD1)]
-    book.note(Event("rolled_back", coordinator, {"from_iteration": None, "to_iteration": 1}))
+    faults = _rolled_back_from_6_to_1(SHARD0, SHARD1)
     assert [fault.updates_redone for fault in faults] == [5, 5]
 
 
 def test_a_coordinator_killed_before_its_first_iteration_lost_and_redid_nothing() -> None:
     # Killed before its first report, it had saved no checkpoint: its next life starts afresh
     # (no "rolled_back"), and its first report says the job had done nothing to redo.
-    book = ProcessBook(
-        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
-    )
+    book = _sandblaster_book()
     coordinator = ProcessSpec(ProcessKind.COORDINATOR, 0)
     fault = book.record_death(coordinator, -9, stopping=False)
     book.note(Event("metric", coordinator, {"role": "coordinator", "rank": 0, "step": 0}))
@@ -423,9 +423,7 @@ def test_a_sandblaster_process_given_up_while_the_job_stops_rolls_nothing_back(
     spec: ProcessSpec,
 ) -> None:
     # Killed after the last iteration, while the shards save: nothing restarts, nothing redone.
-    book = ProcessBook(
-        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
-    )
+    book = _sandblaster_book()
     book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 15}))
     fault = book.record_death(spec, -9, stopping=True)
     assert (fault.action, fault.rolled_back, fault.lost_updates) == ("given up", False, None)
@@ -433,9 +431,7 @@ def test_a_sandblaster_process_given_up_while_the_job_stops_rolls_nothing_back(
 
 def test_a_rollback_with_nothing_to_redo_says_so() -> None:
     # A shard killed after the coordinator finished: restored the last version, nothing redone.
-    book = ProcessBook(
-        JobConfig.from_fields({"optimizer.algorithm": "sandblaster", "cluster.num_shards": 2})
-    )
+    book = _sandblaster_book()
     book.note(Event("heartbeat", SHARD0, {"shard_id": 0, "version": 22}))
     fault = book.record_death(SHARD0, -9, stopping=False)
     restored = {"shard_id": 0, "address": "tcp://127.0.0.1:4321", "restored_version": 22}

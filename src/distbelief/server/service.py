@@ -10,9 +10,11 @@ answered in ``server/vector_service.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -64,6 +66,19 @@ _MAX_PLACED_PER_CONNECTION = 4
 """Places of push buffers one connection keeps mapped (a client pushes from one or two)."""
 _MAX_HOLD_S = 600.0
 """The longest a client may ask a shard to hold a pull in one request."""
+
+
+@contextlib.contextmanager
+def _holding(lock: threading.Lock) -> Iterator[None]:
+    """``lock`` held for the block; a wait for it (an INIT writing its first checkpoint) lends
+    a serving pool's thread's place to another, as a held pull does; no wait parks nothing."""
+    if not lock.acquire(blocking=False):
+        with long_wait():
+            lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _optional_int(meta: dict, key: str) -> int | None:
@@ -289,14 +304,8 @@ class ShardConnection(VectorHandlers):
         worker, _clock = self._identify(request.meta)
         check_listed_place(self.shard.shard_id, self.shard.num_shards, request.meta.get("shard_id"))
         self._check_model(request.meta)
-        initialising = self.service.initialising
-        if not initialising.acquire(blocking=False):  # a first checkpoint is under way
-            with long_wait():
-                initialising.acquire()
-        try:
+        with _holding(self.service.initialising):  # a first checkpoint may be under way
             described = self._describe()
-        finally:
-            initialising.release()
         if worker in self.shard.pushed_steps:
             # A restarted worker learns the step of the last push its dead life got applied.
             described[PUSHED_STEP_KEY] = self.shard.pushed_steps[worker]
@@ -368,7 +377,7 @@ class ShardConnection(VectorHandlers):
             self.shard.check_partitioner(partitioner_from_json(request.meta["partitioner"]))
         names = [name for name, _ in request.tensors]
         values = [tensor for _, tensor in request.tensors]
-        with long_wait(), self.service.initialising:
+        with _holding(self.service.initialising):
             adopted = self.shard.initialize(specs, values, names)
             if adopted:
                 logger.info("shard %d initialised by %s", self.shard.shard_id, self.peer)

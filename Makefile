@@ -23,9 +23,11 @@ train: $(STAMP)
 
 # Four test processes on 2 cores: most integration tests wait on processes they started, not
 # on the CPU (with three the suite left half the CPU time idle). Tests of one xdist_group run
-# in one process (the Ray tests share one Ray cluster).
+# in one process (the Ray tests share one Ray cluster). Bytecode is written even where the
+# environment says not to: each of the suite's few hundred Python processes would otherwise
+# compile the package (and each test process rewrite every test module) from source again.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 4 --dist loadgroup --durations=20 tests
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n 4 --dist loadgroup --durations=20 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

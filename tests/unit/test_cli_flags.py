@@ -378,6 +378,37 @@ def test_a_flag_of_the_other_algorithm_is_refused(argv, message, capsys, tmp_pat
 
 
 @pytest.mark.parametrize(
+    ("algorithm", "argv", "message"),
+    [
+        ("sandblaster", ["--steps", "5"], "argument --steps: only applies to algorithm downpour"),
+        ("sandblaster", ["--lr", "0.1"], "argument --lr: only applies to algorithm downpour"),
+        (
+            "downpour",
+            ["--history", "3"],
+            "argument --history: only applies to algorithm sandblaster",
+        ),
+        # A flag both algorithms use: the run's value stands.
+        ("sandblaster", ["--workers", "3"], "argument --workers: a resumed run keeps the value"),
+    ],
+)
+def test_a_resume_refuses_a_flag_of_the_other_algorithm_as_a_new_run_does(
+    algorithm, argv, message, capsys, tmp_path
+):
+    # Not "a resumed run keeps the value": the run has no such value; --steps would not
+    # extend a Sandblaster run (--max-iterations does).
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = JobConfig.from_fields({"optimizer.algorithm": algorithm})
+    (run_dir / "config.json").write_text(config.to_json())
+    assert main(["train", "--resume", str(run_dir), *argv]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert message in line, line
+    if "only applies" in message:
+        assert line.endswith(f"; as {run_dir / 'config.json'} has it"), line
+    assert [path.name for path in run_dir.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize(
     ("flag", "text"), [("--tables", "tables.0,,tables.1"), ("--shard-hosts", "127.0.0.2,")]
 )
 def test_a_slip_in_a_list_is_refused_not_skipped(flag, text, capsys, tmp_path):

@@ -144,12 +144,25 @@ def _resume_changes(args: argparse.Namespace) -> dict[str, object]:
     if missing := missing_run_folder(args.resume):  # first: the other refusals name it
         raise argparse.ArgumentError(None, f"argument --resume: {args.resume}: {missing}")
     if fixed:
+        _refuse_what_the_runs_algorithm_ignores(Path(args.resume), fixed)
         raise argparse.ArgumentError(
             None,
             f"argument {flag_of('train', fixed[0])}: a resumed run keeps the value in "
             f"{Path(args.resume) / 'config.json'}",
         )
     return changes
+
+
+def _refuse_what_the_runs_algorithm_ignores(run_dir: Path, fixed: list[str]) -> None:
+    """A flag of ``fixed`` (fields a resume keeps) that the run's algorithm does not use at
+    all is refused as a new run's is (``--steps`` of a Sandblaster run: Downpour's, not a
+    value the run keeps)."""
+    from distbelief.config import algorithm_of_field
+
+    owned = [name for name in fixed if algorithm_of_field(name) is not None]
+    if owned:
+        kept_from = str(run_dir / "config.json")
+        check_typed_flags_apply("train", owned, _resumed_config(run_dir), kept_from)
 
 
 def _resumed_config_with(args: argparse.Namespace, changes: dict[str, object]) -> JobConfig:

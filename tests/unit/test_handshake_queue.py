@@ -72,3 +72,31 @@ def test_a_stop_between_the_rooms_select_and_its_lock_leaves_the_room_thread_cle
         go.set()
         ours.close()
         peers.close()
+
+
+class _Plain:
+    """Stands in for a server connection whose channel cannot greet: handshaken at once."""
+
+    peer = "127.0.0.1:2"
+    incoming = None
+
+
+def test_stop_ends_every_handshake_thread_at_once(monkeypatch):
+    # Each thread is told to end: not left to end once idle for a while, as every thread but
+    # one was (the first to read the stop took the others' for timeouts of its own wait).
+    monkeypatch.setattr("distbelief.wire.handshakes._HANDSHAKE_IDLE_S", 600.0)
+    release, started = threading.Event(), threading.Semaphore(0)
+
+    def handshake(connection) -> None:
+        started.release()
+        release.wait(60)
+
+    room = HandshakeQueue(handshake, lambda connection: None, max_threads=3, wait_s=60)
+    for _ in range(3):  # three threads, each in a handshake (a thread is added when none is idle)
+        room.submit(_Plain())
+        assert started.acquire(timeout=60)
+    threads = list(room._threads)
+    assert len(threads) == 3
+    release.set()
+    room.stop(time.monotonic() + 60)
+    assert [thread for thread in threads if thread.is_alive()] == []

@@ -27,6 +27,9 @@ _HANDSHAKE_IDLE_S = 2.0
 """A handshake thread with nothing to do for this long ends."""
 _POLL_S = 0.2
 """How often the waiting room looks at its deadlines and the stop flag."""
+_STOP = object()
+"""What ``stop`` queues once per thread: that thread ends at once (not when idle long
+enough, as a thread whose wait for a connection timed out does)."""
 
 
 class HandshakeQueue:
@@ -49,7 +52,7 @@ class HandshakeQueue:
         self._expire = expire
         self._max_threads = max_threads
         self._wait_s = wait_s
-        self._queue: queue.SimpleQueue[ServerConnection | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[ServerConnection | object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
         self._idle = 0
@@ -133,7 +136,7 @@ class HandshakeQueue:
                 if connection is None and not self._queue.empty():
                     continue  # submitted as this thread timed out: counted on it as idle
                 self._idle -= 1
-                if connection is None:
+                if connection is None or connection is _STOP:
                     self._threads.discard(threading.current_thread())
                     return
             try:
@@ -157,6 +160,6 @@ class HandshakeQueue:
         for connection in waiting:
             self._expire(connection)
         for _ in threads:
-            self._queue.put(None)
+            self._queue.put(_STOP)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))

@@ -13,6 +13,7 @@ from distbelief.launch.cluster import Event, Fault, ProcessKind, ProcessSpec
 from distbelief.launch.stop_records import describe_fault
 from distbelief.launch.summary import RunResult, write_summary
 from distbelief.launch.supervise import EventRouter, job_result
+from distbelief.launch.train_report import describe_restore
 from distbelief.telemetry import MetricsWriter, make_record
 from distbelief.telemetry.metrics import EVALUATED
 
@@ -40,6 +41,23 @@ def test_a_failed_job_keeps_every_field_of_a_done_one(tmp_path: Path) -> None:
     assert summary["outcome"] == "failed" and summary["reason"].startswith("shard0 failed")
     assert summary["faults"][0]["action"] == "given up"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("version_before", "redone", "line_ends"),
+    [(30, 8, "redid 8 updates"), (22, 0, "nothing to redo")],
+)
+def test_a_rollback_the_coordinator_did_not_count_is_counted_from_the_versions(
+    tmp_path: Path, version_before: int, redone: int, line_ends: str
+) -> None:
+    """A Sandblaster shard killed once the coordinator had finished: the line said "nothing
+    to redo" from the shard's versions while summary.json said updates_redone null."""
+    fault = Fault("shard1", 1.0, -9, "restarted", version_before=version_before)
+    fault.version_restored, fault.rolled_back = 22, True
+    write_summary(RunResult(tmp_path, faults=[fault]))
+    [written] = json.loads((tmp_path / "summary.json").read_text())["faults"]
+    assert (written["updates_redone"], written["lost_updates"]) == (redone, 0)
+    assert describe_restore(fault).endswith(line_ends)
 
 
 def test_a_diverged_loss_is_written_as_null_in_strict_json(tmp_path: Path) -> None:

@@ -204,6 +204,17 @@ class Fault:
     workers' replays after that heartbeat went uncounted."""
 
     @property
+    def redone(self) -> int | None:
+        """Rolled back: the updates done again, ``updates_redone`` as the coordinator counted
+        them or, where it did not say (it had finished, or failed), what the shard's versions
+        tell: those it had applied past the checkpoint it restored. None otherwise."""
+        if not self.rolled_back:
+            return None
+        if self.updates_redone is not None or self.version_restored is None:
+            return self.updates_redone
+        return max(0, (self.version_before or 0) - self.version_restored)
+
+    @property
     def lost_updates(self) -> int | None:
         """Updates the dead shard had applied that neither its checkpoint nor the workers'
         replays and retries brought back (``version_before`` is the most any process saw);

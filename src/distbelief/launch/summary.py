@@ -89,7 +89,12 @@ def summary_json(result: RunResult) -> str:
             **({"partitions": result.partitions} if result.partitions else {}),
             "shards": result.shards,
             "faults": [
-                {**dataclasses.asdict(fault), "lost_updates": fault.lost_updates}
+                {
+                    **dataclasses.asdict(fault),
+                    # What the launcher's line says was redone, where the coordinator did not.
+                    "updates_redone": fault.redone,
+                    "lost_updates": fault.lost_updates,
+                }
                 for fault in result.faults
             ],
         }

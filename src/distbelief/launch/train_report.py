@@ -63,10 +63,7 @@ def describe_restore(fault: Fault) -> str:
         return f"{fault.process}: the job went back to its last checkpoint and {redid}"
     text = f"{fault.process}: restored version {fault.version_restored}"
     if fault.rolled_back:
-        if fault.updates_redone is not None:
-            redone = fault.updates_redone
-        else:  # the coordinator did not say (it failed, or had finished): the versions tell
-            redone = max(0, (fault.version_before or 0) - fault.version_restored)
+        redone = fault.redone or 0
         if redone == 0:  # nothing was rolled back (the coordinator had finished, say)
             return text + ", every update it had applied: nothing to redo"
         return text + f"; the job went back to that checkpoint and redid {_count(redone, 'update')}"

@@ -84,6 +84,19 @@ def test_no_summary_when_no_process_started_and_no_unknown_outcome(tmp_path: Pat
     assert not list(tmp_path.iterdir())
 
 
+def test_a_workers_steps_are_at_least_those_of_its_pushes_the_shards_applied() -> None:
+    """A worker given up after pushing step 29 had reported step 20 in its last row: its
+    worker_steps said 20, below the step its fault said its next life went on from."""
+    route = EventRouter(_Records())
+    worker1 = ProcessSpec(ProcessKind.WORKER, 1)
+    route(Event("metric", worker1, make_record("worker", 1, time_s=1.0, step=20, loss=0.5)))
+    route(Event("pushed", worker1, {"rank": 1, "step": 29}))
+    assert route.steps_reported == {1: 29}
+    route(Event("started", worker1, {"rank": 1, "time": 2.0, "step": 25}))  # a next life
+    route(Event("metric", worker1, make_record("worker", 1, time_s=3.0, step=30, loss=0.5)))
+    assert route.steps_reported == {1: 30}
+
+
 def test_router_keeps_the_last_step_of_each_worker_and_the_last_evaluation() -> None:
     route = EventRouter(_Records())
     worker1 = ProcessSpec(ProcessKind.WORKER, 1)

@@ -74,6 +74,11 @@ class EventRouter:
             # A Sandblaster worker's steps are the portions it computed.
             unit = "portions" if "portions" in payload else "steps"
             self.sink.message(f"{source.name} finished after {payload['steps']} {unit}")
+        if kind in ("started", "pushed") and "step" in payload and "stage" not in payload:
+            # The shards hold a worker's pushes up to this step: it got at least that far,
+            # though its rows (every few steps) may have told less before it was given up.
+            rank = payload["rank"]
+            self.steps_reported[rank] = max(self.steps_reported.get(rank, 0), payload["step"])
 
     def now_s(self) -> float | None:
         """Now on the records' clock (seconds since the first worker started), for a message

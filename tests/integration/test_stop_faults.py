@@ -127,6 +127,42 @@ def test_a_shard_killed_or_failing_while_the_job_stops_is_in_the_summary_and_not
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_shards_that_cannot_save_as_a_finished_job_stops_are_each_a_fault(tmp_path):
+    """Both shards of a job whose worker finished fail their last save: the job fails, and
+    each shard is a fault of the stop. The first to fail was left out of the faults (only the
+    summary's reason named it), the second was one."""
+    run_dir = tmp_path / "run"
+    job = ("train", *("--model", "mlp", "--shards", "2", "--workers", "1", "--steps", "1500"))
+    job += ("--checkpoint-every", "3600", "--no-eval", "--no-plots")
+    [launcher] = start_scripts([[*CLI[1:], *job, "--out", str(run_dir)]])
+    records = [run_dir / "checkpoints" / f"shard{i}.json" for i in range(2)]
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not all(record.exists() for record in records):  # the first checkpoints
+            assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no first checkpoints"
+            time.sleep(0.02)
+        for record in records:  # a folder where each one's last record goes
+            record.unlink()
+            record.mkdir()
+        _, err = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_processes([launcher])
+    assert launcher.returncode == 1, err[-3000:]
+    summary = _summary(run_dir)
+    assert summary["outcome"] == "failed"
+    assert summary["worker_steps"] == {"0": 1500}  # the worker had finished
+    faults = {fault["process"]: fault for fault in summary["faults"]}
+    assert faults.keys() == {"shard0", "shard1"}, summary["faults"]
+    for name, fault in faults.items():
+        assert (fault["action"], fault["while_stopping"]) == ("given up", True), fault
+        assert fault["error"].startswith("IsADirectoryError"), fault
+        said = f"{name} failed (exit code 1) while the job stopped: IsADirectoryError"
+        assert said in err, err[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_shard_the_launcher_kills_before_it_saved_its_last_checkpoint_is_a_fault(tmp_path):
     """shard1, stopped (SIGSTOP), cannot save its last checkpoint as the job stops: the
     launcher kills it once the stop's grace period is over. That kill, the launcher's own, was

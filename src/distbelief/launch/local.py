@@ -314,16 +314,18 @@ class LocalCluster:
     def _settle_error(self, spec: ProcessSpec, process: Any, *, announce: bool = True) -> None:
         """Process ``spec`` reported an error: it fails the job (raised), or, the job ending
         already (``begin_stop``), is a fault of the stop (given to ``on_fault`` if
-        ``announce``)."""
+        ``announce``). An error as a finished job's shards stop is both: a fault of the
+        stop, as a death then is, that fails the job."""
         name = spec.name
         if name in self._errors_settled:
             return
         self._errors_settled.add(name)
+        if self._ending_early or self.book.stopping:
+            fault = self.book.record_error(spec, process.exitcode, self.errors[name])
+            if announce and self.on_fault is not None:
+                self.on_fault(fault)
         if not self._ending_early:
             raise ChildFailedError(name, process.exitcode, self.errors[name])
-        fault = self.book.record_error(spec, process.exitcode, self.errors[name])
-        if announce and self.on_fault is not None:
-            self.on_fault(fault)
 
     def _stop_replica(self, rank: int) -> None:
         """Kill every stage of replica ``rank`` still running (its peers are gone or going)."""

@@ -339,15 +339,17 @@ class RayCluster:
     def _settle_error(self, spec: ProcessSpec, detail: str, *, announce: bool = True) -> None:
         """Process ``spec`` reported an error: it fails the job (raised), or, the job ending
         already (``begin_stop``), is a fault of the stop (given to ``on_fault`` if
-        ``announce``)."""
+        ``announce``). An error as a finished job's shards stop is both: a fault of the
+        stop, as a death then is, that fails the job."""
         if spec.name in self._errors_settled:
             return
         self._errors_settled.add(spec.name)
+        if self._ending_early or self.book.stopping:
+            fault = self.book.record_error(spec, None, detail)
+            if announce and self.on_fault is not None:
+                self.on_fault(fault)
         if not self._ending_early:
             raise ChildFailedError(spec.name, None, detail)
-        fault = self.book.record_error(spec, None, detail)
-        if announce and self.on_fault is not None:
-            self.on_fault(fault)
 
     def _note_placed(self, name: str, info: dict) -> None:
         """A process started (its pid and node); a late starter of a kind told to stop

@@ -329,3 +329,29 @@ def test_off_a_terminal_ray_prints_plainly_and_a_refused_job_leaves_the_environm
     with pytest.raises(ConfigFieldError, match="no Ray head answers"):
         RayCluster.warm_up(config)
     assert "RAY_DEDUP_LOGS" not in os.environ
+
+
+@pytest.mark.parametrize("users_token", [None, "ab" * 32])
+def test_the_embedded_instance_gets_a_fresh_token_whatever_the_user_set(monkeypatch, users_token):
+    """RAY_AUTH_MODE=token, set to join one's clusters, had the embedded instance read the
+    home folder's token file (the clusters' token), or write one there; afterwards the
+    user's settings are as they were."""
+    pytest.importorskip("ray")
+    import os
+
+    from distbelief.launch.ray_session import prepare_embedded, restore_environment
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    if users_token is None:
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", users_token)
+    prepare_embedded()
+    try:
+        token = os.environ["RAY_AUTH_TOKEN"]
+        assert os.environ["RAY_AUTH_MODE"] == "token"
+        assert len(token) == 64 and token != users_token
+    finally:
+        restore_environment()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert os.environ.get("RAY_AUTH_TOKEN") == users_token

@@ -206,12 +206,8 @@ def _auth_headers() -> dict[str, str]:
 
 def _embedded_environment() -> dict[str, str]:
     """Variables the embedded instance needs set before Ray is imported and started; variables
-    the user set already are kept."""
+    the user set already are kept, but for the token's."""
     wanted = {
-        # A fresh token per job: another user of this machine cannot join the instance; and
-        # Ray leaves no token file in the home folder.
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "RAY_USAGE_STATS_ENABLED": "0",
         # Ray starts its workers at niceness 15, below everything else on the machine; the
         # embedded instance's actors run as the local launcher's processes do (at 0).
@@ -222,14 +218,23 @@ def _embedded_environment() -> dict[str, str]:
         # single-machine instance (its mode on macOS and Windows, read when Ray is imported);
         # the embedded instance is one, so nothing of the job listens beyond loopback.
         wanted["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    if "RAY_AUTH_MODE" in os.environ:
-        del wanted["RAY_AUTH_MODE"], wanted["RAY_AUTH_TOKEN"]
-    return {name: value for name, value in wanted.items() if name not in os.environ}
+    kept = {name: value for name, value in wanted.items() if name not in os.environ}
+    # A fresh token per job, whatever the user set to join their clusters: another user of
+    # this machine cannot join the instance, and Ray reads no token file in the home folder,
+    # nor writes one there (with RAY_AUTH_MODE=token and no token given, it did).
+    return {**kept, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
-_variables_set: list[str] = []
-"""The variables ``prepare_embedded`` set in this process's environment (``close`` unsets them:
-a ``ray start`` run later from this process must not inherit the single-machine mode)."""
+_variables_set: dict[str, str | None] = {}
+"""The variables ``prepare_embedded`` (and ``plain_lines_off_a_terminal``) set in this
+process's environment, each with its value before (None: unset), which ``restore_environment``
+puts back: a ``ray start`` run later from this process must not inherit the single-machine
+mode, nor a script the embedded instance's token."""
+
+
+def _set_variable(name: str, value: str) -> None:
+    _variables_set.setdefault(name, os.environ.get(name))
+    os.environ[name] = value
 
 
 def prepare_embedded() -> ModuleType:
@@ -239,8 +244,7 @@ def prepare_embedded() -> ModuleType:
         ConfigFieldError: Ray is not installed.
     """
     for name, value in _embedded_environment().items():
-        os.environ[name] = value
-        _variables_set.append(name)
+        _set_variable(name, value)
     try:
         return import_ray()
     except ConfigFieldError:
@@ -259,14 +263,16 @@ def plain_lines_off_a_terminal() -> None:
         return
     for name in ("RAY_COLOR_PREFIX", "RAY_DEDUP_LOGS"):
         if name not in os.environ:
-            os.environ[name] = "0"
-            _variables_set.append(name)
+            _set_variable(name, "0")
 
 
 def restore_environment() -> None:
-    """Unsets what ``prepare_embedded`` set."""
-    for name in _variables_set:
-        os.environ.pop(name, None)
+    """Puts back what ``prepare_embedded`` set as it was."""
+    for name, before in _variables_set.items():
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
     _variables_set.clear()
 
 

@@ -355,3 +355,23 @@ def test_the_embedded_instance_gets_a_fresh_token_whatever_the_user_set(monkeypa
         restore_environment()
     assert os.environ["RAY_AUTH_MODE"] == "token"
     assert os.environ.get("RAY_AUTH_TOKEN") == users_token
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        # Ray started an instance of its own for it: on every interface, left running.
+        ("local", "give --ray-address local for an instance of the job's own"),
+        ("foo", "not HOST:PORT of a Ray head"),
+        ("ray://10.0.0.1:10001", "a Ray Client address"),
+    ],
+)
+def test_auto_refuses_a_ray_address_variable_that_is_no_heads_address(monkeypatch, value, problem):
+    from distbelief.errors import ConfigFieldError
+    from distbelief.launch.ray_session import check_address
+
+    monkeypatch.setenv("RAY_ADDRESS", value)
+    with pytest.raises(ConfigFieldError) as refusal:
+        check_address("auto")
+    assert refusal.value.field == "cluster.ray_address"
+    assert refusal.value.problem.startswith(f"auto reads RAY_ADDRESS={value!r}: {problem}")

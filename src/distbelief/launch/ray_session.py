@@ -72,23 +72,52 @@ def check_address(address: str) -> None:
             "cannot be a Ray Client address: run distbelief on a node of the cluster and give "
             f"its head's HOST:PORT (or auto), got {address!r}",
         )
-    if address != "auto":
-        host, colon, port = address.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]  # an IPv6 address in brackets
-        # ASCII digits only: str.isdigit() takes other scripts' digits (int() reads them, Ray's
-        # client does not) and superscripts (int() refuses them).
-        digits = port.isascii() and port.isdigit()
-        if not (colon and is_host(host) and digits and 0 < int(port) < 65536):
-            raise ConfigFieldError(
-                "cluster.ray_address",
-                f"must be HOST:PORT of a Ray head, auto or local, got {address!r}",
-            )
+    if address == "auto":
+        _check_ray_address_variable()
+    elif not _is_host_port(address):
+        raise ConfigFieldError(
+            "cluster.ray_address",
+            f"must be HOST:PORT of a Ray head, auto or local, got {address!r}",
+        )
     import_ray()
     found = _address_of_auto() if address == "auto" else _address_dialed(address)
     if found is None:  # this Ray cannot say where auto leads (ray.init finds out)
         return
     _check_head_answers(found, shown=_address_shown(address, found))
+
+
+def _is_host_port(address: str) -> bool:
+    host, colon, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # an IPv6 address in brackets
+    # ASCII digits only: str.isdigit() takes other scripts' digits (int() reads them, Ray's
+    # client does not) and superscripts (int() refuses them).
+    digits = port.isascii() and port.isdigit()
+    return bool(colon and is_host(host) and digits and 0 < int(port) < 65536)
+
+
+def _check_ray_address_variable() -> None:
+    """Refuses a RAY_ADDRESS that auto would read and that is not a head's HOST:PORT: Ray
+    would start an instance of its own for "local" (on every interface, sized to this
+    machine, left running), or say only "Invalid address format" for the others.
+
+    Raises:
+        ConfigFieldError: it is not.
+    """
+    value = os.environ.get("RAY_ADDRESS", "")
+    if not value or _is_host_port(value):
+        return
+    if value == "local":
+        problem = "give --ray-address local for an instance of the job's own"
+    elif value.startswith("ray://"):
+        problem = "a Ray Client address: run distbelief on a node of the cluster"
+    else:
+        problem = "not HOST:PORT of a Ray head"
+    raise ConfigFieldError(
+        "cluster.ray_address",
+        f"auto reads RAY_ADDRESS={value!r}: {problem} (or unset RAY_ADDRESS, or give the "
+        "head's HOST:PORT)",
+    )
 
 
 def _address_shown(address: str, found: str) -> str:

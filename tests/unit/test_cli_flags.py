@@ -1688,3 +1688,20 @@ def test_numbers_in_lists_are_taken_as_typed_too(capsys):
         result = run_main("train", flag, value, capsys=capsys)
         assert result.returncode == 2
         assert repr(value) in _one_error_line(result.stderr)
+
+
+def test_a_local_run_placed_on_hosts_resumes_on_ray_without_them(tmp_path):
+    # Its --shard-hosts and --worker-host were refused as the ray engine's, and could not be
+    # cleared: a resume keeps a run's values, and the flags are refused with --cluster ray.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    placed = {"cluster.shard_hosts": ("127.0.0.2",), "cluster.worker_host": "127.0.0.3"}
+    config = JobConfig.from_fields(placed)
+    (run_dir / "config.json").write_text(config.to_json())
+    args = parse_args(["train", "--resume", str(run_dir), "--cluster", "ray"])
+    resumed = config.with_fields(cli._resume_changes(args))
+    assert resumed.cluster.engine == "ray"
+    assert (resumed.cluster.shard_hosts, resumed.cluster.worker_host) == (
+        JobConfig().cluster.shard_hosts,
+        JobConfig().cluster.worker_host,
+    )

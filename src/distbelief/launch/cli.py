@@ -137,6 +137,12 @@ def _resume_changes(args: argparse.Namespace) -> dict[str, object]:
     if changes.get("cluster.engine", "ray") != "ray":
         # A run resumed on another engine leaves the Ray address it was given behind.
         changes.setdefault("cluster.ray_address", "")
+    elif "cluster.engine" in changes:
+        # And a run resumed on Ray, the hosts the local launcher placed its processes on
+        # (Ray places them): typed with --cluster ray, they are refused as for a new run.
+        local = JobConfig().cluster
+        changes.setdefault("cluster.shard_hosts", local.shard_hosts)
+        changes.setdefault("cluster.worker_host", local.worker_host)
     fixed = [
         name for name in changes if name not in RESUMABLE_FIELDS and name != "cluster.num_shards"
     ]

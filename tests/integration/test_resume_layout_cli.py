@@ -175,6 +175,17 @@ def test_a_click_model_run_is_refused_tables_of_another_width_or_an_edited_chunk
         "of 16 values, the model's of 8"
     )
 
+    # Rows of another row optimizer: refused before anything starts, not by a shard once
+    # started (exit 1, the run's summary.json then failed).
+    def adam_rows(config: dict) -> None:
+        config["embeddings"]["row_optimizer"] = "adam"
+
+    assert _refused(resume_refused, run_dir, adam_rows) == (
+        ERROR.format(run=run_dir) + f"{run_dir / 'checkpoints' / 'rows-shard0.json'}: shard 0 "
+        "would not restore it: table 'tables.0' holds the rows of --row-optimizer sgd, the "
+        "job's (its config.json's) is adam"
+    )
+
     # A row chunk edited and given matching digests: its header tells, before anything starts.
     chunk, _, line = _refused_row_chunk(
         resume_refused, run_dir, lambda t: t.update({"vals": t.pop("values")})

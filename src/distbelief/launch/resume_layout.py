@@ -27,6 +27,7 @@ from distbelief.launch.rundir import run_dir_path
 from distbelief.server.checkpoint_meta import (
     meta_path,
     read_meta,
+    read_rows_meta,
     rows_meta_path,
     saved_row_widths,
     saved_specs,
@@ -182,7 +183,24 @@ def _check_tables(directory: Path, config: JobConfig, widths: dict[str, int]) ->
                 f"{rows_meta_path(directory, shard_id)} holds another model's tables than "
                 f"{config.model.name!r} (its config.json's): {difference}"
             )
+        _check_row_optimizers(directory, shard_id, config.embeddings.row_optimizer)
         check_row_chunks(directory, shard_id)
+
+
+def _check_row_optimizers(directory: Path, shard_id: int, row_optimizer: str) -> None:
+    """Every row table of shard ``shard_id``'s row checkpoint holds ``row_optimizer``'s rows
+    (the shard would refuse others once started, failing the job)."""
+    from distbelief.server.row_optimizers import flag_name_of
+
+    meta = read_rows_meta(directory, shard_id) or {}
+    for table, saved in meta.get("tables", {}).items():
+        held = flag_name_of(str(saved.get("optimizer")))
+        if held != row_optimizer:
+            raise CheckpointError(
+                f"{rows_meta_path(directory, shard_id)}: shard {shard_id} would not restore it: "
+                f"table {table!r} holds the rows of --row-optimizer {held}, the job's (its "
+                f"config.json's) is {row_optimizer}"
+            )
 
 
 def _check_groups(

@@ -210,6 +210,27 @@ def _job_run(name: str, records: list[dict], **fields: object) -> RunData:
     return RunData(Path(name), records, dotted_fields(json.loads(config.to_json())))
 
 
+def test_run_labels_name_every_setting_of_the_results_that_differs() -> None:
+    """Two click-model runs of other row optimizers and table sizes were labelled alike
+    (the labels knew no embedding setting), told apart only by their folder names."""
+    click = {"model.name": "dlrm", "data.name": "synthetic-ctr", "optimizer.steps": 30}
+    labels = run_labels(
+        [
+            _job_run("ro1", [], **click, **{"embeddings.row_optimizer": "sgd"}),
+            _job_run(
+                "ro2",
+                [],
+                **click,
+                **{"embeddings.row_optimizer": "adagrad", "data.table_size": 500},
+            ),
+        ]
+    )
+    assert labels == [
+        "2w x 2s, sgd, n_push=1, row_optimizer=sgd",
+        "2w x 2s, sgd, n_push=1, table_size=500, row_optimizer=adagrad",
+    ]
+
+
 def _iterations(role: str, **fields: object) -> list[dict]:
     return [make_record(role, 0, time_s=0.5 * step, step=step, **fields) for step in range(1, 9)]
 

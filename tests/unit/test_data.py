@@ -130,6 +130,19 @@ def test_cifar10_archive_put_in_the_data_dir_by_hand_is_extracted_without_downlo
     assert (data_dir / cifar10.BATCHES_DIR / "data_batch_5").is_file()
 
 
+def test_another_archive_of_cifar10s_name_leaves_none_of_its_files(tmp_path):
+    # Its members were put in the data folder before the batches were found missing.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with tarfile.open(data_dir / cifar10.ARCHIVE_NAME, "w:gz") as tar:
+        info = tarfile.TarInfo("readme.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    with pytest.raises(DatasetUnavailableError, match="did not contain them"):
+        load_dataset("cifar10", split="train", data_dir=data_dir, download=False)
+    assert [path.name for path in data_dir.iterdir()] == [cifar10.ARCHIVE_NAME]
+
+
 def test_cifar10_missing_without_download_names_files_and_url(tmp_path):
     with pytest.raises(DatasetUnavailableError) as info:
         load_dataset("cifar10", split="test", data_dir=tmp_path, download=False)

@@ -64,7 +64,8 @@ def load_cifar10(split: str, data_dir: Path, download: bool = True) -> ArrayData
         try:
             if download:
                 download_file(CIFAR10_URL, archive, CIFAR10_MD5)
-            extract_tar(archive, data_dir)
+            # Another archive of that name leaves none of its files in data_dir.
+            extract_tar(archive, data_dir, [f"{BATCHES_DIR}/{n}" for n in SPLIT_FILES[split]])
         except DatasetUnavailableError as e:
             raise DatasetUnavailableError(_unavailable_message(data_dir, split, str(e))) from e
         if _missing_files(batches_dir, split):

@@ -15,6 +15,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 
 from distbelief.errors import DatasetUnavailableError
@@ -106,7 +107,7 @@ def _stream_to_file(url: str, fd: int, timeout_s: float) -> str:
     return digest.hexdigest()
 
 
-def extract_tar(archive: Path, dest_dir: Path) -> None:
+def extract_tar(archive: Path, dest_dir: Path, required: Collection[str] = ()) -> None:
     """Extracts a tar archive into dest_dir, refusing members that could escape it.
 
     The members are extracted into a folder of their own in dest_dir, then each file is
@@ -116,11 +117,13 @@ def extract_tar(archive: Path, dest_dir: Path) -> None:
     Args:
         archive: Path of a (possibly compressed) tar file.
         dest_dir: Folder to extract into; created if missing.
+        required: Files (paths in the archive) it must hold: an archive without them is
+            another one, none of whose files is put in dest_dir.
 
     Raises:
         ValueError: If a member has an absolute path or a ".." component, or is anything other
             than a regular file or a directory (links could point outside dest_dir).
-        DatasetUnavailableError: If the archive cannot be read.
+        DatasetUnavailableError: If the archive cannot be read, or lacks a required file.
     """
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -130,12 +133,17 @@ def extract_tar(archive: Path, dest_dir: Path) -> None:
             members = tar.getmembers()
             for member in members:
                 _check_member(archive, member)
-            # The "data" filter (Python >= 3.10.12) is a second line of defence where it exists.
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(staging, members=members, filter="data")
-            else:
-                tar.extractall(staging, members=members)
-        _move_into_place(staging, dest_dir)
+            files = {member.name.removeprefix("./") for member in members if member.isfile()}
+            lacking = [name for name in required if name not in files]
+            if not lacking:
+                # The "data" filter (Python >= 3.10.12) is a second line of defence where it
+                # exists.
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(staging, members=members, filter="data")
+                else:
+                    tar.extractall(staging, members=members)
+        if not lacking:
+            _move_into_place(staging, dest_dir)
     except (OSError, tarfile.TarError, EOFError) as e:
         # tarfile's "file could not be opened successfully" lists every method it tried, one
         # line each: the error stays one line.
@@ -143,6 +151,8 @@ def extract_tar(archive: Path, dest_dir: Path) -> None:
         raise DatasetUnavailableError(f"could not extract {archive}: {reason}") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if lacking:
+        raise DatasetUnavailableError(f"{Path(archive).name} did not contain them")
 
 
 def _move_into_place(staging: Path, dest_dir: Path) -> None:

@@ -929,6 +929,7 @@ class JobConfig:
             if problem is not None:
                 raise ConfigFieldError("embeddings.tables", problem)
             self._check_dense_tables_fit()
+            self._check_row_cache_fits()
             return
         changed = [
             f"embeddings.{item.name}"
@@ -951,6 +952,18 @@ class JobConfig:
             return ()
         every = (f"tables.{t}" for t in range(CLICK_LOG_TABLES.get(self.data.name, 0)))
         return tuple(table for table in every if table not in named)
+
+    def _check_row_cache_fits(self) -> None:
+        """A worker allocates its whole row cache as it starts: one larger than this machine's
+        memory failed it then (or stalled it, swapping, past the shards' timeout)."""
+        memory = physical_memory_bytes()
+        cache_bytes = self.embeddings.row_cache_mb * 2**20
+        if memory is not None and cache_bytes > memory:
+            raise ConfigFieldError(
+                "embeddings.row_cache_mb",
+                f"must fit in this machine's memory ({memory / 2**20:.0f} MiB): each worker "
+                f"allocates its cache whole as it starts, got {self.embeddings.row_cache_mb:g}",
+            )
 
     def _check_dense_tables_fit(self) -> None:
         """A table ``--tables`` leaves out is a dense parameter, built whole on every worker

@@ -1705,3 +1705,13 @@ def test_a_local_run_placed_on_hosts_resumes_on_ray_without_them(tmp_path):
         JobConfig().cluster.shard_hosts,
         JobConfig().cluster.worker_host,
     )
+
+
+def test_a_row_cache_larger_than_the_machines_memory_is_refused(capsys, tmp_path):
+    # Each worker allocated it whole as it started: it failed then, or stalled past the
+    # shards' timeout, which failed the job with a line naming the evaluator.
+    argv = ["--model", "dlrm", "--dataset", "synthetic-ctr", "--row-cache-mb", "1e9"]
+    assert main(["train", *argv, "--out", str(tmp_path / "run")]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "argument --row-cache-mb: must fit in this machine's memory (" in line, line
+    assert not (tmp_path / "run").exists()

@@ -186,6 +186,17 @@ def test_a_click_model_run_is_refused_tables_of_another_width_or_an_edited_chunk
         "job's (its config.json's) is adam"
     )
 
+    # Tables of another number of rows (a MovieLens file that gained a larger id sizes them
+    # anew): refused before anything starts, not by a worker once started.
+    def more_rows(config: dict) -> None:
+        config["data"]["table_size"] = 3000
+
+    assert _refused(resume_refused, run_dir, more_rows) == (
+        ERROR.format(run=run_dir) + f"{run_dir / 'checkpoints' / 'rows-shard0.json'}: table "
+        "'tables.0' was made for 2000 rows, the job's is of 3000 (sized by --table-size, in "
+        "its config.json): resume with the data and settings the run trained on"
+    )
+
     # A row chunk edited and given matching digests: its header tells, before anything starts.
     chunk, _, line = _refused_row_chunk(
         resume_refused, run_dir, lambda t: t.update({"vals": t.pop("values")})

@@ -60,8 +60,8 @@ def check_resumed_layout(config: JobConfig) -> None:
             if committed is None:
                 return  # no committed iteration: the shards start afresh
             directory = Path(committed)
-        groups, widths = _expected_layout(config)
-        _check_tables(directory, config, widths)
+        groups, tables = _expected_layout(config)
+        _check_tables(directory, config, tables)
         _check_groups(directory, config, groups)
     except CheckpointError as e:
         raise CheckpointError(f"--resume {run_dir}: cannot resume: {e}") from e
@@ -126,10 +126,10 @@ def model_group_sizes(config: JobConfig) -> list[list[int]]:
 
 def _expected_layout(
     config: JobConfig,
-) -> tuple[dict[str, tuple[str, list[TensorSpec]]], dict[str, int]]:
+) -> tuple[dict[str, tuple[str, list[TensorSpec]]], dict[str, tuple[int, int]]]:
     """What the job's shards hold for its model: by parameter group, what holds it (in words)
-    and its tensors' specs; and a click model's row widths by table. Sizes only: the shape of
-    the test split (the smaller) and the model on the meta device."""
+    and its tensors' specs; and a click model's tables' rows and row widths. Sizes only: the
+    shape of the test split (the smaller) and the model on the meta device."""
     import torch  # a resume only
 
     from distbelief.data import load_job_dataset
@@ -137,7 +137,7 @@ def _expected_layout(
 
     test_set = load_job_dataset(config.data, "test")
     name = config.model.name
-    widths: dict[str, int] = {}
+    shapes: dict[str, tuple[int, int]] = {}
     with torch.device("meta"):
         if name in CLICK_MODELS:
             from distbelief.embeddings.modules import swap_embeddings
@@ -146,7 +146,7 @@ def _expected_layout(
 
             model = build_ctr_replica(config, test_set)
             tables = swap_embeddings(model, table_names(config.embeddings.tables))
-            widths = {table: module.embedding_dim for table, module in tables.items()}
+            shapes = {t: (m.num_embeddings, m.embedding_dim) for t, m in tables.items()}
             groups = [(DEFAULT_GROUP, list(model.named_parameters()))]
         else:
             from distbelief.models import build_model
@@ -155,20 +155,21 @@ def _expected_layout(
             shape, classes = test_set.input_shape, test_set.num_classes
             groups = parameter_groups(config, build_model(name, shape, classes), shape, classes)
     if len(groups) == 1:
-        return {groups[0][0]: (repr(name), tensor_specs(groups[0][1]))}, widths
+        return {groups[0][0]: (repr(name), tensor_specs(groups[0][1]))}, shapes
     points = list(config.pipeline.split_points or ())
     return {
         group: (f"partition {stage} of {name!r} split at {points}", tensor_specs(named))
         for stage, (group, named) in enumerate(groups)
-    }, widths
+    }, shapes
 
 
-def _check_tables(directory: Path, config: JobConfig, widths: dict[str, int]) -> None:
+def _check_tables(directory: Path, config: JobConfig, shapes: dict[str, tuple[int, int]]) -> None:
     """Every shard's row tables are tables of the model, of its row widths (a table not saved
-    yet is made empty, as a shard makes it), and every chunk file's header lists what the
-    shard restores (``check_row_chunks``)."""
+    yet is made empty, as a shard makes it), of its rows and row optimizer, and every chunk
+    file's header lists what the shard restores (``check_row_chunks``)."""
     from distbelief.server.row_chunk_layout import check_row_chunks
 
+    widths = {table: dim for table, (_, dim) in shapes.items()}
     for shard_id in range(config.cluster.num_shards):
         saved = saved_row_widths(directory, shard_id) or {}
         for table, width in saved.items():
@@ -183,24 +184,44 @@ def _check_tables(directory: Path, config: JobConfig, widths: dict[str, int]) ->
                 f"{rows_meta_path(directory, shard_id)} holds another model's tables than "
                 f"{config.model.name!r} (its config.json's): {difference}"
             )
-        _check_row_optimizers(directory, shard_id, config.embeddings.row_optimizer)
+        _check_row_settings(directory, shard_id, config, shapes)
         check_row_chunks(directory, shard_id)
 
 
-def _check_row_optimizers(directory: Path, shard_id: int, row_optimizer: str) -> None:
-    """Every row table of shard ``shard_id``'s row checkpoint holds ``row_optimizer``'s rows
-    (the shard would refuse others once started, failing the job)."""
+def _check_row_settings(
+    directory: Path, shard_id: int, config: JobConfig, shapes: dict[str, tuple[int, int]]
+) -> None:
+    """Every row table of shard ``shard_id``'s row checkpoint holds the rows of the job's row
+    optimizer, and was made for as many rows as the job's table has (a MovieLens file that
+    gained a larger id since sizes it anew): the shard, or a worker, would refuse it once
+    started, failing the job."""
     from distbelief.server.row_optimizers import flag_name_of
 
+    path = rows_meta_path(directory, shard_id)
+    row_optimizer = config.embeddings.row_optimizer
     meta = read_rows_meta(directory, shard_id) or {}
     for table, saved in meta.get("tables", {}).items():
         held = flag_name_of(str(saved.get("optimizer")))
         if held != row_optimizer:
             raise CheckpointError(
-                f"{rows_meta_path(directory, shard_id)}: shard {shard_id} would not restore it: "
-                f"table {table!r} holds the rows of --row-optimizer {held}, the job's (its "
-                f"config.json's) is {row_optimizer}"
+                f"{path}: shard {shard_id} would not restore it: table {table!r} holds the "
+                f"rows of --row-optimizer {held}, the job's (its config.json's) is "
+                f"{row_optimizer}"
             )
+        made_for = (saved.get("settings") or {}).get("num_embeddings")
+        rows = shapes.get(table, (None, None))[0]
+        if made_for is not None and rows is not None and made_for != rows:
+            raise CheckpointError(
+                f"{path}: table {table!r} was made for {made_for} rows, the job's is of "
+                f"{rows} (sized by {_what_sizes_the_tables(config)}): resume with the data "
+                "and settings the run trained on"
+            )
+
+
+def _what_sizes_the_tables(config: JobConfig) -> str:
+    if config.data.name == "movielens":
+        return f"the ratings in --data-dir {config.data.data_dir}"
+    return "--table-size, in its config.json"
 
 
 def _check_groups(

@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -380,6 +381,25 @@ def master_address(args: argparse.Namespace) -> str:
     return f"{host}:{args.port}"
 
 
+_JOINING: list[threading.Thread] = []
+"""The thread of ``join_process_group``, once started."""
+
+
+def _exit_interrupted(parser: argparse.ArgumentParser) -> None:
+    """Exit 130 with one line. A rank that tried to join the process group leaves at once,
+    its ``finally`` blocks run: torch's rendezvous may have left a thread of its own in C++
+    (still waiting, or its store's, the server gone), which the interpreter's exit destroys
+    running (``terminate called without an active exception``, exit 134)."""
+    message = f"{parser.prog}: interrupted\n"
+    if not _JOINING:
+        parser.exit(130, message)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def join_process_group(args: argparse.Namespace) -> None:
     """``dist.init_process_group`` on a thread of its own: torch waits for the other ranks in
     C++, where the main thread would see Ctrl-C or SIGTERM only once --join-timeout ran out."""
@@ -398,6 +418,7 @@ def join_process_group(args: argparse.Namespace) -> None:
             errors.append(e)
 
     thread = threading.Thread(target=join, name="join-process-group", daemon=True)
+    _JOINING.append(thread)
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.1)  # wakes for signals, which only the main thread handles
@@ -509,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             remove_if_empty(made)
     except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted\n")
+        _exit_interrupted(parser)
     except DatasetUnavailableError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")  # files to fetch: bad input
     except ModelMismatchError as e:  # the server's rank builds another model: bad input
@@ -521,4 +542,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # The exit code is known: a signal in the interpreter's exit (unloading torch takes a
+        # while) ended the rank by it (exit 143), where nothing was left to stop.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)

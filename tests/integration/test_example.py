@@ -411,6 +411,33 @@ def test_a_rank_waiting_to_join_stops_on_ctrl_c_or_sigterm(tmp_path, rank, signu
     assert stderr.strip().splitlines()[-1] == "main.py: interrupted"
 
 
+@pytest.mark.timeout(300)
+def test_ranks_stopped_while_joining_the_servers_store_exit_130_each(tmp_path):
+    """A rank connected to the server's store, stopped while the group still waits for a
+    third: torch's rendezvous left a thread of its own in C++, which the interpreter's exit
+    destroyed running (``terminate called without an active exception``, exit 134, 5 of 5).
+    The server, given SIGTERM twice, exits 130 too (the second came in its exit: 143)."""
+    common = ["--world-size", "3", "--port", str(free_port()), *OFFLINE, "--out", str(tmp_path)]
+    ranks = (["--rank", "0", "--server"], ["--rank", "2"])
+    server, node = start_scripts([[str(EXAMPLE), *rank, *common] for rank in ranks])
+    try:
+        for process in (server, node):
+            assert process.stdout is not None
+            assert process.stdout.readline().startswith("rank ")  # joining
+        time.sleep(2.0)  # the node is in the server's store, waiting for rank 1
+        node.send_signal(signal.SIGTERM)
+        _, node_err = node.communicate(timeout=60)
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        _, server_err = server.communicate(timeout=60)
+    finally:
+        stop_processes([server, node])
+    assert (node.returncode, node_err.strip().splitlines()[-1]) == (130, "main.py: interrupted")
+    assert "terminate called" not in node_err, node_err
+    assert server.returncode == 130, server_err
+
+
 def _read_timed_lines(stream) -> tuple[list[tuple[float, str]], threading.Thread]:
     """Every line of ``stream`` with the monotonic time it was read, read by the returned thread
     until the stream ends (join it once the process is gone)."""

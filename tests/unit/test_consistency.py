@@ -444,4 +444,7 @@ def test_shards_of_sync_and_async_rounds_are_refused_naming_sync_not_the_round_s
     with pytest.raises(ConsistencyMismatchError) as refused:
         ShardHandshake._agreed_consistency(client, described)
     assert refused.value.field == "consistency.sync"
-    assert "runs True but shard 1 (tcp://127.0.0.1:7001) runs False" in str(refused.value)
+    assert (
+        "runs sync rounds (--sync) but shard 1 (tcp://127.0.0.1:7001) runs asynchronously "
+        "(no --sync)"
+    ) in str(refused.value)

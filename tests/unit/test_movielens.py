@@ -106,7 +106,13 @@ def test_timestamp_ties_keep_file_order(tmp_path: Path) -> None:
         ("u.data", "1\t2\t3\t1_000\n", "u.data:1: timestamp must be an integer"),
         # A leading separator is an empty first field, not whitespace to strip.
         ("u.data", "\t1\t2\t3\t4\n", r"u.data:1: expected 4 fields separated by '\\t', got 5"),
-        ("ratings.csv", "user,movie,rating,time\n1,2,3,4\n", "ratings.csv:1: expected header"),
+        (
+            "ratings.csv",
+            "user,movie,rating,time\n1,2,3,4\n",
+            # The header as text, not a bytes literal.
+            "ratings.csv:1: expected header 'userId,movieId,rating,timestamp', got "
+            "'user,movie,rating,time'$",
+        ),
         ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3.0,4\n1;2;3;4\n", "csv:3:"),
     ],
 )

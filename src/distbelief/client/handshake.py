@@ -39,8 +39,11 @@ def check_shard_count(addresses: Sequence[str], shard_id: int, described: dict) 
         )
 
 
-def _shown(setting: object) -> str:
-    """A shard's consistency setting in a mismatch: an unset one (no bound) as such."""
+def _shown(key: str, setting: object) -> str:
+    """A shard's consistency setting ``key`` in a mismatch: an unset one (no bound) as such,
+    sync or not in words."""
+    if key == "sync" and isinstance(setting, bool):
+        return "sync rounds (--sync)" if setting else "asynchronously (no --sync)"
     return "(not set)" if setting is None else repr(setting)
 
 
@@ -143,8 +146,9 @@ class ShardHandshake:
                 at_first, at_other = first.get(key, "(absent)"), settings.get(key, "(absent)")
                 if at_first != at_other:
                     raise ConsistencyMismatchError(
-                        f"shard 0 ({self.addresses[0]}) runs {_shown(at_first)} but shard "
-                        f"{shard_id} ({self.addresses[shard_id]}) runs {_shown(at_other)}: start "
+                        f"shard 0 ({self.addresses[0]}) runs {_shown(key, at_first)} but shard "
+                        f"{shard_id} ({self.addresses[shard_id]}) runs {_shown(key, at_other)}: "
+                        "start "
                         "every shard with the same consistency flags",
                         _described_field(key),
                     )

@@ -269,7 +269,8 @@ def _records(path: Path, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
     if path.suffix == ".csv":
         header = next(lines, (1, b""))[1].strip()
         if header != CSV_HEADER:
-            raise ValueError(f"{path}:1: expected header {CSV_HEADER!r}, got {header[:60]!r}")
+            got = header[:60].decode("utf-8", errors="replace")
+            raise ValueError(f"{path}:1: expected header {CSV_HEADER.decode()!r}, got {got!r}")
     return lines
 
 

@@ -344,9 +344,9 @@ class ClusterConfig:
             object.__setattr__(self, "ray_address", "")
         if self.engine == "ray" and (self.shard_hosts or self.worker_host):
             field_name = "shard_hosts" if self.shard_hosts else "worker_host"
+            who = "shards bind to" if self.shard_hosts else "workers connect from"
             raise ConfigFieldError(
-                field_name,
-                "does not apply with the ray engine (shards bind to their node's address)",
+                field_name, f"does not apply with the ray engine ({who} their node's address)"
             )
         _require_declared_types(self)  # last: the checks above name a bad host's rule
 

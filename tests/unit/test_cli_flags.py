@@ -302,7 +302,11 @@ def test_every_train_flag_reaches_its_field():
         (["--history", "3"], "argument --history: only applies to algorithm sandblaster"),
         (
             ["--cluster", "ray", "--shard-hosts", "127.0.0.2"],
-            "argument --shard-hosts: does not apply with the ray engine",
+            "argument --shard-hosts: does not apply with the ray engine (shards bind to",
+        ),
+        (
+            ["--cluster", "ray", "--worker-host", "127.0.0.2"],
+            "argument --worker-host: does not apply with the ray engine (workers connect from",
         ),
         (
             ["--algorithm", "sandblaster", "--n-push", "2"],

@@ -129,6 +129,13 @@ def test_no_plots_draws_none_and_says_how_and_a_resume_with_plots_draws_them(tmp
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run_dir / "accuracy_vs_time.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((run_dir / "config.json").read_text())["reporting"]["draw_plots"]
+    # Resumed again without plots: the PNGs there look current, but lack this launch's rows.
+    third = run_forked("train", "--resume", str(run_dir), "--no-plots")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (
+        f"INFO plots of {run_dir} not drawn (--no-plots) (its PNGs are of an earlier launch); "
+        f"draw them later with: distbelief plot {run_dir}\n"
+    ) in third.stderr
 
 
 def _ignore_sigint() -> None:

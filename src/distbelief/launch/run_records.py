@@ -70,11 +70,14 @@ NOT_ASKED_FOR = "--no-plots"
 
 
 def _say_not_drawn(run_dir: Path, why: str) -> None:
+    # A resumed run's PNGs of its earlier launch look current, but lack this launch's rows.
+    earlier = " (its PNGs are of an earlier launch)" if any(run_dir.glob("*.png")) else ""
     logger.log(
         logging.INFO if why == NOT_ASKED_FOR else logging.WARNING,
-        "plots of %s not drawn (%s); draw them later with: distbelief plot %s",
+        "plots of %s not drawn (%s)%s; draw them later with: distbelief plot %s",
         run_dir,
         why,
+        earlier,
         shell_word(run_dir),
     )
 

@@ -121,6 +121,26 @@ def test_plot_of_an_empty_metrics_file_says_it_is_empty(tmp_path, capsys):
     assert not list(tmp_path.rglob("*.png"))
 
 
+def test_plot_of_a_metrics_file_that_is_no_run_s_says_what_it_is(tmp_path, capsys):
+    """A line that is no metrics header was taken for "only its header"; a folder at
+    metrics.csv's name for none there."""
+    garbage, folder = tmp_path / "garbage", tmp_path / "folder"
+    garbage.mkdir()
+    (garbage / "metrics.csv").write_text("garbage,,,\n")
+    (folder / "metrics.csv").mkdir(parents=True)
+    said = {}
+    for run_dir in (garbage, folder):
+        assert main(["plot", str(run_dir)]) == 2
+        [said[run_dir]] = [
+            line for line in capsys.readouterr().err.splitlines() if "error:" in line
+        ]
+    assert (
+        f"{garbage / 'metrics.csv'}: wrong metrics header ['garbage', '', '', '']" in said[garbage]
+    )
+    assert said[folder].endswith(f"not a run folder: {folder} (its metrics.csv is a folder)")
+    assert not list(tmp_path.rglob("*.png"))
+
+
 @pytest.mark.parametrize(
     ("content", "holds"),
     [

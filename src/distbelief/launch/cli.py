@@ -427,7 +427,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
     if args.out_dir:  # made by the plotting, once the runs are found
         check_folder_can_be_made(args.out_dir, "--out")
-    from distbelief.telemetry import has_records
+    from distbelief.telemetry import has_records, read_metrics
 
     for run_dir in args.run_dirs:
         # As the launcher does for a run stopped before its first record: PNGs of nothing
@@ -436,7 +436,10 @@ def _run_plot(args: argparse.Namespace) -> int:
         metrics = Path(run_dir) / "metrics.csv"
         with contextlib.suppress(OSError):
             if metrics.is_file() and not has_records(metrics):
-                # A 0-byte file (cut off before its header was written) has no header to speak of.
+                # A 0-byte file (cut off before its header was written) has no header to speak
+                # of; a line that is no header is refused as such (read_metrics says so).
+                if metrics.stat().st_size > 0:
+                    read_metrics(metrics)
                 what = "is empty" if metrics.stat().st_size == 0 else "has only its header"
                 raise ValueError(f"{run_dir}: no records yet (metrics.csv {what})")
     from distbelief.plots import plot_run, plot_runs  # matplotlib: once the flags are checked

@@ -105,6 +105,8 @@ def load_run(run_dir: Path | str) -> RunData:
         if not run_dir.is_dir():
             what = "a file, not a folder" if run_dir.exists() else "no such folder"
             raise ValueError(f"not a run folder: {run_dir} ({what})")
+        if metrics_path.is_dir():
+            raise ValueError(f"not a run folder: {run_dir} (its metrics.csv is a folder)")
         if not metrics_path.is_file():
             raise ValueError(f"not a run folder: {run_dir} (no metrics.csv)")
     except OSError as e:  # a name too long for the file system, say

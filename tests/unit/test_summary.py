@@ -169,6 +169,11 @@ def test_a_shards_hosts_and_staleness_are_its_last_report(tmp_path: Path) -> Non
         "shard1": {"address": addresses[1], "worker_hosts": {"worker0": "127.0.0.4"}},
     }
     assert result.staleness == {"shard0": {"0": 5, "1": 4}, "shard1": {"0": 12}}
+    # A job stopped as it started: a shard that never reported is there, with no counts.
+    quiet = EventRouter(_Records())
+    quiet(Event("heartbeat", shard0, before))
+    result = job_result(cluster, config, tmp_path, 1.0, quiet, addresses)  # type: ignore[arg-type]
+    assert result.staleness == {"shard0": {}, "shard1": {}}
 
 
 def test_a_resumed_runs_faults_are_on_the_time_axis_of_its_metrics(tmp_path: Path) -> None:

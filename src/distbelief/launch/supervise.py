@@ -289,8 +289,10 @@ def job_result(
             sorted({**route.steps_reported, **{r: w["steps"] for r, w in workers.items()}}.items())
         ),
         elapsed_s=elapsed_s,
+        # Every shard, one that never reported (a job stopped as it started) with no counts.
         staleness={
-            f"shard{shard_id}": reports[shard_id]["staleness"] for shard_id in sorted(reports)
+            f"shard{shard_id}": reports.get(shard_id, {}).get("staleness", {})
+            for shard_id in range(config.cluster.num_shards)
         },
         faults=on_metrics_clock(cluster.faults, time_offset_s),
         coordinator=_coordinator(cluster, route, config),

@@ -608,10 +608,17 @@ def test_downpour_whose_group_store_is_gone_is_a_rendezvous_error(tmp_path):
     assert "process group store: no connection within 3s" in out, out + err[-2000:]
 
 
-def test_downpour_finds_no_server_is_a_rendezvous_error(group_of_one):
+def test_downpour_finds_no_server_is_a_rendezvous_error(group_of_one, monkeypatch, caplog):
+    # Waiting (minutes by default), it says what for, once: a silent script looked hung.
+    monkeypatch.setattr("distbelief.wire.process_group._SAY_WAITING_AFTER_S", 0.5)
     model = _model()
     with pytest.raises(RendezvousError, match=r"no ParameterServer published .* within 2s"):
         DownpourSGD(model.parameters(), model=model, hold_timeout_s=2)
+    said = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+    assert said == [
+        "waiting up to 2s (hold_timeout_s) for a ParameterServer to publish its address in the "
+        "process group's store: run ParameterServer(model).run() on one rank"
+    ]
 
 
 def test_parameter_server_needs_another_rank(group_of_one):

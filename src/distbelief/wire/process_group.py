@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import secrets
 import socket
@@ -21,6 +22,8 @@ import torch.distributed as dist
 
 from distbelief.errors import RendezvousError
 
+logger = logging.getLogger(__name__)
+
 _SERVER_KEY = "distbelief/server"
 _FINISHED_PREFIX = "distbelief/finished"
 _WORKER_PREFIX = "distbelief/worker"
@@ -29,6 +32,9 @@ _PROCESS_TOKEN = secrets.token_hex(4)
 """With the host and pid, names this process as a rank's holder: two containers that share a
 host name can each run their script as pid 1."""
 _POLL_S = 0.1
+_SAY_WAITING_AFTER_S = 10.0
+"""A wait for the server's address this long says what it waits for (the default wait is
+minutes, in silence a script looked hung)."""
 DEFAULT_STORE_TIMEOUT_S = 30.0
 """Limit of each store operation on distbelief's own connection to the store."""
 
@@ -146,9 +152,18 @@ class GroupStore:
         Raises:
             RendezvousError: nothing published within ``timeout_s``, or the store failed.
         """
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline, said = start + timeout_s, False
         # Short checks rather than one long store wait, so Ctrl-C is not held up.
         while not self._call("looking up the server", self._store.check, [_SERVER_KEY]):
+            if not said and time.monotonic() - start >= _SAY_WAITING_AFTER_S:
+                said = True
+                logger.warning(
+                    "waiting up to %gs (hold_timeout_s) for a ParameterServer to publish its "
+                    "address in the process group's store: run ParameterServer(model).run() "
+                    "on one rank",
+                    timeout_s,
+                )
             if time.monotonic() > deadline:
                 raise RendezvousError(
                     f"no ParameterServer published its address in the process group's store "

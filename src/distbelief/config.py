@@ -929,7 +929,6 @@ class JobConfig:
             if problem is not None:
                 raise ConfigFieldError("embeddings.tables", problem)
             self._check_dense_tables_fit()
-            self._check_row_cache_fits()
             return
         changed = [
             f"embeddings.{item.name}"
@@ -953,16 +952,23 @@ class JobConfig:
         every = (f"tables.{t}" for t in range(CLICK_LOG_TABLES.get(self.data.name, 0)))
         return tuple(table for table in every if table not in named)
 
-    def _check_row_cache_fits(self) -> None:
-        """A worker allocates its whole row cache as it starts: one larger than this machine's
-        memory failed it then (or stalled it, swapping, past the shards' timeout)."""
+    def check_row_caches_fit_here(self) -> None:
+        """The local launcher's check (every worker on this machine): each worker allocates
+        its whole row cache as it starts, and caches larger together than this machine's
+        memory failed the workers then (or stalled them, swapping, past the shards' timeout).
+
+        Raises:
+            ConfigFieldError: field ``embeddings.row_cache_mb``.
+        """
         memory = physical_memory_bytes()
-        cache_bytes = self.embeddings.row_cache_mb * 2**20
-        if memory is not None and cache_bytes > memory:
+        workers = self.cluster.num_workers
+        cache_bytes = self.embeddings.row_cache_mb * 2**20 * workers
+        if self.model.name in CLICK_MODELS and memory is not None and cache_bytes > memory:
             raise ConfigFieldError(
                 "embeddings.row_cache_mb",
-                f"must fit in this machine's memory ({memory / 2**20:.0f} MiB): each worker "
-                f"allocates its cache whole as it starts, got {self.embeddings.row_cache_mb:g}",
+                f"must fit {workers} time{'s' * (workers > 1)} in this machine's memory "
+                f"({memory / 2**20:.0f} MiB): each worker allocates its cache whole as it "
+                f"starts, got {self.embeddings.row_cache_mb:g}",
             )
 
     def _check_dense_tables_fit(self) -> None:

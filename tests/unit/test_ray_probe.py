@@ -375,3 +375,11 @@ def test_auto_refuses_a_ray_address_variable_that_is_no_heads_address(monkeypatc
         check_address("auto")
     assert refusal.value.field == "cluster.ray_address"
     assert refusal.value.problem.startswith(f"auto reads RAY_ADDRESS={value!r}: {problem}")
+
+
+def test_auto_takes_a_ray_address_variable_of_auto(monkeypatch):
+    """RAY_ADDRESS=auto is Ray's word for the cluster on this machine: auto's, not refused."""
+    from distbelief.launch import ray_session
+
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    ray_session._check_ray_address_variable()  # no refusal

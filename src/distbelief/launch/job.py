@@ -333,6 +333,7 @@ def _check_and_plan(
     if issubclass(cluster_type, LocalCluster):
         check_hosts_are_here(config.cluster)  # every process runs on this machine
         check_processes_can_share()
+        config.check_row_caches_fit_here()
     require_data_files(config.data)  # before any process starts, which would fail on it
     flag, run_dir = "--resume" if resume else "--out", run_dir_path(config.reporting.out_dir)
     check_folder_can_be_made(run_dir, flag)

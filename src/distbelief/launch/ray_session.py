@@ -105,7 +105,7 @@ def _check_ray_address_variable() -> None:
         ConfigFieldError: it is not.
     """
     value = os.environ.get("RAY_ADDRESS", "")
-    if not value or _is_host_port(value):
+    if not value or value == "auto" or _is_host_port(value):  # "auto": Ray's as ours
         return
     if value == "local":
         problem = "give --ray-address local for an instance of the job's own"

@@ -91,10 +91,21 @@ def test_a_workers_steps_are_at_least_those_of_its_pushes_the_shards_applied() -
     worker1 = ProcessSpec(ProcessKind.WORKER, 1)
     route(Event("metric", worker1, make_record("worker", 1, time_s=1.0, step=20, loss=0.5)))
     route(Event("pushed", worker1, {"rank": 1, "step": 29}))
-    assert route.steps_reported == {1: 29}
+    assert route.steps_reached(1) == {1: 29}
     route(Event("started", worker1, {"rank": 1, "time": 2.0, "step": 25}))  # a next life
     route(Event("metric", worker1, make_record("worker", 1, time_s=3.0, step=30, loss=0.5)))
-    assert route.steps_reported == {1: 30}
+    assert route.steps_reached(1) == {1: 30}
+
+
+def test_a_partitioned_replicas_steps_are_at_least_those_all_its_stages_pushed() -> None:
+    route = EventRouter(_Records())
+    stage0 = ProcessSpec(ProcessKind.STAGE, 0, stage=0)
+    stage1 = ProcessSpec(ProcessKind.STAGE, 0, stage=1)
+    route(Event("metric", stage1, make_record("worker", 0, time_s=1.0, step=20, loss=0.5)))
+    route(Event("pushed", stage0, {"rank": 0, "stage": 0, "step": 31}))
+    assert route.steps_reached(2) == {0: 20}  # stage 1's pushes not heard of yet
+    route(Event("pushed", stage1, {"rank": 0, "stage": 1, "step": 29}))
+    assert route.steps_reached(2) == {0: 29}  # the least of the two
 
 
 def test_router_keeps_the_last_step_of_each_worker_and_the_last_evaluation() -> None:

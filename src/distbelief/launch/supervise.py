@@ -41,6 +41,10 @@ class EventRouter:
         self.shard_poller = shard_poller
         self.train_start: float | None = None
         self.steps_reported: dict[int, int] = {}
+        self.pushed_steps: dict[tuple[int, int], int] = {}
+        """(rank, stage) -> the last step of its pushes every shard applied (a life's start
+        tells one too): a worker got at least that far, though its rows (every few steps)
+        may have told less before it was given up (``steps_reached``)."""
         self.last_evaluation: dict = {}
         self.coordinator_rows: dict[int, dict] = {}
         """Sandblaster: the coordinator's last row of each iteration (a redone one's replaces
@@ -48,6 +52,16 @@ class EventRouter:
         self.shard_reports: dict[int, dict] = {}
         """Shard id -> its latest heartbeat or, once it returned, its result: the counters,
         staleness histogram and workers' hosts so far (its current life's, after a restart)."""
+
+    def steps_reached(self, num_stages: int) -> dict[int, int]:
+        """Per rank, the step its rows told, or the step of its pushes every shard applied
+        where that is later (of a partitioned replica, the least of its stages')."""
+        reached = dict(self.steps_reported)
+        for rank in {rank for rank, _ in self.pushed_steps}:
+            pushed = [self.pushed_steps.get((rank, stage)) for stage in range(num_stages)]
+            if None not in pushed:
+                reached[rank] = max(reached.get(rank, 0), min(pushed))  # type: ignore[type-var]
+        return reached
 
     def poll_shards(self, *, now: bool = False) -> None:
         """Routes the shards' counters if a poll is due (cheap to call in any loop), or
@@ -74,11 +88,9 @@ class EventRouter:
             # A Sandblaster worker's steps are the portions it computed.
             unit = "portions" if "portions" in payload else "steps"
             self.sink.message(f"{source.name} finished after {payload['steps']} {unit}")
-        if kind in ("started", "pushed") and "step" in payload and "stage" not in payload:
-            # The shards hold a worker's pushes up to this step: it got at least that far,
-            # though its rows (every few steps) may have told less before it was given up.
-            rank = payload["rank"]
-            self.steps_reported[rank] = max(self.steps_reported.get(rank, 0), payload["step"])
+        if kind in ("started", "pushed") and "step" in payload:
+            key = (payload["rank"], payload.get("stage", 0))
+            self.pushed_steps[key] = max(self.pushed_steps.get(key, 0), payload["step"])
 
     def now_s(self) -> float | None:
         """Now on the records' clock (seconds since the first worker started), for a message
@@ -286,7 +298,12 @@ def job_result(
         run_dir,
         final=cluster.results(ProcessKind.EVALUATOR).get(0, route.last_evaluation),
         worker_steps=dict(
-            sorted({**route.steps_reported, **{r: w["steps"] for r, w in workers.items()}}.items())
+            sorted(
+                {
+                    **route.steps_reached(config.pipeline.num_partitions),
+                    **{r: w["steps"] for r, w in workers.items()},
+                }.items()
+            )
         ),
         elapsed_s=elapsed_s,
         # Every shard, one that never reported (a job stopped as it started) with no counts.

@@ -381,17 +381,20 @@ def master_address(args: argparse.Namespace) -> str:
     return f"{host}:{args.port}"
 
 
-_JOINING: list[threading.Thread] = []
-"""The thread of ``join_process_group``, once started."""
+_UNFINISHED_JOINS: list[threading.Thread] = []
+"""The thread of a ``join_process_group`` that has not joined (waiting still, or failed)."""
 
 
 def _exit_interrupted(parser: argparse.ArgumentParser) -> None:
-    """Exit 130 with one line. A rank that tried to join the process group leaves at once,
-    its ``finally`` blocks run: torch's rendezvous may have left a thread of its own in C++
-    (still waiting, or its store's, the server gone), which the interpreter's exit destroys
-    running (``terminate called without an active exception``, exit 134)."""
+    """Exit 130 with one line (a second Ctrl-C or SIGTERM changes nothing from here). A rank
+    interrupted before it joined the process group leaves at once, its ``finally`` blocks
+    run: torch's rendezvous may have left a thread of its own in C++ (waiting still, or its
+    store's, the server gone), which the interpreter's exit destroyed running (``terminate
+    called without an active exception``, exit 134)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     message = f"{parser.prog}: interrupted\n"
-    if not _JOINING:
+    if not _UNFINISHED_JOINS:
         parser.exit(130, message)
     logging.shutdown()
     sys.stdout.flush()
@@ -418,12 +421,13 @@ def join_process_group(args: argparse.Namespace) -> None:
             errors.append(e)
 
     thread = threading.Thread(target=join, name="join-process-group", daemon=True)
-    _JOINING.append(thread)
+    _UNFINISHED_JOINS.append(thread)
     thread.start()
     while thread.is_alive():
         thread.join(timeout=0.1)  # wakes for signals, which only the main thread handles
     if errors:
         raise errors[0]
+    _UNFINISHED_JOINS.remove(thread)
 
 
 def make_run_dir(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Path]:
@@ -507,6 +511,7 @@ def run_rank(parser: argparse.ArgumentParser, args: argparse.Namespace, data: Da
 
 
 def main(argv: list[str] | None = None) -> None:
+    _UNFINISHED_JOINS.clear()
     parser = get_args_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)

@@ -393,6 +393,12 @@ def test_a_flag_of_the_other_algorithm_is_refused(argv, message, capsys, tmp_pat
         ),
         # A flag both algorithms use: the run's value stands.
         ("sandblaster", ["--workers", "3"], "argument --workers: a resumed run keeps the value"),
+        # The algorithm typed too: it is what the resume refuses, not the other's flag.
+        (
+            "downpour",
+            ["--history", "3", "--algorithm", "sandblaster"],
+            "argument --algorithm: a resumed run keeps the value",
+        ),
     ],
 )
 def test_a_resume_refuses_a_flag_of_the_other_algorithm_as_a_new_run_does(

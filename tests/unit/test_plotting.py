@@ -139,6 +139,14 @@ def test_plot_of_a_metrics_file_that_is_no_run_s_says_what_it_is(tmp_path, capsy
     )
     assert said[folder].endswith(f"not a run folder: {folder} (its metrics.csv is a folder)")
     assert not list(tmp_path.rglob("*.png"))
+    # Its header and a blank line (the rest never written): no records yet, as before.
+    blank = tmp_path / "blank"
+    MetricsWriter(blank / "metrics.csv").close()
+    with (blank / "metrics.csv").open("a") as metrics:
+        metrics.write("\n")
+    assert main(["plot", str(blank)]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line.endswith(f"{blank}: no records yet (metrics.csv has only its header)"), line
 
 
 @pytest.mark.parametrize(

@@ -149,8 +149,12 @@ def _resume_changes(args: argparse.Namespace) -> dict[str, object]:
     # Every refusal comes before the reshard: a refused command leaves the folder as it was.
     if missing := missing_run_folder(args.resume):  # first: the other refusals name it
         raise argparse.ArgumentError(None, f"argument --resume: {args.resume}: {missing}")
-    if fixed:
+    if "optimizer.algorithm" in fixed:
+        # First: the refusals of the other algorithm's flags follow from the algorithm kept.
+        fixed.insert(0, fixed.pop(fixed.index("optimizer.algorithm")))
+    elif fixed:
         _refuse_what_the_runs_algorithm_ignores(Path(args.resume), fixed)
+    if fixed:
         raise argparse.ArgumentError(
             None,
             f"argument {flag_of('train', fixed[0])}: a resumed run keeps the value in "
@@ -427,7 +431,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
     if args.out_dir:  # made by the plotting, once the runs are found
         check_folder_can_be_made(args.out_dir, "--out")
-    from distbelief.telemetry import has_records, read_metrics
+    from distbelief.telemetry import check_metrics_header, has_records
 
     for run_dir in args.run_dirs:
         # As the launcher does for a run stopped before its first record: PNGs of nothing
@@ -439,7 +443,7 @@ def _run_plot(args: argparse.Namespace) -> int:
                 # A 0-byte file (cut off before its header was written) has no header to speak
                 # of; a line that is no header is refused as such (read_metrics says so).
                 if metrics.stat().st_size > 0:
-                    read_metrics(metrics)
+                    check_metrics_header(metrics)
                 what = "is empty" if metrics.stat().st_size == 0 else "has only its header"
                 raise ValueError(f"{run_dir}: no records yet (metrics.csv {what})")
     from distbelief.plots import plot_run, plot_runs  # matplotlib: once the flags are checked

@@ -69,15 +69,19 @@ NOT_ASKED_FOR = "--no-plots"
 """``plots_skipped_by`` of a job run with ``--no-plots``: a choice, said at INFO, not a warning."""
 
 
+def _earlier_pngs(run_dir: Path) -> str:
+    """What a line saying the plots were not drawn adds where the folder has PNGs: a resumed
+    run's of its earlier launch look current, but lack this launch's rows."""
+    return " (its PNGs are of an earlier launch)" if any(run_dir.glob("*.png")) else ""
+
+
 def _say_not_drawn(run_dir: Path, why: str) -> None:
-    # A resumed run's PNGs of its earlier launch look current, but lack this launch's rows.
-    earlier = " (its PNGs are of an earlier launch)" if any(run_dir.glob("*.png")) else ""
     logger.log(
         logging.INFO if why == NOT_ASKED_FOR else logging.WARNING,
         "plots of %s not drawn (%s)%s; draw them later with: distbelief plot %s",
         run_dir,
         why,
-        earlier,
+        _earlier_pngs(run_dir),
         shell_word(run_dir),
     )
 
@@ -104,10 +108,11 @@ def draw_plots(run_dir: Path, *, job_done: bool = False) -> list[Path]:
         return []
     except Exception as e:  # matplotlib's errors have no common base; none may end the run
         logger.warning(
-            "could not draw the plots of %s (%s: %s); draw them later with: distbelief plot %s",
+            "could not draw the plots of %s (%s: %s)%s; draw them later with: distbelief plot %s",
             run_dir,
             type(e).__name__,
             e,
+            _earlier_pngs(run_dir),
             shell_word(run_dir),
         )
         return []

@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     "ROLES": "distbelief.telemetry.metrics",
     "MetricsWriter": "distbelief.telemetry.metrics",
     "make_record": "distbelief.telemetry.metrics",
+    "check_metrics_header": "distbelief.telemetry.metrics",
     "has_records": "distbelief.telemetry.metrics",
     "read_metrics": "distbelief.telemetry.metrics",
     "TENSORBOARD_DIR": "distbelief.telemetry.tensorboard",

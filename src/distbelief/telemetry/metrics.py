@@ -410,6 +410,24 @@ def has_records(path: Path) -> bool:
         return False
 
 
+def check_metrics_header(path: Path) -> None:
+    """Refuses a ``metrics.csv`` whose first line is no metrics header (reads that line only).
+
+    Raises:
+        ValueError: ``read_metrics``'s, naming the file.
+    """
+    with Path(path).open(newline="", encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    _check_header(path, tuple(next(csv.reader([first]), [])) if first else None)
+
+
+def _check_header(path: Path, header: tuple[str, ...] | None) -> None:
+    """``header`` (None: the file has no line) is ``METRIC_FIELDS`` or an earlier version."""
+    if header != METRIC_FIELDS and header not in _OLDER_HEADERS:
+        shown = list(header) if header is not None else "(empty file)"
+        raise ValueError(f"{path}: wrong metrics header {shown}; expected {list(METRIC_FIELDS)}")
+
+
 def read_metrics(path: Path) -> list[dict[str, object]]:
     """Reads a ``metrics.csv`` back into records with numbers parsed.
 
@@ -437,10 +455,8 @@ def read_metrics(path: Path) -> list[dict[str, object]]:
         text, _, torn = text.rpartition("\n")
         logger.warning("%s: skipped its last line, cut off mid-write: %r", path, torn[:200])
     rows = list(csv.reader(io.StringIO(text)))
-    header = tuple(rows[0]) if rows else ()
-    if header != METRIC_FIELDS and header not in _OLDER_HEADERS:
-        shown = list(header) if rows else "(empty file)"
-        raise ValueError(f"{path}: wrong metrics header {shown}; expected {list(METRIC_FIELDS)}")
+    _check_header(path, tuple(rows[0]) if rows else None)
+    header = tuple(rows[0])
     records = []
     for line_no, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):

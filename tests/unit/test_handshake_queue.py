@@ -100,3 +100,13 @@ def test_stop_ends_every_handshake_thread_at_once(monkeypatch):
     release.set()
     room.stop(time.monotonic() + 60)
     assert [thread for thread in threads if thread.is_alive()] == []
+
+
+def test_a_connection_submitted_once_stopped_is_closed_not_queued():
+    expired: list = []
+    room = HandshakeQueue(lambda connection: None, expired.append, max_threads=2, wait_s=60)
+    room.stop(time.monotonic() + 60)
+    connection = _Plain()
+    room.submit(connection)
+    assert expired == [connection]
+    assert room._threads == set()

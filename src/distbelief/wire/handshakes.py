@@ -119,12 +119,18 @@ class HandshakeQueue:
 
     def _start(self, connection: ServerConnection) -> None:
         with self._lock:
-            if self._idle == 0 and len(self._threads) < self._max_threads:
-                thread = threading.Thread(target=self._run, name="handshake", daemon=True)
-                self._threads.add(thread)
-                self._idle += 1
-                thread.start()
-            self._queue.put(connection)
+            # Once stopped, no thread takes it: a stop token left for a thread that had ended
+            # idle would end a new one before it.
+            stopped = self._stopping.is_set()
+            if not stopped:
+                if self._idle == 0 and len(self._threads) < self._max_threads:
+                    thread = threading.Thread(target=self._run, name="handshake", daemon=True)
+                    self._threads.add(thread)
+                    self._idle += 1
+                    thread.start()
+                self._queue.put(connection)
+        if stopped:
+            self._expire(connection)
 
     def _run(self) -> None:
         while True:

@@ -48,6 +48,14 @@ def _refused(resume_refused: ResumeRefused, run_dir: Path, edit: Callable[[dict]
         path.write_text(original)
 
 
+def _refused_setting(
+    resume_refused: ResumeRefused, run_dir: Path, field: str, value: object
+) -> str:
+    """``_refused`` with config.json's ``field`` ("section.name") set to ``value``."""
+    section, name = field.split(".")
+    return _refused(resume_refused, run_dir, lambda config: config[section].update({name: value}))
+
+
 def _refused_tensors(
     resume_refused: ResumeRefused, run_dir: Path, folder: Path, edit: Callable[[dict], object]
 ) -> str:
@@ -126,10 +134,8 @@ def test_a_model_parallel_run_is_refused_another_model_partition_count_or_tensor
     )
     checkpoints = run_dir / "checkpoints"
 
-    def wider(config: dict) -> None:
-        config["model"]["name"] = "wide-mlp"  # the same layers, 2048 wide
-
-    assert _refused(resume_refused, run_dir, wider) == (
+    # The same layers, 2048 wide.
+    assert _refused_setting(resume_refused, run_dir, "model.name", "wide-mlp") == (
         ERROR.format(run=run_dir) + f"{checkpoints / 'group-stage0' / 'shard0.json'} holds "
         "another model's parameters than partition 0 of 'wide-mlp' split at [3] (its "
         "config.json's): tensor 'layers.1.weight' [2048, 1024] float32 does not match the "
@@ -166,10 +172,7 @@ def test_a_click_model_run_is_refused_tables_of_another_width_or_an_edited_chunk
         *("--out", str(run_dir)),
     )
 
-    def narrower(config: dict) -> None:
-        config["model"]["embedding_dim"] = 8
-
-    assert _refused(resume_refused, run_dir, narrower) == (
+    assert _refused_setting(resume_refused, run_dir, "model.embedding_dim", 8) == (
         ERROR.format(run=run_dir) + f"{run_dir / 'checkpoints' / 'rows-shard0.json'} holds "
         "another model's tables than 'dlrm' (its config.json's): table 'tables.0' holds rows "
         "of 16 values, the model's of 8"
@@ -177,10 +180,7 @@ def test_a_click_model_run_is_refused_tables_of_another_width_or_an_edited_chunk
 
     # Rows of another row optimizer: refused before anything starts, not by a shard once
     # started (exit 1, the run's summary.json then failed).
-    def adam_rows(config: dict) -> None:
-        config["embeddings"]["row_optimizer"] = "adam"
-
-    assert _refused(resume_refused, run_dir, adam_rows) == (
+    assert _refused_setting(resume_refused, run_dir, "embeddings.row_optimizer", "adam") == (
         ERROR.format(run=run_dir) + f"{run_dir / 'checkpoints' / 'rows-shard0.json'}: shard 0 "
         "would not restore it: table 'tables.0' holds the rows of --row-optimizer sgd, the "
         "job's (its config.json's) is adam"
@@ -188,10 +188,7 @@ def test_a_click_model_run_is_refused_tables_of_another_width_or_an_edited_chunk
 
     # Tables of another number of rows (a MovieLens file that gained a larger id sizes them
     # anew): refused before anything starts, not by a worker once started.
-    def more_rows(config: dict) -> None:
-        config["data"]["table_size"] = 3000
-
-    assert _refused(resume_refused, run_dir, more_rows) == (
+    assert _refused_setting(resume_refused, run_dir, "data.table_size", 3000) == (
         ERROR.format(run=run_dir) + f"{run_dir / 'checkpoints' / 'rows-shard0.json'}: table "
         "'tables.0' was made for 2000 rows, the job's is of 3000 (sized by --table-size, in "
         "its config.json): resume with the data and settings the run trained on"
@@ -220,10 +217,7 @@ def test_a_sandblaster_run_is_refused_another_model_or_an_edited_vector(tmp_path
     )
     committed = run_dir / "checkpoints" / "lbfgs-000002"
 
-    def lenet(config: dict) -> None:
-        config["model"]["name"] = "lenet"
-
-    assert _refused(resume_refused, run_dir, lenet) == (
+    assert _refused_setting(resume_refused, run_dir, "model.name", "lenet") == (
         ERROR.format(run=run_dir) + f"{committed / 'shard0.json'} holds another model's "
         "parameters than 'lenet' (its config.json's): tensor 'features.0.weight' "
         "[6, 1, 5, 5] float32 does not match the shards' 'layers.1.weight' [256, 1024] float32"

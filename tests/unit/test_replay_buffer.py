@@ -205,3 +205,26 @@ def test_checkpoints_written_before_epochs_still_restore():
     restarted.restore(state)
     assert restarted.last_push["w#s"] == (1, 1, 0, 1)
     assert restarted.durability.describe()["restored"] == 0
+
+
+@pytest.mark.parametrize(
+    ("count", "said"),
+    [
+        (0, "it lacks none of this worker's pushes"),  # not "the sum of 0 pushes"
+        (3, "re-sending the sum of 3 pushes it lacks"),
+    ],
+)
+def test_a_restart_is_told_in_words_with_or_without_pushes_to_resend(count, said, caplog):
+    from types import SimpleNamespace
+
+    from distbelief.client.ps_client import ParameterServerClient
+    from distbelief.client.replay import Replay
+
+    client = SimpleNamespace(addresses=["tcp://127.0.0.1:7000"], consistency={})
+    replay = Replay(tensors=None, count=count, resent=0, seen_version=5)
+    with caplog.at_level("INFO", logger="distbelief.client.ps_client"):
+        ParameterServerClient._log_restart(client, 0, replay)  # type: ignore[arg-type]
+    [record] = caplog.records
+    assert record.getMessage() == (
+        f"shard 0 (tcp://127.0.0.1:7000) restarted from a checkpoint: {said}"
+    )

@@ -486,12 +486,10 @@ class ParameterServerClient(ShardHandshake, ShardPulls, ShardLanes):
                 replay.seen_version,
             )
             return
-        logger.log(
-            logging.WARNING if replay.count else logging.INFO,
-            "%s: re-sending the sum of %d pushes it lacks",
-            where,
-            replay.count,
-        )
+        if not replay.count:  # it saved as it stopped (SIGTERM, say): nothing was lost
+            logger.info("%s: it lacks none of this worker's pushes", where)
+            return
+        logger.warning("%s: re-sending the sum of %d pushes it lacks", where, replay.count)
 
     def take_staleness(self) -> list[int]:
         """Staleness of the pushes answered since the last call (one value per shard reply; the

@@ -441,10 +441,11 @@ def _run_plot(args: argparse.Namespace) -> int:
         with contextlib.suppress(OSError):
             if metrics.is_file() and not has_records(metrics):
                 # A 0-byte file (cut off before its header was written) has no header to speak
-                # of; a line that is no header is refused as such (read_metrics says so).
-                if metrics.stat().st_size > 0:
+                # of; a first line that is no header is refused as such.
+                empty = metrics.stat().st_size == 0
+                if not empty:
                     check_metrics_header(metrics)
-                what = "is empty" if metrics.stat().st_size == 0 else "has only its header"
+                what = "is empty" if empty else "has only its header"
                 raise ValueError(f"{run_dir}: no records yet (metrics.csv {what})")
     from distbelief.plots import plot_run, plot_runs  # matplotlib: once the flags are checked
 

@@ -27,9 +27,8 @@ from distbelief.launch.rundir import run_dir_path
 from distbelief.server.checkpoint_meta import (
     meta_path,
     read_meta,
-    read_rows_meta,
     rows_meta_path,
-    saved_row_widths,
+    saved_row_tables,
     saved_specs,
 )
 
@@ -37,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from distbelief.config import JobConfig
+    from distbelief.server.checkpoint_meta import SavedRowTable
     from distbelief.sharding import TensorSpec
 
 
@@ -169,53 +169,54 @@ def _check_tables(directory: Path, config: JobConfig, shapes: dict[str, tuple[in
     file's header lists what the shard restores (``check_row_chunks``)."""
     from distbelief.server.row_chunk_layout import check_row_chunks
 
-    widths = {table: dim for table, (_, dim) in shapes.items()}
     for shard_id in range(config.cluster.num_shards):
-        saved = saved_row_widths(directory, shard_id) or {}
-        for table, width in saved.items():
-            if widths.get(table) == width:
-                continue
-            difference = (
-                f"table {table!r} is not one of the model's tables on the shards"
-                if table not in widths
-                else f"table {table!r} holds rows of {width} values, the model's of {widths[table]}"
+        saved = saved_row_tables(directory, shard_id) or {}
+        for table, held in saved.items():
+            _check_row_table(
+                rows_meta_path(directory, shard_id), shard_id, config, table, held, shapes
             )
-            raise CheckpointError(
-                f"{rows_meta_path(directory, shard_id)} holds another model's tables than "
-                f"{config.model.name!r} (its config.json's): {difference}"
-            )
-        _check_row_settings(directory, shard_id, config, shapes)
         check_row_chunks(directory, shard_id)
 
 
-def _check_row_settings(
-    directory: Path, shard_id: int, config: JobConfig, shapes: dict[str, tuple[int, int]]
+def _check_row_table(
+    path: Path,
+    shard_id: int,
+    config: JobConfig,
+    table: str,
+    held: SavedRowTable,
+    shapes: dict[str, tuple[int, int]],
 ) -> None:
-    """Every row table of shard ``shard_id``'s row checkpoint holds the rows of the job's row
-    optimizer, and was made for as many rows as the job's table has (a MovieLens file that
-    gained a larger id since sizes it anew): the shard, or a worker, would refuse it once
-    started, failing the job."""
+    """Row table ``table`` of shard ``shard_id``'s checkpoint (``path``) is one of the model's,
+    of its row width, of the job's row optimizer, and was made for as many rows as the job's
+    table has (a MovieLens file that gained a larger id since sizes it anew): the shard, or a
+    worker, would refuse it once started, failing the job."""
     from distbelief.server.row_optimizers import flag_name_of
 
-    path = rows_meta_path(directory, shard_id)
+    if table not in shapes or shapes[table][1] != held.dim:
+        difference = (
+            f"table {table!r} is not one of the model's tables on the shards"
+            if table not in shapes
+            else f"table {table!r} holds rows of {held.dim} values, the model's of "
+            f"{shapes[table][1]}"
+        )
+        raise CheckpointError(
+            f"{path} holds another model's tables than {config.model.name!r} (its "
+            f"config.json's): {difference}"
+        )
     row_optimizer = config.embeddings.row_optimizer
-    meta = read_rows_meta(directory, shard_id) or {}
-    for table, saved in meta.get("tables", {}).items():
-        held = flag_name_of(str(saved.get("optimizer")))
-        if held != row_optimizer:
-            raise CheckpointError(
-                f"{path}: shard {shard_id} would not restore it: table {table!r} holds the "
-                f"rows of --row-optimizer {held}, the job's (its config.json's) is "
-                f"{row_optimizer}"
-            )
-        made_for = (saved.get("settings") or {}).get("num_embeddings")
-        rows = shapes.get(table, (None, None))[0]
-        if made_for is not None and rows is not None and made_for != rows:
-            raise CheckpointError(
-                f"{path}: table {table!r} was made for {made_for} rows, the job's is of "
-                f"{rows} (sized by {_what_sizes_the_tables(config)}): resume with the data "
-                "and settings the run trained on"
-            )
+    if flag_name_of(held.optimizer) != row_optimizer:
+        raise CheckpointError(
+            f"{path}: shard {shard_id} would not restore it: table {table!r} holds the rows of "
+            f"--row-optimizer {flag_name_of(held.optimizer)}, the job's (its config.json's) is "
+            f"{row_optimizer}"
+        )
+    rows = shapes[table][0]
+    if held.num_embeddings is not None and held.num_embeddings != rows:
+        raise CheckpointError(
+            f"{path}: table {table!r} was made for {held.num_embeddings} rows, the job's is of "
+            f"{rows} (sized by {_what_sizes_the_tables(config)}): resume with the data and "
+            "settings the run trained on"
+        )
 
 
 def _what_sizes_the_tables(config: JobConfig) -> str:

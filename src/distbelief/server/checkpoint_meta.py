@@ -111,9 +111,21 @@ def check_rows_meta(directory: str | Path, shard_id: int) -> tuple[int, int] | N
         raise CheckpointError(f"{path}: unreadable row checkpoint: {e!r}") from e
 
 
-def saved_row_widths(directory: str | Path, shard_id: int) -> dict[str, int] | None:
-    """Table name -> values per row, of shard ``shard_id``'s row checkpoint in ``directory``
-    (its JSON only), or None if there is none.
+@dataclass(frozen=True)
+class SavedRowTable:
+    """What a row checkpoint says of one table, besides its rows."""
+
+    dim: int
+    """Values per row."""
+    optimizer: str
+    """The row optimizer's stored name (``row_optimizers.flag_name_of`` gives its flag's)."""
+    num_embeddings: int | None
+    """The rows the table was made for (None: a checkpoint that does not say)."""
+
+
+def saved_row_tables(directory: str | Path, shard_id: int) -> dict[str, SavedRowTable] | None:
+    """Table name -> what shard ``shard_id``'s row checkpoint in ``directory`` says of it (its
+    JSON only), or None if there is none.
 
     Raises:
         CheckpointError: the JSON is unreadable; the message names the file.
@@ -122,7 +134,13 @@ def saved_row_widths(directory: str | Path, shard_id: int) -> dict[str, int] | N
     if meta is None:
         return None
     try:
-        return {str(name): int(table["dim"]) for name, table in meta["tables"].items()}
+        tables = {}
+        for name, table in meta["tables"].items():
+            rows = (table.get("settings") or {}).get("num_embeddings")
+            tables[str(name)] = SavedRowTable(
+                int(table["dim"]), str(table["optimizer"]), None if rows is None else int(rows)
+            )
+        return tables
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         path = rows_meta_path(directory, shard_id)
         raise CheckpointError(f"{path}: unreadable row checkpoint: {e!r}") from e

@@ -308,7 +308,11 @@ class RayCluster:
         # is a call into Ray (a death is told sooner anyway, by its event link's end).
         if time.monotonic() - self._checked_at >= _POLL_S:
             self._checked_at = time.monotonic()
-            self._check_actors()
+            # A SIGTERM's handler raising inside Ray's compiled calls (ray.wait) came out as
+            # SystemError ("returned a result with an exception set"): the launcher failed
+            # with a traceback, not stopped. The signal is taken once the calls returned.
+            with signals_deferred():
+                self._check_actors()
         return event
 
     def _take(self, raw: tuple) -> Event | None:

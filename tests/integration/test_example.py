@@ -39,6 +39,10 @@ RUN_TIMEOUT_S = 600
 NUM_EPOCHS = 6
 MIN_TEST_ACCURACY = 0.75
 """After six epochs on digits (chance is 0.1) runs reach ~0.9; three are too few to be sure."""
+MIN_NODE_ACCURACY = 0.4
+"""A node tests its own replica mid-training, at a rate of 0.1 against a server others push to
+too: from one epoch to the next it dips by up to 0.25 (0.64 after 0.9 once, in a busy suite),
+so its best epoch must reach MIN_TEST_ACCURACY and its last only show it learned."""
 EVERY_STEP = ["--num-push", "1", "--num-pull", "1"]
 """Push and pull every step: little staleness, so the accuracy reached varies little."""
 
@@ -69,9 +73,11 @@ def test_server_and_two_nodes_end_by_themselves(tmp_path):
     assert server_accuracy is not None, server_out
     assert float(server_accuracy.group(1)) >= MIN_TEST_ACCURACY
     for rank, out in zip((1, 2), outputs[1:], strict=True):
-        node_accuracy = re.search(rf"epoch {NUM_EPOCHS - 1}: test accuracy ([\d.]+)", out)
-        assert node_accuracy is not None, out
-        assert float(node_accuracy.group(1)) >= MIN_TEST_ACCURACY
+        epochs = re.findall(rf"node {rank} epoch (\d+): test accuracy ([\d.]+)", out)
+        assert [int(epoch) for epoch, _ in epochs] == list(range(NUM_EPOCHS)), out
+        accuracies = [float(accuracy) for _, accuracy in epochs]
+        assert max(accuracies) >= MIN_TEST_ACCURACY, out
+        assert accuracies[-1] >= MIN_NODE_ACCURACY, out
         assert (tmp_path / f"node{rank}" / "metrics.csv").exists()
         assert (tmp_path / f"node{rank}" / "accuracy_vs_time.png").stat().st_size > 0
 

@@ -114,15 +114,18 @@ def test_a_run_records_every_iteration_checkpoints_and_plots(undisturbed_run):
         assert (run_dir / plot).stat().st_size > 0, plot
 
 
-def _kill_mid_run(run_dir: Path, victim: str) -> subprocess.CompletedProcess:
-    """Run ``_same_sequence()``, SIGKILL ``victim`` once the coordinator has committed iteration 2,
-    and let the run finish.
+def _kill_mid_run(
+    run_dir: Path, victim: str, *flags: str
+) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``_same_sequence()`` (and ``flags``), SIGKILL ``victim`` once the coordinator has
+    committed iteration 2, and let the run finish; returns how it ended, and the seconds from
+    the kill to the launcher's exit.
 
     The trigger is the coordinator's own checkpoint record, not metrics.csv: the launcher writes
     the metrics, and on a busy machine they can lag the coordinator by seconds, long enough for
     the last 8 iterations to end before the kill."""
     launcher = subprocess.Popen(
-        [*CLI, *_same_sequence(), "--no-plots", "--out", str(run_dir)],
+        [*CLI, *_same_sequence(), *flags, "--no-plots", "--out", str(run_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -135,12 +138,35 @@ def _kill_mid_run(run_dir: Path, victim: str) -> subprocess.CompletedProcess:
             assert time.monotonic() < deadline, "the coordinator committed no iteration 2"
             time.sleep(0.05)
         os.kill(json.loads((run_dir / "pids.json").read_text())[victim], signal.SIGKILL)
+        killed_at = time.monotonic()
         out, err = launcher.communicate(timeout=RUN_TIMEOUT_S)
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.communicate(timeout=30)
-    return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
+    ended = subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
+    return ended, time.monotonic() - killed_at
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    ("victim", "cause"),
+    [
+        ("worker0", "no worker is left to compute its portions"),
+        ("shard1", "shard1 was given up"),
+    ],
+)
+def test_a_process_given_up_fails_the_job_without_waiting_out_the_timeout(tmp_path, victim, cause):
+    """The iteration under way cannot end without a worker, or with a shard gone: the launcher
+    waited for the coordinator to commit it up to the request timeout (here 150 s), in
+    silence, before the job failed."""
+    flags = ("--workers", "1", "--max-restarts", "0", "--timeout", "150")
+    result, exited_after_s = _kill_mid_run(tmp_path / "run", victim, *flags)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"the coordinator's iteration under way cannot end: {cause}" in result.stderr
+    assert exited_after_s < 100, result.stderr[-3000:]
+    assert _summary(tmp_path / "run")["outcome"] == "failed"
 
 
 def _committed(run_dir: Path, iteration: int) -> bool:
@@ -157,7 +183,7 @@ def _committed(run_dir: Path, iteration: int) -> bool:
 @pytest.mark.parametrize("victim", ["coordinator", "worker1", "shard0"])
 def test_a_process_killed_mid_run_changes_nothing(tmp_path, undisturbed, victim):
     run_dir = tmp_path / "run"
-    result = _kill_mid_run(run_dir, victim)
+    result, _ = _kill_mid_run(run_dir, victim)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = _summary(run_dir)
     faults = [(f["process"], f["exitcode"], f["action"]) for f in summary["faults"]]

@@ -236,6 +236,25 @@ def test_a_new_run_does_not_take_a_folder_of_sandblaster_checkpoints(tmp_path, c
     assert f"holds another run's checkpoints: use --resume '{run_dir}'" in last, last
 
 
+@pytest.mark.parametrize("inside", ["lbfgs-000003", "mine/run"])
+def test_a_new_run_is_not_made_inside_another_runs_checkpoints(tmp_path, capsys, inside):
+    """A run made in a Sandblaster run's checkpoints folder (under the name of an iteration
+    folder its coordinator had pruned) was removed whole by that run's next resume."""
+    from distbelief.launch.cli import main
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(JobConfig().to_json())
+    out = run_dir / "checkpoints" / inside
+    assert main(["train", "--no-eval", "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        f"distbelief train: error: --out {out}: inside the checkpoints folder of run {run_dir}, "
+        "whose resumes and reshards remove what they do not keep there: give another folder"
+    )
+    assert sorted(path.name for path in run_dir.rglob("*")) == ["checkpoints", "config.json"]
+
+
 @pytest.mark.parametrize("folder", ["checkpoints", "."], ids=["in-checkpoints", "itself"])
 def test_a_new_run_does_not_take_checkpoints_of_no_run(tmp_path, capsys, folder):
     """Checkpoints without a config.json beside them (a ``distbelief ps --checkpoint-dir``

@@ -12,8 +12,10 @@ import sys
 import pytest
 
 from distbelief.config import JobConfig
+from distbelief.launch import rundir as rundir_module
 from distbelief.launch.reshard import reshard_run
 from distbelief.launch.run_lock import run_dir_locked, shard_checkpoints_locked
+from distbelief.launch.rundir import release_reserved, reserve_run_dir
 from tests.conftest import run_main
 
 HOLD = (
@@ -251,3 +253,30 @@ def test_a_job_refused_a_folder_another_made_in_the_same_instant_leaves_it(
     assert result.returncode == 2, result.stderr[-2000:]
     assert "another job is using this run folder" in result.stderr
     assert [path.name for path in run_dir.iterdir()] == ["config.json"]
+
+
+def test_launches_in_one_second_each_get_a_run_folder_of_their_own(tmp_path, monkeypatch):
+    """The default run folder was ``runs/<time>`` alone: two ``train`` started in the same
+    second shared it, and the second was refused (``--out runs/...: another job is using this
+    run folder``) though no --out was given."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rundir_module.time, "strftime", lambda _format: "20261207-233633")
+    folders = [reserve_run_dir() for _ in range(3)]
+    names = ["20261207-233633", "20261207-233633-2", "20261207-233633-3"]
+    assert [str(folder) for folder in folders] == [f"runs/{name}" for name in names]
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == names
+    # A launch's own folder, left empty, goes as its launch is refused; one in use stays.
+    (folders[1] / "config.json").write_text("{}")
+    for folder in folders:
+        release_reserved(folder)
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == [names[1]]
+
+
+def test_a_train_refused_by_its_checks_leaves_no_default_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    result = run_main(
+        "train", "--dataset", "mnist", "--no-download", "--data-dir", "data", capsys=capsys
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "argument --data-dir" in result.stderr
+    assert not (tmp_path / "runs").exists()

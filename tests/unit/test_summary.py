@@ -21,12 +21,13 @@ from distbelief.telemetry.metrics import EVALUATED
 class _Records:
     def __init__(self) -> None:
         self.records: list[dict] = []
+        self.messages: list[str] = []
 
     def write(self, record: dict) -> None:
         self.records.append(record)
 
     def message(self, text: str, time_s: float | None = None) -> None:
-        pass
+        self.messages.append(text)
 
 
 def test_a_failed_job_keeps_every_field_of_a_done_one(tmp_path: Path) -> None:
@@ -236,3 +237,26 @@ def test_only_a_sandblaster_runs_summary_has_a_coordinator() -> None:
     assert _coordinator(_NoResults(), route, JobConfig()) == {}
     sandblaster = JobConfig.from_fields({"optimizer.algorithm": "sandblaster"})
     assert _coordinator(_NoResults(), route, sandblaster) == {"stop_reason": "stopped"}
+
+
+def test_a_restarted_sandblaster_workers_count_adds_its_earlier_lives_portions() -> None:
+    """A Sandblaster worker's life counts its portions from 0: a worker restarted after 23
+    committed portions said 'finished after 14 portions' and summary.json 14."""
+    records = _Records()
+    route = EventRouter(records)
+    coordinator, worker0 = (
+        ProcessSpec(ProcessKind.COORDINATOR, 0),
+        ProcessSpec(ProcessKind.WORKER, 0),
+    )
+    route(Event("started", worker0, {"rank": 0, "time": 1.0}))
+    for iteration, portions in ((1, 11), (2, 12)):
+        row = make_record("worker", 0, time_s=1.0, step=iteration, portions=portions)
+        route(Event("metric", coordinator, row))
+    route(Event("started", worker0, {"rank": 0, "time": 2.0}))  # its next life
+    route(Event("metric", coordinator, make_record("worker", 0, time_s=3.0, step=3, portions=13)))
+    result = {"rank": 0, "portions": 14, "accepted": 13, "steps": 14}
+    assert route.steps_in_all_lives(0, result) == 23 + 14
+    route(Event("done", worker0, result))
+    assert "worker0 finished after 37 portions" in records.messages
+    # Never below what its rows committed (a life's rows may come after it started).
+    assert route.steps_in_all_lives(0, {**result, "steps": 1}) == 36

@@ -32,3 +32,29 @@ def test_a_full_disk_leaves_no_empty_traceback_file(tmp_path, monkeypatch, caplo
         assert save_traceback(ChildFailedError("shard 0", 1, _TRACEBACK), tmp_path) is None
     assert list(tmp_path.iterdir()) == []
     assert "could not write" in caplog.text and "shard_0-traceback.txt" in caplog.text
+
+
+def test_a_second_ctrl_c_as_a_stop_ends_says_the_stop_summary_json_recorded(capsys):
+    """A second Ctrl-C that landed after the first stop was recorded (as the launcher's
+    ``LauncherInterrupted`` went up) printed ``interrupted``, summary.json's reason ``stopped
+    by Ctrl-C``."""
+    import argparse
+
+    from distbelief.errors import LauncherInterrupted
+    from distbelief.launch.cli_errors import run_reporting_failures
+
+    def stopped_twice() -> int:
+        try:
+            raise LauncherInterrupted("stopped by signal SIGTERM")
+        except LauncherInterrupted:
+            raise KeyboardInterrupt from None  # the second, as the first is on its way out
+
+    args = argparse.Namespace(command="train", verbose=False)
+    assert run_reporting_failures(args, stopped_twice) == 130
+    assert capsys.readouterr().err == "distbelief train: stopped by signal SIGTERM\n"
+
+    def stopped_once() -> int:
+        raise KeyboardInterrupt
+
+    assert run_reporting_failures(args, stopped_once) == 130
+    assert capsys.readouterr().err == "distbelief train: interrupted\n"

@@ -41,7 +41,7 @@ from distbelief.launch.flags import (
 )
 from distbelief.launch.hints import shell_word
 from distbelief.launch.run_lock import shard_checkpoints_locked
-from distbelief.launch.rundir import run_dir_path
+from distbelief.launch.rundir import release_reserved, reserve_run_dir
 from distbelief.launch.train_report import restore_lines, versions_said
 
 logger = logging.getLogger("distbelief")
@@ -199,17 +199,17 @@ def _train_and_report(args: argparse.Namespace, config: JobConfig) -> int:
     from distbelief.launch.job import train
     from distbelief.launch.local import stop_forkserver
 
-    if not args.resume:
-        # Fixed here, not in train(), so a failure can name its traceback file in the folder.
-        out_dir = str(run_dir_path(config.reporting.out_dir))
-        config = config.with_fields({"reporting.out_dir": out_dir})
     check_device(config)
+    if not args.resume and not config.reporting.out_dir:
+        # Made here, not in train(), so a failure can name its traceback file in the folder.
+        config = config.with_fields({"reporting.out_dir": str(reserve_run_dir())})
     try:
         result = train(config, resume=bool(args.resume))
     except ChildFailedError as e:
         return child_failed(args, e, save_traceback(e, Path(config.reporting.out_dir)))
     finally:
         stop_forkserver()  # nothing of the command outlives it
+        release_reserved(Path(config.reporting.out_dir))
     final = result.final
     for line in restore_lines(result.faults, result.run_dir):
         print(line)

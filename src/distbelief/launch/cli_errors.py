@@ -100,6 +100,15 @@ def _config_error(args: argparse.Namespace, error: ConfigFieldError) -> int:
     return usage_error(args, f"argument {flag}: {_as_typed(args, flag, error)}")
 
 
+def _stop_under_way(error: KeyboardInterrupt) -> str | None:
+    """What the stop that a second Ctrl-C (``error``) cut short was recorded as (a job's
+    ``LauncherInterrupted``, whose words summary.json's reason has), or None."""
+    earlier = error.__context__
+    while earlier is not None and not isinstance(earlier, LauncherInterrupted):
+        earlier = earlier.__context__
+    return None if earlier is None else str(earlier)
+
+
 def _relative_data_dir(config_file: Path) -> bool:
     """Whether ``config_file`` (a run's config.json) names a relative data folder."""
     try:
@@ -243,7 +252,8 @@ def run_reporting_failures(args: argparse.Namespace, command: Callable[[], int])
         print(f"{prefix}: error: {e}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
-        print(f"{prefix}: {str(e) or 'interrupted'}", file=sys.stderr)
+        said = _stop_under_way(e)
+        print(f"{prefix}: {said or str(e) or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except LauncherInterrupted as e:
         print(f"{prefix}: {e}", file=sys.stderr)

@@ -62,6 +62,9 @@ from distbelief.launch.rundir import (
     nothing_to_resume,
     prepare_run_dir,
     records_of_training,
+    release_reserved,
+    reserve_run_dir,
+    reserved_for_this_launch,
     run_dir_path,
     write_text_atomic,
 )
@@ -180,6 +183,16 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
     return config
 
 
+def _run_whose_checkpoints_hold(path: Path) -> Path | None:
+    """The run folder whose checkpoints folder ``path`` lies within, if any (a Sandblaster
+    run's coordinator prunes its iteration folders there, a reshard moves it whole)."""
+    # As typed where it names the folder (runs/a/checkpoints/b), else in full (../b).
+    for folder in (*Path(path).parents, *Path(path).absolute().parents):
+        if folder.name == CHECKPOINT_DIR and (folder.parent / "config.json").is_file():
+            return folder.parent
+    return None
+
+
 def _checkpoints_refused(run_dir: Path) -> ValueError:
     """Why a new run may not take ``run_dir``, which holds checkpoints: another run's, which
     ``--resume`` continues, or, without a config.json beside them (a ``distbelief ps
@@ -294,29 +307,36 @@ def train(
             f"cluster_type must be a Cluster class (LocalCluster, RayCluster), got {cluster_type!r}"
         )
     cluster_type = cluster_type or engine_cluster(config.cluster.engine)
-    config, partitions, total_steps = _check_and_plan(config, cluster_type, resume=resume)
-    fresh = not resume and not run_dir_path(config.reporting.out_dir).exists()
-    run_dir = prepare_run_dir(config.reporting.out_dir)
-    named = f"--resume {run_dir}" if resume else f"--out {run_dir}"
-    # A folder this job found missing is removed only under its lock: a job that started
-    # with it in the same instant and holds it is using it, and a job refused by the lock has
-    # nothing of its own there.
-    with run_dir_locked(run_dir, named):
-        try:
-            config = _prepare(config, run_dir, resume)
-            return _run_job(
-                config,
-                run_dir,
-                cluster_type,
-                resume=resume,
-                fresh=fresh,
-                plan=partitions,
-                total_steps=total_steps,
-            )
-        except BaseException as e:
-            if fresh:
-                _remove_if_unused(run_dir, interrupted=isinstance(e, INTERRUPTIONS))
-            raise
+    if not resume and not config.reporting.out_dir:
+        # Named once, and made at once: a launch in the same second takes another name.
+        config = config.with_fields({"reporting.out_dir": str(reserve_run_dir())})
+    out = run_dir_path(config.reporting.out_dir)
+    fresh = not resume and (not out.exists() or reserved_for_this_launch(out))
+    try:
+        config, partitions, total_steps = _check_and_plan(config, cluster_type, resume=resume)
+        run_dir = prepare_run_dir(config.reporting.out_dir)
+        named = f"--resume {run_dir}" if resume else f"--out {run_dir}"
+        # A folder this job found missing is removed only under its lock: a job that started
+        # with it in the same instant and holds it is using it, and a job refused by the lock
+        # has nothing of its own there.
+        with run_dir_locked(run_dir, named):
+            try:
+                config = _prepare(config, run_dir, resume)
+                return _run_job(
+                    config,
+                    run_dir,
+                    cluster_type,
+                    resume=resume,
+                    fresh=fresh,
+                    plan=partitions,
+                    total_steps=total_steps,
+                )
+            except BaseException as e:
+                if fresh:
+                    _remove_if_unused(run_dir, interrupted=isinstance(e, INTERRUPTIONS))
+                raise
+    finally:
+        release_reserved(out)  # made for this job and left empty (refused by its checks): gone
 
 
 def _check_and_plan(
@@ -337,6 +357,11 @@ def _check_and_plan(
     require_data_files(config.data)  # before any process starts, which would fail on it
     flag, run_dir = "--resume" if resume else "--out", run_dir_path(config.reporting.out_dir)
     check_folder_can_be_made(run_dir, flag)
+    if not resume and (holder := _run_whose_checkpoints_hold(run_dir)) is not None:
+        raise ValueError(
+            f"--out {run_dir}: inside the {CHECKPOINT_DIR} folder of run {holder}, whose "
+            "resumes and reshards remove what they do not keep there: give another folder"
+        )
     misplaced = misplaced_run_entry(run_dir)
     if misplaced is not None:  # before anything is written or started
         raise ValueError(f"{flag} {run_dir}: {misplaced}")

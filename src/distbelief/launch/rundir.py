@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import stat
 import time
@@ -20,6 +21,9 @@ __all__ = [
     "nothing_to_resume",
     "prepare_run_dir",
     "records_of_training",
+    "release_reserved",
+    "reserve_run_dir",
+    "reserved_for_this_launch",
     "run_dir_path",
     "write_text_atomic",
 ]
@@ -28,6 +32,55 @@ __all__ = [
 def run_dir_path(out_dir: str) -> Path:
     """Where the run folder goes: ``out_dir``, or ``runs/<timestamp>`` when it is empty."""
     return Path(out_dir) if out_dir else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+_MAX_RUNS_A_SECOND = 1000
+_reserved: dict[Path, bool] = {}
+"""The run folders ``reserve_run_dir`` made in this process (this launch's own, though they
+exist already: a job refused leaves none), and whether it made their ``runs`` folder too."""
+
+
+def reserve_run_dir() -> Path:
+    """A new run folder, made now: ``runs/<timestamp>``, or ``runs/<timestamp>-2``, ``-3``...
+    where a launch in the same second made that one (each name is made by one process only:
+    two launches at once never share a folder).
+
+    Raises:
+        ValueError: it cannot be made (naming ``--out``, whose default it is).
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = Path("runs")
+    made_runs = not runs.exists()
+    make_folder(runs, "--out")
+    for count in range(1, _MAX_RUNS_A_SECOND + 1):
+        folder = runs / (stamp if count == 1 else f"{stamp}-{count}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ValueError(f"--out {folder}: cannot create the folder: {e.strerror}") from None
+        _reserved[folder] = made_runs
+        return folder
+    raise ValueError(f"--out {runs / stamp}: {_MAX_RUNS_A_SECOND} runs of this second exist")
+
+
+def reserved_for_this_launch(run_dir: Path) -> bool:
+    """Whether ``reserve_run_dir`` made ``run_dir`` in this process."""
+    return run_dir in _reserved
+
+
+def release_reserved(run_dir: Path) -> None:
+    """``run_dir`` is no longer this launch's to make: removed if ``reserve_run_dir`` made it
+    and it is still empty (a job refused before it wrote anything), with the ``runs`` folder
+    it made for it, if that is empty too."""
+    if run_dir not in _reserved:
+        return
+    made_runs = _reserved.pop(run_dir)
+    with contextlib.suppress(OSError):  # only an empty folder goes
+        run_dir.rmdir()
+        if made_runs:
+            run_dir.parent.rmdir()
 
 
 def prepare_run_dir(out_dir: str) -> Path:

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 from distbelief.config import JobConfig
 from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import DistBeliefError
-from distbelief.launch.cluster import STOP_GRACE_S, Cluster, Event, ProcessKind, shard_names
+from distbelief.launch.cluster import (
+    STOP_GRACE_S,
+    Cluster,
+    Event,
+    ProcessKind,
+    ProcessSpec,
+    shard_names,
+)
 from distbelief.launch.stop_records import on_metrics_clock
 from distbelief.launch.summary import RunResult
 from distbelief.telemetry.metrics import EVALUATED, EVALUATION_FIELDS
@@ -45,6 +52,11 @@ class EventRouter:
         """(rank, stage) -> the last step of its pushes every shard applied (a life's start
         tells one too): a worker got at least that far, though its rows (every few steps)
         may have told less before it was given up (``steps_reached``)."""
+        self.portions_before_life: dict[int, int] = {}
+        """Sandblaster: per rank, the portions committed before its current life started (a
+        restarted worker counts its portions from 0 again)."""
+        self._portion_lives: set[int] = set()
+        """Sandblaster: the ranks a worker's life has started for."""
         self.last_evaluation: dict = {}
         self.coordinator_rows: dict[int, dict] = {}
         """Sandblaster: the coordinator's last row of each iteration (a redone one's replaces
@@ -62,6 +74,15 @@ class EventRouter:
             if None not in pushed:
                 reached[rank] = max(reached.get(rank, 0), min(pushed))  # type: ignore[type-var]
         return reached
+
+    def steps_in_all_lives(self, rank: int, result: dict) -> int:
+        """The steps of worker ``rank``'s ``result``: a Downpour worker's next life counts on
+        from the last; a Sandblaster worker's counts its portions from 0 again, to which those
+        its earlier lives committed are added (at least those its rows committed in all)."""
+        if "portions" not in result:
+            return result["steps"]
+        steps = self.portions_before_life.get(rank, 0) + result["steps"]
+        return max(steps, self.steps_reported.get(rank, 0))
 
     def poll_shards(self, *, now: bool = False) -> None:
         """Routes the shards' counters if a poll is due (cheap to call in any loop), or
@@ -87,7 +108,13 @@ class EventRouter:
         elif kind == "done" and source.kind in (ProcessKind.WORKER, ProcessKind.STAGE):
             # A Sandblaster worker's steps are the portions it computed.
             unit = "portions" if "portions" in payload else "steps"
-            self.sink.message(f"{source.name} finished after {payload['steps']} {unit}")
+            steps = self.steps_in_all_lives(source.index, payload)
+            self.sink.message(f"{source.name} finished after {steps} {unit}")
+        # A Sandblaster worker's life starts (a Downpour worker's tells the step it goes on from).
+        if kind == "started" and "step" not in payload and _is_worker(source):
+            if source.index in self._portion_lives:
+                self.portions_before_life[source.index] = self.steps_reported.get(source.index, 0)
+            self._portion_lives.add(source.index)
         if kind in ("started", "pushed") and "step" in payload:
             key = (payload["rank"], payload.get("stage", 0))
             self.pushed_steps[key] = max(self.pushed_steps.get(key, 0), payload["step"])
@@ -137,6 +164,10 @@ class EventRouter:
             self.coordinator_rows[record["step"]] = record
         start = self.train_start if self.train_start is not None else record["time_s"]
         self.sink.write({**record, "time_s": max(0.0, record["time_s"] - start)})
+
+
+def _is_worker(source: ProcessSpec | None) -> bool:
+    return source is not None and source.kind is ProcessKind.WORKER
 
 
 def supervise(cluster: Cluster, route: EventRouter, config: JobConfig) -> None:
@@ -238,7 +269,19 @@ def stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) ->
         return
     if not cluster.finished(ProcessKind.COORDINATOR):
         cluster.stop(ProcessKind.COORDINATOR)
-    deadline = time.monotonic() + max(STOP_GRACE_S, config.faults.timeout_s)
+    wait_s = max(STOP_GRACE_S, config.faults.timeout_s)
+    asked_at = time.monotonic()
+    deadline, said = asked_at + wait_s, False
+    ending = None
+    if not cluster.exited(ProcessKind.COORDINATOR):
+        ending = _why_the_iteration_cannot_end(cluster, config)
+    if ending is not None:
+        # Waiting would only wait out the coordinator's timeout: what it sent is read, then
+        # the cluster's stop ends it (its last committed checkpoint is where a resume goes on).
+        route.sink.message(
+            f"the coordinator's iteration under way cannot end: {ending}", route.now_s()
+        )
+        deadline, said = asked_at + _EXITED_EVENTS_S, True
     exited_at: float | None = None
     hurried = False
     with (
@@ -254,7 +297,24 @@ def stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) ->
                 exited_at = time.monotonic()
             if exited_at is not None and time.monotonic() - exited_at > _EXITED_EVENTS_S:
                 return
+            if not (said or hurried) and time.monotonic() - asked_at >= STOP_GRACE_S:
+                said = True  # a worker or shard that hangs holds it up to the request timeout
+                route.sink.message(
+                    "the coordinator is ending its iteration under way, to commit it: waiting "
+                    f"up to {wait_s:g}s in all (--timeout); Ctrl-C again stops it now",
+                    route.now_s(),
+                )
             route(cluster.next_event(0.2))
+
+
+def _why_the_iteration_cannot_end(cluster: Cluster, config: JobConfig) -> str | None:
+    """Why Sandblaster's iteration under way cannot end (no worker runs to compute its
+    portions; a shard given up held vectors it needs), or None where it may."""
+    if cluster.exited(training_kind(config)):
+        return "no worker is left to compute its portions"
+    shards = shard_names(config.cluster.num_shards)
+    lost = [f.process for f in cluster.faults if f.process in shards and f.action == "given up"]
+    return None if not lost else f"{lost[0]} was given up"
 
 
 _EXITED_EVENTS_S = 2.0
@@ -301,7 +361,7 @@ def job_result(
             sorted(
                 {
                     **route.steps_reached(config.pipeline.num_partitions),
-                    **{r: w["steps"] for r, w in workers.items()},
+                    **{r: route.steps_in_all_lives(r, w) for r, w in workers.items()},
                 }.items()
             )
         ),

@@ -21,6 +21,7 @@ import time
 import torch
 
 from distbelief.errors import (
+    AuthenticationError,
     BindError,
     NotAPeerError,
     NotAStageError,
@@ -200,9 +201,16 @@ class WireLinks:
                 f"{self._name} is the first stage: it has no stage before to {method}"
             )
 
-    def _translate(self, error: PSError, what: str, verb: str, timeout_s: float) -> PipelineError:
-        """The ``PipelineError`` for ``error`` of the wire, met while moving ``what``."""
+    def _translate(
+        self, error: PSError, what: str, verb: str, timeout_s: float
+    ) -> PipelineError | AuthenticationError:
+        """The ``PipelineError`` for ``error`` of the wire, met while moving ``what``; an
+        ``AuthenticationError`` stays one (another job key or TLS setting than the next
+        stage's: a flag is wrong, as a shard's refusal says), in words that name the stage."""
         detail = str(error).removeprefix(f"{self._peer}: ")
+        if isinstance(error, AuthenticationError):
+            detail = detail.replace("the shard", "the next stage")
+            return type(error)(f"{self._name}: {self._peer}: {detail}")
         if isinstance(error, ShardTimeoutError):
             return StageTimeoutError(
                 f"{self._name}: {self._peer} did not {verb} {what} within {timeout_s:g}s"

@@ -112,6 +112,21 @@ def test_a_connection_serves_one_group_and_bad_names_are_refused():
             _stats(addresses[0], {"group": "a b"})
 
 
+def test_a_pull_of_a_group_no_client_made_says_which_group_is_empty():
+    """It said the shard held no parameters, its default group trained meanwhile."""
+    with _served(1) as (_, addresses):
+        worker = _client(addresses, FIRST, "")
+        transport = connect(addresses[0])
+        try:
+            _train_one_step(worker, FIRST, 0.0)
+            empty = "shard 0 holds no parameters of parameter group 'nope': no worker has"
+            with pytest.raises(RemoteError, match=empty):
+                transport.request(Message(ops.PULL, {"group": "nope"}), timeout_s=60)
+        finally:
+            transport.close()
+            worker.close()
+
+
 def test_a_whole_model_client_is_refused_by_a_partitioned_models_shards_at_once():
     # An evaluator (no initial values) of the whole model would otherwise wait its timeout
     # for an INIT that never comes, then blame the shards; a worker would train a model of

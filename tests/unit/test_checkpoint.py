@@ -317,6 +317,15 @@ def test_a_folder_refusing_the_save_is_an_os_error_naming_the_tensor_file(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_where_the_tensor_file_goes_is_an_error_naming_the_tensor_file(tmp_path):
+    """It named the staged file in its temporary folder, and the rename's two paths."""
+    (tmp_path / "shard1-v000000000000.safetensors").mkdir()
+    expected = f"[Errno 21] Is a directory: '{tmp_path / 'shard1-v000000000000.safetensors'}'"
+    with pytest.raises(IsADirectoryError, match=f"^{re.escape(expected)}$"):
+        save_checkpoint(_shard("sgd").snapshot(), tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["shard1-v000000000000.safetensors"]
+
+
 def test_the_periodic_saves_go_on_after_a_save_fails_unexpectedly(tmp_path):
     """A save that fails with something other than an OSError is logged, and the next
     interval's save is tried as after any failure: the thread does not end."""

@@ -101,7 +101,8 @@ def test_router_sends_every_record_to_csv_display_and_tensorboard(tmp_path: Path
             )
         )
         route(Event("done", WORKER0, {"rank": 0, "steps": 20}))
-        route(Event("done", WORKER0, {"rank": 0, "steps": 7, "portions": 7}))  # Sandblaster's
+        sandblasters = ProcessSpec(ProcessKind.WORKER, 1)  # a worker of a Sandblaster job
+        route(Event("done", sandblasters, {"rank": 1, "steps": 7, "portions": 7}))
         route.poll_shards()  # no poller: nothing happens
     assert [r["time_s"] for r in read_metrics(tmp_path / "metrics.csv")] == [1.0, 2.0, 2.5]
     scalars = _scalars(tmp_path / TENSORBOARD_DIR)
@@ -110,7 +111,7 @@ def test_router_sends_every_record_to_csv_display_and_tensorboard(tmp_path: Path
     assert scalars["ps/test_accuracy"] == [(40, pytest.approx(0.7))]
     lines = stream.getvalue().splitlines()
     assert lines[-3] == 'message t=2.5s text="worker0 finished after 20 steps"'
-    assert lines[-2] == 'message t=2.5s text="worker0 finished after 7 portions"'
+    assert lines[-2] == 'message t=2.5s text="worker1 finished after 7 portions"'
 
 
 class _StubPoller:

@@ -32,6 +32,18 @@ CUT_OFF_CAUSE = (
 )
 """The cause of the fault of a shard the launcher killed as the job stopped, its last
 checkpoint not saved (hung, or stopped with SIGSTOP)."""
+HUNG_CAUSE = (
+    f"killed by the launcher {STOP_GRACE_S:g}s after it was asked to stop, before it exited "
+    "(hung, or stopped)"
+)
+"""That cause for a Sandblaster shard, which saves nothing on the way out (the coordinator
+commits what is saved): whether its last state is on disk is ``last_checkpoint_saved``."""
+
+
+def cut_off_cause(config: JobConfig) -> str:
+    """The cause of the fault of a shard of ``config``'s job the launcher killed as it
+    stopped."""
+    return HUNG_CAUSE if config.optimizer.algorithm == "sandblaster" else CUT_OFF_CAUSE
 
 
 class ProcessKind(enum.Enum):

@@ -311,9 +311,10 @@ def train(
         # Named once, and made at once: a launch in the same second takes another name.
         config = config.with_fields({"reporting.out_dir": str(reserve_run_dir())})
     out = run_dir_path(config.reporting.out_dir)
-    fresh = not resume and (not out.exists() or reserved_for_this_launch(out))
     try:
         config, partitions, total_steps = _check_and_plan(config, cluster_type, resume=resume)
+        # After the checks, which name a path that cannot be looked at (too long, say).
+        fresh = not resume and (reserved_for_this_launch(out) or not out.exists())
         run_dir = prepare_run_dir(config.reporting.out_dir)
         named = f"--resume {run_dir}" if resume else f"--out {run_dir}"
         # A folder this job found missing is removed only under its lock: a job that started
@@ -497,6 +498,9 @@ def _run_job(
                     add_what_the_stop_settled(
                         result, cluster, config, time_offset_s=metrics.time_offset_s
                     )
+                    # The stop is the launch's too (the shards' last saves, a process that
+                    # hung and was killed): the faults it saw fall within it.
+                    result.elapsed_s = time.time() - started
         except BaseException as e:
             if not (trained and result is not None and isinstance(e, INTERRUPTIONS)):
                 replacement = _record_the_end(e, result, run_dir, plots_skipped_by=no_plots)

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from distbelief.errors import ChildFailedError, ClosedError
 from distbelief.launch.child import EventInbox, SharedStopFlag, run_child
 from distbelief.launch.cluster import (
-    CUT_OFF_CAUSE,
     RESTART_POLICIES,
     STOP_GRACE_S,
     Event,
@@ -29,6 +28,7 @@ from distbelief.launch.cluster import (
     ProcessBook,
     ProcessKind,
     ProcessSpec,
+    cut_off_cause,
 )
 from distbelief.launch.deferred_signals import signals_deferred
 from distbelief.launch.entry import PRELOADED_MODULES, run_role
@@ -449,16 +449,18 @@ class LocalCluster:
             if self._ended_by_the_cluster(process):
                 if not self._shard_cut_off(spec, process):
                     continue
-                # Its last checkpoint is not on disk: a resume restores an older one.
-                self.book.record_death(spec, process.exitcode, stopping=True, cause=CUT_OFF_CAUSE)
+                # Hung as it stopped (a Downpour shard's last checkpoint is not on disk: a
+                # resume restores an older one).
+                cause = cut_off_cause(self.config)
+                self.book.record_death(spec, process.exitcode, stopping=True, cause=cause)
                 continue
             self.book.record_death(spec, process.exitcode, stopping=True)
 
     def _shard_cut_off(self, spec: ProcessSpec, process: Any) -> bool:
         """Whether ``process`` is a shard this cluster killed after the stop's grace period
-        without its result (the checkpoint it saves on the way out): hung, or stopped. A
-        Sandblaster shard saves none on the way out (the coordinator commits its state)."""
-        if spec.kind is not ProcessKind.SHARD or self.config.optimizer.algorithm == "sandblaster":
+        without its result (after the checkpoint it saves on the way out, a Downpour shard's):
+        hung, or stopped."""
+        if spec.kind is not ProcessKind.SHARD:
             return False
         killed = self._signalled.get(process.pid) is signal.SIGKILL
         return killed and spec.name not in self.book.returned

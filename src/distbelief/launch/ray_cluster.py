@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 from distbelief.deferred_signals import signals_deferred
 from distbelief.errors import ChildFailedError, ClosedError, ClusterError, LauncherInterrupted
 from distbelief.launch.cluster import (
-    CUT_OFF_CAUSE,
     STOP_GRACE_S,
     Event,
     Fault,
     ProcessBook,
     ProcessKind,
     ProcessSpec,
+    cut_off_cause,
 )
 from distbelief.launch.entry import PRELOADED_MODULES
 from distbelief.launch.ray_actor import NodeHost, RoleActor
@@ -578,14 +578,13 @@ class RayCluster:
 
     def _note_shards_cut_off(self, lives: list[_Life]) -> None:
         """Records as faults the shards of ``lives``, still running after the stop's grace
-        period and killed next, that returned no result: their last checkpoint is not on disk,
-        and a resume restores an older one (a Sandblaster shard saves none on the way out)."""
-        if self.config.optimizer.algorithm == "sandblaster":
-            return
+        period and killed next, that returned no result: hung (a Downpour shard's last
+        checkpoint is not on disk, and a resume restores an older one)."""
         self._drain()  # a result sent meanwhile: its shard saved, and is exiting
+        cause = cut_off_cause(self.config)
         for life in lives:
             if self._running(life.spec.name):
-                self.book.record_death(life.spec, None, stopping=True, cause=CUT_OFF_CAUSE)
+                self.book.record_death(life.spec, None, stopping=True, cause=cause)
 
     def stop_all(self) -> None:
         """Stops every actor: Sandblaster's coordinator first, by its stop flag (it ends the

@@ -58,7 +58,10 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     try:
         staged = staging / path.name
         write_file_atomic(staged, lambda tmp: save_file(tensors, str(tmp)))
-        staged.replace(path)
+        try:
+            staged.replace(path)
+        except OSError as e:  # a folder where it goes, say: named as path, as above
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     except SafetensorError as e:
         raise OSError(f"cannot write {path}: {e}") from e
     finally:

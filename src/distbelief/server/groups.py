@@ -72,6 +72,7 @@ class ShardGroups:
             if self._make_shard is None:
                 raise ValueError(f"this shard serves no parameter groups (asked for {name!r})")
             shard = self._shards[name] = self._make_shard()
+            shard.group = name
             if self._started:
                 self._start_checkpointer(name, shard, saved_version=None)
         logger.info("shard %d: new parameter group %r", shard.shard_id, name)

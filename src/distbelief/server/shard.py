@@ -178,6 +178,8 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
         self.model_specs = None if model_specs is None else list(model_specs)
         self._optimizer_factory = optimizer_factory
         self._changed = threading.Condition(threading.Lock())
+        self.group = ""
+        """The parameter group this shard holds (named in refusals; "" the default group)."""
         self.specs: list[TensorSpec] = []
         self.fingerprint = ""
         self.slices: list[ShardSlice] = []
@@ -581,8 +583,9 @@ class ParameterShard(ShardVectorOps, ShardCheckpoints):
     def require_initialized(self) -> None:
         """Raises ShardEmptyError (a ValueError) unless the shard holds parameters."""
         if not self.initialized:
+            of_group = f" of parameter group {self.group!r}" if self.group else ""
             raise ShardEmptyError(
-                f"shard {self.shard_id} holds no parameters: no worker has initialised it, or "
-                "it was restarted with no checkpoint to restore from and what it held is lost "
-                "(distbelief ps --checkpoint-dir DIR keeps it across restarts)"
+                f"shard {self.shard_id} holds no parameters{of_group}: no worker has initialised "
+                "it, or it was restarted with no checkpoint to restore from and what it held is "
+                "lost (distbelief ps --checkpoint-dir DIR keeps it across restarts)"
             )

@@ -58,3 +58,25 @@ def test_a_second_ctrl_c_as_a_stop_ends_says_the_stop_summary_json_recorded(caps
 
     assert run_reporting_failures(args, stopped_once) == 130
     assert capsys.readouterr().err == "distbelief train: interrupted\n"
+
+
+def test_a_child_that_timed_out_is_followed_by_the_flag_of_the_timeout(capsys):
+    """``--timeout 0.001`` failed the workers with a line that blamed the peer (``answered
+    nothing: a shard stopped or too busy``) and never named the flag that set 0.001 s."""
+    import argparse
+
+    from distbelief.errors import ChildFailedError
+    from distbelief.launch.cli_errors import child_failed
+
+    args = argparse.Namespace(command="train", verbose=False)
+    timed_out = (
+        'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        "distbelief.errors.ShardTimeoutError: shard 0 (tcp://127.0.0.1:1): hello timed out "
+        "after 0.001s: the peer took the connection but answered nothing\n"
+    )
+    assert child_failed(args, ChildFailedError("worker0", 1, timed_out)) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "distbelief train: a request waits --timeout seconds for its answer"
+    refused = timed_out.replace("ShardTimeoutError", "ShardUnavailableError")
+    assert child_failed(args, ChildFailedError("worker0", 1, refused)) == 1
+    assert "--timeout" not in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -174,9 +175,21 @@ def child_failed(
         print(f"{prefix}: {error}", file=sys.stderr)
         return EXIT_FAILED
     print(f"{prefix}: {error.short()}", file=sys.stderr)
+    _name_the_timeout(prefix, error.error())
     if traceback_file is not None:
         print(f"{prefix}: full traceback in {traceback_file} (or rerun with -v)", file=sys.stderr)
     return EXIT_FAILED
+
+
+def _name_the_timeout(prefix: str, error: str) -> None:
+    """A request that timed out waited the request timeout, which the error line, printed as
+    summary.json's reason has it, does not name (a --timeout too short for the peers looked
+    like a peer too slow): a line that names its flag."""
+    if _TIMED_OUT.search(error):
+        print(f"{prefix}: a request waits --timeout seconds for its answer", file=sys.stderr)
+
+
+_TIMED_OUT = re.compile(r"^[\w.]*TimeoutError: .* timed out after \S+s", re.MULTILINE)
 
 
 def _traceback_if_verbose(args: argparse.Namespace) -> None:

@@ -391,6 +391,12 @@ def test_a_flag_of_the_other_algorithm_is_refused(argv, message, capsys, tmp_pat
             ["--history", "3"],
             "argument --history: only applies to algorithm sandblaster",
         ),
+        # A budget a resume may raise, of the other algorithm: the config refused it.
+        (
+            "downpour",
+            ["--max-iterations", "5"],
+            "argument --max-iterations: only applies to algorithm sandblaster",
+        ),
         # A flag both algorithms use: the run's value stands.
         ("sandblaster", ["--workers", "3"], "argument --workers: a resumed run keeps the value"),
         # The algorithm typed too: it is what the resume refuses, not the other's flag.

@@ -259,6 +259,23 @@ def test_run_labels_name_every_setting_of_the_results_that_differs() -> None:
     ]
 
 
+def test_runs_that_differ_in_how_their_shards_serve_say_so_and_by_timeouts_alone_by_folder():
+    """Runs of another --transport, --server-design or --checkpoint-every were told apart by
+    their folders alone, as runs of another --timeout are."""
+    labels = run_labels(
+        [
+            _job_run("c0", []),
+            _job_run("c1", [], **{"cluster.transport": "tcp", "server.design": "threads"}),
+            _job_run("c2", [], **{"server.checkpoint_every_s": 5.0}),
+            _job_run("c3", [], **{"faults.timeout_s": 60.0}),
+        ]
+    )
+    assert "transport=tcp, server_design=threads" in labels[1]
+    assert "checkpoint_every_s=5.0" in labels[2]
+    assert labels[0].endswith("(c0)") and labels[3].endswith("(c3)")
+    assert labels[0].removesuffix("(c0)") == labels[3].removesuffix("(c3)")
+
+
 def _iterations(role: str, **fields: object) -> list[dict]:
     return [make_record(role, 0, time_s=0.5 * step, step=step, **fields) for step in range(1, 9)]
 

@@ -533,6 +533,12 @@ def test_command_line(run, capsys):
     assert f"{run_dir / 'checkpoints' / 'rows-shard2.json'}: missing" in err
     assert main(["reshard", str(run_dir / "nowhere"), "--shards", "2"]) == 2
     assert "nowhere: no such run folder" in capsys.readouterr().err
+    # A run with no checkpoints says so whatever count is asked for: its own count said
+    # "already has 3 shards".
+    shutil.rmtree(run_dir / "checkpoints")
+    for count in ("3", "4"):
+        assert main(["reshard", str(run_dir), "--shards", count]) == 2
+        assert "no checkpoints folder to reshard" in capsys.readouterr().err
 
 
 def test_a_part_past_max_rows_per_shard_is_named_in_the_reshard_line(run, capsys):

@@ -85,3 +85,22 @@ def test_bad_arguments_are_named(kwargs: dict) -> None:
     (name,) = kwargs
     with pytest.raises(ValueError, match=name):
         ShardStatsPoller(["tcp://127.0.0.1:1"], **kwargs)
+
+
+def test_a_last_poll_soon_after_the_one_before_has_a_version_and_no_rates(monkeypatch) -> None:
+    """The launcher polls once more as training ends: ~10 ms after a periodic poll it said
+    0 pushes/s and 0 MB/s, the last word of metrics.csv and of the display on every shard."""
+    from distbelief.telemetry import shard_stats as shard_stats_module
+
+    polls = iter([_stats(100.0, 5, 5, 1000, {"0": 5}), _stats(100.01, 5, 5, 1000, {"0": 5})])
+    polls = iter([*polls, _stats(102.0, 13, 13, 5000, {"0": 5, "1": 8})])
+    monkeypatch.setattr(shard_stats_module, "poll_shard_stats", lambda *a, **k: [next(polls)])
+    clock = iter([0.0, 0.0, 0.01, 30.0])  # made, polled, polled again, and once more
+    monkeypatch.setattr(shard_stats_module.time, "monotonic", lambda: next(clock))
+    poller = ShardStatsPoller(["tcp://127.0.0.1:1"], every_s=1.0)
+    assert poller.poll_if_due()[0]["version"] == 5
+    (last,) = poller.poll_if_due(now=True)
+    assert (last["version"], last["pushes_per_s"], last["bytes_per_s"]) == (5, None, None)
+    # The next has its rates over the time since the poll before the one without.
+    (record,) = poller.poll_if_due(now=True)
+    assert record["pushes_per_s"] == pytest.approx(4.0)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from distbelief.config import TRANSPORT_ENV, JobConfig, environment_setting
 from distbelief.deferred_signals import signals_deferred
-from distbelief.errors import ChildFailedError
+from distbelief.errors import ChildFailedError, ConfigFieldError
 from distbelief.launch.cli_checks import (
     check_bind_is_here,
     check_device,
@@ -187,7 +187,16 @@ def _resumed_config_with(args: argparse.Namespace, changes: dict[str, object]) -
     # the resumed job would ignore (--eval-every for a run without live evaluation).
     resumed = _resumed_config(Path(args.resume))
     kept_from = str(Path(args.resume) / "config.json")
-    check_typed_flags_apply("train", typed, resumed.with_fields(changes), kept_from)
+    try:
+        changed = resumed.with_fields(changes)
+    except ConfigFieldError as e:
+        # A budget of the other algorithm's (--max-iterations of a Downpour run): ruled out
+        # by the algorithm the run keeps, which the message names, as check_typed_flags_apply
+        # does.
+        if e.problem.startswith("only applies to algorithm") and kept_from not in e.problem:
+            raise ConfigFieldError(e.field, f"{e.problem}; as {kept_from} has it") from None
+        raise
+    check_typed_flags_apply("train", typed, changed, kept_from)
     if new_shards is not None:
         run_dir = Path(args.resume)
         _reshard_before_resume(run_dir, resumed.cluster.num_shards, new_shards, changes)

@@ -170,7 +170,9 @@ def _reshard_stopped_run(run_dir: Path, num_shards: int) -> ReshardSummary:
     _remove_unfinished_reshards(run_dir)
     old_num_shards = config.cluster.num_shards
     root = run_dir / CHECKPOINT_DIR
-    base = _base_folder(root, config)
+    base = _base_folder(root, config)  # none to reshard is said first, whatever the count
+    if num_shards == old_num_shards:
+        raise ValueError(f"{run_dir} already has {num_shards} shards")
     partitions = checkpoint_folders(base, config.pipeline.num_partitions)
     for folder in partitions:
         check_partition_folder(folder, base)
@@ -225,8 +227,6 @@ def _configs(run_dir: Path, num_shards: int) -> tuple[JobConfig, JobConfig]:
     except ConfigFieldError as e:
         raise ConfigFieldError(f"cluster.{e.field}", e.problem) from e
     config = JobConfig.from_file(run_dir / "config.json")
-    if num_shards == config.cluster.num_shards:
-        raise ValueError(f"{run_dir} already has {num_shards} shards")
     return config, config.with_fields({"cluster.num_shards": num_shards})
 
 

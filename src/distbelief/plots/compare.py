@@ -88,6 +88,10 @@ _LABEL_KEYS = {
     "optimizer.wire_dtype": "wire_dtype",
     "optimizer.push_compression": "push_compression",
     "cluster.device": "device",
+    # How the shards serve and how often they save: the throughput's settings.
+    "cluster.transport": "transport",
+    "server.design": "server_design",
+    "server.checkpoint_every_s": "checkpoint_every_s",
     "reporting.eval_every_s": "eval_every_s",
     "reporting.eval_during_training": "eval_during_training",
     "model.seed": "seed",

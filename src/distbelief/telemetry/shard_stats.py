@@ -185,8 +185,8 @@ class ShardStatsPoller:
         self._next_poll = time.monotonic()
 
     def poll_if_due(self, *, now: bool = False) -> list[dict]:
-        """The records of a fresh poll if ``every_s`` has passed since the last (or ``now``),
-        else [].
+        """The records of a fresh poll if ``every_s`` has passed since the last (or ``now``:
+        without rates when under half of ``every_s`` has), else [].
 
         A shard that does not answer (it may be stopping at the end of the job) makes this
         poll return [] and is logged at debug level; it never raises a PSError.
@@ -194,12 +194,16 @@ class ShardStatsPoller:
         clock_s = time.monotonic()
         if clock_s < self._next_poll and not now:
             return []
+        # A poll asked for ``now`` soon after the last (the last one, as training ends) has
+        # no rates: over a few milliseconds they said 0 pushes/s, the display's last word.
+        too_soon = clock_s < self._next_poll - self.every_s / 2
         self._next_poll = clock_s + self.every_s
         try:
             stats = poll_shard_stats(self.addresses, self.timeout_s, **self._connect_options)
         except PSError as e:
             logger.debug("shard stats poll failed: %s", e)
             return []
-        records = shard_records(stats, self._previous)
-        self._previous = stats
+        records = shard_records(stats, None if too_soon else self._previous)
+        if not too_soon:
+            self._previous = stats
         return records

@@ -381,6 +381,23 @@ def test_a_flag_of_the_other_algorithm_is_refused(argv, message, capsys, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resume_takes_a_kept_flag_typed_with_the_runs_own_value(tmp_path, monkeypatch):
+    """The run's command typed again with --resume added was refused at its first flag
+    (``--dataset digits``: a resumed run keeps the value), though it changed nothing."""
+    from distbelief.launch import cli as cli_module
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = JobConfig.from_fields({"model.name": "mlp", "optimizer.lr": 0.1})
+    (run_dir / "config.json").write_text(config.to_json())
+    resumed = []
+    monkeypatch.setattr(cli_module, "_resumed_config_with", lambda args, changes: changes)
+    monkeypatch.setattr(cli_module, "_train_and_report", lambda args, job: resumed.append(job))
+    argv = ["train", "--resume", str(run_dir), "--model", "mlp", "--dataset", "digits"]
+    main([*argv, "--lr", "0.1", "--timeout", "45"])
+    assert resumed == [{"faults.timeout_s": 45.0}]  # what the resume changes
+
+
 @pytest.mark.parametrize(
     ("algorithm", "argv", "message"),
     [

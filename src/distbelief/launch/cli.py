@@ -88,6 +88,12 @@ def _use_transport(config: JobConfig) -> None:
     apply_job_transport(config.cluster.transport)
 
 
+def _value_of(config: JobConfig, name: str) -> object:
+    """Field ``section.field`` of ``config``."""
+    section, field = name.split(".", 1)
+    return getattr(getattr(config, section), field)
+
+
 def _resumed_config(run_dir: Path) -> JobConfig:
     """The config.json of the run ``--resume`` names, as it is before anything changes."""
     try:
@@ -149,6 +155,14 @@ def _resume_changes(args: argparse.Namespace) -> dict[str, object]:
     # Every refusal comes before the reshard: a refused command leaves the folder as it was.
     if missing := missing_run_folder(args.resume):  # first: the other refusals name it
         raise argparse.ArgumentError(None, f"argument --resume: {args.resume}: {missing}")
+    if fixed:
+        # A flag typed with the value the run has changes nothing (the run's command typed
+        # again, with --resume added): taken, not refused.
+        resumed = _resumed_config(Path(args.resume))
+        same = [name for name in fixed if _value_of(resumed, name) == changes[name]]
+        for name in same:
+            fixed.remove(name)
+            del changes[name]
     if "optimizer.algorithm" in fixed:
         # First: the refusals of the other algorithm's flags follow from the algorithm kept.
         fixed.insert(0, fixed.pop(fixed.index("optimizer.algorithm")))

@@ -458,3 +458,22 @@ def test_the_clusters_and_a_subclass_of_one_are_cluster_classes() -> None:
 
     assert [cluster_methods_lacking(c) for c in (LocalCluster, RayCluster, Killing)] == [[]] * 3
     assert "start" in cluster_methods_lacking(dict)
+
+
+def test_only_a_runs_checkpoints_folder_as_the_file_system_finds_it_holds_an_out(tmp_path):
+    """Any config.json beside a folder named checkpoints counted, and the path was read as
+    typed: ``RUN/checkpoints/../../c`` (which is ``c``) was refused, a link into a run's
+    checkpoints let through."""
+    from distbelief.launch.job import _run_whose_checkpoints_hold
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text(JobConfig().to_json())
+    assert _run_whose_checkpoints_hold(run_dir / "checkpoints" / "x") == run_dir
+    assert _run_whose_checkpoints_hold(run_dir / "checkpoints" / ".." / ".." / "c") is None
+    (tmp_path / "link").symlink_to(run_dir / "checkpoints")
+    assert _run_whose_checkpoints_hold(tmp_path / "link" / "x") == run_dir
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "config.json").write_text('{"model": "bert"}')  # no run's
+    assert _run_whose_checkpoints_hold(other / "checkpoints" / "x") is None

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -260,7 +261,8 @@ def test_launches_in_one_second_each_get_a_run_folder_of_their_own(tmp_path, mon
     second shared it, and the second was refused (``--out runs/...: another job is using this
     run folder``) though no --out was given."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(rundir_module.time, "strftime", lambda _format: "20261207-233633")
+    one_second = types.SimpleNamespace(strftime=lambda _format: "20261207-233633")
+    monkeypatch.setattr(rundir_module, "time", one_second)
     folders = [reserve_run_dir() for _ in range(3)]
     names = ["20261207-233633", "20261207-233633-2", "20261207-233633-3"]
     assert [str(folder) for folder in folders] == [f"runs/{name}" for name in names]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from distbelief.telemetry import METRIC_FIELDS, ShardStatsPoller, shard_records
@@ -96,7 +98,9 @@ def test_a_last_poll_soon_after_the_one_before_has_a_version_and_no_rates(monkey
     polls = iter([*polls, _stats(102.0, 13, 13, 5000, {"0": 5, "1": 8})])
     monkeypatch.setattr(shard_stats_module, "poll_shard_stats", lambda *a, **k: [next(polls)])
     clock = iter([0.0, 0.0, 0.01, 30.0])  # made, polled, polled again, and once more
-    monkeypatch.setattr(shard_stats_module.time, "monotonic", lambda: next(clock))
+    # The module's clock alone (the time module itself is every thread's).
+    fake_time = types.SimpleNamespace(monotonic=lambda: next(clock))
+    monkeypatch.setattr(shard_stats_module, "time", fake_time)
     poller = ShardStatsPoller(["tcp://127.0.0.1:1"], every_s=1.0)
     assert poller.poll_if_due()[0]["version"] == 5
     (last,) = poller.poll_if_due(now=True)

@@ -47,3 +47,51 @@ def test_a_coordinator_that_failed_is_not_waited_for_the_request_timeout():
     started = time.monotonic()
     stop_coordinator(_FailedCoordinator(), EventRouter(_Records()), config)
     assert time.monotonic() - started < 60.0
+
+
+class _WorkersToldToStop:
+    """The coordinator has finished its iterations and told the workers to stop (they
+    returned), and waits for one that died to ask, before it returns its result 1 s on."""
+
+    faults: list = []
+
+    def __init__(self) -> None:
+        self.result_at = time.monotonic() + 1.0
+
+    def results(self, kind: ProcessKind) -> dict:
+        if kind is ProcessKind.WORKER:
+            return {0: {"steps": 5}}
+        if kind is ProcessKind.COORDINATOR and time.monotonic() >= self.result_at:
+            return {0: {"iterations": 10}}
+        return {}
+
+    def finished(self, kind: ProcessKind) -> bool:
+        return False
+
+    def exited(self, kind: ProcessKind) -> bool:
+        return kind is ProcessKind.WORKER
+
+    def stop(self, kind: ProcessKind) -> None:
+        pass
+
+    def next_event(self, timeout_s: float) -> None:
+        time.sleep(min(timeout_s, 0.05))
+
+
+class _Said(_Records):
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def message(self, text: str, time_s: float | None = None) -> None:
+        self.said.append(text)
+
+
+def test_workers_that_returned_are_no_iteration_that_cannot_end():
+    """Every worker exited, having returned (the coordinator told them to stop): the
+    coordinator was said unable to end its iteration, and its result, due after its wait for
+    a worker that died, went unread (summary.json's coordinator was its rows')."""
+    config = JobConfig.from_fields({"optimizer.algorithm": "sandblaster"})
+    said, cluster = _Said(), _WorkersToldToStop()
+    stop_coordinator(cluster, EventRouter(said), config)
+    assert cluster.results(ProcessKind.COORDINATOR) == {0: {"iterations": 10}}
+    assert not any("cannot end" in line for line in said.said), said.said

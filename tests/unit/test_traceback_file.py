@@ -77,6 +77,12 @@ def test_a_child_that_timed_out_is_followed_by_the_flag_of_the_timeout(capsys):
     assert child_failed(args, ChildFailedError("worker0", 1, timed_out)) == 1
     lines = capsys.readouterr().err.splitlines()
     assert lines[-1] == "distbelief train: a request waits --timeout seconds for its answer"
+    # Connecting has its own limit (5 s at most), and a refusal is no timeout.
+    connecting = timed_out.replace("after 0.001s:", "after 5s connecting:")
     refused = timed_out.replace("ShardTimeoutError", "ShardUnavailableError")
-    assert child_failed(args, ChildFailedError("worker0", 1, refused)) == 1
-    assert "--timeout" not in capsys.readouterr().err
+    for other in (connecting, refused):
+        assert child_failed(args, ChildFailedError("worker0", 1, other)) == 1
+        assert "--timeout" not in capsys.readouterr().err
+    verbose = argparse.Namespace(command="train", verbose=True)
+    assert child_failed(verbose, ChildFailedError("worker0", 1, timed_out)) == 1
+    assert capsys.readouterr().err.splitlines()[-1].endswith("--timeout seconds for its answer")

@@ -173,6 +173,7 @@ def child_failed(
     prefix = f"distbelief {args.command}"
     if args.verbose:
         print(f"{prefix}: {error}", file=sys.stderr)
+        _name_the_timeout(prefix, error.error())
         return EXIT_FAILED
     print(f"{prefix}: {error.short()}", file=sys.stderr)
     _name_the_timeout(prefix, error.error())
@@ -189,7 +190,10 @@ def _name_the_timeout(prefix: str, error: str) -> None:
         print(f"{prefix}: a request waits --timeout seconds for its answer", file=sys.stderr)
 
 
-_TIMED_OUT = re.compile(r"^[\w.]*TimeoutError: .* timed out after \S+s", re.MULTILINE)
+_TIMED_OUT = re.compile(
+    r"^[\w.]*TimeoutError: .* timed out after \S+s(?! connecting)", re.MULTILINE
+)
+"""A request that waited its answer in vain (connecting has a limit of its own, 5 s at most)."""
 
 
 def _traceback_if_verbose(args: argparse.Namespace) -> None:

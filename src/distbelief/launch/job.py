@@ -185,12 +185,20 @@ def _prepare(config: JobConfig, run_dir: Path, resume: bool) -> JobConfig:
 
 def _run_whose_checkpoints_hold(path: Path) -> Path | None:
     """The run folder whose checkpoints folder ``path`` lies within, if any (a Sandblaster
-    run's coordinator prunes its iteration folders there, a reshard moves it whole)."""
-    # As typed where it names the folder (runs/a/checkpoints/b), else in full (../b).
-    for folder in (*Path(path).parents, *Path(path).absolute().parents):
-        if folder.name == CHECKPOINT_DIR and (folder.parent / "config.json").is_file():
+    run's coordinator prunes its iteration folders there, a reshard moves it whole): as the
+    file system finds it (links followed, ``..`` taken), beside a config.json of a run."""
+    for folder in Path(path).resolve().parents:
+        if folder.name == CHECKPOINT_DIR and _is_a_runs_config(folder.parent / "config.json"):
             return folder.parent
     return None
+
+
+def _is_a_runs_config(path: Path) -> bool:
+    try:
+        JobConfig.from_file(path)
+    except (OSError, ValueError):  # none there, or not a run's
+        return False
+    return True
 
 
 def _checkpoints_refused(run_dir: Path) -> ValueError:

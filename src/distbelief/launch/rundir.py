@@ -55,7 +55,8 @@ def reserve_run_dir() -> Path:
     for count in range(1, _MAX_RUNS_A_SECOND + 1):
         folder = runs / (stamp if count == 1 else f"{stamp}-{count}")
         try:
-            folder.mkdir()
+            # parents: a launch refused meanwhile may have removed the runs folder it made.
+            folder.mkdir(parents=True)
         except FileExistsError:
             continue
         except OSError as e:
@@ -77,9 +78,10 @@ def release_reserved(run_dir: Path) -> None:
     if run_dir not in _reserved:
         return
     made_runs = _reserved.pop(run_dir)
-    with contextlib.suppress(OSError):  # only an empty folder goes
+    with contextlib.suppress(OSError):  # only an empty folder goes (or gone already)
         run_dir.rmdir()
-        if made_runs:
+    if made_runs:
+        with contextlib.suppress(OSError):
             run_dir.parent.rmdir()
 
 

@@ -272,18 +272,8 @@ def stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) ->
     wait_s = max(STOP_GRACE_S, config.faults.timeout_s)
     asked_at = time.monotonic()
     deadline, said = asked_at + wait_s, False
-    ending = None
-    if not cluster.exited(ProcessKind.COORDINATOR):
-        ending = _why_the_iteration_cannot_end(cluster, config)
-    if ending is not None:
-        # Waiting would only wait out the coordinator's timeout: what it sent is read, then
-        # the cluster's stop ends it (its last committed checkpoint is where a resume goes on).
-        route.sink.message(
-            f"the coordinator's iteration under way cannot end: {ending}", route.now_s()
-        )
-        deadline, said = asked_at + _EXITED_EVENTS_S, True
     exited_at: float | None = None
-    hurried = False
+    hurried = ending = False
     with (
         signals_deferred(raise_noted=False) as noted,
         contextlib.suppress(DistBeliefError, OSError),
@@ -295,13 +285,25 @@ def stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) ->
             if exited_at is None and cluster.exited(ProcessKind.COORDINATOR):
                 # Exited, however (one that failed returns nothing): what it sent is read next.
                 exited_at = time.monotonic()
+                deadline = max(deadline, exited_at + _EXITED_EVENTS_S)
             if exited_at is not None and time.monotonic() - exited_at > _EXITED_EVENTS_S:
                 return
+            looked = ending or exited_at is not None
+            why = None if looked else _why_the_iteration_cannot_end(cluster, config)
+            if why is not None:
+                # Waiting would only wait out the coordinator's timeout: what it sent is read,
+                # then the cluster's stop ends it (its last committed checkpoint is where a
+                # resume goes on).
+                ending = said = True
+                deadline = min(deadline, time.monotonic() + _EXITED_EVENTS_S)
+                route.sink.message(
+                    f"the coordinator's iteration under way cannot end: {why}", route.now_s()
+                )
             if not (said or hurried) and time.monotonic() - asked_at >= STOP_GRACE_S:
                 said = True  # a worker or shard that hangs holds it up to the request timeout
                 route.sink.message(
                     "the coordinator is ending its iteration under way, to commit it: waiting "
-                    f"up to {wait_s:g}s in all (--timeout); Ctrl-C again stops it now",
+                    f"up to {wait_s:g}s in all (--timeout); Ctrl-C again cuts it short",
                     route.now_s(),
                 )
             route(cluster.next_event(0.2))
@@ -310,7 +312,9 @@ def stop_coordinator(cluster: Cluster, route: EventRouter, config: JobConfig) ->
 def _why_the_iteration_cannot_end(cluster: Cluster, config: JobConfig) -> str | None:
     """Why Sandblaster's iteration under way cannot end (no worker runs to compute its
     portions; a shard given up held vectors it needs), or None where it may."""
-    if cluster.exited(training_kind(config)):
+    kind = training_kind(config)
+    # A worker that returned was told to stop by the coordinator, done with its iterations.
+    if cluster.exited(kind) and not cluster.results(kind):
         return "no worker is left to compute its portions"
     shards = shard_names(config.cluster.num_shards)
     lost = [f.process for f in cluster.faults if f.process in shards and f.action == "given up"]

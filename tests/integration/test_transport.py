@@ -2,6 +2,7 @@
 trips, typed errors within their timeouts, reconnects, and ops a test service defines and serves
 itself (the ``scheme`` fixture: tests/conftest.py)."""
 
+import contextlib
 import json
 import socket
 import threading
@@ -352,6 +353,36 @@ def test_another_program_at_the_address_is_not_a_peer(foreign_program, scheme, k
     assert time.monotonic() - started < 20  # not retried until the timeout; room for load
     assert issubclass(NotAPeerError, ProtocolError)
     client.close()
+
+
+def test_a_peer_of_another_protocol_version_says_its_version_over_either_channel(scheme):
+    """Shared memory, tried unasked on this host, said ``bad magic b'DBLF': not a distbelief
+    peer`` of a peer whose frames are of another version of this protocol; TCP said which."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(30)
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(30)
+                connection.recv(4096)
+                connection.sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION + 1, 0, 0, 0, 0, 0))
+                connection.recv(4096)  # until the client hangs up
+
+    peer = threading.Thread(target=answer, daemon=True)
+    peer.start()
+    client = connect(f"{scheme}://127.0.0.1:{listener.getsockname()[1]}", name="shard 0")
+    try:
+        version = (
+            f"protocol version {PROTOCOL_VERSION + 1} \\(this side speaks {PROTOCOL_VERSION}\\)"
+        )
+        with pytest.raises(ProtocolError, match=version):
+            client.request(Message(ops.HELLO), timeout_s=30)
+    finally:
+        client.close()
+        listener.close()
+        peer.join(timeout=60)
 
 
 def test_a_ps_address_of_another_program_is_a_usage_error_naming_ps(foreign_program):

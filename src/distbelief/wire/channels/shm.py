@@ -45,6 +45,7 @@ from distbelief.wire.channels.tcp import (
     TcpListener,
     tcp_endpoint,
 )
+from distbelief.wire.message import MAGIC, PROTOCOL_VERSION
 from distbelief.wire.security import AUTH_MAGIC, SHARD_SPEAKS_TLS, TLS_MAGIC
 
 logger = logging.getLogger(__name__)
@@ -466,6 +467,9 @@ def _request_upgrade(
             raise TLSMismatchError(SHARD_SPEAKS_TLS)
         # Said as the TCP channel says it: the user may not have asked for shared memory
         # (it is tried on this host unasked).
+        if magic == MAGIC:  # a frame: a peer of another version of this protocol
+            version = _recv_exact(sock, 1)[0]
+            raise ProtocolError(f"protocol version {version} (this side speaks {PROTOCOL_VERSION})")
         raise NotAPeerError(f"bad magic {magic!r}: not a distbelief peer")
     token, server_pid, ring_bytes = _ACCEPT.unpack(_recv_exact(sock, _ACCEPT.size))
     if not _TOKEN.fullmatch(token) or not MIN_RING_BYTES <= ring_bytes <= MAX_RING_BYTES:

@@ -22,7 +22,12 @@ from distbelief.client.rows import RowClient
 from distbelief.config import JobConfig
 from distbelief.data import load_job_dataset
 from distbelief.embeddings import ShardedEmbeddings
-from distbelief.errors import ModelMismatchError, RemoteError, ShardListError
+from distbelief.errors import (
+    ConsistencyMismatchError,
+    ModelMismatchError,
+    RemoteError,
+    ShardListError,
+)
 from distbelief.server import ParameterShard, ShardService, server_optimizer_factory
 from distbelief.server.row_optimizers import LazyAdam
 from distbelief.server.row_table import RowTable, seeded_normal_rows
@@ -612,3 +617,28 @@ def test_tables_of_one_width_or_several_read_and_train_as_nn_embedding(widths, n
     for name, embedding in embeddings.items():
         torch.testing.assert_close(pulled[name], embedding.weight.detach(), rtol=0, atol=1e-6)
         assert torch.equal(split[name], pulled[name])
+
+
+def test_shards_of_other_row_settings_are_said_by_the_setting_that_differs():
+    """It was said as both settings' dicts, in their internal names (``max_rows``,
+    ``ttl_steps``), naming no flag."""
+    servers = []
+    try:
+        for shard_id, optimizer in enumerate(("adagrad", "adam")):
+            shard = ParameterShard(shard_id, 2, server_optimizer_factory("sgd", lr=0.1))
+            tables = ShardTables(shard_id, 2, RowTableSettings(optimizer=optimizer))
+            servers.append(serve("tcp://127.0.0.1:0", ShardService(shard, tables=tables)))
+        addresses = [server.address for server in servers]
+        client = RowClient(addresses, {name: DIM for name in NUM_ROWS}, timeout_s=60)
+        try:
+            with pytest.raises(ConsistencyMismatchError) as refused:
+                client.handshake()
+        finally:
+            client.close()
+    finally:
+        for server in servers:
+            server.stop()
+    assert refused.value.field == "embeddings.row_optimizer"
+    assert refused.value.problem == (
+        f"shard 0 ({addresses[0]}) runs 'adagrad' but shard 1 ({addresses[1]}) runs 'adam'"
+    )

@@ -675,3 +675,22 @@ def test_a_run_folder_the_new_set_cannot_be_made_in_is_named_as_typed(run, monke
         "nothing changed"
     )
     assert _snapshot(run_dir) == before
+
+
+def test_a_resume_that_reshards_loads_torch_with_stops_deferred(run, monkeypatch, capsys):
+    """``train --resume RUN --shards N`` imported torch for its checks with signals handled
+    as usual: a SIGTERM in its first second was lost (the job ran to its end), or aborted the
+    launcher in torch's C code (exit 134), where ``reshard`` and ``train`` defer them."""
+    from distbelief.launch import cli as cli_module
+
+    run_dir = run[0]
+    before, loaded = _snapshot(run_dir), []
+
+    def stopped_while_loading(*modules: str):
+        loaded.append(modules)
+        raise KeyboardInterrupt  # the stop, taken once they are loaded
+
+    monkeypatch.setattr(cli_module, "import_with_signals_deferred", stopped_while_loading)
+    assert main(["train", "--resume", str(run_dir), "--shards", "3"]) == 130
+    assert loaded[0][0] == "torch"
+    assert _snapshot(run_dir) == before

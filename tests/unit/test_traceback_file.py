@@ -86,3 +86,18 @@ def test_a_child_that_timed_out_is_followed_by_the_flag_of_the_timeout(capsys):
     verbose = argparse.Namespace(command="train", verbose=True)
     assert child_failed(verbose, ChildFailedError("worker0", 1, timed_out)) == 1
     assert capsys.readouterr().err.splitlines()[-1].endswith("--timeout seconds for its answer")
+
+
+def test_a_model_the_shards_refuse_names_tables_where_they_were_given(capsys):
+    """``eval --tables`` of other tables than the job's was told to give the job's --model."""
+    import argparse
+
+    from distbelief.errors import ModelMismatchError
+    from distbelief.launch.cli_errors import run_reporting_failures
+
+    def refused() -> int:
+        raise ModelMismatchError("tensor 'tables.2.weight' [1000, 16] float32 does not match")
+
+    args = argparse.Namespace(command="eval", verbose=False, **{"embeddings.tables": ("t",)})
+    assert run_reporting_failures(args, refused) == 2
+    assert capsys.readouterr().err.endswith("(give the job's --model, --tables and its flags)\n")

@@ -29,6 +29,17 @@ from distbelief.wire.ops import PUSHED_STEP_KEY
 from distbelief.wire.row_ops import MAX_PULL_ROWS_BYTES, PULL_ROWS, PUSH_ROWS, ROWS_HELLO
 from distbelief.wire.security import WireSecurity
 
+_ROW_SETTING_FIELDS = {
+    "optimizer": "embeddings.row_optimizer",
+    "lr": "embeddings.row_lr",
+    "admit_after": "embeddings.admit_after",
+    "max_rows": "embeddings.max_rows_per_shard",
+    "ttl_steps": "embeddings.row_ttl_steps",
+    "init_std": "embeddings.row_init_std",
+    "seed": "model.seed",
+}
+"""A shard's row setting (``RowTableSettings``) -> the config field that sets it."""
+
 
 class ShardPart(NamedTuple):
     """One shard's share of a request: its tables (in request order), how many ids each has
@@ -258,11 +269,15 @@ class RowClient(ShardLanes):
             raise ModelMismatchError(str(e)) from e
         for shard_id, described in enumerate(replies):
             check_shard_count(self.addresses, shard_id, described)
-            if described.get("settings") != replies[0].get("settings"):
+            first, theirs = replies[0].get("settings") or {}, described.get("settings") or {}
+            if theirs != first:
+                # The first setting that differs, by the config field (and so the flag) that
+                # sets it on a shard, as a consistency setting that differs is said.
+                key = next(k for k in (*first, *theirs) if first.get(k) != theirs.get(k))
                 raise ConsistencyMismatchError(
-                    f"shard 0 ({self.addresses[0]}) and shard {shard_id} "
-                    f"({self.addresses[shard_id]}) run different row settings: "
-                    f"{replies[0].get('settings')} vs {described.get('settings')}"
+                    f"shard 0 ({self.addresses[0]}) runs {first.get(key)!r} but shard "
+                    f"{shard_id} ({self.addresses[shard_id]}) runs {theirs.get(key)!r}",
+                    field=_ROW_SETTING_FIELDS.get(key, f"row setting {key}"),
                 )
         self.settings = dict(replies[0].get("settings", {}))
         self.pushed_steps = [reply.get(PUSHED_STEP_KEY) for reply in replies]

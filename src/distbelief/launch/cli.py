@@ -109,16 +109,26 @@ def _reshard_before_resume(
     first (as ``distbelief reshard`` does), unless it already has N (``current``); once they
     are checked as they are (whole, of the partitioner the job's shards restore, and of the
     model its config.json names), so a refused resume leaves them as they were."""
+    if current == num_shards:
+        return
+    # Loaded as the job's own checks load them: a stop in torch's initialisation (C code)
+    # was lost there, or aborted the process.
+    import_with_signals_deferred(
+        "torch",
+        "distbelief.models",
+        "distbelief.launch.resume",
+        "distbelief.launch.resume_layout",
+        "distbelief.launch.reshard",
+    )
     from distbelief.launch.reshard import reshard_run
     from distbelief.launch.resume import check_budgets_left, read_run_for_resume
     from distbelief.launch.resume_layout import check_resumed_layout
 
-    if current != num_shards:
-        resumed = read_run_for_resume(run_dir, changes)
-        check_resumed_layout(resumed)
-        check_budgets_left(run_dir, resumed)  # a job refused then should find it unchanged
-        summary = reshard_run(run_dir, num_shards)
-        print(summary.line())
+    resumed = read_run_for_resume(run_dir, changes)
+    check_resumed_layout(resumed)
+    check_budgets_left(run_dir, resumed)  # a job refused then should find it unchanged
+    summary = reshard_run(run_dir, num_shards)
+    print(summary.line())
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -261,6 +261,8 @@ def run_reporting_failures(args: argparse.Namespace, command: Callable[[], int])
         # another split is another layout.
         partitioned = (vars(args).get("pipeline.num_partitions") or 1) > 1
         flags = "--model, --split-points" if partitioned else "--model"
+        if vars(args).get("embeddings.tables") is not None:
+            flags += ", --tables"  # which tables are rows on the shards, which dense
         # A table's size or width comes with where it came from (--table-size, --data-dir,
         # --embedding-dim).
         named = isinstance(e, (TableSizeMismatchError, TableWidthMismatchError))

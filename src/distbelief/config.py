@@ -198,7 +198,9 @@ def amount_problem(value: object, *, zero_ok: bool = False, most: float = math.i
     if not is_amount(value, zero_ok=zero_ok):
         return f"must be {amount_rule(zero_ok=zero_ok)}"
     if value > most:  # type: ignore[operator]
-        return f"must be <= {most:g}"
+        # A whole bound in full: %g said 2**30 as 1.07374e+09, which 1073741825 looked under.
+        whole = float(most).is_integer() and abs(most) < 1e15
+        return f"must be <= {int(most) if whole else format(most, 'g')}"
     return None
 
 

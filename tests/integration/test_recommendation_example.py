@@ -152,7 +152,7 @@ def test_a_bad_value_is_one_line_and_exit_2():
         (["--lr", "-0.1"], "argument --lr: must be a finite number >= 0, got -0.1"),
         (["--row-cache-mb", "inf"], "argument --row-cache-mb: must be a finite number >= 0"),
         (["--row-cache-mb", "nan"], "argument --row-cache-mb: must be a finite number >= 0"),
-        (["--row-cache-mb", "1e30"], "argument --row-cache-mb: must be <= 1.07374e+09"),
+        (["--row-cache-mb", "1e30"], "argument --row-cache-mb: must be <= 1073741824"),
         (["--lr", "1e39"], "argument --lr: must be <= 3.40282e+38, got 1e+39"),
         (["--ps", "tcp://127.0.0.1:0"], "argument --ps: address 'tcp://127.0.0.1:0': port 0"),
     ],

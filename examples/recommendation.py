@@ -96,7 +96,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not (math.isfinite(value) and value >= 0):
             parser.error(f"argument {flag}: must be a finite number >= 0, got {value:g}")
         if value > most:
-            parser.error(f"argument {flag}: must be <= {most:g}, got {value:g}")
+            # A whole bound in full, as train says it (2**30, not 1.07374e+09).
+            bound = int(most) if most.is_integer() and most < 1e15 else f"{most:g}"
+            parser.error(f"argument {flag}: must be <= {bound}, got {value:g}")
     try:
         check_ps_addresses(args.ps)  # as distbelief worker checks --ps; connects nothing
     except ValueError as e:

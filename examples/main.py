@@ -143,6 +143,17 @@ def build_net(args: argparse.Namespace, dataset: ArrayDataset) -> nn.Module:
     return build_model(args.model, dataset.input_shape, dataset.num_classes)
 
 
+def _load_split(parser: argparse.ArgumentParser, args: argparse.Namespace, split: str):
+    """One split of the data set; a corrupt or cut-off file (the loader names it) is bad
+    input, said in one line (exit 2), as ``distbelief worker`` says it."""
+    try:
+        return load_dataset(args.dataset, split=split, data_dir=args.data_dir)
+    except DatasetUnavailableError:
+        raise  # files to fetch: said by main()
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: argument --data-dir: {e}\n")
+
+
 def load_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Data:
     """This rank's data sets (the server's: the test set alone), loaded before it joins the
     others: files that cannot be had, or a node's batch larger than its share of the training
@@ -151,10 +162,10 @@ def load_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Data
     Raises:
         DatasetUnavailableError: the data set's files are missing and cannot be downloaded.
     """
-    test_set = load_dataset(args.dataset, split="test", data_dir=args.data_dir)
+    test_set = _load_split(parser, args, "test")
     if args.server and not args.no_distributed:
         return Data(None, test_set, None)
-    train_set = load_dataset(args.dataset, split="train", data_dir=args.data_dir)
+    train_set = _load_split(parser, args, "train")
     num_workers = 1 if args.no_distributed else args.world_size - 1
     worker_rank = 0 if args.no_distributed else args.rank - 1
     indices = worker_indices(len(train_set), worker_rank, num_workers)

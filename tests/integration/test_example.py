@@ -609,3 +609,24 @@ def test_ctrl_c_stops_a_node_retrying_its_killed_server_at_once(tmp_path):
     assert "Traceback" not in err and "gave up" not in err, err[-2000:]
     assert ended_s < 25, f"the node took {ended_s:.1f}s to stop"  # the store's 30 s and more
     assert (tmp_path / "node1" / "accuracy_vs_time.png").stat().st_size > 0  # what it trained
+
+
+def test_a_corrupt_data_file_is_one_line_naming_it(tmp_path):
+    """A CIFAR-10 batch cut short was a 30-line traceback, exit 1 (``distbelief worker``
+    says it in one line, exit 2, as the README says of corrupt files)."""
+    batches = tmp_path / "data" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (batches / name).write_bytes(b"\x80\x04\x95" + bytes(97))  # a pickle cut short
+    flags = ["--data-dir", str(tmp_path / "data"), "--epochs", "1", "--out", str(tmp_path / "o")]
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--no-distributed", "--dataset", "cifar10", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("main.py: error: argument --data-dir: "), line
+    assert "test_batch" in line and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()

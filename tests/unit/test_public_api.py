@@ -100,6 +100,12 @@ def _bad_arguments():
         (lambda: distbelief.RowClient("tcp://h:1", {3: 4}), TypeError, "^tables: a table name"),
         (lambda: distbelief.ParameterServer("alexnet"), TypeError, "model must be a torch"),
         (lambda: distbelief.ParameterServer(nn.ReLU()), ValueError, "^model has no parameters"),
+        (
+            # run() loaded nothing into it, and said nothing.
+            lambda: distbelief.ParameterServer(nn.Linear(2, 1, device="meta")),
+            ValueError,
+            "^model parameter 'weight' is on the meta device",
+        ),
         (lambda: distbelief.ParameterServer(net, lr=-1), ValueError, "lr must be a finite number"),
         (
             lambda: distbelief.ParameterServer(net, lr=float("inf")),
@@ -315,7 +321,7 @@ def _bad_arguments():
     ]
 
 
-_NUM_BAD_ARGUMENTS = 75
+_NUM_BAD_ARGUMENTS = 76
 
 
 def test_an_address_string_is_a_list_of_addresses_not_of_letters():

@@ -69,6 +69,12 @@ def _check_arguments(model, lr, consistency, port, timeout_s, join_timeout_s) ->
             f"model has no parameters ({type(model).__name__}): give ParameterServer the model "
             "the workers train"
         )
+    for name, param in model.named_parameters():
+        if param.is_meta:  # run() would load nothing into it, and say nothing
+            raise ValueError(
+                f"model parameter {name!r} is on the meta device: it can take no parameters "
+                "(materialise the model, e.g. with to_empty(), first)"
+            )
     problem = None if lr is None else amount_problem(rate_value(lr), zero_ok=True, most=MAX_RATE)
     if problem is not None:
         raise ValueError(f"lr {problem} (or None), got {lr!r}")

@@ -329,6 +329,50 @@ def test_seed_scripts_that_never_call_close_end_by_themselves(tmp_path):
     assert all("worker done" in out for out in outputs[1:])
 
 
+TWO_JOBS_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from torch import nn
+from distbelief.optim import DownpourSGD
+from distbelief.server import ParameterServer
+
+init_method, rank = sys.argv[1], int(sys.argv[2])
+dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
+for job in range(2):
+    torch.manual_seed(job)
+    net = nn.Sequential(nn.Linear(10, 24), nn.ReLU(), nn.Linear(24, 3))
+    if rank == 0:
+        summary = ParameterServer(net, join_timeout_s=120).run()
+        print("job", job, "server", summary["version"], summary["finished"], flush=True)
+    else:
+        optimizer = DownpourSGD(net.parameters(), lr=0.1, n_push=1, n_pull=1, model=net)
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(net(torch.randn(8, 10)), torch.randint(0, 3, (8,)))
+            loss.backward()
+            optimizer.step()
+        optimizer.close()
+        print("job", job, "worker done", flush=True)
+    dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_second_parameter_server_in_the_group_is_the_one_its_workers_find(tmp_path):
+    """The first server's address stayed in the group's store once it had ended: the second
+    job's DownpourSGD read it, retried it for 60 s and failed, while the new server waited
+    for ranks that never came."""
+    (tmp_path / "jobs.py").write_text(TWO_JOBS_SCRIPT)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    commands = [[str(tmp_path / "jobs.py"), init_method, str(rank)] for rank in (0, 1)]
+    server, worker = (out for out, _ in run_scripts_together(commands, SCRIPTS_TIMEOUT_S))
+    for job in (0, 1):
+        assert f"job {job} server 3 True" in server, server
+        assert f"job {job} worker done" in worker, worker
+
+
 DESTROYING_WORKER_SCRIPT = """
 import sys
 import torch

@@ -21,7 +21,7 @@ from distbelief.config import (
     ConsistencyConfig,
     amount_problem,
 )
-from distbelief.errors import ClosedError
+from distbelief.errors import ClosedError, DistBeliefError
 from distbelief.hosts import check_local_host, is_host
 from distbelief.optim.param_checks import rate_value
 from distbelief.server.optimizers import server_optimizer_factory
@@ -235,9 +235,22 @@ class ParameterServer:
         except KeyboardInterrupt:
             logger.warning("parameter server interrupted before every rank finished")
             return {"version": shard.version, "finished": False, "lost_ranks": self._lost()}
+        finally:
+            self._withdraw()
         self._load_final_parameters(shard)
         lost = self._lost()
         return {**summary, "finished": self._every_rank_done and not lost, "lost_ranks": lost}
+
+    def _withdraw(self) -> None:
+        """Its address out of the store, as it stops serving (a ParameterServer made next in
+        this group is the one a later DownpourSGD must find); a store already gone (the
+        group destroyed) has nothing to withdraw from."""
+        if self._record is None:
+            return
+        try:
+            self._store.withdraw_server(self._record)
+        except DistBeliefError as e:
+            logger.debug("could not withdraw the server's address: %s", e)
 
     def stop(self) -> None:
         """End ``run()`` from another thread (a watchdog, a handler of your own) before every

@@ -146,6 +146,16 @@ class GroupStore:
         self._call("publishing the server address", self._store.set, _SERVER_KEY, record.to_json())
         return record
 
+    def withdraw_server(self, record: ServerRecord) -> None:
+        """Remove ``record`` from the store if it is still the server published there: once
+        its server has ended, a DownpourSGD made later waits for the next one, where it read
+        this one's address and retried it, gone, for a minute."""
+        if not self._call("looking up the server", self._store.check, [_SERVER_KEY]):
+            return
+        raw = self._call("reading the server address", self._store.get, _SERVER_KEY)
+        if ServerRecord.from_json(raw.decode()).session == record.session:
+            self._call("withdrawing the server address", self._store.delete_key, _SERVER_KEY)
+
     def find_server(self, timeout_s: float) -> ServerRecord:
         """The published parameter server, waiting up to ``timeout_s`` for it.
 
